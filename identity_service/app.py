@@ -1,0 +1,54 @@
+"""The application factory. Builds the app without I/O; the store opens in cleanup_ctx."""
+
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+
+from identity_service import app_keys, handlers
+from identity_service.crypto import TokenSealer
+from identity_service.handoff import HandoffService
+from identity_service.metrics import Metrics
+from identity_service.middleware import handle_request
+from identity_service.settings import Settings
+from identity_service.sources import SourceRegistry
+from identity_service.stores import HandoffStore
+from identity_service.stores.memory import MemoryStore
+
+logger = structlog.get_logger(__name__)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[handle_request], client_max_size=settings.max_body_bytes)
+    app[app_keys.SETTINGS] = settings
+    app[app_keys.SOURCES] = SourceRegistry(settings.sources)
+    app[app_keys.METRICS] = Metrics()
+    app.cleanup_ctx.append(_handoff_store)
+    app.router.add_post("/v1/handoffs", handlers.prepare_handoff)
+    app.router.add_post("/v1/handoffs/exchange", handlers.exchange_handoff)
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/metrics", handlers.metrics)
+    app.router.add_get("/openapi.json", handlers.openapi)
+    return app
+
+
+def open_store(settings: Settings) -> HandoffStore:
+    if settings.redis is None:
+        return MemoryStore()
+    # Imported here so the embedded default does not load the Redis client.
+    from identity_service.stores.redis import RedisStore
+
+    return RedisStore(settings.redis)
+
+
+async def _handoff_store(app: web.Application) -> AsyncIterator[None]:
+    settings = app[app_keys.SETTINGS]
+    store = open_store(settings)
+    app[app_keys.STORE] = store
+    app[app_keys.HANDOFFS] = HandoffService(
+        store, TokenSealer(settings.secret), settings, app[app_keys.METRICS]
+    )
+    logger.info("store_opened", store=type(store).__name__)
+    yield
+    await store.close()

@@ -1,0 +1,43 @@
+"""Counters of what happens to handoffs, exposed in the Prometheus text format at /metrics.
+
+Counting is a dict increment on the hot path; formatting happens only when scraped.
+"""
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+_HELP = {
+    "identity_handoffs_prepared_total": "Handoffs prepared, by source.",
+    "identity_handoffs_exchanged_total": "Handoffs exchanged for an identity, by source.",
+    "identity_handoff_misses_total": (
+        "Exchanges that restored no identity, by source and reason "
+        "(not_found: unknown, expired or used token; audience: origin not allowed)."
+    ),
+    "identity_handoff_fallbacks_total": "Misses answered with a generated anonymousId.",
+    "identity_store_errors_total": "Store operations that failed (answered 503).",
+}
+
+
+@dataclass(slots=True)
+class Metrics:
+    counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = field(default_factory=Counter)
+
+    def inc(self, name: str, **labels: str) -> None:
+        self.counts[name, tuple(sorted(labels.items()))] += 1
+
+    def value(self, name: str, **labels: str) -> int:
+        return self.counts[name, tuple(sorted(labels.items()))]
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for name, help_text in _HELP.items():
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+            for (metric, labels), count in sorted(self.counts.items()):
+                if metric == name:
+                    label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+                    lines.append(f"{name}{{{label_text}}} {count}" if labels else f"{name} {count}")
+        return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

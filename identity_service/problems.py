@@ -1,0 +1,150 @@
+"""The service's errors, each one an RFC 9457 problem type.
+
+Handlers and the store raise these; one middleware renders them as
+``application/problem+json``. A problem's ``type`` is a stable URN; docs/api.md lists them.
+"""
+
+from typing import Any
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+PROBLEM_TYPE_PREFIX = "urn:identity-service:problem:"
+
+
+class Problem(Exception):
+    """Base of every error the service answers with; subclasses set the class variables."""
+
+    status: int = 500
+    slug: str = "internal-error"
+    title: str = "Internal error"
+
+    def __init__(self, detail: str, **extensions: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extensions = extensions
+
+    @property
+    def type_uri(self) -> str:
+        return PROBLEM_TYPE_PREFIX + self.slug
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers this problem requires."""
+        return {}
+
+    def body(self, instance: str) -> dict[str, Any]:
+        return {
+            "type": self.type_uri,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "instance": instance,
+            **self.extensions,
+        }
+
+
+class MalformedJson(Problem):
+    status = 400
+    slug = "malformed-json"
+    title = "Request body is not valid JSON"
+
+
+class ValidationFailed(Problem):
+    status = 400
+    slug = "validation-failed"
+    title = "Request body failed validation"
+
+    def __init__(self, errors: list[dict[str, str]]) -> None:
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        super().__init__(detail, errors=errors)
+
+
+class Unauthorized(Problem):
+    status = 401
+    slug = "unauthorized"
+    title = "Missing or invalid credentials"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Basic realm="identity-service", charset="UTF-8"'}
+
+
+class DestinationNotAllowed(Problem):
+    status = 403
+    slug = "destination-not-allowed"
+    title = "Destination origin is not allowed for this source"
+
+
+class AudienceMismatch(Problem):
+    status = 403
+    slug = "audience-mismatch"
+    title = "Handoff was prepared for an origin this source may not receive"
+
+
+class NotFound(Problem):
+    status = 404
+    slug = "not-found"
+    title = "No such resource"
+
+
+class TokenNotFound(Problem):
+    status = 404
+    slug = "token-not-found"
+    title = "Handoff token is unknown, expired or already used"
+
+
+class MethodNotAllowed(Problem):
+    status = 405
+    slug = "method-not-allowed"
+    title = "Method not allowed"
+
+    def __init__(self, detail: str, allowed: list[str]) -> None:
+        super().__init__(detail)
+        self.allowed = allowed
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allowed)}
+
+
+class PayloadTooLarge(Problem):
+    status = 413
+    slug = "payload-too-large"
+    title = "Request body is too large"
+
+
+class UnsupportedMediaType(Problem):
+    status = 415
+    slug = "unsupported-media-type"
+    title = "Request body must be application/json"
+
+    def headers(self) -> dict[str, str]:
+        return {"Accept-Post": "application/json"}
+
+
+class ServiceUnavailable(Problem):
+    status = 503
+    slug = "service-unavailable"
+    title = "A dependency of the service is unavailable"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class HttpError(Problem):
+    """An HTTP error raised by aiohttp itself that has no problem type of its own."""
+
+    slug = "http-error"
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.title = reason
+
+
+class StoreUnavailable(Exception):
+    """Raised by a store when its backend cannot be reached or answers too slowly.
+
+    The middleware turns it into :class:`ServiceUnavailable` with the configured Retry-After.
+    """
+

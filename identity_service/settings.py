@@ -1,0 +1,328 @@
+"""Settings, read once at start from ``IDENTITY_*`` variables and an optional TOML/YAML file.
+
+Every problem found is reported, one line each, in a single :class:`ConfigError`, so a
+misconfigured deployment fails at start with the whole list instead of one error per
+restart. Environment variables win over the file.
+"""
+
+import ipaddress
+import json
+import secrets
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from identity_service import constants as c
+from identity_service.sources import (
+    WRITE_KEY_HASH_PREFIX,
+    OriginError,
+    Source,
+    hash_write_key,
+    parse_origin,
+)
+
+T = TypeVar("T")
+
+CONFIG_FILE_VAR = c.ENV_PREFIX + "CONFIG_FILE"
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+SETTING_NAMES = frozenset(
+    {
+        "sources", "secret", "dev_write_key", "redis_url", "redis_timeout",
+        "redis_max_connections", "redis_key_prefix", "default_ttl", "max_ttl",
+        "max_body_bytes", "token_param", "retry_after", "shutdown_timeout", "log_level",
+    }
+)  # fmt: skip
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` holds one message per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """How to reach Redis. ``url`` is a redis://, rediss:// or unix:// DSN."""
+
+    url: str
+    key_prefix: str = c.DEFAULT_REDIS_KEY_PREFIX
+    timeout: float = c.DEFAULT_REDIS_TIMEOUT_SECONDS
+    max_connections: int = c.DEFAULT_REDIS_MAX_CONNECTIONS
+
+    @classmethod
+    def from_dsn(cls, dsn: str, **options: Any) -> "RedisSettings":
+        scheme = urlsplit(dsn).scheme
+        if scheme not in REDIS_SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(REDIS_SCHEMES)}, not {scheme!r}")
+        return cls(url=dsn, **options)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the application needs, validated."""
+
+    sources: tuple[Source, ...]
+    secret: bytes
+    secret_configured: bool
+    dev_write_key: str | None
+    redis: RedisSettings | None
+    default_ttl: int = c.DEFAULT_TTL_SECONDS
+    max_ttl: int = c.DEFAULT_MAX_TTL_SECONDS
+    max_body_bytes: int = c.DEFAULT_MAX_BODY_BYTES
+    token_param: str = c.DEFAULT_TOKEN_PARAM
+    retry_after: int = c.DEFAULT_RETRY_AFTER_SECONDS
+    shutdown_timeout: float = c.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
+    log_level: str = "info"
+
+    @property
+    def uses_dev_source(self) -> bool:
+        return self.dev_write_key is not None
+
+    def check_bind(self, host: str) -> None:
+        """Refuse a non-loopback address unless sources and a server secret are configured."""
+        if is_loopback(host):
+            return
+        problems = []
+        if self.uses_dev_source:
+            problems.append(f"binding {host} needs configured sources ({c.ENV_PREFIX}SOURCES)")
+        if not self.secret_configured:
+            problems.append(f"binding {host} needs a server secret ({c.ENV_PREFIX}SECRET)")
+        if problems:
+            raise ConfigError(problems)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -> Settings:
+    """Build :class:`Settings` from the environment and an optional file; raise ConfigError."""
+    reader = _Reader(environ, config_file)
+    return reader.settings()
+
+
+class _Reader:
+    """Reads typed values from env (``IDENTITY_NAME``) then file (``name``), noting problems."""
+
+    def __init__(self, environ: Mapping[str, str], config_file: Path | None) -> None:
+        self.environ = environ
+        self.problems: list[str] = []
+        path = config_file or (Path(environ[CONFIG_FILE_VAR]) if CONFIG_FILE_VAR in environ else None)
+        self.file: dict[str, Any] = self._read_file(path) if path else {}
+        for env_name in sorted(environ):
+            name = env_name.removeprefix(c.ENV_PREFIX).lower()
+            if env_name.startswith(c.ENV_PREFIX) and env_name != CONFIG_FILE_VAR:
+                if name not in SETTING_NAMES:
+                    self.problems.append(f"{env_name} is not a setting (a typo?)")
+
+    def settings(self) -> Settings:
+        default_ttl = self.integer("default_ttl", c.DEFAULT_TTL_SECONDS, 1, 86_400)
+        max_ttl = self.integer("max_ttl", c.DEFAULT_MAX_TTL_SECONDS, 1, 86_400)
+        if default_ttl > max_ttl:
+            self.problems.append(
+                f"{c.ENV_PREFIX}DEFAULT_TTL ({default_ttl}) is above {c.ENV_PREFIX}MAX_TTL ({max_ttl})"
+            )
+        sources = self.sources()
+        dev_write_key = self.text("dev_write_key", None)
+        if sources and dev_write_key is not None:
+            self.problems.append(
+                f"{c.ENV_PREFIX}DEV_WRITE_KEY is only for the development source; "
+                "remove it when sources are configured"
+            )
+        if not sources:
+            dev_write_key = dev_write_key or secrets.token_urlsafe(24)
+            sources = [_dev_source(dev_write_key)]
+        else:
+            dev_write_key = None
+        redis = self.redis_settings()
+        secret_text = self.text("secret", None)
+        if secret_text is not None and len(secret_text) < c.MIN_SECRET_LENGTH:
+            self.problems.append(
+                f"{c.ENV_PREFIX}SECRET must be at least {c.MIN_SECRET_LENGTH} characters"
+            )
+        if secret_text is None and redis is not None:
+            self.problems.append(
+                f"{c.ENV_PREFIX}SECRET is required with {c.ENV_PREFIX}REDIS_URL: every instance "
+                "must derive the same token lookup ids"
+            )
+        token_param = self.text("token_param", c.DEFAULT_TOKEN_PARAM) or ""
+        if not token_param.replace("_", "").replace("-", "").isalnum():
+            self.problems.append(
+                f"{c.ENV_PREFIX}TOKEN_PARAM must be letters, digits, '_' or '-', not {token_param!r}"
+            )
+        log_level = (self.text("log_level", "info") or "info").lower()
+        if log_level not in ("debug", "info", "warning", "error"):
+            self.problems.append(
+                f"{c.ENV_PREFIX}LOG_LEVEL must be debug, info, warning or error, not {log_level!r}"
+            )
+        settings = Settings(
+            sources=tuple(sources),
+            secret=(secret_text or secrets.token_urlsafe(32)).encode(),
+            secret_configured=secret_text is not None,
+            dev_write_key=dev_write_key,
+            redis=redis,
+            default_ttl=default_ttl,
+            max_ttl=max_ttl,
+            max_body_bytes=self.integer("max_body_bytes", c.DEFAULT_MAX_BODY_BYTES, 256, 1 << 20),
+            token_param=token_param,
+            retry_after=self.integer("retry_after", c.DEFAULT_RETRY_AFTER_SECONDS, 1, 3600),
+            shutdown_timeout=self.number(
+                "shutdown_timeout", c.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS, 0.0, 600.0
+            ),
+            log_level=log_level,
+        )
+        if self.problems:
+            raise ConfigError(self.problems)
+        return settings
+
+    def redis_settings(self) -> RedisSettings | None:
+        url = self.text("redis_url", None)
+        timeout = self.number("redis_timeout", c.DEFAULT_REDIS_TIMEOUT_SECONDS, 0.01, 60.0)
+        max_connections = self.integer(
+            "redis_max_connections", c.DEFAULT_REDIS_MAX_CONNECTIONS, 1, 10_000
+        )
+        prefix = self.text("redis_key_prefix", c.DEFAULT_REDIS_KEY_PREFIX) or ""
+        if "{" in prefix or "}" in prefix:
+            self.problems.append(
+                f"{c.ENV_PREFIX}REDIS_KEY_PREFIX must not contain braces (they mark hash tags)"
+            )
+        if url is None:
+            return None
+        try:
+            return RedisSettings.from_dsn(
+                url, key_prefix=prefix, timeout=timeout, max_connections=max_connections
+            )
+        except ValueError as exc:
+            self.problems.append(f"{c.ENV_PREFIX}REDIS_URL: {exc}")
+            return None
+
+    def sources(self) -> list[Source]:
+        raw: Any = self.file.get("sources")
+        env_name = c.ENV_PREFIX + "SOURCES"
+        if env_name in self.environ:
+            try:
+                raw = json.loads(self.environ[env_name])
+            except json.JSONDecodeError as exc:
+                self.problems.append(f"{env_name} is not valid JSON: {exc.msg}")
+                return []
+        if raw is None:
+            return []
+        if not isinstance(raw, dict):
+            self.problems.append("sources must be a table of source name to settings")
+            return []
+        return [s for name, spec in raw.items() if (s := self._source(str(name), spec))]
+
+    def _source(self, name: str, spec: Any) -> Source | None:
+        where = f"sources.{name}"
+        if not isinstance(spec, dict):
+            self.problems.append(f"{where} must be a table with write_key_hash and origins")
+            return None
+        unknown = set(spec) - {"write_key_hash", "origins"}
+        if unknown:
+            self.problems.append(f"{where}: unknown settings {', '.join(sorted(unknown))}")
+        key_hash = spec.get("write_key_hash")
+        digest = b""
+        if not isinstance(key_hash, str) or not key_hash.startswith(WRITE_KEY_HASH_PREFIX):
+            self.problems.append(
+                f"{where}.write_key_hash must be '{WRITE_KEY_HASH_PREFIX}<64 hex digits>' "
+                "(identity-service hash-key prints it)"
+            )
+        else:
+            try:
+                digest = bytes.fromhex(key_hash.removeprefix(WRITE_KEY_HASH_PREFIX))
+            except ValueError:
+                digest = b""
+            if len(digest) != 32:
+                self.problems.append(f"{where}.write_key_hash must have 64 hex digits")
+        origins_spec = spec.get("origins")
+        if not isinstance(origins_spec, list) or not origins_spec:
+            self.problems.append(f"{where}.origins must be a non-empty list of origins")
+            origins_spec = []
+        origins = set()
+        for text in origins_spec:
+            try:
+                origins.add(parse_origin(str(text)))
+            except OriginError as exc:
+                self.problems.append(f"{where}.origins: {text!r} {exc}")
+        return Source(name=name, write_key_digest=digest, origins=frozenset(origins))
+
+    def _lookup(self, name: str) -> tuple[str, Any]:
+        env_name = c.ENV_PREFIX + name.upper()
+        if env_name in self.environ:
+            return env_name, self.environ[env_name]
+        return name, self.file.get(name)
+
+    def text(self, name: str, default: str | None) -> str | None:
+        where, value = self._lookup(name)
+        if value is None or value == "":
+            return default
+        if not isinstance(value, str):
+            self.problems.append(f"{where} must be a string")
+            return default
+        return value
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        return self._ranged(name, default, low, high, int, "a whole number")
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        return self._ranged(name, default, low, high, float, "a number")
+
+    def _ranged(
+        self, name: str, default: T, low: T, high: T, kind: Callable[[Any], T], what: str
+    ) -> T:
+        where, value = self._lookup(name)
+        if value is None or value == "":
+            return default
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            parsed = kind(value)
+        except (TypeError, ValueError):
+            self.problems.append(f"{where} must be {what}, not {value!r}")
+            return default
+        if not low <= parsed <= high:  # type: ignore[operator]
+            self.problems.append(f"{where} must be between {low} and {high}, not {parsed}")
+            return default
+        return parsed
+
+    def _read_file(self, path: Path) -> dict[str, Any]:
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            self.problems.append(f"config file {path}: {exc.strerror}")
+            return {}
+        try:
+            if path.suffix == ".toml":
+                data: Any = tomllib.loads(text)
+            elif path.suffix in (".yaml", ".yml"):
+                data = yaml.safe_load(text)
+            else:
+                self.problems.append(f"config file {path}: must end in .toml, .yaml or .yml")
+                return {}
+        except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+            self.problems.append(f"config file {path}: {exc}")
+            return {}
+        if not isinstance(data, dict):
+            self.problems.append(f"config file {path}: must hold a table of settings")
+            return {}
+        unknown = set(data) - SETTING_NAMES
+        if unknown:
+            self.problems.append(f"config file {path}: unknown settings {', '.join(sorted(unknown))}")
+        return data
+
+
+def _dev_source(write_key: str) -> Source:
+    digest = bytes.fromhex(hash_write_key(write_key).removeprefix(WRITE_KEY_HASH_PREFIX))
+    return Source(name=c.DEV_SOURCE_NAME, write_key_digest=digest, allow_localhost=True)

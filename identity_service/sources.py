@@ -1,0 +1,136 @@
+"""Sources (the sites' backends), their write keys and the origins they may use.
+
+A source authenticates Segment-style: HTTP Basic with the write key as user name, or a
+Bearer token. Write keys are kept only as SHA-256 digests and compared in constant time.
+Origins are exact (scheme, host, port); https only, except http on localhost for
+development.
+"""
+
+import base64
+import binascii
+import hashlib
+import hmac
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from urllib.parse import SplitResult, urlsplit
+
+WRITE_KEY_HASH_PREFIX = "sha256:"
+
+
+class OriginError(ValueError):
+    """An origin or URL that the service does not accept; the message says why."""
+
+
+def is_localhost(host: str) -> bool:
+    return host == "localhost" or host.endswith(".localhost")
+
+
+def origin_of(url: SplitResult) -> str:
+    """The serialized origin of an absolute URL, default ports left out."""
+    scheme = url.scheme.lower()
+    host = (url.hostname or "").lower()
+    port = url.port
+    if port is None or (scheme, port) in (("https", 443), ("http", 80)):
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
+
+
+def parse_destination(text: str) -> tuple[SplitResult, str]:
+    """Split an absolute destination URL and return it with its origin, or raise OriginError."""
+    try:
+        url = urlsplit(text)
+        url.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise OriginError("is not a valid URL") from exc
+    _check_scheme_and_host(url)
+    if url.username is not None or url.password is not None:
+        raise OriginError("must not carry user information")
+    return url, origin_of(url)
+
+
+def parse_origin(text: str) -> str:
+    """Normalise a configured origin such as ``https://checkout.example.com``."""
+    if "*" in text:
+        raise OriginError("wildcards are not allowed; list each origin")
+    url, origin = parse_destination(text)
+    if url.path not in ("", "/") or url.query or url.fragment:
+        raise OriginError("must be an origin (scheme, host and port) without a path")
+    return origin
+
+
+def _check_scheme_and_host(url: SplitResult) -> None:
+    if not url.hostname:
+        raise OriginError("must be an absolute URL")
+    if url.scheme == "https":
+        return
+    if url.scheme == "http" and is_localhost(url.hostname.lower()):
+        return
+    raise OriginError("must use https (http is allowed only for localhost)")
+
+
+def hash_write_key(write_key: str) -> str:
+    """The form in which a write key is configured: ``sha256:<hex>``."""
+    return WRITE_KEY_HASH_PREFIX + hashlib.sha256(write_key.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A backend allowed to call the service.
+
+    ``origins`` are the exact origins it may hand off to and receive at;
+    ``allow_localhost`` admits any http(s) localhost or *.localhost origin (development).
+    """
+
+    name: str
+    write_key_digest: bytes
+    origins: frozenset[str] = field(default_factory=frozenset)
+    allow_localhost: bool = False
+
+    def may_use(self, origin: str) -> bool:
+        if origin in self.origins:
+            return True
+        if not self.allow_localhost:
+            return False
+        host = urlsplit(origin).hostname or ""
+        return is_localhost(host)
+
+
+class SourceRegistry:
+    """Finds the source that a request's Authorization header belongs to."""
+
+    def __init__(self, sources: Iterable[Source]) -> None:
+        self._sources = tuple(sources)
+
+    def __iter__(self) -> "Iterable[Source]":
+        return iter(self._sources)
+
+    def authenticate(self, authorization: str | None) -> Source | None:
+        write_key = write_key_from_header(authorization)
+        if write_key is None:
+            return None
+        digest = hashlib.sha256(write_key.encode()).digest()
+        found: Source | None = None
+        # Every source is compared so the time taken does not depend on which one matched.
+        for source in self._sources:
+            if hmac.compare_digest(digest, source.write_key_digest):
+                found = source
+        return found
+
+
+def write_key_from_header(authorization: str | None) -> str | None:
+    """The write key in ``Basic base64(key:)`` or ``Bearer key``, or None."""
+    if not authorization:
+        return None
+    scheme, _, credentials = authorization.partition(" ")
+    scheme = scheme.lower()
+    credentials = credentials.strip()
+    if scheme == "bearer":
+        return credentials or None
+    if scheme != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(credentials, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, _, _password = decoded.partition(":")
+    return user or None

@@ -1,0 +1,149 @@
+"""Parsing and validation of request bodies into typed requests.
+
+Each check adds a ``{"field", "message"}`` error; all of a body's errors are reported in
+one ValidationFailed problem. Unknown fields are errors, so a misspelt ``anonymousID`` is
+caught instead of silently dropped.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import SplitResult
+
+import orjson
+
+from identity_service.constants import MAX_ID_LENGTH, MAX_TOKEN_LENGTH, MAX_URL_LENGTH
+from identity_service.problems import MalformedJson, ValidationFailed
+from identity_service.sources import OriginError, parse_destination
+
+MAX_CONSENT_CATEGORIES = 64
+MAX_CATEGORY_LENGTH = 64
+
+PREPARE_FIELDS = frozenset(
+    {"anonymousId", "userId", "traits", "context", "consent", "destination", "ttl"}
+)
+EXCHANGE_FIELDS = frozenset({"token", "fallback"})
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareRequest:
+    anonymous_id: str | None
+    user_id: str | None
+    traits: dict[str, Any]
+    context: dict[str, Any]
+    consent: dict[str, bool]
+    destination: str
+    destination_url: SplitResult
+    origin: str
+    ttl: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeRequest:
+    token: str
+    fallback: bool
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedJson(f"the body could not be parsed: {exc.msg}") from exc
+    if not isinstance(data, dict):
+        raise MalformedJson("the body must be a JSON object")
+    return data
+
+
+class _Checker:
+    def __init__(self, data: dict[str, Any], allowed: frozenset[str]) -> None:
+        self.data = data
+        self.errors: list[dict[str, str]] = [
+            {"field": name, "message": "is not a known field"}
+            for name in sorted(set(data) - allowed)
+        ]
+
+    def fail(self, field: str, message: str) -> None:
+        self.errors.append({"field": field, "message": message})
+
+    def string(self, field: str, max_length: int, required: bool = False) -> str | None:
+        value = self.data.get(field)
+        if value is None:
+            if required:
+                self.fail(field, "is required")
+            return None
+        if not isinstance(value, str):
+            self.fail(field, "must be a string")
+            return None
+        if not value:
+            self.fail(field, "must not be empty")
+            return None
+        if len(value) > max_length:
+            self.fail(field, f"must be at most {max_length} characters")
+            return None
+        return value
+
+    def obj(self, field: str) -> dict[str, Any]:
+        value = self.data.get(field)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(field, "must be an object")
+            return {}
+        return value
+
+    def raise_if_failed(self) -> None:
+        if self.errors:
+            raise ValidationFailed(self.errors)
+
+
+def parse_prepare(data: dict[str, Any], max_ttl: int) -> PrepareRequest:
+    check = _Checker(data, PREPARE_FIELDS)
+    anonymous_id = check.string("anonymousId", MAX_ID_LENGTH)
+    user_id = check.string("userId", MAX_ID_LENGTH)
+    if data.get("anonymousId") is None and data.get("userId") is None:
+        check.fail("anonymousId", "is required unless userId is given")
+    destination = check.string("destination", MAX_URL_LENGTH, required=True)
+    destination_url, origin = SplitResult("", "", "", "", ""), ""
+    if destination is not None:
+        try:
+            destination_url, origin = parse_destination(destination)
+        except OriginError as exc:
+            check.fail("destination", str(exc))
+    consent = check.obj("consent")
+    if len(consent) > MAX_CONSENT_CATEGORIES:
+        check.fail("consent", f"must have at most {MAX_CONSENT_CATEGORIES} categories")
+    for category, allowed in consent.items():
+        if len(category) > MAX_CATEGORY_LENGTH or not isinstance(allowed, bool):
+            check.fail(
+                f"consent.{category[:MAX_CATEGORY_LENGTH]}",
+                f"must be a true/false category of at most {MAX_CATEGORY_LENGTH} characters",
+            )
+    ttl = data.get("ttl")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int)):
+        check.fail("ttl", "must be a whole number of seconds")
+        ttl = None
+    elif ttl is not None and not 1 <= ttl <= max_ttl:
+        check.fail("ttl", f"must be between 1 and {max_ttl} seconds")
+        ttl = None
+    request = PrepareRequest(
+        anonymous_id=anonymous_id,
+        user_id=user_id,
+        traits=check.obj("traits"),
+        context=check.obj("context"),
+        consent=consent,
+        destination=destination or "",
+        destination_url=destination_url,
+        origin=origin,
+        ttl=ttl,
+    )
+    check.raise_if_failed()
+    return request
+
+
+def parse_exchange(data: dict[str, Any]) -> ExchangeRequest:
+    check = _Checker(data, EXCHANGE_FIELDS)
+    token = check.string("token", MAX_TOKEN_LENGTH, required=True)
+    fallback = data.get("fallback", False)
+    if not isinstance(fallback, bool):
+        check.fail("fallback", "must be true or false")
+    check.raise_if_failed()
+    return ExchangeRequest(token=token or "", fallback=fallback is True)
