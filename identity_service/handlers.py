@@ -74,4 +74,10 @@ async def openapi(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     text = request.app[app_keys.METRICS].render()
-    return web.Response(text=text, content_type="text/plain", headers={"Cache-Control": "no-store"})
+    return web.Response(
+        text=text,
+        headers={
+            "Content-Type": "text/plain; version=0.0.4; charset=utf-8",
+            "Cache-Control": "no-store",
+        },
+    )

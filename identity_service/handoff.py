@@ -86,13 +86,17 @@ class HandoffService:
     async def exchange(self, source: Source, request: ExchangeRequest) -> dict[str, Any]:
         record = await self._take(request.token)
         if record is None:
-            self._metrics.inc("identity_handoff_misses_total", source=source.name, reason="not_found")
+            self._metrics.inc(
+                "identity_handoff_misses_total", source=source.name, reason="not_found"
+            )
             if request.fallback:
                 self._metrics.inc("identity_handoff_fallbacks_total", source=source.name)
                 return generated_identity()
             raise TokenNotFound("the token is unknown, expired or already used")
         if not source.may_use(record["origin"]):
-            self._metrics.inc("identity_handoff_misses_total", source=source.name, reason="audience")
+            self._metrics.inc(
+                "identity_handoff_misses_total", source=source.name, reason="audience"
+            )
             logger.warning("handoff_audience_mismatch", origin=record["origin"])
             raise AudienceMismatch(
                 f"the handoff was prepared for {record['origin']}, which source "

@@ -95,9 +95,16 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "additionalProperties": False,
         "required": [
-            "anonymousId", "userId", "traits", "context", "consent",
-            "source", "preparedBy", "preparedAt", "destination",
-        ],  # fmt: skip
+            "anonymousId",
+            "userId",
+            "traits",
+            "context",
+            "consent",
+            "source",
+            "preparedBy",
+            "preparedAt",
+            "destination",
+        ],
         "properties": {
             "anonymousId": {"type": ["string", "null"]},
             "userId": {"type": ["string", "null"]},

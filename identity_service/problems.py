@@ -147,4 +147,3 @@ class StoreUnavailable(Exception):
 
     The middleware turns it into :class:`ServiceUnavailable` with the configured Retry-After.
     """
-

@@ -119,20 +119,23 @@ class _Reader:
     def __init__(self, environ: Mapping[str, str], config_file: Path | None) -> None:
         self.environ = environ
         self.problems: list[str] = []
-        path = config_file or (Path(environ[CONFIG_FILE_VAR]) if CONFIG_FILE_VAR in environ else None)
+        path = config_file or (
+            Path(environ[CONFIG_FILE_VAR]) if CONFIG_FILE_VAR in environ else None
+        )
         self.file: dict[str, Any] = self._read_file(path) if path else {}
         for env_name in sorted(environ):
             name = env_name.removeprefix(c.ENV_PREFIX).lower()
-            if env_name.startswith(c.ENV_PREFIX) and env_name != CONFIG_FILE_VAR:
-                if name not in SETTING_NAMES:
-                    self.problems.append(f"{env_name} is not a setting (a typo?)")
+            known = name in SETTING_NAMES or env_name == CONFIG_FILE_VAR
+            if env_name.startswith(c.ENV_PREFIX) and not known:
+                self.problems.append(f"{env_name} is not a setting (a typo?)")
 
     def settings(self) -> Settings:
         default_ttl = self.integer("default_ttl", c.DEFAULT_TTL_SECONDS, 1, 86_400)
         max_ttl = self.integer("max_ttl", c.DEFAULT_MAX_TTL_SECONDS, 1, 86_400)
         if default_ttl > max_ttl:
             self.problems.append(
-                f"{c.ENV_PREFIX}DEFAULT_TTL ({default_ttl}) is above {c.ENV_PREFIX}MAX_TTL ({max_ttl})"
+                f"{c.ENV_PREFIX}DEFAULT_TTL ({default_ttl}) is above "
+                f"{c.ENV_PREFIX}MAX_TTL ({max_ttl})"
             )
         sources = self.sources()
         dev_write_key = self.text("dev_write_key", None)
@@ -160,7 +163,8 @@ class _Reader:
         token_param = self.text("token_param", c.DEFAULT_TOKEN_PARAM) or ""
         if not token_param.replace("_", "").replace("-", "").isalnum():
             self.problems.append(
-                f"{c.ENV_PREFIX}TOKEN_PARAM must be letters, digits, '_' or '-', not {token_param!r}"
+                f"{c.ENV_PREFIX}TOKEN_PARAM must be letters, digits, '_' or '-', "
+                f"not {token_param!r}"
             )
         log_level = (self.text("log_level", "info") or "info").lower()
         if log_level not in ("debug", "info", "warning", "error"):
@@ -319,7 +323,9 @@ class _Reader:
             return {}
         unknown = set(data) - SETTING_NAMES
         if unknown:
-            self.problems.append(f"config file {path}: unknown settings {', '.join(sorted(unknown))}")
+            self.problems.append(
+                f"config file {path}: unknown settings {', '.join(sorted(unknown))}"
+            )
         return data
 
 

@@ -10,7 +10,7 @@ import base64
 import binascii
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import SplitResult, urlsplit
 
@@ -101,7 +101,7 @@ class SourceRegistry:
     def __init__(self, sources: Iterable[Source]) -> None:
         self._sources = tuple(sources)
 
-    def __iter__(self) -> "Iterable[Source]":
+    def __iter__(self) -> Iterator[Source]:
         return iter(self._sources)
 
     def authenticate(self, authorization: str | None) -> Source | None:

@@ -6,9 +6,9 @@ failure surfaces as StoreUnavailable (503 with Retry-After) and the next request
 fresh connection, so the service recovers by itself when Redis returns.
 """
 
-from redis.asyncio import Redis
-from redis.backoff import NoBackoff
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from identity_service.constants import handoff_key
@@ -21,14 +21,18 @@ class RedisStore:
 
     def __init__(self, settings: RedisSettings) -> None:
         self._prefix = settings.key_prefix
-        self._redis: Redis = Redis.from_url(
+        # A blocking pool makes a burst of requests wait (up to the timeout) for a
+        # connection instead of failing once max_connections are in use.
+        pool = BlockingConnectionPool.from_url(
             settings.url,
+            max_connections=settings.max_connections,
+            timeout=settings.timeout,
             socket_timeout=settings.timeout,
             socket_connect_timeout=settings.timeout,
-            max_connections=settings.max_connections,
             retry=Retry(NoBackoff(), 0),
             decode_responses=False,
         )
+        self._redis: Redis = Redis.from_pool(pool)
 
     @property
     def client(self) -> Redis:
@@ -42,9 +46,10 @@ class RedisStore:
 
     async def take(self, lookup_id: bytes) -> bytes | None:
         try:
-            record: bytes | None = await self._redis.getdel(handoff_key(self._prefix, lookup_id))
+            record = await self._redis.getdel(handoff_key(self._prefix, lookup_id))
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(_describe(exc)) from exc
+        assert not isinstance(record, str)  # the client does not decode responses
         return record
 
     async def ping(self) -> None:

@@ -1,0 +1,152 @@
+"""Fixtures: private Redis servers, settings with test sources, and app clients per store."""
+
+import base64
+import itertools
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from identity_service import app_keys
+from identity_service.app import create_app
+from identity_service.stores.memory import MemoryStore
+from identity_service.stores.redis import RedisStore
+from identity_service.settings import Settings, load_settings
+from identity_service.sources import hash_write_key
+from tests.redis_server import RedisServer
+
+SECRET = "test-server-secret-0123456789abcdef"
+WRITE_KEYS = {
+    "shop": "shop-write-key-8b1f0c",
+    "checkout": "checkout-write-key-2d9e7a",
+    "partner": "partner-write-key-55c0e1",
+}
+ORIGINS = {
+    "shop": ["https://checkout.example-pay.com"],
+    "checkout": ["https://checkout.example-pay.com", "https://www.example.com"],
+    "partner": ["https://partner.example.org"],
+}
+CHECKOUT_URL = "https://checkout.example-pay.com/cart?step=1#summary"
+
+AppClient = TestClient[Any, Any]
+ClientFactory = Callable[..., Awaitable[AppClient]]
+
+_prefixes = itertools.count()
+
+
+def auth(source: str) -> dict[str, str]:
+    """Headers authenticating as ``source``: HTTP Basic with the write key as user name."""
+    credentials = base64.b64encode(f"{WRITE_KEYS[source]}:".encode()).decode()
+    return {"Authorization": f"Basic {credentials}"}
+
+
+def sources_env() -> str:
+    return json.dumps(
+        {
+            name: {"write_key_hash": hash_write_key(WRITE_KEYS[name]), "origins": ORIGINS[name]}
+            for name in WRITE_KEYS
+        }
+    )
+
+
+def make_settings(redis_url: str | None = None, **env: str) -> Settings:
+    environ = {"IDENTITY_SOURCES": sources_env(), "IDENTITY_SECRET": SECRET}
+    if redis_url is not None:
+        environ["IDENTITY_REDIS_URL"] = redis_url
+        environ["IDENTITY_REDIS_KEY_PREFIX"] = f"test{next(_prefixes)}:"
+    environ.update({f"IDENTITY_{name.upper()}": value for name, value in env.items()})
+    return load_settings(environ)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server shared by the session's tests; each test uses its own key prefix."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, which the test may stop and start."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+def settings_for(
+    store_kind: str, redis_server: RedisServer
+) -> Callable[..., Settings]:
+    """Settings on the parametrized store, with extra ``IDENTITY_*`` values as keywords."""
+
+    def build(**env: str) -> Settings:
+        url = redis_server.url if store_kind == "redis" else None
+        return make_settings(url, **env)
+
+    return build
+
+
+@pytest.fixture
+def make_client(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    settings_for: Callable[..., Settings],
+) -> ClientFactory:
+    async def build(**env: str) -> AppClient:
+        return await aiohttp_client(create_app(settings_for(**env)))
+
+    return build
+
+
+@pytest.fixture
+async def client(make_client: ClientFactory) -> AppClient:
+    return await make_client()
+
+
+async def stored_count(client: AppClient) -> int:
+    """How many handoff records the client's app has in its store right now."""
+    store = client.app[app_keys.STORE]
+    if isinstance(store, MemoryStore):
+        return len(store)
+    assert isinstance(store, RedisStore)
+    prefix = client.app[app_keys.SETTINGS].redis
+    assert prefix is not None
+    return len([key async for key in store.client.scan_iter(match=f"{prefix.key_prefix}*")])
+
+
+async def prepare(client: AppClient, source: str = "shop", **fields: Any) -> dict[str, Any]:
+    """Prepare a handoff (201 expected) and return the answer's body."""
+    body = {"anonymousId": "anon-7f3a", "destination": CHECKOUT_URL, **fields}
+    response = await client.post("/v1/handoffs", json=body, headers=auth(source))
+    assert response.status == 201, await response.text()
+    answer: dict[str, Any] = await response.json()
+    return answer
+
+
+async def exchange(
+    client: AppClient, token: str, source: str = "checkout", **fields: Any
+) -> tuple[int, dict[str, Any]]:
+    response = await client.post(
+        "/v1/handoffs/exchange", json={"token": token, **fields}, headers=auth(source)
+    )
+    body: dict[str, Any] = await response.json(content_type=None)
+    return response.status, body

@@ -1,0 +1,211 @@
+"""Every bad request gets a precise problem+json answer, on both stores, and changes nothing."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+from identity_service.problems import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX
+from tests.conftest import (
+    CHECKOUT_URL,
+    WRITE_KEYS,
+    AppClient,
+    auth,
+    exchange,
+    prepare,
+    stored_count,
+)
+
+PREPARE = "/v1/handoffs"
+EXCHANGE = "/v1/handoffs/exchange"
+GOOD_PREPARE = {"anonymousId": "anon-1", "destination": CHECKOUT_URL}
+JSON = {"Content-Type": "application/json"}
+
+
+def body(**fields: Any) -> bytes:
+    return orjson.dumps({**GOOD_PREPARE, **fields})
+
+
+def without(field: str) -> bytes:
+    return orjson.dumps({k: v for k, v in GOOD_PREPARE.items() if k != field})
+
+
+# (case id, path, raw body, extra headers, status, problem slug, field named in errors)
+BAD_BODIES: list[tuple[str, str, bytes, dict[str, str], int, str, str | None]] = [
+    ("malformed json", PREPARE, b'{"anonymousId": ', JSON, 400, "malformed-json", None),
+    ("empty body", PREPARE, b"", JSON, 400, "malformed-json", None),
+    ("json array", PREPARE, b"[1, 2]", JSON, 400, "malformed-json", None),
+    ("json string", EXCHANGE, b'"token"', JSON, 400, "malformed-json", None),
+    ("text/plain", PREPARE, body(), {"Content-Type": "text/plain"}, 415, "unsupported-media-type", None),
+    ("form encoded", EXCHANGE, b"token=x", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "unsupported-media-type", None),
+    ("no content type", PREPARE, body(), {}, 415, "unsupported-media-type", None),
+    ("no ids", PREPARE, orjson.dumps({"destination": CHECKOUT_URL}), JSON, 400, "validation-failed", "anonymousId"),
+    ("empty anonymousId", PREPARE, body(anonymousId=""), JSON, 400, "validation-failed", "anonymousId"),
+    ("anonymousId over 255", PREPARE, body(anonymousId="a" * 256), JSON, 400, "validation-failed", "anonymousId"),
+    ("anonymousId number", PREPARE, body(anonymousId=12345), JSON, 400, "validation-failed", "anonymousId"),
+    ("userId over 255", PREPARE, body(userId="u" * 256), JSON, 400, "validation-failed", "userId"),
+    ("userId object", PREPARE, body(userId={"id": 1}), JSON, 400, "validation-failed", "userId"),
+    ("traits list", PREPARE, body(traits=["a"]), JSON, 400, "validation-failed", "traits"),
+    ("context string", PREPARE, body(context="page"), JSON, 400, "validation-failed", "context"),
+    ("consent not bool", PREPARE, body(consent={"analytics": "yes"}), JSON, 400, "validation-failed", "consent.analytics"),
+    ("consent not object", PREPARE, body(consent=True), JSON, 400, "validation-failed", "consent"),
+    ("no destination", PREPARE, without("destination"), JSON, 400, "validation-failed", "destination"),
+    ("destination http", PREPARE, body(destination="http://checkout.example-pay.com/"), JSON, 400, "validation-failed", "destination"),
+    ("destination relative", PREPARE, body(destination="/cart"), JSON, 400, "validation-failed", "destination"),
+    ("destination javascript", PREPARE, body(destination="javascript:alert(1)"), JSON, 400, "validation-failed", "destination"),
+    ("destination userinfo", PREPARE, body(destination="https://u:p@checkout.example-pay.com/"), JSON, 400, "validation-failed", "destination"),
+    ("destination bad port", PREPARE, body(destination="https://checkout.example-pay.com:99999/"), JSON, 400, "validation-failed", "destination"),
+    ("destination too long", PREPARE, body(destination=CHECKOUT_URL + "x" * 2048), JSON, 400, "validation-failed", "destination"),
+    ("destination not allowed", PREPARE, body(destination="https://evil.example.net/"), JSON, 403, "destination-not-allowed", None),
+    ("destination other port", PREPARE, body(destination="https://checkout.example-pay.com:8443/"), JSON, 403, "destination-not-allowed", None),
+    ("ttl zero", PREPARE, body(ttl=0), JSON, 400, "validation-failed", "ttl"),
+    ("ttl above max", PREPARE, body(ttl=601), JSON, 400, "validation-failed", "ttl"),
+    ("ttl string", PREPARE, body(ttl="60"), JSON, 400, "validation-failed", "ttl"),
+    ("ttl float", PREPARE, body(ttl=1.5), JSON, 400, "validation-failed", "ttl"),
+    ("ttl boolean", PREPARE, body(ttl=True), JSON, 400, "validation-failed", "ttl"),
+    ("unknown field", PREPARE, body(anonymousID="typo"), JSON, 400, "validation-failed", "anonymousID"),
+    ("no token", EXCHANGE, b"{}", JSON, 400, "validation-failed", "token"),
+    ("token number", EXCHANGE, b'{"token": 7}', JSON, 400, "validation-failed", "token"),
+    ("token empty", EXCHANGE, b'{"token": ""}', JSON, 400, "validation-failed", "token"),
+    ("token too long", EXCHANGE, orjson.dumps({"token": "t" * 129}), JSON, 400, "validation-failed", "token"),
+    ("fallback string", EXCHANGE, b'{"token": "x", "fallback": "yes"}', JSON, 400, "validation-failed", "fallback"),
+    ("unknown token", EXCHANGE, b'{"token": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}', JSON, 404, "token-not-found", None),
+    ("garbage token", EXCHANGE, b'{"token": "not a token at all"}', JSON, 404, "token-not-found", None),
+]  # fmt: skip
+
+
+def assert_problem(
+    status: int, content_type: str, problem: dict[str, Any], expected: int, slug: str
+) -> None:
+    assert status == expected, problem
+    assert content_type == PROBLEM_CONTENT_TYPE
+    assert problem["type"] == PROBLEM_TYPE_PREFIX + slug
+    assert problem["status"] == expected
+    assert problem["title"] and problem["detail"]
+    assert "Traceback" not in orjson.dumps(problem).decode()
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "headers", "expected", "slug", "field"),
+    [pytest.param(*case[1:], id=case[0]) for case in BAD_BODIES],
+)
+async def test_bad_body_gets_a_precise_problem(
+    client: AppClient,
+    path: str,
+    raw: bytes,
+    headers: dict[str, str],
+    expected: int,
+    slug: str,
+    field: str | None,
+) -> None:
+    source = "shop" if path == PREPARE else "checkout"
+    response = await client.post(path, data=raw, headers={**headers, **auth(source)})
+    problem = await response.json(content_type=None)
+    assert_problem(response.status, response.content_type, problem, expected, slug)
+    if field is not None:
+        assert field in [error["field"] for error in problem["errors"]]
+
+
+async def test_all_validation_errors_are_reported_together(client: AppClient) -> None:
+    raw = orjson.dumps({"anonymousId": 1, "destination": "ftp://x", "ttl": -1, "extra": 1})
+    response = await client.post(PREPARE, data=raw, headers={**JSON, **auth("shop")})
+    problem = await response.json(content_type=None)
+    fields = {error["field"] for error in problem["errors"]}
+    assert fields == {"anonymousId", "destination", "ttl", "extra"}
+
+
+@pytest.mark.parametrize("path", [PREPARE, EXCHANGE])
+async def test_body_over_the_limit_is_refused(client: AppClient, path: str) -> None:
+    raw = orjson.dumps({**GOOD_PREPARE, "traits": {"blob": "x" * 16 * 1024}})
+    response = await client.post(path, data=raw, headers={**JSON, **auth("shop")})
+    problem = await response.json(content_type=None)
+    assert_problem(response.status, response.content_type, problem, 413, "payload-too-large")
+
+
+async def test_chunked_body_over_the_limit_is_refused(client: AppClient) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"anonymousId": "a", "traits": {"blob": "'
+        for _ in range(20):
+            yield b"x" * 1024
+        yield b'"}}'
+
+    response = await client.post(PREPARE, data=chunks(), headers={**JSON, **auth("shop")})
+    problem = await response.json(content_type=None)
+    assert_problem(response.status, response.content_type, problem, 413, "payload-too-large")
+
+
+BAD_CREDENTIALS = [
+    pytest.param({}, id="no authorization"),
+    pytest.param({"Authorization": "Basic d3Jvbmcta2V5Og=="}, id="wrong basic key"),
+    pytest.param({"Authorization": "Bearer wrong-key"}, id="wrong bearer key"),
+    pytest.param({"Authorization": "Basic !!!not-base64"}, id="malformed basic"),
+    pytest.param({"Authorization": "Bearer "}, id="empty bearer"),
+    pytest.param({"Authorization": f"Digest {WRITE_KEYS['shop']}"}, id="other scheme"),
+]
+
+
+@pytest.mark.parametrize("headers", BAD_CREDENTIALS)
+@pytest.mark.parametrize("path", [PREPARE, EXCHANGE])
+async def test_missing_or_wrong_credentials_get_401(
+    client: AppClient, path: str, headers: dict[str, str]
+) -> None:
+    response = await client.post(path, data=body(), headers={**JSON, **headers})
+    problem = await response.json(content_type=None)
+    assert_problem(response.status, response.content_type, problem, 401, "unauthorized")
+    assert response.headers["WWW-Authenticate"].startswith("Basic realm=")
+
+
+async def test_reused_token_gets_the_same_answer_as_an_unknown_one(client: AppClient) -> None:
+    token = (await prepare(client))["token"]
+    assert (await exchange(client, token))[0] == 200
+    status, reused = await exchange(client, token)
+    _, unknown = await exchange(client, "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+    assert status == 404
+    assert {k: v for k, v in reused.items()} == {k: v for k, v in unknown.items()}
+
+
+async def test_expired_token_gets_the_same_answer_as_an_unknown_one(client: AppClient) -> None:
+    token = (await prepare(client, ttl=1))["token"]
+    await asyncio.sleep(1.2)
+    status, problem = await exchange(client, token)
+    assert status == 404
+    assert problem["type"] == PROBLEM_TYPE_PREFIX + "token-not-found"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [body(destination="https://evil.example.net/"), body(ttl=0), body(anonymousId=""), b"{"],
+    ids=["not allowed", "bad ttl", "empty id", "malformed"],
+)
+async def test_rejected_prepare_stores_nothing(client: AppClient, raw: bytes) -> None:
+    response = await client.post(PREPARE, data=raw, headers={**JSON, **auth("shop")})
+    assert response.status in (400, 403)
+    assert await stored_count(client) == 0
+
+
+async def test_failed_exchange_leaves_other_handoffs_alone(client: AppClient) -> None:
+    await prepare(client)
+    await exchange(client, "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+    await exchange(client, "x", fallback="no")
+    assert await stored_count(client) == 1
+
+
+async def test_unknown_route_gets_404_problem(client: AppClient) -> None:
+    response = await client.get("/v1/nothing-here")
+    problem = await response.json(content_type=None)
+    assert_problem(response.status, response.content_type, problem, 404, "not-found")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", PREPARE), ("PUT", PREPARE), ("GET", EXCHANGE), ("DELETE", EXCHANGE), ("POST", "/healthz")],
+)  # fmt: skip
+async def test_wrong_method_gets_405_problem_with_allow(
+    client: AppClient, method: str, path: str
+) -> None:
+    response = await client.request(method, path)
+    problem = await response.json(content_type=None)
+    assert_problem(response.status, response.content_type, problem, 405, "method-not-allowed")
+    assert response.headers["Allow"]
