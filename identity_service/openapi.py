@@ -34,7 +34,6 @@ def _problem(description: str, headers: tuple[str, ...] = ()) -> dict[str, Any]:
 _COMMON_PROBLEMS = {
     "400": _problem("Malformed JSON or a body that failed validation"),
     "401": _problem("Missing or wrong write key", ("WWW-Authenticate",)),
-    "405": _problem("Method not allowed", ("Allow",)),
     "413": _problem("Body over the size limit"),
     "415": _problem("Body is not application/json"),
     "503": _problem("The store is unavailable", ("Retry-After",)),
@@ -232,7 +231,6 @@ _DOCUMENT: dict[str, Any] = {
         "schemas": _SCHEMAS,
         "headers": {
             "WWW-Authenticate": {"schema": {"type": "string"}},
-            "Allow": {"schema": {"type": "string"}},
             "Retry-After": {"schema": {"type": "integer"}},
         },
         "securitySchemes": {

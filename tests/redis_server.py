@@ -45,6 +45,7 @@ class RedisServer:
                 "--bind", "127.0.0.1",
                 "--save", "",
                 "--appendonly", "no",
+                "--enable-debug-command", "local",
                 "--dir", str(self.directory),
                 "--logfile", str(self.directory / "redis.log"),
             ],  # fmt: skip

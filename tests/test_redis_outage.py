@@ -1,0 +1,73 @@
+"""Redis down or slow: 503 with Retry-After, the process stays up, and recovers by itself."""
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from identity_service.app import create_app
+from identity_service.problems import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX
+from tests.conftest import CHECKOUT_URL, AppClient, auth, exchange, make_settings, prepare
+from tests.redis_server import RedisServer
+
+ClientMaker = Callable[..., Awaitable[AppClient]]
+
+
+async def assert_unavailable(response: Any) -> None:
+    assert response.status == 503
+    assert response.content_type == PROBLEM_CONTENT_TYPE
+    assert response.headers["Retry-After"] == "2"
+    problem = await response.json(content_type=None)
+    assert problem["type"] == PROBLEM_TYPE_PREFIX + "service-unavailable"
+    assert problem["title"]
+
+
+async def test_redis_down_answers_503_and_recovers_when_it_returns(
+    aiohttp_client: ClientMaker, private_redis: RedisServer
+) -> None:
+    settings = make_settings(private_redis.url, retry_after="2", redis_timeout="0.5")
+    client = await aiohttp_client(create_app(settings))
+    token_before = (await prepare(client))["token"]
+
+    private_redis.stop()
+
+    body = {"anonymousId": "a", "destination": CHECKOUT_URL}
+    await assert_unavailable(await client.post("/v1/handoffs", json=body, headers=auth("shop")))
+    await assert_unavailable(
+        await client.post(
+            "/v1/handoffs/exchange", json={"token": token_before}, headers=auth("checkout")
+        )
+    )
+    await assert_unavailable(await client.get("/readyz"))
+    assert (await client.get("/healthz")).status == 200
+
+    private_redis.start()
+
+    assert (await client.get("/readyz")).status == 200
+    token_after = (await prepare(client))["token"]
+    assert (await exchange(client, token_after))[0] == 200
+
+
+async def test_redis_too_slow_answers_503(
+    aiohttp_client: ClientMaker, private_redis: RedisServer
+) -> None:
+    settings = make_settings(private_redis.url, retry_after="2", redis_timeout="0.2")
+    client = await aiohttp_client(create_app(settings))
+    token = (await prepare(client))["token"]
+
+    blocker = socket.create_connection(("127.0.0.1", private_redis.port))
+    try:
+        blocker.sendall(b"DEBUG SLEEP 1\r\n")
+        await asyncio.sleep(0.05)
+        body = {"anonymousId": "a", "destination": CHECKOUT_URL}
+        await assert_unavailable(
+            await client.post("/v1/handoffs", json=body, headers=auth("shop"))
+        )
+        assert blocker.recv(16).startswith(b"+OK")
+    finally:
+        blocker.close()
+
+    # The store recovers without a restart, and the earlier handoff is intact.
+    status, identity = await exchange(client, token)
+    assert status == 200
+    assert identity["anonymousId"] == "anon-7f3a"

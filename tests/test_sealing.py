@@ -1,0 +1,55 @@
+"""What a dump of Redis would reveal after a prepare: neither the token nor the identity."""
+
+import base64
+from collections.abc import Awaitable, Callable
+
+from redis.asyncio import Redis
+
+from identity_service.app import create_app
+from tests.conftest import AppClient, exchange, make_settings, prepare
+from tests.redis_server import RedisServer
+
+SECRET_VALUES = {
+    "anonymousId": "anon-5c1e9d2b-4f7a",
+    "userId": "user-d81f2a",
+    "traits": {"email": "visitor@example.com"},
+}
+
+
+async def dump(redis: Redis) -> bytes:
+    """Every key and string value in the server, concatenated."""
+    parts: list[bytes] = []
+    async for key in redis.scan_iter(count=1000):
+        parts.append(key)
+        if await redis.type(key) == b"string":
+            parts.append(await redis.get(key) or b"")
+    return b"\n".join(parts)
+
+
+async def test_a_dump_of_redis_holds_neither_token_nor_identity(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    redis_server: RedisServer,
+    redis_client: Redis,
+) -> None:
+    client = await aiohttp_client(create_app(make_settings(redis_server.url)))
+    token = (await prepare(client, **SECRET_VALUES))["token"]
+    raw_token = base64.urlsafe_b64decode(token + "=")
+
+    contents = await dump(redis_client)
+
+    assert contents, "the handoff should be in Redis"
+    forbidden = [
+        token.encode(),
+        raw_token,
+        raw_token.hex().encode(),
+        base64.b64encode(raw_token),
+        SECRET_VALUES["anonymousId"].encode(),
+        SECRET_VALUES["userId"].encode(),
+        b"visitor@example.com",
+        b"checkout.example-pay.com",
+    ]
+    for value in forbidden:
+        assert value not in contents
+    # And the handoff still works: the sealed record opens with the token.
+    status, identity = await exchange(client, token)
+    assert (status, identity["anonymousId"]) == (200, SECRET_VALUES["anonymousId"])
