@@ -13,10 +13,10 @@ from redis.asyncio import Redis
 
 from identity_service import app_keys
 from identity_service.app import create_app
-from identity_service.stores.memory import MemoryStore
-from identity_service.stores.redis import RedisStore
 from identity_service.settings import Settings, load_settings
 from identity_service.sources import hash_write_key
+from identity_service.stores.memory import MemoryStore
+from identity_service.stores.redis import RedisStore
 from tests.redis_server import RedisServer
 
 SECRET = "test-server-secret-0123456789abcdef"
@@ -94,9 +94,7 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def settings_for(
-    store_kind: str, redis_server: RedisServer
-) -> Callable[..., Settings]:
+def settings_for(store_kind: str, redis_server: RedisServer) -> Callable[..., Settings]:
     """Settings on the parametrized store, with extra ``IDENTITY_*`` values as keywords."""
 
     def build(**env: str) -> Settings:

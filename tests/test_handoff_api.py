@@ -26,8 +26,10 @@ async def test_prepare_answers_token_expiry_and_redirect_url(client: AppClient) 
     assert len(base64.urlsafe_b64decode(token + "=")) == 32
     assert answer["expiresIn"] == 300
     expires_at = datetime.fromisoformat(answer["expiresAt"])
-    assert timedelta(seconds=298) < expires_at - datetime.now(expires_at.tzinfo) <= timedelta(
-        seconds=300
+    assert (
+        timedelta(seconds=298)
+        < expires_at - datetime.now(expires_at.tzinfo)
+        <= timedelta(seconds=300)
     )
     redirect = urlsplit(answer["redirectUrl"])
     assert (redirect.scheme, redirect.netloc, redirect.path) == (

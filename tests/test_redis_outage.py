@@ -60,9 +60,7 @@ async def test_redis_too_slow_answers_503(
         blocker.sendall(b"DEBUG SLEEP 1\r\n")
         await asyncio.sleep(0.05)
         body = {"anonymousId": "a", "destination": CHECKOUT_URL}
-        await assert_unavailable(
-            await client.post("/v1/handoffs", json=body, headers=auth("shop"))
-        )
+        await assert_unavailable(await client.post("/v1/handoffs", json=body, headers=auth("shop")))
         assert blocker.recv(16).startswith(b"+OK")
     finally:
         blocker.close()

@@ -2,6 +2,7 @@
 
 import base64
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -9,7 +10,7 @@ from identity_service.app import create_app
 from tests.conftest import AppClient, exchange, make_settings, prepare
 from tests.redis_server import RedisServer
 
-SECRET_VALUES = {
+SECRET_VALUES: dict[str, Any] = {
     "anonymousId": "anon-5c1e9d2b-4f7a",
     "userId": "user-d81f2a",
     "traits": {"email": "visitor@example.com"},
@@ -22,7 +23,9 @@ async def dump(redis: Redis) -> bytes:
     async for key in redis.scan_iter(count=1000):
         parts.append(key)
         if await redis.type(key) == b"string":
-            parts.append(await redis.get(key) or b"")
+            value = await redis.get(key)
+            assert isinstance(value, bytes)
+            parts.append(value)
     return b"\n".join(parts)
 
 

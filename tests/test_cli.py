@@ -1,0 +1,217 @@
+"""The ``identity-service`` command as a real process: serve, logs, shutdown, refusals."""
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from identity_service.sources import hash_write_key
+from tests.conftest import CHECKOUT_URL, SECRET, WRITE_KEYS, sources_env
+from tests.redis_server import RedisServer, free_port
+
+COMMAND = str(Path(sys.executable).parent / "identity-service")
+DEV_KEY = "dev-key-for-the-cli-test-4b7e"
+DESTINATION = "http://checkout.localhost:3000/cart?step=2"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDENTITY_")}
+    return {**env, **extra}
+
+
+class Service:
+    """A running ``identity-service serve`` whose output is collected in files."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str], *args: str) -> None:
+        self.port = free_port()
+        self.terminating = False
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stdout_path, self.stderr_path = tmp_path / "stdout", tmp_path / "stderr"
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.process = subprocess.Popen(
+                [COMMAND, "serve", "--port", str(self.port), *args],
+                env=env,
+                stdout=out,
+                stderr=err,
+            )
+        deadline = time.monotonic() + 15
+        while not self._listening():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError(f"service did not start: {self.stderr}")
+            time.sleep(0.05)
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def terminate(self) -> None:
+        """Send SIGTERM once; a second one would cut the graceful shutdown short."""
+        if self.process.poll() is None and not self.terminating:
+            self.terminating = True
+            self.process.send_signal(signal.SIGTERM)
+
+    def stop(self) -> int:
+        self.terminate()
+        return self.process.wait(timeout=20)
+
+
+@pytest.fixture
+def dev_service(tmp_path: Path) -> Iterator[Service]:
+    service = Service(tmp_path, clean_env(IDENTITY_DEV_WRITE_KEY=DEV_KEY))
+    yield service
+    service.stop()
+
+
+async def post(url: str, body: dict[str, Any], write_key: str) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json=body, headers={"Authorization": f"Bearer {write_key}"}) as answer,
+    ):
+        return answer.status, await answer.json(content_type=None)
+
+
+async def test_walkthrough_on_the_embedded_default_logs_no_secrets(dev_service: Service) -> None:
+    base = dev_service.url
+    status, prepared = await post(
+        f"{base}/v1/handoffs",
+        {"anonymousId": "anon-cli-91c3", "userId": "user-cli-77", "destination": DESTINATION},
+        DEV_KEY,
+    )
+    assert status == 201
+    token = prepared["token"]
+    assert prepared["redirectUrl"] == f"{DESTINATION}&handoff_token={token}"
+
+    status, identity = await post(f"{base}/v1/handoffs/exchange", {"token": token}, DEV_KEY)
+    assert (status, identity["anonymousId"], identity["preparedBy"]) == (
+        200,
+        "anon-cli-91c3",
+        "dev",
+    )
+    status, _ = await post(f"{base}/v1/handoffs/exchange", {"token": token}, DEV_KEY)
+    assert status == 404
+    status, _ = await post(f"{base}/v1/handoffs/exchange", {"token": token}, "wrong-key")
+    assert status == 401
+
+    assert dev_service.stop() == 0
+    output = dev_service.stdout + dev_service.stderr
+    for secret in (token, DEV_KEY, "anon-cli-91c3", "user-cli-77", "handoff_token="):
+        assert secret not in output
+    lines = [orjson.loads(line) for line in dev_service.stdout.splitlines()]
+    requests = [line for line in lines if line["event"] == "request"]
+    assert [r["status"] for r in requests] == [201, 200, 404, 401]
+    assert all(r["request_id"] and r["path"].startswith("/v1/handoffs") for r in requests)
+    assert requests[0]["token_id"] == requests[1]["token_id"] == requests[2]["token_id"]
+    assert requests[0]["source"] == "dev"
+    assert "store: memory" in dev_service.stderr
+
+
+async def test_a_generated_dev_write_key_is_printed_at_start(tmp_path: Path) -> None:
+    service = Service(tmp_path, clean_env())
+    try:
+        match = re.search(r"write key: (\S+)", service.stderr)
+        assert match is not None, service.stderr
+        status, _ = await post(
+            f"{service.url}/v1/handoffs",
+            {"anonymousId": "a", "destination": "https://shop.localhost/"},
+            match.group(1),
+        )
+        assert status == 201
+    finally:
+        assert service.stop() == 0
+
+
+def test_non_loopback_bind_without_sources_and_secret_is_refused() -> None:
+    result = subprocess.run(
+        [COMMAND, "serve", "--host", "0.0.0.0", "--port", str(free_port())],  # noqa: S104
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "IDENTITY_SOURCES" in result.stderr and "IDENTITY_SECRET" in result.stderr
+
+
+def test_invalid_configuration_exits_with_every_problem() -> None:
+    result = subprocess.run(
+        [COMMAND, "serve", "--port", str(free_port())],
+        env=clean_env(IDENTITY_MAX_TTL="ten", IDENTITY_REDIS_URL="http://x"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "IDENTITY_MAX_TTL must be a whole number" in result.stderr
+    assert "IDENTITY_REDIS_URL: scheme must be one of" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_sigterm_finishes_the_request_in_flight(
+    tmp_path: Path, private_redis: RedisServer
+) -> None:
+    env = clean_env(
+        IDENTITY_SOURCES=sources_env(),
+        IDENTITY_SECRET=SECRET,
+        IDENTITY_REDIS_URL=private_redis.url,
+        IDENTITY_REDIS_TIMEOUT="5",
+    )
+    service = Service(tmp_path, env)
+
+    blocker = socket.create_connection(("127.0.0.1", private_redis.port))
+    try:
+        blocker.sendall(b"DEBUG SLEEP 1.5\r\n")
+        in_flight = asyncio.create_task(
+            post(
+                f"{service.url}/v1/handoffs",
+                {"anonymousId": "a", "destination": CHECKOUT_URL},
+                WRITE_KEYS["shop"],
+            )
+        )
+        await asyncio.sleep(0.5)
+        assert not in_flight.done()
+        service.terminate()
+        status, prepared = await in_flight
+        assert status == 201 and prepared["token"]
+    finally:
+        blocker.close()
+    assert await asyncio.to_thread(service.stop) == 0
+
+
+def test_hash_key_reads_the_key_from_stdin() -> None:
+    result = subprocess.run(
+        [COMMAND, "hash-key"], input="my-write-key\n", capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == hash_write_key("my-write-key")
+
+
+def test_new_key_prints_a_key_and_its_hash() -> None:
+    result = subprocess.run([COMMAND, "new-key"], capture_output=True, text=True, check=True)
+    key = re.search(r"write key .*: (\S+)", result.stdout)
+    digest = re.search(r"write_key_hash .*: (\S+)", result.stdout)
+    assert key and digest
+    assert hash_write_key(key.group(1)) == digest.group(1)
