@@ -37,25 +37,24 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self.directory / 'redis.sock'}?db=0"
+
     def start(self) -> None:
+        options = {
+            "port": str(self.port),
+            "bind": "127.0.0.1",
+            "unixsocket": str(self.directory / "redis.sock"),
+            "save": "",
+            "appendonly": "no",
+            "enable-debug-command": "local",
+            "dir": str(self.directory),
+            "logfile": str(self.directory / "redis.log"),
+        }
+        args = [part for name, value in options.items() for part in (f"--{name}", value)]
         self._process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--enable-debug-command",
-                "local",
-                "--dir",
-                str(self.directory),
-                "--logfile",
-                str(self.directory / "redis.log"),
-            ],
+            ["redis-server", *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
