@@ -77,6 +77,16 @@ async def test_memory_store_sweeps_expired_records_on_write() -> None:
     assert len(store) == 1
 
 
+async def test_redis_store_over_a_unix_socket(redis_server: RedisServer) -> None:
+    store = RedisStore(RedisSettings.from_dsn(redis_server.unix_url, key_prefix="unix:"))
+    try:
+        lookup_id = new_id()
+        await store.put(lookup_id, b"over-unix", 60)
+        assert await store.take(lookup_id) == b"over-unix"
+    finally:
+        await store.close()
+
+
 async def test_redis_keys_carry_prefix_hash_tag_and_ttl(redis_server: RedisServer) -> None:
     store = RedisStore(RedisSettings.from_dsn(redis_server.url, key_prefix="tagged:"))
     try:
