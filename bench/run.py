@@ -24,8 +24,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from identity_service.sources import hash_write_key  # noqa: E402
-from tests.redis_server import RedisServer, free_port  # noqa: E402
+from identity_service.sources import hash_write_key
+from tests.redis_server import RedisServer, free_port
 
 WRITE_KEY = "bench-write-key-0f3c9a"
 SOURCES = {
@@ -65,7 +65,7 @@ def run_wrk(port: int, seconds: int, connections: int, threads: int) -> dict[str
             "-s",
             str(ROOT / "bench" / "flow.lua"),
             f"http://127.0.0.1:{port}",
-        ],  # fmt: skip
+        ],
         env={**os.environ, "BENCH_WRITE_KEY": WRITE_KEY},
         capture_output=True,
         text=True,
@@ -98,7 +98,7 @@ def redis_alone(port: int, requests: int, connections: int) -> dict[str, float]:
                 "1000000",
                 "-q",
                 *command,
-            ],  # fmt: skip
+            ],
             capture_output=True,
             text=True,
             check=True,
