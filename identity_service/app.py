@@ -6,7 +6,7 @@ import structlog
 from aiohttp import web
 
 from identity_service import app_keys, handlers
-from identity_service.crypto import TokenSealer
+from identity_service.crypto import OutboxSealer, TokenSealer
 from identity_service.handoff import HandoffService
 from identity_service.metrics import Metrics
 from identity_service.middleware import handle_request
@@ -39,7 +39,7 @@ def open_store(settings: Settings) -> HandoffStore:
     # Imported here so the embedded default does not load the Redis client.
     from identity_service.stores.redis import RedisStore
 
-    return RedisStore(settings.redis)
+    return RedisStore(settings.redis, OutboxSealer(settings.secret))
 
 
 async def _handoff_store(app: web.Application) -> AsyncIterator[None]:

@@ -32,9 +32,37 @@ MAX_TOKEN_LENGTH: Final = 128
 
 DEV_SOURCE_NAME: Final = "dev"
 
+DEFAULT_STARTED_EVENT: Final = "Cross-Domain Handoff Started"
+DEFAULT_COMPLETED_EVENT: Final = "Cross-Domain Handoff Completed"
+DEFAULT_BATCH_MAX_EVENTS: Final = 100
+DEFAULT_BATCH_MAX_WAIT_SECONDS: Final = 0.5
+DEFAULT_DELIVERY_TIMEOUT_SECONDS: Final = 10.0
+DEFAULT_DELIVERY_MAX_ATTEMPTS: Final = 10
+DEFAULT_BACKOFF_BASE_SECONDS: Final = 0.5
+DEFAULT_BACKOFF_MAX_SECONDS: Final = 30.0
+DEFAULT_RECLAIM_IDLE_SECONDS: Final = 60.0
+# Segment's batch API limits: 500 KB a batch, 32 KB an event; 2500 events is our own cap.
+MAX_BATCH_BYTES: Final = 500_000
+MAX_BATCH_EVENTS: Final = 2500
+MAX_EVENT_BYTES: Final = 32 * 1024
+
 KEY_SHARDS: Final = 16
+
+
+def shard_of(lookup_id: bytes) -> int:
+    return lookup_id[0] % KEY_SHARDS
 
 
 def handoff_key(prefix: str, lookup_id: bytes) -> str:
     """The Redis key of one handoff: prefix, a Cluster hash tag, then the lookup id."""
-    return f"{prefix}{{{lookup_id[0] % KEY_SHARDS}}}:handoff:{lookup_id.hex()}"
+    return f"{prefix}{{{shard_of(lookup_id)}}}:handoff:{lookup_id.hex()}"
+
+
+def outbox_key(prefix: str, shard: int) -> str:
+    """The outbox stream of a shard; it shares the hash tag of the shard's handoffs."""
+    return f"{prefix}{{{shard}}}:outbox"
+
+
+def dead_letter_key(prefix: str, shard: int, destination: str) -> str:
+    """A destination's dead letters from one shard's outbox (same slot, so moves are atomic)."""
+    return f"{prefix}{{{shard}}}:dead:{destination}"

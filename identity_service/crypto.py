@@ -70,6 +70,10 @@ class TokenSealer:
     def lookup_id(self, token: Token) -> bytes:
         return hmac.new(self._secret, token.raw, hashlib.sha256).digest()
 
+    def miss_id(self, token_text: str) -> bytes:
+        """A keyed id for any token text, so the events of a miss get a stable messageId."""
+        return hmac.new(self._secret, b"miss:" + token_text.encode(), hashlib.sha256).digest()
+
     def seal(self, token: Token, lookup_id: bytes, plaintext: bytes) -> bytes:
         nonce = os.urandom(_NONCE_BYTES)
         sealed = _aead(token).encrypt(nonce, plaintext, lookup_id)
@@ -96,3 +100,35 @@ def short_hash(value: bytes | str) -> str:
     """A short, non-reversible tag of a secret, for logs: 12 hex chars of SHA-256."""
     data = value.encode() if isinstance(value, str) else value
     return hashlib.sha256(data).hexdigest()[:12]
+
+
+class OutboxSealer:
+    """Seals outbox entries under the server secret, so Redis holds no readable identity.
+
+    Each entry gets its own key, HKDF(secret, random salt), so the AES-GCM nonce can be
+    fixed and no nonce-reuse bound applies however many entries are sealed.
+    """
+
+    _VERSION = b"\x01"
+    _SALT_BYTES = 16
+    _NONCE = bytes(12)
+
+    def __init__(self, server_secret: bytes) -> None:
+        self._secret = hashlib.sha256(b"identity-service outbox v1" + server_secret).digest()
+
+    def seal(self, plaintext: bytes) -> bytes:
+        salt = os.urandom(self._SALT_BYTES)
+        return self._VERSION + salt + self._aead(salt).encrypt(self._NONCE, plaintext, None)
+
+    def open(self, sealed: bytes) -> bytes:
+        if sealed[:1] != self._VERSION or len(sealed) < 1 + self._SALT_BYTES + 16:
+            raise SealError("unknown outbox entry format")
+        salt = sealed[1 : 1 + self._SALT_BYTES]
+        try:
+            return self._aead(salt).decrypt(self._NONCE, sealed[1 + self._SALT_BYTES :], None)
+        except InvalidTag as exc:
+            raise SealError("outbox entry does not open with this secret") from exc
+
+    def _aead(self, salt: bytes) -> AESGCM:
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=b"outbox entry")
+        return AESGCM(hkdf.derive(self._secret))

@@ -1,7 +1,8 @@
 """Prepare and exchange: the handoff of one visitor's identity from domain A to domain B.
 
-This module knows the rules (audience binding, single use, fallback) and nothing of HTTP;
-the handlers translate requests into these calls and the results into answers.
+This module knows the rules (audience binding, single use, fallback, which events are
+due) and nothing of HTTP; the handlers translate requests into these calls and the results
+into answers.
 """
 
 import time
@@ -14,12 +15,18 @@ from urllib.parse import SplitResult, unquote_plus, urlunsplit
 import orjson
 import structlog
 
+from identity_service import events as ev
 from identity_service.crypto import SealError, Token, TokenSealer
 from identity_service.metrics import Metrics
-from identity_service.problems import AudienceMismatch, DestinationNotAllowed, TokenNotFound
+from identity_service.problems import (
+    AudienceMismatch,
+    DestinationNotAllowed,
+    OversizedEvent,
+    TokenNotFound,
+)
 from identity_service.settings import Settings
 from identity_service.sources import Source
-from identity_service.stores import HandoffStore
+from identity_service.stores import HandoffStore, PrepareEvents
 from identity_service.validation import ExchangeRequest, PrepareRequest
 
 logger = structlog.get_logger(__name__)
@@ -49,16 +56,16 @@ class HandoffService:
         self._sealer = sealer
         self._default_ttl = settings.default_ttl
         self._token_param = settings.token_param
+        self._outbox = settings.outbox
         self._metrics = metrics
 
     async def prepare(self, source: Source, request: PrepareRequest) -> PreparedHandoff:
         origin = request.origin
         if not source.may_use(origin):
-            raise DestinationNotAllowed(
-                f"source {source.name!r} may not hand off to {origin}",
-            )
+            raise DestinationNotAllowed(f"source {source.name!r} may not hand off to {origin}")
         ttl = request.ttl or self._default_ttl
         now = time.time()
+        prepared_at = iso_time(now)
         record = {
             "anonymousId": request.anonymous_id,
             "userId": request.user_id,
@@ -68,13 +75,14 @@ class HandoffService:
             "destination": request.destination,
             "origin": origin,
             "preparedBy": source.name,
-            "preparedAt": iso_time(now),
+            "preparedAt": prepared_at,
         }
         token = Token.generate()
         lookup_id = self._sealer.lookup_id(token)
         structlog.contextvars.bind_contextvars(token_id=lookup_id.hex()[:12])
+        events = self._prepare_events(lookup_id, request, source, prepared_at)
         sealed = self._sealer.seal(token, lookup_id, orjson.dumps(record))
-        await self._store.put(lookup_id, sealed, ttl)
+        await self._store.put(lookup_id, sealed, ttl, events)
         self._metrics.inc("identity_handoffs_prepared_total", source=source.name)
         return PreparedHandoff(
             token=token.text,
@@ -84,24 +92,23 @@ class HandoffService:
         )
 
     async def exchange(self, source: Source, request: ExchangeRequest) -> dict[str, Any]:
-        record = await self._take(request.token)
+        facts = self._exchange_facts(source, request)
+        token = Token.parse(request.token)
+        record = await self._take(token, facts) if token is not None else None
         if record is None:
-            self._metrics.inc(
-                "identity_handoff_misses_total", source=source.name, reason="not_found"
-            )
+            self._count_miss(source, "not_found")
             if request.fallback:
-                self._metrics.inc("identity_handoff_fallbacks_total", source=source.name)
-                return generated_identity()
+                return await self._fallback(source, request.token, facts)
             raise TokenNotFound("the token is unknown, expired or already used")
         if not source.may_use(record["origin"]):
-            self._metrics.inc(
-                "identity_handoff_misses_total", source=source.name, reason="audience"
-            )
+            self._count_miss(source, "audience")
             logger.warning("handoff_audience_mismatch", origin=record["origin"])
             raise AudienceMismatch(
                 f"the handoff was prepared for {record['origin']}, which source "
                 f"{source.name!r} may not receive; the token is now used up"
             )
+        if facts is not None and not ev.analytics_allowed(record["consent"]):
+            self._metrics.inc("identity_events_skipped_total", reason="consent")
         self._metrics.inc("identity_handoffs_exchanged_total", source=source.name)
         return {
             "anonymousId": record["anonymousId"],
@@ -115,13 +122,57 @@ class HandoffService:
             "destination": record["destination"],
         }
 
-    async def _take(self, token_text: str) -> dict[str, Any] | None:
-        token = Token.parse(token_text)
-        if token is None:
+    def _count_miss(self, source: Source, reason: str) -> None:
+        self._metrics.inc("identity_handoff_misses_total", source=source.name, reason=reason)
+
+    def _prepare_events(
+        self, lookup_id: bytes, request: PrepareRequest, source: Source, prepared_at: str
+    ) -> PrepareEvents | None:
+        if not self._outbox.enabled:
             return None
+        if not ev.analytics_allowed(request.consent):
+            self._metrics.inc("identity_events_skipped_total", reason="consent")
+            return PrepareEvents(started=[], completion=None)
+        identity = {"anonymous_id": request.anonymous_id, "user_id": request.user_id}
+        started = ev.started_event(
+            handoff_id=lookup_id,
+            name=self._outbox.started_event,
+            context=request.context,
+            destination_origin=request.origin,
+            source=source.name,
+            timestamp=prepared_at,
+            **identity,
+        )
+        template = ev.completion_template(
+            handoff_id=lookup_id,
+            traits=request.traits,
+            context=request.context,
+            source=source.name,
+            destination_origin=request.origin,
+            **identity,
+        )
+        try:
+            # Half the limit for the template leaves room for the exchange's properties.
+            ev.check_size(started)
+            ev.check_size(template, limit=ev.MAX_EVENT_BYTES // 2)
+        except ev.EventTooLarge as exc:
+            raise OversizedEvent(f"{exc}; send fewer traits or a smaller context") from exc
+        return PrepareEvents(started=[started], completion=template)
+
+    def _exchange_facts(self, source: Source, request: ExchangeRequest) -> dict[str, Any] | None:
+        if not self._outbox.enabled:
+            return None
+        return ev.exchange_facts(
+            event=request.event or self._outbox.completed_event,
+            properties=request.properties,
+            source=source.name,
+            timestamp=iso_time(time.time()),
+        )
+
+    async def _take(self, token: Token, facts: dict[str, Any] | None) -> dict[str, Any] | None:
         lookup_id = self._sealer.lookup_id(token)
         structlog.contextvars.bind_contextvars(token_id=lookup_id.hex()[:12])
-        sealed = await self._store.take(lookup_id)
+        sealed = await self._store.take(lookup_id, facts)
         if sealed is None:
             return None
         try:
@@ -131,6 +182,19 @@ class HandoffService:
             logger.warning("handoff_record_unreadable")
             return None
         return record
+
+    async def _fallback(
+        self, source: Source, token_text: str, facts: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        self._metrics.inc("identity_handoff_fallbacks_total", source=source.name)
+        identity = generated_identity()
+        if facts is not None:
+            miss_id = self._sealer.miss_id(token_text)
+            event = ev.fallback_event(
+                miss_id=miss_id, anonymous_id=identity["anonymousId"], facts=facts
+            )
+            await self._store.emit(miss_id, [event])
+        return identity
 
 
 def generated_identity() -> dict[str, Any]:

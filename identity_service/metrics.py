@@ -15,6 +15,7 @@ _HELP = {
     ),
     "identity_handoff_fallbacks_total": "Misses answered with a generated anonymousId.",
     "identity_store_errors_total": "Store operations that failed (answered 503).",
+    "identity_events_skipped_total": "Events not emitted, by reason (consent: analytics denied).",
 }
 
 

@@ -109,6 +109,12 @@ class PayloadTooLarge(Problem):
     title = "Request body is too large"
 
 
+class OversizedEvent(Problem):
+    status = 413
+    slug = "event-too-large"
+    title = "An event of this handoff would be too large to deliver"
+
+
 class UnsupportedMediaType(Problem):
     status = 415
     slug = "unsupported-media-type"

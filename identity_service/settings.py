@@ -10,9 +10,9 @@ import json
 import secrets
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -35,6 +35,10 @@ SETTING_NAMES = frozenset(
         "sources", "secret", "dev_write_key", "redis_url", "redis_timeout",
         "redis_max_connections", "redis_key_prefix", "default_ttl", "max_ttl",
         "max_body_bytes", "token_param", "retry_after", "shutdown_timeout", "log_level",
+        "outbox", "forwarder", "destinations", "destination_url", "destination_write_key",
+        "events_file", "batch_max_events", "batch_max_wait", "delivery_timeout",
+        "delivery_max_attempts", "backoff_base", "backoff_max", "reclaim_idle",
+        "started_event", "completed_event",
     }
 )  # fmt: skip
 
@@ -65,6 +69,40 @@ class RedisSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class Destination:
+    """Where events go: a Segment-compatible HTTP API, a JSONL file, or standard output."""
+
+    name: str
+    kind: Literal["http", "file", "stdout"]
+    url: str = ""
+    write_key: str = field(default="", repr=False)
+    path: str = ""
+
+    @property
+    def batch_url(self) -> str:
+        base = self.url.rstrip("/")
+        return base if base.endswith("/v1/batch") else base + "/v1/batch"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxSettings:
+    """Events: whether they are emitted, where to, and how they are batched and retried."""
+
+    enabled: bool = True
+    destinations: tuple[Destination, ...] = (Destination("stdout", "stdout"),)
+    forwarder_in_serve: bool = True
+    batch_max_events: int = c.DEFAULT_BATCH_MAX_EVENTS
+    batch_max_wait: float = c.DEFAULT_BATCH_MAX_WAIT_SECONDS
+    delivery_timeout: float = c.DEFAULT_DELIVERY_TIMEOUT_SECONDS
+    max_attempts: int = c.DEFAULT_DELIVERY_MAX_ATTEMPTS
+    backoff_base: float = c.DEFAULT_BACKOFF_BASE_SECONDS
+    backoff_max: float = c.DEFAULT_BACKOFF_MAX_SECONDS
+    reclaim_idle: float = c.DEFAULT_RECLAIM_IDLE_SECONDS
+    started_event: str = c.DEFAULT_STARTED_EVENT
+    completed_event: str = c.DEFAULT_COMPLETED_EVENT
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the application needs, validated."""
 
@@ -80,6 +118,7 @@ class Settings:
     retry_after: int = c.DEFAULT_RETRY_AFTER_SECONDS
     shutdown_timeout: float = c.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
     log_level: str = "info"
+    outbox: OutboxSettings = field(default_factory=OutboxSettings)
 
     @property
     def uses_dev_source(self) -> bool:
@@ -186,10 +225,89 @@ class _Reader:
                 "shutdown_timeout", c.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS, 0.0, 600.0
             ),
             log_level=log_level,
+            outbox=self.outbox_settings(),
         )
         if self.problems:
             raise ConfigError(self.problems)
         return settings
+
+    def outbox_settings(self) -> OutboxSettings:
+        enabled = self.choice("outbox", "on", ("on", "off")) == "on"
+        forwarder = self.choice("forwarder", "embedded", ("embedded", "off"))
+        return OutboxSettings(
+            enabled=enabled,
+            destinations=tuple(self.destinations()),
+            forwarder_in_serve=forwarder == "embedded",
+            batch_max_events=self.integer(
+                "batch_max_events", c.DEFAULT_BATCH_MAX_EVENTS, 1, c.MAX_BATCH_EVENTS
+            ),
+            batch_max_wait=self.number("batch_max_wait", c.DEFAULT_BATCH_MAX_WAIT_SECONDS, 0, 60),
+            delivery_timeout=self.number(
+                "delivery_timeout", c.DEFAULT_DELIVERY_TIMEOUT_SECONDS, 0.1, 300
+            ),
+            max_attempts=self.integer(
+                "delivery_max_attempts", c.DEFAULT_DELIVERY_MAX_ATTEMPTS, 1, 1000
+            ),
+            backoff_base=self.number("backoff_base", c.DEFAULT_BACKOFF_BASE_SECONDS, 0.001, 60),
+            backoff_max=self.number("backoff_max", c.DEFAULT_BACKOFF_MAX_SECONDS, 0.001, 3600),
+            reclaim_idle=self.number("reclaim_idle", c.DEFAULT_RECLAIM_IDLE_SECONDS, 0.1, 86_400),
+            started_event=self.text("started_event", c.DEFAULT_STARTED_EVENT) or "",
+            completed_event=self.text("completed_event", c.DEFAULT_COMPLETED_EVENT) or "",
+        )
+
+    def destinations(self) -> list[Destination]:
+        found: list[Destination] = []
+        url = self.text("destination_url", None)
+        write_key = self.text("destination_write_key", None)
+        if url is not None or write_key is not None:
+            found.extend(self._http_destination("default", url, write_key, "IDENTITY_DESTINATION_"))
+        table = self.file.get("destinations") or {}
+        if not isinstance(table, dict):
+            self.problems.append("destinations must be a table of destination name to settings")
+            table = {}
+        for name, spec in table.items():
+            if not isinstance(spec, dict) or set(spec) - {"url", "write_key"}:
+                self.problems.append(f"destinations.{name} must be a table with url and write_key")
+                continue
+            found.extend(
+                self._http_destination(
+                    str(name), spec.get("url"), spec.get("write_key"), f"destinations.{name}."
+                )
+            )
+        events_file = self.text("events_file", None)
+        if events_file is not None:
+            found.append(Destination("file", "file", path=events_file))
+        names = [d.name for d in found]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            self.problems.append(f"destination name {name!r} is used twice")
+        for destination in found:
+            if not destination.name.replace("_", "").replace("-", "").isalnum():
+                self.problems.append(
+                    f"destination name {destination.name!r} must be letters, digits, '_' or '-'"
+                )
+        return found or [Destination("stdout", "stdout")]
+
+    def _http_destination(
+        self, name: str, url: Any, write_key: Any, where: str
+    ) -> list[Destination]:
+        problems = len(self.problems)
+        parsed = urlsplit(url) if isinstance(url, str) else None
+        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+            self.problems.append(f"{where}URL must be an http(s) URL of a Segment-compatible API")
+        if not isinstance(write_key, str) or not write_key:
+            self.problems.append(f"{where}WRITE_KEY is required with {where}URL")
+        if len(self.problems) > problems:
+            return []
+        return [Destination(name, "http", url=str(url), write_key=str(write_key))]
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = (self.text(name, default) or default).lower()
+        if value not in allowed:
+            self.problems.append(
+                f"{c.ENV_PREFIX}{name.upper()} must be one of {', '.join(allowed)}, not {value!r}"
+            )
+            return default
+        return value
 
     def redis_settings(self) -> RedisSettings | None:
         url = self.text("redis_url", None)

@@ -5,7 +5,7 @@ one ValidationFailed problem. Unknown fields are errors, so a misspelt ``anonymo
 caught instead of silently dropped.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import SplitResult
 
@@ -21,7 +21,8 @@ MAX_CATEGORY_LENGTH = 64
 PREPARE_FIELDS = frozenset(
     {"anonymousId", "userId", "traits", "context", "consent", "destination", "ttl"}
 )
-EXCHANGE_FIELDS = frozenset({"token", "fallback"})
+EXCHANGE_FIELDS = frozenset({"token", "fallback", "event", "properties"})
+MAX_EVENT_NAME_LENGTH = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,8 @@ class PrepareRequest:
 class ExchangeRequest:
     token: str
     fallback: bool
+    event: str | None = None
+    properties: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -145,5 +148,9 @@ def parse_exchange(data: dict[str, Any]) -> ExchangeRequest:
     fallback = data.get("fallback", False)
     if not isinstance(fallback, bool):
         check.fail("fallback", "must be true or false")
+    event = check.string("event", MAX_EVENT_NAME_LENGTH)
+    properties = check.obj("properties")
     check.raise_if_failed()
-    return ExchangeRequest(token=token or "", fallback=fallback is True)
+    return ExchangeRequest(
+        token=token or "", fallback=fallback is True, event=event, properties=properties
+    )

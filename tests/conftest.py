@@ -128,7 +128,8 @@ async def stored_count(client: AppClient) -> int:
     assert isinstance(store, RedisStore)
     prefix = client.app[app_keys.SETTINGS].redis
     assert prefix is not None
-    return len([key async for key in store.client.scan_iter(match=f"{prefix.key_prefix}*")])
+    pattern = f"{prefix.key_prefix}*:handoff:*"
+    return len([key async for key in store.client.scan_iter(match=pattern)])
 
 
 async def prepare(client: AppClient, source: str = "shop", **fields: Any) -> dict[str, Any]:

@@ -18,14 +18,20 @@ SECRET_VALUES: dict[str, Any] = {
 
 
 async def dump(redis: Redis) -> bytes:
-    """Every key and string value in the server, concatenated."""
+    """Every key and value (strings, hashes, streams) in the server, concatenated."""
     parts: list[bytes] = []
     async for key in redis.scan_iter(count=1000):
         parts.append(key)
-        if await redis.type(key) == b"string":
-            value = await redis.get(key)
-            assert isinstance(value, bytes)
-            parts.append(value)
+        kind = await redis.type(key)
+        if kind == b"string":
+            parts.append(await redis.get(key))
+        elif kind == b"hash":
+            for field, value in (await redis.hgetall(key)).items():
+                parts += [field, value]
+        elif kind == b"stream":
+            for _, fields in await redis.xrange(key):
+                for field, value in fields.items():
+                    parts += [field, value]
     return b"\n".join(parts)
 
 
@@ -40,7 +46,8 @@ async def test_a_dump_of_redis_holds_neither_token_nor_identity(
 
     contents = await dump(redis_client)
 
-    assert contents, "the handoff should be in Redis"
+    assert b":handoff:" in contents, "the handoff should be in Redis"
+    assert b":outbox" in contents, "its started event should be in the outbox stream"
     forbidden = [
         token.encode(),
         raw_token,

@@ -7,11 +7,14 @@ from collections.abc import AsyncIterator
 import pytest
 
 from identity_service.constants import handoff_key
+from identity_service.crypto import OutboxSealer
 from identity_service.settings import RedisSettings
 from identity_service.stores import HandoffStore
 from identity_service.stores.memory import MemoryStore
 from identity_service.stores.redis import RedisStore
 from tests.redis_server import RedisServer
+
+SEALER = OutboxSealer(b"s" * 32)
 
 
 @pytest.fixture
@@ -20,7 +23,9 @@ async def store(store_kind: str, redis_server: RedisServer) -> AsyncIterator[Han
     if store_kind == "memory":
         opened = MemoryStore()
     else:
-        opened = RedisStore(RedisSettings.from_dsn(redis_server.url, key_prefix="contract:"))
+        opened = RedisStore(
+            RedisSettings.from_dsn(redis_server.url, key_prefix="contract:"), SEALER
+        )
     yield opened
     await opened.close()
 
@@ -31,35 +36,35 @@ def new_id() -> bytes:
 
 async def test_take_returns_what_put_stored_once(store: HandoffStore) -> None:
     lookup_id = new_id()
-    await store.put(lookup_id, b"sealed-record", 60)
-    assert await store.take(lookup_id) == b"sealed-record"
-    assert await store.take(lookup_id) is None
+    await store.put(lookup_id, b"sealed-record", 60, None)
+    assert await store.take(lookup_id, None) == b"sealed-record"
+    assert await store.take(lookup_id, None) is None
 
 
 async def test_take_of_an_unknown_id_is_none(store: HandoffStore) -> None:
-    assert await store.take(new_id()) is None
+    assert await store.take(new_id(), None) is None
 
 
 async def test_put_replaces(store: HandoffStore) -> None:
     lookup_id = new_id()
-    await store.put(lookup_id, b"first", 60)
-    await store.put(lookup_id, b"second", 60)
-    assert await store.take(lookup_id) == b"second"
+    await store.put(lookup_id, b"first", 60, None)
+    await store.put(lookup_id, b"second", 60, None)
+    assert await store.take(lookup_id, None) == b"second"
 
 
 async def test_records_expire_after_their_ttl(store: HandoffStore) -> None:
     short, long = new_id(), new_id()
-    await store.put(short, b"short", 1)
-    await store.put(long, b"long", 30)
+    await store.put(short, b"short", 1, None)
+    await store.put(long, b"long", 30, None)
     await asyncio.sleep(1.2)
-    assert await store.take(short) is None
-    assert await store.take(long) == b"long"
+    assert await store.take(short, None) is None
+    assert await store.take(long, None) == b"long"
 
 
 async def test_concurrent_takes_hand_a_record_out_once(store: HandoffStore) -> None:
     lookup_id = new_id()
-    await store.put(lookup_id, b"once", 60)
-    results = await asyncio.gather(*(store.take(lookup_id) for _ in range(200)))
+    await store.put(lookup_id, b"once", 60, None)
+    results = await asyncio.gather(*(store.take(lookup_id, None) for _ in range(200)))
     assert results.count(b"once") == 1
     assert results.count(None) == 199
 
@@ -71,27 +76,27 @@ async def test_ping_answers(store: HandoffStore) -> None:
 async def test_memory_store_sweeps_expired_records_on_write() -> None:
     store = MemoryStore()
     for _ in range(10):
-        await store.put(new_id(), b"x", 1)
+        await store.put(new_id(), b"x", 1, None)
     await asyncio.sleep(1.1)
-    await store.put(new_id(), b"y", 60)
+    await store.put(new_id(), b"y", 60, None)
     assert len(store) == 1
 
 
 async def test_redis_store_over_a_unix_socket(redis_server: RedisServer) -> None:
-    store = RedisStore(RedisSettings.from_dsn(redis_server.unix_url, key_prefix="unix:"))
+    store = RedisStore(RedisSettings.from_dsn(redis_server.unix_url, key_prefix="unix:"), SEALER)
     try:
         lookup_id = new_id()
-        await store.put(lookup_id, b"over-unix", 60)
-        assert await store.take(lookup_id) == b"over-unix"
+        await store.put(lookup_id, b"over-unix", 60, None)
+        assert await store.take(lookup_id, None) == b"over-unix"
     finally:
         await store.close()
 
 
 async def test_redis_keys_carry_prefix_hash_tag_and_ttl(redis_server: RedisServer) -> None:
-    store = RedisStore(RedisSettings.from_dsn(redis_server.url, key_prefix="tagged:"))
+    store = RedisStore(RedisSettings.from_dsn(redis_server.url, key_prefix="tagged:"), SEALER)
     try:
         lookup_id = new_id()
-        await store.put(lookup_id, b"x", 120)
+        await store.put(lookup_id, b"x", 120, None)
         key = handoff_key("tagged:", lookup_id)
         assert key.startswith("tagged:{") and key.index("}") < key.index(lookup_id.hex())
         ttl = await store.client.ttl(key)

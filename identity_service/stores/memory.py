@@ -1,9 +1,30 @@
-"""The embedded store: a dict in this process, with TTLs. For one process and development."""
+"""The embedded store: a dict in this process, with TTLs, and an in-memory event queue.
 
+For one process and development: handoffs and undelivered events are lost on restart.
+"""
+
+import asyncio
 import heapq
 import time
+from collections import deque
+from typing import Any
 
+from identity_service import events as ev
 from identity_service.constants import handoff_key
+from identity_service.stores import PrepareEvents
+
+
+class MemoryOutbox:
+    """Events waiting for the forwarder, in order, with a wake-up for the reader."""
+
+    def __init__(self) -> None:
+        self.events: deque[ev.Event] = deque()
+        self.arrived = asyncio.Event()
+
+    def extend(self, events: list[ev.Event]) -> None:
+        if events:
+            self.events.extend(events)
+            self.arrived.set()
 
 
 class MemoryStore:
@@ -11,25 +32,36 @@ class MemoryStore:
 
     def __init__(self, key_prefix: str = "") -> None:
         self._prefix = key_prefix
-        self._records: dict[str, tuple[float, bytes]] = {}
+        self._records: dict[str, tuple[float, bytes, dict[str, Any] | None]] = {}
         self._expiries: list[tuple[float, str]] = []
+        self.outbox = MemoryOutbox()
 
     def __len__(self) -> int:
         return len(self._records)
 
-    async def put(self, lookup_id: bytes, record: bytes, ttl_seconds: int) -> None:
+    async def put(
+        self, lookup_id: bytes, record: bytes, ttl_seconds: int, events: PrepareEvents | None
+    ) -> None:
         now = time.monotonic()
         self._sweep(now)
         key = handoff_key(self._prefix, lookup_id)
         expires_at = now + ttl_seconds
-        self._records[key] = (expires_at, record)
+        self._records[key] = (expires_at, record, events.completion if events else None)
         heapq.heappush(self._expiries, (expires_at, key))
+        if events is not None:
+            self.outbox.extend(events.started)
 
-    async def take(self, lookup_id: bytes) -> bytes | None:
+    async def take(self, lookup_id: bytes, facts: dict[str, Any] | None) -> bytes | None:
         entry = self._records.pop(handoff_key(self._prefix, lookup_id), None)
         if entry is None or entry[0] <= time.monotonic():
             return None
-        return entry[1]
+        _, record, template = entry
+        if template is not None and facts is not None:
+            self.outbox.extend(ev.complete(template, facts))
+        return record
+
+    async def emit(self, shard_hint: bytes, events: list[ev.Event]) -> None:
+        self.outbox.extend(events)
 
     async def ping(self) -> None:
         return None

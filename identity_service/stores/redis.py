@@ -1,56 +1,122 @@
-"""The Redis store: one command per call (SET with EX, GETDEL), keys with Cluster hash tags.
+"""The Redis store: one script call per request, keys with Cluster hash tags.
 
-Commands are not retried by the client: a GETDEL whose reply was lost may have run, and
-running it again would answer "unknown token" for a token that was just consumed. A
+A handoff is a hash: ``r``, the record sealed under its token, and ``o``, the completion
+template sealed under the server secret (absent when no events are due). Its shard's
+outbox stream shares its hash tag, so each script touches one slot:
+
+- prepare: replace the hash, set its TTL, and XADD the started events, atomically;
+- exchange: read and delete the hash and XADD the completion entry, atomically.
+
+Commands are not retried by the client: an exchange whose reply was lost may have run,
+and running it again would answer "unknown token" for a token that was just consumed. A
 failure surfaces as StoreUnavailable (503 with Retry-After) and the next request uses a
 fresh connection, so the service recovers by itself when Redis returns.
 """
 
+from typing import Any
+
+import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from identity_service.constants import handoff_key
+from identity_service import events as ev
+from identity_service.constants import handoff_key, outbox_key, shard_of
+from identity_service.crypto import OutboxSealer
 from identity_service.problems import StoreUnavailable
 from identity_service.settings import RedisSettings
+from identity_service.stores import PrepareEvents
+
+# KEYS: handoff, outbox. ARGV: record, ttl, sealed template or "", sealed started events or "".
+PREPARE_SCRIPT = """
+redis.call('DEL', KEYS[1])
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'r', ARGV[1], 'o', ARGV[3])
+else
+  redis.call('HSET', KEYS[1], 'r', ARGV[1])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+if ARGV[4] ~= '' then
+  redis.call('XADD', KEYS[2], '*', 'e', ARGV[4])
+end
+return 1
+"""
+
+# KEYS: handoff, outbox. ARGV: sealed exchange facts or "".
+EXCHANGE_SCRIPT = """
+local found = redis.call('HMGET', KEYS[1], 'r', 'o')
+if not found[1] then
+  return false
+end
+redis.call('DEL', KEYS[1])
+if found[2] and ARGV[1] ~= '' then
+  redis.call('XADD', KEYS[2], '*', 't', found[2], 'p', ARGV[1])
+end
+return found[1]
+"""
+
+
+def connect(settings: RedisSettings) -> Redis:
+    """A client with a blocking pool and no command retries (see the module docstring)."""
+    # A blocking pool makes a burst of requests wait (up to the timeout) for a
+    # connection instead of failing once max_connections are in use.
+    pool = BlockingConnectionPool.from_url(
+        settings.url,
+        max_connections=settings.max_connections,
+        timeout=settings.timeout,
+        socket_timeout=settings.timeout,
+        socket_connect_timeout=settings.timeout,
+        retry=Retry(NoBackoff(), 0),
+        decode_responses=False,
+    )
+    return Redis.from_pool(pool)
 
 
 class RedisStore:
-    """Keeps records in Redis with their TTL set in the same command as the value."""
+    """Keeps records in Redis with their TTL and their events set in the same script."""
 
-    def __init__(self, settings: RedisSettings) -> None:
+    def __init__(self, settings: RedisSettings, sealer: OutboxSealer) -> None:
         self._prefix = settings.key_prefix
-        # A blocking pool makes a burst of requests wait (up to the timeout) for a
-        # connection instead of failing once max_connections are in use.
-        pool = BlockingConnectionPool.from_url(
-            settings.url,
-            max_connections=settings.max_connections,
-            timeout=settings.timeout,
-            socket_timeout=settings.timeout,
-            socket_connect_timeout=settings.timeout,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=False,
-        )
-        self._redis: Redis = Redis.from_pool(pool)
+        self._sealer = sealer
+        self._redis = connect(settings)
+        self._prepare = self._redis.register_script(PREPARE_SCRIPT)
+        self._exchange = self._redis.register_script(EXCHANGE_SCRIPT)
 
     @property
     def client(self) -> Redis:
         return self._redis
 
-    async def put(self, lookup_id: bytes, record: bytes, ttl_seconds: int) -> None:
+    async def put(
+        self, lookup_id: bytes, record: bytes, ttl_seconds: int, events: PrepareEvents | None
+    ) -> None:
+        template = started = b""
+        if events is not None:
+            if events.completion is not None:
+                template = self._sealer.seal(orjson.dumps(events.completion))
+            if events.started:
+                started = self._sealer.seal(orjson.dumps(events.started))
+        keys = self._keys(lookup_id)
         try:
-            await self._redis.set(handoff_key(self._prefix, lookup_id), record, ex=ttl_seconds)
+            await self._prepare(keys=keys, args=[record, ttl_seconds, template, started])
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(_describe(exc)) from exc
 
-    async def take(self, lookup_id: bytes) -> bytes | None:
+    async def take(self, lookup_id: bytes, facts: dict[str, Any] | None) -> bytes | None:
+        sealed_facts = self._sealer.seal(orjson.dumps(facts)) if facts is not None else b""
         try:
-            record = await self._redis.getdel(handoff_key(self._prefix, lookup_id))
+            record = await self._exchange(keys=self._keys(lookup_id), args=[sealed_facts])
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(_describe(exc)) from exc
-        assert not isinstance(record, str)  # the client does not decode responses
+        assert record is None or isinstance(record, bytes)
         return record
+
+    async def emit(self, shard_hint: bytes, events: list[ev.Event]) -> None:
+        stream = outbox_key(self._prefix, shard_of(shard_hint))
+        try:
+            await self._redis.xadd(stream, {"e": self._sealer.seal(orjson.dumps(events))})
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
 
     async def ping(self) -> None:
         try:
@@ -60,6 +126,12 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+    def _keys(self, lookup_id: bytes) -> list[str]:
+        return [
+            handoff_key(self._prefix, lookup_id),
+            outbox_key(self._prefix, shard_of(lookup_id)),
+        ]
 
 
 def _describe(exc: BaseException) -> str:
