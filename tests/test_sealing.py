@@ -19,20 +19,27 @@ SECRET_VALUES: dict[str, Any] = {
 
 async def dump(redis: Redis) -> bytes:
     """Every key and value (strings, hashes, streams) in the server, concatenated."""
-    parts: list[bytes] = []
+    parts: list[Any] = []
     async for key in redis.scan_iter(count=1000):
         parts.append(key)
         kind = await redis.type(key)
         if kind == b"string":
             parts.append(await redis.get(key))
         elif kind == b"hash":
-            for field, value in (await redis.hgetall(key)).items():
-                parts += [field, value]
+            parts += [*(await redis.hgetall(key)).items()]
         elif kind == b"stream":
-            for _, fields in await redis.xrange(key):
-                for field, value in fields.items():
-                    parts += [field, value]
-    return b"\n".join(parts)
+            parts += [fields for _, fields in await redis.xrange(key) or []]
+    return b"\n".join(flatten(parts))
+
+
+def flatten(value: Any) -> list[bytes]:
+    if isinstance(value, bytes):
+        return [value]
+    if isinstance(value, dict):
+        return flatten(list(value.items()))
+    if isinstance(value, list | tuple):
+        return [part for item in value for part in flatten(item)]
+    raise TypeError(f"unexpected {type(value).__name__} in a Redis reply")
 
 
 async def test_a_dump_of_redis_holds_neither_token_nor_identity(
