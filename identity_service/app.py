@@ -10,6 +10,7 @@ from identity_service.crypto import OutboxSealer, TokenSealer
 from identity_service.handoff import HandoffService
 from identity_service.metrics import Metrics
 from identity_service.middleware import handle_request
+from identity_service.outbox import running_forwarders
 from identity_service.settings import Settings
 from identity_service.sources import SourceRegistry
 from identity_service.stores import HandoffStore
@@ -24,6 +25,8 @@ def create_app(settings: Settings) -> web.Application:
     app[app_keys.SOURCES] = SourceRegistry(settings.sources)
     app[app_keys.METRICS] = Metrics()
     app.cleanup_ctx.append(_handoff_store)
+    if settings.outbox.enabled and settings.outbox.forwarder_in_serve:
+        app.cleanup_ctx.append(_forwarders)
     app.router.add_post("/v1/handoffs", handlers.prepare_handoff)
     app.router.add_post("/v1/handoffs/exchange", handlers.exchange_handoff)
     app.router.add_get("/healthz", handlers.healthz)
@@ -52,3 +55,10 @@ async def _handoff_store(app: web.Application) -> AsyncIterator[None]:
     logger.info("store_opened", store=type(store).__name__)
     yield
     await store.close()
+
+
+async def _forwarders(app: web.Application) -> AsyncIterator[None]:
+    store = app[app_keys.STORE]
+    memory = store.outbox if isinstance(store, MemoryStore) else None
+    async with running_forwarders(app[app_keys.SETTINGS], app[app_keys.METRICS], memory):
+        yield

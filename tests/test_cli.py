@@ -116,11 +116,17 @@ async def test_walkthrough_on_the_embedded_default_logs_no_secrets(dev_service: 
     assert status == 401
 
     assert dev_service.stop() == 0
-    output = dev_service.stdout + dev_service.stderr
-    for secret in (token, DEV_KEY, "anon-cli-91c3", "user-cli-77", "handoff_token="):
-        assert secret not in output
     lines = [orjson.loads(line) for line in dev_service.stdout.splitlines()]
-    requests = [line for line in lines if line["event"] == "request"]
+    # The embedded default delivers events as JSON lines on stdout, beside the logs.
+    events = [line for line in lines if "messageId" in line]
+    assert sorted(e["type"] for e in events) == ["identify", "track", "track"]
+    logs = [line for line in lines if "messageId" not in line]
+    log_text = orjson.dumps(logs).decode() + dev_service.stderr
+    for secret in (token, DEV_KEY, "anon-cli-91c3", "user-cli-77", "handoff_token="):
+        assert secret not in log_text
+    for secret in (token, DEV_KEY):
+        assert secret not in orjson.dumps(events).decode()
+    requests = [line for line in logs if line["event"] == "request"]
     assert [r["status"] for r in requests] == [201, 200, 404, 401]
     assert all(r["request_id"] and r["path"].startswith("/v1/handoffs") for r in requests)
     assert requests[0]["token_id"] == requests[1]["token_id"] == requests[2]["token_id"]

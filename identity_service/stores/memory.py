@@ -14,17 +14,34 @@ from identity_service.constants import handoff_key
 from identity_service.stores import PrepareEvents
 
 
-class MemoryOutbox:
-    """Events waiting for the forwarder, in order, with a wake-up for the reader."""
+class MemoryQueue:
+    """One destination's events waiting for its forwarder, with a wake-up for the reader."""
 
     def __init__(self) -> None:
         self.events: deque[ev.Event] = deque()
         self.arrived = asyncio.Event()
 
+
+class MemoryOutbox:
+    """Copies each event to every subscribed destination's queue.
+
+    With no subscriber (the forwarder is off) events are dropped, not hoarded.
+    """
+
+    def __init__(self) -> None:
+        self.queues: list[MemoryQueue] = []
+
+    def subscribe(self) -> MemoryQueue:
+        queue = MemoryQueue()
+        self.queues.append(queue)
+        return queue
+
     def extend(self, events: list[ev.Event]) -> None:
-        if events:
-            self.events.extend(events)
-            self.arrived.set()
+        if not events:
+            return
+        for queue in self.queues:
+            queue.events.extend(events)
+            queue.arrived.set()
 
 
 class MemoryStore:

@@ -1,0 +1,250 @@
+"""Where the forwarder reads events from: the Redis outbox streams, or the in-memory queue.
+
+A feed hands out entries (one or more events each), and is told afterwards what became of
+them: acknowledged (delivered) or dead-lettered. On Redis each destination is a consumer
+group over every shard's stream; an entry stays pending until acknowledged, a dead
+forwarder's pending entries are reclaimed with XAUTOCLAIM, and streams are trimmed only
+below the oldest entry some group still needs.
+"""
+
+import asyncio
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from identity_service import events as ev
+from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
+from identity_service.crypto import OutboxSealer, SealError
+from identity_service.stores.memory import MemoryQueue
+
+logger = structlog.get_logger(__name__)
+
+RECLAIM_BATCH = 100
+
+
+@dataclass(slots=True)
+class FeedEntry:
+    """One outbox entry: where it came from, and the events it stands for."""
+
+    entry_id: str
+    stream: str
+    events: list[ev.Event]
+    fields: dict[bytes, bytes] = field(default_factory=dict)
+
+
+class Feed(Protocol):
+    async def read(self, max_entries: int, wait: float) -> list[FeedEntry]: ...
+
+    async def ack(self, entries: list[FeedEntry]) -> None: ...
+
+    async def dead_letter(self, entries: list[FeedEntry], reason: str) -> None: ...
+
+    async def keep_alive(self, entries: list[FeedEntry]) -> None: ...
+
+    async def maintain(self) -> None: ...
+
+
+class MemoryFeed:
+    """Reads the embedded store's queue. Nothing survives the process."""
+
+    def __init__(self, queue: MemoryQueue) -> None:
+        self._outbox = queue
+        self.dead: list[FeedEntry] = []
+        self._sequence = 0
+
+    async def read(self, max_entries: int, wait: float) -> list[FeedEntry]:
+        queue = self._outbox.events
+        if not queue:
+            self._outbox.arrived.clear()
+            try:
+                await asyncio.wait_for(self._outbox.arrived.wait(), wait)
+            except TimeoutError:
+                return []
+        entries: list[FeedEntry] = []
+        while queue and len(entries) < max_entries:
+            self._sequence += 1
+            entries.append(FeedEntry(str(self._sequence), "memory", [queue.popleft()]))
+        return entries
+
+    async def ack(self, entries: list[FeedEntry]) -> None:
+        return None
+
+    async def dead_letter(self, entries: list[FeedEntry], reason: str) -> None:
+        self.dead.extend(entries)
+
+    async def keep_alive(self, entries: list[FeedEntry]) -> None:
+        return None
+
+    async def maintain(self) -> None:
+        return None
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+class RedisFeed:
+    """One destination's consumer group over the shards' outbox streams."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        prefix: str,
+        destination: str,
+        sealer: OutboxSealer,
+        reclaim_idle: float,
+    ) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._group = destination
+        self._consumer = consumer_name()
+        self._sealer = sealer
+        self._reclaim_idle_ms = max(1, int(reclaim_idle * 1000))
+        self._streams = [outbox_key(prefix, shard) for shard in range(KEY_SHARDS)]
+        self._reclaimed: list[FeedEntry] = []
+        self._groups_ready = False
+
+    async def read(self, max_entries: int, wait: float) -> list[FeedEntry]:
+        await self._ensure_groups()
+        if self._reclaimed:
+            entries, self._reclaimed = (
+                self._reclaimed[:max_entries],
+                self._reclaimed[max_entries:],
+            )
+            return entries
+        # One call over every shard's stream: fine on a single node or Sentinel. On a
+        # Cluster each shard would be read from its own node.
+        answer: Any = await self._redis.xreadgroup(
+            self._group,
+            self._consumer,
+            dict.fromkeys(self._streams, ">"),
+            count=max_entries,
+            block=max(1, int(wait * 1000)),
+        )
+        read: list[FeedEntry] = []
+        for stream, messages in answer or []:
+            read.extend(await self._decode_all(_text(stream), messages))
+        return read
+
+    async def ack(self, entries: list[FeedEntry]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for stream, ids in _by_stream(entries).items():
+                pipe.xack(stream, self._group, *ids)
+            await pipe.execute()
+
+    async def dead_letter(self, entries: list[FeedEntry], reason: str) -> None:
+        failed_at = str(int(time.time() * 1000)).encode()
+        for entry in entries:
+            shard = int(entry.stream.rsplit("{", 1)[1].split("}", 1)[0])
+            dead = dead_letter_key(self._prefix, shard, self._group)
+            fields = {**entry.fields, b"reason": reason.encode(), b"failed_at": failed_at}
+            # Same hash tag: the move is one transaction, even on a Cluster.
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(dead, fields)  # type: ignore[arg-type]
+                pipe.xack(entry.stream, self._group, entry.entry_id)
+                await pipe.execute()
+
+    async def keep_alive(self, entries: list[FeedEntry]) -> None:
+        """Reset the entries' idle time so no other forwarder reclaims them while we retry."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for stream, ids in _by_stream(entries).items():
+                pipe.xclaim(stream, self._group, self._consumer, 0, list[Any](ids), justid=True)
+            await pipe.execute()
+
+    async def maintain(self) -> None:
+        """Reclaim entries a dead forwarder left pending, and trim what every group acked."""
+        await self._ensure_groups()
+        for stream in self._streams:
+            if len(self._reclaimed) < RECLAIM_BATCH:
+                answer = await self._redis.xautoclaim(
+                    stream,
+                    self._group,
+                    self._consumer,
+                    self._reclaim_idle_ms,
+                    start_id="0-0",
+                    count=RECLAIM_BATCH,
+                )
+                if answer[1]:
+                    logger.info("outbox_reclaimed", stream=stream, entries=len(answer[1]))
+                    self._reclaimed.extend(await self._decode_all(stream, answer[1]))
+            await trim_acknowledged(self._redis, stream)
+
+    async def _ensure_groups(self) -> None:
+        if self._groups_ready:
+            return
+        for stream in self._streams:
+            try:
+                await self._redis.xgroup_create(stream, self._group, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        self._groups_ready = True
+
+    async def _decode_all(self, stream: str, messages: list[Any]) -> list[FeedEntry]:
+        entries, poisoned = [], []
+        for entry_id, fields in messages:
+            if fields is None:  # deleted while pending
+                continue
+            entry = FeedEntry(_text(entry_id), stream, [], fields)
+            only = fields.get(b"only")
+            if only is not None and only.decode() != self._group:
+                await self._redis.xack(stream, self._group, entry.entry_id)
+                continue
+            try:
+                entry.events = self._decode(fields)
+            except (SealError, ValueError, KeyError, TypeError) as exc:
+                logger.error("outbox_entry_unreadable", stream=stream, error=type(exc).__name__)
+                poisoned.append(entry)
+                continue
+            entries.append(entry)
+        if poisoned:
+            await self.dead_letter(poisoned, "unreadable entry")
+        return entries
+
+    def _decode(self, fields: dict[bytes, bytes]) -> list[ev.Event]:
+        if b"e" in fields:
+            decoded: list[ev.Event] = orjson.loads(self._sealer.open(fields[b"e"]))
+            return decoded
+        template = orjson.loads(self._sealer.open(fields[b"t"]))
+        facts = orjson.loads(self._sealer.open(fields[b"p"]))
+        return ev.complete(template, facts)
+
+
+async def trim_acknowledged(redis: Redis, stream: str) -> None:
+    """Drop the entries below the oldest one that some consumer group still needs."""
+    groups = await redis.xinfo_groups(stream)
+    if not groups:
+        return
+    needed: list[tuple[int, int]] = []
+    for group in groups:
+        if group["pending"]:
+            summary = await redis.xpending(stream, group["name"])
+            needed.append(_parse_id(summary["min"]))
+        else:
+            ms, seq = _parse_id(group["last-delivered-id"])
+            needed.append((ms, seq + 1))
+    ms, seq = min(needed)
+    await redis.xtrim(stream, minid=f"{ms}-{seq}", approximate=False)
+
+
+def _parse_id(entry_id: bytes | str) -> tuple[int, int]:
+    ms, _, seq = _text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _by_stream(entries: list[FeedEntry]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for entry in entries:
+        grouped.setdefault(entry.stream, []).append(entry.entry_id)
+    return grouped

@@ -1,0 +1,182 @@
+"""The forwarder: reads a feed, batches events, delivers them to a sink, acks what arrived.
+
+A batch closes at ``batch_max_events`` events, ``MAX_BATCH_BYTES``, or ``batch_max_wait``
+after its first event. A batch that fails for a transient reason is retried with
+exponential backoff and full jitter (or after the Retry-After the destination sent); an
+entry is acknowledged only after a 2xx, and moved to the dead letters after a permanent
+rejection or ``max_attempts`` attempts. Nothing is dropped on 5xx or timeouts.
+"""
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+
+import orjson
+import structlog
+from redis.exceptions import RedisError
+
+from identity_service.constants import MAX_BATCH_BYTES, MAX_EVENT_BYTES
+from identity_service.feeds import Feed, FeedEntry
+from identity_service.metrics import Metrics
+from identity_service.settings import OutboxSettings
+from identity_service.sinks import Sink
+
+logger = structlog.get_logger(__name__)
+
+MAINTAIN_EVERY_SECONDS = 1.0
+IDLE_READ_SECONDS = 1.0
+ERROR_PAUSE_SECONDS = 1.0
+
+
+@dataclass(slots=True)
+class Batch:
+    entries: list[FeedEntry] = field(default_factory=list)
+    events: int = 0
+    size: int = 0
+
+
+class Forwarder:
+    def __init__(
+        self,
+        destination: str,
+        feed: Feed,
+        sink: Sink,
+        settings: OutboxSettings,
+        metrics: Metrics,
+    ) -> None:
+        self.destination = destination
+        self._feed = feed
+        self._sink = sink
+        self._settings = settings
+        self._metrics = metrics
+        self._held: list[FeedEntry] = []
+        self._maintained_at = 0.0
+        self._draining = False
+        self.stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        """Forward until ``stopping`` is set; a failing Redis pauses, never ends, the loop."""
+        log = logger.bind(destination=self.destination)
+        log.info("forwarder_started")
+        while not self.stopping.is_set():
+            try:
+                await self._maintain()
+                batch = await self._collect(first_wait=IDLE_READ_SECONDS)
+                if batch.entries:
+                    await self._deliver(batch)
+            except (RedisError, OSError) as exc:
+                log.warning("forwarder_store_error", error=type(exc).__name__)
+                await self._pause(ERROR_PAUSE_SECONDS)
+            except Exception:
+                # A bug must not end delivery for the life of the process.
+                log.exception("forwarder_error")
+                await self._pause(ERROR_PAUSE_SECONDS)
+        log.info("forwarder_stopped")
+
+    async def drain(self, seconds: float) -> None:
+        """Deliver what is queued now, for at most ``seconds`` (memory feeds)."""
+        self._draining = True
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            batch = await self._collect(first_wait=0.01)
+            if not batch.entries:
+                return
+            await self._deliver(batch)
+
+    async def close(self) -> None:
+        await self._sink.close()
+
+    async def _maintain(self) -> None:
+        now = time.monotonic()
+        if now - self._maintained_at >= MAINTAIN_EVERY_SECONDS:
+            self._maintained_at = now
+            await self._feed.maintain()
+
+    async def _collect(self, first_wait: float) -> Batch:
+        """Wait up to ``first_wait`` for a first entry, then up to batch_max_wait for more."""
+        settings = self._settings
+        batch = Batch()
+        deadline = time.monotonic() + first_wait
+        while batch.events < settings.batch_max_events:
+            if not self._held:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                wanted = settings.batch_max_events - batch.events
+                self._held = await self._read(wanted, remaining)
+                if not self._held:
+                    break
+            entry = self._held[0]
+            size = sum(len(orjson.dumps(event)) for event in entry.events)
+            if size > MAX_EVENT_BYTES * len(entry.events):
+                self._held.pop(0)
+                await self._feed.dead_letter([entry], "event too large")
+                self._count("identity_events_dead_lettered_total", len(entry.events))
+                continue
+            too_many = batch.events + len(entry.events) > settings.batch_max_events
+            if batch.entries and (too_many or batch.size + size > MAX_BATCH_BYTES):
+                break
+            self._held.pop(0)
+            batch.entries.append(entry)
+            batch.events += len(entry.events)
+            batch.size += size
+            if len(batch.entries) == 1:
+                deadline = time.monotonic() + settings.batch_max_wait
+        return batch
+
+    async def _read(self, wanted: int, wait: float) -> list[FeedEntry]:
+        """Read from the feed, giving up at once when stopping (a blocked read is cancelled)."""
+        if self._draining:
+            return await self._feed.read(wanted, wait)
+        if self.stopping.is_set():
+            return []
+        read = asyncio.ensure_future(self._feed.read(wanted, wait))
+        stop = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not read.done():
+            read.cancel()
+            return []
+        return read.result()
+
+    async def _deliver(self, batch: Batch) -> None:
+        events = [event for entry in batch.entries for event in entry.events]
+        log = logger.bind(destination=self.destination, events=len(events))
+        for attempt in range(1, self._settings.max_attempts + 1):
+            delivery = await self._sink.send(events)
+            if delivery.outcome == "delivered":
+                await self._feed.ack(batch.entries)
+                self._count("identity_events_delivered_total", len(events))
+                return
+            if delivery.outcome == "rejected":
+                log.error("batch_rejected", reason=delivery.reason)
+                break
+            delay = self._backoff(attempt, delivery.retry_after)
+            log.warning("batch_retry", reason=delivery.reason, attempt=attempt, delay_s=delay)
+            self._metrics.inc("identity_delivery_retries_total", destination=self.destination)
+            if attempt == self._settings.max_attempts:
+                break
+            await self._feed.keep_alive(batch.entries + self._held)
+            if await self._pause(delay):
+                return  # stopping: the entries stay pending for the next forwarder
+        reason = delivery.reason if delivery.outcome == "rejected" else "too many attempts"
+        await self._feed.dead_letter(batch.entries, reason)
+        self._count("identity_events_dead_lettered_total", len(events))
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return retry_after
+        ceiling = min(self._settings.backoff_max, self._settings.backoff_base * 2 ** (attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not a secret
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep, waking early when stopping; True if stopping."""
+        try:
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    def _count(self, name: str, events: int) -> None:
+        self._metrics.counts[name, (("destination", self.destination),)] += events

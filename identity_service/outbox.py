@@ -1,0 +1,70 @@
+"""Runs the forwarders of every configured destination, inside ``serve`` or alone."""
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
+
+from identity_service.crypto import OutboxSealer
+from identity_service.feeds import Feed, MemoryFeed, RedisFeed
+from identity_service.forwarder import IDLE_READ_SECONDS, Forwarder
+from identity_service.metrics import Metrics
+from identity_service.settings import Settings
+from identity_service.sinks import open_sink
+from identity_service.stores.memory import MemoryOutbox
+from identity_service.stores.redis import connect
+
+logger = structlog.get_logger(__name__)
+
+
+@asynccontextmanager
+async def running_forwarders(
+    settings: Settings, metrics: Metrics, memory: MemoryOutbox | None = None
+) -> AsyncIterator[list[Forwarder]]:
+    """Start one forwarder per destination; on exit stop them, finishing batches in flight."""
+    redis = None
+    if settings.redis is not None:
+        # Reads block up to IDLE_READ_SECONDS, so the socket timeout must exceed that.
+        redis = connect(
+            dataclasses.replace(
+                settings.redis,
+                timeout=settings.redis.timeout + IDLE_READ_SECONDS,
+                max_connections=2 + 2 * len(settings.outbox.destinations),
+            )
+        )
+    forwarders = []
+    for destination in settings.outbox.destinations:
+        feed: Feed
+        if redis is not None and settings.redis is not None:
+            feed = RedisFeed(
+                redis,
+                settings.redis.key_prefix,
+                destination.name,
+                OutboxSealer(settings.secret),
+                settings.outbox.reclaim_idle,
+            )
+        else:
+            assert memory is not None, "the memory store's outbox is needed without Redis"
+            feed = MemoryFeed(memory.subscribe())
+        sink = open_sink(destination, settings.outbox)
+        forwarders.append(Forwarder(destination.name, feed, sink, settings.outbox, metrics))
+    tasks = [asyncio.create_task(forwarder.run()) for forwarder in forwarders]
+    try:
+        yield forwarders
+    finally:
+        for forwarder in forwarders:
+            forwarder.stopping.set()
+        timeout = settings.shutdown_timeout
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=timeout)
+            for task in late:
+                task.cancel()
+        if redis is None:
+            for forwarder in forwarders:
+                await forwarder.drain(seconds=timeout)
+        for forwarder in forwarders:
+            await forwarder.close()
+        if redis is not None:
+            await redis.aclose()

@@ -1,0 +1,144 @@
+"""Where batches of events are delivered: a Segment-compatible HTTP API, a file or stdout.
+
+A sink answers each batch with a :class:`Delivery`: delivered, retry (with the delay the
+destination asked for, if any), or rejected for good. The forwarder decides what to do.
+"""
+
+import asyncio
+import base64
+import gzip
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Literal, Protocol
+
+import aiohttp
+import orjson
+
+from identity_service import __version__
+from identity_service.events import Event
+from identity_service.settings import Destination, OutboxSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    outcome: Literal["delivered", "retry", "rejected"]
+    reason: str = ""
+    retry_after: float | None = None
+
+
+DELIVERED = Delivery("delivered")
+
+
+class Sink(Protocol):
+    async def send(self, events: list[Event]) -> Delivery: ...
+
+    async def close(self) -> None: ...
+
+
+def open_sink(destination: Destination, settings: OutboxSettings) -> Sink:
+    if destination.kind == "http":
+        return HttpSink(destination, settings.delivery_timeout)
+    if destination.kind == "file":
+        return FileSink(Path(destination.path))
+    return StdoutSink()
+
+
+def stamped(events: list[Event]) -> list[Event]:
+    """The events with ``sentAt``, the time of this delivery attempt."""
+    sent_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return [{**event, "sentAt": sent_at} for event in events]
+
+
+class HttpSink:
+    """POSTs ``{"batch": [...]}`` gzipped to the destination's /v1/batch with Basic auth."""
+
+    def __init__(self, destination: Destination, timeout: float) -> None:
+        self._url = destination.batch_url
+        credentials = base64.b64encode(f"{destination.write_key}:".encode()).decode()
+        self._headers = {
+            "Authorization": f"Basic {credentials}",
+            "Content-Type": "application/json",
+            "Content-Encoding": "gzip",
+            "User-Agent": f"identity-service/{__version__}",
+        }
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def send(self, events: list[Event]) -> Delivery:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        body = gzip.compress(orjson.dumps({"batch": stamped(events)}), compresslevel=5)
+        try:
+            async with self._session.post(self._url, data=body, headers=self._headers) as answer:
+                await answer.read()
+                return classify(answer.status, answer.headers.get("Retry-After"))
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return Delivery("retry", reason=type(exc).__name__)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def classify(status: int, retry_after: str | None) -> Delivery:
+    if 200 <= status < 300:
+        return DELIVERED
+    if status == 429 or status == 408 or status >= 500:
+        delay = parse_retry_after(retry_after)
+        return Delivery("retry", reason=f"http {status}", retry_after=delay)
+    return Delivery("rejected", reason=f"http {status}")
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+class StdoutSink:
+    """Writes each event as a JSON line on standard output (the embedded default)."""
+
+    async def send(self, events: list[Event]) -> Delivery:
+        sys.stdout.buffer.write(b"".join(orjson.dumps(e) + b"\n" for e in stamped(events)))
+        sys.stdout.buffer.flush()
+        return DELIVERED
+
+    async def close(self) -> None:
+        return None
+
+
+class FileSink:
+    """Appends each event as a JSON line to a file, flushed to disk per batch."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    async def send(self, events: list[Event]) -> Delivery:
+        lines = b"".join(orjson.dumps(e) + b"\n" for e in stamped(events))
+        try:
+            await asyncio.to_thread(self._append, lines)
+        except OSError as exc:
+            return Delivery("retry", reason=f"file: {exc.strerror}")
+        return DELIVERED
+
+    def _append(self, lines: bytes) -> None:
+        with self._path.open("ab") as file:
+            file.write(lines)
+            file.flush()
+            os.fsync(file.fileno())
+
+    async def close(self) -> None:
+        return None
