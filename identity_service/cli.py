@@ -4,10 +4,12 @@ import argparse
 import asyncio
 import os
 import secrets
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import orjson
 from aiohttp import web
 
 from identity_service import __version__
@@ -21,6 +23,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args.host, args.port, args.config)
+    if args.command == "forward":
+        return forward(args.config)
+    if args.command == "outbox":
+        return outbox(args.config, args.action, args.json)
     if args.command == "hash-key":
         write_key = sys.stdin.readline().strip()
         if not write_key:
@@ -45,14 +51,94 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST}")
     serve_cmd.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
     serve_cmd.add_argument("--config", type=Path, help="a TOML or YAML settings file")
+    forward_cmd = commands.add_parser(
+        "forward", help="deliver the Redis outbox to the destinations (without serving HTTP)"
+    )
+    forward_cmd.add_argument("--config", type=Path, help="a TOML or YAML settings file")
+    outbox_cmd = commands.add_parser("outbox", help="inspect or repair the Redis outbox")
+    outbox_cmd.add_argument("action", choices=["status", "replay-dead"])
+    outbox_cmd.add_argument("--config", type=Path, help="a TOML or YAML settings file")
+    outbox_cmd.add_argument("--json", action="store_true", help="print JSON (status)")
     commands.add_parser("hash-key", help="print the write_key_hash of a write key read from stdin")
     commands.add_parser("new-key", help="make a new write key and print it with its hash")
     return parser
 
 
-def serve(host: str, port: int, config: Path | None) -> int:
+def _settings(config: Path | None, needs_redis: bool = False) -> Settings | None:
+    """The settings, or None after printing why there are none."""
     try:
         settings = load_settings(os.environ, config)
+    except ConfigError as exc:
+        print(f"identity-service: {exc}", file=sys.stderr)
+        return None
+    if needs_redis and settings.redis is None:
+        print(
+            "identity-service: the outbox lives in Redis; set IDENTITY_REDIS_URL", file=sys.stderr
+        )
+        return None
+    return settings
+
+
+def forward(config: Path | None) -> int:
+    settings = _settings(config, needs_redis=True)
+    if settings is None:
+        return 2
+    from identity_service.log_config import configure_logging
+    from identity_service.metrics import Metrics
+    from identity_service.outbox import running_forwarders
+
+    configure_logging(settings.log_level)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        async with running_forwarders(settings, Metrics()):
+            await stop.wait()
+
+    runner = asyncio.Runner(loop_factory=_new_event_loop)
+    with runner:
+        runner.run(run())
+    return 0
+
+
+def outbox(config: Path | None, action: str, as_json: bool) -> int:
+    settings = _settings(config, needs_redis=True)
+    if settings is None or settings.redis is None:
+        return 2
+    redis_settings = settings.redis
+    destinations = [d.name for d in settings.outbox.destinations]
+    from identity_service.outbox_admin import outbox_status, replay_dead
+    from identity_service.stores.redis import connect
+
+    async def run() -> int:
+        redis = connect(redis_settings)
+        try:
+            if action == "replay-dead":
+                moved = await replay_dead(redis, redis_settings.key_prefix, destinations)
+                print(f"re-queued {moved} dead letters")
+                return 0
+            report = await outbox_status(redis, redis_settings.key_prefix, destinations)
+        finally:
+            await redis.aclose()
+        if as_json:
+            print(orjson.dumps([status.as_json() for status in report]).decode())
+            return 0
+        print(f"{'destination':<20} {'pending':>8} {'in-flight':>10} {'dead':>8} {'oldest':>10}")
+        for s in report:
+            age = "-" if s.oldest_age_seconds is None else f"{s.oldest_age_seconds:.1f}s"
+            print(f"{s.destination:<20} {s.pending:>8} {s.in_flight:>10} {s.dead:>8} {age:>10}")
+        return 0
+
+    return asyncio.run(run())
+
+
+def serve(host: str, port: int, config: Path | None) -> int:
+    settings = _settings(config)
+    if settings is None:
+        return 2
+    try:
         settings.check_bind(host)
     except ConfigError as exc:
         print(f"identity-service: {exc}", file=sys.stderr)

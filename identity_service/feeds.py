@@ -23,6 +23,7 @@ from identity_service import events as ev
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
 from identity_service.crypto import OutboxSealer, SealError
 from identity_service.stores.memory import MemoryQueue
+from identity_service.streams import parse_id, text
 
 logger = structlog.get_logger(__name__)
 
@@ -130,7 +131,7 @@ class RedisFeed:
         )
         read: list[FeedEntry] = []
         for stream, messages in answer or []:
-            read.extend(await self._decode_all(_text(stream), messages))
+            read.extend(await self._decode_all(text(stream), messages))
         return read
 
     async def ack(self, entries: list[FeedEntry]) -> None:
@@ -192,7 +193,7 @@ class RedisFeed:
         for entry_id, fields in messages:
             if fields is None:  # deleted while pending
                 continue
-            entry = FeedEntry(_text(entry_id), stream, [], fields)
+            entry = FeedEntry(text(entry_id), stream, [], fields)
             only = fields.get(b"only")
             if only is not None and only.decode() != self._group:
                 await self._redis.xack(stream, self._group, entry.entry_id)
@@ -226,21 +227,12 @@ async def trim_acknowledged(redis: Redis, stream: str) -> None:
     for group in groups:
         if group["pending"]:
             summary = await redis.xpending(stream, group["name"])
-            needed.append(_parse_id(summary["min"]))
+            needed.append(parse_id(summary["min"]))
         else:
-            ms, seq = _parse_id(group["last-delivered-id"])
+            ms, seq = parse_id(group["last-delivered-id"])
             needed.append((ms, seq + 1))
     ms, seq = min(needed)
     await redis.xtrim(stream, minid=f"{ms}-{seq}", approximate=False)
-
-
-def _parse_id(entry_id: bytes | str) -> tuple[int, int]:
-    ms, _, seq = _text(entry_id).partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _by_stream(entries: list[FeedEntry]) -> dict[str, list[str]]:
