@@ -1,0 +1,89 @@
+"""A local Segment-compatible collector for tests: /v1/batch with Basic auth and gzip.
+
+Tests script its answers (``plan``) and read what it received. It records a batch before
+answering, so a held or failed answer still shows what the forwarder sent.
+"""
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from tests.redis_server import free_port
+
+WRITE_KEY = "collector-write-key-71d2"
+
+
+@dataclass
+class Answer:
+    """How to answer one request: a status, headers, and how long to hold the answer."""
+
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    hold: float = 0.0
+
+
+@dataclass
+class Received:
+    at: float
+    status: int
+    events: list[dict[str, Any]]
+    gzipped: bool
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.plan: list[Answer] = []
+        self.requests: list[Received] = []
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Every event of every batch answered with a 2xx, duplicates included."""
+        return [e for r in self.requests if 200 <= r.status < 300 for e in r.events]
+
+    @property
+    def message_ids(self) -> set[str]:
+        return {event["messageId"] for event in self.events}
+
+    async def wait_for(self, count: int, seconds: float = 30.0) -> None:
+        """Wait until ``count`` unique messageIds were accepted."""
+        deadline = time.monotonic() + seconds
+        while len(self.message_ids) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(self.message_ids)} of {count} events arrived")
+            await asyncio.sleep(0.02)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        expected = "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+        if request.headers.get("Authorization") != expected:
+            return web.json_response({"error": "bad write key"}, status=401)
+        # aiohttp inflates a gzip Content-Encoding itself; the flag records that it was used.
+        events = orjson.loads(await request.read())["batch"]
+        answer = self.plan.pop(0) if self.plan else Answer()
+        gzipped = request.headers.get("Content-Encoding") == "gzip"
+        self.requests.append(Received(time.monotonic(), answer.status, events, gzipped))
+        if answer.hold:
+            await asyncio.sleep(answer.hold)
+        return web.json_response({}, status=answer.status, headers=answer.headers)
+
+
+@asynccontextmanager
+async def running_collector() -> AsyncIterator[Collector]:
+    collector = Collector()
+    app = web.Application()
+    app.router.add_post("/v1/batch", collector.handle)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", collector.port).start()
+    try:
+        yield collector
+    finally:
+        await runner.cleanup()
