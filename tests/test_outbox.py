@@ -10,8 +10,9 @@ from jsonschema import Draft202012Validator
 
 from identity_service import __version__, app_keys
 from identity_service.app import create_app
+from identity_service.settings import Settings
 from tests.collector import WRITE_KEY, Collector, running_collector
-from tests.conftest import AppClient, Settings, exchange, prepare
+from tests.conftest import AppClient, exchange, prepare
 
 SEGMENT_EVENT = {
     "type": "object",
