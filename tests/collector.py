@@ -35,6 +35,7 @@ class Received:
     status: int
     events: list[dict[str, Any]]
     gzipped: bool
+    answered: bool = False
 
 
 class Collector:
@@ -47,7 +48,12 @@ class Collector:
     @property
     def events(self) -> list[dict[str, Any]]:
         """Every event of every batch answered with a 2xx, duplicates included."""
-        return [e for r in self.requests if 200 <= r.status < 300 for e in r.events]
+        return [
+            event
+            for request in self.requests
+            if request.answered and 200 <= request.status < 300
+            for event in request.events
+        ]
 
     @property
     def message_ids(self) -> set[str]:
@@ -69,9 +75,11 @@ class Collector:
         events = orjson.loads(await request.read())["batch"]
         answer = self.plan.pop(0) if self.plan else Answer()
         gzipped = request.headers.get("Content-Encoding") == "gzip"
-        self.requests.append(Received(time.monotonic(), answer.status, events, gzipped))
+        received = Received(time.monotonic(), answer.status, events, gzipped)
+        self.requests.append(received)
         if answer.hold:
             await asyncio.sleep(answer.hold)
+        received.answered = True
         return web.json_response({}, status=answer.status, headers=answer.headers)
 
 

@@ -1,0 +1,288 @@
+"""Delivery through failures, on real Redis: outages, 429s, a killed forwarder, dead letters."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from identity_service import app_keys
+from identity_service.app import create_app
+from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
+from identity_service.feeds import trim_acknowledged
+from identity_service.outbox_admin import outbox_status, replay_dead
+from identity_service.settings import Settings
+from identity_service.streams import entries
+from identity_service.validation import parse_exchange, parse_prepare
+from tests.collector import WRITE_KEY, Answer, Collector, running_collector
+from tests.conftest import (
+    CHECKOUT_URL,
+    SECRET,
+    AppClient,
+    exchange,
+    make_settings,
+    prepare,
+    sources_env,
+)
+from tests.redis_server import RedisServer
+from tests.test_cli import COMMAND, clean_env
+
+FAST = {
+    "batch_max_wait": "0.05",
+    "backoff_base": "0.05",
+    "backoff_max": "0.2",
+    "delivery_timeout": "0.5",
+}
+
+ClientMaker = Callable[..., Awaitable[AppClient]]
+
+
+@pytest.fixture
+async def collector() -> AsyncIterator[Collector]:
+    async with running_collector() as running:
+        yield running
+
+
+def delivery_settings(redis: RedisServer, collector: Collector, **env: str) -> Settings:
+    return make_settings(
+        redis.url,
+        destination_url=collector.url,
+        destination_write_key=WRITE_KEY,
+        **{**FAST, **env},
+    )
+
+
+async def run_handoffs(client: AppClient, count: int) -> None:
+    for number in range(count):
+        token = (await prepare(client, anonymousId=f"visitor-{number}"))["token"]
+        assert (await exchange(client, token))[0] == 200
+
+
+def assert_duplicates_are_identical(events: list[dict[str, Any]]) -> None:
+    copies: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for event in events:
+        copies[event["messageId"]].append({k: v for k, v in event.items() if k != "sentAt"})
+    for same_id in copies.values():
+        assert all(copy == same_id[0] for copy in same_id)
+
+
+async def test_5xx_and_timeouts_lose_nothing(
+    aiohttp_client: ClientMaker, redis_server: RedisServer, collector: Collector
+) -> None:
+    collector.plan = [Answer(500), Answer(503), Answer(502), Answer(hold=1.0), Answer(hold=1.0)]
+    client = await aiohttp_client(create_app(delivery_settings(redis_server, collector)))
+
+    await run_handoffs(client, 20)
+    await collector.wait_for(40)
+
+    assert len(collector.message_ids) == 40
+    assert [r.status for r in collector.requests[:3]] == [500, 503, 502]
+    assert_duplicates_are_identical(collector.events)
+    metrics = client.app[app_keys.METRICS]
+    assert metrics.value("identity_delivery_retries_total", destination="default") >= 4
+
+
+async def test_429_retry_after_is_honoured(
+    aiohttp_client: ClientMaker, redis_server: RedisServer, collector: Collector
+) -> None:
+    collector.plan = [Answer(429, headers={"Retry-After": "1"})]
+    client = await aiohttp_client(create_app(delivery_settings(redis_server, collector)))
+
+    await prepare(client)
+    await collector.wait_for(1)
+
+    refused, accepted = collector.requests[0], collector.requests[1]
+    assert refused.status == 429
+    assert accepted.at - refused.at >= 1.0
+    assert [e["messageId"] for e in accepted.events] == [e["messageId"] for e in refused.events]
+
+
+async def test_a_permanent_4xx_dead_letters_and_replay_delivers(
+    aiohttp_client: ClientMaker, redis_server: RedisServer, collector: Collector
+) -> None:
+    collector.plan = [Answer(400)]
+    settings = delivery_settings(redis_server, collector)
+    assert settings.redis is not None
+    prefix = settings.redis.key_prefix
+    client = await aiohttp_client(create_app(settings))
+    redis = Redis.from_url(redis_server.url)
+    try:
+        await prepare(client)
+        (status,) = await wait_for_dead(redis, prefix, 1)
+        assert collector.events == []
+        assert status.pending == 0 and status.in_flight == 0
+
+        assert await replay_dead(redis, prefix, ["default"]) == 1
+        await collector.wait_for(1)
+        (status,) = await outbox_status(redis, prefix, ["default"])
+        assert status.dead == 0
+    finally:
+        await redis.aclose()
+
+
+async def test_too_many_attempts_dead_letters_with_the_reason(
+    aiohttp_client: ClientMaker, redis_server: RedisServer, collector: Collector
+) -> None:
+    collector.plan = [Answer(500)] * 3
+    settings = delivery_settings(redis_server, collector, delivery_max_attempts="2")
+    assert settings.redis is not None
+    prefix = settings.redis.key_prefix
+    client = await aiohttp_client(create_app(settings))
+    redis = Redis.from_url(redis_server.url)
+    try:
+        await prepare(client)
+        await wait_for_dead(redis, prefix, 1)
+        reasons = []
+        for shard in range(KEY_SHARDS):
+            dead = dead_letter_key(prefix, shard, "default")
+            reasons += [fields[b"reason"] for _, fields in await entries(redis, dead)]
+        assert reasons == [b"too many attempts"]
+        assert len(collector.requests) == 2
+    finally:
+        await redis.aclose()
+
+
+async def wait_for_dead(redis: Redis, prefix: str, count: int) -> list[Any]:
+    for _ in range(300):
+        report = await outbox_status(redis, prefix, ["default"])
+        if report[0].dead >= count:
+            return report
+        await asyncio.sleep(0.02)
+    raise AssertionError("nothing was dead-lettered")
+
+
+def start_forwarder(
+    redis: RedisServer, collector: Collector, prefix: str
+) -> subprocess.Popen[bytes]:
+    env = clean_env(
+        IDENTITY_REDIS_URL=redis.url,
+        IDENTITY_REDIS_KEY_PREFIX=prefix,
+        IDENTITY_SECRET=SECRET,
+        IDENTITY_SOURCES=sources_env(),
+        IDENTITY_DESTINATION_URL=collector.url,
+        IDENTITY_DESTINATION_WRITE_KEY=WRITE_KEY,
+        IDENTITY_RECLAIM_IDLE="1",
+        IDENTITY_BATCH_MAX_WAIT="0.05",
+        IDENTITY_DELIVERY_TIMEOUT="10",
+    )
+    return subprocess.Popen([COMMAND, "forward"], env=env, stdout=subprocess.DEVNULL)
+
+
+async def test_a_forwarder_killed_before_its_ack_is_taken_over(
+    aiohttp_client: ClientMaker, redis_server: RedisServer, collector: Collector
+) -> None:
+    prefix = f"kill{os.getpid()}:"
+    settings = delivery_settings(redis_server, collector, redis_key_prefix=prefix, forwarder="off")
+    client = await aiohttp_client(create_app(settings))
+    await run_handoffs(client, 5)
+    collector.plan = [Answer(hold=60)]  # the first batch is received, never answered
+
+    first = start_forwarder(redis_server, collector, prefix)
+    try:
+        for _ in range(500):
+            if collector.requests:
+                break
+            await asyncio.sleep(0.02)
+        sent = {e["messageId"] for e in collector.requests[0].events}
+        assert len(sent) == 10
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+    finally:
+        first.kill()
+
+    second = start_forwarder(redis_server, collector, prefix)
+    try:
+        await collector.wait_for(10)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=20) == 0
+    assert collector.message_ids == sent
+
+    status = await asyncio.to_thread(
+        subprocess.run,
+        [COMMAND, "outbox", "status", "--json"],
+        env=clean_env(
+            IDENTITY_REDIS_URL=redis_server.url,
+            IDENTITY_REDIS_KEY_PREFIX=prefix,
+            IDENTITY_SECRET=SECRET,
+            IDENTITY_SOURCES=sources_env(),
+            IDENTITY_DESTINATION_URL=collector.url,
+            IDENTITY_DESTINATION_WRITE_KEY=WRITE_KEY,
+        ),
+        capture_output=True,
+        check=True,
+        text=True,
+    )
+    (report,) = json.loads(status.stdout)
+    assert report == {
+        "destination": "default",
+        "pending": 0,
+        "inFlight": 0,
+        "deadLetters": 0,
+        "oldestAgeSeconds": None,
+    }
+
+
+async def test_ten_thousand_handoffs_arrive_once_each(
+    aiohttp_client: ClientMaker, redis_server: RedisServer, collector: Collector
+) -> None:
+    settings = delivery_settings(redis_server, collector, batch_max_wait="0.2")
+    assert settings.redis is not None
+    client = await aiohttp_client(create_app(settings))
+    service = client.app[app_keys.HANDOFFS]
+    shop, checkout = (s for s in settings.sources if s.name in ("shop", "checkout"))
+    handoffs = 10_000
+
+    async def one(number: int) -> None:
+        request = parse_prepare(
+            {"anonymousId": f"v-{number}", "destination": CHECKOUT_URL}, settings.max_ttl
+        )
+        prepared = await service.prepare(shop, request)
+        await service.exchange(checkout, parse_exchange({"token": prepared.token}))
+
+    for start in range(0, handoffs, 200):
+        await asyncio.gather(*(one(n) for n in range(start, start + 200)))
+    await collector.wait_for(2 * handoffs, seconds=120)
+
+    assert len(collector.message_ids) == 2 * handoffs
+    assert_duplicates_are_identical(collector.events)
+    assert all(len(r.events) <= 100 for r in collector.requests)
+    redis = Redis.from_url(redis_server.url)
+    try:
+        for _ in range(100):  # the forwarder trims what was acknowledged, once a second
+            lengths = [
+                await redis.xlen(outbox_key(settings.redis.key_prefix, s))
+                for s in range(KEY_SHARDS)
+            ]
+            if sum(lengths) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert sum(lengths) == 0
+    finally:
+        await redis.aclose()
+
+
+async def test_trimming_keeps_what_a_group_has_not_acknowledged(
+    redis_client: Redis,
+) -> None:
+    stream = "trim-test:{0}:outbox"
+    await redis_client.delete(stream)
+    ids = [await redis_client.xadd(stream, {"e": str(n)}) for n in range(6)]
+    await redis_client.xgroup_create(stream, "a", id="0")
+    await redis_client.xgroup_create(stream, "b", id="0")
+    await redis_client.xreadgroup("a", "c1", {stream: ">"}, count=6)
+    await redis_client.xack(stream, "a", *ids[:4])
+    await redis_client.xreadgroup("b", "c1", {stream: ">"}, count=3)
+    await redis_client.xack(stream, "b", *ids[:3])
+
+    await trim_acknowledged(redis_client, stream)
+
+    # a has 4 and 5 pending; b acked 0-2 and never read 3-5: 3 is the oldest still needed.
+    assert [entry_id for entry_id, _ in await entries(redis_client, stream)] == ids[3:]
+    await redis_client.delete(stream)
