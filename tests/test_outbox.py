@@ -3,8 +3,10 @@
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from jsonschema import Draft202012Validator
 
@@ -12,7 +14,7 @@ from identity_service import __version__, app_keys
 from identity_service.app import create_app
 from identity_service.settings import Settings
 from tests.collector import WRITE_KEY, Collector, running_collector
-from tests.conftest import AppClient, exchange, prepare
+from tests.conftest import AppClient, exchange, make_settings, prepare
 
 SEGMENT_EVENT = {
     "type": "object",
@@ -206,3 +208,37 @@ async def test_outbox_off_emits_nothing(
     assert (await exchange(client, token))[0] == 200
     await asyncio.sleep(0.3)
     assert collector.requests == []
+
+
+async def test_embedded_mode_writes_events_to_a_jsonl_file(
+    aiohttp_client: Callable[..., Awaitable[AppClient]], tmp_path: Path
+) -> None:
+    events_file = tmp_path / "events.jsonl"
+    settings = make_settings(events_file=str(events_file), batch_max_wait="0.01")
+    client = await aiohttp_client(create_app(settings))
+    token = (await prepare(client))["token"]
+    await exchange(client, token)
+    for _ in range(200):
+        if events_file.exists() and len(events_file.read_text().splitlines()) == 2:
+            break
+        await asyncio.sleep(0.02)
+    events = [orjson.loads(line) for line in events_file.read_text().splitlines()]
+    assert [e["event"] for e in events] == [
+        "Cross-Domain Handoff Started",
+        "Cross-Domain Handoff Completed",
+    ]
+    for event in events:
+        VALIDATOR.validate(event)
+
+
+async def test_pending_memory_events_are_delivered_at_shutdown(
+    aiohttp_client: Callable[..., Awaitable[AppClient]], tmp_path: Path
+) -> None:
+    events_file = tmp_path / "events.jsonl"
+    # A long batch window: the events are still queued when the app stops.
+    settings = make_settings(events_file=str(events_file), batch_max_wait="30")
+    client = await aiohttp_client(create_app(settings))
+    await prepare(client)
+    await asyncio.sleep(0.1)
+    await client.close()
+    assert len(events_file.read_text().splitlines()) == 1

@@ -202,3 +202,63 @@ def test_non_loopback_bind_needs_sources_and_secret(host: str) -> None:
         load_settings({"IDENTITY_SOURCES": json.dumps({"shop": SHOP})}).check_bind(host)
     assert raised.value.problems == [f"binding {host} needs a server secret (IDENTITY_SECRET)"]
     make_settings().check_bind(host)
+
+
+def test_events_go_to_stdout_by_default_and_to_a_configured_destination() -> None:
+    assert [d.kind for d in load_settings({}).outbox.destinations] == ["stdout"]
+    settings = load_settings(
+        {
+            "IDENTITY_DESTINATION_URL": "https://api.segment.io",
+            "IDENTITY_DESTINATION_WRITE_KEY": "wk",
+            "IDENTITY_BATCH_MAX_EVENTS": "250",
+        }
+    )
+    (destination,) = settings.outbox.destinations
+    assert destination.batch_url == "https://api.segment.io/v1/batch"
+    assert destination.write_key == "wk"
+    assert "wk" not in repr(destination)
+    assert settings.outbox.batch_max_events == 250
+
+
+def test_destinations_from_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        """
+events_file = "/tmp/events.jsonl"
+[destinations.segment]
+url = "https://api.segment.io/v1/batch"
+write_key = "wk1"
+[destinations.rudder]
+url = "http://rudderstack.internal:8080"
+write_key = "wk2"
+"""
+    )
+    destinations = load_settings({}, path).outbox.destinations
+    assert [(d.name, d.kind) for d in destinations] == [
+        ("segment", "http"),
+        ("rudder", "http"),
+        ("file", "file"),
+    ]
+    assert destinations[0].batch_url == "https://api.segment.io/v1/batch"
+    assert destinations[1].batch_url == "http://rudderstack.internal:8080/v1/batch"
+
+
+def test_bad_event_settings_are_explained() -> None:
+    problems = problems_of(
+        {
+            "IDENTITY_DESTINATION_URL": "ftp://x",
+            "IDENTITY_OUTBOX": "sometimes",
+            "IDENTITY_FORWARDER": "elsewhere",
+            "IDENTITY_BATCH_MAX_EVENTS": "2501",
+            "IDENTITY_BATCH_MAX_WAIT": "-1",
+        }
+    )
+    for expected in (
+        "IDENTITY_DESTINATION_URL must be an http(s) URL",
+        "IDENTITY_DESTINATION_WRITE_KEY is required",
+        "IDENTITY_OUTBOX must be one of on, off",
+        "IDENTITY_FORWARDER must be one of embedded, off",
+        "IDENTITY_BATCH_MAX_EVENTS must be between 1 and 2500",
+        "IDENTITY_BATCH_MAX_WAIT must be between 0 and 60",
+    ):
+        assert any(p.startswith(expected) for p in problems), (expected, problems)
