@@ -16,6 +16,9 @@ _HELP = {
     "identity_handoff_fallbacks_total": "Misses answered with a generated anonymousId.",
     "identity_store_errors_total": "Store operations that failed (answered 503).",
     "identity_events_skipped_total": "Events not emitted, by reason (consent: analytics denied).",
+    "identity_events_delivered_total": "Events a destination accepted (2xx), by destination.",
+    "identity_events_dead_lettered_total": "Events moved to the dead letters, by destination.",
+    "identity_delivery_retries_total": "Batch deliveries that failed and were retried.",
 }
 
 
