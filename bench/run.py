@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from identity_service.sources import hash_write_key
+from tests.collector import WRITE_KEY as COLLECTOR_WRITE_KEY
 from tests.redis_server import RedisServer, free_port
 
 WRITE_KEY = "bench-write-key-0f3c9a"
@@ -109,8 +111,81 @@ def redis_alone(port: int, requests: int, connections: int) -> dict[str, float]:
     return rates
 
 
+def collector_stats(port: int) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as answer:
+        stats: dict[str, int] = json.loads(answer.read())
+        return stats
+
+
+def settled_count(port: int) -> int:
+    """The collector's count once it has stopped growing for a second."""
+    last = -1
+    while True:
+        count = collector_stats(port)["unique"]
+        if count == last:
+            return count
+        last = count
+        time.sleep(1.0)
+
+
+def run_variant(
+    outbox: bool, redis: RedisServer, collector_port: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("IDENTITY_")},
+        "IDENTITY_REDIS_URL": redis.url,
+        "IDENTITY_SECRET": "bench-secret-" + "0" * 32,
+        "IDENTITY_SOURCES": json.dumps(SOURCES),
+        "IDENTITY_OUTBOX": "on" if outbox else "off",
+        "IDENTITY_DESTINATION_URL": f"http://127.0.0.1:{collector_port}",
+        "IDENTITY_DESTINATION_WRITE_KEY": COLLECTOR_WRITE_KEY,
+    }
+    service = subprocess.Popen(
+        [str(Path(sys.executable).parent / "identity-service"), "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, service)
+        run_wrk(port, args.warmup, args.connections, args.threads)
+        received_before = settled_count(collector_port)  # the warm-up's events, drained
+        cpu_before = cpu_seconds(service.pid)
+        stats = run_wrk(port, args.seconds, args.connections, args.threads)
+        cpu_used = cpu_seconds(service.pid) - cpu_before
+        # A flow's events: started at prepare; completed and identify (it has a userId).
+        expected = stats["prepared"] + 2 * stats["exchanged"] if outbox else 0
+        finished = time.monotonic()
+        deadline = finished + 120
+        received = 0
+        while time.monotonic() < deadline:
+            received = collector_stats(collector_port)["unique"] - received_before
+            if received >= expected:
+                break
+            time.sleep(0.2)
+        drain_seconds = time.monotonic() - finished
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(timeout=30)
+    seconds = stats["duration_us"] / 1e6
+    return {
+        "variant": f"redis store, outbox {'on' if outbox else 'off'}, 1 process",
+        "flows_per_s": round(stats["exchanged"] / seconds, 1),
+        "requests_per_s": round(stats["requests"] / seconds, 1),
+        "p50_ms": stats["p50_us"] / 1000,
+        "p90_ms": stats["p90_us"] / 1000,
+        "p99_ms": stats["p99_us"] / 1000,
+        "errors": stats["errors"] + stats["socket_errors"],
+        "events_expected": expected,
+        "events_received": received,  # may exceed expected by wrk's unanswered requests
+        "outbox_drain_s": round(drain_seconds, 1),
+        "service_cpu_ms_per_flow": round(cpu_used * 1000 / max(stats["exchanged"], 1), 3),
+    }
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
@@ -120,55 +195,41 @@ def main() -> int:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not on PATH (apt-get install wrk redis-server)")
 
+    collector_port = free_port()
+    collector = subprocess.Popen(
+        [sys.executable, "-m", "tests.collector", str(collector_port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         redis = RedisServer(Path(tmp))
         redis.start()
-        port = free_port()
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("IDENTITY_")},
-            "IDENTITY_REDIS_URL": redis.url,
-            "IDENTITY_SECRET": "bench-secret-" + "0" * 32,
-            "IDENTITY_SOURCES": json.dumps(SOURCES),
-        }
-        service = subprocess.Popen(
-            [str(Path(sys.executable).parent / "identity-service"), "serve", "--port", str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         try:
-            wait_for_port(port, service)
-            run_wrk(port, args.warmup, args.connections, args.threads)
-            cpu_before = cpu_seconds(service.pid)
-            stats = run_wrk(port, args.seconds, args.connections, args.threads)
-            cpu_used = cpu_seconds(service.pid) - cpu_before
+            wait_for_port(collector_port, collector)
+            rows = [run_variant(outbox, redis, collector_port, args) for outbox in (False, True)]
+            ceiling = redis_alone(redis.port, 200_000, args.connections)
         finally:
-            service.send_signal(signal.SIGTERM)
-            service.wait(timeout=30)
-        ceiling = redis_alone(redis.port, 200_000, args.connections)
-        redis.stop()
+            redis.stop()
+            collector.terminate()
+            collector.wait(timeout=10)
 
-    seconds = stats["duration_us"] / 1e6
-    flows = stats["exchanged"] / seconds
-    # A flow is one SET EX and one GETDEL: Redis alone does one flow per pair of commands.
+    # A flow is one prepare and one exchange: Redis alone does a flow per SET EX + GETDEL.
     redis_flows = 1 / (1 / ceiling["set_ex"] + 1 / ceiling["getdel"])
+    for row in rows:
+        row["share_of_redis_ceiling"] = round(row["flows_per_s"] / redis_flows, 4)
     report = {
-        "variant": f"redis store, 1 process, wrk -t{args.threads} -c{args.connections}",
-        "flows_per_s": round(flows, 1),
-        "requests_per_s": round(stats["requests"] / seconds, 1),
-        "p50_ms": stats["p50_us"] / 1000,
-        "p90_ms": stats["p90_us"] / 1000,
-        "p99_ms": stats["p99_us"] / 1000,
-        "errors": stats["errors"] + stats["socket_errors"],
-        "service_cpu_ms_per_flow": round(cpu_used * 1000 / max(stats["exchanged"], 1), 3),
-        "redis_alone_set_ex_per_s": ceiling["set_ex"],
-        "redis_alone_getdel_per_s": ceiling["getdel"],
-        "redis_alone_flows_per_s": round(redis_flows, 1),
-        "share_of_redis_ceiling": round(flows / redis_flows, 4),
+        "wrk": f"-t{args.threads} -c{args.connections} -d{args.seconds}s",
+        "redis_alone": {**ceiling, "flows_per_s": round(redis_flows, 1)},
+        "variants": rows,
     }
-    width = max(len(k) for k in report)
-    for key, value in report.items():
-        print(f"{key:<{width}}  {value}")
+    print(
+        f"wrk {report['wrk']}; Redis alone: SET EX {ceiling['set_ex']:.0f}/s, "
+        f"GETDEL {ceiling['getdel']:.0f}/s, {redis_flows:.0f} flows/s"
+    )
+    columns = [k for k in rows[0] if k != "variant"]
+    print(f"{'variant':<36}" + "".join(f"{c:>24}" for c in columns))
+    for row in rows:
+        print(f"{row['variant']:<36}" + "".join(f"{row[c]!s:>24}" for c in columns))
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")

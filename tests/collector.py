@@ -86,7 +86,7 @@ class Collector:
 @asynccontextmanager
 async def running_collector() -> AsyncIterator[Collector]:
     collector = Collector()
-    app = web.Application()
+    app = web.Application(client_max_size=8 * 1024 * 1024)
     app.router.add_post("/v1/batch", collector.handle)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
     await runner.setup()
@@ -95,3 +95,24 @@ async def running_collector() -> AsyncIterator[Collector]:
         yield collector
     finally:
         await runner.cleanup()
+
+
+async def stats(collector: Collector, request: web.Request) -> web.Response:
+    return web.json_response(
+        {"events": len(collector.events), "unique": len(collector.message_ids)}
+    )
+
+
+def main() -> None:
+    """Run the collector alone (the benchmark does): ``python -m tests.collector PORT``."""
+    import sys
+
+    collector = Collector()
+    app = web.Application(client_max_size=8 * 1024 * 1024)
+    app.router.add_post("/v1/batch", collector.handle)
+    app.router.add_get("/stats", lambda request: stats(collector, request))
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()
