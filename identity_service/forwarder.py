@@ -108,8 +108,9 @@ class Forwarder:
                 if not self._held:
                     break
             entry = self._held[0]
-            size = sum(len(orjson.dumps(event)) for event in entry.events)
-            if size > MAX_EVENT_BYTES * len(entry.events):
+            sizes = [len(orjson.dumps(event)) for event in entry.events]
+            size = sum(sizes)
+            if sizes and max(sizes) > MAX_EVENT_BYTES:
                 self._held.pop(0)
                 await self._feed.dead_letter([entry], "event too large")
                 self._count("identity_events_dead_lettered_total", len(entry.events))

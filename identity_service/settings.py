@@ -189,6 +189,12 @@ class _Reader:
         else:
             dev_write_key = None
         redis = self.redis_settings()
+        outbox = self.outbox_settings()
+        if outbox.enabled and not outbox.forwarder_in_serve and redis is None:
+            self.problems.append(
+                f"{c.ENV_PREFIX}FORWARDER=off needs {c.ENV_PREFIX}REDIS_URL: without Redis "
+                "the events are in this process, and only its own forwarder can deliver them"
+            )
         secret_text = self.text("secret", None)
         if secret_text is not None and len(secret_text) < c.MIN_SECRET_LENGTH:
             self.problems.append(
@@ -225,7 +231,7 @@ class _Reader:
                 "shutdown_timeout", c.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS, 0.0, 600.0
             ),
             log_level=log_level,
-            outbox=self.outbox_settings(),
+            outbox=outbox,
         )
         if self.problems:
             raise ConfigError(self.problems)

@@ -157,20 +157,27 @@ async def wait_for_dead(redis: Redis, prefix: str, count: int) -> list[Any]:
     raise AssertionError("nothing was dead-lettered")
 
 
-def start_forwarder(
-    redis: RedisServer, collector: Collector, prefix: str
-) -> subprocess.Popen[bytes]:
-    env = clean_env(
+def command_env(redis: RedisServer, collector: Collector, prefix: str) -> dict[str, str]:
+    """The environment of an ``identity-service`` command sharing the test app's outbox."""
+    return clean_env(
         IDENTITY_REDIS_URL=redis.url,
         IDENTITY_REDIS_KEY_PREFIX=prefix,
         IDENTITY_SECRET=SECRET,
         IDENTITY_SOURCES=sources_env(),
         IDENTITY_DESTINATION_URL=collector.url,
         IDENTITY_DESTINATION_WRITE_KEY=WRITE_KEY,
-        IDENTITY_RECLAIM_IDLE="1",
-        IDENTITY_BATCH_MAX_WAIT="0.05",
-        IDENTITY_DELIVERY_TIMEOUT="10",
     )
+
+
+def start_forwarder(
+    redis: RedisServer, collector: Collector, prefix: str
+) -> subprocess.Popen[bytes]:
+    env = {
+        **command_env(redis, collector, prefix),
+        "IDENTITY_RECLAIM_IDLE": "1",
+        "IDENTITY_BATCH_MAX_WAIT": "0.05",
+        "IDENTITY_DELIVERY_TIMEOUT": "10",
+    }
     return subprocess.Popen([COMMAND, "forward"], env=env, stdout=subprocess.DEVNULL)
 
 
@@ -207,14 +214,7 @@ async def test_a_forwarder_killed_before_its_ack_is_taken_over(
     status = await asyncio.to_thread(
         subprocess.run,
         [COMMAND, "outbox", "status", "--json"],
-        env=clean_env(
-            IDENTITY_REDIS_URL=redis_server.url,
-            IDENTITY_REDIS_KEY_PREFIX=prefix,
-            IDENTITY_SECRET=SECRET,
-            IDENTITY_SOURCES=sources_env(),
-            IDENTITY_DESTINATION_URL=collector.url,
-            IDENTITY_DESTINATION_WRITE_KEY=WRITE_KEY,
-        ),
+        env=command_env(redis_server, collector, prefix),
         capture_output=True,
         check=True,
         text=True,

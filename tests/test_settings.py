@@ -262,3 +262,9 @@ def test_bad_event_settings_are_explained() -> None:
         "IDENTITY_BATCH_MAX_WAIT must be between 0 and 60",
     ):
         assert any(p.startswith(expected) for p in problems), (expected, problems)
+
+
+def test_forwarder_off_needs_redis() -> None:
+    problems = problems_of({"IDENTITY_FORWARDER": "off"})
+    assert problems[0].startswith("IDENTITY_FORWARDER=off needs IDENTITY_REDIS_URL")
+    assert not make_settings("redis://127.0.0.1:6399/0", forwarder="off").outbox.forwarder_in_serve
