@@ -1,0 +1,112 @@
+"""The forwarder's batching rules, on the in-memory feed with a sink that records batches."""
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from identity_service.constants import MAX_EVENT_BYTES
+from identity_service.events import Event
+from identity_service.feeds import MemoryFeed
+from identity_service.forwarder import Forwarder
+from identity_service.metrics import Metrics
+from identity_service.settings import OutboxSettings
+from identity_service.sinks import DELIVERED, Delivery, classify, parse_retry_after
+from identity_service.stores.memory import MemoryOutbox
+
+
+class RecordingSink:
+    def __init__(self, answers: list[Delivery] | None = None) -> None:
+        self.batches: list[list[Event]] = []
+        self.answers = answers or []
+
+    async def send(self, events: list[Event]) -> Delivery:
+        self.batches.append(events)
+        return self.answers.pop(0) if self.answers else DELIVERED
+
+    async def close(self) -> None:
+        return None
+
+
+def event(number: int, size: int = 10) -> Event:
+    return {"type": "track", "messageId": f"m-{number}", "properties": {"pad": "x" * size}}
+
+
+@pytest.fixture
+def outbox() -> MemoryOutbox:
+    return MemoryOutbox()
+
+
+async def forward(
+    outbox: MemoryOutbox, sink: RecordingSink, **settings: float
+) -> AsyncIterator[Forwarder]:
+    feed = MemoryFeed(outbox.subscribe())
+    options = {"batch_max_wait": 0.05, "backoff_base": 0.01, "backoff_max": 0.02, **settings}
+    forwarder = Forwarder("test", feed, sink, OutboxSettings(**options), Metrics())  # type: ignore[arg-type]
+    task = asyncio.create_task(forwarder.run())
+    try:
+        yield forwarder
+    finally:
+        forwarder.stopping.set()
+        await task
+
+
+async def wait_until(condition: object, seconds: float = 5.0) -> None:
+    assert callable(condition)
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met")
+
+
+async def test_batches_close_at_the_event_limit(outbox: MemoryOutbox) -> None:
+    sink = RecordingSink()
+    async for _ in forward(outbox, sink, batch_max_events=10):
+        outbox.extend([event(n) for n in range(25)])
+        await wait_until(lambda: sum(len(b) for b in sink.batches) == 25)
+    assert [len(b) for b in sink.batches] == [10, 10, 5]
+
+
+async def test_batches_stay_under_500_kb(outbox: MemoryOutbox) -> None:
+    sink = RecordingSink()
+    async for _ in forward(outbox, sink, batch_max_events=2500):
+        outbox.extend([event(n, size=30_000) for n in range(40)])
+        await wait_until(lambda: sum(len(b) for b in sink.batches) == 40)
+    assert all(len(b) <= 16 for b in sink.batches)
+    assert len(sink.batches) >= 3
+
+
+async def test_an_event_over_32_kb_is_dead_lettered_alone(outbox: MemoryOutbox) -> None:
+    sink = RecordingSink()
+    async for forwarder in forward(outbox, sink):
+        outbox.extend([event(1), event(2, size=MAX_EVENT_BYTES), event(3)])
+        await wait_until(lambda: sum(len(b) for b in sink.batches) == 2)
+        feed = forwarder._feed
+        assert isinstance(feed, MemoryFeed)
+        assert [e.events[0]["messageId"] for e in feed.dead] == ["m-2"]
+    assert [e["messageId"] for b in sink.batches for e in b] == ["m-1", "m-3"]
+
+
+async def test_retries_then_delivers_the_same_batch(outbox: MemoryOutbox) -> None:
+    sink = RecordingSink([Delivery("retry", "http 500"), Delivery("retry", "timeout")])
+    async for _ in forward(outbox, sink):
+        outbox.extend([event(1), event(2)])
+        await wait_until(lambda: len(sink.batches) == 3)
+    assert sink.batches[0] == sink.batches[1] == sink.batches[2]
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [(200, "delivered"), (204, "delivered"), (429, "retry"), (408, "retry"), (500, "retry"),
+     (503, "retry"), (400, "rejected"), (401, "rejected"), (404, "rejected"), (413, "rejected")],
+)  # fmt: skip
+def test_answers_are_classified(status: int, outcome: str) -> None:
+    assert classify(status, None).outcome == outcome
+
+
+def test_retry_after_in_seconds_or_as_a_date() -> None:
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
