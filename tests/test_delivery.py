@@ -103,49 +103,55 @@ async def test_429_retry_after_is_honoured(
     assert [e["messageId"] for e in accepted.events] == [e["messageId"] for e in refused.events]
 
 
+async def app_with_prefix(
+    aiohttp_client: ClientMaker, redis: RedisServer, collector: Collector, **env: str
+) -> tuple[AppClient, str]:
+    """A test app on Redis delivering to ``collector``, and its key prefix."""
+    settings = delivery_settings(redis, collector, **env)
+    assert settings.redis is not None
+    return await aiohttp_client(create_app(settings)), settings.redis.key_prefix
+
+
 async def test_a_permanent_4xx_dead_letters_and_replay_delivers(
-    aiohttp_client: ClientMaker, redis_server: RedisServer, collector: Collector
+    aiohttp_client: ClientMaker,
+    redis_server: RedisServer,
+    redis_client: Redis,
+    collector: Collector,
 ) -> None:
     collector.plan = [Answer(400)]
-    settings = delivery_settings(redis_server, collector)
-    assert settings.redis is not None
-    prefix = settings.redis.key_prefix
-    client = await aiohttp_client(create_app(settings))
-    redis = Redis.from_url(redis_server.url)
-    try:
-        await prepare(client)
-        (status,) = await wait_for_dead(redis, prefix, 1)
-        assert collector.events == []
-        assert status.pending == 0 and status.in_flight == 0
+    client, prefix = await app_with_prefix(aiohttp_client, redis_server, collector)
 
-        assert await replay_dead(redis, prefix, ["default"]) == 1
-        await collector.wait_for(1)
-        (status,) = await outbox_status(redis, prefix, ["default"])
-        assert status.dead == 0
-    finally:
-        await redis.aclose()
+    await prepare(client)
+    (status,) = await wait_for_dead(redis_client, prefix, 1)
+    assert collector.events == []
+    assert status.pending == 0 and status.in_flight == 0
+
+    assert await replay_dead(redis_client, prefix, ["default"]) == 1
+    await collector.wait_for(1)
+    (status,) = await outbox_status(redis_client, prefix, ["default"])
+    assert status.dead == 0
 
 
 async def test_too_many_attempts_dead_letters_with_the_reason(
-    aiohttp_client: ClientMaker, redis_server: RedisServer, collector: Collector
+    aiohttp_client: ClientMaker,
+    redis_server: RedisServer,
+    redis_client: Redis,
+    collector: Collector,
 ) -> None:
     collector.plan = [Answer(500)] * 3
-    settings = delivery_settings(redis_server, collector, delivery_max_attempts="2")
-    assert settings.redis is not None
-    prefix = settings.redis.key_prefix
-    client = await aiohttp_client(create_app(settings))
-    redis = Redis.from_url(redis_server.url)
-    try:
-        await prepare(client)
-        await wait_for_dead(redis, prefix, 1)
-        reasons = []
-        for shard in range(KEY_SHARDS):
-            dead = dead_letter_key(prefix, shard, "default")
-            reasons += [fields[b"reason"] for _, fields in await entries(redis, dead)]
-        assert reasons == [b"too many attempts"]
-        assert len(collector.requests) == 2
-    finally:
-        await redis.aclose()
+    client, prefix = await app_with_prefix(
+        aiohttp_client, redis_server, collector, delivery_max_attempts="2"
+    )
+
+    await prepare(client)
+    await wait_for_dead(redis_client, prefix, 1)
+
+    reasons = []
+    for shard in range(KEY_SHARDS):
+        dead = dead_letter_key(prefix, shard, "default")
+        reasons += [fields[b"reason"] for _, fields in await entries(redis_client, dead)]
+    assert reasons == [b"too many attempts"]
+    assert len(collector.requests) == 2
 
 
 async def wait_for_dead(redis: Redis, prefix: str, count: int) -> list[Any]:
