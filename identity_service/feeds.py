@@ -11,6 +11,8 @@ import asyncio
 import os
 import socket
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -113,6 +115,10 @@ class RedisFeed:
         self._groups_ready = False
 
     async def read(self, max_entries: int, wait: float) -> list[FeedEntry]:
+        async with self._groups_checked():
+            return await self._read(max_entries, wait)
+
+    async def _read(self, max_entries: int, wait: float) -> list[FeedEntry]:
         await self._ensure_groups()
         if self._reclaimed:
             entries, self._reclaimed = (
@@ -161,6 +167,10 @@ class RedisFeed:
 
     async def maintain(self) -> None:
         """Reclaim entries a dead forwarder left pending, and trim what every group acked."""
+        async with self._groups_checked():
+            await self._maintain()
+
+    async def _maintain(self) -> None:
         await self._ensure_groups()
         for stream in self._streams:
             if len(self._reclaimed) < RECLAIM_BATCH:
@@ -176,6 +186,16 @@ class RedisFeed:
                     logger.info("outbox_reclaimed", stream=stream, entries=len(answer[1]))
                     self._reclaimed.extend(await self._decode_all(stream, answer[1]))
             await trim_acknowledged(self._redis, stream)
+
+    @asynccontextmanager
+    async def _groups_checked(self) -> AsyncIterator[None]:
+        """Notice groups lost with the data (a Redis restarted without persistence)."""
+        try:
+            yield
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                self._groups_ready = False
+            raise
 
     async def _ensure_groups(self) -> None:
         if self._groups_ready:

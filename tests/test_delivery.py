@@ -25,6 +25,7 @@ from tests.conftest import (
     CHECKOUT_URL,
     SECRET,
     AppClient,
+    auth,
     exchange,
     make_settings,
     prepare,
@@ -292,3 +293,27 @@ async def test_trimming_keeps_what_a_group_has_not_acknowledged(
     # a has 4 and 5 pending; b acked 0-2 and never read 3-5: 3 is the oldest still needed.
     assert [entry_id for entry_id, _ in await entries(redis_client, stream)] == ids[3:]
     await redis_client.delete(stream)
+
+
+async def test_delivery_resumes_after_redis_restarts_empty(
+    aiohttp_client: ClientMaker, private_redis: RedisServer, collector: Collector
+) -> None:
+    client, _ = await app_with_prefix(aiohttp_client, private_redis, collector)
+    await prepare(client, anonymousId="before")
+    await collector.wait_for(1)
+
+    private_redis.stop()
+    await asyncio.sleep(1.5)  # the forwarder meets the outage
+    private_redis.start()  # without persistence: its consumer groups are gone too
+
+    for _ in range(100):
+        response = await client.post(
+            "/v1/handoffs",
+            json={"anonymousId": "after", "destination": CHECKOUT_URL},
+            headers=auth("shop"),
+        )
+        if response.status == 201:
+            break
+        await asyncio.sleep(0.05)
+    await collector.wait_for(2, seconds=15)
+    assert {e["anonymousId"] for e in collector.events} == {"before", "after"}
