@@ -26,7 +26,9 @@ class DestinationStatus:
             "pending": self.pending,
             "inFlight": self.in_flight,
             "deadLetters": self.dead,
-            "oldestAgeSeconds": self.oldest_age_seconds,
+            "oldestAgeSeconds": (
+                None if self.oldest_age_seconds is None else round(self.oldest_age_seconds, 3)
+            ),
         }
 
 
