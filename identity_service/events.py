@@ -15,6 +15,7 @@ import orjson
 
 from identity_service import __version__
 from identity_service.constants import MAX_EVENT_BYTES as MAX_EVENT_BYTES
+from identity_service.sources import Source, origin_allowed
 
 Event = dict[str, Any]
 LIBRARY = {"name": "identity-service", "version": __version__}
@@ -91,13 +92,30 @@ def completion_template(
 
 
 def exchange_facts(
-    *, event: str, properties: dict[str, Any], source: str, timestamp: str
+    *, event: str, properties: dict[str, Any], receiver: Source, timestamp: str
 ) -> dict[str, Any]:
-    return {"event": event, "properties": properties, "source": source, "timestamp": timestamp}
+    """What the exchange adds to the completion; ``receiver`` is the exchanging source."""
+    return {
+        "event": event,
+        "properties": properties,
+        "source": receiver.name,
+        "receiverOrigins": sorted(receiver.origins),
+        "receiverAllowsLocalhost": receiver.allow_localhost,
+        "timestamp": timestamp,
+    }
 
 
 def complete(template: dict[str, Any], facts: dict[str, Any]) -> list[Event]:
-    """Domain B's events for an exchanged handoff: the completion track, and an identify."""
+    """Domain B's events for an exchanged handoff: the completion track, and an identify.
+
+    None when the exchanging source may not receive the handoff's origin: that exchange
+    was refused (403), and the store wrote its facts before the check could run.
+    """
+    allowed = origin_allowed(
+        template["destinationOrigin"], facts["receiverOrigins"], facts["receiverAllowsLocalhost"]
+    )
+    if not allowed:
+        return []
     context = with_library(template["context"])
     properties = {**facts["properties"], "source": "cross_domain"}
     events = [

@@ -51,6 +51,9 @@ class Feed(Protocol):
 
     async def keep_alive(self, entries: list[FeedEntry]) -> None: ...
 
+    async def release(self, entries: list[FeedEntry]) -> None:
+        """Give back entries read but not settled, when stopping."""
+
     async def maintain(self) -> None: ...
 
 
@@ -85,6 +88,11 @@ class MemoryFeed:
     async def keep_alive(self, entries: list[FeedEntry]) -> None:
         return None
 
+    async def release(self, entries: list[FeedEntry]) -> None:
+        """Put the events back at the front of the queue, in order, for the drain."""
+        for entry in reversed(entries):
+            self._outbox.events.extendleft(reversed(entry.events))
+
     async def maintain(self) -> None:
         return None
 
@@ -103,10 +111,14 @@ class RedisFeed:
         destination: str,
         sealer: OutboxSealer,
         reclaim_idle: float,
+        all_destinations: list[str],
     ) -> None:
         self._redis = redis
         self._prefix = prefix
         self._group = destination
+        # Every configured destination's group exists before anything is trimmed, so a
+        # destination whose forwarder has not started yet loses nothing.
+        self._groups = sorted({destination, *all_destinations})
         self._consumer = consumer_name()
         self._sealer = sealer
         self._reclaim_idle_ms = max(1, int(reclaim_idle * 1000))
@@ -128,11 +140,12 @@ class RedisFeed:
             return entries
         # One call over every shard's stream: fine on a single node or Sentinel. On a
         # Cluster each shard would be read from its own node.
+        # COUNT applies per stream: ask each shard for its share of what is wanted.
         answer: Any = await self._redis.xreadgroup(
             self._group,
             self._consumer,
             dict.fromkeys(self._streams, ">"),
-            count=max_entries,
+            count=-(-max_entries // KEY_SHARDS),
             block=max(1, int(wait * 1000)),
         )
         read: list[FeedEntry] = []
@@ -165,6 +178,9 @@ class RedisFeed:
                 pipe.xclaim(stream, self._group, self._consumer, 0, list[Any](ids), justid=True)
             await pipe.execute()
 
+    async def release(self, entries: list[FeedEntry]) -> None:
+        """Nothing to do: the entries stay pending, and are reclaimed after reclaim_idle."""
+
     async def maintain(self) -> None:
         """Reclaim entries a dead forwarder left pending, and trim what every group acked."""
         async with self._groups_checked():
@@ -172,8 +188,11 @@ class RedisFeed:
 
     async def _maintain(self) -> None:
         await self._ensure_groups()
+        if self._reclaimed:
+            # Ours now; keep them from looking idle until they are delivered.
+            await self.keep_alive(self._reclaimed)
         for stream in self._streams:
-            if len(self._reclaimed) < RECLAIM_BATCH:
+            if not self._reclaimed:
                 answer = await self._redis.xautoclaim(
                     stream,
                     self._group,
@@ -185,7 +204,7 @@ class RedisFeed:
                 if answer[1]:
                     logger.info("outbox_reclaimed", stream=stream, entries=len(answer[1]))
                     self._reclaimed.extend(await self._decode_all(stream, answer[1]))
-            await trim_acknowledged(self._redis, stream)
+            await trim_acknowledged(self._redis, stream, self._groups)
 
     @asynccontextmanager
     async def _groups_checked(self) -> AsyncIterator[None]:
@@ -201,11 +220,12 @@ class RedisFeed:
         if self._groups_ready:
             return
         for stream in self._streams:
-            try:
-                await self._redis.xgroup_create(stream, self._group, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            for group in self._groups:
+                try:
+                    await self._redis.xgroup_create(stream, group, id="0", mkstream=True)
+                except ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
         self._groups_ready = True
 
     async def _decode_all(self, stream: str, messages: list[Any]) -> list[FeedEntry]:
@@ -238,21 +258,32 @@ class RedisFeed:
         return ev.complete(template, facts)
 
 
-async def trim_acknowledged(redis: Redis, stream: str) -> None:
-    """Drop the entries below the oldest one that some consumer group still needs."""
-    groups = await redis.xinfo_groups(stream)
+async def trim_acknowledged(redis: Redis, stream: str, destinations: list[str]) -> None:
+    """Drop the entries below the oldest one that a configured destination still needs.
+
+    Groups of destinations no longer configured are ignored, so they do not hold the
+    stream forever.
+    """
+    groups = [g for g in await redis.xinfo_groups(stream) if text(g["name"]) in destinations]
     if not groups:
         return
     needed: list[tuple[int, int]] = []
     for group in groups:
-        if group["pending"]:
-            summary = await redis.xpending(stream, group["name"])
-            needed.append(parse_id(summary["min"]))
+        oldest = await oldest_pending(redis, stream, group) if group["pending"] else None
+        if oldest is not None:
+            needed.append(parse_id(oldest))
         else:
             ms, seq = parse_id(group["last-delivered-id"])
             needed.append((ms, seq + 1))
     ms, seq = min(needed)
     await redis.xtrim(stream, minid=f"{ms}-{seq}", approximate=False)
+
+
+async def oldest_pending(redis: Redis, stream: str, group: dict[str, Any]) -> bytes | None:
+    """The group's oldest unacknowledged entry id; None if it acked all since XINFO."""
+    summary = await redis.xpending(stream, text(group["name"]))
+    oldest: bytes | None = summary["min"]
+    return oldest
 
 
 def _by_stream(entries: list[FeedEntry]) -> dict[str, list[str]]:

@@ -52,6 +52,8 @@ class Forwarder:
         self._metrics = metrics
         self._held: list[FeedEntry] = []
         self._maintained_at = 0.0
+        # Often enough that entries we hold never look idle to another forwarder.
+        self._keep_alive_every = min(MAINTAIN_EVERY_SECONDS, settings.reclaim_idle / 4)
         self._draining = False
         self.stopping = asyncio.Event()
 
@@ -75,22 +77,23 @@ class Forwarder:
         log.info("forwarder_stopped")
 
     async def drain(self, seconds: float) -> None:
-        """Deliver what is queued now, for at most ``seconds`` (memory feeds)."""
+        """Deliver what is queued now, one attempt a batch, for at most ``seconds``."""
         self._draining = True
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             batch = await self._collect(first_wait=0.01)
-            if not batch.entries:
+            if not batch.entries or not await self._deliver(batch):
                 return
-            await self._deliver(batch)
 
     async def close(self) -> None:
         await self._sink.close()
 
     async def _maintain(self) -> None:
         now = time.monotonic()
-        if now - self._maintained_at >= MAINTAIN_EVERY_SECONDS:
+        if now - self._maintained_at >= self._keep_alive_every:
             self._maintained_at = now
+            if self._held:
+                await self._feed.keep_alive(self._held)
             await self._feed.maintain()
 
     async def _collect(self, first_wait: float) -> Batch:
@@ -104,10 +107,17 @@ class Forwarder:
                 if remaining <= 0:
                     break
                 wanted = settings.batch_max_events - batch.events
-                self._held = await self._read(wanted, remaining)
+                # Short blocking reads: the Redis socket timeout allows IDLE_READ_SECONDS.
+                self._held = await self._read(wanted, min(remaining, IDLE_READ_SECONDS))
                 if not self._held:
-                    break
+                    if self.stopping.is_set() and not self._draining:
+                        break
+                    continue
             entry = self._held[0]
+            if not entry.events:  # e.g. the completion of an exchange refused with 403
+                self._held.pop(0)
+                await self._feed.ack([entry])
+                continue
             sizes = [len(orjson.dumps(event)) for event in entry.events]
             size = sum(sizes)
             if sizes and max(sizes) > MAX_EVENT_BYTES:
@@ -141,29 +151,47 @@ class Forwarder:
             return []
         return read.result()
 
-    async def _deliver(self, batch: Batch) -> None:
+    async def _deliver(self, batch: Batch) -> bool:
+        """Settle the batch (ack or dead-letter) and return True, or release it (stopping)."""
         events = [event for entry in batch.entries for event in entry.events]
         log = logger.bind(destination=self.destination, events=len(events))
-        for attempt in range(1, self._settings.max_attempts + 1):
+        failures = 0
+        while True:
             delivery = await self._sink.send(events)
             if delivery.outcome == "delivered":
                 await self._feed.ack(batch.entries)
                 self._count("identity_events_delivered_total", len(events))
-                return
+                return True
             if delivery.outcome == "rejected":
                 log.error("batch_rejected", reason=delivery.reason)
+                reason = delivery.reason
                 break
-            delay = self._backoff(attempt, delivery.retry_after)
-            log.warning("batch_retry", reason=delivery.reason, attempt=attempt, delay_s=delay)
             self._metrics.inc("identity_delivery_retries_total", destination=self.destination)
-            if attempt == self._settings.max_attempts:
-                break
-            await self._feed.keep_alive(batch.entries + self._held)
-            if await self._pause(delay):
-                return  # stopping: the entries stay pending for the next forwarder
-        reason = delivery.reason if delivery.outcome == "rejected" else "too many attempts"
+            if self._draining:
+                await self._feed.release(batch.entries)
+                return False
+            if not delivery.throttled:
+                failures += 1
+                if failures >= self._settings.max_attempts:
+                    reason = "too many attempts"
+                    break
+            delay = self._backoff(max(failures, 1), delivery.retry_after)
+            log.warning("batch_retry", reason=delivery.reason, failures=failures, delay_s=delay)
+            if await self._wait(delay, batch.entries):
+                await self._feed.release(batch.entries)
+                return False
         await self._feed.dead_letter(batch.entries, reason)
         self._count("identity_events_dead_lettered_total", len(events))
+        return True
+
+    async def _wait(self, seconds: float, entries: list[FeedEntry]) -> bool:
+        """Wait out a retry delay, keeping our entries claimed; True if stopping."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            await self._feed.keep_alive(entries + self._held)
+            if await self._pause(min(remaining, self._keep_alive_every)):
+                return True
+        return False
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:

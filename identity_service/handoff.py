@@ -162,12 +162,18 @@ class HandoffService:
     def _exchange_facts(self, source: Source, request: ExchangeRequest) -> dict[str, Any] | None:
         if not self._outbox.enabled:
             return None
-        return ev.exchange_facts(
+        facts = ev.exchange_facts(
             event=request.event or self._outbox.completed_event,
             properties=request.properties,
-            source=source.name,
+            receiver=source,
             timestamp=iso_time(time.time()),
         )
+        try:
+            # The template took at most half the event limit at prepare.
+            ev.check_size(facts, limit=ev.MAX_EVENT_BYTES // 2)
+        except ev.EventTooLarge as exc:
+            raise OversizedEvent(f"{exc}; send fewer properties") from exc
+        return facts
 
     async def _take(self, token: Token, facts: dict[str, Any] | None) -> dict[str, Any] | None:
         lookup_id = self._sealer.lookup_id(token)

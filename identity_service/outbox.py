@@ -44,6 +44,7 @@ async def running_forwarders(
                 destination.name,
                 OutboxSealer(settings.secret),
                 settings.outbox.reclaim_idle,
+                [d.name for d in settings.outbox.destinations],
             )
         else:
             assert memory is not None, "the memory store's outbox is needed without Redis"

@@ -7,6 +7,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
+from identity_service.feeds import oldest_pending
 from identity_service.streams import entries, parse_id, text
 
 PAYLOAD_FIELDS = (b"e", b"t", b"p")
@@ -68,9 +69,9 @@ async def _shard_status(
     status.pending += lag
     status.in_flight += group["pending"]
     candidates = [parse_id(unread[0][0])[0]] if unread else []
-    if group["pending"]:
-        summary = await redis.xpending(stream, text(group["name"]))
-        candidates.append(parse_id(summary["min"])[0])
+    oldest = await oldest_pending(redis, stream, group) if group["pending"] else None
+    if oldest is not None:
+        candidates.append(parse_id(oldest)[0])
     return min(candidates) if candidates else None
 
 

@@ -7,6 +7,7 @@ destination asked for, if any), or rejected for good. The forwarder decides what
 import asyncio
 import base64
 import gzip
+import math
 import os
 import sys
 import time
@@ -29,9 +30,11 @@ class Delivery:
     outcome: Literal["delivered", "retry", "rejected"]
     reason: str = ""
     retry_after: float | None = None
+    throttled: bool = False  # a 429: retried without counting as a failed attempt
 
 
 DELIVERED = Delivery("delivered")
+MAX_RETRY_AFTER_SECONDS = 3600.0
 
 
 class Sink(Protocol):
@@ -74,7 +77,9 @@ class HttpSink:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         body = gzip.compress(orjson.dumps({"batch": stamped(events)}), compresslevel=5)
         try:
-            async with self._session.post(self._url, data=body, headers=self._headers) as answer:
+            async with self._session.post(
+                self._url, data=body, headers=self._headers, allow_redirects=False
+            ) as answer:
                 await answer.read()
                 return classify(answer.status, answer.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -90,7 +95,8 @@ def classify(status: int, retry_after: str | None) -> Delivery:
         return DELIVERED
     if status == 429 or status == 408 or status >= 500:
         delay = parse_retry_after(retry_after)
-        return Delivery("retry", reason=f"http {status}", retry_after=delay)
+        return Delivery("retry", f"http {status}", retry_after=delay, throttled=status == 429)
+    # Other 4xx, and 3xx: a POST must not follow a redirect (it would turn into a GET).
     return Delivery("rejected", reason=f"http {status}")
 
 
@@ -99,13 +105,15 @@ def parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    if not math.isfinite(seconds):
         return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_SECONDS)
 
 
 class StdoutSink:

@@ -87,12 +87,13 @@ class Source:
     allow_localhost: bool = False
 
     def may_use(self, origin: str) -> bool:
-        if origin in self.origins:
-            return True
-        if not self.allow_localhost:
-            return False
-        host = urlsplit(origin).hostname or ""
-        return is_localhost(host)
+        return origin_allowed(origin, self.origins, self.allow_localhost)
+
+
+def origin_allowed(origin: str, origins: Iterable[str], allow_localhost: bool) -> bool:
+    if origin in origins:
+        return True
+    return allow_localhost and is_localhost(urlsplit(origin).hostname or "")
 
 
 class SourceRegistry:

@@ -283,12 +283,15 @@ async def test_trimming_keeps_what_a_group_has_not_acknowledged(
     ids = [await redis_client.xadd(stream, {"e": str(n)}) for n in range(6)]
     await redis_client.xgroup_create(stream, "a", id="0")
     await redis_client.xgroup_create(stream, "b", id="0")
+    await redis_client.xgroup_create(
+        stream, "removed", id="0"
+    )  # a destination no longer configured
     await redis_client.xreadgroup("a", "c1", {stream: ">"}, count=6)
     await redis_client.xack(stream, "a", *ids[:4])
     await redis_client.xreadgroup("b", "c1", {stream: ">"}, count=3)
     await redis_client.xack(stream, "b", *ids[:3])
 
-    await trim_acknowledged(redis_client, stream)
+    await trim_acknowledged(redis_client, stream, ["a", "b"])
 
     # a has 4 and 5 pending; b acked 0-2 and never read 3-5: 3 is the oldest still needed.
     assert [entry_id for entry_id, _ in await entries(redis_client, stream)] == ids[3:]

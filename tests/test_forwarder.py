@@ -96,10 +96,34 @@ async def test_retries_then_delivers_the_same_batch(outbox: MemoryOutbox) -> Non
     assert sink.batches[0] == sink.batches[1] == sink.batches[2]
 
 
+async def test_throttling_does_not_count_as_a_failed_attempt(outbox: MemoryOutbox) -> None:
+    throttled = Delivery("retry", "http 429", retry_after=0.01, throttled=True)
+    sink = RecordingSink([throttled, throttled, throttled])
+    async for forwarder in forward(outbox, sink, max_attempts=1):
+        outbox.extend([event(1)])
+        await wait_until(lambda: len(sink.batches) == 4)
+        feed = forwarder._feed
+        assert isinstance(feed, MemoryFeed)
+        assert feed.dead == []
+
+
+async def test_a_batch_being_retried_at_shutdown_goes_back_to_the_queue(
+    outbox: MemoryOutbox,
+) -> None:
+    failing = [Delivery("retry", "http 503", retry_after=60)] * 10
+    sink = RecordingSink(failing)
+    queue = outbox.queues
+    async for _ in forward(outbox, sink):
+        outbox.extend([event(1), event(2)])
+        await wait_until(lambda: len(sink.batches) == 1)
+    assert [e["messageId"] for e in queue[0].events] == ["m-1", "m-2"]
+
+
 @pytest.mark.parametrize(
     ("status", "outcome"),
     [(200, "delivered"), (204, "delivered"), (429, "retry"), (408, "retry"), (500, "retry"),
-     (503, "retry"), (400, "rejected"), (401, "rejected"), (404, "rejected"), (413, "rejected")],
+     (503, "retry"), (400, "rejected"), (401, "rejected"), (404, "rejected"), (413, "rejected"),
+     (301, "rejected"), (307, "rejected")],
 )  # fmt: skip
 def test_answers_are_classified(status: int, outcome: str) -> None:
     assert classify(status, None).outcome == outcome
@@ -110,3 +134,5 @@ def test_retry_after_in_seconds_or_as_a_date() -> None:
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert parse_retry_after("inf") is None
+    assert parse_retry_after("99999") == 3600.0

@@ -180,6 +180,38 @@ async def test_denied_analytics_consent_emits_nothing_and_counts_the_skip(
     assert metrics.value("identity_events_skipped_total", reason="consent") == 2
 
 
+async def test_a_refused_exchange_emits_no_completion(
+    event_client: EventClientFactory, collector: Collector
+) -> None:
+    client = await event_client()
+    token = (await prepare(client, userId="u-1"))["token"]
+    status, _ = await exchange(client, token, source="partner")
+    assert status == 403
+    allowed = (await prepare(client, anonymousId="second"))["token"]
+    assert (await exchange(client, allowed))[0] == 200
+
+    await collector.wait_for(3)
+    await asyncio.sleep(0.2)
+
+    names = sorted((e["anonymousId"], e.get("event", e["type"])) for e in collector.events)
+    assert names == [
+        ("anon-7f3a", "Cross-Domain Handoff Started"),
+        ("second", "Cross-Domain Handoff Completed"),
+        ("second", "Cross-Domain Handoff Started"),
+    ]
+
+
+async def test_exchange_properties_over_the_limit_are_refused_before_the_token_is_used(
+    event_client: EventClientFactory,
+) -> None:
+    client = await event_client(max_body_bytes="65536")
+    token = (await prepare(client))["token"]
+    status, problem = await exchange(client, token, properties={"blob": "x" * 20_000})
+    assert status == 413
+    assert problem["type"] == "urn:identity-service:problem:event-too-large"
+    assert (await exchange(client, token, properties={"small": 1}))[0] == 200
+
+
 async def test_an_event_over_32_kb_is_refused_at_prepare(
     event_client: EventClientFactory, collector: Collector
 ) -> None:
