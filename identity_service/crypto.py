@@ -96,12 +96,6 @@ def _aead(token: Token) -> AESGCM:
     return AESGCM(key)
 
 
-def short_hash(value: bytes | str) -> str:
-    """A short, non-reversible tag of a secret, for logs: 12 hex chars of SHA-256."""
-    data = value.encode() if isinstance(value, str) else value
-    return hashlib.sha256(data).hexdigest()[:12]
-
-
 class OutboxSealer:
     """Seals outbox entries under the server secret, so Redis holds no readable identity.
 

@@ -208,4 +208,4 @@ class Forwarder:
         return True
 
     def _count(self, name: str, events: int) -> None:
-        self._metrics.counts[name, (("destination", self.destination),)] += events
+        self._metrics.inc(name, events, destination=self.destination)

@@ -26,8 +26,8 @@ _HELP = {
 class Metrics:
     counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = field(default_factory=Counter)
 
-    def inc(self, name: str, **labels: str) -> None:
-        self.counts[name, tuple(sorted(labels.items()))] += 1
+    def inc(self, name: str, amount: int = 1, **labels: str) -> None:
+        self.counts[name, tuple(sorted(labels.items()))] += amount
 
     def value(self, name: str, **labels: str) -> int:
         return self.counts[name, tuple(sorted(labels.items()))]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from identity_service.crypto import SealError, Token, TokenSealer, short_hash
+from identity_service.crypto import SealError, Token, TokenSealer
 
 SEALER = TokenSealer(b"s" * 32)
 
@@ -64,9 +64,3 @@ def test_a_record_opens_only_with_its_token_and_under_its_key() -> None:
         SEALER.open(token, lookup_id, b"\x02" + sealed[1:])
     with pytest.raises(SealError):
         SEALER.open(token, lookup_id, sealed[:10])
-
-
-def test_short_hash_is_short_and_stable() -> None:
-    assert short_hash("write-key") == short_hash(b"write-key")
-    assert len(short_hash("write-key")) == 12
-    assert "write-key" not in short_hash("write-key")

@@ -10,7 +10,6 @@ from collections import deque
 from typing import Any
 
 from identity_service import events as ev
-from identity_service.constants import handoff_key
 from identity_service.stores import PrepareEvents
 
 
@@ -47,10 +46,9 @@ class MemoryOutbox:
 class MemoryStore:
     """Keeps records in memory; expired ones are dropped on read and swept on write."""
 
-    def __init__(self, key_prefix: str = "") -> None:
-        self._prefix = key_prefix
-        self._records: dict[str, tuple[float, bytes, dict[str, Any] | None]] = {}
-        self._expiries: list[tuple[float, str]] = []
+    def __init__(self) -> None:
+        self._records: dict[bytes, tuple[float, bytes, dict[str, Any] | None]] = {}
+        self._expiries: list[tuple[float, bytes]] = []
         self.outbox = MemoryOutbox()
 
     def __len__(self) -> int:
@@ -61,15 +59,14 @@ class MemoryStore:
     ) -> None:
         now = time.monotonic()
         self._sweep(now)
-        key = handoff_key(self._prefix, lookup_id)
         expires_at = now + ttl_seconds
-        self._records[key] = (expires_at, record, events.completion if events else None)
-        heapq.heappush(self._expiries, (expires_at, key))
+        self._records[lookup_id] = (expires_at, record, events.completion if events else None)
+        heapq.heappush(self._expiries, (expires_at, lookup_id))
         if events is not None:
             self.outbox.extend(events.started)
 
     async def take(self, lookup_id: bytes, facts: dict[str, Any] | None) -> bytes | None:
-        entry = self._records.pop(handoff_key(self._prefix, lookup_id), None)
+        entry = self._records.pop(lookup_id, None)
         if entry is None or entry[0] <= time.monotonic():
             return None
         _, record, template = entry
