@@ -16,7 +16,7 @@ from identity_service.app import create_app
 from identity_service.settings import Settings, load_settings
 from identity_service.sources import hash_write_key
 from identity_service.stores.memory import MemoryStore
-from identity_service.stores.redis import RedisStore
+from identity_service.stores.redis import RedisStore, connect
 from tests.redis_server import RedisServer
 
 SECRET = "test-server-secret-0123456789abcdef"
@@ -126,10 +126,11 @@ async def stored_count(client: AppClient) -> int:
     if isinstance(store, MemoryStore):
         return len(store)
     assert isinstance(store, RedisStore)
-    prefix = client.app[app_keys.SETTINGS].redis
-    assert prefix is not None
-    pattern = f"{prefix.key_prefix}*:handoff:*"
-    return len([key async for key in store.client.scan_iter(match=pattern)])
+    redis_settings = client.app[app_keys.SETTINGS].redis
+    assert redis_settings is not None
+    pattern = f"{redis_settings.key_prefix}*:handoff:*"
+    async with connect(redis_settings) as redis:
+        return len([key async for key in redis.scan_iter(match=pattern)])
 
 
 async def prepare(client: AppClient, source: str = "shop", **fields: Any) -> dict[str, Any]:

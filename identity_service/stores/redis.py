@@ -7,10 +7,9 @@ outbox stream shares its hash tag, so each script touches one slot:
 - prepare: replace the hash, set its TTL, and XADD the started events, atomically;
 - exchange: read and delete the hash and XADD the completion entry, atomically.
 
-Commands are not retried by the client: an exchange whose reply was lost may have run,
-and running it again would answer "unknown token" for a token that was just consumed. A
-failure surfaces as StoreUnavailable (503 with Retry-After) and the next request uses a
-fresh connection, so the service recovers by itself when Redis returns.
+Scripts go through the pipelined :class:`RespClient` (see resp.py for why it never
+retries). A failure surfaces as StoreUnavailable (503 with Retry-After) and the next
+request uses a fresh connection, so the service recovers by itself when Redis returns.
 """
 
 from typing import Any
@@ -19,7 +18,6 @@ import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from identity_service import events as ev
 from identity_service.constants import handoff_key, outbox_key, shard_of
@@ -27,9 +25,10 @@ from identity_service.crypto import OutboxSealer
 from identity_service.problems import StoreUnavailable
 from identity_service.settings import RedisSettings
 from identity_service.stores import PrepareEvents
+from identity_service.stores.resp import ReplyError, RespClient, Script
 
 # KEYS: handoff, outbox. ARGV: record, ttl, sealed template or "", sealed started events or "".
-PREPARE_SCRIPT = """
+PREPARE = Script("""
 redis.call('DEL', KEYS[1])
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'r', ARGV[1], 'o', ARGV[3])
@@ -41,10 +40,10 @@ if ARGV[4] ~= '' then
   redis.call('XADD', KEYS[2], '*', 'e', ARGV[4])
 end
 return 1
-"""
+""")
 
 # KEYS: handoff, outbox. ARGV: sealed exchange facts or "".
-EXCHANGE_SCRIPT = """
+EXCHANGE = Script("""
 local found = redis.call('HMGET', KEYS[1], 'r', 'o')
 if not found[1] then
   return false
@@ -54,11 +53,12 @@ if found[2] and ARGV[1] ~= '' then
   redis.call('XADD', KEYS[2], '*', 't', found[2], 'p', ARGV[1])
 end
 return found[1]
-"""
+""")
 
 
 def connect(settings: RedisSettings) -> Redis:
-    """A client with a blocking pool and no command retries (see the module docstring)."""
+    """A redis-py client with a blocking pool and no command retries, for the forwarder and
+    the admin commands (the request path uses :class:`RespClient`)."""
     # A blocking pool makes a burst of requests wait (up to the timeout) for a
     # connection instead of failing once max_connections are in use.
     pool = BlockingConnectionPool.from_url(
@@ -79,13 +79,7 @@ class RedisStore:
     def __init__(self, settings: RedisSettings, sealer: OutboxSealer) -> None:
         self._prefix = settings.key_prefix
         self._sealer = sealer
-        self._redis = connect(settings)
-        self._prepare = self._redis.register_script(PREPARE_SCRIPT)
-        self._exchange = self._redis.register_script(EXCHANGE_SCRIPT)
-
-    @property
-    def client(self) -> Redis:
-        return self._redis
+        self._redis = RespClient(settings.url, settings.timeout)
 
     async def put(
         self, lookup_id: bytes, record: bytes, ttl_seconds: int, events: PrepareEvents | None
@@ -98,34 +92,35 @@ class RedisStore:
                 started = self._sealer.seal(orjson.dumps(events.started))
         keys = self._keys(lookup_id)
         try:
-            await self._prepare(keys=keys, args=[record, ttl_seconds, template, started])
-        except (RedisError, OSError) as exc:
+            await self._redis.run_script(PREPARE, keys, [record, ttl_seconds, template, started])
+        except (ReplyError, OSError) as exc:
             raise StoreUnavailable(_describe(exc)) from exc
 
     async def take(self, lookup_id: bytes, facts: dict[str, Any] | None) -> bytes | None:
         sealed_facts = self._sealer.seal(orjson.dumps(facts)) if facts is not None else b""
         try:
-            record = await self._exchange(keys=self._keys(lookup_id), args=[sealed_facts])
-        except (RedisError, OSError) as exc:
+            record = await self._redis.run_script(EXCHANGE, self._keys(lookup_id), [sealed_facts])
+        except (ReplyError, OSError) as exc:
             raise StoreUnavailable(_describe(exc)) from exc
         assert record is None or isinstance(record, bytes)
         return record
 
     async def emit(self, shard_hint: bytes, events: list[ev.Event]) -> None:
         stream = outbox_key(self._prefix, shard_of(shard_hint))
+        sealed = self._sealer.seal(orjson.dumps(events))
         try:
-            await self._redis.xadd(stream, {"e": self._sealer.seal(orjson.dumps(events))})
-        except (RedisError, OSError) as exc:
+            await self._redis.execute("XADD", stream, "*", "e", sealed)
+        except (ReplyError, OSError) as exc:
             raise StoreUnavailable(_describe(exc)) from exc
 
     async def ping(self) -> None:
         try:
-            await self._redis.ping()
-        except (RedisError, OSError) as exc:
+            await self._redis.execute("PING")
+        except (ReplyError, OSError) as exc:
             raise StoreUnavailable(_describe(exc)) from exc
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._redis.close()
 
     def _keys(self, lookup_id: bytes) -> list[str]:
         return [

@@ -1,0 +1,201 @@
+"""A lean, pipelined Redis client for the request hot path.
+
+Every prepare and exchange makes exactly one Redis call (an EVALSHA). redis-py's asyncio
+client spends most of a request's Redis time in its own machinery (a pool checkout, a
+retry wrapper, a timeout context and a socket write per call). This client keeps one
+connection per process, writes all the commands issued in one event-loop iteration with
+one system call, and matches replies to callers in order, which is how Redis answers.
+
+It never retries: an exchange whose reply was lost may have run, and running it again
+would answer "unknown token" for a token that was just consumed. When Redis makes no
+progress for ``timeout`` seconds or the connection breaks, every command waiting on it
+fails with an ``OSError`` and the next call connects afresh, so the service recovers by
+itself when Redis returns.
+"""
+
+import asyncio
+import hashlib
+import ssl
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, cast
+
+import hiredis
+from redis.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+
+Reply = Any
+Arg = bytes | str | int | float
+
+
+class ReplyError(Exception):
+    """Redis answered a command with an error reply."""
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """A Lua script called by its SHA1, sent in full only when Redis does not know it."""
+
+    source: str
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+
+
+class _Connection(asyncio.Protocol):
+    """One connection: commands written once per loop iteration, replies matched in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self._loop = loop
+        self._timeout = timeout
+        self._reader = hiredis.Reader()
+        self._waiting: deque[asyncio.Future[Reply]] = deque()
+        self._outgoing: list[bytes] = []
+        self._transport: asyncio.Transport | None = None
+        self._last_progress = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self._transport = cast(asyncio.Transport, transport)
+        self._arm_watchdog()
+
+    def send(self, command: bytes) -> "asyncio.Future[Reply]":
+        if self.closed:
+            raise ConnectionError("redis connection closed")
+        if not self._outgoing:
+            self._loop.call_soon(self._flush)
+        if not self._waiting:
+            self._last_progress = self._loop.time()
+        self._outgoing.append(command)
+        future: asyncio.Future[Reply] = self._loop.create_future()
+        self._waiting.append(future)
+        return future
+
+    def _flush(self) -> None:
+        if self._transport is not None and not self.closed:
+            self._transport.writelines(self._outgoing)
+        self._outgoing = []
+
+    def data_received(self, data: bytes) -> None:
+        self._last_progress = self._loop.time()
+        reader = self._reader
+        try:
+            reader.feed(data)
+            reply = reader.gets()
+            while reply is not False:
+                future = self._waiting.popleft()
+                if not future.done():
+                    if isinstance(reply, hiredis.ReplyError):
+                        future.set_exception(ReplyError(str(reply)))
+                    else:
+                        future.set_result(reply)
+                reply = reader.gets()
+        except (hiredis.ProtocolError, IndexError) as exc:
+            self.abort(ConnectionError(f"redis protocol error: {type(exc).__name__}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail_all(ConnectionError("redis connection lost"))
+
+    def abort(self, exc: OSError) -> None:
+        self._fail_all(exc)
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _fail_all(self, exc: OSError) -> None:
+        self.closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        waiting, self._waiting = self._waiting, deque()
+        for future in waiting:
+            if not future.done():
+                future.set_exception(exc)
+
+    def _arm_watchdog(self) -> None:
+        self._watchdog = self._loop.call_later(self._timeout / 4, self._check_progress)
+
+    def _check_progress(self) -> None:
+        if self._waiting and self._loop.time() - self._last_progress >= self._timeout:
+            self.abort(TimeoutError(f"redis did not answer within {self._timeout} s"))
+            return
+        self._arm_watchdog()
+
+
+class RespClient:
+    """Pipelined commands over one lazily opened connection, for one event loop."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self._options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        self._timeout = timeout
+        self._connection: _Connection | None = None
+        self._connecting: asyncio.Future[_Connection] | None = None
+
+    async def execute(self, *args: Arg) -> Reply:
+        connection = self._connection
+        if connection is None or connection.closed:
+            connection = await self._connect()
+        return await connection.send(_pack(args))
+
+    async def run_script(self, script: Script, keys: list[str], args: list[Arg]) -> Reply:
+        try:
+            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            # The script did not run; EVAL runs it and puts it in Redis's script cache.
+            return await self.execute("EVAL", script.source, len(keys), *keys, *args)
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            self._connection.abort(ConnectionError("redis client closed"))
+            self._connection = None
+
+    async def _connect(self) -> _Connection:
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+            self._connecting.add_done_callback(self._connected)
+        return await asyncio.shield(self._connecting)
+
+    def _connected(self, attempt: "asyncio.Future[_Connection]") -> None:
+        self._connecting = None
+        if not attempt.cancelled() and attempt.exception() is None:
+            self._connection = attempt.result()
+
+    async def _open(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        options = self._options
+        connection = _Connection(loop, self._timeout)
+        async with asyncio.timeout(self._timeout):
+            if options.get("connection_class") is UnixDomainSocketConnection:
+                await loop.create_unix_connection(lambda: connection, options["path"])
+            else:
+                tls = None
+                if options.get("connection_class") is SSLConnection:
+                    tls = ssl.create_default_context()
+                await loop.create_connection(
+                    lambda: connection,
+                    options.get("host", "localhost"),
+                    options.get("port", 6379),
+                    ssl=tls,
+                )
+            handshake = []
+            if options.get("password") is not None:
+                credentials = [options["username"]] if options.get("username") else []
+                handshake.append(
+                    connection.send(_pack(("AUTH", *credentials, options["password"])))
+                )
+            if options.get("db"):
+                handshake.append(connection.send(_pack(("SELECT", options["db"]))))
+            try:
+                await asyncio.gather(*handshake)
+            except BaseException:
+                connection.abort(ConnectionError("redis handshake failed"))
+                raise
+        return connection
+
+
+def _pack(args: tuple[Arg, ...]) -> bytes:
+    # hiredis's stubs type the argument as a 1-tuple; any tuple of these types works.
+    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]
+    return packed
