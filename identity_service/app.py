@@ -8,6 +8,7 @@ from aiohttp import web
 from identity_service import app_keys, handlers
 from identity_service.crypto import OutboxSealer, TokenSealer
 from identity_service.handoff import HandoffService
+from identity_service.handoff_api import HandoffApi
 from identity_service.metrics import Metrics
 from identity_service.middleware import handle_request
 from identity_service.outbox import running_forwarders
@@ -49,9 +50,9 @@ async def _handoff_store(app: web.Application) -> AsyncIterator[None]:
     settings = app[app_keys.SETTINGS]
     store = open_store(settings)
     app[app_keys.STORE] = store
-    app[app_keys.HANDOFFS] = HandoffService(
-        store, TokenSealer(settings.secret), settings, app[app_keys.METRICS]
-    )
+    handoffs = HandoffService(store, TokenSealer(settings.secret), settings, app[app_keys.METRICS])
+    app[app_keys.HANDOFFS] = handoffs
+    app[app_keys.API] = HandoffApi(settings, app[app_keys.SOURCES], handoffs)
     logger.info("store_opened", store=type(store).__name__)
     yield
     await store.close()

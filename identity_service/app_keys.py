@@ -3,6 +3,7 @@
 from aiohttp import web
 
 from identity_service.handoff import HandoffService
+from identity_service.handoff_api import HandoffApi
 from identity_service.metrics import Metrics
 from identity_service.settings import Settings
 from identity_service.sources import SourceRegistry
@@ -13,3 +14,4 @@ STORE = web.AppKey("store", HandoffStore)
 SOURCES = web.AppKey("sources", SourceRegistry)
 METRICS = web.AppKey("metrics", Metrics)
 HANDOFFS = web.AppKey("handoffs", HandoffService)
+API = web.AppKey("api", HandoffApi)

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
-from aiohttp import web
 
 from identity_service import __version__
 from identity_service.constants import DEFAULT_HOST, DEFAULT_PORT, DEV_SOURCE_NAME
@@ -22,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
-        return serve(args.host, args.port, args.config)
+        return serve(args.host, args.port, args.config, args.workers)
     if args.command == "forward":
         return forward(args.config)
     if args.command == "outbox":
@@ -51,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST}")
     serve_cmd.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
     serve_cmd.add_argument("--config", type=Path, help="a TOML or YAML settings file")
+    serve_cmd.add_argument(
+        "--workers", type=int, help="worker processes (default: IDENTITY_WORKERS, else 1)"
+    )
     forward_cmd = commands.add_parser(
         "forward", help="deliver the Redis outbox to the destinations (without serving HTTP)"
     )
@@ -64,10 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(config: Path | None, needs_redis: bool = False) -> Settings | None:
+def _settings(config: Path | None, needs_redis: bool = False, **overrides: str) -> Settings | None:
     """The settings, or None after printing why there are none."""
+    environ = {**os.environ, **{f"IDENTITY_{k.upper()}": v for k, v in overrides.items()}}
     try:
-        settings = load_settings(os.environ, config)
+        settings = load_settings(environ, config)
     except ConfigError as exc:
         print(f"identity-service: {exc}", file=sys.stderr)
         return None
@@ -86,6 +89,7 @@ def forward(config: Path | None) -> int:
     from identity_service.log_config import configure_logging
     from identity_service.metrics import Metrics
     from identity_service.outbox import running_forwarders
+    from identity_service.server import new_event_loop
 
     configure_logging(settings.log_level)
 
@@ -97,7 +101,7 @@ def forward(config: Path | None) -> int:
         async with running_forwarders(settings, Metrics()):
             await stop.wait()
 
-    runner = asyncio.Runner(loop_factory=_new_event_loop)
+    runner = asyncio.Runner(loop_factory=new_event_loop)
     with runner:
         runner.run(run())
     return 0
@@ -134,8 +138,9 @@ def outbox(config: Path | None, action: str, as_json: bool) -> int:
     return asyncio.run(run())
 
 
-def serve(host: str, port: int, config: Path | None) -> int:
-    settings = _settings(config)
+def serve(host: str, port: int, config: Path | None, workers: int | None = None) -> int:
+    overrides = {"IDENTITY_WORKERS": str(workers)} if workers is not None else None
+    settings = _settings(config, overrides=overrides)
     if settings is None:
         return 2
     try:
@@ -144,26 +149,18 @@ def serve(host: str, port: int, config: Path | None) -> int:
         print(f"identity-service: {exc}", file=sys.stderr)
         return 2
     # Imported after the settings check so a configuration error answers fast.
-    from identity_service.app import create_app
     from identity_service.log_config import configure_logging
+    from identity_service.server import run
 
     configure_logging(settings.log_level)
     _announce(settings, host, port)
-    web.run_app(
-        create_app(settings),
-        host=host,
-        port=port,
-        access_log=None,
-        print=None,
-        shutdown_timeout=settings.shutdown_timeout,
-        loop=_new_event_loop(),
-    )
-    return 0
+    return run(settings, host, port)
 
 
 def _announce(settings: Settings, host: str, port: int) -> None:
     store = "redis" if settings.redis else "memory (this process only; not for production)"
-    lines = [f"identity-service {__version__} on http://{host}:{port}, store: {store}"]
+    workers = f", {settings.workers} workers" if settings.workers > 1 else ""
+    lines = [f"identity-service {__version__} on http://{host}:{port}, store: {store}{workers}"]
     if settings.dev_write_key is not None:
         if os.environ.get("IDENTITY_DEV_WRITE_KEY"):
             key_text = "the value of IDENTITY_DEV_WRITE_KEY"
@@ -174,11 +171,3 @@ def _announce(settings: Settings, host: str, port: int) -> None:
             f"and *.localhost), write key: {key_text}"
         )
     print("\n".join(lines), file=sys.stderr, flush=True)
-
-
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()

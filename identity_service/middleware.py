@@ -5,16 +5,18 @@ Every exception a handler lets out becomes an RFC 9457 answer here: the service'
 to 503 with Retry-After, and anything unexpected to a bare 500 whose details stay in the log.
 """
 
+import itertools
 import re
+import secrets
 import time
-import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import orjson
 import structlog
 from aiohttp import web
 
 from identity_service import app_keys
+from identity_service.metrics import Metrics
 from identity_service.problems import (
     PROBLEM_CONTENT_TYPE,
     HttpError,
@@ -25,6 +27,7 @@ from identity_service.problems import (
     ServiceUnavailable,
     StoreUnavailable,
 )
+from identity_service.settings import Settings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -41,39 +44,58 @@ SECURITY_HEADERS = {
 @web.middleware
 async def handle_request(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
-    incoming_id = request.headers.get("X-Request-ID", "")
-    request_id = incoming_id if _REQUEST_ID.fullmatch(incoming_id) else uuid.uuid4().hex
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=request_id)
+    request_id = start_request(request.headers.get("X-Request-ID"))
     problem: Problem | None = None
     try:
         response = await handler(request)
-    except Problem as exc:
-        problem = exc
-    except StoreUnavailable as exc:
-        request.app[app_keys.METRICS].inc("identity_store_errors_total")
-        logger.warning("store_unavailable", reason=str(exc))
-        problem = ServiceUnavailable(
-            "the handoff store is unavailable; retry later",
-            retry_after=request.app[app_keys.SETTINGS].retry_after,
-        )
     except web.HTTPException as exc:
         problem = _from_http_exception(exc, request)
-    except Exception:
-        logger.exception("unhandled_error")
-        problem = Problem("the request could not be completed")
+    except Exception as exc:
+        problem = problem_for(exc, request.app[app_keys.METRICS], request.app[app_keys.SETTINGS])
     if problem is not None:
         response = problem_response(problem, request)
     response.headers["X-Request-ID"] = request_id
+    log_request(request.method, request.path, response.status, started, problem)
+    return response
+
+
+def start_request(incoming_id: str | None) -> str:
+    """The request's id (the caller's X-Request-ID when it is sane), bound for its logs."""
+    if incoming_id and _REQUEST_ID.fullmatch(incoming_id):
+        request_id = incoming_id
+    else:
+        request_id = next(_request_ids)
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    return request_id
+
+
+def problem_for(exc: Exception, metrics: Metrics, settings: Settings) -> Problem:
+    """The problem to answer for an exception a handler let out."""
+    if isinstance(exc, Problem):
+        return exc
+    if isinstance(exc, StoreUnavailable):
+        metrics.inc("identity_store_errors_total")
+        logger.warning("store_unavailable", reason=str(exc))
+        return ServiceUnavailable(
+            "the handoff store is unavailable; retry later", retry_after=settings.retry_after
+        )
+    logger.error("unhandled_error", exc_info=exc)
+    return Problem("the request could not be completed")
+
+
+def log_request(
+    method: str, path: str, status: int, started: float, problem: Problem | None
+) -> None:
+    """The request's one log line."""
     logger.info(
         "request",
-        method=request.method,
-        path=request.path,
-        status=response.status,
+        method=method,
+        path=path,
+        status=status,
         duration_ms=round((time.perf_counter() - started) * 1000, 3),
         **({"problem": problem.slug} if problem is not None else {}),
     )
-    return response
 
 
 def problem_response(problem: Problem, request: web.Request) -> web.Response:
@@ -84,6 +106,16 @@ def problem_response(problem: Problem, request: web.Request) -> web.Response:
         content_type=PROBLEM_CONTENT_TYPE,
         headers={**SECURITY_HEADERS, **problem.headers()},
     )
+
+
+def _request_id_sequence() -> Iterator[str]:
+    """Unique ids without a random draw per request: a random process prefix and a counter."""
+    prefix = secrets.token_hex(8)
+    for number in itertools.count(1):
+        yield f"{prefix}{number:08x}"
+
+
+_request_ids = _request_id_sequence()
 
 
 def _from_http_exception(exc: web.HTTPException, request: web.Request) -> Problem:

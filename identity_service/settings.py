@@ -35,6 +35,7 @@ SETTING_NAMES = frozenset(
         "sources", "secret", "dev_write_key", "redis_url", "redis_timeout",
         "redis_max_connections", "redis_key_prefix", "default_ttl", "max_ttl",
         "max_body_bytes", "token_param", "retry_after", "shutdown_timeout", "log_level",
+        "workers",
         "outbox", "forwarder", "destinations", "destination_url", "destination_write_key",
         "events_file", "batch_max_events", "batch_max_wait", "delivery_timeout",
         "delivery_max_attempts", "backoff_base", "backoff_max", "reclaim_idle",
@@ -118,6 +119,7 @@ class Settings:
     retry_after: int = c.DEFAULT_RETRY_AFTER_SECONDS
     shutdown_timeout: float = c.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
     log_level: str = "info"
+    workers: int = 1
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
 
     @property
@@ -216,6 +218,13 @@ class _Reader:
             self.problems.append(
                 f"{c.ENV_PREFIX}LOG_LEVEL must be debug, info, warning or error, not {log_level!r}"
             )
+        workers = self.integer("workers", 1, 1, c.MAX_WORKERS)
+        if workers > 1 and redis is None:
+            self.problems.append(
+                f"{c.ENV_PREFIX}WORKERS above 1 needs Redis ({c.ENV_PREFIX}REDIS_URL): each worker "
+                "would keep its own memory store, and a token prepared in one could not be "
+                "exchanged in another"
+            )
         settings = Settings(
             sources=tuple(sources),
             secret=(secret_text or secrets.token_urlsafe(32)).encode(),
@@ -231,6 +240,7 @@ class _Reader:
                 "shutdown_timeout", c.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS, 0.0, 600.0
             ),
             log_level=log_level,
+            workers=workers,
             outbox=outbox,
         )
         if self.problems:

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
 from identity_service import app_keys
 from identity_service.app import create_app
+from identity_service.front import FrontRunner
 from identity_service.settings import Settings, load_settings
 from identity_service.sources import hash_write_key
 from identity_service.stores.memory import MemoryStore
@@ -33,6 +34,15 @@ ORIGINS = {
 CHECKOUT_URL = "https://checkout.example-pay.com/cart?step=1#summary"
 
 AppClient = TestClient[Any, Any]
+
+
+class FrontTestServer(TestServer):
+    """A test server that listens through the HTTP front, as ``identity-service serve`` does."""
+
+    async def _make_runner(self, **kwargs: Any) -> FrontRunner:
+        return FrontRunner(self.app, **kwargs)
+
+
 ClientFactory = Callable[..., Awaitable[AppClient]]
 
 _prefixes = itertools.count()
@@ -110,7 +120,7 @@ def make_client(
     settings_for: Callable[..., Settings],
 ) -> ClientFactory:
     async def build(**env: str) -> AppClient:
-        return await aiohttp_client(create_app(settings_for(**env)))
+        return await aiohttp_client(FrontTestServer(create_app(settings_for(**env))))
 
     return build
 

@@ -1,0 +1,62 @@
+"""The two handoff endpoints, independent of the HTTP server that carries them.
+
+A call is what these endpoints read from a request (credentials, the body's media type
+and the body); the answer is a status and a JSON body. The aiohttp handlers and the HTTP
+front (front.py) both call these functions, so the rules live in one place.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from identity_service.handoff import HandoffService
+from identity_service.problems import Unauthorized, UnsupportedMediaType
+from identity_service.settings import Settings
+from identity_service.sources import Source, SourceRegistry
+from identity_service.validation import parse_exchange, parse_json_object, parse_prepare
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """What the handoff endpoints need of a request. ``media_type`` has no parameters."""
+
+    authorization: str | None
+    media_type: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffApi:
+    settings: Settings
+    sources: SourceRegistry
+    handoffs: HandoffService
+
+    async def prepare(self, call: Call) -> tuple[int, dict[str, Any]]:
+        source = self._authenticate(call)
+        request = parse_prepare(_json_object(call), self.settings.max_ttl)
+        prepared = await self.handoffs.prepare(source, request)
+        return 201, prepared.as_json()
+
+    async def exchange(self, call: Call) -> tuple[int, dict[str, Any]]:
+        source = self._authenticate(call)
+        identity = await self.handoffs.exchange(source, parse_exchange(_json_object(call)))
+        return 200, identity
+
+    def _authenticate(self, call: Call) -> Source:
+        source = self.sources.authenticate(call.authorization)
+        if source is None:
+            raise Unauthorized(
+                "send the source's write key with HTTP Basic (as the user name) or as a Bearer "
+                "token"
+            )
+        structlog.contextvars.bind_contextvars(source=source.name)
+        return source
+
+
+def _json_object(call: Call) -> dict[str, Any]:
+    if call.media_type != "application/json":
+        raise UnsupportedMediaType(
+            f"send the body as application/json, not {call.media_type or 'nothing'}"
+        )
+    return parse_json_object(call.body)

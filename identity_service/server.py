@@ -1,0 +1,97 @@
+"""Running the service: one process on an event loop, or several worker processes.
+
+A worker serves the application through the HTTP front (front.py) until SIGTERM or
+SIGINT, then stops accepting, finishes the requests in flight (up to the shutdown
+timeout) and closes the store. With more than one worker the parent forks them after the
+settings are read (so they share the server secret) and they listen on one port with
+SO_REUSEPORT, the kernel spreading connections over them. The parent forwards SIGTERM
+and SIGINT to the workers; if one of them dies, it stops the others and exits non-zero,
+so the supervisor (systemd, Kubernetes) restarts the whole set.
+"""
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+
+from aiohttp import web
+
+from identity_service.app import create_app
+from identity_service.front import FrontRunner
+from identity_service.settings import Settings
+
+
+def run(settings: Settings, host: str, port: int) -> int:
+    """Serve until told to stop; the exit status of the process."""
+    if settings.workers == 1:
+        _run_worker(settings, host, port, reuse_port=False)
+        return 0
+    return _supervise(settings, host, port)
+
+
+def _run_worker(settings: Settings, host: str, port: int, reuse_port: bool) -> None:
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(_serve(settings, host, port, reuse_port))
+
+
+async def _serve(settings: Settings, host: str, port: int, reuse_port: bool) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    runner = FrontRunner(
+        create_app(settings), access_log=None, shutdown_timeout=settings.shutdown_timeout
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _supervise(settings: Settings, host: str, port: int) -> int:
+    children: list[int] = []
+    for _ in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:
+            status = 0
+            try:
+                _run_worker(settings, host, port, reuse_port=True)
+            except BaseException:
+                status = 1
+                raise
+            finally:
+                os._exit(status)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            _signal(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    while children:
+        pid, code = os.wait()
+        children.remove(pid)
+        if os.waitstatus_to_exitcode(code) != 0 and status == 0:
+            print(f"identity-service: worker {pid} failed; stopping", file=sys.stderr)
+            status = 1
+            for child in children:
+                _signal(child, signal.SIGTERM)
+    return status
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
