@@ -66,9 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(config: Path | None, needs_redis: bool = False, **overrides: str) -> Settings | None:
+def _settings(
+    config: Path | None, needs_redis: bool = False, overrides: dict[str, str] | None = None
+) -> Settings | None:
     """The settings, or None after printing why there are none."""
-    environ = {**os.environ, **{f"IDENTITY_{k.upper()}": v for k, v in overrides.items()}}
+    environ = {**os.environ, **(overrides or {})}
     try:
         settings = load_settings(environ, config)
     except ConfigError as exc:
