@@ -1,8 +1,14 @@
 """Tokens, lookup ids and record sealing."""
 
-import pytest
+import hashlib
+import os
 
-from identity_service.crypto import SealError, Token, TokenSealer
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from identity_service.crypto import OutboxSealer, SealError, Token, TokenSealer, hkdf_sha256
 
 SEALER = TokenSealer(b"s" * 32)
 
@@ -64,3 +70,48 @@ def test_a_record_opens_only_with_its_token_and_under_its_key() -> None:
         SEALER.open(token, lookup_id, b"\x02" + sealed[1:])
     with pytest.raises(SealError):
         SEALER.open(token, lookup_id, sealed[:10])
+
+
+def test_hkdf_matches_cryptography() -> None:
+    for key_material, salt, info in [(b"k" * 32, b"salt", b"info"), (os.urandom(32), b"", b"")]:
+        expected = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(
+            key_material
+        )
+        assert hkdf_sha256(key_material, salt=salt, info=info) == expected
+
+
+def test_outbox_entries_open_in_any_process_with_the_secret() -> None:
+    writer, reader = OutboxSealer(b"s" * 32), OutboxSealer(b"s" * 32)
+    entries = [writer.seal(b"entry %d" % n) for n in range(3)]
+    assert len({entry[17:29] for entry in entries}) == 3  # distinct counter nonces
+    assert [reader.open(entry) for entry in entries] == [b"entry 0", b"entry 1", b"entry 2"]
+    with pytest.raises(SealError):
+        OutboxSealer(b"t" * 32).open(entries[0])
+    with pytest.raises(SealError):
+        reader.open(entries[0][:-1] + bytes([entries[0][-1] ^ 1]))
+    with pytest.raises(SealError):
+        reader.open(b"\x03" + entries[0][1:])
+
+
+def test_outbox_entries_of_version_1_still_open() -> None:
+    secret = hashlib.sha256(b"identity-service outbox v1" + b"s" * 32).digest()
+    salt = os.urandom(16)
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=b"outbox entry").derive(secret)
+    entry = b"\x01" + salt + AESGCM(key).encrypt(bytes(12), b"old entry", None)
+    assert OutboxSealer(b"s" * 32).open(entry) == b"old entry"
+
+
+def test_a_forked_child_seals_under_its_own_key() -> None:
+    sealer = OutboxSealer(b"s" * 32)
+    parent_entry = sealer.seal(b"parent")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: seal once, report the entry, exit without pytest's teardown
+        os.write(write_end, sealer.seal(b"child"))
+        os._exit(0)
+    os.close(write_end)
+    child_entry = os.read(read_end, 4096)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert child_entry[1:17] != parent_entry[1:17]  # another salt, so another key
+    assert sealer.open(child_entry) == b"child"
