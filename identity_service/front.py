@@ -12,6 +12,7 @@ they always do. Answers, problems and the log line are the ones the middleware m
 """
 
 import asyncio
+import contextvars
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -213,7 +214,9 @@ class FrontProtocol(asyncio.Protocol):
         body = bytes(buffer[end + 4 : body_end])
         del buffer[:body_end]
         self.idle.clear()
-        self._loop.create_task(self._answer(head, body))
+        # A task per request, in an empty context: nothing bound for one request's logs
+        # can leak into another's.
+        self._loop.create_task(self._answer(head, body), context=contextvars.Context())
 
     async def _answer(self, head: Head, body: bytes) -> None:
         started = time.perf_counter()

@@ -8,7 +8,6 @@ into answers.
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import SplitResult, unquote_plus, urlunsplit
 
@@ -16,6 +15,7 @@ import orjson
 import structlog
 
 from identity_service import events as ev
+from identity_service.clock import iso_time
 from identity_service.crypto import SealError, Token, TokenSealer
 from identity_service.metrics import Metrics
 from identity_service.problems import (
@@ -215,11 +215,6 @@ def generated_identity() -> dict[str, Any]:
         "preparedAt": None,
         "destination": None,
     }
-
-
-def iso_time(epoch_seconds: float) -> str:
-    moment = datetime.fromtimestamp(epoch_seconds, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def with_query_param(url: SplitResult, name: str, value: str) -> str:

@@ -17,6 +17,7 @@ import sys
 
 from aiohttp import web
 
+from identity_service import log_config
 from identity_service.app import create_app
 from identity_service.front import FrontRunner
 from identity_service.settings import Settings
@@ -31,8 +32,11 @@ def run(settings: Settings, host: str, port: int) -> int:
 
 
 def _run_worker(settings: Settings, host: str, port: int, reuse_port: bool) -> None:
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        runner.run(_serve(settings, host, port, reuse_port))
+    try:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(_serve(settings, host, port, reuse_port))
+    finally:
+        log_config.flush()
 
 
 async def _serve(settings: Settings, host: str, port: int, reuse_port: bool) -> None:

@@ -17,7 +17,6 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, cast
 
 import hiredis
@@ -31,15 +30,14 @@ class ReplyError(Exception):
     """Redis answered a command with an error reply."""
 
 
-@dataclass(frozen=True, slots=True)
 class Script:
     """A Lua script called by its SHA1, sent in full only when Redis does not know it."""
 
-    source: str
+    __slots__ = ("sha", "source")
 
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
 
 class _Connection(asyncio.Protocol):
