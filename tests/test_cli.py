@@ -221,3 +221,49 @@ def test_new_key_prints_a_key_and_its_hash() -> None:
     digest = re.search(r"write_key_hash .*: (\S+)", result.stdout)
     assert key and digest
     assert hash_write_key(key.group(1)) == digest.group(1)
+
+
+async def test_workers_share_one_port_and_the_store(
+    tmp_path: Path, private_redis: RedisServer
+) -> None:
+    env = clean_env(
+        IDENTITY_SOURCES=sources_env(),
+        IDENTITY_SECRET=SECRET,
+        IDENTITY_REDIS_URL=private_redis.url,
+    )
+    service = Service(tmp_path, env, "--workers", "2")
+    try:
+        workers = await asyncio.to_thread(_children_of, service.process.pid)
+        assert len(workers) == 2
+        for _ in range(20):  # fresh connections, spread over the workers by the kernel
+            status, prepared = await post(
+                f"{service.url}/v1/handoffs",
+                {"anonymousId": "w", "destination": CHECKOUT_URL},
+                WRITE_KEYS["shop"],
+            )
+            assert status == 201
+            status, identity = await post(
+                f"{service.url}/v1/handoffs/exchange",
+                {"token": prepared["token"]},
+                WRITE_KEYS["checkout"],
+            )
+            assert (status, identity["anonymousId"]) == (200, "w")
+    finally:
+        assert await asyncio.to_thread(service.stop) == 0
+    assert "2 workers" in service.stderr
+
+
+def test_serve_refuses_workers_without_redis() -> None:
+    result = subprocess.run(
+        [COMMAND, "serve", "--workers", "2"], env=clean_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "needs Redis" in result.stderr
+
+
+def _children_of(pid: int) -> list[int]:
+    deadline = time.monotonic() + 10
+    while True:
+        found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if len(found) >= 2 or time.monotonic() > deadline:
+            return [int(child) for child in found]
+        time.sleep(0.05)

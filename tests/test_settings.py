@@ -268,3 +268,11 @@ def test_forwarder_off_needs_redis() -> None:
     problems = problems_of({"IDENTITY_FORWARDER": "off"})
     assert problems[0].startswith("IDENTITY_FORWARDER=off needs IDENTITY_REDIS_URL")
     assert not make_settings("redis://127.0.0.1:6399/0", forwarder="off").outbox.forwarder_in_serve
+
+
+def test_workers_need_redis() -> None:
+    assert make_settings("redis://127.0.0.1:1/0", workers="4").workers == 4
+    assert make_settings(None).workers == 1
+    (problem,) = problems_of({"IDENTITY_WORKERS": "2"})
+    assert "IDENTITY_WORKERS above 1 needs Redis" in problem
+    assert problems_of({"IDENTITY_WORKERS": "0"})

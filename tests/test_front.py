@@ -1,0 +1,175 @@
+"""The HTTP front: what it answers itself, what it hands to aiohttp, and HTTP's rules.
+
+aiohttp's answers carry a ``Server`` header and the front's do not, which tells the two
+paths apart from outside.
+"""
+
+import asyncio
+import base64
+
+import orjson
+import pytest
+
+from identity_service.app import create_app
+from identity_service.front import parse_head
+from tests.conftest import (
+    CHECKOUT_URL,
+    WRITE_KEYS,
+    AppClient,
+    FrontTestServer,
+    make_settings,
+)
+
+AUTH = "Basic " + base64.b64encode(f"{WRITE_KEYS['shop']}:".encode()).decode()
+PREPARE_BODY = orjson.dumps({"anonymousId": "anon-front", "destination": CHECKOUT_URL})
+
+
+@pytest.fixture
+async def front(aiohttp_client: object) -> AppClient:
+    client: AppClient = await aiohttp_client(  # type: ignore[operator]
+        FrontTestServer(create_app(make_settings(None)))
+    )
+    return client
+
+
+def request(
+    path: str = "/v1/handoffs", body: bytes = PREPARE_BODY, *extra: str, method: str = "POST"
+) -> bytes:
+    head = [
+        f"{method} {path} HTTP/1.1",
+        "Host: test",
+        f"Authorization: {AUTH}",
+        "Content-Type: application/json",
+        *extra,
+    ]
+    if not any(h.lower().startswith("transfer-encoding") for h in extra):
+        head.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    status_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
+    headers = {n.lower(): v.strip() for n, _, v in (line.partition(":") for line in lines)}
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split(" ")[1]), headers, body
+
+
+async def open_socket(
+    client: AppClient,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", client.server.port)
+
+
+async def test_the_front_answers_prepare_and_exchange(front: AppClient) -> None:
+    prepared = await front.post("/v1/handoffs", data=PREPARE_BODY, headers=_headers())
+    assert prepared.status == 201 and "Server" not in prepared.headers
+    assert prepared.headers["Cache-Control"] == "no-store" and prepared.headers["Date"]
+    token = (await prepared.json())["token"]
+    body = orjson.dumps({"token": token})
+    exchanged = await front.post("/v1/handoffs/exchange", data=body, headers=_headers())
+    assert exchanged.status == 200 and "Server" not in exchanged.headers
+    assert (await exchanged.json())["anonymousId"] == "anon-front"
+    health = await front.get("/healthz")
+    assert health.status == 200 and "Server" in health.headers  # handed to aiohttp
+
+
+async def test_pipelined_requests_are_answered_in_order_then_handed_over(
+    front: AppClient,
+) -> None:
+    reader, writer = await open_socket(front)
+    bad = b'{"anonymousId": 1}'
+    writer.write(request() + request(body=bad) + request() + request("/healthz", b"", method="GET"))
+    answers = [await read_response(reader) for _ in range(4)]
+    writer.close()
+    assert [status for status, _, _ in answers] == [201, 400, 201, 200]
+    assert [("server" in headers) for _, headers, _ in answers] == [False, False, False, True]
+    assert orjson.loads(answers[1][2])["type"] == "urn:identity-service:problem:validation-failed"
+    tokens = {orjson.loads(answers[i][2])["token"] for i in (0, 2)}
+    assert len(tokens) == 2
+
+
+async def test_a_body_in_pieces_is_read_whole(front: AppClient) -> None:
+    reader, writer = await open_socket(front)
+    whole = request()
+    for start in range(0, len(whole), 40):
+        writer.write(whole[start : start + 40])
+        await writer.drain()
+        await asyncio.sleep(0.01)
+    status, headers, body = await read_response(reader)
+    writer.close()
+    assert status == 201 and "server" not in headers and orjson.loads(body)["token"]
+
+
+async def test_chunked_and_expect_continue_go_to_aiohttp(front: AppClient) -> None:
+    reader, writer = await open_socket(front)
+    chunked = f"{len(PREPARE_BODY):x}\r\n".encode() + PREPARE_BODY + b"\r\n0\r\n\r\n"
+    writer.write(request("/v1/handoffs", chunked, "Transfer-Encoding: chunked"))
+    status, headers, _ = await read_response(reader)
+    assert status == 201 and "server" in headers
+    writer.close()
+    response = await front.post(
+        "/v1/handoffs", data=PREPARE_BODY, headers={**_headers(), "Expect": "100-continue"}
+    )
+    assert response.status == 201 and "Server" in response.headers
+
+
+async def test_oversized_and_malformed_requests_get_problems(front: AppClient) -> None:
+    reader, writer = await open_socket(front)
+    writer.write(request(body=b"x" * 20_000))
+    status, headers, body = await read_response(reader)
+    writer.close()
+    assert status == 413 and headers["content-type"] == "application/problem+json"
+    assert orjson.loads(body)["type"] == "urn:identity-service:problem:payload-too-large"
+
+    reader, writer = await open_socket(front)
+    writer.write(b"POST /v1/handoffs HTTP/1.1\r\nBad Header: x\r\nContent-Length: 2\r\n\r\n{}")
+    status, _, _ = await read_response(reader)
+    writer.close()
+    assert status == 400
+
+    text = await front.post(
+        "/v1/handoffs",
+        data=PREPARE_BODY,
+        headers={"Authorization": AUTH, "Content-Type": "text/plain"},
+    )
+    assert text.status == 415 and "Server" not in text.headers
+    assert (await text.json(content_type=None))["status"] == 415
+
+
+@pytest.mark.parametrize(
+    ("version", "extra"), [("HTTP/1.1", ["Connection: close"]), ("HTTP/1.0", [])]
+)
+async def test_a_connection_closes_when_the_client_asks(
+    front: AppClient, version: str, extra: list[str]
+) -> None:
+    reader, writer = await open_socket(front)
+    writer.write(
+        request("/v1/handoffs", PREPARE_BODY, *extra).replace(b"HTTP/1.1", version.encode(), 1)
+    )
+    status, headers, _ = await read_response(reader)
+    assert status == 201 and headers["connection"] == "close"
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # the server closed
+    writer.close()
+
+
+def test_parse_head_declines_what_it_does_not_fully_understand() -> None:
+    base = b"POST /v1/handoffs HTTP/1.1\r\nContent-Length: 2"
+    assert parse_head(base) is not None
+    for head in [
+        b"GET /v1/handoffs HTTP/1.1\r\nContent-Length: 2",
+        b"POST /v1/handoffs?x=1 HTTP/1.1\r\nContent-Length: 2",
+        b"POST /v1/handoffs HTTP/2\r\nContent-Length: 2",
+        b"POST /v1/handoffs HTTP/1.1",  # no length
+        base + b"\r\nContent-Length: 2",  # twice
+        base + b"\r\nTransfer-Encoding: chunked",
+        base + b"\r\n folded: value",
+        base + b"\nBare: lf",
+        b"POST /v1/handoffs HTTP/1.1\r\nContent-Length: -2",
+        b"POST /v1/handoffs HTTP/1.1\r\nContent-Length: 2\x00",
+    ]:
+        assert parse_head(head) is None, head
+
+
+def _headers() -> dict[str, str]:
+    return {"Authorization": AUTH, "Content-Type": "application/json"}

@@ -1,0 +1,96 @@
+"""The pipelined RESP client against a real redis-server."""
+
+import asyncio
+import socket
+
+import pytest
+from redis.asyncio import Redis
+
+from identity_service.stores.resp import ReplyError, RespClient, Script
+from tests.redis_server import RedisServer, free_port
+
+
+async def test_concurrent_commands_get_their_own_replies(private_redis: RedisServer) -> None:
+    client = RespClient(private_redis.url, timeout=5)
+    try:
+        replies = await asyncio.gather(
+            *(client.execute("SET", f"k{n}", f"v{n}") for n in range(300)),
+            *(client.execute("GET", f"k{n}") for n in range(300)),
+        )
+        assert replies[:300] == [b"OK"] * 300
+        assert replies[300:] == [f"v{n}".encode() for n in range(300)]
+        with pytest.raises(ReplyError, match="WRONGTYPE"):
+            await asyncio.gather(client.execute("SET", "s", "x"), client.execute("LPUSH", "s", "y"))
+        assert await client.execute("GET", "s") == b"x"  # the connection is still in step
+    finally:
+        await client.close()
+
+
+async def test_scripts_run_after_redis_forgot_them(private_redis: RedisServer) -> None:
+    client = RespClient(private_redis.url, timeout=5)
+    script = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    try:
+        assert await client.run_script(script, ["n"], [2]) == 2
+        assert await client.execute("SCRIPT", "FLUSH") == b"OK"
+        assert await client.run_script(script, ["n"], [3]) == 5
+        assert await client.execute("SCRIPT", "EXISTS", script.sha) == [1]
+    finally:
+        await client.close()
+
+
+async def test_a_stalled_redis_fails_waiting_commands_then_recovers(
+    private_redis: RedisServer,
+) -> None:
+    client = RespClient(private_redis.url, timeout=0.3)
+    blocker = socket.create_connection(("127.0.0.1", private_redis.port))
+    try:
+        await client.execute("PING")
+        blocker.sendall(b"DEBUG SLEEP 1\r\n")
+        await asyncio.sleep(0.05)
+        with pytest.raises(TimeoutError):
+            await asyncio.gather(client.execute("PING"), client.execute("PING"))
+        await asyncio.sleep(1)
+        assert await client.execute("PING") == b"PONG"
+    finally:
+        blocker.close()
+        await client.close()
+
+
+async def test_redis_down_is_a_connection_error_and_its_return_is_noticed(
+    private_redis: RedisServer,
+) -> None:
+    client = RespClient(private_redis.url, timeout=1)
+    try:
+        await client.execute("PING")
+        private_redis.stop()
+        with pytest.raises(ConnectionError):
+            await client.execute("PING")
+        with pytest.raises(ConnectionError):
+            await client.execute("PING")
+        private_redis.start()
+        assert await client.execute("PING") == b"PONG"
+    finally:
+        await client.close()
+    with pytest.raises(ConnectionError):
+        await RespClient(f"redis://127.0.0.1:{free_port()}/0", timeout=1).execute("PING")
+
+
+async def test_password_and_database_from_the_url(private_redis: RedisServer) -> None:
+    admin = Redis.from_url(private_redis.url)
+    await admin.config_set("requirepass", "s3cret")
+    admin = Redis.from_url(f"redis://:s3cret@127.0.0.1:{private_redis.port}/3")
+    try:
+        client = RespClient(f"redis://:s3cret@127.0.0.1:{private_redis.port}/3", timeout=2)
+        assert await client.execute("SET", "in-db-3", "yes") == b"OK"
+        await client.close()
+        assert await admin.get("in-db-3") == b"yes"
+        wrong = RespClient(f"redis://:wrong@127.0.0.1:{private_redis.port}/0", timeout=2)
+        with pytest.raises(ReplyError):
+            await wrong.execute("PING")
+        await wrong.close()
+        unix = RespClient(private_redis.unix_url.replace("unix://", "unix://:s3cret@"), timeout=2)
+        assert await unix.execute("PING") == b"PONG"
+        await unix.close()
+    finally:
+        await admin.config_set("requirepass", "")
+        await admin.aclose()
