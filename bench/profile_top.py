@@ -1,7 +1,7 @@
 """Top entries of a py-spy raw (collapsed) profile: inclusive and self share per function.
 
-    py-spy record -p PID -d 10 -f raw -o profile.txt
-    .venv/bin/python bench/profile_top.py profile.txt [--top 25]
+py-spy record -p PID -d 10 -f raw -o profile.txt
+.venv/bin/python bench/profile_top.py profile.txt [--top 25]
 """
 
 import argparse
