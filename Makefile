@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: install serve test lint typecheck format clean
+.PHONY: install serve test lint typecheck format clean bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ lint: install
 
 typecheck: install
 	$(BIN)/mypy
+
+# The flow benchmark (bench/README.md). Needs wrk and redis-server; the Express baseline
+# runs when npm is there.
+bench: install
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
+	if command -v npm >/dev/null; then npm ci --silent --no-audit --no-fund --prefix bench/express; fi
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 format: install
 	$(BIN)/ruff format .

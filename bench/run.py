@@ -1,10 +1,15 @@
 """Flow benchmark: prepare then exchange, driven by wrk over loopback, next to Redis alone.
 
-Starts a private redis-server and the service (Redis store, one process), warms up, runs
-wrk with flow.lua, then measures what redis-benchmark does with the same commands (SET EX
-and GETDEL) on the same server. Prints a table and writes bench/results/latest.json.
+In one run: a private redis-server (AOF everysec, as in production) and a local
+Segment-compatible collector, then each variant of the service started, warmed up and
+driven by wrk with flow.lua for a fixed time, then redis-benchmark with the same
+commands (SET EX, GETDEL) on the same server as the ceiling. Prints a table and writes
+bench/results/latest.json and latest.png. With ``--soak N``, runs the main variant until
+N handoffs were exchanged and reports the worker's memory along the way instead.
 
-    .venv/bin/python bench/run.py [--seconds 20] [--connections 32] [--threads 1]
+    make bench                                   # all variants, 20 s each
+    .venv/bin/python bench/run.py --variants redis-on-1,express --seconds 10
+    .venv/bin/python bench/run.py --soak 1000000
 """
 
 import argparse
@@ -19,54 +24,98 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 
 from identity_service.sources import hash_write_key
-from tests.collector import WRITE_KEY as COLLECTOR_WRITE_KEY
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import free_port
 
 WRITE_KEY = "bench-write-key-0f3c9a"
-SOURCES = {
-    "bench": {
-        "write_key_hash": hash_write_key(WRITE_KEY),
-        "origins": ["https://checkout.example-pay.com"],
-    }
+COLLECTOR_WRITE_KEY = "bench-collector-key-5e21"
+ORIGIN = "https://checkout.example-pay.com"
+SOURCES = {"bench": {"write_key_hash": hash_write_key(WRITE_KEY), "origins": [ORIGIN]}}
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    store: str = "redis"  # redis, memory, or express (the Node.js baseline)
+    outbox: bool = True
+    workers: int = 1
+
+
+VARIANTS = {
+    "redis-on-1": Variant("redis, outbox on, 1 worker"),
+    "redis-on-2": Variant("redis, outbox on, 2 workers", workers=2),
+    "redis-off-1": Variant("redis, outbox off, 1 worker", outbox=False),
+    "memory-on-1": Variant("memory store, outbox on, 1 worker", store="memory"),
+    "express": Variant("Express 5 + ioredis + analytics-node", store="express"),
 }
+
+
+class Redis:
+    """A private redis-server with the AOF on, as the service is run in production."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory)),
+                *("--save", "", "--appendonly", "yes", "--appendfsync", "everysec"),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, self.process)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError("the service exited at start")
+            raise RuntimeError(f"{process.args!r} exited at start")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError("the service did not start")
+    raise RuntimeError(f"nothing listens on {port}")
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def process_tree(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *(int(child) for child in children)]
 
 
-def run_wrk(port: int, seconds: int, connections: int, threads: int) -> dict[str, Any]:
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+    return int(match.group(1)) / 1024 if match else 0.0
+
+
+def run_wrk(port: int, seconds: float, connections: int, threads: int) -> dict[str, Any]:
     result = subprocess.run(
         [
-            "wrk",
-            f"-t{threads}",
-            f"-c{connections}",
-            f"-d{seconds}s",
-            "--latency",
-            "-s",
-            str(ROOT / "bench" / "flow.lua"),
-            f"http://127.0.0.1:{port}",
+            *("wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency"),
+            *("-s", str(BENCH / "flow.lua"), f"http://127.0.0.1:{port}"),
         ],
         env={**os.environ, "BENCH_WRITE_KEY": WRITE_KEY},
         capture_output=True,
@@ -89,88 +138,119 @@ def redis_alone(port: int, requests: int, connections: int) -> dict[str, float]:
     ):
         out = subprocess.run(
             [
-                "redis-benchmark",
-                "-p",
-                str(port),
-                "-n",
-                str(requests),
-                "-c",
-                str(connections),
-                "-r",
-                "1000000",
-                "-q",
-                *command,
+                *("redis-benchmark", "-p", str(port), "-n", str(requests)),
+                *("-c", str(connections), "-r", "1000000", "-q", *command),
             ],
             capture_output=True,
             text=True,
             check=True,
             timeout=120,
         ).stdout
-        found = re.findall(r"([\d.]+) requests per second", out)
-        rates[name] = float(found[-1])
+        rates[name] = float(re.findall(r"([\d.]+) requests per second", out)[-1])
     return rates
 
 
-def collector_stats(port: int) -> dict[str, int]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as answer:
-        stats: dict[str, int] = json.loads(answer.read())
-        return stats
+class Collector:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, str(BENCH / "collector.py"), str(self.port), COLLECTOR_WRITE_KEY],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, self.process)
+
+    def stats(self) -> dict[str, int]:
+        with urllib.request.urlopen(f"{self.url}/stats", timeout=5) as answer:
+            stats: dict[str, int] = json.loads(answer.read())
+            return stats
+
+    def reset(self) -> None:
+        request = urllib.request.Request(f"{self.url}/reset", method="POST")
+        urllib.request.urlopen(request, timeout=5).close()
+
+    def settled(self) -> int:
+        """The unique count once it has stopped growing for a second."""
+        last = -1
+        while (count := self.stats()["unique"]) != last:
+            last = count
+            time.sleep(1.0)
+        return count
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
 
 
-def settled_count(port: int) -> int:
-    """The collector's count once it has stopped growing for a second."""
-    last = -1
-    while True:
-        count = collector_stats(port)["unique"]
-        if count == last:
-            return count
-        last = count
-        time.sleep(1.0)
+def start_service(variant: Variant, redis: Redis, collector: Collector) -> tuple[Any, int]:
+    port = free_port()
+    if variant.store == "express":
+        env = {
+            **os.environ,
+            "PORT": str(port),
+            "REDIS_URL": redis.url,
+            "WRITE_KEY": WRITE_KEY,
+            "ORIGIN": ORIGIN,
+            "SEGMENT_HOST": collector.url,
+            "SEGMENT_WRITE_KEY": COLLECTOR_WRITE_KEY,
+        }
+        command = ["node", str(BENCH / "express" / "server.js")]
+    else:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("IDENTITY_")},
+            "IDENTITY_SECRET": "bench-secret-" + "0" * 32,
+            "IDENTITY_SOURCES": json.dumps(SOURCES),
+            "IDENTITY_OUTBOX": "on" if variant.outbox else "off",
+            "IDENTITY_DESTINATION_URL": collector.url,
+            "IDENTITY_DESTINATION_WRITE_KEY": COLLECTOR_WRITE_KEY,
+            "IDENTITY_WORKERS": str(variant.workers),
+        }
+        if variant.store == "redis":
+            env["IDENTITY_REDIS_URL"] = redis.url
+        command = [str(Path(sys.executable).parent / "identity-service"), "serve"]
+        command += ["--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=sys.stderr)
+    wait_for_port(port, process)
+    return process, port
+
+
+def stop_service(process: Any) -> None:
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
 
 
 def run_variant(
-    outbox: bool, redis: RedisServer, collector_port: int, args: argparse.Namespace
+    name: str, redis: Redis, collector: Collector, args: argparse.Namespace
 ) -> dict[str, Any]:
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("IDENTITY_")},
-        "IDENTITY_REDIS_URL": redis.url,
-        "IDENTITY_SECRET": "bench-secret-" + "0" * 32,
-        "IDENTITY_SOURCES": json.dumps(SOURCES),
-        "IDENTITY_OUTBOX": "on" if outbox else "off",
-        "IDENTITY_DESTINATION_URL": f"http://127.0.0.1:{collector_port}",
-        "IDENTITY_DESTINATION_WRITE_KEY": COLLECTOR_WRITE_KEY,
-    }
-    service = subprocess.Popen(
-        [str(Path(sys.executable).parent / "identity-service"), "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    variant = VARIANTS[name]
+    print(f"-- {variant.label}", file=sys.stderr, flush=True)
+    collector.reset()
+    service, port = start_service(variant, redis, collector)
     try:
-        wait_for_port(port, service)
         run_wrk(port, args.warmup, args.connections, args.threads)
-        received_before = settled_count(collector_port)  # the warm-up's events, drained
-        cpu_before = cpu_seconds(service.pid)
+        received_before = collector.settled()  # the warm-up's events, delivered
+        pids = process_tree(service.pid)
+        workers = pids[1:] or pids
+        cpu_before = cpu_seconds(pids)
         stats = run_wrk(port, args.seconds, args.connections, args.threads)
-        cpu_used = cpu_seconds(service.pid) - cpu_before
+        cpu_used = cpu_seconds(pids) - cpu_before
+        rss = max(rss_mb(pid) for pid in workers)
         # A flow's events: started at prepare; completed and identify (it has a userId).
-        expected = stats["prepared"] + 2 * stats["exchanged"] if outbox else 0
+        expected = stats["prepared"] + 2 * stats["exchanged"] if variant.outbox else 0
         finished = time.monotonic()
-        deadline = finished + 120
         received = 0
-        while time.monotonic() < deadline:
-            received = collector_stats(collector_port)["unique"] - received_before
+        while time.monotonic() < finished + 120:
+            received = collector.stats()["unique"] - received_before
             if received >= expected:
                 break
             time.sleep(0.2)
         drain_seconds = time.monotonic() - finished
     finally:
-        service.send_signal(signal.SIGTERM)
-        service.wait(timeout=30)
+        stop_service(service)
     seconds = stats["duration_us"] / 1e6
     return {
-        "variant": f"redis store, outbox {'on' if outbox else 'off'}, 1 process",
+        "variant": name,
+        "label": variant.label,
         "flows_per_s": round(stats["exchanged"] / seconds, 1),
         "requests_per_s": round(stats["requests"] / seconds, 1),
         "p50_ms": stats["p50_us"] / 1000,
@@ -180,59 +260,129 @@ def run_variant(
         "events_expected": expected,
         "events_received": received,  # may exceed expected by wrk's unanswered requests
         "outbox_drain_s": round(drain_seconds, 1),
-        "service_cpu_ms_per_flow": round(cpu_used * 1000 / max(stats["exchanged"], 1), 3),
+        "cpu_ms_per_flow": round(cpu_used * 1000 / max(stats["exchanged"], 1), 3),
+        "worker_rss_mb": round(rss, 1),
     }
+
+
+def soak(redis: Redis, collector: Collector, args: argparse.Namespace) -> dict[str, Any]:
+    """Run the main variant until ``args.soak`` handoffs were exchanged; sample the RSS."""
+    service, port = start_service(VARIANTS["redis-on-1"], redis, collector)
+    samples: list[dict[str, float]] = []
+    exchanged = 0
+    deadline = time.monotonic() + args.soak_max_minutes * 60
+    try:
+        while exchanged < args.soak and time.monotonic() < deadline:
+            stats = run_wrk(port, args.seconds, args.connections, args.threads)
+            exchanged += stats["exchanged"]
+            sample = {"handoffs": exchanged, "rss_mb": round(rss_mb(service.pid), 1)}
+            samples.append(sample)
+            print(f"   {sample}", file=sys.stderr, flush=True)
+    finally:
+        stop_service(service)
+    half = next((s for s in samples if s["handoffs"] >= args.soak / 2), samples[-1])
+    return {
+        "soak_handoffs": exchanged,
+        "rss_mb_at_half": half["rss_mb"],
+        "rss_mb_at_end": samples[-1]["rss_mb"],
+        "rss_growth_second_half_mb": round(samples[-1]["rss_mb"] - half["rss_mb"], 1),
+        "samples": samples,
+    }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    ceiling = report["redis_alone"]
+    print(
+        f"wrk {report['wrk']}; Redis alone: SET EX {ceiling['set_ex']:.0f}/s, "
+        f"GETDEL {ceiling['getdel']:.0f}/s = {ceiling['flows_per_s']:.0f} flows/s"
+    )
+    columns = [
+        *("flows_per_s", "requests_per_s", "p50_ms", "p90_ms", "p99_ms", "errors"),
+        *("events_received", "events_expected", "outbox_drain_s", "cpu_ms_per_flow"),
+        *("worker_rss_mb", "share_of_redis"),
+    ]
+    print(f"| variant | {' | '.join(columns)} |")
+    print(f"|---|{'---|' * len(columns)}")
+    for row in report["variants"]:
+        print(f"| {row['label']} | {' | '.join(str(row[c]) for c in columns)} |")
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["variants"]
+    labels = [row["label"] for row in rows]
+    figure, (throughput, latency) = plt.subplots(1, 2, figsize=(12, 0.6 * len(rows) + 2))
+    throughput.barh(labels, [row["flows_per_s"] for row in rows], color="#4c72b0")
+    throughput.axvline(4500, color="#c44e52", linestyle="--", label="target 4,500")
+    throughput.set_xlabel("flows/s (prepare + exchange)")
+    throughput.legend(loc="lower right")
+    throughput.invert_yaxis()
+    latency.barh(labels, [row["p99_ms"] for row in rows], color="#dd8452")
+    latency.axvline(10, color="#c44e52", linestyle="--", label="target 10 ms")
+    latency.set_xlabel("p99 latency (ms)")
+    latency.set_yticklabels([])
+    latency.legend(loc="lower right")
+    latency.invert_yaxis()
+    figure.suptitle(f"identity-service flow benchmark (wrk {report['wrk']})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=", ".join(VARIANTS))
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--warmup", type=float, default=3)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--soak", type=int, help="exchange this many handoffs; report memory")
+    parser.add_argument("--soak-max-minutes", type=float, default=20)
+    parser.add_argument("--out", type=Path, default=BENCH / "results")
     args = parser.parse_args()
+    names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        sys.exit(f"unknown variants: {', '.join(unknown)}")
     for tool in ("wrk", "redis-server", "redis-benchmark"):
         if shutil.which(tool) is None:
-            sys.exit(f"{tool} is not on PATH (apt-get install wrk redis-server)")
+            sys.exit(f"{tool} is not on PATH (apt-get install wrk redis-server redis-tools)")
+    if "express" in names and not (BENCH / "express" / "node_modules").is_dir():
+        print("-- express skipped: run `npm ci --prefix bench/express` first", file=sys.stderr)
+        names.remove("express")
 
-    collector_port = free_port()
-    collector = subprocess.Popen(
-        [sys.executable, "-m", "tests.collector", str(collector_port)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-    )
+    args.out.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        redis = RedisServer(Path(tmp))
-        redis.start()
+        redis, collector = Redis(Path(tmp)), Collector()
         try:
-            wait_for_port(collector_port, collector)
-            rows = [run_variant(outbox, redis, collector_port, args) for outbox in (False, True)]
+            if args.soak:
+                result = soak(redis, collector, args)
+                (args.out / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
+                print(json.dumps({k: v for k, v in result.items() if k != "samples"}))
+                return 0
+            rows = [run_variant(name, redis, collector, args) for name in names]
             ceiling = redis_alone(redis.port, 200_000, args.connections)
         finally:
+            collector.stop()
             redis.stop()
-            collector.terminate()
-            collector.wait(timeout=10)
 
     # A flow is one prepare and one exchange: Redis alone does a flow per SET EX + GETDEL.
     redis_flows = 1 / (1 / ceiling["set_ex"] + 1 / ceiling["getdel"])
     for row in rows:
-        row["share_of_redis_ceiling"] = round(row["flows_per_s"] / redis_flows, 4)
+        row["share_of_redis"] = round(row["flows_per_s"] / redis_flows, 3)
     report = {
-        "wrk": f"-t{args.threads} -c{args.connections} -d{args.seconds}s",
+        "wrk": f"-t{args.threads} -c{args.connections} -d{args.seconds:g}s",
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "redis_alone": {**ceiling, "flows_per_s": round(redis_flows, 1)},
         "variants": rows,
     }
-    print(
-        f"wrk {report['wrk']}; Redis alone: SET EX {ceiling['set_ex']:.0f}/s, "
-        f"GETDEL {ceiling['getdel']:.0f}/s, {redis_flows:.0f} flows/s"
-    )
-    columns = [k for k in rows[0] if k != "variant"]
-    print(f"{'variant':<36}" + "".join(f"{c:>24}" for c in columns))
-    for row in rows:
-        print(f"{row['variant']:<36}" + "".join(f"{row[c]!s:>24}" for c in columns))
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    (out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
+    (args.out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out / "latest.png")
+    print(f"wrote {args.out / 'latest.json'} and {args.out / 'latest.png'}")
     return 0
 
 
