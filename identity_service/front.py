@@ -163,6 +163,7 @@ class FrontProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._closing = False
+        self._paused = False
         self.idle = asyncio.Event()
         self.idle.set()
         self.last_active = self._loop.time()
@@ -180,8 +181,9 @@ class FrontProtocol(asyncio.Protocol):
         self._buffer += data
         if self.idle.is_set():
             self._next_request()
-        elif len(self._buffer) > self._limit():
+        elif not self._paused and len(self._buffer) > self._limit():
             # A client sending far ahead of the answers waits until they are written.
+            self._paused = True
             self._transport.pause_reading()  # type: ignore[union-attr]
 
     def close_when_idle(self) -> None:
@@ -251,7 +253,9 @@ class FrontProtocol(asyncio.Protocol):
         if not keep_alive:
             transport.close()
             return
-        transport.resume_reading()
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
         if self._buffer:
             self._next_request()
 

@@ -11,6 +11,7 @@ so the supervisor (systemd, Kubernetes) restarts the whole set.
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -50,6 +51,9 @@ async def _serve(settings: Settings, host: str, port: int, reuse_port: bool) -> 
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+        # What start-up made lives as long as the process: out of the collector's sight,
+        # full collections do not walk it again and again under load (shorter p99 pauses).
+        gc.freeze()
         await stop.wait()
     finally:
         await runner.cleanup()

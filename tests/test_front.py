@@ -173,3 +173,12 @@ def test_parse_head_declines_what_it_does_not_fully_understand() -> None:
 
 def _headers() -> dict[str, str]:
     return {"Authorization": AUTH, "Content-Type": "application/json"}
+
+
+async def test_a_client_far_ahead_of_the_answers_gets_them_all(front: AppClient) -> None:
+    reader, writer = await open_socket(front)
+    writer.write(request() * 300)  # ~100 KB, beyond what the front buffers unread
+    answers = [await read_response(reader) for _ in range(300)]
+    writer.close()
+    assert {status for status, _, _ in answers} == {201}
+    assert len({orjson.loads(body)["token"] for _, _, body in answers}) == 300
