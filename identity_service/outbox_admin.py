@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
 from identity_service.feeds import oldest_pending
@@ -41,11 +42,18 @@ async def outbox_status(
     now_ms = time.time() * 1000
     for shard in range(KEY_SHARDS):
         stream = outbox_key(prefix, shard)
+        # One transaction: a dead-lettering (XADD dead + XACK) lands wholly before or
+        # after it, so an entry is never counted both in flight and dead.
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.xinfo_groups(stream)
+            for status in report:
+                pipe.xlen(dead_letter_key(prefix, shard, status.destination))
+            group_reply, *dead_counts = await pipe.execute(raise_on_error=False)
         groups: dict[str, Any] = {}
-        if await redis.exists(stream):
-            groups = {text(g["name"]): g for g in await redis.xinfo_groups(stream)}
-        for status in report:
-            status.dead += await redis.xlen(dead_letter_key(prefix, shard, status.destination))
+        if not isinstance(group_reply, ResponseError):  # else: no stream yet
+            groups = {text(g["name"]): g for g in group_reply}
+        for status, dead in zip(report, dead_counts, strict=True):
+            status.dead += dead
             oldest = await _shard_status(redis, stream, groups.get(status.destination), status)
             if oldest is not None:
                 age = max(0.0, (now_ms - oldest) / 1000)
