@@ -30,6 +30,16 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+def redis_env(redis: RedisServer, **extra: str) -> dict[str, str]:
+    """The environment of a service with the test sources on ``redis``."""
+    return clean_env(
+        IDENTITY_SOURCES=sources_env(),
+        IDENTITY_SECRET=SECRET,
+        IDENTITY_REDIS_URL=redis.url,
+        **extra,
+    )
+
+
 class Service:
     """A running ``identity-service serve`` whose output is collected in files."""
 
@@ -180,13 +190,7 @@ def test_invalid_configuration_exits_with_every_problem() -> None:
 async def test_sigterm_finishes_the_request_in_flight(
     tmp_path: Path, private_redis: RedisServer
 ) -> None:
-    env = clean_env(
-        IDENTITY_SOURCES=sources_env(),
-        IDENTITY_SECRET=SECRET,
-        IDENTITY_REDIS_URL=private_redis.url,
-        IDENTITY_REDIS_TIMEOUT="5",
-    )
-    service = Service(tmp_path, env)
+    service = Service(tmp_path, redis_env(private_redis, IDENTITY_REDIS_TIMEOUT="5"))
 
     blocker = socket.create_connection(("127.0.0.1", private_redis.port))
     try:
@@ -226,12 +230,7 @@ def test_new_key_prints_a_key_and_its_hash() -> None:
 async def test_workers_share_one_port_and_the_store(
     tmp_path: Path, private_redis: RedisServer
 ) -> None:
-    env = clean_env(
-        IDENTITY_SOURCES=sources_env(),
-        IDENTITY_SECRET=SECRET,
-        IDENTITY_REDIS_URL=private_redis.url,
-    )
-    service = Service(tmp_path, env, "--workers", "2")
+    service = Service(tmp_path, redis_env(private_redis), "--workers", "2")
     try:
         workers = await asyncio.to_thread(_children_of, service.process.pid)
         assert len(workers) == 2
