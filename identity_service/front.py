@@ -40,7 +40,9 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # The headers the front reads; any other header is ignored, as aiohttp would.
 _READ = {b"content-length", b"content-type", b"authorization", b"x-request-id", b"connection"}
 # Headers whose presence needs aiohttp's full handling.
-_DECLINE = {b"transfer-encoding", b"expect", b"upgrade"}
+_DECLINE = {b"transfer-encoding", b"content-encoding", b"expect", b"upgrade"}
+# Control characters (a bare CR or LF included) that aiohttp's parser refuses in a head.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _SECURITY_LINES = "".join(f"{name}: {value}\r\n" for name, value in SECURITY_HEADERS.items())
 
 Endpoint = Callable[[HandoffApi, Call], Awaitable[tuple[int, dict[str, Any]]]]
@@ -53,7 +55,7 @@ _ENDPOINTS: dict[bytes, tuple[str, Endpoint]] = {
 class Head:
     """The parts of a request head the front uses."""
 
-    __slots__ = ("content_length", "endpoint", "headers", "keep_alive", "path")
+    __slots__ = ("content_length", "endpoint", "headers", "http10", "keep_alive", "path")
 
     def __init__(
         self, path: str, endpoint: Endpoint, content_length: int, headers: dict[bytes, bytes]
@@ -63,6 +65,7 @@ class Head:
         self.content_length = content_length
         self.headers = headers
         self.keep_alive = True
+        self.http10 = False
 
     def text(self, name: bytes) -> str | None:
         value = self.headers.get(name)
@@ -71,7 +74,7 @@ class Head:
 
 def parse_head(head: bytes) -> Head | None:
     """The head of a request the front serves, or None to leave it to aiohttp."""
-    if b"\n" in head.replace(b"\r\n", b"") or b"\x00" in head:
+    if _CONTROL.search(head.replace(b"\r\n", b"")) is not None:
         return None
     request_line, *lines = head.split(b"\r\n")
     parts = request_line.split(b" ")
@@ -96,11 +99,12 @@ def parse_head(head: bytes) -> Head | None:
     if length is None or not length.isdigit() or len(length) > 9:
         return None
     parsed = Head(route[0], route[1], int(length), headers)
-    connection = headers.get(b"connection", b"").lower()
-    if parts[2] == b"HTTP/1.0":
-        parsed.keep_alive = connection == b"keep-alive"
+    options = {option.strip() for option in headers.get(b"connection", b"").lower().split(b",")}
+    parsed.http10 = parts[2] == b"HTTP/1.0"
+    if parsed.http10:
+        parsed.keep_alive = b"keep-alive" in options and b"close" not in options
     else:
-        parsed.keep_alive = connection != b"close"
+        parsed.keep_alive = b"close" not in options
     return parsed
 
 
@@ -129,19 +133,21 @@ class FrontServer(web.Server):
         super().pre_shutdown()
 
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's signature)
+        """Let the front's requests finish, then aiohttp's, all within one ``timeout``."""
         if self._sweeper is not None:
             self._sweeper.cancel()
-        busy = [c.idle for c in self.front_connections if not c.idle.is_set()]
-        if busy:
-            await asyncio.wait([asyncio.ensure_future(e.wait()) for e in busy], timeout=timeout)
+        deadline = self._loop.time() + (timeout if timeout is not None else 60.0)
+        # Polled: it runs once, at shutdown, over connections that each finish on their own.
+        while any(c.busy for c in self.front_connections) and self._loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
         for connection in list(self.front_connections):
             connection.abort()
-        await super().shutdown(timeout)
+        await super().shutdown(max(0.0, deadline - self._loop.time()))
 
     def _sweep_idle(self) -> None:
         horizon = self._loop.time() - IDLE_TIMEOUT_SECONDS
         for connection in list(self.front_connections):
-            if connection.idle.is_set() and connection.last_active < horizon:
+            if connection.idle and connection.last_active < horizon:
                 connection.abort()
         self._sweeper = self._loop.call_later(IDLE_TIMEOUT_SECONDS / 4, self._sweep_idle)
 
@@ -163,9 +169,9 @@ class FrontProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._closing = False
-        self._paused = False
-        self.idle = asyncio.Event()
-        self.idle.set()
+        self._read_paused = False
+        self._write_blocked = False
+        self.idle = True  # no request of this connection is being answered
         self.last_active = self._loop.time()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -177,23 +183,48 @@ class FrontProtocol(asyncio.Protocol):
         self._server.front_connections.discard(self)
         self._transport = None
 
+    @property
+    def busy(self) -> bool:
+        """A request is being answered, or its bytes have started to arrive."""
+        return not self.idle or bool(self._buffer)
+
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        if self.idle.is_set():
+        self.last_active = self._loop.time()
+        if self.idle and not self._write_blocked:
             self._next_request()
-        elif not self._paused and len(self._buffer) > self._limit():
+        if len(self._buffer) > self._limit():
             # A client sending far ahead of the answers waits until they are written.
-            self._paused = True
-            self._transport.pause_reading()  # type: ignore[union-attr]
+            self._pause_reading()
+
+    def pause_writing(self) -> None:
+        # A client that does not read its answers gets no more of them, and is not read.
+        self._write_blocked = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_blocked = False
+        if self.idle:
+            self._next_after_answer()
 
     def close_when_idle(self) -> None:
         self._closing = True
-        if self.idle.is_set():
+        if not self.busy:
             self.abort()
 
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.close()
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and self._transport is not None:
+            self._read_paused = True
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._read_paused and self._transport is not None:
+            self._read_paused = False
+            self._transport.resume_reading()
 
     def _limit(self) -> int:
         return MAX_HEAD_BYTES + self._server.app[app_keys.SETTINGS].max_body_bytes
@@ -205,7 +236,7 @@ class FrontProtocol(asyncio.Protocol):
             if len(buffer) > MAX_HEAD_BYTES or (buffer and not b"POST ".startswith(buffer[:5])):
                 self._hand_over()
             return
-        head = parse_head(bytes(buffer[:end]))
+        head = parse_head(bytes(buffer[:end])) if end <= MAX_HEAD_BYTES else None
         limit = self._server.app[app_keys.SETTINGS].max_body_bytes
         if head is None or head.content_length > limit:
             self._hand_over()
@@ -215,7 +246,7 @@ class FrontProtocol(asyncio.Protocol):
             return
         body = bytes(buffer[end + 4 : body_end])
         del buffer[:body_end]
-        self.idle.clear()
+        self.idle = False
         # A task per request, in an empty context: nothing bound for one request's logs
         # can leak into another's.
         self._loop.create_task(self._answer(head, body), context=contextvars.Context())
@@ -239,25 +270,29 @@ class FrontProtocol(asyncio.Protocol):
         keep_alive = head.keep_alive and not self._closing
         if not keep_alive:
             extra["Connection"] = "close"
+        elif head.http10:
+            extra["Connection"] = "keep-alive"
         self._finish(_response(status, content_type, payload, request_id, extra), keep_alive)
         log_request("POST", head.path, status, started, problem)
 
     def _finish(self, response: bytes, keep_alive: bool) -> None:
         transport = self._transport
+        self.idle = True
         if transport is None:
-            self.idle.set()
             return
-        transport.write(response)
+        transport.write(response)  # may call pause_writing
         self.last_active = self._loop.time()
-        self.idle.set()
         if not keep_alive:
             transport.close()
             return
-        if self._paused:
-            self._paused = False
-            transport.resume_reading()
+        if not self._write_blocked:
+            self._next_after_answer()
+
+    def _next_after_answer(self) -> None:
         if self._buffer:
             self._next_request()
+        if len(self._buffer) <= self._limit():
+            self._resume_reading()
 
     def _hand_over(self) -> None:
         """Give the connection and its unanswered bytes to aiohttp's request handler."""

@@ -1,14 +1,15 @@
 """structlog set up for one JSON line per event, rendered with orjson, to standard output.
 
 Lines are buffered and written at most 50 ms after they were logged (or once 64 KiB
-have gathered), so a busy service makes a few writes a second instead of one per
-request. ``flush`` writes what is left; the server calls it when it stops, and it runs at
-exit.
+have gathered), in writes of whole lines of at most PIPE_BUF bytes, so a busy service
+makes a few writes a second instead of one per request. ``flush`` writes what is left;
+the server calls it when it stops, and it runs at exit.
 """
 
 import asyncio
 import atexit
 import logging
+import select
 import sys
 import time
 from typing import BinaryIO
@@ -52,10 +53,24 @@ class BufferedBytesLogger:
 
     def flush(self) -> None:
         self._flush_pending = False
-        if self._lines:
-            lines, self._lines, self._size = self._lines, [], 0
-            self._file.write(b"".join(lines))
-            self._file.flush()
+        if not self._lines:
+            return
+        lines, self._lines, self._size = self._lines, [], 0
+        # Writes of at most PIPE_BUF bytes to a pipe are atomic, so the lines of several
+        # worker processes sharing standard output never interleave mid-line.
+        chunk: list[bytes] = []
+        size = 0
+        for line in lines:
+            if size + len(line) > select.PIPE_BUF and chunk:
+                self._write(chunk)
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        self._write(chunk)
+
+    def _write(self, lines: list[bytes]) -> None:
+        self._file.write(b"".join(lines))
+        self._file.flush()
 
 
 _output = BufferedBytesLogger(sys.stdout.buffer)

@@ -11,10 +11,12 @@ so the supervisor (systemd, Kubernetes) restarts the whole set.
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import os
 import signal
 import sys
+import traceback
 
 from aiohttp import web
 
@@ -66,11 +68,13 @@ def _supervise(settings: Settings, host: str, port: int) -> int:
         if pid == 0:
             status = 0
             try:
+                _die_with_parent()
                 _run_worker(settings, host, port, reuse_port=True)
             except BaseException:
                 status = 1
-                raise
+                traceback.print_exc()
             finally:
+                sys.stderr.flush()
                 os._exit(status)
         children.append(pid)
 
@@ -90,6 +94,25 @@ def _supervise(settings: Settings, host: str, port: int) -> int:
             for child in children:
                 _signal(child, signal.SIGTERM)
     return status
+
+
+def _die_with_parent() -> None:
+    """Have the kernel send this worker SIGTERM when the parent dies (Linux).
+
+    Otherwise workers of a killed parent would go on serving, and with SO_REUSEPORT share
+    the port with the set that replaces them.
+    """
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -266,3 +266,22 @@ def _children_of(pid: int) -> list[int]:
         if len(found) >= 2 or time.monotonic() > deadline:
             return [int(child) for child in found]
         time.sleep(0.05)
+
+
+def test_a_worker_that_cannot_start_says_why(private_redis: RedisServer) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        result = subprocess.run(
+            [COMMAND, "serve", "--workers", "2", "--port", str(port)],
+            env=redis_env(private_redis),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        taken.close()
+    assert result.returncode == 1
+    assert "address already in use" in result.stderr.lower()

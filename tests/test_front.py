@@ -6,6 +6,8 @@ paths apart from outside.
 
 import asyncio
 import base64
+import gzip
+import socket
 
 import orjson
 import pytest
@@ -27,7 +29,7 @@ PREPARE_BODY = orjson.dumps({"anonymousId": "anon-front", "destination": CHECKOU
 @pytest.fixture
 async def front(aiohttp_client: object) -> AppClient:
     client: AppClient = await aiohttp_client(  # type: ignore[operator]
-        FrontTestServer(create_app(make_settings(None)))
+        FrontTestServer(create_app(make_settings(None, outbox="off")))
     )
     return client
 
@@ -182,3 +184,75 @@ async def test_a_client_far_ahead_of_the_answers_gets_them_all(front: AppClient)
     writer.close()
     assert {status for status, _, _ in answers} == {201}
     assert len({orjson.loads(body)["token"] for _, _, body in answers}) == 300
+
+
+async def test_a_client_that_does_not_read_is_not_answered_ahead(front: AppClient) -> None:
+    """Unread answers stop the front (pause_writing) and its reading; reading resumes both."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect, to count
+    sock.connect(("127.0.0.1", front.server.port))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    count = 15_000  # ~6 MB of answers, more than the kernel's socket buffers take
+    sending = asyncio.create_task(loop.sock_sendall(sock, request() * count))
+    front_connections = front.server.runner.server.front_connections  # type: ignore[union-attr]
+    for _ in range(400):
+        await asyncio.sleep(0.05)
+        if front_connections and next(iter(front_connections))._write_blocked:
+            break
+    (connection,) = front_connections
+    assert connection._write_blocked and connection._read_paused
+    assert len(connection._buffer) < 512 * 1024  # bounded: the limit and one read
+    received = b""
+    while received.count(b"HTTP/1.1 201 Created") < count:
+        received += await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 10)
+    await sending
+    sock.close()
+
+
+async def test_compressed_bodies_and_control_characters_go_to_aiohttp(front: AppClient) -> None:
+    gzipped = gzip.compress(PREPARE_BODY)
+    response = await front.post(
+        "/v1/handoffs", data=gzipped, headers={**_headers(), "Content-Encoding": "gzip"}
+    )
+    assert response.status == 201 and "Server" in response.headers
+    reader, writer = await open_socket(front)
+    writer.write(request("/v1/handoffs", PREPARE_BODY, "X-Foo: a\rTransfer-Encoding: chunked"))
+    status, headers, _ = await read_response(reader)
+    writer.close()
+    assert status == 400 and "server" in headers
+
+
+async def test_connection_options_are_a_list(front: AppClient) -> None:
+    reader, writer = await open_socket(front)
+    writer.write(request("/v1/handoffs", PREPARE_BODY, "Connection: keep-alive, close"))
+    status, headers, _ = await read_response(reader)
+    assert status == 201 and headers["connection"] == "close"
+    writer.close()
+    reader, writer = await open_socket(front)
+    http10 = request("/v1/handoffs", PREPARE_BODY, "Connection: Keep-Alive")
+    writer.write(http10.replace(b"HTTP/1.1", b"HTTP/1.0", 1) * 2)
+    for _ in range(2):
+        status, headers, _ = await read_response(reader)
+        assert status == 201 and headers["connection"] == "keep-alive"
+    writer.close()
+
+
+async def test_shutdown_answers_the_request_in_flight_and_closes(
+    aiohttp_client: object,
+) -> None:
+    client: AppClient = await aiohttp_client(  # type: ignore[operator]
+        FrontTestServer(create_app(make_settings(None)))
+    )
+    reader, writer = await open_socket(client)
+    whole = request()
+    writer.write(whole[:-5])  # the body is still arriving when the shutdown starts
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    closing = asyncio.create_task(client.server.close())
+    await asyncio.sleep(0.1)
+    writer.write(whole[-5:])
+    status, headers, _ = await read_response(reader)
+    assert status == 201 and headers["connection"] == "close"
+    await asyncio.wait_for(closing, 10)
+    writer.close()

@@ -94,3 +94,28 @@ async def test_password_and_database_from_the_url(private_redis: RedisServer) ->
     finally:
         await admin.config_set("requirepass", "")
         await admin.aclose()
+
+
+async def test_a_cancelled_caller_leaves_the_replies_in_step(private_redis: RedisServer) -> None:
+    client = RespClient(private_redis.url, timeout=5)
+    try:
+        await client.execute("SET", "x", "1")
+        slow = asyncio.create_task(client.execute("BLPOP", "empty-list", "0.2"))
+        after = asyncio.create_task(client.execute("GET", "x"))
+        await asyncio.sleep(0.05)
+        slow.cancel()
+        assert await after == b"1"  # not BLPOP's nil
+        assert await client.execute("INCR", "x") == 2
+    finally:
+        await client.close()
+
+
+async def test_closing_while_connecting_keeps_no_connection(private_redis: RedisServer) -> None:
+    client = RespClient(private_redis.url, timeout=5)
+    connecting = asyncio.create_task(client.execute("PING"))
+    await asyncio.sleep(0)
+    await client.close()
+    with pytest.raises(ConnectionError):
+        await connecting
+    with pytest.raises(ConnectionError, match="closed"):
+        await client.execute("PING")

@@ -128,8 +128,11 @@ class RespClient:
         self._timeout = timeout
         self._connection: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
+        self._closed = False
 
     async def execute(self, *args: Arg) -> Reply:
+        if self._closed:
+            raise ConnectionError("redis client closed")
         connection = self._connection
         if connection is None or connection.closed:
             connection = await self._connect()
@@ -145,6 +148,7 @@ class RespClient:
             return await self.execute("EVAL", script.source, len(keys), *keys, *args)
 
     async def close(self) -> None:
+        self._closed = True
         if self._connection is not None:
             self._connection.abort(ConnectionError("redis client closed"))
             self._connection = None
@@ -158,7 +162,10 @@ class RespClient:
     def _connected(self, attempt: "asyncio.Future[_Connection]") -> None:
         self._connecting = None
         if not attempt.cancelled() and attempt.exception() is None:
-            self._connection = attempt.result()
+            if self._closed:  # closed while connecting: nothing may keep this connection
+                attempt.result().abort(ConnectionError("redis client closed"))
+            else:
+                self._connection = attempt.result()
 
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()
