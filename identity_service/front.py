@@ -13,6 +13,7 @@ they always do. Answers, problems and the log line are the ones the middleware m
 
 import asyncio
 import contextvars
+import functools
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -46,9 +47,9 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _SECURITY_LINES = "".join(f"{name}: {value}\r\n" for name, value in SECURITY_HEADERS.items())
 
 Endpoint = Callable[[HandoffApi, Call], Awaitable[tuple[int, dict[str, Any]]]]
-_ENDPOINTS: dict[bytes, tuple[str, Endpoint]] = {
-    b"/v1/handoffs": ("/v1/handoffs", HandoffApi.prepare),
-    b"/v1/handoffs/exchange": ("/v1/handoffs/exchange", HandoffApi.exchange),
+_ENDPOINTS: dict[bytes, Endpoint] = {
+    b"/v1/handoffs": HandoffApi.prepare,
+    b"/v1/handoffs/exchange": HandoffApi.exchange,
 }
 
 
@@ -80,8 +81,8 @@ def parse_head(head: bytes) -> Head | None:
     parts = request_line.split(b" ")
     if len(parts) != 3 or parts[0] != b"POST" or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
         return None
-    route = _ENDPOINTS.get(parts[1])
-    if route is None:
+    endpoint = _ENDPOINTS.get(parts[1])
+    if endpoint is None:
         return None
     headers: dict[bytes, bytes] = {}
     for line in lines:
@@ -98,7 +99,7 @@ def parse_head(head: bytes) -> Head | None:
     length = headers.get(b"content-length")
     if length is None or not length.isdigit() or len(length) > 9:
         return None
-    parsed = Head(route[0], route[1], int(length), headers)
+    parsed = Head(parts[1].decode("ascii"), endpoint, int(length), headers)
     options = {option.strip() for option in headers.get(b"connection", b"").lower().split(b",")}
     parsed.http10 = parts[2] == b"HTTP/1.0"
     if parsed.http10:
@@ -115,7 +116,12 @@ class FrontServer(web.Server):
         # What Application._make_handler builds, with the front in front of it.
         handle = cast(Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], app._handle)
         super().__init__(handle, request_factory=app._make_request, **kwargs)
-        self.app = app
+        # The app has started (its cleanup_ctx ran): what requests need is read once here.
+        self.api = app[app_keys.API]
+        self.metrics = app[app_keys.METRICS]
+        self.settings = app[app_keys.SETTINGS]
+        # Unread bytes a connection may hold before it is no longer read.
+        self.read_limit = MAX_HEAD_BYTES + self.settings.max_body_bytes
         self.front_connections: set[FrontProtocol] = set()
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -193,7 +199,7 @@ class FrontProtocol(asyncio.Protocol):
         self.last_active = self._loop.time()
         if self.idle and not self._write_blocked:
             self._next_request()
-        if len(self._buffer) > self._limit():
+        if len(self._buffer) > self._server.read_limit:
             # A client sending far ahead of the answers waits until they are written.
             self._pause_reading()
 
@@ -226,9 +232,6 @@ class FrontProtocol(asyncio.Protocol):
             self._read_paused = False
             self._transport.resume_reading()
 
-    def _limit(self) -> int:
-        return MAX_HEAD_BYTES + self._server.app[app_keys.SETTINGS].max_body_bytes
-
     def _next_request(self) -> None:
         buffer = self._buffer
         end = buffer.find(b"\r\n\r\n")
@@ -237,8 +240,7 @@ class FrontProtocol(asyncio.Protocol):
                 self._hand_over()
             return
         head = parse_head(bytes(buffer[:end])) if end <= MAX_HEAD_BYTES else None
-        limit = self._server.app[app_keys.SETTINGS].max_body_bytes
-        if head is None or head.content_length > limit:
+        if head is None or head.content_length > self._server.settings.max_body_bytes:
             self._hand_over()
             return
         body_end = end + 4 + head.content_length
@@ -254,16 +256,16 @@ class FrontProtocol(asyncio.Protocol):
     async def _answer(self, head: Head, body: bytes) -> None:
         started = time.perf_counter()
         request_id = start_request(head.text(b"x-request-id"))
-        app = self._server.app
+        server = self._server
         media_type = head.text(b"content-type") or "application/octet-stream"
         call = Call(head.text(b"authorization"), media_type.split(";", 1)[0].strip().lower(), body)
         problem: Problem | None = None
         extra: dict[str, str] = {}
         try:
-            status, answer = await head.endpoint(app[app_keys.API], call)
+            status, answer = await head.endpoint(server.api, call)
             content_type, payload = "application/json", orjson.dumps(answer)
         except Exception as exc:
-            problem = problem_for(exc, app[app_keys.METRICS], app[app_keys.SETTINGS])
+            problem = problem_for(exc, server.metrics, server.settings)
             status, content_type = problem.status, PROBLEM_CONTENT_TYPE
             payload = orjson.dumps(problem.body(instance=head.path))
             extra = problem.headers()
@@ -291,7 +293,7 @@ class FrontProtocol(asyncio.Protocol):
     def _next_after_answer(self) -> None:
         if self._buffer:
             self._next_request()
-        if len(self._buffer) <= self._limit():
+        if len(self._buffer) <= self._server.read_limit:
             self._resume_reading()
 
     def _hand_over(self) -> None:
@@ -300,6 +302,8 @@ class FrontProtocol(asyncio.Protocol):
         if transport is None:
             return
         self._server.front_connections.discard(self)
+        self._resume_reading()  # aiohttp's handler reads from here on
+        self._transport = None
         handler = self._server.aiohttp_handler()
         transport.set_protocol(handler)
         handler.connection_made(transport)
@@ -309,14 +313,11 @@ class FrontProtocol(asyncio.Protocol):
 
 
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
-_date_cache: list[Any] = [0, ""]
 
 
-def _date() -> str:
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[0], _date_cache[1] = now, formatdate(now, usegmt=True)
-    return cast(str, _date_cache[1])
+@functools.lru_cache(maxsize=2)
+def _http_date(second: int) -> str:
+    return formatdate(second, usegmt=True)
 
 
 def _response(
@@ -328,7 +329,7 @@ def _response(
 ) -> bytes:
     lines = (
         f"{_STATUS_LINES[status]}Content-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\nDate: {_date()}\r\n{_SECURITY_LINES}"
+        f"Content-Length: {len(body)}\r\nDate: {_http_date(int(time.time()))}\r\n{_SECURITY_LINES}"
         f"X-Request-ID: {request_id}\r\n"
     )
     if extra:

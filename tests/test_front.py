@@ -256,3 +256,13 @@ async def test_shutdown_answers_the_request_in_flight_and_closes(
     assert status == 201 and headers["connection"] == "close"
     await asyncio.wait_for(closing, 10)
     writer.close()
+
+
+async def test_a_hand_over_after_many_pipelined_requests_is_answered(front: AppClient) -> None:
+    reader, writer = await open_socket(front)
+    # Far more than the front buffers unread, then a request only aiohttp serves.
+    writer.write(request() * 300 + request("/healthz", b"", method="GET"))
+    answers = [await read_response(reader) for _ in range(301)]
+    writer.close()
+    assert [status for status, _, _ in answers] == [201] * 300 + [200]
+    assert "server" in answers[-1][1]
