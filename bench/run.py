@@ -219,6 +219,15 @@ def stop_service(process: Any) -> None:
     process.wait(timeout=60)
 
 
+def start_profiler(pid: int, name: str, args: argparse.Namespace) -> subprocess.Popen[bytes]:
+    """py-spy on one worker for the measured slice; summarise with profile_top.py."""
+    py_spy = Path(sys.executable).parent / "py-spy"
+    output = args.out / f"profile-{name}.txt"
+    command = [str(py_spy), "record", "-p", str(pid), "-d", str(int(args.seconds))]
+    command += ["-f", "raw", "-o", str(output), "--nonblocking"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def run_variant(
     name: str, redis: Redis, collector: Collector, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -232,7 +241,10 @@ def run_variant(
         pids = process_tree(service.pid)
         workers = pids[1:] or pids
         cpu_before = cpu_seconds(pids)
+        profiler = start_profiler(workers[0], name, args) if args.profile else None
         stats = run_wrk(port, args.seconds, args.connections, args.threads)
+        if profiler is not None:
+            profiler.wait(timeout=60)
         cpu_used = cpu_seconds(pids) - cpu_before
         rss = max(rss_mb(pid) for pid in workers)
         # A flow's events: started at prepare; completed and identify (it has a userId).
@@ -342,6 +354,9 @@ def main() -> int:
     parser.add_argument("--soak", type=int, help="exchange this many handoffs; report memory")
     parser.add_argument("--soak-max-minutes", type=float, default=20)
     parser.add_argument("--out", type=Path, default=BENCH / "results")
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy each variant to results/profile-*.txt"
+    )
     args = parser.parse_args()
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = sorted(set(names) - set(VARIANTS))

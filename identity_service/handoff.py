@@ -17,6 +17,7 @@ import structlog
 from identity_service import events as ev
 from identity_service.clock import iso_time
 from identity_service.crypto import SealError, Token, TokenSealer
+from identity_service.log_config import bind_request
 from identity_service.metrics import Metrics
 from identity_service.problems import (
     AudienceMismatch,
@@ -79,7 +80,7 @@ class HandoffService:
         }
         token = Token.generate()
         lookup_id = self._sealer.lookup_id(token)
-        structlog.contextvars.bind_contextvars(token_id=lookup_id.hex()[:12])
+        bind_request(token_id=lookup_id.hex()[:12])
         events = self._prepare_events(lookup_id, request, source, prepared_at)
         sealed = self._sealer.seal(token, lookup_id, orjson.dumps(record))
         await self._store.put(lookup_id, sealed, ttl, events)
@@ -177,7 +178,7 @@ class HandoffService:
 
     async def _take(self, token: Token, facts: dict[str, Any] | None) -> dict[str, Any] | None:
         lookup_id = self._sealer.lookup_id(token)
-        structlog.contextvars.bind_contextvars(token_id=lookup_id.hex()[:12])
+        bind_request(token_id=lookup_id.hex()[:12])
         sealed = await self._store.take(lookup_id, facts)
         if sealed is None:
             return None

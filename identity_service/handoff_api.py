@@ -8,9 +8,8 @@ front (front.py) both call these functions, so the rules live in one place.
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
 from identity_service.handoff import HandoffService
+from identity_service.log_config import bind_request
 from identity_service.problems import Unauthorized, UnsupportedMediaType
 from identity_service.settings import Settings
 from identity_service.sources import Source, SourceRegistry
@@ -50,7 +49,7 @@ class HandoffApi:
                 "send the source's write key with HTTP Basic (as the user name) or as a Bearer "
                 "token"
             )
-        structlog.contextvars.bind_contextvars(source=source.name)
+        bind_request(source=source.name)
         return source
 
 

@@ -1,5 +1,11 @@
 """structlog set up for one JSON line per event, rendered with orjson, to standard output.
 
+A request's fields (its id, the source, the token's short hash) live in one context
+variable, set when the request starts and added to every line logged while it runs. The
+request's own canonical line is rendered here directly (``log_request_line``): it is
+written for every request, and structlog's processor chain would cost more than the
+rest of its logging.
+
 Lines are buffered and written at most 50 ms after they were logged (or once 64 KiB
 have gathered), in writes of whole lines of at most PIPE_BUF bytes, so a busy service
 makes a few writes a second instead of one per request. ``flush`` writes what is left;
@@ -12,7 +18,8 @@ import logging
 import select
 import sys
 import time
-from typing import BinaryIO
+from contextvars import ContextVar
+from typing import Any, BinaryIO
 
 import orjson
 import structlog
@@ -74,11 +81,56 @@ class BufferedBytesLogger:
 
 
 _output = BufferedBytesLogger(sys.stdout.buffer)
-atexit.register(_output.flush)
 
 
 def flush() -> None:
     _output.flush()
+
+
+atexit.register(flush)
+
+
+_request_fields: ContextVar[dict[str, Any] | None] = ContextVar("request_fields", default=None)
+# Where request lines go once configure_logging ran: the buffered output, or nowhere
+# when the level is above info. Before that (a library user, a test), through structlog.
+_request_output: "BufferedBytesLogger | None" = None
+_configured = False
+
+
+def start_request_fields(request_id: str) -> None:
+    """Begin a request's log fields in the current context (one per request task)."""
+    _request_fields.set({"request_id": request_id})
+
+
+def bind_request(**fields: Any) -> None:
+    """Add fields to every line logged for the current request from here on."""
+    current = _request_fields.get()
+    if current is not None:
+        current.update(fields)
+
+
+def merge_request_fields(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    current = _request_fields.get()
+    if current:
+        for name, value in current.items():
+            event_dict.setdefault(name, value)
+    return event_dict
+
+
+def log_request_line(fields: dict[str, Any]) -> None:
+    """The request's canonical line: ``fields``, the request's fields, level and time."""
+    if _request_output is None and _configured:
+        return
+    current = _request_fields.get()
+    if current:
+        fields.update(current)
+    if _request_output is None:
+        structlog.get_logger("identity_service.request").info("request", **fields)
+        return
+    fields["event"] = "request"
+    fields["level"] = "info"
+    fields["timestamp"] = iso_time(time.time())
+    _request_output.msg(orjson.dumps(fields))
 
 
 def _logger_factory(*_args: object) -> BufferedBytesLogger:
@@ -91,10 +143,17 @@ def add_timestamp(_logger: WrappedLogger, _method: str, event_dict: EventDict) -
     return event_dict
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, file: BinaryIO | None = None) -> None:
+    """Log at ``level`` and above, as JSON lines to ``file`` (standard output by default)."""
+    global _output, _request_output, _configured
+    if file is not None:
+        _output.flush()
+        _output = BufferedBytesLogger(file)
+    _request_output = _output if _LEVELS[level] <= logging.INFO else None
+    _configured = True
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
+            merge_request_fields,
             structlog.processors.add_log_level,
             add_timestamp,
             structlog.processors.format_exc_info,

@@ -16,6 +16,7 @@ import structlog
 from aiohttp import web
 
 from identity_service import app_keys
+from identity_service.log_config import log_request_line, start_request_fields
 from identity_service.metrics import Metrics
 from identity_service.problems import (
     PROBLEM_CONTENT_TYPE,
@@ -65,8 +66,7 @@ def start_request(incoming_id: str | None) -> str:
         request_id = incoming_id
     else:
         request_id = next(_request_ids)
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=request_id)
+    start_request_fields(request_id)
     return request_id
 
 
@@ -88,14 +88,15 @@ def log_request(
     method: str, path: str, status: int, started: float, problem: Problem | None
 ) -> None:
     """The request's one log line."""
-    logger.info(
-        "request",
-        method=method,
-        path=path,
-        status=status,
-        duration_ms=round((time.perf_counter() - started) * 1000, 3),
-        **({"problem": problem.slug} if problem is not None else {}),
-    )
+    fields = {
+        "method": method,
+        "path": path,
+        "status": status,
+        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+    }
+    if problem is not None:
+        fields["problem"] = problem.slug
+    log_request_line(fields)
 
 
 def problem_response(problem: Problem, request: web.Request) -> web.Response:
