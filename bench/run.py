@@ -182,7 +182,9 @@ class Collector:
         self.process.wait(timeout=10)
 
 
-def start_service(variant: Variant, redis: Redis, collector: Collector) -> tuple[Any, int]:
+def start_service(
+    variant: Variant, redis: Redis, collector: Collector, extra_env: dict[str, str]
+) -> tuple[Any, int]:
     port = free_port()
     if variant.store == "express":
         env = {
@@ -204,6 +206,7 @@ def start_service(variant: Variant, redis: Redis, collector: Collector) -> tuple
             "IDENTITY_DESTINATION_URL": collector.url,
             "IDENTITY_DESTINATION_WRITE_KEY": COLLECTOR_WRITE_KEY,
             "IDENTITY_WORKERS": str(variant.workers),
+            **extra_env,
         }
         if variant.store == "redis":
             env["IDENTITY_REDIS_URL"] = redis.url
@@ -224,7 +227,7 @@ def start_profiler(pid: int, name: str, args: argparse.Namespace) -> subprocess.
     py_spy = Path(sys.executable).parent / "py-spy"
     output = args.out / f"profile-{name}.txt"
     command = [str(py_spy), "record", "-p", str(pid), "-d", str(int(args.seconds))]
-    command += ["-f", "raw", "-o", str(output), "--nonblocking"]
+    command += ["-r", "250", "-f", "raw", "-o", str(output), "--nonblocking"]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -234,7 +237,7 @@ def run_variant(
     variant = VARIANTS[name]
     print(f"-- {variant.label}", file=sys.stderr, flush=True)
     collector.reset()
-    service, port = start_service(variant, redis, collector)
+    service, port = start_service(variant, redis, collector, args.service_env)
     try:
         run_wrk(port, args.warmup, args.connections, args.threads)
         received_before = collector.settled()  # the warm-up's events, delivered
@@ -279,7 +282,7 @@ def run_variant(
 
 def soak(redis: Redis, collector: Collector, args: argparse.Namespace) -> dict[str, Any]:
     """Run the main variant until ``args.soak`` handoffs were exchanged; sample the RSS."""
-    service, port = start_service(VARIANTS["redis-on-1"], redis, collector)
+    service, port = start_service(VARIANTS["redis-on-1"], redis, collector, args.service_env)
     samples: list[dict[str, float]] = []
     exchanged = 0
     deadline = time.monotonic() + args.soak_max_minutes * 60
@@ -357,7 +360,15 @@ def main() -> int:
     parser.add_argument(
         "--profile", action="store_true", help="py-spy each variant to results/profile-*.txt"
     )
+    parser.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an IDENTITY_* setting for the service's variants (repeatable)",
+    )
     args = parser.parse_args()
+    args.service_env = dict(item.split("=", 1) for item in args.service_env)
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:

@@ -5,6 +5,10 @@ them: acknowledged (delivered) or dead-lettered. On Redis each destination is a 
 group over every shard's stream; an entry stays pending until acknowledged, a dead
 forwarder's pending entries are reclaimed with XAUTOCLAIM, and streams are trimmed only
 below the oldest entry some group still needs.
+
+The reads and acknowledgements, a few per batch, go through a pipelined
+:class:`RespClient` of the feed's own (a blocking read holds its connection); the rarer
+commands (group creation, reclaiming, trimming, dead letters) through redis-py.
 """
 
 import asyncio
@@ -25,6 +29,7 @@ from identity_service import events as ev
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
 from identity_service.crypto import OutboxSealer, SealError
 from identity_service.stores.memory import MemoryQueue
+from identity_service.stores.resp import ReplyError, RespClient
 from identity_service.streams import parse_id, text
 
 logger = structlog.get_logger(__name__)
@@ -107,6 +112,7 @@ class RedisFeed:
     def __init__(
         self,
         redis: Redis,
+        commands: RespClient,
         prefix: str,
         destination: str,
         sealer: OutboxSealer,
@@ -114,6 +120,7 @@ class RedisFeed:
         all_destinations: list[str],
     ) -> None:
         self._redis = redis
+        self._commands = commands
         self._prefix = prefix
         self._group = destination
         # Every configured destination's group exists before anything is trimmed, so a
@@ -123,6 +130,7 @@ class RedisFeed:
         self._sealer = sealer
         self._reclaim_idle_ms = max(1, int(reclaim_idle * 1000))
         self._streams = [outbox_key(prefix, shard) for shard in range(KEY_SHARDS)]
+        self._new_entries = [">"] * len(self._streams)
         self._reclaimed: list[FeedEntry] = []
         self._groups_ready = False
 
@@ -141,23 +149,33 @@ class RedisFeed:
         # One call over every shard's stream: fine on a single node or Sentinel. On a
         # Cluster each shard would be read from its own node.
         # COUNT applies per stream: ask each shard for its share of what is wanted.
-        answer: Any = await self._redis.xreadgroup(
+        answer: Any = await self._commands.execute(
+            "XREADGROUP",
+            "GROUP",
             self._group,
             self._consumer,
-            dict.fromkeys(self._streams, ">"),
-            count=-(-max_entries // KEY_SHARDS),
-            block=max(1, int(wait * 1000)),
+            "COUNT",
+            -(-max_entries // KEY_SHARDS),
+            "BLOCK",
+            max(1, int(wait * 1000)),
+            "STREAMS",
+            *self._streams,
+            *self._new_entries,
         )
         read: list[FeedEntry] = []
         for stream, messages in answer or []:
-            read.extend(await self._decode_all(text(stream), messages))
+            decoded = [(entry_id, _field_dict(fields)) for entry_id, fields in messages]
+            read.extend(await self._decode_all(text(stream), decoded))
         return read
 
     async def ack(self, entries: list[FeedEntry]) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for stream, ids in _by_stream(entries).items():
-                pipe.xack(stream, self._group, *ids)
-            await pipe.execute()
+        # One write for all shards: the client pipelines what is sent in one loop iteration.
+        await asyncio.gather(
+            *(
+                self._commands.execute("XACK", stream, self._group, *ids)
+                for stream, ids in _by_stream(entries).items()
+            )
+        )
 
     async def dead_letter(self, entries: list[FeedEntry], reason: str) -> None:
         failed_at = str(int(time.time() * 1000)).encode()
@@ -211,7 +229,7 @@ class RedisFeed:
         """Notice groups lost with the data (a Redis restarted without persistence)."""
         try:
             yield
-        except ResponseError as exc:
+        except (ResponseError, ReplyError) as exc:
             if "NOGROUP" in str(exc):
                 self._groups_ready = False
             raise
@@ -284,6 +302,14 @@ async def oldest_pending(redis: Redis, stream: str, group: dict[str, Any]) -> by
     summary = await redis.xpending(stream, text(group["name"]))
     oldest: bytes | None = summary["min"]
     return oldest
+
+
+def _field_dict(fields: list[bytes] | None) -> dict[bytes, bytes] | None:
+    """An entry's fields from Redis's flat name, value, name, value list."""
+    if fields is None:
+        return None
+    pairs = iter(fields)
+    return dict(zip(pairs, pairs, strict=True))
 
 
 def _by_stream(entries: list[FeedEntry]) -> dict[str, list[str]]:

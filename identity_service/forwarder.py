@@ -21,12 +21,14 @@ from identity_service.feeds import Feed, FeedEntry
 from identity_service.metrics import Metrics
 from identity_service.settings import OutboxSettings
 from identity_service.sinks import Sink
+from identity_service.stores.resp import ReplyError
 
 logger = structlog.get_logger(__name__)
 
 MAINTAIN_EVERY_SECONDS = 1.0
 IDLE_READ_SECONDS = 1.0
 ERROR_PAUSE_SECONDS = 1.0
+GATHER_SECONDS = 0.05
 
 
 @dataclass(slots=True)
@@ -51,6 +53,7 @@ class Forwarder:
         self._settings = settings
         self._metrics = metrics
         self._held: list[FeedEntry] = []
+        self._caught_up = False  # the last read found far fewer entries than it asked for
         self._maintained_at = 0.0
         # Often enough that entries we hold never look idle to another forwarder.
         self._keep_alive_every = min(MAINTAIN_EVERY_SECONDS, settings.reclaim_idle / 4)
@@ -67,7 +70,7 @@ class Forwarder:
                 batch = await self._collect(first_wait=IDLE_READ_SECONDS)
                 if batch.entries:
                     await self._deliver(batch)
-            except (RedisError, OSError) as exc:
+            except (RedisError, ReplyError, OSError) as exc:
                 log.warning("forwarder_store_error", error=type(exc).__name__)
                 await self._pause(ERROR_PAUSE_SECONDS)
             except Exception:
@@ -106,9 +109,16 @@ class Forwarder:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
+                if batch.entries and self._caught_up:
+                    # New entries arrive a few at a time; a read for each would cost more
+                    # than their delivery. Let them gather, then read them in one call.
+                    if await self._pause(min(remaining, GATHER_SECONDS)):
+                        break
+                    remaining = max(0.001, deadline - time.monotonic())
                 wanted = settings.batch_max_events - batch.events
                 # Short blocking reads: the Redis socket timeout allows IDLE_READ_SECONDS.
                 self._held = await self._read(wanted, min(remaining, IDLE_READ_SECONDS))
+                self._caught_up = 2 * len(self._held) < wanted
                 if not self._held:
                     if self.stopping.is_set() and not self._draining:
                         break

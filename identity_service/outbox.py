@@ -15,6 +15,7 @@ from identity_service.settings import Settings
 from identity_service.sinks import open_sink
 from identity_service.stores.memory import MemoryOutbox
 from identity_service.stores.redis import connect
+from identity_service.stores.resp import RespClient
 
 logger = structlog.get_logger(__name__)
 
@@ -35,11 +36,16 @@ async def running_forwarders(
             )
         )
     forwarders = []
+    clients: list[RespClient] = []
     for destination in settings.outbox.destinations:
         feed: Feed
         if redis is not None and settings.redis is not None:
+            # Its own connection: the feed's blocking reads hold it.
+            commands = RespClient(settings.redis.url, settings.redis.timeout + IDLE_READ_SECONDS)
+            clients.append(commands)
             feed = RedisFeed(
                 redis,
+                commands,
                 settings.redis.key_prefix,
                 destination.name,
                 OutboxSealer(settings.secret),
@@ -67,5 +73,7 @@ async def running_forwarders(
                 await forwarder.drain(seconds=timeout)
         for forwarder in forwarders:
             await forwarder.close()
+        for client in clients:
+            await client.close()
         if redis is not None:
             await redis.aclose()

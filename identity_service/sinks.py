@@ -75,7 +75,7 @@ class HttpSink:
     async def send(self, events: list[Event]) -> Delivery:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
-        body = gzip.compress(orjson.dumps({"batch": stamped(events)}), compresslevel=5)
+        body = gzip.compress(orjson.dumps({"batch": stamped(events)}), compresslevel=1)
         try:
             async with self._session.post(
                 self._url, data=body, headers=self._headers, allow_redirects=False
