@@ -169,6 +169,18 @@ def fallback_event(*, miss_id: bytes, anonymous_id: str, facts: dict[str, Any]) 
     }
 
 
+def join_documents(events: list[Event]) -> bytes:
+    """Events as one JSON document a line, as the outbox keeps them.
+
+    The forwarder splits them without parsing: orjson escapes every newline in a string.
+    """
+    return b"\n".join(orjson.dumps(event) for event in events)
+
+
+def split_documents(documents: bytes) -> list[bytes]:
+    return documents.split(b"\n") if documents else []
+
+
 def check_size(*documents: Any, limit: int = MAX_EVENT_BYTES) -> None:
     for document in documents:
         size = len(orjson.dumps(document))

@@ -39,11 +39,11 @@ RECLAIM_BATCH = 100
 
 @dataclass(slots=True)
 class FeedEntry:
-    """One outbox entry: where it came from, and the events it stands for."""
+    """One outbox entry: where it came from, and its events, each a JSON document."""
 
     entry_id: str
     stream: str
-    events: list[ev.Event]
+    events: list[bytes]
     fields: dict[bytes, bytes] = field(default_factory=dict)
 
 
@@ -267,13 +267,14 @@ class RedisFeed:
             await self.dead_letter(poisoned, "unreadable entry")
         return entries
 
-    def _decode(self, fields: dict[bytes, bytes]) -> list[ev.Event]:
-        if b"e" in fields:
-            decoded: list[ev.Event] = orjson.loads(self._sealer.open(fields[b"e"]))
-            return decoded
+    def _decode(self, fields: dict[bytes, bytes]) -> list[bytes]:
+        if b"j" in fields:
+            return ev.split_documents(self._sealer.open(fields[b"j"]))
+        if b"e" in fields:  # the earlier format: one sealed JSON list
+            return [orjson.dumps(e) for e in orjson.loads(self._sealer.open(fields[b"e"]))]
         template = orjson.loads(self._sealer.open(fields[b"t"]))
         facts = orjson.loads(self._sealer.open(fields[b"p"]))
-        return ev.complete(template, facts)
+        return [orjson.dumps(event) for event in ev.complete(template, facts)]
 
 
 async def trim_acknowledged(redis: Redis, stream: str, destinations: list[str]) -> None:

@@ -12,7 +12,6 @@ import random
 import time
 from dataclasses import dataclass, field
 
-import orjson
 import structlog
 from redis.exceptions import RedisError
 
@@ -128,7 +127,7 @@ class Forwarder:
                 self._held.pop(0)
                 await self._feed.ack([entry])
                 continue
-            sizes = [len(orjson.dumps(event)) for event in entry.events]
+            sizes = [len(event) for event in entry.events]
             size = sum(sizes)
             if sizes and max(sizes) > MAX_EVENT_BYTES:
                 self._held.pop(0)

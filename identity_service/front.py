@@ -37,13 +37,16 @@ from identity_service.problems import PROBLEM_CONTENT_TYPE, Problem
 MAX_HEAD_BYTES = 8190
 IDLE_TIMEOUT_SECONDS = 75.0
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # The headers the front reads; any other header is ignored, as aiohttp would.
 _READ = {b"content-length", b"content-type", b"authorization", b"x-request-id", b"connection"}
 # Headers whose presence needs aiohttp's full handling.
 _DECLINE = {b"transfer-encoding", b"content-encoding", b"expect", b"upgrade"}
-# Control characters (a bare CR or LF included) that aiohttp's parser refuses in a head.
-_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# A header line: a token, a colon, and a value without control characters (a tab is
+# allowed; a bare CR or LF is not, nor is a folded line). Heads with anything else are
+# left to aiohttp's parser, which refuses or handles them.
+_HEADER_LINE = rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):([^\x00-\x08\x0a-\x1f\x7f]*)\r\n"
+_HEADER_BLOCK = re.compile(rb"(?:" + _HEADER_LINE + rb")*")
+_HEADER = re.compile(_HEADER_LINE)
 _SECURITY_LINES = "".join(f"{name}: {value}\r\n" for name, value in SECURITY_HEADERS.items())
 
 Endpoint = Callable[[HandoffApi, Call], Awaitable[tuple[int, dict[str, Any]]]]
@@ -74,22 +77,23 @@ class Head:
 
 
 def parse_head(head: bytes) -> Head | None:
-    """The head of a request the front serves, or None to leave it to aiohttp."""
-    if _CONTROL.search(head.replace(b"\r\n", b"")) is not None:
-        return None
-    request_line, *lines = head.split(b"\r\n")
+    """The head of a request the front serves, or None to leave it to aiohttp.
+
+    ``head`` ends before the blank line that closes it.
+    """
+    request_line, _, header_lines = head.partition(b"\r\n")
     parts = request_line.split(b" ")
     if len(parts) != 3 or parts[0] != b"POST" or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
         return None
     endpoint = _ENDPOINTS.get(parts[1])
     if endpoint is None:
         return None
+    block = header_lines + b"\r\n" if header_lines else b""
+    if _HEADER_BLOCK.fullmatch(block) is None:
+        return None
     headers: dict[bytes, bytes] = {}
-    for line in lines:
-        name, colon, value = line.partition(b":")
-        if not colon or _TOKEN.fullmatch(name) is None:
-            return None
-        name = name.lower()
+    for raw_name, value in _HEADER.findall(block):
+        name = raw_name.lower()
         if name in _DECLINE:
             return None
         if name in _READ:

@@ -11,7 +11,7 @@ from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
 from identity_service.feeds import oldest_pending
 from identity_service.streams import entries, parse_id, text
 
-PAYLOAD_FIELDS = (b"e", b"t", b"p")
+PAYLOAD_FIELDS = (b"j", b"e", b"t", b"p")
 
 
 @dataclass(slots=True)

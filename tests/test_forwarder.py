@@ -3,15 +3,16 @@
 import asyncio
 from collections.abc import AsyncIterator
 
+import orjson
 import pytest
 
 from identity_service.constants import MAX_EVENT_BYTES
-from identity_service.events import Event
+from identity_service.events import Event, join_documents, split_documents
 from identity_service.feeds import MemoryFeed
 from identity_service.forwarder import Forwarder
 from identity_service.metrics import Metrics
 from identity_service.settings import OutboxSettings
-from identity_service.sinks import DELIVERED, Delivery, classify, parse_retry_after
+from identity_service.sinks import DELIVERED, Delivery, classify, parse_retry_after, stamped
 from identity_service.stores.memory import MemoryOutbox
 
 
@@ -20,8 +21,8 @@ class RecordingSink:
         self.batches: list[list[Event]] = []
         self.answers = answers or []
 
-    async def send(self, events: list[Event]) -> Delivery:
-        self.batches.append(events)
+    async def send(self, events: list[bytes]) -> Delivery:
+        self.batches.append([orjson.loads(event) for event in events])
         return self.answers.pop(0) if self.answers else DELIVERED
 
     async def close(self) -> None:
@@ -84,7 +85,7 @@ async def test_an_event_over_32_kb_is_dead_lettered_alone(outbox: MemoryOutbox) 
         await wait_until(lambda: sum(len(b) for b in sink.batches) == 2)
         feed = forwarder._feed
         assert isinstance(feed, MemoryFeed)
-        assert [e.events[0]["messageId"] for e in feed.dead] == ["m-2"]
+        assert [orjson.loads(e.events[0])["messageId"] for e in feed.dead] == ["m-2"]
     assert [e["messageId"] for b in sink.batches for e in b] == ["m-1", "m-3"]
 
 
@@ -116,7 +117,7 @@ async def test_a_batch_being_retried_at_shutdown_goes_back_to_the_queue(
     async for _ in forward(outbox, sink):
         outbox.extend([event(1), event(2)])
         await wait_until(lambda: len(sink.batches) == 1)
-    assert [e["messageId"] for e in queue[0].events] == ["m-1", "m-2"]
+    assert [orjson.loads(e)["messageId"] for e in queue[0].events] == ["m-1", "m-2"]
 
 
 @pytest.mark.parametrize(
@@ -136,3 +137,18 @@ def test_retry_after_in_seconds_or_as_a_date() -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
     assert parse_retry_after("inf") is None
     assert parse_retry_after("99999") == 3600.0
+
+
+def test_sent_at_is_added_to_each_encoded_event_without_parsing_it() -> None:
+    events = [
+        {"type": "track", "properties": {"note": "a } and a \\n", "text": "line\nbreak"}},
+        {},
+        {"type": "identify", "traits": {"name": "Zoë"}},
+    ]
+    encoded = split_documents(join_documents(events))
+    assert [orjson.loads(document) for document in encoded] == events
+    sent = [orjson.loads(document) for document in stamped(encoded)]
+    sent_at = sent[0]["sentAt"]
+    assert sent_at.endswith("Z") and len(sent_at) == 24
+    assert sent == [{**event, "sentAt": sent_at} for event in events]
+    assert split_documents(b"") == []

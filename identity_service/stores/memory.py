@@ -9,15 +9,18 @@ import time
 from collections import deque
 from typing import Any
 
+import orjson
+
 from identity_service import events as ev
 from identity_service.stores import PrepareEvents
 
 
 class MemoryQueue:
-    """One destination's events waiting for its forwarder, with a wake-up for the reader."""
+    """One destination's events (JSON documents) waiting for its forwarder, with a wake-up
+    for the reader."""
 
     def __init__(self) -> None:
-        self.events: deque[ev.Event] = deque()
+        self.events: deque[bytes] = deque()
         self.arrived = asyncio.Event()
 
 
@@ -36,10 +39,11 @@ class MemoryOutbox:
         return queue
 
     def extend(self, events: list[ev.Event]) -> None:
-        if not events:
+        if not events or not self.queues:
             return
+        encoded = [orjson.dumps(event) for event in events]
         for queue in self.queues:
-            queue.events.extend(events)
+            queue.events.extend(encoded)
             queue.arrived.set()
 
 
