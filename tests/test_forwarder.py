@@ -1,6 +1,7 @@
 """The forwarder's batching rules, on the in-memory feed with a sink that records batches."""
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import orjson
@@ -8,8 +9,8 @@ import pytest
 
 from identity_service.constants import MAX_EVENT_BYTES
 from identity_service.events import Event, join_documents, split_documents
-from identity_service.feeds import MemoryFeed
-from identity_service.forwarder import Forwarder
+from identity_service.feeds import FeedEntry, MemoryFeed
+from identity_service.forwarder import GATHER_SECONDS, Forwarder
 from identity_service.metrics import Metrics
 from identity_service.settings import OutboxSettings
 from identity_service.sinks import DELIVERED, Delivery, classify, parse_retry_after, stamped
@@ -152,3 +153,32 @@ def test_sent_at_is_added_to_each_encoded_event_without_parsing_it() -> None:
     assert sent_at.endswith("Z") and len(sent_at) == 24
     assert sent == [{**event, "sentAt": sent_at} for event in events]
     assert split_documents(b"") == []
+
+
+class CountingFeed(MemoryFeed):
+    reads = 0
+
+    async def read(self, max_entries: int, wait: float) -> list[FeedEntry]:
+        self.reads += 1
+        return await super().read(max_entries, wait)
+
+
+async def test_a_trickle_of_events_is_gathered_not_read_one_by_one(outbox: MemoryOutbox) -> None:
+    sink = RecordingSink()
+    feed = CountingFeed(outbox.subscribe())
+    settings = OutboxSettings(batch_max_wait=0.5, batch_max_events=1000)
+    forwarder = Forwarder("test", feed, sink, settings, Metrics())
+    task = asyncio.create_task(forwarder.run())
+    try:
+        started = time.monotonic()
+        for number in range(40):
+            outbox.extend([event(number)])
+            await asyncio.sleep(0.005)
+        trickle = time.monotonic() - started
+        await wait_until(lambda: sum(len(batch) for batch in sink.batches) == 40)
+    finally:
+        forwarder.stopping.set()
+        await task
+    assert len(sink.batches) == 1
+    # One read at most every GATHER_SECONDS once the batch has begun, not one per event.
+    assert feed.reads <= trickle / GATHER_SECONDS + 4
