@@ -48,6 +48,9 @@ class FeedEntry:
 
 
 class Feed(Protocol):
+    # After a read: whether more entries may be waiting right now.
+    backlog: bool
+
     async def read(self, max_entries: int, wait: float) -> list[FeedEntry]: ...
 
     async def ack(self, entries: list[FeedEntry]) -> None: ...
@@ -69,6 +72,7 @@ class MemoryFeed:
         self._outbox = queue
         self.dead: list[FeedEntry] = []
         self._sequence = 0
+        self.backlog = False
 
     async def read(self, max_entries: int, wait: float) -> list[FeedEntry]:
         queue = self._outbox.events
@@ -82,6 +86,7 @@ class MemoryFeed:
         while queue and len(entries) < max_entries:
             self._sequence += 1
             entries.append(FeedEntry(str(self._sequence), "memory", [queue.popleft()]))
+        self.backlog = bool(queue)
         return entries
 
     async def ack(self, entries: list[FeedEntry]) -> None:
@@ -133,6 +138,7 @@ class RedisFeed:
         self._new_entries = [">"] * len(self._streams)
         self._reclaimed: list[FeedEntry] = []
         self._groups_ready = False
+        self.backlog = False
 
     async def read(self, max_entries: int, wait: float) -> list[FeedEntry]:
         async with self._groups_checked():
@@ -145,23 +151,33 @@ class RedisFeed:
                 self._reclaimed[:max_entries],
                 self._reclaimed[max_entries:],
             )
+            self.backlog = True
             return entries
         # One call over every shard's stream: fine on a single node or Sentinel. On a
         # Cluster each shard would be read from its own node.
         # COUNT applies per stream: ask each shard for its share of what is wanted.
-        answer: Any = await self._commands.execute(
-            "XREADGROUP",
-            "GROUP",
-            self._group,
-            self._consumer,
-            "COUNT",
-            -(-max_entries // KEY_SHARDS),
-            "BLOCK",
-            max(1, int(wait * 1000)),
-            "STREAMS",
-            *self._streams,
-            *self._new_entries,
-        )
+        count = -(-max_entries // KEY_SHARDS)
+        try:
+            answer: Any = await self._commands.execute(
+                "XREADGROUP",
+                "GROUP",
+                self._group,
+                self._consumer,
+                "COUNT",
+                count,
+                "BLOCK",
+                max(1, int(wait * 1000)),
+                "STREAMS",
+                *self._streams,
+                *self._new_entries,
+            )
+        except asyncio.CancelledError:
+            # Redis would go on blocking, and hand entries that arrive meanwhile to a
+            # reply nobody reads (pending until reclaimed). Dropping the connection ends it.
+            self._commands.disconnect()
+            raise
+        # A shard that filled its COUNT may hold more: the forwarder should read again.
+        self.backlog = any(len(messages) >= count for _, messages in answer or [])
         read: list[FeedEntry] = []
         for stream, messages in answer or []:
             decoded = [(entry_id, _field_dict(fields)) for entry_id, fields in messages]
@@ -269,8 +285,10 @@ class RedisFeed:
 
     def _decode(self, fields: dict[bytes, bytes]) -> list[bytes]:
         if b"j" in fields:
+            # One JSON document a line: read now, written from a later release, so that
+            # every reader in a rolling upgrade (or after a rollback) understands it.
             return ev.split_documents(self._sealer.open(fields[b"j"]))
-        if b"e" in fields:  # the earlier format: one sealed JSON list
+        if b"e" in fields:  # one sealed JSON list
             return [orjson.dumps(e) for e in orjson.loads(self._sealer.open(fields[b"e"]))]
         template = orjson.loads(self._sealer.open(fields[b"t"]))
         facts = orjson.loads(self._sealer.open(fields[b"p"]))

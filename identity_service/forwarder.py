@@ -52,7 +52,7 @@ class Forwarder:
         self._settings = settings
         self._metrics = metrics
         self._held: list[FeedEntry] = []
-        self._caught_up = False  # the last read found far fewer entries than it asked for
+        self._caught_up = False  # the last read left nothing waiting
         self._maintained_at = 0.0
         # Often enough that entries we hold never look idle to another forwarder.
         self._keep_alive_every = min(MAINTAIN_EVERY_SECONDS, settings.reclaim_idle / 4)
@@ -117,7 +117,7 @@ class Forwarder:
                 wanted = settings.batch_max_events - batch.events
                 # Short blocking reads: the Redis socket timeout allows IDLE_READ_SECONDS.
                 self._held = await self._read(wanted, min(remaining, IDLE_READ_SECONDS))
-                self._caught_up = 2 * len(self._held) < wanted
+                self._caught_up = not self._feed.backlog
                 if not self._held:
                     if self.stopping.is_set() and not self._draining:
                         break

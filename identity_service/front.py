@@ -38,7 +38,10 @@ MAX_HEAD_BYTES = 8190
 IDLE_TIMEOUT_SECONDS = 75.0
 
 # The headers the front reads; any other header is ignored, as aiohttp would.
-_READ = {b"content-length", b"content-type", b"authorization", b"x-request-id", b"connection"}
+_READ = {
+    *(b"host", b"content-length", b"content-type", b"authorization"),
+    *(b"x-request-id", b"connection"),
+}
 # Headers whose presence needs aiohttp's full handling.
 _DECLINE = {b"transfer-encoding", b"content-encoding", b"expect", b"upgrade"}
 # A header line: a token, a colon, and a value without control characters (a tab is
@@ -100,6 +103,8 @@ def parse_head(head: bytes) -> Head | None:
             if name in headers:
                 return None
             headers[name] = value.strip(b" \t")
+    if parts[2] == b"HTTP/1.1" and b"host" not in headers:
+        return None  # aiohttp answers 400
     length = headers.get(b"content-length")
     if length is None or not length.isdigit() or len(length) > 9:
         return None

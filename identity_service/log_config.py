@@ -123,14 +123,15 @@ def log_request_line(fields: dict[str, Any]) -> None:
         return
     current = _request_fields.get()
     if current:
-        fields.update(current)
+        for name, value in current.items():
+            fields.setdefault(name, value)
     if _request_output is None:
         structlog.get_logger("identity_service.request").info("request", **fields)
         return
     fields["event"] = "request"
     fields["level"] = "info"
     fields["timestamp"] = iso_time(time.time())
-    _request_output.msg(orjson.dumps(fields))
+    _request_output.msg(orjson.dumps(fields, default=repr))
 
 
 def _logger_factory(*_args: object) -> BufferedBytesLogger:

@@ -59,7 +59,7 @@ async def _serve(settings: Settings, host: str, port: int, reuse_port: bool) -> 
         # A request allocates a few hundred objects, nearly all freed by reference
         # counting; at the default threshold a young collection would run every few
         # requests for almost nothing.
-        gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         await stop.wait()
     finally:
         await runner.cleanup()

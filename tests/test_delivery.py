@@ -9,7 +9,6 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -17,6 +16,7 @@ from identity_service import app_keys
 from identity_service.app import create_app
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
 from identity_service.crypto import OutboxSealer
+from identity_service.events import join_documents
 from identity_service.feeds import trim_acknowledged
 from identity_service.outbox_admin import outbox_status, replay_dead
 from identity_service.settings import Settings
@@ -324,19 +324,19 @@ async def test_delivery_resumes_after_redis_restarts_empty(
     assert {e["anonymousId"] for e in collector.events} == {"before", "after"}
 
 
-async def test_an_entry_in_the_earlier_format_is_delivered(
+async def test_an_entry_in_the_line_format_is_delivered(
     aiohttp_client: ClientMaker,
     redis_server: RedisServer,
     redis_client: Redis,
     collector: Collector,
 ) -> None:
-    """Entries left by the earlier version (``e``: one sealed JSON list) still drain."""
+    """Entries in the format a later release writes (``j``: JSON lines) drain already."""
     settings = delivery_settings(redis_server, collector)
     assert settings.redis is not None
-    events = [{"type": "track", "event": f"Legacy {n}", "messageId": f"legacy-{n}"} for n in (1, 2)]
-    sealed = OutboxSealer(settings.secret).seal(orjson.dumps(events))
-    await redis_client.xadd(outbox_key(settings.redis.key_prefix, 3), {"e": sealed})
+    events = [{"type": "track", "event": f"Later {n}", "messageId": f"later-{n}"} for n in (1, 2)]
+    sealed = OutboxSealer(settings.secret).seal(join_documents(events))
+    await redis_client.xadd(outbox_key(settings.redis.key_prefix, 3), {"j": sealed})
     await aiohttp_client(create_app(settings))
     await collector.wait_for(2)
-    assert sorted(e["messageId"] for e in collector.events) == ["legacy-1", "legacy-2"]
+    assert sorted(e["messageId"] for e in collector.events) == ["later-1", "later-2"]
     assert all(e["sentAt"].endswith("Z") for e in collector.events)

@@ -156,9 +156,12 @@ async def test_a_connection_closes_when_the_client_asks(
 
 
 def test_parse_head_declines_what_it_does_not_fully_understand() -> None:
-    base = b"POST /v1/handoffs HTTP/1.1\r\nContent-Length: 2"
+    base = b"POST /v1/handoffs HTTP/1.1\r\nHost: a\r\nContent-Length: 2"
     assert parse_head(base) is not None
+    assert parse_head(b"POST /v1/handoffs HTTP/1.0\r\nContent-Length: 2") is not None
     for head in [
+        b"POST /v1/handoffs HTTP/1.1\r\nContent-Length: 2",  # HTTP/1.1 without Host
+        base + b"\r\nHost: b",  # Host twice
         b"GET /v1/handoffs HTTP/1.1\r\nContent-Length: 2",
         b"POST /v1/handoffs?x=1 HTTP/1.1\r\nContent-Length: 2",
         b"POST /v1/handoffs HTTP/2\r\nContent-Length: 2",

@@ -147,6 +147,13 @@ class RespClient:
             # The script did not run; EVAL runs it and puts it in Redis's script cache.
             return await self.execute("EVAL", script.source, len(keys), *keys, *args)
 
+    def disconnect(self) -> None:
+        """Drop the connection (Redis ends what it was running for it); the next call
+        connects afresh. For a blocking command whose caller gave up on it."""
+        if self._connection is not None:
+            self._connection.abort(ConnectionError("redis connection dropped"))
+            self._connection = None
+
     async def close(self) -> None:
         self._closed = True
         if self._connection is not None:
