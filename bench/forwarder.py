@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from run import COLLECTOR_WRITE_KEY, ORIGIN, SOURCES, Collector, Redis
+from run import ORIGIN, Collector, Redis, service_settings
 
 from identity_service.crypto import OutboxSealer, TokenSealer
 from identity_service.handoff import HandoffService
@@ -50,11 +50,8 @@ async def fill(handoffs: HandoffService, registry: SourceRegistry, flows: int) -
 
 async def measure(redis: Redis, collector: Collector, args: argparse.Namespace) -> None:
     env = {
-        "IDENTITY_SECRET": "bench-secret-" + "0" * 32,
-        "IDENTITY_SOURCES": json.dumps(SOURCES),
+        **service_settings(collector),
         "IDENTITY_REDIS_URL": redis.url,
-        "IDENTITY_DESTINATION_URL": collector.url,
-        "IDENTITY_DESTINATION_WRITE_KEY": COLLECTOR_WRITE_KEY,
         **dict(item.split("=", 1) for item in args.env),
     }
     settings = load_settings(env)

@@ -182,6 +182,16 @@ class Collector:
         self.process.wait(timeout=10)
 
 
+def service_settings(collector: "Collector") -> dict[str, str]:
+    """The settings every run of the service shares: secret, sources, the collector."""
+    return {
+        "IDENTITY_SECRET": "bench-secret-" + "0" * 32,
+        "IDENTITY_SOURCES": json.dumps(SOURCES),
+        "IDENTITY_DESTINATION_URL": collector.url,
+        "IDENTITY_DESTINATION_WRITE_KEY": COLLECTOR_WRITE_KEY,
+    }
+
+
 def start_service(
     variant: Variant, redis: Redis, collector: Collector, extra_env: dict[str, str]
 ) -> tuple[Any, int]:
@@ -200,11 +210,8 @@ def start_service(
     else:
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("IDENTITY_")},
-            "IDENTITY_SECRET": "bench-secret-" + "0" * 32,
-            "IDENTITY_SOURCES": json.dumps(SOURCES),
+            **service_settings(collector),
             "IDENTITY_OUTBOX": "on" if variant.outbox else "off",
-            "IDENTITY_DESTINATION_URL": collector.url,
-            "IDENTITY_DESTINATION_WRITE_KEY": COLLECTOR_WRITE_KEY,
             "IDENTITY_WORKERS": str(variant.workers),
             **extra_env,
         }

@@ -52,7 +52,6 @@ class Forwarder:
         self._settings = settings
         self._metrics = metrics
         self._held: list[FeedEntry] = []
-        self._caught_up = False  # the last read left nothing waiting
         self._maintained_at = 0.0
         # Often enough that entries we hold never look idle to another forwarder.
         self._keep_alive_every = min(MAINTAIN_EVERY_SECONDS, settings.reclaim_idle / 4)
@@ -108,7 +107,7 @@ class Forwarder:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                if batch.entries and self._caught_up:
+                if batch.entries and not self._feed.backlog:
                     # New entries arrive a few at a time; a read for each would cost more
                     # than their delivery. Let them gather, then read them in one call.
                     if await self._pause(min(remaining, GATHER_SECONDS)):
@@ -117,7 +116,6 @@ class Forwarder:
                 wanted = settings.batch_max_events - batch.events
                 # Short blocking reads: the Redis socket timeout allows IDLE_READ_SECONDS.
                 self._held = await self._read(wanted, min(remaining, IDLE_READ_SECONDS))
-                self._caught_up = not self._feed.backlog
                 if not self._held:
                     if self.stopping.is_set() and not self._draining:
                         break

@@ -17,9 +17,10 @@ from identity_service.app import create_app
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
 from identity_service.crypto import OutboxSealer
 from identity_service.events import join_documents
-from identity_service.feeds import trim_acknowledged
+from identity_service.feeds import RedisFeed, trim_acknowledged
 from identity_service.outbox_admin import outbox_status, replay_dead
 from identity_service.settings import Settings
+from identity_service.stores.resp import RespClient
 from identity_service.streams import entries
 from identity_service.validation import parse_exchange, parse_prepare
 from tests.collector import WRITE_KEY, Answer, Collector, running_collector
@@ -340,3 +341,28 @@ async def test_an_entry_in_the_line_format_is_delivered(
     await collector.wait_for(2)
     assert sorted(e["messageId"] for e in collector.events) == ["later-1", "later-2"]
     assert all(e["sentAt"].endswith("Z") for e in collector.events)
+
+
+async def test_a_cancelled_blocking_read_claims_nothing_that_arrives_after(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    prefix = f"cancelled-read-{os.getpid()}:"
+    commands = RespClient(redis_server.url, timeout=3.0)
+    feed = RedisFeed(
+        redis_client, commands, prefix, "default", OutboxSealer(SECRET.encode()), 60, ["default"]
+    )
+    try:
+        assert await feed.read(10, wait=0.01) == []  # creates the groups
+        read = asyncio.ensure_future(feed.read(10, wait=2.0))
+        await asyncio.sleep(0.1)
+        read.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await read
+        stream = outbox_key(prefix, 0)
+        await redis_client.xadd(stream, {"e": b"x"})
+        await asyncio.sleep(0.3)
+        # Nobody holds it: the next reader gets it.
+        assert (await redis_client.xpending(stream, "default"))["pending"] == 0
+    finally:
+        await commands.close()
+        await redis_client.delete(*(outbox_key(prefix, shard) for shard in range(KEY_SHARDS)))
