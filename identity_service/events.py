@@ -169,6 +169,15 @@ def fallback_event(*, miss_id: bytes, anonymous_id: str, facts: dict[str, Any]) 
     }
 
 
+def encode(event: Event) -> bytes:
+    """An event as a JSON document, in a buffer of its own size, to be kept a while.
+
+    orjson (3.12 and later) returns every document in a buffer of at least 4 KiB. Events
+    wait in queues and in-flight batches, where that was 4 KiB held for a 600-byte event.
+    """
+    return b"".join((orjson.dumps(event), b""))
+
+
 def join_documents(events: list[Event]) -> bytes:
     """Events as one JSON document a line, as the outbox keeps them.
 

@@ -289,10 +289,10 @@ class RedisFeed:
             # every reader in a rolling upgrade (or after a rollback) understands it.
             return ev.split_documents(self._sealer.open(fields[b"j"]))
         if b"e" in fields:  # one sealed JSON list
-            return [orjson.dumps(e) for e in orjson.loads(self._sealer.open(fields[b"e"]))]
+            return [ev.encode(e) for e in orjson.loads(self._sealer.open(fields[b"e"]))]
         template = orjson.loads(self._sealer.open(fields[b"t"]))
         facts = orjson.loads(self._sealer.open(fields[b"p"]))
-        return [orjson.dumps(event) for event in ev.complete(template, facts)]
+        return [ev.encode(event) for event in ev.complete(template, facts)]
 
 
 async def trim_acknowledged(redis: Redis, stream: str, destinations: list[str]) -> None:

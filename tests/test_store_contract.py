@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import tracemalloc
 from collections.abc import AsyncIterator
 
 import pytest
@@ -10,7 +11,7 @@ from identity_service.constants import handoff_key
 from identity_service.crypto import OutboxSealer
 from identity_service.settings import RedisSettings
 from identity_service.stores import HandoffStore
-from identity_service.stores.memory import MemoryStore
+from identity_service.stores.memory import MemoryOutbox, MemoryStore
 from identity_service.stores.redis import RedisStore, connect
 from tests.redis_server import RedisServer
 
@@ -105,3 +106,46 @@ async def test_redis_keys_carry_prefix_hash_tag_and_ttl(redis_server: RedisServe
         assert 118 <= ttl <= 120
     finally:
         await store.close()
+
+
+class TracedGrowth:
+    """How much more memory Python holds at the end of the block than at its start."""
+
+    def __enter__(self) -> "TracedGrowth":
+        tracemalloc.start()
+        self.bytes = 0
+        self._before = tracemalloc.get_traced_memory()[0]
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.bytes = tracemalloc.get_traced_memory()[0] - self._before
+        tracemalloc.stop()
+
+
+async def test_memory_store_forgets_taken_handoffs_before_they_would_expire() -> None:
+    store = MemoryStore()
+    expiring, kept = new_id(), new_id()
+    await store.put(expiring, b"expiring", 1, None)
+    await store.put(kept, b"kept", 60, None)
+    with TracedGrowth() as growth:
+        for _ in range(20_000):
+            lookup_id = new_id()
+            await store.put(lookup_id, b"record", 300, None)
+            assert await store.take(lookup_id, None) == b"record"
+    # Each taken handoff used to leave about 150 bytes behind for its whole TTL.
+    assert growth.bytes < 20_000 * 20
+    await asyncio.sleep(1.1)
+    await store.put(new_id(), b"sweep", 60, None)
+    assert await store.take(expiring, None) is None
+    assert await store.take(kept, None) == b"kept"
+
+
+def test_queued_events_hold_about_their_own_size() -> None:
+    outbox = MemoryOutbox()
+    queue = outbox.subscribe()
+    event = {"type": "track", "event": "Handoff Started", "properties": {"note": "x" * 500}}
+    with TracedGrowth() as growth:
+        outbox.extend([event] * 2_000)
+    assert len(queue.events) == 2_000
+    # A result of orjson.dumps sits in a buffer of at least 4 KiB (orjson 3.12 and later).
+    assert growth.bytes < 2_000 * 1_000

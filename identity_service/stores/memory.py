@@ -9,10 +9,11 @@ import time
 from collections import deque
 from typing import Any
 
-import orjson
-
 from identity_service import events as ev
 from identity_service.stores import PrepareEvents
+
+# Dead entries the expiry heap may hold beyond twice the live records before a rebuild.
+HEAP_SLACK = 1024
 
 
 class MemoryQueue:
@@ -41,7 +42,7 @@ class MemoryOutbox:
     def extend(self, events: list[ev.Event]) -> None:
         if not events or not self.queues:
             return
-        encoded = [orjson.dumps(event) for event in events]
+        encoded = [ev.encode(event) for event in events]
         for queue in self.queues:
             queue.events.extend(encoded)
             queue.arrived.set()
@@ -66,6 +67,8 @@ class MemoryStore:
         expires_at = now + ttl_seconds
         self._records[lookup_id] = (expires_at, record, events.completion if events else None)
         heapq.heappush(self._expiries, (expires_at, lookup_id))
+        if len(self._expiries) > 2 * len(self._records) + HEAP_SLACK:
+            self._compact()
         if events is not None:
             self.outbox.extend(events.started)
 
@@ -87,6 +90,15 @@ class MemoryStore:
     async def close(self) -> None:
         self._records.clear()
         self._expiries.clear()
+
+    def _compact(self) -> None:
+        """Rebuild the expiry heap from the live records.
+
+        Taken records leave their heap entry behind until it expires; under steady load
+        that would be every handoff of the last TTL (5 minutes), long after its record.
+        """
+        self._expiries = [(entry[0], key) for key, entry in self._records.items()]
+        heapq.heapify(self._expiries)
 
     def _sweep(self, now: float) -> None:
         while self._expiries and self._expiries[0][0] <= now:
