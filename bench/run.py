@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -31,6 +32,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))
+
+from cpu_cap import CpuCap, CpuCapUnavailable
 
 from identity_service.sources import hash_write_key
 from tests.redis_server import free_port
@@ -103,6 +106,44 @@ def cpu_seconds(pids: list[int]) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def machine_busy_seconds() -> float:
+    """CPU time every core of the machine spent on anything but idling, from /proc/stat."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def waited_children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuBudget:
+    """Where the machine's CPU went during the load: each process, and all of it.
+
+    On a machine whose cores wrk, Redis and the collector share with the service, this is
+    what says whether a second worker has any CPU left to use.
+    """
+
+    def __init__(self, service_pids: list[int], redis: "Redis", collector: "Collector") -> None:
+        self._pids = {"service": service_pids, "redis": [redis.process.pid]}
+        self._pids["collector"] = [collector.process.pid]
+        self._start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        seconds = {name: cpu_seconds(pids) for name, pids in self._pids.items()}
+        # wrk is the only child that exits while the load runs.
+        seconds["wrk"] = waited_children_cpu_seconds()
+        seconds["machine"] = machine_busy_seconds()
+        return seconds
+
+    def used(self) -> dict[str, float]:
+        """Seconds of CPU since the budget started, by process, with the machine's total."""
+        now = self._read()
+        return {name: now[name] - self._start[name] for name in now}
 
 
 def rss_mb(pid: int) -> float:
@@ -244,15 +285,21 @@ def run_variant(
     variant = VARIANTS[name]
     print(f"-- {variant.label}", file=sys.stderr, flush=True)
     collector.reset()
+    cap = CpuCap(args.worker_cpu) if args.worker_cpu else None
     service, port = start_service(variant, redis, collector, args.service_env)
     try:
-        run_wrk(port, args.warmup, args.connections, args.threads)
-        received_before = collector.settled()  # the warm-up's events, delivered
         pids = process_tree(service.pid)
         workers = pids[1:] or pids
+        if cap is not None:
+            for worker in workers:
+                cap.limit(worker)
+        run_wrk(port, args.warmup, args.connections, args.threads)
+        received_before = collector.settled()  # the warm-up's events, delivered
         cpu_before = cpu_seconds(pids)
         profiler = start_profiler(workers[0], name, args) if args.profile else None
+        budget = CpuBudget(pids, redis, collector)
         stats = run_wrk(port, args.seconds, args.connections, args.threads)
+        cpu_by_process = budget.used()
         if profiler is not None:
             profiler.wait(timeout=60)
         cpu_used = cpu_seconds(pids) - cpu_before
@@ -271,10 +318,15 @@ def run_variant(
         cpu_with_delivery = cpu_seconds(pids) - cpu_before
     finally:
         stop_service(service)
+        if cap is not None:
+            cap.close()
     seconds = stats["duration_us"] / 1e6
+    flows = max(stats["exchanged"], 1)
+    cores = os.cpu_count() or 1
+    machine_ms_per_flow = cpu_by_process["machine"] * 1000 / flows
     return {
         "variant": name,
-        "label": variant.label,
+        "label": variant.label + (f", {args.worker_cpu:g} CPU each" if cap else ""),
         "flows_per_s": round(stats["exchanged"] / seconds, 1),
         "requests_per_s": round(stats["requests"] / seconds, 1),
         "p50_ms": stats["p50_us"] / 1000,
@@ -289,6 +341,13 @@ def run_variant(
             cpu_with_delivery * 1000 / max(stats["exchanged"], 1), 3
         ),
         "worker_rss_mb": round(rss, 1),
+        "cpu_ms_per_flow_by_process": {
+            name: round(used * 1000 / flows, 3) for name, used in cpu_by_process.items()
+        },
+        "machine_busy_pct": round(100 * cpu_by_process["machine"] / (cores * seconds), 1),
+        # What every core busy at this run's CPU per flow (all processes) would give.
+        "all_cores_flows_per_s": round(cores * 1000 / machine_ms_per_flow),
+        "headroom_x": round(cores * 1000 / machine_ms_per_flow / (flows / seconds), 2),
     }
 
 
@@ -327,12 +386,21 @@ def print_table(report: dict[str, Any]) -> None:
         *("flows_per_s", "requests_per_s", "p50_ms", "p90_ms", "p99_ms", "errors"),
         *("events_received", "events_expected", "outbox_drain_s", "cpu_ms_per_flow"),
         "cpu_ms_per_flow_delivered",
-        *("worker_rss_mb", "share_of_redis"),
+        *("machine_busy_pct", "headroom_x", "worker_rss_mb", "share_of_redis"),
     ]
     print(f"| variant | {' | '.join(columns)} |")
     print(f"|---|{'---|' * len(columns)}")
     for row in report["variants"]:
         print(f"| {row['label']} | {' | '.join(str(row[c]) for c in columns)} |")
+    if report["two_workers_over_one"] is not None:
+        print(f"\n2 workers / 1 worker (flows/s): {report['two_workers_over_one']}x")
+    processes = ["service", "redis", "wrk", "collector", "machine"]
+    print("\nCPU ms per flow during the load, by process (machine: every process and the kernel)")
+    print(f"| variant | {' | '.join(processes)} |")
+    print(f"|---|{'---|' * len(processes)}")
+    for row in report["variants"]:
+        spent = row["cpu_ms_per_flow_by_process"]
+        print(f"| {row['label']} | {' | '.join(str(spent[p]) for p in processes)} |")
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -374,6 +442,12 @@ def main() -> int:
         "--profile", action="store_true", help="py-spy each variant to results/profile-*.txt"
     )
     parser.add_argument(
+        "--worker-cpu",
+        type=float,
+        metavar="CPUS",
+        help="cap each worker at this share of a core (a cgroup each; needs root)",
+    )
+    parser.add_argument(
         "--service-env",
         action="append",
         default=[],
@@ -402,7 +476,10 @@ def main() -> int:
                 (args.out / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
                 print(json.dumps({k: v for k, v in result.items() if k != "samples"}))
                 return 0
-            rows = [run_variant(name, redis, collector, args) for name in names]
+            try:
+                rows = [run_variant(name, redis, collector, args) for name in names]
+            except CpuCapUnavailable as exc:
+                sys.exit(f"--worker-cpu: {exc}")
             ceiling = redis_alone(redis.port, 200_000, args.connections)
         finally:
             collector.stop()
@@ -412,8 +489,16 @@ def main() -> int:
     redis_flows = 1 / (1 / ceiling["set_ex"] + 1 / ceiling["getdel"])
     for row in rows:
         row["share_of_redis"] = round(row["flows_per_s"] / redis_flows, 3)
+    by_name = {row["variant"]: row for row in rows}
+    if "redis-on-1" in by_name and "redis-on-2" in by_name:
+        two, one = by_name["redis-on-2"]["flows_per_s"], by_name["redis-on-1"]["flows_per_s"]
+        scaling: float | None = round(two / one, 2)
+    else:
+        scaling = None
     report = {
         "wrk": f"-t{args.threads} -c{args.connections} -d{args.seconds:g}s",
+        "worker_cpu": args.worker_cpu,
+        "two_workers_over_one": scaling,
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "redis_alone": {**ceiling, "flows_per_s": round(redis_flows, 1)},
         "variants": rows,
