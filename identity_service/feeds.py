@@ -284,11 +284,12 @@ class RedisFeed:
         return entries
 
     def _decode(self, fields: dict[bytes, bytes]) -> list[bytes]:
-        if b"j" in fields:
-            # One JSON document a line: read now, written from a later release, so that
-            # every reader in a rolling upgrade (or after a rollback) understands it.
+        if b"j" in fields:  # one JSON document a line, sent on as they are
             return ev.split_documents(self._sealer.open(fields[b"j"]))
-        if b"e" in fields:  # one sealed JSON list
+        if b"e" in fields:
+            # One JSON list, the format written before j: entries an older version queued
+            # still drain. (The version before this one already read j, so a rolling
+            # upgrade from it, or a rollback to it, loses nothing.)
             return [ev.encode(e) for e in orjson.loads(self._sealer.open(fields[b"e"]))]
         template = orjson.loads(self._sealer.open(fields[b"t"]))
         facts = orjson.loads(self._sealer.open(fields[b"p"]))

@@ -16,7 +16,6 @@ from identity_service import app_keys
 from identity_service.app import create_app
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
 from identity_service.crypto import OutboxSealer
-from identity_service.events import join_documents
 from identity_service.feeds import RedisFeed, trim_acknowledged
 from identity_service.outbox_admin import outbox_status, replay_dead
 from identity_service.settings import Settings
@@ -325,21 +324,39 @@ async def test_delivery_resumes_after_redis_restarts_empty(
     assert {e["anonymousId"] for e in collector.events} == {"before", "after"}
 
 
-async def test_an_entry_in_the_line_format_is_delivered(
+async def test_started_events_are_queued_one_json_document_a_line(
+    aiohttp_client: ClientMaker, redis_server: RedisServer, redis_client: Redis
+) -> None:
+    settings = make_settings(redis_server.url, forwarder="off")
+    assert settings.redis is not None
+    client = await aiohttp_client(create_app(settings))
+    await prepare(client, anonymousId="visitor-lines")
+    queued = [
+        fields
+        for shard in range(KEY_SHARDS)
+        for _, fields in await entries(redis_client, outbox_key(settings.redis.key_prefix, shard))
+    ]
+    assert len(queued) == 1
+    assert set(queued[0]) == {b"j"}
+    documents = OutboxSealer(settings.secret).open(queued[0][b"j"]).split(b"\n")
+    assert [json.loads(d)["anonymousId"] for d in documents] == ["visitor-lines"]
+
+
+async def test_an_entry_an_earlier_version_queued_is_delivered(
     aiohttp_client: ClientMaker,
     redis_server: RedisServer,
     redis_client: Redis,
     collector: Collector,
 ) -> None:
-    """Entries in the format a later release writes (``j``: JSON lines) drain already."""
+    """Entries in the format written before ``j`` (``e``: one JSON list) still drain."""
     settings = delivery_settings(redis_server, collector)
     assert settings.redis is not None
-    events = [{"type": "track", "event": f"Later {n}", "messageId": f"later-{n}"} for n in (1, 2)]
-    sealed = OutboxSealer(settings.secret).seal(join_documents(events))
-    await redis_client.xadd(outbox_key(settings.redis.key_prefix, 3), {"j": sealed})
+    events = [{"type": "track", "event": f"Older {n}", "messageId": f"older-{n}"} for n in (1, 2)]
+    sealed = OutboxSealer(settings.secret).seal(json.dumps(events).encode())
+    await redis_client.xadd(outbox_key(settings.redis.key_prefix, 3), {"e": sealed})
     await aiohttp_client(create_app(settings))
     await collector.wait_for(2)
-    assert sorted(e["messageId"] for e in collector.events) == ["later-1", "later-2"]
+    assert sorted(e["messageId"] for e in collector.events) == ["older-1", "older-2"]
     assert all(e["sentAt"].endswith("Z") for e in collector.events)
 
 

@@ -37,7 +37,7 @@ else
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 if ARGV[4] ~= '' then
-  redis.call('XADD', KEYS[2], '*', 'e', ARGV[4])
+  redis.call('XADD', KEYS[2], '*', 'j', ARGV[4])
 end
 return 1
 """)
@@ -89,7 +89,7 @@ class RedisStore:
             if events.completion is not None:
                 template = self._sealer.seal(orjson.dumps(events.completion))
             if events.started:
-                started = self._sealer.seal(orjson.dumps(events.started))
+                started = self._sealer.seal(ev.join_documents(events.started))
         keys = self._keys(lookup_id)
         try:
             await self._redis.run_script(PREPARE, keys, [record, ttl_seconds, template, started])
@@ -107,9 +107,9 @@ class RedisStore:
 
     async def emit(self, shard_hint: bytes, events: list[ev.Event]) -> None:
         stream = outbox_key(self._prefix, shard_of(shard_hint))
-        sealed = self._sealer.seal(orjson.dumps(events))
+        sealed = self._sealer.seal(ev.join_documents(events))
         try:
-            await self._redis.execute("XADD", stream, "*", "e", sealed)
+            await self._redis.execute("XADD", stream, "*", "j", sealed)
         except (ReplyError, OSError) as exc:
             raise StoreUnavailable(_describe(exc)) from exc
 
