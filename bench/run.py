@@ -16,13 +16,13 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 
-from cpu_cap import CpuCap, CpuCapUnavailable
+from cpu_cap import CpuCap, CpuCapUnavailable, check_cpus
 
 from identity_service.sources import hash_write_key
 from tests.redis_server import free_port
@@ -109,20 +109,19 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def machine_busy_seconds() -> float:
-    """CPU time every core of the machine spent on anything but idling, from /proc/stat."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
-        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    """CPU time the machine's cores spent working, from /proc/stat.
+
+    Idle and I/O wait are not work, nor is steal (the hypervisor running someone else).
+    """
+    user, nice, system, _idle, _iowait, irq, softirq = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]
     )
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def waited_children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 class CpuBudget:
-    """Where the machine's CPU went during the load: each process, and all of it.
+    """Where the machine's CPU went during the load: each process, and all of it (wrk's
+    own time comes with its figures).
 
     On a machine whose cores wrk, Redis and the collector share with the service, this is
     what says whether a second worker has any CPU left to use.
@@ -135,8 +134,6 @@ class CpuBudget:
 
     def _read(self) -> dict[str, float]:
         seconds = {name: cpu_seconds(pids) for name, pids in self._pids.items()}
-        # wrk is the only child that exits while the load runs.
-        seconds["wrk"] = waited_children_cpu_seconds()
         seconds["machine"] = machine_busy_seconds()
         return seconds
 
@@ -153,21 +150,34 @@ def rss_mb(pid: int) -> float:
 
 
 def run_wrk(port: int, seconds: float, connections: int, threads: int) -> dict[str, Any]:
-    result = subprocess.run(
-        [
-            *("wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency"),
-            *("-s", str(BENCH / "flow.lua"), f"http://127.0.0.1:{port}"),
-        ],
+    """wrk's figures from flow.lua, with the CPU time wrk itself used (``cpu_seconds``)."""
+    command = [
+        *("wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency"),
+        *("-s", str(BENCH / "flow.lua"), f"http://127.0.0.1:{port}"),
+    ]
+    wrk = subprocess.Popen(
+        command,
         env={**os.environ, "BENCH_WRITE_KEY": WRITE_KEY},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        check=True,
-        timeout=seconds + 60,
     )
-    match = re.search(r"^BENCH (.*)$", result.stdout, re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"wrk printed no result:\n{result.stdout}\n{result.stderr}")
+    assert wrk.stdout is not None
+    deadline = threading.Timer(seconds + 60, wrk.kill)
+    deadline.start()
+    try:
+        output = wrk.stdout.read()
+        # Reaped here rather than by Popen, for wrk's own resource usage.
+        _, status, usage = os.wait4(wrk.pid, 0)
+    finally:
+        deadline.cancel()
+        wrk.stdout.close()
+    wrk.returncode = os.waitstatus_to_exitcode(status)
+    match = re.search(r"^BENCH (.*)$", output, re.MULTILINE)
+    if wrk.returncode != 0 or match is None:
+        raise RuntimeError(f"wrk exited with {wrk.returncode} and no result:\n{output}")
     stats: dict[str, Any] = json.loads(match.group(1))
+    stats["cpu_seconds"] = usage.ru_utime + usage.ru_stime
     return stats
 
 
@@ -299,7 +309,7 @@ def run_variant(
         profiler = start_profiler(workers[0], name, args) if args.profile else None
         budget = CpuBudget(pids, redis, collector)
         stats = run_wrk(port, args.seconds, args.connections, args.threads)
-        cpu_by_process = budget.used()
+        cpu_by_process = {**budget.used(), "wrk": stats["cpu_seconds"]}
         if profiler is not None:
             profiler.wait(timeout=60)
         cpu_used = cpu_seconds(pids) - cpu_before
@@ -317,9 +327,11 @@ def run_variant(
         # Delivery that fell behind during the load is part of what the flows cost.
         cpu_with_delivery = cpu_seconds(pids) - cpu_before
     finally:
-        stop_service(service)
-        if cap is not None:
-            cap.close()
+        try:
+            stop_service(service)
+        finally:
+            if cap is not None:
+                cap.close()
     seconds = stats["duration_us"] / 1e6
     flows = max(stats["exchanged"], 1)
     cores = os.cpu_count() or 1
@@ -345,9 +357,12 @@ def run_variant(
             name: round(used * 1000 / flows, 3) for name, used in cpu_by_process.items()
         },
         "machine_busy_pct": round(100 * cpu_by_process["machine"] / (cores * seconds), 1),
-        # What every core busy at this run's CPU per flow (all processes) would give.
+        # What every core busy at this run's CPU per flow (all processes) would give; with
+        # capped workers the cap, not the machine, is the limit.
         "all_cores_flows_per_s": round(cores * 1000 / machine_ms_per_flow),
-        "headroom_x": round(cores * 1000 / machine_ms_per_flow / (flows / seconds), 2),
+        "headroom_x": None
+        if cap
+        else round(cores * 1000 / machine_ms_per_flow / (flows / seconds), 2),
     }
 
 
@@ -456,6 +471,13 @@ def main() -> int:
     )
     args = parser.parse_args()
     args.service_env = dict(item.split("=", 1) for item in args.service_env)
+    if args.worker_cpu is not None:
+        if args.soak:
+            sys.exit("--worker-cpu applies to the variants, not to --soak")
+        try:
+            check_cpus(args.worker_cpu)
+        except CpuCapUnavailable as exc:
+            sys.exit(f"--worker-cpu: {exc}")
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:

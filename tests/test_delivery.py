@@ -324,22 +324,25 @@ async def test_delivery_resumes_after_redis_restarts_empty(
     assert {e["anonymousId"] for e in collector.events} == {"before", "after"}
 
 
-async def test_started_events_are_queued_one_json_document_a_line(
+async def test_started_and_fallback_events_are_queued_one_json_document_a_line(
     aiohttp_client: ClientMaker, redis_server: RedisServer, redis_client: Redis
 ) -> None:
     settings = make_settings(redis_server.url, forwarder="off")
     assert settings.redis is not None
     client = await aiohttp_client(create_app(settings))
     await prepare(client, anonymousId="visitor-lines")
+    status, _ = await exchange(client, "unknown-token", fallback=True)
+    assert status == 200
     queued = [
         fields
         for shard in range(KEY_SHARDS)
         for _, fields in await entries(redis_client, outbox_key(settings.redis.key_prefix, shard))
     ]
-    assert len(queued) == 1
-    assert set(queued[0]) == {b"j"}
-    documents = OutboxSealer(settings.secret).open(queued[0][b"j"]).split(b"\n")
-    assert [json.loads(d)["anonymousId"] for d in documents] == ["visitor-lines"]
+    assert [set(fields) for fields in queued] == [{b"j"}, {b"j"}]
+    sealer = OutboxSealer(settings.secret)
+    documents = [doc for fields in queued for doc in sealer.open(fields[b"j"]).split(b"\n")]
+    events = sorted(json.loads(document)["event"] for document in documents)
+    assert events == ["Cross-Domain Handoff Completed", "Cross-Domain Handoff Started"]
 
 
 async def test_an_entry_an_earlier_version_queued_is_delivered(
