@@ -77,6 +77,25 @@ class Redis:
         )
         wait_for_port(self.port, self.process)
 
+    def command(self, *args: str) -> str:
+        return subprocess.run(
+            ["redis-cli", "-p", str(self.port), *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+
+    def reset_command_counts(self) -> None:
+        self.command("CONFIG", "RESETSTAT")
+
+    def command_counts(self) -> dict[str, int]:
+        """Calls per command since the last reset (commands a script runs count too)."""
+        found = re.findall(
+            r"^cmdstat_([\w|]+):calls=(\d+)", self.command("INFO", "commandstats"), re.M
+        )
+        return {name: int(calls) for name, calls in found if name != "config|resetstat"}
+
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=10)
@@ -308,8 +327,10 @@ def run_variant(
         cpu_before = cpu_seconds(pids)
         profiler = start_profiler(workers[0], name, args) if args.profile else None
         budget = CpuBudget(pids, redis, collector)
+        redis.reset_command_counts()
         stats = run_wrk(port, args.seconds, args.connections, args.threads)
         cpu_by_process = {**budget.used(), "wrk": stats["cpu_seconds"]}
+        commands = redis.command_counts()
         if profiler is not None:
             profiler.wait(timeout=60)
         cpu_used = cpu_seconds(pids) - cpu_before
@@ -353,6 +374,10 @@ def run_variant(
             cpu_with_delivery * 1000 / max(stats["exchanged"], 1), 3
         ),
         "worker_rss_mb": round(rss, 1),
+        "redis_calls_per_flow": {
+            name: round(calls / flows, 3)
+            for name, calls in sorted(commands.items(), key=lambda item: -item[1])
+        },
         "cpu_ms_per_flow_by_process": {
             name: round(used * 1000 / flows, 3) for name, used in cpu_by_process.items()
         },
@@ -416,6 +441,10 @@ def print_table(report: dict[str, Any]) -> None:
     for row in report["variants"]:
         spent = row["cpu_ms_per_flow_by_process"]
         print(f"| {row['label']} | {' | '.join(str(spent[p]) for p in processes)} |")
+    print("\nRedis calls per flow during the load (a script's own commands count too)")
+    for row in report["variants"]:
+        calls = ", ".join(f"{name} {n}" for name, n in row["redis_calls_per_flow"].items())
+        print(f"- {row['label']}: {calls or 'none'}")
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -482,7 +511,7 @@ def main() -> int:
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         sys.exit(f"unknown variants: {', '.join(unknown)}")
-    for tool in ("wrk", "redis-server", "redis-benchmark"):
+    for tool in ("wrk", "redis-server", "redis-cli", "redis-benchmark"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not on PATH (apt-get install wrk redis-server redis-tools)")
     if "express" in names and not (BENCH / "express" / "node_modules").is_dir():

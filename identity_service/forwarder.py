@@ -113,9 +113,12 @@ class Forwarder:
                     if await self._pause(min(remaining, GATHER_SECONDS)):
                         break
                     remaining = max(0.001, deadline - time.monotonic())
-                wanted = settings.batch_max_events - batch.events
+                # A whole batch's worth, even when this one needs less: the rest is held for
+                # the next. Asking for only what is missing makes a read per few entries.
                 # Short blocking reads: the Redis socket timeout allows IDLE_READ_SECONDS.
-                self._held = await self._read(wanted, min(remaining, IDLE_READ_SECONDS))
+                self._held = await self._read(
+                    settings.batch_max_events, min(remaining, IDLE_READ_SECONDS)
+                )
                 if not self._held:
                     if self.stopping.is_set() and not self._draining:
                         break
