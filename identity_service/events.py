@@ -174,6 +174,7 @@ def encode(event: Event) -> bytes:
 
     orjson (3.12 and later) returns every document in a buffer of at least 4 KiB. Events
     wait in queues and in-flight batches, where that was 4 KiB held for a 600-byte event.
+    Joining it with nothing copies it into a new, exact buffer (faster than memoryview).
     """
     return b"".join((orjson.dumps(event), b""))
 
