@@ -68,10 +68,6 @@ class TokenSealer:
     def lookup_id(self, token: Token) -> bytes:
         return hmac.digest(self._secret, token.raw, "sha256")
 
-    def miss_id(self, token_text: str) -> bytes:
-        """A keyed id for any token text, so the events of a miss get a stable messageId."""
-        return hmac.digest(self._secret, b"miss:" + token_text.encode(), "sha256")
-
     def seal(self, token: Token, lookup_id: bytes, plaintext: bytes) -> bytes:
         nonce = os.urandom(_NONCE_BYTES)
         sealed = _aead(token).encrypt(nonce, plaintext, lookup_id)

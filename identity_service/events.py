@@ -8,6 +8,7 @@ re-delivery carries the same id and a deduplicating destination counts it once.
 """
 
 import hashlib
+import uuid
 from typing import Any
 
 import orjson
@@ -151,19 +152,24 @@ def complete(template: dict[str, Any], facts: dict[str, Any]) -> list[Event]:
     return events
 
 
-def fallback_event(*, miss_id: bytes, anonymous_id: str, facts: dict[str, Any]) -> Event:
-    """The completion track for a miss answered with a generated anonymousId."""
+def fallback_event(*, anonymous_id: uuid.UUID, facts: dict[str, Any]) -> Event:
+    """The completion track for a miss answered with a generated anonymousId.
+
+    Its messageId comes from that new id, not from the token: many visitors may arrive
+    with one stale token (or "undefined"), and a deduplicating destination would keep
+    only the first of their events.
+    """
     return {
         "type": "track",
         "event": facts["event"],
-        "anonymousId": anonymous_id,
+        "anonymousId": str(anonymous_id),
         "properties": {
             **facts["properties"],
             "source": "cross_domain",
             "anonymousId_source": "generated",
         },
         "context": with_library({}),
-        "messageId": message_id(miss_id, "fallback"),
+        "messageId": message_id(anonymous_id.bytes, "fallback"),
         "timestamp": facts["timestamp"],
         "integrations": {},
     }

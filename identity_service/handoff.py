@@ -99,7 +99,7 @@ class HandoffService:
         if record is None:
             self._count_miss(source, "not_found")
             if request.fallback:
-                return await self._fallback(source, request.token, facts)
+                return await self._fallback(source, facts)
             raise TokenNotFound("the token is unknown, expired or already used")
         if not source.may_use(record["origin"]):
             self._count_miss(source, "audience")
@@ -190,23 +190,19 @@ class HandoffService:
             return None
         return record
 
-    async def _fallback(
-        self, source: Source, token_text: str, facts: dict[str, Any] | None
-    ) -> dict[str, Any]:
+    async def _fallback(self, source: Source, facts: dict[str, Any] | None) -> dict[str, Any]:
         self._metrics.inc("identity_handoff_fallbacks_total", source=source.name)
-        identity = generated_identity()
+        anonymous_id = uuid.uuid4()
+        identity = generated_identity(str(anonymous_id))
         if facts is not None:
-            miss_id = self._sealer.miss_id(token_text)
-            event = ev.fallback_event(
-                miss_id=miss_id, anonymous_id=identity["anonymousId"], facts=facts
-            )
-            await self._store.emit(miss_id, [event])
+            event = ev.fallback_event(anonymous_id=anonymous_id, facts=facts)
+            await self._store.emit(anonymous_id.bytes, [event])
         return identity
 
 
-def generated_identity() -> dict[str, Any]:
+def generated_identity(anonymous_id: str) -> dict[str, Any]:
     return {
-        "anonymousId": str(uuid.uuid4()),
+        "anonymousId": anonymous_id,
         "userId": None,
         "traits": {},
         "context": {},

@@ -163,6 +163,18 @@ async def test_a_fallback_emits_the_completion_with_the_generated_id(
     assert event["properties"] == {"source": "cross_domain", "anonymousId_source": "generated"}
 
 
+async def test_visitors_with_the_same_stale_token_get_events_of_their_own(
+    event_client: EventClientFactory, collector: Collector
+) -> None:
+    client = await event_client()
+    answers = [await exchange(client, "undefined", fallback=True) for _ in range(2)]
+    await collector.wait_for(2)
+    ids = {identity["anonymousId"] for _, identity in answers}
+    assert {event["anonymousId"] for event in collector.events} == ids and len(ids) == 2
+    # A deduplicating destination would drop the second if they shared a messageId.
+    assert len({event["messageId"] for event in collector.events}) == 2
+
+
 async def test_denied_analytics_consent_emits_nothing_and_counts_the_skip(
     event_client: EventClientFactory, collector: Collector
 ) -> None:
