@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "forward":
         return forward(args.config)
     if args.command == "outbox":
-        return outbox(args.config, args.action, args.json)
+        return outbox(args.config, args.action, args.json, args.destination)
     if args.command == "hash-key":
         write_key = sys.stdin.readline().strip()
         if not write_key:
@@ -58,7 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     forward_cmd.add_argument("--config", type=Path, help="a TOML or YAML settings file")
     outbox_cmd = commands.add_parser("outbox", help="inspect or repair the Redis outbox")
-    outbox_cmd.add_argument("action", choices=["status", "replay-dead"])
+    outbox_cmd.add_argument("action", choices=["status", "replay-dead", "retire"])
+    outbox_cmd.add_argument(
+        "destination", nargs="?", help="retire: the destination no longer configured"
+    )
     outbox_cmd.add_argument("--config", type=Path, help="a TOML or YAML settings file")
     outbox_cmd.add_argument("--json", action="store_true", help="print JSON (status)")
     commands.add_parser("hash-key", help="print the write_key_hash of a write key read from stdin")
@@ -109,18 +112,31 @@ def forward(config: Path | None) -> int:
     return 0
 
 
-def outbox(config: Path | None, action: str, as_json: bool) -> int:
+def outbox(config: Path | None, action: str, as_json: bool, retired: str | None = None) -> int:
     settings = _settings(config, needs_redis=True)
     if settings is None or settings.redis is None:
         return 2
     redis_settings = settings.redis
     destinations = [d.name for d in settings.outbox.destinations]
-    from identity_service.outbox_admin import outbox_status, replay_dead
+    if (action == "retire") != (retired is not None):
+        print("identity-service: name a destination with retire, and only then", file=sys.stderr)
+        return 2
+    if retired in destinations:
+        # Its forwarder would make the group again and deliver the whole stream once more.
+        print(
+            f"identity-service: {retired!r} is still configured; remove it first", file=sys.stderr
+        )
+        return 2
+    from identity_service.outbox_admin import outbox_status, replay_dead, retire_destination
     from identity_service.stores.redis import connect
 
     async def run() -> int:
         redis = connect(redis_settings)
         try:
+            if retired is not None:
+                shards = await retire_destination(redis, redis_settings.key_prefix, retired)
+                print(f"retired {retired!r}: removed its group from {shards} outbox streams")
+                return 0
             if action == "replay-dead":
                 moved = await replay_dead(redis, redis_settings.key_prefix, destinations)
                 print(f"re-queued {moved} dead letters")

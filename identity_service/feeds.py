@@ -238,7 +238,7 @@ class RedisFeed:
                 if answer[1]:
                     logger.info("outbox_reclaimed", stream=stream, entries=len(answer[1]))
                     self._reclaimed.extend(await self._decode_all(stream, answer[1]))
-            await trim_acknowledged(self._redis, stream, self._groups)
+            await trim_acknowledged(self._redis, stream)
 
     @asynccontextmanager
     async def _groups_checked(self) -> AsyncIterator[None]:
@@ -296,13 +296,13 @@ class RedisFeed:
         return [ev.encode(event) for event in ev.complete(template, facts)]
 
 
-async def trim_acknowledged(redis: Redis, stream: str, destinations: list[str]) -> None:
-    """Drop the entries below the oldest one that a configured destination still needs.
+async def trim_acknowledged(redis: Redis, stream: str) -> None:
+    """Drop the entries below the oldest one that any consumer group still needs.
 
-    Groups of destinations no longer configured are ignored, so they do not hold the
-    stream forever.
+    Every group counts, configured here or not: another process may deliver to a
+    destination this one does not know. ``outbox retire`` removes a group for good.
     """
-    groups = [g for g in await redis.xinfo_groups(stream) if text(g["name"]) in destinations]
+    groups = await redis.xinfo_groups(stream)
     if not groups:
         return
     needed: list[tuple[int, int]] = []

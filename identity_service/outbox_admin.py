@@ -1,4 +1,4 @@
-"""``identity-service outbox status`` and ``outbox replay-dead``: the outbox as operators see it."""
+"""The `outbox status`, `replay-dead` and `retire` commands: the outbox as operators see it."""
 
 import time
 from dataclasses import dataclass
@@ -99,3 +99,16 @@ async def replay_dead(redis: Redis, prefix: str, destinations: list[str]) -> int
                     await pipe.execute()
                 moved += 1
     return moved
+
+
+async def retire_destination(redis: Redis, prefix: str, destination: str) -> int:
+    """Remove a destination's consumer groups, so the outbox no longer keeps its events.
+
+    Its dead letters stay. Returns the number of shards where it had a group.
+    """
+    removed = 0
+    for shard in range(KEY_SHARDS):
+        stream = outbox_key(prefix, shard)
+        if await redis.exists(stream):
+            removed += await redis.xgroup_destroy(stream, destination)
+    return removed

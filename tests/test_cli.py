@@ -15,7 +15,9 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from redis.asyncio import Redis
 
+from identity_service.constants import outbox_key
 from identity_service.sources import hash_write_key
 from tests.conftest import CHECKOUT_URL, SECRET, WRITE_KEYS, sources_env
 from tests.redis_server import RedisServer, free_port
@@ -285,3 +287,31 @@ def test_a_worker_that_cannot_start_says_why(private_redis: RedisServer) -> None
         taken.close()
     assert result.returncode == 1
     assert "address already in use" in result.stderr.lower()
+
+
+async def test_outbox_retire_removes_a_destination_no_longer_configured(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    prefix = f"retire-{os.getpid()}:"
+    stream = outbox_key(prefix, 5)
+    await redis_client.xadd(stream, {"j": b"x"})
+    await redis_client.xgroup_create(stream, "old-warehouse", id="0")
+    env = redis_env(redis_server, IDENTITY_REDIS_KEY_PREFIX=prefix)
+
+    def outbox(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [COMMAND, "outbox", *args], env=env, capture_output=True, text=True, timeout=30
+        )
+
+    still_configured = await asyncio.to_thread(outbox, "retire", "stdout")
+    assert still_configured.returncode == 2
+    assert "still configured" in still_configured.stderr
+    assert (await asyncio.to_thread(outbox, "retire")).returncode == 2  # no name
+    assert (await asyncio.to_thread(outbox, "status", "old-warehouse")).returncode == 2
+    assert len(await redis_client.xinfo_groups(stream)) == 1
+
+    retired = await asyncio.to_thread(outbox, "retire", "old-warehouse")
+    assert retired.returncode == 0, retired.stderr
+    assert "from 1 outbox streams" in retired.stdout
+    assert await redis_client.xinfo_groups(stream) == []
+    await redis_client.delete(stream)

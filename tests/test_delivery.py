@@ -17,7 +17,7 @@ from identity_service.app import create_app
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
 from identity_service.crypto import OutboxSealer
 from identity_service.feeds import RedisFeed, trim_acknowledged
-from identity_service.outbox_admin import outbox_status, replay_dead
+from identity_service.outbox_admin import outbox_status, replay_dead, retire_destination
 from identity_service.settings import Settings
 from identity_service.stores.resp import RespClient
 from identity_service.streams import entries
@@ -277,24 +277,27 @@ async def test_ten_thousand_handoffs_arrive_once_each(
         await redis.aclose()
 
 
-async def test_trimming_keeps_what_a_group_has_not_acknowledged(
+async def test_trimming_keeps_what_any_group_has_not_acknowledged(
     redis_client: Redis,
 ) -> None:
-    stream = "trim-test:{0}:outbox"
-    await redis_client.delete(stream)
-    ids = [await redis_client.xadd(stream, {"e": str(n)}) for n in range(6)]
-    await redis_client.xgroup_create(stream, "a", id="0")
-    await redis_client.xgroup_create(stream, "b", id="0")
-    await redis_client.xgroup_create(
-        stream, "removed", id="0"
-    )  # a destination no longer configured
+    prefix = f"trim-test-{os.getpid()}:"
+    stream = outbox_key(prefix, 0)
+    ids = [await redis_client.xadd(stream, {"j": str(n)}) for n in range(6)]
+    for group in ("a", "b", "elsewhere"):  # "elsewhere": another process's destination
+        await redis_client.xgroup_create(stream, group, id="0")
     await redis_client.xreadgroup("a", "c1", {stream: ">"}, count=6)
     await redis_client.xack(stream, "a", *ids[:4])
     await redis_client.xreadgroup("b", "c1", {stream: ">"}, count=3)
     await redis_client.xack(stream, "b", *ids[:3])
+    await redis_client.xreadgroup("elsewhere", "c1", {stream: ">"}, count=2)
+    await redis_client.xack(stream, "elsewhere", ids[0])
 
-    await trim_acknowledged(redis_client, stream, ["a", "b"])
+    await trim_acknowledged(redis_client, stream)
+    # "elsewhere" still needs 1 (pending), though neither a nor b does.
+    assert [entry_id for entry_id, _ in await entries(redis_client, stream)] == ids[1:]
 
+    assert await retire_destination(redis_client, prefix, "elsewhere") == 1
+    await trim_acknowledged(redis_client, stream)
     # a has 4 and 5 pending; b acked 0-2 and never read 3-5: 3 is the oldest still needed.
     assert [entry_id for entry_id, _ in await entries(redis_client, stream)] == ids[3:]
     await redis_client.delete(stream)
