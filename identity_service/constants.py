@@ -46,6 +46,10 @@ DEFAULT_RECLAIM_IDLE_SECONDS: Final = 60.0
 MAX_BATCH_BYTES: Final = 500_000
 MAX_BATCH_EVENTS: Final = 2500
 MAX_EVENT_BYTES: Final = 32 * 1024
+# What delivery adds to the stored documents (sinks.batch_body): `,"sentAt":"…"` to each
+# event (an ISO 8601 time is 24 characters), a comma between events, `{"batch":[`…`]}`.
+SENT_AT_BYTES: Final = 36
+BATCH_FRAMING_BYTES: Final = 12
 
 KEY_SHARDS: Final = 16
 

@@ -14,10 +14,12 @@ from typing import Any
 import orjson
 
 from identity_service import __version__
-from identity_service.constants import MAX_EVENT_BYTES as MAX_EVENT_BYTES
+from identity_service.constants import MAX_EVENT_BYTES, SENT_AT_BYTES
 from identity_service.sources import Source, origin_allowed
 
 Event = dict[str, Any]
+# An event as stored, leaving room for the sentAt that delivery adds.
+MAX_STORED_EVENT_BYTES = MAX_EVENT_BYTES - SENT_AT_BYTES
 LIBRARY = {"name": "identity-service", "version": __version__}
 
 
@@ -197,7 +199,7 @@ def split_documents(documents: bytes) -> list[bytes]:
     return documents.split(b"\n") if documents else []
 
 
-def check_size(*documents: Any, limit: int = MAX_EVENT_BYTES) -> None:
+def check_size(*documents: Any, limit: int = MAX_STORED_EVENT_BYTES) -> None:
     for document in documents:
         size = len(orjson.dumps(document))
         if size > limit:

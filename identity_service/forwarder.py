@@ -1,10 +1,11 @@
 """The forwarder: reads a feed, batches events, delivers them to a sink, acks what arrived.
 
-A batch closes at ``batch_max_events`` events, ``MAX_BATCH_BYTES``, or ``batch_max_wait``
-after its first event. A batch that fails for a transient reason is retried with
-exponential backoff and full jitter (or after the Retry-After the destination sent); an
-entry is acknowledged only after a 2xx, and moved to the dead letters after a permanent
-rejection or ``max_attempts`` attempts. Nothing is dropped on 5xx or timeouts.
+A batch closes at ``batch_max_events`` events, ``MAX_BATCH_BYTES`` as sent (with what
+delivery adds to each event), or ``batch_max_wait`` after its first event. A batch that
+fails for a transient reason is retried with exponential backoff and full jitter (or
+after the Retry-After the destination sent); an entry is acknowledged only after a 2xx,
+and moved to the dead letters after a permanent rejection or ``max_attempts`` attempts.
+Nothing is dropped on 5xx or timeouts.
 """
 
 import asyncio
@@ -15,7 +16,12 @@ from dataclasses import dataclass, field
 import structlog
 from redis.exceptions import RedisError
 
-from identity_service.constants import MAX_BATCH_BYTES, MAX_EVENT_BYTES
+from identity_service.constants import (
+    BATCH_FRAMING_BYTES,
+    MAX_BATCH_BYTES,
+    MAX_EVENT_BYTES,
+    SENT_AT_BYTES,
+)
 from identity_service.feeds import Feed, FeedEntry
 from identity_service.metrics import Metrics
 from identity_service.settings import OutboxSettings
@@ -128,15 +134,17 @@ class Forwarder:
                 self._held.pop(0)
                 await self._feed.ack([entry])
                 continue
-            sizes = [len(event) for event in entry.events]
-            size = sum(sizes)
+            # Sizes as sent: stamped with sentAt, and a comma after each in the batch.
+            sizes = [len(event) + SENT_AT_BYTES for event in entry.events]
+            size = sum(sizes) + len(sizes)
             if sizes and max(sizes) > MAX_EVENT_BYTES:
                 self._held.pop(0)
                 await self._feed.dead_letter([entry], "event too large")
                 self._count("identity_events_dead_lettered_total", len(entry.events))
                 continue
             too_many = batch.events + len(entry.events) > settings.batch_max_events
-            if batch.entries and (too_many or batch.size + size > MAX_BATCH_BYTES):
+            too_big = batch.size + size > MAX_BATCH_BYTES - BATCH_FRAMING_BYTES
+            if batch.entries and (too_many or too_big):
                 break
             self._held.pop(0)
             batch.entries.append(entry)

@@ -155,7 +155,7 @@ class HandoffService:
         try:
             # Half the limit for the template leaves room for the exchange's properties.
             ev.check_size(started)
-            ev.check_size(template, limit=ev.MAX_EVENT_BYTES // 2)
+            ev.check_size(template, limit=ev.MAX_STORED_EVENT_BYTES // 2)
         except ev.EventTooLarge as exc:
             raise OversizedEvent(f"{exc}; send fewer traits or a smaller context") from exc
         return PrepareEvents(started=[started], completion=template)
@@ -171,7 +171,7 @@ class HandoffService:
         )
         try:
             # The template took at most half the event limit at prepare.
-            ev.check_size(facts, limit=ev.MAX_EVENT_BYTES // 2)
+            ev.check_size(facts, limit=ev.MAX_STORED_EVENT_BYTES // 2)
         except ev.EventTooLarge as exc:
             raise OversizedEvent(f"{exc}; send fewer properties") from exc
         return facts

@@ -34,7 +34,7 @@ def _problem(description: str, headers: tuple[str, ...] = ()) -> dict[str, Any]:
 _COMMON_PROBLEMS = {
     "400": _problem("Malformed JSON or a body that failed validation"),
     "401": _problem("Missing or wrong write key", ("WWW-Authenticate",)),
-    "413": _problem("Body over the size limit, or (prepare) an event over 32 KB"),
+    "413": _problem("Body over the size limit, or an event over 32 KB"),
     "415": _problem("Body is not application/json"),
     "503": _problem("The store is unavailable", ("Retry-After",)),
 }

@@ -60,6 +60,11 @@ def stamped(events: list[bytes]) -> list[bytes]:
     return [event[:-1] + (members if event != b"{}" else members[1:]) for event in events]
 
 
+def batch_body(events: list[bytes]) -> bytes:
+    """The JSON a batch API receives: the events, stamped, in ``{"batch": [...]}``."""
+    return b'{"batch":[' + b",".join(stamped(events)) + b"]}"
+
+
 class HttpSink:
     """POSTs ``{"batch": [...]}`` gzipped to the destination's /v1/batch with Basic auth."""
 
@@ -78,7 +83,7 @@ class HttpSink:
     async def send(self, events: list[bytes]) -> Delivery:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
-        body = gzip.compress(b'{"batch":[' + b",".join(stamped(events)) + b"]}", compresslevel=1)
+        body = gzip.compress(batch_body(events), compresslevel=1)
         try:
             async with self._session.post(
                 self._url, data=body, headers=self._headers, allow_redirects=False

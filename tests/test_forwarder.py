@@ -7,23 +7,37 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 
-from identity_service.constants import MAX_EVENT_BYTES
+from identity_service.constants import (
+    BATCH_FRAMING_BYTES,
+    MAX_BATCH_BYTES,
+    MAX_EVENT_BYTES,
+    SENT_AT_BYTES,
+)
 from identity_service.events import Event, join_documents, split_documents
 from identity_service.feeds import FeedEntry, MemoryFeed
 from identity_service.forwarder import GATHER_SECONDS, Forwarder
 from identity_service.metrics import Metrics
 from identity_service.settings import OutboxSettings
-from identity_service.sinks import DELIVERED, Delivery, classify, parse_retry_after, stamped
+from identity_service.sinks import (
+    DELIVERED,
+    Delivery,
+    batch_body,
+    classify,
+    parse_retry_after,
+    stamped,
+)
 from identity_service.stores.memory import MemoryOutbox
 
 
 class RecordingSink:
     def __init__(self, answers: list[Delivery] | None = None) -> None:
         self.batches: list[list[Event]] = []
+        self.body_sizes: list[int] = []  # as a batch API receives them
         self.answers = answers or []
 
     async def send(self, events: list[bytes]) -> Delivery:
         self.batches.append([orjson.loads(event) for event in events])
+        self.body_sizes.append(len(batch_body(events)))
         return self.answers.pop(0) if self.answers else DELIVERED
 
     async def close(self) -> None:
@@ -32,6 +46,11 @@ class RecordingSink:
 
 def event(number: int, size: int = 10) -> Event:
     return {"type": "track", "messageId": f"m-{number}", "properties": {"pad": "x" * size}}
+
+
+def event_of(number: int, encoded_bytes: int) -> Event:
+    """An event whose JSON document is exactly ``encoded_bytes`` long."""
+    return event(number, encoded_bytes - len(orjson.dumps(event(number, 0))))
 
 
 @pytest.fixture
@@ -70,24 +89,29 @@ async def test_batches_close_at_the_event_limit(outbox: MemoryOutbox) -> None:
     assert [len(b) for b in sink.batches] == [10, 10, 5]
 
 
-async def test_batches_stay_under_500_kb(outbox: MemoryOutbox) -> None:
+async def test_batches_stay_under_500_kb_as_sent(outbox: MemoryOutbox) -> None:
     sink = RecordingSink()
+    # 40 of these make 499,480 bytes stored, but more than 500,000 once stamped and framed.
     async for _ in forward(outbox, sink, batch_max_events=2500):
-        outbox.extend([event(n, size=30_000) for n in range(40)])
+        outbox.extend([event_of(n, 12_487) for n in range(40)])
         await wait_until(lambda: sum(len(b) for b in sink.batches) == 40)
-    assert all(len(b) <= 16 for b in sink.batches)
-    assert len(sink.batches) >= 3
+    assert len(sink.batches) == 2
+    assert max(sink.body_sizes) <= MAX_BATCH_BYTES
 
 
-async def test_an_event_over_32_kb_is_dead_lettered_alone(outbox: MemoryOutbox) -> None:
+async def test_an_event_over_32_kb_as_sent_is_dead_lettered_alone(outbox: MemoryOutbox) -> None:
     sink = RecordingSink()
+    largest = MAX_EVENT_BYTES - SENT_AT_BYTES
     async for forwarder in forward(outbox, sink):
-        outbox.extend([event(1), event(2, size=MAX_EVENT_BYTES), event(3)])
+        outbox.extend([event_of(1, largest), event_of(2, largest + 1), event(3)])
         await wait_until(lambda: sum(len(b) for b in sink.batches) == 2)
         feed = forwarder._feed
         assert isinstance(feed, MemoryFeed)
         assert [orjson.loads(e.events[0])["messageId"] for e in feed.dead] == ["m-2"]
     assert [e["messageId"] for b in sink.batches for e in b] == ["m-1", "m-3"]
+    # The largest event went out at exactly the limit once stamped.
+    third = len(orjson.dumps(event(3))) + SENT_AT_BYTES
+    assert sink.body_sizes == [BATCH_FRAMING_BYTES + MAX_EVENT_BYTES + 1 + third]
 
 
 async def test_retries_then_delivers_the_same_batch(outbox: MemoryOutbox) -> None:
