@@ -23,6 +23,8 @@ PREPARE_FIELDS = frozenset(
 )
 EXCHANGE_FIELDS = frozenset({"token", "fallback", "event", "properties"})
 MAX_EVENT_NAME_LENGTH = 200
+# orjson reads 1024 levels but writes only about 250; real traits or context nest a few.
+MAX_JSON_DEPTH = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +55,22 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise MalformedJson(f"the body could not be parsed: {exc.msg}") from exc
     if not isinstance(data, dict):
         raise MalformedJson("the body must be a JSON object")
+    # Fewer openers than the limit cannot nest deeper than it: the walk is rarely needed.
+    if body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH and _nests_deeper(data):
+        raise MalformedJson(f"the body nests objects and arrays over {MAX_JSON_DEPTH} deep")
     return data
+
+
+def _nests_deeper(data: dict[str, Any], limit: int = MAX_JSON_DEPTH) -> bool:
+    pending: list[tuple[Any, int]] = [(data, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > limit:
+            return True
+        for child in value.values() if isinstance(value, dict) else value:
+            if isinstance(child, dict | list):
+                pending.append((child, depth + 1))
+    return False
 
 
 class _Checker:

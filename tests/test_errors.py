@@ -28,6 +28,12 @@ def body(**fields: Any) -> bytes:
     return orjson.dumps({**GOOD_PREPARE, **fields})
 
 
+def nested(field: str, depth: int, base: dict[str, Any] = GOOD_PREPARE) -> bytes:
+    """``base`` with ``field`` holding ``depth`` nested objects (orjson writes only ~250)."""
+    value = b'{"a":' * depth + b"1" + b"}" * depth
+    return orjson.dumps(base)[:-1] + b',"' + field.encode() + b'":' + value + b"}"
+
+
 def without(field: str) -> bytes:
     return orjson.dumps({k: v for k, v in GOOD_PREPARE.items() if k != field})
 
@@ -75,6 +81,9 @@ BAD_BODIES: list[tuple[str, str, bytes, dict[str, str], int, str, str | None]] =
     ("event too long", EXCHANGE, orjson.dumps({"token": "x", "event": "e" * 201}), JSON, 400, "validation-failed", "event"),
     ("properties list", EXCHANGE, b'{"token": "x", "properties": [1]}', JSON, 400, "validation-failed", "properties"),
     ("fallback string", EXCHANGE, b'{"token": "x", "fallback": "yes"}', JSON, 400, "validation-failed", "fallback"),
+    ("traits nested 300 deep", PREPARE, nested("traits", 300), JSON, 400, "malformed-json", None),
+    ("context nested 32 deep", PREPARE, nested("context", 32), JSON, 400, "malformed-json", None),
+    ("properties nested 300 deep", EXCHANGE, nested("properties", 300, {"token": "x"}), JSON, 400, "malformed-json", None),
     ("unknown token", EXCHANGE, b'{"token": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}', JSON, 404, "token-not-found", None),
     ("garbage token", EXCHANGE, b'{"token": "not a token at all"}', JSON, 404, "token-not-found", None),
 ]  # fmt: skip
@@ -118,6 +127,13 @@ async def test_all_validation_errors_are_reported_together(client: AppClient) ->
     problem = await response.json(content_type=None)
     fields = {error["field"] for error in problem["errors"]}
     assert fields == {"anonymousId", "destination", "ttl", "extra"}
+
+
+async def test_nesting_up_to_the_limit_is_accepted(client: AppClient) -> None:
+    response = await client.post(
+        PREPARE, data=nested("context", 31), headers={**JSON, **auth("shop")}
+    )
+    assert response.status == 201, await response.text()
 
 
 @pytest.mark.parametrize("path", [PREPARE, EXCHANGE])
