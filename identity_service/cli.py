@@ -28,8 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return outbox(args.config, args.action, args.json, args.destination)
     if args.command == "hash-key":
         write_key = sys.stdin.readline().strip()
-        if not write_key:
-            print("hash-key: give the write key on standard input", file=sys.stderr)
+        if not write_key or not write_key.isascii():
+            print("hash-key: give the write key (ASCII) on standard input", file=sys.stderr)
             return 2
         print(hash_write_key(write_key))
         return 0

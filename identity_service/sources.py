@@ -119,19 +119,24 @@ class SourceRegistry:
 
 
 def write_key_from_header(authorization: str | None) -> str | None:
-    """The write key in ``Basic base64(key:)`` or ``Bearer key``, or None."""
+    """The write key in ``Basic base64(key:)`` or ``Bearer key``, or None.
+
+    Write keys are ASCII (``hash-key`` refuses others): the HTTP front and aiohttp decode
+    other header bytes differently, and no other key can match anyway.
+    """
     if not authorization:
         return None
     scheme, _, credentials = authorization.partition(" ")
     scheme = scheme.lower()
     credentials = credentials.strip()
     if scheme == "bearer":
-        return credentials or None
-    if scheme != "basic":
+        key = credentials
+    elif scheme == "basic":
+        try:
+            decoded = base64.b64decode(credentials, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        key = decoded.partition(":")[0]
+    else:
         return None
-    try:
-        decoded = base64.b64decode(credentials, validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    user, _, _password = decoded.partition(":")
-    return user or None
+    return key if key and key.isascii() else None

@@ -219,6 +219,8 @@ def test_hash_key_reads_the_key_from_stdin() -> None:
         [COMMAND, "hash-key"], input="my-write-key\n", capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == hash_write_key("my-write-key")
+    refused = subprocess.run([COMMAND, "hash-key"], input="clé\n", capture_output=True, text=True)
+    assert refused.returncode == 2 and "ASCII" in refused.stderr
 
 
 def test_new_key_prints_a_key_and_its_hash() -> None:

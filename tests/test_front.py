@@ -269,3 +269,22 @@ async def test_a_hand_over_after_many_pipelined_requests_is_answered(front: AppC
     writer.close()
     assert [status for status, _, _ in answers] == [201] * 300 + [200]
     assert "server" in answers[-1][1]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["front", "aiohttp"])
+async def test_a_key_of_bytes_that_are_not_ascii_gets_401(front: AppClient, chunked: bool) -> None:
+    reader, writer = await open_socket(front)
+    if chunked:  # handed to aiohttp, which reads headers as UTF-8 with surrogates
+        framing = b"Transfer-Encoding: chunked\r\n"
+        body = f"{len(PREPARE_BODY):x}\r\n".encode() + PREPARE_BODY + b"\r\n0\r\n\r\n"
+    else:
+        framing, body = f"Content-Length: {len(PREPARE_BODY)}\r\n".encode(), PREPARE_BODY
+    writer.write(
+        b"POST /v1/handoffs HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer \xff\xfe-key\r\n" + framing + b"\r\n" + body
+    )
+    status, headers, answer = await read_response(reader)
+    writer.close()
+    assert status == 401
+    assert headers["content-type"] == "application/problem+json"
+    assert orjson.loads(answer)["type"].endswith(":unauthorized")
