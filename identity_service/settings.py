@@ -276,20 +276,24 @@ class _Reader:
         url = self.text("destination_url", None)
         write_key = self.text("destination_write_key", None)
         if url is not None or write_key is not None:
-            found.extend(self._http_destination("default", url, write_key, "IDENTITY_DESTINATION_"))
-        table = self.file.get("destinations") or {}
+            env = c.ENV_PREFIX + "DESTINATION_"
+            found.extend(
+                self._http_destination(
+                    "default", (url, env + "URL"), (write_key, env + "WRITE_KEY")
+                )
+            )
+        table = self.table("destinations") or {}
         if not isinstance(table, dict):
             self.problems.append("destinations must be a table of destination name to settings")
             table = {}
         for name, spec in table.items():
+            where = f"destinations.{name}"
             if not isinstance(spec, dict) or set(spec) - {"url", "write_key"}:
-                self.problems.append(f"destinations.{name} must be a table with url and write_key")
+                self.problems.append(f"{where} must be a table with url and write_key")
                 continue
-            found.extend(
-                self._http_destination(
-                    str(name), spec.get("url"), spec.get("write_key"), f"destinations.{name}."
-                )
-            )
+            url_setting = (spec.get("url"), f"{where}.url")
+            key_setting = (spec.get("write_key"), f"{where}.write_key")
+            found.extend(self._http_destination(str(name), url_setting, key_setting))
         events_file = self.text("events_file", None)
         if events_file is not None:
             found.append(Destination("file", "file", path=events_file))
@@ -304,14 +308,16 @@ class _Reader:
         return found or [Destination("stdout", "stdout")]
 
     def _http_destination(
-        self, name: str, url: Any, write_key: Any, where: str
+        self, name: str, url_setting: tuple[Any, str], key_setting: tuple[Any, str]
     ) -> list[Destination]:
+        """A destination from its (value, setting name) pairs for the URL and write key."""
+        (url, url_name), (write_key, key_name) = url_setting, key_setting
         problems = len(self.problems)
         parsed = urlsplit(url) if isinstance(url, str) else None
         if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
-            self.problems.append(f"{where}URL must be an http(s) URL of a Segment-compatible API")
+            self.problems.append(f"{url_name} must be an http(s) URL of a Segment-compatible API")
         if not isinstance(write_key, str) or not write_key:
-            self.problems.append(f"{where}WRITE_KEY is required with {where}URL")
+            self.problems.append(f"{key_name} is required with {url_name}")
         if len(self.problems) > problems:
             return []
         return [Destination(name, "http", url=str(url), write_key=str(write_key))]
@@ -346,15 +352,19 @@ class _Reader:
             self.problems.append(f"{c.ENV_PREFIX}REDIS_URL: {exc}")
             return None
 
+    def table(self, name: str) -> Any:
+        """A table setting: JSON in the environment, else the file's table, else None."""
+        env_name = c.ENV_PREFIX + name.upper()
+        if env_name not in self.environ:
+            return self.file.get(name)
+        try:
+            return json.loads(self.environ[env_name])
+        except json.JSONDecodeError as exc:
+            self.problems.append(f"{env_name} is not valid JSON: {exc.msg}")
+            return None
+
     def sources(self) -> list[Source]:
-        raw: Any = self.file.get("sources")
-        env_name = c.ENV_PREFIX + "SOURCES"
-        if env_name in self.environ:
-            try:
-                raw = json.loads(self.environ[env_name])
-            except json.JSONDecodeError as exc:
-                self.problems.append(f"{env_name} is not valid JSON: {exc.msg}")
-                return []
+        raw = self.table("sources")
         if raw is None:
             return []
         if not isinstance(raw, dict):

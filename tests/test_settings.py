@@ -243,6 +243,26 @@ write_key = "wk2"
     assert destinations[1].batch_url == "http://rudderstack.internal:8080/v1/batch"
 
 
+def test_destinations_from_the_environment_as_json() -> None:
+    settings = load_settings(
+        {
+            "IDENTITY_DESTINATIONS": json.dumps(
+                {"segment": {"url": "https://api.segment.io", "write_key": "wk"}}
+            )
+        }
+    )
+    assert [(d.name, d.kind) for d in settings.outbox.destinations] == [("segment", "http")]
+    problems = problems_of(
+        {"IDENTITY_DESTINATIONS": json.dumps({"rudder": {"url": "ftp://x"}})}
+    ) + problems_of({"IDENTITY_DESTINATIONS": "{not json"})
+    for expected in (
+        "destinations.rudder.url must be an http(s) URL",
+        "destinations.rudder.write_key is required",
+        "IDENTITY_DESTINATIONS is not valid JSON",
+    ):
+        assert any(p.startswith(expected) for p in problems), (expected, problems)
+
+
 def test_bad_event_settings_are_explained() -> None:
     problems = problems_of(
         {
