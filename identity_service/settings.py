@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
@@ -30,6 +30,7 @@ T = TypeVar("T")
 
 CONFIG_FILE_VAR = c.ENV_PREFIX + "CONFIG_FILE"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_TLS_CERT_REQS = ("none", "optional", "required")
 SETTING_NAMES = frozenset(
     {
         "sources", "secret", "dev_write_key", "redis_url", "redis_timeout",
@@ -66,6 +67,10 @@ class RedisSettings:
         scheme = urlsplit(dsn).scheme
         if scheme not in REDIS_SCHEMES:
             raise ValueError(f"scheme must be one of {', '.join(REDIS_SCHEMES)}, not {scheme!r}")
+        cert_reqs = parse_qs(urlsplit(dsn).query).get("ssl_cert_reqs", ["required"])[-1]
+        if cert_reqs not in REDIS_TLS_CERT_REQS:
+            allowed = ", ".join(REDIS_TLS_CERT_REQS)
+            raise ValueError(f"ssl_cert_reqs must be one of {allowed}, not {cert_reqs!r}")
         return cls(url=dsn, **options)
 
 

@@ -26,11 +26,13 @@ def _answers_ping(port: int) -> bool:
 class RedisServer:
     """One redis-server in its own directory; ``stop`` and ``start`` keep its port."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, **options: str) -> None:
+        """``options`` are more redis-server settings (``tls_port="…"`` for --tls-port)."""
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
         self.directory = directory
         self.port = free_port()
+        self._options = {name.replace("_", "-"): value for name, value in options.items()}
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -51,6 +53,7 @@ class RedisServer:
             "enable-debug-command": "local",
             "dir": str(self.directory),
             "logfile": str(self.directory / "redis.log"),
+            **self._options,
         }
         args = [part for name, value in options.items() for part in (f"--{name}", value)]
         self._process = subprocess.Popen(

@@ -1,9 +1,18 @@
 """The pipelined RESP client against a real redis-server."""
 
 import asyncio
+import datetime
+import ipaddress
 import socket
+import ssl
+from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from redis.asyncio import Redis
 
 from identity_service.stores.resp import ReplyError, RespClient, Script
@@ -119,3 +128,72 @@ async def test_closing_while_connecting_keeps_no_connection(private_redis: Redis
         await connecting
     with pytest.raises(ConnectionError, match="closed"):
         await client.execute("PING")
+
+
+def write_tls_files(directory: Path) -> None:
+    """A CA, and a certificate for 127.0.0.1 that it signed: ca.pem, server.pem, server.key."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(
+        name: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, signer: Any, ca: bool
+    ) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            address = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+            builder = builder.add_extension(x509.SubjectAlternativeName([address]), False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, server_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = certificate("test CA", ca_key, ca_name, ca_key, ca=True)
+    server = certificate("127.0.0.1", server_key, ca_name, ca_key, ca=False)
+    pem = serialization.Encoding.PEM
+    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (directory / "server.pem").write_bytes(server.public_bytes(pem))
+    (directory / "server.key").write_bytes(
+        server_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+
+
+async def test_rediss_urls_verify_as_their_parameters_say(tmp_path: Path) -> None:
+    write_tls_files(tmp_path)
+    tls_port = free_port()
+    server = RedisServer(
+        tmp_path,
+        tls_port=str(tls_port),
+        tls_cert_file=str(tmp_path / "server.pem"),
+        tls_key_file=str(tmp_path / "server.key"),
+        tls_ca_cert_file=str(tmp_path / "ca.pem"),
+        tls_auth_clients="no",
+    )
+    server.start()
+    base = f"rediss://127.0.0.1:{tls_port}/0"
+    try:
+        for url in (f"{base}?ssl_ca_certs={tmp_path / 'ca.pem'}", f"{base}?ssl_cert_reqs=none"):
+            client = RespClient(url, timeout=5)
+            try:
+                assert await client.execute("PING") == b"PONG", url
+            finally:
+                await client.close()
+        unknown_ca = RespClient(base, timeout=5)  # the system's CAs do not know this one
+        try:
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await unknown_ca.execute("PING")
+        finally:
+            await unknown_ca.close()
+    finally:
+        server.stop()

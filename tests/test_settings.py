@@ -50,6 +50,9 @@ def test_redis_settings_from_dsn() -> None:
     assert RedisSettings.from_dsn("unix:///run/redis.sock").url.startswith("unix://")
     with pytest.raises(ValueError, match="scheme"):
         RedisSettings.from_dsn("http://redis:6379")
+    assert RedisSettings.from_dsn("rediss://redis:6380/0?ssl_cert_reqs=none")
+    with pytest.raises(ValueError, match="ssl_cert_reqs must be one of none, optional, required"):
+        RedisSettings.from_dsn("rediss://redis:6380/0?ssl_cert_reqs=maybe")
 
 
 def test_every_problem_is_reported_at_once() -> None:

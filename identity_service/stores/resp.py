@@ -182,9 +182,11 @@ class RespClient:
             if options.get("connection_class") is UnixDomainSocketConnection:
                 await loop.create_unix_connection(lambda: connection, options["path"])
             else:
-                tls = None
-                if options.get("connection_class") is SSLConnection:
-                    tls = ssl.create_default_context()
+                tls = (
+                    tls_context(options)
+                    if options.get("connection_class") is SSLConnection
+                    else None
+                )
                 await loop.create_connection(
                     lambda: connection,
                     options.get("host", "localhost"),
@@ -205,6 +207,22 @@ class RespClient:
                 connection.abort(ConnectionError("redis handshake failed"))
                 raise
         return connection
+
+
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def tls_context(options: dict[str, Any]) -> ssl.SSLContext:
+    """TLS as a ``rediss://`` URL's parameters ask, as redis-py reads them: ``ssl_ca_certs``,
+    ``ssl_cert_reqs`` (none, optional, required), ``ssl_check_hostname``, ``ssl_certfile``
+    and ``ssl_keyfile`` for a client certificate."""
+    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+    verify = _CERT_REQS[options.get("ssl_cert_reqs", "required")]  # checked by the settings
+    context.check_hostname = verify != ssl.CERT_NONE and options.get("ssl_check_hostname", True)
+    context.verify_mode = verify
+    if options.get("ssl_certfile"):
+        context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+    return context
 
 
 def _pack(args: tuple[Arg, ...]) -> bytes:
