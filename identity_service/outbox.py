@@ -27,12 +27,11 @@ async def running_forwarders(
     """Start one forwarder per destination; on exit stop them, finishing batches in flight."""
     redis = None
     if settings.redis is not None:
-        # Reads block up to IDLE_READ_SECONDS, so the socket timeout must exceed that.
+        # For the rarer commands (groups, reclaim, trim, dead letters), one at a time per
+        # forwarder; the blocking reads have connections of their own (below).
         redis = connect(
             dataclasses.replace(
-                settings.redis,
-                timeout=settings.redis.timeout + IDLE_READ_SECONDS,
-                max_connections=2 + 2 * len(settings.outbox.destinations),
+                settings.redis, max_connections=1 + len(settings.outbox.destinations)
             )
         )
     forwarders = []
@@ -68,6 +67,8 @@ async def running_forwarders(
             _, late = await asyncio.wait(tasks, timeout=timeout)
             for task in late:
                 task.cancel()
+            # Nothing below may run under a forwarder still unwinding.
+            await asyncio.gather(*late, return_exceptions=True)
         if redis is None:
             for forwarder in forwarders:
                 await forwarder.drain(seconds=timeout)
