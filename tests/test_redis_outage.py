@@ -1,4 +1,7 @@
-"""Redis down or slow: 503 with Retry-After, the process stays up, and recovers by itself."""
+"""Redis down or slow: 503 with Retry-After, the process stays up, and recovers by itself.
+
+The clients listen through the HTTP front, as the service does.
+"""
 
 import asyncio
 import socket
@@ -7,14 +10,24 @@ from typing import Any
 
 from identity_service.app import create_app
 from identity_service.problems import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX
-from tests.conftest import CHECKOUT_URL, AppClient, auth, exchange, make_settings, prepare
+from tests.conftest import (
+    CHECKOUT_URL,
+    AppClient,
+    FrontTestServer,
+    auth,
+    exchange,
+    make_settings,
+    prepare,
+)
 from tests.redis_server import RedisServer
 
 ClientMaker = Callable[..., Awaitable[AppClient]]
 
 
-async def assert_unavailable(response: Any) -> None:
+async def assert_unavailable(response: Any, by_front: bool = True) -> None:
+    """A 503 problem with Retry-After; answered by the front (which sends no Server)."""
     assert response.status == 503
+    assert ("Server" not in response.headers) == by_front
     assert response.content_type == PROBLEM_CONTENT_TYPE
     assert response.headers["Retry-After"] == "2"
     problem = await response.json(content_type=None)
@@ -26,19 +39,22 @@ async def test_redis_down_answers_503_and_recovers_when_it_returns(
     aiohttp_client: ClientMaker, private_redis: RedisServer
 ) -> None:
     settings = make_settings(private_redis.url, retry_after="2", redis_timeout="0.5")
-    client = await aiohttp_client(create_app(settings))
+    client = await aiohttp_client(FrontTestServer(create_app(settings)))
     token_before = (await prepare(client))["token"]
 
     private_redis.stop()
 
     body = {"anonymousId": "a", "destination": CHECKOUT_URL}
     await assert_unavailable(await client.post("/v1/handoffs", json=body, headers=auth("shop")))
-    await assert_unavailable(
-        await client.post(
-            "/v1/handoffs/exchange", json={"token": token_before}, headers=auth("checkout")
+    for fallback in (False, True):  # a miss cannot be told from an outage: no new identity
+        await assert_unavailable(
+            await client.post(
+                "/v1/handoffs/exchange",
+                json={"token": token_before, "fallback": fallback},
+                headers=auth("checkout"),
+            )
         )
-    )
-    await assert_unavailable(await client.get("/readyz"))
+    await assert_unavailable(await client.get("/readyz"), by_front=False)
     assert (await client.get("/healthz")).status == 200
 
     private_redis.start()
@@ -52,18 +68,20 @@ async def test_redis_too_slow_answers_503(
     aiohttp_client: ClientMaker, private_redis: RedisServer
 ) -> None:
     settings = make_settings(private_redis.url, retry_after="2", redis_timeout="0.2")
-    client = await aiohttp_client(create_app(settings))
+    client = await aiohttp_client(FrontTestServer(create_app(settings)))
     token = (await prepare(client))["token"]
 
-    blocker = socket.create_connection(("127.0.0.1", private_redis.port))
+    admin = socket.create_connection(("127.0.0.1", private_redis.port), timeout=5)
     try:
-        blocker.sendall(b"DEBUG SLEEP 1\r\n")
-        await asyncio.sleep(0.05)
+        # Its +OK means every client is held from now on, for a second.
+        admin.sendall(b"CLIENT PAUSE 1000 ALL\r\n")
+        assert (await asyncio.to_thread(admin.recv, 16)).startswith(b"+OK")
         body = {"anonymousId": "a", "destination": CHECKOUT_URL}
         await assert_unavailable(await client.post("/v1/handoffs", json=body, headers=auth("shop")))
-        assert blocker.recv(16).startswith(b"+OK")
+        admin.sendall(b"PING\r\n")  # answered once the pause is over
+        assert (await asyncio.to_thread(admin.recv, 16)).startswith(b"+PONG")
     finally:
-        blocker.close()
+        admin.close()
 
     # The store recovers without a restart, and the earlier handoff is intact.
     status, identity = await exchange(client, token)
