@@ -2,12 +2,13 @@
 
 import base64
 import uuid
-from datetime import datetime, timedelta
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
 from aiohttp import web
 
 from identity_service import app_keys
+from identity_service.clock import iso_time
 from tests.conftest import (
     CHECKOUT_URL,
     WRITE_KEYS,
@@ -19,18 +20,30 @@ from tests.conftest import (
 )
 
 
-async def test_prepare_answers_token_expiry_and_redirect_url(client: AppClient) -> None:
+class FixedClock:
+    """Stands in for the time module in handoff.py: ``time()`` is always ``NOW``."""
+
+    NOW = 1_795_000_000.25
+
+    @staticmethod
+    def time() -> float:
+        return FixedClock.NOW
+
+
+@pytest.fixture
+def fixed_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("identity_service.handoff.time", FixedClock)
+
+
+async def test_prepare_answers_token_expiry_and_redirect_url(
+    client: AppClient, fixed_clock: None
+) -> None:
     answer = await prepare(client)
 
     token = answer["token"]
     assert len(base64.urlsafe_b64decode(token + "=")) == 32
     assert answer["expiresIn"] == 300
-    expires_at = datetime.fromisoformat(answer["expiresAt"])
-    assert (
-        timedelta(seconds=298)
-        < expires_at - datetime.now(expires_at.tzinfo)
-        <= timedelta(seconds=300)
-    )
+    assert answer["expiresAt"] == iso_time(FixedClock.NOW + 300)
     redirect = urlsplit(answer["redirectUrl"])
     assert (redirect.scheme, redirect.netloc, redirect.path) == (
         "https",
@@ -46,7 +59,9 @@ async def test_tokens_are_unique(client: AppClient) -> None:
     assert len(tokens) == 50
 
 
-async def test_exchange_restores_the_whole_identity_once(client: AppClient) -> None:
+async def test_exchange_restores_the_whole_identity_once(
+    client: AppClient, fixed_clock: None
+) -> None:
     token = (
         await prepare(
             client,
@@ -68,9 +83,7 @@ async def test_exchange_restores_the_whole_identity_once(client: AppClient) -> N
     assert identity["source"] == "handoff"
     assert identity["preparedBy"] == "shop"
     assert identity["destination"] == CHECKOUT_URL
-    assert datetime.fromisoformat(identity["preparedAt"]) <= datetime.now(
-        datetime.fromisoformat(identity["preparedAt"]).tzinfo
-    )
+    assert identity["preparedAt"] == iso_time(FixedClock.NOW)
     again, problem = await exchange(client, token)
     assert again == 404
     assert problem["type"].endswith(":token-not-found")
