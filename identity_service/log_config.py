@@ -15,7 +15,6 @@ the server calls it when it stops, and it runs at exit.
 import asyncio
 import atexit
 import logging
-import select
 import sys
 import time
 from contextvars import ContextVar
@@ -26,6 +25,7 @@ import structlog
 from structlog.typing import EventDict, WrappedLogger
 
 from identity_service.clock import iso_time
+from identity_service.lines import write_lines
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _LEVELS["error"] = logging.ERROR
@@ -63,21 +63,7 @@ class BufferedBytesLogger:
         if not self._lines:
             return
         lines, self._lines, self._size = self._lines, [], 0
-        # Writes of at most PIPE_BUF bytes to a pipe are atomic, so the lines of several
-        # worker processes sharing standard output never interleave mid-line.
-        chunk: list[bytes] = []
-        size = 0
-        for line in lines:
-            if size + len(line) > select.PIPE_BUF and chunk:
-                self._write(chunk)
-                chunk, size = [], 0
-            chunk.append(line)
-            size += len(line)
-        self._write(chunk)
-
-    def _write(self, lines: list[bytes]) -> None:
-        self._file.write(b"".join(lines))
-        self._file.flush()
+        write_lines(self._file, lines)
 
 
 _output = BufferedBytesLogger(sys.stdout.buffer)

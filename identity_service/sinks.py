@@ -21,6 +21,7 @@ import aiohttp
 
 from identity_service import __version__
 from identity_service.clock import iso_time
+from identity_service.lines import write_lines
 from identity_service.settings import Destination, OutboxSettings
 
 
@@ -125,11 +126,11 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 class StdoutSink:
-    """Writes each event as a JSON line on standard output (the embedded default)."""
+    """Writes each event as a JSON line on standard output (the embedded default), in
+    whole lines, so workers sharing it (and their logs) never interleave mid-line."""
 
     async def send(self, events: list[bytes]) -> Delivery:
-        sys.stdout.buffer.write(b"".join(event + b"\n" for event in stamped(events)))
-        sys.stdout.buffer.flush()
+        write_lines(sys.stdout.buffer, [event + b"\n" for event in stamped(events)])
         return DELIVERED
 
     async def close(self) -> None:
