@@ -127,6 +127,8 @@ def outbox(config: Path | None, action: str, as_json: bool, retired: str | None 
             f"identity-service: {retired!r} is still configured; remove it first", file=sys.stderr
         )
         return 2
+    from redis.exceptions import RedisError
+
     from identity_service.outbox_admin import outbox_status, replay_dead, retire_destination
     from identity_service.stores.redis import connect
 
@@ -153,7 +155,11 @@ def outbox(config: Path | None, action: str, as_json: bool, retired: str | None 
             print(f"{s.destination:<20} {s.pending:>8} {s.in_flight:>10} {s.dead:>8} {age:>10}")
         return 0
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except (RedisError, OSError) as exc:
+        print(f"identity-service: Redis: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 def serve(host: str, port: int, config: Path | None, workers: int | None = None) -> int:

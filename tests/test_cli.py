@@ -317,3 +317,17 @@ async def test_outbox_retire_removes_a_destination_no_longer_configured(
     assert "from 1 outbox streams" in retired.stdout
     assert await redis_client.xinfo_groups(stream) == []
     await redis_client.delete(stream)
+
+
+def test_outbox_commands_say_when_redis_cannot_be_reached() -> None:
+    env = clean_env(
+        IDENTITY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+        IDENTITY_SECRET=SECRET,
+        IDENTITY_SOURCES=sources_env(),
+    )
+    result = subprocess.run(
+        [COMMAND, "outbox", "status"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("identity-service: Redis: ConnectionError")
+    assert "Traceback" not in result.stderr
