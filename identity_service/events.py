@@ -1,10 +1,16 @@
 """Segment-spec events for handoffs: what is emitted at prepare, at exchange and on a miss.
 
-A prepare emits a ``track`` for domain A at once, and leaves a *completion template* (the
-identity part of domain B's events) with the handoff. The exchange adds its *facts* (event
-name, properties, time); ``complete`` joins the two into the completion ``track`` and, with
-a userId, an ``identify``. ``messageId`` is derived from the handoff and the step, so a
-re-delivery carries the same id and a deduplicating destination counts it once.
+A prepare emits a ``track`` for domain A at once, with domain A's context, and leaves a
+*completion template* (the identity part of domain B's events) with the handoff. The
+exchange adds its *facts* (event name, properties, domain B's context, time); ``complete``
+joins the two into the completion ``track`` and, with a userId, an ``identify``.
+``messageId`` is derived from the handoff and the step, so a re-delivery carries the same
+id and a deduplicating destination counts it once.
+
+Every event is at most 32 KB as sent. Domain B's events are made of both halves, each
+checked before the other is known: the completion track takes only the anonymousId and
+userId from the handoff, so the exchange is checked with the longest ones; the identify
+takes the handoff's traits and the exchange's context, which get half the limit each.
 """
 
 import hashlib
@@ -14,13 +20,14 @@ from typing import Any
 import orjson
 
 from identity_service import __version__
-from identity_service.constants import MAX_EVENT_BYTES, SENT_AT_BYTES
+from identity_service.constants import MAX_EVENT_BYTES, MAX_ID_LENGTH, SENT_AT_BYTES
 from identity_service.sources import Source, origin_allowed
 
 Event = dict[str, Any]
-# An event as stored, leaving room for the sentAt that delivery adds.
-MAX_STORED_EVENT_BYTES = MAX_EVENT_BYTES - SENT_AT_BYTES
 LIBRARY = {"name": "identity-service", "version": __version__}
+# Of domain B's identify event, the exchange's context may take this much, the rest is
+# the handoff's (its ids and traits).
+EXCHANGE_CONTEXT_ROOM = MAX_EVENT_BYTES // 2
 
 
 class EventTooLarge(ValueError):
@@ -75,7 +82,6 @@ def completion_template(
     anonymous_id: str | None,
     user_id: str | None,
     traits: dict[str, Any],
-    context: dict[str, Any],
     source: str,
     destination_origin: str,
 ) -> dict[str, Any]:
@@ -88,19 +94,30 @@ def completion_template(
         "anonymousId": anonymous_id,
         "userId": user_id,
         "traits": traits,
-        "context": context,
+        # Domain B's events carry the exchange's context; an empty one is kept for the
+        # forwarders of 0.2.0, which read it, during a rolling upgrade.
+        "context": {},
         "preparedBy": source,
         "destinationOrigin": destination_origin,
     }
 
 
 def exchange_facts(
-    *, event: str, properties: dict[str, Any], receiver: Source, timestamp: str
+    *,
+    event: str,
+    properties: dict[str, Any],
+    context: dict[str, Any],
+    receiver: Source,
+    timestamp: str,
 ) -> dict[str, Any]:
-    """What the exchange adds to the completion; ``receiver`` is the exchanging source."""
+    """What the exchange adds to the completion; ``receiver`` is the exchanging source.
+
+    ``context`` is domain B's (its page, ip, userAgent...): domain B's events carry it.
+    """
     return {
         "event": event,
         "properties": properties,
+        "context": context,
         "source": receiver.name,
         "receiverOrigins": sorted(receiver.origins),
         "receiverAllowsLocalhost": receiver.allow_localhost,
@@ -119,39 +136,51 @@ def complete(template: dict[str, Any], facts: dict[str, Any]) -> list[Event]:
     )
     if not allowed:
         return []
-    context = with_library(template["context"])
-    properties = {**facts["properties"], "source": "cross_domain"}
-    events = [
-        _identified(
-            {
-                "type": "track",
-                "event": facts["event"],
-                "properties": properties,
-                "context": context,
-                "messageId": template["messageIds"]["completed"],
-                "timestamp": facts["timestamp"],
-                "integrations": {},
-            },
-            template["anonymousId"],
-            template["userId"],
-        )
-    ]
+    events = [_completed_track(template, facts)]
     if template["userId"] is not None:
-        events.append(
-            _identified(
-                {
-                    "type": "identify",
-                    "traits": template["traits"],
-                    "context": context,
-                    "messageId": template["messageIds"]["identify"],
-                    "timestamp": facts["timestamp"],
-                    "integrations": {},
-                },
-                template["anonymousId"],
-                template["userId"],
-            )
-        )
+        events.append(_identify(template, facts))
     return events
+
+
+def completion_count(user_id: str | None) -> int:
+    """How many events ``complete`` makes: the track, and an identify with a userId."""
+    return 1 if user_id is None else 2
+
+
+def _context_of(facts: dict[str, Any]) -> dict[str, Any]:
+    # The facts of exchanges made by 0.2.0 have no context.
+    return with_library(facts.get("context", {}))
+
+
+def _completed_track(template: dict[str, Any], facts: dict[str, Any]) -> Event:
+    return _identified(
+        {
+            "type": "track",
+            "event": facts["event"],
+            "properties": {**facts["properties"], "source": "cross_domain"},
+            "context": _context_of(facts),
+            "messageId": template["messageIds"]["completed"],
+            "timestamp": facts["timestamp"],
+            "integrations": {},
+        },
+        template["anonymousId"],
+        template["userId"],
+    )
+
+
+def _identify(template: dict[str, Any], facts: dict[str, Any]) -> Event:
+    return _identified(
+        {
+            "type": "identify",
+            "traits": template["traits"],
+            "context": _context_of(facts),
+            "messageId": template["messageIds"]["identify"],
+            "timestamp": facts["timestamp"],
+            "integrations": {},
+        },
+        template["anonymousId"],
+        template["userId"],
+    )
 
 
 def fallback_event(*, anonymous_id: uuid.UUID, facts: dict[str, Any]) -> Event:
@@ -170,7 +199,7 @@ def fallback_event(*, anonymous_id: uuid.UUID, facts: dict[str, Any]) -> Event:
             "source": "cross_domain",
             "anonymousId_source": "generated",
         },
-        "context": with_library({}),
+        "context": _context_of(facts),
         "messageId": message_id(anonymous_id.bytes, "fallback"),
         "timestamp": facts["timestamp"],
         "integrations": {},
@@ -199,11 +228,72 @@ def split_documents(documents: bytes) -> list[bytes]:
     return documents.split(b"\n") if documents else []
 
 
-def check_size(*documents: Any, limit: int = MAX_STORED_EVENT_BYTES) -> None:
-    for document in documents:
-        size = len(orjson.dumps(document))
-        if size > limit:
-            raise EventTooLarge(f"an event would be {size} bytes; the limit is {limit}")
+def size_as_sent(event: Event) -> int:
+    """An event's size in a batch: its JSON document and the sentAt that delivery adds."""
+    return len(orjson.dumps(event)) + SENT_AT_BYTES
+
+
+# Stand-ins for what a check does not know yet: the exchange's facts at prepare, and the
+# handoff at exchange, with the longest ids a prepare accepts (each character written as
+# \u00XX). A timestamp is as long as every iso_time.
+_TIMESTAMP = "2000-01-01T00:00:00.000Z"
+_NO_FACTS: dict[str, Any] = {"event": "", "properties": {}, "context": {}, "timestamp": _TIMESTAMP}
+_LONGEST_ID = "\x00" * MAX_ID_LENGTH
+_LARGEST_IDS = completion_template(
+    handoff_id=b"",
+    anonymous_id=_LONGEST_ID,
+    user_id=_LONGEST_ID,
+    traits={},
+    source="",
+    destination_origin="",
+)
+
+
+def check_prepare_sizes(started: list[Event], template: dict[str, Any]) -> None:
+    """Raise EventTooLarge unless the prepare's events fit: the started track as it is,
+    and domain B's identify (the handoff's traits) with room for the exchange's context."""
+    for event in started:
+        _check(f"{event['event']!r} track", size_as_sent(event))
+    if template["userId"] is not None:
+        size = size_as_sent(_identify(template, _NO_FACTS))
+        room = EXCHANGE_CONTEXT_ROOM
+        _check(
+            "identify event",
+            size + room,
+            f"up to {size + room} bytes as sent ({size}, and {room} kept for the exchange's "
+            "context)",
+        )
+
+
+def check_exchange_sizes(facts: dict[str, Any]) -> None:
+    """Raise EventTooLarge if the exchange's facts could make one of domain B's events too
+    large, whatever the handoff: the completion track with the longest ids, the identify
+    with the largest traits the prepare lets through."""
+    track = size_as_sent(_completed_track(_LARGEST_IDS, facts))
+    _check(
+        f"{facts['event']!r} track",
+        track,
+        f"up to {track} bytes as sent (with the longest anonymousId and userId)",
+    )
+    bare = {**facts, "context": {}}
+    added = size_as_sent(_identify(_LARGEST_IDS, facts)) - size_as_sent(
+        _identify(_LARGEST_IDS, bare)
+    )
+    identify = MAX_EVENT_BYTES - EXCHANGE_CONTEXT_ROOM + added
+    _check(
+        "identify event",
+        identify,
+        f"up to {identify} bytes as sent (this context takes {added} of the "
+        f"{EXCHANGE_CONTEXT_ROOM} it may)",
+    )
+
+
+def _check(what: str, size: int, how: str = "") -> None:
+    if size > MAX_EVENT_BYTES:
+        how = how or f"{size} bytes as sent"
+        raise EventTooLarge(
+            f"the {what} would be {how}; the limit is {MAX_EVENT_BYTES} bytes (32 KB)"
+        )
 
 
 def _identified(event: Event, anonymous_id: str | None, user_id: str | None) -> Event:

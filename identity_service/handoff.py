@@ -9,7 +9,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import SplitResult, unquote_plus, urlunsplit
 
 import orjson
 import structlog
@@ -28,6 +27,7 @@ from identity_service.problems import (
 from identity_service.settings import Settings
 from identity_service.sources import Source
 from identity_service.stores import HandoffStore, PrepareEvents
+from identity_service.urls import with_query_param
 from identity_service.validation import ExchangeRequest, PrepareRequest
 
 logger = structlog.get_logger(__name__)
@@ -89,7 +89,7 @@ class HandoffService:
             token=token.text,
             expires_in=ttl,
             expires_at=iso_time(now + ttl),
-            redirect_url=with_query_param(request.destination_url, self._token_param, token.text),
+            redirect_url=with_query_param(request.destination, self._token_param, token.text),
         )
 
     async def exchange(self, source: Source, request: ExchangeRequest) -> dict[str, Any]:
@@ -109,7 +109,8 @@ class HandoffService:
                 f"{source.name!r} may not receive; the token is now used up"
             )
         if facts is not None and not ev.analytics_allowed(record["consent"]):
-            self._metrics.inc("identity_events_skipped_total", reason="consent")
+            held_back = ev.completion_count(record["userId"])
+            self._metrics.inc("identity_events_skipped_total", held_back, reason="consent")
         self._metrics.inc("identity_handoffs_exchanged_total", source=source.name)
         return {
             "anonymousId": record["anonymousId"],
@@ -132,6 +133,7 @@ class HandoffService:
         if not self._outbox.enabled:
             return None
         if not ev.analytics_allowed(request.consent):
+            # The started track; the exchange counts domain B's events.
             self._metrics.inc("identity_events_skipped_total", reason="consent")
             return PrepareEvents(started=[], completion=None)
         identity = {"anonymous_id": request.anonymous_id, "user_id": request.user_id}
@@ -147,17 +149,14 @@ class HandoffService:
         template = ev.completion_template(
             handoff_id=lookup_id,
             traits=request.traits,
-            context=request.context,
             source=source.name,
             destination_origin=request.origin,
             **identity,
         )
         try:
-            # Half the limit for the template leaves room for the exchange's properties.
-            ev.check_size(started)
-            ev.check_size(template, limit=ev.MAX_STORED_EVENT_BYTES // 2)
+            ev.check_prepare_sizes([started], template)
         except ev.EventTooLarge as exc:
-            raise OversizedEvent(f"{exc}; send fewer traits or a smaller context") from exc
+            raise OversizedEvent(f"{exc}; send a smaller context or fewer traits") from exc
         return PrepareEvents(started=[started], completion=template)
 
     def _exchange_facts(self, source: Source, request: ExchangeRequest) -> dict[str, Any] | None:
@@ -166,14 +165,14 @@ class HandoffService:
         facts = ev.exchange_facts(
             event=request.event or self._outbox.completed_event,
             properties=request.properties,
+            context=request.context,
             receiver=source,
             timestamp=iso_time(time.time()),
         )
         try:
-            # The template took at most half the event limit at prepare.
-            ev.check_size(facts, limit=ev.MAX_STORED_EVENT_BYTES // 2)
+            ev.check_exchange_sizes(facts)
         except ev.EventTooLarge as exc:
-            raise OversizedEvent(f"{exc}; send fewer properties") from exc
+            raise OversizedEvent(f"{exc}; send fewer properties or a smaller context") from exc
         return facts
 
     async def _take(self, token: Token, facts: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -212,14 +211,3 @@ def generated_identity(anonymous_id: str) -> dict[str, Any]:
         "preparedAt": None,
         "destination": None,
     }
-
-
-def with_query_param(url: SplitResult, name: str, value: str) -> str:
-    """``url`` with ``name=value`` in its query, other parameters and the fragment untouched."""
-    kept = [
-        part
-        for part in url.query.split("&")
-        if part and unquote_plus(part.partition("=")[0]) != name
-    ]
-    kept.append(f"{name}={value}")
-    return urlunsplit(url._replace(query="&".join(kept)))

@@ -33,7 +33,9 @@ class HandoffApi:
 
     async def prepare(self, call: Call) -> tuple[int, dict[str, Any]]:
         source = self._authenticate(call)
-        request = parse_prepare(_json_object(call), self.settings.max_ttl)
+        request = parse_prepare(
+            _json_object(call), self.settings.max_ttl, self.settings.token_param
+        )
         prepared = await self.handoffs.prepare(source, request)
         return 201, prepared.as_json()
 

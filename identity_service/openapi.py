@@ -1,4 +1,8 @@
-"""The OpenAPI 3.1 description of the HTTP API. tests/test_openapi.py checks real answers."""
+"""The OpenAPI 3.1 description of the HTTP API, served at /openapi.json.
+
+tests/test_openapi.py checks real answers against it, and that it and the validation agree;
+tests/test_schemathesis.py runs schemathesis with every check against the live service.
+"""
 
 import functools
 from typing import Any
@@ -11,6 +15,11 @@ from identity_service.constants import (
     MAX_ID_LENGTH,
     MAX_TOKEN_LENGTH,
     MAX_URL_LENGTH,
+)
+from identity_service.validation import (
+    MAX_CATEGORY_LENGTH,
+    MAX_CONSENT_CATEGORIES,
+    MAX_EVENT_NAME_LENGTH,
 )
 
 _JSON = "application/json"
@@ -31,35 +40,82 @@ def _problem(description: str, headers: tuple[str, ...] = ()) -> dict[str, Any]:
     return answer
 
 
-_COMMON_PROBLEMS = {
-    "400": _problem("Malformed JSON or a body that failed validation"),
-    "401": _problem("Missing or wrong write key", ("WWW-Authenticate",)),
-    "413": _problem("Body over the size limit, or an event over 32 KB"),
-    "415": _problem("Body is not application/json"),
-    "503": _problem("The store is unavailable", ("Retry-After",)),
-}
+def _handoff_problems(too_large: str) -> dict[str, Any]:
+    """The problems both handoff endpoints answer; ``too_large`` says what their 413 means."""
+    return {
+        "400": _problem("malformed-json, or validation-failed with one error a field"),
+        "401": _problem("unauthorized: no, malformed or unknown write key", ("WWW-Authenticate",)),
+        "413": _problem(
+            f"payload-too-large: the body is over IDENTITY_MAX_BODY_BYTES; or {too_large}"
+        ),
+        "415": _problem(
+            "unsupported-media-type: the body is not application/json", ("Accept-Post",)
+        ),
+        "503": _problem("service-unavailable: the store is down or too slow", ("Retry-After",)),
+    }
+
 
 _IDENTITY_STRING = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH}
+# A field sent as null counts as absent (Segment libraries send "userId": null).
+_NULLABLE_OBJECT = {"type": ["object", "null"]}
+_CONTEXT_DESCRIPTION = "A Segment context object (page, ip, userAgent, locale...)."
+
+# Destinations the service accepts, as far as a regular expression can say it: https (http
+# for localhost), a host name of at most three labels (the last one starting with a letter,
+# so that no browser reads an IP address; no "--", so no xn-- label), an optional port,
+# then a path of characters that browsers do not re-encode (RFC 3986's but "'"): what
+# browsers serialize is never longer than what was sent (without a path they add a "/",
+# which could take a 2048-character destination over the limit). The service accepts
+# more (urls.py); what this admits, it accepts. The path is one flat character class:
+# nested repetitions there make schemathesis take seconds per generated case.
+_LABEL = "[A-Za-z0-9]{1,20}(-[A-Za-z0-9]{1,20}){0,2}"
+_TOP_LABEL = "[A-Za-z][A-Za-z0-9]{0,19}(-[A-Za-z0-9]{1,20}){0,2}"
+_PORT = "(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?"
+DESTINATION_PATTERN = (
+    f"^(https://({_LABEL}[.]){{0,2}}{_TOP_LABEL}|http://({_LABEL}[.]){{0,2}}localhost){_PORT}"
+    "(/[-A-Za-z0-9._~!$&()*+,;=:@/?#%]*)?$"
+)
 
 _SCHEMAS: dict[str, Any] = {
     "PrepareRequest": {
         "type": "object",
         "additionalProperties": False,
         "required": ["destination"],
+        "anyOf": [
+            {"required": ["anonymousId"], "properties": {"anonymousId": {"type": "string"}}},
+            {"required": ["userId"], "properties": {"userId": {"type": "string"}}},
+        ],
         "properties": {
-            "anonymousId": {**_IDENTITY_STRING, "description": "Required unless userId is given."},
-            "userId": _IDENTITY_STRING,
-            "traits": {"type": "object"},
-            "context": {"type": "object", "description": "A Segment context object."},
-            "consent": {"type": "object", "additionalProperties": {"type": "boolean"}},
+            "anonymousId": {
+                **_IDENTITY_STRING,
+                "type": ["string", "null"],
+                "description": "Required unless userId is given.",
+            },
+            "userId": {**_IDENTITY_STRING, "type": ["string", "null"]},
+            "traits": {**_NULLABLE_OBJECT, "description": "Sent in the identify, with a userId."},
+            "context": {
+                **_NULLABLE_OBJECT,
+                "description": f"{_CONTEXT_DESCRIPTION} Domain A's: the started event's.",
+            },
+            "consent": {
+                **_NULLABLE_OBJECT,
+                "maxProperties": MAX_CONSENT_CATEGORIES,
+                "propertyNames": {"maxLength": MAX_CATEGORY_LENGTH},
+                "additionalProperties": {"type": "boolean"},
+                "description": "Category to true or false; analytics: false emits no events.",
+            },
             "destination": {
                 "type": "string",
-                "format": "uri",
                 "maxLength": MAX_URL_LENGTH,
-                "description": "Absolute https URL on domain B; its origin must be allowed.",
+                "pattern": DESTINATION_PATTERN,
+                "description": (
+                    "Absolute https URL on domain B (http for localhost), without the token "
+                    "parameter; its origin must be one of the source's. The pattern is a "
+                    "safe subset: docs/api.md has the whole rule."
+                ),
             },
             "ttl": {
-                "type": "integer",
+                "type": ["integer", "null"],
                 "minimum": 1,
                 "maximum": DEFAULT_MAX_TTL_SECONDS,
                 "description": "Seconds; the maximum is configurable (IDENTITY_MAX_TTL).",
@@ -74,7 +130,14 @@ _SCHEMAS: dict[str, Any] = {
             "token": {"type": "string", "pattern": "^[A-Za-z0-9_-]{43}$"},
             "expiresIn": {"type": "integer", "minimum": 1},
             "expiresAt": {"type": "string", "format": "date-time"},
-            "redirectUrl": {"type": "string", "format": "uri"},
+            "redirectUrl": {
+                "type": "string",
+                "description": (
+                    "The destination as browsers serialize it (a WHATWG URL, which may keep "
+                    "what RFC 3986 would escape, such as a lone %), with the token parameter "
+                    "added to its query."
+                ),
+            },
         },
     },
     "ExchangeRequest": {
@@ -89,12 +152,18 @@ _SCHEMAS: dict[str, Any] = {
                 "description": "Answer a generated anonymousId instead of 404 on a miss.",
             },
             "event": {
-                "type": "string",
+                "type": ["string", "null"],
                 "minLength": 1,
-                "maxLength": 200,
+                "maxLength": MAX_EVENT_NAME_LENGTH,
                 "description": "Name of domain B's completion track (default configurable).",
             },
-            "properties": {"type": "object", "description": "Added to that track."},
+            "properties": {**_NULLABLE_OBJECT, "description": "Added to that track."},
+            "context": {
+                **_NULLABLE_OBJECT,
+                "description": (
+                    f"{_CONTEXT_DESCRIPTION} Domain B's: the completion and identify events'."
+                ),
+            },
         },
     },
     "Identity": {
@@ -123,7 +192,10 @@ _SCHEMAS: dict[str, Any] = {
             },
             "preparedBy": {"type": ["string", "null"]},
             "preparedAt": {"type": ["string", "null"], "format": "date-time"},
-            "destination": {"type": ["string", "null"]},
+            "destination": {
+                "type": ["string", "null"],
+                "description": "The destination as browsers serialize it (WHATWG URL).",
+            },
         },
     },
     "Problem": {
@@ -170,8 +242,13 @@ _PATHS: dict[str, Any] = {
             "requestBody": _json_body("PrepareRequest"),
             "responses": {
                 "201": _ok("The token and the redirect URL", "PreparedHandoff"),
-                "403": _problem("The destination's origin is not allowed for this source"),
-                **_COMMON_PROBLEMS,
+                "403": _problem(
+                    "destination-not-allowed: the destination's origin is not the source's"
+                ),
+                **_handoff_problems(
+                    "event-too-large: the started track, or the identify with the traits, "
+                    "would be over 32 KB as sent; nothing is stored"
+                ),
             },
         }
     },
@@ -183,9 +260,15 @@ _PATHS: dict[str, Any] = {
             "requestBody": _json_body("ExchangeRequest"),
             "responses": {
                 "200": _ok("The identity (or a generated one, with fallback)", "Identity"),
-                "403": _problem("The handoff was bound to an origin this source may not receive"),
-                "404": _problem("The token is unknown, expired or already used"),
-                **_COMMON_PROBLEMS,
+                "403": _problem(
+                    "audience-mismatch: the handoff was bound to an origin this source may "
+                    "not receive; the token is used up"
+                ),
+                "404": _problem("token-not-found: the token is unknown, expired or already used"),
+                **_handoff_problems(
+                    "event-too-large: the properties or the context would take domain B's "
+                    "completion track or identify over 32 KB as sent; the token stays unused"
+                ),
             },
         }
     },
@@ -239,6 +322,7 @@ _DOCUMENT: dict[str, Any] = {
         "headers": {
             "WWW-Authenticate": {"schema": {"type": "string"}},
             "Retry-After": {"schema": {"type": "integer"}},
+            "Accept-Post": {"schema": {"const": "application/json"}},
         },
         "securitySchemes": {
             "writeKeyBasic": {

@@ -2,8 +2,8 @@
 
 A source authenticates Segment-style: HTTP Basic with the write key as user name, or a
 Bearer token. Write keys are kept only as SHA-256 digests and compared in constant time.
-Origins are exact (scheme, host, port); https only, except http on localhost for
-development.
+Origins are exact (scheme, host, port) and read as browsers read them (urls.py); https
+only, except http on localhost for development.
 """
 
 import base64
@@ -14,58 +14,22 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import SplitResult, urlsplit
 
+from identity_service import urls
+from identity_service.urls import parse_origin as parse_origin
+
 WRITE_KEY_HASH_PREFIX = "sha256:"
 
-
-class OriginError(ValueError):
-    """An origin or URL that the service does not accept; the message says why."""
-
-
-def is_localhost(host: str) -> bool:
-    return host == "localhost" or host.endswith(".localhost")
-
-
-def origin_of(url: SplitResult) -> str:
-    """The serialized origin of an absolute URL, default ports left out."""
-    scheme = url.scheme.lower()
-    host = (url.hostname or "").lower()
-    port = url.port
-    if port is None or (scheme, port) in (("https", 443), ("http", 80)):
-        return f"{scheme}://{host}"
-    return f"{scheme}://{host}:{port}"
+# The name settings.py catches around parse_origin.
+OriginError = urls.UrlError
 
 
 def parse_destination(text: str) -> tuple[SplitResult, str]:
-    """Split an absolute destination URL and return it with its origin, or raise OriginError."""
-    try:
-        url = urlsplit(text)
-        url.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as exc:
-        raise OriginError("is not a valid URL") from exc
-    _check_scheme_and_host(url)
-    if url.username is not None or url.password is not None:
-        raise OriginError("must not carry user information")
-    return url, origin_of(url)
+    """Read an absolute destination URL as browsers do: its serialization, split, and origin.
 
-
-def parse_origin(text: str) -> str:
-    """Normalise a configured origin such as ``https://checkout.example.com``."""
-    if "*" in text:
-        raise OriginError("wildcards are not allowed; list each origin")
-    url, origin = parse_destination(text)
-    if url.path not in ("", "/") or url.query or url.fragment:
-        raise OriginError("must be an origin (scheme, host and port) without a path")
-    return origin
-
-
-def _check_scheme_and_host(url: SplitResult) -> None:
-    if not url.hostname:
-        raise OriginError("must be an absolute URL")
-    if url.scheme == "https":
-        return
-    if url.scheme == "http" and is_localhost(url.hostname.lower()):
-        return
-    raise OriginError("must use https (http is allowed only for localhost)")
+    Prepare uses ``urls.parse_destination``, which also refuses the token parameter.
+    """
+    url = urls.parse_destination(text, token_param=None)
+    return urlsplit(url.href), url.origin
 
 
 def hash_write_key(write_key: str) -> str:
@@ -93,7 +57,7 @@ class Source:
 def origin_allowed(origin: str, origins: Iterable[str], allow_localhost: bool) -> bool:
     if origin in origins:
         return True
-    return allow_localhost and is_localhost(urlsplit(origin).hostname or "")
+    return allow_localhost and urls.is_localhost_origin(origin)
 
 
 class SourceRegistry:

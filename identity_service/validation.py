@@ -6,14 +6,18 @@ caught instead of silently dropped.
 """
 
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import SplitResult
+from typing import Any, Literal
 
 import orjson
 
-from identity_service.constants import MAX_ID_LENGTH, MAX_TOKEN_LENGTH, MAX_URL_LENGTH
+from identity_service.constants import (
+    DEFAULT_TOKEN_PARAM,
+    MAX_ID_LENGTH,
+    MAX_TOKEN_LENGTH,
+    MAX_URL_LENGTH,
+)
 from identity_service.problems import MalformedJson, ValidationFailed
-from identity_service.sources import OriginError, parse_destination
+from identity_service.urls import UrlError, parse_destination
 
 MAX_CONSENT_CATEGORIES = 64
 MAX_CATEGORY_LENGTH = 64
@@ -21,7 +25,7 @@ MAX_CATEGORY_LENGTH = 64
 PREPARE_FIELDS = frozenset(
     {"anonymousId", "userId", "traits", "context", "consent", "destination", "ttl"}
 )
-EXCHANGE_FIELDS = frozenset({"token", "fallback", "event", "properties"})
+EXCHANGE_FIELDS = frozenset({"token", "fallback", "event", "properties", "context"})
 MAX_EVENT_NAME_LENGTH = 200
 # orjson reads 1024 levels but writes only about 250; real traits or context nest a few.
 MAX_JSON_DEPTH = 32
@@ -34,8 +38,7 @@ class PrepareRequest:
     traits: dict[str, Any]
     context: dict[str, Any]
     consent: dict[str, bool]
-    destination: str
-    destination_url: SplitResult
+    destination: str  # as browsers serialize it (WHATWG href): what the visitor will load
     origin: str
     ttl: int | None
 
@@ -46,6 +49,7 @@ class ExchangeRequest:
     fallback: bool
     event: str | None = None
     properties: dict[str, Any] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)  # domain B's Segment context
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -115,18 +119,21 @@ class _Checker:
             raise ValidationFailed(self.errors)
 
 
-def parse_prepare(data: dict[str, Any], max_ttl: int) -> PrepareRequest:
+def parse_prepare(
+    data: dict[str, Any], max_ttl: int, token_param: str = DEFAULT_TOKEN_PARAM
+) -> PrepareRequest:
     check = _Checker(data, PREPARE_FIELDS)
     anonymous_id = check.string("anonymousId", MAX_ID_LENGTH)
     user_id = check.string("userId", MAX_ID_LENGTH)
     if data.get("anonymousId") is None and data.get("userId") is None:
         check.fail("anonymousId", "is required unless userId is given")
     destination = check.string("destination", MAX_URL_LENGTH, required=True)
-    destination_url, origin = SplitResult("", "", "", "", ""), ""
+    origin = ""
     if destination is not None:
         try:
-            destination_url, origin = parse_destination(destination)
-        except OriginError as exc:
+            url = parse_destination(destination, token_param=token_param)
+            destination, origin = url.href, url.origin
+        except UrlError as exc:
             check.fail("destination", str(exc))
     consent = check.obj("consent")
     if len(consent) > MAX_CONSENT_CATEGORIES:
@@ -137,8 +144,8 @@ def parse_prepare(data: dict[str, Any], max_ttl: int) -> PrepareRequest:
                 f"consent.{category[:MAX_CATEGORY_LENGTH]}",
                 f"must be a true/false category of at most {MAX_CATEGORY_LENGTH} characters",
             )
-    ttl = data.get("ttl")
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int)):
+    ttl = whole_number(data.get("ttl"))
+    if ttl is False:
         check.fail("ttl", "must be a whole number of seconds")
         ttl = None
     elif ttl is not None and not 1 <= ttl <= max_ttl:
@@ -151,7 +158,6 @@ def parse_prepare(data: dict[str, Any], max_ttl: int) -> PrepareRequest:
         context=check.obj("context"),
         consent=consent,
         destination=destination or "",
-        destination_url=destination_url,
         origin=origin,
         ttl=ttl,
     )
@@ -167,7 +173,25 @@ def parse_exchange(data: dict[str, Any]) -> ExchangeRequest:
         check.fail("fallback", "must be true or false")
     event = check.string("event", MAX_EVENT_NAME_LENGTH)
     properties = check.obj("properties")
+    context = check.obj("context")
     check.raise_if_failed()
     return ExchangeRequest(
-        token=token or "", fallback=fallback is True, event=event, properties=properties
+        token=token or "",
+        fallback=fallback is True,
+        event=event,
+        properties=properties,
+        context=context,
     )
+
+
+def whole_number(value: Any) -> int | Literal[False] | None:
+    """An integer as JSON Schema reads one (``1.0`` is 1), None if absent, False if not one."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return False

@@ -115,12 +115,12 @@ async def test_requested_ttl_is_used(client: AppClient) -> None:
     assert answer["expiresIn"] == 42
 
 
-async def test_redirect_url_replaces_an_existing_token_parameter(client: AppClient) -> None:
-    answer = await prepare(
-        client, destination="https://checkout.example-pay.com/pay?handoff_token=old&a=b%20c"
-    )
-    query = urlsplit(answer["redirectUrl"]).query
-    assert query == f"a=b%20c&handoff_token={answer['token']}"
+async def test_redirect_url_keeps_the_query_and_the_fragment(client: AppClient) -> None:
+    # A destination already naming the token parameter is refused (test_destinations.py).
+    answer = await prepare(client, destination="https://checkout.example-pay.com/pay?a=b%20c#top")
+    redirect = urlsplit(answer["redirectUrl"])
+    assert redirect.query == f"a=b%20c&handoff_token={answer['token']}"
+    assert redirect.fragment == "top"
 
 
 async def test_token_parameter_name_is_configurable(make_client: ClientFactory) -> None:

@@ -3,11 +3,16 @@
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
 from identity_service.app import create_app
-from identity_service.openapi import openapi_dict
+from identity_service.constants import DEFAULT_TOKEN_PARAM, MAX_URL_LENGTH
+from identity_service.openapi import DESTINATION_PATTERN, openapi_dict
+from identity_service.urls import parse_destination
 from tests.conftest import CHECKOUT_URL, AppClient, auth, make_settings, prepare
 from tests.redis_server import RedisServer
 
@@ -93,3 +98,94 @@ async def test_document_is_served(aiohttp_client: Callable[..., Awaitable[AppCli
     response = await client.get("/openapi.json")
     assert response.status == 200
     assert await response.json() == DOCUMENT
+
+
+def request_schema(name: str) -> Draft202012Validator:
+    """The document's schema of a request body, with the document's components."""
+    schema = {**DOCUMENT["components"]["schemas"][name], "components": DOCUMENT["components"]}
+    return Draft202012Validator(schema)
+
+
+GOOD = {"anonymousId": "a", "destination": CHECKOUT_URL}
+# Prepare bodies around each rule; the service must refuse (400) exactly the invalid ones.
+PREPARE_BODIES = {
+    "neither id": {"destination": CHECKOUT_URL},
+    "both ids null": {"anonymousId": None, "userId": None, "destination": CHECKOUT_URL},
+    "userId alone": {"userId": "u-1", "destination": CHECKOUT_URL},
+    "userId, null anonymousId": {"anonymousId": None, "userId": "u-1", "destination": CHECKOUT_URL},
+    "anonymousId alone": GOOD,
+    "empty anonymousId": {**GOOD, "anonymousId": ""},
+    "ttl 1.0": {**GOOD, "ttl": 1.0},
+    "ttl 600.0": {**GOOD, "ttl": 600.0},
+    "ttl 1e2": {**GOOD, "ttl": 1e2},
+    "ttl null": {**GOOD, "ttl": None},
+    "ttl 1.5": {**GOOD, "ttl": 1.5},
+    "ttl 0.0": {**GOOD, "ttl": 0.0},
+    "ttl 601": {**GOOD, "ttl": 601},
+    "ttl true": {**GOOD, "ttl": True},
+    "ttl string": {**GOOD, "ttl": "5"},
+    "64 consent categories": {**GOOD, "consent": {f"c{n}": True for n in range(64)}},
+    "65 consent categories": {**GOOD, "consent": {f"c{n}": True for n in range(65)}},
+    "consent category of 65": {**GOOD, "consent": {"c" * 65: True}},
+    "consent not boolean": {**GOOD, "consent": {"analytics": "yes"}},
+    "traits null": {**GOOD, "traits": None, "context": None, "consent": None},
+    "context a string": {**GOOD, "context": "en-US"},
+    "http destination": {**GOOD, "destination": "http://checkout.example-pay.com/"},
+    "unknown field": {**GOOD, "anonymousID": "a"},
+}
+EXCHANGE_BODIES = {
+    "token": {"token": "t"},
+    "no token": {},
+    "empty token": {"token": ""},
+    "context": {"token": "t", "context": {"ip": "198.51.100.9", "locale": "de-DE"}},
+    "context null": {"token": "t", "context": None, "properties": None, "event": None},
+    "context a string": {"token": "t", "context": "en-US"},
+    "fallback null": {"token": "t", "fallback": None},
+    "event of 201": {"token": "t", "event": "e" * 201},
+}
+
+
+@pytest.mark.parametrize("body", PREPARE_BODIES.values(), ids=PREPARE_BODIES.keys())
+async def test_the_document_and_the_service_agree_on_prepare_bodies(
+    client: AppClient, body: dict[str, Any]
+) -> None:
+    response = await client.post("/v1/handoffs", json=body, headers=auth("shop"))
+    valid = request_schema("PrepareRequest").is_valid(body)
+    assert (response.status != 400) == valid, (response.status, await response.text())
+
+
+@pytest.mark.parametrize("body", EXCHANGE_BODIES.values(), ids=EXCHANGE_BODIES.keys())
+async def test_the_document_and_the_service_agree_on_exchange_bodies(
+    client: AppClient, body: dict[str, Any]
+) -> None:
+    response = await client.post("/v1/handoffs/exchange", json=body, headers=auth("checkout"))
+    valid = request_schema("ExchangeRequest").is_valid(body)
+    assert (response.status != 400) == valid, (response.status, await response.text())
+
+
+async def test_a_whole_float_ttl_is_an_integer_ttl(client: AppClient) -> None:
+    answer = await prepare(client, ttl=42.0)
+    assert answer["expiresIn"] == 42
+    assert isinstance(answer["expiresIn"], int)
+
+
+def test_prepare_requires_an_anonymous_id_or_a_user_id_in_the_document() -> None:
+    schema = request_schema("PrepareRequest")
+    assert not schema.is_valid({"destination": CHECKOUT_URL})
+    assert schema.is_valid({"userId": "u", "destination": CHECKOUT_URL})
+    assert schema.is_valid({"anonymousId": "a", "destination": CHECKOUT_URL})
+
+
+def test_exchange_takes_a_context_in_the_document() -> None:
+    schema = request_schema("ExchangeRequest")
+    assert schema.is_valid({"token": "t", "context": {"ip": "198.51.100.9"}})
+    assert not schema.is_valid({"token": "t", "context": "en-US"})
+
+
+@given(
+    st.from_regex(DESTINATION_PATTERN, fullmatch=True).filter(lambda d: len(d) <= MAX_URL_LENGTH)
+)
+@settings(max_examples=300, deadline=None, database=None)
+def test_every_destination_the_pattern_admits_is_accepted(destination: str) -> None:
+    url = parse_destination(destination, token_param=DEFAULT_TOKEN_PARAM)
+    assert len(url.href) <= MAX_URL_LENGTH
