@@ -12,7 +12,13 @@ from pathlib import Path
 import orjson
 
 from identity_service import __version__
-from identity_service.constants import DEFAULT_HOST, DEFAULT_PORT, DEV_SOURCE_NAME
+from identity_service.constants import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    DEV_SOURCE_NAME,
+    MAX_PORT,
+    MIN_PORT,
+)
 from identity_service.settings import ConfigError, Settings, load_settings
 from identity_service.sources import hash_write_key
 
@@ -97,6 +103,7 @@ def forward(config: Path | None) -> int:
     from identity_service.server import new_event_loop
 
     configure_logging(settings.log_level)
+    _check_redis(settings, "the forwarders retry until it does")
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -137,6 +144,13 @@ def outbox(config: Path | None, action: str, as_json: bool, retired: str | None 
         try:
             if retired is not None:
                 shards = await retire_destination(redis, redis_settings.key_prefix, retired)
+                if not shards:
+                    print(
+                        f"identity-service: no such destination {retired!r}: no outbox stream "
+                        "has its group",
+                        file=sys.stderr,
+                    )
+                    return 1
                 print(f"retired {retired!r}: removed its group from {shards} outbox streams")
                 return 0
             if action == "replay-dead":
@@ -163,6 +177,12 @@ def outbox(config: Path | None, action: str, as_json: bool, retired: str | None 
 
 
 def serve(host: str, port: int, config: Path | None, workers: int | None = None) -> int:
+    if not MIN_PORT <= port <= MAX_PORT:
+        print(
+            f"identity-service: --port must be between {MIN_PORT} and {MAX_PORT}, not {port}",
+            file=sys.stderr,
+        )
+        return 2
     overrides = {"IDENTITY_WORKERS": str(workers)} if workers is not None else None
     settings = _settings(config, overrides=overrides)
     if settings is None:
@@ -174,15 +194,46 @@ def serve(host: str, port: int, config: Path | None, workers: int | None = None)
         return 2
     # Imported after the settings check so a configuration error answers fast.
     from identity_service.log_config import configure_logging
-    from identity_service.server import run
+    from identity_service.server import BindError, check_address, run
 
-    configure_logging(settings.log_level)
-    _announce(settings, host, port)
-    return run(settings, host, port)
+    try:
+        # Before anything is announced or forked: a taken port is then said once.
+        check_address(host, port, reuse_port=settings.workers > 1)
+        configure_logging(settings.log_level)
+        _announce(settings, host, port)
+        _check_redis(settings, "requests answer 503 until it does")
+        return run(settings, host, port)
+    except BindError as exc:
+        print(f"identity-service: {exc}", file=sys.stderr)
+        return 1
+
+
+def _check_redis(settings: Settings, meanwhile: str) -> None:
+    """Say once at start, naming the address, when Redis does not answer. The process
+    starts all the same, and recovers by itself when Redis answers."""
+    if settings.redis is None:
+        return
+    import structlog
+
+    from identity_service.problems import StoreUnavailable
+    from identity_service.stores.redis import check_reachable
+
+    try:
+        asyncio.run(check_reachable(settings.redis))
+    except StoreUnavailable as exc:
+        structlog.get_logger(__name__).warning("store_unreachable", reason=str(exc))
+        print(
+            f"identity-service: warning: {exc} does not answer; {meanwhile}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _announce(settings: Settings, host: str, port: int) -> None:
-    store = "redis" if settings.redis else "memory (this process only; not for production)"
+    if settings.redis:
+        store = f"redis at {settings.redis.address}"
+    else:
+        store = "memory (this process only; not for production)"
     workers = f", {settings.workers} workers" if settings.workers > 1 else ""
     lines = [f"identity-service {__version__} on http://{host}:{port}, store: {store}{workers}"]
     if settings.dev_write_key is not None:

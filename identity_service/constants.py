@@ -19,6 +19,13 @@ DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024
 DEFAULT_TOKEN_PARAM: Final = "handoff_token"  # noqa: S105 - a parameter name
 DEFAULT_RETRY_AFTER_SECONDS: Final = 1
 DEFAULT_SHUTDOWN_TIMEOUT_SECONDS: Final = 10.0
+# The HTTP front: how long a request's head and its body may take to arrive, and how
+# many connections one process holds open (new ones beyond it are refused at once).
+DEFAULT_HEAD_TIMEOUT_SECONDS: Final = 10.0
+DEFAULT_BODY_TIMEOUT_SECONDS: Final = 10.0
+DEFAULT_MAX_CONNECTIONS: Final = 1024
+MIN_PORT: Final = 1
+MAX_PORT: Final = 65535
 MAX_WORKERS: Final = 64
 
 DEFAULT_REDIS_KEY_PREFIX: Final = "idsvc:"

@@ -51,8 +51,11 @@ class Forwarder:
         sink: Sink,
         settings: OutboxSettings,
         metrics: Metrics,
+        store: str = "memory",
     ) -> None:
+        """``store`` names where the feed reads, for the logs (a Redis URL without password)."""
         self.destination = destination
+        self._store = store
         self._feed = feed
         self._sink = sink
         self._settings = settings
@@ -75,7 +78,7 @@ class Forwarder:
                 if batch.entries:
                     await self._deliver(batch)
             except (RedisError, ReplyError, OSError) as exc:
-                log.warning("forwarder_store_error", error=type(exc).__name__)
+                log.warning("forwarder_store_error", store=self._store, error=type(exc).__name__)
                 await self._pause(ERROR_PAUSE_SECONDS)
             except Exception:
                 # A bug must not end delivery for the life of the process.

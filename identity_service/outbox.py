@@ -36,6 +36,7 @@ async def running_forwarders(
         )
     forwarders = []
     clients: list[RespClient] = []
+    store = settings.redis.address if settings.redis is not None else "memory"
     for destination in settings.outbox.destinations:
         feed: Feed
         if redis is not None and settings.redis is not None:
@@ -55,7 +56,7 @@ async def running_forwarders(
             assert memory is not None, "the memory store's outbox is needed without Redis"
             feed = MemoryFeed(memory.subscribe())
         sink = open_sink(destination, settings.outbox)
-        forwarders.append(Forwarder(destination.name, feed, sink, settings.outbox, metrics))
+        forwarders.append(Forwarder(destination.name, feed, sink, settings.outbox, metrics, store))
     tasks = [asyncio.create_task(forwarder.run()) for forwarder in forwarders]
     try:
         yield forwarders

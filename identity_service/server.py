@@ -15,6 +15,7 @@ import ctypes
 import gc
 import os
 import signal
+import socket
 import sys
 import traceback
 
@@ -26,8 +27,42 @@ from identity_service.front import FrontRunner
 from identity_service.settings import Settings
 
 
+class BindError(Exception):
+    """The address cannot be listened on (taken, not this host's, not allowed)."""
+
+    def __init__(self, host: str, port: int, exc: OSError) -> None:
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
+            reason = exc.strerror or str(exc)
+        else:  # not the event loop's text, which repeats the address as a tuple
+            reason = os.strerror(exc.errno)
+        super().__init__(f"cannot listen on {address}: {reason}")
+
+
+def check_address(host: str, port: int, reuse_port: bool) -> None:
+    """Bind, without listening, what the worker(s) will listen on; raise BindError if taken.
+
+    Lets a taken port be said once, before start-up is announced or workers are forked.
+    """
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            with socket.socket(family, kind, proto) as probe:
+                # As the event loop's create_server sets them.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
+    except OSError as exc:
+        raise BindError(host, port, exc) from exc
+
+
 def run(settings: Settings, host: str, port: int) -> int:
-    """Serve until told to stop; the exit status of the process."""
+    """Serve until told to stop; the exit status of the process. BindError if the address
+    cannot be listened on (one worker; with several, each says so and the parent exits 1)."""
     if settings.workers == 1:
         _run_worker(settings, host, port, reuse_port=False)
         return 0
@@ -52,7 +87,10 @@ async def _serve(settings: Settings, host: str, port: int, reuse_port: bool) -> 
     )
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+        try:
+            await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+        except OSError as exc:
+            raise BindError(host, port, exc) from exc
         # What start-up made lives as long as the process: out of the collector's sight,
         # full collections do not walk it again and again under load (shorter p99 pauses).
         gc.freeze()
@@ -74,6 +112,9 @@ def _supervise(settings: Settings, host: str, port: int) -> int:
             try:
                 _die_with_parent()
                 _run_worker(settings, host, port, reuse_port=True)
+            except BindError as exc:
+                status = 1
+                print(f"identity-service: {exc}", file=sys.stderr)
             except BaseException:
                 status = 1
                 traceback.print_exc()

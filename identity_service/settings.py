@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 import yaml
 
@@ -31,13 +31,16 @@ T = TypeVar("T")
 CONFIG_FILE_VAR = c.ENV_PREFIX + "CONFIG_FILE"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 REDIS_TLS_CERT_REQS = ("none", "optional", "required")
+REDACTED = "***"
+DESTINATION_KEYS = frozenset({"url", "write_key", "allow_insecure"})
 SETTING_NAMES = frozenset(
     {
         "sources", "secret", "dev_write_key", "redis_url", "redis_timeout",
         "redis_max_connections", "redis_key_prefix", "default_ttl", "max_ttl",
-        "max_body_bytes", "token_param", "retry_after", "shutdown_timeout", "log_level",
-        "workers",
+        "max_body_bytes", "token_param", "retry_after", "shutdown_timeout", "head_timeout",
+        "body_timeout", "max_connections", "log_level", "workers",
         "outbox", "forwarder", "destinations", "destination_url", "destination_write_key",
+        "destination_allow_insecure",
         "events_file", "batch_max_events", "batch_max_wait", "delivery_timeout",
         "delivery_max_attempts", "backoff_base", "backoff_max", "reclaim_idle",
         "started_event", "completed_event",
@@ -57,7 +60,7 @@ class ConfigError(Exception):
 class RedisSettings:
     """How to reach Redis. ``url`` is a redis://, rediss:// or unix:// DSN."""
 
-    url: str
+    url: str = field(repr=False)  # may hold a password; `address` masks it
     key_prefix: str = c.DEFAULT_REDIS_KEY_PREFIX
     timeout: float = c.DEFAULT_REDIS_TIMEOUT_SECONDS
     max_connections: int = c.DEFAULT_REDIS_MAX_CONNECTIONS
@@ -72,6 +75,30 @@ class RedisSettings:
             allowed = ", ".join(REDIS_TLS_CERT_REQS)
             raise ValueError(f"ssl_cert_reqs must be one of {allowed}, not {cert_reqs!r}")
         return cls(url=dsn, **options)
+
+    @property
+    def address(self) -> str:
+        """The URL to show in messages and logs: without its password."""
+        return redact_url(self.url)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user info and any ``password`` parameter masked."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:{REDACTED}@{host}"
+    query = "&".join(_redact_parameter(pair) for pair in parts.query.split("&"))
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    # Not urlunsplit: it drops the "//" of unix:///path.
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+
+
+def _redact_parameter(pair: str) -> str:
+    key = pair.partition("=")[0]
+    return f"{key}={REDACTED}" if unquote(key).lower() == "password" else pair
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,9 +140,9 @@ class Settings:
     """Everything the application needs, validated."""
 
     sources: tuple[Source, ...]
-    secret: bytes
+    secret: bytes = field(repr=False)
     secret_configured: bool
-    dev_write_key: str | None
+    dev_write_key: str | None = field(repr=False)
     redis: RedisSettings | None
     default_ttl: int = c.DEFAULT_TTL_SECONDS
     max_ttl: int = c.DEFAULT_MAX_TTL_SECONDS
@@ -123,6 +150,9 @@ class Settings:
     token_param: str = c.DEFAULT_TOKEN_PARAM
     retry_after: int = c.DEFAULT_RETRY_AFTER_SECONDS
     shutdown_timeout: float = c.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
+    head_timeout: float = c.DEFAULT_HEAD_TIMEOUT_SECONDS
+    body_timeout: float = c.DEFAULT_BODY_TIMEOUT_SECONDS
+    max_connections: int = c.DEFAULT_MAX_CONNECTIONS
     log_level: str = "info"
     workers: int = 1
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
@@ -165,6 +195,9 @@ class _Reader:
     def __init__(self, environ: Mapping[str, str], config_file: Path | None) -> None:
         self.environ = environ
         self.problems: list[str] = []
+        # Settings already reported: a check across settings skips them, since it would
+        # judge the default in place of what the user wrote.
+        self.invalid: set[str] = set()
         path = config_file or (
             Path(environ[CONFIG_FILE_VAR]) if CONFIG_FILE_VAR in environ else None
         )
@@ -178,17 +211,17 @@ class _Reader:
     def settings(self) -> Settings:
         default_ttl = self.integer("default_ttl", c.DEFAULT_TTL_SECONDS, 1, 86_400)
         max_ttl = self.integer("max_ttl", c.DEFAULT_MAX_TTL_SECONDS, 1, 86_400)
-        if default_ttl > max_ttl:
+        if default_ttl > max_ttl and self.valid("default_ttl", "max_ttl"):
             self.problems.append(
-                f"{c.ENV_PREFIX}DEFAULT_TTL ({default_ttl}) is above "
-                f"{c.ENV_PREFIX}MAX_TTL ({max_ttl})"
+                f"{self.named('default_ttl', default_ttl, like='max_ttl')} is above "
+                f"{self.named('max_ttl', max_ttl, like='default_ttl')}"
             )
         sources = self.sources()
         dev_write_key = self.text("dev_write_key", None)
         if sources and dev_write_key is not None:
-            self.problems.append(
-                f"{c.ENV_PREFIX}DEV_WRITE_KEY is only for the development source; "
-                "remove it when sources are configured"
+            self.problem(
+                "dev_write_key",
+                "is only for the development source; remove it when sources are configured",
             )
         if not sources:
             dev_write_key = dev_write_key or secrets.token_urlsafe(24)
@@ -197,36 +230,33 @@ class _Reader:
             dev_write_key = None
         redis = self.redis_settings()
         outbox = self.outbox_settings()
-        if outbox.enabled and not outbox.forwarder_in_serve and redis is None:
+        # "Needs Redis" holds once a Redis URL is given, even one reported as invalid.
+        has_redis = self.given("redis_url")
+        redis_url = self.where("redis_url")
+        forwarder_off = outbox.enabled and not outbox.forwarder_in_serve
+        if forwarder_off and not has_redis and self.valid("outbox"):
             self.problems.append(
-                f"{c.ENV_PREFIX}FORWARDER=off needs {c.ENV_PREFIX}REDIS_URL: without Redis "
+                f"{self.where('forwarder')}=off needs {redis_url}: without Redis "
                 "the events are in this process, and only its own forwarder can deliver them"
             )
         secret_text = self.text("secret", None)
         if secret_text is not None and len(secret_text) < c.MIN_SECRET_LENGTH:
+            self.problem("secret", f"must be at least {c.MIN_SECRET_LENGTH} characters")
+        if secret_text is None and has_redis and self.valid("secret"):
             self.problems.append(
-                f"{c.ENV_PREFIX}SECRET must be at least {c.MIN_SECRET_LENGTH} characters"
-            )
-        if secret_text is None and redis is not None:
-            self.problems.append(
-                f"{c.ENV_PREFIX}SECRET is required with {c.ENV_PREFIX}REDIS_URL: every instance "
-                "must derive the same token lookup ids"
+                f"{self.where('secret', like='redis_url')} is required with {redis_url}: "
+                "every instance must derive the same token lookup ids"
             )
         token_param = self.text("token_param", c.DEFAULT_TOKEN_PARAM) or ""
         if not token_param.replace("_", "").replace("-", "").isalnum():
-            self.problems.append(
-                f"{c.ENV_PREFIX}TOKEN_PARAM must be letters, digits, '_' or '-', "
-                f"not {token_param!r}"
-            )
+            self.problem("token_param", f"must be letters, digits, '_' or '-', not {token_param!r}")
         log_level = (self.text("log_level", "info") or "info").lower()
         if log_level not in ("debug", "info", "warning", "error"):
-            self.problems.append(
-                f"{c.ENV_PREFIX}LOG_LEVEL must be debug, info, warning or error, not {log_level!r}"
-            )
+            self.problem("log_level", f"must be debug, info, warning or error, not {log_level!r}")
         workers = self.integer("workers", 1, 1, c.MAX_WORKERS)
-        if workers > 1 and redis is None:
+        if workers > 1 and not has_redis:
             self.problems.append(
-                f"{c.ENV_PREFIX}WORKERS above 1 needs Redis ({c.ENV_PREFIX}REDIS_URL): each worker "
+                f"{self.where('workers')} above 1 needs Redis ({redis_url}): each worker "
                 "would keep its own memory store, and a token prepared in one could not be "
                 "exchanged in another"
             )
@@ -243,6 +273,11 @@ class _Reader:
             retry_after=self.integer("retry_after", c.DEFAULT_RETRY_AFTER_SECONDS, 1, 3600),
             shutdown_timeout=self.number(
                 "shutdown_timeout", c.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS, 0.0, 600.0
+            ),
+            head_timeout=self.number("head_timeout", c.DEFAULT_HEAD_TIMEOUT_SECONDS, 0.1, 600.0),
+            body_timeout=self.number("body_timeout", c.DEFAULT_BODY_TIMEOUT_SECONDS, 0.1, 600.0),
+            max_connections=self.integer(
+                "max_connections", c.DEFAULT_MAX_CONNECTIONS, 1, 1_000_000
             ),
             log_level=log_level,
             workers=workers,
@@ -278,27 +313,26 @@ class _Reader:
 
     def destinations(self) -> list[Destination]:
         found: list[Destination] = []
-        url = self.text("destination_url", None)
-        write_key = self.text("destination_write_key", None)
-        if url is not None or write_key is not None:
-            env = c.ENV_PREFIX + "DESTINATION_"
-            found.extend(
-                self._http_destination(
-                    "default", (url, env + "URL"), (write_key, env + "WRITE_KEY")
-                )
-            )
+        single = {key: self.raw(f"destination_{key}") for key in DESTINATION_KEYS}
+        if any(value is not None for value in single.values()):
+            written = {
+                key: self.where(f"destination_{key}", like="destination_url")
+                for key in DESTINATION_KEYS
+            }
+            found.extend(self._http_destination("default", single, written))
         table = self.table("destinations") or {}
         if not isinstance(table, dict):
             self.problems.append("destinations must be a table of destination name to settings")
             table = {}
         for name, spec in table.items():
             where = f"destinations.{name}"
-            if not isinstance(spec, dict) or set(spec) - {"url", "write_key"}:
-                self.problems.append(f"{where} must be a table with url and write_key")
+            if not isinstance(spec, dict) or set(spec) - DESTINATION_KEYS:
+                self.problems.append(
+                    f"{where} must be a table with url, write_key and optionally allow_insecure"
+                )
                 continue
-            url_setting = (spec.get("url"), f"{where}.url")
-            key_setting = (spec.get("write_key"), f"{where}.write_key")
-            found.extend(self._http_destination(str(name), url_setting, key_setting))
+            written = {key: f"{where}.{key}" for key in DESTINATION_KEYS}
+            found.extend(self._http_destination(str(name), spec, written))
         events_file = self.text("events_file", None)
         if events_file is not None:
             found.append(Destination("file", "file", path=events_file))
@@ -313,26 +347,43 @@ class _Reader:
         return found or [Destination("stdout", "stdout")]
 
     def _http_destination(
-        self, name: str, url_setting: tuple[Any, str], key_setting: tuple[Any, str]
+        self, name: str, spec: Mapping[str, Any], names: Mapping[str, str]
     ) -> list[Destination]:
-        """A destination from its (value, setting name) pairs for the URL and write key."""
-        (url, url_name), (write_key, key_name) = url_setting, key_setting
+        """A destination from its ``url``, ``write_key`` and ``allow_insecure`` values;
+        ``names`` holds each of those settings as the user wrote it."""
+        url, write_key = spec.get("url"), spec.get("write_key")
         problems = len(self.problems)
-        parsed = urlsplit(url) if isinstance(url, str) else None
-        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
-            self.problems.append(f"{url_name} must be an http(s) URL of a Segment-compatible API")
+        allow_insecure = self._flag(spec.get("allow_insecure"), names["allow_insecure"])
+        parts = _http_url(url)
+        host = (parts.hostname or "") if parts else ""
+        if parts is None:
+            self.problems.append(
+                f"{names['url']} must be an http(s) URL of a Segment-compatible API"
+            )
+        elif parts.scheme == "http" and allow_insecure is False and not is_loopback(host):
+            self.problems.append(
+                f"{names['url']} would send the write key in clear text to {host}: "
+                f"use https, or set {names['allow_insecure']} to true"
+            )
         if not isinstance(write_key, str) or not write_key:
-            self.problems.append(f"{key_name} is required with {url_name}")
+            self.problems.append(f"{names['write_key']} is required with {names['url']}")
         if len(self.problems) > problems:
             return []
         return [Destination(name, "http", url=str(url), write_key=str(write_key))]
 
+    def _flag(self, value: Any, where: str) -> bool | None:
+        """A true/false setting (unset: false), or None after noting that it is neither."""
+        if value is None or isinstance(value, bool):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        self.problems.append(f"{where} must be true or false, not {value!r}")
+        return None
+
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
         value = (self.text(name, default) or default).lower()
         if value not in allowed:
-            self.problems.append(
-                f"{c.ENV_PREFIX}{name.upper()} must be one of {', '.join(allowed)}, not {value!r}"
-            )
+            self.problem(name, f"must be one of {', '.join(allowed)}, not {value!r}")
             return default
         return value
 
@@ -344,9 +395,7 @@ class _Reader:
         )
         prefix = self.text("redis_key_prefix", c.DEFAULT_REDIS_KEY_PREFIX) or ""
         if "{" in prefix or "}" in prefix:
-            self.problems.append(
-                f"{c.ENV_PREFIX}REDIS_KEY_PREFIX must not contain braces (they mark hash tags)"
-            )
+            self.problem("redis_key_prefix", "must not contain braces (they mark hash tags)")
         if url is None:
             return None
         try:
@@ -354,7 +403,8 @@ class _Reader:
                 url, key_prefix=prefix, timeout=timeout, max_connections=max_connections
             )
         except ValueError as exc:
-            self.problems.append(f"{c.ENV_PREFIX}REDIS_URL: {exc}")
+            self.invalid.add("redis_url")
+            self.problems.append(f"{self.where('redis_url')}: {exc}")
             return None
 
     def table(self, name: str) -> Any:
@@ -411,18 +461,46 @@ class _Reader:
                 self.problems.append(f"{where}.origins: {text!r} {exc}")
         return Source(name=name, write_key_digest=digest, origins=frozenset(origins))
 
-    def _lookup(self, name: str) -> tuple[str, Any]:
+    def where(self, name: str, like: str | None = None) -> str:
+        """The setting as the user wrote it: its variable, else its file key. One not set at
+        all is named as ``like`` was written, else as its variable."""
         env_name = c.ENV_PREFIX + name.upper()
         if env_name in self.environ:
-            return env_name, self.environ[env_name]
-        return name, self.file.get(name)
+            return env_name
+        if name in self.file or (like is not None and self.where(like) == like):
+            return name
+        return env_name
+
+    def named(self, name: str, value: object, like: str | None = None) -> str:
+        """The setting and its value, for a problem across settings."""
+        default = "" if self.given(name) else ", the default"
+        return f"{self.where(name, like)} ({value}{default})"
+
+    def given(self, name: str) -> bool:
+        """Whether the user set ``name``, validly or not."""
+        return self.raw(name) is not None
+
+    def valid(self, *names: str) -> bool:
+        """Whether none of ``names`` was reported invalid."""
+        return self.invalid.isdisjoint(names)
+
+    def problem(self, name: str, message: str) -> None:
+        """Report setting ``name``: ``message`` follows its name as the user wrote it."""
+        self.invalid.add(name)
+        self.problems.append(f"{self.where(name)} {message}")
+
+    def raw(self, name: str) -> Any:
+        """The value the user set, unchecked; None if unset (an empty variable is unset)."""
+        env_name = c.ENV_PREFIX + name.upper()
+        value = self.environ[env_name] if env_name in self.environ else self.file.get(name)
+        return None if value == "" else value
 
     def text(self, name: str, default: str | None) -> str | None:
-        where, value = self._lookup(name)
-        if value is None or value == "":
+        value = self.raw(name)
+        if value is None:
             return default
         if not isinstance(value, str):
-            self.problems.append(f"{where} must be a string")
+            self.problem(name, "must be a string")
             return default
         return value
 
@@ -435,18 +513,18 @@ class _Reader:
     def _ranged(
         self, name: str, default: T, low: T, high: T, kind: Callable[[Any], T], what: str
     ) -> T:
-        where, value = self._lookup(name)
-        if value is None or value == "":
+        value = self.raw(name)
+        if value is None:
             return default
         try:
             if isinstance(value, bool):
                 raise ValueError
             parsed = kind(value)
         except (TypeError, ValueError):
-            self.problems.append(f"{where} must be {what}, not {value!r}")
+            self.problem(name, f"must be {what}, not {value!r}")
             return default
         if not low <= parsed <= high:  # type: ignore[operator]
-            self.problems.append(f"{where} must be between {low} and {high}, not {parsed}")
+            self.problem(name, f"must be between {low} and {high}, not {parsed}")
             return default
         return parsed
 
@@ -476,6 +554,17 @@ class _Reader:
                 f"config file {path}: unknown settings {', '.join(sorted(unknown))}"
             )
         return data
+
+
+def _http_url(url: Any) -> SplitResult | None:
+    """``url`` split, if it is an http(s) URL with a host; else None."""
+    if not isinstance(url, str):
+        return None
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return None
+    return parts if parts.scheme in ("http", "https") and parts.hostname else None
 
 
 def _dev_source(write_key: str) -> Source:

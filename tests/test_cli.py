@@ -272,14 +272,15 @@ def _children_of(pid: int) -> list[int]:
         time.sleep(0.05)
 
 
-def test_a_worker_that_cannot_start_says_why(private_redis: RedisServer) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_port_is_said_in_one_line(private_redis: RedisServer, workers: str) -> None:
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     port = taken.getsockname()[1]
     try:
         result = subprocess.run(
-            [COMMAND, "serve", "--workers", "2", "--port", str(port)],
+            [COMMAND, "serve", "--workers", workers, "--port", str(port)],
             env=redis_env(private_redis),
             capture_output=True,
             text=True,
@@ -288,7 +289,89 @@ def test_a_worker_that_cannot_start_says_why(private_redis: RedisServer) -> None
     finally:
         taken.close()
     assert result.returncode == 1
-    assert "address already in use" in result.stderr.lower()
+    assert result.stderr.splitlines() == [
+        f"identity-service: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+
+
+# server.run without the command's check of the address first: a port taken between that
+# check and the workers' own bind.
+RUN_WITHOUT_CHECK = """
+import os, sys
+from identity_service.server import BindError, run
+from identity_service.settings import load_settings
+try:
+    sys.exit(run(load_settings(os.environ), "127.0.0.1", int(sys.argv[1])))
+except BindError as exc:
+    print(f"raised: {exc}", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_taken_after_the_check_is_said_without_a_traceback(
+    private_redis: RedisServer, workers: str
+) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", RUN_WITHOUT_CHECK, str(port)],
+            env=redis_env(private_redis, IDENTITY_WORKERS=workers),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        taken.close()
+    assert result.returncode == 1
+    said = f"cannot listen on 127.0.0.1:{port}: Address already in use"
+    lines = result.stderr.splitlines()
+    if workers == "1":  # raised to the command, which says it
+        assert lines == [f"raised: {said}"]
+    else:  # each worker that got that far says it; the parent stops the set
+        assert f"identity-service: {said}" in lines
+        assert all(
+            line == f"identity-service: {said}"
+            or re.fullmatch(r".* worker \d+ failed; stopping", line)
+            for line in lines
+        ), lines
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "0", "-1"])
+def test_serve_refuses_a_port_out_of_range(port: str) -> None:
+    result = subprocess.run(
+        [COMMAND, "serve", "--port", port],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"identity-service: --port must be between 1 and 65535, not {port}"
+    ]
+
+
+def test_serve_refuses_a_destination_that_would_get_its_write_key_in_clear_text() -> None:
+    result = subprocess.run(
+        [COMMAND, "serve", "--port", str(free_port())],
+        env=clean_env(
+            IDENTITY_DESTINATION_URL="http://collector.example.com",
+            IDENTITY_DESTINATION_WRITE_KEY="wk-clear-7c1d",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "identity-service: invalid configuration:",
+        "  - IDENTITY_DESTINATION_URL would send the write key in clear text to "
+        "collector.example.com: use https, or set IDENTITY_DESTINATION_ALLOW_INSECURE to true",
+    ]
 
 
 async def test_outbox_retire_removes_a_destination_no_longer_configured(
@@ -316,6 +399,14 @@ async def test_outbox_retire_removes_a_destination_no_longer_configured(
     assert retired.returncode == 0, retired.stderr
     assert "from 1 outbox streams" in retired.stdout
     assert await redis_client.xinfo_groups(stream) == []
+
+    for name in ("old-warehouse", "never-there"):  # retired already; never had a group
+        unknown = await asyncio.to_thread(outbox, "retire", name)
+        assert unknown.returncode == 1
+        assert unknown.stderr.splitlines() == [
+            f"identity-service: no such destination {name!r}: no outbox stream has its group"
+        ]
+        assert unknown.stdout == ""
     await redis_client.delete(stream)
 
 
@@ -331,3 +422,87 @@ def test_outbox_commands_say_when_redis_cannot_be_reached() -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("identity-service: Redis: ConnectionError")
     assert "Traceback" not in result.stderr
+
+
+def wait_for_lines(path: Path, event: str, count: int = 1) -> list[dict[str, Any]]:
+    """The JSON log lines of ``event`` in ``path`` once there are ``count`` of them."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [orjson.loads(line) for line in path.read_text().splitlines() if line]
+        found = [line for line in lines if line.get("event") == event]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+async def readyz(url: str) -> int:
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/readyz") as answer:
+        return answer.status
+
+
+async def test_serve_names_an_unreachable_redis_and_recovers_when_it_answers(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "redis").mkdir()
+    redis = RedisServer(tmp_path / "redis")  # not started yet: nothing listens on its port
+    service = Service(tmp_path, redis_env(redis, IDENTITY_REDIS_TIMEOUT="0.5"))
+    try:
+        assert (
+            f"identity-service: warning: redis at {redis.url} (ConnectionRefusedError) does not "
+            "answer; requests answer 503 until it does"
+        ) in service.stderr.splitlines()
+        assert f"store: redis at {redis.url}" in service.stderr
+        assert await readyz(service.url) == 503
+        errors = await asyncio.to_thread(
+            wait_for_lines, service.stdout_path, "forwarder_store_error", 2
+        )
+        assert len(errors) >= 2 and all(line["store"] == redis.url for line in errors)
+        unavailable = await asyncio.to_thread(
+            wait_for_lines, service.stdout_path, "store_unavailable"
+        )
+        assert unavailable[0]["reason"] == f"redis at {redis.url} (ConnectionRefusedError)"
+
+        await asyncio.to_thread(redis.start)
+        deadline = time.monotonic() + 10
+        while await readyz(service.url) != 200:
+            assert time.monotonic() < deadline, "the service did not recover"
+            await asyncio.sleep(0.1)
+        status, _ = await post(
+            f"{service.url}/v1/handoffs",
+            {"anonymousId": "a", "destination": CHECKOUT_URL},
+            WRITE_KEYS["shop"],
+        )
+        assert status == 201
+    finally:
+        assert await asyncio.to_thread(service.stop) == 0
+        redis.stop()
+
+
+def test_forward_names_an_unreachable_redis_without_its_password(tmp_path: Path) -> None:
+    password = "hunter2-0b3a9c"
+    port = free_port()  # nothing listens there
+    url = f"redis://ops:{password}@127.0.0.1:{port}/0?password={password}"
+    shown = f"redis://ops:***@127.0.0.1:{port}/0?password=***"
+    stdout_path, stderr_path = tmp_path / "stdout", tmp_path / "stderr"
+    with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
+        process = subprocess.Popen(
+            [COMMAND, "forward"],
+            env=clean_env(
+                IDENTITY_SOURCES=sources_env(), IDENTITY_SECRET=SECRET, IDENTITY_REDIS_URL=url
+            ),
+            stdout=out,
+            stderr=err,
+        )
+    try:
+        errors = wait_for_lines(stdout_path, "forwarder_store_error", count=2)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+    assert len(errors) >= 2 and all(line["store"] == shown for line in errors)
+    assert stderr_path.read_text().splitlines() == [
+        f"identity-service: warning: redis at {shown} (ConnectionRefusedError) does not answer; "
+        "the forwarders retry until it does"
+    ]
+    (unreachable,) = wait_for_lines(stdout_path, "store_unreachable")
+    assert unreachable["reason"] == f"redis at {shown} (ConnectionRefusedError)"
+    assert password not in stdout_path.read_text() + stderr_path.read_text()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from identity_service.settings import ConfigError, RedisSettings, load_settings
+from identity_service.settings import ConfigError, RedisSettings, load_settings, redact_url
 from identity_service.sources import hash_write_key
 from tests.conftest import SECRET, make_settings
 
@@ -95,7 +95,81 @@ def test_redis_needs_a_server_secret() -> None:
 
 def test_default_ttl_may_not_exceed_max_ttl() -> None:
     problems = problems_of({"IDENTITY_DEFAULT_TTL": "700"})
-    assert problems == ["IDENTITY_DEFAULT_TTL (700) is above IDENTITY_MAX_TTL (600)"]
+    assert problems == ["IDENTITY_DEFAULT_TTL (700) is above IDENTITY_MAX_TTL (600, the default)"]
+    assert problems_of({"IDENTITY_DEFAULT_TTL": "700", "IDENTITY_MAX_TTL": "650"}) == [
+        "IDENTITY_DEFAULT_TTL (700) is above IDENTITY_MAX_TTL (650)"
+    ]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "identity.toml"
+    path.write_text(text)
+    return path
+
+
+def test_an_invalid_ttl_is_the_only_problem_and_named_as_written(tmp_path: Path) -> None:
+    file = write(tmp_path, 'default_ttl = "abc"\nmax_ttl = 10\n')
+    assert problems_of({}, file) == ["default_ttl must be a whole number, not 'abc'"]
+    assert problems_of({"IDENTITY_MAX_TTL": "0", "IDENTITY_DEFAULT_TTL": "700"}) == [
+        "IDENTITY_MAX_TTL must be between 1 and 86400, not 0"
+    ]
+    assert problems_of({}, write(tmp_path, "default_ttl = 700\n")) == [
+        "default_ttl (700) is above max_ttl (600, the default)"
+    ]
+    assert problems_of({"IDENTITY_DEFAULT_TTL": "90"}, write(tmp_path, "max_ttl = 60\n")) == [
+        "IDENTITY_DEFAULT_TTL (90) is above max_ttl (60)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("environ", "text", "problem"),
+    [
+        (  # not a second "needs IDENTITY_REDIS_URL": it is set, and reported
+            {"IDENTITY_REDIS_URL": "http://x", "IDENTITY_FORWARDER": "off"},
+            f'secret = "{SECRET}"',
+            "IDENTITY_REDIS_URL: scheme must be one of redis, rediss, unix, not 'http'",
+        ),
+        (
+            {"IDENTITY_REDIS_URL": "http://x", "IDENTITY_WORKERS": "2"},
+            f'secret = "{SECRET}"',
+            "IDENTITY_REDIS_URL: scheme must be one of redis, rediss, unix, not 'http'",
+        ),
+        (  # not a second "secret is required": it is set, and reported
+            {},
+            'secret = 42\nredis_url = "redis://127.0.0.1:6390/0"',
+            "secret must be a string",
+        ),
+        (  # the outbox may be meant off: no verdict on the forwarder without Redis
+            {"IDENTITY_OUTBOX": "sometimes", "IDENTITY_FORWARDER": "off"},
+            "",
+            "IDENTITY_OUTBOX must be one of on, off, not 'sometimes'",
+        ),
+        ({}, 'secret = "short"', "secret must be at least 32 characters"),
+        ({}, 'log_level = "loud"', "log_level must be debug, info, warning or error, not 'loud'"),
+        ({}, 'forwarder = "elsewhere"', "forwarder must be one of embedded, off, not 'elsewhere'"),
+        (
+            {},
+            'redis_key_prefix = "{x}"',
+            "redis_key_prefix must not contain braces (they mark hash tags)",
+        ),
+    ],
+)
+def test_a_problem_is_reported_once_under_the_name_written(
+    tmp_path: Path, environ: dict[str, str], text: str, problem: str
+) -> None:
+    assert problems_of(environ, write(tmp_path, text)) == [problem]
+
+
+def test_checks_across_settings_name_what_the_file_says(tmp_path: Path) -> None:
+    assert problems_of({}, write(tmp_path, 'redis_url = "redis://127.0.0.1:6390/0"')) == [
+        "secret is required with redis_url: every instance must derive the same token lookup ids"
+    ]
+    assert problems_of({}, write(tmp_path, "workers = 2\nforwarder = 'off'")) == [
+        "forwarder=off needs IDENTITY_REDIS_URL: without Redis the events are in this process, "
+        "and only its own forwarder can deliver them",
+        "workers above 1 needs Redis (IDENTITY_REDIS_URL): each worker would keep its own "
+        "memory store, and a token prepared in one could not be exchanged in another",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -234,6 +308,7 @@ write_key = "wk1"
 [destinations.rudder]
 url = "http://rudderstack.internal:8080"
 write_key = "wk2"
+allow_insecure = true
 """
     )
     destinations = load_settings({}, path).outbox.destinations
@@ -299,3 +374,171 @@ def test_workers_need_redis() -> None:
     (problem,) = problems_of({"IDENTITY_WORKERS": "2"})
     assert "IDENTITY_WORKERS above 1 needs Redis" in problem
     assert problems_of({"IDENTITY_WORKERS": "0"})
+
+
+def test_redis_addresses_are_shown_without_their_password() -> None:
+    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert redact_url("redis://:pw@h:1/0") == "redis://:***@h:1/0"
+    assert redact_url("rediss://ops:p%40ss@h:1/0?ssl_cert_reqs=none") == (
+        "rediss://ops:***@h:1/0?ssl_cert_reqs=none"
+    )
+    assert redact_url("redis://ops@h/0") == "redis://ops@h/0"
+    assert redact_url("unix:///run/r.sock?db=1&password=pw&Password=x") == (
+        "unix:///run/r.sock?db=1&password=***&Password=***"
+    )
+    settings = make_settings("redis://default:hunter2@redis.internal:6379/0")
+    assert settings.redis is not None
+    assert settings.redis.address == "redis://default:***@redis.internal:6379/0"
+
+
+INSECURE = "would send the write key in clear text to collector.example.com"
+
+
+@pytest.mark.parametrize(
+    ("environ", "text", "problem"),
+    [
+        (
+            {
+                "IDENTITY_DESTINATION_URL": "http://collector.example.com",
+                "IDENTITY_DESTINATION_WRITE_KEY": "wk",
+            },
+            "",
+            f"IDENTITY_DESTINATION_URL {INSECURE}: use https, or set "
+            "IDENTITY_DESTINATION_ALLOW_INSECURE to true",
+        ),
+        (
+            {},
+            'destination_url = "http://collector.example.com/"\ndestination_write_key = "wk"',
+            f"destination_url {INSECURE}: use https, or set destination_allow_insecure to true",
+        ),
+        (
+            {
+                "IDENTITY_DESTINATIONS": json.dumps(
+                    {"rudder": {"url": "http://collector.example.com:8080", "write_key": "wk"}}
+                )
+            },
+            "",
+            f"destinations.rudder.url {INSECURE}: use https, or set "
+            "destinations.rudder.allow_insecure to true",
+        ),
+        (
+            {},
+            '[destinations.rudder]\nurl = "http://collector.example.com"\nwrite_key = "wk"\n'
+            'allow_insecure = "yes"',
+            "destinations.rudder.allow_insecure must be true or false, not 'yes'",
+        ),
+        (
+            {
+                "IDENTITY_DESTINATION_URL": "http://collector.example.com",
+                "IDENTITY_DESTINATION_WRITE_KEY": "wk",
+                "IDENTITY_DESTINATION_ALLOW_INSECURE": "1",
+            },
+            "",
+            "IDENTITY_DESTINATION_ALLOW_INSECURE must be true or false, not '1'",
+        ),
+        (  # a malformed URL is a problem, not a crash
+            {"IDENTITY_DESTINATION_URL": "http://[::1", "IDENTITY_DESTINATION_WRITE_KEY": "wk"},
+            "",
+            "IDENTITY_DESTINATION_URL must be an http(s) URL of a Segment-compatible API",
+        ),
+    ],
+)
+def test_a_write_key_is_not_sent_in_clear_text_off_loopback(
+    tmp_path: Path, environ: dict[str, str], text: str, problem: str
+) -> None:
+    assert problems_of(environ, write(tmp_path, text)) == [problem]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:8080", "http://127.3.2.1/", "http://[::1]:9000", "http://localhost:3000"],
+)
+def test_http_destinations_on_loopback_need_no_permission(url: str) -> None:
+    environ = {"IDENTITY_DESTINATION_URL": url, "IDENTITY_DESTINATION_WRITE_KEY": "wk"}
+    (destination,) = load_settings(environ).outbox.destinations
+    assert destination.url == url
+
+
+def test_http_destinations_off_loopback_when_allowed(tmp_path: Path) -> None:
+    environ = {
+        "IDENTITY_DESTINATION_URL": "http://collector.example.com",
+        "IDENTITY_DESTINATION_WRITE_KEY": "wk",
+        "IDENTITY_DESTINATION_ALLOW_INSECURE": "true",
+        "IDENTITY_DESTINATIONS": json.dumps(
+            {"rudder": {"url": "http://rudder.internal", "write_key": "k", "allow_insecure": True}}
+        ),
+    }
+    destinations = load_settings(environ).outbox.destinations
+    assert [d.url for d in destinations] == [
+        "http://collector.example.com",
+        "http://rudder.internal",
+    ]
+    file = write(
+        tmp_path,
+        'destination_url = "http://collector.example.com"\ndestination_write_key = "wk"\n'
+        "destination_allow_insecure = true\n",
+    )
+    assert load_settings({}, file).outbox.destinations[0].url == "http://collector.example.com"
+
+
+def test_front_limits_have_defaults() -> None:
+    settings = load_settings({})
+    assert (settings.head_timeout, settings.body_timeout, settings.max_connections) == (
+        10.0,
+        10.0,
+        1024,
+    )
+
+
+def test_front_limits_from_the_environment_and_a_file(tmp_path: Path) -> None:
+    settings = load_settings(
+        {
+            "IDENTITY_HEAD_TIMEOUT": "2.5",
+            "IDENTITY_BODY_TIMEOUT": "30",
+            "IDENTITY_MAX_CONNECTIONS": "1000000",
+        }
+    )
+    assert (settings.head_timeout, settings.body_timeout, settings.max_connections) == (
+        2.5,
+        30.0,
+        1_000_000,
+    )
+    file = write(tmp_path, "head_timeout = 0.1\nbody_timeout = 600\nmax_connections = 1\n")
+    settings = load_settings({}, file)
+    assert (settings.head_timeout, settings.body_timeout, settings.max_connections) == (
+        0.1,
+        600.0,
+        1,
+    )
+
+
+def test_front_limits_out_of_range_are_explained() -> None:
+    problems = problems_of(
+        {
+            "IDENTITY_HEAD_TIMEOUT": "0.05",
+            "IDENTITY_BODY_TIMEOUT": "601",
+            "IDENTITY_MAX_CONNECTIONS": "1000001",
+        }
+    )
+    assert problems == [
+        "IDENTITY_HEAD_TIMEOUT must be between 0.1 and 600.0, not 0.05",
+        "IDENTITY_BODY_TIMEOUT must be between 0.1 and 600.0, not 601.0",
+        "IDENTITY_MAX_CONNECTIONS must be between 1 and 1000000, not 1000001",
+    ]
+    assert problems_of({"IDENTITY_MAX_CONNECTIONS": "0", "IDENTITY_HEAD_TIMEOUT": "soon"}) == [
+        "IDENTITY_HEAD_TIMEOUT must be a number, not 'soon'",
+        "IDENTITY_MAX_CONNECTIONS must be between 1 and 1000000, not 0",
+    ]
+
+
+def test_the_repr_of_settings_holds_no_secret() -> None:
+    settings = load_settings(
+        {
+            "IDENTITY_SECRET": "s3cret-" + "x" * 40,
+            "IDENTITY_REDIS_URL": "redis://ops:hunter2-pw@127.0.0.1:6390/0",
+            "IDENTITY_DEV_WRITE_KEY": "dev-key-not-for-logs",
+        }
+    )
+    text = repr(settings)
+    for secret in ("s3cret-", "hunter2-pw", "dev-key-not-for-logs"):
+        assert secret not in text

@@ -73,11 +73,23 @@ def connect(settings: RedisSettings) -> Redis:
     return Redis.from_pool(pool)
 
 
+async def check_reachable(settings: RedisSettings) -> None:
+    """PING Redis once within the configured timeout; StoreUnavailable names its address."""
+    client = RespClient(settings.url, settings.timeout)
+    try:
+        await client.execute("PING")
+    except (ReplyError, OSError) as exc:
+        raise StoreUnavailable(_describe(settings.address, exc)) from exc
+    finally:
+        await client.close()
+
+
 class RedisStore:
     """Keeps records in Redis with their TTL and their events set in the same script."""
 
     def __init__(self, settings: RedisSettings, sealer: OutboxSealer) -> None:
         self._prefix = settings.key_prefix
+        self._address = settings.address
         self._sealer = sealer
         self._redis = RespClient(settings.url, settings.timeout)
 
@@ -94,14 +106,14 @@ class RedisStore:
         try:
             await self._redis.run_script(PREPARE, keys, [record, ttl_seconds, template, started])
         except (ReplyError, OSError) as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+            raise StoreUnavailable(_describe(self._address, exc)) from exc
 
     async def take(self, lookup_id: bytes, facts: dict[str, Any] | None) -> bytes | None:
         sealed_facts = self._sealer.seal(orjson.dumps(facts)) if facts is not None else b""
         try:
             record = await self._redis.run_script(EXCHANGE, self._keys(lookup_id), [sealed_facts])
         except (ReplyError, OSError) as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+            raise StoreUnavailable(_describe(self._address, exc)) from exc
         assert record is None or isinstance(record, bytes)
         return record
 
@@ -111,13 +123,13 @@ class RedisStore:
         try:
             await self._redis.execute("XADD", stream, "*", "j", sealed)
         except (ReplyError, OSError) as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+            raise StoreUnavailable(_describe(self._address, exc)) from exc
 
     async def ping(self) -> None:
         try:
             await self._redis.execute("PING")
         except (ReplyError, OSError) as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+            raise StoreUnavailable(_describe(self._address, exc)) from exc
 
     async def close(self) -> None:
         await self._redis.close()
@@ -129,5 +141,7 @@ class RedisStore:
         ]
 
 
-def _describe(exc: BaseException) -> str:
-    return f"redis: {type(exc).__name__}"
+def _describe(address: str, exc: BaseException) -> str:
+    """What failed, where (the address without its password), and Redis's error code."""
+    code = f" {str(exc).split(maxsplit=1)[0]}" if isinstance(exc, ReplyError) and str(exc) else ""
+    return f"redis at {address} ({type(exc).__name__}{code})"
