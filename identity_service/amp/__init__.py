@@ -1,0 +1,1 @@
+"""AMP cache flows: CORS, the origin hop, /collect, clientId links."""
