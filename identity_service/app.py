@@ -25,6 +25,7 @@ def create_app(settings: Settings) -> web.Application:
     app[app_keys.SETTINGS] = settings
     app[app_keys.SOURCES] = SourceRegistry(settings.sources)
     app[app_keys.METRICS] = Metrics()
+    app.on_response_prepare.append(_without_server_header)
     app.cleanup_ctx.append(_handoff_store)
     if settings.outbox.enabled and settings.outbox.forwarder_in_serve:
         app.cleanup_ctx.append(_forwarders)
@@ -35,6 +36,11 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/metrics", handlers.metrics)
     app.router.add_get("/openapi.json", handlers.openapi)
     return app
+
+
+async def _without_server_header(_request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp names itself and its version in ``Server``; the service sends no versions."""
+    response.headers.popall("Server", None)
 
 
 def open_store(settings: Settings) -> HandoffStore:

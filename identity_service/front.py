@@ -1,28 +1,44 @@
-"""The HTTP front: the two handoff endpoints without aiohttp's per-request machinery.
+"""The HTTP front: the one HTTP/1.1 parser of every connection, and the two hot endpoints.
+
+Every byte a client sends is read here, by llhttp (through httptools) in its strict mode,
+so no other parser can frame the same bytes differently and no request can be smuggled
+past this one. The front enforces what a server facing the internet must: a head of at
+most 8,190 bytes and 128 fields, a body within ``max_body_bytes`` (chunked or not, and
+after ``gzip``/``deflate`` decoding), a head within ``head_timeout`` and a body within
+``body_timeout`` of their first byte, and at most ``max_connections`` connections. What
+breaks a rule is answered with an RFC 9457 problem that echoes nothing of the request,
+and logged as one request line without a header value or a traceback.
 
 Prepare and exchange sit on every cross-domain click, and aiohttp's request and response
-objects cost more CPU than the handoff itself. The front is the protocol the listening
-socket speaks. It reads plain HTTP/1.x requests for the two endpoints (a POST with a
-Content-Length body, no ``Expect``, no ``Transfer-Encoding``), answers them through
-handoff_api.py and writes each answer with one ``write``. Anything else (another path or
-method, a chunked or oversized body, a head it does not fully understand) hands the
-connection, with the bytes not yet answered, to aiohttp's own request handler for the
-rest of its life, so the application's routes, middleware and error answers apply as
-they always do. Answers, problems and the log line are the ones the middleware makes.
+objects cost more CPU than the handoff itself: a ``POST`` to either is answered through
+handoff_api.py with one ``write``. Every other request is handed, already parsed, to the
+aiohttp application (its router, middleware and handlers, with aiohttp's response writer),
+and the connection stays with the front. Answers go out in the order of the requests.
 """
 
 import asyncio
 import contextvars
 import functools
-import re
+import math
 import time
+import zlib
+from collections import deque
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, cast
 
+import httptools
 import orjson
+import structlog
 from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http import HttpVersion10, HttpVersion11
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.http_writer import StreamWriter
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from identity_service import app_keys
 from identity_service.handoff_api import Call, HandoffApi
@@ -32,25 +48,39 @@ from identity_service.middleware import (
     problem_for,
     start_request,
 )
-from identity_service.problems import PROBLEM_CONTENT_TYPE, Problem
+from identity_service.problems import (
+    PROBLEM_CONTENT_TYPE,
+    ExpectationFailed,
+    HeadTooLarge,
+    MalformedRequest,
+    PayloadTooLarge,
+    Problem,
+    RequestTimeout,
+    ServiceUnavailable,
+    UnsupportedContentEncoding,
+)
 
+logger = structlog.get_logger("identity_service.request")
+
+# aiohttp's own limits for a request line or field; here, for the whole head.
 MAX_HEAD_BYTES = 8190
+MAX_HEADERS = 128
 IDLE_TIMEOUT_SECONDS = 75.0
+# Parsed requests a connection may queue before it is read no further.
+MAX_QUEUED_REQUESTS = 64
+_NEVER = math.inf
 
-# The headers the front reads; any other header is ignored, as aiohttp would.
-_READ = {
-    *(b"host", b"content-length", b"content-type", b"authorization"),
-    *(b"x-request-id", b"connection"),
-}
-# Headers whose presence needs aiohttp's full handling.
-_DECLINE = {b"transfer-encoding", b"content-encoding", b"expect", b"upgrade"}
-# A header line: a token, a colon, and a value without control characters (a tab is
-# allowed; a bare CR or LF is not, nor is a folded line). Heads with anything else are
-# left to aiohttp's parser, which refuses or handles them.
-_HEADER_LINE = rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):([^\x00-\x08\x0a-\x1f\x7f]*)\r\n"
-_HEADER_BLOCK = re.compile(rb"(?:" + _HEADER_LINE + rb")*")
-_HEADER = re.compile(_HEADER_LINE)
+# Headers read from every request; any other is kept only for the application.
+_HOST = b"host"
+_SINGLE = {_HOST, b"authorization", b"content-type", b"content-encoding", b"x-request-id"}
 _SECURITY_LINES = "".join(f"{name}: {value}\r\n" for name, value in SECURITY_HEADERS.items())
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# RFC 9110's deflate is the zlib format; both are read with zlib's own decoder.
+_CODINGS = {
+    b"gzip": 16 + zlib.MAX_WBITS,
+    b"x-gzip": 16 + zlib.MAX_WBITS,
+    b"deflate": zlib.MAX_WBITS,
+}
 
 Endpoint = Callable[[HandoffApi, Call], Awaitable[tuple[int, dict[str, Any]]]]
 _ENDPOINTS: dict[bytes, Endpoint] = {
@@ -59,88 +89,83 @@ _ENDPOINTS: dict[bytes, Endpoint] = {
 }
 
 
-class Head:
-    """The parts of a request head the front uses."""
+class Request:
+    """A request as the front parsed it."""
 
-    __slots__ = ("content_length", "endpoint", "headers", "http10", "keep_alive", "path")
+    __slots__ = (
+        "body",
+        "chunks",
+        "encoding",
+        "endpoint",
+        "fields",
+        "head_size",
+        "http10",
+        "keep_alive",
+        "method",
+        "path",
+        "problem",
+        "raw_headers",
+        "target",
+    )
 
-    def __init__(
-        self, path: str, endpoint: Endpoint, content_length: int, headers: dict[bytes, bytes]
-    ) -> None:
-        self.path = path
-        self.endpoint = endpoint
-        self.content_length = content_length
-        self.headers = headers
+    def __init__(self) -> None:
+        self.target = b""
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.chunks: list[bytes] = []
+        self.body = b""
+        self.method = "GET"
+        self.path = ""
+        self.endpoint: Endpoint | None = None
+        self.fields: dict[bytes, bytes] = {}
         self.keep_alive = True
         self.http10 = False
+        self.encoding = b""
+        # Set when the request is answered with this problem instead of being served.
+        self.problem: Problem | None = None
 
     def text(self, name: bytes) -> str | None:
-        value = self.headers.get(name)
+        value = self.fields.get(name)
         return None if value is None else value.decode("latin-1")
 
 
-def parse_head(head: bytes) -> Head | None:
-    """The head of a request the front serves, or None to leave it to aiohttp.
+class Refusal:
+    """A request that broke a rule of HTTP or of the front: answered, then the connection
+    closes, since what follows it on the connection cannot be framed or trusted."""
 
-    ``head`` ends before the blank line that closes it.
-    """
-    request_line, _, header_lines = head.partition(b"\r\n")
-    parts = request_line.split(b" ")
-    if len(parts) != 3 or parts[0] != b"POST" or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
-        return None
-    endpoint = _ENDPOINTS.get(parts[1])
-    if endpoint is None:
-        return None
-    block = header_lines + b"\r\n" if header_lines else b""
-    if _HEADER_BLOCK.fullmatch(block) is None:
-        return None
-    headers: dict[bytes, bytes] = {}
-    for raw_name, value in _HEADER.findall(block):
-        name = raw_name.lower()
-        if name in _DECLINE:
-            return None
-        if name in _READ:
-            if name in headers:
-                return None
-            headers[name] = value.strip(b" \t")
-    if parts[2] == b"HTTP/1.1" and b"host" not in headers:
-        return None  # aiohttp answers 400
-    length = headers.get(b"content-length")
-    if length is None or not length.isdigit() or len(length) > 9:
-        return None
-    parsed = Head(parts[1].decode("ascii"), endpoint, int(length), headers)
-    options = {option.strip() for option in headers.get(b"connection", b"").lower().split(b",")}
-    parsed.http10 = parts[2] == b"HTTP/1.0"
-    if parsed.http10:
-        parsed.keep_alive = b"keep-alive" in options and b"close" not in options
-    else:
-        parsed.keep_alive = b"close" not in options
-    return parsed
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
 
 
 class FrontServer(web.Server):
     """aiohttp's protocol factory, with the front as the protocol new connections get."""
 
     def __init__(self, app: web.Application, **kwargs: Any) -> None:
-        # What Application._make_handler builds, with the front in front of it.
+        # What Application._make_handler builds; the front hands parsed requests to it.
         handle = cast(Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], app._handle)
         super().__init__(handle, request_factory=app._make_request, **kwargs)
         # The app has started (its cleanup_ctx ran): what requests need is read once here.
         self.api = app[app_keys.API]
         self.metrics = app[app_keys.METRICS]
         self.settings = app[app_keys.SETTINGS]
-        # Unread bytes a connection may hold before it is no longer read.
-        self.read_limit = MAX_HEAD_BYTES + self.settings.max_body_bytes
+        self.max_body_bytes = self.settings.max_body_bytes
+        self.head_timeout = self.settings.head_timeout
+        self.body_timeout = self.settings.body_timeout
+        # Unanswered request bytes a connection may hold before it is no longer read.
+        self.read_limit = MAX_HEAD_BYTES + self.max_body_bytes
         self.front_connections: set[FrontProtocol] = set()
+        self._sweep_every = min(1.0, self.head_timeout / 4, self.body_timeout / 4)
         self._sweeper: asyncio.TimerHandle | None = None
 
-    def __call__(self) -> "FrontProtocol":  # type: ignore[override]
+    def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
         if self._sweeper is None:
-            self._sweeper = self._loop.call_later(IDLE_TIMEOUT_SECONDS / 4, self._sweep_idle)
+            self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
+        if len(self.front_connections) >= self.settings.max_connections:
+            self.metrics.inc("identity_connections_refused_total")
+            return _Turnaway(self.settings.retry_after)
         return FrontProtocol(self)
-
-    def aiohttp_handler(self) -> asyncio.Protocol:
-        return super().__call__()
 
     def pre_shutdown(self) -> None:
         for connection in list(self.front_connections):
@@ -148,7 +173,7 @@ class FrontServer(web.Server):
         super().pre_shutdown()
 
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's signature)
-        """Let the front's requests finish, then aiohttp's, all within one ``timeout``."""
+        """Let the requests in flight finish, within ``timeout``, then close what is left."""
         if self._sweeper is not None:
             self._sweeper.cancel()
         deadline = self._loop.time() + (timeout if timeout is not None else 60.0)
@@ -159,12 +184,13 @@ class FrontServer(web.Server):
             connection.abort()
         await super().shutdown(max(0.0, deadline - self._loop.time()))
 
-    def _sweep_idle(self) -> None:
-        horizon = self._loop.time() - IDLE_TIMEOUT_SECONDS
+    def _sweep(self) -> None:
+        """Time out slow heads and bodies and idle connections (one timer for them all)."""
+        now = self._loop.time()
         for connection in list(self.front_connections):
-            if connection.idle and connection.last_active < horizon:
-                connection.abort()
-        self._sweeper = self._loop.call_later(IDLE_TIMEOUT_SECONDS / 4, self._sweep_idle)
+            if connection.deadline < now:
+                connection.timed_out()
+        self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
 
 
 class FrontRunner(web.AppRunner):
@@ -175,19 +201,59 @@ class FrontRunner(web.AppRunner):
         return FrontServer(self.app, loop=asyncio.get_running_loop(), **self._kwargs)
 
 
+class _Turnaway(asyncio.Protocol):
+    """A connection over ``max_connections``: told 503 at once and closed, before any read."""
+
+    def __init__(self, retry_after: int) -> None:
+        self._retry_after = retry_after
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        problem = ServiceUnavailable(
+            "the server holds as many connections as it may; retry later", self._retry_after
+        )
+        cast(asyncio.Transport, transport).write(problem_answer(problem, None, keep_alive=False))
+        transport.close()
+
+
+class AppBridge(BaseProtocol):
+    """What aiohttp's request and response writer need of a connection, for the front's."""
+
+    __slots__ = ("max_field_size", "max_headers", "peername", "sockname", "ssl_context")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport) -> None:
+        super().__init__(loop)
+        self.transport = transport
+        self.ssl_context = transport.get_extra_info("sslcontext")
+        self.peername = transport.get_extra_info("peername")
+        self.sockname = transport.get_extra_info("sockname")
+        self.max_field_size = MAX_HEAD_BYTES
+        self.max_headers = MAX_HEADERS
+
+
 class FrontProtocol(asyncio.Protocol):
-    """One client connection while the front serves it; requests are answered in order."""
+    """One client connection: parses its requests and answers them in order."""
 
     def __init__(self, server: FrontServer) -> None:
         self._server = server
         self._loop = server._loop
         self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
+        self._parser = httptools.HttpRequestParser(self)
+        self._request = Request()
+        self._queue: deque[Request | Refusal] = deque()
+        self._bridge: AppBridge | None = None
+        self._in_message = False
+        self._in_head = False
+        self._head_began_in_this_read = False
+        self._head_bytes_in_later_reads = 0
+        self._body_size = 0
+        self._refused = False  # nothing more is read from this connection
         self._closing = False
         self._read_paused = False
         self._write_blocked = False
         self.idle = True  # no request of this connection is being answered
-        self.last_active = self._loop.time()
+        self.deadline = self._loop.time() + server.head_timeout
+
+    # asyncio's side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
@@ -197,30 +263,150 @@ class FrontProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.front_connections.discard(self)
         self._transport = None
+        if self._bridge is not None:
+            self._bridge.connection_lost(exc)
 
-    @property
-    def busy(self) -> bool:
-        """A request is being answered, or its bytes have started to arrive."""
-        return not self.idle or bool(self._buffer)
+    def eof_received(self) -> bool:
+        if self._in_message and not self._refused:
+            self._refuse(MalformedRequest("the connection ended inside a request"))
+        # A client that half-closes after its requests still gets their answers.
+        self._refused = self._closing = True
+        return self.busy
 
     def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        self.last_active = self._loop.time()
-        if self.idle and not self._write_blocked:
-            self._next_request()
-        if len(self._buffer) > self._server.read_limit:
+        if self._refused:
+            return
+        self._head_began_in_this_read = False
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # The request asked to switch protocols: it is answered as HTTP, then closed.
+            self._refused = True
+            self._pause_reading()
+            last = self._queue[-1] if self._queue else None
+            if isinstance(last, Request):
+                last.keep_alive = False
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if not isinstance(cause, Problem):
+                raise
+            self._refuse(cause)
+        except httptools.HttpParserError as exc:
+            # llhttp's reasons are fixed texts ("Invalid header value char"): no request bytes.
+            self._refuse(MalformedRequest(f"the request is not valid HTTP/1.1: {exc}"))
+        else:
+            if self._in_head and not self._head_began_in_this_read:
+                # Only this read's bytes are surely head bytes: a bound, not a measure.
+                self._head_bytes_in_later_reads += len(data)
+                if self._head_bytes_in_later_reads > MAX_HEAD_BYTES:
+                    self._refuse(HeadTooLarge(f"the head must be at most {MAX_HEAD_BYTES} bytes"))
+        if len(self._queue) >= MAX_QUEUED_REQUESTS:
             # A client sending far ahead of the answers waits until they are written.
             self._pause_reading()
+        self._next()
 
     def pause_writing(self) -> None:
         # A client that does not read its answers gets no more of them, and is not read.
         self._write_blocked = True
         self._pause_reading()
+        if self._bridge is not None:
+            self._bridge.pause_writing()
 
     def resume_writing(self) -> None:
         self._write_blocked = False
-        if self.idle:
-            self._next_after_answer()
+        if self._bridge is not None:
+            self._bridge.resume_writing()
+        self._next()
+
+    # llhttp's callbacks (httptools), in the order of the bytes
+
+    def on_message_begin(self) -> None:
+        self._request = Request()
+        self._in_message = self._in_head = self._head_began_in_this_read = True
+        self._head_bytes_in_later_reads = 0
+        self._body_size = 0
+        self.deadline = self._loop.time() + self._server.head_timeout
+
+    def on_url(self, url: bytes) -> None:
+        request = self._request
+        request.target += url
+        request.head_size += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self._request
+        request.raw_headers.append((name, value))
+        # The field as sent, give or take optional white space around the value.
+        request.head_size += len(name) + len(value) + 4
+        if len(request.raw_headers) > MAX_HEADERS:
+            raise HeadTooLarge(f"a request may carry at most {MAX_HEADERS} header fields")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        request = self._request
+        parser = self._parser
+        # The request line: "METHOD SP target SP HTTP/1.1 CRLF"; the blank line that ends it.
+        request.head_size += len(parser.get_method()) + 13
+        if request.head_size > MAX_HEAD_BYTES:
+            raise HeadTooLarge(f"the head must be at most {MAX_HEAD_BYTES} bytes")
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise MalformedRequest("only HTTP/1.1 and HTTP/1.0 are served")
+        request.http10 = version == "1.0"
+        request.keep_alive = parser.should_keep_alive()
+        request.method = parser.get_method().decode("ascii")
+        fields = request.fields
+        expect: bytes | None = None
+        for raw_name, value in request.raw_headers:
+            name = raw_name.lower()
+            if name in _SINGLE:
+                if name in fields:
+                    raise MalformedRequest(f"the {name.decode()} header must appear once")
+                fields[name] = value
+            elif name == b"expect":
+                expect = value.lower()
+            elif name == b"content-length" and int(value) > self._server.max_body_bytes:
+                raise PayloadTooLarge(
+                    f"the body must be at most {self._server.max_body_bytes} bytes"
+                )
+        if _HOST not in fields and not request.http10:
+            raise MalformedRequest("an HTTP/1.1 request must carry a Host header")
+        request.encoding = fields.get(b"content-encoding", b"").strip().lower()
+        path = request.target.partition(b"?")[0]
+        request.path = path.decode("utf-8", "surrogateescape")
+        if request.method == "POST":
+            request.endpoint = _ENDPOINTS.get(path)
+        if expect is not None:
+            if expect != b"100-continue":
+                raise ExpectationFailed("the only expectation served is 100-continue")
+            if self._transport is not None and self.idle and not self._queue:
+                self._transport.write(_CONTINUE)
+        self.deadline = self._loop.time() + self._server.body_timeout
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self._server.max_body_bytes:
+            raise PayloadTooLarge(f"the body must be at most {self._server.max_body_bytes} bytes")
+        self._request.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        request = self._request
+        chunks = request.chunks
+        request.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if request.encoding and request.encoding != b"identity":
+            try:
+                request.body = decoded(request.body, request.encoding, self._server.max_body_bytes)
+            except Problem as problem:
+                request.problem = problem
+        self._queue.append(request)
+        self.deadline = _NEVER
+
+    # Answering
+
+    @property
+    def busy(self) -> bool:
+        """A request is being answered, waits to be, or has started to arrive."""
+        return not self.idle or bool(self._queue) or self._in_message
 
     def close_when_idle(self) -> None:
         self._closing = True
@@ -230,6 +416,143 @@ class FrontProtocol(asyncio.Protocol):
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.close()
+
+    def timed_out(self) -> None:
+        if self._in_message and not self._refused:
+            what = "head" if self._in_head else "body"
+            limit = self._server.head_timeout if self._in_head else self._server.body_timeout
+            self._refuse(RequestTimeout(f"the request's {what} must arrive within {limit:g} s"))
+        elif self.idle and not self._queue:
+            self.abort()
+
+    def _refuse(self, problem: Problem) -> None:
+        """Answer ``problem`` after the requests before it, then close; read no more."""
+        self._refused = True
+        self._in_message = False
+        self.deadline = _NEVER
+        self._pause_reading()
+        self._queue.append(Refusal(problem))
+        self._next()
+
+    def _next(self) -> None:
+        while self.idle and not self._write_blocked and self._queue:
+            item = self._queue.popleft()
+            if isinstance(item, Refusal):
+                contextvars.Context().run(self._answer_refusal, item.problem)
+                return
+            self.idle = False
+            # A task per request, in an empty context: nothing bound for one request's logs
+            # can leak into another's.
+            answer = self._answer if item.endpoint is not None else self._answer_with_app
+            self._loop.create_task(answer(item), context=contextvars.Context())
+        if not self._queue and self.idle and not self._in_message:
+            self.deadline = self._loop.time() + IDLE_TIMEOUT_SECONDS
+        if not self._refused and not self._write_blocked and len(self._queue) < MAX_QUEUED_REQUESTS:
+            self._resume_reading()
+
+    def _answer_refusal(self, problem: Problem) -> None:
+        started = time.perf_counter()
+        request_id = start_request(None)
+        if self._transport is not None:
+            self._transport.write(problem_answer(problem, request_id, keep_alive=False))
+            self._transport.close()
+        log_request("-", "-", problem.status, started, problem)
+
+    async def _answer(self, request: Request) -> None:
+        started = time.perf_counter()
+        request_id = start_request(request.text(b"x-request-id"))
+        server = self._server
+        endpoint = cast(Endpoint, request.endpoint)
+        media_type = request.text(b"content-type") or "application/octet-stream"
+        call = Call(
+            request.text(b"authorization"),
+            media_type.split(";", 1)[0].strip().lower(),
+            request.body,
+        )
+        problem = request.problem
+        extra: dict[str, str] = {}
+        try:
+            if problem is not None:
+                raise problem
+            status, answer = await endpoint(server.api, call)
+            content_type, payload = "application/json", orjson.dumps(answer)
+        except Exception as exc:
+            problem = problem_for(exc, server.metrics, server.settings)
+            status, content_type = problem.status, PROBLEM_CONTENT_TYPE
+            payload = orjson.dumps(problem.body(instance=request.path))
+            extra = problem.headers()
+        keep_alive = request.keep_alive and not self._closing
+        if not keep_alive:
+            extra["Connection"] = "close"
+        elif request.http10:
+            extra["Connection"] = "keep-alive"
+        self._finish(_response(status, content_type, payload, request_id, extra), keep_alive)
+        log_request("POST", request.path, status, started, problem)
+
+    async def _answer_with_app(self, request: Request) -> None:
+        """Serve ``request`` with the aiohttp application, its answer written by aiohttp."""
+        transport = self._transport
+        if transport is None:
+            self.idle = True
+            return
+        if self._bridge is None:
+            self._bridge = AppBridge(self._loop, transport)
+            if self._write_blocked:
+                self._bridge.pause_writing()
+        server = self._server
+        writer = StreamWriter(self._bridge, self._loop)
+        try:
+            message = _raw_message(request, closing=self._closing)
+        except ValueError:
+            self.idle = True
+            self._refuse(MalformedRequest("the request target is not a path or an absolute URL"))
+            return
+        payload: StreamReader = EMPTY_PAYLOAD
+        if request.body:
+            payload = StreamReader(self._bridge, 2 * server.read_limit, loop=self._loop)
+            payload.feed_data(request.body)
+            payload.feed_eof()
+        task = cast("asyncio.Task[None]", asyncio.current_task())
+        web_request = server.request_factory(message, payload, self._bridge, writer, task)  # type: ignore[arg-type]
+        try:
+            try:
+                if request.problem is not None:
+                    raise request.problem
+                response = await server.request_handler(web_request)
+            except web.HTTPException as exc:
+                response = exc
+            except Exception as exc:
+                # The middleware renders every problem; only the unforeseen reaches here.
+                started = time.perf_counter()
+                problem = problem_for(exc, server.metrics, server.settings)
+                response = web.Response(
+                    body=orjson.dumps(problem.body(instance=None)),
+                    status=problem.status,
+                    content_type=PROBLEM_CONTENT_TYPE,
+                    headers={**SECURITY_HEADERS, **problem.headers()},
+                )
+                log_request(request.method, request.path, problem.status, started, problem)
+            if self._closing:
+                response.force_close()
+            await response.prepare(web_request)
+            await response.write_eof()
+        except ConnectionError:
+            self.idle = True
+            self.abort()
+            return
+        self._finish(None, request.keep_alive and response.keep_alive is not False)
+
+    def _finish(self, answer: bytes | None, keep_alive: bool) -> None:
+        transport = self._transport
+        self.idle = True
+        if transport is None:
+            return
+        if answer is not None:
+            transport.write(answer)  # may call pause_writing
+        if not keep_alive or (self._closing and not self._queue):
+            transport.close()
+            return
+        self._next()
 
     def _pause_reading(self) -> None:
         if not self._read_paused and self._transport is not None:
@@ -241,84 +564,63 @@ class FrontProtocol(asyncio.Protocol):
             self._read_paused = False
             self._transport.resume_reading()
 
-    def _next_request(self) -> None:
-        buffer = self._buffer
-        end = buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buffer) > MAX_HEAD_BYTES or (buffer and not b"POST ".startswith(buffer[:5])):
-                self._hand_over()
-            return
-        head = parse_head(bytes(buffer[:end])) if end <= MAX_HEAD_BYTES else None
-        if head is None or head.content_length > self._server.settings.max_body_bytes:
-            self._hand_over()
-            return
-        body_end = end + 4 + head.content_length
-        if len(buffer) < body_end:
-            return
-        body = bytes(buffer[end + 4 : body_end])
-        del buffer[:body_end]
-        self.idle = False
-        # A task per request, in an empty context: nothing bound for one request's logs
-        # can leak into another's.
-        self._loop.create_task(self._answer(head, body), context=contextvars.Context())
 
-    async def _answer(self, head: Head, body: bytes) -> None:
-        started = time.perf_counter()
-        request_id = start_request(head.text(b"x-request-id"))
-        server = self._server
-        media_type = head.text(b"content-type") or "application/octet-stream"
-        call = Call(head.text(b"authorization"), media_type.split(";", 1)[0].strip().lower(), body)
-        problem: Problem | None = None
-        extra: dict[str, str] = {}
-        try:
-            status, answer = await head.endpoint(server.api, call)
-            content_type, payload = "application/json", orjson.dumps(answer)
-        except Exception as exc:
-            problem = problem_for(exc, server.metrics, server.settings)
-            status, content_type = problem.status, PROBLEM_CONTENT_TYPE
-            payload = orjson.dumps(problem.body(instance=head.path))
-            extra = problem.headers()
-        keep_alive = head.keep_alive and not self._closing
-        if not keep_alive:
-            extra["Connection"] = "close"
-        elif head.http10:
-            extra["Connection"] = "keep-alive"
-        self._finish(_response(status, content_type, payload, request_id, extra), keep_alive)
-        log_request("POST", head.path, status, started, problem)
+def decoded(body: bytes, coding: bytes, limit: int) -> bytes:
+    """``body`` decoded from its content ``coding``, refused above ``limit`` bytes decoded."""
+    wbits = _CODINGS.get(coding)
+    if wbits is None:
+        raise UnsupportedContentEncoding("send the body as it is, or gzip or deflate coded")
+    decoder = zlib.decompressobj(wbits)
+    try:
+        # Never more than the limit is inflated, however small the coded body.
+        plain = decoder.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise MalformedRequest(f"the body is not valid {coding.decode()} data") from exc
+    if len(plain) > limit:
+        raise PayloadTooLarge(f"the body must be at most {limit} bytes once decoded")
+    if not decoder.eof or decoder.unused_data:
+        raise MalformedRequest(f"the body is not one complete {coding.decode()} stream")
+    return plain
 
-    def _finish(self, response: bytes, keep_alive: bool) -> None:
-        transport = self._transport
-        self.idle = True
-        if transport is None:
-            return
-        transport.write(response)  # may call pause_writing
-        self.last_active = self._loop.time()
-        if not keep_alive:
-            transport.close()
-            return
-        if not self._write_blocked:
-            self._next_after_answer()
 
-    def _next_after_answer(self) -> None:
-        if self._buffer:
-            self._next_request()
-        if len(self._buffer) <= self._server.read_limit:
-            self._resume_reading()
+def _raw_message(request: Request, closing: bool) -> RawRequestMessage:
+    """The request as aiohttp's own parser would have given it to the application."""
+    target = request.target.decode("utf-8", "surrogateescape")
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+        url = URL.build(path=path, query_string=query, encoded=True)
+    else:
+        absolute = URL(target, encoded=True)
+        if not absolute.absolute or not absolute.raw_host:
+            raise ValueError(target)
+        url = URL.build(
+            path=absolute.raw_path, query_string=absolute.raw_query_string, encoded=True
+        )
+    headers = CIMultiDict(
+        (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        for name, value in request.raw_headers
+    )
+    return RawRequestMessage(
+        method=request.method,
+        path=url.raw_path_qs,
+        version=HttpVersion10 if request.http10 else HttpVersion11,
+        headers=CIMultiDictProxy(headers),
+        raw_headers=tuple(request.raw_headers),
+        should_close=closing or not request.keep_alive,
+        compression=None,
+        upgrade=False,
+        chunked=False,
+        url=url,
+    )
 
-    def _hand_over(self) -> None:
-        """Give the connection and its unanswered bytes to aiohttp's request handler."""
-        transport = self._transport
-        if transport is None:
-            return
-        self._server.front_connections.discard(self)
-        self._resume_reading()  # aiohttp's handler reads from here on
-        self._transport = None
-        handler = self._server.aiohttp_handler()
-        transport.set_protocol(handler)
-        handler.connection_made(transport)
-        pending, self._buffer = bytes(self._buffer), bytearray()
-        if pending:
-            handler.data_received(pending)
+
+def problem_answer(problem: Problem, request_id: str | None, keep_alive: bool) -> bytes:
+    """The whole answer for a problem found before the request could be served."""
+    extra = problem.headers()
+    if not keep_alive:
+        extra["Connection"] = "close"
+    payload = orjson.dumps(problem.body(instance=None))
+    return _response(problem.status, PROBLEM_CONTENT_TYPE, payload, request_id, extra)
 
 
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
@@ -333,14 +635,15 @@ def _response(
     status: int,
     content_type: str,
     body: bytes,
-    request_id: str,
+    request_id: str | None,
     extra: dict[str, str] | None = None,
 ) -> bytes:
     lines = (
         f"{_STATUS_LINES[status]}Content-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\nDate: {_http_date(int(time.time()))}\r\n{_SECURITY_LINES}"
-        f"X-Request-ID: {request_id}\r\n"
     )
+    if request_id is not None:
+        lines += f"X-Request-ID: {request_id}\r\n"
     if extra:
         lines += "".join(f"{name}: {value}\r\n" for name, value in extra.items())
     return (lines + "\r\n").encode("latin-1") + body

@@ -30,15 +30,18 @@ class Problem(Exception):
         """Extra response headers this problem requires."""
         return {}
 
-    def body(self, instance: str) -> dict[str, Any]:
-        return {
+    def body(self, instance: str | None) -> dict[str, Any]:
+        """The problem document; ``instance`` is left out for requests that cannot be read."""
+        document = {
             "type": self.type_uri,
             "title": self.title,
             "status": self.status,
             "detail": self.detail,
-            "instance": instance,
             **self.extensions,
         }
+        if instance is not None:
+            document["instance"] = instance
+        return document
 
 
 class MalformedJson(Problem):
@@ -153,3 +156,38 @@ class StoreUnavailable(Exception):
 
     The middleware turns it into :class:`ServiceUnavailable` with the configured Retry-After.
     """
+
+
+class MalformedRequest(Problem):
+    """A request that is not valid HTTP/1.1; the detail names the rule, never the bytes."""
+
+    status = 400
+    slug = "malformed-request"
+    title = "Request is not valid HTTP/1.1"
+
+
+class RequestTimeout(Problem):
+    status = 408
+    slug = "request-timeout"
+    title = "Request did not arrive in time"
+
+
+class ExpectationFailed(Problem):
+    status = 417
+    slug = "expectation-failed"
+    title = "Expectation cannot be met"
+
+
+class UnsupportedContentEncoding(Problem):
+    status = 415
+    slug = "unsupported-content-encoding"
+    title = "Request body's content coding is not supported"
+
+    def headers(self) -> dict[str, str]:
+        return {"Accept-Encoding": "gzip, deflate"}
+
+
+class HeadTooLarge(Problem):
+    status = 431
+    slug = "request-header-fields-too-large"
+    title = "Request head is too large"
