@@ -66,6 +66,8 @@ logger = structlog.get_logger("identity_service.request")
 MAX_HEAD_BYTES = 8190
 MAX_HEADERS = 128
 IDLE_TIMEOUT_SECONDS = 75.0
+# How long a refused connection is still read (and what is read dropped) before it closes.
+LINGER_SECONDS = 2.0
 # Parsed requests a connection may queue before it is read no further.
 MAX_QUEUED_REQUESTS = 64
 _NEVER = math.inf
@@ -247,6 +249,7 @@ class FrontProtocol(asyncio.Protocol):
         self._head_bytes_in_later_reads = 0
         self._body_size = 0
         self._refused = False  # nothing more is read from this connection
+        self._lingering = False  # answered a refusal; waits for the client to close
         self._closing = False
         self._read_paused = False
         self._write_blocked = False
@@ -267,6 +270,8 @@ class FrontProtocol(asyncio.Protocol):
             self._bridge.connection_lost(exc)
 
     def eof_received(self) -> bool:
+        if self._lingering:
+            return False
         if self._in_message and not self._refused:
             self._refuse(MalformedRequest("the connection ended inside a request"))
         # A client that half-closes after its requests still gets their answers.
@@ -418,7 +423,9 @@ class FrontProtocol(asyncio.Protocol):
             self._transport.close()
 
     def timed_out(self) -> None:
-        if self._in_message and not self._refused:
+        if self._lingering:
+            self.abort()
+        elif self._in_message and not self._refused:
             what = "head" if self._in_head else "body"
             limit = self._server.head_timeout if self._in_head else self._server.body_timeout
             self._refuse(RequestTimeout(f"the request's {what} must arrive within {limit:g} s"))
@@ -453,10 +460,22 @@ class FrontProtocol(asyncio.Protocol):
     def _answer_refusal(self, problem: Problem) -> None:
         started = time.perf_counter()
         request_id = start_request(None)
-        if self._transport is not None:
-            self._transport.write(problem_answer(problem, request_id, keep_alive=False))
-            self._transport.close()
         log_request("-", "-", problem.status, started, problem)
+        transport = self._transport
+        if transport is None:
+            return
+        transport.write(problem_answer(problem, request_id, keep_alive=False))
+        # Closing with unread bytes would make the kernel reset the connection, and the
+        # client could lose the answer: end the writing side, then read and drop what the
+        # client still sends, for a little while (a "lingering close").
+        if transport.can_write_eof():
+            transport.write_eof()
+            self._lingering = True
+            self.deadline = self._loop.time() + LINGER_SECONDS
+            self._read_paused = True
+            self._resume_reading()
+        else:
+            transport.close()
 
     async def _answer(self, request: Request) -> None:
         started = time.perf_counter()
@@ -486,8 +505,8 @@ class FrontProtocol(asyncio.Protocol):
             extra["Connection"] = "close"
         elif request.http10:
             extra["Connection"] = "keep-alive"
-        self._finish(_response(status, content_type, payload, request_id, extra), keep_alive)
         log_request("POST", request.path, status, started, problem)
+        self._finish(_response(status, content_type, payload, request_id, extra), keep_alive)
 
     async def _answer_with_app(self, request: Request) -> None:
         """Serve ``request`` with the aiohttp application, its answer written by aiohttp."""

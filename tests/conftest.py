@@ -1,19 +1,23 @@
 """Fixtures: private Redis servers, settings with test sources, and app clients per store."""
 
 import base64
+import io
 import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+import structlog
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
-from identity_service import app_keys
+from identity_service import app_keys, log_config
 from identity_service.app import create_app
 from identity_service.front import FrontRunner
+from identity_service.log_config import configure_logging
 from identity_service.settings import Settings, load_settings
 from identity_service.sources import hash_write_key
 from identity_service.stores.memory import MemoryStore
@@ -160,3 +164,24 @@ async def exchange(
     )
     body: dict[str, Any] = await response.json(content_type=None)
     return response.status, body
+
+
+@pytest.fixture
+def json_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.BytesIO]:
+    """The service's log lines, as the deployed service writes them (JSON), in a buffer."""
+    for name in ("_output", "_request_output", "_configured"):
+        monkeypatch.setattr(log_config, name, getattr(log_config, name))
+    saved = structlog.get_config()
+    buffer = io.BytesIO()
+    configure_logging("info", buffer)
+    try:
+        yield buffer
+    finally:
+        log_config.flush()
+        structlog.configure(**saved)
+
+
+def log_lines(buffer: io.BytesIO) -> list[dict[str, Any]]:
+    """The JSON lines logged into ``buffer`` so far."""
+    log_config.flush()
+    return [orjson.loads(line) for line in buffer.getvalue().splitlines()]

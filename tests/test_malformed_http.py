@@ -1,0 +1,297 @@
+"""Malformed, oversized, slow and hostile HTTP on a raw socket.
+
+Each request carries the shop's real write key and a marker in its header values. Whatever
+is wrong with it, the answer is an RFC 9457 problem with the right status that repeats
+nothing of the request, the connection then closes (what follows a request that cannot be
+framed cannot be trusted), and the log gets one request line with no header value and no
+traceback.
+"""
+
+import asyncio
+import dataclasses
+import io
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from identity_service import app_keys
+from identity_service.app import create_app
+from identity_service.problems import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX
+from tests.conftest import WRITE_KEYS, AppClient, FrontTestServer, log_lines, make_settings
+
+KEY = WRITE_KEYS["shop"].encode()
+MARK = b"marker-3f9c0d1e"
+START = b"POST /v1/handoffs HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+AUTH = b"Authorization: Bearer " + KEY + b"\r\n"
+BODY = b'{"anonymousId": "' + MARK + b'", "destination": "https://checkout.example-pay.com/"}'
+LENGTH = b"Content-Length: %d\r\n" % len(BODY)
+
+FrontMaker = Callable[..., Awaitable[AppClient]]
+
+
+@pytest.fixture
+def make_front(aiohttp_client: Callable[..., Awaitable[AppClient]]) -> FrontMaker:
+    """A served app (memory store, no events) with settings replaced by the keywords."""
+
+    async def build(**changes: Any) -> AppClient:
+        settings = dataclasses.replace(make_settings(None, outbox="off"), **changes)
+        return await aiohttp_client(FrontTestServer(create_app(settings)))
+
+    return build
+
+
+@pytest.fixture
+async def front(make_front: FrontMaker) -> AppClient:
+    return await make_front()
+
+
+def chunked(*parts: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (*parts, b""))
+
+
+CASES = {
+    # Defect 4: a write key before a control character was echoed and logged.
+    "control-character-after-the-key": (
+        START + b"Authorization: Bearer " + KEY + b"\x0b\r\n" + LENGTH + b"\r\n" + BODY,
+        400,
+    ),
+    "control-character-in-a-value": (START + AUTH + b"X-Mark: " + MARK + b"\x01\r\n\r\n", 400),
+    "nul-in-a-value": (START + AUTH + b"X-Mark: " + MARK + b"\x00\r\n" + LENGTH + b"\r\n", 400),
+    "bare-cr-in-a-value": (START + AUTH + b"X-Mark: a\r" + MARK + b"\r\n\r\n", 400),
+    "content-length-overflows": (
+        START + AUTH + b"Content-Length: 99999999999999999999999\r\n\r\n" + BODY,
+        400,
+    ),
+    "content-length-negative": (START + AUTH + b"Content-Length: -1\r\n\r\n" + BODY, 400),
+    "content-length-not-a-number": (START + AUTH + b"Content-Length: 1e3\r\n\r\n" + BODY, 400),
+    "content-length-twice": (START + AUTH + LENGTH + b"Content-Length: 3\r\n\r\n" + BODY, 400),
+    "content-length-twice-alike": (START + AUTH + LENGTH + LENGTH + b"\r\n" + BODY, 400),
+    "chunked-and-content-length": (
+        START + AUTH + LENGTH + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(BODY),
+        400,
+    ),
+    "transfer-coding-other-than-chunked": (
+        START + AUTH + b"Transfer-Encoding: gzip\r\n\r\n" + BODY,
+        400,
+    ),
+    "bad-chunk-size": (START + AUTH + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n" + BODY, 400),
+    "http-1.1-without-host": (
+        b"POST /v1/handoffs HTTP/1.1\r\n" + AUTH + LENGTH + b"\r\n" + BODY,
+        400,
+    ),
+    "host-twice": (START + b"Host: " + MARK + b"\r\n" + AUTH + LENGTH + b"\r\n" + BODY, 400),
+    "authorization-twice": (START + AUTH + AUTH + LENGTH + b"\r\n" + BODY, 400),
+    "obs-fold": (START + AUTH + b"X-Mark: a\r\n " + MARK + b"\r\n" + LENGTH + b"\r\n" + BODY, 400),
+    "space-before-the-colon": (START + AUTH + b"X-Mark : " + MARK + b"\r\n\r\n", 400),
+    "header-name-not-a-token": (START + AUTH + b"X(Mark): " + MARK + b"\r\n\r\n", 400),
+    "lf-only-line-endings": (
+        b"POST /v1/handoffs HTTP/1.1\nHost: test\nAuthorization: Bearer " + KEY + b"\n\n",
+        400,
+    ),
+    "invalid-method": (b"P@ST /v1/handoffs HTTP/1.1\r\nHost: test\r\n" + AUTH + b"\r\n", 400),
+    "space-in-the-target": (
+        b"GET /a " + MARK + b" HTTP/1.1\r\nHost: test\r\n" + AUTH + b"\r\n",
+        400,
+    ),
+    "http-2.0": (b"GET / HTTP/2.0\r\nHost: test\r\n" + AUTH + b"\r\n", 400),
+    "http-0.9": (b"GET /" + MARK + b"\r\n\r\n", 400),
+    "not-http-at-all": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + MARK, 400),
+    "head-over-8190-bytes": (START + AUTH + b"X-Mark: " + MARK * 600 + b"\r\n\r\n", 431),
+    "head-over-8190-bytes-in-many-fields": (
+        START + AUTH + b"".join(b"X-Mark-%d: %s\r\n" % (n, MARK * 4) for n in range(140)) + b"\r\n",
+        431,
+    ),
+    "body-over-the-limit": (START + AUTH + b"Content-Length: 20000\r\n\r\n" + MARK * 100, 413),
+    "chunked-body-over-the-limit": (
+        START + AUTH + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(*[MARK * 100] * 20),
+        413,
+    ),
+    "unknown-expectation": (START + AUTH + LENGTH + b"Expect: " + MARK + b"\r\n\r\n", 417),
+}
+SLUGS = {
+    400: "malformed-request",
+    408: "request-timeout",
+    413: "payload-too-large",
+    417: "expectation-failed",
+    431: "request-header-fields-too-large",
+}
+
+
+async def exchange_raw(client: AppClient, data: bytes, half_close: bool = False) -> bytes:
+    """Send ``data`` on a new connection; everything the server sends until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(data)
+    if half_close:
+        writer.write_eof()
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+def problem_of(answer: bytes, status: int) -> dict[str, object]:
+    """The one problem answer in ``answer``, checked for its status, type and framing."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {n.lower(): v.strip() for n, _, v in (line.partition(":") for line in header_lines)}
+    assert int(status_line.split(" ")[1]) == status, answer
+    assert headers["content-type"] == PROBLEM_CONTENT_TYPE
+    assert headers["connection"] == "close"
+    assert int(headers["content-length"]) == len(body)
+    problem: dict[str, object] = orjson.loads(body)
+    assert problem["type"] == PROBLEM_TYPE_PREFIX + SLUGS[status]
+    assert problem["status"] == status and problem["title"] and problem["detail"]
+    assert "instance" not in problem
+    return problem
+
+
+def assert_nothing_leaked(answer: bytes, log: io.BytesIO, status: int) -> None:
+    """Neither the answer nor the log holds the key or the marker; one line, no traceback."""
+    for secret in (KEY, MARK, KEY.lower(), MARK.upper()):
+        assert secret not in answer
+        assert secret not in log.getvalue()
+    lines = log_lines(log)
+    assert [line["status"] for line in lines if line["event"] == "request"] == [status]
+    assert not [line for line in lines if "exception" in line or line["level"] == "error"]
+
+
+@pytest.mark.parametrize(("data", "status"), CASES.values(), ids=CASES.keys())
+async def test_a_malformed_request_gets_a_problem_and_nothing_leaks(
+    front: AppClient, json_log: io.BytesIO, data: bytes, status: int
+) -> None:
+    answer = await exchange_raw(front, data)
+    problem_of(answer, status)  # exchange_raw read to the end: the server closed
+    assert_nothing_leaked(answer, json_log, status)
+
+
+async def test_a_request_cut_short_by_the_client_gets_a_problem(
+    front: AppClient, json_log: io.BytesIO
+) -> None:
+    for partial in (START + AUTH + b"X-Mark: " + MARK, START + AUTH + LENGTH + b"\r\n" + BODY[:9]):
+        answer = await exchange_raw(front, partial, half_close=True)
+        problem_of(answer, 400)
+    for secret in (KEY, MARK):
+        assert secret not in json_log.getvalue()
+
+
+async def test_a_malformed_request_after_good_ones_is_answered_in_its_turn(
+    front: AppClient, json_log: io.BytesIO
+) -> None:
+    good = START + AUTH + LENGTH + b"\r\n" + BODY
+    bad, status = CASES["space-before-the-colon"]
+    answer = await exchange_raw(front, good + good + bad + good)
+    first, second, third = answer.split(b"HTTP/1.1 ")[1:]  # the last good one is not read
+    assert first.startswith(b"201 ") and second.startswith(b"201 ")
+    problem_of(b"HTTP/1.1 " + third, status)
+    assert [line["status"] for line in log_lines(json_log)] == [201, 201, 400]
+
+
+async def test_an_upgrade_request_is_answered_over_http_then_closed(front: AppClient) -> None:
+    answer = await exchange_raw(
+        front,
+        b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"\r\n" + MARK,
+    )
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in answer
+    assert MARK not in answer
+
+
+async def test_answers_name_no_server_software(front: AppClient) -> None:
+    for path in ("/healthz", "/nowhere"):
+        response = await front.get(path)
+        assert "Server" not in response.headers
+    prepared = await front.post(
+        "/v1/handoffs", data=BODY, headers={"Authorization": "Bearer " + KEY.decode()}
+    )
+    assert "Server" not in prepared.headers
+
+
+# Slow clients: heads and bodies must complete in time, and connections are bounded.
+
+
+async def read_to_end(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.read(), 10)
+
+
+async def test_a_head_that_does_not_complete_in_time_gets_408(
+    make_front: FrontMaker, json_log: io.BytesIO
+) -> None:
+    client = await make_front(head_timeout=0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(START + AUTH)  # and never the blank line that ends the head
+    answer = await read_to_end(reader)
+    writer.close()
+    assert "head" in str(problem_of(answer, 408)["detail"])
+    assert_nothing_leaked(answer, json_log, 408)
+
+
+async def test_a_body_that_does_not_complete_in_time_gets_408(
+    make_front: FrontMaker, json_log: io.BytesIO
+) -> None:
+    client = await make_front(body_timeout=0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(START + AUTH + LENGTH + b"\r\n" + BODY[:10])
+    answer = await read_to_end(reader)
+    writer.close()
+    assert "body" in str(problem_of(answer, 408)["detail"])
+    assert_nothing_leaked(answer, json_log, 408)
+
+
+async def test_a_connection_that_sends_nothing_is_closed(make_front: FrontMaker) -> None:
+    client = await make_front(head_timeout=0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    assert await read_to_end(reader) == b""
+    writer.close()
+
+
+async def test_many_slow_heads_are_all_cut_off(make_front: FrontMaker) -> None:
+    """A slow-loris crowd: each connection sends a header line now and then, never the end."""
+    client = await make_front(head_timeout=0.5)
+
+    async def trickle() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+        writer.write(START)
+        try:
+            for _ in range(100):  # far longer than the head may take, if nothing cut it off
+                try:  # the first bytes of the server's answer, then the rest of it
+                    first = await asyncio.wait_for(reader.read(1 << 16), 0.1)
+                    return first + await read_to_end(reader)
+                except TimeoutError:
+                    writer.write(b"X-Slow: 1\r\n")
+            return b""
+        finally:
+            writer.close()
+
+    answers = await asyncio.gather(*(trickle() for _ in range(200)))
+    assert {answer[:13] for answer in answers} == {b"HTTP/1.1 408 "}
+    open_connections = client.server.runner.server.front_connections  # type: ignore[union-attr]
+    for _ in range(100):  # until the server has seen the clients close
+        if not open_connections:
+            break
+        await asyncio.sleep(0.05)
+    assert not open_connections
+
+
+async def test_connections_beyond_the_limit_are_refused_at_once(make_front: FrontMaker) -> None:
+    client = await make_front(max_connections=3)
+    held = [await asyncio.open_connection("127.0.0.1", client.server.port) for _ in range(3)]
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    answer = await read_to_end(reader)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in head
+    assert orjson.loads(body)["type"] == PROBLEM_TYPE_PREFIX + "service-unavailable"
+    assert client.app[app_keys.METRICS].value("identity_connections_refused_total") == 1
+    _, freed = held.pop()
+    freed.close()
+    await freed.wait_closed()
+    for _ in range(50):  # until the server has seen the close
+        if len(client.server.runner.server.front_connections) < 3:  # type: ignore[union-attr]
+            break
+        await asyncio.sleep(0.02)
+    answer = await exchange_raw(client, START + AUTH + LENGTH + b"Connection: close\r\n\r\n" + BODY)
+    assert answer.startswith(b"HTTP/1.1 201 ")
+    for _, held_writer in held:
+        held_writer.close()
