@@ -46,6 +46,7 @@ from identity_service.middleware import (
     SECURITY_HEADERS,
     log_request,
     problem_for,
+    problem_response,
     start_request,
 )
 from identity_service.problems import (
@@ -532,34 +533,40 @@ class FrontProtocol(asyncio.Protocol):
             payload.feed_data(request.body)
             payload.feed_eof()
         task = cast("asyncio.Task[None]", asyncio.current_task())
-        web_request = server.request_factory(message, payload, self._bridge, writer, task)  # type: ignore[arg-type]
+        web_request = cast(
+            web.Request,
+            server.request_factory(message, payload, self._bridge, writer, task),  # type: ignore[arg-type]
+        )
         try:
-            try:
-                if request.problem is not None:
-                    raise request.problem
-                response = await server.request_handler(web_request)
-            except web.HTTPException as exc:
-                response = exc
-            except Exception as exc:
-                # The middleware renders every problem; only the unforeseen reaches here.
-                started = time.perf_counter()
-                problem = problem_for(exc, server.metrics, server.settings)
-                response = web.Response(
-                    body=orjson.dumps(problem.body(instance=None)),
-                    status=problem.status,
-                    content_type=PROBLEM_CONTENT_TYPE,
-                    headers={**SECURITY_HEADERS, **problem.headers()},
-                )
-                log_request(request.method, request.path, problem.status, started, problem)
+            response = await self._app_response(request, web_request)
             if self._closing:
                 response.force_close()
             await response.prepare(web_request)
             await response.write_eof()
-        except ConnectionError:
+        except Exception as exc:
+            # A client that left mid-answer; anything else is a defect, and logged as one.
+            if not isinstance(exc, ConnectionError):
+                logger.error("answer_failed", exc_info=exc)
             self.idle = True
             self.abort()
             return
         self._finish(None, request.keep_alive and response.keep_alive is not False)
+
+    async def _app_response(self, request: Request, web_request: web.Request) -> web.StreamResponse:
+        server = self._server
+        started = time.perf_counter()
+        try:
+            if request.problem is not None:
+                raise request.problem
+            return await server.request_handler(web_request)
+        except web.HTTPException as exc:
+            return exc
+        except Exception as exc:
+            # The middleware renders every problem the application raises; what gets here
+            # is a body the front could not decode, or the unforeseen.
+            problem = problem_for(exc, server.metrics, server.settings)
+            log_request(request.method, request.path, problem.status, started, problem)
+            return problem_response(problem, web_request)
 
     def _finish(self, answer: bytes | None, keep_alive: bool) -> None:
         transport = self._transport
