@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: install serve test lint typecheck format clean bench
+.PHONY: install serve test chaos lint typecheck format clean bench js
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,22 @@ install: $(BIN)/.installed
 serve: install
 	$(BIN)/identity-service serve --host $(HOST) --port $(PORT)
 
-test: lint typecheck
+# The whole suite: lint, types, the tests, then the chaos suite as a step of its own.
+test: lint typecheck js
 	$(BIN)/pytest
+	$(MAKE) --no-print-directory chaos
+
+# Redis, the service and the events collector killed under load (tests/test_chaos.py):
+# about 2 minutes, with each scenario's figures printed.
+chaos: install
+	$(BIN)/pytest -m chaos -s tests/test_chaos.py
+
+# AMP's own cache-URL package, which tests/test_amp_caches.py runs (tests/js). Without npm the
+# test skips, except in CI, where .ci/run installs node and npm first.
+js: tests/js/node_modules/.package-lock.json
+
+tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package-lock.json
+	if command -v npm >/dev/null; then npm ci --silent --no-audit --no-fund --prefix tests/js; fi
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,4 +1,7 @@
-"""Fixtures: private Redis servers, settings with test sources, and app clients per store."""
+"""Fixtures: private Redis servers, settings with test sources, and app clients per store.
+
+Every test is audited for secrets in its logs (tests/secrets_audit.py).
+"""
 
 import base64
 import io
@@ -22,7 +25,11 @@ from identity_service.settings import Settings, load_settings
 from identity_service.sources import hash_write_key
 from identity_service.stores.memory import MemoryStore
 from identity_service.stores.redis import RedisStore, connect
+from tests.collector import WRITE_KEY as COLLECTOR_WRITE_KEY
 from tests.redis_server import RedisServer
+from tests.secrets_audit import AUDIT, audited
+
+pytest_plugins = ["pytester"]
 
 SECRET = "test-server-secret-0123456789abcdef"
 WRITE_KEYS = {
@@ -74,6 +81,16 @@ def make_settings(redis_url: str | None = None, **env: str) -> Settings:
         environ["IDENTITY_REDIS_KEY_PREFIX"] = f"test{next(_prefixes)}:"
     environ.update({f"IDENTITY_{name.upper()}": value for name, value in env.items()})
     return load_settings(environ)
+
+
+@pytest.fixture(autouse=True)
+def secrets_audit(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test if its logs show a write key, the secret, a token or an identity."""
+    yield from audited(
+        request,
+        write_keys={**WRITE_KEYS, "the collector": COLLECTOR_WRITE_KEY},
+        secrets={SECRET: "server secret"},
+    )
 
 
 @pytest.fixture(scope="session")
@@ -150,15 +167,19 @@ async def stored_count(client: AppClient) -> int:
 async def prepare(client: AppClient, source: str = "shop", **fields: Any) -> dict[str, Any]:
     """Prepare a handoff (201 expected) and return the answer's body."""
     body = {"anonymousId": "anon-7f3a", "destination": CHECKOUT_URL, **fields}
+    AUDIT.identity(body.get("anonymousId"), "anonymousId")
+    AUDIT.identity(body.get("userId"), "userId")
     response = await client.post("/v1/handoffs", json=body, headers=auth(source))
     assert response.status == 201, await response.text()
     answer: dict[str, Any] = await response.json()
+    AUDIT.token(answer["token"])
     return answer
 
 
 async def exchange(
     client: AppClient, token: str, source: str = "checkout", **fields: Any
 ) -> tuple[int, dict[str, Any]]:
+    AUDIT.token(token)
     response = await client.post(
         "/v1/handoffs/exchange", json={"token": token, **fields}, headers=auth(source)
     )

@@ -7,6 +7,7 @@ import asyncio
 import heapq
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from identity_service import events as ev
@@ -49,9 +50,13 @@ class MemoryOutbox:
 
 
 class MemoryStore:
-    """Keeps records in memory; expired ones are dropped on read and swept on write."""
+    """Keeps records in memory; expired ones are dropped on read and swept on write.
 
-    def __init__(self) -> None:
+    ``clock`` gives the seconds its TTLs are counted in (a test may drive it).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._records: dict[bytes, tuple[float, bytes, dict[str, Any] | None]] = {}
         self._expiries: list[tuple[float, bytes]] = []
         self.outbox = MemoryOutbox()
@@ -62,7 +67,7 @@ class MemoryStore:
     async def put(
         self, lookup_id: bytes, record: bytes, ttl_seconds: int, events: PrepareEvents | None
     ) -> None:
-        now = time.monotonic()
+        now = self._clock()
         self._sweep(now)
         expires_at = now + ttl_seconds
         self._records[lookup_id] = (expires_at, record, events.completion if events else None)
@@ -74,7 +79,7 @@ class MemoryStore:
 
     async def take(self, lookup_id: bytes, facts: dict[str, Any] | None) -> bytes | None:
         entry = self._records.pop(lookup_id, None)
-        if entry is None or entry[0] <= time.monotonic():
+        if entry is None or entry[0] <= self._clock():
             return None
         _, record, template = entry
         if template is not None and facts is not None:
