@@ -19,6 +19,7 @@ _HELP = {
     "identity_events_delivered_total": "Events a destination accepted (2xx), by destination.",
     "identity_events_dead_lettered_total": "Events moved to the dead letters, by destination.",
     "identity_delivery_retries_total": "Batch deliveries that failed and were retried.",
+    "identity_connections_refused_total": "Connections refused over IDENTITY_MAX_CONNECTIONS.",
 }
 
 
