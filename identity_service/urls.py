@@ -133,8 +133,9 @@ def query_names_param(query: str, name: str) -> bool:
     The query is split on ``&`` and on ``;`` (older Python, Go before 1.17, some Java
     servers), and each parameter name is compared loosely: ``+`` and percent-escapes
     decoded (repeatedly, for double encoding), cut at a NUL, surrounding whitespace
-    trimmed, case ignored (ASP.NET), ``.`` and spaces read as ``_`` and ``name[...]`` read
-    as ``name`` or ``name_...`` (PHP). Names that merely contain ``name`` are kept.
+    trimmed, leading ``?`` dropped (URLSearchParams), case ignored (ASP.NET), ``.`` and
+    spaces read as ``_`` and ``name[...]`` read as ``name`` or ``name_...`` (PHP). Names
+    that merely contain ``name`` are kept.
     """
     if not query:
         return False
@@ -195,5 +196,8 @@ def _loose_names(name: str) -> frozenset[str]:
         if decoded == name:
             break
         name = decoded
-    name = name.partition("\x00")[0].strip().casefold().replace(".", "_").replace(" ", "_")
+    # A leading "?" is dropped by URLSearchParams (a query given as "??name=…") and by lax
+    # servers, so "?name" may be read as "name".
+    name = name.partition("\x00")[0].strip().lstrip("?").strip().casefold()
+    name = name.replace(".", "_").replace(" ", "_")
     return frozenset({name.partition("[")[0], name.replace("[", "_")})

@@ -166,6 +166,8 @@ DEFECT_3_QUERIES = [
     "?handoff.token=evil",
     "?handoff_token[]=evil",
     "?handoff[token=evil",
+    "??handoff_token=evil",  # URLSearchParams drops the query's leading "?"
+    "?a=1&?handoff_token=evil",
 ]
 
 
