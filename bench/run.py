@@ -42,6 +42,14 @@ WRITE_KEY = "bench-write-key-0f3c9a"
 COLLECTOR_WRITE_KEY = "bench-collector-key-5e21"
 ORIGIN = "https://checkout.example-pay.com"
 SOURCES = {"bench": {"write_key_hash": hash_write_key(WRITE_KEY), "origins": [ORIGIN]}}
+# The collect variant's [amp]: limits high enough for the whole run from one address.
+AMP = {
+    "public_url": "https://www.example.com/identity",
+    "publisher_origins": ["https://www.example.com"],
+    "source": "bench",
+    "limit_per_ip": {"requests": 1_000_000, "window_seconds": 60},
+    "limit_per_client": {"requests": 1_000_000, "window_seconds": 60},
+}
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,11 @@ class Variant:
     store: str = "redis"  # redis, memory, or express (the Node.js baseline)
     outbox: bool = True
     workers: int = 1
+    collect: bool = False  # AMP collect hits (collect.lua) instead of handoff flows
+
+    @property
+    def script(self) -> str:
+        return "collect.lua" if self.collect else "flow.lua"
 
 
 VARIANTS = {
@@ -58,6 +71,7 @@ VARIANTS = {
     "redis-off-1": Variant("redis, outbox off, 1 worker", outbox=False),
     "memory-on-1": Variant("memory store, outbox on, 1 worker", store="memory"),
     "express": Variant("Express 5 + ioredis + analytics-node", store="express"),
+    "collect": Variant("AMP collect hits (flows = hits), redis, outbox on, 1 worker", collect=True),
 }
 
 
@@ -168,11 +182,13 @@ def rss_mb(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else 0.0
 
 
-def run_wrk(port: int, seconds: float, connections: int, threads: int) -> dict[str, Any]:
-    """wrk's figures from flow.lua, with the CPU time wrk itself used (``cpu_seconds``)."""
+def run_wrk(
+    port: int, seconds: float, connections: int, threads: int, script: str = "flow.lua"
+) -> dict[str, Any]:
+    """wrk's figures from ``script``, with the CPU time wrk itself used (``cpu_seconds``)."""
     command = [
         *("wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency"),
-        *("-s", str(BENCH / "flow.lua"), f"http://127.0.0.1:{port}"),
+        *("-s", str(BENCH / script), f"http://127.0.0.1:{port}"),
     ]
     wrk = subprocess.Popen(
         command,
@@ -287,6 +303,8 @@ def start_service(
         }
         if variant.store == "redis":
             env["IDENTITY_REDIS_URL"] = redis.url
+        if variant.collect:
+            env["IDENTITY_AMP"] = json.dumps(AMP)
         command = [str(Path(sys.executable).parent / "identity-service"), "serve"]
         command += ["--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=sys.stderr)
@@ -322,13 +340,16 @@ def run_variant(
         if cap is not None:
             for worker in workers:
                 cap.limit(worker)
-        run_wrk(port, args.warmup, args.connections, args.threads)
+        run_wrk(port, args.warmup, args.connections, args.threads, variant.script)
         received_before = collector.settled()  # the warm-up's events, delivered
         cpu_before = cpu_seconds(pids)
         profiler = start_profiler(workers[0], name, args) if args.profile else None
         budget = CpuBudget(pids, redis, collector)
         redis.reset_command_counts()
-        stats = run_wrk(port, args.seconds, args.connections, args.threads)
+        stats = run_wrk(port, args.seconds, args.connections, args.threads, variant.script)
+        if variant.collect:
+            # A collect "flow" is one hit, which emits one event.
+            stats["prepared"], stats["exchanged"] = 0, stats["hits"]
         cpu_by_process = {**budget.used(), "wrk": stats["cpu_seconds"]}
         commands = redis.command_counts()
         if profiler is not None:
@@ -337,6 +358,8 @@ def run_variant(
         rss = max(rss_mb(pid) for pid in workers)
         # A flow's events: started at prepare; completed and identify (it has a userId).
         expected = stats["prepared"] + 2 * stats["exchanged"] if variant.outbox else 0
+        if variant.collect and variant.outbox:
+            expected = stats["hits"]
         finished = time.monotonic()
         received = 0
         while time.monotonic() < finished + 120:

@@ -35,6 +35,11 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)
     app.router.add_get("/openapi.json", handlers.openapi)
+    if settings.amp is not None:
+        # Imported here so a service without [amp] does not load the AMP endpoints.
+        from identity_service.amp.routes import add_routes
+
+        add_routes(app)
     return app
 
 

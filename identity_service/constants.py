@@ -78,3 +78,13 @@ def outbox_key(prefix: str, shard: int) -> str:
 def dead_letter_key(prefix: str, shard: int, destination: str) -> str:
     """A destination's dead letters from one shard's outbox (same slot, so moves are atomic)."""
     return f"{prefix}{{{shard}}}:dead:{destination}"
+
+
+def link_key(prefix: str, key_id: bytes) -> str:
+    """A kept record (an AMP clientId link) under its key id, hash-tagged like a handoff."""
+    return f"{prefix}{{{shard_of(key_id)}}}:link:{key_id.hex()}"
+
+
+def rate_key(prefix: str, counter_id: bytes) -> str:
+    """A rate-limit counter, hash-tagged by its id (each counter is its own script call)."""
+    return f"{prefix}{{{shard_of(counter_id)}}}:rate:{counter_id.hex()}"

@@ -1,4 +1,4 @@
-"""Segment-spec events for handoffs: what is emitted at prepare, at exchange and on a miss.
+"""Segment-spec events: what is emitted at prepare, at exchange, on a miss and per AMP hit.
 
 A prepare emits a ``track`` for domain A at once, with domain A's context, and leaves a
 *completion template* (the identity part of domain B's events) with the handoff. The
@@ -6,6 +6,9 @@ exchange adds its *facts* (event name, properties, domain B's context, time); ``
 joins the two into the completion ``track`` and, with a userId, an ``identify``.
 ``messageId`` is derived from the handoff and the step, so a re-delivery carries the same
 id and a deduplicating destination counts it once.
+
+AMP collect hits (amp/collect.py) emit a ``page`` or ``track`` call of their own
+(``amp_hit_event``), with a random messageId: a hit carries no id to derive one from.
 
 Every event is at most 32 KB as sent. Domain B's events are made of both halves, each
 checked before the other is known: the completion track takes only the anonymousId and
@@ -204,6 +207,55 @@ def fallback_event(*, anonymous_id: uuid.UUID, facts: dict[str, Any]) -> Event:
         "timestamp": facts["timestamp"],
         "integrations": {},
     }
+
+
+def amp_hit_event(
+    *,
+    event: str | None,
+    anonymous_id: str,
+    anonymous_id_source: str,
+    client_id: str | None,
+    page: dict[str, str],
+    properties: dict[str, Any],
+    context: dict[str, Any],
+    timestamp: str,
+) -> Event:
+    """An AMP collect hit: a ``page`` call, or a ``track`` call when the hit names an event.
+
+    ``page`` holds the page fields the hit carried (url, title, referrer, path, search):
+    they go in ``context.page`` and, as the Segment spec has them, in a page call's
+    properties. AMP's clientId goes in ``context.amp``; ``anonymousId_source`` (cookie,
+    amp_link, amp_client_id or generated) in the properties. A hit has no stable id of its
+    own (amp-analytics sends none), so the messageId is random: a re-delivery of the
+    outbox entry still carries the same one.
+    """
+    props: dict[str, Any] = {**properties, "anonymousId_source": anonymous_id_source}
+    page_context = {**context, "page": page} if page else dict(context)
+    if client_id is not None:
+        page_context["amp"] = {"clientId": client_id}
+    built: Event = {"type": "page" if event is None else "track"}
+    if event is None:
+        props = {**page, **props}
+        if "title" in page:
+            built["name"] = page["title"]
+    else:
+        built["event"] = event
+    built.update(
+        {
+            "anonymousId": anonymous_id,
+            "properties": props,
+            "context": with_library(page_context),
+            "messageId": str(uuid.uuid4()),
+            "timestamp": timestamp,
+            "integrations": {},
+        }
+    )
+    return built
+
+
+def check_size(what: str, event: Event) -> None:
+    """Raise EventTooLarge if ``event`` would exceed 32 KB as sent."""
+    _check(what, size_as_sent(event))
 
 
 def encode(event: Event) -> bytes:

@@ -90,6 +90,16 @@ _ENDPOINTS: dict[bytes, Endpoint] = {
     b"/v1/handoffs": HandoffApi.prepare,
     b"/v1/handoffs/exchange": HandoffApi.exchange,
 }
+# AMP's collect (with [amp]): GET or POST, method, target, raw headers, body and peer in,
+# a bodiless answer's status and header fields out (amp/collect.py).
+_COLLECT_PATH = b"/v1/amp/collect"
+_COLLECT_METHODS = frozenset({"GET", "POST"})
+Collect = Callable[
+    [str, bytes, list[tuple[bytes, bytes]], bytes, str | None],
+    Awaitable[tuple[int, dict[str, str]]],
+]
+# What an endpoint answers: status, content type (None: no body), body, header fields.
+_Answer = tuple[int, str | None, bytes, dict[str, str]]
 
 
 class Request:
@@ -98,6 +108,7 @@ class Request:
     __slots__ = (
         "body",
         "chunks",
+        "collect",
         "encoding",
         "endpoint",
         "fields",
@@ -120,6 +131,7 @@ class Request:
         self.method = "GET"
         self.path = ""
         self.endpoint: Endpoint | None = None
+        self.collect = False  # answered by AMP's collect
         self.fields: dict[bytes, bytes] = {}
         self.keep_alive = True
         self.http10 = False
@@ -153,6 +165,7 @@ class FrontServer(web.Server):
         self.api = app[app_keys.API]
         self.metrics = app[app_keys.METRICS]
         self.settings = app[app_keys.SETTINGS]
+        self.collect = _collect_endpoint(app)
         self.max_body_bytes = self.settings.max_body_bytes
         self.head_timeout = self.settings.head_timeout
         self.body_timeout = self.settings.body_timeout
@@ -381,6 +394,8 @@ class FrontProtocol(asyncio.Protocol):
         request.path = path.decode("utf-8", "surrogateescape")
         if request.method == "POST":
             request.endpoint = _ENDPOINTS.get(path)
+        if path == _COLLECT_PATH and self._server.collect is not None:
+            request.collect = request.method in _COLLECT_METHODS
         if expect is not None:
             if expect != b"100-continue":
                 raise ExpectationFailed("the only expectation served is 100-continue")
@@ -451,7 +466,8 @@ class FrontProtocol(asyncio.Protocol):
             self.idle = False
             # A task per request, in an empty context: nothing bound for one request's logs
             # can leak into another's.
-            answer = self._answer if item.endpoint is not None else self._answer_with_app
+            direct = item.endpoint is not None or item.collect
+            answer = self._answer if direct else self._answer_with_app
             self._loop.create_task(answer(item), context=contextvars.Context())
         if not self._queue and self.idle and not self._in_message:
             self.deadline = self._loop.time() + IDLE_TIMEOUT_SECONDS
@@ -482,20 +498,15 @@ class FrontProtocol(asyncio.Protocol):
         started = time.perf_counter()
         request_id = start_request(request.text(b"x-request-id"))
         server = self._server
-        endpoint = cast(Endpoint, request.endpoint)
-        media_type = request.text(b"content-type") or "application/octet-stream"
-        call = Call(
-            request.text(b"authorization"),
-            media_type.split(";", 1)[0].strip().lower(),
-            request.body,
-        )
         problem = request.problem
-        extra: dict[str, str] = {}
+        content_type: str | None
         try:
             if problem is not None:
                 raise problem
-            status, answer = await endpoint(server.api, call)
-            content_type, payload = "application/json", orjson.dumps(answer)
+            if request.collect:
+                status, content_type, payload, extra = await self._collect(request)
+            else:
+                status, content_type, payload, extra = await self._handoff(request)
         except Exception as exc:
             problem = problem_for(exc, server.metrics, server.settings)
             status, content_type = problem.status, PROBLEM_CONTENT_TYPE
@@ -506,8 +517,29 @@ class FrontProtocol(asyncio.Protocol):
             extra["Connection"] = "close"
         elif request.http10:
             extra["Connection"] = "keep-alive"
-        log_request("POST", request.path, status, started, problem)
+        log_request(request.method, request.path, status, started, problem)
         self._finish(_response(status, content_type, payload, request_id, extra), keep_alive)
+
+    async def _handoff(self, request: Request) -> _Answer:
+        endpoint = cast(Endpoint, request.endpoint)
+        media_type = request.text(b"content-type") or "application/octet-stream"
+        call = Call(
+            request.text(b"authorization"),
+            media_type.split(";", 1)[0].strip().lower(),
+            request.body,
+        )
+        status, answer = await endpoint(self._server.api, call)
+        return status, "application/json", orjson.dumps(answer), {}
+
+    async def _collect(self, request: Request) -> _Answer:
+        collect = cast(Collect, self._server.collect)
+        transport = self._transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        address = peer[0] if isinstance(peer, tuple) else None
+        status, headers = await collect(
+            request.method, request.target, request.raw_headers, request.body, address
+        )
+        return status, None, b"", headers
 
     async def _answer_with_app(self, request: Request) -> None:
         """Serve ``request`` with the aiohttp application, its answer written by aiohttp."""
@@ -591,6 +623,16 @@ class FrontProtocol(asyncio.Protocol):
             self._transport.resume_reading()
 
 
+def _collect_endpoint(app: web.Application) -> Collect | None:
+    """AMP's collect bound to the app's AMP context, or None without ``[amp]``."""
+    if app[app_keys.SETTINGS].amp is None:
+        return None
+    # Imported here, as app.py does, so a service without [amp] does not load it.
+    from identity_service.amp import collect, routes
+
+    return functools.partial(collect.collect_raw, app[routes.AMP])
+
+
 def decoded(body: bytes, coding: bytes, limit: int) -> bytes:
     """``body`` decoded from its content ``coding``, refused above ``limit`` bytes decoded."""
     wbits = _CODINGS.get(coding)
@@ -659,15 +701,18 @@ def _http_date(second: int) -> str:
 
 def _response(
     status: int,
-    content_type: str,
+    content_type: str | None,
     body: bytes,
     request_id: str | None,
     extra: dict[str, str] | None = None,
 ) -> bytes:
-    lines = (
-        f"{_STATUS_LINES[status]}Content-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\nDate: {_http_date(int(time.time()))}\r\n{_SECURITY_LINES}"
-    )
+    """The whole answer; without ``content_type``, a bodiless one (no length for a 204)."""
+    lines = _STATUS_LINES[status]
+    if content_type is not None:
+        lines += f"Content-Type: {content_type}\r\n"
+    if status != 204:
+        lines += f"Content-Length: {len(body)}\r\n"
+    lines += f"Date: {_http_date(int(time.time()))}\r\n{_SECURITY_LINES}"
     if request_id is not None:
         lines += f"X-Request-ID: {request_id}\r\n"
     if extra:

@@ -20,6 +20,13 @@ _HELP = {
     "identity_events_dead_lettered_total": "Events moved to the dead letters, by destination.",
     "identity_delivery_retries_total": "Batch deliveries that failed and were retried.",
     "identity_connections_refused_total": "Connections refused over IDENTITY_MAX_CONNECTIONS.",
+    "identity_amp_hits_total": (
+        "AMP collect hits, by context (origin, cache_with_cookie, cache_without_cookie)."
+    ),
+    "identity_amp_hops_total": "AMP origin hops for actions, by action and stage.",
+    "identity_amp_links_recorded_total": "AMP cache clientIds linked to a visitor.",
+    "identity_amp_link_attributions_total": "AMP hits attributed to a visitor through a link.",
+    "identity_amp_refusals_total": "AMP requests refused, by reason.",
 }
 
 

@@ -191,3 +191,30 @@ class HeadTooLarge(Problem):
     status = 431
     slug = "request-header-fields-too-large"
     title = "Request head is too large"
+
+
+class AmpOriginNotAllowed(Problem):
+    """An AMP request from an origin that is neither the publisher's nor its cache form."""
+
+    status = 403
+    slug = "amp-origin-not-allowed"
+    title = "Origin is not the publisher's or one of its AMP cache origins"
+
+
+class UnknownAction(Problem):
+    status = 404
+    slug = "unknown-action"
+    title = "No such AMP action"
+
+
+class RateLimited(Problem):
+    status = 429
+    slug = "rate-limited"
+    title = "Too many requests"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}

@@ -18,6 +18,7 @@ from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 import yaml
 
 from identity_service import constants as c
+from identity_service.amp.config import AmpSettings, read_amp_settings
 from identity_service.sources import (
     WRITE_KEY_HASH_PREFIX,
     OriginError,
@@ -43,7 +44,7 @@ SETTING_NAMES = frozenset(
         "destination_allow_insecure",
         "events_file", "batch_max_events", "batch_max_wait", "delivery_timeout",
         "delivery_max_attempts", "backoff_base", "backoff_max", "reclaim_idle",
-        "started_event", "completed_event",
+        "started_event", "completed_event", "amp",
     }
 )  # fmt: skip
 
@@ -156,6 +157,7 @@ class Settings:
     log_level: str = "info"
     workers: int = 1
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
+    amp: AmpSettings | None = None  # the AMP endpoints, when [amp] is configured
 
     @property
     def uses_dev_source(self) -> bool:
@@ -228,6 +230,7 @@ class _Reader:
             sources = [_dev_source(dev_write_key)]
         else:
             dev_write_key = None
+        amp = self.amp_settings([source.name for source in sources])
         redis = self.redis_settings()
         outbox = self.outbox_settings()
         # "Needs Redis" holds once a Redis URL is given, even one reported as invalid.
@@ -282,6 +285,7 @@ class _Reader:
             log_level=log_level,
             workers=workers,
             outbox=outbox,
+            amp=amp,
         )
         if self.problems:
             raise ConfigError(self.problems)
@@ -309,6 +313,15 @@ class _Reader:
             reclaim_idle=self.number("reclaim_idle", c.DEFAULT_RECLAIM_IDLE_SECONDS, 0.1, 86_400),
             started_event=self.text("started_event", c.DEFAULT_STARTED_EVENT) or "",
             completed_event=self.text("completed_event", c.DEFAULT_COMPLETED_EVENT) or "",
+        )
+
+    def amp_settings(self, source_names: list[str]) -> AmpSettings | None:
+        """The ``[amp]`` table (``IDENTITY_AMP`` as JSON), or None when not configured."""
+        raw = self.table("amp")
+        if raw is None:
+            return None
+        return read_amp_settings(
+            raw, where=self.where("amp"), source_names=source_names, problems=self.problems
         )
 
     def destinations(self) -> list[Destination]:

@@ -4,6 +4,11 @@ A store keeps opaque sealed records under opaque keys for a while and hands each
 at most once. It never sees a token in the clear (see crypto.py). Events are written in
 the same atomic step as the record they belong to, so a handoff and its events exist
 together or not at all.
+
+Beside handoffs it keeps two smaller things for the AMP endpoints: *kept* records (sealed
+clientId links, read any number of times until their TTL ends) and fixed-window request
+counters for rate limits. Their ids are opaque too (HMACs), so the store sees neither a
+clientId nor a client address.
 """
 
 from dataclasses import dataclass
@@ -38,6 +43,24 @@ class HandoffStore(Protocol):
 
     async def emit(self, shard_hint: bytes, events: list[Event]) -> None:
         """Queue events that belong to no handoff (a fallback on a miss)."""
+
+    async def keep(self, key_id: bytes, record: bytes, ttl_seconds: int) -> None:
+        """Keep ``record`` under ``key_id`` for ``ttl_seconds``, replacing any record there.
+
+        The record and its TTL are written in one atomic step. Kept records live apart from
+        handoffs: ``take`` never sees them and ``peek`` never sees a handoff.
+        """
+
+    async def peek(self, key_id: bytes) -> bytes | None:
+        """The record kept under ``key_id``, or None if absent or expired; it stays kept."""
+
+    async def hit(self, counters: list[tuple[bytes, int]]) -> list[tuple[int, float]]:
+        """Count one request against each ``(counter id, window seconds)``, in fixed windows.
+
+        A counter's window starts with its first hit and lasts ``window seconds``; then the
+        count starts again from zero. Returns, for each counter in order, the count in its
+        current window (this hit included) and the seconds left in that window.
+        """
 
     async def ping(self) -> None:
         """Return if the store can serve requests; raise StoreUnavailable otherwise."""

@@ -8,13 +8,15 @@ import heapq
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from identity_service import events as ev
 from identity_service.stores import PrepareEvents
 
 # Dead entries the expiry heap may hold beyond twice the live records before a rebuild.
 HEAP_SLACK = 1024
+
+V = TypeVar("V")
 
 
 class MemoryQueue:
@@ -49,39 +51,102 @@ class MemoryOutbox:
             queue.arrived.set()
 
 
+class Expiring(Generic[V]):
+    """Values with an expiry time: expired ones are dropped on read and swept on write.
+
+    Expiries wait in a heap, oldest first, so each write sweeps what has expired in time
+    proportional to that. Entries removed before they expire leave their heap entry behind;
+    the heap is rebuilt when those outnumber the live entries, so memory stays bounded by
+    what is live.
+    """
+
+    __slots__ = ("_entries", "_expiries")
+
+    def __init__(self) -> None:
+        self._entries: dict[bytes, tuple[float, V]] = {}
+        self._expiries: list[tuple[float, bytes]] = []
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def set(self, key: bytes, expires_at: float, value: V, now: float) -> None:
+        """Hold ``value`` under ``key`` until ``expires_at``, after sweeping up to ``now``."""
+        self._sweep(now)
+        previous = self._entries.get(key)
+        self._entries[key] = (expires_at, value)
+        # The same expiry already has its heap entry (a counter counting within its window).
+        if previous is None or previous[0] != expires_at:
+            heapq.heappush(self._expiries, (expires_at, key))
+            if len(self._expiries) > 2 * len(self._entries) + HEAP_SLACK:
+                self._compact()
+
+    def get(self, key: bytes, now: float) -> tuple[float, V] | None:
+        """The expiry and value under ``key``, or None if absent or expired at ``now``."""
+        entry = self._entries.get(key)
+        if entry is None or entry[0] <= now:
+            return None
+        return entry
+
+    def pop(self, key: bytes, now: float) -> V | None:
+        """Remove the value under ``key`` and return it, or None if absent or expired."""
+        entry = self._entries.pop(key, None)
+        if entry is None or entry[0] <= now:
+            return None
+        return entry[1]
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._expiries.clear()
+
+    def _compact(self) -> None:
+        """Rebuild the expiry heap from the live entries.
+
+        Taken records leave their heap entry behind until it expires; under steady load
+        that would be every handoff of the last TTL (5 minutes), long after its record.
+        """
+        self._expiries = [(entry[0], key) for key, entry in self._entries.items()]
+        heapq.heapify(self._expiries)
+
+    def _sweep(self, now: float) -> None:
+        while self._expiries and self._expiries[0][0] <= now:
+            expires_at, key = heapq.heappop(self._expiries)
+            entry = self._entries.get(key)
+            # A key may have been taken, or replaced with a later expiry, since it was pushed.
+            if entry is not None and entry[0] == expires_at:
+                del self._entries[key]
+
+
 class MemoryStore:
-    """Keeps records in memory; expired ones are dropped on read and swept on write.
+    """Keeps records, kept records and counters in memory, each with its expiry.
 
     ``clock`` gives the seconds its TTLs are counted in (a test may drive it).
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._records: dict[bytes, tuple[float, bytes, dict[str, Any] | None]] = {}
-        self._expiries: list[tuple[float, bytes]] = []
+        self._records: Expiring[tuple[bytes, dict[str, Any] | None]] = Expiring()
+        self._kept: Expiring[bytes] = Expiring()
+        self._counters: Expiring[int] = Expiring()
         self.outbox = MemoryOutbox()
 
     def __len__(self) -> int:
+        """How many handoff records are held (expired ones not yet swept included)."""
         return len(self._records)
 
     async def put(
         self, lookup_id: bytes, record: bytes, ttl_seconds: int, events: PrepareEvents | None
     ) -> None:
         now = self._clock()
-        self._sweep(now)
-        expires_at = now + ttl_seconds
-        self._records[lookup_id] = (expires_at, record, events.completion if events else None)
-        heapq.heappush(self._expiries, (expires_at, lookup_id))
-        if len(self._expiries) > 2 * len(self._records) + HEAP_SLACK:
-            self._compact()
+        template = events.completion if events else None
+        self._records.set(lookup_id, now + ttl_seconds, (record, template), now)
         if events is not None:
             self.outbox.extend(events.started)
 
     async def take(self, lookup_id: bytes, facts: dict[str, Any] | None) -> bytes | None:
-        entry = self._records.pop(lookup_id, None)
-        if entry is None or entry[0] <= self._clock():
+        entry = self._records.pop(lookup_id, self._clock())
+        if entry is None:
             return None
-        _, record, template = entry
+        record, template = entry
         if template is not None and facts is not None:
             self.outbox.extend(ev.complete(template, facts))
         return record
@@ -89,26 +154,31 @@ class MemoryStore:
     async def emit(self, shard_hint: bytes, events: list[ev.Event]) -> None:
         self.outbox.extend(events)
 
+    async def keep(self, key_id: bytes, record: bytes, ttl_seconds: int) -> None:
+        now = self._clock()
+        self._kept.set(key_id, now + ttl_seconds, record, now)
+
+    async def peek(self, key_id: bytes) -> bytes | None:
+        entry = self._kept.get(key_id, self._clock())
+        return None if entry is None else entry[1]
+
+    async def hit(self, counters: list[tuple[bytes, int]]) -> list[tuple[int, float]]:
+        now = self._clock()
+        results: list[tuple[int, float]] = []
+        for counter_id, window_seconds in counters:
+            entry = self._counters.get(counter_id, now)
+            if entry is None:  # a new window starts with this hit
+                expires_at, count = now + window_seconds, 1
+            else:
+                expires_at, count = entry[0], entry[1] + 1
+            self._counters.set(counter_id, expires_at, count, now)
+            results.append((count, expires_at - now))
+        return results
+
     async def ping(self) -> None:
         return None
 
     async def close(self) -> None:
         self._records.clear()
-        self._expiries.clear()
-
-    def _compact(self) -> None:
-        """Rebuild the expiry heap from the live records.
-
-        Taken records leave their heap entry behind until it expires; under steady load
-        that would be every handoff of the last TTL (5 minutes), long after its record.
-        """
-        self._expiries = [(entry[0], key) for key, entry in self._records.items()]
-        heapq.heapify(self._expiries)
-
-    def _sweep(self, now: float) -> None:
-        while self._expiries and self._expiries[0][0] <= now:
-            expires_at, key = heapq.heappop(self._expiries)
-            entry = self._records.get(key)
-            # A key may have been taken, or replaced with a later expiry, since it was pushed.
-            if entry is not None and entry[0] == expires_at:
-                del self._records[key]
+        self._kept.clear()
+        self._counters.clear()

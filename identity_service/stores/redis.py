@@ -7,11 +7,18 @@ outbox stream shares its hash tag, so each script touches one slot:
 - prepare: replace the hash, set its TTL, and XADD the started events, atomically;
 - exchange: read and delete the hash and XADD the completion entry, atomically.
 
+Kept records (AMP clientId links) are plain strings written with their TTL by one ``SET``.
+Rate-limit counters are one script call each (``HIT``): counters of one request have ids
+in different shards, so no one script may touch them all in a Cluster, but their calls go
+out together and the pipelined client sends them in one write.
+
 Scripts go through the pipelined :class:`RespClient` (see resp.py for why it never
 retries). A failure surfaces as StoreUnavailable (503 with Retry-After) and the next
 request uses a fresh connection, so the service recovers by itself when Redis returns.
 """
 
+import asyncio
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -20,12 +27,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from identity_service import events as ev
-from identity_service.constants import handoff_key, outbox_key, shard_of
+from identity_service.constants import handoff_key, link_key, outbox_key, rate_key, shard_of
 from identity_service.crypto import OutboxSealer
 from identity_service.problems import StoreUnavailable
 from identity_service.settings import RedisSettings
 from identity_service.stores import PrepareEvents
-from identity_service.stores.resp import ReplyError, RespClient, Script
+from identity_service.stores.resp import Arg, Reply, ReplyError, RespClient, Script
 
 # KEYS: handoff, outbox. ARGV: record, ttl, sealed template or "", sealed started events or "".
 PREPARE = Script("""
@@ -53,6 +60,19 @@ if found[2] and ARGV[1] ~= '' then
   redis.call('XADD', KEYS[2], '*', 't', found[2], 'p', ARGV[1])
 end
 return found[1]
+""")
+
+# KEYS: counter. ARGV: window in milliseconds. Counts one hit in a fixed window that starts
+# with the first hit; returns {count, milliseconds left}. A counter found without a TTL
+# (which this script never leaves behind) gets one rather than counting forever.
+HIT = Script("""
+local count = redis.call('INCR', KEYS[1])
+local left = redis.call('PTTL', KEYS[1])
+if left < 0 then
+  left = tonumber(ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], left)
+end
+return {count, left}
 """)
 
 
@@ -102,37 +122,54 @@ class RedisStore:
                 template = self._sealer.seal(orjson.dumps(events.completion))
             if events.started:
                 started = self._sealer.seal(ev.join_documents(events.started))
-        keys = self._keys(lookup_id)
-        try:
-            await self._redis.run_script(PREPARE, keys, [record, ttl_seconds, template, started])
-        except (ReplyError, OSError) as exc:
-            raise StoreUnavailable(_describe(self._address, exc)) from exc
+        args: list[Arg] = [record, ttl_seconds, template, started]
+        await self._guarded(self._redis.run_script(PREPARE, self._keys(lookup_id), args))
 
     async def take(self, lookup_id: bytes, facts: dict[str, Any] | None) -> bytes | None:
         sealed_facts = self._sealer.seal(orjson.dumps(facts)) if facts is not None else b""
-        try:
-            record = await self._redis.run_script(EXCHANGE, self._keys(lookup_id), [sealed_facts])
-        except (ReplyError, OSError) as exc:
-            raise StoreUnavailable(_describe(self._address, exc)) from exc
+        keys = self._keys(lookup_id)
+        record = await self._guarded(self._redis.run_script(EXCHANGE, keys, [sealed_facts]))
         assert record is None or isinstance(record, bytes)
         return record
 
     async def emit(self, shard_hint: bytes, events: list[ev.Event]) -> None:
         stream = outbox_key(self._prefix, shard_of(shard_hint))
         sealed = self._sealer.seal(ev.join_documents(events))
-        try:
-            await self._redis.execute("XADD", stream, "*", "j", sealed)
-        except (ReplyError, OSError) as exc:
-            raise StoreUnavailable(_describe(self._address, exc)) from exc
+        await self._guarded(self._redis.execute("XADD", stream, "*", "j", sealed))
+
+    async def keep(self, key_id: bytes, record: bytes, ttl_seconds: int) -> None:
+        key = link_key(self._prefix, key_id)
+        await self._guarded(self._redis.execute("SET", key, record, "EX", ttl_seconds))
+
+    async def peek(self, key_id: bytes) -> bytes | None:
+        record = await self._guarded(self._redis.execute("GET", link_key(self._prefix, key_id)))
+        assert record is None or isinstance(record, bytes)
+        return record
+
+    async def hit(self, counters: list[tuple[bytes, int]]) -> list[tuple[int, float]]:
+        calls = [
+            self._redis.run_script(HIT, [rate_key(self._prefix, counter_id)], [window * 1000])
+            for counter_id, window in counters
+        ]
+        if len(calls) == 1:  # nothing to pipeline: no task needed
+            replies = [await self._guarded(calls[0])]
+        else:
+            # Issued in one loop iteration, the calls leave in one write: one round trip.
+            replies = await self._guarded(asyncio.gather(*calls))
+        return [(int(count), int(left) / 1000) for count, left in replies]
 
     async def ping(self) -> None:
-        try:
-            await self._redis.execute("PING")
-        except (ReplyError, OSError) as exc:
-            raise StoreUnavailable(_describe(self._address, exc)) from exc
+        await self._guarded(self._redis.execute("PING"))
 
     async def close(self) -> None:
         await self._redis.close()
+
+    async def _guarded(self, call: Awaitable[Reply]) -> Reply:
+        """Await ``call``; a Redis error or a lost connection becomes StoreUnavailable."""
+        try:
+            return await call
+        except (ReplyError, OSError) as exc:
+            raise StoreUnavailable(_describe(self._address, exc)) from exc
 
     def _keys(self, lookup_id: bytes) -> list[str]:
         return [

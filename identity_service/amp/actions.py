@@ -1,0 +1,289 @@
+"""The origin hop for state changes: ``POST /v1/amp/actions/{name}`` and its ``complete`` GET.
+
+AMP Camp's add-to-cart hop, made safe (docs/amp.md walks through it):
+
+- ``handle_submit`` takes an amp-form ``action-xhr`` submission. CORS is checked first (a
+  refused origin learns nothing, not even which actions exist), then the action's name,
+  the form (forms.py) and the rate limits. From a publisher origin, or with the visitor
+  cookie, the action is applied at once through its signed webhook (webhooks.py) and the
+  answer is ``200 {"status": "applied"}``. From a cache without the cookie, the fields are
+  sealed under a one-time action token kept ``action_ttl`` seconds and the answer is ``200
+  {"status": "redirecting"}`` with ``AMP-Redirect-To`` set to the ``complete`` URL under the
+  configured ``public_url``: built from configuration and the token only, never from the
+  request, and carrying no field.
+- ``handle_complete`` is that top-level navigation on the publisher's origin: it reads the
+  visitor cookie or sets a new one, takes the token once, applies the action, records the
+  link of the form's AMP clientId to the visitor, and answers 303 to the action's
+  ``done_url``. A replayed, expired, unknown or foreign token lands there with nothing
+  applied.
+
+Failure: a webhook that does not answer 2xx within the bounded wait (webhooks.wait_bound)
+applies nothing here. A submission answers ``502 action-not-applied``. A hop puts its sealed
+action back under the same token for what is left of its TTL and answers ``503`` with
+``Retry-After``: reloading the page retries it, and the webhook sees the same ``id`` (its
+idempotency key) on every try. Once the TTL is over the action is gone (``502``).
+"""
+
+import secrets
+import time
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+
+from identity_service.amp import cookies, cors, limits, links, routes, webhooks
+from identity_service.amp.config import ActionSettings
+from identity_service.amp.context import AmpContext
+from identity_service.amp.forms import MalformedForm, UnsupportedFormType, read_form
+from identity_service.crypto import SealError, Token
+from identity_service.middleware import SECURITY_HEADERS, problem_for, problem_response
+from identity_service.problems import PayloadTooLarge, Problem, UnknownAction
+
+logger = structlog.get_logger(__name__)
+
+# The hidden field that carries AMP's clientId: <input type="hidden" name="clientId"
+# value="CLIENT_ID(ajs_anonymous_id)" data-amp-replace="CLIENT_ID">. Not passed as a field.
+CLIENT_ID_FIELD = "clientId"
+_UNREPLACED = "CLIENT_ID("
+_RECORD_VERSION = 1
+# Refusals this module counts (CORS and the rate limits count their own).
+_REFUSAL_REASONS: dict[type[Problem], str] = {
+    UnknownAction: "unknown_action",
+    PayloadTooLarge: "form_too_large",
+    MalformedForm: "malformed_form",
+    UnsupportedFormType: "unsupported_form_type",
+    webhooks.ActionNotApplied: "webhook_failed",
+    webhooks.ActionRetryLater: "webhook_failed",
+}
+
+
+async def handle_submit(request: web.Request) -> web.StreamResponse:
+    """An amp-form submission: applied at once, or sealed for the origin hop."""
+    ctx = request.app[routes.AMP]
+    origin = cors.check(request)  # before anything else: a 403 changes and tells nothing
+    allow = cors.cors_headers(origin) if origin is not None else {}
+    try:
+        action = _action(ctx, request)
+        fields = read_form(
+            request.headers.get("Content-Type"),
+            await request.read(),
+            max_bytes=ctx.amp.max_form_bytes,
+            max_fields=ctx.amp.max_form_fields,
+        )
+        client_id = _client_id(fields.pop(CLIENT_ID_FIELD, None))
+        await limits.check_limits(ctx, _client_ip(request), client_id)
+        visitor = cookies.visitor_id(request.headers.get("Cookie"), ctx.amp.cookie)
+        first_party = origin is None or origin in ctx.amp.publisher_origins
+        if visitor is None and not first_party:
+            return await _start_hop(ctx, action, fields, client_id, allow)
+        return await _apply_now(ctx, action, fields, client_id, visitor, first_party, allow)
+    except Exception as exc:
+        response = _problem(ctx, exc, request)
+        response.headers.update(allow)
+        return response
+
+
+async def handle_complete(request: web.Request) -> web.StreamResponse:
+    """The origin hop's landing: apply the sealed action once, then 303 to ``done_url``."""
+    ctx = request.app[routes.AMP]
+    set_cookie: str | None = None
+    try:
+        action = _action(ctx, request)
+        await limits.check_limits(ctx, _client_ip(request), None)
+        visitor = cookies.visitor_id(request.headers.get("Cookie"), ctx.amp.cookie)
+        if visitor is None:
+            visitor = cookies.new_visitor_id()
+        set_cookie = cookies.set_cookie(visitor, ctx.amp.cookie)
+        token = Token.parse(request.query.get("token", ""))
+        if token is not None and (taken := await _take(ctx, action, token)) is not None:
+            await _complete(ctx, action, token, visitor, *taken)
+        else:
+            _count_hop(ctx, action, "missed")
+        response: web.StreamResponse = web.Response(
+            status=303, headers={**SECURITY_HEADERS, "Location": action.done_url}
+        )
+    except Exception as exc:
+        response = _problem(ctx, exc, request)
+    if set_cookie is not None:
+        response.headers["Set-Cookie"] = set_cookie
+    return response
+
+
+async def _apply_now(
+    ctx: AmpContext,
+    action: ActionSettings,
+    fields: dict[str, str],
+    client_id: str | None,
+    visitor: str | None,
+    first_party: bool,
+    allow: dict[str, str],
+) -> web.Response:
+    """Apply at once: the visitor is known (cookie) or can be given a first-party cookie."""
+    if visitor is None:
+        visitor = cookies.new_visitor_id()
+    context = "origin" if first_party else "cache_with_cookie"
+    await _apply(ctx, action, _hop_id(), visitor, fields, client_id, context)
+    _count_hop(ctx, action, "applied")
+    await _link(ctx, client_id, visitor)
+    headers = {
+        **SECURITY_HEADERS,
+        **allow,
+        "Set-Cookie": cookies.set_cookie(visitor, ctx.amp.cookie),
+    }
+    return _json({"status": "applied"}, headers)
+
+
+async def _start_hop(
+    ctx: AmpContext,
+    action: ActionSettings,
+    fields: dict[str, str],
+    client_id: str | None,
+    allow: dict[str, str],
+) -> web.Response:
+    """Seal the submission under a one-time token; send the visitor to the publisher's origin."""
+    record = {
+        "v": _RECORD_VERSION,
+        "id": _hop_id(),
+        "action": action.name,
+        "fields": fields,
+        "clientId": client_id,
+        "preparedAt": time.time(),
+    }
+    token = Token.generate()
+    lookup_id = ctx.action_sealer.lookup_id(token)
+    sealed = ctx.action_sealer.seal(token, lookup_id, orjson.dumps(record))
+    await ctx.store.put(lookup_id, sealed, ctx.amp.action_ttl, None)
+    _count_hop(ctx, action, "started")
+    redirect = f"{ctx.amp.public_url}/v1/amp/actions/{action.name}/complete?token={token.text}"
+    headers = {**SECURITY_HEADERS, **allow, "AMP-Redirect-To": redirect}
+    exposed = headers.get("Access-Control-Expose-Headers", "")
+    if allow and "amp-redirect-to" not in exposed.lower():
+        headers["Access-Control-Expose-Headers"] = ", ".join(
+            name for name in (exposed, "AMP-Redirect-To") if name
+        )
+    return _json({"status": "redirecting"}, headers)
+
+
+async def _take(
+    ctx: AmpContext, action: ActionSettings, token: Token
+) -> tuple[dict[str, Any], bytes] | None:
+    """The token's record, opened, and its sealed bytes; None if unknown, used or foreign."""
+    lookup_id = ctx.action_sealer.lookup_id(token)
+    sealed = await ctx.store.take(lookup_id, None)
+    if sealed is None:
+        return None
+    try:
+        record = orjson.loads(ctx.action_sealer.open(token, lookup_id, sealed))
+    except (SealError, orjson.JSONDecodeError):
+        logger.warning("action_record_unreadable", action=action.name)
+        return None
+    if not isinstance(record, dict) or record.get("action") != action.name:
+        # A token taken to another action's URL: used up, nothing applied.
+        return None
+    return record, sealed
+
+
+async def _complete(
+    ctx: AmpContext,
+    action: ActionSettings,
+    token: Token,
+    visitor: str,
+    record: dict[str, Any],
+    sealed: bytes,
+) -> None:
+    """Apply a taken hop; on failure keep it for a retry while its TTL lasts, and raise."""
+    client_id = record.get("clientId")
+    try:
+        await _apply(ctx, action, record["id"], visitor, record["fields"], client_id, "origin_hop")
+    except webhooks.ActionNotApplied:
+        left = int(ctx.amp.action_ttl - (time.time() - float(record["preparedAt"])))
+        if left < 1:
+            raise
+        await ctx.store.put(ctx.action_sealer.lookup_id(token), sealed, left, None)
+        raise webhooks.ActionRetryLater(
+            "the action could not be applied yet; reload this page to try again", retry_after=1
+        ) from None
+    _count_hop(ctx, action, "completed")
+    await _link(ctx, client_id, visitor)
+
+
+async def _apply(
+    ctx: AmpContext,
+    action: ActionSettings,
+    hop_id: str,
+    visitor: str,
+    fields: dict[str, str],
+    client_id: str | None,
+    context: str,
+) -> None:
+    """Call the action's webhook; raise ActionNotApplied unless it answered 2xx in time."""
+    body = webhooks.payload(
+        hop_id=hop_id,
+        action=action,
+        anonymous_id=visitor,
+        fields=fields,
+        client_id=client_id,
+        context=context,
+    )
+    outcome = await webhooks.call(ctx.http, ctx.amp, action, body)
+    if not outcome.applied:
+        _count_hop(ctx, action, "failed")
+        raise webhooks.ActionNotApplied(
+            f"the publisher's backend did not confirm the action after {outcome.attempts} "
+            "attempt(s); nothing was applied by this service"
+        )
+
+
+async def _link(ctx: AmpContext, client_id: str | None, visitor: str) -> None:
+    """Record that a cache clientId is this visitor; the action stands if the store fails."""
+    if client_id is None or client_id == visitor:
+        return  # on the origin, AMP's clientId is the visitor cookie itself
+    try:
+        await links.record_link(ctx, client_id, visitor)
+    except Exception as exc:
+        logger.warning("amp_link_not_recorded", error=type(exc).__name__)
+
+
+def _action(ctx: AmpContext, request: web.Request) -> ActionSettings:
+    action = ctx.amp.actions.get(request.match_info["name"])
+    if action is None:
+        raise UnknownAction("no action of that name is configured")
+    return action
+
+
+def _client_id(value: str | None) -> str | None:
+    """AMP's clientId from the hidden field, or None when absent or not a substituted id."""
+    if value is None or value.startswith(_UNREPLACED):
+        return None  # the runtime did not substitute it (e.g. no data-amp-replace)
+    try:
+        return links.check_client_id(value)
+    except ValueError:
+        return None
+
+
+def _client_ip(request: web.Request) -> str:
+    return limits.client_ip(request.remote, request.headers.get("X-Forwarded-For"))
+
+
+def _hop_id() -> str:
+    """The id a webhook sees on every attempt for one submission: its idempotency key."""
+    return secrets.token_urlsafe(16)
+
+
+def _count_hop(ctx: AmpContext, action: ActionSettings, stage: str) -> None:
+    ctx.metrics.inc("identity_amp_hops_total", action=action.name, stage=stage)
+
+
+def _problem(ctx: AmpContext, exc: Exception, request: web.Request) -> web.Response:
+    problem = problem_for(exc, ctx.metrics, ctx.settings)
+    reason = _REFUSAL_REASONS.get(type(problem))
+    if reason is not None:
+        ctx.metrics.inc("identity_amp_refusals_total", reason=reason)
+    return problem_response(problem, request)
+
+
+def _json(document: dict[str, str], headers: dict[str, str]) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(document), content_type="application/json", headers=headers
+    )

@@ -1,0 +1,394 @@
+"""``GET`` and ``POST /v1/amp/collect``: amp-analytics hits, the visitor cookie, clientId links.
+
+A hit is what amp-analytics sends to ``.../v1/amp/collect?ampId=${clientId(<cookie>)}&...``
+as an image, a beacon or an xhrpost. :func:`collect` takes it as plain values
+(:class:`Hit`) and returns an :class:`Answer`, so the HTTP front (front.py) serves it
+without aiohttp's request objects and :func:`handle_collect` is a thin aiohttp adapter.
+
+Who may send a hit (the CORS rule of this endpoint):
+
+- With an ``Origin`` header (beacons and xhrpost from a cache page; any cross-origin
+  POST): the origin must be a publisher origin or one of its cache origins, checked by
+  ``cors.allowed_origin`` (403 otherwise). The allowed origin is echoed with the CORS
+  headers.
+- With ``AMP-Same-Origin: true`` and no ``Origin``: a hit from the publisher's own page
+  through the AMP runtime.
+- With neither (an image pixel: browsers send no ``Origin`` on a no-cors image ``GET``):
+  the hit is recorded, nothing is echoed, and it never records a link. A foreign page can
+  make a visitor's browser send such a pixel with the visitor's cookie and any ``ampId``:
+  a link recorded from it would let that page attribute its own clientId to the visitor.
+  Links are recorded only from hits whose ``Origin`` a browser set and the check allowed.
+
+What the hit is attributed to (``anonymousId_source``):
+
+- ``cookie``: the visitor cookie was sent. From a cache origin with a clientId, the link
+  clientId -> visitor is recorded too (unless consent is ``insufficient``).
+- ``amp_link``: no cookie, but the cache clientId is linked to a visitor. The cookie is set
+  again to the linked id (it comes from the store, never from the request).
+- ``amp_client_id``: no cookie and no link in a cache context: AMP's clientId itself.
+- ``generated``: no cookie on the publisher's origin (or no clientId at all): a new id.
+
+When no cookie was read, a new cookie is offered (``Set-Cookie``; a cache context's
+browser may drop it, and the hit is then still recorded as above). The cookie's value is
+always one the service generated or read from its store, never request data.
+
+Consent is the hit's ``consent`` parameter (amp-consent's ``CONSENT_STATE``): only
+``insufficient`` denies, as an explicit ``analytics: false`` does for handoffs. A denied
+hit emits no event (counted in ``identity_events_skipped_total{reason="consent"}``),
+records no link and sets no cookie.
+
+Store round trips: the rate limit check (and, for a cookie-less cache hit, the link
+lookup, gathered with it so the pipelined client sends both at once), then the link and
+the event, gathered the same way.
+"""
+
+import asyncio
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+from aiohttp import web
+
+from identity_service import events as ev
+from identity_service.amp import cookies, cors, limits, links, routes
+from identity_service.amp.context import AmpContext
+from identity_service.clock import iso_time
+from identity_service.constants import MAX_EVENT_BYTES
+from identity_service.middleware import SECURITY_HEADERS
+from identity_service.problems import (
+    AmpOriginNotAllowed,
+    MalformedJson,
+    OversizedEvent,
+    PayloadTooLarge,
+    Problem,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+
+# Parameters that are not event properties.
+CLIENT_ID = "ampId"
+EVENT = "event"
+CONSENT = "consent"
+_NOT_PROPERTIES = frozenset({CLIENT_ID, EVENT, CONSENT, "__amp_source_origin"})
+# Page fields, as Segment's page call and context.page name them.
+PAGE_FIELDS = ("url", "title", "referrer", "path", "search")
+CONSENT_DENIED = "insufficient"  # amp-consent's CONSENT_STATE when analytics is refused
+MAX_VALUE_LENGTH = 2048  # of an event name or a page field
+_FORM = "application/x-www-form-urlencoded"
+# An event is at most this much larger than what the hit sent: each byte sent becomes at
+# most 6 as JSON (\u00XX), and page fields appear twice (properties, context.page).
+_GROWTH = 12
+_EVENT_OVERHEAD = 1024  # the event's own fields, ids, timestamp, library, sentAt
+# Fields read whole when repeated; of any other, the last one counts.
+# A repeated Origin or AMP-Same-Origin, joined, is no allowed value: it is refused.
+_JOINED = {"cookie": "; ", "x-forwarded-for": ", ", "origin": " ", "amp-same-origin": " "}
+# sendBeacon with a string body sends text/plain; amp-analytics' useBody sends JSON so.
+_JSON_TYPES = frozenset({"application/json", "text/plain"})
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """What collect reads of a request. ``headers`` maps lower-case names to values."""
+
+    method: str
+    query: str  # the raw query string, percent-encoded
+    headers: Mapping[str, str]
+    body: bytes
+    peer: str | None  # the connection's peer address
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A bodiless answer: 204, or 302 to the configured next hop."""
+
+    status: int
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Attribution:
+    anonymous_id: str
+    source: str
+    set_cookie: str | None  # the id to keep in a new cookie, if any
+
+
+async def handle_collect(request: web.Request) -> web.Response:
+    """The aiohttp route: the request as a :class:`Hit`, the answer as a response."""
+    ctx = request.app[routes.AMP]
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    hit = Hit(
+        method=request.method,
+        query=request.raw_path.partition("?")[2],
+        headers=headers_of(request.raw_headers),
+        body=await request.read(),
+        peer=peer_address(peer),
+    )
+    answer = await collect(ctx, hit)
+    return web.Response(status=answer.status, headers={**SECURITY_HEADERS, **answer.headers})
+
+
+async def collect_raw(
+    ctx: AmpContext,
+    method: str,
+    target: bytes,
+    raw_headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    peer: str | None,
+) -> tuple[int, dict[str, str]]:
+    """The HTTP front's entry (front.py): the request as parsed, the answer's status and
+    header fields (the front adds its own security headers)."""
+    query = target.partition(b"?")[2].decode("utf-8", "replace")
+    answer = await collect(ctx, Hit(method, query, headers_of(raw_headers), body, peer))
+    return answer.status, answer.headers
+
+
+def peer_address(peername: Any) -> str | None:
+    """The address of a transport's ``peername`` (None for a Unix socket)."""
+    return peername[0] if isinstance(peername, tuple) and peername else None
+
+
+def headers_of(raw_headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Raw header fields as :class:`Hit` wants them (repeated ``Cookie`` fields joined)."""
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in raw_headers:
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1").strip()
+        joiner = _JOINED.get(name)
+        if joiner is not None and name in headers:
+            value = f"{headers[name]}{joiner}{value}"
+        headers[name] = value
+    return headers
+
+
+async def collect(ctx: AmpContext, hit: Hit) -> Answer:
+    """Record one hit; raise the problem that refuses it (403, 413, 415, 400, 429)."""
+    amp = ctx.amp
+    headers = hit.headers
+    origin = headers.get("origin")
+    same_origin_header = headers.get("amp-same-origin")
+    same_origin = same_origin_header == "true"
+    try:
+        params = _parameters(hit, amp.max_form_bytes, amp.max_form_fields)
+        content = _content(params, amp.source, len(hit.query) + len(hit.body))
+    except Problem as problem:
+        ctx.metrics.inc("identity_amp_refusals_total", reason=problem.slug.replace("-", "_"))
+        raise
+    # Before anything changes: raises AmpOriginNotAllowed.
+    echoed = _allowed_origin(ctx, origin, same_origin_header, params.get(cors.SOURCE_ORIGIN_PARAM))
+    client_id = _client_id(params)
+    cookie_id = cookies.visitor_id(headers.get("cookie"), amp.cookie)
+    on_origin = _on_origin(ctx, origin, same_origin, cookie_id, client_id, headers.get("referer"))
+    consent = params.get(CONSENT) != CONSENT_DENIED
+    ip = limits.client_ip(hit.peer, headers.get("x-forwarded-for"))
+    look_up = not on_origin and cookie_id is None and client_id is not None and consent
+    if look_up:
+        assert client_id is not None
+        _, linked = await asyncio.gather(
+            limits.check_limits(ctx, ip, client_id), links.linked_visitor(ctx, client_id)
+        )
+    else:
+        await limits.check_limits(ctx, ip, client_id)
+        linked = None
+    context = (
+        "origin" if on_origin else "cache_with_cookie" if cookie_id else "cache_without_cookie"
+    )
+    ctx.metrics.inc("identity_amp_hits_total", context=context)
+    answer = _answer(ctx, echoed)
+    if not consent:
+        ctx.metrics.inc("identity_events_skipped_total", reason="consent")
+        return answer
+    who = _attribution(on_origin, cookie_id, client_id, linked)
+    if who.source == "amp_link":
+        ctx.metrics.inc("identity_amp_link_attributions_total")
+    if who.set_cookie is not None:
+        answer.headers["Set-Cookie"] = cookies.set_cookie(who.set_cookie, amp.cookie)
+    steps = []
+    if cookie_id is not None and client_id not in (None, cookie_id) and _from_cache(ctx, origin):
+        assert client_id is not None
+        steps.append(links.record_link(ctx, client_id, cookie_id))
+    if ctx.settings.outbox.enabled:
+        event = _event(content, who, client_id, headers.get("user-agent"))
+        steps.append(ctx.store.emit(event["messageId"].encode(), [event]))
+    if len(steps) > 1:
+        await asyncio.gather(*steps)
+    elif steps:
+        await steps[0]  # no task for a lone call
+    return answer
+
+
+def _parameters(hit: Hit, max_bytes: int, max_fields: int) -> dict[str, Any]:
+    """The query's parameters, then the body's (which win): an urlencoded form or JSON."""
+    if len(hit.query) > max_bytes or len(hit.body) > max_bytes:
+        raise PayloadTooLarge(f"a hit's query and body must be at most {max_bytes} bytes each")
+    query = hit.query if hit.query.isascii() else hit.query.encode("utf-8", "replace").decode()
+    params: dict[str, Any] = dict(_form(query, max_fields))
+    if hit.body:
+        media_type = hit.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media_type == _FORM:
+            params.update(_form(hit.body.decode("utf-8", "replace"), max_fields))
+        elif media_type in _JSON_TYPES or not media_type:
+            params.update(_json_object(hit.body))
+        else:
+            raise UnsupportedMediaType(
+                f"send a hit as {_FORM} or JSON (text/plain or application/json)"
+            )
+        if len(params) > max_fields:
+            raise PayloadTooLarge(f"a hit may carry at most {max_fields} parameters")
+    return params
+
+
+def _form(text: str, max_fields: int) -> list[tuple[str, str]]:
+    try:
+        return parse_qsl(text, keep_blank_values=True, max_num_fields=max_fields)
+    except ValueError as exc:
+        raise PayloadTooLarge(f"a hit may carry at most {max_fields} parameters") from exc
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedJson("the hit's body is neither a form nor a JSON object") from exc
+    if not isinstance(value, dict):
+        raise MalformedJson("the hit's JSON body must be an object")
+    return value
+
+
+def _text(params: Mapping[str, Any], name: str) -> str | None:
+    """A parameter that must be a short printable text, or None when absent or empty."""
+    value = params.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > MAX_VALUE_LENGTH or not value.isprintable():
+        raise ValidationFailed(
+            [{"field": name, "message": f"must be a text of at most {MAX_VALUE_LENGTH} characters"}]
+        )
+    return value
+
+
+def _allowed_origin(
+    ctx: AmpContext, origin: str | None, same_origin: str | None, source_origin: Any
+) -> str | None:
+    """The origin to echo (None: nothing to echo); raise AmpOriginNotAllowed, counted.
+
+    An image pixel (neither ``Origin`` nor ``AMP-Same-Origin``) is let through with
+    nothing echoed; its ``__amp_source_origin``, if any, must still be a publisher's.
+    """
+    source = source_origin if isinstance(source_origin, str) or source_origin is None else ""
+    try:
+        if origin is not None or same_origin is not None:
+            return cors.allowed_origin(ctx.amp, origin, same_origin, source)
+        if source is not None and source not in ctx.amp.publisher_origins:
+            raise AmpOriginNotAllowed(f"{cors.SOURCE_ORIGIN_PARAM} is not a publisher origin")
+    except AmpOriginNotAllowed:
+        ctx.metrics.inc(cors.REFUSALS_METRIC, reason="origin")
+        raise
+    return None
+
+
+def _client_id(params: Mapping[str, Any]) -> str | None:
+    """The hit's AMP clientId, or None when absent or not one (then the hit has none)."""
+    value = params.get(CLIENT_ID)
+    if not isinstance(value, str):
+        return None
+    try:
+        return links.check_client_id(value)
+    except ValueError:
+        return None
+
+
+def _on_origin(
+    ctx: AmpContext,
+    origin: str | None,
+    same_origin: bool,
+    cookie_id: str | None,
+    client_id: str | None,
+    referer: str | None,
+) -> bool:
+    """Whether the hit comes from the publisher's own page rather than a cache's.
+
+    ``Origin`` (already allowed) or ``AMP-Same-Origin`` say so. A pixel carries neither:
+    on the origin, AMP's clientId is the cookie itself, and the ``Referer`` (when the
+    page's referrer policy sends one) names the page. This only chooses the attribution
+    and the metric's label; links are recorded from an allowed cache ``Origin`` alone.
+    """
+    if origin is not None:
+        return origin in ctx.amp.publisher_origins
+    if same_origin or (cookie_id is not None and client_id in (None, cookie_id)):
+        return True
+    if referer:
+        return any(referer.startswith(f"{o}/") for o in ctx.amp.publisher_origins)
+    return False
+
+
+def _from_cache(ctx: AmpContext, origin: str | None) -> bool:
+    """The hit's ``Origin`` (already allowed) is a cache origin: a link may be recorded."""
+    return origin is not None and origin not in ctx.amp.publisher_origins
+
+
+def _attribution(
+    on_origin: bool, cookie_id: str | None, client_id: str | None, linked: str | None
+) -> _Attribution:
+    if cookie_id is not None:
+        return _Attribution(cookie_id, "cookie", None)
+    if linked is not None:
+        return _Attribution(linked, "amp_link", linked)
+    new_id = cookies.new_visitor_id()
+    if on_origin or client_id is None:
+        return _Attribution(new_id, "generated", new_id)
+    return _Attribution(client_id, "amp_client_id", new_id)
+
+
+def _answer(ctx: AmpContext, echoed: str | None) -> Answer:
+    headers = cors.cors_headers(echoed)  # Vary: Origin, and the CORS headers when echoed
+    redirect = ctx.amp.collect_redirect
+    if redirect is None:
+        return Answer(204, headers)
+    headers["Location"] = redirect
+    return Answer(302, headers)
+
+
+@dataclass(frozen=True, slots=True)
+class _Content:
+    """What a hit's event says, besides who: its name, page fields and properties."""
+
+    event: str | None
+    page: dict[str, str]
+    properties: dict[str, Any]
+    size: int  # the query's and the body's bytes, which bound the event's size
+
+
+def _content(params: Mapping[str, Any], source: str, size: int) -> _Content:
+    page = {name: text for name in PAGE_FIELDS if (text := _text(params, name)) is not None}
+    properties = {
+        name: value
+        for name, value in params.items()
+        if name not in _NOT_PROPERTIES and name not in page
+    }
+    properties["source"] = source  # the configured source's name, as handoff events have
+    return _Content(_text(params, EVENT), page, properties, size)
+
+
+def _event(
+    content: _Content, who: _Attribution, client_id: str | None, user_agent: str | None
+) -> ev.Event:
+    event = ev.amp_hit_event(
+        event=content.event,
+        anonymous_id=who.anonymous_id,
+        anonymous_id_source=who.source,
+        client_id=client_id,
+        page=content.page,
+        properties=content.properties,
+        context={"userAgent": user_agent} if user_agent else {},
+        timestamp=iso_time(time.time()),
+    )
+    if content.size * _GROWTH + len(user_agent or "") * 6 > MAX_EVENT_BYTES - _EVENT_OVERHEAD:
+        # Only a large hit can make an event too large: smaller ones are not measured.
+        try:
+            ev.check_size("collect event", event)
+        except ev.EventTooLarge as exc:
+            raise OversizedEvent(f"{exc}; send fewer or shorter parameters") from exc
+    return event

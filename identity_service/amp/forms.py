@@ -1,0 +1,140 @@
+"""An amp-form submission read into a bounded mapping of string fields.
+
+amp-form sends ``FormData`` (``multipart/form-data``); a page may also post
+``application/x-www-form-urlencoded`` or a JSON object. Whatever the type, the result is
+the same: at most ``max_fields`` fields, each name at most ``MAX_NAME_LENGTH`` and each
+value at most ``MAX_VALUE_LENGTH`` characters, names unique, values strings. Files, nested
+JSON, repeated names and malformed bodies are refused with a problem that names the rule,
+never the data.
+"""
+
+import email.parser
+import email.policy
+from collections.abc import Iterable
+from email.message import EmailMessage, MIMEPart
+from urllib.parse import parse_qsl
+
+import orjson
+
+from identity_service.problems import PayloadTooLarge, Problem
+
+MAX_NAME_LENGTH = 128
+MAX_VALUE_LENGTH = 4096
+
+MULTIPART = "multipart/form-data"
+URLENCODED = "application/x-www-form-urlencoded"
+JSON = "application/json"
+FORM_TYPES = (MULTIPART, URLENCODED, JSON)
+
+
+class MalformedForm(Problem):
+    status = 400
+    slug = "malformed-form"
+    title = "Form submission cannot be read"
+
+
+class UnsupportedFormType(Problem):
+    status = 415
+    slug = "unsupported-form-type"
+    title = "Form must be multipart/form-data, application/x-www-form-urlencoded or JSON"
+
+    def headers(self) -> dict[str, str]:
+        return {"Accept-Post": ", ".join(FORM_TYPES)}
+
+
+def read_form(
+    content_type: str | None, body: bytes, *, max_bytes: int, max_fields: int
+) -> dict[str, str]:
+    """The fields of a submission; raises PayloadTooLarge, MalformedForm or UnsupportedFormType."""
+    if len(body) > max_bytes:
+        raise PayloadTooLarge(f"the form must be at most {max_bytes} bytes")
+    media_type = (content_type or "").partition(";")[0].strip().lower()
+    if media_type == MULTIPART:
+        pairs = _multipart(content_type or "", body, max_fields)
+    elif media_type == URLENCODED:
+        pairs = _urlencoded(body, max_fields)
+    elif media_type == JSON:
+        pairs = _json(body)
+    else:
+        raise UnsupportedFormType("send the form as amp-form does (multipart/form-data)")
+    return _checked(pairs, max_fields)
+
+
+def _checked(pairs: Iterable[tuple[str, str]], max_fields: int) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for name, value in pairs:
+        if len(fields) >= max_fields:
+            raise MalformedForm(f"the form may have at most {max_fields} fields")
+        if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
+            raise MalformedForm(
+                f"field names must be printable and 1 to {MAX_NAME_LENGTH} characters long"
+            )
+        if len(value) > MAX_VALUE_LENGTH:
+            raise MalformedForm(f"field values must be at most {MAX_VALUE_LENGTH} characters")
+        if name in fields:
+            raise MalformedForm("each field name may appear once")
+        fields[name] = value
+    return fields
+
+
+def _text(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedForm("the form must be UTF-8") from exc
+
+
+def _urlencoded(body: bytes, max_fields: int) -> list[tuple[str, str]]:
+    try:
+        return parse_qsl(
+            _text(body),
+            keep_blank_values=True,
+            strict_parsing=bool(body),
+            max_num_fields=max_fields,
+            errors="strict",
+        )
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedForm("the form is not valid application/x-www-form-urlencoded") from exc
+
+
+def _json(body: bytes) -> list[tuple[str, str]]:
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedForm("the form is not valid JSON") from exc
+    if not isinstance(document, dict):
+        raise MalformedForm("a JSON form must be an object")
+    pairs: list[tuple[str, str]] = []
+    for name, value in document.items():
+        if not isinstance(value, str):
+            raise MalformedForm("the values of a JSON form must be strings")
+        pairs.append((name, value))
+    return pairs
+
+
+def _multipart(content_type: str, body: bytes, max_fields: int) -> list[tuple[str, str]]:
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
+    parser = email.parser.BytesParser(policy=email.policy.HTTP)
+    message = parser.parsebytes(head + body)
+    if not isinstance(message, EmailMessage) or not message.is_multipart() or message.defects:
+        raise MalformedForm("the form is not valid multipart/form-data")
+    pairs: list[tuple[str, str]] = []
+    for part in message.iter_parts():
+        if len(pairs) >= max_fields:
+            raise MalformedForm(f"the form may have at most {max_fields} fields")
+        pairs.append(_form_part(part))
+    return pairs
+
+
+def _form_part(part: MIMEPart) -> tuple[str, str]:
+    if part.defects or part.get_content_disposition() != "form-data":
+        raise MalformedForm("each part must be a form-data field")
+    if part.get_filename() is not None or part.is_multipart():
+        raise MalformedForm("files are not accepted")
+    name = part.get_param("name", header="content-disposition")
+    if not isinstance(name, str):
+        raise MalformedForm("each part must be a form-data field with a name")
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        raise MalformedForm("the form is not valid multipart/form-data")
+    return name, _text(payload)

@@ -1,0 +1,105 @@
+"""Rate limits of the public AMP endpoints: per client address and per AMP clientId.
+
+Each request counts against a fixed-window counter for its address and, when it carries
+one, for its clientId, in one store call (Redis: one script call per counter, sent in one
+write). A counter's id is an HMAC under a key derived from the server secret, so the store
+holds neither addresses nor clientIds.
+"""
+
+import functools
+import hashlib
+import hmac
+import ipaddress
+import math
+
+from identity_service.amp.config import RateLimit
+from identity_service.amp.context import AmpContext
+from identity_service.problems import RateLimited
+
+# IPv6 clients are counted by their /64: one host commonly holds a whole /64 and could
+# otherwise take a fresh address (and a fresh counter) for every request.
+_IPV6_COUNTED_PREFIX = 64
+
+
+async def check_limits(ctx: AmpContext, ip: str, client_id: str | None) -> None:
+    """Count this request; raise RateLimited (429) if its address or clientId is over.
+
+    ``ip`` is the client address (see ``client_ip``); ``client_id`` a validated AMP
+    clientId or None. Retry-After is when the exceeded windows end, in whole seconds.
+    Raises StoreUnavailable when the store cannot count.
+    """
+    key = _counter_key(ctx.settings.secret)
+    checks: list[tuple[str, bytes, RateLimit]] = [
+        ("rate_ip", _counter_id(key, b"ip:", _address_counted(ip)), ctx.amp.limit_per_ip)
+    ]
+    if client_id is not None:
+        checks.append(
+            ("rate_client", _counter_id(key, b"client:", client_id), ctx.amp.limit_per_client)
+        )
+    counts = await ctx.store.hit([(counter, limit.window_seconds) for _, counter, limit in checks])
+    over = [
+        (reason, left)
+        for (reason, _, limit), (count, left) in zip(checks, counts, strict=True)
+        if count > limit.requests
+    ]
+    if over:
+        reason = over[0][0]
+        ctx.metrics.inc("identity_amp_refusals_total", reason=reason)
+        retry_after = max(1, math.ceil(max(left for _, left in over)))
+        what = "this address" if reason == "rate_ip" else "this clientId"
+        raise RateLimited(f"too many requests from {what}", retry_after)
+
+
+def client_ip(peer: str | None, x_forwarded_for: str | None) -> str:
+    """The client's address: the peer's, or the proxy's word for it when the peer is local.
+
+    The issue has the publisher's reverse proxy mount the service on the publisher's
+    origin, so the peer is that proxy, on a loopback or private address, and the client's
+    address is the last one in ``X-Forwarded-For``: the one the proxy appended. Earlier
+    entries came from the client and could be anything, so they are never read. A public
+    peer is the client itself and its ``X-Forwarded-For`` is ignored: anyone can send one.
+    A missing peer (a Unix socket) is local. ``x_forwarded_for`` holds every such header
+    of the request, joined with commas. A last entry that is not an address gives the
+    peer: all such requests then share the proxy's counter rather than name their own.
+    """
+    trusted = peer is None or _is_local(peer)
+    if trusted and x_forwarded_for:
+        forwarded = _parse(x_forwarded_for.rsplit(",", 1)[-1].strip())
+        if forwarded is not None:
+            return str(forwarded)
+    return peer if peer is not None else "unix"
+
+
+def _is_local(peer: str) -> bool:
+    address = _parse(peer)
+    return address is not None and (address.is_loopback or address.is_private)
+
+
+def _parse(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address ``text`` names, IPv4-mapped IPv6 addresses as IPv4, or None."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _address_counted(ip: str) -> str:
+    """What an address is counted as: itself, or its /64 for IPv6."""
+    address = _parse(ip)
+    if isinstance(address, ipaddress.IPv6Address):
+        network = ipaddress.IPv6Network((address, _IPV6_COUNTED_PREFIX), strict=False)
+        return str(network)
+    return ip if address is None else str(address)
+
+
+@functools.lru_cache(maxsize=4)
+def _counter_key(server_secret: bytes) -> bytes:
+    """The key counter ids are HMACs under, derived once per server secret."""
+    return hmac.digest(server_secret, b"identity-service amp rate", hashlib.sha256)
+
+
+def _counter_id(key: bytes, kind: bytes, value: str) -> bytes:
+    return hmac.digest(key, kind + value.encode(), hashlib.sha256)

@@ -1,0 +1,79 @@
+"""AMP cache clientIds linked to the visitor's anonymousId, kept sealed in the store.
+
+In an AMP cache, AMP's clientId is an id of the cache's own; the visitor's anonymousId is
+the publisher's cookie, which the cache page often cannot send. When one request carries
+both, the link is kept for ``link_ttl`` so later cookie-less hits with that clientId are
+attributed to the visitor.
+
+A link is sealed the way a handoff record is (crypto.TokenSealer), with a token derived
+from the clientId: the key id is an HMAC of it under the link secret, and the record is
+AES-GCM under a key derived from it. A dump of the store shows neither clientIds nor
+visitor ids, and a record opens only for the clientId it was kept for.
+"""
+
+import hashlib
+import re
+import time
+
+import orjson
+
+from identity_service.amp.context import AmpContext
+from identity_service.clock import iso_time
+from identity_service.constants import MAX_ID_LENGTH
+from identity_service.crypto import SealError, Token
+
+# AMP writes `amp-` + 22 base64url characters on the origin and a base64 SHA-384 on caches;
+# a publisher cookie used as the clientId (e.g. `_ga`) is short too.
+MAX_CLIENT_ID_LENGTH = 128
+_CLIENT_ID = re.compile(f"[!-~]{{1,{MAX_CLIENT_ID_LENGTH}}}")
+_TOKEN_CONTEXT = b"identity-service amp client id"
+
+
+def check_client_id(client_id: str) -> str:
+    """``client_id`` if it can be an AMP clientId: 1 to 128 visible ASCII characters.
+
+    Raises ValueError otherwise (callers treat the request as one without a clientId).
+    """
+    if _CLIENT_ID.fullmatch(client_id) is None:
+        raise ValueError(f"a clientId is 1 to {MAX_CLIENT_ID_LENGTH} visible ASCII characters")
+    return client_id
+
+
+def link_token(client_id: str) -> Token:
+    """The token a clientId's link is sealed under."""
+    return Token(hashlib.sha256(_TOKEN_CONTEXT + client_id.encode()).digest())
+
+
+async def record_link(ctx: AmpContext, client_id: str, anonymous_id: str) -> None:
+    """Link ``client_id`` to the visitor ``anonymous_id`` for ``link_ttl``, replacing any link.
+
+    Raises ValueError for an invalid clientId or an empty or overlong anonymousId, and
+    StoreUnavailable when the store cannot keep it.
+    """
+    token = link_token(check_client_id(client_id))
+    if not 0 < len(anonymous_id) <= MAX_ID_LENGTH:
+        raise ValueError(f"an anonymousId has 1 to {MAX_ID_LENGTH} characters")
+    key_id = ctx.link_sealer.lookup_id(token)
+    link = orjson.dumps({"anonymousId": anonymous_id, "linkedAt": iso_time(time.time())})
+    await ctx.store.keep(key_id, ctx.link_sealer.seal(token, key_id, link), ctx.amp.link_ttl)
+    ctx.metrics.inc("identity_amp_links_recorded_total")
+
+
+async def linked_visitor(ctx: AmpContext, client_id: str) -> str | None:
+    """The anonymousId ``client_id`` is linked to, or None without a readable link.
+
+    A record that does not open (kept under another server secret, or damaged) counts as
+    no link. Raises ValueError for an invalid clientId and StoreUnavailable when the store
+    cannot answer. Counting an attribution is the caller's: it knows whether it used one.
+    """
+    token = link_token(check_client_id(client_id))
+    key_id = ctx.link_sealer.lookup_id(token)
+    record = await ctx.store.peek(key_id)
+    if record is None:
+        return None
+    try:
+        link = orjson.loads(ctx.link_sealer.open(token, key_id, record))
+    except (SealError, orjson.JSONDecodeError):
+        return None
+    anonymous_id = link.get("anonymousId") if isinstance(link, dict) else None
+    return anonymous_id if isinstance(anonymous_id, str) and anonymous_id else None

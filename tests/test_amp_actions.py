@@ -1,0 +1,475 @@
+"""The origin hop for state changes (identity_service.amp.actions), against a real webhook.
+
+The three request shapes of AMP's docs (the publisher's origin, a cache with the visitor's
+third-party cookie, a cache without it) each end with the action applied exactly once at
+tests/webhook_receiver.py, its signature verified, and the visitor cookie set on the
+publisher's origin. Then the refusals (origin, name, form, rate) and webhook failures.
+"""
+
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+import pytest
+from aiohttp import DummyCookieJar, FormData
+
+from identity_service.amp import forms, webhooks
+from identity_service.amp.config import AmpSettings
+from identity_service.amp.routes import AMP
+from identity_service.app import create_app
+from identity_service.problems import PayloadTooLarge
+from identity_service.settings import Settings
+from tests.conftest import AppClient, FrontTestServer
+from tests.secrets_audit import AUDIT
+from tests.webhook_receiver import WebhookReceiver, verify
+
+PUBLISHER = "https://www.example.com"
+CACHE = "https://www-example-com.cdn.ampproject.org"
+PUBLIC_URL = f"{PUBLISHER}/identity"
+DONE_URL = f"{PUBLISHER}/cart?added=1"
+WEBHOOK_SECRET = "add-to-cart-webhook-secret-7c1d9e"
+VISITOR = "visitor-5b2e77"
+CACHE_CLIENT_ID = "amp-cacheClientIdAbCdEfGhIjKl"
+FIELDS = {"sku": "shoe-42-blue", "quantity": "two-pairs"}
+SAME_ORIGIN = {"AMP-Same-Origin": "true"}
+FROM_CACHE = {"Origin": CACHE}
+WITH_COOKIE = {"Cookie": f"ajs_anonymous_id={VISITOR}"}
+SUBMIT = "/v1/amp/actions/add-to-cart"
+
+AmpClient = Callable[..., Awaitable[AppClient]]
+
+
+def amp_config(webhook: str, **extra: Any) -> str:
+    return json.dumps(
+        {
+            "public_url": PUBLIC_URL,
+            "publisher_origins": [PUBLISHER],
+            "source": "shop",
+            "actions": {
+                "add-to-cart": {"webhook": webhook, "secret": WEBHOOK_SECRET, "done_url": DONE_URL}
+            },
+            "webhook_timeout": 0.5,
+            "webhook_attempts": 3,
+            **extra,
+        }
+    )
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[WebhookReceiver]:
+    server = WebhookReceiver(WEBHOOK_SECRET.encode())
+    await server.start()
+    yield server
+    await server.stop()
+    assert server.bad_signatures == 0
+
+
+@pytest.fixture
+def amp_client(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    settings_for: Callable[..., Settings],
+    receiver: WebhookReceiver,
+) -> AmpClient:
+    """A client of a service whose add-to-cart action is applied at ``receiver``.
+
+    Cookies are sent by hand (no jar), so each request is exactly the shape it claims.
+    """
+
+    async def build(**extra: Any) -> AppClient:
+        settings = settings_for(amp=amp_config(receiver.url, **extra))
+        server = FrontTestServer(create_app(settings))
+        return await aiohttp_client(server, cookie_jar=DummyCookieJar())
+
+    return build
+
+
+def form(fields: dict[str, str] | None = None) -> FormData:
+    """The multipart body amp-form sends."""
+    data = FormData(default_to_multipart=True)
+    for name, value in (FIELDS if fields is None else fields).items():
+        data.add_field(name, value)
+    return data
+
+
+def set_cookie_value(response: aiohttp.ClientResponse) -> str:
+    header = response.headers["Set-Cookie"]
+    assert "SameSite=None" in header and "Secure" in header and "Path=/" in header
+    return header.split(";", 1)[0].removeprefix("ajs_anonymous_id=")
+
+
+def metric(client: AppClient, name: str, **labels: str) -> int:
+    return int(client.app[AMP].metrics.value(name, **labels))
+
+
+async def hop(client: AppClient, **headers: str) -> str:
+    """Submit from the cache without the cookie; the complete URL's path and query."""
+    response = await client.post(
+        SUBMIT,
+        data=form({**FIELDS, "clientId": CACHE_CLIENT_ID}),
+        headers={**FROM_CACHE, **headers},
+    )
+    assert response.status == 200, await response.text()
+    assert await response.json() == {"status": "redirecting"}
+    assert response.headers["Access-Control-Allow-Origin"] == CACHE
+    assert response.headers["Access-Control-Allow-Credentials"] == "true"
+    assert "amp-redirect-to" in response.headers["Access-Control-Expose-Headers"].lower()
+    assert "Set-Cookie" not in response.headers
+    target = urlsplit(response.headers["AMP-Redirect-To"])
+    assert (target.scheme, target.netloc) == ("https", "www.example.com")
+    assert target.path == "/identity/v1/amp/actions/add-to-cart/complete"
+    query = parse_qs(target.query)
+    assert list(query) == ["token"]
+    AUDIT.token(query["token"][0])
+    for value in (*FIELDS.values(), CACHE_CLIENT_ID):
+        assert value not in response.headers["AMP-Redirect-To"]
+    # The publisher's reverse proxy strips /identity before the service.
+    return f"{target.path.removeprefix('/identity')}?{target.query}"
+
+
+# -- the three request shapes -----------------------------------------------------------------
+
+
+async def test_origin_with_cookie_applies_at_once(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    client = await amp_client()
+    response = await client.post(SUBMIT, data=form(), headers={**SAME_ORIGIN, **WITH_COOKIE})
+    assert response.status == 200, await response.text()
+    assert await response.json() == {"status": "applied"}
+    assert response.headers["Cache-Control"] == "no-store"
+    assert "Access-Control-Allow-Origin" not in response.headers
+    assert set_cookie_value(response) == VISITOR  # refreshed, server-set
+    [applied] = receiver.applied.values()
+    assert applied["action"] == "add-to-cart"
+    assert applied["anonymousId"] == VISITOR
+    assert applied["fields"] == FIELDS
+    assert applied["context"] == "origin"
+    assert "clientId" not in applied
+    assert metric(client, "identity_amp_hops_total", action="add-to-cart", stage="applied") == 1
+
+
+async def test_origin_without_cookie_gets_a_cookie_and_the_action(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    client = await amp_client()
+    # A browser sends Origin with a same-origin POST too.
+    headers = {**SAME_ORIGIN, "Origin": PUBLISHER}
+    response = await client.post(SUBMIT, data=form(), headers=headers)
+    assert response.status == 200, await response.text()
+    assert response.headers["Access-Control-Allow-Origin"] == PUBLISHER
+    visitor = set_cookie_value(response)
+    [applied] = receiver.applied.values()
+    assert applied["anonymousId"] == visitor
+
+
+async def test_cache_with_third_party_cookie_applies_and_links_the_client_id(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    client = await amp_client()
+    body = form({**FIELDS, "clientId": CACHE_CLIENT_ID})
+    response = await client.post(SUBMIT, data=body, headers={**FROM_CACHE, **WITH_COOKIE})
+    assert response.status == 200, await response.text()
+    assert await response.json() == {"status": "applied"}
+    assert response.headers["Access-Control-Allow-Origin"] == CACHE
+    assert response.headers["Access-Control-Allow-Credentials"] == "true"
+    assert set_cookie_value(response) == VISITOR
+    [applied] = receiver.applied.values()
+    assert (applied["anonymousId"], applied["clientId"]) == (VISITOR, CACHE_CLIENT_ID)
+    assert applied["fields"] == FIELDS  # the clientId field is not a field of the action
+    assert applied["context"] == "cache_with_cookie"
+    assert metric(client, "identity_amp_links_recorded_total") == 1
+
+
+async def test_cache_without_cookie_hops_to_the_origin_once(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    client = await amp_client()
+    complete = await hop(client)
+    assert receiver.calls == []  # nothing applied before the hop
+    landing = await client.get(complete, allow_redirects=False)
+    assert landing.status == 303, await landing.text()
+    assert landing.headers["Location"] == DONE_URL
+    assert landing.headers["Cache-Control"] == "no-store"
+    assert landing.headers["Referrer-Policy"] == "no-referrer"
+    assert "Access-Control-Allow-Origin" not in landing.headers
+    visitor = set_cookie_value(landing)
+    [applied] = receiver.applied.values()
+    assert applied["anonymousId"] == visitor
+    assert applied["fields"] == FIELDS
+    assert applied["clientId"] == CACHE_CLIENT_ID
+    assert applied["context"] == "origin_hop"
+    assert metric(client, "identity_amp_links_recorded_total") == 1
+    stages = {
+        stage: metric(client, "identity_amp_hops_total", action="add-to-cart", stage=stage)
+        for stage in ("started", "completed", "missed")
+    }
+    assert stages == {"started": 1, "completed": 1, "missed": 0}
+
+    # Replayed, with or without the cookie: the same landing, nothing applied again.
+    for headers in ({}, {"Cookie": f"ajs_anonymous_id={visitor}"}):
+        again = await client.get(complete, headers=headers, allow_redirects=False)
+        assert (again.status, again.headers["Location"]) == (303, DONE_URL)
+    assert len(receiver.calls) == 1
+    assert metric(client, "identity_amp_hops_total", action="add-to-cart", stage="missed") == 2
+
+
+async def test_complete_keeps_the_visitors_cookie(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    client = await amp_client()
+    complete = await hop(client)
+    landing = await client.get(complete, headers=WITH_COOKIE, allow_redirects=False)
+    assert landing.status == 303
+    assert set_cookie_value(landing) == VISITOR
+    [applied] = receiver.applied.values()
+    assert applied["anonymousId"] == VISITOR
+
+
+@pytest.mark.parametrize(
+    "query", ["", "?token=", "?token=not-a-token", "?token=" + "A" * 43, "?token=a&token=b"]
+)
+async def test_unknown_tokens_land_with_nothing_applied(
+    amp_client: AmpClient, receiver: WebhookReceiver, query: str
+) -> None:
+    client = await amp_client()
+    landing = await client.get(f"{SUBMIT}/complete{query}", allow_redirects=False)
+    assert (landing.status, landing.headers["Location"]) == (303, DONE_URL)
+    assert receiver.calls == []
+
+
+async def test_an_expired_token_applies_nothing(
+    amp_client: AmpClient, receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await amp_client(action_ttl=5)
+    complete = await hop(client)
+    store = client.app[AMP].store
+    if hasattr(store, "_clock"):  # the memory store: move its clock past the TTL
+        real = store._clock
+        monkeypatch.setattr(store, "_clock", lambda: real() + 6)
+    else:
+        pytest.skip("a Redis key's expiry is Redis's own (covered by the store contract)")
+    landing = await client.get(complete, allow_redirects=False)
+    assert (landing.status, landing.headers["Location"]) == (303, DONE_URL)
+    assert receiver.calls == []
+
+
+# -- refusals ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "https://evil.example"},
+        {"Origin": "https://www-example-com.cdn.ampproject.org.evil.com"},
+        {"Origin": "http://www.example.com"},
+        {},  # no Origin and no AMP-Same-Origin
+        {"AMP-Same-Origin": "false"},
+    ],
+)
+async def test_a_refused_origin_changes_nothing(
+    amp_client: AmpClient, receiver: WebhookReceiver, headers: dict[str, str]
+) -> None:
+    client = await amp_client()
+    for path in (SUBMIT, "/v1/amp/actions/no-such-action"):
+        response = await client.post(path, data=form(), headers={**headers, **WITH_COOKIE})
+        assert response.status == 403
+        body = await response.json(content_type=None)
+        assert body["type"].endswith(":amp-origin-not-allowed")
+        assert "Access-Control-Allow-Origin" not in response.headers
+    assert receiver.calls == []
+
+
+async def test_unknown_action(amp_client: AmpClient, receiver: WebhookReceiver) -> None:
+    client = await amp_client()
+    response = await client.post(
+        "/v1/amp/actions/delete-account", data=form(), headers={**FROM_CACHE, **WITH_COOKIE}
+    )
+    assert response.status == 404
+    assert (await response.json(content_type=None))["type"].endswith(":unknown-action")
+    # amp-form reads the error answer too (its submit-error template).
+    assert response.headers["Access-Control-Allow-Origin"] == CACHE
+    landing = await client.get("/v1/amp/actions/delete-account/complete?token=x")
+    assert landing.status == 404
+    assert receiver.calls == []
+    assert metric(client, "identity_amp_refusals_total", reason="unknown_action") == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "slug"),
+    [
+        ("sku=" + "x" * 2000, "application/x-www-form-urlencoded", 413, "payload-too-large"),
+        (
+            "&".join(f"f{n}=1" for n in range(9)),
+            "application/x-www-form-urlencoded",
+            400,
+            "malformed-form",
+        ),
+        ("sku=a&sku=b", "application/x-www-form-urlencoded", 400, "malformed-form"),
+        ("sku=%ff", "application/x-www-form-urlencoded", 400, "malformed-form"),
+        ('{"sku": ["a"]}', "application/json", 400, "malformed-form"),
+        ("[1]", "application/json", 400, "malformed-form"),
+        ("sku=a", "text/plain", 415, "unsupported-form-type"),
+        (
+            '--b\r\nContent-Disposition: form-data; name="f"; filename="a.txt"\r\n\r\nx\r\n--b--\r\n',
+            "multipart/form-data; boundary=b",
+            400,
+            "malformed-form",
+        ),
+        ("no boundary here", "multipart/form-data; boundary=b", 400, "malformed-form"),
+    ],
+)
+async def test_bad_forms_are_refused(
+    amp_client: AmpClient,
+    receiver: WebhookReceiver,
+    body: str,
+    content_type: str,
+    status: int,
+    slug: str,
+) -> None:
+    client = await amp_client(max_form_bytes=1024, max_form_fields=8)
+    headers = {**FROM_CACHE, **WITH_COOKIE, "Content-Type": content_type}
+    response = await client.post(SUBMIT, data=body.encode(), headers=headers)
+    assert response.status == status, await response.text()
+    assert (await response.json(content_type=None))["type"].endswith(f":{slug}")
+    assert response.headers["Access-Control-Allow-Origin"] == CACHE
+    assert receiver.calls == []
+
+
+async def test_rate_limit(amp_client: AmpClient, receiver: WebhookReceiver) -> None:
+    client = await amp_client(limit_per_ip={"requests": 2, "window_seconds": 60})
+    headers = {**FROM_CACHE, **WITH_COOKIE}
+    for _ in range(2):
+        assert (await client.post(SUBMIT, data=form(), headers=headers)).status == 200
+    refused = await client.post(SUBMIT, data=form(), headers=headers)
+    assert refused.status == 429
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert refused.headers["Access-Control-Allow-Origin"] == CACHE
+    assert receiver.applications == 2
+
+
+# -- the webhook ------------------------------------------------------------------------------
+
+
+async def test_webhook_5xx_then_2xx_is_retried_with_the_same_id(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    client = await amp_client()
+    receiver.replies = [500, 503]
+    response = await client.post(SUBMIT, data=form(), headers={**SAME_ORIGIN, **WITH_COOKIE})
+    assert response.status == 200, await response.text()
+    assert len(receiver.calls) == 3
+    assert len({call["id"] for call in receiver.calls}) == 1
+    assert receiver.applications == 1
+
+
+async def test_webhook_refusal_is_not_retried(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    client = await amp_client()
+    receiver.replies = [422]
+    response = await client.post(SUBMIT, data=form(), headers={**SAME_ORIGIN, **WITH_COOKIE})
+    assert response.status == 502
+    assert (await response.json(content_type=None))["type"].endswith(":action-not-applied")
+    assert "Set-Cookie" not in response.headers
+    assert len(receiver.calls) == 1
+
+
+async def test_webhook_down_answers_within_the_bound(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    client = await amp_client()
+    receiver.replies = ["hang"] * 3
+    bound = webhooks.wait_bound(client.app[AMP].amp)
+    started = time.monotonic()
+    response = await client.post(SUBMIT, data=form(), headers={**FROM_CACHE, **WITH_COOKIE})
+    elapsed = time.monotonic() - started
+    assert response.status == 502
+    assert response.headers["Access-Control-Allow-Origin"] == CACHE
+    assert elapsed < bound + 0.5
+    assert len(receiver.calls) == 3 and receiver.applications == 0
+    assert metric(client, "identity_amp_refusals_total", reason="webhook_failed") == 1
+
+    await receiver.stop()  # nobody listening: connection refused, retried, then 502
+    started = time.monotonic()
+    response = await client.post(SUBMIT, data=form(), headers={**FROM_CACHE, **WITH_COOKIE})
+    assert response.status == 502
+    assert time.monotonic() - started < bound
+
+
+async def test_a_failed_hop_is_kept_for_a_reload(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    client = await amp_client()
+    complete = await hop(client)
+    receiver.replies = [500, 500, 500]
+    failed = await client.get(complete, headers=WITH_COOKIE, allow_redirects=False)
+    assert failed.status == 503
+    assert failed.headers["Retry-After"] == "1"
+    assert failed.headers["Referrer-Policy"] == "no-referrer"
+    assert receiver.applications == 0
+    # The visitor reloads: the same action, the same id, applied once.
+    landing = await client.get(complete, headers=WITH_COOKIE, allow_redirects=False)
+    assert (landing.status, landing.headers["Location"]) == (303, DONE_URL)
+    assert receiver.applications == 1
+    assert len({call["id"] for call in receiver.calls}) == 1
+    replay = await client.get(complete, headers=WITH_COOKIE, allow_redirects=False)
+    assert replay.status == 303 and len(receiver.calls) == 4
+
+
+async def test_a_token_for_another_action_applies_nothing(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    settings_for: Callable[..., Settings],
+    receiver: WebhookReceiver,
+) -> None:
+    config = json.loads(amp_config(receiver.url))
+    config["actions"]["wishlist"] = {**config["actions"]["add-to-cart"]}
+    settings = settings_for(amp=json.dumps(config))
+    client = await aiohttp_client(
+        FrontTestServer(create_app(settings)), cookie_jar=DummyCookieJar()
+    )
+    complete = await hop(client)
+    moved = complete.replace("/add-to-cart/", "/wishlist/")
+    assert (await client.get(moved, allow_redirects=False)).status == 303
+    assert (await client.get(complete, allow_redirects=False)).status == 303
+    assert receiver.calls == []  # the token was used up at the wrong URL
+
+
+# -- units ----------------------------------------------------------------------------------
+
+
+def test_signature_is_stripes_scheme() -> None:
+    body = b'{"action":"add-to-cart"}'
+    header = webhooks.signature(b"secret", 1700000000, body)
+    expected = hmac.new(b"secret", b"1700000000." + body, hashlib.sha256).hexdigest()
+    assert header == f"t=1700000000,v1={expected}"
+    assert verify(b"secret", header, body, 1700000100)
+    assert not verify(b"secret", header, body + b" ", 1700000100)
+    assert not verify(b"other", header, body, 1700000100)
+    assert not verify(b"secret", header, body, 1700000000 + 301)  # too old: a replay
+
+
+def test_the_three_form_types_read_alike() -> None:
+    limits = {"max_bytes": 4096, "max_fields": 8}
+    multipart = (
+        b'--xyz\r\nContent-Disposition: form-data; name="sku"\r\n\r\nshoe-42\r\n'
+        b'--xyz\r\nContent-Disposition: form-data; name="note"\r\n\r\nfits \xc3\xa9\r\n--xyz--\r\n'
+    )
+    expected = {"sku": "shoe-42", "note": "fits é"}
+    assert forms.read_form("multipart/form-data; boundary=xyz", multipart, **limits) == expected
+    urlencoded = b"sku=shoe-42&note=fits+%C3%A9"
+    assert forms.read_form("application/x-www-form-urlencoded", urlencoded, **limits) == expected
+    as_json = json.dumps(expected).encode()
+    assert forms.read_form("application/json; charset=utf-8", as_json, **limits) == expected
+    assert forms.read_form("application/x-www-form-urlencoded", b"", **limits) == {}
+    with pytest.raises(PayloadTooLarge):
+        forms.read_form("application/json", b" " * 4097, **limits)
+
+
+def test_wait_bound_counts_every_attempt_and_backoff() -> None:
+    amp = AmpSettings("", frozenset(), "", frozenset(), webhook_timeout=2.0, webhook_attempts=3)
+    assert webhooks.wait_bound(amp) == 3 * 2.0 + 2 * webhooks.BACKOFF_MAX_SECONDS

@@ -1,0 +1,424 @@
+"""``/v1/amp/collect``: the visitor cookie, clientId links, the events, the refusals.
+
+Every test runs on both stores and both paths to the same code: the HTTP front's fast
+path (``FrontTestServer``, as ``serve`` runs) and the aiohttp route (a plain test server).
+Events are observed where they end up: at a real Segment-compatible collector.
+"""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from identity_service import app_keys
+from identity_service.app import create_app
+from identity_service.metrics import Metrics
+from identity_service.settings import Settings
+from tests.collector import WRITE_KEY, Collector, running_collector
+from tests.conftest import AppClient, FrontTestServer
+from tests.secrets_audit import AUDIT
+
+PUBLISHER = "https://www.example.com"
+CACHE = "https://www-example-com.cdn.ampproject.org"
+COOKIE = "ajs_anonymous_id"
+VISITOR = "visitor-3c1e"
+CACHE_CLIENT_ID = "cache-cid-9a8b7c6d5e4f"
+PATH = "/v1/amp/collect"
+FAST_DELIVERY = {
+    "batch_max_wait": "0.05",
+    "backoff_base": "0.05",
+    "backoff_max": "0.2",
+    "delivery_timeout": "0.5",
+}
+AmpClientFactory = Callable[..., Awaitable[AppClient]]
+
+
+class QuietTestServer(TestServer):
+    """aiohttp's own server, without its access log: it shows the query, and on the
+    publisher's origin a hit's ampId is the visitor's id."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return web.AppRunner(self.app, access_log=None, **kwargs)
+
+
+def amp_config(**overrides: Any) -> str:
+    config = {
+        "public_url": f"{PUBLISHER}/identity",
+        "publisher_origins": [PUBLISHER],
+        "source": "shop",
+        **overrides,
+    }
+    return json.dumps(config)
+
+
+@pytest.fixture(params=["front", "aiohttp"])
+def server_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+async def collector() -> AsyncIterator[Collector]:
+    async with running_collector() as running:
+        yield running
+
+
+@pytest.fixture
+def amp_client(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    settings_for: Callable[..., Settings],
+    collector: Collector,
+    server_kind: str,
+) -> AmpClientFactory:
+    """A client of the service with ``[amp]`` (``amp_config(**amp)``), events to the collector."""
+
+    async def build(**amp: Any) -> AppClient:
+        settings = settings_for(
+            amp=amp_config(**amp),
+            destination_url=collector.url,
+            destination_write_key=WRITE_KEY,
+            **FAST_DELIVERY,
+        )
+        app = create_app(settings)
+        if server_kind == "front":
+            return await aiohttp_client(FrontTestServer(app))
+        return await aiohttp_client(QuietTestServer(app))
+
+    return build
+
+
+@pytest.fixture
+async def client(amp_client: AmpClientFactory) -> AppClient:
+    return await amp_client()
+
+
+def metrics(client: AppClient) -> Metrics:
+    counted: Metrics = client.app[app_keys.METRICS]
+    return counted
+
+
+async def hit(
+    client: AppClient,
+    *,
+    origin: str | None = None,
+    cookie: str | None = None,
+    method: str = "GET",
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    **params: str,
+) -> Any:
+    """Send one hit; ``params`` go in the query string."""
+    sent = dict(headers or {})
+    if origin is not None:
+        sent["Origin"] = origin
+    if cookie is not None:
+        AUDIT.identity(cookie, "anonymousId")
+        sent["Cookie"] = f"other=1; {COOKIE}={cookie}"
+    response = await client.request(method, PATH, params=params, headers=sent, data=data)
+    await response.read()
+    return response
+
+
+def set_cookie_value(response: Any) -> str | None:
+    """The visitor id a ``Set-Cookie`` of the answer keeps, or None."""
+    header = response.headers.get("Set-Cookie")
+    if header is None:
+        return None
+    name, _, rest = header.partition("=")
+    assert name == COOKIE
+    value: str = rest.split(";", 1)[0]
+    assert "SameSite=None" in header and "Secure" in header and "Max-Age=31536000" in header
+    AUDIT.identity(value, "anonymousId")
+    return value
+
+
+async def events_after(collector: Collector, count: int) -> list[dict[str, Any]]:
+    """The collector's events once ``count`` arrived, and a moment more for any extra."""
+    await collector.wait_for(count)
+    await asyncio.sleep(0.3)
+    return sorted(collector.events, key=lambda event: event["timestamp"])
+
+
+async def test_origin_hit_without_cookie_sets_one_and_emits_a_page_call(
+    client: AppClient, collector: Collector
+) -> None:
+    response = await hit(
+        client,
+        headers={"AMP-Same-Origin": "true", "User-Agent": "UA/1"},
+        ampId="amp-Xy3kq_origin",
+        url=f"{PUBLISHER}/article",
+        title="An article",
+        referrer="https://search.example/",
+        path="/article",
+        section="news",
+    )
+
+    assert response.status == 204
+    assert response.headers["Cache-Control"] == "no-store"
+    assert "Access-Control-Allow-Origin" not in response.headers  # same origin: no CORS
+    visitor = set_cookie_value(response)
+    assert visitor is not None
+    (event,) = await events_after(collector, 1)
+    assert event["type"] == "page"
+    assert event["name"] == "An article"
+    assert event["anonymousId"] == visitor
+    assert event["properties"] == {
+        "url": f"{PUBLISHER}/article",
+        "title": "An article",
+        "referrer": "https://search.example/",
+        "path": "/article",
+        "section": "news",
+        "source": "shop",
+        "anonymousId_source": "generated",
+    }
+    assert event["context"]["amp"] == {"clientId": "amp-Xy3kq_origin"}
+    assert event["context"]["page"]["url"] == f"{PUBLISHER}/article"
+    assert event["context"]["userAgent"] == "UA/1"
+    assert event["context"]["library"]["name"] == "identity-service"
+    assert event["messageId"] and event["integrations"] == {}
+    assert metrics(client).value("identity_amp_hits_total", context="origin") == 1
+
+
+async def test_origin_pixel_with_the_cookie_reads_it(
+    client: AppClient, collector: Collector
+) -> None:
+    # An image pixel: no Origin, no AMP-Same-Origin; on the origin AMP's clientId is the cookie.
+    response = await hit(client, cookie=VISITOR, ampId=VISITOR, event="Scrolled")
+
+    assert response.status == 204
+    assert "Set-Cookie" not in response.headers
+    (event,) = await events_after(collector, 1)
+    assert event["type"] == "track"
+    assert event["event"] == "Scrolled"
+    assert event["anonymousId"] == VISITOR
+    assert event["properties"]["anonymousId_source"] == "cookie"
+    assert metrics(client).value("identity_amp_hits_total", context="origin") == 1
+
+
+async def test_a_cache_hit_with_the_cookie_links_the_client_id_for_later_hits(
+    client: AppClient, collector: Collector
+) -> None:
+    first = await hit(client, origin=CACHE, cookie=VISITOR, ampId=CACHE_CLIENT_ID)
+    assert first.status == 204
+    assert first.headers["Access-Control-Allow-Origin"] == CACHE
+    assert first.headers["Access-Control-Allow-Credentials"] == "true"
+    assert "Set-Cookie" not in first.headers
+
+    # Later, third-party cookies blocked: only AMP's cache clientId arrives.
+    later = await hit(client, origin=CACHE, ampId=CACHE_CLIENT_ID, event="Read")
+    assert later.status == 204
+    assert set_cookie_value(later) == VISITOR  # offered again, from the link
+
+    with_cookie, linked = await events_after(collector, 2)
+    assert with_cookie["anonymousId"] == VISITOR
+    assert with_cookie["properties"]["anonymousId_source"] == "cookie"
+    assert with_cookie["context"]["amp"] == {"clientId": CACHE_CLIENT_ID}
+    assert linked["anonymousId"] == VISITOR
+    assert linked["properties"]["anonymousId_source"] == "amp_link"
+    assert linked["event"] == "Read"
+    counted = metrics(client)
+    assert counted.value("identity_amp_hits_total", context="cache_with_cookie") == 1
+    assert counted.value("identity_amp_hits_total", context="cache_without_cookie") == 1
+    assert counted.value("identity_amp_links_recorded_total") == 1
+    assert counted.value("identity_amp_link_attributions_total") == 1
+
+
+async def test_a_cookieless_cache_hit_without_a_link_is_the_client_id(
+    client: AppClient, collector: Collector
+) -> None:
+    response = await hit(client, origin=CACHE, ampId=CACHE_CLIENT_ID)
+
+    assert response.status == 204
+    offered = set_cookie_value(response)  # a cache's browser may drop it
+    assert offered is not None and offered != CACHE_CLIENT_ID
+    (event,) = await events_after(collector, 1)
+    assert event["anonymousId"] == CACHE_CLIENT_ID
+    assert event["properties"]["anonymousId_source"] == "amp_client_id"
+    assert metrics(client).value("identity_amp_link_attributions_total") == 0
+
+
+async def test_insufficient_consent_links_nothing_and_emits_nothing(
+    client: AppClient, collector: Collector
+) -> None:
+    denied = await hit(
+        client, origin=CACHE, cookie=VISITOR, ampId=CACHE_CLIENT_ID, consent="insufficient"
+    )
+    assert denied.status == 204
+    assert "Set-Cookie" not in denied.headers
+
+    later = await hit(client, origin=CACHE, ampId=CACHE_CLIENT_ID, consent="sufficient")
+    assert later.status == 204
+
+    (event,) = await events_after(collector, 1)
+    assert event["anonymousId"] == CACHE_CLIENT_ID
+    assert event["properties"]["anonymousId_source"] == "amp_client_id"
+    counted = metrics(client)
+    assert counted.value("identity_amp_links_recorded_total") == 0
+    assert counted.value("identity_events_skipped_total", reason="consent") == 1
+
+
+async def test_a_pixel_without_origin_records_no_link(
+    client: AppClient, collector: Collector
+) -> None:
+    # Any page can make a browser load this image with the visitor's cookie and any ampId.
+    pixel = await hit(client, cookie=VISITOR, ampId=CACHE_CLIENT_ID)
+    assert pixel.status == 204
+    assert "Access-Control-Allow-Origin" not in pixel.headers
+
+    later = await hit(client, origin=CACHE, ampId=CACHE_CLIENT_ID)
+    assert later.status == 204
+
+    first, second = await events_after(collector, 2)
+    assert first["anonymousId"] == VISITOR
+    assert second["anonymousId"] == CACHE_CLIENT_ID
+    assert metrics(client).value("identity_amp_links_recorded_total") == 0
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "https://evil.example",
+        "https://www-example-com.cdn.ampproject.org.evil.com",
+        "https://www-example-org.cdn.ampproject.org",
+        "http://www-example-com.cdn.ampproject.org",
+    ],
+)
+async def test_a_refused_origin_changes_nothing(
+    client: AppClient, collector: Collector, origin: str
+) -> None:
+    refused = await hit(client, origin=origin, cookie=VISITOR, ampId=CACHE_CLIENT_ID)
+    assert refused.status == 403
+    assert "Access-Control-Allow-Origin" not in refused.headers
+    assert "Set-Cookie" not in refused.headers
+
+    later = await hit(client, origin=CACHE, ampId=CACHE_CLIENT_ID)
+    assert later.status == 204
+
+    (event,) = await events_after(collector, 1)
+    assert event["anonymousId"] == CACHE_CLIENT_ID  # no link was recorded
+    counted = metrics(client)
+    assert counted.value("identity_amp_refusals_total", reason="origin") == 1
+    assert counted.value("identity_amp_links_recorded_total") == 0
+
+
+async def test_a_wrong_source_origin_parameter_is_refused(client: AppClient) -> None:
+    pixel = await hit(client, ampId=CACHE_CLIENT_ID, __amp_source_origin="https://evil.example")
+    assert pixel.status == 403
+    beacon = await hit(
+        client, origin=CACHE, ampId=CACHE_CLIENT_ID, __amp_source_origin=CACHE, method="POST"
+    )
+    assert beacon.status == 403
+
+
+async def test_the_rate_limit_answers_429_with_retry_after(amp_client: AmpClientFactory) -> None:
+    client = await amp_client(limit_per_client={"requests": 2, "window_seconds": 60})
+    for _ in range(2):
+        assert (await hit(client, origin=CACHE, ampId=CACHE_CLIENT_ID)).status == 204
+
+    limited = await hit(client, origin=CACHE, ampId=CACHE_CLIENT_ID)
+
+    assert limited.status == 429
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    assert (await hit(client, origin=CACHE, ampId="another-client-id")).status == 204
+    counted = metrics(client)
+    assert counted.value("identity_amp_refusals_total", reason="rate_client") == 1
+    assert counted.value("identity_amp_hits_total", context="cache_without_cookie") == 3
+
+
+async def test_a_beacon_body_as_json_or_form_is_read(
+    client: AppClient, collector: Collector
+) -> None:
+    # sendBeacon with a string body sends text/plain (amp-analytics' useBody: JSON).
+    beacon = await hit(
+        client,
+        method="POST",
+        origin=CACHE,
+        data=json.dumps({"event": "Clicked", "button": "subscribe", "count": 2}).encode(),
+        headers={"Content-Type": "text/plain;charset=UTF-8"},
+        ampId=CACHE_CLIENT_ID,
+    )
+    form = await hit(
+        client,
+        method="POST",
+        origin=CACHE,
+        data=b"event=Shared&network=mastodon",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        ampId=CACHE_CLIENT_ID,
+    )
+    assert (beacon.status, form.status) == (204, 204)
+
+    events = {event["event"]: event for event in await events_after(collector, 2)}
+    assert events["Clicked"]["properties"]["button"] == "subscribe"
+    assert events["Clicked"]["properties"]["count"] == 2
+    assert events["Shared"]["properties"]["network"] == "mastodon"
+
+
+async def test_bodies_and_queries_are_bounded(amp_client: AmpClientFactory) -> None:
+    client = await amp_client(max_form_bytes=1024, max_form_fields=4)
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    big = await hit(client, method="POST", origin=CACHE, data=b"x=" + b"a" * 2000, headers=headers)
+    assert big.status == 413
+    many = await hit(client, origin=CACHE, a="1", b="2", c="3", d="4", e="5")
+    assert many.status == 413
+    typed = await hit(
+        client, method="POST", origin=CACHE, data=b"<x/>", headers={"Content-Type": "text/xml"}
+    )
+    assert typed.status == 415
+    counted = metrics(client)
+    assert counted.value("identity_amp_refusals_total", reason="payload_too_large") == 2
+    assert counted.value("identity_amp_hits_total", context="cache_without_cookie") == 0
+
+
+async def test_a_configured_next_hop_is_a_302(amp_client: AmpClientFactory) -> None:
+    client = await amp_client(collect_redirect=f"{PUBLISHER}/pixel.gif")
+    response = await client.get(
+        PATH, params={"ampId": CACHE_CLIENT_ID}, headers={"Origin": CACHE}, allow_redirects=False
+    )
+    assert response.status == 302
+    assert response.headers["Location"] == f"{PUBLISHER}/pixel.gif"
+    assert set_cookie_value(response) is not None
+
+
+async def test_collect_is_answered_on_the_front_without_a_body(
+    amp_client: AmpClientFactory, server_kind: str
+) -> None:
+    if server_kind != "front":
+        pytest.skip("raw HTTP of the front")
+    client = await amp_client()
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    request = (
+        f"GET {PATH}?ampId={CACHE_CLIENT_ID}&title=%E2%9C%93%ff HTTP/1.1\r\n"
+        f"Host: x\r\nOrigin: {CACHE}\r\nX-Request-ID: collect-1\r\n\r\n"
+    ).encode()
+    bad_origins = (
+        f"GET {PATH} HTTP/1.1\r\nHost: x\r\nOrigin: {CACHE}\r\nOrigin: https://evil.example\r\n\r\n"
+    ).encode()
+    writer.write(request + request + bad_origins)
+    heads = []
+    for _ in range(3):
+        heads.append((await reader.readuntil(b"\r\n\r\n")).decode())
+    writer.close()
+    for head in heads[:2]:
+        assert head.startswith("HTTP/1.1 204 No Content\r\n")
+        assert "\r\nContent-Length:" not in head and "\r\nContent-Type:" not in head
+        assert "X-Request-ID: collect-1\r\n" in head
+        assert f"Access-Control-Allow-Origin: {CACHE}\r\n" in head
+        assert "Cache-Control: no-store\r\n" in head
+    assert heads[2].startswith("HTTP/1.1 403 ")  # a repeated Origin is no allowed one
+
+
+async def test_other_methods_go_to_the_application(client: AppClient) -> None:
+    response = await client.put(PATH, data=b"")
+    assert response.status == 405
+
+
+async def test_without_amp_there_is_no_collect(
+    aiohttp_client: Callable[..., Awaitable[AppClient]], settings_for: Callable[..., Settings]
+) -> None:
+    app: web.Application = create_app(settings_for())
+    client = await aiohttp_client(FrontTestServer(app))
+    assert (await client.get(PATH)).status == 404

@@ -1,0 +1,493 @@
+"""What the AMP endpoints keep in the store: kept records, rate counters, clientId links and
+the rate limits built on them, on the memory store (with a driven clock) and a real Redis."""
+
+import asyncio
+import hashlib
+import math
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from identity_service.amp import links
+from identity_service.amp.config import AmpSettings, RateLimit
+from identity_service.amp.context import AmpContext
+from identity_service.amp.limits import check_limits, client_ip
+from identity_service.constants import link_key, rate_key, shard_of
+from identity_service.crypto import OutboxSealer, TokenSealer
+from identity_service.metrics import Metrics
+from identity_service.problems import RateLimited, StoreUnavailable
+from identity_service.settings import RedisSettings
+from identity_service.stores import HandoffStore
+from identity_service.stores import resp as resp_module
+from identity_service.stores.memory import MemoryStore
+from identity_service.stores.redis import RedisStore
+from tests.conftest import make_settings
+from tests.redis_server import RedisServer
+from tests.secrets_audit import AUDIT
+from tests.test_sealing import dump
+
+SEALER = OutboxSealer(b"s" * 32)
+LINK_SECRET = b"l" * 32
+Advance = Callable[[float], Awaitable[None]]
+
+
+class Clock:
+    """A clock the memory store reads, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def redis_store(url: str, prefix: str = "amp:") -> RedisStore:
+    return RedisStore(RedisSettings.from_dsn(url, key_prefix=prefix), SEALER)
+
+
+@pytest.fixture
+async def clocked(
+    store_kind: str, redis_server: RedisServer
+) -> AsyncIterator[tuple[HandoffStore, Advance]]:
+    """A store, and how to let time pass for it: the memory store's clock moves at once;
+    Redis counts real time (keep the waits short)."""
+    opened: HandoffStore
+    if store_kind == "memory":
+        clock = Clock()
+        opened = MemoryStore(clock=clock)
+
+        async def advance(seconds: float) -> None:
+            clock.now += seconds
+
+    else:
+        opened = redis_store(redis_server.url, prefix=f"amp{os.urandom(4).hex()}:")
+
+        async def advance(seconds: float) -> None:
+            await asyncio.sleep(seconds)
+
+    yield opened, advance
+    await opened.close()
+
+
+@pytest.fixture
+def store(clocked: tuple[HandoffStore, Advance]) -> HandoffStore:
+    return clocked[0]
+
+
+@pytest.fixture
+def advance(clocked: tuple[HandoffStore, Advance]) -> Advance:
+    return clocked[1]
+
+
+def new_id() -> bytes:
+    return os.urandom(32)
+
+
+# -- keep and peek ----------------------------------------------------------------------
+
+
+async def test_peek_returns_what_keep_kept_and_leaves_it(store: HandoffStore) -> None:
+    key_id = new_id()
+    await store.keep(key_id, b"sealed-link", 60)
+    assert await store.peek(key_id) == b"sealed-link"
+    assert await store.peek(key_id) == b"sealed-link"
+    assert await store.peek(new_id()) is None
+
+
+async def test_keep_replaces(store: HandoffStore) -> None:
+    key_id = new_id()
+    await store.keep(key_id, b"first", 60)
+    await store.keep(key_id, b"second", 60)
+    assert await store.peek(key_id) == b"second"
+
+
+async def test_kept_records_expire_after_their_ttl(store: HandoffStore, advance: Advance) -> None:
+    short, long = new_id(), new_id()
+    await store.keep(short, b"short", 1)
+    await store.keep(long, b"long", 30)
+    await advance(1.1)
+    assert await store.peek(short) is None
+    assert await store.peek(long) == b"long"
+
+
+async def test_kept_records_and_handoffs_do_not_mix(store: HandoffStore) -> None:
+    handoff, kept = new_id(), new_id()
+    await store.put(handoff, b"handoff", 60, None)
+    await store.keep(kept, b"kept", 60)
+    assert await store.peek(handoff) is None
+    assert await store.take(kept, None) is None
+    assert await store.peek(kept) == b"kept"
+    assert await store.take(handoff, None) == b"handoff"
+
+
+# -- hit -------------------------------------------------------------------------------------
+
+
+async def test_hit_counts_each_counter_in_its_window(store: HandoffStore) -> None:
+    first, second = new_id(), new_id()
+    assert await store.hit([]) == []
+    results = await store.hit([(first, 60), (second, 30)])
+    assert [count for count, _ in results] == [1, 1]
+    assert 59 < results[0][1] <= 60 and 29 < results[1][1] <= 30
+    for expected in (2, 3):
+        results = await store.hit([(first, 60), (second, 30)])
+        assert [count for count, _ in results] == [expected, expected]
+    assert [count for count, _ in await store.hit([(first, 60)])] == [4]
+
+
+async def test_hit_reports_the_time_left_and_starts_a_new_window_after_it(
+    store: HandoffStore, advance: Advance
+) -> None:
+    counter = new_id()
+    await store.hit([(counter, 1)])
+    await advance(0.5)
+    [(count, left)] = await store.hit([(counter, 1)])
+    assert count == 2
+    assert 0.3 < left <= 0.5  # a fixed window: the second hit did not extend it
+    await advance(0.6)
+    [(count, left)] = await store.hit([(counter, 1)])
+    assert count == 1
+    assert 0.9 < left <= 1
+
+
+async def test_memory_store_sweeps_kept_records_and_counters_on_write() -> None:
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    for _ in range(100):
+        await store.keep(new_id(), b"x", 1)
+        await store.hit([(new_id(), 1)])
+    clock.now += 2
+    await store.keep(new_id(), b"y", 60)
+    await store.hit([(new_id(), 60)])
+    assert (len(store._kept), len(store._counters)) == (1, 1)
+
+
+async def test_memory_counters_leave_one_expiry_entry_per_window() -> None:
+    store = MemoryStore(clock=Clock())
+    counter = new_id()
+    for _ in range(5000):
+        await store.hit([(counter, 60)])
+    assert len(store._counters._expiries) == 1
+
+
+# -- Redis: key layout, one write, errors ---------------------------------------------------
+
+
+async def test_redis_link_and_rate_keys_carry_prefix_hash_tag_and_ttl(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    store = redis_store(redis_server.url, prefix="ampkeys:")
+    try:
+        key_id, counter = new_id(), new_id()
+        await store.keep(key_id, b"x", 120)
+        await store.hit([(counter, 30)])
+        kept, rate = link_key("ampkeys:", key_id), rate_key("ampkeys:", counter)
+        assert kept == f"ampkeys:{{{shard_of(key_id)}}}:link:{key_id.hex()}"
+        assert rate == f"ampkeys:{{{shard_of(counter)}}}:rate:{counter.hex()}"
+        assert 118_000 < await redis_client.pttl(kept) <= 120_000
+        assert 28_000 < await redis_client.pttl(rate) <= 30_000
+    finally:
+        await store.close()
+
+
+async def test_redis_writes_each_ttl_with_its_value(private_redis: RedisServer) -> None:
+    store = redis_store(private_redis.url)
+    admin = Redis.from_url(private_redis.url)
+    try:
+        await store.hit([(new_id(), 60)])  # loads the script
+        await admin.config_resetstat()
+        await store.keep(new_id(), b"x", 60)
+        kept = await admin.info("commandstats")
+        await admin.config_resetstat()
+        await store.hit([(new_id(), 60)])
+        counted = await admin.info("commandstats")
+    finally:
+        await admin.aclose()
+        await store.close()
+    # The record and its TTL: one SET, no separate EXPIRE that a crash could miss.
+    assert kept["cmdstat_set"]["calls"] == 1
+    assert not {"cmdstat_expire", "cmdstat_pexpire", "cmdstat_eval"} & kept.keys()
+    # A counter: one script call (its INCR, PTTL and PEXPIRE run inside it).
+    assert counted["cmdstat_evalsha"]["calls"] == 1
+    assert "cmdstat_eval" not in counted and "cmdstat_set" not in counted
+
+
+async def test_redis_hit_sends_a_requests_counters_in_one_write(
+    private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = redis_store(private_redis.url)
+    writes: list[int] = []
+    flush = resp_module._Connection._flush
+
+    def counted_flush(self: Any) -> None:
+        writes.append(len(self._outgoing))
+        flush(self)
+
+    try:
+        await store.hit([(new_id(), 60)])  # connects and loads the script
+        monkeypatch.setattr(resp_module._Connection, "_flush", counted_flush)
+        results = await store.hit([(new_id(), 60), (new_id(), 60)])
+        assert [count for count, _ in results] == [1, 1]
+        assert writes == [2]
+    finally:
+        await store.close()
+
+
+async def test_redis_hit_gives_a_counter_without_ttl_one(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    store = redis_store(redis_server.url, prefix="ampnottl:")
+    try:
+        counter = new_id()
+        await redis_client.set(rate_key("ampnottl:", counter), 5)
+        [(count, left)] = await store.hit([(counter, 10)])
+        assert (count, left) == (6, 10)
+        assert 0 < await redis_client.pttl(rate_key("ampnottl:", counter)) <= 10_000
+    finally:
+        await store.close()
+
+
+async def test_stopped_redis_makes_each_operation_unavailable(
+    private_redis: RedisServer,
+) -> None:
+    store = RedisStore(
+        RedisSettings.from_dsn(private_redis.url, key_prefix="down:", timeout=0.5), SEALER
+    )
+    try:
+        await store.keep(new_id(), b"x", 60)
+        private_redis.stop()
+        operations: list[Callable[[], Awaitable[Any]]] = [
+            lambda: store.keep(new_id(), b"x", 60),
+            lambda: store.peek(new_id()),
+            lambda: store.hit([(new_id(), 60)]),
+            lambda: store.hit([(new_id(), 60), (new_id(), 60)]),
+        ]
+        for operation in operations:
+            with pytest.raises(StoreUnavailable):
+                await operation()
+        private_redis.start()
+        assert [count for count, _ in await store.hit([(new_id(), 60)])] == [1]
+    finally:
+        await store.close()
+
+
+# -- clientId links --------------------------------------------------------------------------
+
+AMP = AmpSettings(
+    public_url="https://www.example.com/identity",
+    publisher_origins=frozenset({"https://www.example.com"}),
+    source="shop",
+    allowed_origins=frozenset({"https://www.example.com"}),
+    link_ttl=3600,
+    limit_per_ip=RateLimit(5, 60),
+    limit_per_client=RateLimit(3, 60),
+)
+CLIENT_ID = "amp-9Zx3kQpL0vWmA7cYt2bN1e"
+VISITOR = "anon-4b7e1c9a-55d2"
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def amp_context(
+    store: HandoffStore, http: aiohttp.ClientSession, link_secret: bytes = LINK_SECRET
+) -> AmpContext:
+    return AmpContext(
+        settings=make_settings(),
+        amp=AMP,
+        store=store,
+        metrics=Metrics(),
+        action_sealer=TokenSealer(b"a" * 32),
+        link_sealer=TokenSealer(link_secret),
+        http=http,
+    )
+
+
+@pytest.fixture
+def ctx(store: HandoffStore, http: aiohttp.ClientSession) -> AmpContext:
+    AUDIT.identity(VISITOR, "anonymousId")
+    return amp_context(store, http)
+
+
+async def test_a_link_leads_from_the_client_id_to_the_visitor(ctx: AmpContext) -> None:
+    assert await links.linked_visitor(ctx, CLIENT_ID) is None
+    await links.record_link(ctx, CLIENT_ID, VISITOR)
+    assert await links.linked_visitor(ctx, CLIENT_ID) == VISITOR
+    assert await links.linked_visitor(ctx, CLIENT_ID + "x") is None
+    assert ctx.metrics.value("identity_amp_links_recorded_total") == 1
+
+
+async def test_a_new_link_replaces_the_old(ctx: AmpContext) -> None:
+    await links.record_link(ctx, CLIENT_ID, VISITOR)
+    await links.record_link(ctx, CLIENT_ID, "anon-other-visitor")
+    assert await links.linked_visitor(ctx, CLIENT_ID) == "anon-other-visitor"
+
+
+async def test_a_link_lasts_link_ttl(http: aiohttp.ClientSession) -> None:
+    clock = Clock()
+    ctx = amp_context(MemoryStore(clock=clock), http)
+    await links.record_link(ctx, CLIENT_ID, VISITOR)
+    clock.now += AMP.link_ttl - 1
+    assert await links.linked_visitor(ctx, CLIENT_ID) == VISITOR
+    clock.now += 2
+    assert await links.linked_visitor(ctx, CLIENT_ID) is None
+
+
+async def test_links_do_not_read_under_another_secret(
+    ctx: AmpContext, http: aiohttp.ClientSession
+) -> None:
+    await links.record_link(ctx, CLIENT_ID, VISITOR)
+    rotated = amp_context(ctx.store, http, link_secret=b"r" * 32)
+    assert await links.linked_visitor(rotated, CLIENT_ID) is None
+
+
+async def test_a_record_that_does_not_open_is_no_link(ctx: AmpContext) -> None:
+    key_id = ctx.link_sealer.lookup_id(links.link_token(CLIENT_ID))
+    await ctx.store.keep(key_id, b"\x01" + os.urandom(40), 60)
+    assert await links.linked_visitor(ctx, CLIENT_ID) is None
+    # Another clientId's sealed link, moved under this key, does not open either.
+    other = links.link_token("amp-other")
+    moved = ctx.link_sealer.seal(other, key_id, orjson.dumps({"anonymousId": VISITOR}))
+    await ctx.store.keep(key_id, moved, 60)
+    assert await links.linked_visitor(ctx, CLIENT_ID) is None
+
+
+@pytest.mark.parametrize(
+    "client_id", ["", "x" * 129, "amp-with space", "amp-\u00e9", "amp-\n", "amp-\x00"]
+)
+async def test_invalid_client_ids_are_refused(ctx: AmpContext, client_id: str) -> None:
+    with pytest.raises(ValueError, match="clientId"):
+        await links.record_link(ctx, client_id, VISITOR)
+    with pytest.raises(ValueError, match="clientId"):
+        await links.linked_visitor(ctx, client_id)
+    assert ctx.metrics.value("identity_amp_links_recorded_total") == 0
+
+
+@pytest.mark.parametrize(
+    "client_id",
+    [
+        "amp-" + "A" * 22,
+        "x" * 128,
+        "GA1.2.123456789.1700000000",
+        # a cache's clientId: base64 of a SHA-384
+        "Ez1vN7o+Lp0w/k3yQm9s8dF2uXcB6rT4aH5jK0lM1nO2pQ3rS4tU5vW6xY7zA8bC",
+    ],
+)
+async def test_amp_client_ids_are_accepted(ctx: AmpContext, client_id: str) -> None:
+    assert links.check_client_id(client_id) == client_id
+    await links.record_link(ctx, client_id, VISITOR)
+    assert await links.linked_visitor(ctx, client_id) == VISITOR
+
+
+@pytest.mark.parametrize("anonymous_id", ["", "a" * 256])
+async def test_links_to_invalid_anonymous_ids_are_refused(
+    ctx: AmpContext, anonymous_id: str
+) -> None:
+    with pytest.raises(ValueError, match="anonymousId"):
+        await links.record_link(ctx, CLIENT_ID, anonymous_id)
+
+
+# -- rate limits -----------------------------------------------------------------------------
+
+
+async def test_requests_over_the_address_limit_are_refused(ctx: AmpContext) -> None:
+    for _ in range(AMP.limit_per_ip.requests):
+        await check_limits(ctx, "8.8.8.8", None)
+    with pytest.raises(RateLimited) as refused:
+        await check_limits(ctx, "8.8.8.8", None)
+    assert refused.value.status == 429
+    assert refused.value.headers() == {"Retry-After": "60"}
+    assert ctx.metrics.value("identity_amp_refusals_total", reason="rate_ip") == 1
+    await check_limits(ctx, "8.8.4.4", None)  # another address has its own counter
+
+
+async def test_requests_over_the_client_id_limit_are_refused(ctx: AmpContext) -> None:
+    addresses = ["1.1.1.1", "1.0.0.1", "9.9.9.9"]  # one clientId, several addresses
+    for address in addresses:
+        await check_limits(ctx, address, CLIENT_ID)
+    with pytest.raises(RateLimited) as refused:
+        await check_limits(ctx, "149.112.112.112", CLIENT_ID)
+    assert refused.value.headers() == {"Retry-After": "60"}
+    assert ctx.metrics.value("identity_amp_refusals_total", reason="rate_client") == 1
+    assert ctx.metrics.value("identity_amp_refusals_total", reason="rate_ip") == 0
+    await check_limits(ctx, "149.112.112.112", "amp-another-client")
+
+
+async def test_retry_after_is_the_rest_of_the_window_rounded_up(
+    http: aiohttp.ClientSession,
+) -> None:
+    clock = Clock()
+    ctx = amp_context(MemoryStore(clock=clock), http)
+    for _ in range(AMP.limit_per_ip.requests):
+        await check_limits(ctx, "8.8.8.8", None)
+    clock.now += 10.4
+    with pytest.raises(RateLimited) as refused:
+        await check_limits(ctx, "8.8.8.8", None)
+    assert refused.value.retry_after == math.ceil(60 - 10.4) == 50
+    clock.now += 49.7
+    await check_limits(ctx, "8.8.8.8", None)  # a new window
+
+
+async def test_an_ipv6_host_is_counted_by_its_slash_64(ctx: AmpContext) -> None:
+    for host in range(AMP.limit_per_ip.requests):
+        await check_limits(ctx, f"2001:db8:1:2::{host + 1:x}", None)
+    with pytest.raises(RateLimited):
+        await check_limits(ctx, "2001:db8:1:2:ffff::1", None)
+    await check_limits(ctx, "2001:db8:1:3::1", None)
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "expected"),
+    [
+        ("8.8.8.8", None, "8.8.8.8"),
+        ("8.8.8.8", "1.2.3.4", "8.8.8.8"),  # a public peer is the client: its header is a claim
+        ("127.0.0.1", "6.6.6.6, 8.8.8.8", "8.8.8.8"),  # the proxy's own entry is the last
+        ("10.1.2.3", "8.8.8.8", "8.8.8.8"),
+        ("::1", "2001:4860::8888", "2001:4860::8888"),
+        ("::ffff:192.168.1.1", "::ffff:8.8.8.8", "8.8.8.8"),
+        ("127.0.0.1", "8.8.8.8, not-an-address", "127.0.0.1"),
+        ("127.0.0.1", None, "127.0.0.1"),
+        (None, "8.8.8.8", "8.8.8.8"),  # a Unix socket: the proxy is local
+        (None, None, "unix"),
+    ],
+)
+def test_client_ip(peer: str | None, forwarded: str | None, expected: str) -> None:
+    assert client_ip(peer, forwarded) == expected
+
+
+# -- what Redis holds --------------------------------------------------------------------------
+
+
+async def test_a_dump_of_redis_holds_neither_client_ids_nor_visitors_nor_addresses(
+    redis_server: RedisServer, redis_client: Redis, http: aiohttp.ClientSession
+) -> None:
+    store = redis_store(redis_server.url, prefix="ampdump:")
+    ctx = amp_context(store, http)
+    AUDIT.identity(VISITOR, "anonymousId")
+    address = "203.0.113.77"
+    try:
+        await links.record_link(ctx, CLIENT_ID, VISITOR)
+        await check_limits(ctx, address, CLIENT_ID)
+        contents = await dump(redis_client)
+    finally:
+        await store.close()
+    assert b"ampdump:" in contents and b":link:" in contents and b":rate:" in contents
+    token = links.link_token(CLIENT_ID).raw
+    forbidden = [
+        CLIENT_ID.encode(),
+        VISITOR.encode(),
+        address.encode(),
+        token,
+        token.hex().encode(),
+        hashlib.sha256(CLIENT_ID.encode()).hexdigest().encode(),
+    ]
+    for value in forbidden:
+        assert value not in contents
