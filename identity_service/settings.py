@@ -5,7 +5,6 @@ misconfigured deployment fails at start with the whole list instead of one error
 restart. Environment variables win over the file.
 """
 
-import ipaddress
 import json
 import secrets
 import tomllib
@@ -26,6 +25,7 @@ from identity_service.sources import (
     hash_write_key,
     parse_origin,
 )
+from identity_service.urls import is_loopback_host
 
 T = TypeVar("T")
 
@@ -165,7 +165,7 @@ class Settings:
 
     def check_bind(self, host: str) -> None:
         """Refuse a non-loopback address unless sources and a server secret are configured."""
-        if is_loopback(host):
+        if is_loopback_host(host):
             return
         problems = []
         if self.uses_dev_source:
@@ -174,15 +174,6 @@ class Settings:
             problems.append(f"binding {host} needs a server secret ({c.ENV_PREFIX}SECRET)")
         if problems:
             raise ConfigError(problems)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -> Settings:
@@ -373,7 +364,7 @@ class _Reader:
             self.problems.append(
                 f"{names['url']} must be an http(s) URL of a Segment-compatible API"
             )
-        elif parts.scheme == "http" and allow_insecure is False and not is_loopback(host):
+        elif parts.scheme == "http" and allow_insecure is False and not is_loopback_host(host):
             self.problems.append(
                 f"{names['url']} would send the write key in clear text to {host}: "
                 f"use https, or set {names['allow_insecure']} to true"

@@ -11,6 +11,7 @@ will request.
 """
 
 import functools
+import ipaddress
 import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote_plus, urlsplit
@@ -48,6 +49,16 @@ class WebUrl:
         if self.port is None:
             return f"{self.scheme}://{self.host}"
         return f"{self.scheme}://{self.host}:{self.port}"
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` is ``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def is_localhost(host: str) -> bool:

@@ -28,6 +28,7 @@ from identity_service.stores.redis import RedisStore, connect
 from tests.collector import WRITE_KEY as COLLECTOR_WRITE_KEY
 from tests.redis_server import RedisServer
 from tests.secrets_audit import AUDIT, audited
+from tests.webhook_receiver import WEBHOOK_SECRET, WebhookReceiver
 
 pytest_plugins = ["pytester"]
 
@@ -188,13 +189,12 @@ async def exchange(
 
 
 @pytest.fixture
-def json_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.BytesIO]:
-    """The service's log lines, as the deployed service writes them (JSON), in a buffer."""
+def log_buffer(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.BytesIO]:
+    """A buffer for the service's log lines; the logging set-up is restored afterwards."""
     for name in ("_output", "_request_output", "_configured"):
         monkeypatch.setattr(log_config, name, getattr(log_config, name))
     saved = structlog.get_config()
     buffer = io.BytesIO()
-    configure_logging("info", buffer)
     try:
         yield buffer
     finally:
@@ -202,7 +202,24 @@ def json_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.BytesIO]:
         structlog.configure(**saved)
 
 
+@pytest.fixture
+def json_log(log_buffer: io.BytesIO) -> io.BytesIO:
+    """The service's log lines, as the deployed service writes them (JSON), in a buffer."""
+    configure_logging("info", log_buffer)
+    return log_buffer
+
+
 def log_lines(buffer: io.BytesIO) -> list[dict[str, Any]]:
     """The JSON lines logged into ``buffer`` so far."""
     log_config.flush()
     return [orjson.loads(line) for line in buffer.getvalue().splitlines()]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[WebhookReceiver]:
+    """A webhook receiver that checks every call's signature (AMP actions' webhooks)."""
+    server = WebhookReceiver(WEBHOOK_SECRET.encode())
+    await server.start()
+    yield server
+    await server.stop()
+    assert server.bad_signatures == 0

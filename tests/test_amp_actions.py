@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -26,13 +26,12 @@ from identity_service.problems import PayloadTooLarge
 from identity_service.settings import Settings
 from tests.conftest import AppClient, FrontTestServer
 from tests.secrets_audit import AUDIT
-from tests.webhook_receiver import WebhookReceiver, verify
+from tests.webhook_receiver import WEBHOOK_SECRET, WebhookReceiver, verify
 
 PUBLISHER = "https://www.example.com"
 CACHE = "https://www-example-com.cdn.ampproject.org"
 PUBLIC_URL = f"{PUBLISHER}/identity"
 DONE_URL = f"{PUBLISHER}/cart?added=1"
-WEBHOOK_SECRET = "add-to-cart-webhook-secret-7c1d9e"
 VISITOR = "visitor-5b2e77"
 CACHE_CLIENT_ID = "amp-cacheClientIdAbCdEfGhIjKl"
 FIELDS = {"sku": "shoe-42-blue", "quantity": "two-pairs"}
@@ -58,15 +57,6 @@ def amp_config(webhook: str, **extra: Any) -> str:
             **extra,
         }
     )
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[WebhookReceiver]:
-    server = WebhookReceiver(WEBHOOK_SECRET.encode())
-    await server.start()
-    yield server
-    await server.stop()
-    assert server.bad_signatures == 0
 
 
 @pytest.fixture

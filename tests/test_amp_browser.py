@@ -22,7 +22,7 @@ import os
 import shutil
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,9 @@ from cryptography.x509.oid import NameOID
 from identity_service.amp.routes import AMP
 from identity_service.app import create_app
 from tests.conftest import AppClient, FrontTestServer, make_settings
-from tests.webhook_receiver import WebhookReceiver
+from tests.webhook_receiver import WEBHOOK_SECRET, WebhookReceiver
 
 CACHE_HOST = "pub-localhost.cdn.ampproject.org"
-WEBHOOK_SECRET = "browser-webhook-secret-0a9f3e7d-5c81b2"
 FIELD_VALUES = {"sku": "sku-browser-7e41c2", "note": "note-browser-9b05aa"}
 TIMEOUT_MS = 15_000
 CHROMIUM_ARGS = [
@@ -131,15 +130,6 @@ def tls_context(directory: Path) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert_file, key_file)
     return context
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[WebhookReceiver]:
-    server = WebhookReceiver(WEBHOOK_SECRET.encode())
-    await server.start()
-    yield server
-    await server.stop()
-    assert server.bad_signatures == 0
 
 
 async def serve_cache_page(page: str, context: ssl.SSLContext) -> tuple[web.AppRunner, int]:

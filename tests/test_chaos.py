@@ -22,6 +22,7 @@ import asyncio
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -136,6 +137,36 @@ async def dead_letters(redis: RedisServer) -> int:
     return status.dead
 
 
+@dataclass
+class Aftermath:
+    """What a scenario left: the parked handoffs' exchanges, the events, the dead letters."""
+
+    parked: list[int | None]
+    events: EventCheck
+    dead: int
+
+
+async def recover(
+    load: Load, site: CollectorSite, redis: RedisServer, figures: Figures
+) -> Aftermath:
+    """Load for a while after the chaos, then exchange the parked handoffs and drain."""
+    await asyncio.sleep(LOAD_AFTER_SECONDS)
+    await load.stop()
+    parked = await load.exchange_parked()
+    await load.settle()
+    events = await drain(load, site, figures)
+    return Aftermath(parked, events, await dead_letters(redis))
+
+
+def report(figures: Figures, load: Load, after: Aftermath, started: float) -> None:
+    figures.durations["total"] = time.monotonic() - started
+    figures.notes["parked handoffs"] = (
+        f"{after.parked.count(200)} of {len(after.parked)} exchanged after"
+    )
+    figures.notes["dead letters"] = after.dead
+    figures.show(load, after.events)
+
+
 async def test_a_redis_killed_for_ten_seconds_under_load(
     tmp_path: Path, aof_redis: KillableRedis, site: CollectorSite
 ) -> None:
@@ -153,19 +184,12 @@ async def test_a_redis_killed_for_ten_seconds_under_load(
         await asyncio.sleep(REDIS_DOWN_SECONDS)
         await asyncio.to_thread(aof_redis.start)
         figures.durations["Redis down"] = time.monotonic() - killed
-        await asyncio.sleep(LOAD_AFTER_SECONDS)
-        await load.stop()
-        parked = await load.exchange_parked()
-        await load.settle()
-        events = await drain(load, site, figures)
-        dead = await dead_letters(aof_redis)
+        after = await recover(load, site, aof_redis, figures)
     finally:
         await load.close()
         codes = services.stop_all()
-    figures.durations["total"] = time.monotonic() - started
-    figures.notes["parked handoffs"] = f"{parked.count(200)} of {len(parked)} exchanged after"
-    figures.notes["dead letters"] = dead
-    figures.show(load, events)
+    report(figures, load, after, started)
+    events, parked, dead = after.events, after.parked, after.dead
 
     assert_invariants(load, events, {200, 201, 404, 503}, connection_errors=False)
     assert parked == [200] * PARKED_HANDOFFS  # prepared before the kill, kept by the AOF
@@ -306,19 +330,12 @@ async def test_d_service_killed_mid_load_and_restarted(
         await asyncio.sleep(SERVICE_DOWN_SECONDS)
         load.url = (await asyncio.to_thread(services.start, "restarted")).url
         figures.durations["no service"] = time.monotonic() - killed
-        await asyncio.sleep(LOAD_AFTER_SECONDS)
-        await load.stop()
-        parked = await load.exchange_parked()
-        await load.settle()
-        events = await drain(load, site, figures)
-        dead = await dead_letters(private_redis)
+        after = await recover(load, site, private_redis, figures)
     finally:
         await load.close()
         codes = services.stop_all()
-    figures.durations["total"] = time.monotonic() - started
-    figures.notes["parked handoffs"] = f"{parked.count(200)} of {len(parked)} exchanged after"
-    figures.notes["dead letters"] = dead
-    figures.show(load, events)
+    report(figures, load, after, started)
+    events, parked, dead = after.events, after.parked, after.dead
 
     assert_invariants(load, events, {200, 201, 404}, connection_errors=True)
     assert [r for r in load.requests if r.status is None and r.answered < killed] == []

@@ -2,7 +2,6 @@
 
 import contextvars
 import io
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -19,15 +18,8 @@ from identity_service.log_config import (
 
 
 @pytest.fixture
-def output(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.BytesIO]:
-    for name in ("_output", "_request_output", "_configured"):
-        monkeypatch.setattr(log_config, name, getattr(log_config, name))
-    saved = structlog.get_config()
-    buffer = io.BytesIO()
-    try:
-        yield buffer
-    finally:
-        structlog.configure(**saved)
+def output(log_buffer: io.BytesIO) -> io.BytesIO:
+    return log_buffer
 
 
 def lines(buffer: io.BytesIO) -> list[dict[str, Any]]:

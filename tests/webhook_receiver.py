@@ -22,6 +22,9 @@ HANG_SECONDS = 30.0
 
 Reply = int | str  # a status, or "hang"
 
+# The secret the tests configure for their actions, and the receiver checks with.
+WEBHOOK_SECRET = "add-to-cart-webhook-secret-7c1d9e"
+
 
 def verify(secret: bytes, header: str | None, body: bytes, now: float) -> bool:
     """Whether ``header`` signs ``body`` with ``secret``, recently: what a receiver checks."""

@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-import orjson
 from aiohttp import web
 
 from identity_service import events as ev
@@ -60,13 +59,13 @@ from identity_service.constants import MAX_EVENT_BYTES
 from identity_service.middleware import SECURITY_HEADERS
 from identity_service.problems import (
     AmpOriginNotAllowed,
-    MalformedJson,
     OversizedEvent,
     PayloadTooLarge,
     Problem,
     UnsupportedMediaType,
     ValidationFailed,
 )
+from identity_service.validation import parse_json_object
 
 # Parameters that are not event properties.
 CLIENT_ID = "ampId"
@@ -230,7 +229,7 @@ def _parameters(hit: Hit, max_bytes: int, max_fields: int) -> dict[str, Any]:
         if media_type == _FORM:
             params.update(_form(hit.body.decode("utf-8", "replace"), max_fields))
         elif media_type in _JSON_TYPES or not media_type:
-            params.update(_json_object(hit.body))
+            params.update(parse_json_object(hit.body))
         else:
             raise UnsupportedMediaType(
                 f"send a hit as {_FORM} or JSON (text/plain or application/json)"
@@ -245,16 +244,6 @@ def _form(text: str, max_fields: int) -> list[tuple[str, str]]:
         return parse_qsl(text, keep_blank_values=True, max_num_fields=max_fields)
     except ValueError as exc:
         raise PayloadTooLarge(f"a hit may carry at most {max_fields} parameters") from exc
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedJson("the hit's body is neither a form nor a JSON object") from exc
-    if not isinstance(value, dict):
-        raise MalformedJson("the hit's JSON body must be an object")
-    return value
 
 
 def _text(params: Mapping[str, Any], name: str) -> str | None:

@@ -14,7 +14,6 @@ a webhook may use http only to ``localhost`` or a loopback address; numbers have
 300 s); ``caches = []`` allows the publisher origins alone.
 """
 
-import ipaddress
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,7 +24,14 @@ from yarl import URL
 
 from identity_service import constants as c
 from identity_service.amp.caches import DEFAULT_CACHES, cache_origins
-from identity_service.urls import UrlError, WebUrl, is_localhost, parse_origin, read_url
+from identity_service.urls import (
+    UrlError,
+    WebUrl,
+    is_localhost,
+    is_loopback_host,
+    parse_origin,
+    read_url,
+)
 
 SameSite = Literal["None", "Lax", "Strict"]
 
@@ -138,16 +144,6 @@ def allowed_origins(publisher_origins: Iterable[str], caches: Iterable[str]) -> 
         except ValueError:
             continue  # http or a port: no cache serves it
     return frozenset(allowed)
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether ``host`` is ``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _AmpReader:

@@ -14,9 +14,8 @@ from collections.abc import Iterable
 from email.message import EmailMessage, MIMEPart
 from urllib.parse import parse_qsl
 
-import orjson
-
-from identity_service.problems import PayloadTooLarge, Problem
+from identity_service.problems import MalformedJson, PayloadTooLarge, Problem
+from identity_service.validation import parse_json_object
 
 MAX_NAME_LENGTH = 128
 MAX_VALUE_LENGTH = 4096
@@ -99,11 +98,9 @@ def _urlencoded(body: bytes, max_fields: int) -> list[tuple[str, str]]:
 
 def _json(body: bytes) -> list[tuple[str, str]]:
     try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedForm("the form is not valid JSON") from exc
-    if not isinstance(document, dict):
-        raise MalformedForm("a JSON form must be an object")
+        document = parse_json_object(body)
+    except MalformedJson as exc:
+        raise MalformedForm(f"a JSON form must be an object: {exc.detail}") from exc
     pairs: list[tuple[str, str]] = []
     for name, value in document.items():
         if not isinstance(value, str):
