@@ -111,6 +111,7 @@ class Request:
         "collect",
         "encoding",
         "endpoint",
+        "expect_continue",
         "fields",
         "head_size",
         "http10",
@@ -120,6 +121,7 @@ class Request:
         "problem",
         "raw_headers",
         "target",
+        "url",
     )
 
     def __init__(self) -> None:
@@ -136,6 +138,8 @@ class Request:
         self.keep_alive = True
         self.http10 = False
         self.encoding = b""
+        self.expect_continue = False  # a 100 Continue is owed before the body
+        self.url: URL | None = None  # for the application: the target as aiohttp reads it
         # Set when the request is answered with this problem instead of being served.
         self.problem: Problem | None = None
 
@@ -171,6 +175,8 @@ class FrontServer(web.Server):
         self.body_timeout = self.settings.body_timeout
         # Unanswered request bytes a connection may hold before it is no longer read.
         self.read_limit = MAX_HEAD_BYTES + self.max_body_bytes
+        # Raw bytes a body may take on the wire: chunk framing and trailers on top of it.
+        self.framed_body_limit = 2 * (self.max_body_bytes + MAX_HEAD_BYTES)
         self.front_connections: set[FrontProtocol] = set()
         self._sweep_every = min(1.0, self.head_timeout / 4, self.body_timeout / 4)
         self._sweeper: asyncio.TimerHandle | None = None
@@ -190,22 +196,23 @@ class FrontServer(web.Server):
 
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's signature)
         """Let the requests in flight finish, within ``timeout``, then close what is left."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
         deadline = self._loop.time() + (timeout if timeout is not None else 60.0)
-        # Polled: it runs once, at shutdown, over connections that each finish on their own.
+        # Polled: it runs once, at shutdown, over connections that each finish on their own
+        # (the sweep still times out slow bodies meanwhile).
         while any(c.busy for c in self.front_connections) and self._loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for connection in list(self.front_connections):
             connection.abort()
         await super().shutdown(max(0.0, deadline - self._loop.time()))
 
     def _sweep(self) -> None:
-        """Time out slow heads and bodies and idle connections (one timer for them all)."""
+        """Time out slow heads and bodies, stalled readers and idle connections (one timer)."""
         now = self._loop.time()
         for connection in list(self.front_connections):
-            if connection.deadline < now:
-                connection.timed_out()
+            if connection.deadline < now or connection.stalled_until < now:
+                connection.timed_out(now)
         self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
 
 
@@ -259,16 +266,23 @@ class FrontProtocol(asyncio.Protocol):
         self._bridge: AppBridge | None = None
         self._in_message = False
         self._in_head = False
-        self._head_began_in_this_read = False
-        self._head_bytes_in_later_reads = 0
+        # Bytes of the head (or of the body) in progress: the read it began in is not
+        # counted, the later ones are, a bound of what llhttp may be holding unparsed.
+        self._part_began_in_this_read = False
+        self._bytes_in_later_reads = 0
         self._body_size = 0
+        self._trailer_bytes = 0
+        self._queued_bytes = 0
         self._refused = False  # nothing more is read from this connection
-        self._lingering = False  # answered a refusal; waits for the client to close
+        self._lingering = False  # the last answer is sent; waits for the client to close
+        self._closed = False  # closed, perhaps with answers the client has not read yet
         self._closing = False
         self._read_paused = False
         self._write_blocked = False
         self.idle = True  # no request of this connection is being answered
         self.deadline = self._loop.time() + server.head_timeout
+        # Set while the client does not read its answers: then it must, within the idle time.
+        self.stalled_until = _NEVER
 
     # asyncio's side
 
@@ -295,7 +309,7 @@ class FrontProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        self._head_began_in_this_read = False
+        self._part_began_in_this_read = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -314,25 +328,37 @@ class FrontProtocol(asyncio.Protocol):
             # llhttp's reasons are fixed texts ("Invalid header value char"): no request bytes.
             self._refuse(MalformedRequest(f"the request is not valid HTTP/1.1: {exc}"))
         else:
-            if self._in_head and not self._head_began_in_this_read:
-                # Only this read's bytes are surely head bytes: a bound, not a measure.
-                self._head_bytes_in_later_reads += len(data)
-                if self._head_bytes_in_later_reads > MAX_HEAD_BYTES:
-                    self._refuse(HeadTooLarge(f"the head must be at most {MAX_HEAD_BYTES} bytes"))
-        if len(self._queue) >= MAX_QUEUED_REQUESTS:
+            if self._in_message and not self._part_began_in_this_read:
+                self._bound_unparsed(len(data))
+        if self._queue_full():
             # A client sending far ahead of the answers waits until they are written.
             self._pause_reading()
         self._next()
 
+    def _bound_unparsed(self, size: int) -> None:
+        """Refuse a head or body whose bytes outgrow its limit before llhttp has framed it."""
+        self._bytes_in_later_reads += size
+        if self._in_head and self._bytes_in_later_reads > MAX_HEAD_BYTES:
+            self._refuse(HeadTooLarge(f"the head must be at most {MAX_HEAD_BYTES} bytes"))
+        elif not self._in_head and self._bytes_in_later_reads > self._server.framed_body_limit:
+            self._refuse(PayloadTooLarge("the body's chunks and trailers are far over the limit"))
+
+    def _queue_full(self) -> bool:
+        return (
+            len(self._queue) >= MAX_QUEUED_REQUESTS or self._queued_bytes > self._server.read_limit
+        )
+
     def pause_writing(self) -> None:
         # A client that does not read its answers gets no more of them, and is not read.
         self._write_blocked = True
+        self.stalled_until = self._loop.time() + IDLE_TIMEOUT_SECONDS
         self._pause_reading()
         if self._bridge is not None:
             self._bridge.pause_writing()
 
     def resume_writing(self) -> None:
         self._write_blocked = False
+        self.stalled_until = _NEVER
         if self._bridge is not None:
             self._bridge.resume_writing()
         self._next()
@@ -341,9 +367,9 @@ class FrontProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._request = Request()
-        self._in_message = self._in_head = self._head_began_in_this_read = True
-        self._head_bytes_in_later_reads = 0
-        self._body_size = 0
+        self._in_message = self._in_head = self._part_began_in_this_read = True
+        self._bytes_in_later_reads = 0
+        self._body_size = self._trailer_bytes = 0
         self.deadline = self._loop.time() + self._server.head_timeout
 
     def on_url(self, url: bytes) -> None:
@@ -352,6 +378,12 @@ class FrontProtocol(asyncio.Protocol):
         request.head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            # A chunked body's trailer: never a header of the request, and bounded as one.
+            self._trailer_bytes += len(name) + len(value) + 4
+            if self._trailer_bytes > MAX_HEAD_BYTES:
+                raise HeadTooLarge(f"the trailer must be at most {MAX_HEAD_BYTES} bytes")
+            return
         request = self._request
         request.raw_headers.append((name, value))
         # The field as sent, give or take optional white space around the value.
@@ -361,6 +393,8 @@ class FrontProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._part_began_in_this_read = True  # the body's bytes are counted from here
+        self._bytes_in_later_reads = 0
         request = self._request
         parser = self._parser
         # The request line: "METHOD SP target SP HTTP/1.1 CRLF"; the blank line that ends it.
@@ -396,11 +430,14 @@ class FrontProtocol(asyncio.Protocol):
             request.endpoint = _ENDPOINTS.get(path)
         if path == _COLLECT_PATH and self._server.collect is not None:
             request.collect = request.method in _COLLECT_METHODS
+        if request.endpoint is None and not request.collect:
+            request.url = _target_url(request.target)
         if expect is not None:
             if expect != b"100-continue":
                 raise ExpectationFailed("the only expectation served is 100-continue")
-            if self._transport is not None and self.idle and not self._queue:
-                self._transport.write(_CONTINUE)
+            # HTTP/1.0 clients do not wait for it (RFC 9110, 10.1.1).
+            request.expect_continue = not request.http10
+            self._send_continue()
         self.deadline = self._loop.time() + self._server.body_timeout
 
     def on_body(self, body: bytes) -> None:
@@ -414,39 +451,49 @@ class FrontProtocol(asyncio.Protocol):
         request = self._request
         chunks = request.chunks
         request.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        if request.encoding and request.encoding != b"identity":
-            try:
-                request.body = decoded(request.body, request.encoding, self._server.max_body_bytes)
-            except Problem as problem:
-                request.problem = problem
+        request.expect_continue = False
+        self._queued_bytes += len(request.body)
         self._queue.append(request)
         self.deadline = _NEVER
+
+    def _send_continue(self) -> None:
+        """Send the 100 Continue the request in progress is owed, once nothing is before it."""
+        request = self._request
+        ready = self.idle and not self._queue and not request.chunks
+        if request.expect_continue and ready and self._transport is not None:
+            request.expect_continue = False
+            self._transport.write(_CONTINUE)
 
     # Answering
 
     @property
     def busy(self) -> bool:
-        """A request is being answered, waits to be, or has started to arrive."""
-        return not self.idle or bool(self._queue) or self._in_message
+        """A request is being answered, waits to be, or its body has started to arrive.
+
+        A head still arriving does not count: at shutdown it is not waited for.
+        """
+        return not self.idle or bool(self._queue) or (self._in_message and not self._in_head)
 
     def close_when_idle(self) -> None:
         self._closing = True
         if not self.busy:
-            self.abort()
+            self._end()
 
     def abort(self) -> None:
+        """Drop the connection now, with whatever it has not sent."""
         if self._transport is not None:
-            self._transport.close()
+            self._transport.abort()
 
-    def timed_out(self) -> None:
-        if self._lingering:
+    def timed_out(self, now: float) -> None:
+        if self._lingering or self._closed or self.stalled_until < now:
+            # Done with, or a client that does not read what it asked for.
             self.abort()
         elif self._in_message and not self._refused:
             what = "head" if self._in_head else "body"
             limit = self._server.head_timeout if self._in_head else self._server.body_timeout
             self._refuse(RequestTimeout(f"the request's {what} must arrive within {limit:g} s"))
         elif self.idle and not self._queue:
-            self.abort()
+            self._end()
 
     def _refuse(self, problem: Problem) -> None:
         """Answer ``problem`` after the requests before it, then close; read no more."""
@@ -463,15 +510,19 @@ class FrontProtocol(asyncio.Protocol):
             if isinstance(item, Refusal):
                 contextvars.Context().run(self._answer_refusal, item.problem)
                 return
+            self._queued_bytes -= len(item.body)
             self.idle = False
             # A task per request, in an empty context: nothing bound for one request's logs
             # can leak into another's.
             direct = item.endpoint is not None or item.collect
             answer = self._answer if direct else self._answer_with_app
             self._loop.create_task(answer(item), context=contextvars.Context())
-        if not self._queue and self.idle and not self._in_message:
-            self.deadline = self._loop.time() + IDLE_TIMEOUT_SECONDS
-        if not self._refused and not self._write_blocked and len(self._queue) < MAX_QUEUED_REQUESTS:
+        if not self._queue and self.idle:
+            if self._in_message:
+                self._send_continue()
+            else:
+                self.deadline = self._loop.time() + IDLE_TIMEOUT_SECONDS
+        if not self._refused and not self._write_blocked and not self._queue_full():
             self._resume_reading()
 
     def _answer_refusal(self, problem: Problem) -> None:
@@ -482,27 +533,38 @@ class FrontProtocol(asyncio.Protocol):
         if transport is None:
             return
         transport.write(problem_answer(problem, request_id, keep_alive=False))
-        # Closing with unread bytes would make the kernel reset the connection, and the
-        # client could lose the answer: end the writing side, then read and drop what the
-        # client still sends, for a little while (a "lingering close").
+        self._end()
+
+    def _end(self) -> None:
+        """Close after the last answer.
+
+        Closing with unread bytes would make the kernel reset the connection, and the client
+        could lose the answer: the writing side ends, then what the client still sends is
+        read and dropped for a little while (a "lingering close"); a client that does not
+        read the answers is dropped by the sweep.
+        """
+        transport = self._transport
+        if transport is None or self._closed or self._lingering:
+            return
+        self._refused = True
+        self.deadline = self._loop.time() + LINGER_SECONDS
         if transport.can_write_eof():
             transport.write_eof()
             self._lingering = True
-            self.deadline = self._loop.time() + LINGER_SECONDS
             self._read_paused = True
             self._resume_reading()
         else:
+            self._closed = True
             transport.close()
 
     async def _answer(self, request: Request) -> None:
         started = time.perf_counter()
         request_id = start_request(request.text(b"x-request-id"))
         server = self._server
-        problem = request.problem
+        problem: Problem | None = None
         content_type: str | None
         try:
-            if problem is not None:
-                raise problem
+            _decode_body(request, server.max_body_bytes)
             if request.collect:
                 status, content_type, payload, extra = await self._collect(request)
             else:
@@ -512,6 +574,8 @@ class FrontProtocol(asyncio.Protocol):
             status, content_type = problem.status, PROBLEM_CONTENT_TYPE
             payload = orjson.dumps(problem.body(instance=request.path))
             extra = problem.headers()
+            if request.collect:
+                extra["Vary"] = "Origin"  # as every answer of collect's
         keep_alive = request.keep_alive and not self._closing
         if not keep_alive:
             extra["Connection"] = "close"
@@ -553,12 +617,11 @@ class FrontProtocol(asyncio.Protocol):
                 self._bridge.pause_writing()
         server = self._server
         writer = StreamWriter(self._bridge, self._loop)
+        message = _raw_message(request, closing=self._closing)
         try:
-            message = _raw_message(request, closing=self._closing)
-        except ValueError:
-            self.idle = True
-            self._refuse(MalformedRequest("the request target is not a path or an absolute URL"))
-            return
+            _decode_body(request, server.max_body_bytes)
+        except Problem as problem:
+            request.problem = problem
         payload: StreamReader = EMPTY_PAYLOAD
         if request.body:
             payload = StreamReader(self._bridge, 2 * server.read_limit, loop=self._loop)
@@ -594,6 +657,8 @@ class FrontProtocol(asyncio.Protocol):
         except web.HTTPException as exc:
             return exc
         except Exception as exc:
+            if web_request.writer.output_size:
+                raise  # the handler had started its answer: the connection cannot go on
             # The middleware renders every problem the application raises; what gets here
             # is a body the front could not decode, or the unforeseen.
             problem = problem_for(exc, server.metrics, server.settings)
@@ -608,7 +673,7 @@ class FrontProtocol(asyncio.Protocol):
         if answer is not None:
             transport.write(answer)  # may call pause_writing
         if not keep_alive or (self._closing and not self._queue):
-            transport.close()
+            self._end()
             return
         self._next()
 
@@ -628,9 +693,9 @@ def _collect_endpoint(app: web.Application) -> Collect | None:
     if app[app_keys.SETTINGS].amp is None:
         return None
     # Imported here, as app.py does, so a service without [amp] does not load it.
-    from identity_service.amp import collect, routes
+    from identity_service.amp import collect, context
 
-    return functools.partial(collect.collect_raw, app[routes.AMP])
+    return functools.partial(collect.collect_raw, app[context.AMP])
 
 
 def decoded(body: bytes, coding: bytes, limit: int) -> bytes:
@@ -651,19 +716,35 @@ def decoded(body: bytes, coding: bytes, limit: int) -> bytes:
     return plain
 
 
+def _decode_body(request: Request, limit: int) -> None:
+    """Decode the request's body from its content coding, when it has one; or raise."""
+    if request.problem is not None:
+        raise request.problem
+    if request.encoding and request.encoding != b"identity":
+        request.body = decoded(request.body, request.encoding, limit)
+        request.encoding = b""
+
+
+def _target_url(target: bytes) -> URL:
+    """The request target as aiohttp's parser reads it: a path, or an absolute URL's path."""
+    text = target.decode("utf-8", "surrogateescape")
+    try:
+        if text.startswith("/"):
+            path, _, query = text.partition("?")
+            return URL.build(path=path, query_string=query, encoded=True)
+        absolute = URL(text, encoded=True)
+        if absolute.absolute and absolute.raw_host:
+            return URL.build(
+                path=absolute.raw_path, query_string=absolute.raw_query_string, encoded=True
+            )
+    except ValueError:
+        pass
+    raise MalformedRequest("the request target must be a path or an absolute URL")
+
+
 def _raw_message(request: Request, closing: bool) -> RawRequestMessage:
     """The request as aiohttp's own parser would have given it to the application."""
-    target = request.target.decode("utf-8", "surrogateescape")
-    if target.startswith("/"):
-        path, _, query = target.partition("?")
-        url = URL.build(path=path, query_string=query, encoded=True)
-    else:
-        absolute = URL(target, encoded=True)
-        if not absolute.absolute or not absolute.raw_host:
-            raise ValueError(target)
-        url = URL.build(
-            path=absolute.raw_path, query_string=absolute.raw_query_string, encoded=True
-        )
+    url = cast(URL, request.url)
     headers = CIMultiDict(
         (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         for name, value in request.raw_headers

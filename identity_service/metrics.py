@@ -25,6 +25,9 @@ _HELP = {
     ),
     "identity_amp_hops_total": "AMP origin hops for actions, by action and stage.",
     "identity_amp_links_recorded_total": "AMP cache clientIds linked to a visitor.",
+    "identity_amp_link_failures_total": (
+        "AMP links not recorded because the store failed (the request stood)."
+    ),
     "identity_amp_link_attributions_total": "AMP hits attributed to a visitor through a link.",
     "identity_amp_refusals_total": "AMP requests refused, by reason.",
 }

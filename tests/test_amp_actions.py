@@ -9,6 +9,8 @@ publisher's origin. Then the refusals (origin, name, form, rate) and webhook fai
 import hashlib
 import hmac
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,7 +22,7 @@ from aiohttp import DummyCookieJar, FormData
 
 from identity_service.amp import forms, webhooks
 from identity_service.amp.config import AmpSettings
-from identity_service.amp.routes import AMP
+from identity_service.amp.context import AMP
 from identity_service.app import create_app
 from identity_service.problems import PayloadTooLarge
 from identity_service.settings import Settings
@@ -121,6 +123,15 @@ async def hop(client: AppClient, **headers: str) -> str:
     return f"{target.path.removeprefix('/identity')}?{target.query}"
 
 
+async def minted_hop(client: AppClient, body: dict[str, str]) -> str:
+    """Submit ``body`` from the cache Origin without a cookie, as curl can (any Origin, no
+    browser); the complete URL's path and query."""
+    response = await client.post(SUBMIT, data=body, headers=FROM_CACHE)
+    assert response.status == 200, await response.text()
+    target = urlsplit(response.headers["AMP-Redirect-To"])
+    return f"{target.path.removeprefix('/identity')}?{target.query}"
+
+
 # -- the three request shapes -----------------------------------------------------------------
 
 
@@ -168,7 +179,9 @@ async def test_cache_with_third_party_cookie_applies_and_links_the_client_id(
     assert response.headers["Access-Control-Allow-Origin"] == CACHE
     assert response.headers["Access-Control-Allow-Credentials"] == "true"
     assert set_cookie_value(response) == VISITOR
-    [applied] = receiver.applied.values()
+    # Exactly once: the receiver's every call, not its applications (deduplicated by id).
+    [applied] = receiver.calls
+    assert receiver.applications == 1
     assert (applied["anonymousId"], applied["clientId"]) == (VISITOR, CACHE_CLIENT_ID)
     assert applied["fields"] == FIELDS  # the clientId field is not a field of the action
     assert applied["context"] == "cache_with_cookie"
@@ -429,6 +442,186 @@ async def test_a_token_for_another_action_applies_nothing(
     assert receiver.calls == []  # the token was used up at the wrong URL
 
 
+# -- the complete URL acts on top-level navigations only -----------------------------------
+
+VICTIM = "victim-0d9f4c"
+ATTACKER_CLIENT_ID = "attacker-cid"
+AS_IMAGE = {"Sec-Fetch-Dest": "image", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Site": "cross-site"}
+NAVIGATION = {"Sec-Fetch-Dest": "document", "Sec-Fetch-Mode": "navigate"}
+
+
+async def test_a_self_minted_token_loaded_as_an_image_applies_nothing_and_leaks_nothing(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    client = await amp_client()
+    # The attacker, from curl: a forged cache Origin, no cookie, its own clientId.
+    complete = await minted_hop(client, {**FIELDS, "clientId": ATTACKER_CLIENT_ID})
+    # The attacker's page makes the victim's browser load it as <img>, with the victim's
+    # SameSite=None cookie.
+    victim_cookie = {"Cookie": f"ajs_anonymous_id={VICTIM}"}
+    image = await client.get(complete, headers={**victim_cookie, **AS_IMAGE}, allow_redirects=False)
+    assert (image.status, image.headers["Location"]) == (303, DONE_URL)
+    assert "Set-Cookie" not in image.headers
+    assert receiver.calls == []
+    assert metric(client, "identity_amp_links_recorded_total") == 0
+    assert metric(client, "identity_amp_refusals_total", reason="not_navigation") == 1
+    # The attacker asks collect, from the cache Origin, who its clientId is.
+    answer = await client.get(
+        "/v1/amp/collect", params={"ampId": ATTACKER_CLIENT_ID}, headers=FROM_CACHE
+    )
+    assert answer.status == 204
+    assert "Set-Cookie" not in answer.headers
+
+
+async def test_a_linked_id_is_never_sent_back_in_set_cookie(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    client = await amp_client()
+    # A navigation the attacker causes (a link the victim follows) still applies its fields
+    # and links its clientId (docs/security.md); collect must not give the victim's id back.
+    complete = await minted_hop(client, {**FIELDS, "clientId": ATTACKER_CLIENT_ID})
+    landing = await client.get(
+        complete,
+        headers={"Cookie": f"ajs_anonymous_id={VICTIM}", **NAVIGATION},
+        allow_redirects=False,
+    )
+    assert landing.status == 303 and receiver.applications == 1
+    assert metric(client, "identity_amp_links_recorded_total") == 1
+    for method in ("GET", "POST"):
+        answer = await client.request(
+            method, "/v1/amp/collect", params={"ampId": ATTACKER_CLIENT_ID}, headers=FROM_CACHE
+        )
+        assert answer.status == 204
+        assert "Set-Cookie" not in answer.headers
+        assert VICTIM not in str(answer.headers)
+    assert metric(client, "identity_amp_link_attributions_total") == 2
+
+
+@pytest.mark.parametrize(
+    ("headers", "applied"),
+    [
+        ({}, True),  # a browser without Fetch Metadata
+        (NAVIGATION, True),
+        ({**NAVIGATION, "Sec-Fetch-Site": "cross-site", "Sec-Fetch-User": "?1"}, True),
+        (AS_IMAGE, False),
+        ({"Sec-Fetch-Dest": "iframe", "Sec-Fetch-Mode": "navigate"}, False),
+        ({"Sec-Fetch-Dest": "empty", "Sec-Fetch-Mode": "cors"}, False),  # fetch()
+        ({"Sec-Fetch-Dest": "script", "Sec-Fetch-Mode": "no-cors"}, False),
+        ({"Sec-Fetch-Dest": "document", "Sec-Fetch-Mode": "no-cors"}, False),
+        ({"Sec-Fetch-Mode": "navigate"}, False),  # not what a browser sends
+        ({"Sec-Fetch-Dest": "document"}, False),
+    ],
+)
+async def test_complete_applies_on_a_top_level_navigation_only(
+    amp_client: AmpClient, receiver: WebhookReceiver, headers: dict[str, str], applied: bool
+) -> None:
+    client = await amp_client()
+    complete = await hop(client)
+    landing = await client.get(complete, headers={**WITH_COOKIE, **headers}, allow_redirects=False)
+    assert (landing.status, landing.headers["Location"]) == (303, DONE_URL)
+    assert landing.headers["Vary"] == "Origin"
+    assert receiver.applications == int(applied)
+    assert metric(client, "identity_amp_links_recorded_total") == int(applied)
+    refused = metric(client, "identity_amp_refusals_total", reason="not_navigation")
+    assert refused == int(not applied)
+    if not applied:
+        assert "Set-Cookie" not in landing.headers
+        # The token was left alone: the visitor's own navigation still applies it.
+        again = await client.get(
+            complete, headers={**WITH_COOKIE, **NAVIGATION}, allow_redirects=False
+        )
+        assert again.status == 303 and receiver.applications == 1
+
+
+async def test_a_repeated_fetch_metadata_header_is_no_navigation(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    client = await amp_client()
+    complete = await hop(client)
+    headers = [*NAVIGATION.items(), ("Sec-Fetch-Dest", "image")]
+    landing = await client.get(complete, headers=headers, allow_redirects=False)
+    assert landing.status == 303
+    assert receiver.calls == []
+
+
+# -- consent --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["cache_with_cookie", "origin_hop"])
+async def test_insufficient_consent_applies_the_action_but_links_nothing(
+    amp_client: AmpClient, receiver: WebhookReceiver, shape: str
+) -> None:
+    client = await amp_client()
+    body = {**FIELDS, "clientId": CACHE_CLIENT_ID, "consent": "insufficient"}
+    if shape == "cache_with_cookie":
+        response = await client.post(SUBMIT, data=body, headers={**FROM_CACHE, **WITH_COOKIE})
+        assert response.status == 200, await response.text()
+    else:
+        complete = await minted_hop(client, body)
+        landing = await client.get(complete, headers=WITH_COOKIE, allow_redirects=False)
+        assert landing.status == 303
+    [applied] = receiver.calls
+    assert applied["fields"] == FIELDS  # consent is not a field of the action
+    assert applied["context"] == shape
+    assert metric(client, "identity_amp_links_recorded_total") == 0
+    later = await client.get(
+        "/v1/amp/collect", params={"ampId": CACHE_CLIENT_ID, "event": "Read"}, headers=FROM_CACHE
+    )
+    assert later.status == 204
+    assert metric(client, "identity_amp_link_attributions_total") == 0
+
+
+async def test_sufficient_consent_links_as_without_one(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    client = await amp_client()
+    body = {**FIELDS, "clientId": CACHE_CLIENT_ID, "consent": "sufficient"}
+    response = await client.post(SUBMIT, data=body, headers={**FROM_CACHE, **WITH_COOKIE})
+    assert response.status == 200
+    assert receiver.calls[0]["fields"] == FIELDS
+    assert metric(client, "identity_amp_links_recorded_total") == 1
+
+
+# -- headers and methods ----------------------------------------------------------------------
+
+
+async def test_every_action_answer_varies_on_origin(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    client = await amp_client()
+    answers = [
+        await client.post(SUBMIT, data=form(), headers={**SAME_ORIGIN, **WITH_COOKIE}),
+        await client.post(SUBMIT, data=form(), headers={**FROM_CACHE, **WITH_COOKIE}),
+        await client.post(SUBMIT, data=form(), headers={"Origin": "https://evil.example"}),
+        await client.post(SUBMIT, data=form(), headers=WITH_COOKIE),  # neither: 403
+        await client.post("/v1/amp/actions/nope", data=form(), headers=SAME_ORIGIN),
+        await client.post(SUBMIT, data=form(), headers=FROM_CACHE),  # the hop
+    ]
+    complete = await hop(client)
+    answers += [
+        await client.get(complete, allow_redirects=False),
+        await client.get(complete, allow_redirects=False),  # replayed
+        await client.get(complete, headers=AS_IMAGE, allow_redirects=False),
+        await client.get("/v1/amp/actions/nope/complete?token=x", allow_redirects=False),
+    ]
+    statuses = [answer.status for answer in answers]
+    assert statuses == [200, 200, 403, 403, 404, 200, 303, 303, 303, 404]
+    for answer in answers:
+        assert answer.headers.getall("Vary") == ["Origin"], answer.status
+
+
+async def test_head_of_complete_applies_nothing(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    client = await amp_client()
+    complete = await hop(client)
+    response = await client.head(complete, headers=WITH_COOKIE, allow_redirects=False)
+    assert response.status == 405
+    assert receiver.calls == []
+    landing = await client.get(complete, headers=WITH_COOKIE, allow_redirects=False)
+    assert landing.status == 303 and receiver.applications == 1
+
+
 # -- units ----------------------------------------------------------------------------------
 
 
@@ -458,6 +651,17 @@ def test_the_three_form_types_read_alike() -> None:
     assert forms.read_form("application/x-www-form-urlencoded", b"", **limits) == {}
     with pytest.raises(PayloadTooLarge):
         forms.read_form("application/json", b" " * 4097, **limits)
+
+
+def test_the_handlers_do_not_import_the_routes() -> None:
+    """routes.py imports the handlers; they read the AMP key from context.py, so no cycle."""
+    code = (
+        "import sys\n"
+        "import identity_service.amp.actions, identity_service.amp.collect\n"
+        "assert 'identity_service.amp.routes' not in sys.modules, 'cycle'\n"
+        "from identity_service.amp import routes\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_wait_bound_counts_every_attempt_and_backoff() -> None:

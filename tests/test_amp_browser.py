@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from identity_service.amp.routes import AMP
+from identity_service.amp.context import AMP
 from identity_service.app import create_app
 from tests.conftest import AppClient, FrontTestServer, make_settings
 from tests.webhook_receiver import WEBHOOK_SECRET, WebhookReceiver

@@ -335,3 +335,21 @@ async def test_the_preflight_of_the_served_service(
         await assert_refused(refused)
     metrics = client.app[app_keys.METRICS]
     assert metrics.value(cors.REFUSALS_METRIC, reason="origin") == 2
+
+
+@pytest.mark.skipif(not _full_app_builds(), reason="the AMP handlers do not import yet")
+async def test_preflights_only_for_the_endpoints_a_page_fetches(
+    aiohttp_client: Callable[..., Awaitable[AppClient]], settings: Settings
+) -> None:
+    """OPTIONS is routed for collect and the actions only, not for any ``/v1/amp/*``."""
+    client = await aiohttp_client(FrontTestServer(create_app(settings)))
+    preflight = {"Origin": CACHE_ORIGINS[0], "Access-Control-Request-Method": "GET"}
+    for path in (
+        "/v1/amp/anything",
+        "/v1/amp/actions/add-to-cart/complete",
+        "/v1/amp/collect/more",
+        "/v1/amp/",
+    ):
+        response = await client.options(path, headers=preflight)
+        assert response.status in (404, 405), path
+        assert "Access-Control-Allow-Origin" not in response.headers

@@ -22,7 +22,7 @@ from identity_service.crypto import OutboxSealer, TokenSealer
 from identity_service.metrics import Metrics
 from identity_service.problems import RateLimited, StoreUnavailable
 from identity_service.settings import RedisSettings
-from identity_service.stores import HandoffStore
+from identity_service.stores import HandoffStore, memory
 from identity_service.stores import resp as resp_module
 from identity_service.stores.memory import MemoryStore
 from identity_service.stores.redis import RedisStore
@@ -165,6 +165,34 @@ async def test_memory_store_sweeps_kept_records_and_counters_on_write() -> None:
     await store.keep(new_id(), b"y", 60)
     await store.hit([(new_id(), 60)])
     assert (len(store._kept), len(store._counters)) == (1, 1)
+
+
+async def test_memory_store_caps_kept_records_dropping_the_soonest_to_expire() -> None:
+    assert memory.MAX_KEPT == 100_000
+    clock = Clock()
+    store = MemoryStore(clock=clock, max_kept=3)
+    soon, later, middle, newest = new_id(), new_id(), new_id(), new_id()
+    await store.keep(soon, b"soon", 10)
+    await store.keep(later, b"later", 30)
+    await store.keep(middle, b"middle", 20)
+    await store.keep(later, b"later again", 40)  # a replacement takes no room
+    assert len(store._kept) == 3
+    await store.keep(newest, b"newest", 60)  # full: the soonest to expire makes room
+    assert len(store._kept) == 3
+    assert await store.peek(soon) is None
+    assert [await store.peek(key) for key in (later, middle, newest)] == [
+        b"later again",
+        b"middle",
+        b"newest",
+    ]
+    clock.now += 25  # middle has expired: it alone makes room for the next one
+    await store.keep(new_id(), b"next", 60)
+    assert len(store._kept) == 3
+    assert [await store.peek(key) for key in (later, newest)] == [b"later again", b"newest"]
+    for _ in range(1000):  # many more than the cap: memory stays bounded
+        await store.keep(new_id(), b"x", 3600)
+    assert len(store._kept) == 3
+    assert len(store._kept._expiries) <= 2 * 3 + memory.HEAP_SLACK
 
 
 async def test_memory_counters_leave_one_expiry_entry_per_window() -> None:

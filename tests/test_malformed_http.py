@@ -9,7 +9,9 @@ traceback.
 
 import asyncio
 import dataclasses
+import gzip
 import io
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,7 +19,9 @@ import orjson
 import pytest
 
 from identity_service import app_keys
+from identity_service import front as front_module
 from identity_service.app import create_app
+from identity_service.front import MAX_HEAD_BYTES
 from identity_service.problems import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX
 from tests.conftest import WRITE_KEYS, AppClient, FrontTestServer, log_lines, make_settings
 
@@ -295,3 +299,110 @@ async def test_connections_beyond_the_limit_are_refused_at_once(make_front: Fron
     assert answer.startswith(b"HTTP/1.1 201 ")
     for _, held_writer in held:
         held_writer.close()
+
+
+# Found in review: each of these failed before its fix.
+
+
+async def test_a_refused_target_is_answered_in_its_turn(front: AppClient) -> None:
+    health = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
+    answer = await exchange_raw(front, b"OPTIONS * HTTP/1.1\r\nHost: test\r\n\r\n" + health)
+    problem_of(answer, 400)  # and nothing after it: the 200 was never sent
+
+
+async def test_a_client_that_never_reads_is_dropped(
+    make_front: FrontMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(front_module, "IDLE_TIMEOUT_SECONDS", 0.5)
+    client = await make_front()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", client.server.port))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    health = b"GET /openapi.json HTTP/1.1\r\nHost: test\r\n\r\n"
+    sending = asyncio.ensure_future(loop.sock_sendall(sock, health * 20_000))
+    connections = client.server.runner.server.front_connections  # type: ignore[union-attr]
+    seen = False
+    for _ in range(400):  # until the server stalls on the unread answers, then drops us
+        await asyncio.sleep(0.05)
+        seen = seen or bool(connections)
+        if seen and not connections:
+            break
+    sending.cancel()
+    sock.close()
+    assert seen and not connections
+
+
+async def test_queued_requests_hold_their_bodies_as_sent(make_front: FrontMaker) -> None:
+    """Bodies are decoded when answered: a queue of small gzip bodies stays small."""
+    client = await make_front()
+    inflates = gzip.compress(b'{"anonymousId": "a", "pad": "' + b" " * 15_000 + b'"}')
+    one = (
+        START + AUTH + b"Content-Encoding: gzip\r\n" + b"Content-Length: %d\r\n\r\n" % len(inflates)
+    ) + inflates
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", client.server.port))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    sending = asyncio.ensure_future(loop.sock_sendall(sock, one * 3000))
+    connections = client.server.runner.server.front_connections  # type: ignore[union-attr]
+    most = 0
+    for _ in range(60):
+        await asyncio.sleep(0.05)
+        for connection in connections:
+            queued = [r for r in connection._queue if isinstance(r, front_module.Request)]
+            most = max(most, sum(len(r.body) for r in queued))
+    sending.cancel()
+    sock.close()
+    assert 0 < most <= client.app[app_keys.SETTINGS].max_body_bytes + MAX_HEAD_BYTES + (1 << 18)
+
+
+async def test_trailers_never_become_headers(front: AppClient) -> None:
+    chunked_head = (
+        b"POST /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    answer = await exchange_raw(
+        front, chunked_head + b"2\r\n{}\r\n0\r\nX-Request-ID: from-the-trailer\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 405 ") and b"from-the-trailer" not in answer
+    huge = b"X-Mark: " + MARK * 1000 + b"\r\n"
+    answer = await exchange_raw(front, chunked_head + b"2\r\n{}\r\n0\r\n" + huge + b"\r\n")
+    problem_of(answer, 431)
+
+
+async def test_a_100_continue_owed_behind_a_queued_request_is_sent(front: AppClient) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", front.server.port)
+    health = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
+    writer.write(health + START + AUTH + LENGTH + b"Expect: 100-continue\r\n\r\n")
+    first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert first.startswith(b"HTTP/1.1 200 ")
+    length = int(first.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    assert (
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    )
+    writer.write(BODY)
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 201 ")
+    writer.close()
+
+
+async def test_http_10_gets_no_100_continue(front: AppClient) -> None:
+    request = (
+        START.replace(b"HTTP/1.1", b"HTTP/1.0") + AUTH + LENGTH + b"Expect: 100-continue\r\n\r\n"
+    )
+    answer = await exchange_raw(front, request + BODY)
+    assert answer.startswith(b"HTTP/1.1 201 ")
+
+
+async def test_shutdown_does_not_wait_for_a_head_still_arriving(make_front: FrontMaker) -> None:
+    client = await make_front(shutdown_timeout=60.0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHo")
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    await asyncio.wait_for(client.server.close(), 10)  # not the 60 s the shutdown allows
+    assert await read_to_end(reader) == b""
+    writer.close()

@@ -16,6 +16,19 @@ AMP Camp's add-to-cart hop, made safe (docs/amp.md walks through it):
   link of the form's AMP clientId to the visitor, and answers 303 to the action's
   ``done_url``. A replayed, expired, unknown or foreign token lands there with nothing
   applied.
+- The token is a bearer token minted by an unauthenticated POST (its ``Origin`` is only
+  enforced by browsers: curl sends any). So ``handle_complete`` acts only on a top-level
+  navigation: when the browser says what the request is for (``Sec-Fetch-Dest``), it
+  must be ``document`` with ``Sec-Fetch-Mode: navigate``. An ``<img>``, ``<script>``,
+  ``<iframe>`` or fetch of the URL (which would carry the victim's ``SameSite=None``
+  cookie) lands on ``done_url`` with nothing applied, nothing linked and the token left
+  alone, counted as a ``not_navigation`` refusal. Browsers without Fetch Metadata send
+  neither header and are served. A navigation an attacker causes (a link, a top-level
+  form) still applies the attacker's fields to whoever follows it: docs/security.md.
+
+Every answer says ``Vary: Origin``. The form's ``clientId`` and ``consent`` fields (amp-
+consent's ``CONSENT_STATE``) are not fields of the action; ``consent=insufficient``
+records no link, while the action, the visitor's explicit request, is still applied.
 
 Failure: a webhook that does not answer 2xx within the bounded wait (webhooks.wait_bound)
 applies nothing here. A submission answers ``502 action-not-applied``. A hop puts its sealed
@@ -32,9 +45,9 @@ import orjson
 import structlog
 from aiohttp import web
 
-from identity_service.amp import cookies, cors, limits, links, routes, webhooks
+from identity_service.amp import cookies, cors, limits, links, webhooks
 from identity_service.amp.config import ActionSettings
-from identity_service.amp.context import AmpContext
+from identity_service.amp.context import AMP, AmpContext
 from identity_service.amp.forms import MalformedForm, UnsupportedFormType, read_form
 from identity_service.crypto import SealError, Token
 from identity_service.middleware import SECURITY_HEADERS, problem_for, problem_response
@@ -45,8 +58,11 @@ logger = structlog.get_logger(__name__)
 # The hidden field that carries AMP's clientId: <input type="hidden" name="clientId"
 # value="CLIENT_ID(ajs_anonymous_id)" data-amp-replace="CLIENT_ID">. Not passed as a field.
 CLIENT_ID_FIELD = "clientId"
-_UNREPLACED = "CLIENT_ID("
+# amp-consent's CONSENT_STATE, as collect's ``consent`` parameter: not passed as a field.
+CONSENT_FIELD = "consent"
 _RECORD_VERSION = 1
+# Fetch Metadata of a top-level navigation, the only request the complete URL acts on.
+_NAVIGATION = {"Sec-Fetch-Dest": "document", "Sec-Fetch-Mode": "navigate"}
 # Refusals this module counts (CORS and the rate limits count their own).
 _REFUSAL_REASONS: dict[type[Problem], str] = {
     UnknownAction: "unknown_action",
@@ -60,10 +76,11 @@ _REFUSAL_REASONS: dict[type[Problem], str] = {
 
 async def handle_submit(request: web.Request) -> web.StreamResponse:
     """An amp-form submission: applied at once, or sealed for the origin hop."""
-    ctx = request.app[routes.AMP]
-    origin = cors.check(request)  # before anything else: a 403 changes and tells nothing
-    allow = cors.cors_headers(origin) if origin is not None else {}
+    ctx = request.app[AMP]
+    allow = cors.cors_headers(None)  # Vary: Origin, whatever the answer
     try:
+        origin = cors.check(request)  # before anything else: a 403 changes and tells nothing
+        allow = cors.cors_headers(origin)
         action = _action(ctx, request)
         fields = read_form(
             request.headers.get("Content-Type"),
@@ -71,13 +88,16 @@ async def handle_submit(request: web.Request) -> web.StreamResponse:
             max_bytes=ctx.amp.max_form_bytes,
             max_fields=ctx.amp.max_form_fields,
         )
-        client_id = _client_id(fields.pop(CLIENT_ID_FIELD, None))
+        client_id = links.client_id_of(fields.pop(CLIENT_ID_FIELD, None))
+        may_link = fields.pop(CONSENT_FIELD, None) != links.CONSENT_DENIED
         await limits.check_limits(ctx, _client_ip(request), client_id)
         visitor = cookies.visitor_id(request.headers.get("Cookie"), ctx.amp.cookie)
         first_party = origin is None or origin in ctx.amp.publisher_origins
         if visitor is None and not first_party:
-            return await _start_hop(ctx, action, fields, client_id, allow)
-        return await _apply_now(ctx, action, fields, client_id, visitor, first_party, allow)
+            return await _start_hop(ctx, action, fields, client_id, may_link, allow)
+        return await _apply_now(
+            ctx, action, fields, client_id, may_link, visitor, first_party, allow
+        )
     except Exception as exc:
         response = _problem(ctx, exc, request)
         response.headers.update(allow)
@@ -86,28 +106,46 @@ async def handle_submit(request: web.Request) -> web.StreamResponse:
 
 async def handle_complete(request: web.Request) -> web.StreamResponse:
     """The origin hop's landing: apply the sealed action once, then 303 to ``done_url``."""
-    ctx = request.app[routes.AMP]
+    ctx = request.app[AMP]
     set_cookie: str | None = None
     try:
         action = _action(ctx, request)
-        await limits.check_limits(ctx, _client_ip(request), None)
-        visitor = cookies.visitor_id(request.headers.get("Cookie"), ctx.amp.cookie)
-        if visitor is None:
-            visitor = cookies.new_visitor_id()
-        set_cookie = cookies.set_cookie(visitor, ctx.amp.cookie)
-        token = Token.parse(request.query.get("token", ""))
-        if token is not None and (taken := await _take(ctx, action, token)) is not None:
-            await _complete(ctx, action, token, visitor, *taken)
+        if _is_navigation(request):
+            await limits.check_limits(ctx, _client_ip(request), None)
+            visitor = cookies.visitor_id(request.headers.get("Cookie"), ctx.amp.cookie)
+            if visitor is None:
+                visitor = cookies.new_visitor_id()
+            set_cookie = cookies.set_cookie(visitor, ctx.amp.cookie)
+            token = Token.parse(request.query.get("token", ""))
+            if token is not None and (taken := await _take(ctx, action, token)) is not None:
+                await _complete(ctx, action, token, visitor, *taken)
+            else:
+                _count_hop(ctx, action, "missed")
         else:
-            _count_hop(ctx, action, "missed")
+            # An <img>, <iframe> or fetch of the URL, which some page may make with the
+            # visitor's cookie: nothing applied or linked, the token left as it is.
+            ctx.metrics.inc(cors.REFUSALS_METRIC, reason="not_navigation")
         response: web.StreamResponse = web.Response(
             status=303, headers={**SECURITY_HEADERS, "Location": action.done_url}
         )
     except Exception as exc:
         response = _problem(ctx, exc, request)
+    response.headers.update(cors.cors_headers(None))
     if set_cookie is not None:
         response.headers["Set-Cookie"] = set_cookie
     return response
+
+
+def _is_navigation(request: web.Request) -> bool:
+    """Whether the request is a top-level navigation, or from a browser that does not say.
+
+    Browsers with Fetch Metadata send both headers on every request to an https origin;
+    neither means an older browser (or no browser: it has no victim's cookie to send).
+    """
+    sent = {name: request.headers.getall(name, []) for name in _NAVIGATION}
+    if not any(sent.values()):
+        return True
+    return all(sent[name] == [value] for name, value in _NAVIGATION.items())
 
 
 async def _apply_now(
@@ -115,6 +153,7 @@ async def _apply_now(
     action: ActionSettings,
     fields: dict[str, str],
     client_id: str | None,
+    may_link: bool,
     visitor: str | None,
     first_party: bool,
     allow: dict[str, str],
@@ -125,7 +164,8 @@ async def _apply_now(
     context = "origin" if first_party else "cache_with_cookie"
     await _apply(ctx, action, _hop_id(), visitor, fields, client_id, context)
     _count_hop(ctx, action, "applied")
-    await _link(ctx, client_id, visitor)
+    if may_link:
+        await _link(ctx, client_id, visitor)
     headers = {
         **SECURITY_HEADERS,
         **allow,
@@ -139,6 +179,7 @@ async def _start_hop(
     action: ActionSettings,
     fields: dict[str, str],
     client_id: str | None,
+    may_link: bool,
     allow: dict[str, str],
 ) -> web.Response:
     """Seal the submission under a one-time token; send the visitor to the publisher's origin."""
@@ -148,6 +189,7 @@ async def _start_hop(
         "action": action.name,
         "fields": fields,
         "clientId": client_id,
+        "link": may_link,  # False: consent insufficient
         "preparedAt": time.time(),
     }
     token = Token.generate()
@@ -156,12 +198,8 @@ async def _start_hop(
     await ctx.store.put(lookup_id, sealed, ctx.amp.action_ttl, None)
     _count_hop(ctx, action, "started")
     redirect = f"{ctx.amp.public_url}/v1/amp/actions/{action.name}/complete?token={token.text}"
+    # allow (cors_headers) exposes AMP-Redirect-To to the cache page.
     headers = {**SECURITY_HEADERS, **allow, "AMP-Redirect-To": redirect}
-    exposed = headers.get("Access-Control-Expose-Headers", "")
-    if allow and "amp-redirect-to" not in exposed.lower():
-        headers["Access-Control-Expose-Headers"] = ", ".join(
-            name for name in (exposed, "AMP-Redirect-To") if name
-        )
     return _json({"status": "redirecting"}, headers)
 
 
@@ -205,7 +243,8 @@ async def _complete(
             "the action could not be applied yet; reload this page to try again", retry_after=1
         ) from None
     _count_hop(ctx, action, "completed")
-    await _link(ctx, client_id, visitor)
+    if record.get("link", True) is not False:
+        await _link(ctx, client_id, visitor)
 
 
 async def _apply(
@@ -239,10 +278,7 @@ async def _link(ctx: AmpContext, client_id: str | None, visitor: str) -> None:
     """Record that a cache clientId is this visitor; the action stands if the store fails."""
     if client_id is None or client_id == visitor:
         return  # on the origin, AMP's clientId is the visitor cookie itself
-    try:
-        await links.record_link(ctx, client_id, visitor)
-    except Exception as exc:
-        logger.warning("amp_link_not_recorded", error=type(exc).__name__)
+    await links.record_link_or_log(ctx, client_id, visitor)
 
 
 def _action(ctx: AmpContext, request: web.Request) -> ActionSettings:
@@ -250,16 +286,6 @@ def _action(ctx: AmpContext, request: web.Request) -> ActionSettings:
     if action is None:
         raise UnknownAction("no action of that name is configured")
     return action
-
-
-def _client_id(value: str | None) -> str | None:
-    """AMP's clientId from the hidden field, or None when absent or not a substituted id."""
-    if value is None or value.startswith(_UNREPLACED):
-        return None  # the runtime did not substitute it (e.g. no data-amp-replace)
-    try:
-        return links.check_client_id(value)
-    except ValueError:
-        return None
 
 
 def _client_ip(request: web.Request) -> str:
@@ -279,7 +305,7 @@ def _problem(ctx: AmpContext, exc: Exception, request: web.Request) -> web.Respo
     problem = problem_for(exc, ctx.metrics, ctx.settings)
     reason = _REFUSAL_REASONS.get(type(problem))
     if reason is not None:
-        ctx.metrics.inc("identity_amp_refusals_total", reason=reason)
+        ctx.metrics.inc(cors.REFUSALS_METRIC, reason=reason)
     return problem_response(problem, request)
 
 

@@ -17,20 +17,28 @@ Who may send a hit (the CORS rule of this endpoint):
   the hit is recorded, nothing is echoed, and it never records a link. A foreign page can
   make a visitor's browser send such a pixel with the visitor's cookie and any ``ampId``:
   a link recorded from it would let that page attribute its own clientId to the visitor.
-  Links are recorded only from hits whose ``Origin`` a browser set and the check allowed.
+  Links are recorded only from hits with an allowed cache ``Origin``. That stops foreign
+  pages (a browser sets ``Origin`` itself), not other clients: the server cannot tell a
+  forged ``Origin`` from a browser's, and curl can send one with any cookie value and any
+  ``ampId``. Such a link names an id its sender already knew; it only attributes later
+  hits, and a linked id is never given back (no ``Set-Cookie``).
 
 What the hit is attributed to (``anonymousId_source``):
 
 - ``cookie``: the visitor cookie was sent. From a cache origin with a clientId, the link
   clientId -> visitor is recorded too (unless consent is ``insufficient``).
-- ``amp_link``: no cookie, but the cache clientId is linked to a visitor. The cookie is set
-  again to the linked id (it comes from the store, never from the request).
-- ``amp_client_id``: no cookie and no link in a cache context: AMP's clientId itself.
-- ``generated``: no cookie on the publisher's origin (or no clientId at all): a new id.
+- ``amp_link``: no cookie, but the cache clientId is linked to a visitor. No cookie is
+  set: the link was recorded from an earlier request, which may have been forged (see
+  above), so sending the linked id back would hand a visitor's id to whoever holds the
+  clientId.
+- ``amp_client_id``: no cookie and no link in a cache context: AMP's clientId itself. No
+  cookie is set either: a new id in it would make the visitor a second person (the hit is
+  the clientId's, the cookie another id's).
+- ``generated``: no cookie on the publisher's origin (or no clientId at all): a new id,
+  offered in ``Set-Cookie``.
 
-When no cookie was read, a new cookie is offered (``Set-Cookie``; a cache context's
-browser may drop it, and the hit is then still recorded as above). The cookie's value is
-always one the service generated or read from its store, never request data.
+The only cookie collect sets is that new id, which the service generated; it never sets a
+value from the request or from a link.
 
 Consent is the hit's ``consent`` parameter (amp-consent's ``CONSENT_STATE``): only
 ``insufficient`` denies, as an explicit ``analytics: false`` does for handoffs. A denied
@@ -39,7 +47,9 @@ records no link and sets no cookie.
 
 Store round trips: the rate limit check (and, for a cookie-less cache hit, the link
 lookup, gathered with it so the pipelined client sends both at once), then the link and
-the event, gathered the same way.
+the event, gathered the same way. A link that cannot be written is logged and counted
+(``identity_amp_link_failures_total``) and the hit stands, as on the actions' path; an
+event that cannot be emitted fails the hit (503).
 """
 
 import asyncio
@@ -52,11 +62,11 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from identity_service import events as ev
-from identity_service.amp import cookies, cors, limits, links, routes
-from identity_service.amp.context import AmpContext
+from identity_service.amp import cookies, cors, limits, links
+from identity_service.amp.context import AMP, AmpContext
 from identity_service.clock import iso_time
 from identity_service.constants import MAX_EVENT_BYTES
-from identity_service.middleware import SECURITY_HEADERS
+from identity_service.middleware import SECURITY_HEADERS, problem_for, problem_response
 from identity_service.problems import (
     AmpOriginNotAllowed,
     OversizedEvent,
@@ -74,7 +84,7 @@ CONSENT = "consent"
 _NOT_PROPERTIES = frozenset({CLIENT_ID, EVENT, CONSENT, "__amp_source_origin"})
 # Page fields, as Segment's page call and context.page name them.
 PAGE_FIELDS = ("url", "title", "referrer", "path", "search")
-CONSENT_DENIED = "insufficient"  # amp-consent's CONSENT_STATE when analytics is refused
+CONSENT_DENIED = links.CONSENT_DENIED  # amp-consent's CONSENT_STATE when analytics is refused
 MAX_VALUE_LENGTH = 2048  # of an event name or a page field
 _FORM = "application/x-www-form-urlencoded"
 # An event is at most this much larger than what the hit sent: each byte sent becomes at
@@ -116,7 +126,7 @@ class _Attribution:
 
 async def handle_collect(request: web.Request) -> web.Response:
     """The aiohttp route: the request as a :class:`Hit`, the answer as a response."""
-    ctx = request.app[routes.AMP]
+    ctx = request.app[AMP]
     peer = request.transport.get_extra_info("peername") if request.transport else None
     hit = Hit(
         method=request.method,
@@ -125,7 +135,12 @@ async def handle_collect(request: web.Request) -> web.Response:
         body=await request.read(),
         peer=peer_address(peer),
     )
-    answer = await collect(ctx, hit)
+    try:
+        answer = await collect(ctx, hit)
+    except Exception as exc:
+        response = problem_response(problem_for(exc, ctx.metrics, ctx.settings), request)
+        response.headers.update(cors.cors_headers(None))  # Vary: Origin on refusals too
+        return response
     return web.Response(status=answer.status, headers={**SECURITY_HEADERS, **answer.headers})
 
 
@@ -173,11 +188,11 @@ async def collect(ctx: AmpContext, hit: Hit) -> Answer:
         params = _parameters(hit, amp.max_form_bytes, amp.max_form_fields)
         content = _content(params, amp.source, len(hit.query) + len(hit.body))
     except Problem as problem:
-        ctx.metrics.inc("identity_amp_refusals_total", reason=problem.slug.replace("-", "_"))
+        ctx.metrics.inc(cors.REFUSALS_METRIC, reason=problem.slug.replace("-", "_"))
         raise
     # Before anything changes: raises AmpOriginNotAllowed.
     echoed = _allowed_origin(ctx, origin, same_origin_header, params.get(cors.SOURCE_ORIGIN_PARAM))
-    client_id = _client_id(params)
+    client_id = links.client_id_of(params.get(CLIENT_ID))
     cookie_id = cookies.visitor_id(headers.get("cookie"), amp.cookie)
     on_origin = _on_origin(ctx, origin, same_origin, cookie_id, client_id, headers.get("referer"))
     consent = params.get(CONSENT) != CONSENT_DENIED
@@ -207,7 +222,7 @@ async def collect(ctx: AmpContext, hit: Hit) -> Answer:
     steps = []
     if cookie_id is not None and client_id not in (None, cookie_id) and _from_cache(ctx, origin):
         assert client_id is not None
-        steps.append(links.record_link(ctx, client_id, cookie_id))
+        steps.append(links.record_link_or_log(ctx, client_id, cookie_id))
     if ctx.settings.outbox.enabled:
         event = _event(content, who, client_id, headers.get("user-agent"))
         steps.append(ctx.store.emit(event["messageId"].encode(), [event]))
@@ -278,17 +293,6 @@ def _allowed_origin(
     return None
 
 
-def _client_id(params: Mapping[str, Any]) -> str | None:
-    """The hit's AMP clientId, or None when absent or not one (then the hit has none)."""
-    value = params.get(CLIENT_ID)
-    if not isinstance(value, str):
-        return None
-    try:
-        return links.check_client_id(value)
-    except ValueError:
-        return None
-
-
 def _on_origin(
     ctx: AmpContext,
     origin: str | None,
@@ -324,11 +328,11 @@ def _attribution(
     if cookie_id is not None:
         return _Attribution(cookie_id, "cookie", None)
     if linked is not None:
-        return _Attribution(linked, "amp_link", linked)
-    new_id = cookies.new_visitor_id()
+        return _Attribution(linked, "amp_link", None)  # never given back: see the docstring
     if on_origin or client_id is None:
+        new_id = cookies.new_visitor_id()
         return _Attribution(new_id, "generated", new_id)
-    return _Attribution(client_id, "amp_client_id", new_id)
+    return _Attribution(client_id, "amp_client_id", None)
 
 
 def _answer(ctx: AmpContext, echoed: str | None) -> Answer:

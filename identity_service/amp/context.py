@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 import aiohttp
+from aiohttp import web
 
 from identity_service.amp.config import AmpSettings
 from identity_service.crypto import TokenSealer
@@ -27,3 +28,8 @@ class AmpContext:
     action_sealer: TokenSealer
     link_sealer: TokenSealer
     http: aiohttp.ClientSession  # for the actions' webhooks
+
+
+# Where the application keeps its AmpContext. Here, not in routes.py, so the handlers
+# (collect.py, actions.py) can read it without importing routes.py, which imports them.
+AMP = web.AppKey("amp", AmpContext)

@@ -90,7 +90,7 @@ def check(request: web.Request) -> str | None:
 
 
 async def preflight(request: web.Request) -> web.Response:
-    """``OPTIONS /v1/amp/...``: 204 with the CORS headers for an allowed ``Origin``, else 403.
+    """``OPTIONS`` of collect and an action: 204 with CORS headers for an allowed Origin, else 403.
 
     The allowed methods are GET and POST; of the requested headers only those in
     :data:`ALLOWED_REQUEST_HEADERS` are allowed back, so a browser makes no request that

@@ -14,6 +14,7 @@ import math
 
 from identity_service.amp.config import RateLimit
 from identity_service.amp.context import AmpContext
+from identity_service.amp.cors import REFUSALS_METRIC
 from identity_service.problems import RateLimited
 
 # IPv6 clients are counted by their /64: one host commonly holds a whole /64 and could
@@ -44,7 +45,7 @@ async def check_limits(ctx: AmpContext, ip: str, client_id: str | None) -> None:
     ]
     if over:
         reason = over[0][0]
-        ctx.metrics.inc("identity_amp_refusals_total", reason=reason)
+        ctx.metrics.inc(REFUSALS_METRIC, reason=reason)
         retry_after = max(1, math.ceil(max(left for _, left in over)))
         what = "this address" if reason == "rate_ip" else "this clientId"
         raise RateLimited(f"too many requests from {what}", retry_after)

@@ -16,6 +16,7 @@ import re
 import time
 
 import orjson
+import structlog
 
 from identity_service.amp.context import AmpContext
 from identity_service.clock import iso_time
@@ -27,6 +28,14 @@ from identity_service.crypto import SealError, Token
 MAX_CLIENT_ID_LENGTH = 128
 _CLIENT_ID = re.compile(f"[!-~]{{1,{MAX_CLIENT_ID_LENGTH}}}")
 _TOKEN_CONTEXT = b"identity-service amp client id"
+# An amp-form hidden field the runtime did not substitute (no data-amp-replace) still holds
+# the variable's name: CLIENT_ID(ajs_anonymous_id). That is no clientId.
+_UNREPLACED = "CLIENT_ID("
+# amp-consent's CONSENT_STATE when the visitor refused: no link is recorded then.
+CONSENT_DENIED = "insufficient"
+FAILURES_METRIC = "identity_amp_link_failures_total"
+
+logger = structlog.get_logger(__name__)
 
 
 def check_client_id(client_id: str) -> str:
@@ -37,6 +46,20 @@ def check_client_id(client_id: str) -> str:
     if _CLIENT_ID.fullmatch(client_id) is None:
         raise ValueError(f"a clientId is 1 to {MAX_CLIENT_ID_LENGTH} visible ASCII characters")
     return client_id
+
+
+def client_id_of(value: object) -> str | None:
+    """The AMP clientId a request parameter or form field carries, or None.
+
+    None when absent, not a text, an unsubstituted ``CLIENT_ID(...)``, or not a possible
+    clientId (``check_client_id``): the request is then treated as one without a clientId.
+    """
+    if not isinstance(value, str) or value.startswith(_UNREPLACED):
+        return None
+    try:
+        return check_client_id(value)
+    except ValueError:
+        return None
 
 
 def link_token(client_id: str) -> Token:
@@ -57,6 +80,19 @@ async def record_link(ctx: AmpContext, client_id: str, anonymous_id: str) -> Non
     link = orjson.dumps({"anonymousId": anonymous_id, "linkedAt": iso_time(time.time())})
     await ctx.store.keep(key_id, ctx.link_sealer.seal(token, key_id, link), ctx.amp.link_ttl)
     ctx.metrics.inc("identity_amp_links_recorded_total")
+
+
+async def record_link_or_log(ctx: AmpContext, client_id: str, anonymous_id: str) -> None:
+    """:func:`record_link`, but a failure is logged and counted, never raised.
+
+    A link only helps attribute later hits, so the request that carries it (an action
+    applied, a hit recorded) stands without it: collect and the actions agree on that.
+    """
+    try:
+        await record_link(ctx, client_id, anonymous_id)
+    except Exception as exc:
+        ctx.metrics.inc(FAILURES_METRIC)
+        logger.warning("amp_link_not_recorded", error=type(exc).__name__)
 
 
 async def linked_visitor(ctx: AmpContext, client_id: str) -> str | None:

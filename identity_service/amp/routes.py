@@ -9,20 +9,22 @@ from aiohttp import web
 
 from identity_service import app_keys
 from identity_service.amp import actions, collect, cors
-from identity_service.amp.context import AmpContext
+from identity_service.amp.context import AMP, AmpContext
 from identity_service.crypto import TokenSealer
-
-AMP = web.AppKey("amp", AmpContext)
 
 
 def add_routes(app: web.Application) -> None:
     """Route ``/v1/amp/*`` and build their context once the store is open."""
     app.cleanup_ctx.append(_amp_context)
-    app.router.add_route("OPTIONS", "/v1/amp/{tail:.*}", cors.preflight)
-    app.router.add_get("/v1/amp/collect", collect.handle_collect)
+    # Preflights for the two endpoints a page calls with fetch; the complete URL is a
+    # top-level navigation and has none. No HEAD: a HEAD of collect would record a hit, and
+    # one of complete would apply an action, with no answer for anyone to read.
+    app.router.add_route("OPTIONS", "/v1/amp/collect", cors.preflight)
+    app.router.add_route("OPTIONS", "/v1/amp/actions/{name}", cors.preflight)
+    app.router.add_get("/v1/amp/collect", collect.handle_collect, allow_head=False)
     app.router.add_post("/v1/amp/collect", collect.handle_collect)
     app.router.add_post("/v1/amp/actions/{name}", actions.handle_submit)
-    app.router.add_get("/v1/amp/actions/{name}/complete", actions.handle_complete)
+    app.router.add_get("/v1/amp/actions/{name}/complete", actions.handle_complete, allow_head=False)
 
 
 def derived_secret(server_secret: bytes, purpose: str) -> bytes:

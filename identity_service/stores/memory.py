@@ -10,11 +10,19 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+import structlog
+
 from identity_service import events as ev
 from identity_service.stores import PrepareEvents
 
 # Dead entries the expiry heap may hold beyond twice the live records before a rebuild.
 HEAP_SLACK = 1024
+# Kept records (AMP clientId links, 30 days each by default) held at most: every cache hit
+# with a cookie and a clientId keeps one, so without a cap memory grows with the visitors
+# of the last link_ttl. When full, the record that would expire soonest makes room.
+MAX_KEPT = 100_000
+
+logger = structlog.get_logger(__name__)
 
 V = TypeVar("V")
 
@@ -94,9 +102,25 @@ class Expiring(Generic[V]):
             return None
         return entry[1]
 
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._entries
+
     def clear(self) -> None:
         self._entries.clear()
         self._expiries.clear()
+
+    def make_room(self, now: float, limit: int) -> bool:
+        """Leave fewer than ``limit`` entries: sweep what has expired at ``now``, then drop
+        live entries, those that expire soonest first. Whether a live entry was dropped."""
+        self._sweep(now)
+        dropped = False
+        while len(self._entries) >= limit and self._expiries:
+            expires_at, key = heapq.heappop(self._expiries)
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] == expires_at:
+                del self._entries[key]
+                dropped = True
+        return dropped
 
     def _compact(self) -> None:
         """Rebuild the expiry heap from the live entries.
@@ -119,11 +143,17 @@ class Expiring(Generic[V]):
 class MemoryStore:
     """Keeps records, kept records and counters in memory, each with its expiry.
 
-    ``clock`` gives the seconds its TTLs are counted in (a test may drive it).
+    ``clock`` gives the seconds its TTLs are counted in (a test may drive it). At most
+    ``max_kept`` kept records are held: a new one beyond that drops the one that would
+    expire soonest (logged once per store).
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, max_kept: int = MAX_KEPT
+    ) -> None:
         self._clock = clock
+        self._max_kept = max_kept
+        self._kept_full_logged = False
         self._records: Expiring[tuple[bytes, dict[str, Any] | None]] = Expiring()
         self._kept: Expiring[bytes] = Expiring()
         self._counters: Expiring[int] = Expiring()
@@ -156,6 +186,10 @@ class MemoryStore:
 
     async def keep(self, key_id: bytes, record: bytes, ttl_seconds: int) -> None:
         now = self._clock()
+        full = key_id not in self._kept and len(self._kept) >= self._max_kept
+        if full and self._kept.make_room(now, self._max_kept) and not self._kept_full_logged:
+            self._kept_full_logged = True
+            logger.warning("memory_store_kept_records_full", max_kept=self._max_kept)
         self._kept.set(key_id, now + ttl_seconds, record, now)
 
     async def peek(self, key_id: bytes) -> bytes | None:
