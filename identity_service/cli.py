@@ -163,10 +163,15 @@ def outbox(config: Path | None, action: str, as_json: bool, retired: str | None 
         if as_json:
             print(orjson.dumps([status.as_json() for status in report]).decode())
             return 0
-        print(f"{'destination':<20} {'pending':>8} {'in-flight':>10} {'dead':>8} {'oldest':>10}")
+        # Wide enough for the longest name (an AMP action's amp-action-<name>).
+        width = max(20, *(len(status.destination) for status in report))
+        header = f"{'destination':<{width}} {'pending':>8} {'in-flight':>10} {'dead':>8}"
+        print(f"{header} {'oldest':>10}")
         for s in report:
             age = "-" if s.oldest_age_seconds is None else f"{s.oldest_age_seconds:.1f}s"
-            print(f"{s.destination:<20} {s.pending:>8} {s.in_flight:>10} {s.dead:>8} {age:>10}")
+            print(
+                f"{s.destination:<{width}} {s.pending:>8} {s.in_flight:>10} {s.dead:>8} {age:>10}"
+            )
         return 0
 
     try:

@@ -123,8 +123,12 @@ class RedisFeed:
         sealer: OutboxSealer,
         reclaim_idle: float,
         all_destinations: list[str],
+        addressed_only: bool = False,
     ) -> None:
+        """``addressed_only``: deliver only the entries whose ``only`` names ``destination``
+        (an AMP action's webhook); other destinations deliver those without ``only`` too."""
         self._redis = redis
+        self._addressed_only = addressed_only
         self._commands = commands
         self._prefix = prefix
         self._group = destination
@@ -268,8 +272,7 @@ class RedisFeed:
             if fields is None:  # deleted while pending
                 continue
             entry = FeedEntry(text(entry_id), stream, [], fields)
-            only = fields.get(b"only")
-            if only is not None and only.decode() != self._group:
+            if not self._wanted(fields.get(b"only")):
                 await self._redis.xack(stream, self._group, entry.entry_id)
                 continue
             try:
@@ -282,6 +285,12 @@ class RedisFeed:
         if poisoned:
             await self.dead_letter(poisoned, "unreadable entry")
         return entries
+
+    def _wanted(self, only: bytes | None) -> bool:
+        """Whether an entry addressed to ``only`` (None: to every destination) is ours."""
+        if only is None:
+            return not self._addressed_only
+        return only.decode() == self._group
 
     def _decode(self, fields: dict[bytes, bytes]) -> list[bytes]:
         if b"j" in fields:  # one JSON document a line, sent on as they are

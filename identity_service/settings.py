@@ -102,20 +102,52 @@ def _redact_parameter(pair: str) -> str:
     return f"{key}={REDACTED}" if unquote(key).lower() == "password" else pair
 
 
+# The outbox destination of each configured AMP action: ``amp-action-<action name>``.
+ACTION_DESTINATION_PREFIX = "amp-action-"
+
+
 @dataclass(frozen=True, slots=True)
 class Destination:
-    """Where events go: a Segment-compatible HTTP API, a JSONL file, or standard output."""
+    """Where events go: a Segment-compatible HTTP API, a JSONL file, or standard output;
+    or, kind ``webhook``, an AMP action's webhook (``url``, signed with ``secret``), which
+    receives only the entries addressed to it."""
 
     name: str
-    kind: Literal["http", "file", "stdout"]
+    kind: Literal["http", "file", "stdout", "webhook"]
     url: str = ""
     write_key: str = field(default="", repr=False)
     path: str = ""
+    secret: bytes = field(default=b"", repr=False)  # a webhook's HMAC-SHA256 key
 
     @property
     def batch_url(self) -> str:
         base = self.url.rstrip("/")
         return base if base.endswith("/v1/batch") else base + "/v1/batch"
+
+    @property
+    def addressed_only(self) -> bool:
+        """Whether it receives only entries addressed to it (``only``), never events."""
+        return self.kind == "webhook"
+
+
+def action_destination_name(action: str) -> str:
+    """The outbox destination that retries the webhook calls of AMP action ``action``."""
+    return ACTION_DESTINATION_PREFIX + action
+
+
+def action_destinations(amp: AmpSettings | None) -> list[Destination]:
+    """One ``webhook`` destination per configured AMP action (none without ``[amp]``)."""
+    if amp is None:
+        return []
+    return [
+        Destination(
+            action_destination_name(action.name),
+            "webhook",
+            url=action.webhook,
+            secret=action.secret,
+        )
+        for action in amp.actions.values()
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +255,7 @@ class _Reader:
             dev_write_key = None
         amp = self.amp_settings([source.name for source in sources])
         redis = self.redis_settings()
-        outbox = self.outbox_settings()
+        outbox = self.outbox_settings(amp)
         # "Needs Redis" holds once a Redis URL is given, even one reported as invalid.
         has_redis = self.given("redis_url")
         redis_url = self.where("redis_url")
@@ -282,12 +314,13 @@ class _Reader:
             raise ConfigError(self.problems)
         return settings
 
-    def outbox_settings(self) -> OutboxSettings:
+    def outbox_settings(self, amp: AmpSettings | None = None) -> OutboxSettings:
+        """The outbox: the events' destinations, then one per AMP action (``amp``)."""
         enabled = self.choice("outbox", "on", ("on", "off")) == "on"
         forwarder = self.choice("forwarder", "embedded", ("embedded", "off"))
         return OutboxSettings(
             enabled=enabled,
-            destinations=tuple(self.destinations()),
+            destinations=tuple(self.destinations(action_destinations(amp))),
             forwarder_in_serve=forwarder == "embedded",
             batch_max_events=self.integer(
                 "batch_max_events", c.DEFAULT_BATCH_MAX_EVENTS, 1, c.MAX_BATCH_EVENTS
@@ -315,7 +348,9 @@ class _Reader:
             raw, where=self.where("amp"), source_names=source_names, problems=self.problems
         )
 
-    def destinations(self) -> list[Destination]:
+    def destinations(self, actions: list[Destination] | None = None) -> list[Destination]:
+        """The events' destinations (standard output when none is configured), then
+        ``actions``, the AMP actions' webhook destinations; names checked across all."""
         found: list[Destination] = []
         single = {key: self.raw(f"destination_{key}") for key in DESTINATION_KEYS}
         if any(value is not None for value in single.values()):
@@ -340,6 +375,7 @@ class _Reader:
         events_file = self.text("events_file", None)
         if events_file is not None:
             found.append(Destination("file", "file", path=events_file))
+        found = (found or [Destination("stdout", "stdout")]) + (actions or [])
         names = [d.name for d in found]
         for name in sorted({n for n in names if names.count(n) > 1}):
             self.problems.append(f"destination name {name!r} is used twice")
@@ -348,7 +384,7 @@ class _Reader:
                 self.problems.append(
                     f"destination name {destination.name!r} must be letters, digits, '_' or '-'"
                 )
-        return found or [Destination("stdout", "stdout")]
+        return found
 
     def _http_destination(
         self, name: str, spec: Mapping[str, Any], names: Mapping[str, str]

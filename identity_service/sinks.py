@@ -1,4 +1,5 @@
-"""Where batches of events are delivered: a Segment-compatible HTTP API, a file or stdout.
+"""Where batches of events are delivered: a Segment-compatible HTTP API, a file or stdout;
+and where an AMP action's queued webhook calls are: its webhook (:class:`WebhookSink`).
 
 Events arrive as JSON documents, encoded once when they were written. A sink answers each
 batch with a :class:`Delivery`: delivered, retry (with the delay the destination asked
@@ -20,6 +21,7 @@ from typing import Literal, Protocol
 import aiohttp
 
 from identity_service import __version__
+from identity_service.amp.webhooks import signed_headers
 from identity_service.clock import iso_time
 from identity_service.lines import write_lines
 from identity_service.settings import Destination, OutboxSettings
@@ -34,6 +36,7 @@ class Delivery:
 
 
 DELIVERED = Delivery("delivered")
+USER_AGENT = f"identity-service/{__version__}"
 MAX_RETRY_AFTER_SECONDS = 3600.0
 
 
@@ -46,6 +49,8 @@ class Sink(Protocol):
 def open_sink(destination: Destination, settings: OutboxSettings) -> Sink:
     if destination.kind == "http":
         return HttpSink(destination, settings.delivery_timeout)
+    if destination.kind == "webhook":
+        return WebhookSink(destination, settings.delivery_timeout)
     if destination.kind == "file":
         return FileSink(Path(destination.path))
     return StdoutSink()
@@ -76,7 +81,7 @@ class HttpSink:
             "Authorization": f"Basic {credentials}",
             "Content-Type": "application/json",
             "Content-Encoding": "gzip",
-            "User-Agent": f"identity-service/{__version__}",
+            "User-Agent": USER_AGENT,
         }
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
@@ -85,18 +90,55 @@ class HttpSink:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         body = gzip.compress(batch_body(events), compresslevel=1)
-        try:
-            async with self._session.post(
-                self._url, data=body, headers=self._headers, allow_redirects=False
-            ) as answer:
-                await answer.read()
-                return classify(answer.status, answer.headers.get("Retry-After"))
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return Delivery("retry", reason=type(exc).__name__)
+        return await post(self._session, self._url, body, self._headers)
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+class WebhookSink:
+    """POSTs each queued body to an AMP action's webhook, as its own signed call.
+
+    Each body is sent as it was queued (no gzip, no batch wrapper, no ``sentAt``), signed
+    as amp/webhooks.py signs the calls it makes in the request (a fresh ``t`` per attempt),
+    and answers are classified as :class:`HttpSink`'s. A batch of several bodies is sent in
+    order and stops at the first that is not delivered; the whole batch is then retried
+    (or dead-lettered), so a body already applied may be sent again: the receiver
+    deduplicates on the body's ``id``, which is the same on every attempt.
+    """
+
+    def __init__(self, destination: Destination, timeout: float) -> None:
+        self._url = destination.url
+        self._secret = destination.secret
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def send(self, events: list[bytes]) -> Delivery:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        for body in events:
+            headers = {**signed_headers(self._secret, body), "User-Agent": USER_AGENT}
+            delivery = await post(self._session, self._url, body, headers)
+            if delivery.outcome != "delivered":
+                return delivery
+        return DELIVERED
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+async def post(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
+) -> Delivery:
+    """POST ``body`` (redirects not followed) and classify the answer, or the failure."""
+    try:
+        async with session.post(url, data=body, headers=headers, allow_redirects=False) as answer:
+            await answer.read()
+            return classify(answer.status, answer.headers.get("Retry-After"))
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        return Delivery("retry", reason=type(exc).__name__)
 
 
 def classify(status: int, retry_after: str | None) -> Delivery:

@@ -31,10 +31,13 @@ consent's ``CONSENT_STATE``) are not fields of the action; ``consent=insufficien
 records no link, while the action, the visitor's explicit request, is still applied.
 
 Failure: a webhook that does not answer 2xx within the bounded wait (webhooks.wait_bound)
-applies nothing here. A submission answers ``502 action-not-applied``. A hop puts its sealed
-action back under the same token for what is left of its TTL and answers ``503`` with
-``Retry-After``: reloading the page retries it, and the webhook sees the same ``id`` (its
-idempotency key) on every try. Once the TTL is over the action is gone (``502``).
+for a transient reason (5xx, 408, 429, a timeout, no connection) does not keep the visitor
+waiting longer: the same body, with the same ``id`` (the receiver's idempotency key), is
+queued in the outbox, addressed to the action's own destination (``amp-action-<name>``),
+whose forwarder retries it like event delivery (backoff and jitter, Retry-After, dead
+letters, reclaim). A submission then answers ``202 {"status": "queued"}``; a hop lands on
+``done_url`` as when applied, its token used up. A refusal (another 4xx, a 3xx) is final
+and queues nothing: ``502 action-not-applied``, as when the outbox is off.
 """
 
 import secrets
@@ -52,6 +55,7 @@ from identity_service.amp.forms import MalformedForm, UnsupportedFormType, read_
 from identity_service.crypto import SealError, Token
 from identity_service.middleware import SECURITY_HEADERS, problem_for, problem_response
 from identity_service.problems import PayloadTooLarge, Problem, UnknownAction
+from identity_service.settings import action_destination_name
 
 logger = structlog.get_logger(__name__)
 
@@ -70,7 +74,6 @@ _REFUSAL_REASONS: dict[type[Problem], str] = {
     MalformedForm: "malformed_form",
     UnsupportedFormType: "unsupported_form_type",
     webhooks.ActionNotApplied: "webhook_failed",
-    webhooks.ActionRetryLater: "webhook_failed",
 }
 
 
@@ -117,8 +120,8 @@ async def handle_complete(request: web.Request) -> web.StreamResponse:
                 visitor = cookies.new_visitor_id()
             set_cookie = cookies.set_cookie(visitor, ctx.amp.cookie)
             token = Token.parse(request.query.get("token", ""))
-            if token is not None and (taken := await _take(ctx, action, token)) is not None:
-                await _complete(ctx, action, token, visitor, *taken)
+            if token is not None and (record := await _take(ctx, action, token)) is not None:
+                await _complete(ctx, action, visitor, record)
             else:
                 _count_hop(ctx, action, "missed")
         else:
@@ -162,8 +165,9 @@ async def _apply_now(
     if visitor is None:
         visitor = cookies.new_visitor_id()
     context = "origin" if first_party else "cache_with_cookie"
-    await _apply(ctx, action, _hop_id(), visitor, fields, client_id, context)
-    _count_hop(ctx, action, "applied")
+    applied = await _apply(ctx, action, _hop_id(), visitor, fields, client_id, context)
+    if applied:
+        _count_hop(ctx, action, "applied")
     if may_link:
         await _link(ctx, client_id, visitor)
     headers = {
@@ -171,6 +175,8 @@ async def _apply_now(
         **allow,
         "Set-Cookie": cookies.set_cookie(visitor, ctx.amp.cookie),
     }
+    if not applied:  # queued: the outbox's forwarder applies it
+        return _json({"status": "queued"}, headers, status=202)
     return _json({"status": "applied"}, headers)
 
 
@@ -203,10 +209,8 @@ async def _start_hop(
     return _json({"status": "redirecting"}, headers)
 
 
-async def _take(
-    ctx: AmpContext, action: ActionSettings, token: Token
-) -> tuple[dict[str, Any], bytes] | None:
-    """The token's record, opened, and its sealed bytes; None if unknown, used or foreign."""
+async def _take(ctx: AmpContext, action: ActionSettings, token: Token) -> dict[str, Any] | None:
+    """The token's record, opened; None if unknown, used or foreign."""
     lookup_id = ctx.action_sealer.lookup_id(token)
     sealed = await ctx.store.take(lookup_id, None)
     if sealed is None:
@@ -219,29 +223,15 @@ async def _take(
     if not isinstance(record, dict) or record.get("action") != action.name:
         # A token taken to another action's URL: used up, nothing applied.
         return None
-    return record, sealed
+    return record
 
 
 async def _complete(
-    ctx: AmpContext,
-    action: ActionSettings,
-    token: Token,
-    visitor: str,
-    record: dict[str, Any],
-    sealed: bytes,
+    ctx: AmpContext, action: ActionSettings, visitor: str, record: dict[str, Any]
 ) -> None:
-    """Apply a taken hop; on failure keep it for a retry while its TTL lasts, and raise."""
+    """Apply a taken hop, or queue it (its token is used up either way); raise if refused."""
     client_id = record.get("clientId")
-    try:
-        await _apply(ctx, action, record["id"], visitor, record["fields"], client_id, "origin_hop")
-    except webhooks.ActionNotApplied:
-        left = int(ctx.amp.action_ttl - (time.time() - float(record["preparedAt"])))
-        if left < 1:
-            raise
-        await ctx.store.put(ctx.action_sealer.lookup_id(token), sealed, left, None)
-        raise webhooks.ActionRetryLater(
-            "the action could not be applied yet; reload this page to try again", retry_after=1
-        ) from None
+    await _apply(ctx, action, record["id"], visitor, record["fields"], client_id, "origin_hop")
     _count_hop(ctx, action, "completed")
     if record.get("link", True) is not False:
         await _link(ctx, client_id, visitor)
@@ -255,9 +245,14 @@ async def _apply(
     fields: dict[str, str],
     client_id: str | None,
     context: str,
-) -> None:
-    """Call the action's webhook; raise ActionNotApplied unless it answered 2xx in time."""
-    body = webhooks.payload(
+) -> bool:
+    """Call the action's webhook within the bounded wait: True if it answered 2xx.
+
+    False if it failed for a transient reason: the same body (same ``id``) is then queued
+    for the action's outbox destination, which retries it. ActionNotApplied if the
+    webhook refused it, or the outbox is off (nothing would deliver it).
+    """
+    document = webhooks.payload(
         hop_id=hop_id,
         action=action,
         anonymous_id=visitor,
@@ -265,13 +260,19 @@ async def _apply(
         client_id=client_id,
         context=context,
     )
-    outcome = await webhooks.call(ctx.http, ctx.amp, action, body)
-    if not outcome.applied:
+    outcome = await webhooks.call(ctx.http, ctx.amp, action, orjson.dumps(document))
+    if outcome.applied:
+        return True
+    if outcome.refused or not ctx.settings.outbox.enabled:
         _count_hop(ctx, action, "failed")
         raise webhooks.ActionNotApplied(
             f"the publisher's backend did not confirm the action after {outcome.attempts} "
             "attempt(s); nothing was applied by this service"
         )
+    await ctx.store.emit(hop_id.encode(), [document], only=action_destination_name(action.name))
+    _count_hop(ctx, action, "queued")
+    logger.info("webhook_queued", action=action.name, reason=outcome.reason)
+    return False
 
 
 async def _link(ctx: AmpContext, client_id: str | None, visitor: str) -> None:
@@ -309,7 +310,10 @@ def _problem(ctx: AmpContext, exc: Exception, request: web.Request) -> web.Respo
     return problem_response(problem, request)
 
 
-def _json(document: dict[str, str], headers: dict[str, str]) -> web.Response:
+def _json(document: dict[str, str], headers: dict[str, str], status: int = 200) -> web.Response:
     return web.Response(
-        body=orjson.dumps(document), content_type="application/json", headers=headers
+        status=status,
+        body=orjson.dumps(document),
+        content_type="application/json",
+        headers=headers,
     )

@@ -19,6 +19,11 @@ A 2xx answer means applied. 5xx, 408, 429, timeouts and connection errors are re
 exponential backoff and full jitter, at most ``webhook_attempts`` attempts, each within
 ``webhook_timeout``, all within :func:`wait_bound`. Any other answer (a 3xx is not followed)
 is a refusal, not retried.
+
+A call that still failed for a transient reason is not lost: actions.py queues the same
+body (same ``id``) in the outbox for the action's destination (``amp-action-<name>``),
+whose forwarder retries it like event delivery through ``sinks.WebhookSink``, signing
+each attempt with :func:`signed_headers`.
 """
 
 import asyncio
@@ -30,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import orjson
 import structlog
 
 from identity_service.amp.config import ActionSettings, AmpSettings
@@ -46,39 +50,39 @@ _RETRIED_STATUSES = frozenset({408, 429})
 
 
 class ActionNotApplied(Problem):
-    """The action's webhook did not confirm the action within the bounded wait."""
+    """The action's webhook refused the action (or it could not be queued for a retry)."""
 
     status = 502
     slug = "action-not-applied"
     title = "The action could not be applied"
 
 
-class ActionRetryLater(ActionNotApplied):
-    """As ActionNotApplied, at the end of an origin hop whose action was kept for a retry."""
-
-    status = 503
-
-    def __init__(self, detail: str, retry_after: int) -> None:
-        super().__init__(detail)
-        self.retry_after = retry_after
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)}
-
-
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What became of a webhook call: applied (a 2xx) or not, and why not."""
+    """What became of a webhook call: applied (a 2xx) or not, and why not.
+
+    ``refused``: the webhook answered a refusal (a 4xx other than 408 and 429, or a 3xx),
+    which no retry changes; otherwise a call not applied failed for a transient reason.
+    """
 
     applied: bool
     attempts: int
     reason: str = ""
+    refused: bool = False
 
 
 def signature(secret: bytes, timestamp: int, body: bytes) -> str:
     """The ``Identity-Signature`` header value for ``body`` sent at ``timestamp``."""
     digest = hmac.new(secret, b"%d." % timestamp + body, hashlib.sha256).hexdigest()
     return f"t={timestamp},v1={digest}"
+
+
+def signed_headers(secret: bytes, body: bytes) -> dict[str, str]:
+    """The headers of one attempt to POST ``body``: signed now (a fresh ``t`` each time)."""
+    return {
+        "Content-Type": "application/json",
+        SIGNATURE_HEADER: signature(secret, int(time.time()), body),
+    }
 
 
 def wait_bound(amp: AmpSettings) -> float:
@@ -97,8 +101,8 @@ def payload(
     fields: dict[str, str],
     client_id: str | None,
     context: str,
-) -> bytes:
-    """The JSON document the webhook receives."""
+) -> dict[str, Any]:
+    """The JSON document the webhook receives (``orjson.dumps`` gives the body sent)."""
     document: dict[str, Any] = {
         "id": hop_id,
         "action": action.name,
@@ -109,7 +113,7 @@ def payload(
     }
     if client_id is not None:
         document["clientId"] = client_id
-    return orjson.dumps(document)
+    return document
 
 
 async def call(
@@ -128,7 +132,7 @@ async def call(
             return Outcome(applied=True, attempts=attempt)
         if not retry or attempt == amp.webhook_attempts:
             log.warning("webhook_failed", reason=reason, attempts=attempt)
-            return Outcome(applied=False, attempts=attempt, reason=reason)
+            return Outcome(applied=False, attempts=attempt, reason=reason, refused=not retry)
         delay = _backoff(attempt)
         log.info("webhook_retry", reason=reason, attempt=attempt, delay_s=round(delay, 3))
         await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
@@ -140,15 +144,11 @@ async def _attempt(
     http: aiohttp.ClientSession, action: ActionSettings, body: bytes, seconds: float
 ) -> tuple[bool, str]:
     """One signed POST: ``(retry, "")`` when applied, else whether to retry and why not."""
-    headers = {
-        "Content-Type": "application/json",
-        SIGNATURE_HEADER: signature(action.secret, int(time.time()), body),
-    }
     try:
         async with http.post(
             action.webhook,
             data=body,
-            headers=headers,
+            headers=signed_headers(action.secret, body),
             allow_redirects=False,
             timeout=aiohttp.ClientTimeout(total=seconds),
         ) as response:

@@ -41,8 +41,13 @@ class HandoffStore(Protocol):
         the same atomic step.
         """
 
-    async def emit(self, shard_hint: bytes, events: list[Event]) -> None:
-        """Queue events that belong to no handoff (a fallback on a miss)."""
+    async def emit(self, shard_hint: bytes, events: list[Event], only: str | None = None) -> None:
+        """Queue events that belong to no handoff (a fallback on a miss, an AMP hit).
+
+        With ``only``, they are addressed to that destination alone: no other destination
+        delivers them (an AMP action's webhook body, for its ``amp-action-<name>``
+        destination). Without it, every destination but the addressed-only ones does.
+        """
 
     async def keep(self, key_id: bytes, record: bytes, ttl_seconds: int) -> None:
         """Keep ``record`` under ``key_id`` for ``ttl_seconds``, replacing any record there.

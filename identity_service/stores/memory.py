@@ -29,15 +29,24 @@ V = TypeVar("V")
 
 class MemoryQueue:
     """One destination's events (JSON documents) waiting for its forwarder, with a wake-up
-    for the reader."""
+    for the reader. ``addressed_only``: it takes only events addressed to ``name``."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "", addressed_only: bool = False) -> None:
+        self.name = name
+        self.addressed_only = addressed_only
         self.events: deque[bytes] = deque()
         self.arrived = asyncio.Event()
 
+    def wants(self, only: str | None) -> bool:
+        """Whether events addressed to ``only`` (None: to every destination) come here."""
+        return self.name == only if only is not None or self.addressed_only else True
+
 
 class MemoryOutbox:
-    """Copies each event to every subscribed destination's queue.
+    """Copies each event to every subscribed destination's queue that wants it, as the
+    Redis consumer groups do: events addressed to one destination (``only``) go to that
+    destination alone, and an addressed-only destination (an AMP action's webhook) takes
+    nothing else.
 
     With no subscriber (the forwarder is off) events are dropped, not hoarded.
     """
@@ -45,16 +54,19 @@ class MemoryOutbox:
     def __init__(self) -> None:
         self.queues: list[MemoryQueue] = []
 
-    def subscribe(self) -> MemoryQueue:
-        queue = MemoryQueue()
+    def subscribe(self, name: str = "", addressed_only: bool = False) -> MemoryQueue:
+        """A queue for destination ``name``, filled from now on."""
+        queue = MemoryQueue(name, addressed_only)
         self.queues.append(queue)
         return queue
 
-    def extend(self, events: list[ev.Event]) -> None:
-        if not events or not self.queues:
+    def extend(self, events: list[ev.Event], only: str | None = None) -> None:
+        """Queue ``events`` for every destination, or for destination ``only`` alone."""
+        queues = [queue for queue in self.queues if queue.wants(only)]
+        if not events or not queues:
             return
         encoded = [ev.encode(event) for event in events]
-        for queue in self.queues:
+        for queue in queues:
             queue.events.extend(encoded)
             queue.arrived.set()
 
@@ -181,8 +193,10 @@ class MemoryStore:
             self.outbox.extend(ev.complete(template, facts))
         return record
 
-    async def emit(self, shard_hint: bytes, events: list[ev.Event]) -> None:
-        self.outbox.extend(events)
+    async def emit(
+        self, shard_hint: bytes, events: list[ev.Event], only: str | None = None
+    ) -> None:
+        self.outbox.extend(events, only)
 
     async def keep(self, key_id: bytes, record: bytes, ttl_seconds: int) -> None:
         now = self._clock()

@@ -132,10 +132,13 @@ class RedisStore:
         assert record is None or isinstance(record, bytes)
         return record
 
-    async def emit(self, shard_hint: bytes, events: list[ev.Event]) -> None:
+    async def emit(
+        self, shard_hint: bytes, events: list[ev.Event], only: str | None = None
+    ) -> None:
         stream = outbox_key(self._prefix, shard_of(shard_hint))
         sealed = self._sealer.seal(ev.join_documents(events))
-        await self._guarded(self._redis.execute("XADD", stream, "*", "j", sealed))
+        addressed: list[Arg] = ["only", only] if only is not None else []
+        await self._guarded(self._redis.execute("XADD", stream, "*", "j", sealed, *addressed))
 
     async def keep(self, key_id: bytes, record: bytes, ttl_seconds: int) -> None:
         key = link_key(self._prefix, key_id)
