@@ -1,0 +1,266 @@
+"""An AMP action whose webhook fails is queued in the outbox and retried like events.
+
+Against a real webhook receiver (tests/webhook_receiver.py), a real Segment-compatible
+collector (tests/collector.py) and both stores: the visitor's answer comes within the
+bounded wait (202 at submit, 303 at the end of the hop), and once the webhook is back the
+action is applied exactly once (every raw call counted, all with one ``id``). A refusal in
+the outbox is a dead letter that ``outbox replay-dead`` sends again, and analytics events
+and webhook bodies never reach each other's destination.
+"""
+
+import asyncio
+import json
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import DummyCookieJar
+
+from identity_service import app_keys
+from identity_service.amp import webhooks
+from identity_service.amp.context import AMP
+from identity_service.app import create_app
+from identity_service.settings import Settings
+from tests.collector import WRITE_KEY, Collector, running_collector
+from tests.conftest import SECRET, AppClient, FrontTestServer, sources_env
+from tests.test_amp_actions import (
+    CACHE,
+    DONE_URL,
+    FIELDS,
+    FROM_CACHE,
+    PUBLISHER,
+    SAME_ORIGIN,
+    SUBMIT,
+    VISITOR,
+    WITH_COOKIE,
+    amp_config,
+    form,
+    hop,
+    metric,
+    set_cookie_value,
+)
+from tests.test_cli import COMMAND, clean_env
+from tests.webhook_receiver import WebhookReceiver
+
+DESTINATION = "amp-action-add-to-cart"
+FAST_DELIVERY = {
+    "batch_max_wait": "0.01",
+    "backoff_base": "0.05",
+    "backoff_max": "0.2",
+    "delivery_timeout": "0.5",
+}
+# How a test takes the webhook down: its receiver stopped (connections refused), or
+# answering 503 to the three attempts in the request and the outbox's first two.
+DOWN_MODES = ["stopped", "503"]
+DOWN_503_REPLIES = 5
+
+RetryClient = Callable[..., Awaitable[AppClient]]
+
+
+@pytest.fixture
+async def collector() -> AsyncIterator[Collector]:
+    async with running_collector() as running:
+        yield running
+
+
+@pytest.fixture
+def retry_client(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    settings_for: Callable[..., Settings],
+    receiver: WebhookReceiver,
+    collector: Collector,
+) -> RetryClient:
+    """A client of a service with the add-to-cart action and a Segment destination, whose
+    forwarders retry fast. Cookies are sent by hand (no jar)."""
+
+    async def build() -> AppClient:
+        settings = settings_for(
+            amp=amp_config(receiver.url),
+            destination_url=collector.url,
+            destination_write_key=WRITE_KEY,
+            **FAST_DELIVERY,
+        )
+        return await aiohttp_client(
+            FrontTestServer(create_app(settings)), cookie_jar=DummyCookieJar()
+        )
+
+    return build
+
+
+@pytest.fixture(params=DOWN_MODES)
+def down(request: pytest.FixtureRequest) -> str:
+    mode: str = request.param
+    return mode
+
+
+async def eventually(check: Callable[[], bool], seconds: float = 15.0) -> None:
+    """Wait until ``check()`` holds."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("the condition did not hold in time")
+        await asyncio.sleep(0.02)
+
+
+async def take_down(receiver: WebhookReceiver, mode: str) -> None:
+    if mode == "stopped":
+        await receiver.stop()
+    else:
+        receiver.replies = [503] * DOWN_503_REPLIES
+
+
+async def bring_back(receiver: WebhookReceiver, mode: str, port: int) -> None:
+    """Restart a stopped receiver on its port, after the outbox retried into the void."""
+    if mode == "stopped":
+        await asyncio.sleep(0.4)
+        await receiver.start(port)
+
+
+def raw_calls(mode: str) -> int:
+    """The calls the receiver answers until it applies the action: one when it was stopped
+    (refused connections are no calls), else every 503 and then the 200."""
+    return 1 if mode == "stopped" else DOWN_503_REPLIES + 1
+
+
+async def applied_once(receiver: WebhookReceiver, mode: str) -> dict[str, Any]:
+    """Wait for the action; after a moment more, check that nothing came again."""
+    await eventually(lambda: receiver.applications == 1)
+    await asyncio.sleep(0.5)
+    assert receiver.applications == 1
+    assert len(receiver.calls) == raw_calls(mode)
+    assert len({call["id"] for call in receiver.calls}) == 1
+    # The same JSON on every attempt: queued as it was first sent.
+    assert all(call == receiver.calls[0] for call in receiver.calls)
+    return next(iter(receiver.applied.values()))
+
+
+async def test_a_submit_while_the_webhook_is_down_is_queued_and_applied_once(
+    retry_client: RetryClient, receiver: WebhookReceiver, down: str
+) -> None:
+    client = await retry_client()
+    port = receiver.port
+    await take_down(receiver, down)
+    bound = webhooks.wait_bound(client.app[AMP].amp)
+    started = time.monotonic()
+    response = await client.post(SUBMIT, data=form(), headers={**FROM_CACHE, **WITH_COOKIE})
+    assert time.monotonic() - started < bound + 0.5
+    assert response.status == 202, await response.text()
+    assert await response.json() == {"status": "queued"}
+    assert response.headers["Access-Control-Allow-Origin"] == CACHE
+    assert response.headers["Access-Control-Allow-Credentials"] == "true"
+    assert response.headers["Vary"] == "Origin"
+    assert set_cookie_value(response) == VISITOR
+    assert metric(client, "identity_amp_hops_total", action="add-to-cart", stage="queued") == 1
+
+    await bring_back(receiver, down, port)
+    applied = await applied_once(receiver, down)
+    assert (applied["anonymousId"], applied["fields"]) == (VISITOR, FIELDS)
+    assert applied["context"] == "cache_with_cookie"
+    delivered = metric(client, "identity_events_delivered_total", destination=DESTINATION)
+    assert delivered == 1
+
+
+async def test_a_hop_whose_webhook_is_down_lands_on_done_url_and_is_applied_once(
+    retry_client: RetryClient, receiver: WebhookReceiver, down: str
+) -> None:
+    client = await retry_client()
+    complete = await hop(client)
+    port = receiver.port
+    await take_down(receiver, down)
+    bound = webhooks.wait_bound(client.app[AMP].amp)
+    started = time.monotonic()
+    landing = await client.get(complete, headers=WITH_COOKIE, allow_redirects=False)
+    assert time.monotonic() - started < bound + 0.5
+    assert landing.status == 303, await landing.text()
+    assert landing.headers["Location"] == DONE_URL
+    assert metric(client, "identity_amp_hops_total", action="add-to-cart", stage="queued") == 1
+    assert metric(client, "identity_amp_hops_total", action="add-to-cart", stage="completed") == 1
+
+    await bring_back(receiver, down, port)
+    applied = await applied_once(receiver, down)
+    assert (applied["anonymousId"], applied["context"]) == (VISITOR, "origin_hop")
+    # The token was used up: a replay lands with nothing applied, nothing sent.
+    replay = await client.get(complete, headers=WITH_COOKIE, allow_redirects=False)
+    assert (replay.status, replay.headers["Location"]) == (303, DONE_URL)
+    await asyncio.sleep(0.3)
+    assert len(receiver.calls) == raw_calls(down) and receiver.applications == 1
+
+
+async def test_a_refusal_in_the_outbox_is_a_dead_letter(
+    retry_client: RetryClient, receiver: WebhookReceiver, store_kind: str
+) -> None:
+    client = await retry_client()
+    receiver.replies = [503, 503, 503, 422]  # the request's three attempts, then refused
+    response = await client.post(SUBMIT, data=form(), headers={**SAME_ORIGIN, **WITH_COOKIE})
+    assert response.status == 202, await response.text()
+
+    await eventually(
+        lambda: metric(client, "identity_events_dead_lettered_total", destination=DESTINATION) == 1
+    )
+    await asyncio.sleep(0.3)
+    assert len(receiver.calls) == 4 and receiver.applications == 0
+    if store_kind == "redis":
+        await _replayed_by_the_cli(client, receiver)
+
+
+async def _replayed_by_the_cli(client: AppClient, receiver: WebhookReceiver) -> None:
+    """``outbox status`` lists the dead letter under the action's destination, and
+    ``outbox replay-dead`` sends it again: applied once, with the same id."""
+    settings = client.app[app_keys.SETTINGS]
+    assert settings.redis is not None
+    env = clean_env(
+        IDENTITY_REDIS_URL=settings.redis.url,
+        IDENTITY_REDIS_KEY_PREFIX=settings.redis.key_prefix,
+        IDENTITY_AMP=amp_config(receiver.url),
+        IDENTITY_SOURCES=sources_env(),
+        IDENTITY_SECRET=SECRET,
+        IDENTITY_DESTINATION_URL=settings.outbox.destinations[0].url,
+        IDENTITY_DESTINATION_WRITE_KEY=WRITE_KEY,
+    )
+
+    def outbox(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [COMMAND, "outbox", *args], env=env, capture_output=True, text=True, timeout=30
+        )
+
+    status = await asyncio.to_thread(outbox, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    report = {row["destination"]: row for row in json.loads(status.stdout)}
+    assert set(report) == {"default", DESTINATION}
+    assert report[DESTINATION]["deadLetters"] == 1
+    assert report["default"]["deadLetters"] == 0
+    table = await asyncio.to_thread(outbox, "status")
+    assert DESTINATION in table.stdout
+
+    replayed = await asyncio.to_thread(outbox, "replay-dead")
+    assert replayed.returncode == 0, replayed.stderr
+    assert "re-queued 1 dead letters" in replayed.stdout
+    await eventually(lambda: receiver.applications == 1)
+    assert len({call["id"] for call in receiver.calls}) == 1
+
+
+async def test_events_and_webhook_bodies_never_reach_each_others_destination(
+    retry_client: RetryClient, receiver: WebhookReceiver, collector: Collector
+) -> None:
+    client = await retry_client()
+    receiver.replies = [503, 503, 503]  # queued, then delivered by the outbox
+    response = await client.post(SUBMIT, data=form(), headers={**SAME_ORIGIN, **WITH_COOKIE})
+    assert response.status == 202, await response.text()
+    hit = await client.get(
+        "/v1/amp/collect",
+        params={"ampId": "amp-Xy3kq_origin", "url": f"{PUBLISHER}/article"},
+        headers={**SAME_ORIGIN, **WITH_COOKIE},
+    )
+    assert hit.status == 204, await hit.text()
+
+    await collector.wait_for(1)
+    await eventually(lambda: receiver.applications == 1)
+    await asyncio.sleep(0.5)
+    # The page call reached Segment, and only it; the webhook saw its action, and only it.
+    assert [event["type"] for event in collector.events] == ["page"]
+    assert all("action" not in event for event in collector.events)
+    assert len(receiver.calls) == 4
+    assert all(call["action"] == "add-to-cart" for call in receiver.calls)
+    assert receiver.bad_signatures == 0
