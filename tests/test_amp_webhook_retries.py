@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import DummyCookieJar
 
@@ -22,9 +23,10 @@ from identity_service import app_keys
 from identity_service.amp import webhooks
 from identity_service.amp.context import AMP
 from identity_service.app import create_app
-from identity_service.settings import Settings
+from identity_service.settings import ConfigError, Destination, Settings
+from identity_service.sinks import DELIVERED, WebhookSink
 from tests.collector import WRITE_KEY, Collector, running_collector
-from tests.conftest import SECRET, AppClient, FrontTestServer, sources_env
+from tests.conftest import SECRET, AppClient, FrontTestServer, make_settings, sources_env
 from tests.test_amp_actions import (
     CACHE,
     DONE_URL,
@@ -42,7 +44,7 @@ from tests.test_amp_actions import (
     set_cookie_value,
 )
 from tests.test_cli import COMMAND, clean_env
-from tests.webhook_receiver import WebhookReceiver
+from tests.webhook_receiver import WEBHOOK_SECRET, WebhookReceiver
 
 DESTINATION = "amp-action-add-to-cart"
 FAST_DELIVERY = {
@@ -264,3 +266,47 @@ async def test_events_and_webhook_bodies_never_reach_each_others_destination(
     assert len(receiver.calls) == 4
     assert all(call["action"] == "add-to-cart" for call in receiver.calls)
     assert receiver.bad_signatures == 0
+
+
+def test_each_action_has_an_outbox_destination_after_the_events_ones() -> None:
+    amp = json.loads(amp_config("http://127.0.0.1:9/apply"))
+    amp["actions"]["wish_list"] = {**amp["actions"]["add-to-cart"]}
+    settings = make_settings(amp=json.dumps(amp))
+    stdout, cart, wish = settings.outbox.destinations
+    assert (stdout.name, stdout.kind, stdout.addressed_only) == ("stdout", "stdout", False)
+    assert (cart.name, cart.kind, cart.addressed_only) == (DESTINATION, "webhook", True)
+    assert (cart.url, cart.secret) == ("http://127.0.0.1:9/apply", WEBHOOK_SECRET.encode())
+    assert WEBHOOK_SECRET not in repr(cart)
+    assert wish.name == "amp-action-wish_list"
+    assert [d.name for d in make_settings().outbox.destinations] == ["stdout"]
+
+
+def test_an_events_destination_may_not_take_an_actions_name() -> None:
+    taken = json.dumps({DESTINATION: {"url": "https://api.example.com", "write_key": "wk"}})
+    with pytest.raises(ConfigError) as caught:
+        make_settings(amp=amp_config("http://127.0.0.1:9/apply"), destinations=taken)
+    assert caught.value.problems == [f"destination name {DESTINATION!r} is used twice"]
+
+
+async def test_the_webhook_sink_signs_each_body_and_retries_the_whole_batch(
+    receiver: WebhookReceiver,
+) -> None:
+    sink = WebhookSink(
+        Destination(DESTINATION, "webhook", url=receiver.url, secret=WEBHOOK_SECRET.encode()),
+        timeout=0.5,
+    )
+    bodies = [orjson.dumps({"id": f"hop-{n}", "action": "add-to-cart"}) for n in (1, 2, 3)]
+    try:
+        receiver.replies = [200, 503]
+        assert (await sink.send(bodies)).outcome == "retry"  # stops at the failed body
+        assert [call["id"] for call in receiver.calls] == ["hop-1", "hop-2"]
+        assert await sink.send(bodies) == DELIVERED  # the whole batch again, in order
+        assert [call["id"] for call in receiver.calls[2:]] == ["hop-1", "hop-2", "hop-3"]
+        assert receiver.applications == 3  # hop-1 twice at the receiver, applied once
+        receiver.replies = [422]
+        refused = await sink.send(bodies[:1])
+        assert (refused.outcome, refused.reason) == ("rejected", "http 422")
+        await receiver.stop()
+        assert (await sink.send(bodies[:1])).outcome == "retry"  # nobody listening
+    finally:
+        await sink.close()

@@ -5,14 +5,17 @@ import os
 import tracemalloc
 from collections.abc import AsyncIterator
 
+import orjson
 import pytest
 
-from identity_service.constants import handoff_key
+from identity_service.constants import KEY_SHARDS, handoff_key, outbox_key
 from identity_service.crypto import OutboxSealer
+from identity_service.feeds import Feed, MemoryFeed, RedisFeed
 from identity_service.settings import RedisSettings
 from identity_service.stores import HandoffStore
 from identity_service.stores.memory import MemoryOutbox, MemoryStore
 from identity_service.stores.redis import RedisStore, connect
+from identity_service.stores.resp import RespClient
 from tests.redis_server import RedisServer
 
 SEALER = OutboxSealer(b"s" * 32)
@@ -153,3 +156,56 @@ def test_queued_events_hold_about_their_own_size() -> None:
     assert len(queue.events) == 2_000
     # A result of orjson.dumps sits in a buffer of at least 4 KiB (orjson 3.12 and later).
     assert growth.bytes < 2_000 * 1_000
+
+
+async def test_emit_only_reaches_the_addressed_destination_alone(
+    store: HandoffStore, redis_server: RedisServer
+) -> None:
+    """Entries addressed to a destination (an AMP action's webhook body) reach it alone;
+    an addressed-only destination takes nothing else (analytics events)."""
+    names = ["segment", "amp-action-cart"]
+    feeds: dict[str, Feed]
+    clients: list[RespClient] = []
+    redis = None
+    if isinstance(store, MemoryStore):
+        feeds = {
+            name: MemoryFeed(store.outbox.subscribe(name, name.startswith("amp-")))
+            for name in names
+        }
+    else:
+        redis = connect(RedisSettings.from_dsn(redis_server.url))
+        await redis.delete(*(outbox_key("contract:", shard) for shard in range(KEY_SHARDS)))
+        feeds = {}
+        for name in names:
+            clients.append(RespClient(redis_server.url, timeout=3.0))
+            feeds[name] = RedisFeed(
+                redis, clients[-1], "contract:", name, SEALER, 60, names, name.startswith("amp-")
+            )
+            assert await feeds[name].read(10, wait=0.01) == []  # creates the groups
+    try:
+        await store.emit(b"hint-1", [{"type": "page", "messageId": "m-1"}])
+        await store.emit(b"hint-2", [{"id": "hop-1", "action": "cart"}], only="amp-action-cart")
+        await store.emit(b"hint-3", [{"type": "track", "messageId": "m-2"}])
+        read = {name: await _read_all(feed) for name, feed in feeds.items()}
+    finally:
+        for client in clients:
+            await client.close()
+        if redis is not None:
+            await redis.aclose()
+    assert sorted((orjson.loads(event) for event in read["segment"]), key=str) == [
+        {"type": "page", "messageId": "m-1"},
+        {"type": "track", "messageId": "m-2"},
+    ]
+    assert [orjson.loads(event) for event in read["amp-action-cart"]] == [
+        {"id": "hop-1", "action": "cart"}
+    ]
+
+
+async def _read_all(feed: Feed) -> list[bytes]:
+    """Every event the feed hands out now: Redis hands out one entry per shard a read, and
+    a read whose entries were all for other destinations hands out none."""
+    events: list[bytes] = []
+    for _ in range(5):
+        entries = await feed.read(10, wait=0.05)
+        events.extend(event for entry in entries for event in entry.events)
+    return events
