@@ -267,13 +267,13 @@ class RedisFeed:
         self._groups_ready = True
 
     async def _decode_all(self, stream: str, messages: list[Any]) -> list[FeedEntry]:
-        entries, poisoned = [], []
+        entries, poisoned, not_ours = [], [], []
         for entry_id, fields in messages:
             if fields is None:  # deleted while pending
                 continue
             entry = FeedEntry(text(entry_id), stream, [], fields)
             if not self._wanted(fields.get(b"only")):
-                await self._redis.xack(stream, self._group, entry.entry_id)
+                not_ours.append(entry.entry_id)
                 continue
             try:
                 entry.events = self._decode(fields)
@@ -282,6 +282,9 @@ class RedisFeed:
                 poisoned.append(entry)
                 continue
             entries.append(entry)
+        if not_ours:
+            # One acknowledgement for the read: an action's feed skips every event entry.
+            await self._redis.xack(stream, self._group, *not_ours)
         if poisoned:
             await self.dead_letter(poisoned, "unreadable entry")
         return entries
