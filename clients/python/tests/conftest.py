@@ -1,0 +1,116 @@
+"""Fixtures: the real service (``identity-service serve``) on loopback, in three setups."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+DEV_WRITE_KEY = "sdk-dev-write-key-0123456789"
+SHOP_WRITE_KEY = "sdk-shop-write-key-0123456789"
+OTHER_WRITE_KEY = "sdk-other-write-key-0123456789"
+SECRET = "sdk-test-server-secret-0123456789abcdef"
+SERVE = Path(sys.executable).parent / "identity-service"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Service:
+    url: str
+    process: subprocess.Popen[bytes]
+
+
+def start_service(log_dir: Path, name: str, **env: str) -> Iterator[Service]:
+    port = free_port()
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("IDENTITY_")}
+    log = (log_dir / f"{name}.log").open("wb")
+    process = subprocess.Popen(
+        [str(SERVE), "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env={**clean, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"{name} service exited: {(log_dir / f'{name}.log').read_text()}"
+                )
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} service did not answer /healthz")
+            time.sleep(0.05)
+        yield Service(url, process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """The development setup: memory store, the dev source (any *.localhost destination)."""
+    yield from start_service(
+        tmp_path_factory.mktemp("dev"), "dev", IDENTITY_DEV_WRITE_KEY=DEV_WRITE_KEY
+    )
+
+
+@pytest.fixture(scope="session")
+def configured_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """Two configured sources, each allowed one https origin of its own."""
+
+    def source(key: str, origin: str) -> dict[str, object]:
+        return {
+            "write_key_hash": "sha256:" + hashlib.sha256(key.encode()).hexdigest(),
+            "origins": [origin],
+        }
+
+    sources = {
+        "shop": source(SHOP_WRITE_KEY, "https://checkout.example.com"),
+        "other": source(OTHER_WRITE_KEY, "https://other.example.com"),
+    }
+    yield from start_service(
+        tmp_path_factory.mktemp("configured"),
+        "configured",
+        IDENTITY_SOURCES=json.dumps(sources),
+        IDENTITY_SECRET=SECRET,
+    )
+
+
+@pytest.fixture(scope="session")
+def down_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """The Redis store at an address where nothing listens: every /v1 call answers 503."""
+    yield from start_service(
+        tmp_path_factory.mktemp("down"),
+        "down",
+        IDENTITY_DEV_WRITE_KEY=DEV_WRITE_KEY,
+        IDENTITY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+        IDENTITY_REDIS_TIMEOUT="0.5",
+        IDENTITY_SECRET=SECRET,
+    )

@@ -1,0 +1,277 @@
+"""IdentityClient and AsyncIdentityClient against the real service."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+from conftest import DEV_WRITE_KEY, OTHER_WRITE_KEY, SHOP_WRITE_KEY, Service
+from identity_client import (
+    AsyncIdentityClient,
+    AudienceMismatch,
+    ConfigurationError,
+    DestinationNotAllowed,
+    IdentityClient,
+    IdentityConnectionError,
+    IdentityError,
+    InvalidRequest,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    TokenNotFound,
+    Unauthorized,
+)
+
+DESTINATION = "http://checkout.localhost:3000/cart?step=1"
+PROBLEM = "urn:identity-service:problem:"
+
+
+def test_round_trip_sync(service: Service) -> None:
+    with IdentityClient(service.url, DEV_WRITE_KEY) as client:
+        handoff = client.prepare(
+            anonymous_id="visitor-sync",
+            user_id="user-42",
+            destination=DESTINATION,
+            traits={"plan": "pro"},
+            context={"page": {"url": "http://shop.localhost/"}},
+            consent={"analytics": True},
+            ttl=60,
+        )
+        assert handoff.expires_in == 60
+        assert handoff.expires_at.tzinfo is not None
+        assert 0 < (handoff.expires_at - datetime.now(UTC)).total_seconds() <= 61
+        query = parse_qs(urlsplit(handoff.redirect_url).query)
+        assert query == {"step": ["1"], "handoff_token": [handoff.token]}
+        assert handoff.token not in repr(handoff)
+
+        identity = client.exchange(
+            handoff.token,
+            event="Checkout Started",
+            properties={"cart": 3},
+            context={"page": {"url": DESTINATION}},
+        )
+        assert identity.anonymous_id == "visitor-sync"
+        assert identity.user_id == "user-42"
+        assert identity.traits == {"plan": "pro"}
+        assert identity.consent == {"analytics": True}
+        assert identity.source == "handoff"
+        assert identity.prepared_by == "dev"
+        assert identity.prepared_at is not None
+        assert identity.destination == DESTINATION
+
+        with pytest.raises(TokenNotFound) as caught:
+            client.exchange(handoff.token)
+        assert caught.value.status == 404
+        assert caught.value.type == PROBLEM + "token-not-found"
+        assert caught.value.title
+        assert caught.value.detail
+
+        generated = client.exchange(handoff.token, fallback=True)
+        assert generated.source == "generated"
+        assert generated.anonymous_id != "visitor-sync"
+        assert generated.user_id is None
+        assert generated.prepared_by is None
+
+
+async def test_round_trip_async(service: Service) -> None:
+    async with AsyncIdentityClient(service.url, DEV_WRITE_KEY) as client:
+        handoff = await client.prepare(user_id="user-async", destination=DESTINATION)
+        identity = await client.exchange(handoff.token)
+        assert identity.user_id == "user-async"
+        assert identity.source == "handoff"
+        with pytest.raises(TokenNotFound):
+            await client.exchange(handoff.token)
+        assert (await client.exchange(handoff.token, fallback=True)).source == "generated"
+        with pytest.raises(Unauthorized):
+            await AsyncIdentityClient(service.url, "wrong-key").exchange("x" * 43)
+
+
+def test_environment_fallbacks(service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IDENTITY_URL", raising=False)
+    monkeypatch.delenv("IDENTITY_WRITE_KEY", raising=False)
+    with pytest.raises(ConfigurationError, match="IDENTITY_URL"):
+        IdentityClient()
+    monkeypatch.setenv("IDENTITY_URL", service.url)
+    with pytest.raises(ConfigurationError, match="IDENTITY_WRITE_KEY"):
+        IdentityClient()
+    monkeypatch.setenv("IDENTITY_WRITE_KEY", DEV_WRITE_KEY)
+    with IdentityClient() as client:
+        assert client.prepare("visitor-env", destination=DESTINATION).token
+        assert DEV_WRITE_KEY not in repr(client)
+
+
+def test_unauthorized_never_shows_the_key(service: Service) -> None:
+    key = "a-wrong-write-key-that-must-not-leak"
+    with IdentityClient(service.url, key) as client, pytest.raises(Unauthorized) as caught:
+        client.prepare("visitor", destination=DESTINATION)
+    error = caught.value
+    assert error.status == 401
+    assert error.type == PROBLEM + "unauthorized"
+    assert key not in str(error)
+    assert key not in repr(error)
+
+
+def test_invalid_request_lists_field_errors(service: Service) -> None:
+    with IdentityClient(service.url, DEV_WRITE_KEY) as client:
+        with pytest.raises(InvalidRequest) as caught:
+            client.prepare("visitor", destination="ftp://checkout.localhost/", ttl=100_000)
+        assert caught.value.status == 400
+        assert caught.value.type == PROBLEM + "validation-failed"
+        assert {error.field for error in caught.value.errors} == {"destination", "ttl"}
+        with pytest.raises(InvalidRequest):
+            client.prepare(destination=DESTINATION)  # no anonymous_id nor user_id
+        with pytest.raises(PayloadTooLarge) as too_large:
+            client.prepare("visitor", destination=DESTINATION, traits={"x": "y" * 20_000})
+        assert too_large.value.status == 413
+
+
+def test_destination_not_allowed_and_audience_mismatch(configured_service: Service) -> None:
+    shop = IdentityClient(configured_service.url, SHOP_WRITE_KEY)
+    other = IdentityClient(configured_service.url, OTHER_WRITE_KEY)
+    with shop, other:
+        with pytest.raises(DestinationNotAllowed) as refused:
+            shop.prepare("visitor", destination="https://other.example.com/cart")
+        assert refused.value.status == 403
+        assert refused.value.type == PROBLEM + "destination-not-allowed"
+
+        handoff = shop.prepare("visitor", destination="https://checkout.example.com/cart")
+        with pytest.raises(AudienceMismatch) as mismatch:
+            other.exchange(handoff.token, fallback=True)  # never a fallback for a mismatch
+        assert mismatch.value.status == 403
+        with pytest.raises(TokenNotFound):  # the mismatch used the token up
+            shop.exchange(handoff.token)
+
+
+def test_service_unavailable(down_service: Service) -> None:
+    with IdentityClient(down_service.url, DEV_WRITE_KEY, max_retries=0) as client:
+        with pytest.raises(ServiceUnavailable) as caught:
+            client.prepare("visitor", destination=DESTINATION)
+        assert caught.value.status == 503
+        assert caught.value.type == PROBLEM + "service-unavailable"
+        assert caught.value.retry_after == 1.0
+        with pytest.raises(ServiceUnavailable):
+            client.exchange("t" * 43, fallback=True)
+
+
+# Retries: a real HTTP server on loopback that fails the first requests, then proxies to the
+# service.
+
+
+class Stub:
+    """Answers the first ``failures`` POSTs with 503 (``mode="503"``) or by closing the
+    connection without an answer (``mode="drop"``), then proxies to ``upstream``."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.mode = "503"
+        self.failures = 0
+        self.requests: list[str] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                stub.requests.append(self.path)
+                if len(stub.requests) <= stub.failures:
+                    if stub.mode == "drop":
+                        self.close_connection = True
+                        return
+                    problem = (
+                        b'{"type": "urn:identity-service:problem:service-unavailable", '
+                        b'"title": "Unavailable", "status": 503, "detail": "stub"}'
+                    )
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/problem+json")
+                    self.send_header("Retry-After", "0")
+                    self.send_header("Content-Length", str(len(problem)))
+                    self.end_headers()
+                    self.wfile.write(problem)
+                    return
+                answer = httpx.post(
+                    stub.upstream + self.path,
+                    content=body,
+                    headers={
+                        "Authorization": self.headers["Authorization"],
+                        "Content-Type": "application/json",
+                    },
+                )
+                self.send_response(answer.status_code)
+                self.send_header("Content-Type", answer.headers["Content-Type"])
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stub(service: Service) -> Iterator[Stub]:
+    server = Stub(service.url)
+    yield server
+    server.close()
+
+
+def fast_client(url: str, max_retries: int = 2) -> IdentityClient:
+    return IdentityClient(url, DEV_WRITE_KEY, max_retries=max_retries, backoff_base=0.01)
+
+
+def test_prepare_retried_on_503(stub: Stub) -> None:
+    stub.failures = 2
+    with fast_client(stub.url) as client:
+        handoff = client.prepare("visitor-retried", destination=DESTINATION)
+        assert stub.requests == ["/v1/handoffs"] * 3
+        assert client.exchange(handoff.token).anonymous_id == "visitor-retried"
+
+
+def test_prepare_retries_are_bounded(stub: Stub) -> None:
+    stub.failures = 5
+    with fast_client(stub.url, max_retries=1) as client, pytest.raises(ServiceUnavailable):
+        client.prepare("visitor", destination=DESTINATION)
+    assert len(stub.requests) == 2
+
+
+async def test_prepare_retried_on_connection_errors_async(stub: Stub) -> None:
+    stub.mode = "drop"
+    stub.failures = 2
+    client = AsyncIdentityClient(stub.url, DEV_WRITE_KEY, backoff_base=0.01)
+    async with client:
+        handoff = await client.prepare("visitor-dropped", destination=DESTINATION)
+    assert handoff.token
+    assert len(stub.requests) == 3
+
+
+@pytest.mark.parametrize("mode", ["503", "drop"])
+def test_exchange_never_retried(stub: Stub, mode: str) -> None:
+    with fast_client(stub.url) as client:
+        handoff = client.prepare("visitor", destination=DESTINATION)
+        stub.requests.clear()
+        stub.mode = mode
+        stub.failures = 10
+        expected = ServiceUnavailable if mode == "503" else IdentityConnectionError
+        with pytest.raises(expected):
+            client.exchange(handoff.token, fallback=True)
+        assert stub.requests == ["/v1/handoffs/exchange"]
+
+
+def test_connection_refused(service: Service) -> None:
+    from conftest import free_port
+
+    with fast_client(f"http://127.0.0.1:{free_port()}") as client:
+        with pytest.raises(IdentityConnectionError) as caught:
+            client.prepare("visitor", destination=DESTINATION)
+        assert isinstance(caught.value, IdentityError)
+        assert DEV_WRITE_KEY not in repr(caught.value)
