@@ -24,6 +24,7 @@ middleware imports aiohttp when it is built (the ``aiohttp`` extra).
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,6 +36,7 @@ from identity_client.models import Identity
 
 if TYPE_CHECKING:
     from aiohttp import web
+    from aiohttp.typedefs import Middleware
 
 __all__ = [
     "IdentityASGIMiddleware",
@@ -254,17 +256,19 @@ class IdentityWSGIMiddleware:
         return [b""]
 
 
-def identity_middleware(
-    client: AsyncIdentityClient, **settings: Any
-) -> Callable[
-    [web.Request, Callable[[web.Request], Awaitable[web.StreamResponse]]],
-    Awaitable[web.StreamResponse],
-]:
+def identity_middleware(client: AsyncIdentityClient, **settings: Any) -> Middleware:
     """An aiohttp middleware: ``web.Application(middlewares=[identity_middleware(client)])``.
     The identity is ``request["identity"]``."""
     from aiohttp import web
 
     config = MiddlewareSettings(**settings)
+    # aiohttp >= 3.12 recommends typed RequestKeys; the documented key here is "identity".
+    not_app_key: type[Warning] = getattr(web, "NotAppKeyWarning", UserWarning)
+
+    def expose(request: web.Request, identity: Identity | None) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", not_app_key)
+            request["identity"] = identity
 
     @web.middleware
     async def middleware(
@@ -274,7 +278,7 @@ def identity_middleware(
         token, query = config.split_token(request.rel_url.raw_query_string)
         cookie_header = request.headers.get("Cookie")
         if request.method != "GET" or token is None:
-            request["identity"] = config.cookie_identity(cookie_header)
+            expose(request, config.cookie_identity(cookie_header))
             return await handler(request)
         path = request.rel_url.raw_path
         url = f"{request.scheme}://{request.host}{_location(path, query)}"
@@ -295,9 +299,9 @@ def identity_middleware(
             )
         except IdentityError as error:
             _failed(error)
-            request["identity"] = config.cookie_identity(cookie_header)
+            expose(request, config.cookie_identity(cookie_header))
         else:
-            request["identity"] = identity
+            expose(request, identity)
             response.headers.add("Set-Cookie", config.set_cookie(identity.anonymous_id))
         return response
 

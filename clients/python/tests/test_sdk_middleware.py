@@ -1,0 +1,211 @@
+"""The domain-B middlewares (ASGI, WSGI, aiohttp) against the real service."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from conftest import DEV_WRITE_KEY, Service
+from identity_client import AsyncIdentityClient, Identity, IdentityClient
+from identity_client.middleware import (
+    IdentityASGIMiddleware,
+    IdentityWSGIMiddleware,
+    MiddlewareSettings,
+    identity_middleware,
+)
+
+HOST = "http://checkout.localhost"
+COOKIE = "ajs_anonymous_id"
+
+
+def path_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.path}?{parts.query}"
+
+
+def describe(identity: Identity | None) -> dict[str, Any]:
+    if identity is None:
+        return {"identity": None}
+    return {"anonymous_id": identity.anonymous_id, "source": identity.source}
+
+
+def cookie_value(set_cookie: str) -> str:
+    first = set_cookie.split(";")[0]
+    name, _, value = first.partition("=")
+    assert name == COOKIE
+    return value
+
+
+def check_set_cookie(set_cookie: str, anonymous_id: str) -> None:
+    assert set_cookie == (
+        f"{COOKIE}={anonymous_id}; Path=/; Max-Age=31536000; SameSite=Lax; Secure"
+    )
+
+
+def test_split_token_keeps_the_other_parameters_in_order() -> None:
+    settings = MiddlewareSettings()
+    assert settings.split_token("b=2&handoff_token=abc&a=1&c") == ("abc", "b=2&a=1&c")
+    assert settings.split_token("handoff_token=abc") == ("abc", "")
+    assert settings.split_token("a=1") == (None, "a=1")
+    assert settings.split_token("handoff%5Ftoken=x") == ("x", "")
+
+
+# ASGI
+
+
+async def asgi_echo(scope: Any, receive: Any, send: Any) -> None:
+    body = json.dumps(describe(scope["state"]["identity"])).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def test_asgi(service: Service) -> None:
+    async with AsyncIdentityClient(service.url, DEV_WRITE_KEY) as client:
+        app = IdentityASGIMiddleware(asgi_echo, client)
+        transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 4000))
+        async with httpx.AsyncClient(transport=transport, base_url=HOST) as browser:
+            handoff = await client.prepare("visitor-asgi", destination=f"{HOST}/cart?b=2&a=1#top")
+            first = await browser.get(
+                path_of(handoff.redirect_url), headers={"Referer": "http://shop.localhost/"}
+            )
+            assert first.status_code == 303
+            assert first.headers["location"] == "/cart?b=2&a=1"
+            check_set_cookie(first.headers["set-cookie"], "visitor-asgi")
+
+            clean = await browser.get(
+                first.headers["location"], headers={"Cookie": f"{COOKIE}=visitor-asgi"}
+            )
+            assert clean.status_code == 200
+            assert clean.json() == {"anonymous_id": "visitor-asgi", "source": "cookie"}
+
+            # The same token again: used, so a generated id, and the page still loads.
+            again = await browser.get(path_of(handoff.redirect_url))
+            assert again.status_code == 303
+            generated = cookie_value(again.headers["set-cookie"])
+            assert generated not in {"", "visitor-asgi"}
+
+            # No token: untouched.
+            plain = await browser.get("/cart?a=1")
+            assert plain.status_code == 200
+            assert "set-cookie" not in plain.headers
+            assert plain.json() == {"identity": None}
+
+            # Not a GET: untouched even with a token.
+            posted = await browser.post("/cart?handoff_token=abc")
+            assert posted.status_code == 200
+
+
+async def test_asgi_service_down(down_service: Service) -> None:
+    async with AsyncIdentityClient(down_service.url, DEV_WRITE_KEY) as client:
+        app = IdentityASGIMiddleware(asgi_echo, client, cookie_domain=".checkout.localhost")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=HOST) as browser:
+            answer = await browser.get("/cart?handoff_token=" + "t" * 43 + "&step=2")
+            assert answer.status_code == 303
+            assert answer.headers["location"] == "/cart?step=2"
+            assert "set-cookie" not in answer.headers
+
+
+# WSGI
+
+
+def wsgi_echo(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    body = json.dumps(describe(environ["identity_client.identity"])).encode()
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [body]
+
+
+def test_wsgi(service: Service) -> None:
+    with IdentityClient(service.url, DEV_WRITE_KEY) as client:
+        app = IdentityWSGIMiddleware(
+            wsgi_echo, client, cookie_same_site="None", cookie_domain="checkout.localhost"
+        )
+        transport = httpx.WSGITransport(app=app, remote_addr="203.0.113.8")
+        with httpx.Client(transport=transport, base_url=HOST) as browser:
+            handoff = client.prepare("visitor-wsgi", destination=f"{HOST}/pay/ok?order=7")
+            first = browser.get(path_of(handoff.redirect_url))
+            assert first.status_code == 303
+            assert first.headers["location"] == "/pay/ok?order=7"
+            assert first.headers["set-cookie"] == (
+                f"{COOKIE}=visitor-wsgi; Path=/; Max-Age=31536000; SameSite=None; "
+                "Domain=checkout.localhost; Secure"
+            )
+            clean = browser.get(
+                "/pay/ok?order=7", headers={"Cookie": f"x=1; {COOKIE}=visitor-wsgi"}
+            )
+            assert clean.json() == {"anonymous_id": "visitor-wsgi", "source": "cookie"}
+
+            # An expired token: a generated id.
+            expiring = client.prepare("visitor-late", destination=f"{HOST}/cart", ttl=1)
+            time.sleep(1.2)
+            late = browser.get(path_of(expiring.redirect_url))
+            assert late.status_code == 303
+            assert late.headers["location"] == "/cart"
+            assert cookie_value(late.headers["set-cookie"]) != "visitor-late"
+
+            plain = browser.get("/cart")
+            assert plain.status_code == 200
+            assert plain.json() == {"identity": None}
+
+
+def test_wsgi_service_down(down_service: Service) -> None:
+    with IdentityClient(down_service.url, DEV_WRITE_KEY) as client:
+        transport = httpx.WSGITransport(app=IdentityWSGIMiddleware(wsgi_echo, client))
+        with httpx.Client(transport=transport, base_url=HOST) as browser:
+            answer = browser.get("/cart?handoff_token=abc")
+            assert answer.status_code == 303
+            assert answer.headers["location"] == "/cart"
+            assert "set-cookie" not in answer.headers
+
+
+# aiohttp
+
+
+async def aiohttp_echo(request: web.Request) -> web.Response:
+    return web.json_response(describe(request["identity"]))
+
+
+@pytest.fixture
+async def aiohttp_browser(service: Service, aiohttp_client: Any) -> Any:
+    client = AsyncIdentityClient(service.url, DEV_WRITE_KEY)
+    app = web.Application(middlewares=[identity_middleware(client, token_param="t")])
+    app.router.add_get("/{tail:.*}", aiohttp_echo)
+    browser: TestClient[web.Request, web.Application] = await aiohttp_client(app)
+    yield client, browser
+    await client.aclose()
+
+
+async def test_aiohttp(aiohttp_browser: Any) -> None:
+    client, browser = aiohttp_browser
+    handoff = await client.prepare("visitor-aiohttp", destination=f"{HOST}/cart?x=1")
+    token = handoff.token
+
+    first = await browser.get(f"/cart?x=1&t={token}", allow_redirects=False)
+    assert first.status == 303
+    assert first.headers["Location"] == "/cart?x=1"
+    check_set_cookie(first.headers["Set-Cookie"], "visitor-aiohttp")
+
+    clean = await browser.get("/cart?x=1", headers={"Cookie": f"{COOKIE}=visitor-aiohttp"})
+    assert await clean.json() == {"anonymous_id": "visitor-aiohttp", "source": "cookie"}
+
+    again = await browser.get(f"/cart?t={token}", allow_redirects=False)
+    assert again.status == 303
+    assert cookie_value(again.headers["Set-Cookie"]) != "visitor-aiohttp"
+
+    plain = await browser.get("/cart?handoff_token=not-this-one")
+    assert plain.status == 200
+    assert "Set-Cookie" not in plain.headers
+    assert await plain.json() == {"identity": None}
