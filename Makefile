@@ -7,9 +7,12 @@ PORT ?= 8080
 
 .PHONY: install serve test chaos lint typecheck format clean bench js
 
-$(BIN)/.installed: pyproject.toml
+# The service with its dev tools, then the Python SDK (clients/python, its own distribution),
+# which `make test` tests too.
+$(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e "clients/python[aiohttp]"
 	touch $@
 
 install: $(BIN)/.installed
