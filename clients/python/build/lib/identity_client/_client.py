@@ -1,0 +1,241 @@
+"""``IdentityClient`` (sync) and ``AsyncIdentityClient`` (async)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from identity_client._base import (
+    DEFAULT_TIMEOUT,
+    EXCHANGE_PATH,
+    PREPARE_PATH,
+    BaseClient,
+    retry_after,
+)
+from identity_client.models import Identity, PreparedHandoff
+
+_EXCHANGE_DOC = """Exchange a handoff token for the identity it carries, exactly once.
+
+        With ``fallback=True`` a token that is unknown, expired or already used answers a
+        generated identity (a new anonymousId, ``source="generated"``) instead of raising
+        ``TokenNotFound``. ``event``, ``properties`` and ``context`` (domain B's Segment
+        context: page, ip, userAgent...) go into domain B's completion event.
+
+        An exchange is NEVER retried, whatever ``max_retries`` says: a token works once, so
+        an exchange whose answer was lost (timeout, reset connection, 503 after the store
+        applied it) may already have consumed the token, and a retry would answer
+        ``TokenNotFound`` for a visitor whose identity was in fact handed off. On
+        ``IdentityConnectionError`` or ``ServiceUnavailable`` the caller does not retry
+        either: it goes on without the handoff (keeps or generates the visitor's own id),
+        and the normal way to ask is ``fallback=True``, which never fails for a missing
+        token. The middleware does exactly this.
+        """
+
+
+class IdentityClient(BaseClient):
+    """Synchronous client (Flask, Django). One connection pool per client: create it once,
+    share it, and ``close()`` it (or use it as a context manager).
+
+    ``base_url`` and ``write_key`` default to ``IDENTITY_URL`` and ``IDENTITY_WRITE_KEY``.
+    ``prepare`` is retried up to ``max_retries`` times on 503 (honouring Retry-After, capped
+    at ``backoff_max``) and on connection errors, with exponential backoff and jitter;
+    ``exchange`` never is (see its docstring).
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        write_key: str | None = None,
+        *,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        max_retries: int = 2,
+        backoff_base: float = 0.5,
+        backoff_max: float = 8.0,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        super().__init__(
+            base_url,
+            write_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            backoff_base=backoff_base,
+            backoff_max=backoff_max,
+        )
+        self._http = http_client or httpx.Client(timeout=timeout)
+
+    def prepare(
+        self,
+        anonymous_id: str | None = None,
+        user_id: str | None = None,
+        *,
+        destination: str,
+        traits: dict[str, Any] | None = None,
+        context: dict[str, Any] | None = None,
+        consent: dict[str, bool] | None = None,
+        ttl: int | None = None,
+    ) -> PreparedHandoff:
+        """Prepare a handoff to ``destination``; redirect the visitor to ``redirect_url``."""
+        body = self._prepare_body(
+            anonymous_id=anonymous_id,
+            user_id=user_id,
+            destination=destination,
+            traits=traits,
+            context=context,
+            consent=consent,
+            ttl=ttl,
+        )
+        attempt = 0
+        while True:
+            try:
+                response = self._post(PREPARE_PATH, body)
+            except httpx.TransportError as exc:
+                if attempt >= self.max_retries:
+                    raise self._connection_error(exc, PREPARE_PATH) from exc
+                delay = self._retry_delay(attempt, None)
+            else:
+                if not self._should_retry(response, attempt):
+                    return self._prepared(response)
+                delay = self._retry_delay(attempt, retry_after(response))
+            attempt += 1
+            time.sleep(delay)
+
+    def exchange(
+        self,
+        token: str,
+        *,
+        fallback: bool = False,
+        event: str | None = None,
+        properties: dict[str, Any] | None = None,
+        context: dict[str, Any] | None = None,
+    ) -> Identity:
+        body = self._exchange_body(
+            token, fallback=fallback, event=event, properties=properties, context=context
+        )
+        try:
+            response = self._post(EXCHANGE_PATH, body)
+        except httpx.TransportError as exc:
+            raise self._connection_error(exc, EXCHANGE_PATH) from exc
+        return self._identity(response)
+
+    exchange.__doc__ = _EXCHANGE_DOC
+
+    def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        return self._http.post(self.base_url + path, json=body, headers=self._headers)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncIdentityClient(BaseClient):
+    """Asynchronous client (FastAPI, Starlette, aiohttp, Django ASGI): the same API as
+    ``IdentityClient``, awaited. Use it as an async context manager or ``await aclose()``.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        write_key: str | None = None,
+        *,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        max_retries: int = 2,
+        backoff_base: float = 0.5,
+        backoff_max: float = 8.0,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        super().__init__(
+            base_url,
+            write_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            backoff_base=backoff_base,
+            backoff_max=backoff_max,
+        )
+        self._http = http_client or httpx.AsyncClient(timeout=timeout)
+
+    async def prepare(
+        self,
+        anonymous_id: str | None = None,
+        user_id: str | None = None,
+        *,
+        destination: str,
+        traits: dict[str, Any] | None = None,
+        context: dict[str, Any] | None = None,
+        consent: dict[str, bool] | None = None,
+        ttl: int | None = None,
+    ) -> PreparedHandoff:
+        """Prepare a handoff to ``destination``; redirect the visitor to ``redirect_url``."""
+        body = self._prepare_body(
+            anonymous_id=anonymous_id,
+            user_id=user_id,
+            destination=destination,
+            traits=traits,
+            context=context,
+            consent=consent,
+            ttl=ttl,
+        )
+        attempt = 0
+        while True:
+            try:
+                response = await self._post(PREPARE_PATH, body)
+            except httpx.TransportError as exc:
+                if attempt >= self.max_retries:
+                    raise self._connection_error(exc, PREPARE_PATH) from exc
+                delay = self._retry_delay(attempt, None)
+            else:
+                if not self._should_retry(response, attempt):
+                    return self._prepared(response)
+                delay = self._retry_delay(attempt, retry_after(response))
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def exchange(
+        self,
+        token: str,
+        *,
+        fallback: bool = False,
+        event: str | None = None,
+        properties: dict[str, Any] | None = None,
+        context: dict[str, Any] | None = None,
+    ) -> Identity:
+        body = self._exchange_body(
+            token, fallback=fallback, event=event, properties=properties, context=context
+        )
+        try:
+            response = await self._post(EXCHANGE_PATH, body)
+        except httpx.TransportError as exc:
+            raise self._connection_error(exc, EXCHANGE_PATH) from exc
+        return self._identity(response)
+
+    exchange.__doc__ = _EXCHANGE_DOC
+
+    async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        return await self._http.post(self.base_url + path, json=body, headers=self._headers)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

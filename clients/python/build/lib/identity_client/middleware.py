@@ -1,0 +1,308 @@
+"""Domain B middleware: restore the visitor from a handoff token before the page loads.
+
+On a GET whose URL carries the token parameter (``handoff_token``), the middleware exchanges
+the token with ``fallback=True`` and domain B's context (the page URL without the token,
+the referrer, the client's IP and user agent), sets the visitor cookie (``ajs_anonymous_id``,
+the cookie analytics.js reads) and answers ``303`` to the same URL without the token, so
+the page loads clean and analytics.js starts with the restored anonymousId.
+
+- A missing, used or expired token answers a generated identity (``source="generated"``):
+  the cookie is set to the new id and the page loads.
+- When the service is down (``ServiceUnavailable``, ``IdentityConnectionError``) or refuses
+  the exchange, the middleware still answers the 303 to the clean URL, without a cookie:
+  the page loads and analytics.js keeps (or makes) its own id. The exchange is never
+  retried (a token works once).
+- Every request gets the identity: ASGI ``scope["state"]["identity"]``, WSGI
+  ``environ["identity_client.identity"]``, aiohttp ``request["identity"]``. On the handoff
+  request it is the exchanged ``Identity``; on later requests an ``Identity`` with
+  ``source="cookie"`` and the cookie's anonymousId, or ``None`` without the cookie.
+
+ASGI and WSGI are used as protocols: no dependency on Starlette, Flask or Django. The aiohttp
+middleware imports aiohttp when it is built (the ``aiohttp`` extra).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import quote, unquote, unquote_plus
+
+from identity_client._client import AsyncIdentityClient, IdentityClient
+from identity_client.errors import IdentityConnectionError, IdentityError, ServiceUnavailable
+from identity_client.models import Identity
+
+if TYPE_CHECKING:
+    from aiohttp import web
+    from aiohttp.typedefs import Middleware
+
+__all__ = [
+    "IdentityASGIMiddleware",
+    "IdentityWSGIMiddleware",
+    "MiddlewareSettings",
+    "identity_middleware",
+]
+
+logger = logging.getLogger("identity_client.middleware")
+
+ONE_YEAR = 365 * 24 * 3600
+WSGI_ENVIRON_KEY = "identity_client.identity"
+
+# ASGI as a protocol (typing only).
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+# WSGI as a protocol (typing only).
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+# Characters a cookie value may hold as is (RFC 6265 cookie-octet, minus '%').
+_COOKIE_SAFE = "!#$&'()*+-./:<=>?@[]^_`{|}~"
+
+
+@dataclass(frozen=True)
+class MiddlewareSettings:
+    """What the three middlewares share: the token parameter, the cookie and the event."""
+
+    token_param: str = "handoff_token"  # noqa: S105 - a parameter name
+    cookie_name: str = "ajs_anonymous_id"
+    cookie_domain: str | None = None
+    cookie_max_age: int = ONE_YEAR
+    cookie_same_site: Literal["Lax", "Strict", "None"] = "Lax"
+    cookie_secure: bool = True
+    cookie_path: str = "/"
+    event: str | None = None
+    properties: dict[str, Any] | None = None
+
+    def set_cookie(self, anonymous_id: str) -> str:
+        parts = [
+            f"{self.cookie_name}={quote(anonymous_id, safe=_COOKIE_SAFE)}",
+            f"Path={self.cookie_path}",
+            f"Max-Age={self.cookie_max_age}",
+            f"SameSite={self.cookie_same_site}",
+        ]
+        if self.cookie_domain:
+            parts.append(f"Domain={self.cookie_domain}")
+        if self.cookie_secure:
+            parts.append("Secure")
+        return "; ".join(parts)
+
+    def cookie_identity(self, cookie_header: str | None) -> Identity | None:
+        for item in (cookie_header or "").split(";"):
+            name, sep, value = item.strip().partition("=")
+            if sep and name == self.cookie_name and value:
+                return Identity(anonymous_id=unquote(value.strip('"')), source="cookie")
+        return None
+
+    def split_token(self, query: str) -> tuple[str | None, str]:
+        """The token in ``query`` (raw) and the query without it, other parameters kept
+        in order and as they were written."""
+        token: str | None = None
+        kept = []
+        for part in query.split("&"):
+            name, _, value = part.partition("=")
+            if unquote_plus(name) == self.token_param:
+                if token is None:
+                    token = unquote_plus(value)
+            elif part:
+                kept.append(part)
+        return token, "&".join(kept)
+
+    def context(
+        self, url: str, referrer: str | None, ip: str | None, user_agent: str | None
+    ) -> dict[str, Any]:
+        page: dict[str, Any] = {"url": url}
+        if referrer:
+            page["referrer"] = referrer
+        context: dict[str, Any] = {"page": page}
+        if ip:
+            context["ip"] = ip
+        if user_agent:
+            context["userAgent"] = user_agent
+        return context
+
+
+def _location(path: str, query: str) -> str:
+    return f"{path}?{query}" if query else path
+
+
+def _failed(error: IdentityError) -> None:
+    if isinstance(error, ServiceUnavailable | IdentityConnectionError):
+        logger.warning("handoff exchange failed, page served without it: %r", error)
+    else:
+        logger.error("handoff exchange refused, page served without it: %r", error)
+
+
+class IdentityASGIMiddleware:
+    """ASGI middleware (Starlette, FastAPI, Django ASGI) around ``app``."""
+
+    def __init__(self, app: ASGIApp, client: AsyncIdentityClient, **settings: Any) -> None:
+        self.app = app
+        self.client = client
+        self.settings = MiddlewareSettings(**settings)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {
+            key.decode("latin-1").lower(): value.decode("latin-1")
+            for key, value in scope.get("headers", [])
+        }
+        state = scope.setdefault("state", {})
+        token, query = self.settings.split_token(scope.get("query_string", b"").decode("latin-1"))
+        if scope.get("method") != "GET" or token is None:
+            state["identity"] = self.settings.cookie_identity(headers.get("cookie"))
+            await self.app(scope, receive, send)
+            return
+        raw_path = scope.get("raw_path")
+        path = (
+            raw_path.decode("latin-1")
+            if raw_path
+            else quote(scope.get("root_path", "") + scope["path"])
+        )
+        host = headers.get("host")
+        if host is None and scope.get("server"):
+            host = "{}:{}".format(*scope["server"])
+        url = f"{scope.get('scheme', 'http')}://{host or 'localhost'}{_location(path, query)}"
+        client_addr = scope.get("client")
+        context = self.settings.context(
+            url,
+            headers.get("referer"),
+            client_addr[0] if client_addr else None,
+            headers.get("user-agent"),
+        )
+        response_headers = [
+            (b"location", _location(path, query).encode("latin-1")),
+            (b"cache-control", b"no-store"),
+            (b"content-length", b"0"),
+        ]
+        try:
+            identity = await self.client.exchange(
+                token,
+                fallback=True,
+                event=self.settings.event,
+                properties=self.settings.properties,
+                context=context,
+            )
+        except IdentityError as error:
+            _failed(error)
+            state["identity"] = self.settings.cookie_identity(headers.get("cookie"))
+        else:
+            state["identity"] = identity
+            cookie = self.settings.set_cookie(identity.anonymous_id)
+            response_headers.append((b"set-cookie", cookie.encode("latin-1")))
+        await send({"type": "http.response.start", "status": 303, "headers": response_headers})
+        await send({"type": "http.response.body", "body": b""})
+
+
+class IdentityWSGIMiddleware:
+    """WSGI middleware (Flask: ``app.wsgi_app = IdentityWSGIMiddleware(app.wsgi_app, client)``,
+    Django: wrap ``get_wsgi_application()``)."""
+
+    def __init__(self, app: WSGIApp, client: IdentityClient, **settings: Any) -> None:
+        self.app = app
+        self.client = client
+        self.settings = MiddlewareSettings(**settings)
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        token, query = self.settings.split_token(environ.get("QUERY_STRING", ""))
+        cookie_header = environ.get("HTTP_COOKIE")
+        if environ.get("REQUEST_METHOD") != "GET" or token is None:
+            environ[WSGI_ENVIRON_KEY] = self.settings.cookie_identity(cookie_header)
+            return self.app(environ, start_response)
+        # PEP 3333: paths are latin-1 decoded bytes; quote them back as sent.
+        path = (
+            quote(
+                (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1"),
+                safe="/:@!$&'()*+,;=-._~",
+            )
+            or "/"
+        )
+        host = environ.get("HTTP_HOST") or (
+            f"{environ.get('SERVER_NAME', 'localhost')}:{environ.get('SERVER_PORT', '80')}"
+        )
+        url = f"{environ.get('wsgi.url_scheme', 'http')}://{host}{_location(path, query)}"
+        context = self.settings.context(
+            url,
+            environ.get("HTTP_REFERER"),
+            environ.get("REMOTE_ADDR"),
+            environ.get("HTTP_USER_AGENT"),
+        )
+        headers = [
+            ("Location", _location(path, query)),
+            ("Cache-Control", "no-store"),
+            ("Content-Length", "0"),
+        ]
+        try:
+            identity = self.client.exchange(
+                token,
+                fallback=True,
+                event=self.settings.event,
+                properties=self.settings.properties,
+                context=context,
+            )
+        except IdentityError as error:
+            _failed(error)
+            environ[WSGI_ENVIRON_KEY] = self.settings.cookie_identity(cookie_header)
+        else:
+            environ[WSGI_ENVIRON_KEY] = identity
+            headers.append(("Set-Cookie", self.settings.set_cookie(identity.anonymous_id)))
+        start_response("303 See Other", headers)
+        return [b""]
+
+
+def identity_middleware(client: AsyncIdentityClient, **settings: Any) -> Middleware:
+    """An aiohttp middleware: ``web.Application(middlewares=[identity_middleware(client)])``.
+    The identity is ``request["identity"]``."""
+    from aiohttp import web
+
+    config = MiddlewareSettings(**settings)
+    # aiohttp >= 3.12 recommends typed RequestKeys; the documented key here is "identity".
+    not_app_key: type[Warning] = getattr(web, "NotAppKeyWarning", UserWarning)
+
+    def expose(request: web.Request, identity: Identity | None) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", not_app_key)
+            request["identity"] = identity
+
+    @web.middleware
+    async def middleware(
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        token, query = config.split_token(request.rel_url.raw_query_string)
+        cookie_header = request.headers.get("Cookie")
+        if request.method != "GET" or token is None:
+            expose(request, config.cookie_identity(cookie_header))
+            return await handler(request)
+        path = request.rel_url.raw_path
+        url = f"{request.scheme}://{request.host}{_location(path, query)}"
+        context = config.context(
+            url, request.headers.get("Referer"), request.remote, request.headers.get("User-Agent")
+        )
+        response = web.Response(
+            status=303,
+            headers={"Location": _location(path, query), "Cache-Control": "no-store"},
+        )
+        try:
+            identity = await client.exchange(
+                token,
+                fallback=True,
+                event=config.event,
+                properties=config.properties,
+                context=context,
+            )
+        except IdentityError as error:
+            _failed(error)
+            expose(request, config.cookie_identity(cookie_header))
+        else:
+            expose(request, identity)
+            response.headers.add("Set-Cookie", config.set_cookie(identity.anonymous_id))
+        return response
+
+    return middleware
