@@ -52,8 +52,10 @@ class ConfigurationError(IdentityError):
     """The client lacks its base URL or write key."""
 
 
-class IdentityConnectionError(IdentityError):
-    """The service could not be reached, or its answer was lost (timeout, reset...)."""
+class IdentityConnectionError(IdentityError, ConnectionError):
+    """The service could not be reached, or its answer was lost (timeout, reset...).
+
+    Also a builtin ``ConnectionError``."""
 
 
 class APIError(IdentityError):

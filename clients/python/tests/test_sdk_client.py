@@ -274,4 +274,5 @@ def test_connection_refused(service: Service) -> None:
         with pytest.raises(IdentityConnectionError) as caught:
             client.prepare("visitor", destination=DESTINATION)
         assert isinstance(caught.value, IdentityError)
+        assert isinstance(caught.value, ConnectionError)
         assert DEV_WRITE_KEY not in repr(caught.value)
