@@ -1,0 +1,253 @@
+import {
+  APIError,
+  IdentityConnectionError,
+  IdentityError,
+  ServiceUnavailable,
+  errorFromResponse,
+} from "./errors.js";
+
+export type JsonObject = { [key: string]: unknown };
+
+export interface IdentityClientOptions {
+  /** The service's base URL; default `process.env.IDENTITY_URL`. */
+  baseUrl?: string;
+  /** The source's write key; default `process.env.IDENTITY_WRITE_KEY`. */
+  writeKey?: string;
+  /** Time for one attempt, in milliseconds (default 5000). */
+  timeoutMs?: number;
+  /** Retries of a prepare after a 503 or a connection error (default 2). Exchange is never retried. */
+  maxRetries?: number;
+  /** First backoff delay in milliseconds (default 200); doubled each retry, with full jitter. */
+  backoffBaseMs?: number;
+  /** Cap of one backoff delay, `Retry-After` included, in milliseconds (default 5000). */
+  maxBackoffMs?: number;
+  /** The fetch to use (default the global one). */
+  fetch?: typeof fetch;
+  /** Extra headers sent with every call (e.g. a tracing header). */
+  headers?: Record<string, string>;
+}
+
+export interface PrepareParams {
+  /** The visitor's anonymousId on domain A (required unless `userId` is given). */
+  anonymousId?: string | null;
+  userId?: string | null;
+  /** Absolute URL on domain B the visitor is sent to; its origin must be one of the source's. */
+  destination: string;
+  traits?: JsonObject | null;
+  /** Domain A's Segment context (page, ip, userAgent...): the started event's. */
+  context?: JsonObject | null;
+  consent?: Record<string, boolean> | null;
+  /** Seconds the handoff lives (default: the service's, 300). */
+  ttl?: number | null;
+}
+
+export interface PreparedHandoff {
+  token: string;
+  /** `destination` with `handoff_token=<token>` added: redirect the visitor there. */
+  redirectUrl: string;
+  expiresAt: Date;
+  /** Seconds. */
+  expiresIn: number;
+}
+
+export interface ExchangeOptions {
+  /** On an unknown, expired or used token, answer a generated anonymousId instead of TokenNotFound. */
+  fallback?: boolean;
+  /** Name of domain B's completion track (default the service's `Cross-Domain Handoff Completed`). */
+  event?: string | null;
+  properties?: JsonObject | null;
+  /** Domain B's Segment context (page, ip, userAgent...). */
+  context?: JsonObject | null;
+}
+
+export interface Identity {
+  anonymousId: string;
+  userId: string | null;
+  traits: JsonObject | null;
+  context: JsonObject | null;
+  consent: Record<string, boolean> | null;
+  /** `handoff`: restored from the token; `generated`: a fallback made a new anonymousId. */
+  source: "handoff" | "generated";
+  preparedBy: string | null;
+  preparedAt: Date | null;
+  destination: string | null;
+}
+
+const DEFAULTS = {
+  timeoutMs: 5000,
+  maxRetries: 2,
+  backoffBaseMs: 200,
+  maxBackoffMs: 5000,
+};
+
+const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
+
+function dropNullish(obj: Record<string, unknown>): JsonObject {
+  const out: JsonObject = {};
+  for (const [key, value] of Object.entries(obj)) if (value !== undefined && value !== null) out[key] = value;
+  return out;
+}
+
+/**
+ * The identity-service client. One instance per process is enough: it holds no connection
+ * of its own (Node's fetch pools connections).
+ *
+ * Retries: `prepare` is retried (at most `maxRetries` times, exponential backoff with full
+ * jitter, `Retry-After` honoured up to `maxBackoffMs`) after a 503 or a connection error or
+ * timeout; a repeated prepare at worst leaves an unused token that expires. `exchange` is
+ * NEVER retried: a token works once, so when an exchange's answer is lost the service may
+ * already have consumed the token, and a retry would answer 404 and lose the identity
+ * anyway. The caller exchanges with `fallback: true` (the middleware does) so that the page
+ * goes on with a generated anonymousId instead.
+ */
+export class IdentityClient {
+  readonly baseUrl: string;
+  readonly timeoutMs: number;
+  readonly maxRetries: number;
+  readonly backoffBaseMs: number;
+  readonly maxBackoffMs: number;
+  readonly #authorization: string;
+  readonly #writeKey: string;
+  readonly #fetch: typeof fetch;
+  readonly #headers: Record<string, string>;
+
+  constructor(options: IdentityClientOptions = {}) {
+    const baseUrl = options.baseUrl ?? process.env.IDENTITY_URL;
+    const writeKey = options.writeKey ?? process.env.IDENTITY_WRITE_KEY;
+    if (!baseUrl) throw new TypeError("IdentityClient: baseUrl (or IDENTITY_URL) is required");
+    if (!writeKey) throw new TypeError("IdentityClient: writeKey (or IDENTITY_WRITE_KEY) is required");
+    this.baseUrl = baseUrl.replace(/\/+$/, "");
+    this.timeoutMs = options.timeoutMs ?? DEFAULTS.timeoutMs;
+    this.maxRetries = Math.max(0, options.maxRetries ?? DEFAULTS.maxRetries);
+    this.backoffBaseMs = options.backoffBaseMs ?? DEFAULTS.backoffBaseMs;
+    this.maxBackoffMs = options.maxBackoffMs ?? DEFAULTS.maxBackoffMs;
+    this.#writeKey = writeKey;
+    this.#authorization = "Basic " + Buffer.from(`${writeKey}:`, "utf8").toString("base64");
+    this.#fetch = options.fetch ?? globalThis.fetch;
+    this.#headers = { ...(options.headers ?? {}) };
+  }
+
+  /** Keeps the write key out of anything printed. */
+  toJSON(): JsonObject {
+    return { baseUrl: this.baseUrl, timeoutMs: this.timeoutMs, maxRetries: this.maxRetries };
+  }
+
+  [Symbol.for("nodejs.util.inspect.custom")](): string {
+    return `IdentityClient { baseUrl: '${this.baseUrl}' }`;
+  }
+
+  /** Domain A: keeps the visitor's identity under a one-time token for `destination`. */
+  async prepare(params: PrepareParams): Promise<PreparedHandoff> {
+    const body = dropNullish({
+      anonymousId: params.anonymousId,
+      userId: params.userId,
+      destination: params.destination,
+      traits: params.traits,
+      context: params.context,
+      consent: params.consent,
+      ttl: params.ttl,
+    });
+    let attempt = 0;
+    for (;;) {
+      try {
+        const data = await this.#post("/v1/handoffs", body);
+        return {
+          token: String(data.token),
+          redirectUrl: String(data.redirectUrl),
+          expiresAt: new Date(String(data.expiresAt)),
+          expiresIn: Number(data.expiresIn),
+        };
+      } catch (error) {
+        const retryable = error instanceof ServiceUnavailable || error instanceof IdentityConnectionError;
+        if (!retryable || attempt >= this.maxRetries) throw error;
+        await sleep(this.#backoff(attempt, error instanceof ServiceUnavailable ? error.retryAfter : null));
+        attempt += 1;
+      }
+    }
+  }
+
+  /**
+   * Domain B: exchanges a token for the identity, once. Never retried (see the class doc):
+   * pass `fallback: true` to get a generated anonymousId when the token cannot be exchanged.
+   */
+  async exchange(token: string, options: ExchangeOptions = {}): Promise<Identity> {
+    const body = dropNullish({
+      token,
+      fallback: options.fallback ? true : undefined,
+      event: options.event,
+      properties: options.properties,
+      context: options.context,
+    });
+    const data = await this.#post("/v1/handoffs/exchange", body);
+    return {
+      anonymousId: String(data.anonymousId),
+      userId: (data.userId as string | null | undefined) ?? null,
+      traits: (data.traits as JsonObject | null | undefined) ?? null,
+      context: (data.context as JsonObject | null | undefined) ?? null,
+      consent: (data.consent as Record<string, boolean> | null | undefined) ?? null,
+      source: data.source === "generated" ? "generated" : "handoff",
+      preparedBy: (data.preparedBy as string | null | undefined) ?? null,
+      preparedAt: typeof data.preparedAt === "string" ? new Date(data.preparedAt) : null,
+      destination: (data.destination as string | null | undefined) ?? null,
+    };
+  }
+
+  /** Delay before retry number `attempt + 1`, in milliseconds. */
+  #backoff(attempt: number, retryAfterSeconds: number | null): number {
+    const exponential = Math.min(this.maxBackoffMs, this.backoffBaseMs * 2 ** attempt);
+    const jittered = Math.random() * exponential; // full jitter
+    if (retryAfterSeconds !== null) return Math.min(this.maxBackoffMs, Math.max(retryAfterSeconds * 1000, jittered));
+    return jittered;
+  }
+
+  #scrub(text: string): string {
+    return this.#writeKey ? text.split(this.#writeKey).join("***") : text;
+  }
+
+  async #post(path: string, body: JsonObject): Promise<JsonObject> {
+    const url = this.baseUrl + path;
+    let response: Response;
+    let text: string;
+    try {
+      response = await this.#fetch(url, {
+        method: "POST",
+        headers: {
+          ...this.#headers,
+          authorization: this.#authorization,
+          "content-type": "application/json",
+          accept: "application/json, application/problem+json",
+        },
+        body: JSON.stringify(body),
+        redirect: "manual",
+        signal: AbortSignal.timeout(this.timeoutMs),
+      });
+      text = await response.text();
+    } catch (error) {
+      if (error instanceof IdentityError) throw error;
+      const err = error as { name?: string; message?: string; cause?: { code?: string; message?: string } };
+      const timedOut = err?.name === "TimeoutError" || err?.name === "AbortError";
+      const reason = timedOut
+        ? `timed out after ${this.timeoutMs} ms`
+        : (err?.cause?.code ?? err?.cause?.message ?? err?.message ?? "connection failed");
+      throw new IdentityConnectionError(this.#scrub(`POST ${url}: ${reason}`), {
+        title: timedOut ? "Timeout" : "Connection error",
+        detail: this.#scrub(String(reason)),
+        cause: error,
+      });
+    }
+    if (response.status >= 300) {
+      const error = errorFromResponse(response.status, text, response.headers);
+      // Defensive: the service never echoes the key, but no message of ours may carry it.
+      if (this.#writeKey && error.message.includes(this.#writeKey)) error.message = this.#scrub(error.message);
+      throw error;
+    }
+    try {
+      return JSON.parse(text) as JsonObject;
+    } catch (cause) {
+      throw new APIError(`POST ${url}: the answer (HTTP ${response.status}) is not JSON`, {
+        status: response.status,
+        cause,
+      });
+    }
+  }
+}

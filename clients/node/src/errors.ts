@@ -1,0 +1,190 @@
+/**
+ * Errors mapped from the service's RFC 9457 problem documents, one class per problem type
+ * (`urn:identity-service:problem:<slug>`), with the same names as the Python SDK's.
+ * Messages are built from the problem's title and detail only: never from the write key.
+ */
+
+export const PROBLEM_PREFIX = "urn:identity-service:problem:";
+
+/** One field error of a `validation-failed` problem. */
+export interface FieldError {
+  field: string;
+  message: string;
+}
+
+/** The parsed problem document (or what could be read of a non-problem error answer). */
+export interface Problem {
+  type: string;
+  title: string;
+  status: number;
+  detail?: string;
+  instance?: string;
+  errors?: FieldError[];
+  [key: string]: unknown;
+}
+
+export interface IdentityErrorInit {
+  status?: number | null;
+  type?: string;
+  title?: string;
+  detail?: string;
+  instance?: string;
+  requestId?: string;
+  retryAfter?: number | null;
+  problem?: Problem;
+  cause?: unknown;
+}
+
+/** Base of every error the client throws. */
+export class IdentityError extends Error {
+  /** HTTP status, or null when no answer came (connection errors, timeouts). */
+  readonly status: number | null;
+  /** The problem type URI (`urn:identity-service:problem:<slug>`), or `about:blank`. */
+  readonly type: string;
+  readonly title: string;
+  readonly detail: string | undefined;
+  readonly instance: string | undefined;
+  /** The answer's `X-Request-ID`, to find the request in the service's log. */
+  readonly requestId: string | undefined;
+  /** The whole problem document as answered. */
+  readonly problem: Problem | undefined;
+
+  constructor(message: string, init: IdentityErrorInit = {}) {
+    super(message, init.cause === undefined ? undefined : { cause: init.cause });
+    this.name = new.target.name;
+    this.status = init.status ?? null;
+    this.type = init.type ?? "about:blank";
+    this.title = init.title ?? message;
+    this.detail = init.detail;
+    this.instance = init.instance;
+    this.requestId = init.requestId;
+    this.problem = init.problem;
+  }
+
+  /** The slug after `urn:identity-service:problem:`, or undefined for another type. */
+  get slug(): string | undefined {
+    return this.type.startsWith(PROBLEM_PREFIX) ? this.type.slice(PROBLEM_PREFIX.length) : undefined;
+  }
+}
+
+/** 400 `validation-failed` or `malformed-json`: `errors` lists the field errors. */
+export class InvalidRequest extends IdentityError {
+  readonly errors: FieldError[];
+  constructor(message: string, init: IdentityErrorInit = {}) {
+    super(message, init);
+    this.errors = Array.isArray(init.problem?.errors) ? init.problem.errors : [];
+  }
+}
+
+/** 401 `unauthorized`: no, malformed or unknown write key. */
+export class Unauthorized extends IdentityError {}
+
+/** 403 `destination-not-allowed`: prepare to an origin the source may not hand off to. */
+export class DestinationNotAllowed extends IdentityError {}
+
+/** 403 `audience-mismatch`: exchange by a source the handoff's origin is not one of. The token is used up. */
+export class AudienceMismatch extends IdentityError {}
+
+/** 404 `token-not-found`: unknown, expired or already used token (one answer for all three). */
+export class TokenNotFound extends IdentityError {}
+
+/** 413 `payload-too-large`: the body is over the service's `IDENTITY_MAX_BODY_BYTES`. */
+export class PayloadTooLarge extends IdentityError {}
+
+/** 413 `event-too-large`: an event would be over 32 KB as sent; the detail names it. */
+export class EventTooLarge extends IdentityError {}
+
+/** 415 `unsupported-media-type`. */
+export class UnsupportedMediaType extends IdentityError {}
+
+/** 429 `rate-limited`: `retryAfter` in seconds when the answer said. */
+export class RateLimited extends IdentityError {
+  readonly retryAfter: number | null;
+  constructor(message: string, init: IdentityErrorInit = {}) {
+    super(message, init);
+    this.retryAfter = init.retryAfter ?? null;
+  }
+}
+
+/** 503 `service-unavailable`: the store is down or slow; `retryAfter` in seconds. */
+export class ServiceUnavailable extends IdentityError {
+  readonly retryAfter: number | null;
+  constructor(message: string, init: IdentityErrorInit = {}) {
+    super(message, init);
+    this.retryAfter = init.retryAfter ?? null;
+  }
+}
+
+/** Any other error answer (another problem type, or an answer that is not a problem document). */
+export class APIError extends IdentityError {}
+
+/** No answer: the connection failed or the request timed out. `status` is null. */
+export class IdentityConnectionError extends IdentityError {}
+
+type ErrorClass = new (message: string, init?: IdentityErrorInit) => IdentityError;
+
+const BY_SLUG: Record<string, ErrorClass> = {
+  "validation-failed": InvalidRequest,
+  "malformed-json": InvalidRequest,
+  unauthorized: Unauthorized,
+  "destination-not-allowed": DestinationNotAllowed,
+  "audience-mismatch": AudienceMismatch,
+  "token-not-found": TokenNotFound,
+  "payload-too-large": PayloadTooLarge,
+  "event-too-large": EventTooLarge,
+  "unsupported-media-type": UnsupportedMediaType,
+  "rate-limited": RateLimited,
+  "service-unavailable": ServiceUnavailable,
+};
+
+/** Parses a `Retry-After` header (delta seconds or an HTTP date) into seconds, or null. */
+export function parseRetryAfter(value: string | null | undefined, now: number = Date.now()): number | null {
+  if (value == null || value.trim() === "") return null;
+  const trimmed = value.trim();
+  if (/^\d+$/.test(trimmed)) return Number(trimmed);
+  const date = Date.parse(trimmed);
+  if (Number.isNaN(date)) return null;
+  return Math.max(0, Math.ceil((date - now) / 1000));
+}
+
+/** Builds the error for an answer of status >= 400 from its body text. */
+export function errorFromResponse(
+  status: number,
+  bodyText: string,
+  headers: { get(name: string): string | null },
+): IdentityError {
+  let problem: Problem | undefined;
+  try {
+    const parsed: unknown = JSON.parse(bodyText);
+    if (parsed !== null && typeof parsed === "object" && !Array.isArray(parsed)) {
+      const obj = parsed as Record<string, unknown>;
+      if (typeof obj.type === "string" || typeof obj.title === "string") {
+        problem = {
+          ...obj,
+          type: typeof obj.type === "string" ? obj.type : "about:blank",
+          title: typeof obj.title === "string" ? obj.title : `HTTP ${status}`,
+          status: typeof obj.status === "number" ? obj.status : status,
+        } as Problem;
+      }
+    }
+  } catch {
+    problem = undefined;
+  }
+  const type = problem?.type ?? "about:blank";
+  const slug = type.startsWith(PROBLEM_PREFIX) ? type.slice(PROBLEM_PREFIX.length) : undefined;
+  let cls: ErrorClass = (slug !== undefined ? BY_SLUG[slug] : undefined) ?? APIError;
+  if (cls === APIError && status === 503) cls = ServiceUnavailable; // e.g. a proxy's 503
+  const title = problem?.title ?? `HTTP ${status}`;
+  const detail = typeof problem?.detail === "string" ? problem.detail : undefined;
+  const message = detail ? `${title}: ${detail}` : title;
+  return new cls(`${message} (HTTP ${status})`, {
+    status,
+    type,
+    title,
+    detail,
+    instance: typeof problem?.instance === "string" ? problem.instance : undefined,
+    requestId: headers.get("x-request-id") ?? undefined,
+    retryAfter: parseRetryAfter(headers.get("retry-after")),
+    problem,
+  });
+}
