@@ -1,0 +1,139 @@
+// The client against the real service: round trip, and errors mapped from real answers.
+import assert from "node:assert/strict";
+import { createRequire } from "node:module";
+import { after, before, describe, test } from "node:test";
+
+import {
+  DestinationNotAllowed,
+  IdentityClient,
+  IdentityError,
+  InvalidRequest,
+  TokenNotFound,
+  Unauthorized,
+} from "../dist/esm/index.js";
+import { WRITE_KEY, startService } from "./helpers.mjs";
+
+const DESTINATION = "http://checkout.localhost:3000/cart?step=1";
+let service;
+
+before(async () => {
+  service = await startService();
+});
+after(async () => {
+  await service?.stop();
+});
+
+describe("IdentityClient against the real service", () => {
+  test("prepare then exchange carries the identity, once", async () => {
+    const client = new IdentityClient({ baseUrl: service.url, writeKey: WRITE_KEY });
+    const before = Date.now();
+    const handoff = await client.prepare({
+      anonymousId: "8a1f5c0e-visitor",
+      userId: "user-42",
+      traits: { plan: "pro" },
+      consent: { analytics: true },
+      context: { page: { url: "http://shop.localhost/p/1" } },
+      destination: DESTINATION,
+      ttl: 120,
+    });
+    assert.match(handoff.token, /^[A-Za-z0-9_-]{43}$/);
+    assert.equal(handoff.redirectUrl, `${DESTINATION}&handoff_token=${handoff.token}`);
+    assert.ok(handoff.expiresAt instanceof Date);
+    assert.equal(handoff.expiresIn, 120);
+    const ttlMs = handoff.expiresAt.getTime() - before;
+    assert.ok(ttlMs > 118_000 && ttlMs < 122_000, `expiresAt ${handoff.expiresAt.toISOString()}`);
+
+    const identity = await client.exchange(handoff.token, { event: "Checkout Started", properties: { step: 1 } });
+    assert.equal(identity.anonymousId, "8a1f5c0e-visitor");
+    assert.equal(identity.userId, "user-42");
+    assert.deepEqual(identity.traits, { plan: "pro" });
+    assert.deepEqual(identity.consent, { analytics: true });
+    assert.equal(identity.source, "handoff");
+    assert.equal(identity.preparedBy, "dev");
+    assert.ok(identity.preparedAt instanceof Date);
+    assert.equal(identity.destination, DESTINATION);
+
+    // A token works once: 404 token-not-found, or a generated id with fallback.
+    await assert.rejects(client.exchange(handoff.token), (error) => {
+      assert.ok(error instanceof TokenNotFound);
+      assert.ok(error instanceof IdentityError);
+      assert.equal(error.name, "TokenNotFound");
+      assert.equal(error.status, 404);
+      assert.equal(error.type, "urn:identity-service:problem:token-not-found");
+      assert.equal(error.slug, "token-not-found");
+      assert.ok(error.title);
+      assert.ok(error.requestId);
+      return true;
+    });
+    const generated = await client.exchange(handoff.token, { fallback: true });
+    assert.equal(generated.source, "generated");
+    assert.match(generated.anonymousId, /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+    assert.equal(generated.userId, null);
+  });
+
+  test("defaults come from IDENTITY_URL and IDENTITY_WRITE_KEY", async () => {
+    process.env.IDENTITY_URL = service.url + "/";
+    process.env.IDENTITY_WRITE_KEY = WRITE_KEY;
+    try {
+      const client = new IdentityClient();
+      assert.equal(client.baseUrl, service.url);
+      const handoff = await client.prepare({ anonymousId: "env-visitor", destination: DESTINATION });
+      assert.equal(handoff.expiresIn, 300);
+      assert.equal((await client.exchange(handoff.token)).anonymousId, "env-visitor");
+    } finally {
+      delete process.env.IDENTITY_URL;
+      delete process.env.IDENTITY_WRITE_KEY;
+    }
+    assert.throws(() => new IdentityClient({ baseUrl: service.url }), TypeError);
+  });
+
+  test("401 unauthorized, without the write key anywhere in the error", async () => {
+    const secretKey = "wrong-write-key-that-must-not-leak";
+    const client = new IdentityClient({ baseUrl: service.url, writeKey: secretKey });
+    await assert.rejects(client.prepare({ anonymousId: "a", destination: DESTINATION }), (error) => {
+      assert.ok(error instanceof Unauthorized);
+      assert.equal(error.status, 401);
+      assert.equal(error.type, "urn:identity-service:problem:unauthorized");
+      assert.ok(!error.message.includes(secretKey));
+      assert.ok(!JSON.stringify({ ...error, message: error.message }).includes(secretKey));
+      return true;
+    });
+    await assert.rejects(client.exchange("x".repeat(43)), Unauthorized);
+    assert.ok(!JSON.stringify(client).includes(secretKey));
+    const { inspect } = await import("node:util");
+    assert.ok(!inspect(client).includes(secretKey));
+  });
+
+  test("400 validation-failed carries the field errors", async () => {
+    const client = new IdentityClient({ baseUrl: service.url, writeKey: WRITE_KEY });
+    await assert.rejects(client.prepare({ anonymousId: "a", destination: "not a url", ttl: 0 }), (error) => {
+      assert.ok(error instanceof InvalidRequest);
+      assert.equal(error.status, 400);
+      assert.equal(error.type, "urn:identity-service:problem:validation-failed");
+      const fields = error.errors.map((e) => e.field);
+      assert.ok(fields.includes("destination"), JSON.stringify(error.errors));
+      assert.ok(fields.includes("ttl"), JSON.stringify(error.errors));
+      for (const e of error.errors) assert.equal(typeof e.message, "string");
+      return true;
+    });
+    await assert.rejects(client.prepare({ destination: DESTINATION }), InvalidRequest);
+  });
+
+  test("403 destination-not-allowed", async () => {
+    const client = new IdentityClient({ baseUrl: service.url, writeKey: WRITE_KEY });
+    await assert.rejects(
+      client.prepare({ anonymousId: "a", destination: "https://elsewhere.example.com/" }),
+      (error) => error instanceof DestinationNotAllowed && error.status === 403,
+    );
+  });
+
+  test("the CommonJS build works the same", async () => {
+    const require = createRequire(import.meta.url);
+    const cjs = require("@identity-service/client");
+    assert.notEqual(cjs.IdentityClient, IdentityClient, "require resolves to the CommonJS build");
+    const client = new cjs.IdentityClient({ baseUrl: service.url, writeKey: WRITE_KEY });
+    const handoff = await client.prepare({ anonymousId: "cjs-visitor", destination: DESTINATION });
+    assert.equal((await client.exchange(handoff.token)).anonymousId, "cjs-visitor");
+    await assert.rejects(client.exchange(handoff.token), cjs.TokenNotFound);
+  });
+});
