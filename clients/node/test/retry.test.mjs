@@ -1,0 +1,191 @@
+// Retries: prepare only, counted against tiny real node:http servers; exchange never.
+import assert from "node:assert/strict";
+import { describe, test } from "node:test";
+
+import {
+  IdentityClient,
+  IdentityConnectionError,
+  ServiceUnavailable,
+} from "../dist/esm/index.js";
+import { freePort, startHttpServer } from "./helpers.mjs";
+
+const UNAVAILABLE = JSON.stringify({
+  type: "urn:identity-service:problem:service-unavailable",
+  title: "A dependency of the service is unavailable",
+  status: 503,
+  detail: "the handoff store is unavailable; retry later",
+});
+const PREPARED = JSON.stringify({
+  token: "t".repeat(43),
+  expiresIn: 300,
+  expiresAt: "2030-01-01T00:00:00.000Z",
+  redirectUrl: `http://checkout.localhost/?handoff_token=${"t".repeat(43)}`,
+});
+
+function answer(res, status, body, headers = {}) {
+  res.writeHead(status, {
+    "content-type": status >= 400 ? "application/problem+json" : "application/json",
+    ...headers,
+  });
+  res.end(body);
+}
+
+/** 503 (with `retryAfter`) `failures` times, then 201. */
+function flaky(failures, retryAfter = "0") {
+  return (req, res, count) => {
+    if (count <= failures) answer(res, 503, UNAVAILABLE, { "retry-after": retryAfter });
+    else answer(res, 201, PREPARED);
+  };
+}
+
+const params = { anonymousId: "a", destination: "http://checkout.localhost/" };
+
+describe("prepare retries", () => {
+  test("503 twice then 201: three requests, the 201 answered", async () => {
+    const seen = [];
+    const server = await startHttpServer((req, res, count, body) => {
+      seen.push({ method: req.method, url: req.url, auth: req.headers.authorization, body: JSON.parse(body) });
+      flaky(2)(req, res, count);
+    });
+    try {
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: "k", maxRetries: 2, backoffBaseMs: 10 });
+      const handoff = await client.prepare(params);
+      assert.equal(handoff.token, "t".repeat(43));
+      assert.equal(handoff.expiresAt.toISOString(), "2030-01-01T00:00:00.000Z");
+      assert.equal(server.count, 3);
+      for (const request of seen) {
+        assert.equal(request.method, "POST");
+        assert.equal(request.url, "/v1/handoffs");
+        assert.equal(request.auth, "Basic " + Buffer.from("k:").toString("base64"));
+        assert.deepEqual(request.body, params);
+      }
+    } finally {
+      await server.close();
+    }
+  });
+
+  test("retries are bounded: maxRetries 1 gives up after two requests", async () => {
+    const server = await startHttpServer(flaky(5));
+    try {
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: "k", maxRetries: 1, backoffBaseMs: 10 });
+      await assert.rejects(client.prepare(params), (error) => {
+        assert.ok(error instanceof ServiceUnavailable);
+        assert.equal(error.retryAfter, 0);
+        return true;
+      });
+      assert.equal(server.count, 2);
+    } finally {
+      await server.close();
+    }
+  });
+
+  test("Retry-After is honoured, and capped by maxBackoffMs", async () => {
+    const server = await startHttpServer(flaky(1, "1"));
+    try {
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: "k", backoffBaseMs: 1 });
+      const started = Date.now();
+      await client.prepare(params);
+      assert.ok(Date.now() - started >= 950, `waited ${Date.now() - started} ms`);
+    } finally {
+      await server.close();
+    }
+    const slow = await startHttpServer(flaky(1, "3600"));
+    try {
+      const client = new IdentityClient({ baseUrl: slow.url, writeKey: "k", maxBackoffMs: 100 });
+      const started = Date.now();
+      await client.prepare(params);
+      assert.ok(Date.now() - started < 1000, `waited ${Date.now() - started} ms`);
+      assert.equal(slow.count, 2);
+    } finally {
+      await slow.close();
+    }
+  });
+
+  test("a dropped connection is retried; a 4xx is not", async () => {
+    const server = await startHttpServer((req, res, count) => {
+      if (count <= 2) req.socket.destroy();
+      else answer(res, 201, PREPARED);
+    });
+    try {
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: "k", backoffBaseMs: 10 });
+      assert.equal((await client.prepare(params)).token, "t".repeat(43));
+      assert.equal(server.count, 3);
+    } finally {
+      await server.close();
+    }
+    const refusing = await startHttpServer((req, res) =>
+      answer(res, 401, JSON.stringify({ type: "urn:identity-service:problem:unauthorized", title: "Unauthorized", status: 401 })),
+    );
+    try {
+      const client = new IdentityClient({ baseUrl: refusing.url, writeKey: "k", backoffBaseMs: 10 });
+      await assert.rejects(client.prepare(params), { name: "Unauthorized" });
+      assert.equal(refusing.count, 1);
+    } finally {
+      await refusing.close();
+    }
+  });
+
+  test("a timeout is an IdentityConnectionError (and retried for prepare)", async () => {
+    const server = await startHttpServer(() => {
+      /* never answers */
+    });
+    try {
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: "k", timeoutMs: 150, maxRetries: 1, backoffBaseMs: 1 });
+      await assert.rejects(client.prepare(params), (error) => {
+        assert.ok(error instanceof IdentityConnectionError);
+        assert.equal(error.status, null);
+        assert.match(error.message, /timed out after 150 ms/);
+        return true;
+      });
+      assert.equal(server.count, 2);
+    } finally {
+      await server.close();
+    }
+  });
+
+  test("nothing listening: IdentityConnectionError after the retries", async () => {
+    const port = await freePort();
+    const client = new IdentityClient({ baseUrl: `http://127.0.0.1:${port}`, writeKey: "secret-key-x", backoffBaseMs: 1 });
+    await assert.rejects(client.prepare(params), (error) => {
+      assert.ok(error instanceof IdentityConnectionError);
+      assert.match(error.message, /ECONNREFUSED/);
+      assert.ok(!error.message.includes("secret-key-x"));
+      return true;
+    });
+  });
+});
+
+describe("exchange is never retried", () => {
+  test("a 503 is answered after one request, whatever maxRetries", async () => {
+    const server = await startHttpServer(flaky(5));
+    try {
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: "k", maxRetries: 5, backoffBaseMs: 1 });
+      await assert.rejects(client.exchange("t".repeat(43), { fallback: true }), ServiceUnavailable);
+      assert.equal(server.count, 1);
+    } finally {
+      await server.close();
+    }
+  });
+
+  test("a lost answer (connection dropped) is not retried either", async () => {
+    const server = await startHttpServer((req) => req.socket.destroy());
+    try {
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: "k", maxRetries: 5, backoffBaseMs: 1 });
+      await assert.rejects(client.exchange("t".repeat(43)), IdentityConnectionError);
+      assert.equal(server.count, 1);
+    } finally {
+      await server.close();
+    }
+  });
+
+  test("a timeout is not retried", async () => {
+    const server = await startHttpServer(() => {});
+    try {
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: "k", timeoutMs: 100, maxRetries: 5 });
+      await assert.rejects(client.exchange("t".repeat(43)), IdentityConnectionError);
+      assert.equal(server.count, 1);
+    } finally {
+      await server.close();
+    }
+  });
+});
