@@ -1,0 +1,193 @@
+// The domain-B middleware in a plain node:http server (no express), against the real service.
+import assert from "node:assert/strict";
+import http from "node:http";
+import { after, before, describe, test } from "node:test";
+
+import { IdentityClient, ServiceUnavailable, handoffMiddleware } from "../dist/esm/index.js";
+import { WRITE_KEY, freePort, startService } from "./helpers.mjs";
+
+const UUID4 = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
+let service;
+
+before(async () => {
+  service = await startService();
+});
+after(async () => {
+  await service?.stop();
+});
+
+/** A node:http "checkout" whose pages answer 200 with what the handler saw in req.identity. */
+async function startCheckout(client, options = {}) {
+  const errors = [];
+  const middleware = handoffMiddleware(client, { onError: (error) => errors.push(error), ...options });
+  const server = http.createServer((req, res) => {
+    middleware(req, res, (error) => {
+      res.writeHead(error ? 500 : 200, { "content-type": "application/json" });
+      res.end(JSON.stringify({ page: req.url, identity: req.identity ?? null }));
+    });
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const { port } = server.address();
+  return {
+    port,
+    origin: `http://checkout.localhost:${port}`,
+    errors,
+    close: () => new Promise((resolve) => server.close(resolve)),
+  };
+}
+
+/** GET through 127.0.0.1 with `Host: checkout.localhost:<port>`; no redirect is followed. */
+function get(port, path, headers = {}, method = "GET") {
+  return new Promise((resolve, reject) => {
+    const req = http.request(
+      { host: "127.0.0.1", port, path, method, headers: { host: `checkout.localhost:${port}`, ...headers } },
+      (res) => {
+        let body = "";
+        res.setEncoding("utf8");
+        res.on("data", (chunk) => (body += chunk));
+        res.on("end", () => resolve({ status: res.statusCode, headers: res.headers, body }));
+      },
+    );
+    req.on("error", reject);
+    req.end();
+  });
+}
+
+function cookieOf(answer) {
+  const cookies = answer.headers["set-cookie"] ?? [];
+  assert.equal(cookies.length, 1, JSON.stringify(cookies));
+  const [pair, ...attributes] = cookies[0].split("; ");
+  const [name, value] = pair.split("=");
+  return { name, value, attributes };
+}
+
+async function waitForEvent(predicate) {
+  const deadline = Date.now() + 5000;
+  for (;;) {
+    const found = service.events().find(predicate);
+    if (found) return found;
+    if (Date.now() > deadline) throw new Error(`no such event in ${JSON.stringify(service.events())}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+describe("handoffMiddleware", () => {
+  let client;
+  let checkout;
+  before(async () => {
+    client = new IdentityClient({ baseUrl: service.url, writeKey: WRITE_KEY });
+    checkout = await startCheckout(client, { cookieDomain: "checkout.localhost", event: "Checkout Started" });
+  });
+  after(async () => {
+    await checkout.close();
+  });
+
+  test("a token: 303 to the clean URL with the visitor cookie; domain B's context sent", async () => {
+    const handoff = await client.prepare({
+      anonymousId: "visitor-from-shop",
+      destination: `${checkout.origin}/cart?step=1&coupon=x`,
+    });
+    const landing = new URL(handoff.redirectUrl);
+    const answer = await get(checkout.port, landing.pathname + landing.search, {
+      referer: "http://shop.localhost/basket",
+      "user-agent": "node-test-agent/1.0",
+    });
+    assert.equal(answer.status, 303);
+    assert.equal(answer.headers.location, "/cart?step=1&coupon=x");
+    assert.equal(answer.headers["cache-control"], "no-store");
+    const cookie = cookieOf(answer);
+    assert.equal(cookie.name, "ajs_anonymous_id");
+    assert.equal(cookie.value, "visitor-from-shop");
+    assert.ok(cookie.attributes.includes("Domain=checkout.localhost"));
+    assert.ok(cookie.attributes.includes("Path=/"));
+    assert.ok(cookie.attributes.includes("Max-Age=31536000"));
+    assert.ok(cookie.attributes.includes("SameSite=Lax"));
+    assert.ok(cookie.attributes.includes("Secure"));
+    assert.ok(cookie.attributes.some((a) => a.startsWith("Expires=")));
+    assert.deepEqual(checkout.errors, []);
+
+    const track = await waitForEvent((e) => e.type === "track" && e.anonymousId === "visitor-from-shop" && e.event === "Checkout Started");
+    assert.equal(track.context.page.url, `${checkout.origin}/cart?step=1&coupon=x`);
+    assert.equal(track.context.page.referrer, "http://shop.localhost/basket");
+    assert.equal(track.context.ip, "127.0.0.1");
+    assert.equal(track.context.userAgent, "node-test-agent/1.0");
+
+    // The next request carries the cookie: the handler sees the visitor.
+    const page = await get(checkout.port, "/cart?step=1&coupon=x", { cookie: `other=1; ${cookie.name}=${cookie.value}` });
+    assert.equal(page.status, 200);
+    assert.equal(page.headers["set-cookie"], undefined);
+    assert.deepEqual(JSON.parse(page.body).identity, { anonymousId: "visitor-from-shop", source: "cookie" });
+  });
+
+  test("a used token: a generated anonymousId in the cookie, same clean redirect", async () => {
+    const handoff = await client.prepare({ anonymousId: "used-visitor", destination: `${checkout.origin}/pay` });
+    await client.exchange(handoff.token);
+    const answer = await get(checkout.port, `/pay?handoff_token=${handoff.token}`);
+    assert.equal(answer.status, 303);
+    assert.equal(answer.headers.location, "/pay");
+    assert.match(cookieOf(answer).value, UUID4);
+  });
+
+  test("an expired token: a generated anonymousId", async () => {
+    const handoff = await client.prepare({ anonymousId: "late-visitor", destination: `${checkout.origin}/pay`, ttl: 1 });
+    await new Promise((r) => setTimeout(r, 1500));
+    const answer = await get(checkout.port, `/pay?a=1&handoff_token=${handoff.token}`);
+    assert.equal(answer.status, 303);
+    assert.equal(answer.headers.location, "/pay?a=1");
+    const { value } = cookieOf(answer);
+    assert.match(value, UUID4);
+    assert.notEqual(value, "late-visitor");
+  });
+
+  test("a used token does not overwrite a visitor cookie already there", async () => {
+    const answer = await get(checkout.port, `/pay?handoff_token=${"u".repeat(43)}`, { cookie: "ajs_anonymous_id=known-visitor" });
+    assert.equal(answer.status, 303);
+    assert.equal(answer.headers.location, "/pay");
+    assert.equal(answer.headers["set-cookie"], undefined);
+  });
+
+  test("no token: the request passes, with req.identity from the cookie if any", async () => {
+    const bare = await get(checkout.port, "/cart?step=2");
+    assert.equal(bare.status, 200);
+    assert.deepEqual(JSON.parse(bare.body), { page: "/cart?step=2", identity: null });
+    const classic = await get(checkout.port, "/cart", { cookie: "ajs_anonymous_id=%22classic-id%22" });
+    assert.equal(JSON.parse(classic.body).identity.anonymousId, "classic-id");
+    // Not a GET: passes too (a form post must not be swallowed).
+    const post = await get(checkout.port, `/pay?handoff_token=${"p".repeat(43)}`, {}, "POST");
+    assert.equal(post.status, 200);
+  });
+});
+
+describe("handoffMiddleware when the service is out", () => {
+  test("a 503: 303 to the clean URL, no cookie, the error reported", async () => {
+    const redisPort = await freePort();
+    const down = await startService({ IDENTITY_REDIS_URL: `redis://127.0.0.1:${redisPort}`, IDENTITY_SECRET: "s".repeat(40) });
+    const client = new IdentityClient({ baseUrl: down.url, writeKey: WRITE_KEY });
+    const checkout = await startCheckout(client, { secure: false });
+    try {
+      const answer = await get(checkout.port, `/cart?step=1&handoff_token=${"t".repeat(43)}`);
+      assert.equal(answer.status, 303);
+      assert.equal(answer.headers.location, "/cart?step=1");
+      assert.equal(answer.headers["set-cookie"], undefined);
+      assert.equal(checkout.errors.length, 1);
+      assert.ok(checkout.errors[0] instanceof ServiceUnavailable);
+    } finally {
+      await checkout.close();
+      await down.stop();
+    }
+  });
+
+  test("nothing listening: the same clean redirect", async () => {
+    const client = new IdentityClient({ baseUrl: `http://127.0.0.1:${await freePort()}`, writeKey: WRITE_KEY, timeoutMs: 500 });
+    const checkout = await startCheckout(client);
+    try {
+      const answer = await get(checkout.port, `/?handoff_token=${"t".repeat(43)}`);
+      assert.equal(answer.status, 303);
+      assert.equal(answer.headers.location, "/");
+      assert.equal(answer.headers["set-cookie"], undefined);
+      assert.equal(checkout.errors[0].name, "IdentityConnectionError");
+    } finally {
+      await checkout.close();
+    }
+  });
+});
