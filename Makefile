@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: install serve test chaos lint typecheck format clean bench js
+.PHONY: install serve test chaos lint typecheck format clean bench js node-sdk
 
 # The service with its dev tools, then the Python SDK (clients/python, its own distribution),
 # which `make test` tests too.
@@ -21,7 +21,7 @@ serve: install
 	$(BIN)/identity-service serve --host $(HOST) --port $(PORT)
 
 # The whole suite: lint, types, the tests, then the chaos suite as a step of its own.
-test: lint typecheck js
+test: lint typecheck js node-sdk
 	$(BIN)/pytest
 	$(MAKE) --no-print-directory chaos
 
@@ -36,6 +36,15 @@ js: tests/js/node_modules/.package-lock.json
 
 tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package-lock.json
 	if command -v npm >/dev/null; then npm ci --silent --no-audit --no-fund --prefix tests/js; fi
+
+# The Node SDK (clients/node, docs/sdk-node.md): install its dev tools, build the ESM and
+# CommonJS outputs, then run its tests (node --test) against this checkout's service. Skipped
+# without npm, except in CI, where .ci/run installs node and npm first.
+node-sdk: install
+	if command -v npm >/dev/null; then \
+	  cd clients/node && npm ci --silent --no-audit --no-fund && npm run --silent build \
+	  && IDENTITY_SERVICE_BIN="$(abspath $(BIN))/identity-service" npm test --silent; \
+	else echo "node-sdk: npm not found, the Node SDK is not built nor tested"; fi
 
 lint: install
 	$(BIN)/ruff check .
