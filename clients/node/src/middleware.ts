@@ -148,22 +148,42 @@ export function handoffMiddleware(
       next();
       return;
     }
+    // The token is taken out of the query as sent: the other parameters stay byte for byte.
+    const queryAt = rawUrl.indexOf("?");
+    // One leading slash: `//evil.example/` as a Location would leave the site.
+    const path = (queryAt < 0 ? rawUrl : rawUrl.slice(0, queryAt)).replace(/^[/\\]+/, "/");
+    if (!path.startsWith("/")) {
+      next(); // an absolute-form request target: not a page of this site
+      return;
+    }
+    const kept: string[] = [];
+    let token: string | null = null;
+    for (const part of queryAt < 0 ? [] : rawUrl.slice(queryAt + 1).split("&")) {
+      const eq = part.indexOf("=");
+      let name = eq < 0 ? part : part.slice(0, eq);
+      try {
+        name = decodeURIComponent(name.replace(/\+/g, " "));
+      } catch {
+        /* keep it as sent */
+      }
+      if (name !== tokenParam) {
+        if (part !== "") kept.push(part);
+      } else if (token === null) {
+        token = new URLSearchParams(part).get(tokenParam);
+      }
+    }
+    if (!token) {
+      next();
+      return;
+    }
+    const location = kept.length > 0 ? `${path}?${kept.join("&")}` : path;
     let url: URL;
     try {
-      url = new URL(rawUrl, requestOrigin(req, options));
+      url = new URL(location, requestOrigin(req, options));
     } catch {
       next();
       return;
     }
-    const token = url.searchParams.get(tokenParam);
-    if (token === null) {
-      next();
-      return;
-    }
-    url.searchParams.delete(tokenParam);
-    // Keep the query as it was sent when only the token was in it.
-    if (url.search === "?") url.search = "";
-    const location = url.pathname + url.search;
 
     const page: JsonObject = { url: url.href, path: url.pathname, search: url.search };
     const referrer = header(req, "referer");

@@ -139,6 +139,17 @@ describe("handoffMiddleware", () => {
     assert.notEqual(value, "late-visitor");
   });
 
+  test("the other parameters stay as sent; the redirect never leaves the site", async () => {
+    const handoff = await client.prepare({ anonymousId: "query-visitor", destination: `${checkout.origin}/cart` });
+    const answer = await get(checkout.port, `/cart?q=a%20b+c&handoff_token=${handoff.token}&x=%7E&empty=`);
+    assert.equal(answer.status, 303);
+    assert.equal(answer.headers.location, "/cart?q=a%20b+c&x=%7E&empty=");
+    assert.equal(cookieOf(answer).value, "query-visitor");
+    const sneaky = await get(checkout.port, `//evil.example/x?handoff_token=${"e".repeat(43)}`);
+    assert.equal(sneaky.status, 303);
+    assert.equal(sneaky.headers.location, "/evil.example/x");
+  });
+
   test("a used token does not overwrite a visitor cookie already there", async () => {
     const answer = await get(checkout.port, `/pay?handoff_token=${"u".repeat(43)}`, { cookie: "ajs_anonymous_id=known-visitor" });
     assert.equal(answer.status, 303);
