@@ -194,8 +194,20 @@ class BaseClient:
             return min(after, self.backoff_max) + random.uniform(0, self.backoff_base)  # noqa: S311
         return random.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))  # noqa: S311
 
-    def _should_retry(self, response: httpx.Response, attempt: int) -> bool:
-        return response.status_code == 503 and attempt < self.max_retries
+    def _prepare_retry(
+        self, attempt: int, outcome: httpx.Response | httpx.TransportError
+    ) -> float | None:
+        """Seconds to wait before retrying a prepare after ``outcome``, or None to stop there.
+
+        A connection error that is out of retries is raised here, as a connection error.
+        """
+        if isinstance(outcome, httpx.TransportError):
+            if attempt >= self.max_retries:
+                raise self._connection_error(outcome, PREPARE_PATH) from outcome
+            return self._retry_delay(attempt, None)
+        if outcome.status_code != 503 or attempt >= self.max_retries:
+            return None
+        return self._retry_delay(attempt, retry_after(outcome))
 
     @staticmethod
     def _connection_error(exc: httpx.TransportError, path: str) -> IdentityConnectionError:

@@ -14,7 +14,6 @@ from identity_client._base import (
     EXCHANGE_PATH,
     PREPARE_PATH,
     BaseClient,
-    retry_after,
 )
 from identity_client.models import Identity, PreparedHandoff
 
@@ -90,18 +89,17 @@ class IdentityClient(BaseClient):
         )
         attempt = 0
         while True:
+            outcome: httpx.Response | httpx.TransportError
             try:
-                response = self._post(PREPARE_PATH, body)
+                outcome = self._post(PREPARE_PATH, body)
             except httpx.TransportError as exc:
-                if attempt >= self.max_retries:
-                    raise self._connection_error(exc, PREPARE_PATH) from exc
-                delay = self._retry_delay(attempt, None)
-            else:
-                if not self._should_retry(response, attempt):
-                    return self._prepared(response)
-                delay = self._retry_delay(attempt, retry_after(response))
-            attempt += 1
+                outcome = exc
+            delay = self._prepare_retry(attempt, outcome)
+            if delay is None:
+                assert isinstance(outcome, httpx.Response)
+                return self._prepared(outcome)
             time.sleep(delay)
+            attempt += 1
 
     def exchange(
         self,
@@ -190,18 +188,17 @@ class AsyncIdentityClient(BaseClient):
         )
         attempt = 0
         while True:
+            outcome: httpx.Response | httpx.TransportError
             try:
-                response = await self._post(PREPARE_PATH, body)
+                outcome = await self._post(PREPARE_PATH, body)
             except httpx.TransportError as exc:
-                if attempt >= self.max_retries:
-                    raise self._connection_error(exc, PREPARE_PATH) from exc
-                delay = self._retry_delay(attempt, None)
-            else:
-                if not self._should_retry(response, attempt):
-                    return self._prepared(response)
-                delay = self._retry_delay(attempt, retry_after(response))
-            attempt += 1
+                outcome = exc
+            delay = self._prepare_retry(attempt, outcome)
+            if delay is None:
+                assert isinstance(outcome, httpx.Response)
+                return self._prepared(outcome)
             await asyncio.sleep(delay)
+            attempt += 1
 
     async def exchange(
         self,
