@@ -218,3 +218,31 @@ class RateLimited(Problem):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
+
+
+_FORM_TYPES = "multipart/form-data, application/x-www-form-urlencoded, application/json"
+
+
+class MalformedForm(Problem):
+    """An AMP action's form that cannot be read."""
+
+    status = 400
+    slug = "malformed-form"
+    title = "Form submission cannot be read"
+
+
+class UnsupportedFormType(Problem):
+    status = 415
+    slug = "unsupported-form-type"
+    title = "Form must be multipart/form-data, application/x-www-form-urlencoded or JSON"
+
+    def headers(self) -> dict[str, str]:
+        return {"Accept-Post": _FORM_TYPES}
+
+
+class ActionNotApplied(Problem):
+    """An AMP action's webhook refused the action (or it could not be queued for a retry)."""
+
+    status = 502
+    slug = "action-not-applied"
+    title = "The action could not be applied"

@@ -51,10 +51,17 @@ from aiohttp import web
 from identity_service.amp import cookies, cors, limits, links, webhooks
 from identity_service.amp.config import ActionSettings
 from identity_service.amp.context import AMP, AmpContext
-from identity_service.amp.forms import MalformedForm, UnsupportedFormType, read_form
+from identity_service.amp.forms import read_form
 from identity_service.crypto import SealError, Token
 from identity_service.middleware import SECURITY_HEADERS, problem_for, problem_response
-from identity_service.problems import PayloadTooLarge, Problem, UnknownAction
+from identity_service.problems import (
+    ActionNotApplied,
+    MalformedForm,
+    PayloadTooLarge,
+    Problem,
+    UnknownAction,
+    UnsupportedFormType,
+)
 from identity_service.settings import action_destination_name
 
 logger = structlog.get_logger(__name__)
@@ -73,7 +80,7 @@ _REFUSAL_REASONS: dict[type[Problem], str] = {
     PayloadTooLarge: "form_too_large",
     MalformedForm: "malformed_form",
     UnsupportedFormType: "unsupported_form_type",
-    webhooks.ActionNotApplied: "webhook_failed",
+    ActionNotApplied: "webhook_failed",
 }
 
 
@@ -265,7 +272,7 @@ async def _apply(
         return True
     if outcome.refused or not ctx.settings.outbox.enabled:
         _count_hop(ctx, action, "failed")
-        raise webhooks.ActionNotApplied(
+        raise ActionNotApplied(
             f"the publisher's backend did not confirm the action after {outcome.attempts} "
             "attempt(s); nothing was applied by this service"
         )

@@ -14,7 +14,12 @@ from collections.abc import Iterable
 from email.message import EmailMessage, MIMEPart
 from urllib.parse import parse_qsl
 
-from identity_service.problems import MalformedJson, PayloadTooLarge, Problem
+from identity_service.problems import (
+    MalformedForm,
+    MalformedJson,
+    PayloadTooLarge,
+    UnsupportedFormType,
+)
 from identity_service.validation import parse_json_object
 
 MAX_NAME_LENGTH = 128
@@ -23,22 +28,6 @@ MAX_VALUE_LENGTH = 4096
 MULTIPART = "multipart/form-data"
 URLENCODED = "application/x-www-form-urlencoded"
 JSON = "application/json"
-FORM_TYPES = (MULTIPART, URLENCODED, JSON)
-
-
-class MalformedForm(Problem):
-    status = 400
-    slug = "malformed-form"
-    title = "Form submission cannot be read"
-
-
-class UnsupportedFormType(Problem):
-    status = 415
-    slug = "unsupported-form-type"
-    title = "Form must be multipart/form-data, application/x-www-form-urlencoded or JSON"
-
-    def headers(self) -> dict[str, str]:
-        return {"Accept-Post": ", ".join(FORM_TYPES)}
 
 
 def read_form(

@@ -39,7 +39,6 @@ import structlog
 
 from identity_service.amp.config import ActionSettings, AmpSettings
 from identity_service.clock import iso_time
-from identity_service.problems import Problem
 
 logger = structlog.get_logger(__name__)
 
@@ -47,14 +46,6 @@ SIGNATURE_HEADER = "Identity-Signature"
 BACKOFF_BASE_SECONDS = 0.1
 BACKOFF_MAX_SECONDS = 1.0
 _RETRIED_STATUSES = frozenset({408, 429})
-
-
-class ActionNotApplied(Problem):
-    """The action's webhook refused the action (or it could not be queued for a retry)."""
-
-    status = 502
-    slug = "action-not-applied"
-    title = "The action could not be applied"
 
 
 @dataclass(frozen=True, slots=True)
