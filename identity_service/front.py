@@ -90,12 +90,12 @@ _ENDPOINTS: dict[bytes, Endpoint] = {
     b"/v1/handoffs": HandoffApi.prepare,
     b"/v1/handoffs/exchange": HandoffApi.exchange,
 }
-# AMP's collect (with [amp]): GET or POST, method, target, raw headers, body and peer in,
+# AMP's collect (with [amp]): GET or POST, method, target, raw headers, body and peername in,
 # a bodiless answer's status and header fields out (amp/collect.py).
 _COLLECT_PATH = b"/v1/amp/collect"
 _COLLECT_METHODS = frozenset({"GET", "POST"})
 Collect = Callable[
-    [str, bytes, list[tuple[bytes, bytes]], bytes, str | None],
+    [str, bytes, list[tuple[bytes, bytes]], bytes, Any],
     Awaitable[tuple[int, dict[str, str]]],
 ]
 # What an endpoint answers: status, content type (None: no body), body, header fields.
@@ -598,10 +598,9 @@ class FrontProtocol(asyncio.Protocol):
     async def _collect(self, request: Request) -> _Answer:
         collect = cast(Collect, self._server.collect)
         transport = self._transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
-        address = peer[0] if isinstance(peer, tuple) else None
+        peername = transport.get_extra_info("peername") if transport is not None else None
         status, headers = await collect(
-            request.method, request.target, request.raw_headers, request.body, address
+            request.method, request.target, request.raw_headers, request.body, peername
         )
         return status, None, b"", headers
 

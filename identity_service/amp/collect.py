@@ -150,12 +150,14 @@ async def collect_raw(
     target: bytes,
     raw_headers: list[tuple[bytes, bytes]],
     body: bytes,
-    peer: str | None,
+    peername: Any,
 ) -> tuple[int, dict[str, str]]:
-    """The HTTP front's entry (front.py): the request as parsed, the answer's status and
-    header fields (the front adds its own security headers)."""
+    """The HTTP front's entry (front.py): the request as parsed and the transport's
+    ``peername``; the answer's status and header fields (the front adds its own security
+    headers)."""
     query = target.partition(b"?")[2].decode("utf-8", "replace")
-    answer = await collect(ctx, Hit(method, query, headers_of(raw_headers), body, peer))
+    hit = Hit(method, query, headers_of(raw_headers), body, peer_address(peername))
+    answer = await collect(ctx, hit)
     return answer.status, answer.headers
 
 
