@@ -93,7 +93,7 @@ def read_url(text: str) -> WebUrl:
         raise UrlError("must not use port 0")
     url = WebUrl(parts["href"], scheme, parts["hostname"], port, parts["search"][1:])
     expected = (scheme, url.host, _DEFAULT_PORTS[scheme] if port is None else port)
-    for reading in (text, url.href):
+    for reading in (text, url.href) if url.href != text else (text,):
         if _server_reading(reading) != expected:
             raise UrlError(
                 "is read with a different host by browsers and servers: look for a "

@@ -14,7 +14,9 @@ import orjson
 import pytest
 
 from identity_service import __version__, app_keys
+from identity_service import events as ev
 from identity_service.constants import MAX_EVENT_BYTES
+from identity_service.sources import Source
 from tests.conftest import AppClient, ClientFactory, exchange, prepare
 from tests.test_outbox import VALIDATOR
 
@@ -236,3 +238,25 @@ async def test_denied_consent_counts_every_event_held_back(
 
     metrics = client.app[app_keys.METRICS]
     assert metrics.value("identity_events_skipped_total", reason="consent") == held_back
+
+
+@pytest.mark.parametrize("context_size", [0, 8_000, 16_000, 16_380, 16_400])
+def test_the_size_check_passes_only_facts_whose_events_fit(context_size: int) -> None:
+    """Around the limits, the check's shortcut never lets through an event over 32 KB."""
+    for properties_size in range(0, 33_000, 97):
+        facts = ev.exchange_facts(
+            event="Checkout Started",
+            properties={"p": "x" * properties_size},
+            context={"c": "y" * context_size},
+            receiver=Source(name="checkout", write_key_digest=b""),
+            timestamp="2026-11-30T00:00:00.000Z",
+        )
+        try:
+            ev.check_exchange_sizes(facts)
+        except ev.EventTooLarge:
+            continue
+        track = ev._completed_track(ev._LARGEST_IDS, facts)
+        assert ev.size_as_sent(track) <= MAX_EVENT_BYTES
+        bare = ev._identify(ev._LARGEST_IDS, {**facts, "context": {}})
+        added = ev.size_as_sent(ev._identify(ev._LARGEST_IDS, facts)) - ev.size_as_sent(bare)
+        assert added <= ev.EXCHANGE_CONTEXT_ROOM
