@@ -48,18 +48,18 @@ async def _without_server_header(_request: web.Request, response: web.StreamResp
     response.headers.popall("Server", None)
 
 
-def open_store(settings: Settings) -> HandoffStore:
+def open_store(settings: Settings, metrics: Metrics | None = None) -> HandoffStore:
     if settings.redis is None:
         return MemoryStore()
     # Imported here so the embedded default does not load the Redis client.
     from identity_service.stores.redis import RedisStore
 
-    return RedisStore(settings.redis, OutboxSealer(settings.secret))
+    return RedisStore(settings.redis, OutboxSealer(settings.secret), metrics)
 
 
 async def _handoff_store(app: web.Application) -> AsyncIterator[None]:
     settings = app[app_keys.SETTINGS]
-    store = open_store(settings)
+    store = open_store(settings, app[app_keys.METRICS])
     app[app_keys.STORE] = store
     handoffs = HandoffService(store, TokenSealer(settings.secret), settings, app[app_keys.METRICS])
     app[app_keys.HANDOFFS] = handoffs

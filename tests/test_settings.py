@@ -127,12 +127,12 @@ def test_an_invalid_ttl_is_the_only_problem_and_named_as_written(tmp_path: Path)
         (  # not a second "needs IDENTITY_REDIS_URL": it is set, and reported
             {"IDENTITY_REDIS_URL": "http://x", "IDENTITY_FORWARDER": "off"},
             f'secret = "{SECRET}"',
-            "IDENTITY_REDIS_URL: scheme must be one of redis, rediss, unix, not 'http'",
+            "IDENTITY_REDIS_URL: scheme must be one of redis, rediss, unix, redis+cluster, rediss+cluster, redis+sentinel, rediss+sentinel, not 'http'",
         ),
         (
             {"IDENTITY_REDIS_URL": "http://x", "IDENTITY_WORKERS": "2"},
             f'secret = "{SECRET}"',
-            "IDENTITY_REDIS_URL: scheme must be one of redis, rediss, unix, not 'http'",
+            "IDENTITY_REDIS_URL: scheme must be one of redis, rediss, unix, redis+cluster, rediss+cluster, redis+sentinel, rediss+sentinel, not 'http'",
         ),
         (  # not a second "secret is required": it is set, and reported
             {},
