@@ -69,6 +69,17 @@ class RedisServer:
                 raise RuntimeError(f"redis-server did not start on {self.port}:\n{log}")
             time.sleep(0.02)
 
+    def extra_options(self, **options: str) -> None:
+        """More redis-server settings for the next ``start``."""
+        self._options.update({name.replace("_", "-"): value for name, value in options.items()})
+
+    def kill(self) -> None:
+        """SIGKILL: the node dies as a crashed machine would, saying goodbye to nobody."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
     def stop(self) -> None:
         if self._process is None:
             return

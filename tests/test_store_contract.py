@@ -1,4 +1,5 @@
-"""The contract every store meets, run against the memory store and a real Redis."""
+"""The contract every store meets, run against the memory store and a real Redis: one
+node, and (`make topology`) a 3-master Cluster and a master behind three sentinels."""
 
 import asyncio
 import os
@@ -15,21 +16,31 @@ from identity_service.settings import RedisSettings
 from identity_service.stores import HandoffStore
 from identity_service.stores.memory import MemoryOutbox, MemoryStore
 from identity_service.stores.redis import RedisStore, connect
-from identity_service.stores.resp import RespClient
+from identity_service.stores.topology import Commands, lean_client
+from tests.conftest import TOPOLOGY_KINDS, store_url
 from tests.redis_server import RedisServer
 
 SEALER = OutboxSealer(b"s" * 32)
 
 
+@pytest.fixture(params=["memory", "redis", *TOPOLOGY_KINDS])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
 @pytest.fixture
-async def store(store_kind: str, redis_server: RedisServer) -> AsyncIterator[HandoffStore]:
+def redis_url(store_kind: str, request: pytest.FixtureRequest) -> str | None:
+    return store_url(store_kind, request)
+
+
+@pytest.fixture
+async def store(redis_url: str | None) -> AsyncIterator[HandoffStore]:
     opened: HandoffStore
-    if store_kind == "memory":
+    if redis_url is None:
         opened = MemoryStore()
     else:
-        opened = RedisStore(
-            RedisSettings.from_dsn(redis_server.url, key_prefix="contract:"), SEALER
-        )
+        opened = RedisStore(RedisSettings.from_dsn(redis_url, key_prefix="contract:"), SEALER)
     yield opened
     await opened.close()
 
@@ -159,25 +170,28 @@ def test_queued_events_hold_about_their_own_size() -> None:
 
 
 async def test_emit_only_reaches_the_addressed_destination_alone(
-    store: HandoffStore, redis_server: RedisServer
+    store: HandoffStore, redis_url: str | None
 ) -> None:
     """Entries addressed to a destination (an AMP action's webhook body) reach it alone;
     an addressed-only destination takes nothing else (analytics events)."""
     names = ["segment", "amp-action-cart"]
     feeds: dict[str, Feed]
-    clients: list[RespClient] = []
+    clients: list[Commands] = []
     redis = None
-    if isinstance(store, MemoryStore):
+    if redis_url is None:
+        assert isinstance(store, MemoryStore)
         feeds = {
             name: MemoryFeed(store.outbox.subscribe(name, name.startswith("amp-")))
             for name in names
         }
     else:
-        redis = connect(RedisSettings.from_dsn(redis_server.url))
-        await redis.delete(*(outbox_key("contract:", shard) for shard in range(KEY_SHARDS)))
+        redis_settings = RedisSettings.from_dsn(redis_url)
+        redis = connect(redis_settings)
+        for shard in range(KEY_SHARDS):
+            await redis.delete(outbox_key("contract:", shard))
         feeds = {}
         for name in names:
-            clients.append(RespClient(redis_server.url, timeout=3.0))
+            clients.append(lean_client(redis_settings, timeout=3.0))
             feeds[name] = RedisFeed(
                 redis, clients[-1], "contract:", name, SEALER, 60, names, name.startswith("amp-")
             )
