@@ -26,12 +26,12 @@ def _answers_ping(port: int) -> bool:
 class RedisServer:
     """One redis-server in its own directory; ``stop`` and ``start`` keep its port."""
 
-    def __init__(self, directory: Path, **options: str) -> None:
+    def __init__(self, directory: Path, port: int | None = None, **options: str) -> None:
         """``options`` are more redis-server settings (``tls_port="…"`` for --tls-port)."""
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
         self.directory = directory
-        self.port = free_port()
+        self.port = port or free_port()
         self._options = {name.replace("_", "-"): value for name, value in options.items()}
         self._process: subprocess.Popen[bytes] | None = None
 

@@ -1,6 +1,8 @@
 """Real Redis topologies on loopback for tests: a 3-master Cluster, and a master with a
 replica watched by three sentinels. Every process is a ``redis-server`` of the test's own."""
 
+import random
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -35,6 +37,24 @@ def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None
         time.sleep(0.05)
 
 
+def cluster_port() -> int:
+    """A free port for a Cluster node: at most 55535, with the bus port (+10000) free too."""
+    for _ in range(100):
+        port = random.randrange(20000, 55535)
+        if all(_free(candidate) for candidate in (port, port + 10000)):
+            return port
+    raise RuntimeError("no free port pair for a Cluster node")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 class Cluster:
     """Three masters (no replicas), slots dealt by ``redis-cli --cluster create``."""
 
@@ -46,6 +66,7 @@ class Cluster:
             self.nodes.append(
                 RedisServer(
                     node_dir,
+                    cluster_port(),
                     cluster_enabled="yes",
                     cluster_config_file=str(node_dir / "nodes.conf"),
                     cluster_node_timeout="2000",
