@@ -58,7 +58,8 @@ def _free(port: int) -> bool:
 class Cluster:
     """Three masters (no replicas), slots dealt by ``redis-cli --cluster create``."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, **options: str) -> None:
+        """``options``: more redis-server settings for every node."""
         self.nodes = []
         for number in range(3):
             node_dir = directory / f"node{number}"
@@ -70,6 +71,7 @@ class Cluster:
                     cluster_enabled="yes",
                     cluster_config_file=str(node_dir / "nodes.conf"),
                     cluster_node_timeout="2000",
+                    **options,
                 )
             )
 
@@ -171,6 +173,29 @@ class Sentinels:
             lambda: info_field(replica.port, "replication", "master_link_status") == "up",
             20,
             "the replica to sync",
+        )
+
+    def wait_for_replica(self, replica: RedisServer) -> None:
+        """Until every sentinel sees ``replica`` up (a failover can then promote it)."""
+        wait_until(
+            lambda: all(self._sees(port, replica.port) for port in self.sentinel_ports),
+            30,
+            "the sentinels to see the replica up",
+        )
+
+    def _sees(self, sentinel_port: int, replica_port: int) -> bool:
+        fields = redis_cli(
+            "-p", str(sentinel_port), "SENTINEL", "REPLICAS", self.service, timeout=5
+        ).split()
+        # A flat list of name, value pairs, one run of them per replica.
+        runs: list[dict[str, str]] = []
+        for name, value in zip(fields[::2], fields[1::2], strict=False):
+            if name == "name":
+                runs.append({})
+            if runs:
+                runs[-1][name] = value
+        return any(
+            run.get("port") == str(replica_port) and run.get("flags") == "slave" for run in runs
         )
 
     def master_port(self, sentinel_port: int | None = None) -> int:
