@@ -542,3 +542,55 @@ def test_the_repr_of_settings_holds_no_secret() -> None:
     text = repr(settings)
     for secret in ("s3cret-", "hunter2-pw", "dev-key-not-for-logs"):
         assert secret not in text
+
+
+def test_cluster_and_sentinel_urls() -> None:
+    cluster = RedisSettings.from_dsn("rediss+cluster://ops:pw@n1:7000,n2:7001,[::1]:7002")
+    assert cluster.topology == "cluster"
+    assert cluster.nodes == (("n1", 7000), ("n2", 7001), ("::1", 7002))
+    assert cluster.node_url == "rediss://ops:pw@n1:7000/0"
+    assert cluster.address == "rediss+cluster://ops:***@n1:7000,n2:7001,[::1]:7002"
+    sentinel = RedisSettings.from_dsn(
+        "redis+sentinel://:pw@s1:26379,s2:26379/my%20master/3"
+        "?sentinel_password=spw&ssl_cert_reqs=none"
+    )
+    assert (sentinel.topology, sentinel.service) == ("sentinel", "my master")
+    assert sentinel.nodes == (("s1", 26379), ("s2", 26379))
+    assert sentinel.node_url == "redis://:pw@s1:26379/3?ssl_cert_reqs=none"
+    assert sentinel.sentinel_auth == (None, "spw")
+    assert "spw" not in sentinel.address and "sentinel_password=***" in sentinel.address
+    single = RedisSettings.from_dsn("redis://h:1/0")
+    assert (single.topology, single.node_url, single.nodes) == ("single", "redis://h:1/0", ())
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("redis+sentinel://s1:26379", "ends with /<service name>"),
+        ("redis+sentinel://s1:26379/a/b/c", "ends with /<service name>"),
+        ("redis+sentinel://s1:26379/master/x", "database must be a number"),
+        ("redis+cluster://n1:7000/2", "only database 0"),
+        ("redis+cluster://n1:7000,n2", "host:port"),
+        ("redis+cluster://n1:70000", "host:port"),
+        ("redis+mesh://n1:7000", "scheme must be one of"),
+    ],
+)
+def test_bad_topology_urls_are_explained(url: str, complaint: str) -> None:
+    (problem,) = problems_of({"IDENTITY_REDIS_URL": url, "IDENTITY_SECRET": SECRET})
+    assert problem.startswith("IDENTITY_REDIS_URL: ") and complaint in problem
+
+
+def test_redis_shards_and_wait() -> None:
+    settings = make_settings("redis://h:1/0", redis_shards="48", redis_wait="1,50")
+    assert settings.redis is not None
+    assert (settings.redis.shards, settings.redis.wait) == (48, (1, 50))
+    default = make_settings("redis://h:1/0")
+    assert default.redis is not None
+    assert (default.redis.shards, default.redis.wait) == (16, None)
+    for wait in ("1", "0,50", "1,0", "x,y", "1,50,2"):
+        (problem,) = problems_of(
+            {"IDENTITY_REDIS_URL": "redis://h:1/0", "IDENTITY_SECRET": SECRET,
+             "IDENTITY_REDIS_WAIT": wait}
+        )  # fmt: skip
+        assert problem.startswith("IDENTITY_REDIS_WAIT must be <replicas>,<milliseconds>")
+    assert problems_of({"IDENTITY_REDIS_SHARDS": "0"})

@@ -12,8 +12,10 @@ import pytest
 from identity_service.constants import KEY_SHARDS, handoff_key, outbox_key
 from identity_service.crypto import OutboxSealer
 from identity_service.feeds import Feed, MemoryFeed, RedisFeed
+from identity_service.metrics import Metrics
 from identity_service.settings import RedisSettings
 from identity_service.stores import HandoffStore
+from identity_service.stores import resp as resp_module
 from identity_service.stores.memory import MemoryOutbox, MemoryStore
 from identity_service.stores.redis import RedisStore, connect
 from identity_service.stores.topology import Commands, lean_client
@@ -223,3 +225,38 @@ async def _read_all(feed: Feed) -> list[bytes]:
         entries = await feed.read(10, wait=0.05)
         events.extend(event for entry in entries for event in entry.events)
     return events
+
+
+async def test_wait_goes_in_the_scripts_write_and_a_shortfall_still_succeeds(
+    private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IDENTITY_REDIS_WAIT: WAIT leaves with the script (one round trip); with no replica
+    to confirm, the call still succeeds, counted and logged (docs/redis-topologies.md)."""
+    metrics = Metrics()
+    settings = RedisSettings.from_dsn(private_redis.url, key_prefix="wait:", wait=(1, 10))
+    store = RedisStore(settings, SEALER, metrics)
+    writes: list[int] = []
+    flush = resp_module.Connection._flush
+
+    def counted_flush(self: resp_module.Connection) -> None:
+        writes.append(len(self._outgoing))
+        flush(self)
+
+    try:
+        await store.put(new_id(), b"load the script", 60, None)
+        monkeypatch.setattr(resp_module.Connection, "_flush", counted_flush)
+        lookup_id = new_id()
+        await store.put(lookup_id, b"replicated?", 60, None)
+        # The exchange script is new to Redis: EVALSHA and WAIT, NOSCRIPT, then EVAL and
+        # a WAIT after it (the first WAIT came before the script ran).
+        assert await store.take(lookup_id, None) == b"replicated?"
+        assert writes == [2, 2, 1, 1]
+        writes.clear()
+        lookup_id = new_id()
+        await store.put(lookup_id, b"again", 60, None)
+        assert await store.take(lookup_id, None) == b"again"
+        assert writes == [2, 2]  # each script with its WAIT, in one write
+    finally:
+        await store.close()
+    assert metrics.value("identity_redis_wait_short_total", operation="prepare") == 3
+    assert metrics.value("identity_redis_wait_short_total", operation="exchange") == 2

@@ -222,9 +222,16 @@ class RedisStore:
         """
         assert self._wait is not None
         replicas, milliseconds = self._wait
-        reply, acknowledged = await asyncio.gather(
-            call, self._redis.call(keys[0], "WAIT", replicas, milliseconds)
-        )
+        script = asyncio.ensure_future(call)
+        waited = asyncio.ensure_future(self._redis.call(keys[0], "WAIT", replicas, milliseconds))
+        # Replies come in order: the script's task finishes before the WAIT's, unless the
+        # node did not know the script and it went again as EVAL, after this WAIT.
+        finished: list[object] = []
+        script.add_done_callback(finished.append)
+        waited.add_done_callback(finished.append)
+        reply, acknowledged = await asyncio.gather(script, waited)
+        if finished[0] is waited:
+            acknowledged = await self._redis.call(keys[0], "WAIT", replicas, milliseconds)
         if acknowledged < replicas:
             if self._metrics is not None:
                 self._metrics.inc("identity_redis_wait_short_total", operation=operation)
