@@ -147,7 +147,17 @@ class RedisFeed:
         self._shards = shards
         self._streams = [outbox_key(prefix, shard, shards) for shard in range(shards)]
         self._shard_of_stream = {stream: shard for shard, stream in enumerate(self._streams)}
-        self._new_entries = [">"] * len(self._streams)
+        # The streams of 0.3.0 and earlier, whose tags were the shard numbers: read while
+        # they exist, so an upgrade strands no entry (on one node or Sentinel: those
+        # versions did not run on a Cluster). Their dead letters go to the new keys.
+        self._legacy = []
+        if not isinstance(commands, ClusterClient):
+            for shard, stream in enumerate(legacy_outbox_keys(prefix)):
+                if stream not in self._shard_of_stream:
+                    self._legacy.append(stream)
+                    self._shard_of_stream[stream] = shard % shards
+        self._read_streams = list(self._streams)
+        self._new_entries = [">"] * len(self._read_streams)
         self._reclaimed: list[FeedEntry] = []
         self._groups_ready = False
         self.backlog = False
@@ -192,7 +202,7 @@ class RedisFeed:
                 "BLOCK",
                 max(1, int(wait * 1000)),
                 "STREAMS",
-                *self._streams,
+                *self._read_streams,
                 *self._new_entries,
             )
         except asyncio.CancelledError:
@@ -265,7 +275,7 @@ class RedisFeed:
         if self._reclaimed:
             # Ours now; keep them from looking idle until they are delivered.
             await self.keep_alive(self._reclaimed)
-        for stream in self._streams:
+        for stream in self._read_streams:
             if not self._reclaimed:
                 answer = await self._redis.xautoclaim(
                     stream,
@@ -293,13 +303,18 @@ class RedisFeed:
     async def _ensure_groups(self) -> None:
         if self._groups_ready:
             return
-        for stream in self._streams:
+        legacy = [stream for stream in self._legacy if await self._redis.exists(stream)]
+        for stream in [*self._streams, *legacy]:
             for group in self._groups:
                 try:
-                    await self._redis.xgroup_create(stream, group, id="0", mkstream=True)
+                    await self._redis.xgroup_create(
+                        stream, group, id="0", mkstream=stream not in legacy
+                    )
                 except ResponseError as exc:
                     if "BUSYGROUP" not in str(exc):
                         raise
+        self._read_streams = self._streams + legacy
+        self._new_entries = [">"] * len(self._read_streams)
         self._groups_ready = True
 
     async def _decode_all(self, stream: str, messages: list[Any]) -> list[FeedEntry]:
@@ -342,6 +357,11 @@ class RedisFeed:
         template = orjson.loads(self._sealer.open(fields[b"t"]))
         facts = orjson.loads(self._sealer.open(fields[b"p"]))
         return [ev.encode(event) for event in ev.complete(template, facts)]
+
+
+def legacy_outbox_keys(prefix: str) -> list[str]:
+    """The outbox streams of 0.3.0 and earlier: tags ``{0}`` to ``{15}``."""
+    return [f"{prefix}{{{shard}}}:outbox" for shard in range(KEY_SHARDS)]
 
 
 async def trim_acknowledged(redis: AdminClient, stream: str) -> None:

@@ -9,7 +9,7 @@ import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import pytest
@@ -120,26 +120,28 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
+Topology = TypeVar("Topology", Cluster, Sentinels)
+
+
+def running(topology: Topology) -> Iterator[Topology]:
+    """Start ``topology``, hand it out, stop it however the tests went."""
+    try:
+        topology.start()
+        yield topology
+    finally:
+        topology.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A 3-master Redis Cluster shared by the session's tests (each with its own prefix)."""
-    cluster = Cluster(tmp_path_factory.mktemp("cluster"))
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from running(Cluster(tmp_path_factory.mktemp("cluster")))
 
 
 @pytest.fixture(scope="session")
 def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sentinels]:
     """A master, a replica and three sentinels, shared by the session's tests."""
-    sentinels = Sentinels(tmp_path_factory.mktemp("sentinel"))
-    try:
-        sentinels.start()
-        yield sentinels
-    finally:
-        sentinels.stop()
+    yield from running(Sentinels(tmp_path_factory.mktemp("sentinel")))
 
 
 # The store kinds a module may add to memory and redis with its own ``store_kind`` fixture:

@@ -402,6 +402,29 @@ async def test_an_entry_an_earlier_version_queued_is_delivered(
     assert all(e["sentAt"].endswith("Z") for e in collector.events)
 
 
+async def test_entries_left_in_the_streams_of_an_earlier_version_are_delivered(
+    aiohttp_client: ClientMaker,
+    redis_server: RedisServer,
+    redis_client: Redis,
+    collector: Collector,
+) -> None:
+    """0.3.0's streams (tags ``{0}``…``{15}``) are read while they exist: an upgrade strands
+    no entry, with the groups 0.3.0 made or without."""
+    settings = delivery_settings(redis_server, collector)
+    assert settings.redis is not None
+    prefix = settings.redis.key_prefix
+    sealer = OutboxSealer(settings.secret)
+    for shard, group in ((3, True), (12, False)):
+        event = {"type": "track", "event": "Before", "messageId": f"before-{shard}"}
+        stream = f"{prefix}{{{shard}}}:outbox"
+        await redis_client.xadd(stream, {"j": sealer.seal(json.dumps(event).encode())})
+        if group:
+            await redis_client.xgroup_create(stream, "default", id="0")
+    await aiohttp_client(create_app(settings))
+    await collector.wait_for(2)
+    assert sorted(e["messageId"] for e in collector.events) == ["before-12", "before-3"]
+
+
 async def test_a_cancelled_blocking_read_claims_nothing_that_arrives_after(
     redis_server: RedisServer, redis_client: Redis
 ) -> None:
