@@ -19,6 +19,8 @@ import pytest
 from identity_service import app_keys
 from identity_service.app import create_app
 from identity_service.constants import KEY_SHARDS, shard_tags, tag_slot
+from identity_service.stores.redis import RedisStore
+from identity_service.stores.topology import ClusterClient
 from tests.collector import WRITE_KEY, Collector, running_collector
 from tests.conftest import CHECKOUT_URL, SECRET, AppClient, auth, make_settings, sources_env
 from tests.redis_server import free_port
@@ -189,10 +191,15 @@ async def test_resharding_under_a_stream_of_handoffs_loses_no_handoff_and_no_eve
         await running
         owners = slot_owners(target.port)
         assert owners[tag_slot(shard_tags(KEY_SHARDS)[0])] == target.port
+        store = client.app[app_keys.STORE]
+        assert isinstance(store, RedisStore) and isinstance(store.commands, ClusterClient)
+        redirects = dict(store.commands.redirects)
+        assert redirects.get("MOVED") or redirects.get("ASK")  # requests followed the slots
         lost = await wait_for_events(stream, collector, 20)
         print(
             f"\nresharding 2048 slots under {WORKERS} streams of handoffs: {stream.flows} flows, "
-            f"answers {dict(stream.statuses)}, events lost {lost}"
+            f"answers {dict(stream.statuses)}, redirections followed {redirects}, "
+            f"events lost {lost}"
         )
         assert stream.prepared and stream.prepared - stream.exchanged <= _unfinished(stream)
         assert stream.statuses["exchange 404"] == 0  # no handoff lost

@@ -40,7 +40,7 @@ from identity_service.problems import StoreUnavailable
 from identity_service.settings import RedisSettings
 from identity_service.stores import PrepareEvents
 from identity_service.stores.resp import Arg, Reply, ReplyError, Script
-from identity_service.stores.topology import lean_client
+from identity_service.stores.topology import Commands, lean_client
 
 logger = structlog.get_logger(__name__)
 
@@ -188,6 +188,11 @@ class RedisStore:
         self._metrics = metrics
         self._wait = settings.wait
         self._redis = lean_client(settings, settings.timeout)
+
+    @property
+    def commands(self) -> Commands:
+        """The lean client requests go through (a ClusterClient on a Cluster)."""
+        return self._redis
 
     async def put(
         self, lookup_id: bytes, record: bytes, ttl_seconds: int, events: PrepareEvents | None

@@ -21,6 +21,7 @@ answer 503 with Retry-After.
 """
 
 import asyncio
+from collections import Counter
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
@@ -39,6 +40,8 @@ from identity_service.stores.resp import (
 )
 
 MAX_REDIRECTS = 5
+# The answers that mean "not run here": re-sending is safe.
+REDIRECTIONS = frozenset({"MOVED", "ASK", "TRYAGAIN"})
 TRYAGAIN_PAUSE_SECONDS = 0.02
 
 
@@ -133,6 +136,8 @@ class ClusterClient:
         self._masters: list[RespClient] = []
         self._stale = True
         self._refreshing: asyncio.Future[None] | None = None
+        # Redirections followed, by kind (MOVED, ASK, TRYAGAIN): how often slots moved.
+        self.redirects: Counter[str] = Counter()
 
     async def execute(self, *args: Arg) -> Reply:
         if self._stale:
@@ -156,15 +161,16 @@ class ClusterClient:
                 return await (node.execute_asking(*args) if asking else node.execute(*args))
             except ReplyError as exc:
                 kind, _, where = str(exc).partition(" ")
+                if kind not in REDIRECTIONS:
+                    raise
+                self.redirects[kind] += 1
                 if kind == "MOVED":
                     self._stale = True
                     node, asking = self._node_at(where), False
                 elif kind == "ASK":
                     node, asking = self._node_at(where), True
-                elif kind == "TRYAGAIN":
-                    await asyncio.sleep(TRYAGAIN_PAUSE_SECONDS)
                 else:
-                    raise
+                    await asyncio.sleep(TRYAGAIN_PAUSE_SECONDS)
             except OSError:
                 self._stale = True
                 raise
