@@ -149,13 +149,19 @@ async def check_reachable(settings: RedisSettings) -> None:
     """Reach Redis once within the configured timeout; StoreUnavailable names its address.
 
     A one-node URL that reaches a Cluster node or a sentinel raises WrongTopology: the
-    requests would fail on most keys (MOVED) or on every command.
+    requests would fail on most keys (MOVED) or on every command; so does a Cluster URL
+    whose nodes are not in Cluster mode.
     """
     client = lean_client(settings, settings.timeout)
     try:
         info = await client.execute("INFO") if settings.topology == "single" else None
         await client.execute("PING")
     except (ReplyError, OSError) as exc:
+        if "cluster support disabled" in str(exc.__cause__):
+            raise WrongTopology(
+                f"{settings.address} reaches Redis nodes without Cluster mode: use "
+                "redis://<host:port>/<db> (one node) or redis+sentinel://"
+            ) from exc
         raise StoreUnavailable(_describe(settings.address, exc)) from exc
     finally:
         await client.close()
