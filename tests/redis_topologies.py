@@ -138,7 +138,7 @@ class Sentinels:
                 f"port {port}\nbind 127.0.0.1\ndir {self.directory}\n"
                 f"sentinel monitor {self.service} 127.0.0.1 {self.a.port} 2\n"
                 f"sentinel down-after-milliseconds {self.service} 1000\n"
-                f"sentinel failover-timeout {self.service} 4000\n"
+                f"sentinel failover-timeout {self.service} 2000\n"
                 f"sentinel parallel-syncs {self.service} 1\n"
             )
             self._sentinels.append(
