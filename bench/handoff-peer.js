@@ -9,6 +9,7 @@ const crypto = require("node:crypto");
 function handoffPeer(Redis, Analytics, redisOptions = {}) {
   const env = process.env;
   const authorization = `Bearer ${env.WRITE_KEY}`;
+  const allowedOrigin = env.ORIGIN;
   const redis = new Redis(env.REDIS_URL, redisOptions);
   const analytics = new Analytics({
     writeKey: env.SEGMENT_WRITE_KEY,
@@ -28,7 +29,7 @@ function handoffPeer(Redis, Analytics, redisOptions = {}) {
     } catch {
       return [400, { title: "destination must be a URL" }];
     }
-    if (url.origin !== env.ORIGIN) return [403, { title: "not allowed" }];
+    if (url.origin !== allowedOrigin) return [403, { title: "not allowed" }];
     const token = crypto.randomBytes(32).toString("base64url");
     const record = { anonymousId, userId, traits, context, consent, destination };
     await redis.set(`handoff:${token}`, JSON.stringify(record), "EX", 300);
