@@ -43,6 +43,15 @@ def promtool() -> str:
     return path
 
 
+# The nodes that wrap one expression.
+WRAPPERS = (
+    promql_parser.AggregateExpr,
+    promql_parser.ParenExpr,
+    promql_parser.UnaryExpr,
+    promql_parser.SubqueryExpr,
+)
+
+
 def metric_names(expression: str) -> set[str]:
     """The metric names an expression reads, from PromQL's own syntax tree."""
     return set(_selectors(promql_parser.parse(expression)))
@@ -61,9 +70,7 @@ def _selectors(node: Any) -> Iterator[str]:
     elif isinstance(node, promql_parser.Call):
         for argument in node.args:
             yield from _selectors(argument)
-    elif isinstance(node, promql_parser.AggregateExpr | promql_parser.ParenExpr):
-        yield from _selectors(node.expr)
-    elif isinstance(node, promql_parser.UnaryExpr | promql_parser.SubqueryExpr):
+    elif isinstance(node, WRAPPERS):
         yield from _selectors(node.expr)
 
 

@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PINNED = re.compile(r"^[\w./-]+:(?P<tag>[\w.-]+)@sha256:[0-9a-f]{64}$")
 BUILD_TOOLS = ("build-essential", "gcc", "g++", "make", "clang", "cargo", "rustc", "-dev ")
 
+# The pod listens on every address of its own network namespace.
+SERVE_ARGS = ["serve", "--host", "0.0.0.0", "--port", "8080"]  # noqa: S104
+
 Instruction = dict[str, Any]
 
 
@@ -81,9 +84,7 @@ def test_the_final_stage_writes_no_bytecode(stages: list[list[Instruction]]) -> 
 def test_entry_point_command_and_health_check(stages: list[list[Instruction]]) -> None:
     final = stages[-1]
     assert [json.loads(v) for v in values(final, "ENTRYPOINT")] == [["identity-service"]]
-    assert [json.loads(v) for v in values(final, "CMD")] == [
-        ["serve", "--host", "0.0.0.0", "--port", "8080"]
-    ]
+    assert [json.loads(v) for v in values(final, "CMD")] == [SERVE_ARGS]
     (health,) = values(final, "HEALTHCHECK")
     command = json.loads(health.split(" CMD ", 1)[1])
     assert command[:2] == ["python", "-c"]

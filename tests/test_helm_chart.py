@@ -19,8 +19,8 @@ from tests.chart import (
     CI_VALUES,
     FULLNAME,
     Manifest,
-    ci_values,
     chart,
+    ci_values,
     find,
     pod_spec,
     render,
@@ -28,6 +28,9 @@ from tests.chart import (
 )
 
 KUBERNETES_VERSION = "1.30.0"
+# The pod listens on every address of its own network namespace.
+SERVE_ARGS = ["serve", "--host", "0.0.0.0", "--port", "8080"]  # noqa: S104
+TMP_MOUNT = "/tmp"  # noqa: S108 - the pod's emptyDir
 CONFIGURATIONS = [path.name.removesuffix("-values.yaml") for path in CI_VALUES]
 WORKLOADS = ("Deployment", "StatefulSet", "Pod")
 # Objects of the Prometheus Operator's CRDs, which kubernetes-validate does not know.
@@ -78,7 +81,9 @@ def test_every_object_is_valid_for_kubernetes(configuration: str) -> None:
         try:
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:  # its str() prints the schema
-            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {exc.message} at {list(exc.path)}")
+            pytest.fail(
+                f"{obj['kind']}/{obj['metadata']['name']}: {exc.message} at {list(exc.path)}"
+            )
 
 
 def test_the_service_monitor_scrapes_both_services() -> None:
@@ -131,8 +136,10 @@ def test_web_pods_probe_health_and_readiness_and_drain_before_sigterm(configurat
     web = find(render(values), "Deployment")
     pod = pod_spec(web)
     (container,) = pod["containers"]
-    assert container["args"] == ["serve", "--host", "0.0.0.0", "--port", "8080"]
-    probes = {kind: container[f"{kind}Probe"]["httpGet"] for kind in ("startup", "liveness", "readiness")}
+    assert container["args"] == SERVE_ARGS
+    probes = {
+        kind: container[f"{kind}Probe"]["httpGet"] for kind in ("startup", "liveness", "readiness")
+    }
     assert probes["startup"]["path"] == probes["liveness"]["path"] == "/healthz"
     assert probes["readiness"]["path"] == "/readyz"
     assert {p["port"] for p in probes.values()} == {"http"}
@@ -140,9 +147,14 @@ def test_web_pods_probe_health_and_readiness_and_drain_before_sigterm(configurat
     # The pause and the service's own shutdown fit in the grace period.
     assert pod["terminationGracePeriodSeconds"] >= 5 + 10
     spread = pod["topologySpreadConstraints"]
-    assert {c["topologyKey"] for c in spread} == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
-    assert all(c["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "web" for c in spread)
-    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
+    assert {c["topologyKey"] for c in spread} == {
+        "kubernetes.io/hostname",
+        "topology.kubernetes.io/zone",
+    }
+    assert all(
+        c["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "web" for c in spread
+    )
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {TMP_MOUNT}
 
 
 def test_the_image_is_the_chart_app_version_unless_a_digest_is_given() -> None:
@@ -240,9 +252,12 @@ def test_no_secret_reaches_a_config_map_or_a_pod_spec(configuration: str) -> Non
         for obj in exposed:
             assert value not in yaml.safe_dump(obj), f"a secret in {obj['kind']}"
     for config_map in (o for o in objects if o["kind"] == "ConfigMap"):
-        assert not {"IDENTITY_SECRET", "IDENTITY_SOURCES", "IDENTITY_DESTINATIONS", "IDENTITY_AMP"} & set(
-            config_map.get("data", {})
-        )
+        assert not {
+            "IDENTITY_SECRET",
+            "IDENTITY_SOURCES",
+            "IDENTITY_DESTINATIONS",
+            "IDENTITY_AMP",
+        } & set(config_map.get("data", {}))
 
 
 def test_an_existing_secret_replaces_the_charts() -> None:
@@ -343,7 +358,10 @@ def test_restricted_egress_still_reaches_dns_and_redis() -> None:
     assert {53, 6379, 443} <= set(ports)
     redis_policy = find(objects, "NetworkPolicy", f"{FULLNAME}-redis")
     (ingress,) = redis_policy["spec"]["ingress"]
-    assert ingress["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "identity-service"
+    assert (
+        ingress["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"]
+        == "identity-service"
+    )
 
 
 def test_the_notes_say_how_to_check_the_install() -> None:
@@ -356,7 +374,9 @@ def test_the_notes_say_how_to_check_the_install() -> None:
     ("missing", "message"),
     [("redis", "set redis.url"), ("secret", "set secret"), ("sources", "set sources")],
 )
-def test_a_missing_essential_value_stops_the_render_with_what_to_set(missing: str, message: str) -> None:
+def test_a_missing_essential_value_stops_the_render_with_what_to_set(
+    missing: str, message: str
+) -> None:
     values = ci_values("external-redis")
     del values[missing]
     with pytest.raises(helm_python.HelmError, match=message):
