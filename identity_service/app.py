@@ -54,7 +54,9 @@ def open_store(settings: Settings) -> HandoffStore:
     # Imported here so the embedded default does not load the Redis client.
     from identity_service.stores.redis import RedisStore
 
-    return RedisStore(settings.redis, OutboxSealer(settings.secret))
+    return RedisStore(
+        settings.redis, OutboxSealer(settings.secret), settings.outbox.routes_by_source
+    )
 
 
 async def _handoff_store(app: web.Application) -> AsyncIterator[None]:
