@@ -12,14 +12,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from aiohttp import web
-
-from examples.checkout.pages import Analytics, Helper, render
 from identity_client import AsyncIdentityClient, IdentityError
 from identity_client.middleware import identity_middleware
 
+from examples.checkout.pages import Analytics, Helper, render
+
 Mode = Literal["middleware", "helper"]
 CLIENT = web.AppKey("client", AsyncIdentityClient)
-CHECKOUT = web.AppKey("checkout", "CheckoutSettings")
 # domain B's completion event (the service emits it at the exchange).
 EVENT = "Checkout Started"
 
@@ -30,6 +29,9 @@ class CheckoutSettings:
     site: str
     analytics: Analytics
     helper_url: str
+
+
+CHECKOUT = web.AppKey("checkout", CheckoutSettings)
 
 
 async def cart_page(request: web.Request) -> web.Response:

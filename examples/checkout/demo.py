@@ -17,12 +17,12 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 from aiohttp import web
+from identity_client import AsyncIdentityClient
 
 from examples.checkout.checkout import CheckoutSettings, checkout_app
 from examples.checkout.collector import Collector, collector_app
 from examples.checkout.pages import Analytics
 from examples.checkout.shop import ShopSettings, shop_app
-from identity_client import AsyncIdentityClient
 from identity_service.app import create_app
 from identity_service.browser_helper import helper_script
 from identity_service.front import FrontRunner
@@ -115,7 +115,9 @@ async def running_demo(
     service = create_app(settings)
     async with AsyncExitStack() as stack:
         # The collector first: the service's forwarder delivers to it from the start.
-        await _site(stack, web.AppRunner(collector_app(collector), access_log=None), ports.collector)
+        await _site(
+            stack, web.AppRunner(collector_app(collector), access_log=None), ports.collector
+        )
         await _site(stack, FrontRunner(service, access_log=None, shutdown_timeout=1), ports.service)
         clients = {
             name: await stack.enter_async_context(AsyncIdentityClient(service_url, keys[name]))

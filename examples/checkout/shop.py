@@ -12,12 +12,11 @@ from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
-
-from examples.checkout.pages import Analytics, Helper, render
 from identity_client import AsyncIdentityClient, IdentityError
 
+from examples.checkout.pages import Analytics, Helper, render
+
 CLIENT = web.AppKey("client", AsyncIdentityClient)
-SHOP = web.AppKey("shop", "ShopSettings")
 COOKIE = "ajs_anonymous_id"
 
 
@@ -28,6 +27,9 @@ class ShopSettings:
     # Where the shop links to: label -> destination URL on a checkout domain.
     checkouts: dict[str, str]
     ttl: int | None = None  # the handoff's lifetime; the service's default when None
+
+
+SHOP = web.AppKey("shop", ShopSettings)
 
 
 def cookie_id(request: web.Request) -> str | None:
