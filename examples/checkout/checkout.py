@@ -9,13 +9,13 @@
 """
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from aiohttp import web
 from identity_client import AsyncIdentityClient, IdentityError
 from identity_client.middleware import identity_middleware
 
-from examples.checkout.pages import Analytics, Helper, render
+from examples.checkout.pages import Analytics, Helper, json_body, render
 
 Mode = Literal["middleware", "helper"]
 CLIENT = web.AppKey("client", AsyncIdentityClient)
@@ -58,11 +58,8 @@ async def cart_page(request: web.Request) -> web.Response:
 
 async def exchange(request: web.Request) -> web.Response:
     """identity.js posts the token here; the SDK exchanges it, with fallback."""
-    try:
-        body: Any = await request.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict) or not isinstance(body.get("token"), str):
+    body = await json_body(request)
+    if body is None or not isinstance(body.get("token"), str):
         return web.json_response({"error": "a JSON body with a token"}, status=400)
     page = {"url": body.get("url") or request.headers.get("Referer", "")}
     if isinstance(body.get("referrer"), str):

@@ -1,4 +1,5 @@
-"""The demo's HTML: one page layout with the analytics.js snippet, the same on every site.
+"""What the demo's sites share: one page layout with the analytics.js snippet, and the
+reading of their JSON endpoints' bodies.
 
 The snippet is Segment's in miniature: ``window.analytics`` queues calls until
 ``analytics.load(key)`` loads the page script (static/analytics.js, served by the
@@ -34,6 +35,18 @@ code { background: #eee; padding: .1rem .3rem; } a.button, button { display: inl
   margin: .3rem 0; padding: .5rem 1rem; border: 0; border-radius: .3rem; background: #333;
   color: #fff; text-decoration: none; font: inherit; cursor: pointer; }
 """
+
+
+async def json_body(request: web.Request) -> dict[str, Any] | None:
+    """The request's JSON object, or None. ``application/json`` only: a form on another
+    site cannot send that without a CORS preflight, so it cannot forge the call."""
+    if request.content_type != "application/json":
+        return None
+    try:
+        body = await request.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def script_json(value: Any) -> str:

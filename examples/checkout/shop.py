@@ -8,13 +8,12 @@ prepare a handoff to the destination with the Python SDK, answer the redirect UR
 
 import html
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
 from identity_client import AsyncIdentityClient, IdentityError
 
-from examples.checkout.pages import Analytics, Helper, render
+from examples.checkout.pages import Analytics, Helper, json_body, render
 
 CLIENT = web.AppKey("client", AsyncIdentityClient)
 COOKIE = "ajs_anonymous_id"
@@ -65,11 +64,8 @@ async def product_page(request: web.Request) -> web.Response:
 
 async def handoff(request: web.Request) -> web.Response:
     """identity.js asks here, at click time, for a fresh redirect URL to ``destination``."""
-    try:
-        body: Any = await request.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict) or not isinstance(body.get("destination"), str):
+    body = await json_body(request)
+    if body is None or not isinstance(body.get("destination"), str):
         return web.json_response({"error": "a JSON body with a destination"}, status=400)
     posted = body.get("anonymousId")
     anonymous_id = cookie_id(request) or (posted if isinstance(posted, str) else None)
