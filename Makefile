@@ -59,11 +59,13 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-# The flow benchmark (bench/README.md). Needs wrk and redis-server; the Express baseline
-# runs when npm is there.
+# The flow benchmark (bench/README.md). Needs wrk and redis-server; the Node peers (Fastify,
+# Express) run when npm is there.
 bench: install
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
-	if command -v npm >/dev/null; then npm ci --silent --no-audit --no-fund --prefix bench/express; fi
+	if command -v npm >/dev/null; then \
+	  npm ci --silent --no-audit --no-fund --prefix bench/fastify \
+	  && npm ci --silent --no-audit --no-fund --prefix bench/express; fi
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 format: install
