@@ -7,12 +7,11 @@ Without Chromium or Playwright a browser test skips, except in CI (CI set), wher
 
 import importlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.tools import missing_tool
 
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -40,9 +39,7 @@ def need_browser() -> Any:
         async_api = None
     missing = "playwright" if async_api is None else "chromium" if not chromium_path() else ""
     if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"{missing} is missing; .ci/run installs it")
-        pytest.skip(f"{missing} is not installed")
+        missing_tool(f"{missing} is missing", ".ci/run installs chromium")
     return async_api
 
 

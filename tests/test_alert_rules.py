@@ -8,7 +8,6 @@ promtool tests skip when it is missing.
 
 import copy
 import json
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import yaml
 
 from tests.chart import CHART_DIR, FULLNAME, ci_values, find, render
 from tests.exposed_metrics import EXTERNAL_METRIC_NAMES, exposed_metric_names
+from tests.tools import missing_tool
 
 UNIT_TESTS = Path(__file__).resolve().parent / "prometheus" / "alerts-test.yaml"
 DASHBOARD = CHART_DIR / "dashboards" / "identity-service.json"
@@ -38,9 +38,7 @@ def rule_groups() -> list[dict[str, Any]]:
 def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is missing: .ci/run installs Debian's prometheus package")
-        pytest.skip("promtool not installed (apt-get install prometheus)")
+        missing_tool("promtool is missing", ".ci/run installs Debian's prometheus package")
     return path
 
 

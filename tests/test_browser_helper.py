@@ -4,7 +4,6 @@ The script's behaviour in a browser is tested in tests/test_checkout_browser.py;
 also checked for syntax with ``node --check`` (skipped without node, except in CI).
 """
 
-import os
 import re
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 from identity_service.app import create_app
 from identity_service.browser_helper import helper_script
 from tests.conftest import AppClient, FrontTestServer, make_settings
+from tests.tools import missing_tool
 
 PATH = "/v1/identity.js"
 SOURCE = resources.files("identity_service").joinpath("static/identity.js").read_bytes()
@@ -99,9 +99,7 @@ async def test_other_methods_answer_a_problem(service: AppClient, method: str) -
 def test_the_script_is_valid_javascript() -> None:
     node = shutil.which("node")
     if node is None:
-        if os.environ.get("CI"):
-            pytest.fail("node is missing; .ci/run installs it")
-        pytest.skip("node is not installed")
+        missing_tool("node is missing", ".ci/run installs nodejs")
     path = resources.files("identity_service").joinpath("static/identity.js")
     with resources.as_file(path) as file:
         checked = subprocess.run(
