@@ -232,6 +232,7 @@ async def collect(ctx: AmpContext, hit: Hit) -> Answer:
         await asyncio.gather(*steps)
     elif steps:
         await steps[0]  # no task for a lone call
+    ctx.metrics.inc("identity_identities_total", id_source=ID_SOURCES[who.source])
     return answer
 
 
@@ -322,6 +323,16 @@ def _on_origin(
 def _from_cache(ctx: AmpContext, origin: str | None) -> bool:
     """The hit's ``Origin`` (already allowed) is a cache origin: a link may be recorded."""
     return origin is not None and origin not in ctx.amp.publisher_origins
+
+
+# identity_identities_total's id_source of each attribution: all AMP's own, so that the
+# share of generated ids among exchanges (id_source "generated") counts exchanges alone.
+ID_SOURCES = {
+    "cookie": "amp_cookie",
+    "amp_link": "amp_link",
+    "amp_client_id": "amp_client_id",
+    "generated": "amp_generated",
+}
 
 
 def _attribution(

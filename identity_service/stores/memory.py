@@ -34,7 +34,11 @@ class MemoryQueue:
     def __init__(self, name: str = "", addressed_only: bool = False) -> None:
         self.name = name
         self.addressed_only = addressed_only
-        self.events: deque[bytes] = deque()
+        # Each event with the time it was queued, for the oldest pending age (metrics).
+        self.events: deque[tuple[float, bytes]] = deque()
+        # Read by the forwarder and not yet settled: the entry's id, the time it was queued.
+        self.taken: dict[str, float] = {}
+        self.dead_letters = 0
         self.arrived = asyncio.Event()
 
     def wants(self, only: str | None) -> bool:
@@ -65,9 +69,10 @@ class MemoryOutbox:
         queues = [queue for queue in self.queues if queue.wants(only)]
         if not events or not queues:
             return
-        encoded = [ev.encode(event) for event in events]
+        now = time.time()
+        queued = [(now, ev.encode(event)) for event in events]
         for queue in queues:
-            queue.events.extend(encoded)
+            queue.events.extend(queued)
             queue.arrived.set()
 
 
