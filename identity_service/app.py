@@ -28,7 +28,7 @@ def create_app(settings: Settings) -> web.Application:
     app[app_keys.SETTINGS] = settings
     app[app_keys.SOURCES] = SourceRegistry(settings.sources)
     app[app_keys.METRICS] = Metrics()
-    app.on_response_prepare.append(_without_server_header)
+    app.on_response_prepare.append(without_server_header)
     app.cleanup_ctx.append(_handoff_store)
     if settings.outbox.enabled and settings.outbox.forwarder_in_serve:
         app.cleanup_ctx.append(_forwarders)
@@ -47,7 +47,7 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-async def _without_server_header(_request: web.Request, response: web.StreamResponse) -> None:
+async def without_server_header(_request: web.Request, response: web.StreamResponse) -> None:
     """aiohttp names itself and its version in ``Server``; the service sends no versions."""
     response.headers.popall("Server", None)
 

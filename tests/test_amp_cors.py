@@ -195,7 +195,7 @@ def state_changes(client: AppClient) -> int:
 
 def refusals(client: AppClient) -> int:
     metrics: Metrics = client.app[app_keys.METRICS]
-    return metrics.value(cors.REFUSALS_METRIC, reason="origin")
+    return int(metrics.value(cors.REFUSALS_METRIC, reason="origin"))
 
 
 async def assert_refused(response: Any) -> None:
