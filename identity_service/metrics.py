@@ -189,7 +189,7 @@ class Metrics:
             registry=metric_registry,
         )
         self._bound: dict[tuple[str, tuple[tuple[str, str], ...]], Inc] = {}
-        self._requests: dict[tuple[str, str, int], Inc] = {}
+        self._requests: dict[tuple[str, str, int], tuple[Inc, Observe]] = {}
         self._observers: dict[str, Observe] = {}
         self.routes: frozenset[str] = frozenset()
         self.scraped = Scraped()
@@ -222,21 +222,22 @@ class Metrics:
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request and its duration (``route`` from :meth:`route_of` or
         a matched route's template)."""
-        key = (route, method, status)
-        inc = self._requests.get(key)
-        if inc is None:
-            method_label = method if method in METHODS else OTHER
-            inc = (
-                self._counters["identity_http_requests_total"]
-                .labels(route, method_label, str(status))
-                .inc
-            )
-            self._requests[key] = inc
+        bound = self._requests.get((route, method, status))
+        if bound is None:
+            bound = self._bind_request(route, method, status)
+        inc, observe = bound
         inc()
+        observe(seconds)
+
+    def _bind_request(self, route: str, method: str, status: int) -> tuple[Inc, Observe]:
+        method_label = method if method in METHODS else OTHER
+        counter = self._counters["identity_http_requests_total"]
         observe = self._observers.get(route)
         if observe is None:
             observe = self._observers[route] = self._durations.labels(route).observe
-        observe(seconds)
+        bound = (counter.labels(route, method_label, str(status)).inc, observe)
+        self._requests[route, method, status] = bound
+        return bound
 
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (0 when it has none): for tests and tools."""
@@ -284,6 +285,22 @@ class _ScrapedCollector(Collector):
             yield from families
 
 
+# prometheus_client asks for the process id at every count, to notice a fork; os.getpid is
+# a system call each time, so the id is kept here and renewed in a forked child.
+_pid = os.getpid()
+
+
+def _renew_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+def _process_id() -> int:
+    return _pid
+
+
+os.register_at_fork(after_in_child=_renew_pid)
+
 # The directory of the multiprocess mode, or None: counts in this process's memory.
 _directory: str | None = None
 # prometheus_client picks its value class from PROMETHEUS_MULTIPROC_DIR when imported; here
@@ -302,7 +319,7 @@ def use_directory(directory: str | None) -> None:
         values.ValueClass = values.MutexValue
     else:
         os.environ[MULTIPROC_ENV] = directory  # where prometheus_client's files go
-        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+        values.ValueClass = values.MultiProcessValue(process_identifier=_process_id)  # type: ignore[no-untyped-call]
 
 
 @contextlib.contextmanager

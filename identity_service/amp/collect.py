@@ -37,6 +37,10 @@ What the hit is attributed to (``anonymousId_source``):
 - ``generated``: no cookie on the publisher's origin (or no clientId at all): a new id,
   offered in ``Set-Cookie``.
 
+Each hit that emits an event counts in ``identity_identities_total`` under its own AMP
+``id_source`` (``amp_cookie``, ``amp_link``, ``amp_client_id``, ``amp_generated``), apart
+from the exchanges' ``handoff`` and ``generated``.
+
 The only cookie collect sets is that new id, which the service generated; it never sets a
 value from the request or from a link.
 
