@@ -331,6 +331,7 @@ def multiprocess_directory() -> Iterator[str]:
     """
     given = os.environ.get(MULTIPROC_ENV)
     if given:
+        Path(given).mkdir(parents=True, exist_ok=True)
         for stale in Path(given).glob("*.db"):
             stale.unlink()
         directory = given

@@ -365,3 +365,28 @@ def test_forward_says_when_its_metrics_port_is_taken(forward_env: dict[str, str]
     assert result.returncode == 1
     assert f"metrics port: cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_workers_directory_is_private_or_the_one_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from identity_service import metrics
+
+    monkeypatch.delenv(metrics.MULTIPROC_ENV, raising=False)
+    with metrics.multiprocess_directory() as private:
+        counted = metrics.Metrics()
+        counted.inc("identity_store_errors_total")
+        assert list(Path(private).glob("counter_*.db"))
+        assert counted.value("identity_store_errors_total") == 1
+    assert not Path(private).exists()
+
+    given = tmp_path / "multiproc"
+    given.mkdir()
+    (given / "counter_1.db").write_bytes(b"an earlier run's")
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(given))
+    with metrics.multiprocess_directory() as directory:
+        assert directory == str(given)
+        assert not (given / "counter_1.db").exists()
+    assert given.is_dir()
+    # Back to counting in memory: a new registry starts from nothing.
+    assert metrics.Metrics().value("identity_store_errors_total") == 0
