@@ -7,6 +7,7 @@ import structlog
 from aiohttp import web
 
 from identity_service import app_keys, handlers
+from identity_service.browser_helper import identity_js, load_helper_script
 from identity_service.crypto import OutboxSealer, TokenSealer
 from identity_service.handoff import HandoffService
 from identity_service.handoff_api import HandoffApi
@@ -29,6 +30,7 @@ def create_app(settings: Settings) -> web.Application:
     app[app_keys.SOURCES] = SourceRegistry(settings.sources)
     app[app_keys.METRICS] = Metrics()
     app.on_response_prepare.append(without_server_header)
+    app.on_startup.append(load_helper_script)
     app.cleanup_ctx.append(_handoff_store)
     if settings.outbox.enabled and settings.outbox.forwarder_in_serve:
         app.cleanup_ctx.append(_forwarders)
@@ -38,6 +40,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)
     app.router.add_get("/openapi.json", handlers.openapi)
+    app.router.add_get("/v1/identity.js", identity_js)
     if settings.amp is not None:
         # Imported here so a service without [amp] does not load the AMP endpoints.
         from identity_service.amp.routes import add_routes
@@ -57,7 +60,9 @@ def open_store(settings: Settings) -> HandoffStore:
         return MemoryStore()
     from identity_service.stores.redis import RedisStore
 
-    return RedisStore(settings.redis, OutboxSealer(settings.secret))
+    return RedisStore(
+        settings.redis, OutboxSealer(settings.secret), settings.outbox.routes_by_source
+    )
 
 
 async def _handoff_store(app: web.Application) -> AsyncIterator[None]:

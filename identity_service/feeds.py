@@ -136,11 +136,14 @@ class RedisFeed:
         reclaim_idle: float,
         all_destinations: list[str],
         addressed_only: bool = False,
+        sources: frozenset[str] | None = None,
     ) -> None:
         """``addressed_only``: deliver only the entries whose ``only`` names ``destination``
-        (an AMP action's webhook); other destinations deliver those without ``only`` too."""
+        (an AMP action's webhook); other destinations deliver those without ``only`` too,
+        but with ``sources``, only those whose source (field ``s``) is one of them."""
         self._redis = redis
         self._addressed_only = addressed_only
+        self._sources = None if sources is None else {name.encode() for name in sources}
         self._commands = commands
         self._prefix = prefix
         self._group = destination
@@ -284,7 +287,7 @@ class RedisFeed:
             if fields is None:  # deleted while pending
                 continue
             entry = FeedEntry(text(entry_id), stream, [], fields)
-            if not self._wanted(fields.get(b"only")):
+            if not self._wanted(fields.get(b"only"), fields.get(b"s")):
                 not_ours.append(entry.entry_id)
                 continue
             try:
@@ -301,11 +304,14 @@ class RedisFeed:
             await self.dead_letter(poisoned, "unreadable entry")
         return entries
 
-    def _wanted(self, only: bytes | None) -> bool:
-        """Whether an entry addressed to ``only`` (None: to every destination) is ours."""
-        if only is None:
-            return not self._addressed_only
-        return only.decode() == self._group
+    def _wanted(self, only: bytes | None, source: bytes | None) -> bool:
+        """Whether an entry addressed to ``only`` (None: to every destination) from
+        ``source`` (None: written without one) is ours."""
+        if only is not None:
+            return only.decode() == self._group
+        if self._addressed_only:
+            return False
+        return self._sources is None or source is None or source in self._sources
 
     def _decode(self, fields: dict[bytes, bytes]) -> list[bytes]:
         if b"j" in fields:  # one JSON document a line, sent on as they are

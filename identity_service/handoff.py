@@ -152,7 +152,7 @@ class HandoffService:
         if not ev.analytics_allowed(request.consent):
             # The started track; the exchange counts domain B's events.
             self._skipped()
-            return PrepareEvents(started=[], completion=None)
+            return PrepareEvents(started=[], completion=None, source=source.name)
         identity = {"anonymous_id": request.anonymous_id, "user_id": request.user_id}
         started = ev.started_event(
             handoff_id=lookup_id,
@@ -174,7 +174,7 @@ class HandoffService:
             ev.check_prepare_sizes([started], template)
         except ev.EventTooLarge as exc:
             raise OversizedEvent(f"{exc}; send a smaller context or fewer traits") from exc
-        return PrepareEvents(started=[started], completion=template)
+        return PrepareEvents(started=[started], completion=template, source=source.name)
 
     def _exchange_facts(self, source: Source, request: ExchangeRequest) -> dict[str, Any] | None:
         if not self._outbox.enabled:
@@ -212,7 +212,7 @@ class HandoffService:
         identity = generated_identity(str(anonymous_id))
         if facts is not None:
             event = ev.fallback_event(anonymous_id=anonymous_id, facts=facts)
-            await self._store.emit(anonymous_id.bytes, [event])
+            await self._store.emit(anonymous_id.bytes, [event], source=source.name)
         self._generated()
         return identity
 

@@ -52,10 +52,14 @@ async def running_forwarders(
                 settings.outbox.reclaim_idle,
                 [d.name for d in settings.outbox.destinations],
                 destination.addressed_only,
+                destination.sources,
             )
         else:
             assert memory is not None, "the memory store's outbox is needed without Redis"
-            feed = MemoryFeed(memory.subscribe(destination.name, destination.addressed_only))
+            queue = memory.subscribe(
+                destination.name, destination.addressed_only, destination.sources
+            )
+            feed = MemoryFeed(queue)
         sink = open_sink(destination, settings.outbox)
         forwarders.append(Forwarder(destination.name, feed, sink, settings.outbox, metrics, store))
     tasks = [asyncio.create_task(forwarder.run()) for forwarder in forwarders]

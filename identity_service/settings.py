@@ -33,7 +33,7 @@ CONFIG_FILE_VAR = c.ENV_PREFIX + "CONFIG_FILE"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 REDIS_TLS_CERT_REQS = ("none", "optional", "required")
 REDACTED = "***"
-DESTINATION_KEYS = frozenset({"url", "write_key", "allow_insecure"})
+DESTINATION_KEYS = frozenset({"url", "write_key", "allow_insecure", "sources"})
 SETTING_NAMES = frozenset(
     {
         "sources", "secret", "dev_write_key", "redis_url", "redis_timeout",
@@ -41,7 +41,7 @@ SETTING_NAMES = frozenset(
         "max_body_bytes", "token_param", "retry_after", "shutdown_timeout", "head_timeout",
         "body_timeout", "max_connections", "log_level", "workers",
         "outbox", "forwarder", "destinations", "destination_url", "destination_write_key",
-        "destination_allow_insecure",
+        "destination_allow_insecure", "destination_sources",
         "events_file", "batch_max_events", "batch_max_wait", "delivery_timeout",
         "delivery_max_attempts", "backoff_base", "backoff_max", "reclaim_idle",
         "started_event", "completed_event", "amp", "forwarder_metrics_port",
@@ -111,7 +111,10 @@ ACTION_DESTINATION_PREFIX = "amp-action-"
 class Destination:
     """Where events go: a Segment-compatible HTTP API, a JSONL file, or standard output;
     or, kind ``webhook``, an AMP action's webhook (``url``, signed with ``secret``), which
-    receives only the entries addressed to it."""
+    receives only the entries addressed to it.
+
+    ``sources``: the sources whose events it receives (a site's own Segment source); None,
+    the default, receives every source's events."""
 
     name: str
     kind: Literal["http", "file", "stdout", "webhook"]
@@ -119,6 +122,7 @@ class Destination:
     write_key: str = field(default="", repr=False)
     path: str = ""
     secret: bytes = field(default=b"", repr=False)  # a webhook's HMAC-SHA256 key
+    sources: frozenset[str] | None = None
 
     @property
     def batch_url(self) -> str:
@@ -167,6 +171,12 @@ class OutboxSettings:
     reclaim_idle: float = c.DEFAULT_RECLAIM_IDLE_SECONDS
     started_event: str = c.DEFAULT_STARTED_EVENT
     completed_event: str = c.DEFAULT_COMPLETED_EVENT
+
+    @property
+    def routes_by_source(self) -> bool:
+        """Whether some destination takes only some sources' events: then each outbox entry
+        is written with its source's name, which the feeds route on."""
+        return any(destination.sources is not None for destination in self.destinations)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +234,7 @@ class _Reader:
     def __init__(self, environ: Mapping[str, str], config_file: Path | None) -> None:
         self.environ = environ
         self.problems: list[str] = []
+        self.source_names: list[str] = []  # the configured sources, once read
         # Settings already reported: a check across settings skips them, since it would
         # judge the default in place of what the user wrote.
         self.invalid: set[str] = set()
@@ -257,9 +268,10 @@ class _Reader:
             sources = [_dev_source(dev_write_key)]
         else:
             dev_write_key = None
-        amp = self.amp_settings([source.name for source in sources])
+        source_names = [source.name for source in sources]
+        amp = self.amp_settings(source_names)
         redis = self.redis_settings()
-        outbox = self.outbox_settings(amp)
+        outbox = self.outbox_settings(amp, source_names)
         # "Needs Redis" holds once a Redis URL is given, even one reported as invalid.
         has_redis = self.given("redis_url")
         redis_url = self.where("redis_url")
@@ -325,10 +337,12 @@ class _Reader:
             raise ConfigError(self.problems)
         return settings
 
-    def outbox_settings(self, amp: AmpSettings | None = None) -> OutboxSettings:
-        """The outbox: the events' destinations, then one per AMP action (``amp``)."""
+    def outbox_settings(self, amp: AmpSettings | None, source_names: list[str]) -> OutboxSettings:
+        """The outbox: the events' destinations, then one per AMP action (``amp``).
+        ``source_names``: the configured sources, which a destination's ``sources`` name."""
         enabled = self.choice("outbox", "on", ("on", "off")) == "on"
         forwarder = self.choice("forwarder", "embedded", ("embedded", "off"))
+        self.source_names = source_names
         return OutboxSettings(
             enabled=enabled,
             destinations=tuple(self.destinations(action_destinations(amp))),
@@ -378,7 +392,8 @@ class _Reader:
             where = f"destinations.{name}"
             if not isinstance(spec, dict) or set(spec) - DESTINATION_KEYS:
                 self.problems.append(
-                    f"{where} must be a table with url, write_key and optionally allow_insecure"
+                    f"{where} must be a table with url, write_key and optionally "
+                    "allow_insecure and sources"
                 )
                 continue
             written = {key: f"{where}.{key}" for key in DESTINATION_KEYS}
@@ -405,6 +420,7 @@ class _Reader:
         url, write_key = spec.get("url"), spec.get("write_key")
         problems = len(self.problems)
         allow_insecure = self._flag(spec.get("allow_insecure"), names["allow_insecure"])
+        sources = self._destination_sources(spec.get("sources"), names["sources"])
         parts = _http_url(url)
         host = (parts.hostname or "") if parts else ""
         if parts is None:
@@ -420,7 +436,29 @@ class _Reader:
             self.problems.append(f"{names['write_key']} is required with {names['url']}")
         if len(self.problems) > problems:
             return []
-        return [Destination(name, "http", url=str(url), write_key=str(write_key))]
+        return [Destination(name, "http", url=str(url), write_key=str(write_key), sources=sources)]
+
+    def _destination_sources(self, value: Any, where: str) -> frozenset[str] | None:
+        """A destination's ``sources``: a list of configured source names (a comma-separated
+        string in a variable), or None when unset (every source's events)."""
+        if value is None or value == "":
+            return None
+        names = value.split(",") if isinstance(value, str) else value
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            self.problems.append(f"{where} must be a list of source names")
+            return None
+        names = [name.strip() for name in names]
+        if not names or "" in names:
+            self.problems.append(f"{where} must name at least one source, without empty names")
+            return None
+        unknown = sorted(set(names) - set(self.source_names))
+        if unknown:
+            known = ", ".join(sorted(self.source_names))
+            self.problems.append(
+                f"{where} names {', '.join(map(repr, unknown))}, not a configured source ({known})"
+            )
+            return None
+        return frozenset(names)
 
     def _flag(self, value: Any, where: str) -> bool | None:
         """A true/false setting (unset: false), or None after noting that it is neither."""

@@ -565,3 +565,64 @@ def test_the_forwarder_metrics_port_defaults_to_9464_and_turns_off(
     settings = make_settings(**env)
     assert settings.forwarder_metrics_port == port
     assert settings.forwarder_metrics_host == DEFAULT_FORWARDER_METRICS_HOST
+
+
+def test_destinations_take_the_events_of_the_sources_they_name(tmp_path: Path) -> None:
+    path = tmp_path / "identity.toml"
+    path.write_text(
+        '[destinations.shop-segment]\nurl = "https://api.segment.io"\nwrite_key = "wk-a"\n'
+        'sources = ["shop"]\n'
+        '[destinations.everything]\nurl = "https://api.segment.io"\nwrite_key = "wk-b"\n'
+    )
+    environ = {"IDENTITY_SOURCES": json.dumps({"shop": SHOP, "checkout": SHOP})}
+    outbox = load_settings(environ, path).outbox
+    assert [(d.name, d.sources) for d in outbox.destinations] == [
+        ("shop-segment", frozenset({"shop"})),
+        ("everything", None),
+    ]
+    assert outbox.routes_by_source
+    single = load_settings(
+        {
+            **environ,
+            "IDENTITY_DESTINATION_URL": "https://api.segment.io",
+            "IDENTITY_DESTINATION_WRITE_KEY": "wk",
+            "IDENTITY_DESTINATION_SOURCES": "shop, checkout",
+        }
+    )
+    assert single.outbox.destinations[0].sources == frozenset({"shop", "checkout"})
+    # Without sources every destination takes every event, and entries carry no source.
+    assert not load_settings(environ).outbox.routes_by_source
+
+
+@pytest.mark.parametrize(
+    ("sources", "problem"),
+    [
+        (
+            ["shop", "chekout"],
+            "destinations.a.sources names 'chekout', not a configured source (checkout, shop)",
+        ),
+        ({"shop": True}, "destinations.a.sources must be a list of source names"),
+        ([], "destinations.a.sources must name at least one source, without empty names"),
+        ([1], "destinations.a.sources must be a list of source names"),
+    ],
+)
+def test_a_destinations_sources_must_be_configured_sources(sources: object, problem: str) -> None:
+    destinations = {"a": {"url": "https://api.segment.io", "write_key": "wk", "sources": sources}}
+    environ = {
+        "IDENTITY_SOURCES": json.dumps({"shop": SHOP, "checkout": SHOP}),
+        "IDENTITY_DESTINATIONS": json.dumps(destinations),
+    }
+    assert problems_of(environ) == [problem]
+
+
+def test_the_single_destinations_sources_name_the_development_source_without_sources() -> None:
+    environ = {
+        "IDENTITY_DESTINATION_URL": "https://api.segment.io",
+        "IDENTITY_DESTINATION_WRITE_KEY": "wk",
+        "IDENTITY_DESTINATION_SOURCES": "shop",
+    }
+    assert problems_of(environ) == [
+        "IDENTITY_DESTINATION_SOURCES names 'shop', not a configured source (dev)"
+    ]
+    environ["IDENTITY_DESTINATION_SOURCES"] = "dev"
+    assert load_settings(environ).outbox.destinations[0].sources == frozenset({"dev"})

@@ -231,7 +231,7 @@ async def collect(ctx: AmpContext, hit: Hit) -> Answer:
         steps.append(links.record_link_or_log(ctx, client_id, cookie_id))
     if ctx.settings.outbox.enabled:
         event = _event(content, who, client_id, headers.get("user-agent"))
-        steps.append(ctx.store.emit(event["messageId"].encode(), [event]))
+        steps.append(ctx.store.emit(event["messageId"].encode(), [event], source=amp.source))
     if len(steps) > 1:
         await asyncio.gather(*steps)
     elif steps:

@@ -34,7 +34,8 @@ from identity_service.settings import RedisSettings
 from identity_service.stores import PrepareEvents
 from identity_service.stores.resp import Arg, Reply, ReplyError, RespClient, Script
 
-# KEYS: handoff, outbox. ARGV: record, ttl, sealed template or "", sealed started events or "".
+# KEYS: handoff, outbox. ARGV: record, ttl, sealed template or "", sealed started events or "",
+# the preparing source's name or "" (written only when destinations route by source).
 PREPARE = Script("""
 redis.call('DEL', KEYS[1])
 if ARGV[3] ~= '' then
@@ -44,12 +45,17 @@ else
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 if ARGV[4] ~= '' then
-  redis.call('XADD', KEYS[2], '*', 'j', ARGV[4])
+  if ARGV[5] ~= '' then
+    redis.call('XADD', KEYS[2], '*', 'j', ARGV[4], 's', ARGV[5])
+  else
+    redis.call('XADD', KEYS[2], '*', 'j', ARGV[4])
+  end
 end
 return 1
 """)
 
-# KEYS: handoff, outbox. ARGV: sealed exchange facts or "".
+# KEYS: handoff, outbox. ARGV: sealed exchange facts or "", the exchanging source's name or ""
+# (written only when destinations route by source).
 EXCHANGE = Script("""
 local found = redis.call('HMGET', KEYS[1], 'r', 'o')
 if not found[1] then
@@ -57,7 +63,11 @@ if not found[1] then
 end
 redis.call('DEL', KEYS[1])
 if found[2] and ARGV[1] ~= '' then
-  redis.call('XADD', KEYS[2], '*', 't', found[2], 'p', ARGV[1])
+  if ARGV[2] ~= '' then
+    redis.call('XADD', KEYS[2], '*', 't', found[2], 'p', ARGV[1], 's', ARGV[2])
+  else
+    redis.call('XADD', KEYS[2], '*', 't', found[2], 'p', ARGV[1])
+  end
 end
 return found[1]
 """)
@@ -105,9 +115,17 @@ async def check_reachable(settings: RedisSettings) -> None:
 
 
 class RedisStore:
-    """Keeps records in Redis with their TTL and their events set in the same script."""
+    """Keeps records in Redis with their TTL and their events set in the same script.
 
-    def __init__(self, settings: RedisSettings, sealer: OutboxSealer) -> None:
+    ``tag_sources`` (some destination takes only some sources' events): each outbox entry
+    carries its source's name (field ``s``), which the destinations' feeds route on.
+    Otherwise entries are written as before, for every destination.
+    """
+
+    def __init__(
+        self, settings: RedisSettings, sealer: OutboxSealer, tag_sources: bool = False
+    ) -> None:
+        self._tag_sources = tag_sources
         self._prefix = settings.key_prefix
         self._address = settings.address
         self._sealer = sealer
@@ -122,22 +140,34 @@ class RedisStore:
                 template = self._sealer.seal(orjson.dumps(events.completion))
             if events.started:
                 started = self._sealer.seal(ev.join_documents(events.started))
-        args: list[Arg] = [record, ttl_seconds, template, started]
+        source = events.source if events is not None and self._tag_sources else None
+        args: list[Arg] = [record, ttl_seconds, template, started, source or ""]
         await self._guarded(self._redis.run_script(PREPARE, self._keys(lookup_id), args))
 
     async def take(self, lookup_id: bytes, facts: dict[str, Any] | None) -> bytes | None:
-        sealed_facts = self._sealer.seal(orjson.dumps(facts)) if facts is not None else b""
+        sealed_facts = source = b""
+        if facts is not None:
+            sealed_facts = self._sealer.seal(orjson.dumps(facts))
+            if self._tag_sources:
+                source = facts["source"].encode()
         keys = self._keys(lookup_id)
-        record = await self._guarded(self._redis.run_script(EXCHANGE, keys, [sealed_facts]))
+        script = self._redis.run_script(EXCHANGE, keys, [sealed_facts, source])
+        record = await self._guarded(script)
         assert record is None or isinstance(record, bytes)
         return record
 
     async def emit(
-        self, shard_hint: bytes, events: list[ev.Event], only: str | None = None
+        self,
+        shard_hint: bytes,
+        events: list[ev.Event],
+        only: str | None = None,
+        source: str | None = None,
     ) -> None:
         stream = outbox_key(self._prefix, shard_of(shard_hint))
         sealed = self._sealer.seal(ev.join_documents(events))
         addressed: list[Arg] = ["only", only] if only is not None else []
+        if source is not None and self._tag_sources:
+            addressed += ["s", source]
         await self._guarded(self._redis.execute("XADD", stream, "*", "j", sealed, *addressed))
 
     async def keep(self, key_id: bytes, record: bytes, ttl_seconds: int) -> None:
