@@ -83,16 +83,21 @@ class MemoryFeed:
             except TimeoutError:
                 return []
         entries: list[FeedEntry] = []
+        taken = self._outbox.taken
         while queue and len(entries) < max_entries:
             self._sequence += 1
-            entries.append(FeedEntry(str(self._sequence), "memory", [queue.popleft()]))
+            entry_id = str(self._sequence)
+            taken[entry_id], event = queue.popleft()
+            entries.append(FeedEntry(entry_id, "memory", [event]))
         self.backlog = bool(queue)
         return entries
 
     async def ack(self, entries: list[FeedEntry]) -> None:
-        return None
+        self._settle(entries)
 
     async def dead_letter(self, entries: list[FeedEntry], reason: str) -> None:
+        self._settle(entries)
+        self._outbox.dead_letters += len(entries)
         self.dead.extend(entries)
 
     async def keep_alive(self, entries: list[FeedEntry]) -> None:
@@ -100,8 +105,15 @@ class MemoryFeed:
 
     async def release(self, entries: list[FeedEntry]) -> None:
         """Put the events back at the front of the queue, in order, for the drain."""
+        taken = self._outbox.taken
         for entry in reversed(entries):
-            self._outbox.events.extendleft(reversed(entry.events))
+            queued_at = taken.pop(entry.entry_id, 0.0)
+            self._outbox.events.extendleft((queued_at, event) for event in reversed(entry.events))
+
+    def _settle(self, entries: list[FeedEntry]) -> None:
+        taken = self._outbox.taken
+        for entry in entries:
+            taken.pop(entry.entry_id, None)
 
     async def maintain(self) -> None:
         return None

@@ -44,7 +44,8 @@ SETTING_NAMES = frozenset(
         "destination_allow_insecure", "destination_sources",
         "events_file", "batch_max_events", "batch_max_wait", "delivery_timeout",
         "delivery_max_attempts", "backoff_base", "backoff_max", "reclaim_idle",
-        "started_event", "completed_event", "amp",
+        "started_event", "completed_event", "amp", "forwarder_metrics_port",
+        "forwarder_metrics_host",
     }
 )  # fmt: skip
 
@@ -200,6 +201,9 @@ class Settings:
     workers: int = 1
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     amp: AmpSettings | None = None  # the AMP endpoints, when [amp] is configured
+    # `identity-service forward`'s /metrics and /healthz; no port: not served.
+    forwarder_metrics_port: int | None = c.DEFAULT_FORWARDER_METRICS_PORT
+    forwarder_metrics_host: str = c.DEFAULT_FORWARDER_METRICS_HOST
 
     @property
     def uses_dev_source(self) -> bool:
@@ -321,6 +325,13 @@ class _Reader:
             workers=workers,
             outbox=outbox,
             amp=amp,
+            forwarder_metrics_port=self.optional_port(
+                "forwarder_metrics_port", c.DEFAULT_FORWARDER_METRICS_PORT
+            ),
+            forwarder_metrics_host=(
+                self.text("forwarder_metrics_host", c.DEFAULT_FORWARDER_METRICS_HOST)
+                or c.DEFAULT_FORWARDER_METRICS_HOST
+            ),
         )
         if self.problems:
             raise ConfigError(self.problems)
@@ -457,6 +468,15 @@ class _Reader:
             return value.lower() == "true"
         self.problems.append(f"{where} must be true or false, not {value!r}")
         return None
+
+    def optional_port(self, name: str, default: int) -> int | None:
+        """A TCP port, or None for ``0`` or ``off``."""
+        value = self.raw(name)
+        if isinstance(value, str) and value.strip().lower() in ("0", "off"):
+            return None
+        if value == 0 and not isinstance(value, bool):
+            return None
+        return self.integer(name, default, c.MIN_PORT, c.MAX_PORT)
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
         value = (self.text(name, default) or default).lower()

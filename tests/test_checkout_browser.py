@@ -68,9 +68,9 @@ def exchanges(demo: Demo, mode: str) -> int:
     """Exchanges the service answered for the checkout: handed off or missed."""
     metrics = demo.service[app_keys.METRICS]
     source = source_of(mode)
-    return metrics.value("identity_handoffs_exchanged_total", source=source) + metrics.value(
-        "identity_handoff_misses_total", source=source, reason="not_found"
-    )
+    exchanged = metrics.value("identity_handoffs_exchanged_total", source=source)
+    missed = metrics.value("identity_handoff_misses_total", source=source, reason="not_found")
+    return int(exchanged + missed)
 
 
 def host_of(event: dict[str, Any]) -> str:

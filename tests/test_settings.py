@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from identity_service.constants import DEFAULT_FORWARDER_METRICS_HOST
 from identity_service.settings import ConfigError, RedisSettings, load_settings, redact_url
 from identity_service.sources import hash_write_key
 from tests.conftest import SECRET, make_settings
@@ -147,6 +148,16 @@ def test_an_invalid_ttl_is_the_only_problem_and_named_as_written(tmp_path: Path)
         ({}, 'secret = "short"', "secret must be at least 32 characters"),
         ({}, 'log_level = "loud"', "log_level must be debug, info, warning or error, not 'loud'"),
         ({}, 'forwarder = "elsewhere"', "forwarder must be one of embedded, off, not 'elsewhere'"),
+        (
+            {"IDENTITY_FORWARDER_METRICS_PORT": "70000"},
+            "",
+            "IDENTITY_FORWARDER_METRICS_PORT must be between 1 and 65535, not 70000",
+        ),
+        (
+            {},
+            'forwarder_metrics_port = "metrics"',
+            "forwarder_metrics_port must be a whole number, not 'metrics'",
+        ),
         (
             {},
             'redis_key_prefix = "{x}"',
@@ -542,6 +553,18 @@ def test_the_repr_of_settings_holds_no_secret() -> None:
     text = repr(settings)
     for secret in ("s3cret-", "hunter2-pw", "dev-key-not-for-logs"):
         assert secret not in text
+
+
+@pytest.mark.parametrize(
+    ("value", "port"), [(None, 9464), ("9100", 9100), ("0", None), ("off", None), ("OFF", None)]
+)
+def test_the_forwarder_metrics_port_defaults_to_9464_and_turns_off(
+    value: str | None, port: int | None
+) -> None:
+    env = {} if value is None else {"forwarder_metrics_port": value}
+    settings = make_settings(**env)
+    assert settings.forwarder_metrics_port == port
+    assert settings.forwarder_metrics_host == DEFAULT_FORWARDER_METRICS_HOST
 
 
 def test_destinations_take_the_events_of_the_sources_they_name(tmp_path: Path) -> None:

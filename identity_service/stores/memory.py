@@ -38,7 +38,11 @@ class MemoryQueue:
         self.name = name
         self.addressed_only = addressed_only
         self.sources = sources
-        self.events: deque[bytes] = deque()
+        # Each event with the time it was queued, for the oldest pending age (metrics).
+        self.events: deque[tuple[float, bytes]] = deque()
+        # Read by the forwarder and not yet settled: the entry's id, the time it was queued.
+        self.taken: dict[str, float] = {}
+        self.dead_letters = 0
         self.arrived = asyncio.Event()
 
     def wants(self, only: str | None, source: str | None = None) -> bool:
@@ -85,9 +89,10 @@ class MemoryOutbox:
             self._routes[only, source] = queues
         if not events or not queues:
             return
-        encoded = [ev.encode(event) for event in events]
+        now = time.time()
+        queued = [(now, ev.encode(event)) for event in events]
         for queue in queues:
-            queue.events.extend(encoded)
+            queue.events.extend(queued)
             queue.arrived.set()
 
 
