@@ -185,12 +185,6 @@ def environment(objects: list[Manifest], container: dict[str, Any]) -> dict[str,
     return env
 
 
-# A setting the chart gives the forwarder that the metrics work adds to settings.py.
-PENDING_SETTINGS = {"IDENTITY_FORWARDER_METRICS_PORT"} - {
-    "IDENTITY_" + name.upper() for name in SETTING_NAMES
-}
-
-
 @pytest.mark.parametrize("name", ["external-redis", "internal-redis", "forwarder", "everything"])
 def test_the_service_accepts_the_settings_the_pods_get(name: str) -> None:
     values = ci_values(name)
@@ -199,8 +193,7 @@ def test_the_service_accepts_the_settings_the_pods_get(name: str) -> None:
         if container["name"] not in ("identity-service", "forwarder"):
             continue
         env = environment(objects, container)
-        environ = {k: v for k, v in env.items() if k not in PENDING_SETTINGS}
-        settings = load_settings(environ)  # raises ConfigError with every problem
+        settings = load_settings(env)  # raises ConfigError with every problem
         assert settings.secret == values["secret"].encode()
         assert {s.name for s in settings.sources} == set(values["sources"])
         assert settings.redis is not None
