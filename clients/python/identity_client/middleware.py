@@ -99,7 +99,10 @@ class MiddlewareSettings:
         for item in (cookie_header or "").split(";"):
             name, sep, value = item.strip().partition("=")
             if sep and name == self.cookie_name and value:
-                return Identity(anonymous_id=unquote(value.strip('"')), source="cookie")
+                # analytics.js stores the id raw; older versions a JSON string (%22id%22).
+                anonymous_id = unquote(value.strip('"')).strip('"')
+                if anonymous_id:
+                    return Identity(anonymous_id=anonymous_id, source="cookie")
         return None
 
     def split_token(self, query: str) -> tuple[str | None, str]:
