@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: install serve test chaos topology lint typecheck format clean bench js node-sdk
+.PHONY: install serve demo test chaos topology lint typecheck format clean bench js node-sdk
 
 # The service with its dev tools, then the Python SDK (clients/python, its own distribution),
 # which `make test` tests too.
@@ -19,6 +19,12 @@ install: $(BIN)/.installed
 
 serve: install
 	$(BIN)/identity-service serve --host $(HOST) --port $(PORT)
+
+# The two-site checkout demo (examples/checkout/README.md): shop, checkout, the service and a
+# collector on 127.0.0.1 ports 8101-8105 (DEMO_BASE_PORT=8100); Ctrl-C stops all.
+DEMO_BASE_PORT ?= 8100
+demo: install
+	$(BIN)/python -m examples.checkout --base-port $(DEMO_BASE_PORT)
 
 # The whole suite: lint, types, the tests, then the chaos and topology suites as steps of
 # their own.
@@ -62,11 +68,13 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-# The flow benchmark (bench/README.md). Needs wrk and redis-server; the Express baseline
-# runs when npm is there.
+# The flow benchmark (bench/README.md). Needs wrk and redis-server; the Node peers (Fastify,
+# Express) run when npm is there.
 bench: install
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
-	if command -v npm >/dev/null; then npm ci --silent --no-audit --no-fund --prefix bench/express; fi
+	if command -v npm >/dev/null; then \
+	  npm ci --silent --no-audit --no-fund --prefix bench/fastify \
+	  && npm ci --silent --no-audit --no-fund --prefix bench/express; fi
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 format: install
@@ -74,4 +82,4 @@ format: install
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info artifacts

@@ -8,7 +8,7 @@ bench/results/latest.json and latest.png. With ``--soak N``, runs the main varia
 N handoffs were exchanged and reports the worker's memory along the way instead.
 
     make bench                                   # all variants, 20 s each
-    .venv/bin/python bench/run.py --variants redis-on-1,express --seconds 10
+    .venv/bin/python bench/run.py --variants redis-on-1,fastify,express --seconds 10
     .venv/bin/python bench/run.py --soak 1000000
 """
 
@@ -51,12 +51,14 @@ AMP = {
     "limit_per_ip": {"requests": 1_000_000, "window_seconds": 60},
     "limit_per_client": {"requests": 1_000_000, "window_seconds": 60},
 }
+# The Node.js peers: bench/<name>/server.js, the same API without the service's guarantees.
+NODE_PEERS = ("fastify", "express")
 
 
 @dataclass(frozen=True)
 class Variant:
     label: str
-    store: str = "redis"  # redis, cluster, memory, or express (the Node.js baseline)
+    store: str = "redis"  # redis, cluster, memory, or a Node.js peer's directory (NODE_PEERS)
     outbox: bool = True
     workers: int = 1
     collect: bool = False  # AMP collect hits (collect.lua) instead of handoff flows
@@ -65,6 +67,10 @@ class Variant:
     @property
     def script(self) -> str:
         return "collect.lua" if self.collect else "flow.lua"
+
+    @property
+    def node(self) -> bool:
+        return self.store in NODE_PEERS
 
 
 VARIANTS = {
@@ -76,6 +82,7 @@ VARIANTS = {
         "redis + a replica, IDENTITY_REDIS_WAIT=1,50, outbox on, 1 worker", wait="1,50"
     ),
     "memory-on-1": Variant("memory store, outbox on, 1 worker", store="memory"),
+    "fastify": Variant("Fastify 5 + ioredis (auto-pipelining) + analytics-node", store="fastify"),
     "express": Variant("Express 5 + ioredis + analytics-node", store="express"),
     "collect": Variant("AMP collect hits (flows = hits), redis, outbox on, 1 worker", collect=True),
 }
@@ -330,7 +337,7 @@ def start_service(
     variant: Variant, redis: Backend, collector: Collector, extra_env: dict[str, str]
 ) -> tuple[Any, int]:
     port = free_port()
-    if variant.store == "express":
+    if variant.node:
         env = {
             **os.environ,
             "PORT": str(port),
@@ -340,7 +347,7 @@ def start_service(
             "SEGMENT_HOST": collector.url,
             "SEGMENT_WRITE_KEY": COLLECTOR_WRITE_KEY,
         }
-        command = ["node", str(BENCH / "express" / "server.js")]
+        command = ["node", str(BENCH / variant.store / "server.js")]
     else:
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("IDENTITY_")},
@@ -393,7 +400,9 @@ def run_variant(
         run_wrk(port, args.warmup, args.connections, args.threads, variant.script)
         received_before = collector.settled()  # the warm-up's events, delivered
         cpu_before = cpu_seconds(pids)
-        profiler = start_profiler(workers[0], name, args) if args.profile else None
+        profiler = (
+            start_profiler(workers[0], name, args) if args.profile and not variant.node else None
+        )
         budget = CpuBudget(pids, redis, collector)
         redis.reset_command_counts()
         stats = run_wrk(port, args.seconds, args.connections, args.threads, variant.script)
@@ -489,6 +498,24 @@ def soak(redis: Redis, collector: Collector, args: argparse.Namespace) -> dict[s
     }
 
 
+# Issue 15's comparisons: (numerator, denominator, figure) when both variants ran.
+RATIOS = (
+    ("redis-on-1", "fastify", "flows_per_s"),
+    ("redis-on-1", "express", "flows_per_s"),
+    ("collect", "redis-on-1", "requests_per_s"),
+)
+
+
+def ratios(by_name: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The service against the Node peers (flows/s) and collect against the handoff flow
+    (requests/s), for the variants of this run."""
+    return {
+        f"{top} / {bottom} ({figure})": round(by_name[top][figure] / by_name[bottom][figure], 2)
+        for top, bottom, figure in RATIOS
+        if top in by_name and bottom in by_name
+    }
+
+
 def print_table(report: dict[str, Any]) -> None:
     ceiling = report["redis_alone"]
     print(
@@ -507,6 +534,8 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"| {row['label']} | {' | '.join(str(row[c]) for c in columns)} |")
     if report["two_workers_over_one"] is not None:
         print(f"\n2 workers / 1 worker (flows/s): {report['two_workers_over_one']}x")
+    for name, ratio in report["ratios"].items():
+        print(f"{name}: {ratio}x")
     processes = ["service", "redis", "wrk", "collector", "machine"]
     print("\nCPU ms per flow during the load, by process (machine: every process and the kernel)")
     print(f"| variant | {' | '.join(processes)} |")
@@ -530,12 +559,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
     labels = [row["label"] for row in rows]
     figure, (throughput, latency) = plt.subplots(1, 2, figsize=(12, 0.6 * len(rows) + 2))
     throughput.barh(labels, [row["flows_per_s"] for row in rows], color="#4c72b0")
-    throughput.axvline(4500, color="#c44e52", linestyle="--", label="target 4,500")
-    throughput.set_xlabel("flows/s (prepare + exchange)")
-    throughput.legend(loc="lower right")
+    fastify = next((row["flows_per_s"] for row in rows if row["variant"] == "fastify"), None)
+    if fastify is not None:  # issue 15's target: the main row at 1.25x the Fastify peer
+        throughput.axvline(
+            1.25 * fastify, color="#c44e52", linestyle="--", label="target 1.25x Fastify"
+        )
+        throughput.legend(loc="lower right")
+    throughput.set_xlabel("flows/s (prepare + exchange; collect: hits)")
     throughput.invert_yaxis()
     latency.barh(labels, [row["p99_ms"] for row in rows], color="#dd8452")
-    latency.axvline(10, color="#c44e52", linestyle="--", label="target 10 ms")
+    latency.axvline(5, color="#c44e52", linestyle="--", label="target 5 ms")
     latency.set_xlabel("p99 latency (ms)")
     latency.set_yticklabels([])
     latency.legend(loc="lower right")
@@ -587,9 +620,10 @@ def main() -> int:
     for tool in ("wrk", "redis-server", "redis-cli", "redis-benchmark"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not on PATH (apt-get install wrk redis-server redis-tools)")
-    if "express" in names and not (BENCH / "express" / "node_modules").is_dir():
-        print("-- express skipped: run `npm ci --prefix bench/express` first", file=sys.stderr)
-        names.remove("express")
+    for peer in NODE_PEERS:
+        if peer in names and not (BENCH / peer / "node_modules").is_dir():
+            print(f"-- {peer} skipped: run `npm ci --prefix bench/{peer}` first", file=sys.stderr)
+            names.remove(peer)
 
     args.out.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -642,6 +676,7 @@ def main() -> int:
         "wrk": f"-t{args.threads} -c{args.connections} -d{args.seconds:g}s",
         "worker_cpu": args.worker_cpu,
         "two_workers_over_one": scaling,
+        "ratios": ratios(by_name),
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "redis_alone": {**ceiling, "flows_per_s": round(redis_flows, 1)},
         "variants": rows,

@@ -1,21 +1,25 @@
 """The application factory. Builds the app without I/O; the store opens in cleanup_ctx."""
 
+import dataclasses
 from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
 
 from identity_service import app_keys, handlers
+from identity_service.browser_helper import identity_js, load_helper_script
 from identity_service.crypto import OutboxSealer, TokenSealer
 from identity_service.handoff import HandoffService
 from identity_service.handoff_api import HandoffApi
 from identity_service.metrics import Metrics
 from identity_service.middleware import handle_request
 from identity_service.outbox import running_forwarders
+from identity_service.scrape import Probe
 from identity_service.settings import Settings
 from identity_service.sources import SourceRegistry
 from identity_service.stores import HandoffStore
 from identity_service.stores.memory import MemoryStore
+from identity_service.stores.redis import connect
 
 logger = structlog.get_logger(__name__)
 
@@ -25,7 +29,8 @@ def create_app(settings: Settings) -> web.Application:
     app[app_keys.SETTINGS] = settings
     app[app_keys.SOURCES] = SourceRegistry(settings.sources)
     app[app_keys.METRICS] = Metrics()
-    app.on_response_prepare.append(_without_server_header)
+    app.on_response_prepare.append(without_server_header)
+    app.on_startup.append(load_helper_script)
     app.cleanup_ctx.append(_handoff_store)
     if settings.outbox.enabled and settings.outbox.forwarder_in_serve:
         app.cleanup_ctx.append(_forwarders)
@@ -35,15 +40,17 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)
     app.router.add_get("/openapi.json", handlers.openapi)
+    app.router.add_get("/v1/identity.js", identity_js)
     if settings.amp is not None:
         # Imported here so a service without [amp] does not load the AMP endpoints.
         from identity_service.amp.routes import add_routes
 
         add_routes(app)
+    app[app_keys.METRICS].set_routes(resource.canonical for resource in app.router.resources())
     return app
 
 
-async def _without_server_header(_request: web.Request, response: web.StreamResponse) -> None:
+async def without_server_header(_request: web.Request, response: web.StreamResponse) -> None:
     """aiohttp names itself and its version in ``Server``; the service sends no versions."""
     response.headers.popall("Server", None)
 
@@ -51,10 +58,14 @@ async def _without_server_header(_request: web.Request, response: web.StreamResp
 def open_store(settings: Settings, metrics: Metrics | None = None) -> HandoffStore:
     if settings.redis is None:
         return MemoryStore()
-    # Imported here so the embedded default does not load the Redis client.
     from identity_service.stores.redis import RedisStore
 
-    return RedisStore(settings.redis, OutboxSealer(settings.secret), metrics)
+    return RedisStore(
+        settings.redis,
+        OutboxSealer(settings.secret),
+        settings.outbox.routes_by_source,
+        metrics,
+    )
 
 
 async def _handoff_store(app: web.Application) -> AsyncIterator[None]:
@@ -64,9 +75,27 @@ async def _handoff_store(app: web.Application) -> AsyncIterator[None]:
     handoffs = HandoffService(store, TokenSealer(settings.secret), settings, app[app_keys.METRICS])
     app[app_keys.HANDOFFS] = handoffs
     app[app_keys.API] = HandoffApi(settings, app[app_keys.SOURCES], handoffs)
+    destinations = [d.name for d in settings.outbox.destinations] if settings.outbox.enabled else []
+    scrape_redis = None
+    if isinstance(store, MemoryStore):
+        app[app_keys.PROBE] = Probe(store.ping, 1.0, memory=store.outbox)
+    else:
+        assert settings.redis is not None
+        # The scrapes' own connection, never the request path's.
+        scrape_redis = connect(dataclasses.replace(settings.redis, max_connections=1))
+        app[app_keys.PROBE] = Probe(
+            store.ping,
+            settings.redis.timeout,
+            destinations,
+            redis=scrape_redis,
+            prefix=settings.redis.key_prefix,
+            shards=settings.redis.shards,
+        )
     logger.info("store_opened", store=type(store).__name__)
     yield
     await store.close()
+    if scrape_redis is not None:
+        await scrape_redis.aclose()
 
 
 async def _forwarders(app: web.Application) -> AsyncIterator[None]:

@@ -99,8 +99,9 @@ def forward(config: Path | None) -> int:
         return 2
     from identity_service.log_config import configure_logging
     from identity_service.metrics import Metrics
+    from identity_service.metrics_app import serving_metrics
     from identity_service.outbox import running_forwarders
-    from identity_service.server import new_event_loop
+    from identity_service.server import BindError, new_event_loop
 
     configure_logging(settings.log_level)
     if not _check_redis(settings, "the forwarders retry until it does"):
@@ -111,12 +112,17 @@ def forward(config: Path | None) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        async with running_forwarders(settings, Metrics()):
+        metrics = Metrics()
+        async with serving_metrics(settings, metrics), running_forwarders(settings, metrics):
             await stop.wait()
 
     runner = asyncio.Runner(loop_factory=new_event_loop)
-    with runner:
-        runner.run(run())
+    try:
+        with runner:
+            runner.run(run())
+    except BindError as exc:
+        print(f"identity-service: metrics port: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -28,6 +28,10 @@ DEFAULT_HEAD_TIMEOUT_SECONDS: Final = 10.0
 DEFAULT_BODY_TIMEOUT_SECONDS: Final = 10.0
 DEFAULT_MAX_CONNECTIONS: Final = 1024
 MIN_PORT: Final = 1
+# `identity-service forward`'s own HTTP port (/metrics, /healthz): Prometheus's usual
+# exporter port; on every interface, as a pod's port must be.
+DEFAULT_FORWARDER_METRICS_PORT: Final = 9464
+DEFAULT_FORWARDER_METRICS_HOST: Final = "0.0.0.0"  # noqa: S104
 MAX_PORT: Final = 65535
 MAX_WORKERS: Final = 64
 

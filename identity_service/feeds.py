@@ -88,16 +88,21 @@ class MemoryFeed:
             except TimeoutError:
                 return []
         entries: list[FeedEntry] = []
+        taken = self._outbox.taken
         while queue and len(entries) < max_entries:
             self._sequence += 1
-            entries.append(FeedEntry(str(self._sequence), "memory", [queue.popleft()]))
+            entry_id = str(self._sequence)
+            taken[entry_id], event = queue.popleft()
+            entries.append(FeedEntry(entry_id, "memory", [event]))
         self.backlog = bool(queue)
         return entries
 
     async def ack(self, entries: list[FeedEntry]) -> None:
-        return None
+        self._settle(entries)
 
     async def dead_letter(self, entries: list[FeedEntry], reason: str) -> None:
+        self._settle(entries)
+        self._outbox.dead_letters += len(entries)
         self.dead.extend(entries)
 
     async def keep_alive(self, entries: list[FeedEntry]) -> None:
@@ -105,8 +110,15 @@ class MemoryFeed:
 
     async def release(self, entries: list[FeedEntry]) -> None:
         """Put the events back at the front of the queue, in order, for the drain."""
+        taken = self._outbox.taken
         for entry in reversed(entries):
-            self._outbox.events.extendleft(reversed(entry.events))
+            queued_at = taken.pop(entry.entry_id, 0.0)
+            self._outbox.events.extendleft((queued_at, event) for event in reversed(entry.events))
+
+    def _settle(self, entries: list[FeedEntry]) -> None:
+        taken = self._outbox.taken
+        for entry in entries:
+            taken.pop(entry.entry_id, None)
 
     async def maintain(self) -> None:
         return None
@@ -129,12 +141,15 @@ class RedisFeed:
         reclaim_idle: float,
         all_destinations: list[str],
         addressed_only: bool = False,
+        sources: frozenset[str] | None = None,
         shards: int = KEY_SHARDS,
     ) -> None:
         """``addressed_only``: deliver only the entries whose ``only`` names ``destination``
-        (an AMP action's webhook); other destinations deliver those without ``only`` too."""
+        (an AMP action's webhook); other destinations deliver those without ``only`` too,
+        but with ``sources``, only those whose source (field ``s``) is one of them."""
         self._redis = redis
         self._addressed_only = addressed_only
+        self._sources = None if sources is None else {name.encode() for name in sources}
         self._commands = commands
         self._prefix = prefix
         self._group = destination
@@ -323,7 +338,7 @@ class RedisFeed:
             if fields is None:  # deleted while pending
                 continue
             entry = FeedEntry(text(entry_id), stream, [], fields)
-            if not self._wanted(fields.get(b"only")):
+            if not self._wanted(fields.get(b"only"), fields.get(b"s")):
                 not_ours.append(entry.entry_id)
                 continue
             try:
@@ -340,11 +355,14 @@ class RedisFeed:
             await self.dead_letter(poisoned, "unreadable entry")
         return entries
 
-    def _wanted(self, only: bytes | None) -> bool:
-        """Whether an entry addressed to ``only`` (None: to every destination) is ours."""
-        if only is None:
-            return not self._addressed_only
-        return only.decode() == self._group
+    def _wanted(self, only: bytes | None, source: bytes | None) -> bool:
+        """Whether an entry addressed to ``only`` (None: to every destination) from
+        ``source`` (None: written without one) is ours."""
+        if only is not None:
+            return only.decode() == self._group
+        if self._addressed_only:
+            return False
+        return self._sources is None or source is None or source in self._sources
 
     def _decode(self, fields: dict[bytes, bytes]) -> list[bytes]:
         if b"j" in fields:  # one JSON document a line, sent on as they are

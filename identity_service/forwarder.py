@@ -60,6 +60,10 @@ class Forwarder:
         self._sink = sink
         self._settings = settings
         self._metrics = metrics
+        self._attempted = metrics.counter(
+            "identity_delivery_attempts_total", destination=destination
+        )
+        self._failed = metrics.counter("identity_delivery_failures_total", destination=destination)
         self._held: list[FeedEntry] = []
         self._maintained_at = 0.0
         # Often enough that entries we hold never look idle to another forwarder.
@@ -178,11 +182,13 @@ class Forwarder:
         log = logger.bind(destination=self.destination, events=len(events))
         failures = 0
         while True:
+            self._attempted()
             delivery = await self._sink.send(events)
             if delivery.outcome == "delivered":
                 await self._feed.ack(batch.entries)
                 self._count("identity_events_delivered_total", len(events))
                 return True
+            self._failed()
             if delivery.outcome == "rejected":
                 log.error("batch_rejected", reason=delivery.reason)
                 reason = delivery.reason

@@ -42,6 +42,7 @@ from yarl import URL
 
 from identity_service import app_keys
 from identity_service.handoff_api import Call, HandoffApi
+from identity_service.metrics import OTHER
 from identity_service.middleware import (
     SECURITY_HEADERS,
     log_request,
@@ -166,7 +167,8 @@ class FrontServer(web.Server):
         handle = cast(Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], app._handle)
         super().__init__(handle, request_factory=app._make_request, **kwargs)
         # The app has started (its cleanup_ctx ran): what requests need is read once here.
-        self.api = app[app_keys.API]
+        # None in an app without the handoff endpoints (the forwarder's metrics port).
+        self.api = app.get(app_keys.API)
         self.metrics = app[app_keys.METRICS]
         self.settings = app[app_keys.SETTINGS]
         self.collect = _collect_endpoint(app)
@@ -426,7 +428,7 @@ class FrontProtocol(asyncio.Protocol):
         request.encoding = fields.get(b"content-encoding", b"").strip().lower()
         path = request.target.partition(b"?")[0]
         request.path = path.decode("utf-8", "surrogateescape")
-        if request.method == "POST":
+        if request.method == "POST" and self._server.api is not None:
             request.endpoint = _ENDPOINTS.get(path)
         if path == _COLLECT_PATH and self._server.collect is not None:
             request.collect = request.method in _COLLECT_METHODS
@@ -528,7 +530,7 @@ class FrontProtocol(asyncio.Protocol):
     def _answer_refusal(self, problem: Problem) -> None:
         started = time.perf_counter()
         request_id = start_request(None)
-        log_request("-", "-", problem.status, started, problem)
+        log_request(self._server.metrics, OTHER, "-", "-", problem.status, started, problem)
         transport = self._transport
         if transport is None:
             return
@@ -581,7 +583,10 @@ class FrontProtocol(asyncio.Protocol):
             extra["Connection"] = "close"
         elif request.http10:
             extra["Connection"] = "keep-alive"
-        log_request(request.method, request.path, status, started, problem)
+        # Answered here: the path is one of the front's routes.
+        log_request(
+            server.metrics, request.path, request.method, request.path, status, started, problem
+        )
         self._finish(_response(status, content_type, payload, request_id, extra), keep_alive)
 
     async def _handoff(self, request: Request) -> _Answer:
@@ -592,7 +597,7 @@ class FrontProtocol(asyncio.Protocol):
             media_type.split(";", 1)[0].strip().lower(),
             request.body,
         )
-        status, answer = await endpoint(self._server.api, call)
+        status, answer = await endpoint(cast(HandoffApi, self._server.api), call)
         return status, "application/json", orjson.dumps(answer), {}
 
     async def _collect(self, request: Request) -> _Answer:
@@ -661,7 +666,16 @@ class FrontProtocol(asyncio.Protocol):
             # The middleware renders every problem the application raises; what gets here
             # is a body the front could not decode, or the unforeseen.
             problem = problem_for(exc, server.metrics, server.settings)
-            log_request(request.method, request.path, problem.status, started, problem)
+            route = server.metrics.route_of(request.path)
+            log_request(
+                server.metrics,
+                route,
+                request.method,
+                request.path,
+                problem.status,
+                started,
+                problem,
+            )
             return problem_response(problem, web_request)
 
     def _finish(self, answer: bytes | None, keep_alive: bool) -> None:
@@ -689,7 +703,7 @@ class FrontProtocol(asyncio.Protocol):
 
 def _collect_endpoint(app: web.Application) -> Collect | None:
     """AMP's collect bound to the app's AMP context, or None without ``[amp]``."""
-    if app[app_keys.SETTINGS].amp is None:
+    if app[app_keys.SETTINGS].amp is None or app.get(app_keys.API) is None:
         return None
     # Imported here, as app.py does, so a service without [amp] does not load it.
     from identity_service.amp import collect, context

@@ -7,6 +7,7 @@ from aiohttp import web
 
 from identity_service import app_keys
 from identity_service.handoff_api import Call
+from identity_service.metrics import CONTENT_TYPE
 from identity_service.middleware import SECURITY_HEADERS
 from identity_service.openapi import openapi_document
 from identity_service.problems import PayloadTooLarge
@@ -52,11 +53,10 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    text = request.app[app_keys.METRICS].render()
+    """The exposition, with the gauges read from the store for this scrape (scrape.py)."""
+    counted = request.app[app_keys.METRICS]
+    counted.scraped = await request.app[app_keys.PROBE].read()
     return web.Response(
-        text=text,
-        headers={
-            "Content-Type": "text/plain; version=0.0.4; charset=utf-8",
-            "Cache-Control": "no-store",
-        },
+        body=counted.render(),
+        headers={"Content-Type": CONTENT_TYPE, "Cache-Control": "no-store"},
     )

@@ -17,7 +17,7 @@ from identity_service import events as ev
 from identity_service.clock import iso_time
 from identity_service.crypto import SealError, Token, TokenSealer
 from identity_service.log_config import bind_request
-from identity_service.metrics import Metrics
+from identity_service.metrics import Inc, Metrics
 from identity_service.problems import (
     AudienceMismatch,
     DestinationNotAllowed,
@@ -58,7 +58,23 @@ class HandoffService:
         self._default_ttl = settings.default_ttl
         self._token_param = settings.token_param
         self._outbox = settings.outbox
-        self._metrics = metrics
+        # Bound once: a request's counting is a dict lookup and a call.
+        names = [source.name for source in settings.sources]
+
+        def per_source(name: str) -> dict[str, Inc]:
+            return {n: metrics.counter(name, source=n) for n in names}
+
+        self._prepared = per_source("identity_handoffs_prepared_total")
+        self._exchanged = per_source("identity_handoffs_exchanged_total")
+        self._fallbacks = per_source("identity_handoff_fallbacks_total")
+        self._misses = {
+            (n, reason): metrics.counter("identity_handoff_misses_total", source=n, reason=reason)
+            for n in names
+            for reason in ("not_found", "audience")
+        }
+        self._from_handoff = metrics.counter("identity_identities_total", id_source="handoff")
+        self._generated = metrics.counter("identity_identities_total", id_source="generated")
+        self._skipped = metrics.counter("identity_events_skipped_total", reason="consent")
 
     async def prepare(self, source: Source, request: PrepareRequest) -> PreparedHandoff:
         origin = request.origin
@@ -84,7 +100,7 @@ class HandoffService:
         events = self._prepare_events(lookup_id, request, source, prepared_at)
         sealed = self._sealer.seal(token, lookup_id, orjson.dumps(record))
         await self._store.put(lookup_id, sealed, ttl, events)
-        self._metrics.inc("identity_handoffs_prepared_total", source=source.name)
+        self._prepared[source.name]()
         return PreparedHandoff(
             token=token.text,
             expires_in=ttl,
@@ -110,8 +126,9 @@ class HandoffService:
             )
         if facts is not None and not ev.analytics_allowed(record["consent"]):
             held_back = ev.completion_count(record["userId"])
-            self._metrics.inc("identity_events_skipped_total", held_back, reason="consent")
-        self._metrics.inc("identity_handoffs_exchanged_total", source=source.name)
+            self._skipped(held_back)
+        self._exchanged[source.name]()
+        self._from_handoff()
         return {
             "anonymousId": record["anonymousId"],
             "userId": record["userId"],
@@ -125,7 +142,7 @@ class HandoffService:
         }
 
     def _count_miss(self, source: Source, reason: str) -> None:
-        self._metrics.inc("identity_handoff_misses_total", source=source.name, reason=reason)
+        self._misses[source.name, reason]()
 
     def _prepare_events(
         self, lookup_id: bytes, request: PrepareRequest, source: Source, prepared_at: str
@@ -134,8 +151,8 @@ class HandoffService:
             return None
         if not ev.analytics_allowed(request.consent):
             # The started track; the exchange counts domain B's events.
-            self._metrics.inc("identity_events_skipped_total", reason="consent")
-            return PrepareEvents(started=[], completion=None)
+            self._skipped()
+            return PrepareEvents(started=[], completion=None, source=source.name)
         identity = {"anonymous_id": request.anonymous_id, "user_id": request.user_id}
         started = ev.started_event(
             handoff_id=lookup_id,
@@ -157,7 +174,7 @@ class HandoffService:
             ev.check_prepare_sizes([started], template)
         except ev.EventTooLarge as exc:
             raise OversizedEvent(f"{exc}; send a smaller context or fewer traits") from exc
-        return PrepareEvents(started=[started], completion=template)
+        return PrepareEvents(started=[started], completion=template, source=source.name)
 
     def _exchange_facts(self, source: Source, request: ExchangeRequest) -> dict[str, Any] | None:
         if not self._outbox.enabled:
@@ -190,12 +207,13 @@ class HandoffService:
         return record
 
     async def _fallback(self, source: Source, facts: dict[str, Any] | None) -> dict[str, Any]:
-        self._metrics.inc("identity_handoff_fallbacks_total", source=source.name)
+        self._fallbacks[source.name]()
         anonymous_id = uuid.uuid4()
         identity = generated_identity(str(anonymous_id))
         if facts is not None:
             event = ev.fallback_event(anonymous_id=anonymous_id, facts=facts)
-            await self._store.emit(anonymous_id.bytes, [event])
+            await self._store.emit(anonymous_id.bytes, [event], source=source.name)
+        self._generated()
         return identity
 
 

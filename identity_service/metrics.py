@@ -1,58 +1,358 @@
-"""Counters of what happens to handoffs, exposed in the Prometheus text format at /metrics.
+"""The service's Prometheus metrics, with prometheus_client, right with any number of workers.
 
-Counting is a dict increment on the hot path; formatting happens only when scraped.
+One process (``serve`` with one worker, ``forward``, the tests) counts in a registry of its
+own. With ``--workers N``, ``serve`` makes a private directory before forking
+(:func:`multiprocess_directory`) and every worker counts in prometheus_client's
+memory-mapped files there (its multiprocess mode): a scrape, whichever worker the kernel
+hands it to, sums every worker's files (``MultiProcessCollector``), so every scrape reads
+the same totals. The parent marks a worker that exited as dead.
+
+What is state rather than a count (the store's ping, the outbox's backlog, its oldest
+entry's age, the dead letters, the build) is not counted by the workers: the scraped
+process reads it when scraped (scrape.py) and hands it over as :class:`Scraped`, so no
+gauge needs a multiprocess mode and none goes stale with a worker.
+
+Hot path: labelled children are bound once, at start (:meth:`Metrics.counter` returns the
+child's ``inc``), and a request's count and duration cost one dict lookup and two calls
+(:meth:`Metrics.request`). Label values are bounded: route templates, never paths; no
+token, id or URL.
 """
 
-from collections import Counter
+import contextlib
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
-_HELP = {
-    "identity_handoffs_prepared_total": "Handoffs prepared, by source.",
-    "identity_handoffs_exchanged_total": "Handoffs exchanged for an identity, by source.",
-    "identity_handoff_misses_total": (
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+    values,
+)
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from identity_service import __version__
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# The text format every Prometheus reads (the names are all plain ASCII).
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+# From 100 µs (a prepare answered by the front) to 1 s.
+DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+OTHER = "other"  # the route of a request no route matched, and any unusual method
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+
+# Counters: name, help, label names. The names and labels before 0.4.0 are kept as they were.
+_COUNTERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("identity_handoffs_prepared_total", "Handoffs prepared, by source.", ("source",)),
+    (
+        "identity_handoffs_exchanged_total",
+        "Handoffs exchanged for an identity, by source.",
+        ("source",),
+    ),
+    (
+        "identity_handoff_misses_total",
         "Exchanges that restored no identity, by source and reason "
-        "(not_found: unknown, expired or used token; audience: origin not allowed)."
+        "(not_found: unknown, expired or used token; audience: origin not allowed).",
+        ("source", "reason"),
     ),
-    "identity_handoff_fallbacks_total": "Misses answered with a generated anonymousId.",
-    "identity_store_errors_total": "Store operations that failed (answered 503).",
-    "identity_events_skipped_total": "Events not emitted, by reason (consent: analytics denied).",
-    "identity_events_delivered_total": "Events a destination accepted (2xx), by destination.",
-    "identity_events_dead_lettered_total": "Events moved to the dead letters, by destination.",
-    "identity_delivery_retries_total": "Batch deliveries that failed and were retried.",
-    "identity_connections_refused_total": "Connections refused over IDENTITY_MAX_CONNECTIONS.",
-    "identity_amp_hits_total": (
-        "AMP collect hits, by context (origin, cache_with_cookie, cache_without_cookie)."
+    (
+        "identity_handoff_fallbacks_total",
+        "Misses answered with a generated anonymousId, by source.",
+        ("source",),
     ),
-    "identity_amp_hops_total": "AMP origin hops for actions, by action and stage.",
-    "identity_amp_links_recorded_total": "AMP cache clientIds linked to a visitor.",
-    "identity_amp_link_failures_total": (
-        "AMP links not recorded because the store failed (the request stood)."
+    (
+        "identity_identities_total",
+        "Identities resolved for an event, by where the anonymousId came from (handoff, "
+        "generated; AMP collect: amp_cookie, amp_link, amp_client_id, amp_generated).",
+        ("id_source",),
     ),
-    "identity_amp_link_attributions_total": "AMP hits attributed to a visitor through a link.",
-    "identity_amp_refusals_total": "AMP requests refused, by reason.",
-}
+    ("identity_store_errors_total", "Store operations that failed (answered 503).", ()),
+    (
+        "identity_redis_wait_short_total",
+        "Prepares and exchanges whose WAIT (IDENTITY_REDIS_WAIT) saw fewer replicas than "
+        "asked in time; the request succeeded all the same.",
+        ("operation",),
+    ),
+    (
+        "identity_events_skipped_total",
+        "Events not emitted, by reason (consent: analytics denied).",
+        ("reason",),
+    ),
+    (
+        "identity_events_delivered_total",
+        "Events a destination accepted (2xx), by destination.",
+        ("destination",),
+    ),
+    (
+        "identity_events_dead_lettered_total",
+        "Events moved to the dead letters, by destination.",
+        ("destination",),
+    ),
+    (
+        "identity_delivery_attempts_total",
+        "Batch deliveries attempted, by destination.",
+        ("destination",),
+    ),
+    (
+        "identity_delivery_failures_total",
+        "Batch deliveries that failed (retried or dead-lettered), by destination.",
+        ("destination",),
+    ),
+    (
+        "identity_delivery_retries_total",
+        "Batch deliveries that failed and were retried, by destination.",
+        ("destination",),
+    ),
+    (
+        "identity_connections_refused_total",
+        "Connections refused over IDENTITY_MAX_CONNECTIONS.",
+        (),
+    ),
+    (
+        "identity_http_requests_total",
+        "HTTP requests answered, by route template, method and status.",
+        ("route", "method", "status"),
+    ),
+    (
+        "identity_amp_hits_total",
+        "AMP collect hits, by context (origin, cache_with_cookie, cache_without_cookie).",
+        ("context",),
+    ),
+    (
+        "identity_amp_hops_total",
+        "AMP origin hops for actions, by action and stage.",
+        ("action", "stage"),
+    ),
+    ("identity_amp_links_recorded_total", "AMP cache clientIds linked to a visitor.", ()),
+    (
+        "identity_amp_link_failures_total",
+        "AMP links not recorded because the store failed (the request stood).",
+        (),
+    ),
+    (
+        "identity_amp_link_attributions_total",
+        "AMP hits attributed to a visitor through a link.",
+        (),
+    ),
+    ("identity_amp_refusals_total", "AMP requests refused, by reason.", ("reason",)),
+)
+
+# The series of ``<name>_created`` (the time a counter was made) say nothing here.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+Inc = Callable[..., None]
+Observe = Callable[[float], None]
 
 
 @dataclass(slots=True)
+class Backlog:
+    """One destination's outbox as read at scrape time."""
+
+    pending: int = 0  # written, not yet acknowledged (unread or in flight)
+    oldest_age_seconds: float = 0.0  # of the oldest of those; 0 when there is none
+    dead_letters: int = 0
+
+
+@dataclass(slots=True)
+class Scraped:
+    """What the scraped process read for this scrape (scrape.py)."""
+
+    store_up: bool | None = None  # None: no store to ping
+    outbox: dict[str, Backlog] = field(default_factory=dict)
+
+
 class Metrics:
-    counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = field(default_factory=Counter)
+    """The service's metrics and their exposition: counters, the request histogram and
+    the gauges of the last :class:`Scraped`."""
 
-    def inc(self, name: str, amount: int = 1, **labels: str) -> None:
-        self.counts[name, tuple(sorted(labels.items()))] += amount
+    def __init__(self) -> None:
+        directory = _directory
+        self._registry = CollectorRegistry(auto_describe=True)
+        if directory is None:
+            metric_registry: CollectorRegistry | None = self._registry
+        else:
+            # The counts live in the files; every process's are read from there.
+            metric_registry = None
+            multiprocess.MultiProcessCollector(self._registry, path=directory)  # type: ignore[no-untyped-call]
+        self._counters = {
+            name: Counter(name, help_text, labels, registry=metric_registry)
+            for name, help_text, labels in _COUNTERS
+        }
+        self._durations = Histogram(
+            "identity_http_request_duration_seconds",
+            "HTTP request durations in the service (parse to answer), by route template.",
+            ("route",),
+            buckets=DURATION_BUCKETS,
+            registry=metric_registry,
+        )
+        self._bound: dict[tuple[str, tuple[tuple[str, str], ...]], Inc] = {}
+        self._requests: dict[tuple[str, str, int], tuple[Inc, Observe]] = {}
+        self._observers: dict[str, Observe] = {}
+        self.routes: frozenset[str] = frozenset()
+        self.scraped = Scraped()
+        self._registry.register(_ScrapedCollector(self))
 
-    def value(self, name: str, **labels: str) -> int:
-        return self.counts[name, tuple(sorted(labels.items()))]
+    def set_routes(self, routes: Iterable[str]) -> None:
+        """The route templates requests are counted under; any other path counts as other."""
+        self.routes = frozenset(routes)
+        for route in (*self.routes, OTHER):
+            self._observers[route] = self._durations.labels(route).observe
 
-    def render(self) -> str:
-        lines: list[str] = []
-        for name, help_text in _HELP.items():
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
-            for (metric, labels), count in sorted(self.counts.items()):
-                if metric == name:
-                    label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-                    lines.append(f"{name}{{{label_text}}} {count}" if labels else f"{name} {count}")
-        return "\n".join(lines) + "\n"
+    def route_of(self, path: str) -> str:
+        """The label of a request to ``path`` that no route matched (404, 405, refused)."""
+        return path if path in self.routes else OTHER
+
+    def counter(self, name: str, **labels: str) -> Inc:
+        """The ``inc`` of counter ``name``'s child with ``labels``, bound once."""
+        key = (name, tuple(sorted(labels.items())))
+        inc = self._bound.get(key)
+        if inc is None:
+            counter = self._counters[name]
+            inc = counter.labels(**labels).inc if labels else counter.inc
+            self._bound[key] = inc
+        return inc
+
+    def inc(self, name: str, amount: float = 1, **labels: str) -> None:
+        """Count ``amount`` on counter ``name`` (off the hot path; there, bind with counter)."""
+        self.counter(name, **labels)(amount)
+
+    def request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one answered request and its duration (``route`` from :meth:`route_of` or
+        a matched route's template)."""
+        bound = self._requests.get((route, method, status))
+        if bound is None:
+            bound = self._bind_request(route, method, status)
+        inc, observe = bound
+        inc()
+        observe(seconds)
+
+    def _bind_request(self, route: str, method: str, status: int) -> tuple[Inc, Observe]:
+        method_label = method if method in METHODS else OTHER
+        counter = self._counters["identity_http_requests_total"]
+        observe = self._observers.get(route)
+        if observe is None:
+            observe = self._observers[route] = self._durations.labels(route).observe
+        bound = (counter.labels(route, method_label, str(status)).inc, observe)
+        self._requests[route, method, status] = bound
+        return bound
+
+    def value(self, name: str, **labels: str) -> float:
+        """A sample's current value (0 when it has none): for tests and tools."""
+        return self._registry.get_sample_value(name, labels) or 0
+
+    def render(self) -> bytes:
+        """The exposition, in the Prometheus text format."""
+        return generate_latest(self._registry)
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class _ScrapedCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        build = GaugeMetricFamily(
+            "identity_build_info",
+            "The running build: 1, with its version and Python's.",
+            labels=("version", "python"),
+        )
+        build.add_metric((__version__, platform.python_version()), 1)
+        yield build
+        scraped = self._metrics.scraped
+        if scraped.store_up is not None:
+            yield GaugeMetricFamily(
+                "identity_store_up",
+                "1 if the store answered its ping when scraped, else 0.",
+                value=1 if scraped.store_up else 0,
+            )
+        gauges = (
+            ("identity_outbox_pending", "Outbox entries written, not yet acknowledged."),
+            (
+                "identity_outbox_oldest_pending_age_seconds",
+                "Age of the oldest entry not yet acknowledged (0 when none).",
+            ),
+            ("identity_outbox_dead_letters", "Entries in the dead letters."),
+        )
+        families = [GaugeMetricFamily(n, h, labels=("destination",)) for n, h in gauges]
+        pending, age, dead = families
+        for destination, backlog in sorted(scraped.outbox.items()):
+            pending.add_metric((destination,), backlog.pending)
+            age.add_metric((destination,), round(backlog.oldest_age_seconds, 3))
+            dead.add_metric((destination,), backlog.dead_letters)
+        if scraped.outbox:
+            yield from families
+
+
+# prometheus_client asks for the process id at every count, to notice a fork; os.getpid is
+# a system call each time, so the id is kept here and renewed in a forked child.
+_pid = os.getpid()
+
+
+def _renew_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+def _process_id() -> int:
+    return _pid
+
+
+os.register_at_fork(after_in_child=_renew_pid)
+
+# The directory of the multiprocess mode, or None: counts in this process's memory.
+_directory: str | None = None
+# prometheus_client picks its value class from PROMETHEUS_MULTIPROC_DIR when imported; here
+# the mode is only ever what serve chose (use_directory), whatever the environment says.
+values.ValueClass = values.MutexValue
+
+
+def use_directory(directory: str | None) -> None:
+    """Count in ``directory``'s files from now on (multiprocess mode), or in memory (None).
+
+    Metrics made after the call use it (the workers make theirs after the fork).
+    """
+    global _directory
+    _directory = directory
+    if directory is None:
+        values.ValueClass = values.MutexValue
+    else:
+        os.environ[MULTIPROC_ENV] = directory  # where prometheus_client's files go
+        values.ValueClass = values.MultiProcessValue(process_identifier=_process_id)  # type: ignore[no-untyped-call]
+
+
+@contextlib.contextmanager
+def multiprocess_directory() -> Iterator[str]:
+    """The workers' directory for the multiprocess mode, counting in it until exit.
+
+    ``PROMETHEUS_MULTIPROC_DIR`` when set (emptied of earlier runs' files and kept), else
+    a private temporary directory, removed at exit.
+    """
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        Path(given).mkdir(parents=True, exist_ok=True)
+        for stale in Path(given).glob("*.db"):
+            stale.unlink()
+        directory = given
+    else:
+        directory = tempfile.mkdtemp(prefix="identity-metrics-")
+    use_directory(directory)
+    try:
+        yield directory
+    finally:
+        use_directory(None)
+        if not given:
+            os.environ.pop(MULTIPROC_ENV, None)
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def mark_dead(pid: int, directory: str) -> None:
+    """Let the files of worker ``pid``, which exited, count as a dead process's."""
+    multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]

@@ -46,17 +46,21 @@ SECURITY_HEADERS = {
 async def handle_request(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
     request_id = start_request(request.headers.get("X-Request-ID"))
+    metrics = request.app[app_keys.METRICS]
     problem: Problem | None = None
     try:
         response = await handler(request)
     except web.HTTPException as exc:
         problem = _from_http_exception(exc, request)
     except Exception as exc:
-        problem = problem_for(exc, request.app[app_keys.METRICS], request.app[app_keys.SETTINGS])
+        problem = problem_for(exc, metrics, request.app[app_keys.SETTINGS])
     if problem is not None:
         response = problem_response(problem, request)
     response.headers["X-Request-ID"] = request_id
-    log_request(request.method, request.path, response.status, started, problem)
+    resource = request.match_info.route.resource
+    # The template of the route that matched (404 and 405 match none).
+    route = resource.canonical if resource is not None else metrics.route_of(request.path)
+    log_request(metrics, route, request.method, request.path, response.status, started, problem)
     return response
 
 
@@ -85,14 +89,22 @@ def problem_for(exc: Exception, metrics: Metrics, settings: Settings) -> Problem
 
 
 def log_request(
-    method: str, path: str, status: int, started: float, problem: Problem | None
+    metrics: Metrics,
+    route: str,
+    method: str,
+    path: str,
+    status: int,
+    started: float,
+    problem: Problem | None,
 ) -> None:
-    """The request's one log line."""
+    """The request's one log line, and its count and duration under ``route``."""
+    seconds = time.perf_counter() - started
+    metrics.request(route, method, status, seconds)
     fields = {
         "method": method,
         "path": path,
         "status": status,
-        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+        "duration_ms": round(seconds * 1000, 3),
     }
     if problem is not None:
         fields["problem"] = problem.slug

@@ -298,6 +298,28 @@ _PATHS: dict[str, Any] = {
             },
         }
     },
+    "/v1/identity.js": {
+        "get": {
+            "operationId": "browserHelper",
+            "summary": "The browser helper script (docs/sdk.md): links out on domain A, lands on B",
+            "description": (
+                "Static, versioned and cacheable (Cache-Control: public, max-age=3600) with a "
+                "strong ETag; If-None-Match with the current tag answers 304. A `v` query "
+                "parameter (the version the page expects) is ignored."
+            ),
+            "responses": {
+                "200": {
+                    "description": "The script",
+                    "headers": {"ETag": {"$ref": "#/components/headers/ETag"}},
+                    "content": {"text/javascript": {"schema": {"type": "string"}}},
+                },
+                "304": {
+                    "description": "Not modified: If-None-Match names the current tag",
+                    "headers": {"ETag": {"$ref": "#/components/headers/ETag"}},
+                },
+            },
+        }
+    },
     "/openapi.json": {
         "get": {
             "operationId": "openapi",
@@ -323,6 +345,7 @@ _DOCUMENT: dict[str, Any] = {
             "WWW-Authenticate": {"schema": {"type": "string"}},
             "Retry-After": {"schema": {"type": "integer"}},
             "Accept-Post": {"schema": {"const": "application/json"}},
+            "ETag": {"schema": {"type": "string"}},
         },
         "securitySchemes": {
             "writeKeyBasic": {

@@ -34,6 +34,11 @@ async def running_forwarders(
                 settings.redis, max_connections=1 + len(settings.outbox.destinations)
             )
         )
+    unrouted = settings.outbox.routed_nowhere([source.name for source in settings.sources])
+    if unrouted:
+        # A configuration that may be meant (a site whose events nobody wants), but more
+        # likely a site added to sources and to no destination's sources list.
+        logger.warning("outbox_sources_routed_nowhere", sources=unrouted)
     forwarders = []
     clients: list[Commands] = []
     store = settings.redis.address if settings.redis is not None else "memory"
@@ -52,11 +57,15 @@ async def running_forwarders(
                 settings.outbox.reclaim_idle,
                 [d.name for d in settings.outbox.destinations],
                 destination.addressed_only,
+                destination.sources,
                 settings.redis.shards,
             )
         else:
             assert memory is not None, "the memory store's outbox is needed without Redis"
-            feed = MemoryFeed(memory.subscribe(destination.name, destination.addressed_only))
+            queue = memory.subscribe(
+                destination.name, destination.addressed_only, destination.sources
+            )
+            feed = MemoryFeed(queue)
         sink = open_sink(destination, settings.outbox)
         forwarders.append(Forwarder(destination.name, feed, sink, settings.outbox, metrics, store))
     tasks = [asyncio.create_task(forwarder.run()) for forwarder in forwarders]

@@ -6,7 +6,9 @@ timeout) and closes the store. With more than one worker the parent forks them a
 settings are read (so they share the server secret) and they listen on one port with
 SO_REUSEPORT, the kernel spreading connections over them. The parent forwards SIGTERM
 and SIGINT to the workers; if one of them dies, it stops the others and exits non-zero,
-so the supervisor (systemd, Kubernetes) restarts the whole set.
+so the supervisor (systemd, Kubernetes) restarts the whole set. The workers count their
+metrics in files of a directory the parent makes before forking (metrics.py), so a scrape
+reads every worker's counts whichever worker answers it.
 """
 
 import asyncio
@@ -21,7 +23,7 @@ import traceback
 
 from aiohttp import web
 
-from identity_service import log_config
+from identity_service import log_config, metrics
 from identity_service.app import create_app
 from identity_service.front import FrontRunner
 from identity_service.settings import Settings
@@ -104,6 +106,12 @@ async def _serve(settings: Settings, host: str, port: int, reuse_port: bool) -> 
 
 
 def _supervise(settings: Settings, host: str, port: int) -> int:
+    # Made before the fork: the workers count in its files, and a scrape sums them all.
+    with metrics.multiprocess_directory() as directory:
+        return _fork_workers(settings, host, port, directory)
+
+
+def _fork_workers(settings: Settings, host: str, port: int, metrics_directory: str) -> int:
     children: list[int] = []
     for _ in range(settings.workers):
         pid = os.fork()
@@ -133,6 +141,7 @@ def _supervise(settings: Settings, host: str, port: int) -> int:
     while children:
         pid, code = os.wait()
         children.remove(pid)
+        metrics.mark_dead(pid, metrics_directory)
         if os.waitstatus_to_exitcode(code) != 0 and status == 0:
             print(f"identity-service: worker {pid} failed; stopping", file=sys.stderr)
             status = 1

@@ -39,7 +39,7 @@ SENTINEL_PARAMETERS = ("sentinel_username", "sentinel_password")
 PASSWORD_PARAMETERS = ("password", "sentinel_password")
 REDIS_TLS_CERT_REQS = ("none", "optional", "required")
 REDACTED = "***"
-DESTINATION_KEYS = frozenset({"url", "write_key", "allow_insecure"})
+DESTINATION_KEYS = frozenset({"url", "write_key", "allow_insecure", "sources"})
 SETTING_NAMES = frozenset(
     {
         "sources", "secret", "dev_write_key", "redis_url", "redis_timeout",
@@ -48,10 +48,11 @@ SETTING_NAMES = frozenset(
         "max_body_bytes", "token_param", "retry_after", "shutdown_timeout", "head_timeout",
         "body_timeout", "max_connections", "log_level", "workers",
         "outbox", "forwarder", "destinations", "destination_url", "destination_write_key",
-        "destination_allow_insecure",
+        "destination_allow_insecure", "destination_sources",
         "events_file", "batch_max_events", "batch_max_wait", "delivery_timeout",
         "delivery_max_attempts", "backoff_base", "backoff_max", "reclaim_idle",
-        "started_event", "completed_event", "amp",
+        "started_event", "completed_event", "amp", "forwarder_metrics_port",
+        "forwarder_metrics_host",
     }
 )  # fmt: skip
 
@@ -172,7 +173,10 @@ ACTION_DESTINATION_PREFIX = "amp-action-"
 class Destination:
     """Where events go: a Segment-compatible HTTP API, a JSONL file, or standard output;
     or, kind ``webhook``, an AMP action's webhook (``url``, signed with ``secret``), which
-    receives only the entries addressed to it."""
+    receives only the entries addressed to it.
+
+    ``sources``: the sources whose events it receives (a site's own Segment source); None,
+    the default, receives every source's events."""
 
     name: str
     kind: Literal["http", "file", "stdout", "webhook"]
@@ -180,6 +184,7 @@ class Destination:
     write_key: str = field(default="", repr=False)
     path: str = ""
     secret: bytes = field(default=b"", repr=False)  # a webhook's HMAC-SHA256 key
+    sources: frozenset[str] | None = None
 
     @property
     def batch_url(self) -> str:
@@ -229,6 +234,23 @@ class OutboxSettings:
     started_event: str = c.DEFAULT_STARTED_EVENT
     completed_event: str = c.DEFAULT_COMPLETED_EVENT
 
+    @property
+    def routes_by_source(self) -> bool:
+        """Whether some destination takes only some sources' events: then each outbox entry
+        is written with its source's name, which the feeds route on."""
+        return any(destination.sources is not None for destination in self.destinations)
+
+    def routed_nowhere(self, source_names: list[str]) -> list[str]:
+        """The sources whose events no destination takes (every events destination names
+        ``sources`` and none names them): their events would be dropped unseen."""
+        if not self.enabled:
+            return []
+        takers = [d for d in self.destinations if not d.addressed_only]
+        if any(d.sources is None for d in takers):
+            return []
+        taken = {name for d in takers for name in d.sources or ()}
+        return [name for name in source_names if name not in taken]
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -252,6 +274,9 @@ class Settings:
     workers: int = 1
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     amp: AmpSettings | None = None  # the AMP endpoints, when [amp] is configured
+    # `identity-service forward`'s /metrics and /healthz; no port: not served.
+    forwarder_metrics_port: int | None = c.DEFAULT_FORWARDER_METRICS_PORT
+    forwarder_metrics_host: str = c.DEFAULT_FORWARDER_METRICS_HOST
 
     @property
     def uses_dev_source(self) -> bool:
@@ -282,6 +307,7 @@ class _Reader:
     def __init__(self, environ: Mapping[str, str], config_file: Path | None) -> None:
         self.environ = environ
         self.problems: list[str] = []
+        self.source_names: list[str] = []  # the configured sources, once read
         # Settings already reported: a check across settings skips them, since it would
         # judge the default in place of what the user wrote.
         self.invalid: set[str] = set()
@@ -315,9 +341,10 @@ class _Reader:
             sources = [_dev_source(dev_write_key)]
         else:
             dev_write_key = None
-        amp = self.amp_settings([source.name for source in sources])
+        source_names = [source.name for source in sources]
+        amp = self.amp_settings(source_names)
         redis = self.redis_settings()
-        outbox = self.outbox_settings(amp)
+        outbox = self.outbox_settings(amp, source_names)
         # "Needs Redis" holds once a Redis URL is given, even one reported as invalid.
         has_redis = self.given("redis_url")
         redis_url = self.where("redis_url")
@@ -371,15 +398,24 @@ class _Reader:
             workers=workers,
             outbox=outbox,
             amp=amp,
+            forwarder_metrics_port=self.optional_port(
+                "forwarder_metrics_port", c.DEFAULT_FORWARDER_METRICS_PORT
+            ),
+            forwarder_metrics_host=(
+                self.text("forwarder_metrics_host", c.DEFAULT_FORWARDER_METRICS_HOST)
+                or c.DEFAULT_FORWARDER_METRICS_HOST
+            ),
         )
         if self.problems:
             raise ConfigError(self.problems)
         return settings
 
-    def outbox_settings(self, amp: AmpSettings | None = None) -> OutboxSettings:
-        """The outbox: the events' destinations, then one per AMP action (``amp``)."""
+    def outbox_settings(self, amp: AmpSettings | None, source_names: list[str]) -> OutboxSettings:
+        """The outbox: the events' destinations, then one per AMP action (``amp``).
+        ``source_names``: the configured sources, which a destination's ``sources`` name."""
         enabled = self.choice("outbox", "on", ("on", "off")) == "on"
         forwarder = self.choice("forwarder", "embedded", ("embedded", "off"))
+        self.source_names = source_names
         return OutboxSettings(
             enabled=enabled,
             destinations=tuple(self.destinations(action_destinations(amp))),
@@ -429,7 +465,8 @@ class _Reader:
             where = f"destinations.{name}"
             if not isinstance(spec, dict) or set(spec) - DESTINATION_KEYS:
                 self.problems.append(
-                    f"{where} must be a table with url, write_key and optionally allow_insecure"
+                    f"{where} must be a table with url, write_key and optionally "
+                    "allow_insecure and sources"
                 )
                 continue
             written = {key: f"{where}.{key}" for key in DESTINATION_KEYS}
@@ -456,6 +493,7 @@ class _Reader:
         url, write_key = spec.get("url"), spec.get("write_key")
         problems = len(self.problems)
         allow_insecure = self._flag(spec.get("allow_insecure"), names["allow_insecure"])
+        sources = self._destination_sources(spec.get("sources"), names["sources"])
         parts = _http_url(url)
         host = (parts.hostname or "") if parts else ""
         if parts is None:
@@ -471,7 +509,29 @@ class _Reader:
             self.problems.append(f"{names['write_key']} is required with {names['url']}")
         if len(self.problems) > problems:
             return []
-        return [Destination(name, "http", url=str(url), write_key=str(write_key))]
+        return [Destination(name, "http", url=str(url), write_key=str(write_key), sources=sources)]
+
+    def _destination_sources(self, value: Any, where: str) -> frozenset[str] | None:
+        """A destination's ``sources``: a list of configured source names (a comma-separated
+        string in a variable), or None when unset (every source's events)."""
+        if value is None or value == "":
+            return None
+        names = value.split(",") if isinstance(value, str) else value
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            self.problems.append(f"{where} must be a list of source names")
+            return None
+        names = [name.strip() for name in names]
+        if not names or "" in names:
+            self.problems.append(f"{where} must name at least one source, without empty names")
+            return None
+        unknown = sorted(set(names) - set(self.source_names))
+        if unknown:
+            known = ", ".join(sorted(self.source_names))
+            self.problems.append(
+                f"{where} names {', '.join(map(repr, unknown))}, not a configured source ({known})"
+            )
+            return None
+        return frozenset(names)
 
     def _flag(self, value: Any, where: str) -> bool | None:
         """A true/false setting (unset: false), or None after noting that it is neither."""
@@ -481,6 +541,15 @@ class _Reader:
             return value.lower() == "true"
         self.problems.append(f"{where} must be true or false, not {value!r}")
         return None
+
+    def optional_port(self, name: str, default: int) -> int | None:
+        """A TCP port, or None for ``0`` or ``off``."""
+        value = self.raw(name)
+        if isinstance(value, str) and value.strip().lower() in ("0", "off"):
+            return None
+        if value == 0 and not isinstance(value, bool):
+            return None
+        return self.integer(name, default, c.MIN_PORT, c.MAX_PORT)
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
         value = (self.text(name, default) or default).lower()

@@ -11,22 +11,17 @@ the publisher host, the action applied once at the webhook, and no form field in
 the browser requested. A second submission from the cache proves the cookie really is
 blocked there: it hops again, and lands as the same visitor.
 
-Without Chromium or Playwright this test skips, except in CI (CI set), where it fails:
-.ci/run installs Debian's chromium.
+Without Chromium or Playwright this test skips, except in CI (CI set), where it fails
+(tests/browser.py).
 """
 
 import datetime
-import importlib
 import json
-import os
-import shutil
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
-import pytest
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -35,22 +30,15 @@ from cryptography.x509.oid import NameOID
 
 from identity_service.amp.context import AMP
 from identity_service.app import create_app
+from tests.browser import BLOCK_THIRD_PARTY_COOKIES, blocking_profile, chromium_path, need_browser
+from tests.browser import CHROMIUM_ARGS as BROWSER_ARGS
 from tests.conftest import AppClient, FrontTestServer, make_settings
 from tests.webhook_receiver import WEBHOOK_SECRET, WebhookReceiver
 
 CACHE_HOST = "pub-localhost.cdn.ampproject.org"
 FIELD_VALUES = {"sku": "sku-browser-7e41c2", "note": "note-browser-9b05aa"}
 TIMEOUT_MS = 15_000
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--test-third-party-cookie-phaseout",  # third-party cookies blocked, as Chrome will
-]
+CHROMIUM_ARGS = [*BROWSER_ARGS, BLOCK_THIRD_PARTY_COOKIES]
 
 CACHE_PAGE = """<!doctype html>
 <html><body>
@@ -74,25 +62,6 @@ async function submitForm() {{
 </script>
 </body></html>
 """
-
-
-def chromium_path() -> str | None:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    return found or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-
-
-def need_browser() -> Any:
-    """Playwright's async API, or a skip (a failure in CI) when it or Chromium is missing."""
-    try:
-        async_api: Any = importlib.import_module("playwright.async_api")
-    except ImportError:
-        async_api = None
-    missing = "playwright" if async_api is None else "chromium" if not chromium_path() else ""
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"{missing} is missing; .ci/run installs it")
-        pytest.skip(f"{missing} is not installed")
-    return async_api
 
 
 def free_port() -> int:
@@ -171,11 +140,7 @@ async def test_cache_page_hops_to_the_publisher_in_chromium(
         action=action, source=json.dumps("https://pub.localhost"), **FIELD_VALUES
     )
     cache_runner, cache_port = await serve_cache_page(page, tls_context(tmp_path))
-    profile = tmp_path / "profile"
-    (profile / "Default").mkdir(parents=True)
-    # Chrome's own setting too: "Block third-party cookies".
-    preferences = {"profile": {"cookie_controls_mode": 1, "block_third_party_cookies": True}}
-    (profile / "Default" / "Preferences").write_text(json.dumps(preferences))
+    profile = blocking_profile(tmp_path)  # Chrome's own setting too
     visited: list[str] = []
     try:
         async with async_api.async_playwright() as playwright:

@@ -8,7 +8,6 @@ package these tests skip, except in CI (CI set), where they fail: .ci/run instal
 """
 
 import json
-import os
 import shutil
 import string
 import subprocess
@@ -21,6 +20,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from identity_service.amp.caches import DEFAULT_CACHES, cache_origins, cache_subdomain
+from tests.tools import missing_tool
 
 JS_DIR = Path(__file__).parent / "js"
 SCRIPT = JS_DIR / "cache_subdomains.mjs"
@@ -184,10 +184,6 @@ class ToolboxAnswer:
 Toolbox = Callable[[Sequence[str]], list[ToolboxAnswer]]
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
-
-
 @pytest.fixture(scope="module")
 def toolbox() -> Toolbox:
     """Runs tests/js/cache_subdomains.mjs over host names; skips (fails in CI) without it."""
@@ -200,9 +196,7 @@ def toolbox() -> Toolbox:
         missing.append("tests/js/node_modules has no toolbox (npm ci --prefix tests/js)")
     if missing:
         reason = f"AMP's {PACKAGE} cannot run: " + "; ".join(missing)
-        if _in_ci():
-            pytest.fail(f"{reason}; CI must have it (.ci/run installs node and runs npm ci)")
-        pytest.skip(reason)
+        missing_tool(reason, ".ci/run installs node and runs npm ci")
     assert node is not None
     pinned = json.loads((JS_DIR / "package.json").read_text())["dependencies"][PACKAGE]
     version = json.loads(installed.read_text())["version"]

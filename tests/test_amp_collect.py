@@ -183,6 +183,9 @@ async def test_origin_hit_without_cookie_sets_one_and_emits_a_page_call(
     assert event["context"]["library"]["name"] == "identity-service"
     assert event["messageId"] and event["integrations"] == {}
     assert metrics(client).value("identity_amp_hits_total", context="origin") == 1
+    assert metrics(client).value("identity_identities_total", id_source="amp_generated") == 1
+    # Not an exchange's fallback: the share of generated ids among exchanges stays 0.
+    assert metrics(client).value("identity_identities_total", id_source="generated") == 0
 
 
 async def test_origin_pixel_with_the_cookie_reads_it(
@@ -229,6 +232,8 @@ async def test_a_cache_hit_with_the_cookie_links_the_client_id_for_later_hits(
     assert counted.value("identity_amp_hits_total", context="cache_without_cookie") == 1
     assert counted.value("identity_amp_links_recorded_total") == 1
     assert counted.value("identity_amp_link_attributions_total") == 1
+    assert counted.value("identity_identities_total", id_source="amp_cookie") == 1
+    assert counted.value("identity_identities_total", id_source="amp_link") == 1
 
 
 async def test_a_cookieless_cache_hit_without_a_link_is_the_client_id(
@@ -244,6 +249,7 @@ async def test_a_cookieless_cache_hit_without_a_link_is_the_client_id(
     assert event["anonymousId"] == CACHE_CLIENT_ID
     assert event["properties"]["anonymousId_source"] == "amp_client_id"
     assert metrics(client).value("identity_amp_link_attributions_total") == 0
+    assert metrics(client).value("identity_identities_total", id_source="amp_client_id") == 1
 
 
 async def test_insufficient_consent_links_nothing_and_emits_nothing(

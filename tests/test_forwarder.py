@@ -141,7 +141,7 @@ async def test_a_batch_being_retried_at_shutdown_goes_back_to_the_queue(
     async for _ in forward(outbox, sink):
         outbox.extend([event(1), event(2)])
         await wait_until(lambda: len(sink.batches) == 1)
-    assert [orjson.loads(e)["messageId"] for e in queue[0].events] == ["m-1", "m-2"]
+    assert [orjson.loads(e)["messageId"] for _, e in queue[0].events] == ["m-1", "m-2"]
 
 
 @pytest.mark.parametrize(

@@ -210,7 +210,7 @@ async def test_metrics_are_in_prometheus_text_format(client: AppClient) -> None:
     response = await client.get("/metrics")
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    assert 'identity_handoffs_prepared_total{source="shop"} 1' in await response.text()
+    assert 'identity_handoffs_prepared_total{source="shop"} 1.0' in await response.text()
 
 
 def test_app_factory_does_no_io() -> None:

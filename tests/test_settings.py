@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from identity_service.constants import DEFAULT_FORWARDER_METRICS_HOST
 from identity_service.settings import ConfigError, RedisSettings, load_settings, redact_url
 from identity_service.sources import hash_write_key
 from tests.conftest import SECRET, make_settings
@@ -147,6 +148,16 @@ def test_an_invalid_ttl_is_the_only_problem_and_named_as_written(tmp_path: Path)
         ({}, 'secret = "short"', "secret must be at least 32 characters"),
         ({}, 'log_level = "loud"', "log_level must be debug, info, warning or error, not 'loud'"),
         ({}, 'forwarder = "elsewhere"', "forwarder must be one of embedded, off, not 'elsewhere'"),
+        (
+            {"IDENTITY_FORWARDER_METRICS_PORT": "70000"},
+            "",
+            "IDENTITY_FORWARDER_METRICS_PORT must be between 1 and 65535, not 70000",
+        ),
+        (
+            {},
+            'forwarder_metrics_port = "metrics"',
+            "forwarder_metrics_port must be a whole number, not 'metrics'",
+        ),
         (
             {},
             'redis_key_prefix = "{x}"',
@@ -542,6 +553,93 @@ def test_the_repr_of_settings_holds_no_secret() -> None:
     text = repr(settings)
     for secret in ("s3cret-", "hunter2-pw", "dev-key-not-for-logs"):
         assert secret not in text
+
+
+@pytest.mark.parametrize(
+    ("value", "port"), [(None, 9464), ("9100", 9100), ("0", None), ("off", None), ("OFF", None)]
+)
+def test_the_forwarder_metrics_port_defaults_to_9464_and_turns_off(
+    value: str | None, port: int | None
+) -> None:
+    env = {} if value is None else {"forwarder_metrics_port": value}
+    settings = make_settings(**env)
+    assert settings.forwarder_metrics_port == port
+    assert settings.forwarder_metrics_host == DEFAULT_FORWARDER_METRICS_HOST
+
+
+def test_destinations_take_the_events_of_the_sources_they_name(tmp_path: Path) -> None:
+    path = tmp_path / "identity.toml"
+    path.write_text(
+        '[destinations.shop-segment]\nurl = "https://api.segment.io"\nwrite_key = "wk-a"\n'
+        'sources = ["shop"]\n'
+        '[destinations.everything]\nurl = "https://api.segment.io"\nwrite_key = "wk-b"\n'
+    )
+    environ = {"IDENTITY_SOURCES": json.dumps({"shop": SHOP, "checkout": SHOP})}
+    outbox = load_settings(environ, path).outbox
+    assert [(d.name, d.sources) for d in outbox.destinations] == [
+        ("shop-segment", frozenset({"shop"})),
+        ("everything", None),
+    ]
+    assert outbox.routes_by_source
+    single = load_settings(
+        {
+            **environ,
+            "IDENTITY_DESTINATION_URL": "https://api.segment.io",
+            "IDENTITY_DESTINATION_WRITE_KEY": "wk",
+            "IDENTITY_DESTINATION_SOURCES": "shop, checkout",
+        }
+    )
+    assert single.outbox.destinations[0].sources == frozenset({"shop", "checkout"})
+    # Without sources every destination takes every event, and entries carry no source.
+    assert not load_settings(environ).outbox.routes_by_source
+
+
+@pytest.mark.parametrize(
+    ("sources", "problem"),
+    [
+        (
+            ["shop", "chekout"],
+            "destinations.a.sources names 'chekout', not a configured source (checkout, shop)",
+        ),
+        ({"shop": True}, "destinations.a.sources must be a list of source names"),
+        ([], "destinations.a.sources must name at least one source, without empty names"),
+        ([1], "destinations.a.sources must be a list of source names"),
+    ],
+)
+def test_a_destinations_sources_must_be_configured_sources(sources: object, problem: str) -> None:
+    destinations = {"a": {"url": "https://api.segment.io", "write_key": "wk", "sources": sources}}
+    environ = {
+        "IDENTITY_SOURCES": json.dumps({"shop": SHOP, "checkout": SHOP}),
+        "IDENTITY_DESTINATIONS": json.dumps(destinations),
+    }
+    assert problems_of(environ) == [problem]
+
+
+def test_the_single_destinations_sources_name_the_development_source_without_sources() -> None:
+    environ = {
+        "IDENTITY_DESTINATION_URL": "https://api.segment.io",
+        "IDENTITY_DESTINATION_WRITE_KEY": "wk",
+        "IDENTITY_DESTINATION_SOURCES": "shop",
+    }
+    assert problems_of(environ) == [
+        "IDENTITY_DESTINATION_SOURCES names 'shop', not a configured source (dev)"
+    ]
+    environ["IDENTITY_DESTINATION_SOURCES"] = "dev"
+    assert load_settings(environ).outbox.destinations[0].sources == frozenset({"dev"})
+
+
+def test_sources_no_destination_takes_are_named() -> None:
+    routed = {"a": {"url": "https://api.segment.io", "write_key": "wk", "sources": ["shop"]}}
+    environ = {
+        "IDENTITY_SOURCES": json.dumps({"shop": SHOP, "checkout": SHOP}),
+        "IDENTITY_DESTINATIONS": json.dumps(routed),
+    }
+    assert load_settings(environ).outbox.routed_nowhere(["shop", "checkout"]) == ["checkout"]
+    everything = {**routed, "b": {"url": "https://api.segment.io", "write_key": "wk"}}
+    environ["IDENTITY_DESTINATIONS"] = json.dumps(everything)
+    assert load_settings(environ).outbox.routed_nowhere(["shop", "checkout"]) == []
+    environ.update(IDENTITY_DESTINATIONS=json.dumps(routed), IDENTITY_OUTBOX="off")
+    assert load_settings(environ).outbox.routed_nowhere(["shop", "checkout"]) == []
 
 
 def test_cluster_and_sentinel_urls() -> None:

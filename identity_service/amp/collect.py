@@ -37,6 +37,10 @@ What the hit is attributed to (``anonymousId_source``):
 - ``generated``: no cookie on the publisher's origin (or no clientId at all): a new id,
   offered in ``Set-Cookie``.
 
+Each hit that emits an event counts in ``identity_identities_total`` under its own AMP
+``id_source`` (``amp_cookie``, ``amp_link``, ``amp_client_id``, ``amp_generated``), apart
+from the exchanges' ``handoff`` and ``generated``.
+
 The only cookie collect sets is that new id, which the service generated; it never sets a
 value from the request or from a link.
 
@@ -227,11 +231,12 @@ async def collect(ctx: AmpContext, hit: Hit) -> Answer:
         steps.append(links.record_link_or_log(ctx, client_id, cookie_id))
     if ctx.settings.outbox.enabled:
         event = _event(content, who, client_id, headers.get("user-agent"))
-        steps.append(ctx.store.emit(event["messageId"].encode(), [event]))
+        steps.append(ctx.store.emit(event["messageId"].encode(), [event], source=amp.source))
     if len(steps) > 1:
         await asyncio.gather(*steps)
     elif steps:
         await steps[0]  # no task for a lone call
+    ctx.metrics.inc("identity_identities_total", id_source=ID_SOURCES[who.source])
     return answer
 
 
@@ -322,6 +327,16 @@ def _on_origin(
 def _from_cache(ctx: AmpContext, origin: str | None) -> bool:
     """The hit's ``Origin`` (already allowed) is a cache origin: a link may be recorded."""
     return origin is not None and origin not in ctx.amp.publisher_origins
+
+
+# identity_identities_total's id_source of each attribution: all AMP's own, so that the
+# share of generated ids among exchanges (id_source "generated") counts exchanges alone.
+ID_SOURCES = {
+    "cookie": "amp_cookie",
+    "amp_link": "amp_link",
+    "amp_client_id": "amp_client_id",
+    "generated": "amp_generated",
+}
 
 
 def _attribution(

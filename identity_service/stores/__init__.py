@@ -19,10 +19,13 @@ from identity_service.events import Event
 
 @dataclass(frozen=True, slots=True)
 class PrepareEvents:
-    """The events of a prepare: ``started`` now, ``completion`` kept for the exchange."""
+    """The events of a prepare: ``started`` now, ``completion`` kept for the exchange.
+    ``source``: the preparing source, whose events the started ones are (the completion's
+    are the exchanging source's, named in the exchange's facts)."""
 
     started: list[Event]
     completion: dict[str, Any] | None
+    source: str | None = None
 
 
 class HandoffStore(Protocol):
@@ -38,15 +41,22 @@ class HandoffStore(Protocol):
 
         Under any number of concurrent calls for one id, at most one gets the record. With
         ``facts``, the completion events of a handoff that kept a template are queued in
-        the same atomic step.
+        the same atomic step, as events of the exchanging source (``facts["source"]``).
         """
 
-    async def emit(self, shard_hint: bytes, events: list[Event], only: str | None = None) -> None:
+    async def emit(
+        self,
+        shard_hint: bytes,
+        events: list[Event],
+        only: str | None = None,
+        source: str | None = None,
+    ) -> None:
         """Queue events that belong to no handoff (a fallback on a miss, an AMP hit).
 
         With ``only``, they are addressed to that destination alone: no other destination
         delivers them (an AMP action's webhook body, for its ``amp-action-<name>``
-        destination). Without it, every destination but the addressed-only ones does.
+        destination). Without it, every destination but the addressed-only ones does,
+        except those whose ``sources`` leave out ``source``, the source they are from.
         """
 
     async def keep(self, key_id: bytes, record: bytes, ttl_seconds: int) -> None:

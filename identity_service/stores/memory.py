@@ -29,17 +29,28 @@ V = TypeVar("V")
 
 class MemoryQueue:
     """One destination's events (JSON documents) waiting for its forwarder, with a wake-up
-    for the reader. ``addressed_only``: it takes only events addressed to ``name``."""
+    for the reader. ``addressed_only``: it takes only events addressed to ``name``;
+    ``sources``: only those sources' events (None: every source's)."""
 
-    def __init__(self, name: str = "", addressed_only: bool = False) -> None:
+    def __init__(
+        self, name: str = "", addressed_only: bool = False, sources: frozenset[str] | None = None
+    ) -> None:
         self.name = name
         self.addressed_only = addressed_only
-        self.events: deque[bytes] = deque()
+        self.sources = sources
+        # Each event with the time it was queued, for the oldest pending age (metrics).
+        self.events: deque[tuple[float, bytes]] = deque()
+        # Read by the forwarder and not yet settled: the entry's id, the time it was queued.
+        self.taken: dict[str, float] = {}
+        self.dead_letters = 0
         self.arrived = asyncio.Event()
 
-    def wants(self, only: str | None) -> bool:
-        """Whether events addressed to ``only`` (None: to every destination) come here."""
-        return self.name == only if only is not None or self.addressed_only else True
+    def wants(self, only: str | None, source: str | None = None) -> bool:
+        """Whether events addressed to ``only`` (None: to every destination) from ``source``
+        (None: of no known source) come here."""
+        if only is not None or self.addressed_only:
+            return self.name == only
+        return self.sources is None or source is None or source in self.sources
 
 
 class MemoryOutbox:
@@ -48,26 +59,40 @@ class MemoryOutbox:
     destination alone, and an addressed-only destination (an AMP action's webhook) takes
     nothing else.
 
+    A destination with ``sources`` takes only those sources' events. Which queues an
+    (``only``, source) pair goes to is worked out once and kept, not per event.
+
     With no subscriber (the forwarder is off) events are dropped, not hoarded.
     """
 
     def __init__(self) -> None:
         self.queues: list[MemoryQueue] = []
+        self._routes: dict[tuple[str | None, str | None], list[MemoryQueue]] = {}
 
-    def subscribe(self, name: str = "", addressed_only: bool = False) -> MemoryQueue:
+    def subscribe(
+        self, name: str = "", addressed_only: bool = False, sources: frozenset[str] | None = None
+    ) -> MemoryQueue:
         """A queue for destination ``name``, filled from now on."""
-        queue = MemoryQueue(name, addressed_only)
+        queue = MemoryQueue(name, addressed_only, sources)
         self.queues.append(queue)
+        self._routes.clear()
         return queue
 
-    def extend(self, events: list[ev.Event], only: str | None = None) -> None:
-        """Queue ``events`` for every destination, or for destination ``only`` alone."""
-        queues = [queue for queue in self.queues if queue.wants(only)]
+    def extend(
+        self, events: list[ev.Event], only: str | None = None, source: str | None = None
+    ) -> None:
+        """Queue ``events`` of ``source`` for every destination that takes that source's
+        events, or for destination ``only`` alone."""
+        queues = self._routes.get((only, source))
+        if queues is None:
+            queues = [queue for queue in self.queues if queue.wants(only, source)]
+            self._routes[only, source] = queues
         if not events or not queues:
             return
-        encoded = [ev.encode(event) for event in events]
+        now = time.time()
+        queued = [(now, ev.encode(event)) for event in events]
         for queue in queues:
-            queue.events.extend(encoded)
+            queue.events.extend(queued)
             queue.arrived.set()
 
 
@@ -182,7 +207,7 @@ class MemoryStore:
         template = events.completion if events else None
         self._records.set(lookup_id, now + ttl_seconds, (record, template), now)
         if events is not None:
-            self.outbox.extend(events.started)
+            self.outbox.extend(events.started, source=events.source)
 
     async def take(self, lookup_id: bytes, facts: dict[str, Any] | None) -> bytes | None:
         entry = self._records.pop(lookup_id, self._clock())
@@ -190,13 +215,17 @@ class MemoryStore:
             return None
         record, template = entry
         if template is not None and facts is not None:
-            self.outbox.extend(ev.complete(template, facts))
+            self.outbox.extend(ev.complete(template, facts), source=facts["source"])
         return record
 
     async def emit(
-        self, shard_hint: bytes, events: list[ev.Event], only: str | None = None
+        self,
+        shard_hint: bytes,
+        events: list[ev.Event],
+        only: str | None = None,
+        source: str | None = None,
     ) -> None:
-        self.outbox.extend(events, only)
+        self.outbox.extend(events, only, source)
 
     async def keep(self, key_id: bytes, record: bytes, ttl_seconds: int) -> None:
         now = self._clock()

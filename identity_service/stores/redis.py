@@ -44,7 +44,8 @@ from identity_service.stores.topology import Commands, lean_client
 
 logger = structlog.get_logger(__name__)
 
-# KEYS: handoff, outbox. ARGV: record, ttl, sealed template or "", sealed started events or "".
+# KEYS: handoff, outbox. ARGV: record, ttl, sealed template or "", sealed started events or "",
+# the preparing source's name or "" (written only when destinations route by source).
 PREPARE = Script("""
 redis.call('DEL', KEYS[1])
 if ARGV[3] ~= '' then
@@ -54,12 +55,17 @@ else
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 if ARGV[4] ~= '' then
-  redis.call('XADD', KEYS[2], '*', 'j', ARGV[4])
+  if ARGV[5] ~= '' then
+    redis.call('XADD', KEYS[2], '*', 'j', ARGV[4], 's', ARGV[5])
+  else
+    redis.call('XADD', KEYS[2], '*', 'j', ARGV[4])
+  end
 end
 return 1
 """)
 
-# KEYS: handoff, outbox. ARGV: sealed exchange facts or "".
+# KEYS: handoff, outbox. ARGV: sealed exchange facts or "", the exchanging source's name or ""
+# (written only when destinations route by source).
 EXCHANGE = Script("""
 local found = redis.call('HMGET', KEYS[1], 'r', 'o')
 if not found[1] then
@@ -67,7 +73,11 @@ if not found[1] then
 end
 redis.call('DEL', KEYS[1])
 if found[2] and ARGV[1] ~= '' then
-  redis.call('XADD', KEYS[2], '*', 't', found[2], 'p', ARGV[1])
+  if ARGV[2] ~= '' then
+    redis.call('XADD', KEYS[2], '*', 't', found[2], 'p', ARGV[1], 's', ARGV[2])
+  else
+    redis.call('XADD', KEYS[2], '*', 't', found[2], 'p', ARGV[1])
+  end
 end
 return found[1]
 """)
@@ -182,11 +192,22 @@ async def check_reachable(settings: RedisSettings) -> None:
 
 
 class RedisStore:
-    """Keeps records in Redis with their TTL and their events set in the same script."""
+    """Keeps records in Redis with their TTL and their events set in the same script.
+
+    ``tag_sources`` (some destination takes only some sources' events): each outbox entry
+    carries its source's name (field ``s``), which the destinations' feeds route on.
+    Otherwise entries are written as before, for every destination. ``metrics`` counts the
+    ``WAIT``s short of their replicas (``IDENTITY_REDIS_WAIT``).
+    """
 
     def __init__(
-        self, settings: RedisSettings, sealer: OutboxSealer, metrics: Metrics | None = None
+        self,
+        settings: RedisSettings,
+        sealer: OutboxSealer,
+        tag_sources: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._tag_sources = tag_sources
         self._prefix = settings.key_prefix
         self._shards = settings.shards
         self._address = settings.address
@@ -209,15 +230,20 @@ class RedisStore:
                 template = self._sealer.seal(orjson.dumps(events.completion))
             if events.started:
                 started = self._sealer.seal(ev.join_documents(events.started))
-        args: list[Arg] = [record, ttl_seconds, template, started]
+        source = events.source if events is not None and self._tag_sources else None
+        args: list[Arg] = [record, ttl_seconds, template, started, source or ""]
         keys = self._keys(lookup_id)
         call = self._redis.run_script(PREPARE, keys, args)
         await self._guarded(call if self._wait is None else self._replicated(call, keys, "prepare"))
 
     async def take(self, lookup_id: bytes, facts: dict[str, Any] | None) -> bytes | None:
-        sealed_facts = self._sealer.seal(orjson.dumps(facts)) if facts is not None else b""
+        sealed_facts = source = b""
+        if facts is not None:
+            sealed_facts = self._sealer.seal(orjson.dumps(facts))
+            if self._tag_sources:
+                source = facts["source"].encode()
         keys = self._keys(lookup_id)
-        call = self._redis.run_script(EXCHANGE, keys, [sealed_facts])
+        call = self._redis.run_script(EXCHANGE, keys, [sealed_facts, source])
         record = await self._guarded(
             call if self._wait is None else self._replicated(call, keys, "exchange")
         )
@@ -252,11 +278,17 @@ class RedisStore:
         return reply
 
     async def emit(
-        self, shard_hint: bytes, events: list[ev.Event], only: str | None = None
+        self,
+        shard_hint: bytes,
+        events: list[ev.Event],
+        only: str | None = None,
+        source: str | None = None,
     ) -> None:
         stream = outbox_key(self._prefix, shard_of(shard_hint, self._shards), self._shards)
         sealed = self._sealer.seal(ev.join_documents(events))
         addressed: list[Arg] = ["only", only] if only is not None else []
+        if source is not None and self._tag_sources:
+            addressed += ["s", source]
         await self._guarded(self._redis.call(stream, "XADD", stream, "*", "j", sealed, *addressed))
 
     async def keep(self, key_id: bytes, record: bytes, ttl_seconds: int) -> None:

@@ -1,0 +1,290 @@
+"""The domain-B middleware mounted in real frameworks, served by real servers on loopback.
+
+Flask (WSGI, werkzeug's server), FastAPI (ASGI, uvicorn), Django (its WSGI handler under
+werkzeug, its ASGI handler under uvicorn) and aiohttp (its own server), each in front of
+the real ``identity-service serve``. httpx follows the flow as a browser would: the handoff
+URL answers 303 to the same URL without the token and sets ``ajs_anonymous_id``; the page
+then loads with the restored visitor. A used, unknown or expired token falls back to a
+generated id and the page still loads.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack
+from datetime import UTC, datetime, timedelta
+from types import ModuleType
+from typing import Any
+from urllib.parse import urlsplit
+
+import django
+import httpx
+import pytest
+from aiohttp import web
+from conftest import DEV_WRITE_KEY, Service
+from django.conf import settings as django_settings
+from django.core.asgi import get_asgi_application
+from django.core.handlers.wsgi import WSGIHandler
+from django.http import HttpRequest, JsonResponse
+from django.urls import path
+from fastapi import FastAPI, Request
+from flask import Flask
+from flask import request as flask_request
+from identity_client import AsyncIdentityClient, Identity, IdentityClient
+from identity_client.middleware import (
+    WSGI_ENVIRON_KEY,
+    IdentityASGIMiddleware,
+    IdentityWSGIMiddleware,
+    identity_middleware,
+)
+from servers import serving_aiohttp, serving_asgi, serving_wsgi
+
+COOKIE = "ajs_anonymous_id"
+# The sites are plain http on loopback: a Secure cookie would never be sent back.
+SETTINGS: dict[str, Any] = {"cookie_secure": False, "event": "Checkout Started"}
+FRAMEWORKS = ["flask", "fastapi", "django-wsgi", "django-asgi", "aiohttp"]
+
+
+def page(identity: Identity | None) -> dict[str, Any]:
+    """What every site's /cart page answers: the visitor its handler sees."""
+    if identity is None:
+        return {"anonymousId": None, "source": None}
+    return {"anonymousId": identity.anonymous_id, "source": identity.source}
+
+
+def flask_site(service: Service) -> AbstractContextManager[str]:
+    app = Flask(__name__)
+    app.wsgi_app = IdentityWSGIMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, IdentityClient(service.url, DEV_WRITE_KEY), **SETTINGS
+    )
+
+    @app.get("/cart")
+    def cart() -> dict[str, Any]:
+        return page(flask_request.environ[WSGI_ENVIRON_KEY])
+
+    return serving_wsgi(app.wsgi_app)
+
+
+def fastapi_app(client: AsyncIdentityClient) -> FastAPI:
+    app = FastAPI()
+    # mypy cannot match the middleware's **settings to Starlette's ParamSpec factory type.
+    app.add_middleware(IdentityASGIMiddleware, client=client, **SETTINGS)  # type: ignore[arg-type]
+
+    @app.get("/cart")
+    async def cart(request: Request) -> dict[str, Any]:
+        return page(request.state.identity)
+
+    return app
+
+
+def django_cart(request: HttpRequest) -> JsonResponse:
+    # WSGI: the middleware's environ key is in request.META; ASGI: the scope's state.
+    if WSGI_ENVIRON_KEY in request.META:
+        return JsonResponse(page(request.META[WSGI_ENVIRON_KEY]))
+    scope = request.scope
+    return JsonResponse(page(scope["state"]["identity"]))
+
+
+def configure_django() -> None:
+    """Minimal settings, once per process: one URL, no apps, no middleware of Django's."""
+    if django_settings.configured:
+        return
+    urls = ModuleType("framework_tests_urls")
+    urls.urlpatterns = [path("cart", django_cart)]  # type: ignore[attr-defined]
+    sys.modules[urls.__name__] = urls
+    django_settings.configure(
+        DEBUG=False,
+        DEBUG_PROPAGATE_EXCEPTIONS=True,
+        SECRET_KEY="framework-tests-only-not-a-secret",
+        ALLOWED_HOSTS=["localhost"],
+        ROOT_URLCONF=urls.__name__,
+        INSTALLED_APPS=[],
+        MIDDLEWARE=[],
+        USE_TZ=True,
+    )
+    django.setup()
+
+
+def aiohttp_app(client: AsyncIdentityClient) -> web.Application:
+    async def cart(request: web.Request) -> web.Response:
+        return web.json_response(page(request["identity"]))
+
+    app = web.Application(middlewares=[identity_middleware(client, **SETTINGS)])
+    app.router.add_get("/cart", cart)
+    return app
+
+
+def site(framework: str, service: Service) -> AbstractContextManager[str]:
+    if framework == "flask":
+        return flask_site(service)
+    if framework == "fastapi":
+        return serving_asgi(service.url, fastapi_app)
+    if framework == "aiohttp":
+        return serving_aiohttp(service.url, aiohttp_app)
+    configure_django()
+    if framework == "django-wsgi":
+        client = IdentityClient(service.url, DEV_WRITE_KEY)
+        return serving_wsgi(IdentityWSGIMiddleware(WSGIHandler(), client, **SETTINGS))
+    return serving_asgi(
+        service.url,
+        lambda client: IdentityASGIMiddleware(get_asgi_application(), client, **SETTINGS),
+    )
+
+
+@pytest.fixture(scope="module")
+def sites(service: Service) -> Iterator[dict[str, str]]:
+    """Every framework's site, started once for the module: name -> base URL."""
+    with ExitStack() as stack:
+        yield {name: stack.enter_context(site(name, service)) for name in FRAMEWORKS}
+
+
+@pytest.fixture(scope="module")
+def identity(service: Service) -> Iterator[IdentityClient]:
+    with IdentityClient(service.url, DEV_WRITE_KEY) as client:
+        yield client
+
+
+def visit(url: str, cookies: httpx.Cookies | None = None) -> httpx.Response:
+    """GET ``url`` as a browser would, following the redirect; the jar keeps the cookie."""
+    with httpx.Client(follow_redirects=True, cookies=cookies, timeout=10) as browser:
+        response = browser.get(url)
+        response.read()
+        return response
+
+
+def check_clean_redirect(response: httpx.Response, url: str) -> str:
+    """The handoff request was answered 303 to ``url`` (without the token), with the visitor
+    cookie; returns the cookie's anonymousId."""
+    (handoff,) = response.history
+    assert handoff.status_code == 303
+    parts = urlsplit(url)
+    assert handoff.headers["location"] == parts.path + (f"?{parts.query}" if parts.query else "")
+    assert handoff.headers["cache-control"] == "no-store"
+    assert "handoff_token" not in str(response.url)
+    assert str(response.url) == url
+    set_cookie = handoff.headers["set-cookie"]
+    assert set_cookie.startswith(f"{COOKIE}=")
+    assert "Path=/" in set_cookie and "SameSite=Lax" in set_cookie
+    return set_cookie.split(";", 1)[0].split("=", 1)[1]
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_the_handoff_restores_the_visitor_before_the_page_loads(
+    framework: str, sites: dict[str, str], identity: IdentityClient
+) -> None:
+    visitor = f"visitor-{framework}"
+    clean = f"{sites[framework]}/cart?step=1&coupon=a%20b"
+    handoff = identity.prepare(anonymous_id=visitor, destination=clean)
+    assert "handoff_token=" in handoff.redirect_url
+
+    response = visit(handoff.redirect_url)
+
+    assert response.status_code == 200
+    assert check_clean_redirect(response, clean) == visitor
+    assert response.json() == {"anonymousId": visitor, "source": "cookie"}
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_a_used_or_unknown_token_or_none_still_loads_the_page(
+    framework: str, sites: dict[str, str], identity: IdentityClient
+) -> None:
+    clean = f"{sites[framework]}/cart"
+    handoff = identity.prepare(anonymous_id=f"once-{framework}", destination=clean)
+    assert visit(handoff.redirect_url).json()["anonymousId"] == f"once-{framework}"
+
+    generated = set()
+    for url in (handoff.redirect_url, f"{clean}?handoff_token=no-such-token"):
+        response = visit(url)  # a new browser: no cookie yet
+        assert response.status_code == 200
+        anonymous_id = check_clean_redirect(response, clean)
+        assert anonymous_id != f"once-{framework}"
+        assert response.json() == {"anonymousId": anonymous_id, "source": "cookie"}
+        generated.add(anonymous_id)
+    assert len(generated) == 2  # each miss gets an id of its own
+
+    plain = visit(clean)
+    assert (plain.status_code, plain.history, plain.json()) == (
+        200,
+        [],
+        {"anonymousId": None, "source": None},
+    )
+
+
+def test_an_expired_token_falls_back_in_every_framework(
+    sites: dict[str, str], identity: IdentityClient
+) -> None:
+    handoffs = {
+        name: identity.prepare(anonymous_id="expiring", destination=f"{url}/cart", ttl=1)
+        for name, url in sites.items()
+    }
+    latest = max(h.expires_at for h in handoffs.values()) + timedelta(seconds=0.2)
+    while datetime.now(UTC) <= latest:
+        time.sleep(0.1)
+    for name, handoff in handoffs.items():
+        response = visit(handoff.redirect_url)
+        assert response.status_code == 200, name
+        anonymous_id = check_clean_redirect(response, f"{sites[name]}/cart")
+        assert anonymous_id != "expiring", name
+        assert response.json() == {"anonymousId": anonymous_id, "source": "cookie"}, name
+
+
+def raw_get(base: str, target: str, cookie: str | None = None) -> tuple[int, dict[str, str]]:
+    """GET ``target`` sent as is (httpx would normalise a path such as ``//host/x``): the
+    status and the headers (lower-case names, the last of each)."""
+    parts = urlsplit(base)
+    request = f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n"
+    if cookie is not None:
+        request += f"Cookie: {cookie}\r\n"
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall((request + "\r\n").encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    status_line, *lines = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("path", ["//evil.example/cart", "/\\evil.example/cart", "///evil.example"])
+def test_the_redirect_never_leaves_the_site(
+    framework: str, path: str, sites: dict[str, str], identity: IdentityClient
+) -> None:
+    """A handoff URL whose path starts with two slashes (or a slash and a backslash) must
+    not become a protocol-relative Location: the browser would go to evil.example."""
+    status, headers = raw_get(sites[framework], f"{path}?handoff_token=no-such-token&a=1")
+    if status != 303:  # the server refused the path itself: nothing was redirected
+        assert "location" not in headers, (framework, status, headers)
+        return
+    location = headers["location"]
+    assert location.startswith("/"), location
+    assert not location.startswith(("//", "/\\")), (framework, location)
+    assert location.endswith("?a=1"), location
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_a_stale_token_keeps_the_visitor_id_already_there(
+    framework: str, sites: dict[str, str], identity: IdentityClient
+) -> None:
+    """A visitor who already has an id on domain B and opens a used (or expired) handoff
+    link (a bookmark, a reload, a shared URL) keeps that id: the generated fallback does
+    not replace the cookie, as the Node middleware does too."""
+    status, headers = raw_get(
+        sites[framework], "/cart?handoff_token=no-such-token", cookie=f"{COOKIE}=already-here"
+    )
+    assert status == 303
+    assert headers["location"] == "/cart"
+    assert "set-cookie" not in headers, headers
+    cookie = {"Cookie": f"{COOKIE}=already-here"}
+    with httpx.Client(headers=cookie, timeout=10) as browser:
+        landed = browser.get(f"{sites[framework]}{headers['location']}")
+    assert landed.json() == {"anonymousId": "already-here", "source": "cookie"}

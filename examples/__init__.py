@@ -1,0 +1,1 @@
+"""Runnable examples of identity-service in use (examples/checkout: the two-site demo)."""

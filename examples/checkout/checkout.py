@@ -1,0 +1,96 @@
+"""Domain B, the checkout, in two builds that land the visitor differently.
+
+- ``middleware`` (``checkout.localhost``): the Python SDK's aiohttp middleware exchanges the
+  token before any page runs, sets ``ajs_anonymous_id`` and answers 303 to the clean URL;
+  the page has no handoff code at all.
+- ``helper`` (``pay.localhost``): no middleware. The page loads identity.js, which takes the
+  token out of the address bar and POSTs it to ``/identity/exchange`` (below), then hands
+  the id to analytics.js before it loads.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+from aiohttp import web
+from identity_client import AsyncIdentityClient, IdentityError
+from identity_client.middleware import identity_middleware
+
+from examples.checkout.pages import Analytics, Helper, json_body, render
+
+Mode = Literal["middleware", "helper"]
+CLIENT = web.AppKey("client", AsyncIdentityClient)
+# domain B's completion event (the service emits it at the exchange).
+EVENT = "Checkout Started"
+
+
+@dataclass(frozen=True)
+class CheckoutSettings:
+    mode: Mode
+    site: str
+    analytics: Analytics
+    helper_url: str
+
+
+CHECKOUT = web.AppKey("checkout", CheckoutSettings)
+
+
+async def cart_page(request: web.Request) -> web.Response:
+    checkout = request.app[CHECKOUT]
+    helper = None
+    if checkout.mode == "middleware":
+        # Only the middleware's request has it: an Identity, or None without a cookie.
+        identity = request.get("identity")
+        seen = "none" if identity is None else identity.source
+        note = f'<p>The server saw the visitor as: <code id="server-source">{seen}</code></p>'
+    else:
+        note = "<p>identity.js restores the visitor in the page.</p>"
+        helper = Helper(checkout.helper_url, {"exchangeEndpoint": "/identity/exchange"})
+    return render(
+        site=f"{checkout.site}: domain B ({checkout.mode})",
+        colour="#27a" if checkout.mode == "middleware" else "#a52",
+        title="Your cart",
+        body=f'{note}<p>Blue mug, 12 €.</p><button id="pay" '
+        "onclick=\"analytics.track('Order Completed', {total: 12})\">Pay</button>",
+        analytics=checkout.analytics,
+        helper=helper,
+    )
+
+
+async def exchange(request: web.Request) -> web.Response:
+    """identity.js posts the token here; the SDK exchanges it, with fallback."""
+    body = await json_body(request)
+    if body is None or not isinstance(body.get("token"), str):
+        return web.json_response({"error": "a JSON body with a token"}, status=400)
+    page = {"url": body.get("url") or request.headers.get("Referer", "")}
+    if isinstance(body.get("referrer"), str):
+        page["referrer"] = body["referrer"]
+    context = {
+        "page": page,
+        "ip": request.remote,
+        "userAgent": request.headers.get("User-Agent", ""),
+    }
+    try:
+        identity = await request.app[CLIENT].exchange(
+            body["token"], fallback=True, event=EVENT, context=context
+        )
+    except IdentityError as error:
+        # identity.js goes on without the handoff: analytics.js keeps its own id.
+        return web.json_response({"error": error.title or "exchange failed"}, status=502)
+    return web.json_response(
+        {"anonymousId": identity.anonymous_id, "source": identity.source},
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def checkout_app(client: AsyncIdentityClient, settings: CheckoutSettings) -> web.Application:
+    if settings.mode == "middleware":
+        # http on loopback in the demo: a Secure cookie would need https.
+        middleware = identity_middleware(client, cookie_secure=False, event=EVENT)
+        app = web.Application(middlewares=[middleware])
+    else:
+        app = web.Application()
+        app.router.add_post("/identity/exchange", exchange)
+    app[CLIENT] = client
+    app[CHECKOUT] = settings
+    app.router.add_get("/cart", cart_page)
+    return app

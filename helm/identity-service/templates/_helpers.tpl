@@ -1,0 +1,251 @@
+{{/* Names, labels and the parts the web and forwarder pods share. */}}
+
+{{- define "identity-service.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "identity-service.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Labels of every object; `component` (web, forwarder, redis, test) is added per object. */}}
+{{- define "identity-service.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "identity-service.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "identity-service.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "identity-service.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Selector labels of one component: (dict "root" $ "component" "web"). */}}
+{{- define "identity-service.componentSelector" -}}
+{{ include "identity-service.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "identity-service.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "identity-service.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "identity-service.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{- define "identity-service.redisImage" -}}
+{{- with .Values.redis.internal.image }}
+{{- if .digest }}
+{{- printf "%s:%s@%s" .repository .tag .digest }}
+{{- else }}
+{{- printf "%s:%s" .repository .tag }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret the IDENTITY_* secrets come from: the user's or the chart's. */}}
+{{- define "identity-service.secretName" -}}
+{{- default (include "identity-service.fullname" .) .Values.existingSecret }}
+{{- end }}
+
+{{/* Whether a Redis password is configured, and which Secret holds it. */}}
+{{- define "identity-service.redisPasswordSecret" -}}
+{{- if .Values.redis.auth.existingSecret }}
+{{- .Values.redis.auth.existingSecret }}
+{{- else if .Values.redis.auth.password }}
+{{- printf "%s-redis-auth" (include "identity-service.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "identity-service.redisPasswordKey" -}}
+{{- if .Values.redis.auth.existingSecret }}
+{{- .Values.redis.auth.existingSecretPasswordKey }}
+{{- else }}
+{{- "redis-password" }}
+{{- end }}
+{{- end }}
+
+{{/* IDENTITY_REDIS_URL, with $(REDIS_PASSWORD) for the kubelet to fill in. */}}
+{{- define "identity-service.redisUrl" -}}
+{{- $url := .Values.redis.url }}
+{{- if .Values.redis.internal.enabled }}
+{{- $url = printf "redis://%s-redis:6379/0" (include "identity-service.fullname" .) }}
+{{- end }}
+{{- if not $url }}
+{{- fail "set redis.url (an external Redis) or redis.internal.enabled=true: the service keeps its handoffs and outbox in Redis" }}
+{{- end }}
+{{- if include "identity-service.redisPasswordSecret" . }}
+{{- $credentials := printf "%s:$(REDIS_PASSWORD)@" .Values.redis.auth.username }}
+{{- regexReplaceAll "^(rediss?://)" $url (printf "${1}%s" $credentials) }}
+{{- else }}
+{{- $url }}
+{{- end }}
+{{- end }}
+
+{{/* The environment both pods share: settings, secrets, Redis. */}}
+{{- define "identity-service.envFrom" -}}
+- configMapRef:
+    name: {{ include "identity-service.fullname" . }}
+- secretRef:
+    name: {{ include "identity-service.secretName" . }}
+{{- end }}
+
+{{- define "identity-service.redisEnv" -}}
+{{- $secret := include "identity-service.redisPasswordSecret" . }}
+{{- if $secret }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ include "identity-service.redisPasswordKey" . }}
+{{- end }}
+- name: IDENTITY_REDIS_URL
+  value: {{ include "identity-service.redisUrl" . | quote }}
+{{- end }}
+
+{{/* The pod-level parts of the web and forwarder pods. */}}
+{{- define "identity-service.podSpecCommon" -}}
+serviceAccountName: {{ include "identity-service.serviceAccountName" . }}
+automountServiceAccountToken: false
+enableServiceLinks: false
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 10001
+  runAsGroup: 10001
+  fsGroup: 10001
+  seccompProfile:
+    type: RuntimeDefault
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+volumes:
+  - name: tmp
+    emptyDir:
+      medium: Memory
+      sizeLimit: 64Mi
+{{- end }}
+
+{{/* Topology spread of one component's pods: (dict "root" $ "component" "web"). */}}
+{{- define "identity-service.topologySpread" -}}
+{{- if .root.Values.topologySpreadConstraints }}
+{{- toYaml .root.Values.topologySpreadConstraints }}
+{{- else }}
+{{- range list "kubernetes.io/hostname" "topology.kubernetes.io/zone" }}
+- maxSkew: 1
+  topologyKey: {{ . }}
+  whenUnsatisfiable: ScheduleAnyway
+  labelSelector:
+    matchLabels:
+      {{- include "identity-service.componentSelector" $ | nindent 6 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The container-level parts of every identity-service container. */}}
+{{- define "identity-service.containerCommon" -}}
+image: {{ include "identity-service.image" . }}
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+securityContext:
+  {{- include "identity-service.containerSecurityContext" . | nindent 2 }}
+volumeMounts:
+  - name: tmp
+    mountPath: /tmp
+{{- end }}
+
+{{- define "identity-service.containerSecurityContext" -}}
+runAsNonRoot: true
+readOnlyRootFilesystem: true
+allowPrivilegeEscalation: false
+privileged: false
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Probes on `path` at `port`: (dict "root" $ "port" "http" "liveness" "/healthz" "readiness" "/readyz"). */}}
+{{- define "identity-service.probes" -}}
+{{- $p := .root.Values.probes }}
+startupProbe:
+  httpGet: {path: /healthz, port: {{ .port }}}
+  periodSeconds: {{ $p.periodSeconds }}
+  timeoutSeconds: {{ $p.timeoutSeconds }}
+  failureThreshold: {{ $p.startupFailureThreshold }}
+livenessProbe:
+  httpGet: {path: /healthz, port: {{ .port }}}
+  periodSeconds: {{ $p.periodSeconds }}
+  timeoutSeconds: {{ $p.timeoutSeconds }}
+  failureThreshold: {{ $p.failureThreshold }}
+readinessProbe:
+  httpGet: {path: {{ .readiness }}, port: {{ .port }}}
+  periodSeconds: {{ $p.periodSeconds }}
+  timeoutSeconds: {{ $p.timeoutSeconds }}
+  failureThreshold: {{ $p.failureThreshold }}
+{{- end }}
+
+{{/* Checksums of the settings and secrets, so that a change rolls the pods. */}}
+{{- define "identity-service.checksums" -}}
+checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
+{{- if not .Values.existingSecret }}
+checksum/secret: {{ include (print .Template.BasePath "/secret.yaml") . | sha256sum }}
+{{- end }}
+{{- end }}
+
+{{/* The PromQL selector of this release's series (both Services' jobs). */}}
+{{- define "identity-service.promSelector" -}}
+{{- $fullname := include "identity-service.fullname" . -}}
+namespace="{{ .Release.Namespace }}",job=~"{{ $fullname }}|{{ $fullname }}-forwarder"
+{{- end }}
+
+{{/* The pod template's metadata: (dict "root" $ "component" "web"). */}}
+{{- define "identity-service.podMetadata" -}}
+labels:
+  {{- include "identity-service.labels" .root | nindent 2 }}
+  app.kubernetes.io/component: {{ .component }}
+  {{- with .root.Values.podLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+annotations:
+  {{- include "identity-service.checksums" .root | nindent 2 }}
+  {{- with .root.Values.podAnnotations }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}

@@ -1,0 +1,56 @@
+"""``GET /v1/identity.js``: the browser helper (static/identity.js), cacheable and revalidated.
+
+The script is read from the package once, at start, with its strong ETag (its version and a
+digest of its bytes). Answers are public and cached for an hour; ``If-None-Match``
+with the current tag (or ``*``) answers 304. HEAD is routed with GET by aiohttp and sends
+the same headers without the body. A ``?v=`` query (the version the page expects) is
+ignored: it only makes a new version a new URL for caches.
+"""
+
+import functools
+import hashlib
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+from aiohttp import web
+
+CONTENT_TYPE = "text/javascript; charset=utf-8"
+CACHE_CONTROL = "public, max-age=3600"
+_VERSION = re.compile(rb'var VERSION = "([^"]+)";')
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    body: bytes
+    etag: str  # the tag's value, without quotes
+    version: str
+
+
+@functools.cache
+def helper_script() -> Script:
+    body = resources.files("identity_service").joinpath("static/identity.js").read_bytes()
+    found = _VERSION.search(body)
+    if found is None:
+        raise RuntimeError("static/identity.js names no VERSION")
+    version = found.group(1).decode()
+    return Script(body, f"{version}-{hashlib.sha256(body).hexdigest()[:32]}", version)
+
+
+async def load_helper_script(_app: web.Application) -> None:
+    """At start: the script and its tag are ready before the first request (and a package
+    missing its data file fails here, not on a visitor's page)."""
+    helper_script()
+
+
+async def identity_js(request: web.Request) -> web.Response:
+    script = helper_script()
+    headers = {
+        "ETag": f'"{script.etag}"',
+        "Cache-Control": CACHE_CONTROL,
+        "X-Content-Type-Options": "nosniff",
+    }
+    # RFC 9110 13.1.2: If-None-Match compares weakly, so W/"tag" matches too.
+    if any(tag.value in (script.etag, "*") for tag in request.if_none_match or ()):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=script.body, headers={**headers, "Content-Type": CONTENT_TYPE})

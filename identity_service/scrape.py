@@ -1,0 +1,181 @@
+"""What ``/metrics`` reads when it is scraped: the store's ping and each destination's outbox.
+
+The scraped process reads the shared state itself, so every worker (and every pod) shows
+the same values: aggregate these gauges with ``max``, not ``sum``. No worker keeps them.
+
+On Redis it costs two pipelined round trips whatever the backlog, on a connection of the
+scrape's own (never the request path's): ``XINFO GROUPS`` of every shard's outbox stream
+and ``XLEN`` of every dead-letter stream; then, only where a group has entries left,
+``XPENDING``'s summary (the oldest entry read but not acknowledged) and ``XRANGE … COUNT 1``
+(the oldest not yet read). Unlike ``outbox status`` it takes no transaction per shard: an
+entry being dead-lettered during the scrape may count once in both.
+"""
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import structlog
+from redis.exceptions import RedisError
+
+from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
+from identity_service.metrics import Backlog, Scraped
+from identity_service.problems import StoreUnavailable
+from identity_service.stores.memory import MemoryOutbox
+from identity_service.stores.redis import AdminClient
+from identity_service.streams import parse_id, text
+
+logger = structlog.get_logger(__name__)
+
+# When Redis cannot say a group's lag (entries deleted past its last read), its unread
+# entries are counted, up to this many.
+UNREAD_COUNT_CAP = 10_000
+
+Ping = Callable[[], Awaitable[object]]
+_Followup = Callable[[Any], None]
+
+
+class Probe:
+    """Reads a :class:`Scraped` from the store: ``redis`` (with its key ``prefix``), or the
+    ``memory`` outbox, or neither (the outbox is off)."""
+
+    def __init__(
+        self,
+        ping: Ping,
+        timeout: float,
+        destinations: Sequence[str] = (),
+        redis: AdminClient | None = None,
+        prefix: str = "",
+        memory: MemoryOutbox | None = None,
+        shards: int = KEY_SHARDS,
+    ) -> None:
+        self._ping = ping
+        self._timeout = timeout
+        self._destinations = list(destinations)
+        self._redis = redis
+        self._prefix = prefix
+        self._memory = memory
+        self._shards = shards
+
+    async def read(self) -> Scraped:
+        scraped = Scraped(store_up=await self._answers())
+        if self._memory is not None:
+            scraped.outbox = memory_backlog(self._memory, time.time())
+        elif self._redis is not None and self._destinations and scraped.store_up:
+            try:
+                scraped.outbox = await asyncio.wait_for(
+                    redis_backlog(
+                        self._redis, self._prefix, self._destinations, time.time(), self._shards
+                    ),
+                    self._timeout,
+                )
+            except (RedisError, OSError, TimeoutError) as exc:
+                logger.warning("metrics_outbox_unread", error=type(exc).__name__)
+        return scraped
+
+    async def _answers(self) -> bool:
+        try:
+            await asyncio.wait_for(self._ping(), self._timeout)
+        except (StoreUnavailable, RedisError, OSError, TimeoutError):
+            return False
+        return True
+
+
+def memory_backlog(outbox: MemoryOutbox, now: float) -> dict[str, Backlog]:
+    """Each subscribed destination's queue: queued and taken events, the oldest's age."""
+    report = {}
+    for queue in outbox.queues:
+        times = list(queue.taken.values())
+        if queue.events:
+            times.append(queue.events[0][0])
+        report[queue.name] = Backlog(
+            pending=len(queue.events) + len(queue.taken),
+            oldest_age_seconds=max(0.0, now - min(times)) if times else 0.0,
+            dead_letters=queue.dead_letters,
+        )
+    return report
+
+
+async def redis_backlog(
+    redis: AdminClient,
+    prefix: str,
+    destinations: Sequence[str],
+    now: float,
+    shards: int = KEY_SHARDS,
+) -> dict[str, Backlog]:
+    """Each destination's backlog over the shards' outbox streams (two round trips; on a
+    Cluster, two per node, which redis-py's cluster pipeline sends node by node)."""
+    report = {name: Backlog() for name in destinations}
+    oldest: dict[str, list[int]] = {name: [] for name in destinations}
+    streams = [outbox_key(prefix, shard, shards) for shard in range(shards)]
+    async with redis.pipeline(transaction=False) as pipe:
+        for shard, stream in enumerate(streams):
+            pipe.xinfo_groups(stream)
+            for name in destinations:
+                pipe.xlen(dead_letter_key(prefix, shard, name, shards))
+        replies = await pipe.execute(raise_on_error=False)
+    followups: list[_Followup] = []
+    per_shard = 1 + len(destinations)
+    async with redis.pipeline(transaction=False) as pipe:
+        for shard, stream in enumerate(streams):
+            group_reply, *dead_counts = replies[shard * per_shard : (shard + 1) * per_shard]
+            for name, dead in zip(destinations, dead_counts, strict=True):
+                if isinstance(dead, int):
+                    report[name].dead_letters += dead
+            if isinstance(group_reply, Exception):  # no stream yet: nothing written
+                continue
+            groups = {text(group["name"]): group for group in group_reply}
+            for name in destinations:
+                backlog, times = report[name], oldest[name]
+                followups += _queue_shard(pipe, stream, name, groups.get(name), backlog, times)
+        answers = await pipe.execute(raise_on_error=False)
+    for followup, answer in zip(followups, answers, strict=True):
+        if not isinstance(answer, Exception):
+            followup(answer)
+    for name, times in oldest.items():
+        if times:
+            report[name].oldest_age_seconds = max(0.0, now - min(times) / 1000)
+    return report
+
+
+def _queue_shard(
+    pipe: Any, stream: str, group_name: str, group: Any, backlog: Backlog, times: list[int]
+) -> list[_Followup]:
+    """Count what the XINFO reply says; queue on ``pipe`` the reads it leaves to do, and
+    return what to do with each of their answers."""
+
+    def first_entry(reply: Any) -> None:
+        if reply:
+            times.append(parse_id(reply[0][0])[0])
+
+    def counted(reply: Any) -> None:
+        backlog.pending += len(reply)
+        first_entry(reply)
+
+    def add_length(reply: Any) -> None:
+        backlog.pending += reply
+
+    def oldest_pending(summary: Any) -> None:
+        if summary and summary.get("min"):
+            times.append(parse_id(summary["min"])[0])
+
+    if group is None:  # its forwarder has not run yet: every entry waits for it
+        pipe.xlen(stream)
+        pipe.xrange(stream, count=1)
+        return [add_length, first_entry]
+    followups: list[_Followup] = []
+    backlog.pending += group["pending"]
+    unread_after = f"({text(group['last-delivered-id'])}"
+    lag = group.get("lag")
+    if lag is None:
+        pipe.xrange(stream, min=unread_after, count=UNREAD_COUNT_CAP)
+        followups.append(counted)
+    elif lag:
+        backlog.pending += lag
+        pipe.xrange(stream, min=unread_after, count=1)
+        followups.append(first_entry)
+    if group["pending"]:
+        pipe.xpending(stream, group_name)
+        followups.append(oldest_pending)
+    return followups

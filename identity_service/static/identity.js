@@ -1,0 +1,329 @@
+/*! identity.js 1.0.0: identity-service's browser helper (docs/sdk.md, "Browser helper").
+ *
+ * One visitor, one anonymousId, across the domains you own, without putting the id in a URL.
+ *
+ * Domain A (links out): links and forms that point to a configured domain are decorated when
+ * the visitor follows them: the helper POSTs the destination to your own backend
+ * (tokenEndpoint, same origin), which prepares a handoff with the service and answers
+ * {"redirectUrl": ...}; the browser then goes there. When that fails, the visitor goes to
+ * the plain destination: a lost handoff never blocks a checkout.
+ *
+ * Domain B (lands, without the server middleware): a URL carrying the token parameter has
+ * it removed from the address bar at once (history.replaceState, history.state kept), and
+ * the token is POSTed to your own backend (exchangeEndpoint), which exchanges it (with
+ * fallback) and answers {"anonymousId": ..., "source": ...}. The helper gives the id to
+ * analytics.js (analytics.setAnonymousId; with the snippet's queue, ahead of the calls
+ * queued) and writes the ajs_anonymous_id cookie. Run analytics.load inside
+ * IdentityHandoff.ready(...) so that analytics.js sends nothing before the id is set.
+ *
+ *   <script src="https://identity.example.com/v1/identity.js?v=1.0.0"></script>
+ *   <script>
+ *     IdentityHandoff.init({
+ *       domains: ["checkout.example-pay.com"],   // domain A: where links are decorated
+ *       tokenEndpoint: "/handoff",               // domain A: your backend's prepare
+ *       exchangeEndpoint: "/identity/exchange",  // domain B: your backend's exchange
+ *       param: "handoff_token"                   // the token's query parameter
+ *     });
+ *   </script>
+ *
+ * or the same as attributes of the script tag itself: data-domains="a.com b.com",
+ * data-token-endpoint, data-exchange-endpoint, data-param, data-cookie-name, data-timeout.
+ * No dependencies, no build step; ES5 plus fetch.
+ */
+(function (window, document) {
+  "use strict";
+
+  var VERSION = "1.0.0";
+  var DEFAULTS = {
+    domains: [],
+    tokenEndpoint: null,
+    exchangeEndpoint: null,
+    param: "handoff_token",
+    cookieName: "ajs_anonymous_id",
+    cookieMaxAge: 365 * 24 * 3600,
+    timeout: 5000
+  };
+  var ONE_SHOT = "identityHandoffDecorating";
+
+  var config = null;
+  var settled = false;
+  var identity = null;
+  var waiting = [];
+  var busy = false;
+
+  function merge(options) {
+    var merged = {};
+    var key;
+    for (key in DEFAULTS) {
+      if (Object.prototype.hasOwnProperty.call(DEFAULTS, key)) {
+        merged[key] = options && options[key] != null ? options[key] : DEFAULTS[key];
+      }
+    }
+    merged.domains = [].concat(merged.domains).map(function (domain) {
+      return String(domain).toLowerCase().replace(/^\./, "");
+    });
+    return merged;
+  }
+
+  // A POST of JSON to the site's own backend; resolves with the parsed answer or rejects.
+  function postJSON(url, body) {
+    var controller = typeof AbortController === "function" ? new AbortController() : null;
+    var timer = controller ? setTimeout(function () { controller.abort(); }, config.timeout) : null;
+    return window.fetch(url, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "Accept": "application/json" },
+      body: JSON.stringify(body),
+      signal: controller ? controller.signal : undefined
+    }).then(function (response) {
+      if (!response.ok) {
+        throw new Error("identity.js: " + url + " answered " + response.status);
+      }
+      return response.json();
+    }).then(function (answer) {
+      if (timer) { clearTimeout(timer); }
+      return answer;
+    }, function (error) {
+      if (timer) { clearTimeout(timer); }
+      throw error;
+    });
+  }
+
+  // ---- Domain A: decorate links and forms at click and submit time ----
+
+  function isHandedOff(url) {
+    if (url.protocol !== "https:" && url.protocol !== "http:") { return false; }
+    if (url.host === window.location.host) { return false; }
+    var host = url.hostname.toLowerCase();
+    for (var i = 0; i < config.domains.length; i++) {
+      var domain = config.domains[i];
+      if (host === domain || host.slice(-domain.length - 1) === "." + domain) { return true; }
+    }
+    return false;
+  }
+
+  function parse(href) {
+    try { return new URL(href, window.location.href); } catch (error) { return null; }
+  }
+
+  function currentAnonymousId() {
+    var analytics = window.analytics;
+    try {
+      if (analytics && typeof analytics.user === "function") {
+        return analytics.user().anonymousId() || null;
+      }
+    } catch (error) { /* analytics.js not ready: the backend reads the cookie */ }
+    return null;
+  }
+
+  // The redirect URL for destination, or null when the backend could not make one.
+  function freshRedirect(destination) {
+    var body = { destination: destination };
+    var anonymousId = currentAnonymousId();
+    if (anonymousId) { body.anonymousId = anonymousId; }  // in the body, never in a URL
+    return postJSON(config.tokenEndpoint, body).then(function (answer) {
+      var redirect = answer && typeof answer.redirectUrl === "string" ? parse(answer.redirectUrl) : null;
+      return redirect && isHandedOff(redirect) ? redirect : null;
+    }, function () { return null; });
+  }
+
+  function onClick(event) {
+    if (event.defaultPrevented || event.button !== 0 || event.metaKey || event.ctrlKey ||
+        event.shiftKey || event.altKey) { return; }
+    var link = event.target && event.target.closest ? event.target.closest("a[href]") : null;
+    if (!link || link.hasAttribute("download")) { return; }
+    var target = (link.getAttribute("target") || "").toLowerCase();
+    if (target && target !== "_self" && target !== "_top" && target !== "_parent") { return; }
+    var destination = parse(link.href);
+    if (!destination || !isHandedOff(destination) || busy) { return; }
+    event.preventDefault();
+    busy = true;
+    freshRedirect(destination.href).then(function (redirect) {
+      busy = false;
+      window.location.assign(redirect ? redirect.href : destination.href);
+    });
+  }
+
+  function hiddenInput(form, name, value) {
+    var input = document.createElement("input");
+    input.type = "hidden";
+    input.name = name;
+    input.value = value;
+    input.setAttribute("data-identity-handoff", "");
+    form.appendChild(input);
+  }
+
+  // Back on this page from the back-forward cache: nothing is in flight, and forms are
+  // decorated afresh (their token was used).
+  function reset() {
+    busy = false;
+    var added = document.querySelectorAll("input[data-identity-handoff]");
+    for (var i = 0; i < added.length; i++) { added[i].parentNode.removeChild(added[i]); }
+    var forms = document.querySelectorAll("form[data-identity-handoff-decorating]");
+    for (var j = 0; j < forms.length; j++) {
+      delete forms[j].dataset[ONE_SHOT];
+      if (forms[j].hasAttribute("data-identity-handoff-action")) {
+        forms[j].setAttribute("action", forms[j].getAttribute("data-identity-handoff-action"));
+      }
+    }
+  }
+
+  function onSubmit(event) {
+    var form = event.target;
+    if (event.defaultPrevented || !form || form.tagName !== "FORM" || form.dataset[ONE_SHOT]) {
+      return;
+    }
+    var target = (form.getAttribute("target") || "").toLowerCase();
+    if (target && target !== "_self" && target !== "_top" && target !== "_parent") { return; }
+    var action = parse(form.getAttribute("action") || window.location.href);
+    if (!action || !isHandedOff(action) || busy) { return; }
+    event.preventDefault();
+    busy = true;
+    var submitter = event.submitter;
+    freshRedirect(action.href).then(function (redirect) {
+      busy = false;
+      var token = redirect ? redirect.searchParams.get(config.param) : null;
+      if (token) {
+        if ((form.getAttribute("method") || "get").toLowerCase() === "get") {
+          // A GET form's fields replace the action's query: the token becomes a field.
+          hiddenInput(form, config.param, token);
+        } else {
+          form.setAttribute("data-identity-handoff-action", form.getAttribute("action") || "");
+          form.setAttribute("action", redirect.href);
+        }
+      }
+      if (submitter && submitter.name) { hiddenInput(form, submitter.name, submitter.value); }
+      form.dataset[ONE_SHOT] = "1";
+      form.submit();  // submit() fires no submit event: the form is not decorated twice
+    });
+  }
+
+  // ---- Domain B: take the token, exchange it through the backend, hand the id over ----
+
+  function decode(text) {
+    try { return decodeURIComponent(text.replace(/\+/g, " ")); } catch (error) { return text; }
+  }
+
+  // The token in the page's query and the URL without it, the other parameters kept as
+  // they were written, in order.
+  function withoutToken(location) {
+    var token = null;
+    var kept = [];
+    var parts = location.search.replace(/^\?/, "").split("&");
+    for (var i = 0; i < parts.length; i++) {
+      var part = parts[i];
+      var equals = part.indexOf("=");
+      var name = decode(equals < 0 ? part : part.slice(0, equals));
+      if (name === config.param) {
+        if (token === null) { token = decode(equals < 0 ? "" : part.slice(equals + 1)); }
+      } else if (part) {
+        kept.push(part);
+      }
+    }
+    if (token === null) { return null; }
+    return {
+      token: token,
+      clean: location.pathname + (kept.length ? "?" + kept.join("&") : "") + location.hash
+    };
+  }
+
+  function writeCookie(anonymousId) {
+    var secure = window.location.protocol === "https:" ? "; Secure" : "";
+    document.cookie = config.cookieName + "=" + encodeURIComponent(anonymousId) +
+      "; Path=/; Max-Age=" + config.cookieMaxAge + "; SameSite=Lax" + secure;
+  }
+
+  function giveToAnalytics(anonymousId) {
+    var analytics = window.analytics;
+    try {
+      if (analytics && Array.isArray(analytics) && !analytics.initialized) {
+        // The snippet's queue: first, so the page and track calls queued use the id.
+        analytics.unshift(["setAnonymousId", anonymousId]);
+      } else if (analytics && typeof analytics.setAnonymousId === "function") {
+        analytics.setAnonymousId(anonymousId);
+      }
+    } catch (error) { /* a broken analytics.js must not break the page */ }
+    writeCookie(anonymousId);
+  }
+
+  function settle(result) {
+    if (settled) { return; }
+    settled = true;
+    identity = result;
+    var callbacks = waiting;
+    waiting = [];
+    for (var i = 0; i < callbacks.length; i++) { run(callbacks[i]); }
+  }
+
+  function run(callback) {
+    try { callback(identity); } catch (error) {
+      setTimeout(function () { throw error; }, 0);  // reported, and the others still run
+    }
+  }
+
+  function restore() {
+    var found = config.exchangeEndpoint ? withoutToken(window.location) : null;
+    if (!found) {
+      settle(null);
+      return;
+    }
+    // First of all: the token leaves the address bar, history and later Referer headers.
+    try { window.history.replaceState(window.history.state, "", found.clean); } catch (error) { /* sandboxed */ }
+    postJSON(config.exchangeEndpoint, {
+      token: found.token,
+      url: window.location.href,
+      referrer: document.referrer || null
+    }).then(function (answer) {
+      if (!answer || typeof answer.anonymousId !== "string" || !answer.anonymousId) {
+        settle(null);
+        return;
+      }
+      giveToAnalytics(answer.anonymousId);
+      settle({ anonymousId: answer.anonymousId, source: answer.source || "handoff" });
+    }, function () { settle(null); });
+  }
+
+  function fromScriptTag() {
+    var script = document.currentScript;
+    if (!script || !script.hasAttribute("data-domains") && !script.hasAttribute("data-exchange-endpoint")) {
+      return null;
+    }
+    var data = script.dataset;
+    return {
+      domains: (data.domains || "").split(/[\s,]+/).filter(Boolean),
+      tokenEndpoint: data.tokenEndpoint,
+      exchangeEndpoint: data.exchangeEndpoint,
+      param: data.param,
+      cookieName: data.cookieName,
+      timeout: data.timeout ? Number(data.timeout) : null
+    };
+  }
+
+  var IdentityHandoff = {
+    version: VERSION,
+
+    // Configure and start; a second call is ignored (the first configuration stays).
+    init: function (options) {
+      if (config) { return IdentityHandoff; }
+      config = merge(options);
+      if (config.tokenEndpoint && config.domains.length) {
+        document.addEventListener("click", onClick, false);
+        document.addEventListener("submit", onSubmit, false);
+        window.addEventListener("pageshow", reset, false);
+      }
+      restore();
+      return IdentityHandoff;
+    },
+
+    // callback(identity) once the landing is settled: {anonymousId, source} when a token
+    // was exchanged, null otherwise (no token, backend failed). Run analytics.load in it.
+    ready: function (callback) {
+      if (settled) { run(callback); } else { waiting.push(callback); }
+      return IdentityHandoff;
+    }
+  };
+
+  window.IdentityHandoff = IdentityHandoff;
+  var tagged = fromScriptTag();
+  if (tagged) { IdentityHandoff.init(tagged); }
+})(window, document);

@@ -1,0 +1,52 @@
+"""What the browser tests share: Debian's Chromium through Playwright, or a skip.
+
+Without Chromium or Playwright a browser test skips, except in CI (CI set), where it fails:
+.ci/run installs Debian's chromium. No browser is downloaded: Playwright drives
+``/usr/bin/chromium`` through ``executable_path``.
+"""
+
+import importlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tests.tools import missing_tool
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# Third-party cookies blocked, as Chrome will block them.
+BLOCK_THIRD_PARTY_COOKIES = "--test-third-party-cookie-phaseout"
+
+
+def chromium_path() -> str | None:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    return found or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+def need_browser() -> Any:
+    """Playwright's async API, or a skip (a failure in CI) when it or Chromium is missing."""
+    try:
+        async_api: Any = importlib.import_module("playwright.async_api")
+    except ImportError:
+        async_api = None
+    missing = "playwright" if async_api is None else "chromium" if not chromium_path() else ""
+    if missing:
+        missing_tool(f"{missing} is missing", ".ci/run installs chromium")
+    return async_api
+
+
+def blocking_profile(directory: Path) -> Path:
+    """A Chromium profile with Chrome's own setting on: "Block third-party cookies"."""
+    profile = directory / "profile"
+    (profile / "Default").mkdir(parents=True)
+    preferences = {"profile": {"cookie_controls_mode": 1, "block_third_party_cookies": True}}
+    (profile / "Default" / "Preferences").write_text(json.dumps(preferences))
+    return profile

@@ -1,0 +1,60 @@
+"""Renders helm/identity-service with Helm's own engine (helm-python-sdk: Helm's Go SDK as a
+shared library, offline, no helm binary) for the chart tests.
+
+``render`` answers the rendered objects parsed; ``ci_values`` reads one of the chart's
+``ci/*-values.yaml`` files, the configurations the tests (and chart-testing) install.
+"""
+
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import yaml
+
+CHART_DIR = Path(__file__).resolve().parent.parent / "helm" / "identity-service"
+CI_VALUES = sorted((CHART_DIR / "ci").glob("*-values.yaml"))
+RELEASE = "identity-service"
+NAMESPACE = "identity"
+FULLNAME = "identity-service"  # the release name contains the chart name
+
+Manifest = dict[str, Any]
+
+
+@cache
+def chart() -> helm_python.Chart:
+    """The chart, loaded once per test process (charts are immutable)."""
+    return helm_python.Chart.load(CHART_DIR)
+
+
+def ci_values(name: str) -> dict[str, Any]:
+    """The values of ``ci/<name>-values.yaml``."""
+    values: dict[str, Any] = yaml.safe_load((CHART_DIR / "ci" / f"{name}-values.yaml").read_text())
+    return values
+
+
+def render_files(values: dict[str, Any]) -> dict[str, str]:
+    """Each template's rendered text, by template path (NOTES.txt included)."""
+    return chart().render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def render(values: dict[str, Any]) -> list[Manifest]:
+    """The Kubernetes objects the chart makes with ``values``."""
+    objects: list[Manifest] = []
+    for path, text in sorted(render_files(values).items()):
+        if path.endswith(".yaml"):
+            objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return objects
+
+
+def find(objects: list[Manifest], kind: str, name: str = FULLNAME) -> Manifest:
+    """The one object of ``kind`` named ``name``."""
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"{len(found)} {kind} named {name}"
+    return found[0]
+
+
+def pod_spec(workload: Manifest) -> dict[str, Any]:
+    """The pod spec of a Deployment, a StatefulSet or a Pod."""
+    spec: dict[str, Any] = workload["spec"]
+    return spec if workload["kind"] == "Pod" else spec["template"]["spec"]

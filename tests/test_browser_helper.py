@@ -1,0 +1,108 @@
+"""``GET /v1/identity.js``: the browser helper as served (type, caching, ETag, 304, HEAD, 405).
+
+The script's behaviour in a browser is tested in tests/test_checkout_browser.py; here it is
+also checked for syntax with ``node --check`` (skipped without node, except in CI).
+"""
+
+import re
+import shutil
+import subprocess
+from collections.abc import Awaitable, Callable
+from importlib import resources
+
+import pytest
+
+from identity_service.app import create_app
+from identity_service.browser_helper import helper_script
+from tests.conftest import AppClient, FrontTestServer, make_settings
+from tests.tools import missing_tool
+
+PATH = "/v1/identity.js"
+SOURCE = resources.files("identity_service").joinpath("static/identity.js").read_bytes()
+
+
+@pytest.fixture
+async def service(aiohttp_client: Callable[..., Awaitable[AppClient]]) -> AppClient:
+    return await aiohttp_client(FrontTestServer(create_app(make_settings())))
+
+
+async def test_the_script_is_served_cacheable_with_a_strong_etag(service: AppClient) -> None:
+    response = await service.get(PATH)
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "text/javascript; charset=utf-8"
+    assert response.headers["Cache-Control"] == "public, max-age=3600"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    etag = response.headers["ETag"]
+    assert re.fullmatch(r'"[0-9.]+-[0-9a-f]{32}"', etag), etag  # strong: no W/
+    assert await response.read() == SOURCE
+    # The version the page asks for is only a cache key: the same script, the same tag.
+    again = await service.get(PATH, params={"v": "0.0.0"})
+    assert again.headers["ETag"] == etag
+    assert await again.read() == SOURCE
+
+
+def test_the_tag_carries_the_version_the_script_announces() -> None:
+    script = helper_script()
+    assert f'var VERSION = "{script.version}";'.encode() in SOURCE
+    assert f"identity.js {script.version}".encode() in SOURCE  # the banner says it too
+    assert script.etag.startswith(f"{script.version}-")
+
+
+@pytest.mark.parametrize(
+    "if_none_match",
+    [
+        "{tag}",
+        "W/{tag}",  # If-None-Match compares weakly
+        '"other", {tag}',
+        "*",
+    ],
+)
+async def test_if_none_match_with_the_current_tag_answers_304(
+    service: AppClient, if_none_match: str
+) -> None:
+    tag = (await service.get(PATH)).headers["ETag"]
+    response = await service.get(PATH, headers={"If-None-Match": if_none_match.format(tag=tag)})
+    assert response.status == 304
+    assert response.headers["ETag"] == tag
+    assert response.headers["Cache-Control"] == "public, max-age=3600"
+    assert await response.read() == b""
+
+
+@pytest.mark.parametrize("if_none_match", ['"1.0.0-stale"', "not a tag", 'W/"x", "y"'])
+async def test_another_tag_gets_the_script(service: AppClient, if_none_match: str) -> None:
+    response = await service.get(PATH, headers={"If-None-Match": if_none_match})
+    assert response.status == 200
+    assert await response.read() == SOURCE
+
+
+async def test_head_sends_the_headers_without_the_body(service: AppClient) -> None:
+    get = await service.get(PATH)
+    head = await service.head(PATH)
+    assert head.status == 200
+    for name in ("Content-Type", "Content-Length", "ETag", "Cache-Control"):
+        assert head.headers[name] == get.headers[name]
+    assert int(head.headers["Content-Length"]) == len(SOURCE)
+    assert await head.read() == b""
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
+async def test_other_methods_answer_a_problem(service: AppClient, method: str) -> None:
+    response = await service.request(method, PATH, data=b"alert(1)")
+    assert response.status == 405
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert set(response.headers["Allow"].split(", ")) == {"GET", "HEAD"}
+    body = await response.json(content_type=None)
+    assert body["type"] == "urn:identity-service:problem:method-not-allowed"
+    assert "alert" not in await response.text()
+
+
+def test_the_script_is_valid_javascript() -> None:
+    node = shutil.which("node")
+    if node is None:
+        missing_tool("node is missing", ".ci/run installs nodejs")
+    path = resources.files("identity_service").joinpath("static/identity.js")
+    with resources.as_file(path) as file:
+        checked = subprocess.run(
+            [node, "--check", str(file)], capture_output=True, text=True, check=False
+        )
+    assert checked.returncode == 0, checked.stderr

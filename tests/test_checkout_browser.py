@@ -1,0 +1,287 @@
+"""The checkout demo (examples/checkout) end to end in headless Chromium (Debian's).
+
+The demo's five parts run on free loopback ports: the shop on ``shop.localhost`` (domain A,
+identity.js decorating its checkout links through the shop's ``/handoff``), the checkout
+on ``checkout.localhost`` (domain B with the Python SDK's middleware) or on
+``pay.localhost`` (domain B with identity.js only), the service, and the collector that
+gets the pages' analytics.js calls and the service's events. A visitor views the product
+and clicks through to the checkout. The test asserts that
+
+- the checkout page's anonymousId is the shop's (or, with an expired token, a generated
+  one, and the service's completion event says ``anonymousId_source: generated``);
+- the address bar holds no token, and no event and no other URL carries it; the raw
+  anonymousId is in no URL at all;
+- back to the shop and forward again replays nothing: no second exchange, no token in a
+  request; identity.js kept ``history.state``;
+- the collector got the shop's and the checkout's page calls and the service's started
+  and completion events, under the one anonymousId.
+
+Variants: a token that expires before the visitor lands (the shop's handoffs live 1 s and
+the checkout request is held until then), third-party cookies blocked (Chrome's flag and
+its setting), and the shop's storage (cookies, localStorage) cleared before the click.
+Each run saves a screenshot of the checkout page under artifacts/ (CI keeps it).
+
+Without Chromium or Playwright these tests skip, except in CI (tests/browser.py).
+"""
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from examples.checkout.checkout import EVENT
+from examples.checkout.collector import Received
+from examples.checkout.demo import Demo, Ports, running_demo
+from identity_service import app_keys
+from tests.browser import (
+    BLOCK_THIRD_PARTY_COOKIES,
+    CHROMIUM_ARGS,
+    blocking_profile,
+    chromium_path,
+    need_browser,
+)
+from tests.redis_server import free_port
+from tests.secrets_audit import AUDIT
+
+TIMEOUT_MS = 15_000
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+TOKEN_PARAM = "handoff_token"
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+# The checkout's page scripts run once analytics.js has loaded and shown the id.
+READY = "body[data-analytics-ready]"
+# Set before any script of every page: identity.js must keep it when it cleans the URL.
+KEEP_STATE = 'history.replaceState({demo: "kept"}, "");'
+SHOP_TTL_WHEN_EXPIRED = 1
+
+
+def source_of(mode: str) -> str:
+    """The service source of each checkout build (examples/checkout/demo.py)."""
+    return "checkout" if mode == "middleware" else "pay"
+
+
+def exchanges(demo: Demo, mode: str) -> int:
+    """Exchanges the service answered for the checkout: handed off or missed."""
+    metrics = demo.service[app_keys.METRICS]
+    source = source_of(mode)
+    exchanged = metrics.value("identity_handoffs_exchanged_total", source=source)
+    missed = metrics.value("identity_handoff_misses_total", source=source, reason="not_found")
+    return int(exchanged + missed)
+
+
+def host_of(event: dict[str, Any]) -> str:
+    return str(event["context"]["page"]["url"]).split("/")[2].split(":")[0]
+
+
+async def visitor_id(tab: Any) -> str:
+    await tab.wait_for_selector(READY, state="attached")
+    found: str = await tab.evaluate("analytics.user().anonymousId()")
+    assert found == await tab.text_content("#anonymous-id")
+    return found
+
+
+def free_ports() -> Ports:
+    return Ports(*(free_port() for _ in range(5)))
+
+
+@asynccontextmanager
+async def chromium(
+    tmp_path: Path, *, block_third_party_cookies: bool = False
+) -> AsyncIterator[Any]:
+    """A headless Chromium's browser context, every page starting with ``KEEP_STATE``."""
+    async_api = need_browser()
+    async with async_api.async_playwright() as playwright:
+        context = await playwright.chromium.launch_persistent_context(
+            str(blocking_profile(tmp_path) if block_third_party_cookies else tmp_path / "profile"),
+            executable_path=chromium_path(),
+            headless=True,
+            args=[
+                *CHROMIUM_ARGS,
+                *([BLOCK_THIRD_PARTY_COOKIES] if block_third_party_cookies else []),
+            ],
+            timeout=TIMEOUT_MS,
+        )
+        context.set_default_timeout(TIMEOUT_MS)
+        await context.add_init_script(KEEP_STATE)
+        try:
+            yield context
+        finally:
+            await context.close()
+
+
+async def first_tab(context: Any) -> Any:
+    return context.pages[0] if context.pages else await context.new_page()
+
+
+async def hold_until_expired(route: Any) -> None:
+    """The landing request waits until the shop's 1 s handoff is over, then goes."""
+    if TOKEN_PARAM in route.request.url:
+        await asyncio.sleep(SHOP_TTL_WHEN_EXPIRED + 0.5)
+    await route.continue_()
+
+
+@pytest.mark.parametrize("variant", ["plain", "expired", "third_party_blocked", "storage_cleared"])
+@pytest.mark.parametrize("mode", ["middleware", "helper"])
+async def test_the_visitor_keeps_one_anonymous_id_from_shop_to_checkout(
+    mode: str, variant: str, tmp_path: Path
+) -> None:
+    ttl = SHOP_TTL_WHEN_EXPIRED if variant == "expired" else None
+    async with (
+        running_demo(free_ports(), handoff_ttl=ttl) as demo,
+        chromium(tmp_path, block_third_party_cookies=variant == "third_party_blocked") as context,
+    ):
+        checkout_url = demo.checkout_url if mode == "middleware" else demo.pay_url
+        requested: list[str] = []
+        context.on("request", lambda request: requested.append(request.url))
+        tab = await first_tab(context)
+        await tab.goto(f"{demo.shop_url}/")
+        shop_id = await visitor_id(tab)
+        if variant == "storage_cleared":
+            # The shop's backend no longer sees a cookie: identity.js sends the id
+            # analytics.js holds, in the POST body.
+            await context.clear_cookies()
+            await tab.evaluate("localStorage.clear(); sessionStorage.clear()")
+        if variant == "expired":
+            await context.route(f"{checkout_url}/**", hold_until_expired)
+        async with tab.expect_navigation(url=lambda url: url.startswith(checkout_url)):
+            await tab.click(f"#{mode}")
+        checkout_id = await visitor_id(tab)
+        ARTIFACTS.mkdir(exist_ok=True)
+        await tab.screenshot(path=ARTIFACTS / f"checkout-{mode}-{variant}.png")
+
+        tokens = {
+            match.group(1)
+            for url in requested
+            for match in [re.search(rf"[?&]{TOKEN_PARAM}=([^&#]+)", url)]
+            if match
+        }
+        assert len(tokens) == 1, requested  # one handoff, one token
+        [token] = tokens
+        AUDIT.token(token)
+        assert TOKEN_PARAM not in tab.url
+        assert await tab.evaluate("location.href") == tab.url
+        assert tab.url.startswith(f"{checkout_url}/cart")
+        if mode == "helper":
+            assert await tab.evaluate("history.state") == {"demo": "kept"}
+        if variant == "expired":
+            assert checkout_id != shop_id
+            assert UUID.fullmatch(checkout_id)
+        else:
+            assert checkout_id == shop_id
+        assert exchanges(demo, mode) == 1
+
+        # Back to the shop and forward again: the clean URL, nothing exchanged.
+        await tab.go_back()
+        assert tab.url == f"{demo.shop_url}/"
+        assert await visitor_id(tab) == shop_id or variant == "storage_cleared"
+        await tab.go_forward()
+        assert tab.url.startswith(f"{checkout_url}/cart")
+        assert TOKEN_PARAM not in tab.url
+        assert await visitor_id(tab) == checkout_id
+        assert exchanges(demo, mode) == 1
+        assert sum(TOKEN_PARAM in url for url in requested) == 1
+        await tab.click("#pay")
+        await demo.collector.wait_for(
+            lambda got: any(item.event.get("event") == "Order Completed" for item in got)
+        )
+
+        assert not [url for url in requested if shop_id in url]  # the raw id, never in a URL
+        await check_events(demo, mode, variant, shop_id, checkout_id, token)
+
+
+async def test_a_form_to_the_checkout_is_decorated_at_submit(tmp_path: Path) -> None:
+    """A GET form: the token rides as a field, the middleware takes it off, the form's own
+    fields stay."""
+    async with running_demo(free_ports()) as demo, chromium(tmp_path) as context:
+        tab = await first_tab(context)
+        await tab.goto(f"{demo.shop_url}/")
+        shop_id = await visitor_id(tab)
+        async with tab.expect_navigation(url=lambda url: url.startswith(demo.checkout_url)):
+            await tab.click("#checkout-form button")
+        assert await visitor_id(tab) == shop_id
+        assert tab.url == f"{demo.checkout_url}/cart?coupon=WELCOME"
+        assert exchanges(demo, "middleware") == 1
+
+
+async def test_a_failed_handoff_lets_the_visitor_through_undecorated(tmp_path: Path) -> None:
+    """The shop's backend cannot prepare (an origin the service does not allow it): the
+    visitor still reaches the link's destination, as it was."""
+    ports = free_ports()
+    async with running_demo(ports) as demo, chromium(tmp_path) as context:
+        requested: list[str] = []
+        context.on("request", lambda request: requested.append(request.url))
+        tab = await first_tab(context)
+        await tab.goto(f"{demo.shop_url}/")
+        await visitor_id(tab)
+        # checkout.localhost on the pay app's port: a checkout domain, not an allowed origin.
+        destination = f"http://checkout.localhost:{ports.pay}/cart?item=mug-red"
+        await tab.evaluate(
+            """(href) => { const link = document.createElement("a");
+            link.id = "elsewhere"; link.href = href; link.textContent = "elsewhere";
+            document.body.appendChild(link); }""",
+            destination,
+        )
+        async with tab.expect_navigation(url=destination):
+            await tab.click("#elsewhere")
+        await visitor_id(tab)
+        handoffs = [url for url in requested if url.endswith("/handoff")]
+        assert handoffs == [f"{demo.shop_url}/handoff"]  # asked, and refused
+        assert not [url for url in requested if TOKEN_PARAM in url]
+        metrics = demo.service[app_keys.METRICS]
+        assert metrics.value("identity_handoffs_prepared_total", source="shop") == 0
+
+
+async def test_identity_js_lands_the_visitor_when_analytics_js_is_blocked(
+    tmp_path: Path,
+) -> None:
+    """analytics.js blocked on domain B (as a content blocker does): identity.js still takes
+    the token out of the URL, and leaves the id in the ajs_anonymous_id cookie."""
+    async with running_demo(free_ports()) as demo, chromium(tmp_path) as context:
+        tab = await first_tab(context)
+        await tab.goto(f"{demo.shop_url}/")
+        shop_id = await visitor_id(tab)
+        await context.route(f"{demo.collector_url}/analytics.js", lambda route: route.abort())
+        async with tab.expect_navigation(url=lambda url: url.startswith(demo.pay_url)):
+            await tab.click("#helper")
+        landed = await tab.evaluate("new Promise((resolve) => IdentityHandoff.ready(resolve))")
+        assert landed == {"anonymousId": shop_id, "source": "handoff"}
+        assert TOKEN_PARAM not in tab.url
+        assert await tab.evaluate("Array.isArray(window.analytics)")  # the snippet's queue only
+        cookies = {c["name"]: c["value"] for c in await context.cookies(demo.pay_url)}
+        assert cookies["ajs_anonymous_id"] == shop_id
+
+
+async def check_events(
+    demo: Demo, mode: str, variant: str, shop_id: str, checkout_id: str, token: str
+) -> None:
+    """The collector got both sites' page calls and the service's events, one visitor."""
+    checkout_host = "checkout.localhost" if mode == "middleware" else "pay.localhost"
+
+    def completed(got: list[Received]) -> bool:
+        return any(item.event.get("event") == EVENT for item in got)
+
+    received = await demo.collector.wait_for(completed)
+    events = [(item.via, item.event) for item in received]
+    assert token not in orjson.dumps(events).decode()
+    pages = [(host_of(event), event["anonymousId"]) for via, event in events if via == "page"]
+    assert ("shop.localhost", shop_id) in pages
+    assert (checkout_host, checkout_id) in pages
+    assert {host for host, _ in pages} == {"shop.localhost", checkout_host}
+    assert all(
+        anonymous_id == checkout_id for host, anonymous_id in pages if host != "shop.localhost"
+    )
+    service = [event for via, event in events if via == "service"]
+    [started] = [event for event in service if event["event"] == "Cross-Domain Handoff Started"]
+    assert started["anonymousId"] == shop_id
+    [completion] = [event for event in service if event["event"] == EVENT]
+    assert completion["anonymousId"] == checkout_id
+    assert host_of(completion) == checkout_host  # domain B's context, URL without the token
+    if variant == "expired":
+        assert completion["properties"]["anonymousId_source"] == "generated"
+    else:
+        assert "anonymousId_source" not in completion["properties"]
+        assert completion["anonymousId"] == shop_id

@@ -1,0 +1,113 @@
+"""The Dockerfile's rules, read with a Dockerfile parser (there is no Docker engine here):
+pinned bases, a non-root numeric user, no build tools in the final stage, a health check,
+``identity-service`` as the entry point, and a .dockerignore that lets in what it copies.
+"""
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from dockerfile_parse import DockerfileParser
+
+from tests.chart import ci_values, find, pod_spec, render
+
+ROOT = Path(__file__).resolve().parent.parent
+PINNED = re.compile(r"^[\w./-]+:(?P<tag>[\w.-]+)@sha256:[0-9a-f]{64}$")
+BUILD_TOOLS = ("build-essential", "gcc", "g++", "make", "clang", "cargo", "rustc", "-dev ")
+
+# The pod listens on every address of its own network namespace.
+SERVE_ARGS = ["serve", "--host", "0.0.0.0", "--port", "8080"]  # noqa: S104
+
+Instruction = dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def stages() -> list[list[Instruction]]:
+    """The Dockerfile's stages, each the list of its instructions (FROM first), no comments."""
+    parsed = DockerfileParser(path=str(ROOT / "Dockerfile"))
+    found: list[list[Instruction]] = []
+    for instruction in parsed.structure:
+        if instruction["instruction"] == "FROM":
+            found.append([])
+        if instruction["instruction"] != "COMMENT" and found:
+            found[-1].append(instruction)
+    return found
+
+
+def values(stage: list[Instruction], name: str) -> list[str]:
+    return [i["value"] for i in stage if i["instruction"] == name]
+
+
+def test_every_base_is_pinned_by_version_and_digest(stages: list[list[Instruction]]) -> None:
+    assert len(stages) >= 2, "multi-stage: a builder and the runtime"
+    names: set[str] = set()
+    for stage in stages:
+        image, _, alias = stage[0]["value"].partition(" AS ")
+        if image not in names:  # FROM an earlier stage needs no pin
+            match = PINNED.match(image)
+            assert match, f"{image} is not pinned by tag and digest"
+            assert match["tag"] != "latest"
+            assert re.match(r"^\d+\.\d+", match["tag"]), f"{image}: the tag names no version"
+        names.add(alias.strip())
+
+
+def test_the_final_stage_runs_as_a_fixed_non_root_uid(stages: list[list[Instruction]]) -> None:
+    (user,) = values(stages[-1], "USER")
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and int(uid) >= 10000, "a numeric UID, so runAsNonRoot can check it"
+    assert gid.isdigit() and int(gid) > 0
+    # The chart runs the image as that same user.
+    web = find(render(ci_values("external-redis")), "Deployment")
+    assert pod_spec(web)["securityContext"]["runAsUser"] == int(uid)
+
+
+def test_the_final_stage_has_no_build_tools(stages: list[list[Instruction]]) -> None:
+    final = stages[-1]
+    for command in values(final, "RUN"):
+        assert "apt-get install" not in command and "pip install" not in command, command
+        assert not any(tool in command for tool in BUILD_TOOLS), command
+    # What it runs comes from the builder stage, built there.
+    assert any(v.startswith("--from=builder ") for v in values(final, "COPY"))
+    assert any("build-essential" in v for v in values(stages[0], "RUN"))
+
+
+def test_the_final_stage_writes_no_bytecode(stages: list[list[Instruction]]) -> None:
+    env = " ".join(values(stages[-1], "ENV"))
+    assert "PYTHONDONTWRITEBYTECODE=1" in env
+    assert "TMPDIR=/tmp" in env
+
+
+def test_entry_point_command_and_health_check(stages: list[list[Instruction]]) -> None:
+    final = stages[-1]
+    assert [json.loads(v) for v in values(final, "ENTRYPOINT")] == [["identity-service"]]
+    assert [json.loads(v) for v in values(final, "CMD")] == [SERVE_ARGS]
+    (health,) = values(final, "HEALTHCHECK")
+    command = json.loads(health.split(" CMD ", 1)[1])
+    assert command[:2] == ["python", "-c"]
+    assert "urllib.request" in command[2] and "/healthz" in command[2]
+
+
+def test_the_image_version_is_the_charts(stages: list[list[Instruction]]) -> None:
+    (arg,) = [v for v in values(stages[-1], "ARG") if v.startswith("VERSION=")]
+    chart = yaml.safe_load((ROOT / "helm/identity-service/Chart.yaml").read_text())
+    assert arg == f"VERSION={chart['appVersion']}"
+
+
+def test_the_build_context_holds_what_the_builder_copies(stages: list[list[Instruction]]) -> None:
+    allowed = [
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    ]
+    for stage in stages:
+        for copy in values(stage, "COPY"):
+            if copy.startswith("--from="):
+                continue
+            sources = shlex.split(copy)[:-1]
+            for source in sources:
+                assert source in allowed, f"{source} is excluded by .dockerignore"
+                assert (ROOT / source).exists()

@@ -1,0 +1,413 @@
+"""The Helm chart (helm/identity-service), rendered by Helm's own engine for every
+configuration of ``ci/``: lint, the Kubernetes schemas, the security and operability
+policies, the values schema, and the settings the pods get read by the service's own
+settings reader.
+"""
+
+import copy
+import re
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+from identity_service.settings import SETTING_NAMES, load_settings
+from tests.chart import (
+    CHART_DIR,
+    CI_VALUES,
+    FULLNAME,
+    Manifest,
+    chart,
+    ci_values,
+    find,
+    pod_spec,
+    render,
+    render_files,
+)
+
+KUBERNETES_VERSION = "1.30.0"
+# The pod listens on every address of its own network namespace.
+SERVE_ARGS = ["serve", "--host", "0.0.0.0", "--port", "8080"]  # noqa: S104
+TMP_MOUNT = "/tmp"  # noqa: S108 - the pod's emptyDir
+CONFIGURATIONS = [path.name.removesuffix("-values.yaml") for path in CI_VALUES]
+WORKLOADS = ("Deployment", "StatefulSet", "Pod")
+# Objects of the Prometheus Operator's CRDs, which kubernetes-validate does not know.
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
+@pytest.fixture(params=CONFIGURATIONS)
+def configuration(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+def containers(objects: list[Manifest]) -> list[tuple[Manifest, dict[str, Any]]]:
+    """Every workload with each of its containers."""
+    return [
+        (workload, container)
+        for workload in objects
+        if workload["kind"] in WORKLOADS
+        for container in pod_spec(workload)["containers"]
+    ]
+
+
+def test_the_ci_configurations_cover_the_issue_list() -> None:
+    assert set(CONFIGURATIONS) >= {
+        "external-redis",
+        "internal-redis",
+        "forwarder",
+        "existing-secret",
+        "everything",
+    }
+
+
+def test_lint_reports_no_error_nor_warning(configuration: str) -> None:
+    report = helm_python.lint(CHART_DIR, ci_values(configuration))
+    assert report["errors"] == []
+    # Severity 1 is information (e.g. "icon is recommended"), 2 a warning, 3 an error.
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_every_object_is_valid_for_kubernetes(configuration: str) -> None:
+    objects = render(ci_values(configuration))
+    assert objects
+    for obj in objects:
+        if obj["kind"] in CRD_KINDS:
+            assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+            continue
+        # strict: unknown fields are errors, as with kubectl's server-side validation.
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:  # its str() prints the schema
+            pytest.fail(
+                f"{obj['kind']}/{obj['metadata']['name']}: {exc.message} at {list(exc.path)}"
+            )
+
+
+def test_the_service_monitor_scrapes_both_services() -> None:
+    objects = render(ci_values("everything"))
+    monitor = find(objects, "ServiceMonitor")
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"http", "metrics"}
+    assert all(e["path"] == "/metrics" for e in monitor["spec"]["endpoints"])
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    selected = monitor["spec"]["selector"]
+    services = [o for o in objects if o["kind"] == "Service"]
+    scraped = [
+        s
+        for s in services
+        if selected["matchLabels"].items() <= s["metadata"]["labels"].items()
+        and s["metadata"]["labels"]["app.kubernetes.io/component"]
+        in selected["matchExpressions"][0]["values"]
+    ]
+    # The web Service's `http` port and the forwarder's `metrics` port; not Redis.
+    assert sorted(p["name"] for s in scraped for p in s["spec"]["ports"]) == ["http", "metrics"]
+
+
+def test_pods_run_locked_down(configuration: str) -> None:
+    objects = render(ci_values(configuration))
+    for workload, container in containers(objects):
+        where = f"{workload['kind']}/{workload['metadata']['name']}/{container['name']}"
+        pod = pod_spec(workload)
+        assert pod["automountServiceAccountToken"] is False, where
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        assert pod["securityContext"]["runAsUser"] > 0, where
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True, where
+        assert security["allowPrivilegeEscalation"] is False, where
+        assert security["capabilities"] == {"drop": ["ALL"]}, where
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        resources = container["resources"]
+        assert {"cpu", "memory"} <= resources["requests"].keys(), where
+        assert "memory" in resources["limits"], where
+        image = container["image"]
+        assert not image.endswith(":latest") and re.search(r":[\w.-]+(@sha256:\w+)?$", image), image
+
+
+def test_service_accounts_mount_no_token(configuration: str) -> None:
+    for account in (o for o in render(ci_values(configuration)) if o["kind"] == "ServiceAccount"):
+        assert account["automountServiceAccountToken"] is False
+
+
+def test_web_pods_probe_health_and_readiness_and_drain_before_sigterm(configuration: str) -> None:
+    values = ci_values(configuration)
+    web = find(render(values), "Deployment")
+    pod = pod_spec(web)
+    (container,) = pod["containers"]
+    assert container["args"] == SERVE_ARGS
+    probes = {
+        kind: container[f"{kind}Probe"]["httpGet"] for kind in ("startup", "liveness", "readiness")
+    }
+    assert probes["startup"]["path"] == probes["liveness"]["path"] == "/healthz"
+    assert probes["readiness"]["path"] == "/readyz"
+    assert {p["port"] for p in probes.values()} == {"http"}
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    # The pause and the service's own shutdown fit in the grace period.
+    assert pod["terminationGracePeriodSeconds"] >= 5 + 10
+    spread = pod["topologySpreadConstraints"]
+    assert {c["topologyKey"] for c in spread} == {
+        "kubernetes.io/hostname",
+        "topology.kubernetes.io/zone",
+    }
+    assert all(
+        c["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "web" for c in spread
+    )
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {TMP_MOUNT}
+
+
+def test_the_image_is_the_chart_app_version_unless_a_digest_is_given() -> None:
+    values = ci_values("external-redis")
+    app_version = chart().metadata["appVersion"]
+    (container,) = pod_spec(find(render(values), "Deployment"))["containers"]
+    assert container["image"] == f"ghcr.io/identity-service/identity-service:{app_version}"
+    digest = "sha256:" + "ab" * 32
+    values["image"] = {**chart().values["image"], "digest": digest}
+    (container,) = pod_spec(find(render(values), "Deployment"))["containers"]
+    assert container["image"] == f"ghcr.io/identity-service/identity-service@{digest}"
+
+
+def environment(objects: list[Manifest], container: dict[str, Any]) -> dict[str, str]:
+    """What the kubelet would give ``container``: its envFrom, then env with $(VAR) expanded."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(find(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
+        else:
+            env.update(find(objects, "Secret", source["secretRef"]["name"])["stringData"])
+    for var in container.get("env", []):
+        if "valueFrom" in var:
+            ref = var["valueFrom"]["secretKeyRef"]
+            env[var["name"]] = find(objects, "Secret", ref["name"])["stringData"][ref["key"]]
+        else:
+            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], var["value"])
+    return env
+
+
+@pytest.mark.parametrize("name", ["external-redis", "internal-redis", "forwarder", "everything"])
+def test_the_service_accepts_the_settings_the_pods_get(name: str) -> None:
+    values = ci_values(name)
+    objects = render(values)
+    for workload, container in containers(objects):
+        if container["name"] not in ("identity-service", "forwarder"):
+            continue
+        env = environment(objects, container)
+        settings = load_settings(env)  # raises ConfigError with every problem
+        assert settings.secret == values["secret"].encode()
+        assert {s.name for s in settings.sources} == set(values["sources"])
+        assert settings.redis is not None
+        password = values["redis"].get("auth", {}).get("password")
+        if password:
+            assert f":{password}@" in settings.redis.url
+        if values["redis"].get("internal", {}).get("enabled"):
+            assert settings.redis.url.endswith(f"@{FULLNAME}-redis:6379/0")
+        separate = values.get("forwarder", {}).get("enabled", False)
+        is_web = workload["metadata"]["name"] == FULLNAME
+        assert settings.outbox.forwarder_in_serve is not (separate and is_web)
+        if not is_web:
+            assert container["args"] == ["forward"]
+            assert env["IDENTITY_FORWARDER_METRICS_PORT"] == "9464"
+        destinations = values.get("destinations", {})
+        http = {d.name: d.write_key for d in settings.outbox.destinations if d.kind == "http"}
+        assert http == {n: d["writeKey"] for n, d in destinations.items()}
+
+
+def test_config_values_are_the_service_settings_and_numbers_stay_numbers() -> None:
+    values = ci_values("external-redis")
+    names = {key: re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower() for key in chart().values["config"]}
+    assert set(names.values()) <= SETTING_NAMES
+    values["config"] = {"maxConnections": 1_000_000, "redisTimeout": 2.5, "logLevel": None}
+    objects = render(values)
+    data = find(objects, "ConfigMap")["data"]
+    assert data["IDENTITY_MAX_CONNECTIONS"] == "1000000"  # not Go's 1e+06
+    assert data["IDENTITY_REDIS_TIMEOUT"] == "2.5"
+    assert "IDENTITY_LOG_LEVEL" not in data  # null: the service's default
+    (container,) = pod_spec(find(objects, "Deployment"))["containers"]
+    settings = load_settings(environment(objects, container))
+    assert settings.max_connections == 1_000_000
+    assert settings.log_level == "info"
+
+
+def secret_values(values: dict[str, Any]) -> list[str]:
+    """Every secret the values hold."""
+    found = [values.get("secret", ""), values.get("redis", {}).get("auth", {}).get("password", "")]
+    found += [s["writeKeyHash"] for s in values.get("sources", {}).values()]
+    found += [d["writeKey"] for d in values.get("destinations", {}).values()]
+    return [value for value in found if value]
+
+
+def test_no_secret_reaches_a_config_map_or_a_pod_spec(configuration: str) -> None:
+    values = ci_values(configuration)
+    objects = render(values)
+    exposed = [o for o in objects if o["kind"] != "Secret"]
+    for value in secret_values(values):
+        for obj in exposed:
+            assert value not in yaml.safe_dump(obj), f"a secret in {obj['kind']}"
+    for config_map in (o for o in objects if o["kind"] == "ConfigMap"):
+        assert not {
+            "IDENTITY_SECRET",
+            "IDENTITY_SOURCES",
+            "IDENTITY_DESTINATIONS",
+            "IDENTITY_AMP",
+        } & set(config_map.get("data", {}))
+
+
+def test_an_existing_secret_replaces_the_charts() -> None:
+    objects = render(ci_values("existing-secret"))
+    assert [o for o in objects if o["kind"] == "Secret"] == []
+    (container,) = pod_spec(find(objects, "Deployment"))["containers"]
+    assert {"secretRef": {"name": "identity-service-secrets"}} in container["envFrom"]
+    env = {var["name"]: var for var in container["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "redis-credentials",
+        "key": "password",
+    }
+    assert env["IDENTITY_REDIS_URL"]["value"] == (
+        "rediss://identity:$(REDIS_PASSWORD)@redis.data.svc.cluster.local:6380/0?ssl_cert_reqs=required"
+    )
+    annotations = find(objects, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/config" in annotations and "checksum/secret" not in annotations
+
+
+def checksums(values: dict[str, Any]) -> dict[str, str]:
+    annotations: dict[str, str] = find(render(values), "Deployment")["spec"]["template"][
+        "metadata"
+    ]["annotations"]
+    return annotations
+
+
+def test_a_change_of_settings_or_secrets_rolls_the_pods() -> None:
+    values = ci_values("forwarder")
+    before = checksums(values)
+    config_changed = copy.deepcopy(values)
+    config_changed["config"] = {"logLevel": "debug"}
+    after_config = checksums(config_changed)
+    assert after_config["checksum/config"] != before["checksum/config"]
+    assert after_config["checksum/secret"] == before["checksum/secret"]
+    secret_changed = {**values, "secret": "another-server-secret-0123456789abcdefgh"}
+    after_secret = checksums(secret_changed)
+    assert after_secret["checksum/secret"] != before["checksum/secret"]
+    assert after_secret["checksum/config"] == before["checksum/config"]
+    forwarder = find(render(secret_changed), "Deployment", f"{FULLNAME}-forwarder")
+    assert forwarder["spec"]["template"]["metadata"]["annotations"] == after_secret
+
+
+def test_every_optional_object_is_made_when_asked() -> None:
+    objects = render(ci_values("everything"))
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    assert kinds >= {
+        ("Deployment", FULLNAME),
+        ("Deployment", f"{FULLNAME}-forwarder"),
+        ("Service", FULLNAME),
+        ("Service", f"{FULLNAME}-forwarder"),
+        ("Service", f"{FULLNAME}-redis"),
+        ("StatefulSet", f"{FULLNAME}-redis"),
+        ("ServiceAccount", FULLNAME),
+        ("ConfigMap", FULLNAME),
+        ("ConfigMap", f"{FULLNAME}-dashboard"),
+        ("Secret", FULLNAME),
+        ("Secret", f"{FULLNAME}-redis-auth"),
+        ("HorizontalPodAutoscaler", FULLNAME),
+        ("PodDisruptionBudget", FULLNAME),
+        ("NetworkPolicy", FULLNAME),
+        ("NetworkPolicy", f"{FULLNAME}-redis"),
+        ("ServiceMonitor", FULLNAME),
+        ("PrometheusRule", FULLNAME),
+        ("Pod", f"{FULLNAME}-test-readyz"),
+    }
+    # The autoscaler owns the replica count.
+    assert "replicas" not in find(objects, "Deployment")["spec"]
+    dashboard = find(objects, "ConfigMap", f"{FULLNAME}-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+def test_the_in_chart_redis_keeps_an_append_only_file_on_its_volume() -> None:
+    objects = render(ci_values("internal-redis"))
+    redis = find(objects, "StatefulSet", f"{FULLNAME}-redis")
+    (container,) = pod_spec(redis)["containers"]
+    args = container["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--dir") + 1] == "/data"
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert container["image"].startswith("docker.io/library/redis:7.4.6@sha256:")
+    (claim,) = redis["spec"]["volumeClaimTemplates"]
+    assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
+    assert claim["metadata"]["name"] == "data"
+
+
+def test_the_helm_test_pod_calls_readyz_through_the_service() -> None:
+    objects = render(ci_values("external-redis"))
+    pod = find(objects, "Pod", f"{FULLNAME}-test-readyz")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (container,) = pod["spec"]["containers"]
+    assert f"http://{FULLNAME}:80/readyz" in container["args"][0]
+
+
+def test_restricted_egress_still_reaches_dns_and_redis() -> None:
+    objects = render(ci_values("everything"))
+    policy = find(objects, "NetworkPolicy")
+    ports = [p["port"] for rule in policy["spec"]["egress"] for p in rule.get("ports", [])]
+    assert {53, 6379, 443} <= set(ports)
+    redis_policy = find(objects, "NetworkPolicy", f"{FULLNAME}-redis")
+    (ingress,) = redis_policy["spec"]["ingress"]
+    assert (
+        ingress["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"]
+        == "identity-service"
+    )
+
+
+def test_the_notes_say_how_to_check_the_install() -> None:
+    notes = render_files(ci_values("external-redis"))["identity-service/templates/NOTES.txt"]
+    assert "helm test identity-service --namespace identity" in notes
+    assert "docs/operations.md" in notes
+
+
+@pytest.mark.parametrize(
+    ("missing", "message"),
+    [("redis", "set redis.url"), ("secret", "set secret"), ("sources", "set sources")],
+)
+def test_a_missing_essential_value_stops_the_render_with_what_to_set(
+    missing: str, message: str
+) -> None:
+    values = ci_values("external-redis")
+    del values[missing]
+    with pytest.raises(helm_python.HelmError, match=message):
+        render(values)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"replicas": 2},  # unknown key (replicaCount is the one)
+        {"config": {"logLevl": "debug"}},  # unknown nested key
+        {"redis": {"internal": {"enabled": True, "size": "1Gi"}}},
+        {"replicaCount": "two"},  # wrong type
+        {"config": {"workers": 1.5}},
+        {"config": {"logLevel": "loud"}},
+        {"image": {"tag": "latest"}},
+        {"secret": "too-short"},
+        {"sources": {"shop": {"writeKeyHash": "md5:abc", "origins": ["https://a.example"]}}},
+        {"redis": {"url": "redis://user:password@redis:6379/0"}},  # credentials go in auth
+    ],
+)
+def test_the_schema_refuses_invalid_values(change: dict[str, Any]) -> None:
+    values = chart().merge_values(ci_values("external-redis"))
+    merged = chart().merge_values({**values, **merge(values, change)})
+    with pytest.raises(helm_python.HelmValuesError):
+        chart().validate_schema(merged)
+
+
+def merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    """``change`` laid over ``base``, nested mappings merged."""
+    merged = copy.deepcopy(base)
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def test_the_schema_accepts_every_ci_configuration(configuration: str) -> None:
+    chart().validate_schema(chart().merge_values(ci_values(configuration)))

@@ -1,0 +1,392 @@
+"""/metrics as Prometheus reads it: counters, histograms and gauges move with the flows.
+
+Every scrape is parsed with prometheus_client's own parser. The services are real: the
+app through the HTTP front on both stores, ``identity-service serve --workers 2`` and
+``identity-service forward`` as processes, a collector that answers or refuses.
+"""
+
+import asyncio
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from identity_service import __version__
+from tests.collector import WRITE_KEY, Answer, Collector, running_collector
+from tests.conftest import (
+    CHECKOUT_URL,
+    WRITE_KEYS,
+    AppClient,
+    ClientFactory,
+    exchange,
+    prepare,
+)
+from tests.redis_server import RedisServer, free_port
+from tests.test_cli import COMMAND, Service, post, redis_env
+
+# (sample name, sorted label pairs) -> value
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: str) -> Samples:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def scrape(client: AppClient) -> Samples:
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return parse(await response.text())
+
+
+async def scrape_url(url: str) -> Samples:
+    # A connection of its own each time: with several workers, the kernel picks one.
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as answer:
+        assert answer.status == 200
+        return parse(await answer.text())
+
+
+async def eventually(
+    read: Callable[[], Awaitable[Samples]], check: Callable[[Samples], bool]
+) -> Samples:
+    deadline = time.monotonic() + 15
+    while True:
+        samples = await read()
+        if check(samples):
+            return samples
+        assert time.monotonic() < deadline, "the metrics did not get there"
+        await asyncio.sleep(0.05)
+
+
+async def test_counters_and_histograms_follow_the_flows(client: AppClient) -> None:
+    before = await scrape(client)
+    token = (await prepare(client))["token"]
+    assert (await exchange(client, token))[0] == 200
+    assert (await exchange(client, token))[0] == 404  # used: not_found
+    assert (await exchange(client, token, fallback=True))[0] == 200  # generated
+    partner_token = (await prepare(client))["token"]
+    assert (await exchange(client, partner_token, source="partner"))[0] == 403  # audience
+    assert (await client.get("/v1/handoffs/no-such-thing-7d1e")).status == 404
+    after = await scrape(client)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("identity_handoffs_prepared_total", source="shop") == 2
+    assert moved("identity_handoffs_exchanged_total", source="checkout") == 1
+    assert moved("identity_handoff_misses_total", source="checkout", reason="not_found") == 2
+    assert moved("identity_handoff_misses_total", source="partner", reason="audience") == 1
+    assert moved("identity_handoff_fallbacks_total", source="checkout") == 1
+    assert moved("identity_identities_total", id_source="handoff") == 1
+    assert moved("identity_identities_total", id_source="generated") == 1
+    prepares = {"route": "/v1/handoffs", "method": "POST", "status": "201"}
+    assert moved("identity_http_requests_total", **prepares) == 2
+    exchanges = {"route": "/v1/handoffs/exchange", "method": "POST"}
+    assert moved("identity_http_requests_total", **exchanges, status="200") == 2
+    assert moved("identity_http_requests_total", **exchanges, status="404") == 1
+    assert moved("identity_http_requests_total", **exchanges, status="403") == 1
+    # No route matched: "other", never the path.
+    assert moved("identity_http_requests_total", route="other", method="GET", status="404") == 1
+    assert not any("no-such-thing" in str(labels) for _, labels in after)
+    # The scrape before this one was counted under its own route.
+    assert moved("identity_http_requests_total", route="/metrics", method="GET", status="200") == 1
+    durations = "identity_http_request_duration_seconds"
+    assert moved(f"{durations}_count", route="/v1/handoffs") == 2
+    assert moved(f"{durations}_bucket", route="/v1/handoffs", le="+Inf") == 2
+    assert moved(f"{durations}_bucket", route="/v1/handoffs", le="0.0001") <= 2
+    assert moved(f"{durations}_sum", route="/v1/handoffs") > 0
+    assert value(after, "identity_store_up") == 1
+    builds = [labels for name, labels in after if name == "identity_build_info"]
+    assert len(builds) == 1 and ("version", __version__) in builds[0]
+
+
+async def test_the_outbox_backlog_and_failures_show_while_the_destination_refuses(
+    make_client: ClientFactory,
+) -> None:
+    async with running_collector() as collector:
+        collector.plan = [Answer(status=503) for _ in range(1000)]
+        client = await make_client(
+            destination_url=collector.url,
+            destination_write_key=WRITE_KEY,
+            batch_max_wait="0.01",
+            backoff_base="0.05",
+            backoff_max="0.1",
+            delivery_max_attempts="1000",
+        )
+        before = await scrape(client)
+        assert value(before, "identity_outbox_pending", destination="default") == 0
+        assert (
+            value(before, "identity_outbox_oldest_pending_age_seconds", destination="default") == 0
+        )
+        await prepare(client)  # one started event, never accepted
+
+        def refused(samples: Samples) -> bool:
+            return (
+                value(samples, "identity_delivery_failures_total", destination="default") >= 2
+                and value(
+                    samples, "identity_outbox_oldest_pending_age_seconds", destination="default"
+                )
+                > 0
+            )
+
+        during = await eventually(lambda: scrape(client), refused)
+        assert value(during, "identity_outbox_pending", destination="default") == 1
+        attempts = value(during, "identity_delivery_attempts_total", destination="default")
+        assert attempts >= value(during, "identity_delivery_failures_total", destination="default")
+        assert value(during, "identity_events_delivered_total", destination="default") == 0
+
+        collector.plan.clear()  # the destination is back
+
+        def delivered(samples: Samples) -> bool:
+            return value(samples, "identity_outbox_pending", destination="default") == 0
+
+        after = await eventually(lambda: scrape(client), delivered)
+        assert value(after, "identity_events_delivered_total", destination="default") == 1
+        assert (
+            value(after, "identity_outbox_oldest_pending_age_seconds", destination="default") == 0
+        )
+        assert value(after, "identity_outbox_dead_letters", destination="default") == 0
+
+
+async def test_dead_letters_are_counted_and_shown(make_client: ClientFactory) -> None:
+    async with running_collector() as collector:
+        collector.plan = [Answer(status=400)]  # a permanent rejection: dead at once
+        client = await make_client(
+            destination_url=collector.url, destination_write_key=WRITE_KEY, batch_max_wait="0.01"
+        )
+        await prepare(client)
+
+        def dead(samples: Samples) -> bool:
+            return value(samples, "identity_outbox_dead_letters", destination="default") == 1
+
+        after = await eventually(lambda: scrape(client), dead)
+        assert value(after, "identity_events_dead_lettered_total", destination="default") == 1
+        assert value(after, "identity_outbox_pending", destination="default") == 0
+
+
+async def test_a_store_that_does_not_answer_is_down_and_the_scrape_still_answers(
+    aiohttp_client: Callable[..., Awaitable[AppClient]], private_redis: RedisServer
+) -> None:
+    from identity_service.app import create_app
+    from tests.conftest import FrontTestServer, make_settings
+
+    client = await aiohttp_client(
+        FrontTestServer(create_app(make_settings(private_redis.url, redis_timeout="0.5")))
+    )
+    assert value(await scrape(client), "identity_store_up") == 1
+    private_redis.stop()
+    samples = await scrape(client)
+    assert value(samples, "identity_store_up") == 0
+    assert not any(name.startswith("identity_outbox_") for name, _ in samples)
+    assert (await prepare_status(client)) == 503
+    assert value(await scrape(client), "identity_store_errors_total") == 1
+
+
+async def prepare_status(client: AppClient) -> int:
+    from tests.conftest import auth
+
+    response = await client.post(
+        "/v1/handoffs",
+        json={"anonymousId": "anon-down", "destination": CHECKOUT_URL},
+        headers=auth("shop"),
+    )
+    return response.status
+
+
+# -- processes ---------------------------------------------------------------------------
+
+
+async def test_every_scrape_of_two_workers_reads_the_same_totals(
+    tmp_path: Path, private_redis: RedisServer
+) -> None:
+    service = Service(tmp_path, redis_env(private_redis), "--workers", "2")
+    try:
+        count = 24
+        for number in range(count):  # fresh connections, spread over the workers
+            status, _ = await post(
+                f"{service.url}/v1/handoffs",
+                {"anonymousId": f"visitor-{number}", "destination": CHECKOUT_URL},
+                WRITE_KEYS["shop"],
+            )
+            assert status == 201
+        scrapes = [await scrape_url(service.url) for _ in range(8)]
+    finally:
+        assert await asyncio.to_thread(service.stop) == 0
+    prepared = [value(s, "identity_handoffs_prepared_total", source="shop") for s in scrapes]
+    assert prepared == [count] * len(scrapes)
+    requests = {"route": "/v1/handoffs", "method": "POST", "status": "201"}
+    assert [value(s, "identity_http_requests_total", **requests) for s in scrapes] == [count] * 8
+    histogram = "identity_http_request_duration_seconds_count"
+    assert {value(s, histogram, route="/v1/handoffs") for s in scrapes} == {count}
+    # Each scrape counts the ones before it, whichever worker answered them.
+    scrapes_seen = {"route": "/metrics", "method": "GET", "status": "200"}
+    assert [value(s, "identity_http_requests_total", **scrapes_seen) for s in scrapes] == list(
+        range(8)
+    )
+
+
+class Forward:
+    """A running ``identity-service forward`` with its metrics port."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stderr_path = tmp_path / "forward-stderr"
+        with self.stderr_path.open("wb") as err:
+            self.process = subprocess.Popen(
+                [COMMAND, "forward"],
+                env={
+                    **env,
+                    "IDENTITY_FORWARDER_METRICS_PORT": str(self.port),
+                    "IDENTITY_FORWARDER_METRICS_HOST": "127.0.0.1",
+                },
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+
+    async def ready(self) -> None:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(f"{self.url}/healthz") as answer,
+                ):
+                    if answer.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError(f"forward did not start: {self.stderr_path.read_text()}")
+            await asyncio.sleep(0.05)
+
+    def stop(self) -> int:
+        self.process.terminate()
+        return self.process.wait(timeout=20)
+
+
+@pytest.fixture
+async def collector() -> AsyncIterator[Collector]:
+    async with running_collector() as running:
+        yield running
+
+
+@pytest.fixture
+def forward_env(private_redis: RedisServer, collector: Collector) -> dict[str, str]:
+    return redis_env(
+        private_redis,
+        IDENTITY_DESTINATION_URL=collector.url,
+        IDENTITY_DESTINATION_WRITE_KEY=WRITE_KEY,
+        IDENTITY_BATCH_MAX_WAIT="0.01",
+        IDENTITY_BACKOFF_BASE="0.05",
+        IDENTITY_BACKOFF_MAX="0.1",
+    )
+
+
+async def test_forward_serves_its_own_metrics(
+    tmp_path: Path, forward_env: dict[str, str], collector: Collector
+) -> None:
+    # The web side, with the forwarder off, writes the outbox the forward process reads.
+    web = Service(tmp_path, {**forward_env, "IDENTITY_FORWARDER": "off"})
+    forward = Forward(tmp_path, forward_env)
+    try:
+        await forward.ready()
+        collector.plan = [Answer(status=503)]
+        status, _ = await post(
+            f"{web.url}/v1/handoffs",
+            {"anonymousId": "visitor-f", "destination": CHECKOUT_URL},
+            WRITE_KEYS["shop"],
+        )
+        assert status == 201
+        await collector.wait_for(1)
+
+        def delivered(samples: Samples) -> bool:
+            return value(samples, "identity_events_delivered_total", destination="default") == 1
+
+        samples = await eventually(lambda: scrape_url(forward.url), delivered)
+        assert value(samples, "identity_delivery_attempts_total", destination="default") == 2
+        assert value(samples, "identity_delivery_failures_total", destination="default") == 1
+        assert value(samples, "identity_delivery_retries_total", destination="default") == 1
+        assert value(samples, "identity_outbox_pending", destination="default") == 0
+        assert value(samples, "identity_store_up") == 1
+        # The web side shows the same outbox, read from Redis.
+        web_samples = await scrape_url(web.url)
+        assert value(web_samples, "identity_outbox_pending", destination="default") == 0
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{forward.url}/v1/handoffs") as answer,
+        ):
+            assert answer.status == 404
+            assert answer.content_type == "application/problem+json"
+    finally:
+        assert await asyncio.to_thread(forward.stop) == 0
+        assert await asyncio.to_thread(web.stop) == 0
+
+
+async def test_forward_without_a_metrics_port_serves_none(private_redis: RedisServer) -> None:
+    from identity_service.metrics import Metrics
+    from identity_service.metrics_app import serving_metrics
+    from tests.conftest import make_settings
+
+    for off in ("0", "off"):
+        settings = make_settings(private_redis.url, forwarder_metrics_port=off)
+        async with serving_metrics(settings, Metrics()) as port:
+            assert port is None
+
+
+def test_forward_says_when_its_metrics_port_is_taken(forward_env: dict[str, str]) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            **forward_env,
+            "IDENTITY_FORWARDER_METRICS_PORT": str(port),
+            "IDENTITY_FORWARDER_METRICS_HOST": "127.0.0.1",
+        }
+        result = subprocess.run(
+            [COMMAND, "forward"], env=env, capture_output=True, text=True, timeout=20, check=False
+        )
+    assert result.returncode == 1
+    assert f"metrics port: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_workers_directory_is_private_or_the_one_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from identity_service import metrics
+
+    monkeypatch.delenv(metrics.MULTIPROC_ENV, raising=False)
+    with metrics.multiprocess_directory() as private:
+        counted = metrics.Metrics()
+        counted.inc("identity_store_errors_total")
+        assert list(Path(private).glob("counter_*.db"))
+        assert counted.value("identity_store_errors_total") == 1
+    assert not Path(private).exists()
+
+    given = tmp_path / "multiproc"
+    given.mkdir()
+    (given / "counter_1.db").write_bytes(b"an earlier run's")
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(given))
+    with metrics.multiprocess_directory() as directory:
+        assert directory == str(given)
+        assert not (given / "counter_1.db").exists()
+    assert given.is_dir()
+    # Back to counting in memory: a new registry starts from nothing.
+    assert metrics.Metrics().value("identity_store_errors_total") == 0
