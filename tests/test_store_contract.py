@@ -234,7 +234,7 @@ async def test_wait_goes_in_the_scripts_write_and_a_shortfall_still_succeeds(
     to confirm, the call still succeeds, counted and logged (docs/redis-topologies.md)."""
     metrics = Metrics()
     settings = RedisSettings.from_dsn(private_redis.url, key_prefix="wait:", wait=(1, 10))
-    store = RedisStore(settings, SEALER, metrics)
+    store = RedisStore(settings, SEALER, metrics=metrics)
     writes: list[int] = []
     flush = resp_module.Connection._flush
 
