@@ -54,8 +54,6 @@ class Commands(Protocol):
     def call(self, key: str, *args: Arg) -> Awaitable[Reply]:
         """A command whose keys share ``key``'s slot."""
 
-    async def execute_asking(self, *args: Arg) -> Reply: ...
-
     async def run_script(self, script: Script, keys: list[str], args: list[Arg]) -> Reply: ...
 
     def disconnect(self) -> None: ...
@@ -175,9 +173,6 @@ class ClusterClient:
                 self._stale = True
                 raise
         raise ConnectionError(f"still redirected after {MAX_REDIRECTS} tries")
-
-    async def execute_asking(self, *args: Arg) -> Reply:
-        raise NotImplementedError("a Cluster client follows ASK itself")
 
     async def run_script(self, script: Script, keys: list[str], args: list[Arg]) -> Reply:
         try:
