@@ -260,3 +260,26 @@ async def test_wait_goes_in_the_scripts_write_and_a_shortfall_still_succeeds(
         await store.close()
     assert metrics.value("identity_redis_wait_short_total", operation="prepare") == 3
     assert metrics.value("identity_redis_wait_short_total", operation="exchange") == 2
+
+
+async def test_concurrent_requests_share_one_wait_while_one_is_in_flight(
+    private_redis: RedisServer,
+) -> None:
+    """Redis holds a connection while its WAIT waits: a WAIT per request would queue them
+    all behind each other's timeout. The first request's WAIT goes with its script; the
+    others, sent meanwhile, share the one WAIT sent when it returns."""
+    metrics = Metrics()
+    settings = RedisSettings.from_dsn(private_redis.url, key_prefix="waits:", wait=(1, 100))
+    store = RedisStore(settings, SEALER, metrics=metrics)
+    admin = connect(settings)
+    try:
+        await store.put(new_id(), b"load the script", 60, None)
+        await admin.config_resetstat()
+        await asyncio.gather(*(store.put(new_id(), b"record", 60, None) for _ in range(50)))
+        stats = await admin.info("commandstats")
+    finally:
+        await store.close()
+        await admin.aclose()
+    assert stats["cmdstat_evalsha"]["calls"] == 50
+    assert stats["cmdstat_wait"]["calls"] == 2
+    assert metrics.value("identity_redis_wait_short_total", operation="prepare") == 51

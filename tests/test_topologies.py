@@ -266,9 +266,11 @@ async def kill_the_master_under_handoffs(
         seconds_to_success=round(recovered[0] - killed_at, 2),
         double_redemptions=doubles,
         lost=lost,
-        wait_short=sum(
-            client.app[app_keys.METRICS].value("identity_redis_wait_short_total", operation=op)
-            for op in ("prepare", "exchange")
+        wait_short=int(
+            sum(
+                client.app[app_keys.METRICS].value("identity_redis_wait_short_total", operation=op)
+                for op in ("prepare", "exchange")
+            )
         ),
         statuses=dict(stream.statuses),
     )

@@ -39,6 +39,7 @@ from identity_service.metrics import Metrics
 from identity_service.problems import StoreUnavailable
 from identity_service.settings import RedisSettings
 from identity_service.stores import PrepareEvents
+from identity_service.stores.replication import Waits
 from identity_service.stores.resp import Arg, Reply, ReplyError, Script
 from identity_service.stores.topology import Commands, lean_client
 
@@ -213,7 +214,7 @@ class RedisStore:
         self._address = settings.address
         self._sealer = sealer
         self._metrics = metrics
-        self._wait = settings.wait
+        self._waits = Waits(*settings.wait) if settings.wait is not None else None
         self._redis = lean_client(settings, settings.timeout)
 
     @property
@@ -234,7 +235,9 @@ class RedisStore:
         args: list[Arg] = [record, ttl_seconds, template, started, source or ""]
         keys = self._keys(lookup_id)
         call = self._redis.run_script(PREPARE, keys, args)
-        await self._guarded(call if self._wait is None else self._replicated(call, keys, "prepare"))
+        await self._guarded(
+            call if self._waits is None else self._replicated(call, keys, "prepare")
+        )
 
     async def take(self, lookup_id: bytes, facts: dict[str, Any] | None) -> bytes | None:
         sealed_facts = source = b""
@@ -245,35 +248,29 @@ class RedisStore:
         keys = self._keys(lookup_id)
         call = self._redis.run_script(EXCHANGE, keys, [sealed_facts, source])
         record = await self._guarded(
-            call if self._wait is None else self._replicated(call, keys, "exchange")
+            call if self._waits is None else self._replicated(call, keys, "exchange")
         )
         assert record is None or isinstance(record, bytes)
         return record
 
     async def _replicated(self, call: Awaitable[Reply], keys: list[str], operation: str) -> Reply:
-        """``call`` then ``WAIT`` on the same connection, in the same write: one round trip.
+        """``call``, then a ``WAIT`` that covers it (replication.py: in the same write when
+        none is in flight on the connection, else one shared by every request meanwhile).
 
         Fewer replicas than asked within the timeout does not fail the request: the write
         is done on the master, and a 503 would make the client retry, which for an exchange
         is the very double redemption WAIT is there to prevent (docs/redis-topologies.md).
         """
-        assert self._wait is not None
-        replicas, milliseconds = self._wait
-        script = asyncio.ensure_future(call)
-        waited = asyncio.ensure_future(self._redis.call(keys[0], "WAIT", replicas, milliseconds))
-        # Replies come in order: the script's task finishes before the WAIT's, unless the
-        # node did not know the script and it went again as EVAL, after this WAIT.
-        finished: list[object] = []
-        script.add_done_callback(finished.append)
-        waited.add_done_callback(finished.append)
-        reply, acknowledged = await asyncio.gather(script, waited)
-        if finished[0] is waited:
-            acknowledged = await self._redis.call(keys[0], "WAIT", replicas, milliseconds)
-        if acknowledged < replicas:
+        assert self._waits is not None
+        reply, acknowledged = await self._waits.after(self._redis, keys[0], call)
+        if acknowledged < self._waits.replicas:
             if self._metrics is not None:
                 self._metrics.inc("identity_redis_wait_short_total", operation=operation)
             logger.warning(
-                "redis_wait_short", operation=operation, replicas=acknowledged, wanted=replicas
+                "redis_wait_short",
+                operation=operation,
+                replicas=acknowledged,
+                wanted=self._waits.replicas,
             )
         return reply
 

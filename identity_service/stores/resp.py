@@ -145,6 +145,10 @@ class RespClient:
         """A command on ``key`` (one node has every key: ``key`` only routes on a Cluster)."""
         return self.execute(*args)
 
+    def node_for(self, key: str) -> "RespClient":
+        """The client ``key`` goes to: this one (see topology.py for a Cluster's)."""
+        return self
+
     async def execute_asking(self, *args: Arg) -> Reply:
         """``ASKING`` then the command, adjacent on the connection (a Cluster's ASK)."""
         connection = self._connection

@@ -56,6 +56,9 @@ class Commands(Protocol):
 
     async def run_script(self, script: Script, keys: list[str], args: list[Arg]) -> Reply: ...
 
+    def node_for(self, key: str) -> "Commands | None":
+        """The one-node client ``key`` goes to (None: not known now)."""
+
     def disconnect(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -183,14 +186,8 @@ class ClusterClient:
             # Each node has its own script cache: EVAL runs it and caches it there.
             return await self.call(keys[0], "EVAL", script.source, len(keys), *keys, *args)
 
-    def nodes_of(self, keys: list[str]) -> dict[RespClient, list[str]]:
-        """``keys`` grouped by the node that serves them now (after a refresh)."""
-        grouped: dict[RespClient, list[str]] = {}
-        for key in keys:
-            node = self._slots[key_slot(key.encode())]
-            if node is not None:
-                grouped.setdefault(node, []).append(key)
-        return grouped
+    def node_for(self, key: str) -> RespClient | None:
+        return None if self._stale else self._slots[key_slot(key.encode())]
 
     async def refresh(self) -> None:
         """Load the slot map; concurrent callers share one load."""
