@@ -85,8 +85,9 @@ class Stream:
     prepared: set[str] = field(default_factory=set)
     exchanged: set[str] = field(default_factory=set)
     failed_at: list[float] = field(default_factory=list)
-    succeeded_at: list[float] = field(default_factory=list)
-    # Set by the first handoff that succeeds after a 503.
+    # When each handoff that began after the first 503 succeeded (those in flight at the
+    # failure do not say the service recovered).
+    recovered_at: list[float] = field(default_factory=list)
     recovered: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
@@ -94,6 +95,7 @@ class Stream:
 
     async def _worker(self, number: int) -> None:
         while not self.stop.is_set():
+            began = time.monotonic()
             self.flows += 1
             visitor = f"visitor-{number}-{self.flows}"
             AUDIT.identity(visitor, "anonymousId")
@@ -114,8 +116,8 @@ class Stream:
             if status == 200:
                 self.exchanged.add(visitor)
                 self.redeemed.append((time.monotonic(), visitor, token))
-                self.succeeded_at.append(time.monotonic())
-                if self.failed_at:
+                if self.failed_at and began > self.failed_at[0]:
+                    self.recovered_at.append(time.monotonic())
                     self.recovered.set()
 
     async def _post(
@@ -241,8 +243,10 @@ async def kill_the_master_under_handoffs(
     await asyncio.sleep(1.0)
     stream.stop.set()
     await running
-    recovered = [at for at in stream.succeeded_at if stream.failed_at and at > stream.failed_at[-1]]
-    assert recovered, "no handoff succeeded after the failover: the service did not recover"
+    assert stream.recovered_at, (
+        f"no handoff begun after the failover succeeded (WAIT {wait or 'off'}): "
+        f"{stream.statuses}; the service did not recover"
+    )
     failed = sum(count for answer, count in stream.statuses.items() if answer.endswith(" 503"))
     lost = await wait_for_events(stream, collector, 15)
     # Redeem again what was redeemed in the last second before the kill: a 200 now means
@@ -263,7 +267,7 @@ async def kill_the_master_under_handoffs(
         wait=wait or "off",
         flows=stream.flows,
         failed=failed,
-        seconds_to_success=round(recovered[0] - killed_at, 2),
+        seconds_to_success=round(stream.recovered_at[0] - killed_at, 2),
         double_redemptions=doubles,
         lost=lost,
         wait_short=int(
