@@ -41,7 +41,7 @@ chaos: install
 # The service on real Redis topologies (tests/redis_topologies.py): a 3-master Cluster (the
 # store contract, the race, delivery and the sealing scan, a resharding under load) and a
 # master with a replica behind three sentinels (the contract, two failovers under load,
-# with and without IDENTITY_REDIS_WAIT): about 3 minutes, the figures printed.
+# with and without IDENTITY_REDIS_WAIT): about 2 minutes, the figures printed.
 topology: install
 	$(BIN)/pytest -m topology -s -p no:randomly
 
