@@ -104,6 +104,19 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/* The Redis port the NetworkPolicy lets the pods reach: redis.port, else the in-chart
+Redis's, else the one redis.url names (6379 when it names none). */}}
+{{- define "identity-service.redisPort" -}}
+{{- if .Values.redis.internal.enabled }}
+{{- 6379 }}
+{{- else if .Values.redis.port }}
+{{- .Values.redis.port }}
+{{- else }}
+{{- $port := regexFind ":[0-9]+$" (urlParse .Values.redis.url).host | trimPrefix ":" }}
+{{- $port | default "6379" }}
+{{- end }}
+{{- end }}
+
 {{/* The environment both pods share: settings, secrets, Redis. */}}
 {{- define "identity-service.envFrom" -}}
 - configMapRef:
