@@ -513,3 +513,22 @@ def test_restricted_egress_reaches_the_port_of_the_external_redis_url() -> None:
     assert 6379 in egress_ports(find(render(values), "NetworkPolicy"))
     values["redis"] = {"url": "redis://redis.data:6379/0", "port": 7000}  # said outright
     assert 7000 in egress_ports(find(render(values), "NetworkPolicy"))
+
+
+def test_a_change_of_the_charts_redis_password_rolls_the_pods_with_an_existing_secret() -> None:
+    values = ci_values("existing-secret")
+    values["redis"] = {"url": "redis://redis.data:6379/0", "auth": {"password": "first-one-0123"}}
+    before = checksums(values)
+    values["redis"]["auth"]["password"] = "second-one-0123"
+    assert checksums(values)["checksum/secret"] != before["checksum/secret"]
+
+
+def test_a_destination_may_take_some_sources_only() -> None:
+    values = ci_values("everything")
+    values["destinations"]["segment"]["sources"] = ["shop"]
+    objects = render(values)
+    (container,) = pod_spec(find(objects, "Deployment", f"{FULLNAME}-forwarder"))["containers"]
+    settings = load_settings(environment(objects, container))
+    by_name = {d.name: d for d in settings.outbox.destinations}
+    assert by_name["segment"].sources == frozenset({"shop"})
+    assert settings.outbox.routes_by_source

@@ -237,8 +237,10 @@ readinessProbe:
 {{/* Checksums of the settings and secrets, so that a change rolls the pods. */}}
 {{- define "identity-service.checksums" -}}
 checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
-{{- if not .Values.existingSecret }}
-checksum/secret: {{ include (print .Template.BasePath "/secret.yaml") . | sha256sum }}
+{{- /* The chart's Secrets: its own, or only the Redis password's beside an existingSecret. */}}
+{{- $secrets := include (print .Template.BasePath "/secret.yaml") . }}
+{{- if trim $secrets }}
+checksum/secret: {{ $secrets | sha256sum }}
 {{- end }}
 {{- end }}
 
