@@ -433,7 +433,9 @@ def _selects(selector: dict[str, Any], labels: Labels) -> bool:
     return True
 
 
-def _peer_matches(peer: dict[str, Any], namespace: Labels, pod: Labels, same_namespace: bool) -> bool:
+def _peer_matches(
+    peer: dict[str, Any], namespace: Labels, pod: Labels, same_namespace: bool
+) -> bool:
     if "ipBlock" in peer:
         return False  # the peers here are pods
     if "namespaceSelector" in peer and not _selects(peer["namespaceSelector"], namespace):
