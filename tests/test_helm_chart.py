@@ -534,3 +534,18 @@ def test_a_destination_may_take_some_sources_only() -> None:
     by_name = {d.name: d for d in settings.outbox.destinations}
     assert by_name["segment"].sources == frozenset({"shop"})
     assert settings.outbox.routes_by_source
+
+
+def test_the_workers_count_in_one_directory_of_the_pods_tmp_volume() -> None:
+    """With ``config.workers`` above 1 the workers count in files; a private directory a
+    killed container left behind would stay in the memory-backed volume across restarts,
+    so the pod names one that ``serve`` empties of an earlier run's files at start."""
+    values = ci_values("everything")  # workers: 2
+    objects = render(values)
+    web = find(objects, "Deployment")
+    (container,) = pod_spec(web)["containers"]
+    directory = environment(objects, container)["PROMETHEUS_MULTIPROC_DIR"]
+    (mount,) = container["volumeMounts"]
+    assert directory.startswith(mount["mountPath"] + "/")
+    volume = next(v for v in pod_spec(web)["volumes"] if v["name"] == mount["name"])
+    assert "emptyDir" in volume
