@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -406,7 +407,7 @@ async def test_a_scrape_reads_little_from_redis_when_redis_cannot_say_a_groups_l
     try:
         stream = outbox_key("test:", 0)
         await redis.xgroup_create(stream, "segment", id="0", mkstream=True)
-        entry = {"j": b"x" * 1000}  # about an event's size
+        entry: dict[Any, Any] = {"j": b"x" * 1000}  # about an event's size
         async with redis.pipeline(transaction=False) as pipe:
             for _ in range(2000):
                 pipe.xadd(stream, entry)
