@@ -224,7 +224,7 @@ async def test_every_scrape_of_two_workers_reads_the_same_totals(
             assert status == 201
         scrapes = [await scrape_url(service.url) for _ in range(8)]
     finally:
-        assert await asyncio.to_thread(service.stop) == 0
+        assert await asyncio.to_thread(service.stop) == 0, service.stderr
     prepared = [value(s, "identity_handoffs_prepared_total", source="shop") for s in scrapes]
     assert prepared == [count] * len(scrapes)
     requests = {"route": "/v1/handoffs", "method": "POST", "status": "201"}
