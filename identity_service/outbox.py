@@ -34,6 +34,11 @@ async def running_forwarders(
                 settings.redis, max_connections=1 + len(settings.outbox.destinations)
             )
         )
+    unrouted = settings.outbox.routed_nowhere([source.name for source in settings.sources])
+    if unrouted:
+        # A configuration that may be meant (a site whose events nobody wants), but more
+        # likely a site added to sources and to no destination's sources list.
+        logger.warning("outbox_sources_routed_nowhere", sources=unrouted)
     forwarders = []
     clients: list[RespClient] = []
     store = settings.redis.address if settings.redis is not None else "memory"

@@ -178,6 +178,17 @@ class OutboxSettings:
         is written with its source's name, which the feeds route on."""
         return any(destination.sources is not None for destination in self.destinations)
 
+    def routed_nowhere(self, source_names: list[str]) -> list[str]:
+        """The sources whose events no destination takes (every events destination names
+        ``sources`` and none names them): their events would be dropped unseen."""
+        if not self.enabled:
+            return []
+        takers = [d for d in self.destinations if not d.addressed_only]
+        if any(d.sources is None for d in takers):
+            return []
+        taken = {name for d in takers for name in d.sources or ()}
+        return [name for name in source_names if name not in taken]
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:

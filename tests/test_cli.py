@@ -1,6 +1,7 @@
 """The ``identity-service`` command as a real process: serve, logs, shutdown, refusals."""
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -506,3 +507,28 @@ def test_forward_names_an_unreachable_redis_without_its_password(tmp_path: Path)
     (unreachable,) = wait_for_lines(stdout_path, "store_unreachable")
     assert unreachable["reason"] == f"redis at {shown} (ConnectionRefusedError)"
     assert password not in stdout_path.read_text() + stderr_path.read_text()
+
+
+def test_forward_warns_of_a_source_whose_events_no_destination_takes(tmp_path: Path) -> None:
+    destinations = {"a": {"url": "https://api.segment.io", "write_key": "wk", "sources": ["shop"]}}
+    stdout_path = tmp_path / "stdout"
+    with stdout_path.open("wb") as out:
+        process = subprocess.Popen(
+            [COMMAND, "forward"],
+            env=clean_env(
+                IDENTITY_SOURCES=sources_env(),
+                IDENTITY_SECRET=SECRET,
+                IDENTITY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens
+                IDENTITY_DESTINATIONS=json.dumps(destinations),
+                IDENTITY_FORWARDER_METRICS_PORT="0",
+            ),
+            stdout=out,
+            stderr=subprocess.DEVNULL,
+        )
+    try:
+        (warning,) = wait_for_lines(stdout_path, "outbox_sources_routed_nowhere")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+    assert warning["level"] == "warning"
+    assert warning["sources"] == [name for name in WRITE_KEYS if name != "shop"]

@@ -626,3 +626,17 @@ def test_the_single_destinations_sources_name_the_development_source_without_sou
     ]
     environ["IDENTITY_DESTINATION_SOURCES"] = "dev"
     assert load_settings(environ).outbox.destinations[0].sources == frozenset({"dev"})
+
+
+def test_sources_no_destination_takes_are_named() -> None:
+    routed = {"a": {"url": "https://api.segment.io", "write_key": "wk", "sources": ["shop"]}}
+    environ = {
+        "IDENTITY_SOURCES": json.dumps({"shop": SHOP, "checkout": SHOP}),
+        "IDENTITY_DESTINATIONS": json.dumps(routed),
+    }
+    assert load_settings(environ).outbox.routed_nowhere(["shop", "checkout"]) == ["checkout"]
+    everything = {**routed, "b": {"url": "https://api.segment.io", "write_key": "wk"}}
+    environ["IDENTITY_DESTINATIONS"] = json.dumps(everything)
+    assert load_settings(environ).outbox.routed_nowhere(["shop", "checkout"]) == []
+    environ.update(IDENTITY_DESTINATIONS=json.dumps(routed), IDENTITY_OUTBOX="off")
+    assert load_settings(environ).outbox.routed_nowhere(["shop", "checkout"]) == []

@@ -7,7 +7,11 @@ the cookie analytics.js reads) and answers ``303`` to the same URL without the t
 the page loads clean and analytics.js starts with the restored anonymousId.
 
 - A missing, used or expired token answers a generated identity (``source="generated"``):
-  the cookie is set to the new id and the page loads.
+  the cookie is set to the new id and the page loads; a visitor who already has the cookie
+  keeps it (a reloaded or bookmarked handoff URL must not replace the visitor's id), as the
+  Node middleware does.
+- The ``Location`` is always a path of this site: leading slashes and backslashes collapse
+  to one, so ``//evil.example/?handoff_token=...`` never redirects to another host.
 - When the service is down (``ServiceUnavailable``, ``IdentityConnectionError``) or refuses
   the exchange, the middleware still answers the 303 to the clean URL, without a cookie:
   the page loads and analytics.js keeps (or makes) its own id. The exchange is never
@@ -95,7 +99,10 @@ class MiddlewareSettings:
         for item in (cookie_header or "").split(";"):
             name, sep, value = item.strip().partition("=")
             if sep and name == self.cookie_name and value:
-                return Identity(anonymous_id=unquote(value.strip('"')), source="cookie")
+                # analytics.js stores the id raw; older versions a JSON string (%22id%22).
+                anonymous_id = unquote(value.strip('"')).strip('"')
+                if anonymous_id:
+                    return Identity(anonymous_id=anonymous_id, source="cookie")
         return None
 
     def split_token(self, query: str) -> tuple[str | None, str]:
@@ -112,6 +119,14 @@ class MiddlewareSettings:
                 kept.append(part)
         return token, "&".join(kept)
 
+    def landed(self, identity: Identity, cookie_header: str | None) -> tuple[Identity, str | None]:
+        """The request's identity after an exchange, and the ``Set-Cookie`` value (None: the
+        cookie stays). A generated id does not replace the visitor's cookie."""
+        existing = self.cookie_identity(cookie_header)
+        if identity.source == "generated" and existing is not None:
+            return existing, None
+        return identity, self.set_cookie(identity.anonymous_id)
+
     def context(
         self, url: str, referrer: str | None, ip: str | None, user_agent: str | None
     ) -> dict[str, Any]:
@@ -127,6 +142,9 @@ class MiddlewareSettings:
 
 
 def _location(path: str, query: str) -> str:
+    """The redirect target: ``path`` with one leading slash (``//host`` or ``/\\host`` would
+    send the browser to another host) and ``query``."""
+    path = "/" + path.lstrip("/\\")
     return f"{path}?{query}" if query else path
 
 
@@ -193,9 +211,9 @@ class IdentityASGIMiddleware:
             _failed(error)
             state["identity"] = self.settings.cookie_identity(headers.get("cookie"))
         else:
-            state["identity"] = identity
-            cookie = self.settings.set_cookie(identity.anonymous_id)
-            response_headers.append((b"set-cookie", cookie.encode("latin-1")))
+            state["identity"], cookie = self.settings.landed(identity, headers.get("cookie"))
+            if cookie is not None:
+                response_headers.append((b"set-cookie", cookie.encode("latin-1")))
         await send({"type": "http.response.start", "status": 303, "headers": response_headers})
         await send({"type": "http.response.body", "body": b""})
 
@@ -250,8 +268,9 @@ class IdentityWSGIMiddleware:
             _failed(error)
             environ[WSGI_ENVIRON_KEY] = self.settings.cookie_identity(cookie_header)
         else:
-            environ[WSGI_ENVIRON_KEY] = identity
-            headers.append(("Set-Cookie", self.settings.set_cookie(identity.anonymous_id)))
+            environ[WSGI_ENVIRON_KEY], cookie = self.settings.landed(identity, cookie_header)
+            if cookie is not None:
+                headers.append(("Set-Cookie", cookie))
         start_response("303 See Other", headers)
         return [b""]
 
@@ -301,8 +320,10 @@ def identity_middleware(client: AsyncIdentityClient, **settings: Any) -> Middlew
             _failed(error)
             expose(request, config.cookie_identity(cookie_header))
         else:
-            expose(request, identity)
-            response.headers.add("Set-Cookie", config.set_cookie(identity.anonymous_id))
+            landed, cookie = config.landed(identity, cookie_header)
+            expose(request, landed)
+            if cookie is not None:
+                response.headers.add("Set-Cookie", cookie)
         return response
 
     return middleware

@@ -10,6 +10,7 @@ generated id and the page still loads.
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -228,3 +229,62 @@ def test_an_expired_token_falls_back_in_every_framework(
         anonymous_id = check_clean_redirect(response, f"{sites[name]}/cart")
         assert anonymous_id != "expiring", name
         assert response.json() == {"anonymousId": anonymous_id, "source": "cookie"}, name
+
+
+def raw_get(base: str, target: str, cookie: str | None = None) -> tuple[int, dict[str, str]]:
+    """GET ``target`` sent as is (httpx would normalise a path such as ``//host/x``): the
+    status and the headers (lower-case names, the last of each)."""
+    parts = urlsplit(base)
+    request = f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n"
+    if cookie is not None:
+        request += f"Cookie: {cookie}\r\n"
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall((request + "\r\n").encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    status_line, *lines = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("path", ["//evil.example/cart", "/\\evil.example/cart", "///evil.example"])
+def test_the_redirect_never_leaves_the_site(
+    framework: str, path: str, sites: dict[str, str], identity: IdentityClient
+) -> None:
+    """A handoff URL whose path starts with two slashes (or a slash and a backslash) must
+    not become a protocol-relative Location: the browser would go to evil.example."""
+    status, headers = raw_get(sites[framework], f"{path}?handoff_token=no-such-token&a=1")
+    if status != 303:  # the server refused the path itself: nothing was redirected
+        assert "location" not in headers, (framework, status, headers)
+        return
+    location = headers["location"]
+    assert location.startswith("/"), location
+    assert not location.startswith(("//", "/\\")), (framework, location)
+    assert location.endswith("?a=1"), location
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_a_stale_token_keeps_the_visitor_id_already_there(
+    framework: str, sites: dict[str, str], identity: IdentityClient
+) -> None:
+    """A visitor who already has an id on domain B and opens a used (or expired) handoff
+    link (a bookmark, a reload, a shared URL) keeps that id: the generated fallback does
+    not replace the cookie, as the Node middleware does too."""
+    status, headers = raw_get(
+        sites[framework], "/cart?handoff_token=no-such-token", cookie=f"{COOKIE}=already-here"
+    )
+    assert status == 303
+    assert headers["location"] == "/cart"
+    assert "set-cookie" not in headers, headers
+    cookie = {"Cookie": f"{COOKIE}=already-here"}
+    with httpx.Client(headers=cookie, timeout=10) as browser:
+        landed = browser.get(f"{sites[framework]}{headers['location']}")
+    assert landed.json() == {"anonymousId": "already-here", "source": "cookie"}

@@ -75,3 +75,16 @@ def test_the_python_snippets_hand_the_visitor_over(domain_b: str) -> None:
         page = httpx.get(f"{domain_b}/cart", headers={"Cookie": "ajs_anonymous_id=readme-visitor"})
         assert page.text == "hello readme-visitor"
         assert httpx.get(f"{domain_b}/cart").text == "hello new visitor"
+
+
+def test_the_python_domain_a_snippet_still_sends_a_visitor_without_a_cookie(
+    domain_b: str,
+) -> None:
+    """No ajs_anonymous_id on domain A (analytics.js blocked, cookies cleared): the service
+    refuses the prepare, and the checkout must still go on, undecorated, not fail."""
+    code = snippets(ROOT / "README.md")["python-domain-a"]
+    code = code.replace("https://checkout.example-pay.com", domain_b)
+    with serving_wsgi(run(code)) as domain_a, httpx.Client(timeout=10) as browser:
+        go = browser.post(f"{domain_a}/checkout")
+        assert go.status_code == 303
+        assert go.headers["location"] == f"{domain_b}/cart"

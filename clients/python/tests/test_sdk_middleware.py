@@ -57,6 +57,19 @@ def test_split_token_keeps_the_other_parameters_in_order() -> None:
     assert settings.split_token("handoff%5Ftoken=x") == ("x", "")
 
 
+def test_the_cookie_is_read_raw_or_as_analytics_js_classic_json_string() -> None:
+    settings = MiddlewareSettings()
+    for header in (
+        "ajs_anonymous_id=abc-1",
+        'ajs_anonymous_id="abc-1"',
+        "ajs_anonymous_id=%22abc-1%22",  # analytics.js classic: JSON.stringify, URL-encoded
+        "other=1; ajs_anonymous_id=%22abc-1%22",
+    ):
+        identity = settings.cookie_identity(header)
+        assert identity is not None and identity.anonymous_id == "abc-1", header
+    assert settings.cookie_identity("ajs_anonymous_id=%22%22") is None
+
+
 # ASGI
 
 
