@@ -7,8 +7,10 @@ On Redis it costs two pipelined round trips whatever the backlog, on a connectio
 scrape's own (never the request path's): ``XINFO GROUPS`` of every shard's outbox stream
 and ``XLEN`` of every dead-letter stream; then, only where a group has entries left,
 ``XPENDING``'s summary (the oldest entry read but not acknowledged) and ``XRANGE … COUNT 1``
-(the oldest not yet read). Unlike ``outbox status`` it takes no transaction per shard: an
-entry being dead-lettered during the scrape may count once in both.
+(the oldest not yet read). Where Redis cannot say a group's lag (before Redis 7), the unread
+entries are read to be counted, at most ``UNREAD_COUNT_CAP`` a shard. Unlike ``outbox
+status`` it takes no transaction per shard: an entry being dead-lettered during the scrape
+may count once in both.
 """
 
 import asyncio
@@ -28,9 +30,11 @@ from identity_service.streams import parse_id, text
 
 logger = structlog.get_logger(__name__)
 
-# When Redis cannot say a group's lag (entries deleted past its last read), its unread
-# entries are counted, up to this many.
-UNREAD_COUNT_CAP = 10_000
+# When Redis cannot say a group's lag (before Redis 7, or entries deleted past its last
+# read), its unread entries are counted by reading them, up to this many per shard: every
+# scrape of every pod pays for it, so ``identity_outbox_pending`` is then a floor (up to
+# 16 x 100 unread) rather than a read of a backlog's every entry.
+UNREAD_COUNT_CAP = 100
 
 Ping = Callable[[], Awaitable[object]]
 _Followup = Callable[[Any], None]

@@ -161,10 +161,11 @@ def with_query_param(href: str, name: str, value: str) -> str:
     """``href`` (a WHATWG serialization) with ``name=value`` last in its query."""
     # In a serialized URL the first "#" starts the fragment and the first "?" the query.
     base, sharp, fragment = href.partition("#")
-    if "?" not in base:
+    _, question, query = base.partition("?")
+    if not question:
         base += "?"
-    elif not base.endswith(("?", "&")):
-        base += "&"
+    elif query and not query.endswith("&"):
+        base += "&"  # even after a "?" that ends a query: there it is the pair's own text
     return f"{base}{quote(name, safe='')}={quote(value, safe='')}{sharp}{fragment}"
 
 

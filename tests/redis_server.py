@@ -1,5 +1,6 @@
 """Starts and stops private ``redis-server`` processes on free loopback ports for tests."""
 
+import random
 import shutil
 import socket
 import subprocess
@@ -8,10 +9,34 @@ from pathlib import Path
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port nothing listens on, outside the kernel's ephemeral range.
+
+    A port the kernel hands out (``bind`` to 0) is in the ephemeral range, where any
+    outgoing connection of the suite (to a Redis, a collector...) may take it before the
+    test's server binds it: "address already in use". Ports below that range are only
+    ever taken by listeners.
+    """
+    low, _ = _ephemeral_range()
+    for _ in range(200):
+        port = random.randrange(_FIRST_PORT, low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
+
+
+_FIRST_PORT = 20000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return max(int(low), _FIRST_PORT + 1000), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def _answers_ping(port: int) -> bool:

@@ -17,7 +17,6 @@ Without Chromium or Playwright this test skips, except in CI (CI set), where it 
 
 import datetime
 import json
-import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ from identity_service.app import create_app
 from tests.browser import BLOCK_THIRD_PARTY_COOKIES, blocking_profile, chromium_path, need_browser
 from tests.browser import CHROMIUM_ARGS as BROWSER_ARGS
 from tests.conftest import AppClient, FrontTestServer, make_settings
+from tests.redis_server import free_port
 from tests.webhook_receiver import WEBHOOK_SECRET, WebhookReceiver
 
 CACHE_HOST = "pub-localhost.cdn.ampproject.org"
@@ -62,13 +62,6 @@ async function submitForm() {{
 </script>
 </body></html>
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def tls_context(directory: Path) -> ssl.SSLContext:

@@ -431,3 +431,141 @@ def merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
 
 def test_the_schema_accepts_every_ci_configuration(configuration: str) -> None:
     chart().validate_schema(chart().merge_values(ci_values(configuration)))
+
+
+# -- NetworkPolicy semantics --------------------------------------------------------------
+
+Labels = dict[str, str]
+
+
+def _selects(selector: dict[str, Any], labels: Labels) -> bool:
+    """Whether a label selector (matchLabels, matchExpressions In/NotIn/Exists) matches."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        value, operator = labels.get(expression["key"]), expression["operator"]
+        if operator == "In" and value not in expression["values"]:
+            return False
+        if operator == "NotIn" and value in expression["values"]:
+            return False
+        if operator == "Exists" and value is None:
+            return False
+    return True
+
+
+def _peer_matches(
+    peer: dict[str, Any], namespace: Labels, pod: Labels, same_namespace: bool
+) -> bool:
+    if "ipBlock" in peer:
+        return False  # the peers here are pods
+    if "namespaceSelector" in peer and not _selects(peer["namespaceSelector"], namespace):
+        return False
+    if "namespaceSelector" not in peer and not same_namespace:
+        return False
+    return "podSelector" not in peer or _selects(peer["podSelector"], pod)
+
+
+def admits(
+    policies: list[Manifest],
+    target: Labels,
+    port: int,
+    peer_namespace: Labels,
+    peer_pod: Labels,
+    same_namespace: bool = False,
+) -> bool:
+    """Whether a pod labelled ``peer_pod`` in a namespace labelled ``peer_namespace`` may
+    open a TCP connection to ``port`` of the release's pod labelled ``target``, as the
+    NetworkPolicy API defines it (rules of every policy selecting the pod, or'ed)."""
+    selecting = [p for p in policies if _selects(p["spec"]["podSelector"], target)]
+    if not any("Ingress" in p["spec"]["policyTypes"] for p in selecting):
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports and not any(p.get("port") == port for p in ports):
+                continue
+            peers = rule.get("from")
+            if not peers or any(
+                _peer_matches(p, peer_namespace, peer_pod, same_namespace) for p in peers
+            ):
+                return True
+    return False
+
+
+def egress_ports(policy: Manifest) -> set[int]:
+    """The TCP ports the policy's egress rules open to any address."""
+    return {
+        p["port"]
+        for rule in policy["spec"]["egress"]
+        if "to" not in rule
+        for p in rule.get("ports", [])
+        if p.get("protocol", "TCP") == "TCP"
+    }
+
+
+WEB = {"app.kubernetes.io/name": "identity-service", "app.kubernetes.io/component": "web"}
+FORWARDER = {**WEB, "app.kubernetes.io/component": "forwarder"}
+MONITORING = {"kubernetes.io/metadata.name": "monitoring"}
+INGRESS = {"kubernetes.io/metadata.name": "ingress-nginx"}
+PROMETHEUS = {"app.kubernetes.io/name": "prometheus"}
+
+
+def test_prometheus_in_metrics_from_scrapes_the_web_and_forwarder_pods() -> None:
+    values = ci_values("everything")
+    policies = [o for o in render(values) if o["kind"] == "NetworkPolicy"]
+    web = {**WEB, "app.kubernetes.io/instance": "identity-service"}
+    forwarder = {**FORWARDER, "app.kubernetes.io/instance": "identity-service"}
+    # The web pods answer /metrics on their one port, 8080; the forwarder on its own.
+    assert admits(policies, web, 8080, MONITORING, PROMETHEUS)
+    assert admits(policies, forwarder, 9464, MONITORING, PROMETHEUS)
+    # The ingress controller reaches the web port; nobody else does.
+    assert admits(policies, web, 8080, INGRESS, {"app": "ingress-nginx"})
+    assert not admits(policies, web, 8080, {"kubernetes.io/metadata.name": "shop"}, {})
+    assert not admits(policies, forwarder, 9464, INGRESS, {"app": "ingress-nginx"})
+
+
+def test_restricted_egress_reaches_the_port_of_the_external_redis_url() -> None:
+    values = ci_values("existing-secret")  # rediss://…:6380
+    values["networkPolicy"] = {"allowExternalEgress": False}
+    policy = find(render(values), "NetworkPolicy")
+    assert 6380 in egress_ports(policy)
+    values["redis"] = {"url": "redis://redis.data:6379/0"}
+    assert 6379 in egress_ports(find(render(values), "NetworkPolicy"))
+    values["redis"] = {"url": "redis://[fd00::1]/0"}  # no port: Redis's own
+    assert 6379 in egress_ports(find(render(values), "NetworkPolicy"))
+    values["redis"] = {"url": "redis://redis.data:6379/0", "port": 7000}  # said outright
+    assert 7000 in egress_ports(find(render(values), "NetworkPolicy"))
+
+
+def test_a_change_of_the_charts_redis_password_rolls_the_pods_with_an_existing_secret() -> None:
+    values = ci_values("existing-secret")
+    values["redis"] = {"url": "redis://redis.data:6379/0", "auth": {"password": "first-one-0123"}}
+    before = checksums(values)
+    values["redis"]["auth"]["password"] = "second-one-0123"
+    assert checksums(values)["checksum/secret"] != before["checksum/secret"]
+
+
+def test_a_destination_may_take_some_sources_only() -> None:
+    values = ci_values("everything")
+    values["destinations"]["segment"]["sources"] = ["shop"]
+    objects = render(values)
+    (container,) = pod_spec(find(objects, "Deployment", f"{FULLNAME}-forwarder"))["containers"]
+    settings = load_settings(environment(objects, container))
+    by_name = {d.name: d for d in settings.outbox.destinations}
+    assert by_name["segment"].sources == frozenset({"shop"})
+    assert settings.outbox.routes_by_source
+
+
+def test_the_workers_count_in_one_directory_of_the_pods_tmp_volume() -> None:
+    """With ``config.workers`` above 1 the workers count in files; a private directory a
+    killed container left behind would stay in the memory-backed volume across restarts,
+    so the pod names one that ``serve`` empties of an earlier run's files at start."""
+    values = ci_values("everything")  # workers: 2
+    objects = render(values)
+    web = find(objects, "Deployment")
+    (container,) = pod_spec(web)["containers"]
+    directory = environment(objects, container)["PROMETHEUS_MULTIPROC_DIR"]
+    (mount,) = container["volumeMounts"]
+    assert directory.startswith(mount["mountPath"] + "/")
+    volume = next(v for v in pod_spec(web)["volumes"] if v["name"] == mount["name"])
+    assert "emptyDir" in volume

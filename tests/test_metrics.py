@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -223,7 +224,7 @@ async def test_every_scrape_of_two_workers_reads_the_same_totals(
             assert status == 201
         scrapes = [await scrape_url(service.url) for _ in range(8)]
     finally:
-        assert await asyncio.to_thread(service.stop) == 0
+        assert await asyncio.to_thread(service.stop) == 0, service.stderr
     prepared = [value(s, "identity_handoffs_prepared_total", source="shop") for s in scrapes]
     assert prepared == [count] * len(scrapes)
     requests = {"route": "/v1/handoffs", "method": "POST", "status": "201"}
@@ -390,3 +391,41 @@ def test_the_workers_directory_is_private_or_the_one_given(
     assert given.is_dir()
     # Back to counting in memory: a new registry starts from nothing.
     assert metrics.Metrics().value("identity_store_errors_total") == 0
+
+
+async def test_a_scrape_reads_little_from_redis_when_redis_cannot_say_a_groups_lag(
+    private_redis: RedisServer,
+) -> None:
+    """Redis before 7, or a stream with a deleted entry, gives no ``lag``: the scrape then
+    counts unread entries by reading them, and must read few, whatever the backlog."""
+    from redis.asyncio import Redis
+
+    from identity_service.constants import outbox_key
+    from identity_service.scrape import redis_backlog
+
+    redis = Redis.from_url(private_redis.url)
+    try:
+        stream = outbox_key("test:", 0)
+        await redis.xgroup_create(stream, "segment", id="0", mkstream=True)
+        entry: dict[Any, Any] = {"j": b"x" * 1000}  # about an event's size
+        async with redis.pipeline(transaction=False) as pipe:
+            for _ in range(2000):
+                pipe.xadd(stream, entry)
+            ids = await pipe.execute()
+        await redis.xdel(stream, ids[1])  # a tombstone past the group's last read: no lag
+        (group,) = await redis.xinfo_groups(stream)
+        assert group["lag"] is None
+
+        async def sent_bytes() -> int:
+            stats = await redis.info("stats")
+            return int(stats["total_net_output_bytes"])
+
+        before = await sent_bytes()
+        report = await redis_backlog(redis, "test:", ["segment"], time.time())
+        cost = await sent_bytes() - before
+    finally:
+        await redis.aclose()
+    assert report["segment"].pending >= 100  # a floor, said as such in docs/metrics.md
+    assert report["segment"].oldest_age_seconds >= 0
+    # Two thousand entries of 1 kB wait; a scrape reads no more than about a hundred.
+    assert cost < 200_000, f"the scrape read {cost} bytes"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,18 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.redis_server import free_port  # the repository root is on pythonpath
+
 DEV_WRITE_KEY = "sdk-dev-write-key-0123456789"
 SHOP_WRITE_KEY = "sdk-shop-write-key-0123456789"
 OTHER_WRITE_KEY = "sdk-other-write-key-0123456789"
 SECRET = "sdk-test-server-secret-0123456789abcdef"
 SERVE = Path(sys.executable).parent / "identity-service"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from aiohttp import web
-from conftest import DEV_WRITE_KEY, free_port
+from conftest import DEV_WRITE_KEY
 from identity_client import AsyncIdentityClient
 from werkzeug.serving import WSGIRequestHandler, make_server
+
+from tests.redis_server import free_port
 
 if TYPE_CHECKING:
     from identity_client.middleware import ASGIApp, WSGIApp

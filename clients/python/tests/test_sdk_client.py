@@ -26,6 +26,8 @@ from identity_client import (
     Unauthorized,
 )
 
+from tests.redis_server import free_port
+
 DESTINATION = "http://checkout.localhost:3000/cart?step=1"
 PROBLEM = "urn:identity-service:problem:"
 
@@ -268,8 +270,6 @@ def test_exchange_never_retried(stub: Stub, mode: str) -> None:
 
 
 def test_connection_refused(service: Service) -> None:
-    from conftest import free_port
-
     with fast_client(f"http://127.0.0.1:{free_port()}") as client:
         with pytest.raises(IdentityConnectionError) as caught:
             client.prepare("visitor", destination=DESTINATION)

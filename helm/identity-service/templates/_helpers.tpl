@@ -104,6 +104,19 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/* The Redis port the NetworkPolicy lets the pods reach: redis.port, else the in-chart
+Redis's, else the one redis.url names (6379 when it names none). */}}
+{{- define "identity-service.redisPort" -}}
+{{- if .Values.redis.internal.enabled }}
+{{- 6379 }}
+{{- else if .Values.redis.port }}
+{{- .Values.redis.port }}
+{{- else }}
+{{- $port := regexFind ":[0-9]+$" (urlParse .Values.redis.url).host | trimPrefix ":" }}
+{{- $port | default "6379" }}
+{{- end }}
+{{- end }}
+
 {{/* The environment both pods share: settings, secrets, Redis. */}}
 {{- define "identity-service.envFrom" -}}
 - configMapRef:
@@ -224,8 +237,10 @@ readinessProbe:
 {{/* Checksums of the settings and secrets, so that a change rolls the pods. */}}
 {{- define "identity-service.checksums" -}}
 checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
-{{- if not .Values.existingSecret }}
-checksum/secret: {{ include (print .Template.BasePath "/secret.yaml") . | sha256sum }}
+{{- /* The chart's Secrets: its own, or only the Redis password's beside an existingSecret. */}}
+{{- $secrets := include (print .Template.BasePath "/secret.yaml") . }}
+{{- if trim $secrets }}
+checksum/secret: {{ $secrets | sha256sum }}
 {{- end }}
 {{- end }}
 
