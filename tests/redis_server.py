@@ -28,6 +28,22 @@ def free_port() -> int:
     raise RuntimeError("no free loopback port below the ephemeral range")
 
 
+def free_port_pair(offset: int) -> int:
+    """A free port whose ``port + offset`` is free too, both below the ephemeral range (a
+    Cluster node listens on its port and on its bus port, 10000 above)."""
+    low, _ = _ephemeral_range()
+    for _ in range(200):
+        port = free_port()
+        if port + offset < low:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port + offset))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError(f"no free pair of loopback ports {offset} apart")
+
+
 _FIRST_PORT = 20000
 
 

@@ -1,14 +1,12 @@
 """Real Redis topologies on loopback for tests: a 3-master Cluster, and a master with a
 replica watched by three sentinels. Every process is a ``redis-server`` of the test's own."""
 
-import random
-import socket
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import RedisServer, free_port, free_port_pair
 
 
 def redis_cli(*args: str, timeout: float = 60) -> str:
@@ -37,24 +35,6 @@ def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None
         time.sleep(0.05)
 
 
-def cluster_port() -> int:
-    """A free port for a Cluster node: at most 55535, with the bus port (+10000) free too."""
-    for _ in range(100):
-        port = random.randrange(20000, 55535)
-        if all(_free(candidate) for candidate in (port, port + 10000)):
-            return port
-    raise RuntimeError("no free port pair for a Cluster node")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 class Cluster:
     """Three masters (no replicas), slots dealt by ``redis-cli --cluster create``."""
 
@@ -67,7 +47,7 @@ class Cluster:
             self.nodes.append(
                 RedisServer(
                     node_dir,
-                    cluster_port(),
+                    free_port_pair(10000),
                     cluster_enabled="yes",
                     cluster_config_file=str(node_dir / "nodes.conf"),
                     cluster_node_timeout="2000",
