@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: install serve demo test chaos lint typecheck format clean bench js node-sdk
+.PHONY: install serve demo test chaos topology lint typecheck format clean bench js node-sdk
 
 # The service with its dev tools, then the Python SDK (clients/python, its own distribution),
 # which `make test` tests too.
@@ -26,15 +26,24 @@ DEMO_BASE_PORT ?= 8100
 demo: install
 	$(BIN)/python -m examples.checkout --base-port $(DEMO_BASE_PORT)
 
-# The whole suite: lint, types, the tests, then the chaos suite as a step of its own.
+# The whole suite: lint, types, the tests, then the chaos and topology suites as steps of
+# their own.
 test: lint typecheck js node-sdk
 	$(BIN)/pytest
 	$(MAKE) --no-print-directory chaos
+	$(MAKE) --no-print-directory topology
 
 # Redis, the service and the events collector killed under load (tests/test_chaos.py):
 # about 2 minutes, with each scenario's figures printed.
 chaos: install
 	$(BIN)/pytest -m chaos -s tests/test_chaos.py
+
+# The service on real Redis topologies (tests/redis_topologies.py): a 3-master Cluster (the
+# store contract, the race, delivery and the sealing scan, a resharding under load) and a
+# master with a replica behind three sentinels (the contract, two failovers under load,
+# with and without IDENTITY_REDIS_WAIT): about 2 minutes, the figures printed.
+topology: install
+	$(BIN)/pytest -m topology -s -p no:randomly
 
 # AMP's own cache-URL package, which tests/test_amp_caches.py runs (tests/js). Without npm the
 # test skips, except in CI, where .ci/run installs node and npm first.

@@ -37,6 +37,7 @@ from cpu_cap import CpuCap, CpuCapUnavailable, check_cpus
 
 from identity_service.sources import hash_write_key
 from tests.redis_server import free_port
+from tests.redis_topologies import Cluster
 
 WRITE_KEY = "bench-write-key-0f3c9a"
 COLLECTOR_WRITE_KEY = "bench-collector-key-5e21"
@@ -57,10 +58,11 @@ NODE_PEERS = ("fastify", "express")
 @dataclass(frozen=True)
 class Variant:
     label: str
-    store: str = "redis"  # redis, memory, or a Node.js peer's directory (NODE_PEERS)
+    store: str = "redis"  # redis, cluster, memory, or a Node.js peer's directory (NODE_PEERS)
     outbox: bool = True
     workers: int = 1
     collect: bool = False  # AMP collect hits (collect.lua) instead of handoff flows
+    wait: str = ""  # IDENTITY_REDIS_WAIT; the run then starts a replica of the Redis
 
     @property
     def script(self) -> str:
@@ -75,6 +77,10 @@ VARIANTS = {
     "redis-on-1": Variant("redis, outbox on, 1 worker"),
     "redis-on-2": Variant("redis, outbox on, 2 workers", workers=2),
     "redis-off-1": Variant("redis, outbox off, 1 worker", outbox=False),
+    "redis-cluster-1": Variant("redis cluster (3 masters), outbox on, 1 worker", store="cluster"),
+    "redis-wait-1": Variant(
+        "redis + a replica, IDENTITY_REDIS_WAIT=1,50, outbox on, 1 worker", wait="1,50"
+    ),
     "memory-on-1": Variant("memory store, outbox on, 1 worker", store="memory"),
     "fastify": Variant("Fastify 5 + ioredis (auto-pipelining) + analytics-node", store="fastify"),
     "express": Variant("Express 5 + ioredis + analytics-node", store="express"),
@@ -85,41 +91,83 @@ VARIANTS = {
 class Redis:
     """A private redis-server with the AOF on, as the service is run in production."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, replica_of: int | None = None) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        replicating = ("--replicaof", "127.0.0.1", str(replica_of)) if replica_of else ()
         self.process = subprocess.Popen(
             [
                 "redis-server",
                 *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory)),
                 *("--save", "", "--appendonly", "yes", "--appendfsync", "everysec"),
+                *replicating,
             ],
             stdout=subprocess.DEVNULL,
         )
         wait_for_port(self.port, self.process)
 
-    def command(self, *args: str) -> str:
-        return subprocess.run(
-            ["redis-cli", "-p", str(self.port), *args],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout
+    @property
+    def pids(self) -> list[int]:
+        return [self.process.pid]
 
     def reset_command_counts(self) -> None:
-        self.command("CONFIG", "RESETSTAT")
+        redis_command(self.port, "CONFIG", "RESETSTAT")
 
     def command_counts(self) -> dict[str, int]:
-        """Calls per command since the last reset (commands a script runs count too)."""
-        found = re.findall(
-            r"^cmdstat_([\w|]+):calls=(\d+)", self.command("INFO", "commandstats"), re.M
-        )
-        return {name: int(calls) for name, calls in found if name != "config|resetstat"}
+        return command_counts(self.port)
 
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=10)
+
+
+def redis_command(port: int, *args: str) -> str:
+    return subprocess.run(
+        ["redis-cli", "-p", str(port), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+    ).stdout
+
+
+def command_counts(port: int) -> dict[str, int]:
+    """Calls per command since the last reset (commands a script runs count too)."""
+    found = re.findall(
+        r"^cmdstat_([\w|]+):calls=(\d+)", redis_command(port, "INFO", "commandstats"), re.M
+    )
+    return {name: int(calls) for name, calls in found if name != "config|resetstat"}
+
+
+class ClusterRedis:
+    """A Redis Cluster of three masters, each with the AOF on, for the cluster variant."""
+
+    def __init__(self, directory: Path) -> None:
+        self.cluster = Cluster(directory, appendonly="yes", appendfsync="everysec")
+        self.cluster.start()
+        self.url = self.cluster.url
+
+    @property
+    def pids(self) -> list[int]:
+        return [node.pid for node in self.cluster.nodes]
+
+    def reset_command_counts(self) -> None:
+        for node in self.cluster.nodes:
+            redis_command(node.port, "CONFIG", "RESETSTAT")
+
+    def command_counts(self) -> dict[str, int]:
+        """Calls per command on all the masters together."""
+        total: dict[str, int] = {}
+        for node in self.cluster.nodes:
+            for name, calls in command_counts(node.port).items():
+                total[name] = total.get(name, 0) + calls
+        return total
+
+    def stop(self) -> None:
+        self.cluster.stop()
+
+
+Backend = Redis | ClusterRedis
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
@@ -167,8 +215,8 @@ class CpuBudget:
     what says whether a second worker has any CPU left to use.
     """
 
-    def __init__(self, service_pids: list[int], redis: "Redis", collector: "Collector") -> None:
-        self._pids = {"service": service_pids, "redis": [redis.process.pid]}
+    def __init__(self, service_pids: list[int], redis: Backend, collector: "Collector") -> None:
+        self._pids = {"service": service_pids, "redis": redis.pids}
         self._pids["collector"] = [collector.process.pid]
         self._start = self._read()
 
@@ -286,7 +334,7 @@ def service_settings(collector: "Collector") -> dict[str, str]:
 
 
 def start_service(
-    variant: Variant, redis: Redis, collector: Collector, extra_env: dict[str, str]
+    variant: Variant, redis: Backend, collector: Collector, extra_env: dict[str, str]
 ) -> tuple[Any, int]:
     port = free_port()
     if variant.node:
@@ -308,7 +356,9 @@ def start_service(
             "IDENTITY_WORKERS": str(variant.workers),
             **extra_env,
         }
-        if variant.store == "redis":
+        if variant.wait:
+            env["IDENTITY_REDIS_WAIT"] = variant.wait
+        if variant.store in ("redis", "cluster"):
             env["IDENTITY_REDIS_URL"] = redis.url
         if variant.collect:
             env["IDENTITY_AMP"] = json.dumps(AMP)
@@ -334,7 +384,7 @@ def start_profiler(pid: int, name: str, args: argparse.Namespace) -> subprocess.
 
 
 def run_variant(
-    name: str, redis: Redis, collector: Collector, args: argparse.Namespace
+    name: str, redis: Backend, collector: Collector, args: argparse.Namespace
 ) -> dict[str, Any]:
     variant = VARIANTS[name]
     print(f"-- {variant.label}", file=sys.stderr, flush=True)
@@ -578,6 +628,13 @@ def main() -> int:
     args.out.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         redis, collector = Redis(Path(tmp)), Collector()
+        cluster = replica = None
+        if any(VARIANTS[name].wait for name in names):
+            (Path(tmp) / "replica").mkdir()
+            replica = Redis(Path(tmp) / "replica", replica_of=redis.port)
+        if any(VARIANTS[name].store == "cluster" for name in names):
+            (Path(tmp) / "cluster").mkdir()
+            cluster = ClusterRedis(Path(tmp) / "cluster")
         try:
             if args.soak:
                 result = soak(redis, collector, args)
@@ -585,13 +642,25 @@ def main() -> int:
                 print(json.dumps({k: v for k, v in result.items() if k != "samples"}))
                 return 0
             try:
-                rows = [run_variant(name, redis, collector, args) for name in names]
+                rows = [
+                    run_variant(
+                        name,
+                        cluster if cluster and VARIANTS[name].store == "cluster" else redis,
+                        collector,
+                        args,
+                    )
+                    for name in names
+                ]
             except CpuCapUnavailable as exc:
                 sys.exit(f"--worker-cpu: {exc}")
             ceiling = redis_alone(redis.port, 200_000, args.connections)
         finally:
             collector.stop()
             redis.stop()
+            if cluster is not None:
+                cluster.stop()
+            if replica is not None:
+                replica.stop()
 
     # A flow is one prepare and one exchange: Redis alone does a flow per SET EX + GETDEL.
     redis_flows = 1 / (1 / ceiling["set_ex"] + 1 / ceiling["getdel"])

@@ -55,19 +55,22 @@ async def without_server_header(_request: web.Request, response: web.StreamRespo
     response.headers.popall("Server", None)
 
 
-def open_store(settings: Settings) -> HandoffStore:
+def open_store(settings: Settings, metrics: Metrics | None = None) -> HandoffStore:
     if settings.redis is None:
         return MemoryStore()
     from identity_service.stores.redis import RedisStore
 
     return RedisStore(
-        settings.redis, OutboxSealer(settings.secret), settings.outbox.routes_by_source
+        settings.redis,
+        OutboxSealer(settings.secret),
+        settings.outbox.routes_by_source,
+        metrics,
     )
 
 
 async def _handoff_store(app: web.Application) -> AsyncIterator[None]:
     settings = app[app_keys.SETTINGS]
-    store = open_store(settings)
+    store = open_store(settings, app[app_keys.METRICS])
     app[app_keys.STORE] = store
     handoffs = HandoffService(store, TokenSealer(settings.secret), settings, app[app_keys.METRICS])
     app[app_keys.HANDOFFS] = handoffs
@@ -86,6 +89,7 @@ async def _handoff_store(app: web.Application) -> AsyncIterator[None]:
             destinations,
             redis=scrape_redis,
             prefix=settings.redis.key_prefix,
+            shards=settings.redis.shards,
         )
     logger.info("store_opened", store=type(store).__name__)
     yield

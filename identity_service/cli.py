@@ -104,7 +104,8 @@ def forward(config: Path | None) -> int:
     from identity_service.server import BindError, new_event_loop
 
     configure_logging(settings.log_level)
-    _check_redis(settings, "the forwarders retry until it does")
+    if not _check_redis(settings, "the forwarders retry until it does"):
+        return 2
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -149,7 +150,9 @@ def outbox(config: Path | None, action: str, as_json: bool, retired: str | None 
         redis = connect(redis_settings)
         try:
             if retired is not None:
-                shards = await retire_destination(redis, redis_settings.key_prefix, retired)
+                shards = await retire_destination(
+                    redis, redis_settings.key_prefix, retired, redis_settings.shards
+                )
                 if not shards:
                     print(
                         f"identity-service: no such destination {retired!r}: no outbox stream "
@@ -160,10 +163,14 @@ def outbox(config: Path | None, action: str, as_json: bool, retired: str | None 
                 print(f"retired {retired!r}: removed its group from {shards} outbox streams")
                 return 0
             if action == "replay-dead":
-                moved = await replay_dead(redis, redis_settings.key_prefix, destinations)
+                moved = await replay_dead(
+                    redis, redis_settings.key_prefix, destinations, redis_settings.shards
+                )
                 print(f"re-queued {moved} dead letters")
                 return 0
-            report = await outbox_status(redis, redis_settings.key_prefix, destinations)
+            report = await outbox_status(
+                redis, redis_settings.key_prefix, destinations, redis_settings.shards
+            )
         finally:
             await redis.aclose()
         if as_json:
@@ -212,25 +219,31 @@ def serve(host: str, port: int, config: Path | None, workers: int | None = None)
         check_address(host, port, reuse_port=settings.workers > 1)
         configure_logging(settings.log_level)
         _announce(settings, host, port)
-        _check_redis(settings, "requests answer 503 until it does")
+        if not _check_redis(settings, "requests answer 503 until it does"):
+            return 2
         return run(settings, host, port)
     except BindError as exc:
         print(f"identity-service: {exc}", file=sys.stderr)
         return 1
 
 
-def _check_redis(settings: Settings, meanwhile: str) -> None:
+def _check_redis(settings: Settings, meanwhile: str) -> bool:
     """Say once at start, naming the address, when Redis does not answer. The process
-    starts all the same, and recovers by itself when Redis answers."""
+    starts all the same, and recovers by itself when Redis answers. False, after one line
+    saying why, when the URL's form does not fit what it reaches (a Cluster node or a
+    sentinel behind a one-node URL)."""
     if settings.redis is None:
-        return
+        return True
     import structlog
 
     from identity_service.problems import StoreUnavailable
-    from identity_service.stores.redis import check_reachable
+    from identity_service.stores.redis import WrongTopology, check_reachable
 
     try:
         asyncio.run(check_reachable(settings.redis))
+    except WrongTopology as exc:
+        print(f"identity-service: IDENTITY_REDIS_URL: {exc}", file=sys.stderr, flush=True)
+        return False
     except StoreUnavailable as exc:
         structlog.get_logger(__name__).warning("store_unreachable", reason=str(exc))
         print(
@@ -238,6 +251,7 @@ def _check_redis(settings: Settings, meanwhile: str) -> None:
             file=sys.stderr,
             flush=True,
         )
+    return True
 
 
 def _announce(settings: Settings, host: str, port: int) -> None:

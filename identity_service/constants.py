@@ -2,10 +2,13 @@
 
 Every Redis key the service writes is built here. Keys carry a hash tag (the part in
 braces) so that a handoff's key and anything written with it atomically land in the
-same Redis Cluster slot. The tag is a shard number derived from the token's lookup id,
-which spreads handoffs over ``KEY_SHARDS`` slots.
+same Redis Cluster slot. The tag names a shard derived from the token's lookup id, which
+spreads handoffs over ``shards`` slots (``IDENTITY_REDIS_SHARDS``), chosen so that a Cluster's
+masters get equal numbers of them (``shard_tags``).
 """
 
+from binascii import crc_hqx
+from functools import cache
 from typing import Final
 
 ENV_PREFIX: Final = "IDENTITY_"
@@ -62,33 +65,58 @@ MAX_EVENT_BYTES: Final = 32 * 1024
 SENT_AT_BYTES: Final = 36
 BATCH_FRAMING_BYTES: Final = 12
 
+# Handoffs spread over this many shards by default (``IDENTITY_REDIS_SHARDS``).
 KEY_SHARDS: Final = 16
+MAX_KEY_SHARDS: Final = 1024
+CLUSTER_SLOTS: Final = 16384
 
 
-def shard_of(lookup_id: bytes) -> int:
-    return lookup_id[0] % KEY_SHARDS
+def tag_slot(tag: str) -> int:
+    """The Cluster slot of the keys with hash tag ``tag``: CRC16 (XMODEM) modulo 16384."""
+    return crc_hqx(tag.encode(), 0) % CLUSTER_SLOTS
 
 
-def handoff_key(prefix: str, lookup_id: bytes) -> str:
+@cache
+def shard_tags(shards: int) -> tuple[str, ...]:
+    """The hash tag of each of ``shards`` shards: shard ``i``'s is the first of ``i``,
+    ``i.1``, ``i.2``… whose Cluster slot lies in the ``i``-th of ``shards`` equal slot
+    ranges. A Cluster's masters hold contiguous equal ranges (``redis-cli --cluster create``
+    deals them so), so the shards spread evenly over the masters."""
+    tags = []
+    for shard in range(shards):
+        low, high = shard * CLUSTER_SLOTS // shards, (shard + 1) * CLUSTER_SLOTS // shards
+        tag, attempt = str(shard), 0
+        while not low <= tag_slot(tag) < high:
+            attempt += 1
+            tag = f"{shard}.{attempt}"
+        tags.append(tag)
+    return tuple(tags)
+
+
+def shard_of(lookup_id: bytes, shards: int = KEY_SHARDS) -> int:
+    return lookup_id[0] % shards
+
+
+def handoff_key(prefix: str, lookup_id: bytes, shards: int = KEY_SHARDS) -> str:
     """The Redis key of one handoff: prefix, a Cluster hash tag, then the lookup id."""
-    return f"{prefix}{{{shard_of(lookup_id)}}}:handoff:{lookup_id.hex()}"
+    return f"{prefix}{{{shard_tags(shards)[lookup_id[0] % shards]}}}:handoff:{lookup_id.hex()}"
 
 
-def outbox_key(prefix: str, shard: int) -> str:
+def outbox_key(prefix: str, shard: int, shards: int = KEY_SHARDS) -> str:
     """The outbox stream of a shard; it shares the hash tag of the shard's handoffs."""
-    return f"{prefix}{{{shard}}}:outbox"
+    return f"{prefix}{{{shard_tags(shards)[shard]}}}:outbox"
 
 
-def dead_letter_key(prefix: str, shard: int, destination: str) -> str:
+def dead_letter_key(prefix: str, shard: int, destination: str, shards: int = KEY_SHARDS) -> str:
     """A destination's dead letters from one shard's outbox (same slot, so moves are atomic)."""
-    return f"{prefix}{{{shard}}}:dead:{destination}"
+    return f"{prefix}{{{shard_tags(shards)[shard]}}}:dead:{destination}"
 
 
-def link_key(prefix: str, key_id: bytes) -> str:
+def link_key(prefix: str, key_id: bytes, shards: int = KEY_SHARDS) -> str:
     """A kept record (an AMP clientId link) under its key id, hash-tagged like a handoff."""
-    return f"{prefix}{{{shard_of(key_id)}}}:link:{key_id.hex()}"
+    return f"{prefix}{{{shard_tags(shards)[key_id[0] % shards]}}}:link:{key_id.hex()}"
 
 
-def rate_key(prefix: str, counter_id: bytes) -> str:
+def rate_key(prefix: str, counter_id: bytes, shards: int = KEY_SHARDS) -> str:
     """A rate-limit counter, hash-tagged by its id (each counter is its own script call)."""
-    return f"{prefix}{{{shard_of(counter_id)}}}:rate:{counter_id.hex()}"
+    return f"{prefix}{{{shard_tags(shards)[counter_id[0] % shards]}}}:rate:{counter_id.hex()}"

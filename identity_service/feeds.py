@@ -2,13 +2,14 @@
 
 A feed hands out entries (one or more events each), and is told afterwards what became of
 them: acknowledged (delivered) or dead-lettered. On Redis each destination is a consumer
-group over every shard's stream; an entry stays pending until acknowledged, a dead
-forwarder's pending entries are reclaimed with XAUTOCLAIM, and streams are trimmed only
-below the oldest entry some group still needs.
+group over every shard's stream (on a Cluster read shard by shard: ``_read_each``); an
+entry stays pending until acknowledged, a dead forwarder's pending entries are reclaimed
+with XAUTOCLAIM, and streams are trimmed only below the oldest entry some group still needs.
 
-The reads and acknowledgements, a few per batch, go through a pipelined
-:class:`RespClient` of the feed's own (a blocking read holds its connection); the rarer
-commands (group creation, reclaiming, trimming, dead letters) through redis-py.
+The reads and acknowledgements, a few per batch, go through a pipelined lean client of the
+feed's own (topology.py; a blocking read holds its connection); the rarer commands (group
+creation, reclaiming, trimming, dead letters) through redis-py (``RedisCluster`` on a
+Cluster, which sends each shard's commands to its node).
 """
 
 import asyncio
@@ -22,19 +23,23 @@ from typing import Any, Protocol
 
 import orjson
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from identity_service import events as ev
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
 from identity_service.crypto import OutboxSealer, SealError
 from identity_service.stores.memory import MemoryQueue
-from identity_service.stores.resp import ReplyError, RespClient
+from identity_service.stores.redis import AdminClient
+from identity_service.stores.resp import ReplyError
+from identity_service.stores.topology import ClusterClient, Commands
 from identity_service.streams import parse_id, text
 
 logger = structlog.get_logger(__name__)
 
 RECLAIM_BATCH = 100
+# On a Cluster, how long an empty read waits before reading again (no BLOCK there: see
+# RedisFeed._read_each).
+POLL_SECONDS = 0.05
 
 
 @dataclass(slots=True)
@@ -128,8 +133,8 @@ class RedisFeed:
 
     def __init__(
         self,
-        redis: Redis,
-        commands: RespClient,
+        redis: AdminClient,
+        commands: Commands,
         prefix: str,
         destination: str,
         sealer: OutboxSealer,
@@ -137,6 +142,7 @@ class RedisFeed:
         all_destinations: list[str],
         addressed_only: bool = False,
         sources: frozenset[str] | None = None,
+        shards: int = KEY_SHARDS,
     ) -> None:
         """``addressed_only``: deliver only the entries whose ``only`` names ``destination``
         (an AMP action's webhook); other destinations deliver those without ``only`` too,
@@ -153,8 +159,20 @@ class RedisFeed:
         self._consumer = consumer_name()
         self._sealer = sealer
         self._reclaim_idle_ms = max(1, int(reclaim_idle * 1000))
-        self._streams = [outbox_key(prefix, shard) for shard in range(KEY_SHARDS)]
-        self._new_entries = [">"] * len(self._streams)
+        self._shards = shards
+        self._streams = [outbox_key(prefix, shard, shards) for shard in range(shards)]
+        self._shard_of_stream = {stream: shard for shard, stream in enumerate(self._streams)}
+        # The streams of 0.3.0 and earlier, whose tags were the shard numbers: read while
+        # they exist, so an upgrade strands no entry (on one node or Sentinel: those
+        # versions did not run on a Cluster). Their dead letters go to the new keys.
+        self._legacy = []
+        if not isinstance(commands, ClusterClient):
+            for shard, stream in enumerate(legacy_outbox_keys(prefix)):
+                if stream not in self._shard_of_stream:
+                    self._legacy.append(stream)
+                    self._shard_of_stream[stream] = shard % shards
+        self._read_streams = list(self._streams)
+        self._new_entries = [">"] * len(self._read_streams)
         self._reclaimed: list[FeedEntry] = []
         self._groups_ready = False
         self.backlog = False
@@ -172,12 +190,24 @@ class RedisFeed:
             )
             self.backlog = True
             return entries
-        # One call over every shard's stream: fine on a single node or Sentinel. On a
-        # Cluster each shard would be read from its own node.
         # COUNT applies per stream: ask each shard for its share of what is wanted.
-        count = -(-max_entries // KEY_SHARDS)
+        count = -(-max_entries // self._shards)
+        if isinstance(self._commands, ClusterClient):
+            answer = await self._read_each(count, wait)
+        else:
+            answer = await self._read_all(count, wait)
+        # A shard that filled its COUNT may hold more: the forwarder should read again.
+        self.backlog = any(len(messages) >= count for _, messages in answer or [])
+        read: list[FeedEntry] = []
+        for stream, messages in answer or []:
+            decoded = [(entry_id, _field_dict(fields)) for entry_id, fields in messages]
+            read.extend(await self._decode_all(text(stream), decoded))
+        return read
+
+    async def _read_all(self, count: int, wait: float) -> Any:
+        """One blocking read over every shard's stream (one node holds them all)."""
         try:
-            answer: Any = await self._commands.execute(
+            return await self._commands.execute(
                 "XREADGROUP",
                 "GROUP",
                 self._group,
@@ -187,7 +217,7 @@ class RedisFeed:
                 "BLOCK",
                 max(1, int(wait * 1000)),
                 "STREAMS",
-                *self._streams,
+                *self._read_streams,
                 *self._new_entries,
             )
         except asyncio.CancelledError:
@@ -195,19 +225,35 @@ class RedisFeed:
             # reply nobody reads (pending until reclaimed). Dropping the connection ends it.
             self._commands.disconnect()
             raise
-        # A shard that filled its COUNT may hold more: the forwarder should read again.
-        self.backlog = any(len(messages) >= count for _, messages in answer or [])
-        read: list[FeedEntry] = []
-        for stream, messages in answer or []:
-            decoded = [(entry_id, _field_dict(fields)) for entry_id, fields in messages]
-            read.extend(await self._decode_all(text(stream), decoded))
-        return read
+
+    async def _read_each(self, count: int, wait: float) -> list[Any]:
+        """On a Cluster: one XREADGROUP per shard, since no command may name keys of
+        different slots, all sent at once, so each node gets one write for its shards.
+        Without BLOCK (a blocked command would hold its node's connection, and the reads of
+        that node's other shards behind it): an empty read is tried again every
+        ``POLL_SECONDS`` until ``wait`` is over."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            answers = await asyncio.gather(
+                *(
+                    self._commands.call(
+                        stream, "XREADGROUP", "GROUP", self._group, self._consumer,
+                        "COUNT", count, "STREAMS", stream, ">",
+                    )
+                    for stream in self._streams
+                )
+            )  # fmt: skip
+            found = [answer[0] for answer in answers if answer]
+            if found or loop.time() + POLL_SECONDS > deadline:
+                return found
+            await asyncio.sleep(POLL_SECONDS)
 
     async def ack(self, entries: list[FeedEntry]) -> None:
         # One write for all shards: the client pipelines what is sent in one loop iteration.
         await asyncio.gather(
             *(
-                self._commands.execute("XACK", stream, self._group, *ids)
+                self._commands.call(stream, "XACK", stream, self._group, *ids)
                 for stream, ids in _by_stream(entries).items()
             )
         )
@@ -215,8 +261,8 @@ class RedisFeed:
     async def dead_letter(self, entries: list[FeedEntry], reason: str) -> None:
         failed_at = str(int(time.time() * 1000)).encode()
         for entry in entries:
-            shard = int(entry.stream.rsplit("{", 1)[1].split("}", 1)[0])
-            dead = dead_letter_key(self._prefix, shard, self._group)
+            shard = self._shard_of_stream[entry.stream]
+            dead = dead_letter_key(self._prefix, shard, self._group, self._shards)
             fields = {**entry.fields, b"reason": reason.encode(), b"failed_at": failed_at}
             # Same hash tag: the move is one transaction, even on a Cluster.
             async with self._redis.pipeline(transaction=True) as pipe:
@@ -244,7 +290,7 @@ class RedisFeed:
         if self._reclaimed:
             # Ours now; keep them from looking idle until they are delivered.
             await self.keep_alive(self._reclaimed)
-        for stream in self._streams:
+        for stream in self._read_streams:
             if not self._reclaimed:
                 answer = await self._redis.xautoclaim(
                     stream,
@@ -272,13 +318,18 @@ class RedisFeed:
     async def _ensure_groups(self) -> None:
         if self._groups_ready:
             return
-        for stream in self._streams:
+        legacy = [stream for stream in self._legacy if await self._redis.exists(stream)]
+        for stream in [*self._streams, *legacy]:
             for group in self._groups:
                 try:
-                    await self._redis.xgroup_create(stream, group, id="0", mkstream=True)
+                    await self._redis.xgroup_create(
+                        stream, group, id="0", mkstream=stream not in legacy
+                    )
                 except ResponseError as exc:
                     if "BUSYGROUP" not in str(exc):
                         raise
+        self._read_streams = self._streams + legacy
+        self._new_entries = [">"] * len(self._read_streams)
         self._groups_ready = True
 
     async def _decode_all(self, stream: str, messages: list[Any]) -> list[FeedEntry]:
@@ -326,7 +377,12 @@ class RedisFeed:
         return [ev.encode(event) for event in ev.complete(template, facts)]
 
 
-async def trim_acknowledged(redis: Redis, stream: str) -> None:
+def legacy_outbox_keys(prefix: str) -> list[str]:
+    """The outbox streams of 0.3.0 and earlier: tags ``{0}`` to ``{15}``."""
+    return [f"{prefix}{{{shard}}}:outbox" for shard in range(KEY_SHARDS)]
+
+
+async def trim_acknowledged(redis: AdminClient, stream: str) -> None:
     """Drop the entries below the oldest one that any consumer group still needs.
 
     Every group counts, configured here or not: another process may deliver to a
@@ -347,7 +403,7 @@ async def trim_acknowledged(redis: Redis, stream: str) -> None:
     await redis.xtrim(stream, minid=f"{ms}-{seq}", approximate=False)
 
 
-async def oldest_pending(redis: Redis, stream: str, group: dict[str, Any]) -> bytes | None:
+async def oldest_pending(redis: AdminClient, stream: str, group: dict[str, Any]) -> bytes | None:
     """The group's oldest unacknowledged entry id; None if it acked all since XINFO."""
     summary = await redis.xpending(stream, text(group["name"]))
     oldest: bytes | None = summary["min"]

@@ -77,6 +77,12 @@ _COUNTERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ),
     ("identity_store_errors_total", "Store operations that failed (answered 503).", ()),
     (
+        "identity_redis_wait_short_total",
+        "Prepares and exchanges whose WAIT (IDENTITY_REDIS_WAIT) saw fewer replicas than "
+        "asked in time; the request succeeded all the same.",
+        ("operation",),
+    ),
+    (
         "identity_events_skipped_total",
         "Events not emitted, by reason (consent: analytics denied).",
         ("reason",),

@@ -51,6 +51,7 @@ async def serving_metrics(settings: Settings, metrics: Metrics) -> AsyncIterator
         destinations,
         redis=redis,
         prefix=settings.redis.key_prefix,
+        shards=settings.redis.shards,
     )
     runner = FrontRunner(create_metrics_app(settings, metrics, probe), access_log=None)
     await runner.setup()

@@ -15,7 +15,7 @@ from identity_service.settings import Settings
 from identity_service.sinks import open_sink
 from identity_service.stores.memory import MemoryOutbox
 from identity_service.stores.redis import connect
-from identity_service.stores.resp import RespClient
+from identity_service.stores.topology import Commands, lean_client
 
 logger = structlog.get_logger(__name__)
 
@@ -40,13 +40,13 @@ async def running_forwarders(
         # likely a site added to sources and to no destination's sources list.
         logger.warning("outbox_sources_routed_nowhere", sources=unrouted)
     forwarders = []
-    clients: list[RespClient] = []
+    clients: list[Commands] = []
     store = settings.redis.address if settings.redis is not None else "memory"
     for destination in settings.outbox.destinations:
         feed: Feed
         if redis is not None and settings.redis is not None:
             # Its own connection: the feed's blocking reads hold it.
-            commands = RespClient(settings.redis.url, settings.redis.timeout + IDLE_READ_SECONDS)
+            commands = lean_client(settings.redis, settings.redis.timeout + IDLE_READ_SECONDS)
             clients.append(commands)
             feed = RedisFeed(
                 redis,
@@ -58,6 +58,7 @@ async def running_forwarders(
                 [d.name for d in settings.outbox.destinations],
                 destination.addressed_only,
                 destination.sources,
+                settings.redis.shards,
             )
         else:
             assert memory is not None, "the memory store's outbox is needed without Redis"

@@ -4,11 +4,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
 from identity_service.feeds import oldest_pending
+from identity_service.stores.redis import AdminClient
 from identity_service.streams import entries, parse_id, text
 
 PAYLOAD_FIELDS = (b"j", b"e", b"t", b"p")
@@ -35,19 +35,21 @@ class DestinationStatus:
 
 
 async def outbox_status(
-    redis: Redis, prefix: str, destinations: list[str]
+    redis: AdminClient, prefix: str, destinations: list[str], shards: int = KEY_SHARDS
 ) -> list[DestinationStatus]:
-    """Per destination: entries not yet read, read but unacknowledged, dead, oldest age."""
+    """Per destination: entries not yet read, read but unacknowledged, dead, oldest age.
+
+    Shard by shard, each shard's commands on the node that holds it (on a Cluster)."""
     report = [DestinationStatus(name) for name in destinations]
     now_ms = time.time() * 1000
-    for shard in range(KEY_SHARDS):
-        stream = outbox_key(prefix, shard)
+    for shard in range(shards):
+        stream = outbox_key(prefix, shard, shards)
         # One transaction: a dead-lettering (XADD dead + XACK) lands wholly before or
         # after it, so an entry is never counted both in flight and dead.
         async with redis.pipeline(transaction=True) as pipe:
             pipe.xinfo_groups(stream)
             for status in report:
-                pipe.xlen(dead_letter_key(prefix, shard, status.destination))
+                pipe.xlen(dead_letter_key(prefix, shard, status.destination, shards))
             group_reply, *dead_counts = await pipe.execute(raise_on_error=False)
         groups: dict[str, Any] = {}
         if not isinstance(group_reply, ResponseError):  # else: no stream yet
@@ -62,7 +64,7 @@ async def outbox_status(
 
 
 async def _shard_status(
-    redis: Redis, stream: str, group: dict[str, Any] | None, status: DestinationStatus
+    redis: AdminClient, stream: str, group: dict[str, Any] | None, status: DestinationStatus
 ) -> int | None:
     """Add one shard's counts to ``status``; return the oldest unacknowledged entry's ms."""
     if group is None:  # no forwarder has run for this destination yet: all is pending
@@ -83,13 +85,15 @@ async def _shard_status(
     return min(candidates) if candidates else None
 
 
-async def replay_dead(redis: Redis, prefix: str, destinations: list[str]) -> int:
+async def replay_dead(
+    redis: AdminClient, prefix: str, destinations: list[str], shards: int = KEY_SHARDS
+) -> int:
     """Move dead letters back into their outbox stream, addressed to their destination only."""
     moved = 0
-    for shard in range(KEY_SHARDS):
-        stream = outbox_key(prefix, shard)
+    for shard in range(shards):
+        stream = outbox_key(prefix, shard, shards)
         for destination in destinations:
-            dead = dead_letter_key(prefix, shard, destination)
+            dead = dead_letter_key(prefix, shard, destination, shards)
             for entry_id, fields in await entries(redis, dead):
                 payload = {k: v for k, v in fields.items() if k in PAYLOAD_FIELDS}
                 payload[b"only"] = destination.encode()
@@ -101,14 +105,16 @@ async def replay_dead(redis: Redis, prefix: str, destinations: list[str]) -> int
     return moved
 
 
-async def retire_destination(redis: Redis, prefix: str, destination: str) -> int:
+async def retire_destination(
+    redis: AdminClient, prefix: str, destination: str, shards: int = KEY_SHARDS
+) -> int:
     """Remove a destination's consumer groups, so the outbox no longer keeps its events.
 
     Its dead letters stay. Returns the number of shards where it had a group.
     """
     removed = 0
-    for shard in range(KEY_SHARDS):
-        stream = outbox_key(prefix, shard)
+    for shard in range(shards):
+        stream = outbox_key(prefix, shard, shards)
         if await redis.exists(stream):
             removed += await redis.xgroup_destroy(stream, destination)
     return removed

@@ -19,13 +19,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
 from identity_service.metrics import Backlog, Scraped
 from identity_service.problems import StoreUnavailable
 from identity_service.stores.memory import MemoryOutbox
+from identity_service.stores.redis import AdminClient
 from identity_service.streams import parse_id, text
 
 logger = structlog.get_logger(__name__)
@@ -49,9 +49,10 @@ class Probe:
         ping: Ping,
         timeout: float,
         destinations: Sequence[str] = (),
-        redis: Redis | None = None,
+        redis: AdminClient | None = None,
         prefix: str = "",
         memory: MemoryOutbox | None = None,
+        shards: int = KEY_SHARDS,
     ) -> None:
         self._ping = ping
         self._timeout = timeout
@@ -59,6 +60,7 @@ class Probe:
         self._redis = redis
         self._prefix = prefix
         self._memory = memory
+        self._shards = shards
 
     async def read(self) -> Scraped:
         scraped = Scraped(store_up=await self._answers())
@@ -67,7 +69,9 @@ class Probe:
         elif self._redis is not None and self._destinations and scraped.store_up:
             try:
                 scraped.outbox = await asyncio.wait_for(
-                    redis_backlog(self._redis, self._prefix, self._destinations, time.time()),
+                    redis_backlog(
+                        self._redis, self._prefix, self._destinations, time.time(), self._shards
+                    ),
                     self._timeout,
                 )
             except (RedisError, OSError, TimeoutError) as exc:
@@ -98,17 +102,22 @@ def memory_backlog(outbox: MemoryOutbox, now: float) -> dict[str, Backlog]:
 
 
 async def redis_backlog(
-    redis: Redis, prefix: str, destinations: Sequence[str], now: float
+    redis: AdminClient,
+    prefix: str,
+    destinations: Sequence[str],
+    now: float,
+    shards: int = KEY_SHARDS,
 ) -> dict[str, Backlog]:
-    """Each destination's backlog over the shards' outbox streams (two round trips)."""
+    """Each destination's backlog over the shards' outbox streams (two round trips; on a
+    Cluster, two per node, which redis-py's cluster pipeline sends node by node)."""
     report = {name: Backlog() for name in destinations}
     oldest: dict[str, list[int]] = {name: [] for name in destinations}
-    streams = [outbox_key(prefix, shard) for shard in range(KEY_SHARDS)]
+    streams = [outbox_key(prefix, shard, shards) for shard in range(shards)]
     async with redis.pipeline(transaction=False) as pipe:
         for shard, stream in enumerate(streams):
             pipe.xinfo_groups(stream)
             for name in destinations:
-                pipe.xlen(dead_letter_key(prefix, shard, name))
+                pipe.xlen(dead_letter_key(prefix, shard, name, shards))
         replies = await pipe.execute(raise_on_error=False)
     followups: list[_Followup] = []
     per_shard = 1 + len(destinations)

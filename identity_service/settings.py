@@ -30,14 +30,21 @@ from identity_service.urls import is_loopback_host
 T = TypeVar("T")
 
 CONFIG_FILE_VAR = c.ENV_PREFIX + "CONFIG_FILE"
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_SCHEMES = (
+    "redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "redis+sentinel",
+    "rediss+sentinel",
+)  # fmt: skip
+# Query parameters of a sentinel URL that are for the sentinels, not for the master.
+SENTINEL_PARAMETERS = ("sentinel_username", "sentinel_password")
+PASSWORD_PARAMETERS = ("password", "sentinel_password")
 REDIS_TLS_CERT_REQS = ("none", "optional", "required")
 REDACTED = "***"
 DESTINATION_KEYS = frozenset({"url", "write_key", "allow_insecure", "sources"})
 SETTING_NAMES = frozenset(
     {
         "sources", "secret", "dev_write_key", "redis_url", "redis_timeout",
-        "redis_max_connections", "redis_key_prefix", "default_ttl", "max_ttl",
+        "redis_max_connections", "redis_key_prefix", "redis_shards", "redis_wait",
+        "default_ttl", "max_ttl",
         "max_body_bytes", "token_param", "retry_after", "shutdown_timeout", "head_timeout",
         "body_timeout", "max_connections", "log_level", "workers",
         "outbox", "forwarder", "destinations", "destination_url", "destination_write_key",
@@ -58,30 +65,85 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+Topology = Literal["single", "cluster", "sentinel"]
+
+
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
-    """How to reach Redis. ``url`` is a redis://, rediss:// or unix:// DSN."""
+    """How to reach Redis. ``url`` is a redis://, rediss:// or unix:// DSN (one node), a
+    redis+cluster:// DSN (seed nodes of a Cluster) or a redis+sentinel:// DSN (sentinels
+    and the master's service name); each with a TLS form (rediss…)."""
 
     url: str = field(repr=False)  # may hold a password; `address` masks it
     key_prefix: str = c.DEFAULT_REDIS_KEY_PREFIX
     timeout: float = c.DEFAULT_REDIS_TIMEOUT_SECONDS
     max_connections: int = c.DEFAULT_REDIS_MAX_CONNECTIONS
+    shards: int = c.KEY_SHARDS
+    # WAIT after each prepare and exchange: (replicas, timeout in ms); None: no WAIT.
+    wait: tuple[int, int] | None = None
+    topology: Topology = "single"
+    # A one-node URL with the credentials, TLS and db of ``url``: how to reach each node
+    # (the host and port are the first seed's; a Cluster's and a Sentinel's clients swap
+    # them for each node's).
+    node_url: str = field(default="", repr=False)
+    # A Cluster's seed nodes, or the sentinels.
+    nodes: tuple[tuple[str, int], ...] = ()
+    service: str = ""  # the master's name, with Sentinel
+    sentinel_auth: tuple[str | None, str | None] = field(default=(None, None), repr=False)
 
     @classmethod
     def from_dsn(cls, dsn: str, **options: Any) -> "RedisSettings":
-        scheme = urlsplit(dsn).scheme
+        parts = urlsplit(dsn)
+        scheme = parts.scheme
         if scheme not in REDIS_SCHEMES:
             raise ValueError(f"scheme must be one of {', '.join(REDIS_SCHEMES)}, not {scheme!r}")
-        cert_reqs = parse_qs(urlsplit(dsn).query).get("ssl_cert_reqs", ["required"])[-1]
+        query = parse_qs(parts.query)
+        cert_reqs = query.get("ssl_cert_reqs", ["required"])[-1]
         if cert_reqs not in REDIS_TLS_CERT_REQS:
             allowed = ", ".join(REDIS_TLS_CERT_REQS)
             raise ValueError(f"ssl_cert_reqs must be one of {allowed}, not {cert_reqs!r}")
-        return cls(url=dsn, **options)
+        if "+" not in scheme:
+            return cls(url=dsn, node_url=dsn, **options)
+        base, _, topology = scheme.partition("+")
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        nodes = tuple(_host_port(node) for node in hosts.split(","))
+        path = [segment for segment in parts.path.split("/") if segment]
+        service, db = "", "0"
+        if topology == "sentinel":
+            if not path or len(path) > 2:
+                raise ValueError("a sentinel URL ends with /<service name>[/<db>]")
+            service, db = path[0], (path[1] if len(path) == 2 else "0")
+        elif path and path != ["0"]:
+            raise ValueError("a Cluster has only database 0")
+        if not db.isdigit():
+            raise ValueError(f"the database must be a number, not {db!r}")
+        pairs = parts.query.split("&")
+        node_query = "&".join(p for p in pairs if p.partition("=")[0] not in SENTINEL_PARAMETERS)
+        at = f"{userinfo}@" if userinfo else ""
+        host, port = nodes[0]
+        node_url = f"{base}://{at}{host}:{port}/{db}" + (f"?{node_query}" if node_query else "")
+        sentinel_auth = tuple(query.get(name, [None])[-1] for name in SENTINEL_PARAMETERS)
+        return cls(
+            url=dsn,
+            topology="cluster" if topology == "cluster" else "sentinel",
+            node_url=node_url,
+            nodes=nodes,
+            service=unquote(service),
+            sentinel_auth=(sentinel_auth[0], sentinel_auth[1]),
+            **options,
+        )
 
     @property
     def address(self) -> str:
         """The URL to show in messages and logs: without its password."""
         return redact_url(self.url)
+
+
+def _host_port(node: str) -> tuple[str, int]:
+    host, colon, port = node.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError("each node is host:port, with a port between 1 and 65535")
+    return host.strip("[]"), int(port)
 
 
 def redact_url(url: str) -> str:
@@ -100,7 +162,7 @@ def redact_url(url: str) -> str:
 
 def _redact_parameter(pair: str) -> str:
     key = pair.partition("=")[0]
-    return f"{key}={REDACTED}" if unquote(key).lower() == "password" else pair
+    return f"{key}={REDACTED}" if unquote(key).lower() in PASSWORD_PARAMETERS else pair
 
 
 # The outbox destination of each configured AMP action: ``amp-action-<action name>``.
@@ -505,16 +567,42 @@ class _Reader:
         prefix = self.text("redis_key_prefix", c.DEFAULT_REDIS_KEY_PREFIX) or ""
         if "{" in prefix or "}" in prefix:
             self.problem("redis_key_prefix", "must not contain braces (they mark hash tags)")
+        shards = self.integer("redis_shards", c.KEY_SHARDS, 1, c.MAX_KEY_SHARDS)
+        wait = self.redis_wait()
         if url is None:
             return None
         try:
             return RedisSettings.from_dsn(
-                url, key_prefix=prefix, timeout=timeout, max_connections=max_connections
+                url,
+                key_prefix=prefix,
+                timeout=timeout,
+                max_connections=max_connections,
+                shards=shards,
+                wait=wait,
             )
         except ValueError as exc:
             self.invalid.add("redis_url")
             self.problems.append(f"{self.where('redis_url')}: {exc}")
             return None
+
+    def redis_wait(self) -> tuple[int, int] | None:
+        """``redis_wait``: ``replicas,milliseconds`` (e.g. ``1,50``), or unset for no WAIT."""
+        value = self.text("redis_wait", None)
+        if value is None or value.strip().lower() in ("", "off"):
+            return None
+        replicas, _, milliseconds = value.partition(",")
+        try:
+            wait = int(replicas), int(milliseconds)
+        except ValueError:
+            wait = (0, 0)
+        if not (1 <= wait[0] <= 16 and 1 <= wait[1] <= 10_000):
+            self.problem(
+                "redis_wait",
+                "must be <replicas>,<milliseconds> (1 to 16 replicas, 1 to 10000 ms), "
+                f"not {value!r}",
+            )
+            return None
+        return wait
 
     def table(self, name: str) -> Any:
         """A table setting: JSON in the environment, else the file's table, else None."""

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from redis.asyncio import Redis
+from identity_service.stores.redis import AdminClient
 
 StreamEntry = tuple[bytes, dict[bytes, bytes]]
 
@@ -17,7 +17,7 @@ def parse_id(entry_id: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-async def entries(redis: Redis, stream: str, **options: Any) -> list[StreamEntry]:
+async def entries(redis: "AdminClient", stream: str, **options: Any) -> list[StreamEntry]:
     """XRANGE with its reply typed; ``options`` are redis-py's xrange arguments."""
     reply: Any = await redis.xrange(stream, **options)
     return [(entry_id, fields) for entry_id, fields in reply or [] if fields is not None]

@@ -9,7 +9,7 @@ import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import pytest
@@ -27,6 +27,7 @@ from identity_service.stores.memory import MemoryStore
 from identity_service.stores.redis import RedisStore, connect
 from tests.collector import WRITE_KEY as COLLECTOR_WRITE_KEY
 from tests.redis_server import RedisServer
+from tests.redis_topologies import Cluster, Sentinels
 from tests.secrets_audit import AUDIT, audited
 from tests.webhook_receiver import WEBHOOK_SECRET, WebhookReceiver
 
@@ -119,18 +120,59 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
+Topology = TypeVar("Topology", Cluster, Sentinels)
+
+
+def running(topology: Topology) -> Iterator[Topology]:
+    """Start ``topology``, hand it out, stop it however the tests went."""
+    try:
+        topology.start()
+        yield topology
+    finally:
+        topology.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A 3-master Redis Cluster shared by the session's tests (each with its own prefix)."""
+    yield from running(Cluster(tmp_path_factory.mktemp("cluster")))
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sentinels]:
+    """A master, a replica and three sentinels, shared by the session's tests."""
+    yield from running(Sentinels(tmp_path_factory.mktemp("sentinel")))
+
+
+# The store kinds a module may add to memory and redis with its own ``store_kind`` fixture:
+# real topologies, slow to start, run by `make topology`.
+TOPOLOGY_KINDS = [
+    pytest.param("cluster", marks=pytest.mark.topology),
+    pytest.param("sentinel", marks=pytest.mark.topology),
+]
+
+
 @pytest.fixture(params=["memory", "redis"])
 def store_kind(request: pytest.FixtureRequest) -> str:
     kind: str = request.param
     return kind
 
 
+def store_url(kind: str, request: pytest.FixtureRequest) -> str | None:
+    """The Redis URL of a store kind (memory: None); starts its servers on first use."""
+    if kind == "memory":
+        return None
+    server = request.getfixturevalue("redis_server" if kind == "redis" else f"redis_{kind}")
+    url: str = server.url
+    return url
+
+
 @pytest.fixture
-def settings_for(store_kind: str, redis_server: RedisServer) -> Callable[..., Settings]:
+def settings_for(store_kind: str, request: pytest.FixtureRequest) -> Callable[..., Settings]:
     """Settings on the parametrized store, with extra ``IDENTITY_*`` values as keywords."""
+    url = store_url(store_kind, request)
 
     def build(**env: str) -> Settings:
-        url = redis_server.url if store_kind == "redis" else None
         return make_settings(url, **env)
 
     return build

@@ -28,6 +28,22 @@ def free_port() -> int:
     raise RuntimeError("no free loopback port below the ephemeral range")
 
 
+def free_port_pair(offset: int) -> int:
+    """A free port whose ``port + offset`` is free too, both below the ephemeral range (a
+    Cluster node listens on its port and on its bus port, 10000 above)."""
+    low, _ = _ephemeral_range()
+    for _ in range(200):
+        port = free_port()
+        if port + offset < low:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port + offset))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError(f"no free pair of loopback ports {offset} apart")
+
+
 _FIRST_PORT = 20000
 
 
@@ -51,14 +67,19 @@ def _answers_ping(port: int) -> bool:
 class RedisServer:
     """One redis-server in its own directory; ``stop`` and ``start`` keep its port."""
 
-    def __init__(self, directory: Path, **options: str) -> None:
+    def __init__(self, directory: Path, port: int | None = None, **options: str) -> None:
         """``options`` are more redis-server settings (``tls_port="…"`` for --tls-port)."""
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
         self.directory = directory
-        self.port = free_port()
+        self.port = port or free_port()
         self._options = {name.replace("_", "-"): value for name, value in options.items()}
         self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "not started"
+        return self._process.pid
 
     @property
     def url(self) -> str:
@@ -93,6 +114,17 @@ class RedisServer:
                 self.stop()
                 raise RuntimeError(f"redis-server did not start on {self.port}:\n{log}")
             time.sleep(0.02)
+
+    def extra_options(self, **options: str) -> None:
+        """More redis-server settings for the next ``start``."""
+        self._options.update({name.replace("_", "-"): value for name, value in options.items()})
+
+    def kill(self) -> None:
+        """SIGKILL: the node dies as a crashed machine would, saying goodbye to nobody."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
 
     def stop(self) -> None:
         if self._process is None:

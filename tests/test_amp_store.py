@@ -17,7 +17,7 @@ from identity_service.amp import links
 from identity_service.amp.config import AmpSettings, RateLimit
 from identity_service.amp.context import AmpContext
 from identity_service.amp.limits import check_limits, client_ip
-from identity_service.constants import link_key, rate_key, shard_of
+from identity_service.constants import KEY_SHARDS, link_key, rate_key, shard_of, shard_tags
 from identity_service.crypto import OutboxSealer, TokenSealer
 from identity_service.metrics import Metrics
 from identity_service.problems import RateLimited, StoreUnavailable
@@ -215,8 +215,10 @@ async def test_redis_link_and_rate_keys_carry_prefix_hash_tag_and_ttl(
         await store.keep(key_id, b"x", 120)
         await store.hit([(counter, 30)])
         kept, rate = link_key("ampkeys:", key_id), rate_key("ampkeys:", counter)
-        assert kept == f"ampkeys:{{{shard_of(key_id)}}}:link:{key_id.hex()}"
-        assert rate == f"ampkeys:{{{shard_of(counter)}}}:rate:{counter.hex()}"
+        assert kept == f"ampkeys:{{{shard_tags(KEY_SHARDS)[shard_of(key_id)]}}}:link:{key_id.hex()}"
+        assert (
+            rate == f"ampkeys:{{{shard_tags(KEY_SHARDS)[shard_of(counter)]}}}:rate:{counter.hex()}"
+        )
         assert 118_000 < await redis_client.pttl(kept) <= 120_000
         assert 28_000 < await redis_client.pttl(rate) <= 30_000
     finally:
@@ -250,7 +252,7 @@ async def test_redis_hit_sends_a_requests_counters_in_one_write(
 ) -> None:
     store = redis_store(private_redis.url)
     writes: list[int] = []
-    flush = resp_module._Connection._flush
+    flush = resp_module.Connection._flush
 
     def counted_flush(self: Any) -> None:
         writes.append(len(self._outgoing))
@@ -258,7 +260,7 @@ async def test_redis_hit_sends_a_requests_counters_in_one_write(
 
     try:
         await store.hit([(new_id(), 60)])  # connects and loads the script
-        monkeypatch.setattr(resp_module._Connection, "_flush", counted_flush)
+        monkeypatch.setattr(resp_module.Connection, "_flush", counted_flush)
         results = await store.hit([(new_id(), 60), (new_id(), 60)])
         assert [count for count, _ in results] == [1, 1]
         assert writes == [2]

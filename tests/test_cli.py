@@ -35,11 +35,13 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def redis_env(redis: RedisServer, **extra: str) -> dict[str, str]:
     """The environment of a service with the test sources on ``redis``."""
+    return redis_env_for(redis.url, **extra)
+
+
+def redis_env_for(url: str, **extra: str) -> dict[str, str]:
+    """The environment of a service with the test sources on the Redis of ``url``."""
     return clean_env(
-        IDENTITY_SOURCES=sources_env(),
-        IDENTITY_SECRET=SECRET,
-        IDENTITY_REDIS_URL=redis.url,
-        **extra,
+        IDENTITY_SOURCES=sources_env(), IDENTITY_SECRET=SECRET, IDENTITY_REDIS_URL=url, **extra
     )
 
 
@@ -262,6 +264,29 @@ def test_serve_refuses_workers_without_redis() -> None:
         [COMMAND, "serve", "--workers", "2"], env=clean_env(), capture_output=True, text=True
     )
     assert result.returncode == 2 and "needs Redis" in result.stderr
+
+
+def refusal_at_start(url: str, said: str) -> str:
+    """The one line in which ``serve`` on ``url`` refuses to start (exit 2), saying ``said``."""
+    result = subprocess.run(
+        [COMMAND, "serve", "--port", str(free_port())],
+        env=redis_env_for(url),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if said in line]
+    assert line.startswith("identity-service: IDENTITY_REDIS_URL: ")
+    return line
+
+
+def test_a_cluster_url_on_a_node_without_cluster_mode_is_refused(
+    redis_server: RedisServer,
+) -> None:
+    url = f"redis+cluster://127.0.0.1:{redis_server.port}"
+    assert url in refusal_at_start(url, "without Cluster mode")
 
 
 def _children_of(pid: int) -> list[int]:

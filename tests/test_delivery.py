@@ -1,4 +1,7 @@
-"""Delivery through failures, on real Redis: outages, 429s, a killed forwarder, dead letters."""
+"""Delivery through failures, on real Redis: outages, 429s, a killed forwarder, dead letters.
+
+The tests that take ``outbox_redis`` run on one node and (`make topology`) on a 3-master
+Cluster, where the forwarder reads, reclaims, trims and dead-letters shard by shard."""
 
 import asyncio
 import json
@@ -19,7 +22,8 @@ from identity_service.crypto import OutboxSealer
 from identity_service.feeds import FeedEntry, RedisFeed, trim_acknowledged
 from identity_service.forwarder import Forwarder
 from identity_service.outbox_admin import outbox_status, replay_dead, retire_destination
-from identity_service.settings import Settings
+from identity_service.settings import RedisSettings, Settings
+from identity_service.stores.redis import AdminClient, connect
 from identity_service.stores.resp import RespClient
 from identity_service.streams import entries
 from identity_service.validation import parse_exchange, parse_prepare
@@ -35,6 +39,7 @@ from tests.conftest import (
     sources_env,
 )
 from tests.redis_server import RedisServer
+from tests.redis_topologies import Cluster
 from tests.test_cli import COMMAND, clean_env
 
 FAST = {
@@ -45,6 +50,24 @@ FAST = {
 }
 
 ClientMaker = Callable[..., Awaitable[AppClient]]
+Server = RedisServer | Cluster
+
+
+@pytest.fixture(params=["redis", pytest.param("cluster", marks=pytest.mark.topology)])
+def outbox_redis(request: pytest.FixtureRequest) -> Server:
+    """One node, or the session's Cluster."""
+    server: Server = request.getfixturevalue(
+        "redis_server" if request.param == "redis" else "redis_cluster"
+    )
+    return server
+
+
+@pytest.fixture
+async def outbox_client(outbox_redis: Server) -> AsyncIterator[AdminClient]:
+    """The admin commands' client of ``outbox_redis`` (a RedisCluster on the Cluster)."""
+    client = connect(RedisSettings.from_dsn(outbox_redis.url))
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture
@@ -53,7 +76,7 @@ async def collector() -> AsyncIterator[Collector]:
         yield running
 
 
-def delivery_settings(redis: RedisServer, collector: Collector, **env: str) -> Settings:
+def delivery_settings(redis: Server, collector: Collector, **env: str) -> Settings:
     return make_settings(
         redis.url,
         destination_url=collector.url,
@@ -77,10 +100,10 @@ def assert_duplicates_are_identical(events: list[dict[str, Any]]) -> None:
 
 
 async def test_5xx_and_timeouts_lose_nothing(
-    aiohttp_client: ClientMaker, redis_server: RedisServer, collector: Collector
+    aiohttp_client: ClientMaker, outbox_redis: Server, collector: Collector
 ) -> None:
     collector.plan = [Answer(500), Answer(503), Answer(502), Answer(hold=1.0), Answer(hold=1.0)]
-    client = await aiohttp_client(create_app(delivery_settings(redis_server, collector)))
+    client = await aiohttp_client(create_app(delivery_settings(outbox_redis, collector)))
 
     await run_handoffs(client, 20)
     await collector.wait_for(40)
@@ -119,7 +142,7 @@ async def test_429_retry_after_is_honoured(
 
 
 async def app_with_prefix(
-    aiohttp_client: ClientMaker, redis: RedisServer, collector: Collector, **env: str
+    aiohttp_client: ClientMaker, redis: Server, collector: Collector, **env: str
 ) -> tuple[AppClient, str]:
     """A test app on Redis delivering to ``collector``, and its key prefix."""
     settings = delivery_settings(redis, collector, **env)
@@ -129,12 +152,13 @@ async def app_with_prefix(
 
 async def test_a_permanent_4xx_dead_letters_and_replay_delivers(
     aiohttp_client: ClientMaker,
-    redis_server: RedisServer,
-    redis_client: Redis,
+    outbox_redis: Server,
+    outbox_client: AdminClient,
     collector: Collector,
 ) -> None:
+    redis_client = outbox_client
     collector.plan = [Answer(400)]
-    client, prefix = await app_with_prefix(aiohttp_client, redis_server, collector)
+    client, prefix = await app_with_prefix(aiohttp_client, outbox_redis, collector)
 
     await prepare(client)
     (status,) = await wait_for_dead(redis_client, prefix, 1)
@@ -149,13 +173,14 @@ async def test_a_permanent_4xx_dead_letters_and_replay_delivers(
 
 async def test_too_many_attempts_dead_letters_with_the_reason(
     aiohttp_client: ClientMaker,
-    redis_server: RedisServer,
-    redis_client: Redis,
+    outbox_redis: Server,
+    outbox_client: AdminClient,
     collector: Collector,
 ) -> None:
+    redis_client = outbox_client
     collector.plan = [Answer(500)] * 3
     client, prefix = await app_with_prefix(
-        aiohttp_client, redis_server, collector, delivery_max_attempts="2"
+        aiohttp_client, outbox_redis, collector, delivery_max_attempts="2"
     )
 
     await prepare(client)
@@ -169,7 +194,7 @@ async def test_too_many_attempts_dead_letters_with_the_reason(
     assert len(collector.requests) == 2
 
 
-async def wait_for_dead(redis: Redis, prefix: str, count: int) -> list[Any]:
+async def wait_for_dead(redis: AdminClient, prefix: str, count: int) -> list[Any]:
     for _ in range(300):
         report = await outbox_status(redis, prefix, ["default"])
         if report[0].dead >= count:
@@ -178,7 +203,7 @@ async def wait_for_dead(redis: Redis, prefix: str, count: int) -> list[Any]:
     raise AssertionError("nothing was dead-lettered")
 
 
-def command_env(redis: RedisServer, collector: Collector, prefix: str) -> dict[str, str]:
+def command_env(redis: Server, collector: Collector, prefix: str) -> dict[str, str]:
     """The environment of an ``identity-service`` command sharing the test app's outbox."""
     return clean_env(
         IDENTITY_REDIS_URL=redis.url,
@@ -190,9 +215,7 @@ def command_env(redis: RedisServer, collector: Collector, prefix: str) -> dict[s
     )
 
 
-def start_forwarder(
-    redis: RedisServer, collector: Collector, prefix: str
-) -> subprocess.Popen[bytes]:
+def start_forwarder(redis: Server, collector: Collector, prefix: str) -> subprocess.Popen[bytes]:
     env = {
         **command_env(redis, collector, prefix),
         "IDENTITY_RECLAIM_IDLE": "1",
@@ -203,8 +226,9 @@ def start_forwarder(
 
 
 async def test_a_forwarder_killed_before_its_ack_is_taken_over(
-    aiohttp_client: ClientMaker, redis_server: RedisServer, collector: Collector
+    aiohttp_client: ClientMaker, outbox_redis: Server, collector: Collector
 ) -> None:
+    redis_server = outbox_redis
     prefix = f"kill{os.getpid()}:"
     settings = delivery_settings(redis_server, collector, redis_key_prefix=prefix, forwarder="off")
     client = await aiohttp_client(create_app(settings))
@@ -376,6 +400,29 @@ async def test_an_entry_an_earlier_version_queued_is_delivered(
     await collector.wait_for(2)
     assert sorted(e["messageId"] for e in collector.events) == ["older-1", "older-2"]
     assert all(e["sentAt"].endswith("Z") for e in collector.events)
+
+
+async def test_entries_left_in_the_streams_of_an_earlier_version_are_delivered(
+    aiohttp_client: ClientMaker,
+    redis_server: RedisServer,
+    redis_client: Redis,
+    collector: Collector,
+) -> None:
+    """0.3.0's streams (tags ``{0}``…``{15}``) are read while they exist: an upgrade strands
+    no entry, with the groups 0.3.0 made or without."""
+    settings = delivery_settings(redis_server, collector)
+    assert settings.redis is not None
+    prefix = settings.redis.key_prefix
+    sealer = OutboxSealer(settings.secret)
+    for shard, group in ((3, True), (12, False)):
+        event = {"type": "track", "event": "Before", "messageId": f"before-{shard}"}
+        stream = f"{prefix}{{{shard}}}:outbox"
+        await redis_client.xadd(stream, {"j": sealer.seal(json.dumps(event).encode())})
+        if group:
+            await redis_client.xgroup_create(stream, "default", id="0")
+    await aiohttp_client(create_app(settings))
+    await collector.wait_for(2)
+    assert sorted(e["messageId"] for e in collector.events) == ["before-12", "before-3"]
 
 
 async def test_a_cancelled_blocking_read_claims_nothing_that_arrives_after(

@@ -270,6 +270,26 @@ def test_an_existing_secret_replaces_the_charts() -> None:
     assert "checksum/config" in annotations and "checksum/secret" not in annotations
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://sentinel-0.redis:26379,sentinel-1.redis:26379/idsvc/0",
+        "rediss+cluster://redis-0.redis:6379,redis-1.redis:6379",
+    ],
+)
+def test_sentinel_and_cluster_urls_get_the_password_too(url: str) -> None:
+    values = ci_values("existing-secret")
+    values["redis"]["url"] = url
+    values["config"] = {**values.get("config", {}), "redisShards": 48, "redisWait": "1,50"}
+    objects = render(values)
+    (container,) = pod_spec(find(objects, "Deployment"))["containers"]
+    env = {var["name"]: var for var in container["env"]}
+    scheme, _, rest = url.partition("://")
+    assert env["IDENTITY_REDIS_URL"]["value"] == f"{scheme}://identity:$(REDIS_PASSWORD)@{rest}"
+    data = find(objects, "ConfigMap")["data"]
+    assert (data["IDENTITY_REDIS_SHARDS"], data["IDENTITY_REDIS_WAIT"]) == ("48", "1,50")
+
+
 def checksums(values: dict[str, Any]) -> dict[str, str]:
     annotations: dict[str, str] = find(render(values), "Deployment")["spec"]["template"][
         "metadata"

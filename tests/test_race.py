@@ -1,9 +1,19 @@
-"""Single use under contention: of 200 concurrent exchanges of one token, exactly one wins."""
+"""Single use under contention: of 200 concurrent exchanges of one token, exactly one wins
+(in memory, on one Redis, and with `make topology` on a Cluster and behind Sentinel)."""
 
 import asyncio
 from collections import Counter
 
-from tests.conftest import AppClient, exchange, prepare
+import pytest
+
+from tests.conftest import TOPOLOGY_KINDS, AppClient, exchange, prepare
+
+
+@pytest.fixture(params=["memory", "redis", *TOPOLOGY_KINDS])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
 
 CONCURRENT_EXCHANGES = 200
 

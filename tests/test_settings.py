@@ -128,12 +128,12 @@ def test_an_invalid_ttl_is_the_only_problem_and_named_as_written(tmp_path: Path)
         (  # not a second "needs IDENTITY_REDIS_URL": it is set, and reported
             {"IDENTITY_REDIS_URL": "http://x", "IDENTITY_FORWARDER": "off"},
             f'secret = "{SECRET}"',
-            "IDENTITY_REDIS_URL: scheme must be one of redis, rediss, unix, not 'http'",
+            "IDENTITY_REDIS_URL: scheme must be one of redis, rediss, unix, redis+cluster, rediss+cluster, redis+sentinel, rediss+sentinel, not 'http'",
         ),
         (
             {"IDENTITY_REDIS_URL": "http://x", "IDENTITY_WORKERS": "2"},
             f'secret = "{SECRET}"',
-            "IDENTITY_REDIS_URL: scheme must be one of redis, rediss, unix, not 'http'",
+            "IDENTITY_REDIS_URL: scheme must be one of redis, rediss, unix, redis+cluster, rediss+cluster, redis+sentinel, rediss+sentinel, not 'http'",
         ),
         (  # not a second "secret is required": it is set, and reported
             {},
@@ -640,3 +640,55 @@ def test_sources_no_destination_takes_are_named() -> None:
     assert load_settings(environ).outbox.routed_nowhere(["shop", "checkout"]) == []
     environ.update(IDENTITY_DESTINATIONS=json.dumps(routed), IDENTITY_OUTBOX="off")
     assert load_settings(environ).outbox.routed_nowhere(["shop", "checkout"]) == []
+
+
+def test_cluster_and_sentinel_urls() -> None:
+    cluster = RedisSettings.from_dsn("rediss+cluster://ops:pw@n1:7000,n2:7001,[::1]:7002")
+    assert cluster.topology == "cluster"
+    assert cluster.nodes == (("n1", 7000), ("n2", 7001), ("::1", 7002))
+    assert cluster.node_url == "rediss://ops:pw@n1:7000/0"
+    assert cluster.address == "rediss+cluster://ops:***@n1:7000,n2:7001,[::1]:7002"
+    sentinel = RedisSettings.from_dsn(
+        "redis+sentinel://:pw@s1:26379,s2:26379/my%20master/3"
+        "?sentinel_password=spw&ssl_cert_reqs=none"
+    )
+    assert (sentinel.topology, sentinel.service) == ("sentinel", "my master")
+    assert sentinel.nodes == (("s1", 26379), ("s2", 26379))
+    assert sentinel.node_url == "redis://:pw@s1:26379/3?ssl_cert_reqs=none"
+    assert sentinel.sentinel_auth == (None, "spw")
+    assert "spw" not in sentinel.address and "sentinel_password=***" in sentinel.address
+    single = RedisSettings.from_dsn("redis://h:1/0")
+    assert (single.topology, single.node_url, single.nodes) == ("single", "redis://h:1/0", ())
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("redis+sentinel://s1:26379", "ends with /<service name>"),
+        ("redis+sentinel://s1:26379/a/b/c", "ends with /<service name>"),
+        ("redis+sentinel://s1:26379/master/x", "database must be a number"),
+        ("redis+cluster://n1:7000/2", "only database 0"),
+        ("redis+cluster://n1:7000,n2", "host:port"),
+        ("redis+cluster://n1:70000", "host:port"),
+        ("redis+mesh://n1:7000", "scheme must be one of"),
+    ],
+)
+def test_bad_topology_urls_are_explained(url: str, complaint: str) -> None:
+    (problem,) = problems_of({"IDENTITY_REDIS_URL": url, "IDENTITY_SECRET": SECRET})
+    assert problem.startswith("IDENTITY_REDIS_URL: ") and complaint in problem
+
+
+def test_redis_shards_and_wait() -> None:
+    settings = make_settings("redis://h:1/0", redis_shards="48", redis_wait="1,50")
+    assert settings.redis is not None
+    assert (settings.redis.shards, settings.redis.wait) == (48, (1, 50))
+    default = make_settings("redis://h:1/0")
+    assert default.redis is not None
+    assert (default.redis.shards, default.redis.wait) == (16, None)
+    for wait in ("1", "0,50", "1,0", "x,y", "1,50,2"):
+        (problem,) = problems_of(
+            {"IDENTITY_REDIS_URL": "redis://h:1/0", "IDENTITY_SECRET": SECRET,
+             "IDENTITY_REDIS_WAIT": wait}
+        )  # fmt: skip
+        assert problem.startswith("IDENTITY_REDIS_WAIT must be <replicas>,<milliseconds>")
+    assert problems_of({"IDENTITY_REDIS_SHARDS": "0"})

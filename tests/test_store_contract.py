@@ -1,4 +1,5 @@
-"""The contract every store meets, run against the memory store and a real Redis."""
+"""The contract every store meets, run against the memory store and a real Redis: one
+node, and (`make topology`) a 3-master Cluster and a master behind three sentinels."""
 
 import asyncio
 import os
@@ -11,25 +12,37 @@ import pytest
 from identity_service.constants import KEY_SHARDS, handoff_key, outbox_key
 from identity_service.crypto import OutboxSealer
 from identity_service.feeds import Feed, MemoryFeed, RedisFeed
+from identity_service.metrics import Metrics
 from identity_service.settings import RedisSettings
 from identity_service.stores import HandoffStore
+from identity_service.stores import resp as resp_module
 from identity_service.stores.memory import MemoryOutbox, MemoryStore
 from identity_service.stores.redis import RedisStore, connect
-from identity_service.stores.resp import RespClient
+from identity_service.stores.topology import Commands, lean_client
+from tests.conftest import TOPOLOGY_KINDS, store_url
 from tests.redis_server import RedisServer
 
 SEALER = OutboxSealer(b"s" * 32)
 
 
+@pytest.fixture(params=["memory", "redis", *TOPOLOGY_KINDS])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
 @pytest.fixture
-async def store(store_kind: str, redis_server: RedisServer) -> AsyncIterator[HandoffStore]:
+def redis_url(store_kind: str, request: pytest.FixtureRequest) -> str | None:
+    return store_url(store_kind, request)
+
+
+@pytest.fixture
+async def store(redis_url: str | None) -> AsyncIterator[HandoffStore]:
     opened: HandoffStore
-    if store_kind == "memory":
+    if redis_url is None:
         opened = MemoryStore()
     else:
-        opened = RedisStore(
-            RedisSettings.from_dsn(redis_server.url, key_prefix="contract:"), SEALER
-        )
+        opened = RedisStore(RedisSettings.from_dsn(redis_url, key_prefix="contract:"), SEALER)
     yield opened
     await opened.close()
 
@@ -159,25 +172,28 @@ def test_queued_events_hold_about_their_own_size() -> None:
 
 
 async def test_emit_only_reaches_the_addressed_destination_alone(
-    store: HandoffStore, redis_server: RedisServer
+    store: HandoffStore, redis_url: str | None
 ) -> None:
     """Entries addressed to a destination (an AMP action's webhook body) reach it alone;
     an addressed-only destination takes nothing else (analytics events)."""
     names = ["segment", "amp-action-cart"]
     feeds: dict[str, Feed]
-    clients: list[RespClient] = []
+    clients: list[Commands] = []
     redis = None
-    if isinstance(store, MemoryStore):
+    if redis_url is None:
+        assert isinstance(store, MemoryStore)
         feeds = {
             name: MemoryFeed(store.outbox.subscribe(name, name.startswith("amp-")))
             for name in names
         }
     else:
-        redis = connect(RedisSettings.from_dsn(redis_server.url))
-        await redis.delete(*(outbox_key("contract:", shard) for shard in range(KEY_SHARDS)))
+        redis_settings = RedisSettings.from_dsn(redis_url)
+        redis = connect(redis_settings)
+        for shard in range(KEY_SHARDS):
+            await redis.delete(outbox_key("contract:", shard))
         feeds = {}
         for name in names:
-            clients.append(RespClient(redis_server.url, timeout=3.0))
+            clients.append(lean_client(redis_settings, timeout=3.0))
             feeds[name] = RedisFeed(
                 redis, clients[-1], "contract:", name, SEALER, 60, names, name.startswith("amp-")
             )
@@ -209,3 +225,61 @@ async def _read_all(feed: Feed) -> list[bytes]:
         entries = await feed.read(10, wait=0.05)
         events.extend(event for entry in entries for event in entry.events)
     return events
+
+
+async def test_wait_goes_in_the_scripts_write_and_a_shortfall_still_succeeds(
+    private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IDENTITY_REDIS_WAIT: WAIT leaves with the script (one round trip); with no replica
+    to confirm, the call still succeeds, counted and logged (docs/redis-topologies.md)."""
+    metrics = Metrics()
+    settings = RedisSettings.from_dsn(private_redis.url, key_prefix="wait:", wait=(1, 10))
+    store = RedisStore(settings, SEALER, metrics=metrics)
+    writes: list[int] = []
+    flush = resp_module.Connection._flush
+
+    def counted_flush(self: resp_module.Connection) -> None:
+        writes.append(len(self._outgoing))
+        flush(self)
+
+    try:
+        await store.put(new_id(), b"load the script", 60, None)
+        monkeypatch.setattr(resp_module.Connection, "_flush", counted_flush)
+        lookup_id = new_id()
+        await store.put(lookup_id, b"replicated?", 60, None)
+        # The exchange script is new to Redis: EVALSHA and WAIT, NOSCRIPT, then EVAL and
+        # a WAIT after it (the first WAIT came before the script ran).
+        assert await store.take(lookup_id, None) == b"replicated?"
+        assert writes == [2, 2, 1, 1]
+        writes.clear()
+        lookup_id = new_id()
+        await store.put(lookup_id, b"again", 60, None)
+        assert await store.take(lookup_id, None) == b"again"
+        assert writes == [2, 2]  # each script with its WAIT, in one write
+    finally:
+        await store.close()
+    assert metrics.value("identity_redis_wait_short_total", operation="prepare") == 3
+    assert metrics.value("identity_redis_wait_short_total", operation="exchange") == 2
+
+
+async def test_concurrent_requests_share_one_wait_while_one_is_in_flight(
+    private_redis: RedisServer,
+) -> None:
+    """Redis holds a connection while its WAIT waits: a WAIT per request would queue them
+    all behind each other's timeout. The first request's WAIT goes with its script; the
+    others, sent meanwhile, share the one WAIT sent when it returns."""
+    metrics = Metrics()
+    settings = RedisSettings.from_dsn(private_redis.url, key_prefix="waits:", wait=(1, 100))
+    store = RedisStore(settings, SEALER, metrics=metrics)
+    admin = connect(settings)
+    try:
+        await store.put(new_id(), b"load the script", 60, None)
+        await admin.config_resetstat()
+        await asyncio.gather(*(store.put(new_id(), b"record", 60, None) for _ in range(50)))
+        stats = await admin.info("commandstats")
+    finally:
+        await store.close()
+        await admin.aclose()
+    assert stats["cmdstat_evalsha"]["calls"] == 50
+    assert stats["cmdstat_wait"]["calls"] == 2
+    assert metrics.value("identity_redis_wait_short_total", operation="prepare") == 51

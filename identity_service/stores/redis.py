@@ -13,7 +13,9 @@ in different shards, so no one script may touch them all in a Cluster, but their
 out together and the pipelined client sends them in one write.
 
 Scripts go through the pipelined :class:`RespClient` (see resp.py for why it never
-retries). A failure surfaces as StoreUnavailable (503 with Retry-After) and the next
+retries), or on a Cluster or behind Sentinel the lean clients of topology.py. With
+``IDENTITY_REDIS_WAIT``, prepare and exchange send ``WAIT`` in the same write. A failure
+surfaces as StoreUnavailable (503 with Retry-After) and the next
 request uses a fresh connection, so the service recovers by itself when Redis returns.
 """
 
@@ -22,17 +24,26 @@ from collections.abc import Awaitable
 from typing import Any
 
 import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
+import structlog
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.connection import SSLConnection, parse_url
 
 from identity_service import events as ev
 from identity_service.constants import handoff_key, link_key, outbox_key, rate_key, shard_of
 from identity_service.crypto import OutboxSealer
+from identity_service.metrics import Metrics
 from identity_service.problems import StoreUnavailable
 from identity_service.settings import RedisSettings
 from identity_service.stores import PrepareEvents
-from identity_service.stores.resp import Arg, Reply, ReplyError, RespClient, Script
+from identity_service.stores.replication import Waits
+from identity_service.stores.resp import Arg, Reply, ReplyError, Script
+from identity_service.stores.topology import Commands, lean_client
+
+logger = structlog.get_logger(__name__)
 
 # KEYS: handoff, outbox. ARGV: record, ttl, sealed template or "", sealed started events or "",
 # the preparing source's name or "" (written only when destinations route by source).
@@ -86,32 +97,99 @@ return {count, left}
 """)
 
 
-def connect(settings: RedisSettings) -> Redis:
-    """A redis-py client with a blocking pool and no command retries, for the forwarder and
-    the admin commands (the request path uses :class:`RespClient`)."""
+AdminClient = Redis | RedisCluster
+
+
+def connect(settings: RedisSettings) -> AdminClient:
+    """A redis-py client with no command retries, for the forwarder and the admin commands
+    (the request path uses the lean clients): a ``RedisCluster`` on a Cluster (it follows
+    MOVED and ASK), a client of the master the sentinels name with Sentinel."""
+    options: dict[str, Any] = {
+        "socket_timeout": settings.timeout,
+        "socket_connect_timeout": settings.timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "decode_responses": False,
+    }
+    if settings.topology == "cluster":
+        node = _node_options(settings.node_url)
+        node.pop("db", None)
+        seeds = [ClusterNode(host, port) for host, port in settings.nodes]
+        return RedisCluster(
+            startup_nodes=seeds, max_connections=settings.max_connections, **node, **options
+        )
+    if settings.topology == "sentinel":
+        node = _node_options(settings.node_url)
+        username, password = settings.sentinel_auth
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(settings.nodes),
+            sentinel_kwargs={
+                "username": username,
+                "password": password,
+                "ssl": node.get("ssl", False),
+                "socket_timeout": settings.timeout,
+            },
+            max_connections=settings.max_connections,
+            **node,
+            **options,
+        )
+        client: Redis = sentinel.master_for(settings.service)
+        return client
     # A blocking pool makes a burst of requests wait (up to the timeout) for a
     # connection instead of failing once max_connections are in use.
     pool = BlockingConnectionPool.from_url(
-        settings.url,
-        max_connections=settings.max_connections,
-        timeout=settings.timeout,
-        socket_timeout=settings.timeout,
-        socket_connect_timeout=settings.timeout,
-        retry=Retry(NoBackoff(), 0),
-        decode_responses=False,
+        settings.url, max_connections=settings.max_connections, timeout=settings.timeout, **options
     )
     return Redis.from_pool(pool)
 
 
+def _node_options(node_url: str) -> dict[str, Any]:
+    """redis-py's connection options of a node URL, its host and port left out."""
+    options: dict[str, Any] = parse_url(node_url)  # type: ignore[no-untyped-call]
+    for name in ("host", "port"):
+        options.pop(name, None)
+    if options.pop("connection_class", None) is SSLConnection:
+        options["ssl"] = True
+    return options
+
+
+class WrongTopology(Exception):
+    """The URL's form does not match what the Redis it reaches is (one clear line)."""
+
+
 async def check_reachable(settings: RedisSettings) -> None:
-    """PING Redis once within the configured timeout; StoreUnavailable names its address."""
-    client = RespClient(settings.url, settings.timeout)
+    """Reach Redis once within the configured timeout; StoreUnavailable names its address.
+
+    A one-node URL that reaches a Cluster node or a sentinel raises WrongTopology: the
+    requests would fail on most keys (MOVED) or on every command; so does a Cluster URL
+    whose nodes are not in Cluster mode.
+    """
+    client = lean_client(settings, settings.timeout)
     try:
+        info = await client.execute("INFO") if settings.topology == "single" else None
         await client.execute("PING")
     except (ReplyError, OSError) as exc:
+        if "cluster support disabled" in str(exc.__cause__):
+            raise WrongTopology(
+                f"{settings.address} reaches Redis nodes without Cluster mode: use "
+                "redis://<host:port>/<db> (one node) or redis+sentinel://"
+            ) from exc
         raise StoreUnavailable(_describe(settings.address, exc)) from exc
     finally:
         await client.close()
+    if info is not None:
+        fields = dict(
+            line.partition(":")[::2] for line in info.decode(errors="replace").splitlines()
+        )
+        if fields.get("redis_mode") == "sentinel":
+            raise WrongTopology(
+                f"{settings.address} is a sentinel: name the master as "
+                "redis+sentinel://<sentinel host:port,...>/<service name>"
+            )
+        if fields.get("cluster_enabled") == "1":
+            raise WrongTopology(
+                f"{settings.address} is a Redis Cluster node: use "
+                "redis+cluster://<host:port,...> (seed nodes)"
+            )
 
 
 class RedisStore:
@@ -119,17 +197,30 @@ class RedisStore:
 
     ``tag_sources`` (some destination takes only some sources' events): each outbox entry
     carries its source's name (field ``s``), which the destinations' feeds route on.
-    Otherwise entries are written as before, for every destination.
+    Otherwise entries are written as before, for every destination. ``metrics`` counts the
+    ``WAIT``s short of their replicas (``IDENTITY_REDIS_WAIT``).
     """
 
     def __init__(
-        self, settings: RedisSettings, sealer: OutboxSealer, tag_sources: bool = False
+        self,
+        settings: RedisSettings,
+        sealer: OutboxSealer,
+        tag_sources: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
         self._tag_sources = tag_sources
         self._prefix = settings.key_prefix
+        self._shards = settings.shards
         self._address = settings.address
         self._sealer = sealer
-        self._redis = RespClient(settings.url, settings.timeout)
+        self._metrics = metrics
+        self._waits = Waits(*settings.wait) if settings.wait is not None else None
+        self._redis = lean_client(settings, settings.timeout)
+
+    @property
+    def commands(self) -> Commands:
+        """The lean client requests go through (a ClusterClient on a Cluster)."""
+        return self._redis
 
     async def put(
         self, lookup_id: bytes, record: bytes, ttl_seconds: int, events: PrepareEvents | None
@@ -142,7 +233,11 @@ class RedisStore:
                 started = self._sealer.seal(ev.join_documents(events.started))
         source = events.source if events is not None and self._tag_sources else None
         args: list[Arg] = [record, ttl_seconds, template, started, source or ""]
-        await self._guarded(self._redis.run_script(PREPARE, self._keys(lookup_id), args))
+        keys = self._keys(lookup_id)
+        call = self._redis.run_script(PREPARE, keys, args)
+        await self._guarded(
+            call if self._waits is None else self._replicated(call, keys, "prepare")
+        )
 
     async def take(self, lookup_id: bytes, facts: dict[str, Any] | None) -> bytes | None:
         sealed_facts = source = b""
@@ -151,10 +246,33 @@ class RedisStore:
             if self._tag_sources:
                 source = facts["source"].encode()
         keys = self._keys(lookup_id)
-        script = self._redis.run_script(EXCHANGE, keys, [sealed_facts, source])
-        record = await self._guarded(script)
+        call = self._redis.run_script(EXCHANGE, keys, [sealed_facts, source])
+        record = await self._guarded(
+            call if self._waits is None else self._replicated(call, keys, "exchange")
+        )
         assert record is None or isinstance(record, bytes)
         return record
+
+    async def _replicated(self, call: Awaitable[Reply], keys: list[str], operation: str) -> Reply:
+        """``call``, then a ``WAIT`` that covers it (replication.py: in the same write when
+        none is in flight on the connection, else one shared by every request meanwhile).
+
+        Fewer replicas than asked within the timeout does not fail the request: the write
+        is done on the master, and a 503 would make the client retry, which for an exchange
+        is the very double redemption WAIT is there to prevent (docs/redis-topologies.md).
+        """
+        assert self._waits is not None
+        reply, acknowledged = await self._waits.after(self._redis, keys[0], call)
+        if acknowledged < self._waits.replicas:
+            if self._metrics is not None:
+                self._metrics.inc("identity_redis_wait_short_total", operation=operation)
+            logger.warning(
+                "redis_wait_short",
+                operation=operation,
+                replicas=acknowledged,
+                wanted=self._waits.replicas,
+            )
+        return reply
 
     async def emit(
         self,
@@ -163,25 +281,28 @@ class RedisStore:
         only: str | None = None,
         source: str | None = None,
     ) -> None:
-        stream = outbox_key(self._prefix, shard_of(shard_hint))
+        stream = outbox_key(self._prefix, shard_of(shard_hint, self._shards), self._shards)
         sealed = self._sealer.seal(ev.join_documents(events))
         addressed: list[Arg] = ["only", only] if only is not None else []
         if source is not None and self._tag_sources:
             addressed += ["s", source]
-        await self._guarded(self._redis.execute("XADD", stream, "*", "j", sealed, *addressed))
+        await self._guarded(self._redis.call(stream, "XADD", stream, "*", "j", sealed, *addressed))
 
     async def keep(self, key_id: bytes, record: bytes, ttl_seconds: int) -> None:
-        key = link_key(self._prefix, key_id)
-        await self._guarded(self._redis.execute("SET", key, record, "EX", ttl_seconds))
+        key = link_key(self._prefix, key_id, self._shards)
+        await self._guarded(self._redis.call(key, "SET", key, record, "EX", ttl_seconds))
 
     async def peek(self, key_id: bytes) -> bytes | None:
-        record = await self._guarded(self._redis.execute("GET", link_key(self._prefix, key_id)))
+        key = link_key(self._prefix, key_id, self._shards)
+        record = await self._guarded(self._redis.call(key, "GET", key))
         assert record is None or isinstance(record, bytes)
         return record
 
     async def hit(self, counters: list[tuple[bytes, int]]) -> list[tuple[int, float]]:
         calls = [
-            self._redis.run_script(HIT, [rate_key(self._prefix, counter_id)], [window * 1000])
+            self._redis.run_script(
+                HIT, [rate_key(self._prefix, counter_id, self._shards)], [window * 1000]
+            )
             for counter_id, window in counters
         ]
         if len(calls) == 1:  # nothing to pipeline: no task needed
@@ -206,8 +327,8 @@ class RedisStore:
 
     def _keys(self, lookup_id: bytes) -> list[str]:
         return [
-            handoff_key(self._prefix, lookup_id),
-            outbox_key(self._prefix, shard_of(lookup_id)),
+            handoff_key(self._prefix, lookup_id, self._shards),
+            outbox_key(self._prefix, shard_of(lookup_id, self._shards), self._shards),
         ]
 
 

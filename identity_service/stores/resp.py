@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
+from collections.abc import Awaitable
 from typing import Any, cast
 
 import hiredis
@@ -40,7 +41,7 @@ class Script:
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
 
-class _Connection(asyncio.Protocol):
+class Connection(asyncio.Protocol):
     """One connection: commands written once per loop iteration, replies matched in order."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
@@ -123,11 +124,13 @@ class _Connection(asyncio.Protocol):
 class RespClient:
     """Pipelined commands over one lazily opened connection, for one event loop."""
 
-    def __init__(self, url: str, timeout: float) -> None:
-        self._options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    def __init__(self, url: str, timeout: float, **overrides: Any) -> None:
+        """``overrides`` replace what the URL says (``host`` and ``port`` of a Cluster node)."""
+        options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        self._options = {**options, **overrides}
         self._timeout = timeout
-        self._connection: _Connection | None = None
-        self._connecting: asyncio.Future[_Connection] | None = None
+        self._connection: Connection | None = None
+        self._connecting: asyncio.Future[Connection] | None = None
         self._closed = False
 
     async def execute(self, *args: Arg) -> Reply:
@@ -136,7 +139,25 @@ class RespClient:
         connection = self._connection
         if connection is None or connection.closed:
             connection = await self._connect()
-        return await connection.send(_pack(args))
+        return await connection.send(pack_command(args))
+
+    def call(self, key: str, *args: Arg) -> Awaitable[Reply]:
+        """A command on ``key`` (one node has every key: ``key`` only routes on a Cluster)."""
+        return self.execute(*args)
+
+    def node_for(self, key: str) -> "RespClient":
+        """The client ``key`` goes to: this one (see topology.py for a Cluster's)."""
+        return self
+
+    async def execute_asking(self, *args: Arg) -> Reply:
+        """``ASKING`` then the command, adjacent on the connection (a Cluster's ASK)."""
+        connection = self._connection
+        if connection is None or connection.closed:
+            connection = await self._connect()
+        asking = connection.send(pack_command(("ASKING",)))
+        reply = connection.send(pack_command(args))
+        await asking
+        return await reply
 
     async def run_script(self, script: Script, keys: list[str], args: list[Arg]) -> Reply:
         try:
@@ -160,13 +181,13 @@ class RespClient:
             self._connection.abort(ConnectionError("redis client closed"))
             self._connection = None
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> Connection:
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open())
             self._connecting.add_done_callback(self._connected)
         return await asyncio.shield(self._connecting)
 
-    def _connected(self, attempt: "asyncio.Future[_Connection]") -> None:
+    def _connected(self, attempt: "asyncio.Future[Connection]") -> None:
         self._connecting = None
         if not attempt.cancelled() and attempt.exception() is None:
             if self._closed:  # closed while connecting: nothing may keep this connection
@@ -174,10 +195,10 @@ class RespClient:
             else:
                 self._connection = attempt.result()
 
-    async def _open(self) -> _Connection:
+    async def _open(self) -> Connection:
         loop = asyncio.get_running_loop()
         options = self._options
-        connection = _Connection(loop, self._timeout)
+        connection = Connection(loop, self._timeout)
         async with asyncio.timeout(self._timeout):
             if options.get("connection_class") is UnixDomainSocketConnection:
                 await loop.create_unix_connection(lambda: connection, options["path"])
@@ -187,26 +208,30 @@ class RespClient:
                     if options.get("connection_class") is SSLConnection
                     else None
                 )
-                await loop.create_connection(
-                    lambda: connection,
-                    options.get("host", "localhost"),
-                    options.get("port", 6379),
-                    ssl=tls,
-                )
+                host, port = await self._endpoint()
+                await loop.create_connection(lambda: connection, host, port, ssl=tls)
             handshake = []
             if options.get("password") is not None:
                 credentials = [options["username"]] if options.get("username") else []
                 handshake.append(
-                    connection.send(_pack(("AUTH", *credentials, options["password"])))
+                    connection.send(pack_command(("AUTH", *credentials, options["password"])))
                 )
             if options.get("db"):
-                handshake.append(connection.send(_pack(("SELECT", options["db"]))))
+                handshake.append(connection.send(pack_command(("SELECT", options["db"]))))
             try:
                 await asyncio.gather(*handshake)
+                await self._check(connection)
             except BaseException:
                 connection.abort(ConnectionError("redis handshake failed"))
                 raise
         return connection
+
+    async def _endpoint(self) -> tuple[str, int]:
+        """Where to connect; a Sentinel's client asks the sentinels."""
+        return self._options.get("host", "localhost"), self._options.get("port", 6379)
+
+    async def _check(self, connection: Connection) -> None:
+        """Checks a new connection before use; a Sentinel's client checks the node's role."""
 
 
 _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
@@ -225,7 +250,7 @@ def tls_context(options: dict[str, Any]) -> ssl.SSLContext:
     return context
 
 
-def _pack(args: tuple[Arg, ...]) -> bytes:
+def pack_command(args: tuple[Arg, ...]) -> bytes:
     # hiredis's stubs type the argument as a 1-tuple; any tuple of these types works.
     packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]
     return packed

@@ -98,7 +98,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- if include "identity-service.redisPasswordSecret" . }}
 {{- $credentials := printf "%s:$(REDIS_PASSWORD)@" .Values.redis.auth.username }}
-{{- regexReplaceAll "^(rediss?://)" $url (printf "${1}%s" $credentials) }}
+{{- regexReplaceAll "^(rediss?(\\+cluster|\\+sentinel)?://)" $url (printf "${1}%s" $credentials) }}
 {{- else }}
 {{- $url }}
 {{- end }}

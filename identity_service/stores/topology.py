@@ -1,0 +1,241 @@
+"""Redis Cluster and Redis Sentinel for the lean client of the request path and the feeds.
+
+:class:`ClusterClient` keeps one pipelined :class:`RespClient` per node and the slot map
+(``CLUSTER SLOTS``); each command goes to the node of its key's slot, computed here from
+the hash tag, so a request still makes one round trip and the commands of one loop
+iteration still leave in one write per node. Redis answers a command sent to the wrong
+node with a redirection instead of running it, so following one never runs a command
+twice: ``MOVED`` (the slot moved for good) refreshes the map and re-sends to the named
+node, ``ASK`` (the slot is moving) re-sends there once after ``ASKING``, ``TRYAGAIN`` (a
+script's keys are split by a moving slot) re-sends after a short pause. A broken
+connection fails the command (no retry: see resp.py) and the next command refreshes the
+map first, so a Cluster failover heals by itself.
+
+:class:`SentinelClient` is a :class:`RespClient` that asks the sentinels where the master
+is before each connection, checks that the node it reaches is a master (``ROLE``), and
+drops its connection on a ``READONLY`` reply (the master became a replica), so the next
+command finds the new master. Commands in flight during the switch fail: the requests
+answer 503 with Retry-After.
+
+:func:`lean_client` picks the client a topology needs.
+"""
+
+import asyncio
+from collections import Counter
+from collections.abc import Awaitable
+from typing import Any, Protocol
+
+from redis.crc import key_slot
+
+from identity_service.constants import CLUSTER_SLOTS
+from identity_service.settings import RedisSettings
+from identity_service.stores.resp import (
+    Arg,
+    Connection,
+    Reply,
+    ReplyError,
+    RespClient,
+    Script,
+    pack_command,
+)
+
+MAX_REDIRECTS = 5
+# The answers that mean "not run here": re-sending is safe.
+REDIRECTIONS = frozenset({"MOVED", "ASK", "TRYAGAIN"})
+TRYAGAIN_PAUSE_SECONDS = 0.02
+
+
+class Commands(Protocol):
+    """What the store and the feeds send commands through, whatever the topology."""
+
+    async def execute(self, *args: Arg) -> Reply:
+        """A command without keys (PING): on a Cluster, on every master."""
+
+    def call(self, key: str, *args: Arg) -> Awaitable[Reply]:
+        """A command whose keys share ``key``'s slot."""
+
+    async def run_script(self, script: Script, keys: list[str], args: list[Arg]) -> Reply: ...
+
+    def node_for(self, key: str) -> "Commands | None":
+        """The one-node client ``key`` goes to (None: not known now)."""
+
+    def disconnect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def lean_client(settings: RedisSettings, timeout: float) -> Commands:
+    """The pipelined client for ``settings``' topology."""
+    if settings.topology == "cluster":
+        return ClusterClient(settings, timeout)
+    if settings.topology == "sentinel":
+        return SentinelClient(settings, timeout)
+    return RespClient(settings.url, timeout)
+
+
+class SentinelClient(RespClient):
+    """A :class:`RespClient` whose node is the master the sentinels name."""
+
+    def __init__(self, settings: RedisSettings, timeout: float) -> None:
+        super().__init__(settings.node_url, timeout)
+        self._service = settings.service
+        username, password = settings.sentinel_auth
+        self._sentinels = [
+            RespClient(
+                settings.node_url, timeout, host=host, port=port, username=username,
+                password=password, db=0,
+            )
+            for host, port in settings.nodes
+        ]  # fmt: skip
+        self.master: tuple[str, int] | None = None
+
+    async def execute(self, *args: Arg) -> Reply:
+        try:
+            return await super().execute(*args)
+        except ReplyError as exc:
+            if str(exc).startswith("READONLY"):
+                self.disconnect()  # a demoted master: find the new one
+            raise
+
+    async def close(self) -> None:
+        await super().close()
+        for sentinel in self._sentinels:
+            await sentinel.close()
+
+    async def _endpoint(self) -> tuple[str, int]:
+        self.master = await master_address(self._sentinels, self._service)
+        return self.master
+
+    async def _check(self, connection: Connection) -> None:
+        role = await connection.send(pack_command(("ROLE",)))
+        if not role or role[0] != b"master":
+            raise ConnectionError(f"the node named master of {self._service!r} is not a master")
+
+
+async def master_address(sentinels: list[RespClient], service: str) -> tuple[str, int]:
+    """The master's address as the first sentinel that knows it says (then asked first)."""
+    for index, sentinel in enumerate(sentinels):
+        try:
+            reply = await sentinel.execute("SENTINEL", "get-master-addr-by-name", service)
+        except (ReplyError, OSError):
+            continue
+        if reply:
+            sentinels.insert(0, sentinels.pop(index))
+            return reply[0].decode(), int(reply[1])
+    raise ConnectionError(f"no sentinel names a master for {service!r}")
+
+
+class ClusterClient:
+    """One :class:`RespClient` per Cluster node, commands routed by their key's slot."""
+
+    def __init__(self, settings: RedisSettings, timeout: float) -> None:
+        self._url = settings.node_url
+        self._timeout = timeout
+        self._seeds = list(settings.nodes)
+        self._nodes: dict[tuple[str, int], RespClient] = {}
+        self._slots: list[RespClient | None] = [None] * CLUSTER_SLOTS
+        self._masters: list[RespClient] = []
+        self._stale = True
+        self._refreshing: asyncio.Future[None] | None = None
+        # Redirections followed, by kind (MOVED, ASK, TRYAGAIN): how often slots moved.
+        self.redirects: Counter[str] = Counter()
+
+    async def execute(self, *args: Arg) -> Reply:
+        if self._stale:
+            await self.refresh()
+        try:
+            replies = await asyncio.gather(*(node.execute(*args) for node in self._masters))
+        except OSError:
+            self._stale = True
+            raise
+        return replies[-1]
+
+    async def call(self, key: str, *args: Arg) -> Reply:
+        if self._stale:
+            await self.refresh()
+        node = self._slots[key_slot(key.encode())]
+        if node is None:
+            raise ConnectionError(f"no Cluster node serves the slot of {key!r}")
+        asking = False
+        for _ in range(MAX_REDIRECTS):
+            try:
+                return await (node.execute_asking(*args) if asking else node.execute(*args))
+            except ReplyError as exc:
+                kind, _, where = str(exc).partition(" ")
+                if kind not in REDIRECTIONS:
+                    raise
+                self.redirects[kind] += 1
+                if kind == "MOVED":
+                    self._stale = True
+                    node, asking = self._node_at(where), False
+                elif kind == "ASK":
+                    node, asking = self._node_at(where), True
+                else:
+                    await asyncio.sleep(TRYAGAIN_PAUSE_SECONDS)
+            except OSError:
+                self._stale = True
+                raise
+        raise ConnectionError(f"still redirected after {MAX_REDIRECTS} tries")
+
+    async def run_script(self, script: Script, keys: list[str], args: list[Arg]) -> Reply:
+        try:
+            return await self.call(keys[0], "EVALSHA", script.sha, len(keys), *keys, *args)
+        except ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            # Each node has its own script cache: EVAL runs it and caches it there.
+            return await self.call(keys[0], "EVAL", script.source, len(keys), *keys, *args)
+
+    def node_for(self, key: str) -> RespClient | None:
+        return None if self._stale else self._slots[key_slot(key.encode())]
+
+    async def refresh(self) -> None:
+        """Load the slot map; concurrent callers share one load."""
+        if self._refreshing is None:
+            self._refreshing = asyncio.ensure_future(self._load())
+            self._refreshing.add_done_callback(self._loaded)
+        await asyncio.shield(self._refreshing)
+
+    def _loaded(self, attempt: "asyncio.Future[None]") -> None:
+        self._refreshing = None
+        if not attempt.cancelled():
+            attempt.exception()  # retrieved: the callers that awaited it raised it
+
+    async def _load(self) -> None:
+        failure: BaseException | None = None
+        for address in dict.fromkeys([*self._nodes, *self._seeds]):
+            try:
+                reply: Any = await self._node(address).execute("CLUSTER", "SLOTS")
+            except (ReplyError, OSError) as exc:
+                failure = exc
+                continue
+            slots: list[RespClient | None] = [None] * CLUSTER_SLOTS
+            masters: dict[RespClient, None] = {}
+            for start, end, master, *_replicas in reply:
+                host = master[0].decode() or address[0]  # "": the node asked
+                node = self._node((host, int(master[1])))
+                masters[node] = None
+                slots[start : end + 1] = [node] * (end + 1 - start)
+            self._slots, self._masters, self._stale = slots, list(masters), False
+            return
+        raise ConnectionError("no Cluster node answered CLUSTER SLOTS") from failure
+
+    def _node_at(self, where: str) -> RespClient:
+        """The node of a redirection's ``<slot> <host>:<port>``."""
+        host, _, port = where.split(" ")[-1].rpartition(":")
+        return self._node((host, int(port)))
+
+    def _node(self, address: tuple[str, int]) -> RespClient:
+        node = self._nodes.get(address)
+        if node is None:
+            host, port = address
+            node = self._nodes[address] = RespClient(self._url, self._timeout, host=host, port=port)
+        return node
+
+    def disconnect(self) -> None:
+        for node in self._nodes.values():
+            node.disconnect()
+
+    async def close(self) -> None:
+        for node in self._nodes.values():
+            await node.close()
