@@ -33,7 +33,14 @@ from redis.backoff import NoBackoff
 from redis.connection import SSLConnection, parse_url
 
 from identity_service import events as ev
-from identity_service.constants import handoff_key, link_key, outbox_key, rate_key, shard_of
+from identity_service.constants import (
+    handoff_key,
+    link_key,
+    outbox_key,
+    rate_key,
+    shard_of,
+    spread_shard,
+)
 from identity_service.crypto import OutboxSealer
 from identity_service.metrics import Metrics
 from identity_service.problems import StoreUnavailable
@@ -281,7 +288,7 @@ class RedisStore:
         only: str | None = None,
         source: str | None = None,
     ) -> None:
-        stream = outbox_key(self._prefix, shard_of(shard_hint, self._shards), self._shards)
+        stream = outbox_key(self._prefix, spread_shard(shard_hint, self._shards), self._shards)
         sealed = self._sealer.seal(ev.join_documents(events))
         addressed: list[Arg] = ["only", only] if only is not None else []
         if source is not None and self._tag_sources:
