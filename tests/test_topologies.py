@@ -18,6 +18,7 @@ import pytest
 from identity_service import app_keys
 from identity_service.app import create_app
 from identity_service.constants import KEY_SHARDS, shard_tags, tag_slot
+from identity_service.settings import RedisSettings
 from identity_service.stores.redis import RedisStore
 from identity_service.stores.topology import ClusterClient
 from tests.collector import WRITE_KEY, Collector, running_collector
@@ -308,3 +309,35 @@ async def test_sentinel_failover_under_handoffs_with_and_without_wait(
         )
     for report in reports:
         assert report.seconds_to_success < 30
+
+
+async def test_a_hung_seed_is_asked_for_the_slot_map_only_after_the_nodes_that_answer(
+    redis_cluster: Cluster,
+) -> None:
+    """A seed whose host hangs (it accepts connections and never answers) costs a refresh
+    the whole timeout: once it has failed, the client asks the nodes that answer first, so
+    the MOVED and lost connections that refresh the map do not wait on it again."""
+    accepted = 0
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    seeds = redis_cluster.url.removeprefix("redis+cluster://")
+    client = ClusterClient(
+        RedisSettings.from_dsn(f"redis+cluster://127.0.0.1:{port},{seeds}"), timeout=0.5
+    )
+    try:
+        await client.refresh()  # the hung seed first (nothing is known yet), then the next
+        assert accepted == 1
+        for _ in range(3):
+            await client.refresh()
+            assert await client.execute("PING") == b"PONG"
+        assert accepted == 1
+    finally:
+        await client.close()
+        server.close()
