@@ -129,11 +129,14 @@ def connect(settings: RedisSettings) -> AdminClient:
         username, password = settings.sentinel_auth
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(settings.nodes),
+            # The sentinels take the URL's TLS options too (its CA, above all), as the
+            # request path's client does, and the same bounded timeouts.
             sentinel_kwargs={
+                **{name: value for name, value in node.items() if name.startswith("ssl")},
                 "username": username,
                 "password": password,
-                "ssl": node.get("ssl", False),
                 "socket_timeout": settings.timeout,
+                "socket_connect_timeout": settings.timeout,
             },
             max_connections=settings.max_connections,
             **node,
