@@ -9,6 +9,7 @@ masters get equal numbers of them (``shard_tags``).
 
 from binascii import crc_hqx
 from functools import cache
+from hashlib import blake2b
 from typing import Final
 
 ENV_PREFIX: Final = "IDENTITY_"
@@ -94,12 +95,26 @@ def shard_tags(shards: int) -> tuple[str, ...]:
 
 
 def shard_of(lookup_id: bytes, shards: int = KEY_SHARDS) -> int:
-    return lookup_id[0] % shards
+    """The shard of a uniformly random id (an HMAC): its first four bytes, little-endian,
+    modulo ``shards``, so every one of up to ``MAX_KEY_SHARDS`` shards gets an equal share
+    (the first byte alone reaches 256 of them, unevenly unless ``shards`` divides 256; for
+    those that do, this is that byte's shard, as in 0.3.0)."""
+    return int.from_bytes(lookup_id[:4], "little") % shards
+
+
+def spread_shard(hint: bytes, shards: int = KEY_SHARDS) -> int:
+    """The shard of an id that need not be random (an event's messageId, a UUID's text):
+    hashed first, so the outbox entries spread over every shard all the same."""
+    return shard_of(blake2b(hint, digest_size=4).digest(), shards)
+
+
+def _tag_of(random_id: bytes, shards: int) -> str:
+    return shard_tags(shards)[shard_of(random_id, shards)]
 
 
 def handoff_key(prefix: str, lookup_id: bytes, shards: int = KEY_SHARDS) -> str:
     """The Redis key of one handoff: prefix, a Cluster hash tag, then the lookup id."""
-    return f"{prefix}{{{shard_tags(shards)[lookup_id[0] % shards]}}}:handoff:{lookup_id.hex()}"
+    return f"{prefix}{{{_tag_of(lookup_id, shards)}}}:handoff:{lookup_id.hex()}"
 
 
 def outbox_key(prefix: str, shard: int, shards: int = KEY_SHARDS) -> str:
@@ -114,9 +129,9 @@ def dead_letter_key(prefix: str, shard: int, destination: str, shards: int = KEY
 
 def link_key(prefix: str, key_id: bytes, shards: int = KEY_SHARDS) -> str:
     """A kept record (an AMP clientId link) under its key id, hash-tagged like a handoff."""
-    return f"{prefix}{{{shard_tags(shards)[key_id[0] % shards]}}}:link:{key_id.hex()}"
+    return f"{prefix}{{{_tag_of(key_id, shards)}}}:link:{key_id.hex()}"
 
 
 def rate_key(prefix: str, counter_id: bytes, shards: int = KEY_SHARDS) -> str:
     """A rate-limit counter, hash-tagged by its id (each counter is its own script call)."""
-    return f"{prefix}{{{shard_tags(shards)[counter_id[0] % shards]}}}:rate:{counter_id.hex()}"
+    return f"{prefix}{{{_tag_of(counter_id, shards)}}}:rate:{counter_id.hex()}"

@@ -382,6 +382,11 @@ def legacy_outbox_keys(prefix: str) -> list[str]:
     return [f"{prefix}{{{shard}}}:outbox" for shard in range(KEY_SHARDS)]
 
 
+def legacy_dead_letter_keys(prefix: str, destination: str) -> list[str]:
+    """A destination's dead letters as 0.3.0 and earlier kept them: tags ``{0}`` to ``{15}``."""
+    return [f"{prefix}{{{shard}}}:dead:{destination}" for shard in range(KEY_SHARDS)]
+
+
 async def trim_acknowledged(redis: AdminClient, stream: str) -> None:
     """Drop the entries below the oldest one that any consumer group still needs.
 

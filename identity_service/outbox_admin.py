@@ -4,10 +4,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio import RedisCluster
 from redis.exceptions import ResponseError
 
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
-from identity_service.feeds import oldest_pending
+from identity_service.feeds import legacy_dead_letter_keys, oldest_pending
 from identity_service.stores.redis import AdminClient
 from identity_service.streams import entries, parse_id, text
 
@@ -60,6 +61,9 @@ async def outbox_status(
             if oldest is not None:
                 age = max(0.0, (now_ms - oldest) / 1000)
                 status.oldest_age_seconds = max(status.oldest_age_seconds or 0.0, age)
+    for status in report:
+        for _, dead in _legacy_dead_letters(redis, prefix, status.destination, shards):
+            status.dead += await redis.xlen(dead)
     return report
 
 
@@ -90,10 +94,17 @@ async def replay_dead(
 ) -> int:
     """Move dead letters back into their outbox stream, addressed to their destination only."""
     moved = 0
-    for shard in range(shards):
-        stream = outbox_key(prefix, shard, shards)
-        for destination in destinations:
-            dead = dead_letter_key(prefix, shard, destination, shards)
+    for destination in destinations:
+        for stream, dead in [
+            *(
+                (
+                    outbox_key(prefix, shard, shards),
+                    dead_letter_key(prefix, shard, destination, shards),
+                )
+                for shard in range(shards)
+            ),
+            *_legacy_dead_letters(redis, prefix, destination, shards),
+        ]:
             for entry_id, fields in await entries(redis, dead):
                 payload = {k: v for k, v in fields.items() if k in PAYLOAD_FIELDS}
                 payload[b"only"] = destination.encode()
@@ -103,6 +114,21 @@ async def replay_dead(
                     await pipe.execute()
                 moved += 1
     return moved
+
+
+def _legacy_dead_letters(
+    redis: AdminClient, prefix: str, destination: str, shards: int
+) -> list[tuple[str, str]]:
+    """The dead letters 0.3.0 and earlier kept (tags ``{0}``…``{15}``), each with the outbox
+    stream of the shard its letters go back to; none on a Cluster (they never ran there)."""
+    if isinstance(redis, RedisCluster):
+        return []
+    current = {dead_letter_key(prefix, shard, destination, shards) for shard in range(shards)}
+    return [
+        (outbox_key(prefix, shard % shards, shards), dead)
+        for shard, dead in enumerate(legacy_dead_letter_keys(prefix, destination))
+        if dead not in current
+    ]
 
 
 async def retire_destination(

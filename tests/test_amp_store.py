@@ -5,6 +5,7 @@ import asyncio
 import hashlib
 import math
 import os
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -17,7 +18,14 @@ from identity_service.amp import links
 from identity_service.amp.config import AmpSettings, RateLimit
 from identity_service.amp.context import AmpContext
 from identity_service.amp.limits import check_limits, client_ip
-from identity_service.constants import KEY_SHARDS, link_key, rate_key, shard_of, shard_tags
+from identity_service.constants import (
+    KEY_SHARDS,
+    link_key,
+    outbox_key,
+    rate_key,
+    shard_of,
+    shard_tags,
+)
 from identity_service.crypto import OutboxSealer, TokenSealer
 from identity_service.metrics import Metrics
 from identity_service.problems import RateLimited, StoreUnavailable
@@ -26,6 +34,7 @@ from identity_service.stores import HandoffStore, memory
 from identity_service.stores import resp as resp_module
 from identity_service.stores.memory import MemoryStore
 from identity_service.stores.redis import RedisStore
+from identity_service.streams import text
 from tests.conftest import make_settings
 from tests.redis_server import RedisServer
 from tests.secrets_audit import AUDIT
@@ -521,3 +530,22 @@ async def test_a_dump_of_redis_holds_neither_client_ids_nor_visitors_nor_address
     ]
     for value in forbidden:
         assert value not in contents
+
+
+async def test_redis_spreads_text_hints_and_many_shards_over_every_shard(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    """AMP events are emitted under their messageId (a UUID's text, 22 possible first
+    bytes) and a kept record under a 32-byte id: both must reach every shard, however many
+    there are (up to the 1024 allowed), or a Cluster's masters get unequal shares."""
+    store = RedisStore(RedisSettings.from_dsn(redis_server.url, key_prefix="spread:"), SEALER)
+    try:
+        for _ in range(300):
+            await store.emit(str(uuid.uuid4()).encode(), [{"type": "track"}])
+        streams = {outbox_key("spread:", shard) for shard in range(KEY_SHARDS)}
+        filled = {text(key) for key in await redis_client.keys("spread:*:outbox")}
+        assert filled == streams
+    finally:
+        await store.close()
+    reached = {link_key("x:", os.urandom(32), 512) for _ in range(20_000)}
+    assert {key.split("}")[0] for key in reached} == {f"x:{{{tag}" for tag in shard_tags(512)}

@@ -448,3 +448,23 @@ async def test_a_cancelled_blocking_read_claims_nothing_that_arrives_after(
     finally:
         await commands.close()
         await redis_client.delete(*(outbox_key(prefix, shard) for shard in range(KEY_SHARDS)))
+
+
+async def test_dead_letters_of_an_earlier_version_are_counted_and_replayed(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    """0.3.0 kept dead letters under tags ``{0}``…``{15}``: after an upgrade ``outbox
+    status`` still counts them and ``replay-dead`` still re-queues them."""
+    prefix = f"legacy-dead-{os.getpid()}:"
+    legacy = f"{prefix}{{5}}:dead:default"
+    await redis_client.xadd(legacy, {"j": b"sealed", "reason": b"HTTP 400", "failed_at": b"1"})
+    try:
+        (status,) = await outbox_status(redis_client, prefix, ["default"])
+        assert status.dead == 1
+        assert await replay_dead(redis_client, prefix, ["default"]) == 1
+        (status,) = await outbox_status(redis_client, prefix, ["default"])
+        assert (status.dead, status.pending) == (0, 1)
+    finally:
+        await redis_client.delete(
+            legacy, *(outbox_key(prefix, shard) for shard in range(KEY_SHARDS))
+        )

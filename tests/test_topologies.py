@@ -6,6 +6,8 @@ docs/redis-topologies.md quotes them; the assertions are what must hold on every
 import asyncio
 import contextlib
 import io
+import socket
+import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,17 +16,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from identity_service import app_keys
 from identity_service.app import create_app
 from identity_service.constants import KEY_SHARDS, shard_tags, tag_slot
-from identity_service.stores.redis import RedisStore
-from identity_service.stores.topology import ClusterClient
+from identity_service.settings import RedisSettings
+from identity_service.stores.redis import RedisStore, connect
+from identity_service.stores.topology import ClusterClient, SentinelClient
 from tests.collector import WRITE_KEY, Collector, running_collector
 from tests.conftest import CHECKOUT_URL, AppClient, auth, make_settings
-from tests.redis_topologies import Cluster, Sentinels, redis_cli
+from tests.redis_server import RedisServer, free_port
+from tests.redis_topologies import Cluster, Sentinels, redis_cli, wait_until
 from tests.secrets_audit import AUDIT
 from tests.test_cli import refusal_at_start
+from tests.test_resp import write_tls_files
 
 pytestmark = pytest.mark.topology
 
@@ -308,3 +314,88 @@ async def test_sentinel_failover_under_handoffs_with_and_without_wait(
         )
     for report in reports:
         assert report.seconds_to_success < 30
+
+
+async def test_a_hung_seed_is_asked_for_the_slot_map_only_after_the_nodes_that_answer(
+    redis_cluster: Cluster,
+) -> None:
+    """A seed whose host hangs (it accepts connections and never answers) costs a refresh
+    the whole timeout: once it has failed, the client asks the nodes that answer first, so
+    the MOVED and lost connections that refresh the map do not wait on it again."""
+    accepted = 0
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    seeds = redis_cluster.url.removeprefix("redis+cluster://")
+    client = ClusterClient(
+        RedisSettings.from_dsn(f"redis+cluster://127.0.0.1:{port},{seeds}"), timeout=0.5
+    )
+    try:
+        await client.refresh()  # the hung seed first (nothing is known yet), then the next
+        assert accepted == 1
+        for _ in range(3):
+            await client.refresh()
+            assert await client.execute("PING") == b"PONG"
+        assert accepted == 1
+    finally:
+        await client.close()
+        server.close()
+
+
+def start_sentinel(config: Path, port: int) -> subprocess.Popen[bytes]:
+    """A sentinel of ``config``, once it accepts connections on ``port``."""
+    process = subprocess.Popen(
+        ["redis-server", str(config), "--sentinel"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def listening() -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return True
+        return False
+
+    wait_until(listening, 10, "the sentinel to listen")
+    return process
+
+
+async def test_tls_sentinels_are_verified_with_the_urls_ca_by_both_clients(
+    tmp_path: Path,
+) -> None:
+    """``rediss+sentinel://…?ssl_ca_certs=…``: the request path's client and redis-py's (the
+    forwarder's and the admin commands') both reach the sentinels over TLS, verified
+    against the URL's CA, and learn the master from them."""
+    write_tls_files(tmp_path)
+    (tmp_path / "master").mkdir()
+    master = RedisServer(tmp_path / "master")
+    master.start()
+    tls_port = free_port()
+    config = tmp_path / "sentinel.conf"
+    config.write_text(
+        f"port 0\ntls-port {tls_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"tls-cert-file {tmp_path / 'server.pem'}\ntls-key-file {tmp_path / 'server.key'}\n"
+        f"tls-ca-cert-file {tmp_path / 'ca.pem'}\ntls-auth-clients no\n"
+        f"sentinel monitor tlsmaster 127.0.0.1 {master.port} 1\n"
+    )
+    sentinel = start_sentinel(config, tls_port)
+    url = f"rediss+sentinel://127.0.0.1:{tls_port}/tlsmaster?ssl_ca_certs={tmp_path / 'ca.pem'}"
+    settings = RedisSettings.from_dsn(url)
+    lean = SentinelClient(settings, 1.0)
+    admin = connect(settings)
+    try:
+        assert await lean._endpoint() == ("127.0.0.1", master.port)
+        assert isinstance(admin, Redis)
+        pool: Any = admin.connection_pool
+        assert await pool.get_master_address() == ("127.0.0.1", master.port)
+    finally:
+        await lean.close()
+        await admin.aclose()
+        sentinel.terminate()
+        sentinel.wait(timeout=10)
+        master.stop()

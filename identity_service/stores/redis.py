@@ -33,7 +33,14 @@ from redis.backoff import NoBackoff
 from redis.connection import SSLConnection, parse_url
 
 from identity_service import events as ev
-from identity_service.constants import handoff_key, link_key, outbox_key, rate_key, shard_of
+from identity_service.constants import (
+    handoff_key,
+    link_key,
+    outbox_key,
+    rate_key,
+    shard_of,
+    spread_shard,
+)
 from identity_service.crypto import OutboxSealer
 from identity_service.metrics import Metrics
 from identity_service.problems import StoreUnavailable
@@ -122,11 +129,14 @@ def connect(settings: RedisSettings) -> AdminClient:
         username, password = settings.sentinel_auth
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(settings.nodes),
+            # The sentinels take the URL's TLS options too (its CA, above all), as the
+            # request path's client does, and the same bounded timeouts.
             sentinel_kwargs={
+                **{name: value for name, value in node.items() if name.startswith("ssl")},
                 "username": username,
                 "password": password,
-                "ssl": node.get("ssl", False),
                 "socket_timeout": settings.timeout,
+                "socket_connect_timeout": settings.timeout,
             },
             max_connections=settings.max_connections,
             **node,
@@ -281,7 +291,7 @@ class RedisStore:
         only: str | None = None,
         source: str | None = None,
     ) -> None:
-        stream = outbox_key(self._prefix, shard_of(shard_hint, self._shards), self._shards)
+        stream = outbox_key(self._prefix, spread_shard(shard_hint, self._shards), self._shards)
         sealed = self._sealer.seal(ev.join_documents(events))
         addressed: list[Arg] = ["only", only] if only is not None else []
         if source is not None and self._tag_sources:

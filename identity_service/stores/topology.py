@@ -137,6 +137,10 @@ class ClusterClient:
         self._masters: list[RespClient] = []
         self._stale = True
         self._refreshing: asyncio.Future[None] | None = None
+        # The nodes that did not answer CLUSTER SLOTS last time they were asked: asked last,
+        # so that a dead or hung node (each try costs up to the timeout) does not hold up
+        # every refresh while the others answer.
+        self._failed: dict[tuple[str, int], None] = {}
         # Redirections followed, by kind (MOVED, ASK, TRYAGAIN): how often slots moved.
         self.redirects: Counter[str] = Counter()
 
@@ -203,12 +207,15 @@ class ClusterClient:
 
     async def _load(self) -> None:
         failure: BaseException | None = None
-        for address in dict.fromkeys([*self._nodes, *self._seeds]):
+        known = dict.fromkeys([*self._nodes, *self._seeds])
+        for address in [*(a for a in known if a not in self._failed), *self._failed]:
             try:
                 reply: Any = await self._node(address).execute("CLUSTER", "SLOTS")
             except (ReplyError, OSError) as exc:
                 failure = exc
+                self._failed[address] = None
                 continue
+            self._failed.pop(address, None)
             slots: list[RespClient | None] = [None] * CLUSTER_SLOTS
             masters: dict[RespClient, None] = {}
             for start, end, master, *_replicas in reply:
