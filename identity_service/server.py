@@ -26,6 +26,7 @@ from aiohttp import web
 from identity_service import log_config, metrics
 from identity_service.app import create_app
 from identity_service.front import FrontRunner
+from identity_service.lines import write_lines
 from identity_service.settings import Settings
 
 
@@ -111,6 +112,13 @@ def _supervise(settings: Settings, host: str, port: int) -> int:
         return _fork_workers(settings, host, port, directory)
 
 
+def _say(message: str) -> None:
+    """``message`` as one line on standard error, in one write: the workers share the
+    stream, and a line written in parts can interleave with another worker's."""
+    sys.stderr.flush()
+    write_lines(sys.stderr.buffer, [f"identity-service: {message}\n".encode()])
+
+
 def _fork_workers(settings: Settings, host: str, port: int, metrics_directory: str) -> int:
     children: list[int] = []
     for _ in range(settings.workers):
@@ -122,7 +130,7 @@ def _fork_workers(settings: Settings, host: str, port: int, metrics_directory: s
                 _run_worker(settings, host, port, reuse_port=True)
             except BindError as exc:
                 status = 1
-                print(f"identity-service: {exc}", file=sys.stderr)
+                _say(str(exc))
             except BaseException:
                 status = 1
                 traceback.print_exc()
@@ -143,7 +151,7 @@ def _fork_workers(settings: Settings, host: str, port: int, metrics_directory: s
         children.remove(pid)
         metrics.mark_dead(pid, metrics_directory)
         if os.waitstatus_to_exitcode(code) != 0 and status == 0:
-            print(f"identity-service: worker {pid} failed; stopping", file=sys.stderr)
+            _say(f"worker {pid} failed; stopping")
             status = 1
             for child in children:
                 _signal(child, signal.SIGTERM)
