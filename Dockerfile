@@ -24,10 +24,18 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential \
     && rm -rf /var/lib/apt/lists/*
 
+# The dependencies come from requirements/image.txt: every version pinned and every file
+# checked against its hash, so a rebuild installs what was tested, not what PyPI has today.
+# Refresh it when pyproject.toml's dependencies change (tests/test_dockerfile.py checks it
+# still covers them):
+#   pip-compile --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
+#     --output-file requirements/image.txt pyproject.toml
 WORKDIR /src
+COPY requirements/image.txt ./requirements/image.txt
+RUN pip wheel --wheel-dir /wheels --require-hashes -r requirements/image.txt
 COPY pyproject.toml README.md ./
 COPY identity_service ./identity_service
-RUN pip wheel --wheel-dir /wheels . \
+RUN pip wheel --wheel-dir /wheels --no-deps . \
     && python -m venv /opt/identity-service \
     && /opt/identity-service/bin/pip install --no-index --find-links /wheels identity-service
 

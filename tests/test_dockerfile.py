@@ -6,12 +6,16 @@ pinned bases, a non-root numeric user, no build tools in the final stage, a heal
 import json
 import re
 import shlex
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from tests.chart import ci_values, find, pod_spec, render
 
@@ -111,3 +115,29 @@ def test_the_build_context_holds_what_the_builder_copies(stages: list[list[Instr
             for source in sources:
                 assert source in allowed, f"{source} is excluded by .dockerignore"
                 assert (ROOT / source).exists()
+
+
+def test_the_builder_installs_the_locked_dependencies_checked_by_hash(
+    stages: list[list[Instruction]],
+) -> None:
+    runs = " ".join(values(stages[0], "RUN"))
+    assert "--require-hashes -r requirements/image.txt" in runs
+    assert "--no-deps ." in runs, "the service's own wheel must not pull unlocked versions"
+    assert "pip install --no-index" in runs
+
+
+def test_the_lock_pins_every_runtime_dependency_within_pyproject() -> None:
+    """requirements/image.txt covers pyproject.toml's dependencies at versions they allow,
+    each with hashes: it is refreshed when the dependencies change (see the Dockerfile)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lock_text = (ROOT / "requirements" / "image.txt").read_text()
+    pinned = {
+        canonicalize_name(m["name"]): Version(m["version"])
+        for m in re.finditer(r"^(?P<name>[\w.-]+)==(?P<version>[\w.]+)", lock_text, re.M)
+    }
+    entries = re.split(r"\n(?=[\w.-]+==)", lock_text)
+    assert all("--hash=sha256:" in entry for entry in entries[1:]), "every pin has hashes"
+    for dependency in map(Requirement, project["dependencies"]):
+        name = canonicalize_name(dependency.name)
+        assert name in pinned, f"{dependency.name} is not in requirements/image.txt"
+        assert pinned[name] in dependency.specifier, f"{name} {pinned[name]} vs {dependency}"
