@@ -1,6 +1,5 @@
 """The application factory. Builds the app without I/O; the store opens in cleanup_ctx."""
 
-import dataclasses
 from collections.abc import AsyncIterator
 
 import structlog
@@ -19,7 +18,6 @@ from identity_service.settings import Settings
 from identity_service.sources import SourceRegistry
 from identity_service.stores import HandoffStore
 from identity_service.stores.memory import MemoryStore
-from identity_service.stores.redis import connect
 
 logger = structlog.get_logger(__name__)
 
@@ -76,26 +74,16 @@ async def _handoff_store(app: web.Application) -> AsyncIterator[None]:
     app[app_keys.HANDOFFS] = handoffs
     app[app_keys.API] = HandoffApi(settings, app[app_keys.SOURCES], handoffs)
     destinations = [d.name for d in settings.outbox.destinations] if settings.outbox.enabled else []
-    scrape_redis = None
     if isinstance(store, MemoryStore):
-        app[app_keys.PROBE] = Probe(store.ping, 1.0, memory=store.outbox)
+        probe = Probe(store.ping, 1.0, memory=store.outbox)
     else:
         assert settings.redis is not None
-        # The scrapes' own connection, never the request path's.
-        scrape_redis = connect(dataclasses.replace(settings.redis, max_connections=1))
-        app[app_keys.PROBE] = Probe(
-            store.ping,
-            settings.redis.timeout,
-            destinations,
-            redis=scrape_redis,
-            prefix=settings.redis.key_prefix,
-            shards=settings.redis.shards,
-        )
+        probe = Probe.of_redis(settings.redis, destinations, ping=store.ping)
+    app[app_keys.PROBE] = probe
     logger.info("store_opened", store=type(store).__name__)
     yield
     await store.close()
-    if scrape_redis is not None:
-        await scrape_redis.aclose()
+    await probe.close()
 
 
 async def _forwarders(app: web.Application) -> AsyncIterator[None]:

@@ -6,7 +6,6 @@ the same HTTP front, middleware and handlers as ``serve``. Its gauges come from 
 scraped (scrape.py), on a connection of the scrapes' own.
 """
 
-import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -20,7 +19,6 @@ from identity_service.middleware import handle_request
 from identity_service.scrape import Probe
 from identity_service.server import BindError
 from identity_service.settings import Settings
-from identity_service.stores.redis import connect
 
 
 def create_metrics_app(settings: Settings, metrics: Metrics, probe: Probe) -> web.Application:
@@ -43,16 +41,7 @@ async def serving_metrics(settings: Settings, metrics: Metrics) -> AsyncIterator
     if port is None or settings.redis is None:
         yield None
         return
-    redis = connect(dataclasses.replace(settings.redis, max_connections=1))
-    destinations = [d.name for d in settings.outbox.destinations]
-    probe = Probe(
-        redis.ping,
-        settings.redis.timeout,
-        destinations,
-        redis=redis,
-        prefix=settings.redis.key_prefix,
-        shards=settings.redis.shards,
-    )
+    probe = Probe.of_redis(settings.redis, [d.name for d in settings.outbox.destinations])
     runner = FrontRunner(create_metrics_app(settings, metrics, probe), access_log=None)
     await runner.setup()
     try:
@@ -64,4 +53,4 @@ async def serving_metrics(settings: Settings, metrics: Metrics) -> AsyncIterator
         yield port
     finally:
         await runner.cleanup()
-        await redis.aclose()
+        await probe.close()

@@ -14,6 +14,7 @@ may count once in both.
 """
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -24,8 +25,9 @@ from redis.exceptions import RedisError
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
 from identity_service.metrics import Backlog, Scraped
 from identity_service.problems import StoreUnavailable
+from identity_service.settings import RedisSettings
 from identity_service.stores.memory import MemoryOutbox
-from identity_service.stores.redis import AdminClient
+from identity_service.stores.redis import AdminClient, connect
 from identity_service.streams import parse_id, text
 
 logger = structlog.get_logger(__name__)
@@ -61,6 +63,26 @@ class Probe:
         self._prefix = prefix
         self._memory = memory
         self._shards = shards
+
+    @classmethod
+    def of_redis(
+        cls, settings: RedisSettings, destinations: Sequence[str], ping: Ping | None = None
+    ) -> "Probe":
+        """A probe of ``settings``' Redis on a connection of its own, never the request
+        path's; it pings with ``ping`` (the store's), or on that connection. Close it."""
+        redis = connect(dataclasses.replace(settings, max_connections=1))
+        return cls(
+            ping or redis.ping,
+            settings.timeout,
+            destinations,
+            redis=redis,
+            prefix=settings.key_prefix,
+            shards=settings.shards,
+        )
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
 
     async def read(self) -> Scraped:
         scraped = Scraped(store_up=await self._answers())
