@@ -127,6 +127,25 @@ class MiddlewareSettings:
             return existing, None
         return identity, self.set_cookie(identity.anonymous_id)
 
+    def exchange_options(self, context: dict[str, Any]) -> dict[str, Any]:
+        """The exchange's arguments besides the token: always with ``fallback``."""
+        return {
+            "fallback": True,
+            "event": self.event,
+            "properties": self.properties,
+            "context": context,
+        }
+
+    def settle(
+        self, outcome: Identity | IdentityError, cookie_header: str | None
+    ) -> tuple[Identity | None, str | None]:
+        """The request's identity and the ``Set-Cookie`` value (None: none) after the
+        exchange's ``outcome``; a failed exchange is logged and leaves the cookie's visitor."""
+        if isinstance(outcome, IdentityError):
+            _failed(outcome)
+            return self.cookie_identity(cookie_header), None
+        return self.landed(outcome, cookie_header)
+
     def context(
         self, url: str, referrer: str | None, ip: str | None, user_agent: str | None
     ) -> dict[str, Any]:
@@ -199,21 +218,14 @@ class IdentityASGIMiddleware:
             (b"cache-control", b"no-store"),
             (b"content-length", b"0"),
         ]
+        outcome: Identity | IdentityError
         try:
-            identity = await self.client.exchange(
-                token,
-                fallback=True,
-                event=self.settings.event,
-                properties=self.settings.properties,
-                context=context,
-            )
+            outcome = await self.client.exchange(token, **self.settings.exchange_options(context))
         except IdentityError as error:
-            _failed(error)
-            state["identity"] = self.settings.cookie_identity(headers.get("cookie"))
-        else:
-            state["identity"], cookie = self.settings.landed(identity, headers.get("cookie"))
-            if cookie is not None:
-                response_headers.append((b"set-cookie", cookie.encode("latin-1")))
+            outcome = error
+        state["identity"], cookie = self.settings.settle(outcome, headers.get("cookie"))
+        if cookie is not None:
+            response_headers.append((b"set-cookie", cookie.encode("latin-1")))
         await send({"type": "http.response.start", "status": 303, "headers": response_headers})
         await send({"type": "http.response.body", "body": b""})
 
@@ -256,21 +268,14 @@ class IdentityWSGIMiddleware:
             ("Cache-Control", "no-store"),
             ("Content-Length", "0"),
         ]
+        outcome: Identity | IdentityError
         try:
-            identity = self.client.exchange(
-                token,
-                fallback=True,
-                event=self.settings.event,
-                properties=self.settings.properties,
-                context=context,
-            )
+            outcome = self.client.exchange(token, **self.settings.exchange_options(context))
         except IdentityError as error:
-            _failed(error)
-            environ[WSGI_ENVIRON_KEY] = self.settings.cookie_identity(cookie_header)
-        else:
-            environ[WSGI_ENVIRON_KEY], cookie = self.settings.landed(identity, cookie_header)
-            if cookie is not None:
-                headers.append(("Set-Cookie", cookie))
+            outcome = error
+        environ[WSGI_ENVIRON_KEY], cookie = self.settings.settle(outcome, cookie_header)
+        if cookie is not None:
+            headers.append(("Set-Cookie", cookie))
         start_response("303 See Other", headers)
         return [b""]
 
@@ -308,22 +313,15 @@ def identity_middleware(client: AsyncIdentityClient, **settings: Any) -> Middlew
             status=303,
             headers={"Location": _location(path, query), "Cache-Control": "no-store"},
         )
+        outcome: Identity | IdentityError
         try:
-            identity = await client.exchange(
-                token,
-                fallback=True,
-                event=config.event,
-                properties=config.properties,
-                context=context,
-            )
+            outcome = await client.exchange(token, **config.exchange_options(context))
         except IdentityError as error:
-            _failed(error)
-            expose(request, config.cookie_identity(cookie_header))
-        else:
-            landed, cookie = config.landed(identity, cookie_header)
-            expose(request, landed)
-            if cookie is not None:
-                response.headers.add("Set-Cookie", cookie)
+            outcome = error
+        landed, cookie = config.settle(outcome, cookie_header)
+        expose(request, landed)
+        if cookie is not None:
+            response.headers.add("Set-Cookie", cookie)
         return response
 
     return middleware
