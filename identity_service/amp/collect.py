@@ -215,14 +215,15 @@ async def collect(ctx: AmpContext, hit: Hit) -> Answer:
     context = (
         "origin" if on_origin else "cache_with_cookie" if cookie_id else "cache_without_cookie"
     )
-    ctx.metrics.inc("identity_amp_hits_total", context=context)
+    counters = ctx.hit_counters
+    counters.by_context[context]()
     answer = _answer(ctx, echoed)
     if not consent:
-        ctx.metrics.inc("identity_events_skipped_total", reason="consent")
+        counters.consent_skipped()
         return answer
     who = _attribution(on_origin, cookie_id, client_id, linked)
     if who.source == "amp_link":
-        ctx.metrics.inc("identity_amp_link_attributions_total")
+        counters.link_attributions()
     if who.set_cookie is not None:
         answer.headers["Set-Cookie"] = cookies.set_cookie(who.set_cookie, amp.cookie)
     steps = []
@@ -236,7 +237,7 @@ async def collect(ctx: AmpContext, hit: Hit) -> Answer:
         await asyncio.gather(*steps)
     elif steps:
         await steps[0]  # no task for a lone call
-    ctx.metrics.inc("identity_identities_total", id_source=ID_SOURCES[who.source])
+    counters.by_attribution[who.source]()
     return answer
 
 
@@ -327,16 +328,6 @@ def _on_origin(
 def _from_cache(ctx: AmpContext, origin: str | None) -> bool:
     """The hit's ``Origin`` (already allowed) is a cache origin: a link may be recorded."""
     return origin is not None and origin not in ctx.amp.publisher_origins
-
-
-# identity_identities_total's id_source of each attribution: all AMP's own, so that the
-# share of generated ids among exchanges (id_source "generated") counts exchanges alone.
-ID_SOURCES = {
-    "cookie": "amp_cookie",
-    "amp_link": "amp_link",
-    "amp_client_id": "amp_client_id",
-    "generated": "amp_generated",
-}
 
 
 def _attribution(
