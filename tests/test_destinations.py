@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 import pytest
 from ada_url import URL, URLSearchParams
+from ada_url import parse_url as ada_parse_url
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +25,7 @@ from identity_service.settings import load_settings
 from identity_service.sources import Source, parse_origin
 from identity_service.urls import (
     UrlError,
+    _whatwg_parts,
     parse_destination,
     query_names_param,
     read_url,
@@ -399,6 +401,9 @@ def printable(text: str) -> bool:
     return text.isascii() and text.isprintable() and " " not in text
 
 
+PARTS_READ = ("href", "protocol", "hostname", "port", "search", "username", "password", "host_type")
+
+
 def pick(choices: Choices, hostile_odds: int, only_printable: bool) -> st.SearchStrategy[str]:
     """A plausible choice, or one time in ``hostile_odds`` a hostile one (0: never)."""
     plausible, hostile = choices
@@ -472,6 +477,26 @@ def check_accepted_redirect(text: str, source: Source, allowed: Any) -> bool:
     assert printable(redirect)
     assert_one_token(redirect, TOKEN)
     return True
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(destinations(DEV_ENDS), destinations(SHOP_ENDS), st.text(max_size=40)))
+def test_the_lean_reading_is_what_adas_own_adapter_reads(text: str) -> None:
+    """urls.py reads ada's C binding directly: the parts must be those ada_url.parse_url gives."""
+    try:
+        adapter = ada_parse_url(text, PARTS_READ)
+    except ValueError:
+        assert _whatwg_parts(text) is None
+        return
+    parts = _whatwg_parts(text)
+    assert parts is not None
+    assert parts.href == adapter["href"]
+    assert f"{parts.scheme}:" == adapter["protocol"]
+    assert parts.hostname == adapter["hostname"]
+    assert parts.port == (int(adapter["port"]) if adapter["port"] else None)
+    assert parts.query == adapter["search"][1:]
+    assert parts.has_credentials == bool(adapter["username"] or adapter["password"])
+    assert parts.host_type == adapter["host_type"]
 
 
 @settings(max_examples=300, deadline=None)
