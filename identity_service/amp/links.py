@@ -11,6 +11,7 @@ AES-GCM under a key derived from it. A dump of the store shows neither clientIds
 visitor ids, and a record opens only for the clientId it was kept for.
 """
 
+import functools
 import hashlib
 import re
 import time
@@ -21,7 +22,7 @@ import structlog
 from identity_service.amp.context import AmpContext
 from identity_service.clock import iso_time
 from identity_service.constants import MAX_ID_LENGTH
-from identity_service.crypto import SealError, Token
+from identity_service.crypto import SealError, Token, TokenSealer
 from identity_service.stores import Kept
 
 # AMP writes `amp-` + 22 base64url characters on the origin and a base64 SHA-384 on caches;
@@ -73,8 +74,15 @@ def link_key(ctx: AmpContext, client_id: str) -> tuple[Token, bytes]:
 
     Raises ValueError for an invalid clientId.
     """
+    return _link_key(ctx.link_sealer, client_id)
+
+
+@functools.lru_cache(maxsize=4096)
+def _link_key(sealer: TokenSealer, client_id: str) -> tuple[Token, bytes]:
+    """:func:`link_key`, kept for the clientIds seen last: a clientId's hits follow each
+    other, and each would derive both again (a SHA-256 and an HMAC)."""
     token = link_token(check_client_id(client_id))
-    return token, ctx.link_sealer.lookup_id(token)
+    return token, sealer.lookup_id(token)
 
 
 def sealed_link(ctx: AmpContext, client_id: str, anonymous_id: str) -> Kept:
