@@ -49,11 +49,14 @@ Consent is the hit's ``consent`` parameter (amp-consent's ``CONSENT_STATE``): on
 hit emits no event (counted in ``identity_events_skipped_total{reason="consent"}``),
 records no link and sets no cookie.
 
-Store round trips: the rate limit check (and, for a cookie-less cache hit, the link
-lookup, gathered with it so the pipelined client sends both at once), then the link and
-the event, gathered the same way. A link that cannot be written is logged and counted
-(``identity_amp_link_failures_total``) and the hit stands, as on the actions' path; an
-event that cannot be emitted fails the hit (503).
+Store calls (``HandoffStore.hit_and_write``; on one Redis node, one script call each): a
+hit counts its rate limits and writes its event and link in one call, and over a limit
+writes nothing. A cookie-less cache hit reads its link with the count, then emits its event
+in a second call (the link is sealed: its event can only be built once it is read). Where
+the link is a write of its own (a Redis Cluster, whose keys lie in different slots), a link
+that cannot be written is logged and counted (``identity_amp_link_failures_total``) and
+the hit stands, as on the actions' path; on one node the event and the link are written
+together or not at all. An event that cannot be emitted fails the hit (503).
 """
 
 import time

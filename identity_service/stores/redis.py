@@ -10,7 +10,10 @@ outbox stream shares its hash tag, so each script touches one slot:
 Kept records (AMP clientId links) are plain strings written with their TTL by one ``SET``.
 Rate-limit counters are one script call each (``HIT``): counters of one request have ids
 in different shards, so no one script may touch them all in a Cluster, but their calls go
-out together and the pipelined client sends them in one write.
+out together and the pipelined client sends them in one write. An AMP hit
+(``hit_and_write``) is one ``AMP_HIT`` call on one node (or behind Sentinel): its
+counters, and only under every limit its event and link; on a Cluster, the counters' calls
+(and the link's read) in one write, then the event and the link in the next.
 
 Scripts go through the pipelined :class:`RespClient` (see resp.py for why it never
 retries), or on a Cluster or behind Sentinel the lean clients of topology.py. With
