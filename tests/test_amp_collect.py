@@ -17,9 +17,11 @@ from aiohttp.test_utils import TestServer
 from identity_service import app_keys
 from identity_service.amp.context import AMP
 from identity_service.app import create_app
+from identity_service.constants import outbox_key
 from identity_service.metrics import Metrics
 from identity_service.problems import StoreUnavailable
 from identity_service.settings import Settings
+from identity_service.stores.redis import RedisStore, connect
 from tests.collector import WRITE_KEY, Collector, running_collector
 from tests.conftest import AppClient, FrontTestServer
 from tests.secrets_audit import AUDIT
@@ -340,6 +342,55 @@ async def test_the_rate_limit_answers_429_with_retry_after(amp_client: AmpClient
     assert counted.value("identity_amp_hits_total", context="cache_without_cookie") == 3
 
 
+async def test_a_hit_over_the_limit_writes_no_event_and_no_link(
+    amp_client: AmpClientFactory, collector: Collector
+) -> None:
+    client = await amp_client(limit_per_client={"requests": 1, "window_seconds": 60})
+    assert (await hit(client, origin=CACHE, ampId=CACHE_CLIENT_ID, event="First")).status == 204
+
+    # With the cookie, the hit would link the clientId: over its limit, it links nothing.
+    limited = await hit(client, origin=CACHE, cookie=VISITOR, ampId=CACHE_CLIENT_ID, event="Over")
+    assert limited.status == 429
+    assert (await hit(client, origin=CACHE, ampId="another-client-id", event="Last")).status == 204
+
+    events = await events_after(collector, 2)
+    assert [event["event"] for event in events] == ["First", "Last"]
+    assert [e["properties"]["anonymousId_source"] for e in events] == ["amp_client_id"] * 2
+    counted = metrics(client)
+    assert counted.value("identity_amp_links_recorded_total") == 0
+    assert counted.value("identity_amp_hits_total", context="cache_with_cookie") == 0
+
+
+async def test_a_store_error_mid_hit_answers_503_and_leaves_no_link(
+    client: AppClient, collector: Collector
+) -> None:
+    """The event and the link are written in the hit's one script on one Redis node: when
+    the event cannot be written, neither is the link."""
+    redis_settings = client.app[app_keys.SETTINGS].redis
+    if redis_settings is None:
+        pytest.skip("the memory store cannot fail")
+    shards = range(redis_settings.shards)
+    streams = [outbox_key(redis_settings.key_prefix, shard, len(shards)) for shard in shards]
+    async with connect(redis_settings) as redis:
+        saved = [await redis.dump(stream) for stream in streams]
+        for stream in streams:  # an XADD to a string fails inside the script
+            await redis.set(stream, "not a stream")
+        failed = await hit(client, origin=CACHE, cookie=VISITOR, ampId=CACHE_CLIENT_ID)
+        for stream, dumped in zip(streams, saved, strict=True):
+            await redis.delete(stream)
+            if dumped is not None:
+                await redis.restore(stream, 0, dumped)
+
+    assert failed.status == 503
+    assert failed.headers["Content-Type"] == "application/problem+json"
+    assert "Retry-After" in failed.headers
+    # No link was left behind: a later cookie-less hit is the clientId's own.
+    assert (await hit(client, origin=CACHE, ampId=CACHE_CLIENT_ID)).status == 204
+    (event,) = await events_after(collector, 1)
+    assert event["properties"]["anonymousId_source"] == "amp_client_id"
+    assert metrics(client).value("identity_amp_links_recorded_total") == 0
+
+
 async def test_a_beacon_body_as_json_or_form_is_read(
     client: AppClient, collector: Collector
 ) -> None:
@@ -451,7 +502,13 @@ async def test_a_failed_link_write_leaves_the_hit_recorded(
     async def failing_keep(key_id: bytes, record: bytes, ttl_seconds: int) -> None:
         raise StoreUnavailable("the store is down for kept records")
 
-    monkeypatch.setattr(client.app[AMP].store, "keep", failing_keep)
+    store = client.app[AMP].store
+    if isinstance(store, RedisStore):
+        # One Redis node writes the link in the hit's own script, which fails whole (see
+        # test_amp_store.py); the link is a write of its own where the keys lie in
+        # different slots, as on a Cluster.
+        monkeypatch.setattr(store, "one_script_hits", False)
+    monkeypatch.setattr(store, "keep", failing_keep)
     response = await hit(client, origin=CACHE, cookie=VISITOR, ampId=CACHE_CLIENT_ID)
 
     assert response.status == 204  # as an action stands when its link fails

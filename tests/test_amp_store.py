@@ -30,7 +30,7 @@ from identity_service.crypto import OutboxSealer, TokenSealer
 from identity_service.metrics import Metrics
 from identity_service.problems import RateLimited, StoreUnavailable
 from identity_service.settings import RedisSettings
-from identity_service.stores import HandoffStore, memory
+from identity_service.stores import Counted, Emitted, HandoffStore, Kept, memory
 from identity_service.stores import resp as resp_module
 from identity_service.stores.memory import MemoryStore
 from identity_service.stores.redis import RedisStore
@@ -287,6 +287,58 @@ async def test_redis_hit_gives_a_counter_without_ttl_one(
         [(count, left)] = await store.hit([(counter, 10)])
         assert (count, left) == (6, 10)
         assert 0 < await redis_client.pttl(rate_key("ampnottl:", counter)) <= 10_000
+    finally:
+        await store.close()
+
+
+async def test_redis_hit_and_write_is_one_script_call_in_one_write(
+    private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = redis_store(private_redis.url)
+    admin = Redis.from_url(private_redis.url)
+    writes: list[int] = []
+    flush = resp_module.Connection._flush
+
+    def counted_flush(self: Any) -> None:
+        writes.append(len(self._outgoing))
+        flush(self)
+
+    message_id = str(uuid.uuid4())
+    event = Emitted(message_id.encode(), [{"type": "page", "messageId": message_id}])
+    counters = [Counted(new_id(), 60, 10), Counted(new_id(), 60, 10)]
+    try:
+        await store.hit_and_write([Counted(new_id(), 60, 10)])  # connects, loads the script
+        await admin.config_resetstat()
+        monkeypatch.setattr(resp_module.Connection, "_flush", counted_flush)
+        outcome = await store.hit_and_write(counters, emit=event, keep=Kept(new_id(), b"x", 60))
+        counted = await admin.info("commandstats")
+    finally:
+        await admin.aclose()
+        await store.close()
+    assert outcome.kept and writes == [1]
+    # The two counters, the event and the link: one EVALSHA (what runs in it counts too).
+    assert counted["cmdstat_evalsha"]["calls"] == 1
+    assert counted["cmdstat_incr"]["calls"] == 2
+    assert counted["cmdstat_xadd"]["calls"] == counted["cmdstat_set"]["calls"] == 1
+    assert "cmdstat_eval" not in counted
+
+
+async def test_redis_hit_and_write_that_fails_leaves_no_link(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    store = redis_store(redis_server.url, prefix="amphalf:")
+    message_id = str(uuid.uuid4())
+    event = Emitted(message_id.encode(), [{"type": "page", "messageId": message_id}])
+    counter, link = Counted(new_id(), 60, 10), Kept(new_id(), b"x", 60)
+    # Every outbox stream is a string: the event's XADD fails inside the script.
+    for shard in range(KEY_SHARDS):
+        await redis_client.set(outbox_key("amphalf:", shard), "not a stream")
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.hit_and_write([counter], emit=event, keep=link)
+        assert await store.peek(link.key_id) is None  # the link goes after the event
+        # The request was counted before, as a refused or failed one is.
+        assert [count for count, _ in await store.hit([(counter.counter_id, 60)])] == [2]
     finally:
         await store.close()
 

@@ -4,6 +4,7 @@ node, and (`make topology`) a 3-master Cluster and a master behind three sentine
 import asyncio
 import os
 import tracemalloc
+import uuid
 from collections.abc import AsyncIterator
 
 import orjson
@@ -14,9 +15,9 @@ from identity_service.crypto import OutboxSealer
 from identity_service.feeds import Feed, MemoryFeed, RedisFeed
 from identity_service.metrics import Metrics
 from identity_service.settings import RedisSettings
-from identity_service.stores import HandoffStore
+from identity_service.stores import Counted, Emitted, HandoffStore, Kept
 from identity_service.stores import resp as resp_module
-from identity_service.stores.memory import MemoryOutbox, MemoryStore
+from identity_service.stores.memory import MemoryOutbox, MemoryQueue, MemoryStore
 from identity_service.stores.redis import RedisStore, connect
 from identity_service.stores.topology import Commands, lean_client
 from tests.conftest import TOPOLOGY_KINDS, store_url
@@ -283,3 +284,73 @@ async def test_concurrent_requests_share_one_wait_while_one_is_in_flight(
     assert stats["cmdstat_evalsha"]["calls"] == 50
     assert stats["cmdstat_wait"]["calls"] == 2
     assert metrics.value("identity_redis_wait_short_total", operation="prepare") == 51
+
+
+# -- an AMP hit in one call: hit_and_write -------------------------------------------------
+
+
+async def queued_events(store: HandoffStore, queue: MemoryQueue | None) -> int:
+    """How many outbox entries the store holds (the memory store: ``queue``'s events)."""
+    if queue is not None:
+        return len(queue.events)
+    assert isinstance(store, RedisStore)
+    streams = [outbox_key("contract:", shard) for shard in range(KEY_SHARDS)]
+    lengths = [await store.commands.call(stream, "XLEN", stream) for stream in streams]
+    return sum(int(length) for length in lengths)
+
+
+@pytest.fixture
+def outbox_queue(store: HandoffStore) -> MemoryQueue | None:
+    """The memory store's events, subscribed before the test writes any (Redis: None)."""
+    return store.outbox.subscribe("default") if isinstance(store, MemoryStore) else None
+
+
+def hit_event() -> Emitted:
+    message_id = str(uuid.uuid4())
+    return Emitted(message_id.encode(), [{"type": "page", "messageId": message_id}], "shop")
+
+
+async def test_hit_and_write_writes_the_event_and_the_record_only_under_every_limit(
+    store: HandoffStore, outbox_queue: MemoryQueue | None
+) -> None:
+    address, client = Counted(new_id(), 60, 1), Counted(new_id(), 60, 5)
+    before = await queued_events(store, outbox_queue)
+    first, second = Kept(new_id(), b"first link", 60), Kept(new_id(), b"second link", 60)
+
+    under = await store.hit_and_write([address, client], emit=hit_event(), keep=first)
+    assert [count for count, _ in under.counts] == [1, 1]
+    assert all(50 < left <= 60 for _, left in under.counts)
+    assert (under.record, under.kept, under.keep_error) == (None, True, None)
+    assert await store.peek(first.key_id) == b"first link"
+    assert await queued_events(store, outbox_queue) == before + 1
+
+    # The address's second request is over its limit of 1: counted, and nothing written.
+    over = await store.hit_and_write([address, client], emit=hit_event(), keep=second)
+    assert [count for count, _ in over.counts] == [2, 2]
+    assert (over.record, over.kept) == (None, False)
+    assert await store.peek(second.key_id) is None
+    assert await queued_events(store, outbox_queue) == before + 1
+
+
+async def test_hit_and_write_reads_the_record_before_it_writes(
+    store: HandoffStore, outbox_queue: MemoryQueue | None
+) -> None:
+    link = new_id()
+    counter = Counted(new_id(), 60, 1)
+    assert (await store.hit_and_write([counter], peek=link)).record is None
+    await store.keep(link, b"kept", 60)
+    over = await store.hit_and_write([counter], peek=link)  # over the limit: still read
+    assert (over.counts[0][0], over.record) == (2, b"kept")
+    replaced = await store.hit_and_write(
+        [Counted(new_id(), 60, 1)], peek=link, keep=Kept(link, b"new", 60)
+    )
+    assert (replaced.record, replaced.kept) == (b"kept", True)
+    assert await store.peek(link) == b"new"
+
+
+async def test_hit_and_write_with_nothing_to_write_counts(store: HandoffStore) -> None:
+    counter = Counted(new_id(), 60, 10)
+    for expected in (1, 2, 3):
+        outcome = await store.hit_and_write([counter])
+        assert [count for count, _ in outcome.counts] == [expected]
+    assert [count for count, _ in await store.hit([(counter.counter_id, 60)])] == [4]

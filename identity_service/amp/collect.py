@@ -49,19 +49,21 @@ Consent is the hit's ``consent`` parameter (amp-consent's ``CONSENT_STATE``): on
 hit emits no event (counted in ``identity_events_skipped_total{reason="consent"}``),
 records no link and sets no cookie.
 
-Store round trips: the rate limit check (and, for a cookie-less cache hit, the link
-lookup, gathered with it so the pipelined client sends both at once), then the link and
-the event, gathered the same way. A link that cannot be written is logged and counted
-(``identity_amp_link_failures_total``) and the hit stands, as on the actions' path; an
-event that cannot be emitted fails the hit (503).
+Store calls (``HandoffStore.hit_and_write``; on one Redis node, one script call each): a
+hit counts its rate limits and writes its event and link in one call, and over a limit
+writes nothing. A cookie-less cache hit reads its link with the count, then emits its event
+in a second call (the link is sealed: its event can only be built once it is read). Where
+the link is a write of its own (a Redis Cluster, whose keys lie in different slots), a link
+that cannot be written is logged and counted (``identity_amp_link_failures_total``) and
+the hit stands, as on the actions' path; on one node the event and the link are written
+together or not at all. An event that cannot be emitted fails the hit (503).
 """
 
-import asyncio
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import unquote
 
 from aiohttp import web
 
@@ -79,6 +81,7 @@ from identity_service.problems import (
     UnsupportedMediaType,
     ValidationFailed,
 )
+from identity_service.stores import Counted, Emitted
 from identity_service.validation import parse_json_object
 
 # Parameters that are not event properties.
@@ -98,13 +101,27 @@ _EVENT_OVERHEAD = 1024  # the event's own fields, ids, timestamp, library, sentA
 # Fields read whole when repeated; of any other, the last one counts.
 # A repeated Origin or AMP-Same-Origin, joined, is no allowed value: it is refused.
 _JOINED = {"cookie": "; ", "x-forwarded-for": ", ", "origin": " ", "amp-same-origin": " "}
+# The header fields collect reads, by their lower-case names.
+_READ = {
+    name.encode(): name
+    for name in (
+        "origin",
+        "amp-same-origin",
+        "cookie",
+        "referer",
+        "x-forwarded-for",
+        "user-agent",
+        "content-type",
+    )
+}
 # sendBeacon with a string body sends text/plain; amp-analytics' useBody sends JSON so.
 _JSON_TYPES = frozenset({"application/json", "text/plain"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one a hit, and frozen costs 3x the __init__
 class Hit:
-    """What collect reads of a request. ``headers`` maps lower-case names to values."""
+    """What collect reads of a request. ``headers`` maps lower-case names to values (those
+    collect reads are enough)."""
 
     method: str
     query: str  # the raw query string, percent-encoded
@@ -113,7 +130,7 @@ class Hit:
     peer: str | None  # the connection's peer address
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one a hit, and frozen costs 3x the __init__
 class Answer:
     """A bodiless answer: 204, or 302 to the configured next hop."""
 
@@ -121,7 +138,7 @@ class Answer:
     headers: dict[str, str]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one a hit, and frozen costs 3x the __init__
 class _Attribution:
     anonymous_id: str
     source: str
@@ -171,10 +188,13 @@ def peer_address(peername: Any) -> str | None:
 
 
 def headers_of(raw_headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
-    """Raw header fields as :class:`Hit` wants them (repeated ``Cookie`` fields joined)."""
+    """The header fields collect reads, as :class:`Hit` wants them (repeated ``Cookie``
+    fields joined); the others are not decoded."""
     headers: dict[str, str] = {}
     for raw_name, raw_value in raw_headers:
-        name = raw_name.decode("latin-1").lower()
+        name = _READ.get(raw_name.lower())
+        if name is None:
+            continue
         value = raw_value.decode("latin-1").strip()
         joiner = _JOINED.get(name)
         if joiner is not None and name in headers:
@@ -202,43 +222,85 @@ async def collect(ctx: AmpContext, hit: Hit) -> Answer:
     cookie_id = cookies.visitor_id(headers.get("cookie"), amp.cookie)
     on_origin = _on_origin(ctx, origin, same_origin, cookie_id, client_id, headers.get("referer"))
     consent = params.get(CONSENT) != CONSENT_DENIED
-    ip = limits.client_ip(hit.peer, headers.get("x-forwarded-for"))
-    look_up = not on_origin and cookie_id is None and client_id is not None and consent
-    if look_up:
-        assert client_id is not None
-        _, linked = await asyncio.gather(
-            limits.check_limits(ctx, ip, client_id), links.linked_visitor(ctx, client_id)
-        )
-    else:
-        await limits.check_limits(ctx, ip, client_id)
-        linked = None
+    counted = limits.counters(
+        ctx, limits.client_ip(hit.peer, headers.get("x-forwarded-for")), client_id
+    )
     context = (
         "origin" if on_origin else "cache_with_cookie" if cookie_id else "cache_without_cookie"
     )
+    user_agent = headers.get("user-agent")
+    if not on_origin and cookie_id is None and client_id is not None and consent:
+        # A cookie-less cache hit: its link is read with the count, and only then can its
+        # event be built (the link is sealed).
+        return await _linked_hit(ctx, counted, context, content, client_id, user_agent, echoed)
     counters = ctx.hit_counters
+    who = _attribution(on_origin, cookie_id, client_id, None)
+    emit = link = None
+    oversized: OversizedEvent | None = None
+    if consent:
+        if ctx.settings.outbox.enabled:
+            try:
+                emit = _emitted(ctx, _event(content, who, client_id, user_agent))
+            except OversizedEvent as refused:
+                oversized = refused  # refused once counted, as a hit is
+        if (
+            cookie_id is not None
+            and client_id not in (None, cookie_id)
+            and _from_cache(ctx, origin)
+        ):
+            assert client_id is not None
+            link = links.sealed_link(ctx, client_id, cookie_id)
+    # The counters, the event and the link in one store call: nothing written if over a limit.
+    outcome = await ctx.store.hit_and_write(
+        counted, emit=emit, keep=None if oversized is not None else link
+    )
+    limits.refuse_over(ctx, counted, outcome.counts)
     counters.by_context[context]()
     answer = _answer(ctx, echoed)
     if not consent:
         counters.consent_skipped()
         return answer
-    who = _attribution(on_origin, cookie_id, client_id, linked)
-    if who.source == "amp_link":
-        counters.link_attributions()
     if who.set_cookie is not None:
         answer.headers["Set-Cookie"] = cookies.set_cookie(who.set_cookie, amp.cookie)
-    steps = []
-    if cookie_id is not None and client_id not in (None, cookie_id) and _from_cache(ctx, origin):
-        assert client_id is not None
-        steps.append(links.record_link_or_log(ctx, client_id, cookie_id))
-    if ctx.settings.outbox.enabled:
-        event = _event(content, who, client_id, headers.get("user-agent"))
-        steps.append(ctx.store.emit(event["messageId"].encode(), [event], source=amp.source))
-    if len(steps) > 1:
-        await asyncio.gather(*steps)
-    elif steps:
-        await steps[0]  # no task for a lone call
+    if oversized is not None:
+        raise oversized
+    if outcome.kept:
+        links.link_recorded(ctx)
+    elif outcome.keep_error is not None:
+        links.link_not_recorded(ctx, outcome.keep_error)
     counters.by_attribution[who.source]()
     return answer
+
+
+async def _linked_hit(
+    ctx: AmpContext,
+    counted: list[Counted],
+    context: str,
+    content: "_Content",
+    client_id: str,
+    user_agent: str | None,
+    echoed: str | None,
+) -> Answer:
+    """A cookie-less cache hit (consent given): counted with its link read, then emitted."""
+    token, key_id = links.link_key(ctx, client_id)
+    outcome = await ctx.store.hit_and_write(counted, peek=key_id)
+    limits.refuse_over(ctx, counted, outcome.counts)
+    linked = links.opened_link(ctx, token, key_id, outcome.record)
+    counters = ctx.hit_counters
+    counters.by_context[context]()
+    answer = _answer(ctx, echoed)
+    who = _attribution(False, None, client_id, linked)
+    if who.source == "amp_link":
+        counters.link_attributions()
+    if ctx.settings.outbox.enabled:
+        emit = _emitted(ctx, _event(content, who, client_id, user_agent))
+        await ctx.store.emit(emit.shard_hint, emit.events, source=emit.source)
+    counters.by_attribution[who.source]()
+    return answer
+
+
+def _emitted(ctx: AmpContext, event: ev.Event) -> Emitted:
+    return Emitted(event["messageId"].encode(), [event], ctx.amp.source)
 
 
 def _parameters(hit: Hit, max_bytes: int, max_fields: int) -> dict[str, Any]:
@@ -263,10 +325,23 @@ def _parameters(hit: Hit, max_bytes: int, max_fields: int) -> dict[str, Any]:
 
 
 def _form(text: str, max_fields: int) -> list[tuple[str, str]]:
-    try:
-        return parse_qsl(text, keep_blank_values=True, max_num_fields=max_fields)
-    except ValueError as exc:
-        raise PayloadTooLarge(f"a hit may carry at most {max_fields} parameters") from exc
+    """``parse_qsl(text, keep_blank_values=True, max_num_fields=max_fields)``, the same
+    pairs, with the unquoting skipped for the parts that need none."""
+    if not text:
+        return []
+    if text.count("&") >= max_fields:
+        raise PayloadTooLarge(f"a hit may carry at most {max_fields} parameters")
+    pairs = []
+    for part in text.split("&"):
+        if not part:
+            continue
+        if "+" in part:
+            part = part.replace("+", " ")
+        name, _, value = part.partition("=")
+        if "%" in part:
+            name, value = unquote(name), unquote(value)
+        pairs.append((name, value))
+    return pairs
 
 
 def _text(params: Mapping[str, Any], name: str) -> str | None:
@@ -352,7 +427,7 @@ def _answer(ctx: AmpContext, echoed: str | None) -> Answer:
     return Answer(302, headers)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one a hit, and frozen costs 3x the __init__
 class _Content:
     """What a hit's event says, besides who: its name, page fields and properties."""
 

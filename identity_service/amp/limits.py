@@ -2,8 +2,10 @@
 
 Each request counts against a fixed-window counter for its address and, when it carries
 one, for its clientId, in one store call (Redis: one script call per counter, sent in one
-write). A counter's id is an HMAC under a key derived from the server secret, so the store
-holds neither addresses nor clientIds.
+write; collect counts in the store call that also writes its hit, ``hit_and_write``). A
+counter's id is an HMAC under a key derived from the server secret, so the store holds
+neither addresses nor clientIds; the process keeps the last few thousand ids it computed,
+and what each address is counted as, in bounded caches.
 """
 
 import functools
@@ -12,14 +14,16 @@ import hmac
 import ipaddress
 import math
 
-from identity_service.amp.config import RateLimit
 from identity_service.amp.context import AmpContext
 from identity_service.amp.cors import REFUSALS_METRIC
 from identity_service.problems import RateLimited
+from identity_service.stores import Counted
 
 # IPv6 clients are counted by their /64: one host commonly holds a whole /64 and could
 # otherwise take a fresh address (and a fresh counter) for every request.
 _IPV6_COUNTED_PREFIX = 64
+# The refusal reason of each of a request's counters, in the order ``counters`` lists them.
+_REASONS = ("rate_ip", "rate_client")
 
 
 async def check_limits(ctx: AmpContext, ip: str, client_id: str | None) -> None:
@@ -29,19 +33,31 @@ async def check_limits(ctx: AmpContext, ip: str, client_id: str | None) -> None:
     clientId or None. Retry-After is when the exceeded windows end, in whole seconds.
     Raises StoreUnavailable when the store cannot count.
     """
+    counted = counters(ctx, ip, client_id)
+    refuse_over(
+        ctx, counted, await ctx.store.hit([(c.counter_id, c.window_seconds) for c in counted])
+    )
+
+
+def counters(ctx: AmpContext, ip: str, client_id: str | None) -> list[Counted]:
+    """The counters a request counts against: its address's, then its clientId's if any
+    (the order ``refuse_over`` reads them in)."""
     key = _counter_key(ctx.settings.secret)
-    checks: list[tuple[str, bytes, RateLimit]] = [
-        ("rate_ip", _counter_id(key, b"ip:", _address_counted(ip)), ctx.amp.limit_per_ip)
-    ]
+    per_ip, per_client = ctx.amp.limit_per_ip, ctx.amp.limit_per_client
+    counted = [_counted(key, b"ip:", _address_counted(ip), per_ip.window_seconds, per_ip.requests)]
     if client_id is not None:
-        checks.append(
-            ("rate_client", _counter_id(key, b"client:", client_id), ctx.amp.limit_per_client)
+        counted.append(
+            _counted(key, b"client:", client_id, per_client.window_seconds, per_client.requests)
         )
-    counts = await ctx.store.hit([(counter, limit.window_seconds) for _, counter, limit in checks])
+    return counted
+
+
+def refuse_over(ctx: AmpContext, counted: list[Counted], counts: list[tuple[int, float]]) -> None:
+    """Raise RateLimited, counted, when a count of ``counters``' is over its limit."""
     over = [
         (reason, left)
-        for (reason, _, limit), (count, left) in zip(checks, counts, strict=True)
-        if count > limit.requests
+        for reason, counter, (count, left) in zip(_REASONS, counted, counts, strict=False)
+        if count > counter.limit
     ]
     if over:
         reason = over[0][0]
@@ -51,6 +67,7 @@ async def check_limits(ctx: AmpContext, ip: str, client_id: str | None) -> None:
         raise RateLimited(f"too many requests from {what}", retry_after)
 
 
+@functools.lru_cache(maxsize=4096)
 def client_ip(peer: str | None, x_forwarded_for: str | None) -> str:
     """The client's address: the peer's, or the proxy's word for it when the peer is local.
 
@@ -71,6 +88,7 @@ def client_ip(peer: str | None, x_forwarded_for: str | None) -> str:
     return peer if peer is not None else "unix"
 
 
+@functools.lru_cache(maxsize=1024)
 def _is_local(peer: str) -> bool:
     address = _parse(peer)
     return address is not None and (address.is_loopback or address.is_private)
@@ -87,6 +105,7 @@ def _parse(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return address
 
 
+@functools.lru_cache(maxsize=4096)
 def _address_counted(ip: str) -> str:
     """What an address is counted as: itself, or its /64 for IPv6."""
     address = _parse(ip)
@@ -102,5 +121,8 @@ def _counter_key(server_secret: bytes) -> bytes:
     return hmac.digest(server_secret, b"identity-service amp rate", hashlib.sha256)
 
 
-def _counter_id(key: bytes, kind: bytes, value: str) -> bytes:
-    return hmac.digest(key, kind + value.encode(), hashlib.sha256)
+@functools.lru_cache(maxsize=8192)
+def _counted(key: bytes, kind: bytes, value: str, window_seconds: int, limit: int) -> Counted:
+    """A counter, its id an HMAC of ``kind`` and ``value``: kept for the next requests of the
+    same address or clientId (a visitor's pageviews follow each other)."""
+    return Counted(hmac.digest(key, kind + value.encode(), hashlib.sha256), window_seconds, limit)

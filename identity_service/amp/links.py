@@ -11,6 +11,7 @@ AES-GCM under a key derived from it. A dump of the store shows neither clientIds
 visitor ids, and a record opens only for the clientId it was kept for.
 """
 
+import functools
 import hashlib
 import re
 import time
@@ -21,7 +22,8 @@ import structlog
 from identity_service.amp.context import AmpContext
 from identity_service.clock import iso_time
 from identity_service.constants import MAX_ID_LENGTH
-from identity_service.crypto import SealError, Token
+from identity_service.crypto import SealError, Token, TokenSealer
+from identity_service.stores import Kept
 
 # AMP writes `amp-` + 22 base64url characters on the origin and a base64 SHA-384 on caches;
 # a publisher cookie used as the clientId (e.g. `_ga`) is short too.
@@ -67,19 +69,43 @@ def link_token(client_id: str) -> Token:
     return Token(hashlib.sha256(_TOKEN_CONTEXT + client_id.encode()).digest())
 
 
+def link_key(ctx: AmpContext, client_id: str) -> tuple[Token, bytes]:
+    """The token ``client_id``'s link is sealed under and the key id it is kept under.
+
+    Raises ValueError for an invalid clientId.
+    """
+    return _link_key(ctx.link_sealer, client_id)
+
+
+@functools.lru_cache(maxsize=4096)
+def _link_key(sealer: TokenSealer, client_id: str) -> tuple[Token, bytes]:
+    """:func:`link_key`, kept for the clientIds seen last: a clientId's hits follow each
+    other, and each would derive both again (a SHA-256 and an HMAC)."""
+    token = link_token(check_client_id(client_id))
+    return token, sealer.lookup_id(token)
+
+
+def sealed_link(ctx: AmpContext, client_id: str, anonymous_id: str) -> Kept:
+    """The link ``client_id`` -> ``anonymous_id``, sealed, as the store keeps it.
+
+    Raises ValueError for an invalid clientId or an empty or overlong anonymousId.
+    """
+    token, key_id = link_key(ctx, client_id)
+    if not 0 < len(anonymous_id) <= MAX_ID_LENGTH:
+        raise ValueError(f"an anonymousId has 1 to {MAX_ID_LENGTH} characters")
+    link = orjson.dumps({"anonymousId": anonymous_id, "linkedAt": iso_time(time.time())})
+    return Kept(key_id, ctx.link_sealer.seal(token, key_id, link), ctx.amp.link_ttl)
+
+
 async def record_link(ctx: AmpContext, client_id: str, anonymous_id: str) -> None:
     """Link ``client_id`` to the visitor ``anonymous_id`` for ``link_ttl``, replacing any link.
 
     Raises ValueError for an invalid clientId or an empty or overlong anonymousId, and
     StoreUnavailable when the store cannot keep it.
     """
-    token = link_token(check_client_id(client_id))
-    if not 0 < len(anonymous_id) <= MAX_ID_LENGTH:
-        raise ValueError(f"an anonymousId has 1 to {MAX_ID_LENGTH} characters")
-    key_id = ctx.link_sealer.lookup_id(token)
-    link = orjson.dumps({"anonymousId": anonymous_id, "linkedAt": iso_time(time.time())})
-    await ctx.store.keep(key_id, ctx.link_sealer.seal(token, key_id, link), ctx.amp.link_ttl)
-    ctx.metrics.inc("identity_amp_links_recorded_total")
+    link = sealed_link(ctx, client_id, anonymous_id)
+    await ctx.store.keep(link.key_id, link.record, link.ttl_seconds)
+    link_recorded(ctx)
 
 
 async def record_link_or_log(ctx: AmpContext, client_id: str, anonymous_id: str) -> None:
@@ -91,8 +117,18 @@ async def record_link_or_log(ctx: AmpContext, client_id: str, anonymous_id: str)
     try:
         await record_link(ctx, client_id, anonymous_id)
     except Exception as exc:
-        ctx.metrics.inc(FAILURES_METRIC)
-        logger.warning("amp_link_not_recorded", error=type(exc).__name__)
+        link_not_recorded(ctx, exc)
+
+
+def link_recorded(ctx: AmpContext) -> None:
+    """Count a link the store kept (collect writes its links with its hit)."""
+    ctx.metrics.inc("identity_amp_links_recorded_total")
+
+
+def link_not_recorded(ctx: AmpContext, error: Exception) -> None:
+    """Log and count a link the store could not keep; the request stands."""
+    ctx.metrics.inc(FAILURES_METRIC)
+    logger.warning("amp_link_not_recorded", error=type(error).__name__)
 
 
 async def linked_visitor(ctx: AmpContext, client_id: str) -> str | None:
@@ -102,9 +138,13 @@ async def linked_visitor(ctx: AmpContext, client_id: str) -> str | None:
     no link. Raises ValueError for an invalid clientId and StoreUnavailable when the store
     cannot answer. Counting an attribution is the caller's: it knows whether it used one.
     """
-    token = link_token(check_client_id(client_id))
-    key_id = ctx.link_sealer.lookup_id(token)
-    record = await ctx.store.peek(key_id)
+    token, key_id = link_key(ctx, client_id)
+    return opened_link(ctx, token, key_id, await ctx.store.peek(key_id))
+
+
+def opened_link(ctx: AmpContext, token: Token, key_id: bytes, record: bytes | None) -> str | None:
+    """The anonymousId of a link ``record`` read under ``link_key``'s ``key_id``, or None
+    when there is none or it does not open."""
     if record is None:
         return None
     try:

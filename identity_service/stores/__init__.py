@@ -8,7 +8,8 @@ together or not at all.
 Beside handoffs it keeps two smaller things for the AMP endpoints: *kept* records (sealed
 clientId links, read any number of times until their TTL ends) and fixed-window request
 counters for rate limits. Their ids are opaque too (HMACs), so the store sees neither a
-clientId nor a client address.
+clientId nor a client address. An AMP hit counts, reads a link and writes its event and
+link with one call, ``hit_and_write``: in one atomic step where the store can take it.
 """
 
 from dataclasses import dataclass
@@ -26,6 +27,47 @@ class PrepareEvents:
     started: list[Event]
     completion: dict[str, Any] | None
     source: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Counted:
+    """A rate-limit counter a request counts against: its id, window, and the most requests
+    a window may hold."""
+
+    counter_id: bytes
+    window_seconds: int
+    limit: int
+
+
+@dataclass(slots=True)  # not frozen: one a hit, and frozen costs 3x the __init__
+class Emitted:
+    """Events to queue that belong to no handoff, as ``HandoffStore.emit`` takes them."""
+
+    shard_hint: bytes
+    events: list[Event]
+    source: str | None = None
+
+
+@dataclass(slots=True)  # not frozen: one a hit, and frozen costs 3x the __init__
+class Kept:
+    """A record to keep, as ``HandoffStore.keep`` takes it."""
+
+    key_id: bytes
+    record: bytes
+    ttl_seconds: int
+
+
+@dataclass(slots=True)  # not frozen: one a hit, and frozen costs 3x the __init__
+class HitOutcome:
+    """What ``HandoffStore.hit_and_write`` did: each counter's count and seconds left (as
+    ``hit`` returns them), the record peeked (None: none), whether the record to keep was
+    kept (False also when nothing was to be kept, or a limit was over), and, when its own
+    write failed, why."""
+
+    counts: list[tuple[int, float]]
+    record: bytes | None
+    kept: bool = False
+    keep_error: Exception | None = None
 
 
 class HandoffStore(Protocol):
@@ -77,8 +119,43 @@ class HandoffStore(Protocol):
         current window (this hit included) and the seconds left in that window.
         """
 
+    async def hit_and_write(
+        self,
+        counters: list[Counted],
+        peek: bytes | None = None,
+        emit: Emitted | None = None,
+        keep: Kept | None = None,
+    ) -> HitOutcome:
+        """Count one request against each counter (as ``hit``), read the record kept under
+        ``peek`` (as ``peek``), and only when no count is over its counter's limit, queue
+        ``emit``'s events and keep ``keep`` (as ``emit`` and ``keep``).
+
+        Over a limit nothing is written but the counts. Where the store can, all of it is
+        one atomic step (memory, one Redis node); on a Redis Cluster the keys lie in
+        different slots and the writes follow the count. A ``keep`` that fails on its own
+        (only where it is a write of its own) gives ``kept=False`` and its
+        ``keep_error``, and the rest stands;
+        raises StoreUnavailable when the count, the read or the events fail.
+        """
+
     async def ping(self) -> None:
         """Return if the store can serve requests; raise StoreUnavailable otherwise."""
 
     async def close(self) -> None:
         """Release connections."""
+
+
+async def keep_apart(store: HandoffStore, keep: Kept) -> Exception | None:
+    """``store.keep`` as a write of its own (``hit_and_write`` where it does not write all at
+    once); what made it fail, if it did. Its failure fails nothing else: a kept record (a
+    clientId link) only helps later requests."""
+    try:
+        await store.keep(keep.key_id, keep.record, keep.ttl_seconds)
+    except Exception as exc:
+        return exc
+    return None
+
+
+def under_limits(counters: list[Counted], counts: list[tuple[int, float]]) -> bool:
+    """Whether no count is over its counter's limit."""
+    return all(count <= c.limit for c, (count, _) in zip(counters, counts, strict=True))

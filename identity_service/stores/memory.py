@@ -13,7 +13,15 @@ from typing import Any, Generic, TypeVar
 import structlog
 
 from identity_service import events as ev
-from identity_service.stores import PrepareEvents
+from identity_service.stores import (
+    Counted,
+    Emitted,
+    HitOutcome,
+    Kept,
+    PrepareEvents,
+    keep_apart,
+    under_limits,
+)
 
 # Dead entries the expiry heap may hold beyond twice the live records before a rebuild.
 HEAP_SLACK = 1024
@@ -251,6 +259,24 @@ class MemoryStore:
             self._counters.set(counter_id, expires_at, count, now)
             results.append((count, expires_at - now))
         return results
+
+    async def hit_and_write(
+        self,
+        counters: list[Counted],
+        peek: bytes | None = None,
+        emit: Emitted | None = None,
+        keep: Kept | None = None,
+    ) -> HitOutcome:
+        counts = await self.hit([(c.counter_id, c.window_seconds) for c in counters])
+        record = None if peek is None else await self.peek(peek)
+        if not under_limits(counters, counts):
+            return HitOutcome(counts, record)
+        if emit is not None:
+            self.outbox.extend(emit.events, source=emit.source)
+        if keep is None:
+            return HitOutcome(counts, record)
+        error = await keep_apart(self, keep)
+        return HitOutcome(counts, record, kept=error is None, keep_error=error)
 
     async def ping(self) -> None:
         return None

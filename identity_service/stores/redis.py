@@ -10,7 +10,10 @@ outbox stream shares its hash tag, so each script touches one slot:
 Kept records (AMP clientId links) are plain strings written with their TTL by one ``SET``.
 Rate-limit counters are one script call each (``HIT``): counters of one request have ids
 in different shards, so no one script may touch them all in a Cluster, but their calls go
-out together and the pipelined client sends them in one write.
+out together and the pipelined client sends them in one write. An AMP hit
+(``hit_and_write``) is one ``AMP_HIT`` call on one node (or behind Sentinel): its
+counters, and only under every limit its event and link; on a Cluster, the counters' calls
+(and the link's read) in one write, then the event and the link in the next.
 
 Scripts go through the pipelined :class:`RespClient` (see resp.py for why it never
 retries), or on a Cluster or behind Sentinel the lean clients of topology.py. With
@@ -45,7 +48,15 @@ from identity_service.crypto import OutboxSealer
 from identity_service.metrics import Metrics
 from identity_service.problems import StoreUnavailable
 from identity_service.settings import RedisSettings
-from identity_service.stores import PrepareEvents
+from identity_service.stores import (
+    Counted,
+    Emitted,
+    HitOutcome,
+    Kept,
+    PrepareEvents,
+    keep_apart,
+    under_limits,
+)
 from identity_service.stores.replication import Waits
 from identity_service.stores.resp import Arg, Reply, ReplyError, Script
 from identity_service.stores.topology import Commands, lean_client
@@ -101,6 +112,49 @@ if left < 0 then
   redis.call('PEXPIRE', KEYS[1], left)
 end
 return {count, left}
+""")
+
+
+# An AMP hit in one call (one Redis node; a Cluster's keys lie in different slots).
+# KEYS: the n counters, then the outbox (when there are events), then the link (when one is
+# read or kept). ARGV: n; each counter's window in milliseconds and limit; "1" to read the
+# link or ""; the sealed events or ""; their source's name or ""; the link record to keep
+# or ""; its TTL in seconds. Counts as HIT does; only when no count is over its limit, XADDs
+# the events and then SETs the link (the XADD, the one write that can fail, goes first: a
+# failure leaves no link behind). Returns each counter's count and milliseconds left, then
+# the link as it was before (false: none, or not read).
+AMP_HIT = Script("""
+local n = tonumber(ARGV[1])
+local reply = {}
+local under = true
+for i = 1, n do
+  local count = redis.call('INCR', KEYS[i])
+  local left = redis.call('PTTL', KEYS[i])
+  if left < 0 then
+    left = tonumber(ARGV[2 * i])
+    redis.call('PEXPIRE', KEYS[i], left)
+  end
+  if count > tonumber(ARGV[2 * i + 1]) then
+    under = false
+  end
+  reply[2 * i - 1] = count
+  reply[2 * i] = left
+end
+local at = 2 * n + 2
+local events = ARGV[at + 1] ~= ''
+local link = events and KEYS[n + 2] or KEYS[n + 1]
+reply[2 * n + 1] = ARGV[at] ~= '' and redis.call('GET', link)
+if under and events then
+  if ARGV[at + 2] ~= '' then
+    redis.call('XADD', KEYS[n + 1], '*', 'j', ARGV[at + 1], 's', ARGV[at + 2])
+  else
+    redis.call('XADD', KEYS[n + 1], '*', 'j', ARGV[at + 1])
+  end
+end
+if under and ARGV[at + 3] ~= '' then
+  redis.call('SET', link, ARGV[at + 3], 'EX', ARGV[at + 4])
+end
+return reply
 """)
 
 
@@ -226,6 +280,9 @@ class RedisStore:
         self._metrics = metrics
         self._waits = Waits(*settings.wait) if settings.wait is not None else None
         self._redis = lean_client(settings, settings.timeout)
+        # An AMP hit in one script call (AMP_HIT), or, on a Cluster, where its keys lie in
+        # different slots, a call per counter, then its writes.
+        self.one_script_hits = settings.topology != "cluster"
 
     @property
     def commands(self) -> Commands:
@@ -284,6 +341,9 @@ class RedisStore:
             )
         return reply
 
+    def _outbox_for(self, shard_hint: bytes) -> str:
+        return outbox_key(self._prefix, spread_shard(shard_hint, self._shards), self._shards)
+
     async def emit(
         self,
         shard_hint: bytes,
@@ -291,7 +351,7 @@ class RedisStore:
         only: str | None = None,
         source: str | None = None,
     ) -> None:
-        stream = outbox_key(self._prefix, spread_shard(shard_hint, self._shards), self._shards)
+        stream = self._outbox_for(shard_hint)
         sealed = self._sealer.seal(ev.join_documents(events))
         addressed: list[Arg] = ["only", only] if only is not None else []
         if source is not None and self._tag_sources:
@@ -321,6 +381,57 @@ class RedisStore:
             # Issued in one loop iteration, the calls leave in one write: one round trip.
             replies = await self._guarded(asyncio.gather(*calls))
         return [(int(count), int(left) / 1000) for count, left in replies]
+
+    async def hit_and_write(
+        self,
+        counters: list[Counted],
+        peek: bytes | None = None,
+        emit: Emitted | None = None,
+        keep: Kept | None = None,
+    ) -> HitOutcome:
+        if not self.one_script_hits:
+            return await self._hit_then_write(counters, peek, emit, keep)
+        keys = [rate_key(self._prefix, c.counter_id, self._shards) for c in counters]
+        args: list[Arg] = [len(counters)]
+        for counter in counters:
+            args += (counter.window_seconds * 1000, counter.limit)
+        args.append(b"1" if peek is not None else b"")
+        if emit is not None:
+            keys.append(self._outbox_for(emit.shard_hint))
+            source = emit.source if emit.source is not None and self._tag_sources else ""
+            args += (self._sealer.seal(ev.join_documents(emit.events)), source)
+        else:
+            args += (b"", b"")
+        link = peek if peek is not None else keep.key_id if keep is not None else None
+        if link is not None:
+            keys.append(link_key(self._prefix, link, self._shards))
+        args += (keep.record, keep.ttl_seconds) if keep is not None else (b"", 0)
+        reply = await self._guarded(self._redis.run_script(AMP_HIT, keys, args))
+        counts = [(int(reply[i]), int(reply[i + 1]) / 1000) for i in range(0, len(reply) - 1, 2)]
+        record = reply[-1]
+        kept = keep is not None and under_limits(counters, counts)
+        return HitOutcome(counts, record if isinstance(record, bytes) else None, kept)
+
+    async def _hit_then_write(
+        self, counters: list[Counted], peek: bytes | None, emit: Emitted | None, keep: Kept | None
+    ) -> HitOutcome:
+        """``hit_and_write`` in several calls: the counters (and the read) in one write,
+        then the event and the link in another."""
+        counting = self.hit([(c.counter_id, c.window_seconds) for c in counters])
+        if peek is None:
+            counts, record = await counting, None
+        else:
+            counts, record = await asyncio.gather(counting, self.peek(peek))
+        if not under_limits(counters, counts):
+            return HitOutcome(counts, record)
+        writes: list[Awaitable[Exception | None]] = []
+        if emit is not None:
+            writes.append(self.emit(emit.shard_hint, emit.events, source=emit.source))
+        if keep is not None:
+            writes.append(keep_apart(self, keep))
+        done = await asyncio.gather(*writes)
+        error = done[-1] if keep is not None else None
+        return HitOutcome(counts, record, kept=keep is not None and error is None, keep_error=error)
 
     async def ping(self) -> None:
         await self._guarded(self._redis.execute("PING"))
