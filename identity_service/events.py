@@ -17,6 +17,7 @@ takes the handoff's traits and the exchange's context, which get half the limit 
 """
 
 import hashlib
+import os
 import uuid
 from typing import Any
 
@@ -40,7 +41,20 @@ class EventTooLarge(ValueError):
 def message_id(handoff_id: bytes, step: str) -> str:
     """A stable UUID-shaped messageId for one step of one handoff."""
     digest = hashlib.sha256(b"identity-service message " + handoff_id + step.encode()).digest()
-    h = digest[:16].hex()  # str(uuid.UUID(bytes=digest[:16])), without building the UUID
+    return _uuid_text(digest[:16])
+
+
+def random_uuid() -> str:
+    """``str(uuid.uuid4())``, without building the UUID object (a messageId on every hit)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 9562 variant
+    return _uuid_text(raw)
+
+
+def _uuid_text(raw: bytes | bytearray) -> str:
+    """``str(uuid.UUID(bytes=raw))`` for 16 bytes."""
+    h = raw.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
@@ -245,7 +259,7 @@ def amp_hit_event(
             "anonymousId": anonymous_id,
             "properties": props,
             "context": with_library(page_context),
-            "messageId": str(uuid.uuid4()),
+            "messageId": random_uuid(),
             "timestamp": timestamp,
             "integrations": {},
         }

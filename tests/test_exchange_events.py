@@ -7,6 +7,7 @@ Events are read from the JSON-lines file sink, which the forwarder writes on bot
 import asyncio
 import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -260,3 +261,20 @@ def test_the_size_check_passes_only_facts_whose_events_fit(context_size: int) ->
         bare = ev._identify(ev._LARGEST_IDS, {**facts, "context": {}})
         added = ev.size_as_sent(ev._identify(ev._LARGEST_IDS, facts)) - ev.size_as_sent(bare)
         assert added <= ev.EXCHANGE_CONTEXT_ROOM
+
+
+def test_random_uuids_are_version_4_uuids_as_the_uuid_module_writes_them() -> None:
+    drawn = {ev.random_uuid() for _ in range(2000)}
+    assert len(drawn) == 2000
+    for text in drawn:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+
+
+def test_message_ids_are_stable_uuid_shaped_texts_per_handoff_step() -> None:
+    first = ev.message_id(b"handoff-1", "started")
+    assert first == ev.message_id(b"handoff-1", "started")
+    assert first != ev.message_id(b"handoff-1", "completed")
+    assert str(uuid.UUID(first)) == first

@@ -6,11 +6,11 @@ value JSON-encoded and percent-encoded (``%22<id>%22``), analytics-next writes i
 both are read. The service writes it plain.
 """
 
-import uuid
 from urllib.parse import unquote
 
 from identity_service.amp.config import CookieSettings
 from identity_service.constants import MAX_ID_LENGTH
+from identity_service.events import random_uuid
 
 
 def visitor_id(cookie_header: str | None, cookie: CookieSettings) -> str | None:
@@ -36,7 +36,7 @@ def _usable(raw: str) -> str | None:
 
 
 def new_visitor_id() -> str:
-    return str(uuid.uuid4())
+    return random_uuid()
 
 
 def set_cookie(value: str, cookie: CookieSettings) -> str:
