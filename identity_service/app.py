@@ -10,7 +10,7 @@ from identity_service.browser_helper import identity_js, load_helper_script
 from identity_service.crypto import OutboxSealer, TokenSealer
 from identity_service.handoff import HandoffService
 from identity_service.handoff_api import HandoffApi
-from identity_service.metrics import Metrics
+from identity_service.metrics import Metrics, flushing
 from identity_service.middleware import handle_request
 from identity_service.outbox import running_forwarders
 from identity_service.scrape import Probe
@@ -29,6 +29,8 @@ def create_app(settings: Settings) -> web.Application:
     app[app_keys.METRICS] = Metrics()
     app.on_response_prepare.append(without_server_header)
     app.on_startup.append(load_helper_script)
+    # First in, so last out: the counts of the forwarders' and the store's last moments too.
+    app.cleanup_ctx.append(_flushed_metrics)
     app.cleanup_ctx.append(_handoff_store)
     if settings.outbox.enabled and settings.outbox.forwarder_in_serve:
         app.cleanup_ctx.append(_forwarders)
@@ -64,6 +66,11 @@ def open_store(settings: Settings, metrics: Metrics | None = None) -> HandoffSto
         settings.outbox.routes_by_source,
         metrics,
     )
+
+
+async def _flushed_metrics(app: web.Application) -> AsyncIterator[None]:
+    async with flushing(app[app_keys.METRICS]):
+        yield
 
 
 async def _handoff_store(app: web.Application) -> AsyncIterator[None]:

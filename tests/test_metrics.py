@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from identity_service import __version__
+from identity_service import __version__, metrics
 from tests.collector import WRITE_KEY, Answer, Collector, running_collector
 from tests.conftest import (
     CHECKOUT_URL,
@@ -222,20 +222,32 @@ async def test_every_scrape_of_two_workers_reads_the_same_totals(
                 WRITE_KEYS["shop"],
             )
             assert status == 201
+        # A worker hands its tallies to the shared files every FLUSH_SECONDS: until the
+        # other worker's flush, a scrape may read less, never more, and never less than a
+        # scrape before it.
+        early = []
+        for _ in range(100):
+            early.append(await scrape_url(service.url))
+            if value(early[-1], "identity_handoffs_prepared_total", source="shop") == count:
+                break
+            await asyncio.sleep(metrics.FLUSH_SECONDS / 10)
+        await asyncio.sleep(metrics.FLUSH_SECONDS * 1.5)  # the early scrapes' counts flushed
         scrapes = [await scrape_url(service.url) for _ in range(8)]
     finally:
         assert await asyncio.to_thread(service.stop) == 0, service.stderr
+    seen_early = [value(s, "identity_handoffs_prepared_total", source="shop") for s in early]
+    assert seen_early == sorted(seen_early) and seen_early[-1] == count
     prepared = [value(s, "identity_handoffs_prepared_total", source="shop") for s in scrapes]
     assert prepared == [count] * len(scrapes)
     requests = {"route": "/v1/handoffs", "method": "POST", "status": "201"}
     assert [value(s, "identity_http_requests_total", **requests) for s in scrapes] == [count] * 8
     histogram = "identity_http_request_duration_seconds_count"
     assert {value(s, histogram, route="/v1/handoffs") for s in scrapes} == {count}
-    # Each scrape counts the ones before it, whichever worker answered them.
+    # Scrapes count the scrapes before them, whichever worker answered them: at least every
+    # early one, and never fewer than the scrape before.
     scrapes_seen = {"route": "/metrics", "method": "GET", "status": "200"}
-    assert [value(s, "identity_http_requests_total", **scrapes_seen) for s in scrapes] == list(
-        range(8)
-    )
+    seen = [value(s, "identity_http_requests_total", **scrapes_seen) for s in scrapes]
+    assert seen == sorted(seen) and seen[0] >= len(early)
 
 
 class Forward:
@@ -429,3 +441,75 @@ async def test_a_scrape_reads_little_from_redis_when_redis_cannot_say_a_groups_l
     assert report["segment"].oldest_age_seconds >= 0
     # Two thousand entries of 1 kB wait; a scrape reads no more than about a hundred.
     assert cost < 200_000, f"the scrape read {cost} bytes"
+
+
+def test_tallied_durations_expose_what_prometheus_clients_observe_would() -> None:
+    """The request histogram is tallied and flushed into the child's buckets and sum: its
+    exposition must equal the one observe gives for the same durations (on the bounds, in
+    between, past the last)."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    durations = [0.0, 0.00005, *metrics.DURATION_BUCKETS, 0.0003, 0.003, 0.7, 2.5, 40.0]
+    tallied = metrics.Metrics()
+    tallied.set_routes(["/v1/handoffs"])
+    registry = CollectorRegistry()
+    observed = Histogram(
+        "identity_http_request_duration_seconds",
+        "HTTP request durations in the service (parse to answer), by route template.",
+        ("route",),
+        buckets=metrics.DURATION_BUCKETS,
+        registry=registry,
+    ).labels("/v1/handoffs")
+    for round_ in range(2):  # a second flush adds to the first
+        for seconds in durations:
+            tallied.request("/v1/handoffs", "POST", 201, seconds)
+            observed.observe(seconds)
+        expected = {
+            (sample.name, sample.labels.get("le"), sample.value)
+            for family in text_string_to_metric_families(generate_latest(registry).decode())
+            for sample in family.samples
+        }
+        exposed = {
+            (sample.name, sample.labels.get("le"), sample.value)
+            for family in text_string_to_metric_families(tallied.render().decode())
+            if family.name == "identity_http_request_duration_seconds"
+            for sample in family.samples
+            if sample.labels.get("route") == "/v1/handoffs"
+        }
+        assert exposed == expected, round_
+    assert tallied.value(
+        "identity_http_requests_total", route="/v1/handoffs", method="POST", status="201"
+    ) == 2 * len(durations)
+
+
+async def test_a_worker_hands_its_counts_to_the_shared_files_without_being_scraped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the multiprocess mode a worker flushes every FLUSH_SECONDS: another process reading
+    the files sees its counts although nobody scraped that worker."""
+    from prometheus_client import CollectorRegistry
+
+    monkeypatch.delenv(metrics.MULTIPROC_ENV, raising=False)
+    with metrics.multiprocess_directory() as directory:
+        counted = metrics.Metrics()
+        inc = counted.counter("identity_handoffs_prepared_total", source="shop")
+
+        def in_files() -> float:
+            registry = CollectorRegistry()
+            metrics.multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+            found = registry.get_sample_value(
+                "identity_handoffs_prepared_total", {"source": "shop"}
+            )
+            return found or 0
+
+        async with metrics.flushing(counted):
+            inc()
+            inc(2)
+            assert in_files() == 0  # tallied, not flushed yet
+            for _ in range(50):
+                await asyncio.sleep(metrics.FLUSH_SECONDS / 5)
+                if in_files() == 3:
+                    break
+            assert in_files() == 3
+            inc()
+        assert in_files() == 4  # flushed once more on the way out
