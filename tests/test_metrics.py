@@ -487,7 +487,7 @@ async def test_a_worker_hands_its_counts_to_the_shared_files_without_being_scrap
 ) -> None:
     """In the multiprocess mode a worker flushes every FLUSH_SECONDS: another process reading
     the files sees its counts although nobody scraped that worker."""
-    from prometheus_client import CollectorRegistry
+    from prometheus_client import CollectorRegistry, multiprocess
 
     monkeypatch.delenv(metrics.MULTIPROC_ENV, raising=False)
     with metrics.multiprocess_directory() as directory:
@@ -496,7 +496,7 @@ async def test_a_worker_hands_its_counts_to_the_shared_files_without_being_scrap
 
         def in_files() -> float:
             registry = CollectorRegistry()
-            metrics.multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+            multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
             found = registry.get_sample_value(
                 "identity_handoffs_prepared_total", {"source": "shop"}
             )
