@@ -119,6 +119,15 @@ def test_the_dashboard_shows_identity_handoffs_outbox_and_errors() -> None:
         assert needed in text
 
 
+def test_the_dashboard_counts_refused_connections_among_the_answers() -> None:
+    """A connection refused over maxConnections is answered 503 on the socket and never
+    reaches identity_http_requests_total: "Answers by status" shows it beside the 503s."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    (answers,) = [p for p in dashboard["panels"] if p["title"] == "Answers by status"]
+    read = set().union(*(metric_names(t["expr"]) for t in answers["targets"]))
+    assert read == {"identity_http_requests_total", "identity_connections_refused_total"}
+
+
 def test_every_alert_has_a_runbook_section(rule_groups: list[dict[str, Any]]) -> None:
     operations = (CHART_DIR.parent.parent / "docs" / "operations.md").read_text()
     for group in rule_groups:
