@@ -1,14 +1,20 @@
 """The Helm chart (helm/identity-service), rendered by Helm's own engine for every
-configuration of ``ci/``: lint, the Kubernetes schemas, the security and operability
+configuration of ``ci/``: lint, the Kubernetes schemas (the Prometheus Operator's CRD
+schemas for the ServiceMonitor and PrometheusRule), the security and operability
 policies, the values schema, and the settings the pods get read by the service's own
 settings reader.
 """
 
 import copy
+import json
 import re
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import helm_python
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -35,6 +41,7 @@ CONFIGURATIONS = [path.name.removesuffix("-values.yaml") for path in CI_VALUES]
 WORKLOADS = ("Deployment", "StatefulSet", "Pod")
 # Objects of the Prometheus Operator's CRDs, which kubernetes-validate does not know.
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+CRD_SCHEMAS = Path(__file__).resolve().parent / "prometheus" / "crds"
 
 
 @pytest.fixture(params=CONFIGURATIONS)
@@ -75,7 +82,8 @@ def test_every_object_is_valid_for_kubernetes(configuration: str) -> None:
     assert objects
     for obj in objects:
         if obj["kind"] in CRD_KINDS:
-            assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+            errors = crd_errors(obj)
+            assert errors == [], f"{obj['kind']}/{obj['metadata']['name']}: {errors}"
             continue
         # strict: unknown fields are errors, as with kubectl's server-side validation.
         try:
@@ -84,6 +92,53 @@ def test_every_object_is_valid_for_kubernetes(configuration: str) -> None:
             pytest.fail(
                 f"{obj['kind']}/{obj['metadata']['name']}: {exc.message} at {list(exc.path)}"
             )
+
+
+@cache
+def crd_validator(kind: str) -> jsonschema.Draft7Validator:
+    """A validator of the Prometheus Operator CRD's openAPIV3Schema (tests/prometheus/crds,
+    whose README says where they come from), strict as ``kubectl --validate=strict``: an
+    object's fields outside its ``properties`` are errors (the API server would drop them)."""
+    schema = json.loads((CRD_SCHEMAS / f"{kind.lower()}.json").read_text())
+    return jsonschema.Draft7Validator(_strict(schema))
+
+
+def _strict(schema: Any) -> Any:
+    if isinstance(schema, list):
+        return [_strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    strict = {key: _strict(value) for key, value in schema.items()}
+    if "properties" in strict and "additionalProperties" not in strict:
+        strict["additionalProperties"] = False
+    return strict
+
+
+def crd_errors(obj: Manifest) -> list[str]:
+    return [
+        f"{error.message} at {list(error.absolute_path)}"
+        for error in crd_validator(obj["kind"]).iter_errors(obj)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kind", "typo"),
+    [
+        ("ServiceMonitor", lambda o: o["spec"]["endpoints"][0].update(scrapeTimout="5s")),
+        ("ServiceMonitor", lambda o: o["spec"].update(namespaceSelectors={"any": True})),
+        ("ServiceMonitor", lambda o: o["spec"]["endpoints"][0].update(interval=30)),
+        ("PrometheusRule", lambda o: o["spec"]["groups"][0]["rules"][0].update(expression="1")),
+        ("PrometheusRule", lambda o: o["spec"]["groups"][0].pop("name")),
+        ("PrometheusRule", lambda o: o.update(apiVersion="monitoring.coreos.com/v1beta1")),
+    ],
+)
+def test_a_typo_in_a_service_monitor_or_prometheus_rule_fails_its_schema(
+    kind: str, typo: Callable[[Manifest], object]
+) -> None:
+    obj = copy.deepcopy(find(render(ci_values("everything")), kind))
+    assert crd_errors(obj) == []
+    typo(obj)
+    assert crd_errors(obj) != []
 
 
 def test_the_service_monitor_scrapes_both_services() -> None:
