@@ -438,6 +438,20 @@ def test_the_notes_say_how_to_check_the_install() -> None:
     assert "docs/operations.md" in notes
 
 
+def test_the_default_values_lint_clean_and_refuse_to_render_with_what_to_set() -> None:
+    """`helm install` with no value: lint finds nothing wrong with the chart, and the render
+    stops on one of the messages docs/operations.md promises (no Redis, secret or source)."""
+    report = helm_python.lint(CHART_DIR, {})
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+    with pytest.raises(helm_python.HelmError) as refused:
+        render({})
+    assert re.search(
+        r"set (secret \(the server secret|sources \(at least one|redis\.url \(an external)",
+        str(refused.value),
+    ), refused.value
+
+
 @pytest.mark.parametrize(
     ("missing", "message"),
     [("redis", "set redis.url"), ("secret", "set secret"), ("sources", "set sources")],
