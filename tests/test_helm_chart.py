@@ -5,9 +5,11 @@ policies, the values schema, and the settings the pods get read by the service's
 settings reader.
 """
 
+import asyncio
 import copy
 import json
 import re
+import urllib.parse
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -18,6 +20,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from redis.asyncio import Redis
 
 from identity_service.settings import SETTING_NAMES, load_settings
 from tests.chart import (
@@ -32,6 +35,9 @@ from tests.chart import (
     render,
     render_files,
 )
+from tests.conftest import CHECKOUT_URL, WRITE_KEYS
+from tests.redis_server import RedisServer
+from tests.test_cli import Service, post, redis_env_for
 
 KUBERNETES_VERSION = "1.30.0"
 # The pod listens on every address of its own network namespace.
@@ -325,6 +331,36 @@ def test_an_existing_secret_replaces_the_charts() -> None:
     assert "checksum/config" in annotations and "checksum/secret" not in annotations
 
 
+@pytest.mark.parametrize("password", ["p@ss:w/rd %#?&", "100%-sure", "plain-Pa55_word.~"])
+async def test_a_percent_encoded_redis_password_is_accepted_and_reaches_redis_decoded(
+    password: str, tmp_path: Path
+) -> None:
+    """values.yaml says: percent-encode the password's other characters. The schema takes
+    the encoded form, the pod's URL carries it as given, and the service decodes it."""
+    encoded = urllib.parse.quote(password, safe="")
+    values = merge(ci_values("external-redis"), {"redis": {"auth": {"password": encoded}}})
+    chart().validate_schema(chart().merge_values(values))
+    objects = render(values)
+    (container,) = pod_spec(find(objects, "Deployment"))["containers"]
+    url = environment(objects, container)["IDENTITY_REDIS_URL"]
+    assert url == f"redis://:{encoded}@redis.data.svc.cluster.local:6379/0"
+
+    redis = RedisServer(tmp_path)
+    redis.start()
+    async with Redis.from_url(redis.url) as admin:  # started open: its start pings it
+        await admin.config_set("requirepass", password)
+    local = url.replace("redis.data.svc.cluster.local:6379", f"127.0.0.1:{redis.port}")
+    service = Service(tmp_path, redis_env_for(local))
+    try:
+        body = {"anonymousId": "anon-chart-5c2d", "destination": CHECKOUT_URL}
+        status, _ = await post(f"{service.url}/v1/handoffs", body, WRITE_KEYS["shop"])
+        assert status == 201, service.stderr
+    finally:
+        assert await asyncio.to_thread(service.stop) == 0, service.stderr
+        redis.stop()
+    assert encoded not in service.stderr and password not in service.stderr
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -478,6 +514,10 @@ def test_a_missing_essential_value_stops_the_render_with_what_to_set(
         {"secret": "too-short"},
         {"sources": {"shop": {"writeKeyHash": "md5:abc", "origins": ["https://a.example"]}}},
         {"redis": {"url": "redis://user:password@redis:6379/0"}},  # credentials go in auth
+        {"redis": {"auth": {"password": "p@ss"}}},  # not percent-encoded
+        {"redis": {"auth": {"password": "100%"}}},  # a % that starts no octet
+        {"redis": {"auth": {"password": "p%4"}}},
+        {"redis": {"auth": {"password": "p%zz"}}},
     ],
 )
 def test_the_schema_refuses_invalid_values(change: dict[str, Any]) -> None:
