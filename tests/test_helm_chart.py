@@ -22,7 +22,7 @@ import pytest
 import yaml
 from redis.asyncio import Redis
 
-from identity_service.settings import SETTING_NAMES, load_settings
+from identity_service.settings import SETTING_NAMES, ConfigError, load_settings
 from tests.chart import (
     CHART_DIR,
     CI_VALUES,
@@ -527,6 +527,28 @@ def test_the_schema_refuses_invalid_values(change: dict[str, Any]) -> None:
         chart().validate_schema(merged)
 
 
+@pytest.mark.parametrize(
+    "wait", ["0,5", "99,99999", "17,50", "1,0", "1,10001", "1,50", "16,10000", "1,1", "off"]
+)
+def test_the_schema_takes_the_redis_waits_the_service_takes(wait: str) -> None:
+    values = chart().merge_values(
+        merge(ci_values("external-redis"), {"config": {"redisWait": wait}})
+    )
+    try:
+        chart().validate_schema(values)
+        schema_takes = True
+    except helm_python.HelmValuesError:
+        schema_takes = False
+    environ = {"IDENTITY_SECRET": "s" * 32, "IDENTITY_REDIS_WAIT": wait}
+    problem = ""
+    try:
+        load_settings(environ)
+    except ConfigError as exc:
+        problem = str(exc)
+    assert schema_takes == (problem == ""), problem
+    assert not problem or "REDIS_WAIT" in problem
+
+
 def merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
     """``change`` laid over ``base``, nested mappings merged."""
     merged = copy.deepcopy(base)
@@ -644,6 +666,29 @@ def test_restricted_egress_reaches_the_port_of_the_external_redis_url() -> None:
     assert 6379 in egress_ports(find(render(values), "NetworkPolicy"))
     values["redis"] = {"url": "redis://redis.data:6379/0", "port": 7000}  # said outright
     assert 7000 in egress_ports(find(render(values), "NetworkPolicy"))
+
+
+@pytest.mark.parametrize(
+    ("redis", "ports"),
+    [
+        # The sentinels answer on 26379; the master they name, on Redis's own port.
+        ({"url": "redis+sentinel://s-0.redis:26379,s-1.redis:26379/idsvc/0"}, {26379, 6379}),
+        (
+            {"url": "rediss+sentinel://s-0.redis:26380/idsvc", "dataPorts": [6380, 6381]},
+            {26380, 6380, 6381},
+        ),
+        # Every seed's port, and the nodes' ports the seeds do not name.
+        ({"url": "redis+cluster://r-0.redis:7000,r-1.redis:7001"}, {7000, 7001}),
+        ({"url": "redis+cluster://r-0.redis:7000", "dataPorts": [7001, 7002]}, {7000, 7001, 7002}),
+    ],
+)
+def test_restricted_egress_reaches_the_data_nodes_behind_sentinel_and_cluster_urls(
+    redis: dict[str, Any], ports: set[int]
+) -> None:
+    values = ci_values("existing-secret")
+    values["networkPolicy"] = {"allowExternalEgress": False}
+    values["redis"] = {**values["redis"], **redis}
+    assert egress_ports(find(render(values), "NetworkPolicy")) == {53, *ports}
 
 
 def test_a_change_of_the_charts_redis_password_rolls_the_pods_with_an_existing_secret() -> None:
