@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -22,6 +23,10 @@ from identity_service.constants import (
 from identity_service.settings import ConfigError, Settings, load_settings
 from identity_service.sources import hash_write_key
 
+# How many of the newest dead letters `outbox dead` shows, by default and at most.
+DEAD_LETTERS_SHOWN = 20
+MAX_DEAD_LETTERS_SHOWN = 1000
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
@@ -31,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "forward":
         return forward(args.config)
     if args.command == "outbox":
-        return outbox(args.config, args.action, args.json, args.destination)
+        return outbox(args.config, args.action, args.json, args.destination, args.limit)
     if args.command == "hash-key":
         write_key = sys.stdin.readline().strip()
         if not write_key or not write_key.isascii():
@@ -64,15 +69,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     forward_cmd.add_argument("--config", type=Path, help="a TOML or YAML settings file")
     outbox_cmd = commands.add_parser("outbox", help="inspect or repair the Redis outbox")
-    outbox_cmd.add_argument("action", choices=["status", "replay-dead", "retire"])
+    outbox_cmd.add_argument("action", choices=["status", "dead", "replay-dead", "retire"])
     outbox_cmd.add_argument(
-        "destination", nargs="?", help="retire: the destination no longer configured"
+        "destination",
+        nargs="?",
+        help="retire: the destination no longer configured; dead: one destination (default: all)",
     )
     outbox_cmd.add_argument("--config", type=Path, help="a TOML or YAML settings file")
-    outbox_cmd.add_argument("--json", action="store_true", help="print JSON (status)")
+    outbox_cmd.add_argument("--json", action="store_true", help="print JSON (status, dead)")
+    outbox_cmd.add_argument(
+        "--limit",
+        type=_dead_limit,
+        default=DEAD_LETTERS_SHOWN,
+        help=f"dead: how many of the newest dead letters (1-{MAX_DEAD_LETTERS_SHOWN}, "
+        f"default {DEAD_LETTERS_SHOWN})",
+    )
     commands.add_parser("hash-key", help="print the write_key_hash of a write key read from stdin")
     commands.add_parser("new-key", help="make a new write key and print it with its hash")
     return parser
+
+
+def _dead_limit(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= MAX_DEAD_LETTERS_SHOWN:
+        raise argparse.ArgumentTypeError(f"a number from 1 to {MAX_DEAD_LETTERS_SHOWN}")
+    return int(value)
 
 
 def _settings(
@@ -126,15 +146,28 @@ def forward(config: Path | None) -> int:
     return 0
 
 
-def outbox(config: Path | None, action: str, as_json: bool, retired: str | None = None) -> int:
+def outbox(
+    config: Path | None,
+    action: str,
+    as_json: bool,
+    named: str | None = None,
+    limit: int = DEAD_LETTERS_SHOWN,
+) -> int:
     settings = _settings(config, needs_redis=True)
     if settings is None or settings.redis is None:
         return 2
     redis_settings = settings.redis
     destinations = [d.name for d in settings.outbox.destinations]
-    if (action == "retire") != (retired is not None):
-        print("identity-service: name a destination with retire, and only then", file=sys.stderr)
+    if named is not None and action not in ("retire", "dead"):
+        print("identity-service: name a destination with retire or dead only", file=sys.stderr)
         return 2
+    if action == "retire" and named is None:
+        print("identity-service: name the destination to retire", file=sys.stderr)
+        return 2
+    retired = named if action == "retire" else None
+    if action == "dead" and named is not None:
+        # A retired destination keeps its dead letters: any name may be read.
+        destinations = [named]
     if retired in destinations:
         # Its forwarder would make the group again and deliver the whole stream once more.
         print(
@@ -143,7 +176,12 @@ def outbox(config: Path | None, action: str, as_json: bool, retired: str | None 
         return 2
     from redis.exceptions import RedisError
 
-    from identity_service.outbox_admin import outbox_status, replay_dead, retire_destination
+    from identity_service.outbox_admin import (
+        newest_dead_letters,
+        outbox_status,
+        replay_dead,
+        retire_destination,
+    )
     from identity_service.stores.redis import connect
 
     async def run() -> int:
@@ -167,6 +205,12 @@ def outbox(config: Path | None, action: str, as_json: bool, retired: str | None 
                     redis, redis_settings.key_prefix, destinations, redis_settings.shards
                 )
                 print(f"re-queued {moved} dead letters")
+                return 0
+            if action == "dead":
+                letters = await newest_dead_letters(
+                    redis, redis_settings.key_prefix, destinations, limit, redis_settings.shards
+                )
+                _print_dead_letters([letter.as_json() for letter in letters], as_json)
                 return 0
             report = await outbox_status(
                 redis, redis_settings.key_prefix, destinations, redis_settings.shards
@@ -192,6 +236,23 @@ def outbox(config: Path | None, action: str, as_json: bool, retired: str | None 
     except (RedisError, OSError) as exc:
         print(f"identity-service: Redis: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+
+
+def _print_dead_letters(letters: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(orjson.dumps(letters).decode())
+        return
+    if not letters:
+        print("no dead letters")
+        return
+    width = max(20, *(len(letter["destination"]) for letter in letters))
+    print(f"{'failed at':<24} {'destination':<{width}} {'attempts':>8} reason")
+    for letter in letters:
+        attempts = "-" if letter["attempts"] is None else str(letter["attempts"])
+        print(
+            f"{letter['failedAt']:<24} {letter['destination']:<{width}} {attempts:>8} "
+            f"{letter['reason']}"
+        )
 
 
 def serve(host: str, port: int, config: Path | None, workers: int | None = None) -> int:

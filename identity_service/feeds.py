@@ -60,7 +60,9 @@ class Feed(Protocol):
 
     async def ack(self, entries: list[FeedEntry]) -> None: ...
 
-    async def dead_letter(self, entries: list[FeedEntry], reason: str) -> None: ...
+    async def dead_letter(
+        self, entries: list[FeedEntry], reason: str, attempts: int = 0
+    ) -> None: ...
 
     async def keep_alive(self, entries: list[FeedEntry]) -> None: ...
 
@@ -100,7 +102,7 @@ class MemoryFeed:
     async def ack(self, entries: list[FeedEntry]) -> None:
         self._settle(entries)
 
-    async def dead_letter(self, entries: list[FeedEntry], reason: str) -> None:
+    async def dead_letter(self, entries: list[FeedEntry], reason: str, attempts: int = 0) -> None:
         self._settle(entries)
         self._outbox.dead_letters += len(entries)
         self.dead.extend(entries)
@@ -258,12 +260,19 @@ class RedisFeed:
             )
         )
 
-    async def dead_letter(self, entries: list[FeedEntry], reason: str) -> None:
+    async def dead_letter(self, entries: list[FeedEntry], reason: str, attempts: int = 0) -> None:
+        """Move ``entries`` to their dead letters with why, when, and after how many sends
+        (0: never sent), which `outbox dead` shows."""
         failed_at = str(int(time.time() * 1000)).encode()
         for entry in entries:
             shard = self._shard_of_stream[entry.stream]
             dead = dead_letter_key(self._prefix, shard, self._group, self._shards)
-            fields = {**entry.fields, b"reason": reason.encode(), b"failed_at": failed_at}
+            fields = {
+                **entry.fields,
+                b"reason": reason.encode(),
+                b"failed_at": failed_at,
+                b"attempts": str(attempts).encode(),
+            }
             # Same hash tag: the move is one transaction, even on a Cluster.
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.xadd(dead, fields)  # type: ignore[arg-type]

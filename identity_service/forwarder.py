@@ -180,9 +180,10 @@ class Forwarder:
         """Settle the batch (ack or dead-letter) and return True, or release it (stopping)."""
         events = [event for entry in batch.entries for event in entry.events]
         log = logger.bind(destination=self.destination, events=len(events))
-        failures = 0
+        failures = attempts = 0
         while True:
             self._attempted()
+            attempts += 1
             delivery = await self._sink.send(events)
             if delivery.outcome == "delivered":
                 await self._feed.ack(batch.entries)
@@ -207,7 +208,7 @@ class Forwarder:
             if await self._wait(delay, batch.entries):
                 await self._feed.release(batch.entries)
                 return False
-        await self._feed.dead_letter(batch.entries, reason)
+        await self._feed.dead_letter(batch.entries, reason, attempts)
         self._count("identity_events_dead_lettered_total", len(events))
         return True
 

@@ -1,7 +1,9 @@
-"""The `outbox status`, `replay-dead` and `retire` commands: the outbox as operators see it."""
+"""The `outbox status`, `dead`, `replay-dead` and `retire` commands: the outbox as operators
+see it."""
 
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import RedisCluster
@@ -87,6 +89,62 @@ async def _shard_status(
     if oldest is not None:
         candidates.append(parse_id(oldest)[0])
     return min(candidates) if candidates else None
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """Why and when one dead letter failed, without its events, ids or write keys."""
+
+    destination: str
+    failed_at_ms: int
+    reason: str
+    # Sends before giving up (0: never sent); None for letters written by 0.4.0 and earlier.
+    attempts: int | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "destination": self.destination,
+            "failedAt": _iso(self.failed_at_ms),
+            "reason": self.reason,
+            "attempts": self.attempts,
+        }
+
+
+async def newest_dead_letters(
+    redis: AdminClient,
+    prefix: str,
+    destinations: list[str],
+    limit: int,
+    shards: int = KEY_SHARDS,
+) -> list[DeadLetter]:
+    """The ``limit`` newest dead letters of ``destinations``, newest first.
+
+    Reads only the letters' ``reason``, ``failed_at`` and ``attempts``: never their events."""
+    found: list[DeadLetter] = []
+    for destination in destinations:
+        keys = [dead_letter_key(prefix, shard, destination, shards) for shard in range(shards)]
+        keys += [dead for _, dead in _legacy_dead_letters(redis, prefix, destination, shards)]
+        for dead in keys:
+            reply: Any = await redis.xrevrange(dead, count=limit)
+            found += [_dead_letter(destination, entry_id, fields) for entry_id, fields in reply]
+    found.sort(key=lambda letter: letter.failed_at_ms, reverse=True)
+    return found[:limit]
+
+
+def _dead_letter(destination: str, entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
+    failed_at = fields.get(b"failed_at")
+    attempts = fields.get(b"attempts")
+    return DeadLetter(
+        destination,
+        int(failed_at) if failed_at else parse_id(entry_id)[0],
+        text(fields.get(b"reason", b"unknown")),
+        int(attempts) if attempts is not None else None,
+    )
+
+
+def _iso(ms: int) -> str:
+    moment = datetime.fromtimestamp(ms / 1000, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 async def replay_dead(

@@ -1,13 +1,17 @@
 """The chart's alerts and dashboard against the service's metrics: every metric name they
-read is one the service exposes (tests/exposed_metrics.py), and Prometheus's own promtool
-checks the rules and runs their unit tests (tests/prometheus/alerts-test.yaml).
+read, and every label value they filter on, is one a running service exposes (a real
+``identity-service serve --workers 2`` on a real redis-server, tests/exposed_metrics.py),
+and Prometheus's own promtool checks the rules and runs their unit tests
+(tests/prometheus/alerts-test.yaml).
 
 promtool comes with Debian's ``prometheus`` package (.ci/run installs it); elsewhere the
 promtool tests skip when it is missing.
 """
 
+import asyncio
 import copy
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -19,7 +23,12 @@ import pytest
 import yaml
 
 from tests.chart import CHART_DIR, FULLNAME, ci_values, find, render
-from tests.exposed_metrics import EXTERNAL_METRIC_NAMES, exposed_metric_names
+from tests.exposed_metrics import (
+    EXTERNAL_METRIC_NAMES,
+    TARGET_LABELS,
+    Series,
+    scrape_after_flows,
+)
 from tests.tools import missing_tool
 
 UNIT_TESTS = Path(__file__).resolve().parent / "prometheus" / "alerts-test.yaml"
@@ -32,6 +41,12 @@ def rule_groups() -> list[dict[str, Any]]:
     rule = find(render(ci_values("everything")), "PrometheusRule", FULLNAME)
     groups: list[dict[str, Any]] = rule["spec"]["groups"]
     return groups
+
+
+@pytest.fixture(scope="module")
+def exposed(tmp_path_factory: pytest.TempPathFactory) -> list[Series]:
+    """The series of a running two-worker service after real flows (one run per module)."""
+    return asyncio.run(scrape_after_flows(tmp_path_factory.mktemp("exposed")))
 
 
 @pytest.fixture
@@ -53,13 +68,17 @@ WRAPPERS = (
 
 def metric_names(expression: str) -> set[str]:
     """The metric names an expression reads, from PromQL's own syntax tree."""
-    return set(_selectors(promql_parser.parse(expression)))
+    return {s.name for s in selectors(expression) if s.name}
 
 
-def _selectors(node: Any) -> Iterator[str]:
+def selectors(expression: str) -> list[Any]:
+    """The expression's vector selectors (name and label matchers)."""
+    return list(_selectors(promql_parser.parse(expression)))
+
+
+def _selectors(node: Any) -> Iterator[Any]:
     if isinstance(node, promql_parser.VectorSelector):
-        if node.name:
-            yield node.name
+        yield node
         return
     if isinstance(node, promql_parser.MatrixSelector):
         yield from _selectors(node.vector_selector)
@@ -87,21 +106,65 @@ def test_the_name_walker_finds_every_selector() -> None:
     assert names == {"a_total", "b", "c_bucket", "d", "e"}
 
 
-def test_alerts_read_only_exposed_metrics(rule_groups: list[dict[str, Any]]) -> None:
-    known = exposed_metric_names() | EXTERNAL_METRIC_NAMES
+# A regular expression that only lists values (``handoff|generated``): each must exist.
+LITERAL_ALTERNATIVES = re.compile(r"[\w/-]+(\|[\w/-]+)*")
+
+
+def unexposed(expression: str, exposed: list[Series]) -> list[str]:
+    """What ``expression`` reads that ``exposed`` lacks: metric names, and label values
+    its matchers ask for (``=``: that value; ``=~``: a match, every one of a plain list;
+    ``!=``, ``!~``: the label). Target labels and other exporters' metrics are not ours."""
+    missing = []
+    for selector in selectors(expression):
+        if selector.name in EXTERNAL_METRIC_NAMES:
+            continue
+        labels = [found for name, found in exposed if name == selector.name]
+        if not labels:
+            missing.append(selector.name)
+            continue
+        for matcher in selector.matchers.matchers:
+            if matcher.name in TARGET_LABELS:
+                continue
+            values = {found[matcher.name] for found in labels if matcher.name in found}
+            op = str(matcher.op).rpartition(".")[2]
+            if op == "Equal":
+                wanted = [matcher.value]
+            elif op == "Re" and LITERAL_ALTERNATIVES.fullmatch(matcher.value):
+                wanted = matcher.value.split("|")
+            elif op == "Re":
+                values = {v for v in values if re.fullmatch(matcher.value, v)}
+                wanted = [next(iter(values))] if values else [f"~{matcher.value}"]
+            else:
+                wanted = [next(iter(values))] if values else ["(any)"]
+            missing += [f"{selector.name}{{{matcher.name}={v}}}" for v in wanted if v not in values]
+    return missing
+
+
+def test_the_label_check_can_fail(exposed: list[Series]) -> None:
+    assert unexposed('x_total{a="1"}', exposed) == ["x_total"]
+    assert unexposed(
+        'identity_identities_total{namespace="n",id_source=~"handoff|amp_nope"}', exposed
+    ) == ["identity_identities_total{id_source=amp_nope}"]
+    assert unexposed('identity_http_requests_total{status=~"6.."}', exposed) == [
+        "identity_http_requests_total{status=~6..}"
+    ]
+    assert unexposed('identity_store_up{nope!="1"}', exposed) == ["identity_store_up{nope=(any)}"]
+
+
+def test_alerts_read_only_exposed_series(
+    rule_groups: list[dict[str, Any]], exposed: list[Series]
+) -> None:
     for group in rule_groups:
         for rule in group["rules"]:
-            names = metric_names(rule["expr"])
-            assert names, rule["alert"]
-            assert names <= known, f"{rule['alert']} reads {sorted(names - known)}"
+            assert metric_names(rule["expr"]), rule["alert"]
+            assert unexposed(rule["expr"], exposed) == [], rule["alert"]
 
 
-def test_the_dashboard_reads_only_exposed_metrics() -> None:
-    known = exposed_metric_names()
+def test_the_dashboard_reads_only_exposed_series(exposed: list[Series]) -> None:
     expressions = dashboard_expressions()
     assert len(expressions) >= 15
     for expression in expressions:
-        assert metric_names(expression) <= known, expression
+        assert unexposed(expression, exposed) == [], expression
 
 
 def test_the_dashboard_shows_identity_handoffs_outbox_and_errors() -> None:
@@ -117,6 +180,15 @@ def test_the_dashboard_shows_identity_handoffs_outbox_and_errors() -> None:
         'status=~"[45].."',
     ):
         assert needed in text
+
+
+def test_the_dashboard_counts_refused_connections_among_the_answers() -> None:
+    """A connection refused over maxConnections is answered 503 on the socket and never
+    reaches identity_http_requests_total: "Answers by status" shows it beside the 503s."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    (answers,) = [p for p in dashboard["panels"] if p["title"] == "Answers by status"]
+    read = set().union(*(metric_names(t["expr"]) for t in answers["targets"]))
+    assert read == {"identity_http_requests_total", "identity_connections_refused_total"}
 
 
 def test_every_alert_has_a_runbook_section(rule_groups: list[dict[str, Any]]) -> None:

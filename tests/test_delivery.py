@@ -194,6 +194,57 @@ async def test_too_many_attempts_dead_letters_with_the_reason(
     assert len(collector.requests) == 2
 
 
+async def test_outbox_dead_shows_the_newest_reasons_and_attempts_and_nothing_else(
+    aiohttp_client: ClientMaker,
+    redis_server: RedisServer,
+    redis_client: Redis,
+    collector: Collector,
+) -> None:
+    # The first batch is refused for good (400) after one send; the second fails twice
+    # (500) and is given up after delivery_max_attempts.
+    collector.plan = [Answer(400), Answer(500), Answer(500)]
+    client, prefix = await app_with_prefix(
+        aiohttp_client, redis_server, collector, delivery_max_attempts="2"
+    )
+    await prepare(client, anonymousId="anon-refused-31c9")
+    await wait_for_dead(redis_client, prefix, 1)
+    await prepare(client, anonymousId="anon-retried-58e0")
+    await wait_for_dead(redis_client, prefix, 2)
+    message_ids = {event["messageId"] for r in collector.requests for event in r.events}
+    assert len(message_ids) == 2
+
+    def dead(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [COMMAND, "outbox", "dead", *args],
+            env=command_env(redis_server, collector, prefix),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    as_json = await asyncio.to_thread(dead, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    letters = json.loads(as_json.stdout)
+    assert [{k: v for k, v in letter.items() if k != "failedAt"} for letter in letters] == [
+        {"destination": "default", "reason": "too many attempts", "attempts": 2},
+        {"destination": "default", "reason": "http 400", "attempts": 1},
+    ]
+    assert letters[0]["failedAt"] >= letters[1]["failedAt"]
+    assert letters[0]["failedAt"].endswith("Z")
+
+    newest = await asyncio.to_thread(dead, "default", "--limit", "1")
+    assert newest.returncode == 0, newest.stderr
+    header, line = newest.stdout.splitlines()
+    assert header.split() == ["failed", "at", "destination", "attempts", "reason"]
+    assert line.split()[1:] == ["default", "2", "too", "many", "attempts"]
+    assert (await asyncio.to_thread(dead, "elsewhere")).stdout == "no dead letters\n"
+    assert (await asyncio.to_thread(dead, "--limit", "0")).returncode == 2
+
+    for shown in (as_json.stdout, newest.stdout):
+        for secret in (WRITE_KEY, "anon-refused-31c9", "anon-retried-58e0", *message_ids):
+            assert secret not in shown
+
+
 async def wait_for_dead(redis: AdminClient, prefix: str, count: int) -> list[Any]:
     for _ in range(300):
         report = await outbox_status(redis, prefix, ["default"])

@@ -1,19 +1,28 @@
 """The Helm chart (helm/identity-service), rendered by Helm's own engine for every
-configuration of ``ci/``: lint, the Kubernetes schemas, the security and operability
+configuration of ``ci/``: lint, the Kubernetes schemas (the Prometheus Operator's CRD
+schemas for the ServiceMonitor and PrometheusRule), the security and operability
 policies, the values schema, and the settings the pods get read by the service's own
 settings reader.
 """
 
+import asyncio
 import copy
+import json
 import re
+import urllib.parse
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import helm_python
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from redis.asyncio import Redis
 
-from identity_service.settings import SETTING_NAMES, load_settings
+from identity_service.settings import SETTING_NAMES, ConfigError, load_settings
 from tests.chart import (
     CHART_DIR,
     CI_VALUES,
@@ -26,6 +35,9 @@ from tests.chart import (
     render,
     render_files,
 )
+from tests.conftest import CHECKOUT_URL, WRITE_KEYS
+from tests.redis_server import RedisServer
+from tests.test_cli import Service, post, redis_env_for
 
 KUBERNETES_VERSION = "1.30.0"
 # The pod listens on every address of its own network namespace.
@@ -35,6 +47,7 @@ CONFIGURATIONS = [path.name.removesuffix("-values.yaml") for path in CI_VALUES]
 WORKLOADS = ("Deployment", "StatefulSet", "Pod")
 # Objects of the Prometheus Operator's CRDs, which kubernetes-validate does not know.
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+CRD_SCHEMAS = Path(__file__).resolve().parent / "prometheus" / "crds"
 
 
 @pytest.fixture(params=CONFIGURATIONS)
@@ -75,7 +88,8 @@ def test_every_object_is_valid_for_kubernetes(configuration: str) -> None:
     assert objects
     for obj in objects:
         if obj["kind"] in CRD_KINDS:
-            assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+            errors = crd_errors(obj)
+            assert errors == [], f"{obj['kind']}/{obj['metadata']['name']}: {errors}"
             continue
         # strict: unknown fields are errors, as with kubectl's server-side validation.
         try:
@@ -84,6 +98,53 @@ def test_every_object_is_valid_for_kubernetes(configuration: str) -> None:
             pytest.fail(
                 f"{obj['kind']}/{obj['metadata']['name']}: {exc.message} at {list(exc.path)}"
             )
+
+
+@cache
+def crd_validator(kind: str) -> jsonschema.Draft7Validator:
+    """A validator of the Prometheus Operator CRD's openAPIV3Schema (tests/prometheus/crds,
+    whose README says where they come from), strict as ``kubectl --validate=strict``: an
+    object's fields outside its ``properties`` are errors (the API server would drop them)."""
+    schema = json.loads((CRD_SCHEMAS / f"{kind.lower()}.json").read_text())
+    return jsonschema.Draft7Validator(_strict(schema))
+
+
+def _strict(schema: Any) -> Any:
+    if isinstance(schema, list):
+        return [_strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    strict = {key: _strict(value) for key, value in schema.items()}
+    if "properties" in strict and "additionalProperties" not in strict:
+        strict["additionalProperties"] = False
+    return strict
+
+
+def crd_errors(obj: Manifest) -> list[str]:
+    return [
+        f"{error.message} at {list(error.absolute_path)}"
+        for error in crd_validator(obj["kind"]).iter_errors(obj)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kind", "typo"),
+    [
+        ("ServiceMonitor", lambda o: o["spec"]["endpoints"][0].update(scrapeTimout="5s")),
+        ("ServiceMonitor", lambda o: o["spec"].update(namespaceSelectors={"any": True})),
+        ("ServiceMonitor", lambda o: o["spec"]["endpoints"][0].update(interval=30)),
+        ("PrometheusRule", lambda o: o["spec"]["groups"][0]["rules"][0].update(expression="1")),
+        ("PrometheusRule", lambda o: o["spec"]["groups"][0].pop("name")),
+        ("PrometheusRule", lambda o: o.update(apiVersion="monitoring.coreos.com/v1beta1")),
+    ],
+)
+def test_a_typo_in_a_service_monitor_or_prometheus_rule_fails_its_schema(
+    kind: str, typo: Callable[[Manifest], object]
+) -> None:
+    obj = copy.deepcopy(find(render(ci_values("everything")), kind))
+    assert crd_errors(obj) == []
+    typo(obj)
+    assert crd_errors(obj) != []
 
 
 def test_the_service_monitor_scrapes_both_services() -> None:
@@ -270,6 +331,36 @@ def test_an_existing_secret_replaces_the_charts() -> None:
     assert "checksum/config" in annotations and "checksum/secret" not in annotations
 
 
+@pytest.mark.parametrize("password", ["p@ss:w/rd %#?&", "100%-sure", "plain-Pa55_word.~"])
+async def test_a_percent_encoded_redis_password_is_accepted_and_reaches_redis_decoded(
+    password: str, tmp_path: Path
+) -> None:
+    """values.yaml says: percent-encode the password's other characters. The schema takes
+    the encoded form, the pod's URL carries it as given, and the service decodes it."""
+    encoded = urllib.parse.quote(password, safe="")
+    values = merge(ci_values("external-redis"), {"redis": {"auth": {"password": encoded}}})
+    chart().validate_schema(chart().merge_values(values))
+    objects = render(values)
+    (container,) = pod_spec(find(objects, "Deployment"))["containers"]
+    url = environment(objects, container)["IDENTITY_REDIS_URL"]
+    assert url == f"redis://:{encoded}@redis.data.svc.cluster.local:6379/0"
+
+    redis = RedisServer(tmp_path)
+    redis.start()
+    async with Redis.from_url(redis.url) as admin:  # started open: its start pings it
+        await admin.config_set("requirepass", password)
+    local = url.replace("redis.data.svc.cluster.local:6379", f"127.0.0.1:{redis.port}")
+    service = Service(tmp_path, redis_env_for(local))
+    try:
+        body = {"anonymousId": "anon-chart-5c2d", "destination": CHECKOUT_URL}
+        status, _ = await post(f"{service.url}/v1/handoffs", body, WRITE_KEYS["shop"])
+        assert status == 201, service.stderr
+    finally:
+        assert await asyncio.to_thread(service.stop) == 0, service.stderr
+        redis.stop()
+    assert encoded not in service.stderr and password not in service.stderr
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -383,6 +474,20 @@ def test_the_notes_say_how_to_check_the_install() -> None:
     assert "docs/operations.md" in notes
 
 
+def test_the_default_values_lint_clean_and_refuse_to_render_with_what_to_set() -> None:
+    """`helm install` with no value: lint finds nothing wrong with the chart, and the render
+    stops on one of the messages docs/operations.md promises (no Redis, secret or source)."""
+    report = helm_python.lint(CHART_DIR, {})
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+    with pytest.raises(helm_python.HelmError) as refused:
+        render({})
+    assert re.search(
+        r"set (secret \(the server secret|sources \(at least one|redis\.url \(an external)",
+        str(refused.value),
+    ), refused.value
+
+
 @pytest.mark.parametrize(
     ("missing", "message"),
     [("redis", "set redis.url"), ("secret", "set secret"), ("sources", "set sources")],
@@ -409,6 +514,10 @@ def test_a_missing_essential_value_stops_the_render_with_what_to_set(
         {"secret": "too-short"},
         {"sources": {"shop": {"writeKeyHash": "md5:abc", "origins": ["https://a.example"]}}},
         {"redis": {"url": "redis://user:password@redis:6379/0"}},  # credentials go in auth
+        {"redis": {"auth": {"password": "p@ss"}}},  # not percent-encoded
+        {"redis": {"auth": {"password": "100%"}}},  # a % that starts no octet
+        {"redis": {"auth": {"password": "p%4"}}},
+        {"redis": {"auth": {"password": "p%zz"}}},
     ],
 )
 def test_the_schema_refuses_invalid_values(change: dict[str, Any]) -> None:
@@ -416,6 +525,28 @@ def test_the_schema_refuses_invalid_values(change: dict[str, Any]) -> None:
     merged = chart().merge_values({**values, **merge(values, change)})
     with pytest.raises(helm_python.HelmValuesError):
         chart().validate_schema(merged)
+
+
+@pytest.mark.parametrize(
+    "wait", ["0,5", "99,99999", "17,50", "1,0", "1,10001", "1,50", "16,10000", "1,1", "off"]
+)
+def test_the_schema_takes_the_redis_waits_the_service_takes(wait: str) -> None:
+    values = chart().merge_values(
+        merge(ci_values("external-redis"), {"config": {"redisWait": wait}})
+    )
+    try:
+        chart().validate_schema(values)
+        schema_takes = True
+    except helm_python.HelmValuesError:
+        schema_takes = False
+    environ = {"IDENTITY_SECRET": "s" * 32, "IDENTITY_REDIS_WAIT": wait}
+    problem = ""
+    try:
+        load_settings(environ)
+    except ConfigError as exc:
+        problem = str(exc)
+    assert schema_takes == (problem == ""), problem
+    assert not problem or "REDIS_WAIT" in problem
 
 
 def merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
@@ -535,6 +666,29 @@ def test_restricted_egress_reaches_the_port_of_the_external_redis_url() -> None:
     assert 6379 in egress_ports(find(render(values), "NetworkPolicy"))
     values["redis"] = {"url": "redis://redis.data:6379/0", "port": 7000}  # said outright
     assert 7000 in egress_ports(find(render(values), "NetworkPolicy"))
+
+
+@pytest.mark.parametrize(
+    ("redis", "ports"),
+    [
+        # The sentinels answer on 26379; the master they name, on Redis's own port.
+        ({"url": "redis+sentinel://s-0.redis:26379,s-1.redis:26379/idsvc/0"}, {26379, 6379}),
+        (
+            {"url": "rediss+sentinel://s-0.redis:26380/idsvc", "dataPorts": [6380, 6381]},
+            {26380, 6380, 6381},
+        ),
+        # Every seed's port, and the nodes' ports the seeds do not name.
+        ({"url": "redis+cluster://r-0.redis:7000,r-1.redis:7001"}, {7000, 7001}),
+        ({"url": "redis+cluster://r-0.redis:7000", "dataPorts": [7001, 7002]}, {7000, 7001, 7002}),
+    ],
+)
+def test_restricted_egress_reaches_the_data_nodes_behind_sentinel_and_cluster_urls(
+    redis: dict[str, Any], ports: set[int]
+) -> None:
+    values = ci_values("existing-secret")
+    values["networkPolicy"] = {"allowExternalEgress": False}
+    values["redis"] = {**values["redis"], **redis}
+    assert egress_ports(find(render(values), "NetworkPolicy")) == {53, *ports}
 
 
 def test_a_change_of_the_charts_redis_password_rolls_the_pods_with_an_existing_secret() -> None:

@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 
 from identity_service.constants import DEFAULT_FORWARDER_METRICS_HOST
-from identity_service.settings import ConfigError, RedisSettings, load_settings, redact_url
+from identity_service.settings import (
+    SETTING_NAMES,
+    ConfigError,
+    RedisSettings,
+    load_settings,
+    redact_url,
+)
 from identity_service.sources import hash_write_key
 from tests.conftest import SECRET, make_settings
 
@@ -692,3 +698,10 @@ def test_redis_shards_and_wait() -> None:
         )  # fmt: skip
         assert problem.startswith("IDENTITY_REDIS_WAIT must be <replicas>,<milliseconds>")
     assert problems_of({"IDENTITY_REDIS_SHARDS": "0"})
+
+
+def test_the_readme_names_every_setting() -> None:
+    """Each ``IDENTITY_*`` variable is named in the README (most in its settings tables)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [n for n in sorted(SETTING_NAMES) if f"IDENTITY_{n.upper()}" not in readme]
+    assert missing == []

@@ -104,17 +104,32 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{/* The Redis port the NetworkPolicy lets the pods reach: redis.port, else the in-chart
-Redis's, else the one redis.url names (6379 when it names none). */}}
-{{- define "identity-service.redisPort" -}}
+{{/* The Redis ports the NetworkPolicy lets the pods reach, comma-separated: the in-chart
+Redis's; else redis.port, or the port of every host redis.url names (6379 when one names
+none); and redis.dataPorts: the data nodes a Sentinel names (6379 when not given) or the
+Cluster nodes the seeds do not name. */}}
+{{- define "identity-service.redisPorts" -}}
+{{- $ports := list }}
 {{- if .Values.redis.internal.enabled }}
-{{- 6379 }}
-{{- else if .Values.redis.port }}
-{{- .Values.redis.port }}
+{{- $ports = list "6379" }}
 {{- else }}
-{{- $port := regexFind ":[0-9]+$" (urlParse .Values.redis.url).host | trimPrefix ":" }}
-{{- $port | default "6379" }}
+{{- $url := urlParse .Values.redis.url }}
+{{- if .Values.redis.port }}
+{{- $ports = list (toString .Values.redis.port) }}
+{{- else }}
+{{- range splitList "," $url.host }}
+{{- $ports = append $ports (regexFind ":[0-9]+$" . | trimPrefix ":" | default "6379") }}
 {{- end }}
+{{- end }}
+{{- $data := .Values.redis.dataPorts }}
+{{- if and (kindIs "invalid" $data) (hasSuffix "+sentinel" $url.scheme) }}
+{{- $data = list 6379 }}
+{{- end }}
+{{- range $data }}
+{{- $ports = append $ports (toString .) }}
+{{- end }}
+{{- end }}
+{{- $ports | uniq | join "," }}
 {{- end }}
 
 {{/* The environment both pods share: settings, secrets, Redis. */}}
