@@ -2,8 +2,9 @@
 
 The demo's five parts run on free loopback ports: the shop on ``shop.localhost`` (domain A,
 identity.js decorating its checkout links through the shop's ``/handoff``), the checkout
-on ``checkout.localhost`` (domain B with the Python SDK's middleware) or on
-``pay.localhost`` (domain B with identity.js only), the service, and the collector that
+on ``checkout.localhost`` (domain B with the Python SDK's middleware), on
+``pay.localhost`` (domain B with identity.js only) or on ``express.localhost`` (domain B in
+Node: Express 5 and the Node SDK's middleware), the service, and the collector that
 gets the pages' analytics.js calls and the service's events. A visitor views the product
 and clicks through to the checkout. The test asserts that
 
@@ -19,9 +20,12 @@ and clicks through to the checkout. The test asserts that
 Variants: a token that expires before the visitor lands (the shop's handoffs live 1 s and
 the checkout request is held until then), third-party cookies blocked (Chrome's flag and
 its setting), and the shop's storage (cookies, localStorage) cleared before the click.
-Each run saves a screenshot of the checkout page under artifacts/ (CI keeps it).
+The Node checkout runs the plain and expired variants. Each run saves a screenshot of the
+checkout page under artifacts/ (CI keeps it).
 
-Without Chromium or Playwright these tests skip, except in CI (tests/browser.py).
+Without Chromium or Playwright these tests skip, and the Node ones without Node 20+ and
+examples/checkout/node's packages (``make demo`` or ``make test`` install them), except in CI
+(tests/browser.py, tests/tools.py).
 """
 
 import asyncio
@@ -36,7 +40,7 @@ import pytest
 
 from examples.checkout.checkout import EVENT
 from examples.checkout.collector import Received
-from examples.checkout.demo import Demo, Ports, running_demo
+from examples.checkout.demo import Demo, Ports, node_checkout_missing, running_demo
 from identity_service import app_keys
 from tests.browser import (
     BLOCK_THIRD_PARTY_COOKIES,
@@ -47,6 +51,7 @@ from tests.browser import (
 )
 from tests.redis_server import free_port
 from tests.secrets_audit import AUDIT
+from tests.tools import missing_tool
 
 TIMEOUT_MS = 15_000
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -59,9 +64,27 @@ KEEP_STATE = 'history.replaceState({demo: "kept"}, "");'
 SHOP_TTL_WHEN_EXPIRED = 1
 
 
+# Each checkout build's service source and host (examples/checkout/demo.py).
+SOURCES = {"middleware": "checkout", "helper": "pay", "node": "node"}
+HOSTS = {"middleware": "checkout.localhost", "helper": "pay.localhost", "node": "express.localhost"}
+VARIANTS = ["plain", "expired", "third_party_blocked", "storage_cleared"]
+
+
 def source_of(mode: str) -> str:
-    """The service source of each checkout build (examples/checkout/demo.py)."""
-    return "checkout" if mode == "middleware" else "pay"
+    return SOURCES[mode]
+
+
+def checkout_url_of(demo: Demo, mode: str) -> str:
+    urls = {"middleware": demo.checkout_url, "helper": demo.pay_url, "node": demo.node_url}
+    url = urls[mode]
+    assert url is not None
+    return url
+
+
+async def need_node_checkout() -> None:
+    missing = await node_checkout_missing()
+    if missing:
+        missing_tool(f"the Node checkout cannot run: {missing}", "make demo installs it")
 
 
 def exchanges(demo: Demo, mode: str) -> int:
@@ -85,7 +108,7 @@ async def visitor_id(tab: Any) -> str:
 
 
 def free_ports() -> Ports:
-    return Ports(*(free_port() for _ in range(5)))
+    return Ports(*(free_port() for _ in range(6)))
 
 
 @asynccontextmanager
@@ -124,17 +147,25 @@ async def hold_until_expired(route: Any) -> None:
     await route.continue_()
 
 
-@pytest.mark.parametrize("variant", ["plain", "expired", "third_party_blocked", "storage_cleared"])
-@pytest.mark.parametrize("mode", ["middleware", "helper"])
+@pytest.mark.parametrize(
+    ("mode", "variant"),
+    [
+        *((mode, variant) for mode in ("middleware", "helper") for variant in VARIANTS),
+        ("node", "plain"),
+        ("node", "expired"),
+    ],
+)
 async def test_the_visitor_keeps_one_anonymous_id_from_shop_to_checkout(
     mode: str, variant: str, tmp_path: Path
 ) -> None:
+    if mode == "node":
+        await need_node_checkout()
     ttl = SHOP_TTL_WHEN_EXPIRED if variant == "expired" else None
     async with (
-        running_demo(free_ports(), handoff_ttl=ttl) as demo,
+        running_demo(free_ports(), handoff_ttl=ttl, node=mode == "node") as demo,
         chromium(tmp_path, block_third_party_cookies=variant == "third_party_blocked") as context,
     ):
-        checkout_url = demo.checkout_url if mode == "middleware" else demo.pay_url
+        checkout_url = checkout_url_of(demo, mode)
         requested: list[str] = []
         context.on("request", lambda request: requested.append(request.url))
         tab = await first_tab(context)
@@ -196,7 +227,7 @@ async def test_the_visitor_keeps_one_anonymous_id_from_shop_to_checkout(
 async def test_a_form_to_the_checkout_is_decorated_at_submit(tmp_path: Path) -> None:
     """A GET form: the token rides as a field, the middleware takes it off, the form's own
     fields stay."""
-    async with running_demo(free_ports()) as demo, chromium(tmp_path) as context:
+    async with running_demo(free_ports(), node=False) as demo, chromium(tmp_path) as context:
         tab = await first_tab(context)
         await tab.goto(f"{demo.shop_url}/")
         shop_id = await visitor_id(tab)
@@ -211,7 +242,7 @@ async def test_a_failed_handoff_lets_the_visitor_through_undecorated(tmp_path: P
     """The shop's backend cannot prepare (an origin the service does not allow it): the
     visitor still reaches the link's destination, as it was."""
     ports = free_ports()
-    async with running_demo(ports) as demo, chromium(tmp_path) as context:
+    async with running_demo(ports, node=False) as demo, chromium(tmp_path) as context:
         requested: list[str] = []
         context.on("request", lambda request: requested.append(request.url))
         tab = await first_tab(context)
@@ -240,7 +271,7 @@ async def test_identity_js_lands_the_visitor_when_analytics_js_is_blocked(
 ) -> None:
     """analytics.js blocked on domain B (as a content blocker does): identity.js still takes
     the token out of the URL, and leaves the id in the ajs_anonymous_id cookie."""
-    async with running_demo(free_ports()) as demo, chromium(tmp_path) as context:
+    async with running_demo(free_ports(), node=False) as demo, chromium(tmp_path) as context:
         tab = await first_tab(context)
         await tab.goto(f"{demo.shop_url}/")
         shop_id = await visitor_id(tab)
@@ -259,7 +290,7 @@ async def check_events(
     demo: Demo, mode: str, variant: str, shop_id: str, checkout_id: str, token: str
 ) -> None:
     """The collector got both sites' page calls and the service's events, one visitor."""
-    checkout_host = "checkout.localhost" if mode == "middleware" else "pay.localhost"
+    checkout_host = HOSTS[mode]
 
     def completed(got: list[Received]) -> bool:
         return any(item.event.get("event") == EVENT for item in got)

@@ -1,4 +1,4 @@
-"""Domain B, the checkout, in two builds that land the visitor differently.
+"""Domain B, the checkout, in three builds that land the visitor differently.
 
 - ``middleware`` (``checkout.localhost``): the Python SDK's aiohttp middleware exchanges the
   token before any page runs, sets ``ajs_anonymous_id`` and answers 303 to the clean URL;
@@ -6,6 +6,8 @@
 - ``helper`` (``pay.localhost``): no middleware. The page loads identity.js, which takes the
   token out of the address bar and POSTs it to ``/identity/exchange`` (below), then hands
   the id to analytics.js before it loads.
+- ``node`` (``express.localhost``): the middleware build in Node, Express 5 and the Node
+  SDK's middleware (node/checkout.mjs, its own process); it serves ``cart_html``'s page.
 """
 
 from dataclasses import dataclass
@@ -15,9 +17,9 @@ from aiohttp import web
 from identity_client import AsyncIdentityClient, IdentityError
 from identity_client.middleware import identity_middleware
 
-from examples.checkout.pages import Analytics, Helper, json_body, render
+from examples.checkout.pages import Analytics, Helper, html_response, json_body, page_html
 
-Mode = Literal["middleware", "helper"]
+Mode = Literal["middleware", "helper", "node"]
 CLIENT = web.AppKey("client", AsyncIdentityClient)
 # domain B's completion event (the service emits it at the exchange).
 EVENT = "Checkout Started"
@@ -34,26 +36,36 @@ class CheckoutSettings:
 CHECKOUT = web.AppKey("checkout", CheckoutSettings)
 
 
-async def cart_page(request: web.Request) -> web.Response:
-    checkout = request.app[CHECKOUT]
+# Where the Node checkout (node/checkout.mjs) writes what its middleware saw.
+SERVER_SOURCE = "__SERVER_SOURCE__"
+COLOURS = {"middleware": "#27a", "helper": "#a52", "node": "#4a4"}
+
+
+def cart_html(checkout: CheckoutSettings, seen: str) -> str:
+    """The cart page; ``seen`` is how the server's middleware saw the visitor (``middleware``
+    and ``node``)."""
     helper = None
-    if checkout.mode == "middleware":
-        # Only the middleware's request has it: an Identity, or None without a cookie.
-        identity = request.get("identity")
-        seen = "none" if identity is None else identity.source
-        note = f'<p>The server saw the visitor as: <code id="server-source">{seen}</code></p>'
-    else:
+    if checkout.mode == "helper":
         note = "<p>identity.js restores the visitor in the page.</p>"
         helper = Helper(checkout.helper_url, {"exchangeEndpoint": "/identity/exchange"})
-    return render(
+    else:
+        note = f'<p>The server saw the visitor as: <code id="server-source">{seen}</code></p>'
+    return page_html(
         site=f"{checkout.site}: domain B ({checkout.mode})",
-        colour="#27a" if checkout.mode == "middleware" else "#a52",
+        colour=COLOURS[checkout.mode],
         title="Your cart",
         body=f'{note}<p>Blue mug, 12 €.</p><button id="pay" '
         "onclick=\"analytics.track('Order Completed', {total: 12})\">Pay</button>",
         analytics=checkout.analytics,
         helper=helper,
     )
+
+
+async def cart_page(request: web.Request) -> web.Response:
+    # Only the middleware's request has it: an Identity, or None without a cookie.
+    identity = request.get("identity")
+    seen = "none" if identity is None else identity.source
+    return html_response(cart_html(request.app[CHECKOUT], seen))
 
 
 async def exchange(request: web.Request) -> web.Response:

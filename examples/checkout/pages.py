@@ -70,7 +70,15 @@ class Helper:
     options: dict[str, Any]
 
 
-def render(
+HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "strict-origin-when-cross-origin"}
+
+
+def html_response(page: str) -> web.Response:
+    """``page`` as the demo's sites answer it: not cached, no full URL in the Referer."""
+    return web.Response(text=page, content_type="text/html", headers=HEADERS)
+
+
+def page_html(
     *,
     site: str,
     colour: str,
@@ -79,7 +87,7 @@ def render(
     analytics: Analytics,
     helper: Helper | None = None,
     calls: str = "analytics.page();",
-) -> web.Response:
+) -> str:
     """A page of ``site``: the snippet, the page call, identity.js when ``helper`` is given."""
     snippet = SNIPPET % {"script": script_json(f"{analytics.collector_url}/analytics.js")}
     load = f"analytics.load({script_json(analytics.write_key)});"
@@ -105,8 +113,4 @@ def render(
 {body}
 </body></html>
 """
-    return web.Response(
-        text=page,
-        content_type="text/html",
-        headers={"Cache-Control": "no-store", "Referrer-Policy": "strict-origin-when-cross-origin"},
-    )
+    return page

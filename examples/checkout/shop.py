@@ -13,7 +13,7 @@ from urllib.parse import unquote
 from aiohttp import web
 from identity_client import AsyncIdentityClient, IdentityError
 
-from examples.checkout.pages import Analytics, Helper, json_body, render
+from examples.checkout.pages import Analytics, Helper, html_response, json_body, page_html
 
 CLIENT = web.AppKey("client", AsyncIdentityClient)
 COOKIE = "ajs_anonymous_id"
@@ -51,14 +51,16 @@ async def product_page(request: web.Request) -> web.Response:
         '<button type="submit">Check out with a coupon (a form)</button></form>'
     )
     domains = sorted({url.split("/")[2].split(":")[0] for url in shop.checkouts.values()})
-    return render(
-        site="shop.localhost: domain A",
-        colour="#2a7",
-        title="Blue mug",
-        body=f"<p>A blue mug, 12 €.</p>\n{links}\n{form}",
-        analytics=shop.analytics,
-        helper=Helper(shop.helper_url, {"domains": domains, "tokenEndpoint": "/handoff"}),
-        calls='analytics.page(); analytics.track("Product Viewed", {sku: "mug-blue"});',
+    return html_response(
+        page_html(
+            site="shop.localhost: domain A",
+            colour="#2a7",
+            title="Blue mug",
+            body=f"<p>A blue mug, 12 €.</p>\n{links}\n{form}",
+            analytics=shop.analytics,
+            helper=Helper(shop.helper_url, {"domains": domains, "tokenEndpoint": "/handoff"}),
+            calls='analytics.page(); analytics.track("Product Viewed", {sku: "mug-blue"});',
+        )
     )
 
 
