@@ -62,7 +62,7 @@ topology: install
 	$(BIN)/pytest -m topology -s -p no:randomly
 
 # AMP's own cache-URL package, which tests/test_amp_caches.py runs (tests/js). Without npm the
-# test skips, except in CI, where .ci/run installs node and npm first.
+# test skips, except in CI, where .ci/run installs Node 20+ and npm first (.ci/ensure-node).
 js: tests/js/node_modules/.package-lock.json
 
 tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package-lock.json
@@ -70,7 +70,7 @@ tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package
 
 # The Node SDK (clients/node, docs/sdk-node.md): install its dev tools, build the ESM and
 # CommonJS outputs, then run its tests (node --test) against this checkout's service. Skipped
-# without npm, except in CI, where .ci/run installs node and npm first.
+# without npm, except in CI, where .ci/run installs Node 20+ and npm first (.ci/ensure-node).
 node-sdk: install
 	if command -v npm >/dev/null; then \
 	  cd clients/node && npm ci --silent --no-audit --no-fund && npm run --silent build \
