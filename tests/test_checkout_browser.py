@@ -19,7 +19,10 @@ and clicks through to the checkout. The test asserts that
 
 Variants: a token that expires before the visitor lands (the shop's handoffs live 1 s and
 the checkout request is held until then), third-party cookies blocked (Chrome's flag and
-its setting), and the shop's storage (cookies, localStorage) cleared before the click.
+its setting; the other variants' profile allows them, since Debian's Chromium blocks them by
+default), and the shop's storage (cookies, localStorage) cleared before the click. The plain
+and blocked variants prove the setting took: a cross-site frame (on ``127.0.0.1``) sets and
+reads back its own cookies in the one, and cannot in the other.
 The Node checkout runs the plain and expired variants. Each run saves a screenshot of the
 checkout page under artifacts/ (CI keeps it).
 
@@ -37,6 +40,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 
 from examples.checkout.checkout import EVENT
 from examples.checkout.collector import Received
@@ -45,8 +49,8 @@ from identity_service import app_keys
 from tests.browser import (
     BLOCK_THIRD_PARTY_COOKIES,
     CHROMIUM_ARGS,
-    blocking_profile,
     chromium_path,
+    cookie_profile,
     need_browser,
 )
 from tests.redis_server import free_port
@@ -119,7 +123,7 @@ async def chromium(
     async_api = need_browser()
     async with async_api.async_playwright() as playwright:
         context = await playwright.chromium.launch_persistent_context(
-            str(blocking_profile(tmp_path) if block_third_party_cookies else tmp_path / "profile"),
+            str(cookie_profile(tmp_path, block_third_party=block_third_party_cookies)),
             executable_path=chromium_path(),
             headless=True,
             args=[
@@ -138,6 +142,47 @@ async def chromium(
 
 async def first_tab(context: Any) -> Any:
     return context.pages[0] if context.pages else await context.new_page()
+
+
+@asynccontextmanager
+async def elsewhere() -> AsyncIterator[str]:
+    """A real server on another site (``127.0.0.1``, not ``*.localhost``): ``/probe`` sets a
+    third-party cookie (``SameSite=None; Secure``, by header and by script) and
+    ``/identity/exchange`` answers 500, as a broken backend does."""
+
+    async def probe(request: web.Request) -> web.Response:
+        return web.Response(
+            text="<script>document.cookie = 'scripted=1; SameSite=None; Secure; Path=/';</script>",
+            content_type="text/html",
+            headers={"Set-Cookie": "probe=1; SameSite=None; Secure; Path=/"},
+        )
+
+    async def broken(request: web.Request) -> web.Response:
+        return web.Response(status=500, text="Internal Server Error")
+
+    app = web.Application()
+    app.router.add_get("/probe", probe)
+    app.router.add_post("/identity/exchange", broken)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def third_party_cookies(tab: Any, site: str) -> str:
+    """What a cross-site iframe on ``tab`` can set and read back of its own cookies."""
+    await tab.evaluate(
+        """(src) => new Promise((resolve) => { const frame = document.createElement("iframe");
+        frame.onload = resolve; frame.src = src; document.body.appendChild(frame); })""",
+        f"{site}/probe",
+    )
+    [frame] = [frame for frame in tab.frames if frame.url.startswith(site)]
+    cookies: str = await frame.evaluate("document.cookie")
+    return cookies
 
 
 async def hold_until_expired(route: Any) -> None:
@@ -171,6 +216,12 @@ async def test_the_visitor_keeps_one_anonymous_id_from_shop_to_checkout(
         tab = await first_tab(context)
         await tab.goto(f"{demo.shop_url}/")
         shop_id = await visitor_id(tab)
+        if variant in ("plain", "third_party_blocked") and mode != "node":
+            # The blocking is in effect (and the probe can tell): a cross-site frame's own
+            # cookies are refused with it, kept without it.
+            async with elsewhere() as site:
+                found = await third_party_cookies(tab, site)
+            assert found == ("" if variant == "third_party_blocked" else "probe=1; scripted=1")
         if variant == "storage_cleared":
             # The shop's backend no longer sees a cookie: identity.js sends the id
             # analytics.js holds, in the POST body.
