@@ -337,6 +337,45 @@ async def test_identity_js_lands_the_visitor_when_analytics_js_is_blocked(
         assert cookies["ajs_anonymous_id"] == shop_id
 
 
+@pytest.mark.parametrize("failure", ["server_error", "network_error"])
+async def test_identity_js_lands_without_the_handoff_when_the_exchange_endpoint_fails(
+    failure: str, tmp_path: Path
+) -> None:
+    """The checkout's own /identity/exchange answers 500 (a real server's) or cannot be
+    reached (connection refused): the page still loads, the token still leaves the address
+    bar, ``ready`` gets null and analytics.js starts with an id of its own (identity.js's
+    documented fallback)."""
+    async with (
+        running_demo(free_ports(), node=False) as demo,
+        elsewhere() as site,
+        chromium(tmp_path) as context,
+    ):
+        broken = f"{site}/identity/exchange" if failure == "server_error" else None
+        refused = f"http://127.0.0.1:{free_port()}/identity/exchange"  # nothing listens
+
+        async def fail(route: Any) -> None:
+            await route.continue_(url=broken or refused)
+
+        tab = await first_tab(context)
+        await tab.goto(f"{demo.shop_url}/")
+        shop_id = await visitor_id(tab)
+        await context.route(f"{demo.pay_url}/identity/exchange", fail)
+        async with tab.expect_navigation(url=lambda url: url.startswith(demo.pay_url)):
+            await tab.click("#helper")
+        checkout_id = await visitor_id(tab)
+        assert (
+            await tab.evaluate("new Promise((resolve) => IdentityHandoff.ready(resolve))") is None
+        )
+        assert TOKEN_PARAM not in tab.url
+        assert tab.url == f"{demo.pay_url}/cart"
+        assert await tab.evaluate("history.state") == {"demo": "kept"}
+        assert UUID.fullmatch(checkout_id)
+        assert checkout_id != shop_id
+        cookies = {c["name"]: c["value"] for c in await context.cookies(demo.pay_url)}
+        assert cookies["ajs_anonymous_id"] == checkout_id
+        assert exchanges(demo, "helper") == 0  # the service never saw the token
+
+
 async def check_events(
     demo: Demo, mode: str, variant: str, shop_id: str, checkout_id: str, token: str
 ) -> None:
