@@ -17,7 +17,16 @@ from aiohttp import web
 from identity_client import AsyncIdentityClient, IdentityError
 from identity_client.middleware import identity_middleware
 
-from examples.checkout.pages import Analytics, Helper, html_response, json_body, page_html
+from examples.checkout.pages import (
+    Analytics,
+    Helper,
+    html_response,
+    json_body,
+    page_html,
+    problem_answers,
+    text_field,
+    upstream_problem,
+)
 
 Mode = Literal["middleware", "helper", "node"]
 CLIENT = web.AppKey("client", AsyncIdentityClient)
@@ -71,8 +80,7 @@ async def cart_page(request: web.Request) -> web.Response:
 async def exchange(request: web.Request) -> web.Response:
     """identity.js posts the token here; the SDK exchanges it, with fallback."""
     body = await json_body(request)
-    if body is None or not isinstance(body.get("token"), str):
-        return web.json_response({"error": "a JSON body with a token"}, status=400)
+    token = text_field(body, "token")
     page = {"url": body.get("url") or request.headers.get("Referer", "")}
     if isinstance(body.get("referrer"), str):
         page["referrer"] = body["referrer"]
@@ -83,11 +91,11 @@ async def exchange(request: web.Request) -> web.Response:
     }
     try:
         identity = await request.app[CLIENT].exchange(
-            body["token"], fallback=True, event=EVENT, context=context
+            token, fallback=True, event=EVENT, context=context
         )
     except IdentityError as error:
         # identity.js goes on without the handoff: analytics.js keeps its own id.
-        return web.json_response({"error": error.title or "exchange failed"}, status=502)
+        raise upstream_problem(error) from None
     return web.json_response(
         {"anonymousId": identity.anonymous_id, "source": identity.source},
         headers={"Cache-Control": "no-store"},
@@ -98,9 +106,9 @@ def checkout_app(client: AsyncIdentityClient, settings: CheckoutSettings) -> web
     if settings.mode == "middleware":
         # http on loopback in the demo: a Secure cookie would need https.
         middleware = identity_middleware(client, cookie_secure=False, event=EVENT)
-        app = web.Application(middlewares=[middleware])
+        app = web.Application(middlewares=[problem_answers, middleware])
     else:
-        app = web.Application()
+        app = web.Application(middlewares=[problem_answers])
         app.router.add_post("/identity/exchange", exchange)
     app[CLIENT] = client
     app[CHECKOUT] = settings

@@ -13,7 +13,17 @@ from urllib.parse import unquote
 from aiohttp import web
 from identity_client import AsyncIdentityClient, IdentityError
 
-from examples.checkout.pages import Analytics, Helper, html_response, json_body, page_html
+from examples.checkout.pages import (
+    Analytics,
+    Helper,
+    html_response,
+    invalid,
+    json_body,
+    page_html,
+    problem_answers,
+    text_field,
+    upstream_problem,
+)
 
 CLIENT = web.AppKey("client", AsyncIdentityClient)
 COOKIE = "ajs_anonymous_id"
@@ -67,12 +77,11 @@ async def product_page(request: web.Request) -> web.Response:
 async def handoff(request: web.Request) -> web.Response:
     """identity.js asks here, at click time, for a fresh redirect URL to ``destination``."""
     body = await json_body(request)
-    if body is None or not isinstance(body.get("destination"), str):
-        return web.json_response({"error": "a JSON body with a destination"}, status=400)
+    destination = text_field(body, "destination")
     posted = body.get("anonymousId")
     anonymous_id = cookie_id(request) or (posted if isinstance(posted, str) else None)
     if not anonymous_id:
-        return web.json_response({"error": "no visitor to hand off"}, status=400)
+        raise invalid("anonymousId", "no visitor id: no ajs_anonymous_id cookie, none posted")
     context = {
         "page": {"url": request.headers.get("Referer", str(request.url))},
         "ip": request.remote,
@@ -81,20 +90,20 @@ async def handoff(request: web.Request) -> web.Response:
     try:
         prepared = await request.app[CLIENT].prepare(
             anonymous_id=anonymous_id,
-            destination=body["destination"],
+            destination=destination,
             context=context,
             ttl=request.app[SHOP].ttl,
         )
     except IdentityError as error:
         # identity.js then sends the visitor on undecorated: the checkout still works.
-        return web.json_response({"error": error.title or "handoff failed"}, status=502)
+        raise upstream_problem(error) from None
     return web.json_response(
         {"redirectUrl": prepared.redirect_url}, headers={"Cache-Control": "no-store"}
     )
 
 
 def shop_app(client: AsyncIdentityClient, settings: ShopSettings) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[problem_answers])
     app[CLIENT] = client
     app[SHOP] = settings
     app.router.add_get("/", product_page)
