@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: install serve demo test chaos topology lint typecheck format clean bench js node-sdk
+.PHONY: install serve demo demo-node test chaos topology lint typecheck format clean bench js node-sdk
 
 # The service with its dev tools, then the Python SDK (clients/python, its own distribution),
 # which `make test` tests too.
@@ -20,15 +20,31 @@ install: $(BIN)/.installed
 serve: install
 	$(BIN)/identity-service serve --host $(HOST) --port $(PORT)
 
-# The two-site checkout demo (examples/checkout/README.md): shop, checkout, the service and a
-# collector on 127.0.0.1 ports 8101-8105 (DEMO_BASE_PORT=8100); Ctrl-C stops all.
+# The two-site checkout demo (examples/checkout/README.md): shop, checkouts, the service and a
+# collector on 127.0.0.1 ports 8101-8106 (DEMO_BASE_PORT=8100); Ctrl-C stops all. With Node 20+
+# and npm, the Node checkout (examples/checkout/node) is built and runs too.
 DEMO_BASE_PORT ?= 8100
-demo: install
+demo: install demo-node
 	$(BIN)/python -m examples.checkout --base-port $(DEMO_BASE_PORT)
+
+# Node 20+ and npm are here.
+NODE_OK = command -v npm >/dev/null && node -e 'process.exit(parseInt(process.versions.node) < 20 ? 1 : 0)'
+
+clients/node/dist/esm/index.js: clients/node/package-lock.json $(wildcard clients/node/src/*.ts)
+	if $(NODE_OK); then \
+	  cd clients/node && npm ci --silent --no-audit --no-fund && npm run --silent build; fi
+
+# The demo's Node checkout: the Node SDK built, then the checkout's packages (express, and the
+# SDK linked from clients/node). Without Node 20+ and npm, the demo runs without it.
+demo-node: examples/checkout/node/node_modules/.package-lock.json
+
+examples/checkout/node/node_modules/.package-lock.json: examples/checkout/node/package-lock.json clients/node/dist/esm/index.js
+	if $(NODE_OK); then npm ci --silent --no-audit --no-fund --prefix examples/checkout/node; \
+	else echo "demo-node: Node 20+ and npm not found, the demo runs without its Node checkout"; fi
 
 # The whole suite: lint, types, the tests, then the chaos and topology suites as steps of
 # their own.
-test: lint typecheck js node-sdk
+test: lint typecheck js node-sdk demo-node
 	$(BIN)/pytest
 	$(MAKE) --no-print-directory chaos
 	$(MAKE) --no-print-directory topology
@@ -46,7 +62,7 @@ topology: install
 	$(BIN)/pytest -m topology -s -p no:randomly
 
 # AMP's own cache-URL package, which tests/test_amp_caches.py runs (tests/js). Without npm the
-# test skips, except in CI, where .ci/run installs node and npm first.
+# test skips, except in CI, where .ci/run installs Node 20+ and npm first (.ci/ensure-node).
 js: tests/js/node_modules/.package-lock.json
 
 tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package-lock.json
@@ -54,7 +70,7 @@ tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package
 
 # The Node SDK (clients/node, docs/sdk-node.md): install its dev tools, build the ESM and
 # CommonJS outputs, then run its tests (node --test) against this checkout's service. Skipped
-# without npm, except in CI, where .ci/run installs node and npm first.
+# without npm, except in CI, where .ci/run installs Node 20+ and npm first (.ci/ensure-node).
 node-sdk: install
 	if command -v npm >/dev/null; then \
 	  cd clients/node && npm ci --silent --no-audit --no-fund && npm run --silent build \

@@ -45,8 +45,22 @@ def need_browser() -> Any:
 
 def blocking_profile(directory: Path) -> Path:
     """A Chromium profile with Chrome's own setting on: "Block third-party cookies"."""
+    return cookie_profile(directory, block_third_party=True)
+
+
+def cookie_profile(directory: Path, *, block_third_party: bool) -> Path:
+    """A Chromium profile with Chrome's "third-party cookies" setting on block or allow.
+
+    Set either way: Debian's Chromium 156 blocks them by default (a blocked cookie's reason
+    is ``UserPreferences``), and ``BLOCK_THIRD_PARTY_COOKIES`` alone does not block them in
+    a profile that allows them."""
     profile = directory / "profile"
     (profile / "Default").mkdir(parents=True)
-    preferences = {"profile": {"cookie_controls_mode": 1, "block_third_party_cookies": True}}
+    preferences = {
+        "profile": {
+            "cookie_controls_mode": 1 if block_third_party else 0,
+            "block_third_party_cookies": block_third_party,
+        }
+    }
     (profile / "Default" / "Preferences").write_text(json.dumps(preferences))
     return profile

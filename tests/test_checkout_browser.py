@@ -2,8 +2,9 @@
 
 The demo's five parts run on free loopback ports: the shop on ``shop.localhost`` (domain A,
 identity.js decorating its checkout links through the shop's ``/handoff``), the checkout
-on ``checkout.localhost`` (domain B with the Python SDK's middleware) or on
-``pay.localhost`` (domain B with identity.js only), the service, and the collector that
+on ``checkout.localhost`` (domain B with the Python SDK's middleware), on
+``pay.localhost`` (domain B with identity.js only) or on ``express.localhost`` (domain B in
+Node: Express 5 and the Node SDK's middleware), the service, and the collector that
 gets the pages' analytics.js calls and the service's events. A visitor views the product
 and clicks through to the checkout. The test asserts that
 
@@ -18,10 +19,16 @@ and clicks through to the checkout. The test asserts that
 
 Variants: a token that expires before the visitor lands (the shop's handoffs live 1 s and
 the checkout request is held until then), third-party cookies blocked (Chrome's flag and
-its setting), and the shop's storage (cookies, localStorage) cleared before the click.
-Each run saves a screenshot of the checkout page under artifacts/ (CI keeps it).
+its setting; the other variants' profile allows them, since Debian's Chromium blocks them by
+default), and the shop's storage (cookies, localStorage) cleared before the click. The plain
+and blocked variants prove the setting took: a cross-site frame (on ``127.0.0.1``) sets and
+reads back its own cookies in the one, and cannot in the other.
+The Node checkout runs the plain and expired variants. Each run saves a screenshot of the
+checkout page under artifacts/ (CI keeps it).
 
-Without Chromium or Playwright these tests skip, except in CI (tests/browser.py).
+Without Chromium or Playwright these tests skip, and the Node ones without Node 20+ and
+examples/checkout/node's packages (``make demo`` or ``make test`` install them), except in CI
+(tests/browser.py, tests/tools.py).
 """
 
 import asyncio
@@ -33,20 +40,22 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 
 from examples.checkout.checkout import EVENT
 from examples.checkout.collector import Received
-from examples.checkout.demo import Demo, Ports, running_demo
+from examples.checkout.demo import Demo, Ports, node_checkout_missing, running_demo
 from identity_service import app_keys
 from tests.browser import (
     BLOCK_THIRD_PARTY_COOKIES,
     CHROMIUM_ARGS,
-    blocking_profile,
     chromium_path,
+    cookie_profile,
     need_browser,
 )
 from tests.redis_server import free_port
 from tests.secrets_audit import AUDIT
+from tests.tools import missing_tool
 
 TIMEOUT_MS = 15_000
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -59,9 +68,27 @@ KEEP_STATE = 'history.replaceState({demo: "kept"}, "");'
 SHOP_TTL_WHEN_EXPIRED = 1
 
 
+# Each checkout build's service source and host (examples/checkout/demo.py).
+SOURCES = {"middleware": "checkout", "helper": "pay", "node": "node"}
+HOSTS = {"middleware": "checkout.localhost", "helper": "pay.localhost", "node": "express.localhost"}
+VARIANTS = ["plain", "expired", "third_party_blocked", "storage_cleared"]
+
+
 def source_of(mode: str) -> str:
-    """The service source of each checkout build (examples/checkout/demo.py)."""
-    return "checkout" if mode == "middleware" else "pay"
+    return SOURCES[mode]
+
+
+def checkout_url_of(demo: Demo, mode: str) -> str:
+    urls = {"middleware": demo.checkout_url, "helper": demo.pay_url, "node": demo.node_url}
+    url = urls[mode]
+    assert url is not None
+    return url
+
+
+async def need_node_checkout() -> None:
+    missing = await node_checkout_missing()
+    if missing:
+        missing_tool(f"the Node checkout cannot run: {missing}", "make demo installs it")
 
 
 def exchanges(demo: Demo, mode: str) -> int:
@@ -85,7 +112,7 @@ async def visitor_id(tab: Any) -> str:
 
 
 def free_ports() -> Ports:
-    return Ports(*(free_port() for _ in range(5)))
+    return Ports(*(free_port() for _ in range(6)))
 
 
 @asynccontextmanager
@@ -96,7 +123,7 @@ async def chromium(
     async_api = need_browser()
     async with async_api.async_playwright() as playwright:
         context = await playwright.chromium.launch_persistent_context(
-            str(blocking_profile(tmp_path) if block_third_party_cookies else tmp_path / "profile"),
+            str(cookie_profile(tmp_path, block_third_party=block_third_party_cookies)),
             executable_path=chromium_path(),
             headless=True,
             args=[
@@ -117,6 +144,47 @@ async def first_tab(context: Any) -> Any:
     return context.pages[0] if context.pages else await context.new_page()
 
 
+@asynccontextmanager
+async def elsewhere() -> AsyncIterator[str]:
+    """A real server on another site (``127.0.0.1``, not ``*.localhost``): ``/probe`` sets a
+    third-party cookie (``SameSite=None; Secure``, by header and by script) and
+    ``/identity/exchange`` answers 500, as a broken backend does."""
+
+    async def probe(request: web.Request) -> web.Response:
+        return web.Response(
+            text="<script>document.cookie = 'scripted=1; SameSite=None; Secure; Path=/';</script>",
+            content_type="text/html",
+            headers={"Set-Cookie": "probe=1; SameSite=None; Secure; Path=/"},
+        )
+
+    async def broken(request: web.Request) -> web.Response:
+        return web.Response(status=500, text="Internal Server Error")
+
+    app = web.Application()
+    app.router.add_get("/probe", probe)
+    app.router.add_post("/identity/exchange", broken)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def third_party_cookies(tab: Any, site: str) -> str:
+    """What a cross-site iframe on ``tab`` can set and read back of its own cookies."""
+    await tab.evaluate(
+        """(src) => new Promise((resolve) => { const frame = document.createElement("iframe");
+        frame.onload = resolve; frame.src = src; document.body.appendChild(frame); })""",
+        f"{site}/probe",
+    )
+    [frame] = [frame for frame in tab.frames if frame.url.startswith(site)]
+    cookies: str = await frame.evaluate("document.cookie")
+    return cookies
+
+
 async def hold_until_expired(route: Any) -> None:
     """The landing request waits until the shop's 1 s handoff is over, then goes."""
     if TOKEN_PARAM in route.request.url:
@@ -124,22 +192,36 @@ async def hold_until_expired(route: Any) -> None:
     await route.continue_()
 
 
-@pytest.mark.parametrize("variant", ["plain", "expired", "third_party_blocked", "storage_cleared"])
-@pytest.mark.parametrize("mode", ["middleware", "helper"])
+@pytest.mark.parametrize(
+    ("mode", "variant"),
+    [
+        *((mode, variant) for mode in ("middleware", "helper") for variant in VARIANTS),
+        ("node", "plain"),
+        ("node", "expired"),
+    ],
+)
 async def test_the_visitor_keeps_one_anonymous_id_from_shop_to_checkout(
     mode: str, variant: str, tmp_path: Path
 ) -> None:
+    if mode == "node":
+        await need_node_checkout()
     ttl = SHOP_TTL_WHEN_EXPIRED if variant == "expired" else None
     async with (
-        running_demo(free_ports(), handoff_ttl=ttl) as demo,
+        running_demo(free_ports(), handoff_ttl=ttl, node=mode == "node") as demo,
         chromium(tmp_path, block_third_party_cookies=variant == "third_party_blocked") as context,
     ):
-        checkout_url = demo.checkout_url if mode == "middleware" else demo.pay_url
+        checkout_url = checkout_url_of(demo, mode)
         requested: list[str] = []
         context.on("request", lambda request: requested.append(request.url))
         tab = await first_tab(context)
         await tab.goto(f"{demo.shop_url}/")
         shop_id = await visitor_id(tab)
+        if variant in ("plain", "third_party_blocked") and mode != "node":
+            # The blocking is in effect (and the probe can tell): a cross-site frame's own
+            # cookies are refused with it, kept without it.
+            async with elsewhere() as site:
+                found = await third_party_cookies(tab, site)
+            assert found == ("" if variant == "third_party_blocked" else "probe=1; scripted=1")
         if variant == "storage_cleared":
             # The shop's backend no longer sees a cookie: identity.js sends the id
             # analytics.js holds, in the POST body.
@@ -196,7 +278,7 @@ async def test_the_visitor_keeps_one_anonymous_id_from_shop_to_checkout(
 async def test_a_form_to_the_checkout_is_decorated_at_submit(tmp_path: Path) -> None:
     """A GET form: the token rides as a field, the middleware takes it off, the form's own
     fields stay."""
-    async with running_demo(free_ports()) as demo, chromium(tmp_path) as context:
+    async with running_demo(free_ports(), node=False) as demo, chromium(tmp_path) as context:
         tab = await first_tab(context)
         await tab.goto(f"{demo.shop_url}/")
         shop_id = await visitor_id(tab)
@@ -211,7 +293,7 @@ async def test_a_failed_handoff_lets_the_visitor_through_undecorated(tmp_path: P
     """The shop's backend cannot prepare (an origin the service does not allow it): the
     visitor still reaches the link's destination, as it was."""
     ports = free_ports()
-    async with running_demo(ports) as demo, chromium(tmp_path) as context:
+    async with running_demo(ports, node=False) as demo, chromium(tmp_path) as context:
         requested: list[str] = []
         context.on("request", lambda request: requested.append(request.url))
         tab = await first_tab(context)
@@ -240,7 +322,7 @@ async def test_identity_js_lands_the_visitor_when_analytics_js_is_blocked(
 ) -> None:
     """analytics.js blocked on domain B (as a content blocker does): identity.js still takes
     the token out of the URL, and leaves the id in the ajs_anonymous_id cookie."""
-    async with running_demo(free_ports()) as demo, chromium(tmp_path) as context:
+    async with running_demo(free_ports(), node=False) as demo, chromium(tmp_path) as context:
         tab = await first_tab(context)
         await tab.goto(f"{demo.shop_url}/")
         shop_id = await visitor_id(tab)
@@ -255,11 +337,50 @@ async def test_identity_js_lands_the_visitor_when_analytics_js_is_blocked(
         assert cookies["ajs_anonymous_id"] == shop_id
 
 
+@pytest.mark.parametrize("failure", ["server_error", "network_error"])
+async def test_identity_js_lands_without_the_handoff_when_the_exchange_endpoint_fails(
+    failure: str, tmp_path: Path
+) -> None:
+    """The checkout's own /identity/exchange answers 500 (a real server's) or cannot be
+    reached (connection refused): the page still loads, the token still leaves the address
+    bar, ``ready`` gets null and analytics.js starts with an id of its own (identity.js's
+    documented fallback)."""
+    async with (
+        running_demo(free_ports(), node=False) as demo,
+        elsewhere() as site,
+        chromium(tmp_path) as context,
+    ):
+        broken = f"{site}/identity/exchange" if failure == "server_error" else None
+        refused = f"http://127.0.0.1:{free_port()}/identity/exchange"  # nothing listens
+
+        async def fail(route: Any) -> None:
+            await route.continue_(url=broken or refused)
+
+        tab = await first_tab(context)
+        await tab.goto(f"{demo.shop_url}/")
+        shop_id = await visitor_id(tab)
+        await context.route(f"{demo.pay_url}/identity/exchange", fail)
+        async with tab.expect_navigation(url=lambda url: url.startswith(demo.pay_url)):
+            await tab.click("#helper")
+        checkout_id = await visitor_id(tab)
+        assert (
+            await tab.evaluate("new Promise((resolve) => IdentityHandoff.ready(resolve))") is None
+        )
+        assert TOKEN_PARAM not in tab.url
+        assert tab.url == f"{demo.pay_url}/cart"
+        assert await tab.evaluate("history.state") == {"demo": "kept"}
+        assert UUID.fullmatch(checkout_id)
+        assert checkout_id != shop_id
+        cookies = {c["name"]: c["value"] for c in await context.cookies(demo.pay_url)}
+        assert cookies["ajs_anonymous_id"] == checkout_id
+        assert exchanges(demo, "helper") == 0  # the service never saw the token
+
+
 async def check_events(
     demo: Demo, mode: str, variant: str, shop_id: str, checkout_id: str, token: str
 ) -> None:
     """The collector got both sites' page calls and the service's events, one visitor."""
-    checkout_host = "checkout.localhost" if mode == "middleware" else "pay.localhost"
+    checkout_host = HOSTS[mode]
 
     def completed(got: list[Received]) -> bool:
         return any(item.event.get("event") == EVENT for item in got)

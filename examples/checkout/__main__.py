@@ -1,7 +1,8 @@
 """``python -m examples.checkout [--base-port N]``: run the demo until Ctrl-C (or SIGTERM).
 
-The shop, the two checkouts, the service and the collector listen on N+1 … N+5 (N is 8100
-by default); the URLs are printed, and every event the collector receives is printed too.
+The shop, the two Python checkouts, the service, the collector and (with Node 20+ and
+examples/checkout/node installed) the Node checkout listen on N+1 … N+6 (N is 8100 by
+default); the URLs are printed, and every event the collector receives is printed too.
 """
 
 import argparse
@@ -34,7 +35,7 @@ async def main(base_port: int) -> None:
 
 def run() -> None:
     parser = argparse.ArgumentParser(prog="python -m examples.checkout", description=__doc__)
-    parser.add_argument("--base-port", type=int, default=8100, help="ports N+1 to N+5 (8100)")
+    parser.add_argument("--base-port", type=int, default=8100, help="ports N+1 to N+6 (8100)")
     args = parser.parse_args()
     try:
         asyncio.run(main(args.base_port))

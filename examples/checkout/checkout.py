@@ -1,4 +1,4 @@
-"""Domain B, the checkout, in two builds that land the visitor differently.
+"""Domain B, the checkout, in three builds that land the visitor differently.
 
 - ``middleware`` (``checkout.localhost``): the Python SDK's aiohttp middleware exchanges the
   token before any page runs, sets ``ajs_anonymous_id`` and answers 303 to the clean URL;
@@ -6,6 +6,8 @@
 - ``helper`` (``pay.localhost``): no middleware. The page loads identity.js, which takes the
   token out of the address bar and POSTs it to ``/identity/exchange`` (below), then hands
   the id to analytics.js before it loads.
+- ``node`` (``express.localhost``): the middleware build in Node, Express 5 and the Node
+  SDK's middleware (node/checkout.mjs, its own process); it serves ``cart_html``'s page.
 """
 
 from dataclasses import dataclass
@@ -15,9 +17,18 @@ from aiohttp import web
 from identity_client import AsyncIdentityClient, IdentityError
 from identity_client.middleware import identity_middleware
 
-from examples.checkout.pages import Analytics, Helper, json_body, render
+from examples.checkout.pages import (
+    Analytics,
+    Helper,
+    html_response,
+    json_body,
+    page_html,
+    problem_answers,
+    text_field,
+    upstream_problem,
+)
 
-Mode = Literal["middleware", "helper"]
+Mode = Literal["middleware", "helper", "node"]
 CLIENT = web.AppKey("client", AsyncIdentityClient)
 # domain B's completion event (the service emits it at the exchange).
 EVENT = "Checkout Started"
@@ -34,20 +45,23 @@ class CheckoutSettings:
 CHECKOUT = web.AppKey("checkout", CheckoutSettings)
 
 
-async def cart_page(request: web.Request) -> web.Response:
-    checkout = request.app[CHECKOUT]
+# Where the Node checkout (node/checkout.mjs) writes what its middleware saw.
+SERVER_SOURCE = "__SERVER_SOURCE__"
+COLOURS = {"middleware": "#27a", "helper": "#a52", "node": "#4a4"}
+
+
+def cart_html(checkout: CheckoutSettings, seen: str) -> str:
+    """The cart page; ``seen`` is how the server's middleware saw the visitor (``middleware``
+    and ``node``)."""
     helper = None
-    if checkout.mode == "middleware":
-        # Only the middleware's request has it: an Identity, or None without a cookie.
-        identity = request.get("identity")
-        seen = "none" if identity is None else identity.source
-        note = f'<p>The server saw the visitor as: <code id="server-source">{seen}</code></p>'
-    else:
+    if checkout.mode == "helper":
         note = "<p>identity.js restores the visitor in the page.</p>"
         helper = Helper(checkout.helper_url, {"exchangeEndpoint": "/identity/exchange"})
-    return render(
+    else:
+        note = f'<p>The server saw the visitor as: <code id="server-source">{seen}</code></p>'
+    return page_html(
         site=f"{checkout.site}: domain B ({checkout.mode})",
-        colour="#27a" if checkout.mode == "middleware" else "#a52",
+        colour=COLOURS[checkout.mode],
         title="Your cart",
         body=f'{note}<p>Blue mug, 12 €.</p><button id="pay" '
         "onclick=\"analytics.track('Order Completed', {total: 12})\">Pay</button>",
@@ -56,11 +70,17 @@ async def cart_page(request: web.Request) -> web.Response:
     )
 
 
+async def cart_page(request: web.Request) -> web.Response:
+    # Only the middleware's request has it: an Identity, or None without a cookie.
+    identity = request.get("identity")
+    seen = "none" if identity is None else identity.source
+    return html_response(cart_html(request.app[CHECKOUT], seen))
+
+
 async def exchange(request: web.Request) -> web.Response:
     """identity.js posts the token here; the SDK exchanges it, with fallback."""
     body = await json_body(request)
-    if body is None or not isinstance(body.get("token"), str):
-        return web.json_response({"error": "a JSON body with a token"}, status=400)
+    token = text_field(body, "token")
     page = {"url": body.get("url") or request.headers.get("Referer", "")}
     if isinstance(body.get("referrer"), str):
         page["referrer"] = body["referrer"]
@@ -71,11 +91,11 @@ async def exchange(request: web.Request) -> web.Response:
     }
     try:
         identity = await request.app[CLIENT].exchange(
-            body["token"], fallback=True, event=EVENT, context=context
+            token, fallback=True, event=EVENT, context=context
         )
     except IdentityError as error:
         # identity.js goes on without the handoff: analytics.js keeps its own id.
-        return web.json_response({"error": error.title or "exchange failed"}, status=502)
+        raise upstream_problem(error) from None
     return web.json_response(
         {"anonymousId": identity.anonymous_id, "source": identity.source},
         headers={"Cache-Control": "no-store"},
@@ -86,9 +106,9 @@ def checkout_app(client: AsyncIdentityClient, settings: CheckoutSettings) -> web
     if settings.mode == "middleware":
         # http on loopback in the demo: a Secure cookie would need https.
         middleware = identity_middleware(client, cookie_secure=False, event=EVENT)
-        app = web.Application(middlewares=[middleware])
+        app = web.Application(middlewares=[problem_answers, middleware])
     else:
-        app = web.Application()
+        app = web.Application(middlewares=[problem_answers])
         app.router.add_post("/identity/exchange", exchange)
     app[CLIENT] = client
     app[CHECKOUT] = settings

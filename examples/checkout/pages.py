@@ -1,5 +1,6 @@
-"""What the demo's sites share: one page layout with the analytics.js snippet, and the
-reading of their JSON endpoints' bodies.
+"""What the demo's sites share: one page layout with the analytics.js snippet, the reading
+of their JSON endpoints' bodies, and their errors as RFC 9457 problems (the service's
+types and rendering: ``identity_service.problems``).
 
 The snippet is Segment's in miniature: ``window.analytics`` queues calls until
 ``analytics.load(key)`` loads the page script (static/analytics.js, served by the
@@ -10,10 +11,22 @@ anonymousId is set.
 
 import html
 import json
+import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from identity_client import (
+    APIError,
+    IdentityConnectionError,
+    IdentityError,
+    ServiceUnavailable,
+    Unauthorized,
+)
+
+from identity_service import problems
+from identity_service.middleware import problem_response
 
 SNIPPET = """
 !function(){var a=window.analytics=window.analytics||[];if(a.initialized||a.invoked)return;
@@ -37,16 +50,66 @@ code { background: #eee; padding: .1rem .3rem; } a.button, button { display: inl
 """
 
 
-async def json_body(request: web.Request) -> dict[str, Any] | None:
-    """The request's JSON object, or None. ``application/json`` only: a form on another
-    site cannot send that without a CORS preflight, so it cannot forge the call."""
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object, or a problem: ``application/json`` only (a form on another
+    site cannot send that without a CORS preflight, so it cannot forge the call)."""
     if request.content_type != "application/json":
-        return None
+        raise problems.UnsupportedMediaType("send the body as application/json")
     try:
         body = await request.json()
     except ValueError:
-        return None
-    return body if isinstance(body, dict) else None
+        raise problems.MalformedJson("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise invalid("body", "must be a JSON object")
+    return body
+
+
+def invalid(field: str, message: str) -> problems.Problem:
+    return problems.ValidationFailed([{"field": field, "message": message}])
+
+
+def text_field(body: dict[str, Any], field: str) -> str:
+    """``body[field]`` when it is a non-empty string, else a validation problem."""
+    value = body.get(field)
+    if not isinstance(value, str) or not value:
+        raise invalid(field, "must be a non-empty string")
+    return value
+
+
+class _PassedOn(problems.Problem):
+    """The identity service's problem with the request itself, passed on as the service
+    answered it (its status and type; its title as the detail, which echoes nothing)."""
+
+    def __init__(self, error: APIError) -> None:
+        super().__init__(error.title or "refused by the identity service")
+        self.status = error.status or 400
+        self.slug = (error.type or "").removeprefix(problems.PROBLEM_TYPE_PREFIX) or "http-error"
+        self.title = error.title or "Refused by the identity service"
+
+
+def upstream_problem(error: IdentityError) -> problems.Problem:
+    """The problem a site answers when its SDK call failed: the service's own 4xx about the
+    request (not 401: that is the site's write key), 503 when the service is down, else 502."""
+    if isinstance(error, (ServiceUnavailable, IdentityConnectionError)):
+        retry_after = getattr(error, "retry_after", None) or 1
+        return problems.ServiceUnavailable(
+            "the identity service is unavailable", retry_after=math.ceil(retry_after)
+        )
+    client_fault = error.status is not None and 400 <= error.status < 500
+    if isinstance(error, APIError) and client_fault and not isinstance(error, Unauthorized):
+        return _PassedOn(error)
+    return problems.HttpError(502, "Bad Gateway")
+
+
+@web.middleware
+async def problem_answers(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A site's problems as ``application/problem+json`` (the service's own rendering)."""
+    try:
+        return await handler(request)
+    except problems.Problem as problem:
+        return problem_response(problem, request)
 
 
 def script_json(value: Any) -> str:
@@ -70,7 +133,15 @@ class Helper:
     options: dict[str, Any]
 
 
-def render(
+HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "strict-origin-when-cross-origin"}
+
+
+def html_response(page: str) -> web.Response:
+    """``page`` as the demo's sites answer it: not cached, no full URL in the Referer."""
+    return web.Response(text=page, content_type="text/html", headers=HEADERS)
+
+
+def page_html(
     *,
     site: str,
     colour: str,
@@ -79,7 +150,7 @@ def render(
     analytics: Analytics,
     helper: Helper | None = None,
     calls: str = "analytics.page();",
-) -> web.Response:
+) -> str:
     """A page of ``site``: the snippet, the page call, identity.js when ``helper`` is given."""
     snippet = SNIPPET % {"script": script_json(f"{analytics.collector_url}/analytics.js")}
     load = f"analytics.load({script_json(analytics.write_key)});"
@@ -105,8 +176,4 @@ def render(
 {body}
 </body></html>
 """
-    return web.Response(
-        text=page,
-        content_type="text/html",
-        headers={"Cache-Control": "no-store", "Referrer-Policy": "strict-origin-when-cross-origin"},
-    )
+    return page

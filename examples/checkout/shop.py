@@ -13,7 +13,17 @@ from urllib.parse import unquote
 from aiohttp import web
 from identity_client import AsyncIdentityClient, IdentityError
 
-from examples.checkout.pages import Analytics, Helper, json_body, render
+from examples.checkout.pages import (
+    Analytics,
+    Helper,
+    html_response,
+    invalid,
+    json_body,
+    page_html,
+    problem_answers,
+    text_field,
+    upstream_problem,
+)
 
 CLIENT = web.AppKey("client", AsyncIdentityClient)
 COOKIE = "ajs_anonymous_id"
@@ -51,26 +61,27 @@ async def product_page(request: web.Request) -> web.Response:
         '<button type="submit">Check out with a coupon (a form)</button></form>'
     )
     domains = sorted({url.split("/")[2].split(":")[0] for url in shop.checkouts.values()})
-    return render(
-        site="shop.localhost: domain A",
-        colour="#2a7",
-        title="Blue mug",
-        body=f"<p>A blue mug, 12 €.</p>\n{links}\n{form}",
-        analytics=shop.analytics,
-        helper=Helper(shop.helper_url, {"domains": domains, "tokenEndpoint": "/handoff"}),
-        calls='analytics.page(); analytics.track("Product Viewed", {sku: "mug-blue"});',
+    return html_response(
+        page_html(
+            site="shop.localhost: domain A",
+            colour="#2a7",
+            title="Blue mug",
+            body=f"<p>A blue mug, 12 €.</p>\n{links}\n{form}",
+            analytics=shop.analytics,
+            helper=Helper(shop.helper_url, {"domains": domains, "tokenEndpoint": "/handoff"}),
+            calls='analytics.page(); analytics.track("Product Viewed", {sku: "mug-blue"});',
+        )
     )
 
 
 async def handoff(request: web.Request) -> web.Response:
     """identity.js asks here, at click time, for a fresh redirect URL to ``destination``."""
     body = await json_body(request)
-    if body is None or not isinstance(body.get("destination"), str):
-        return web.json_response({"error": "a JSON body with a destination"}, status=400)
+    destination = text_field(body, "destination")
     posted = body.get("anonymousId")
     anonymous_id = cookie_id(request) or (posted if isinstance(posted, str) else None)
     if not anonymous_id:
-        return web.json_response({"error": "no visitor to hand off"}, status=400)
+        raise invalid("anonymousId", "no visitor id: no ajs_anonymous_id cookie, none posted")
     context = {
         "page": {"url": request.headers.get("Referer", str(request.url))},
         "ip": request.remote,
@@ -79,20 +90,20 @@ async def handoff(request: web.Request) -> web.Response:
     try:
         prepared = await request.app[CLIENT].prepare(
             anonymous_id=anonymous_id,
-            destination=body["destination"],
+            destination=destination,
             context=context,
             ttl=request.app[SHOP].ttl,
         )
     except IdentityError as error:
         # identity.js then sends the visitor on undecorated: the checkout still works.
-        return web.json_response({"error": error.title or "handoff failed"}, status=502)
+        raise upstream_problem(error) from None
     return web.json_response(
         {"redirectUrl": prepared.redirect_url}, headers={"Cache-Control": "no-store"}
     )
 
 
 def shop_app(client: AsyncIdentityClient, settings: ShopSettings) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[problem_answers])
     app[CLIENT] = client
     app[SHOP] = settings
     app.router.add_get("/", product_page)

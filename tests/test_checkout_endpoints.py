@@ -1,0 +1,114 @@
+"""The checkout demo's own JSON endpoints (examples/checkout): the shop's ``POST /handoff``
+and the identity.js checkout's ``POST /identity/exchange`` answer bad input with an RFC 9457
+``application/problem+json`` of the right status, never a 500 or an echo of the input.
+
+The demo runs for real (``running_demo`` on free loopback ports, the service behind its
+front); requests go to the sites over HTTP with aiohttp's client.
+"""
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from examples.checkout.demo import Demo, Ports, running_demo
+from tests.redis_server import free_port
+
+PROBLEM = "application/problem+json"
+PREFIX = "urn:identity-service:problem:"
+# Put in every bad body: no answer may carry it back.
+MARKER = "<marker-5f1e>"
+
+
+@pytest.fixture
+async def demo() -> AsyncIterator[Demo]:
+    async with running_demo(Ports(*(free_port() for _ in range(6))), node=False) as running:
+        yield running
+
+
+def loopback(url: str) -> str:
+    """A site's ``http://name.localhost:port`` as ``http://127.0.0.1:port``."""
+    return "http://127.0.0.1:" + url.rsplit(":", 1)[1]
+
+
+async def post(url: str, data: bytes, content_type: str, cookie: str = "") -> tuple[int, Any]:
+    headers = {"Content-Type": content_type, **({"Cookie": cookie} if cookie else {})}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=data, headers=headers) as answer,
+    ):
+        text = await answer.text()
+        assert MARKER not in text
+        if answer.content_type == PROBLEM:
+            problem = await answer.json(content_type=PROBLEM)
+            assert problem["status"] == answer.status
+            assert {"type", "title", "detail"} <= problem.keys()
+            return answer.status, problem
+        return answer.status, await answer.json()
+
+
+BAD_BODIES = [
+    (
+        b"token=" + MARKER.encode(),
+        "application/x-www-form-urlencoded",
+        415,
+        "unsupported-media-type",
+    ),
+    (b'{"token": "' + MARKER.encode(), "application/json", 400, "malformed-json"),
+    (b'["' + MARKER.encode() + b'"]', "application/json", 400, "validation-failed"),
+    (
+        b'{"token": 5, "destination": 5, "x": "' + MARKER.encode() + b'"}',
+        "application/json",
+        400,
+        "validation-failed",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "content_type", "status", "slug"), BAD_BODIES)
+@pytest.mark.parametrize("endpoint", ["handoff", "exchange"])
+async def test_bad_input_gets_a_problem(
+    demo: Demo, endpoint: str, body: bytes, content_type: str, status: int, slug: str
+) -> None:
+    url = (
+        f"{loopback(demo.shop_url)}/handoff"
+        if endpoint == "handoff"
+        else f"{loopback(demo.pay_url)}/identity/exchange"
+    )
+    got, problem = await post(url, body, content_type, cookie="ajs_anonymous_id=visitor-1")
+    assert (got, problem["type"]) == (status, PREFIX + slug)
+    if slug == "validation-failed" and body.startswith(b"{"):
+        field = "destination" if endpoint == "handoff" else "token"
+        assert [error["field"] for error in problem["errors"]] == [field]
+
+
+async def test_a_handoff_without_a_visitor_id_is_a_validation_problem(demo: Demo) -> None:
+    body = b'{"destination": "' + demo.checkout_url.encode() + b'/cart"}'
+    status, problem = await post(f"{loopback(demo.shop_url)}/handoff", body, "application/json")
+    assert (status, problem["type"]) == (400, PREFIX + "validation-failed")
+    assert [error["field"] for error in problem["errors"]] == ["anonymousId"]
+
+
+async def test_a_destination_the_service_refuses_is_passed_on_as_its_problem(
+    demo: Demo,
+) -> None:
+    body = b'{"destination": "http://elsewhere.localhost/' + MARKER.encode() + b'"}'
+    status, problem = await post(
+        f"{loopback(demo.shop_url)}/handoff", body, "application/json", "ajs_anonymous_id=v-2"
+    )
+    assert (status, problem["type"]) == (403, PREFIX + "destination-not-allowed")
+
+
+async def test_the_endpoints_still_work(demo: Demo) -> None:
+    body = b'{"destination": "' + demo.pay_url.encode() + b'/cart"}'
+    status, prepared = await post(
+        f"{loopback(demo.shop_url)}/handoff", body, "application/json", "ajs_anonymous_id=v-3"
+    )
+    assert status == 200
+    token = prepared["redirectUrl"].split("handoff_token=")[1]
+    exchange = f"{loopback(demo.pay_url)}/identity/exchange"
+    status, landed = await post(
+        exchange, b'{"token": "' + token.encode() + b'"}', "application/json"
+    )
+    assert (status, landed) == (200, {"anonymousId": "v-3", "source": "handoff"})
