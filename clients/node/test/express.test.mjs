@@ -29,6 +29,7 @@ before(async () => {
   b.set("trust proxy", 1);
   b.use(handoffMiddleware(identity, { secure: false, event: "Checkout Started" }));
   b.get("/cart", (req, res) => res.send(`hello ${req.identity?.anonymousId ?? "new visitor"}`));
+  b.get("/me", (req, res) => res.json(req.identity ?? null));
   checkout = await listen(b);
 
   // Domain A (docs/sdk-node.md).
@@ -63,11 +64,13 @@ async function land(redirectUrl) {
   assert.equal(landing.status, 303);
   assert.equal(landing.headers.get("location"), "/cart?step=1");
   assert.equal(landing.headers.get("cache-control"), "no-store");
-  const setCookie = landing.headers.get("set-cookie");
+  const [setCookie, carry] = landing.headers.getSetCookie();
   assert.match(setCookie, /^ajs_anonymous_id=[^;]+; Path=\/; Max-Age=31536000; Expires=[^;]+; SameSite=Lax$/);
+  assert.match(carry, /^identity_restored=[\w-]+\.[\w-]+; Path=\/; Max-Age=60; Expires=[^;]+; SameSite=Lax; HttpOnly$/);
   const cookie = setCookie.split(";")[0];
-  const page = await get(`${originOf(checkout)}${landing.headers.get("location")}`, cookie);
+  const page = await get(`${originOf(checkout)}${landing.headers.get("location")}`, `${cookie}; ${carry.split(";")[0]}`);
   assert.equal(page.status, 200);
+  assert.match(page.headers.getSetCookie()[0], /^identity_restored=; Path=\/; Max-Age=0;/);
   return { cookie, body: page.body };
 }
 
@@ -98,4 +101,28 @@ test("a shop visitor without a cookie still goes to the checkout, undecorated", 
   // No ajs_anonymous_id (analytics.js blocked): the prepare is refused, the checkout goes on.
   const go = await get(`${originOf(shop)}/checkout`, undefined, "POST");
   assert.deepEqual([go.status, go.headers.get("location")], [303, `${originOf(checkout)}/cart?step=1`]);
+});
+
+test("the Express handler after the 303 sees the restored identity, once", async () => {
+  const identity = new IdentityClient({ baseUrl: service.url, writeKey: WRITE_KEY });
+  const handoff = await identity.prepare({
+    anonymousId: "visitor-me",
+    userId: "user-me",
+    traits: { plan: "pro" },
+    consent: { analytics: true },
+    destination: `${originOf(checkout)}/me`,
+  });
+  const landing = await get(handoff.redirectUrl);
+  assert.equal(landing.status, 303);
+  const cookies = landing.headers.getSetCookie().map((c) => c.split(";")[0]).join("; ");
+  const page = await get(`${originOf(checkout)}/me`, cookies);
+  assert.deepEqual(JSON.parse(page.body), {
+    anonymousId: "visitor-me",
+    source: "handoff",
+    userId: "user-me",
+    traits: { plan: "pro" },
+    consent: { analytics: true },
+  });
+  const later = await get(`${originOf(checkout)}/me`, "ajs_anonymous_id=visitor-me");
+  assert.deepEqual(JSON.parse(later.body), { anonymousId: "visitor-me", source: "cookie" });
 });
