@@ -391,3 +391,26 @@ def test_a_token_the_service_would_refuse_falls_back_quietly(
     records = [r for r in caplog.records if r.name.startswith("identity_client")]
     assert records and all(r.levelno < logging.ERROR for r in records)
     assert not token or all(token not in r.getMessage() for r in records)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_the_exchange_sends_domain_b_context_to_the_service(
+    framework: str, sites: dict[str, str], identity: IdentityClient, service: Service
+) -> None:
+    """The completion event the service delivers carries the landing request's page URL
+    (without the token), referrer, client IP and user agent."""
+    visitor = f"context-{framework}"
+    clean = f"{sites[framework]}/cart?step=2"
+    handoff = identity.prepare(anonymous_id=visitor, destination=clean)
+    headers = {"Referer": "http://shop.localhost/basket", "User-Agent": f"agent/{framework}"}
+    landing = httpx.get(handoff.redirect_url, headers=headers, timeout=10)
+    assert landing.status_code == 303
+
+    event = service.wait_for_event(
+        lambda e: e.get("anonymousId") == visitor and e.get("event") == "Checkout Started"
+    )
+    context = event["context"]
+    assert context["page"]["url"] == clean
+    assert context["page"]["referrer"] == "http://shop.localhost/basket"
+    assert context["ip"] == "127.0.0.1"
+    assert context["userAgent"] == f"agent/{framework}"
