@@ -1,5 +1,7 @@
+import { carryKey } from "./carry.js";
 import {
   APIError,
+  ConfigurationError,
   IdentityConnectionError,
   IdentityError,
   ServiceUnavailable,
@@ -114,8 +116,8 @@ export class IdentityClient {
   constructor(options: IdentityClientOptions = {}) {
     const baseUrl = options.baseUrl ?? process.env.IDENTITY_URL;
     const writeKey = options.writeKey ?? process.env.IDENTITY_WRITE_KEY;
-    if (!baseUrl) throw new TypeError("IdentityClient: baseUrl (or IDENTITY_URL) is required");
-    if (!writeKey) throw new TypeError("IdentityClient: writeKey (or IDENTITY_WRITE_KEY) is required");
+    if (!baseUrl) throw new ConfigurationError("IdentityClient: baseUrl (or IDENTITY_URL) is required");
+    if (!writeKey) throw new ConfigurationError("IdentityClient: writeKey (or IDENTITY_WRITE_KEY) is required");
     this.baseUrl = baseUrl.replace(/\/+$/, "");
     this.timeoutMs = options.timeoutMs ?? DEFAULTS.timeoutMs;
     this.maxRetries = Math.max(0, options.maxRetries ?? DEFAULTS.maxRetries);
@@ -134,6 +136,14 @@ export class IdentityClient {
 
   [Symbol.for("nodejs.util.inspect.custom")](): string {
     return `IdentityClient { baseUrl: '${this.baseUrl}' }`;
+  }
+
+  /**
+   * The signing key of `handoffMiddleware`'s carry cookie: HMAC-SHA256 of a fixed label
+   * under the write key (the write key itself never leaves the client).
+   */
+  carryKey(): Buffer {
+    return carryKey(this.#writeKey);
   }
 
   /** Domain A: keeps the visitor's identity under a one-time token for `destination`. */

@@ -67,8 +67,14 @@ export class IdentityError extends Error {
   }
 }
 
+/**
+ * An error answer of the service. Base of every problem class below (as in the Python
+ * SDK); itself for another problem type or an answer that is not a problem document.
+ */
+export class APIError extends IdentityError {}
+
 /** 400 `validation-failed` or `malformed-json`: `errors` lists the field errors. */
-export class InvalidRequest extends IdentityError {
+export class InvalidRequest extends APIError {
   readonly errors: FieldError[];
   constructor(message: string, init: IdentityErrorInit = {}) {
     super(message, init);
@@ -77,28 +83,28 @@ export class InvalidRequest extends IdentityError {
 }
 
 /** 401 `unauthorized`: no, malformed or unknown write key. */
-export class Unauthorized extends IdentityError {}
+export class Unauthorized extends APIError {}
 
 /** 403 `destination-not-allowed`: prepare to an origin the source may not hand off to. */
-export class DestinationNotAllowed extends IdentityError {}
+export class DestinationNotAllowed extends APIError {}
 
 /** 403 `audience-mismatch`: exchange by a source the handoff's origin is not one of. The token is used up. */
-export class AudienceMismatch extends IdentityError {}
+export class AudienceMismatch extends APIError {}
 
 /** 404 `token-not-found`: unknown, expired or already used token (one answer for all three). */
-export class TokenNotFound extends IdentityError {}
+export class TokenNotFound extends APIError {}
 
 /** 413 `payload-too-large`: the body is over the service's `IDENTITY_MAX_BODY_BYTES`. */
-export class PayloadTooLarge extends IdentityError {}
+export class PayloadTooLarge extends APIError {}
 
-/** 413 `event-too-large`: an event would be over 32 KB as sent; the detail names it. */
-export class EventTooLarge extends IdentityError {}
+/** 413 `event-too-large`: an event would be over 32 KB as sent; the detail names it. A `PayloadTooLarge`, as in Python. */
+export class EventTooLarge extends PayloadTooLarge {}
 
 /** 415 `unsupported-media-type`. */
-export class UnsupportedMediaType extends IdentityError {}
+export class UnsupportedMediaType extends APIError {}
 
 /** 429 `rate-limited`: `retryAfter` in seconds when the answer said. */
-export class RateLimited extends IdentityError {
+export class RateLimited extends APIError {
   readonly retryAfter: number | null;
   constructor(message: string, init: IdentityErrorInit = {}) {
     super(message, init);
@@ -107,7 +113,7 @@ export class RateLimited extends IdentityError {
 }
 
 /** 503 `service-unavailable`: the store is down or slow; `retryAfter` in seconds. */
-export class ServiceUnavailable extends IdentityError {
+export class ServiceUnavailable extends APIError {
   readonly retryAfter: number | null;
   constructor(message: string, init: IdentityErrorInit = {}) {
     super(message, init);
@@ -115,8 +121,8 @@ export class ServiceUnavailable extends IdentityError {
   }
 }
 
-/** Any other error answer (another problem type, or an answer that is not a problem document). */
-export class APIError extends IdentityError {}
+/** The client lacks its base URL or write key (thrown by the constructor; no request made). */
+export class ConfigurationError extends IdentityError {}
 
 /** No answer: the connection failed or the request timed out. `status` is null. */
 export class IdentityConnectionError extends IdentityError {}

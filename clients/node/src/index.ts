@@ -10,6 +10,7 @@ export type {
 export {
   APIError,
   AudienceMismatch,
+  ConfigurationError,
   DestinationNotAllowed,
   EventTooLarge,
   IdentityConnectionError,

@@ -1,3 +1,4 @@
+import { decodeCarry, encodeCarry } from "./carry.js";
 import type { ExchangeOptions, Identity, IdentityClient, JsonObject } from "./client.js";
 
 /** The parts of a Node/Express request the middleware reads (no express dependency). */
@@ -26,12 +27,21 @@ export interface MiddlewareResponse {
 
 export type NextFunction = (error?: unknown) => void;
 
-/** `req.identity`: from the exchange on the landing request, from the cookie afterwards. */
+/**
+ * `req.identity`. On the request after the handoff's 303 (the clean URL, the one a handler
+ * renders): the exchanged identity, from the signed carry cookie (`source` `handoff` or
+ * `generated`, with `userId`, `traits`, `consent`). On any other request: the visitor
+ * cookie's anonymousId (`source: "cookie"`, no other field), or undefined without it.
+ */
 export interface RequestIdentity {
   anonymousId: string;
   /** `handoff` / `generated`: from an exchange; `cookie`: read from the visitor cookie. */
   source: "handoff" | "generated" | "cookie";
-  /** The whole exchange answer, on the landing request only. */
+  /** From the exchange (`handoff` / `generated` only). */
+  userId?: string | null;
+  traits?: JsonObject;
+  consent?: Record<string, boolean>;
+  /** The whole exchange answer, on the landing request (answered 303) only. */
   exchanged?: Identity;
 }
 
@@ -59,51 +69,72 @@ export interface HandoffMiddlewareOptions {
    * the socket, and the `Host` header).
    */
   publicOrigin?: string;
+  /**
+   * The cookie carrying the exchanged identity to the request after the 303 (default
+   * `identity_restored`; HttpOnly, 60 s, signed with a key derived from the write key).
+   */
+  carryCookieName?: string;
   /** Called with any error of an exchange (the visitor is redirected all the same). */
   onError?: (error: unknown, req: MiddlewareRequest) => void;
 }
 
 const ONE_YEAR = 365 * 24 * 60 * 60;
+const CARRY_MAX_AGE = 60;
+/** The service refuses (400) a token that is empty or longer; real tokens are 43 characters. */
+const MAX_TOKEN_LENGTH = 128;
+/** Exchanged instead of a token the service would refuse: no token is ever "-". */
+const UNKNOWN_TOKEN = "-";
 
 function header(req: MiddlewareRequest, name: string): string | undefined {
   const value = req.headers[name];
   return Array.isArray(value) ? value[0] : value;
 }
 
-/** Reads one cookie from the request's Cookie header. */
-export function readCookie(req: MiddlewareRequest, name: string): string | undefined {
+function readRawCookie(req: MiddlewareRequest, name: string): string | undefined {
   const raw = header(req, "cookie");
   if (!raw) return undefined;
   for (const part of raw.split(";")) {
     const eq = part.indexOf("=");
-    if (eq < 0 || part.slice(0, eq).trim() !== name) continue;
-    let value = part.slice(eq + 1).trim();
-    if (value.startsWith('"') && value.endsWith('"') && value.length >= 2) value = value.slice(1, -1);
-    try {
-      value = decodeURIComponent(value);
-    } catch {
-      /* keep it as it is */
-    }
-    // analytics.js (classic) stores JSON.stringify(id); accept both forms.
-    if (value.startsWith('"') && value.endsWith('"') && value.length >= 2) value = value.slice(1, -1);
-    return value || undefined;
+    if (eq >= 0 && part.slice(0, eq).trim() === name) return part.slice(eq + 1).trim();
   }
   return undefined;
+}
+
+/** Reads one cookie from the request's Cookie header (plain, quoted or percent-encoded). */
+export function readCookie(req: MiddlewareRequest, name: string): string | undefined {
+  const raw = readRawCookie(req, name);
+  if (raw === undefined) return undefined;
+  let value = raw;
+  if (value.startsWith('"') && value.endsWith('"') && value.length >= 2) value = value.slice(1, -1);
+  try {
+    value = decodeURIComponent(value);
+  } catch {
+    /* keep it as it is */
+  }
+  // analytics.js (classic) stores JSON.stringify(id); accept both forms.
+  if (value.startsWith('"') && value.endsWith('"') && value.length >= 2) value = value.slice(1, -1);
+  return value || undefined;
 }
 
 // RFC 6265 cookie-octet: printable ASCII except space, DQUOTE, comma, semicolon, backslash.
 const COOKIE_OCTETS = /^[\x21\x23-\x2B\x2D-\x3A\x3C-\x5B\x5D-\x7E]*$/;
 
-function serializeCookie(name: string, value: string, options: HandoffMiddlewareOptions): string {
+function serializeCookie(
+  name: string,
+  value: string,
+  options: HandoffMiddlewareOptions,
+  maxAge: number = options.cookieMaxAge ?? ONE_YEAR,
+  httpOnly = false,
+): string {
   const plain = COOKIE_OCTETS.test(value) ? value : encodeURIComponent(value);
   const parts = [`${name}=${plain}`];
   if (options.cookieDomain) parts.push(`Domain=${options.cookieDomain}`);
   parts.push(`Path=${options.cookiePath ?? "/"}`);
-  const maxAge = options.cookieMaxAge ?? ONE_YEAR;
   parts.push(`Max-Age=${Math.floor(maxAge)}`);
   parts.push(`Expires=${new Date(Date.now() + maxAge * 1000).toUTCString()}`);
   parts.push(`SameSite=${options.sameSite ?? "Lax"}`);
   if (options.secure ?? true) parts.push("Secure");
+  if (httpOnly) parts.push("HttpOnly");
   return parts.join("; ");
 }
 
@@ -129,30 +160,51 @@ function requestOrigin(req: MiddlewareRequest, options: HandoffMiddlewareOptions
  * answers 303 to the same URL without the token (other parameters kept), so the page loads
  * clean and analytics.js starts with the restored anonymousId. A used or expired token
  * gives a generated anonymousId (kept out of the cookie when the visitor already has one).
- * When the service cannot be reached, it answers the same 303 without a cookie. Any other
- * request gets `req.identity` from the cookie, if there is one, and goes on (`next()`).
+ * An empty or over-long token (which the service would refuse) is exchanged as an unknown
+ * one. When the service cannot be reached, it answers the same 303 without a cookie.
+ *
+ * With the visitor cookie it also sets the carry cookie (the exchanged identity, signed,
+ * HttpOnly, 60 s): on the next request, the 303's clean URL, `req.identity` is that
+ * identity (`source` `handoff` or `generated`, `userId`, `traits`, `consent`) and the
+ * carry cookie is cleared (appended to `Set-Cookie` before `next()`). Any other request
+ * gets `req.identity` from the visitor cookie, if there is one, and goes on (`next()`).
+ * The carry needs the client's key (an `IdentityClient`); a carry cookie that is forged,
+ * expired, malformed, oversized or for another anonymousId is ignored.
  */
 export function handoffMiddleware(
-  client: Pick<IdentityClient, "exchange">,
+  client: Pick<IdentityClient, "exchange"> & Partial<Pick<IdentityClient, "carryKey">>,
   options: HandoffMiddlewareOptions = {},
 ): (req: MiddlewareRequest, res: MiddlewareResponse, next: NextFunction) => void {
   const tokenParam = options.tokenParam ?? "handoff_token";
   const cookieName = options.cookieName ?? "ajs_anonymous_id";
+  const carryName = options.carryCookieName ?? "identity_restored";
+  const key = client.carryKey?.();
+
+  /** req.identity from the visitor cookie, or from a valid carry cookie (then cleared). */
+  const restore = (req: MiddlewareRequest, res: MiddlewareResponse, existing: string | undefined): void => {
+    if (existing) req.identity = { anonymousId: existing, source: "cookie" };
+    const carried = readRawCookie(req, carryName);
+    if (carried === undefined) return;
+    appendSetCookie(res, serializeCookie(carryName, "", options, 0, true));
+    const identity = key ? decodeCarry(carried, key, Date.now() / 1000) : null;
+    if (identity && existing !== undefined && identity.anonymousId === existing) req.identity = identity;
+  };
 
   return function identityHandoff(req, res, next) {
     const existing = readCookie(req, cookieName);
-    if (existing) req.identity = { anonymousId: existing, source: "cookie" };
-
     const rawUrl = req.originalUrl ?? req.url ?? "/";
     if ((req.method ?? "GET").toUpperCase() !== "GET" || !rawUrl.includes(`${tokenParam}=`)) {
+      restore(req, res, existing);
       next();
       return;
     }
+    if (existing) req.identity = { anonymousId: existing, source: "cookie" };
     // The token is taken out of the query as sent: the other parameters stay byte for byte.
     const queryAt = rawUrl.indexOf("?");
     // One leading slash: `//evil.example/` as a Location would leave the site.
     const path = (queryAt < 0 ? rawUrl : rawUrl.slice(0, queryAt)).replace(/^[/\\]+/, "/");
     if (!path.startsWith("/")) {
+      restore(req, res, existing);
       next(); // an absolute-form request target: not a page of this site
       return;
     }
@@ -172,15 +224,19 @@ export function handoffMiddleware(
         token = new URLSearchParams(part).get(tokenParam);
       }
     }
-    if (!token) {
+    if (token === null) {
+      restore(req, res, existing);
       next();
       return;
     }
+    // A token the service would refuse (400) is a bad link, not an error: the fallback.
+    if (token.length === 0 || token.length > MAX_TOKEN_LENGTH) token = UNKNOWN_TOKEN;
     const location = kept.length > 0 ? `${path}?${kept.join("&")}` : path;
     let url: URL;
     try {
       url = new URL(location, requestOrigin(req, options));
     } catch {
+      restore(req, res, existing);
       next();
       return;
     }
@@ -208,7 +264,17 @@ export function handoffMiddleware(
       .then(
         (identity) => {
           const keepExisting = identity.source === "generated" && existing !== undefined;
-          if (!keepExisting) appendSetCookie(res, serializeCookie(cookieName, identity.anonymousId, options));
+          if (!keepExisting) {
+            appendSetCookie(res, serializeCookie(cookieName, identity.anonymousId, options));
+            const carry = key ? encodeCarry(identity, key, Math.floor(Date.now() / 1000) + CARRY_MAX_AGE) : null;
+            if (carry !== null) appendSetCookie(res, serializeCookie(carryName, carry, options, CARRY_MAX_AGE, true));
+            else if (key) {
+              process.emitWarning(
+                `restored identity too large for the ${carryName} cookie: the next request's handler gets only the anonymousId`,
+                { code: "IDENTITY_CARRY_TOO_LARGE" },
+              );
+            }
+          }
           req.identity = keepExisting
             ? { anonymousId: existing, source: "cookie", exchanged: identity }
             : { anonymousId: identity.anonymousId, source: identity.source, exchanged: identity };

@@ -4,10 +4,15 @@ import { createRequire } from "node:module";
 import { after, before, describe, test } from "node:test";
 
 import {
+  APIError,
+  ConfigurationError,
   DestinationNotAllowed,
+  EventTooLarge,
   IdentityClient,
   IdentityError,
   InvalidRequest,
+  PayloadTooLarge,
+  ServiceUnavailable,
   TokenNotFound,
   Unauthorized,
 } from "../dist/esm/index.js";
@@ -84,7 +89,36 @@ describe("IdentityClient against the real service", () => {
       delete process.env.IDENTITY_URL;
       delete process.env.IDENTITY_WRITE_KEY;
     }
-    assert.throws(() => new IdentityClient({ baseUrl: service.url }), TypeError);
+    for (const options of [{ baseUrl: service.url }, { writeKey: WRITE_KEY }]) {
+      assert.throws(
+        () => new IdentityClient(options),
+        (error) => error instanceof ConfigurationError && error instanceof IdentityError && !(error instanceof TypeError),
+      );
+    }
+  });
+
+  test("the error classes form the Python SDK's hierarchy", () => {
+    assert.ok(EventTooLarge.prototype instanceof PayloadTooLarge);
+    for (const cls of [InvalidRequest, Unauthorized, TokenNotFound, PayloadTooLarge, ServiceUnavailable]) {
+      assert.ok(cls.prototype instanceof APIError, cls.name);
+    }
+    assert.ok(!(ConfigurationError.prototype instanceof APIError));
+    assert.equal(new ConfigurationError("x").name, "ConfigurationError");
+  });
+
+  test("an event over 32 KB: EventTooLarge, caught as PayloadTooLarge", async () => {
+    // A body limit over the event limit, so that the event (not the body) is too large.
+    const roomy = await startService({ IDENTITY_MAX_BODY_BYTES: "65536" });
+    try {
+      const client = new IdentityClient({ baseUrl: roomy.url, writeKey: WRITE_KEY });
+      const handoff = await client.prepare({ anonymousId: "big-event", destination: DESTINATION });
+      await assert.rejects(
+        client.exchange(handoff.token, { properties: { note: "x".repeat(40_000) } }),
+        (error) => error instanceof EventTooLarge && error instanceof PayloadTooLarge && error.status === 413,
+      );
+    } finally {
+      await roomy.stop();
+    }
   });
 
   test("401 unauthorized, without the write key anywhere in the error", async () => {

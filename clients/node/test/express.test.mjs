@@ -13,6 +13,7 @@ import path from "node:path";
 import { after, before, test } from "node:test";
 import { fileURLToPath, pathToFileURL } from "node:url";
 
+import { IdentityClient } from "../dist/esm/index.js";
 import { WRITE_KEY, startService } from "./helpers.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -52,7 +53,9 @@ before(async () => {
   process.env.IDENTITY_WRITE_KEY = WRITE_KEY;
   snippetDir = mkdtempSync(path.join(here, ".snippets-"));
   const code = snippets();
-  checkout = await listen(await run("node-domain-b", code["node-domain-b"]));
+  const domainB = await run("node-domain-b", code["node-domain-b"]);
+  domainB.get("/me", (req, res) => res.json(req.identity ?? null)); // what the handler gets
+  checkout = await listen(domainB);
   assert.ok(code["node-domain-a"].includes(`"${DOCUMENTED_CART}/cart"`));
   shop = await listen(await run("node-domain-a", code["node-domain-a"].replace(DOCUMENTED_CART, originOf(checkout))));
 });
@@ -76,12 +79,14 @@ async function land(redirectUrl) {
   assert.equal(landing.status, 303);
   assert.equal(landing.headers.get("location"), "/cart");
   assert.equal(landing.headers.get("cache-control"), "no-store");
-  const setCookie = landing.headers.get("set-cookie");
+  const [setCookie, carry] = landing.headers.getSetCookie();
   assert.match(setCookie, /^ajs_anonymous_id=[^;]+; Path=\/; Max-Age=31536000; Expires=[^;]+; SameSite=Lax; Secure$/);
-  // fetch keeps no cookie jar: send it back as a browser on https would.
+  assert.match(carry, /^identity_restored=[\w-]+\.[\w-]+; Path=\/; Max-Age=60; Expires=[^;]+; SameSite=Lax; Secure; HttpOnly$/);
+  // fetch keeps no cookie jar: send them back as a browser on https would.
   const cookie = setCookie.split(";")[0];
-  const page = await get(`${originOf(checkout)}${landing.headers.get("location")}`, cookie);
+  const page = await get(`${originOf(checkout)}${landing.headers.get("location")}`, `${cookie}; ${carry.split(";")[0]}`);
   assert.equal(page.status, 200);
+  assert.match(page.headers.getSetCookie()[0], /^identity_restored=; Path=\/; Max-Age=0;/);
   return { cookie, body: page.body };
 }
 
@@ -120,4 +125,28 @@ test("a shop visitor without a cookie still goes to the checkout, undecorated", 
   // No ajs_anonymous_id (analytics.js blocked): the prepare is refused, the checkout goes on.
   const go = await get(`${originOf(shop)}/checkout`, undefined, "POST");
   assert.deepEqual([go.status, go.headers.get("location")], [303, `${originOf(checkout)}/cart`]);
+});
+
+test("the Express handler after the 303 sees the restored identity, once", async () => {
+  const identity = new IdentityClient({ baseUrl: service.url, writeKey: WRITE_KEY });
+  const handoff = await identity.prepare({
+    anonymousId: "visitor-me",
+    userId: "user-me",
+    traits: { plan: "pro" },
+    consent: { analytics: true },
+    destination: `${originOf(checkout)}/me`,
+  });
+  const landing = await get(handoff.redirectUrl);
+  assert.equal(landing.status, 303);
+  const cookies = landing.headers.getSetCookie().map((c) => c.split(";")[0]).join("; ");
+  const page = await get(`${originOf(checkout)}/me`, cookies);
+  assert.deepEqual(JSON.parse(page.body), {
+    anonymousId: "visitor-me",
+    source: "handoff",
+    userId: "user-me",
+    traits: { plan: "pro" },
+    consent: { analytics: true },
+  });
+  const later = await get(`${originOf(checkout)}/me`, "ajs_anonymous_id=visitor-me");
+  assert.deepEqual(JSON.parse(later.body), { anonymousId: "visitor-me", source: "cookie" });
 });

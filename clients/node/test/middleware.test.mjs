@@ -3,6 +3,7 @@ import assert from "node:assert/strict";
 import http from "node:http";
 import { after, before, describe, test } from "node:test";
 
+import { encodeCarry, carryKey } from "../dist/esm/carry.js";
 import { IdentityClient, ServiceUnavailable, handoffMiddleware } from "../dist/esm/index.js";
 import { WRITE_KEY, freePort, startService } from "./helpers.mjs";
 
@@ -53,12 +54,22 @@ function get(port, path, headers = {}, method = "GET") {
   });
 }
 
-function cookieOf(answer) {
-  const cookies = answer.headers["set-cookie"] ?? [];
-  assert.equal(cookies.length, 1, JSON.stringify(cookies));
+/** The one `Set-Cookie` of cookie `wanted` in the answer. */
+function cookieOf(answer, wanted = "ajs_anonymous_id") {
+  const cookies = (answer.headers["set-cookie"] ?? []).filter((c) => c.startsWith(`${wanted}=`));
+  assert.equal(cookies.length, 1, JSON.stringify(answer.headers["set-cookie"]));
   const [pair, ...attributes] = cookies[0].split("; ");
-  const [name, value] = pair.split("=");
-  return { name, value, attributes };
+  const eq = pair.indexOf("=");
+  return { name: pair.slice(0, eq), value: pair.slice(eq + 1), attributes };
+}
+
+const CARRY = "identity_restored";
+
+/** The request after the 303, with the cookies the 303 set: what the handler saw, and the answer. */
+async function follow(checkout, answer) {
+  const cookie = (answer.headers["set-cookie"] ?? []).map((c) => c.split(";")[0]).join("; ");
+  const page = await get(checkout.port, answer.headers.location, { cookie });
+  return { page, identity: JSON.parse(page.body).identity };
 }
 
 async function waitForEvent(predicate) {
@@ -85,6 +96,9 @@ describe("handoffMiddleware", () => {
   test("a token: 303 to the clean URL with the visitor cookie; domain B's context sent", async () => {
     const handoff = await client.prepare({
       anonymousId: "visitor-from-shop",
+      userId: "user-42",
+      traits: { plan: "pro", name: "Zoë" },
+      consent: { analytics: true, ads: false },
       destination: `${checkout.origin}/cart?step=1&coupon=x`,
     });
     const landing = new URL(handoff.redirectUrl);
@@ -112,11 +126,74 @@ describe("handoffMiddleware", () => {
     assert.equal(track.context.ip, "127.0.0.1");
     assert.equal(track.context.userAgent, "node-test-agent/1.0");
 
-    // The next request carries the cookie: the handler sees the visitor.
-    const page = await get(checkout.port, "/cart?step=1&coupon=x", { cookie: `other=1; ${cookie.name}=${cookie.value}` });
+    const carry = cookieOf(answer, CARRY);
+    for (const attribute of ["Domain=checkout.localhost", "Path=/", "Max-Age=60", "SameSite=Lax", "Secure", "HttpOnly"]) {
+      assert.ok(carry.attributes.includes(attribute), attribute);
+    }
+
+    // The page the 303 leads to: its handler sees the whole restored identity, once.
+    const { page, identity } = await follow(checkout, answer);
     assert.equal(page.status, 200);
-    assert.equal(page.headers["set-cookie"], undefined);
-    assert.deepEqual(JSON.parse(page.body).identity, { anonymousId: "visitor-from-shop", source: "cookie" });
+    assert.deepEqual(identity, {
+      anonymousId: "visitor-from-shop",
+      source: "handoff",
+      userId: "user-42",
+      traits: { plan: "pro", name: "Zoë" },
+      consent: { analytics: true, ads: false },
+    });
+    const cleared = cookieOf(page, CARRY);
+    assert.equal(cleared.value, "");
+    assert.ok(cleared.attributes.includes("Max-Age=0"));
+
+    // Later requests carry the visitor cookie only: the handler sees the visitor.
+    const later = await get(checkout.port, "/cart?step=1&coupon=x", { cookie: `other=1; ${cookie.name}=${cookie.value}` });
+    assert.equal(later.status, 200);
+    assert.equal(later.headers["set-cookie"], undefined);
+    assert.deepEqual(JSON.parse(later.body).identity, { anonymousId: "visitor-from-shop", source: "cookie" });
+  });
+
+  test("a forged, expired, foreign, malformed or oversized carry cookie is ignored, and cleared", async () => {
+    const handoff = await client.prepare({ anonymousId: "carried", userId: "user-1", destination: `${checkout.origin}/cart` });
+    const answer = await get(checkout.port, `/cart?handoff_token=${handoff.token}`);
+    const { value } = cookieOf(answer, CARRY);
+    const [payload, signature] = value.split(".");
+    const raised = Buffer.from(
+      Buffer.from(payload, "base64url").toString().replace('"userId":"user-1"', '"userId":"admin"'),
+    ).toString("base64url");
+    assert.notEqual(raised, payload);
+    const admin = { anonymousId: "carried", userId: "admin", traits: {}, consent: {}, source: "handoff" };
+    const otherKey = encodeCarry(admin, carryKey("not-the-write-key"), 2 ** 40);
+    const expired = encodeCarry(admin, carryKey(WRITE_KEY), Math.floor(Date.now() / 1000) - 1);
+    for (const cookie of [
+      `ajs_anonymous_id=carried; ${CARRY}=${raised}.${signature}`,
+      `ajs_anonymous_id=carried; ${CARRY}=${otherKey}`,
+      `ajs_anonymous_id=carried; ${CARRY}=${expired}`,
+      `ajs_anonymous_id=someone-else; ${CARRY}=${value}`,
+      `ajs_anonymous_id=carried; ${CARRY}=${value.slice(0, -2)}`,
+      `ajs_anonymous_id=carried; ${CARRY}=bm90IGpzb24.x`,
+      `ajs_anonymous_id=carried; ${CARRY}=${"A".repeat(5000)}`,
+    ]) {
+      const page = await get(checkout.port, "/cart", { cookie });
+      assert.equal(page.status, 200, cookie);
+      const visitor = cookie.split(";")[0].split("=")[1];
+      assert.deepEqual(JSON.parse(page.body).identity, { anonymousId: visitor, source: "cookie" }, cookie);
+      assert.equal(cookieOf(page, CARRY).value, "");
+    }
+    const genuine = await get(checkout.port, "/cart", { cookie: `ajs_anonymous_id=carried; ${CARRY}=${value}` });
+    assert.equal(JSON.parse(genuine.body).identity.userId, "user-1");
+  });
+
+  test("an empty or over-long token: the fallback's generated id, not an error", async () => {
+    for (const token of ["", "t".repeat(129)]) {
+      const answer = await get(checkout.port, `/pay?handoff_token=${token}&a=1`);
+      assert.equal(answer.status, 303);
+      assert.equal(answer.headers.location, "/pay?a=1");
+      const { value } = cookieOf(answer);
+      assert.match(value, UUID4);
+      const { identity } = await follow(checkout, answer);
+      assert.deepEqual(identity, { anonymousId: value, source: "generated", userId: null, traits: {}, consent: {} });
+    }
+    assert.deepEqual(checkout.errors, []);
   });
 
   test("a used token: a generated anonymousId in the cookie, same clean redirect", async () => {
@@ -137,6 +214,8 @@ describe("handoffMiddleware", () => {
     const { value } = cookieOf(answer);
     assert.match(value, UUID4);
     assert.notEqual(value, "late-visitor");
+    const { identity } = await follow(checkout, answer);
+    assert.deepEqual(identity, { anonymousId: value, source: "generated", userId: null, traits: {}, consent: {} });
   });
 
   test("the other parameters stay as sent; the redirect never leaves the site", async () => {

@@ -2,6 +2,7 @@
 
 from identity_client._base import __version__
 from identity_client._client import AsyncIdentityClient, IdentityClient
+from identity_client.cookies import read_anonymous_id
 from identity_client.errors import (
     APIError,
     AudienceMismatch,
@@ -42,4 +43,5 @@ __all__ = [
     "Unauthorized",
     "UnsupportedMediaType",
     "__version__",
+    "read_anonymous_id",
 ]

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import httpx
 
+from identity_client._carry import carry_key
 from identity_client.errors import (
     PROBLEM_CLASSES,
     PROBLEM_PREFIX,
@@ -60,6 +61,8 @@ class BaseClient:
         self.max_retries = max_retries
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
+        # The middleware signs its carry cookie with it (identity_client._carry).
+        self._carry_key = carry_key(write_key)
         credentials = base64.b64encode(f"{write_key}:".encode()).decode("ascii")
         self._headers = {
             "Authorization": f"Basic {credentials}",

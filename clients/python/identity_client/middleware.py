@@ -16,10 +16,18 @@ the page loads clean and analytics.js starts with the restored anonymousId.
   the exchange, the middleware still answers the 303 to the clean URL, without a cookie:
   the page loads and analytics.js keeps (or makes) its own id. The exchange is never
   retried (a token works once).
+- A token the service refuses (empty, over-long: 400) is bad input like a missing token:
+  the fallback's generated id, logged at INFO without the token.
 - Every request gets the identity: ASGI ``scope["state"]["identity"]``, WSGI
-  ``environ["identity_client.identity"]``, aiohttp ``request["identity"]``. On the handoff
-  request it is the exchanged ``Identity``; on later requests an ``Identity`` with
-  ``source="cookie"`` and the cookie's anonymousId, or ``None`` without the cookie.
+  ``environ["identity_client.identity"]``, aiohttp ``request["identity"]``. The handoff
+  request itself never reaches the handler (it is answered 303), so the exchange also sets
+  a carry cookie (``identity_restored``, HttpOnly, 60 s): the exchanged identity, signed
+  with a key derived from the write key (signed, not encrypted). On the next request (the
+  303's clean URL) the handler gets that ``Identity`` (``user_id``, ``traits``,
+  ``consent``, ``source`` ``"handoff"`` or ``"generated"``) and the response clears the
+  carry cookie. Any other request gets an ``Identity`` with ``source="cookie"`` and the
+  visitor cookie's anonymousId, or ``None`` without the cookie. A carry cookie that is
+  forged, expired, malformed, oversized or for another anonymousId is ignored.
 
 ASGI and WSGI are used as protocols: no dependency on Starlette, Flask or Django. The aiohttp
 middleware imports aiohttp when it is built (the ``aiohttp`` extra).
@@ -28,14 +36,22 @@ middleware imports aiohttp when it is built (the ``aiohttp`` extra).
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import quote, unquote, unquote_plus
+from urllib.parse import quote, unquote_plus
 
+from identity_client import _carry
 from identity_client._client import AsyncIdentityClient, IdentityClient
-from identity_client.errors import IdentityConnectionError, IdentityError, ServiceUnavailable
+from identity_client.cookies import read_anonymous_id, read_cookie
+from identity_client.errors import (
+    IdentityConnectionError,
+    IdentityError,
+    InvalidRequest,
+    ServiceUnavailable,
+)
 from identity_client.models import Identity
 
 if TYPE_CHECKING:
@@ -52,6 +68,10 @@ __all__ = [
 logger = logging.getLogger("identity_client.middleware")
 
 ONE_YEAR = 365 * 24 * 3600
+# The service refuses (400) an exchange whose token is empty or longer than this; real
+# tokens are 43 characters, so UNKNOWN_TOKEN is never one.
+MAX_TOKEN_LENGTH = 128
+UNKNOWN_TOKEN = "-"  # noqa: S105 - not a secret
 WSGI_ENVIRON_KEY = "identity_client.identity"
 
 # ASGI as a protocol (typing only).
@@ -70,7 +90,7 @@ _COOKIE_SAFE = "!#$&'()*+-./:<=>?@[]^_`{|}~"
 
 @dataclass(frozen=True)
 class MiddlewareSettings:
-    """What the three middlewares share: the token parameter, the cookie and the event."""
+    """What the three middlewares share: the token parameter, the cookies and the event."""
 
     token_param: str = "handoff_token"  # noqa: S105 - a parameter name
     cookie_name: str = "ajs_anonymous_id"
@@ -81,29 +101,56 @@ class MiddlewareSettings:
     cookie_path: str = "/"
     event: str | None = None
     properties: dict[str, Any] | None = None
+    # The exchanged identity for the request after the 303 (identity_client._carry).
+    carry_cookie_name: str = "identity_restored"
+    carry_max_age: int = 60
 
     def set_cookie(self, anonymous_id: str) -> str:
-        parts = [
-            f"{self.cookie_name}={quote(anonymous_id, safe=_COOKIE_SAFE)}",
-            f"Path={self.cookie_path}",
-            f"Max-Age={self.cookie_max_age}",
-            f"SameSite={self.cookie_same_site}",
-        ]
+        return self._set_cookie(
+            self.cookie_name, quote(anonymous_id, safe=_COOKIE_SAFE), self.cookie_max_age
+        )
+
+    def _set_cookie(self, name: str, value: str, max_age: int, *, http_only: bool = False) -> str:
+        parts = [f"{name}={value}", f"Path={self.cookie_path}", f"Max-Age={max_age}"]
+        parts.append(f"SameSite={self.cookie_same_site}")
         if self.cookie_domain:
             parts.append(f"Domain={self.cookie_domain}")
         if self.cookie_secure:
             parts.append("Secure")
+        if http_only:
+            parts.append("HttpOnly")
         return "; ".join(parts)
 
     def cookie_identity(self, cookie_header: str | None) -> Identity | None:
-        for item in (cookie_header or "").split(";"):
-            name, sep, value = item.strip().partition("=")
-            if sep and name == self.cookie_name and value:
-                # analytics.js stores the id raw; older versions a JSON string (%22id%22).
-                anonymous_id = unquote(value.strip('"')).strip('"')
-                if anonymous_id:
-                    return Identity(anonymous_id=anonymous_id, source="cookie")
-        return None
+        anonymous_id = read_anonymous_id(read_cookie(cookie_header, self.cookie_name))
+        return Identity(anonymous_id=anonymous_id, source="cookie") if anonymous_id else None
+
+    def carry_cookie(self, identity: Identity, key: bytes) -> str | None:
+        """The ``Set-Cookie`` value carrying ``identity`` to the next request, or None when
+        it would be too large for a cookie."""
+        value = _carry.encode(identity, key, int(time.time()) + self.carry_max_age)
+        if value is None:
+            logger.warning(
+                "restored identity too large for the %s cookie: the next request's handler "
+                "gets only the anonymousId",
+                self.carry_cookie_name,
+            )
+            return None
+        return self._set_cookie(self.carry_cookie_name, value, self.carry_max_age, http_only=True)
+
+    def restored(self, cookie_header: str | None, key: bytes) -> tuple[Identity | None, str | None]:
+        """The identity of a request without a token, and the ``Set-Cookie`` value that
+        clears the carry cookie (None: there is none). A valid carry cookie for the visitor
+        cookie's anonymousId gives the exchanged identity; any other is ignored."""
+        visitor = self.cookie_identity(cookie_header)
+        value = read_cookie(cookie_header, self.carry_cookie_name)
+        if value is None:
+            return visitor, None
+        clear = self._set_cookie(self.carry_cookie_name, "", 0, http_only=True)
+        carried = _carry.decode(value, key, time.time())
+        if carried is None or visitor is None or carried.anonymous_id != visitor.anonymous_id:
+            return visitor, clear
+        return carried, clear
 
     def split_token(self, query: str) -> tuple[str | None, str]:
         """The token in ``query`` (raw) and the query without it, other parameters kept
@@ -127,6 +174,16 @@ class MiddlewareSettings:
             return existing, None
         return identity, self.set_cookie(identity.anonymous_id)
 
+    @staticmethod
+    def usable(token: str) -> str:
+        """``token``, or a token that can exist nowhere when the service would refuse it
+        (empty or over ``MAX_TOKEN_LENGTH``): such a link is bad input, not an error, and
+        gets the fallback's generated id like an unknown token."""
+        if 0 < len(token) <= MAX_TOKEN_LENGTH:
+            return token
+        logger.info("handoff token empty or too long: exchanged as an unknown token")
+        return UNKNOWN_TOKEN
+
     def exchange_options(self, context: dict[str, Any]) -> dict[str, Any]:
         """The exchange's arguments besides the token: always with ``fallback``."""
         return {
@@ -137,14 +194,19 @@ class MiddlewareSettings:
         }
 
     def settle(
-        self, outcome: Identity | IdentityError, cookie_header: str | None
-    ) -> tuple[Identity | None, str | None]:
-        """The request's identity and the ``Set-Cookie`` value (None: none) after the
-        exchange's ``outcome``; a failed exchange is logged and leaves the cookie's visitor."""
+        self, outcome: Identity | IdentityError, cookie_header: str | None, key: bytes
+    ) -> tuple[Identity | None, list[str]]:
+        """The request's identity and the ``Set-Cookie`` values after the exchange's
+        ``outcome``: the visitor cookie and the carry cookie, or none when the visitor keeps
+        the cookie's id; a failed exchange is logged and leaves the cookie's visitor."""
         if isinstance(outcome, IdentityError):
             _failed(outcome)
-            return self.cookie_identity(cookie_header), None
-        return self.landed(outcome, cookie_header)
+            return self.cookie_identity(cookie_header), []
+        identity, cookie = self.landed(outcome, cookie_header)
+        if cookie is None:
+            return identity, []
+        carry = self.carry_cookie(identity, key)
+        return identity, [cookie] if carry is None else [cookie, carry]
 
     def context(
         self, url: str, referrer: str | None, ip: str | None, user_agent: str | None
@@ -168,10 +230,15 @@ def _location(path: str, query: str) -> str:
 
 
 def _failed(error: IdentityError) -> None:
-    if isinstance(error, ServiceUnavailable | IdentityConnectionError):
+    if isinstance(error, ServiceUnavailable | IdentityConnectionError | InvalidRequest):
+        # Unreachable service, or input a visitor's link can make: not the site's error.
         logger.warning("handoff exchange failed, page served without it: %r", error)
     else:
         logger.error("handoff exchange refused, page served without it: %r", error)
+
+
+def _with_cookie(headers: Iterable[tuple[bytes, bytes]], cookie: str) -> list[tuple[bytes, bytes]]:
+    return [*headers, (b"set-cookie", cookie.encode("latin-1"))]
 
 
 class IdentityASGIMiddleware:
@@ -180,6 +247,7 @@ class IdentityASGIMiddleware:
     def __init__(self, app: ASGIApp, client: AsyncIdentityClient, **settings: Any) -> None:
         self.app = app
         self.client = client
+        self.key = client._carry_key
         self.settings = MiddlewareSettings(**settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -193,8 +261,17 @@ class IdentityASGIMiddleware:
         state = scope.setdefault("state", {})
         token, query = self.settings.split_token(scope.get("query_string", b"").decode("latin-1"))
         if scope.get("method") != "GET" or token is None:
-            state["identity"] = self.settings.cookie_identity(headers.get("cookie"))
-            await self.app(scope, receive, send)
+            state["identity"], clear = self.settings.restored(headers.get("cookie"), self.key)
+            if clear is None:
+                await self.app(scope, receive, send)
+                return
+
+            async def clearing(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = _with_cookie(message.get("headers", []), clear)
+                await send(message)
+
+            await self.app(scope, receive, clearing)
             return
         raw_path = scope.get("raw_path")
         path = (
@@ -220,12 +297,14 @@ class IdentityASGIMiddleware:
         ]
         outcome: Identity | IdentityError
         try:
-            outcome = await self.client.exchange(token, **self.settings.exchange_options(context))
+            outcome = await self.client.exchange(
+                self.settings.usable(token), **self.settings.exchange_options(context)
+            )
         except IdentityError as error:
             outcome = error
-        state["identity"], cookie = self.settings.settle(outcome, headers.get("cookie"))
-        if cookie is not None:
-            response_headers.append((b"set-cookie", cookie.encode("latin-1")))
+        state["identity"], cookies = self.settings.settle(outcome, headers.get("cookie"), self.key)
+        for cookie in cookies:
+            response_headers = _with_cookie(response_headers, cookie)
         await send({"type": "http.response.start", "status": 303, "headers": response_headers})
         await send({"type": "http.response.body", "body": b""})
 
@@ -237,14 +316,21 @@ class IdentityWSGIMiddleware:
     def __init__(self, app: WSGIApp, client: IdentityClient, **settings: Any) -> None:
         self.app = app
         self.client = client
+        self.key = client._carry_key
         self.settings = MiddlewareSettings(**settings)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         token, query = self.settings.split_token(environ.get("QUERY_STRING", ""))
         cookie_header = environ.get("HTTP_COOKIE")
         if environ.get("REQUEST_METHOD") != "GET" or token is None:
-            environ[WSGI_ENVIRON_KEY] = self.settings.cookie_identity(cookie_header)
-            return self.app(environ, start_response)
+            environ[WSGI_ENVIRON_KEY], clear = self.settings.restored(cookie_header, self.key)
+            if clear is None:
+                return self.app(environ, start_response)
+
+            def clearing(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
+                return start_response(status, [*headers, ("Set-Cookie", clear)], *exc_info)
+
+            return self.app(environ, clearing)
         # PEP 3333: paths are latin-1 decoded bytes; quote them back as sent.
         path = (
             quote(
@@ -270,12 +356,13 @@ class IdentityWSGIMiddleware:
         ]
         outcome: Identity | IdentityError
         try:
-            outcome = self.client.exchange(token, **self.settings.exchange_options(context))
+            outcome = self.client.exchange(
+                self.settings.usable(token), **self.settings.exchange_options(context)
+            )
         except IdentityError as error:
             outcome = error
-        environ[WSGI_ENVIRON_KEY], cookie = self.settings.settle(outcome, cookie_header)
-        if cookie is not None:
-            headers.append(("Set-Cookie", cookie))
+        environ[WSGI_ENVIRON_KEY], cookies = self.settings.settle(outcome, cookie_header, self.key)
+        headers.extend(("Set-Cookie", cookie) for cookie in cookies)
         start_response("303 See Other", headers)
         return [b""]
 
@@ -302,8 +389,18 @@ def identity_middleware(client: AsyncIdentityClient, **settings: Any) -> Middlew
         token, query = config.split_token(request.rel_url.raw_query_string)
         cookie_header = request.headers.get("Cookie")
         if request.method != "GET" or token is None:
-            expose(request, config.cookie_identity(cookie_header))
-            return await handler(request)
+            identity, clear = config.restored(cookie_header, client._carry_key)
+            expose(request, identity)
+            if clear is None:
+                return await handler(request)
+            try:
+                answer = await handler(request)
+            except web.HTTPException as exc:  # a raised answer (redirect, 404...) clears it too
+                exc.headers.add("Set-Cookie", clear)
+                raise
+            if not answer.prepared:  # a streamed answer's headers are already sent
+                answer.headers.add("Set-Cookie", clear)
+            return answer
         path = request.rel_url.raw_path
         url = f"{request.scheme}://{request.host}{_location(path, query)}"
         context = config.context(
@@ -315,12 +412,14 @@ def identity_middleware(client: AsyncIdentityClient, **settings: Any) -> Middlew
         )
         outcome: Identity | IdentityError
         try:
-            outcome = await client.exchange(token, **config.exchange_options(context))
+            outcome = await client.exchange(
+                config.usable(token), **config.exchange_options(context)
+            )
         except IdentityError as error:
             outcome = error
-        landed, cookie = config.settle(outcome, cookie_header)
+        landed, cookies = config.settle(outcome, cookie_header, client._carry_key)
         expose(request, landed)
-        if cookie is not None:
+        for cookie in cookies:
             response.headers.add("Set-Cookie", cookie)
         return response
 

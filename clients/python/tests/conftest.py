@@ -8,9 +8,10 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -28,6 +29,31 @@ SERVE = Path(sys.executable).parent / "identity-service"
 class Service:
     url: str
     process: subprocess.Popen[bytes]
+    log: Path  # its stdout and stderr: the events (the stdout destination) are JSON lines
+
+    def events(self) -> list[dict[str, Any]]:
+        found = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict) and "type" in event:
+                    found.append(event)
+        return found
+
+    def wait_for_event(self, matches: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """The first event the service delivered that ``matches``, waiting up to 10 s (the
+        outbox delivers in batches)."""
+        deadline = time.monotonic() + 10
+        while True:
+            found = [event for event in self.events() if matches(event)]
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise AssertionError("no such event delivered")
+            time.sleep(0.05)
 
 
 def start_service(log_dir: Path, name: str, **env: str) -> Iterator[Service]:
@@ -56,7 +82,7 @@ def start_service(log_dir: Path, name: str, **env: str) -> Iterator[Service]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name} service did not answer /healthz")
             time.sleep(0.05)
-        yield Service(url, process)
+        yield Service(url, process, log_dir / f"{name}.log")
     finally:
         process.terminate()
         try:

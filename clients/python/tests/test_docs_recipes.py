@@ -14,7 +14,7 @@ import httpx
 import pytest
 from aiohttp import web
 from conftest import Service
-from identity_client import AsyncIdentityClient, IdentityError
+from identity_client import AsyncIdentityClient, IdentityError, read_anonymous_id
 from servers import serving_aiohttp
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -35,6 +35,7 @@ def site(client: AsyncIdentityClient) -> web.Application:
         "web": web,
         "Any": Any,
         "IdentityError": IdentityError,
+        "read_anonymous_id": read_anonymous_id,
         "identity": client,
     }
     exec(compile(recipes(), "<docs/sdk.md>", "exec"), namespace)  # noqa: S102 - our own docs

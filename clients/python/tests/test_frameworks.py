@@ -3,13 +3,15 @@
 Flask (WSGI, werkzeug's server), FastAPI (ASGI, uvicorn), Django (its WSGI handler under
 werkzeug, its ASGI handler under uvicorn) and aiohttp (its own server), each in front of
 the real ``identity-service serve``. httpx follows the flow as a browser would: the handoff
-URL answers 303 to the same URL without the token and sets ``ajs_anonymous_id``; the page
-then loads with the restored visitor. A used, unknown or expired token falls back to a
-generated id and the page still loads.
+URL answers 303 to the same URL without the token and sets ``ajs_anonymous_id`` and the
+signed carry cookie; the page's handler then sees the whole restored identity (userId,
+traits, consent, source), once. A used, unknown, expired, empty or over-long token falls
+back to a generated id and the page still loads.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 import time
@@ -33,7 +35,7 @@ from django.urls import path
 from fastapi import FastAPI, Request
 from flask import Flask
 from flask import request as flask_request
-from identity_client import AsyncIdentityClient, Identity, IdentityClient
+from identity_client import AsyncIdentityClient, Identity, IdentityClient, _carry
 from identity_client.middleware import (
     WSGI_ENVIRON_KEY,
     IdentityASGIMiddleware,
@@ -43,6 +45,7 @@ from identity_client.middleware import (
 from servers import serving_aiohttp, serving_asgi, serving_wsgi
 
 COOKIE = "ajs_anonymous_id"
+CARRY = "identity_restored"
 # The sites are plain http on loopback: a Secure cookie would never be sent back.
 SETTINGS: dict[str, Any] = {"cookie_secure": False, "event": "Checkout Started"}
 FRAMEWORKS = ["flask", "fastapi", "django-wsgi", "django-asgi", "aiohttp"]
@@ -52,7 +55,21 @@ def page(identity: Identity | None) -> dict[str, Any]:
     """What every site's /cart page answers: the visitor its handler sees."""
     if identity is None:
         return {"anonymousId": None, "source": None}
-    return {"anonymousId": identity.anonymous_id, "source": identity.source}
+    seen: dict[str, Any] = {"anonymousId": identity.anonymous_id, "source": identity.source}
+    if identity.source != "cookie":
+        seen.update(userId=identity.user_id, traits=identity.traits, consent=identity.consent)
+    return seen
+
+
+def generated(anonymous_id: str) -> dict[str, Any]:
+    """What the handler sees after a fallback's generated id."""
+    return {
+        "anonymousId": anonymous_id,
+        "source": "generated",
+        "userId": None,
+        "traits": {},
+        "consent": {},
+    }
 
 
 def flask_site(service: Service) -> AbstractContextManager[str]:
@@ -157,7 +174,8 @@ def visit(url: str, cookies: httpx.Cookies | None = None) -> httpx.Response:
 
 def check_clean_redirect(response: httpx.Response, url: str) -> str:
     """The handoff request was answered 303 to ``url`` (without the token), with the visitor
-    cookie; returns the cookie's anonymousId."""
+    cookie and the carry cookie, which the page's answer clears; returns the cookie's
+    anonymousId."""
     (handoff,) = response.history
     assert handoff.status_code == 303
     parts = urlsplit(url)
@@ -165,9 +183,14 @@ def check_clean_redirect(response: httpx.Response, url: str) -> str:
     assert handoff.headers["cache-control"] == "no-store"
     assert "handoff_token" not in str(response.url)
     assert str(response.url) == url
-    set_cookie = handoff.headers["set-cookie"]
+    set_cookie, carry = handoff.headers.get_list("set-cookie")
     assert set_cookie.startswith(f"{COOKIE}=")
     assert "Path=/" in set_cookie and "SameSite=Lax" in set_cookie
+    assert carry.startswith(f"{CARRY}=")
+    assert {"Path=/", "Max-Age=60", "SameSite=Lax", "HttpOnly"} <= set(carry.split("; "))
+    assert "Secure" not in carry  # as the visitor cookie (cookie_secure=False)
+    (cleared,) = response.headers.get_list("set-cookie")
+    assert cleared.startswith(f"{CARRY}=;") and "Max-Age=0" in cleared
     return set_cookie.split(";", 1)[0].split("=", 1)[1]
 
 
@@ -177,14 +200,31 @@ def test_the_handoff_restores_the_visitor_before_the_page_loads(
 ) -> None:
     visitor = f"visitor-{framework}"
     clean = f"{sites[framework]}/cart?step=1&coupon=a%20b"
-    handoff = identity.prepare(anonymous_id=visitor, destination=clean)
+    handoff = identity.prepare(
+        anonymous_id=visitor,
+        user_id=f"user-{framework}",
+        traits={"plan": "pro", "name": "Zoë"},
+        consent={"analytics": True, "ads": False},
+        destination=clean,
+    )
     assert "handoff_token=" in handoff.redirect_url
 
-    response = visit(handoff.redirect_url)
-
-    assert response.status_code == 200
-    assert check_clean_redirect(response, clean) == visitor
-    assert response.json() == {"anonymousId": visitor, "source": "cookie"}
+    with httpx.Client(follow_redirects=True, timeout=10) as browser:
+        response = browser.get(handoff.redirect_url)
+        assert response.status_code == 200
+        assert check_clean_redirect(response, clean) == visitor
+        # The handler of the page the 303 leads to sees the whole restored identity.
+        assert response.json() == {
+            "anonymousId": visitor,
+            "source": "handoff",
+            "userId": f"user-{framework}",
+            "traits": {"plan": "pro", "name": "Zoë"},
+            "consent": {"analytics": True, "ads": False},
+        }
+        # Once: the carry cookie is gone, the next page has the visitor cookie only.
+        assert CARRY not in browser.cookies
+        again = browser.get(clean)
+        assert again.json() == {"anonymousId": visitor, "source": "cookie"}
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
@@ -195,15 +235,15 @@ def test_a_used_or_unknown_token_or_none_still_loads_the_page(
     handoff = identity.prepare(anonymous_id=f"once-{framework}", destination=clean)
     assert visit(handoff.redirect_url).json()["anonymousId"] == f"once-{framework}"
 
-    generated = set()
+    ids = set()
     for url in (handoff.redirect_url, f"{clean}?handoff_token=no-such-token"):
         response = visit(url)  # a new browser: no cookie yet
         assert response.status_code == 200
         anonymous_id = check_clean_redirect(response, clean)
         assert anonymous_id != f"once-{framework}"
-        assert response.json() == {"anonymousId": anonymous_id, "source": "cookie"}
-        generated.add(anonymous_id)
-    assert len(generated) == 2  # each miss gets an id of its own
+        assert response.json() == generated(anonymous_id)
+        ids.add(anonymous_id)
+    assert len(ids) == 2  # each miss gets an id of its own
 
     plain = visit(clean)
     assert (plain.status_code, plain.history, plain.json()) == (
@@ -228,7 +268,7 @@ def test_an_expired_token_falls_back_in_every_framework(
         assert response.status_code == 200, name
         anonymous_id = check_clean_redirect(response, f"{sites[name]}/cart")
         assert anonymous_id != "expiring", name
-        assert response.json() == {"anonymousId": anonymous_id, "source": "cookie"}, name
+        assert response.json() == generated(anonymous_id), name
 
 
 def raw_get(base: str, target: str, cookie: str | None = None) -> tuple[int, dict[str, str]]:
@@ -288,3 +328,89 @@ def test_a_stale_token_keeps_the_visitor_id_already_there(
     with httpx.Client(headers=cookie, timeout=10) as browser:
         landed = browser.get(f"{sites[framework]}{headers['location']}")
     assert landed.json() == {"anonymousId": "already-here", "source": "cookie"}
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_a_forged_expired_or_foreign_carry_cookie_is_ignored(
+    framework: str, sites: dict[str, str], identity: IdentityClient
+) -> None:
+    """The handler trusts the carry cookie only when its signature holds, it has not expired
+    and it is for the visitor cookie's anonymousId; any other is ignored, and cleared."""
+    handoff = identity.prepare(
+        anonymous_id="carried", user_id="user-1", destination=f"{sites[framework]}/cart"
+    )
+    first = httpx.get(handoff.redirect_url, timeout=10)
+    assert first.status_code == 303
+    (carry,) = [c for c in first.headers.get_list("set-cookie") if c.startswith(f"{CARRY}=")]
+    value = carry.split(";", 1)[0].split("=", 1)[1]
+    payload, signature = value.split(".")
+    raised = _carry._b64(_carry._unb64(payload).replace(b'"userId":"user-1"', b'"userId":"admin"'))
+    assert raised != payload
+    admin = Identity("carried", user_id="admin")
+    other_key = _carry.encode(admin, _carry.carry_key("not-the-write-key"), 2**40)
+    expired = _carry.encode(admin, _carry.carry_key(DEV_WRITE_KEY), int(time.time()) - 1)
+
+    def landing(cookie: str) -> httpx.Response:
+        return httpx.get(f"{sites[framework]}/cart", headers={"Cookie": cookie}, timeout=10)
+
+    for cookie in (
+        f"{COOKIE}=carried; {CARRY}={raised}.{signature}",  # tampered payload
+        f"{COOKIE}=carried; {CARRY}={other_key}",  # signed with another key
+        f"{COOKIE}=carried; {CARRY}={expired}",  # signed right, expired
+        f"{COOKIE}=someone-else; {CARRY}={value}",  # another visitor's
+        f"{CARRY}={value}",  # no visitor cookie
+        f"{COOKIE}=carried; {CARRY}={value[:-2]}",  # bad signature
+        f"{COOKIE}=carried; {CARRY}=bm90IGpzb24.x",  # malformed
+        f"{COOKIE}=carried; {CARRY}=" + "A" * 5000,  # oversized
+    ):
+        landed = landing(cookie)
+        assert landed.status_code == 200, cookie
+        visitor = cookie.split(";")[0].split("=")[1] if cookie.startswith(COOKIE) else None
+        expected = {"anonymousId": visitor, "source": "cookie" if visitor else None}
+        assert landed.json() == expected, cookie
+        (cleared,) = landed.headers.get_list("set-cookie")
+        assert cleared.startswith(f"{CARRY}=;") and "Max-Age=0" in cleared, cookie
+
+    genuine = landing(f"{COOKIE}=carried; {CARRY}={value}").json()
+    assert (genuine["source"], genuine["userId"]) == ("handoff", "user-1")
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("token", ["", "t" * 129])
+def test_a_token_the_service_would_refuse_falls_back_quietly(
+    framework: str, token: str, sites: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An empty or over-long token (the service answers 400 to it) is a bad link, not an
+    error: the fallback's generated id, and no ERROR line any visitor could cause."""
+    clean = f"{sites[framework]}/cart?a=1"
+    with caplog.at_level(logging.INFO, logger="identity_client"):
+        response = visit(f"{sites[framework]}/cart?handoff_token={token}&a=1")
+    assert response.status_code == 200
+    anonymous_id = check_clean_redirect(response, clean)
+    assert response.json() == generated(anonymous_id)
+    records = [r for r in caplog.records if r.name.startswith("identity_client")]
+    assert records and all(r.levelno < logging.ERROR for r in records)
+    assert not token or all(token not in r.getMessage() for r in records)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_the_exchange_sends_domain_b_context_to_the_service(
+    framework: str, sites: dict[str, str], identity: IdentityClient, service: Service
+) -> None:
+    """The completion event the service delivers carries the landing request's page URL
+    (without the token), referrer, client IP and user agent."""
+    visitor = f"context-{framework}"
+    clean = f"{sites[framework]}/cart?step=2"
+    handoff = identity.prepare(anonymous_id=visitor, destination=clean)
+    headers = {"Referer": "http://shop.localhost/basket", "User-Agent": f"agent/{framework}"}
+    landing = httpx.get(handoff.redirect_url, headers=headers, timeout=10)
+    assert landing.status_code == 303
+
+    event = service.wait_for_event(
+        lambda e: e.get("anonymousId") == visitor and e.get("event") == "Checkout Started"
+    )
+    context = event["context"]
+    assert context["page"]["url"] == clean
+    assert context["page"]["referrer"] == "http://shop.localhost/basket"
+    assert context["ip"] == "127.0.0.1"
+    assert context["userAgent"] == f"agent/{framework}"

@@ -213,7 +213,7 @@ def test_the_callback_must_be_an_origin_the_exchanging_source_may_receive(
 
 
 def test_a_mobile_app_opens_the_web_as_the_same_visitor(
-    identity: IdentityClient, site: str
+    identity: IdentityClient, site: str, service: Service
 ) -> None:
     # The app's backend prepares for the app's anonymousId, with the app's Segment context;
     # the app opens the redirect URL (a universal link / App Link to the web).
@@ -227,3 +227,12 @@ def test_a_mobile_app_opens_the_web_as_the_same_visitor(
     page = browse(handoff.redirect_url)
     assert str(page.url) == f"{site}/account/orders?from=app"
     assert page.json()["anonymousId"] == "app-install-7"
+    # Domain A's started event is the app's: it carries the app's context.
+    started = service.wait_for_event(
+        lambda e: (
+            e.get("anonymousId") == "app-install-7"
+            and e.get("event") == "Cross-Domain Handoff Started"
+        )
+    )
+    assert started["context"]["app"] == {"name": "Shop", "version": "5.2.0"}
+    assert started["context"]["os"] == {"name": "iOS"}

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import DEV_WRITE_KEY, Service
+from identity_client import read_anonymous_id
 from servers import serving_wsgi
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -58,23 +59,33 @@ def domain_b(environment: None) -> Iterator[str]:
         yield url
 
 
-def test_the_python_snippets_hand_the_visitor_over(domain_b: str) -> None:
+# analytics.js 2.0 writes the id as is; analytics.js classic writes JSON.stringify(id),
+# percent-encoded: %22<id>%22. Either way domain B must get the bare id.
+@pytest.mark.parametrize("stored", ["readme-visitor", "%22readme-visitor%22"])
+def test_the_python_snippets_hand_the_visitor_over(domain_b: str, stored: str) -> None:
     code = snippets(ROOT / "README.md")["python-domain-a"]
     code = code.replace("https://checkout.example-pay.com", domain_b)
     with serving_wsgi(run(code)) as domain_a, httpx.Client(timeout=10) as browser:
-        browser.cookies.set("ajs_anonymous_id", "readme-visitor")
+        browser.cookies.set("ajs_anonymous_id", stored)
         go = browser.post(f"{domain_a}/checkout")
         assert go.status_code == 303
         landing = browser.get(go.headers["location"])
         assert landing.status_code == 303
         assert landing.headers["location"] == "/cart"
-        set_cookie = landing.headers["set-cookie"]
+        set_cookie = landing.headers.get_list("set-cookie")[0]
         assert set_cookie.startswith("ajs_anonymous_id=readme-visitor;")
         assert "Secure" in set_cookie
         # httpx keeps a Secure cookie from plain http: send it as a browser on https would.
         page = httpx.get(f"{domain_b}/cart", headers={"Cookie": "ajs_anonymous_id=readme-visitor"})
         assert page.text == "hello readme-visitor"
         assert httpx.get(f"{domain_b}/cart").text == "hello new visitor"
+
+
+def test_read_anonymous_id_accepts_every_form_analytics_js_writes() -> None:
+    for value in ("abc-1", '"abc-1"', "%22abc-1%22", " %22abc-1%22 "):
+        assert read_anonymous_id(value) == "abc-1", value
+    for empty in (None, "", "%22%22", '""'):
+        assert read_anonymous_id(empty) is None, empty
 
 
 def test_the_python_domain_a_snippet_still_sends_a_visitor_without_a_cookie(

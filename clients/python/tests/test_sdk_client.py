@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -276,3 +278,109 @@ def test_connection_refused(service: Service) -> None:
         assert isinstance(caught.value, IdentityError)
         assert isinstance(caught.value, ConnectionError)
         assert DEV_WRITE_KEY not in repr(caught.value)
+
+
+# Timeouts and connection reuse: real sockets on loopback, counted where they are accepted.
+
+
+class Listener:
+    """Accepts connections on loopback and counts them; with ``upstream``, relays each to
+    it byte for byte (a TCP proxy), else holds it open and never answers."""
+
+    def __init__(self, upstream: str | None = None) -> None:
+        self.upstream = urlsplit(upstream) if upstream else None
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.accepted: list[socket.socket] = []
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            self.accepted.append(conn)
+            if self.upstream is not None:
+                up = socket.create_connection((self.upstream.hostname, self.upstream.port))
+                self.accepted.append(up)  # closed with the rest
+                for source, sink in ((conn, up), (up, conn)):
+                    relay = threading.Thread(target=_pump, args=(source, sink), daemon=True)
+                    relay.start()
+
+    def connections(self, expected: int) -> int:
+        """How many connections came in, once ``expected`` have (or after 5 s)."""
+        deadline = time.monotonic() + 5
+        while self.count() < expected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.count()
+
+    def count(self) -> int:
+        return len(self.accepted) // (1 if self.upstream is None else 2)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.threads[0].join()
+        self.server.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+        sink.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+@pytest.fixture
+def silent() -> Iterator[Listener]:
+    listener = Listener()
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+def proxy(service: Service) -> Iterator[Listener]:
+    listener = Listener(service.url)
+    yield listener
+    listener.close()
+
+
+def test_a_server_that_never_answers_times_prepare_out_after_its_retries(
+    silent: Listener,
+) -> None:
+    timeout = httpx.Timeout(0.3, connect=2.0)
+    with IdentityClient(
+        silent.url, DEV_WRITE_KEY, timeout=timeout, max_retries=2, backoff_base=0.01
+    ) as client:
+        with pytest.raises(IdentityConnectionError) as caught:
+            client.prepare("visitor", destination=DESTINATION)
+        assert "timed out" in str(caught.value)
+        assert silent.connections(3) == 3  # the first attempt and two retries
+
+        with pytest.raises(IdentityConnectionError) as caught:
+            client.exchange("t" * 43, fallback=True)
+        assert "timed out" in str(caught.value)
+        assert silent.connections(4) == 4  # one attempt: an exchange is never retried
+
+
+def test_the_sync_client_reuses_one_connection(proxy: Listener) -> None:
+    with IdentityClient(proxy.url, DEV_WRITE_KEY) as client:
+        for n in range(3):
+            handoff = client.prepare(f"reused-{n}", destination=DESTINATION)
+            assert client.exchange(handoff.token).anonymous_id == f"reused-{n}"
+    assert proxy.connections(1) == 1
+
+
+async def test_the_async_client_reuses_one_connection(proxy: Listener) -> None:
+    async with AsyncIdentityClient(proxy.url, DEV_WRITE_KEY) as client:
+        for n in range(3):
+            handoff = await client.prepare(f"reused-async-{n}", destination=DESTINATION)
+            assert (await client.exchange(handoff.token)).anonymous_id == f"reused-async-{n}"
+    assert proxy.connections(1) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -96,7 +97,7 @@ async def test_asgi(service: Service) -> None:
             )
             assert first.status_code == 303
             assert first.headers["location"] == "/cart?b=2&a=1"
-            check_set_cookie(first.headers["set-cookie"], "visitor-asgi")
+            check_set_cookie(first.headers.get_list("set-cookie")[0], "visitor-asgi")
 
             clean = await browser.get(
                 first.headers["location"], headers={"Cookie": f"{COOKIE}=visitor-asgi"}
@@ -152,7 +153,7 @@ def test_wsgi(service: Service) -> None:
             first = browser.get(path_of(handoff.redirect_url))
             assert first.status_code == 303
             assert first.headers["location"] == "/pay/ok?order=7"
-            assert first.headers["set-cookie"] == (
+            assert first.headers.get_list("set-cookie")[0] == (
                 f"{COOKIE}=visitor-wsgi; Path=/; Max-Age=31536000; SameSite=None; "
                 "Domain=checkout.localhost; Secure"
             )
@@ -222,3 +223,30 @@ async def test_aiohttp(aiohttp_browser: Any) -> None:
     assert plain.status == 200
     assert "Set-Cookie" not in plain.headers
     assert await plain.json() == {"identity": None}
+
+
+def test_an_identity_too_large_for_a_cookie_is_not_carried(
+    service: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Traits that would make the carry cookie over ~3,500 bytes: only the visitor cookie is
+    set (the handler then gets the cookie's anonymousId), with a warning that names no id."""
+    with IdentityClient(service.url, DEV_WRITE_KEY) as client:
+        transport = httpx.WSGITransport(app=IdentityWSGIMiddleware(wsgi_echo, client))
+        with httpx.Client(transport=transport, base_url=HOST) as browser:
+            handoff = client.prepare(
+                "visitor-large",
+                user_id="user-large",
+                traits={"bio": "x" * 3000},
+                destination=f"{HOST}/cart",
+            )
+            with caplog.at_level(logging.WARNING, logger="identity_client"):
+                first = browser.get(path_of(handoff.redirect_url))
+            assert first.status_code == 303
+            (cookie,) = first.headers.get_list("set-cookie")
+            check_set_cookie(cookie, "visitor-large")
+            (record,) = caplog.records
+            assert record.levelno == logging.WARNING and "too large" in record.getMessage()
+            assert "visitor-large" not in record.getMessage()
+            assert "user-large" not in record.getMessage()
+            clean = browser.get("/cart", headers={"Cookie": f"{COOKIE}=visitor-large"})
+            assert clean.json() == {"anonymous_id": "visitor-large", "source": "cookie"}
