@@ -21,6 +21,7 @@ from identity_service.constants import (
 )
 from identity_service.settings import ConfigError, Settings, load_settings
 from identity_service.sources import hash_write_key
+from identity_service.urls import host_port
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -260,7 +261,8 @@ def _announce(settings: Settings, host: str, port: int) -> None:
     else:
         store = "memory (this process only; not for production)"
     workers = f", {settings.workers} workers" if settings.workers > 1 else ""
-    lines = [f"identity-service {__version__} on http://{host}:{port}, store: {store}{workers}"]
+    address = host_port(host, port)
+    lines = [f"identity-service {__version__} on http://{address}, store: {store}{workers}"]
     if settings.dev_write_key is not None:
         if os.environ.get("IDENTITY_DEV_WRITE_KEY"):
             key_text = "the value of IDENTITY_DEV_WRITE_KEY"

@@ -400,6 +400,13 @@ def test_serve_refuses_a_destination_that_would_get_its_write_key_in_clear_text(
     ]
 
 
+def outbox_command(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``identity-service outbox <args>`` in ``env``, run to its end."""
+    return subprocess.run(
+        [COMMAND, "outbox", *args], env=env, capture_output=True, text=True, timeout=30
+    )
+
+
 async def test_outbox_retire_removes_a_destination_no_longer_configured(
     redis_server: RedisServer, redis_client: Redis
 ) -> None:
@@ -410,9 +417,7 @@ async def test_outbox_retire_removes_a_destination_no_longer_configured(
     env = redis_env(redis_server, IDENTITY_REDIS_KEY_PREFIX=prefix)
 
     def outbox(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [COMMAND, "outbox", *args], env=env, capture_output=True, text=True, timeout=30
-        )
+        return outbox_command(env, *args)
 
     still_configured = await asyncio.to_thread(outbox, "retire", "stdout")
     assert still_configured.returncode == 2

@@ -25,11 +25,11 @@ from identity_service.settings import RedisSettings
 from identity_service.stores.redis import RedisStore, connect
 from identity_service.stores.topology import ClusterClient, SentinelClient
 from tests.collector import WRITE_KEY, Collector, running_collector
-from tests.conftest import CHECKOUT_URL, AppClient, auth, make_settings
+from tests.conftest import CHECKOUT_URL, AppClient, auth, exchange, make_settings, prepare
 from tests.redis_server import RedisServer, free_port
 from tests.redis_topologies import Cluster, Sentinels, redis_cli, wait_until
 from tests.secrets_audit import AUDIT
-from tests.test_cli import refusal_at_start
+from tests.test_cli import outbox_command, redis_env_for, refusal_at_start
 from tests.test_resp import write_tls_files
 
 pytestmark = pytest.mark.topology
@@ -393,6 +393,55 @@ async def test_tls_sentinels_are_verified_with_the_urls_ca_by_both_clients(
         assert isinstance(admin, Redis)
         pool: Any = admin.connection_pool
         assert await pool.get_master_address() == ("127.0.0.1", master.port)
+    finally:
+        await lean.close()
+        await admin.aclose()
+        sentinel.terminate()
+        sentinel.wait(timeout=10)
+        master.stop()
+
+
+async def test_ipv6_seeds_and_sentinels_serve_handoffs(
+    aiohttp_client: ClientMaker, tmp_path: Path
+) -> None:
+    """``redis+cluster://[::1]:…`` and ``redis+sentinel://[::1]:…/<name>``: the node URL
+    built from the first seed brackets its host (else every client failed to read it, and
+    ``serve`` exited with a traceback), and the nodes the Cluster and the sentinels name
+    by IPv6 addresses are reached."""
+    (tmp_path / "cluster").mkdir()
+    cluster = Cluster(tmp_path / "cluster", host="::1")
+    cluster.start()
+    try:
+        assert cluster.url.startswith("redis+cluster://[::1]:")
+        client = await aiohttp_client(create_app(make_settings(cluster.url)))
+        for number in range(12):  # handoffs over every master
+            token = (await prepare(client, anonymousId=f"v6-visitor-{number}"))["token"]
+            answered, body = await exchange(client, token)
+            assert (answered, body["anonymousId"]) == (200, f"v6-visitor-{number}")
+        store = client.app[app_keys.STORE]
+        assert isinstance(store, RedisStore) and isinstance(store.commands, ClusterClient)
+        assert {host for host, _ in store.commands._nodes} == {"::1"}
+        status = await asyncio.to_thread(outbox_command, redis_env_for(cluster.url), "status")
+        assert status.returncode == 0, status.stderr
+    finally:
+        cluster.stop()
+    (tmp_path / "master").mkdir()
+    master = RedisServer(tmp_path / "master", bind="127.0.0.1 ::1")
+    master.start()
+    port = free_port()
+    config = tmp_path / "sentinel.conf"
+    config.write_text(
+        f"port {port}\nbind 127.0.0.1 ::1\ndir {tmp_path}\n"
+        f"sentinel monitor v6master ::1 {master.port} 1\n"
+    )
+    sentinel = start_sentinel(config, port)
+    settings = RedisSettings.from_dsn(f"redis+sentinel://[::1]:{port}/v6master")
+    lean = SentinelClient(settings, 1.0)
+    admin = connect(settings)
+    try:
+        assert await lean.execute("PING") == b"PONG"
+        assert lean.master == ("::1", master.port)
+        assert await admin.ping()
     finally:
         await lean.close()
         await admin.aclose()
