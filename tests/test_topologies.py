@@ -65,7 +65,11 @@ def test_one_node_urls_on_a_cluster_node_or_a_sentinel_are_refused_at_start(
     redis_cluster: Cluster, redis_sentinel: Sentinels
 ) -> None:
     node = f"redis://127.0.0.1:{redis_cluster.nodes[0].port}/0"
-    assert "redis+cluster://" in refusal_at_start(node, "is a Redis Cluster node")
+    line = refusal_at_start(node, "is a Redis Cluster node")
+    assert "redis+cluster://" in line
+    # The outbox commands refuse alike (they said "MovedError: ... XINFO GROUPS").
+    for command in (["status"], ["replay-dead"], ["retire", "gone"]):
+        assert refusal_at_start(node, "is a Redis Cluster node", "outbox", *command) == line
     sentinel = f"redis://127.0.0.1:{redis_sentinel.sentinel_ports[0]}/0"
     assert "redis+sentinel://" in refusal_at_start(sentinel, "is a sentinel")
 
