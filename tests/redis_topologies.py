@@ -92,6 +92,26 @@ class Cluster:
             timeout=120,
         )  # fmt: skip
 
+    def begin_migration(self, slot: int, source: RedisServer, target: RedisServer) -> None:
+        """Mark ``slot`` as moving from ``source`` to ``target`` (keys then move one by one)."""
+        redis_cli("-p", str(target.port), "CLUSTER", "SETSLOT", str(slot), "IMPORTING",
+                  self.node_id(source))  # fmt: skip
+        redis_cli("-p", str(source.port), "CLUSTER", "SETSLOT", str(slot), "MIGRATING",
+                  self.node_id(target))  # fmt: skip
+
+    def migrate(self, source: RedisServer, target: RedisServer, *keys: str) -> None:
+        """Move ``keys`` (of a slot being migrated) from ``source`` to ``target``."""
+        reply = redis_cli("-p", str(source.port), "MIGRATE", "127.0.0.1", str(target.port),
+                          "", "0", "5000", "KEYS", *keys)  # fmt: skip
+        if reply.strip() != "OK":
+            raise RuntimeError(f"MIGRATE answered {reply.strip()!r}")
+
+    def end_migration(self, slot: int, target: RedisServer) -> None:
+        """Give ``slot`` to ``target`` on every node: the migration is over."""
+        for node in self.nodes:
+            redis_cli("-p", str(node.port), "CLUSTER", "SETSLOT", str(slot), "NODE",
+                      self.node_id(target))  # fmt: skip
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
