@@ -16,11 +16,11 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from redis.asyncio import Redis
 
 from identity_service.constants import outbox_key
 from identity_service.sources import hash_write_key
-from tests.conftest import CHECKOUT_URL, SECRET, WRITE_KEYS, sources_env
+from identity_service.stores.redis import AdminClient
+from tests.conftest import CHECKOUT_URL, SECRET, WRITE_KEYS, Server, sources_env
 from tests.redis_server import RedisServer, free_port
 
 COMMAND = str(Path(sys.executable).parent / "identity-service")
@@ -438,13 +438,14 @@ def outbox_command(env: dict[str, str], *args: str) -> subprocess.CompletedProce
 
 
 async def test_outbox_retire_removes_a_destination_no_longer_configured(
-    redis_server: RedisServer, redis_client: Redis
+    outbox_redis: Server, outbox_client: AdminClient
 ) -> None:
+    redis_client = outbox_client
     prefix = f"retire-{os.getpid()}:"
     stream = outbox_key(prefix, 5)
     await redis_client.xadd(stream, {"j": b"x"})
     await redis_client.xgroup_create(stream, "old-warehouse", id="0")
-    env = redis_env(redis_server, IDENTITY_REDIS_KEY_PREFIX=prefix)
+    env = redis_env_for(outbox_redis.url, IDENTITY_REDIS_KEY_PREFIX=prefix)
 
     def outbox(*args: str) -> subprocess.CompletedProcess[str]:
         return outbox_command(env, *args)
