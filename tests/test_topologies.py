@@ -22,8 +22,9 @@ from redis.crc import key_slot
 from identity_service import app_keys
 from identity_service.app import create_app
 from identity_service.constants import KEY_SHARDS, link_key, outbox_key, shard_tags, tag_slot
+from identity_service.problems import StoreUnavailable
 from identity_service.settings import RedisSettings
-from identity_service.stores.redis import RedisStore, connect
+from identity_service.stores.redis import RedisStore, check_reachable, connect
 from identity_service.stores.resp import Arg, Reply, RespClient
 from identity_service.stores.topology import ClusterClient, SentinelClient
 from tests.collector import WRITE_KEY, Collector, running_collector
@@ -395,6 +396,9 @@ async def test_tls_sentinels_are_verified_with_the_urls_ca_by_both_clients(
     lean = SentinelClient(settings, 1.0)
     admin = connect(settings)
     try:
+        # The sentinel, asked over TLS, is one (not refused); the master here takes no TLS.
+        with pytest.raises(StoreUnavailable):
+            await check_reachable(settings)
         assert await lean._endpoint() == ("127.0.0.1", master.port)
         assert isinstance(admin, Redis)
         pool: Any = admin.connection_pool
@@ -445,6 +449,7 @@ async def test_ipv6_seeds_and_sentinels_serve_handoffs(
     lean = SentinelClient(settings, 1.0)
     admin = connect(settings)
     try:
+        await check_reachable(settings)  # a sentinel: not refused
         assert await lean.execute("PING") == b"PONG"
         assert lean.master == ("::1", master.port)
         assert await admin.ping()
