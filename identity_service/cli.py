@@ -22,6 +22,7 @@ from identity_service.constants import (
 )
 from identity_service.settings import ConfigError, Settings, load_settings
 from identity_service.sources import hash_write_key
+from identity_service.urls import host_port
 
 # How many of the newest dead letters `outbox dead` shows, by default and at most.
 DEAD_LETTERS_SHOWN = 20
@@ -123,9 +124,11 @@ def forward(config: Path | None) -> int:
     from identity_service.outbox import running_forwarders
     from identity_service.server import BindError, new_event_loop
 
-    configure_logging(settings.log_level)
-    if not _check_redis(settings, "the forwarders retry until it does"):
+    refused, unreachable = _reach_redis(settings)
+    if refused:
         return 2
+    configure_logging(settings.log_level)
+    _warn_unreachable(unreachable, "the forwarders retry until it does")
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -173,6 +176,8 @@ def outbox(
         print(
             f"identity-service: {retired!r} is still configured; remove it first", file=sys.stderr
         )
+        return 2
+    if _reach_redis(settings)[0]:
         return 2
     from redis.exceptions import RedisError
 
@@ -278,25 +283,25 @@ def serve(host: str, port: int, config: Path | None, workers: int | None = None)
     try:
         # Before anything is announced or forked: a taken port is then said once.
         check_address(host, port, reuse_port=settings.workers > 1)
+        refused, unreachable = _reach_redis(settings)
+        if refused:
+            return 2
         configure_logging(settings.log_level)
         _announce(settings, host, port)
-        if not _check_redis(settings, "requests answer 503 until it does"):
-            return 2
+        _warn_unreachable(unreachable, "requests answer 503 until it does")
         return run(settings, host, port)
     except BindError as exc:
         print(f"identity-service: {exc}", file=sys.stderr)
         return 1
 
 
-def _check_redis(settings: Settings, meanwhile: str) -> bool:
-    """Say once at start, naming the address, when Redis does not answer. The process
-    starts all the same, and recovers by itself when Redis answers. False, after one line
-    saying why, when the URL's form does not fit what it reaches (a Cluster node or a
-    sentinel behind a one-node URL)."""
+def _reach_redis(settings: Settings) -> tuple[bool, Exception | None]:
+    """Reach Redis once at start, before anything is announced: (True, None) after one
+    line saying why, when the URL's form does not fit what it reaches (a Cluster node or a
+    sentinel behind a one-node URL, a Sentinel URL naming a node that is no sentinel...);
+    else (False, why Redis did not answer, if it did not)."""
     if settings.redis is None:
-        return True
-    import structlog
-
+        return False, None
     from identity_service.problems import StoreUnavailable
     from identity_service.stores.redis import WrongTopology, check_reachable
 
@@ -304,15 +309,25 @@ def _check_redis(settings: Settings, meanwhile: str) -> bool:
         asyncio.run(check_reachable(settings.redis))
     except WrongTopology as exc:
         print(f"identity-service: IDENTITY_REDIS_URL: {exc}", file=sys.stderr, flush=True)
-        return False
+        return True, None
     except StoreUnavailable as exc:
-        structlog.get_logger(__name__).warning("store_unreachable", reason=str(exc))
-        print(
-            f"identity-service: warning: {exc} does not answer; {meanwhile}",
-            file=sys.stderr,
-            flush=True,
-        )
-    return True
+        return False, exc
+    return False, None
+
+
+def _warn_unreachable(unreachable: Exception | None, meanwhile: str) -> None:
+    """Say once, naming the address, that Redis did not answer at start. The process
+    starts all the same, and recovers by itself when Redis answers."""
+    if unreachable is None:
+        return
+    import structlog
+
+    structlog.get_logger(__name__).warning("store_unreachable", reason=str(unreachable))
+    print(
+        f"identity-service: warning: {unreachable} does not answer; {meanwhile}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _announce(settings: Settings, host: str, port: int) -> None:
@@ -321,7 +336,8 @@ def _announce(settings: Settings, host: str, port: int) -> None:
     else:
         store = "memory (this process only; not for production)"
     workers = f", {settings.workers} workers" if settings.workers > 1 else ""
-    lines = [f"identity-service {__version__} on http://{host}:{port}, store: {store}{workers}"]
+    address = host_port(host, port)
+    lines = [f"identity-service {__version__} on http://{address}, store: {store}{workers}"]
     if settings.dev_write_key is not None:
         if os.environ.get("IDENTITY_DEV_WRITE_KEY"):
             key_text = "the value of IDENTITY_DEV_WRITE_KEY"

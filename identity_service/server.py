@@ -28,13 +28,14 @@ from identity_service.app import create_app
 from identity_service.front import FrontRunner
 from identity_service.lines import write_lines
 from identity_service.settings import Settings
+from identity_service.urls import host_port
 
 
 class BindError(Exception):
     """The address cannot be listened on (taken, not this host's, not allowed)."""
 
     def __init__(self, host: str, port: int, exc: OSError) -> None:
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        address = host_port(host, port)
         if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
             reason = exc.strerror or str(exc)
         else:  # not the event loop's text, which repeats the address as a tuple

@@ -25,7 +25,7 @@ from identity_service.sources import (
     hash_write_key,
     parse_origin,
 )
-from identity_service.urls import is_loopback_host
+from identity_service.urls import host_port, is_loopback_host
 
 T = TypeVar("T")
 
@@ -120,8 +120,9 @@ class RedisSettings:
         pairs = parts.query.split("&")
         node_query = "&".join(p for p in pairs if p.partition("=")[0] not in SENTINEL_PARAMETERS)
         at = f"{userinfo}@" if userinfo else ""
-        host, port = nodes[0]
-        node_url = f"{base}://{at}{host}:{port}/{db}" + (f"?{node_query}" if node_query else "")
+        node_url = f"{base}://{at}{host_port(*nodes[0])}/{db}" + (
+            f"?{node_query}" if node_query else ""
+        )
         sentinel_auth = tuple(query.get(name, [None])[-1] for name in SENTINEL_PARAMETERS)
         return cls(
             url=dsn,

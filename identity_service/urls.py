@@ -71,6 +71,11 @@ class WebUrl:
         return f"{self.scheme}://{self.host}:{self.port}"
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as URLs and Redis's tools write it: an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def is_loopback_host(host: str) -> bool:
     """Whether ``host`` is ``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
     if host == "localhost":

@@ -21,10 +21,10 @@ from identity_service import app_keys, log_config
 from identity_service.app import create_app
 from identity_service.front import FrontRunner
 from identity_service.log_config import configure_logging
-from identity_service.settings import Settings, load_settings
+from identity_service.settings import RedisSettings, Settings, load_settings
 from identity_service.sources import hash_write_key
 from identity_service.stores.memory import MemoryStore
-from identity_service.stores.redis import RedisStore, connect
+from identity_service.stores.redis import AdminClient, RedisStore, connect
 from tests.collector import WRITE_KEY as COLLECTOR_WRITE_KEY
 from tests.redis_server import RedisServer
 from tests.redis_topologies import Cluster, Sentinels
@@ -142,6 +142,27 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
 def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sentinels]:
     """A master, a replica and three sentinels, shared by the session's tests."""
     yield from running(Sentinels(tmp_path_factory.mktemp("sentinel")))
+
+
+Server = RedisServer | Cluster
+
+
+@pytest.fixture(params=["redis", pytest.param("cluster", marks=pytest.mark.topology)])
+def outbox_redis(request: pytest.FixtureRequest) -> Server:
+    """One node, or (`make topology`) the session's Cluster: for the outbox's tests, which
+    run shard by shard, on each shard's node."""
+    server: Server = request.getfixturevalue(
+        "redis_server" if request.param == "redis" else "redis_cluster"
+    )
+    return server
+
+
+@pytest.fixture
+async def outbox_client(outbox_redis: Server) -> AsyncIterator[AdminClient]:
+    """The admin commands' client of ``outbox_redis`` (a RedisCluster on the Cluster)."""
+    client = connect(RedisSettings.from_dsn(outbox_redis.url))
+    yield client
+    await client.aclose()
 
 
 # The store kinds a module may add to memory and redis with its own ``store_kind`` fixture:

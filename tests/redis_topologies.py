@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from identity_service.urls import host_port
 from tests.redis_server import RedisServer, free_port, free_port_pair
 
 
@@ -38,8 +39,13 @@ def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None
 class Cluster:
     """Three masters (no replicas), slots dealt by ``redis-cli --cluster create``."""
 
-    def __init__(self, directory: Path, **options: str) -> None:
-        """``options``: more redis-server settings for every node."""
+    def __init__(self, directory: Path, host: str = "127.0.0.1", **options: str) -> None:
+        """``host``: the address the nodes know each other by (``::1``: IPv6, the nodes
+        listening on 127.0.0.1 too, where the helpers reach them); ``options``: more
+        redis-server settings for every node."""
+        self.host = host
+        if host != "127.0.0.1":
+            options.setdefault("bind", f"127.0.0.1 {host}")
         self.nodes = []
         for number in range(3):
             node_dir = directory / f"node{number}"
@@ -57,12 +63,13 @@ class Cluster:
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        return "redis+cluster://" + ",".join(host_port(self.host, n.port) for n in self.nodes)
 
     def start(self) -> None:
         for node in self.nodes:
             node.start()
-        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        # redis-cli takes an IPv6 node unbracketed: its port follows the last colon.
+        addresses = [f"{self.host}:{node.port}" for node in self.nodes]
         redis_cli("--cluster", "create", *addresses, "--cluster-yes")
         wait_until(
             lambda: all(
@@ -84,6 +91,26 @@ class Cluster:
             "--cluster-slots", str(slots), "--cluster-yes", "--cluster-pipeline", "10",
             timeout=120,
         )  # fmt: skip
+
+    def begin_migration(self, slot: int, source: RedisServer, target: RedisServer) -> None:
+        """Mark ``slot`` as moving from ``source`` to ``target`` (keys then move one by one)."""
+        redis_cli("-p", str(target.port), "CLUSTER", "SETSLOT", str(slot), "IMPORTING",
+                  self.node_id(source))  # fmt: skip
+        redis_cli("-p", str(source.port), "CLUSTER", "SETSLOT", str(slot), "MIGRATING",
+                  self.node_id(target))  # fmt: skip
+
+    def migrate(self, source: RedisServer, target: RedisServer, *keys: str) -> None:
+        """Move ``keys`` (of a slot being migrated) from ``source`` to ``target``."""
+        reply = redis_cli("-p", str(source.port), "MIGRATE", "127.0.0.1", str(target.port),
+                          "", "0", "5000", "KEYS", *keys)  # fmt: skip
+        if reply.strip() != "OK":
+            raise RuntimeError(f"MIGRATE answered {reply.strip()!r}")
+
+    def end_migration(self, slot: int, target: RedisServer) -> None:
+        """Give ``slot`` to ``target`` on every node: the migration is over."""
+        for node in self.nodes:
+            redis_cli("-p", str(node.port), "CLUSTER", "SETSLOT", str(slot), "NODE",
+                      self.node_id(target))  # fmt: skip
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -16,11 +16,11 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from redis.asyncio import Redis
 
 from identity_service.constants import outbox_key
 from identity_service.sources import hash_write_key
-from tests.conftest import CHECKOUT_URL, SECRET, WRITE_KEYS, sources_env
+from identity_service.stores.redis import AdminClient
+from tests.conftest import CHECKOUT_URL, SECRET, WRITE_KEYS, Server, sources_env
 from tests.redis_server import RedisServer, free_port
 
 COMMAND = str(Path(sys.executable).parent / "identity-service")
@@ -266,10 +266,11 @@ def test_serve_refuses_workers_without_redis() -> None:
     assert result.returncode == 2 and "needs Redis" in result.stderr
 
 
-def refusal_at_start(url: str, said: str) -> str:
-    """The one line in which ``serve`` on ``url`` refuses to start (exit 2), saying ``said``."""
+def refusal_at_start(url: str, said: str, *command: str) -> str:
+    """The one line in which ``command`` (default: ``serve``) on ``url`` refuses to start
+    (exit 2), saying ``said``: all it prints (no banner before it, no traceback)."""
     result = subprocess.run(
-        [COMMAND, "serve", "--port", str(free_port())],
+        [COMMAND, *(command or ("serve", "--port", str(free_port())))],
         env=redis_env_for(url),
         capture_output=True,
         text=True,
@@ -277,8 +278,9 @@ def refusal_at_start(url: str, said: str) -> str:
         check=False,
     )
     assert result.returncode == 2, result.stderr
-    (line,) = [line for line in result.stderr.splitlines() if said in line]
-    assert line.startswith("identity-service: IDENTITY_REDIS_URL: ")
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("identity-service: IDENTITY_REDIS_URL: ") and said in line, line
+    assert result.stdout == ""
     return line
 
 
@@ -287,6 +289,34 @@ def test_a_cluster_url_on_a_node_without_cluster_mode_is_refused(
 ) -> None:
     url = f"redis+cluster://127.0.0.1:{redis_server.port}"
     assert url in refusal_at_start(url, "without Cluster mode")
+
+
+def test_a_sentinel_url_on_a_redis_that_is_no_sentinel_is_refused(tmp_path: Path) -> None:
+    """It would start and answer 503 for ever. Over IPv6 too: the node URL built from an
+    unbracketed ``::1`` made serve exit with a traceback."""
+    redis = RedisServer(tmp_path, bind="127.0.0.1 ::1")
+    redis.start()
+    try:
+        url = f"redis+sentinel://[::1]:{redis.port}/svc"
+        line = refusal_at_start(url, "is not a sentinel")
+        assert f"[::1]:{redis.port} is not a sentinel" in line
+        assert refusal_at_start(url, "is not a sentinel", "outbox", "status") == line
+    finally:
+        redis.stop()
+
+
+async def test_a_sentinel_url_whose_sentinels_do_not_answer_starts_with_a_warning(
+    tmp_path: Path,
+) -> None:
+    url = f"redis+sentinel://127.0.0.1:{free_port()}/svc"  # nothing listens there
+    service = Service(tmp_path, redis_env_for(url, IDENTITY_REDIS_TIMEOUT="0.5"))
+    try:
+        (warning,) = [line for line in service.stderr.splitlines() if "warning" in line]
+        assert warning.startswith(f"identity-service: warning: redis at {url} (")
+        assert warning.endswith("does not answer; requests answer 503 until it does")
+        assert await readyz(service.url) == 503
+    finally:
+        assert await asyncio.to_thread(service.stop) == 0
 
 
 def _children_of(pid: int) -> list[int]:
@@ -400,19 +430,25 @@ def test_serve_refuses_a_destination_that_would_get_its_write_key_in_clear_text(
     ]
 
 
+def outbox_command(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``identity-service outbox <args>`` in ``env``, run to its end."""
+    return subprocess.run(
+        [COMMAND, "outbox", *args], env=env, capture_output=True, text=True, timeout=30
+    )
+
+
 async def test_outbox_retire_removes_a_destination_no_longer_configured(
-    redis_server: RedisServer, redis_client: Redis
+    outbox_redis: Server, outbox_client: AdminClient
 ) -> None:
+    redis_client = outbox_client
     prefix = f"retire-{os.getpid()}:"
     stream = outbox_key(prefix, 5)
     await redis_client.xadd(stream, {"j": b"x"})
     await redis_client.xgroup_create(stream, "old-warehouse", id="0")
-    env = redis_env(redis_server, IDENTITY_REDIS_KEY_PREFIX=prefix)
+    env = redis_env_for(outbox_redis.url, IDENTITY_REDIS_KEY_PREFIX=prefix)
 
     def outbox(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [COMMAND, "outbox", *args], env=env, capture_output=True, text=True, timeout=30
-        )
+        return outbox_command(env, *args)
 
     still_configured = await asyncio.to_thread(outbox, "retire", "stdout")
     assert still_configured.returncode == 2

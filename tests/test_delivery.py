@@ -22,8 +22,8 @@ from identity_service.crypto import OutboxSealer
 from identity_service.feeds import FeedEntry, RedisFeed, trim_acknowledged
 from identity_service.forwarder import Forwarder
 from identity_service.outbox_admin import outbox_status, replay_dead, retire_destination
-from identity_service.settings import RedisSettings, Settings
-from identity_service.stores.redis import AdminClient, connect
+from identity_service.settings import Settings
+from identity_service.stores.redis import AdminClient
 from identity_service.stores.resp import RespClient
 from identity_service.streams import entries
 from identity_service.validation import parse_exchange, parse_prepare
@@ -32,6 +32,7 @@ from tests.conftest import (
     CHECKOUT_URL,
     SECRET,
     AppClient,
+    Server,
     auth,
     exchange,
     make_settings,
@@ -39,7 +40,6 @@ from tests.conftest import (
     sources_env,
 )
 from tests.redis_server import RedisServer
-from tests.redis_topologies import Cluster
 from tests.test_cli import COMMAND, clean_env
 
 FAST = {
@@ -50,24 +50,6 @@ FAST = {
 }
 
 ClientMaker = Callable[..., Awaitable[AppClient]]
-Server = RedisServer | Cluster
-
-
-@pytest.fixture(params=["redis", pytest.param("cluster", marks=pytest.mark.topology)])
-def outbox_redis(request: pytest.FixtureRequest) -> Server:
-    """One node, or the session's Cluster."""
-    server: Server = request.getfixturevalue(
-        "redis_server" if request.param == "redis" else "redis_cluster"
-    )
-    return server
-
-
-@pytest.fixture
-async def outbox_client(outbox_redis: Server) -> AsyncIterator[AdminClient]:
-    """The admin commands' client of ``outbox_redis`` (a RedisCluster on the Cluster)."""
-    client = connect(RedisSettings.from_dsn(outbox_redis.url))
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
@@ -326,9 +308,12 @@ async def test_a_forwarder_killed_before_its_ack_is_taken_over(
 
 
 async def test_ten_thousand_handoffs_arrive_once_each(
-    aiohttp_client: ClientMaker, redis_server: RedisServer, collector: Collector
+    aiohttp_client: ClientMaker,
+    outbox_redis: Server,
+    outbox_client: AdminClient,
+    collector: Collector,
 ) -> None:
-    settings = delivery_settings(redis_server, collector, batch_max_wait="0.2")
+    settings = delivery_settings(outbox_redis, collector, batch_max_wait="0.2")
     assert settings.redis is not None
     client = await aiohttp_client(create_app(settings))
     service = client.app[app_keys.HANDOFFS]
@@ -349,24 +334,21 @@ async def test_ten_thousand_handoffs_arrive_once_each(
     assert len(collector.message_ids) == 2 * handoffs
     assert_duplicates_are_identical(collector.events)
     assert all(len(r.events) <= 100 for r in collector.requests)
-    redis = Redis.from_url(redis_server.url)
-    try:
-        for _ in range(100):  # the forwarder trims what was acknowledged, once a second
-            lengths = [
-                await redis.xlen(outbox_key(settings.redis.key_prefix, s))
-                for s in range(KEY_SHARDS)
-            ]
-            if sum(lengths) == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert sum(lengths) == 0
-    finally:
-        await redis.aclose()
+    for _ in range(100):  # the forwarder trims what was acknowledged, once a second
+        lengths = [
+            await outbox_client.xlen(outbox_key(settings.redis.key_prefix, s))
+            for s in range(KEY_SHARDS)
+        ]
+        if sum(lengths) == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert sum(lengths) == 0
 
 
 async def test_trimming_keeps_what_any_group_has_not_acknowledged(
-    redis_client: Redis,
+    outbox_client: AdminClient,
 ) -> None:
+    redis_client = outbox_client
     prefix = f"trim-test-{os.getpid()}:"
     stream = outbox_key(prefix, 0)
     ids = [await redis_client.xadd(stream, {"j": str(n)}) for n in range(6)]

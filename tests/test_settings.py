@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from redis.connection import parse_url
 
 from identity_service.constants import DEFAULT_FORWARDER_METRICS_HOST
 from identity_service.settings import (
@@ -14,6 +15,7 @@ from identity_service.settings import (
     redact_url,
 )
 from identity_service.sources import hash_write_key
+from identity_service.urls import host_port
 from tests.conftest import SECRET, make_settings
 
 SHOP = {"write_key_hash": hash_write_key("k-shop"), "origins": ["https://checkout.example.com"]}
@@ -665,6 +667,29 @@ def test_cluster_and_sentinel_urls() -> None:
     assert "spw" not in sentinel.address and "sentinel_password=***" in sentinel.address
     single = RedisSettings.from_dsn("redis://h:1/0")
     assert (single.topology, single.node_url, single.nodes) == ("single", "redis://h:1/0", ())
+
+
+@pytest.mark.parametrize(
+    ("url", "node_url"),
+    [
+        ("redis+cluster://[::1]:7000,n2:7001", "redis://[::1]:7000/0"),
+        ("rediss+sentinel://u:pw@[fe80::1]:26379/svc/2", "rediss://u:pw@[fe80::1]:26379/2"),
+    ],
+)
+def test_an_ipv6_first_node_is_bracketed_in_the_node_url(url: str, node_url: str) -> None:
+    settings = RedisSettings.from_dsn(url)
+    assert settings.node_url == node_url
+    host, port = settings.nodes[0]
+    assert ":" in host and not host.startswith("[")
+    # What the clients read it with: an unbracketed host made this a ValueError.
+    options = parse_url(settings.node_url)  # type: ignore[no-untyped-call]
+    assert (options["host"], options["port"]) == (host, port)
+
+
+def test_host_port_brackets_ipv6_hosts() -> None:
+    assert host_port("::1", 7000) == "[::1]:7000"
+    assert host_port("127.0.0.1", 7000) == "127.0.0.1:7000"
+    assert host_port("redis.internal", 6379) == "redis.internal:6379"
 
 
 @pytest.mark.parametrize(

@@ -17,19 +17,22 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
 from identity_service import app_keys
 from identity_service.app import create_app
-from identity_service.constants import KEY_SHARDS, shard_tags, tag_slot
+from identity_service.constants import KEY_SHARDS, link_key, outbox_key, shard_tags, tag_slot
+from identity_service.problems import StoreUnavailable
 from identity_service.settings import RedisSettings
-from identity_service.stores.redis import RedisStore, connect
+from identity_service.stores.redis import RedisStore, check_reachable, connect
+from identity_service.stores.resp import Arg, Reply, RespClient
 from identity_service.stores.topology import ClusterClient, SentinelClient
 from tests.collector import WRITE_KEY, Collector, running_collector
-from tests.conftest import CHECKOUT_URL, AppClient, auth, make_settings
+from tests.conftest import CHECKOUT_URL, AppClient, auth, exchange, make_settings, prepare
 from tests.redis_server import RedisServer, free_port
 from tests.redis_topologies import Cluster, Sentinels, redis_cli, wait_until
 from tests.secrets_audit import AUDIT
-from tests.test_cli import refusal_at_start
+from tests.test_cli import outbox_command, redis_env_for, refusal_at_start
 from tests.test_resp import write_tls_files
 
 pytestmark = pytest.mark.topology
@@ -65,7 +68,11 @@ def test_one_node_urls_on_a_cluster_node_or_a_sentinel_are_refused_at_start(
     redis_cluster: Cluster, redis_sentinel: Sentinels
 ) -> None:
     node = f"redis://127.0.0.1:{redis_cluster.nodes[0].port}/0"
-    assert "redis+cluster://" in refusal_at_start(node, "is a Redis Cluster node")
+    line = refusal_at_start(node, "is a Redis Cluster node")
+    assert "redis+cluster://" in line
+    # The outbox commands refuse alike (they said "MovedError: ... XINFO GROUPS").
+    for command in (["status"], ["replay-dead"], ["retire", "gone"]):
+        assert refusal_at_start(node, "is a Redis Cluster node", "outbox", *command) == line
     sentinel = f"redis://127.0.0.1:{redis_sentinel.sentinel_ports[0]}/0"
     assert "redis+sentinel://" in refusal_at_start(sentinel, "is a sentinel")
 
@@ -389,6 +396,9 @@ async def test_tls_sentinels_are_verified_with_the_urls_ca_by_both_clients(
     lean = SentinelClient(settings, 1.0)
     admin = connect(settings)
     try:
+        # The sentinel, asked over TLS, is one (not refused); the master here takes no TLS.
+        with pytest.raises(StoreUnavailable):
+            await check_reachable(settings)
         assert await lean._endpoint() == ("127.0.0.1", master.port)
         assert isinstance(admin, Redis)
         pool: Any = admin.connection_pool
@@ -399,3 +409,129 @@ async def test_tls_sentinels_are_verified_with_the_urls_ca_by_both_clients(
         sentinel.terminate()
         sentinel.wait(timeout=10)
         master.stop()
+
+
+async def test_ipv6_seeds_and_sentinels_serve_handoffs(
+    aiohttp_client: ClientMaker, tmp_path: Path
+) -> None:
+    """``redis+cluster://[::1]:…`` and ``redis+sentinel://[::1]:…/<name>``: the node URL
+    built from the first seed brackets its host (else every client failed to read it, and
+    ``serve`` exited with a traceback), and the nodes the Cluster and the sentinels name
+    by IPv6 addresses are reached."""
+    (tmp_path / "cluster").mkdir()
+    cluster = Cluster(tmp_path / "cluster", host="::1")
+    cluster.start()
+    try:
+        assert cluster.url.startswith("redis+cluster://[::1]:")
+        client = await aiohttp_client(create_app(make_settings(cluster.url)))
+        for number in range(12):  # handoffs over every master
+            token = (await prepare(client, anonymousId=f"v6-visitor-{number}"))["token"]
+            answered, body = await exchange(client, token)
+            assert (answered, body["anonymousId"]) == (200, f"v6-visitor-{number}")
+        store = client.app[app_keys.STORE]
+        assert isinstance(store, RedisStore) and isinstance(store.commands, ClusterClient)
+        assert {host for host, _ in store.commands._nodes} == {"::1"}
+        status = await asyncio.to_thread(outbox_command, redis_env_for(cluster.url), "status")
+        assert status.returncode == 0, status.stderr
+    finally:
+        cluster.stop()
+    (tmp_path / "master").mkdir()
+    master = RedisServer(tmp_path / "master", bind="127.0.0.1 ::1")
+    master.start()
+    port = free_port()
+    config = tmp_path / "sentinel.conf"
+    config.write_text(
+        f"port {port}\nbind 127.0.0.1 ::1\ndir {tmp_path}\n"
+        f"sentinel monitor v6master ::1 {master.port} 1\n"
+    )
+    sentinel = start_sentinel(config, port)
+    settings = RedisSettings.from_dsn(f"redis+sentinel://[::1]:{port}/v6master")
+    lean = SentinelClient(settings, 1.0)
+    admin = connect(settings)
+    try:
+        await check_reachable(settings)  # a sentinel: not refused
+        assert await lean.execute("PING") == b"PONG"
+        assert lean.master == ("::1", master.port)
+        assert await admin.ping()
+    finally:
+        await lean.close()
+        await admin.aclose()
+        sentinel.terminate()
+        sentinel.wait(timeout=10)
+        master.stop()
+
+
+async def asking(node: RedisServer, *command: Arg) -> Reply:
+    """``command`` on ``node`` after ``ASKING``: a key of a slot it is importing."""
+    client = RespClient(node.url, 5.0)
+    try:
+        return await client.execute_asking(*command)
+    finally:
+        await client.close()
+
+
+async def test_a_slot_migrated_by_hand_is_followed_and_never_half_written(
+    aiohttp_client: ClientMaker, tmp_path: Path
+) -> None:
+    """One slot moved key by key (CLUSTER SETSLOT IMPORTING/MIGRATING, MIGRATE): while the
+    exchange's two keys lie on two nodes, Redis answers TRYAGAIN, the exchange answers 503
+    with Retry-After and writes nothing; once both moved, the source answers ASK, which the
+    client follows (reads and the exchange answer right); once the slot is given to its new
+    node, MOVED."""
+    cluster = Cluster(tmp_path)
+    cluster.start()
+    try:
+        settings = make_settings(cluster.url, forwarder="off")  # nothing else reads the slot
+        assert settings.redis is not None
+        prefix = settings.redis.key_prefix
+        client = await aiohttp_client(create_app(settings))
+        store = client.app[app_keys.STORE]
+        assert isinstance(store, RedisStore) and isinstance(store.commands, ClusterClient)
+        redirects = store.commands.redirects
+        token = (await prepare(client, anonymousId="visitor-in-a-moving-slot"))["token"]
+        ((handoff, source),) = [
+            (key, node)
+            for node in cluster.nodes
+            for key in redis_cli("-p", str(node.port), "KEYS", f"{prefix}*:handoff:*").split()
+        ]
+        tag = handoff.partition("{")[2].partition("}")[0]
+        shard = shard_tags(KEY_SHARDS).index(tag)
+        outbox = outbox_key(prefix, shard)
+        key_id = shard.to_bytes(4, "little") + bytes(28)  # a link in the handoff's slot
+        link = link_key(prefix, key_id)
+        assert tag_slot(tag) == key_slot(link.encode()) == key_slot(outbox.encode())
+        await store.keep(key_id, b"kept-record", 60)
+        entries = int(redis_cli("-p", str(source.port), "XLEN", outbox))
+        assert entries == 1  # the handoff's started event
+        target = next(node for node in cluster.nodes if node is not source)
+        cluster.begin_migration(tag_slot(tag), source, target)
+
+        cluster.migrate(source, target, handoff)
+        response = await client.post(
+            "/v1/handoffs/exchange", json={"token": token}, headers=auth("checkout")
+        )
+        assert response.status == 503 and response.headers["Retry-After"] == "1"
+        assert response.content_type == "application/problem+json"
+        assert redirects["TRYAGAIN"] >= 1
+        assert await asking(target, "EXISTS", handoff) == 1  # the handoff whole, unredeemed
+        assert int(redis_cli("-p", str(source.port), "XLEN", outbox)) == entries
+
+        cluster.migrate(source, target, outbox, link)
+        asks = redirects["ASK"]
+        assert await store.peek(key_id) == b"kept-record"
+        assert redirects["ASK"] == asks + 1
+        status, body = await exchange(client, token)
+        assert (status, body["anonymousId"]) == (200, "visitor-in-a-moving-slot")
+        # Followed again (twice: the target did not know the script, EVAL went after it).
+        assert redirects["ASK"] > asks + 1
+        assert await asking(target, "EXISTS", handoff) == 0
+        assert await asking(target, "XLEN", outbox) == entries + 1  # the completion
+
+        cluster.end_migration(tag_slot(tag), target)
+        moved = redirects["MOVED"]
+        assert (await exchange(client, token))[0] == 404  # redeemed once
+        assert redirects["MOVED"] == moved + 1
+        assert await store.peek(key_id) == b"kept-record"  # the refreshed map: no redirect
+        assert redirects["MOVED"] == moved + 1
+    finally:
+        cluster.stop()

@@ -59,7 +59,8 @@ from identity_service.stores import (
 )
 from identity_service.stores.replication import Waits
 from identity_service.stores.resp import Arg, Reply, ReplyError, Script
-from identity_service.stores.topology import Commands, lean_client
+from identity_service.stores.topology import Commands, lean_client, sentinel_clients
+from identity_service.urls import host_port
 
 logger = structlog.get_logger(__name__)
 
@@ -225,8 +226,12 @@ async def check_reachable(settings: RedisSettings) -> None:
 
     A one-node URL that reaches a Cluster node or a sentinel raises WrongTopology: the
     requests would fail on most keys (MOVED) or on every command; so does a Cluster URL
-    whose nodes are not in Cluster mode.
+    whose nodes are not in Cluster mode, and a Sentinel URL naming a node that answers and
+    is not a sentinel (sentinels that do not answer are StoreUnavailable: they may be
+    starting).
     """
+    if settings.topology == "sentinel":
+        await _check_sentinels(settings)
     client = lean_client(settings, settings.timeout)
     try:
         info = await client.execute("INFO") if settings.topology == "single" else None
@@ -241,9 +246,7 @@ async def check_reachable(settings: RedisSettings) -> None:
     finally:
         await client.close()
     if info is not None:
-        fields = dict(
-            line.partition(":")[::2] for line in info.decode(errors="replace").splitlines()
-        )
+        fields = _info_fields(info)
         if fields.get("redis_mode") == "sentinel":
             raise WrongTopology(
                 f"{settings.address} is a sentinel: name the master as "
@@ -254,6 +257,34 @@ async def check_reachable(settings: RedisSettings) -> None:
                 f"{settings.address} is a Redis Cluster node: use "
                 "redis+cluster://<host:port,...> (seed nodes)"
             )
+
+
+async def _check_sentinels(settings: RedisSettings) -> None:
+    """Raise WrongTopology if a node the URL names as a sentinel answers and is not one."""
+    sentinels = sentinel_clients(settings, settings.timeout)
+    try:
+        replies = await asyncio.gather(
+            *(sentinel.execute("INFO", "server") for sentinel in sentinels),
+            return_exceptions=True,
+        )
+    finally:
+        for sentinel in sentinels:
+            await sentinel.close()
+    for (host, port), reply in zip(settings.nodes, replies, strict=True):
+        if not isinstance(reply, bytes):  # no answer, or no entry: not known to be wrong
+            continue
+        mode = _info_fields(reply).get("redis_mode", "unknown")
+        if mode != "sentinel":
+            raise WrongTopology(
+                f"{host_port(host, port)} is not a sentinel but a Redis {mode} node: name "
+                "the sentinels as redis+sentinel://<sentinel host:port,...>/<service name>, "
+                "or one node as redis://<host:port>/<db>"
+            )
+
+
+def _info_fields(info: bytes) -> dict[str, str]:
+    """The ``name:value`` fields of an ``INFO`` reply."""
+    return dict(line.partition(":")[::2] for line in info.decode(errors="replace").splitlines())
 
 
 class RedisStore:

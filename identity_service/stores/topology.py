@@ -79,14 +79,7 @@ class SentinelClient(RespClient):
     def __init__(self, settings: RedisSettings, timeout: float) -> None:
         super().__init__(settings.node_url, timeout)
         self._service = settings.service
-        username, password = settings.sentinel_auth
-        self._sentinels = [
-            RespClient(
-                settings.node_url, timeout, host=host, port=port, username=username,
-                password=password, db=0,
-            )
-            for host, port in settings.nodes
-        ]  # fmt: skip
+        self._sentinels = sentinel_clients(settings, timeout)
         self.master: tuple[str, int] | None = None
 
     async def execute(self, *args: Arg) -> Reply:
@@ -110,6 +103,18 @@ class SentinelClient(RespClient):
         role = await connection.send(pack_command(("ROLE",)))
         if not role or role[0] != b"master":
             raise ConnectionError(f"the node named master of {self._service!r} is not a master")
+
+
+def sentinel_clients(settings: RedisSettings, timeout: float) -> list[RespClient]:
+    """A client of each sentinel the URL names, with the sentinels' credentials."""
+    username, password = settings.sentinel_auth
+    return [
+        RespClient(
+            settings.node_url, timeout, host=host, port=port, username=username,
+            password=password, db=0,
+        )
+        for host, port in settings.nodes
+    ]  # fmt: skip
 
 
 async def master_address(sentinels: list[RespClient], service: str) -> tuple[str, int]:
