@@ -14,7 +14,7 @@ from identity_service.metrics import Metrics
 from identity_service.settings import Settings
 from identity_service.sinks import open_sink
 from identity_service.stores.memory import MemoryOutbox
-from identity_service.stores.redis import connect
+from identity_service.stores.redis import connect, follow_master
 from identity_service.stores.topology import Commands, lean_client
 
 logger = structlog.get_logger(__name__)
@@ -48,6 +48,7 @@ async def running_forwarders(
             # Its own connection: the feed's blocking reads hold it.
             commands = lean_client(settings.redis, settings.redis.timeout + IDLE_READ_SECONDS)
             clients.append(commands)
+            follow_master(commands, redis)
             feed = RedisFeed(
                 redis,
                 commands,

@@ -1,8 +1,14 @@
 """Real Redis topologies on loopback for tests: a 3-master Cluster, and a master with a
-replica watched by three sentinels. Every process is a ``redis-server`` of the test's own."""
+replica watched by three sentinels (its replication link optionally through a proxy that
+delays it, so that the replica lags as across machines). Every process is a
+``redis-server`` of the test's own."""
 
+import asyncio
+import contextlib
 import subprocess
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -117,12 +123,101 @@ class Cluster:
             node.stop()
 
 
+class DelayingProxy:
+    """A loopback TCP proxy for a replica's replication link, in a thread of its own (the
+    tests' helpers block their event loop): what the master sends reaches the replica
+    ``delay`` seconds later, what the replica sends (its acknowledgements) passes at once.
+    When the master's side closes (it died), what the proxy holds is dropped, as a network
+    loses what is in flight, and the replica's side is cut."""
+
+    def __init__(self, master_port: int, delay: float) -> None:
+        self._master_port = master_port
+        self._delay = delay
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    def start(self) -> None:
+        self._thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(10)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    async def _serve(self) -> int:
+        self._server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            # Cuts the links too (Python 3.12 closes them on close(); 3.11 needs this).
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+    async def _link(
+        self, replica_in: asyncio.StreamReader, replica_out: asyncio.StreamWriter
+    ) -> None:
+        try:
+            master_in, master_out = await asyncio.open_connection("127.0.0.1", self._master_port)
+        except OSError:
+            replica_out.transport.abort()
+            return
+        held: deque[tuple[float, bytes]] = deque()
+        arrived = asyncio.Event()
+
+        async def deliver() -> None:
+            while True:
+                while not held:
+                    arrived.clear()
+                    await arrived.wait()
+                due, data = held.popleft()
+                await asyncio.sleep(max(0.0, due - self._loop.time()))
+                replica_out.write(data)
+
+        async def from_master() -> None:
+            with contextlib.suppress(OSError):
+                while data := await master_in.read(65536):
+                    held.append((self._loop.time() + self._delay, data))
+                    arrived.set()
+
+        async def from_replica() -> None:
+            with contextlib.suppress(OSError):
+                while data := await replica_in.read(65536):
+                    master_out.write(data)
+
+        delivering = asyncio.ensure_future(deliver())
+        replying = asyncio.ensure_future(from_replica())
+        try:
+            await asyncio.wait(
+                [asyncio.ensure_future(from_master()), replying],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            delivering.cancel()  # drops what is held
+            replying.cancel()
+            replica_out.transport.abort()
+            master_out.transport.abort()
+
+
 class Sentinels:
-    """A master, its replica, and three sentinels that watch the master as ``service``."""
+    """A master, its replica, and three sentinels that watch the master as ``service``.
+
+    With ``replication_delay``, each replica replicates through a :class:`DelayingProxy`.
+    Sentinels make a replica whose master address is not the master's (the proxy's is
+    not) replicate from the master's ``failover-timeout`` after they see it: then that
+    timeout is longer than a replica lives before the tests kill its master. It does not
+    slow a failover down, only the retry of an election that no sentinel won (twice the
+    timeout)."""
 
     service = "idsvc"
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, replication_delay: float = 0.0) -> None:
         self.directory = directory
         (directory / "a").mkdir()
         (directory / "b").mkdir()
@@ -130,6 +225,9 @@ class Sentinels:
         self.b = RedisServer(directory / "b")
         self.sentinel_ports = [free_port() for _ in range(3)]
         self._sentinels: list[subprocess.Popen[bytes]] = []
+        self.replication_delay = replication_delay
+        self._proxies: list[DelayingProxy] = []
+        self._failover_timeout = 20000 if replication_delay else 2000
 
     @property
     def url(self) -> str:
@@ -145,7 +243,7 @@ class Sentinels:
                 f"port {port}\nbind 127.0.0.1\ndir {self.directory}\n"
                 f"sentinel monitor {self.service} 127.0.0.1 {self.a.port} 2\n"
                 f"sentinel down-after-milliseconds {self.service} 1000\n"
-                f"sentinel failover-timeout {self.service} 2000\n"
+                f"sentinel failover-timeout {self.service} {self._failover_timeout}\n"
                 f"sentinel parallel-syncs {self.service} 1\n"
             )
             self._sentinels.append(
@@ -174,7 +272,13 @@ class Sentinels:
 
     def replicate(self, replica: RedisServer, master: RedisServer) -> None:
         """Start ``replica`` (again) as a replica of ``master`` and wait for its sync."""
-        replica.extra_options(replicaof=f"127.0.0.1 {master.port}")
+        port = master.port
+        if self.replication_delay:
+            proxy = DelayingProxy(master.port, self.replication_delay)
+            proxy.start()
+            self._proxies.append(proxy)
+            port = proxy.port
+        replica.extra_options(replicaof=f"127.0.0.1 {port}")
         replica.start()
         wait_until(
             lambda: info_field(replica.port, "replication", "master_link_status") == "up",
@@ -205,6 +309,12 @@ class Sentinels:
             run.get("port") == str(replica_port) and run.get("flags") == "slave" for run in runs
         )
 
+    def replicates_through_proxy(self, replica: RedisServer) -> bool:
+        """Whether ``replica`` still replicates through its proxy (the sentinels did not
+        point it at the master itself)."""
+        port = info_field(replica.port, "replication", "master_port")
+        return any(str(proxy.port) == port for proxy in self._proxies)
+
     def master_port(self, sentinel_port: int | None = None) -> int:
         port = sentinel_port or self.sentinel_ports[0]
         try:
@@ -225,3 +335,5 @@ class Sentinels:
             process.wait(timeout=10)
         self.a.stop()
         self.b.stop()
+        for proxy in self._proxies:
+            proxy.stop()

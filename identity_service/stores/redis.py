@@ -59,7 +59,7 @@ from identity_service.stores import (
 )
 from identity_service.stores.replication import Waits
 from identity_service.stores.resp import Arg, Reply, ReplyError, Script
-from identity_service.stores.topology import Commands, lean_client, sentinel_clients
+from identity_service.stores.topology import Commands, SentinelClient, lean_client, sentinel_clients
 from identity_service.urls import host_port
 
 logger = structlog.get_logger(__name__)
@@ -205,6 +205,20 @@ def connect(settings: RedisSettings) -> AdminClient:
         settings.url, max_connections=settings.max_connections, timeout=settings.timeout, **options
     )
     return Redis.from_pool(pool)
+
+
+def follow_master(commands: Commands, admin: AdminClient) -> None:
+    """Behind Sentinel, drop ``admin``'s connections, in use or idle, when ``commands`` sees
+    the sentinels name another master. redis-py asks the sentinels only when it opens a
+    connection: its open ones would go on writing (reclaims, trims, dead letters) to a
+    replaced master that is still up, and what they wrote would be lost with it."""
+    if isinstance(commands, SentinelClient) and isinstance(admin, Redis):
+        pool = admin.connection_pool
+
+        async def drop() -> None:
+            await pool.disconnect(inuse_connections=True)
+
+        commands.switched.append(drop)
 
 
 def _node_options(node_url: str) -> dict[str, Any]:

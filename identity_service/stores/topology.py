@@ -14,15 +14,20 @@ map first, so a Cluster failover heals by itself.
 :class:`SentinelClient` is a :class:`RespClient` that asks the sentinels where the master
 is before each connection, checks that the node it reaches is a master (``ROLE``), and
 drops its connection on a ``READONLY`` reply (the master became a replica), so the next
-command finds the new master. Commands in flight during the switch fail: the requests
-answer 503 with Retry-After.
+command finds the new master. A master that the sentinels replaced while it stayed up
+(``SENTINEL FAILOVER``, or a partition that healed) still takes writes until they make it
+a replica, about ten seconds later, and what it takes then is lost when it resyncs: so
+the client also asks the sentinels every second, in the background (requests keep their
+one round trip), and drops its connection when they name another node. Commands in
+flight during the switch fail: the requests answer 503 with Retry-After.
 
 :func:`lean_client` picks the client a topology needs.
 """
 
 import asyncio
+import contextlib
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from redis.crc import key_slot
@@ -43,6 +48,9 @@ MAX_REDIRECTS = 5
 # The answers that mean "not run here": re-sending is safe.
 REDIRECTIONS = frozenset({"MOVED", "ASK", "TRYAGAIN"})
 TRYAGAIN_PAUSE_SECONDS = 0.02
+# How often a Sentinel client asks the sentinels where the master is: the most a replaced
+# master that stayed up keeps receiving its writes, once the sentinels have switched.
+WATCH_SECONDS = 1.0
 
 
 class Commands(Protocol):
@@ -76,11 +84,19 @@ def lean_client(settings: RedisSettings, timeout: float) -> Commands:
 class SentinelClient(RespClient):
     """A :class:`RespClient` whose node is the master the sentinels name."""
 
-    def __init__(self, settings: RedisSettings, timeout: float) -> None:
+    def __init__(
+        self, settings: RedisSettings, timeout: float, watch_seconds: float = WATCH_SECONDS
+    ) -> None:
         super().__init__(settings.node_url, timeout)
         self._service = settings.service
         self._sentinels = sentinel_clients(settings, timeout)
         self.master: tuple[str, int] | None = None
+        self._watch_seconds = watch_seconds
+        self._watch: asyncio.Task[None] | None = None
+        # Called when the sentinels name another master than the one connected to: the
+        # forwarder's redis-py client drops its connections too (see outbox.py).
+        self.switched: list[Callable[[], Awaitable[None]]] = []
+        self._told: tuple[str, int] | None = None
 
     async def execute(self, *args: Arg) -> Reply:
         try:
@@ -92,17 +108,44 @@ class SentinelClient(RespClient):
 
     async def close(self) -> None:
         await super().close()
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         for sentinel in self._sentinels:
             await sentinel.close()
 
     async def _endpoint(self) -> tuple[str, int]:
         self.master = await master_address(self._sentinels, self._service)
+        if self._watch is None and not self._closed:
+            self._watch = asyncio.ensure_future(self._follow())
         return self.master
 
     async def _check(self, connection: Connection) -> None:
         role = await connection.send(pack_command(("ROLE",)))
         if not role or role[0] != b"master":
             raise ConnectionError(f"the node named master of {self._service!r} is not a master")
+
+    async def _follow(self) -> None:
+        """Every ``watch_seconds``, ask the sentinels where the master is; when they name
+        another node than the one connected to, drop the connection (the next command
+        connects to theirs) and tell ``switched``. Sentinels that do not answer change
+        nothing: the connection stays where it is."""
+        while True:
+            await asyncio.sleep(self._watch_seconds)
+            try:
+                named = await master_address(self._sentinels, self._service)
+            except OSError:
+                continue
+            if self.master is None or named == self.master:
+                continue
+            # Also when a connection to the old master opened meanwhile: the next turn
+            # drops it, the master it asked for being still the old one.
+            self.disconnect()
+            if named != self._told:
+                self._told = named
+                for callback in self.switched:
+                    await callback()
 
 
 def sentinel_clients(settings: RedisSettings, timeout: float) -> list[RespClient]:
