@@ -8,10 +8,9 @@ prepare a handoff to the destination with the Python SDK, answer the redirect UR
 
 import html
 from dataclasses import dataclass
-from urllib.parse import unquote
 
 from aiohttp import web
-from identity_client import AsyncIdentityClient, IdentityError
+from identity_client import AsyncIdentityClient, IdentityError, read_anonymous_id
 
 from examples.checkout.pages import (
     Analytics,
@@ -43,8 +42,7 @@ SHOP = web.AppKey("shop", ShopSettings)
 
 def cookie_id(request: web.Request) -> str | None:
     """The visitor's anonymousId from analytics.js's cookie (plain or a JSON string)."""
-    value = unquote(request.cookies.get(COOKIE, "")).strip('"')
-    return value or None
+    return read_anonymous_id(request.cookies.get(COOKIE))
 
 
 async def product_page(request: web.Request) -> web.Response:
