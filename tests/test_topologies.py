@@ -24,7 +24,7 @@ from identity_service.app import create_app
 from identity_service.constants import KEY_SHARDS, link_key, outbox_key, shard_tags, tag_slot
 from identity_service.problems import StoreUnavailable
 from identity_service.settings import RedisSettings
-from identity_service.stores.redis import RedisStore, check_reachable, connect
+from identity_service.stores.redis import RedisStore, check_reachable, connect, follow_master
 from identity_service.stores.resp import Arg, Reply, RespClient
 from identity_service.stores.topology import WATCH_SECONDS, ClusterClient, SentinelClient
 from tests.collector import WRITE_KEY, Collector, running_collector
@@ -448,6 +448,11 @@ async def until(condition: Callable[[], bool], seconds: float, what: str) -> Non
         await asyncio.sleep(0.05)
 
 
+async def node_port(client: Any) -> int:
+    """The port of the node ``client``'s next command reaches."""
+    return int((await client.info("server"))["tcp_port"])
+
+
 async def test_after_a_manual_failover_every_write_goes_to_the_new_master_once_seen(
     aiohttp_client: ClientMaker,
     redis_sentinel: Sentinels,
@@ -466,8 +471,14 @@ async def test_after_a_manual_failover_every_write_goes_to_the_new_master_once_s
     )
     client = await aiohttp_client(create_app(settings))
     stream = Stream(client, exchange_after=None)
+    # The forwarder's redis-py client, made to follow the lean client's watch (outbox.py).
+    assert settings.redis is not None
+    admin, watcher = connect(settings.redis), SentinelClient(settings.redis, timeout=1.0)
+    follow_master(watcher, admin)
     running = asyncio.create_task(stream.run())
     try:
+        await watcher.execute("PING")  # connected: the watch runs
+        assert await node_port(admin) == old.port
         await asyncio.sleep(0.5)
         port = str(sentinels.sentinel_ports[0])
         await asyncio.to_thread(redis_cli, "-p", port, "SENTINEL", "FAILOVER", sentinels.service)
@@ -479,6 +490,13 @@ async def test_after_a_manual_failover_every_write_goes_to_the_new_master_once_s
             "every sentinel to name the new master",
         )
         switched_at = time.monotonic()
+        # redis-py reconnects only when told to: its connection leaves the old master
+        # while that is still a master (the sentinels demote it about ten seconds later).
+        admin_moved = False
+        while not admin_moved and time.monotonic() < switched_at + SWITCH_SEEN_SECONDS:
+            admin_moved = await node_port(admin) != old.port
+            await asyncio.sleep(0.1)
+        old_role_then = info_field(old.port, "replication", "role")
         await until(
             lambda: info_field(old.port, "replication", "role") == "slave", 30,
             "the sentinels to make the old master a replica",
@@ -486,6 +504,9 @@ async def test_after_a_manual_failover_every_write_goes_to_the_new_master_once_s
     finally:
         stream.stop.set()
         await running
+        await watcher.close()
+        await admin.aclose()
+    assert admin_moved and old_role_then == "master"
     await until(
         lambda: info_field(old.port, "replication", "master_link_status") == "up",
         30,

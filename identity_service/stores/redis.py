@@ -215,8 +215,10 @@ def follow_master(commands: Commands, admin: AdminClient) -> None:
     if isinstance(commands, SentinelClient) and isinstance(admin, Redis):
         pool = admin.connection_pool
 
-        async def drop() -> None:
-            await pool.disconnect(inuse_connections=True)
+        async def drop(first: bool) -> None:
+            # In use too at the switch; later, the idle ones that went back to the old
+            # master through a sentinel that had not switched yet.
+            await pool.disconnect(inuse_connections=first)
 
         commands.switched.append(drop)
 

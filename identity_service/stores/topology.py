@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import structlog
 from redis.crc import key_slot
 
 from identity_service.constants import CLUSTER_SLOTS
@@ -44,6 +45,8 @@ from identity_service.stores.resp import (
     pack_command,
 )
 
+logger = structlog.get_logger(__name__)
+
 MAX_REDIRECTS = 5
 # The answers that mean "not run here": re-sending is safe.
 REDIRECTIONS = frozenset({"MOVED", "ASK", "TRYAGAIN"})
@@ -51,6 +54,10 @@ TRYAGAIN_PAUSE_SECONDS = 0.02
 # How often a Sentinel client asks the sentinels where the master is: the most a replaced
 # master that stayed up keeps receiving its writes, once the sentinels have switched.
 WATCH_SECONDS = 1.0
+# Turns after a switch on which ``switched`` is told again: the sentinels spread a new
+# master within about two seconds, and until they all have, a reconnection that asks one
+# of them may still be sent to the old master.
+SETTLING_TURNS = 5
 
 
 class Commands(Protocol):
@@ -93,10 +100,12 @@ class SentinelClient(RespClient):
         self.master: tuple[str, int] | None = None
         self._watch_seconds = watch_seconds
         self._watch: asyncio.Task[None] | None = None
-        # Called when the sentinels name another master than the one connected to: the
-        # forwarder's redis-py client drops its connections too (see outbox.py).
-        self.switched: list[Callable[[], Awaitable[None]]] = []
-        self._told: tuple[str, int] | None = None
+        # Called, with True the first time, on each of the SETTLING_TURNS turns after the
+        # sentinels name another master: the forwarder's redis-py client drops its
+        # connections too (see outbox.py), again while sentinels that have not switched yet
+        # may send its new connections back to the old master.
+        self.switched: list[Callable[[bool], Awaitable[None]]] = []
+        self._told: tuple[str, int] | None = None  # the master switched was last told of
 
     async def execute(self, *args: Arg) -> Reply:
         try:
@@ -110,13 +119,15 @@ class SentinelClient(RespClient):
         await super().close()
         if self._watch is not None:
             self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watch
         for sentinel in self._sentinels:
             await sentinel.close()
 
     async def _endpoint(self) -> tuple[str, int]:
         self.master = await master_address(self._sentinels, self._service)
+        if self._told is None:
+            self._told = self.master
         if self._watch is None and not self._closed:
             self._watch = asyncio.ensure_future(self._follow())
         return self.master
@@ -129,23 +140,31 @@ class SentinelClient(RespClient):
     async def _follow(self) -> None:
         """Every ``watch_seconds``, ask the sentinels where the master is; when they name
         another node than the one connected to, drop the connection (the next command
-        connects to theirs) and tell ``switched``. Sentinels that do not answer change
-        nothing: the connection stays where it is."""
+        connects to theirs), and tell ``switched`` on this turn and the next few.
+        Sentinels that do not answer change nothing: the connection stays where it is."""
+        settling = 0
         while True:
             await asyncio.sleep(self._watch_seconds)
             try:
                 named = await master_address(self._sentinels, self._service)
             except OSError:
                 continue
-            if self.master is None or named == self.master:
-                continue
-            # Also when a connection to the old master opened meanwhile: the next turn
-            # drops it, the master it asked for being still the old one.
-            self.disconnect()
+            if self.master is not None and named != self.master:
+                # Also when a connection to the old master opened meanwhile: the next turn
+                # drops it, the master it asked for being still the old one.
+                self.disconnect()
             if named != self._told:
-                self._told = named
-                for callback in self.switched:
-                    await callback()
+                self._told, settling = named, SETTLING_TURNS
+            if settling:
+                settling -= 1
+                await self._tell_switched(first=settling == SETTLING_TURNS - 1)
+
+    async def _tell_switched(self, first: bool) -> None:
+        for callback in self.switched:
+            try:
+                await callback(first)
+            except Exception as exc:  # a failed drop must not end the watch
+                logger.warning("sentinel_switch_not_followed", error=type(exc).__name__)
 
 
 def sentinel_clients(settings: RedisSettings, timeout: float) -> list[RespClient]:
