@@ -1,6 +1,8 @@
 """The `outbox status`, `dead`, `replay-dead` and `retire` commands: the outbox as operators
 see it."""
 
+import heapq
+import itertools
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,6 +17,10 @@ from identity_service.stores.redis import AdminClient
 from identity_service.streams import entries, parse_id, text
 
 PAYLOAD_FIELDS = (b"j", b"e", b"t", b"p")
+# Dead letters read at a time by `outbox dead` (each holds its events, up to 32 KB a letter).
+DEAD_LETTER_PAGE = 50
+# A failed_at past this (year 9999) is not a time: the entry id's is taken instead.
+MAX_TIME_MS = 253_402_300_799_000
 
 
 @dataclass(slots=True)
@@ -119,26 +125,49 @@ async def newest_dead_letters(
 ) -> list[DeadLetter]:
     """The ``limit`` newest dead letters of ``destinations``, newest first.
 
-    Reads only the letters' ``reason``, ``failed_at`` and ``attempts``: never their events."""
-    found: list[DeadLetter] = []
+    Keeps only the letters' ``reason``, ``failed_at`` and ``attempts``, never their events
+    (Redis sends whole entries: they are read a page at a time, and a key's older pages
+    only while they may still hold one of the ``limit`` newest)."""
+    newest: list[tuple[int, int, DeadLetter]] = []  # a heap: the oldest kept comes first
+    order = itertools.count()  # ties of failed_at never compare the letters
     for destination in destinations:
         keys = [dead_letter_key(prefix, shard, destination, shards) for shard in range(shards)]
         keys += [dead for _, dead in _legacy_dead_letters(redis, prefix, destination, shards)]
         for dead in keys:
-            reply: Any = await redis.xrevrange(dead, count=limit)
-            found += [_dead_letter(destination, entry_id, fields) for entry_id, fields in reply]
-    found.sort(key=lambda letter: letter.failed_at_ms, reverse=True)
-    return found[:limit]
+            before = "+"
+            while True:
+                page: Any = await redis.xrevrange(dead, max=before, count=DEAD_LETTER_PAGE)
+                for entry_id, fields in page:
+                    letter = _dead_letter(destination, entry_id, fields)
+                    kept = (letter.failed_at_ms, next(order), letter)
+                    if len(newest) < limit:
+                        heapq.heappush(newest, kept)
+                    elif kept[0] > newest[0][0]:
+                        heapq.heapreplace(newest, kept)
+                full = len(newest) == limit
+                if len(page) < DEAD_LETTER_PAGE or (full and _entry_ms(page[-1][0]) < newest[0][0]):
+                    break
+                before = f"({text(page[-1][0])}"
+    return [letter for _, _, letter in sorted(newest, key=lambda kept: kept[0], reverse=True)]
+
+
+def _entry_ms(entry_id: bytes) -> int:
+    return parse_id(entry_id)[0]
 
 
 def _dead_letter(destination: str, entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
-    failed_at = fields.get(b"failed_at")
-    attempts = fields.get(b"attempts")
+    """One letter's facts; a field that does not read (a hand-made or damaged entry) falls
+    back to what the entry id says, or to unknown."""
+    failed_at = fields.get(b"failed_at", b"")
+    attempts = fields.get(b"attempts", b"")
+    failed_at_ms = int(failed_at) if failed_at.isdigit() else _entry_ms(entry_id)
+    if failed_at_ms > MAX_TIME_MS:
+        failed_at_ms = _entry_ms(entry_id)
     return DeadLetter(
         destination,
-        int(failed_at) if failed_at else parse_id(entry_id)[0],
+        failed_at_ms,
         text(fields.get(b"reason", b"unknown")),
-        int(attempts) if attempts is not None else None,
+        int(attempts) if attempts.isdigit() else None,
     )
 
 

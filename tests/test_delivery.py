@@ -21,7 +21,13 @@ from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
 from identity_service.crypto import OutboxSealer
 from identity_service.feeds import FeedEntry, RedisFeed, trim_acknowledged
 from identity_service.forwarder import Forwarder
-from identity_service.outbox_admin import outbox_status, replay_dead, retire_destination
+from identity_service.outbox_admin import (
+    DEAD_LETTER_PAGE,
+    newest_dead_letters,
+    outbox_status,
+    replay_dead,
+    retire_destination,
+)
 from identity_service.settings import Settings
 from identity_service.stores.redis import AdminClient
 from identity_service.stores.resp import RespClient
@@ -225,6 +231,36 @@ async def test_outbox_dead_shows_the_newest_reasons_and_attempts_and_nothing_els
     for shown in (as_json.stdout, newest.stdout):
         for secret in (WRITE_KEY, "anon-refused-31c9", "anon-retried-58e0", *message_ids):
             assert secret not in shown
+
+
+async def test_outbox_dead_reads_pages_and_survives_damaged_letters(redis_client: Redis) -> None:
+    """Many letters over several shards: the newest come first, however the pages fall;
+    a letter whose fields do not read shows its entry id's time and no attempts."""
+    prefix = "dead-pages-9f2c:"
+    written: list[int] = []
+    for number in range(2 * DEAD_LETTER_PAGE + 30):
+        shard = 0 if number % 5 else 3  # most in one shard: several pages of it are read
+        failed_at = 1_700_000_000_000 + number * 1000
+        await redis_client.xadd(
+            dead_letter_key(prefix, shard, "default"),
+            {"j": "{}", "reason": f"http {400 + number % 3}", "failed_at": failed_at,
+             "attempts": 1},
+        )  # fmt: skip
+        written.append(failed_at)
+    damaged = dead_letter_key(prefix, 7, "default")
+    await redis_client.xadd(damaged, {"reason": "hand-made", "failed_at": "x", "attempts": "y"})
+    await redis_client.xadd(damaged, {"reason": "far future", "failed_at": "9" * 30})
+
+    newest = await newest_dead_letters(redis_client, prefix, ["default"], 7)
+    # Both damaged ones take their entry ids' time (now): the newest, in either order.
+    assert {letter.reason for letter in newest[:2]} == {"far future", "hand-made"}
+    assert [letter.attempts for letter in newest[:2]] == [None, None]
+    assert [letter.failed_at_ms for letter in newest[2:]] == sorted(written)[-5:][::-1]
+    every = await newest_dead_letters(redis_client, prefix, ["default"], 1000)
+    assert len(every) == len(written) + 2
+    times = [letter.failed_at_ms for letter in every]
+    assert times == sorted(times, reverse=True)
+    assert all(letter.as_json()["failedAt"].endswith("Z") for letter in every)
 
 
 async def wait_for_dead(redis: AdminClient, prefix: str, count: int) -> list[Any]:

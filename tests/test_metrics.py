@@ -231,7 +231,12 @@ async def test_every_scrape_of_two_workers_reads_the_same_totals(
             if value(early[-1], "identity_handoffs_prepared_total", source="shop") == count:
                 break
             await asyncio.sleep(metrics.FLUSH_SECONDS / 10)
-        await asyncio.sleep(metrics.FLUSH_SECONDS * 1.5)  # the early scrapes' counts flushed
+        scrapes_seen = {"route": "/metrics", "method": "GET", "status": "200"}
+        for _ in range(100):  # until both workers flushed the early scrapes' counts too
+            await asyncio.sleep(metrics.FLUSH_SECONDS / 5)
+            settled = await scrape_url(service.url)
+            if value(settled, "identity_http_requests_total", **scrapes_seen) >= len(early):
+                break
         scrapes = [await scrape_url(service.url) for _ in range(8)]
     finally:
         assert await asyncio.to_thread(service.stop) == 0, service.stderr
@@ -245,7 +250,6 @@ async def test_every_scrape_of_two_workers_reads_the_same_totals(
     assert {value(s, histogram, route="/v1/handoffs") for s in scrapes} == {count}
     # Scrapes count the scrapes before them, whichever worker answered them: at least every
     # early one, and never fewer than the scrape before.
-    scrapes_seen = {"route": "/metrics", "method": "GET", "status": "200"}
     seen = [value(s, "identity_http_requests_total", **scrapes_seen) for s in scrapes]
     assert seen == sorted(seen) and seen[0] >= len(early)
 

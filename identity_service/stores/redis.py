@@ -289,8 +289,8 @@ async def _check_sentinels(settings: RedisSettings) -> None:
     for (host, port), reply in zip(settings.nodes, replies, strict=True):
         if not isinstance(reply, bytes):  # no answer, or no entry: not known to be wrong
             continue
-        mode = _info_fields(reply).get("redis_mode", "unknown")
-        if mode != "sentinel":
+        mode = _info_fields(reply).get("redis_mode")
+        if mode is not None and mode != "sentinel":  # a server that does not say: not known
             raise WrongTopology(
                 f"{host_port(host, port)} is not a sentinel but a Redis {mode} node: name "
                 "the sentinels as redis+sentinel://<sentinel host:port,...>/<service name>, "
