@@ -1,20 +1,25 @@
 /**
- * The carry cookie: the exchanged identity, signed, for the one request after the 303.
+ * The carry cookie: the exchanged identity, signed, for the request after the 303.
  *
  * The middleware answers the handoff request with a 303, so the handler that renders the
  * page runs on the next request, which only has the visitor cookie. The carry cookie brings
  * the rest of the exchanged identity (userId, traits, consent, source) to that request:
  * `base64url(compact JSON) "." base64url(HMAC-SHA256)`, under a key derived from the write
  * key. Signed, not encrypted: the browser can read it (HttpOnly keeps page scripts out).
- * The same format as the Python SDK's (identity_client/_carry.py).
+ * The same format as the Python SDK's (identity_client/_carry.py); both suites check the
+ * vectors of clients/carry-vectors.json.
  */
 import { createHmac, timingSafeEqual } from "node:crypto";
 
 import type { Identity, JsonObject } from "./client.js";
 
 const KEY_LABEL = "identity-service-client carry cookie v1";
-/** Browsers keep about 4 KB per cookie (name and attributes included). */
-export const MAX_CARRY_BYTES = 3500;
+/**
+ * Browsers keep about 4 KB per cookie, but servers refuse a Cookie header line over about
+ * 8 KB (aiohttp 8190 bytes, nginx 8k) before any middleware runs, and the carry cookie
+ * shares that line with the site's other cookies. The Python SDK's MAX_VALUE_BYTES is the same.
+ */
+export const MAX_CARRY_BYTES = 1500;
 
 /** What the carry cookie holds. */
 export interface CarriedIdentity {

@@ -71,7 +71,8 @@ export interface HandoffMiddlewareOptions {
   publicOrigin?: string;
   /**
    * The cookie carrying the exchanged identity to the request after the 303 (default
-   * `identity_restored`; HttpOnly, 60 s, signed with a key derived from the write key).
+   * `identity_restored`; HttpOnly, host-only, 60 s, signed with a key derived from the
+   * write key).
    */
   carryCookieName?: string;
   /** Called with any error of an exchange (the visitor is redirected all the same). */
@@ -116,26 +117,49 @@ export function readCookie(req: MiddlewareRequest, name: string): string | undef
   return value || undefined;
 }
 
-// RFC 6265 cookie-octet: printable ASCII except space, DQUOTE, comma, semicolon, backslash.
-const COOKIE_OCTETS = /^[\x21\x23-\x2B\x2D-\x3A\x3C-\x5B\x5D-\x7E]*$/;
+// RFC 6265 cookie-octet: printable ASCII except space, DQUOTE, comma, semicolon, backslash;
+// and minus `%`, which readCookie decodes (as the Python SDK's cookies).
+const COOKIE_OCTETS = /^[\x21\x23\x24\x26-\x2B\x2D-\x3A\x3C-\x5B\x5D-\x7E]*$/;
 
+/**
+ * A `Set-Cookie` value. The carry cookie (`carry`) is HttpOnly and host-only (no `Domain`:
+ * the userId and traits in it go to this host, not its subdomains).
+ */
 function serializeCookie(
   name: string,
   value: string,
   options: HandoffMiddlewareOptions,
   maxAge: number = options.cookieMaxAge ?? ONE_YEAR,
-  httpOnly = false,
+  carry = false,
 ): string {
   const plain = COOKIE_OCTETS.test(value) ? value : encodeURIComponent(value);
   const parts = [`${name}=${plain}`];
-  if (options.cookieDomain) parts.push(`Domain=${options.cookieDomain}`);
+  if (options.cookieDomain && !carry) parts.push(`Domain=${options.cookieDomain}`);
   parts.push(`Path=${options.cookiePath ?? "/"}`);
   parts.push(`Max-Age=${Math.floor(maxAge)}`);
   parts.push(`Expires=${new Date(Date.now() + maxAge * 1000).toUTCString()}`);
   parts.push(`SameSite=${options.sameSite ?? "Lax"}`);
   if (options.secure ?? true) parts.push("Secure");
-  if (httpOnly) parts.push("HttpOnly");
+  if (carry) parts.push("HttpOnly");
   return parts.join("; ");
+}
+
+/**
+ * The carry cookie's value for `identity`: without its traits when they make it over
+ * MAX_CARRY_BYTES, null when even that is (a warning that names no id, either way).
+ */
+function carryValue(identity: Identity, key: Uint8Array, carryName: string): string | null {
+  const expires = Math.floor(Date.now() / 1000) + CARRY_MAX_AGE;
+  const value = encodeCarry(identity, key, expires);
+  if (value !== null) return value;
+  const withoutTraits = encodeCarry({ ...identity, traits: {} }, key, expires);
+  process.emitWarning(
+    `restored identity too large for the ${carryName} cookie: ${
+      withoutTraits === null ? "the next request's handler gets only the anonymousId" : "carried without its traits"
+    }`,
+    { code: "IDENTITY_CARRY_TOO_LARGE" },
+  );
+  return withoutTraits;
 }
 
 function appendSetCookie(res: MiddlewareResponse, cookie: string): void {
@@ -160,13 +184,15 @@ function requestOrigin(req: MiddlewareRequest, options: HandoffMiddlewareOptions
  * answers 303 to the same URL without the token (other parameters kept), so the page loads
  * clean and analytics.js starts with the restored anonymousId. A used or expired token
  * gives a generated anonymousId (kept out of the cookie when the visitor already has one).
- * An empty or over-long token (which the service would refuse) is exchanged as an unknown
- * one. When the service cannot be reached, it answers the same 303 without a cookie.
+ * An empty, bare (`?handoff_token`) or over-long token (which the service would refuse) is
+ * exchanged as an unknown one. When the service cannot be reached, it answers the same 303 without a cookie.
  *
  * With the visitor cookie it also sets the carry cookie (the exchanged identity, signed,
- * HttpOnly, 60 s): on the next request, the 303's clean URL, `req.identity` is that
+ * HttpOnly, host-only, 60 s; without the traits when they would make it over
+ * MAX_CARRY_BYTES): on the next request, the 303's clean URL, `req.identity` is that
  * identity (`source` `handoff` or `generated`, `userId`, `traits`, `consent`) and the
- * carry cookie is cleared (appended to `Set-Cookie` before `next()`). Any other request
+ * carry cookie is cleared (appended to `Set-Cookie` before `next()`); until an answer
+ * through the middleware clears it, it stays valid for its 60 s. Any other request
  * gets `req.identity` from the visitor cookie, if there is one, and goes on (`next()`).
  * The carry needs the client's key (an `IdentityClient`); a carry cookie that is forged,
  * expired, malformed, oversized or for another anonymousId is ignored.
@@ -193,7 +219,8 @@ export function handoffMiddleware(
   return function identityHandoff(req, res, next) {
     const existing = readCookie(req, cookieName);
     const rawUrl = req.originalUrl ?? req.url ?? "/";
-    if ((req.method ?? "GET").toUpperCase() !== "GET" || !rawUrl.includes(`${tokenParam}=`)) {
+    // A cheap test first; the query is parsed below (`handoff%5Ftoken` is the token too).
+    if ((req.method ?? "GET").toUpperCase() !== "GET" || !rawUrl.includes("?")) {
       restore(req, res, existing);
       next();
       return;
@@ -221,7 +248,8 @@ export function handoffMiddleware(
       if (name !== tokenParam) {
         if (part !== "") kept.push(part);
       } else if (token === null) {
-        token = new URLSearchParams(part).get(tokenParam);
+        // A bare `?handoff_token` is a present but empty token (a bad link), as in Python.
+        token = eq < 0 ? "" : (new URLSearchParams(`t=${part.slice(eq + 1)}`).get("t") ?? "");
       }
     }
     if (token === null) {
@@ -266,14 +294,8 @@ export function handoffMiddleware(
           const keepExisting = identity.source === "generated" && existing !== undefined;
           if (!keepExisting) {
             appendSetCookie(res, serializeCookie(cookieName, identity.anonymousId, options));
-            const carry = key ? encodeCarry(identity, key, Math.floor(Date.now() / 1000) + CARRY_MAX_AGE) : null;
+            const carry = key ? carryValue(identity, key, carryName) : null;
             if (carry !== null) appendSetCookie(res, serializeCookie(carryName, carry, options, CARRY_MAX_AGE, true));
-            else if (key) {
-              process.emitWarning(
-                `restored identity too large for the ${carryName} cookie: the next request's handler gets only the anonymousId`,
-                { code: "IDENTITY_CARRY_TOO_LARGE" },
-              );
-            }
           }
           req.identity = keepExisting
             ? { anonymousId: existing, source: "cookie", exchanged: identity }

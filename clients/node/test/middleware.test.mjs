@@ -1,5 +1,6 @@
 // The domain-B middleware in a plain node:http server (no express), against the real service.
 import assert from "node:assert/strict";
+import { createHmac } from "node:crypto";
 import http from "node:http";
 import { after, before, describe, test } from "node:test";
 
@@ -65,6 +66,12 @@ function cookieOf(answer, wanted = "ajs_anonymous_id") {
 
 const CARRY = "identity_restored";
 
+/** `payload` base64url-encoded and signed with the carry key of WRITE_KEY, whatever it holds. */
+function signed(payload) {
+  const text = Buffer.from(payload, "utf8").toString("base64url");
+  return `${text}.${createHmac("sha256", carryKey(WRITE_KEY)).update(text).digest("base64url")}`;
+}
+
 /** The request after the 303, with the cookies the 303 set: what the handler saw, and the answer. */
 async function follow(checkout, answer) {
   const cookie = (answer.headers["set-cookie"] ?? []).map((c) => c.split(";")[0]).join("; ");
@@ -126,10 +133,12 @@ describe("handoffMiddleware", () => {
     assert.equal(track.context.ip, "127.0.0.1");
     assert.equal(track.context.userAgent, "node-test-agent/1.0");
 
+    // The carry cookie is host-only (no Domain): userId and traits stay on this host.
     const carry = cookieOf(answer, CARRY);
-    for (const attribute of ["Domain=checkout.localhost", "Path=/", "Max-Age=60", "SameSite=Lax", "Secure", "HttpOnly"]) {
-      assert.ok(carry.attributes.includes(attribute), attribute);
-    }
+    assert.deepEqual(
+      carry.attributes.filter((a) => !a.startsWith("Expires=")),
+      ["Path=/", "Max-Age=60", "SameSite=Lax", "Secure", "HttpOnly"],
+    );
 
     // The page the 303 leads to: its handler sees the whole restored identity, once.
     const { page, identity } = await follow(checkout, answer);
@@ -143,7 +152,10 @@ describe("handoffMiddleware", () => {
     });
     const cleared = cookieOf(page, CARRY);
     assert.equal(cleared.value, "");
-    assert.ok(cleared.attributes.includes("Max-Age=0"));
+    assert.deepEqual(
+      cleared.attributes.filter((a) => !a.startsWith("Expires=")),
+      ["Path=/", "Max-Age=0", "SameSite=Lax", "Secure", "HttpOnly"],
+    );
 
     // Later requests carry the visitor cookie only: the handler sees the visitor.
     const later = await get(checkout.port, "/cart?step=1&coupon=x", { cookie: `other=1; ${cookie.name}=${cookie.value}` });
@@ -171,6 +183,10 @@ describe("handoffMiddleware", () => {
       `ajs_anonymous_id=someone-else; ${CARRY}=${value}`,
       `ajs_anonymous_id=carried; ${CARRY}=${value.slice(0, -2)}`,
       `ajs_anonymous_id=carried; ${CARRY}=bm90IGpzb24.x`,
+      // Signed with the real key, so only the decoder's JSON and field checks refuse them.
+      `ajs_anonymous_id=carried; ${CARRY}=${signed("not json")}`,
+      `ajs_anonymous_id=carried; ${CARRY}=${signed("[]")}`,
+      `ajs_anonymous_id=carried; ${CARRY}=${signed('{"anonymousId":"carried"}')}`,
       `ajs_anonymous_id=carried; ${CARRY}=${"A".repeat(5000)}`,
     ]) {
       const page = await get(checkout.port, "/cart", { cookie });
@@ -183,9 +199,10 @@ describe("handoffMiddleware", () => {
     assert.equal(JSON.parse(genuine.body).identity.userId, "user-1");
   });
 
-  test("an empty or over-long token: the fallback's generated id, not an error", async () => {
-    for (const token of ["", "t".repeat(129)]) {
-      const answer = await get(checkout.port, `/pay?handoff_token=${token}&a=1`);
+  test("an empty, bare or over-long token: the fallback's generated id, not an error", async () => {
+    // A bare `?handoff_token` (no `=`) is a present but empty token, as in the Python SDK.
+    for (const token of ["handoff_token=", "handoff_token", "handoff%5Ftoken=", `handoff_token=${"t".repeat(129)}`]) {
+      const answer = await get(checkout.port, `/pay?${token}&a=1`);
       assert.equal(answer.status, 303);
       assert.equal(answer.headers.location, "/pay?a=1");
       const { value } = cookieOf(answer);
@@ -194,6 +211,52 @@ describe("handoffMiddleware", () => {
       assert.deepEqual(identity, { anonymousId: value, source: "generated", userId: null, traits: {}, consent: {} });
     }
     assert.deepEqual(checkout.errors, []);
+  });
+
+  test("an anonymousId with `%` comes back as it was (the cookie escapes it)", async () => {
+    const handoff = await client.prepare({ anonymousId: "a%41b", userId: "user-pct", destination: `${checkout.origin}/cart` });
+    const answer = await get(checkout.port, `/cart?handoff_token=${handoff.token}`);
+    assert.equal(cookieOf(answer).value, "a%2541b");
+    const { identity } = await follow(checkout, answer);
+    assert.equal(identity.anonymousId, "a%41b");
+    assert.equal(identity.source, "handoff"); // the carry cookie is the visitor's
+    assert.equal(identity.userId, "user-pct");
+  });
+
+  test("traits too large for the carry cookie are left out; an identity too large even without them is not carried", async () => {
+    const warnings = [];
+    const onWarning = (warning) => warnings.push(warning);
+    process.on("warning", onWarning);
+    try {
+      const traits = await client.prepare({
+        anonymousId: "visitor-traits",
+        userId: "user-traits",
+        traits: { bio: "x".repeat(1000) },
+        consent: { analytics: true },
+        destination: `${checkout.origin}/cart`,
+      });
+      const answer = await get(checkout.port, `/cart?handoff_token=${traits.token}`);
+      assert.ok(cookieOf(answer, CARRY).value.length <= 1500);
+      const { identity } = await follow(checkout, answer);
+      assert.deepEqual(identity, {
+        anonymousId: "visitor-traits",
+        source: "handoff",
+        userId: "user-traits",
+        traits: {},
+        consent: { analytics: true },
+      });
+
+      const consent = Object.fromEntries(Array.from({ length: 40 }, (_, n) => [`category-${n}-${"c".repeat(28)}`, true]));
+      const large = await client.prepare({ anonymousId: "visitor-large", userId: "user-large", consent, destination: `${checkout.origin}/cart` });
+      const tooLarge = await get(checkout.port, `/cart?handoff_token=${large.token}`);
+      assert.equal(cookieOf(tooLarge).value, "visitor-large");
+      assert.equal((tooLarge.headers["set-cookie"] ?? []).length, 1);
+      await new Promise((resolve) => setImmediate(resolve)); // warnings are emitted on the next tick
+      assert.deepEqual(warnings.map((w) => w.code), ["IDENTITY_CARRY_TOO_LARGE", "IDENTITY_CARRY_TOO_LARGE"]);
+      for (const warning of warnings) assert.doesNotMatch(warning.message, /visitor-|user-/);
+    } finally {
+      process.off("warning", onWarning);
+    }
   });
 
   test("a used token: a generated anonymousId in the cookie, same clean redirect", async () => {

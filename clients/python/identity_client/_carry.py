@@ -1,11 +1,12 @@
-"""The carry cookie: the exchanged identity, signed, for the one request after the 303.
+"""The carry cookie: the exchanged identity, signed, for the request after the 303.
 
 The middleware answers the handoff request with a 303, so the handler that renders the page
 runs on the next request, which only has the visitor cookie. The carry cookie brings the
 rest of the exchanged identity (userId, traits, consent, source) to that request:
 ``base64url(compact JSON) "." base64url(HMAC-SHA256)``, under a key derived from the write
 key. It is signed, not encrypted: the browser can read what it holds (it is HttpOnly, so
-page scripts cannot). The Node SDK writes and reads the same format.
+page scripts cannot). The Node SDK writes and reads the same format (carry.ts), and both
+suites check the vectors of ``clients/carry-vectors.json``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from identity_client.models import Identity
 
 # Derivation label: the key signs carry cookies and nothing else.
 _KEY_LABEL = b"identity-service-client carry cookie v1"
-# Browsers keep about 4 KB per cookie (name and attributes included).
-MAX_VALUE_BYTES = 3500
+# Browsers keep about 4 KB per cookie, but servers refuse a Cookie header line over about
+# 8 KB (aiohttp 8190 bytes, nginx 8k) before any middleware runs, and the carry cookie
+# shares that line with the site's other cookies. The Node SDK's MAX_CARRY_BYTES is the same.
+MAX_VALUE_BYTES = 1500
 
 
 def carry_key(write_key: str) -> bytes:
@@ -40,6 +43,11 @@ def _unb64(text: str) -> bytes:
 
 def _signature(key: bytes, payload: str) -> str:
     return _b64(hmac.new(key, payload.encode("ascii"), hashlib.sha256).digest())
+
+
+def _not_json(constant: str) -> Any:
+    """``NaN`` and ``Infinity`` are not JSON (Node's JSON.parse refuses them)."""
+    raise ValueError(constant)
 
 
 def encode(identity: Identity, key: bytes, expires: int) -> str | None:
@@ -68,10 +76,10 @@ def decode(value: str, key: bytes, now: float) -> Identity | None:
     if not sep or not hmac.compare_digest(signature, _signature(key, payload)):
         return None
     try:
-        document: Any = json.loads(_unb64(payload))
+        document: Any = json.loads(_unb64(payload), parse_constant=_not_json)
     except (ValueError, binascii.Error):  # UnicodeDecodeError and JSONDecodeError included
         return None
-    if not isinstance(document, dict):
+    if not isinstance(document, dict) or "userId" not in document:
         return None
     anonymous_id, user_id = document.get("anonymousId"), document.get("userId")
     traits, consent = document.get("traits"), document.get("consent")

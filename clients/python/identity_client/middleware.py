@@ -17,17 +17,22 @@ the page loads clean and analytics.js starts with the restored anonymousId.
   the page loads and analytics.js keeps (or makes) its own id. The exchange is never
   retried (a token works once).
 - A token the service refuses (empty, over-long: 400) is bad input like a missing token:
-  the fallback's generated id, logged at INFO without the token.
+  the fallback's generated id, logged at INFO without the token. Any other refusal (a 400
+  for the site's own ``event`` or ``properties``, a bad write key) is the site's
+  misconfiguration, logged at ERROR; an unreachable service at WARNING.
 - Every request gets the identity: ASGI ``scope["state"]["identity"]``, WSGI
   ``environ["identity_client.identity"]``, aiohttp ``request["identity"]``. The handoff
   request itself never reaches the handler (it is answered 303), so the exchange also sets
-  a carry cookie (``identity_restored``, HttpOnly, 60 s): the exchanged identity, signed
-  with a key derived from the write key (signed, not encrypted). On the next request (the
-  303's clean URL) the handler gets that ``Identity`` (``user_id``, ``traits``,
-  ``consent``, ``source`` ``"handoff"`` or ``"generated"``) and the response clears the
-  carry cookie. Any other request gets an ``Identity`` with ``source="cookie"`` and the
-  visitor cookie's anonymousId, or ``None`` without the cookie. A carry cookie that is
-  forged, expired, malformed, oversized or for another anonymousId is ignored.
+  a carry cookie (``identity_restored``, HttpOnly, host-only, 60 s): the exchanged
+  identity, signed with a key derived from the write key (signed, not encrypted). On the
+  next request (the 303's clean URL) the handler gets that ``Identity`` (``user_id``,
+  ``traits``, ``consent``, ``source`` ``"handoff"`` or ``"generated"``) and the response
+  clears the carry cookie; until an answer through the middleware clears it, it stays valid
+  for its 60 s (it is not single-use). Any other request gets an ``Identity`` with
+  ``source="cookie"`` and the visitor cookie's anonymousId, or ``None`` without the cookie.
+  A carry cookie that is forged, expired, malformed, oversized or for another anonymousId
+  is ignored. An identity over ``_carry.MAX_VALUE_BYTES`` is carried without its traits,
+  or not at all.
 
 ASGI and WSGI are used as protocols: no dependency on Starlette, Flask or Django. The aiohttp
 middleware imports aiohttp when it is built (the ``aiohttp`` extra).
@@ -39,7 +44,7 @@ import logging
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, unquote_plus
 
@@ -49,7 +54,6 @@ from identity_client.cookies import read_anonymous_id, read_cookie
 from identity_client.errors import (
     IdentityConnectionError,
     IdentityError,
-    InvalidRequest,
     ServiceUnavailable,
 )
 from identity_client.models import Identity
@@ -73,6 +77,8 @@ ONE_YEAR = 365 * 24 * 3600
 MAX_TOKEN_LENGTH = 128
 UNKNOWN_TOKEN = "-"  # noqa: S105 - not a secret
 WSGI_ENVIRON_KEY = "identity_client.identity"
+# The carry cookie is for the request right after the 303 (the Node SDK's is 60 s too).
+CARRY_MAX_AGE = 60
 
 # ASGI as a protocol (typing only).
 Scope = MutableMapping[str, Any]
@@ -103,21 +109,22 @@ class MiddlewareSettings:
     properties: dict[str, Any] | None = None
     # The exchanged identity for the request after the 303 (identity_client._carry).
     carry_cookie_name: str = "identity_restored"
-    carry_max_age: int = 60
 
     def set_cookie(self, anonymous_id: str) -> str:
         return self._set_cookie(
             self.cookie_name, quote(anonymous_id, safe=_COOKIE_SAFE), self.cookie_max_age
         )
 
-    def _set_cookie(self, name: str, value: str, max_age: int, *, http_only: bool = False) -> str:
+    def _set_cookie(self, name: str, value: str, max_age: int, *, carry: bool = False) -> str:
+        """A ``Set-Cookie`` value; the carry cookie is HttpOnly and host-only (no
+        ``Domain``: the userId and traits in it go to this host, not its subdomains)."""
         parts = [f"{name}={value}", f"Path={self.cookie_path}", f"Max-Age={max_age}"]
         parts.append(f"SameSite={self.cookie_same_site}")
-        if self.cookie_domain:
+        if self.cookie_domain and not carry:
             parts.append(f"Domain={self.cookie_domain}")
         if self.cookie_secure:
             parts.append("Secure")
-        if http_only:
+        if carry:
             parts.append("HttpOnly")
         return "; ".join(parts)
 
@@ -126,28 +133,36 @@ class MiddlewareSettings:
         return Identity(anonymous_id=anonymous_id, source="cookie") if anonymous_id else None
 
     def carry_cookie(self, identity: Identity, key: bytes) -> str | None:
-        """The ``Set-Cookie`` value carrying ``identity`` to the next request, or None when
-        it would be too large for a cookie."""
-        value = _carry.encode(identity, key, int(time.time()) + self.carry_max_age)
+        """The ``Set-Cookie`` value carrying ``identity`` to the next request: without its
+        traits when they make it over ``_carry.MAX_VALUE_BYTES``, None when even that is."""
+        expires = int(time.time()) + CARRY_MAX_AGE
+        value = _carry.encode(identity, key, expires)
         if value is None:
+            value = _carry.encode(replace(identity, traits={}), key, expires)
             logger.warning(
-                "restored identity too large for the %s cookie: the next request's handler "
-                "gets only the anonymousId",
+                "restored identity too large for the %s cookie: %s",
                 self.carry_cookie_name,
+                "carried without its traits"
+                if value
+                else "the next request's handler gets only the anonymousId",
             )
+        if value is None:
             return None
-        return self._set_cookie(self.carry_cookie_name, value, self.carry_max_age, http_only=True)
+        return self._set_cookie(self.carry_cookie_name, value, CARRY_MAX_AGE, carry=True)
 
-    def restored(self, cookie_header: str | None, key: bytes) -> tuple[Identity | None, str | None]:
+    def restored(
+        self, cookie_header: str | None, key: bytes | None
+    ) -> tuple[Identity | None, str | None]:
         """The identity of a request without a token, and the ``Set-Cookie`` value that
         clears the carry cookie (None: there is none). A valid carry cookie for the visitor
-        cookie's anonymousId gives the exchanged identity; any other is ignored."""
+        cookie's anonymousId gives the exchanged identity; any other is ignored, as is every
+        one without a key (a client that has none)."""
         visitor = self.cookie_identity(cookie_header)
         value = read_cookie(cookie_header, self.carry_cookie_name)
         if value is None:
             return visitor, None
-        clear = self._set_cookie(self.carry_cookie_name, "", 0, http_only=True)
-        carried = _carry.decode(value, key, time.time())
+        clear = self._set_cookie(self.carry_cookie_name, "", 0, carry=True)
+        carried = None if key is None else _carry.decode(value, key, time.time())
         if carried is None or visitor is None or carried.anonymous_id != visitor.anonymous_id:
             return visitor, clear
         return carried, clear
@@ -194,18 +209,19 @@ class MiddlewareSettings:
         }
 
     def settle(
-        self, outcome: Identity | IdentityError, cookie_header: str | None, key: bytes
+        self, outcome: Identity | IdentityError, cookie_header: str | None, key: bytes | None
     ) -> tuple[Identity | None, list[str]]:
         """The request's identity and the ``Set-Cookie`` values after the exchange's
-        ``outcome``: the visitor cookie and the carry cookie, or none when the visitor keeps
-        the cookie's id; a failed exchange is logged and leaves the cookie's visitor."""
+        ``outcome``: the visitor cookie and the carry cookie (none without a key), or none
+        when the visitor keeps the cookie's id; a failed exchange is logged and leaves the
+        cookie's visitor."""
         if isinstance(outcome, IdentityError):
             _failed(outcome)
             return self.cookie_identity(cookie_header), []
         identity, cookie = self.landed(outcome, cookie_header)
         if cookie is None:
             return identity, []
-        carry = self.carry_cookie(identity, key)
+        carry = None if key is None else self.carry_cookie(identity, key)
         return identity, [cookie] if carry is None else [cookie, carry]
 
     def context(
@@ -230,11 +246,19 @@ def _location(path: str, query: str) -> str:
 
 
 def _failed(error: IdentityError) -> None:
-    if isinstance(error, ServiceUnavailable | IdentityConnectionError | InvalidRequest):
-        # Unreachable service, or input a visitor's link can make: not the site's error.
+    # A visitor's link cannot make a 400 (usable() replaced the tokens the service would
+    # refuse): an InvalidRequest is the site's own event or properties, so an ERROR.
+    if isinstance(error, ServiceUnavailable | IdentityConnectionError):
         logger.warning("handoff exchange failed, page served without it: %r", error)
     else:
         logger.error("handoff exchange refused, page served without it: %r", error)
+
+
+def _key_of(client: IdentityClient | AsyncIdentityClient) -> bytes | None:
+    """The client's carry-cookie key, read once; None (no carry) for a client object
+    without one, as the Node middleware does with a client without ``carryKey``."""
+    key: bytes | None = getattr(client, "_carry_key", None)
+    return key
 
 
 def _with_cookie(headers: Iterable[tuple[bytes, bytes]], cookie: str) -> list[tuple[bytes, bytes]]:
@@ -247,7 +271,7 @@ class IdentityASGIMiddleware:
     def __init__(self, app: ASGIApp, client: AsyncIdentityClient, **settings: Any) -> None:
         self.app = app
         self.client = client
-        self.key = client._carry_key
+        self.key = _key_of(client)
         self.settings = MiddlewareSettings(**settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -316,7 +340,7 @@ class IdentityWSGIMiddleware:
     def __init__(self, app: WSGIApp, client: IdentityClient, **settings: Any) -> None:
         self.app = app
         self.client = client
-        self.key = client._carry_key
+        self.key = _key_of(client)
         self.settings = MiddlewareSettings(**settings)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -373,6 +397,7 @@ def identity_middleware(client: AsyncIdentityClient, **settings: Any) -> Middlew
     from aiohttp import web
 
     config = MiddlewareSettings(**settings)
+    key = _key_of(client)
     # aiohttp >= 3.12 recommends typed RequestKeys; the documented key here is "identity".
     not_app_key: type[Warning] = getattr(web, "NotAppKeyWarning", UserWarning)
 
@@ -389,7 +414,7 @@ def identity_middleware(client: AsyncIdentityClient, **settings: Any) -> Middlew
         token, query = config.split_token(request.rel_url.raw_query_string)
         cookie_header = request.headers.get("Cookie")
         if request.method != "GET" or token is None:
-            identity, clear = config.restored(cookie_header, client._carry_key)
+            identity, clear = config.restored(cookie_header, key)
             expose(request, identity)
             if clear is None:
                 return await handler(request)
@@ -417,7 +442,7 @@ def identity_middleware(client: AsyncIdentityClient, **settings: Any) -> Middlew
             )
         except IdentityError as error:
             outcome = error
-        landed, cookies = config.settle(outcome, cookie_header, client._carry_key)
+        landed, cookies = config.settle(outcome, cookie_header, key)
         expose(request, landed)
         for cookie in cookies:
             response.headers.add("Set-Cookie", cookie)

@@ -43,6 +43,7 @@ from identity_client.middleware import (
     identity_middleware,
 )
 from servers import serving_aiohttp, serving_asgi, serving_wsgi
+from test_carry import signed
 
 COOKIE = "ajs_anonymous_id"
 CARRY = "identity_restored"
@@ -361,6 +362,11 @@ def test_a_forged_expired_or_foreign_carry_cookie_is_ignored(
         f"{CARRY}={value}",  # no visitor cookie
         f"{COOKIE}=carried; {CARRY}={value[:-2]}",  # bad signature
         f"{COOKIE}=carried; {CARRY}=bm90IGpzb24.x",  # malformed
+        # Signed with the real key, so only decode's JSON and field checks refuse them:
+        *(
+            f"{COOKIE}=carried; {CARRY}={signed(payload, DEV_WRITE_KEY)}"
+            for payload in (b"not json", b"[]", b'{"anonymousId": "carried"}')
+        ),
         f"{COOKIE}=carried; {CARRY}=" + "A" * 5000,  # oversized
     ):
         landed = landing(cookie)

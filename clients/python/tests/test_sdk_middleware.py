@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import DEV_WRITE_KEY, Service
-from identity_client import AsyncIdentityClient, Identity, IdentityClient
+from identity_client import AsyncIdentityClient, Identity, IdentityClient, _carry
 from identity_client.middleware import (
     IdentityASGIMiddleware,
     IdentityWSGIMiddleware,
@@ -24,6 +24,7 @@ from identity_client.middleware import (
 
 HOST = "http://checkout.localhost"
 COOKIE = "ajs_anonymous_id"
+CARRY = "identity_restored"
 
 
 def path_of(url: str) -> str:
@@ -153,9 +154,21 @@ def test_wsgi(service: Service) -> None:
             first = browser.get(path_of(handoff.redirect_url))
             assert first.status_code == 303
             assert first.headers["location"] == "/pay/ok?order=7"
-            assert first.headers.get_list("set-cookie")[0] == (
+            visitor_cookie, carry = first.headers.get_list("set-cookie")
+            assert visitor_cookie == (
                 f"{COOKIE}=visitor-wsgi; Path=/; Max-Age=31536000; SameSite=None; "
                 "Domain=checkout.localhost; Secure"
+            )
+            # The carry cookie is host-only: no Domain, set and cleared alike.
+            carry_pair, _, attributes = carry.partition("; ")
+            assert carry_pair.startswith(f"{CARRY}=")
+            assert attributes == "Path=/; Max-Age=60; SameSite=None; Secure; HttpOnly"
+            landed = browser.get(
+                "/pay/ok?order=7", headers={"Cookie": f"{COOKIE}=visitor-wsgi; {carry_pair}"}
+            )
+            assert landed.json() == {"anonymous_id": "visitor-wsgi", "source": "handoff"}
+            assert landed.headers["set-cookie"] == (
+                f"{CARRY}=; Path=/; Max-Age=0; SameSite=None; Secure; HttpOnly"
             )
             clean = browser.get(
                 "/pay/ok?order=7", headers={"Cookie": f"x=1; {COOKIE}=visitor-wsgi"}
@@ -225,18 +238,63 @@ async def test_aiohttp(aiohttp_browser: Any) -> None:
     assert await plain.json() == {"identity": None}
 
 
+def carried(set_cookies: list[str]) -> Identity | None:
+    """The identity in the carry cookie among ``set_cookies`` (the dev write key's)."""
+    (carry,) = [c for c in set_cookies if c.startswith(f"{CARRY}=")]
+    value = carry.split(";", 1)[0].split("=", 1)[1]
+    assert len(value) <= _carry.MAX_VALUE_BYTES
+    return _carry.decode(value, _carry.carry_key(DEV_WRITE_KEY), time.time())
+
+
+def test_traits_too_large_for_the_carry_cookie_are_left_out(
+    service: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Traits that make the carry cookie over ``MAX_VALUE_BYTES`` (1,500: with the site's
+    other cookies the Cookie header must stay under servers' ~8 KB line limits): the carry
+    cookie holds the identity without them, and a warning names no id."""
+    with IdentityClient(service.url, DEV_WRITE_KEY) as client:
+        transport = httpx.WSGITransport(app=IdentityWSGIMiddleware(wsgi_echo, client))
+        with httpx.Client(transport=transport, base_url=HOST) as browser:
+            handoff = client.prepare(
+                "visitor-traits",
+                user_id="user-traits",
+                traits={"bio": "x" * 1000},
+                consent={"analytics": True},
+                destination=f"{HOST}/cart",
+            )
+            with caplog.at_level(logging.WARNING, logger="identity_client"):
+                first = browser.get(path_of(handoff.redirect_url))
+            assert first.status_code == 303
+            identity = carried(first.headers.get_list("set-cookie"))
+            assert identity is not None
+            assert (identity.user_id, identity.traits, identity.consent, identity.source) == (
+                "user-traits",
+                {},
+                {"analytics": True},
+                "handoff",
+            )
+            (record,) = caplog.records
+            assert record.levelno == logging.WARNING
+            assert "without its traits" in record.getMessage()
+            assert "visitor-traits" not in record.getMessage()
+            assert "user-traits" not in record.getMessage()
+
+
 def test_an_identity_too_large_for_a_cookie_is_not_carried(
     service: Service, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Traits that would make the carry cookie over ~3,500 bytes: only the visitor cookie is
-    set (the handler then gets the cookie's anonymousId), with a warning that names no id."""
+    """An identity over ``MAX_VALUE_BYTES`` even without its traits (here its consent): only
+    the visitor cookie is set (the handler then gets the cookie's anonymousId), with a
+    warning that names no id."""
+    consent = {f"category-{n:02d}-" + "c" * 28: True for n in range(40)}
     with IdentityClient(service.url, DEV_WRITE_KEY) as client:
         transport = httpx.WSGITransport(app=IdentityWSGIMiddleware(wsgi_echo, client))
         with httpx.Client(transport=transport, base_url=HOST) as browser:
             handoff = client.prepare(
                 "visitor-large",
                 user_id="user-large",
-                traits={"bio": "x" * 3000},
+                traits={"plan": "pro"},
+                consent=consent,
                 destination=f"{HOST}/cart",
             )
             with caplog.at_level(logging.WARNING, logger="identity_client"):
@@ -250,3 +308,61 @@ def test_an_identity_too_large_for_a_cookie_is_not_carried(
             assert "user-large" not in record.getMessage()
             clean = browser.get("/cart", headers={"Cookie": f"{COOKIE}=visitor-large"})
             assert clean.json() == {"anonymous_id": "visitor-large", "source": "cookie"}
+
+
+class KeylessClient:
+    """A site's own exchange-only wrapper of the client: it has no carry key."""
+
+    def __init__(self, client: AsyncIdentityClient) -> None:
+        self._client = client
+
+    async def exchange(self, token: str, **options: Any) -> Identity:
+        return await self._client.exchange(token, **options)
+
+
+async def test_aiohttp_with_a_client_without_a_carry_key(
+    service: Service, aiohttp_client: Any
+) -> None:
+    """A client object without the carry key: the visitor cookie only, never a 500 (the
+    middleware read the key on each request and raised AttributeError)."""
+    async with AsyncIdentityClient(service.url, DEV_WRITE_KEY) as client:
+        keyless: Any = KeylessClient(client)
+        app = web.Application(middlewares=[identity_middleware(keyless)])
+        app.router.add_get("/{tail:.*}", aiohttp_echo)
+        browser: TestClient[web.Request, web.Application] = await aiohttp_client(app)
+        handoff = await client.prepare("visitor-keyless", destination=f"{HOST}/cart")
+
+        first = await browser.get(f"/cart?handoff_token={handoff.token}", allow_redirects=False)
+        assert first.status == 303
+        check_set_cookie(first.headers["Set-Cookie"], "visitor-keyless")
+        assert len(first.headers.getall("Set-Cookie")) == 1
+
+        carry = _carry.encode(Identity("visitor-keyless"), client._carry_key, 2**40)
+        cookie = f"{COOKIE}=visitor-keyless; {CARRY}={carry}"
+        landed = await browser.get("/cart", headers={"Cookie": cookie})
+        assert landed.status == 200
+        assert await landed.json() == {"anonymous_id": "visitor-keyless", "source": "cookie"}
+        assert landed.headers["Set-Cookie"].startswith(f"{CARRY}=;")
+
+
+def test_a_misconfigured_event_is_an_error_a_bad_token_is_not(
+    service: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The service's 400 to the site's own event (over 200 characters) is the site's
+    misconfiguration: an ERROR line. A visitor's bad token (empty) gives none."""
+    with IdentityClient(service.url, DEV_WRITE_KEY) as client:
+        for event, token, level in (("x" * 201, "t" * 43, logging.ERROR), (None, "", None)):
+            app = IdentityWSGIMiddleware(wsgi_echo, client, event=event)
+            transport = httpx.WSGITransport(app=app)
+            with httpx.Client(transport=transport, base_url=HOST) as browser:
+                caplog.clear()
+                with caplog.at_level(logging.INFO, logger="identity_client"):
+                    answer = browser.get(f"/cart?handoff_token={token}")
+                assert answer.status_code == 303
+                errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+                if level is None:
+                    assert errors == []
+                else:
+                    (record,) = errors
+                    assert "InvalidRequest" in record.getMessage()
+                    assert token not in record.getMessage()
