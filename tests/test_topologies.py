@@ -580,6 +580,29 @@ def start_sentinel(config: Path, port: int) -> subprocess.Popen[bytes]:
     return process
 
 
+@contextlib.asynccontextmanager
+async def sentinel_of(
+    master: RedisServer, config: Path, port: int, url: str
+) -> AsyncIterator[tuple[RedisSettings, SentinelClient, Any]]:
+    """A sentinel of ``config`` on ``port`` watching the running ``master``, and both clients
+    of ``url`` (the request path's and redis-py's); all stopped on the way out."""
+    try:
+        sentinel = start_sentinel(config, port)
+    except BaseException:
+        master.stop()
+        raise
+    settings = RedisSettings.from_dsn(url)
+    lean, admin = SentinelClient(settings, 1.0), connect(settings)
+    try:
+        yield settings, lean, admin
+    finally:
+        await lean.close()
+        await admin.aclose()
+        sentinel.terminate()
+        sentinel.wait(timeout=10)
+        master.stop()
+
+
 async def test_tls_sentinels_are_verified_with_the_urls_ca_by_both_clients(
     tmp_path: Path,
 ) -> None:
@@ -598,12 +621,8 @@ async def test_tls_sentinels_are_verified_with_the_urls_ca_by_both_clients(
         f"tls-ca-cert-file {tmp_path / 'ca.pem'}\ntls-auth-clients no\n"
         f"sentinel monitor tlsmaster 127.0.0.1 {master.port} 1\n"
     )
-    sentinel = start_sentinel(config, tls_port)
     url = f"rediss+sentinel://127.0.0.1:{tls_port}/tlsmaster?ssl_ca_certs={tmp_path / 'ca.pem'}"
-    settings = RedisSettings.from_dsn(url)
-    lean = SentinelClient(settings, 1.0)
-    admin = connect(settings)
-    try:
+    async with sentinel_of(master, config, tls_port, url) as (settings, lean, admin):
         # The sentinel, asked over TLS, is one (not refused); the master here takes no TLS.
         with pytest.raises(StoreUnavailable):
             await check_reachable(settings)
@@ -611,12 +630,6 @@ async def test_tls_sentinels_are_verified_with_the_urls_ca_by_both_clients(
         assert isinstance(admin, Redis)
         pool: Any = admin.connection_pool
         assert await pool.get_master_address() == ("127.0.0.1", master.port)
-    finally:
-        await lean.close()
-        await admin.aclose()
-        sentinel.terminate()
-        sentinel.wait(timeout=10)
-        master.stop()
 
 
 async def test_ipv6_seeds_and_sentinels_serve_handoffs(
@@ -652,21 +665,12 @@ async def test_ipv6_seeds_and_sentinels_serve_handoffs(
         f"port {port}\nbind 127.0.0.1 ::1\ndir {tmp_path}\n"
         f"sentinel monitor v6master ::1 {master.port} 1\n"
     )
-    sentinel = start_sentinel(config, port)
-    settings = RedisSettings.from_dsn(f"redis+sentinel://[::1]:{port}/v6master")
-    lean = SentinelClient(settings, 1.0)
-    admin = connect(settings)
-    try:
+    url = f"redis+sentinel://[::1]:{port}/v6master"
+    async with sentinel_of(master, config, port, url) as (settings, lean, admin):
         await check_reachable(settings)  # a sentinel: not refused
         assert await lean.execute("PING") == b"PONG"
         assert lean.master == ("::1", master.port)
         assert await admin.ping()
-    finally:
-        await lean.close()
-        await admin.aclose()
-        sentinel.terminate()
-        sentinel.wait(timeout=10)
-        master.stop()
 
 
 async def asking(node: RedisServer, *command: Arg) -> Reply:
