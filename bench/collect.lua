@@ -8,6 +8,19 @@ local page = "&url=https%3A%2F%2Fwww.example.com%2Farticle&title=Bench%20article
 local n = 0
 local counts = {hits = 0, errors = 0}
 
+-- bench/instructions.py: stop after this many answers (wrk is otherwise time-bound).
+local max_requests = tonumber(os.getenv("BENCH_MAX_REQUESTS") or "")
+local answered = 0
+local function count_answer()
+  answered = answered + 1
+  if max_requests ~= nil and answered >= max_requests then
+    -- The thread stops; wrk reports once instructions.py sends SIGINT on this line.
+    io.write("BENCH_DONE\n")
+    io.flush()
+    wrk.thread:stop()
+  end
+end
+
 threads = {}
 
 function setup(thread)
@@ -34,6 +47,7 @@ function response(status, headers, body)
     counts.errors = counts.errors + 1
   end
   hits, errors = counts.hits, counts.errors
+  count_answer()
 end
 
 function done(summary, latency, requests)
