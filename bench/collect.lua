@@ -8,18 +8,8 @@ local page = "&url=https%3A%2F%2Fwww.example.com%2Farticle&title=Bench%20article
 local n = 0
 local counts = {hits = 0, errors = 0}
 
--- bench/instructions.py: stop after this many answers (wrk is otherwise time-bound).
-local max_requests = tonumber(os.getenv("BENCH_MAX_REQUESTS") or "")
-local answered = 0
-local function count_answer()
-  answered = answered + 1
-  if max_requests ~= nil and answered >= max_requests then
-    -- The thread stops; wrk reports once instructions.py sends SIGINT on this line.
-    io.write("BENCH_DONE\n")
-    io.flush()
-    wrk.thread:stop()
-  end
-end
+local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
+local count_answer = dofile(here .. "answers.lua")
 
 threads = {}
 

@@ -7,18 +7,8 @@ local prepare_body = '{"anonymousId":"bench-visitor-0001","userId":"bench-user",
 local tokens = {}
 local counts = {prepared = 0, exchanged = 0, errors = 0}
 
--- bench/instructions.py: stop after this many answers (wrk is otherwise time-bound).
-local max_requests = tonumber(os.getenv("BENCH_MAX_REQUESTS") or "")
-local answered = 0
-local function count_answer()
-  answered = answered + 1
-  if max_requests ~= nil and answered >= max_requests then
-    -- The thread stops; wrk reports once instructions.py sends SIGINT on this line.
-    io.write("BENCH_DONE\n")
-    io.flush()
-    wrk.thread:stop()
-  end
-end
+local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
+local count_answer = dofile(here .. "answers.lua")
 
 function setup(thread)
   table.insert(threads, thread)

@@ -145,6 +145,8 @@ def main() -> int:
         "--keep", type=Path, help="copy callgrind's output here (for callgrind_annotate)"
     )
     args = parser.parse_args()
+    # A SIGTERM (a timeout) unwinds through the finally below: no worker or Redis is left.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     script = SCRIPTS[args.variant]
     with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as directory:
         out = Path(directory) / "callgrind.out"
