@@ -19,6 +19,7 @@ Needs valgrind (Debian's ``valgrind``) and wrk.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -150,10 +151,14 @@ def main() -> int:
     script = SCRIPTS[args.variant]
     with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as directory:
         out = Path(directory) / "callgrind.out"
-        redis = Redis(Path(directory))
-        collector = Collector()
-        worker, port = start_worker(args.variant, redis, collector, out)
-        try:
+        with contextlib.ExitStack() as started:
+            redis = Redis(Path(directory))
+            started.callback(redis.stop)
+            collector = Collector()
+            started.callback(collector.stop)
+            worker, port = start_worker(args.variant, redis, collector, out)
+            started.callback(worker.wait, timeout=120)
+            started.callback(worker.terminate)
             drive(port, script, args.warmup, args.connections)
             collector.settled()
             collector.reset()
@@ -161,11 +166,6 @@ def main() -> int:
             stats = drive(port, script, args.requests, args.connections)
             events = delivered(collector, expected_events(args.variant, stats))
             instrument(worker.pid, "off")
-        finally:
-            worker.terminate()
-            worker.wait(timeout=120)
-            collector.stop()
-            redis.stop()
         instructions = total_instructions(out)
         if args.keep is not None:
             shutil.copyfile(out, args.keep)
