@@ -15,12 +15,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from identity_service import app_keys
+from identity_service.amp import links
 from identity_service.amp.context import AMP
 from identity_service.app import create_app
 from identity_service.constants import outbox_key
 from identity_service.metrics import Metrics
 from identity_service.problems import StoreUnavailable
 from identity_service.settings import Settings
+from identity_service.stores import resp as resp_module
 from identity_service.stores.redis import RedisStore, connect
 from tests.collector import WRITE_KEY, Collector, running_collector
 from tests.conftest import AppClient, FrontTestServer
@@ -538,3 +540,95 @@ async def test_without_amp_there_is_no_collect(
     app: web.Application = create_app(settings_for())
     client = await aiohttp_client(FrontTestServer(app))
     assert (await client.get(PATH)).status == 404
+
+
+async def test_a_cookieless_cache_hit_with_an_unreadable_link_is_the_client_ids(
+    client: AppClient, collector: Collector
+) -> None:
+    # A record under the clientId's key that does not open (kept under another link
+    # secret, or damaged) is no link: the hit is the clientId's, its event emitted once.
+    ctx = client.app[AMP]
+    _, key_id = links.link_key(ctx, CACHE_CLIENT_ID)
+    await ctx.store.keep(key_id, b"\x01" + bytes(40), 60)
+
+    response = await hit(client, origin=CACHE, ampId=CACHE_CLIENT_ID, event="Read")
+
+    assert response.status == 204
+    events = await events_after(collector, 1)
+    assert [(e["anonymousId"], e["properties"]["anonymousId_source"]) for e in events] == [
+        (CACHE_CLIENT_ID, "amp_client_id")
+    ]
+    assert metrics(client).value("identity_amp_link_attributions_total") == 0
+
+
+@pytest.mark.parametrize("linked", [False, True])
+async def test_a_cookieless_cache_hit_too_large_to_deliver_is_refused_once_counted(
+    amp_client: AmpClientFactory, collector: Collector, linked: bool
+) -> None:
+    client = await amp_client(max_form_bytes=16_384)
+    if linked:
+        assert (
+            await hit(client, origin=CACHE, cookie=VISITOR, ampId=CACHE_CLIENT_ID)
+        ).status == 204
+    large = await hit(
+        client,
+        method="POST",
+        origin=CACHE,
+        # Within the body's 16 KB, and each %01 is \u0001 (6 bytes) in the event's JSON.
+        data=b"note=" + b"%01" * 5_450,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        ampId=CACHE_CLIENT_ID,
+    )
+
+    assert large.status == 413
+    assert large.headers["Content-Type"] == "application/problem+json"
+    problem = await large.json(content_type=None)
+    assert problem["type"] == "urn:identity-service:problem:event-too-large"
+    assert "collect event" in problem["detail"]
+    assert (await hit(client, origin=CACHE, ampId="cache-cid-after", event="After")).status == 204
+    events = await events_after(collector, 2 if linked else 1)
+    assert [e.get("event") for e in events] == [None, "After"] if linked else ["After"]
+    assert all("note" not in e["properties"] for e in events)
+    # Counted as a hit (rate limits included) though refused.
+    assert metrics(client).value("identity_amp_hits_total", context="cache_without_cookie") == 2
+
+
+async def test_a_cookieless_cache_hit_is_one_redis_write_unless_it_is_linked(
+    client: AppClient, collector: Collector, store_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if store_kind != "redis":
+        pytest.skip("counts what the service writes to one Redis node")
+    # Records the link, and loads the script, before counting.
+    assert (await hit(client, origin=CACHE, cookie=VISITOR, ampId=CACHE_CLIENT_ID)).status == 204
+    writes: list[list[bytes]] = []
+    flush = resp_module.Connection._flush
+
+    def counted_flush(self: resp_module.Connection) -> None:
+        # The hits' commands only: the forwarder's reads and acks go out too.
+        sent = [
+            name
+            for command in self._outgoing
+            for name in (b"EVALSHA", b"XADD")
+            if f"\r\n{name.decode()}\r\n".encode() in command
+        ]
+        if sent:
+            writes.append(sent)
+        flush(self)
+
+    monkeypatch.setattr(resp_module.Connection, "_flush", counted_flush)
+    unlinked = await hit(client, origin=CACHE, ampId="cache-cid-unlinked")
+    unlinked_writes, writes[:] = list(writes), []
+    linked = await hit(client, origin=CACHE, ampId=CACHE_CLIENT_ID)
+    monkeypatch.undo()
+
+    assert (unlinked.status, linked.status) == (204, 204)
+    # Without a link its event is written in the script that counts it: one round trip.
+    assert unlinked_writes == [[b"EVALSHA"]]
+    # A link is sealed: the event it attributes is built once it is read, and follows.
+    assert writes == [[b"EVALSHA"], [b"XADD"]]
+    events = await events_after(collector, 3)
+    assert [(e["anonymousId"], e["properties"]["anonymousId_source"]) for e in events] == [
+        (VISITOR, "cookie"),
+        ("cache-cid-unlinked", "amp_client_id"),
+        (VISITOR, "amp_link"),
+    ]

@@ -348,6 +348,27 @@ async def test_hit_and_write_reads_the_record_before_it_writes(
     assert await store.peek(link) == b"new"
 
 
+async def test_hit_and_write_unless_peeked_writes_the_event_only_without_a_record(
+    store: HandoffStore, outbox_queue: MemoryQueue | None
+) -> None:
+    link, counter = new_id(), Counted(new_id(), 60, 2)
+    before = await queued_events(store, outbox_queue)
+    none_kept = await store.hit_and_write(
+        [counter], peek=link, emit=hit_event(), unless_peeked=True
+    )
+    assert none_kept.record is None
+    assert await queued_events(store, outbox_queue) == before + 1
+
+    await store.keep(link, b"kept", 60)
+    found = await store.hit_and_write([counter], peek=link, emit=hit_event(), unless_peeked=True)
+    assert found.record == b"kept"
+    assert await queued_events(store, outbox_queue) == before + 1  # the caller's to emit
+
+    over = await store.hit_and_write([counter], peek=new_id(), emit=hit_event(), unless_peeked=True)
+    assert (over.counts[0][0], over.record) == (3, None)
+    assert await queued_events(store, outbox_queue) == before + 1  # over the limit of 2
+
+
 async def test_hit_and_write_with_nothing_to_write_counts(store: HandoffStore) -> None:
     counter = Counted(new_id(), 60, 10)
     for expected in (1, 2, 3):

@@ -51,8 +51,9 @@ records no link and sets no cookie.
 
 Store calls (``HandoffStore.hit_and_write``; on one Redis node, one script call each): a
 hit counts its rate limits and writes its event and link in one call, and over a limit
-writes nothing. A cookie-less cache hit reads its link with the count, then emits its event
-in a second call (the link is sealed: its event can only be built once it is read). Where
+writes nothing. A cookie-less cache hit reads its link with the count, and its event as the
+clientId's is written in that call only when there is no link; with one, the event is
+built once the link is read (it is sealed) and emitted in a second call. Where
 the link is a write of its own (a Redis Cluster, whose keys lie in different slots), a link
 that cannot be written is logged and counted (``identity_amp_link_failures_total``) and
 the hit stands, as on the actions' path; on one node the event and the link are written
@@ -281,9 +282,21 @@ async def _linked_hit(
     user_agent: str | None,
     echoed: str | None,
 ) -> Answer:
-    """A cookie-less cache hit (consent given): counted with its link read, then emitted."""
+    """A cookie-less cache hit (consent given), counted with its link read.
+
+    Its event as the clientId's own goes in the same store call, written only when no link
+    is found, as it mostly is not: one round trip. A link is sealed, so the event it
+    attributes can only be built once the link is read, and goes in a second call.
+    """
     token, key_id = links.link_key(ctx, client_id)
-    outcome = await ctx.store.hit_and_write(counted, peek=key_id)
+    emit: Emitted | None = None
+    if ctx.settings.outbox.enabled:
+        try:
+            unlinked = _attribution(False, None, client_id, None)
+            emit = _emitted(ctx, _event(content, unlinked, client_id, user_agent))
+        except OversizedEvent:
+            pass  # built again below, with its link if any; still too large, refused then
+    outcome = await ctx.store.hit_and_write(counted, peek=key_id, emit=emit, unless_peeked=True)
     limits.refuse_over(ctx, counted, outcome.counts)
     linked = links.opened_link(ctx, token, key_id, outcome.record)
     counters = ctx.hit_counters
@@ -292,7 +305,9 @@ async def _linked_hit(
     who = _attribution(False, None, client_id, linked)
     if who.source == "amp_link":
         counters.link_attributions()
-    if ctx.settings.outbox.enabled:
+    if ctx.settings.outbox.enabled and (emit is None or outcome.record is not None):
+        # A link was found (one that does not open too: the store wrote nothing), or the
+        # event was too large, which building it again raises.
         emit = _emitted(ctx, _event(content, who, client_id, user_agent))
         await ctx.store.emit(emit.shard_hint, emit.events, source=emit.source)
     counters.by_attribution[who.source]()

@@ -125,10 +125,15 @@ class HandoffStore(Protocol):
         peek: bytes | None = None,
         emit: Emitted | None = None,
         keep: Kept | None = None,
+        unless_peeked: bool = False,
     ) -> HitOutcome:
         """Count one request against each counter (as ``hit``), read the record kept under
         ``peek`` (as ``peek``), and only when no count is over its counter's limit, queue
         ``emit``'s events and keep ``keep`` (as ``emit`` and ``keep``).
+
+        With ``unless_peeked``, ``emit``'s events are queued only when ``peek`` finds no
+        record (``record`` is None): events that the record, once the caller opens it,
+        would change (a cookie-less AMP hit's, which a clientId link attributes).
 
         Over a limit nothing is written but the counts. Where the store can, all of it is
         one atomic step (memory, one Redis node); on a Redis Cluster the keys lie in

@@ -266,12 +266,13 @@ class MemoryStore:
         peek: bytes | None = None,
         emit: Emitted | None = None,
         keep: Kept | None = None,
+        unless_peeked: bool = False,
     ) -> HitOutcome:
         counts = await self.hit([(c.counter_id, c.window_seconds) for c in counters])
         record = None if peek is None else await self.peek(peek)
         if not under_limits(counters, counts):
             return HitOutcome(counts, record)
-        if emit is not None:
+        if emit is not None and not (unless_peeked and record is not None):
             self.outbox.extend(emit.events, source=emit.source)
         if keep is None:
             return HitOutcome(counts, record)

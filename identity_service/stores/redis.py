@@ -119,11 +119,12 @@ return {count, left}
 # An AMP hit in one call (one Redis node; a Cluster's keys lie in different slots).
 # KEYS: the n counters, then the outbox (when there are events), then the link (when one is
 # read or kept). ARGV: n; each counter's window in milliseconds and limit; "1" to read the
-# link or ""; the sealed events or ""; their source's name or ""; the link record to keep
-# or ""; its TTL in seconds. Counts as HIT does; only when no count is over its limit, XADDs
-# the events and then SETs the link (the XADD, the one write that can fail, goes first: a
-# failure leaves no link behind). Returns each counter's count and milliseconds left, then
-# the link as it was before (false: none, or not read).
+# link, "2" to read it and XADD the events only when there is none, or ""; the sealed events
+# or ""; their source's name or ""; the link record to keep or ""; its TTL in seconds.
+# Counts as HIT does; only when no count is over its limit, XADDs the events and then SETs
+# the link (the XADD, the one write that can fail, goes first: a failure leaves no link
+# behind). Returns each counter's count and milliseconds left, then the link as it was
+# before (false: none, or not read).
 AMP_HIT = Script("""
 local n = tonumber(ARGV[1])
 local reply = {}
@@ -144,8 +145,9 @@ end
 local at = 2 * n + 2
 local events = ARGV[at + 1] ~= ''
 local link = events and KEYS[n + 2] or KEYS[n + 1]
-reply[2 * n + 1] = ARGV[at] ~= '' and redis.call('GET', link)
-if under and events then
+local found = ARGV[at] ~= '' and redis.call('GET', link)
+reply[2 * n + 1] = found
+if under and events and not (found and ARGV[at] == '2') then
   if ARGV[at + 2] ~= '' then
     redis.call('XADD', KEYS[n + 1], '*', 'j', ARGV[at + 1], 's', ARGV[at + 2])
   else
@@ -435,14 +437,15 @@ class RedisStore:
         peek: bytes | None = None,
         emit: Emitted | None = None,
         keep: Kept | None = None,
+        unless_peeked: bool = False,
     ) -> HitOutcome:
         if not self.one_script_hits:
-            return await self._hit_then_write(counters, peek, emit, keep)
+            return await self._hit_then_write(counters, peek, emit, keep, unless_peeked)
         keys = [rate_key(self._prefix, c.counter_id, self._shards) for c in counters]
         args: list[Arg] = [len(counters)]
         for counter in counters:
             args += (counter.window_seconds * 1000, counter.limit)
-        args.append(b"1" if peek is not None else b"")
+        args.append(b"" if peek is None else b"2" if unless_peeked else b"1")
         if emit is not None:
             keys.append(self._outbox_for(emit.shard_hint))
             source = emit.source if emit.source is not None and self._tag_sources else ""
@@ -460,7 +463,12 @@ class RedisStore:
         return HitOutcome(counts, record if isinstance(record, bytes) else None, kept)
 
     async def _hit_then_write(
-        self, counters: list[Counted], peek: bytes | None, emit: Emitted | None, keep: Kept | None
+        self,
+        counters: list[Counted],
+        peek: bytes | None,
+        emit: Emitted | None,
+        keep: Kept | None,
+        unless_peeked: bool,
     ) -> HitOutcome:
         """``hit_and_write`` in several calls: the counters (and the read) in one write,
         then the event and the link in another."""
@@ -472,7 +480,7 @@ class RedisStore:
         if not under_limits(counters, counts):
             return HitOutcome(counts, record)
         writes: list[Awaitable[Exception | None]] = []
-        if emit is not None:
+        if emit is not None and not (unless_peeked and record is not None):
             writes.append(self.emit(emit.shard_hint, emit.events, source=emit.source))
         if keep is not None:
             writes.append(keep_apart(self, keep))
