@@ -63,6 +63,9 @@ class Variant:
     workers: int = 1
     collect: bool = False  # AMP collect hits (collect.lua) instead of handoff flows
     wait: str = ""  # IDENTITY_REDIS_WAIT; the run then starts a replica of the Redis
+    # The forwarder in a process of its own (`identity-service forward`, the serving
+    # workers with IDENTITY_FORWARDER=off), as the chart's forwarder.enabled deploys it.
+    forwarder_apart: bool = False
 
     @property
     def script(self) -> str:
@@ -77,6 +80,9 @@ VARIANTS = {
     "redis-on-1": Variant("redis, outbox on, 1 worker"),
     "redis-on-2": Variant("redis, outbox on, 2 workers", workers=2),
     "redis-off-1": Variant("redis, outbox off, 1 worker", outbox=False),
+    "redis-apart-1": Variant(
+        "redis, outbox on, 1 worker + a forward process", forwarder_apart=True
+    ),
     "redis-cluster-1": Variant("redis cluster (3 masters), outbox on, 1 worker", store="cluster"),
     "redis-wait-1": Variant(
         "redis + a replica, IDENTITY_REDIS_WAIT=1,50, outbox on, 1 worker", wait="1,50"
@@ -362,11 +368,33 @@ def start_service(
             env["IDENTITY_REDIS_URL"] = redis.url
         if variant.collect:
             env["IDENTITY_AMP"] = json.dumps(AMP)
+        if variant.forwarder_apart:
+            env["IDENTITY_FORWARDER"] = "off"
         command = [str(Path(sys.executable).parent / "identity-service"), "serve"]
         command += ["--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=sys.stderr)
     wait_for_port(port, process)
     return process, port
+
+
+def start_forwarder(variant: Variant, service_env: dict[str, str]) -> Any:
+    """``identity-service forward`` for a variant whose forwarder runs apart, else None.
+    Its environment is the service's (read from /proc), with a metrics port of its own."""
+    if not variant.forwarder_apart:
+        return None
+    metrics_port = free_port()
+    env = {**service_env, "IDENTITY_FORWARDER_METRICS_PORT": str(metrics_port)}
+    env.pop("IDENTITY_FORWARDER", None)
+    command = [str(Path(sys.executable).parent / "identity-service"), "forward"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=sys.stderr)
+    wait_for_port(metrics_port, process)
+    return process
+
+
+def process_env(pid: int) -> dict[str, str]:
+    """A process's environment as it was started."""
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode().split("=", 1) for entry in entries if b"=" in entry)
 
 
 def stop_service(process: Any) -> None:
@@ -391,9 +419,13 @@ def run_variant(
     collector.reset()
     cap = CpuCap(args.worker_cpu) if args.worker_cpu else None
     service, port = start_service(variant, redis, collector, args.service_env)
+    forwarder = None
     try:
-        pids = process_tree(service.pid)
-        workers = pids[1:] or pids
+        forwarder = start_forwarder(variant, process_env(service.pid))
+        served_by = process_tree(service.pid)
+        workers = served_by[1:] or served_by
+        # The forward process counts as the service's: its CPU is the flows' delivery.
+        pids = served_by + ([forwarder.pid] if forwarder is not None else [])
         if cap is not None:
             for worker in workers:
                 cap.limit(worker)
@@ -432,6 +464,8 @@ def run_variant(
     finally:
         try:
             stop_service(service)
+            if forwarder is not None:
+                stop_service(forwarder)
         finally:
             if cap is not None:
                 cap.close()
@@ -503,12 +537,15 @@ RATIOS = (
     ("redis-on-1", "fastify", "flows_per_s"),
     ("redis-on-1", "express", "flows_per_s"),
     ("collect", "redis-on-1", "requests_per_s"),
+    ("redis-apart-1", "fastify", "flows_per_s"),
+    ("redis-apart-1", "redis-on-1", "flows_per_s"),
 )
 
 
 def ratios(by_name: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """The service against the Node peers (flows/s) and collect against the handoff flow
-    (requests/s), for the variants of this run."""
+    """The service against the Node peers (flows/s), collect against the handoff flow
+    (requests/s), and the forwarder apart against in the worker (flows/s), for the
+    variants of this run."""
     return {
         f"{top} / {bottom} ({figure})": round(by_name[top][figure] / by_name[bottom][figure], 2)
         for top, bottom, figure in RATIOS
