@@ -176,8 +176,10 @@ class ClusterRedis:
 Backend = Redis | ClusterRedis
 
 
-def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 15
+def wait_for_port(port: int, process: subprocess.Popen[bytes], seconds: float = 15) -> None:
+    """Wait until ``process`` listens on ``port``; if it does not within ``seconds``, kill
+    it (nothing started is left behind) and raise."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{process.args!r} exited at start")
@@ -186,7 +188,9 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
+    process.kill()
+    process.wait()
+    raise RuntimeError(f"nothing listens on {port} after {seconds:g} s")
 
 
 def process_tree(pid: int) -> list[int]:
