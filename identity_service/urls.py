@@ -130,6 +130,15 @@ def parse_destination(
     text: str, *, token_param: str | None, max_length: int = MAX_URL_LENGTH
 ) -> WebUrl:
     """A prepare's destination: https (http only for localhost), without ``token_param``."""
+    return _read_destination(text, token_param, max_length)
+
+
+# A site hands its visitors to a few checkout and sign-in URLs, and reading one costs about
+# 20 µs (two parsers and the query's names): kept for the destinations read last. One read
+# for the first time pays that; a refused one is read again each time (UrlError is raised,
+# not kept). A flood of distinct URLs only churns it: at most 256 of them, a few KB each.
+@functools.lru_cache(maxsize=256)
+def _read_destination(text: str, token_param: str | None, max_length: int) -> WebUrl:
     url = read_url(text)
     _check_scheme(url)
     if token_param is not None and query_names_param(url.query, token_param):

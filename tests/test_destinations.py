@@ -288,6 +288,17 @@ def test_hostile_destinations_are_refused(text: str) -> None:
         parse_destination(text, token_param=TOKEN_PARAM)
 
 
+def test_a_kept_destination_is_read_anew_for_another_token_parameter_or_limit() -> None:
+    # Destinations read once are kept (urls._read_destination), keyed on all that decides.
+    text = "https://checkout.example-pay.com/cart?xdt=1"
+    for _ in range(2):
+        assert parse_destination(text, token_param=TOKEN_PARAM).href == text
+        with pytest.raises(UrlError, match="'xdt'"):
+            parse_destination(text, token_param="xdt")
+        with pytest.raises(UrlError, match="at most 20 characters"):
+            parse_destination(text, token_param=TOKEN_PARAM, max_length=20)
+
+
 @pytest.mark.parametrize("query", [q.removeprefix("?") for q in DEFECT_3_QUERIES])
 def test_query_names_the_token_parameter(query: str) -> None:
     assert query_names_param(query, TOKEN_PARAM)
