@@ -9,18 +9,22 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from identity_service import app_keys
+from identity_service.amp import collect as collect_module
 from identity_service.amp import links
 from identity_service.amp.context import AMP
 from identity_service.app import create_app
 from identity_service.constants import outbox_key
 from identity_service.metrics import Metrics
-from identity_service.problems import StoreUnavailable
+from identity_service.problems import PayloadTooLarge, StoreUnavailable
 from identity_service.settings import Settings
 from identity_service.stores import resp as resp_module
 from identity_service.stores.redis import RedisStore, connect
@@ -632,3 +636,24 @@ async def test_a_cookieless_cache_hit_is_one_redis_write_unless_it_is_linked(
         ("cache-cid-unlinked", "amp_client_id"),
         (VISITOR, "amp_link"),
     ]
+
+
+# A hit's query and form body are read by yarl's query_to_pairs (a C unquoter), which must
+# read them exactly as the standard library does: the same pairs, the same refusal.
+_QUERY_TEXT = st.text(
+    alphabet=st.sampled_from(list("ab=&+;% 2BFfzC3A9E08D\u00e9\u2603\U0001f600\x00\n")),
+    max_size=40,
+)
+
+
+@given(text=_QUERY_TEXT, max_fields=st.integers(min_value=1, max_value=6))
+@settings(max_examples=3000, deadline=None)
+def test_a_hit_is_read_as_parse_qsl_reads_it(text: str, max_fields: int) -> None:
+    def read(parse: Callable[[], list[tuple[str, str]]]) -> list[tuple[str, str]] | str:
+        try:
+            return parse()
+        except (ValueError, PayloadTooLarge):
+            return "refused"
+
+    expected = read(lambda: parse_qsl(text, keep_blank_values=True, max_num_fields=max_fields))
+    assert read(lambda: collect_module._form(text, max_fields)) == expected
