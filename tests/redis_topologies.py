@@ -26,8 +26,22 @@ def redis_cli(*args: str, timeout: float = 60) -> str:
     return result.stdout
 
 
-def info_field(port: int, section: str, name: str) -> str:
-    for line in redis_cli("-p", str(port), "INFO", section).splitlines():
+# What redis-cli says when a node drops its connection: sentinels that reconfigure a node
+# (a demoted master, say) kill its normal clients, a read in flight among them.
+_DROPPED = "Server closed the connection"
+
+
+def info_field(port: int, section: str, name: str, attempts: int = 5) -> str:
+    """A field of ``INFO section``; a connection the node dropped is tried again."""
+    for attempt in range(attempts):
+        try:
+            info = redis_cli("-p", str(port), "INFO", section)
+            break
+        except RuntimeError as exc:
+            if _DROPPED not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.1)
+    for line in info.splitlines():
         key, _, value = line.strip().partition(":")
         if key == name:
             return value
