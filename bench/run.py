@@ -468,9 +468,9 @@ def run_variant(
     finally:
         try:
             stop_service(service)
+        finally:
             if forwarder is not None:
                 stop_service(forwarder)
-        finally:
             if cap is not None:
                 cap.close()
     seconds = stats["duration_us"] / 1e6
