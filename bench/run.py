@@ -53,12 +53,14 @@ AMP = {
 }
 # The Node.js peers: bench/<name>/server.js, the same API without the service's guarantees.
 NODE_PEERS = ("fastify", "express")
+PYTHON_PEER = "python-peer"
 
 
 @dataclass(frozen=True)
 class Variant:
     label: str
-    store: str = "redis"  # redis, cluster, memory, or a Node.js peer's directory (NODE_PEERS)
+    # redis, cluster, memory, a Node.js peer's directory (NODE_PEERS), or "python-peer"
+    store: str = "redis"
     outbox: bool = True
     workers: int = 1
     collect: bool = False  # AMP collect hits (collect.lua) instead of handoff flows
@@ -75,6 +77,11 @@ class Variant:
     def node(self) -> bool:
         return self.store in NODE_PEERS
 
+    @property
+    def peer(self) -> bool:
+        """Not identity-service: a Node.js peer or python_peer.py."""
+        return self.node or self.store == PYTHON_PEER
+
 
 VARIANTS = {
     "redis-on-1": Variant("redis, outbox on, 1 worker"),
@@ -90,6 +97,10 @@ VARIANTS = {
     "memory-on-1": Variant("memory store, outbox on, 1 worker", store="memory"),
     "fastify": Variant("Fastify 5 + ioredis (auto-pipelining) + analytics-node", store="fastify"),
     "express": Variant("Express 5 + ioredis + analytics-node", store="express"),
+    "python-peer": Variant(
+        "the Node peers' handoff in Python (uvloop, httptools, the service's RESP client)",
+        store=PYTHON_PEER,
+    ),
     "collect": Variant("AMP collect hits (flows = hits), redis, outbox on, 1 worker", collect=True),
 }
 
@@ -225,9 +236,18 @@ class CpuBudget:
     what says whether a second worker has any CPU left to use.
     """
 
-    def __init__(self, service_pids: list[int], redis: Backend, collector: "Collector") -> None:
+    def __init__(
+        self,
+        service_pids: list[int],
+        redis: Backend,
+        collector: "Collector",
+        forwarder_pid: int | None = None,
+    ) -> None:
         self._pids = {"service": service_pids, "redis": redis.pids}
         self._pids["collector"] = [collector.process.pid]
+        # A forward process apart: in "service" too, and on its own (the workers' share
+        # is the difference).
+        self._pids["forwarder"] = [forwarder_pid] if forwarder_pid is not None else []
         self._start = self._read()
 
     def _read(self) -> dict[str, float]:
@@ -347,7 +367,7 @@ def start_service(
     variant: Variant, redis: Backend, collector: Collector, extra_env: dict[str, str]
 ) -> tuple[Any, int]:
     port = free_port()
-    if variant.node:
+    if variant.peer:
         env = {
             **os.environ,
             "PORT": str(port),
@@ -358,6 +378,8 @@ def start_service(
             "SEGMENT_WRITE_KEY": COLLECTOR_WRITE_KEY,
         }
         command = ["node", str(BENCH / variant.store / "server.js")]
+        if not variant.node:
+            command = [sys.executable, str(BENCH / "python_peer.py")]
     else:
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("IDENTITY_")},
@@ -437,9 +459,9 @@ def run_variant(
         received_before = collector.settled()  # the warm-up's events, delivered
         cpu_before = cpu_seconds(pids)
         profiler = (
-            start_profiler(workers[0], name, args) if args.profile and not variant.node else None
+            start_profiler(workers[0], name, args) if args.profile and not variant.peer else None
         )
-        budget = CpuBudget(pids, redis, collector)
+        budget = CpuBudget(pids, redis, collector, forwarder.pid if forwarder is not None else None)
         redis.reset_command_counts()
         stats = run_wrk(port, args.seconds, args.connections, args.threads, variant.script)
         if variant.collect:
@@ -543,13 +565,15 @@ RATIOS = (
     ("collect", "redis-on-1", "requests_per_s"),
     ("redis-apart-1", "fastify", "flows_per_s"),
     ("redis-apart-1", "redis-on-1", "flows_per_s"),
+    ("python-peer", "fastify", "flows_per_s"),
+    ("redis-on-1", "python-peer", "flows_per_s"),
 )
 
 
 def ratios(by_name: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """The service against the Node peers (flows/s), collect against the handoff flow
-    (requests/s), and the forwarder apart against in the worker (flows/s), for the
-    variants of this run."""
+    """The service against the Node peers and the Python peer (flows/s), collect against
+    the handoff flow (requests/s), and the forwarder apart against in the worker (flows/s),
+    for the variants of this run."""
     return {
         f"{top} / {bottom} ({figure})": round(by_name[top][figure] / by_name[bottom][figure], 2)
         for top, bottom, figure in RATIOS
@@ -577,8 +601,11 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"\n2 workers / 1 worker (flows/s): {report['two_workers_over_one']}x")
     for name, ratio in report["ratios"].items():
         print(f"{name}: {ratio}x")
-    processes = ["service", "redis", "wrk", "collector", "machine"]
-    print("\nCPU ms per flow during the load, by process (machine: every process and the kernel)")
+    processes = ["service", "forwarder", "redis", "wrk", "collector", "machine"]
+    print(
+        "\nCPU ms per flow during the load, by process (machine: every process and the "
+        "kernel; forwarder: a forward process apart, its part of the service's)"
+    )
     print(f"| variant | {' | '.join(processes)} |")
     print(f"|---|{'---|' * len(processes)}")
     for row in report["variants"]:
