@@ -34,7 +34,7 @@ class SealError(Exception):
     """A sealed record could not be opened: wrong token, wrong key or tampered bytes."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one a request, and frozen costs 3x the __init__
 class Token:
     """A handoff token: its raw bytes and the text form handed to callers."""
 

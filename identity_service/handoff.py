@@ -33,7 +33,7 @@ from identity_service.validation import ExchangeRequest, PrepareRequest
 logger = structlog.get_logger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one a request, and frozen costs 3x the __init__
 class PreparedHandoff:
     token: str
     expires_in: int

@@ -31,7 +31,7 @@ MAX_EVENT_NAME_LENGTH = 200
 MAX_JSON_DEPTH = 32
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one a request, and frozen costs 3x the __init__
 class PrepareRequest:
     anonymous_id: str | None
     user_id: str | None
@@ -43,7 +43,7 @@ class PrepareRequest:
     ttl: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one a request, and frozen costs 3x the __init__
 class ExchangeRequest:
     token: str
     fallback: bool

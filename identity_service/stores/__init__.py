@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from identity_service.events import Event
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one a request, and frozen costs 3x the __init__
 class PrepareEvents:
     """The events of a prepare: ``started`` now, ``completion`` kept for the exchange.
     ``source``: the preparing source, whose events the started ones are (the completion's
