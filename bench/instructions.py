@@ -54,7 +54,9 @@ START_SECONDS = 300.0
 DELIVERY_TIMEOUT_SECONDS = 300.0
 
 
-def start_worker(variant: str, redis: Redis, collector: Collector, out: Path) -> tuple[Any, int]:
+def start_worker(
+    variant: str, redis: Redis, collector: Collector, out: Path, extra_env: dict[str, str]
+) -> tuple[Any, int]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDENTITY_")}
     env.update(service_settings(collector))
@@ -68,6 +70,7 @@ def start_worker(variant: str, redis: Redis, collector: Collector, out: Path) ->
     )
     if variant == "collect":
         env["IDENTITY_AMP"] = json.dumps(AMP)
+    env.update(extra_env)
     entry = Path(sys.executable).parent / "identity-service"
     command = [
         *("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"),
@@ -147,7 +150,15 @@ def main() -> int:
     parser.add_argument(
         "--keep", type=Path, help="copy callgrind's output here (for callgrind_annotate)"
     )
+    parser.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an IDENTITY_* setting for the worker (repeatable), as run.py takes it",
+    )
     args = parser.parse_args()
+    extra_env = dict(item.split("=", 1) for item in args.service_env)
     # A SIGTERM (a timeout) unwinds through the finally below: no worker or Redis is left.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     script = SCRIPTS[args.variant]
@@ -158,7 +169,7 @@ def main() -> int:
             started.callback(redis.stop)
             collector = Collector()
             started.callback(collector.stop)
-            worker, port = start_worker(args.variant, redis, collector, out)
+            worker, port = start_worker(args.variant, redis, collector, out, extra_env)
             started.callback(worker.wait, timeout=120)
             started.callback(worker.terminate)
             drive(port, script, args.warmup, args.connections)
