@@ -21,7 +21,7 @@ import secrets
 import signal
 import time
 import uuid
-from datetime import UTC, datetime
+from http import HTTPStatus
 from typing import Any
 
 import aiohttp
@@ -30,18 +30,13 @@ import orjson
 import uvloop
 from yarl import URL
 
+from identity_service.clock import iso_time
 from identity_service.stores.resp import RespClient
 
 BATCH_EVENTS = 100
 FLUSH_SECONDS = 0.5
 TTL_SECONDS = 300
 LIBRARY = {"name": "bench-python-peer", "version": "1"}
-REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"}
-REASONS[404] = "Not Found"
-
-
-def now_iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 class Analytics:
@@ -60,7 +55,7 @@ class Analytics:
         fields.update(
             type=kind,
             messageId=str(uuid.uuid4()),
-            timestamp=now_iso(time.time()),
+            timestamp=iso_time(time.time()),
             context={**fields.get("context", {}), "library": LIBRARY},
         )
         self._queue.append(fields)
@@ -82,7 +77,7 @@ class Analytics:
     async def _send(self, batch: list[dict[str, Any]]) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession()
-        sent_at = now_iso(time.time())
+        sent_at = iso_time(time.time())
         for event in batch:
             event["sentAt"] = sent_at
         body = orjson.dumps({"batch": batch})
@@ -134,7 +129,7 @@ class Peer:
         return 201, {
             "token": token,
             "expiresIn": TTL_SECONDS,
-            "expiresAt": now_iso(time.time() + TTL_SECONDS),
+            "expiresAt": iso_time(time.time() + TTL_SECONDS),
             "redirectUrl": str(url.update_query(handoff_token=token)),
         }
 
@@ -212,7 +207,7 @@ class Connection(asyncio.Protocol):
                 status, answer = 404, {"title": "Not Found"}
         payload = orjson.dumps(answer)
         head = (
-            f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Type: application/json; "
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json; "
             f"charset=utf-8\r\nContent-Length: {len(payload)}\r\nConnection: keep-alive\r\n\r\n"
         )
         if self._transport is not None and not self._transport.is_closing():

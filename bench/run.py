@@ -245,9 +245,10 @@ class CpuBudget:
     ) -> None:
         self._pids = {"service": service_pids, "redis": redis.pids}
         self._pids["collector"] = [collector.process.pid]
-        # A forward process apart: in "service" too, and on its own (the workers' share
-        # is the difference).
-        self._pids["forwarder"] = [forwarder_pid] if forwarder_pid is not None else []
+        if forwarder_pid is not None:
+            # A forward process apart: in "service" too, and on its own (the workers'
+            # share is the difference).
+            self._pids["forwarder"] = [forwarder_pid]
         self._start = self._read()
 
     def _read(self) -> dict[str, float]:
@@ -377,8 +378,9 @@ def start_service(
             "SEGMENT_HOST": collector.url,
             "SEGMENT_WRITE_KEY": COLLECTOR_WRITE_KEY,
         }
-        command = ["node", str(BENCH / variant.store / "server.js")]
-        if not variant.node:
+        if variant.node:
+            command = ["node", str(BENCH / variant.store / "server.js")]
+        else:
             command = [sys.executable, str(BENCH / "python_peer.py")]
     else:
         env = {
@@ -610,7 +612,7 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"|---|{'---|' * len(processes)}")
     for row in report["variants"]:
         spent = row["cpu_ms_per_flow_by_process"]
-        print(f"| {row['label']} | {' | '.join(str(spent[p]) for p in processes)} |")
+        print(f"| {row['label']} | {' | '.join(str(spent.get(p, '-')) for p in processes)} |")
     print("\nRedis calls per flow during the load (a script's own commands count too)")
     for row in report["variants"]:
         calls = ", ".join(f"{name} {n}" for name, n in row["redis_calls_per_flow"].items())
