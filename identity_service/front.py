@@ -44,6 +44,7 @@ from identity_service import app_keys
 from identity_service.handoff_api import Call, HandoffApi
 from identity_service.metrics import OTHER
 from identity_service.middleware import (
+    AMP_PATH_PREFIX,
     SECURITY_HEADERS,
     log_request,
     problem_for,
@@ -59,6 +60,7 @@ from identity_service.problems import (
     Problem,
     RequestTimeout,
     ServiceUnavailable,
+    TransferCodingNotImplemented,
     UnsupportedContentEncoding,
 )
 
@@ -119,7 +121,6 @@ class Request:
         "keep_alive",
         "method",
         "path",
-        "problem",
         "raw_headers",
         "target",
         "url",
@@ -141,8 +142,6 @@ class Request:
         self.encoding = b""
         self.expect_continue = False  # a 100 Continue is owed before the body
         self.url: URL | None = None  # for the application: the target as aiohttp reads it
-        # Set when the request is answered with this problem instead of being served.
-        self.problem: Problem | None = None
 
     def text(self, name: bytes) -> str | None:
         value = self.fields.get(name)
@@ -153,10 +152,11 @@ class Refusal:
     """A request that broke a rule of HTTP or of the front: answered, then the connection
     closes, since what follows it on the connection cannot be framed or trusted."""
 
-    __slots__ = ("problem",)
+    __slots__ = ("path", "problem")
 
-    def __init__(self, problem: Problem) -> None:
+    def __init__(self, problem: Problem, path: str) -> None:
         self.problem = problem
+        self.path = path  # "" when the head was not read as far as the target
 
 
 class FrontServer(web.Server):
@@ -227,17 +227,38 @@ class FrontRunner(web.AppRunner):
 
 
 class _Turnaway(asyncio.Protocol):
-    """A connection over ``max_connections``: told 503 at once and closed, before any read."""
+    """A connection over ``max_connections``: told 503 at once, then closed.
+
+    Closing with the client's request unread would make the kernel reset the connection,
+    and the client could lose the 503: the writing side ends, and what the client sends is
+    dropped for ``LINGER_SECONDS`` at most, as the front's own lingering close does.
+    """
 
     def __init__(self, retry_after: int) -> None:
         self._retry_after = retry_after
+        self._closer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         problem = ServiceUnavailable(
             "the server holds as many connections as it may; retry later", self._retry_after
         )
-        cast(asyncio.Transport, transport).write(problem_answer(problem, None, keep_alive=False))
-        transport.close()
+        connection = cast(asyncio.Transport, transport)
+        connection.write(problem_answer(problem, None, keep_alive=False))
+        if not connection.can_write_eof():
+            connection.close()
+            return
+        connection.write_eof()
+        self._closer = asyncio.get_running_loop().call_later(LINGER_SECONDS, connection.abort)
+
+    def data_received(self, data: bytes) -> None:
+        """Dropped: the connection was refused before its request."""
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes: both sides are done
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._closer is not None:
+            self._closer.cancel()
 
 
 class AppBridge(BaseProtocol):
@@ -409,8 +430,11 @@ class FrontProtocol(asyncio.Protocol):
         request.http10 = version == "1.0"
         request.keep_alive = parser.should_keep_alive()
         request.method = parser.get_method().decode("ascii")
+        path = request.target.partition(b"?")[0]
+        request.path = path.decode("utf-8", "surrogateescape")  # known to a refusal too
         fields = request.fields
         expect: bytes | None = None
+        has_body = False
         for raw_name, value in request.raw_headers:
             name = raw_name.lower()
             if name in _SINGLE:
@@ -419,15 +443,31 @@ class FrontProtocol(asyncio.Protocol):
                 fields[name] = value
             elif name == b"expect":
                 expect = value.lower()
-            elif name == b"content-length" and int(value) > self._server.max_body_bytes:
-                raise PayloadTooLarge(
-                    f"the body must be at most {self._server.max_body_bytes} bytes"
-                )
+            elif name == b"content-length":
+                length = int(value)
+                if length > self._server.max_body_bytes:
+                    raise PayloadTooLarge(
+                        f"the body must be at most {self._server.max_body_bytes} bytes"
+                    )
+                has_body = length > 0
+            elif name == b"transfer-encoding":
+                codings = value.lower().split(b",")
+                if codings[-1].strip() != b"chunked":  # RFC 9112, 6.3: no length to read
+                    raise MalformedRequest("a request's last transfer coding must be chunked")
+                if len(codings) > 1:
+                    # llhttp frames the body by its chunks and never reads the codings
+                    # before them: the body would be taken for what it is not.
+                    raise TransferCodingNotImplemented("the only transfer coding served is chunked")
+                has_body = True
+        if has_body and parser.should_upgrade():
+            # httptools leaves an upgrade's body unread (the bytes after the head belong to
+            # the new protocol), and the request would be served without it.
+            raise MalformedRequest(
+                "a request that asks to switch protocols may carry no body: none is switched to"
+            )
         if _HOST not in fields and not request.http10:
             raise MalformedRequest("an HTTP/1.1 request must carry a Host header")
         request.encoding = fields.get(b"content-encoding", b"").strip().lower()
-        path = request.target.partition(b"?")[0]
-        request.path = path.decode("utf-8", "surrogateescape")
         if request.method == "POST" and self._server.api is not None:
             request.endpoint = _ENDPOINTS.get(path)
         if path == _COLLECT_PATH and self._server.collect is not None:
@@ -503,14 +543,14 @@ class FrontProtocol(asyncio.Protocol):
         self._in_message = False
         self.deadline = _NEVER
         self._pause_reading()
-        self._queue.append(Refusal(problem))
+        self._queue.append(Refusal(problem, self._request.path))
         self._next()
 
     def _next(self) -> None:
         while self.idle and not self._write_blocked and self._queue:
             item = self._queue.popleft()
             if isinstance(item, Refusal):
-                contextvars.Context().run(self._answer_refusal, item.problem)
+                contextvars.Context().run(self._answer_refusal, item.problem, item.path)
                 return
             self._queued_bytes -= len(item.body)
             self.idle = False
@@ -527,15 +567,40 @@ class FrontProtocol(asyncio.Protocol):
         if not self._refused and not self._write_blocked and not self._queue_full():
             self._resume_reading()
 
-    def _answer_refusal(self, problem: Problem) -> None:
+    def _answer_refusal(self, problem: Problem, path: str, request: Request | None = None) -> None:
+        """Answer ``problem`` (no ``instance``, nothing of the request) and close.
+
+        ``path``: the request's, when its head was read that far. ``request``: a request
+        read whole but refused for its body, logged as a request; a malformed one is
+        logged without its method or path.
+        """
         started = time.perf_counter()
-        request_id = start_request(None)
-        log_request(self._server.metrics, OTHER, "-", "-", problem.status, started, problem)
+        metrics = self._server.metrics
+        if request is None:
+            request_id = start_request(None)
+            log_request(metrics, OTHER, "-", "-", problem.status, started, problem)
+        else:
+            request_id = start_request(request.text(b"x-request-id"))
+            route = metrics.route_of(path)
+            log_request(metrics, route, request.method, path, problem.status, started, problem)
         transport = self._transport
         if transport is None:
             return
-        transport.write(problem_answer(problem, request_id, keep_alive=False))
+        # As every answer under AMP's paths: an AMP cache must not reuse it for another origin.
+        vary = {"Vary": "Origin"} if path.startswith(AMP_PATH_PREFIX) else None
+        transport.write(problem_answer(problem, request_id, keep_alive=False, extra=vary))
         self._end()
+
+    def _decode_or_refuse(self, request: Request) -> bool:
+        """Decode the request's body from its content coding; when it cannot be, the
+        request is refused as one that breaks the front's rules, and False returned."""
+        try:
+            _decode_body(request, self._server.max_body_bytes)
+        except Problem as problem:
+            self.idle = True
+            self._answer_refusal(problem, request.path, request)
+            return False
+        return True
 
     def _end(self) -> None:
         """Close after the last answer.
@@ -560,13 +625,14 @@ class FrontProtocol(asyncio.Protocol):
             transport.close()
 
     async def _answer(self, request: Request) -> None:
+        if not self._decode_or_refuse(request):
+            return
         started = time.perf_counter()
         request_id = start_request(request.text(b"x-request-id"))
         server = self._server
         problem: Problem | None = None
         content_type: str | None
         try:
-            _decode_body(request, server.max_body_bytes)
             if request.collect:
                 status, content_type, payload, extra = await self._collect(request)
             else:
@@ -615,6 +681,8 @@ class FrontProtocol(asyncio.Protocol):
         if transport is None:
             self.idle = True
             return
+        if not self._decode_or_refuse(request):
+            return
         if self._bridge is None:
             self._bridge = AppBridge(self._loop, transport)
             if self._write_blocked:
@@ -622,10 +690,6 @@ class FrontProtocol(asyncio.Protocol):
         server = self._server
         writer = StreamWriter(self._bridge, self._loop)
         message = _raw_message(request, closing=self._closing)
-        try:
-            _decode_body(request, server.max_body_bytes)
-        except Problem as problem:
-            request.problem = problem
         payload: StreamReader = EMPTY_PAYLOAD
         if request.body:
             payload = StreamReader(self._bridge, 2 * server.read_limit, loop=self._loop)
@@ -655,16 +719,14 @@ class FrontProtocol(asyncio.Protocol):
         server = self._server
         started = time.perf_counter()
         try:
-            if request.problem is not None:
-                raise request.problem
             return await server.request_handler(web_request)
         except web.HTTPException as exc:
             return exc
         except Exception as exc:
             if web_request.writer.output_size:
                 raise  # the handler had started its answer: the connection cannot go on
-            # The middleware renders every problem the application raises; what gets here
-            # is a body the front could not decode, or the unforeseen.
+            # The middleware renders every problem the application raises: what gets here
+            # is the unforeseen.
             problem = problem_for(exc, server.metrics, server.settings)
             route = server.metrics.route_of(request.path)
             log_request(
@@ -731,8 +793,6 @@ def decoded(body: bytes, coding: bytes, limit: int) -> bytes:
 
 def _decode_body(request: Request, limit: int) -> None:
     """Decode the request's body from its content coding, when it has one; or raise."""
-    if request.problem is not None:
-        raise request.problem
     if request.encoding and request.encoding != b"identity":
         request.body = decoded(request.body, request.encoding, limit)
         request.encoding = b""
@@ -776,9 +836,14 @@ def _raw_message(request: Request, closing: bool) -> RawRequestMessage:
     )
 
 
-def problem_answer(problem: Problem, request_id: str | None, keep_alive: bool) -> bytes:
+def problem_answer(
+    problem: Problem,
+    request_id: str | None,
+    keep_alive: bool,
+    extra: dict[str, str] | None = None,
+) -> bytes:
     """The whole answer for a problem found before the request could be served."""
-    extra = problem.headers()
+    extra = {**problem.headers(), **(extra or {})}
     if not keep_alive:
         extra["Connection"] = "close"
     payload = orjson.dumps(problem.body(instance=None))

@@ -57,7 +57,6 @@ class HandoffApi:
 
 def _json_object(call: Call) -> dict[str, Any]:
     if call.media_type != "application/json":
-        raise UnsupportedMediaType(
-            f"send the body as application/json, not {call.media_type or 'nothing'}"
-        )
+        # The media type sent is not repeated: it is the client's text.
+        raise UnsupportedMediaType("send the body as application/json")
     return parse_json_object(call.body)

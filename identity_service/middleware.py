@@ -40,6 +40,8 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
 }
+# The paths of AMP's endpoints (amp/routes.py), whose every answer says Vary: Origin.
+AMP_PATH_PREFIX = "/v1/amp/"
 
 
 @web.middleware
@@ -113,11 +115,15 @@ def log_request(
 
 def problem_response(problem: Problem, request: web.Request) -> web.Response:
     body = problem.body(instance=request.path)
+    headers = {**SECURITY_HEADERS, **problem.headers()}
+    if request.path.startswith(AMP_PATH_PREFIX):
+        # As every answer under AMP's paths: a cache must not reuse it for another origin.
+        headers["Vary"] = "Origin"
     return web.Response(
         body=orjson.dumps(body),
         status=problem.status,
         content_type=PROBLEM_CONTENT_TYPE,
-        headers={**SECURITY_HEADERS, **problem.headers()},
+        headers=headers,
     )
 
 

@@ -187,6 +187,14 @@ class UnsupportedContentEncoding(Problem):
         return {"Accept-Encoding": "gzip, deflate"}
 
 
+class TransferCodingNotImplemented(Problem):
+    """A transfer coding before ``chunked`` (RFC 9112, 6.1: 501 for one not understood)."""
+
+    status = 501
+    slug = "transfer-coding-not-implemented"
+    title = "Request's transfer coding is not implemented"
+
+
 class HeadTooLarge(Problem):
     status = 431
     slug = "request-header-fields-too-large"

@@ -5,6 +5,7 @@ one ValidationFailed problem. Unknown fields are errors, so a misspelt ``anonymo
 caught instead of silently dropped.
 """
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,6 +22,10 @@ from identity_service.urls import UrlError, parse_destination
 
 MAX_CONSENT_CATEGORIES = 64
 MAX_CATEGORY_LENGTH = 64
+# A problem names what the client sent only when it reads as a field name, and lists so
+# many errors at most: a body of odd names must not come back larger, or as markup.
+MAX_REPORTED_ERRORS = 20
+_SHOWN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
 
 PREPARE_FIELDS = frozenset(
     {"anonymousId", "userId", "traits", "context", "consent", "destination", "ttl"}
@@ -77,16 +82,23 @@ def _nests_deeper(data: dict[str, Any], limit: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
+def shown_name(name: str) -> str:
+    """``name`` as a problem may repeat it: itself if it reads as a field name."""
+    return name if _SHOWN_NAME.fullmatch(name) else "(a name not shown)"
+
+
 class _Checker:
     def __init__(self, data: dict[str, Any], allowed: frozenset[str]) -> None:
         self.data = data
-        self.errors: list[dict[str, str]] = [
-            {"field": name, "message": "is not a known field"}
-            for name in sorted(set(data) - allowed)
-        ]
+        self.errors: list[dict[str, str]] = []
+        for name in sorted(set(data) - allowed):
+            self.fail(shown_name(name), "is not a known field")
 
     def fail(self, field: str, message: str) -> None:
-        self.errors.append({"field": field, "message": message})
+        if len(self.errors) < MAX_REPORTED_ERRORS:
+            self.errors.append({"field": field, "message": message})
+        elif len(self.errors) == MAX_REPORTED_ERRORS:
+            self.errors.append({"field": "", "message": "more errors, not listed"})
 
     def string(self, field: str, max_length: int, required: bool = False) -> str | None:
         value = self.data.get(field)
@@ -138,12 +150,13 @@ def parse_prepare(
     consent = check.obj("consent")
     if len(consent) > MAX_CONSENT_CATEGORIES:
         check.fail("consent", f"must have at most {MAX_CONSENT_CATEGORIES} categories")
-    for category, allowed in consent.items():
-        if len(category) > MAX_CATEGORY_LENGTH or not isinstance(allowed, bool):
-            check.fail(
-                f"consent.{category[:MAX_CATEGORY_LENGTH]}",
-                f"must be a true/false category of at most {MAX_CATEGORY_LENGTH} characters",
-            )
+    else:
+        for category, allowed in consent.items():
+            if len(category) > MAX_CATEGORY_LENGTH or not isinstance(allowed, bool):
+                check.fail(
+                    f"consent.{shown_name(category)}",
+                    f"must be a true/false category of at most {MAX_CATEGORY_LENGTH} characters",
+                )
     ttl = whole_number(data.get("ttl"))
     if ttl is False:
         check.fail("ttl", "must be a whole number of seconds")

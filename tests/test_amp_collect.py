@@ -487,6 +487,19 @@ async def test_other_methods_go_to_the_application(client: AppClient) -> None:
     assert response.status == 405
 
 
+async def test_refusals_before_collect_vary_on_origin_too(client: AppClient) -> None:
+    # Found in review: the 405s and the front's 413 had no Vary.
+    too_large = client.app[app_keys.SETTINGS].max_body_bytes + 1
+    answers = [
+        await client.put(PATH, data=b""),
+        await client.head(PATH, headers={"Origin": CACHE}),
+        await client.post(PATH, data=b"x" * too_large, headers={"Origin": CACHE}),
+    ]
+    assert [answer.status for answer in answers] == [405, 405, 413]
+    for answer in answers:
+        assert answer.headers.getall("Vary") == ["Origin"], answer.status
+
+
 async def test_head_records_no_hit(client: AppClient, collector: Collector) -> None:
     for headers in ({"Origin": CACHE}, {"AMP-Same-Origin": "true"}, {}):
         response = await client.head(

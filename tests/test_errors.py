@@ -129,6 +129,32 @@ async def test_all_validation_errors_are_reported_together(client: AppClient) ->
     assert fields == {"anonymousId", "destination", "ttl", "extra"}
 
 
+async def test_problems_repeat_no_markup_and_stay_small(client: AppClient) -> None:
+    # Found in review: the media type, unknown field names and consent categories came
+    # back whole, the answer up to 20 times the size of the body.
+    markup = "<img src=x onerror=alert(1)>"
+    typed = await client.post(
+        PREPARE, data=body(), headers={"Content-Type": f"text/{markup}", **auth("shop")}
+    )
+    assert typed.status == 415 and markup not in await typed.text()
+    odd_names = {f"{markup}{n}": 1 for n in range(300)}
+    categories = {f"{markup}{n}": "yes" for n in range(60)}
+    for raw in (
+        body(**odd_names),
+        body(consent=categories),
+        body(consent={**categories} | {f"c{n}": True for n in range(900)}),
+    ):
+        response = await client.post(PREPARE, data=raw, headers={**JSON, **auth("shop")})
+        text = await response.text()
+        assert response.status == 400 and markup not in text
+        assert len(text) < 4096
+    misspelt = await client.post(
+        PREPARE, data=body(anonymousID="a"), headers={**JSON, **auth("shop")}
+    )
+    problem = await misspelt.json(content_type=None)
+    assert [error["field"] for error in problem["errors"]] == ["anonymousID"]  # still named
+
+
 async def test_nesting_up_to_the_limit_is_accepted(client: AppClient) -> None:
     response = await client.post(
         PREPARE, data=nested("context", 31), headers={**JSON, **auth("shop")}

@@ -12,6 +12,7 @@ import dataclasses
 import gzip
 import io
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -113,13 +114,48 @@ CASES = {
         413,
     ),
     "unknown-expectation": (START + AUTH + LENGTH + b"Expect: " + MARK + b"\r\n\r\n", 417),
+    # Found in review: each of these was served before its fix.
+    "transfer-coding-before-chunked": (
+        START + AUTH + b"Transfer-Encoding: gzip, chunked\r\n\r\n" + chunked(BODY),
+        501,
+    ),
+    "unknown-transfer-coding-before-chunked": (
+        START + AUTH + b"Transfer-Encoding: " + MARK + b", chunked\r\n\r\n" + chunked(BODY),
+        501,
+    ),
+    "upgrade-with-a-body": (
+        START + AUTH + LENGTH + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n" + BODY,
+        400,
+    ),
+    "body-not-in-its-content-coding": (
+        START + AUTH + b"Content-Encoding: gzip\r\n" + LENGTH + b"\r\n" + BODY,
+        400,
+    ),
+    "body-not-in-its-content-coding-to-the-app": (
+        b"POST /healthz HTTP/1.1\r\nHost: test\r\nContent-Encoding: gzip\r\n"
+        + LENGTH
+        + AUTH
+        + b"\r\n"
+        + BODY,
+        400,
+    ),
+    "unknown-content-coding-to-the-app": (
+        b"GET /healthz HTTP/1.1\r\nHost: test\r\nContent-Encoding: br\r\n"
+        + LENGTH
+        + AUTH
+        + b"\r\n"
+        + BODY,
+        415,
+    ),
 }
 SLUGS = {
     400: "malformed-request",
     408: "request-timeout",
     413: "payload-too-large",
+    415: "unsupported-content-encoding",
     417: "expectation-failed",
     431: "request-header-fields-too-large",
+    501: "transfer-coding-not-implemented",
 }
 
 
@@ -143,6 +179,7 @@ def problem_of(answer: bytes, status: int) -> dict[str, object]:
     assert int(status_line.split(" ")[1]) == status, answer
     assert headers["content-type"] == PROBLEM_CONTENT_TYPE
     assert headers["connection"] == "close"
+    assert "server" not in headers and headers["x-request-id"]
     assert int(headers["content-length"]) == len(body)
     problem: dict[str, object] = orjson.loads(body)
     assert problem["type"] == PROBLEM_TYPE_PREFIX + SLUGS[status]
@@ -200,6 +237,31 @@ async def test_an_upgrade_request_is_answered_over_http_then_closed(front: AppCl
     )
     assert answer.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in answer
     assert MARK not in answer
+
+
+async def test_connections_beyond_the_limit_get_the_503_though_they_sent_a_request(
+    make_front: FrontMaker,
+) -> None:
+    # Found in review: the turned-away connection closed with the request unread, and the
+    # kernel reset it, the 503 with it, for about a third of such clients.
+    client = await make_front(max_connections=1)
+    held = await asyncio.open_connection("127.0.0.1", client.server.port)
+    request = START + AUTH + b"Content-Length: 16000\r\n\r\n" + b"x" * 16000
+
+    def turned_away() -> bytes:
+        with socket.create_connection(("127.0.0.1", client.server.port), timeout=10) as sock:
+            sock.sendall(request)
+            time.sleep(0.3)  # the server has closed by now, or lingers
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            return answer
+
+    answers = await asyncio.gather(*(asyncio.to_thread(turned_away) for _ in range(10)))
+    for answer in answers:
+        head = answer.partition(b"\r\n\r\n")[0]
+        assert head.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in head
+    held[1].close()
 
 
 async def test_answers_name_no_server_software(front: AppClient) -> None:

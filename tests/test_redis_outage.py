@@ -8,6 +8,8 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from redis.asyncio import Redis
+
 from identity_service.app import create_app
 from identity_service.problems import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX
 from tests.conftest import (
@@ -86,3 +88,34 @@ async def test_redis_too_slow_answers_503(
     status, identity = await exchange(client, token)
     assert status == 200
     assert identity["anonymousId"] == "anon-7f3a"
+
+
+async def test_a_prepare_over_maxmemory_is_refused_and_writes_nothing(
+    aiohttp_client: ClientMaker, private_redis: RedisServer
+) -> None:
+    # Found in review: the script's first write was a DEL, which Redis lets through over
+    # maxmemory, and with it the script's HSET and XADD.
+    settings = make_settings(private_redis.url, retry_after="2")
+    client = await aiohttp_client(FrontTestServer(create_app(settings)))
+    admin = Redis.from_url(private_redis.url)
+    try:
+        await prepare(client)
+        handoffs = [key async for key in admin.scan_iter(match="*:handoff:*")]
+        events = await outbox_lengths(admin)
+        await admin.config_set("maxmemory", "1")
+        body = {"anonymousId": "a", "destination": CHECKOUT_URL}
+        await assert_unavailable(await client.post("/v1/handoffs", json=body, headers=auth("shop")))
+        await admin.config_set("maxmemory", "0")
+        assert [key async for key in admin.scan_iter(match="*:handoff:*")] == handoffs
+        assert await outbox_lengths(admin) == events
+        token = (await prepare(client))["token"]
+        assert (await exchange(client, token))[0] == 200
+    finally:
+        await admin.config_set("maxmemory", "0")
+        await admin.aclose()
+
+
+async def outbox_lengths(admin: Redis) -> dict[bytes, int]:
+    """The entries of each outbox stream that has any (the forwarder creates them empty)."""
+    lengths = {key: await admin.xlen(key) async for key in admin.scan_iter(match="*:outbox")}
+    return {key: length for key, length in lengths.items() if length}

@@ -66,12 +66,15 @@ logger = structlog.get_logger(__name__)
 
 # KEYS: handoff, outbox. ARGV: record, ttl, sealed template or "", sealed started events or "",
 # the preparing source's name or "" (written only when destinations route by source).
+# Its first write is an HSET: over maxmemory, Redis refuses a script's first write if it is
+# one that grows the data, and lets the rest through once one write is done (a DEL first
+# would let a prepare grow the data past the limit).
 PREPARE = Script("""
-redis.call('DEL', KEYS[1])
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'r', ARGV[1], 'o', ARGV[3])
 else
   redis.call('HSET', KEYS[1], 'r', ARGV[1])
+  redis.call('HDEL', KEYS[1], 'o')
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 if ARGV[4] ~= '' then
