@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -124,10 +124,12 @@ async def hop(client: AppClient, **headers: str) -> str:
     return f"{target.path.removeprefix('/identity')}?{target.query}"
 
 
-async def minted_hop(client: AppClient, body: dict[str, str]) -> str:
+async def minted_hop(
+    client: AppClient, body: dict[str, str], extra: Iterable[tuple[str, str]] = ()
+) -> str:
     """Submit ``body`` from the cache Origin without a cookie, as curl can (any Origin, no
-    browser); the complete URL's path and query."""
-    response = await client.post(SUBMIT, data=body, headers=FROM_CACHE)
+    browser), with the ``extra`` header fields; the complete URL's path and query."""
+    response = await client.post(SUBMIT, data=body, headers=[*FROM_CACHE.items(), *extra])
     assert response.status == 200, await response.text()
     target = urlsplit(response.headers["AMP-Redirect-To"])
     return f"{target.path.removeprefix('/identity')}?{target.query}"
@@ -260,6 +262,52 @@ async def test_an_expired_token_applies_nothing(
     landing = await client.get(complete, allow_redirects=False)
     assert (landing.status, landing.headers["Location"]) == (303, DONE_URL)
     assert receiver.calls == []
+
+
+# -- what an action reads of the request, as collect reads it ------------------------------
+
+
+def forwarded(claimed: str) -> list[tuple[str, str]]:
+    """A client's own ``X-Forwarded-For`` field, then the one its proxy adds: the client
+    behind the proxy is always 203.0.113.7."""
+    return [("X-Forwarded-For", claimed), ("X-Forwarded-For", "203.0.113.7")]
+
+
+async def test_a_repeated_x_forwarded_for_is_counted_by_its_last_entry(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    client = await amp_client(limit_per_ip={"requests": 2, "window_seconds": 60})
+    # A new address claimed in the first field each time: still one client, one counter.
+    complete = await minted_hop(client, FIELDS, forwarded("198.51.100.1"))
+    landing = await client.get(complete, headers=forwarded("198.51.100.2"), allow_redirects=False)
+    assert landing.status == 303 and receiver.applications == 1
+    submit = [*SAME_ORIGIN.items(), *WITH_COOKIE.items(), *forwarded("198.51.100.3")]
+    refused = await client.post(SUBMIT, data=form(), headers=submit)
+    assert refused.status == 429
+    assert (await refused.json(content_type=None))["type"].endswith(":rate-limited")
+    again = await client.get(complete, headers=forwarded("198.51.100.4"), allow_redirects=False)
+    assert again.status == 429
+    assert metric(client, "identity_amp_refusals_total", reason="rate_ip") == 2
+    # Another client behind the proxy has a counter of its own.
+    other = [*SAME_ORIGIN.items(), *WITH_COOKIE.items(), ("X-Forwarded-For", "192.0.2.9")]
+    assert (await client.post(SUBMIT, data=form(), headers=other)).status == 200
+    assert receiver.applications == 2
+
+
+async def test_the_visitor_cookie_in_a_second_cookie_field_is_the_visitors(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    client = await amp_client()
+    cookie_fields = [("Cookie", "theme=dark"), ("Cookie", f"ajs_anonymous_id={VISITOR}")]
+    origin = await client.post(SUBMIT, data=form(), headers=[*SAME_ORIGIN.items(), *cookie_fields])
+    assert origin.status == 200, await origin.text()
+    # From a cache with the cookie: applied at once, no hop.
+    cache = await client.post(SUBMIT, data=form(), headers=[*FROM_CACHE.items(), *cookie_fields])
+    assert await cache.json() == {"status": "applied"}
+    complete = await hop(client)
+    landing = await client.get(complete, headers=cookie_fields, allow_redirects=False)
+    assert landing.status == 303
+    assert [call["anonymousId"] for call in receiver.calls] == [VISITOR] * 3
 
 
 # -- refusals ------------------------------------------------------------------------------

@@ -189,8 +189,9 @@ def peer_address(peername: Any) -> str | None:
 
 
 def headers_of(raw_headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
-    """The header fields collect reads, as :class:`Hit` wants them (repeated ``Cookie``
-    fields joined); the others are not decoded."""
+    """The header fields collect reads, as :class:`Hit` wants them (repeated ``Cookie`` and
+    ``X-Forwarded-For`` fields joined); the others are not decoded. The actions read their
+    cookie and address with it too."""
     headers: dict[str, str] = {}
     for raw_name, raw_value in raw_headers:
         name = _READ.get(raw_name.lower())
