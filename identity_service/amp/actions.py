@@ -27,7 +27,11 @@ AMP Camp's add-to-cart hop, made safe (docs/amp.md walks through it):
   form) still applies the attacker's fields to whoever follows it: docs/security.md.
 
 The visitor cookie and the client's address are read as collect reads them (every
-``Cookie`` and ``X-Forwarded-For`` field, joined: collect.headers_of).
+``Cookie`` and ``X-Forwarded-For`` field, joined: collect.headers_of). The only cookie an
+action sets is a new id the service generated, when the request carried none; a cookie
+the request carries is never set again: its value was read percent-decoded (cookies.py),
+so writing that back would not read as the same id, and the service never sets a value
+taken from a request.
 
 Every answer says ``Vary: Origin``. The form's ``clientId`` and ``consent`` fields (amp-
 consent's ``CONSENT_STATE``) are not fields of the action; ``consent=insufficient``
@@ -129,7 +133,7 @@ async def handle_complete(request: web.Request) -> web.StreamResponse:
             await limits.check_limits(ctx, address, None)
             if visitor is None:
                 visitor = cookies.new_visitor_id()
-            set_cookie = cookies.set_cookie(visitor, ctx.amp.cookie)
+                set_cookie = cookies.set_cookie(visitor, ctx.amp.cookie)
             token = Token.parse(request.query.get("token", ""))
             if token is not None and (record := await _take(ctx, action, token)) is not None:
                 await _complete(ctx, action, visitor, record)
@@ -173,19 +177,16 @@ async def _apply_now(
     allow: dict[str, str],
 ) -> web.Response:
     """Apply at once: the visitor is known (cookie) or can be given a first-party cookie."""
+    headers = {**SECURITY_HEADERS, **allow}
     if visitor is None:
         visitor = cookies.new_visitor_id()
+        headers["Set-Cookie"] = cookies.set_cookie(visitor, ctx.amp.cookie)
     context = "origin" if first_party else "cache_with_cookie"
     applied = await _apply(ctx, action, _hop_id(), visitor, fields, client_id, context)
     if applied:
         _count_hop(ctx, action, "applied")
     if may_link:
         await _link(ctx, client_id, visitor)
-    headers = {
-        **SECURITY_HEADERS,
-        **allow,
-        "Set-Cookie": cookies.set_cookie(visitor, ctx.amp.cookie),
-    }
     if not applied:  # queued: the outbox's forwarder applies it
         return _json({"status": "queued"}, headers, status=202)
     return _json({"status": "applied"}, headers)
