@@ -384,6 +384,8 @@ async def test_unknown_action(amp_client: AmpClient, receiver: WebhookReceiver) 
         ("sku=a&sku=b", "application/x-www-form-urlencoded", 400, "malformed-form"),
         ("sku=%ff", "application/x-www-form-urlencoded", 400, "malformed-form"),
         ('{"sku": ["a"]}', "application/json", 400, "malformed-form"),
+        ('{"sku": "a", "sku": "b"}', "application/json", 400, "malformed-form"),
+        ('{"sku": "a", "s\\u006bu": "b"}', "application/json", 400, "malformed-form"),
         ("[1]", "application/json", 400, "malformed-form"),
         ("sku=a", "text/plain", 415, "unsupported-form-type"),
         (
@@ -410,6 +412,76 @@ async def test_bad_forms_are_refused(
     assert (await response.json(content_type=None))["type"].endswith(f":{slug}")
     assert response.headers["Access-Control-Allow-Origin"] == CACHE
     assert receiver.calls == []
+
+
+def multipart(*parts: bytes) -> bytes:
+    """A multipart/form-data body (boundary ``b``) of parts given as header fields, a blank
+    line and the value."""
+    return b"".join(b"--b\r\n" + part + b"\r\n" for part in parts) + b"--b--\r\n"
+
+
+SKU = b'Content-Disposition: form-data; name="sku"'
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        multipart(SKU + b"\r\nContent-Transfer-Encoding: base64\r\n\r\nc2hvZS00Mg=="),
+        multipart(SKU + b"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nshoe=2D42"),
+        multipart(
+            SKU + b"\r\nContent-Transfer-Encoding: 8bit"
+            b"\r\nContent-Transfer-Encoding: base64\r\n\r\nc2hvZS00Mg=="
+        ),
+        multipart(b'Content-Disposition: form-data; name="sku"; name="price"\r\n\r\n1'),
+        multipart(b'Content-Disposition: form-data; name="sku"; NAME="price"\r\n\r\n1'),
+        multipart(SKU + b'\r\nContent-Disposition: form-data; name="price"\r\n\r\n1'),
+        multipart(b"Content-Disposition: form-data; name*=utf-8''sku%FF\r\n\r\nshoe-42"),
+        multipart(b"Content-Disposition: form-data; name*=utf-8''sku\r\n\r\nshoe-42"),
+        multipart(b'Content-Disposition: form-data; name="sku\xff"\r\n\r\nshoe-42'),
+        multipart(b'Content-Disposition: form-data; name="sku\xc3"\r\n\r\nshoe-42'),
+    ],
+    ids=[
+        "base64",
+        "quoted-printable",
+        "two-encodings",
+        "name-twice",
+        "name-twice-in-another-case",
+        "two-dispositions",
+        "rfc2231-not-utf8",
+        "rfc2231",
+        "name-not-utf8",
+        "name-cut-utf8",
+    ],
+)
+async def test_a_multipart_part_two_readers_could_read_apart_is_refused(
+    amp_client: AmpClient, receiver: WebhookReceiver, body: bytes
+) -> None:
+    client = await amp_client()
+    headers = {**FROM_CACHE, **WITH_COOKIE, "Content-Type": "multipart/form-data; boundary=b"}
+    response = await client.post(SUBMIT, data=body, headers=headers)
+    assert response.status == 400, await response.text()
+    problem = await response.json(content_type=None)
+    assert problem["type"].endswith(":malformed-form")
+    assert "sku" not in problem["detail"] and "price" not in problem["detail"]
+    assert response.headers["Access-Control-Allow-Origin"] == CACHE
+    assert receiver.calls == []
+    assert metric(client, "identity_amp_refusals_total", reason="malformed_form") == 1
+
+
+async def test_multipart_names_in_utf8_and_identity_encodings_are_read(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    body = multipart(
+        SKU + b"\r\nContent-Transfer-Encoding: 8bit\r\n\r\nshoe-42",
+        b'Content-Disposition: form-data;\r\n name="taille-\xc3\xa9"'
+        b"\r\nContent-Transfer-Encoding: BINARY\r\n\r\n42",
+    )
+    client = await amp_client()
+    headers = {**FROM_CACHE, **WITH_COOKIE, "Content-Type": "multipart/form-data; boundary=b"}
+    response = await client.post(SUBMIT, data=body, headers=headers)
+    assert response.status == 200, await response.text()
+    [applied] = receiver.calls
+    assert applied["fields"] == {"sku": "shoe-42", "taille-é": "42"}
 
 
 async def test_rate_limit(amp_client: AmpClient, receiver: WebhookReceiver) -> None:
