@@ -152,7 +152,7 @@ def _disposition(part: MIMEPart) -> tuple[str, dict[str, str]]:
     try:
         text = fields[0].encode("ascii", "surrogateescape").decode("utf-8")
     except UnicodeError as exc:
-        raise MalformedForm("field names must be UTF-8") from exc
+        raise MalformedForm("a part's Content-Disposition (its field name) must be UTF-8") from exc
     reader = Message()  # compat32: its get_params returns every parameter, repeats too
     reader["Content-Disposition"] = text
     kind, *params = reader.get_params(header="content-disposition") or [("", "")]
