@@ -5,6 +5,7 @@ one ValidationFailed problem. Unknown fields are errors, so a misspelt ``anonymo
 caught instead of silently dropped.
 """
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -68,6 +69,22 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     if body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH and _nests_deeper(data):
         raise MalformedJson(f"the body nests objects and arrays over {MAX_JSON_DEPTH} deep")
     return data
+
+
+def json_object_members(body: bytes) -> list[tuple[str, Any]]:
+    """The members of a JSON object body in order, each repeat of a name kept.
+
+    orjson keeps the last of repeated names and has no hook to see them; the standard
+    library's parser has one, and reads the body here once ``parse_json_object`` accepted
+    it, so the same limits hold (an object, nested at most ``MAX_JSON_DEPTH`` deep). It is
+    slower: for bodies off the hot path. Nested objects are lists of members too.
+    """
+    parse_json_object(body)
+    try:
+        members: list[tuple[str, Any]] = json.loads(body.decode(), object_pairs_hook=list)
+    except ValueError as exc:  # orjson read it: only where the two parsers differ
+        raise MalformedJson("the body could not be parsed") from exc
+    return members
 
 
 def _nests_deeper(data: dict[str, Any], limit: int = MAX_JSON_DEPTH) -> bool:

@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -124,10 +124,12 @@ async def hop(client: AppClient, **headers: str) -> str:
     return f"{target.path.removeprefix('/identity')}?{target.query}"
 
 
-async def minted_hop(client: AppClient, body: dict[str, str]) -> str:
+async def minted_hop(
+    client: AppClient, body: dict[str, str], extra: Iterable[tuple[str, str]] = ()
+) -> str:
     """Submit ``body`` from the cache Origin without a cookie, as curl can (any Origin, no
-    browser); the complete URL's path and query."""
-    response = await client.post(SUBMIT, data=body, headers=FROM_CACHE)
+    browser), with the ``extra`` header fields; the complete URL's path and query."""
+    response = await client.post(SUBMIT, data=body, headers=[*FROM_CACHE.items(), *extra])
     assert response.status == 200, await response.text()
     target = urlsplit(response.headers["AMP-Redirect-To"])
     return f"{target.path.removeprefix('/identity')}?{target.query}"
@@ -145,7 +147,7 @@ async def test_origin_with_cookie_applies_at_once(
     assert await response.json() == {"status": "applied"}
     assert response.headers["Cache-Control"] == "no-store"
     assert "Access-Control-Allow-Origin" not in response.headers
-    assert set_cookie_value(response) == VISITOR  # refreshed, server-set
+    assert "Set-Cookie" not in response.headers  # the visitor's own cookie is not set again
     [applied] = receiver.applied.values()
     assert applied["action"] == "add-to-cart"
     assert applied["anonymousId"] == VISITOR
@@ -179,7 +181,7 @@ async def test_cache_with_third_party_cookie_applies_and_links_the_client_id(
     assert await response.json() == {"status": "applied"}
     assert response.headers["Access-Control-Allow-Origin"] == CACHE
     assert response.headers["Access-Control-Allow-Credentials"] == "true"
-    assert set_cookie_value(response) == VISITOR
+    assert "Set-Cookie" not in response.headers
     # Exactly once: the receiver's every call, not its applications (deduplicated by id).
     [applied] = receiver.calls
     assert receiver.applications == 1
@@ -229,7 +231,7 @@ async def test_complete_keeps_the_visitors_cookie(
     complete = await hop(client)
     landing = await client.get(complete, headers=WITH_COOKIE, allow_redirects=False)
     assert landing.status == 303
-    assert set_cookie_value(landing) == VISITOR
+    assert "Set-Cookie" not in landing.headers  # kept as it is: not set again
     [applied] = receiver.applied.values()
     assert applied["anonymousId"] == VISITOR
 
@@ -260,6 +262,72 @@ async def test_an_expired_token_applies_nothing(
     landing = await client.get(complete, allow_redirects=False)
     assert (landing.status, landing.headers["Location"]) == (303, DONE_URL)
     assert receiver.calls == []
+
+
+# -- what an action reads of the request, as collect reads it ------------------------------
+
+
+def forwarded(claimed: str) -> list[tuple[str, str]]:
+    """A client's own ``X-Forwarded-For`` field, then the one its proxy adds: the client
+    behind the proxy is always 203.0.113.7."""
+    return [("X-Forwarded-For", claimed), ("X-Forwarded-For", "203.0.113.7")]
+
+
+async def test_a_repeated_x_forwarded_for_is_counted_by_its_last_entry(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    client = await amp_client(limit_per_ip={"requests": 2, "window_seconds": 60})
+    # A new address claimed in the first field each time: still one client, one counter.
+    complete = await minted_hop(client, FIELDS, forwarded("198.51.100.1"))
+    landing = await client.get(complete, headers=forwarded("198.51.100.2"), allow_redirects=False)
+    assert landing.status == 303 and receiver.applications == 1
+    submit = [*SAME_ORIGIN.items(), *WITH_COOKIE.items(), *forwarded("198.51.100.3")]
+    refused = await client.post(SUBMIT, data=form(), headers=submit)
+    assert refused.status == 429
+    assert (await refused.json(content_type=None))["type"].endswith(":rate-limited")
+    again = await client.get(complete, headers=forwarded("198.51.100.4"), allow_redirects=False)
+    assert again.status == 429
+    assert metric(client, "identity_amp_refusals_total", reason="rate_ip") == 2
+    # Another client behind the proxy has a counter of its own.
+    other = [*SAME_ORIGIN.items(), *WITH_COOKIE.items(), ("X-Forwarded-For", "192.0.2.9")]
+    assert (await client.post(SUBMIT, data=form(), headers=other)).status == 200
+    assert receiver.applications == 2
+
+
+async def test_the_visitor_cookie_in_a_second_cookie_field_is_the_visitors(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    client = await amp_client()
+    cookie_fields = [("Cookie", "theme=dark"), ("Cookie", f"ajs_anonymous_id={VISITOR}")]
+    origin = await client.post(SUBMIT, data=form(), headers=[*SAME_ORIGIN.items(), *cookie_fields])
+    assert origin.status == 200, await origin.text()
+    # From a cache with the cookie: applied at once, no hop.
+    cache = await client.post(SUBMIT, data=form(), headers=[*FROM_CACHE.items(), *cookie_fields])
+    assert await cache.json() == {"status": "applied"}
+    complete = await hop(client)
+    landing = await client.get(complete, headers=cookie_fields, allow_redirects=False)
+    assert landing.status == 303
+    for answer in (origin, cache, landing):
+        assert "Set-Cookie" not in answer.headers
+    assert [call["anonymousId"] for call in receiver.calls] == [VISITOR] * 3
+
+
+@pytest.mark.parametrize("value", ["abc%2541", "%22abc%2541%22"])  # plain, analytics.js classic
+async def test_a_cookie_the_visitor_has_is_never_set_again(
+    amp_client: AmpClient, receiver: WebhookReceiver, value: str
+) -> None:
+    """The id is read percent-decoded (``abc%41``); written back, ``abc%41`` would read as
+    ``abcA``: one visitor, two ids. So only a new id is ever set."""
+    client = await amp_client()
+    cookie = {"Cookie": f"ajs_anonymous_id={value}"}
+    submitted = await client.post(SUBMIT, data=form(), headers={**SAME_ORIGIN, **cookie})
+    assert submitted.status == 200, await submitted.text()
+    complete = await hop(client)
+    landing = await client.get(complete, headers={**cookie, **NAVIGATION}, allow_redirects=False)
+    assert landing.status == 303
+    for answer in (submitted, landing):
+        assert "Set-Cookie" not in answer.headers
+    assert [call["anonymousId"] for call in receiver.calls] == ["abc%41", "abc%41"]
 
 
 # -- refusals ------------------------------------------------------------------------------
@@ -316,6 +384,8 @@ async def test_unknown_action(amp_client: AmpClient, receiver: WebhookReceiver) 
         ("sku=a&sku=b", "application/x-www-form-urlencoded", 400, "malformed-form"),
         ("sku=%ff", "application/x-www-form-urlencoded", 400, "malformed-form"),
         ('{"sku": ["a"]}', "application/json", 400, "malformed-form"),
+        ('{"sku": "a", "sku": "b"}', "application/json", 400, "malformed-form"),
+        ('{"sku": "a", "s\\u006bu": "b"}', "application/json", 400, "malformed-form"),
         ("[1]", "application/json", 400, "malformed-form"),
         ("sku=a", "text/plain", 415, "unsupported-form-type"),
         (
@@ -342,6 +412,76 @@ async def test_bad_forms_are_refused(
     assert (await response.json(content_type=None))["type"].endswith(f":{slug}")
     assert response.headers["Access-Control-Allow-Origin"] == CACHE
     assert receiver.calls == []
+
+
+def multipart(*parts: bytes) -> bytes:
+    """A multipart/form-data body (boundary ``b``) of parts given as header fields, a blank
+    line and the value."""
+    return b"".join(b"--b\r\n" + part + b"\r\n" for part in parts) + b"--b--\r\n"
+
+
+SKU = b'Content-Disposition: form-data; name="sku"'
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        multipart(SKU + b"\r\nContent-Transfer-Encoding: base64\r\n\r\nc2hvZS00Mg=="),
+        multipart(SKU + b"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nshoe=2D42"),
+        multipart(
+            SKU + b"\r\nContent-Transfer-Encoding: 8bit"
+            b"\r\nContent-Transfer-Encoding: base64\r\n\r\nc2hvZS00Mg=="
+        ),
+        multipart(b'Content-Disposition: form-data; name="sku"; name="price"\r\n\r\n1'),
+        multipart(b'Content-Disposition: form-data; name="sku"; NAME="price"\r\n\r\n1'),
+        multipart(SKU + b'\r\nContent-Disposition: form-data; name="price"\r\n\r\n1'),
+        multipart(b"Content-Disposition: form-data; name*=utf-8''sku%FF\r\n\r\nshoe-42"),
+        multipart(b"Content-Disposition: form-data; name*=utf-8''sku\r\n\r\nshoe-42"),
+        multipart(b'Content-Disposition: form-data; name="sku\xff"\r\n\r\nshoe-42'),
+        multipart(b'Content-Disposition: form-data; name="sku\xc3"\r\n\r\nshoe-42'),
+    ],
+    ids=[
+        "base64",
+        "quoted-printable",
+        "two-encodings",
+        "name-twice",
+        "name-twice-in-another-case",
+        "two-dispositions",
+        "rfc2231-not-utf8",
+        "rfc2231",
+        "name-not-utf8",
+        "name-cut-utf8",
+    ],
+)
+async def test_a_multipart_part_two_readers_could_read_apart_is_refused(
+    amp_client: AmpClient, receiver: WebhookReceiver, body: bytes
+) -> None:
+    client = await amp_client()
+    headers = {**FROM_CACHE, **WITH_COOKIE, "Content-Type": "multipart/form-data; boundary=b"}
+    response = await client.post(SUBMIT, data=body, headers=headers)
+    assert response.status == 400, await response.text()
+    problem = await response.json(content_type=None)
+    assert problem["type"].endswith(":malformed-form")
+    assert "sku" not in problem["detail"] and "price" not in problem["detail"]
+    assert response.headers["Access-Control-Allow-Origin"] == CACHE
+    assert receiver.calls == []
+    assert metric(client, "identity_amp_refusals_total", reason="malformed_form") == 1
+
+
+async def test_multipart_names_in_utf8_and_identity_encodings_are_read(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    body = multipart(
+        SKU + b"\r\nContent-Transfer-Encoding: 8bit\r\n\r\nshoe-42",
+        b'Content-Disposition: form-data;\r\n name="taille-\xc3\xa9"'
+        b"\r\nContent-Transfer-Encoding: BINARY\r\n\r\n42",
+    )
+    client = await amp_client()
+    headers = {**FROM_CACHE, **WITH_COOKIE, "Content-Type": "multipart/form-data; boundary=b"}
+    response = await client.post(SUBMIT, data=body, headers=headers)
+    assert response.status == 200, await response.text()
+    [applied] = receiver.calls
+    assert applied["fields"] == {"sku": "shoe-42", "taille-é": "42"}
 
 
 async def test_rate_limit(amp_client: AmpClient, receiver: WebhookReceiver) -> None:

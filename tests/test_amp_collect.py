@@ -9,13 +9,14 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from yarl import URL
 
 from identity_service import app_keys
 from identity_service.amp import collect as collect_module
@@ -331,6 +332,64 @@ async def test_a_wrong_source_origin_parameter_is_refused(client: AppClient) -> 
         client, origin=CACHE, ampId=CACHE_CLIENT_ID, __amp_source_origin=CACHE, method="POST"
     )
     assert beacon.status == 403
+
+
+SOURCE = f"__amp_source_origin={quote(PUBLISHER, safe='')}"
+FORM_TYPE = "application/x-www-form-urlencoded"
+IN_JSON = json.dumps({"__amp_source_origin": PUBLISHER})
+
+
+@pytest.mark.parametrize(
+    ("query", "body", "content_type", "allowed"),
+    [
+        (SOURCE, "", None, True),
+        ("", SOURCE, FORM_TYPE, True),
+        ("", IN_JSON, "application/json", True),
+        (f"{SOURCE}&{SOURCE}", "", None, False),
+        (f"{SOURCE}&%5F%5F{SOURCE[2:]}", "", None, False),  # the same name, escaped
+        (SOURCE, SOURCE, FORM_TYPE, False),
+        ("", f"{SOURCE}&{SOURCE}", FORM_TYPE, False),
+        (SOURCE, IN_JSON, "text/plain", False),
+        ("", f"{IN_JSON[:-1]}, {IN_JSON[1:]}", "application/json", False),
+    ],
+)
+async def test_a_repeated_source_origin_parameter_is_refused(
+    client: AppClient,
+    collector: Collector,
+    query: str,
+    body: str,
+    content_type: str | None,
+    allowed: bool,
+) -> None:
+    """As ``cors.check`` refuses it for the other endpoints: one reader could take the first
+    value and another the last (here the body's won over the query's)."""
+    AUDIT.identity(VISITOR, "anonymousId")
+    headers = {"Origin": CACHE, "Cookie": f"{COOKIE}={VISITOR}"}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    target = URL(f"{PATH}?ampId={CACHE_CLIENT_ID}&{query}", encoded=True)
+    response = await client.request(
+        "POST" if body else "GET", target, data=body.encode(), headers=headers
+    )
+    counted = metrics(client)
+    if allowed:
+        assert response.status == 204, await response.text()
+        assert counted.value("identity_amp_links_recorded_total") == 1
+        return
+    assert response.status == 403
+    problem = await response.json(content_type=None)
+    assert problem["type"].endswith(":amp-origin-not-allowed")
+    assert PUBLISHER not in problem["detail"]
+    assert "Set-Cookie" not in response.headers
+    assert "Access-Control-Allow-Origin" not in response.headers
+    assert response.headers["Vary"] == "Origin"
+    assert counted.value("identity_amp_refusals_total", reason="origin") == 1
+    assert counted.value("identity_amp_links_recorded_total") == 0
+    assert counted.value("identity_amp_hits_total", context="cache_with_cookie") == 0
+    # Nothing was written: a later cookie-less hit is the clientId's own.
+    assert (await hit(client, origin=CACHE, ampId=CACHE_CLIENT_ID)).status == 204
+    (event,) = await events_after(collector, 1)
+    assert event["properties"]["anonymousId_source"] == "amp_client_id"
 
 
 async def test_the_rate_limit_answers_429_with_retry_after(amp_client: AmpClientFactory) -> None:

@@ -26,6 +26,13 @@ AMP Camp's add-to-cart hop, made safe (docs/amp.md walks through it):
   neither header and are served. A navigation an attacker causes (a link, a top-level
   form) still applies the attacker's fields to whoever follows it: docs/security.md.
 
+The visitor cookie and the client's address are read as collect reads them (every
+``Cookie`` and ``X-Forwarded-For`` field, joined: collect.headers_of). The only cookie an
+action sets is a new id the service generated, when the request carried none; a cookie
+the request carries is never set again: its value was read percent-decoded (cookies.py),
+so writing that back would not read as the same id, and the service never sets a value
+taken from a request.
+
 Every answer says ``Vary: Origin``. The form's ``clientId`` and ``consent`` fields (amp-
 consent's ``CONSENT_STATE``) are not fields of the action; ``consent=insufficient``
 records no link, while the action, the visitor's explicit request, is still applied.
@@ -49,6 +56,7 @@ import structlog
 from aiohttp import web
 
 from identity_service.amp import cookies, cors, limits, links, webhooks
+from identity_service.amp.collect import headers_of
 from identity_service.amp.config import ActionSettings
 from identity_service.amp.context import AMP, AmpContext
 from identity_service.amp.forms import read_form
@@ -100,8 +108,8 @@ async def handle_submit(request: web.Request) -> web.StreamResponse:
         )
         client_id = links.client_id_of(fields.pop(CLIENT_ID_FIELD, None))
         may_link = fields.pop(CONSENT_FIELD, None) != links.CONSENT_DENIED
-        await limits.check_limits(ctx, _client_ip(request), client_id)
-        visitor = cookies.visitor_id(request.headers.get("Cookie"), ctx.amp.cookie)
+        visitor, address = _visitor_and_address(ctx, request)
+        await limits.check_limits(ctx, address, client_id)
         first_party = origin is None or origin in ctx.amp.publisher_origins
         if visitor is None and not first_party:
             return await _start_hop(ctx, action, fields, client_id, may_link, allow)
@@ -121,11 +129,11 @@ async def handle_complete(request: web.Request) -> web.StreamResponse:
     try:
         action = _action(ctx, request)
         if _is_navigation(request):
-            await limits.check_limits(ctx, _client_ip(request), None)
-            visitor = cookies.visitor_id(request.headers.get("Cookie"), ctx.amp.cookie)
+            visitor, address = _visitor_and_address(ctx, request)
+            await limits.check_limits(ctx, address, None)
             if visitor is None:
                 visitor = cookies.new_visitor_id()
-            set_cookie = cookies.set_cookie(visitor, ctx.amp.cookie)
+                set_cookie = cookies.set_cookie(visitor, ctx.amp.cookie)
             token = Token.parse(request.query.get("token", ""))
             if token is not None and (record := await _take(ctx, action, token)) is not None:
                 await _complete(ctx, action, visitor, record)
@@ -169,19 +177,16 @@ async def _apply_now(
     allow: dict[str, str],
 ) -> web.Response:
     """Apply at once: the visitor is known (cookie) or can be given a first-party cookie."""
+    headers = {**SECURITY_HEADERS, **allow}
     if visitor is None:
         visitor = cookies.new_visitor_id()
+        headers["Set-Cookie"] = cookies.set_cookie(visitor, ctx.amp.cookie)
     context = "origin" if first_party else "cache_with_cookie"
     applied = await _apply(ctx, action, _hop_id(), visitor, fields, client_id, context)
     if applied:
         _count_hop(ctx, action, "applied")
     if may_link:
         await _link(ctx, client_id, visitor)
-    headers = {
-        **SECURITY_HEADERS,
-        **allow,
-        "Set-Cookie": cookies.set_cookie(visitor, ctx.amp.cookie),
-    }
     if not applied:  # queued: the outbox's forwarder applies it
         return _json({"status": "queued"}, headers, status=202)
     return _json({"status": "applied"}, headers)
@@ -296,8 +301,12 @@ def _action(ctx: AmpContext, request: web.Request) -> ActionSettings:
     return action
 
 
-def _client_ip(request: web.Request) -> str:
-    return limits.client_ip(request.remote, request.headers.get("X-Forwarded-For"))
+def _visitor_and_address(ctx: AmpContext, request: web.Request) -> tuple[str | None, str]:
+    """The visitor cookie's id (None without one) and the client's address, read as collect
+    reads them: every ``Cookie`` and ``X-Forwarded-For`` field of the request, joined."""
+    headers = headers_of(request.raw_headers)
+    visitor = cookies.visitor_id(headers.get("cookie"), ctx.amp.cookie)
+    return visitor, limits.client_ip(request.remote, headers.get("x-forwarded-for"))
 
 
 def _hop_id() -> str:

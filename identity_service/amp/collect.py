@@ -23,6 +23,10 @@ Who may send a hit (the CORS rule of this endpoint):
   ``ampId``. Such a link names an id its sender already knew; it only attributes later
   hits, and a linked id is never given back (no ``Set-Cookie``).
 
+Whichever of these, ``__amp_source_origin`` must be a publisher origin when present, and
+is refused (403) when it occurs more than once in the query and the body together, as
+``cors.check`` refuses it for the other endpoints.
+
 What the hit is attributed to (``anonymousId_source``):
 
 - ``cookie``: the visitor cookie was sent. From a cache origin with a clientId, the link
@@ -61,7 +65,7 @@ together or not at all. An event that cannot be emitted fails the hit (503).
 """
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +87,7 @@ from identity_service.problems import (
     ValidationFailed,
 )
 from identity_service.stores import Counted, Emitted
-from identity_service.validation import parse_json_object
+from identity_service.validation import json_object_members, parse_json_object
 
 # Parameters that are not event properties.
 CLIENT_ID = "ampId"
@@ -189,8 +193,9 @@ def peer_address(peername: Any) -> str | None:
 
 
 def headers_of(raw_headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
-    """The header fields collect reads, as :class:`Hit` wants them (repeated ``Cookie``
-    fields joined); the others are not decoded."""
+    """The header fields collect reads, as :class:`Hit` wants them (repeated ``Cookie`` and
+    ``X-Forwarded-For`` fields joined); the others are not decoded. The actions read their
+    cookie and address with it too."""
     headers: dict[str, str] = {}
     for raw_name, raw_value in raw_headers:
         name = _READ.get(raw_name.lower())
@@ -214,6 +219,9 @@ async def collect(ctx: AmpContext, hit: Hit) -> Answer:
     try:
         params = _parameters(hit, amp.max_form_bytes, amp.max_form_fields)
         content = _content(params, amp.source, len(hit.query) + len(hit.body))
+    except AmpOriginNotAllowed:  # a repeated __amp_source_origin
+        ctx.metrics.inc(cors.REFUSALS_METRIC, reason="origin")
+        raise
     except Problem as problem:
         ctx.metrics.inc(cors.REFUSALS_METRIC, reason=problem.slug.replace("-", "_"))
         raise
@@ -319,24 +327,42 @@ def _emitted(ctx: AmpContext, event: ev.Event) -> Emitted:
 
 
 def _parameters(hit: Hit, max_bytes: int, max_fields: int) -> dict[str, Any]:
-    """The query's parameters, then the body's (which win): an urlencoded form or JSON."""
+    """The query's parameters, then the body's (which win): an urlencoded form or JSON.
+
+    Raises AmpOriginNotAllowed when ``__amp_source_origin`` occurs more than once in the
+    query and the body together, as ``cors.check`` refuses it for the other endpoints.
+    """
     if len(hit.query) > max_bytes or len(hit.body) > max_bytes:
         raise PayloadTooLarge(f"a hit's query and body must be at most {max_bytes} bytes each")
     query = hit.query if hit.query.isascii() else hit.query.encode("utf-8", "replace").decode()
-    params: dict[str, Any] = dict(_form(query, max_fields))
+    query_pairs = _form(query, max_fields)
+    params: dict[str, Any] = dict(query_pairs)
+    body_pairs: Sequence[tuple[str, Any]] = ()
     if hit.body:
         media_type = hit.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if media_type == _FORM:
-            params.update(_form(hit.body.decode("utf-8", "replace"), max_fields))
+            body_pairs = _form(hit.body.decode("utf-8", "replace"), max_fields)
+            params.update(body_pairs)
         elif media_type in _JSON_TYPES or not media_type:
-            params.update(parse_json_object(hit.body))
+            document = parse_json_object(hit.body)
+            if cors.SOURCE_ORIGIN_PARAM in document:  # orjson kept one of its repeats
+                body_pairs = json_object_members(hit.body)
+            params.update(document)
         else:
             raise UnsupportedMediaType(
                 f"send a hit as {_FORM} or JSON (text/plain or application/json)"
             )
         if len(params) > max_fields:
             raise PayloadTooLarge(f"a hit may carry at most {max_fields} parameters")
+    # One lookup when absent, as it mostly is: the pairs are counted only when it is there.
+    if cors.SOURCE_ORIGIN_PARAM in params and _repeats_source_origin(query_pairs, body_pairs):
+        raise AmpOriginNotAllowed(f"{cors.SOURCE_ORIGIN_PARAM} must not repeat")
     return params
+
+
+def _repeats_source_origin(*pairs: Sequence[tuple[str, Any]]) -> bool:
+    names = (name for listed in pairs for name, _ in listed)
+    return sum(name == cors.SOURCE_ORIGIN_PARAM for name in names) > 1
 
 
 def _form(text: str, max_fields: int) -> list[tuple[str, str]]:

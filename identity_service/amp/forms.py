@@ -6,12 +6,18 @@ the same: at most ``max_fields`` fields, each name at most ``MAX_NAME_LENGTH`` a
 value at most ``MAX_VALUE_LENGTH`` characters, names unique, values strings. Files, nested
 JSON, repeated names and malformed bodies are refused with a problem that names the rule,
 never the data.
+
+Nothing two readers could read differently is accepted: a name repeated in a JSON object
+(which orjson would read as its last value), and in a multipart part a second
+``Content-Disposition`` field or parameter, a parameter in RFC 2231's encoded form
+(``name*=``), a field name that is not UTF-8 (the email parser would make it U+FFFD) or a
+``Content-Transfer-Encoding`` other than the identity (RFC 7578 deprecates it).
 """
 
 import email.parser
 import email.policy
 from collections.abc import Iterable
-from email.message import EmailMessage, MIMEPart
+from email.message import EmailMessage, Message, MIMEPart
 from urllib.parse import parse_qsl
 
 from identity_service.problems import (
@@ -20,7 +26,7 @@ from identity_service.problems import (
     PayloadTooLarge,
     UnsupportedFormType,
 )
-from identity_service.validation import parse_json_object
+from identity_service.validation import json_object_members
 
 MAX_NAME_LENGTH = 128
 MAX_VALUE_LENGTH = 4096
@@ -28,6 +34,8 @@ MAX_VALUE_LENGTH = 4096
 MULTIPART = "multipart/form-data"
 URLENCODED = "application/x-www-form-urlencoded"
 JSON = "application/json"
+# Content-Transfer-Encoding values that leave a part's bytes as sent (RFC 2045).
+_IDENTITY_ENCODINGS = frozenset({"7bit", "8bit", "binary"})
 
 
 def read_form(
@@ -87,11 +95,11 @@ def _urlencoded(body: bytes, max_fields: int) -> list[tuple[str, str]]:
 
 def _json(body: bytes) -> list[tuple[str, str]]:
     try:
-        document = parse_json_object(body)
+        members = json_object_members(body)  # repeated names kept: _checked refuses them
     except MalformedJson as exc:
         raise MalformedForm(f"a JSON form must be an object: {exc.detail}") from exc
     pairs: list[tuple[str, str]] = []
-    for name, value in document.items():
+    for name, value in members:
         if not isinstance(value, str):
             raise MalformedForm("the values of a JSON form must be strings")
         pairs.append((name, value))
@@ -113,14 +121,50 @@ def _multipart(content_type: str, body: bytes, max_fields: int) -> list[tuple[st
 
 
 def _form_part(part: MIMEPart) -> tuple[str, str]:
-    if part.defects or part.get_content_disposition() != "form-data":
+    kind, params = _disposition(part)
+    if part.defects or kind != "form-data":
         raise MalformedForm("each part must be a form-data field")
     if part.get_filename() is not None or part.is_multipart():
         raise MalformedForm("files are not accepted")
-    name = part.get_param("name", header="content-disposition")
-    if not isinstance(name, str):
+    name = params.get("name")
+    if name is None:
         raise MalformedForm("each part must be a form-data field with a name")
+    encodings = _raw_fields(part, "content-transfer-encoding")
+    if len(encodings) > 1 or any(e.strip().lower() not in _IDENTITY_ENCODINGS for e in encodings):
+        raise MalformedForm("parts must be sent as they are, without a Content-Transfer-Encoding")
     payload = part.get_payload(decode=True)
     if not isinstance(payload, bytes):
         raise MalformedForm("the form is not valid multipart/form-data")
     return name, _text(payload)
+
+
+def _disposition(part: MIMEPart) -> tuple[str, dict[str, str]]:
+    """A part's ``Content-Disposition``: its type (lower case) and its parameters.
+
+    Read from the field as received: the email parser's own reading keeps the first of
+    repeated parameters and makes undecodable bytes U+FFFD, so a name could be read as
+    another one. Refused: no field or two, bytes that are not UTF-8, a parameter twice
+    (names compared in any case) or in RFC 2231's form (RFC 7578 sends names as UTF-8).
+    """
+    fields = _raw_fields(part, "content-disposition")
+    if len(fields) != 1:
+        raise MalformedForm("each part must have one Content-Disposition")
+    try:
+        text = fields[0].encode("ascii", "surrogateescape").decode("utf-8")
+    except UnicodeError as exc:
+        raise MalformedForm("a part's Content-Disposition (its field name) must be UTF-8") from exc
+    reader = Message()  # compat32: its get_params returns every parameter, repeats too
+    reader["Content-Disposition"] = text
+    kind, *params = reader.get_params(header="content-disposition") or [("", "")]
+    names = {name for name, _ in params}
+    if len(names) != len(params):
+        raise MalformedForm("each Content-Disposition parameter may appear once")
+    if not all(isinstance(value, str) for _, value in params):
+        raise MalformedForm("send field names as UTF-8, not in RFC 2231's encoded form")
+    return kind[0].lower(), dict(params)
+
+
+def _raw_fields(part: MIMEPart, name: str) -> list[str]:
+    """The values of a part's header fields called ``name`` (lower case), as received (the
+    bytes that are not ASCII as surrogate escapes)."""
+    return [value for key, value in part.raw_items() if key.lower() == name]
