@@ -34,6 +34,8 @@ MAINTAIN_EVERY_SECONDS = 1.0
 IDLE_READ_SECONDS = 1.0
 ERROR_PAUSE_SECONDS = 1.0
 GATHER_SECONDS = 0.05
+# What a failing or stalled store raises.
+STORE_ERRORS = (RedisError, ReplyError, OSError)
 
 
 @dataclass(slots=True)
@@ -81,7 +83,7 @@ class Forwarder:
                 batch = await self._collect(first_wait=IDLE_READ_SECONDS)
                 if batch.entries:
                     await self._deliver(batch)
-            except (RedisError, ReplyError, OSError) as exc:
+            except STORE_ERRORS as exc:
                 log.warning("forwarder_store_error", store=self._store, error=type(exc).__name__)
                 await self._pause(ERROR_PAUSE_SECONDS)
             except Exception:
@@ -213,10 +215,23 @@ class Forwarder:
         return True
 
     async def _wait(self, seconds: float, entries: list[FeedEntry]) -> bool:
-        """Wait out a retry delay, keeping our entries claimed; True if stopping."""
+        """Wait out a retry delay, keeping our entries claimed; True if stopping.
+
+        A keep-alive the store fails does not end the wait: the entries are still pending
+        under this consumer, and the batch is sent again when the delay is over (dropping
+        it would leave them to be reclaimed, out of order, ``reclaim_idle`` later).
+        """
         deadline = time.monotonic() + seconds
         while (remaining := deadline - time.monotonic()) > 0:
-            await self._feed.keep_alive(entries + self._held)
+            try:
+                await self._feed.keep_alive(entries + self._held)
+            except STORE_ERRORS as exc:
+                logger.warning(
+                    "forwarder_keep_alive_failed",
+                    destination=self.destination,
+                    store=self._store,
+                    error=type(exc).__name__,
+                )
             if await self._pause(min(remaining, self._keep_alive_every)):
                 return True
         return False

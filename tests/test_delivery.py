@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -430,6 +431,30 @@ async def test_delivery_resumes_after_redis_restarts_empty(
         await asyncio.sleep(0.05)
     await collector.wait_for(2, seconds=15)
     assert {e["anonymousId"] for e in collector.events} == {"before", "after"}
+
+
+async def test_a_redis_stall_during_a_retry_delay_does_not_drop_the_batch(
+    aiohttp_client: ClientMaker, private_redis: RedisServer, collector: Collector
+) -> None:
+    """A keep-alive of the retry delay fails while Redis stalls: the batch is still sent
+    again when the delay is over, not left pending for a reclaim a minute later."""
+    collector.plan = [Answer(503, headers={"Retry-After": "3"})]
+    client, _ = await app_with_prefix(aiohttp_client, private_redis, collector, redis_timeout="0.2")
+    await prepare(client)
+    for _ in range(250):
+        if collector.requests:
+            break
+        await asyncio.sleep(0.02)
+    blocker = socket.create_connection(("127.0.0.1", private_redis.port))
+    try:
+        # Longer than the interval of the keep-alives (1 s): one of them meets the stall.
+        blocker.sendall(b"DEBUG SLEEP 1.5\r\n")
+        await collector.wait_for(1, seconds=10)
+    finally:
+        blocker.close()
+    refused, accepted = collector.requests
+    assert (refused.status, accepted.status) == (503, 200)
+    assert [e["messageId"] for e in accepted.events] == [e["messageId"] for e in refused.events]
 
 
 async def test_started_and_fallback_events_are_queued_one_json_document_a_line(
