@@ -6,6 +6,11 @@ fails for a transient reason is retried with exponential backoff and full jitter
 after the Retry-After the destination sent); an entry is acknowledged only after a 2xx,
 and moved to the dead letters after a permanent rejection or ``max_attempts`` attempts.
 Nothing is dropped on 5xx or timeouts.
+
+What was read stays in hand through store errors: the batch being retried, and the
+entries read ahead for the next batches (a read takes a whole batch's worth from every
+shard). After Redis restarted empty they are still delivered (at least once, as ever;
+their acknowledgement then finds nothing pending): the feed makes its groups again.
 """
 
 import asyncio
@@ -114,8 +119,18 @@ class Forwarder:
 
     async def _collect(self, first_wait: float) -> Batch:
         """Wait up to ``first_wait`` for a first entry, then up to batch_max_wait for more."""
-        settings = self._settings
         batch = Batch()
+        try:
+            await self._fill(batch, first_wait)
+        except BaseException:
+            # Back in hand, in order, for the next batch: a store error must not drop what
+            # was read (after Redis restarted empty, this copy is the only one left).
+            self._held[:0] = batch.entries
+            raise
+        return batch
+
+    async def _fill(self, batch: Batch, first_wait: float) -> None:
+        settings = self._settings
         deadline = time.monotonic() + first_wait
         while batch.events < settings.batch_max_events:
             if not self._held:
@@ -161,7 +176,6 @@ class Forwarder:
             batch.size += size
             if len(batch.entries) == 1:
                 deadline = time.monotonic() + settings.batch_max_wait
-        return batch
 
     async def _read(self, wanted: int, wait: float) -> list[FeedEntry]:
         """Read from the feed, giving up at once when stopping (a blocked read is cancelled)."""

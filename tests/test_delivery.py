@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -22,6 +23,8 @@ from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
 from identity_service.crypto import OutboxSealer
 from identity_service.feeds import FeedEntry, RedisFeed, trim_acknowledged
 from identity_service.forwarder import Forwarder
+from identity_service.metrics import Metrics
+from identity_service.outbox import running_forwarders
 from identity_service.outbox_admin import (
     DEAD_LETTER_PAGE,
     newest_dead_letters,
@@ -409,6 +412,20 @@ async def test_trimming_keeps_what_any_group_has_not_acknowledged(
     await redis_client.delete(stream)
 
 
+async def prepare_once_redis_answers(client: AppClient, anonymous_id: str) -> None:
+    """Prepare a handoff as soon as the app's store answers again (it was restarted)."""
+    for _ in range(100):
+        response = await client.post(
+            "/v1/handoffs",
+            json={"anonymousId": anonymous_id, "destination": CHECKOUT_URL},
+            headers=auth("shop"),
+        )
+        if response.status == 201:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the store did not answer again")
+
+
 async def test_delivery_resumes_after_redis_restarts_empty(
     aiohttp_client: ClientMaker, private_redis: RedisServer, collector: Collector
 ) -> None:
@@ -420,17 +437,50 @@ async def test_delivery_resumes_after_redis_restarts_empty(
     await asyncio.sleep(1.5)  # the forwarder meets the outage
     private_redis.start()  # without persistence: its consumer groups are gone too
 
-    for _ in range(100):
-        response = await client.post(
-            "/v1/handoffs",
-            json={"anonymousId": "after", "destination": CHECKOUT_URL},
-            headers=auth("shop"),
-        )
-        if response.status == 201:
-            break
-        await asyncio.sleep(0.05)
+    await prepare_once_redis_answers(client, "after")
     await collector.wait_for(2, seconds=15)
     assert {e["anonymousId"] for e in collector.events} == {"before", "after"}
+
+
+async def test_delivery_resumes_after_redis_restarts_empty_under_held_entries(
+    aiohttp_client: ClientMaker, private_redis: RedisServer, collector: Collector
+) -> None:
+    """A read takes a share of a batch from every shard, and the forwarder holds what its
+    batch does not take. Redis restarts empty while the batch is retried: the groups are
+    made again, and what the forwarder had read before (gone from Redis, still in hand) is
+    delivered, then what is written after."""
+    settings = delivery_settings(
+        private_redis,
+        collector,
+        forwarder="off",
+        batch_max_events="2",
+        delivery_max_attempts="1000",
+    )
+    client = await aiohttp_client(create_app(settings))
+    before = {f"before-{number}" for number in range(20)}
+    for anonymous_id in before:  # over most of the 16 shards
+        await prepare(client, anonymousId=anonymous_id)
+    collector.plan = [Answer(500)] * 10_000
+    async with running_forwarders(settings, Metrics()) as (forwarder,):
+        for _ in range(250):
+            if forwarder._held and collector.requests:
+                break
+            await asyncio.sleep(0.02)
+        assert forwarder._held
+        # What the forwarder has read: the batch it retries, and what it holds for the next.
+        in_hand = {event["anonymousId"] for event in collector.requests[-1].events}
+        in_hand |= {
+            orjson.loads(e)["anonymousId"] for entry in forwarder._held for e in entry.events
+        }
+
+        private_redis.stop()
+        private_redis.start()
+        collector.plan = []
+
+        await prepare_once_redis_answers(client, "after")
+        await collector.wait_for(len(in_hand) + 1, seconds=15)
+    # The rest of before, never read, was lost with the data.
+    assert {e["anonymousId"] for e in collector.events} == {*in_hand, "after"}
 
 
 async def test_a_redis_stall_during_a_retry_delay_does_not_drop_the_batch(

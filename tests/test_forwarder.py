@@ -204,3 +204,32 @@ async def test_a_trickle_of_events_is_gathered_not_read_one_by_one(outbox: Memor
     assert len(sink.batches) == 1
     # About one read per 50 ms gathering over a trickle of about 0.2 s, not one per event.
     assert feed.reads <= 12
+
+
+class FailingReadFeed(MemoryFeed):
+    """Its second read fails, as a read from a Redis that went away does."""
+
+    reads = 0
+
+    async def read(self, max_entries: int, wait: float) -> list[FeedEntry]:
+        self.reads += 1
+        if self.reads == 2:
+            raise ConnectionError("the store went away")
+        return await super().read(max_entries, wait)
+
+
+async def test_a_failed_read_keeps_the_batch_it_was_filling(outbox: MemoryOutbox) -> None:
+    """The batch in hand when a read fails is delivered later, not dropped (its entries may
+    be nowhere else: memory, or a Redis restarted empty)."""
+    sink = RecordingSink()
+    feed = FailingReadFeed(outbox.subscribe())
+    forwarder = Forwarder("test", feed, sink, OutboxSettings(batch_max_wait=0.05), Metrics())
+    outbox.extend([event(1)])
+    task = asyncio.create_task(forwarder.run())
+    try:
+        await wait_until(lambda: sink.batches)
+    finally:
+        forwarder.stopping.set()
+        await task
+    assert feed.reads >= 2
+    assert sink.batches == [[event(1)]]
