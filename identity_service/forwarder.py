@@ -1,8 +1,10 @@
 """The forwarder: reads a feed, batches events, delivers them to a sink, acks what arrived.
 
 A batch closes at ``batch_max_events`` events, ``MAX_BATCH_BYTES`` as sent (with what
-delivery adds to each event), or ``batch_max_wait`` after its first event. A batch that
-fails for a transient reason is retried with exponential backoff and full jitter (or
+delivery adds to each event), or ``batch_max_wait`` after its first event; an event over
+``MAX_EVENT_BYTES`` as sent is dead-lettered unsent. Both sizes are the batch API's: an
+AMP action's webhook, which gets each body as a call of its own, has neither. A batch
+that fails for a transient reason is retried with exponential backoff and full jitter (or
 after the Retry-After the destination sent); an entry is acknowledged only after a 2xx,
 and moved to the dead letters after a permanent rejection or ``max_attempts`` attempts.
 Nothing is dropped on 5xx or timeouts.
@@ -59,9 +61,13 @@ class Forwarder:
         settings: OutboxSettings,
         metrics: Metrics,
         store: str = "memory",
+        batched: bool = True,
     ) -> None:
-        """``store`` names where the feed reads, for the logs (a Redis URL without password)."""
+        """``store`` names where the feed reads, for the logs (a Redis URL without password);
+        ``batched``: the sink sends batches, held to the batch API's sizes
+        (``Destination.batched``)."""
         self.destination = destination
+        self._batched = batched
         self._store = store
         self._feed = feed
         self._sink = sink
@@ -158,14 +164,16 @@ class Forwarder:
                 self._held.pop(0)
                 await self._feed.ack([entry])
                 continue
-            # Sizes as sent: stamped with sentAt, and a comma after each in the batch.
-            sizes = [len(event) + SENT_AT_BYTES for event in entry.events]
-            size = sum(sizes) + len(sizes)
-            if sizes and max(sizes) > MAX_EVENT_BYTES:
-                self._held.pop(0)
-                await self._feed.dead_letter([entry], "event too large")
-                self._count("identity_events_dead_lettered_total", len(entry.events))
-                continue
+            size = 0
+            if self._batched:
+                # Sizes as sent: stamped with sentAt, and a comma after each in the batch.
+                sizes = [len(event) + SENT_AT_BYTES for event in entry.events]
+                size = sum(sizes) + len(sizes)
+                if max(sizes) > MAX_EVENT_BYTES:
+                    self._held.pop(0)
+                    await self._feed.dead_letter([entry], "event too large")
+                    self._count("identity_events_dead_lettered_total", len(entry.events))
+                    continue
             too_many = batch.events + len(entry.events) > settings.batch_max_events
             too_big = batch.size + size > MAX_BATCH_BYTES - BATCH_FRAMING_BYTES
             if batch.entries and (too_many or too_big):
