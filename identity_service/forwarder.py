@@ -204,7 +204,7 @@ class Forwarder:
         """Settle the batch (ack or dead-letter) and return True, or release it (stopping)."""
         events = [event for entry in batch.entries for event in entry.events]
         log = logger.bind(destination=self.destination, events=len(events))
-        failures = attempts = 0
+        failures = throttles = attempts = 0
         while True:
             self._attempted()
             attempts += 1
@@ -222,13 +222,22 @@ class Forwarder:
             if self._draining:
                 await self._feed.release(batch.entries)
                 return False
-            if not delivery.throttled:
+            if delivery.throttled:
+                throttles += 1
+            else:
                 failures += 1
                 if failures >= self._settings.max_attempts:
                     reason = "too many attempts"
                     break
-            delay = self._backoff(max(failures, 1), delivery.retry_after)
-            log.warning("batch_retry", reason=delivery.reason, failures=failures, delay_s=delay)
+            # A 429 is not a failed attempt, but without a Retry-After it backs off as one.
+            delay = self._backoff(failures + throttles, delivery.retry_after)
+            log.warning(
+                "batch_retry",
+                reason=delivery.reason,
+                failures=failures,
+                throttled=throttles,
+                delay_s=delay,
+            )
             if await self._wait(delay, batch.entries):
                 await self._feed.release(batch.entries)
                 return False

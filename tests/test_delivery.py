@@ -107,20 +107,26 @@ async def test_5xx_and_timeouts_lose_nothing(
     assert metrics.value("identity_delivery_retries_total", destination="default") >= 4
 
 
+@pytest.fixture
+def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The retry delays the forwarders wait out, in order."""
+    recorded: list[float] = []
+    wait = Forwarder._wait
+
+    async def recorded_wait(self: Forwarder, seconds: float, held: list[FeedEntry]) -> bool:
+        recorded.append(seconds)
+        return await wait(self, seconds, held)
+
+    monkeypatch.setattr(Forwarder, "_wait", recorded_wait)
+    return recorded
+
+
 async def test_429_retry_after_is_honoured(
     aiohttp_client: ClientMaker,
     redis_server: RedisServer,
     collector: Collector,
-    monkeypatch: pytest.MonkeyPatch,
+    waits: list[float],
 ) -> None:
-    waits: list[float] = []
-    wait = Forwarder._wait
-
-    async def recorded_wait(self: Forwarder, seconds: float, held: list[FeedEntry]) -> bool:
-        waits.append(seconds)
-        return await wait(self, seconds, held)
-
-    monkeypatch.setattr(Forwarder, "_wait", recorded_wait)
     collector.plan = [Answer(429, headers={"Retry-After": "1"})]
     client = await aiohttp_client(create_app(delivery_settings(redis_server, collector)))
 
@@ -131,6 +137,35 @@ async def test_429_retry_after_is_honoured(
     assert refused.status == 429
     assert waits == [1.0]  # the delay the destination asked for, not the backoff's
     assert [e["messageId"] for e in accepted.events] == [e["messageId"] for e in refused.events]
+
+
+async def test_429s_without_retry_after_back_off_more_each_time(
+    aiohttp_client: ClientMaker,
+    redis_server: RedisServer,
+    collector: Collector,
+    waits: list[float],
+) -> None:
+    """Throttled without a Retry-After, the forwarder backs off as for failed attempts,
+    up to backoff_max, and still does not count them toward the attempts it makes."""
+    collector.plan = [Answer(429)] * 5
+    settings = delivery_settings(
+        redis_server,
+        collector,
+        backoff_base="0.01",
+        backoff_max="0.04",
+        delivery_max_attempts="2",
+    )
+    client = await aiohttp_client(create_app(settings))
+
+    await prepare(client)
+    await collector.wait_for(1)
+
+    assert [request.status for request in collector.requests] == [429] * 5 + [200]
+    # Full jitter: the nth delay lies between half its ceiling and its ceiling.
+    ceilings = [0.01, 0.02, 0.04, 0.04, 0.04]
+    assert len(waits) == len(ceilings)
+    for delay, ceiling in zip(waits, ceilings, strict=True):
+        assert ceiling / 2 <= delay <= ceiling
 
 
 async def app_with_prefix(
