@@ -73,11 +73,11 @@ class Feed(Protocol):
 
 
 class MemoryFeed:
-    """Reads the embedded store's queue. Nothing survives the process."""
+    """Reads the embedded store's queue. Nothing survives the process, and dead letters
+    are only counted (the queue's ``dead_letters``): nothing could replay them."""
 
     def __init__(self, queue: MemoryQueue) -> None:
         self._outbox = queue
-        self.dead: list[FeedEntry] = []
         self._sequence = 0
         self.backlog = False
 
@@ -105,7 +105,6 @@ class MemoryFeed:
     async def dead_letter(self, entries: list[FeedEntry], reason: str, attempts: int = 0) -> None:
         self._settle(entries)
         self._outbox.dead_letters += len(entries)
-        self.dead.extend(entries)
 
     async def keep_alive(self, entries: list[FeedEntry]) -> None:
         return None
