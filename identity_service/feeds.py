@@ -73,11 +73,11 @@ class Feed(Protocol):
 
 
 class MemoryFeed:
-    """Reads the embedded store's queue. Nothing survives the process."""
+    """Reads the embedded store's queue. Nothing survives the process, and dead letters
+    are only counted (the queue's ``dead_letters``): nothing could replay them."""
 
     def __init__(self, queue: MemoryQueue) -> None:
         self._outbox = queue
-        self.dead: list[FeedEntry] = []
         self._sequence = 0
         self.backlog = False
 
@@ -105,7 +105,6 @@ class MemoryFeed:
     async def dead_letter(self, entries: list[FeedEntry], reason: str, attempts: int = 0) -> None:
         self._settle(entries)
         self._outbox.dead_letters += len(entries)
-        self.dead.extend(entries)
 
     async def keep_alive(self, entries: list[FeedEntry]) -> None:
         return None
@@ -280,7 +279,16 @@ class RedisFeed:
                 await pipe.execute()
 
     async def keep_alive(self, entries: list[FeedEntry]) -> None:
-        """Reset the entries' idle time so no other forwarder reclaims them while we retry."""
+        """Reset the entries' idle time so no other forwarder reclaims them while we retry.
+
+        Groups lost with the data are made again first, as a read does: entries read
+        before then are no longer pending anywhere, and XCLAIM passes over them.
+        """
+        async with self._groups_checked():
+            await self._ensure_groups()
+            await self._keep_alive(entries)
+
+    async def _keep_alive(self, entries: list[FeedEntry]) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
             for stream, ids in _by_stream(entries).items():
                 pipe.xclaim(stream, self._group, self._consumer, 0, list[Any](ids), justid=True)
@@ -298,7 +306,7 @@ class RedisFeed:
         await self._ensure_groups()
         if self._reclaimed:
             # Ours now; keep them from looking idle until they are delivered.
-            await self.keep_alive(self._reclaimed)
+            await self._keep_alive(self._reclaimed)
         for stream in self._read_streams:
             if not self._reclaimed:
                 answer = await self._redis.xautoclaim(
@@ -316,7 +324,12 @@ class RedisFeed:
 
     @asynccontextmanager
     async def _groups_checked(self) -> AsyncIterator[None]:
-        """Notice groups lost with the data (a Redis restarted without persistence)."""
+        """Notice groups lost with the data (a Redis restarted without persistence), so the
+        next read, keep-alive or maintenance makes them again.
+
+        Around every command that names a group and answers NOGROUP without it: XREADGROUP,
+        XCLAIM, XAUTOCLAIM, XPENDING. XACK (``ack``, ``dead_letter``) answers 0 instead.
+        """
         try:
             yield
         except (ResponseError, ReplyError) as exc:

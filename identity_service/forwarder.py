@@ -1,11 +1,18 @@
 """The forwarder: reads a feed, batches events, delivers them to a sink, acks what arrived.
 
 A batch closes at ``batch_max_events`` events, ``MAX_BATCH_BYTES`` as sent (with what
-delivery adds to each event), or ``batch_max_wait`` after its first event. A batch that
-fails for a transient reason is retried with exponential backoff and full jitter (or
+delivery adds to each event), or ``batch_max_wait`` after its first event; an event over
+``MAX_EVENT_BYTES`` as sent is dead-lettered unsent. Both sizes are the batch API's: an
+AMP action's webhook, which gets each body as a call of its own, has neither. A batch
+that fails for a transient reason is retried with exponential backoff and full jitter (or
 after the Retry-After the destination sent); an entry is acknowledged only after a 2xx,
 and moved to the dead letters after a permanent rejection or ``max_attempts`` attempts.
 Nothing is dropped on 5xx or timeouts.
+
+What was read stays in hand through store errors: the batch being retried, and the
+entries read ahead for the next batches (a read takes a whole batch's worth from every
+shard). After Redis restarted empty they are still delivered (at least once, as ever;
+their acknowledgement then finds nothing pending): the feed makes its groups again.
 """
 
 import asyncio
@@ -34,6 +41,8 @@ MAINTAIN_EVERY_SECONDS = 1.0
 IDLE_READ_SECONDS = 1.0
 ERROR_PAUSE_SECONDS = 1.0
 GATHER_SECONDS = 0.05
+# What a failing or stalled store raises.
+STORE_ERRORS = (RedisError, ReplyError, OSError)
 
 
 @dataclass(slots=True)
@@ -52,9 +61,13 @@ class Forwarder:
         settings: OutboxSettings,
         metrics: Metrics,
         store: str = "memory",
+        batched: bool = True,
     ) -> None:
-        """``store`` names where the feed reads, for the logs (a Redis URL without password)."""
+        """``store`` names where the feed reads, for the logs (a Redis URL without password);
+        ``batched``: the sink sends batches, held to the batch API's sizes
+        (``Destination.batched``)."""
         self.destination = destination
+        self._batched = batched
         self._store = store
         self._feed = feed
         self._sink = sink
@@ -81,7 +94,7 @@ class Forwarder:
                 batch = await self._collect(first_wait=IDLE_READ_SECONDS)
                 if batch.entries:
                     await self._deliver(batch)
-            except (RedisError, ReplyError, OSError) as exc:
+            except STORE_ERRORS as exc:
                 log.warning("forwarder_store_error", store=self._store, error=type(exc).__name__)
                 await self._pause(ERROR_PAUSE_SECONDS)
             except Exception:
@@ -112,8 +125,18 @@ class Forwarder:
 
     async def _collect(self, first_wait: float) -> Batch:
         """Wait up to ``first_wait`` for a first entry, then up to batch_max_wait for more."""
-        settings = self._settings
         batch = Batch()
+        try:
+            await self._fill(batch, first_wait)
+        except BaseException:
+            # Back in hand, in order, for the next batch: a store error must not drop what
+            # was read (after Redis restarted empty, this copy is the only one left).
+            self._held[:0] = batch.entries
+            raise
+        return batch
+
+    async def _fill(self, batch: Batch, first_wait: float) -> None:
+        settings = self._settings
         deadline = time.monotonic() + first_wait
         while batch.events < settings.batch_max_events:
             if not self._held:
@@ -141,14 +164,16 @@ class Forwarder:
                 self._held.pop(0)
                 await self._feed.ack([entry])
                 continue
-            # Sizes as sent: stamped with sentAt, and a comma after each in the batch.
-            sizes = [len(event) + SENT_AT_BYTES for event in entry.events]
-            size = sum(sizes) + len(sizes)
-            if sizes and max(sizes) > MAX_EVENT_BYTES:
-                self._held.pop(0)
-                await self._feed.dead_letter([entry], "event too large")
-                self._count("identity_events_dead_lettered_total", len(entry.events))
-                continue
+            size = 0
+            if self._batched:
+                # Sizes as sent: stamped with sentAt, and a comma after each in the batch.
+                sizes = [len(event) + SENT_AT_BYTES for event in entry.events]
+                size = sum(sizes) + len(sizes)
+                if max(sizes) > MAX_EVENT_BYTES:
+                    self._held.pop(0)
+                    await self._feed.dead_letter([entry], "event too large")
+                    self._count("identity_events_dead_lettered_total", len(entry.events))
+                    continue
             too_many = batch.events + len(entry.events) > settings.batch_max_events
             too_big = batch.size + size > MAX_BATCH_BYTES - BATCH_FRAMING_BYTES
             if batch.entries and (too_many or too_big):
@@ -159,7 +184,6 @@ class Forwarder:
             batch.size += size
             if len(batch.entries) == 1:
                 deadline = time.monotonic() + settings.batch_max_wait
-        return batch
 
     async def _read(self, wanted: int, wait: float) -> list[FeedEntry]:
         """Read from the feed, giving up at once when stopping (a blocked read is cancelled)."""
@@ -180,7 +204,7 @@ class Forwarder:
         """Settle the batch (ack or dead-letter) and return True, or release it (stopping)."""
         events = [event for entry in batch.entries for event in entry.events]
         log = logger.bind(destination=self.destination, events=len(events))
-        failures = attempts = 0
+        failures = throttles = attempts = 0
         while True:
             self._attempted()
             attempts += 1
@@ -198,13 +222,22 @@ class Forwarder:
             if self._draining:
                 await self._feed.release(batch.entries)
                 return False
-            if not delivery.throttled:
+            if delivery.throttled:
+                throttles += 1
+            else:
                 failures += 1
                 if failures >= self._settings.max_attempts:
                     reason = "too many attempts"
                     break
-            delay = self._backoff(max(failures, 1), delivery.retry_after)
-            log.warning("batch_retry", reason=delivery.reason, failures=failures, delay_s=delay)
+            # A 429 is not a failed attempt, but without a Retry-After it backs off as one.
+            delay = self._backoff(failures + throttles, delivery.retry_after)
+            log.warning(
+                "batch_retry",
+                reason=delivery.reason,
+                failures=failures,
+                throttled=throttles,
+                delay_s=delay,
+            )
             if await self._wait(delay, batch.entries):
                 await self._feed.release(batch.entries)
                 return False
@@ -213,10 +246,23 @@ class Forwarder:
         return True
 
     async def _wait(self, seconds: float, entries: list[FeedEntry]) -> bool:
-        """Wait out a retry delay, keeping our entries claimed; True if stopping."""
+        """Wait out a retry delay, keeping our entries claimed; True if stopping.
+
+        A keep-alive the store fails does not end the wait: the entries are still pending
+        under this consumer, and the batch is sent again when the delay is over (dropping
+        it would leave them to be reclaimed, out of order, ``reclaim_idle`` later).
+        """
         deadline = time.monotonic() + seconds
         while (remaining := deadline - time.monotonic()) > 0:
-            await self._feed.keep_alive(entries + self._held)
+            try:
+                await self._feed.keep_alive(entries + self._held)
+            except STORE_ERRORS as exc:
+                logger.warning(
+                    "forwarder_keep_alive_failed",
+                    destination=self.destination,
+                    store=self._store,
+                    error=type(exc).__name__,
+                )
             if await self._pause(min(remaining, self._keep_alive_every)):
                 return True
         return False

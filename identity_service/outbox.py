@@ -68,7 +68,17 @@ async def running_forwarders(
             )
             feed = MemoryFeed(queue)
         sink = open_sink(destination, settings.outbox)
-        forwarders.append(Forwarder(destination.name, feed, sink, settings.outbox, metrics, store))
+        forwarders.append(
+            Forwarder(
+                destination.name,
+                feed,
+                sink,
+                settings.outbox,
+                metrics,
+                store,
+                batched=destination.batched,
+            )
+        )
     tasks = [asyncio.create_task(forwarder.run()) for forwarder in forwarders]
     try:
         yield forwarders

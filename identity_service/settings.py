@@ -197,6 +197,12 @@ class Destination:
         """Whether it receives only entries addressed to it (``only``), never events."""
         return self.kind == "webhook"
 
+    @property
+    def batched(self) -> bool:
+        """Whether its events go out in batches held to the batch API's sizes (32 KB an
+        event, 500 KB a batch); a webhook's bodies go one by one, whatever their size."""
+        return self.kind != "webhook"
+
 
 def action_destination_name(action: str) -> str:
     """The outbox destination that retries the webhook calls of AMP action ``action``."""

@@ -100,7 +100,8 @@ class HttpSink:
 class WebhookSink:
     """POSTs each queued body to an AMP action's webhook, as its own signed call.
 
-    Each body is sent as it was queued (no gzip, no batch wrapper, no ``sentAt``), signed
+    Each body is sent as it was queued (no gzip, no batch wrapper, no ``sentAt``, whatever
+    its size: the batch API's sizes are not a webhook's, ``Destination.batched``), signed
     as amp/webhooks.py signs the calls it makes in the request (a fresh ``t`` per attempt),
     and answers are classified as :class:`HttpSink`'s. A batch of several bodies is sent in
     order and stops at the first that is not delivered; the whole batch is then retried

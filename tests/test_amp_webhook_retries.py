@@ -23,6 +23,7 @@ from identity_service import app_keys
 from identity_service.amp import webhooks
 from identity_service.amp.context import AMP
 from identity_service.app import create_app
+from identity_service.constants import MAX_EVENT_BYTES
 from identity_service.settings import ConfigError, Destination, Settings
 from identity_service.sinks import DELIVERED, WebhookSink
 from tests.collector import WRITE_KEY, Collector, running_collector
@@ -187,6 +188,25 @@ async def test_a_hop_whose_webhook_is_down_lands_on_done_url_and_is_applied_once
     assert (replay.status, replay.headers["Location"]) == (303, DONE_URL)
     await asyncio.sleep(0.3)
     assert len(receiver.calls) == raw_calls(down) and receiver.applications == 1
+
+
+async def test_a_queued_call_over_the_batch_apis_event_size_is_sent_whole(
+    retry_client: RetryClient, receiver: WebhookReceiver
+) -> None:
+    """A form within max_form_bytes (16 KB) whose values JSON escapes (a control character
+    becomes six bytes): its queued body is several times Segment's 32 KB an event, which
+    applies to batches of events, not to a webhook's calls."""
+    client = await retry_client()
+    receiver.replies = [503, 503, 503]  # the request's three attempts
+    fields = {f"note{number}": "\x01" * 3500 for number in range(4)}
+    response = await client.post(SUBMIT, data=form(fields), headers={**SAME_ORIGIN, **WITH_COOKIE})
+    assert response.status == 202, await response.text()
+
+    await eventually(lambda: receiver.applications == 1, seconds=10)
+    applied = next(iter(receiver.applied.values()))
+    assert applied["fields"] == fields
+    assert len(orjson.dumps(applied)) > 2 * MAX_EVENT_BYTES
+    assert metric(client, "identity_events_dead_lettered_total", destination=DESTINATION) == 0
 
 
 async def test_a_refusal_in_the_outbox_is_a_dead_letter(

@@ -7,11 +7,13 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -21,6 +23,8 @@ from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
 from identity_service.crypto import OutboxSealer
 from identity_service.feeds import FeedEntry, RedisFeed, trim_acknowledged
 from identity_service.forwarder import Forwarder
+from identity_service.metrics import Metrics
+from identity_service.outbox import running_forwarders
 from identity_service.outbox_admin import (
     DEAD_LETTER_PAGE,
     newest_dead_letters,
@@ -103,20 +107,26 @@ async def test_5xx_and_timeouts_lose_nothing(
     assert metrics.value("identity_delivery_retries_total", destination="default") >= 4
 
 
+@pytest.fixture
+def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The retry delays the forwarders wait out, in order."""
+    recorded: list[float] = []
+    wait = Forwarder._wait
+
+    async def recorded_wait(self: Forwarder, seconds: float, held: list[FeedEntry]) -> bool:
+        recorded.append(seconds)
+        return await wait(self, seconds, held)
+
+    monkeypatch.setattr(Forwarder, "_wait", recorded_wait)
+    return recorded
+
+
 async def test_429_retry_after_is_honoured(
     aiohttp_client: ClientMaker,
     redis_server: RedisServer,
     collector: Collector,
-    monkeypatch: pytest.MonkeyPatch,
+    waits: list[float],
 ) -> None:
-    waits: list[float] = []
-    wait = Forwarder._wait
-
-    async def recorded_wait(self: Forwarder, seconds: float, held: list[FeedEntry]) -> bool:
-        waits.append(seconds)
-        return await wait(self, seconds, held)
-
-    monkeypatch.setattr(Forwarder, "_wait", recorded_wait)
     collector.plan = [Answer(429, headers={"Retry-After": "1"})]
     client = await aiohttp_client(create_app(delivery_settings(redis_server, collector)))
 
@@ -127,6 +137,35 @@ async def test_429_retry_after_is_honoured(
     assert refused.status == 429
     assert waits == [1.0]  # the delay the destination asked for, not the backoff's
     assert [e["messageId"] for e in accepted.events] == [e["messageId"] for e in refused.events]
+
+
+async def test_429s_without_retry_after_back_off_more_each_time(
+    aiohttp_client: ClientMaker,
+    redis_server: RedisServer,
+    collector: Collector,
+    waits: list[float],
+) -> None:
+    """Throttled without a Retry-After, the forwarder backs off as for failed attempts,
+    up to backoff_max, and still does not count them toward the attempts it makes."""
+    collector.plan = [Answer(429)] * 5
+    settings = delivery_settings(
+        redis_server,
+        collector,
+        backoff_base="0.01",
+        backoff_max="0.04",
+        delivery_max_attempts="2",
+    )
+    client = await aiohttp_client(create_app(settings))
+
+    await prepare(client)
+    await collector.wait_for(1)
+
+    assert [request.status for request in collector.requests] == [429] * 5 + [200]
+    # Full jitter: the nth delay lies between half its ceiling and its ceiling.
+    ceilings = [0.01, 0.02, 0.04, 0.04, 0.04]
+    assert len(waits) == len(ceilings)
+    for delay, ceiling in zip(waits, ceilings, strict=True):
+        assert ceiling / 2 <= delay <= ceiling
 
 
 async def app_with_prefix(
@@ -408,6 +447,20 @@ async def test_trimming_keeps_what_any_group_has_not_acknowledged(
     await redis_client.delete(stream)
 
 
+async def prepare_once_redis_answers(client: AppClient, anonymous_id: str) -> None:
+    """Prepare a handoff as soon as the app's store answers again (it was restarted)."""
+    for _ in range(100):
+        response = await client.post(
+            "/v1/handoffs",
+            json={"anonymousId": anonymous_id, "destination": CHECKOUT_URL},
+            headers=auth("shop"),
+        )
+        if response.status == 201:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the store did not answer again")
+
+
 async def test_delivery_resumes_after_redis_restarts_empty(
     aiohttp_client: ClientMaker, private_redis: RedisServer, collector: Collector
 ) -> None:
@@ -419,17 +472,74 @@ async def test_delivery_resumes_after_redis_restarts_empty(
     await asyncio.sleep(1.5)  # the forwarder meets the outage
     private_redis.start()  # without persistence: its consumer groups are gone too
 
-    for _ in range(100):
-        response = await client.post(
-            "/v1/handoffs",
-            json={"anonymousId": "after", "destination": CHECKOUT_URL},
-            headers=auth("shop"),
-        )
-        if response.status == 201:
-            break
-        await asyncio.sleep(0.05)
+    await prepare_once_redis_answers(client, "after")
     await collector.wait_for(2, seconds=15)
     assert {e["anonymousId"] for e in collector.events} == {"before", "after"}
+
+
+async def test_delivery_resumes_after_redis_restarts_empty_under_held_entries(
+    aiohttp_client: ClientMaker, private_redis: RedisServer, collector: Collector
+) -> None:
+    """A read takes a share of a batch from every shard, and the forwarder holds what its
+    batch does not take. Redis restarts empty while the batch is retried: the groups are
+    made again, and what the forwarder had read before (gone from Redis, still in hand) is
+    delivered, then what is written after."""
+    settings = delivery_settings(
+        private_redis,
+        collector,
+        forwarder="off",
+        batch_max_events="2",
+        delivery_max_attempts="1000",
+    )
+    client = await aiohttp_client(create_app(settings))
+    before = {f"before-{number}" for number in range(20)}
+    for anonymous_id in before:  # over most of the 16 shards
+        await prepare(client, anonymousId=anonymous_id)
+    collector.plan = [Answer(500)] * 10_000
+    async with running_forwarders(settings, Metrics()) as (forwarder,):
+        for _ in range(250):
+            if forwarder._held and collector.requests:
+                break
+            await asyncio.sleep(0.02)
+        assert forwarder._held
+        # What the forwarder has read: the batch it retries, and what it holds for the next.
+        in_hand = {event["anonymousId"] for event in collector.requests[-1].events}
+        in_hand |= {
+            orjson.loads(e)["anonymousId"] for entry in forwarder._held for e in entry.events
+        }
+
+        private_redis.stop()
+        private_redis.start()
+        collector.plan = []
+
+        await prepare_once_redis_answers(client, "after")
+        await collector.wait_for(len(in_hand) + 1, seconds=15)
+    # The rest of before, never read, was lost with the data.
+    assert {e["anonymousId"] for e in collector.events} == {*in_hand, "after"}
+
+
+async def test_a_redis_stall_during_a_retry_delay_does_not_drop_the_batch(
+    aiohttp_client: ClientMaker, private_redis: RedisServer, collector: Collector
+) -> None:
+    """A keep-alive of the retry delay fails while Redis stalls: the batch is still sent
+    again when the delay is over, not left pending for a reclaim a minute later."""
+    collector.plan = [Answer(503, headers={"Retry-After": "3"})]
+    client, _ = await app_with_prefix(aiohttp_client, private_redis, collector, redis_timeout="0.2")
+    await prepare(client)
+    for _ in range(250):
+        if collector.requests:
+            break
+        await asyncio.sleep(0.02)
+    blocker = socket.create_connection(("127.0.0.1", private_redis.port))
+    try:
+        # Longer than the interval of the keep-alives (1 s): one of them meets the stall.
+        blocker.sendall(b"DEBUG SLEEP 1.5\r\n")
+        await collector.wait_for(1, seconds=10)
+    finally:
+        blocker.close()
+    refused, accepted = collector.requests
+    assert (refused.status, accepted.status) == (503, 200)
+    assert [e["messageId"] for e in accepted.events] == [e["messageId"] for e in refused.events]
 
 
 async def test_started_and_fallback_events_are_queued_one_json_document_a_line(

@@ -1,6 +1,7 @@
 """The forwarder's batching rules, on the in-memory feed with a sink that records batches."""
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 
 import orjson
@@ -101,12 +102,10 @@ async def test_batches_stay_under_500_kb_as_sent(outbox: MemoryOutbox) -> None:
 async def test_an_event_over_32_kb_as_sent_is_dead_lettered_alone(outbox: MemoryOutbox) -> None:
     sink = RecordingSink()
     largest = MAX_EVENT_BYTES - SENT_AT_BYTES
-    async for forwarder in forward(outbox, sink):
+    async for _ in forward(outbox, sink):
         outbox.extend([event_of(1, largest), event_of(2, largest + 1), event(3)])
         await wait_until(lambda: sum(len(b) for b in sink.batches) == 2)
-        feed = forwarder._feed
-        assert isinstance(feed, MemoryFeed)
-        assert [orjson.loads(e.events[0])["messageId"] for e in feed.dead] == ["m-2"]
+    assert outbox.queues[0].dead_letters == 1
     assert [e["messageId"] for b in sink.batches for e in b] == ["m-1", "m-3"]
     # The largest event went out at exactly the limit once stamped.
     third = len(orjson.dumps(event(3))) + SENT_AT_BYTES
@@ -124,12 +123,28 @@ async def test_retries_then_delivers_the_same_batch(outbox: MemoryOutbox) -> Non
 async def test_throttling_does_not_count_as_a_failed_attempt(outbox: MemoryOutbox) -> None:
     throttled = Delivery("retry", "http 429", retry_after=0.01, throttled=True)
     sink = RecordingSink([throttled, throttled, throttled])
-    async for forwarder in forward(outbox, sink, max_attempts=1):
+    async for _ in forward(outbox, sink, max_attempts=1):
         outbox.extend([event(1)])
         await wait_until(lambda: len(sink.batches) == 4)
-        feed = forwarder._feed
-        assert isinstance(feed, MemoryFeed)
-        assert feed.dead == []
+    assert outbox.queues[0].dead_letters == 0
+
+
+async def test_dead_letters_in_memory_are_counted_not_kept(outbox: MemoryOutbox) -> None:
+    """Embedded mode has nowhere to keep dead letters for long: their count is all that
+    stays, so memory does not grow with them over the life of the process."""
+    sink = RecordingSink([Delivery("rejected", "http 401")] * 20)
+    refused = [{**event(number), "messageId": f"refused-{number}"} for number in range(100)]
+    async for _ in forward(outbox, sink, batch_max_events=5):
+        outbox.extend(refused)
+        await wait_until(lambda: outbox.queues[0].dead_letters == 100)
+        gc.collect()
+        kept = [
+            entry
+            for entry in gc.get_objects()
+            if isinstance(entry, FeedEntry) and any(b"refused-" in e for e in entry.events)
+        ]
+    # At most the last batch, which the forwarder lets go when it takes the next.
+    assert len(kept) <= 5
 
 
 async def test_a_batch_being_retried_at_shutdown_goes_back_to_the_queue(
@@ -204,3 +219,32 @@ async def test_a_trickle_of_events_is_gathered_not_read_one_by_one(outbox: Memor
     assert len(sink.batches) == 1
     # About one read per 50 ms gathering over a trickle of about 0.2 s, not one per event.
     assert feed.reads <= 12
+
+
+class FailingReadFeed(MemoryFeed):
+    """Its second read fails, as a read from a Redis that went away does."""
+
+    reads = 0
+
+    async def read(self, max_entries: int, wait: float) -> list[FeedEntry]:
+        self.reads += 1
+        if self.reads == 2:
+            raise ConnectionError("the store went away")
+        return await super().read(max_entries, wait)
+
+
+async def test_a_failed_read_keeps_the_batch_it_was_filling(outbox: MemoryOutbox) -> None:
+    """The batch in hand when a read fails is delivered later, not dropped (its entries may
+    be nowhere else: memory, or a Redis restarted empty)."""
+    sink = RecordingSink()
+    feed = FailingReadFeed(outbox.subscribe())
+    forwarder = Forwarder("test", feed, sink, OutboxSettings(batch_max_wait=0.05), Metrics())
+    outbox.extend([event(1)])
+    task = asyncio.create_task(forwarder.run())
+    try:
+        await wait_until(lambda: sink.batches)
+    finally:
+        forwarder.stopping.set()
+        await task
+    assert feed.reads >= 2
+    assert sink.batches == [[event(1)]]
