@@ -6,7 +6,7 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,12 +97,14 @@ def _dead_limit(value: str) -> int:
 
 
 def _settings(
-    config: Path | None, needs_redis: bool = False, overrides: dict[str, str] | None = None
+    config: Path | None,
+    needs_redis: bool = False,
+    flags: Mapping[str, tuple[str, object]] | None = None,
 ) -> Settings | None:
-    """The settings, or None after printing why there are none."""
-    environ = {**os.environ, **(overrides or {})}
+    """The settings, or None after printing why there are none. ``flags``: the settings
+    given as options (see load_settings)."""
     try:
-        settings = load_settings(environ, config)
+        settings = load_settings(os.environ, config, flags)
     except ConfigError as exc:
         print(f"identity-service: {exc}", file=sys.stderr)
         return None
@@ -267,8 +269,8 @@ def serve(host: str, port: int, config: Path | None, workers: int | None = None)
             file=sys.stderr,
         )
         return 2
-    overrides = {"IDENTITY_WORKERS": str(workers)} if workers is not None else None
-    settings = _settings(config, overrides=overrides)
+    flags = {"workers": ("--workers", workers)} if workers is not None else None
+    settings = _settings(config, flags=flags)
     if settings is None:
         return 2
     try:
@@ -278,11 +280,14 @@ def serve(host: str, port: int, config: Path | None, workers: int | None = None)
         return 2
     # Imported after the settings check so a configuration error answers fast.
     from identity_service.log_config import configure_logging
+    from identity_service.metrics import DirectoryError, given_directory
     from identity_service.server import BindError, check_address, run
 
     try:
         # Before anything is announced or forked: a taken port is then said once.
         check_address(host, port, reuse_port=settings.workers > 1)
+        if settings.workers > 1:
+            given_directory()  # the workers' metrics files: said here, not in a traceback
         refused, unreachable = _reach_redis(settings)
         if refused:
             return 2
@@ -293,6 +298,9 @@ def serve(host: str, port: int, config: Path | None, workers: int | None = None)
     except BindError as exc:
         print(f"identity-service: {exc}", file=sys.stderr)
         return 1
+    except DirectoryError as exc:
+        print(f"identity-service: {exc}", file=sys.stderr)
+        return 2
 
 
 def _reach_redis(settings: Settings) -> tuple[bool, Exception | None]:

@@ -406,6 +406,25 @@ def use_directory(directory: str | None) -> None:
         values.ValueClass = values.MultiProcessValue(process_identifier=_process_id)  # type: ignore[no-untyped-call]
 
 
+class DirectoryError(Exception):
+    """``PROMETHEUS_MULTIPROC_DIR`` cannot be used; the message says why in one line."""
+
+
+def given_directory() -> str | None:
+    """``PROMETHEUS_MULTIPROC_DIR``, made if missing and emptied of earlier runs' files;
+    None when unset. DirectoryError when it cannot be (under a file, not writable...)."""
+    given = os.environ.get(MULTIPROC_ENV)
+    if not given:
+        return None
+    try:
+        Path(given).mkdir(parents=True, exist_ok=True)
+        for stale in Path(given).glob("*.db"):
+            stale.unlink()
+    except OSError as exc:
+        raise DirectoryError(f"{MULTIPROC_ENV} {given}: {exc.strerror}") from None
+    return given
+
+
 @contextlib.contextmanager
 def multiprocess_directory() -> Iterator[str]:
     """The workers' directory for the multiprocess mode, counting in it until exit.
@@ -413,14 +432,8 @@ def multiprocess_directory() -> Iterator[str]:
     ``PROMETHEUS_MULTIPROC_DIR`` when set (emptied of earlier runs' files and kept), else
     a private temporary directory, removed at exit.
     """
-    given = os.environ.get(MULTIPROC_ENV)
-    if given:
-        Path(given).mkdir(parents=True, exist_ok=True)
-        for stale in Path(given).glob("*.db"):
-            stale.unlink()
-        directory = given
-    else:
-        directory = tempfile.mkdtemp(prefix="identity-metrics-")
+    given = given_directory()
+    directory = given or tempfile.mkdtemp(prefix="identity-metrics-")
     use_directory(directory)
     try:
         yield directory

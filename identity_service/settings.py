@@ -6,9 +6,10 @@ restart. Environment variables win over the file.
 """
 
 import json
+import re
 import secrets
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -39,6 +40,9 @@ SENTINEL_PARAMETERS = ("sentinel_username", "sentinel_password")
 PASSWORD_PARAMETERS = ("password", "sentinel_password")
 REDIS_TLS_CERT_REQS = ("none", "optional", "required")
 REDACTED = "***"
+# How a problem with a Redis URL ends when the rest of a password may be the cause.
+PERCENT_ENCODE = "(percent-encode / ? # @ in the password)"
+DATABASE_PROBLEM = "the database must be a number, 0 or more"
 DESTINATION_KEYS = frozenset({"url", "write_key", "allow_insecure", "sources"})
 SETTING_NAMES = frozenset(
     {
@@ -93,16 +97,19 @@ class RedisSettings:
 
     @classmethod
     def from_dsn(cls, dsn: str, **options: Any) -> "RedisSettings":
-        parts = urlsplit(dsn)
+        """Settings of ``dsn``, checked as redis-py will read it; ValueError says what is
+        wrong without quoting the URL, which may hold a password."""
+        parts = _split(dsn)
         scheme = parts.scheme
         if scheme not in REDIS_SCHEMES:
             raise ValueError(f"scheme must be one of {', '.join(REDIS_SCHEMES)}, not {scheme!r}")
-        query = parse_qs(parts.query)
-        cert_reqs = query.get("ssl_cert_reqs", ["required"])[-1]
-        if cert_reqs not in REDIS_TLS_CERT_REQS:
-            allowed = ", ".join(REDIS_TLS_CERT_REQS)
-            raise ValueError(f"ssl_cert_reqs must be one of {allowed}, not {cert_reqs!r}")
+        if not dsn.startswith(f"{scheme}://"):
+            raise ValueError(f"must start with {scheme}://")
+        if parts.fragment or "@" in parts.path + parts.query:
+            # The rest of a password with an unencoded / ? or # in it.
+            raise ValueError(f"an @ or a # after the host {PERCENT_ENCODE}")
         if "+" not in scheme:
+            _node_options(dsn)
             return cls(url=dsn, node_url=dsn, **options)
         base, _, topology = scheme.partition("+")
         userinfo, _, hosts = parts.netloc.rpartition("@")
@@ -115,14 +122,14 @@ class RedisSettings:
             service, db = path[0], (path[1] if len(path) == 2 else "0")
         elif path and path != ["0"]:
             raise ValueError("a Cluster has only database 0")
-        if not db.isdigit():
-            raise ValueError(f"the database must be a number, not {db!r}")
         pairs = parts.query.split("&")
         node_query = "&".join(p for p in pairs if p.partition("=")[0] not in SENTINEL_PARAMETERS)
         at = f"{userinfo}@" if userinfo else ""
         node_url = f"{base}://{at}{host_port(*nodes[0])}/{db}" + (
             f"?{node_query}" if node_query else ""
         )
+        _node_options(node_url)
+        query = parse_qs(parts.query)
         sentinel_auth = tuple(query.get(name, [None])[-1] for name in SENTINEL_PARAMETERS)
         return cls(
             url=dsn,
@@ -140,9 +147,63 @@ class RedisSettings:
         return redact_url(self.url)
 
 
+def _split(url: str) -> SplitResult:
+    """``url`` split; ValueError without urllib's text, which may quote the host."""
+    try:
+        return urlsplit(url)
+    except ValueError:  # an unclosed [, or a bracketed host that is no IPv6 address
+        raise ValueError(f"is not a valid URL {PERCENT_ENCODE}") from None
+
+
+def _node_options(url: str) -> dict[str, Any]:
+    """redis-py's connection options of the one-node URL ``url`` (its ``parse_url``),
+    refusing at start what it would take silently (a port 0, a database that is no number)
+    or refuse only when connecting. ValueError quotes no part of ``url``."""
+    from redis.connection import URL_QUERY_ARGUMENT_PARSERS, parse_url
+
+    parts = _split(url)
+    tls = parts.scheme == "rediss"
+    if parts.scheme != "unix":
+        try:
+            port = parts.port
+        except ValueError:  # urllib's text quotes the port: the rest of a password
+            port = 0
+        if port == 0:
+            raise ValueError(f"the port is not a number from 1 to 65535 {PERCENT_ENCODE}")
+        if parts.path.strip("/") and not _is_number(parts.path.strip("/")):
+            raise ValueError(DATABASE_PROBLEM)
+    elif not parts.path:
+        raise ValueError("a unix:// URL names the socket: unix:///path/to/redis.sock")
+    if not tls and any(name.startswith("ssl_") for name in parse_qs(parts.query)):
+        raise ValueError("TLS parameters (ssl_...) need a rediss:// URL")
+    try:
+        options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        # "Invalid value for '<name>' in connection URL.": quote only its own names.
+        named = [name for name in URL_QUERY_ARGUMENT_PARSERS if f"'{name}'" in str(exc)]
+        if named == ["db"]:
+            problem = DATABASE_PROBLEM
+        elif len(named) == 1:
+            problem = f"the parameter {named[0]} has a value redis-py does not take"
+        else:
+            problem = "is not a redis://, rediss:// or unix:// URL"
+        raise ValueError(problem) from None
+    if options.get("db", 0) < 0:
+        raise ValueError(DATABASE_PROBLEM)
+    cert_reqs = options.get("ssl_cert_reqs", "required")
+    if cert_reqs not in REDIS_TLS_CERT_REQS:
+        allowed = ", ".join(REDIS_TLS_CERT_REQS)
+        raise ValueError(f"ssl_cert_reqs must be one of {allowed}, not {cert_reqs!r}")
+    return options
+
+
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
 def _host_port(node: str) -> tuple[str, int]:
     host, colon, port = node.rpartition(":")
-    if not colon or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+    if not colon or not host or not _is_number(port) or not 0 < int(port) <= 65535:
         raise ValueError("each node is host:port, with a port between 1 and 65535")
     return host.strip("[]"), int(port)
 
@@ -302,24 +363,38 @@ class Settings:
             raise ConfigError(problems)
 
 
-def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -> Settings:
-    """Build :class:`Settings` from the environment and an optional file; raise ConfigError."""
-    reader = _Reader(environ, config_file)
+def load_settings(
+    environ: Mapping[str, str],
+    config_file: Path | None = None,
+    flags: Mapping[str, tuple[str, object]] | None = None,
+) -> Settings:
+    """Build :class:`Settings` from the environment and an optional file; raise ConfigError.
+
+    ``flags``: settings given on the command line, which win over both, as setting name to
+    (the option as written, its value): ``{"workers": ("--workers", 4)}``."""
+    reader = _Reader(environ, config_file, flags or {})
     return reader.settings()
 
 
 class _Reader:
     """Reads typed values from env (``IDENTITY_NAME``) then file (``name``), noting problems."""
 
-    def __init__(self, environ: Mapping[str, str], config_file: Path | None) -> None:
+    def __init__(
+        self,
+        environ: Mapping[str, str],
+        config_file: Path | None,
+        flags: Mapping[str, tuple[str, object]],
+    ) -> None:
         self.environ = environ
+        self.flags = flags
         self.problems: list[str] = []
         self.source_names: list[str] = []  # the configured sources, once read
         # Settings already reported: a check across settings skips them, since it would
         # judge the default in place of what the user wrote.
         self.invalid: set[str] = set()
+        # An empty variable is unset, as every setting's.
         path = config_file or (
-            Path(environ[CONFIG_FILE_VAR]) if CONFIG_FILE_VAR in environ else None
+            Path(environ[CONFIG_FILE_VAR]) if environ.get(CONFIG_FILE_VAR) else None
         )
         self.file: dict[str, Any] = self._read_file(path) if path else {}
         for env_name in sorted(environ):
@@ -638,7 +713,7 @@ class _Reader:
             return None
         unknown = set(spec) - {"write_key_hash", "origins"}
         if unknown:
-            self.problems.append(f"{where}: unknown settings {', '.join(sorted(unknown))}")
+            self.problems.append(f"{where}: unknown settings {_names(unknown)}")
         key_hash = spec.get("write_key_hash")
         digest = b""
         if not isinstance(key_hash, str) or not key_hash.startswith(WRITE_KEY_HASH_PREFIX):
@@ -669,6 +744,8 @@ class _Reader:
         """The setting as the user wrote it: its variable, else its file key. One not set at
         all is named as ``like`` was written, else as its variable."""
         env_name = c.ENV_PREFIX + name.upper()
+        if name in self.flags:
+            return self.flags[name][0]
         if env_name in self.environ:
             return env_name
         if name in self.file or (like is not None and self.where(like) == like):
@@ -696,6 +773,8 @@ class _Reader:
     def raw(self, name: str) -> Any:
         """The value the user set, unchecked; None if unset (an empty variable is unset)."""
         env_name = c.ENV_PREFIX + name.upper()
+        if name in self.flags:
+            return self.flags[name][1]
         value = self.environ[env_name] if env_name in self.environ else self.file.get(name)
         return None if value == "" else value
 
@@ -709,7 +788,7 @@ class _Reader:
         return value
 
     def integer(self, name: str, default: int, low: int, high: int) -> int:
-        return self._ranged(name, default, low, high, int, "a whole number")
+        return self._ranged(name, default, low, high, _whole, "a whole number")
 
     def number(self, name: str, default: float, low: float, high: float) -> float:
         return self._ranged(name, default, low, high, float, "a number")
@@ -724,7 +803,7 @@ class _Reader:
             if isinstance(value, bool):
                 raise ValueError
             parsed = kind(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             self.problem(name, f"must be {what}, not {value!r}")
             return default
         if not low <= parsed <= high:  # type: ignore[operator]
@@ -734,9 +813,12 @@ class _Reader:
 
     def _read_file(self, path: Path) -> dict[str, Any]:
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             self.problems.append(f"config file {path}: {exc.strerror}")
+            return {}
+        except UnicodeDecodeError as exc:
+            self.problems.append(f"config file {path}: not UTF-8 (byte {exc.start + 1})")
             return {}
         try:
             if path.suffix == ".toml":
@@ -746,18 +828,49 @@ class _Reader:
             else:
                 self.problems.append(f"config file {path}: must end in .toml, .yaml or .yml")
                 return {}
-        except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        except tomllib.TOMLDecodeError as exc:  # its message quotes no value
             self.problems.append(f"config file {path}: {exc}")
+            return {}
+        except yaml.YAMLError as exc:
+            self.problems.append(f"config file {path}: {_yaml_problem(exc)}")
             return {}
         if not isinstance(data, dict):
             self.problems.append(f"config file {path}: must hold a table of settings")
             return {}
         unknown = set(data) - SETTING_NAMES
         if unknown:
-            self.problems.append(
-                f"config file {path}: unknown settings {', '.join(sorted(unknown))}"
-            )
+            self.problems.append(f"config file {path}: unknown settings {_names(unknown)}")
         return data
+
+
+def _whole(value: Any) -> int:
+    """A whole number, from its text (a variable) or an integer (a file). A float is
+    refused, not cut (2.9 is not 2), as its text is in a variable."""
+    if isinstance(value, float):
+        raise ValueError(value)
+    return int(value)
+
+
+def _names(keys: Iterable[object]) -> str:
+    """Keys of a table, sorted, for a message: a YAML key may be a number."""
+    return ", ".join(sorted(map(str, keys)))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where, without the file's text: PyYAML's message quotes the line,
+    which may hold a secret, and its problem may quote an alias, anchor or tag."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or "not valid YAML"
+    problem = re.sub(r"'([^']*)'", _short_quote, problem)
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
+def _short_quote(match: re.Match[str]) -> str:
+    """A quoted character or token kind (``'\\t'``, ``'<block end>'``) as it is; any longer
+    quote as ``'...'``."""
+    quoted = match.group(1)
+    keep = len(quoted) <= 1 or re.fullmatch(r"\\\w{1,5}|<[a-z ]+>", quoted)
+    return match.group(0) if keep else "'...'"
 
 
 def _http_url(url: Any) -> SplitResult | None:

@@ -593,3 +593,66 @@ def test_forward_warns_of_a_source_whose_events_no_destination_takes(tmp_path: P
         assert process.wait(20) == 0
     assert warning["level"] == "warning"
     assert warning["sources"] == [name for name in WRITE_KEYS if name != "shop"]
+
+
+@pytest.mark.parametrize(
+    "command", [("serve", "--port", "0"), ("forward",), ("outbox", "status")], ids=str
+)
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:topsecret/PASSTAIL@127.0.0.1:1/0",
+        "redis://:topsecret@127.0.0.1:99999/0",
+        "redis://:topsecret@127.0.0.1:1/0?ssl_cert_reqs=none",
+    ],
+)
+def test_a_bad_redis_url_is_refused_in_one_line_without_its_password(
+    url: str, command: tuple[str, ...]
+) -> None:
+    """An unencoded / in the password made a traceback quoting the rest of it."""
+    if command[0] == "serve":
+        command = ("serve", "--port", str(free_port()))
+    result = subprocess.run(
+        [COMMAND, *command], env=redis_env_for(url), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    heading, problem = result.stderr.splitlines()
+    assert heading == "identity-service: invalid configuration:"
+    assert problem.startswith("  - IDENTITY_REDIS_URL: ")
+    assert "topsecret" not in result.stderr and "PASSTAIL" not in result.stderr
+
+
+def test_serve_names_the_workers_option_it_refuses() -> None:
+    result = subprocess.run(
+        [COMMAND, "serve", "--port", str(free_port()), "--workers", "-3"],
+        env=clean_env(IDENTITY_WORKERS="2"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "identity-service: invalid configuration:",
+        "  - --workers must be between 1 and 64, not -3",
+    ]
+
+
+def test_a_metrics_directory_that_cannot_be_made_is_said_in_one_line(tmp_path: Path) -> None:
+    """It was a NotADirectoryError traceback, after the start banner."""
+    (tmp_path / "file").write_text("")
+    directory = tmp_path / "file" / "metrics"
+    result = subprocess.run(
+        [COMMAND, "serve", "--port", str(free_port()), "--workers", "2"],
+        env={
+            **redis_env_for(f"redis://127.0.0.1:{free_port()}/0"),
+            "PROMETHEUS_MULTIPROC_DIR": str(directory),
+        },
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"identity-service: PROMETHEUS_MULTIPROC_DIR {directory}: Not a directory"
+    ]

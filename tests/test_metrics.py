@@ -408,6 +408,12 @@ def test_the_workers_directory_is_private_or_the_one_given(
     # Back to counting in memory: a new registry starts from nothing.
     assert metrics.Metrics().value("identity_store_errors_total") == 0
 
+    # Under a file: one line, not a NotADirectoryError traceback.
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(given / "counter_2.db" / "x"))
+    (given / "counter_2.db").write_bytes(b"")
+    with pytest.raises(metrics.DirectoryError, match=r"counter_2\.db/x: Not a directory$"):
+        metrics.given_directory()
+
 
 async def test_a_scrape_reads_little_from_redis_when_redis_cannot_say_a_groups_lag(
     private_redis: RedisServer,

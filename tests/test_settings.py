@@ -657,12 +657,12 @@ def test_cluster_and_sentinel_urls() -> None:
     assert cluster.node_url == "rediss://ops:pw@n1:7000/0"
     assert cluster.address == "rediss+cluster://ops:***@n1:7000,n2:7001,[::1]:7002"
     sentinel = RedisSettings.from_dsn(
-        "redis+sentinel://:pw@s1:26379,s2:26379/my%20master/3"
+        "rediss+sentinel://:pw@s1:26379,s2:26379/my%20master/3"
         "?sentinel_password=spw&ssl_cert_reqs=none"
     )
     assert (sentinel.topology, sentinel.service) == ("sentinel", "my master")
     assert sentinel.nodes == (("s1", 26379), ("s2", 26379))
-    assert sentinel.node_url == "redis://:pw@s1:26379/3?ssl_cert_reqs=none"
+    assert sentinel.node_url == "rediss://:pw@s1:26379/3?ssl_cert_reqs=none"
     assert sentinel.sentinel_auth == (None, "spw")
     assert "spw" not in sentinel.address and "sentinel_password=***" in sentinel.address
     single = RedisSettings.from_dsn("redis://h:1/0")
@@ -730,3 +730,161 @@ def test_the_readme_names_every_setting() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     missing = [n for n in sorted(SETTING_NAMES) if f"IDENTITY_{n.upper()}" not in readme]
     assert missing == []
+
+
+# The password of the URLs below: no problem may quote any part of it.
+PASSWORD_PARTS = ("topsecret", "PASSTAIL")
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("redis://:topsecret/PASSTAIL@127.0.0.1:1/0", "percent-encode / ? # @ in the password"),
+        ("redis://:topsecret?PASSTAIL@127.0.0.1:1/0", "percent-encode / ? # @ in the password"),
+        ("redis://:topsecret#PASSTAIL@127.0.0.1:1/0", "percent-encode / ? # @ in the password"),
+        ("rediss+cluster://:topsecret/PASSTAIL@n1:7000", "percent-encode"),
+        ("redis://:topsecret@127.0.0.1:99999/0", "the port is not a number from 1 to 65535"),
+        ("redis://:topsecret@127.0.0.1:0/0", "the port is not a number from 1 to 65535"),
+        ("redis://:topsecret@[::1:6379/0", "is not a valid URL"),
+        ("redis:topsecret@127.0.0.1:6379/0", "must start with redis://"),
+        ("redis://:topsecret@127.0.0.1:1/abc", "the database must be a number"),
+        ("redis://:topsecret@127.0.0.1:1/1/2", "the database must be a number"),
+        ("redis://:topsecret@127.0.0.1:1?db=x", "the database must be a number"),
+        ("redis://:topsecret@127.0.0.1:1?db=-1", "the database must be a number"),
+        ("redis://:topsecret@127.0.0.1:1/0?socket_timeout=abc", "parameter socket_timeout"),
+        ("redis://:topsecret@127.0.0.1:1/0?ssl_cert_reqs=none", "TLS parameters"),
+        ("redis://:topsecret@127.0.0.1:1/0?ssl_check_hostname=false", "need a rediss:// URL"),
+        ("unix://:topsecret@/?ssl_ca_certs=/ca.pem", "need a rediss:// URL"),
+        ("redis+sentinel://s1:26379/m/0?ssl_cert_reqs=none", "need a rediss:// URL"),
+        # redis-py reads the first: the check read the last.
+        ("rediss://:topsecret@h:1/0?ssl_cert_reqs=x&ssl_cert_reqs=none", "not 'x'"),
+        ("unix://", "names the socket"),
+    ],
+)
+def test_one_node_urls_are_checked_as_redis_py_reads_them(url: str, complaint: str) -> None:
+    """Each passed the settings, then made start exit with a traceback (one quoting the
+    rest of the password), or connect elsewhere than said, or fail at every connection."""
+    (problem,) = problems_of({"IDENTITY_REDIS_URL": url, "IDENTITY_SECRET": SECRET})
+    assert problem.startswith("IDENTITY_REDIS_URL: ") and complaint in problem, problem
+    assert not any(part in problem for part in PASSWORD_PARTS), problem
+
+
+def test_a_redis_url_in_a_file_is_checked_alike(tmp_path: Path) -> None:
+    url = "redis://:topsecret/PASSTAIL@127.0.0.1:1/0"
+    path = tmp_path / "identity.yaml"
+    path.write_text(f"redis_url: {url}\nsecret: {SECRET}\n")
+    (problem,) = problems_of({}, path)
+    assert problem.startswith("redis_url: ") and "percent-encode" in problem
+    assert not any(part in problem for part in PASSWORD_PARTS), problem
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:p%2F%3F%23%40w@127.0.0.1:6379/3",
+        "redis://127.0.0.1",
+        "redis://h:6379/",
+        "rediss://h:6380/0?ssl_cert_reqs=optional&ssl_check_hostname=false",
+        "unix:///run/redis.sock?db=2",
+        "redis://h:1/0?socket_timeout=0.5",
+    ],
+)
+def test_valid_one_node_urls_pass(url: str) -> None:
+    settings = make_settings(url)
+    assert settings.redis is not None and settings.redis.node_url == url
+
+
+# A secret in each file, that its error must not quote.
+CONFIG_SECRET = "SuperSecretServerValue-0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "complaint"),
+    [
+        ("c.yaml", f'secret: "{CONFIG_SECRET}\nworkers: 1\n', "found unexpected end of stream"),
+        ("c.yaml", f"secret: {CONFIG_SECRET}: x\n", "(line 1, column 48)"),
+        ("c.yaml", f"destinations:\n  seg:\n    write_key: {CONFIG_SECRET}: [\n", "(line 3"),
+        ("c.yaml", f"secret: *{CONFIG_SECRET}\n", "found undefined alias '...'"),
+        ("c.yaml", f"secret: !{CONFIG_SECRET} x\n", "(line 1, column 9)"),
+        ("c.yaml", "secret: \x00\n", "special characters are not allowed"),
+        ("c.toml", f'secret = "{CONFIG_SECRET}\nworkers = 1\n', "(at line 1, column 50)"),
+        ("c.toml", f"secret = {CONFIG_SECRET}\n", "Invalid value (at line 1, column 10)"),
+    ],
+)
+def test_a_config_files_syntax_error_quotes_none_of_it(
+    tmp_path: Path, name: str, text: str, complaint: str
+) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    (problem,) = problems_of({}, path)
+    assert problem.startswith(f"config file {path}: ") and complaint in problem, problem
+    assert "Secret" not in problem and "\n" not in problem, problem
+
+
+@pytest.mark.parametrize(
+    ("text", "problems"),
+    [
+        ("default_ttl = inf", ["default_ttl must be a whole number, not inf"]),
+        ("workers = -inf", ["workers must be a whole number, not -inf"]),
+        ("redis_shards = nan", ["redis_shards must be a whole number, not nan"]),
+        (
+            "workers = 2.9\nmax_ttl = 600.7",
+            [
+                "max_ttl must be a whole number, not 600.7",
+                "workers must be a whole number, not 2.9",
+            ],
+        ),
+        ("retry_after = 1.0", ["retry_after must be a whole number, not 1.0"]),
+        ("redis_timeout = inf", ["redis_timeout must be between 0.01 and 60.0, not inf"]),
+    ],
+)
+def test_integer_settings_in_a_file_take_whole_numbers_only(
+    tmp_path: Path, text: str, problems: list[str]
+) -> None:
+    """``inf`` made an OverflowError; 2.9 was cut to 2, where a variable's "2.9" (or
+    "1.0") is refused."""
+    assert problems_of({}, write(tmp_path, text + "\n")) == problems
+    assert problems_of({"IDENTITY_RETRY_AFTER": "1.0"}) == [
+        "IDENTITY_RETRY_AFTER must be a whole number, not '1.0'"
+    ]
+
+
+def test_a_config_file_that_is_not_utf8_is_explained(tmp_path: Path) -> None:
+    path = tmp_path / "identity.toml"
+    path.write_bytes(b"\xff\xfe")
+    assert problems_of({}, path) == [f"config file {path}: not UTF-8 (byte 1)"]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("1: x\n", "unknown settings 1"),
+        ("1: x\ncolour: blue\n", "unknown settings 1, colour"),
+        (
+            "sources:\n  shop:\n    write_key_hash: x\n    origins: [https://a.example]\n"
+            "    1: x\n    foo: y\n",
+            "sources.shop: unknown settings 1, foo",
+        ),
+    ],
+)
+def test_keys_that_are_numbers_are_named(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "identity.yaml"
+    path.write_text(text)
+    problems = problems_of({}, path)
+    assert any(problem in p for p in problems), problems
+
+
+def test_an_empty_config_file_variable_is_unset() -> None:
+    settings = load_settings({"IDENTITY_CONFIG_FILE": "", "IDENTITY_MAX_TTL": "450"})
+    assert settings.max_ttl == 450
+
+
+def test_a_flag_wins_and_is_named_as_written(tmp_path: Path) -> None:
+    flags: dict[str, tuple[str, object]] = {"workers": ("--workers", -3)}
+    environ = {"IDENTITY_WORKERS": "2"}
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ, write(tmp_path, "workers = 4\n"), flags)
+    assert raised.value.problems == ["--workers must be between 1 and 64, not -3"]
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, None, {"workers": ("--workers", 2)})
+    assert raised.value.problems[0].startswith("--workers above 1 needs Redis (IDENTITY_REDIS_URL)")
