@@ -8,7 +8,10 @@ settings reader.
 import asyncio
 import copy
 import json
+import os
 import re
+import subprocess
+import time
 import urllib.parse
 from collections.abc import Callable
 from functools import cache
@@ -20,6 +23,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from redis import Redis as SyncRedis
+from redis import exceptions as redis_exceptions
 from redis.asyncio import Redis
 
 from identity_service.settings import SETTING_NAMES, ConfigError, load_settings
@@ -36,7 +41,7 @@ from tests.chart import (
     render_files,
 )
 from tests.conftest import CHECKOUT_URL, WRITE_KEYS
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port
 from tests.test_cli import Service, post, redis_env_for
 
 KUBERNETES_VERSION = "1.30.0"
@@ -440,11 +445,94 @@ def test_the_in_chart_redis_keeps_an_append_only_file_on_its_volume() -> None:
     args = container["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
     assert args[args.index("--dir") + 1] == "/data"
-    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
     assert container["image"].startswith("docker.io/library/redis:7.4.6@sha256:")
     (claim,) = redis["spec"]["volumeClaimTemplates"]
     assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
     assert claim["metadata"]["name"] == "data"
+
+
+def kubelet_expand(text: str, env: dict[str, str]) -> str:
+    """``text`` with the kubelet's $(VAR) references to ``env`` expanded (others left)."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), text)
+
+
+@pytest.mark.parametrize(
+    "password", ["p@ss:w/rd %#?&", "100%-sure", "plain-Pa55_word.~", '"quoted" \\ é']
+)
+def test_the_in_chart_redis_takes_the_password_the_service_sends(
+    password: str, tmp_path: Path
+) -> None:
+    """The password is percent-encoded in the values and the Secret, as the URL carries it;
+    the service decodes it, so the in-chart Redis must require it decoded. Runs the rendered
+    Redis container's command (its paths moved into tmp_path) with a real redis-server, and
+    connects with the web pod's URL and with the readiness probe's command."""
+    encoded = urllib.parse.quote(password, safe="")
+    values = merge(ci_values("internal-redis"), {"redis": {"auth": {"password": encoded}}})
+    chart().validate_schema(chart().merge_values(values))
+    objects = render(values)
+    (redis,) = pod_spec(find(objects, "StatefulSet", f"{FULLNAME}-redis"))["containers"]
+    env = environment(objects, redis)
+    assert env["REDIS_PASSWORD"] == encoded
+    port = free_port()
+    data = tmp_path / "data"
+    data.mkdir()
+
+    def local(part: str) -> str:
+        part = kubelet_expand(part, env).replace(f"{TMP_MOUNT}/", f"{tmp_path}/")
+        return str(data) if part == "/data" else part
+
+    command = [local(part) for part in redis["command"] + redis["args"]]
+    command += ["--port", str(port), "--bind", "127.0.0.1", "--logfile", str(tmp_path / "log")]
+    server = subprocess.Popen(command, env={"PATH": os.environ["PATH"], **env})
+    try:
+        deadline = time.monotonic() + 10
+        url = environment(objects, pod_spec(find(objects, "Deployment"))["containers"][0])[
+            "IDENTITY_REDIS_URL"
+        ].replace(f"{FULLNAME}-redis:6379", f"127.0.0.1:{port}")
+        settings = load_settings({"IDENTITY_SECRET": "s" * 32, "IDENTITY_REDIS_URL": url})
+        assert settings.redis is not None
+        client = SyncRedis.from_url(settings.redis.url)
+        while True:
+            try:
+                assert client.ping() is True  # AuthenticationError if they disagree
+                break
+            except redis_exceptions.ConnectionError:
+                assert server.poll() is None and time.monotonic() < deadline, "no redis-server"
+                time.sleep(0.05)
+        client.close()
+        probe = [local(part) for part in redis["readinessProbe"]["exec"]["command"]]
+        probe[-1] = probe[-1].replace("-h 127.0.0.1", f"-h 127.0.0.1 -p {port}")
+        ready = subprocess.run(probe, env={"PATH": os.environ["PATH"], **env}, check=False)
+        assert ready.returncode == 0
+        # The probe does judge the password: with another one it fails.
+        (tmp_path / "redis-auth.conf").write_text('requirepass "not-it"\n')
+        ready = subprocess.run(probe, env={"PATH": os.environ["PATH"], **env}, check=False)
+        assert ready.returncode != 0
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.mark.parametrize("password", ["100%", "p%4", "a b", "p\nq"])
+def test_the_in_chart_redis_refuses_a_password_that_is_not_percent_encoded(
+    password: str, tmp_path: Path
+) -> None:
+    """The schema refuses such a password in the values; one in an existingSecret is
+    refused by the container's start, before Redis would read it otherwise than the
+    service."""
+    objects = render(ci_values("internal-redis"))
+    (redis,) = pod_spec(find(objects, "StatefulSet", f"{FULLNAME}-redis"))["containers"]
+    command = [part.replace(f"{TMP_MOUNT}/", f"{tmp_path}/") for part in redis["command"]]
+    started = subprocess.run(
+        [*command, "--version"],
+        env={"PATH": os.environ["PATH"], "REDIS_PASSWORD": password},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert started.returncode == 1
+    assert "percent-encoded" in started.stderr
+    assert not (tmp_path / "redis-auth.conf").exists()
 
 
 def test_the_helm_test_pod_calls_readyz_through_the_service() -> None:
