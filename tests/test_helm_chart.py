@@ -8,6 +8,7 @@ settings reader.
 import asyncio
 import copy
 import json
+import math
 import os
 import re
 import subprocess
@@ -613,6 +614,106 @@ def test_the_schema_refuses_invalid_values(change: dict[str, Any]) -> None:
     merged = chart().merge_values({**values, **merge(values, change)})
     with pytest.raises(helm_python.HelmValuesError):
         chart().validate_schema(merged)
+
+
+# -- config.* against the service's own ranges ---------------------------------------------
+
+# Values around the service's bounds (settings.py), besides each schema bound and its
+# neighbours: whichever side is wrong, one of them lands between the two.
+INTEGER_PROBES = (-1, 0, 1, 63, 64, 65, 255, 256, 999, 1000, 1001, 1023, 1024, 1025, 2500,
+                  2501, 3600, 3601, 9999, 10_000, 10_001, 86_400, 86_401, 100_000,
+                  1_048_576, 1_048_577, 1_000_000, 1_000_001)  # fmt: skip
+NUMBER_PROBES = (-0.001, 0, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 59.5, 60, 60.5, 100,
+                 300, 300.5, 600, 600.5, 3600, 3600.5, 86_400, 86_400.5)  # fmt: skip
+
+
+def ranged_config() -> dict[str, dict[str, Any]]:
+    """The schema's config.* keys with a minimum and a maximum."""
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    keys: dict[str, dict[str, Any]] = schema["properties"]["config"]["properties"]
+    return {key: spec for key, spec in keys.items() if "minimum" in spec}
+
+
+def setting_variable(key: str) -> str:
+    return "IDENTITY_" + re.sub(r"(?<!^)(?=[A-Z])", "_", key).upper()
+
+
+def service_takes(key: str, value: float) -> bool:
+    # The TTLs apart, so that neither is judged against the other's default.
+    environ = {
+        "IDENTITY_SECRET": "s" * 32,
+        "IDENTITY_REDIS_URL": "redis://127.0.0.1:6379/0",
+        "IDENTITY_DEFAULT_TTL": "1",
+        "IDENTITY_MAX_TTL": "86400",
+        setting_variable(key): repr(value),  # Go writes a float as repr does
+    }
+    try:
+        load_settings(environ)
+    except ConfigError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("key", sorted(ranged_config()))
+def test_the_schema_takes_each_config_number_the_service_takes(key: str) -> None:
+    spec = ranged_config()[key]
+    low, high = spec["minimum"], spec["maximum"]
+    if "integer" in spec["type"]:
+        probes = {*INTEGER_PROBES, low - 1, low, high, high + 1}
+    else:
+        probes = {*NUMBER_PROBES, math.nextafter(low, -math.inf), low, high}
+        probes.add(math.nextafter(high, math.inf))
+    base = chart().merge_values(ci_values("external-redis"))
+    wrong = []
+    for value in sorted(probes):
+        try:
+            chart().validate_schema(merge(base, {"config": {key: value}}))
+            schema_takes = True
+        except helm_python.HelmValuesError:
+            schema_takes = False
+        if schema_takes != service_takes(key, value):
+            wrong.append(f"{value}: schema {'takes' if schema_takes else 'refuses'} it")
+    assert wrong == [], f"config.{key} vs {setting_variable(key)}"
+
+
+@pytest.mark.parametrize("bound", ["minimum", "maximum"])
+def test_the_service_starts_with_every_config_number_at_the_schemas_bound(bound: str) -> None:
+    """Each number as the ConfigMap writes it (Go's formatting), read by the service."""
+    config = {key: spec[bound] for key, spec in ranged_config().items()}
+    values = merge(ci_values("external-redis"), {"config": config})
+    chart().validate_schema(chart().merge_values(values))
+    objects = render(values)
+    (container,) = pod_spec(find(objects, "Deployment"))["containers"]
+    load_settings(environment(objects, container))  # raises ConfigError on any refusal
+
+
+@pytest.mark.parametrize(
+    ("ttls", "renders"),
+    [
+        ({"defaultTtl": 601, "maxTtl": 600}, False),
+        ({"defaultTtl": 600, "maxTtl": 600}, True),
+        ({"defaultTtl": 700, "maxTtl": None}, False),  # the service's default max, 600
+        ({"defaultTtl": None, "maxTtl": 299}, False),  # the service's default, 300
+        ({"defaultTtl": None, "maxTtl": None}, True),
+    ],
+)
+def test_a_default_ttl_above_the_max_ttl_stops_the_render_as_the_service_refuses_it(
+    ttls: dict[str, int | None], renders: bool
+) -> None:
+    values = merge(ci_values("external-redis"), {"config": ttls})
+    environ = {"IDENTITY_SECRET": "s" * 32}
+    environ |= {setting_variable(k): str(v) for k, v in ttls.items() if v is not None}
+    try:
+        load_settings(environ)
+        service_takes_them = True
+    except ConfigError:
+        service_takes_them = False
+    assert service_takes_them is renders
+    if renders:
+        render(values)
+    else:
+        with pytest.raises(helm_python.HelmError, match=r"config\.defaultTtl .* is above"):
+            render(values)
 
 
 @pytest.mark.parametrize(
