@@ -603,6 +603,14 @@ def test_a_missing_essential_value_stops_the_render_with_what_to_set(
         {"secret": "too-short"},
         {"sources": {"shop": {"writeKeyHash": "md5:abc", "origins": ["https://a.example"]}}},
         {"redis": {"url": "redis://user:password@redis:6379/0"}},  # credentials go in auth
+        {"redis": {"url": "redis://:password@redis:6379/0"}},
+        # A password parameter would be in the pod spec too (redis-py reads them all).
+        {"redis": {"url": "redis://redis:6379/0?password=hunter2"}},
+        {"redis": {"url": "rediss://redis:6380/0?ssl_cert_reqs=required&password=hunter2"}},
+        {"redis": {"url": "redis://redis:6379/0?PassWord=hunter2"}},
+        {"redis": {"url": "redis://redis:6379/0?pass%77ord=hunter2"}},  # parse_qs unquotes
+        {"redis": {"url": "redis+sentinel://s-0.redis:26379/idsvc?sentinel_password=hunter2"}},
+        {"redis": {"url": "redis+cluster://r-0.redis:7000?password=hunter2"}},
         {"redis": {"auth": {"password": "p@ss"}}},  # not percent-encoded
         {"redis": {"auth": {"password": "100%"}}},  # a % that starts no octet
         {"redis": {"auth": {"password": "p%4"}}},
@@ -614,6 +622,50 @@ def test_the_schema_refuses_invalid_values(change: dict[str, Any]) -> None:
     merged = chart().merge_values({**values, **merge(values, change)})
     with pytest.raises(helm_python.HelmValuesError):
         chart().validate_schema(merged)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "rediss://redis.data:6380/0?ssl_cert_reqs=required",
+        "redis://redis.data:6379/0?socket_timeout=2&client_name=idsvc",
+        "redis+sentinel://s-0.redis:26379,s-1.redis:26379/idsvc/0?sentinel_username=watcher",
+        "redis+cluster://r-0.redis:7000,r-1.redis:7001?ssl_cert_reqs=required",
+        "redis://password-store.data:6379/0",  # a host may be named so
+    ],
+)
+def test_the_schema_takes_redis_urls_without_a_password(url: str) -> None:
+    values = chart().merge_values(merge(ci_values("external-redis"), {"redis": {"url": url}}))
+    chart().validate_schema(values)
+
+
+@pytest.mark.parametrize(
+    ("redis", "message"),
+    [
+        # The URL would have been built without the user name: refused instead.
+        (
+            {"url": "redis://redis.data:6379/0", "auth": {"username": "identity"}},
+            "needs a password",
+        ),
+        (
+            {"internal": {"enabled": True}, "auth": {"username": "identity", "password": "pw"}},
+            "only the default user",
+        ),
+    ],
+)
+def test_a_redis_user_name_the_url_would_not_carry_stops_the_render(
+    redis: dict[str, Any], message: str
+) -> None:
+    values = merge(ci_values("external-redis"), {"redis": redis})
+    with pytest.raises(helm_python.HelmError, match=message):
+        render(values)
+
+
+def test_the_in_chart_redis_takes_its_default_user_by_name() -> None:
+    values = merge(ci_values("internal-redis"), {"redis": {"auth": {"username": "default"}}})
+    (container,) = pod_spec(find(render(values), "Deployment"))["containers"]
+    url = next(v["value"] for v in container["env"] if v["name"] == "IDENTITY_REDIS_URL")
+    assert url == f"redis://default:$(REDIS_PASSWORD)@{FULLNAME}-redis:6379/0"
 
 
 # -- config.* against the service's own ranges ---------------------------------------------

@@ -96,7 +96,15 @@ app.kubernetes.io/component: {{ .component }}
 {{- if not $url }}
 {{- fail "set redis.url (an external Redis) or redis.internal.enabled=true: the service keeps its handoffs and outbox in Redis" }}
 {{- end }}
-{{- if include "identity-service.redisPasswordSecret" . }}
+{{- $username := .Values.redis.auth.username }}
+{{- $password := include "identity-service.redisPasswordSecret" . }}
+{{- if and $username (not $password) }}
+{{- fail "redis.auth.username needs a password: set redis.auth.password or redis.auth.existingSecret (a user name alone would be dropped from the URL)" }}
+{{- end }}
+{{- if and .Values.redis.internal.enabled $username (ne $username "default") }}
+{{- fail "the in-chart Redis has only the default user: leave redis.auth.username empty (or default) with redis.internal.enabled" }}
+{{- end }}
+{{- if $password }}
 {{- $credentials := printf "%s:$(REDIS_PASSWORD)@" .Values.redis.auth.username }}
 {{- regexReplaceAll "^(rediss?(\\+cluster|\\+sentinel)?://)" $url (printf "${1}%s" $credentials) }}
 {{- else }}
