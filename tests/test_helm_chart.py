@@ -536,6 +536,89 @@ def test_the_in_chart_redis_refuses_a_password_that_is_not_percent_encoded(
     assert not (tmp_path / "redis-auth.conf").exists()
 
 
+@pytest.mark.parametrize(("low", "high", "renders"), [(5, 4, False), (4, 4, True), (1, 2, True)])
+def test_an_autoscaler_minimum_above_its_maximum_stops_the_render(
+    low: int, high: int, renders: bool
+) -> None:
+    values = ci_values("everything")
+    values["autoscaling"] = {"enabled": True, "minReplicas": low, "maxReplicas": high}
+    if renders:
+        hpa = find(render(values), "HorizontalPodAutoscaler")
+        assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (low, high)
+    else:
+        with pytest.raises(helm_python.HelmError, match=r"minReplicas \(5\) is above"):
+            render(values)
+
+
+@pytest.mark.parametrize(
+    ("interval", "timeout", "renders"),
+    [
+        ("10s", "30s", False),
+        ("90s", "2m", False),
+        ("1s", "1001ms", False),
+        ("30s", "30s", True),
+        ("1m", "59s", True),
+        ("1s", "500ms", True),
+    ],
+)
+def test_a_scrape_timeout_longer_than_the_interval_stops_the_render(
+    interval: str, timeout: str, renders: bool
+) -> None:
+    """Prometheus refuses a scrape config whose scrape_timeout exceeds its interval."""
+    values = ci_values("everything")
+    values["metrics"]["serviceMonitor"] |= {"interval": interval, "scrapeTimeout": timeout}
+    if renders:
+        endpoints = find(render(values), "ServiceMonitor")["spec"]["endpoints"]
+        assert {(e["interval"], e["scrapeTimeout"]) for e in endpoints} == {(interval, timeout)}
+    else:
+        with pytest.raises(helm_python.HelmError, match=r"scrapeTimeout .* is longer than"):
+            render(values)
+
+
+DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+@pytest.mark.parametrize(
+    ("release", "override"),
+    [
+        ("r" * 53, ""),  # Helm's longest release name, plus "-identity-service"
+        ("shop", "o" * 63),
+        ("shop", "o" * 45 + "-" + "o" * 6 + "-" + "o" * 10),  # cuts that would end in "-"
+        ("shop", "o" * 47),
+    ],
+)
+def test_long_names_leave_room_for_each_objects_suffix(release: str, override: str) -> None:
+    """Services' names are DNS labels (63 characters at most); a StatefulSet's at most 52,
+    for its pods' controller-revision-hash label (the name, "-" and 10 characters)."""
+    values = ci_values("everything")
+    values["fullnameOverride"] = override
+    files = chart().render(values, name=release, namespace="identity", is_install=True)
+    objects = [
+        doc
+        for path, text in sorted(files.items())
+        if path.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+    names = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    services = {name for kind, name in names if kind == "Service"}
+    assert len(services) == 3
+    assert all(DNS_LABEL.match(name) and len(name) <= 63 for name in services), services
+    (statefulset,) = [name for kind, name in names if kind == "StatefulSet"]
+    assert len(statefulset) <= 52 and statefulset in services
+    forwarder = find(objects, "Deployment", next(s for s in services if s.endswith("-forwarder")))
+    for obj in objects:
+        if obj["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    # The pods reach the Redis by its Service's name; the alerts select both jobs.
+    (web,) = [o for o in objects if o["kind"] == "Deployment" and o is not forwarder]
+    (container,) = pod_spec(web)["containers"]
+    url = next(v["value"] for v in container["env"] if v["name"] == "IDENTITY_REDIS_URL")
+    assert url.endswith(f"@{statefulset}:6379/0")
+    rules = yaml.safe_dump(find(objects, "PrometheusRule", web["metadata"]["name"]))
+    assert f'|{forwarder["metadata"]["name"]}"' in rules
+
+
 def test_the_helm_test_pod_calls_readyz_through_the_service() -> None:
     objects = render(ci_values("external-redis"))
     pod = find(objects, "Pod", f"{FULLNAME}-test-readyz")
