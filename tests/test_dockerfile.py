@@ -6,6 +6,9 @@ pinned bases, a non-root numeric user, no build tools in the final stage, a heal
 import json
 import re
 import shlex
+import subprocess
+import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,10 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from identity_service.healthcheck import health_url
 from tests.chart import ci_values, find, pod_spec, render
+from tests.redis_server import RedisServer, free_port
+from tests.test_cli import COMMAND, redis_env
 
 ROOT = Path(__file__).resolve().parent.parent
 PINNED = re.compile(r"^[\w./-]+:(?P<tag>[\w.-]+)@sha256:[0-9a-f]{64}$")
@@ -25,6 +31,8 @@ BUILD_TOOLS = ("build-essential", "gcc", "g++", "make", "clang", "cargo", "rustc
 
 # The pod listens on every address of its own network namespace.
 SERVE_ARGS = ["serve", "--host", "0.0.0.0", "--port", "8080"]  # noqa: S104
+# GET /healthz where the running command listens (identity_service/healthcheck.py).
+HEALTHCHECK = ["python", "-m", "identity_service.healthcheck"]
 
 Instruction = dict[str, Any]
 
@@ -90,9 +98,68 @@ def test_entry_point_command_and_health_check(stages: list[list[Instruction]]) -
     assert [json.loads(v) for v in values(final, "ENTRYPOINT")] == [["identity-service"]]
     assert [json.loads(v) for v in values(final, "CMD")] == [SERVE_ARGS]
     (health,) = values(final, "HEALTHCHECK")
-    command = json.loads(health.split(" CMD ", 1)[1])
-    assert command[:2] == ["python", "-c"]
-    assert "urllib.request" in command[2] and "/healthz" in command[2]
+    assert json.loads(health.split(" CMD ", 1)[1]) == HEALTHCHECK
+
+
+def image_command(stages: list[list[Instruction]], *args: str) -> list[str]:
+    """The first process of a container of the image run with ``args`` (none: its CMD), as
+    /proc shows it: the console script runs under the virtual environment's Python."""
+    (entrypoint,) = [json.loads(v) for v in values(stages[-1], "ENTRYPOINT")]
+    (command,) = [json.loads(v) for v in values(stages[-1], "CMD")]
+    script = f"/opt/identity-service/bin/{entrypoint[0]}"
+    return ["/opt/identity-service/bin/python", script, *(list(args) or command)]
+
+
+@pytest.mark.parametrize(
+    ("args", "environ", "url"),
+    [
+        ((), {}, "http://127.0.0.1:8080/healthz"),  # the image's CMD
+        (("serve", "--port", "9000"), {}, "http://127.0.0.1:9000/healthz"),
+        (("serve", "--host", "::", "--port=9000"), {}, "http://[::1]:9000/healthz"),
+        (("serve", "--host", "10.0.0.7"), {}, "http://10.0.0.7:8080/healthz"),
+        (("forward",), {}, "http://127.0.0.1:9464/healthz"),
+        (
+            ("forward",),
+            {"IDENTITY_FORWARDER_METRICS_PORT": "9100"},
+            "http://127.0.0.1:9100/healthz",
+        ),
+        (("forward",), {"IDENTITY_FORWARDER_METRICS_PORT": "off"}, None),
+        (("outbox", "status"), {}, None),
+    ],
+)
+def test_the_health_check_follows_the_command_the_container_runs(
+    stages: list[list[Instruction]], args: tuple[str, ...], environ: dict[str, str], url: str | None
+) -> None:
+    environ = {"IDENTITY_SECRET": "s" * 32, "IDENTITY_REDIS_URL": "redis://redis:6379/0", **environ}
+    cmdline = image_command(stages, *args)
+    assert health_url(cmdline, environ) == url
+    # The same under `docker run --init`: docker-init is the first process.
+    assert health_url(["/sbin/docker-init", "--", *cmdline[1:]], environ) == url
+
+
+def test_the_health_check_of_a_forward_container_gets_its_healthz(tmp_path: Path) -> None:
+    """A real ``identity-service forward``, whose /healthz is on its metrics port and not
+    on 8080: the image's HEALTHCHECK command, pointed at that process, finds it healthy,
+    and unhealthy when told another port."""
+    redis = RedisServer(tmp_path)
+    redis.start()
+    port = free_port()
+    env = redis_env(redis, IDENTITY_FORWARDER_METRICS_PORT=str(port))
+    forward = subprocess.Popen([COMMAND, "forward"], env=env, stdout=subprocess.DEVNULL)
+    check = [sys.executable, *HEALTHCHECK[1:], str(forward.pid)]
+    try:
+        deadline = time.monotonic() + 15
+        while subprocess.run(check, env=env, capture_output=True, check=False).returncode:
+            assert forward.poll() is None and time.monotonic() < deadline, "never healthy"
+            time.sleep(0.1)
+        elsewhere = {**env, "IDENTITY_FORWARDER_METRICS_PORT": str(free_port())}
+        unhealthy = subprocess.run(check, env=elsewhere, capture_output=True, text=True)
+        assert unhealthy.returncode == 1
+        assert "/healthz" in unhealthy.stderr
+    finally:
+        forward.terminate()
+        forward.wait(timeout=15)
+        redis.stop()
 
 
 def test_the_image_version_is_the_charts(stages: list[list[Instruction]]) -> None:

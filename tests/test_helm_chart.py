@@ -8,7 +8,11 @@ settings reader.
 import asyncio
 import copy
 import json
+import math
+import os
 import re
+import subprocess
+import time
 import urllib.parse
 from collections.abc import Callable
 from functools import cache
@@ -20,6 +24,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from redis import Redis as SyncRedis
+from redis import exceptions as redis_exceptions
 from redis.asyncio import Redis
 
 from identity_service.settings import SETTING_NAMES, ConfigError, load_settings
@@ -36,7 +42,7 @@ from tests.chart import (
     render_files,
 )
 from tests.conftest import CHECKOUT_URL, WRITE_KEYS
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port
 from tests.test_cli import Service, post, redis_env_for
 
 KUBERNETES_VERSION = "1.30.0"
@@ -440,11 +446,177 @@ def test_the_in_chart_redis_keeps_an_append_only_file_on_its_volume() -> None:
     args = container["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
     assert args[args.index("--dir") + 1] == "/data"
-    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
     assert container["image"].startswith("docker.io/library/redis:7.4.6@sha256:")
     (claim,) = redis["spec"]["volumeClaimTemplates"]
     assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
     assert claim["metadata"]["name"] == "data"
+
+
+def kubelet_expand(text: str, env: dict[str, str]) -> str:
+    """``text`` with the kubelet's $(VAR) references to ``env`` expanded (others left)."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), text)
+
+
+@pytest.mark.parametrize(
+    "password", ["p@ss:w/rd %#?&", "100%-sure", "plain-Pa55_word.~", '"quoted" \\ é']
+)
+def test_the_in_chart_redis_takes_the_password_the_service_sends(
+    password: str, tmp_path: Path
+) -> None:
+    """The password is percent-encoded in the values and the Secret, as the URL carries it;
+    the service decodes it, so the in-chart Redis must require it decoded. Runs the rendered
+    Redis container's command (its paths moved into tmp_path) with a real redis-server, and
+    connects with the web pod's URL and with the readiness probe's command."""
+    encoded = urllib.parse.quote(password, safe="")
+    values = merge(ci_values("internal-redis"), {"redis": {"auth": {"password": encoded}}})
+    chart().validate_schema(chart().merge_values(values))
+    objects = render(values)
+    (redis,) = pod_spec(find(objects, "StatefulSet", f"{FULLNAME}-redis"))["containers"]
+    env = environment(objects, redis)
+    assert env["REDIS_PASSWORD"] == encoded
+    port = free_port()
+    data = tmp_path / "data"
+    data.mkdir()
+
+    def local(part: str) -> str:
+        part = kubelet_expand(part, env).replace(f"{TMP_MOUNT}/", f"{tmp_path}/")
+        return str(data) if part == "/data" else part
+
+    command = [local(part) for part in redis["command"] + redis["args"]]
+    command += ["--port", str(port), "--bind", "127.0.0.1", "--logfile", str(tmp_path / "log")]
+    server = subprocess.Popen(command, env={"PATH": os.environ["PATH"], **env})
+    try:
+        deadline = time.monotonic() + 10
+        url = environment(objects, pod_spec(find(objects, "Deployment"))["containers"][0])[
+            "IDENTITY_REDIS_URL"
+        ].replace(f"{FULLNAME}-redis:6379", f"127.0.0.1:{port}")
+        settings = load_settings({"IDENTITY_SECRET": "s" * 32, "IDENTITY_REDIS_URL": url})
+        assert settings.redis is not None
+        client = SyncRedis.from_url(settings.redis.url)
+        while True:
+            try:
+                assert client.ping() is True  # AuthenticationError if they disagree
+                break
+            except redis_exceptions.ConnectionError:
+                assert server.poll() is None and time.monotonic() < deadline, "no redis-server"
+                time.sleep(0.05)
+        client.close()
+        probe = [local(part) for part in redis["readinessProbe"]["exec"]["command"]]
+        probe[-1] = probe[-1].replace("-h 127.0.0.1", f"-h 127.0.0.1 -p {port}")
+        ready = subprocess.run(probe, env={"PATH": os.environ["PATH"], **env}, check=False)
+        assert ready.returncode == 0
+        # The probe does judge the password: with another one it fails.
+        (tmp_path / "redis-auth.conf").write_text('requirepass "not-it"\n')
+        ready = subprocess.run(probe, env={"PATH": os.environ["PATH"], **env}, check=False)
+        assert ready.returncode != 0
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.mark.parametrize("password", ["100%", "p%4", "a b", "p\nq"])
+def test_the_in_chart_redis_refuses_a_password_that_is_not_percent_encoded(
+    password: str, tmp_path: Path
+) -> None:
+    """The schema refuses such a password in the values; one in an existingSecret is
+    refused by the container's start, before Redis would read it otherwise than the
+    service."""
+    objects = render(ci_values("internal-redis"))
+    (redis,) = pod_spec(find(objects, "StatefulSet", f"{FULLNAME}-redis"))["containers"]
+    command = [part.replace(f"{TMP_MOUNT}/", f"{tmp_path}/") for part in redis["command"]]
+    started = subprocess.run(
+        [*command, "--version"],
+        env={"PATH": os.environ["PATH"], "REDIS_PASSWORD": password},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert started.returncode == 1
+    assert "percent-encoded" in started.stderr
+    assert not (tmp_path / "redis-auth.conf").exists()
+
+
+@pytest.mark.parametrize(("low", "high", "renders"), [(5, 4, False), (4, 4, True), (1, 2, True)])
+def test_an_autoscaler_minimum_above_its_maximum_stops_the_render(
+    low: int, high: int, renders: bool
+) -> None:
+    values = ci_values("everything")
+    values["autoscaling"] = {"enabled": True, "minReplicas": low, "maxReplicas": high}
+    if renders:
+        hpa = find(render(values), "HorizontalPodAutoscaler")
+        assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (low, high)
+    else:
+        with pytest.raises(helm_python.HelmError, match=r"minReplicas \(5\) is above"):
+            render(values)
+
+
+@pytest.mark.parametrize(
+    ("interval", "timeout", "renders"),
+    [
+        ("10s", "30s", False),
+        ("90s", "2m", False),
+        ("1s", "1001ms", False),
+        ("30s", "30s", True),
+        ("1m", "59s", True),
+        ("1s", "500ms", True),
+    ],
+)
+def test_a_scrape_timeout_longer_than_the_interval_stops_the_render(
+    interval: str, timeout: str, renders: bool
+) -> None:
+    """Prometheus refuses a scrape config whose scrape_timeout exceeds its interval."""
+    values = ci_values("everything")
+    values["metrics"]["serviceMonitor"] |= {"interval": interval, "scrapeTimeout": timeout}
+    if renders:
+        endpoints = find(render(values), "ServiceMonitor")["spec"]["endpoints"]
+        assert {(e["interval"], e["scrapeTimeout"]) for e in endpoints} == {(interval, timeout)}
+    else:
+        with pytest.raises(helm_python.HelmError, match=r"scrapeTimeout .* is longer than"):
+            render(values)
+
+
+DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+@pytest.mark.parametrize(
+    ("release", "override"),
+    [
+        ("r" * 53, ""),  # Helm's longest release name, plus "-identity-service"
+        ("shop", "o" * 63),
+        ("shop", "o" * 45 + "-" + "o" * 6 + "-" + "o" * 10),  # cuts that would end in "-"
+        ("shop", "o" * 47),
+    ],
+)
+def test_long_names_leave_room_for_each_objects_suffix(release: str, override: str) -> None:
+    """Services' names are DNS labels (63 characters at most); a StatefulSet's at most 52,
+    for its pods' controller-revision-hash label (the name, "-" and 10 characters)."""
+    values = ci_values("everything")
+    values["fullnameOverride"] = override
+    files = chart().render(values, name=release, namespace="identity", is_install=True)
+    objects = [
+        doc
+        for path, text in sorted(files.items())
+        if path.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+    names = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    services = {name for kind, name in names if kind == "Service"}
+    assert len(services) == 3
+    assert all(DNS_LABEL.match(name) and len(name) <= 63 for name in services), services
+    (statefulset,) = [name for kind, name in names if kind == "StatefulSet"]
+    assert len(statefulset) <= 52 and statefulset in services
+    forwarder = find(objects, "Deployment", next(s for s in services if s.endswith("-forwarder")))
+    for obj in objects:
+        if obj["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    # The pods reach the Redis by its Service's name; the alerts select both jobs.
+    (web,) = [o for o in objects if o["kind"] == "Deployment" and o is not forwarder]
+    (container,) = pod_spec(web)["containers"]
+    url = next(v["value"] for v in container["env"] if v["name"] == "IDENTITY_REDIS_URL")
+    assert url.endswith(f"@{statefulset}:6379/0")
+    rules = yaml.safe_dump(find(objects, "PrometheusRule", web["metadata"]["name"]))
+    assert f'|{forwarder["metadata"]["name"]}"' in rules
 
 
 def test_the_helm_test_pod_calls_readyz_through_the_service() -> None:
@@ -514,6 +686,14 @@ def test_a_missing_essential_value_stops_the_render_with_what_to_set(
         {"secret": "too-short"},
         {"sources": {"shop": {"writeKeyHash": "md5:abc", "origins": ["https://a.example"]}}},
         {"redis": {"url": "redis://user:password@redis:6379/0"}},  # credentials go in auth
+        {"redis": {"url": "redis://:password@redis:6379/0"}},
+        # A password parameter would be in the pod spec too (redis-py reads them all).
+        {"redis": {"url": "redis://redis:6379/0?password=hunter2"}},
+        {"redis": {"url": "rediss://redis:6380/0?ssl_cert_reqs=required&password=hunter2"}},
+        {"redis": {"url": "redis://redis:6379/0?PassWord=hunter2"}},
+        {"redis": {"url": "redis://redis:6379/0?pass%77ord=hunter2"}},  # parse_qs unquotes
+        {"redis": {"url": "redis+sentinel://s-0.redis:26379/idsvc?sentinel_password=hunter2"}},
+        {"redis": {"url": "redis+cluster://r-0.redis:7000?password=hunter2"}},
         {"redis": {"auth": {"password": "p@ss"}}},  # not percent-encoded
         {"redis": {"auth": {"password": "100%"}}},  # a % that starts no octet
         {"redis": {"auth": {"password": "p%4"}}},
@@ -525,6 +705,150 @@ def test_the_schema_refuses_invalid_values(change: dict[str, Any]) -> None:
     merged = chart().merge_values({**values, **merge(values, change)})
     with pytest.raises(helm_python.HelmValuesError):
         chart().validate_schema(merged)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "rediss://redis.data:6380/0?ssl_cert_reqs=required",
+        "redis://redis.data:6379/0?socket_timeout=2&client_name=idsvc",
+        "redis+sentinel://s-0.redis:26379,s-1.redis:26379/idsvc/0?sentinel_username=watcher",
+        "redis+cluster://r-0.redis:7000,r-1.redis:7001?ssl_cert_reqs=required",
+        "redis://password-store.data:6379/0",  # a host may be named so
+    ],
+)
+def test_the_schema_takes_redis_urls_without_a_password(url: str) -> None:
+    values = chart().merge_values(merge(ci_values("external-redis"), {"redis": {"url": url}}))
+    chart().validate_schema(values)
+
+
+@pytest.mark.parametrize(
+    ("redis", "message"),
+    [
+        # The URL would have been built without the user name: refused instead.
+        (
+            {"url": "redis://redis.data:6379/0", "auth": {"username": "identity"}},
+            "needs a password",
+        ),
+        (
+            {"internal": {"enabled": True}, "auth": {"username": "identity", "password": "pw"}},
+            "only the default user",
+        ),
+    ],
+)
+def test_a_redis_user_name_the_url_would_not_carry_stops_the_render(
+    redis: dict[str, Any], message: str
+) -> None:
+    values = merge(ci_values("external-redis"), {"redis": redis})
+    with pytest.raises(helm_python.HelmError, match=message):
+        render(values)
+
+
+def test_the_in_chart_redis_takes_its_default_user_by_name() -> None:
+    values = merge(ci_values("internal-redis"), {"redis": {"auth": {"username": "default"}}})
+    (container,) = pod_spec(find(render(values), "Deployment"))["containers"]
+    url = next(v["value"] for v in container["env"] if v["name"] == "IDENTITY_REDIS_URL")
+    assert url == f"redis://default:$(REDIS_PASSWORD)@{FULLNAME}-redis:6379/0"
+
+
+# -- config.* against the service's own ranges ---------------------------------------------
+
+# Values around the service's bounds (settings.py), besides each schema bound and its
+# neighbours: whichever side is wrong, one of them lands between the two.
+INTEGER_PROBES = (-1, 0, 1, 63, 64, 65, 255, 256, 999, 1000, 1001, 1023, 1024, 1025, 2500,
+                  2501, 3600, 3601, 9999, 10_000, 10_001, 86_400, 86_401, 100_000,
+                  1_048_576, 1_048_577, 1_000_000, 1_000_001)  # fmt: skip
+NUMBER_PROBES = (-0.001, 0, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 59.5, 60, 60.5, 100,
+                 300, 300.5, 600, 600.5, 3600, 3600.5, 86_400, 86_400.5)  # fmt: skip
+
+
+def ranged_config() -> dict[str, dict[str, Any]]:
+    """The schema's config.* keys with a minimum and a maximum."""
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    keys: dict[str, dict[str, Any]] = schema["properties"]["config"]["properties"]
+    return {key: spec for key, spec in keys.items() if "minimum" in spec}
+
+
+def setting_variable(key: str) -> str:
+    return "IDENTITY_" + re.sub(r"(?<!^)(?=[A-Z])", "_", key).upper()
+
+
+def service_takes(key: str, value: float) -> bool:
+    # The TTLs apart, so that neither is judged against the other's default.
+    environ = {
+        "IDENTITY_SECRET": "s" * 32,
+        "IDENTITY_REDIS_URL": "redis://127.0.0.1:6379/0",
+        "IDENTITY_DEFAULT_TTL": "1",
+        "IDENTITY_MAX_TTL": "86400",
+        setting_variable(key): repr(value),  # Go writes a float as repr does
+    }
+    try:
+        load_settings(environ)
+    except ConfigError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("key", sorted(ranged_config()))
+def test_the_schema_takes_each_config_number_the_service_takes(key: str) -> None:
+    spec = ranged_config()[key]
+    low, high = spec["minimum"], spec["maximum"]
+    if "integer" in spec["type"]:
+        probes = {*INTEGER_PROBES, low - 1, low, high, high + 1}
+    else:
+        probes = {*NUMBER_PROBES, math.nextafter(low, -math.inf), low, high}
+        probes.add(math.nextafter(high, math.inf))
+    base = chart().merge_values(ci_values("external-redis"))
+    wrong = []
+    for value in sorted(probes):
+        try:
+            chart().validate_schema(merge(base, {"config": {key: value}}))
+            schema_takes = True
+        except helm_python.HelmValuesError:
+            schema_takes = False
+        if schema_takes != service_takes(key, value):
+            wrong.append(f"{value}: schema {'takes' if schema_takes else 'refuses'} it")
+    assert wrong == [], f"config.{key} vs {setting_variable(key)}"
+
+
+@pytest.mark.parametrize("bound", ["minimum", "maximum"])
+def test_the_service_starts_with_every_config_number_at_the_schemas_bound(bound: str) -> None:
+    """Each number as the ConfigMap writes it (Go's formatting), read by the service."""
+    config = {key: spec[bound] for key, spec in ranged_config().items()}
+    values = merge(ci_values("external-redis"), {"config": config})
+    chart().validate_schema(chart().merge_values(values))
+    objects = render(values)
+    (container,) = pod_spec(find(objects, "Deployment"))["containers"]
+    load_settings(environment(objects, container))  # raises ConfigError on any refusal
+
+
+@pytest.mark.parametrize(
+    ("ttls", "renders"),
+    [
+        ({"defaultTtl": 601, "maxTtl": 600}, False),
+        ({"defaultTtl": 600, "maxTtl": 600}, True),
+        ({"defaultTtl": 700, "maxTtl": None}, False),  # the service's default max, 600
+        ({"defaultTtl": None, "maxTtl": 299}, False),  # the service's default, 300
+        ({"defaultTtl": None, "maxTtl": None}, True),
+    ],
+)
+def test_a_default_ttl_above_the_max_ttl_stops_the_render_as_the_service_refuses_it(
+    ttls: dict[str, int | None], renders: bool
+) -> None:
+    values = merge(ci_values("external-redis"), {"config": ttls})
+    environ = {"IDENTITY_SECRET": "s" * 32}
+    environ |= {setting_variable(k): str(v) for k, v in ttls.items() if v is not None}
+    try:
+        load_settings(environ)
+        service_takes_them = True
+    except ConfigError:
+        service_takes_them = False
+    assert service_takes_them is renders
+    if renders:
+        render(values)
+    else:
+        with pytest.raises(helm_python.HelmError, match=r"config\.defaultTtl .* is above"):
+            render(values)
 
 
 @pytest.mark.parametrize(

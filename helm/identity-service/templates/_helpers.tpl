@@ -17,6 +17,24 @@
 {{- end }}
 {{- end }}
 
+{{/* `<fullname>-<suffix>`, the full name cut so that the whole fits in `max` characters:
+(dict "root" $ "suffix" "forwarder" "max" 63). A Service's name is a DNS label (63); a
+StatefulSet's at most 52, its pods' controller-revision-hash label being it plus 11. */}}
+{{- define "identity-service.suffixedName" -}}
+{{- $room := sub .max (add1 (len .suffix)) | int }}
+{{- printf "%s-%s" (include "identity-service.fullname" .root | trunc $room | trimSuffix "-") .suffix }}
+{{- end }}
+
+{{/* The forwarder's Deployment and Service. */}}
+{{- define "identity-service.forwarderName" -}}
+{{- include "identity-service.suffixedName" (dict "root" . "suffix" "forwarder" "max" 63) }}
+{{- end }}
+
+{{/* The in-chart Redis's StatefulSet, Service and NetworkPolicy. */}}
+{{- define "identity-service.redisName" -}}
+{{- include "identity-service.suffixedName" (dict "root" . "suffix" "redis" "max" 52) }}
+{{- end }}
+
 {{/* Labels of every object; `component` (web, forwarder, redis, test) is added per object. */}}
 {{- define "identity-service.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
@@ -91,12 +109,20 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "identity-service.redisUrl" -}}
 {{- $url := .Values.redis.url }}
 {{- if .Values.redis.internal.enabled }}
-{{- $url = printf "redis://%s-redis:6379/0" (include "identity-service.fullname" .) }}
+{{- $url = printf "redis://%s:6379/0" (include "identity-service.redisName" .) }}
 {{- end }}
 {{- if not $url }}
 {{- fail "set redis.url (an external Redis) or redis.internal.enabled=true: the service keeps its handoffs and outbox in Redis" }}
 {{- end }}
-{{- if include "identity-service.redisPasswordSecret" . }}
+{{- $username := .Values.redis.auth.username }}
+{{- $password := include "identity-service.redisPasswordSecret" . }}
+{{- if and $username (not $password) }}
+{{- fail "redis.auth.username needs a password: set redis.auth.password or redis.auth.existingSecret (a user name alone would be dropped from the URL)" }}
+{{- end }}
+{{- if and .Values.redis.internal.enabled $username (ne $username "default") }}
+{{- fail "the in-chart Redis has only the default user: leave redis.auth.username empty (or default) with redis.internal.enabled" }}
+{{- end }}
+{{- if $password }}
 {{- $credentials := printf "%s:$(REDIS_PASSWORD)@" .Values.redis.auth.username }}
 {{- regexReplaceAll "^(rediss?(\\+cluster|\\+sentinel)?://)" $url (printf "${1}%s" $credentials) }}
 {{- else }}
@@ -259,10 +285,16 @@ checksum/secret: {{ $secrets | sha256sum }}
 {{- end }}
 {{- end }}
 
+{{/* A duration of the schema's form (`500ms`, `10s`, `1m`) in milliseconds. */}}
+{{- define "identity-service.milliseconds" -}}
+{{- $unit := regexFind "[a-z]+$" . }}
+{{- mul (trimSuffix $unit . | int) (get (dict "ms" 1 "s" 1000 "m" 60000) $unit) }}
+{{- end }}
+
 {{/* The PromQL selector of this release's series (both Services' jobs). */}}
 {{- define "identity-service.promSelector" -}}
 {{- $fullname := include "identity-service.fullname" . -}}
-namespace="{{ .Release.Namespace }}",job=~"{{ $fullname }}|{{ $fullname }}-forwarder"
+namespace="{{ .Release.Namespace }}",job=~"{{ $fullname }}|{{ include "identity-service.forwarderName" . }}"
 {{- end }}
 
 {{/* The pod template's metadata: (dict "root" $ "component" "web"). */}}
