@@ -29,7 +29,7 @@ from identity_service.stores.resp import Arg, Reply, RespClient
 from identity_service.stores.topology import WATCH_SECONDS, ClusterClient, SentinelClient
 from tests.collector import WRITE_KEY, Collector, running_collector
 from tests.conftest import CHECKOUT_URL, AppClient, auth, exchange, make_settings, prepare
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import RedisServer, free_port, free_port_pair
 from tests.redis_topologies import Cluster, Sentinels, info_field, redis_cli, wait_until
 from tests.secrets_audit import AUDIT
 from tests.test_cli import outbox_command, redis_env_for, refusal_at_start
@@ -562,6 +562,70 @@ async def test_a_hung_seed_is_asked_for_the_slot_map_only_after_the_nodes_that_a
     finally:
         await client.close()
         server.close()
+
+
+async def test_a_node_that_left_the_cluster_is_passed_over_for_the_slot_map(
+    aiohttp_client: ClientMaker, tmp_path: Path
+) -> None:
+    """A seed removed from the Cluster (``--cluster del-node`` resets it; it keeps running)
+    answers CLUSTER SLOTS with no slot. The client asked it first, took its empty map, and
+    failed every command until restarted ("no Cluster node serves the slot"; PING raised
+    IndexError: /readyz answered 500). It now asks the next node, and a client that knows
+    only that node answers 503."""
+    (tmp_path / "cluster").mkdir()
+    (tmp_path / "leaving").mkdir()
+    cluster = Cluster(tmp_path / "cluster")
+    leaving = RedisServer(
+        tmp_path / "leaving",
+        free_port_pair(10000),
+        cluster_enabled="yes",
+        cluster_config_file=str(tmp_path / "leaving" / "nodes.conf"),
+        cluster_node_timeout="2000",
+    )
+    cluster.start()
+    leaving.start()
+    seed = f"127.0.0.1:{cluster.nodes[0].port}"
+    only_leaving = f"redis+cluster://127.0.0.1:{leaving.port}"
+    settings = RedisSettings.from_dsn(
+        f"{only_leaving},{cluster.url.removeprefix('redis+cluster://')}"
+    )
+    client = ClusterClient(settings, timeout=1.0)
+    try:
+        redis_cli("--cluster", "add-node", f"127.0.0.1:{leaving.port}", seed)
+        wait_until(
+            lambda: redis_cli("-p", str(leaving.port), "CLUSTER", "INFO").startswith(
+                "cluster_state:ok"
+            ),
+            20,
+            "the new node to know the cluster",
+        )
+        async with asyncio.timeout(60):
+            assert await client.call("{a}k", "SET", "{a}k", "1") == b"OK"
+            redis_cli("--cluster", "del-node", seed, cluster.node_id(leaving))
+            assert redis_cli("-p", str(leaving.port), "CLUSTER", "SLOTS").strip() == ""
+            for node in cluster.nodes:  # a lost connection reloads the map
+                redis_cli("-p", str(node.port), "CLIENT", "KILL", "TYPE", "normal")
+            with contextlib.suppress(OSError):
+                await client.call("{a}k", "SET", "{a}k", "2")
+            assert await client.call("{a}k", "SET", "{a}k", "3") == b"OK"
+            assert await client.execute("PING") == b"PONG"
+            await check_reachable(settings)
+            # Knowing only the node that left: unavailable (503), not an error (500).
+            alone = ClusterClient(RedisSettings.from_dsn(only_leaving), timeout=1.0)
+            with pytest.raises(ConnectionError):
+                await alone.execute("PING")
+            with pytest.raises(ConnectionError):
+                await alone.call("{a}k", "GET", "{a}k")
+            await alone.close()
+            with pytest.raises(StoreUnavailable):
+                await check_reachable(RedisSettings.from_dsn(only_leaving))
+            app = await aiohttp_client(create_app(make_settings(only_leaving)))
+            response = await app.get("/readyz")
+            assert response.status == 503 and response.headers["Retry-After"]
+    finally:
+        await client.close()
+        cluster.stop()
+        leaving.stop()
 
 
 def start_sentinel(config: Path, port: int) -> subprocess.Popen[bytes]:
