@@ -22,6 +22,8 @@ from redis.crc import key_slot
 from identity_service import app_keys
 from identity_service.app import create_app
 from identity_service.constants import KEY_SHARDS, link_key, outbox_key, shard_tags, tag_slot
+from identity_service.crypto import OutboxSealer
+from identity_service.feeds import RedisFeed
 from identity_service.problems import StoreUnavailable
 from identity_service.settings import RedisSettings
 from identity_service.stores.redis import RedisStore, check_reachable, connect, follow_master
@@ -626,6 +628,42 @@ async def test_a_node_that_left_the_cluster_is_passed_over_for_the_slot_map(
         await client.close()
         cluster.stop()
         leaving.stop()
+
+
+async def test_a_shard_whose_node_is_down_drops_nothing_the_other_shards_read(
+    tmp_path: Path,
+) -> None:
+    """On a Cluster the feed reads each shard apart. One node down made the whole read
+    raise, and the entries the other nodes had handed over (pending for this consumer
+    from then on) went to nobody until reclaimed (60 s by default). They are returned, and
+    the failure is raised by the next read."""
+    cluster = Cluster(tmp_path)
+    cluster.start()
+    settings = RedisSettings.from_dsn(cluster.url)
+    admin, commands = connect(settings), ClusterClient(settings, timeout=1.0)
+    sealer = OutboxSealer(b"s" * 32)
+    feed = RedisFeed(admin, commands, "each:", "dest", sealer, 60.0, ["dest"])
+    dying = cluster.nodes[2]
+    owners = slot_owners(cluster.nodes[0].port)
+    streams = [outbox_key("each:", shard) for shard in range(KEY_SHARDS)]
+    (stream, *_) = [s for s in streams if owners[key_slot(s.encode())] != dying.port]
+    try:
+        async with asyncio.timeout(60):
+            assert await feed.read(100, 0.1) == []  # the groups made, every node read
+            await admin.xadd(stream, {"j": sealer.seal(b'{"type":"track"}')})
+            dying.kill()
+            (entry,) = await feed.read(100, 0.1)
+            assert (entry.stream, entry.events) == (stream, [b'{"type":"track"}'])
+            with pytest.raises(ConnectionError):
+                await feed.read(100, 0.1)  # the failure, raised now
+            with pytest.raises(ConnectionError):
+                await feed.read(100, 0.1)  # still down, nothing read elsewhere
+            await feed.ack([entry])
+            assert (await admin.xpending(stream, "dest"))["pending"] == 0
+    finally:
+        await commands.close()
+        await admin.aclose()
+        cluster.stop()
 
 
 def start_sentinel(config: Path, port: int) -> subprocess.Popen[bytes]:
