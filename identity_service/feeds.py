@@ -175,6 +175,8 @@ class RedisFeed:
         self._read_streams = list(self._streams)
         self._new_entries = [">"] * len(self._read_streams)
         self._reclaimed: list[FeedEntry] = []
+        # On a Cluster, a shard's failed read, raised by the next read (see _read_each).
+        self._read_failure: BaseException | None = None
         self._groups_ready = False
         self.backlog = False
 
@@ -232,7 +234,14 @@ class RedisFeed:
         different slots, all sent at once, so each node gets one write for its shards.
         Without BLOCK (a blocked command would hold its node's connection, and the reads of
         that node's other shards behind it): an empty read is tried again every
-        ``POLL_SECONDS`` until ``wait`` is over."""
+        ``POLL_SECONDS`` until ``wait`` is over.
+
+        A shard whose read fails (its node is down) does not discard what the others read:
+        those entries are now pending for this consumer, and would wait for a reclaim. They
+        are returned, and the failure is raised by the next read instead."""
+        if self._read_failure is not None:
+            failure, self._read_failure = self._read_failure, None
+            raise failure
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
@@ -243,9 +252,18 @@ class RedisFeed:
                         "COUNT", count, "STREAMS", stream, ">",
                     )
                     for stream in self._streams
-                )
+                ),
+                return_exceptions=True,
             )  # fmt: skip
-            found = [answer[0] for answer in answers if answer]
+            found = []
+            for answer in answers:
+                if isinstance(answer, BaseException):
+                    self._read_failure = self._read_failure or answer
+                elif answer:
+                    found.append(answer[0])
+            if self._read_failure is not None and not found:
+                failure, self._read_failure = self._read_failure, None
+                raise failure
             if found or loop.time() + POLL_SECONDS > deadline:
                 return found
             await asyncio.sleep(POLL_SECONDS)

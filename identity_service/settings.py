@@ -651,6 +651,8 @@ class _Reader:
             self.problem("redis_key_prefix", "must not contain braces (they mark hash tags)")
         shards = self.integer("redis_shards", c.KEY_SHARDS, 1, c.MAX_KEY_SHARDS)
         wait = self.redis_wait()
+        if wait is not None and "redis_timeout" not in self.invalid:
+            wait = self.wait_below_timeout(wait, timeout)
         if url is None:
             return None
         try:
@@ -685,6 +687,22 @@ class _Reader:
             )
             return None
         return wait
+
+    def wait_below_timeout(self, wait: tuple[int, int], timeout: float) -> tuple[int, int] | None:
+        """A WAIT holds its connection up to its milliseconds, and the client drops a
+        connection that makes no progress for the Redis timeout, failing every request queued
+        behind it: the WAIT gets at most half the timeout, the other half being left for the
+        round trip and a busy event loop's lag in reading the reply."""
+        if wait[1] * 2 <= timeout * 1000:
+            return wait
+        self.problem(
+            "redis_wait",
+            f"must wait at most half of {self.where('redis_timeout', like='redis_wait')} "
+            f"({timeout:g} s: {int(timeout * 500)} ms), not {wait[1]} ms: a WAIT holds its "
+            "connection, which is dropped with every request behind it when it makes no "
+            "progress for the timeout",
+        )
+        return None
 
     def table(self, name: str) -> Any:
         """A table setting: JSON in the environment, else the file's table, else None."""

@@ -858,18 +858,35 @@ def test_the_schema_takes_the_redis_waits_the_service_takes(wait: str) -> None:
     values = chart().merge_values(
         merge(ci_values("external-redis"), {"config": {"redisWait": wait}})
     )
+    ("wait", "timeout"),
+    [
+        *((wait, None) for wait in ("0,5", "99,99999", "17,50", "1,0", "1,10001", "1,50")),
+        *((wait, None) for wait in ("16,10000", "1,1", "off", "1,500", "1,501")),
+        ("16,10000", 20), ("16,10000", 19.9), ("1,600", 1.2), ("1,600", 1.19),
+    ],
+)  # fmt: skip
+def test_the_chart_takes_the_redis_waits_the_service_takes(
+    wait: str, timeout: float | None
+) -> None:
+    """The schema checks the form; the render refuses a WAIT longer than half the Redis
+    timeout, which the schema cannot compare and the service refuses."""
+    config: dict[str, Any] = {"redisWait": wait, "redisTimeout": timeout}
+    values = merge(ci_values("external-redis"), {"config": config})
     try:
-        chart().validate_schema(values)
-        schema_takes = True
-    except helm_python.HelmValuesError:
-        schema_takes = False
+        chart().validate_schema(chart().merge_values(values))
+        render(values)
+        chart_takes = True
+    except helm_python.HelmError:
+        chart_takes = False
     environ = {"IDENTITY_SECRET": "s" * 32, "IDENTITY_REDIS_WAIT": wait}
+    if timeout is not None:
+        environ["IDENTITY_REDIS_TIMEOUT"] = str(timeout)
     problem = ""
     try:
         load_settings(environ)
     except ConfigError as exc:
         problem = str(exc)
-    assert schema_takes == (problem == ""), problem
+    assert chart_takes == (problem == ""), problem
     assert not problem or "REDIS_WAIT" in problem
 
 

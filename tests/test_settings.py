@@ -725,6 +725,36 @@ def test_redis_shards_and_wait() -> None:
     assert problems_of({"IDENTITY_REDIS_SHARDS": "0"})
 
 
+def test_a_redis_wait_not_well_below_the_redis_timeout_is_refused(tmp_path: Path) -> None:
+    """A WAIT holds its connection for up to its milliseconds, and the client drops a
+    connection that makes no progress for IDENTITY_REDIS_TIMEOUT: with a WAIT as long as
+    the timeout, every request failed (503) while a replica was down. At most half of it."""
+    base = {"IDENTITY_REDIS_URL": "redis://h:1/0", "IDENTITY_SECRET": SECRET}
+    (problem,) = problems_of({**base, "IDENTITY_REDIS_WAIT": "1,1000"})
+    assert problem.startswith(
+        "IDENTITY_REDIS_WAIT must wait at most half of IDENTITY_REDIS_TIMEOUT (1 s: 500 ms), "
+        "not 1000 ms"
+    )
+    (problem,) = problems_of(
+        {**base, "IDENTITY_REDIS_WAIT": "1,2000", "IDENTITY_REDIS_TIMEOUT": "3"}
+    )
+    assert "at most half of IDENTITY_REDIS_TIMEOUT (3 s: 1500 ms), not 2000 ms" in problem
+    for wait, timeout in (("1,500", "1"), ("2,2000", "4"), ("1,5", "0.01")):
+        settings = load_settings(
+            {**base, "IDENTITY_REDIS_WAIT": wait, "IDENTITY_REDIS_TIMEOUT": timeout}
+        )
+        assert settings.redis is not None and settings.redis.wait is not None
+    # In a file, both are named by their keys; a bad timeout is reported alone.
+    config = tmp_path / "config.toml"
+    config.write_text('redis_url = "redis://h:1/0"\nredis_wait = "1,800"\n')
+    (problem,) = problems_of({"IDENTITY_SECRET": SECRET}, config)
+    assert "redis_wait must wait at most half of redis_timeout (1 s: 500 ms)" in problem
+    (problem,) = problems_of(
+        {**base, "IDENTITY_REDIS_WAIT": "1,800", "IDENTITY_REDIS_TIMEOUT": "x"}
+    )
+    assert problem.startswith("IDENTITY_REDIS_TIMEOUT")
+
+
 def test_the_readme_names_every_setting() -> None:
     """Each ``IDENTITY_*`` variable is named in the README (most in its settings tables)."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()

@@ -22,6 +22,8 @@ from redis.crc import key_slot
 from identity_service import app_keys
 from identity_service.app import create_app
 from identity_service.constants import KEY_SHARDS, link_key, outbox_key, shard_tags, tag_slot
+from identity_service.crypto import OutboxSealer
+from identity_service.feeds import RedisFeed
 from identity_service.problems import StoreUnavailable
 from identity_service.settings import RedisSettings
 from identity_service.stores.redis import RedisStore, check_reachable, connect, follow_master
@@ -29,7 +31,7 @@ from identity_service.stores.resp import Arg, Reply, RespClient
 from identity_service.stores.topology import WATCH_SECONDS, ClusterClient, SentinelClient
 from tests.collector import WRITE_KEY, Collector, running_collector
 from tests.conftest import CHECKOUT_URL, AppClient, auth, exchange, make_settings, prepare
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import RedisServer, free_port, free_port_pair
 from tests.redis_topologies import Cluster, Sentinels, info_field, redis_cli, wait_until
 from tests.secrets_audit import AUDIT
 from tests.test_cli import outbox_command, redis_env_for, refusal_at_start
@@ -562,6 +564,106 @@ async def test_a_hung_seed_is_asked_for_the_slot_map_only_after_the_nodes_that_a
     finally:
         await client.close()
         server.close()
+
+
+async def test_a_node_that_left_the_cluster_is_passed_over_for_the_slot_map(
+    aiohttp_client: ClientMaker, tmp_path: Path
+) -> None:
+    """A seed removed from the Cluster (``--cluster del-node`` resets it; it keeps running)
+    answers CLUSTER SLOTS with no slot. The client asked it first, took its empty map, and
+    failed every command until restarted ("no Cluster node serves the slot"; PING raised
+    IndexError: /readyz answered 500). It now asks the next node, and a client that knows
+    only that node answers 503."""
+    (tmp_path / "cluster").mkdir()
+    (tmp_path / "leaving").mkdir()
+    cluster = Cluster(tmp_path / "cluster")
+    leaving = RedisServer(
+        tmp_path / "leaving",
+        free_port_pair(10000),
+        cluster_enabled="yes",
+        cluster_config_file=str(tmp_path / "leaving" / "nodes.conf"),
+        cluster_node_timeout="2000",
+    )
+    cluster.start()
+    leaving.start()
+    seed = f"127.0.0.1:{cluster.nodes[0].port}"
+    only_leaving = f"redis+cluster://127.0.0.1:{leaving.port}"
+    settings = RedisSettings.from_dsn(
+        f"{only_leaving},{cluster.url.removeprefix('redis+cluster://')}"
+    )
+    client = ClusterClient(settings, timeout=1.0)
+    try:
+        redis_cli("--cluster", "add-node", f"127.0.0.1:{leaving.port}", seed)
+        wait_until(
+            lambda: redis_cli("-p", str(leaving.port), "CLUSTER", "INFO").startswith(
+                "cluster_state:ok"
+            ),
+            20,
+            "the new node to know the cluster",
+        )
+        async with asyncio.timeout(60):
+            assert await client.call("{a}k", "SET", "{a}k", "1") == b"OK"
+            redis_cli("--cluster", "del-node", seed, cluster.node_id(leaving))
+            assert redis_cli("-p", str(leaving.port), "CLUSTER", "SLOTS").strip() == ""
+            for node in cluster.nodes:  # a lost connection reloads the map
+                redis_cli("-p", str(node.port), "CLIENT", "KILL", "TYPE", "normal")
+            with contextlib.suppress(OSError):
+                await client.call("{a}k", "SET", "{a}k", "2")
+            assert await client.call("{a}k", "SET", "{a}k", "3") == b"OK"
+            assert await client.execute("PING") == b"PONG"
+            await check_reachable(settings)
+            # Knowing only the node that left: unavailable (503), not an error (500).
+            alone = ClusterClient(RedisSettings.from_dsn(only_leaving), timeout=1.0)
+            with pytest.raises(ConnectionError):
+                await alone.execute("PING")
+            with pytest.raises(ConnectionError):
+                await alone.call("{a}k", "GET", "{a}k")
+            await alone.close()
+            with pytest.raises(StoreUnavailable):
+                await check_reachable(RedisSettings.from_dsn(only_leaving))
+            app = await aiohttp_client(create_app(make_settings(only_leaving)))
+            response = await app.get("/readyz")
+            assert response.status == 503 and response.headers["Retry-After"]
+    finally:
+        await client.close()
+        cluster.stop()
+        leaving.stop()
+
+
+async def test_a_shard_whose_node_is_down_drops_nothing_the_other_shards_read(
+    tmp_path: Path,
+) -> None:
+    """On a Cluster the feed reads each shard apart. One node down made the whole read
+    raise, and the entries the other nodes had handed over (pending for this consumer
+    from then on) went to nobody until reclaimed (60 s by default). They are returned, and
+    the failure is raised by the next read."""
+    cluster = Cluster(tmp_path)
+    cluster.start()
+    settings = RedisSettings.from_dsn(cluster.url)
+    admin, commands = connect(settings), ClusterClient(settings, timeout=1.0)
+    sealer = OutboxSealer(b"s" * 32)
+    feed = RedisFeed(admin, commands, "each:", "dest", sealer, 60.0, ["dest"])
+    dying = cluster.nodes[2]
+    owners = slot_owners(cluster.nodes[0].port)
+    streams = [outbox_key("each:", shard) for shard in range(KEY_SHARDS)]
+    (stream, *_) = [s for s in streams if owners[key_slot(s.encode())] != dying.port]
+    try:
+        async with asyncio.timeout(60):
+            assert await feed.read(100, 0.1) == []  # the groups made, every node read
+            await admin.xadd(stream, {"j": sealer.seal(b'{"type":"track"}')})
+            dying.kill()
+            (entry,) = await feed.read(100, 0.1)
+            assert (entry.stream, entry.events) == (stream, [b'{"type":"track"}'])
+            with pytest.raises(ConnectionError):
+                await feed.read(100, 0.1)  # the failure, raised now
+            with pytest.raises(ConnectionError):
+                await feed.read(100, 0.1)  # still down, nothing read elsewhere
+            await feed.ack([entry])
+            assert (await admin.xpending(stream, "dest"))["pending"] == 0
+    finally:
+        await commands.close()
+        await admin.aclose()
+        cluster.stop()
 
 
 def start_sentinel(config: Path, port: int) -> subprocess.Popen[bytes]:

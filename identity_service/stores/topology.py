@@ -214,6 +214,9 @@ class ClusterClient:
     async def execute(self, *args: Arg) -> Reply:
         if self._stale:
             await self.refresh()
+        if not self._masters:  # a map that names no node: find another next time
+            self._stale = True
+            raise ConnectionError("no Cluster node serves any slot")
         try:
             replies = await asyncio.gather(*(node.execute(*args) for node in self._masters))
         except OSError:
@@ -225,7 +228,8 @@ class ClusterClient:
         if self._stale:
             await self.refresh()
         node = self._slots[key_slot(key.encode())]
-        if node is None:
+        if node is None:  # a partial map (a node that left, a slot being given): ask again
+            self._stale = True
             raise ConnectionError(f"no Cluster node serves the slot of {key!r}")
         asking = False
         for _ in range(MAX_REDIRECTS):
@@ -273,7 +277,14 @@ class ClusterClient:
             attempt.exception()  # retrieved: the callers that awaited it raised it
 
     async def _load(self) -> None:
+        """The slot map of the first node whose map covers every slot. A node that left the
+        Cluster (``--cluster del-node`` resets it and it keeps running) answers an empty map,
+        and one that has not heard of every slot's owner a partial one: such a node is asked
+        last next time, and the next node is asked. If none has a full map, the fullest is
+        used (a command on a slot it lacks fails and asks again); if none names a slot, the
+        load fails."""
         failure: BaseException | None = None
+        best: tuple[int, list[RespClient | None], list[RespClient]] | None = None
         known = dict.fromkeys([*self._nodes, *self._seeds])
         for address in [*(a for a in known if a not in self._failed), *self._failed]:
             try:
@@ -282,17 +293,33 @@ class ClusterClient:
                 failure = exc
                 self._failed[address] = None
                 continue
-            self._failed.pop(address, None)
-            slots: list[RespClient | None] = [None] * CLUSTER_SLOTS
-            masters: dict[RespClient, None] = {}
-            for start, end, master, *_replicas in reply:
-                host = master[0].decode() or address[0]  # "": the node asked
-                node = self._node((host, int(master[1])))
-                masters[node] = None
-                slots[start : end + 1] = [node] * (end + 1 - start)
-            self._slots, self._masters, self._stale = slots, list(masters), False
-            return
-        raise ConnectionError("no Cluster node answered CLUSTER SLOTS") from failure
+            covered, slots, masters = self._slot_map(address, reply)
+            if covered == CLUSTER_SLOTS:
+                self._failed.pop(address, None)
+                self._slots, self._masters, self._stale = slots, masters, False
+                return
+            self._failed[address] = None
+            if covered and (best is None or covered > best[0]):
+                best = covered, slots, masters
+        if best is None:
+            raise ConnectionError("no Cluster node answered CLUSTER SLOTS with a slot") from failure
+        _, self._slots, self._masters = best
+        self._stale = False
+        logger.warning("cluster_slot_map_partial", slots=best[0])
+
+    def _slot_map(
+        self, address: tuple[str, int], reply: Any
+    ) -> tuple[int, list[RespClient | None], list[RespClient]]:
+        """How many slots ``address``'s CLUSTER SLOTS reply covers, its map and masters."""
+        slots: list[RespClient | None] = [None] * CLUSTER_SLOTS
+        masters: dict[RespClient, None] = {}
+        for start, end, master, *_replicas in reply:
+            host = master[0].decode() or address[0]  # "": the node asked
+            node = self._node((host, int(master[1])))
+            masters[node] = None
+            slots[start : end + 1] = [node] * (end + 1 - start)
+        covered = CLUSTER_SLOTS - slots.count(None)
+        return covered, slots, list(masters)
 
     def _node_at(self, where: str) -> RespClient:
         """The node of a redirection's ``<slot> <host>:<port>``."""
