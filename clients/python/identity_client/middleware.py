@@ -183,10 +183,13 @@ class MiddlewareSettings:
 
     def landed(self, identity: Identity, cookie_header: str | None) -> tuple[Identity, str | None]:
         """The request's identity after an exchange, and the ``Set-Cookie`` value (None: the
-        cookie stays). A generated id does not replace the visitor's cookie."""
+        cookie stays). A generated id does not replace the visitor's cookie; an identity
+        without an anonymousId (a handoff prepared with a userId alone) sets none."""
         existing = self.cookie_identity(cookie_header)
         if identity.source == "generated" and existing is not None:
             return existing, None
+        if identity.anonymous_id is None:
+            return identity, None
         return identity, self.set_cookie(identity.anonymous_id)
 
     @staticmethod

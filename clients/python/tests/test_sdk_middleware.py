@@ -188,6 +188,19 @@ def test_wsgi(service: Service) -> None:
             assert plain.json() == {"identity": None}
 
 
+def test_a_handoff_with_a_user_id_alone_lands_without_a_cookie(service: Service) -> None:
+    """The service answers such a handoff with no anonymousId: no visitor cookie to set
+    (it was a TypeError, a 500), the 303 to the clean URL all the same."""
+    with IdentityClient(service.url, DEV_WRITE_KEY) as client:
+        transport = httpx.WSGITransport(app=IdentityWSGIMiddleware(wsgi_echo, client))
+        with httpx.Client(transport=transport, base_url=HOST) as browser:
+            handoff = client.prepare(user_id="user-only", destination=f"{HOST}/cart?a=1")
+            answer = browser.get(path_of(handoff.redirect_url))
+            assert answer.status_code == 303
+            assert answer.headers["location"] == "/cart?a=1"
+            assert "set-cookie" not in answer.headers
+
+
 def test_wsgi_service_down(down_service: Service) -> None:
     with IdentityClient(down_service.url, DEV_WRITE_KEY) as client:
         transport = httpx.WSGITransport(app=IdentityWSGIMiddleware(wsgi_echo, client))
