@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import base64
+import math
 import os
 import random
+import re
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import httpx
 
@@ -31,6 +36,26 @@ __version__ = "0.1.0"
 PREPARE_PATH = "/v1/handoffs"
 EXCHANGE_PATH = "/v1/handoffs/exchange"
 DEFAULT_TIMEOUT = httpx.Timeout(5.0, connect=2.0)
+# A secret shorter than this is scrubbed only where it stands alone (not inside a word), so
+# that a short test token such as "-" does not mangle every hyphen of an error's text.
+_SHORT_SECRET = 8
+_WORD_CHARS = "A-Za-z0-9_-"
+
+
+def attempt_seconds(timeout: float | httpx.Timeout) -> float | None:
+    """The most one attempt (connect, send, read the whole answer) may take: the number
+    given, or the largest of an ``httpx.Timeout``'s limits; None when it sets none.
+
+    httpx's own limits bound each phase and each read, so an answer trickling in one byte at
+    a time would never trip them; this bounds the attempt as a whole."""
+    if isinstance(timeout, httpx.Timeout):
+        limits = [
+            value
+            for value in (timeout.connect, timeout.read, timeout.write, timeout.pool)
+            if value is not None
+        ]
+        return max(limits) if limits else None
+    return float(timeout)
 
 
 class BaseClient:
@@ -56,14 +81,25 @@ class BaseClient:
             raise ConfigurationError("no write key: pass write_key= or set IDENTITY_WRITE_KEY")
         if max_retries < 0:
             raise ConfigurationError("max_retries must be 0 or more")
+        try:
+            url = httpx.URL(base_url)
+        except httpx.InvalidURL:
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
+            # The URL itself is not shown: it may hold credentials.
+            raise ConfigurationError("the service URL is not an http:// or https:// URL")
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self._attempt_seconds = attempt_seconds(timeout)
         self.max_retries = max_retries
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         # The middleware signs its carry cookie with it (identity_client._carry).
         self._carry_key = carry_key(write_key)
         credentials = base64.b64encode(f"{write_key}:".encode()).decode("ascii")
+        # What an upstream could echo of the key (the key, its Basic credentials, with or
+        # without the colon): scrubbed from every error's text (_scrub).
+        self._secrets = _variants(write_key, f"{write_key}:")
         self._headers = {
             "Authorization": f"Basic {credentials}",
             "Accept": "application/json, application/problem+json",
@@ -117,58 +153,115 @@ class BaseClient:
                 body[name] = value
         return body
 
-    # Answers
+    # Attempts
 
-    @classmethod
-    def _prepared(cls, response: httpx.Response) -> PreparedHandoff:
-        data = cls._json_or_raise(response, 201)
-        return PreparedHandoff(
-            token=data["token"],
-            redirect_url=data["redirectUrl"],
-            expires_at=datetime.fromisoformat(data["expiresAt"]),
-            expires_in=int(data["expiresIn"]),
+    def _deadline(self) -> float | None:
+        """When the attempt starting now must have its whole answer (``time.monotonic``)."""
+        seconds = self._attempt_seconds
+        return None if seconds is None else time.monotonic() + seconds
+
+    def _check_deadline(self, deadline: float | None, request: httpx.Request) -> None:
+        """Raise httpx's timeout (a transport error) once the attempt is over its time."""
+        if deadline is not None and time.monotonic() >= deadline:
+            raise self._timed_out(request)
+
+    def _timed_out(self, request: httpx.Request) -> httpx.TimeoutException:
+        return httpx.TimeoutException(
+            f"no whole answer within {self._attempt_seconds:g} s", request=request
         )
 
-    @classmethod
-    def _identity(cls, response: httpx.Response) -> Identity:
-        data = cls._json_or_raise(response, 200)
+    def _within(
+        self, chunks: Iterable[bytes], deadline: float | None, request: httpx.Request
+    ) -> Iterator[bytes]:
+        """``chunks`` (an answer's body, read as it comes), stopped with httpx's timeout as
+        soon as the attempt is over its time: checked between reads."""
+        self._check_deadline(deadline, request)
+        for chunk in chunks:
+            self._check_deadline(deadline, request)
+            yield chunk
+
+    @staticmethod
+    def _answer(response: httpx.Response, raw: Iterable[bytes]) -> httpx.Response:
+        """The answer as read (``raw``: its body's bytes as sent), decoded: a body that does
+        not decode as its Content-Encoding says is a malformed answer."""
+        try:
+            return httpx.Response(
+                response.status_code,
+                headers=response.headers,
+                content=b"".join(raw),
+                request=response.request,
+            )
+        except httpx.DecodingError as exc:
+            raise APIError(
+                "the service's answer could not be decoded (Content-Encoding)",
+                status=response.status_code,
+                title="Malformed answer",
+            ) from exc
+
+    # Answers
+
+    def _prepared(self, response: httpx.Response, *secrets: str | None) -> PreparedHandoff:
+        """The prepared handoff, or the typed error; ``secrets`` (the visitor's ids) are
+        scrubbed from its text as the write key is."""
+        data = self._json_or_raise(response, 201, secrets)
+        token = _field(data, "token", str, response)
+        redirect_url = _field(data, "redirectUrl", str, response)
+        expires_in = _field(data, "expiresIn", int, response)
+        expires_at = _time(data, "expiresAt", response)
+        if not token or not redirect_url or expires_at is None:
+            raise _malformed(response, "token, redirectUrl or expiresAt")
+        return PreparedHandoff(
+            token=token, redirect_url=redirect_url, expires_at=expires_at, expires_in=expires_in
+        )
+
+    def _identity(self, response: httpx.Response, token: str) -> Identity:
+        data = self._json_or_raise(response, 200, (token,))
+        anonymous_id = _field(data, "anonymousId", str, response, optional=True)
+        user_id = _field(data, "userId", str, response, optional=True)
+        # A handoff prepared with a userId alone has no anonymousId; none of either is not
+        # an identity.
+        if not (anonymous_id or (anonymous_id is None and user_id)):
+            raise _malformed(response, "anonymousId")
         source: Literal["handoff", "generated"] = (
             "generated" if data.get("source") == "generated" else "handoff"
         )
-        prepared_at = data.get("preparedAt")
         return Identity(
-            anonymous_id=data["anonymousId"],
-            user_id=data.get("userId"),
-            traits=data.get("traits") or {},
-            context=data.get("context") or {},
-            consent=data.get("consent") or {},
+            anonymous_id=anonymous_id,
+            user_id=user_id,
+            traits=_field(data, "traits", dict, response, optional=True) or {},
+            context=_field(data, "context", dict, response, optional=True) or {},
+            consent=_field(data, "consent", dict, response, optional=True) or {},
             source=source,
-            prepared_by=data.get("preparedBy"),
-            prepared_at=datetime.fromisoformat(prepared_at) if prepared_at else None,
-            destination=data.get("destination"),
+            prepared_by=_field(data, "preparedBy", str, response, optional=True),
+            prepared_at=_time(data, "preparedAt", response),
+            destination=_field(data, "destination", str, response, optional=True),
         )
 
-    @classmethod
-    def _json_or_raise(cls, response: httpx.Response, expected: int) -> dict[str, Any]:
+    def _json_or_raise(
+        self, response: httpx.Response, expected: int, secrets: tuple[str | None, ...] = ()
+    ) -> dict[str, Any]:
         if response.status_code == expected:
-            try:
-                data = response.json()
-            except ValueError:
-                data = None
+            data = _json(response)
             if isinstance(data, dict):
                 return data
-            raise APIError("the service's answer is not a JSON object", status=response.status_code)
-        raise cls._error(response)
+            raise APIError(
+                "the service's answer is not a JSON object",
+                status=response.status_code,
+                title="Malformed answer",
+            )
+        raise self._error(response, secrets)
 
-    @staticmethod
-    def _error(response: httpx.Response) -> IdentityError:
+    def _error(
+        self, response: httpx.Response, secrets: tuple[str | None, ...] = ()
+    ) -> IdentityError:
+        """The typed error of a refusal, its text scrubbed of the write key and ``secrets``
+        (the token, the ids sent: an upstream proxy or gateway may echo the request's
+        headers or body)."""
         status = response.status_code
-        try:
-            problem = response.json()
-        except ValueError:
-            problem = None
+        problem = _json(response)
         if not isinstance(problem, dict):
             problem = {}
+        hidden = self._secrets + _variants(*secrets)
         type_ = problem.get("type") if isinstance(problem.get("type"), str) else None
         slug = type_.removeprefix(PROBLEM_PREFIX) if type_ else None
         error_class = PROBLEM_CLASSES.get(slug or "") or STATUS_CLASSES.get(status, APIError)
@@ -176,17 +269,24 @@ class BaseClient:
         detail = problem.get("detail")
         if not isinstance(detail, str):
             detail = title or f"HTTP {status} {response.reason_phrase}".strip()
-        kw: dict[str, Any] = {"status": status, "type": type_, "title": title}
+        kw: dict[str, Any] = {
+            "status": status,
+            "type": _scrub(type_, hidden),
+            "title": _scrub(title, hidden),
+        }
         if issubclass(error_class, InvalidRequest):
             raw = problem.get("errors")
             kw["errors"] = [
-                FieldError(str(item.get("field", "")), str(item.get("message", "")))
+                FieldError(
+                    _scrub(str(item.get("field", "")), hidden),
+                    _scrub(str(item.get("message", "")), hidden),
+                )
                 for item in (raw if isinstance(raw, list) else [])
                 if isinstance(item, dict)
             ]
         if issubclass(error_class, ServiceUnavailable | RateLimited):
             kw["retry_after"] = retry_after(response)
-        return error_class(detail, **kw)
+        return error_class(_scrub(detail, hidden), **kw)
 
     # Retries (prepare only)
 
@@ -212,13 +312,30 @@ class BaseClient:
             return None
         return self._retry_delay(attempt, retry_after(outcome))
 
-    @staticmethod
-    def _connection_error(exc: httpx.TransportError, path: str) -> IdentityConnectionError:
+    def _connection_error(self, exc: httpx.TransportError, path: str) -> IdentityConnectionError:
         what = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
-        return IdentityConnectionError(f"POST {path} {what}: {type(exc).__name__}: {exc}")
+        text = f"POST {path} {what}: {type(exc).__name__}: {exc}"
+        return IdentityConnectionError(_scrub(text, self._secrets))
+
+    @contextmanager
+    def _unexpected(self) -> Iterator[None]:
+        """Around an attempt: httpx's errors other than a transport error's (which the
+        callers retry or raise as connection errors), such as too many redirects from an
+        ``http_client`` that follows them, become an ``APIError``; never a raw one."""
+        try:
+            yield
+        except httpx.TransportError:
+            raise
+        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
+            raise APIError(
+                _scrub(f"the request failed: {type(exc).__name__}: {exc}", self._secrets),
+                title="Request failed",
+            ) from exc
 
 
 def retry_after(response: httpx.Response) -> float | None:
+    """The Retry-After seconds the answer sent, or None: absent, a date, or not a finite
+    number (``nan`` or ``inf`` would make the wait fail or never end)."""
     value = response.headers.get("Retry-After")
     if value is None:
         return None
@@ -226,4 +343,86 @@ def retry_after(response: httpx.Response) -> float | None:
         seconds = float(value)
     except ValueError:
         return None
+    if not math.isfinite(seconds):
+        return None
     return max(seconds, 0.0)
+
+
+def _json(response: httpx.Response) -> Any:
+    """The answer's JSON, or None when it is not JSON (or nested too deep to read)."""
+    try:
+        return response.json()
+    except (ValueError, RecursionError):
+        return None
+
+
+def _malformed(response: httpx.Response, what: str) -> APIError:
+    # Names the field, never its value (it may be a token or an id).
+    return APIError(
+        f"the service's answer is malformed: {what} missing or of the wrong type",
+        status=response.status_code,
+        title="Malformed answer",
+    )
+
+
+def _field(
+    data: dict[str, Any],
+    name: str,
+    kind: type[Any],
+    response: httpx.Response,
+    *,
+    optional: bool = False,
+) -> Any:
+    """``data[name]`` if it is a ``kind`` (None allowed when ``optional``; a bool is not an
+    int), else the malformed answer's APIError."""
+    value = data.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _malformed(response, name)
+    return value
+
+
+def _time(data: dict[str, Any], name: str, response: httpx.Response) -> datetime | None:
+    """``data[name]`` as an aware datetime, None when absent or null."""
+    value = _field(data, name, str, response, optional=True)
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise _malformed(response, name) from None
+    if moment.tzinfo is None:
+        raise _malformed(response, name)
+    return moment
+
+
+def _variants(*secrets: str | None) -> tuple[str, ...]:
+    """Each secret as sent or echoed: as is, and base64 (standard and URL-safe)."""
+    found: list[str] = []
+    for secret in secrets:
+        if not secret:
+            continue
+        encoded = base64.b64encode(secret.encode()).decode("ascii")
+        found += [secret, encoded, encoded.rstrip("="), encoded.replace("+", "-").replace("/", "_")]
+    return tuple(dict.fromkeys(value for value in found if value))
+
+
+@overload
+def _scrub(text: str, secrets: tuple[str, ...]) -> str: ...
+@overload
+def _scrub(text: None, secrets: tuple[str, ...]) -> None: ...
+@overload
+def _scrub(text: str | None, secrets: tuple[str, ...]) -> str | None: ...
+def _scrub(text: str | None, secrets: tuple[str, ...]) -> str | None:
+    """``text`` with each secret replaced by ``***`` (a short one only where it stands
+    alone); None stays None."""
+    if text is None:
+        return None
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= _SHORT_SECRET:
+            text = text.replace(secret, "***")
+        else:
+            alone = rf"(?<![{_WORD_CHARS}]){re.escape(secret)}(?![{_WORD_CHARS}])"
+            text = re.sub(alone, "***", text)
+    return text

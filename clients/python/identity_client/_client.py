@@ -97,7 +97,7 @@ class IdentityClient(BaseClient):
             delay = self._prepare_retry(attempt, outcome)
             if delay is None:
                 assert isinstance(outcome, httpx.Response)
-                return self._prepared(outcome)
+                return self._prepared(outcome, anonymous_id, user_id)
             time.sleep(delay)
             attempt += 1
 
@@ -117,12 +117,23 @@ class IdentityClient(BaseClient):
             response = self._post(EXCHANGE_PATH, body)
         except httpx.TransportError as exc:
             raise self._connection_error(exc, EXCHANGE_PATH) from exc
-        return self._identity(response)
+        return self._identity(response, token)
 
     exchange.__doc__ = _EXCHANGE_DOC
 
     def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        return self._http.post(self.base_url + path, json=body, headers=self._headers)
+        """One attempt, its whole answer read within the attempt's time (checked between
+        the answer's reads: httpx's own limits bound each read, not the answer)."""
+        deadline = self._deadline()
+        with self._unexpected():
+            request = self._http.build_request(
+                "POST", self.base_url + path, json=body, headers=self._headers
+            )
+            response = self._http.send(request, stream=True)
+            try:
+                return self._answer(response, self._within(response.iter_raw(), deadline, request))
+            finally:
+                response.close()
 
     def close(self) -> None:
         self._http.close()
@@ -196,7 +207,7 @@ class AsyncIdentityClient(BaseClient):
             delay = self._prepare_retry(attempt, outcome)
             if delay is None:
                 assert isinstance(outcome, httpx.Response)
-                return self._prepared(outcome)
+                return self._prepared(outcome, anonymous_id, user_id)
             await asyncio.sleep(delay)
             attempt += 1
 
@@ -216,12 +227,27 @@ class AsyncIdentityClient(BaseClient):
             response = await self._post(EXCHANGE_PATH, body)
         except httpx.TransportError as exc:
             raise self._connection_error(exc, EXCHANGE_PATH) from exc
-        return self._identity(response)
+        return self._identity(response, token)
 
     exchange.__doc__ = _EXCHANGE_DOC
 
     async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        return await self._http.post(self.base_url + path, json=body, headers=self._headers)
+        """One attempt, the whole of it (connect, send, the answer's headers and body)
+        within the attempt's time."""
+        with self._unexpected():
+            request = self._http.build_request(
+                "POST", self.base_url + path, json=body, headers=self._headers
+            )
+            try:
+                async with asyncio.timeout(self._attempt_seconds):
+                    response = await self._http.send(request, stream=True)
+                    try:
+                        raw = [chunk async for chunk in response.aiter_raw()]
+                    finally:
+                        await response.aclose()
+            except TimeoutError as exc:
+                raise self._timed_out(request) from exc
+            return self._answer(response, raw)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -46,7 +46,7 @@ import warnings
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import quote, unquote_plus
+from urllib.parse import quote, unquote_plus, urlsplit
 
 from identity_client import _carry
 from identity_client._client import AsyncIdentityClient, IdentityClient
@@ -92,6 +92,8 @@ WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 # Characters a cookie value may hold as is (RFC 6265 cookie-octet, minus '%').
 _COOKIE_SAFE = "!#$&'()*+-./:<=>?@[]^_`{|}~"
+# Characters a path keeps as is when quoted back (RFC 3986 pchar and "/").
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
 
 @dataclass(frozen=True)
@@ -183,10 +185,13 @@ class MiddlewareSettings:
 
     def landed(self, identity: Identity, cookie_header: str | None) -> tuple[Identity, str | None]:
         """The request's identity after an exchange, and the ``Set-Cookie`` value (None: the
-        cookie stays). A generated id does not replace the visitor's cookie."""
+        cookie stays). A generated id does not replace the visitor's cookie; an identity
+        without an anonymousId (a handoff prepared with a userId alone) sets none."""
         existing = self.cookie_identity(cookie_header)
         if identity.source == "generated" and existing is not None:
             return existing, None
+        if identity.anonymous_id is None:
+            return identity, None
         return identity, self.set_cookie(identity.anonymous_id)
 
     @staticmethod
@@ -355,14 +360,7 @@ class IdentityWSGIMiddleware:
                 return start_response(status, [*headers, ("Set-Cookie", clear)], *exc_info)
 
             return self.app(environ, clearing)
-        # PEP 3333: paths are latin-1 decoded bytes; quote them back as sent.
-        path = (
-            quote(
-                (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1"),
-                safe="/:@!$&'()*+,;=-._~",
-            )
-            or "/"
-        )
+        path = _wsgi_path(environ)
         host = environ.get("HTTP_HOST") or (
             f"{environ.get('SERVER_NAME', 'localhost')}:{environ.get('SERVER_PORT', '80')}"
         )
@@ -389,6 +387,24 @@ class IdentityWSGIMiddleware:
         headers.extend(("Set-Cookie", cookie) for cookie in cookies)
         start_response("303 See Other", headers)
         return [b""]
+
+
+def _wsgi_path(environ: dict[str, Any]) -> str:
+    """The request's path as the browser sent it: the raw request target (``RAW_URI``,
+    ``REQUEST_URI``: gunicorn, werkzeug, uWSGI) without its query, else ``SCRIPT_NAME`` and
+    ``PATH_INFO`` quoted back. PATH_INFO is decoded: ``/a%2Fb%3Fc`` is ``/a/b?c`` there, and
+    quoting that back gives ``/a/b%3Fc``, another route."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if isinstance(raw, str) and raw:
+        target = raw.partition("?")[0].partition("#")[0]
+        if not target.startswith("/"):  # absolute-form (a proxy request): its path
+            target = urlsplit(target).path
+        if target:
+            # Escapes stay as sent; only bytes a Location cannot hold are quoted.
+            return quote(target.encode("latin-1", "replace"), safe=_PATH_SAFE + "%")
+    # PEP 3333: paths are latin-1 decoded bytes; quote them back as sent.
+    path = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1")
+    return quote(path, safe=_PATH_SAFE) or "/"
 
 
 def identity_middleware(client: AsyncIdentityClient, **settings: Any) -> Middleware:

@@ -24,10 +24,11 @@ class Identity:
     ``source`` is ``"handoff"`` (the token's identity) or ``"generated"`` (``fallback=True``
     and the token was unknown, used or expired: a new anonymousId, the rest empty). The
     middleware also builds ``source="cookie"`` identities from the visitor cookie on later
-    requests; those carry only ``anonymous_id``.
+    requests; those carry only ``anonymous_id``. ``anonymous_id`` is None only for a handoff
+    prepared with a ``user_id`` alone (then ``user_id`` is set).
     """
 
-    anonymous_id: str
+    anonymous_id: str | None
     user_id: str | None = None
     traits: dict[str, Any] = field(default_factory=dict)
     context: dict[str, Any] = field(default_factory=dict)

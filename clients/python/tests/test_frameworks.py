@@ -313,6 +313,18 @@ def test_the_redirect_never_leaves_the_site(
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_the_redirect_keeps_the_path_as_sent(
+    framework: str, sites: dict[str, str], identity: IdentityClient
+) -> None:
+    """Escapes in the path stay as the browser sent them: ``/a%2Fb%3Fc`` is one segment
+    (the WSGI servers decode it to ``/a/b?c`` in PATH_INFO; quoted back that was
+    ``/a/b%3Fc``, another route)."""
+    status, headers = raw_get(sites[framework], "/a%2Fb%3Fc?handoff_token=zzz&a=1")
+    assert status == 303, (framework, status)
+    assert headers["location"] == "/a%2Fb%3Fc?a=1", framework
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_a_stale_token_keeps_the_visitor_id_already_there(
     framework: str, sites: dict[str, str], identity: IdentityClient
 ) -> None:

@@ -188,6 +188,47 @@ def test_wsgi(service: Service) -> None:
             assert plain.json() == {"identity": None}
 
 
+def test_wsgi_redirects_to_the_raw_path_when_the_server_gives_it(service: Service) -> None:
+    """RAW_URI or REQUEST_URI (gunicorn, werkzeug, uWSGI) is the path as sent; without
+    them, SCRIPT_NAME and PATH_INFO quoted back."""
+    seen: list[tuple[str, str]] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> None:
+        seen.append((status, dict(headers)["Location"]))
+
+    with IdentityClient(service.url, DEV_WRITE_KEY) as client:
+        app = IdentityWSGIMiddleware(wsgi_echo, client)
+        base = {"REQUEST_METHOD": "GET", "PATH_INFO": "/a/b?c", "QUERY_STRING": "handoff_token=z"}
+        for extra in (
+            {"RAW_URI": "/a%2Fb%3Fc?handoff_token=z"},
+            {"REQUEST_URI": "/a%2Fb%3Fc?handoff_token=z"},
+            {"REQUEST_URI": "http://b.localhost/a%2Fb%3Fc?handoff_token=z"},  # absolute-form
+            {"RAW_URI": "/caf\xc3\xa9 x%2F?handoff_token=z"},  # raw bytes: quoted
+            {},  # PATH_INFO quoted back
+        ):
+            list(app({**base, **extra}, start_response))
+    assert seen == [
+        ("303 See Other", "/a%2Fb%3Fc"),
+        ("303 See Other", "/a%2Fb%3Fc"),
+        ("303 See Other", "/a%2Fb%3Fc"),
+        ("303 See Other", "/caf%C3%A9%20x%2F"),
+        ("303 See Other", "/a/b%3Fc"),
+    ]
+
+
+def test_a_handoff_with_a_user_id_alone_lands_without_a_cookie(service: Service) -> None:
+    """The service answers such a handoff with no anonymousId: no visitor cookie to set
+    (it was a TypeError, a 500), the 303 to the clean URL all the same."""
+    with IdentityClient(service.url, DEV_WRITE_KEY) as client:
+        transport = httpx.WSGITransport(app=IdentityWSGIMiddleware(wsgi_echo, client))
+        with httpx.Client(transport=transport, base_url=HOST) as browser:
+            handoff = client.prepare(user_id="user-only", destination=f"{HOST}/cart?a=1")
+            answer = browser.get(path_of(handoff.redirect_url))
+            assert answer.status_code == 303
+            assert answer.headers["location"] == "/cart?a=1"
+            assert "set-cookie" not in answer.headers
+
+
 def test_wsgi_service_down(down_service: Service) -> None:
     with IdentityClient(down_service.url, DEV_WRITE_KEY) as client:
         transport = httpx.WSGITransport(app=IdentityWSGIMiddleware(wsgi_echo, client))

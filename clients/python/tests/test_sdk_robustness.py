@@ -1,0 +1,391 @@
+"""Answers the service never gives, from a real misbehaving server on loopback: every one
+is a typed error (never a raw exception of httpx, json or a KeyError), the same from both
+clients, and the middlewares answer their 303 to the clean URL."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import json
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from identity_client import (
+    APIError,
+    AsyncIdentityClient,
+    ConfigurationError,
+    Identity,
+    IdentityClient,
+    IdentityConnectionError,
+    IdentityError,
+    InvalidRequest,
+    PreparedHandoff,
+    ServiceUnavailable,
+)
+from identity_client._base import retry_after
+from identity_client.middleware import (
+    IdentityASGIMiddleware,
+    IdentityWSGIMiddleware,
+    identity_middleware,
+)
+from misbehaving import Answer, Misbehaving, Seen, elapsed, misbehaving
+
+WRITE_KEY = "robustness-write-key-0123456789"
+TOKEN = "robustness-token-0123456789abcdef0123456789"
+VISITOR = "visitor-robustness-42"
+USER = "user-robustness-42"
+MODES = ["sync", "async"]
+OPERATIONS = ["prepare", "exchange"]
+
+
+@pytest.fixture
+def server() -> Iterator[Misbehaving]:
+    with misbehaving() as started:
+        yield started
+
+
+def call(mode: str, operation: str, url: str, **settings: Any) -> Identity | PreparedHandoff:
+    """``operation`` with the sync or the async client (bounded: 20 s at most)."""
+    settings = {"max_retries": 0, **settings}
+    if mode == "sync":
+        with IdentityClient(url, WRITE_KEY, **settings) as client:
+            if operation == "prepare":
+                return client.prepare(VISITOR, USER, destination="http://b.localhost/")
+            return client.exchange(TOKEN)
+
+    async def run() -> Identity | PreparedHandoff:
+        async with AsyncIdentityClient(url, WRITE_KEY, **settings) as client:
+            if operation == "prepare":
+                return await client.prepare(VISITOR, USER, destination="http://b.localhost/")
+            return await client.exchange(TOKEN)
+
+    return asyncio.run(asyncio.wait_for(run(), 20))
+
+
+def success(operation: str, body: bytes, **headers: str) -> Answer:
+    """The status the operation succeeds with (201, 200), with ``body``."""
+    status = 201 if operation == "prepare" else 200
+    return Answer(status, body, {"Content-Type": "application/json", **headers})
+
+
+PREPARED = {
+    "token": "t" * 43,
+    "redirectUrl": "http://b.localhost/?handoff_token=x",
+    "expiresAt": "2030-01-01T00:00:00Z",
+    "expiresIn": 60,
+}
+EXCHANGED = {"anonymousId": "a-1", "preparedAt": "2030-01-01T00:00:00Z", "source": "handoff"}
+
+
+def changed(operation: str, **fields: Any) -> bytes:
+    """A valid answer of ``operation`` with ``fields`` replaced (None: null)."""
+    data = dict(PREPARED if operation == "prepare" else EXCHANGED)
+    data.update(fields)
+    return json.dumps(data).encode()
+
+
+MALFORMED: dict[str, dict[str, bytes]] = {
+    "prepare": {
+        "empty object": b"{}",
+        "null": b"null",
+        "an array": b"[]",
+        "not JSON": b"<html>ok</html>",
+        "nested too deep": b"[" * 100_000,
+        "null fields": changed("prepare", token=None, redirectUrl=None, expiresAt=None),
+        "expiresAt null": changed("prepare", expiresAt=None),
+        "expiresAt not a date": changed("prepare", expiresAt="tomorrow"),
+        "expiresAt without a zone": changed("prepare", expiresAt="2030-01-01T00:00:00"),
+        "expiresIn a string": changed("prepare", expiresIn="60"),
+        "expiresIn a bool": changed("prepare", expiresIn=True),
+        "token a number": changed("prepare", token=7),
+    },
+    "exchange": {
+        "empty object": b"{}",
+        "null": b"null",
+        "not JSON": b"<html>ok</html>",
+        "nested too deep": b"[" * 100_000,
+        "anonymousId null": changed("exchange", anonymousId=None),
+        "anonymousId empty": changed("exchange", anonymousId=""),
+        "anonymousId a number": changed("exchange", anonymousId=42),
+        "preparedAt not a date": changed("exchange", preparedAt="yesterday"),
+        "preparedAt a number": changed("exchange", preparedAt=1),
+        "traits a list": changed("exchange", traits=[1]),
+        "userId a number": changed("exchange", userId=1),
+    },
+}
+CASES = [(op, name) for op, cases in MALFORMED.items() for name in cases]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("operation", "case"), CASES)
+def test_a_malformed_answer_is_an_api_error(
+    server: Misbehaving, mode: str, operation: str, case: str
+) -> None:
+    server.respond = lambda seen: success(operation, MALFORMED[operation][case])
+    with pytest.raises(APIError) as caught:
+        call(mode, operation, server.url)
+    assert type(caught.value) is APIError
+    assert caught.value.status == (201 if operation == "prepare" else 200)
+    assert caught.value.title == "Malformed answer"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_a_valid_answer_from_the_same_server_is_read(
+    server: Misbehaving, mode: str, operation: str
+) -> None:
+    """The control: the server and the checks accept what the service does send."""
+    server.respond = lambda seen: success(operation, changed(operation))
+    result = call(mode, operation, server.url)
+    if operation == "prepare":
+        assert isinstance(result, PreparedHandoff) and result.expires_in == 60
+    else:
+        assert isinstance(result, Identity) and result.anonymous_id == "a-1"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_identity_with_a_user_id_alone_is_read(server: Misbehaving, mode: str) -> None:
+    """What the service answers for a handoff prepared with a userId alone."""
+    server.respond = lambda seen: success(
+        "exchange", changed("exchange", anonymousId=None, userId="u-1")
+    )
+    identity = call(mode, "exchange", server.url)
+    assert isinstance(identity, Identity)
+    assert (identity.anonymous_id, identity.user_id) == (None, "u-1")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_an_undecodable_answer_is_an_api_error(
+    server: Misbehaving, mode: str, operation: str
+) -> None:
+    """Content-Encoding: gzip on a body that is not: httpx's DecodingError, which is not
+    one of its transport errors, must not escape."""
+    server.respond = lambda seen: success(operation, b"not gzip", **{"Content-Encoding": "gzip"})
+    with pytest.raises(APIError) as caught:
+        call(mode, operation, server.url)
+    assert type(caught.value) is APIError
+    # And a body that is gzip is read.
+    body = gzip.compress(changed(operation))
+    server.respond = lambda seen: success(operation, body, **{"Content-Encoding": "gzip"})
+    assert call(mode, operation, server.url)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_problem_nested_too_deep_is_still_its_status_error(
+    server: Misbehaving, mode: str
+) -> None:
+    server.respond = lambda seen: Answer(503, b"[" * 100_000, {"Content-Type": "text/plain"})
+    with pytest.raises(ServiceUnavailable):
+        call(mode, "exchange", server.url)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://[::1", "ftp://identity.internal", "identity.internal:8000", "http://"]
+)
+@pytest.mark.parametrize("client_class", [IdentityClient, AsyncIdentityClient])
+def test_an_invalid_base_url_is_refused_when_the_client_is_made(
+    url: str, client_class: type[IdentityClient | AsyncIdentityClient]
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        client_class(url, WRITE_KEY)
+    assert url not in str(caught.value) or url == "http://"
+
+
+# Retry-After that is not a finite number
+
+
+def test_retry_after_refuses_what_is_not_a_finite_number() -> None:
+    def after(value: str) -> float | None:
+        return retry_after(httpx.Response(503, headers={"Retry-After": value}))
+
+    for value in ("nan", "NaN", "inf", "-inf", "Infinity", "soon"):
+        assert after(value) is None, value
+    assert after("2") == 2.0
+    assert after("-3") == 0.0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_non_finite_retry_after_is_ignored(server: Misbehaving, mode: str, value: str) -> None:
+    """Sync, float('nan') crashed time.sleep; async, asyncio.sleep(nan) never returned."""
+    seen: list[Seen] = []
+
+    def respond(request: Seen) -> Answer:
+        seen.append(request)
+        return Answer(503, b"{}", {"Retry-After": value, "Content-Type": "application/json"})
+
+    server.respond = respond
+    with pytest.raises(ServiceUnavailable) as caught:
+        call(mode, "prepare", server.url, max_retries=1, backoff_base=0.01, backoff_max=0.05)
+    assert caught.value.retry_after is None
+    assert len(seen) == 2  # retried once, after the backoff
+
+
+# A timeout bounds the whole attempt
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_an_answer_trickling_in_times_out(server: Misbehaving, mode: str, operation: str) -> None:
+    """Headers, then one byte every 0.1 s: httpx's read timeout (per read) never trips;
+    the attempt's does. Without it the call ends after the 6 s of the drip."""
+    body = b" " * 60
+    server.respond = lambda seen: Answer(200, body, {"Content-Type": "application/json"}, 0.1)
+    started = time.monotonic()
+    with pytest.raises(IdentityConnectionError) as caught:
+        call(mode, operation, server.url, timeout=0.5)
+    assert elapsed(started) < 4
+    assert "timed out" in str(caught.value)
+
+
+def test_headers_trickling_in_time_the_async_client_out(server: Misbehaving) -> None:
+    head_and_body = b" " * 60
+    server.respond = lambda seen: Answer(
+        200, head_and_body, {"X-Padding": "p" * 60}, drip=0.1, drip_headers=True
+    )
+    started = time.monotonic()
+    with pytest.raises(IdentityConnectionError) as caught:
+        call("async", "exchange", server.url, timeout=0.5)
+    assert elapsed(started) < 4
+    assert "timed out" in str(caught.value)
+
+
+def test_a_trickling_answer_is_retried_as_a_connection_error(server: Misbehaving) -> None:
+    seen: list[Seen] = []
+
+    def respond(request: Seen) -> Answer:
+        seen.append(request)
+        if len(seen) == 1:
+            return Answer(201, b" " * 60, {}, drip=0.1)
+        return success("prepare", changed("prepare"))
+
+    server.respond = respond
+    prepared = call("sync", "prepare", server.url, timeout=0.5, max_retries=1, backoff_base=0.01)
+    assert isinstance(prepared, PreparedHandoff)
+    assert len(seen) == 2
+
+
+# No secret in an error's text
+
+
+def echo(seen: Seen) -> Answer:
+    """A gateway's 400 echoing the request: its Authorization header (and the key in it)
+    and its body (the token, the visitor's ids)."""
+    authorization = seen.headers.get("Authorization", "")
+    key = base64.b64decode(authorization.removeprefix("Basic ")).decode()
+    text = f"rejected {authorization} (key {key}, Bearer {key.rstrip(':')}) for {seen.body!r}"
+    problem = {
+        "type": f"urn:gateway:{key}",
+        "title": f"Bad credentials {key}",
+        "detail": text,
+        "errors": [{"field": key, "message": text}],
+    }
+    return Answer(400, json.dumps(problem).encode(), {"Content-Type": "application/problem+json"})
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_an_echoed_write_key_or_token_is_scrubbed(
+    server: Misbehaving, mode: str, operation: str
+) -> None:
+    server.respond = echo
+    with pytest.raises(IdentityError) as caught:
+        call(mode, operation, server.url)
+    error = caught.value
+    assert error.status == 400
+    credentials = base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+    texts = [str(error), repr(error), str(error.type), str(error.title), str(error.detail)]
+    if isinstance(error, InvalidRequest):
+        texts += [repr(item) for item in error.errors]
+    for text in texts:
+        for secret in (WRITE_KEY, credentials, TOKEN, VISITOR, USER):
+            assert secret not in text, (secret, text)
+    assert "***" in str(error)
+
+
+def test_a_short_token_is_scrubbed_where_it_stands_alone(server: Misbehaving) -> None:
+    """A short token (the middleware's "-" for an empty one) is scrubbed as a word, so it
+    does not mangle every hyphen of the text."""
+    server.respond = echo
+    with IdentityClient(server.url, WRITE_KEY) as client, pytest.raises(APIError) as caught:
+        client.exchange("-")
+    assert '"***"' in caught.value.detail  # the body's "token": "-"
+    assert "urn:gateway:" in str(caught.value.type)
+
+
+# The middlewares take their fallback path
+
+
+def wsgi_echo(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"page"]
+
+
+async def asgi_echo(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"page"})
+
+
+ANSWERS = {
+    "empty object": Answer(200, b"{}"),
+    "anonymousId null": Answer(200, b'{"anonymousId": null}'),
+    "undecodable": Answer(200, b"nope", {"Content-Encoding": "gzip"}),
+    "trickling": Answer(200, b" " * 60, {}, drip=0.1),
+    # Not an error: a handoff prepared with a userId alone has no anonymousId for the cookie.
+    "userId alone": Answer(200, b'{"anonymousId": null, "userId": "u-1"}'),
+}
+
+
+def check_clean_redirect(status: int, headers: httpx.Headers, started: float) -> None:
+    """The 303 to the clean URL, without a cookie, and before the 6 s of a trickle."""
+    assert elapsed(started) < 4
+    assert status == 303
+    assert headers["location"] == "/cart?a=1"
+    assert "set-cookie" not in headers
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
+def test_the_wsgi_middleware_falls_back(server: Misbehaving, answer: str) -> None:
+    server.respond = lambda seen: ANSWERS[answer]
+    started = time.monotonic()
+    with IdentityClient(server.url, WRITE_KEY, timeout=0.5) as client:
+        app = IdentityWSGIMiddleware(wsgi_echo, client)
+        with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://b") as browser:
+            landed = browser.get(f"/cart?handoff_token={TOKEN}&a=1")
+    check_clean_redirect(landed.status_code, landed.headers, started)
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
+async def test_the_asgi_middleware_falls_back(server: Misbehaving, answer: str) -> None:
+    server.respond = lambda seen: ANSWERS[answer]
+    started = time.monotonic()
+    async with AsyncIdentityClient(server.url, WRITE_KEY, timeout=0.5) as client:
+        app = IdentityASGIMiddleware(asgi_echo, client)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://b") as browser:
+            landed = await browser.get(f"/cart?handoff_token={TOKEN}&a=1")
+    check_clean_redirect(landed.status_code, landed.headers, started)
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
+async def test_the_aiohttp_middleware_falls_back(
+    server: Misbehaving, answer: str, aiohttp_client: Any
+) -> None:
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="page")
+
+    server.respond = lambda seen: ANSWERS[answer]
+    started = time.monotonic()
+    async with AsyncIdentityClient(server.url, WRITE_KEY, timeout=0.5) as client:
+        app = web.Application(middlewares=[identity_middleware(client)])
+        app.router.add_get("/cart", page)
+        browser: TestClient[web.Request, web.Application] = await aiohttp_client(app)
+        landed = await browser.get(f"/cart?handoff_token={TOKEN}&a=1", allow_redirects=False)
+        check_clean_redirect(landed.status, httpx.Headers(dict(landed.headers)), started)
