@@ -153,6 +153,19 @@ export function parseRetryAfter(value: string | null | undefined, now: number = 
   return Math.max(0, Math.ceil((date - now) / 1000));
 }
 
+/**
+ * The class of an answer whose problem type is not one of the service's (another type, or
+ * no problem document): by status, as the Python SDK's `STATUS_CLASSES` (e.g. a proxy's 503
+ * or 429, a gateway's 401).
+ */
+const BY_STATUS: Record<number, ErrorClass> = {
+  401: Unauthorized,
+  413: PayloadTooLarge,
+  415: UnsupportedMediaType,
+  429: RateLimited,
+  503: ServiceUnavailable,
+};
+
 /** Builds the error for an answer of status >= 400 from its body text. */
 export function errorFromResponse(
   status: number,
@@ -178,8 +191,8 @@ export function errorFromResponse(
   }
   const type = problem?.type ?? "about:blank";
   const slug = type.startsWith(PROBLEM_PREFIX) ? type.slice(PROBLEM_PREFIX.length) : undefined;
-  let cls: ErrorClass = (slug !== undefined ? BY_SLUG[slug] : undefined) ?? APIError;
-  if (cls === APIError && status === 503) cls = ServiceUnavailable; // e.g. a proxy's 503
+  const bySlug = slug !== undefined && Object.hasOwn(BY_SLUG, slug) ? BY_SLUG[slug] : undefined;
+  const cls: ErrorClass = bySlug ?? BY_STATUS[status] ?? APIError;
   const title = problem?.title ?? `HTTP ${status}`;
   const detail = typeof problem?.detail === "string" ? problem.detail : undefined;
   const message = detail ? `${title}: ${detail}` : title;

@@ -1,0 +1,155 @@
+// Answers the service never gives, from tiny real node:http servers: malformed 2xx bodies
+// are APIError (never a value, never a raw TypeError), a secret an upstream echoes is in no
+// field of the error, and an error answer without a problem type gets the Python SDK's class.
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import http from "node:http";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { inspect, promisify } from "node:util";
+import { describe, test } from "node:test";
+
+import {
+  APIError,
+  IdentityClient,
+  IdentityError,
+  PayloadTooLarge,
+  RateLimited,
+  ServiceUnavailable,
+  TokenNotFound,
+  Unauthorized,
+  UnsupportedMediaType,
+  handoffMiddleware,
+} from "../dist/esm/index.js";
+import { SERVICE_BIN, startHttpServer } from "./helpers.mjs";
+
+const TOKEN = "T0kenT0kenT0kenT0kenT0kenT0kenT0kenT0kenT0k"; // 43 characters, as the service's
+const PREPARED = {
+  token: TOKEN,
+  redirectUrl: `http://checkout.localhost/cart?handoff_token=${TOKEN}`,
+  expiresAt: "2030-01-01T00:00:00.000Z",
+  expiresIn: 300,
+};
+const EXCHANGED = {
+  anonymousId: "visitor-1",
+  userId: null,
+  traits: {},
+  context: {},
+  consent: {},
+  source: "handoff",
+  preparedBy: "shop",
+  preparedAt: "2030-01-01T00:00:00.000Z",
+  destination: "http://checkout.localhost/cart",
+};
+const params = { anonymousId: "a", destination: "http://checkout.localhost/cart" };
+
+/** A server answering every request `status` with `body` as sent (a string) or as JSON. */
+function answering(status, body, headers = {}) {
+  return startHttpServer((req, res) => {
+    res.writeHead(status, { "content-type": "application/json", ...headers });
+    res.end(typeof body === "string" ? body : JSON.stringify(body));
+  });
+}
+
+async function withServer(status, body, run, headers = {}) {
+  const server = await answering(status, body, headers);
+  try {
+    return await run(new IdentityClient({ baseUrl: server.url, writeKey: "write-key-0123456789", maxRetries: 0 }));
+  } finally {
+    await server.close();
+  }
+}
+
+/** A malformed answer: an APIError with the answer's status, that names the field, not its value. */
+function malformed(status, field) {
+  return (error) => {
+    assert.ok(!(error instanceof TypeError), String(error));
+    assert.ok(error instanceof APIError, String(error));
+    assert.equal(error.constructor, APIError);
+    assert.equal(error.status, status);
+    if (field) assert.match(error.message, new RegExp(`the answer's ${field} is not`));
+    return true;
+  };
+}
+
+describe("an error answer without a problem type: the class by status, as in Python", () => {
+  const EXPECTED = {
+    400: APIError,
+    401: Unauthorized,
+    403: APIError,
+    404: APIError,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+    429: RateLimited,
+    500: APIError,
+    502: APIError,
+    503: ServiceUnavailable,
+  };
+  const BODIES = {
+    text: "<html>nope</html>",
+    "about:blank": JSON.stringify({ type: "about:blank", title: "Nope" }),
+    "another type": JSON.stringify({ type: "https://proxy.example/problem", title: "Nope" }),
+    "an unknown slug": JSON.stringify({ type: "urn:identity-service:problem:constructor", title: "Nope" }),
+  };
+
+  test("Node's classes", async () => {
+    for (const [status, cls] of Object.entries(EXPECTED)) {
+      for (const [what, body] of Object.entries(BODIES)) {
+        await withServer(Number(status), body, async (client) => {
+          await assert.rejects(client.exchange(TOKEN), (error) => {
+            assert.equal(error.constructor, cls, `${status} ${what}: ${error.name}`);
+            assert.equal(error.status, Number(status));
+            if (cls === RateLimited || cls === ServiceUnavailable) assert.equal(error.retryAfter, 7);
+            return true;
+          });
+        }, { "retry-after": "7" });
+      }
+    }
+  });
+
+  test("a problem type of the service wins over the status", async () => {
+    const body = { type: "urn:identity-service:problem:token-not-found", title: "Not found" };
+    await withServer(401, body, (client) => assert.rejects(client.exchange(TOKEN), TokenNotFound));
+  });
+
+  test("the Python SDK picks the same class for the same answer", async () => {
+    // One server for every case: /<status>/<body>/v1/handoffs/exchange.
+    const names = Object.keys(BODIES);
+    const server = await startHttpServer((req, res) => {
+      const [, status, which] = req.url.split("/");
+      res.writeHead(Number(status), { "content-type": "application/json", "retry-after": "7" });
+      res.end(BODIES[names[Number(which)]]);
+    });
+    try {
+      const bases = Object.keys(EXPECTED).flatMap((status) => names.map((_, which) => `${server.url}/${status}/${which}`));
+      const script = [
+        "import json, sys",
+        "from identity_client import IdentityClient, IdentityError",
+        "found = []",
+        "for base in sys.argv[1:]:",
+        "    with IdentityClient(base, 'write-key-0123456789') as client:",
+        "        try:",
+        "            client.exchange('t' * 43)",
+        "        except IdentityError as error:",
+        "            found.append(type(error).__name__)",
+        "print(json.dumps(found))",
+      ].join("\n");
+      const here = path.dirname(fileURLToPath(import.meta.url));
+      // Asynchronously: this process serves the Python client's requests.
+      const ran = await promisify(execFile)(path.join(path.dirname(SERVICE_BIN), "python"), ["-c", script, ...bases], {
+        env: { ...process.env, PYTHONPATH: path.resolve(here, "..", "..", "python") },
+      });
+      const python = JSON.parse(ran.stdout);
+      assert.equal(python.length, bases.length);
+      for (const [index, base] of bases.entries()) {
+        const client = new IdentityClient({ baseUrl: base, writeKey: "write-key-0123456789" });
+        await assert.rejects(client.exchange(TOKEN), (error) => {
+          assert.equal(error.name, python[index], base);
+          return true;
+        });
+      }
+    } finally {
+      await server.close();
+    }
+  });
+});
