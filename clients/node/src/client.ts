@@ -188,7 +188,7 @@ export class IdentityClient {
       properties: options.properties,
       context: options.context,
     });
-    const data = await this.#post("/v1/handoffs/exchange", body);
+    const data = await this.#post("/v1/handoffs/exchange", body, [token]);
     return {
       anonymousId: String(data.anonymousId),
       userId: (data.userId as string | null | undefined) ?? null,
@@ -210,11 +210,22 @@ export class IdentityClient {
     return jittered;
   }
 
-  #scrub(text: string): string {
-    return this.#writeKey ? text.split(this.#writeKey).join("***") : text;
+  /**
+   * `text` without the write key (raw, as its Basic credentials, percent-encoded; a Bearer
+   * form holds it raw) nor any of `secrets` (the token being exchanged).
+   */
+  #scrub(text: string, secrets: readonly string[] = []): string {
+    const key = this.#writeKey;
+    const forms = [Buffer.from(`${key}:`, "utf8").toString("base64"), key, encodeURIComponent(key)];
+    // A token shorter than MIN_SCRUBBED_TOKEN is none the service made (the middleware's "-").
+    for (const secret of secrets) if (secret.length >= MIN_SCRUBBED_TOKEN) forms.push(secret, encodeURIComponent(secret));
+    let out = text;
+    for (const form of forms.sort((a, b) => b.length - a.length)) if (form) out = out.split(form).join("***");
+    return out;
   }
 
-  async #post(path: string, body: JsonObject): Promise<JsonObject> {
+  async #post(path: string, body: JsonObject, secrets: readonly string[] = []): Promise<JsonObject> {
+    const scrub = (text: string) => this.#scrub(text, secrets);
     const url = this.baseUrl + path;
     let response: Response;
     let text: string;
@@ -239,25 +250,30 @@ export class IdentityClient {
       const reason = timedOut
         ? `timed out after ${this.timeoutMs} ms`
         : (err?.cause?.code ?? err?.cause?.message ?? err?.message ?? "connection failed");
-      throw new IdentityConnectionError(this.#scrub(`POST ${url}: ${reason}`), {
+      throw new IdentityConnectionError(scrub(`POST ${url}: ${reason}`), {
         title: timedOut ? "Timeout" : "Connection error",
-        detail: this.#scrub(String(reason)),
+        detail: scrub(String(reason)),
         cause: error,
       });
     }
     if (response.status >= 300) {
-      const error = errorFromResponse(response.status, text, response.headers);
-      // Defensive: the service never echoes the key, but no message of ours may carry it.
-      if (this.#writeKey && error.message.includes(this.#writeKey)) error.message = this.#scrub(error.message);
-      throw error;
+      // Defensive: the service never echoes the key or the token, but an upstream might;
+      // no field of the error (message, title, detail, problem...) carries them.
+      throw errorFromResponse(response.status, text, response.headers, scrub);
     }
     try {
       return JSON.parse(text) as JsonObject;
-    } catch (cause) {
+    } catch {
+      // Without JSON.parse's error as the cause: its message quotes a piece of the answer,
+      // which may be a piece of a secret that no scrubbing would recognize.
       throw new APIError(`POST ${url}: the answer (HTTP ${response.status}) is not JSON`, {
         status: response.status,
-        cause,
+        title: "Malformed answer",
+        detail: "the answer is not JSON",
       });
     }
   }
 }
+
+/** Real tokens are 43 characters; a shorter "token" is not scrubbed from errors. */
+const MIN_SCRUBBED_TOKEN = 8;

@@ -72,6 +72,101 @@ function malformed(status, field) {
   };
 }
 
+describe("a secret an upstream echoes is in no field of the error", () => {
+  const KEY = "write-key-that-must-not-leak-42";
+  const BASIC = Buffer.from(`${KEY}:`).toString("base64");
+
+  /** Echoes the Authorization header and the body in every text of a problem document. */
+  async function echoing(status, extra = {}) {
+    return startHttpServer((req, res, count, body) => {
+      const auth = req.headers.authorization;
+      const echoed = `auth ${auth}, key ${KEY}, Bearer ${KEY}, body ${body}`;
+      res.writeHead(status, { "content-type": "application/problem+json", "x-request-id": `rid ${KEY}` });
+      res.end(
+        JSON.stringify({
+          type: "about:blank",
+          title: `Refused ${KEY}`,
+          status,
+          detail: echoed,
+          instance: `/v1/${KEY}`,
+          [`member-${KEY}`]: [echoed, { nested: echoed }],
+          ...extra,
+        }),
+      );
+    });
+  }
+
+  function clean(error, secrets) {
+    assert.ok(error instanceof IdentityError, String(error));
+    const views = {
+      message: error.message,
+      stack: error.stack,
+      title: error.title,
+      detail: error.detail,
+      instance: error.instance,
+      requestId: error.requestId,
+      problem: JSON.stringify(error.problem),
+      inspect: inspect(error, { depth: null }),
+      json: JSON.stringify(error),
+    };
+    for (const [where, text] of Object.entries(views)) {
+      for (const secret of secrets) assert.ok(!String(text).includes(secret), `${where} holds a secret: ${text}`);
+    }
+    assert.match(error.detail, /\*\*\*/);
+    return true;
+  }
+
+  test("the write key, raw, as Basic credentials and Bearer, from prepare and exchange", async () => {
+    for (const status of [400, 401, 500, 503]) {
+      const server = await echoing(status);
+      try {
+        const client = new IdentityClient({ baseUrl: server.url, writeKey: KEY, maxRetries: 0 });
+        await assert.rejects(client.prepare(params), (error) => clean(error, [KEY, BASIC]));
+        await assert.rejects(client.exchange(TOKEN), (error) => clean(error, [KEY, BASIC, TOKEN]));
+      } finally {
+        await server.close();
+      }
+    }
+  });
+
+  test("a known problem type keeps its class and type while its texts are scrubbed", async () => {
+    const server = await echoing(404, { type: "urn:identity-service:problem:token-not-found" });
+    try {
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: KEY });
+      await assert.rejects(client.exchange(TOKEN), (error) => {
+        assert.ok(error instanceof TokenNotFound);
+        assert.equal(error.type, "urn:identity-service:problem:token-not-found");
+        assert.equal(error.problem.type, "urn:identity-service:problem:token-not-found");
+        return clean(error, [KEY, BASIC, TOKEN]);
+      });
+    } finally {
+      await server.close();
+    }
+  });
+
+  test("a 2xx answer that is not JSON: no piece of it in the error (JSON.parse's message quotes one)", async () => {
+    const server = await startHttpServer((req, res, count, body) => {
+      res.writeHead(200, { "content-type": "application/json" });
+      res.end(req.url.endsWith("/exchange") ? JSON.parse(body).token : KEY);
+    });
+    try {
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: KEY, maxRetries: 0 });
+      await assert.rejects(client.prepare(params), (error) => {
+        assert.ok(error instanceof APIError);
+        assert.ok(!inspect(error, { depth: null }).includes(KEY.slice(0, 8)), inspect(error));
+        return true;
+      });
+      await assert.rejects(client.exchange(TOKEN), (error) => {
+        assert.ok(error instanceof APIError);
+        assert.ok(!inspect(error, { depth: null }).includes(TOKEN.slice(0, 8)), inspect(error));
+        return true;
+      });
+    } finally {
+      await server.close();
+    }
+  });
+});
+
 describe("an error answer without a problem type: the class by status, as in Python", () => {
   const EXPECTED = {
     400: APIError,
