@@ -72,6 +72,100 @@ function malformed(status, field) {
   };
 }
 
+describe("malformed 2xx answers are APIError", () => {
+  test("prepare: {} and wrong types are refused, not turned into strings", async () => {
+    const cases = [
+      [{}, "token"],
+      [{ ...PREPARED, token: null }, "token"],
+      [{ ...PREPARED, token: "" }, "token"],
+      [{ ...PREPARED, token: 42 }, "token"],
+      [{ ...PREPARED, redirectUrl: undefined }, "redirectUrl"],
+      [{ ...PREPARED, redirectUrl: "undefined" }, "redirectUrl"],
+      [{ ...PREPARED, redirectUrl: "javascript:alert(1)" }, "redirectUrl"],
+      [{ ...PREPARED, expiresAt: "tomorrow" }, "expiresAt"],
+      [{ ...PREPARED, expiresAt: 1 }, "expiresAt"],
+      [{ ...PREPARED, expiresIn: "300" }, "expiresIn"],
+      [{ ...PREPARED, expiresIn: null }, "expiresIn"],
+    ];
+    for (const [body, field] of cases) {
+      await withServer(201, body, (client) => assert.rejects(client.prepare(params), malformed(201, field)));
+    }
+  });
+
+  test("exchange: {} and wrong types are refused", async () => {
+    const cases = [
+      [{}, "anonymousId"],
+      [{ ...EXCHANGED, anonymousId: null }, "anonymousId"],
+      [{ ...EXCHANGED, anonymousId: "" }, "anonymousId"],
+      [{ ...EXCHANGED, anonymousId: 7 }, "anonymousId"],
+      [{ ...EXCHANGED, userId: 5 }, "userId"],
+      [{ ...EXCHANGED, traits: [] }, "traits"],
+      [{ ...EXCHANGED, traits: "x" }, "traits"],
+      [{ ...EXCHANGED, consent: true }, "consent"],
+      [{ ...EXCHANGED, preparedAt: "yesterday" }, "preparedAt"],
+      [{ ...EXCHANGED, destination: {} }, "destination"],
+    ];
+    for (const [body, field] of cases) {
+      await withServer(200, body, (client) => assert.rejects(client.exchange(TOKEN), malformed(200, field)));
+    }
+  });
+
+  test("a body that is not a JSON object (null, an array, a string, a number) or not JSON", async () => {
+    for (const body of ["null", "[]", '"token"', "42", "true", "not json"]) {
+      await withServer(201, body, (client) => assert.rejects(client.prepare(params), malformed(201)));
+      await withServer(200, body, (client) => assert.rejects(client.exchange(TOKEN), malformed(200)));
+    }
+  });
+
+  test("well-formed answers still pass, optional fields absent or null", async () => {
+    await withServer(201, PREPARED, async (client) => {
+      const handoff = await client.prepare(params);
+      assert.equal(handoff.token, TOKEN);
+      assert.equal(handoff.expiresIn, 300);
+      assert.equal(handoff.expiresAt.toISOString(), "2030-01-01T00:00:00.000Z");
+    });
+    await withServer(200, { anonymousId: "generated-1", source: "generated" }, async (client) => {
+      const identity = await client.exchange(TOKEN, { fallback: true });
+      assert.deepEqual(identity, {
+        anonymousId: "generated-1",
+        userId: null,
+        traits: null,
+        context: null,
+        consent: null,
+        source: "generated",
+        preparedBy: null,
+        preparedAt: null,
+        destination: null,
+      });
+    });
+  });
+
+  test("the middleware takes its outage path: 303 to the clean URL, no cookie, onError", async () => {
+    for (const body of ["{}", "null", JSON.stringify({ ...EXCHANGED, anonymousId: 1 })]) {
+      const upstream = await answering(200, body);
+      const errors = [];
+      const client = new IdentityClient({ baseUrl: upstream.url, writeKey: "write-key-0123456789" });
+      const middleware = handoffMiddleware(client, { onError: (error) => errors.push(error), secure: false });
+      const site = http.createServer((req, res) => middleware(req, res, () => res.end("page")));
+      await new Promise((resolve) => site.listen(0, "127.0.0.1", resolve));
+      try {
+        const answer = await fetch(`http://127.0.0.1:${site.address().port}/cart?a=1&handoff_token=${TOKEN}`, {
+          redirect: "manual",
+        });
+        assert.equal(answer.status, 303, body);
+        assert.equal(answer.headers.get("location"), "/cart?a=1");
+        assert.deepEqual(answer.headers.getSetCookie(), [], body);
+        assert.equal(errors.length, 1);
+        assert.ok(errors[0] instanceof APIError, String(errors[0]));
+      } finally {
+        site.closeAllConnections();
+        await new Promise((resolve) => site.close(resolve));
+        await upstream.close();
+      }
+    }
+  });
+});
+
 describe("a secret an upstream echoes is in no field of the error", () => {
   const KEY = "write-key-that-must-not-leak-42";
   const BASIC = Buffer.from(`${KEY}:`).toString("base64");
