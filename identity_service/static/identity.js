@@ -44,6 +44,7 @@
     timeout: 5000
   };
   var ONE_SHOT = "identityHandoffDecorating";
+  var MAX_TIMER = 2147483647;  // setTimeout fires at once after a longer delay
 
   var config = null;
   var settled = false;
@@ -62,6 +63,10 @@
     merged.domains = [].concat(merged.domains).map(function (domain) {
       return String(domain).toLowerCase().replace(/^\./, "");
     });
+    // Milliseconds; anything but a finite positive number a timer can wait ("5s", 0,
+    // Infinity: each would abort every call at once) is the default.
+    var timeout = Number(merged.timeout);
+    merged.timeout = isFinite(timeout) && timeout > 0 && timeout <= MAX_TIMER ? timeout : DEFAULTS.timeout;
     return merged;
   }
 
