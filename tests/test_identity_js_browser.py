@@ -121,7 +121,8 @@ PAGES = {
     "/top": '<h1>top</h1><iframe id="frame" src="/frame" width="600" height="200"></iframe>',
     "/frame": """<a id="to-top" href="{b}/cart?from=frame" target="_top">checkout</a>
         <a id="blank" href="{b}/cart?from=blank" target="_blank">new tab</a>""",
-    "/parent": '<h1>parent</h1><iframe id="middle" src="/middle" width="600" height="300"></iframe>',
+    "/parent": """<h1>parent</h1>
+        <iframe id="middle" name="middle" src="/middle" width="600" height="300"></iframe>""",
     "/middle": '<h1>middle</h1><iframe id="inner" src="/inner" width="500" height="100"></iframe>',
     "/inner": '<a id="to-parent" href="{b}/cart?from=inner" target="_parent">checkout</a>',
 }
@@ -170,6 +171,40 @@ async def browser_tab() -> AsyncIterator[Any]:
             yield await context.new_page()
         finally:
             await browser.close()
+
+
+async def test_a_link_in_a_frame_navigates_the_context_its_target_names() -> None:
+    async with running_site() as site, browser_tab() as tab:
+        # target="_top" in a frame: the top page goes to domain B, with the token.
+        await tab.goto(f"{site.a}/top")
+        frame = tab.frame_locator("#frame")
+        async with tab.expect_navigation(url=lambda url: url.startswith(f"{site.b}/cart")):
+            await frame.locator("#to-top").click()
+        got = await site.wait_for_b(lambda request: "from=frame" in request)
+        assert got.startswith("GET /cart?from=frame&handoff_token="), got
+        assert TOKEN.search(tab.url), tab.url
+        assert len(tab.frames) == 1  # the frame went with its page
+
+        # target="_parent": the middle frame goes, the top page stays.
+        await tab.goto(f"{site.a}/parent")
+        inner = tab.frame_locator("#middle").frame_locator("#inner")
+        await inner.locator("#to-parent").click()
+        got = await site.wait_for_b(lambda request: "from=inner" in request)
+        assert got.startswith("GET /cart?from=inner&handoff_token="), got
+        middle = tab.frame(name="middle")
+        await middle.wait_for_url(lambda url: url.startswith(f"{site.b}/cart"))
+        assert middle.parent_frame == tab.main_frame
+        assert tab.url == f"{site.a}/parent"
+
+        # target="_blank": a new tab, as the browser opens it, undecorated.
+        handoffs = len(site.handoffs)
+        await tab.goto(f"{site.a}/top")
+        async with tab.context.expect_page() as popup:
+            await tab.frame_locator("#frame").locator("#blank").click()
+        opened = await popup.value
+        await opened.wait_for_load_state()
+        assert opened.url == f"{site.b}/cart?from=blank"
+        assert len(site.handoffs) == handoffs
 
 
 async def test_a_data_timeout_that_is_not_a_number_is_the_default() -> None:

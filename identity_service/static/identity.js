@@ -108,7 +108,34 @@
   }
 
   function parse(href) {
-    try { return new URL(href, window.location.href); } catch (error) { return null; }
+    try { return new URL(href, document.baseURI || window.location.href); } catch (error) { return null; }
+  }
+
+  // The browsing context a link's or a form's target names, for the targets the helper
+  // takes: none or _self (this one), _top and _parent (in a frame, the top or the parent
+  // page). Null for the others (_blank, a named window or frame): they open or name
+  // another context, which a navigation after the backend's answer could not open (popup
+  // blockers) or find; those are followed as they are, undecorated.
+  function contextOf(target) {
+    var name = String(target == null ? baseTarget() : target).toLowerCase();
+    if (name === "" || name === "_self") { return window; }
+    if (name === "_top") { return window.top; }
+    if (name === "_parent") { return window.parent; }
+    return null;
+  }
+
+  // The page's default target (<base target>), for a link or form without one.
+  function baseTarget() {
+    var base = document.querySelector("base[target]");
+    return base ? base.getAttribute("target") : "";
+  }
+
+  // Navigates the browsing context `target` names. Where the browser would not let this
+  // page navigate it (a sandboxed frame), nothing happens, as with the plain link.
+  function navigate(target, url) {
+    try {
+      contextOf(target).location.href = url;  // href: allowed on a cross-origin top too
+    } catch (error) { /* not allowed */ }
   }
 
   function currentAnonymousId() {
@@ -137,15 +164,15 @@
         event.shiftKey || event.altKey) { return; }
     var link = event.target && event.target.closest ? event.target.closest("a[href]") : null;
     if (!link || link.hasAttribute("download")) { return; }
-    var target = (link.getAttribute("target") || "").toLowerCase();
-    if (target && target !== "_self" && target !== "_top" && target !== "_parent") { return; }
+    var target = link.getAttribute("target");
+    if (!contextOf(target)) { return; }
     var destination = parse(link.href);
     if (!destination || !isHandedOff(destination) || busy) { return; }
     event.preventDefault();
     busy = true;
     freshRedirect(destination.href).then(function (redirect) {
       busy = false;
-      window.location.assign(redirect ? redirect.href : destination.href);
+      navigate(target, redirect ? redirect.href : destination.href);
     });
   }
 
@@ -178,8 +205,7 @@
     if (event.defaultPrevented || !form || form.tagName !== "FORM" || form.dataset[ONE_SHOT]) {
       return;
     }
-    var target = (form.getAttribute("target") || "").toLowerCase();
-    if (target && target !== "_self" && target !== "_top" && target !== "_parent") { return; }
+    if (!contextOf(form.getAttribute("target"))) { return; }  // submit() honours the target
     var action = parse(form.getAttribute("action") || window.location.href);
     if (!action || !isHandedOff(action) || busy) { return; }
     event.preventDefault();
