@@ -60,6 +60,11 @@ class Site:
         raise AssertionError(f"b.localhost got no such request: {self.seen_b}")
 
 
+async def on_b(tab: Any, site: Site) -> None:
+    """Waits until the tab has gone to domain B (its request may be seen before)."""
+    await tab.wait_for_url(lambda url: url.startswith(site.b))
+
+
 def fields(request: str) -> dict[str, str]:
     """The query of a recorded request ("GET /cart?q=1"), as a dict."""
     return dict(parse_qsl(urlsplit(request.split(" ", 1)[1]).query))
@@ -171,6 +176,59 @@ async def browser_tab() -> AsyncIterator[Any]:
             yield await context.new_page()
         finally:
             await browser.close()
+
+
+async def test_a_forms_clicked_button_decides_where_it_goes() -> None:
+    async with running_site() as site, browser_tab() as tab:
+        # formaction="/save" on a form to domain B: this site's /save, no handoff.
+        await tab.goto(f"{site.a}/form")
+        async with tab.expect_navigation(url=f"{site.a}/save?q=1&act=save"):
+            await tab.click("#save")
+        assert site.handoffs == []
+        assert site.seen_b == []
+
+        # The form's own action: handed off, the token a field (a GET form).
+        await tab.goto(f"{site.a}/form")
+        await tab.click("#go")
+        got = await site.wait_for_b(lambda request: request.startswith("GET /cart?"))
+        await on_b(tab, site)
+        assert got.startswith("GET /cart?"), got
+        assert fields(got).keys() == {"q", "act", "handoff_token"}, got
+        assert fields(got)["act"] == "go"
+        assert TOKEN.search(got), got
+        assert site.handoffs == [f"{site.b}/cart"]
+
+        # formaction and formmethod="post" to domain B: a POST to the redirect URL.
+        await tab.goto(f"{site.a}/form")
+        await tab.click("#pay")
+        got = await site.wait_for_b(lambda request: "/pay" in request)
+        await on_b(tab, site)
+        assert got.startswith("POST /pay?handoff_token="), got
+        assert site.handoffs[-1] == f"{site.b}/pay"
+
+        # formtarget="_blank": another context, left alone (no handoff prepared).
+        await tab.goto(f"{site.a}/form")
+        async with tab.context.expect_page() as popup:
+            await tab.click("#popup")
+        opened = await popup.value
+        await opened.wait_for_load_state()
+        assert opened.url == f"{site.b}/cart?q=1&act=popup"
+        assert len(site.handoffs) == 2
+
+        # A form to this site whose button goes to domain B (formaction, formmethod="get").
+        await tab.goto(f"{site.a}/local-form")
+        await tab.click("#checkout")
+        got = await site.wait_for_b(lambda request: "act=checkout" in request)
+        await on_b(tab, site)
+        assert got.startswith("GET /cart?"), got
+        assert fields(got).keys() == {"q", "act", "handoff_token"}, got
+        assert TOKEN.search(got), got
+        assert len(site.handoffs) == 3
+        # ...and its other button posts to this site, untouched.
+        await tab.goto(f"{site.a}/local-form")
+        async with tab.expect_navigation(url=f"{site.a}/local"):
+            await tab.click("#local")
+        assert len(site.handoffs) == 3
 
 
 async def test_a_link_in_a_frame_navigates_the_context_its_target_names() -> None:

@@ -45,6 +45,8 @@
   };
   var ONE_SHOT = "identityHandoffDecorating";
   var MAX_TIMER = 2147483647;  // setTimeout fires at once after a longer delay
+  // A form's attributes the helper sets to submit it as its clicked button would have.
+  var SUBMISSION = ["action", "method", "target", "enctype"];
 
   var config = null;
   var settled = false;
@@ -185,8 +187,22 @@
     form.appendChild(input);
   }
 
+  // Sets a form's attributes, the first time keeping what they were for reset().
+  function setAttributes(form, values) {
+    for (var i = 0; i < SUBMISSION.length; i++) {
+      var name = SUBMISSION[i];
+      if (values[name] == null) { continue; }
+      var saved = "data-identity-handoff-" + name;
+      if (!form.hasAttribute(saved)) {
+        // "=" + the value, or "" when the form had no such attribute.
+        form.setAttribute(saved, form.hasAttribute(name) ? "=" + form.getAttribute(name) : "");
+      }
+      form.setAttribute(name, values[name]);
+    }
+  }
+
   // Back on this page from the back-forward cache: nothing is in flight, and forms are
-  // decorated afresh (their token was used).
+  // decorated afresh (their token was used), with their own attributes back.
   function reset() {
     busy = false;
     var added = document.querySelectorAll("input[data-identity-handoff]");
@@ -194,10 +210,30 @@
     var forms = document.querySelectorAll("form[data-identity-handoff-decorating]");
     for (var j = 0; j < forms.length; j++) {
       delete forms[j].dataset[ONE_SHOT];
-      if (forms[j].hasAttribute("data-identity-handoff-action")) {
-        forms[j].setAttribute("action", forms[j].getAttribute("data-identity-handoff-action"));
+      for (var k = 0; k < SUBMISSION.length; k++) {
+        var saved = "data-identity-handoff-" + SUBMISSION[k];
+        if (!forms[j].hasAttribute(saved)) { continue; }
+        var value = forms[j].getAttribute(saved);
+        if (value) { forms[j].setAttribute(SUBMISSION[k], value.slice(1)); } else { forms[j].removeAttribute(SUBMISSION[k]); }
+        forms[j].removeAttribute(saved);
       }
     }
+  }
+
+  // The submission as the browser would make it: the clicked button's formaction,
+  // formmethod, formtarget and formenctype win over the form's own attributes.
+  function submissionOf(form, submitter) {
+    function pick(own, name) {
+      if (submitter && submitter.hasAttribute(own)) { return submitter.getAttribute(own); }
+      return form.getAttribute(name);
+    }
+    var method = (pick("formmethod", "method") || "get").toLowerCase();
+    return {
+      action: pick("formaction", "action") || window.location.href,  // empty: this page
+      method: method === "post" || method === "dialog" ? method : "get",
+      target: pick("formtarget", "target"),
+      enctype: pick("formenctype", "enctype")
+    };
   }
 
   function onSubmit(event) {
@@ -205,24 +241,32 @@
     if (event.defaultPrevented || !form || form.tagName !== "FORM" || form.dataset[ONE_SHOT]) {
       return;
     }
-    if (!contextOf(form.getAttribute("target"))) { return; }  // submit() honours the target
-    var action = parse(form.getAttribute("action") || window.location.href);
+    var submitter = event.submitter || null;
+    var submission = submissionOf(form, submitter);
+    if (submission.method === "dialog" || !contextOf(submission.target)) { return; }
+    var action = parse(submission.action);
     if (!action || !isHandedOff(action) || busy) { return; }
     event.preventDefault();
     busy = true;
-    var submitter = event.submitter;
     freshRedirect(action.href).then(function (redirect) {
       busy = false;
       var token = redirect ? redirect.searchParams.get(config.param) : null;
+      // submit() ignores the button: the form gets the submission's attributes itself.
+      var values = {
+        action: action.href,
+        method: submission.method,
+        target: submission.target,
+        enctype: submission.enctype
+      };
       if (token) {
-        if ((form.getAttribute("method") || "get").toLowerCase() === "get") {
+        if (submission.method === "get") {
           // A GET form's fields replace the action's query: the token becomes a field.
           hiddenInput(form, config.param, token);
         } else {
-          form.setAttribute("data-identity-handoff-action", form.getAttribute("action") || "");
-          form.setAttribute("action", redirect.href);
+          values.action = redirect.href;
         }
       }
+      setAttributes(form, values);
       if (submitter && submitter.name) { hiddenInput(form, submitter.name, submitter.value); }
       form.dataset[ONE_SHOT] = "1";
       form.submit();  // submit() fires no submit event: the form is not decorated twice
