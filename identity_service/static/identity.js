@@ -44,6 +44,9 @@
     timeout: 5000
   };
   var ONE_SHOT = "identityHandoffDecorating";
+  var MAX_TIMER = 2147483647;  // setTimeout fires at once after a longer delay
+  // A form's attributes the helper sets to submit it as its clicked button would have.
+  var SUBMISSION = ["action", "method", "target", "enctype"];
 
   var config = null;
   var settled = false;
@@ -62,6 +65,10 @@
     merged.domains = [].concat(merged.domains).map(function (domain) {
       return String(domain).toLowerCase().replace(/^\./, "");
     });
+    // Milliseconds; anything but a finite positive number a timer can wait ("5s", 0,
+    // Infinity: each would abort every call at once) is the default.
+    var timeout = Number(merged.timeout);
+    merged.timeout = isFinite(timeout) && timeout > 0 && timeout <= MAX_TIMER ? timeout : DEFAULTS.timeout;
     return merged;
   }
 
@@ -103,7 +110,34 @@
   }
 
   function parse(href) {
-    try { return new URL(href, window.location.href); } catch (error) { return null; }
+    try { return new URL(href, document.baseURI || window.location.href); } catch (error) { return null; }
+  }
+
+  // The browsing context a link's or a form's target names, for the targets the helper
+  // takes: none or _self (this one), _top and _parent (in a frame, the top or the parent
+  // page). Null for the others (_blank, a named window or frame): they open or name
+  // another context, which a navigation after the backend's answer could not open (popup
+  // blockers) or find; those are followed as they are, undecorated.
+  function contextOf(target) {
+    var name = String(target == null ? baseTarget() : target).toLowerCase();
+    if (name === "" || name === "_self") { return window; }
+    if (name === "_top") { return window.top; }
+    if (name === "_parent") { return window.parent; }
+    return null;
+  }
+
+  // The page's default target (<base target>), for a link or form without one.
+  function baseTarget() {
+    var base = document.querySelector("base[target]");
+    return base ? base.getAttribute("target") : "";
+  }
+
+  // Navigates the browsing context `target` names. Where the browser would not let this
+  // page navigate it (a sandboxed frame), nothing happens, as with the plain link.
+  function navigate(target, url) {
+    try {
+      contextOf(target).location.href = url;  // href: allowed on a cross-origin top too
+    } catch (error) { /* not allowed */ }
   }
 
   function currentAnonymousId() {
@@ -132,15 +166,15 @@
         event.shiftKey || event.altKey) { return; }
     var link = event.target && event.target.closest ? event.target.closest("a[href]") : null;
     if (!link || link.hasAttribute("download")) { return; }
-    var target = (link.getAttribute("target") || "").toLowerCase();
-    if (target && target !== "_self" && target !== "_top" && target !== "_parent") { return; }
+    var target = link.getAttribute("target");
+    if (!contextOf(target)) { return; }
     var destination = parse(link.href);
     if (!destination || !isHandedOff(destination) || busy) { return; }
     event.preventDefault();
     busy = true;
     freshRedirect(destination.href).then(function (redirect) {
       busy = false;
-      window.location.assign(redirect ? redirect.href : destination.href);
+      navigate(target, redirect ? redirect.href : destination.href);
     });
   }
 
@@ -153,8 +187,22 @@
     form.appendChild(input);
   }
 
+  // Sets a form's attributes, the first time keeping what they were for reset().
+  function setAttributes(form, values) {
+    for (var i = 0; i < SUBMISSION.length; i++) {
+      var name = SUBMISSION[i];
+      if (values[name] == null) { continue; }
+      var saved = "data-identity-handoff-" + name;
+      if (!form.hasAttribute(saved)) {
+        // "=" + the value, or "" when the form had no such attribute.
+        form.setAttribute(saved, form.hasAttribute(name) ? "=" + form.getAttribute(name) : "");
+      }
+      form.setAttribute(name, values[name]);
+    }
+  }
+
   // Back on this page from the back-forward cache: nothing is in flight, and forms are
-  // decorated afresh (their token was used).
+  // decorated afresh (their token was used), with their own attributes back.
   function reset() {
     busy = false;
     var added = document.querySelectorAll("input[data-identity-handoff]");
@@ -162,10 +210,30 @@
     var forms = document.querySelectorAll("form[data-identity-handoff-decorating]");
     for (var j = 0; j < forms.length; j++) {
       delete forms[j].dataset[ONE_SHOT];
-      if (forms[j].hasAttribute("data-identity-handoff-action")) {
-        forms[j].setAttribute("action", forms[j].getAttribute("data-identity-handoff-action"));
+      for (var k = 0; k < SUBMISSION.length; k++) {
+        var saved = "data-identity-handoff-" + SUBMISSION[k];
+        if (!forms[j].hasAttribute(saved)) { continue; }
+        var value = forms[j].getAttribute(saved);
+        if (value) { forms[j].setAttribute(SUBMISSION[k], value.slice(1)); } else { forms[j].removeAttribute(SUBMISSION[k]); }
+        forms[j].removeAttribute(saved);
       }
     }
+  }
+
+  // The submission as the browser would make it: the clicked button's formaction,
+  // formmethod, formtarget and formenctype win over the form's own attributes.
+  function submissionOf(form, submitter) {
+    function pick(own, name) {
+      if (submitter && submitter.hasAttribute(own)) { return submitter.getAttribute(own); }
+      return form.getAttribute(name);
+    }
+    var method = (pick("formmethod", "method") || "get").toLowerCase();
+    return {
+      action: pick("formaction", "action") || window.location.href,  // empty: this page
+      method: method === "post" || method === "dialog" ? method : "get",
+      target: pick("formtarget", "target"),
+      enctype: pick("formenctype", "enctype")
+    };
   }
 
   function onSubmit(event) {
@@ -173,25 +241,32 @@
     if (event.defaultPrevented || !form || form.tagName !== "FORM" || form.dataset[ONE_SHOT]) {
       return;
     }
-    var target = (form.getAttribute("target") || "").toLowerCase();
-    if (target && target !== "_self" && target !== "_top" && target !== "_parent") { return; }
-    var action = parse(form.getAttribute("action") || window.location.href);
+    var submitter = event.submitter || null;
+    var submission = submissionOf(form, submitter);
+    if (submission.method === "dialog" || !contextOf(submission.target)) { return; }
+    var action = parse(submission.action);
     if (!action || !isHandedOff(action) || busy) { return; }
     event.preventDefault();
     busy = true;
-    var submitter = event.submitter;
     freshRedirect(action.href).then(function (redirect) {
       busy = false;
       var token = redirect ? redirect.searchParams.get(config.param) : null;
+      // submit() ignores the button: the form gets the submission's attributes itself.
+      var values = {
+        action: action.href,
+        method: submission.method,
+        target: submission.target,
+        enctype: submission.enctype
+      };
       if (token) {
-        if ((form.getAttribute("method") || "get").toLowerCase() === "get") {
+        if (submission.method === "get") {
           // A GET form's fields replace the action's query: the token becomes a field.
           hiddenInput(form, config.param, token);
         } else {
-          form.setAttribute("data-identity-handoff-action", form.getAttribute("action") || "");
-          form.setAttribute("action", redirect.href);
+          values.action = redirect.href;
         }
       }
+      setAttributes(form, values);
       if (submitter && submitter.name) { hiddenInput(form, submitter.name, submitter.value); }
       form.dataset[ONE_SHOT] = "1";
       form.submit();  // submit() fires no submit event: the form is not decorated twice

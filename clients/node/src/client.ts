@@ -160,12 +160,12 @@ export class IdentityClient {
     let attempt = 0;
     for (;;) {
       try {
-        const data = await this.#post("/v1/handoffs", body);
+        const answer = await this.#post("/v1/handoffs", body);
         return {
-          token: String(data.token),
-          redirectUrl: String(data.redirectUrl),
-          expiresAt: new Date(String(data.expiresAt)),
-          expiresIn: Number(data.expiresIn),
+          token: answer.string("token"),
+          redirectUrl: answer.url("redirectUrl"),
+          expiresAt: answer.date("expiresAt"),
+          expiresIn: answer.number("expiresIn"),
         };
       } catch (error) {
         const retryable = error instanceof ServiceUnavailable || error instanceof IdentityConnectionError;
@@ -188,17 +188,17 @@ export class IdentityClient {
       properties: options.properties,
       context: options.context,
     });
-    const data = await this.#post("/v1/handoffs/exchange", body);
+    const answer = await this.#post("/v1/handoffs/exchange", body, [token]);
     return {
-      anonymousId: String(data.anonymousId),
-      userId: (data.userId as string | null | undefined) ?? null,
-      traits: (data.traits as JsonObject | null | undefined) ?? null,
-      context: (data.context as JsonObject | null | undefined) ?? null,
-      consent: (data.consent as Record<string, boolean> | null | undefined) ?? null,
-      source: data.source === "generated" ? "generated" : "handoff",
-      preparedBy: (data.preparedBy as string | null | undefined) ?? null,
-      preparedAt: typeof data.preparedAt === "string" ? new Date(data.preparedAt) : null,
-      destination: (data.destination as string | null | undefined) ?? null,
+      anonymousId: answer.string("anonymousId"),
+      userId: answer.optionalString("userId"),
+      traits: answer.optionalObject("traits"),
+      context: answer.optionalObject("context"),
+      consent: answer.optionalObject("consent") as Record<string, boolean> | null,
+      source: answer.data.source === "generated" ? "generated" : "handoff",
+      preparedBy: answer.optionalString("preparedBy"),
+      preparedAt: answer.data.preparedAt == null ? null : answer.date("preparedAt"),
+      destination: answer.optionalString("destination"),
     };
   }
 
@@ -210,11 +210,22 @@ export class IdentityClient {
     return jittered;
   }
 
-  #scrub(text: string): string {
-    return this.#writeKey ? text.split(this.#writeKey).join("***") : text;
+  /**
+   * `text` without the write key (raw, as its Basic credentials, percent-encoded; a Bearer
+   * form holds it raw) nor any of `secrets` (the token being exchanged).
+   */
+  #scrub(text: string, secrets: readonly string[] = []): string {
+    const key = this.#writeKey;
+    const forms = [Buffer.from(`${key}:`, "utf8").toString("base64"), key, encodeURIComponent(key)];
+    // A token shorter than MIN_SCRUBBED_TOKEN is none the service made (the middleware's "-").
+    for (const secret of secrets) if (secret.length >= MIN_SCRUBBED_TOKEN) forms.push(secret, encodeURIComponent(secret));
+    let out = text;
+    for (const form of forms.sort((a, b) => b.length - a.length)) if (form) out = out.split(form).join("***");
+    return out;
   }
 
-  async #post(path: string, body: JsonObject): Promise<JsonObject> {
+  async #post(path: string, body: JsonObject, secrets: readonly string[] = []): Promise<Answer> {
+    const scrub = (text: string) => this.#scrub(text, secrets);
     const url = this.baseUrl + path;
     let response: Response;
     let text: string;
@@ -239,25 +250,109 @@ export class IdentityClient {
       const reason = timedOut
         ? `timed out after ${this.timeoutMs} ms`
         : (err?.cause?.code ?? err?.cause?.message ?? err?.message ?? "connection failed");
-      throw new IdentityConnectionError(this.#scrub(`POST ${url}: ${reason}`), {
+      throw new IdentityConnectionError(scrub(`POST ${url}: ${reason}`), {
         title: timedOut ? "Timeout" : "Connection error",
-        detail: this.#scrub(String(reason)),
+        detail: scrub(String(reason)),
         cause: error,
       });
     }
     if (response.status >= 300) {
-      const error = errorFromResponse(response.status, text, response.headers);
-      // Defensive: the service never echoes the key, but no message of ours may carry it.
-      if (this.#writeKey && error.message.includes(this.#writeKey)) error.message = this.#scrub(error.message);
-      throw error;
+      // Defensive: the service never echoes the key or the token, but an upstream might;
+      // no field of the error (message, title, detail, problem...) carries them.
+      throw errorFromResponse(response.status, text, response.headers, scrub);
     }
+    let data: unknown;
     try {
-      return JSON.parse(text) as JsonObject;
-    } catch (cause) {
+      data = JSON.parse(text);
+    } catch {
+      // Without JSON.parse's error as the cause: its message quotes a piece of the answer,
+      // which may be a piece of a secret that no scrubbing would recognize.
       throw new APIError(`POST ${url}: the answer (HTTP ${response.status}) is not JSON`, {
         status: response.status,
-        cause,
+        title: "Malformed answer",
+        detail: "the answer is not JSON",
       });
     }
+    if (data === null || typeof data !== "object" || Array.isArray(data)) {
+      throw new APIError(`POST ${url}: the answer (HTTP ${response.status}) is not a JSON object`, {
+        status: response.status,
+        title: "Malformed answer",
+        detail: "the answer is not a JSON object",
+      });
+    }
+    return new Answer(data as JsonObject, `POST ${url}`, response.status);
+  }
+}
+
+/** Real tokens are 43 characters; a shorter "token" is not scrubbed from errors. */
+const MIN_SCRUBBED_TOKEN = 8;
+
+/**
+ * Reads the fields of a 2xx answer, each of the type the API documents, or throws an
+ * `APIError` that names the field (never its value): a malformed answer is not a value.
+ */
+class Answer {
+  constructor(
+    readonly data: JsonObject,
+    private readonly what: string,
+    private readonly status: number,
+  ) {}
+
+  #malformed(field: string, expected: string): APIError {
+    const detail = `the answer's ${field} is not ${expected}`;
+    return new APIError(`${this.what}: ${detail}`, { status: this.status, title: "Malformed answer", detail });
+  }
+
+  /** A non-empty string. */
+  string(field: string): string {
+    const value = this.data[field];
+    if (typeof value !== "string" || value === "") throw this.#malformed(field, "a non-empty string");
+    return value;
+  }
+
+  /** A string, or null when absent or null. */
+  optionalString(field: string): string | null {
+    const value = this.data[field];
+    if (value === undefined || value === null) return null;
+    if (typeof value !== "string") throw this.#malformed(field, "a string or null");
+    return value;
+  }
+
+  /** A JSON object, or null when absent or null. */
+  optionalObject(field: string): JsonObject | null {
+    const value = this.data[field];
+    if (value === undefined || value === null) return null;
+    if (typeof value !== "object" || Array.isArray(value)) throw this.#malformed(field, "an object or null");
+    return value as JsonObject;
+  }
+
+  /** An absolute http(s) URL, as a string. */
+  url(field: string): string {
+    const value = this.string(field);
+    let url: URL | null = null;
+    try {
+      url = new URL(value);
+    } catch {
+      url = null;
+    }
+    if (url === null || (url.protocol !== "https:" && url.protocol !== "http:")) {
+      throw this.#malformed(field, "an absolute http(s) URL");
+    }
+    return value;
+  }
+
+  /** A date-time string, as a Date. */
+  date(field: string): Date {
+    const value = this.data[field];
+    const date = typeof value === "string" ? new Date(value) : null;
+    if (date === null || Number.isNaN(date.getTime())) throw this.#malformed(field, "a date-time");
+    return date;
+  }
+
+  /** A finite number. */
+  number(field: string): number {
+    const value = this.data[field];
+    if (typeof value !== "number" || !Number.isFinite(value)) throw this.#malformed(field, "a number");
+    return value;
   }
 }

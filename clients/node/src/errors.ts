@@ -153,43 +153,82 @@ export function parseRetryAfter(value: string | null | undefined, now: number = 
   return Math.max(0, Math.ceil((date - now) / 1000));
 }
 
-/** Builds the error for an answer of status >= 400 from its body text. */
+/**
+ * The class of an answer whose problem type is not one of the service's (another type, or
+ * no problem document): by status, as the Python SDK's `STATUS_CLASSES` (e.g. a proxy's 503
+ * or 429, a gateway's 401).
+ */
+const BY_STATUS: Record<number, ErrorClass> = {
+  401: Unauthorized,
+  413: PayloadTooLarge,
+  415: UnsupportedMediaType,
+  429: RateLimited,
+  503: ServiceUnavailable,
+};
+
+/** Every string in `value` (keys included) passed through `scrub`; other values kept. */
+function scrubDeep(value: unknown, scrub: (text: string) => string): unknown {
+  if (typeof value === "string") return scrub(value);
+  if (Array.isArray(value)) return value.map((item) => scrubDeep(item, scrub));
+  if (value !== null && typeof value === "object") {
+    const out: Record<string, unknown> = {};
+    for (const [key, item] of Object.entries(value)) out[scrub(key)] = scrubDeep(item, scrub);
+    return out;
+  }
+  return value;
+}
+
+/**
+ * Builds the error for an answer of status >= 400 from its body text. `scrub` is applied
+ * to every text of the error taken from the answer (the message, `title`, `detail`,
+ * `instance`, `requestId` and every string of `problem`), so that a secret an upstream
+ * echoed (the write key, a token) is in none of them; the class is chosen from the answer
+ * as sent.
+ */
 export function errorFromResponse(
   status: number,
   bodyText: string,
   headers: { get(name: string): string | null },
+  scrub: (text: string) => string = (text) => text,
 ): IdentityError {
-  let problem: Problem | undefined;
+  let parsed: unknown;
   try {
-    const parsed: unknown = JSON.parse(bodyText);
-    if (parsed !== null && typeof parsed === "object" && !Array.isArray(parsed)) {
-      const obj = parsed as Record<string, unknown>;
-      if (typeof obj.type === "string" || typeof obj.title === "string") {
-        problem = {
-          ...obj,
-          type: typeof obj.type === "string" ? obj.type : "about:blank",
-          title: typeof obj.title === "string" ? obj.title : `HTTP ${status}`,
-          status: typeof obj.status === "number" ? obj.status : status,
-        } as Problem;
-      }
-    }
+    parsed = JSON.parse(bodyText);
   } catch {
-    problem = undefined;
+    parsed = undefined;
   }
-  const type = problem?.type ?? "about:blank";
-  const slug = type.startsWith(PROBLEM_PREFIX) ? type.slice(PROBLEM_PREFIX.length) : undefined;
-  let cls: ErrorClass = (slug !== undefined ? BY_SLUG[slug] : undefined) ?? APIError;
-  if (cls === APIError && status === 503) cls = ServiceUnavailable; // e.g. a proxy's 503
+  let rawType: string | undefined;
+  let problem: Problem | undefined;
+  if (parsed !== null && typeof parsed === "object" && !Array.isArray(parsed)) {
+    const raw = parsed as Record<string, unknown>;
+    if (typeof raw.type === "string" || typeof raw.title === "string") {
+      rawType = typeof raw.type === "string" ? raw.type : undefined;
+      const obj = scrubDeep(raw, scrub) as Record<string, unknown>;
+      problem = {
+        ...obj,
+        type: typeof obj.type === "string" ? obj.type : "about:blank",
+        title: typeof obj.title === "string" ? obj.title : `HTTP ${status}`,
+        status: typeof obj.status === "number" ? obj.status : status,
+      } as Problem;
+    }
+  }
+  const slug = rawType?.startsWith(PROBLEM_PREFIX) ? rawType.slice(PROBLEM_PREFIX.length) : undefined;
+  const bySlug = slug !== undefined && Object.hasOwn(BY_SLUG, slug) ? BY_SLUG[slug] : undefined;
+  const cls: ErrorClass = bySlug ?? BY_STATUS[status] ?? APIError;
+  // One of the service's own types is kept as sent (a short write key cannot mangle it).
+  const type = bySlug !== undefined && rawType !== undefined ? rawType : (problem?.type ?? "about:blank");
+  if (problem) problem.type = type;
   const title = problem?.title ?? `HTTP ${status}`;
   const detail = typeof problem?.detail === "string" ? problem.detail : undefined;
   const message = detail ? `${title}: ${detail}` : title;
+  const requestId = headers.get("x-request-id");
   return new cls(`${message} (HTTP ${status})`, {
     status,
     type,
     title,
     detail,
     instance: typeof problem?.instance === "string" ? problem.instance : undefined,
-    requestId: headers.get("x-request-id") ?? undefined,
+    requestId: requestId === null ? undefined : scrub(requestId),
     retryAfter: parseRetryAfter(headers.get("retry-after")),
     problem,
   });

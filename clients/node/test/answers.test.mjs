@@ -1,0 +1,344 @@
+// Answers the service never gives, from tiny real node:http servers: malformed 2xx bodies
+// are APIError (never a value, never a raw TypeError), a secret an upstream echoes is in no
+// field of the error, and an error answer without a problem type gets the Python SDK's class.
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import http from "node:http";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { inspect, promisify } from "node:util";
+import { describe, test } from "node:test";
+
+import {
+  APIError,
+  IdentityClient,
+  IdentityError,
+  PayloadTooLarge,
+  RateLimited,
+  ServiceUnavailable,
+  TokenNotFound,
+  Unauthorized,
+  UnsupportedMediaType,
+  handoffMiddleware,
+} from "../dist/esm/index.js";
+import { SERVICE_BIN, startHttpServer } from "./helpers.mjs";
+
+const TOKEN = "T0kenT0kenT0kenT0kenT0kenT0kenT0kenT0kenT0k"; // 43 characters, as the service's
+const PREPARED = {
+  token: TOKEN,
+  redirectUrl: `http://checkout.localhost/cart?handoff_token=${TOKEN}`,
+  expiresAt: "2030-01-01T00:00:00.000Z",
+  expiresIn: 300,
+};
+const EXCHANGED = {
+  anonymousId: "visitor-1",
+  userId: null,
+  traits: {},
+  context: {},
+  consent: {},
+  source: "handoff",
+  preparedBy: "shop",
+  preparedAt: "2030-01-01T00:00:00.000Z",
+  destination: "http://checkout.localhost/cart",
+};
+const params = { anonymousId: "a", destination: "http://checkout.localhost/cart" };
+
+/** A server answering every request `status` with `body` as sent (a string) or as JSON. */
+function answering(status, body, headers = {}) {
+  return startHttpServer((req, res) => {
+    res.writeHead(status, { "content-type": "application/json", ...headers });
+    res.end(typeof body === "string" ? body : JSON.stringify(body));
+  });
+}
+
+async function withServer(status, body, run, headers = {}) {
+  const server = await answering(status, body, headers);
+  try {
+    return await run(new IdentityClient({ baseUrl: server.url, writeKey: "write-key-0123456789", maxRetries: 0 }));
+  } finally {
+    await server.close();
+  }
+}
+
+/** A malformed answer: an APIError with the answer's status, that names the field, not its value. */
+function malformed(status, field) {
+  return (error) => {
+    assert.ok(!(error instanceof TypeError), String(error));
+    assert.ok(error instanceof APIError, String(error));
+    assert.equal(error.constructor, APIError);
+    assert.equal(error.status, status);
+    if (field) assert.match(error.message, new RegExp(`the answer's ${field} is not`));
+    return true;
+  };
+}
+
+describe("malformed 2xx answers are APIError", () => {
+  test("prepare: {} and wrong types are refused, not turned into strings", async () => {
+    const cases = [
+      [{}, "token"],
+      [{ ...PREPARED, token: null }, "token"],
+      [{ ...PREPARED, token: "" }, "token"],
+      [{ ...PREPARED, token: 42 }, "token"],
+      [{ ...PREPARED, redirectUrl: undefined }, "redirectUrl"],
+      [{ ...PREPARED, redirectUrl: "undefined" }, "redirectUrl"],
+      [{ ...PREPARED, redirectUrl: "javascript:alert(1)" }, "redirectUrl"],
+      [{ ...PREPARED, expiresAt: "tomorrow" }, "expiresAt"],
+      [{ ...PREPARED, expiresAt: 1 }, "expiresAt"],
+      [{ ...PREPARED, expiresIn: "300" }, "expiresIn"],
+      [{ ...PREPARED, expiresIn: null }, "expiresIn"],
+    ];
+    for (const [body, field] of cases) {
+      await withServer(201, body, (client) => assert.rejects(client.prepare(params), malformed(201, field)));
+    }
+  });
+
+  test("exchange: {} and wrong types are refused", async () => {
+    const cases = [
+      [{}, "anonymousId"],
+      [{ ...EXCHANGED, anonymousId: null }, "anonymousId"],
+      [{ ...EXCHANGED, anonymousId: "" }, "anonymousId"],
+      [{ ...EXCHANGED, anonymousId: 7 }, "anonymousId"],
+      [{ ...EXCHANGED, userId: 5 }, "userId"],
+      [{ ...EXCHANGED, traits: [] }, "traits"],
+      [{ ...EXCHANGED, traits: "x" }, "traits"],
+      [{ ...EXCHANGED, consent: true }, "consent"],
+      [{ ...EXCHANGED, preparedAt: "yesterday" }, "preparedAt"],
+      [{ ...EXCHANGED, destination: {} }, "destination"],
+    ];
+    for (const [body, field] of cases) {
+      await withServer(200, body, (client) => assert.rejects(client.exchange(TOKEN), malformed(200, field)));
+    }
+  });
+
+  test("a body that is not a JSON object (null, an array, a string, a number) or not JSON", async () => {
+    for (const body of ["null", "[]", '"token"', "42", "true", "not json"]) {
+      await withServer(201, body, (client) => assert.rejects(client.prepare(params), malformed(201)));
+      await withServer(200, body, (client) => assert.rejects(client.exchange(TOKEN), malformed(200)));
+    }
+  });
+
+  test("well-formed answers still pass, optional fields absent or null", async () => {
+    await withServer(201, PREPARED, async (client) => {
+      const handoff = await client.prepare(params);
+      assert.equal(handoff.token, TOKEN);
+      assert.equal(handoff.expiresIn, 300);
+      assert.equal(handoff.expiresAt.toISOString(), "2030-01-01T00:00:00.000Z");
+    });
+    await withServer(200, { anonymousId: "generated-1", source: "generated" }, async (client) => {
+      const identity = await client.exchange(TOKEN, { fallback: true });
+      assert.deepEqual(identity, {
+        anonymousId: "generated-1",
+        userId: null,
+        traits: null,
+        context: null,
+        consent: null,
+        source: "generated",
+        preparedBy: null,
+        preparedAt: null,
+        destination: null,
+      });
+    });
+  });
+
+  test("the middleware takes its outage path: 303 to the clean URL, no cookie, onError", async () => {
+    for (const body of ["{}", "null", JSON.stringify({ ...EXCHANGED, anonymousId: 1 })]) {
+      const upstream = await answering(200, body);
+      const errors = [];
+      const client = new IdentityClient({ baseUrl: upstream.url, writeKey: "write-key-0123456789" });
+      const middleware = handoffMiddleware(client, { onError: (error) => errors.push(error), secure: false });
+      const site = http.createServer((req, res) => middleware(req, res, () => res.end("page")));
+      await new Promise((resolve) => site.listen(0, "127.0.0.1", resolve));
+      try {
+        const answer = await fetch(`http://127.0.0.1:${site.address().port}/cart?a=1&handoff_token=${TOKEN}`, {
+          redirect: "manual",
+        });
+        assert.equal(answer.status, 303, body);
+        assert.equal(answer.headers.get("location"), "/cart?a=1");
+        assert.deepEqual(answer.headers.getSetCookie(), [], body);
+        assert.equal(errors.length, 1);
+        assert.ok(errors[0] instanceof APIError, String(errors[0]));
+      } finally {
+        site.closeAllConnections();
+        await new Promise((resolve) => site.close(resolve));
+        await upstream.close();
+      }
+    }
+  });
+});
+
+describe("a secret an upstream echoes is in no field of the error", () => {
+  const KEY = "write-key-that-must-not-leak-42";
+  const BASIC = Buffer.from(`${KEY}:`).toString("base64");
+
+  /** Echoes the Authorization header and the body in every text of a problem document. */
+  async function echoing(status, extra = {}) {
+    return startHttpServer((req, res, count, body) => {
+      const auth = req.headers.authorization;
+      const echoed = `auth ${auth}, key ${KEY}, Bearer ${KEY}, body ${body}`;
+      res.writeHead(status, { "content-type": "application/problem+json", "x-request-id": `rid ${KEY}` });
+      res.end(
+        JSON.stringify({
+          type: "about:blank",
+          title: `Refused ${KEY}`,
+          status,
+          detail: echoed,
+          instance: `/v1/${KEY}`,
+          [`member-${KEY}`]: [echoed, { nested: echoed }],
+          ...extra,
+        }),
+      );
+    });
+  }
+
+  function clean(error, secrets) {
+    assert.ok(error instanceof IdentityError, String(error));
+    const views = {
+      message: error.message,
+      stack: error.stack,
+      title: error.title,
+      detail: error.detail,
+      instance: error.instance,
+      requestId: error.requestId,
+      problem: JSON.stringify(error.problem),
+      inspect: inspect(error, { depth: null }),
+      json: JSON.stringify(error),
+    };
+    for (const [where, text] of Object.entries(views)) {
+      for (const secret of secrets) assert.ok(!String(text).includes(secret), `${where} holds a secret: ${text}`);
+    }
+    assert.match(error.detail, /\*\*\*/);
+    return true;
+  }
+
+  test("the write key, raw, as Basic credentials and Bearer, from prepare and exchange", async () => {
+    for (const status of [400, 401, 500, 503]) {
+      const server = await echoing(status);
+      try {
+        const client = new IdentityClient({ baseUrl: server.url, writeKey: KEY, maxRetries: 0 });
+        await assert.rejects(client.prepare(params), (error) => clean(error, [KEY, BASIC]));
+        await assert.rejects(client.exchange(TOKEN), (error) => clean(error, [KEY, BASIC, TOKEN]));
+      } finally {
+        await server.close();
+      }
+    }
+  });
+
+  test("a known problem type keeps its class and type while its texts are scrubbed", async () => {
+    const server = await echoing(404, { type: "urn:identity-service:problem:token-not-found" });
+    try {
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: KEY });
+      await assert.rejects(client.exchange(TOKEN), (error) => {
+        assert.ok(error instanceof TokenNotFound);
+        assert.equal(error.type, "urn:identity-service:problem:token-not-found");
+        assert.equal(error.problem.type, "urn:identity-service:problem:token-not-found");
+        return clean(error, [KEY, BASIC, TOKEN]);
+      });
+    } finally {
+      await server.close();
+    }
+  });
+
+  test("a 2xx answer that is not JSON: no piece of it in the error (JSON.parse's message quotes one)", async () => {
+    const server = await startHttpServer((req, res, count, body) => {
+      res.writeHead(200, { "content-type": "application/json" });
+      res.end(req.url.endsWith("/exchange") ? JSON.parse(body).token : KEY);
+    });
+    try {
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: KEY, maxRetries: 0 });
+      await assert.rejects(client.prepare(params), (error) => {
+        assert.ok(error instanceof APIError);
+        assert.ok(!inspect(error, { depth: null }).includes(KEY.slice(0, 8)), inspect(error));
+        return true;
+      });
+      await assert.rejects(client.exchange(TOKEN), (error) => {
+        assert.ok(error instanceof APIError);
+        assert.ok(!inspect(error, { depth: null }).includes(TOKEN.slice(0, 8)), inspect(error));
+        return true;
+      });
+    } finally {
+      await server.close();
+    }
+  });
+});
+
+describe("an error answer without a problem type: the class by status, as in Python", () => {
+  const EXPECTED = {
+    400: APIError,
+    401: Unauthorized,
+    403: APIError,
+    404: APIError,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+    429: RateLimited,
+    500: APIError,
+    502: APIError,
+    503: ServiceUnavailable,
+  };
+  const BODIES = {
+    text: "<html>nope</html>",
+    "about:blank": JSON.stringify({ type: "about:blank", title: "Nope" }),
+    "another type": JSON.stringify({ type: "https://proxy.example/problem", title: "Nope" }),
+    "an unknown slug": JSON.stringify({ type: "urn:identity-service:problem:constructor", title: "Nope" }),
+  };
+
+  test("Node's classes", async () => {
+    for (const [status, cls] of Object.entries(EXPECTED)) {
+      for (const [what, body] of Object.entries(BODIES)) {
+        await withServer(Number(status), body, async (client) => {
+          await assert.rejects(client.exchange(TOKEN), (error) => {
+            assert.equal(error.constructor, cls, `${status} ${what}: ${error.name}`);
+            assert.equal(error.status, Number(status));
+            if (cls === RateLimited || cls === ServiceUnavailable) assert.equal(error.retryAfter, 7);
+            return true;
+          });
+        }, { "retry-after": "7" });
+      }
+    }
+  });
+
+  test("a problem type of the service wins over the status", async () => {
+    const body = { type: "urn:identity-service:problem:token-not-found", title: "Not found" };
+    await withServer(401, body, (client) => assert.rejects(client.exchange(TOKEN), TokenNotFound));
+  });
+
+  test("the Python SDK picks the same class for the same answer", async () => {
+    // One server for every case: /<status>/<body>/v1/handoffs/exchange.
+    const names = Object.keys(BODIES);
+    const server = await startHttpServer((req, res) => {
+      const [, status, which] = req.url.split("/");
+      res.writeHead(Number(status), { "content-type": "application/json", "retry-after": "7" });
+      res.end(BODIES[names[Number(which)]]);
+    });
+    try {
+      const bases = Object.keys(EXPECTED).flatMap((status) => names.map((_, which) => `${server.url}/${status}/${which}`));
+      const script = [
+        "import json, sys",
+        "from identity_client import IdentityClient, IdentityError",
+        "found = []",
+        "for base in sys.argv[1:]:",
+        "    with IdentityClient(base, 'write-key-0123456789') as client:",
+        "        try:",
+        "            client.exchange('t' * 43)",
+        "        except IdentityError as error:",
+        "            found.append(type(error).__name__)",
+        "print(json.dumps(found))",
+      ].join("\n");
+      const here = path.dirname(fileURLToPath(import.meta.url));
+      // Asynchronously: this process serves the Python client's requests.
+      const ran = await promisify(execFile)(path.join(path.dirname(SERVICE_BIN), "python"), ["-c", script, ...bases], {
+        env: { ...process.env, PYTHONPATH: path.resolve(here, "..", "..", "python") },
+      });
+      const python = JSON.parse(ran.stdout);
+      assert.equal(python.length, bases.length);
+      for (const [index, base] of bases.entries()) {
+        const client = new IdentityClient({ baseUrl: base, writeKey: "write-key-0123456789" });
+        await assert.rejects(client.exchange(TOKEN), (error) => {
+          assert.equal(error.name, python[index], base);
+          return true;
+        });
+      }
+    } finally {
+      await server.close();
+    }
+  });
+});

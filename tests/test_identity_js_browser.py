@@ -1,0 +1,279 @@
+"""identity.js on domain A in headless Chromium (Debian's): where a decorated link or form
+goes, against the real service and a real site.
+
+The service (in process, through its HTTP front) serves identity.js and prepares the
+handoffs; the site answers both ``a.localhost`` (domain A: the pages, and ``/handoff``,
+which prepares through the Python SDK) and ``b.localhost`` (domain B: every request is
+recorded). The tests assert
+
+- a form's clicked button decides the submission, as in the browser: its ``formaction``,
+  ``formmethod`` and ``formtarget`` win over the form's, and a button whose action is not
+  a handed-off destination is left alone (no handoff prepared);
+- a link with ``target="_top"`` or ``"_parent"`` in a frame navigates the top or the parent
+  page, not the frame; ``_blank`` is left alone;
+- a ``data-timeout`` that is not a positive number of milliseconds (``5s``) is the default,
+  not an abort at once.
+
+Without Chromium or Playwright these tests skip, except in CI (tests/browser.py).
+"""
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from aiohttp import web
+from identity_client import AsyncIdentityClient
+
+from identity_service.app import create_app
+from identity_service.front import FrontRunner
+from identity_service.sources import hash_write_key
+from tests.browser import CHROMIUM_ARGS, chromium_path, need_browser
+from tests.conftest import make_settings
+from tests.redis_server import free_port
+
+TIMEOUT_MS = 15_000
+WRITE_KEY = "identity-js-browser-write-key-7c1d"
+TOKEN = re.compile(r"[?&]handoff_token=[A-Za-z0-9_-]{43}(&|$)")
+# /handoff answers after this long: a timeout that aborts at once cannot wait for it.
+HANDOFF_DELAY = 0.3
+
+
+@dataclass
+class Site:
+    a: str
+    b: str
+    service: str
+    seen_b: list[str] = field(default_factory=list)  # "METHOD /path?query" on b.localhost
+    handoffs: list[str] = field(default_factory=list)  # the destinations /handoff was asked
+
+    async def wait_for_b(self, found: Callable[[str], bool]) -> str:
+        for _ in range(int(TIMEOUT_MS / 50)):
+            for request in self.seen_b:
+                if found(request):
+                    return request
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"b.localhost got no such request: {self.seen_b}")
+
+
+async def on_b(tab: Any, site: Site) -> None:
+    """Waits until the tab has gone to domain B (its request may be seen before)."""
+    await tab.wait_for_url(lambda url: url.startswith(site.b))
+
+
+def fields(request: str) -> dict[str, str]:
+    """The query of a recorded request ("GET /cart?q=1"), as a dict."""
+    return dict(parse_qsl(urlsplit(request.split(" ", 1)[1]).query))
+
+
+def page(site: Site, body: str, *, tag: str | None = None) -> web.Response:
+    """A domain-A page with identity.js, set up by ``init`` or by the script tag's ``tag``."""
+    if tag is None:
+        init = json.dumps({"domains": ["b.localhost"], "tokenEndpoint": "/handoff"})
+        head = (
+            f'<script src="{site.service}/v1/identity.js"></script>'
+            f"<script>IdentityHandoff.init({init});</script>"
+        )
+    else:
+        head = f'<script src="{site.service}/v1/identity.js" {tag}></script>'
+    html = f"<!doctype html><html><head>{head}</head><body>{body}</body></html>"
+    return web.Response(text=html, content_type="text/html")
+
+
+def site_app(site: Site, client: AsyncIdentityClient, pages: dict[str, str]) -> web.Application:
+    async def handoff(request: web.Request) -> web.Response:
+        destination = (await request.json())["destination"]
+        site.handoffs.append(destination)
+        await asyncio.sleep(HANDOFF_DELAY)
+        prepared = await client.prepare(anonymous_id="visitor-1", destination=destination)
+        return web.json_response({"redirectUrl": prepared.redirect_url})
+
+    async def any_page(request: web.Request) -> web.Response:
+        if request.host.split(":")[0] == "b.localhost":
+            site.seen_b.append(f"{request.method} {request.path_qs}")
+            return web.Response(text=f"<h1>B {request.path}</h1>", content_type="text/html")
+        if request.path == "/tag":
+            timeout = request.query["timeout"]
+            tag = f'data-domains="b.localhost" data-token-endpoint="/handoff" data-timeout="{timeout}"'
+            return page(site, f'<a id="link" href="{site.b}/cart">checkout</a>', tag=tag)
+        if request.path in pages:
+            return page(site, pages[request.path].format(a=site.a, b=site.b))
+        return web.Response(text=f"<h1>A {request.path}</h1>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_post("/handoff", handoff)
+    app.router.add_route("*", "/{tail:.*}", any_page)
+    return app
+
+
+PAGES = {
+    # The form's action is domain B's; one button submits elsewhere (formaction).
+    "/form": """<form method="get" action="{b}/cart"><input name="q" value="1">
+        <button id="save" name="act" value="save" formaction="/save">Save for later</button>
+        <button id="go" name="act" value="go">Checkout</button>
+        <button id="pay" name="act" value="pay" formaction="{b}/pay" formmethod="post">Pay</button>
+        <button id="popup" name="act" value="popup" formtarget="_blank">In a new tab</button>
+        </form>""",
+    # The form's action is this site's; one button submits to domain B.
+    "/local-form": """<form method="post" action="/local"><input name="q" value="1">
+        <button id="local" name="act" value="local">Here</button>
+        <button id="checkout" name="act" value="checkout" formaction="{b}/cart"
+          formmethod="get">Checkout</button></form>""",
+    "/top": '<h1>top</h1><iframe id="frame" src="/frame" width="600" height="200"></iframe>',
+    "/frame": """<a id="to-top" href="{b}/cart?from=frame" target="_top">checkout</a>
+        <a id="blank" href="{b}/cart?from=blank" target="_blank">new tab</a>""",
+    "/parent": """<h1>parent</h1>
+        <iframe id="middle" name="middle" src="/middle" width="600" height="300"></iframe>""",
+    "/middle": '<h1>middle</h1><iframe id="inner" src="/inner" width="500" height="100"></iframe>',
+    "/inner": '<a id="to-parent" href="{b}/cart?from=inner" target="_parent">checkout</a>',
+}
+
+
+@asynccontextmanager
+async def running_site() -> AsyncIterator[Site]:
+    service_port, site_port = free_port(), free_port()
+    sources = {
+        "shop": {
+            "write_key_hash": hash_write_key(WRITE_KEY),
+            "origins": [f"http://b.localhost:{site_port}"],
+        }
+    }
+    service = FrontRunner(create_app(make_settings(sources=json.dumps(sources))), access_log=None)
+    await service.setup()
+    await web.TCPSite(service, "127.0.0.1", service_port).start()
+    site = Site(
+        f"http://a.localhost:{site_port}",
+        f"http://b.localhost:{site_port}",
+        f"http://127.0.0.1:{service_port}",
+    )
+    try:
+        async with AsyncIdentityClient(site.service, WRITE_KEY) as client:
+            runner = web.AppRunner(site_app(site, client, PAGES), access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", site_port).start()
+            try:
+                yield site
+            finally:
+                await runner.cleanup()
+    finally:
+        await service.cleanup()
+
+
+@asynccontextmanager
+async def browser_tab() -> AsyncIterator[Any]:
+    async_api = need_browser()
+    async with async_api.async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=chromium_path(), args=CHROMIUM_ARGS, timeout=TIMEOUT_MS
+        )
+        try:
+            context = await browser.new_context()
+            context.set_default_timeout(TIMEOUT_MS)
+            yield await context.new_page()
+        finally:
+            await browser.close()
+
+
+async def test_a_forms_clicked_button_decides_where_it_goes() -> None:
+    async with running_site() as site, browser_tab() as tab:
+        # formaction="/save" on a form to domain B: this site's /save, no handoff.
+        await tab.goto(f"{site.a}/form")
+        async with tab.expect_navigation(url=f"{site.a}/save?q=1&act=save"):
+            await tab.click("#save")
+        assert site.handoffs == []
+        assert site.seen_b == []
+
+        # The form's own action: handed off, the token a field (a GET form).
+        await tab.goto(f"{site.a}/form")
+        await tab.click("#go")
+        got = await site.wait_for_b(lambda request: request.startswith("GET /cart?"))
+        await on_b(tab, site)
+        assert got.startswith("GET /cart?"), got
+        assert fields(got).keys() == {"q", "act", "handoff_token"}, got
+        assert fields(got)["act"] == "go"
+        assert TOKEN.search(got), got
+        assert site.handoffs == [f"{site.b}/cart"]
+
+        # formaction and formmethod="post" to domain B: a POST to the redirect URL.
+        await tab.goto(f"{site.a}/form")
+        await tab.click("#pay")
+        got = await site.wait_for_b(lambda request: "/pay" in request)
+        await on_b(tab, site)
+        assert got.startswith("POST /pay?handoff_token="), got
+        assert site.handoffs[-1] == f"{site.b}/pay"
+
+        # formtarget="_blank": another context, left alone (no handoff prepared).
+        await tab.goto(f"{site.a}/form")
+        async with tab.context.expect_page() as popup:
+            await tab.click("#popup")
+        opened = await popup.value
+        await opened.wait_for_load_state()
+        assert opened.url == f"{site.b}/cart?q=1&act=popup"
+        assert len(site.handoffs) == 2
+
+        # A form to this site whose button goes to domain B (formaction, formmethod="get").
+        await tab.goto(f"{site.a}/local-form")
+        await tab.click("#checkout")
+        got = await site.wait_for_b(lambda request: "act=checkout" in request)
+        await on_b(tab, site)
+        assert got.startswith("GET /cart?"), got
+        assert fields(got).keys() == {"q", "act", "handoff_token"}, got
+        assert TOKEN.search(got), got
+        assert len(site.handoffs) == 3
+        # ...and its other button posts to this site, untouched.
+        await tab.goto(f"{site.a}/local-form")
+        async with tab.expect_navigation(url=f"{site.a}/local"):
+            await tab.click("#local")
+        assert len(site.handoffs) == 3
+
+
+async def test_a_link_in_a_frame_navigates_the_context_its_target_names() -> None:
+    async with running_site() as site, browser_tab() as tab:
+        # target="_top" in a frame: the top page goes to domain B, with the token.
+        await tab.goto(f"{site.a}/top")
+        frame = tab.frame_locator("#frame")
+        async with tab.expect_navigation(url=lambda url: url.startswith(f"{site.b}/cart")):
+            await frame.locator("#to-top").click()
+        got = await site.wait_for_b(lambda request: "from=frame" in request)
+        assert got.startswith("GET /cart?from=frame&handoff_token="), got
+        assert TOKEN.search(tab.url), tab.url
+        assert len(tab.frames) == 1  # the frame went with its page
+
+        # target="_parent": the middle frame goes, the top page stays.
+        await tab.goto(f"{site.a}/parent")
+        inner = tab.frame_locator("#middle").frame_locator("#inner")
+        await inner.locator("#to-parent").click()
+        got = await site.wait_for_b(lambda request: "from=inner" in request)
+        assert got.startswith("GET /cart?from=inner&handoff_token="), got
+        middle = tab.frame(name="middle")
+        await middle.wait_for_url(lambda url: url.startswith(f"{site.b}/cart"))
+        assert middle.parent_frame == tab.main_frame
+        assert tab.url == f"{site.a}/parent"
+
+        # target="_blank": a new tab, as the browser opens it, undecorated.
+        handoffs = len(site.handoffs)
+        await tab.goto(f"{site.a}/top")
+        async with tab.context.expect_page() as popup:
+            await tab.frame_locator("#frame").locator("#blank").click()
+        opened = await popup.value
+        await opened.wait_for_load_state()
+        assert opened.url == f"{site.b}/cart?from=blank"
+        assert len(site.handoffs) == handoffs
+
+
+async def test_a_data_timeout_that_is_not_a_number_is_the_default() -> None:
+    async with running_site() as site, browser_tab() as tab:
+        for timeout in ["5s", "0", "-1", "Infinity", "3000"]:
+            await tab.goto(f"{site.a}/tag?timeout={timeout}")
+            async with tab.expect_navigation(url=lambda url: url.startswith(f"{site.b}/cart")):
+                await tab.click("#link")
+            assert TOKEN.search(tab.url), f"data-timeout={timeout}: {tab.url}"
+        # A real timeout still bounds the call: 100 ms is less than the backend's delay.
+        await tab.goto(f"{site.a}/tag?timeout=100")
+        async with tab.expect_navigation(url=lambda url: url.startswith(f"{site.b}/cart")):
+            await tab.click("#link")
+        assert tab.url == f"{site.b}/cart"
