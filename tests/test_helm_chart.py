@@ -852,12 +852,6 @@ def test_a_default_ttl_above_the_max_ttl_stops_the_render_as_the_service_refuses
 
 
 @pytest.mark.parametrize(
-    "wait", ["0,5", "99,99999", "17,50", "1,0", "1,10001", "1,50", "16,10000", "1,1", "off"]
-)
-def test_the_schema_takes_the_redis_waits_the_service_takes(wait: str) -> None:
-    values = chart().merge_values(
-        merge(ci_values("external-redis"), {"config": {"redisWait": wait}})
-    )
     ("wait", "timeout"),
     [
         *((wait, None) for wait in ("0,5", "99,99999", "17,50", "1,0", "1,10001", "1,50")),
