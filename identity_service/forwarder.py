@@ -41,6 +41,8 @@ MAINTAIN_EVERY_SECONDS = 1.0
 IDLE_READ_SECONDS = 1.0
 ERROR_PAUSE_SECONDS = 1.0
 GATHER_SECONDS = 0.05
+# Far past any backoff_max / backoff_base the settings allow.
+_MAX_DOUBLINGS = 64
 # What a failing or stalled store raises.
 STORE_ERRORS = (RedisError, ReplyError, OSError)
 
@@ -270,7 +272,10 @@ class Forwarder:
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return retry_after
-        ceiling = min(self._settings.backoff_max, self._settings.backoff_base * 2 ** (attempt - 1))
+        # Throttled retries are not bounded by max_attempts: the exponent is, or a float
+        # would overflow after about a thousand of them.
+        doublings = min(attempt - 1, _MAX_DOUBLINGS)
+        ceiling = min(self._settings.backoff_max, self._settings.backoff_base * 2**doublings)
         return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not a secret
 
     async def _pause(self, seconds: float) -> bool:

@@ -72,6 +72,8 @@ MAX_HEADERS = 128
 IDLE_TIMEOUT_SECONDS = 75.0
 # How long a refused connection is still read (and what is read dropped) before it closes.
 LINGER_SECONDS = 2.0
+# Connections turned away over max_connections that may linger at once (_Turnaway).
+MAX_LINGERING_TURNAWAYS = 256
 # Parsed requests a connection may queue before it is read no further.
 MAX_QUEUED_REQUESTS = 64
 _NEVER = math.inf
@@ -180,6 +182,7 @@ class FrontServer(web.Server):
         # Raw bytes a body may take on the wire: chunk framing and trailers on top of it.
         self.framed_body_limit = 2 * (self.max_body_bytes + MAX_HEAD_BYTES)
         self.front_connections: set[FrontProtocol] = set()
+        self.lingering_turnaways = 0  # connections turned away, not closed yet (_Turnaway)
         self._sweep_every = min(1.0, self.head_timeout / 4, self.body_timeout / 4)
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -188,7 +191,7 @@ class FrontServer(web.Server):
             self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
         if len(self.front_connections) >= self.settings.max_connections:
             self.metrics.inc("identity_connections_refused_total")
-            return _Turnaway(self.settings.retry_after)
+            return _Turnaway(self)
         return FrontProtocol(self)
 
     def pre_shutdown(self) -> None:
@@ -231,22 +234,27 @@ class _Turnaway(asyncio.Protocol):
 
     Closing with the client's request unread would make the kernel reset the connection,
     and the client could lose the 503: the writing side ends, and what the client sends is
-    dropped for ``LINGER_SECONDS`` at most, as the front's own lingering close does.
+    dropped for ``LINGER_SECONDS`` at most, as the front's own lingering close does. At
+    most ``MAX_LINGERING_TURNAWAYS`` linger at once: in a flood of connections, the next
+    ones are closed at once, as a bound on the sockets held beyond ``max_connections``.
     """
 
-    def __init__(self, retry_after: int) -> None:
-        self._retry_after = retry_after
+    def __init__(self, server: "FrontServer") -> None:
+        self._server = server
         self._closer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server = self._server
         problem = ServiceUnavailable(
-            "the server holds as many connections as it may; retry later", self._retry_after
+            "the server holds as many connections as it may; retry later",
+            server.settings.retry_after,
         )
         connection = cast(asyncio.Transport, transport)
         connection.write(problem_answer(problem, None, keep_alive=False))
-        if not connection.can_write_eof():
+        if server.lingering_turnaways >= MAX_LINGERING_TURNAWAYS or not connection.can_write_eof():
             connection.close()
             return
+        server.lingering_turnaways += 1
         connection.write_eof()
         self._closer = asyncio.get_running_loop().call_later(LINGER_SECONDS, connection.abort)
 
@@ -259,6 +267,7 @@ class _Turnaway(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._closer is not None:
             self._closer.cancel()
+            self._server.lingering_turnaways -= 1
 
 
 class AppBridge(BaseProtocol):
@@ -342,6 +351,16 @@ class FrontProtocol(asyncio.Protocol):
             last = self._queue[-1] if self._queue else None
             if isinstance(last, Request):
                 last.keep_alive = False
+                if _declares_a_body(last):
+                    # httptools leaves an upgrade's body unread (the bytes after the head
+                    # belong to the new protocol): it would be served without its body.
+                    self._queue[-1] = Refusal(
+                        MalformedRequest(
+                            "a request that asks to switch protocols may carry no body: "
+                            "none is switched to"
+                        ),
+                        last.path,
+                    )
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if not isinstance(cause, Problem):
@@ -434,7 +453,7 @@ class FrontProtocol(asyncio.Protocol):
         request.path = path.decode("utf-8", "surrogateescape")  # known to a refusal too
         fields = request.fields
         expect: bytes | None = None
-        has_body = False
+        codings: list[bytes] = []
         for raw_name, value in request.raw_headers:
             name = raw_name.lower()
             if name in _SINGLE:
@@ -443,28 +462,19 @@ class FrontProtocol(asyncio.Protocol):
                 fields[name] = value
             elif name == b"expect":
                 expect = value.lower()
-            elif name == b"content-length":
-                length = int(value)
-                if length > self._server.max_body_bytes:
-                    raise PayloadTooLarge(
-                        f"the body must be at most {self._server.max_body_bytes} bytes"
-                    )
-                has_body = length > 0
+            elif name == b"content-length" and int(value) > self._server.max_body_bytes:
+                raise PayloadTooLarge(
+                    f"the body must be at most {self._server.max_body_bytes} bytes"
+                )
             elif name == b"transfer-encoding":
-                codings = value.lower().split(b",")
-                if codings[-1].strip() != b"chunked":  # RFC 9112, 6.3: no length to read
-                    raise MalformedRequest("a request's last transfer coding must be chunked")
-                if len(codings) > 1:
-                    # llhttp frames the body by its chunks and never reads the codings
-                    # before them: the body would be taken for what it is not.
-                    raise TransferCodingNotImplemented("the only transfer coding served is chunked")
-                has_body = True
-        if has_body and parser.should_upgrade():
-            # httptools leaves an upgrade's body unread (the bytes after the head belong to
-            # the new protocol), and the request would be served without it.
-            raise MalformedRequest(
-                "a request that asks to switch protocols may carry no body: none is switched to"
-            )
+                codings += value.lower().split(b",")  # repeated fields make one list
+        if codings:
+            if codings[-1].strip() != b"chunked":  # RFC 9112, 6.3: no length to read
+                raise MalformedRequest("a request's last transfer coding must be chunked")
+            if len(codings) > 1:
+                # llhttp frames the body by its chunks and never reads the codings before
+                # them: the body would be taken for what it is not.
+                raise TransferCodingNotImplemented("the only transfer coding served is chunked")
         if _HOST not in fields and not request.http10:
             raise MalformedRequest("an HTTP/1.1 request must carry a Host header")
         request.encoding = fields.get(b"content-encoding", b"").strip().lower()
@@ -592,10 +602,13 @@ class FrontProtocol(asyncio.Protocol):
         self._end()
 
     def _decode_or_refuse(self, request: Request) -> bool:
-        """Decode the request's body from its content coding; when it cannot be, the
-        request is refused as one that breaks the front's rules, and False returned."""
+        """Decode the request's body from its content coding (``request.encoding``); when
+        it cannot be, the request is refused as one that breaks the front's rules, and
+        False returned."""
         try:
-            _decode_body(request, self._server.max_body_bytes)
+            if request.encoding != b"identity":
+                request.body = decoded(request.body, request.encoding, self._server.max_body_bytes)
+            request.encoding = b""
         except Problem as problem:
             self.idle = True
             self._answer_refusal(problem, request.path, request)
@@ -625,7 +638,7 @@ class FrontProtocol(asyncio.Protocol):
             transport.close()
 
     async def _answer(self, request: Request) -> None:
-        if not self._decode_or_refuse(request):
+        if request.encoding and not self._decode_or_refuse(request):
             return
         started = time.perf_counter()
         request_id = start_request(request.text(b"x-request-id"))
@@ -681,7 +694,7 @@ class FrontProtocol(asyncio.Protocol):
         if transport is None:
             self.idle = True
             return
-        if not self._decode_or_refuse(request):
+        if request.encoding and not self._decode_or_refuse(request):
             return
         if self._bridge is None:
             self._bridge = AppBridge(self._loop, transport)
@@ -791,11 +804,12 @@ def decoded(body: bytes, coding: bytes, limit: int) -> bytes:
     return plain
 
 
-def _decode_body(request: Request, limit: int) -> None:
-    """Decode the request's body from its content coding, when it has one; or raise."""
-    if request.encoding and request.encoding != b"identity":
-        request.body = decoded(request.body, request.encoding, limit)
-        request.encoding = b""
+def _declares_a_body(request: Request) -> bool:
+    for raw_name, value in request.raw_headers:
+        name = raw_name.lower()
+        if name == b"transfer-encoding" or (name == b"content-length" and int(value) > 0):
+            return True
+    return False
 
 
 def _target_url(target: bytes) -> URL:

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from os import environ as os_environ
 from pathlib import Path
 
-from identity_service.cli import _parser
+from identity_service.cli import command_parser
 from identity_service.constants import DEFAULT_PORT
 from identity_service.settings import ConfigError, load_settings
 from identity_service.urls import host_port
@@ -47,7 +47,7 @@ def health_url(cmdline: Sequence[str], environ: Mapping[str, str]) -> str | None
     args = service_args(cmdline)
     if args is None:
         args = ["serve", "--host", "0.0.0.0", "--port", str(DEFAULT_PORT)]  # noqa: S104
-    parsed, _ = _parser().parse_known_args(args)
+    parsed, _ = command_parser().parse_known_args(args)
     if parsed.command == "serve":
         host, port = parsed.host, parsed.port
     elif parsed.command == "forward":
@@ -63,8 +63,11 @@ def health_url(cmdline: Sequence[str], environ: Mapping[str, str]) -> str | None
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     pid = args[0] if args else "1"
-    raw = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0")
-    cmdline = [part.decode(errors="surrogateescape") for part in raw.split(b"\0")]
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0")
+    except OSError:
+        raw = b""  # no /proc: the image's own CMD is assumed, as for another program
+    cmdline = [part.decode(errors="surrogateescape") for part in raw.split(b"\0") if part]
     try:
         url = health_url(cmdline, os_environ)
     except (ConfigError, SystemExit) as exc:

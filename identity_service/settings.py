@@ -103,10 +103,11 @@ class RedisSettings:
         scheme = parts.scheme
         if scheme not in REDIS_SCHEMES:
             raise ValueError(f"scheme must be one of {', '.join(REDIS_SCHEMES)}, not {scheme!r}")
-        if not dsn.startswith(f"{scheme}://"):
+        if not dsn.startswith(f"{scheme}://"):  # as redis-py reads it: lower case only
             raise ValueError(f"must start with {scheme}://")
-        if parts.fragment or "@" in parts.path + parts.query:
-            # The rest of a password with an unencoded / ? or # in it.
+        if parts.fragment or "@" in parts.path or "@" in parts.query.partition("=")[0]:
+            # The rest of a password with an unencoded / ? or # in it (an @ in a query
+            # parameter's value, ?client_name=a@b, is no such rest).
             raise ValueError(f"an @ or a # after the host {PERCENT_ENCODE}")
         if "+" not in scheme:
             _node_options(dsn)

@@ -250,3 +250,16 @@ async def test_a_failed_read_keeps_the_batch_it_was_filling(outbox: MemoryOutbox
         await task
     assert feed.reads >= 2
     assert sink.batches == [[event(1)]]
+
+
+def test_the_backoff_stays_finite_however_many_retries_a_batch_had() -> None:
+    # Found in review: 429s are not counted toward max_attempts, and after about a
+    # thousand of them 2 ** attempt no longer fit a float (OverflowError, the batch lost).
+    settings = OutboxSettings(backoff_base=0.5, backoff_max=60.0)
+    forwarder = Forwarder(
+        "test", MemoryFeed(MemoryOutbox().subscribe()), RecordingSink([]), settings, Metrics()
+    )
+    for attempt in (1, 2, 1025, 100_000):
+        delay = forwarder._backoff(attempt, None)
+        assert 0 < delay <= 60.0
+    assert forwarder._backoff(100_000, None) >= 30.0  # still the capped range

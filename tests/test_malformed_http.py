@@ -119,6 +119,13 @@ CASES = {
         START + AUTH + b"Transfer-Encoding: gzip, chunked\r\n\r\n" + chunked(BODY),
         501,
     ),
+    "transfer-coding-before-chunked-in-a-field-of-its-own": (
+        START
+        + AUTH
+        + b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + chunked(BODY),
+        501,
+    ),
     "unknown-transfer-coding-before-chunked": (
         START + AUTH + b"Transfer-Encoding: " + MARK + b", chunked\r\n\r\n" + chunked(BODY),
         501,
@@ -261,6 +268,27 @@ async def test_connections_beyond_the_limit_get_the_503_though_they_sent_a_reque
     for answer in answers:
         head = answer.partition(b"\r\n\r\n")[0]
         assert head.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in head
+    held[1].close()
+
+
+async def test_turned_away_connections_linger_only_so_many_at_once(
+    make_front: FrontMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(front_module, "MAX_LINGERING_TURNAWAYS", 2)
+    client = await make_front(max_connections=1)
+    server = client.server.runner.server  # type: ignore[union-attr]
+    held = await asyncio.open_connection("127.0.0.1", client.server.port)
+    turned_away = [await asyncio.open_connection("127.0.0.1", client.server.port) for _ in range(5)]
+    for reader, _ in turned_away:
+        assert (await read_to_end(reader)).startswith(b"HTTP/1.1 503 ")
+    assert server.lingering_turnaways == 2  # the other three were closed at once
+    for _, writer in turned_away:
+        writer.close()
+    for _ in range(100):  # until the server has seen the clients close
+        if not server.lingering_turnaways:
+            break
+        await asyncio.sleep(0.02)
+    assert server.lingering_turnaways == 0
     held[1].close()
 
 

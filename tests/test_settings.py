@@ -817,6 +817,8 @@ def test_a_redis_url_in_a_file_is_checked_alike(tmp_path: Path) -> None:
         "rediss://h:6380/0?ssl_cert_reqs=optional&ssl_check_hostname=false",
         "unix:///run/redis.sock?db=2",
         "redis://h:1/0?socket_timeout=0.5",
+        # Found in review: refused by the first version of these checks.
+        "redis://h:6379/0?client_name=shop@eu",
     ],
 )
 def test_valid_one_node_urls_pass(url: str) -> None:
