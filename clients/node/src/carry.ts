@@ -39,8 +39,17 @@ function sign(key: Uint8Array, payload: string): string {
   return createHmac("sha256", key).update(payload).digest("base64url");
 }
 
-/** The cookie value for `identity` valid until `expires` (Unix seconds), or null when too large. */
-export function encodeCarry(identity: Identity, key: Uint8Array, expires: number): string | null {
+/**
+ * The cookie value for `identity` valid until `expires` (Unix seconds), or null when too large.
+ * Only an identity with an anonymousId is carried: the cookie is read only for the visitor
+ * cookie's anonymousId, so the middleware carries none for a handoff prepared with a userId
+ * alone (nor does the Python SDK's), and `decodeCarry` refuses one without it.
+ */
+export function encodeCarry(
+  identity: Identity & { anonymousId: string },
+  key: Uint8Array,
+  expires: number,
+): string | null {
   const document = {
     anonymousId: identity.anonymousId,
     userId: identity.userId,

@@ -63,7 +63,11 @@ export interface ExchangeOptions {
 }
 
 export interface Identity {
-  anonymousId: string;
+  /**
+   * Null only for a handoff prepared with a `userId` alone (then `userId` is set), as the
+   * service answers it; a fallback's generated identity always has one.
+   */
+  anonymousId: string | null;
   userId: string | null;
   traits: JsonObject | null;
   context: JsonObject | null;
@@ -189,9 +193,16 @@ export class IdentityClient {
       context: options.context,
     });
     const answer = await this.#post("/v1/handoffs/exchange", body, [token]);
+    const anonymousId = answer.optionalString("anonymousId");
+    const userId = answer.optionalString("userId");
+    // A handoff prepared with a userId alone has no anonymousId; none of either is not an
+    // identity (as the Python SDK's `_identity`).
+    if (anonymousId === "" || (anonymousId === null && !userId)) {
+      throw answer.malformed("anonymousId", "a non-empty string, or null with a userId");
+    }
     return {
-      anonymousId: answer.string("anonymousId"),
-      userId: answer.optionalString("userId"),
+      anonymousId,
+      userId,
       traits: answer.optionalObject("traits"),
       context: answer.optionalObject("context"),
       consent: answer.optionalObject("consent") as Record<string, boolean> | null,
@@ -298,7 +309,8 @@ class Answer {
     private readonly status: number,
   ) {}
 
-  #malformed(field: string, expected: string): APIError {
+  /** The malformed answer's APIError for `field`, which is not `expected`. */
+  malformed(field: string, expected: string): APIError {
     const detail = `the answer's ${field} is not ${expected}`;
     return new APIError(`${this.what}: ${detail}`, { status: this.status, title: "Malformed answer", detail });
   }
@@ -306,7 +318,7 @@ class Answer {
   /** A non-empty string. */
   string(field: string): string {
     const value = this.data[field];
-    if (typeof value !== "string" || value === "") throw this.#malformed(field, "a non-empty string");
+    if (typeof value !== "string" || value === "") throw this.malformed(field, "a non-empty string");
     return value;
   }
 
@@ -314,7 +326,7 @@ class Answer {
   optionalString(field: string): string | null {
     const value = this.data[field];
     if (value === undefined || value === null) return null;
-    if (typeof value !== "string") throw this.#malformed(field, "a string or null");
+    if (typeof value !== "string") throw this.malformed(field, "a string or null");
     return value;
   }
 
@@ -322,7 +334,7 @@ class Answer {
   optionalObject(field: string): JsonObject | null {
     const value = this.data[field];
     if (value === undefined || value === null) return null;
-    if (typeof value !== "object" || Array.isArray(value)) throw this.#malformed(field, "an object or null");
+    if (typeof value !== "object" || Array.isArray(value)) throw this.malformed(field, "an object or null");
     return value as JsonObject;
   }
 
@@ -336,7 +348,7 @@ class Answer {
       url = null;
     }
     if (url === null || (url.protocol !== "https:" && url.protocol !== "http:")) {
-      throw this.#malformed(field, "an absolute http(s) URL");
+      throw this.malformed(field, "an absolute http(s) URL");
     }
     return value;
   }
@@ -345,14 +357,14 @@ class Answer {
   date(field: string): Date {
     const value = this.data[field];
     const date = typeof value === "string" ? new Date(value) : null;
-    if (date === null || Number.isNaN(date.getTime())) throw this.#malformed(field, "a date-time");
+    if (date === null || Number.isNaN(date.getTime())) throw this.malformed(field, "a date-time");
     return date;
   }
 
   /** A finite number. */
   number(field: string): number {
     const value = this.data[field];
-    if (typeof value !== "number" || !Number.isFinite(value)) throw this.#malformed(field, "a number");
+    if (typeof value !== "number" || !Number.isFinite(value)) throw this.malformed(field, "a number");
     return value;
   }
 }

@@ -32,9 +32,17 @@ export type NextFunction = (error?: unknown) => void;
  * renders): the exchanged identity, from the signed carry cookie (`source` `handoff` or
  * `generated`, with `userId`, `traits`, `consent`). On any other request: the visitor
  * cookie's anonymousId (`source: "cookie"`, no other field), or undefined without it.
+ *
+ * On the handoff request itself (answered 303, so seen only by code around the middleware,
+ * e.g. a logger on the response's `finish`): the exchange's `anonymousId` and `source` with
+ * `exchanged`, or the visitor cookie's when the visitor keeps it. For a handoff prepared
+ * with a `userId` alone the exchange has no anonymousId: then, as in the Python SDK, it is
+ * `{ anonymousId: null, source: "handoff", userId, traits, consent, exchanged }` (the
+ * visitor cookie, if any, is left as it was, and no carry cookie is set).
  */
 export interface RequestIdentity {
-  anonymousId: string;
+  /** Null only on the handoff request of a handoff prepared with a `userId` alone. */
+  anonymousId: string | null;
   /** `handoff` / `generated`: from an exchange; `cookie`: read from the visitor cookie. */
   source: "handoff" | "generated" | "cookie";
   /** From the exchange (`handoff` / `generated` only). */
@@ -148,7 +156,11 @@ function serializeCookie(
  * The carry cookie's value for `identity`: without its traits when they make it over
  * MAX_CARRY_BYTES, null when even that is (a warning that names no id, either way).
  */
-function carryValue(identity: Identity, key: Uint8Array, carryName: string): string | null {
+function carryValue(
+  identity: Identity & { anonymousId: string },
+  key: Uint8Array,
+  carryName: string,
+): string | null {
   const expires = Math.floor(Date.now() / 1000) + CARRY_MAX_AGE;
   const value = encodeCarry(identity, key, expires);
   if (value !== null) return value;
@@ -186,6 +198,8 @@ function requestOrigin(req: MiddlewareRequest, options: HandoffMiddlewareOptions
  * gives a generated anonymousId (kept out of the cookie when the visitor already has one).
  * An empty, bare (`?handoff_token`) or over-long token (which the service would refuse) is
  * exchanged as an unknown one. When the service cannot be reached, it answers the same 303 without a cookie.
+ * A handoff prepared with a `userId` alone has no anonymousId: the same 303 without a cookie
+ * (neither the visitor cookie nor the carry cookie), and no error.
  *
  * With the visitor cookie it also sets the carry cookie (the exchanged identity, signed,
  * HttpOnly, host-only, 60 s; without the traits when they would make it over
@@ -291,15 +305,27 @@ export function handoffMiddleware(
       .exchange(token, { fallback: true, event: options.event, properties: options.properties, context })
       .then(
         (identity) => {
-          const keepExisting = identity.source === "generated" && existing !== undefined;
-          if (!keepExisting) {
-            appendSetCookie(res, serializeCookie(cookieName, identity.anonymousId, options));
-            const carry = key ? carryValue(identity, key, carryName) : null;
+          const { anonymousId } = identity;
+          if (identity.source === "generated" && existing !== undefined) {
+            req.identity = { anonymousId: existing, source: "cookie", exchanged: identity };
+          } else if (anonymousId === null) {
+            // A handoff prepared with a userId alone: no id for the visitor cookie, so none is
+            // set (a cookie already there stays) and nothing is carried (the carry cookie is
+            // read for the visitor cookie's anonymousId), as the Python SDK's `landed`.
+            req.identity = {
+              anonymousId: null,
+              source: identity.source,
+              userId: identity.userId,
+              traits: identity.traits ?? {},
+              consent: identity.consent ?? {},
+              exchanged: identity,
+            };
+          } else {
+            appendSetCookie(res, serializeCookie(cookieName, anonymousId, options));
+            const carry = key ? carryValue({ ...identity, anonymousId }, key, carryName) : null;
             if (carry !== null) appendSetCookie(res, serializeCookie(carryName, carry, options, CARRY_MAX_AGE, true));
+            req.identity = { anonymousId, source: identity.source, exchanged: identity };
           }
-          req.identity = keepExisting
-            ? { anonymousId: existing, source: "cookie", exchanged: identity }
-            : { anonymousId: identity.anonymousId, source: identity.source, exchanged: identity };
           redirect();
         },
         (error: unknown) => {

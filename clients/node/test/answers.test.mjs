@@ -95,9 +95,15 @@ describe("malformed 2xx answers are APIError", () => {
   test("exchange: {} and wrong types are refused", async () => {
     const cases = [
       [{}, "anonymousId"],
+      // No anonymousId is an identity only with a userId (a handoff prepared with one alone).
       [{ ...EXCHANGED, anonymousId: null }, "anonymousId"],
+      [{ ...EXCHANGED, anonymousId: undefined }, "anonymousId"],
+      [{ ...EXCHANGED, anonymousId: null, userId: "" }, "anonymousId"],
       [{ ...EXCHANGED, anonymousId: "" }, "anonymousId"],
+      [{ ...EXCHANGED, anonymousId: "", userId: "u-1" }, "anonymousId"],
       [{ ...EXCHANGED, anonymousId: 7 }, "anonymousId"],
+      [{ ...EXCHANGED, anonymousId: 7, userId: "u-1" }, "anonymousId"],
+      [{ ...EXCHANGED, anonymousId: null, userId: 5 }, "userId"],
       [{ ...EXCHANGED, userId: 5 }, "userId"],
       [{ ...EXCHANGED, traits: [] }, "traits"],
       [{ ...EXCHANGED, traits: "x" }, "traits"],
@@ -140,8 +146,75 @@ describe("malformed 2xx answers are APIError", () => {
     });
   });
 
+  test("a handoff prepared with a userId alone: anonymousId null is an identity", async () => {
+    // What the service answers for it (identity_service/handoff.py; openapi: string or null).
+    await withServer(200, { ...EXCHANGED, anonymousId: null, userId: "u-1" }, async (client) => {
+      const identity = await client.exchange(TOKEN);
+      assert.deepEqual(identity, {
+        anonymousId: null,
+        userId: "u-1",
+        traits: {},
+        context: {},
+        consent: {},
+        source: "handoff",
+        preparedBy: "shop",
+        preparedAt: new Date("2030-01-01T00:00:00.000Z"),
+        destination: "http://checkout.localhost/cart",
+      });
+    });
+    // Absent is null.
+    await withServer(200, { userId: "u-1" }, async (client) => {
+      const identity = await client.exchange(TOKEN);
+      assert.equal(identity.anonymousId, null);
+      assert.equal(identity.userId, "u-1");
+    });
+  });
+
+  test("the middleware lands a userId alone: 303 to the clean URL, no cookie, no error", async () => {
+    const upstream = await answering(200, { ...EXCHANGED, anonymousId: null, userId: "u-1", traits: { plan: "pro" } });
+    const errors = [];
+    const landed = [];
+    const client = new IdentityClient({ baseUrl: upstream.url, writeKey: "write-key-0123456789" });
+    const middleware = handoffMiddleware(client, { onError: (error) => errors.push(error), secure: false });
+    const site = http.createServer((req, res) => {
+      res.on("finish", () => landed.push(req.identity));
+      middleware(req, res, () => res.end("page"));
+    });
+    await new Promise((resolve) => site.listen(0, "127.0.0.1", resolve));
+    try {
+      for (const cookie of [undefined, "ajs_anonymous_id=known-visitor"]) {
+        const answer = await fetch(`http://127.0.0.1:${site.address().port}/cart?a=1&handoff_token=${TOKEN}`, {
+          redirect: "manual",
+          headers: cookie ? { cookie } : {},
+        });
+        assert.equal(answer.status, 303);
+        assert.equal(answer.headers.get("location"), "/cart?a=1");
+        assert.deepEqual(answer.headers.getSetCookie(), [], cookie);
+        assert.deepEqual(errors, []);
+        const { exchanged, ...identity } = landed.at(-1);
+        assert.deepEqual(identity, {
+          anonymousId: null,
+          source: "handoff",
+          userId: "u-1",
+          traits: { plan: "pro" },
+          consent: {},
+        });
+        assert.equal(exchanged.userId, "u-1");
+      }
+    } finally {
+      site.closeAllConnections();
+      await new Promise((resolve) => site.close(resolve));
+      await upstream.close();
+    }
+  });
+
   test("the middleware takes its outage path: 303 to the clean URL, no cookie, onError", async () => {
-    for (const body of ["{}", "null", JSON.stringify({ ...EXCHANGED, anonymousId: 1 })]) {
+    for (const body of [
+      "{}",
+      "null",
+      JSON.stringify({ ...EXCHANGED, anonymousId: 1 }),
+      JSON.stringify({ ...EXCHANGED, anonymousId: null, userId: null }),
+    ]) {
       const upstream = await answering(200, body);
       const errors = [];
       const client = new IdentityClient({ baseUrl: upstream.url, writeKey: "write-key-0123456789" });
@@ -337,6 +410,69 @@ describe("an error answer without a problem type: the class by status, as in Pyt
           return true;
         });
       }
+    } finally {
+      await server.close();
+    }
+  });
+});
+
+describe("exchange answers without an anonymousId, as in Python", () => {
+  // Each is what the Python SDK's `_identity` reads too: an identity, or a malformed answer.
+  const ANSWERS = [
+    { ...EXCHANGED, anonymousId: null, userId: "u-1" },
+    { userId: "u-1" },
+    { ...EXCHANGED, anonymousId: null, userId: null },
+    { ...EXCHANGED, anonymousId: null, userId: "" },
+    { ...EXCHANGED, anonymousId: "", userId: "u-1" },
+    { ...EXCHANGED, anonymousId: 7, userId: "u-1" },
+    {},
+    EXCHANGED,
+  ];
+
+  test("the Python SDK accepts and refuses the same answers, with the same ids", async () => {
+    // One server for every case: /<index>/v1/handoffs/exchange.
+    const server = await startHttpServer((req, res) => {
+      const [, which] = req.url.split("/");
+      res.writeHead(200, { "content-type": "application/json" });
+      res.end(JSON.stringify(ANSWERS[Number(which)]));
+    });
+    try {
+      const bases = ANSWERS.map((_, which) => `${server.url}/${which}`);
+      const script = [
+        "import json, sys",
+        "from identity_client import IdentityClient, IdentityError",
+        "found = []",
+        "for base in sys.argv[1:]:",
+        "    with IdentityClient(base, 'write-key-0123456789') as client:",
+        "        try:",
+        "            identity = client.exchange('t' * 43)",
+        "            found.append(['identity', identity.anonymous_id, identity.user_id])",
+        "        except IdentityError as error:",
+        "            found.append([type(error).__name__, getattr(error, 'title', None)])",
+        "print(json.dumps(found))",
+      ].join("\n");
+      const here = path.dirname(fileURLToPath(import.meta.url));
+      // Asynchronously: this process serves the Python client's requests.
+      const ran = await promisify(execFile)(path.join(path.dirname(SERVICE_BIN), "python"), ["-c", script, ...bases], {
+        env: { ...process.env, PYTHONPATH: path.resolve(here, "..", "..", "python") },
+      });
+      const python = JSON.parse(ran.stdout);
+      const node = [];
+      for (const base of bases) {
+        const client = new IdentityClient({ baseUrl: base, writeKey: "write-key-0123456789" });
+        try {
+          const identity = await client.exchange(TOKEN);
+          node.push(["identity", identity.anonymousId, identity.userId]);
+        } catch (error) {
+          node.push([error.name, error.title]);
+        }
+      }
+      assert.deepEqual(node, python);
+      // And what they agree on: only the first two are identities.
+      assert.deepEqual(
+        node.map(([what]) => what),
+        ["identity", "identity", "APIError", "APIError", "APIError", "APIError", "APIError", "identity"],
+      );
     } finally {
       await server.close();
     }

@@ -18,11 +18,18 @@ after(async () => {
   await service?.stop();
 });
 
-/** A node:http "checkout" whose pages answer 200 with what the handler saw in req.identity. */
+/**
+ * A node:http "checkout" whose pages answer 200 with what the handler saw in req.identity;
+ * `landed` gets the req.identity of each request the middleware answered 303 (no handler).
+ */
 async function startCheckout(client, options = {}) {
   const errors = [];
+  const landed = [];
   const middleware = handoffMiddleware(client, { onError: (error) => errors.push(error), ...options });
   const server = http.createServer((req, res) => {
+    res.on("finish", () => {
+      if (res.statusCode === 303) landed.push(req.identity ?? null);
+    });
     middleware(req, res, (error) => {
       res.writeHead(error ? 500 : 200, { "content-type": "application/json" });
       res.end(JSON.stringify({ page: req.url, identity: req.identity ?? null }));
@@ -34,6 +41,7 @@ async function startCheckout(client, options = {}) {
     port,
     origin: `http://checkout.localhost:${port}`,
     errors,
+    landed,
     close: () => new Promise((resolve) => server.close(resolve)),
   };
 }
@@ -297,6 +305,38 @@ describe("handoffMiddleware", () => {
     assert.equal(answer.status, 303);
     assert.equal(answer.headers.location, "/pay");
     assert.equal(answer.headers["set-cookie"], undefined);
+  });
+
+  test("a handoff prepared with a userId alone: the 303 without a cookie, req.identity with the userId", async () => {
+    // The service answers it with `anonymousId: null`: nothing for the visitor cookie, nor
+    // for the carry cookie (read for the visitor cookie's anonymousId), as in the Python SDK.
+    for (const visitor of [undefined, "known-visitor"]) {
+      const handoff = await client.prepare({
+        userId: "user-only",
+        traits: { plan: "pro" },
+        destination: `${checkout.origin}/cart?a=1`,
+      });
+      const headers = visitor ? { cookie: `ajs_anonymous_id=${visitor}` } : {};
+      const answer = await get(checkout.port, `/cart?a=1&handoff_token=${handoff.token}`, headers);
+      assert.equal(answer.status, 303);
+      assert.equal(answer.headers.location, "/cart?a=1");
+      assert.equal(answer.headers["set-cookie"], undefined, visitor);
+      assert.deepEqual(checkout.errors, []);
+      const { exchanged, ...identity } = checkout.landed.at(-1);
+      assert.deepEqual(identity, {
+        anonymousId: null,
+        source: "handoff",
+        userId: "user-only",
+        traits: { plan: "pro" },
+        consent: {},
+      });
+      assert.equal(exchanged.anonymousId, null);
+      assert.equal(exchanged.userId, "user-only");
+      // The page after the 303: the visitor cookie's identity, if any, as before.
+      const page = await get(checkout.port, answer.headers.location, headers);
+      assert.equal(page.status, 200);
+      assert.deepEqual(JSON.parse(page.body).identity, visitor ? { anonymousId: visitor, source: "cookie" } : null);
+    }
   });
 
   test("no token: the request passes, with req.identity from the cookie if any", async () => {

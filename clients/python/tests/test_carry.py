@@ -82,6 +82,8 @@ def refused() -> dict[str, str]:
         "anonymousId a number": signed(_document(anonymousId=7)),
         "anonymousId empty": signed(_document(anonymousId="")),
         "anonymousId missing": signed(_document(anonymousId=...)),
+        # A handoff prepared with a userId alone: neither middleware carries it.
+        "anonymousId null": signed(_document(anonymousId=None, userId="user-only")),
         "userId a number": signed(_document(userId=42)),
         "userId missing": signed(_document(userId=...)),
         "traits an array": signed(_document(traits=["plan"])),
