@@ -14,7 +14,7 @@ import io
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -22,7 +22,7 @@ import pytest
 from identity_service import app_keys
 from identity_service import front as front_module
 from identity_service.app import create_app
-from identity_service.front import MAX_HEAD_BYTES
+from identity_service.front import MAX_HEAD_BYTES, FrontServer
 from identity_service.problems import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX
 from tests.conftest import WRITE_KEYS, AppClient, FrontTestServer, log_lines, make_settings
 
@@ -276,7 +276,7 @@ async def test_turned_away_connections_linger_only_so_many_at_once(
 ) -> None:
     monkeypatch.setattr(front_module, "MAX_LINGERING_TURNAWAYS", 2)
     client = await make_front(max_connections=1)
-    server = client.server.runner.server  # type: ignore[union-attr]
+    server = cast(FrontServer, client.server.runner.server)  # type: ignore[union-attr]
     held = await asyncio.open_connection("127.0.0.1", client.server.port)
     turned_away = [await asyncio.open_connection("127.0.0.1", client.server.port) for _ in range(5)]
     for reader, _ in turned_away:
