@@ -266,17 +266,15 @@ def test_serve_refuses_workers_without_redis() -> None:
     assert result.returncode == 2 and "needs Redis" in result.stderr
 
 
+def run_command(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``identity-service <args>`` in ``env``, run to its end (30 s at most)."""
+    return subprocess.run([COMMAND, *args], env=env, capture_output=True, text=True, timeout=30)
+
+
 def refusal_at_start(url: str, said: str, *command: str) -> str:
     """The one line in which ``command`` (default: ``serve``) on ``url`` refuses to start
     (exit 2), saying ``said``: all it prints (no banner before it, no traceback)."""
-    result = subprocess.run(
-        [COMMAND, *(command or ("serve", "--port", str(free_port())))],
-        env=redis_env_for(url),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_command(redis_env_for(url), *(command or ("serve", "--port", str(free_port()))))
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.splitlines()
     assert line.startswith("identity-service: IDENTITY_REDIS_URL: ") and said in line, line
@@ -412,16 +410,11 @@ def test_serve_refuses_a_port_out_of_range(port: str) -> None:
 
 
 def test_serve_refuses_a_destination_that_would_get_its_write_key_in_clear_text() -> None:
-    result = subprocess.run(
-        [COMMAND, "serve", "--port", str(free_port())],
-        env=clean_env(
-            IDENTITY_DESTINATION_URL="http://collector.example.com",
-            IDENTITY_DESTINATION_WRITE_KEY="wk-clear-7c1d",
-        ),
-        capture_output=True,
-        text=True,
-        timeout=30,
+    env = clean_env(
+        IDENTITY_DESTINATION_URL="http://collector.example.com",
+        IDENTITY_DESTINATION_WRITE_KEY="wk-clear-7c1d",
     )
+    result = run_command(env, "serve", "--port", str(free_port()))
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "identity-service: invalid configuration:",
@@ -432,9 +425,7 @@ def test_serve_refuses_a_destination_that_would_get_its_write_key_in_clear_text(
 
 def outbox_command(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """``identity-service outbox <args>`` in ``env``, run to its end."""
-    return subprocess.run(
-        [COMMAND, "outbox", *args], env=env, capture_output=True, text=True, timeout=30
-    )
+    return run_command(env, "outbox", *args)
 
 
 async def test_outbox_retire_removes_a_destination_no_longer_configured(
@@ -612,9 +603,7 @@ def test_a_bad_redis_url_is_refused_in_one_line_without_its_password(
     """An unencoded / in the password made a traceback quoting the rest of it."""
     if command[0] == "serve":
         command = ("serve", "--port", str(free_port()))
-    result = subprocess.run(
-        [COMMAND, *command], env=redis_env_for(url), capture_output=True, text=True, timeout=30
-    )
+    result = run_command(redis_env_for(url), *command)
     assert result.returncode == 2, result.stderr
     assert result.stdout == ""
     heading, problem = result.stderr.splitlines()
@@ -624,12 +613,8 @@ def test_a_bad_redis_url_is_refused_in_one_line_without_its_password(
 
 
 def test_serve_names_the_workers_option_it_refuses() -> None:
-    result = subprocess.run(
-        [COMMAND, "serve", "--port", str(free_port()), "--workers", "-3"],
-        env=clean_env(IDENTITY_WORKERS="2"),
-        capture_output=True,
-        text=True,
-        timeout=30,
+    result = run_command(
+        clean_env(IDENTITY_WORKERS="2"), "serve", "--port", str(free_port()), "--workers", "-3"
     )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
@@ -642,16 +627,11 @@ def test_a_metrics_directory_that_cannot_be_made_is_said_in_one_line(tmp_path: P
     """It was a NotADirectoryError traceback, after the start banner."""
     (tmp_path / "file").write_text("")
     directory = tmp_path / "file" / "metrics"
-    result = subprocess.run(
-        [COMMAND, "serve", "--port", str(free_port()), "--workers", "2"],
-        env={
-            **redis_env_for(f"redis://127.0.0.1:{free_port()}/0"),
-            "PROMETHEUS_MULTIPROC_DIR": str(directory),
-        },
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    env = {
+        **redis_env_for(f"redis://127.0.0.1:{free_port()}/0"),
+        "PROMETHEUS_MULTIPROC_DIR": str(directory),
+    }
+    result = run_command(env, "serve", "--port", str(free_port()), "--workers", "2")
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"identity-service: PROMETHEUS_MULTIPROC_DIR {directory}: Not a directory"

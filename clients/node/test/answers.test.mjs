@@ -24,6 +24,31 @@ import {
 import { SERVICE_BIN, startHttpServer } from "./helpers.mjs";
 
 const TOKEN = "T0kenT0kenT0kenT0kenT0kenT0kenT0kenT0kenT0k"; // 43 characters, as the service's
+
+// What the Python SDK's exchange makes of each base URL's answer: ["identity", anonymousId,
+// userId], or [the error's class, its title].
+const PYTHON_EXCHANGES = [
+  "import json, sys",
+  "from identity_client import IdentityClient, IdentityError",
+  "found = []",
+  "for base in sys.argv[1:]:",
+  "    with IdentityClient(base, 'write-key-0123456789') as client:",
+  "        try:",
+  "            identity = client.exchange('t' * 43)",
+  "            found.append(['identity', identity.anonymous_id, identity.user_id])",
+  "        except IdentityError as error:",
+  "            found.append([type(error).__name__, getattr(error, 'title', None)])",
+  "print(json.dumps(found))",
+].join("\n");
+
+async function pythonExchanges(bases) {
+  const here = path.dirname(fileURLToPath(import.meta.url));
+  // Asynchronously: this process serves the Python client's requests.
+  const ran = await promisify(execFile)(path.join(path.dirname(SERVICE_BIN), "python"), ["-c", PYTHON_EXCHANGES, ...bases], {
+    env: { ...process.env, PYTHONPATH: path.resolve(here, "..", "..", "python") },
+  });
+  return JSON.parse(ran.stdout);
+}
 const PREPARED = {
   token: TOKEN,
   redirectUrl: `http://checkout.localhost/cart?handoff_token=${TOKEN}`,
@@ -384,29 +409,12 @@ describe("an error answer without a problem type: the class by status, as in Pyt
     });
     try {
       const bases = Object.keys(EXPECTED).flatMap((status) => names.map((_, which) => `${server.url}/${status}/${which}`));
-      const script = [
-        "import json, sys",
-        "from identity_client import IdentityClient, IdentityError",
-        "found = []",
-        "for base in sys.argv[1:]:",
-        "    with IdentityClient(base, 'write-key-0123456789') as client:",
-        "        try:",
-        "            client.exchange('t' * 43)",
-        "        except IdentityError as error:",
-        "            found.append(type(error).__name__)",
-        "print(json.dumps(found))",
-      ].join("\n");
-      const here = path.dirname(fileURLToPath(import.meta.url));
-      // Asynchronously: this process serves the Python client's requests.
-      const ran = await promisify(execFile)(path.join(path.dirname(SERVICE_BIN), "python"), ["-c", script, ...bases], {
-        env: { ...process.env, PYTHONPATH: path.resolve(here, "..", "..", "python") },
-      });
-      const python = JSON.parse(ran.stdout);
+      const python = await pythonExchanges(bases);
       assert.equal(python.length, bases.length);
       for (const [index, base] of bases.entries()) {
         const client = new IdentityClient({ baseUrl: base, writeKey: "write-key-0123456789" });
         await assert.rejects(client.exchange(TOKEN), (error) => {
-          assert.equal(error.name, python[index], base);
+          assert.equal(error.name, python[index][0], base);
           return true;
         });
       }
@@ -438,25 +446,7 @@ describe("exchange answers without an anonymousId, as in Python", () => {
     });
     try {
       const bases = ANSWERS.map((_, which) => `${server.url}/${which}`);
-      const script = [
-        "import json, sys",
-        "from identity_client import IdentityClient, IdentityError",
-        "found = []",
-        "for base in sys.argv[1:]:",
-        "    with IdentityClient(base, 'write-key-0123456789') as client:",
-        "        try:",
-        "            identity = client.exchange('t' * 43)",
-        "            found.append(['identity', identity.anonymous_id, identity.user_id])",
-        "        except IdentityError as error:",
-        "            found.append([type(error).__name__, getattr(error, 'title', None)])",
-        "print(json.dumps(found))",
-      ].join("\n");
-      const here = path.dirname(fileURLToPath(import.meta.url));
-      // Asynchronously: this process serves the Python client's requests.
-      const ran = await promisify(execFile)(path.join(path.dirname(SERVICE_BIN), "python"), ["-c", script, ...bases], {
-        env: { ...process.env, PYTHONPATH: path.resolve(here, "..", "..", "python") },
-      });
-      const python = JSON.parse(ran.stdout);
+      const python = await pythonExchanges(bases);
       const node = [];
       for (const base of bases) {
         const client = new IdentityClient({ baseUrl: base, writeKey: "write-key-0123456789" });
