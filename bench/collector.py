@@ -3,9 +3,9 @@
     python bench/collector.py PORT WRITE_KEY
 
 POST /v1/batch takes a (gzipped) batch with the write key as HTTP Basic user or as the
-body's ``writeKey``; GET /stats answers
-``{"events": n, "unique": m}`` (m counts distinct messageIds, kept as hashes so a soak of
-millions of events stays small); POST /reset starts the counts again.
+body's ``writeKey``; GET /stats answers ``{"events": n, "batches": b, "unique": m}`` (m
+counts distinct messageIds, kept as hashes so a soak of millions of events stays small);
+POST /reset starts the counts again.
 """
 
 import base64
@@ -18,6 +18,7 @@ from aiohttp import web
 class Counts:
     def __init__(self) -> None:
         self.events = 0
+        self.batches = 0
         self.unique: set[int] = set()
 
 
@@ -32,14 +33,17 @@ def make_app(write_key: str) -> web.Application:
             return web.json_response({"error": "bad write key"}, status=401)
         events = body["batch"]
         counts.events += len(events)
+        counts.batches += 1
         counts.unique.update(hash(event["messageId"]) for event in events)
         return web.json_response({})
 
     async def stats(request: web.Request) -> web.Response:
-        return web.json_response({"events": counts.events, "unique": len(counts.unique)})
+        return web.json_response(
+            {"events": counts.events, "batches": counts.batches, "unique": len(counts.unique)}
+        )
 
     async def reset(request: web.Request) -> web.Response:
-        counts.events, counts.unique = 0, set()
+        counts.events, counts.batches, counts.unique = 0, 0, set()
         return web.json_response({})
 
     app = web.Application(client_max_size=8 * 1024 * 1024)

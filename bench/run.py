@@ -459,6 +459,7 @@ def run_variant(
                 cap.limit(worker)
         run_wrk(port, args.warmup, args.connections, args.threads, variant.script)
         received_before = collector.settled()  # the warm-up's events, delivered
+        delivered_before = collector.stats()
         cpu_before = cpu_seconds(pids)
         profiler = (
             start_profiler(workers[0], name, args) if args.profile and not variant.peer else None
@@ -480,12 +481,14 @@ def run_variant(
         if variant.collect and variant.outbox:
             expected = stats["hits"]
         finished = time.monotonic()
-        received = 0
+        received, delivered = 0, delivered_before
         while time.monotonic() < finished + 120:
-            received = collector.stats()["unique"] - received_before
+            delivered = collector.stats()
+            received = delivered["unique"] - received_before
             if received >= expected:
                 break
             time.sleep(0.2)
+        batches = delivered["batches"] - delivered_before["batches"]
         drain_seconds = time.monotonic() - finished
         # Delivery that fell behind during the load is part of what the flows cost.
         cpu_with_delivery = cpu_seconds(pids) - cpu_before
@@ -513,6 +516,10 @@ def run_variant(
         "events_expected": expected,
         "events_received": received,  # may exceed expected by wrk's unanswered requests
         "outbox_drain_s": round(drain_seconds, 1),
+        # How full the batches the collector got were: a batch's cost is mostly per call.
+        "events_per_batch": round((delivered["events"] - delivered_before["events"]) / batches, 1)
+        if batches
+        else 0,
         "cpu_ms_per_flow": round(cpu_used * 1000 / max(stats["exchanged"], 1), 3),
         "cpu_ms_per_flow_delivered": round(
             cpu_with_delivery * 1000 / max(stats["exchanged"], 1), 3
@@ -591,8 +598,8 @@ def print_table(report: dict[str, Any]) -> None:
     )
     columns = [
         *("flows_per_s", "requests_per_s", "p50_ms", "p90_ms", "p99_ms", "errors"),
-        *("events_received", "events_expected", "outbox_drain_s", "cpu_ms_per_flow"),
-        "cpu_ms_per_flow_delivered",
+        *("events_received", "events_expected", "events_per_batch", "outbox_drain_s"),
+        *("cpu_ms_per_flow", "cpu_ms_per_flow_delivered"),
         *("machine_busy_pct", "headroom_x", "worker_rss_mb", "share_of_redis"),
     ]
     print(f"| variant | {' | '.join(columns)} |")
