@@ -1,15 +1,16 @@
 """``GET /v1/identity.js``: the browser helper (static/identity.js), cacheable and revalidated.
 
-The script is read from the package once, at start, with its strong ETag (its version and a
-digest of its bytes). Answers are public and cached for an hour; ``If-None-Match``
-with the current tag (or ``*``) answers 304. HEAD is routed with GET by aiohttp and sends
-the same headers without the body. A ``?v=`` query (the version the page expects) is
-ignored: it only makes a new version a new URL for caches.
+The script is read from the package once, at start. Its version is a digest of the file
+(:func:`script_of`), written where the file names it, so any change to the script is a new
+version: a new ``?v=`` URL for the pages that name it, and a new strong ETag (the version
+and a digest of the bytes served). Answers are public and cached for an hour;
+``If-None-Match`` with the current tag (or ``*``) answers 304. HEAD is routed with GET by
+aiohttp and sends the same headers without the body. A ``?v=`` query (the version the page
+expects) is ignored: it only makes a new version a new URL for caches.
 """
 
 import functools
 import hashlib
-import re
 from dataclasses import dataclass
 from importlib import resources
 
@@ -17,7 +18,9 @@ from aiohttp import web
 
 CONTENT_TYPE = "text/javascript; charset=utf-8"
 CACHE_CONTROL = "public, max-age=3600"
-_VERSION = re.compile(rb'var VERSION = "([^"]+)";')
+# Where static/identity.js names its version (its first line, its usage comment, VERSION).
+VERSION_TOKEN = b"__IDENTITY_JS_VERSION__"
+VERSION_DIGITS = 12  # hex digits of the SHA-256 of the file: 48 bits
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,11 +32,18 @@ class Script:
 
 @functools.cache
 def helper_script() -> Script:
-    body = resources.files("identity_service").joinpath("static/identity.js").read_bytes()
-    found = _VERSION.search(body)
-    if found is None:
+    """The packaged static/identity.js, as served."""
+    source = resources.files("identity_service").joinpath("static/identity.js").read_bytes()
+    return script_of(source)
+
+
+def script_of(source: bytes) -> Script:
+    """The script served for the file ``source``: its version, the first VERSION_DIGITS hex
+    digits of the file's SHA-256, in place of each VERSION_TOKEN."""
+    if b'var VERSION = "' + VERSION_TOKEN + b'";' not in source:
         raise RuntimeError("static/identity.js names no VERSION")
-    version = found.group(1).decode()
+    version = hashlib.sha256(source).hexdigest()[:VERSION_DIGITS]
+    body = source.replace(VERSION_TOKEN, version.encode())
     return Script(body, f"{version}-{hashlib.sha256(body).hexdigest()[:32]}", version)
 
 

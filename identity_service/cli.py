@@ -286,15 +286,16 @@ def serve(host: str, port: int, config: Path | None, workers: int | None = None)
     try:
         # Before anything is announced or forked: a taken port is then said once.
         check_address(host, port, reuse_port=settings.workers > 1)
-        if settings.workers > 1:
-            given_directory()  # the workers' metrics files: said here, not in a traceback
+        # The workers' metrics files, made ready once, here: a problem is said before the
+        # banner, not in a traceback after it.
+        directory = given_directory() if settings.workers > 1 else None
         refused, unreachable = _reach_redis(settings)
         if refused:
             return 2
         configure_logging(settings.log_level)
         _announce(settings, host, port)
         _warn_unreachable(unreachable, "requests answer 503 until it does")
-        return run(settings, host, port)
+        return run(settings, host, port, metrics_directory=directory)
     except BindError as exc:
         print(f"identity-service: {exc}", file=sys.stderr)
         return 1

@@ -426,13 +426,14 @@ def given_directory() -> str | None:
 
 
 @contextlib.contextmanager
-def multiprocess_directory() -> Iterator[str]:
+def multiprocess_directory(given: str | None) -> Iterator[str]:
     """The workers' directory for the multiprocess mode, counting in it until exit.
 
-    ``PROMETHEUS_MULTIPROC_DIR`` when set (emptied of earlier runs' files and kept), else
-    a private temporary directory, removed at exit.
+    ``given``: ``PROMETHEUS_MULTIPROC_DIR`` as :func:`given_directory` made it ready (made,
+    emptied of earlier runs' files), used as it is and kept; None: a private temporary
+    directory, removed at exit. Emptying it again here, after the start's check, would
+    delete what was written there in between.
     """
-    given = given_directory()
     directory = given or tempfile.mkdtemp(prefix="identity-metrics-")
     use_directory(directory)
     try:

@@ -64,13 +64,16 @@ def check_address(host: str, port: int, reuse_port: bool) -> None:
         raise BindError(host, port, exc) from exc
 
 
-def run(settings: Settings, host: str, port: int) -> int:
+def run(settings: Settings, host: str, port: int, metrics_directory: str | None = None) -> int:
     """Serve until told to stop; the exit status of the process. BindError if the address
-    cannot be listened on (one worker; with several, each says so and the parent exits 1)."""
+    cannot be listened on (one worker; with several, each says so and the parent exits 1).
+
+    ``metrics_directory``: with several workers, ``PROMETHEUS_MULTIPROC_DIR`` as
+    ``metrics.given_directory()`` made it ready at start; None: a private one."""
     if settings.workers == 1:
         _run_worker(settings, host, port, reuse_port=False)
         return 0
-    return _supervise(settings, host, port)
+    return _supervise(settings, host, port, metrics_directory)
 
 
 def _run_worker(settings: Settings, host: str, port: int, reuse_port: bool) -> None:
@@ -107,9 +110,9 @@ async def _serve(settings: Settings, host: str, port: int, reuse_port: bool) -> 
         await runner.cleanup()
 
 
-def _supervise(settings: Settings, host: str, port: int) -> int:
+def _supervise(settings: Settings, host: str, port: int, given: str | None) -> int:
     # Made before the fork: the workers count in its files, and a scrape sums them all.
-    with metrics.multiprocess_directory() as directory:
+    with metrics.multiprocess_directory(given) as directory:
         return _fork_workers(settings, host, port, directory)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, unquote_plus, urlsplit
 
 import yaml
 
@@ -37,6 +37,24 @@ REDIS_SCHEMES = (
 )  # fmt: skip
 # Query parameters of a sentinel URL that are for the sentinels, not for the master.
 SENTINEL_PARAMETERS = ("sentinel_username", "sentinel_password")
+# The query parameters a Redis URL may carry are those redis-py's parse_url reads into a
+# value of their type (its URL_QUERY_ARGUMENT_PARSERS, which its releases add to) and these,
+# which it passes on as text and both its connections and the service's own clients read:
+# the credentials, the client's name, and the TLS files and check (stores/resp.py's
+# tls_context). redis-py passes any other on too: its connections fail on it with a
+# TypeError, the request path's clients ignore it. redis_url_parameters() has them all.
+REDIS_TEXT_PARAMETERS = (
+    "username", "password", "client_name", "ssl_ca_certs", "ssl_cert_reqs", "ssl_certfile",
+    "ssl_keyfile",
+)  # fmt: skip
+# Parameters a +cluster or +sentinel URL may not carry: the service passes its own to those
+# clients, which failed on the second value ("got multiple values for keyword argument").
+TOPOLOGY_SET_PARAMETERS = {
+    "socket_timeout": "IDENTITY_REDIS_TIMEOUT sets it",
+    "socket_connect_timeout": "IDENTITY_REDIS_TIMEOUT sets it",
+    "timeout": "IDENTITY_REDIS_TIMEOUT sets the timeouts",
+    "max_connections": "IDENTITY_REDIS_MAX_CONNECTIONS sets it",
+}
 PASSWORD_PARAMETERS = ("password", "sentinel_password")
 REDIS_TLS_CERT_REQS = ("none", "optional", "required")
 REDACTED = "***"
@@ -59,6 +77,14 @@ SETTING_NAMES = frozenset(
         "forwarder_metrics_host",
     }
 )  # fmt: skip
+
+
+class RedisUrlError(ValueError):
+    """The problems of a Redis URL, one message each (none quotes the URL)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
 
 class ConfigError(Exception):
@@ -109,6 +135,19 @@ class RedisSettings:
             # The rest of a password with an unencoded / ? or # in it (an @ in a query
             # parameter's value, ?client_name=a@b, is no such rest).
             raise ValueError(f"an @ or a # after the host {PERCENT_ENCODE}")
+        problems = _parameter_problems(parts, scheme.partition("+")[2] or "single")
+        try:
+            settings = cls._read(dsn, parts, **options)
+        except ValueError as exc:
+            raise RedisUrlError([*problems, str(exc)]) from None
+        if problems:
+            raise RedisUrlError(problems)
+        return settings
+
+    @classmethod
+    def _read(cls, dsn: str, parts: SplitResult, **options: Any) -> "RedisSettings":
+        """Settings of ``dsn`` (split as ``parts``), its query parameters checked apart."""
+        scheme = parts.scheme
         if "+" not in scheme:
             _node_options(dsn)
             return cls(url=dsn, node_url=dsn, **options)
@@ -146,6 +185,60 @@ class RedisSettings:
     def address(self) -> str:
         """The URL to show in messages and logs: without its password."""
         return redact_url(self.url)
+
+
+def redis_url_parameters() -> frozenset[str]:
+    """The query parameters a one-node Redis URL may carry (REDIS_TEXT_PARAMETERS)."""
+    from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+
+    return frozenset(URL_QUERY_ARGUMENT_PARSERS) | frozenset(REDIS_TEXT_PARAMETERS)
+
+
+def _parameter_problems(parts: SplitResult, topology: str) -> list[str]:
+    """One problem for each query parameter of ``parts`` that redis-py would pass on to
+    connections that fail on it (the service's own clients would ignore it), or that the
+    ``topology``'s clients fail on. Each names its parameter as parse_qs reads it, never a
+    value, nor a name where the rest of a password may be."""
+    # Where the rest of a password may be: after a password parameter (an & in its value),
+    # and up to the query's last @ when no user info ends before the host (a ? in it).
+    hidden_before = parts.query.rfind("@") if "@" not in parts.netloc else -1
+    problems: list[str] = []
+    at, after_password = 0, False
+    for pair in parts.query.split("&"):
+        name = unquote_plus(pair.partition("=")[0])
+        hidden = after_password or at < hidden_before
+        at += len(pair) + 1
+        after_password = after_password or name.lower() in PASSWORD_PARAMETERS
+        problem = _parameter_problem(name, topology) if pair else ""
+        if problem and hidden:
+            problem = (
+                "a parameter the service does not take, where the rest of a password may be "
+                "(percent-encode ? & @ in the password)"
+            )
+        if problem and problem not in problems:
+            problems.append(problem)
+    return problems
+
+
+def _parameter_problem(name: str, topology: str) -> str:
+    """What is wrong with the query parameter ``name`` of a ``topology`` URL, or ""."""
+    if name in SENTINEL_PARAMETERS:
+        return "" if topology == "sentinel" else f"the parameter {name} is for a +sentinel URL"
+    if not name:
+        return "a parameter without a name (=value)"
+    if name not in redis_url_parameters():
+        shown = name if re.fullmatch(r"[\w.-]+", name, re.ASCII) else repr(name)
+        return f"unknown parameter {shown}: docs/redis-topologies.md lists those a Redis URL takes"
+    if topology != "single" and name in TOPOLOGY_SET_PARAMETERS:
+        return f"the parameter {name} is not for a +{topology} URL: {TOPOLOGY_SET_PARAMETERS[name]}"
+    if topology == "cluster" and name == "db":
+        return "a Cluster has only database 0 (no db parameter)"
+    if topology == "cluster" and name == "retry_on_timeout":
+        return (
+            "the parameter retry_on_timeout is not for a +cluster URL: redis-py's Cluster "
+            "client does not take it"
+        )
+    return ""
 
 
 def _split(url: str) -> SplitResult:
@@ -667,7 +760,8 @@ class _Reader:
             )
         except ValueError as exc:
             self.invalid.add("redis_url")
-            self.problems.append(f"{self.where('redis_url')}: {exc}")
+            problems = exc.problems if isinstance(exc, RedisUrlError) else [str(exc)]
+            self.problems.extend(f"{self.where('redis_url')}: {problem}" for problem in problems)
             return None
 
     def redis_wait(self) -> tuple[int, int] | None:

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from identity_service.constants import outbox_key
 from identity_service.sources import hash_write_key
@@ -636,3 +638,46 @@ def test_a_metrics_directory_that_cannot_be_made_is_said_in_one_line(tmp_path: P
     assert result.stderr.splitlines() == [
         f"identity-service: PROMETHEUS_MULTIPROC_DIR {directory}: Not a directory"
     ]
+
+
+def test_serve_with_workers_empties_the_metrics_directory_once(
+    tmp_path: Path, private_redis: RedisServer
+) -> None:
+    """PROMETHEUS_MULTIPROC_DIR is emptied of an earlier run's files once, before the
+    banner. It was emptied again when the workers' directory was made, after Redis was
+    reached: what was written there in between was deleted (here written while a stopped
+    Redis holds the start's check of Redis for IDENTITY_REDIS_TIMEOUT)."""
+    directory = tmp_path / "multiproc"
+    directory.mkdir()
+    earlier = directory / "counter_1.db"
+    earlier.write_bytes(b"an earlier run's counts")
+    between = directory / "counter_424242.db"  # another process's counts, as it writes them
+
+    def write_once_emptied() -> None:
+        deadline = time.monotonic() + 15
+        while earlier.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        counts = MmapedDict(str(between))  # type: ignore[no-untyped-call]
+        key = mmap_key("test_between", "test_between_total", [], [], "Written in between.")
+        counts.write_value(key, 1.0, 0.0)  # type: ignore[no-untyped-call]
+        counts.close()  # type: ignore[no-untyped-call]
+
+    env = redis_env(
+        private_redis, IDENTITY_REDIS_TIMEOUT="2", PROMETHEUS_MULTIPROC_DIR=str(directory)
+    )
+    writer = threading.Thread(target=write_once_emptied)
+    os.kill(private_redis.pid, signal.SIGSTOP)  # takes connections, answers nothing
+    writer.start()
+    try:
+        service = Service(tmp_path, env, "--workers", "2")  # returns once a worker listens
+    finally:
+        os.kill(private_redis.pid, signal.SIGCONT)
+        writer.join()
+    try:
+        assert "does not answer; requests answer 503" in service.stderr  # the check waited
+        assert not earlier.exists()
+        assert between.exists()
+        values = MmapedDict.read_all_values_from_file(str(between))  # type: ignore[no-untyped-call]
+        assert [value for _, value, _, _ in values] == [1.0]
+    finally:
+        service.stop()

@@ -28,7 +28,13 @@ from redis import Redis as SyncRedis
 from redis import exceptions as redis_exceptions
 from redis.asyncio import Redis
 
-from identity_service.settings import SETTING_NAMES, ConfigError, load_settings
+from identity_service.settings import (
+    SENTINEL_PARAMETERS,
+    SETTING_NAMES,
+    ConfigError,
+    load_settings,
+    redis_url_parameters,
+)
 from tests.chart import (
     CHART_DIR,
     CI_VALUES,
@@ -44,6 +50,7 @@ from tests.chart import (
 from tests.conftest import CHECKOUT_URL, WRITE_KEYS
 from tests.redis_server import RedisServer, free_port
 from tests.test_cli import Service, post, redis_env_for
+from tests.test_settings import PARAMETER_VALUES
 
 KUBERNETES_VERSION = "1.30.0"
 # The pod listens on every address of its own network namespace.
@@ -720,6 +727,43 @@ def test_the_schema_refuses_invalid_values(change: dict[str, Any]) -> None:
 def test_the_schema_takes_redis_urls_without_a_password(url: str) -> None:
     values = chart().merge_values(merge(ci_values("external-redis"), {"redis": {"url": url}}))
     chart().validate_schema(values)
+
+
+@pytest.mark.parametrize(
+    ("topology", "base"),
+    [
+        ("single", "{scheme}://redis.data:6379/0"),
+        ("sentinel", "{scheme}+sentinel://s-0.redis:26379,s-1.redis:26379/idsvc/0"),
+        ("cluster", "{scheme}+cluster://r-0.redis:7000,r-1.redis:7001"),
+    ],
+)
+def test_the_schema_takes_the_redis_url_parameters_the_service_takes(
+    topology: str, base: str
+) -> None:
+    """The schema names the parameters a Redis URL takes (docs/redis-topologies.md): a
+    redis.url that the service would refuse at start is refused at install, and none it
+    takes is, but for the password parameters (the URL is in the pod spec)."""
+    values = chart().merge_values(ci_values("external-redis"))
+    wrong = []
+    names = redis_url_parameters() | set(SENTINEL_PARAMETERS) | {"foo", "DB", "ssl_ca_path"}
+    for name in sorted(names - {"password", "sentinel_password"}):
+        scheme = "rediss" if name.startswith("ssl_") else "redis"
+        value = (PARAMETER_VALUES.get(name) or "/tls/file.pem").partition("&")[0]
+        for query in (f"{name}={value}", f"client_name=c&{name}={value}&protocol=2"):
+            url = base.format(scheme=scheme) + "?" + query
+            try:
+                load_settings({"IDENTITY_REDIS_URL": url, "IDENTITY_SECRET": "s" * 32})
+                service_takes = True
+            except ConfigError:
+                service_takes = False
+            try:
+                chart().validate_schema(merge(values, {"redis": {"url": url}}))
+                schema_takes = True
+            except helm_python.HelmValuesError:
+                schema_takes = False
+            if schema_takes != service_takes:
+                wrong.append(f"{url}: the schema {'takes' if schema_takes else 'refuses'} it")
+    assert wrong == []
 
 
 @pytest.mark.parametrize(

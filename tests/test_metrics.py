@@ -390,7 +390,7 @@ def test_the_workers_directory_is_private_or_the_one_given(
     from identity_service import metrics
 
     monkeypatch.delenv(metrics.MULTIPROC_ENV, raising=False)
-    with metrics.multiprocess_directory() as private:
+    with metrics.multiprocess_directory(None) as private:
         counted = metrics.Metrics()
         counted.inc("identity_store_errors_total")
         assert list(Path(private).glob("counter_*.db"))
@@ -401,7 +401,7 @@ def test_the_workers_directory_is_private_or_the_one_given(
     given.mkdir()
     (given / "counter_1.db").write_bytes(b"an earlier run's")
     monkeypatch.setenv(metrics.MULTIPROC_ENV, str(given))
-    with metrics.multiprocess_directory() as directory:
+    with metrics.multiprocess_directory(metrics.given_directory()) as directory:
         assert directory == str(given)
         assert not (given / "counter_1.db").exists()
     assert given.is_dir()
@@ -500,7 +500,7 @@ async def test_a_worker_hands_its_counts_to_the_shared_files_without_being_scrap
     from prometheus_client import CollectorRegistry, multiprocess
 
     monkeypatch.delenv(metrics.MULTIPROC_ENV, raising=False)
-    with metrics.multiprocess_directory() as directory:
+    with metrics.multiprocess_directory(None) as directory:
         counted = metrics.Metrics()
         inc = counted.counter("identity_handoffs_prepared_total", source="shop")
 

@@ -1,22 +1,34 @@
 """Settings from the environment and files, and the checks that fail fast at start."""
 
 import json
+import re
+import ssl
+from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
+from redis.asyncio import Redis
 from redis.connection import parse_url
 
 from identity_service.constants import DEFAULT_FORWARDER_METRICS_HOST
 from identity_service.settings import (
+    SENTINEL_PARAMETERS,
     SETTING_NAMES,
     ConfigError,
     RedisSettings,
+    Topology,
     load_settings,
     redact_url,
+    redis_url_parameters,
 )
 from identity_service.sources import hash_write_key
+from identity_service.stores.redis import connect
+from identity_service.stores.topology import lean_client
 from identity_service.urls import host_port
 from tests.conftest import SECRET, make_settings
+from tests.redis_server import RedisServer, free_port
+from tests.test_resp import write_tls_files
 
 SHOP = {"write_key_hash": hash_write_key("k-shop"), "origins": ["https://checkout.example.com"]}
 
@@ -826,6 +838,83 @@ def test_valid_one_node_urls_pass(url: str) -> None:
     assert settings.redis is not None and settings.redis.node_url == url
 
 
+UNKNOWN = "docs/redis-topologies.md lists those a Redis URL takes"
+
+
+@pytest.mark.parametrize(
+    ("url", "problems"),
+    [
+        # redis-py passed these on to its connections: every admin command failed with a
+        # TypeError, and the request path's client ignored them.
+        ("redis://localhost:6379/0?foo=1", [f"unknown parameter foo: {UNKNOWN}"]),
+        (
+            "rediss://:topsecret@h:6380/0?ssl_cert_reqs=none&sockettimeout=1&ssl_ca_path=/ca",
+            [f"unknown parameter sockettimeout: {UNKNOWN}", f"unknown parameter ssl_ca_path: {UNKNOWN}"],
+        ),
+        ("unix:///run/redis.sock?db=1&foo=1&foo=2", [f"unknown parameter foo: {UNKNOWN}"]),
+        ("redis://h:1/0?DB=1", [f"unknown parameter DB: {UNKNOWN}"]),  # redis-py: case matters
+        ("redis://h:1/0?f%6Fo=1", [f"unknown parameter foo: {UNKNOWN}"]),  # as parse_qs reads it
+        ("redis://h:1/0?a%0Ab=1", [f"unknown parameter 'a\\nb': {UNKNOWN}"]),
+        ("redis://h:1/0?=1", ["a parameter without a name (=value)"]),
+        ("redis://h:1/0?sentinel_password=x", ["the parameter sentinel_password is for a +sentinel URL"]),
+        # With another problem: both.
+        ("redis://h:1/x?foo=1", [f"unknown parameter foo: {UNKNOWN}", "the database must be a number"]),
+        ("redis+sentinel://s1:26379/m?sentinel_username=w&foo=1", [f"unknown parameter foo: {UNKNOWN}"]),
+        # The clients of a Cluster and of Sentinel failed on these ("got multiple values").
+        (
+            "redis+cluster://n1:7000,n2:7001?max_connections=8&socket_timeout=2&timeout=1",
+            [
+                "the parameter max_connections is not for a +cluster URL: IDENTITY_REDIS_MAX_CONNECTIONS sets it",
+                "the parameter socket_timeout is not for a +cluster URL: IDENTITY_REDIS_TIMEOUT sets it",
+                "the parameter timeout is not for a +cluster URL: IDENTITY_REDIS_TIMEOUT sets the timeouts",
+            ],
+        ),
+        (
+            "redis+sentinel://s1:26379/m?socket_connect_timeout=2",
+            ["the parameter socket_connect_timeout is not for a +sentinel URL: IDENTITY_REDIS_TIMEOUT sets it"],
+        ),
+        ("redis+cluster://n1:7000?retry_on_timeout=yes", ["the parameter retry_on_timeout is not for a +cluster URL"]),
+        ("redis+cluster://n1:7000?db=0", ["a Cluster has only database 0 (no db parameter)"]),
+        ("redis+cluster://n1:7000?sentinel_username=w", ["the parameter sentinel_username is for a +sentinel URL"]),
+    ],
+)  # fmt: skip
+def test_redis_url_parameters_the_service_does_not_take_are_refused_by_name(
+    url: str, problems: list[str]
+) -> None:
+    found = problems_of({"IDENTITY_REDIS_URL": url, "IDENTITY_SECRET": SECRET})
+    assert len(found) == len(problems), found
+    for problem, complaint in zip(found, problems, strict=True):
+        assert problem.startswith("IDENTITY_REDIS_URL: ") and complaint in problem, problem
+        assert "topsecret" not in problem and "=" not in problem.replace("(=value)", ""), problem
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        # An & in a password parameter: the rest of the password is read as parameters.
+        "redis://h:1/0?password=topsecret&PASSTAIL=1",
+        "redis://h:1/0?password=topsecret&PASSTAIL",
+        "redis+sentinel://s:26379/m?sentinel_password=topsecret&PASSTAIL=1",
+        "redis+cluster://n:7000?password=topsecret&timeout=1",  # a name it knows, too
+        # A ? in the password ending in digits: the host is lost, the rest is the query.
+        "redis://:123?PASSTAIL=x@h:1/0",
+    ],
+)
+def test_a_parameter_that_may_be_the_rest_of_a_password_is_not_named(url: str) -> None:
+    (problem,) = problems_of({"IDENTITY_REDIS_URL": url, "IDENTITY_SECRET": SECRET})
+    assert problem == (
+        "IDENTITY_REDIS_URL: a parameter the service does not take, where the rest of a "
+        "password may be (percent-encode ? & @ in the password)"
+    )
+
+
+def test_the_docs_list_every_redis_url_parameter_the_service_takes() -> None:
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "redis-topologies.md").read_text()
+    section = docs.partition("\n## URL parameters")[2].partition("\n#")[0]
+    listed = set(re.findall(r"`(\w+)=`", section))
+    assert listed == redis_url_parameters() | set(SENTINEL_PARAMETERS)
+
+
 # A secret in each file, that its error must not quote.
 CONFIG_SECRET = "SuperSecretServerValue-0123456789abcdef"
 
@@ -920,3 +1009,127 @@ def test_a_flag_wins_and_is_named_as_written(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         load_settings({}, None, {"workers": ("--workers", 2)})
     assert raised.value.problems[0].startswith("--workers above 1 needs Redis (IDENTITY_REDIS_URL)")
+
+
+# A value of each parameter a Redis URL takes. A redis-py release that reads one more
+# makes the first test below fail until it has a value here and a line in the docs.
+PARAMETER_VALUES = {
+    "db": "1",
+    # The default user takes any password when it has none, if named (AUTH <password>
+    # alone is refused then).
+    "username": "default",
+    "password": "any&username=default",
+    "client_name": "identity-test",
+    "socket_timeout": "2",
+    "socket_connect_timeout": "2",
+    "socket_read_size": "65536",
+    "socket_keepalive": "yes",
+    "retry_on_timeout": "yes",
+    "retry_on_error": "x",  # redis-py reads it as list("x"): taken, and of no use in a URL
+    "max_connections": "4",
+    "health_check_interval": "30",
+    "timeout": "2",
+    "protocol": "3",
+    "legacy_responses": "no",
+    "sentinel_username": "watcher",
+    "sentinel_password": "any",
+    "ssl_cert_reqs": "required",
+    "ssl_check_hostname": "yes",
+    "ssl_min_version": str(ssl.TLSVersion.TLSv1_2.value),
+    "ssl_include_verify_flags": "VERIFY_X509_PARTIAL_CHAIN",
+    "ssl_exclude_verify_flags": "VERIFY_X509_STRICT",
+    # ssl_ca_certs, ssl_certfile and ssl_keyfile: the test's files (in every rediss URL).
+    "ssl_ca_certs": "",
+    "ssl_certfile": "",
+    "ssl_keyfile": "",
+}
+
+
+def test_each_redis_url_parameter_the_service_takes_has_a_value_to_test() -> None:
+    assert set(PARAMETER_VALUES) == redis_url_parameters() | set(SENTINEL_PARAMETERS)
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    """A redis-server's TLS port, and the directory of its CA, certificate and key."""
+    directory = tmp_path_factory.mktemp("tls-redis")
+    write_tls_files(directory)
+    tls_port = free_port()
+    server = RedisServer(
+        directory,
+        tls_port=str(tls_port),
+        tls_cert_file=str(directory / "server.pem"),
+        tls_key_file=str(directory / "server.key"),
+        tls_ca_cert_file=str(directory / "ca.pem"),
+        tls_auth_clients="no",
+    )
+    server.start()
+    yield tls_port, directory
+    server.stop()
+
+
+# The parameters each topology's URL does not take: its clients fail on them (a Cluster's
+# ignores a db), or they are for the sentinels.
+REFUSED = {
+    "single": {*SENTINEL_PARAMETERS},
+    "sentinel": {"socket_timeout", "socket_connect_timeout", "timeout", "max_connections"},
+    "cluster": {"socket_timeout", "socket_connect_timeout", "timeout", "max_connections",
+                "retry_on_timeout", "db", *SENTINEL_PARAMETERS},
+}  # fmt: skip
+
+
+async def use(settings: RedisSettings) -> None:
+    """Builds the clients of ``settings`` as serve and forward do: on one node, both ping
+    it; a Sentinel's and a Cluster's (no such set-up here) are built, with a node
+    connection made (not opened) for Sentinel's."""
+    admin = connect(settings)
+    lean = lean_client(settings, 2.0)
+    try:
+        if settings.topology == "single":
+            assert await admin.ping()
+            assert await lean.execute("PING") == b"PONG"
+        elif isinstance(admin, Redis):
+            admin.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+    finally:
+        await admin.aclose()
+        await lean.close()
+
+
+@pytest.mark.parametrize("topology", ["single", "sentinel", "cluster"])
+@pytest.mark.parametrize("name", sorted(PARAMETER_VALUES))
+async def test_the_clients_work_with_each_redis_url_parameter_the_settings_take(
+    name: str, topology: str, redis_server: RedisServer, tls_redis: tuple[int, Path]
+) -> None:
+    """What the settings take, every client built from the URL works with, against a real
+    Redis (with TLS for the ssl_ ones). What they refuse, named, made redis-py's clients
+    fail with a TypeError at every command (for a Cluster's db: ignored)."""
+    tls_port, files = tls_redis
+    tls = name.startswith("ssl_")
+    query = f"{name}={PARAMETER_VALUES[name]}"
+    if tls:
+        files_query = "&".join(
+            f"{key}={files / file}"
+            for key, file in (("ssl_ca_certs", "ca.pem"), ("ssl_certfile", "server.pem"),
+                              ("ssl_keyfile", "server.key"))
+        )  # fmt: skip
+        query = files_query if not PARAMETER_VALUES[name] else f"{query}&{files_query}"
+    scheme, port = ("rediss", tls_port) if tls else ("redis", redis_server.port)
+    node_url = f"{scheme}://127.0.0.1:{port}/0?{query}"
+    url = {
+        "single": node_url,
+        "sentinel": f"{scheme}+sentinel://127.0.0.1:{port}/m/0?{query}",
+        "cluster": f"{scheme}+cluster://127.0.0.1:{port}?{query}",
+    }[topology]
+    if name not in REFUSED[topology]:
+        await use(RedisSettings.from_dsn(url, timeout=2.0))
+        return
+    (problem,) = problems_of({"IDENTITY_REDIS_URL": url, "IDENTITY_SECRET": SECRET})
+    assert f"{name} " in problem or (name == "db" and "only database 0" in problem), problem
+    if (topology, name) == ("cluster", "db"):
+        return
+    unchecked = RedisSettings(
+        url=url, topology=cast(Topology, topology), node_url=node_url,
+        nodes=(("127.0.0.1", port),), service="m", timeout=2.0,
+    )  # fmt: skip
+    with pytest.raises(TypeError, match=name):
+        await use(unchecked)

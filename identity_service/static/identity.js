@@ -1,4 +1,4 @@
-/*! identity.js 1.0.0: identity-service's browser helper (docs/sdk.md, "Browser helper").
+/*! identity.js __IDENTITY_JS_VERSION__: identity-service's browser helper (docs/sdk.md, "Browser helper").
  *
  * One visitor, one anonymousId, across the domains you own, without putting the id in a URL.
  *
@@ -16,7 +16,7 @@
  * queued) and writes the ajs_anonymous_id cookie. Run analytics.load inside
  * IdentityHandoff.ready(...) so that analytics.js sends nothing before the id is set.
  *
- *   <script src="https://identity.example.com/v1/identity.js?v=1.0.0"></script>
+ *   <script src="https://identity.example.com/v1/identity.js?v=__IDENTITY_JS_VERSION__"></script>
  *   <script>
  *     IdentityHandoff.init({
  *       domains: ["checkout.example-pay.com"],   // domain A: where links are decorated
@@ -33,7 +33,9 @@
 (function (window, document) {
   "use strict";
 
-  var VERSION = "1.0.0";
+  // Served, the script's version: a digest of this file (identity_service/browser_helper.py),
+  // so that any change to it is a new version, and a new ?v= URL for every cache.
+  var VERSION = "__IDENTITY_JS_VERSION__";
   var DEFAULTS = {
     domains: [],
     tokenEndpoint: null,
