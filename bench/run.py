@@ -364,8 +364,29 @@ def service_settings(collector: "Collector") -> dict[str, str]:
     }
 
 
+WITHOUT = ("seal", "log", "outbox")
+
+
+def without_env(without: frozenset[str]) -> dict[str, str]:
+    """The service's environment with the guarantees ``without`` names switched off, to
+    measure what they cost (``--without``; bench/without/sitecustomize.py does it)."""
+    if not without:
+        return {}
+    env = {"BENCH_WITHOUT": ",".join(sorted(without))}
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(BENCH / "without"), os.environ.get("PYTHONPATH")])
+    )
+    if "outbox" in without:
+        env["IDENTITY_OUTBOX"] = "off"
+    return env
+
+
 def start_service(
-    variant: Variant, redis: Backend, collector: Collector, extra_env: dict[str, str]
+    variant: Variant,
+    redis: Backend,
+    collector: Collector,
+    extra_env: dict[str, str],
+    without: frozenset[str] = frozenset(),
 ) -> tuple[Any, int]:
     port = free_port()
     if variant.peer:
@@ -398,6 +419,7 @@ def start_service(
             env["IDENTITY_AMP"] = json.dumps(AMP)
         if variant.forwarder_apart:
             env["IDENTITY_FORWARDER"] = "off"
+        env.update(without_env(without))
         command = [str(Path(sys.executable).parent / "identity-service"), "serve"]
         command += ["--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=sys.stderr)
@@ -446,7 +468,8 @@ def run_variant(
     print(f"-- {variant.label}", file=sys.stderr, flush=True)
     collector.reset()
     cap = CpuCap(args.worker_cpu) if args.worker_cpu else None
-    service, port = start_service(variant, redis, collector, args.service_env)
+    without = args.without if not variant.peer else frozenset()
+    service, port = start_service(variant, redis, collector, args.service_env, without)
     forwarder = None
     try:
         forwarder = start_forwarder(variant, process_env(service.pid))
@@ -477,8 +500,9 @@ def run_variant(
         cpu_used = cpu_seconds(pids) - cpu_before
         rss = max(rss_mb(pid) for pid in workers)
         # A flow's events: started at prepare; completed and identify (it has a userId).
-        expected = stats["prepared"] + 2 * stats["exchanged"] if variant.outbox else 0
-        if variant.collect and variant.outbox:
+        emitting = variant.outbox and "outbox" not in without
+        expected = stats["prepared"] + 2 * stats["exchanged"] if emitting else 0
+        if variant.collect and emitting:
             expected = stats["hits"]
         finished = time.monotonic()
         received, delivered = 0, delivered_before
@@ -506,7 +530,9 @@ def run_variant(
     machine_ms_per_flow = cpu_by_process["machine"] * 1000 / flows
     return {
         "variant": name,
-        "label": variant.label + (f", {args.worker_cpu:g} CPU each" if cap else ""),
+        "label": variant.label
+        + (f", {args.worker_cpu:g} CPU each" if cap else "")
+        + (f", without {' and '.join(sorted(without))}" if without else ""),
         "flows_per_s": round(stats["exchanged"] / seconds, 1),
         "requests_per_s": round(stats["requests"] / seconds, 1),
         "p50_ms": stats["p50_us"] / 1000,
@@ -662,6 +688,12 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=3)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--without",
+        default="",
+        help="measure without these guarantees, for what they cost: "
+        f"a comma-separated list of {', '.join(WITHOUT)} (bench/without/sitecustomize.py)",
+    )
     parser.add_argument("--soak", type=int, help="exchange this many handoffs; report memory")
     parser.add_argument("--soak-max-minutes", type=float, default=20)
     parser.add_argument("--out", type=Path, default=BENCH / "results")
@@ -683,6 +715,9 @@ def main() -> int:
     )
     args = parser.parse_args()
     args.service_env = dict(item.split("=", 1) for item in args.service_env)
+    args.without = frozenset(name for name in args.without.split(",") if name)
+    if not args.without <= set(WITHOUT):
+        parser.error(f"--without takes {', '.join(WITHOUT)}")
     if args.worker_cpu is not None:
         if args.soak:
             sys.exit("--worker-cpu applies to the variants, not to --soak")
