@@ -57,7 +57,8 @@ def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None
 
 
 class Cluster:
-    """Three masters (no replicas), slots dealt by ``redis-cli --cluster create``."""
+    """Three masters, slots dealt by ``redis-cli --cluster create``; no replicas unless
+    :meth:`add_replica` gives a master one."""
 
     def __init__(self, directory: Path, host: str = "127.0.0.1", **options: str) -> None:
         """``host``: the address the nodes know each other by (``::1``: IPv6, the nodes
@@ -66,20 +67,22 @@ class Cluster:
         self.host = host
         if host != "127.0.0.1":
             options.setdefault("bind", f"127.0.0.1 {host}")
-        self.nodes = []
-        for number in range(3):
-            node_dir = directory / f"node{number}"
-            node_dir.mkdir()
-            self.nodes.append(
-                RedisServer(
-                    node_dir,
-                    free_port_pair(10000),
-                    cluster_enabled="yes",
-                    cluster_config_file=str(node_dir / "nodes.conf"),
-                    cluster_node_timeout="2000",
-                    **options,
-                )
-            )
+        self._directory = directory
+        self._options = options
+        self.nodes = [self._new_node(f"node{number}") for number in range(3)]
+        self.replicas: list[RedisServer] = []
+
+    def _new_node(self, name: str) -> RedisServer:
+        node_dir = self._directory / name
+        node_dir.mkdir()
+        return RedisServer(
+            node_dir,
+            free_port_pair(10000),
+            cluster_enabled="yes",
+            cluster_config_file=str(node_dir / "nodes.conf"),
+            cluster_node_timeout="2000",
+            **self._options,
+        )
 
     @property
     def url(self) -> str:
@@ -99,6 +102,26 @@ class Cluster:
             30,
             "the cluster to be ok",
         )
+
+    def add_replica(self, master: RedisServer) -> RedisServer:
+        """Start a node, make it a replica of ``master`` (a master of the started Cluster),
+        and wait until ``master`` counts it as an online replica (a WAIT there can count it)."""
+        replica = self._new_node(f"replica{len(self.replicas)}")
+        self.replicas.append(replica)
+        replica.start()
+        redis_cli(
+            "--cluster", "add-node", f"{self.host}:{replica.port}", f"{self.host}:{master.port}",
+            "--cluster-slave", "--cluster-master-id", self.node_id(master),
+        )  # fmt: skip
+        wait_until(
+            lambda: (
+                info_field(replica.port, "replication", "master_link_status") == "up"
+                and "state=online" in info_field(master.port, "replication", "slave0")
+            ),
+            30,
+            "the replica to sync",
+        )
+        return replica
 
     def node_id(self, node: RedisServer) -> str:
         return redis_cli("-p", str(node.port), "CLUSTER", "MYID").strip()
@@ -133,7 +156,7 @@ class Cluster:
                       self.node_id(target))  # fmt: skip
 
     def stop(self) -> None:
-        for node in self.nodes:
+        for node in [*self.nodes, *self.replicas]:
             node.stop()
 
 
@@ -221,6 +244,7 @@ class DelayingProxy:
 
 class Sentinels:
     """A master, its replica, and three sentinels that watch the master as ``service``.
+    With ``replicas=2``, a second replica ``c`` too (``a`` is the master at first).
 
     With ``replication_delay``, each replica replicates through a :class:`DelayingProxy`.
     Sentinels make a replica whose master address is not the master's (the proxy's is
@@ -231,12 +255,14 @@ class Sentinels:
 
     service = "idsvc"
 
-    def __init__(self, directory: Path, replication_delay: float = 0.0) -> None:
+    def __init__(self, directory: Path, replication_delay: float = 0.0, replicas: int = 1) -> None:
         self.directory = directory
-        (directory / "a").mkdir()
-        (directory / "b").mkdir()
+        for name in "abc"[: replicas + 1]:
+            (directory / name).mkdir()
         self.a = RedisServer(directory / "a")
         self.b = RedisServer(directory / "b")
+        self.c = RedisServer(directory / "c") if replicas == 2 else None
+        self.replicas = replicas
         self.sentinel_ports = [free_port() for _ in range(3)]
         self._sentinels: list[subprocess.Popen[bytes]] = []
         self.replication_delay = replication_delay
@@ -251,6 +277,8 @@ class Sentinels:
     def start(self) -> None:
         self.a.start()
         self.replicate(self.b, self.a)
+        if self.c is not None:
+            self.replicate(self.c, self.a)
         for number, port in enumerate(self.sentinel_ports):
             config = self.directory / f"sentinel{number}.conf"
             config.write_text(
@@ -277,7 +305,7 @@ class Sentinels:
             lambda: all(
                 info_field(port, "sentinel", "master0").count(",") >= 4
                 and "sentinels=3" in info_field(port, "sentinel", "master0")
-                and "slaves=1" in info_field(port, "sentinel", "master0")
+                and f"slaves={self.replicas}" in info_field(port, "sentinel", "master0")
                 for port in self.sentinel_ports
             ),
             30,
@@ -340,14 +368,21 @@ class Sentinels:
         lines = reply.split()
         return int(lines[1]) if len(lines) == 2 else 0
 
+    @property
+    def nodes(self) -> list[RedisServer]:
+        return [self.a, self.b] if self.c is None else [self.a, self.b, self.c]
+
     def master(self) -> RedisServer:
-        return self.a if self.master_port() == self.a.port else self.b
+        port = self.master_port()
+        if port == self.a.port:
+            return self.a
+        return self.c if self.c is not None and port == self.c.port else self.b
 
     def stop(self) -> None:
         for process in self._sentinels:
             process.terminate()
             process.wait(timeout=10)
-        self.a.stop()
-        self.b.stop()
+        for node in self.nodes:
+            node.stop()
         for proxy in self._proxies:
             proxy.stop()

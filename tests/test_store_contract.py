@@ -3,9 +3,11 @@ node, and (`make topology`) a 3-master Cluster and a master behind three sentine
 
 import asyncio
 import os
+import signal
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import orjson
 import pytest
@@ -14,6 +16,7 @@ from identity_service.constants import KEY_SHARDS, handoff_key, outbox_key
 from identity_service.crypto import OutboxSealer
 from identity_service.feeds import Feed, MemoryFeed, RedisFeed
 from identity_service.metrics import Metrics
+from identity_service.problems import StoreUnavailable
 from identity_service.settings import RedisSettings
 from identity_service.stores import Counted, Emitted, HandoffStore, Kept
 from identity_service.stores import resp as resp_module
@@ -22,6 +25,7 @@ from identity_service.stores.redis import RedisStore, connect
 from identity_service.stores.topology import Commands, lean_client
 from tests.conftest import TOPOLOGY_KINDS, store_url
 from tests.redis_server import RedisServer
+from tests.redis_topologies import info_field, wait_until
 
 SEALER = OutboxSealer(b"s" * 32)
 
@@ -284,6 +288,53 @@ async def test_concurrent_requests_share_one_wait_while_one_is_in_flight(
     assert stats["cmdstat_evalsha"]["calls"] == 50
     assert stats["cmdstat_wait"]["calls"] == 2
     assert metrics.value("identity_redis_wait_short_total", operation="prepare") == 51
+
+
+async def test_a_wait_never_goes_on_a_connection_that_did_not_run_the_script(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """Requests whose script ran on a connection that broke while a WAIT was in flight
+    there: their WAIT must not go on the next connection, which made none of their writes
+    (a WAIT on a connection that wrote nothing returns at once with every replica). Each
+    of them fails or is a shortfall. The replica is frozen (SIGSTOP) so that the WAIT in
+    flight waits; the connection is dropped as a broken one would be."""
+    (tmp_path / "replica").mkdir()
+    replica = RedisServer(tmp_path / "replica", replicaof=f"127.0.0.1 {private_redis.port}")
+    replica.start()
+    metrics = Metrics()
+    settings = RedisSettings.from_dsn(
+        private_redis.url, key_prefix="broken:", wait=(1, 2000), timeout=5.0
+    )
+    store = RedisStore(settings, SEALER, metrics=metrics)
+    try:
+        await asyncio.to_thread(
+            wait_until,
+            lambda: info_field(replica.port, "replication", "master_link_status") == "up",
+            10,
+            "the replica to sync",
+        )
+        await store.put(new_id(), b"load the script", 60, None)
+        assert metrics.value("identity_redis_wait_short_total", operation="prepare") == 0
+        os.kill(replica.pid, signal.SIGSTOP)
+        try:
+            puts = asyncio.gather(
+                *(store.put(new_id(), b"record", 60, None) for _ in range(4)),
+                return_exceptions=True,
+            )
+            await asyncio.sleep(0.3)  # the scripts ran; a WAIT waits for the frozen replica
+            store.commands.disconnect()
+            outcomes = await puts
+        finally:
+            os.kill(replica.pid, signal.SIGCONT)
+        assert all(o is None or isinstance(o, StoreUnavailable) for o in outcomes), outcomes
+        assert outcomes.count(None)
+        short = metrics.value("identity_redis_wait_short_total", operation="prepare")
+        assert short == outcomes.count(None)
+        await store.put(new_id(), b"record", 60, None)  # a new connection: acknowledged
+        assert metrics.value("identity_redis_wait_short_total", operation="prepare") == short
+    finally:
+        await store.close()
+        replica.stop()
 
 
 # -- an AMP hit in one call: hit_and_write -------------------------------------------------

@@ -6,6 +6,7 @@ docs/redis-topologies.md quotes them; the assertions are what must hold on every
 import asyncio
 import contextlib
 import io
+import os
 import socket
 import subprocess
 import time
@@ -21,11 +22,20 @@ from redis.crc import key_slot
 
 from identity_service import app_keys
 from identity_service.app import create_app
-from identity_service.constants import KEY_SHARDS, link_key, outbox_key, shard_tags, tag_slot
+from identity_service.constants import (
+    KEY_SHARDS,
+    handoff_key,
+    link_key,
+    outbox_key,
+    shard_tags,
+    tag_slot,
+)
 from identity_service.crypto import OutboxSealer
 from identity_service.feeds import RedisFeed
+from identity_service.metrics import Metrics
 from identity_service.problems import StoreUnavailable
 from identity_service.settings import RedisSettings
+from identity_service.stores import PrepareEvents
 from identity_service.stores.redis import RedisStore, check_reachable, connect, follow_master
 from identity_service.stores.resp import Arg, Reply, RespClient
 from identity_service.stores.topology import WATCH_SECONDS, ClusterClient, SentinelClient
@@ -850,3 +860,170 @@ async def test_a_slot_migrated_by_hand_is_followed_and_never_half_written(
         assert redirects["MOVED"] == moved + 1
     finally:
         cluster.stop()
+
+
+# -- IDENTITY_REDIS_WAIT counts the replicas of the node that ran the script ----------------
+
+# The WAIT's timeout in the tests below: a replica on loopback acknowledges well within it.
+WAIT_MS = 500
+
+
+def wait_shortfalls(metrics: Metrics, operation: str) -> int:
+    return int(metrics.value("identity_redis_wait_short_total", operation=operation))
+
+
+def id_in_shard(shard: int) -> bytes:
+    """A lookup id of ``shard`` (its first four bytes, little-endian: constants.shard_of)."""
+    return shard.to_bytes(4, "little") + os.urandom(28)
+
+
+async def test_wait_counts_the_replicas_of_the_master_a_redirection_ran_the_script_on(
+    tmp_path: Path,
+) -> None:
+    """IDENTITY_REDIS_WAIT on a Cluster whose slots move under the client: the WAIT goes on
+    the connection that ran the script, so it counts the replicas of the master that has
+    the write, not those of the master the request was first sent to.
+
+    Masters A and C have a replica, B has none. A slot A gives B (MOVED): the prepare run
+    on B is a shortfall, where A's replica would have acknowledged it. A slot B gives C
+    (MOVED): the prepare run on C is acknowledged by C's replica, where B would have said
+    0. An exchange whose keys moved from A to B while the slot migrates (ASK): a shortfall.
+    """
+    metrics = Metrics()
+
+    def shortfalls() -> tuple[int, int]:
+        """The shortfalls of prepares and of exchanges so far."""
+        return wait_shortfalls(metrics, "prepare"), wait_shortfalls(metrics, "exchange")
+
+    cluster = Cluster(tmp_path)
+    a, b, c = cluster.nodes
+    settings = RedisSettings.from_dsn(
+        cluster.url, key_prefix="waitnode:", wait=(1, WAIT_MS), timeout=5.0
+    )
+    store = RedisStore(settings, OutboxSealer(b"s" * 32), metrics=metrics)
+    try:
+        await asyncio.to_thread(cluster.start)
+        shards: dict[int, list[int]] = {node.port: [] for node in cluster.nodes}
+        owners = slot_owners(a.port)  # before the replicas, which this parsing does not read
+        for shard, tag in enumerate(shard_tags(KEY_SHARDS)):
+            shards[owners[tag_slot(tag)]].append(shard)
+        # Three shards (slots) of A's and two of B's, one of C's.
+        (a_base, a_moved, a_asked, *_), (b_base, b_moved, *_) = shards[a.port], shards[b.port]
+        await asyncio.to_thread(cluster.add_replica, a)
+        await asyncio.to_thread(cluster.add_replica, c)
+        commands = store.commands
+        assert isinstance(commands, ClusterClient)
+
+        # Each master's own requests (the scripts loaded on each): A's and C's replicas
+        # acknowledge, B has none.
+        for shard, replicated in [(a_base, True), (b_base, False), (shards[c.port][0], True)]:
+            before = shortfalls()
+            lookup_id = id_in_shard(shard)
+            await store.put(lookup_id, b"baseline", 60, None)
+            assert await store.take(lookup_id, None) == b"baseline"
+            short = 0 if replicated else 1
+            assert shortfalls() == (before[0] + short, before[1] + short)
+        assert not commands.redirects
+
+        # MOVED from A (a replica) to B (none): a shortfall, not A's replica's word.
+        slot = tag_slot(shard_tags(KEY_SHARDS)[a_moved])
+        await asyncio.to_thread(cluster.begin_migration, slot, a, b)
+        await asyncio.to_thread(cluster.end_migration, slot, b)
+        lookup_id, before = id_in_shard(a_moved), shortfalls()
+        await store.put(lookup_id, b"moved to B", 60, None)
+        assert commands.redirects["MOVED"] == 1
+        assert redis_cli("-p", str(b.port), "EXISTS", handoff_key("waitnode:", lookup_id)) == "1\n"
+        assert shortfalls() == (before[0] + 1, before[1])
+
+        # MOVED from B (none) to C (a replica): acknowledged by C's replica.
+        await commands.refresh()  # the map the first MOVED made stale: B's slot on B
+        slot = tag_slot(shard_tags(KEY_SHARDS)[b_moved])
+        await asyncio.to_thread(cluster.begin_migration, slot, b, c)
+        await asyncio.to_thread(cluster.end_migration, slot, c)
+        lookup_id, before = id_in_shard(b_moved), shortfalls()
+        await store.put(lookup_id, b"moved to C", 60, None)
+        assert commands.redirects["MOVED"] == 2
+        assert redis_cli("-p", str(c.port), "EXISTS", handoff_key("waitnode:", lookup_id)) == "1\n"
+        assert shortfalls() == before
+
+        # ASK: the handoff and its outbox moved from A to B, the slot still migrating.
+        await commands.refresh()
+        lookup_id, before = id_in_shard(a_asked), shortfalls()
+        started = PrepareEvents([{"type": "track", "messageId": "m-asked"}], None)
+        await store.put(lookup_id, b"asked of B", 60, started)  # on A: acknowledged
+        assert shortfalls() == before
+        slot = tag_slot(shard_tags(KEY_SHARDS)[a_asked])
+        handoff, outbox = handoff_key("waitnode:", lookup_id), outbox_key("waitnode:", a_asked)
+        await asyncio.to_thread(cluster.begin_migration, slot, a, b)
+        await asyncio.to_thread(cluster.migrate, a, b, handoff, outbox)
+        assert await store.take(lookup_id, None) == b"asked of B"
+        assert commands.redirects["ASK"] >= 1
+        assert await asking(b, "EXISTS", handoff) == 0  # redeemed on B
+        assert shortfalls() == (before[0], before[1] + 1)
+    finally:
+        await store.close()
+        cluster.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_a_wait_never_counts_the_new_masters_replicas_for_the_old_masters_writes(
+    tmp_path: Path,
+) -> None:
+    """Behind Sentinel, the client drops its connection when the sentinels name another
+    master (topology.py); requests may have had their script's reply on it, from the old
+    master, while a WAIT was in flight there. Their WAIT must not go to the new master,
+    whose replicas never had their write (it is lost when the old master is demoted): each
+    request whose script ran on the old master either fails or is a shortfall.
+
+    ``SENTINEL FAILOVER`` of a master with two replicas: one is promoted, the other follows
+    it, and the old master, still up, has no replica left until the sentinels demote it
+    (a WAIT there waits its whole timeout). The client's watch is made slow so that the
+    test drops the connection itself (what the watch does) while the WAIT waits."""
+    sentinels = Sentinels(tmp_path, replicas=2)
+    old = sentinels.a
+    metrics = Metrics()
+    settings = RedisSettings.from_dsn(
+        sentinels.url, key_prefix="switched:", wait=(1, 2000), timeout=5.0
+    )
+    store = RedisStore(settings, OutboxSealer(b"s" * 32), metrics=metrics)
+    commands = store.commands
+    assert isinstance(commands, SentinelClient)
+    commands._watch_seconds = 3600  # the test drops the connection, at the moment it picks
+    try:
+        await asyncio.to_thread(sentinels.start)
+        await store.put(os.urandom(32), b"before", 60, None)
+        assert wait_shortfalls(metrics, "prepare") == 0  # the replicas acknowledged it
+        port = str(sentinels.sentinel_ports[0])
+        await asyncio.to_thread(redis_cli, "-p", port, "SENTINEL", "FAILOVER", sentinels.service)
+
+        def switched() -> bool:
+            ports = {sentinels.master_port(p) for p in sentinels.sentinel_ports}
+            if len(ports) != 1 or ports & {0, old.port}:
+                return False
+            new = sentinels.master()
+            # The new master has the other replica; the old one, no replica left.
+            return (
+                "state=online" in info_field(new.port, "replication", "slave0")
+                and info_field(old.port, "replication", "connected_slaves") == "0"
+            )
+
+        await until(switched, 30, "the new master to have the other replica")
+        assert info_field(old.port, "replication", "role") == "master", "demoted too soon"
+        puts = asyncio.gather(
+            *(store.put(os.urandom(32), b"on the old master", 60, None) for _ in range(4)),
+            return_exceptions=True,
+        )
+        await asyncio.sleep(0.3)  # the scripts ran; a WAIT waits on the old master
+        commands.disconnect()
+        outcomes = await puts
+        assert all(o is None or isinstance(o, StoreUnavailable) for o in outcomes), outcomes
+        succeeded = outcomes.count(None)
+        assert succeeded
+        assert wait_shortfalls(metrics, "prepare") == succeeded
+        # The next request goes to the new master, and its replica acknowledges it.
+        await store.put(os.urandom(32), b"on the new master", 60, None)
+        assert commands.master == ("127.0.0.1", sentinels.master().port)
+        assert wait_shortfalls(metrics, "prepare") == succeeded
+    finally:
+        await store.close()
+        await asyncio.to_thread(sentinels.stop)

@@ -17,7 +17,8 @@ counters, and only under every limit its event and link; on a Cluster, the count
 
 Scripts go through the pipelined :class:`RespClient` (see resp.py for why it never
 retries), or on a Cluster or behind Sentinel the lean clients of topology.py. With
-``IDENTITY_REDIS_WAIT``, prepare and exchange send ``WAIT`` in the same write. A failure
+``IDENTITY_REDIS_WAIT``, prepare and exchange send ``WAIT`` in the same write, on the
+connection that runs the script (replication.py). A failure
 surfaces as StoreUnavailable (503 with Retry-After) and the next
 request uses a fresh connection, so the service recovers by itself when Redis returns.
 """
@@ -353,10 +354,10 @@ class RedisStore:
         source = events.source if events is not None and self._tag_sources else None
         args: list[Arg] = [record, ttl_seconds, template, started, source or ""]
         keys = self._keys(lookup_id)
-        call = self._redis.run_script(PREPARE, keys, args)
-        await self._guarded(
-            call if self._waits is None else self._replicated(call, keys, "prepare")
-        )
+        if self._waits is None:
+            await self._guarded(self._redis.run_script(PREPARE, keys, args))
+        else:
+            await self._guarded(self._replicated(PREPARE, keys, args, "prepare"))
 
     async def take(self, lookup_id: bytes, facts: dict[str, Any] | None) -> bytes | None:
         sealed_facts = source = b""
@@ -365,23 +366,27 @@ class RedisStore:
             if self._tag_sources:
                 source = facts["source"].encode()
         keys = self._keys(lookup_id)
-        call = self._redis.run_script(EXCHANGE, keys, [sealed_facts, source])
-        record = await self._guarded(
-            call if self._waits is None else self._replicated(call, keys, "exchange")
-        )
+        args: list[Arg] = [sealed_facts, source]
+        if self._waits is None:
+            record = await self._guarded(self._redis.run_script(EXCHANGE, keys, args))
+        else:
+            record = await self._guarded(self._replicated(EXCHANGE, keys, args, "exchange"))
         assert record is None or isinstance(record, bytes)
         return record
 
-    async def _replicated(self, call: Awaitable[Reply], keys: list[str], operation: str) -> Reply:
-        """``call``, then a ``WAIT`` that covers it (replication.py: in the same write when
-        none is in flight on the connection, else one shared by every request meanwhile).
+    async def _replicated(
+        self, script: Script, keys: list[str], args: list[Arg], operation: str
+    ) -> Reply:
+        """``script``, then a ``WAIT`` that covers it, on the connection that ran it
+        (replication.py: in the same write when none is in flight on that connection, else
+        one shared by every request meanwhile).
 
         Fewer replicas than asked within the timeout does not fail the request: the write
         is done on the master, and a 503 would make the client retry, which for an exchange
         is the very double redemption WAIT is there to prevent (docs/redis-topologies.md).
         """
         assert self._waits is not None
-        reply, acknowledged = await self._waits.after(self._redis, keys[0], call)
+        reply, acknowledged = await self._waits.after(self._redis, script, keys, args)
         if acknowledged < self._waits.replicas:
             if self._metrics is not None:
                 self._metrics.inc("identity_redis_wait_short_total", operation=operation)

@@ -5,32 +5,81 @@ connection waits too. A ``WAIT`` per request would line a process's requests up 
 each other's replica acknowledgements, and with no replica answering hold each for the
 whole timeout: 20 requests a second at 50 ms, during exactly the failover WAIT is for.
 
-So each connection has at most one ``WAIT`` in flight. A request that finds none sends its
-``WAIT`` in the same write as its script: one round trip. One that finds one in flight
-awaits its script's reply, then joins the next ``WAIT``, sent as soon as the one in flight
-returns. A ``WAIT`` covers every write its connection made before it, so one answers for
-all the requests that joined it, however many arrived meanwhile.
+So each connection has at most one ``WAIT`` in flight. A request whose script is queued
+on a connection with none sends its ``WAIT`` right behind the script, in the same write:
+one round trip. One whose script is queued behind a ``WAIT`` in flight gets its reply once
+that ``WAIT`` returned; then it sends the next ``WAIT``, or shares the one another such
+request sent first. A ``WAIT`` covers every write its connection made before it, so one
+answers for all the requests that share it, however many arrived meanwhile.
+
+A ``WAIT`` counts the replicas of the connection it is sent on, and only the writes made on
+that connection: so it goes on the connection that ran the script, never on the client's
+next one. The lean clients tell which connection each send of the script went on
+(``sent``, resp.py): a script redirected by ``MOVED`` or ``ASK`` (topology.py), or sent again
+as ``EVAL``, is told again, and the last connection told of is the one that answered.
+The lines are kept by connection, not by client: a request whose connection was replaced
+(the Sentinel client's switch to a new master, a broken connection) cannot have its
+``WAIT`` sent there and counts no replica, rather than the replicas of a node that never
+had its write.
 
 A ``WAIT`` that fails (the connection broke) after the script ran counts as no replica
 acknowledging: the write was made, and the caller decides what a shortfall means.
 """
 
 import asyncio
-from collections.abc import Awaitable
-from dataclasses import dataclass, field
 
-from identity_service.stores.resp import Reply, ReplyError
+from identity_service.stores.resp import Arg, Connection, Reply, ReplyError, Script, pack_command
 from identity_service.stores.topology import Commands
 
 
-@dataclass(slots=True, eq=False)
 class _Line:
-    """One connection's WAITs: whether one is in flight, and the next one's joiners."""
+    """One connection's WAITs: the one in flight, and the future of those who share it.
+    Called back when the one in flight returns."""
 
-    node: Commands
-    key: str
-    busy: bool = False
-    next: "asyncio.Future[int] | None" = field(default=None)
+    __slots__ = ("command", "connection", "shared", "waited")
+
+    def __init__(self, connection: Connection, command: bytes) -> None:
+        self.connection = connection
+        self.command = command
+        self.waited: asyncio.Future[Reply] | None = None
+        self.shared: asyncio.Future[int] | None = None
+
+    def send(self) -> "asyncio.Future[Reply] | None":
+        """A WAIT now, behind whatever the connection was sent last (None: it is closed)."""
+        try:
+            waited = self.connection.send(self.command)
+        except OSError:
+            return None
+        self.waited = waited
+        waited.add_done_callback(self)
+        return waited
+
+    def __call__(self, waited: "asyncio.Future[Reply]") -> None:
+        """The WAIT in flight returned (or failed, or its sender was cancelled)."""
+        count = _count(waited)
+        self.waited = None
+        shared, self.shared = self.shared, None
+        if shared is not None:
+            shared.set_result(count)
+
+
+class _Sent:
+    """One request's script: told of each connection it is sent on (resp.py's ``sent``), it
+    sends a WAIT behind it when that connection has none in flight."""
+
+    __slots__ = ("connection", "waited", "waits")
+
+    def __init__(self, waits: "Waits") -> None:
+        self.waits = waits
+        self.connection: Connection | None = None
+        self.waited: asyncio.Future[Reply] | None = None  # the WAIT right behind the script
+
+    def __call__(self, connection: Connection) -> None:
+        self.connection = connection
+        line = self.waits.line(connection)
+        # Sent again (redirected, or as EVAL): a WAIT sent behind an earlier send does not
+        # cover this one.
+        self.waited = line.send() if line.waited is None else None
 
 
 class Waits:
@@ -38,61 +87,62 @@ class Waits:
 
     def __init__(self, replicas: int, milliseconds: int) -> None:
         self.replicas = replicas
-        self._milliseconds = milliseconds
-        self._lines: dict[Commands, _Line] = {}
+        self._command = pack_command(("WAIT", replicas, milliseconds))
+        self._lines: dict[Connection, _Line] = {}
 
     async def after(
-        self, commands: Commands, key: str, call: Awaitable[Reply]
+        self, commands: Commands, script: Script, keys: list[str], args: list[Arg]
     ) -> tuple[Reply, int]:
-        """Run ``call`` (a script on ``key``), then a WAIT that covers it: its reply and how
-        many replicas acknowledged."""
-        node = commands.node_for(key)
-        if node is None:  # a Cluster that does not know the slot's node yet
-            return await call, await self._wait(commands, key)
-        line = self._lines.get(node)
-        if line is None:
-            line = self._lines[node] = _Line(node, key)
-        if line.busy:
-            reply = await call
-            return reply, await self._join(line)
-        line.busy = True
-        script = asyncio.ensure_future(call)
-        waited = asyncio.ensure_future(self._wait(node, key))
-        # Replies come in order: the script's task finishes before the WAIT's, unless the
-        # node did not know the script and it went again as EVAL, after this WAIT.
-        finished: list[object] = []
-        script.add_done_callback(finished.append)
-        waited.add_done_callback(finished.append)
-        waited.add_done_callback(lambda _: self._returned(line))
-        reply, acknowledged = await asyncio.gather(script, waited)
-        if finished[0] is waited:
-            acknowledged = await self._join(line)
+        """Run ``script``, then a WAIT on the connection that ran it: its reply and how many
+        replicas acknowledged."""
+        sent = _Sent(self)
+        reply = await commands.run_script(script, keys, args, sent)
+        waited = sent.waited
+        if waited is None:
+            assert sent.connection is not None  # a reply came from some connection
+            return reply, await self._covering(sent.connection)
+        try:
+            acknowledged: int = await waited
+        except (ReplyError, OSError):  # the connection broke, or a replica now: -READONLY
+            acknowledged = 0
         return reply, acknowledged
 
-    async def _join(self, line: _Line) -> int:
-        """The acknowledgements of a WAIT sent after this call: now if none is in flight."""
-        if not line.busy:
-            line.busy = True
-            waited = asyncio.ensure_future(self._wait(line.node, line.key))
-            waited.add_done_callback(lambda _: self._returned(line))
-            return await waited
-        if line.next is None:
-            line.next = asyncio.get_running_loop().create_future()
-        return await asyncio.shield(line.next)
+    def line(self, connection: Connection) -> _Line:
+        """The WAITs of ``connection``, kept from its first script on."""
+        line = self._lines.get(connection)
+        if line is None:
+            # A new connection: forget the closed ones (their WAITs failed, or will).
+            for closed in [known for known in self._lines if known.closed]:
+                del self._lines[closed]
+            line = self._lines[connection] = _Line(connection, self._command)
+        return line
 
-    def _returned(self, line: _Line) -> None:
-        """The WAIT in flight returned: send the next one for those who joined it."""
-        joined, line.next = line.next, None
-        if joined is None:
-            line.busy = False
-            return
-        waited = asyncio.ensure_future(self._wait(line.node, line.key))
-        waited.add_done_callback(lambda done: joined.set_result(done.result()))
-        waited.add_done_callback(lambda _: self._returned(line))
-
-    async def _wait(self, node: Commands, key: str) -> int:
-        try:
-            acknowledged: int = await node.call(key, "WAIT", self.replicas, self._milliseconds)
-        except (ReplyError, OSError):
+    async def _covering(self, connection: Connection) -> int:
+        """The acknowledgements of a WAIT on ``connection`` sent after a script whose reply
+        is in: the one in flight, or a new one if none is."""
+        line = self._lines.get(connection)
+        if line is None:  # forgotten: the connection closed
             return 0
-        return acknowledged
+        if line.waited is None:
+            waited = line.send()
+            if waited is None:
+                return 0
+            try:
+                acknowledged: int = await waited
+            except (ReplyError, OSError):
+                return 0
+            return acknowledged
+        # Replies come in order: a WAIT sent before the script would have returned before
+        # its reply came (and been called back first), so the one in flight was sent after.
+        if line.shared is None:
+            line.shared = asyncio.get_running_loop().create_future()
+        return await asyncio.shield(line.shared)
+
+
+def _count(waited: "asyncio.Future[Reply]") -> int:
+    """A returned WAIT's count, 0 if it failed or was cancelled (its error retrieved: a
+    failed WAIT counts no replica, nothing to report)."""
+    if waited.cancelled() or waited.exception() is not None:
+        return 0
+    count: int = waited.result()
+    return count

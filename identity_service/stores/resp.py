@@ -17,7 +17,7 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import hiredis
@@ -39,6 +39,13 @@ class Script:
     def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+
+# Told of the connection a command was just queued on, before the write leaves: a caller
+# may queue more behind it in the same write (replication.py's WAIT). A command sent again
+# (a Cluster's redirection, NOSCRIPT) tells it again: the last connection it is told of is
+# the one whose reply the caller gets.
+Sent = Callable[["Connection"], None]
 
 
 class Connection(asyncio.Protocol):
@@ -133,40 +140,45 @@ class RespClient:
         self._connecting: asyncio.Future[Connection] | None = None
         self._closed = False
 
-    async def execute(self, *args: Arg) -> Reply:
+    async def execute(self, *args: Arg, sent: Sent | None = None) -> Reply:
+        """The command's reply; ``sent`` is told of the connection it went on."""
         if self._closed:
             raise ConnectionError("redis client closed")
         connection = self._connection
         if connection is None or connection.closed:
             connection = await self._connect()
-        return await connection.send(pack_command(args))
+        reply = connection.send(pack_command(args))
+        if sent is not None:
+            sent(connection)
+        return await reply
 
-    def call(self, key: str, *args: Arg) -> Awaitable[Reply]:
+    def call(self, key: str, *args: Arg, sent: Sent | None = None) -> Awaitable[Reply]:
         """A command on ``key`` (one node has every key: ``key`` only routes on a Cluster)."""
-        return self.execute(*args)
+        return self.execute(*args, sent=sent)
 
-    def node_for(self, key: str) -> "RespClient":
-        """The client ``key`` goes to: this one (see topology.py for a Cluster's)."""
-        return self
-
-    async def execute_asking(self, *args: Arg) -> Reply:
+    async def execute_asking(self, *args: Arg, sent: Sent | None = None) -> Reply:
         """``ASKING`` then the command, adjacent on the connection (a Cluster's ASK)."""
         connection = self._connection
         if connection is None or connection.closed:
             connection = await self._connect()
         asking = connection.send(pack_command(("ASKING",)))
         reply = connection.send(pack_command(args))
+        if sent is not None:
+            sent(connection)
         await asking
         return await reply
 
-    async def run_script(self, script: Script, keys: list[str], args: list[Arg]) -> Reply:
+    async def run_script(
+        self, script: Script, keys: list[str], args: list[Arg], sent: Sent | None = None
+    ) -> Reply:
+        """The script's reply; ``sent`` is told of each connection it is sent on."""
         try:
-            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args, sent=sent)
         except ReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
             # The script did not run; EVAL runs it and puts it in Redis's script cache.
-            return await self.execute("EVAL", script.source, len(keys), *keys, *args)
+            return await self.execute("EVAL", script.source, len(keys), *keys, *args, sent=sent)
 
     def disconnect(self) -> None:
         """Drop the connection (Redis ends what it was running for it); the next call

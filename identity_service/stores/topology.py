@@ -9,7 +9,9 @@ twice: ``MOVED`` (the slot moved for good) refreshes the map and re-sends to the
 node, ``ASK`` (the slot is moving) re-sends there once after ``ASKING``, ``TRYAGAIN`` (a
 script's keys are split by a moving slot) re-sends after a short pause. A broken
 connection fails the command (no retry: see resp.py) and the next command refreshes the
-map first, so a Cluster failover heals by itself.
+map first, so a Cluster failover heals by itself. A command's ``sent`` (resp.py) is told
+of the connection of each node it is sent to, so its caller learns which node ran it: the
+``WAIT`` after a redirected script goes there (replication.py).
 
 :class:`SentinelClient` is a :class:`RespClient` that asks the sentinels where the master
 is before each connection, checks that the node it reaches is a master (``ROLE``), and
@@ -42,6 +44,7 @@ from identity_service.stores.resp import (
     ReplyError,
     RespClient,
     Script,
+    Sent,
     pack_command,
 )
 
@@ -66,13 +69,13 @@ class Commands(Protocol):
     async def execute(self, *args: Arg) -> Reply:
         """A command without keys (PING): on a Cluster, on every master."""
 
-    def call(self, key: str, *args: Arg) -> Awaitable[Reply]:
-        """A command whose keys share ``key``'s slot."""
+    def call(self, key: str, *args: Arg, sent: Sent | None = None) -> Awaitable[Reply]:
+        """A command whose keys share ``key``'s slot; ``sent`` is told of the connection
+        of each node it is sent to (resp.py), the last one the node that answered."""
 
-    async def run_script(self, script: Script, keys: list[str], args: list[Arg]) -> Reply: ...
-
-    def node_for(self, key: str) -> "Commands | None":
-        """The one-node client ``key`` goes to (None: not known now)."""
+    async def run_script(
+        self, script: Script, keys: list[str], args: list[Arg], sent: Sent | None = None
+    ) -> Reply: ...
 
     def disconnect(self) -> None: ...
 
@@ -107,9 +110,9 @@ class SentinelClient(RespClient):
         self.switched: list[Callable[[bool], Awaitable[None]]] = []
         self._told: tuple[str, int] | None = None  # the master switched was last told of
 
-    async def execute(self, *args: Arg) -> Reply:
+    async def execute(self, *args: Arg, sent: Sent | None = None) -> Reply:
         try:
-            return await super().execute(*args)
+            return await super().execute(*args, sent=sent)
         except ReplyError as exc:
             if str(exc).startswith("READONLY"):
                 self.disconnect()  # a demoted master: find the new one
@@ -224,7 +227,7 @@ class ClusterClient:
             raise
         return replies[-1]
 
-    async def call(self, key: str, *args: Arg) -> Reply:
+    async def call(self, key: str, *args: Arg, sent: Sent | None = None) -> Reply:
         if self._stale:
             await self.refresh()
         node = self._slots[key_slot(key.encode())]
@@ -234,7 +237,9 @@ class ClusterClient:
         asking = False
         for _ in range(MAX_REDIRECTS):
             try:
-                return await (node.execute_asking(*args) if asking else node.execute(*args))
+                if asking:
+                    return await node.execute_asking(*args, sent=sent)
+                return await node.execute(*args, sent=sent)
             except ReplyError as exc:
                 kind, _, where = str(exc).partition(" ")
                 if kind not in REDIRECTIONS:
@@ -252,17 +257,18 @@ class ClusterClient:
                 raise
         raise ConnectionError(f"still redirected after {MAX_REDIRECTS} tries")
 
-    async def run_script(self, script: Script, keys: list[str], args: list[Arg]) -> Reply:
+    async def run_script(
+        self, script: Script, keys: list[str], args: list[Arg], sent: Sent | None = None
+    ) -> Reply:
+        key, sha = keys[0], script.sha
         try:
-            return await self.call(keys[0], "EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self.call(key, "EVALSHA", sha, len(keys), *keys, *args, sent=sent)
         except ReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
             # Each node has its own script cache: EVAL runs it and caches it there.
-            return await self.call(keys[0], "EVAL", script.source, len(keys), *keys, *args)
-
-    def node_for(self, key: str) -> RespClient | None:
-        return None if self._stale else self._slots[key_slot(key.encode())]
+            source = script.source
+            return await self.call(key, "EVAL", source, len(keys), *keys, *args, sent=sent)
 
     async def refresh(self) -> None:
         """Load the slot map; concurrent callers share one load."""
