@@ -55,6 +55,9 @@ class FeedEntry:
 class Feed(Protocol):
     # After a read: whether more entries may be waiting right now.
     backlog: bool
+    # During a read: whether the store has handed it entries, which are then this
+    # consumer's (a stop lets such a read end rather than strand them until a reclaim).
+    taking: bool
 
     async def read(self, max_entries: int, wait: float) -> list[FeedEntry]: ...
 
@@ -80,6 +83,7 @@ class MemoryFeed:
         self._outbox = queue
         self._sequence = 0
         self.backlog = False
+        self.taking = False  # entries are taken from the queue without awaiting
 
     async def read(self, max_entries: int, wait: float) -> list[FeedEntry]:
         queue = self._outbox.events
@@ -179,6 +183,7 @@ class RedisFeed:
         self._read_failure: BaseException | None = None
         self._groups_ready = False
         self.backlog = False
+        self.taking = False
 
     async def read(self, max_entries: int, wait: float) -> list[FeedEntry]:
         async with self._groups_checked():
@@ -202,12 +207,16 @@ class RedisFeed:
         # A shard that filled its COUNT may hold more: the forwarder should read again.
         self.backlog = any(len(messages) >= count for _, messages in answer or [])
         read: list[FeedEntry] = []
-        for stream, messages in answer or []:
-            decoded = [(entry_id, _field_dict(fields)) for entry_id, fields in messages]
-            read.extend(await self._decode_all(text(stream), decoded))
-            # Opening a whole read's entries takes a third of a millisecond or more, and
-            # the worker's requests wait meanwhile: they are let through between shards.
-            await asyncio.sleep(0)
+        self.taking = True
+        try:
+            for stream, messages in answer or []:
+                decoded = [(entry_id, _field_dict(fields)) for entry_id, fields in messages]
+                read.extend(await self._decode_all(text(stream), decoded))
+                # Opening a whole read's entries takes a third of a millisecond or more,
+                # and the worker's requests wait meanwhile: they go between shards.
+                await asyncio.sleep(0)
+        finally:
+            self.taking = False
         return read
 
     async def _read_all(self, count: int, wait: float) -> Any:
@@ -248,16 +257,21 @@ class RedisFeed:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
-            answers = await asyncio.gather(
-                *(
-                    self._commands.call(
-                        stream, "XREADGROUP", "GROUP", self._group, self._consumer,
-                        "COUNT", count, "STREAMS", stream, ">",
-                    )
-                    for stream in self._streams
-                ),
-                return_exceptions=True,
-            )  # fmt: skip
+            # No BLOCK: a shard's answer may hold entries at once (see RedisFeed.taking).
+            self.taking = True
+            try:
+                answers = await asyncio.gather(
+                    *(
+                        self._commands.call(
+                            stream, "XREADGROUP", "GROUP", self._group, self._consumer,
+                            "COUNT", count, "STREAMS", stream, ">",
+                        )
+                        for stream in self._streams
+                    ),
+                    return_exceptions=True,
+                )  # fmt: skip
+            finally:
+                self.taking = False
             found = []
             for answer in answers:
                 if isinstance(answer, BaseException):

@@ -188,7 +188,9 @@ class Forwarder:
                 deadline = time.monotonic() + settings.batch_max_wait
 
     async def _read(self, wanted: int, wait: float) -> list[FeedEntry]:
-        """Read from the feed, giving up at once when stopping (a blocked read is cancelled)."""
+        """Read from the feed, giving up at once when stopping: a read still waiting for
+        entries is cancelled, one the store has handed entries to ends first (cancelled, it
+        would leave them pending under this consumer until another reclaims them)."""
         if self._draining:
             return await self._feed.read(wanted, wait)
         if self.stopping.is_set():
@@ -198,6 +200,8 @@ class Forwarder:
         await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
         if not read.done():
+            if self._feed.taking:
+                return await read
             read.cancel()
             return []
         return read.result()

@@ -163,7 +163,10 @@ class RedisSettings:
         elif path and path != ["0"]:
             raise ValueError("a Cluster has only database 0")
         pairs = parts.query.split("&")
-        node_query = "&".join(p for p in pairs if p.partition("=")[0] not in SENTINEL_PARAMETERS)
+        # Names as parse_qs reads them (sentinel_p%61ssword is sentinel_password).
+        node_query = "&".join(
+            p for p in pairs if unquote_plus(p.partition("=")[0]) not in SENTINEL_PARAMETERS
+        )
         at = f"{userinfo}@" if userinfo else ""
         node_url = f"{base}://{at}{host_port(*nodes[0])}/{db}" + (
             f"?{node_query}" if node_query else ""
@@ -200,8 +203,9 @@ def _parameter_problems(parts: SplitResult, topology: str) -> list[str]:
     ``topology``'s clients fail on. Each names its parameter as parse_qs reads it, never a
     value, nor a name where the rest of a password may be."""
     # Where the rest of a password may be: after a password parameter (an & in its value),
-    # and up to the query's last @ when no user info ends before the host (a ? in it).
-    hidden_before = parts.query.rfind("@") if "@" not in parts.netloc else -1
+    # and up to the query's last @ (a ? in the password; the user info before it may hold an
+    # @ too, as in redis://u:p@ss?tail=x@host).
+    hidden_before = parts.query.rfind("@")
     problems: list[str] = []
     at, after_password = 0, False
     for pair in parts.query.split("&"):

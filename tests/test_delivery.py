@@ -32,7 +32,8 @@ from identity_service.outbox_admin import (
     replay_dead,
     retire_destination,
 )
-from identity_service.settings import Settings
+from identity_service.settings import OutboxSettings, Settings
+from identity_service.sinks import StdoutSink
 from identity_service.stores.redis import AdminClient
 from identity_service.stores.resp import RespClient
 from identity_service.streams import entries
@@ -627,6 +628,44 @@ async def test_a_cancelled_blocking_read_claims_nothing_that_arrives_after(
     finally:
         await commands.close()
         await redis_client.delete(*(outbox_key(prefix, shard) for shard in range(KEY_SHARDS)))
+
+
+async def test_a_stop_lets_a_read_that_took_entries_end_and_leaves_none_pending(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    """A stop that comes while a read opens the entries the store handed it (it lets
+    requests through between shards) does not cancel it: cancelled, it would leave them
+    pending under this consumer until another reclaimed them, after reclaim_idle."""
+    prefix = f"stop-while-taking-{os.getpid()}:"
+    sealer = OutboxSealer(SECRET.encode())
+    commands = RespClient(redis_server.url, timeout=3.0)
+    feed = RedisFeed(redis_client, commands, prefix, "default", sealer, 60, ["default"])
+    forwarder = Forwarder("default", feed, StdoutSink(), OutboxSettings(), Metrics())
+    streams = [outbox_key(prefix, shard) for shard in range(KEY_SHARDS)]
+    try:
+        assert await feed.read(10, wait=0.01) == []  # creates the groups
+        for number, stream in enumerate(streams):
+            event = {"type": "track", "event": "Queued", "messageId": f"queued-{number}"}
+            await redis_client.xadd(stream, {"j": sealer.seal(json.dumps(event).encode())})
+
+        async def stop_once_taking() -> None:
+            while not feed.taking:  # noqa: ASYNC110 (a flag of the feed, polled each turn)
+                await asyncio.sleep(0)
+            forwarder.stopping.set()
+
+        stopper = asyncio.ensure_future(stop_once_taking())
+        read = await forwarder._read(100, 1.0)
+        await stopper
+        assert sorted(orjson.loads(entry.events[0])["messageId"] for entry in read) == sorted(
+            f"queued-{number}" for number in range(KEY_SHARDS)
+        )
+        # Handed on, not stranded: all of them are this consumer's, in the forwarder's hands
+        # for its last batch; nothing was left behind unread.
+        pending = [(await redis_client.xpending(s, "default"))["pending"] for s in streams]
+        assert sum(pending) == len(read)
+    finally:
+        await commands.close()
+        await redis_client.delete(*streams)
 
 
 async def test_dead_letters_of_an_earlier_version_are_counted_and_replayed(

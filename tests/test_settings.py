@@ -908,6 +908,33 @@ def test_a_parameter_that_may_be_the_rest_of_a_password_is_not_named(url: str) -
     )
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        # An @ in the user info and a ? in the password: the netloc holds an @ of the
+        # password, the rest of the password is the query.
+        "redis://u:p@ss?PASSTAIL=x@redis.example:6379/0",
+        "redis://alice@corp.com:hunter2?PASSTAIL=z@redis.example:6379/0",
+        "redis+sentinel://u:p@ss?PASSTAIL=1@s1:26379,s2:26379/m",
+        "redis+cluster://u:p@ss?PASSTAIL=1@n1:7000,n2:7001",
+    ],
+)
+def test_no_part_of_a_password_with_an_at_and_a_question_mark_is_named(url: str) -> None:
+    problems = problems_of({"IDENTITY_REDIS_URL": url, "IDENTITY_SECRET": SECRET})
+    assert problems
+    for problem in problems:
+        assert "PASSTAIL" not in problem and "hunter2" not in problem, problem
+
+
+def test_a_percent_encoded_sentinel_parameter_stays_with_the_sentinels() -> None:
+    sentinel = RedisSettings.from_dsn(
+        "redis+sentinel://s1:26379/m?sentinel_p%61ssword=spw&sentinel_%75sername=su"
+    )
+    assert sentinel.sentinel_auth == ("su", "spw")
+    # The master's connections would fail on it (redis-py: an unexpected keyword argument).
+    assert sentinel.node_url == "redis://s1:26379/0"
+
+
 def test_the_docs_list_every_redis_url_parameter_the_service_takes() -> None:
     docs = (Path(__file__).resolve().parent.parent / "docs" / "redis-topologies.md").read_text()
     section = docs.partition("\n## URL parameters")[2].partition("\n#")[0]

@@ -22,6 +22,7 @@ from identity_service.stores import Counted, Emitted, HandoffStore, Kept
 from identity_service.stores import resp as resp_module
 from identity_service.stores.memory import MemoryOutbox, MemoryQueue, MemoryStore
 from identity_service.stores.redis import RedisStore, connect
+from identity_service.stores.replication import Waits
 from identity_service.stores.topology import Commands, lean_client
 from tests.conftest import TOPOLOGY_KINDS, store_url
 from tests.redis_server import RedisServer
@@ -334,6 +335,44 @@ async def test_a_wait_never_goes_on_a_connection_that_did_not_run_the_script(
         assert metrics.value("identity_redis_wait_short_total", operation="prepare") == short
     finally:
         await store.close()
+        replica.stop()
+
+
+async def test_a_cancelled_request_does_not_cancel_the_wait_others_share(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """Three scripts sent at once on one connection: the first has its WAIT right behind it,
+    the second sends the next WAIT once its reply is in, and the third shares that one. The
+    second request cancelled (its client went away) must not cancel the WAIT the third
+    waits on: with a healthy replica the third counts it, not a shortfall."""
+    (tmp_path / "replica").mkdir()
+    replica = RedisServer(tmp_path / "replica", replicaof=f"127.0.0.1 {private_redis.port}")
+    replica.start()
+    client = resp_module.RespClient(private_redis.url, timeout=5.0)
+    waits = Waits(1, 2000)
+    script = resp_module.Script("return redis.call('INCR', KEYS[1])")
+    try:
+        await asyncio.to_thread(
+            wait_until,
+            lambda: info_field(replica.port, "replication", "master_link_status") == "up",
+            10,
+            "the replica to sync",
+        )
+        assert (await waits.after(client, script, ["shared-wait"], []))[1] == 1
+        first, second, third = (
+            asyncio.ensure_future(waits.after(client, script, ["shared-wait"], []))
+            for _ in range(3)
+        )
+        (line,) = waits._lines.values()
+        while line.shared is None:  # noqa: ASYNC110 (the third now shares the second's WAIT)
+            await asyncio.sleep(0)
+        second.cancel()
+        assert (await first)[1] == 1
+        assert (await third)[1] == 1
+        with pytest.raises(asyncio.CancelledError):
+            await second
+    finally:
+        await client.close()
         replica.stop()
 
 

@@ -99,10 +99,13 @@ class Waits:
         reply = await commands.run_script(script, keys, args, sent)
         waited = sent.waited
         if waited is None:
-            assert sent.connection is not None  # a reply came from some connection
+            if sent.connection is None:  # a client that did not say where it sent it
+                return reply, 0
             return reply, await self._covering(sent.connection)
         try:
-            acknowledged: int = await waited
+            # Shielded: the WAIT is the connection's, shared by the requests behind it; a
+            # cancelled request must not cancel it for them (they would count 0 replicas).
+            acknowledged: int = await asyncio.shield(waited)
         except (ReplyError, OSError):  # the connection broke, or a replica now: -READONLY
             acknowledged = 0
         return reply, acknowledged
@@ -128,7 +131,7 @@ class Waits:
             if waited is None:
                 return 0
             try:
-                acknowledged: int = await waited
+                acknowledged: int = await asyncio.shield(waited)  # shared, as in after()
             except (ReplyError, OSError):
                 return 0
             return acknowledged
