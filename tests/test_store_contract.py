@@ -2,6 +2,7 @@
 node, and (`make topology`) a 3-master Cluster and a master behind three sentinels."""
 
 import asyncio
+import contextlib
 import os
 import signal
 import tracemalloc
@@ -291,6 +292,24 @@ async def test_concurrent_requests_share_one_wait_while_one_is_in_flight(
     assert metrics.value("identity_redis_wait_short_total", operation="prepare") == 51
 
 
+@contextlib.asynccontextmanager
+async def synced_replica(master: RedisServer, tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A replica of ``master``, once it has synced; stopped after."""
+    (tmp_path / "replica").mkdir()
+    replica = RedisServer(tmp_path / "replica", replicaof=f"127.0.0.1 {master.port}")
+    replica.start()
+    try:
+        await asyncio.to_thread(
+            wait_until,
+            lambda: info_field(replica.port, "replication", "master_link_status") == "up",
+            10,
+            "the replica to sync",
+        )
+        yield replica
+    finally:
+        replica.stop()
+
+
 async def test_a_wait_never_goes_on_a_connection_that_did_not_run_the_script(
     private_redis: RedisServer, tmp_path: Path
 ) -> None:
@@ -299,43 +318,34 @@ async def test_a_wait_never_goes_on_a_connection_that_did_not_run_the_script(
     (a WAIT on a connection that wrote nothing returns at once with every replica). Each
     of them fails or is a shortfall. The replica is frozen (SIGSTOP) so that the WAIT in
     flight waits; the connection is dropped as a broken one would be."""
-    (tmp_path / "replica").mkdir()
-    replica = RedisServer(tmp_path / "replica", replicaof=f"127.0.0.1 {private_redis.port}")
-    replica.start()
     metrics = Metrics()
     settings = RedisSettings.from_dsn(
         private_redis.url, key_prefix="broken:", wait=(1, 2000), timeout=5.0
     )
     store = RedisStore(settings, SEALER, metrics=metrics)
     try:
-        await asyncio.to_thread(
-            wait_until,
-            lambda: info_field(replica.port, "replication", "master_link_status") == "up",
-            10,
-            "the replica to sync",
-        )
-        await store.put(new_id(), b"load the script", 60, None)
-        assert metrics.value("identity_redis_wait_short_total", operation="prepare") == 0
-        os.kill(replica.pid, signal.SIGSTOP)
-        try:
-            puts = asyncio.gather(
-                *(store.put(new_id(), b"record", 60, None) for _ in range(4)),
-                return_exceptions=True,
-            )
-            await asyncio.sleep(0.3)  # the scripts ran; a WAIT waits for the frozen replica
-            store.commands.disconnect()
-            outcomes = await puts
-        finally:
-            os.kill(replica.pid, signal.SIGCONT)
-        assert all(o is None or isinstance(o, StoreUnavailable) for o in outcomes), outcomes
-        assert outcomes.count(None)
-        short = metrics.value("identity_redis_wait_short_total", operation="prepare")
-        assert short == outcomes.count(None)
-        await store.put(new_id(), b"record", 60, None)  # a new connection: acknowledged
-        assert metrics.value("identity_redis_wait_short_total", operation="prepare") == short
+        async with synced_replica(private_redis, tmp_path) as replica:
+            await store.put(new_id(), b"load the script", 60, None)
+            assert metrics.value("identity_redis_wait_short_total", operation="prepare") == 0
+            os.kill(replica.pid, signal.SIGSTOP)
+            try:
+                puts = asyncio.gather(
+                    *(store.put(new_id(), b"record", 60, None) for _ in range(4)),
+                    return_exceptions=True,
+                )
+                await asyncio.sleep(0.3)  # the scripts ran; a WAIT waits for the frozen replica
+                store.commands.disconnect()
+                outcomes = await puts
+            finally:
+                os.kill(replica.pid, signal.SIGCONT)
+            assert all(o is None or isinstance(o, StoreUnavailable) for o in outcomes), outcomes
+            assert outcomes.count(None)
+            short = metrics.value("identity_redis_wait_short_total", operation="prepare")
+            assert short == outcomes.count(None)
+            await store.put(new_id(), b"record", 60, None)  # a new connection: acknowledged
+            assert metrics.value("identity_redis_wait_short_total", operation="prepare") == short
     finally:
         await store.close()
-        replica.stop()
 
 
 async def test_a_cancelled_request_does_not_cancel_the_wait_others_share(
@@ -345,35 +355,26 @@ async def test_a_cancelled_request_does_not_cancel_the_wait_others_share(
     the second sends the next WAIT once its reply is in, and the third shares that one. The
     second request cancelled (its client went away) must not cancel the WAIT the third
     waits on: with a healthy replica the third counts it, not a shortfall."""
-    (tmp_path / "replica").mkdir()
-    replica = RedisServer(tmp_path / "replica", replicaof=f"127.0.0.1 {private_redis.port}")
-    replica.start()
     client = resp_module.RespClient(private_redis.url, timeout=5.0)
     waits = Waits(1, 2000)
     script = resp_module.Script("return redis.call('INCR', KEYS[1])")
     try:
-        await asyncio.to_thread(
-            wait_until,
-            lambda: info_field(replica.port, "replication", "master_link_status") == "up",
-            10,
-            "the replica to sync",
-        )
-        assert (await waits.after(client, script, ["shared-wait"], []))[1] == 1
-        first, second, third = (
-            asyncio.ensure_future(waits.after(client, script, ["shared-wait"], []))
-            for _ in range(3)
-        )
-        (line,) = waits._lines.values()
-        while line.shared is None:  # noqa: ASYNC110 (the third now shares the second's WAIT)
-            await asyncio.sleep(0)
-        second.cancel()
-        assert (await first)[1] == 1
-        assert (await third)[1] == 1
-        with pytest.raises(asyncio.CancelledError):
-            await second
+        async with synced_replica(private_redis, tmp_path):
+            assert (await waits.after(client, script, ["shared-wait"], []))[1] == 1
+            first, second, third = (
+                asyncio.ensure_future(waits.after(client, script, ["shared-wait"], []))
+                for _ in range(3)
+            )
+            (line,) = waits._lines.values()
+            while line.shared is None:  # noqa: ASYNC110 (the third now shares the second's WAIT)
+                await asyncio.sleep(0)
+            second.cancel()
+            assert (await first)[1] == 1
+            assert (await third)[1] == 1
+            with pytest.raises(asyncio.CancelledError):
+                await second
     finally:
         await client.close()
-        replica.stop()
 
 
 # -- an AMP hit in one call: hit_and_write -------------------------------------------------
