@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import math
 import os
 import random
@@ -103,6 +104,7 @@ class BaseClient:
         self._headers = {
             "Authorization": f"Basic {credentials}",
             "Accept": "application/json, application/problem+json",
+            "Content-Type": "application/json",
             "User-Agent": f"identity-service-client-python/{__version__}",
         }
 
@@ -152,6 +154,22 @@ class BaseClient:
             if value is not None:
                 body[name] = value
         return body
+
+    @staticmethod
+    def _encoded(body: dict[str, Any]) -> bytes:
+        """``body`` as the JSON sent, UTF-8 (as httpx's ``json=`` sends it). A string that
+        is not UTF-8 (a lone surrogate, which ``json.loads`` gives for ``"\\ud800"``) is
+        sent escaped, as Node's ``JSON.stringify`` sends it, and the service refuses it; a
+        number JSON cannot hold (NaN, infinity) is an ``InvalidRequest``. httpx's ``json=``
+        raised a raw ``UnicodeEncodeError`` or ``ValueError`` for these."""
+        try:
+            text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        except ValueError as exc:
+            raise InvalidRequest(f"the request cannot be sent as JSON: {exc}") from None
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(body, separators=(",", ":")).encode("ascii")
 
     # Attempts
 
@@ -403,7 +421,8 @@ def _variants(*secrets: str | None) -> tuple[str, ...]:
     for secret in secrets:
         if not secret:
             continue
-        encoded = base64.b64encode(secret.encode()).decode("ascii")
+        # surrogatepass: a secret that is not UTF-8 (a lone surrogate) is still scrubbed
+        encoded = base64.b64encode(secret.encode("utf-8", "surrogatepass")).decode("ascii")
         found += [secret, encoded, encoded.rstrip("="), encoded.replace("+", "-").replace("/", "_")]
     return tuple(dict.fromkeys(value for value in found if value))
 

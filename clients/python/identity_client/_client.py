@@ -127,7 +127,7 @@ class IdentityClient(BaseClient):
         deadline = self._deadline()
         with self._unexpected():
             request = self._http.build_request(
-                "POST", self.base_url + path, json=body, headers=self._headers
+                "POST", self.base_url + path, content=self._encoded(body), headers=self._headers
             )
             response = self._http.send(request, stream=True)
             try:
@@ -236,7 +236,7 @@ class AsyncIdentityClient(BaseClient):
         within the attempt's time."""
         with self._unexpected():
             request = self._http.build_request(
-                "POST", self.base_url + path, json=body, headers=self._headers
+                "POST", self.base_url + path, content=self._encoded(body), headers=self._headers
             )
             try:
                 async with asyncio.timeout(self._attempt_seconds):

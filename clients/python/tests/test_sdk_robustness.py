@@ -310,6 +310,31 @@ def test_an_echoed_write_key_or_token_is_scrubbed(
     assert "***" in str(error)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_the_body_is_sent_as_utf8(server: Misbehaving, mode: str) -> None:
+    """Text is sent as UTF-8, not escaped (which would make a body near the service's size
+    limit up to twice as large); only a string that is not UTF-8 is sent escaped."""
+    seen: list[Seen] = []
+
+    def respond(request: Seen) -> Answer:
+        seen.append(request)
+        return success("exchange", changed("exchange"))
+
+    server.respond = respond
+
+    async def run() -> None:
+        async with AsyncIdentityClient(server.url, WRITE_KEY) as client:
+            await client.exchange(TOKEN, context={"page": {"title": "café"}})
+
+    if mode == "sync":
+        with IdentityClient(server.url, WRITE_KEY) as client:
+            client.exchange(TOKEN, context={"page": {"title": "café"}})
+    else:
+        asyncio.run(run())
+    assert "café".encode() in seen[0].body
+    assert seen[0].headers["Content-Type"] == "application/json"
+
+
 def test_a_short_token_is_scrubbed_where_it_stands_alone(server: Misbehaving) -> None:
     """A short token (the middleware's "-" for an empty one) is scrubbed as a word, so it
     does not mangle every hyphen of the text."""
