@@ -316,24 +316,33 @@ class BaseClient:
         return random.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))  # noqa: S311
 
     def _prepare_retry(
-        self, attempt: int, outcome: httpx.Response | httpx.TransportError
+        self,
+        attempt: int,
+        outcome: httpx.Response | httpx.TransportError,
+        *secrets: str | None,
     ) -> float | None:
         """Seconds to wait before retrying a prepare after ``outcome``, or None to stop there.
 
-        A connection error that is out of retries is raised here, as a connection error.
+        A connection error that is out of retries is raised here, as a connection error,
+        its text scrubbed of ``secrets`` (the visitor's ids).
         """
         if isinstance(outcome, httpx.TransportError):
             if attempt >= self.max_retries:
-                raise self._connection_error(outcome, PREPARE_PATH) from outcome
+                raise self._connection_error(outcome, PREPARE_PATH, *secrets) from outcome
             return self._retry_delay(attempt, None)
         if outcome.status_code != 503 or attempt >= self.max_retries:
             return None
         return self._retry_delay(attempt, retry_after(outcome))
 
-    def _connection_error(self, exc: httpx.TransportError, path: str) -> IdentityConnectionError:
+    def _connection_error(
+        self, exc: httpx.TransportError, path: str, *secrets: str | None
+    ) -> IdentityConnectionError:
+        """The connection error of ``exc``, its text scrubbed of the write key and
+        ``secrets`` (the token, the ids sent): httpx's text quotes what its parser refused,
+        which may echo the request."""
         what = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
         text = f"POST {path} {what}: {type(exc).__name__}: {exc}"
-        return IdentityConnectionError(_scrub(text, self._secrets))
+        return IdentityConnectionError(_scrub(text, self._secrets + _variants(*secrets)))
 
     @contextmanager
     def _unexpected(self) -> Iterator[None]:

@@ -94,7 +94,7 @@ class IdentityClient(BaseClient):
                 outcome = self._post(PREPARE_PATH, body)
             except httpx.TransportError as exc:
                 outcome = exc
-            delay = self._prepare_retry(attempt, outcome)
+            delay = self._prepare_retry(attempt, outcome, anonymous_id, user_id)
             if delay is None:
                 assert isinstance(outcome, httpx.Response)
                 return self._prepared(outcome, anonymous_id, user_id)
@@ -116,7 +116,7 @@ class IdentityClient(BaseClient):
         try:
             response = self._post(EXCHANGE_PATH, body)
         except httpx.TransportError as exc:
-            raise self._connection_error(exc, EXCHANGE_PATH) from exc
+            raise self._connection_error(exc, EXCHANGE_PATH, token) from exc
         return self._identity(response, token)
 
     exchange.__doc__ = _EXCHANGE_DOC
@@ -204,7 +204,7 @@ class AsyncIdentityClient(BaseClient):
                 outcome = await self._post(PREPARE_PATH, body)
             except httpx.TransportError as exc:
                 outcome = exc
-            delay = self._prepare_retry(attempt, outcome)
+            delay = self._prepare_retry(attempt, outcome, anonymous_id, user_id)
             if delay is None:
                 assert isinstance(outcome, httpx.Response)
                 return self._prepared(outcome, anonymous_id, user_id)
@@ -226,7 +226,7 @@ class AsyncIdentityClient(BaseClient):
         try:
             response = await self._post(EXCHANGE_PATH, body)
         except httpx.TransportError as exc:
-            raise self._connection_error(exc, EXCHANGE_PATH) from exc
+            raise self._connection_error(exc, EXCHANGE_PATH, token) from exc
         return self._identity(response, token)
 
     exchange.__doc__ = _EXCHANGE_DOC
