@@ -264,7 +264,7 @@ export class IdentityClient {
       throw new IdentityConnectionError(scrub(`POST ${url}: ${reason}`), {
         title: timedOut ? "Timeout" : "Connection error",
         detail: scrub(String(reason)),
-        cause: error,
+        cause: safeCause(error, scrub),
       });
     }
     if (response.status >= 300) {
@@ -293,6 +293,25 @@ export class IdentityClient {
     }
     return new Answer(data as JsonObject, `POST ${url}`, response.status);
   }
+}
+
+/**
+ * A failed fetch's error chain, as the cause of an IdentityConnectionError: each error's
+ * name, `code` and message (scrubbed), nothing else. undici's `HTTPParserError` keeps in
+ * `data` the answer's bytes from where parsing failed, which `util.inspect` prints: an
+ * answer that is not HTTP and echoes the request holds the token and the write key there.
+ */
+function safeCause(error: unknown, scrub: (text: string) => string, depth = 0): Error | undefined {
+  if (error === null || typeof error !== "object" || depth > 8) return undefined;
+  const source = error as { name?: unknown; message?: unknown; code?: unknown; cause?: unknown };
+  const inner = safeCause(source.cause, scrub, depth + 1);
+  const copy: Error & { code?: string } = new Error(
+    scrub(typeof source.message === "string" ? source.message : ""),
+    inner === undefined ? undefined : { cause: inner },
+  );
+  copy.name = typeof source.name === "string" ? source.name : "Error";
+  if (typeof source.code === "string") copy.code = source.code;
+  return copy;
 }
 
 /** Real tokens are 43 characters; a shorter "token" is not scrubbed from errors. */

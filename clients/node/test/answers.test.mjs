@@ -4,6 +4,7 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import http from "node:http";
+import net from "node:net";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { inspect, promisify } from "node:util";
@@ -353,6 +354,54 @@ describe("a secret an upstream echoes is in no field of the error", () => {
         assert.ok(!inspect(error, { depth: null }).includes(TOKEN.slice(0, 8)), inspect(error));
         return true;
       });
+    } finally {
+      await server.close();
+    }
+  });
+});
+
+describe("an answer that is not HTTP echoing the request: no secret in the connection error", () => {
+  const KEY = "write-key-that-must-not-leak-42";
+  const BASIC = Buffer.from(`${KEY}:`).toString("base64");
+
+  /** A broken proxy: its answer's header line quotes the request's Authorization and body. */
+  function brokenEcho() {
+    return new Promise((resolve) => {
+      const server = net.createServer((socket) => {
+        let data = "";
+        socket.on("data", (chunk) => {
+          data += chunk.toString("latin1");
+          const end = data.indexOf("\r\n\r\n");
+          const length = /content-length: *(\d+)/i.exec(data);
+          if (end < 0 || !length || data.length - end - 4 < Number(length[1])) return;
+          const auth = /authorization: *([^\r]*)/i.exec(data)?.[1] ?? "";
+          const body = data.slice(end + 4);
+          socket.end(`HTTP/1.1 200 OK\r\nX-Echo ${body} ${auth} ${KEY}\r\nContent-Length: 0\r\n\r\n`);
+        });
+      });
+      server.listen(0, "127.0.0.1", () =>
+        resolve({ url: `http://127.0.0.1:${server.address().port}`, close: () => new Promise((r) => server.close(r)) }),
+      );
+    });
+  }
+
+  test("util.inspect of the IdentityConnectionError (its cause chain too) shows neither the token nor the key", async () => {
+    const server = await brokenEcho();
+    try {
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: KEY, maxRetries: 0 });
+      for (const [call, secrets] of [
+        [() => client.exchange(TOKEN), [KEY, BASIC, TOKEN]],
+        [() => client.prepare(params), [KEY, BASIC]],
+      ]) {
+        await assert.rejects(call(), (error) => {
+          assert.equal(error.name, "IdentityConnectionError");
+          const shown = inspect(error, { depth: null });
+          assert.match(shown, /HPE_/); // the parser's code is kept, for debugging
+          for (const secret of secrets) assert.ok(!shown.includes(secret), shown);
+          assert.ok(!JSON.stringify(error).includes(TOKEN));
+          return true;
+        });
+      }
     } finally {
       await server.close();
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import math
 import os
 import random
@@ -103,6 +104,7 @@ class BaseClient:
         self._headers = {
             "Authorization": f"Basic {credentials}",
             "Accept": "application/json, application/problem+json",
+            "Content-Type": "application/json",
             "User-Agent": f"identity-service-client-python/{__version__}",
         }
 
@@ -152,6 +154,22 @@ class BaseClient:
             if value is not None:
                 body[name] = value
         return body
+
+    @staticmethod
+    def _encoded(body: dict[str, Any]) -> bytes:
+        """``body`` as the JSON sent, UTF-8 (as httpx's ``json=`` sends it). A string that
+        is not UTF-8 (a lone surrogate, which ``json.loads`` gives for ``"\\ud800"``) is
+        sent escaped, as Node's ``JSON.stringify`` sends it, and the service refuses it; a
+        number JSON cannot hold (NaN, infinity) is an ``InvalidRequest``. httpx's ``json=``
+        raised a raw ``UnicodeEncodeError`` or ``ValueError`` for these."""
+        try:
+            text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        except ValueError as exc:
+            raise InvalidRequest(f"the request cannot be sent as JSON: {exc}") from None
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(body, separators=(",", ":")).encode("ascii")
 
     # Attempts
 
@@ -298,24 +316,33 @@ class BaseClient:
         return random.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))  # noqa: S311
 
     def _prepare_retry(
-        self, attempt: int, outcome: httpx.Response | httpx.TransportError
+        self,
+        attempt: int,
+        outcome: httpx.Response | httpx.TransportError,
+        *secrets: str | None,
     ) -> float | None:
         """Seconds to wait before retrying a prepare after ``outcome``, or None to stop there.
 
-        A connection error that is out of retries is raised here, as a connection error.
+        A connection error that is out of retries is raised here, as a connection error,
+        its text scrubbed of ``secrets`` (the visitor's ids).
         """
         if isinstance(outcome, httpx.TransportError):
             if attempt >= self.max_retries:
-                raise self._connection_error(outcome, PREPARE_PATH) from outcome
+                raise self._connection_error(outcome, PREPARE_PATH, *secrets) from outcome
             return self._retry_delay(attempt, None)
         if outcome.status_code != 503 or attempt >= self.max_retries:
             return None
         return self._retry_delay(attempt, retry_after(outcome))
 
-    def _connection_error(self, exc: httpx.TransportError, path: str) -> IdentityConnectionError:
+    def _connection_error(
+        self, exc: httpx.TransportError, path: str, *secrets: str | None
+    ) -> IdentityConnectionError:
+        """The connection error of ``exc``, its text scrubbed of the write key and
+        ``secrets`` (the token, the ids sent): httpx's text quotes what its parser refused,
+        which may echo the request."""
         what = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
         text = f"POST {path} {what}: {type(exc).__name__}: {exc}"
-        return IdentityConnectionError(_scrub(text, self._secrets))
+        return IdentityConnectionError(_scrub(text, self._secrets + _variants(*secrets)))
 
     @contextmanager
     def _unexpected(self) -> Iterator[None]:
@@ -403,7 +430,8 @@ def _variants(*secrets: str | None) -> tuple[str, ...]:
     for secret in secrets:
         if not secret:
             continue
-        encoded = base64.b64encode(secret.encode()).decode("ascii")
+        # surrogatepass: a secret that is not UTF-8 (a lone surrogate) is still scrubbed
+        encoded = base64.b64encode(secret.encode("utf-8", "surrogatepass")).decode("ascii")
         found += [secret, encoded, encoded.rstrip("="), encoded.replace("+", "-").replace("/", "_")]
     return tuple(dict.fromkeys(value for value in found if value))
 

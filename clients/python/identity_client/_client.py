@@ -94,7 +94,7 @@ class IdentityClient(BaseClient):
                 outcome = self._post(PREPARE_PATH, body)
             except httpx.TransportError as exc:
                 outcome = exc
-            delay = self._prepare_retry(attempt, outcome)
+            delay = self._prepare_retry(attempt, outcome, anonymous_id, user_id)
             if delay is None:
                 assert isinstance(outcome, httpx.Response)
                 return self._prepared(outcome, anonymous_id, user_id)
@@ -116,7 +116,7 @@ class IdentityClient(BaseClient):
         try:
             response = self._post(EXCHANGE_PATH, body)
         except httpx.TransportError as exc:
-            raise self._connection_error(exc, EXCHANGE_PATH) from exc
+            raise self._connection_error(exc, EXCHANGE_PATH, token) from exc
         return self._identity(response, token)
 
     exchange.__doc__ = _EXCHANGE_DOC
@@ -127,7 +127,7 @@ class IdentityClient(BaseClient):
         deadline = self._deadline()
         with self._unexpected():
             request = self._http.build_request(
-                "POST", self.base_url + path, json=body, headers=self._headers
+                "POST", self.base_url + path, content=self._encoded(body), headers=self._headers
             )
             response = self._http.send(request, stream=True)
             try:
@@ -204,7 +204,7 @@ class AsyncIdentityClient(BaseClient):
                 outcome = await self._post(PREPARE_PATH, body)
             except httpx.TransportError as exc:
                 outcome = exc
-            delay = self._prepare_retry(attempt, outcome)
+            delay = self._prepare_retry(attempt, outcome, anonymous_id, user_id)
             if delay is None:
                 assert isinstance(outcome, httpx.Response)
                 return self._prepared(outcome, anonymous_id, user_id)
@@ -226,7 +226,7 @@ class AsyncIdentityClient(BaseClient):
         try:
             response = await self._post(EXCHANGE_PATH, body)
         except httpx.TransportError as exc:
-            raise self._connection_error(exc, EXCHANGE_PATH) from exc
+            raise self._connection_error(exc, EXCHANGE_PATH, token) from exc
         return self._identity(response, token)
 
     exchange.__doc__ = _EXCHANGE_DOC
@@ -236,7 +236,7 @@ class AsyncIdentityClient(BaseClient):
         within the attempt's time."""
         with self._unexpected():
             request = self._http.build_request(
-                "POST", self.base_url + path, json=body, headers=self._headers
+                "POST", self.base_url + path, content=self._encoded(body), headers=self._headers
             )
             try:
                 async with asyncio.timeout(self._attempt_seconds):

@@ -232,15 +232,23 @@ class MiddlewareSettings:
     def context(
         self, url: str, referrer: str | None, ip: str | None, user_agent: str | None
     ) -> dict[str, Any]:
-        page: dict[str, Any] = {"url": url}
+        page: dict[str, Any] = {"url": _utf8(url)}
         if referrer:
-            page["referrer"] = referrer
+            page["referrer"] = _utf8(referrer)
         context: dict[str, Any] = {"page": page}
         if ip:
-            context["ip"] = ip
+            context["ip"] = _utf8(ip)
         if user_agent:
-            context["userAgent"] = user_agent
+            context["userAgent"] = _utf8(user_agent)
         return context
+
+
+def _utf8(text: str) -> str:
+    """``text`` as JSON can carry it to the service: aiohttp reads header bytes that are not
+    UTF-8 as lone surrogates (surrogateescape), which the service refuses in an exchange's
+    body (and refused, the handoff was lost); they become U+FFFD. ASGI and WSGI servers give
+    headers latin-1 decoded, which this leaves as they are."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def _location(path: str, query: str) -> str:

@@ -77,6 +77,14 @@ def test_the_recipes_hand_a_visitor_over(url: str) -> None:
         ("/handoff", b"destination=x", "application/x-www-form-urlencoded", 400),
         # no visitor id (no cookie, none posted)
         ("/handoff", b'{"destination": "http://localhost/cart"}', "application/json", 400),
+        # a visitor id or token that is not UTF-8 (a lone surrogate escaped in the JSON)
+        (
+            "/handoff",
+            b'{"destination": "http://localhost/cart", "anonymousId": "v\\ud800"}',
+            "application/json",
+            400,
+        ),
+        ("/identity/exchange", b'{"token": "t\\ud800abcdefghijklmnop"}', "application/json", 400),
         # a destination the service does not allow this source
         (
             "/handoff",

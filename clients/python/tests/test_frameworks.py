@@ -272,15 +272,19 @@ def test_an_expired_token_falls_back_in_every_framework(
         assert response.json() == generated(anonymous_id), name
 
 
-def raw_get(base: str, target: str, cookie: str | None = None) -> tuple[int, dict[str, str]]:
-    """GET ``target`` sent as is (httpx would normalise a path such as ``//host/x``): the
-    status and the headers (lower-case names, the last of each)."""
+def raw_get(
+    base: str, target: str, cookie: str | None = None, extra: str = ""
+) -> tuple[int, dict[str, str]]:
+    """GET ``target`` sent as is (httpx would normalise a path such as ``//host/x``), with
+    ``extra`` header lines (latin-1: one byte a character): the status and the headers
+    (lower-case names, the last of each)."""
     parts = urlsplit(base)
     request = f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n"
     if cookie is not None:
         request += f"Cookie: {cookie}\r\n"
+    request += extra
     with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
-        sock.sendall((request + "\r\n").encode())
+        sock.sendall((request + "\r\n").encode("latin-1"))
         data = b""
         while b"\r\n\r\n" not in data:
             chunk = sock.recv(65536)
@@ -310,6 +314,27 @@ def test_the_redirect_never_leaves_the_site(
     assert location.startswith("/"), location
     assert not location.startswith(("//", "/\\")), (framework, location)
     assert location.endswith("?a=1"), location
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_header_bytes_that_are_not_utf8_do_not_lose_the_handoff(
+    framework: str, sites: dict[str, str], identity: IdentityClient
+) -> None:
+    """A Referer and a User-Agent holding bytes that are not UTF-8 (a broken or hostile
+    client; aiohttp reads them as lone surrogates, which no JSON the service reads can
+    hold): the handoff lands as with any other header, never a 500 nor a refused exchange."""
+    visitor = f"bytes-{framework}"
+    handoff = identity.prepare(anonymous_id=visitor, destination=f"{sites[framework]}/cart")
+    target = urlsplit(handoff.redirect_url)
+    extra = "Referer: http://shop.localhost/caf\xc3\xa9\xff\r\nUser-Agent: agent \xfe\r\n"
+    status, headers = raw_get(sites[framework], f"{target.path}?{target.query}", extra=extra)
+    assert status == 303, framework
+    # the carry cookie is set only after an exchange that landed the visitor
+    carry = headers.get("set-cookie", "")
+    assert carry.startswith(f"{CARRY}="), (framework, headers)
+    value = carry.split(";", 1)[0].split("=", 1)[1]
+    landed = _carry.decode(value, _carry.carry_key(DEV_WRITE_KEY), time.time())
+    assert landed is not None and landed.anonymous_id == visitor, framework
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -384,3 +386,38 @@ async def test_the_async_client_reuses_one_connection(proxy: Listener) -> None:
             handoff = await client.prepare(f"reused-async-{n}", destination=DESTINATION)
             assert (await client.exchange(handoff.token)).anonymous_id == f"reused-async-{n}"
     assert proxy.connections(1) == 1
+
+
+# A string that is not UTF-8 (a lone surrogate, as json.loads gives for "\ud800" in a
+# browser's JSON body) or a number that is not JSON (NaN, as json.loads gives for NaN):
+# a typed error from both clients, never a raw UnicodeEncodeError or ValueError.
+NOT_UTF8 = "visitor-\ud800"
+UNSENDABLE: list[tuple[str, dict[str, Any]]] = [
+    ("prepare", {"anonymous_id": NOT_UTF8, "destination": DESTINATION}),
+    ("prepare", {"anonymous_id": "v", "traits": {"t": NOT_UTF8}, "destination": DESTINATION}),
+    ("exchange", {"token": NOT_UTF8 + "abcdefghijklmnop"}),
+    ("exchange", {"token": "t" * 43, "fallback": True, "context": {"page": {"url": NOT_UTF8}}}),
+    ("prepare", {"anonymous_id": "v", "traits": {"n": float("nan")}, "destination": DESTINATION}),
+    ("exchange", {"token": "t" * 43, "fallback": True, "context": {"x": float("inf")}}),
+]
+
+
+def call_with(service: Service, mode: str, operation: str, kwargs: dict[str, Any]) -> object:
+    if mode == "sync":
+        with IdentityClient(service.url, DEV_WRITE_KEY, max_retries=0) as client:
+            return getattr(client, operation)(**kwargs)
+
+    async def run() -> object:
+        async with AsyncIdentityClient(service.url, DEV_WRITE_KEY, max_retries=0) as client:
+            return await getattr(client, operation)(**kwargs)
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize(("operation", "kwargs"), UNSENDABLE)
+def test_input_that_cannot_be_sent_as_json_is_a_typed_error(
+    service: Service, mode: str, operation: str, kwargs: dict[str, Any]
+) -> None:
+    with pytest.raises(InvalidRequest):
+        call_with(service, mode, operation, kwargs)

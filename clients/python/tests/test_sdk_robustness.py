@@ -310,6 +310,58 @@ def test_an_echoed_write_key_or_token_is_scrubbed(
     assert "***" in str(error)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_the_body_is_sent_as_utf8(server: Misbehaving, mode: str) -> None:
+    """Text is sent as UTF-8, not escaped (which would make a body near the service's size
+    limit up to twice as large); only a string that is not UTF-8 is sent escaped."""
+    seen: list[Seen] = []
+
+    def respond(request: Seen) -> Answer:
+        seen.append(request)
+        return success("exchange", changed("exchange"))
+
+    server.respond = respond
+
+    async def run() -> None:
+        async with AsyncIdentityClient(server.url, WRITE_KEY) as client:
+            await client.exchange(TOKEN, context={"page": {"title": "café"}})
+
+    if mode == "sync":
+        with IdentityClient(server.url, WRITE_KEY) as client:
+            client.exchange(TOKEN, context={"page": {"title": "café"}})
+    else:
+        asyncio.run(run())
+    assert "café".encode() in seen[0].body
+    assert seen[0].headers["Content-Type"] == "application/json"
+
+
+def echo_in_a_broken_header(seen: Seen) -> Answer:
+    """An answer that is not HTTP (a broken proxy): a header line quoting the request's
+    Authorization header and body, which the HTTP parser's error quotes in turn."""
+    authorization = seen.headers.get("Authorization", "")
+    line = f"X-Echo {authorization} {seen.body.decode()}"
+    return Answer(200, b"", {line: "x"})
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_a_connection_error_quoting_the_request_is_scrubbed(
+    server: Misbehaving, mode: str, operation: str
+) -> None:
+    """A connection error's text quotes what the HTTP parser refused; when that echoes the
+    request, the token and the visitor's ids are scrubbed from it as the write key is (as
+    the Node SDK scrubs them), so the middleware's WARNING line does not log them."""
+    server.respond = echo_in_a_broken_header
+    with pytest.raises(IdentityConnectionError) as caught:
+        call(mode, operation, server.url)
+    error = caught.value
+    credentials = base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+    assert "X-Echo" in str(error)  # the parser's error is quoted, scrubbed
+    for text in (str(error), repr(error)):
+        for secret in (WRITE_KEY, credentials, TOKEN, VISITOR, USER):
+            assert secret not in text, (secret, text)
+
+
 def test_a_short_token_is_scrubbed_where_it_stands_alone(server: Misbehaving) -> None:
     """A short token (the middleware's "-" for an empty one) is scrubbed as a word, so it
     does not mangle every hyphen of the text."""
