@@ -104,6 +104,11 @@ def host_of(event: dict[str, Any]) -> str:
     return str(event["context"]["page"]["url"]).split("/")[2].split(":")[0]
 
 
+def plain_cookie(value: str) -> str:
+    """An ajs_anonymous_id cookie's id: as is, or JSON-quoted and percent-encoded."""
+    return value.replace("%22", "").strip('"')
+
+
 async def visitor_id(tab: Any) -> str:
     await tab.wait_for_selector(READY, state="attached")
     found: str = await tab.evaluate("analytics.user().anonymousId()")
@@ -335,6 +340,43 @@ async def test_identity_js_lands_the_visitor_when_analytics_js_is_blocked(
         assert await tab.evaluate("Array.isArray(window.analytics)")  # the snippet's queue only
         cookies = {c["name"]: c["value"] for c in await context.cookies(demo.pay_url)}
         assert cookies["ajs_anonymous_id"] == shop_id
+
+
+@pytest.mark.parametrize("cookie", ["analytics_js", "classic"])
+async def test_identity_js_keeps_a_returning_visitors_id_when_the_token_is_stale(
+    cookie: str, tmp_path: Path
+) -> None:
+    """A visitor who has been on the checkout before (its analytics.js gave them an id and
+    the ajs_anonymous_id cookie; or analytics.js classic's JSON-quoted, percent-encoded
+    cookie) lands with an expired token: the backend's fallback answers a generated id,
+    and identity.js keeps the visitor's own, as the middlewares keep their cookie; ``ready``
+    says ``cookie``."""
+    async with (
+        running_demo(free_ports(), handoff_ttl=SHOP_TTL_WHEN_EXPIRED, node=False) as demo,
+        chromium(tmp_path) as context,
+    ):
+        tab = await first_tab(context)
+        if cookie == "classic":
+            returning_id = "returning-visitor-1"
+            classic = {"name": "ajs_anonymous_id", "value": f"%22{returning_id}%22"}
+            await context.add_cookies([{**classic, "url": demo.pay_url}])
+        else:
+            await tab.goto(f"{demo.pay_url}/cart")
+            returning_id = await visitor_id(tab)
+        await tab.goto(f"{demo.shop_url}/")
+        shop_id = await visitor_id(tab)
+        assert shop_id != returning_id
+        await context.route(f"{demo.pay_url}/**", hold_until_expired)
+        async with tab.expect_navigation(url=lambda url: url.startswith(demo.pay_url)):
+            await tab.click("#helper")
+        landed = await tab.evaluate("new Promise((resolve) => IdentityHandoff.ready(resolve))")
+        assert landed == {"anonymousId": returning_id, "source": "cookie"}
+        assert await visitor_id(tab) == returning_id
+        assert TOKEN_PARAM not in tab.url
+        cookies = {c["name"]: c["value"] for c in await context.cookies(demo.pay_url)}
+        assert plain_cookie(cookies["ajs_anonymous_id"]) == returning_id
+        metrics = demo.service[app_keys.METRICS]
+        assert metrics.value("identity_handoff_misses_total", source="pay", reason="not_found") == 1
 
 
 @pytest.mark.parametrize("failure", ["server_error", "network_error"])

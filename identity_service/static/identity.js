@@ -13,7 +13,8 @@
  * the token is POSTed to your own backend (exchangeEndpoint), which exchanges it (with
  * fallback) and answers {"anonymousId": ..., "source": ...}. The helper gives the id to
  * analytics.js (analytics.setAnonymousId; with the snippet's queue, ahead of the calls
- * queued) and writes the ajs_anonymous_id cookie. Run analytics.load inside
+ * queued) and writes the ajs_anonymous_id cookie; a generated id (a stale token) does not
+ * replace the cookie of a visitor who already has one. Run analytics.load inside
  * IdentityHandoff.ready(...) so that analytics.js sends nothing before the id is set.
  *
  *   <script src="https://identity.example.com/v1/identity.js?v=__IDENTITY_JS_VERSION__"></script>
@@ -304,6 +305,22 @@
     };
   }
 
+  // The visitor's id in the cookie, read as the SDKs' middlewares read it (as is,
+  // percent-encoded, or JSON-quoted as analytics.js classic writes it), or null.
+  function cookieId() {
+    var items = document.cookie ? document.cookie.split(";") : [];
+    for (var i = 0; i < items.length; i++) {
+      var item = items[i].replace(/^\s+/, "");
+      var equals = item.indexOf("=");
+      if (equals > 0 && item.slice(0, equals) === config.cookieName) {
+        var value = item.slice(equals + 1).replace(/^\s+|\s+$/g, "").replace(/^"+|"+$/g, "");
+        try { value = decodeURIComponent(value); } catch (error) { /* kept as written */ }
+        return value.replace(/^"+|"+$/g, "") || null;
+      }
+    }
+    return null;
+  }
+
   function writeCookie(anonymousId) {
     var secure = window.location.protocol === "https:" ? "; Secure" : "";
     document.cookie = config.cookieName + "=" + encodeURIComponent(anonymousId) +
@@ -353,6 +370,13 @@
     }).then(function (answer) {
       if (!answer || typeof answer.anonymousId !== "string" || !answer.anonymousId) {
         settle(null);
+        return;
+      }
+      var kept = answer.source === "generated" ? cookieId() : null;
+      if (kept) {
+        // A stale token (a reloaded or bookmarked handoff URL) does not replace the id a
+        // returning visitor already has: the cookie stays, as with the SDKs' middlewares.
+        settle({ anonymousId: kept, source: "cookie" });
         return;
       }
       giveToAnalytics(answer.anonymousId);
