@@ -325,6 +325,37 @@ async def test_a_refused_origin_changes_nothing(
     assert counted.value("identity_amp_links_recorded_total") == 0
 
 
+@pytest.mark.parametrize(
+    ("headers", "data", "params"),
+    [
+        ({"Content-Type": "text/xml"}, b"<x/>", {}),  # 415 unsupported-media-type
+        ({"Content-Type": "application/json"}, b"{not json", {}),  # 400
+        ({}, None, {f"p{number}": "1" for number in range(65)}),  # 413: over max_form_fields
+        ({}, None, {"title": "\x00"}),  # 400 validation-failed
+    ],
+)
+@pytest.mark.parametrize(
+    "refused", [{"Origin": "https://evil.example"}, {"AMP-Same-Origin": "TRUE"}]
+)
+async def test_a_refused_origin_is_refused_whatever_the_hit_carries(
+    client: AppClient,
+    refused: dict[str, str],
+    headers: dict[str, str],
+    data: bytes | None,
+    params: dict[str, str],
+) -> None:
+    """The Origin (or AMP-Same-Origin) is judged before the hit is read (docs/security.md:
+    every refusal is 403, decided before any form read): a foreign page's hit is a 403,
+    counted as an origin refusal, whatever its body or parameters."""
+    response = await hit(client, method="POST", data=data, headers={**refused, **headers}, **params)
+    assert response.status == 403
+    problem = await response.json(content_type=None)
+    assert problem["type"].endswith(":amp-origin-not-allowed")
+    assert "Access-Control-Allow-Origin" not in response.headers
+    counted = metrics(client)
+    assert counted.value("identity_amp_refusals_total", reason="origin") == 1
+
+
 async def test_a_wrong_source_origin_parameter_is_refused(client: AppClient) -> None:
     pixel = await hit(client, ampId=CACHE_CLIENT_ID, __amp_source_origin="https://evil.example")
     assert pixel.status == 403

@@ -216,6 +216,8 @@ async def collect(ctx: AmpContext, hit: Hit) -> Answer:
     origin = headers.get("origin")
     same_origin_header = headers.get("amp-same-origin")
     same_origin = same_origin_header == "true"
+    # Before the hit is read, whatever it carries: raises AmpOriginNotAllowed.
+    echoed = _allowed_origin(ctx, origin, same_origin_header)
     try:
         params = _parameters(hit, amp.max_form_bytes, amp.max_form_fields)
         content = _content(params, amp.source, len(hit.query) + len(hit.body))
@@ -226,7 +228,7 @@ async def collect(ctx: AmpContext, hit: Hit) -> Answer:
         ctx.metrics.inc(cors.REFUSALS_METRIC, reason=problem.slug.replace("-", "_"))
         raise
     # Before anything changes: raises AmpOriginNotAllowed.
-    echoed = _allowed_origin(ctx, origin, same_origin_header, params.get(cors.SOURCE_ORIGIN_PARAM))
+    _check_source_origin(ctx, params.get(cors.SOURCE_ORIGIN_PARAM))
     client_id = links.client_id_of(params.get(CLIENT_ID))
     cookie_id = cookies.visitor_id(headers.get("cookie"), amp.cookie)
     on_origin = _on_origin(ctx, origin, same_origin, cookie_id, client_id, headers.get("referer"))
@@ -386,24 +388,30 @@ def _text(params: Mapping[str, Any], name: str) -> str | None:
     return value
 
 
-def _allowed_origin(
-    ctx: AmpContext, origin: str | None, same_origin: str | None, source_origin: Any
-) -> str | None:
+def _allowed_origin(ctx: AmpContext, origin: str | None, same_origin: str | None) -> str | None:
     """The origin to echo (None: nothing to echo); raise AmpOriginNotAllowed, counted.
 
-    An image pixel (neither ``Origin`` nor ``AMP-Same-Origin``) is let through with
-    nothing echoed; its ``__amp_source_origin``, if any, must still be a publisher's.
+    Judged from the header fields alone, before the hit is read: a refused ``Origin`` (or
+    ``AMP-Same-Origin``) is a 403 whatever the hit carries. An image pixel (neither field)
+    is let through with nothing echoed. ``__amp_source_origin``, which may be in the body,
+    is checked once the hit is read (:func:`_check_source_origin`).
     """
-    source = source_origin if isinstance(source_origin, str) or source_origin is None else ""
+    if origin is None and same_origin is None:
+        return None
     try:
-        if origin is not None or same_origin is not None:
-            return cors.allowed_origin(ctx.amp, origin, same_origin, source)
-        if source is not None and source not in ctx.amp.publisher_origins:
-            raise AmpOriginNotAllowed(f"{cors.SOURCE_ORIGIN_PARAM} is not a publisher origin")
+        return cors.allowed_origin(ctx.amp, origin, same_origin, None)
     except AmpOriginNotAllowed:
         ctx.metrics.inc(cors.REFUSALS_METRIC, reason="origin")
         raise
-    return None
+
+
+def _check_source_origin(ctx: AmpContext, source_origin: Any) -> None:
+    """Raise AmpOriginNotAllowed, counted, unless ``__amp_source_origin`` is absent or a
+    publisher origin."""
+    source = source_origin if isinstance(source_origin, str) or source_origin is None else ""
+    if source is not None and source not in ctx.amp.publisher_origins:
+        ctx.metrics.inc(cors.REFUSALS_METRIC, reason="origin")
+        raise AmpOriginNotAllowed(f"{cors.SOURCE_ORIGIN_PARAM} is not a publisher origin")
 
 
 def _on_origin(
