@@ -531,6 +531,26 @@ async def test_bodies_and_queries_are_bounded(amp_client: AmpClientFactory) -> N
     assert counted.value("identity_amp_hits_total", context="cache_without_cookie") == 0
 
 
+async def test_an_unsupported_hit_body_names_the_types_collect_reads(client: AppClient) -> None:
+    """The 415 says what collect reads (a form, or JSON as application/json or text/plain),
+    not the handoff API's application/json alone."""
+    typed = await hit(
+        client, method="POST", origin=CACHE, data=b"<x/>", headers={"Content-Type": "text/xml"}
+    )
+    assert typed.status == 415
+    accepted = {kind.strip() for kind in typed.headers["Accept-Post"].split(",")}
+    assert accepted == {"application/x-www-form-urlencoded", "application/json", "text/plain"}
+    problem = await typed.json(content_type=None)
+    assert problem["type"].endswith(":unsupported-media-type")
+    assert "application/json" not in problem["title"]
+    for kind in accepted:  # each type it names is read
+        body = b'{"x": "1"}' if "json" in kind or "text" in kind else b"x=1"
+        sent = await hit(
+            client, method="POST", origin=CACHE, data=body, headers={"Content-Type": kind}
+        )
+        assert sent.status == 204, kind
+
+
 async def test_a_configured_next_hop_is_a_302(amp_client: AmpClientFactory) -> None:
     client = await amp_client(collect_redirect=f"{PUBLISHER}/pixel.gif")
     response = await client.get(

@@ -83,7 +83,7 @@ from identity_service.problems import (
     OversizedEvent,
     PayloadTooLarge,
     Problem,
-    UnsupportedMediaType,
+    UnsupportedHitType,
     ValidationFailed,
 )
 from identity_service.stores import Counted, Emitted
@@ -351,7 +351,7 @@ def _parameters(hit: Hit, max_bytes: int, max_fields: int) -> dict[str, Any]:
                 body_pairs = json_object_members(hit.body)
             params.update(document)
         else:
-            raise UnsupportedMediaType(
+            raise UnsupportedHitType(
                 f"send a hit as {_FORM} or JSON (text/plain or application/json)"
             )
         if len(params) > max_fields:
