@@ -356,6 +356,25 @@ async def test_a_refused_origin_is_refused_whatever_the_hit_carries(
     assert counted.value("identity_amp_refusals_total", reason="origin") == 1
 
 
+@pytest.mark.parametrize("value", [None, "", 1, [PUBLISHER], {"origin": PUBLISHER}])
+async def test_a_source_origin_in_a_json_body_that_is_no_publisher_origin_is_refused(
+    client: AppClient, collector: Collector, value: Any
+) -> None:
+    """Present, ``__amp_source_origin`` must be a publisher origin: a JSON ``null`` (or any
+    other value that is not one) is refused as an empty or wrong one is, not taken as absent."""
+    AUDIT.identity(VISITOR, "anonymousId")
+    body = json.dumps({"__amp_source_origin": value, "ampId": CACHE_CLIENT_ID}).encode()
+    headers = {"Origin": CACHE, "Cookie": f"{COOKIE}={VISITOR}", "Content-Type": "text/plain"}
+    response = await client.post(PATH, data=body, headers=headers)
+    assert response.status == 403
+    problem = await response.json(content_type=None)
+    assert problem["type"].endswith(":amp-origin-not-allowed")
+    counted = metrics(client)
+    assert counted.value("identity_amp_refusals_total", reason="origin") == 1
+    assert counted.value("identity_amp_links_recorded_total") == 0
+    assert counted.value("identity_amp_hits_total", context="cache_with_cookie") == 0
+
+
 async def test_a_wrong_source_origin_parameter_is_refused(client: AppClient) -> None:
     pixel = await hit(client, ampId=CACHE_CLIENT_ID, __amp_source_origin="https://evil.example")
     assert pixel.status == 403

@@ -228,7 +228,7 @@ async def collect(ctx: AmpContext, hit: Hit) -> Answer:
         ctx.metrics.inc(cors.REFUSALS_METRIC, reason=problem.slug.replace("-", "_"))
         raise
     # Before anything changes: raises AmpOriginNotAllowed.
-    _check_source_origin(ctx, params.get(cors.SOURCE_ORIGIN_PARAM))
+    _check_source_origin(ctx, params)
     client_id = links.client_id_of(params.get(CLIENT_ID))
     cookie_id = cookies.visitor_id(headers.get("cookie"), amp.cookie)
     on_origin = _on_origin(ctx, origin, same_origin, cookie_id, client_id, headers.get("referer"))
@@ -405,11 +405,13 @@ def _allowed_origin(ctx: AmpContext, origin: str | None, same_origin: str | None
         raise
 
 
-def _check_source_origin(ctx: AmpContext, source_origin: Any) -> None:
+def _check_source_origin(ctx: AmpContext, params: Mapping[str, Any]) -> None:
     """Raise AmpOriginNotAllowed, counted, unless ``__amp_source_origin`` is absent or a
-    publisher origin."""
-    source = source_origin if isinstance(source_origin, str) or source_origin is None else ""
-    if source is not None and source not in ctx.amp.publisher_origins:
+    publisher origin (present as anything else, a JSON null included, it is refused)."""
+    if cors.SOURCE_ORIGIN_PARAM not in params:
+        return
+    source = params[cors.SOURCE_ORIGIN_PARAM]
+    if not isinstance(source, str) or source not in ctx.amp.publisher_origins:
         ctx.metrics.inc(cors.REFUSALS_METRIC, reason="origin")
         raise AmpOriginNotAllowed(f"{cors.SOURCE_ORIGIN_PARAM} is not a publisher origin")
 
