@@ -213,6 +213,41 @@ async def test_origin_pixel_with_the_cookie_reads_it(
     assert metrics(client).value("identity_amp_hits_total", context="origin") == 1
 
 
+# Real page titles and event names that are text but not str.isprintable(): a soft hyphen
+# (German compounds), an emoji ZWJ sequence, a right-to-left mark (Hebrew and Arabic sites),
+# an emoji newer than Python's Unicode database (U+1FAE8, Unicode 15).
+READABLE_TITLES = [
+    "Geschäfts\u00adbericht 2026",
+    "Family \U0001f468\u200d\U0001f469\u200d\U0001f467 trip",
+    "\u05e9\u05dc\u05d5\u05dd\u200f - Site",
+    "Shaking \U0001fae8 news",
+]
+
+
+async def test_a_page_title_that_is_text_is_recorded_as_sent(
+    client: AppClient, collector: Collector
+) -> None:
+    """amp-analytics sends ${title} as document.title has it: a hit is not refused (its
+    event lost) for a format character or a character newer than Python's Unicode data."""
+    for title in READABLE_TITLES:
+        response = await hit(client, cookie=VISITOR, ampId=VISITOR, title=title, event=title)
+        assert response.status == 204, (title, await response.text())
+    events = await events_after(collector, len(READABLE_TITLES))
+    assert sorted(event["context"]["page"]["title"] for event in events) == sorted(READABLE_TITLES)
+    assert sorted(event["event"] for event in events) == sorted(READABLE_TITLES)
+
+
+@pytest.mark.parametrize("title", ["a\x00b", "line\nbreak", "tab\there", "c1\x85next", "del\x7f"])
+async def test_a_page_title_with_a_control_character_is_refused(
+    client: AppClient, title: str
+) -> None:
+    response = await hit(client, cookie=VISITOR, ampId=VISITOR, title=title)
+    assert response.status == 400
+    problem = await response.json(content_type=None)
+    assert problem["type"].endswith(":validation-failed")
+    assert title not in problem["detail"]
+
+
 async def test_a_cache_hit_with_the_cookie_links_the_client_id_for_later_hits(
     client: AppClient, collector: Collector
 ) -> None:

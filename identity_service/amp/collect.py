@@ -64,6 +64,7 @@ the hit stands, as on the actions' path; on one node the event and the link are 
 together or not at all. An event that cannot be emitted fails the hit (503).
 """
 
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -98,6 +99,11 @@ _NOT_PROPERTIES = frozenset({CLIENT_ID, EVENT, CONSENT, "__amp_source_origin"})
 PAGE_FIELDS = ("url", "title", "referrer", "path", "search")
 CONSENT_DENIED = links.CONSENT_DENIED  # amp-consent's CONSENT_STATE when analytics is refused
 MAX_VALUE_LENGTH = 2048  # of an event name or a page field
+# What an event name or a page field must not hold: control characters (C0, DEL, C1).
+# Not str.isprintable(), which also refuses format characters that real titles hold (a
+# soft hyphen, an emoji's zero-width joiner, a right-to-left mark) and every character
+# newer than Python's Unicode database (recent emoji): such a hit's event was lost.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _FORM = "application/x-www-form-urlencoded"
 # An event is at most this much larger than what the hit sent: each byte sent becomes at
 # most 6 as JSON (\u00XX), and page fields appear twice (properties, context.page).
@@ -377,11 +383,12 @@ def _form(text: str, max_fields: int) -> list[tuple[str, str]]:
 
 
 def _text(params: Mapping[str, Any], name: str) -> str | None:
-    """A parameter that must be a short printable text, or None when absent or empty."""
+    """A parameter that must be a short text without control characters, or None when
+    absent or empty."""
     value = params.get(name)
     if value is None or value == "":
         return None
-    if not isinstance(value, str) or len(value) > MAX_VALUE_LENGTH or not value.isprintable():
+    if not isinstance(value, str) or len(value) > MAX_VALUE_LENGTH or _CONTROL.search(value):
         raise ValidationFailed(
             [{"field": name, "message": f"must be a text of at most {MAX_VALUE_LENGTH} characters"}]
         )
