@@ -127,6 +127,19 @@ class UnsupportedMediaType(Problem):
         return {"Accept-Post": "application/json"}
 
 
+class UnsupportedHitType(UnsupportedMediaType):
+    """An AMP collect hit whose body is neither a form nor JSON: its answer names the types
+    collect reads (amp-analytics' beacon sends JSON as text/plain)."""
+
+    title = "A hit's body must be a form or JSON"
+
+    def headers(self) -> dict[str, str]:
+        return {"Accept-Post": _HIT_TYPES}
+
+
+_HIT_TYPES = "application/x-www-form-urlencoded, application/json, text/plain"
+
+
 class ServiceUnavailable(Problem):
     status = 503
     slug = "service-unavailable"

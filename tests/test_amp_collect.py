@@ -213,6 +213,41 @@ async def test_origin_pixel_with_the_cookie_reads_it(
     assert metrics(client).value("identity_amp_hits_total", context="origin") == 1
 
 
+# Real page titles and event names that are text but not str.isprintable(): a soft hyphen
+# (German compounds), an emoji ZWJ sequence, a right-to-left mark (Hebrew and Arabic sites),
+# an emoji newer than Python's Unicode database (U+1FAE8, Unicode 15).
+READABLE_TITLES = [
+    "Geschäfts\u00adbericht 2026",
+    "Family \U0001f468\u200d\U0001f469\u200d\U0001f467 trip",
+    "\u05e9\u05dc\u05d5\u05dd\u200f - Site",
+    "Shaking \U0001fae8 news",
+]
+
+
+async def test_a_page_title_that_is_text_is_recorded_as_sent(
+    client: AppClient, collector: Collector
+) -> None:
+    """amp-analytics sends ${title} as document.title has it: a hit is not refused (its
+    event lost) for a format character or a character newer than Python's Unicode data."""
+    for title in READABLE_TITLES:
+        response = await hit(client, cookie=VISITOR, ampId=VISITOR, title=title, event=title)
+        assert response.status == 204, (title, await response.text())
+    events = await events_after(collector, len(READABLE_TITLES))
+    assert sorted(event["context"]["page"]["title"] for event in events) == sorted(READABLE_TITLES)
+    assert sorted(event["event"] for event in events) == sorted(READABLE_TITLES)
+
+
+@pytest.mark.parametrize("title", ["a\x00b", "line\nbreak", "tab\there", "c1\x85next", "del\x7f"])
+async def test_a_page_title_with_a_control_character_is_refused(
+    client: AppClient, title: str
+) -> None:
+    response = await hit(client, cookie=VISITOR, ampId=VISITOR, title=title)
+    assert response.status == 400
+    problem = await response.json(content_type=None)
+    assert problem["type"].endswith(":validation-failed")
+    assert title not in problem["detail"]
+
+
 async def test_a_cache_hit_with_the_cookie_links_the_client_id_for_later_hits(
     client: AppClient, collector: Collector
 ) -> None:
@@ -323,6 +358,56 @@ async def test_a_refused_origin_changes_nothing(
     counted = metrics(client)
     assert counted.value("identity_amp_refusals_total", reason="origin") == 1
     assert counted.value("identity_amp_links_recorded_total") == 0
+
+
+@pytest.mark.parametrize(
+    ("headers", "data", "params"),
+    [
+        ({"Content-Type": "text/xml"}, b"<x/>", {}),  # 415 unsupported-media-type
+        ({"Content-Type": "application/json"}, b"{not json", {}),  # 400
+        ({}, None, {f"p{number}": "1" for number in range(65)}),  # 413: over max_form_fields
+        ({}, None, {"title": "\x00"}),  # 400 validation-failed
+    ],
+)
+@pytest.mark.parametrize(
+    "refused", [{"Origin": "https://evil.example"}, {"AMP-Same-Origin": "TRUE"}]
+)
+async def test_a_refused_origin_is_refused_whatever_the_hit_carries(
+    client: AppClient,
+    refused: dict[str, str],
+    headers: dict[str, str],
+    data: bytes | None,
+    params: dict[str, str],
+) -> None:
+    """The Origin (or AMP-Same-Origin) is judged before the hit is read (docs/security.md:
+    every refusal is 403, decided before any form read): a foreign page's hit is a 403,
+    counted as an origin refusal, whatever its body or parameters."""
+    response = await hit(client, method="POST", data=data, headers={**refused, **headers}, **params)
+    assert response.status == 403
+    problem = await response.json(content_type=None)
+    assert problem["type"].endswith(":amp-origin-not-allowed")
+    assert "Access-Control-Allow-Origin" not in response.headers
+    counted = metrics(client)
+    assert counted.value("identity_amp_refusals_total", reason="origin") == 1
+
+
+@pytest.mark.parametrize("value", [None, "", 1, [PUBLISHER], {"origin": PUBLISHER}])
+async def test_a_source_origin_in_a_json_body_that_is_no_publisher_origin_is_refused(
+    client: AppClient, collector: Collector, value: Any
+) -> None:
+    """Present, ``__amp_source_origin`` must be a publisher origin: a JSON ``null`` (or any
+    other value that is not one) is refused as an empty or wrong one is, not taken as absent."""
+    AUDIT.identity(VISITOR, "anonymousId")
+    body = json.dumps({"__amp_source_origin": value, "ampId": CACHE_CLIENT_ID}).encode()
+    headers = {"Origin": CACHE, "Cookie": f"{COOKIE}={VISITOR}", "Content-Type": "text/plain"}
+    response = await client.post(PATH, data=body, headers=headers)
+    assert response.status == 403
+    problem = await response.json(content_type=None)
+    assert problem["type"].endswith(":amp-origin-not-allowed")
+    counted = metrics(client)
+    assert counted.value("identity_amp_refusals_total", reason="origin") == 1
+    assert counted.value("identity_amp_links_recorded_total") == 0
+    assert counted.value("identity_amp_hits_total", context="cache_with_cookie") == 0
 
 
 async def test_a_wrong_source_origin_parameter_is_refused(client: AppClient) -> None:
@@ -498,6 +583,26 @@ async def test_bodies_and_queries_are_bounded(amp_client: AmpClientFactory) -> N
     counted = metrics(client)
     assert counted.value("identity_amp_refusals_total", reason="payload_too_large") == 2
     assert counted.value("identity_amp_hits_total", context="cache_without_cookie") == 0
+
+
+async def test_an_unsupported_hit_body_names_the_types_collect_reads(client: AppClient) -> None:
+    """The 415 says what collect reads (a form, or JSON as application/json or text/plain),
+    not the handoff API's application/json alone."""
+    typed = await hit(
+        client, method="POST", origin=CACHE, data=b"<x/>", headers={"Content-Type": "text/xml"}
+    )
+    assert typed.status == 415
+    accepted = {kind.strip() for kind in typed.headers["Accept-Post"].split(",")}
+    assert accepted == {"application/x-www-form-urlencoded", "application/json", "text/plain"}
+    problem = await typed.json(content_type=None)
+    assert problem["type"].endswith(":unsupported-media-type")
+    assert "application/json" not in problem["title"]
+    for kind in accepted:  # each type it names is read
+        body = b'{"x": "1"}' if "json" in kind or "text" in kind else b"x=1"
+        sent = await hit(
+            client, method="POST", origin=CACHE, data=body, headers={"Content-Type": kind}
+        )
+        assert sent.status == 204, kind
 
 
 async def test_a_configured_next_hop_is_a_302(amp_client: AmpClientFactory) -> None:

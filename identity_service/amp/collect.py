@@ -64,6 +64,7 @@ the hit stands, as on the actions' path; on one node the event and the link are 
 together or not at all. An event that cannot be emitted fails the hit (503).
 """
 
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -83,7 +84,7 @@ from identity_service.problems import (
     OversizedEvent,
     PayloadTooLarge,
     Problem,
-    UnsupportedMediaType,
+    UnsupportedHitType,
     ValidationFailed,
 )
 from identity_service.stores import Counted, Emitted
@@ -98,6 +99,11 @@ _NOT_PROPERTIES = frozenset({CLIENT_ID, EVENT, CONSENT, "__amp_source_origin"})
 PAGE_FIELDS = ("url", "title", "referrer", "path", "search")
 CONSENT_DENIED = links.CONSENT_DENIED  # amp-consent's CONSENT_STATE when analytics is refused
 MAX_VALUE_LENGTH = 2048  # of an event name or a page field
+# What an event name or a page field must not hold: control characters (C0, DEL, C1).
+# Not str.isprintable(), which also refuses format characters that real titles hold (a
+# soft hyphen, an emoji's zero-width joiner, a right-to-left mark) and every character
+# newer than Python's Unicode database (recent emoji): such a hit's event was lost.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _FORM = "application/x-www-form-urlencoded"
 # An event is at most this much larger than what the hit sent: each byte sent becomes at
 # most 6 as JSON (\u00XX), and page fields appear twice (properties, context.page).
@@ -216,6 +222,8 @@ async def collect(ctx: AmpContext, hit: Hit) -> Answer:
     origin = headers.get("origin")
     same_origin_header = headers.get("amp-same-origin")
     same_origin = same_origin_header == "true"
+    # Before the hit is read, whatever it carries: raises AmpOriginNotAllowed.
+    echoed = _allowed_origin(ctx, origin, same_origin_header)
     try:
         params = _parameters(hit, amp.max_form_bytes, amp.max_form_fields)
         content = _content(params, amp.source, len(hit.query) + len(hit.body))
@@ -226,7 +234,7 @@ async def collect(ctx: AmpContext, hit: Hit) -> Answer:
         ctx.metrics.inc(cors.REFUSALS_METRIC, reason=problem.slug.replace("-", "_"))
         raise
     # Before anything changes: raises AmpOriginNotAllowed.
-    echoed = _allowed_origin(ctx, origin, same_origin_header, params.get(cors.SOURCE_ORIGIN_PARAM))
+    _check_source_origin(ctx, params)
     client_id = links.client_id_of(params.get(CLIENT_ID))
     cookie_id = cookies.visitor_id(headers.get("cookie"), amp.cookie)
     on_origin = _on_origin(ctx, origin, same_origin, cookie_id, client_id, headers.get("referer"))
@@ -349,7 +357,7 @@ def _parameters(hit: Hit, max_bytes: int, max_fields: int) -> dict[str, Any]:
                 body_pairs = json_object_members(hit.body)
             params.update(document)
         else:
-            raise UnsupportedMediaType(
+            raise UnsupportedHitType(
                 f"send a hit as {_FORM} or JSON (text/plain or application/json)"
             )
         if len(params) > max_fields:
@@ -375,35 +383,44 @@ def _form(text: str, max_fields: int) -> list[tuple[str, str]]:
 
 
 def _text(params: Mapping[str, Any], name: str) -> str | None:
-    """A parameter that must be a short printable text, or None when absent or empty."""
+    """A parameter that must be a short text without control characters, or None when
+    absent or empty."""
     value = params.get(name)
     if value is None or value == "":
         return None
-    if not isinstance(value, str) or len(value) > MAX_VALUE_LENGTH or not value.isprintable():
+    if not isinstance(value, str) or len(value) > MAX_VALUE_LENGTH or _CONTROL.search(value):
         raise ValidationFailed(
             [{"field": name, "message": f"must be a text of at most {MAX_VALUE_LENGTH} characters"}]
         )
     return value
 
 
-def _allowed_origin(
-    ctx: AmpContext, origin: str | None, same_origin: str | None, source_origin: Any
-) -> str | None:
+def _allowed_origin(ctx: AmpContext, origin: str | None, same_origin: str | None) -> str | None:
     """The origin to echo (None: nothing to echo); raise AmpOriginNotAllowed, counted.
 
-    An image pixel (neither ``Origin`` nor ``AMP-Same-Origin``) is let through with
-    nothing echoed; its ``__amp_source_origin``, if any, must still be a publisher's.
+    Judged from the header fields alone, before the hit is read: a refused ``Origin`` (or
+    ``AMP-Same-Origin``) is a 403 whatever the hit carries. An image pixel (neither field)
+    is let through with nothing echoed. ``__amp_source_origin``, which may be in the body,
+    is checked once the hit is read (:func:`_check_source_origin`).
     """
-    source = source_origin if isinstance(source_origin, str) or source_origin is None else ""
+    if origin is None and same_origin is None:
+        return None
     try:
-        if origin is not None or same_origin is not None:
-            return cors.allowed_origin(ctx.amp, origin, same_origin, source)
-        if source is not None and source not in ctx.amp.publisher_origins:
-            raise AmpOriginNotAllowed(f"{cors.SOURCE_ORIGIN_PARAM} is not a publisher origin")
+        return cors.allowed_origin(ctx.amp, origin, same_origin, None)
     except AmpOriginNotAllowed:
         ctx.metrics.inc(cors.REFUSALS_METRIC, reason="origin")
         raise
-    return None
+
+
+def _check_source_origin(ctx: AmpContext, params: Mapping[str, Any]) -> None:
+    """Raise AmpOriginNotAllowed, counted, unless ``__amp_source_origin`` is absent or a
+    publisher origin (present as anything else, a JSON null included, it is refused)."""
+    if cors.SOURCE_ORIGIN_PARAM not in params:
+        return
+    source = params[cors.SOURCE_ORIGIN_PARAM]
+    if not isinstance(source, str) or source not in ctx.amp.publisher_origins:
+        ctx.metrics.inc(cors.REFUSALS_METRIC, reason="origin")
+        raise AmpOriginNotAllowed(f"{cors.SOURCE_ORIGIN_PARAM} is not a publisher origin")
 
 
 def _on_origin(
