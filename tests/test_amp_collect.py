@@ -834,3 +834,28 @@ def test_a_hit_is_read_as_parse_qsl_reads_it(text: str, max_fields: int) -> None
 
     expected = read(lambda: parse_qsl(text, keep_blank_values=True, max_num_fields=max_fields))
     assert read(lambda: collect_module._form(text, max_fields)) == expected
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"title": "lone \\ud800 surrogate"}',
+        b'{"event": "\\udfff"}',
+        b'{"title": "\\ud800", "__amp_source_origin": "https://www.example.com"}',
+    ],
+)
+async def test_a_json_hit_with_a_lone_surrogate_is_refused_not_a_500(
+    client: AppClient, body: bytes
+) -> None:
+    """JSON's \\uD800 escapes decode to no character: the body is malformed JSON."""
+    response = await hit(
+        client,
+        method="POST",
+        cookie=VISITOR,
+        data=body,
+        headers={"AMP-Same-Origin": "true", "Content-Type": "text/plain"},
+        ampId=VISITOR,
+    )
+    assert response.status == 400
+    problem = await response.json(content_type=None)
+    assert problem["type"].endswith(":malformed-json")
