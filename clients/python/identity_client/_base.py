@@ -328,7 +328,8 @@ class BaseClient:
         """
         if isinstance(outcome, httpx.TransportError):
             if attempt >= self.max_retries:
-                raise self._connection_error(outcome, PREPARE_PATH, *secrets) from outcome
+                # from None: the raw error, shown in a traceback, may quote an echo unscrubbed
+                raise self._connection_error(outcome, PREPARE_PATH, *secrets) from None
             return self._retry_delay(attempt, None)
         if outcome.status_code != 503 or attempt >= self.max_retries:
             return None
@@ -357,7 +358,7 @@ class BaseClient:
             raise APIError(
                 _scrub(f"the request failed: {type(exc).__name__}: {exc}", self._secrets),
                 title="Request failed",
-            ) from exc
+            ) from None  # the raw error's text is in the message, scrubbed
 
 
 def retry_after(response: httpx.Response) -> float | None:

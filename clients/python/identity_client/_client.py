@@ -116,7 +116,7 @@ class IdentityClient(BaseClient):
         try:
             response = self._post(EXCHANGE_PATH, body)
         except httpx.TransportError as exc:
-            raise self._connection_error(exc, EXCHANGE_PATH, token) from exc
+            raise self._connection_error(exc, EXCHANGE_PATH, token) from None
         return self._identity(response, token)
 
     exchange.__doc__ = _EXCHANGE_DOC
@@ -226,7 +226,7 @@ class AsyncIdentityClient(BaseClient):
         try:
             response = await self._post(EXCHANGE_PATH, body)
         except httpx.TransportError as exc:
-            raise self._connection_error(exc, EXCHANGE_PATH, token) from exc
+            raise self._connection_error(exc, EXCHANGE_PATH, token) from None
         return self._identity(response, token)
 
     exchange.__doc__ = _EXCHANGE_DOC

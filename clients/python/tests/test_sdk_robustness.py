@@ -9,6 +9,7 @@ import base64
 import gzip
 import json
 import time
+import traceback
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -357,7 +358,9 @@ def test_a_connection_error_quoting_the_request_is_scrubbed(
     error = caught.value
     credentials = base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
     assert "X-Echo" in str(error)  # the parser's error is quoted, scrubbed
-    for text in (str(error), repr(error)):
+    # A traceback too (logger.exception): it does not chain the raw, unscrubbed error.
+    logged = "".join(traceback.format_exception(error))
+    for text in (str(error), repr(error), logged):
         for secret in (WRITE_KEY, credentials, TOKEN, VISITOR, USER):
             assert secret not in text, (secret, text)
 
