@@ -1078,6 +1078,35 @@ def test_a_change_of_the_charts_redis_password_rolls_the_pods_with_an_existing_s
     assert checksums(values)["checksum/secret"] != before["checksum/secret"]
 
 
+def redis_pod_annotations(values: dict[str, Any]) -> dict[str, str]:
+    template = find(render(values), "StatefulSet", f"{FULLNAME}-redis")["spec"]["template"]
+    annotations: dict[str, str] = template["metadata"].get("annotations", {})
+    return annotations
+
+
+def test_a_change_of_the_redis_password_rolls_the_in_chart_redis_too() -> None:
+    """The in-chart Redis reads its password (requirepass) once, at start: a new
+    redis.auth.password rolls the web and forwarder pods (checksum/secret), so it must roll
+    the Redis pod too, or the pods send a password Redis does not take. A change of the
+    server secret or of config.* leaves Redis, and its data, alone."""
+    values = ci_values("everything")
+    before = redis_pod_annotations(values)
+    changed = copy.deepcopy(values)
+    changed["redis"]["auth"]["password"] = "another-redis-password-0123"
+    assert checksums(changed)["checksum/secret"] != checksums(values)["checksum/secret"]
+    assert redis_pod_annotations(changed) != before
+    other = copy.deepcopy(values)
+    other["secret"] = "another-server-secret-0123456789abcdefgh"
+    other["config"]["logLevel"] = "debug"
+    assert redis_pod_annotations(other) == before
+    # A password from the user's Secret: another Secret or key rolls it as well.
+    existing = copy.deepcopy(values)
+    existing["redis"]["auth"] = {"existingSecret": "redis-credentials"}
+    moved = copy.deepcopy(existing)
+    moved["redis"]["auth"]["existingSecretPasswordKey"] = "password"
+    assert redis_pod_annotations(moved) != redis_pod_annotations(existing)
+
+
 def test_a_destination_may_take_some_sources_only() -> None:
     values = ci_values("everything")
     values["destinations"]["segment"]["sources"] = ["shop"]
