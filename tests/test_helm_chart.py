@@ -788,6 +788,36 @@ def test_a_redis_user_name_the_url_would_not_carry_stops_the_render(
         render(values)
 
 
+@pytest.mark.parametrize("username", ["app:rw", "team/app", "a#b", "a?b", "50%off"])
+def test_the_schema_refuses_a_redis_user_name_the_url_would_not_carry_as_given(
+    username: str,
+) -> None:
+    """The user name goes into IDENTITY_REDIS_URL's user info as given, like the password:
+    a ':' there splits it (the service would log in as "app" with "rw:<password>"), a '/',
+    '?' or '#' ends it (the service refuses to start), a '%' starts an octet."""
+    values = merge(
+        ci_values("external-redis"), {"redis": {"auth": {"username": username, "password": "pw"}}}
+    )
+    with pytest.raises(helm_python.HelmValuesError):
+        chart().validate_schema(chart().merge_values(values))
+
+
+@pytest.mark.parametrize("username", ["identity", "ops.team_1~x-y", "app%3Arw", "a%40b%2Fc"])
+def test_a_redis_user_name_reaches_the_service_as_written_percent_decoded(username: str) -> None:
+    values = merge(
+        ci_values("external-redis"), {"redis": {"auth": {"username": username, "password": "pw"}}}
+    )
+    chart().validate_schema(chart().merge_values(values))
+    objects = render(values)
+    (container,) = pod_spec(find(objects, "Deployment"))["containers"]
+    settings = load_settings(environment(objects, container))
+    assert settings.redis is not None
+    # As redis-py's parse_url reads the user info: split, then each part unquoted.
+    parts = urllib.parse.urlsplit(settings.redis.node_url)
+    credentials = urllib.parse.unquote(parts.username or ""), parts.password
+    assert credentials == (urllib.parse.unquote(username), "pw")
+
+
 def test_the_in_chart_redis_takes_its_default_user_by_name() -> None:
     values = merge(ci_values("internal-redis"), {"redis": {"auth": {"username": "default"}}})
     (container,) = pod_spec(find(render(values), "Deployment"))["containers"]
