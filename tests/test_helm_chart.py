@@ -1137,6 +1137,53 @@ def test_a_change_of_the_redis_password_rolls_the_in_chart_redis_too() -> None:
     assert redis_pod_annotations(moved) != redis_pod_annotations(existing)
 
 
+@pytest.mark.parametrize(
+    ("url", "allow_insecure"),
+    [
+        ("https://api.segment.io", None),
+        ("https://api.segment.io/v1", False),
+        ("http://collector.monitoring:8080", None),  # the write key in clear text
+        ("http://collector.monitoring:8080", False),
+        ("http://collector.monitoring:8080", True),
+        ("http://events.example.com/v1", None),
+        ("http://localhost:9000", None),  # a sidecar: the pod's own loopback
+        ("http://LOCALHOST:9000", None),
+        ("http://127.0.0.1:9000/v1", False),
+        ("http://127.8.9.10", None),
+        ("http://[::1]:9000", None),
+        ("http://localhost.example.com:9000", None),
+        ("http://127.0.0.1.nip.io", None),
+    ],
+)
+def test_the_schema_takes_the_destination_urls_the_service_takes(
+    url: str, allow_insecure: bool | None
+) -> None:
+    """An http:// destination URL off loopback sends the write key in clear text: the
+    service refuses to start without allowInsecure, so the schema refuses it too."""
+    destination: dict[str, Any] = {"url": url, "writeKey": "a-write-key"}
+    if allow_insecure is not None:
+        destination["allowInsecure"] = allow_insecure
+    values = {**ci_values("external-redis"), "destinations": {"segment": destination}}
+    # IDENTITY_DESTINATIONS as the chart's Secret writes it (allow_insecure false by default).
+    spec = {"url": url, "write_key": "a-write-key", "allow_insecure": bool(allow_insecure)}
+    env = {"IDENTITY_SECRET": "s" * 32, "IDENTITY_DESTINATIONS": json.dumps({"segment": spec})}
+    try:
+        load_settings(env)
+        service_takes = True
+    except ConfigError:
+        service_takes = False
+    try:
+        chart().validate_schema(chart().merge_values(values))
+        schema_takes = True
+    except helm_python.HelmValuesError:
+        schema_takes = False
+    assert schema_takes == service_takes
+    if schema_takes:  # and the Secret the chart writes is the one read above
+        objects = render(values)
+        (container,) = pod_spec(find(objects, "Deployment"))["containers"]
+        load_settings(environment(objects, container))
+
+
 def test_a_destination_may_take_some_sources_only() -> None:
     values = ci_values("everything")
     values["destinations"]["segment"]["sources"] = ["shop"]
