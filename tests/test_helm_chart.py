@@ -1184,6 +1184,46 @@ def test_the_schema_takes_the_destination_urls_the_service_takes(
         load_settings(environment(objects, container))
 
 
+# Origins the service takes, and ones it refuses at start (urls.parse_origin).
+ORIGIN_PROBES = (
+    "https://checkout.example-pay.com", "https://A.Example", "https://a.example:8443",
+    "https://a.example:443", "https://a.example/", "https://xn--bcher-kva.example",
+    "https://shop", "https://9shop.example", "https://a.example.co.uk:65535",
+    "http://localhost:3000", "http://shop.localhost", "https://localhost",
+    "http://checkout.example.com",  # http off localhost
+    "http://127.0.0.1:3000", "https://10.0.0.1", "https://[::1]:8443", "https://1.2.3",
+    "https://a.0x1f", "https://user@a.example", "https://a.example?x", "https://a.example#f",
+    "https://a.example/checkout", "https://*.example.com", "https://a.example.",
+    "https://a_b.example", "https://-a.example", "https://a-.example", "https://a..example",
+    "https://a.example:0", "https://a.example:65536", "https://a.example:99999",
+    "https://bücher.example", "https://a example", "https://",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("origin", ORIGIN_PROBES)
+def test_the_schema_takes_the_source_origins_the_service_takes(origin: str) -> None:
+    """A source's origin the service refuses (http off localhost, an IP address, a path,
+    user information, a wildcard, a port out of range...) stops every pod at start: the
+    schema refuses it at install instead, and takes every origin the service takes. (Beyond
+    a pattern's reach: a malformed xn-- label, and an upper-case scheme, which the schema
+    never took.)"""
+    source = {"writeKeyHash": "sha256:" + "ab" * 32, "origins": [origin]}
+    values = {**ci_values("external-redis"), "sources": {"shop": source}}
+    spec = {"shop": {"write_key_hash": source["writeKeyHash"], "origins": [origin]}}
+    env = {"IDENTITY_SECRET": "s" * 32, "IDENTITY_SOURCES": json.dumps(spec)}
+    try:
+        load_settings(env)
+        service_takes = True
+    except ConfigError:
+        service_takes = False
+    try:
+        chart().validate_schema(chart().merge_values(values))
+        schema_takes = True
+    except helm_python.HelmValuesError:
+        schema_takes = False
+    assert schema_takes == service_takes
+
+
 def test_a_destination_may_take_some_sources_only() -> None:
     values = ci_values("everything")
     values["destinations"]["segment"]["sources"] = ["shop"]
