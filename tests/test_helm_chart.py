@@ -626,6 +626,41 @@ def test_long_names_leave_room_for_each_objects_suffix(release: str, override: s
     assert f'|{forwarder["metadata"]["name"]}"' in rules
 
 
+@pytest.mark.parametrize(
+    ("key", "override", "takes"),
+    [
+        ("nameOverride", "idsvc", True),
+        ("nameOverride", "id-svc-2", True),
+        ("nameOverride", "Identity", False),  # object names are lower case
+        ("nameOverride", "id_svc", False),
+        ("nameOverride", "id.svc", False),  # a Service's name is a DNS label: no dot
+        ("fullnameOverride", "idsvc", True),
+        ("fullnameOverride", "identity-eu-1", True),
+        ("fullnameOverride", "Identity", False),
+        ("fullnameOverride", "identity_eu", False),
+        ("fullnameOverride", "identity.eu", False),
+        ("fullnameOverride", "1identity", False),  # a Service's name starts with a letter
+    ],
+)
+def test_the_schema_takes_only_name_overrides_kubernetes_takes(
+    key: str, override: str, takes: bool
+) -> None:
+    """Object names are made of the overrides: Kubernetes refuses a name with an upper-case
+    letter, an underscore or a dot (a Service's is a DNS label), or a Service's name that
+    starts with a digit. The schema refuses those overrides at install, before any object
+    is sent."""
+    values = {**ci_values("everything"), key: override}
+    if not takes:
+        with pytest.raises(helm_python.HelmValuesError):
+            chart().validate_schema(chart().merge_values(values))
+        return
+    chart().validate_schema(chart().merge_values(values))
+    objects = render(values)
+    for obj in objects:
+        name = obj["metadata"]["name"]
+        assert DNS_LABEL.match(name) and len(name) <= 63, (obj["kind"], name)
+
+
 def test_the_helm_test_pod_calls_readyz_through_the_service() -> None:
     objects = render(ci_values("external-redis"))
     pod = find(objects, "Pod", f"{FULLNAME}-test-readyz")
