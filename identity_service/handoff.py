@@ -207,12 +207,13 @@ class HandoffService:
         return record
 
     async def _fallback(self, source: Source, facts: dict[str, Any] | None) -> dict[str, Any]:
-        self._fallbacks[source.name]()
         anonymous_id = uuid.uuid4()
         identity = generated_identity(str(anonymous_id))
         if facts is not None:
             event = ev.fallback_event(anonymous_id=anonymous_id, facts=facts)
             await self._store.emit(anonymous_id.bytes, [event], source=source.name)
+        # Counted once answered: an emit that fails is a 503, no generated id.
+        self._fallbacks[source.name]()
         self._generated()
         return identity
 

@@ -626,6 +626,41 @@ def test_long_names_leave_room_for_each_objects_suffix(release: str, override: s
     assert f'|{forwarder["metadata"]["name"]}"' in rules
 
 
+@pytest.mark.parametrize(
+    ("key", "override", "takes"),
+    [
+        ("nameOverride", "idsvc", True),
+        ("nameOverride", "id-svc-2", True),
+        ("nameOverride", "Identity", False),  # object names are lower case
+        ("nameOverride", "id_svc", False),
+        ("nameOverride", "id.svc", False),  # a Service's name is a DNS label: no dot
+        ("fullnameOverride", "idsvc", True),
+        ("fullnameOverride", "identity-eu-1", True),
+        ("fullnameOverride", "Identity", False),
+        ("fullnameOverride", "identity_eu", False),
+        ("fullnameOverride", "identity.eu", False),
+        ("fullnameOverride", "1identity", False),  # a Service's name starts with a letter
+    ],
+)
+def test_the_schema_takes_only_name_overrides_kubernetes_takes(
+    key: str, override: str, takes: bool
+) -> None:
+    """Object names are made of the overrides: Kubernetes refuses a name with an upper-case
+    letter, an underscore or a dot (a Service's is a DNS label), or a Service's name that
+    starts with a digit. The schema refuses those overrides at install, before any object
+    is sent."""
+    values = {**ci_values("everything"), key: override}
+    if not takes:
+        with pytest.raises(helm_python.HelmValuesError):
+            chart().validate_schema(chart().merge_values(values))
+        return
+    chart().validate_schema(chart().merge_values(values))
+    objects = render(values)
+    for obj in objects:
+        name = obj["metadata"]["name"]
+        assert DNS_LABEL.match(name) and len(name) <= 63, (obj["kind"], name)
+
+
 def test_the_helm_test_pod_calls_readyz_through_the_service() -> None:
     objects = render(ci_values("external-redis"))
     pod = find(objects, "Pod", f"{FULLNAME}-test-readyz")
@@ -786,6 +821,36 @@ def test_a_redis_user_name_the_url_would_not_carry_stops_the_render(
     values = merge(ci_values("external-redis"), {"redis": redis})
     with pytest.raises(helm_python.HelmError, match=message):
         render(values)
+
+
+@pytest.mark.parametrize("username", ["app:rw", "team/app", "a#b", "a?b", "50%off"])
+def test_the_schema_refuses_a_redis_user_name_the_url_would_not_carry_as_given(
+    username: str,
+) -> None:
+    """The user name goes into IDENTITY_REDIS_URL's user info as given, like the password:
+    a ':' there splits it (the service would log in as "app" with "rw:<password>"), a '/',
+    '?' or '#' ends it (the service refuses to start), a '%' starts an octet."""
+    values = merge(
+        ci_values("external-redis"), {"redis": {"auth": {"username": username, "password": "pw"}}}
+    )
+    with pytest.raises(helm_python.HelmValuesError):
+        chart().validate_schema(chart().merge_values(values))
+
+
+@pytest.mark.parametrize("username", ["identity", "ops.team_1~x-y", "app%3Arw", "a%40b%2Fc"])
+def test_a_redis_user_name_reaches_the_service_as_written_percent_decoded(username: str) -> None:
+    values = merge(
+        ci_values("external-redis"), {"redis": {"auth": {"username": username, "password": "pw"}}}
+    )
+    chart().validate_schema(chart().merge_values(values))
+    objects = render(values)
+    (container,) = pod_spec(find(objects, "Deployment"))["containers"]
+    settings = load_settings(environment(objects, container))
+    assert settings.redis is not None
+    # As redis-py's parse_url reads the user info: split, then each part unquoted.
+    parts = urllib.parse.urlsplit(settings.redis.node_url)
+    credentials = urllib.parse.unquote(parts.username or ""), parts.password
+    assert credentials == (urllib.parse.unquote(username), "pw")
 
 
 def test_the_in_chart_redis_takes_its_default_user_by_name() -> None:
@@ -1076,6 +1141,122 @@ def test_a_change_of_the_charts_redis_password_rolls_the_pods_with_an_existing_s
     before = checksums(values)
     values["redis"]["auth"]["password"] = "second-one-0123"
     assert checksums(values)["checksum/secret"] != before["checksum/secret"]
+
+
+def redis_pod_annotations(values: dict[str, Any]) -> dict[str, str]:
+    template = find(render(values), "StatefulSet", f"{FULLNAME}-redis")["spec"]["template"]
+    annotations: dict[str, str] = template["metadata"].get("annotations", {})
+    return annotations
+
+
+def test_a_change_of_the_redis_password_rolls_the_in_chart_redis_too() -> None:
+    """The in-chart Redis reads its password (requirepass) once, at start: a new
+    redis.auth.password rolls the web and forwarder pods (checksum/secret), so it must roll
+    the Redis pod too, or the pods send a password Redis does not take. A change of the
+    server secret or of config.* leaves Redis, and its data, alone."""
+    values = ci_values("everything")
+    before = redis_pod_annotations(values)
+    changed = copy.deepcopy(values)
+    changed["redis"]["auth"]["password"] = "another-redis-password-0123"
+    assert checksums(changed)["checksum/secret"] != checksums(values)["checksum/secret"]
+    assert redis_pod_annotations(changed) != before
+    other = copy.deepcopy(values)
+    other["secret"] = "another-server-secret-0123456789abcdefgh"
+    other["config"]["logLevel"] = "debug"
+    assert redis_pod_annotations(other) == before
+    # A password from the user's Secret: another Secret or key rolls it as well.
+    existing = copy.deepcopy(values)
+    existing["redis"]["auth"] = {"existingSecret": "redis-credentials"}
+    moved = copy.deepcopy(existing)
+    moved["redis"]["auth"]["existingSecretPasswordKey"] = "password"
+    assert redis_pod_annotations(moved) != redis_pod_annotations(existing)
+
+
+@pytest.mark.parametrize(
+    ("url", "allow_insecure"),
+    [
+        ("https://api.segment.io", None),
+        ("https://api.segment.io/v1", False),
+        ("http://collector.monitoring:8080", None),  # the write key in clear text
+        ("http://collector.monitoring:8080", False),
+        ("http://collector.monitoring:8080", True),
+        ("http://events.example.com/v1", None),
+        ("http://localhost:9000", None),  # a sidecar: the pod's own loopback
+        ("http://LOCALHOST:9000", None),
+        ("http://127.0.0.1:9000/v1", False),
+        ("http://127.8.9.10", None),
+        ("http://[::1]:9000", None),
+        ("http://localhost.example.com:9000", None),
+        ("http://127.0.0.1.nip.io", None),
+    ],
+)
+def test_the_schema_takes_the_destination_urls_the_service_takes(
+    url: str, allow_insecure: bool | None
+) -> None:
+    """An http:// destination URL off loopback sends the write key in clear text: the
+    service refuses to start without allowInsecure, so the schema refuses it too."""
+    destination: dict[str, Any] = {"url": url, "writeKey": "a-write-key"}
+    if allow_insecure is not None:
+        destination["allowInsecure"] = allow_insecure
+    values = {**ci_values("external-redis"), "destinations": {"segment": destination}}
+    # IDENTITY_DESTINATIONS as the chart's Secret writes it (allow_insecure false by default).
+    spec = {"url": url, "write_key": "a-write-key", "allow_insecure": bool(allow_insecure)}
+    env = {"IDENTITY_SECRET": "s" * 32, "IDENTITY_DESTINATIONS": json.dumps({"segment": spec})}
+    try:
+        load_settings(env)
+        service_takes = True
+    except ConfigError:
+        service_takes = False
+    try:
+        chart().validate_schema(chart().merge_values(values))
+        schema_takes = True
+    except helm_python.HelmValuesError:
+        schema_takes = False
+    assert schema_takes == service_takes
+    if schema_takes:  # and the Secret the chart writes is the one read above
+        objects = render(values)
+        (container,) = pod_spec(find(objects, "Deployment"))["containers"]
+        load_settings(environment(objects, container))
+
+
+# Origins the service takes, and ones it refuses at start (urls.parse_origin).
+ORIGIN_PROBES = (
+    "https://checkout.example-pay.com", "https://A.Example", "https://a.example:8443",
+    "https://a.example:443", "https://a.example/", "https://xn--bcher-kva.example",
+    "https://shop", "https://9shop.example", "https://a.example.co.uk:65535",
+    "http://localhost:3000", "http://shop.localhost", "https://localhost",
+    "http://checkout.example.com",  # http off localhost
+    "http://127.0.0.1:3000", "https://10.0.0.1", "https://[::1]:8443", "https://1.2.3",
+    "https://a.0x1f", "https://user@a.example", "https://a.example?x", "https://a.example#f",
+    "https://a.example/checkout", "https://*.example.com", "https://a.example.",
+    "https://a_b.example", "https://-a.example", "https://a-.example", "https://a..example",
+    "https://a.example:0", "https://a.example:65536", "https://a.example:99999",
+    "https://bücher.example", "https://a example", "https://",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("origin", ORIGIN_PROBES)
+def test_the_schema_takes_the_source_origins_the_service_takes(origin: str) -> None:
+    """A source's origin the service refuses (http off localhost, an IP address, a path,
+    user information, a wildcard, a port out of range...) stops every pod at start: the
+    schema refuses it at install instead, and takes every origin the service takes. (Beyond
+    a pattern's reach: a malformed xn-- label, and an upper-case scheme, which the schema
+    never took.)"""
+    source = {"writeKeyHash": "sha256:" + "ab" * 32, "origins": [origin]}
+    values = {**ci_values("external-redis"), "sources": {"shop": source}}
+    spec = {"shop": {"write_key_hash": source["writeKeyHash"], "origins": [origin]}}
+    env = {"IDENTITY_SECRET": "s" * 32, "IDENTITY_SOURCES": json.dumps(spec)}
+    try:
+        load_settings(env)
+        service_takes = True
+    except ConfigError:
+        service_takes = False
+    try:
+        chart().validate_schema(chart().merge_values(values))
+        schema_takes = True
+    except helm_python.HelmValuesError:
+        schema_takes = False
+    assert schema_takes == service_takes
 
 
 def test_a_destination_may_take_some_sources_only() -> None:

@@ -523,3 +523,32 @@ async def test_a_worker_hands_its_counts_to_the_shared_files_without_being_scrap
             assert in_files() == 3
             inc()
         assert in_files() == 4  # flushed once more on the way out
+
+
+async def test_a_fallback_the_store_could_not_emit_is_not_counted_as_answered() -> None:
+    """identity_handoff_fallbacks_total counts misses answered with a generated anonymousId
+    (docs/metrics.md). When the fallback's event cannot be written (the store fails after
+    the token's lookup: a Cluster node down, a connection lost), the exchange is answered
+    503 with no identity: neither a fallback nor a generated id is counted, only the miss."""
+    from identity_service.crypto import TokenSealer
+    from identity_service.handoff import HandoffService
+    from identity_service.problems import StoreUnavailable
+    from identity_service.stores.memory import MemoryStore
+    from identity_service.validation import ExchangeRequest
+    from tests.conftest import make_settings
+
+    class EmitFails(MemoryStore):
+        async def emit(self, *args: Any, **kwargs: Any) -> None:
+            raise StoreUnavailable("the outbox's shard does not answer")
+
+    settings = make_settings()
+    counted = metrics.Metrics()
+    service = HandoffService(EmitFails(), TokenSealer(settings.secret), settings, counted)
+    (checkout,) = [s for s in settings.sources if s.name == "checkout"]
+    with pytest.raises(StoreUnavailable):
+        await service.exchange(checkout, ExchangeRequest(token="no-such-token", fallback=True))
+    assert (
+        counted.value("identity_handoff_misses_total", source="checkout", reason="not_found") == 1
+    )
+    assert counted.value("identity_handoff_fallbacks_total", source="checkout") == 0
+    assert counted.value("identity_identities_total", id_source="generated") == 0
