@@ -786,16 +786,8 @@ def test_the_schema_takes_the_redis_url_parameters_the_service_takes(
         value = (PARAMETER_VALUES.get(name) or "/tls/file.pem").partition("&")[0]
         for query in (f"{name}={value}", f"client_name=c&{name}={value}&protocol=2"):
             url = base.format(scheme=scheme) + "?" + query
-            try:
-                load_settings({"IDENTITY_REDIS_URL": url, "IDENTITY_SECRET": "s" * 32})
-                service_takes = True
-            except ConfigError:
-                service_takes = False
-            try:
-                chart().validate_schema(merge(values, {"redis": {"url": url}}))
-                schema_takes = True
-            except helm_python.HelmValuesError:
-                schema_takes = False
+            service_takes = starts_with({"IDENTITY_REDIS_URL": url, "IDENTITY_SECRET": "s" * 32})
+            schema_takes = schema_accepts(merge(values, {"redis": {"url": url}}))
             if schema_takes != service_takes:
                 wrong.append(f"{url}: the schema {'takes' if schema_takes else 'refuses'} it")
     assert wrong == []
@@ -878,6 +870,24 @@ def ranged_config() -> dict[str, dict[str, Any]]:
     return {key: spec for key, spec in keys.items() if "minimum" in spec}
 
 
+def starts_with(environ: dict[str, str]) -> bool:
+    """Whether the service's settings take ``environ`` (it would start)."""
+    try:
+        load_settings(environ)
+    except ConfigError:
+        return False
+    return True
+
+
+def schema_accepts(values: dict[str, Any]) -> bool:
+    """Whether the chart's schema takes ``values`` (merged with the chart's defaults)."""
+    try:
+        chart().validate_schema(values)
+    except helm_python.HelmValuesError:
+        return False
+    return True
+
+
 def setting_variable(key: str) -> str:
     return "IDENTITY_" + re.sub(r"(?<!^)(?=[A-Z])", "_", key).upper()
 
@@ -891,11 +901,7 @@ def service_takes(key: str, value: float) -> bool:
         "IDENTITY_MAX_TTL": "86400",
         setting_variable(key): repr(value),  # Go writes a float as repr does
     }
-    try:
-        load_settings(environ)
-    except ConfigError:
-        return False
-    return True
+    return starts_with(environ)
 
 
 @pytest.mark.parametrize("key", sorted(ranged_config()))
@@ -910,11 +916,7 @@ def test_the_schema_takes_each_config_number_the_service_takes(key: str) -> None
     base = chart().merge_values(ci_values("external-redis"))
     wrong = []
     for value in sorted(probes):
-        try:
-            chart().validate_schema(merge(base, {"config": {key: value}}))
-            schema_takes = True
-        except helm_python.HelmValuesError:
-            schema_takes = False
+        schema_takes = schema_accepts(merge(base, {"config": {key: value}}))
         if schema_takes != service_takes(key, value):
             wrong.append(f"{value}: schema {'takes' if schema_takes else 'refuses'} it")
     assert wrong == [], f"config.{key} vs {setting_variable(key)}"
@@ -1202,17 +1204,8 @@ def test_the_schema_takes_the_destination_urls_the_service_takes(
     # IDENTITY_DESTINATIONS as the chart's Secret writes it (allow_insecure false by default).
     spec = {"url": url, "write_key": "a-write-key", "allow_insecure": bool(allow_insecure)}
     env = {"IDENTITY_SECRET": "s" * 32, "IDENTITY_DESTINATIONS": json.dumps({"segment": spec})}
-    try:
-        load_settings(env)
-        service_takes = True
-    except ConfigError:
-        service_takes = False
-    try:
-        chart().validate_schema(chart().merge_values(values))
-        schema_takes = True
-    except helm_python.HelmValuesError:
-        schema_takes = False
-    assert schema_takes == service_takes
+    schema_takes = schema_accepts(chart().merge_values(values))
+    assert schema_takes == starts_with(env)
     if schema_takes:  # and the Secret the chart writes is the one read above
         objects = render(values)
         (container,) = pod_spec(find(objects, "Deployment"))["containers"]
@@ -1246,17 +1239,8 @@ def test_the_schema_takes_the_source_origins_the_service_takes(origin: str) -> N
     values = {**ci_values("external-redis"), "sources": {"shop": source}}
     spec = {"shop": {"write_key_hash": source["writeKeyHash"], "origins": [origin]}}
     env = {"IDENTITY_SECRET": "s" * 32, "IDENTITY_SOURCES": json.dumps(spec)}
-    try:
-        load_settings(env)
-        service_takes = True
-    except ConfigError:
-        service_takes = False
-    try:
-        chart().validate_schema(chart().merge_values(values))
-        schema_takes = True
-    except helm_python.HelmValuesError:
-        schema_takes = False
-    assert schema_takes == service_takes
+    schema_takes = schema_accepts(chart().merge_values(values))
+    assert schema_takes == starts_with(env)
 
 
 def test_a_destination_may_take_some_sources_only() -> None:
