@@ -72,8 +72,9 @@ def client_ip(peer: str | None, x_forwarded_for: str | None) -> str:
     """The client's address: the peer's, or the proxy's word for it when the peer is local.
 
     The issue has the publisher's reverse proxy mount the service on the publisher's
-    origin, so the peer is that proxy, on a loopback or private address, and the client's
-    address is the last one in ``X-Forwarded-For``: the one the proxy appended. Earlier
+    origin, so the peer is that proxy, on a loopback or private address
+    (``_PROXY_NETWORKS``), and the client's address is the last one in
+    ``X-Forwarded-For``: the one the proxy appended. Earlier
     entries came from the client and could be anything, so they are never read. A public
     peer is the client itself and its ``X-Forwarded-For`` is ignored: anyone can send one.
     A missing peer (a Unix socket) is local. ``x_forwarded_for`` holds every such header
@@ -88,10 +89,24 @@ def client_ip(peer: str | None, x_forwarded_for: str | None) -> str:
     return peer if peer is not None else "unix"
 
 
+# Where the publisher's proxy may connect from: loopback, private-use (RFC 1918), shared
+# address space (RFC 6598: some Kubernetes networks give pods 100.64.0.0/10), link-local,
+# and IPv6 unique local. Listed rather than ``is_private``, which leaves RFC 6598 out (every
+# visitor behind such a proxy shared one counter), takes routed ranges (Teredo's 2001::/32,
+# whose clients could name their own address) and changes between Python patch releases.
+_PROXY_NETWORKS = tuple(
+    ipaddress.ip_network(network)
+    for network in (
+        "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
+        "169.254.0.0/16", "::1/128", "fc00::/7", "fe80::/10",
+    )
+)  # fmt: skip
+
+
 @functools.lru_cache(maxsize=1024)
 def _is_local(peer: str) -> bool:
     address = _parse(peer)
-    return address is not None and (address.is_loopback or address.is_private)
+    return address is not None and any(address in network for network in _PROXY_NETWORKS)
 
 
 def _parse(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
