@@ -311,10 +311,11 @@ class IdentityASGIMiddleware:
             await self.app(scope, receive, clearing)
             return
         raw_path = scope.get("raw_path")
+        root_path = scope.get("root_path", "")
         path = (
-            raw_path.decode("latin-1")
+            _mounted(root_path.encode("utf-8", "replace"), raw_path.decode("latin-1"))
             if raw_path
-            else quote(scope.get("root_path", "") + scope["path"])
+            else quote(root_path + scope["path"])
         )
         host = headers.get("host")
         if host is None and scope.get("server"):
@@ -397,6 +398,22 @@ class IdentityWSGIMiddleware:
         return [b""]
 
 
+def _mounted(prefix: bytes, path: str) -> str:
+    """``path`` as the app server received it (escaped), under the ``prefix`` the app is
+    mounted at (``SCRIPT_NAME``, ASGI's ``root_path``) when it is not there yet: a proxy
+    that strips the prefix before the app server sends the app ``/cart`` for the browser's
+    ``/shop/cart`` and says so (werkzeug's ``ProxyFix(x_prefix=1)``, uvicorn's
+    ``--root-path``); the browser must be sent back to ``/shop/cart``. A path already
+    under the prefix is kept as it is: WSGI's own mounts (gunicorn's ``SCRIPT_NAME``,
+    werkzeug's DispatcherMiddleware) and uvicorn put it in the request target themselves.
+    (So ``/shop/shop/x`` behind a stripping proxy goes back to ``/shop/x``: no server
+    tells the two apart.)"""
+    mount = quote(prefix, safe=_PATH_SAFE).rstrip("/")
+    if not mount or path == mount or path.startswith(mount + "/"):
+        return path
+    return mount + path
+
+
 def _wsgi_path(environ: dict[str, Any]) -> str:
     """The request's path as the browser sent it: the raw request target (``RAW_URI``,
     ``REQUEST_URI``: gunicorn, werkzeug, uWSGI) without its query, else ``SCRIPT_NAME`` and
@@ -409,7 +426,9 @@ def _wsgi_path(environ: dict[str, Any]) -> str:
             target = urlsplit(target).path
         if target:
             # Escapes stay as sent; only bytes a Location cannot hold are quoted.
-            return quote(target.encode("latin-1", "replace"), safe=_PATH_SAFE + "%")
+            sent = quote(target.encode("latin-1", "replace"), safe=_PATH_SAFE + "%")
+            # PEP 3333: SCRIPT_NAME holds the path's bytes, latin-1 decoded.
+            return _mounted(environ.get("SCRIPT_NAME", "").encode("latin-1", "replace"), sent)
     # PEP 3333: paths are latin-1 decoded bytes; quote them back as sent.
     path = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1")
     return quote(path, safe=_PATH_SAFE) or "/"

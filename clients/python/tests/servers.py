@@ -103,9 +103,10 @@ def _wait_until_listening(port: int, ended: threading.Event, failure: list[BaseE
 
 @contextmanager
 def serving_asgi(
-    service_url: str, build: Callable[[AsyncIdentityClient], ASGIApp]
+    service_url: str, build: Callable[[AsyncIdentityClient], ASGIApp], root_path: str = ""
 ) -> Iterator[str]:
-    """The ASGI app ``build(client)`` served by uvicorn."""
+    """The ASGI app ``build(client)`` served by uvicorn (``root_path``: its ``--root-path``,
+    the prefix a proxy took off the path)."""
 
     async def serve(client: AsyncIdentityClient, port: int, stopping: asyncio.Event) -> None:
         config = uvicorn.Config(
@@ -115,6 +116,7 @@ def serving_asgi(
             lifespan="off",
             log_level="warning",
             access_log=False,
+            root_path=root_path,
         )
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve())

@@ -44,6 +44,9 @@ from identity_client.middleware import (
 )
 from servers import serving_aiohttp, serving_asgi, serving_wsgi
 from test_carry import signed
+from werkzeug.exceptions import NotFound
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 COOKIE = "ajs_anonymous_id"
 CARRY = "identity_restored"
@@ -347,6 +350,42 @@ def test_the_redirect_keeps_the_path_as_sent(
     status, headers = raw_get(sites[framework], "/a%2Fb%3Fc?handoff_token=zzz&a=1")
     assert status == 303, (framework, status)
     assert headers["location"] == "/a%2Fb%3Fc?a=1", framework
+
+
+@pytest.mark.parametrize("server", ["wsgi-proxyfix", "wsgi-mounted", "asgi-root-path"])
+def test_the_redirect_keeps_the_prefix_the_site_is_served_under(
+    server: str, service: Service
+) -> None:
+    """The site is served under ``/shop``, and the browser must land back under it:
+    - a proxy strips the prefix and says so (werkzeug's ProxyFix with
+      ``X-Forwarded-Prefix``): the app server gets ``/cart``, SCRIPT_NAME is ``/shop``;
+    - the app is mounted at ``/shop`` by WSGI itself (werkzeug's DispatcherMiddleware):
+      the request target already holds the prefix, which must not be added twice;
+    - uvicorn's ``--root-path``, which puts the prefix in ``raw_path`` itself."""
+    client = IdentityClient(service.url, DEV_WRITE_KEY)
+    if server == "asgi-root-path":
+        serving = serving_asgi(service.url, fastapi_app, root_path="/shop")
+        cases = [("/cart?handoff_token=zzz&a=1", "/shop/cart?a=1")]
+    elif server == "wsgi-proxyfix":
+        app = ProxyFix(IdentityWSGIMiddleware(wsgi_page, client, **SETTINGS), x_prefix=1)
+        serving = serving_wsgi(app)
+        cases = [
+            ("/cart?handoff_token=zzz&a=1", "/shop/cart?a=1"),
+            ("/shopping?handoff_token=zzz", "/shop/shopping"),
+        ]
+    else:
+        mounted = IdentityWSGIMiddleware(wsgi_page, client, **SETTINGS)
+        serving = serving_wsgi(DispatcherMiddleware(NotFound(), {"/shop": mounted}))
+        cases = [("/shop/cart?handoff_token=zzz&a=1", "/shop/cart?a=1")]
+    with serving as base:
+        for target, location in cases:
+            status, headers = raw_get(base, target, extra="X-Forwarded-Prefix: /shop\r\n")
+            assert (status, headers.get("location")) == (303, location), (server, target)
+
+
+def wsgi_page(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"page"]
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
