@@ -100,6 +100,8 @@ class HandoffService:
         events = self._prepare_events(lookup_id, request, source, prepared_at)
         sealed = self._sealer.seal(token, lookup_id, orjson.dumps(record))
         await self._store.put(lookup_id, sealed, ttl, events)
+        if events is not None and not ev.analytics_allowed(request.consent):
+            self._skipped()  # the started track, held back for the consent
         self._prepared[source.name]()
         return PreparedHandoff(
             token=token.text,
@@ -150,8 +152,8 @@ class HandoffService:
         if not self._outbox.enabled:
             return None
         if not ev.analytics_allowed(request.consent):
-            # The started track; the exchange counts domain B's events.
-            self._skipped()
+            # Counted by prepare once stored: the started track (the exchange counts domain
+            # B's events).
             return PrepareEvents(started=[], completion=None, source=source.name)
         identity = {"anonymous_id": request.anonymous_id, "user_id": request.user_id}
         started = ev.started_event(

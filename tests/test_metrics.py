@@ -195,15 +195,34 @@ async def test_a_store_that_does_not_answer_is_down_and_the_scrape_still_answers
     assert value(await scrape(client), "identity_store_errors_total") == 1
 
 
-async def prepare_status(client: AppClient) -> int:
+async def prepare_status(client: AppClient, consent: dict[str, bool] | None = None) -> int:
     from tests.conftest import auth
 
-    response = await client.post(
-        "/v1/handoffs",
-        json={"anonymousId": "anon-down", "destination": CHECKOUT_URL},
-        headers=auth("shop"),
-    )
+    body: dict[str, Any] = {"anonymousId": "anon-down", "destination": CHECKOUT_URL}
+    if consent is not None:
+        body["consent"] = consent
+    response = await client.post("/v1/handoffs", json=body, headers=auth("shop"))
     return response.status
+
+
+async def test_a_prepare_the_store_refused_counts_no_skipped_event(
+    aiohttp_client: Callable[..., Awaitable[AppClient]], private_redis: RedisServer
+) -> None:
+    """identity_events_skipped_total{reason="consent"} counts the events a handoff did not
+    send for its consent; a prepare answered 503 made no handoff, so it skipped nothing."""
+    from identity_service.app import create_app
+    from tests.conftest import FrontTestServer, make_settings
+
+    client = await aiohttp_client(
+        FrontTestServer(create_app(make_settings(private_redis.url, redis_timeout="0.5")))
+    )
+    assert (await prepare_status(client, consent={"analytics": False})) == 201
+    skipped = value(await scrape(client), "identity_events_skipped_total", reason="consent")
+    assert skipped == 1
+    private_redis.stop()
+    assert (await prepare_status(client, consent={"analytics": False})) == 503
+    after = value(await scrape(client), "identity_events_skipped_total", reason="consent")
+    assert after == 1
 
 
 # -- processes ---------------------------------------------------------------------------
