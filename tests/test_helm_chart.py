@@ -1188,6 +1188,17 @@ def test_a_change_of_the_redis_password_rolls_the_in_chart_redis_too() -> None:
         ("http://[::1]:9000", None),
         ("http://localhost.example.com:9000", None),
         ("http://127.0.0.1.nip.io", None),
+        # As ipaddress reads a loopback address: 127.0.0.0/8 without a leading zero or an
+        # octet over 255 (the service refuses those at start), ::1 in any spelling.
+        ("http://127.0.0.01:9000", None),
+        ("http://127.00.0.1", None),
+        ("http://127.256.0.1:9000", None),
+        ("http://127.255.255.255", None),
+        ("http://[0:0:0:0:0:0:0:1]:9000", None),
+        ("http://[0::1]", None),
+        ("http://[0000::0:0001]/v1", None),
+        ("http://[0:0:0:0:0:0:0:0:1]", None),
+        ("http://[::2]", None),
     ],
 )
 def test_the_schema_takes_the_destination_urls_the_service_takes(
