@@ -815,13 +815,14 @@ def test_a_redis_user_name_the_url_would_not_carry_stops_the_render(
         render(values)
 
 
-@pytest.mark.parametrize("username", ["app:rw", "team/app", "a#b", "a?b", "50%off"])
+@pytest.mark.parametrize("username", ["app:rw", "team/app", "a#b", "a?b", "50%off", "a$$b", "a b"])
 def test_the_schema_refuses_a_redis_user_name_the_url_would_not_carry_as_given(
     username: str,
 ) -> None:
     """The user name goes into IDENTITY_REDIS_URL's user info as given, like the password:
     a ':' there splits it (the service would log in as "app" with "rw:<password>"), a '/',
-    '?' or '#' ends it (the service refuses to start), a '%' starts an octet."""
+    '?' or '#' ends it (the service refuses to start), a '%' starts an octet, a '$' is the
+    kubelet's ("$$" becomes "$")."""
     values = merge(
         ci_values("external-redis"), {"redis": {"auth": {"username": username, "password": "pw"}}}
     )
@@ -829,7 +830,21 @@ def test_the_schema_refuses_a_redis_user_name_the_url_would_not_carry_as_given(
         chart().validate_schema(chart().merge_values(values))
 
 
-@pytest.mark.parametrize("username", ["identity", "ops.team_1~x-y", "app%3Arw", "a%40b%2Fc"])
+@pytest.mark.parametrize(
+    "username",
+    [
+        "identity",
+        "ops.team_1~x-y",
+        "app%3Arw",
+        "a%40b%2Fc",
+        # RFC 3986's sub-delims, which user info carries as they are (all but "$", which the
+        # kubelet reads: "$$" becomes "$", "$(NAME)" a variable)
+        "app+rw",
+        "svc=identity;team",
+        "o'neil(ops)*",
+        "a!b&c,d",
+    ],
+)
 def test_a_redis_user_name_reaches_the_service_as_written_percent_decoded(username: str) -> None:
     values = merge(
         ci_values("external-redis"), {"redis": {"auth": {"username": username, "password": "pw"}}}
@@ -1190,6 +1205,17 @@ def test_a_change_of_the_redis_password_rolls_the_in_chart_redis_too() -> None:
         ("http://[::1]:9000", None),
         ("http://localhost.example.com:9000", None),
         ("http://127.0.0.1.nip.io", None),
+        # As ipaddress reads a loopback address: 127.0.0.0/8 without a leading zero or an
+        # octet over 255 (the service refuses those at start), ::1 in any spelling.
+        ("http://127.0.0.01:9000", None),
+        ("http://127.00.0.1", None),
+        ("http://127.256.0.1:9000", None),
+        ("http://127.255.255.255", None),
+        ("http://[0:0:0:0:0:0:0:1]:9000", None),
+        ("http://[0::1]", None),
+        ("http://[0000::0:0001]/v1", None),
+        ("http://[0:0:0:0:0:0:0:0:1]", None),
+        ("http://[::2]", None),
     ],
 )
 def test_the_schema_takes_the_destination_urls_the_service_takes(

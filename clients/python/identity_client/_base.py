@@ -426,15 +426,29 @@ def _time(data: dict[str, Any], name: str, response: httpx.Response) -> datetime
 
 
 def _variants(*secrets: str | None) -> tuple[str, ...]:
-    """Each secret as sent or echoed: as is, and base64 (standard and URL-safe)."""
+    """Each secret as sent or echoed: as is, base64 (standard and URL-safe), and as the
+    JSON body carries it (``_encoded``), as is or as a bytes repr quotes it: a connection
+    error's text quotes what the HTTP parser refused as ``bytearray(b'...')``, where a
+    non-ASCII character is its UTF-8 bytes' escapes and a quote is JSON's ``\\"``."""
     found: list[str] = []
     for secret in secrets:
         if not secret:
             continue
         # surrogatepass: a secret that is not UTF-8 (a lone surrogate) is still scrubbed
-        encoded = base64.b64encode(secret.encode("utf-8", "surrogatepass")).decode("ascii")
+        raw = secret.encode("utf-8", "surrogatepass")
+        encoded = base64.b64encode(raw).decode("ascii")
         found += [secret, encoded, encoded.rstrip("="), encoded.replace("+", "-").replace("/", "_")]
+        found.append(_bytes_repr(raw))
+        # The body is UTF-8, or all ASCII escapes when some string in it is not UTF-8.
+        for sent in (json.dumps(secret, ensure_ascii=False)[1:-1], json.dumps(secret)[1:-1]):
+            found += [sent, _bytes_repr(sent.encode("utf-8", "surrogatepass"))]
     return tuple(dict.fromkeys(value for value in found if value))
+
+
+def _bytes_repr(data: bytes) -> str:
+    """``data`` as a bytes repr shows it between single quotes (``'`` escaped, as in a text
+    that holds a ``"`` too, as a JSON body does)."""
+    return repr(data + b'"')[2:-2]
 
 
 @overload

@@ -365,6 +365,55 @@ def test_a_connection_error_quoting_the_request_is_scrubbed(
             assert secret not in text, (secret, text)
 
 
+def echo_the_bytes_in_a_broken_header(seen: Seen) -> Answer:
+    """As echo_in_a_broken_header, the body's bytes as they came (UTF-8), as a proxy that
+    copies the request would send them back."""
+    return Answer(200, b"", {f"X-Echo {seen.body.decode('latin-1')}": "x"})
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "user_id",
+    [
+        "jos\u00e9.garc\u00eda@example.com",
+        'user "quoted" 42',
+        "o'neil\\42",
+        "\u30e6\u30fc\u30b6\u30fc-42",
+    ],
+)
+def test_a_connection_error_quoting_ids_that_are_not_plain_ascii_is_scrubbed(
+    server: Misbehaving, mode: str, user_id: str
+) -> None:
+    """The parser's error quotes the refused line as a bytes repr: a non-ASCII character as
+    its UTF-8 bytes' escapes, a quote or backslash as the JSON body escaped it. An id that
+    holds one is scrubbed in that form too."""
+    server.respond = echo_the_bytes_in_a_broken_header
+    visitor = f"v\u00edsitor-{user_id}"
+
+    async def run() -> None:
+        async with AsyncIdentityClient(server.url, WRITE_KEY, max_retries=0) as client:
+            await client.prepare(visitor, user_id, destination="http://b.localhost/")
+
+    def prepare() -> None:
+        if mode == "async":
+            asyncio.run(run())
+            return
+        with IdentityClient(server.url, WRITE_KEY, max_retries=0) as client:
+            client.prepare(visitor, user_id, destination="http://b.localhost/")
+
+    with pytest.raises(IdentityConnectionError) as caught:
+        prepare()
+    error = caught.value
+    logged = "".join(traceback.format_exception(error))
+    assert "X-Echo" in str(error)
+    for text in (str(error), repr(error), logged):
+        for secret in (user_id, visitor):
+            sent = json.dumps(secret, ensure_ascii=False)[1:-1].encode()
+            quoted = repr(sent + b'"')[2:-2]  # as in bytearray(b'...{"userId":"..."}...')
+            for form in (secret, sent.decode(), quoted):
+                assert form not in text, (form, text)
+
+
 def test_a_short_token_is_scrubbed_where_it_stands_alone(server: Misbehaving) -> None:
     """A short token (the middleware's "-" for an empty one) is scrubbed as a word, so it
     does not mangle every hyphen of the text."""
