@@ -391,7 +391,10 @@ describe("an answer that is not HTTP echoing the request: no secret in the conne
       const client = new IdentityClient({ baseUrl: server.url, writeKey: KEY, maxRetries: 0 });
       for (const [call, secrets] of [
         [() => client.exchange(TOKEN), [KEY, BASIC, TOKEN]],
-        [() => client.prepare(params), [KEY, BASIC]],
+        [
+          () => client.prepare({ ...params, anonymousId: "visitor-0042-vísitor", userId: "josé.garcía@example.com" }),
+          [KEY, BASIC, "visitor-0042", "josé", "garc"],
+        ],
       ]) {
         await assert.rejects(call(), (error) => {
           assert.equal(error.name, "IdentityConnectionError");

@@ -351,8 +351,8 @@ def test_a_connection_error_quoting_the_request_is_scrubbed(
 ) -> None:
     """A connection error's text quotes what the HTTP parser refused; when that echoes the
     request, the token and the visitor's ids are scrubbed from it as the write key is (the
-    Node SDK scrubs the token so, not yet the ids), so the middleware's WARNING line does
-    not log them."""
+    Node SDK's errors hold none of them either: test/answers.test.mjs), so the middleware's
+    WARNING line does not log them."""
     server.respond = echo_in_a_broken_header
     with pytest.raises(IdentityConnectionError) as caught:
         call(mode, operation, server.url)
