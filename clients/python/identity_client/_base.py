@@ -160,11 +160,12 @@ class BaseClient:
         """``body`` as the JSON sent, UTF-8 (as httpx's ``json=`` sends it). A string that
         is not UTF-8 (a lone surrogate, which ``json.loads`` gives for ``"\\ud800"``) is
         sent escaped, as Node's ``JSON.stringify`` sends it, and the service refuses it; a
-        number JSON cannot hold (NaN, infinity) is an ``InvalidRequest``. httpx's ``json=``
-        raised a raw ``UnicodeEncodeError`` or ``ValueError`` for these."""
+        number JSON cannot hold (NaN, infinity) or a value that is no JSON (a datetime, a
+        set) is an ``InvalidRequest``. httpx's ``json=`` raised a raw
+        ``UnicodeEncodeError``, ``ValueError`` or ``TypeError`` for these."""
         try:
             text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:  # their text names the type, never a value
             raise InvalidRequest(f"the request cannot be sent as JSON: {exc}") from None
         try:
             return text.encode("utf-8")

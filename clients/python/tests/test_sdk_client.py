@@ -399,6 +399,12 @@ UNSENDABLE: list[tuple[str, dict[str, Any]]] = [
     ("exchange", {"token": "t" * 43, "fallback": True, "context": {"page": {"url": NOT_UTF8}}}),
     ("prepare", {"anonymous_id": "v", "traits": {"n": float("nan")}, "destination": DESTINATION}),
     ("exchange", {"token": "t" * 43, "fallback": True, "context": {"x": float("inf")}}),
+    # Not JSON at all: a datetime, a set.
+    (
+        "prepare",
+        {"anonymous_id": "v", "traits": {"since": datetime.now(UTC)}, "destination": DESTINATION},
+    ),
+    ("exchange", {"token": "t" * 43, "fallback": True, "properties": {"tags": {"a"}}}),
 ]
 
 
