@@ -496,8 +496,10 @@ class _Reader:
         )
         self.file: dict[str, Any] = self._read_file(path) if path else {}
         for env_name in sorted(environ):
-            name = env_name.removeprefix(c.ENV_PREFIX).lower()
-            known = name in SETTING_NAMES or env_name == CONFIG_FILE_VAR
+            # Only the upper-case name is read: IDENTITY_redis_url would be ignored.
+            name = env_name.removeprefix(c.ENV_PREFIX)
+            known = name == name.upper() and name.lower() in SETTING_NAMES
+            known = known or env_name == CONFIG_FILE_VAR
             if env_name.startswith(c.ENV_PREFIX) and not known:
                 self.problems.append(f"{env_name} is not a setting (a typo?)")
 

@@ -1160,3 +1160,11 @@ async def test_the_clients_work_with_each_redis_url_parameter_the_settings_take(
     )  # fmt: skip
     with pytest.raises(TypeError, match=name):
         await use(unchecked)
+
+
+@pytest.mark.parametrize("env_name", ["IDENTITY_redis_url", "IDENTITY_Redis_Url"])
+def test_a_setting_variable_not_in_upper_case_is_a_problem(env_name: str) -> None:
+    """Only IDENTITY_REDIS_URL is read: IDENTITY_redis_url passed as a known setting and was
+    ignored, so the service started on the memory store without a word."""
+    problems = problems_of({env_name: "redis://127.0.0.1:6390/0"})
+    assert problems == [f"{env_name} is not a setting (a typo?)"]
