@@ -808,7 +808,7 @@ class _Reader:
     def table(self, name: str) -> Any:
         """A table setting: JSON in the environment, else the file's table, else None."""
         env_name = c.ENV_PREFIX + name.upper()
-        if env_name not in self.environ:
+        if not self.environ.get(env_name):  # an empty variable is unset, as every setting's
             return self.file.get(name)
         try:
             return json.loads(self.environ[env_name])
@@ -865,7 +865,7 @@ class _Reader:
         env_name = c.ENV_PREFIX + name.upper()
         if name in self.flags:
             return self.flags[name][0]
-        if env_name in self.environ:
+        if self.environ.get(env_name):
             return env_name
         if name in self.file or (like is not None and self.where(like) == like):
             return name
@@ -890,11 +890,12 @@ class _Reader:
         self.problems.append(f"{self.where(name)} {message}")
 
     def raw(self, name: str) -> Any:
-        """The value the user set, unchecked; None if unset (an empty variable is unset)."""
+        """The value the user set, unchecked; None if unset (an empty variable is unset: the
+        file's value, if any, holds)."""
         env_name = c.ENV_PREFIX + name.upper()
         if name in self.flags:
             return self.flags[name][1]
-        value = self.environ[env_name] if env_name in self.environ else self.file.get(name)
+        value = self.environ.get(env_name) or self.file.get(name)
         return None if value == "" else value
 
     def text(self, name: str, default: str | None) -> str | None:

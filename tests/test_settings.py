@@ -1168,3 +1168,30 @@ def test_a_setting_variable_not_in_upper_case_is_a_problem(env_name: str) -> Non
     ignored, so the service started on the memory store without a word."""
     problems = problems_of({env_name: "redis://127.0.0.1:6390/0"})
     assert problems == [f"{env_name} is not a setting (a typo?)"]
+
+
+@pytest.mark.parametrize("env_name", ["IDENTITY_SOURCES", "IDENTITY_DESTINATIONS", "IDENTITY_AMP"])
+def test_an_empty_table_variable_is_unset(env_name: str) -> None:
+    """An empty variable counts as unset (README): a table's was read as JSON, and refused
+    as "not valid JSON", so IDENTITY_SOURCES= stopped the start."""
+    settings = load_settings({env_name: ""})
+    assert [source.name for source in settings.sources] == ["dev"]
+    assert [d.name for d in settings.outbox.destinations] == ["stdout"]
+    assert settings.amp is None
+
+
+def test_an_empty_variable_leaves_the_file_value(tmp_path: Path) -> None:
+    """An empty variable is unset, so the file's value holds, as it does without the
+    variable: IDENTITY_MAX_TTL= (a compose file's ${MAX_TTL} left empty) dropped the file's
+    max_ttl for the default, IDENTITY_SOURCES= its sources, without a word."""
+    file = write(
+        tmp_path,
+        f'max_ttl = 450\n[sources.shop]\nwrite_key_hash = "{hash_write_key("k")}"\n'
+        'origins = ["https://shop.example"]\n',
+    )
+    settings = load_settings({"IDENTITY_MAX_TTL": "", "IDENTITY_SOURCES": ""}, file)
+    assert settings.max_ttl == 450
+    assert [source.name for source in settings.sources] == ["shop"]
+    assert problems_of({"IDENTITY_MAX_TTL": ""}, write(tmp_path, "max_ttl = 0\n")) == [
+        "max_ttl must be between 1 and 86400, not 0"
+    ]
