@@ -682,6 +682,13 @@ class _Reader:
             self.problems.append(
                 f"{names['url']} must be an http(s) URL of a Segment-compatible API"
             )
+        elif not _is_base_url(str(url), parts):
+            # Not quoted: user information may hold a password.
+            self.problems.append(
+                f"{names['url']} must be the base URL of a Segment-compatible API: a host, "
+                "an optional port (1 to 65535) and path, without user information, query, "
+                f"fragment or backslash before the path (the key goes in {names['write_key']})"
+            )
         elif parts.scheme == "http" and allow_insecure is False and not is_loopback_host(host):
             self.problems.append(
                 f"{names['url']} would send the write key in clear text to {host}: "
@@ -1002,6 +1009,22 @@ def _http_url(url: Any) -> SplitResult | None:
     except ValueError:  # e.g. an unclosed IPv6 bracket
         return None
     return parts if parts.scheme in ("http", "https") and parts.hostname else None
+
+
+def _is_base_url(url: str, parts: SplitResult) -> bool:
+    """Whether ``url`` (split as ``parts``) is one the forwarder can post batches to, at the
+    host it names: user information made aiohttp raise at every send (the batch carries its
+    own Authorization), a port out of range or a backslash failed every send, and a query
+    or a fragment swallowed the ``/v1/batch`` added to the path."""
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or over 65535
+        return False
+    return (
+        port != 0
+        and not any(mark in parts.netloc for mark in "@\\")
+        and not any(mark in url for mark in "?#")
+    )
 
 
 def _dev_source(write_key: str) -> Source:

@@ -1195,3 +1195,48 @@ def test_an_empty_variable_leaves_the_file_value(tmp_path: Path) -> None:
     assert problems_of({"IDENTITY_MAX_TTL": ""}, write(tmp_path, "max_ttl = 0\n")) == [
         "max_ttl must be between 1 and 86400, not 0"
     ]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://user:hunter2@api.segment.io",  # aiohttp raised a ValueError at every send
+        "https://api.segment.io:abc",  # failed every send: InvalidUrlClientError
+        "https://api.segment.io:99999",
+        "https://api.segment.io:0",
+        "http://collector.example\\@127.0.0.1:8080",  # loopback to urllib, refused by yarl
+        "https://api.segment.io?region=eu",  # posted to /?region=eu/v1/batch
+        "https://api.segment.io/#v1",  # posted to / (the fragment is not sent)
+        "https://api.segment.io\\v1",  # yarl refuses a backslash in the authority
+    ],
+)
+def test_a_destination_url_the_forwarder_cannot_post_to_is_refused(url: str) -> None:
+    """Each was accepted at start; the forwarder then failed every send (or crashed), or
+    posted the batches elsewhere than /v1/batch. The problem quotes none of the URL."""
+    environ = {"IDENTITY_DESTINATION_URL": url, "IDENTITY_DESTINATION_WRITE_KEY": "wk"}
+    assert problems_of(environ) == [
+        "IDENTITY_DESTINATION_URL must be the base URL of a Segment-compatible API: a host, "
+        "an optional port (1 to 65535) and path, without user information, query, fragment "
+        "or backslash before the path (the key goes in IDENTITY_DESTINATION_WRITE_KEY)"
+    ]
+    table = {"d": {"url": url, "write_key": "wk"}}
+    [problem] = problems_of({"IDENTITY_DESTINATIONS": json.dumps(table)})
+    assert problem.startswith("destinations.d.url must be the base URL"), problem
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://api.segment.io",
+        "https://api.segment.io/",
+        "https://hosted.rudder.example:8443/data/v1/batch",
+        "http://127.0.0.1:8080",
+        "http://[::1]:8080/collect",
+        "https://api.segment.io\n",  # a Secret made from a file: aiohttp drops the newline
+        "https://collector.example/a\\b",  # a backslash in the path is sent as it is
+    ],
+)
+def test_a_destination_base_url_is_taken_as_it_is(url: str) -> None:
+    environ = {"IDENTITY_DESTINATION_URL": url, "IDENTITY_DESTINATION_WRITE_KEY": "wk"}
+    [destination] = load_settings(environ).outbox.destinations
+    assert destination.url == url
