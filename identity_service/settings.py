@@ -830,7 +830,20 @@ class _Reader:
         if not isinstance(raw, dict):
             self.problems.append("sources must be a table of source name to settings")
             return []
-        return [s for name, spec in raw.items() if (s := self._source(str(name), spec))]
+        sources = [s for name, spec in raw.items() if (s := self._source(str(name), spec))]
+        # A request is the source whose digest its key matches: of two with the same one,
+        # only the last could ever authenticate.
+        by_digest: dict[bytes, list[str]] = {}
+        for source in sources:
+            if source.write_key_digest:
+                by_digest.setdefault(source.write_key_digest, []).append(source.name)
+        for names in by_digest.values():
+            if len(names) > 1:
+                self.problems.append(
+                    f"sources {', '.join(names)} have the same write_key_hash: each source "
+                    "needs its own write key (identity-service new-key makes one)"
+                )
+        return sources
 
     def _source(self, name: str, spec: Any) -> Source | None:
         where = f"sources.{name}"

@@ -31,6 +31,7 @@ from tests.redis_server import RedisServer, free_port
 from tests.test_resp import write_tls_files
 
 SHOP = {"write_key_hash": hash_write_key("k-shop"), "origins": ["https://checkout.example.com"]}
+CHECKOUT = {**SHOP, "write_key_hash": hash_write_key("k-checkout")}
 
 
 def problems_of(environ: dict[str, str], config_file: Path | None = None) -> list[str]:
@@ -594,7 +595,7 @@ def test_destinations_take_the_events_of_the_sources_they_name(tmp_path: Path) -
         'sources = ["shop"]\n'
         '[destinations.everything]\nurl = "https://api.segment.io"\nwrite_key = "wk-b"\n'
     )
-    environ = {"IDENTITY_SOURCES": json.dumps({"shop": SHOP, "checkout": SHOP})}
+    environ = {"IDENTITY_SOURCES": json.dumps({"shop": SHOP, "checkout": CHECKOUT})}
     outbox = load_settings(environ, path).outbox
     assert [(d.name, d.sources) for d in outbox.destinations] == [
         ("shop-segment", frozenset({"shop"})),
@@ -629,7 +630,7 @@ def test_destinations_take_the_events_of_the_sources_they_name(tmp_path: Path) -
 def test_a_destinations_sources_must_be_configured_sources(sources: object, problem: str) -> None:
     destinations = {"a": {"url": "https://api.segment.io", "write_key": "wk", "sources": sources}}
     environ = {
-        "IDENTITY_SOURCES": json.dumps({"shop": SHOP, "checkout": SHOP}),
+        "IDENTITY_SOURCES": json.dumps({"shop": SHOP, "checkout": CHECKOUT}),
         "IDENTITY_DESTINATIONS": json.dumps(destinations),
     }
     assert problems_of(environ) == [problem]
@@ -651,7 +652,7 @@ def test_the_single_destinations_sources_name_the_development_source_without_sou
 def test_sources_no_destination_takes_are_named() -> None:
     routed = {"a": {"url": "https://api.segment.io", "write_key": "wk", "sources": ["shop"]}}
     environ = {
-        "IDENTITY_SOURCES": json.dumps({"shop": SHOP, "checkout": SHOP}),
+        "IDENTITY_SOURCES": json.dumps({"shop": SHOP, "checkout": CHECKOUT}),
         "IDENTITY_DESTINATIONS": json.dumps(routed),
     }
     assert load_settings(environ).outbox.routed_nowhere(["shop", "checkout"]) == ["checkout"]
@@ -1240,3 +1241,18 @@ def test_a_destination_base_url_is_taken_as_it_is(url: str) -> None:
     environ = {"IDENTITY_DESTINATION_URL": url, "IDENTITY_DESTINATION_WRITE_KEY": "wk"}
     [destination] = load_settings(environ).outbox.destinations
     assert destination.url == url
+
+
+def test_two_sources_with_one_write_key_are_a_problem(tmp_path: Path) -> None:
+    """A request is the source its key matches, the last of those: the first source could
+    never authenticate (its prepares were the other's, refused its origins), unreported."""
+    key_hash = hash_write_key("one-key")
+    text = "".join(
+        f'[sources.{name}]\nwrite_key_hash = "{key_hash}"\norigins = ["https://{name}.example"]\n'
+        for name in ("shop", "blog", "checkout")
+    )
+    text += f'[sources.other]\nwrite_key_hash = "{hash_write_key("k2")}"\norigins = ["https://o.example"]\n'
+    assert problems_of({}, write(tmp_path, text)) == [
+        "sources shop, blog, checkout have the same write_key_hash: each source needs its "
+        "own write key (identity-service new-key makes one)"
+    ]
