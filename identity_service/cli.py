@@ -348,8 +348,8 @@ def _announce(settings: Settings, host: str, port: int) -> None:
     address = host_port(host, port)
     lines = [f"identity-service {__version__} on http://{address}, store: {store}{workers}"]
     if settings.dev_write_key is not None:
-        if os.environ.get("IDENTITY_DEV_WRITE_KEY"):
-            key_text = "the value of IDENTITY_DEV_WRITE_KEY"
+        if settings.dev_write_key_setting:  # configured: not repeated, as no secret is
+            key_text = f"the value of {settings.dev_write_key_setting}"
         else:
             key_text = settings.dev_write_key
         lines.append(

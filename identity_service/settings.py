@@ -443,6 +443,9 @@ class Settings:
     # `identity-service forward`'s /metrics and /healthz; no port: not served.
     forwarder_metrics_port: int | None = c.DEFAULT_FORWARDER_METRICS_PORT
     forwarder_metrics_host: str = c.DEFAULT_FORWARDER_METRICS_HOST
+    # The development write key's setting as the user wrote it (IDENTITY_DEV_WRITE_KEY,
+    # dev_write_key): start-up names it in place of the key. "": the key was generated.
+    dev_write_key_setting: str = ""
 
     @property
     def uses_dev_source(self) -> bool:
@@ -518,6 +521,7 @@ class _Reader:
                 "dev_write_key",
                 "is only for the development source; remove it when sources are configured",
             )
+        dev_write_key_setting = self.where("dev_write_key") if dev_write_key else ""
         if not sources:
             dev_write_key = dev_write_key or secrets.token_urlsafe(24)
             sources = [_dev_source(dev_write_key)]
@@ -587,6 +591,7 @@ class _Reader:
                 self.text("forwarder_metrics_host", c.DEFAULT_FORWARDER_METRICS_HOST)
                 or c.DEFAULT_FORWARDER_METRICS_HOST
             ),
+            dev_write_key_setting=dev_write_key_setting,
         )
         if self.problems:
             raise ConfigError(self.problems)

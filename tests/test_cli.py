@@ -681,3 +681,22 @@ def test_serve_with_workers_empties_the_metrics_directory_once(
         assert [value for _, value, _, _ in values] == [1.0]
     finally:
         service.stop()
+
+
+async def test_a_dev_write_key_from_the_config_file_is_not_printed(tmp_path: Path) -> None:
+    """Start-up printed the development write key unless it came from IDENTITY_DEV_WRITE_KEY:
+    one set in the config file was written out in clear on standard error."""
+    config = tmp_path / "identity.toml"
+    config.write_text(f'dev_write_key = "{DEV_KEY}"\n')
+    service = Service(tmp_path, clean_env(), "--config", str(config))
+    try:
+        status, _ = await post(
+            f"{service.url}/v1/handoffs",
+            {"anonymousId": "a", "destination": "https://shop.localhost/"},
+            DEV_KEY,
+        )
+        assert status == 201
+        assert "write key: the value of dev_write_key" in service.stderr, service.stderr
+    finally:
+        assert service.stop() == 0
+    assert DEV_KEY not in service.stderr + service.stdout
