@@ -100,11 +100,14 @@ def _settings(
     config: Path | None,
     needs_redis: bool = False,
     flags: Mapping[str, tuple[str, object]] | None = None,
+    problems: Sequence[str] = (),
+    host: str | None = None,
 ) -> Settings | None:
     """The settings, or None after printing why there are none. ``flags``: the settings
-    given as options (see load_settings)."""
+    given as options, ``problems`` the options' own and ``host`` the address to serve on
+    (see load_settings): all are reported at once."""
     try:
-        settings = load_settings(os.environ, config, flags)
+        settings = load_settings(os.environ, config, flags, problems=problems, host=host)
     except ConfigError as exc:
         print(f"identity-service: {exc}", file=sys.stderr)
         return None
@@ -263,20 +266,13 @@ def _print_dead_letters(letters: list[dict[str, Any]], as_json: bool) -> None:
 
 
 def serve(host: str, port: int, config: Path | None, workers: int | None = None) -> int:
+    problems = []
     if not MIN_PORT <= port <= MAX_PORT:
-        print(
-            f"identity-service: --port must be between {MIN_PORT} and {MAX_PORT}, not {port}",
-            file=sys.stderr,
-        )
-        return 2
+        problems.append(f"--port must be between {MIN_PORT} and {MAX_PORT}, not {port}")
     flags = {"workers": ("--workers", workers)} if workers is not None else None
-    settings = _settings(config, flags=flags)
+    # The port's, the settings' and the address's problems, all in one report.
+    settings = _settings(config, flags=flags, problems=problems, host=host)
     if settings is None:
-        return 2
-    try:
-        settings.check_bind(host)
-    except ConfigError as exc:
-        print(f"identity-service: {exc}", file=sys.stderr)
         return 2
     # Imported after the settings check so a configuration error answers fast.
     from identity_service.log_config import configure_logging

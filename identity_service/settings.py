@@ -453,28 +453,39 @@ class Settings:
 
     def check_bind(self, host: str) -> None:
         """Refuse a non-loopback address unless sources and a server secret are configured."""
+        problems = self.bind_problems(host)
+        if problems:
+            raise ConfigError(problems)
+
+    def bind_problems(self, host: str) -> list[str]:
+        """What keeps these settings from serving on ``host``: check_bind's problems."""
         if is_loopback_host(host):
-            return
+            return []
         problems = []
         if self.uses_dev_source:
             problems.append(f"binding {host} needs configured sources ({c.ENV_PREFIX}SOURCES)")
         if not self.secret_configured:
             problems.append(f"binding {host} needs a server secret ({c.ENV_PREFIX}SECRET)")
-        if problems:
-            raise ConfigError(problems)
+        return problems
 
 
 def load_settings(
     environ: Mapping[str, str],
     config_file: Path | None = None,
     flags: Mapping[str, tuple[str, object]] | None = None,
+    *,
+    problems: Iterable[str] = (),
+    host: str | None = None,
 ) -> Settings:
     """Build :class:`Settings` from the environment and an optional file; raise ConfigError.
 
     ``flags``: settings given on the command line, which win over both, as setting name to
-    (the option as written, its value): ``{"workers": ("--workers", 4)}``."""
+    (the option as written, its value): ``{"workers": ("--workers", 4)}``. ``problems``:
+    the command line's own, reported first with the settings'; ``host``: the address to
+    serve on, whose problems (Settings.check_bind) are reported with them too."""
     reader = _Reader(environ, config_file, flags or {})
-    return reader.settings()
+    reader.problems[:0] = problems
+    return reader.settings(host)
 
 
 class _Reader:
@@ -506,7 +517,7 @@ class _Reader:
             if env_name.startswith(c.ENV_PREFIX) and not known:
                 self.problems.append(f"{env_name} is not a setting (a typo?)")
 
-    def settings(self) -> Settings:
+    def settings(self, host: str | None = None) -> Settings:
         default_ttl = self.integer("default_ttl", c.DEFAULT_TTL_SECONDS, 1, 86_400)
         max_ttl = self.integer("max_ttl", c.DEFAULT_MAX_TTL_SECONDS, 1, 86_400)
         if default_ttl > max_ttl and self.valid("default_ttl", "max_ttl"):
@@ -593,6 +604,8 @@ class _Reader:
             ),
             dev_write_key_setting=dev_write_key_setting,
         )
+        if host is not None:
+            self.problems.extend(settings.bind_problems(host))
         if self.problems:
             raise ConfigError(self.problems)
         return settings

@@ -407,7 +407,24 @@ def test_serve_refuses_a_port_out_of_range(port: str) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        f"identity-service: --port must be between 1 and 65535, not {port}"
+        "identity-service: invalid configuration:",
+        f"  - --port must be between 1 and 65535, not {port}",
+    ]
+
+
+def test_serve_reports_the_port_the_settings_and_the_address_at_once() -> None:
+    """A port out of range was reported alone, then the settings' problems, then the
+    address's (a non-loopback host without sources and secret): three starts to learn
+    what one could have said."""
+    env = clean_env(IDENTITY_MAX_TTL="ten")
+    result = run_command(env, "serve", "--host", "0.0.0.0", "--port", "70000")  # noqa: S104
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "identity-service: invalid configuration:",
+        "  - --port must be between 1 and 65535, not 70000",
+        "  - IDENTITY_MAX_TTL must be a whole number, not 'ten'",
+        "  - binding 0.0.0.0 needs configured sources (IDENTITY_SOURCES)",
+        "  - binding 0.0.0.0 needs a server secret (IDENTITY_SECRET)",
     ]
 
 
