@@ -754,11 +754,14 @@ class _Reader:
         value = self.raw(name)
         if isinstance(value, str) and value.strip().lower() in ("0", "off"):
             return None
-        if value == 0 and not isinstance(value, bool):
+        if value == 0:  # 0, or false: YAML reads an unquoted off as false
             return None
         return self.integer(name, default, c.MIN_PORT, c.MAX_PORT)
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        raw = self.raw(name)
+        if isinstance(raw, bool) and ("on" if raw else "off") in allowed:
+            return "on" if raw else "off"  # YAML reads an unquoted on and off as true, false
         value = (self.text(name, default) or default).lower()
         if value not in allowed:
             self.problem(name, f"must be one of {', '.join(allowed)}, not {value!r}")
@@ -797,6 +800,8 @@ class _Reader:
 
     def redis_wait(self) -> tuple[int, int] | None:
         """``redis_wait``: ``replicas,milliseconds`` (e.g. ``1,50``), or unset for no WAIT."""
+        if self.raw("redis_wait") is False:  # YAML reads an unquoted off as false
+            return None
         value = self.text("redis_wait", None)
         if value is None or value.strip().lower() in ("", "off"):
             return None

@@ -1256,3 +1256,21 @@ def test_two_sources_with_one_write_key_are_a_problem(tmp_path: Path) -> None:
         "sources shop, blog, checkout have the same write_key_hash: each source needs its "
         "own write key (identity-service new-key makes one)"
     ]
+
+
+def test_off_in_a_yaml_file_is_off(tmp_path: Path) -> None:
+    """YAML reads an unquoted off as false: `outbox: off`, as documented, was refused with
+    "outbox must be a string" (forwarder and redis_wait too) and the port's with "must be a
+    whole number, not False"."""
+    path = tmp_path / "identity.yaml"
+    path.write_text(
+        "outbox: off\nforwarder: off\nredis_wait: off\nforwarder_metrics_port: off\n"
+        f"redis_url: redis://127.0.0.1:6390/0\nsecret: {SECRET}\n"
+    )
+    settings = load_settings({}, path)
+    assert not settings.outbox.enabled
+    assert not settings.outbox.forwarder_in_serve
+    assert settings.redis is not None and settings.redis.wait is None
+    assert settings.forwarder_metrics_port is None
+    path.write_text("outbox: on\n")
+    assert load_settings({}, path).outbox.enabled
