@@ -200,13 +200,19 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Problem": {
         "type": "object",
-        "required": ["type", "title", "status", "detail", "instance"],
+        # No instance in the HTTP front's refusals (malformed-request, ...), which repeat
+        # nothing of the request (docs/api.md).
+        "required": ["type", "title", "status", "detail"],
         "properties": {
             "type": {"type": "string", "format": "uri-reference"},
             "title": {"type": "string"},
             "status": {"type": "integer"},
             "detail": {"type": "string"},
-            "instance": {"type": "string"},
+            "instance": {
+                "type": "string",
+                "description": "The path; absent from the answers to requests that break "
+                "HTTP/1.1 or the front's limits.",
+            },
             "errors": {
                 "type": "array",
                 "items": {

@@ -14,7 +14,14 @@ from identity_service.browser_helper import helper_script
 from identity_service.constants import DEFAULT_TOKEN_PARAM, MAX_URL_LENGTH
 from identity_service.openapi import DESTINATION_PATTERN, openapi_dict
 from identity_service.urls import parse_destination
-from tests.conftest import CHECKOUT_URL, AppClient, auth, make_settings, prepare
+from tests.conftest import (
+    CHECKOUT_URL,
+    AppClient,
+    FrontTestServer,
+    auth,
+    make_settings,
+    prepare,
+)
 from tests.redis_server import RedisServer
 
 DOCUMENT = openapi_dict()
@@ -194,3 +201,29 @@ def test_exchange_takes_a_context_in_the_document() -> None:
 def test_every_destination_the_pattern_admits_is_accepted(destination: str) -> None:
     url = parse_destination(destination, token_param=DEFAULT_TOKEN_PARAM)
     assert len(url.href) <= MAX_URL_LENGTH
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status"),
+    [
+        ({"Content-Encoding": "gzip"}, b"not gzip at all", 400),  # malformed-request
+        ({"Content-Encoding": "br"}, b"{}", 415),  # unsupported-content-encoding
+    ],
+)
+async def test_the_fronts_answers_on_the_handoff_endpoints_match_the_document(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    headers: dict[str, str],
+    body: bytes,
+    status: int,
+) -> None:
+    """The front's refusals repeat nothing of the request, so they have no ``instance``
+    (docs/api.md): the document's Problem required one, so these 400 and 415 answers of
+    the handoff endpoints did not match it."""
+    client = await aiohttp_client(FrontTestServer(create_app(make_settings())))
+    for path in ("/v1/handoffs", "/v1/handoffs/exchange"):
+        all_headers = {**auth("shop"), "Content-Type": "application/json", **headers}
+        response = await client.post(path, data=body, headers=all_headers)
+        assert response.status == status
+        answer = await response.json(content_type=None)
+        assert "instance" not in answer
+        check_against_document(path, "post", status, response.content_type, answer)
