@@ -40,8 +40,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return outbox(args.config, args.action, args.json, args.destination, args.limit)
     if args.command == "hash-key":
         write_key = sys.stdin.readline().strip()
-        if not write_key or not write_key.isascii():
-            print("hash-key: give the write key (ASCII) on standard input", file=sys.stderr)
+        # As a request can carry it: HTTP Basic ends the user name at the first ":", and
+        # header values hold no control characters.
+        if not (write_key.isascii() and write_key.isprintable()) or ":" in write_key:
+            print(
+                "hash-key: give the write key (printable ASCII, without ':') on standard input",
+                file=sys.stderr,
+            )
             return 2
         print(hash_write_key(write_key))
         return 0

@@ -228,6 +228,22 @@ def test_hash_key_reads_the_key_from_stdin() -> None:
     assert refused.returncode == 2 and "ASCII" in refused.stderr
 
 
+@pytest.mark.parametrize("key", ["shop:key", "shop\x7fkey", "shop\x01key"])
+def test_hash_key_refuses_a_key_no_request_can_carry(key: str) -> None:
+    """A header cannot hold control characters (the front refuses the request), and HTTP
+    Basic (what Segment's libraries send) ends the user name at the first ':': the hash of
+    such a key was printed, and the source it was configured for could not authenticate
+    (with a ':', not with Basic)."""
+    refused = subprocess.run(
+        [COMMAND, "hash-key"], input=f"{key}\n", capture_output=True, text=True
+    )
+    assert refused.returncode == 2, refused.stdout
+    assert refused.stdout == ""
+    assert refused.stderr == (
+        "hash-key: give the write key (printable ASCII, without ':') on standard input\n"
+    )
+
+
 def test_new_key_prints_a_key_and_its_hash() -> None:
     result = subprocess.run([COMMAND, "new-key"], capture_output=True, text=True, check=True)
     key = re.search(r"write key .*: (\S+)", result.stdout)
