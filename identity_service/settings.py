@@ -527,6 +527,14 @@ class _Reader:
             )
         sources = self.sources()
         dev_write_key = self.text("dev_write_key", None)
+        if dev_write_key is not None and not _can_be_sent(dev_write_key):
+            # Not quoted: it is a secret.
+            self.problem(
+                "dev_write_key",
+                "must be printable ASCII without ':': no request could carry it "
+                "(identity-service new-key makes one)",
+            )
+            dev_write_key = None
         if sources and dev_write_key is not None:
             self.problem(
                 "dev_write_key",
@@ -1061,6 +1069,12 @@ def _is_base_url(url: str, parts: SplitResult) -> bool:
         and not any(mark in parts.netloc for mark in "@\\")
         and not any(mark in url for mark in "?#")
     )
+
+
+def _can_be_sent(write_key: str) -> bool:
+    """Whether a request can carry ``write_key``: a header holds no control characters,
+    the service reads only ASCII keys, and HTTP Basic ends the user name at a ':'."""
+    return write_key.isascii() and write_key.isprintable() and ":" not in write_key
 
 
 def _dev_source(write_key: str) -> Source:

@@ -22,7 +22,7 @@ from identity_service.settings import (
     redact_url,
     redis_url_parameters,
 )
-from identity_service.sources import hash_write_key
+from identity_service.sources import hash_write_key, write_key_from_header
 from identity_service.stores.redis import connect
 from identity_service.stores.topology import lean_client
 from identity_service.urls import host_port
@@ -1274,3 +1274,18 @@ def test_off_in_a_yaml_file_is_off(tmp_path: Path) -> None:
     assert settings.forwarder_metrics_port is None
     path.write_text("outbox: on\n")
     assert load_settings({}, path).outbox.enabled
+
+
+@pytest.mark.parametrize("key", ["clé-de-dev", "dev\x01key", "dev:key"])
+def test_a_dev_write_key_no_request_can_carry_is_a_problem(key: str) -> None:
+    """The service reads only ASCII keys from a request (and a header holds no control
+    characters, HTTP Basic no ':' in the user name): the development source was made with
+    a key that could not authenticate, and start-up pointed to it."""
+    problems = problems_of({"IDENTITY_DEV_WRITE_KEY": key})
+    assert problems == [
+        "IDENTITY_DEV_WRITE_KEY must be printable ASCII without ':': no request could carry "
+        "it (identity-service new-key makes one)"
+    ]
+    assert key not in problems[0]
+    if not key.isascii():  # refused on the way in (a control character: by the front)
+        assert write_key_from_header(f"Bearer {key}") is None
