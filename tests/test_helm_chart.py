@@ -1216,6 +1216,19 @@ def test_a_change_of_the_redis_password_rolls_the_in_chart_redis_too() -> None:
         ("http://[0000::0:0001]/v1", None),
         ("http://[0:0:0:0:0:0:0:0:1]", None),
         ("http://[::2]", None),
+        # Base URLs the forwarder can post to (the service refuses the others at start).
+        ("https://user:pass@api.segment.io", None),
+        ("https://api.segment.io?x=1", None),
+        ("https://api.segment.io/v1#f", None),
+        ("https://api.segment.io:0", None),
+        ("https://api.segment.io:65536/v1", None),
+        ("https://api.segment.io:x", None),
+        ("https://api.segment.io\\v1", None),
+        ("https://api.segment.io:65535/v1", None),
+        ("https://api.segment.io:0443/v1", None),
+        ("https://api.segment.io:/v1", None),
+        ("https://[2001:db8::1]:8443/v1", None),
+        ("https://api.segment.io/v1\\batch", None),
     ],
 )
 def test_the_schema_takes_the_destination_urls_the_service_takes(
