@@ -224,7 +224,6 @@ class Forwarder:
                 log.error("batch_rejected", reason=delivery.reason)
                 reason = delivery.reason
                 break
-            self._metrics.inc("identity_delivery_retries_total", destination=self.destination)
             if self._draining:
                 await self._feed.release(batch.entries)
                 return False
@@ -235,6 +234,9 @@ class Forwarder:
                 if failures >= self._settings.max_attempts:
                     reason = "too many attempts"
                     break
+            # Counted once the batch will be sent again: not the attempt it is dead-lettered
+            # after, nor the drain's single attempt.
+            self._metrics.inc("identity_delivery_retries_total", destination=self.destination)
             # A 429 is not a failed attempt, but without a Retry-After it backs off as one.
             delay = self._backoff(failures + throttles, delivery.retry_after)
             log.warning(

@@ -263,3 +263,18 @@ def test_the_backoff_stays_finite_however_many_retries_a_batch_had() -> None:
         delay = forwarder._backoff(attempt, None)
         assert 0 < delay <= 60.0
     assert forwarder._backoff(100_000, None) >= 30.0  # still the capped range
+
+
+async def test_only_failed_attempts_that_are_sent_again_count_as_retries(
+    outbox: MemoryOutbox,
+) -> None:
+    """identity_delivery_retries_total counts the failed attempts that were retried: the
+    last one, after which the batch is dead-lettered, was not."""
+    sink = RecordingSink([Delivery("retry", "http 500")] * 3)
+    async for forwarder in forward(outbox, sink, max_attempts=3):
+        outbox.extend([event(1)])
+        await wait_until(lambda: outbox.queues[0].dead_letters == 1)
+        metrics = forwarder._metrics
+    assert len(sink.batches) == 3
+    assert metrics.value("identity_delivery_failures_total", destination="test") == 3
+    assert metrics.value("identity_delivery_retries_total", destination="test") == 2
