@@ -166,7 +166,8 @@ def _dead_letter(destination: str, entry_id: bytes, fields: dict[bytes, bytes]) 
     return DeadLetter(
         destination,
         failed_at_ms,
-        text(fields.get(b"reason", b"unknown")),
+        # Not UTF-8 (a damaged letter): what reads, the rest replaced, not a traceback.
+        fields.get(b"reason", b"unknown").decode(errors="replace"),
         int(attempts) if attempts.isdigit() else None,
     )
 

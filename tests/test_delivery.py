@@ -686,3 +686,17 @@ async def test_dead_letters_of_an_earlier_version_are_counted_and_replayed(
         await redis_client.delete(
             legacy, *(outbox_key(prefix, shard) for shard in range(KEY_SHARDS))
         )
+
+
+async def test_outbox_dead_reads_a_letter_whose_reason_is_not_utf8(redis_client: Redis) -> None:
+    """A damaged letter's reason that is not UTF-8 is shown as far as it reads, not a
+    UnicodeDecodeError traceback of `outbox dead`."""
+    prefix = f"dead-bytes-{os.getpid()}:"
+    dead = dead_letter_key(prefix, 2, "default")
+    await redis_client.xadd(dead, {"reason": b"http \xff\xfe", "failed_at": b"1", "attempts": 1})
+    try:
+        (letter,) = await newest_dead_letters(redis_client, prefix, ["default"], 5)
+        assert letter.reason.startswith("http ")
+        assert (letter.failed_at_ms, letter.attempts) == (1, 1)
+    finally:
+        await redis_client.delete(dead)
