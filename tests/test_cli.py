@@ -681,3 +681,21 @@ def test_serve_with_workers_empties_the_metrics_directory_once(
         assert [value for _, value, _, _ in values] == [1.0]
     finally:
         service.stop()
+
+
+@pytest.mark.parametrize("action", ["status", "dead", "replay-dead", "retire"])
+def test_outbox_commands_say_when_a_cluster_cannot_be_reached(action: str) -> None:
+    """No node of a Cluster answers: redis-py raises RedisClusterException, which is no
+    RedisError; the command says so in one line all the same, not in a traceback."""
+    env = clean_env(
+        IDENTITY_REDIS_URL=f"redis+cluster://127.0.0.1:{free_port()}",  # nothing listens there
+        IDENTITY_SECRET=SECRET,
+        IDENTITY_SOURCES=sources_env(),
+    )
+    args = [action, "gone"] if action == "retire" else [action]
+    result = outbox_command(env, *args)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("identity-service: Redis: RedisClusterException")
+    assert result.stdout == ""
