@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
 from identity_service.metrics import Backlog, Scraped
@@ -37,6 +37,10 @@ logger = structlog.get_logger(__name__)
 # scrape of every pod pays for it, so ``identity_outbox_pending`` is then a floor (up to
 # 16 x 100 unread) rather than a read of a backlog's every entry.
 UNREAD_COUNT_CAP = 100
+
+# What a store that does not answer raises: on a Cluster redis-py's RedisClusterException
+# (no node answers, a slot no node serves), which is no RedisError.
+STORE_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 Ping = Callable[[], Awaitable[object]]
 _Followup = Callable[[Any], None]
@@ -96,14 +100,14 @@ class Probe:
                     ),
                     self._timeout,
                 )
-            except (RedisError, OSError, TimeoutError) as exc:
+            except STORE_ERRORS as exc:
                 logger.warning("metrics_outbox_unread", error=type(exc).__name__)
         return scraped
 
     async def _answers(self) -> bool:
         try:
             await asyncio.wait_for(self._ping(), self._timeout)
-        except (StoreUnavailable, RedisError, OSError, TimeoutError):
+        except (StoreUnavailable, *STORE_ERRORS):
             return False
         return True
 

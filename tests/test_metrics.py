@@ -552,3 +552,28 @@ async def test_a_fallback_the_store_could_not_emit_is_not_counted_as_answered() 
     )
     assert counted.value("identity_handoff_fallbacks_total", source="checkout") == 0
     assert counted.value("identity_identities_total", id_source="generated") == 0
+
+
+async def test_forwards_scrape_of_a_cluster_that_does_not_answer_says_it_is_down(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+) -> None:
+    """`forward`'s probe pings through redis-py's RedisCluster, which raises
+    RedisClusterException (no RedisError) when no node answers: the scrape still answers
+    200, with identity_store_up 0 and no outbox gauges, not a 500."""
+    from identity_service.metrics import Metrics
+    from identity_service.metrics_app import create_metrics_app
+    from identity_service.scrape import Probe
+    from tests.conftest import FrontTestServer, make_settings
+
+    settings = make_settings(f"redis+cluster://127.0.0.1:{free_port()}", redis_timeout="0.5")
+    assert settings.redis is not None
+    probe = Probe.of_redis(settings.redis, ["default"])
+    try:
+        client = await aiohttp_client(
+            FrontTestServer(create_metrics_app(settings, Metrics(), probe))
+        )
+        samples = await scrape(client)
+    finally:
+        await probe.close()
+    assert value(samples, "identity_store_up") == 0
+    assert not any(name.startswith("identity_outbox_") for name, _ in samples)
