@@ -273,7 +273,9 @@ class Forwarder:
                 )
             if await self._pause(min(remaining, self._keep_alive_every)):
                 return True
-        return False
+        # A delay of 0 (Retry-After: 0, or a date already past) waits for nothing: without
+        # this, 429s asking for the batch at once would be retried past a stop, for ever.
+        return self.stopping.is_set()
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:

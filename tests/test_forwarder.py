@@ -278,3 +278,33 @@ async def test_only_failed_attempts_that_are_sent_again_count_as_retries(
     assert len(sink.batches) == 3
     assert metrics.value("identity_delivery_failures_total", destination="test") == 3
     assert metrics.value("identity_delivery_retries_total", destination="test") == 2
+
+
+class YieldingSink(RecordingSink):
+    """Lets the event loop run during each send, as a request over the network does."""
+
+    async def send(self, events: list[bytes]) -> Delivery:
+        await asyncio.sleep(0)
+        return await super().send(events)
+
+
+async def test_a_stop_ends_retries_that_a_destination_asks_to_make_at_once(
+    outbox: MemoryOutbox,
+) -> None:
+    """A destination answering 429 with Retry-After: 0 (or a date already past) asks for
+    the batch again at once, for as long as it likes (429s are not failed attempts): a stop
+    still ends the retries, and the batch goes back to the queue for the drain."""
+    at_once = Delivery("retry", "http 429", retry_after=0.0, throttled=True)
+    sink = YieldingSink([at_once] * 1_000_000)
+    feed = MemoryFeed(outbox.subscribe())
+    settings = OutboxSettings(batch_max_wait=0.01)
+    forwarder = Forwarder("test", feed, sink, settings, Metrics())
+    task = asyncio.create_task(forwarder.run())
+    outbox.extend([event(1), event(2)])
+    await wait_until(lambda: len(sink.batches) >= 3)
+    forwarder.stopping.set()
+    done, _ = await asyncio.wait({task}, timeout=2)
+    if not done:
+        task.cancel()
+    assert done, "the forwarder went on retrying after the stop"
+    assert [orjson.loads(e)["messageId"] for _, e in outbox.queues[0].events] == ["m-1", "m-2"]
