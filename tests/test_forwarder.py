@@ -1,11 +1,16 @@
 """The forwarder's batching rules, on the in-memory feed with a sink that records batches."""
 
 import asyncio
+import contextlib
 import gc
+import os
+import sys
+import time
 from collections.abc import AsyncIterator
 
 import orjson
 import pytest
+import structlog.testing
 
 from identity_service.constants import (
     BATCH_FRAMING_BYTES,
@@ -17,10 +22,12 @@ from identity_service.events import Event, join_documents, split_documents
 from identity_service.feeds import FeedEntry, MemoryFeed
 from identity_service.forwarder import Forwarder
 from identity_service.metrics import Metrics
+from identity_service.scrape import memory_backlog
 from identity_service.settings import OutboxSettings
 from identity_service.sinks import (
     DELIVERED,
     Delivery,
+    StdoutSink,
     batch_body,
     classify,
     parse_retry_after,
@@ -308,3 +315,34 @@ async def test_a_stop_ends_retries_that_a_destination_asks_to_make_at_once(
         task.cancel()
     assert done, "the forwarder went on retrying after the stop"
     assert [orjson.loads(e)["messageId"] for _, e in outbox.queues[0].events] == ["m-1", "m-2"]
+
+
+async def test_standard_output_that_cannot_be_written_is_a_failed_attempt(
+    outbox: MemoryOutbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Standard output whose reader is gone (EPIPE) or whose disk is full fails the attempt,
+    as the file sink's errors do: the batch is retried, then dead-lettered and counted; not
+    dropped from the forwarder's hands while the queue still counts it pending for ever."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody reads: every write fails with EPIPE
+    broken = os.fdopen(write_end, "w")  # closed below
+    monkeypatch.setattr(sys, "stdout", broken)
+    feed = MemoryFeed(outbox.subscribe("test"))
+    settings = OutboxSettings(max_attempts=2, backoff_base=0.01, backoff_max=0.02)
+    forwarder = Forwarder("test", feed, StdoutSink(), settings, Metrics())
+    # The log lines are kept apart: the service's own go out buffered, flushed off the
+    # forwarder's path (log_config.py), so a broken stdout does not fail its log calls.
+    with structlog.testing.capture_logs() as logged:
+        task = asyncio.create_task(forwarder.run())
+        try:
+            outbox.extend([event(1)])
+            await wait_until(lambda: outbox.queues[0].dead_letters == 1, seconds=3)
+        finally:
+            forwarder.stopping.set()
+            await task
+            monkeypatch.undo()
+            with contextlib.suppress(OSError):
+                broken.close()
+    assert memory_backlog(outbox, time.time())["test"].pending == 0
+    retries = [line for line in logged if line["event"] == "batch_retry"]
+    assert [line["reason"] for line in retries] == ["stdout: Broken pipe"]
