@@ -680,6 +680,13 @@ class _Reader:
             self.problems.append(
                 f"{names['url']} must be an http(s) URL of a Segment-compatible API"
             )
+        elif parts.username is not None or parts.password is not None:
+            # The sink sends the write key in an Authorization header of its own, which
+            # aiohttp refuses to combine with credentials in the URL: every send would fail.
+            self.problems.append(
+                f"{names['url']} must not carry user information (user:password@): "
+                "the write key is the destination's credential"
+            )
         elif parts.scheme == "http" and allow_insecure is False and not is_loopback_host(host):
             self.problems.append(
                 f"{names['url']} would send the write key in clear text to {host}: "

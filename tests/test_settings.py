@@ -1160,3 +1160,20 @@ async def test_the_clients_work_with_each_redis_url_parameter_the_settings_take(
     )  # fmt: skip
     with pytest.raises(TypeError, match=name):
         await use(unchecked)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://user:hunter2@api.segment.io", "https://user@api.segment.io", "https://:pw@h.io"],
+)
+def test_a_destination_url_with_user_information_is_refused(url: str) -> None:
+    """The sink sends the write key in its own Authorization header, which aiohttp refuses to
+    combine with credentials in the URL (a ValueError at every send: the forwarder dropped
+    each batch, never delivered nor dead-lettered). Refused at start, the URL not quoted."""
+    environ = {"IDENTITY_DESTINATION_URL": url, "IDENTITY_DESTINATION_WRITE_KEY": "wk"}
+    problems = problems_of(environ, None)
+    assert problems == [
+        "IDENTITY_DESTINATION_URL must not carry user information (user:password@): "
+        "the write key is the destination's credential"
+    ]
+    assert not any("hunter2" in problem for problem in problems)
