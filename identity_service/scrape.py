@@ -67,6 +67,10 @@ class Probe:
         self._prefix = prefix
         self._memory = memory
         self._shards = shards
+        # One scrape at a time: a Redis probe has one connection (per node), and redis-py's
+        # Cluster and Sentinel pools answer a second command meanwhile with
+        # MaxConnectionsError, which would read as the store being down.
+        self._reading = asyncio.Lock()
 
     @classmethod
     def of_redis(
@@ -89,6 +93,10 @@ class Probe:
             await self._redis.aclose()
 
     async def read(self) -> Scraped:
+        async with self._reading:
+            return await self._read()
+
+    async def _read(self) -> Scraped:
         scraped = Scraped(store_up=await self._answers())
         if self._memory is not None:
             scraped.outbox = memory_backlog(self._memory, time.time())

@@ -577,3 +577,25 @@ async def test_forwards_scrape_of_a_cluster_that_does_not_answer_says_it_is_down
         await probe.close()
     assert value(samples, "identity_store_up") == 0
     assert not any(name.startswith("identity_outbox_") for name, _ in samples)
+
+
+@pytest.mark.topology
+async def test_scrapes_at_the_same_time_on_a_cluster_both_find_the_store_up(
+    redis_cluster: Any,
+) -> None:
+    """Two Prometheus servers scraping `forward` at once: its probe's redis-py client (one
+    connection a node) must not answer the second with MaxConnectionsError, read as the
+    store being down and the outbox gauges left out."""
+    from identity_service.scrape import Probe
+    from tests.conftest import make_settings
+
+    settings = make_settings(redis_cluster.url)
+    assert settings.redis is not None
+    probe = Probe.of_redis(settings.redis, ["default"])
+    try:
+        await probe.read()  # the client learns the Cluster's slots
+        scrapes = await asyncio.gather(*(probe.read() for _ in range(3)))
+    finally:
+        await probe.close()
+    assert [scraped.store_up for scraped in scrapes] == [True, True, True]
+    assert all("default" in scraped.outbox for scraped in scrapes)
