@@ -700,3 +700,20 @@ async def test_outbox_dead_reads_a_letter_whose_reason_is_not_utf8(redis_client:
         assert (letter.failed_at_ms, letter.attempts) == (1, 1)
     finally:
         await redis_client.delete(dead)
+
+
+async def test_retire_removes_the_group_from_the_streams_of_an_earlier_version_too(
+    redis_client: Redis,
+) -> None:
+    """The forwarders still read (and trim) 0.3.0's streams (tags ``{0}``…``{15}``) after an
+    upgrade: a group left there by `outbox retire` would keep their entries for ever."""
+    prefix = f"retire-legacy-{os.getpid()}:"
+    legacy = f"{prefix}{{7}}:outbox"
+    await redis_client.xadd(legacy, {"j": b"sealed"})
+    await redis_client.xgroup_create(legacy, "old-warehouse", id="0")
+    try:
+        assert await retire_destination(redis_client, prefix, "old-warehouse") == 1
+        assert await redis_client.xinfo_groups(legacy) == []
+        await trim_acknowledged(redis_client, legacy)
+    finally:
+        await redis_client.delete(legacy)
