@@ -20,9 +20,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
+from redis.asyncio import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
+from identity_service.feeds import legacy_dead_letter_keys
 from identity_service.metrics import Backlog, Scraped
 from identity_service.problems import StoreUnavailable
 from identity_service.settings import RedisSettings
@@ -147,12 +149,26 @@ async def redis_backlog(
     report = {name: Backlog() for name in destinations}
     oldest: dict[str, list[int]] = {name: [] for name in destinations}
     streams = [outbox_key(prefix, shard, shards) for shard in range(shards)]
+    # 0.3.0's dead letters (tags {0}..{15}), which `outbox status` counts and `replay-dead`
+    # moves back too; none on a Cluster, where that version never ran.
+    legacy: list[tuple[str, str]] = []
+    if not isinstance(redis, RedisCluster):
+        for name in destinations:
+            current = {dead_letter_key(prefix, shard, name, shards) for shard in range(shards)}
+            legacy += [
+                (name, key) for key in legacy_dead_letter_keys(prefix, name) if key not in current
+            ]
     async with redis.pipeline(transaction=False) as pipe:
         for shard, stream in enumerate(streams):
             pipe.xinfo_groups(stream)
             for name in destinations:
                 pipe.xlen(dead_letter_key(prefix, shard, name, shards))
+        for _, key in legacy:
+            pipe.xlen(key)
         replies = await pipe.execute(raise_on_error=False)
+    for (name, _), dead in zip(legacy, replies[len(replies) - len(legacy) :], strict=True):
+        if isinstance(dead, int):
+            report[name].dead_letters += dead
     followups: list[_Followup] = []
     per_shard = 1 + len(destinations)
     async with redis.pipeline(transaction=False) as pipe:

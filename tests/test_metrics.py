@@ -599,3 +599,24 @@ async def test_scrapes_at_the_same_time_on_a_cluster_both_find_the_store_up(
         await probe.close()
     assert [scraped.store_up for scraped in scrapes] == [True, True, True]
     assert all("default" in scraped.outbox for scraped in scrapes)
+
+
+async def test_the_dead_letters_gauge_counts_those_of_an_earlier_version(
+    private_redis: RedisServer,
+) -> None:
+    """0.3.0 kept dead letters under tags ``{0}``…``{15}``: `outbox status` counts them and
+    `replay-dead` moves them back, so identity_outbox_dead_letters counts them too."""
+    from redis.asyncio import Redis
+
+    from identity_service.outbox_admin import outbox_status
+    from identity_service.scrape import redis_backlog
+
+    redis = Redis.from_url(private_redis.url)
+    try:
+        await redis.xadd("test:{5}:dead:segment", {"j": b"sealed", "reason": b"http 400"})
+        (status,) = await outbox_status(redis, "test:", ["segment"])
+        report = await redis_backlog(redis, "test:", ["segment"], time.time())
+    finally:
+        await redis.aclose()
+    assert status.dead == 1
+    assert report["segment"].dead_letters == 1
