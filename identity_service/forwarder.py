@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from identity_service.constants import (
     BATCH_FRAMING_BYTES,
@@ -43,8 +43,9 @@ ERROR_PAUSE_SECONDS = 1.0
 GATHER_SECONDS = 0.05
 # Far past any backoff_max / backoff_base the settings allow.
 _MAX_DOUBLINGS = 64
-# What a failing or stalled store raises.
-STORE_ERRORS = (RedisError, ReplyError, OSError)
+# What a failing or stalled store raises; on a Cluster, redis-py's RedisClusterException
+# too (no node answers when it looks for the slots again), which is no RedisError.
+STORE_ERRORS = (RedisError, RedisClusterException, ReplyError, OSError)
 
 
 @dataclass(slots=True)

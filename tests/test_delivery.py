@@ -11,6 +11,7 @@ import socket
 import subprocess
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -717,3 +718,61 @@ async def test_retire_removes_the_group_from_the_streams_of_an_earlier_version_t
         await trim_acknowledged(redis_client, legacy)
     finally:
         await redis_client.delete(legacy)
+
+
+@pytest.mark.topology
+async def test_a_cluster_that_goes_away_again_after_restarting_empty_keeps_the_batch(
+    tmp_path: Path, collector: Collector
+) -> None:
+    """The forwarder waits out a retry delay; the Cluster restarts empty (a keep-alive meets
+    NOGROUP, so the next one makes the groups again first), then goes away once more: that
+    keep-alive meets redis-py's RedisClusterException (no RedisError), which must not drop
+    the batch, the only copy left, from the forwarder's hands."""
+    import structlog.testing
+
+    from identity_service.stores.redis import connect
+    from tests.redis_topologies import Cluster
+
+    cluster = Cluster(tmp_path)
+    cluster.start()
+    try:
+        settings = delivery_settings(cluster, collector, forwarder="off")
+        assert settings.redis is not None
+        event = {"type": "track", "event": "Before", "messageId": "before-cluster-flap"}
+        admin = connect(settings.redis)
+        try:
+            sealed = OutboxSealer(settings.secret).seal(json.dumps(event).encode())
+            await admin.xadd(outbox_key(settings.redis.key_prefix, 5), {"j": sealed})
+        finally:
+            await admin.aclose()
+        collector.plan = [Answer(503, headers={"Retry-After": "12"})]
+
+        async def logged_until(check: Callable[[Any], bool], seconds: float) -> None:
+            for _ in range(int(seconds / 0.05)):
+                if any(check(line) for line in logged):
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"not logged: {logged}")
+
+        with structlog.testing.capture_logs() as logged:
+            async with running_forwarders(settings, Metrics()):
+                for _ in range(500):
+                    if collector.requests:
+                        break
+                    await asyncio.sleep(0.02)
+                assert collector.requests, "the batch was not sent"
+                for node in cluster.nodes:
+                    node.stop()
+                for node in cluster.nodes:
+                    node.start()  # the same nodes.conf: the same Cluster, without its data
+                await logged_until(lambda line: line.get("error") == "ResponseError", 8)
+                for node in cluster.nodes:
+                    node.stop()
+                await asyncio.sleep(2.5)
+                for node in cluster.nodes:
+                    node.start()
+                await collector.wait_for(1, seconds=25)
+        assert [e["messageId"] for e in collector.events] == ["before-cluster-flap"]
+        assert not [line for line in logged if line["event"] == "forwarder_error"]
+    finally:
+        cluster.stop()
