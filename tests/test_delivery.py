@@ -34,7 +34,7 @@ from identity_service.outbox_admin import (
     retire_destination,
 )
 from identity_service.settings import OutboxSettings, Settings
-from identity_service.sinks import StdoutSink
+from identity_service.sinks import DELIVERED, Delivery, StdoutSink
 from identity_service.stores.redis import AdminClient
 from identity_service.stores.resp import RespClient
 from identity_service.streams import entries
@@ -776,3 +776,72 @@ async def test_a_cluster_that_goes_away_again_after_restarting_empty_keeps_the_b
         assert not [line for line in logged if line["event"] == "forwarder_error"]
     finally:
         cluster.stop()
+
+
+class AnsweringSink:
+    """Records the messageIds of each batch, and answers from ``answers`` (then delivered)."""
+
+    def __init__(self, answers: list[Delivery] | None = None) -> None:
+        self.sent: list[list[str]] = []
+        self.answers = answers or []
+
+    async def send(self, events: list[bytes]) -> Delivery:
+        self.sent.append([orjson.loads(event)["messageId"] for event in events])
+        return self.answers.pop(0) if self.answers else DELIVERED
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_entries_a_forwarder_reclaimed_stay_its_own_while_it_retries(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    """A forwarder takes over a dead one's entries (XAUTOCLAIM), more than its next batch
+    needs, then waits out a retry delay: the entries it reclaimed and has not batched yet
+    are kept claimed too, so no other forwarder takes them over meanwhile and sends them
+    a second time."""
+    prefix = f"reclaimed-kept-{os.getpid()}:"
+    sealer = OutboxSealer(SECRET.encode())
+    streams = [outbox_key(prefix, shard) for shard in range(KEY_SHARDS)]
+    stream = streams[0]
+    await redis_client.xgroup_create(stream, "default", id="0", mkstream=True)
+    for number in range(3):
+        event = {"type": "track", "event": "Queued", "messageId": f"dead-{number}"}
+        await redis_client.xadd(stream, {"j": sealer.seal(json.dumps(event).encode())})
+    # A forwarder read them, then died.
+    await redis_client.xreadgroup("default", "dead-forwarder", {stream: ">"}, count=3)
+    await asyncio.sleep(0.6)  # idle past reclaim_idle
+
+    settings = OutboxSettings(batch_max_events=1, batch_max_wait=0.01, reclaim_idle=0.5)
+    clients = [RespClient(redis_server.url, timeout=3.0) for _ in range(2)]
+    feeds = [
+        RedisFeed(redis_client, client, prefix, "default", sealer, 0.5, ["default"])
+        for client in clients
+    ]
+    first_sink = AnsweringSink([Delivery("retry", "http 503", retry_after=3.0)])
+    second_sink = AnsweringSink()
+    first = Forwarder("default", feeds[0], first_sink, settings, Metrics())
+    second = Forwarder("default", feeds[1], second_sink, settings, Metrics())
+    tasks = [asyncio.create_task(first.run())]
+    try:
+        for _ in range(250):
+            if first_sink.sent:
+                break
+            await asyncio.sleep(0.02)
+        assert first_sink.sent, "the reclaimed entries were not sent"
+        tasks.append(asyncio.create_task(second.run()))
+        await asyncio.sleep(1.5)  # the first waits out its delay; the second reclaims
+        assert second_sink.sent == []
+        for _ in range(250):
+            if len({m for batch in first_sink.sent for m in batch}) == 3:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        for forwarder in (first, second):
+            forwarder.stopping.set()
+        await asyncio.gather(*tasks)
+        for client in clients:
+            await client.close()
+        await redis_client.delete(*streams)
+    delivered = [m for batch in first_sink.sent[1:] + second_sink.sent for m in batch]
+    assert sorted(delivered) == ["dead-0", "dead-1", "dead-2"]
