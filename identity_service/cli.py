@@ -189,7 +189,7 @@ def outbox(
         return 2
     if _reach_redis(settings)[0]:
         return 2
-    from redis.exceptions import RedisError
+    from redis.exceptions import RedisClusterException, RedisError
 
     from identity_service.outbox_admin import (
         newest_dead_letters,
@@ -248,7 +248,9 @@ def outbox(
 
     try:
         return asyncio.run(run())
-    except (RedisError, OSError) as exc:
+    # RedisClusterException (no node of a Cluster answers, a slot no node serves) is no
+    # RedisError.
+    except (RedisError, RedisClusterException, OSError) as exc:
         print(f"identity-service: Redis: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 

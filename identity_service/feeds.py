@@ -318,10 +318,14 @@ class RedisFeed:
 
         Groups lost with the data are made again first, as a read does: entries read
         before then are no longer pending anywhere, and XCLAIM passes over them.
+
+        The entries this feed reclaimed and has not handed out yet are ours too: kept
+        alive with them, or another forwarder would take them over during a retry delay
+        and send them a second time.
         """
         async with self._groups_checked():
             await self._ensure_groups()
-            await self._keep_alive(entries)
+            await self._keep_alive(entries + self._reclaimed)
 
     async def _keep_alive(self, entries: list[FeedEntry]) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from identity_service.constants import (
     BATCH_FRAMING_BYTES,
@@ -43,8 +43,9 @@ ERROR_PAUSE_SECONDS = 1.0
 GATHER_SECONDS = 0.05
 # Far past any backoff_max / backoff_base the settings allow.
 _MAX_DOUBLINGS = 64
-# What a failing or stalled store raises.
-STORE_ERRORS = (RedisError, ReplyError, OSError)
+# What a failing or stalled store raises; on a Cluster, redis-py's RedisClusterException
+# too (no node answers when it looks for the slots again), which is no RedisError.
+STORE_ERRORS = (RedisError, RedisClusterException, ReplyError, OSError)
 
 
 @dataclass(slots=True)
@@ -224,7 +225,6 @@ class Forwarder:
                 log.error("batch_rejected", reason=delivery.reason)
                 reason = delivery.reason
                 break
-            self._metrics.inc("identity_delivery_retries_total", destination=self.destination)
             if self._draining:
                 await self._feed.release(batch.entries)
                 return False
@@ -235,6 +235,9 @@ class Forwarder:
                 if failures >= self._settings.max_attempts:
                     reason = "too many attempts"
                     break
+            # Counted once the batch will be sent again: not the attempt it is dead-lettered
+            # after, nor the drain's single attempt.
+            self._metrics.inc("identity_delivery_retries_total", destination=self.destination)
             # A 429 is not a failed attempt, but without a Retry-After it backs off as one.
             delay = self._backoff(failures + throttles, delivery.retry_after)
             log.warning(
@@ -271,7 +274,9 @@ class Forwarder:
                 )
             if await self._pause(min(remaining, self._keep_alive_every)):
                 return True
-        return False
+        # A delay of 0 (Retry-After: 0, or a date already past) waits for nothing: without
+        # this, 429s asking for the batch at once would be retried past a stop, for ever.
+        return self.stopping.is_set()
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:

@@ -12,7 +12,7 @@ from redis.asyncio import RedisCluster
 from redis.exceptions import ResponseError
 
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
-from identity_service.feeds import legacy_dead_letter_keys, oldest_pending
+from identity_service.feeds import legacy_dead_letter_keys, legacy_outbox_keys, oldest_pending
 from identity_service.stores.redis import AdminClient
 from identity_service.streams import entries, parse_id, text
 
@@ -166,7 +166,8 @@ def _dead_letter(destination: str, entry_id: bytes, fields: dict[bytes, bytes]) 
     return DeadLetter(
         destination,
         failed_at_ms,
-        text(fields.get(b"reason", b"unknown")),
+        # Not UTF-8 (a damaged letter): what reads, the rest replaced, not a traceback.
+        fields.get(b"reason", b"unknown").decode(errors="replace"),
         int(attempts) if attempts.isdigit() else None,
     )
 
@@ -223,11 +224,14 @@ async def retire_destination(
 ) -> int:
     """Remove a destination's consumer groups, so the outbox no longer keeps its events.
 
-    Its dead letters stay. Returns the number of shards where it had a group.
+    Its dead letters stay. Returns the number of streams where it had a group: the shards',
+    and 0.3.0's (tags ``{0}``…``{15}``), which the forwarders still read and trim.
     """
     removed = 0
-    for shard in range(shards):
-        stream = outbox_key(prefix, shard, shards)
+    streams = [outbox_key(prefix, shard, shards) for shard in range(shards)]
+    if not isinstance(redis, RedisCluster):  # those versions did not run on a Cluster
+        streams += [stream for stream in legacy_outbox_keys(prefix) if stream not in streams]
+    for stream in streams:
         if await redis.exists(stream):
             removed += await redis.xgroup_destroy(stream, destination)
     return removed

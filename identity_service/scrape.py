@@ -20,9 +20,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
-from redis.exceptions import RedisError
+from redis.asyncio import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
+from identity_service.feeds import legacy_dead_letter_keys
 from identity_service.metrics import Backlog, Scraped
 from identity_service.problems import StoreUnavailable
 from identity_service.settings import RedisSettings
@@ -37,6 +39,10 @@ logger = structlog.get_logger(__name__)
 # scrape of every pod pays for it, so ``identity_outbox_pending`` is then a floor (up to
 # 16 x 100 unread) rather than a read of a backlog's every entry.
 UNREAD_COUNT_CAP = 100
+
+# What a store that does not answer raises: on a Cluster redis-py's RedisClusterException
+# (no node answers, a slot no node serves), which is no RedisError.
+STORE_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 Ping = Callable[[], Awaitable[object]]
 _Followup = Callable[[Any], None]
@@ -63,6 +69,10 @@ class Probe:
         self._prefix = prefix
         self._memory = memory
         self._shards = shards
+        # One scrape at a time: a Redis probe has one connection (per node), and redis-py's
+        # Cluster and Sentinel pools answer a second command meanwhile with
+        # MaxConnectionsError, which would read as the store being down.
+        self._reading = asyncio.Lock()
 
     @classmethod
     def of_redis(
@@ -85,6 +95,10 @@ class Probe:
             await self._redis.aclose()
 
     async def read(self) -> Scraped:
+        async with self._reading:
+            return await self._read()
+
+    async def _read(self) -> Scraped:
         scraped = Scraped(store_up=await self._answers())
         if self._memory is not None:
             scraped.outbox = memory_backlog(self._memory, time.time())
@@ -96,14 +110,14 @@ class Probe:
                     ),
                     self._timeout,
                 )
-            except (RedisError, OSError, TimeoutError) as exc:
+            except STORE_ERRORS as exc:
                 logger.warning("metrics_outbox_unread", error=type(exc).__name__)
         return scraped
 
     async def _answers(self) -> bool:
         try:
             await asyncio.wait_for(self._ping(), self._timeout)
-        except (StoreUnavailable, RedisError, OSError, TimeoutError):
+        except (StoreUnavailable, *STORE_ERRORS):
             return False
         return True
 
@@ -135,12 +149,26 @@ async def redis_backlog(
     report = {name: Backlog() for name in destinations}
     oldest: dict[str, list[int]] = {name: [] for name in destinations}
     streams = [outbox_key(prefix, shard, shards) for shard in range(shards)]
+    # 0.3.0's dead letters (tags {0}..{15}), which `outbox status` counts and `replay-dead`
+    # moves back too; none on a Cluster, where that version never ran.
+    legacy: list[tuple[str, str]] = []
+    if not isinstance(redis, RedisCluster):
+        for name in destinations:
+            current = {dead_letter_key(prefix, shard, name, shards) for shard in range(shards)}
+            legacy += [
+                (name, key) for key in legacy_dead_letter_keys(prefix, name) if key not in current
+            ]
     async with redis.pipeline(transaction=False) as pipe:
         for shard, stream in enumerate(streams):
             pipe.xinfo_groups(stream)
             for name in destinations:
                 pipe.xlen(dead_letter_key(prefix, shard, name, shards))
+        for _, key in legacy:
+            pipe.xlen(key)
         replies = await pipe.execute(raise_on_error=False)
+    for (name, _), dead in zip(legacy, replies[len(replies) - len(legacy) :], strict=True):
+        if isinstance(dead, int):
+            report[name].dead_letters += dead
     followups: list[_Followup] = []
     per_shard = 1 + len(destinations)
     async with redis.pipeline(transaction=False) as pipe:

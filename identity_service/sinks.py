@@ -173,7 +173,10 @@ class StdoutSink:
     whole lines, so workers sharing it (and their logs) never interleave mid-line."""
 
     async def send(self, events: list[bytes]) -> Delivery:
-        write_lines(sys.stdout.buffer, [event + b"\n" for event in stamped(events)])
+        try:
+            write_lines(sys.stdout.buffer, [event + b"\n" for event in stamped(events)])
+        except OSError as exc:  # its reader gone (EPIPE), a full disk: retried, as a file's
+            return Delivery("retry", reason=f"stdout: {exc.strerror}")
         return DELIVERED
 
     async def close(self) -> None:

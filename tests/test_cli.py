@@ -733,3 +733,21 @@ async def test_a_dev_write_key_from_the_config_file_is_not_printed(tmp_path: Pat
     finally:
         assert service.stop() == 0
     assert DEV_KEY not in service.stderr + service.stdout
+
+
+@pytest.mark.parametrize("action", ["status", "dead", "replay-dead", "retire"])
+def test_outbox_commands_say_when_a_cluster_cannot_be_reached(action: str) -> None:
+    """No node of a Cluster answers: redis-py raises RedisClusterException, which is no
+    RedisError; the command says so in one line all the same, not in a traceback."""
+    env = clean_env(
+        IDENTITY_REDIS_URL=f"redis+cluster://127.0.0.1:{free_port()}",  # nothing listens there
+        IDENTITY_SECRET=SECRET,
+        IDENTITY_SOURCES=sources_env(),
+    )
+    args = [action, "gone"] if action == "retire" else [action]
+    result = outbox_command(env, *args)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("identity-service: Redis: RedisClusterException")
+    assert result.stdout == ""

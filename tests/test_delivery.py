@@ -11,6 +11,7 @@ import socket
 import subprocess
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -33,7 +34,7 @@ from identity_service.outbox_admin import (
     retire_destination,
 )
 from identity_service.settings import OutboxSettings, Settings
-from identity_service.sinks import StdoutSink
+from identity_service.sinks import DELIVERED, Delivery, StdoutSink
 from identity_service.stores.redis import AdminClient
 from identity_service.stores.resp import RespClient
 from identity_service.streams import entries
@@ -686,3 +687,161 @@ async def test_dead_letters_of_an_earlier_version_are_counted_and_replayed(
         await redis_client.delete(
             legacy, *(outbox_key(prefix, shard) for shard in range(KEY_SHARDS))
         )
+
+
+async def test_outbox_dead_reads_a_letter_whose_reason_is_not_utf8(redis_client: Redis) -> None:
+    """A damaged letter's reason that is not UTF-8 is shown as far as it reads, not a
+    UnicodeDecodeError traceback of `outbox dead`."""
+    prefix = f"dead-bytes-{os.getpid()}:"
+    dead = dead_letter_key(prefix, 2, "default")
+    await redis_client.xadd(dead, {"reason": b"http \xff\xfe", "failed_at": b"1", "attempts": 1})
+    try:
+        (letter,) = await newest_dead_letters(redis_client, prefix, ["default"], 5)
+        assert letter.reason.startswith("http ")
+        assert (letter.failed_at_ms, letter.attempts) == (1, 1)
+    finally:
+        await redis_client.delete(dead)
+
+
+async def test_retire_removes_the_group_from_the_streams_of_an_earlier_version_too(
+    redis_client: Redis,
+) -> None:
+    """The forwarders still read (and trim) 0.3.0's streams (tags ``{0}``…``{15}``) after an
+    upgrade: a group left there by `outbox retire` would keep their entries for ever."""
+    prefix = f"retire-legacy-{os.getpid()}:"
+    legacy = f"{prefix}{{7}}:outbox"
+    await redis_client.xadd(legacy, {"j": b"sealed"})
+    await redis_client.xgroup_create(legacy, "old-warehouse", id="0")
+    try:
+        assert await retire_destination(redis_client, prefix, "old-warehouse") == 1
+        assert await redis_client.xinfo_groups(legacy) == []
+        await trim_acknowledged(redis_client, legacy)
+    finally:
+        await redis_client.delete(legacy)
+
+
+@pytest.mark.topology
+async def test_a_cluster_that_goes_away_again_after_restarting_empty_keeps_the_batch(
+    tmp_path: Path, collector: Collector
+) -> None:
+    """The forwarder waits out a retry delay; the Cluster restarts empty (a keep-alive meets
+    NOGROUP, so the next one makes the groups again first), then goes away once more: that
+    keep-alive meets redis-py's RedisClusterException (no RedisError), which must not drop
+    the batch, the only copy left, from the forwarder's hands."""
+    import structlog.testing
+
+    from identity_service.stores.redis import connect
+    from tests.redis_topologies import Cluster
+
+    cluster = Cluster(tmp_path)
+    cluster.start()
+    try:
+        settings = delivery_settings(cluster, collector, forwarder="off")
+        assert settings.redis is not None
+        event = {"type": "track", "event": "Before", "messageId": "before-cluster-flap"}
+        admin = connect(settings.redis)
+        try:
+            sealed = OutboxSealer(settings.secret).seal(json.dumps(event).encode())
+            await admin.xadd(outbox_key(settings.redis.key_prefix, 5), {"j": sealed})
+        finally:
+            await admin.aclose()
+        collector.plan = [Answer(503, headers={"Retry-After": "12"})]
+
+        async def logged_until(check: Callable[[Any], bool], seconds: float) -> None:
+            for _ in range(int(seconds / 0.05)):
+                if any(check(line) for line in logged):
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"not logged: {logged}")
+
+        with structlog.testing.capture_logs() as logged:
+            async with running_forwarders(settings, Metrics()):
+                for _ in range(500):
+                    if collector.requests:
+                        break
+                    await asyncio.sleep(0.02)
+                assert collector.requests, "the batch was not sent"
+                for node in cluster.nodes:
+                    node.stop()
+                for node in cluster.nodes:
+                    node.start()  # the same nodes.conf: the same Cluster, without its data
+                await logged_until(lambda line: line.get("error") == "ResponseError", 8)
+                for node in cluster.nodes:
+                    node.stop()
+                await asyncio.sleep(2.5)
+                for node in cluster.nodes:
+                    node.start()
+                await collector.wait_for(1, seconds=25)
+        assert [e["messageId"] for e in collector.events] == ["before-cluster-flap"]
+        assert not [line for line in logged if line["event"] == "forwarder_error"]
+    finally:
+        cluster.stop()
+
+
+class AnsweringSink:
+    """Records the messageIds of each batch, and answers from ``answers`` (then delivered)."""
+
+    def __init__(self, answers: list[Delivery] | None = None) -> None:
+        self.sent: list[list[str]] = []
+        self.answers = answers or []
+
+    async def send(self, events: list[bytes]) -> Delivery:
+        self.sent.append([orjson.loads(event)["messageId"] for event in events])
+        return self.answers.pop(0) if self.answers else DELIVERED
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_entries_a_forwarder_reclaimed_stay_its_own_while_it_retries(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    """A forwarder takes over a dead one's entries (XAUTOCLAIM), more than its next batch
+    needs, then waits out a retry delay: the entries it reclaimed and has not batched yet
+    are kept claimed too, so no other forwarder takes them over meanwhile and sends them
+    a second time."""
+    prefix = f"reclaimed-kept-{os.getpid()}:"
+    sealer = OutboxSealer(SECRET.encode())
+    streams = [outbox_key(prefix, shard) for shard in range(KEY_SHARDS)]
+    stream = streams[0]
+    await redis_client.xgroup_create(stream, "default", id="0", mkstream=True)
+    for number in range(3):
+        event = {"type": "track", "event": "Queued", "messageId": f"dead-{number}"}
+        await redis_client.xadd(stream, {"j": sealer.seal(json.dumps(event).encode())})
+    # A forwarder read them, then died.
+    await redis_client.xreadgroup("default", "dead-forwarder", {stream: ">"}, count=3)
+    await asyncio.sleep(0.6)  # idle past reclaim_idle
+
+    settings = OutboxSettings(batch_max_events=1, batch_max_wait=0.01, reclaim_idle=0.5)
+    clients = [RespClient(redis_server.url, timeout=3.0) for _ in range(2)]
+    feeds = [
+        RedisFeed(redis_client, client, prefix, "default", sealer, 0.5, ["default"])
+        for client in clients
+    ]
+    first_sink = AnsweringSink([Delivery("retry", "http 503", retry_after=3.0)])
+    second_sink = AnsweringSink()
+    first = Forwarder("default", feeds[0], first_sink, settings, Metrics())
+    second = Forwarder("default", feeds[1], second_sink, settings, Metrics())
+    tasks = [asyncio.create_task(first.run())]
+    try:
+        for _ in range(250):
+            if first_sink.sent:
+                break
+            await asyncio.sleep(0.02)
+        assert first_sink.sent, "the reclaimed entries were not sent"
+        tasks.append(asyncio.create_task(second.run()))
+        await asyncio.sleep(1.5)  # the first waits out its delay; the second reclaims
+        assert second_sink.sent == []
+        for _ in range(250):
+            if len({m for batch in first_sink.sent for m in batch}) == 3:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        for forwarder in (first, second):
+            forwarder.stopping.set()
+        await asyncio.gather(*tasks)
+        for client in clients:
+            await client.close()
+        await redis_client.delete(*streams)
+    delivered = [m for batch in first_sink.sent[1:] + second_sink.sent for m in batch]
+    assert sorted(delivered) == ["dead-0", "dead-1", "dead-2"]

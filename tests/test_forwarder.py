@@ -1,11 +1,16 @@
 """The forwarder's batching rules, on the in-memory feed with a sink that records batches."""
 
 import asyncio
+import contextlib
 import gc
+import os
+import sys
+import time
 from collections.abc import AsyncIterator
 
 import orjson
 import pytest
+import structlog.testing
 
 from identity_service.constants import (
     BATCH_FRAMING_BYTES,
@@ -17,10 +22,12 @@ from identity_service.events import Event, join_documents, split_documents
 from identity_service.feeds import FeedEntry, MemoryFeed
 from identity_service.forwarder import Forwarder
 from identity_service.metrics import Metrics
+from identity_service.scrape import memory_backlog
 from identity_service.settings import OutboxSettings
 from identity_service.sinks import (
     DELIVERED,
     Delivery,
+    StdoutSink,
     batch_body,
     classify,
     parse_retry_after,
@@ -263,3 +270,79 @@ def test_the_backoff_stays_finite_however_many_retries_a_batch_had() -> None:
         delay = forwarder._backoff(attempt, None)
         assert 0 < delay <= 60.0
     assert forwarder._backoff(100_000, None) >= 30.0  # still the capped range
+
+
+async def test_only_failed_attempts_that_are_sent_again_count_as_retries(
+    outbox: MemoryOutbox,
+) -> None:
+    """identity_delivery_retries_total counts the failed attempts that were retried: the
+    last one, after which the batch is dead-lettered, was not."""
+    sink = RecordingSink([Delivery("retry", "http 500")] * 3)
+    async for forwarder in forward(outbox, sink, max_attempts=3):
+        outbox.extend([event(1)])
+        await wait_until(lambda: outbox.queues[0].dead_letters == 1)
+        metrics = forwarder._metrics
+    assert len(sink.batches) == 3
+    assert metrics.value("identity_delivery_failures_total", destination="test") == 3
+    assert metrics.value("identity_delivery_retries_total", destination="test") == 2
+
+
+class YieldingSink(RecordingSink):
+    """Lets the event loop run during each send, as a request over the network does."""
+
+    async def send(self, events: list[bytes]) -> Delivery:
+        await asyncio.sleep(0)
+        return await super().send(events)
+
+
+async def test_a_stop_ends_retries_that_a_destination_asks_to_make_at_once(
+    outbox: MemoryOutbox,
+) -> None:
+    """A destination answering 429 with Retry-After: 0 (or a date already past) asks for
+    the batch again at once, for as long as it likes (429s are not failed attempts): a stop
+    still ends the retries, and the batch goes back to the queue for the drain."""
+    at_once = Delivery("retry", "http 429", retry_after=0.0, throttled=True)
+    sink = YieldingSink([at_once] * 1_000_000)
+    feed = MemoryFeed(outbox.subscribe())
+    settings = OutboxSettings(batch_max_wait=0.01)
+    forwarder = Forwarder("test", feed, sink, settings, Metrics())
+    task = asyncio.create_task(forwarder.run())
+    outbox.extend([event(1), event(2)])
+    await wait_until(lambda: len(sink.batches) >= 3)
+    forwarder.stopping.set()
+    done, _ = await asyncio.wait({task}, timeout=2)
+    if not done:
+        task.cancel()
+    assert done, "the forwarder went on retrying after the stop"
+    assert [orjson.loads(e)["messageId"] for _, e in outbox.queues[0].events] == ["m-1", "m-2"]
+
+
+async def test_standard_output_that_cannot_be_written_is_a_failed_attempt(
+    outbox: MemoryOutbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Standard output whose reader is gone (EPIPE) or whose disk is full fails the attempt,
+    as the file sink's errors do: the batch is retried, then dead-lettered and counted; not
+    dropped from the forwarder's hands while the queue still counts it pending for ever."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody reads: every write fails with EPIPE
+    broken = os.fdopen(write_end, "w")  # closed below
+    monkeypatch.setattr(sys, "stdout", broken)
+    feed = MemoryFeed(outbox.subscribe("test"))
+    settings = OutboxSettings(max_attempts=2, backoff_base=0.01, backoff_max=0.02)
+    forwarder = Forwarder("test", feed, StdoutSink(), settings, Metrics())
+    # The log lines are kept apart: the service's own go out buffered, flushed off the
+    # forwarder's path (log_config.py), so a broken stdout does not fail its log calls.
+    with structlog.testing.capture_logs() as logged:
+        task = asyncio.create_task(forwarder.run())
+        try:
+            outbox.extend([event(1)])
+            await wait_until(lambda: outbox.queues[0].dead_letters == 1, seconds=3)
+        finally:
+            forwarder.stopping.set()
+            await task
+            monkeypatch.undo()
+            with contextlib.suppress(OSError):
+                broken.close()
+    assert memory_backlog(outbox, time.time())["test"].pending == 0
+    retries = [line for line in logged if line["event"] == "batch_retry"]
+    assert [line["reason"] for line in retries] == ["stdout: Broken pipe"]

@@ -571,3 +571,71 @@ async def test_a_fallback_the_store_could_not_emit_is_not_counted_as_answered() 
     )
     assert counted.value("identity_handoff_fallbacks_total", source="checkout") == 0
     assert counted.value("identity_identities_total", id_source="generated") == 0
+
+
+async def test_forwards_scrape_of_a_cluster_that_does_not_answer_says_it_is_down(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+) -> None:
+    """`forward`'s probe pings through redis-py's RedisCluster, which raises
+    RedisClusterException (no RedisError) when no node answers: the scrape still answers
+    200, with identity_store_up 0 and no outbox gauges, not a 500."""
+    from identity_service.metrics import Metrics
+    from identity_service.metrics_app import create_metrics_app
+    from identity_service.scrape import Probe
+    from tests.conftest import FrontTestServer, make_settings
+
+    settings = make_settings(f"redis+cluster://127.0.0.1:{free_port()}", redis_timeout="0.5")
+    assert settings.redis is not None
+    probe = Probe.of_redis(settings.redis, ["default"])
+    try:
+        client = await aiohttp_client(
+            FrontTestServer(create_metrics_app(settings, Metrics(), probe))
+        )
+        samples = await scrape(client)
+    finally:
+        await probe.close()
+    assert value(samples, "identity_store_up") == 0
+    assert not any(name.startswith("identity_outbox_") for name, _ in samples)
+
+
+@pytest.mark.topology
+async def test_scrapes_at_the_same_time_on_a_cluster_both_find_the_store_up(
+    redis_cluster: Any,
+) -> None:
+    """Two Prometheus servers scraping `forward` at once: its probe's redis-py client (one
+    connection a node) must not answer the second with MaxConnectionsError, read as the
+    store being down and the outbox gauges left out."""
+    from identity_service.scrape import Probe
+    from tests.conftest import make_settings
+
+    settings = make_settings(redis_cluster.url)
+    assert settings.redis is not None
+    probe = Probe.of_redis(settings.redis, ["default"])
+    try:
+        await probe.read()  # the client learns the Cluster's slots
+        scrapes = await asyncio.gather(*(probe.read() for _ in range(3)))
+    finally:
+        await probe.close()
+    assert [scraped.store_up for scraped in scrapes] == [True, True, True]
+    assert all("default" in scraped.outbox for scraped in scrapes)
+
+
+async def test_the_dead_letters_gauge_counts_those_of_an_earlier_version(
+    private_redis: RedisServer,
+) -> None:
+    """0.3.0 kept dead letters under tags ``{0}``…``{15}``: `outbox status` counts them and
+    `replay-dead` moves them back, so identity_outbox_dead_letters counts them too."""
+    from redis.asyncio import Redis
+
+    from identity_service.outbox_admin import outbox_status
+    from identity_service.scrape import redis_backlog
+
+    redis = Redis.from_url(private_redis.url)
+    try:
+        await redis.xadd("test:{5}:dead:segment", {"j": b"sealed", "reason": b"http 400"})
+        (status,) = await outbox_status(redis, "test:", ["segment"])
+        report = await redis_backlog(redis, "test:", ["segment"], time.time())
+    finally:
+        await redis.aclose()
+    assert status.dead == 1
+    assert report["segment"].dead_letters == 1

@@ -1202,6 +1202,8 @@ def test_an_empty_variable_leaves_the_file_value(tmp_path: Path) -> None:
     "url",
     [
         "https://user:hunter2@api.segment.io",  # aiohttp raised a ValueError at every send
+        "https://user@api.segment.io",
+        "https://:pw@h.io",
         "https://api.segment.io:abc",  # failed every send: InvalidUrlClientError
         "https://api.segment.io:99999",
         "https://api.segment.io:0",
