@@ -21,7 +21,7 @@ from identity_service.constants import (
     MIN_PORT,
 )
 from identity_service.settings import ConfigError, Settings, load_settings
-from identity_service.sources import hash_write_key
+from identity_service.sources import can_be_sent, hash_write_key
 from identity_service.urls import host_port
 
 # How many of the newest dead letters `outbox dead` shows, by default and at most.
@@ -40,9 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return outbox(args.config, args.action, args.json, args.destination, args.limit)
     if args.command == "hash-key":
         write_key = sys.stdin.readline().strip()
-        # As a request can carry it: HTTP Basic ends the user name at the first ":", and
-        # header values hold no control characters.
-        if not (write_key.isascii() and write_key.isprintable()) or ":" in write_key:
+        if not write_key or not can_be_sent(write_key):
             print(
                 "hash-key: give the write key (printable ASCII, without ':') on standard input",
                 file=sys.stderr,
@@ -189,15 +187,13 @@ def outbox(
         return 2
     if _reach_redis(settings)[0]:
         return 2
-    from redis.exceptions import RedisClusterException, RedisError
-
     from identity_service.outbox_admin import (
         newest_dead_letters,
         outbox_status,
         replay_dead,
         retire_destination,
     )
-    from identity_service.stores.redis import connect
+    from identity_service.stores.redis import STORE_ERRORS, connect
 
     async def run() -> int:
         redis = connect(redis_settings)
@@ -248,9 +244,7 @@ def outbox(
 
     try:
         return asyncio.run(run())
-    # RedisClusterException (no node of a Cluster answers, a slot no node serves) is no
-    # RedisError.
-    except (RedisError, RedisClusterException, OSError) as exc:
+    except STORE_ERRORS as exc:
         print(f"identity-service: Redis: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 

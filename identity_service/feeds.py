@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import orjson
 import structlog
+from redis.asyncio import RedisCluster
 from redis.exceptions import ResponseError
 
 from identity_service import events as ev
@@ -446,6 +447,23 @@ def legacy_outbox_keys(prefix: str) -> list[str]:
 def legacy_dead_letter_keys(prefix: str, destination: str) -> list[str]:
     """A destination's dead letters as 0.3.0 and earlier kept them: tags ``{0}`` to ``{15}``."""
     return [f"{prefix}{{{shard}}}:dead:{destination}" for shard in range(KEY_SHARDS)]
+
+
+def legacy_dead_letters(
+    redis: AdminClient, prefix: str, destination: str, shards: int
+) -> list[tuple[str, str]]:
+    """The dead letters 0.3.0 and earlier kept (tags ``{0}``…``{15}``) that are not today's
+    keys, each with the outbox stream of the shard its letters go back to; none on a
+    Cluster (those versions never ran there). ``outbox status``, ``replay-dead`` and the
+    scrape read the same list."""
+    if isinstance(redis, RedisCluster):
+        return []
+    current = {dead_letter_key(prefix, shard, destination, shards) for shard in range(shards)}
+    return [
+        (outbox_key(prefix, shard % shards, shards), dead)
+        for shard, dead in enumerate(legacy_dead_letter_keys(prefix, destination))
+        if dead not in current
+    ]
 
 
 async def trim_acknowledged(redis: AdminClient, stream: str) -> None:

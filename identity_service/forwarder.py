@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass, field
 
 import structlog
-from redis.exceptions import RedisClusterException, RedisError
 
 from identity_service.constants import (
     BATCH_FRAMING_BYTES,
@@ -33,7 +32,7 @@ from identity_service.feeds import Feed, FeedEntry
 from identity_service.metrics import Metrics
 from identity_service.settings import OutboxSettings
 from identity_service.sinks import Sink
-from identity_service.stores.resp import ReplyError
+from identity_service.stores.redis import STORE_ERRORS
 
 logger = structlog.get_logger(__name__)
 
@@ -43,9 +42,6 @@ ERROR_PAUSE_SECONDS = 1.0
 GATHER_SECONDS = 0.05
 # Far past any backoff_max / backoff_base the settings allow.
 _MAX_DOUBLINGS = 64
-# What a failing or stalled store raises; on a Cluster, redis-py's RedisClusterException
-# too (no node answers when it looks for the slots again), which is no RedisError.
-STORE_ERRORS = (RedisError, RedisClusterException, ReplyError, OSError)
 
 
 @dataclass(slots=True)

@@ -12,7 +12,7 @@ from redis.asyncio import RedisCluster
 from redis.exceptions import ResponseError
 
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
-from identity_service.feeds import legacy_dead_letter_keys, legacy_outbox_keys, oldest_pending
+from identity_service.feeds import legacy_dead_letters, legacy_outbox_keys, oldest_pending
 from identity_service.stores.redis import AdminClient
 from identity_service.streams import entries, parse_id, text
 
@@ -70,7 +70,7 @@ async def outbox_status(
                 age = max(0.0, (now_ms - oldest) / 1000)
                 status.oldest_age_seconds = max(status.oldest_age_seconds or 0.0, age)
     for status in report:
-        for _, dead in _legacy_dead_letters(redis, prefix, status.destination, shards):
+        for _, dead in legacy_dead_letters(redis, prefix, status.destination, shards):
             status.dead += await redis.xlen(dead)
     return report
 
@@ -132,7 +132,7 @@ async def newest_dead_letters(
     order = itertools.count()  # ties of failed_at never compare the letters
     for destination in destinations:
         keys = [dead_letter_key(prefix, shard, destination, shards) for shard in range(shards)]
-        keys += [dead for _, dead in _legacy_dead_letters(redis, prefix, destination, shards)]
+        keys += [dead for _, dead in legacy_dead_letters(redis, prefix, destination, shards)]
         for dead in keys:
             before = "+"
             while True:
@@ -191,7 +191,7 @@ async def replay_dead(
                 )
                 for shard in range(shards)
             ),
-            *_legacy_dead_letters(redis, prefix, destination, shards),
+            *legacy_dead_letters(redis, prefix, destination, shards),
         ]:
             for entry_id, fields in await entries(redis, dead):
                 payload = {k: v for k, v in fields.items() if k in PAYLOAD_FIELDS}
@@ -202,21 +202,6 @@ async def replay_dead(
                     await pipe.execute()
                 moved += 1
     return moved
-
-
-def _legacy_dead_letters(
-    redis: AdminClient, prefix: str, destination: str, shards: int
-) -> list[tuple[str, str]]:
-    """The dead letters 0.3.0 and earlier kept (tags ``{0}``…``{15}``), each with the outbox
-    stream of the shard its letters go back to; none on a Cluster (they never ran there)."""
-    if isinstance(redis, RedisCluster):
-        return []
-    current = {dead_letter_key(prefix, shard, destination, shards) for shard in range(shards)}
-    return [
-        (outbox_key(prefix, shard % shards, shards), dead)
-        for shard, dead in enumerate(legacy_dead_letter_keys(prefix, destination))
-        if dead not in current
-    ]
 
 
 async def retire_destination(

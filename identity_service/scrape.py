@@ -20,16 +20,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
-from redis.asyncio import RedisCluster
-from redis.exceptions import RedisClusterException, RedisError
 
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
-from identity_service.feeds import legacy_dead_letter_keys
+from identity_service.feeds import legacy_dead_letters
 from identity_service.metrics import Backlog, Scraped
 from identity_service.problems import StoreUnavailable
 from identity_service.settings import RedisSettings
 from identity_service.stores.memory import MemoryOutbox
-from identity_service.stores.redis import AdminClient, connect
+from identity_service.stores.redis import STORE_ERRORS, AdminClient, connect
 from identity_service.streams import parse_id, text
 
 logger = structlog.get_logger(__name__)
@@ -40,9 +38,6 @@ logger = structlog.get_logger(__name__)
 # 16 x 100 unread) rather than a read of a backlog's every entry.
 UNREAD_COUNT_CAP = 100
 
-# What a store that does not answer raises: on a Cluster redis-py's RedisClusterException
-# (no node answers, a slot no node serves), which is no RedisError.
-STORE_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 Ping = Callable[[], Awaitable[object]]
 _Followup = Callable[[Any], None]
@@ -151,13 +146,11 @@ async def redis_backlog(
     streams = [outbox_key(prefix, shard, shards) for shard in range(shards)]
     # 0.3.0's dead letters (tags {0}..{15}), which `outbox status` counts and `replay-dead`
     # moves back too; none on a Cluster, where that version never ran.
-    legacy: list[tuple[str, str]] = []
-    if not isinstance(redis, RedisCluster):
-        for name in destinations:
-            current = {dead_letter_key(prefix, shard, name, shards) for shard in range(shards)}
-            legacy += [
-                (name, key) for key in legacy_dead_letter_keys(prefix, name) if key not in current
-            ]
+    legacy = [
+        (name, dead)
+        for name in destinations
+        for _, dead in legacy_dead_letters(redis, prefix, name, shards)
+    ]
     async with redis.pipeline(transaction=False) as pipe:
         for shard, stream in enumerate(streams):
             pipe.xinfo_groups(stream)

@@ -23,6 +23,7 @@ from identity_service.sources import (
     WRITE_KEY_HASH_PREFIX,
     OriginError,
     Source,
+    can_be_sent,
     hash_write_key,
     parse_origin,
 )
@@ -527,7 +528,7 @@ class _Reader:
             )
         sources = self.sources()
         dev_write_key = self.text("dev_write_key", None)
-        if dev_write_key is not None and not _can_be_sent(dev_write_key):
+        if dev_write_key is not None and not can_be_sent(dev_write_key):
             # Not quoted: it is a secret.
             self.problem(
                 "dev_write_key",
@@ -1069,12 +1070,6 @@ def _is_base_url(url: str, parts: SplitResult) -> bool:
         and not any(mark in parts.netloc for mark in "@\\")
         and not any(mark in url for mark in "?#")
     )
-
-
-def _can_be_sent(write_key: str) -> bool:
-    """Whether a request can carry ``write_key``: a header holds no control characters,
-    the service reads only ASCII keys, and HTTP Basic ends the user name at a ':'."""
-    return write_key.isascii() and write_key.isprintable() and ":" not in write_key
 
 
 def _dev_source(write_key: str) -> Source:

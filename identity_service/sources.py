@@ -82,6 +82,13 @@ class SourceRegistry:
         return found
 
 
+def can_be_sent(write_key: str) -> bool:
+    """Whether a request can carry ``write_key`` so that :func:`write_key_from_header` reads
+    it back: a header holds no control characters, only ASCII keys are read, and HTTP
+    Basic ends the user name at a ':'."""
+    return write_key.isascii() and write_key.isprintable() and ":" not in write_key
+
+
 def write_key_from_header(authorization: str | None) -> str | None:
     """The write key in ``Basic base64(key:)`` or ``Bearer key``, or None.
 

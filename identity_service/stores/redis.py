@@ -35,6 +35,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.connection import SSLConnection, parse_url
+from redis.exceptions import RedisClusterException, RedisError
 
 from identity_service import events as ev
 from identity_service.constants import (
@@ -62,6 +63,12 @@ from identity_service.stores.replication import Waits
 from identity_service.stores.resp import Arg, Reply, ReplyError, Script
 from identity_service.stores.topology import Commands, SentinelClient, lean_client, sentinel_clients
 from identity_service.urls import host_port
+
+# What a failing, stalled or unreachable Redis raises, through the lean clients (ReplyError,
+# OSError: timeouts included) and redis-py (RedisError; on a Cluster RedisClusterException
+# too, when no node answers, which is no RedisError). The forwarder, the scrape and the
+# outbox commands catch this one tuple.
+STORE_ERRORS = (RedisError, RedisClusterException, ReplyError, OSError)
 
 logger = structlog.get_logger(__name__)
 
