@@ -422,10 +422,11 @@ def _check_source_origin(ctx: AmpContext, params: Mapping[str, Any]) -> None:
     publisher origin (present as anything else, a JSON null included, it is refused)."""
     if cors.SOURCE_ORIGIN_PARAM not in params:
         return
-    source = params[cors.SOURCE_ORIGIN_PARAM]
-    if not isinstance(source, str) or source not in ctx.amp.publisher_origins:
+    try:
+        cors.check_source_origin(ctx.amp, params[cors.SOURCE_ORIGIN_PARAM])
+    except AmpOriginNotAllowed:
         ctx.metrics.inc(cors.REFUSALS_METRIC, reason="origin")
-        raise AmpOriginNotAllowed(f"{cors.SOURCE_ORIGIN_PARAM} is not a publisher origin")
+        raise
 
 
 def _on_origin(

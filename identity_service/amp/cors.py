@@ -46,8 +46,8 @@ def allowed_origin(
     parameter. Origins are compared as exact strings with nothing normalised: browsers send
     the serialized origin, so any other spelling is not a browser's (or not an allowed) one.
     """
-    if source_origin is not None and source_origin not in amp.publisher_origins:
-        raise AmpOriginNotAllowed(f"{SOURCE_ORIGIN_PARAM} is not a publisher origin")
+    if source_origin is not None:
+        check_source_origin(amp, source_origin)
     if origin is not None:
         if origin in amp.allowed_origins:
             return origin
@@ -57,6 +57,13 @@ def allowed_origin(
     if amp_same_origin == "true":
         return None
     raise AmpOriginNotAllowed(f"a request without Origin must carry {SAME_ORIGIN_HEADER}: true")
+
+
+def check_source_origin(amp: AmpSettings, source_origin: object) -> None:
+    """Raise AmpOriginNotAllowed unless ``source_origin``, a ``__amp_source_origin`` that is
+    present (a JSON null included), is a publisher origin."""
+    if not isinstance(source_origin, str) or source_origin not in amp.publisher_origins:
+        raise AmpOriginNotAllowed(f"{SOURCE_ORIGIN_PARAM} is not a publisher origin")
 
 
 def cors_headers(origin: str | None) -> dict[str, str]:
