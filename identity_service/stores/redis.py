@@ -361,10 +361,7 @@ class RedisStore:
         source = events.source if events is not None and self._tag_sources else None
         args: list[Arg] = [record, ttl_seconds, template, started, source or ""]
         keys = self._keys(lookup_id)
-        if self._waits is None:
-            await self._guarded(self._redis.run_script(PREPARE, keys, args))
-        else:
-            await self._guarded(self._replicated(PREPARE, keys, args, "prepare"))
+        await self._guarded(self._write(PREPARE, keys, args, "prepare"))
 
     async def take(self, lookup_id: bytes, facts: dict[str, Any] | None) -> bytes | None:
         sealed_facts = source = b""
@@ -374,12 +371,17 @@ class RedisStore:
                 source = facts["source"].encode()
         keys = self._keys(lookup_id)
         args: list[Arg] = [sealed_facts, source]
-        if self._waits is None:
-            record = await self._guarded(self._redis.run_script(EXCHANGE, keys, args))
-        else:
-            record = await self._guarded(self._replicated(EXCHANGE, keys, args, "exchange"))
+        record = await self._guarded(self._write(EXCHANGE, keys, args, "exchange"))
         assert record is None or isinstance(record, bytes)
         return record
+
+    def _write(
+        self, script: Script, keys: list[str], args: list[Arg], operation: str
+    ) -> Awaitable[Reply]:
+        """The handoff write ``script``: alone, or followed by a WAIT (``_replicated``)."""
+        if self._waits is None:
+            return self._redis.run_script(script, keys, args)
+        return self._replicated(script, keys, args, operation)
 
     async def _replicated(
         self, script: Script, keys: list[str], args: list[Arg], operation: str
