@@ -36,23 +36,28 @@ class _Line:
     """One connection's WAITs: the one in flight, and the future of those who share it.
     Called back when the one in flight returns."""
 
-    __slots__ = ("command", "connection", "shared", "waited")
+    __slots__ = ("connection", "shared", "waited")
 
-    def __init__(self, connection: Connection, command: bytes) -> None:
+    def __init__(self, connection: Connection) -> None:
         self.connection = connection
-        self.command = command
         self.waited: asyncio.Future[Reply] | None = None
-        self.shared: asyncio.Future[int] | None = None
+        self.shared: asyncio.Future[Reply] | None = None
 
-    def send(self) -> "asyncio.Future[Reply] | None":
+    def send(self, command: bytes) -> "asyncio.Future[Reply] | None":
         """A WAIT now, behind whatever the connection was sent last (None: it is closed)."""
         try:
-            waited = self.connection.send(self.command)
+            waited = self.connection.send(command)
         except OSError:
             return None
         self.waited = waited
         waited.add_done_callback(self)
         return waited
+
+    def share(self) -> "asyncio.Future[Reply]":
+        """The count of the WAIT in flight, for a request whose reply came before it."""
+        if self.shared is None:
+            self.shared = asyncio.get_running_loop().create_future()
+        return self.shared
 
     def __call__(self, waited: "asyncio.Future[Reply]") -> None:
         """The WAIT in flight returned (or failed, or its sender was cancelled)."""
@@ -79,7 +84,7 @@ class _Sent:
         line = self.waits.line(connection)
         # Sent again (redirected, or as EVAL): a WAIT sent behind an earlier send does not
         # cover this one.
-        self.waited = line.send() if line.waited is None else None
+        self.waited = line.send(self.waits.command) if line.waited is None else None
 
 
 class Waits:
@@ -87,7 +92,7 @@ class Waits:
 
     def __init__(self, replicas: int, milliseconds: int) -> None:
         self.replicas = replicas
-        self._command = pack_command(("WAIT", replicas, milliseconds))
+        self.command = pack_command(("WAIT", replicas, milliseconds))
         self._lines: dict[Connection, _Line] = {}
 
     async def after(
@@ -97,11 +102,9 @@ class Waits:
         replicas acknowledged."""
         sent = _Sent(self)
         reply = await commands.run_script(script, keys, args, sent)
-        waited = sent.waited
+        waited = sent.waited or self._covering(sent.connection)
         if waited is None:
-            if sent.connection is None:  # a client that did not say where it sent it
-                return reply, 0
-            return reply, await self._covering(sent.connection)
+            return reply, 0
         try:
             # Shielded: the WAIT is the connection's, shared by the requests behind it; a
             # cancelled request must not cancel it for them (they would count 0 replicas).
@@ -117,29 +120,21 @@ class Waits:
             # A new connection: forget the closed ones (their WAITs failed, or will).
             for closed in [known for known in self._lines if known.closed]:
                 del self._lines[closed]
-            line = self._lines[connection] = _Line(connection, self._command)
+            line = self._lines[connection] = _Line(connection)
         return line
 
-    async def _covering(self, connection: Connection) -> int:
-        """The acknowledgements of a WAIT on ``connection`` sent after a script whose reply
-        is in: the one in flight, or a new one if none is."""
-        line = self._lines.get(connection)
-        if line is None:  # forgotten: the connection closed
-            return 0
+    def _covering(self, connection: Connection | None) -> "asyncio.Future[Reply] | None":
+        """A WAIT on ``connection`` sent after a script whose reply is in: the one in flight,
+        or a new one if none is; None if there can be none (the connection closed and was
+        forgotten, or the client did not say where it sent the script)."""
+        line = self._lines.get(connection) if connection is not None else None
+        if line is None:
+            return None
         if line.waited is None:
-            waited = line.send()
-            if waited is None:
-                return 0
-            try:
-                acknowledged: int = await asyncio.shield(waited)  # shared, as in after()
-            except (ReplyError, OSError):
-                return 0
-            return acknowledged
+            return line.send(self.command)
         # Replies come in order: a WAIT sent before the script would have returned before
         # its reply came (and been called back first), so the one in flight was sent after.
-        if line.shared is None:
-            line.shared = asyncio.get_running_loop().create_future()
-        return await asyncio.shield(line.shared)
+        return line.share()
 
 
 def _count(waited: "asyncio.Future[Reply]") -> int:
