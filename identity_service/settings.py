@@ -857,6 +857,12 @@ class _Reader:
         if not isinstance(raw, dict):
             self.problems.append("sources must be a table of source name to settings")
             return []
+        if not raw:  # only unset sources mean the development source
+            self.problems.append(
+                f"{self.where('sources')} names no source: configure at least one, or leave "
+                "it unset for the development source"
+            )
+            return []
         sources = [s for name, spec in raw.items() if (s := self._source(str(name), spec))]
         # A request is the source whose digest its key matches: of two with the same one,
         # only the last could ever authenticate.

@@ -1327,3 +1327,24 @@ def test_a_redis_wait_of_spaces_is_a_value_as_in_every_setting() -> None:
         "IDENTITY_REDIS_WAIT must be <replicas>,<milliseconds> (1 to 16 replicas, 1 to 10000 "
         "ms), not '  '",
     ]
+
+
+@pytest.mark.parametrize(
+    ("environ", "text", "named"),
+    [
+        ({"IDENTITY_SOURCES": "{}"}, "", "IDENTITY_SOURCES"),
+        ({}, "[sources]\n", "sources"),
+        ({"IDENTITY_SOURCES": "{}", "IDENTITY_DEV_WRITE_KEY": "dev-key"}, "", "IDENTITY_SOURCES"),
+    ],
+)
+def test_an_empty_sources_table_is_a_problem(
+    tmp_path: Path, environ: dict[str, str], text: str, named: str
+) -> None:
+    """Sources configured as an empty table (a template's list left empty) started the
+    service on the development source, whose write key is generated or any the
+    deployment chose, without a word; only leaving sources unset means that source."""
+    file = write(tmp_path, text) if text else None
+    assert problems_of(environ, file) == [
+        f"{named} names no source: configure at least one, or leave it unset for the "
+        "development source"
+    ]
