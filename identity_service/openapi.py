@@ -4,7 +4,6 @@ tests/test_openapi.py checks real answers against it, and that it and the valida
 tests/test_schemathesis.py runs schemathesis with every check against the live service.
 """
 
-import functools
 from typing import Any
 
 import orjson
@@ -76,8 +75,10 @@ DESTINATION_PATTERN = (
     "(/[-A-Za-z0-9._~!$&()*+,;=:@/?#%]*)?$"
 )
 
-_SCHEMAS: dict[str, Any] = {
-    "PrepareRequest": {
+
+def _prepare_request(max_ttl: int) -> dict[str, Any]:
+    """The prepare body's schema; ``max_ttl``: the service's IDENTITY_MAX_TTL."""
+    return {
         "type": "object",
         "additionalProperties": False,
         "required": ["destination"],
@@ -117,11 +118,17 @@ _SCHEMAS: dict[str, Any] = {
             "ttl": {
                 "type": ["integer", "null"],
                 "minimum": 1,
-                "maximum": DEFAULT_MAX_TTL_SECONDS,
-                "description": "Seconds; the maximum is configurable (IDENTITY_MAX_TTL).",
+                "maximum": max_ttl,
+                "description": (
+                    "Seconds, at most this service's IDENTITY_MAX_TTL; absent or null: its "
+                    "IDENTITY_DEFAULT_TTL."
+                ),
             },
         },
-    },
+    }
+
+
+_SCHEMAS: dict[str, Any] = {
     "PreparedHandoff": {
         "type": "object",
         "additionalProperties": False,
@@ -337,38 +344,42 @@ _PATHS: dict[str, Any] = {
     },
 }
 
-_DOCUMENT: dict[str, Any] = {
-    "openapi": "3.1.0",
-    "info": {
-        "title": "identity-service",
-        "version": __version__,
-        "description": "One-time handoff tokens that carry a visitor's identity across domains.",
+_HEADERS: dict[str, Any] = {
+    "WWW-Authenticate": {"schema": {"type": "string"}},
+    "Retry-After": {"schema": {"type": "integer"}},
+    "Accept-Post": {"schema": {"const": "application/json"}},
+    "ETag": {"schema": {"type": "string"}},
+}
+_SECURITY_SCHEMES: dict[str, Any] = {
+    "writeKeyBasic": {
+        "type": "http",
+        "scheme": "basic",
+        "description": "The source's write key as the user name, empty password.",
     },
-    "paths": _PATHS,
-    "components": {
-        "schemas": _SCHEMAS,
-        "headers": {
-            "WWW-Authenticate": {"schema": {"type": "string"}},
-            "Retry-After": {"schema": {"type": "integer"}},
-            "Accept-Post": {"schema": {"const": "application/json"}},
-            "ETag": {"schema": {"type": "string"}},
-        },
-        "securitySchemes": {
-            "writeKeyBasic": {
-                "type": "http",
-                "scheme": "basic",
-                "description": "The source's write key as the user name, empty password.",
-            },
-            "writeKeyBearer": {"type": "http", "scheme": "bearer"},
-        },
-    },
+    "writeKeyBearer": {"type": "http", "scheme": "bearer"},
 }
 
 
-@functools.cache
-def openapi_document() -> bytes:
-    return orjson.dumps(_DOCUMENT)
+def openapi_dict(max_ttl: int = DEFAULT_MAX_TTL_SECONDS) -> dict[str, Any]:
+    """The document of a service whose IDENTITY_MAX_TTL is ``max_ttl``."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "identity-service",
+            "version": __version__,
+            "description": (
+                "One-time handoff tokens that carry a visitor's identity across domains."
+            ),
+        },
+        "paths": _PATHS,
+        "components": {
+            "schemas": {"PrepareRequest": _prepare_request(max_ttl), **_SCHEMAS},
+            "headers": _HEADERS,
+            "securitySchemes": _SECURITY_SCHEMES,
+        },
+    }
 
 
-def openapi_dict() -> dict[str, Any]:
-    return _DOCUMENT
+def openapi_document(max_ttl: int = DEFAULT_MAX_TTL_SECONDS) -> bytes:
+    """:func:`openapi_dict` as served; built once, when the app is (app.py)."""
+    return orjson.dumps(openapi_dict(max_ttl))

@@ -112,6 +112,21 @@ async def test_document_is_served(aiohttp_client: Callable[..., Awaitable[AppCli
     assert await response.json() == DOCUMENT
 
 
+async def test_the_served_document_states_the_configured_maximum_ttl(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+) -> None:
+    """The ttl maximum was 600, the default, whatever IDENTITY_MAX_TTL said: a client
+    generated from the document refused ttls the service takes, or sent ones it refused."""
+    client = await aiohttp_client(create_app(make_settings(max_ttl="120", default_ttl="60")))
+    served = await (await client.get("/openapi.json")).json()
+    schema = {**served["components"]["schemas"]["PrepareRequest"], "components": {}}
+    assert schema["properties"]["ttl"]["maximum"] == 120
+    for ttl in (120, 121):
+        body = {**GOOD, "ttl": ttl}
+        response = await client.post("/v1/handoffs", json=body, headers=auth("shop"))
+        assert (response.status == 201) == Draft202012Validator(schema).is_valid(body), ttl
+
+
 def request_schema(name: str) -> Draft202012Validator:
     """The document's schema of a request body, with the document's components."""
     schema = {**DOCUMENT["components"]["schemas"][name], "components": DOCUMENT["components"]}
