@@ -48,7 +48,10 @@ def _handoff_problems(too_large: str) -> dict[str, Any]:
             f"payload-too-large: the body is over IDENTITY_MAX_BODY_BYTES; or {too_large}"
         ),
         "415": _problem(
-            "unsupported-media-type: the body is not application/json", ("Accept-Post",)
+            "unsupported-media-type: the body is not application/json (Accept-Post names "
+            "it); or unsupported-content-encoding: its Content-Encoding is none of gzip, "
+            "x-gzip, deflate and identity (Accept-Encoding names those taken)",
+            ("Accept-Post", "Accept-Encoding"),
         ),
         "503": _problem("service-unavailable: the store is down or too slow", ("Retry-After",)),
     }
@@ -347,7 +350,17 @@ _PATHS: dict[str, Any] = {
 _HEADERS: dict[str, Any] = {
     "WWW-Authenticate": {"schema": {"type": "string"}},
     "Retry-After": {"schema": {"type": "integer"}},
-    "Accept-Post": {"schema": {"const": "application/json"}},
+    "Accept-Post": {
+        "description": "With unsupported-media-type: the media type the endpoint takes.",
+        "schema": {"const": "application/json"},
+    },
+    "Accept-Encoding": {
+        "description": (
+            "With unsupported-content-encoding (RFC 9110, 12.5.3): the content codings a "
+            "request body may be sent in."
+        ),
+        "schema": {"const": "gzip, deflate"},
+    },
     "ETag": {"schema": {"type": "string"}},
 }
 _SECURITY_SCHEMES: dict[str, Any] = {

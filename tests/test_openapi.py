@@ -1,6 +1,6 @@
 """The OpenAPI document is valid, covers every route, and real answers match it."""
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import pytest
@@ -43,15 +43,45 @@ def test_every_route_is_documented_and_every_documented_path_is_routed() -> None
     assert routed == documented
 
 
+# Answer headers the document describes where they are sent.
+DESCRIBED_HEADERS = ("accept-encoding", "accept-post", "etag", "retry-after", "www-authenticate")
+
+
+def resolved(item: dict[str, Any]) -> dict[str, Any]:
+    """``item``, or the part of the document its ``$ref`` names."""
+    while "$ref" in item:
+        found: Any = DOCUMENT
+        for key in item["$ref"].removeprefix("#/").split("/"):
+            found = found[key]
+        item = found
+    return item
+
+
 def check_against_document(
-    path: str, method: str, status: int, content_type: str, body: Any
+    path: str,
+    method: str,
+    status: int,
+    content_type: str,
+    body: Any,
+    headers: Mapping[str, str],
 ) -> None:
+    """The answer's status, body and described headers (their values too) are documented."""
     responses = DOCUMENT["paths"][path][method]["responses"]
     assert str(status) in responses, f"{method} {path} answered {status}, not documented"
-    if "content" not in responses[str(status)]:
+    answer = resolved(responses[str(status)])
+    documented = {name.lower(): resolved(h) for name, h in answer.get("headers", {}).items()}
+    for name, value in headers.items():
+        if name.lower() not in DESCRIBED_HEADERS:
+            continue
+        assert name.lower() in documented, f"{method} {path} {status} sent {name}, not documented"
+        schema = documented[name.lower()]["schema"]
+        Draft202012Validator(schema).validate(
+            int(value) if schema.get("type") == "integer" else value
+        )
+    if "content" not in answer:
         assert body == "", f"{method} {path} {status} answered a body, none is documented"
         return
-    content = responses[str(status)]["content"]
+    content = answer["content"]
     assert content_type in content, f"{method} {path} {status} answered {content_type}"
     schema = {**content[content_type]["schema"], "components": DOCUMENT["components"]}
     Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER).validate(body)
@@ -67,7 +97,9 @@ async def test_real_answers_match_the_document(
         response = await client.request(method.upper(), path, **kwargs)
         is_json = response.content_type.endswith("json")
         body = await response.json(content_type=None) if is_json else await response.text()
-        check_against_document(path, method, response.status, response.content_type, body)
+        check_against_document(
+            path, method, response.status, response.content_type, body, response.headers
+        )
         seen.add((path, method, response.status))
 
     token = (await prepare(client, userId="u-1", consent={"analytics": True}))["token"]
@@ -241,4 +273,29 @@ async def test_the_fronts_answers_on_the_handoff_endpoints_match_the_document(
         assert response.status == status
         answer = await response.json(content_type=None)
         assert "instance" not in answer
-        check_against_document(path, "post", status, response.content_type, answer)
+        check_against_document(
+            path, "post", status, response.content_type, answer, response.headers
+        )
+
+
+async def test_each_415_names_what_would_be_taken_as_the_document_says(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+) -> None:
+    """RFC 9110 (15.5.16, 12.5.3): a 415 for a content coding names the codings taken in
+    Accept-Encoding; one for a media type, the types taken in Accept-Post. The front's
+    415 for a content coding sent Accept-Encoding, rightly, where the document of the
+    handoff endpoints listed Accept-Post alone."""
+    client = await aiohttp_client(FrontTestServer(create_app(make_settings())))
+    causes = {
+        "Accept-Post": {"Content-Type": "text/plain"},
+        "Accept-Encoding": {"Content-Type": "application/json", "Content-Encoding": "br"},
+    }
+    for path in ("/v1/handoffs", "/v1/handoffs/exchange"):
+        for header, sent in causes.items():
+            response = await client.post(path, data=b"{}", headers={**auth("shop"), **sent})
+            assert response.status == 415
+            assert set(response.headers) & set(causes) == {header}
+            answer = await response.json(content_type=None)
+            check_against_document(
+                path, "post", 415, response.content_type, answer, response.headers
+            )
