@@ -1,18 +1,33 @@
 """The OpenAPI document is valid, covers every route, and real answers match it."""
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
+from identity_service import front
 from identity_service.app import create_app
 from identity_service.browser_helper import helper_script
-from identity_service.constants import DEFAULT_TOKEN_PARAM, MAX_URL_LENGTH
+from identity_service.constants import DEFAULT_MAX_BODY_BYTES, DEFAULT_TOKEN_PARAM, MAX_URL_LENGTH
+from identity_service.front import MAX_HEAD_BYTES
 from identity_service.openapi import DESTINATION_PATTERN, openapi_dict
+from identity_service.problems import (
+    ExpectationFailed,
+    HeadTooLarge,
+    MalformedRequest,
+    PayloadTooLarge,
+    Problem,
+    RequestTimeout,
+    ServiceUnavailable,
+    TransferCodingNotImplemented,
+    UnsupportedContentEncoding,
+)
 from identity_service.urls import parse_destination
 from tests.conftest import (
     CHECKOUT_URL,
@@ -23,6 +38,7 @@ from tests.conftest import (
     prepare,
 )
 from tests.redis_server import RedisServer
+from tests.test_front import open_socket, read_response
 
 DOCUMENT = openapi_dict()
 
@@ -128,11 +144,14 @@ async def test_real_answers_match_the_document(
     await call("post", prepare_path, json=good, headers=auth("shop"))
     await call("post", exchange_path, json={"token": other}, headers=auth("checkout"))
 
+    # The front's own refusals, shared ($ref), are provoked on every operation by
+    # test_the_fronts_refusals_are_documented_for_every_operation.
     documented = {
         (path, method, int(status))
         for path, item in DOCUMENT["paths"].items()
         for method, operation in item.items()
-        for status in operation["responses"]
+        for status, answer in operation["responses"].items()
+        if "$ref" not in answer
     }
     assert documented - seen == set(), "documented answers the test did not provoke"
 
@@ -299,3 +318,71 @@ async def test_each_415_names_what_would_be_taken_as_the_document_says(
             check_against_document(
                 path, "post", 415, response.content_type, answer, response.headers
             )
+
+
+def front_refusals() -> set[type[Problem]]:
+    """The problems the front answers by itself, before any route is found."""
+    return {
+        value
+        for value in vars(front).values()
+        if isinstance(value, type) and issubclass(value, Problem) and value is not Problem
+    }
+
+
+# What provokes each of the front's refusals, for any method and path: header fields and a
+# body (None: the head never ends).
+REFUSALS: dict[type[Problem], tuple[str, bytes | None]] = {
+    MalformedRequest: ("Host: again\r\n", b""),
+    RequestTimeout: ("X-Waiting: yes\r\n", None),
+    PayloadTooLarge: (f"Content-Length: {DEFAULT_MAX_BODY_BYTES + 1}\r\n", b""),
+    UnsupportedContentEncoding: ("Content-Encoding: br\r\nContent-Length: 2\r\n", b"{}"),
+    ExpectationFailed: ("Expect: a-miracle\r\nContent-Length: 2\r\n", b"{}"),
+    HeadTooLarge: (f"X-Long: {'x' * MAX_HEAD_BYTES}\r\n", b""),
+    TransferCodingNotImplemented: ("Transfer-Encoding: gzip, chunked\r\n", b"0\r\n\r\n"),
+}
+
+
+def test_every_refusal_of_the_front_is_documented_for_every_operation() -> None:
+    """The front's refusals (408, 417, 431, 501...) were in no operation's answers."""
+    for path, item in DOCUMENT["paths"].items():
+        for method, operation in item.items():
+            for problem in front_refusals():
+                answer = operation["responses"].get(str(problem.status))
+                assert answer is not None, f"{method} {path}: {problem.status} not documented"
+                assert problem.slug in resolved(answer)["description"], (method, path)
+
+
+async def test_the_fronts_refusals_are_documented_for_every_operation(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+) -> None:
+    """Each refusal the front answers, provoked on each operation, is as documented."""
+    assert set(REFUSALS) == front_refusals() - {ServiceUnavailable}
+    client = await aiohttp_client(FrontTestServer(create_app(make_settings(head_timeout="0.2"))))
+
+    async def refused(method: str, path: str, problem: type[Problem]) -> None:
+        fields, body = REFUSALS[problem]
+        head = f"{method.upper()} {path} HTTP/1.1\r\nHost: test\r\n{fields}".encode()
+        reader, writer = await open_socket(client)
+        writer.write(head if body is None else head + b"\r\n" + body)
+        status, headers, answer = await read_response(reader)
+        writer.close()
+        assert status == problem.status, (method, path, problem)
+        check_against_document(
+            path, method, status, headers["content-type"], orjson.loads(answer), headers
+        )
+
+    operations = [(p, m) for p, item in DOCUMENT["paths"].items() for m in item]
+    await asyncio.gather(
+        *(refused(method, path, problem) for path, method in operations for problem in REFUSALS)
+    )
+    # Over IDENTITY_MAX_CONNECTIONS, answered before any request is read: whichever it was.
+    crowded = await aiohttp_client(FrontTestServer(create_app(make_settings(max_connections="1"))))
+    held, turned_away = await open_socket(crowded), await open_socket(crowded)
+    status, headers, answer = await read_response(turned_away[0])
+    for _, writer in (held, turned_away):
+        writer.close()
+    assert status == ServiceUnavailable.status
+    for path, method in operations:
+        check_against_document(
+            path, method, status, headers["content-type"], orjson.loads(answer), headers
+        )
