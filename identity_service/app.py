@@ -12,6 +12,7 @@ from identity_service.handoff import HandoffService
 from identity_service.handoff_api import HandoffApi
 from identity_service.metrics import Metrics, flushing
 from identity_service.middleware import handle_request
+from identity_service.openapi import openapi_document
 from identity_service.outbox import running_forwarders
 from identity_service.scrape import Probe
 from identity_service.settings import Settings
@@ -27,6 +28,7 @@ def create_app(settings: Settings) -> web.Application:
     app[app_keys.SETTINGS] = settings
     app[app_keys.SOURCES] = SourceRegistry(settings.sources)
     app[app_keys.METRICS] = Metrics()
+    app[app_keys.OPENAPI] = openapi_document(settings.max_ttl)
     app.on_response_prepare.append(without_server_header)
     app.on_startup.append(load_helper_script)
     # First in, so last out: the counts of the forwarders' and the store's last moments too.

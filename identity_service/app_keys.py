@@ -17,3 +17,5 @@ METRICS = web.AppKey("metrics", Metrics)
 HANDOFFS = web.AppKey("handoffs", HandoffService)
 API = web.AppKey("api", HandoffApi)
 PROBE = web.AppKey("probe", Probe)
+# /openapi.json's body: the document of these settings (openapi.py), built with the app.
+OPENAPI = web.AppKey("openapi", bytes)

@@ -9,7 +9,6 @@ from identity_service import app_keys
 from identity_service.handoff_api import Call
 from identity_service.metrics import CONTENT_TYPE
 from identity_service.middleware import SECURITY_HEADERS
-from identity_service.openapi import openapi_document
 from identity_service.problems import PayloadTooLarge
 
 
@@ -49,7 +48,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.Response(body=openapi_document(), content_type="application/json")
+    return web.Response(body=request.app[app_keys.OPENAPI], content_type="application/json")
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -1,10 +1,13 @@
 """The OpenAPI 3.1 description of the HTTP API, served at /openapi.json.
 
+Every operation lists the front's refusals (front.py), which any request may get before it
+is routed, as the shared responses of the components where it has no answer of their
+status of its own.
+
 tests/test_openapi.py checks real answers against it, and that it and the validation agree;
 tests/test_schemathesis.py runs schemathesis with every check against the live service.
 """
 
-import functools
 from typing import Any
 
 import orjson
@@ -15,6 +18,17 @@ from identity_service.constants import (
     MAX_ID_LENGTH,
     MAX_TOKEN_LENGTH,
     MAX_URL_LENGTH,
+)
+from identity_service.problems import (
+    ExpectationFailed,
+    HeadTooLarge,
+    MalformedRequest,
+    PayloadTooLarge,
+    Problem,
+    RequestTimeout,
+    ServiceUnavailable,
+    TransferCodingNotImplemented,
+    UnsupportedContentEncoding,
 )
 from identity_service.validation import (
     MAX_CATEGORY_LENGTH,
@@ -41,18 +55,86 @@ def _problem(description: str, headers: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 def _handoff_problems(too_large: str) -> dict[str, Any]:
-    """The problems both handoff endpoints answer; ``too_large`` says what their 413 means."""
+    """The problems both handoff endpoints answer besides the front's refusals;
+    ``too_large`` says what their own 413 means."""
     return {
         "400": _problem("malformed-json, or validation-failed with one error a field"),
         "401": _problem("unauthorized: no, malformed or unknown write key", ("WWW-Authenticate",)),
-        "413": _problem(
-            f"payload-too-large: the body is over IDENTITY_MAX_BODY_BYTES; or {too_large}"
-        ),
+        "413": _problem(too_large),
         "415": _problem(
-            "unsupported-media-type: the body is not application/json", ("Accept-Post",)
+            "unsupported-media-type: the body is not application/json (Accept-Post names it)",
+            ("Accept-Post",),
         ),
         "503": _problem("service-unavailable: the store is down or too slow", ("Retry-After",)),
     }
+
+
+# The front's refusals (front.py): answered before any route is found, so answers of every
+# operation. Component name, problem, when, headers; one problem a status.
+_FRONT_REFUSALS: tuple[tuple[str, type[Problem], str, tuple[str, ...]], ...] = (
+    (
+        "MalformedRequest",
+        MalformedRequest,
+        "the request is not valid HTTP/1.1 as llhttp reads it in its strict mode, or its "
+        "body not valid in its content coding (docs/api.md lists the rules)",
+        (),
+    ),
+    (
+        "RequestTimeout",
+        RequestTimeout,
+        "the head did not arrive within IDENTITY_HEAD_TIMEOUT, or the body within "
+        "IDENTITY_BODY_TIMEOUT, of its first byte",
+        (),
+    ),
+    (
+        "PayloadTooLarge",
+        PayloadTooLarge,
+        "the body is over IDENTITY_MAX_BODY_BYTES, as sent or once decoded",
+        (),
+    ),
+    (
+        "UnsupportedContentEncoding",
+        UnsupportedContentEncoding,
+        "the Content-Encoding is none of gzip, x-gzip, deflate and identity "
+        "(Accept-Encoding names those taken)",
+        ("Accept-Encoding",),
+    ),
+    ("ExpectationFailed", ExpectationFailed, "an Expect other than 100-continue", ()),
+    ("HeadTooLarge", HeadTooLarge, "a head over 8190 bytes or 128 fields", ()),
+    (
+        "TransferCodingNotImplemented",
+        TransferCodingNotImplemented,
+        "a transfer coding before chunked, the only one served",
+        (),
+    ),
+    (
+        "TooManyConnections",
+        ServiceUnavailable,
+        "the process holds IDENTITY_MAX_CONNECTIONS connections; answered before the "
+        "request is read",
+        ("Retry-After",),
+    ),
+)
+_FRONT_RESPONSES: dict[str, Any] = {
+    name: _problem(f"{problem.slug}: {when}; the connection closes", headers)
+    for name, problem, when, headers in _FRONT_REFUSALS
+}
+
+
+def _with_front_refusals(responses: dict[str, Any]) -> dict[str, Any]:
+    """An operation's ``responses`` and the front's refusals: shared (a reference) where it
+    has no answer of their status, else joined to its own (a reference cannot be)."""
+    joined = dict(responses)
+    for name, problem, _, _ in _FRONT_REFUSALS:
+        status, refusal = str(problem.status), _FRONT_RESPONSES[name]
+        own = joined.get(status)
+        if own is None:
+            joined[status] = {"$ref": f"#/components/responses/{name}"}
+            continue
+        own = {**own, "description": f"{own['description']}; or {refusal['description']}"}
+        headers = {**own.get("headers", {}), **refusal.get("headers", {})}
+        joined[status] = {**own, "headers": headers} if headers else own
+    return dict(sorted(joined.items()))
 
 
 _IDENTITY_STRING = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH}
@@ -76,8 +158,10 @@ DESTINATION_PATTERN = (
     "(/[-A-Za-z0-9._~!$&()*+,;=:@/?#%]*)?$"
 )
 
-_SCHEMAS: dict[str, Any] = {
-    "PrepareRequest": {
+
+def _prepare_request(max_ttl: int) -> dict[str, Any]:
+    """The prepare body's schema; ``max_ttl``: the service's IDENTITY_MAX_TTL."""
+    return {
         "type": "object",
         "additionalProperties": False,
         "required": ["destination"],
@@ -117,11 +201,17 @@ _SCHEMAS: dict[str, Any] = {
             "ttl": {
                 "type": ["integer", "null"],
                 "minimum": 1,
-                "maximum": DEFAULT_MAX_TTL_SECONDS,
-                "description": "Seconds; the maximum is configurable (IDENTITY_MAX_TTL).",
+                "maximum": max_ttl,
+                "description": (
+                    "Seconds, at most this service's IDENTITY_MAX_TTL; absent or null: its "
+                    "IDENTITY_DEFAULT_TTL."
+                ),
             },
         },
-    },
+    }
+
+
+_SCHEMAS: dict[str, Any] = {
     "PreparedHandoff": {
         "type": "object",
         "additionalProperties": False,
@@ -239,7 +329,7 @@ def _ok(description: str, schema: str) -> dict[str, Any]:
     return {"description": description, "content": {_JSON: {"schema": _ref(schema)}}}
 
 
-_PATHS: dict[str, Any] = {
+_OPERATIONS: dict[str, Any] = {
     "/v1/handoffs": {
         "post": {
             "operationId": "prepareHandoff",
@@ -337,38 +427,60 @@ _PATHS: dict[str, Any] = {
     },
 }
 
-_DOCUMENT: dict[str, Any] = {
-    "openapi": "3.1.0",
-    "info": {
-        "title": "identity-service",
-        "version": __version__,
-        "description": "One-time handoff tokens that carry a visitor's identity across domains.",
+_PATHS: dict[str, Any] = {
+    path: {
+        method: {**operation, "responses": _with_front_refusals(operation["responses"])}
+        for method, operation in item.items()
+    }
+    for path, item in _OPERATIONS.items()
+}
+_HEADERS: dict[str, Any] = {
+    "WWW-Authenticate": {"schema": {"type": "string"}},
+    "Retry-After": {"schema": {"type": "integer"}},
+    "Accept-Post": {
+        "description": "With unsupported-media-type: the media type the endpoint takes.",
+        "schema": {"const": "application/json"},
     },
-    "paths": _PATHS,
-    "components": {
-        "schemas": _SCHEMAS,
-        "headers": {
-            "WWW-Authenticate": {"schema": {"type": "string"}},
-            "Retry-After": {"schema": {"type": "integer"}},
-            "Accept-Post": {"schema": {"const": "application/json"}},
-            "ETag": {"schema": {"type": "string"}},
-        },
-        "securitySchemes": {
-            "writeKeyBasic": {
-                "type": "http",
-                "scheme": "basic",
-                "description": "The source's write key as the user name, empty password.",
-            },
-            "writeKeyBearer": {"type": "http", "scheme": "bearer"},
-        },
+    "Accept-Encoding": {
+        "description": (
+            "With unsupported-content-encoding (RFC 9110, 12.5.3): the content codings a "
+            "request body may be sent in."
+        ),
+        "schema": {"const": "gzip, deflate"},
     },
+    "ETag": {"schema": {"type": "string"}},
+}
+_SECURITY_SCHEMES: dict[str, Any] = {
+    "writeKeyBasic": {
+        "type": "http",
+        "scheme": "basic",
+        "description": "The source's write key as the user name, empty password.",
+    },
+    "writeKeyBearer": {"type": "http", "scheme": "bearer"},
 }
 
 
-@functools.cache
-def openapi_document() -> bytes:
-    return orjson.dumps(_DOCUMENT)
+def openapi_dict(max_ttl: int = DEFAULT_MAX_TTL_SECONDS) -> dict[str, Any]:
+    """The document of a service whose IDENTITY_MAX_TTL is ``max_ttl``."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "identity-service",
+            "version": __version__,
+            "description": (
+                "One-time handoff tokens that carry a visitor's identity across domains."
+            ),
+        },
+        "paths": _PATHS,
+        "components": {
+            "schemas": {"PrepareRequest": _prepare_request(max_ttl), **_SCHEMAS},
+            "responses": _FRONT_RESPONSES,
+            "headers": _HEADERS,
+            "securitySchemes": _SECURITY_SCHEMES,
+        },
+    }
 
 
-def openapi_dict() -> dict[str, Any]:
-    return _DOCUMENT
+def openapi_document(max_ttl: int = DEFAULT_MAX_TTL_SECONDS) -> bytes:
+    """:func:`openapi_dict` as served; built once, when the app is (app.py)."""
+    return orjson.dumps(openapi_dict(max_ttl))

@@ -452,14 +452,9 @@ class Settings:
     def uses_dev_source(self) -> bool:
         return self.dev_write_key is not None
 
-    def check_bind(self, host: str) -> None:
-        """Refuse a non-loopback address unless sources and a server secret are configured."""
-        problems = self.bind_problems(host)
-        if problems:
-            raise ConfigError(problems)
-
     def bind_problems(self, host: str) -> list[str]:
-        """What keeps these settings from serving on ``host``: check_bind's problems."""
+        """What keeps these settings from serving on ``host``: a non-loopback address needs
+        configured sources and a server secret."""
         if is_loopback_host(host):
             return []
         problems = []
@@ -483,7 +478,7 @@ def load_settings(
     ``flags``: settings given on the command line, which win over both, as setting name to
     (the option as written, its value): ``{"workers": ("--workers", 4)}``. ``problems``:
     the command line's own, reported first with the settings'; ``host``: the address to
-    serve on, whose problems (Settings.check_bind) are reported with them too."""
+    serve on, whose problems (Settings.bind_problems) are reported with them too."""
     reader = _Reader(environ, config_file, flags or {})
     reader.problems[:0] = problems
     return reader.settings(host)
@@ -505,10 +500,8 @@ class _Reader:
         # Settings already reported: a check across settings skips them, since it would
         # judge the default in place of what the user wrote.
         self.invalid: set[str] = set()
-        # An empty variable is unset, as every setting's.
-        path = config_file or (
-            Path(environ[CONFIG_FILE_VAR]) if environ.get(CONFIG_FILE_VAR) else None
-        )
+        config_path = self.variable("config_file")
+        path = config_file or (Path(config_path) if config_path is not None else None)
         self.file: dict[str, Any] = self._read_file(path) if path else {}
         for env_name in sorted(environ):
             # Only the upper-case name is read: IDENTITY_redis_url would be ignored.
@@ -761,17 +754,19 @@ class _Reader:
     def optional_port(self, name: str, default: int) -> int | None:
         """A TCP port, or None for ``0`` or ``off``."""
         value = self.raw(name)
-        if isinstance(value, str) and value.strip().lower() in ("0", "off"):
-            return None
-        if value == 0:  # 0, or false: YAML reads an unquoted off as false
+        if _is_off(value) or value == 0 or (isinstance(value, str) and value.strip() == "0"):
             return None
         return self.integer(name, default, c.MIN_PORT, c.MAX_PORT)
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        """One of ``allowed`` (any case, spaces around); ``off``, when allowed, as
+        :func:`_is_off` reads it."""
         raw = self.raw(name)
-        if isinstance(raw, bool) and ("on" if raw else "off") in allowed:
-            return "on" if raw else "off"  # YAML reads an unquoted on and off as true, false
-        value = (self.text(name, default) or default).lower()
+        if "off" in allowed and _is_off(raw):
+            return "off"
+        if raw is True and "on" in allowed:
+            return "on"  # YAML reads an unquoted on as true
+        value = (self.text(name, default) or default).strip().lower()
         if value not in allowed:
             self.problem(name, f"must be one of {', '.join(allowed)}, not {value!r}")
             return default
@@ -809,10 +804,10 @@ class _Reader:
 
     def redis_wait(self) -> tuple[int, int] | None:
         """``redis_wait``: ``replicas,milliseconds`` (e.g. ``1,50``), or unset for no WAIT."""
-        if self.raw("redis_wait") is False:  # YAML reads an unquoted off as false
+        if _is_off(self.raw("redis_wait")):
             return None
         value = self.text("redis_wait", None)
-        if value is None or value.strip().lower() in ("", "off"):
+        if value is None:
             return None
         replicas, _, milliseconds = value.partition(",")
         try:
@@ -846,13 +841,13 @@ class _Reader:
 
     def table(self, name: str) -> Any:
         """A table setting: JSON in the environment, else the file's table, else None."""
-        env_name = c.ENV_PREFIX + name.upper()
-        if not self.environ.get(env_name):  # an empty variable is unset, as every setting's
-            return self.file.get(name)
+        text = self.variable(name)
+        if text is None:
+            return self.file_value(name)
         try:
-            return json.loads(self.environ[env_name])
+            return json.loads(text)
         except json.JSONDecodeError as exc:
-            self.problems.append(f"{env_name} is not valid JSON: {exc.msg}")
+            self.problems.append(f"{c.ENV_PREFIX + name.upper()} is not valid JSON: {exc.msg}")
             return None
 
     def sources(self) -> list[Source]:
@@ -861,6 +856,12 @@ class _Reader:
             return []
         if not isinstance(raw, dict):
             self.problems.append("sources must be a table of source name to settings")
+            return []
+        if not raw:  # only unset sources mean the development source
+            self.problems.append(
+                f"{self.where('sources')} names no source: configure at least one, or leave "
+                "it unset for the development source"
+            )
             return []
         sources = [s for name, spec in raw.items() if (s := self._source(str(name), spec))]
         # A request is the source whose digest its key matches: of two with the same one,
@@ -914,12 +915,12 @@ class _Reader:
     def where(self, name: str, like: str | None = None) -> str:
         """The setting as the user wrote it: its variable, else its file key. One not set at
         all is named as ``like`` was written, else as its variable."""
-        env_name = c.ENV_PREFIX + name.upper()
         if name in self.flags:
             return self.flags[name][0]
-        if self.environ.get(env_name):
+        env_name = c.ENV_PREFIX + name.upper()
+        if self.variable(name) is not None:
             return env_name
-        if name in self.file or (like is not None and self.where(like) == like):
+        if self.file_value(name) is not None or (like is not None and self.where(like) == like):
             return name
         return env_name
 
@@ -942,12 +943,22 @@ class _Reader:
         self.problems.append(f"{self.where(name)} {message}")
 
     def raw(self, name: str) -> Any:
-        """The value the user set, unchecked; None if unset (an empty variable is unset: the
-        file's value, if any, holds)."""
-        env_name = c.ENV_PREFIX + name.upper()
+        """The value the user set, unchecked: its flag's, else its variable's, else the
+        file's; None if unset."""
         if name in self.flags:
             return self.flags[name][1]
-        value = self.environ.get(env_name) or self.file.get(name)
+        value = self.variable(name)
+        return self.file_value(name) if value is None else value
+
+    def variable(self, name: str) -> str | None:
+        """The variable of setting ``name`` (``IDENTITY_NAME``); None if unset. An empty
+        variable is unset (a compose file's ``${VAR}`` left empty): the file's value, if
+        any, holds."""
+        return self.environ.get(c.ENV_PREFIX + name.upper()) or None
+
+    def file_value(self, name: str) -> Any:
+        """The file's value of setting ``name``; None if unset, as an empty one is."""
+        value = self.file.get(name)
         return None if value == "" else value
 
     def text(self, name: str, default: str | None) -> str | None:
@@ -1021,6 +1032,12 @@ def _whole(value: Any) -> int:
     if isinstance(value, float):
         raise ValueError(value)
     return int(value)
+
+
+def _is_off(value: Any) -> bool:
+    """Whether a setting that may be turned off is: ``off`` in any case, spaces around, or
+    false, which is how YAML reads an unquoted off."""
+    return value is False or (isinstance(value, str) and value.strip().lower() == "off")
 
 
 def _names(keys: Iterable[object]) -> str:

@@ -1,18 +1,33 @@
 """The OpenAPI document is valid, covers every route, and real answers match it."""
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
+from identity_service import front
 from identity_service.app import create_app
 from identity_service.browser_helper import helper_script
-from identity_service.constants import DEFAULT_TOKEN_PARAM, MAX_URL_LENGTH
+from identity_service.constants import DEFAULT_MAX_BODY_BYTES, DEFAULT_TOKEN_PARAM, MAX_URL_LENGTH
+from identity_service.front import MAX_HEAD_BYTES
 from identity_service.openapi import DESTINATION_PATTERN, openapi_dict
+from identity_service.problems import (
+    ExpectationFailed,
+    HeadTooLarge,
+    MalformedRequest,
+    PayloadTooLarge,
+    Problem,
+    RequestTimeout,
+    ServiceUnavailable,
+    TransferCodingNotImplemented,
+    UnsupportedContentEncoding,
+)
 from identity_service.urls import parse_destination
 from tests.conftest import (
     CHECKOUT_URL,
@@ -23,6 +38,7 @@ from tests.conftest import (
     prepare,
 )
 from tests.redis_server import RedisServer
+from tests.test_front import open_socket, read_response
 
 DOCUMENT = openapi_dict()
 
@@ -43,15 +59,45 @@ def test_every_route_is_documented_and_every_documented_path_is_routed() -> None
     assert routed == documented
 
 
+# Answer headers the document describes where they are sent.
+DESCRIBED_HEADERS = ("accept-encoding", "accept-post", "etag", "retry-after", "www-authenticate")
+
+
+def resolved(item: dict[str, Any]) -> dict[str, Any]:
+    """``item``, or the part of the document its ``$ref`` names."""
+    while "$ref" in item:
+        found: Any = DOCUMENT
+        for key in item["$ref"].removeprefix("#/").split("/"):
+            found = found[key]
+        item = found
+    return item
+
+
 def check_against_document(
-    path: str, method: str, status: int, content_type: str, body: Any
+    path: str,
+    method: str,
+    status: int,
+    content_type: str,
+    body: Any,
+    headers: Mapping[str, str],
 ) -> None:
+    """The answer's status, body and described headers (their values too) are documented."""
     responses = DOCUMENT["paths"][path][method]["responses"]
     assert str(status) in responses, f"{method} {path} answered {status}, not documented"
-    if "content" not in responses[str(status)]:
+    answer = resolved(responses[str(status)])
+    documented = {name.lower(): resolved(h) for name, h in answer.get("headers", {}).items()}
+    for name, value in headers.items():
+        if name.lower() not in DESCRIBED_HEADERS:
+            continue
+        assert name.lower() in documented, f"{method} {path} {status} sent {name}, not documented"
+        schema = documented[name.lower()]["schema"]
+        Draft202012Validator(schema).validate(
+            int(value) if schema.get("type") == "integer" else value
+        )
+    if "content" not in answer:
         assert body == "", f"{method} {path} {status} answered a body, none is documented"
         return
-    content = responses[str(status)]["content"]
+    content = answer["content"]
     assert content_type in content, f"{method} {path} {status} answered {content_type}"
     schema = {**content[content_type]["schema"], "components": DOCUMENT["components"]}
     Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER).validate(body)
@@ -67,7 +113,9 @@ async def test_real_answers_match_the_document(
         response = await client.request(method.upper(), path, **kwargs)
         is_json = response.content_type.endswith("json")
         body = await response.json(content_type=None) if is_json else await response.text()
-        check_against_document(path, method, response.status, response.content_type, body)
+        check_against_document(
+            path, method, response.status, response.content_type, body, response.headers
+        )
         seen.add((path, method, response.status))
 
     token = (await prepare(client, userId="u-1", consent={"analytics": True}))["token"]
@@ -96,11 +144,14 @@ async def test_real_answers_match_the_document(
     await call("post", prepare_path, json=good, headers=auth("shop"))
     await call("post", exchange_path, json={"token": other}, headers=auth("checkout"))
 
+    # The front's own refusals, shared ($ref), are provoked on every operation by
+    # test_the_fronts_refusals_are_documented_for_every_operation.
     documented = {
         (path, method, int(status))
         for path, item in DOCUMENT["paths"].items()
         for method, operation in item.items()
-        for status in operation["responses"]
+        for status, answer in operation["responses"].items()
+        if "$ref" not in answer
     }
     assert documented - seen == set(), "documented answers the test did not provoke"
 
@@ -110,6 +161,21 @@ async def test_document_is_served(aiohttp_client: Callable[..., Awaitable[AppCli
     response = await client.get("/openapi.json")
     assert response.status == 200
     assert await response.json() == DOCUMENT
+
+
+async def test_the_served_document_states_the_configured_maximum_ttl(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+) -> None:
+    """The ttl maximum was 600, the default, whatever IDENTITY_MAX_TTL said: a client
+    generated from the document refused ttls the service takes, or sent ones it refused."""
+    client = await aiohttp_client(create_app(make_settings(max_ttl="120", default_ttl="60")))
+    served = await (await client.get("/openapi.json")).json()
+    schema = {**served["components"]["schemas"]["PrepareRequest"], "components": {}}
+    assert schema["properties"]["ttl"]["maximum"] == 120
+    for ttl in (120, 121):
+        body = {**GOOD, "ttl": ttl}
+        response = await client.post("/v1/handoffs", json=body, headers=auth("shop"))
+        assert (response.status == 201) == Draft202012Validator(schema).is_valid(body), ttl
 
 
 def request_schema(name: str) -> Draft202012Validator:
@@ -226,4 +292,97 @@ async def test_the_fronts_answers_on_the_handoff_endpoints_match_the_document(
         assert response.status == status
         answer = await response.json(content_type=None)
         assert "instance" not in answer
-        check_against_document(path, "post", status, response.content_type, answer)
+        check_against_document(
+            path, "post", status, response.content_type, answer, response.headers
+        )
+
+
+async def test_each_415_names_what_would_be_taken_as_the_document_says(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+) -> None:
+    """RFC 9110 (15.5.16, 12.5.3): a 415 for a content coding names the codings taken in
+    Accept-Encoding; one for a media type, the types taken in Accept-Post. The front's
+    415 for a content coding sent Accept-Encoding, rightly, where the document of the
+    handoff endpoints listed Accept-Post alone."""
+    client = await aiohttp_client(FrontTestServer(create_app(make_settings())))
+    causes = {
+        "Accept-Post": {"Content-Type": "text/plain"},
+        "Accept-Encoding": {"Content-Type": "application/json", "Content-Encoding": "br"},
+    }
+    for path in ("/v1/handoffs", "/v1/handoffs/exchange"):
+        for header, sent in causes.items():
+            response = await client.post(path, data=b"{}", headers={**auth("shop"), **sent})
+            assert response.status == 415
+            assert set(response.headers) & set(causes) == {header}
+            answer = await response.json(content_type=None)
+            check_against_document(
+                path, "post", 415, response.content_type, answer, response.headers
+            )
+
+
+def front_refusals() -> set[type[Problem]]:
+    """The problems the front answers by itself, before any route is found."""
+    return {
+        value
+        for value in vars(front).values()
+        if isinstance(value, type) and issubclass(value, Problem) and value is not Problem
+    }
+
+
+# What provokes each of the front's refusals, for any method and path: header fields and a
+# body (None: the head never ends).
+REFUSALS: dict[type[Problem], tuple[str, bytes | None]] = {
+    MalformedRequest: ("Host: again\r\n", b""),
+    RequestTimeout: ("X-Waiting: yes\r\n", None),
+    PayloadTooLarge: (f"Content-Length: {DEFAULT_MAX_BODY_BYTES + 1}\r\n", b""),
+    UnsupportedContentEncoding: ("Content-Encoding: br\r\nContent-Length: 2\r\n", b"{}"),
+    ExpectationFailed: ("Expect: a-miracle\r\nContent-Length: 2\r\n", b"{}"),
+    HeadTooLarge: (f"X-Long: {'x' * MAX_HEAD_BYTES}\r\n", b""),
+    TransferCodingNotImplemented: ("Transfer-Encoding: gzip, chunked\r\n", b"0\r\n\r\n"),
+}
+
+
+def test_every_refusal_of_the_front_is_documented_for_every_operation() -> None:
+    """The front's refusals (408, 417, 431, 501...) were in no operation's answers."""
+    for path, item in DOCUMENT["paths"].items():
+        for method, operation in item.items():
+            for problem in front_refusals():
+                answer = operation["responses"].get(str(problem.status))
+                assert answer is not None, f"{method} {path}: {problem.status} not documented"
+                assert problem.slug in resolved(answer)["description"], (method, path)
+
+
+async def test_the_fronts_refusals_are_documented_for_every_operation(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+) -> None:
+    """Each refusal the front answers, provoked on each operation, is as documented."""
+    assert set(REFUSALS) == front_refusals() - {ServiceUnavailable}
+    client = await aiohttp_client(FrontTestServer(create_app(make_settings(head_timeout="0.2"))))
+
+    async def refused(method: str, path: str, problem: type[Problem]) -> None:
+        fields, body = REFUSALS[problem]
+        head = f"{method.upper()} {path} HTTP/1.1\r\nHost: test\r\n{fields}".encode()
+        reader, writer = await open_socket(client)
+        writer.write(head if body is None else head + b"\r\n" + body)
+        status, headers, answer = await read_response(reader)
+        writer.close()
+        assert status == problem.status, (method, path, problem)
+        check_against_document(
+            path, method, status, headers["content-type"], orjson.loads(answer), headers
+        )
+
+    operations = [(p, m) for p, item in DOCUMENT["paths"].items() for m in item]
+    await asyncio.gather(
+        *(refused(method, path, problem) for path, method in operations for problem in REFUSALS)
+    )
+    # Over IDENTITY_MAX_CONNECTIONS, answered before any request is read: whichever it was.
+    crowded = await aiohttp_client(FrontTestServer(create_app(make_settings(max_connections="1"))))
+    held, turned_away = await open_socket(crowded), await open_socket(crowded)
+    status, headers, answer = await read_response(turned_away[0])
+    for _, writer in (held, turned_away):
+        writer.close()
+    assert status == ServiceUnavailable.status
+    for path, method in operations:
+        check_against_document(
+            path, method, status, headers["content-type"], orjson.loads(answer), headers
+        )

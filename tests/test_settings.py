@@ -26,7 +26,7 @@ from identity_service.sources import hash_write_key, write_key_from_header
 from identity_service.stores.redis import connect
 from identity_service.stores.topology import lean_client
 from identity_service.urls import host_port
-from tests.conftest import SECRET, make_settings
+from tests.conftest import SECRET, make_settings, sources_env
 from tests.redis_server import RedisServer, free_port
 from tests.test_resp import write_tls_files
 
@@ -299,18 +299,18 @@ def test_missing_file_is_explained(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "127.0.0.5"])
 def test_loopback_binds_need_nothing(host: str) -> None:
-    load_settings({}).check_bind(host)
+    load_settings({}, host=host)
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "example.internal"])  # noqa: S104
 def test_non_loopback_bind_needs_sources_and_secret(host: str) -> None:
     with pytest.raises(ConfigError) as raised:
-        load_settings({}).check_bind(host)
+        load_settings({}, host=host)
     assert len(raised.value.problems) == 2
     with pytest.raises(ConfigError) as raised:
-        load_settings({"IDENTITY_SOURCES": json.dumps({"shop": SHOP})}).check_bind(host)
+        load_settings({"IDENTITY_SOURCES": json.dumps({"shop": SHOP})}, host=host)
     assert raised.value.problems == [f"binding {host} needs a server secret (IDENTITY_SECRET)"]
-    make_settings().check_bind(host)
+    load_settings({"IDENTITY_SOURCES": sources_env(), "IDENTITY_SECRET": SECRET}, host=host)
 
 
 def test_events_go_to_stdout_by_default_and_to_a_configured_destination() -> None:
@@ -1291,3 +1291,60 @@ def test_a_dev_write_key_no_request_can_carry_is_a_problem(key: str) -> None:
     assert key not in problems[0]
     if not key.isascii():  # refused on the way in (a control character: by the front)
         assert write_key_from_header(f"Bearer {key}") is None
+
+
+def test_an_empty_value_in_the_file_is_unset_for_a_table_as_for_any_setting(
+    tmp_path: Path,
+) -> None:
+    """A file's "" was unset for every setting (``redis_url = ""``: the memory store) but a
+    table's, read as a value: ``sources = ""`` and ``amp = ""`` were refused as no table."""
+    settings = load_settings({}, write(tmp_path, 'sources = ""\namp = ""\nredis_url = ""\n'))
+    assert [source.name for source in settings.sources] == ["dev"]
+    assert settings.amp is None and settings.redis is None
+
+
+def test_off_reads_alike_in_every_setting_that_takes_it() -> None:
+    """``off`` with spaces around was off for the port and redis_wait, and refused by
+    outbox and forwarder ("must be one of on, off, not ' off '")."""
+    environ = {
+        "IDENTITY_REDIS_URL": "redis://127.0.0.1:6390/0",
+        "IDENTITY_SECRET": SECRET,
+        **dict.fromkeys(("IDENTITY_OUTBOX", "IDENTITY_FORWARDER", "IDENTITY_REDIS_WAIT"), " Off "),
+        "IDENTITY_FORWARDER_METRICS_PORT": "off\n",
+    }
+    settings = load_settings(environ)
+    assert not settings.outbox.enabled and not settings.outbox.forwarder_in_serve
+    assert settings.redis is not None and settings.redis.wait is None
+    assert settings.forwarder_metrics_port is None
+
+
+def test_a_redis_wait_of_spaces_is_a_value_as_in_every_setting() -> None:
+    """Only an empty variable is unset: IDENTITY_REDIS_WAIT of spaces alone was taken as
+    unset, where any other setting's is a value (IDENTITY_MAX_TTL=' ' is refused)."""
+    environ = {"IDENTITY_REDIS_URL": "redis://127.0.0.1:6390/0", "IDENTITY_SECRET": SECRET}
+    assert problems_of({**environ, "IDENTITY_REDIS_WAIT": "  ", "IDENTITY_MAX_TTL": " "}) == [
+        "IDENTITY_MAX_TTL must be a whole number, not ' '",
+        "IDENTITY_REDIS_WAIT must be <replicas>,<milliseconds> (1 to 16 replicas, 1 to 10000 "
+        "ms), not '  '",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("environ", "text", "named"),
+    [
+        ({"IDENTITY_SOURCES": "{}"}, "", "IDENTITY_SOURCES"),
+        ({}, "[sources]\n", "sources"),
+        ({"IDENTITY_SOURCES": "{}", "IDENTITY_DEV_WRITE_KEY": "dev-key"}, "", "IDENTITY_SOURCES"),
+    ],
+)
+def test_an_empty_sources_table_is_a_problem(
+    tmp_path: Path, environ: dict[str, str], text: str, named: str
+) -> None:
+    """Sources configured as an empty table (a template's list left empty) started the
+    service on the development source, whose write key is generated or any the
+    deployment chose, without a word; only leaving sources unset means that source."""
+    file = write(tmp_path, text) if text else None
+    assert problems_of(environ, file) == [
+        f"{named} names no source: configure at least one, or leave it unset for the "
+        "development source"
+    ]
