@@ -45,6 +45,9 @@ MIN_SECRET_LENGTH: Final = 32
 MAX_ID_LENGTH: Final = 255
 MAX_URL_LENGTH: Final = 2048
 MAX_TOKEN_LENGTH: Final = 128
+# aiohttp's own limits for a request line or field; the front's for the whole head.
+MAX_HEAD_BYTES: Final = 8190
+MAX_HEADERS: Final = 128
 
 DEV_SOURCE_NAME: Final = "dev"
 

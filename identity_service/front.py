@@ -41,6 +41,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from identity_service import app_keys
+from identity_service.constants import MAX_HEAD_BYTES, MAX_HEADERS
 from identity_service.handoff_api import Call, HandoffApi
 from identity_service.metrics import OTHER
 from identity_service.middleware import (
@@ -66,9 +67,6 @@ from identity_service.problems import (
 
 logger = structlog.get_logger("identity_service.request")
 
-# aiohttp's own limits for a request line or field; here, for the whole head.
-MAX_HEAD_BYTES = 8190
-MAX_HEADERS = 128
 IDLE_TIMEOUT_SECONDS = 75.0
 # How long a refused connection is still read (and what is read dropped) before it closes.
 LINGER_SECONDS = 2.0

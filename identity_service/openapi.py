@@ -15,11 +15,15 @@ import orjson
 from identity_service import __version__
 from identity_service.constants import (
     DEFAULT_MAX_TTL_SECONDS,
+    MAX_HEAD_BYTES,
+    MAX_HEADERS,
     MAX_ID_LENGTH,
     MAX_TOKEN_LENGTH,
     MAX_URL_LENGTH,
 )
 from identity_service.problems import (
+    ACCEPTED_BODY_TYPE,
+    ACCEPTED_CONTENT_CODINGS,
     ExpectationFailed,
     HeadTooLarge,
     MalformedRequest,
@@ -100,7 +104,12 @@ _FRONT_REFUSALS: tuple[tuple[str, type[Problem], str, tuple[str, ...]], ...] = (
         ("Accept-Encoding",),
     ),
     ("ExpectationFailed", ExpectationFailed, "an Expect other than 100-continue", ()),
-    ("HeadTooLarge", HeadTooLarge, "a head over 8190 bytes or 128 fields", ()),
+    (
+        "HeadTooLarge",
+        HeadTooLarge,
+        f"a head over {MAX_HEAD_BYTES} bytes or {MAX_HEADERS} fields",
+        (),
+    ),
     (
         "TransferCodingNotImplemented",
         TransferCodingNotImplemented,
@@ -439,14 +448,14 @@ _HEADERS: dict[str, Any] = {
     "Retry-After": {"schema": {"type": "integer"}},
     "Accept-Post": {
         "description": "With unsupported-media-type: the media type the endpoint takes.",
-        "schema": {"const": "application/json"},
+        "schema": {"const": ACCEPTED_BODY_TYPE},
     },
     "Accept-Encoding": {
         "description": (
             "With unsupported-content-encoding (RFC 9110, 12.5.3): the content codings a "
             "request body may be sent in."
         ),
-        "schema": {"const": "gzip, deflate"},
+        "schema": {"const": ACCEPTED_CONTENT_CODINGS},
     },
     "ETag": {"schema": {"type": "string"}},
 }

@@ -124,7 +124,7 @@ class UnsupportedMediaType(Problem):
     title = "Request body must be application/json"
 
     def headers(self) -> dict[str, str]:
-        return {"Accept-Post": "application/json"}
+        return {"Accept-Post": ACCEPTED_BODY_TYPE}
 
 
 class UnsupportedHitType(UnsupportedMediaType):
@@ -138,6 +138,9 @@ class UnsupportedHitType(UnsupportedMediaType):
 
 
 _HIT_TYPES = "application/x-www-form-urlencoded, application/json, text/plain"
+# What a 415 names as taken: a handoff body's media type, a body's content codings.
+ACCEPTED_BODY_TYPE = "application/json"
+ACCEPTED_CONTENT_CODINGS = "gzip, deflate"
 
 
 class ServiceUnavailable(Problem):
@@ -197,7 +200,7 @@ class UnsupportedContentEncoding(Problem):
     title = "Request body's content coding is not supported"
 
     def headers(self) -> dict[str, str]:
-        return {"Accept-Encoding": "gzip, deflate"}
+        return {"Accept-Encoding": ACCEPTED_CONTENT_CODINGS}
 
 
 class TransferCodingNotImplemented(Problem):

@@ -22,7 +22,8 @@ import pytest
 from identity_service import app_keys
 from identity_service import front as front_module
 from identity_service.app import create_app
-from identity_service.front import MAX_HEAD_BYTES, FrontServer
+from identity_service.constants import MAX_HEAD_BYTES
+from identity_service.front import FrontServer
 from identity_service.problems import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX
 from tests.conftest import WRITE_KEYS, AppClient, FrontTestServer, log_lines, make_settings
 

@@ -14,8 +14,12 @@ from openapi_spec_validator import validate
 from identity_service import front
 from identity_service.app import create_app
 from identity_service.browser_helper import helper_script
-from identity_service.constants import DEFAULT_MAX_BODY_BYTES, DEFAULT_TOKEN_PARAM, MAX_URL_LENGTH
-from identity_service.front import MAX_HEAD_BYTES
+from identity_service.constants import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_TOKEN_PARAM,
+    MAX_HEAD_BYTES,
+    MAX_URL_LENGTH,
+)
 from identity_service.openapi import DESTINATION_PATTERN, openapi_dict
 from identity_service.problems import (
     ExpectationFailed,
