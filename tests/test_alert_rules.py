@@ -161,6 +161,43 @@ def test_alerts_read_only_exposed_series(
             assert unexposed(rule["expr"], exposed) == [], rule["alert"]
 
 
+def test_the_request_shares_leave_out_exactly_the_probes_and_the_scrapes(
+    rule_groups: list[dict[str, Any]], exposed: list[Series]
+) -> None:
+    """The error alerts judge the API's requests: the kubelet's probes and Prometheus's
+    scrapes, which outnumber them on a quiet install, are left out by their route, the
+    paths the chart probes and scrapes, each a route the service counts under."""
+    objects = render(ci_values("everything"))
+    probed = {
+        container[f"{kind}Probe"]["httpGet"]["path"]
+        for workload in objects
+        if workload["kind"] == "Deployment"
+        for container in workload["spec"]["template"]["spec"]["containers"]
+        for kind in ("startup", "liveness", "readiness")
+        if "httpGet" in container.get(f"{kind}Probe", {})
+    }
+    scraped = {e["path"] for e in find(objects, "ServiceMonitor", FULLNAME)["spec"]["endpoints"]}
+    routes = {
+        labels["route"]
+        for name, labels in exposed
+        if name == "identity_http_request_duration_seconds_count"
+    }
+    assert probed | scraped <= routes
+    rules = {rule["alert"]: rule for group in rule_groups for rule in group["rules"]}
+    for alert in ("IdentityServerErrors", "IdentityUnavailable"):
+        requests = [
+            s for s in selectors(rules[alert]["expr"]) if s.name == "identity_http_requests_total"
+        ]
+        assert len(requests) >= 2, alert  # the share's numerator and denominator
+        for selector in requests:
+            (left_out,) = [
+                m.value
+                for m in selector.matchers.matchers
+                if m.name == "route" and str(m.op).endswith("NotRe")
+            ]
+            assert set(left_out.split("|")) == probed | scraped, alert
+
+
 def test_the_dashboard_reads_only_exposed_series(exposed: list[Series]) -> None:
     expressions = dashboard_expressions()
     assert len(expressions) >= 15
