@@ -1331,6 +1331,8 @@ def test_the_schema_takes_the_destination_urls_the_service_takes(
         load_settings(environment(objects, container))
 
 
+# A host name of 253 characters, DNS's longest: three labels of 63 and one of 61.
+LONGEST_HOST = ".".join(letter * 63 for letter in "abc") + "." + "d" * 61
 # Origins the service takes, and ones it refuses at start (urls.parse_origin).
 ORIGIN_PROBES = (
     "https://checkout.example-pay.com", "https://A.Example", "https://a.example:8443",
@@ -1344,6 +1346,11 @@ ORIGIN_PROBES = (
     "https://a_b.example", "https://-a.example", "https://a-.example", "https://a..example",
     "https://a.example:0", "https://a.example:65536", "https://a.example:99999",
     "https://bücher.example", "https://a example", "https://",
+    # DNS's limits, which the service holds to: 63 characters a label, 253 a name.
+    f"https://{'a' * 63}.example", f"https://{'a' * 64}.example",
+    f"https://{LONGEST_HOST}", f"https://{LONGEST_HOST}:8443/", f"https://{LONGEST_HOST}x",
+    f"https://{LONGEST_HOST}x:443/", f"http://{LONGEST_HOST[:-10]}.localhost:3000",
+    f"http://{LONGEST_HOST[:-9]}.localhost",
 )  # fmt: skip
 
 
