@@ -18,11 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import helm_python
 import promql_parser
 import pytest
 import yaml
 
-from tests.chart import CHART_DIR, FULLNAME, ci_values, find, render
+from tests.chart import CHART_DIR, FULLNAME, chart, ci_values, find, render
 from tests.exposed_metrics import (
     EXTERNAL_METRIC_NAMES,
     TARGET_LABELS,
@@ -160,6 +161,43 @@ def test_alerts_read_only_exposed_series(
             assert unexposed(rule["expr"], exposed) == [], rule["alert"]
 
 
+def test_the_request_shares_leave_out_exactly_the_probes_and_the_scrapes(
+    rule_groups: list[dict[str, Any]], exposed: list[Series]
+) -> None:
+    """The error alerts judge the API's requests: the kubelet's probes and Prometheus's
+    scrapes, which outnumber them on a quiet install, are left out by their route, the
+    paths the chart probes and scrapes, each a route the service counts under."""
+    objects = render(ci_values("everything"))
+    probed = {
+        container[f"{kind}Probe"]["httpGet"]["path"]
+        for workload in objects
+        if workload["kind"] == "Deployment"
+        for container in workload["spec"]["template"]["spec"]["containers"]
+        for kind in ("startup", "liveness", "readiness")
+        if "httpGet" in container.get(f"{kind}Probe", {})
+    }
+    scraped = {e["path"] for e in find(objects, "ServiceMonitor", FULLNAME)["spec"]["endpoints"]}
+    routes = {
+        labels["route"]
+        for name, labels in exposed
+        if name == "identity_http_request_duration_seconds_count"
+    }
+    assert probed | scraped <= routes
+    rules = {rule["alert"]: rule for group in rule_groups for rule in group["rules"]}
+    for alert in ("IdentityServerErrors", "IdentityUnavailable"):
+        requests = [
+            s for s in selectors(rules[alert]["expr"]) if s.name == "identity_http_requests_total"
+        ]
+        assert len(requests) >= 2, alert  # the share's numerator and denominator
+        for selector in requests:
+            (left_out,) = [
+                m.value
+                for m in selector.matchers.matchers
+                if m.name == "route" and str(m.op).endswith("NotRe")
+            ]
+            assert set(left_out.split("|")) == probed | scraped, alert
+
+
 def test_the_dashboard_reads_only_exposed_series(exposed: list[Series]) -> None:
     expressions = dashboard_expressions()
     assert len(expressions) >= 15
@@ -253,3 +291,88 @@ def test_promtool_unit_tests_can_fail(
     tested = run_unit_tests(promtool, changed, tmp_path)
     assert tested.returncode != 0
     assert "IdentityGeneratedIdsHigh" in tested.stdout + tested.stderr
+
+
+# The alerts on a share, by the value that sets their threshold.
+SHARE_ALERTS = {
+    "generatedShare": "IdentityGeneratedIdsHigh",
+    "missShare": "IdentityHandoffMissesHigh",
+    "serverErrorShare": "IdentityServerErrors",
+    "unavailableShare": "IdentityUnavailable",
+}
+RELEASE_SERIES = 'namespace="identity",job="identity-service",pod="a"'
+
+
+def full_share_tests(rules: dict[str, str]) -> dict[str, Any]:
+    """A promtool test file: each share alert's expression (``rules``, by alert) evaluated
+    where its share has been 100 % for 40 minutes, expected true (its value, the share)."""
+
+    def series(name: str, labels: str, values: str = "0+10x60") -> dict[str, str]:
+        return {"series": f"{name}{{{RELEASE_SERIES},{labels}}}", "values": values}
+
+    def holds(*alerts: str) -> list[dict[str, Any]]:
+        return [
+            {
+                "expr": rules[alert],
+                "eval_time": "40m",
+                "exp_samples": [{"labels": "{}", "value": 1}],
+            }
+            for alert in alerts
+        ]
+
+    handoffs = 'route="/v1/handoffs",method="POST"'
+    return {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    series("identity_identities_total", 'id_source="generated"'),
+                    # Bound at start, they stay at 0.
+                    series("identity_identities_total", 'id_source="handoff"', "0x60"),
+                    series("identity_handoffs_exchanged_total", 'source="checkout"', "0x60"),
+                    series("identity_handoff_misses_total", 'source="checkout",reason="not_found"'),
+                    series("identity_http_requests_total", f'{handoffs},status="500"'),
+                ],
+                "promql_expr_test": holds(
+                    "IdentityGeneratedIdsHigh", "IdentityHandoffMissesHigh", "IdentityServerErrors"
+                ),
+            },
+            {
+                "interval": "1m",
+                "input_series": [
+                    series("identity_http_requests_total", f'{handoffs},status="503"')
+                ],
+                "promql_expr_test": holds("IdentityUnavailable"),
+            },
+        ],
+    }
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.99, 1])
+def test_every_share_threshold_the_schema_takes_can_fire(
+    threshold: float, promtool: str, tmp_path: Path
+) -> None:
+    """A share is at most 1 and each alert fires above its threshold: a threshold the schema
+    takes must leave a share above it, or the alert can never fire, not even when every
+    answer is an error."""
+    values = ci_values("everything")
+    values["metrics"]["prometheusRule"] |= dict.fromkeys(SHARE_ALERTS, threshold)
+    try:
+        chart().validate_schema(chart().merge_values(values))
+    except helm_python.HelmValuesError:
+        assert threshold >= 1
+        return
+    rule = find(render(values), "PrometheusRule", FULLNAME)
+    exprs = {r["alert"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    tests = tmp_path / "full-share-test.yaml"
+    tests.write_text(yaml.safe_dump(full_share_tests(exprs), sort_keys=False))
+    tested = subprocess.run(
+        [promtool, "test", "rules", tests.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -47,9 +48,11 @@ from tests.chart import (
     render,
     render_files,
 )
+from tests.collector import WRITE_KEY as COLLECTOR_WRITE_KEY
+from tests.collector import Answer, running_collector
 from tests.conftest import CHECKOUT_URL, WRITE_KEYS
 from tests.redis_server import RedisServer, free_port
-from tests.test_cli import Service, post, redis_env_for
+from tests.test_cli import Service, post, redis_env, redis_env_for
 from tests.test_settings import PARAMETER_VALUES
 
 KUBERNETES_VERSION = "1.30.0"
@@ -229,6 +232,83 @@ def test_web_pods_probe_health_and_readiness_and_drain_before_sigterm(configurat
         c["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "web" for c in spread
     )
     assert {m["mountPath"] for m in container["volumeMounts"]} == {TMP_MOUNT}
+
+
+@pytest.mark.parametrize("timeout", [0, 0.2, 0.5, 10, 12.5, 600, None])
+@pytest.mark.parametrize(("separate", "outbox"), [(False, "on"), (True, "on"), (False, "off")])
+def test_the_grace_period_is_the_shutdown_the_pods_get(
+    timeout: float | None, separate: bool, outbox: str
+) -> None:
+    """After SIGTERM, `serve` waits up to the shutdown timeout for the requests in flight,
+    then, when it runs the forwarders, up to as long again for their last batches;
+    `forward` waits once. The grace period is the preStop pause, those waits (rounded up to
+    a second) and 5 s more: neither cut short nor padded, 0 included ("wait for nothing",
+    not "unset")."""
+    values = merge(
+        ci_values("forwarder"),
+        {
+            "forwarder": {"enabled": separate},
+            "config": {"shutdownTimeout": timeout, "outbox": outbox},
+        },
+    )
+    objects = render(values)
+    workloads = [o for o in objects if o["kind"] == "Deployment"]
+    assert len(workloads) == (2 if separate else 1)
+    for workload in workloads:
+        pod = pod_spec(workload)
+        (container,) = pod["containers"]
+        settings = load_settings(environment(objects, container))
+        forward = container["args"] == ["forward"]
+        in_serve = settings.outbox.enabled and settings.outbox.forwarder_in_serve
+        waits = 2 if in_serve and not forward else 1
+        pause = 0 if forward else values.get("lifecycle", {}).get("preStopSeconds", 5)
+        expected = pause + math.ceil(waits * settings.shutdown_timeout) + 5
+        assert pod["terminationGracePeriodSeconds"] == expected, workload["metadata"]["name"]
+
+
+async def test_serve_waits_for_its_requests_then_as_long_for_its_forwarders(
+    tmp_path: Path,
+) -> None:
+    """The waits the grace period above counts, against a real `serve` on a real Redis: a
+    request whose body is still arriving, and a batch its destination holds, each take the
+    whole shutdown timeout, one after the other."""
+    timeout = 2.0
+    redis = RedisServer(tmp_path)
+    redis.start()
+    try:
+        async with running_collector() as collector:
+            collector.plan = [Answer(hold=60)]
+            env = redis_env(
+                redis,
+                IDENTITY_DESTINATION_URL=collector.url,
+                IDENTITY_DESTINATION_WRITE_KEY=COLLECTOR_WRITE_KEY,
+                IDENTITY_BATCH_MAX_WAIT="0.01",
+                IDENTITY_SHUTDOWN_TIMEOUT=str(timeout),
+            )
+            service = Service(tmp_path, env)
+            try:
+                body = {"anonymousId": "anon-chart-9f1e", "destination": CHECKOUT_URL}
+                status, _ = await post(f"{service.url}/v1/handoffs", body, WRITE_KEYS["shop"])
+                assert status == 201, service.stderr
+                deadline = time.monotonic() + 10
+                while not collector.requests:  # the batch is held from now on
+                    assert time.monotonic() < deadline, service.stderr
+                    await asyncio.sleep(0.02)
+                with socket.create_connection(("127.0.0.1", service.port)) as client:
+                    client.sendall(
+                        b"POST /v1/handoffs HTTP/1.1\r\nHost: identity\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: 64\r\n\r\n{"
+                    )
+                    await asyncio.sleep(0.2)
+                    started = time.monotonic()
+                    service.terminate()
+                    assert await asyncio.to_thread(service.process.wait, 20) == 0
+                    stopped = time.monotonic() - started
+            finally:
+                service.stop()
+    finally:
+        redis.stop()
+    assert 2 * timeout <= stopped < 2.75 * timeout, service.stderr
 
 
 def test_the_image_is_the_chart_app_version_unless_a_digest_is_given() -> None:
@@ -1251,6 +1331,8 @@ def test_the_schema_takes_the_destination_urls_the_service_takes(
         load_settings(environment(objects, container))
 
 
+# A host name of 253 characters, DNS's longest: three labels of 63 and one of 61.
+LONGEST_HOST = ".".join(letter * 63 for letter in "abc") + "." + "d" * 61
 # Origins the service takes, and ones it refuses at start (urls.parse_origin).
 ORIGIN_PROBES = (
     "https://checkout.example-pay.com", "https://A.Example", "https://a.example:8443",
@@ -1264,6 +1346,11 @@ ORIGIN_PROBES = (
     "https://a_b.example", "https://-a.example", "https://a-.example", "https://a..example",
     "https://a.example:0", "https://a.example:65536", "https://a.example:99999",
     "https://bücher.example", "https://a example", "https://",
+    # DNS's limits, which the service holds to: 63 characters a label, 253 a name.
+    f"https://{'a' * 63}.example", f"https://{'a' * 64}.example",
+    f"https://{LONGEST_HOST}", f"https://{LONGEST_HOST}:8443/", f"https://{LONGEST_HOST}x",
+    f"https://{LONGEST_HOST}x:443/", f"http://{LONGEST_HOST[:-10]}.localhost:3000",
+    f"http://{LONGEST_HOST[:-9]}.localhost",
 )  # fmt: skip
 
 

@@ -285,6 +285,17 @@ checksum/secret: {{ $secrets | sha256sum }}
 {{- end }}
 {{- end }}
 
+{{/* Seconds a container may take to stop after SIGTERM: `waits` times config.shutdownTimeout
+(null: the service's 10 s; 0: it waits for nothing, which Helm's `default` would read as
+unset), rounded up, and 5 s to close: (dict "root" $ "waits" 2). */}}
+{{- define "identity-service.stopSeconds" -}}
+{{- $timeout := .root.Values.config.shutdownTimeout }}
+{{- if kindIs "invalid" $timeout }}
+{{- $timeout = 10 }}
+{{- end }}
+{{- add (mulf $timeout .waits | ceil | int) 5 }}
+{{- end }}
+
 {{/* A duration of the schema's form (`500ms`, `10s`, `1m`) in milliseconds. */}}
 {{- define "identity-service.milliseconds" -}}
 {{- $unit := regexFind "[a-z]+$" . }}
