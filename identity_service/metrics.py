@@ -241,7 +241,7 @@ class Metrics:
         else:
             # The counts live in the files; every process's are read from there.
             metric_registry = None
-            multiprocess.MultiProcessCollector(self._registry, path=directory)  # type: ignore[no-untyped-call]
+            self._registry.register(_WorkerFiles(directory))
         self._counters = {
             name: Counter(name, help_text, labels, registry=metric_registry)
             for name, help_text, labels in _COUNTERS
@@ -330,6 +330,21 @@ class Metrics:
         """The exposition, in the Prometheus text format."""
         self.flush()
         return generate_latest(self._registry)
+
+
+class _WorkerFiles(Collector):
+    """Every worker's counts, read from their files as prometheus_client's
+    MultiProcessCollector reads them, less the files still empty: prometheus_client makes a
+    worker's file, then sizes it, and a file read in between fails the whole read
+    (``struct.error``). An empty file holds no count yet."""
+
+    def __init__(self, directory: str) -> None:
+        self._directory = Path(directory)
+
+    def collect(self) -> Iterable[Metric]:
+        files = [str(f) for f in self._directory.glob("*.db") if f.stat().st_size]
+        merged: Iterable[Metric] = multiprocess.MultiProcessCollector.merge(files)  # type: ignore[no-untyped-call]
+        return merged
 
 
 class _ScrapedCollector(Collector):

@@ -639,3 +639,19 @@ async def test_the_dead_letters_gauge_counts_those_of_an_earlier_version(
         await redis.aclose()
     assert status.dead == 1
     assert report["segment"].dead_letters == 1
+
+
+def test_a_worker_file_still_empty_does_not_fail_a_worker_start_or_a_scrape(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """prometheus_client makes a worker's file empty, then sizes it: a worker starting
+    (its metrics read every file once) or a scrape in between read a file of 0 bytes, and
+    failed with ``struct.error`` (``serve --workers 2`` stopped at start about one time in
+    seven). A file still empty holds no count yet: it is passed over."""
+    monkeypatch.delenv(metrics.MULTIPROC_ENV, raising=False)
+    with metrics.multiprocess_directory(None) as directory:
+        (Path(directory) / "counter_424242.db").write_bytes(b"")  # a worker's, being made
+        counted = metrics.Metrics()
+        counted.inc("identity_store_errors_total")
+        assert counted.value("identity_store_errors_total") == 1
+        assert b"identity_store_errors_total 1.0" in counted.render()
