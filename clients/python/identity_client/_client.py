@@ -123,8 +123,9 @@ class IdentityClient(BaseClient):
     exchange.__doc__ = _EXCHANGE_DOC
 
     def _post(self, path: str, content: bytes) -> httpx.Response:
-        """One attempt (``content``: the encoded body), its whole answer read within the attempt's time (checked between
-        the answer's reads: httpx's own limits bound each read, not the answer)."""
+        """One attempt sending ``content`` (the encoded body), its whole answer read within
+        the attempt's time (checked between the answer's reads: httpx's own limits bound
+        each read, not the answer)."""
         deadline = self._deadline()
         with self._unexpected():
             request = self._http.build_request(
@@ -234,8 +235,8 @@ class AsyncIdentityClient(BaseClient):
     exchange.__doc__ = _EXCHANGE_DOC
 
     async def _post(self, path: str, content: bytes) -> httpx.Response:
-        """One attempt (``content``: the encoded body), the whole of it (connect, send, the answer's headers and body)
-        within the attempt's time."""
+        """One attempt sending ``content`` (the encoded body), the whole of it (connect,
+        send, the answer's headers and body) within the attempt's time."""
         with self._unexpected():
             request = self._http.build_request(
                 "POST", self.base_url + path, content=content, headers=self._headers
