@@ -318,6 +318,44 @@ def test_a_retried_prepare_encodes_its_body_once(stub: Stub, mode: str) -> None:
     assert encodings == 1
 
 
+INVALID_RETRY_SETTINGS: list[dict[str, Any]] = [
+    {"backoff_base": -0.5},
+    {"backoff_base": float("nan")},
+    {"backoff_base": float("inf")},
+    {"backoff_base": "0.5"},
+    {"backoff_max": -1.0},
+    {"backoff_max": float("nan")},
+    {"backoff_max": float("inf")},
+    {"max_retries": -1},
+    {"max_retries": 1.5},
+    {"max_retries": "2"},
+]
+
+
+@pytest.mark.parametrize("client_class", [IdentityClient, AsyncIdentityClient])
+@pytest.mark.parametrize("settings", INVALID_RETRY_SETTINGS)
+def test_invalid_retry_settings_are_refused_when_the_client_is_made(
+    stub: Stub, client_class: type[IdentityClient | AsyncIdentityClient], settings: dict[str, Any]
+) -> None:
+    """The sync client raised a raw ValueError (time.sleep of a negative or nan delay) only
+    at a prepare's first retry, the async one waited no time or for ever; now both refuse
+    the setting at once, before any request."""
+    name = next(iter(settings))
+    with pytest.raises(ConfigurationError, match=name):
+        client_class(stub.url, DEV_WRITE_KEY, **settings)
+    assert stub.requests == []
+
+
+@pytest.mark.parametrize("client_class", [IdentityClient, AsyncIdentityClient])
+def test_no_backoff_at_all_is_a_valid_setting(
+    client_class: type[IdentityClient | AsyncIdentityClient],
+) -> None:
+    client = client_class("http://127.0.0.1:1", DEV_WRITE_KEY, backoff_base=0, backoff_max=0)
+    assert (client.backoff_base, client.backoff_max) == (0, 0)
+    assert client._retry_delay(3, None) == 0
+    assert client._retry_delay(0, 5.0) == 0
+
+
 def test_connection_refused(service: Service) -> None:
     with fast_client(f"http://127.0.0.1:{free_port()}") as client:
         with pytest.raises(IdentityConnectionError) as caught:
