@@ -4,6 +4,7 @@ import {
   ConfigurationError,
   IdentityConnectionError,
   IdentityError,
+  InvalidRequest,
   ServiceUnavailable,
   errorFromResponse,
 } from "./errors.js";
@@ -94,6 +95,32 @@ function dropNullish(obj: Record<string, unknown>): JsonObject {
   return out;
 }
 
+/** A number JSON cannot hold: refused, where JSON.stringify would send null. */
+function finiteOnly(_key: string, value: unknown): unknown {
+  if (typeof value === "number" && !Number.isFinite(value)) {
+    throw new InvalidRequest("the request cannot be sent as JSON: a number that is not finite (NaN or Infinity)", {
+      title: "Invalid request",
+    });
+  }
+  return value;
+}
+
+/**
+ * `body` as the JSON sent, encoded once per call (a prepare's retries send the same text).
+ * What JSON cannot hold is an `InvalidRequest` and nothing is sent, as in the Python SDK:
+ * NaN and Infinity (JSON.stringify would send null), a BigInt or a cycle (its raw
+ * TypeError, whose text names the type, never a value).
+ */
+function encoded(body: JsonObject): string {
+  try {
+    return JSON.stringify(body, finiteOnly);
+  } catch (error) {
+    if (error instanceof InvalidRequest) throw error;
+    const reason = error instanceof Error ? error.message.split("\n")[0] : String(error);
+    throw new InvalidRequest(`the request cannot be sent as JSON: ${reason}`, { title: "Invalid request" });
+  }
+}
+
 /**
  * The identity-service client. One instance per process is enough: it holds no connection
  * of its own (Node's fetch pools connections).
@@ -161,10 +188,11 @@ export class IdentityClient {
       consent: params.consent,
       ttl: params.ttl,
     });
+    const text = encoded(body);
     let attempt = 0;
     for (;;) {
       try {
-        const answer = await this.#post("/v1/handoffs", body);
+        const answer = await this.#post("/v1/handoffs", text);
         return {
           token: answer.string("token"),
           redirectUrl: answer.url("redirectUrl"),
@@ -192,7 +220,7 @@ export class IdentityClient {
       properties: options.properties,
       context: options.context,
     });
-    const answer = await this.#post("/v1/handoffs/exchange", body, [token]);
+    const answer = await this.#post("/v1/handoffs/exchange", encoded(body), [token]);
     const anonymousId = answer.optionalString("anonymousId");
     const userId = answer.optionalString("userId");
     // A handoff prepared with a userId alone has no anonymousId; none of either is not an
@@ -235,7 +263,8 @@ export class IdentityClient {
     return out;
   }
 
-  async #post(path: string, body: JsonObject, secrets: readonly string[] = []): Promise<Answer> {
+  /** One attempt, sending `body` (the encoded JSON). */
+  async #post(path: string, body: string, secrets: readonly string[] = []): Promise<Answer> {
     const scrub = (text: string) => this.#scrub(text, secrets);
     const url = this.baseUrl + path;
     let response: Response;
@@ -249,7 +278,7 @@ export class IdentityClient {
           "content-type": "application/json",
           accept: "application/json, application/problem+json",
         },
-        body: JSON.stringify(body),
+        body,
         redirect: "manual",
         signal: AbortSignal.timeout(this.timeoutMs),
       });
