@@ -18,11 +18,11 @@ export interface IdentityClientOptions {
   writeKey?: string;
   /** Time for one attempt, in milliseconds (default 5000). */
   timeoutMs?: number;
-  /** Retries of a prepare after a 503 or a connection error (default 2). Exchange is never retried. */
+  /** Retries of a prepare after a 503 or a connection error (default 2; 0 or more). Exchange is never retried. */
   maxRetries?: number;
-  /** First backoff delay in milliseconds (default 200); doubled each retry, with full jitter. */
+  /** First backoff delay in milliseconds (default 200; 0 or more); doubled each retry, with full jitter. */
   backoffBaseMs?: number;
-  /** Cap of one backoff delay, `Retry-After` included, in milliseconds (default 5000). */
+  /** Cap of one backoff delay, `Retry-After` included, in milliseconds (default 5000; 0 or more). */
   maxBackoffMs?: number;
   /** The fetch to use (default the global one). */
   fetch?: typeof fetch;
@@ -95,6 +95,20 @@ function dropNullish(obj: Record<string, unknown>): JsonObject {
   return out;
 }
 
+/**
+ * A retry setting as given, or a ConfigurationError when the client is made (as the Python
+ * SDK's), not a surprise at a prepare's retry: setTimeout waits a negative, NaN or infinite
+ * delay as 1 ms.
+ */
+function retrySetting(name: string, value: unknown, count = false): number {
+  const valid = typeof value === "number" && value >= 0 && (count ? Number.isInteger(value) : Number.isFinite(value));
+  if (!valid) {
+    const what = count ? "a whole number" : "a finite number of milliseconds";
+    throw new ConfigurationError(`IdentityClient: ${name} must be ${what}, 0 or more`);
+  }
+  return value;
+}
+
 /** A number JSON cannot hold: refused, where JSON.stringify would send null. */
 function finiteOnly(_key: string, value: unknown): unknown {
   if (typeof value === "number" && !Number.isFinite(value)) {
@@ -151,9 +165,9 @@ export class IdentityClient {
     if (!writeKey) throw new ConfigurationError("IdentityClient: writeKey (or IDENTITY_WRITE_KEY) is required");
     this.baseUrl = baseUrl.replace(/\/+$/, "");
     this.timeoutMs = options.timeoutMs ?? DEFAULTS.timeoutMs;
-    this.maxRetries = Math.max(0, options.maxRetries ?? DEFAULTS.maxRetries);
-    this.backoffBaseMs = options.backoffBaseMs ?? DEFAULTS.backoffBaseMs;
-    this.maxBackoffMs = options.maxBackoffMs ?? DEFAULTS.maxBackoffMs;
+    this.maxRetries = retrySetting("maxRetries", options.maxRetries ?? DEFAULTS.maxRetries, true);
+    this.backoffBaseMs = retrySetting("backoffBaseMs", options.backoffBaseMs ?? DEFAULTS.backoffBaseMs);
+    this.maxBackoffMs = retrySetting("maxBackoffMs", options.maxBackoffMs ?? DEFAULTS.maxBackoffMs);
     this.#writeKey = writeKey;
     this.#authorization = "Basic " + Buffer.from(`${writeKey}:`, "utf8").toString("base64");
     this.#fetch = options.fetch ?? globalThis.fetch;
