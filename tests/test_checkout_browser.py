@@ -221,7 +221,12 @@ async def test_the_visitor_keeps_one_anonymous_id_from_shop_to_checkout(
         checkout_url = checkout_url_of(demo, mode)
         requested: list[str] = []
         sent: list[Any] = []  # the requests themselves, for their Referer
-        context.on("request", lambda request: (requested.append(request.url), sent.append(request)))
+
+        def record(request: Any) -> None:
+            requested.append(request.url)
+            sent.append(request)
+
+        context.on("request", record)
         tab = await first_tab(context)
         await tab.goto(f"{demo.shop_url}/")
         shop_id = await visitor_id(tab)
