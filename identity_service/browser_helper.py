@@ -3,7 +3,8 @@
 The script is read from the package once, at start. Its version is a digest of the file
 (:func:`script_of`), written where the file names it, so any change to the script is a new
 version: a new ``?v=`` URL for the pages that name it, and a new strong ETag (the version
-and a digest of the bytes served). Answers are public and cached for an hour;
+and the next 32 hex digits of the same digest: the bytes served follow from the file, so
+one digest, computed once at start, names both). Answers are public and cached for an hour;
 ``If-None-Match`` with the current tag (or ``*``) answers 304. HEAD is routed with GET by
 aiohttp and sends the same headers without the body. A ``?v=`` query (the version the page
 expects) is ignored: it only makes a new version a new URL for caches.
@@ -21,6 +22,7 @@ CACHE_CONTROL = "public, max-age=3600"
 # Where static/identity.js names its version (its first line, its usage comment, VERSION).
 VERSION_TOKEN = b"__IDENTITY_JS_VERSION__"
 VERSION_DIGITS = 12  # hex digits of the SHA-256 of the file: 48 bits
+TAG_DIGITS = 32  # the ETag's further hex digits of that digest: 128 bits
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +44,12 @@ def script_of(source: bytes) -> Script:
     digits of the file's SHA-256, in place of each VERSION_TOKEN."""
     if b'var VERSION = "' + VERSION_TOKEN + b'";' not in source:
         raise RuntimeError("static/identity.js names no VERSION")
-    version = hashlib.sha256(source).hexdigest()[:VERSION_DIGITS]
+    digest = hashlib.sha256(source).hexdigest()
+    version = digest[:VERSION_DIGITS]
     body = source.replace(VERSION_TOKEN, version.encode())
-    return Script(body, f"{version}-{hashlib.sha256(body).hexdigest()[:32]}", version)
+    # The body follows from the file: the tag is more of the same digest, not a second one.
+    tag = f"{version}-{digest[VERSION_DIGITS : VERSION_DIGITS + TAG_DIGITS]}"
+    return Script(body, tag, version)
 
 
 async def load_helper_script(_app: web.Application) -> None:

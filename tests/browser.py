@@ -5,11 +5,18 @@ Without Chromium or Playwright a browser test skips, except in CI (CI set), wher
 ``/usr/bin/chromium`` through ``executable_path``.
 """
 
+import datetime
 import importlib
 import json
 import shutil
+import ssl
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from tests.tools import missing_tool
 
@@ -64,3 +71,36 @@ def cookie_profile(directory: Path, *, block_third_party: bool) -> Path:
     }
     (profile / "Default" / "Preferences").write_text(json.dumps(preferences))
     return profile
+
+
+def tls_context(directory: Path, *hosts: str) -> ssl.SSLContext:
+    """A server context with a fresh self-signed certificate for ``hosts`` (the first is its
+    subject), for a site the browser reaches through ``--host-resolver-rules`` and accepts
+    with ``ignore_https_errors``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
+    now = datetime.datetime.now(datetime.UTC)
+    names: list[x509.GeneralName] = [x509.DNSName(host) for host in hosts]
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "site.pem", directory / "site.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context

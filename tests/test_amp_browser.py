@@ -15,7 +15,6 @@ Without Chromium or Playwright this test skips, except in CI (CI set), where it 
 (tests/browser.py).
 """
 
-import datetime
 import json
 import ssl
 from collections.abc import Awaitable, Callable
@@ -23,14 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from identity_service.amp.context import AMP
 from identity_service.app import create_app
-from tests.browser import BLOCK_THIRD_PARTY_COOKIES, blocking_profile, chromium_path, need_browser
+from tests.browser import (
+    BLOCK_THIRD_PARTY_COOKIES,
+    blocking_profile,
+    chromium_path,
+    need_browser,
+    tls_context,
+)
 from tests.browser import CHROMIUM_ARGS as BROWSER_ARGS
 from tests.conftest import AppClient, FrontTestServer, make_settings
 from tests.redis_server import free_port
@@ -65,36 +66,6 @@ async function submitForm() {{
 </script>
 </body></html>
 """
-
-
-def tls_context(directory: Path) -> ssl.SSLContext:
-    """A server context with a fresh self-signed certificate for the cache host."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CACHE_HOST)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(CACHE_HOST)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "cache.pem", directory / "cache.key"
-    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert_file, key_file)
-    return context
 
 
 async def serve_cache_page(page: str, context: ssl.SSLContext) -> tuple[web.AppRunner, int]:
@@ -135,7 +106,7 @@ async def test_cache_page_hops_to_the_publisher_in_chromium(
     page = CACHE_PAGE.format(
         action=action, source=json.dumps("https://pub.localhost"), **FIELD_VALUES
     )
-    cache_runner, cache_port = await serve_cache_page(page, tls_context(tmp_path))
+    cache_runner, cache_port = await serve_cache_page(page, tls_context(tmp_path, CACHE_HOST))
     profile = blocking_profile(tmp_path)  # Chrome's own setting too
     visited: list[str] = []
     try:

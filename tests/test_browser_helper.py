@@ -62,6 +62,14 @@ def test_the_tag_carries_the_version_the_script_announces() -> None:
     assert script.etag.startswith(f"{script.version}-")
 
 
+def test_the_tag_is_the_files_one_digest() -> None:
+    """The version and the tag come from one SHA-256 of the file: the served bytes (the
+    file with its version written in) were hashed a second time for the tag, which told
+    nothing more, since they follow from the file."""
+    digest = hashlib.sha256(SOURCE).hexdigest()
+    assert helper_script().etag == f"{digest[:12]}-{digest[12:44]}"
+
+
 def test_any_change_to_the_script_is_a_new_version_and_a_new_tag() -> None:
     script = helper_script()
     for changed in (

@@ -10,8 +10,11 @@ and clicks through to the checkout. The test asserts that
 
 - the checkout page's anonymousId is the shop's (or, with an expired token, a generated
   one, and the service's completion event says ``anonymousId_source: generated``);
-- the address bar holds no token, and no event and no other URL carries it; the raw
-  anonymousId is in no URL at all;
+- the address bar holds no token, and no event, no other URL and no ``Referer`` carries it;
+  the raw anonymousId is in no URL at all; the checkout page's referrer is the shop's
+  origin (the Python middleware's 303 sends no ``Referrer-Policy``: the redirect's own URL
+  is never a referrer, so none is needed to keep the token out; the Node middleware's
+  ``no-referrer`` leaves the page without one);
 - back to the shop and forward again replays nothing: no second exchange, no token in a
   request; identity.js kept ``history.state``;
 - the collector got the shop's and the checkout's page calls and the service's started
@@ -217,7 +220,13 @@ async def test_the_visitor_keeps_one_anonymous_id_from_shop_to_checkout(
     ):
         checkout_url = checkout_url_of(demo, mode)
         requested: list[str] = []
-        context.on("request", lambda request: requested.append(request.url))
+        sent: list[Any] = []  # the requests themselves, for their Referer
+
+        def record(request: Any) -> None:
+            requested.append(request.url)
+            sent.append(request)
+
+        context.on("request", record)
         tab = await first_tab(context)
         await tab.goto(f"{demo.shop_url}/")
         shop_id = await visitor_id(tab)
@@ -249,6 +258,10 @@ async def test_the_visitor_keeps_one_anonymous_id_from_shop_to_checkout(
         assert len(tokens) == 1, requested  # one handoff, one token
         [token] = tokens
         AUDIT.token(token)
+        referers = [await request.header_value("referer") or "" for request in sent]
+        assert not [referer for referer in referers if token in referer]
+        referrer = "" if mode == "node" else f"{demo.shop_url}/"
+        assert await tab.evaluate("document.referrer") == referrer
         assert TOKEN_PARAM not in tab.url
         assert await tab.evaluate("location.href") == tab.url
         assert tab.url.startswith(f"{checkout_url}/cart")

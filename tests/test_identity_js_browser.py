@@ -1,5 +1,5 @@
-"""identity.js on domain A in headless Chromium (Debian's): where a decorated link or form
-goes, against the real service and a real site.
+"""identity.js in headless Chromium (Debian's): where a decorated link or form goes on
+domain A, and the cookie it writes on domain B, against the real service and a real site.
 
 The service (in process, through its HTTP front) serves identity.js and prepares the
 handoffs; the site answers both ``a.localhost`` (domain A: the pages, and ``/handoff``,
@@ -14,6 +14,13 @@ recorded). The tests assert
 - a ``data-timeout`` that is not a positive number of milliseconds (``5s``) is the default,
   not an abort at once.
 
+And on domain B (``https://pay.example.test``: hosts of a registrable domain, which Chromium
+maps to loopback with ``--host-resolver-rules``, served with a certificate made here, since
+``*.localhost`` is a public suffix to cookies and the service takes https origins only), the
+``ajs_anonymous_id`` cookie identity.js writes on landing reaches a sibling subdomain
+(``www.example.test``) with ``cookieDomain`` (or ``data-cookie-domain``), and stays
+host-only without it.
+
 Without Chromium or Playwright these tests skip, except in CI (tests/browser.py).
 """
 
@@ -23,6 +30,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -32,7 +40,7 @@ from identity_client import AsyncIdentityClient
 from identity_service.app import create_app
 from identity_service.front import FrontRunner
 from identity_service.sources import hash_write_key
-from tests.browser import CHROMIUM_ARGS, chromium_path, need_browser
+from tests.browser import CHROMIUM_ARGS, chromium_path, need_browser, tls_context
 from tests.conftest import make_settings
 from tests.redis_server import free_port
 
@@ -277,3 +285,104 @@ async def test_a_data_timeout_that_is_not_a_number_is_the_default() -> None:
         async with tab.expect_navigation(url=lambda url: url.startswith(f"{site.b}/cart")):
             await tab.click("#link")
         assert tab.url == f"{site.b}/cart"
+
+
+# Domain B on a registrable domain of its own: a cookie for the parent domain needs one.
+PARENT_DOMAIN = "example.test"
+LANDING_ARGS = [*CHROMIUM_ARGS, f"--host-resolver-rules=MAP *.{PARENT_DOMAIN} 127.0.0.1"]
+COOKIE_DOMAINS = {"init": f".{PARENT_DOMAIN}", "tag": PARENT_DOMAIN, "none": None}
+
+
+def landing_page(service: str, mode: str) -> web.Response:
+    """Domain B's page with identity.js: ``cookieDomain`` by ``init``, by the script tag's
+    ``data-cookie-domain``, or none."""
+    src = f"{service}/v1/identity.js"
+    domain = COOKIE_DOMAINS[mode]
+    if mode == "tag":
+        head = (
+            f'<script src="{src}" data-exchange-endpoint="/identity/exchange" '
+            f'data-cookie-domain="{domain}"></script>'
+        )
+    else:
+        options = {"exchangeEndpoint": "/identity/exchange", "cookieDomain": domain}
+        head = f'<script src="{src}"></script><script>IdentityHandoff.init({json.dumps(options)});</script>'
+    html = f"<!doctype html><html><head>{head}</head><body><h1>cart</h1></body></html>"
+    return web.Response(text=html, content_type="text/html")
+
+
+def landing_app(service: str, client: AsyncIdentityClient) -> web.Application:
+    async def exchange(request: web.Request) -> web.Response:
+        token = (await request.json())["token"]
+        identity = await client.exchange(token, fallback=True)
+        return web.json_response({"anonymousId": identity.anonymous_id, "source": identity.source})
+
+    async def any_page(request: web.Request) -> web.Response:
+        if request.path == "/cart":
+            return landing_page(service, request.query["mode"])
+        return web.Response(
+            text=f"<h1>{request.host} {request.path}</h1>", content_type="text/html"
+        )
+
+    app = web.Application()
+    app.router.add_post("/identity/exchange", exchange)
+    app.router.add_get("/{tail:.*}", any_page)
+    return app
+
+
+async def test_identity_js_writes_the_cookie_for_the_cookie_domain(tmp_path: Path) -> None:
+    """identity.js wrote a host-only cookie whatever the site's setup: a visitor restored on
+    pay.example.test was unknown on www.example.test. With ``cookieDomain`` (the
+    middlewares' option) the cookie is the parent domain's."""
+    async_api = need_browser()
+    service_port, site_port = free_port(), free_port()
+    pay = f"https://pay.{PARENT_DOMAIN}:{site_port}"
+    www = f"https://www.{PARENT_DOMAIN}:{site_port}"
+    tls = tls_context(tmp_path, f"pay.{PARENT_DOMAIN}", f"www.{PARENT_DOMAIN}")
+    sources = {"pay": {"write_key_hash": hash_write_key(WRITE_KEY), "origins": [pay]}}
+    service = FrontRunner(create_app(make_settings(sources=json.dumps(sources))), access_log=None)
+    await service.setup()
+    await web.TCPSite(service, "127.0.0.1", service_port).start()
+    service_url = f"http://127.0.0.1:{service_port}"
+    try:
+        async with (
+            AsyncIdentityClient(service_url, WRITE_KEY) as client,
+            async_api.async_playwright() as playwright,
+        ):
+            runner = web.AppRunner(landing_app(service_url, client), access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", site_port, ssl_context=tls).start()
+            browser = await playwright.chromium.launch(
+                executable_path=chromium_path(), args=LANDING_ARGS, timeout=TIMEOUT_MS
+            )
+            try:
+                for mode, domain in COOKIE_DOMAINS.items():
+                    visitor = f"visitor-{mode}"
+                    context = await browser.new_context(ignore_https_errors=True)
+                    context.set_default_timeout(TIMEOUT_MS)
+                    tab = await context.new_page()
+                    prepared = await client.prepare(
+                        anonymous_id=visitor, destination=f"{pay}/cart?mode={mode}"
+                    )
+                    await tab.goto(prepared.redirect_url)
+                    landed = await tab.evaluate(
+                        "new Promise((resolve) => IdentityHandoff.ready(resolve))"
+                    )
+                    assert landed == {"anonymousId": visitor, "source": "handoff"}, mode
+                    assert tab.url == f"{pay}/cart?mode={mode}"
+                    [cookie] = await context.cookies(pay)
+                    assert (cookie["name"], cookie["value"]) == ("ajs_anonymous_id", visitor)
+                    # The sibling subdomain's own page sees it, or not.
+                    await tab.goto(f"{www}/account")
+                    seen = await tab.evaluate("document.cookie")
+                    if domain is None:
+                        assert cookie["domain"] == f"pay.{PARENT_DOMAIN}"
+                        assert seen == "", mode
+                    else:
+                        assert cookie["domain"] == f".{PARENT_DOMAIN}"
+                        assert seen == f"ajs_anonymous_id={visitor}", mode
+                    await context.close()
+            finally:
+                await browser.close()
+                await runner.cleanup()
+    finally:
+        await service.cleanup()

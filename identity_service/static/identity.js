@@ -28,7 +28,9 @@
  *   </script>
  *
  * or the same as attributes of the script tag itself: data-domains="a.com b.com",
- * data-token-endpoint, data-exchange-endpoint, data-param, data-cookie-name, data-timeout.
+ * data-token-endpoint, data-exchange-endpoint, data-param, data-cookie-name,
+ * data-cookie-domain, data-timeout. cookieDomain (e.g. ".example-pay.com") is the cookie's
+ * Domain, as the SDKs' middlewares' option: without it the cookie is host-only.
  * No dependencies, no build step; ES5 plus fetch.
  */
 (function (window, document) {
@@ -43,6 +45,7 @@
     exchangeEndpoint: null,
     param: "handoff_token",
     cookieName: "ajs_anonymous_id",
+    cookieDomain: null,
     cookieMaxAge: 365 * 24 * 3600,
     timeout: 5000
   };
@@ -323,8 +326,9 @@
 
   function writeCookie(anonymousId) {
     var secure = window.location.protocol === "https:" ? "; Secure" : "";
+    var domain = config.cookieDomain ? "; Domain=" + config.cookieDomain : "";
     document.cookie = config.cookieName + "=" + encodeURIComponent(anonymousId) +
-      "; Path=/; Max-Age=" + config.cookieMaxAge + "; SameSite=Lax" + secure;
+      "; Path=/; Max-Age=" + config.cookieMaxAge + domain + "; SameSite=Lax" + secure;
   }
 
   function giveToAnalytics(anonymousId) {
@@ -396,6 +400,7 @@
       exchangeEndpoint: data.exchangeEndpoint,
       param: data.param,
       cookieName: data.cookieName,
+      cookieDomain: data.cookieDomain,
       timeout: data.timeout ? Number(data.timeout) : null
     };
   }

@@ -4,6 +4,7 @@ import {
   ConfigurationError,
   IdentityConnectionError,
   IdentityError,
+  InvalidRequest,
   ServiceUnavailable,
   errorFromResponse,
 } from "./errors.js";
@@ -17,11 +18,11 @@ export interface IdentityClientOptions {
   writeKey?: string;
   /** Time for one attempt, in milliseconds (default 5000). */
   timeoutMs?: number;
-  /** Retries of a prepare after a 503 or a connection error (default 2). Exchange is never retried. */
+  /** Retries of a prepare after a 503 or a connection error (default 2; 0 or more). Exchange is never retried. */
   maxRetries?: number;
-  /** First backoff delay in milliseconds (default 200); doubled each retry, with full jitter. */
+  /** First backoff delay in milliseconds (default 200; 0 or more); doubled each retry, with full jitter. */
   backoffBaseMs?: number;
-  /** Cap of one backoff delay, `Retry-After` included, in milliseconds (default 5000). */
+  /** Cap of one backoff delay, `Retry-After` included, in milliseconds (default 5000; 0 or more). */
   maxBackoffMs?: number;
   /** The fetch to use (default the global one). */
   fetch?: typeof fetch;
@@ -95,6 +96,46 @@ function dropNullish(obj: Record<string, unknown>): JsonObject {
 }
 
 /**
+ * A retry setting as given, or a ConfigurationError when the client is made (as the Python
+ * SDK's), not a surprise at a prepare's retry: setTimeout waits a negative, NaN or infinite
+ * delay as 1 ms.
+ */
+function retrySetting(name: string, value: unknown, count = false): number {
+  const valid = typeof value === "number" && value >= 0 && (count ? Number.isInteger(value) : Number.isFinite(value));
+  if (!valid) {
+    const what = count ? "a whole number" : "a finite number of milliseconds";
+    throw new ConfigurationError(`IdentityClient: ${name} must be ${what}, 0 or more`);
+  }
+  return value;
+}
+
+/** A number JSON cannot hold: refused, where JSON.stringify would send null. */
+function finiteOnly(_key: string, value: unknown): unknown {
+  if (typeof value === "number" && !Number.isFinite(value)) {
+    throw new InvalidRequest("the request cannot be sent as JSON: a number that is not finite (NaN or Infinity)", {
+      title: "Invalid request",
+    });
+  }
+  return value;
+}
+
+/**
+ * `body` as the JSON sent, encoded once per call (a prepare's retries send the same text).
+ * What JSON cannot hold is an `InvalidRequest` and nothing is sent, as in the Python SDK:
+ * NaN and Infinity (JSON.stringify would send null), a BigInt or a cycle (its raw
+ * TypeError, whose text names the type, never a value).
+ */
+function encoded(body: JsonObject): string {
+  try {
+    return JSON.stringify(body, finiteOnly);
+  } catch (error) {
+    if (error instanceof InvalidRequest) throw error;
+    const reason = error instanceof Error ? error.message.split("\n")[0] : String(error);
+    throw new InvalidRequest(`the request cannot be sent as JSON: ${reason}`, { title: "Invalid request" });
+  }
+}
+
+/**
  * The identity-service client. One instance per process is enough: it holds no connection
  * of its own (Node's fetch pools connections).
  *
@@ -124,9 +165,9 @@ export class IdentityClient {
     if (!writeKey) throw new ConfigurationError("IdentityClient: writeKey (or IDENTITY_WRITE_KEY) is required");
     this.baseUrl = baseUrl.replace(/\/+$/, "");
     this.timeoutMs = options.timeoutMs ?? DEFAULTS.timeoutMs;
-    this.maxRetries = Math.max(0, options.maxRetries ?? DEFAULTS.maxRetries);
-    this.backoffBaseMs = options.backoffBaseMs ?? DEFAULTS.backoffBaseMs;
-    this.maxBackoffMs = options.maxBackoffMs ?? DEFAULTS.maxBackoffMs;
+    this.maxRetries = retrySetting("maxRetries", options.maxRetries ?? DEFAULTS.maxRetries, true);
+    this.backoffBaseMs = retrySetting("backoffBaseMs", options.backoffBaseMs ?? DEFAULTS.backoffBaseMs);
+    this.maxBackoffMs = retrySetting("maxBackoffMs", options.maxBackoffMs ?? DEFAULTS.maxBackoffMs);
     this.#writeKey = writeKey;
     this.#authorization = "Basic " + Buffer.from(`${writeKey}:`, "utf8").toString("base64");
     this.#fetch = options.fetch ?? globalThis.fetch;
@@ -161,10 +202,11 @@ export class IdentityClient {
       consent: params.consent,
       ttl: params.ttl,
     });
+    const text = encoded(body);
     let attempt = 0;
     for (;;) {
       try {
-        const answer = await this.#post("/v1/handoffs", body);
+        const answer = await this.#post("/v1/handoffs", text);
         return {
           token: answer.string("token"),
           redirectUrl: answer.url("redirectUrl"),
@@ -192,7 +234,7 @@ export class IdentityClient {
       properties: options.properties,
       context: options.context,
     });
-    const answer = await this.#post("/v1/handoffs/exchange", body, [token]);
+    const answer = await this.#post("/v1/handoffs/exchange", encoded(body), [token]);
     const anonymousId = answer.optionalString("anonymousId");
     const userId = answer.optionalString("userId");
     // A handoff prepared with a userId alone has no anonymousId; none of either is not an
@@ -235,7 +277,8 @@ export class IdentityClient {
     return out;
   }
 
-  async #post(path: string, body: JsonObject, secrets: readonly string[] = []): Promise<Answer> {
+  /** One attempt, sending `body` (the encoded JSON). */
+  async #post(path: string, body: string, secrets: readonly string[] = []): Promise<Answer> {
     const scrub = (text: string) => this.#scrub(text, secrets);
     const url = this.baseUrl + path;
     let response: Response;
@@ -249,7 +292,7 @@ export class IdentityClient {
           "content-type": "application/json",
           accept: "application/json, application/problem+json",
         },
-        body: JSON.stringify(body),
+        body,
         redirect: "manual",
         signal: AbortSignal.timeout(this.timeoutMs),
       });

@@ -16,7 +16,7 @@ import {
   TokenNotFound,
   Unauthorized,
 } from "../dist/esm/index.js";
-import { WRITE_KEY, startService } from "./helpers.mjs";
+import { WRITE_KEY, startHttpServer, startService } from "./helpers.mjs";
 
 const DESTINATION = "http://checkout.localhost:3000/cart?step=1";
 let service;
@@ -95,6 +95,43 @@ describe("IdentityClient against the real service", () => {
         (error) => error instanceof ConfigurationError && error instanceof IdentityError && !(error instanceof TypeError),
       );
     }
+  });
+
+  test("a body JSON cannot hold is an InvalidRequest, and nothing is sent", async () => {
+    // JSON.stringify sent NaN and Infinity as null (a value the caller never gave), and
+    // threw a raw TypeError for a BigInt or a cycle; the Python SDK refuses them all.
+    const server = await startHttpServer((req, res) => {
+      res.writeHead(500);
+      res.end();
+    });
+    const cyclic = { a: 1 };
+    cyclic.self = cyclic;
+    try {
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: WRITE_KEY, maxRetries: 0 });
+      const calls = [
+        () => client.exchange("t".repeat(43), { fallback: true, properties: { total: Number.NaN } }),
+        () => client.exchange("t".repeat(43), { fallback: true, context: { page: { n: [1, Number.POSITIVE_INFINITY] } } }),
+        () => client.prepare({ anonymousId: "v", destination: DESTINATION, traits: { score: Number.NEGATIVE_INFINITY } }),
+        () => client.prepare({ anonymousId: "v", destination: DESTINATION, ttl: Number.NaN }),
+        () => client.exchange("t".repeat(43), { properties: { big: 10n } }),
+        () => client.prepare({ anonymousId: "v", destination: DESTINATION, traits: cyclic }),
+      ];
+      for (const call of calls) {
+        await assert.rejects(call(), (error) => {
+          assert.ok(error instanceof InvalidRequest, `${error?.name}: ${error?.message}`);
+          assert.equal(error.status, null);
+          assert.match(error.message, /cannot be sent as JSON/);
+          return true;
+        });
+      }
+      assert.equal(server.count, 0);
+    } finally {
+      await server.close();
+    }
+    // Finite numbers go as they are (the real service).
+    const client = new IdentityClient({ baseUrl: service.url, writeKey: WRITE_KEY });
+    const handoff = await client.prepare({ anonymousId: "finite", destination: DESTINATION, traits: { score: 1.5e300 } });
+    assert.deepEqual((await client.exchange(handoff.token)).traits, { score: 1.5e300 });
   });
 
   test("the error classes form the Python SDK's hierarchy", () => {

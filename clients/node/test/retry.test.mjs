@@ -3,8 +3,10 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
 import {
+  ConfigurationError,
   IdentityClient,
   IdentityConnectionError,
+  IdentityError,
   ServiceUnavailable,
 } from "../dist/esm/index.js";
 import { freePort, startHttpServer } from "./helpers.mjs";
@@ -184,6 +186,51 @@ describe("exchange is never retried", () => {
       const client = new IdentityClient({ baseUrl: server.url, writeKey: "k", timeoutMs: 100, maxRetries: 5 });
       await assert.rejects(client.exchange("t".repeat(43)), IdentityConnectionError);
       assert.equal(server.count, 1);
+    } finally {
+      await server.close();
+    }
+  });
+});
+
+describe("retry settings", () => {
+  // A negative delay waited no time, NaN 1 ms, Infinity 1 ms (setTimeout's reading of
+  // them), and a negative maxRetries was read as 0: each is refused when the client is
+  // made, as the Python SDK refuses them.
+  const INVALID = [
+    { backoffBaseMs: -500 },
+    { backoffBaseMs: Number.NaN },
+    { backoffBaseMs: Number.POSITIVE_INFINITY },
+    { backoffBaseMs: "200" },
+    { maxBackoffMs: -1 },
+    { maxBackoffMs: Number.NaN },
+    { maxBackoffMs: Number.POSITIVE_INFINITY },
+    { maxRetries: -1 },
+    { maxRetries: 1.5 },
+    { maxRetries: Number.NaN },
+    { maxRetries: "2" },
+  ];
+  for (const setting of INVALID) {
+    const [name, value] = Object.entries(setting)[0];
+    test(`${name}: ${typeof value === "string" ? JSON.stringify(value) : value} is a ConfigurationError`, () => {
+      assert.throws(
+        () => new IdentityClient({ baseUrl: "http://127.0.0.1:1", writeKey: "k", ...setting }),
+        (error) => {
+          assert.ok(error instanceof ConfigurationError && error instanceof IdentityError);
+          assert.match(error.message, new RegExp(name));
+          return true;
+        },
+      );
+    });
+  }
+
+  test("no backoff at all (0) is valid, and retries at once", async () => {
+    const server = await startHttpServer(flaky(2, "5"));
+    try {
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: "k", backoffBaseMs: 0, maxBackoffMs: 0 });
+      const started = Date.now();
+      await client.prepare(params);
+      assert.ok(Date.now() - started < 1000, `waited ${Date.now() - started} ms`);
+      assert.equal(server.count, 3);
     } finally {
       await server.close();
     }

@@ -80,8 +80,7 @@ class BaseClient:
         write_key = write_key or os.environ.get("IDENTITY_WRITE_KEY")
         if not write_key:
             raise ConfigurationError("no write key: pass write_key= or set IDENTITY_WRITE_KEY")
-        if max_retries < 0:
-            raise ConfigurationError("max_retries must be 0 or more")
+        _check_retry_settings(max_retries, backoff_base, backoff_max)
         try:
             url = httpx.URL(base_url)
         except httpx.InvalidURL:
@@ -360,6 +359,18 @@ class BaseClient:
                 _scrub(f"the request failed: {type(exc).__name__}: {exc}", self._secrets),
                 title="Request failed",
             ) from None  # the raw error's text is in the message, scrubbed
+
+
+def _check_retry_settings(max_retries: object, backoff_base: object, backoff_max: object) -> None:
+    """Refuse, when the client is made, what would fail or misbehave only at a prepare's
+    retry: a negative or NaN delay (``time.sleep`` raises ``ValueError``, ``asyncio.sleep``
+    waits no time), an infinite one (a wait without end), a count that is not a whole
+    number."""
+    if not isinstance(max_retries, int) or max_retries < 0:
+        raise ConfigurationError("max_retries must be a whole number, 0 or more")
+    for name, seconds in (("backoff_base", backoff_base), ("backoff_max", backoff_max)):
+        if not isinstance(seconds, int | float) or not math.isfinite(seconds) or seconds < 0:
+            raise ConfigurationError(f"{name} must be a finite number of seconds, 0 or more")
 
 
 def retry_after(response: httpx.Response) -> float | None:

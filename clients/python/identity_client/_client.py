@@ -87,11 +87,12 @@ class IdentityClient(BaseClient):
             consent=consent,
             ttl=ttl,
         )
+        content = self._encoded(body)  # once: every attempt sends these bytes
         attempt = 0
         while True:
             outcome: httpx.Response | httpx.TransportError
             try:
-                outcome = self._post(PREPARE_PATH, body)
+                outcome = self._post(PREPARE_PATH, content)
             except httpx.TransportError as exc:
                 outcome = exc
             delay = self._prepare_retry(attempt, outcome, anonymous_id, user_id)
@@ -114,20 +115,21 @@ class IdentityClient(BaseClient):
             token, fallback=fallback, event=event, properties=properties, context=context
         )
         try:
-            response = self._post(EXCHANGE_PATH, body)
+            response = self._post(EXCHANGE_PATH, self._encoded(body))
         except httpx.TransportError as exc:
             raise self._connection_error(exc, EXCHANGE_PATH, token) from None
         return self._identity(response, token)
 
     exchange.__doc__ = _EXCHANGE_DOC
 
-    def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        """One attempt, its whole answer read within the attempt's time (checked between
-        the answer's reads: httpx's own limits bound each read, not the answer)."""
+    def _post(self, path: str, content: bytes) -> httpx.Response:
+        """One attempt sending ``content`` (the encoded body), its whole answer read within
+        the attempt's time (checked between the answer's reads: httpx's own limits bound
+        each read, not the answer)."""
         deadline = self._deadline()
         with self._unexpected():
             request = self._http.build_request(
-                "POST", self.base_url + path, content=self._encoded(body), headers=self._headers
+                "POST", self.base_url + path, content=content, headers=self._headers
             )
             response = self._http.send(request, stream=True)
             try:
@@ -197,11 +199,12 @@ class AsyncIdentityClient(BaseClient):
             consent=consent,
             ttl=ttl,
         )
+        content = self._encoded(body)  # once: every attempt sends these bytes
         attempt = 0
         while True:
             outcome: httpx.Response | httpx.TransportError
             try:
-                outcome = await self._post(PREPARE_PATH, body)
+                outcome = await self._post(PREPARE_PATH, content)
             except httpx.TransportError as exc:
                 outcome = exc
             delay = self._prepare_retry(attempt, outcome, anonymous_id, user_id)
@@ -224,19 +227,19 @@ class AsyncIdentityClient(BaseClient):
             token, fallback=fallback, event=event, properties=properties, context=context
         )
         try:
-            response = await self._post(EXCHANGE_PATH, body)
+            response = await self._post(EXCHANGE_PATH, self._encoded(body))
         except httpx.TransportError as exc:
             raise self._connection_error(exc, EXCHANGE_PATH, token) from None
         return self._identity(response, token)
 
     exchange.__doc__ = _EXCHANGE_DOC
 
-    async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        """One attempt, the whole of it (connect, send, the answer's headers and body)
-        within the attempt's time."""
+    async def _post(self, path: str, content: bytes) -> httpx.Response:
+        """One attempt sending ``content`` (the encoded body), the whole of it (connect,
+        send, the answer's headers and body) within the attempt's time."""
         with self._unexpected():
             request = self._http.build_request(
-                "POST", self.base_url + path, content=self._encoded(body), headers=self._headers
+                "POST", self.base_url + path, content=content, headers=self._headers
             )
             try:
                 async with asyncio.timeout(self._attempt_seconds):

@@ -49,7 +49,9 @@ class IdentityError(Exception):
 
 
 class ConfigurationError(IdentityError):
-    """The client lacks its base URL or write key."""
+    """The client lacks its base URL or write key, or a setting is invalid (a base URL
+    that is not http(s), a negative or non-finite backoff, a negative ``max_retries``):
+    raised when the client is made, before any request."""
 
 
 class IdentityConnectionError(IdentityError, ConnectionError):

@@ -176,6 +176,7 @@ class Stub:
         self.mode = "503"
         self.failures = 0
         self.requests: list[str] = []
+        self.bodies: list[bytes] = []
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -185,6 +186,7 @@ class Stub:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 stub.requests.append(self.path)
+                stub.bodies.append(body)
                 if len(stub.requests) <= stub.failures:
                     if stub.mode == "drop":
                         self.close_connection = True
@@ -271,6 +273,87 @@ def test_exchange_never_retried(stub: Stub, mode: str) -> None:
         with pytest.raises(expected):
             client.exchange(handoff.token, fallback=True)
         assert stub.requests == ["/v1/handoffs/exchange"]
+
+
+class CountingClient(IdentityClient):
+    """Counts the request bodies it encodes."""
+
+    encodings = 0
+
+    def _encoded(self, body: dict[str, Any]) -> bytes:  # type: ignore[override]
+        type(self).encodings += 1
+        return super()._encoded(body)
+
+
+class AsyncCountingClient(AsyncIdentityClient):
+    encodings = 0
+
+    def _encoded(self, body: dict[str, Any]) -> bytes:  # type: ignore[override]
+        type(self).encodings += 1
+        return super()._encoded(body)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_retried_prepare_encodes_its_body_once(stub: Stub, mode: str) -> None:
+    """Each attempt sends the same bytes, encoded once for the call (they were encoded
+    again for every retry)."""
+    stub.failures = 2
+    traits = {"plan": "pro", "items": list(range(50))}
+    if mode == "sync":
+        CountingClient.encodings = 0
+        with CountingClient(stub.url, DEV_WRITE_KEY, backoff_base=0.01) as client:
+            client.prepare("visitor-once", destination=DESTINATION, traits=traits)
+        encodings = CountingClient.encodings
+    else:
+
+        async def run() -> None:
+            AsyncCountingClient.encodings = 0
+            async with AsyncCountingClient(stub.url, DEV_WRITE_KEY, backoff_base=0.01) as client:
+                await client.prepare("visitor-once", destination=DESTINATION, traits=traits)
+
+        asyncio.run(run())
+        encodings = AsyncCountingClient.encodings
+    assert stub.requests == ["/v1/handoffs"] * 3
+    assert len(set(stub.bodies)) == 1
+    assert encodings == 1
+
+
+INVALID_RETRY_SETTINGS: list[dict[str, Any]] = [
+    {"backoff_base": -0.5},
+    {"backoff_base": float("nan")},
+    {"backoff_base": float("inf")},
+    {"backoff_base": "0.5"},
+    {"backoff_max": -1.0},
+    {"backoff_max": float("nan")},
+    {"backoff_max": float("inf")},
+    {"max_retries": -1},
+    {"max_retries": 1.5},
+    {"max_retries": "2"},
+]
+
+
+@pytest.mark.parametrize("client_class", [IdentityClient, AsyncIdentityClient])
+@pytest.mark.parametrize("settings", INVALID_RETRY_SETTINGS)
+def test_invalid_retry_settings_are_refused_when_the_client_is_made(
+    stub: Stub, client_class: type[IdentityClient | AsyncIdentityClient], settings: dict[str, Any]
+) -> None:
+    """The sync client raised a raw ValueError (time.sleep of a negative or nan delay) only
+    at a prepare's first retry, the async one waited no time or for ever; now both refuse
+    the setting at once, before any request."""
+    name = next(iter(settings))
+    with pytest.raises(ConfigurationError, match=name):
+        client_class(stub.url, DEV_WRITE_KEY, **settings)
+    assert stub.requests == []
+
+
+@pytest.mark.parametrize("client_class", [IdentityClient, AsyncIdentityClient])
+def test_no_backoff_at_all_is_a_valid_setting(
+    client_class: type[IdentityClient | AsyncIdentityClient],
+) -> None:
+    client = client_class("http://127.0.0.1:1", DEV_WRITE_KEY, backoff_base=0, backoff_max=0)
+    assert (client.backoff_base, client.backoff_max) == (0, 0)
+    assert client._retry_delay(3, None) == 0
+    assert client._retry_delay(0, 5.0) == 0
 
 
 def test_connection_refused(service: Service) -> None:
