@@ -4,10 +4,10 @@ A batch closes at ``batch_max_events`` events, ``MAX_BATCH_BYTES`` as sent (with
 delivery adds to each event), or ``batch_max_wait`` after its first event; an event over
 ``MAX_EVENT_BYTES`` as sent is dead-lettered unsent. Both sizes are the batch API's: an
 AMP action's webhook, which gets each body as a call of its own, has neither. A batch
-that fails for a transient reason is retried with exponential backoff and full jitter (or
-after the Retry-After the destination sent); an entry is acknowledged only after a 2xx,
-and moved to the dead letters after a permanent rejection or ``max_attempts`` attempts.
-Nothing is dropped on 5xx or timeouts.
+that fails for a transient reason is retried with exponential backoff and full jitter, or
+after the Retry-After the destination sent when that is longer; an entry is acknowledged
+only after a 2xx, and moved to the dead letters after a permanent rejection or
+``max_attempts`` attempts. Nothing is dropped on 5xx or timeouts.
 
 What was read stays in hand through store errors: the batch being retried, and the
 entries read ahead for the next batches (a read takes a whole batch's worth from every
@@ -234,7 +234,7 @@ class Forwarder:
             # Counted once the batch will be sent again: not the attempt it is dead-lettered
             # after, nor the drain's single attempt.
             self._metrics.inc("identity_delivery_retries_total", destination=self.destination)
-            # A 429 is not a failed attempt, but without a Retry-After it backs off as one.
+            # A 429 is not a failed attempt, but it backs off as one.
             delay = self._backoff(failures + throttles, delivery.retry_after)
             log.warning(
                 "batch_retry",
@@ -270,18 +270,21 @@ class Forwarder:
                 )
             if await self._pause(min(remaining, self._keep_alive_every)):
                 return True
-        # A delay of 0 (Retry-After: 0, or a date already past) waits for nothing: without
-        # this, 429s asking for the batch at once would be retried past a stop, for ever.
+        # A stop during the last keep-alive, or one before a delay too short to pause in,
+        # ends the retries too: 429s are retried for as long as they come.
         return self.stopping.is_set()
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return retry_after
+        """The delay before sending again: the backoff, or the destination's Retry-After
+        when longer. Never shorter: a Retry-After of 0 (or a date already past) would have
+        a 503's attempts spent in a moment and the batch dead-lettered, a 429's repeated
+        at once."""
         # Throttled retries are not bounded by max_attempts: the exponent is, or a float
         # would overflow after about a thousand of them.
         doublings = min(attempt - 1, _MAX_DOUBLINGS)
         ceiling = min(self._settings.backoff_max, self._settings.backoff_base * 2**doublings)
-        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not a secret
+        delay = random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not a secret
+        return delay if retry_after is None else max(delay, retry_after)
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep, waking early when stopping; True if stopping."""

@@ -170,6 +170,37 @@ async def test_429s_without_retry_after_back_off_more_each_time(
         assert ceiling / 2 <= delay <= ceiling
 
 
+@pytest.mark.parametrize("status", [503, 429])
+async def test_a_retry_after_of_0_backs_off_as_if_none_were_sent(
+    aiohttp_client: ClientMaker,
+    redis_server: RedisServer,
+    collector: Collector,
+    waits: list[float],
+    status: int,
+) -> None:
+    """A destination answering with Retry-After: 0 (or a date already past) asks for the
+    batch again at once: taken literally, a 503's attempts were all spent in a moment and
+    the batch dead-lettered. The delay is the backoff's, for a 503 as for a 429."""
+    collector.plan = [Answer(status, headers={"Retry-After": "0"})] * 3
+    settings = delivery_settings(
+        redis_server,
+        collector,
+        backoff_base="0.02",
+        backoff_max="0.08",
+        delivery_max_attempts="4",
+    )
+    client = await aiohttp_client(create_app(settings))
+
+    await prepare(client)
+    await collector.wait_for(1)
+
+    assert [request.status for request in collector.requests] == [status] * 3 + [200]
+    ceilings = [0.02, 0.04, 0.08]
+    assert len(waits) == len(ceilings)
+    for delay, ceiling in zip(waits, ceilings, strict=True):
+        assert ceiling / 2 <= delay <= ceiling
+
+
 async def app_with_prefix(
     aiohttp_client: ClientMaker, redis: Server, collector: Collector, **env: str
 ) -> tuple[AppClient, str]:
