@@ -24,6 +24,7 @@ import structlog
 
 from identity_service.constants import (
     BATCH_FRAMING_BYTES,
+    MAINTAIN_EVERY_SECONDS,
     MAX_BATCH_BYTES,
     MAX_EVENT_BYTES,
     SENT_AT_BYTES,
@@ -36,7 +37,6 @@ from identity_service.stores.redis import STORE_ERRORS
 
 logger = structlog.get_logger(__name__)
 
-MAINTAIN_EVERY_SECONDS = 1.0
 IDLE_READ_SECONDS = 1.0
 ERROR_PAUSE_SECONDS = 1.0
 GATHER_SECONDS = 0.05

@@ -574,6 +574,8 @@ class _Reader:
         log_level = (self.text("log_level", "info") or "info").lower()
         if log_level not in ("debug", "info", "warning", "error"):
             self.problem("log_level", f"must be debug, info, warning or error, not {log_level!r}")
+        if has_redis and outbox.enabled:
+            self.reclaim_after_sends(outbox)
         workers = self.integer("workers", 1, 1, c.MAX_WORKERS)
         if workers > 1 and not has_redis:
             self.problems.append(
@@ -644,6 +646,25 @@ class _Reader:
             reclaim_idle=self.number("reclaim_idle", c.DEFAULT_RECLAIM_IDLE_SECONDS, 0.1, 86_400),
             started_event=self.text("started_event", c.DEFAULT_STARTED_EVENT) or "",
             completed_event=self.text("completed_event", c.DEFAULT_COMPLETED_EVENT) or "",
+        )
+
+    def reclaim_after_sends(self, outbox: OutboxSettings) -> None:
+        """A batch's entries are not kept claimed while it fills and while it is sent, and
+        up to a keep-alive interval before: another forwarder reclaiming them sooner would
+        take them over mid-send and send them a second time."""
+        if not self.valid("reclaim_idle", "delivery_timeout", "batch_max_wait"):
+            return
+        unclaimed = outbox.delivery_timeout + outbox.batch_max_wait + c.MAINTAIN_EVERY_SECONDS
+        if outbox.reclaim_idle > unclaimed:
+            return
+        self.problems.append(
+            f"{self.named('reclaim_idle', f'{outbox.reclaim_idle:g}', like='delivery_timeout')}"
+            " must be more than "
+            f"{self.named('delivery_timeout', f'{outbox.delivery_timeout:g}', like='reclaim_idle')}"
+            f" + {self.named('batch_max_wait', f'{outbox.batch_max_wait:g}', like='reclaim_idle')}"
+            f" + {c.MAINTAIN_EVERY_SECONDS:g} s ({unclaimed:g} s): a batch's entries are not "
+            "kept claimed while it fills and is sent, and another forwarder would take them "
+            "over mid-send and send them a second time"
         )
 
     def amp_settings(self, source_names: list[str]) -> AmpSettings | None:

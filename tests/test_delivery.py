@@ -357,11 +357,12 @@ def command_env(redis: Server, collector: Collector, prefix: str) -> dict[str, s
 
 
 def start_forwarder(redis: Server, collector: Collector, prefix: str) -> subprocess.Popen[bytes]:
+    # Taken over soon after a kill: reclaim_idle as short as the send it must outlast allows.
     env = {
         **command_env(redis, collector, prefix),
-        "IDENTITY_RECLAIM_IDLE": "1",
+        "IDENTITY_RECLAIM_IDLE": "2",
         "IDENTITY_BATCH_MAX_WAIT": "0.05",
-        "IDENTITY_DELIVERY_TIMEOUT": "10",
+        "IDENTITY_DELIVERY_TIMEOUT": "0.9",
     }
     return subprocess.Popen([COMMAND, "forward"], env=env, stdout=subprocess.DEVNULL)
 
