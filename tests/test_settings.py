@@ -786,7 +786,10 @@ def test_a_reclaim_idle_time_a_batch_can_outlast_is_refused(tmp_path: Path) -> N
         {**base, "IDENTITY_RECLAIM_IDLE": "2", "IDENTITY_DELIVERY_TIMEOUT": "0.5",
          "IDENTITY_BATCH_MAX_WAIT": "0.5"}
     )  # fmt: skip
-    assert "(2) must be more than IDENTITY_DELIVERY_TIMEOUT (0.5) + IDENTITY_BATCH_MAX_WAIT (0.5)" in problem
+    assert (
+        "(2) must be more than IDENTITY_DELIVERY_TIMEOUT (0.5) + IDENTITY_BATCH_MAX_WAIT (0.5)"
+        in problem
+    )
     for reclaim, timeout, wait in (("11.6", "10", "0.5"), ("2", "0.5", "0.4"), ("1.2", "0.1", "0")):
         settings = load_settings(
             {**base, "IDENTITY_RECLAIM_IDLE": reclaim, "IDENTITY_DELIVERY_TIMEOUT": timeout,
@@ -801,7 +804,9 @@ def test_a_reclaim_idle_time_a_batch_can_outlast_is_refused(tmp_path: Path) -> N
         "reclaim_idle (3) must be more than delivery_timeout (4) + batch_max_wait (0.5, the "
         "default) + 1 s (5.5 s)"
     )
-    (problem,) = problems_of({**base, "IDENTITY_RECLAIM_IDLE": "1", "IDENTITY_DELIVERY_TIMEOUT": "x"})
+    (problem,) = problems_of(
+        {**base, "IDENTITY_RECLAIM_IDLE": "1", "IDENTITY_DELIVERY_TIMEOUT": "x"}
+    )
     assert problem.startswith("IDENTITY_DELIVERY_TIMEOUT must be a number")
     # Neither in embedded mode, where nothing is reclaimed, nor with the outbox off.
     load_settings({"IDENTITY_RECLAIM_IDLE": "1"})
