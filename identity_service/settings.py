@@ -702,7 +702,7 @@ class _Reader:
             written = {key: f"{where}.{key}" for key in DESTINATION_KEYS}
             found.extend(self._http_destination(str(name), spec, written))
         events_file = self.text("events_file", None)
-        if events_file is not None:
+        if events_file is not None and self.events_file_opens(Path(events_file)):
             found.append(Destination("file", "file", path=events_file))
         found = (found or [Destination("stdout", "stdout")]) + (actions or [])
         names = [d.name for d in found]
@@ -714,6 +714,20 @@ class _Reader:
                     f"destination name {destination.name!r} must be letters, digits, '_' or '-'"
                 )
         return found
+
+    def events_file_opens(self, path: Path) -> bool:
+        """Whether the file sink can open ``path`` to append to it, else a problem noted:
+        every delivery to it would fail and be retried until dead-lettered."""
+        if path.is_dir():
+            self.problem("events_file", f"must be a file, not the directory {path}")
+        elif not path.parent.is_dir():
+            self.problem(
+                "events_file",
+                f"must be a file in an existing directory: {path.parent} is not a directory",
+            )
+        else:
+            return True
+        return False
 
     def _http_destination(
         self, name: str, spec: Mapping[str, Any], names: Mapping[str, str]

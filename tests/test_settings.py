@@ -329,6 +329,30 @@ def test_events_go_to_stdout_by_default_and_to_a_configured_destination() -> Non
     assert settings.outbox.batch_max_events == 250
 
 
+def test_an_events_file_that_cannot_be_opened_is_refused(tmp_path: Path) -> None:
+    """An events file in a directory that does not exist (or a directory itself) was taken
+    at start, then every delivery failed and was retried until dead-lettered."""
+    missing = tmp_path / "missing" / "events.jsonl"
+    (problem,) = problems_of({"IDENTITY_EVENTS_FILE": str(missing)})
+    assert problem == (
+        f"IDENTITY_EVENTS_FILE must be a file in an existing directory: {missing.parent} "
+        "is not a directory"
+    )
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    (problem,) = problems_of({"IDENTITY_EVENTS_FILE": str(plain / "events.jsonl")})
+    assert problem.endswith(f"{plain} is not a directory")
+    (problem,) = problems_of({"IDENTITY_EVENTS_FILE": str(tmp_path)})
+    assert problem == f"IDENTITY_EVENTS_FILE must be a file, not the directory {tmp_path}"
+    config = tmp_path / "config.toml"
+    config.write_text(f'events_file = "{missing}"\n')
+    (problem,) = problems_of({}, config)
+    assert problem.startswith("events_file must be a file in an existing directory")
+    for path in (tmp_path / "events.jsonl", plain, "events.jsonl"):
+        settings = load_settings({"IDENTITY_EVENTS_FILE": str(path)})
+        assert [d.path for d in settings.outbox.destinations] == [str(path)]
+
+
 def test_destinations_from_a_file(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text(
