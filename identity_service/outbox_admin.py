@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from redis.asyncio import RedisCluster
 from redis.exceptions import ResponseError
 
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
-from identity_service.feeds import legacy_dead_letters, legacy_outbox_keys, oldest_pending
+from identity_service.feeds import legacy_dead_letters, legacy_outbox_streams, oldest_pending
 from identity_service.stores.redis import AdminClient
 from identity_service.streams import entries, parse_id, text
 
@@ -214,8 +213,7 @@ async def retire_destination(
     """
     removed = 0
     streams = [outbox_key(prefix, shard, shards) for shard in range(shards)]
-    if not isinstance(redis, RedisCluster):  # those versions did not run on a Cluster
-        streams += [stream for stream in legacy_outbox_keys(prefix) if stream not in streams]
+    streams += [stream for stream, _ in legacy_outbox_streams(redis, prefix, shards)]
     for stream in streams:
         if await redis.exists(stream):
             removed += await redis.xgroup_destroy(stream, destination)

@@ -22,7 +22,12 @@ from identity_service import app_keys
 from identity_service.app import create_app
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
 from identity_service.crypto import OutboxSealer
-from identity_service.feeds import FeedEntry, RedisFeed, trim_acknowledged
+from identity_service.feeds import (
+    FeedEntry,
+    RedisFeed,
+    legacy_outbox_streams,
+    trim_acknowledged,
+)
 from identity_service.forwarder import Forwarder
 from identity_service.metrics import Metrics
 from identity_service.outbox import running_forwarders
@@ -750,6 +755,35 @@ async def test_retire_removes_the_group_from_the_streams_of_an_earlier_version_t
         await trim_acknowledged(redis_client, legacy)
     finally:
         await redis_client.delete(legacy)
+
+
+@pytest.mark.parametrize("shards", [KEY_SHARDS, 4, 1])
+async def test_retire_takes_the_group_off_every_stream_the_feed_reads(
+    redis_server: RedisServer, redis_client: Redis, shards: int
+) -> None:
+    """The feed and `outbox retire` find 0.3.0's streams by one rule (those of its tags
+    that are not today's keys, none on a Cluster), whatever the number of shards: a group
+    left on a stream the feed reads would keep its entries for ever."""
+    prefix = f"retire-rule-{shards}-{os.getpid()}:"
+    old_streams = [stream for stream, _ in legacy_outbox_streams(redis_client, prefix, shards)]
+    current = [outbox_key(prefix, shard, shards) for shard in range(shards)]
+    assert old_streams and set(old_streams).isdisjoint(current)
+    for stream in old_streams:
+        await redis_client.xadd(stream, {"j": b"sealed"})
+    commands = RespClient(redis_server.url, timeout=3.0)
+    feed = RedisFeed(
+        redis_client, commands, prefix, "gone", OutboxSealer(SECRET.encode()), 60, ["gone"],
+        shards=shards,
+    )  # fmt: skip
+    try:
+        await feed.maintain()  # makes its groups on the streams it reads
+        read = [s for s in current + old_streams if await redis_client.xinfo_groups(s)]
+        assert read == current + old_streams
+        assert await retire_destination(redis_client, prefix, "gone", shards) == len(read)
+        assert [s for s in read if await redis_client.xinfo_groups(s)] == []
+    finally:
+        await commands.close()
+        await redis_client.delete(*current, *old_streams)
 
 
 @pytest.mark.topology
