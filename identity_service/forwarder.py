@@ -32,7 +32,7 @@ from identity_service.constants import (
 from identity_service.feeds import Feed, FeedEntry
 from identity_service.metrics import Metrics
 from identity_service.settings import OutboxSettings
-from identity_service.sinks import Sink
+from identity_service.sinks import Delivery, Sink
 from identity_service.stores.redis import STORE_ERRORS
 
 logger = structlog.get_logger(__name__)
@@ -211,7 +211,7 @@ class Forwarder:
         while True:
             self._attempted()
             attempts += 1
-            delivery = await self._sink.send(events)
+            delivery = await self._send(events, batch.entries)
             if delivery.outcome == "delivered":
                 await self._feed.ack(batch.entries)
                 self._count("identity_events_delivered_total", len(events))
@@ -250,24 +250,41 @@ class Forwarder:
         self._count("identity_events_dead_lettered_total", len(events))
         return True
 
-    async def _wait(self, seconds: float, entries: list[FeedEntry]) -> bool:
-        """Wait out a retry delay, keeping our entries claimed; True if stopping.
+    async def _send(self, events: list[bytes], entries: list[FeedEntry]) -> Delivery:
+        """One attempt's answer. A batch API's send takes at most delivery_timeout, which
+        the settings keep below reclaim_idle; a webhook's batch is a call per body, each up
+        to delivery_timeout, and may take longer: its entries are kept claimed meanwhile,
+        or another forwarder would take the batch over mid-send and send it again."""
+        if self._batched:
+            return await self._sink.send(events)
+        sending = asyncio.ensure_future(self._sink.send(events))
+        try:
+            while not (await asyncio.wait({sending}, timeout=self._keep_alive_every))[0]:
+                await self._keep_claimed(entries)
+        finally:
+            sending.cancel()  # nothing once it is done; a stop's cancellation ends it
+        return sending.result()
 
-        A keep-alive the store fails does not end the wait: the entries are still pending
-        under this consumer, and the batch is sent again when the delay is over (dropping
-        it would leave them to be reclaimed, out of order, ``reclaim_idle`` later).
-        """
+    async def _keep_claimed(self, entries: list[FeedEntry]) -> None:
+        """Keep ``entries`` and those read ahead claimed. A keep-alive the store fails is
+        logged, not raised: the entries are still pending under this consumer, and what
+        was going on (a send, a retry delay) goes on (dropping the batch would leave them
+        to be reclaimed, out of order, ``reclaim_idle`` later)."""
+        try:
+            await self._feed.keep_alive(entries + self._held)
+        except STORE_ERRORS as exc:
+            logger.warning(
+                "forwarder_keep_alive_failed",
+                destination=self.destination,
+                store=self._store,
+                error=type(exc).__name__,
+            )
+
+    async def _wait(self, seconds: float, entries: list[FeedEntry]) -> bool:
+        """Wait out a retry delay, keeping our entries claimed; True if stopping."""
         deadline = time.monotonic() + seconds
         while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                await self._feed.keep_alive(entries + self._held)
-            except STORE_ERRORS as exc:
-                logger.warning(
-                    "forwarder_keep_alive_failed",
-                    destination=self.destination,
-                    store=self._store,
-                    error=type(exc).__name__,
-                )
+            await self._keep_claimed(entries)
             if await self._pause(min(remaining, self._keep_alive_every)):
                 return True
         # A stop during the last keep-alive, or one before a delay too short to pause in,

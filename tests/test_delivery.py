@@ -911,3 +911,71 @@ async def test_entries_a_forwarder_reclaimed_stay_its_own_while_it_retries(
         await redis_client.delete(*streams)
     delivered = [m for batch in first_sink.sent[1:] + second_sink.sent for m in batch]
     assert sorted(delivered) == ["dead-0", "dead-1", "dead-2"]
+
+
+class CallByCallSink(AnsweringSink):
+    """An AMP action's webhook as the forwarder sees it: a call per body, each taking
+    ``seconds`` (within the delivery timeout), all answered 2xx."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    async def send(self, events: list[bytes]) -> Delivery:
+        for event in events:
+            await asyncio.sleep(self.seconds)
+            self.sent.append([orjson.loads(event)["messageId"]])
+        return DELIVERED
+
+
+async def test_a_webhook_batch_longer_than_the_reclaim_idle_time_stays_its_forwarders(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    """A webhook gets each queued body as a call of its own, each up to the delivery
+    timeout: a batch of several may take longer than reclaim_idle, which the settings hold
+    above one call only. Its entries stay claimed while it is sent, so a second forwarder
+    does not take the batch over mid-send and send it again."""
+    prefix = f"webhook-batch-{os.getpid()}:"
+    sealer = OutboxSealer(SECRET.encode())
+    streams = [outbox_key(prefix, shard) for shard in range(KEY_SHARDS)]
+    destination = "amp-action-cart"
+    for number in range(6):
+        body = {"id": f"call-{number}", "messageId": f"call-{number}"}
+        entry = {"j": sealer.seal(json.dumps(body).encode()), "only": destination}
+        await redis_client.xadd(streams[number % KEY_SHARDS], entry)  # type: ignore[arg-type]
+    # Settings the service takes: reclaim_idle above a call, its batch's wait and a second.
+    settings = OutboxSettings(batch_max_wait=0.01, delivery_timeout=0.5, reclaim_idle=2.0)
+    clients = [RespClient(redis_server.url, timeout=3.0) for _ in range(2)]
+    sinks = [CallByCallSink(0.45), CallByCallSink(0.0)]
+    forwarders = [
+        Forwarder(
+            destination,
+            RedisFeed(redis_client, client, prefix, destination, sealer, 2.0, [destination], True),
+            sink,
+            settings,
+            Metrics(),
+            batched=False,
+        )
+        for client, sink in zip(clients, sinks, strict=True)
+    ]
+    tasks = [asyncio.create_task(forwarders[0].run())]
+    try:
+        for _ in range(250):
+            if sinks[0].sent:  # the first read all six, and is calling
+                break
+            await asyncio.sleep(0.02)
+        tasks.append(asyncio.create_task(forwarders[1].run()))
+        for _ in range(300):  # six calls of 0.45 s: 2.7 s
+            if len(sinks[0].sent) == 6:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(1.0)  # the second's next reclaim, had the entries gone idle
+    finally:
+        for forwarder in forwarders:
+            forwarder.stopping.set()
+        await asyncio.gather(*tasks)
+        for client in clients:
+            await client.close()
+        await redis_client.delete(*streams)
+    sent = [m for sink in sinks for batch in sink.sent for m in batch]
+    assert sorted(sent) == [f"call-{number}" for number in range(6)]
