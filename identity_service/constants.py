@@ -60,6 +60,9 @@ DEFAULT_DELIVERY_MAX_ATTEMPTS: Final = 20
 DEFAULT_BACKOFF_BASE_SECONDS: Final = 0.5
 DEFAULT_BACKOFF_MAX_SECONDS: Final = 60.0
 DEFAULT_RECLAIM_IDLE_SECONDS: Final = 60.0
+# How often a forwarder keeps the entries it holds claimed (and reclaims and trims): at
+# most this long, on top of a batch's filling and sending, an entry it holds goes unclaimed.
+MAINTAIN_EVERY_SECONDS: Final = 1.0
 # Segment's batch API limits: 500 KB a batch, 32 KB an event; 2500 events is our own cap.
 MAX_BATCH_BYTES: Final = 500_000
 MAX_BATCH_EVENTS: Final = 2500

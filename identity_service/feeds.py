@@ -169,14 +169,10 @@ class RedisFeed:
         self._streams = [outbox_key(prefix, shard, shards) for shard in range(shards)]
         self._shard_of_stream = {stream: shard for shard, stream in enumerate(self._streams)}
         # The streams of 0.3.0 and earlier, whose tags were the shard numbers: read while
-        # they exist, so an upgrade strands no entry (on one node or Sentinel: those
-        # versions did not run on a Cluster). Their dead letters go to the new keys.
-        self._legacy = []
-        if not isinstance(commands, ClusterClient):
-            for shard, stream in enumerate(legacy_outbox_keys(prefix)):
-                if stream not in self._shard_of_stream:
-                    self._legacy.append(stream)
-                    self._shard_of_stream[stream] = shard % shards
+        # they exist, so an upgrade strands no entry. Their dead letters go to the new keys.
+        legacy = legacy_outbox_streams(redis, prefix, shards)
+        self._legacy = [stream for stream, _ in legacy]
+        self._shard_of_stream.update(legacy)
         self._read_streams = list(self._streams)
         self._new_entries = [">"] * len(self._read_streams)
         self._reclaimed: list[FeedEntry] = []
@@ -442,6 +438,21 @@ class RedisFeed:
 def legacy_outbox_keys(prefix: str) -> list[str]:
     """The outbox streams of 0.3.0 and earlier: tags ``{0}`` to ``{15}``."""
     return [f"{prefix}{{{shard}}}:outbox" for shard in range(KEY_SHARDS)]
+
+
+def legacy_outbox_streams(redis: AdminClient, prefix: str, shards: int) -> list[tuple[str, int]]:
+    """The outbox streams 0.3.0 and earlier wrote (tags ``{0}``…``{15}``) that are not
+    today's keys, each with the shard whose dead letters its entries go to; none on a
+    Cluster (those versions never ran there). The feeds read them while they exist;
+    ``outbox status``, ``retire`` and the scrape read the same list."""
+    if isinstance(redis, RedisCluster):
+        return []
+    current = {outbox_key(prefix, shard, shards) for shard in range(shards)}
+    return [
+        (stream, shard % shards)
+        for shard, stream in enumerate(legacy_outbox_keys(prefix))
+        if stream not in current
+    ]
 
 
 def legacy_dead_letter_keys(prefix: str, destination: str) -> list[str]:

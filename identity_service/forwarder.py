@@ -4,10 +4,10 @@ A batch closes at ``batch_max_events`` events, ``MAX_BATCH_BYTES`` as sent (with
 delivery adds to each event), or ``batch_max_wait`` after its first event; an event over
 ``MAX_EVENT_BYTES`` as sent is dead-lettered unsent. Both sizes are the batch API's: an
 AMP action's webhook, which gets each body as a call of its own, has neither. A batch
-that fails for a transient reason is retried with exponential backoff and full jitter (or
-after the Retry-After the destination sent); an entry is acknowledged only after a 2xx,
-and moved to the dead letters after a permanent rejection or ``max_attempts`` attempts.
-Nothing is dropped on 5xx or timeouts.
+that fails for a transient reason is retried with exponential backoff and full jitter, or
+after the Retry-After the destination sent when that is longer; an entry is acknowledged
+only after a 2xx, and moved to the dead letters after a permanent rejection or
+``max_attempts`` attempts. Nothing is dropped on 5xx or timeouts.
 
 What was read stays in hand through store errors: the batch being retried, and the
 entries read ahead for the next batches (a read takes a whole batch's worth from every
@@ -24,6 +24,7 @@ import structlog
 
 from identity_service.constants import (
     BATCH_FRAMING_BYTES,
+    MAINTAIN_EVERY_SECONDS,
     MAX_BATCH_BYTES,
     MAX_EVENT_BYTES,
     SENT_AT_BYTES,
@@ -31,12 +32,11 @@ from identity_service.constants import (
 from identity_service.feeds import Feed, FeedEntry
 from identity_service.metrics import Metrics
 from identity_service.settings import OutboxSettings
-from identity_service.sinks import Sink
+from identity_service.sinks import Delivery, Sink
 from identity_service.stores.redis import STORE_ERRORS
 
 logger = structlog.get_logger(__name__)
 
-MAINTAIN_EVERY_SECONDS = 1.0
 IDLE_READ_SECONDS = 1.0
 ERROR_PAUSE_SECONDS = 1.0
 GATHER_SECONDS = 0.05
@@ -211,7 +211,7 @@ class Forwarder:
         while True:
             self._attempted()
             attempts += 1
-            delivery = await self._sink.send(events)
+            delivery = await self._send(events, batch.entries)
             if delivery.outcome == "delivered":
                 await self._feed.ack(batch.entries)
                 self._count("identity_events_delivered_total", len(events))
@@ -234,7 +234,7 @@ class Forwarder:
             # Counted once the batch will be sent again: not the attempt it is dead-lettered
             # after, nor the drain's single attempt.
             self._metrics.inc("identity_delivery_retries_total", destination=self.destination)
-            # A 429 is not a failed attempt, but without a Retry-After it backs off as one.
+            # A 429 is not a failed attempt, but it backs off as one.
             delay = self._backoff(failures + throttles, delivery.retry_after)
             log.warning(
                 "batch_retry",
@@ -250,38 +250,58 @@ class Forwarder:
         self._count("identity_events_dead_lettered_total", len(events))
         return True
 
-    async def _wait(self, seconds: float, entries: list[FeedEntry]) -> bool:
-        """Wait out a retry delay, keeping our entries claimed; True if stopping.
+    async def _send(self, events: list[bytes], entries: list[FeedEntry]) -> Delivery:
+        """One attempt's answer. A batch API's send takes at most delivery_timeout, which
+        the settings keep below reclaim_idle; a webhook's batch is a call per body, each up
+        to delivery_timeout, and may take longer: its entries are kept claimed meanwhile,
+        or another forwarder would take the batch over mid-send and send it again."""
+        if self._batched:
+            return await self._sink.send(events)
+        sending = asyncio.ensure_future(self._sink.send(events))
+        try:
+            while not (await asyncio.wait({sending}, timeout=self._keep_alive_every))[0]:
+                await self._keep_claimed(entries)
+        finally:
+            sending.cancel()  # nothing once it is done; a stop's cancellation ends it
+        return sending.result()
 
-        A keep-alive the store fails does not end the wait: the entries are still pending
-        under this consumer, and the batch is sent again when the delay is over (dropping
-        it would leave them to be reclaimed, out of order, ``reclaim_idle`` later).
-        """
+    async def _keep_claimed(self, entries: list[FeedEntry]) -> None:
+        """Keep ``entries`` and those read ahead claimed. A keep-alive the store fails is
+        logged, not raised: the entries are still pending under this consumer, and what
+        was going on (a send, a retry delay) goes on (dropping the batch would leave them
+        to be reclaimed, out of order, ``reclaim_idle`` later)."""
+        try:
+            await self._feed.keep_alive(entries + self._held)
+        except STORE_ERRORS as exc:
+            logger.warning(
+                "forwarder_keep_alive_failed",
+                destination=self.destination,
+                store=self._store,
+                error=type(exc).__name__,
+            )
+
+    async def _wait(self, seconds: float, entries: list[FeedEntry]) -> bool:
+        """Wait out a retry delay, keeping our entries claimed; True if stopping."""
         deadline = time.monotonic() + seconds
         while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                await self._feed.keep_alive(entries + self._held)
-            except STORE_ERRORS as exc:
-                logger.warning(
-                    "forwarder_keep_alive_failed",
-                    destination=self.destination,
-                    store=self._store,
-                    error=type(exc).__name__,
-                )
+            await self._keep_claimed(entries)
             if await self._pause(min(remaining, self._keep_alive_every)):
                 return True
-        # A delay of 0 (Retry-After: 0, or a date already past) waits for nothing: without
-        # this, 429s asking for the batch at once would be retried past a stop, for ever.
+        # A stop during the last keep-alive, or one before a delay too short to pause in,
+        # ends the retries too: 429s are retried for as long as they come.
         return self.stopping.is_set()
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return retry_after
+        """The delay before sending again: the backoff, or the destination's Retry-After
+        when longer. Never shorter: a Retry-After of 0 (or a date already past) would have
+        a 503's attempts spent in a moment and the batch dead-lettered, a 429's repeated
+        at once."""
         # Throttled retries are not bounded by max_attempts: the exponent is, or a float
         # would overflow after about a thousand of them.
         doublings = min(attempt - 1, _MAX_DOUBLINGS)
         ceiling = min(self._settings.backoff_max, self._settings.backoff_base * 2**doublings)
-        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not a secret
+        delay = random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not a secret
+        return delay if retry_after is None else max(delay, retry_after)
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep, waking early when stopping; True if stopping."""

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from redis.asyncio import RedisCluster
 from redis.exceptions import ResponseError
 
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
-from identity_service.feeds import legacy_dead_letters, legacy_outbox_keys, oldest_pending
+from identity_service.feeds import legacy_dead_letters, legacy_outbox_streams, oldest_pending
 from identity_service.stores.redis import AdminClient
 from identity_service.streams import entries, parse_id, text
 
@@ -46,29 +45,37 @@ class DestinationStatus:
 async def outbox_status(
     redis: AdminClient, prefix: str, destinations: list[str], shards: int = KEY_SHARDS
 ) -> list[DestinationStatus]:
-    """Per destination: entries not yet read, read but unacknowledged, dead, oldest age.
+    """Per destination: entries not yet read, read but unacknowledged, dead, oldest age;
+    0.3.0's streams, which the forwarders still deliver, counted with today's.
 
     Shard by shard, each shard's commands on the node that holds it (on a Cluster)."""
     report = [DestinationStatus(name) for name in destinations]
     now_ms = time.time() * 1000
-    for shard in range(shards):
-        stream = outbox_key(prefix, shard, shards)
+    # Each shard's stream, with 0.3.0's streams whose dead letters go to the same keys.
+    shard_streams = [[outbox_key(prefix, shard, shards)] for shard in range(shards)]
+    for stream, shard in legacy_outbox_streams(redis, prefix, shards):
+        shard_streams[shard].append(stream)
+    for shard, streams in enumerate(shard_streams):
         # One transaction: a dead-lettering (XADD dead + XACK) lands wholly before or
         # after it, so an entry is never counted both in flight and dead.
         async with redis.pipeline(transaction=True) as pipe:
-            pipe.xinfo_groups(stream)
+            for stream in streams:
+                pipe.xinfo_groups(stream)
             for status in report:
                 pipe.xlen(dead_letter_key(prefix, shard, status.destination, shards))
-            group_reply, *dead_counts = await pipe.execute(raise_on_error=False)
-        groups: dict[str, Any] = {}
-        if not isinstance(group_reply, ResponseError):  # else: no stream yet
-            groups = {text(g["name"]): g for g in group_reply}
-        for status, dead in zip(report, dead_counts, strict=True):
+            replies = await pipe.execute(raise_on_error=False)
+        for status, dead in zip(report, replies[len(streams) :], strict=True):
             status.dead += dead
-            oldest = await _shard_status(redis, stream, groups.get(status.destination), status)
-            if oldest is not None:
-                age = max(0.0, (now_ms - oldest) / 1000)
-                status.oldest_age_seconds = max(status.oldest_age_seconds or 0.0, age)
+        for stream, group_reply in zip(streams, replies[: len(streams)], strict=True):
+            if isinstance(group_reply, ResponseError):  # no stream (yet, or any more)
+                continue
+            groups = {text(g["name"]): g for g in group_reply}
+            for status in report:
+                group = groups.get(status.destination)
+                oldest = await _shard_status(redis, stream, group, status)
+                if oldest is not None:
+                    age = max(0.0, (now_ms - oldest) / 1000)
+                    status.oldest_age_seconds = max(status.oldest_age_seconds or 0.0, age)
     for status in report:
         for _, dead in legacy_dead_letters(redis, prefix, status.destination, shards):
             status.dead += await redis.xlen(dead)
@@ -78,9 +85,9 @@ async def outbox_status(
 async def _shard_status(
     redis: AdminClient, stream: str, group: dict[str, Any] | None, status: DestinationStatus
 ) -> int | None:
-    """Add one shard's counts to ``status``; return the oldest unacknowledged entry's ms."""
+    """Add one stream's counts to ``status``; return the oldest unacknowledged entry's ms."""
     if group is None:  # no forwarder has run for this destination yet: all is pending
-        status.pending += await redis.xlen(stream) if await redis.exists(stream) else 0
+        status.pending += await redis.xlen(stream)
         first = await entries(redis, stream, count=1)
         return parse_id(first[0][0])[0] if first else None
     last = text(group["last-delivered-id"])
@@ -214,8 +221,7 @@ async def retire_destination(
     """
     removed = 0
     streams = [outbox_key(prefix, shard, shards) for shard in range(shards)]
-    if not isinstance(redis, RedisCluster):  # those versions did not run on a Cluster
-        streams += [stream for stream in legacy_outbox_keys(prefix) if stream not in streams]
+    streams += [stream for stream, _ in legacy_outbox_streams(redis, prefix, shards)]
     for stream in streams:
         if await redis.exists(stream):
             removed += await redis.xgroup_destroy(stream, destination)

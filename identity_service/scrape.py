@@ -5,7 +5,8 @@ the same values: aggregate these gauges with ``max``, not ``sum``. No worker kee
 
 On Redis it costs two pipelined round trips whatever the backlog, on a connection of the
 scrape's own (never the request path's): ``XINFO GROUPS`` of every shard's outbox stream
-and ``XLEN`` of every dead-letter stream; then, only where a group has entries left,
+(and of 0.3.0's, which the forwarders still deliver after an upgrade) and ``XLEN`` of every
+dead-letter stream; then, only where a group has entries left,
 ``XPENDING``'s summary (the oldest entry read but not acknowledged) and ``XRANGE … COUNT 1``
 (the oldest not yet read). Where Redis cannot say a group's lag (before Redis 7), the unread
 entries are read to be counted, at most ``UNREAD_COUNT_CAP`` a shard. Unlike ``outbox
@@ -22,7 +23,7 @@ from typing import Any
 import structlog
 
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
-from identity_service.feeds import legacy_dead_letters
+from identity_service.feeds import legacy_dead_letters, legacy_outbox_streams
 from identity_service.metrics import Backlog, Scraped
 from identity_service.problems import StoreUnavailable
 from identity_service.settings import RedisSettings
@@ -143,34 +144,34 @@ async def redis_backlog(
     Cluster, two per node, which redis-py's cluster pipeline sends node by node)."""
     report = {name: Backlog() for name in destinations}
     oldest: dict[str, list[int]] = {name: [] for name in destinations}
+    # 0.3.0's streams and dead letters (tags {0}..{15}), which the forwarders still deliver,
+    # `outbox status` counts and `replay-dead` moves back; none on a Cluster, where that
+    # version never ran.
     streams = [outbox_key(prefix, shard, shards) for shard in range(shards)]
-    # 0.3.0's dead letters (tags {0}..{15}), which `outbox status` counts and `replay-dead`
-    # moves back too; none on a Cluster, where that version never ran.
-    legacy = [
+    streams += [stream for stream, _ in legacy_outbox_streams(redis, prefix, shards)]
+    dead_letters = [
+        (name, dead_letter_key(prefix, shard, name, shards))
+        for shard in range(shards)
+        for name in destinations
+    ]
+    dead_letters += [
         (name, dead)
         for name in destinations
         for _, dead in legacy_dead_letters(redis, prefix, name, shards)
     ]
     async with redis.pipeline(transaction=False) as pipe:
-        for shard, stream in enumerate(streams):
+        for stream in streams:
             pipe.xinfo_groups(stream)
-            for name in destinations:
-                pipe.xlen(dead_letter_key(prefix, shard, name, shards))
-        for _, key in legacy:
+        for _, key in dead_letters:
             pipe.xlen(key)
         replies = await pipe.execute(raise_on_error=False)
-    for (name, _), dead in zip(legacy, replies[len(replies) - len(legacy) :], strict=True):
+    for (name, _), dead in zip(dead_letters, replies[len(streams) :], strict=True):
         if isinstance(dead, int):
             report[name].dead_letters += dead
     followups: list[_Followup] = []
-    per_shard = 1 + len(destinations)
     async with redis.pipeline(transaction=False) as pipe:
-        for shard, stream in enumerate(streams):
-            group_reply, *dead_counts = replies[shard * per_shard : (shard + 1) * per_shard]
-            for name, dead in zip(destinations, dead_counts, strict=True):
-                if isinstance(dead, int):
-                    report[name].dead_letters += dead
-            if isinstance(group_reply, Exception):  # no stream yet: nothing written
+        for stream, group_reply in zip(streams, replies[: len(streams)], strict=True):
+            if isinstance(group_reply, Exception):  # no stream (yet, or any more)
                 continue
             groups = {text(group["name"]): group for group in group_reply}
             for name in destinations:

@@ -567,6 +567,8 @@ class _Reader:
         log_level = (self.text("log_level", "info") or "info").lower()
         if log_level not in ("debug", "info", "warning", "error"):
             self.problem("log_level", f"must be debug, info, warning or error, not {log_level!r}")
+        if has_redis and outbox.enabled:
+            self.reclaim_after_sends(outbox)
         workers = self.integer("workers", 1, 1, c.MAX_WORKERS)
         if workers > 1 and not has_redis:
             self.problems.append(
@@ -639,6 +641,25 @@ class _Reader:
             completed_event=self.text("completed_event", c.DEFAULT_COMPLETED_EVENT) or "",
         )
 
+    def reclaim_after_sends(self, outbox: OutboxSettings) -> None:
+        """A batch's entries are not kept claimed while it fills and while it is sent, and
+        up to a keep-alive interval before: another forwarder reclaiming them sooner would
+        take them over mid-send and send them a second time."""
+        if not self.valid("reclaim_idle", "delivery_timeout", "batch_max_wait"):
+            return
+        unclaimed = outbox.delivery_timeout + outbox.batch_max_wait + c.MAINTAIN_EVERY_SECONDS
+        if outbox.reclaim_idle > unclaimed:
+            return
+        self.problems.append(
+            f"{self.named('reclaim_idle', f'{outbox.reclaim_idle:g}', like='delivery_timeout')}"
+            " must be more than "
+            f"{self.named('delivery_timeout', f'{outbox.delivery_timeout:g}', like='reclaim_idle')}"
+            f" + {self.named('batch_max_wait', f'{outbox.batch_max_wait:g}', like='reclaim_idle')}"
+            f" + {c.MAINTAIN_EVERY_SECONDS:g} s ({unclaimed:g} s): a batch's entries are not "
+            "kept claimed while it fills and is sent, and another forwarder would take them "
+            "over mid-send and send them a second time"
+        )
+
     def amp_settings(self, source_names: list[str]) -> AmpSettings | None:
         """The ``[amp]`` table (``IDENTITY_AMP`` as JSON), or None when not configured."""
         raw = self.table("amp")
@@ -674,7 +695,7 @@ class _Reader:
             written = {key: f"{where}.{key}" for key in DESTINATION_KEYS}
             found.extend(self._http_destination(str(name), spec, written))
         events_file = self.text("events_file", None)
-        if events_file is not None:
+        if events_file is not None and self.events_file_opens(Path(events_file)):
             found.append(Destination("file", "file", path=events_file))
         found = (found or [Destination("stdout", "stdout")]) + (actions or [])
         names = [d.name for d in found]
@@ -686,6 +707,20 @@ class _Reader:
                     f"destination name {destination.name!r} must be letters, digits, '_' or '-'"
                 )
         return found
+
+    def events_file_opens(self, path: Path) -> bool:
+        """Whether the file sink can open ``path`` to append to it, else a problem noted:
+        every delivery to it would fail and be retried until dead-lettered."""
+        if path.is_dir():
+            self.problem("events_file", f"must be a file, not the directory {path}")
+        elif not path.parent.is_dir():
+            self.problem(
+                "events_file",
+                f"must be a file in an existing directory: {path.parent} is not a directory",
+            )
+        else:
+            return True
+        return False
 
     def _http_destination(
         self, name: str, spec: Mapping[str, Any], names: Mapping[str, str]

@@ -66,8 +66,9 @@ DELIVERY = {
     "IDENTITY_DELIVERY_TIMEOUT": "2",
     # Never dead-letter during the outages: 60 s of retries a second or so apart.
     "IDENTITY_DELIVERY_MAX_ATTEMPTS": "1000",
-    # A killed forwarder's entries are taken over after 2 s instead of a minute.
-    "IDENTITY_RECLAIM_IDLE": "2",
+    # A killed forwarder's entries are taken over after 4 s instead of a minute (more than
+    # a batch's filling and sending and a keep-alive second, as the settings require).
+    "IDENTITY_RECLAIM_IDLE": "4",
 }
 
 

@@ -22,7 +22,12 @@ from identity_service import app_keys
 from identity_service.app import create_app
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
 from identity_service.crypto import OutboxSealer
-from identity_service.feeds import FeedEntry, RedisFeed, trim_acknowledged
+from identity_service.feeds import (
+    FeedEntry,
+    RedisFeed,
+    legacy_outbox_streams,
+    trim_acknowledged,
+)
 from identity_service.forwarder import Forwarder
 from identity_service.metrics import Metrics
 from identity_service.outbox import running_forwarders
@@ -165,6 +170,37 @@ async def test_429s_without_retry_after_back_off_more_each_time(
     assert [request.status for request in collector.requests] == [429] * 5 + [200]
     # Full jitter: the nth delay lies between half its ceiling and its ceiling.
     ceilings = [0.01, 0.02, 0.04, 0.04, 0.04]
+    assert len(waits) == len(ceilings)
+    for delay, ceiling in zip(waits, ceilings, strict=True):
+        assert ceiling / 2 <= delay <= ceiling
+
+
+@pytest.mark.parametrize("status", [503, 429])
+async def test_a_retry_after_of_0_backs_off_as_if_none_were_sent(
+    aiohttp_client: ClientMaker,
+    redis_server: RedisServer,
+    collector: Collector,
+    waits: list[float],
+    status: int,
+) -> None:
+    """A destination answering with Retry-After: 0 (or a date already past) asks for the
+    batch again at once: taken literally, a 503's attempts were all spent in a moment and
+    the batch dead-lettered. The delay is the backoff's, for a 503 as for a 429."""
+    collector.plan = [Answer(status, headers={"Retry-After": "0"})] * 3
+    settings = delivery_settings(
+        redis_server,
+        collector,
+        backoff_base="0.02",
+        backoff_max="0.08",
+        delivery_max_attempts="4",
+    )
+    client = await aiohttp_client(create_app(settings))
+
+    await prepare(client)
+    await collector.wait_for(1)
+
+    assert [request.status for request in collector.requests] == [status] * 3 + [200]
+    ceilings = [0.02, 0.04, 0.08]
     assert len(waits) == len(ceilings)
     for delay, ceiling in zip(waits, ceilings, strict=True):
         assert ceiling / 2 <= delay <= ceiling
@@ -326,11 +362,12 @@ def command_env(redis: Server, collector: Collector, prefix: str) -> dict[str, s
 
 
 def start_forwarder(redis: Server, collector: Collector, prefix: str) -> subprocess.Popen[bytes]:
+    # Taken over soon after a kill: reclaim_idle as short as the send it must outlast allows.
     env = {
         **command_env(redis, collector, prefix),
-        "IDENTITY_RECLAIM_IDLE": "1",
+        "IDENTITY_RECLAIM_IDLE": "2",
         "IDENTITY_BATCH_MAX_WAIT": "0.05",
-        "IDENTITY_DELIVERY_TIMEOUT": "10",
+        "IDENTITY_DELIVERY_TIMEOUT": "0.9",
     }
     return subprocess.Popen([COMMAND, "forward"], env=env, stdout=subprocess.DEVNULL)
 
@@ -720,6 +757,35 @@ async def test_retire_removes_the_group_from_the_streams_of_an_earlier_version_t
         await redis_client.delete(legacy)
 
 
+@pytest.mark.parametrize("shards", [KEY_SHARDS, 4, 1])
+async def test_retire_takes_the_group_off_every_stream_the_feed_reads(
+    redis_server: RedisServer, redis_client: Redis, shards: int
+) -> None:
+    """The feed and `outbox retire` find 0.3.0's streams by one rule (those of its tags
+    that are not today's keys, none on a Cluster), whatever the number of shards: a group
+    left on a stream the feed reads would keep its entries for ever."""
+    prefix = f"retire-rule-{shards}-{os.getpid()}:"
+    old_streams = [stream for stream, _ in legacy_outbox_streams(redis_client, prefix, shards)]
+    current = [outbox_key(prefix, shard, shards) for shard in range(shards)]
+    assert old_streams and set(old_streams).isdisjoint(current)
+    for stream in old_streams:
+        await redis_client.xadd(stream, {"j": b"sealed"})
+    commands = RespClient(redis_server.url, timeout=3.0)
+    feed = RedisFeed(
+        redis_client, commands, prefix, "gone", OutboxSealer(SECRET.encode()), 60, ["gone"],
+        shards=shards,
+    )  # fmt: skip
+    try:
+        await feed.maintain()  # makes its groups on the streams it reads
+        read = [s for s in current + old_streams if await redis_client.xinfo_groups(s)]
+        assert read == current + old_streams
+        assert await retire_destination(redis_client, prefix, "gone", shards) == len(read)
+        assert [s for s in read if await redis_client.xinfo_groups(s)] == []
+    finally:
+        await commands.close()
+        await redis_client.delete(*current, *old_streams)
+
+
 @pytest.mark.topology
 async def test_a_cluster_that_goes_away_again_after_restarting_empty_keeps_the_batch(
     tmp_path: Path, collector: Collector
@@ -845,3 +911,71 @@ async def test_entries_a_forwarder_reclaimed_stay_its_own_while_it_retries(
         await redis_client.delete(*streams)
     delivered = [m for batch in first_sink.sent[1:] + second_sink.sent for m in batch]
     assert sorted(delivered) == ["dead-0", "dead-1", "dead-2"]
+
+
+class CallByCallSink(AnsweringSink):
+    """An AMP action's webhook as the forwarder sees it: a call per body, each taking
+    ``seconds`` (within the delivery timeout), all answered 2xx."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    async def send(self, events: list[bytes]) -> Delivery:
+        for event in events:
+            await asyncio.sleep(self.seconds)
+            self.sent.append([orjson.loads(event)["messageId"]])
+        return DELIVERED
+
+
+async def test_a_webhook_batch_longer_than_the_reclaim_idle_time_stays_its_forwarders(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    """A webhook gets each queued body as a call of its own, each up to the delivery
+    timeout: a batch of several may take longer than reclaim_idle, which the settings hold
+    above one call only. Its entries stay claimed while it is sent, so a second forwarder
+    does not take the batch over mid-send and send it again."""
+    prefix = f"webhook-batch-{os.getpid()}:"
+    sealer = OutboxSealer(SECRET.encode())
+    streams = [outbox_key(prefix, shard) for shard in range(KEY_SHARDS)]
+    destination = "amp-action-cart"
+    for number in range(6):
+        body = {"id": f"call-{number}", "messageId": f"call-{number}"}
+        entry = {"j": sealer.seal(json.dumps(body).encode()), "only": destination}
+        await redis_client.xadd(streams[number % KEY_SHARDS], entry)  # type: ignore[arg-type]
+    # Settings the service takes: reclaim_idle above a call, its batch's wait and a second.
+    settings = OutboxSettings(batch_max_wait=0.01, delivery_timeout=0.5, reclaim_idle=2.0)
+    clients = [RespClient(redis_server.url, timeout=3.0) for _ in range(2)]
+    sinks = [CallByCallSink(0.45), CallByCallSink(0.0)]
+    forwarders = [
+        Forwarder(
+            destination,
+            RedisFeed(redis_client, client, prefix, destination, sealer, 2.0, [destination], True),
+            sink,
+            settings,
+            Metrics(),
+            batched=False,
+        )
+        for client, sink in zip(clients, sinks, strict=True)
+    ]
+    tasks = [asyncio.create_task(forwarders[0].run())]
+    try:
+        for _ in range(250):
+            if sinks[0].sent:  # the first read all six, and is calling
+                break
+            await asyncio.sleep(0.02)
+        tasks.append(asyncio.create_task(forwarders[1].run()))
+        for _ in range(300):  # six calls of 0.45 s: 2.7 s
+            if len(sinks[0].sent) == 6:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(1.0)  # the second's next reclaim, had the entries gone idle
+    finally:
+        for forwarder in forwarders:
+            forwarder.stopping.set()
+        await asyncio.gather(*tasks)
+        for client in clients:
+            await client.close()
+        await redis_client.delete(*streams)
+    sent = [m for sink in sinks for batch in sink.sent for m in batch]
+    assert sorted(sent) == [f"call-{number}" for number in range(6)]

@@ -272,6 +272,20 @@ def test_the_backoff_stays_finite_however_many_retries_a_batch_had() -> None:
     assert forwarder._backoff(100_000, None) >= 30.0  # still the capped range
 
 
+def test_a_retry_after_lengthens_the_backoff_and_never_shortens_it() -> None:
+    """Whatever the status (503 or 429): a Retry-After longer than the backoff is waited
+    out, a shorter one (0, a date already past, or 1 s after several failures) is not
+    allowed to crowd the attempts together."""
+    settings = OutboxSettings(backoff_base=0.5, backoff_max=60.0)
+    forwarder = Forwarder(
+        "test", MemoryFeed(MemoryOutbox().subscribe()), RecordingSink([]), settings, Metrics()
+    )
+    assert forwarder._backoff(1, 30.0) == 30.0
+    assert forwarder._backoff(1, 3600.0) == 3600.0
+    for retry_after in (0.0, 1.0):
+        assert 4.0 <= forwarder._backoff(5, retry_after) <= 8.0  # the 5th: 0.5 s x 2**4
+
+
 async def test_only_failed_attempts_that_are_sent_again_count_as_retries(
     outbox: MemoryOutbox,
 ) -> None:
@@ -299,12 +313,13 @@ async def test_a_stop_ends_retries_that_a_destination_asks_to_make_at_once(
     outbox: MemoryOutbox,
 ) -> None:
     """A destination answering 429 with Retry-After: 0 (or a date already past) asks for
-    the batch again at once, for as long as it likes (429s are not failed attempts): a stop
-    still ends the retries, and the batch goes back to the queue for the drain."""
+    the batch again at once (backed off: the shortest backoff here), for as long as it likes
+    (429s are not failed attempts): a stop still ends the retries, and the batch goes back
+    to the queue for the drain."""
     at_once = Delivery("retry", "http 429", retry_after=0.0, throttled=True)
     sink = YieldingSink([at_once] * 1_000_000)
     feed = MemoryFeed(outbox.subscribe())
-    settings = OutboxSettings(batch_max_wait=0.01)
+    settings = OutboxSettings(batch_max_wait=0.01, backoff_base=0.001, backoff_max=0.001)
     forwarder = Forwarder("test", feed, sink, settings, Metrics())
     task = asyncio.create_task(forwarder.run())
     outbox.extend([event(1), event(2)])

@@ -983,6 +983,22 @@ def schema_accepts(values: dict[str, Any]) -> bool:
     return True
 
 
+# Compared at start with one another (more than a batch's filling and sending before a
+# reclaim): the schema takes each alone, the render refuses what the service refuses.
+RENDER_CHECKED = ("reclaimIdle", "deliveryTimeout", "batchMaxWait")
+
+
+def chart_takes(values: dict[str, Any]) -> bool:
+    """Whether the chart takes ``values``: its schema, then its render."""
+    if not schema_accepts(values):
+        return False
+    try:
+        render(values)
+    except helm_python.HelmError:
+        return False
+    return True
+
+
 def setting_variable(key: str) -> str:
     return "IDENTITY_" + re.sub(r"(?<!^)(?=[A-Z])", "_", key).upper()
 
@@ -1010,10 +1026,11 @@ def test_the_schema_takes_each_config_number_the_service_takes(key: str) -> None
         probes.add(math.nextafter(high, math.inf))
     base = chart().merge_values(ci_values("external-redis"))
     wrong = []
+    takes = chart_takes if key in RENDER_CHECKED else schema_accepts
     for value in sorted(probes):
-        schema_takes = schema_accepts(merge(base, {"config": {key: value}}))
-        if schema_takes != service_takes(key, value):
-            wrong.append(f"{value}: schema {'takes' if schema_takes else 'refuses'} it")
+        chart_takes_it = takes(merge(base, {"config": {key: value}}))
+        if chart_takes_it != service_takes(key, value):
+            wrong.append(f"{value}: the chart {'takes' if chart_takes_it else 'refuses'} it")
     assert wrong == [], f"config.{key} vs {setting_variable(key)}"
 
 
@@ -1021,6 +1038,10 @@ def test_the_schema_takes_each_config_number_the_service_takes(key: str) -> None
 def test_the_service_starts_with_every_config_number_at_the_schemas_bound(bound: str) -> None:
     """Each number as the ConfigMap writes it (Go's formatting), read by the service."""
     config = {key: spec[bound] for key, spec in ranged_config().items()}
+    if bound == "minimum":
+        # The reclaim must wait out the shortest batch's filling and sending and a second
+        # (RENDER_CHECKED): the least number of seconds above those at their minimum.
+        config["reclaimIdle"] = 2
     values = merge(ci_values("external-redis"), {"config": config})
     chart().validate_schema(chart().merge_values(values))
     objects = render(values)
@@ -1054,6 +1075,40 @@ def test_a_default_ttl_above_the_max_ttl_stops_the_render_as_the_service_refuses
         render(values)
     else:
         with pytest.raises(helm_python.HelmError, match=r"config\.defaultTtl .* is above"):
+            render(values)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"reclaimIdle": 5}, {"reclaimIdle": 11.5}, {"reclaimIdle": 11.6},
+        {"deliveryTimeout": 59}, {"deliveryTimeout": 58.4}, {"batchMaxWait": 49},
+        {"reclaimIdle": 2, "deliveryTimeout": 0.5, "batchMaxWait": 0},
+        {"reclaimIdle": 2, "deliveryTimeout": 1, "batchMaxWait": 0},
+        {"reclaimIdle": 11.1, "batchMaxWait": 0}, {"reclaimIdle": 11, "batchMaxWait": 0},
+        {"reclaimIdle": None, "deliveryTimeout": None, "batchMaxWait": None},
+    ],
+)  # fmt: skip
+def test_a_reclaim_sooner_than_a_batch_is_sent_stops_the_render_as_the_service_refuses_it(
+    config: dict[str, float | None],
+) -> None:
+    """Another forwarder reclaiming a batch's entries before it is filled and sent (and a
+    keep-alive second) sends it a second time: the service refuses such settings at
+    start, and the render, since the schema cannot compare values, refuses them too."""
+    values = merge(ci_values("external-redis"), {"config": config})
+    environ = {"IDENTITY_SECRET": "s" * 32, "IDENTITY_REDIS_URL": "redis://127.0.0.1:6379/0"}
+    environ |= {setting_variable(k): str(v) for k, v in config.items() if v is not None}
+    problem = ""
+    try:
+        load_settings(environ)
+    except ConfigError as exc:
+        problem = str(exc)
+    chart().validate_schema(chart().merge_values(values))
+    if not problem:
+        render(values)
+    else:
+        assert "IDENTITY_RECLAIM_IDLE" in problem
+        with pytest.raises(helm_python.HelmError, match=r"config\.reclaimIdle .* must be more"):
             render(values)
 
 

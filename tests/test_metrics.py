@@ -655,3 +655,35 @@ def test_a_worker_file_still_empty_does_not_fail_a_worker_start_or_a_scrape(
         counted.inc("identity_store_errors_total")
         assert counted.value("identity_store_errors_total") == 1
         assert b"identity_store_errors_total 1.0" in counted.render()
+
+
+async def test_outbox_status_and_the_backlog_gauges_count_the_streams_of_an_earlier_version(
+    private_redis: RedisServer,
+) -> None:
+    """After an upgrade the forwarders still deliver what 0.3.0 left in its streams (tags
+    ``{0}``…``{15}``): `outbox status` and identity_outbox_pending and
+    identity_outbox_oldest_pending_age_seconds count those entries too, unread (with
+    0.3.0's group or none yet) or in flight."""
+    from redis.asyncio import Redis
+
+    from identity_service.outbox_admin import outbox_status
+    from identity_service.scrape import redis_backlog
+
+    redis = Redis.from_url(private_redis.url)
+    read, unread = "test:{5}:outbox", "test:{12}:outbox"
+    try:
+        oldest = await redis.xadd(read, {"j": b"sealed"}, id="1000-0")
+        await redis.xadd(read, {"j": b"sealed"}, id="2000-0")
+        await redis.xgroup_create(read, "segment", id="0")
+        await redis.xreadgroup("segment", "a-0.3.0-forwarder", {read: ">"}, count=1)
+        await redis.xadd(unread, {"j": b"sealed"}, id="3000-0")  # 0.3.0 made no group here
+        now = time.time()
+        (status,) = await outbox_status(redis, "test:", ["segment"])
+        report = await redis_backlog(redis, "test:", ["segment"], now)
+    finally:
+        await redis.aclose()
+    assert oldest == b"1000-0"
+    assert (status.pending, status.in_flight) == (2, 1)
+    assert status.oldest_age_seconds is not None and status.oldest_age_seconds >= now - 2
+    assert report["segment"].pending == 3
+    assert report["segment"].oldest_age_seconds == pytest.approx(now - 1, abs=1)

@@ -329,6 +329,30 @@ def test_events_go_to_stdout_by_default_and_to_a_configured_destination() -> Non
     assert settings.outbox.batch_max_events == 250
 
 
+def test_an_events_file_that_cannot_be_opened_is_refused(tmp_path: Path) -> None:
+    """An events file in a directory that does not exist (or a directory itself) was taken
+    at start, then every delivery failed and was retried until dead-lettered."""
+    missing = tmp_path / "missing" / "events.jsonl"
+    (problem,) = problems_of({"IDENTITY_EVENTS_FILE": str(missing)})
+    assert problem == (
+        f"IDENTITY_EVENTS_FILE must be a file in an existing directory: {missing.parent} "
+        "is not a directory"
+    )
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    (problem,) = problems_of({"IDENTITY_EVENTS_FILE": str(plain / "events.jsonl")})
+    assert problem.endswith(f"{plain} is not a directory")
+    (problem,) = problems_of({"IDENTITY_EVENTS_FILE": str(tmp_path)})
+    assert problem == f"IDENTITY_EVENTS_FILE must be a file, not the directory {tmp_path}"
+    config = tmp_path / "config.toml"
+    config.write_text(f'events_file = "{missing}"\n')
+    (problem,) = problems_of({}, config)
+    assert problem.startswith("events_file must be a file in an existing directory")
+    for path in (tmp_path / "events.jsonl", plain, "events.jsonl"):
+        settings = load_settings({"IDENTITY_EVENTS_FILE": str(path)})
+        assert [d.path for d in settings.outbox.destinations] == [str(path)]
+
+
 def test_destinations_from_a_file(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text(
@@ -766,6 +790,51 @@ def test_a_redis_wait_not_well_below_the_redis_timeout_is_refused(tmp_path: Path
         {**base, "IDENTITY_REDIS_WAIT": "1,800", "IDENTITY_REDIS_TIMEOUT": "x"}
     )
     assert problem.startswith("IDENTITY_REDIS_TIMEOUT")
+
+
+def test_a_reclaim_idle_time_a_batch_can_outlast_is_refused(tmp_path: Path) -> None:
+    """A forwarder keeps the entries of its batch claimed between sends, not while the
+    batch fills (batch_max_wait) and is sent (delivery_timeout), and up to a second
+    before: another forwarder reclaiming sooner took the batch over mid-send and sent it
+    a second time."""
+    base = {"IDENTITY_REDIS_URL": "redis://h:1/0", "IDENTITY_SECRET": SECRET}
+    (problem,) = problems_of({**base, "IDENTITY_RECLAIM_IDLE": "5"})
+    assert problem.startswith(
+        "IDENTITY_RECLAIM_IDLE (5) must be more than IDENTITY_DELIVERY_TIMEOUT (10, the "
+        "default) + IDENTITY_BATCH_MAX_WAIT (0.5, the default) + 1 s (11.5 s): "
+    )
+    assert "mid-send" in problem
+    (problem,) = problems_of({**base, "IDENTITY_DELIVERY_TIMEOUT": "59"})
+    assert problem.startswith("IDENTITY_RECLAIM_IDLE (60, the default) must be more than")
+    (problem,) = problems_of(
+        {**base, "IDENTITY_RECLAIM_IDLE": "2", "IDENTITY_DELIVERY_TIMEOUT": "0.5",
+         "IDENTITY_BATCH_MAX_WAIT": "0.5"}
+    )  # fmt: skip
+    assert (
+        "(2) must be more than IDENTITY_DELIVERY_TIMEOUT (0.5) + IDENTITY_BATCH_MAX_WAIT (0.5)"
+        in problem
+    )
+    for reclaim, timeout, wait in (("11.6", "10", "0.5"), ("2", "0.5", "0.4"), ("1.2", "0.1", "0")):
+        settings = load_settings(
+            {**base, "IDENTITY_RECLAIM_IDLE": reclaim, "IDENTITY_DELIVERY_TIMEOUT": timeout,
+             "IDENTITY_BATCH_MAX_WAIT": wait}
+        )  # fmt: skip
+        assert settings.outbox.reclaim_idle == float(reclaim)
+    # In a file, all three are named by their keys; a bad value is reported alone.
+    config = tmp_path / "config.toml"
+    config.write_text('redis_url = "redis://h:1/0"\nreclaim_idle = 3\ndelivery_timeout = 4\n')
+    (problem,) = problems_of({"IDENTITY_SECRET": SECRET}, config)
+    assert problem.startswith(
+        "reclaim_idle (3) must be more than delivery_timeout (4) + batch_max_wait (0.5, the "
+        "default) + 1 s (5.5 s)"
+    )
+    (problem,) = problems_of(
+        {**base, "IDENTITY_RECLAIM_IDLE": "1", "IDENTITY_DELIVERY_TIMEOUT": "x"}
+    )
+    assert problem.startswith("IDENTITY_DELIVERY_TIMEOUT must be a number")
+    # Neither in embedded mode, where nothing is reclaimed, nor with the outbox off.
+    load_settings({"IDENTITY_RECLAIM_IDLE": "1"})
+    load_settings({**base, "IDENTITY_RECLAIM_IDLE": "1", "IDENTITY_OUTBOX": "off"})
 
 
 def test_the_readme_names_every_setting() -> None:

@@ -53,8 +53,10 @@ ClientMaker = Callable[..., Awaitable[AppClient]]
 STARTED, COMPLETED = "Cross-Domain Handoff Started", "Cross-Domain Handoff Completed"
 WORKERS = 8
 # Entries the forwarder had read when the master died stay pending on the new master until
-# reclaimed: soon, here, so that only what the failover really lost counts as lost.
+# reclaimed: soon, here, so that only what the failover really lost counts as lost (and
+# sends short enough for that: the settings want the reclaim to wait longer than a send).
 RECLAIM_IDLE = "2"
+DELIVERY_TIMEOUT = "0.9"
 
 
 @pytest.fixture
@@ -320,6 +322,7 @@ async def kill_the_master_under_handoffs(
         destination_write_key=WRITE_KEY,
         batch_max_wait="0.05",
         reclaim_idle=RECLAIM_IDLE,
+        delivery_timeout=DELIVERY_TIMEOUT,
         redis_wait=wait,
     )
     client = await aiohttp_client(create_app(settings))
