@@ -12,9 +12,11 @@ import asyncio
 import json
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import DummyCookieJar
@@ -28,6 +30,7 @@ from identity_service.settings import ConfigError, Destination, Settings
 from identity_service.sinks import DELIVERED, WebhookSink
 from tests.collector import WRITE_KEY, Collector, running_collector
 from tests.conftest import SECRET, AppClient, FrontTestServer, make_settings, sources_env
+from tests.redis_server import RedisServer
 from tests.test_amp_actions import (
     CACHE,
     DONE_URL,
@@ -89,6 +92,53 @@ def retry_client(
         )
 
     return build
+
+
+@pytest.fixture
+def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own that keeps its data across a stop and a start (an
+    append-only file, written at each command), as a production Redis that restarts does."""
+    server = RedisServer(tmp_path, appendonly="yes", appendfsync="always")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def outage_client(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    receiver: WebhookReceiver,
+    collector: Collector,
+    durable_redis: RedisServer,
+) -> RetryClient:
+    """As ``retry_client``, on ``durable_redis``, which the test stops and starts."""
+
+    async def build() -> AppClient:
+        settings = make_settings(
+            durable_redis.url,
+            amp=amp_config(receiver.url),
+            destination_url=collector.url,
+            destination_write_key=WRITE_KEY,
+            **FAST_DELIVERY,
+        )
+        return await aiohttp_client(
+            FrontTestServer(create_app(settings)), cookie_jar=DummyCookieJar()
+        )
+
+    return build
+
+
+async def fail_with_redis_stopping(
+    client: AppClient, receiver: WebhookReceiver, redis: RedisServer, complete: str
+) -> aiohttp.ClientResponse:
+    """Land on ``complete`` while the webhook answers 500 to every attempt and Redis stops
+    at the first one: the webhook's failure cannot be queued."""
+    receiver.replies = [500] * 3
+    receiver.on_call = redis.stop
+    try:
+        return await client.get(complete, allow_redirects=False)
+    finally:
+        receiver.on_call = None
 
 
 @pytest.fixture(params=DOWN_MODES)
@@ -188,6 +238,18 @@ async def test_a_hop_whose_webhook_is_down_lands_on_done_url_and_is_applied_once
     assert (replay.status, replay.headers["Location"]) == (303, DONE_URL)
     await asyncio.sleep(0.3)
     assert len(receiver.calls) == raw_calls(down) and receiver.applications == 1
+
+
+async def test_a_landing_that_fails_on_a_store_outage_sets_no_cookie(
+    outage_client: RetryClient, receiver: WebhookReceiver, durable_redis: RedisServer
+) -> None:
+    client = await outage_client()
+    complete = await hop(client)
+    failed = await fail_with_redis_stopping(client, receiver, durable_redis, complete)
+    assert failed.status == 503, await failed.text()
+    assert (await failed.json(content_type=None))["type"].endswith(":service-unavailable")
+    assert "Set-Cookie" not in failed.headers
+    assert receiver.applications == 0
 
 
 async def test_a_queued_call_over_the_batch_apis_event_size_is_sent_whole(

@@ -15,7 +15,7 @@ AMP Camp's add-to-cart hop, made safe (docs/amp.md walks through it):
   visitor cookie or sets a new one, takes the token once, applies the action, records the
   link of the form's AMP clientId to the visitor, and answers 303 to the action's
   ``done_url``. A replayed, expired, unknown or foreign token lands there with nothing
-  applied.
+  applied. Only that 303 sets the new cookie: an error answer (429, 502, 503) sets none.
 - The token is a bearer token minted by an unauthenticated POST (its ``Origin`` is only
   enforced by browsers: curl sends any). So ``handle_complete`` acts only on a top-level
   navigation: when the browser says what the request is for (``Sec-Fetch-Dest``), it
@@ -125,7 +125,7 @@ async def handle_submit(request: web.Request) -> web.StreamResponse:
 async def handle_complete(request: web.Request) -> web.StreamResponse:
     """The origin hop's landing: apply the sealed action once, then 303 to ``done_url``."""
     ctx = request.app[AMP]
-    set_cookie: str | None = None
+    headers = {**SECURITY_HEADERS, **cors.cors_headers(None)}
     try:
         action = _action(ctx, request)
         if _is_navigation(request):
@@ -133,7 +133,8 @@ async def handle_complete(request: web.Request) -> web.StreamResponse:
             await limits.check_limits(ctx, address, None)
             if visitor is None:
                 visitor = cookies.new_visitor_id()
-                set_cookie = cookies.set_cookie(visitor, ctx.amp.cookie)
+                # In the landing's headers alone: a failed answer sets nothing in the browser.
+                headers["Set-Cookie"] = cookies.set_cookie(visitor, ctx.amp.cookie)
             token = Token.parse(request.query.get("token", ""))
             if token is not None and (record := await _take(ctx, action, token)) is not None:
                 await _complete(ctx, action, visitor, record)
@@ -143,15 +144,12 @@ async def handle_complete(request: web.Request) -> web.StreamResponse:
             # An <img>, <iframe> or fetch of the URL, which some page may make with the
             # visitor's cookie: nothing applied or linked, the token left as it is.
             ctx.metrics.inc(cors.REFUSALS_METRIC, reason="not_navigation")
-        response: web.StreamResponse = web.Response(
-            status=303, headers={**SECURITY_HEADERS, "Location": action.done_url}
-        )
+        headers["Location"] = action.done_url
+        return web.Response(status=303, headers=headers)
     except Exception as exc:
         response = _problem(ctx, exc, request)
-    response.headers.update(cors.cors_headers(None))
-    if set_cookie is not None:
-        response.headers["Set-Cookie"] = set_cookie
-    return response
+        response.headers.update(cors.cors_headers(None))
+        return response
 
 
 def _is_navigation(request: web.Request) -> bool:
