@@ -45,6 +45,7 @@ from tests.test_amp_actions import (
     form,
     hop,
     metric,
+    set_cookie_value,
 )
 from tests.test_cli import COMMAND, clean_env
 from tests.webhook_receiver import WEBHOOK_SECRET, WebhookReceiver
@@ -250,6 +251,44 @@ async def test_a_landing_that_fails_on_a_store_outage_sets_no_cookie(
     assert (await failed.json(content_type=None))["type"].endswith(":service-unavailable")
     assert "Set-Cookie" not in failed.headers
     assert receiver.applications == 0
+
+
+@pytest.mark.parametrize("again", ["applied", "queued"])
+async def test_a_hop_whose_webhook_fails_in_a_store_outage_can_be_retried_and_applies_once(
+    outage_client: RetryClient, receiver: WebhookReceiver, durable_redis: RedisServer, again: str
+) -> None:
+    """The webhook fails and Redis goes down before the failure can be queued: nothing
+    records the call, so the hop must stay usable. The visitor's reload, once Redis is
+    back, applies the action (at once, or through the outbox when the webhook fails again),
+    exactly once, to the visitor the landing's cookie names."""
+    client = await outage_client()
+    complete = await hop(client)
+    failed = await fail_with_redis_stopping(client, receiver, durable_redis, complete)
+    assert failed.status == 503, await failed.text()
+    assert "Retry-After" in failed.headers
+
+    durable_redis.start()
+    if again == "queued":
+        receiver.replies = [500] * 3  # the reload's three attempts; the outbox's first is 200
+    landing = await client.get(complete, allow_redirects=False)
+    assert landing.status == 303, await landing.text()
+    assert landing.headers["Location"] == DONE_URL
+    visitor = set_cookie_value(landing)
+    await eventually(lambda: receiver.applications == 1)
+    await asyncio.sleep(0.5)
+    calls = len(receiver.calls)
+    assert calls == (3 + 1 if again == "applied" else 3 + 3 + 1)
+    assert len({call["id"] for call in receiver.calls}) == 1
+    [applied] = receiver.applied.values()
+    assert (applied["anonymousId"], applied["fields"]) == (visitor, FIELDS)
+    assert metric(client, "identity_amp_hops_total", action="add-to-cart", stage="completed") == 1
+
+    # Now the token is used up: a reload lands with nothing sent again.
+    cookie = {"Cookie": f"ajs_anonymous_id={visitor}"}
+    replay = await client.get(complete, headers=cookie, allow_redirects=False)
+    assert (replay.status, replay.headers["Location"]) == (303, DONE_URL)
+    await asyncio.sleep(0.3)
+    assert len(receiver.calls) == calls and receiver.applications == 1
 
 
 async def test_a_queued_call_over_the_batch_apis_event_size_is_sent_whole(

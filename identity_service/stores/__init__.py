@@ -86,6 +86,17 @@ class HandoffStore(Protocol):
         the same atomic step, as events of the exchanging source (``facts["source"]``).
         """
 
+    async def read(self, lookup_id: bytes) -> bytes | None:
+        """The record ``put`` under ``lookup_id``, or None if absent or expired; it stays,
+        for ``take`` or ``take_and_emit`` to hand out (an AMP action's, until its webhook
+        call is settled)."""
+
+    async def take_and_emit(self, lookup_id: bytes, events: list[Event], only: str) -> bool:
+        """Atomically remove the record and queue ``events`` addressed to destination ``only``
+        (as ``emit`` with ``only``), or, when there is no record, do neither: whether it
+        was there. Under concurrent calls for one id, the events are queued at most once.
+        A failure writes neither: the record stays."""
+
     async def emit(
         self,
         shard_hint: bytes,
