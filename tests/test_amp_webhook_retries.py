@@ -130,11 +130,15 @@ def outage_client(
 
 
 async def fail_with_redis_stopping(
-    client: AppClient, receiver: WebhookReceiver, redis: RedisServer, complete: str
+    client: AppClient,
+    receiver: WebhookReceiver,
+    redis: RedisServer,
+    complete: str,
+    replies: tuple[int, ...] = (500, 500, 500),
 ) -> aiohttp.ClientResponse:
-    """Land on ``complete`` while the webhook answers 500 to every attempt and Redis stops
-    at the first one: the webhook's failure cannot be queued."""
-    receiver.replies = [500] * 3
+    """Land on ``complete`` while the webhook answers ``replies`` (by default 500 to every
+    attempt: its failure cannot be queued) and Redis stops at the first call."""
+    receiver.replies = list(replies)
     receiver.on_call = redis.stop
     try:
         return await client.get(complete, allow_redirects=False)
@@ -289,6 +293,33 @@ async def test_a_hop_whose_webhook_fails_in_a_store_outage_can_be_retried_and_ap
     assert (replay.status, replay.headers["Location"]) == (303, DONE_URL)
     await asyncio.sleep(0.3)
     assert len(receiver.calls) == calls and receiver.applications == 1
+
+
+async def test_a_hop_applied_as_the_store_goes_down_lands_and_is_not_applied_twice(
+    outage_client: RetryClient, receiver: WebhookReceiver, durable_redis: RedisServer
+) -> None:
+    """The webhook applies the action, and Redis is down when the token is to be used up:
+    the landing stands (303, the cookie of the id the webhook got); the token lasts until
+    its TTL, and a reload calls again with the same id, which the webhook deduplicates."""
+    client = await outage_client()
+    complete = await hop(client)
+    landing = await fail_with_redis_stopping(
+        client, receiver, durable_redis, complete, replies=(200,)
+    )
+    assert landing.status == 303, await landing.text()
+    visitor = set_cookie_value(landing)
+    [applied] = receiver.applied.values()
+    assert applied["anonymousId"] == visitor
+
+    durable_redis.start()
+    cookie = {"Cookie": f"ajs_anonymous_id={visitor}"}
+    reload = await client.get(complete, headers=cookie, allow_redirects=False)
+    assert (reload.status, reload.headers["Location"]) == (303, DONE_URL)
+    assert len({call["id"] for call in receiver.calls}) == 1
+    assert receiver.applications == 1
+    again = await client.get(complete, headers=cookie, allow_redirects=False)
+    assert again.status == 303
+    assert len(receiver.calls) == 2  # used up by the reload
 
 
 async def test_a_queued_call_over_the_batch_apis_event_size_is_sent_whole(
