@@ -322,6 +322,29 @@ async def test_a_hop_applied_as_the_store_goes_down_lands_and_is_not_applied_twi
     assert len(receiver.calls) == 2  # used up by the reload
 
 
+async def test_a_hop_whose_token_expires_during_a_failing_webhook_is_queued(
+    retry_client: RetryClient, receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token lives ``action_ttl`` (5 s at least), the visitor may wait longer for the
+    webhook (``wait_bound``): a token that expires meanwhile is no reason to drop the call."""
+    client = await retry_client()
+    store = client.app[AMP].store
+    if not hasattr(store, "_clock"):
+        pytest.skip("the memory store's clock is driven; a Redis key's expiry is Redis's own")
+    complete = await hop(client)
+    real = store._clock
+    receiver.replies = [503] * 3  # the landing's attempts; the outbox's first is 200
+    # At the first call, the token's 60 s are over.
+    receiver.on_call = lambda: monkeypatch.setattr(store, "_clock", lambda: real() + 61)
+    landing = await client.get(complete, allow_redirects=False)
+    assert landing.status == 303, await landing.text()
+    visitor = set_cookie_value(landing)
+    await eventually(lambda: receiver.applications == 1)
+    [applied] = receiver.applied.values()
+    assert applied["anonymousId"] == visitor
+    assert metric(client, "identity_amp_hops_total", action="add-to-cart", stage="queued") == 1
+
+
 async def test_a_queued_call_over_the_batch_apis_event_size_is_sent_whole(
     retry_client: RetryClient, receiver: WebhookReceiver
 ) -> None:

@@ -280,7 +280,7 @@ async def _apply(
     webhook refused it, or the outbox is off (nothing would deliver it).
 
     ``hop``: the lookup id of an origin hop's record, left in the store until the call is
-    settled, so that no failure loses the action: used up once applied or refused, and in
+    settled, so that no failure loses the action: used up once applied or refused, or in
     the same atomic write that queues the call. A store that fails before that write
     leaves it usable (503): the visitor's reload calls again, with the same ``id``. So
     does a transient failure with the outbox off (502).
@@ -309,9 +309,10 @@ async def _apply(
     destination = action_destination_name(action.name)
     if hop is None:
         await ctx.store.emit(hop_id.encode(), [document], only=destination)
-    elif not await ctx.store.take_and_emit(hop, [document], destination):
-        # Used up meanwhile by another landing of the same URL, which settled the call.
-        return False
+    else:
+        # Queued even if the token is gone meanwhile (its action_ttl may end within the
+        # wait, or another landing of the URL settled it): the webhook deduplicates on id.
+        await ctx.store.take_and_emit(hop, [document], destination)
     _count_hop(ctx, action, "queued")
     logger.info("webhook_queued", action=action.name, reason=outcome.reason)
     return False

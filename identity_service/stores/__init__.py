@@ -91,11 +91,10 @@ class HandoffStore(Protocol):
         for ``take`` or ``take_and_emit`` to hand out (an AMP action's, until its webhook
         call is settled)."""
 
-    async def take_and_emit(self, lookup_id: bytes, events: list[Event], only: str) -> bool:
-        """Atomically remove the record and queue ``events`` addressed to destination ``only``
-        (as ``emit`` with ``only``), or, when there is no record, do neither: whether it
-        was there. Under concurrent calls for one id, the events are queued at most once.
-        A failure writes neither: the record stays."""
+    async def take_and_emit(self, lookup_id: bytes, events: list[Event], only: str) -> None:
+        """Queue ``events`` addressed to destination ``only`` (as ``emit`` with ``only``) and
+        remove the record under ``lookup_id``, if it is still there, in one atomic step: a
+        failure writes neither, and the record stays."""
 
     async def emit(
         self,

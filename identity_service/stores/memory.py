@@ -230,11 +230,9 @@ class MemoryStore:
         entry = self._records.get(lookup_id, self._clock())
         return None if entry is None else entry[1][0]
 
-    async def take_and_emit(self, lookup_id: bytes, events: list[ev.Event], only: str) -> bool:
-        if self._records.pop(lookup_id, self._clock()) is None:
-            return False
+    async def take_and_emit(self, lookup_id: bytes, events: list[ev.Event], only: str) -> None:
         self.outbox.extend(events, only)
-        return True
+        self._records.pop(lookup_id, self._clock())
 
     async def emit(
         self,

@@ -116,15 +116,11 @@ return found[1]
 """)
 
 # KEYS: handoff, outbox. ARGV: sealed events, the destination they are addressed to. An AMP
-# action's record used up and its webhook call queued, or neither when the record is gone.
-# The XADD goes before the DEL: over maxmemory it is refused and the record stays.
+# action's webhook call queued and its record used up. The XADD goes first: over maxmemory
+# it is refused, and the record stays for a retry.
 TAKE_AND_EMIT = Script("""
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return 0
-end
 redis.call('XADD', KEYS[2], '*', 'j', ARGV[1], 'only', ARGV[2])
-redis.call('DEL', KEYS[1])
-return 1
+return redis.call('DEL', KEYS[1])
 """)
 
 # KEYS: counter. ARGV: window in milliseconds. Counts one hit in a fixed window that starts
@@ -395,13 +391,10 @@ class RedisStore:
         assert record is None or isinstance(record, bytes)
         return record
 
-    async def take_and_emit(self, lookup_id: bytes, events: list[ev.Event], only: str) -> bool:
+    async def take_and_emit(self, lookup_id: bytes, events: list[ev.Event], only: str) -> None:
         args: list[Arg] = [self._sealer.seal(ev.join_documents(events)), only]
         # A single-use take, replicated as an exchange's is (IDENTITY_REDIS_WAIT).
-        taken = await self._guarded(
-            self._write(TAKE_AND_EMIT, self._keys(lookup_id), args, "exchange")
-        )
-        return bool(taken)
+        await self._guarded(self._write(TAKE_AND_EMIT, self._keys(lookup_id), args, "exchange"))
 
     def _write(
         self, script: Script, keys: list[str], args: list[Arg], operation: str
