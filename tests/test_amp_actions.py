@@ -541,6 +541,46 @@ async def test_a_refused_hop_is_not_kept_or_queued(
     assert len(receiver.calls) == 1 and receiver.applications == 0
 
 
+@pytest.mark.parametrize("failure", ["refused", "500 with the outbox off", "not listening"])
+async def test_a_landing_that_fails_sets_no_cookie(
+    amp_client: AmpClient, receiver: WebhookReceiver, failure: str
+) -> None:
+    """A failed answer changes nothing in the browser: the new id it would have set was only
+    ever sent to a webhook that did not apply it."""
+    client = await amp_client(env={"outbox": "on" if failure == "refused" else "off"})
+    complete = await hop(client)
+    if failure == "refused":
+        receiver.replies = [422]
+    elif failure == "not listening":
+        await receiver.stop()
+    else:
+        receiver.replies = [500] * 3
+    failed = await client.get(complete, allow_redirects=False)
+    assert failed.status == 502, await failed.text()
+    assert (await failed.json(content_type=None))["type"].endswith(":action-not-applied")
+    assert "Set-Cookie" not in failed.headers
+    assert receiver.applications == 0
+
+
+async def test_with_the_outbox_off_a_hop_whose_webhook_was_down_can_be_reloaded(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    """Nothing recorded the failed call, so the token is not used up: the reload applies."""
+    client = await amp_client(env={"outbox": "off"})
+    complete = await hop(client)
+    receiver.replies = [503] * 3
+    failed = await client.get(complete, allow_redirects=False)
+    assert failed.status == 502
+    landing = await client.get(complete, allow_redirects=False)
+    assert (landing.status, landing.headers["Location"]) == (303, DONE_URL)
+    visitor = set_cookie_value(landing)
+    [applied] = receiver.applied.values()
+    assert applied["anonymousId"] == visitor
+    assert len({call["id"] for call in receiver.calls}) == 1
+    replay = await client.get(complete, allow_redirects=False)
+    assert replay.status == 303 and len(receiver.calls) == 4
+
+
 async def test_with_the_outbox_off_a_webhook_down_is_not_applied_within_the_bound(
     amp_client: AmpClient, receiver: WebhookReceiver
 ) -> None:

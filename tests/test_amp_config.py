@@ -347,6 +347,58 @@ def test_each_mistake_is_one_problem(amp: Any, expected: str) -> None:
     assert found[0].startswith(expected), found[0]
 
 
+def on_host(host: str, domain: str) -> dict[str, Any]:
+    """A table whose ``public_url`` is on ``host`` (its one publisher origin, no action),
+    with ``cookie.domain = domain``."""
+    origin = f"https://{host}"
+    return config(
+        public_url=f"{origin}/identity",
+        publisher_origins=[origin],
+        actions=None,
+        cookie={"domain": domain},
+    )
+
+
+@pytest.mark.parametrize(
+    ("host", "domain", "own"),
+    [
+        ("shop.example.co.uk", ".co.uk", "example.co.uk"),  # ICANN, two labels
+        ("shop.github.io", "github.io", "shop.github.io"),  # the list's private section
+        ("myapp.appspot.com", ".appspot.com", "myapp.appspot.com"),
+        ("www.example.com.au", "COM.AU", "example.com.au"),
+    ],
+)
+def test_a_public_suffix_cookie_domain_is_refused_at_start(
+    host: str, domain: str, own: str
+) -> None:
+    """Browsers refuse a cookie whose Domain is a public suffix (RFC 6265 5.3, the Public
+    Suffix List): with such a domain the cookie bridge would never set its cookie."""
+    assert problems(on_host(host, domain)) == [
+        f"IDENTITY_AMP.cookie.domain {domain!r} is a public suffix (publicsuffix.org): "
+        f"browsers refuse a cookie for it, so the visitor cookie would never be set; use "
+        f"your own domain ('.{own}') or leave cookie.domain unset"
+    ]
+
+
+@pytest.mark.parametrize("domain", ["com", ".com", "localhost", "192.0.2.10", "[::1]", "::1"])
+def test_a_single_label_or_an_ip_address_cookie_domain_is_refused(domain: str) -> None:
+    assert problems(config(cookie={"domain": domain})) == [
+        f"IDENTITY_AMP.cookie.domain must be a domain name such as '.example.com', not {domain!r}"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("host", "domain"),
+    [
+        ("shop.example.co.uk", ".example.co.uk"),
+        ("shop.github.io", "shop.github.io"),  # a site of its own under a private suffix
+        ("id.corp.internal", ".corp.internal"),  # a name the list does not know
+    ],
+)
+def test_a_registrable_cookie_domain_is_kept(host: str, domain: str) -> None:
+    assert amp_settings(on_host(host, domain)).cookie.domain == domain
+
+
 def test_every_problem_is_reported_at_once() -> None:
     found = problems(
         config(

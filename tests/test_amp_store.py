@@ -1,5 +1,6 @@
 """What the AMP endpoints keep in the store: kept records, rate counters, clientId links and
-the rate limits built on them, on the memory store (with a driven clock) and a real Redis."""
+the rate limits built on them, and an action's one-time record (read, then used up with its
+webhook call queued), on the memory store (with a driven clock) and a real Redis."""
 
 import asyncio
 import hashlib
@@ -132,6 +133,90 @@ async def test_kept_records_and_handoffs_do_not_mix(store: HandoffStore) -> None
     assert await store.take(kept, None) is None
     assert await store.peek(kept) == b"kept"
     assert await store.take(handoff, None) == b"handoff"
+
+
+# -- an action's record: read, then take_and_emit ---------------------------------------------
+
+ACTION_DESTINATION = "amp-action-add-to-cart"
+
+
+def webhook_call() -> list[dict[str, Any]]:
+    return [{"id": str(uuid.uuid4()), "action": "add-to-cart", "anonymousId": "v"}]
+
+
+async def addressed_calls(store: HandoffStore, queue: memory.MemoryQueue | None) -> list[bytes]:
+    """The queued entries addressed to the action's destination (Redis: each field ``only``)."""
+    if queue is not None:
+        return [event for _, event in queue.events]
+    assert isinstance(store, RedisStore)
+    prefix = store._prefix
+    found = []
+    for shard in range(KEY_SHARDS):
+        stream = outbox_key(prefix, shard)
+        for _, fields in await store.commands.call(stream, "XRANGE", stream, "-", "+"):
+            pairs = dict(zip(fields[::2], fields[1::2], strict=True))
+            assert pairs[b"only"] == ACTION_DESTINATION.encode()
+            found.append(pairs[b"j"])
+    return found
+
+
+@pytest.fixture
+def action_queue(store: HandoffStore) -> memory.MemoryQueue | None:
+    """The memory store's queue of the action's destination (Redis: None)."""
+    if isinstance(store, MemoryStore):
+        return store.outbox.subscribe(ACTION_DESTINATION, addressed_only=True)
+    return None
+
+
+async def test_read_returns_what_put_stored_and_leaves_it(store: HandoffStore) -> None:
+    lookup_id, kept = new_id(), new_id()
+    await store.put(lookup_id, b"sealed-action", 60, None)
+    await store.keep(kept, b"kept", 60)
+    assert await store.read(lookup_id) == b"sealed-action"
+    assert await store.read(lookup_id) == b"sealed-action"
+    assert await store.read(new_id()) is None
+    assert await store.read(kept) is None  # kept records are not handoffs
+    assert await store.take(lookup_id, None) == b"sealed-action"
+    assert await store.read(lookup_id) is None
+
+
+async def test_read_sees_no_expired_record(store: HandoffStore, advance: Advance) -> None:
+    lookup_id = new_id()
+    await store.put(lookup_id, b"sealed-action", 1, None)
+    await advance(1.1)
+    assert await store.read(lookup_id) is None
+
+
+async def test_take_and_emit_queues_the_call_and_uses_the_record_up(
+    store: HandoffStore, action_queue: memory.MemoryQueue | None
+) -> None:
+    lookup_id = new_id()
+    await store.put(lookup_id, b"sealed-action", 60, None)
+    before = len(await addressed_calls(store, action_queue))
+    await store.take_and_emit(lookup_id, webhook_call(), ACTION_DESTINATION)
+    assert await store.read(lookup_id) is None
+    assert await store.take(lookup_id, None) is None
+    assert len(await addressed_calls(store, action_queue)) == before + 1
+    # A record gone meanwhile (expired within the webhook's wait): the call is queued still.
+    await store.take_and_emit(lookup_id, webhook_call(), ACTION_DESTINATION)
+    assert len(await addressed_calls(store, action_queue)) == before + 2
+
+
+async def test_redis_take_and_emit_that_fails_keeps_the_record(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    store = redis_store(redis_server.url, prefix="amptake:")
+    lookup_id = new_id()
+    # Every outbox stream is a string: the call's XADD fails inside the script.
+    for shard in range(KEY_SHARDS):
+        await redis_client.set(outbox_key("amptake:", shard), "not a stream")
+    try:
+        await store.put(lookup_id, b"sealed-action", 60, None)
+        with pytest.raises(StoreUnavailable):
+            await store.take_and_emit(lookup_id, webhook_call(), ACTION_DESTINATION)
+        assert await store.read(lookup_id) == b"sealed-action"  # usable for a retry
+    finally:
+        await store.close()
 
 
 # -- hit -------------------------------------------------------------------------------------
@@ -357,6 +442,8 @@ async def test_stopped_redis_makes_each_operation_unavailable(
             lambda: store.peek(new_id()),
             lambda: store.hit([(new_id(), 60)]),
             lambda: store.hit([(new_id(), 60), (new_id(), 60)]),
+            lambda: store.read(new_id()),
+            lambda: store.take_and_emit(new_id(), webhook_call(), ACTION_DESTINATION),
         ]
         for operation in operations:
             with pytest.raises(StoreUnavailable):

@@ -12,9 +12,11 @@ import asyncio
 import json
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import DummyCookieJar
@@ -28,6 +30,7 @@ from identity_service.settings import ConfigError, Destination, Settings
 from identity_service.sinks import DELIVERED, WebhookSink
 from tests.collector import WRITE_KEY, Collector, running_collector
 from tests.conftest import SECRET, AppClient, FrontTestServer, make_settings, sources_env
+from tests.redis_server import RedisServer
 from tests.test_amp_actions import (
     CACHE,
     DONE_URL,
@@ -42,6 +45,7 @@ from tests.test_amp_actions import (
     form,
     hop,
     metric,
+    set_cookie_value,
 )
 from tests.test_cli import COMMAND, clean_env
 from tests.webhook_receiver import WEBHOOK_SECRET, WebhookReceiver
@@ -89,6 +93,57 @@ def retry_client(
         )
 
     return build
+
+
+@pytest.fixture
+def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own that keeps its data across a stop and a start (an
+    append-only file, written at each command), as a production Redis that restarts does."""
+    server = RedisServer(tmp_path, appendonly="yes", appendfsync="always")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def outage_client(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    receiver: WebhookReceiver,
+    collector: Collector,
+    durable_redis: RedisServer,
+) -> RetryClient:
+    """As ``retry_client``, on ``durable_redis``, which the test stops and starts."""
+
+    async def build() -> AppClient:
+        settings = make_settings(
+            durable_redis.url,
+            amp=amp_config(receiver.url),
+            destination_url=collector.url,
+            destination_write_key=WRITE_KEY,
+            **FAST_DELIVERY,
+        )
+        return await aiohttp_client(
+            FrontTestServer(create_app(settings)), cookie_jar=DummyCookieJar()
+        )
+
+    return build
+
+
+async def fail_with_redis_stopping(
+    client: AppClient,
+    receiver: WebhookReceiver,
+    redis: RedisServer,
+    complete: str,
+    replies: tuple[int, ...] = (500, 500, 500),
+) -> aiohttp.ClientResponse:
+    """Land on ``complete`` while the webhook answers ``replies`` (by default 500 to every
+    attempt: its failure cannot be queued) and Redis stops at the first call."""
+    receiver.replies = list(replies)
+    receiver.on_call = redis.stop
+    try:
+        return await client.get(complete, allow_redirects=False)
+    finally:
+        receiver.on_call = None
 
 
 @pytest.fixture(params=DOWN_MODES)
@@ -188,6 +243,106 @@ async def test_a_hop_whose_webhook_is_down_lands_on_done_url_and_is_applied_once
     assert (replay.status, replay.headers["Location"]) == (303, DONE_URL)
     await asyncio.sleep(0.3)
     assert len(receiver.calls) == raw_calls(down) and receiver.applications == 1
+
+
+async def test_a_landing_that_fails_on_a_store_outage_sets_no_cookie(
+    outage_client: RetryClient, receiver: WebhookReceiver, durable_redis: RedisServer
+) -> None:
+    client = await outage_client()
+    complete = await hop(client)
+    failed = await fail_with_redis_stopping(client, receiver, durable_redis, complete)
+    assert failed.status == 503, await failed.text()
+    assert (await failed.json(content_type=None))["type"].endswith(":service-unavailable")
+    assert "Set-Cookie" not in failed.headers
+    assert receiver.applications == 0
+
+
+@pytest.mark.parametrize("again", ["applied", "queued"])
+async def test_a_hop_whose_webhook_fails_in_a_store_outage_can_be_retried_and_applies_once(
+    outage_client: RetryClient, receiver: WebhookReceiver, durable_redis: RedisServer, again: str
+) -> None:
+    """The webhook fails and Redis goes down before the failure can be queued: nothing
+    records the call, so the hop must stay usable. The visitor's reload, once Redis is
+    back, applies the action (at once, or through the outbox when the webhook fails again),
+    exactly once, to the visitor the landing's cookie names."""
+    client = await outage_client()
+    complete = await hop(client)
+    failed = await fail_with_redis_stopping(client, receiver, durable_redis, complete)
+    assert failed.status == 503, await failed.text()
+    assert "Retry-After" in failed.headers
+
+    durable_redis.start()
+    if again == "queued":
+        receiver.replies = [500] * 3  # the reload's three attempts; the outbox's first is 200
+    landing = await client.get(complete, allow_redirects=False)
+    assert landing.status == 303, await landing.text()
+    assert landing.headers["Location"] == DONE_URL
+    visitor = set_cookie_value(landing)
+    await eventually(lambda: receiver.applications == 1)
+    await asyncio.sleep(0.5)
+    calls = len(receiver.calls)
+    assert calls == (3 + 1 if again == "applied" else 3 + 3 + 1)
+    assert len({call["id"] for call in receiver.calls}) == 1
+    [applied] = receiver.applied.values()
+    assert (applied["anonymousId"], applied["fields"]) == (visitor, FIELDS)
+    assert metric(client, "identity_amp_hops_total", action="add-to-cart", stage="completed") == 1
+
+    # Now the token is used up: a reload lands with nothing sent again.
+    cookie = {"Cookie": f"ajs_anonymous_id={visitor}"}
+    replay = await client.get(complete, headers=cookie, allow_redirects=False)
+    assert (replay.status, replay.headers["Location"]) == (303, DONE_URL)
+    await asyncio.sleep(0.3)
+    assert len(receiver.calls) == calls and receiver.applications == 1
+
+
+async def test_a_hop_applied_as_the_store_goes_down_lands_and_is_not_applied_twice(
+    outage_client: RetryClient, receiver: WebhookReceiver, durable_redis: RedisServer
+) -> None:
+    """The webhook applies the action, and Redis is down when the token is to be used up:
+    the landing stands (303, the cookie of the id the webhook got); the token lasts until
+    its TTL, and a reload calls again with the same id, which the webhook deduplicates."""
+    client = await outage_client()
+    complete = await hop(client)
+    landing = await fail_with_redis_stopping(
+        client, receiver, durable_redis, complete, replies=(200,)
+    )
+    assert landing.status == 303, await landing.text()
+    visitor = set_cookie_value(landing)
+    [applied] = receiver.applied.values()
+    assert applied["anonymousId"] == visitor
+
+    durable_redis.start()
+    cookie = {"Cookie": f"ajs_anonymous_id={visitor}"}
+    reload = await client.get(complete, headers=cookie, allow_redirects=False)
+    assert (reload.status, reload.headers["Location"]) == (303, DONE_URL)
+    assert len({call["id"] for call in receiver.calls}) == 1
+    assert receiver.applications == 1
+    again = await client.get(complete, headers=cookie, allow_redirects=False)
+    assert again.status == 303
+    assert len(receiver.calls) == 2  # used up by the reload
+
+
+async def test_a_hop_whose_token_expires_during_a_failing_webhook_is_queued(
+    retry_client: RetryClient, receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token lives ``action_ttl`` (5 s at least), the visitor may wait longer for the
+    webhook (``wait_bound``): a token that expires meanwhile is no reason to drop the call."""
+    client = await retry_client()
+    store = client.app[AMP].store
+    if not hasattr(store, "_clock"):
+        pytest.skip("the memory store's clock is driven; a Redis key's expiry is Redis's own")
+    complete = await hop(client)
+    real = store._clock
+    receiver.replies = [503] * 3  # the landing's attempts; the outbox's first is 200
+    # At the first call, the token's 60 s are over.
+    receiver.on_call = lambda: monkeypatch.setattr(store, "_clock", lambda: real() + 61)
+    landing = await client.get(complete, allow_redirects=False)
+    assert landing.status == 303, await landing.text()
+    visitor = set_cookie_value(landing)
+    await eventually(lambda: receiver.applications == 1)
+    [applied] = receiver.applied.values()
+    assert applied["anonymousId"] == visitor
+    assert metric(client, "identity_amp_hops_total", action="add-to-cart", stage="queued") == 1
 
 
 async def test_a_queued_call_over_the_batch_apis_event_size_is_sent_whole(

@@ -3,13 +3,16 @@
 It checks each call's ``Identity-Signature`` the way docs/amp.md tells a publisher to (HMAC-
 SHA256 over ``"<t>.<body>"``, a constant-time compare, ``t`` within five minutes), answers
 what the test scripted (statuses in order, or ``"hang"`` past the service's timeout), and
-applies each action once per ``id``, counting every call and application.
+applies each action once per ``id``, counting every call and application. ``on_call``, when
+set, runs at each signed call before it is answered (a test takes Redis down there: an
+outage that starts while the service waits for the webhook).
 """
 
 import asyncio
 import hashlib
 import hmac
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -47,6 +50,7 @@ class WebhookReceiver:
         self.calls: list[dict[str, Any]] = []  # every correctly signed call's document
         self.applied: dict[str, dict[str, Any]] = {}  # by id: what was applied
         self.bad_signatures = 0
+        self.on_call: Callable[[], None] | None = None
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -83,6 +87,8 @@ class WebhookReceiver:
             return web.Response(status=401)
         document = orjson.loads(body)
         self.calls.append(document)
+        if self.on_call is not None:
+            self.on_call()
         reply = self.replies.pop(0) if self.replies else 200
         if reply == "hang":
             await asyncio.sleep(HANG_SECONDS)

@@ -12,10 +12,10 @@ AMP Camp's add-to-cart hop, made safe (docs/amp.md walks through it):
   configured ``public_url``: built from configuration and the token only, never from the
   request, and carrying no field.
 - ``handle_complete`` is that top-level navigation on the publisher's origin: it reads the
-  visitor cookie or sets a new one, takes the token once, applies the action, records the
-  link of the form's AMP clientId to the visitor, and answers 303 to the action's
-  ``done_url``. A replayed, expired, unknown or foreign token lands there with nothing
-  applied.
+  visitor cookie or sets a new one, reads the token's record, applies the action, uses the
+  token up, records the link of the form's AMP clientId to the visitor, and answers 303 to
+  the action's ``done_url``. A replayed, expired, unknown or foreign token lands there with nothing
+  applied. Only that 303 sets the new cookie: an error answer (429, 502, 503) sets none.
 - The token is a bearer token minted by an unauthenticated POST (its ``Origin`` is only
   enforced by browsers: curl sends any). So ``handle_complete`` acts only on a top-level
   navigation: when the browser says what the request is for (``Sec-Fetch-Dest``), it
@@ -45,6 +45,13 @@ whose forwarder retries it like event delivery (backoff and jitter, Retry-After,
 letters, reclaim). A submission then answers ``202 {"status": "queued"}``; a hop lands on
 ``done_url`` as when applied, its token used up. A refusal (another 4xx, a 3xx) is final
 and queues nothing: ``502 action-not-applied``, as when the outbox is off.
+
+A hop's token is used up only once its call is settled: applied, refused, or queued (the
+token deleted and the call queued in one atomic write, ``HandoffStore.take_and_emit``).
+Used up first, a store outage between the webhook's failure and the queueing lost the
+action, with a 503 and nothing for the visitor to retry. Now that 503 (or a 502 with the
+outbox off) leaves the token, and a reload calls again with the same ``id``. Two landings
+of one URL at the same moment may both call the webhook, with that one ``id``.
 """
 
 import secrets
@@ -67,6 +74,7 @@ from identity_service.problems import (
     MalformedForm,
     PayloadTooLarge,
     Problem,
+    StoreUnavailable,
     UnknownAction,
     UnsupportedFormType,
 )
@@ -125,7 +133,7 @@ async def handle_submit(request: web.Request) -> web.StreamResponse:
 async def handle_complete(request: web.Request) -> web.StreamResponse:
     """The origin hop's landing: apply the sealed action once, then 303 to ``done_url``."""
     ctx = request.app[AMP]
-    set_cookie: str | None = None
+    headers = {**SECURITY_HEADERS, **cors.cors_headers(None)}
     try:
         action = _action(ctx, request)
         if _is_navigation(request):
@@ -133,25 +141,24 @@ async def handle_complete(request: web.Request) -> web.StreamResponse:
             await limits.check_limits(ctx, address, None)
             if visitor is None:
                 visitor = cookies.new_visitor_id()
-                set_cookie = cookies.set_cookie(visitor, ctx.amp.cookie)
+                # In the landing's headers alone: a failed answer sets nothing in the browser.
+                headers["Set-Cookie"] = cookies.set_cookie(visitor, ctx.amp.cookie)
             token = Token.parse(request.query.get("token", ""))
-            if token is not None and (record := await _take(ctx, action, token)) is not None:
-                await _complete(ctx, action, visitor, record)
+            hop = None if token is None else await _read(ctx, action, token)
+            if hop is not None:
+                await _complete(ctx, action, visitor, *hop)
             else:
                 _count_hop(ctx, action, "missed")
         else:
             # An <img>, <iframe> or fetch of the URL, which some page may make with the
             # visitor's cookie: nothing applied or linked, the token left as it is.
             ctx.metrics.inc(cors.REFUSALS_METRIC, reason="not_navigation")
-        response: web.StreamResponse = web.Response(
-            status=303, headers={**SECURITY_HEADERS, "Location": action.done_url}
-        )
+        headers["Location"] = action.done_url
+        return web.Response(status=303, headers=headers)
     except Exception as exc:
         response = _problem(ctx, exc, request)
-    response.headers.update(cors.cors_headers(None))
-    if set_cookie is not None:
-        response.headers["Set-Cookie"] = set_cookie
-    return response
+        response.headers.update(cors.cors_headers(None))
+        return response
 
 
 def _is_navigation(request: web.Request) -> bool:
@@ -221,29 +228,36 @@ async def _start_hop(
     return _json({"status": "redirecting"}, headers)
 
 
-async def _take(ctx: AmpContext, action: ActionSettings, token: Token) -> dict[str, Any] | None:
-    """The token's record, opened; None if unknown, used or foreign."""
+async def _read(
+    ctx: AmpContext, action: ActionSettings, token: Token
+) -> tuple[bytes, dict[str, Any]] | None:
+    """The token's lookup id and record, opened and left in the store until its webhook call
+    is settled (:func:`_apply`); None if unknown or used. A foreign or unreadable record is
+    used up at once, with nothing applied."""
     lookup_id = ctx.action_sealer.lookup_id(token)
-    sealed = await ctx.store.take(lookup_id, None)
+    sealed = await ctx.store.read(lookup_id)
     if sealed is None:
         return None
     try:
         record = orjson.loads(ctx.action_sealer.open(token, lookup_id, sealed))
     except (SealError, orjson.JSONDecodeError):
         logger.warning("action_record_unreadable", action=action.name)
-        return None
+        record = None
     if not isinstance(record, dict) or record.get("action") != action.name:
-        # A token taken to another action's URL: used up, nothing applied.
+        # Unreadable, or a token taken to another action's URL: used up, nothing applied.
+        await ctx.store.take(lookup_id, None)
         return None
-    return record
+    return lookup_id, record
 
 
 async def _complete(
-    ctx: AmpContext, action: ActionSettings, visitor: str, record: dict[str, Any]
+    ctx: AmpContext, action: ActionSettings, visitor: str, lookup_id: bytes, record: dict[str, Any]
 ) -> None:
-    """Apply a taken hop, or queue it (its token is used up either way); raise if refused."""
+    """Apply a hop's record, or queue it (its token used up either way); raise if refused."""
     client_id = record.get("clientId")
-    await _apply(ctx, action, record["id"], visitor, record["fields"], client_id, "origin_hop")
+    await _apply(
+        ctx, action, record["id"], visitor, record["fields"], client_id, "origin_hop", lookup_id
+    )
     _count_hop(ctx, action, "completed")
     if record.get("link", True) is not False:
         await _link(ctx, client_id, visitor)
@@ -257,12 +271,19 @@ async def _apply(
     fields: dict[str, str],
     client_id: str | None,
     context: str,
+    hop: bytes | None = None,
 ) -> bool:
     """Call the action's webhook within the bounded wait: True if it answered 2xx.
 
     False if it failed for a transient reason: the same body (same ``id``) is then queued
     for the action's outbox destination, which retries it. ActionNotApplied if the
     webhook refused it, or the outbox is off (nothing would deliver it).
+
+    ``hop``: the lookup id of an origin hop's record, left in the store until the call is
+    settled, so that no failure loses the action: used up once applied or refused, or in
+    the same atomic write that queues the call. A store that fails before that write
+    leaves it usable (503): the visitor's reload calls again, with the same ``id``. So
+    does a transient failure with the outbox off (502).
     """
     document = webhooks.payload(
         hop_id=hop_id,
@@ -274,17 +295,37 @@ async def _apply(
     )
     outcome = await webhooks.call(ctx.http, ctx.amp, action, orjson.dumps(document))
     if outcome.applied:
+        if hop is not None:
+            await _use_up(ctx, action, hop)
         return True
     if outcome.refused or not ctx.settings.outbox.enabled:
         _count_hop(ctx, action, "failed")
+        if outcome.refused and hop is not None:
+            await _use_up(ctx, action, hop)  # final: a reload would be refused again
         raise ActionNotApplied(
             f"the publisher's backend did not confirm the action after {outcome.attempts} "
             "attempt(s); nothing was applied by this service"
         )
-    await ctx.store.emit(hop_id.encode(), [document], only=action_destination_name(action.name))
+    destination = action_destination_name(action.name)
+    if hop is None:
+        await ctx.store.emit(hop_id.encode(), [document], only=destination)
+    else:
+        # Queued even if the token is gone meanwhile (its action_ttl may end within the
+        # wait, or another landing of the URL settled it): the webhook deduplicates on id.
+        await ctx.store.take_and_emit(hop, [document], destination)
     _count_hop(ctx, action, "queued")
     logger.info("webhook_queued", action=action.name, reason=outcome.reason)
     return False
+
+
+async def _use_up(ctx: AmpContext, action: ActionSettings, lookup_id: bytes) -> None:
+    """Use up a hop whose call is settled. Should the store fail, the answer stands and the
+    token lasts until its ``action_ttl``: a reload would call again with the same ``id``,
+    which the webhook deduplicates."""
+    try:
+        await ctx.store.take(lookup_id, None)
+    except StoreUnavailable:
+        logger.warning("action_token_not_used_up", action=action.name)
 
 
 async def _link(ctx: AmpContext, client_id: str | None, visitor: str) -> None:

@@ -9,17 +9,21 @@ Choices the issue left open (docs/amp.md lists every rule): ``public_url`` must 
 publisher origin (the cookie is set in its answers and the origin hop lands there);
 ``cookie.domain`` must cover ``public_url``'s host, the one host that sets the cookie (a
 browser ignores a ``Domain`` that does not), and need not cover other publisher origins;
+it is no public suffix (the Public Suffix List ``publicsuffixlist`` bundles: browsers
+refuse a cookie for ``co.uk`` or ``github.io``), no IP address and no single label;
 a webhook may use http only to ``localhost`` or a loopback address; numbers have bounds
 (``cookie.max_age`` at most the 400 days browsers keep a cookie, ``action_ttl`` at most
 300 s); ``caches = []`` allows the publisher origins alone.
 """
 
+import functools
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
+from publicsuffixlist import PublicSuffixList
 from yarl import URL
 
 from identity_service import constants as c
@@ -144,6 +148,13 @@ def allowed_origins(publisher_origins: Iterable[str], caches: Iterable[str]) -> 
         except ValueError:
             continue  # http or a port: no cache serves it
     return frozenset(allowed)
+
+
+@functools.cache
+def _public_suffixes() -> PublicSuffixList:
+    """The Public Suffix List the package bundles (read once, only when a cookie domain is
+    configured; no network): the suffixes browsers set no cookie for."""
+    return PublicSuffixList()
 
 
 class _AmpReader:
@@ -346,6 +357,16 @@ class _AmpReader:
             self.problem(
                 "cookie.domain",
                 f"must be a domain name such as '.example.com', not {value!r}",
+            )
+            return None
+        if _public_suffixes().is_public(host):
+            own = _public_suffixes().privatesuffix(public_url.host) if public_url else None
+            instead = f"your own domain ('.{own}')" if own else "your own domain"
+            self.problem(
+                "cookie.domain",
+                f"{value!r} is a public suffix (publicsuffix.org): browsers refuse a cookie "
+                f"for it, so the visitor cookie would never be set; use {instead} or leave "
+                "cookie.domain unset",
             )
             return None
         if public_url is not None and not (

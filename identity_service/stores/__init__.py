@@ -86,6 +86,16 @@ class HandoffStore(Protocol):
         the same atomic step, as events of the exchanging source (``facts["source"]``).
         """
 
+    async def read(self, lookup_id: bytes) -> bytes | None:
+        """The record ``put`` under ``lookup_id``, or None if absent or expired; it stays,
+        for ``take`` or ``take_and_emit`` to hand out (an AMP action's, until its webhook
+        call is settled)."""
+
+    async def take_and_emit(self, lookup_id: bytes, events: list[Event], only: str) -> None:
+        """Queue ``events`` addressed to destination ``only`` (as ``emit`` with ``only``) and
+        remove the record under ``lookup_id``, if it is still there, in one atomic step: a
+        failure writes neither, and the record stays."""
+
     async def emit(
         self,
         shard_hint: bytes,

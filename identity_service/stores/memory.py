@@ -226,6 +226,14 @@ class MemoryStore:
             self.outbox.extend(ev.complete(template, facts), source=facts["source"])
         return record
 
+    async def read(self, lookup_id: bytes) -> bytes | None:
+        entry = self._records.get(lookup_id, self._clock())
+        return None if entry is None else entry[1][0]
+
+    async def take_and_emit(self, lookup_id: bytes, events: list[ev.Event], only: str) -> None:
+        self.outbox.extend(events, only)
+        self._records.pop(lookup_id, self._clock())
+
     async def emit(
         self,
         shard_hint: bytes,

@@ -5,7 +5,9 @@ template sealed under the server secret (absent when no events are due). Its sha
 outbox stream shares its hash tag, so each script touches one slot:
 
 - prepare: replace the hash, set its TTL, and XADD the started events, atomically;
-- exchange: read and delete the hash and XADD the completion entry, atomically.
+- exchange: read and delete the hash and XADD the completion entry, atomically;
+- an AMP action's record (read first with ``HGET``) deleted with its webhook call XADDed,
+  atomically (``take_and_emit``).
 
 Kept records (AMP clientId links) are plain strings written with their TTL by one ``SET``.
 Rate-limit counters are one script call each (``HIT``): counters of one request have ids
@@ -111,6 +113,14 @@ if found[2] and ARGV[1] ~= '' then
   end
 end
 return found[1]
+""")
+
+# KEYS: handoff, outbox. ARGV: sealed events, the destination they are addressed to. An AMP
+# action's webhook call queued and its record used up. The XADD goes first: over maxmemory
+# it is refused, and the record stays for a retry.
+TAKE_AND_EMIT = Script("""
+redis.call('XADD', KEYS[2], '*', 'j', ARGV[1], 'only', ARGV[2])
+return redis.call('DEL', KEYS[1])
 """)
 
 # KEYS: counter. ARGV: window in milliseconds. Counts one hit in a fixed window that starts
@@ -374,6 +384,17 @@ class RedisStore:
         record = await self._guarded(self._write(EXCHANGE, keys, args, "exchange"))
         assert record is None or isinstance(record, bytes)
         return record
+
+    async def read(self, lookup_id: bytes) -> bytes | None:
+        key = handoff_key(self._prefix, lookup_id, self._shards)
+        record = await self._guarded(self._redis.call(key, "HGET", key, "r"))
+        assert record is None or isinstance(record, bytes)
+        return record
+
+    async def take_and_emit(self, lookup_id: bytes, events: list[ev.Event], only: str) -> None:
+        args: list[Arg] = [self._sealer.seal(ev.join_documents(events)), only]
+        # A single-use take, replicated as an exchange's is (IDENTITY_REDIS_WAIT).
+        await self._guarded(self._write(TAKE_AND_EMIT, self._keys(lookup_id), args, "exchange"))
 
     def _write(
         self, script: Script, keys: list[str], args: list[Arg], operation: str
