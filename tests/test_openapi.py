@@ -167,6 +167,21 @@ async def test_document_is_served(aiohttp_client: Callable[..., Awaitable[AppCli
     assert await response.json() == DOCUMENT
 
 
+async def test_the_document_is_not_sniffed_and_may_be_kept(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+) -> None:
+    """/openapi.json lacked the X-Content-Type-Options: nosniff of the API's JSON answers
+    (and their Referrer-Policy). It is public and the same for every caller: no no-store."""
+    client = await aiohttp_client(FrontTestServer(create_app(make_settings())))
+    for method in ("GET", "HEAD"):
+        response = await client.request(method, "/openapi.json")
+        assert response.status == 200
+        assert response.content_type == "application/json"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Referrer-Policy"] == "no-referrer"
+        assert "no-store" not in response.headers.get("Cache-Control", "")
+
+
 async def test_the_served_document_states_the_configured_maximum_ttl(
     aiohttp_client: Callable[..., Awaitable[AppClient]],
 ) -> None:
