@@ -28,7 +28,7 @@ def create_app(settings: Settings) -> web.Application:
     app[app_keys.SETTINGS] = settings
     app[app_keys.SOURCES] = SourceRegistry(settings.sources)
     app[app_keys.METRICS] = Metrics()
-    app[app_keys.OPENAPI] = openapi_document(settings.max_ttl)
+    app[app_keys.OPENAPI] = openapi_document(settings.max_ttl, settings.amp)
     app.on_response_prepare.append(without_server_header)
     app.on_startup.append(load_helper_script)
     # First in, so last out: the counts of the forwarders' and the store's last moments too.

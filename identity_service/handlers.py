@@ -8,8 +8,11 @@ from aiohttp import web
 from identity_service import app_keys
 from identity_service.handoff_api import Call
 from identity_service.metrics import CONTENT_TYPE
-from identity_service.middleware import SECURITY_HEADERS
+from identity_service.middleware import DOCUMENT_HEADERS, SECURITY_HEADERS
 from identity_service.problems import PayloadTooLarge
+
+# A scrape is of now: never cached (SECURITY_HEADERS' no-store), never sniffed.
+_METRICS_HEADERS = {**SECURITY_HEADERS, "Content-Type": CONTENT_TYPE}
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -48,14 +51,15 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[app_keys.OPENAPI], content_type="application/json")
+    return web.Response(
+        body=request.app[app_keys.OPENAPI],
+        content_type="application/json",
+        headers=DOCUMENT_HEADERS,
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
     """The exposition, with the gauges read from the store for this scrape (scrape.py)."""
     counted = request.app[app_keys.METRICS]
     counted.scraped = await request.app[app_keys.PROBE].read()
-    return web.Response(
-        body=counted.render(),
-        headers={"Content-Type": CONTENT_TYPE, "Cache-Control": "no-store"},
-    )
+    return web.Response(body=counted.render(), headers=_METRICS_HEADERS)

@@ -35,11 +35,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 logger = structlog.get_logger("identity_service.request")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-SECURITY_HEADERS = {
-    "Cache-Control": "no-store",
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-}
+# Of every answer of the service's own: its Content-Type is not second-guessed (a browser
+# sniffing a JSON or text answer as HTML or script), and no Referer leaves from it.
+DOCUMENT_HEADERS = {"Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"}
+# The API's answers, which carry tokens and identities, are never kept by a cache either;
+# a public document (/openapi.json) has DOCUMENT_HEADERS alone.
+SECURITY_HEADERS = {"Cache-Control": "no-store", **DOCUMENT_HEADERS}
 # The paths of AMP's endpoints (amp/routes.py), whose every answer says Vary: Origin.
 AMP_PATH_PREFIX = "/v1/amp/"
 

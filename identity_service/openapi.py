@@ -8,7 +8,7 @@ tests/test_openapi.py checks real answers against it, and that it and the valida
 tests/test_schemathesis.py runs schemathesis with every check against the live service.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -40,18 +40,23 @@ from identity_service.validation import (
     MAX_EVENT_NAME_LENGTH,
 )
 
+if TYPE_CHECKING:
+    from identity_service.amp.config import AmpSettings
+
 _JSON = "application/json"
 _PROBLEM = "application/problem+json"
+# A token as the service hands it out (crypto.Token.text): 32 bytes in unpadded base64url.
+TOKEN_PATTERN = "[A-Za-z0-9_-]{43}"  # noqa: S105 - a pattern, no secret
 
 
-def _ref(name: str) -> dict[str, str]:
+def ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _problem(description: str, headers: tuple[str, ...] = ()) -> dict[str, Any]:
+def problem_answer(description: str, headers: tuple[str, ...] = ()) -> dict[str, Any]:
     answer: dict[str, Any] = {
         "description": description,
-        "content": {_PROBLEM: {"schema": _ref("Problem")}},
+        "content": {_PROBLEM: {"schema": ref("Problem")}},
     }
     if headers:
         answer["headers"] = {h: {"$ref": f"#/components/headers/{h}"} for h in headers}
@@ -62,14 +67,18 @@ def _handoff_problems(too_large: str) -> dict[str, Any]:
     """The problems both handoff endpoints answer besides the front's refusals;
     ``too_large`` says what their own 413 means."""
     return {
-        "400": _problem("malformed-json, or validation-failed with one error a field"),
-        "401": _problem("unauthorized: no, malformed or unknown write key", ("WWW-Authenticate",)),
-        "413": _problem(too_large),
-        "415": _problem(
+        "400": problem_answer("malformed-json, or validation-failed with one error a field"),
+        "401": problem_answer(
+            "unauthorized: no, malformed or unknown write key", ("WWW-Authenticate",)
+        ),
+        "413": problem_answer(too_large),
+        "415": problem_answer(
             "unsupported-media-type: the body is not application/json (Accept-Post names it)",
             ("Accept-Post",),
         ),
-        "503": _problem("service-unavailable: the store is down or too slow", ("Retry-After",)),
+        "503": problem_answer(
+            "service-unavailable: the store is down or too slow", ("Retry-After",)
+        ),
     }
 
 
@@ -124,21 +133,23 @@ _FRONT_REFUSALS: tuple[tuple[str, type[Problem], str, tuple[str, ...]], ...] = (
         ("Retry-After",),
     ),
 )
-_FRONT_RESPONSES: dict[str, Any] = {
-    name: _problem(f"{problem.slug}: {when}; the connection closes", headers)
+FRONT_RESPONSES: dict[str, Any] = {
+    name: problem_answer(f"{problem.slug}: {when}; the connection closes", headers)
     for name, problem, when, headers in _FRONT_REFUSALS
 }
 
 
-def _with_front_refusals(responses: dict[str, Any]) -> dict[str, Any]:
+def with_front_refusals(responses: dict[str, Any], variant: str = "") -> dict[str, Any]:
     """An operation's ``responses`` and the front's refusals: shared (a reference) where it
-    has no answer of their status, else joined to its own (a reference cannot be)."""
+    has no answer of their status, else joined to its own (a reference cannot be).
+    ``variant``: the prefix of the shared refusals' names, for paths whose refusals carry
+    more headers (AMP's, amp/openapi.py)."""
     joined = dict(responses)
     for name, problem, _, _ in _FRONT_REFUSALS:
-        status, refusal = str(problem.status), _FRONT_RESPONSES[name]
+        status, refusal = str(problem.status), FRONT_RESPONSES[name]
         own = joined.get(status)
         if own is None:
-            joined[status] = {"$ref": f"#/components/responses/{name}"}
+            joined[status] = {"$ref": f"#/components/responses/{variant}{name}"}
             continue
         own = {**own, "description": f"{own['description']}; or {refusal['description']}"}
         headers = {**own.get("headers", {}), **refusal.get("headers", {})}
@@ -226,7 +237,7 @@ _SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "required": ["token", "expiresIn", "expiresAt", "redirectUrl"],
         "properties": {
-            "token": {"type": "string", "pattern": "^[A-Za-z0-9_-]{43}$"},
+            "token": {"type": "string", "pattern": f"^{TOKEN_PATTERN}$"},
             "expiresIn": {"type": "integer", "minimum": 1},
             "expiresAt": {"type": "string", "format": "date-time"},
             "redirectUrl": {
@@ -331,11 +342,11 @@ _SCHEMAS: dict[str, Any] = {
 
 
 def _json_body(schema: str) -> dict[str, Any]:
-    return {"required": True, "content": {_JSON: {"schema": _ref(schema)}}}
+    return {"required": True, "content": {_JSON: {"schema": ref(schema)}}}
 
 
 def _ok(description: str, schema: str) -> dict[str, Any]:
-    return {"description": description, "content": {_JSON: {"schema": _ref(schema)}}}
+    return {"description": description, "content": {_JSON: {"schema": ref(schema)}}}
 
 
 _OPERATIONS: dict[str, Any] = {
@@ -347,7 +358,7 @@ _OPERATIONS: dict[str, Any] = {
             "requestBody": _json_body("PrepareRequest"),
             "responses": {
                 "201": _ok("The token and the redirect URL", "PreparedHandoff"),
-                "403": _problem(
+                "403": problem_answer(
                     "destination-not-allowed: the destination's origin is not the source's"
                 ),
                 **_handoff_problems(
@@ -365,11 +376,13 @@ _OPERATIONS: dict[str, Any] = {
             "requestBody": _json_body("ExchangeRequest"),
             "responses": {
                 "200": _ok("The identity (or a generated one, with fallback)", "Identity"),
-                "403": _problem(
+                "403": problem_answer(
                     "audience-mismatch: the handoff was bound to an origin this source may "
                     "not receive; the token is used up"
                 ),
-                "404": _problem("token-not-found: the token is unknown, expired or already used"),
+                "404": problem_answer(
+                    "token-not-found: the token is unknown, expired or already used"
+                ),
                 **_handoff_problems(
                     "event-too-large: the properties or the context would take domain B's "
                     "completion track or identify over 32 KB as sent; the token stays unused"
@@ -390,7 +403,7 @@ _OPERATIONS: dict[str, Any] = {
             "summary": "The store is reachable",
             "responses": {
                 "200": _ok("Ready", "Status"),
-                "503": _problem("The store is unreachable", ("Retry-After",)),
+                "503": problem_answer("The store is unreachable", ("Retry-After",)),
             },
         }
     },
@@ -438,7 +451,7 @@ _OPERATIONS: dict[str, Any] = {
 
 _PATHS: dict[str, Any] = {
     path: {
-        method: {**operation, "responses": _with_front_refusals(operation["responses"])}
+        method: {**operation, "responses": with_front_refusals(operation["responses"])}
         for method, operation in item.items()
     }
     for path, item in _OPERATIONS.items()
@@ -467,10 +480,30 @@ _SECURITY_SCHEMES: dict[str, Any] = {
     },
     "writeKeyBearer": {"type": "http", "scheme": "bearer"},
 }
+_COMPONENTS: dict[str, dict[str, Any]] = {
+    "schemas": _SCHEMAS,
+    "responses": FRONT_RESPONSES,
+    "headers": _HEADERS,
+    "securitySchemes": _SECURITY_SCHEMES,
+}
 
 
-def openapi_dict(max_ttl: int = DEFAULT_MAX_TTL_SECONDS) -> dict[str, Any]:
-    """The document of a service whose IDENTITY_MAX_TTL is ``max_ttl``."""
+def openapi_dict(
+    max_ttl: int = DEFAULT_MAX_TTL_SECONDS, amp: "AmpSettings | None" = None
+) -> dict[str, Any]:
+    """The document of a service whose IDENTITY_MAX_TTL is ``max_ttl``, with the AMP
+    endpoints when ``amp`` (its ``[amp]`` settings) is given."""
+    paths, components = _PATHS, _COMPONENTS
+    if amp is not None:
+        # Imported here, as app.py does, so a service without [amp] does not load it.
+        from identity_service.amp.openapi import amp_components, amp_paths
+
+        paths = {**_PATHS, **amp_paths(amp)}
+        added = amp_components(amp)
+        components = {
+            section: {**components.get(section, {}), **added.get(section, {})}
+            for section in [*components, *(name for name in added if name not in components)]
+        }
     return {
         "openapi": "3.1.0",
         "info": {
@@ -480,16 +513,16 @@ def openapi_dict(max_ttl: int = DEFAULT_MAX_TTL_SECONDS) -> dict[str, Any]:
                 "One-time handoff tokens that carry a visitor's identity across domains."
             ),
         },
-        "paths": _PATHS,
+        "paths": paths,
         "components": {
-            "schemas": {"PrepareRequest": _prepare_request(max_ttl), **_SCHEMAS},
-            "responses": _FRONT_RESPONSES,
-            "headers": _HEADERS,
-            "securitySchemes": _SECURITY_SCHEMES,
+            **components,
+            "schemas": {"PrepareRequest": _prepare_request(max_ttl), **components["schemas"]},
         },
     }
 
 
-def openapi_document(max_ttl: int = DEFAULT_MAX_TTL_SECONDS) -> bytes:
+def openapi_document(
+    max_ttl: int = DEFAULT_MAX_TTL_SECONDS, amp: "AmpSettings | None" = None
+) -> bytes:
     """:func:`openapi_dict` as served; built once, when the app is (app.py)."""
-    return orjson.dumps(openapi_dict(max_ttl))
+    return orjson.dumps(openapi_dict(max_ttl, amp))

@@ -134,11 +134,12 @@ class UnsupportedHitType(UnsupportedMediaType):
     title = "A hit's body must be a form or JSON"
 
     def headers(self) -> dict[str, str]:
-        return {"Accept-Post": _HIT_TYPES}
+        return {"Accept-Post": HIT_BODY_TYPES}
 
 
-_HIT_TYPES = "application/x-www-form-urlencoded, application/json, text/plain"
-# What a 415 names as taken: a handoff body's media type, a body's content codings.
+# What a 415 names as taken (openapi.py and amp/openapi.py state them from here): a hit's
+# and a handoff body's media types, a body's content codings.
+HIT_BODY_TYPES = "application/x-www-form-urlencoded, application/json, text/plain"
 ACCEPTED_BODY_TYPE = "application/json"
 ACCEPTED_CONTENT_CODINGS = "gzip, deflate"
 
@@ -244,7 +245,8 @@ class RateLimited(Problem):
         return {"Retry-After": str(self.retry_after)}
 
 
-_FORM_TYPES = "multipart/form-data, application/x-www-form-urlencoded, application/json"
+# What an AMP action's 415 names as taken.
+FORM_BODY_TYPES = "multipart/form-data, application/x-www-form-urlencoded, application/json"
 
 
 class MalformedForm(Problem):
@@ -261,7 +263,7 @@ class UnsupportedFormType(Problem):
     title = "Form must be multipart/form-data, application/x-www-form-urlencoded or JSON"
 
     def headers(self) -> dict[str, str]:
-        return {"Accept-Post": _FORM_TYPES}
+        return {"Accept-Post": FORM_BODY_TYPES}
 
 
 class ActionNotApplied(Problem):

@@ -27,7 +27,7 @@ from identity_service.sources import (
     hash_write_key,
     parse_origin,
 )
-from identity_service.urls import host_port, is_loopback_host
+from identity_service.urls import fits_dns, host_port, is_loopback_host
 
 T = TypeVar("T")
 
@@ -62,6 +62,9 @@ REDACTED = "***"
 # How a problem with a Redis URL ends when the rest of a password may be the cause.
 PERCENT_ENCODE = "(percent-encode / ? # @ in the password)"
 DATABASE_PROBLEM = "the database must be a number, 0 or more"
+# What a host name past DNS's limits (urls.fits_dns) is told; no connection to it, nor bind,
+# could succeed (Python's resolver raises UnicodeError before asking DNS about a long label).
+DNS_PROBLEM = "at most 253 characters, each label (between dots) 1 to 63, as DNS allows"
 DESTINATION_KEYS = frozenset({"url", "write_key", "allow_insecure", "sources"})
 SETTING_NAMES = frozenset(
     {
@@ -269,6 +272,7 @@ def _node_options(url: str) -> dict[str, Any]:
             port = 0
         if port == 0:
             raise ValueError(f"the port is not a number from 1 to 65535 {PERCENT_ENCODE}")
+        _check_host(parts.hostname)
         if parts.path.strip("/") and not _is_number(parts.path.strip("/")):
             raise ValueError(DATABASE_PROBLEM)
     elif not parts.path:
@@ -304,7 +308,15 @@ def _host_port(node: str) -> tuple[str, int]:
     host, colon, port = node.rpartition(":")
     if not colon or not host or not _is_number(port) or not 0 < int(port) <= 65535:
         raise ValueError("each node is host:port, with a port between 1 and 65535")
-    return host.strip("[]"), int(port)
+    host = host.strip("[]")
+    _check_host(host)
+    return host, int(port)
+
+
+def _check_host(host: str | None) -> None:
+    """Refuse a Redis host name no DNS name can be: every connection would fail."""
+    if host and not fits_dns(host):
+        raise ValueError(f"each host must be a name of {DNS_PROBLEM}")
 
 
 def redact_url(url: str) -> str:
@@ -453,8 +465,11 @@ class Settings:
         return self.dev_write_key is not None
 
     def bind_problems(self, host: str) -> list[str]:
-        """What keeps these settings from serving on ``host``: a non-loopback address needs
-        configured sources and a server secret."""
+        """What keeps these settings from serving on ``host``: a name past DNS's limits (the
+        bind would fail), or a non-loopback address without configured sources and a server
+        secret."""
+        if not fits_dns(host):
+            return [f"cannot listen on {host}: a host name must have {DNS_PROBLEM}"]
         if is_loopback_host(host):
             return []
         problems = []
@@ -602,9 +617,8 @@ class _Reader:
             forwarder_metrics_port=self.optional_port(
                 "forwarder_metrics_port", c.DEFAULT_FORWARDER_METRICS_PORT
             ),
-            forwarder_metrics_host=(
-                self.text("forwarder_metrics_host", c.DEFAULT_FORWARDER_METRICS_HOST)
-                or c.DEFAULT_FORWARDER_METRICS_HOST
+            forwarder_metrics_host=self.bind_host(
+                "forwarder_metrics_host", c.DEFAULT_FORWARDER_METRICS_HOST
             ),
             dev_write_key_setting=dev_write_key_setting,
         )
@@ -744,6 +758,8 @@ class _Reader:
                 "an optional port (1 to 65535) and path, without user information, query, "
                 f"fragment or backslash before the path (the key goes in {names['write_key']})"
             )
+        elif not fits_dns(host):
+            self.problems.append(f"{names['url']} must name a host of {DNS_PROBLEM}")
         elif parts.scheme == "http" and allow_insecure is False and not is_loopback_host(host):
             self.problems.append(
                 f"{names['url']} would send the write key in clear text to {host}: "
@@ -792,6 +808,14 @@ class _Reader:
         if _is_off(value) or value == 0 or (isinstance(value, str) and value.strip() == "0"):
             return None
         return self.integer(name, default, c.MIN_PORT, c.MAX_PORT)
+
+    def bind_host(self, name: str, default: str) -> str:
+        """An address or host name to listen on (empty: ``default``)."""
+        host = self.text(name, default) or default
+        if fits_dns(host):
+            return host
+        self.problem(name, f"must be an address or a host name of {DNS_PROBLEM}")
+        return default
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
         """One of ``allowed`` (any case, spaces around); ``off``, when allowed, as

@@ -30,8 +30,10 @@ from identity_service.constants import MAX_URL_LENGTH
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # What ada's components hold for a part the URL does not have.
 _OMITTED = 0xFFFFFFFF
-_HOST_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_HOST_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")  # its length: fits_dns's
+# DNS's limits (RFC 1035, 2.3.4): 255 octets on the wire are 253 characters written out.
 _MAX_HOST_LENGTH = 253
+_MAX_LABEL_LENGTH = 63
 _QUERY_SEPARATORS = re.compile(r"[&;]")
 # %25 escapes peel off one level per pass: three passes outdo any server's double decoding.
 _NAME_DECODING_PASSES = 3
@@ -84,6 +86,16 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def fits_dns(host: str) -> bool:
+    """Whether ``host`` is within DNS's limits: at most 253 characters (a final dot aside),
+    each label 1 to 63. Lengths only: an IP address fits, and a name that does not could
+    never be resolved (its URL would fail at every connection)."""
+    name = host[:-1] if host.endswith(".") else host
+    return len(name) <= _MAX_HOST_LENGTH and all(
+        0 < len(label) <= _MAX_LABEL_LENGTH for label in name.split(".")
+    )
 
 
 def is_localhost(host: str) -> bool:
@@ -241,7 +253,7 @@ def _check_scheme(url: WebUrl) -> None:
 
 @functools.lru_cache(maxsize=256)  # destinations name few hosts; a flood only churns it
 def _is_host_name(host: str) -> bool:
-    if len(host) > _MAX_HOST_LENGTH:
+    if not fits_dns(host):  # a final dot fits DNS, and fails the labels below
         return False
     for label in host.split("."):
         if not _HOST_LABEL.fullmatch(label):

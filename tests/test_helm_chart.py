@@ -53,7 +53,7 @@ from tests.collector import Answer, running_collector
 from tests.conftest import CHECKOUT_URL, WRITE_KEYS
 from tests.redis_server import RedisServer, free_port
 from tests.test_cli import Service, post, redis_env, redis_env_for
-from tests.test_settings import PARAMETER_VALUES
+from tests.test_settings import DNS_HOSTS, LONGEST_HOST, NOT_DNS_HOSTS, PARAMETER_VALUES
 
 KUBERNETES_VERSION = "1.30.0"
 # The pod listens on every address of its own network namespace.
@@ -873,6 +873,24 @@ def test_the_schema_takes_the_redis_url_parameters_the_service_takes(
     assert wrong == []
 
 
+def test_the_schema_takes_the_redis_hosts_the_service_takes() -> None:
+    """A host name longer than DNS allows (253 characters, 63 a label) in any node of any
+    Redis URL form stopped every pod at start: refused at install, as the service does."""
+    values = chart().merge_values(ci_values("external-redis"))
+    wrong = []
+    for host in HOST_PROBES:
+        for url in (
+            f"redis://{host}:6379/0", f"rediss://{host}", f"redis://{host}/2?protocol=3",
+            f"redis+cluster://{host}:7000", f"rediss+cluster://r-0.redis:7000,{host}:7001",
+            f"redis+sentinel://{host}:26379/idsvc/0", f"redis+sentinel://s-0:1,{host}:2/idsvc",
+        ):  # fmt: skip
+            service_takes = starts_with({"IDENTITY_REDIS_URL": url, "IDENTITY_SECRET": "s" * 32})
+            schema_takes = schema_accepts(merge(values, {"redis": {"url": url}}))
+            if schema_takes != service_takes:
+                wrong.append(f"{url}: the schema {'takes' if schema_takes else 'refuses'} it")
+    assert wrong == []
+
+
 @pytest.mark.parametrize(
     ("redis", "message"),
     [
@@ -1324,6 +1342,13 @@ def test_a_change_of_the_redis_password_rolls_the_in_chart_redis_too() -> None:
     assert redis_pod_annotations(moved) != redis_pod_annotations(existing)
 
 
+# Host names around DNS's limits (253 characters, a final dot aside; 1 to 63 a label).
+HOST_PROBES = (
+    *NOT_DNS_HOSTS, *DNS_HOSTS, LONGEST_HOST + "x.", LONGEST_HOST[:-1] + ".", "a" * 63,
+    "a" * 64, "a.example..", "10.0.0.1",
+)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("url", "allow_insecure"),
     [
@@ -1364,6 +1389,10 @@ def test_a_change_of_the_redis_password_rolls_the_in_chart_redis_too() -> None:
         ("https://api.segment.io:/v1", None),
         ("https://[2001:db8::1]:8443/v1", None),
         ("https://api.segment.io/v1\\batch", None),
+        # DNS's limits on a host name, which the service holds to (urls.fits_dns).
+        *((f"https://{host}", None) for host in HOST_PROBES),
+        *((f"https://{host}:8443/v1", None) for host in HOST_PROBES),
+        *((f"http://{host}/v1", True) for host in HOST_PROBES),
     ],
 )
 def test_the_schema_takes_the_destination_urls_the_service_takes(
@@ -1386,8 +1415,6 @@ def test_the_schema_takes_the_destination_urls_the_service_takes(
         load_settings(environment(objects, container))
 
 
-# A host name of 253 characters, DNS's longest: three labels of 63 and one of 61.
-LONGEST_HOST = ".".join(letter * 63 for letter in "abc") + "." + "d" * 61
 # Origins the service takes, and ones it refuses at start (urls.parse_origin).
 ORIGIN_PROBES = (
     "https://checkout.example-pay.com", "https://A.Example", "https://a.example:8443",

@@ -8,7 +8,7 @@ app through the HTTP front on both stores, ``identity-service serve --workers 2`
 import asyncio
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +45,27 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def check_scrape_headers(headers: Mapping[str, str]) -> None:
+    """A scrape's answer is text never sniffed as something else (a browser's tab opened on
+    /metrics), nor kept by a cache, as the API's answers are."""
+    assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Cache-Control"] == "no-store"
+
+
 async def scrape(client: AppClient) -> Samples:
     response = await client.get("/metrics")
     assert response.status == 200
-    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    check_scrape_headers(response.headers)
     return parse(await response.text())
 
 
 async def scrape_url(url: str) -> Samples:
+    """A scrape of ``serve`` or ``forward`` running as a process."""
     # A connection of its own each time: with several workers, the kernel picks one.
     async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as answer:
         assert answer.status == 200
+        check_scrape_headers(answer.headers)
         return parse(await answer.text())
 
 

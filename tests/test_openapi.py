@@ -1,17 +1,20 @@
 """The OpenAPI document is valid, covers every route, and real answers match it."""
 
 import asyncio
+import itertools
+import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
 import pytest
+from aiohttp import DummyCookieJar, FormData, web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
-from identity_service import front
+from identity_service import app_keys, front
 from identity_service.app import create_app
 from identity_service.browser_helper import helper_script
 from identity_service.constants import (
@@ -32,6 +35,7 @@ from identity_service.problems import (
     TransferCodingNotImplemented,
     UnsupportedContentEncoding,
 )
+from identity_service.settings import Settings
 from identity_service.urls import parse_destination
 from tests.conftest import (
     CHECKOUT_URL,
@@ -43,6 +47,7 @@ from tests.conftest import (
 )
 from tests.redis_server import RedisServer
 from tests.test_front import open_socket, read_response
+from tests.webhook_receiver import WEBHOOK_SECRET, WebhookReceiver
 
 DOCUMENT = openapi_dict()
 
@@ -52,25 +57,82 @@ def test_document_is_valid_openapi_3_1() -> None:
     validate(DOCUMENT)
 
 
-def test_every_route_is_documented_and_every_documented_path_is_routed() -> None:
-    app = create_app(make_settings())
+PUBLISHER = "https://www.example.com"
+CACHE = "https://www-example-com.cdn.ampproject.org"
+DONE_URL = f"{PUBLISHER}/cart"
+
+
+def amp_settings(
+    redis_url: str | None = None,
+    webhook: str = "http://127.0.0.1:9/apply",
+    env: dict[str, str] | None = None,
+    **extra: Any,
+) -> Settings:
+    """Settings with ``[amp]``: the add-to-cart action applied at ``webhook``, limits low
+    enough to reach (3 requests an address, 2 a clientId), ``extra`` in the table, ``env``
+    in the other settings."""
+    action = {"webhook": webhook, "secret": WEBHOOK_SECRET, "done_url": DONE_URL}
+    amp = {
+        "public_url": f"{PUBLISHER}/identity",
+        "publisher_origins": [PUBLISHER],
+        "source": "shop",
+        "actions": {"add-to-cart": action},
+        "limit_per_ip": {"requests": 3, "window_seconds": 60},
+        "limit_per_client": {"requests": 2, "window_seconds": 60},
+        "max_form_bytes": 1024,
+        "webhook_timeout": 0.5,
+        "webhook_attempts": 1,
+        **extra,
+    }
+    return make_settings(redis_url, amp=json.dumps(amp), **(env or {}))
+
+
+def served_document(app: web.Application) -> dict[str, Any]:
+    """The document ``app`` serves, built once with it."""
+    document: dict[str, Any] = orjson.loads(app[app_keys.OPENAPI])
+    return document
+
+
+def operations(document: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every operation of ``document``: (path, method)."""
+    return [
+        (path, method)
+        for path, item in document["paths"].items()
+        for method in item
+        if method != "parameters"  # what a path's operations share
+    ]
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["without-amp", "with-amp"])
+def test_every_route_is_documented_and_every_documented_path_is_routed(amp: bool) -> None:
+    """With [amp], the /v1/amp/* routes were served and absent from the document."""
+    app = create_app(amp_settings() if amp else make_settings())
     routed = {
         (route.resource.canonical, route.method.lower())
         for route in app.router.routes()
         if route.resource is not None and route.method != "HEAD"
     }
-    documented = {(path, method) for path, item in DOCUMENT["paths"].items() for method in item}
-    assert routed == documented
+    document = served_document(app)
+    validate(document)
+    assert routed == set(operations(document))
+    assert (document == DOCUMENT) is not amp
 
 
 # Answer headers the document describes where they are sent.
-DESCRIBED_HEADERS = ("accept-encoding", "accept-post", "etag", "retry-after", "www-authenticate")
+DESCRIBED_HEADERS = (
+    "accept-encoding", "accept-post", "etag", "retry-after", "www-authenticate",
+    # AMP's: CORS, the origin hop, the visitor cookie, collect_redirect and done_url.
+    "access-control-allow-origin", "access-control-allow-credentials",
+    "access-control-expose-headers", "access-control-allow-methods",
+    "access-control-allow-headers", "access-control-max-age", "amp-redirect-to",
+    "set-cookie", "location", "vary",
+)  # fmt: skip
 
 
-def resolved(item: dict[str, Any]) -> dict[str, Any]:
-    """``item``, or the part of the document its ``$ref`` names."""
+def resolved(item: dict[str, Any], document: dict[str, Any] = DOCUMENT) -> dict[str, Any]:
+    """``item``, or the part of ``document`` its ``$ref`` names."""
     while "$ref" in item:
-        found: Any = DOCUMENT
+        found: Any = document
         for key in item["$ref"].removeprefix("#/").split("/"):
             found = found[key]
         item = found
@@ -84,18 +146,22 @@ def check_against_document(
     content_type: str,
     body: Any,
     headers: Mapping[str, str],
+    document: dict[str, Any] = DOCUMENT,
 ) -> None:
-    """The answer's status, body and described headers (their values too) are documented."""
-    responses = DOCUMENT["paths"][path][method]["responses"]
+    """The answer's status, body and described headers (their values too) are documented
+    (in ``document``)."""
+    responses = document["paths"][path][method]["responses"]
     assert str(status) in responses, f"{method} {path} answered {status}, not documented"
-    answer = resolved(responses[str(status)])
-    documented = {name.lower(): resolved(h) for name, h in answer.get("headers", {}).items()}
+    answer = resolved(responses[str(status)], document)
+    documented = {
+        name.lower(): resolved(h, document) for name, h in answer.get("headers", {}).items()
+    }
     for name, value in headers.items():
         if name.lower() not in DESCRIBED_HEADERS:
             continue
         assert name.lower() in documented, f"{method} {path} {status} sent {name}, not documented"
         schema = documented[name.lower()]["schema"]
-        Draft202012Validator(schema).validate(
+        Draft202012Validator({**schema, "components": document["components"]}).validate(
             int(value) if schema.get("type") == "integer" else value
         )
     if "content" not in answer:
@@ -103,7 +169,7 @@ def check_against_document(
         return
     content = answer["content"]
     assert content_type in content, f"{method} {path} {status} answered {content_type}"
-    schema = {**content[content_type]["schema"], "components": DOCUMENT["components"]}
+    schema = {**content[content_type]["schema"], "components": document["components"]}
     Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER).validate(body)
 
 
@@ -160,11 +226,168 @@ async def test_real_answers_match_the_document(
     assert documented - seen == set(), "documented answers the test did not provoke"
 
 
+def documented_answers(document: dict[str, Any], prefix: str = "/") -> set[tuple[str, str, int]]:
+    """The answers of ``document``'s operations under ``prefix`` but the shared ($ref) ones,
+    the front's refusals, which test_the_fronts_refusals_are_documented_for_every_operation
+    provokes on every operation."""
+    return {
+        (path, method, int(status))
+        for path, method in operations(document)
+        if path.startswith(prefix)
+        for status, answer in document["paths"][path][method]["responses"].items()
+        if "$ref" not in answer
+    }
+
+
+class AmpCaller:
+    """Sends requests to a service with [amp] and checks each answer against the document
+    it serves; ``seen`` holds (path template, method, status) of every answer."""
+
+    def __init__(self, client: AppClient) -> None:
+        self.client = client
+        self.document = served_document(client.app)
+        self.seen: set[tuple[str, str, int]] = set()
+        # The rate limits count by the last X-Forwarded-For entry from a loopback peer: an
+        # address for each request unless one is given, so only the 429s reach a limit.
+        self._addresses = (f"198.51.100.{n}" for n in itertools.count(1))
+
+    async def __call__(
+        self,
+        method: str,
+        template: str,
+        path: str | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        address: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        sent = {"X-Forwarded-For": address or next(self._addresses), **(headers or {})}
+        response = await self.client.request(
+            method.upper(), path or template, headers=sent, allow_redirects=False, **kwargs
+        )
+        text = await response.text()
+        body = orjson.loads(text) if response.content_type.endswith("json") else text
+        check_against_document(
+            template,
+            method,
+            response.status,
+            response.content_type,
+            body,
+            response.headers,
+            self.document,
+        )
+        self.seen.add((template, method, response.status))
+        return response
+
+
+async def test_real_amp_answers_match_the_document(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    private_redis: RedisServer,
+    receiver: WebhookReceiver,
+) -> None:
+    """Every answer of the AMP endpoints the document states, provoked through the front
+    on a service with [amp]: statuses, bodies, the CORS headers (their values too), the
+    visitor cookie, AMP-Redirect-To and the redirects' Location."""
+    # No forwarder: a queued call's delivery would take the webhook's next scripted reply.
+    app = create_app(amp_settings(private_redis.url, receiver.url, {"forwarder": "off"}))
+    call = AmpCaller(await aiohttp_client(FrontTestServer(app), cookie_jar=DummyCookieJar()))
+    collect, submit = "/v1/amp/collect", "/v1/amp/actions/{name}"
+    complete = "/v1/amp/actions/{name}/complete"
+    to_cart, unknown = "/v1/amp/actions/add-to-cart", "/v1/amp/actions/remove-all"
+    same_origin, from_cache = {"AMP-Same-Origin": "true"}, {"Origin": CACHE}
+    evil = {"Origin": "https://www-example-com.cdn.ampproject.org.evil.example"}
+    cookie = {"Cookie": "ajs_anonymous_id=visitor-4d2a"}
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type, x-other"}  # fmt: skip
+    client_ids = (f"amp-cache-client-{n}" for n in itertools.count())
+
+    def form() -> FormData:  # a clientId each: only the 429s reach its limit
+        return FormData({"sku": "clip-50", "clientId": next(client_ids)})
+
+    for template, path in ((collect, collect), (submit, to_cart)):
+        await call("options", template, path, headers={**from_cache, **preflight})
+        await call("options", template, path, headers={**evil, **preflight})
+
+    await call("get", collect, headers=same_origin, params={"url": f"{PUBLISHER}/a"})
+    await call("get", collect, headers={**from_cache, **cookie}, params={"ampId": "amp-c-2"})
+    await call("post", collect, headers=same_origin, json={"event": "Clip Viewed"})
+    await call("post", collect, headers={**same_origin, "Content-Type": "text/plain"}, data=b'{"x": 1}')  # fmt: skip
+    # A GET's body is read as a POST's: the refusals are the same.
+    for method, address in (("get", "203.0.113.7"), ("post", "203.0.113.10")):
+        await call(method, collect, headers=evil)
+        await call(method, collect, headers=same_origin, params={"event": "Added\x01"})
+        await call(method, collect, headers=same_origin, params={"title": "t" * 1100})
+        await call(method, collect, headers={**same_origin, "Content-Type": "text/html"}, data=b"<p>")  # fmt: skip
+        await call(method, collect, headers={**same_origin, "Content-Type": "application/json"}, data=b"{")  # fmt: skip
+        for _ in range(4):
+            await call(method, collect, headers=same_origin, address=address)
+
+    await call("post", submit, to_cart, headers={**same_origin, **cookie}, data=form())
+    redirecting = await call("post", submit, to_cart, headers=from_cache, data=form())
+    hop = redirecting.headers["AMP-Redirect-To"].removeprefix(f"{PUBLISHER}/identity")
+    receiver.replies = [503]
+    await call("post", submit, to_cart, headers={**same_origin, **cookie}, data=form())
+    receiver.replies = [400]
+    await call("post", submit, to_cart, headers={**same_origin, **cookie}, data=form())
+    urlencoded = {**same_origin, "Content-Type": "application/x-www-form-urlencoded"}
+    await call("post", submit, to_cart, headers=urlencoded, data=b"sku=1&sku=2")
+    await call("post", submit, to_cart, headers=urlencoded, data=b"sku=" + b"x" * 1100)
+    await call("post", submit, to_cart, headers={**same_origin, "Content-Type": "text/plain"}, data=b"sku")  # fmt: skip
+    await call("post", submit, to_cart, headers=evil, data=form())
+    await call("post", submit, unknown, headers=same_origin, data=form())
+    for _ in range(4):
+        await call("post", submit, to_cart, headers=same_origin, data=form(), address="203.0.113.8")  # fmt: skip
+
+    await call("get", complete, hop, headers={"Sec-Fetch-Dest": "document", "Sec-Fetch-Mode": "navigate"})  # fmt: skip
+    receiver.replies = [400]
+    second = await call("post", submit, to_cart, headers=from_cache, data=form())
+    await call("get", complete, second.headers["AMP-Redirect-To"].removeprefix(f"{PUBLISHER}/identity"))  # fmt: skip
+    await call("get", complete, f"{unknown}/complete?token=t")
+    for _ in range(4):
+        await call("get", complete, f"{to_cart}/complete?token=t", address="203.0.113.9")
+
+    private_redis.stop()
+    await call("get", collect, headers=same_origin)
+    await call("post", collect, headers=same_origin)
+    await call("post", submit, to_cart, headers={**same_origin, **cookie}, data=form())
+    await call("get", complete, f"{to_cart}/complete?token=t")
+
+    assert documented_answers(call.document, "/v1/amp/") - call.seen == set()
+
+
+async def test_a_collect_redirect_is_documented_as_collects_answer(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+) -> None:
+    """With collect_redirect, collect answers 302 to it, not 204: the document says so."""
+    redirect = f"{PUBLISHER}/amp/pixel-next"
+    app = create_app(amp_settings(collect_redirect=redirect))
+    call = AmpCaller(await aiohttp_client(FrontTestServer(app), cookie_jar=DummyCookieJar()))
+    for method in ("get", "post"):
+        response = await call(method, "/v1/amp/collect", headers={"AMP-Same-Origin": "true"})
+        assert (response.status, response.headers["Location"]) == (302, redirect)
+    assert set(call.document["paths"]["/v1/amp/collect"]["get"]["responses"]) >= {"302"}
+    assert "204" not in call.document["paths"]["/v1/amp/collect"]["get"]["responses"]
+
+
 async def test_document_is_served(aiohttp_client: Callable[..., Awaitable[AppClient]]) -> None:
     client = await aiohttp_client(create_app(make_settings()))
     response = await client.get("/openapi.json")
     assert response.status == 200
     assert await response.json() == DOCUMENT
+
+
+async def test_the_document_is_not_sniffed_and_may_be_kept(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+) -> None:
+    """/openapi.json lacked the X-Content-Type-Options: nosniff of the API's JSON answers
+    (and their Referrer-Policy). It is public and the same for every caller: no no-store."""
+    client = await aiohttp_client(FrontTestServer(create_app(make_settings())))
+    for method in ("GET", "HEAD"):
+        response = await client.request(method, "/openapi.json")
+        assert response.status == 200
+        assert response.content_type == "application/json"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Referrer-Policy"] == "no-referrer"
+        assert "no-store" not in response.headers.get("Cache-Control", "")
 
 
 async def test_the_served_document_states_the_configured_maximum_ttl(
@@ -346,22 +569,31 @@ REFUSALS: dict[type[Problem], tuple[str, bytes | None]] = {
 }
 
 
-def test_every_refusal_of_the_front_is_documented_for_every_operation() -> None:
+def with_or_without_amp(amp: bool, **env: str) -> Settings:
+    return amp_settings(env=env) if amp else make_settings(**env)
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["without-amp", "with-amp"])
+def test_every_refusal_of_the_front_is_documented_for_every_operation(amp: bool) -> None:
     """The front's refusals (408, 417, 431, 501...) were in no operation's answers."""
-    for path, item in DOCUMENT["paths"].items():
-        for method, operation in item.items():
-            for problem in front_refusals():
-                answer = operation["responses"].get(str(problem.status))
-                assert answer is not None, f"{method} {path}: {problem.status} not documented"
-                assert problem.slug in resolved(answer)["description"], (method, path)
+    document = served_document(create_app(with_or_without_amp(amp)))
+    for path, method in operations(document):
+        responses = document["paths"][path][method]["responses"]
+        for problem in front_refusals():
+            answer = responses.get(str(problem.status))
+            assert answer is not None, f"{method} {path}: {problem.status} not documented"
+            assert problem.slug in resolved(answer, document)["description"], (method, path)
 
 
+@pytest.mark.parametrize("amp", [False, True], ids=["without-amp", "with-amp"])
 async def test_the_fronts_refusals_are_documented_for_every_operation(
-    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    aiohttp_client: Callable[..., Awaitable[AppClient]], amp: bool
 ) -> None:
     """Each refusal the front answers, provoked on each operation, is as documented."""
     assert set(REFUSALS) == front_refusals() - {ServiceUnavailable}
-    client = await aiohttp_client(FrontTestServer(create_app(make_settings(head_timeout="0.2"))))
+    app = create_app(with_or_without_amp(amp, head_timeout="0.2"))
+    document = served_document(app)
+    client = await aiohttp_client(FrontTestServer(app))
 
     async def refused(method: str, path: str, problem: type[Problem]) -> None:
         fields, body = REFUSALS[problem]
@@ -372,21 +604,22 @@ async def test_the_fronts_refusals_are_documented_for_every_operation(
         writer.close()
         assert status == problem.status, (method, path, problem)
         check_against_document(
-            path, method, status, headers["content-type"], orjson.loads(answer), headers
+            path, method, status, headers["content-type"], orjson.loads(answer), headers, document
         )
 
-    operations = [(p, m) for p, item in DOCUMENT["paths"].items() for m in item]
+    documented = operations(document)
     await asyncio.gather(
-        *(refused(method, path, problem) for path, method in operations for problem in REFUSALS)
+        *(refused(method, path, problem) for path, method in documented for problem in REFUSALS)
     )
     # Over IDENTITY_MAX_CONNECTIONS, answered before any request is read: whichever it was.
-    crowded = await aiohttp_client(FrontTestServer(create_app(make_settings(max_connections="1"))))
+    crowded_app = create_app(with_or_without_amp(amp, max_connections="1"))
+    crowded = await aiohttp_client(FrontTestServer(crowded_app))
     held, turned_away = await open_socket(crowded), await open_socket(crowded)
     status, headers, answer = await read_response(turned_away[0])
     for _, writer in (held, turned_away):
         writer.close()
     assert status == ServiceUnavailable.status
-    for path, method in operations:
+    for path, method in documented:
         check_against_document(
-            path, method, status, headers["content-type"], orjson.loads(answer), headers
+            path, method, status, headers["content-type"], orjson.loads(answer), headers, document
         )

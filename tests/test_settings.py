@@ -1417,3 +1417,52 @@ def test_an_empty_sources_table_is_a_problem(
         f"{named} names no source: configure at least one, or leave it unset for the "
         "development source"
     ]
+
+
+# A host name of 253 characters, DNS's longest: three labels of 63 and one of 61.
+LONGEST_HOST = ".".join(letter * 63 for letter in "abc") + "." + "d" * 61
+# Host names no DNS name can be, as urls._is_host_name refuses them in origins: a resolver
+# refuses each (Python's before asking: UnicodeError for a label, an error from DNS else).
+NOT_DNS_HOSTS = (LONGEST_HOST + "x", "a" * 64 + ".example", "a..example", ".example")
+# And names at DNS's limits, which it holds (a final dot is the root's, not a label).
+DNS_HOSTS = (LONGEST_HOST, LONGEST_HOST + ".", "a" * 63 + ".example", "redis.data.")
+
+
+def where_hosts_are_read(host: str) -> list[tuple[dict[str, str], str | None]]:
+    """Settings naming ``host`` where the service reads a host name, each with the host the
+    process would listen on: the destinations, each Redis URL form, the forwarder's metrics
+    host, and ``serve --host``."""
+    with_secret = {"IDENTITY_SOURCES": sources_env(), "IDENTITY_SECRET": SECRET}
+    redis_urls = (
+        f"redis://{host}:6379/0",
+        f"rediss://:pw@{host}/1",
+        f"redis+cluster://n1:7000,{host}:7001",
+        f"redis+sentinel://{host}:26379/master",
+    )
+    table = {"d": {"url": f"https://{host}:8443/v1", "write_key": "wk"}}
+    return [
+        ({"IDENTITY_DESTINATION_URL": f"https://{host}", "IDENTITY_DESTINATION_WRITE_KEY": "wk"}, None),
+        ({"IDENTITY_DESTINATIONS": json.dumps(table)}, None),
+        *(({**with_secret, "IDENTITY_REDIS_URL": url}, None) for url in redis_urls),
+        ({"IDENTITY_FORWARDER_METRICS_HOST": host}, None),
+        (with_secret, host),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("host", NOT_DNS_HOSTS)
+def test_a_host_name_no_dns_name_can_be_is_refused_wherever_a_host_is_read(host: str) -> None:
+    """Each was taken at start: every delivery, Redis command or bind then failed (with a
+    UnicodeError traceback for a long label). Refused as source origins are, in one line
+    that quotes no Redis URL."""
+    for environ, bind in where_hosts_are_read(host):
+        with pytest.raises(ConfigError) as raised:
+            load_settings(environ, host=bind)
+        (problem,) = raised.value.problems
+        assert "at most 253 characters, each label (between dots) 1 to 63" in problem, problem
+        assert "pw" not in problem
+
+
+@pytest.mark.parametrize("host", DNS_HOSTS)
+def test_a_host_name_at_dns_limits_is_taken_wherever_a_host_is_read(host: str) -> None:
+    for environ, bind in where_hosts_are_read(host):
+        load_settings(environ, host=bind)
