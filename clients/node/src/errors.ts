@@ -121,7 +121,7 @@ export class ServiceUnavailable extends APIError {
   }
 }
 
-/** The client lacks its base URL or write key (thrown by the constructor; no request made). */
+/** The client lacks its base URL or write key, or a setting is out of range (thrown by the constructor; no request made). */
 export class ConfigurationError extends IdentityError {}
 
 /** No answer: the connection failed or the request timed out. `status` is null. */

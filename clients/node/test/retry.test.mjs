@@ -223,6 +223,51 @@ describe("retry settings", () => {
     });
   }
 
+  // Each made every call fail as an IdentityConnectionError (AbortSignal.timeout's
+  // RangeError, caught as a failed fetch): an outage, to whoever reads it; a timeoutMs
+  // over 2^31 - 1 timed every call out after 1 ms, as a delay that long waited 1 ms.
+  const INVALID_TIMEOUTS = [-1, 0, Number.NaN, Number.POSITIVE_INFINITY, 1.5, 2 ** 31, "5000"];
+  for (const timeoutMs of INVALID_TIMEOUTS) {
+    test(`timeoutMs: ${typeof timeoutMs === "string" ? JSON.stringify(timeoutMs) : timeoutMs} is a ConfigurationError`, async () => {
+      const server = await startHttpServer(flaky(0));
+      try {
+        assert.throws(
+          () => new IdentityClient({ baseUrl: server.url, writeKey: "k", timeoutMs }),
+          (error) => {
+            assert.ok(error instanceof ConfigurationError && error instanceof IdentityError);
+            assert.match(error.message, /timeoutMs/);
+            return true;
+          },
+        );
+        assert.equal(server.count, 0);
+      } finally {
+        await server.close();
+      }
+    });
+  }
+
+  for (const setting of [{ backoffBaseMs: 2 ** 31 }, { maxBackoffMs: 2 ** 31 }]) {
+    const [name] = Object.keys(setting);
+    test(`${name} over 2^31 - 1 (a delay setTimeout waits as 1 ms) is a ConfigurationError`, () => {
+      assert.throws(() => new IdentityClient({ baseUrl: "http://127.0.0.1:1", writeKey: "k", ...setting }), (error) => {
+        assert.ok(error instanceof ConfigurationError);
+        assert.match(error.message, new RegExp(name));
+        return true;
+      });
+    });
+  }
+
+  test("the longest timeoutMs a timer can wait is valid, and calls go through", async () => {
+    const server = await startHttpServer(flaky(0));
+    try {
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: "k", timeoutMs: 2 ** 31 - 1, maxBackoffMs: 2 ** 31 - 1 });
+      assert.equal(client.timeoutMs, 2 ** 31 - 1);
+      assert.equal((await client.prepare(params)).token, "t".repeat(43));
+    } finally {
+      await server.close();
+    }
+  });
+
   test("no backoff at all (0) is valid, and retries at once", async () => {
     const server = await startHttpServer(flaky(2, "5"));
     try {

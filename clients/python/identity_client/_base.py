@@ -81,6 +81,7 @@ class BaseClient:
         if not write_key:
             raise ConfigurationError("no write key: pass write_key= or set IDENTITY_WRITE_KEY")
         _check_retry_settings(max_retries, backoff_base, backoff_max)
+        _check_timeout(timeout)
         try:
             url = httpx.URL(base_url)
         except httpx.InvalidURL:
@@ -361,6 +362,14 @@ class BaseClient:
             ) from None  # the raw error's text is in the message, scrubbed
 
 
+def _seconds(value: object, *, positive: bool = False) -> bool:
+    """Whether ``value`` is a finite number of seconds, 0 or more (more than 0 when
+    ``positive``)."""
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return False
+    return value > 0 if positive else value >= 0
+
+
 def _check_retry_settings(max_retries: object, backoff_base: object, backoff_max: object) -> None:
     """Refuse, when the client is made, what would fail or misbehave only at a prepare's
     retry: a negative or NaN delay (``time.sleep`` raises ``ValueError``, ``asyncio.sleep``
@@ -369,8 +378,26 @@ def _check_retry_settings(max_retries: object, backoff_base: object, backoff_max
     if not isinstance(max_retries, int) or max_retries < 0:
         raise ConfigurationError("max_retries must be a whole number, 0 or more")
     for name, seconds in (("backoff_base", backoff_base), ("backoff_max", backoff_max)):
-        if not isinstance(seconds, int | float) or not math.isfinite(seconds) or seconds < 0:
+        if not _seconds(seconds):
             raise ConfigurationError(f"{name} must be a finite number of seconds, 0 or more")
+
+
+def _check_timeout(timeout: object) -> None:
+    """Refuse, when the client is made, a timeout that would fail every call as an
+    ``IdentityConnectionError`` (an outage, to whoever reads it): a number, or each limit an
+    ``httpx.Timeout`` sets, that is not a finite number of seconds over 0 (0 or less times
+    out at once, NaN fails every socket call, infinity the attempt's deadline). An
+    ``httpx.Timeout`` limit of None (no limit) is httpx's own, and kept."""
+    if isinstance(timeout, httpx.Timeout):
+        limits = (timeout.connect, timeout.read, timeout.write, timeout.pool)
+        if all(limit is None or _seconds(limit, positive=True) for limit in limits):
+            return
+    elif _seconds(timeout, positive=True):
+        return
+    raise ConfigurationError(
+        "timeout must be a finite number of seconds over 0, or an httpx.Timeout whose "
+        "limits are (or None)"
+    )
 
 
 def retry_after(response: httpx.Response) -> float | None:

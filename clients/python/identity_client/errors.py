@@ -50,7 +50,8 @@ class IdentityError(Exception):
 
 class ConfigurationError(IdentityError):
     """The client lacks its base URL or write key, or a setting is invalid (a base URL
-    that is not http(s), a negative or non-finite backoff, a negative ``max_retries``):
+    that is not http(s), a negative or non-finite backoff or timeout, a timeout of 0, a
+    negative ``max_retries``):
     raised when the client is made, before any request."""
 
 

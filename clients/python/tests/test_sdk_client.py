@@ -346,6 +346,43 @@ def test_invalid_retry_settings_are_refused_when_the_client_is_made(
     assert stub.requests == []
 
 
+INVALID_TIMEOUTS: list[object] = [
+    -1.0,
+    0,
+    float("nan"),
+    float("inf"),
+    "5",
+    None,
+    httpx.Timeout(-1.0),
+    httpx.Timeout(5.0, connect=float("nan")),
+    httpx.Timeout(5.0, read=float("inf")),
+    httpx.Timeout(5.0, pool=0),
+]
+
+
+@pytest.mark.parametrize("client_class", [IdentityClient, AsyncIdentityClient])
+@pytest.mark.parametrize("timeout", INVALID_TIMEOUTS, ids=repr)
+def test_invalid_timeouts_are_refused_when_the_client_is_made(
+    stub: Stub, client_class: type[IdentityClient | AsyncIdentityClient], timeout: object
+) -> None:
+    """Each of these made every call fail as an IdentityConnectionError (an outage, to
+    whoever reads it) or a raw TypeError; now the client is refused at once, as a bad retry
+    setting is, before any request."""
+    with pytest.raises(ConfigurationError, match="timeout"):
+        client_class(stub.url, DEV_WRITE_KEY, timeout=timeout)  # type: ignore[arg-type]
+    assert stub.requests == []
+
+
+@pytest.mark.parametrize(
+    "timeout", [0.5, 3, httpx.Timeout(None), httpx.Timeout(5.0, connect=None)], ids=repr
+)
+def test_valid_timeouts_are_kept(stub: Stub, timeout: float | httpx.Timeout) -> None:
+    with IdentityClient(stub.url, DEV_WRITE_KEY, timeout=timeout) as client:
+        assert client.timeout == timeout
+        handoff = client.prepare("visitor-timeout", destination=DESTINATION)
+    assert handoff.token
+
+
 @pytest.mark.parametrize("client_class", [IdentityClient, AsyncIdentityClient])
 def test_no_backoff_at_all_is_a_valid_setting(
     client_class: type[IdentityClient | AsyncIdentityClient],
