@@ -121,7 +121,10 @@ export class ServiceUnavailable extends APIError {
   }
 }
 
-/** The client lacks its base URL or write key, or a setting is out of range (thrown by the constructor; no request made). */
+/**
+ * The client lacks its base URL or write key, or a setting is out of range (thrown by the
+ * constructor; no request made); or `handoffMiddleware`'s `cookieDomain` is not a domain name.
+ */
 export class ConfigurationError extends IdentityError {}
 
 /** No answer: the connection failed or the request timed out. `status` is null. */
