@@ -214,7 +214,7 @@ def http_date(moment: float, form: str = "imf") -> str:
 
 
 def after(value: str) -> float | None:
-    return retry_after(httpx.Response(503, headers={"Retry-After": value.encode()}))
+    return retry_after(httpx.Response(503, headers={b"Retry-After": value.encode()}))
 
 
 @pytest.mark.parametrize("form", ["imf", "rfc850", "asctime"])
