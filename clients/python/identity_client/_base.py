@@ -362,10 +362,15 @@ class BaseClient:
             ) from None  # the raw error's text is in the message, scrubbed
 
 
+# The longest wait a setting may ask (about 24.9 days): the Node SDK's (2^31 - 1 ms, the
+# longest a timer waits). Far longer, a socket's timeout or a sleep raises OverflowError.
+MAX_SECONDS = (2**31 - 1) / 1000
+
+
 def _seconds(value: object, *, positive: bool = False) -> bool:
-    """Whether ``value`` is a finite number of seconds, 0 or more (more than 0 when
-    ``positive``)."""
-    if not isinstance(value, int | float) or not math.isfinite(value):
+    """Whether ``value`` is a number of seconds from 0 (over 0 when ``positive``) to
+    ``MAX_SECONDS``."""
+    if not isinstance(value, int | float) or not value <= MAX_SECONDS:  # NaN is not either
         return False
     return value > 0 if positive else value >= 0
 
@@ -373,20 +378,21 @@ def _seconds(value: object, *, positive: bool = False) -> bool:
 def _check_retry_settings(max_retries: object, backoff_base: object, backoff_max: object) -> None:
     """Refuse, when the client is made, what would fail or misbehave only at a prepare's
     retry: a negative or NaN delay (``time.sleep`` raises ``ValueError``, ``asyncio.sleep``
-    waits no time), an infinite one (a wait without end), a count that is not a whole
-    number."""
+    waits no time), an infinite or huge one (a wait without end, or ``OverflowError``), a
+    count that is not a whole number."""
     if not isinstance(max_retries, int) or max_retries < 0:
         raise ConfigurationError("max_retries must be a whole number, 0 or more")
     for name, seconds in (("backoff_base", backoff_base), ("backoff_max", backoff_max)):
         if not _seconds(seconds):
-            raise ConfigurationError(f"{name} must be a finite number of seconds, 0 or more")
+            raise ConfigurationError(f"{name} must be a number of seconds from 0 to {MAX_SECONDS}")
 
 
 def _check_timeout(timeout: object) -> None:
     """Refuse, when the client is made, a timeout that would fail every call as an
-    ``IdentityConnectionError`` (an outage, to whoever reads it): a number, or each limit an
-    ``httpx.Timeout`` sets, that is not a finite number of seconds over 0 (0 or less times
-    out at once, NaN fails every socket call, infinity the attempt's deadline). An
+    ``IdentityConnectionError`` (an outage, to whoever reads it) or a raw ``OverflowError``:
+    a number, or each limit an ``httpx.Timeout`` sets, that is not a number of seconds over
+    0 and at most ``MAX_SECONDS`` (0 or less times out at once, NaN fails every socket
+    call, infinity the attempt's deadline, 1e10 overflows the socket's timeout). An
     ``httpx.Timeout`` limit of None (no limit) is httpx's own, and kept."""
     if isinstance(timeout, httpx.Timeout):
         limits = (timeout.connect, timeout.read, timeout.write, timeout.pool)
@@ -395,8 +401,8 @@ def _check_timeout(timeout: object) -> None:
     elif _seconds(timeout, positive=True):
         return
     raise ConfigurationError(
-        "timeout must be a finite number of seconds over 0, or an httpx.Timeout whose "
-        "limits are (or None)"
+        f"timeout must be a number of seconds over 0 and at most {MAX_SECONDS}, or an "
+        "httpx.Timeout whose limits are (or None)"
     )
 
 

@@ -326,6 +326,8 @@ INVALID_RETRY_SETTINGS: list[dict[str, Any]] = [
     {"backoff_max": -1.0},
     {"backoff_max": float("nan")},
     {"backoff_max": float("inf")},
+    {"backoff_base": 1e300},  # time.sleep raised a raw OverflowError at the first retry
+    {"backoff_max": 1e10},
     {"max_retries": -1},
     {"max_retries": 1.5},
     {"max_retries": "2"},
@@ -357,6 +359,8 @@ INVALID_TIMEOUTS: list[object] = [
     httpx.Timeout(5.0, connect=float("nan")),
     httpx.Timeout(5.0, read=float("inf")),
     httpx.Timeout(5.0, pool=0),
+    1e10,  # over what a socket or a sleep can wait: a raw OverflowError at every call
+    httpx.Timeout(5.0, read=1e300),
 ]
 
 
