@@ -182,10 +182,12 @@ function httpDate(value: string, now: number): number | null {
       Number(parts.minute),
       Number(parts.second),
     ];
-    const date = new Date(Date.UTC(year, month, day, hour, minute, second));
-    date.setUTCFullYear(year); // Date.UTC reads years 0 to 99 as 1900 to 1999
-    // Date.UTC rolls 31 Feb over to March and 25:00 to the next day: no such date.
+    const date = new Date(0);
+    date.setUTCFullYear(year, month, day); // not Date.UTC, which reads years 0 to 99 as 19xx
+    date.setUTCHours(hour, minute, second);
+    // A Date rolls 31 Feb over to March and 25:00 to the next day: no such date (nor year 0).
     const real =
+      year >= 1 &&
       date.getUTCMonth() === month &&
       date.getUTCDate() === day &&
       date.getUTCHours() === hour &&

@@ -223,7 +223,8 @@ describe("Retry-After: delay-seconds or an HTTP-date (RFC 9110 10.2.3), as the P
   // HTTP-date, each is absent, as in the Python SDK.
   const INVALID = ["1.5", "-3", "+5", "1e3", "0x10", "soon", "2030-01-01T00:00:00Z", "2030-01-01", "9".repeat(400),
     "Sun, 06 Nov 1994 08:49:37 +0000", "Sun, 31 Feb 2030 08:49:37 GMT", "Sun, 06 Nov 1994 25:49:37 GMT",
-    "Sun, 06 Nov 1994 08:49:37 GMT; x", "06 Nov 2030 08:49:37 GMT"];
+    "Sun, 06 Nov 1994 08:49:37 GMT; x", "06 Nov 2030 08:49:37 GMT", "Sat, 29 Feb 2031 08:49:37 GMT",
+    "Mon, 01 Jan 0000 00:00:00 GMT"];
   for (const value of INVALID) {
     test(`${JSON.stringify(value.length > 20 && /^9+$/.test(value) ? "9 × 400" : value)} is absent`, async () => {
       assert.equal(await retryAfterOf(503, value), null);

@@ -254,6 +254,8 @@ def test_retry_after_is_delay_seconds_or_an_http_date_and_nothing_else() -> None
         "Sun, 06 Nov 1994 25:49:37 GMT",
         "Sun, 06 Nov 1994 08:49:37 GMT; x",
         "06 Nov 2030 08:49:37 GMT",
+        "Sat, 29 Feb 2031 08:49:37 GMT",
+        "Mon, 01 Jan 0000 00:00:00 GMT",
     ):
         assert after(value) is None, value
 
