@@ -19,12 +19,13 @@ maps to loopback with ``--host-resolver-rules``, served with a certificate made 
 ``*.localhost`` is a public suffix to cookies and the service takes https origins only), the
 ``ajs_anonymous_id`` cookie identity.js writes on landing reaches a sibling subdomain
 (``www.example.test``) with ``cookieDomain`` (or ``data-cookie-domain``), and stays
-host-only without it.
+host-only without it, or with one that is no domain name (ignored, with a console warning).
 
 Without Chromium or Playwright these tests skip, except in CI (tests/browser.py).
 """
 
 import asyncio
+import html
 import json
 import re
 from collections.abc import AsyncIterator, Callable
@@ -290,24 +291,35 @@ async def test_a_data_timeout_that_is_not_a_number_is_the_default() -> None:
 # Domain B on a registrable domain of its own: a cookie for the parent domain needs one.
 PARENT_DOMAIN = "example.test"
 LANDING_ARGS = [*CHROMIUM_ARGS, f"--host-resolver-rules=MAP *.{PARENT_DOMAIN} 127.0.0.1"]
-COOKIE_DOMAINS = {"init": f".{PARENT_DOMAIN}", "tag": PARENT_DOMAIN, "none": None}
+# How the page gives identity.js its cookieDomain ("init" or the script tag's attribute),
+# and what: a domain name, none, or one that is no domain name (ignored: host-only).
+COOKIE_DOMAINS: dict[str, tuple[str, str | None]] = {
+    "init": ("init", f".{PARENT_DOMAIN}"),
+    "tag": ("tag", PARENT_DOMAIN),
+    "none": ("init", None),
+    "attribute-init": ("init", f"{PARENT_DOMAIN}; Max-Age=0"),
+    "attribute-tag": ("tag", f"{PARENT_DOMAIN}; Max-Age=0"),
+    "empty-label": ("init", f"pay..{PARENT_DOMAIN}"),
+    "space": ("tag", f"{PARENT_DOMAIN} x"),
+}
+VALID_DOMAINS = {"init", "tag", "none"}
 
 
 def landing_page(service: str, mode: str) -> web.Response:
     """Domain B's page with identity.js: ``cookieDomain`` by ``init``, by the script tag's
     ``data-cookie-domain``, or none."""
     src = f"{service}/v1/identity.js"
-    domain = COOKIE_DOMAINS[mode]
-    if mode == "tag":
+    how, domain = COOKIE_DOMAINS[mode]
+    if how == "tag":
         head = (
             f'<script src="{src}" data-exchange-endpoint="/identity/exchange" '
-            f'data-cookie-domain="{domain}"></script>'
+            f'data-cookie-domain="{html.escape(domain or "")}"></script>'
         )
     else:
         options = {"exchangeEndpoint": "/identity/exchange", "cookieDomain": domain}
         head = f'<script src="{src}"></script><script>IdentityHandoff.init({json.dumps(options)});</script>'
-    html = f"<!doctype html><html><head>{head}</head><body><h1>cart</h1></body></html>"
-    return web.Response(text=html, content_type="text/html")
+    document = f"<!doctype html><html><head>{head}</head><body><h1>cart</h1></body></html>"
+    return web.Response(text=document, content_type="text/html")
 
 
 def landing_app(service: str, client: AsyncIdentityClient) -> web.Application:
@@ -332,7 +344,10 @@ def landing_app(service: str, client: AsyncIdentityClient) -> web.Application:
 async def test_identity_js_writes_the_cookie_for_the_cookie_domain(tmp_path: Path) -> None:
     """identity.js wrote a host-only cookie whatever the site's setup: a visitor restored on
     pay.example.test was unknown on www.example.test. With ``cookieDomain`` (the
-    middlewares' option) the cookie is the parent domain's."""
+    middlewares' option) the cookie is the parent domain's. One that is no domain name went
+    into document.cookie as written: its ';' added attributes (``Max-Age=0``: no cookie at
+    all), an empty label or a space made a cookie Chromium refuses; it is now ignored with a
+    console warning, and the cookie is host-only."""
     async_api = need_browser()
     service_port, site_port = free_port(), free_port()
     pay = f"https://pay.{PARENT_DOMAIN}:{site_port}"
@@ -355,11 +370,18 @@ async def test_identity_js_writes_the_cookie_for_the_cookie_domain(tmp_path: Pat
                 executable_path=chromium_path(), args=LANDING_ARGS, timeout=TIMEOUT_MS
             )
             try:
-                for mode, domain in COOKIE_DOMAINS.items():
+                for mode, (_, domain) in COOKIE_DOMAINS.items():
                     visitor = f"visitor-{mode}"
                     context = await browser.new_context(ignore_https_errors=True)
                     context.set_default_timeout(TIMEOUT_MS)
                     tab = await context.new_page()
+                    warned: list[str] = []
+                    tab.on(
+                        "console",
+                        lambda message, warned=warned: (
+                            message.type == "warning" and warned.append(message.text)
+                        ),
+                    )
                     prepared = await client.prepare(
                         anonymous_id=visitor, destination=f"{pay}/cart?mode={mode}"
                     )
@@ -374,12 +396,17 @@ async def test_identity_js_writes_the_cookie_for_the_cookie_domain(tmp_path: Pat
                     # The sibling subdomain's own page sees it, or not.
                     await tab.goto(f"{www}/account")
                     seen = await tab.evaluate("document.cookie")
-                    if domain is None:
-                        assert cookie["domain"] == f"pay.{PARENT_DOMAIN}"
+                    if domain is None or mode not in VALID_DOMAINS:
+                        assert cookie["domain"] == f"pay.{PARENT_DOMAIN}", mode
                         assert seen == "", mode
                     else:
                         assert cookie["domain"] == f".{PARENT_DOMAIN}"
                         assert seen == f"ajs_anonymous_id={visitor}", mode
+                    # One that is no domain name is said so, and ignored.
+                    if mode in VALID_DOMAINS:
+                        assert warned == [], mode
+                    else:
+                        assert any("cookieDomain" in text for text in warned), (mode, warned)
                     await context.close()
             finally:
                 await browser.close()

@@ -30,7 +30,8 @@
  * or the same as attributes of the script tag itself: data-domains="a.com b.com",
  * data-token-endpoint, data-exchange-endpoint, data-param, data-cookie-name,
  * data-cookie-domain, data-timeout. cookieDomain (e.g. ".example-pay.com") is the cookie's
- * Domain, as the SDKs' middlewares' option: without it the cookie is host-only.
+ * Domain, as the SDKs' middlewares' option: without it, or with one that is no domain name
+ * (ignored, with a console warning), the cookie is host-only.
  * No dependencies, no build step; ES5 plus fetch.
  */
 (function (window, document) {
@@ -51,6 +52,9 @@
   };
   var ONE_SHOT = "identityHandoffDecorating";
   var MAX_TIMER = 2147483647;  // setTimeout fires at once after a longer delay
+  // A cookie's Domain: a domain name, its leading dot allowed; labels of letters, digits,
+  // "-" (not at either end) and "_", 63 characters at most, 253 in all (as the SDKs' check).
+  var DOMAIN_LABEL = /^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$/;
   // A form's attributes the helper sets to submit it as its clicked button would have.
   var SUBMISSION = ["action", "method", "target", "enctype"];
 
@@ -75,7 +79,27 @@
     // Infinity: each would abort every call at once) is the default.
     var timeout = Number(merged.timeout);
     merged.timeout = isFinite(timeout) && timeout > 0 && timeout <= MAX_TIMER ? timeout : DEFAULTS.timeout;
+    // Written into document.cookie as given, a ";" would add attributes and a space or an
+    // empty label make a cookie the browser refuses: one that is no domain name is ignored
+    // (the cookie is host-only), and said so.
+    if (merged.cookieDomain && !isCookieDomain(merged.cookieDomain)) {
+      if (window.console && console.warn) {
+        console.warn("identity.js: cookieDomain " + JSON.stringify(String(merged.cookieDomain)) +
+          " is not a domain name; the cookie is host-only");
+      }
+      merged.cookieDomain = null;
+    }
     return merged;
+  }
+
+  function isCookieDomain(domain) {
+    if (typeof domain !== "string") { return false; }
+    var name = domain.charAt(0) === "." ? domain.slice(1) : domain;
+    var labels = name.split(".");
+    for (var i = 0; i < labels.length; i++) {
+      if (!DOMAIN_LABEL.test(labels[i])) { return false; }
+    }
+    return name.length <= 253;
   }
 
   // A POST of JSON to the site's own backend; resolves with the parsed answer or rejects.

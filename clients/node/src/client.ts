@@ -16,13 +16,13 @@ export interface IdentityClientOptions {
   baseUrl?: string;
   /** The source's write key; default `process.env.IDENTITY_WRITE_KEY`. */
   writeKey?: string;
-  /** Time for one attempt, in milliseconds (default 5000). */
+  /** Time for one attempt, in whole milliseconds (default 5000; 1 to 2^31 - 1). */
   timeoutMs?: number;
   /** Retries of a prepare after a 503 or a connection error (default 2; 0 or more). Exchange is never retried. */
   maxRetries?: number;
-  /** First backoff delay in milliseconds (default 200; 0 or more); doubled each retry, with full jitter. */
+  /** First backoff delay in milliseconds (default 200; 0 to 2^31 - 1); doubled each retry, with full jitter. */
   backoffBaseMs?: number;
-  /** Cap of one backoff delay, `Retry-After` included, in milliseconds (default 5000; 0 or more). */
+  /** Cap of one backoff delay, `Retry-After` included, in milliseconds (default 5000; 0 to 2^31 - 1). */
   maxBackoffMs?: number;
   /** The fetch to use (default the global one). */
   fetch?: typeof fetch;
@@ -95,16 +95,29 @@ function dropNullish(obj: Record<string, unknown>): JsonObject {
   return out;
 }
 
+/** The longest delay setTimeout (and AbortSignal.timeout) waits: a longer one fires after 1 ms. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+const SETTINGS = {
+  count: { valid: (n: number) => Number.isInteger(n) && n >= 0, what: "a whole number, 0 or more" },
+  delay: { valid: (n: number) => n >= 0 && n <= MAX_TIMER_MS, what: `a number of milliseconds from 0 to ${MAX_TIMER_MS}` },
+  // AbortSignal.timeout throws a RangeError for anything but a whole number, and 0 aborts at once.
+  timeout: {
+    valid: (n: number) => Number.isInteger(n) && n > 0 && n <= MAX_TIMER_MS,
+    what: `a whole number of milliseconds from 1 to ${MAX_TIMER_MS}`,
+  },
+};
+
 /**
- * A retry setting as given, or a ConfigurationError when the client is made (as the Python
- * SDK's), not a surprise at a prepare's retry: setTimeout waits a negative, NaN or infinite
- * delay as 1 ms.
+ * A timing or retry setting as given, or a ConfigurationError when the client is made (as
+ * the Python SDK's), not a surprise at a call: setTimeout waits a negative, NaN, infinite
+ * or over-long delay as 1 ms, and AbortSignal.timeout throws for a timeout it cannot wait,
+ * which failed every call as an IdentityConnectionError (an outage, to whoever reads it).
  */
-function retrySetting(name: string, value: unknown, count = false): number {
-  const valid = typeof value === "number" && value >= 0 && (count ? Number.isInteger(value) : Number.isFinite(value));
-  if (!valid) {
-    const what = count ? "a whole number" : "a finite number of milliseconds";
-    throw new ConfigurationError(`IdentityClient: ${name} must be ${what}, 0 or more`);
+function setting(name: string, value: unknown, kind: keyof typeof SETTINGS): number {
+  const { valid, what } = SETTINGS[kind];
+  if (typeof value !== "number" || !valid(value)) {
+    throw new ConfigurationError(`IdentityClient: ${name} must be ${what}`);
   }
   return value;
 }
@@ -164,10 +177,10 @@ export class IdentityClient {
     if (!baseUrl) throw new ConfigurationError("IdentityClient: baseUrl (or IDENTITY_URL) is required");
     if (!writeKey) throw new ConfigurationError("IdentityClient: writeKey (or IDENTITY_WRITE_KEY) is required");
     this.baseUrl = baseUrl.replace(/\/+$/, "");
-    this.timeoutMs = options.timeoutMs ?? DEFAULTS.timeoutMs;
-    this.maxRetries = retrySetting("maxRetries", options.maxRetries ?? DEFAULTS.maxRetries, true);
-    this.backoffBaseMs = retrySetting("backoffBaseMs", options.backoffBaseMs ?? DEFAULTS.backoffBaseMs);
-    this.maxBackoffMs = retrySetting("maxBackoffMs", options.maxBackoffMs ?? DEFAULTS.maxBackoffMs);
+    this.timeoutMs = setting("timeoutMs", options.timeoutMs ?? DEFAULTS.timeoutMs, "timeout");
+    this.maxRetries = setting("maxRetries", options.maxRetries ?? DEFAULTS.maxRetries, "count");
+    this.backoffBaseMs = setting("backoffBaseMs", options.backoffBaseMs ?? DEFAULTS.backoffBaseMs, "delay");
+    this.maxBackoffMs = setting("maxBackoffMs", options.maxBackoffMs ?? DEFAULTS.maxBackoffMs, "delay");
     this.#writeKey = writeKey;
     this.#authorization = "Basic " + Buffer.from(`${writeKey}:`, "utf8").toString("base64");
     this.#fetch = options.fetch ?? globalThis.fetch;

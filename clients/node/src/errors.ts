@@ -121,7 +121,10 @@ export class ServiceUnavailable extends APIError {
   }
 }
 
-/** The client lacks its base URL or write key (thrown by the constructor; no request made). */
+/**
+ * The client lacks its base URL or write key, or a setting is out of range (thrown by the
+ * constructor; no request made); or `handoffMiddleware`'s `cookieDomain` is not a domain name.
+ */
 export class ConfigurationError extends IdentityError {}
 
 /** No answer: the connection failed or the request timed out. `status` is null. */
@@ -143,14 +146,72 @@ const BY_SLUG: Record<string, ErrorClass> = {
   "service-unavailable": ServiceUnavailable,
 };
 
-/** Parses a `Retry-After` header (delta seconds or an HTTP date) into seconds, or null. */
+// RFC 9110 10.2.3: Retry-After is delay-seconds (1*DIGIT) or an HTTP-date (5.6.7), which a
+// recipient reads in all three of its forms: IMF-fixdate, and the obsolete RFC 850 and
+// asctime forms; all in UTC. The Python SDK reads the same (identity_client/_base.py).
+// Date.parse is not used: it reads "1.5" or "-3" as dates of 2001, and asctime's in local time.
+const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+const DAY = "(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)";
+const LONG_DAY = "(?:Mon|Tues|Wednes|Thurs|Fri|Satur|Sun)day";
+const MONTH = `(?<month>${MONTHS.join("|")})`;
+const TIME = "(?<hour>[0-9]{2}):(?<minute>[0-9]{2}):(?<second>[0-9]{2})";
+const HTTP_DATES = [
+  new RegExp(`^${DAY}, (?<day>[0-9]{2}) ${MONTH} (?<year>[0-9]{4}) ${TIME} GMT$`),
+  new RegExp(`^${LONG_DAY}, (?<day>[0-9]{2})-${MONTH}-(?<yy>[0-9]{2}) ${TIME} GMT$`),
+  new RegExp(`^${DAY} ${MONTH} (?<day>[ 0-9][0-9]) ${TIME} (?<year>[0-9]{4})$`),
+];
+
+/** An HTTP-date as milliseconds since the epoch, or null when `value` is none (or no real date). */
+function httpDate(value: string, now: number): number | null {
+  for (const form of HTTP_DATES) {
+    const parts = form.exec(value)?.groups;
+    if (parts === undefined) continue;
+    let year: number;
+    if (parts.yy !== undefined) {
+      // RFC 850's two digits: this century's year, unless more than 50 years ahead.
+      const thisYear = new Date(now).getUTCFullYear();
+      year = thisYear - (thisYear % 100) + Number(parts.yy);
+      if (year > thisYear + 50) year -= 100;
+    } else {
+      year = Number(parts.year);
+    }
+    const [month, day, hour, minute, second] = [
+      MONTHS.indexOf(parts.month),
+      Number(parts.day),
+      Number(parts.hour),
+      Number(parts.minute),
+      Number(parts.second),
+    ];
+    const date = new Date(0);
+    date.setUTCFullYear(year, month, day); // not Date.UTC, which reads years 0 to 99 as 19xx
+    date.setUTCHours(hour, minute, second);
+    // A Date rolls 31 Feb over to March and 25:00 to the next day: no such date (nor year 0).
+    const real =
+      year >= 1 &&
+      date.getUTCMonth() === month &&
+      date.getUTCDate() === day &&
+      date.getUTCHours() === hour &&
+      date.getUTCMinutes() === minute &&
+      date.getUTCSeconds() === second;
+    return real ? date.getTime() : null;
+  }
+  return null;
+}
+
+/**
+ * The seconds a `Retry-After` header asks to wait (until its date: whole seconds, 0 once
+ * past), or null: absent, neither delay-seconds nor an HTTP-date (`1.5`, `-3`, an ISO
+ * date), or too large to be a finite number.
+ */
 export function parseRetryAfter(value: string | null | undefined, now: number = Date.now()): number | null {
-  if (value == null || value.trim() === "") return null;
-  const trimmed = value.trim();
-  if (/^\d+$/.test(trimmed)) return Number(trimmed);
-  const date = Date.parse(trimmed);
-  if (Number.isNaN(date)) return null;
-  return Math.max(0, Math.ceil((date - now) / 1000));
+  if (value == null) return null;
+  const trimmed = value.replace(/^[ \t]+|[ \t]+$/g, "");
+  if (/^[0-9]+$/.test(trimmed)) {
+    const seconds = Number(trimmed);
+    return Number.isFinite(seconds) ? seconds : null;
+  }
+  const date = httpDate(trimmed, now);
+  return date === null ? null : Math.max(0, Math.ceil((date - now) / 1000));
 }
 
 /**

@@ -1,5 +1,6 @@
 import { decodeCarry, encodeCarry } from "./carry.js";
 import type { ExchangeOptions, Identity, IdentityClient, JsonObject } from "./client.js";
+import { ConfigurationError } from "./errors.js";
 
 /** The parts of a Node/Express request the middleware reads (no express dependency). */
 export interface MiddlewareRequest {
@@ -58,7 +59,10 @@ export interface HandoffMiddlewareOptions {
   tokenParam?: string;
   /** The visitor cookie (default `ajs_anonymous_id`, the one analytics.js reads). */
   cookieName?: string;
-  /** Cookie `Domain` (e.g. `.example-pay.com`); default none (host-only). */
+  /**
+   * Cookie `Domain` (e.g. `.example-pay.com`); default none (host-only). Not a domain name
+   * (a `;`, a space, an empty label...): a ConfigurationError from `handoffMiddleware`.
+   */
   cookieDomain?: string;
   /** Cookie `Max-Age` in seconds (default one year). */
   cookieMaxAge?: number;
@@ -123,6 +127,19 @@ export function readCookie(req: MiddlewareRequest, name: string): string | undef
   // analytics.js (classic) stores JSON.stringify(id); accept both forms.
   if (value.startsWith('"') && value.endsWith('"') && value.length >= 2) value = value.slice(1, -1);
   return value || undefined;
+}
+
+// A cookie's Domain (RFC 6265 5.2.3): a domain name, its leading dot allowed; labels of
+// letters, digits, '-' (not at either end) and '_', 63 characters at most, 253 in all. The
+// Python middlewares and identity.js check the same.
+const DOMAIN_LABEL = /^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$/;
+const MAX_DOMAIN = 253;
+
+/** Whether `domain` can be a cookie's `Domain` as it is. */
+function isCookieDomain(domain: unknown): boolean {
+  if (typeof domain !== "string") return false;
+  const name = domain.startsWith(".") ? domain.slice(1) : domain;
+  return name.length <= MAX_DOMAIN && name.split(".").every((label) => DOMAIN_LABEL.test(label));
 }
 
 // RFC 6265 cookie-octet: printable ASCII except space, DQUOTE, comma, semicolon, backslash;
@@ -215,6 +232,14 @@ export function handoffMiddleware(
   client: Pick<IdentityClient, "exchange"> & Partial<Pick<IdentityClient, "carryKey">>,
   options: HandoffMiddlewareOptions = {},
 ): (req: MiddlewareRequest, res: MiddlewareResponse, next: NextFunction) => void {
+  if (options.cookieDomain && !isCookieDomain(options.cookieDomain)) {
+    // Refused here: in the Set-Cookie as given, a ';' would add attributes, a space or an
+    // empty label make a cookie browsers drop.
+    throw new ConfigurationError(
+      `handoffMiddleware: cookieDomain ${JSON.stringify(options.cookieDomain)} is not a domain name ` +
+        "(e.g. .example-pay.com; an internationalized one in its xn-- form)",
+    );
+  }
   const tokenParam = options.tokenParam ?? "handoff_token";
   const cookieName = options.cookieName ?? "ajs_anonymous_id";
   const carryName = options.carryCookieName ?? "identity_restored";

@@ -5,7 +5,7 @@ import http from "node:http";
 import { after, before, describe, test } from "node:test";
 
 import { encodeCarry, carryKey } from "../dist/esm/carry.js";
-import { IdentityClient, ServiceUnavailable, handoffMiddleware } from "../dist/esm/index.js";
+import { ConfigurationError, IdentityClient, ServiceUnavailable, handoffMiddleware } from "../dist/esm/index.js";
 import { WRITE_KEY, freePort, startService } from "./helpers.mjs";
 
 const UUID4 = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
@@ -383,4 +383,52 @@ describe("handoffMiddleware when the service is out", () => {
       await checkout.close();
     }
   });
+});
+
+describe("handoffMiddleware's cookieDomain", () => {
+  const client = new IdentityClient({ baseUrl: "http://127.0.0.1:1", writeKey: WRITE_KEY });
+  // Each went into every Set-Cookie as written: a ';' added attributes, a space or an empty
+  // label made a cookie the browser drops (the visitor never restored).
+  const INVALID = [
+    "example.test; HttpOnly",
+    "example.test,other.test",
+    "example .test",
+    "example.test\r\nSet-Cookie: x=1",
+    "example.test\u0000",
+    "example..test",
+    "example.test.",
+    ".",
+    "..example.test",
+    "-example.test",
+    "exa$mple.test",
+    "bücher.example",
+    `${"a".repeat(64)}.test`,
+    `${`${"a".repeat(60)}.`.repeat(5)}test`,
+    5,
+  ];
+  for (const cookieDomain of INVALID) {
+    test(`${JSON.stringify(cookieDomain).slice(0, 40)} is a ConfigurationError when the middleware is made`, () => {
+      assert.throws(() => handoffMiddleware(client, { cookieDomain }), (error) => {
+        assert.ok(error instanceof ConfigurationError);
+        assert.match(error.message, /cookieDomain/);
+        return true;
+      });
+    });
+  }
+
+  for (const cookieDomain of [".example-pay.com", "checkout.localhost", "localhost", "127.0.0.1", "xn--bcher-kva.example"]) {
+    test(`${cookieDomain} is written as given`, async () => {
+      const real = new IdentityClient({ baseUrl: service.url, writeKey: WRITE_KEY });
+      const checkout = await startCheckout(real, { cookieDomain });
+      try {
+        const handoff = await real.prepare({ anonymousId: "visitor-domain", destination: `${checkout.origin}/cart` });
+        const landing = new URL(handoff.redirectUrl);
+        const answer = await get(checkout.port, landing.pathname + landing.search);
+        assert.equal(answer.status, 303);
+        assert.ok(cookieOf(answer).attributes.includes(`Domain=${cookieDomain}`));
+      } finally {
+        await checkout.close();
+      }
+    });
+  }
 });

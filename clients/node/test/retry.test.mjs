@@ -157,6 +157,103 @@ describe("prepare retries", () => {
   });
 });
 
+/** `at` (ms since the epoch) as an HTTP-date in one of RFC 9110 5.6.7's three forms. */
+function httpDate(at, form = "imf") {
+  const date = new Date(at);
+  const imf = date.toUTCString(); // "Sun, 06 Nov 1994 08:49:37 GMT"
+  const [, day, month, year, time] = imf.split(" ");
+  if (form === "rfc850") {
+    const weekday = date.toLocaleDateString("en-US", { weekday: "long", timeZone: "UTC" });
+    return `${weekday}, ${day}-${month}-${year.slice(2)} ${time} GMT`;
+  }
+  if (form === "asctime") return `${imf.slice(0, 3)} ${month} ${String(Number(day)).padStart(2, " ")} ${time} ${year}`;
+  return imf;
+}
+
+/** The `retryAfter` of the error a real server's `status` answer with `Retry-After: value` gives. */
+async function retryAfterOf(status, value) {
+  const server = await startHttpServer((req, res) => answer(res, status, "{}", { "retry-after": value }));
+  try {
+    const client = new IdentityClient({ baseUrl: server.url, writeKey: "k", maxRetries: 0 });
+    const error = await client.prepare(params).then(
+      () => assert.fail("no error"),
+      (caught) => caught,
+    );
+    assert.equal(error.status, status);
+    return error.retryAfter;
+  } finally {
+    await server.close();
+  }
+}
+
+describe("Retry-After: delay-seconds or an HTTP-date (RFC 9110 10.2.3), as the Python SDK reads it", () => {
+  for (const status of [503, 429]) {
+    for (const form of ["seconds", "imf", "rfc850", "asctime"]) {
+      test(`${status} with ${form}`, async () => {
+        const value = form === "seconds" ? "7" : httpDate(Date.now() + 7000, form);
+        assert.ok([6, 7, 8].includes(await retryAfterOf(status, value)), value);
+      });
+    }
+  }
+
+  test("a date already past is 0", async () => {
+    for (const form of ["imf", "rfc850", "asctime"]) assert.equal(await retryAfterOf(503, httpDate(Date.now() - 3_600_000, form)), 0);
+  });
+
+  test("asctime's date, which has no zone, is UTC whatever the process's time zone", async () => {
+    const zone = process.env.TZ;
+    process.env.TZ = "America/New_York"; // Date.parse read it in local time: 4 or 5 hours off
+    try {
+      assert.ok([6, 7, 8].includes(await retryAfterOf(503, httpDate(Date.now() + 7000, "asctime"))));
+    } finally {
+      if (zone === undefined) delete process.env.TZ;
+      else process.env.TZ = zone;
+    }
+  });
+
+  test("an RFC 850 year is this century's, unless more than 50 years ahead", async () => {
+    const year = new Date().getUTCFullYear();
+    const ahead = String((year + 40) % 100).padStart(2, "0");
+    const behind = String((year + 60) % 100).padStart(2, "0");
+    assert.ok((await retryAfterOf(503, `Friday, 01-Jan-${ahead} 00:00:00 GMT`)) > 30 * 365 * 86400);
+    assert.equal(await retryAfterOf(503, `Friday, 01-Jan-${behind} 00:00:00 GMT`), 0);
+  });
+
+  // Date.parse read most of these as dates (of 2001, of 2030): neither delay-seconds nor an
+  // HTTP-date, each is absent, as in the Python SDK.
+  const INVALID = ["1.5", "-3", "+5", "1e3", "0x10", "soon", "2030-01-01T00:00:00Z", "2030-01-01", "9".repeat(400),
+    "Sun, 06 Nov 1994 08:49:37 +0000", "Sun, 31 Feb 2030 08:49:37 GMT", "Sun, 06 Nov 1994 25:49:37 GMT",
+    "Sun, 06 Nov 1994 08:49:37 GMT; x", "06 Nov 2030 08:49:37 GMT", "Sat, 29 Feb 2031 08:49:37 GMT",
+    "Mon, 01 Jan 0000 00:00:00 GMT"];
+  for (const value of INVALID) {
+    test(`${JSON.stringify(value.length > 20 && /^9+$/.test(value) ? "9 × 400" : value)} is absent`, async () => {
+      assert.equal(await retryAfterOf(503, value), null);
+    });
+  }
+
+  test("an HTTP-date is waited before the retried prepare, capped by maxBackoffMs", async () => {
+    const server = await startHttpServer(flaky(1, httpDate(Date.now() + 2000)));
+    try {
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: "k", backoffBaseMs: 1 });
+      const started = Date.now();
+      await client.prepare(params);
+      assert.ok(Date.now() - started >= 900, `waited ${Date.now() - started} ms`);
+    } finally {
+      await server.close();
+    }
+    const slow = await startHttpServer(flaky(20, httpDate(Date.now() + 3_600_000)));
+    try {
+      const client = new IdentityClient({ baseUrl: slow.url, writeKey: "k", maxRetries: 20, backoffBaseMs: 500, maxBackoffMs: 50 });
+      const started = Date.now();
+      await client.prepare(params);
+      assert.ok(Date.now() - started < 2500, `waited ${Date.now() - started} ms`);
+      assert.equal(slow.count, 21);
+    } finally {
+      await slow.close();
+    }
+  });
+});
+
 describe("exchange is never retried", () => {
   test("a 503 is answered after one request, whatever maxRetries", async () => {
     const server = await startHttpServer(flaky(5));
@@ -222,6 +319,51 @@ describe("retry settings", () => {
       );
     });
   }
+
+  // Each made every call fail as an IdentityConnectionError (AbortSignal.timeout's
+  // RangeError, caught as a failed fetch): an outage, to whoever reads it; a timeoutMs
+  // over 2^31 - 1 timed every call out after 1 ms, as a delay that long waited 1 ms.
+  const INVALID_TIMEOUTS = [-1, 0, Number.NaN, Number.POSITIVE_INFINITY, 1.5, 2 ** 31, "5000"];
+  for (const timeoutMs of INVALID_TIMEOUTS) {
+    test(`timeoutMs: ${typeof timeoutMs === "string" ? JSON.stringify(timeoutMs) : timeoutMs} is a ConfigurationError`, async () => {
+      const server = await startHttpServer(flaky(0));
+      try {
+        assert.throws(
+          () => new IdentityClient({ baseUrl: server.url, writeKey: "k", timeoutMs }),
+          (error) => {
+            assert.ok(error instanceof ConfigurationError && error instanceof IdentityError);
+            assert.match(error.message, /timeoutMs/);
+            return true;
+          },
+        );
+        assert.equal(server.count, 0);
+      } finally {
+        await server.close();
+      }
+    });
+  }
+
+  for (const setting of [{ backoffBaseMs: 2 ** 31 }, { maxBackoffMs: 2 ** 31 }]) {
+    const [name] = Object.keys(setting);
+    test(`${name} over 2^31 - 1 (a delay setTimeout waits as 1 ms) is a ConfigurationError`, () => {
+      assert.throws(() => new IdentityClient({ baseUrl: "http://127.0.0.1:1", writeKey: "k", ...setting }), (error) => {
+        assert.ok(error instanceof ConfigurationError);
+        assert.match(error.message, new RegExp(name));
+        return true;
+      });
+    });
+  }
+
+  test("the longest timeoutMs a timer can wait is valid, and calls go through", async () => {
+    const server = await startHttpServer(flaky(0));
+    try {
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: "k", timeoutMs: 2 ** 31 - 1, maxBackoffMs: 2 ** 31 - 1 });
+      assert.equal(client.timeoutMs, 2 ** 31 - 1);
+      assert.equal((await client.prepare(params)).token, "t".repeat(43));
+    } finally {
+      await server.close();
+    }
+  });
 
   test("no backoff at all (0) is valid, and retries at once", async () => {
     const server = await startHttpServer(flaky(2, "5"));

@@ -11,7 +11,7 @@ import re
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal, overload
 
 import httpx
@@ -81,6 +81,7 @@ class BaseClient:
         if not write_key:
             raise ConfigurationError("no write key: pass write_key= or set IDENTITY_WRITE_KEY")
         _check_retry_settings(max_retries, backoff_base, backoff_max)
+        _check_timeout(timeout)
         try:
             url = httpx.URL(base_url)
         except httpx.InvalidURL:
@@ -309,11 +310,11 @@ class BaseClient:
     # Retries (prepare only)
 
     def _retry_delay(self, attempt: int, after: float | None) -> float:
-        """Seconds before retry ``attempt`` (0-based): Retry-After if sent, else exponential
-        backoff with full jitter; both capped at ``backoff_max``."""
-        if after is not None:
-            return min(after, self.backoff_max) + random.uniform(0, self.backoff_base)  # noqa: S311
-        return random.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))  # noqa: S311
+        """Seconds before retry ``attempt`` (0-based): exponential backoff with full jitter,
+        or the longer of it and the Retry-After sent; never over ``backoff_max`` (as the
+        Node SDK waits)."""
+        jittered = random.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))  # noqa: S311
+        return jittered if after is None else min(self.backoff_max, max(after, jittered))
 
     def _prepare_retry(
         self,
@@ -361,31 +362,112 @@ class BaseClient:
             ) from None  # the raw error's text is in the message, scrubbed
 
 
+# The longest wait a setting may ask (about 24.9 days): the Node SDK's (2^31 - 1 ms, the
+# longest a timer waits). Far longer, a socket's timeout or a sleep raises OverflowError.
+MAX_SECONDS = (2**31 - 1) / 1000
+
+
+def _seconds(value: object, *, positive: bool = False) -> bool:
+    """Whether ``value`` is a number of seconds from 0 (over 0 when ``positive``) to
+    ``MAX_SECONDS``."""
+    if not isinstance(value, int | float) or not value <= MAX_SECONDS:  # NaN is not either
+        return False
+    return value > 0 if positive else value >= 0
+
+
 def _check_retry_settings(max_retries: object, backoff_base: object, backoff_max: object) -> None:
     """Refuse, when the client is made, what would fail or misbehave only at a prepare's
     retry: a negative or NaN delay (``time.sleep`` raises ``ValueError``, ``asyncio.sleep``
-    waits no time), an infinite one (a wait without end), a count that is not a whole
-    number."""
+    waits no time), an infinite or huge one (a wait without end, or ``OverflowError``), a
+    count that is not a whole number."""
     if not isinstance(max_retries, int) or max_retries < 0:
         raise ConfigurationError("max_retries must be a whole number, 0 or more")
     for name, seconds in (("backoff_base", backoff_base), ("backoff_max", backoff_max)):
-        if not isinstance(seconds, int | float) or not math.isfinite(seconds) or seconds < 0:
-            raise ConfigurationError(f"{name} must be a finite number of seconds, 0 or more")
+        if not _seconds(seconds):
+            raise ConfigurationError(f"{name} must be a number of seconds from 0 to {MAX_SECONDS}")
+
+
+def _check_timeout(timeout: object) -> None:
+    """Refuse, when the client is made, a timeout that would fail every call as an
+    ``IdentityConnectionError`` (an outage, to whoever reads it) or a raw ``OverflowError``:
+    a number, or each limit an ``httpx.Timeout`` sets, that is not a number of seconds over
+    0 and at most ``MAX_SECONDS`` (0 or less times out at once, NaN fails every socket
+    call, infinity the attempt's deadline, 1e10 overflows the socket's timeout). An
+    ``httpx.Timeout`` limit of None (no limit) is httpx's own, and kept."""
+    if isinstance(timeout, httpx.Timeout):
+        limits = (timeout.connect, timeout.read, timeout.write, timeout.pool)
+        if all(limit is None or _seconds(limit, positive=True) for limit in limits):
+            return
+    elif _seconds(timeout, positive=True):
+        return
+    raise ConfigurationError(
+        f"timeout must be a number of seconds over 0 and at most {MAX_SECONDS}, or an "
+        "httpx.Timeout whose limits are (or None)"
+    )
+
+
+# RFC 9110 10.2.3: Retry-After is delay-seconds (1*DIGIT) or an HTTP-date (5.6.7), which
+# a recipient reads in all three of its forms: IMF-fixdate, and the obsolete RFC 850 and
+# asctime forms; all in UTC. The Node SDK reads the same (clients/node/src/errors.ts).
+_DELAY_SECONDS = re.compile(r"[0-9]+")
+_MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+_DAY = "(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_LONG_DAY = "(?:Mon|Tues|Wednes|Thurs|Fri|Satur|Sun)day"
+_MONTH = "(?P<month>" + "|".join(_MONTHS) + ")"
+_TIME = "(?P<hour>[0-9]{2}):(?P<minute>[0-9]{2}):(?P<second>[0-9]{2})"
+_HTTP_DATES = [
+    re.compile(f"{_DAY}, (?P<day>[0-9]{{2}}) {_MONTH} (?P<year>[0-9]{{4}}) {_TIME} GMT"),
+    re.compile(f"{_LONG_DAY}, (?P<day>[0-9]{{2}})-{_MONTH}-(?P<yy>[0-9]{{2}}) {_TIME} GMT"),
+    re.compile(f"{_DAY} {_MONTH} (?P<day>[ 0-9][0-9]) {_TIME} (?P<year>[0-9]{{4}})"),
+]
 
 
 def retry_after(response: httpx.Response) -> float | None:
-    """The Retry-After seconds the answer sent, or None: absent, a date, or not a finite
-    number (``nan`` or ``inf`` would make the wait fail or never end)."""
+    """The seconds the answer's Retry-After asks to wait (until its date: whole seconds, 0
+    once past), or None: absent, neither delay-seconds nor an HTTP-date (``1.5``, ``-3``,
+    ``nan``, an ISO date), or too large to be a finite number."""
     value = response.headers.get("Retry-After")
     if value is None:
         return None
-    try:
+    value = value.strip(" \t")
+    if _DELAY_SECONDS.fullmatch(value):
         seconds = float(value)
-    except ValueError:
+        return seconds if math.isfinite(seconds) else None
+    moment = _http_date(value)
+    if moment is None:
         return None
-    if not math.isfinite(seconds):
-        return None
-    return max(seconds, 0.0)
+    return float(max(0, math.ceil(moment - time.time())))
+
+
+def _http_date(value: str) -> float | None:
+    """An HTTP-date as a POSIX time, or None when ``value`` is none (or no real date)."""
+    for form in _HTTP_DATES:
+        found = form.fullmatch(value)
+        if found is None:
+            continue
+        parts = found.groupdict()
+        if parts.get("yy") is not None:
+            # RFC 850's two digits: this century's year, unless more than 50 years ahead.
+            this_year = datetime.now(UTC).year
+            year = this_year - this_year % 100 + int(parts["yy"])
+            if year > this_year + 50:
+                year -= 100
+        else:
+            year = int(parts["year"])
+        try:
+            moment = datetime(
+                year,
+                _MONTHS.index(parts["month"]) + 1,
+                int(parts["day"]),
+                int(parts["hour"]),
+                int(parts["minute"]),
+                int(parts["second"]),
+                tzinfo=UTC,
+            )
+        except ValueError:  # 31 Feb, 25:00...
+            return None
+        return moment.timestamp()
+    return None
 
 
 def _json(response: httpx.Response) -> Any:

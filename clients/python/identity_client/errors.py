@@ -50,8 +50,9 @@ class IdentityError(Exception):
 
 class ConfigurationError(IdentityError):
     """The client lacks its base URL or write key, or a setting is invalid (a base URL
-    that is not http(s), a negative or non-finite backoff, a negative ``max_retries``):
-    raised when the client is made, before any request."""
+    that is not http(s), a negative or non-finite backoff or timeout, a timeout of 0, a
+    negative ``max_retries``): raised when the client is made, before any request. Also a
+    middleware's ``cookie_domain`` that is not a domain name, when the middleware is made."""
 
 
 class IdentityConnectionError(IdentityError, ConnectionError):

@@ -41,6 +41,7 @@ middleware imports aiohttp when it is built (the ``aiohttp`` extra).
 from __future__ import annotations
 
 import logging
+import re
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
@@ -52,6 +53,7 @@ from identity_client import _carry
 from identity_client._client import AsyncIdentityClient, IdentityClient
 from identity_client.cookies import read_anonymous_id, read_cookie
 from identity_client.errors import (
+    ConfigurationError,
     IdentityConnectionError,
     IdentityError,
     ServiceUnavailable,
@@ -94,6 +96,11 @@ WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 _COOKIE_SAFE = "!#$&'()*+-./:<=>?@[]^_`{|}~"
 # Characters a path keeps as is when quoted back (RFC 3986 pchar and "/").
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
+# A cookie's Domain (RFC 6265 5.2.3): a domain name, its leading dot allowed; labels of
+# letters, digits, '-' (not at either end) and '_', 63 characters at most, 253 in all. The
+# Node middleware and identity.js check the same.
+_DOMAIN_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+_MAX_DOMAIN = 253
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,15 @@ class MiddlewareSettings:
     properties: dict[str, Any] | None = None
     # The exchanged identity for the request after the 303 (identity_client._carry).
     carry_cookie_name: str = "identity_restored"
+
+    def __post_init__(self) -> None:
+        if self.cookie_domain and not _is_cookie_domain(self.cookie_domain):
+            # Refused when the middleware is made: in the Set-Cookie as given, a ';' would
+            # add attributes, a space or an empty label make a cookie browsers drop.
+            raise ConfigurationError(
+                f"cookie_domain {self.cookie_domain!r} is not a domain name "
+                "(e.g. .example-pay.com; an internationalized one in its xn-- form)"
+            )
 
     def set_cookie(self, anonymous_id: str) -> str:
         return self._set_cookie(
@@ -241,6 +257,16 @@ class MiddlewareSettings:
         if user_agent:
             context["userAgent"] = _utf8(user_agent)
         return context
+
+
+def _is_cookie_domain(domain: object) -> bool:
+    """Whether ``domain`` can be a cookie's ``Domain`` as it is (see ``_DOMAIN_LABEL``)."""
+    if not isinstance(domain, str):
+        return False
+    name = domain.removeprefix(".")
+    return len(name) <= _MAX_DOMAIN and all(
+        _DOMAIN_LABEL.fullmatch(label) for label in name.split(".")
+    )
 
 
 def _utf8(text: str) -> str:

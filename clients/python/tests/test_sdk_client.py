@@ -326,6 +326,8 @@ INVALID_RETRY_SETTINGS: list[dict[str, Any]] = [
     {"backoff_max": -1.0},
     {"backoff_max": float("nan")},
     {"backoff_max": float("inf")},
+    {"backoff_base": 1e300},  # time.sleep raised a raw OverflowError at the first retry
+    {"backoff_max": 1e10},
     {"max_retries": -1},
     {"max_retries": 1.5},
     {"max_retries": "2"},
@@ -344,6 +346,45 @@ def test_invalid_retry_settings_are_refused_when_the_client_is_made(
     with pytest.raises(ConfigurationError, match=name):
         client_class(stub.url, DEV_WRITE_KEY, **settings)
     assert stub.requests == []
+
+
+INVALID_TIMEOUTS: list[object] = [
+    -1.0,
+    0,
+    float("nan"),
+    float("inf"),
+    "5",
+    None,
+    httpx.Timeout(-1.0),
+    httpx.Timeout(5.0, connect=float("nan")),
+    httpx.Timeout(5.0, read=float("inf")),
+    httpx.Timeout(5.0, pool=0),
+    1e10,  # over what a socket or a sleep can wait: a raw OverflowError at every call
+    httpx.Timeout(5.0, read=1e300),
+]
+
+
+@pytest.mark.parametrize("client_class", [IdentityClient, AsyncIdentityClient])
+@pytest.mark.parametrize("timeout", INVALID_TIMEOUTS, ids=repr)
+def test_invalid_timeouts_are_refused_when_the_client_is_made(
+    stub: Stub, client_class: type[IdentityClient | AsyncIdentityClient], timeout: object
+) -> None:
+    """Each of these made every call fail as an IdentityConnectionError (an outage, to
+    whoever reads it) or a raw TypeError; now the client is refused at once, as a bad retry
+    setting is, before any request."""
+    with pytest.raises(ConfigurationError, match="timeout"):
+        client_class(stub.url, DEV_WRITE_KEY, timeout=timeout)  # type: ignore[arg-type]
+    assert stub.requests == []
+
+
+@pytest.mark.parametrize(
+    "timeout", [0.5, 3, httpx.Timeout(None), httpx.Timeout(5.0, connect=None)], ids=repr
+)
+def test_valid_timeouts_are_kept(stub: Stub, timeout: float | httpx.Timeout) -> None:
+    with IdentityClient(stub.url, DEV_WRITE_KEY, timeout=timeout) as client:
+        assert client.timeout == timeout
+        handoff = client.prepare("visitor-timeout", destination=DESTINATION)
+    assert handoff.token
 
 
 @pytest.mark.parametrize("client_class", [IdentityClient, AsyncIdentityClient])

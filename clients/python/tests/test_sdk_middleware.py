@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -14,7 +14,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import DEV_WRITE_KEY, Service
-from identity_client import AsyncIdentityClient, Identity, IdentityClient, _carry
+from identity_client import (
+    AsyncIdentityClient,
+    ConfigurationError,
+    Identity,
+    IdentityClient,
+    _carry,
+)
 from identity_client.middleware import (
     IdentityASGIMiddleware,
     IdentityWSGIMiddleware,
@@ -407,3 +413,64 @@ def test_a_misconfigured_event_is_an_error_a_bad_token_is_not(
                     (record,) = errors
                     assert "InvalidRequest" in record.getMessage()
                     assert token not in record.getMessage()
+
+
+# The cookie's Domain: a domain name, or refused when the middleware is made
+
+INVALID_COOKIE_DOMAINS = [
+    "example.test; HttpOnly",  # would add an attribute to every visitor cookie
+    "example.test,other.test",
+    "example .test",
+    "example.test\r\nSet-Cookie: x=1",
+    "example.test\x00",
+    "example..test",  # an empty label
+    "example.test.",
+    ".",
+    "..example.test",
+    "-example.test",
+    "exa$mple.test",
+    "bücher.example",  # the punycode (xn--) form is the domain a cookie holds
+    "a" * 64 + ".test",  # a label over 63 characters
+    ("a" * 60 + ".") * 5 + "test",  # over 253 characters
+    5,
+]
+
+
+@pytest.mark.parametrize("kind", ["wsgi", "asgi", "aiohttp"])
+@pytest.mark.parametrize("cookie_domain", INVALID_COOKIE_DOMAINS, ids=repr)
+def test_an_invalid_cookie_domain_is_refused_when_the_middleware_is_made(
+    kind: str, cookie_domain: object
+) -> None:
+    """It went into every Set-Cookie as written: a ';' added attributes, a space or an
+    empty label made a cookie the browser drops (the visitor never restored)."""
+    sync_client = IdentityClient("http://127.0.0.1:1", DEV_WRITE_KEY)
+    async_client = AsyncIdentityClient("http://127.0.0.1:1", DEV_WRITE_KEY)
+    make: dict[str, Callable[[], object]] = {
+        "wsgi": lambda: IdentityWSGIMiddleware(wsgi_echo, sync_client, cookie_domain=cookie_domain),
+        "asgi": lambda: IdentityASGIMiddleware(
+            asgi_echo, async_client, cookie_domain=cookie_domain
+        ),
+        "aiohttp": lambda: identity_middleware(async_client, cookie_domain=cookie_domain),
+    }
+    with pytest.raises(ConfigurationError, match="cookie_domain"):
+        make[kind]()
+
+
+@pytest.mark.parametrize(
+    "cookie_domain",
+    [
+        ".example-pay.com",
+        "checkout.example-pay.com",
+        "localhost",
+        "127.0.0.1",
+        "xn--bcher-kva.example",
+    ],
+)
+def test_a_cookie_domain_is_written_as_given(service: Service, cookie_domain: str) -> None:
+    with IdentityClient(service.url, DEV_WRITE_KEY) as client:
+        app = IdentityWSGIMiddleware(wsgi_echo, client, cookie_domain=cookie_domain)
+        transport = httpx.WSGITransport(app=app)
+        with httpx.Client(transport=transport, base_url=HOST) as browser:
+            handoff = client.prepare("visitor-domain", destination=f"{HOST}/cart")
+            visitor_cookie = browser.get(path_of(handoff.redirect_url)).headers["set-cookie"]
+    assert f"; Domain={cookie_domain}; " in visitor_cookie

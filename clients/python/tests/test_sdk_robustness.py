@@ -11,6 +11,7 @@ import json
 import time
 import traceback
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -199,17 +200,146 @@ def test_an_invalid_base_url_is_refused_when_the_client_is_made(
     assert url not in str(caught.value) or url == "http://"
 
 
-# Retry-After that is not a finite number
+# Retry-After: delay-seconds or an HTTP-date (RFC 9110 10.2.3), the wait capped
 
 
-def test_retry_after_refuses_what_is_not_a_finite_number() -> None:
-    def after(value: str) -> float | None:
-        return retry_after(httpx.Response(503, headers={"Retry-After": value}))
+def http_date(moment: float, form: str = "imf") -> str:
+    """``moment`` (a POSIX time) as an HTTP-date in one of RFC 9110 5.6.7's three forms."""
+    stamp = datetime.fromtimestamp(moment, UTC)
+    if form == "rfc850":
+        return stamp.strftime("%A, %d-%b-%y %H:%M:%S GMT")
+    if form == "asctime":
+        return stamp.strftime("%a %b ") + f"{stamp.day:2d}" + stamp.strftime(" %H:%M:%S %Y")
+    return stamp.strftime("%a, %d %b %Y %H:%M:%S GMT")
 
-    for value in ("nan", "NaN", "inf", "-inf", "Infinity", "soon"):
-        assert after(value) is None, value
+
+def after(value: str) -> float | None:
+    return retry_after(httpx.Response(503, headers={b"Retry-After": value.encode()}))
+
+
+@pytest.mark.parametrize("form", ["imf", "rfc850", "asctime"])
+def test_retry_after_reads_each_form_of_http_date(form: str) -> None:
+    """A date was taken for absent (the Node SDK waited for it); each of the three forms
+    is read, in UTC (asctime's has no zone: it was read in local time by the standard
+    library), as the whole seconds until then, 0 once past."""
+    now = time.time()
+    assert after(http_date(now + 30, form)) in (30.0, 31.0)
+    assert after(http_date(now - 3600, form)) == 0.0
+
+
+def test_retry_after_is_delay_seconds_or_an_http_date_and_nothing_else() -> None:
     assert after("2") == 2.0
-    assert after("-3") == 0.0
+    assert after(" 120 ") == 120.0  # surrounding whitespace is not the value's
+    assert after("0") == 0.0
+    # Neither delay-seconds (1*DIGIT) nor an HTTP-date: absent, as in the Node SDK.
+    for value in (
+        "nan",
+        "NaN",
+        "inf",
+        "-inf",
+        "Infinity",
+        "soon",
+        "",
+        "-3",
+        "1.5",
+        "1e3",
+        "+5",
+        "0x10",
+        "2\u00b3",
+        "٣",
+        "9" * 400,
+        "2030-01-01T00:00:00Z",
+        "Sun, 06 Nov 1994 08:49:37 +0000",
+        "Sun, 31 Feb 2030 08:49:37 GMT",
+        "Sun, 06 Nov 1994 25:49:37 GMT",
+        "Sun, 06 Nov 1994 08:49:37 GMT; x",
+        "06 Nov 2030 08:49:37 GMT",
+        "Sat, 29 Feb 2031 08:49:37 GMT",
+        "Mon, 01 Jan 0000 00:00:00 GMT",
+    ):
+        assert after(value) is None, value
+
+
+def test_an_rfc850_year_is_read_as_rfc_9110_says() -> None:
+    """Two digits: the year in this century, unless that is more than 50 years ahead."""
+    year = datetime.now(UTC).year
+    ahead = (year + 40) % 100
+    behind = (year + 60) % 100  # this century's would be 60 years ahead: the last century's
+    assert (after(f"Friday, 01-Jan-{ahead:02d} 00:00:00 GMT") or 0) > 30 * 365 * 86400
+    assert after(f"Friday, 01-Jan-{behind:02d} 00:00:00 GMT") == 0.0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("status", [503, 429])
+@pytest.mark.parametrize("form", ["seconds", "imf", "rfc850", "asctime"])
+def test_retry_after_of_a_real_answer_in_each_form(
+    server: Misbehaving, mode: str, status: int, form: str
+) -> None:
+    value = "7" if form == "seconds" else http_date(time.time() + 7, form)
+    server.respond = lambda seen: Answer(
+        status, b"{}", {"Retry-After": value, "Content-Type": "application/json"}
+    )
+    with pytest.raises(IdentityError) as caught:
+        call(mode, "prepare", server.url)
+    assert caught.value.status == status
+    assert getattr(caught.value, "retry_after", None) in (6.0, 7.0, 8.0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("form", ["seconds", "imf"])
+def test_a_retry_after_is_waited_before_the_retried_prepare(
+    server: Misbehaving, mode: str, form: str
+) -> None:
+    """The HTTP-date form was ignored: the prepare was retried after its own backoff."""
+    seen: list[float] = []
+
+    def respond(request: Seen) -> Answer:
+        seen.append(time.monotonic())
+        if len(seen) > 1:
+            return success("prepare", json.dumps(PREPARED).encode())
+        value = "2" if form == "seconds" else http_date(time.time() + 2)
+        return Answer(503, b"{}", {"Retry-After": value, "Content-Type": "application/json"})
+
+    server.respond = respond
+    call(mode, "prepare", server.url, max_retries=1, backoff_base=0.01, backoff_max=10)
+    assert len(seen) == 2
+    assert seen[1] - seen[0] >= 0.9  # a date is whole seconds: 2 s ahead is 1 to 2 s away
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("form", ["seconds", "imf"])
+def test_the_wait_after_a_retry_after_is_capped_at_backoff_max(
+    server: Misbehaving, mode: str, form: str
+) -> None:
+    """Each wait was backoff_max plus up to backoff_base of jitter: 20 retries of a
+    Retry-After an hour long took about 20 x (0.05 + 0.25) s; now each is at most 0.05 s."""
+    seen: list[float] = []
+
+    def respond(request: Seen) -> Answer:
+        seen.append(time.monotonic())
+        value = "3600" if form == "seconds" else http_date(time.time() + 3600)
+        return Answer(503, b"{}", {"Retry-After": value, "Content-Type": "application/json"})
+
+    server.respond = respond
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailable):
+        call(mode, "prepare", server.url, max_retries=20, backoff_base=0.5, backoff_max=0.05)
+    assert len(seen) == 21
+    assert elapsed(started) < 2.5, elapsed(started)
+
+
+@pytest.mark.parametrize("client_class", [IdentityClient, AsyncIdentityClient])
+def test_no_retry_delay_is_over_backoff_max(
+    client_class: type[IdentityClient | AsyncIdentityClient],
+) -> None:
+    """The longer of Retry-After and the jittered backoff, capped, as the Node SDK waits."""
+    client = client_class("http://127.0.0.1:1", WRITE_KEY, backoff_base=1.0, backoff_max=2.0)
+    for attempt in range(4):
+        for retry_after_seconds in (None, 0.0, 1.5, 5.0, 3600.0):
+            delays = [client._retry_delay(attempt, retry_after_seconds) for _ in range(200)]
+            assert max(delays) <= 2.0
+            if retry_after_seconds is not None:
+                assert min(delays) >= min(retry_after_seconds, 2.0)
 
 
 @pytest.mark.parametrize("mode", MODES)
