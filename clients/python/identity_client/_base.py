@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import email.utils
 import json
 import math
 import os
@@ -406,25 +407,15 @@ def _check_timeout(timeout: object) -> None:
     )
 
 
-# RFC 9110 10.2.3: Retry-After is delay-seconds (1*DIGIT) or an HTTP-date (5.6.7), which
-# a recipient reads in all three of its forms: IMF-fixdate, and the obsolete RFC 850 and
-# asctime forms; all in UTC. The Node SDK reads the same (clients/node/src/errors.ts).
+# RFC 9110 10.2.3: Retry-After is delay-seconds (1*DIGIT) or an HTTP-date, read by the
+# standard library's date parser in each of its three forms (IMF-fixdate, RFC 850,
+# asctime), all in UTC.
 _DELAY_SECONDS = re.compile(r"[0-9]+")
-_MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
-_DAY = "(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
-_LONG_DAY = "(?:Mon|Tues|Wednes|Thurs|Fri|Satur|Sun)day"
-_MONTH = "(?P<month>" + "|".join(_MONTHS) + ")"
-_TIME = "(?P<hour>[0-9]{2}):(?P<minute>[0-9]{2}):(?P<second>[0-9]{2})"
-_HTTP_DATES = [
-    re.compile(f"{_DAY}, (?P<day>[0-9]{{2}}) {_MONTH} (?P<year>[0-9]{{4}}) {_TIME} GMT"),
-    re.compile(f"{_LONG_DAY}, (?P<day>[0-9]{{2}})-{_MONTH}-(?P<yy>[0-9]{{2}}) {_TIME} GMT"),
-    re.compile(f"{_DAY} {_MONTH} (?P<day>[ 0-9][0-9]) {_TIME} (?P<year>[0-9]{{4}})"),
-]
 
 
 def retry_after(response: httpx.Response) -> float | None:
     """The seconds the answer's Retry-After asks to wait (until its date: whole seconds, 0
-    once past), or None: absent, neither delay-seconds nor an HTTP-date (``1.5``, ``-3``,
+    once past), or None: absent, neither delay-seconds nor a date (``1.5``, ``-3``,
     ``nan``, an ISO date), or too large to be a finite number."""
     value = response.headers.get("Retry-After")
     if value is None:
@@ -433,41 +424,13 @@ def retry_after(response: httpx.Response) -> float | None:
     if _DELAY_SECONDS.fullmatch(value):
         seconds = float(value)
         return seconds if math.isfinite(seconds) else None
-    moment = _http_date(value)
-    if moment is None:
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):  # no date, or no real one (31 Feb, 25:00)
         return None
-    return float(max(0, math.ceil(moment - time.time())))
-
-
-def _http_date(value: str) -> float | None:
-    """An HTTP-date as a POSIX time, or None when ``value`` is none (or no real date)."""
-    for form in _HTTP_DATES:
-        found = form.fullmatch(value)
-        if found is None:
-            continue
-        parts = found.groupdict()
-        if parts.get("yy") is not None:
-            # RFC 850's two digits: this century's year, unless more than 50 years ahead.
-            this_year = datetime.now(UTC).year
-            year = this_year - this_year % 100 + int(parts["yy"])
-            if year > this_year + 50:
-                year -= 100
-        else:
-            year = int(parts["year"])
-        try:
-            moment = datetime(
-                year,
-                _MONTHS.index(parts["month"]) + 1,
-                int(parts["day"]),
-                int(parts["hour"]),
-                int(parts["minute"]),
-                int(parts["second"]),
-                tzinfo=UTC,
-            )
-        except ValueError:  # 31 Feb, 25:00...
-            return None
-        return moment.timestamp()
-    return None
+    if moment.tzinfo is None:  # asctime's form has no zone: an HTTP-date's is UTC
+        moment = moment.replace(tzinfo=UTC)
+    return float(max(0, math.ceil(moment.timestamp() - time.time())))
 
 
 def _json(response: httpx.Response) -> Any:
