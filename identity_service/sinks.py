@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Literal, Protocol
@@ -153,16 +154,19 @@ def classify(status: int, retry_after: str | None) -> Delivery:
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
+    """Seconds from a Retry-After header (RFC 9110 10.2.3): delay-seconds (digits only) or
+    an HTTP-date, in UTC whatever its form; None when it is neither."""
+    value = (value or "").strip(" \t")
+    if value.isascii() and value.isdigit():
         seconds = float(value)
-    except ValueError:
+    else:
         try:
-            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+            moment = parsedate_to_datetime(value)
         except (TypeError, ValueError):
             return None
+        if moment.tzinfo is None:  # asctime's form has no zone: an HTTP-date's is UTC
+            moment = moment.replace(tzinfo=UTC)
+        seconds = moment.timestamp() - time.time()
     if not math.isfinite(seconds):
         return None
     return min(max(0.0, seconds), MAX_RETRY_AFTER_SECONDS)

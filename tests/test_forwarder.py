@@ -187,6 +187,24 @@ def test_retry_after_in_seconds_or_as_a_date() -> None:
     assert parse_retry_after("99999") == 3600.0
 
 
+def test_retry_after_is_whole_seconds_or_a_date_in_utc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RFC 9110 10.2.3: delay-seconds is digits only (``1.5`` and ``-3`` were read as
+    numbers), and an HTTP-date is UTC in all its forms: asctime's, which has no zone, was
+    read in the process's local time (hours off wherever TZ is not UTC)."""
+    for value in ("1.5", "-3", "1e3", "+5", " "):
+        assert parse_retry_after(value) is None, value
+    assert parse_retry_after(" 7 ") == 7.0
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        ahead = time.gmtime(time.time() + 30)
+        asctime = time.strftime("%a %b %e %H:%M:%S %Y", ahead)
+        assert 28.0 <= (parse_retry_after(asctime) or 0.0) <= 31.0, asctime
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_sent_at_is_added_to_each_encoded_event_without_parsing_it() -> None:
     events = [
         {"type": "track", "properties": {"note": "a } and a \\n", "text": "line\nbreak"}},
