@@ -371,6 +371,36 @@ async def test_unknown_action(amp_client: AmpClient, receiver: WebhookReceiver) 
     assert metric(client, "identity_amp_refusals_total", reason="unknown_action") == 2
 
 
+async def test_the_preflight_of_an_unknown_action_is_its_posts_404(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    """It answered 204 from an allowed origin while the POST answered 404: a preflight
+    said an action existed that did not. Now both say 404, counted once each; a configured
+    action's preflight is still 204, and a refused origin still learns nothing (403)."""
+    client = await amp_client()
+    preflight = {"Access-Control-Request-Method": "POST"}
+    unknown = await client.options(
+        "/v1/amp/actions/delete-account", headers={**FROM_CACHE, **preflight}
+    )
+    assert unknown.status == 404
+    assert unknown.content_type == "application/problem+json"
+    assert (await unknown.json(content_type=None))["type"].endswith(":unknown-action")
+    assert unknown.headers["Access-Control-Allow-Origin"] == CACHE
+    assert unknown.headers["Vary"] == "Origin"
+    assert "Access-Control-Allow-Methods" not in unknown.headers
+    assert metric(client, "identity_amp_refusals_total", reason="unknown_action") == 1
+
+    known = await client.options(SUBMIT, headers={**FROM_CACHE, **preflight})
+    assert known.status == 204
+    assert known.headers["Access-Control-Allow-Methods"] == "GET, POST"
+    evil = {"Origin": "https://evil.example", **preflight}
+    refused = await client.options("/v1/amp/actions/delete-account", headers=evil)
+    assert refused.status == 403
+    assert metric(client, "identity_amp_refusals_total", reason="unknown_action") == 1
+    assert metric(client, "identity_amp_refusals_total", reason="origin") == 1
+    assert receiver.calls == []
+
+
 @pytest.mark.parametrize(
     ("body", "content_type", "status", "slug"),
     [

@@ -16,6 +16,8 @@ AMP Camp's add-to-cart hop, made safe (docs/amp.md walks through it):
   token up, records the link of the form's AMP clientId to the visitor, and answers 303 to
   the action's ``done_url``. A replayed, expired, unknown or foreign token lands there with nothing
   applied. Only that 303 sets the new cookie: an error answer (429, 502, 503) sets none.
+- ``handle_preflight`` is an action's ``OPTIONS``: as its POST, the origin first (403),
+  then the name (``404 unknown-action``), so no preflight says an unknown action exists.
 - The token is a bearer token minted by an unauthenticated POST (its ``Origin`` is only
   enforced by browsers: curl sends any). So ``handle_complete`` acts only on a top-level
   navigation: when the browser says what the request is for (``Sec-Fetch-Dest``), it
@@ -159,6 +161,20 @@ async def handle_complete(request: web.Request) -> web.StreamResponse:
         response = _problem(ctx, exc, request)
         response.headers.update(cors.cors_headers(None))
         return response
+
+
+async def handle_preflight(request: web.Request) -> web.Response:
+    """``OPTIONS`` of an action: the origin checked first (403), as by its POST; then an
+    unknown name is the POST's ``404 unknown-action``, not a 204 for an action that is not."""
+    ctx = request.app[AMP]
+    origin = cors.preflight_origin(request)
+    try:
+        _action(ctx, request)
+    except UnknownAction as exc:
+        response = _problem(ctx, exc, request)
+        response.headers.update(cors.cors_headers(origin))
+        return response
+    return cors.allowed_preflight(request, origin)
 
 
 def _is_navigation(request: web.Request) -> bool:
