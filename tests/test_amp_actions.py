@@ -6,6 +6,7 @@ tests/webhook_receiver.py, its signature verified, and the visitor cookie set on
 publisher's origin. Then the refusals (origin, name, form, rate) and webhook failures.
 """
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -222,6 +223,27 @@ async def test_cache_without_cookie_hops_to_the_origin_once(
         assert (again.status, again.headers["Location"]) == (303, DONE_URL)
     assert len(receiver.calls) == 1
     assert metric(client, "identity_amp_hops_total", action="add-to-cart", stage="missed") == 2
+
+
+async def test_two_landings_at_the_same_moment_call_the_webhook_alike_and_set_one_id(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    """Both read the hop before either uses it up (the webhook holds each call until both
+    came): both call it, with the one id and now the one visitor id sealed in the hop, so
+    the receiver's deduplication on id makes them one; both set that id's cookie."""
+    client = await amp_client()
+    complete = await hop(client)
+    receiver.barrier = asyncio.Barrier(2)
+    landings = await asyncio.gather(
+        *(client.get(complete, allow_redirects=False) for _ in range(2))
+    )
+    assert [landing.status for landing in landings] == [303, 303]
+    cookies = {set_cookie_value(landing) for landing in landings}
+    assert len(receiver.calls) == 2
+    assert {(call["id"], call["anonymousId"]) for call in receiver.calls} == {
+        (receiver.calls[0]["id"], *cookies)
+    }
+    assert receiver.applications == 1
 
 
 async def test_complete_keeps_the_visitors_cookie(
