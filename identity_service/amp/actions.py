@@ -58,7 +58,8 @@ action, with a 503 and nothing for the visitor to retry. Now that 503 (or a 502 
 outbox off) leaves the token, and a reload calls again with the same ``id`` (and, without a
 cookie, the same visitor id). Two landings of one URL at the same moment may both call the
 webhook, with that one ``id`` and visitor: the webhook deduplicates on ``id``, as it must
-for a retry after a timeout.
+for a retry after a timeout. An in-flight claim of the hop would keep a reload within the
+claim's life, after a landing that failed with the store, from calling again (docs/amp.md).
 """
 
 import secrets
