@@ -27,7 +27,7 @@ from identity_service.sources import (
     hash_write_key,
     parse_origin,
 )
-from identity_service.urls import fits_dns, host_port, is_loopback_host
+from identity_service.urls import DNS_PROBLEM, fits_dns, host_port, is_loopback_host
 
 T = TypeVar("T")
 
@@ -62,9 +62,6 @@ REDACTED = "***"
 # How a problem with a Redis URL ends when the rest of a password may be the cause.
 PERCENT_ENCODE = "(percent-encode / ? # @ in the password)"
 DATABASE_PROBLEM = "the database must be a number, 0 or more"
-# What a host name past DNS's limits (urls.fits_dns) is told; no connection to it, nor bind,
-# could succeed (Python's resolver raises UnicodeError before asking DNS about a long label).
-DNS_PROBLEM = "at most 253 characters, each label (between dots) 1 to 63, as DNS allows"
 DESTINATION_KEYS = frozenset({"url", "write_key", "allow_insecure", "sources"})
 SETTING_NAMES = frozenset(
     {

@@ -88,6 +88,12 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+# What a host name past those limits is told, wherever one is read (settings, [amp]): no
+# connection to it, nor bind, could succeed (Python's resolver and aiohttp's IDNA encoding
+# raise UnicodeError before asking DNS about a long or empty label).
+DNS_PROBLEM = "at most 253 characters, each label (between dots) 1 to 63, as DNS allows"
+
+
 def fits_dns(host: str) -> bool:
     """Whether ``host`` is within DNS's limits: at most 253 characters (a final dot aside),
     each label 1 to 63. Lengths only: an IP address fits, and a name that does not could

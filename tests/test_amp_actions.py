@@ -6,6 +6,7 @@ tests/webhook_receiver.py, its signature verified, and the visitor cookie set on
 publisher's origin. Then the refusals (origin, name, form, rate) and webhook failures.
 """
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -224,6 +225,27 @@ async def test_cache_without_cookie_hops_to_the_origin_once(
     assert metric(client, "identity_amp_hops_total", action="add-to-cart", stage="missed") == 2
 
 
+async def test_two_landings_at_the_same_moment_call_the_webhook_alike_and_set_one_id(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    """Both read the hop before either uses it up (the webhook holds each call until both
+    came): both call it, with the one id and now the one visitor id sealed in the hop, so
+    the receiver's deduplication on id makes them one; both set that id's cookie."""
+    client = await amp_client()
+    complete = await hop(client)
+    receiver.barrier = asyncio.Barrier(2)
+    landings = await asyncio.gather(
+        *(client.get(complete, allow_redirects=False) for _ in range(2))
+    )
+    assert [landing.status for landing in landings] == [303, 303]
+    cookies = {set_cookie_value(landing) for landing in landings}
+    assert len(receiver.calls) == 2
+    assert {(call["id"], call["anonymousId"]) for call in receiver.calls} == {
+        (receiver.calls[0]["id"], *cookies)
+    }
+    assert receiver.applications == 1
+
+
 async def test_complete_keeps_the_visitors_cookie(
     amp_client: AmpClient, receiver: WebhookReceiver
 ) -> None:
@@ -369,6 +391,36 @@ async def test_unknown_action(amp_client: AmpClient, receiver: WebhookReceiver) 
     assert landing.status == 404
     assert receiver.calls == []
     assert metric(client, "identity_amp_refusals_total", reason="unknown_action") == 2
+
+
+async def test_the_preflight_of_an_unknown_action_is_its_posts_404(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    """It answered 204 from an allowed origin while the POST answered 404: a preflight
+    said an action existed that did not. Now both say 404, counted once each; a configured
+    action's preflight is still 204, and a refused origin still learns nothing (403)."""
+    client = await amp_client()
+    preflight = {"Access-Control-Request-Method": "POST"}
+    unknown = await client.options(
+        "/v1/amp/actions/delete-account", headers={**FROM_CACHE, **preflight}
+    )
+    assert unknown.status == 404
+    assert unknown.content_type == "application/problem+json"
+    assert (await unknown.json(content_type=None))["type"].endswith(":unknown-action")
+    assert unknown.headers["Access-Control-Allow-Origin"] == CACHE
+    assert unknown.headers["Vary"] == "Origin"
+    assert "Access-Control-Allow-Methods" not in unknown.headers
+    assert metric(client, "identity_amp_refusals_total", reason="unknown_action") == 1
+
+    known = await client.options(SUBMIT, headers={**FROM_CACHE, **preflight})
+    assert known.status == 204
+    assert known.headers["Access-Control-Allow-Methods"] == "GET, POST"
+    evil = {"Origin": "https://evil.example", **preflight}
+    refused = await client.options("/v1/amp/actions/delete-account", headers=evil)
+    assert refused.status == 403
+    assert metric(client, "identity_amp_refusals_total", reason="unknown_action") == 1
+    assert metric(client, "identity_amp_refusals_total", reason="origin") == 1
+    assert receiver.calls == []
 
 
 @pytest.mark.parametrize(

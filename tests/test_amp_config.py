@@ -21,6 +21,7 @@ from identity_service.amp.config import (
 )
 from identity_service.settings import ConfigError, load_settings
 from tests.conftest import SECRET, make_settings, sources_env
+from tests.test_settings import DNS_HOSTS, NOT_DNS_HOSTS
 
 HOOK_SECRET = "webhook-secret-0123456789abcdef-xyz"
 BASE: dict[str, Any] = {
@@ -336,6 +337,22 @@ ONE_PROBLEM: list[tuple[str, Any, str]] = [
     ("limit window", config(limit_per_client={"requests": 5, "window_seconds": 1.5}),
      "IDENTITY_AMP.limit_per_client.window_seconds must be a whole number, not 1.5"),
 ]  # fmt: skip
+
+
+@pytest.mark.parametrize("host", NOT_DNS_HOSTS)
+def test_a_webhook_host_no_dns_name_can_be_is_refused_as_other_hosts_are(host: str) -> None:
+    """Taken at start before, its every call then failed (aiohttp's IDNA encoding raised a
+    UnicodeError before any connection). Refused as a destination's host is."""
+    assert problems(with_action(webhook=f"https://{host}:8443/hook")) == [
+        f"IDENTITY_AMP.{ACTION}.webhook must name a host of at most 253 characters, each "
+        "label (between dots) 1 to 63, as DNS allows"
+    ]
+
+
+@pytest.mark.parametrize("host", DNS_HOSTS)
+def test_a_webhook_host_at_dns_limits_is_taken(host: str) -> None:
+    webhook = f"https://{host}/hook"
+    assert amp_settings(with_action(webhook=webhook)).actions["add-to-cart"].webhook == webhook
 
 
 @pytest.mark.parametrize(

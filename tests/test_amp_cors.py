@@ -321,10 +321,19 @@ def _full_app_builds() -> bool:
 
 @pytest.mark.skipif(not _full_app_builds(), reason="the AMP handlers do not import yet")
 async def test_the_preflight_of_the_served_service(
-    aiohttp_client: Callable[..., Awaitable[AppClient]], settings: Settings
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
 ) -> None:
-    """The preflight through the service itself: its routes, middleware and HTTP front."""
-    client = await aiohttp_client(FrontTestServer(create_app(settings)))
+    """The preflight through the service itself: its routes, middleware and HTTP front (with
+    the action configured: an unknown one's preflight is its POST's 404)."""
+    action = {
+        "webhook": "https://backend.example.com/hooks/cart",
+        "secret": "webhook-secret-0123456789abcdef-xyz",
+        "done_url": f"{PUBLISHERS[0]}/cart",
+    }
+    table = {**AMP_TABLE, "actions": {"add-to-cart": action}}
+    client = await aiohttp_client(
+        FrontTestServer(create_app(make_settings(None, amp=json.dumps(table))))
+    )
     for path in ("/v1/amp/collect", "/v1/amp/actions/add-to-cart"):
         allowed = await client.options(
             path, headers={"Origin": CACHE_ORIGINS[0], "Access-Control-Request-Method": "POST"}

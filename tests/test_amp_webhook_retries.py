@@ -48,7 +48,7 @@ from tests.test_amp_actions import (
     set_cookie_value,
 )
 from tests.test_cli import COMMAND, clean_env
-from tests.webhook_receiver import WEBHOOK_SECRET, WebhookReceiver
+from tests.webhook_receiver import WEBHOOK_SECRET, Reply, WebhookReceiver
 
 DESTINATION = "amp-action-add-to-cart"
 FAST_DELIVERY = {
@@ -134,7 +134,7 @@ async def fail_with_redis_stopping(
     receiver: WebhookReceiver,
     redis: RedisServer,
     complete: str,
-    replies: tuple[int, ...] = (500, 500, 500),
+    replies: tuple[Reply, ...] = (500, 500, 500),
 ) -> aiohttp.ClientResponse:
     """Land on ``complete`` while the webhook answers ``replies`` (by default 500 to every
     attempt: its failure cannot be queued) and Redis stops at the first call."""
@@ -293,6 +293,34 @@ async def test_a_hop_whose_webhook_fails_in_a_store_outage_can_be_retried_and_ap
     assert (replay.status, replay.headers["Location"]) == (303, DONE_URL)
     await asyncio.sleep(0.3)
     assert len(receiver.calls) == calls and receiver.applications == 1
+
+
+async def test_a_reload_after_a_failed_landing_sets_the_id_the_webhook_applied(
+    outage_client: RetryClient, receiver: WebhookReceiver, durable_redis: RedisServer
+) -> None:
+    """The webhook applied the action but its answer came too late, its retries failed, and
+    Redis went down before the failure could be queued: 503, no cookie. The reload, still
+    without a cookie, was given a new id, while the webhook (deduplicating on the hop's id)
+    kept the first: the browser's cookie and the applied action named two visitors. Every
+    landing of one hop now offers the id sealed in it at submit."""
+    client = await outage_client()
+    complete = await hop(client)
+    failed = await fail_with_redis_stopping(
+        client, receiver, durable_redis, complete, replies=("late", 500, 500)
+    )
+    assert failed.status == 503, await failed.text()
+    assert "Set-Cookie" not in failed.headers
+    [applied] = receiver.applied.values()
+
+    durable_redis.start()
+    landing = await client.get(complete, allow_redirects=False)
+    assert landing.status == 303, await landing.text()
+    assert set_cookie_value(landing) == applied["anonymousId"]
+    assert len(receiver.calls) == 4
+    assert {(call["id"], call["anonymousId"]) for call in receiver.calls} == {
+        (applied["id"], applied["anonymousId"])
+    }
+    assert receiver.applications == 1
 
 
 async def test_a_hop_applied_as_the_store_goes_down_lands_and_is_not_applied_twice(

@@ -306,6 +306,7 @@ async def test_real_amp_answers_match_the_document(
     for template, path in ((collect, collect), (submit, to_cart)):
         await call("options", template, path, headers={**from_cache, **preflight})
         await call("options", template, path, headers={**evil, **preflight})
+    await call("options", submit, unknown, headers={**from_cache, **preflight})
 
     await call("get", collect, headers=same_origin, params={"url": f"{PUBLISHER}/a"})
     await call("get", collect, headers={**from_cache, **cookie}, params={"ampId": "amp-c-2"})

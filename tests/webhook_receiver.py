@@ -2,10 +2,12 @@
 
 It checks each call's ``Identity-Signature`` the way docs/amp.md tells a publisher to (HMAC-
 SHA256 over ``"<t>.<body>"``, a constant-time compare, ``t`` within five minutes), answers
-what the test scripted (statuses in order, or ``"hang"`` past the service's timeout), and
+what the test scripted (statuses in order, ``"hang"`` past the service's timeout, or
+``"late"``: applied, then answered past the timeout, a backend whose answer is lost), and
 applies each action once per ``id``, counting every call and application. ``on_call``, when
 set, runs at each signed call before it is answered (a test takes Redis down there: an
-outage that starts while the service waits for the webhook).
+outage that starts while the service waits for the webhook); ``barrier``, when set, holds
+each call until as many have arrived (calls that are in flight at the same moment).
 """
 
 import asyncio
@@ -23,7 +25,7 @@ from identity_service.amp.webhooks import SIGNATURE_HEADER
 TOLERANCE_SECONDS = 300
 HANG_SECONDS = 30.0
 
-Reply = int | str  # a status, or "hang"
+Reply = int | str  # a status, "hang" or "late"
 
 # The secret the tests configure for their actions, and the receiver checks with.
 WEBHOOK_SECRET = "add-to-cart-webhook-secret-7c1d9e"
@@ -51,6 +53,7 @@ class WebhookReceiver:
         self.applied: dict[str, dict[str, Any]] = {}  # by id: what was applied
         self.bad_signatures = 0
         self.on_call: Callable[[], None] | None = None
+        self.barrier: asyncio.Barrier | None = None
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -89,8 +92,12 @@ class WebhookReceiver:
         self.calls.append(document)
         if self.on_call is not None:
             self.on_call()
+        if self.barrier is not None:
+            await self.barrier.wait()
         reply = self.replies.pop(0) if self.replies else 200
-        if reply == "hang":
+        if reply in ("hang", "late"):
+            if reply == "late":
+                self.applied.setdefault(document["id"], document)
             await asyncio.sleep(HANG_SECONDS)
             return web.Response(status=504)
         assert isinstance(reply, int)

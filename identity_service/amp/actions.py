@@ -12,10 +12,15 @@ AMP Camp's add-to-cart hop, made safe (docs/amp.md walks through it):
   configured ``public_url``: built from configuration and the token only, never from the
   request, and carrying no field.
 - ``handle_complete`` is that top-level navigation on the publisher's origin: it reads the
-  visitor cookie or sets a new one, reads the token's record, applies the action, uses the
-  token up, records the link of the form's AMP clientId to the visitor, and answers 303 to
-  the action's ``done_url``. A replayed, expired, unknown or foreign token lands there with nothing
-  applied. Only that 303 sets the new cookie: an error answer (429, 502, 503) sets none.
+  visitor cookie, reads the token's record, applies the action, uses the token up, records
+  the link of the form's AMP clientId to the visitor, and answers 303 to the action's
+  ``done_url``. A replayed, expired, unknown or foreign token lands there with nothing
+  applied. Without a cookie, the id set is the hop's own, generated at submit and sealed
+  in its record: every landing of one hop (a reload after a failed one, two at once) gives
+  the webhook, and sets, the same id, as it sends the same call ``id``. Only that 303 sets
+  the cookie: an error answer (429, 502, 503) sets none.
+- ``handle_preflight`` is an action's ``OPTIONS``: as its POST, the origin first (403),
+  then the name (``404 unknown-action``), so no preflight says an unknown action exists.
 - The token is a bearer token minted by an unauthenticated POST (its ``Origin`` is only
   enforced by browsers: curl sends any). So ``handle_complete`` acts only on a top-level
   navigation: when the browser says what the request is for (``Sec-Fetch-Dest``), it
@@ -50,8 +55,11 @@ A hop's token is used up only once its call is settled: applied, refused, or que
 token deleted and the call queued in one atomic write, ``HandoffStore.take_and_emit``).
 Used up first, a store outage between the webhook's failure and the queueing lost the
 action, with a 503 and nothing for the visitor to retry. Now that 503 (or a 502 with the
-outbox off) leaves the token, and a reload calls again with the same ``id``. Two landings
-of one URL at the same moment may both call the webhook, with that one ``id``.
+outbox off) leaves the token, and a reload calls again with the same ``id`` (and, without a
+cookie, the same visitor id). Two landings of one URL at the same moment may both call the
+webhook, with that one ``id`` and visitor: the webhook deduplicates on ``id``, as it must
+for a retry after a timeout. An in-flight claim of the hop would keep a reload within the
+claim's life, after a landing that failed with the store, from calling again (docs/amp.md).
 """
 
 import secrets
@@ -139,12 +147,12 @@ async def handle_complete(request: web.Request) -> web.StreamResponse:
         if _is_navigation(request):
             visitor, address = _visitor_and_address(ctx, request)
             await limits.check_limits(ctx, address, None)
-            if visitor is None:
-                visitor = cookies.new_visitor_id()
-                # In the landing's headers alone: a failed answer sets nothing in the browser.
-                headers["Set-Cookie"] = cookies.set_cookie(visitor, ctx.amp.cookie)
             token = Token.parse(request.query.get("token", ""))
             hop = None if token is None else await _read(ctx, action, token)
+            if visitor is None:
+                visitor = _hop_visitor(hop)
+                # In the landing's headers alone: a failed answer sets nothing in the browser.
+                headers["Set-Cookie"] = cookies.set_cookie(visitor, ctx.amp.cookie)
             if hop is not None:
                 await _complete(ctx, action, visitor, *hop)
             else:
@@ -159,6 +167,20 @@ async def handle_complete(request: web.Request) -> web.StreamResponse:
         response = _problem(ctx, exc, request)
         response.headers.update(cors.cors_headers(None))
         return response
+
+
+async def handle_preflight(request: web.Request) -> web.Response:
+    """``OPTIONS`` of an action: the origin checked first (403), as by its POST; then an
+    unknown name is the POST's ``404 unknown-action``, not a 204 for an action that is not."""
+    ctx = request.app[AMP]
+    origin = cors.preflight_origin(request)
+    try:
+        _action(ctx, request)
+    except UnknownAction as exc:
+        response = _problem(ctx, exc, request)
+        response.headers.update(cors.cors_headers(origin))
+        return response
+    return cors.allowed_preflight(request, origin)
 
 
 def _is_navigation(request: web.Request) -> bool:
@@ -215,6 +237,10 @@ async def _start_hop(
         "fields": fields,
         "clientId": client_id,
         "link": may_link,  # False: consent insufficient
+        # The id every landing without a cookie offers (_hop_visitor): one per hop, as its
+        # webhook call's id is, so a reload after a failed landing names the visitor the
+        # webhook may already have applied the action to.
+        "visitor": cookies.new_visitor_id(),
         "preparedAt": time.time(),
     }
     token = Token.generate()
@@ -248,6 +274,13 @@ async def _read(
         await ctx.store.take(lookup_id, None)
         return None
     return lookup_id, record
+
+
+def _hop_visitor(hop: tuple[bytes, dict[str, Any]] | None) -> str:
+    """The visitor id a landing without a cookie sets: the hop's own, or a new one when there
+    is no hop (or its record, sealed before hops had one, has none)."""
+    visitor = None if hop is None else hop[1].get("visitor")
+    return visitor if isinstance(visitor, str) else cookies.new_visitor_id()
 
 
 async def _complete(

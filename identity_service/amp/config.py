@@ -29,8 +29,10 @@ from yarl import URL
 from identity_service import constants as c
 from identity_service.amp.caches import DEFAULT_CACHES, cache_origins
 from identity_service.urls import (
+    DNS_PROBLEM,
     UrlError,
     WebUrl,
+    fits_dns,
     is_localhost,
     is_loopback_host,
     parse_origin,
@@ -430,6 +432,10 @@ class _AmpReader:
             return None
         if parts.username is not None or parts.password is not None:
             self.problem(key, "must not carry user information")
+            return None
+        if not fits_dns(parts.hostname):
+            # Every call would fail: aiohttp's IDNA encoding raises before any connection.
+            self.problem(key, f"must name a host of {DNS_PROBLEM}")
             return None
         if parts.scheme == "http" and not is_loopback_host(parts.hostname):
             self.problem(

@@ -1,7 +1,8 @@
 """AMP CORS: who may call the ``/v1/amp/`` endpoints, and the headers of the answer.
 
 Every AMP endpoint calls :func:`check` before it changes anything, and the ``OPTIONS``
-route is :func:`preflight`. A request is allowed when:
+routes are :func:`preflight` (an action's checks its name too: actions.handle_preflight).
+A request is allowed when:
 
 - its ``Origin`` is, exactly, one of ``AmpSettings.allowed_origins``: a publisher origin or
   the cache form of one for a configured cache, derived from configuration at start and
@@ -97,20 +98,31 @@ def check(request: web.Request) -> str | None:
 
 
 async def preflight(request: web.Request) -> web.Response:
-    """``OPTIONS`` of collect and an action: 204 with CORS headers for an allowed Origin, else 403.
+    """``OPTIONS`` of collect: 204 with CORS headers for an allowed Origin, else 403 (an
+    action's, actions.handle_preflight, checks its name in between)."""
+    return allowed_preflight(request, preflight_origin(request))
+
+
+def preflight_origin(request: web.Request) -> str:
+    """The ``Origin`` of a preflight, when allowed; raise AmpOriginNotAllowed (counted) else."""
+    origins = request.headers.getall("Origin", [])
+    if len(origins) != 1:  # a preflight always has one Origin; same-origin requests have none
+        request.app[app_keys.METRICS].inc(REFUSALS_METRIC, reason="origin")
+        raise AmpOriginNotAllowed("a preflight must come from an allowed Origin")
+    check(request)  # raises unless that one Origin is allowed
+    return origins[0]
+
+
+def allowed_preflight(request: web.Request, origin: str) -> web.Response:
+    """The 204 of a preflight from ``origin`` (allowed by :func:`preflight_origin`).
 
     The allowed methods are GET and POST; of the requested headers only those in
     :data:`ALLOWED_REQUEST_HEADERS` are allowed back, so a browser makes no request that
     asks for any other (``AMP-Same-Origin`` included).
     """
-    origin = request.headers.getall("Origin", [])
-    if len(origin) != 1:  # a preflight always has one Origin; same-origin requests have none
-        request.app[app_keys.METRICS].inc(REFUSALS_METRIC, reason="origin")
-        raise AmpOriginNotAllowed("a preflight must come from an allowed Origin")
-    allowed = check(request)
     requested = request.headers.get("Access-Control-Request-Headers", "")
     headers = {
-        **cors_headers(allowed),
+        **cors_headers(origin),
         "Access-Control-Allow-Methods": ", ".join(ALLOWED_METHODS),
         "Access-Control-Max-Age": str(PREFLIGHT_MAX_AGE),
         "Vary": "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",

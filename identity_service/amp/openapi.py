@@ -108,7 +108,8 @@ def amp_paths(amp: AmpSettings) -> dict[str, Any]:
         },
         "/v1/amp/actions/{name}": {
             "parameters": [action],
-            "options": _preflight("actions"),
+            # An unknown name's preflight is its POST's 404.
+            "options": _preflight("actions", {"404": _UNKNOWN_ACTION}),
             "post": {
                 "operationId": "ampSubmitAction",
                 "summary": "An amp-form action-xhr submission",
@@ -152,7 +153,7 @@ def amp_paths(amp: AmpSettings) -> dict[str, Any]:
                         "name twice; or malformed-json",
                         _ALLOWED,
                     ),
-                    "404": _problem("unknown-action: no action of that name", _ALLOWED),
+                    "404": _UNKNOWN_ACTION,
                     "413": _problem(
                         "payload-too-large: the form over max_form_bytes or max_form_fields",
                         _ALLOWED,
@@ -357,7 +358,8 @@ def _cookie_parameter(amp: AmpSettings) -> dict[str, Any]:
     }
 
 
-def _preflight(endpoint: str) -> dict[str, Any]:
+def _preflight(endpoint: str, refusals: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The preflight of ``endpoint``; ``refusals``: its answers beyond the origin's 403."""
     return {
         "operationId": f"ampPreflight{endpoint.title()}",
         "summary": "CORS preflight, answered for the allowed origins only",
@@ -380,6 +382,7 @@ def _preflight(endpoint: str) -> dict[str, Any]:
         "responses": {
             "204": _answer("Allowed", _PREFLIGHT_HEADERS),
             "403": _problem(_ORIGIN_REFUSED),
+            **(refusals or {}),
         },
     }
 
@@ -411,6 +414,8 @@ _ORIGIN_REFUSED = (
     "cache origins, neither Origin nor AMP-Same-Origin: true (but collect's image pixel), "
     "or an __amp_source_origin that is no publisher origin or repeats"
 )
+# An unknown name's answer to a POST or a preflight from an allowed Origin.
+_UNKNOWN_ACTION = _problem("unknown-action: no action of that name", _ALLOWED)
 _RATE_LIMITED = "rate-limited: too many requests from the client address or AMP clientId"
 _STORE_DOWN = "service-unavailable: the store is down or too slow"
 

@@ -20,7 +20,7 @@ def add_routes(app: web.Application) -> None:
     # top-level navigation and has none. No HEAD: a HEAD of collect would record a hit, and
     # one of complete would apply an action, with no answer for anyone to read.
     app.router.add_route("OPTIONS", "/v1/amp/collect", cors.preflight)
-    app.router.add_route("OPTIONS", "/v1/amp/actions/{name}", cors.preflight)
+    app.router.add_route("OPTIONS", "/v1/amp/actions/{name}", actions.handle_preflight)
     app.router.add_get("/v1/amp/collect", collect.handle_collect, allow_head=False)
     app.router.add_post("/v1/amp/collect", collect.handle_collect)
     app.router.add_post("/v1/amp/actions/{name}", actions.handle_submit)
