@@ -473,6 +473,10 @@ class FrontProtocol(asyncio.Protocol):
                 # llhttp frames the body by its chunks and never reads the codings before
                 # them: the body would be taken for what it is not.
                 raise TransferCodingNotImplemented("the only transfer coding served is chunked")
+            if request.http10:
+                # RFC 9112, 6.1: HTTP/1.0 has no chunks, so its framing is not to be trusted
+                # (an HTTP/1.0 hop would not have framed it so): served, then closed.
+                request.keep_alive = False
         if _HOST not in fields and not request.http10:
             raise MalformedRequest("an HTTP/1.1 request must carry a Host header")
         request.encoding = fields.get(b"content-encoding", b"").strip().lower()
