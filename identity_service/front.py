@@ -528,6 +528,12 @@ class FrontProtocol(asyncio.Protocol):
         """
         return not self.idle or bool(self._queue) or (self._in_message and not self._in_head)
 
+    @property
+    def _last_answer(self) -> bool:
+        """The answer being made is the connection's last: it is closing (the client
+        half-closed, or the server stops) and no request read before waits behind it."""
+        return self._closing and not self._queue
+
     def close_when_idle(self) -> None:
         self._closing = True
         if not self.busy:
@@ -659,7 +665,7 @@ class FrontProtocol(asyncio.Protocol):
             extra = problem.headers()
             if request.collect:
                 extra["Vary"] = "Origin"  # as every answer of collect's
-        keep_alive = request.keep_alive and not self._closing
+        keep_alive = request.keep_alive and not self._last_answer
         if not keep_alive:
             extra["Connection"] = "close"
         elif request.http10:
@@ -704,7 +710,7 @@ class FrontProtocol(asyncio.Protocol):
                 self._bridge.pause_writing()
         server = self._server
         writer = StreamWriter(self._bridge, self._loop)
-        message = _raw_message(request, closing=self._closing)
+        message = _raw_message(request, closing=self._last_answer)
         payload: StreamReader = EMPTY_PAYLOAD
         if request.body:
             payload = StreamReader(self._bridge, 2 * server.read_limit, loop=self._loop)
@@ -717,7 +723,7 @@ class FrontProtocol(asyncio.Protocol):
         )
         try:
             response = await self._app_response(request, web_request)
-            if self._closing:
+            if self._last_answer:
                 response.force_close()
             await response.prepare(web_request)
             await response.write_eof()
@@ -762,7 +768,7 @@ class FrontProtocol(asyncio.Protocol):
             return
         if answer is not None:
             transport.write(answer)  # may call pause_writing
-        if not keep_alive or (self._closing and not self._queue):
+        if not keep_alive or self._last_answer:
             self._end()
             return
         self._next()

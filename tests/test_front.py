@@ -304,3 +304,21 @@ async def test_a_key_of_bytes_that_are_not_ascii_gets_401(front: AppClient, chun
     assert status == 401
     assert headers["content-type"] == "application/problem+json"
     assert orjson.loads(answer)["type"].endswith(":unauthorized")
+
+
+@pytest.mark.parametrize("served_by", ["front", "application"])
+async def test_requests_sent_before_a_half_close_are_all_answered(
+    front: AppClient, served_by: str
+) -> None:
+    """Found in review: only the first of pipelined requests followed by the client's FIN
+    was answered, the others dropped without a word."""
+    one = request() if served_by == "front" else request("/healthz", b"", method="GET")
+    reader, writer = await open_socket(front)
+    writer.write(one * 3)
+    writer.write_eof()
+    answers = [await read_response(reader) for _ in range(3)]
+    assert [status for status, _, _ in answers] == [201 if served_by == "front" else 200] * 3
+    # The last answer says the connection closes, and it does.
+    assert [headers.get("connection") for _, headers, _ in answers][-1] == "close"
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
