@@ -465,9 +465,11 @@ class FrontProtocol(asyncio.Protocol):
                     f"the body must be at most {self._server.max_body_bytes} bytes"
                 )
             elif name == b"transfer-encoding":
-                codings += value.lower().split(b",")  # repeated fields make one list
+                # Repeated fields make one list, whose empty elements are none (RFC 9110,
+                # 5.6.1; llhttp reads them so).
+                codings += filter(None, (coding.strip() for coding in value.lower().split(b",")))
         if codings:
-            if codings[-1].strip() != b"chunked":  # RFC 9112, 6.3: no length to read
+            if codings[-1] != b"chunked":  # RFC 9112, 6.3: no length to read
                 raise MalformedRequest("a request's last transfer coding must be chunked")
             if len(codings) > 1:
                 # llhttp frames the body by its chunks and never reads the codings before

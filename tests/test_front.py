@@ -322,3 +322,21 @@ async def test_requests_sent_before_a_half_close_are_all_answered(
     assert [headers.get("connection") for _, headers, _ in answers][-1] == "close"
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [["Transfer-Encoding: , chunked"], ["Transfer-Encoding: ,", "Transfer-Encoding: chunked"]],
+    ids=["one-field", "two-fields"],
+)
+async def test_empty_elements_of_the_transfer_coding_list_are_no_codings(
+    front: AppClient, fields: list[str]
+) -> None:
+    """RFC 9110, 5.6.1: empty list elements are ignored, and llhttp frames such a body by
+    its chunks. Found in review: the front took them for a coding before chunked (501)."""
+    chunked = f"{len(PREPARE_BODY):x}\r\n".encode() + PREPARE_BODY + b"\r\n0\r\n\r\n"
+    reader, writer = await open_socket(front)
+    writer.write(request("/v1/handoffs", chunked, *fields) + request())
+    answers = [await read_response(reader) for _ in range(2)]
+    writer.close()
+    assert [status for status, _, _ in answers] == [201, 201]
