@@ -450,7 +450,7 @@ class FrontProtocol(asyncio.Protocol):
         path = request.target.partition(b"?")[0]
         request.path = path.decode("utf-8", "surrogateescape")  # known to a refusal too
         fields = request.fields
-        expect: bytes | None = None
+        expectations: list[bytes] = []
         codings: list[bytes] = []
         for raw_name, value in request.raw_headers:
             name = raw_name.lower()
@@ -459,15 +459,13 @@ class FrontProtocol(asyncio.Protocol):
                     raise MalformedRequest(f"the {name.decode()} header must appear once")
                 fields[name] = value
             elif name == b"expect":
-                expect = value.lower()
+                expectations += _list_elements(value)
             elif name == b"content-length" and int(value) > self._server.max_body_bytes:
                 raise PayloadTooLarge(
                     f"the body must be at most {self._server.max_body_bytes} bytes"
                 )
             elif name == b"transfer-encoding":
-                # Repeated fields make one list, whose empty elements are none (RFC 9110,
-                # 5.6.1; llhttp reads them so).
-                codings += filter(None, (coding.strip() for coding in value.lower().split(b",")))
+                codings += _list_elements(value)
         if codings:
             if codings[-1] != b"chunked":  # RFC 9112, 6.3: no length to read
                 raise MalformedRequest("a request's last transfer coding must be chunked")
@@ -488,8 +486,8 @@ class FrontProtocol(asyncio.Protocol):
             request.collect = request.method in _COLLECT_METHODS
         if request.endpoint is None and not request.collect:
             request.url = _target_url(request.target)
-        if expect is not None:
-            if expect != b"100-continue":
+        if expectations:
+            if any(expectation != b"100-continue" for expectation in expectations):
                 raise ExpectationFailed("the only expectation served is 100-continue")
             # HTTP/1.0 clients do not wait for it (RFC 9110, 10.1.1).
             request.expect_continue = not request.http10
@@ -812,6 +810,12 @@ def decoded(body: bytes, coding: bytes, limit: int) -> bytes:
     if not decoder.eof or decoder.unused_data:
         raise MalformedRequest(f"the body is not one complete {coding.decode()} stream")
     return plain
+
+
+def _list_elements(value: bytes) -> list[bytes]:
+    """The elements of a list field's value, lower-cased: repeated fields make one list, and
+    empty elements are none (RFC 9110, 5.6.1; llhttp reads Transfer-Encoding so)."""
+    return [element for element in (e.strip() for e in value.lower().split(b",")) if element]
 
 
 def _declares_a_body(request: Request) -> bool:

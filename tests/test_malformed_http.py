@@ -115,6 +115,11 @@ CASES = {
         413,
     ),
     "unknown-expectation": (START + AUTH + LENGTH + b"Expect: " + MARK + b"\r\n\r\n", 417),
+    # Found in review: a second Expect field hid the first (the last one was read alone).
+    "unknown-expectation-before-100-continue": (
+        START + AUTH + LENGTH + b"Expect: " + MARK + b"\r\nExpect: 100-continue\r\n\r\n" + BODY,
+        417,
+    ),
     # Found in review: each of these was served before its fix.
     "transfer-coding-before-chunked": (
         START + AUTH + b"Transfer-Encoding: gzip, chunked\r\n\r\n" + chunked(BODY),
