@@ -850,6 +850,9 @@ def _raw_message(request: Request, closing: bool) -> RawRequestMessage:
         (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         for name, value in request.raw_headers
     )
+    # The front has met the expectation (or refused it): the router would send another
+    # 100 Continue, after the whole body.
+    headers.popall("Expect", None)
     return RawRequestMessage(
         method=request.method,
         path=url.raw_path_qs,

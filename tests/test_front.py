@@ -340,3 +340,21 @@ async def test_empty_elements_of_the_transfer_coding_list_are_no_codings(
     answers = [await read_response(reader) for _ in range(2)]
     writer.close()
     assert [status for status, _, _ in answers] == [201, 201]
+
+
+async def test_a_request_served_by_the_application_gets_one_100_continue(
+    front: AppClient,
+) -> None:
+    """The front meets the expectation; found in review: aiohttp's router sent a second
+    100 Continue once the whole body had arrived."""
+    reader, writer = await open_socket(front)
+    writer.write(
+        b"GET /healthz HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+    )
+    assert (
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    )
+    writer.write(b"{}")
+    status, _, body = await read_response(reader)
+    writer.close()
+    assert status == 200 and orjson.loads(body) == {"status": "ok"}
