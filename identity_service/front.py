@@ -509,6 +509,8 @@ class FrontProtocol(asyncio.Protocol):
         self._queued_bytes += len(request.body)
         self._queue.append(request)
         self.deadline = _NEVER
+        if self._closing:
+            self._read_no_more()  # the request that was arriving when the server began to stop
 
     def _send_continue(self) -> None:
         """Send the 100 Continue the request in progress is owed, once nothing is before it."""
@@ -535,9 +537,16 @@ class FrontProtocol(asyncio.Protocol):
         return self._closing and not self._queue
 
     def close_when_idle(self) -> None:
+        """Answer the requests read (and one still arriving), read no more, then close."""
         self._closing = True
+        if not self._in_message:
+            self._read_no_more()
         if not self.busy:
             self._end()
+
+    def _read_no_more(self) -> None:
+        self._refused = True
+        self._pause_reading()
 
     def abort(self) -> None:
         """Drop the connection now, with whatever it has not sent."""

@@ -358,3 +358,26 @@ async def test_a_request_served_by_the_application_gets_one_100_continue(
     status, _, body = await read_response(reader)
     writer.close()
     assert status == 200 and orjson.loads(body) == {"status": "ok"}
+
+
+async def test_a_stopping_server_answers_what_it_read_and_reads_no_more(
+    front: AppClient,
+) -> None:
+    """At a graceful stop, the requests a connection had read are answered, the last with
+    Connection: close, and nothing more is read: a client sending far ahead cannot keep the
+    connection past the stop."""
+    reader, writer = await open_socket(front)
+    writer.write(request() * 3000)  # ~1 MB: far more than the front reads ahead of its answers
+    front_connections = front.server.runner.server.front_connections  # type: ignore[union-attr]
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if front_connections and next(iter(front_connections))._read_paused:
+            break
+    (connection,) = front_connections
+    connection.close_when_idle()
+    answers = []
+    while not answers or answers[-1][1].get("connection") != "close":
+        answers.append(await read_response(reader))
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    assert {status for status, _, _ in answers} == {201} and len(answers) < 3000
