@@ -479,7 +479,10 @@ class FrontProtocol(asyncio.Protocol):
                 request.keep_alive = False
         if _HOST not in fields and not request.http10:
             raise MalformedRequest("an HTTP/1.1 request must carry a Host header")
-        request.encoding = fields.get(b"content-encoding", b"").strip().lower()
+        coding = fields.get(b"content-encoding")
+        if coding is not None:
+            # A list too; identity is no coding (RFC 9110, 8.4.1). Two codings are refused.
+            request.encoding = b",".join(c for c in _list_elements(coding) if c != b"identity")
         if request.method == "POST" and self._server.api is not None:
             request.endpoint = _ENDPOINTS.get(path)
         if path == _COLLECT_PATH and self._server.collect is not None:
@@ -623,8 +626,7 @@ class FrontProtocol(asyncio.Protocol):
         it cannot be, the request is refused as one that breaks the front's rules, and
         False returned."""
         try:
-            if request.encoding != b"identity":
-                request.body = decoded(request.body, request.encoding, self._server.max_body_bytes)
+            request.body = decoded(request.body, request.encoding, self._server.max_body_bytes)
             request.encoding = b""
         except Problem as problem:
             self.idle = True

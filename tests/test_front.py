@@ -206,7 +206,16 @@ async def test_a_client_that_does_not_read_is_not_answered_ahead(front: AppClien
 
 @pytest.mark.parametrize(
     ("coding", "compress"),
-    [("gzip", gzip.compress), ("deflate", zlib.compress), ("x-gzip", gzip.compress)],
+    [
+        ("gzip", gzip.compress),
+        ("deflate", zlib.compress),
+        ("x-gzip", gzip.compress),
+        # Found in review: a list's empty elements, or identity, made these 415.
+        ("gzip,", gzip.compress),
+        (", deflate", zlib.compress),
+        ("identity, gzip", gzip.compress),
+        ("identity,", lambda body: body),
+    ],
 )
 async def test_coded_bodies_are_decoded(
     front: AppClient, coding: str, compress: Callable[[bytes], bytes]
