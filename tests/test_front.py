@@ -384,7 +384,7 @@ async def test_a_stopping_server_answers_what_it_read_and_reads_no_more(
             break
     (connection,) = front_connections
     connection.close_when_idle()
-    answers = []
+    answers: list[tuple[int, dict[str, str], bytes]] = []
     while not answers or answers[-1][1].get("connection") != "close":
         answers.append(await read_response(reader))
     assert await asyncio.wait_for(reader.read(), 5) == b""
