@@ -450,7 +450,7 @@ class FrontProtocol(asyncio.Protocol):
         path = request.target.partition(b"?")[0]
         request.path = path.decode("utf-8", "surrogateescape")  # known to a refusal too
         fields = request.fields
-        expect: bytes | None = None
+        expectations: list[bytes] = []
         codings: list[bytes] = []
         for raw_name, value in request.raw_headers:
             name = raw_name.lower()
@@ -459,31 +459,38 @@ class FrontProtocol(asyncio.Protocol):
                     raise MalformedRequest(f"the {name.decode()} header must appear once")
                 fields[name] = value
             elif name == b"expect":
-                expect = value.lower()
+                expectations += _list_elements(value)
             elif name == b"content-length" and int(value) > self._server.max_body_bytes:
                 raise PayloadTooLarge(
                     f"the body must be at most {self._server.max_body_bytes} bytes"
                 )
             elif name == b"transfer-encoding":
-                codings += value.lower().split(b",")  # repeated fields make one list
+                codings += _list_elements(value)
         if codings:
-            if codings[-1].strip() != b"chunked":  # RFC 9112, 6.3: no length to read
+            if codings[-1] != b"chunked":  # RFC 9112, 6.3: no length to read
                 raise MalformedRequest("a request's last transfer coding must be chunked")
             if len(codings) > 1:
                 # llhttp frames the body by its chunks and never reads the codings before
                 # them: the body would be taken for what it is not.
                 raise TransferCodingNotImplemented("the only transfer coding served is chunked")
+            if request.http10:
+                # RFC 9112, 6.1: HTTP/1.0 has no chunks, so its framing is not to be trusted
+                # (an HTTP/1.0 hop would not have framed it so): served, then closed.
+                request.keep_alive = False
         if _HOST not in fields and not request.http10:
             raise MalformedRequest("an HTTP/1.1 request must carry a Host header")
-        request.encoding = fields.get(b"content-encoding", b"").strip().lower()
+        coding = fields.get(b"content-encoding")
+        if coding is not None:
+            # A list too; identity is no coding (RFC 9110, 8.4.1). Two codings are refused.
+            request.encoding = b",".join(c for c in _list_elements(coding) if c != b"identity")
         if request.method == "POST" and self._server.api is not None:
             request.endpoint = _ENDPOINTS.get(path)
         if path == _COLLECT_PATH and self._server.collect is not None:
             request.collect = request.method in _COLLECT_METHODS
         if request.endpoint is None and not request.collect:
             request.url = _target_url(request.target)
-        if expect is not None:
-            if expect != b"100-continue":
+        if expectations:
+            if any(expectation != b"100-continue" for expectation in expectations):
                 raise ExpectationFailed("the only expectation served is 100-continue")
             # HTTP/1.0 clients do not wait for it (RFC 9110, 10.1.1).
             request.expect_continue = not request.http10
@@ -505,6 +512,8 @@ class FrontProtocol(asyncio.Protocol):
         self._queued_bytes += len(request.body)
         self._queue.append(request)
         self.deadline = _NEVER
+        if self._closing:
+            self._read_no_more()  # the request that was arriving when the server began to stop
 
     def _send_continue(self) -> None:
         """Send the 100 Continue the request in progress is owed, once nothing is before it."""
@@ -524,10 +533,23 @@ class FrontProtocol(asyncio.Protocol):
         """
         return not self.idle or bool(self._queue) or (self._in_message and not self._in_head)
 
+    @property
+    def _last_answer(self) -> bool:
+        """The answer being made is the connection's last: it is closing (the client
+        half-closed, or the server stops) and no request read before waits behind it."""
+        return self._closing and not self._queue
+
     def close_when_idle(self) -> None:
+        """Answer the requests read (and one still arriving), read no more, then close."""
         self._closing = True
+        if not self._in_message:
+            self._read_no_more()
         if not self.busy:
             self._end()
+
+    def _read_no_more(self) -> None:
+        self._refused = True
+        self._pause_reading()
 
     def abort(self) -> None:
         """Drop the connection now, with whatever it has not sent."""
@@ -604,8 +626,7 @@ class FrontProtocol(asyncio.Protocol):
         it cannot be, the request is refused as one that breaks the front's rules, and
         False returned."""
         try:
-            if request.encoding != b"identity":
-                request.body = decoded(request.body, request.encoding, self._server.max_body_bytes)
+            request.body = decoded(request.body, request.encoding, self._server.max_body_bytes)
             request.encoding = b""
         except Problem as problem:
             self.idle = True
@@ -655,7 +676,7 @@ class FrontProtocol(asyncio.Protocol):
             extra = problem.headers()
             if request.collect:
                 extra["Vary"] = "Origin"  # as every answer of collect's
-        keep_alive = request.keep_alive and not self._closing
+        keep_alive = request.keep_alive and not self._last_answer
         if not keep_alive:
             extra["Connection"] = "close"
         elif request.http10:
@@ -700,7 +721,7 @@ class FrontProtocol(asyncio.Protocol):
                 self._bridge.pause_writing()
         server = self._server
         writer = StreamWriter(self._bridge, self._loop)
-        message = _raw_message(request, closing=self._closing)
+        message = _raw_message(request, closing=self._last_answer)
         payload: StreamReader = EMPTY_PAYLOAD
         if request.body:
             payload = StreamReader(self._bridge, 2 * server.read_limit, loop=self._loop)
@@ -713,7 +734,7 @@ class FrontProtocol(asyncio.Protocol):
         )
         try:
             response = await self._app_response(request, web_request)
-            if self._closing:
+            if self._last_answer:
                 response.force_close()
             await response.prepare(web_request)
             await response.write_eof()
@@ -758,7 +779,7 @@ class FrontProtocol(asyncio.Protocol):
             return
         if answer is not None:
             transport.write(answer)  # may call pause_writing
-        if not keep_alive or (self._closing and not self._queue):
+        if not keep_alive or self._last_answer:
             self._end()
             return
         self._next()
@@ -802,6 +823,12 @@ def decoded(body: bytes, coding: bytes, limit: int) -> bytes:
     return plain
 
 
+def _list_elements(value: bytes) -> list[bytes]:
+    """The elements of a list field's value, lower-cased: repeated fields make one list, and
+    empty elements are none (RFC 9110, 5.6.1; llhttp reads Transfer-Encoding so)."""
+    return [element for element in (e.strip() for e in value.lower().split(b",")) if element]
+
+
 def _declares_a_body(request: Request) -> bool:
     for raw_name, value in request.raw_headers:
         name = raw_name.lower()
@@ -834,6 +861,9 @@ def _raw_message(request: Request, closing: bool) -> RawRequestMessage:
         (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         for name, value in request.raw_headers
     )
+    # The front has met the expectation (or refused it): the router would send another
+    # 100 Continue, after the whole body.
+    headers.popall("Expect", None)
     return RawRequestMessage(
         method=request.method,
         path=url.raw_path_qs,

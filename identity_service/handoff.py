@@ -122,9 +122,10 @@ class HandoffService:
         if not source.may_use(record["origin"]):
             self._count_miss(source, "audience")
             logger.warning("handoff_audience_mismatch", origin=record["origin"])
+            # The origin is not named: it is the handoff's, for the sources allowed it.
             raise AudienceMismatch(
-                f"the handoff was prepared for {record['origin']}, which source "
-                f"{source.name!r} may not receive; the token is now used up"
+                f"the handoff was prepared for an origin that source {source.name!r} may not "
+                "receive; the token is now used up"
             )
         if facts is not None and not ev.analytics_allowed(record["consent"]):
             held_back = ev.completion_count(record["userId"])

@@ -15,7 +15,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
-from urllib.parse import quote, unquote_plus, urlsplit
+from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 from ada_url import HostType, idna_to_ascii, idna_to_unicode
 
@@ -197,15 +197,24 @@ def query_names_param(query: str, name: str) -> bool:
     decoded (repeatedly, for double encoding), cut at a NUL, surrounding whitespace
     trimmed, leading ``?`` dropped (URLSearchParams), case ignored (ASP.NET), ``.`` and
     spaces read as ``_`` and ``name[...]`` read as ``name`` or ``name_...`` (PHP). Names
-    that merely contain ``name`` are kept.
+    that merely contain ``name`` are kept. The whole query is read so once decoded too
+    (repeatedly): a reader that decodes it before splitting it takes an escaped ``&``,
+    ``;`` or ``=`` for a separator.
     """
-    if not query:
-        return False
     wanted = _loose_names(name)
-    return any(
-        not wanted.isdisjoint(_loose_names(part.partition("=")[0]))
-        for part in _QUERY_SEPARATORS.split(query)
-    )
+    for _ in range(_NAME_DECODING_PASSES + 1):
+        if not query:
+            return False
+        if any(
+            not wanted.isdisjoint(_loose_names(part.partition("=")[0]))
+            for part in _QUERY_SEPARATORS.split(query)
+        ):
+            return True
+        decoded = unquote(query)
+        if decoded == query:
+            return False
+        query = decoded
+    return False
 
 
 def with_query_param(href: str, name: str, value: str) -> str:

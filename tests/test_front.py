@@ -206,7 +206,16 @@ async def test_a_client_that_does_not_read_is_not_answered_ahead(front: AppClien
 
 @pytest.mark.parametrize(
     ("coding", "compress"),
-    [("gzip", gzip.compress), ("deflate", zlib.compress), ("x-gzip", gzip.compress)],
+    [
+        ("gzip", gzip.compress),
+        ("deflate", zlib.compress),
+        ("x-gzip", gzip.compress),
+        # Found in review: a list's empty elements, or identity, made these 415.
+        ("gzip,", gzip.compress),
+        (", deflate", zlib.compress),
+        ("identity, gzip", gzip.compress),
+        ("identity,", lambda body: body),
+    ],
 )
 async def test_coded_bodies_are_decoded(
     front: AppClient, coding: str, compress: Callable[[bytes], bytes]
@@ -304,3 +313,80 @@ async def test_a_key_of_bytes_that_are_not_ascii_gets_401(front: AppClient, chun
     assert status == 401
     assert headers["content-type"] == "application/problem+json"
     assert orjson.loads(answer)["type"].endswith(":unauthorized")
+
+
+@pytest.mark.parametrize("served_by", ["front", "application"])
+async def test_requests_sent_before_a_half_close_are_all_answered(
+    front: AppClient, served_by: str
+) -> None:
+    """Found in review: only the first of pipelined requests followed by the client's FIN
+    was answered, the others dropped without a word."""
+    one = request() if served_by == "front" else request("/healthz", b"", method="GET")
+    reader, writer = await open_socket(front)
+    writer.write(one * 3)
+    writer.write_eof()
+    answers = [await read_response(reader) for _ in range(3)]
+    assert [status for status, _, _ in answers] == [201 if served_by == "front" else 200] * 3
+    # The last answer says the connection closes, and it does.
+    assert [headers.get("connection") for _, headers, _ in answers][-1] == "close"
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [["Transfer-Encoding: , chunked"], ["Transfer-Encoding: ,", "Transfer-Encoding: chunked"]],
+    ids=["one-field", "two-fields"],
+)
+async def test_empty_elements_of_the_transfer_coding_list_are_no_codings(
+    front: AppClient, fields: list[str]
+) -> None:
+    """RFC 9110, 5.6.1: empty list elements are ignored, and llhttp frames such a body by
+    its chunks. Found in review: the front took them for a coding before chunked (501)."""
+    chunked = f"{len(PREPARE_BODY):x}\r\n".encode() + PREPARE_BODY + b"\r\n0\r\n\r\n"
+    reader, writer = await open_socket(front)
+    writer.write(request("/v1/handoffs", chunked, *fields) + request())
+    answers = [await read_response(reader) for _ in range(2)]
+    writer.close()
+    assert [status for status, _, _ in answers] == [201, 201]
+
+
+async def test_a_request_served_by_the_application_gets_one_100_continue(
+    front: AppClient,
+) -> None:
+    """The front meets the expectation; found in review: aiohttp's router sent a second
+    100 Continue once the whole body had arrived."""
+    reader, writer = await open_socket(front)
+    writer.write(
+        b"GET /healthz HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+    )
+    assert (
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    )
+    writer.write(b"{}")
+    status, _, body = await read_response(reader)
+    writer.close()
+    assert status == 200 and orjson.loads(body) == {"status": "ok"}
+
+
+async def test_a_stopping_server_answers_what_it_read_and_reads_no_more(
+    front: AppClient,
+) -> None:
+    """At a graceful stop, the requests a connection had read are answered, the last with
+    Connection: close, and nothing more is read: a client sending far ahead cannot keep the
+    connection past the stop."""
+    reader, writer = await open_socket(front)
+    writer.write(request() * 3000)  # ~1 MB: far more than the front reads ahead of its answers
+    front_connections = front.server.runner.server.front_connections  # type: ignore[union-attr]
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if front_connections and next(iter(front_connections))._read_paused:
+            break
+    (connection,) = front_connections
+    connection.close_when_idle()
+    answers: list[tuple[int, dict[str, str], bytes]] = []
+    while not answers or answers[-1][1].get("connection") != "close":
+        answers.append(await read_response(reader))
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    assert {status for status, _, _ in answers} == {201} and len(answers) < 3000

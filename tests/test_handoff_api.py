@@ -151,6 +151,15 @@ async def test_exchange_by_a_source_not_allowed_the_origin_fails_and_burns_token
     assert metrics.value("identity_handoff_misses_total", source="partner", reason="audience") == 1
 
 
+async def test_an_audience_mismatch_does_not_tell_the_handoff_origin(client: AppClient) -> None:
+    """The origin is sealed with the identity, for the sources allowed it. Found in review:
+    the 403 named it to the source that is not."""
+    token = (await prepare(client))["token"]
+    status, problem = await exchange(client, token, source="partner")
+    assert status == 403
+    assert "checkout.example-pay.com" not in str(problem)
+
+
 async def test_fallback_answers_a_generated_anonymous_id_and_counts_the_miss(
     client: AppClient,
 ) -> None:

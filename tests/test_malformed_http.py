@@ -115,6 +115,11 @@ CASES = {
         413,
     ),
     "unknown-expectation": (START + AUTH + LENGTH + b"Expect: " + MARK + b"\r\n\r\n", 417),
+    # Found in review: a second Expect field hid the first (the last one was read alone).
+    "unknown-expectation-before-100-continue": (
+        START + AUTH + LENGTH + b"Expect: " + MARK + b"\r\nExpect: 100-continue\r\n\r\n" + BODY,
+        417,
+    ),
     # Found in review: each of these was served before its fix.
     "transfer-coding-before-chunked": (
         START + AUTH + b"Transfer-Encoding: gzip, chunked\r\n\r\n" + chunked(BODY),
@@ -235,6 +240,22 @@ async def test_a_malformed_request_after_good_ones_is_answered_in_its_turn(
     assert first.startswith(b"201 ") and second.startswith(b"201 ")
     problem_of(b"HTTP/1.1 " + third, status)
     assert [line["status"] for line in log_lines(json_log)] == [201, 201, 400]
+
+
+async def test_an_http_10_request_with_a_transfer_coding_is_answered_then_closed(
+    front: AppClient,
+) -> None:
+    """RFC 9112, 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing, and the
+    connection closes after it (an HTTP/1.0 intermediary does not frame it by its chunks).
+    Found in review: with Connection: keep-alive the connection was kept, and what followed
+    the chunks was served as the next request."""
+    http10 = START.replace(b"HTTP/1.1", b"HTTP/1.0") + AUTH + b"Connection: keep-alive\r\n"
+    next_request = START + AUTH + LENGTH + b"\r\n" + BODY
+    answer = await exchange_raw(
+        front, http10 + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(BODY) + next_request
+    )
+    assert answer.startswith(b"HTTP/1.1 201 ") and answer.count(b"HTTP/1.1 ") == 1
+    assert b"\r\nConnection: close\r\n" in answer
 
 
 async def test_an_upgrade_request_is_answered_over_http_then_closed(front: AppClient) -> None:
