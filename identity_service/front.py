@@ -447,8 +447,13 @@ class FrontProtocol(asyncio.Protocol):
         request.http10 = version == "1.0"
         request.keep_alive = parser.should_keep_alive()
         request.method = parser.get_method().decode("ascii")
+        # Known to a refusal too. An absolute-form target's path alone: its authority may
+        # hold user information, a credential, which no log line may carry.
         path = request.target.partition(b"?")[0]
-        request.path = path.decode("utf-8", "surrogateescape")  # known to a refusal too
+        if path.startswith(b"/"):
+            request.path = path.decode("utf-8", "surrogateescape")
+        else:
+            request.path = _absolute_path(request.target)
         fields = request.fields
         expectations: list[bytes] = []
         codings: list[bytes] = []
@@ -835,6 +840,15 @@ def _declares_a_body(request: Request) -> bool:
         if name == b"transfer-encoding" or (name == b"content-length" and int(value) > 0):
             return True
     return False
+
+
+def _absolute_path(target: bytes) -> str:
+    """The path of a target that is not a path (absolute-form, or one aiohttp's parser will
+    refuse): "" when it has none."""
+    try:
+        return _target_url(target).path
+    except MalformedRequest:
+        return ""
 
 
 def _target_url(target: bytes) -> URL:

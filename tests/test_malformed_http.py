@@ -518,3 +518,18 @@ async def test_shutdown_does_not_wait_for_a_head_still_arriving(make_front: Fron
     await asyncio.wait_for(client.server.close(), 10)  # not the 60 s the shutdown allows
     assert await read_to_end(reader) == b""
     writer.close()
+
+
+@pytest.mark.parametrize("refused", [b"Content-Encoding: br\r\n", b"Expect: nothing\r\n"])
+async def test_a_refused_absolute_target_logs_its_path_not_its_userinfo(
+    front: AppClient, json_log: io.BytesIO, refused: bytes
+) -> None:
+    """An absolute-form target's user information (RFC 9112 3.2.2: a client may send it, a
+    credential) was logged as the request's path when the request was refused: the front's
+    raw target went to the log line. Only its path is logged, as for a request served."""
+    start = START.replace(b"/v1/handoffs", b"http://" + MARK + b":pw@test/v1/handoffs")
+    answer = await exchange_raw(front, start + AUTH + refused + LENGTH + b"\r\n" + BODY)
+    assert answer.split(b" ", 2)[1] in (b"415", b"417")
+    assert MARK not in json_log.getvalue() and b"pw@" not in json_log.getvalue()
+    (line,) = [line for line in log_lines(json_log) if line["event"] == "request"]
+    assert line["path"] in ("/v1/handoffs", "-")  # "-": refused before its path was read
