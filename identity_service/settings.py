@@ -574,7 +574,7 @@ class _Reader:
                 "every instance must derive the same token lookup ids"
             )
         token_param = self.text("token_param", c.DEFAULT_TOKEN_PARAM) or ""
-        if not token_param.replace("_", "").replace("-", "").isalnum():
+        if not _is_name(token_param):
             self.problem("token_param", f"must be letters, digits, '_' or '-', not {token_param!r}")
         log_level = (self.text("log_level", "info") or "info").lower()
         if log_level not in ("debug", "info", "warning", "error"):
@@ -713,7 +713,7 @@ class _Reader:
         for name in sorted({n for n in names if names.count(n) > 1}):
             self.problems.append(f"destination name {name!r} is used twice")
         for destination in found:
-            if not destination.name.replace("_", "").replace("-", "").isalnum():
+            if not _is_name(destination.name):
                 self.problems.append(
                     f"destination name {destination.name!r} must be letters, digits, '_' or '-'"
                 )
@@ -1088,6 +1088,11 @@ def _whole(value: Any) -> int:
     if isinstance(value, float):
         raise ValueError(value)
     return int(value)
+
+
+def _is_name(text: str) -> bool:
+    """Letters, digits, '_' or '-', in ASCII: ``str.isalnum`` alone takes any script's."""
+    return text.isascii() and text.replace("_", "").replace("-", "").isalnum()
 
 
 def _is_off(value: Any) -> bool:

@@ -1466,3 +1466,17 @@ def test_a_host_name_no_dns_name_can_be_is_refused_wherever_a_host_is_read(host:
 def test_a_host_name_at_dns_limits_is_taken_wherever_a_host_is_read(host: str) -> None:
     for environ, bind in where_hosts_are_read(host):
         load_settings(environ, host=bind)
+
+
+@pytest.mark.parametrize("name", ["hand\u00e9", "\u0663\u0664", "token\u00b2", "\uff21"])
+def test_a_token_parameter_or_destination_name_outside_ascii_is_a_problem(name: str) -> None:
+    """ "Letters, digits, '_' or '-'" meant any Unicode letter or digit (``str.isalnum``):
+    a token parameter a browser sends percent-encoded, so never matched as written, and a
+    destination name that goes into Redis keys and metric labels."""
+    assert problems_of({"IDENTITY_TOKEN_PARAM": name}) == [
+        f"IDENTITY_TOKEN_PARAM must be letters, digits, '_' or '-', not {name!r}"
+    ]
+    destinations = json.dumps({name: {"url": "https://api.segment.io/v1/batch", "write_key": "k"}})
+    assert f"destination name {name!r} must be letters, digits, '_' or '-'" in problems_of(
+        {"IDENTITY_DESTINATIONS": destinations}
+    )
