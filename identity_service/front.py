@@ -82,11 +82,8 @@ _SINGLE = {_HOST, b"authorization", b"content-type", b"content-encoding", b"x-re
 _SECURITY_LINES = "".join(f"{name}: {value}\r\n" for name, value in SECURITY_HEADERS.items())
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # RFC 9110's deflate is the zlib format; both are read with zlib's own decoder.
-_CODINGS = {
-    b"gzip": 16 + zlib.MAX_WBITS,
-    b"x-gzip": 16 + zlib.MAX_WBITS,
-    b"deflate": zlib.MAX_WBITS,
-}
+_DEFLATE = zlib.MAX_WBITS
+_CODINGS = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": _DEFLATE}
 
 Endpoint = Callable[[HandoffApi, Call], Awaitable[tuple[int, dict[str, Any]]]]
 _ENDPOINTS: dict[bytes, Endpoint] = {
@@ -815,17 +812,24 @@ def decoded(body: bytes, coding: bytes, limit: int) -> bytes:
     wbits = _CODINGS.get(coding)
     if wbits is None:
         raise UnsupportedContentEncoding("send the body as it is, or gzip or deflate coded")
-    decoder = zlib.decompressobj(wbits)
-    try:
-        # Never more than the limit is inflated, however small the coded body.
-        plain = decoder.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise MalformedRequest(f"the body is not valid {coding.decode()} data") from exc
-    if len(plain) > limit:
-        raise PayloadTooLarge(f"the body must be at most {limit} bytes once decoded")
-    if not decoder.eof or decoder.unused_data:
-        raise MalformedRequest(f"the body is not one complete {coding.decode()} stream")
-    return plain
+    plain = b""
+    while True:
+        decoder = zlib.decompressobj(wbits)
+        try:
+            # Never more than the limit is inflated, however small the coded body.
+            plain += decoder.decompress(body, limit + 1 - len(plain))
+        except zlib.error as exc:
+            raise MalformedRequest(f"the body is not valid {coding.decode()} data") from exc
+        if len(plain) > limit:
+            raise PayloadTooLarge(f"the body must be at most {limit} bytes once decoded")
+        if not decoder.eof:
+            raise MalformedRequest(f"the body is not one complete {coding.decode()} stream")
+        body = decoder.unused_data
+        # A gzip stream is one or more members (RFC 1952); a zlib stream is one.
+        if not body:
+            return plain
+        if wbits == _DEFLATE:
+            raise MalformedRequest(f"the body is not one complete {coding.decode()} stream")
 
 
 def _list_elements(value: bytes) -> list[bytes]:

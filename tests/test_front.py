@@ -215,6 +215,8 @@ async def test_a_client_that_does_not_read_is_not_answered_ahead(front: AppClien
         (", deflate", zlib.compress),
         ("identity, gzip", gzip.compress),
         ("identity,", lambda body: body),
+        # RFC 1952: a gzip stream is one or more members (was 400, "not one complete").
+        ("gzip", lambda body: gzip.compress(body[:20]) + gzip.compress(body[20:])),
     ],
 )
 async def test_coded_bodies_are_decoded(
@@ -236,8 +238,20 @@ async def test_coded_bodies_are_decoded(
         ("gzip", gzip.compress(PREPARE_BODY)[:-4], 400, "malformed-request"),
         # 10 MB of zeros in a few KB: refused after inflating no more than the limit.
         ("gzip", gzip.compress(bytes(10_000_000)), 413, "payload-too-large"),
+        # The limit holds over all members together, however many.
+        ("gzip", gzip.compress(bytes(9_000)) * 2, 413, "payload-too-large"),
+        ("gzip", gzip.compress(PREPARE_BODY) + b"trailing", 400, "malformed-request"),
+        ("deflate", zlib.compress(PREPARE_BODY) * 2, 400, "malformed-request"),
     ],
-    ids=["unknown-coding", "not-gzip", "truncated", "bomb"],
+    ids=[
+        "unknown-coding",
+        "not-gzip",
+        "truncated",
+        "bomb",
+        "bomb-in-members",
+        "trailing",
+        "two-deflates",
+    ],
 )
 async def test_bad_coded_bodies_get_problems(
     front: AppClient, coding: str, body: bytes, status: int, problem: str
