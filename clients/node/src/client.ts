@@ -270,7 +270,10 @@ export class IdentityClient {
 
   /** Delay before retry number `attempt + 1`, in milliseconds. */
   #backoff(attempt: number, retryAfterSeconds: number | null): number {
-    const exponential = Math.min(this.maxBackoffMs, this.backoffBaseMs * 2 ** attempt);
+    // From attempt 1024 on, 2 ** attempt is Infinity (capped below), and 0 * Infinity NaN,
+    // which Math.max would take over a Retry-After and setTimeout wait as 1 ms: no base is
+    // no backoff, at any attempt.
+    const exponential = this.backoffBaseMs === 0 ? 0 : Math.min(this.maxBackoffMs, this.backoffBaseMs * 2 ** attempt);
     const jittered = Math.random() * exponential; // full jitter
     if (retryAfterSeconds !== null) return Math.min(this.maxBackoffMs, Math.max(retryAfterSeconds * 1000, jittered));
     return jittered;

@@ -310,11 +310,20 @@ class BaseClient:
 
     # Retries (prepare only)
 
+    def _backoff(self, attempt: int) -> float:
+        """``backoff_base · 2^attempt``, capped at ``backoff_max``, for any ``attempt``: the
+        exponent is capped where the product passes ``backoff_max`` (by their binary
+        exponents, so however small ``backoff_base`` is), since ``2**attempt`` is past any
+        float from 1024 on (``OverflowError``)."""
+        base, cap = self.backoff_base, self.backoff_max
+        doublings = max(0, math.frexp(cap)[1] - math.frexp(base)[1] + 1)
+        return min(cap, math.ldexp(base, min(attempt, doublings)))
+
     def _retry_delay(self, attempt: int, after: float | None) -> float:
         """Seconds before retry ``attempt`` (0-based): exponential backoff with full jitter,
         or the longer of it and the Retry-After sent; never over ``backoff_max`` (as the
         Node SDK waits)."""
-        jittered = random.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))  # noqa: S311
+        jittered = random.uniform(0, self._backoff(attempt))  # noqa: S311
         return jittered if after is None else min(self.backoff_max, max(after, jittered))
 
     def _prepare_retry(

@@ -342,6 +342,36 @@ def test_no_retry_delay_is_over_backoff_max(
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_a_prepare_is_retried_past_a_thousand_retries(server: Misbehaving, mode: str) -> None:
+    """From retry 1024 on, backoff_base * 2**attempt raised a raw OverflowError (int too
+    large to convert to float) instead of waiting and retrying."""
+    seen: list[Seen] = []
+
+    def respond(request: Seen) -> Answer:
+        seen.append(request)
+        return Answer(503, b"{}", {"Content-Type": "application/json"})
+
+    server.respond = respond
+    with pytest.raises(ServiceUnavailable):
+        call(mode, "prepare", server.url, max_retries=1030, backoff_base=0.001, backoff_max=0)
+    assert len(seen) == 1031
+
+
+@pytest.mark.parametrize("base", [1e-310, 0.001, 1.0, 2147483.647])
+@pytest.mark.parametrize("maximum", [0.0, 0.5, 2147483.647])
+def test_the_backoff_reaches_backoff_max_and_stays_there(base: float, maximum: float) -> None:
+    """Capped at backoff_max for any attempt, never an OverflowError (the exponent is capped
+    where the backoff passes backoff_max, however small backoff_base is)."""
+    client = IdentityClient("http://127.0.0.1:1", WRITE_KEY, backoff_base=base, backoff_max=maximum)
+    for attempt in range(61):
+        assert client._backoff(attempt) == min(maximum, base * 2.0**attempt)
+    assert 0 <= client._backoff(1023) <= client._backoff(1024) <= maximum
+    for attempt in (1100, 2000, 10**9):
+        assert client._backoff(attempt) == maximum
+    assert max(client._retry_delay(10**9, None) for _ in range(200)) >= maximum / 2
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_a_non_finite_retry_after_is_ignored(server: Misbehaving, mode: str, value: str) -> None:
     """Sync, float('nan') crashed time.sleep; async, asyncio.sleep(nan) never returned."""
