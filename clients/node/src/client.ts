@@ -122,6 +122,35 @@ function setting(name: string, value: unknown, kind: keyof typeof SETTINGS): num
   return value;
 }
 
+/**
+ * Refuses, when the client is made (as the Python SDK's), a service URL the calls cannot be
+ * made under: not http(s) with a host; with user info (fetch refuses every such call, an
+ * outage to whoever reads it, with the password in its message); with a query or a
+ * fragment (each call's path is appended to the URL, so it would go into them). The URL
+ * itself is not shown: it may hold credentials.
+ */
+function checkBaseUrl(baseUrl: string): void {
+  let url: URL | null;
+  try {
+    url = new URL(baseUrl);
+  } catch {
+    url = null;
+  }
+  if (url === null || (url.protocol !== "http:" && url.protocol !== "https:") || !url.hostname) {
+    throw new ConfigurationError("IdentityClient: baseUrl is not an http:// or https:// URL");
+  }
+  if (url.username || url.password) {
+    throw new ConfigurationError("IdentityClient: baseUrl holds user info (user:password@): the write key is the credential");
+  }
+  // Neither can stand unescaped in a path: either is a query or a fragment, empty or not.
+  if (baseUrl.includes("?") || baseUrl.includes("#")) {
+    throw new ConfigurationError(
+      "IdentityClient: baseUrl has a query or a fragment: give the base URL alone " +
+        "(e.g. https://identity.internal or https://example.com/identity)",
+    );
+  }
+}
+
 /** A number JSON cannot hold: refused, where JSON.stringify would send null. */
 function finiteOnly(_key: string, value: unknown): unknown {
   if (typeof value === "number" && !Number.isFinite(value)) {
@@ -176,6 +205,7 @@ export class IdentityClient {
     const writeKey = options.writeKey ?? process.env.IDENTITY_WRITE_KEY;
     if (!baseUrl) throw new ConfigurationError("IdentityClient: baseUrl (or IDENTITY_URL) is required");
     if (!writeKey) throw new ConfigurationError("IdentityClient: writeKey (or IDENTITY_WRITE_KEY) is required");
+    checkBaseUrl(baseUrl);
     this.baseUrl = baseUrl.replace(/\/+$/, "");
     this.timeoutMs = setting("timeoutMs", options.timeoutMs ?? DEFAULTS.timeoutMs, "timeout");
     this.maxRetries = setting("maxRetries", options.maxRetries ?? DEFAULTS.maxRetries, "count");

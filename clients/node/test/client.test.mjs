@@ -208,3 +208,52 @@ describe("IdentityClient against the real service", () => {
     await assert.rejects(client.exchange(handoff.token), cjs.TokenNotFound);
   });
 });
+
+describe("baseUrl", () => {
+  // Each was taken as given: user info made fetch refuse every call (an outage, to whoever
+  // reads it) with the password in the error's message; a query or a fragment had the
+  // call's path appended to it (every call to "/?x=1/v1/handoffs" or "/"); another scheme
+  // or no URL failed every call too. The Python SDK refuses the same.
+  const INVALID = [
+    "ftp://identity.internal",
+    "identity.internal:8000",
+    "http://",
+    "http://[::1",
+    "http://user:secret-pw@identity.internal",
+    "http://user@identity.internal",
+    "http://:secret-pw@identity.internal/base",
+    "http://identity.internal/?x=1",
+    "http://identity.internal?",
+    "http://identity.internal/base#part",
+    "http://identity.internal#",
+  ];
+  for (const baseUrl of INVALID) {
+    test(`${baseUrl} is a ConfigurationError that does not show it`, () => {
+      assert.throws(
+        () => new IdentityClient({ baseUrl, writeKey: WRITE_KEY }),
+        (error) => {
+          assert.ok(error instanceof ConfigurationError);
+          assert.match(error.message, /baseUrl/);
+          assert.ok(!error.message.includes("secret-pw"));
+          return true;
+        },
+      );
+    });
+  }
+
+  test("a path prefix is kept: calls go under it", async () => {
+    const seen = [];
+    const server = await startHttpServer((req, res) => {
+      seen.push(req.url);
+      res.writeHead(503, { "content-type": "application/problem+json" });
+      res.end("{}");
+    });
+    try {
+      const client = new IdentityClient({ baseUrl: `${server.url}/identity/`, writeKey: WRITE_KEY, maxRetries: 0 });
+      await assert.rejects(client.prepare({ anonymousId: "a", destination: "http://b.localhost/" }), ServiceUnavailable);
+      assert.deepEqual(seen, ["/identity/v1/handoffs"]);
+    } finally {
+      await server.close();
+    }
+  });
+});

@@ -83,13 +83,7 @@ class BaseClient:
             raise ConfigurationError("no write key: pass write_key= or set IDENTITY_WRITE_KEY")
         _check_retry_settings(max_retries, backoff_base, backoff_max)
         _check_timeout(timeout)
-        try:
-            url = httpx.URL(base_url)
-        except httpx.InvalidURL:
-            url = None
-        if url is None or url.scheme not in ("http", "https") or not url.host:
-            # The URL itself is not shown: it may hold credentials.
-            raise ConfigurationError("the service URL is not an http:// or https:// URL")
+        _check_base_url(base_url)
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self._attempt_seconds = attempt_seconds(timeout)
@@ -395,6 +389,30 @@ def _check_retry_settings(max_retries: object, backoff_base: object, backoff_max
     for name, seconds in (("backoff_base", backoff_base), ("backoff_max", backoff_max)):
         if not _seconds(seconds):
             raise ConfigurationError(f"{name} must be a number of seconds from 0 to {MAX_SECONDS}")
+
+
+def _check_base_url(base_url: str) -> None:
+    """Refuse, when the client is made, a service URL the calls cannot be made under: not
+    http(s) with a host; with user info (httpx would send it as the Basic credentials in
+    place of the write key); with a query or a fragment (each call's path is appended to
+    the URL, so it would go into them). The URL itself is not shown: it may hold
+    credentials."""
+    try:
+        url = httpx.URL(base_url)
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise ConfigurationError("the service URL is not an http:// or https:// URL")
+    if url.userinfo:
+        raise ConfigurationError(
+            "the service URL holds user info (user:password@): the write key is the credential"
+        )
+    # Neither can stand unescaped in a path: either is a query or a fragment, empty or not.
+    if "?" in base_url or "#" in base_url:
+        raise ConfigurationError(
+            "the service URL has a query or a fragment: give the base URL alone "
+            "(e.g. https://identity.internal or https://example.com/identity)"
+        )
 
 
 def _check_timeout(timeout: object) -> None:

@@ -189,7 +189,24 @@ def test_a_problem_nested_too_deep_is_still_its_status_error(
 
 
 @pytest.mark.parametrize(
-    "url", ["http://[::1", "ftp://identity.internal", "identity.internal:8000", "http://"]
+    "url",
+    [
+        "http://[::1",
+        "ftp://identity.internal",
+        "identity.internal:8000",
+        "http://",
+        # User info: httpx sent it as the Basic credentials instead of the write key (every
+        # call Unauthorized, the password sent to the service), and repr() showed it.
+        "http://user:secret-pw@identity.internal",
+        "http://user@identity.internal",
+        "http://:secret-pw@identity.internal/base",
+        # A query or a fragment: the call's path was appended to it, so every call went to
+        # another path ("/?x=1/v1/handoffs", "/").
+        "http://identity.internal/?x=1",
+        "http://identity.internal?",
+        "http://identity.internal/base#part",
+        "http://identity.internal#",
+    ],
 )
 @pytest.mark.parametrize("client_class", [IdentityClient, AsyncIdentityClient])
 def test_an_invalid_base_url_is_refused_when_the_client_is_made(
@@ -198,6 +215,20 @@ def test_an_invalid_base_url_is_refused_when_the_client_is_made(
     with pytest.raises(ConfigurationError) as caught:
         client_class(url, WRITE_KEY)
     assert url not in str(caught.value) or url == "http://"
+    assert "secret-pw" not in str(caught.value)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_base_url_with_a_path_prefix_is_called_under_it(server: Misbehaving, mode: str) -> None:
+    seen: list[Seen] = []
+
+    def respond(request: Seen) -> Answer:
+        seen.append(request)
+        return success("prepare", json.dumps(PREPARED).encode())
+
+    server.respond = respond
+    call(mode, "prepare", f"{server.url}/identity/")
+    assert [request.path for request in seen] == ["/identity/v1/handoffs"]
 
 
 # Retry-After: delay-seconds or an HTTP-date (RFC 9110 10.2.3), the wait capped
