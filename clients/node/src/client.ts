@@ -205,6 +205,11 @@ export class IdentityClient {
     const writeKey = options.writeKey ?? process.env.IDENTITY_WRITE_KEY;
     if (!baseUrl) throw new ConfigurationError("IdentityClient: baseUrl (or IDENTITY_URL) is required");
     if (!writeKey) throw new ConfigurationError("IdentityClient: writeKey (or IDENTITY_WRITE_KEY) is required");
+    // The service's rule (its sources.can_be_sent): HTTP Basic ends the user name at a ':',
+    // and only printable ASCII keys are read. The key itself is not shown.
+    if (!/^[\x20-\x39\x3b-\x7e]+$/.test(writeKey)) {
+      throw new ConfigurationError("IdentityClient: writeKey is not one the service can read: printable ASCII without ':'");
+    }
     checkBaseUrl(baseUrl);
     this.baseUrl = baseUrl.replace(/\/+$/, "");
     this.timeoutMs = setting("timeoutMs", options.timeoutMs ?? DEFAULTS.timeoutMs, "timeout");

@@ -257,3 +257,21 @@ describe("baseUrl", () => {
     }
   });
 });
+
+describe("writeKey", () => {
+  // Sent as HTTP Basic's user name, a ':' ends it there (the service read "secret"), and the
+  // service reads only printable ASCII keys: every call was Unauthorized. As in Python.
+  for (const writeKey of ["secret:key-0123456789", "secret-clé-0123456789", "secret\r\nX-Key: 1", "secret\u0000"]) {
+    test(`${JSON.stringify(writeKey)} is a ConfigurationError that does not show it`, () => {
+      assert.throws(
+        () => new IdentityClient({ baseUrl: "http://127.0.0.1:1", writeKey }),
+        (error) => {
+          assert.ok(error instanceof ConfigurationError);
+          assert.match(error.message, /writeKey/);
+          assert.ok(!error.message.includes("secret"));
+          return true;
+        },
+      );
+    });
+  }
+});

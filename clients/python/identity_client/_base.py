@@ -81,6 +81,12 @@ class BaseClient:
         write_key = write_key or os.environ.get("IDENTITY_WRITE_KEY")
         if not write_key:
             raise ConfigurationError("no write key: pass write_key= or set IDENTITY_WRITE_KEY")
+        # The service's rule (its sources.can_be_sent): HTTP Basic ends the user name at a
+        # ':', and only printable ASCII keys are read. The key itself is not shown.
+        if not (write_key.isascii() and write_key.isprintable() and ":" not in write_key):
+            raise ConfigurationError(
+                "the write key is not one the service can read: printable ASCII without ':'"
+            )
         _check_retry_settings(max_retries, backoff_base, backoff_max)
         _check_timeout(timeout)
         _check_base_url(base_url)

@@ -218,6 +218,21 @@ def test_an_invalid_base_url_is_refused_when_the_client_is_made(
     assert "secret-pw" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "write_key",
+    ["secret:key-0123456789", "secret-clé-0123456789", "secret\r\nX-Key: 1", "secret\x00"],
+)
+@pytest.mark.parametrize("client_class", [IdentityClient, AsyncIdentityClient])
+def test_a_write_key_the_service_cannot_read_is_refused_when_the_client_is_made(
+    write_key: str, client_class: type[IdentityClient | AsyncIdentityClient]
+) -> None:
+    """Sent as HTTP Basic's user name, a ':' ends it there (the service read "secret"), and
+    the service reads only printable ASCII keys: every call was Unauthorized."""
+    with pytest.raises(ConfigurationError, match="write key") as caught:
+        client_class("http://127.0.0.1:1", write_key)
+    assert "secret" not in str(caught.value)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_a_base_url_with_a_path_prefix_is_called_under_it(server: Misbehaving, mode: str) -> None:
     seen: list[Seen] = []
