@@ -26,7 +26,11 @@ export interface IdentityClientOptions {
   maxBackoffMs?: number;
   /** The fetch to use (default the global one). */
   fetch?: typeof fetch;
-  /** Extra headers sent with every call (e.g. a tracing header). */
+  /**
+   * Extra headers sent with every call (e.g. a tracing header); not `Authorization`,
+   * `Content-Type` or `Accept` (the client's own). A name or value fetch would refuse (a CR,
+   * LF or NUL) is a ConfigurationError from the constructor.
+   */
   headers?: Record<string, string>;
 }
 
@@ -151,6 +155,32 @@ function checkBaseUrl(baseUrl: string): void {
   }
 }
 
+/** The headers the client sends itself: an extra one of the same name would be added to them. */
+const OWN_HEADERS = new Set(["authorization", "content-type", "accept"]);
+
+/**
+ * `headers` (the extra headers of every call), or a ConfigurationError when the client is
+ * made: a name or value fetch refuses (a CR, LF or NUL; no token) failed every call as an
+ * IdentityConnectionError, and one of the client's own headers was added to it ("Bearer x,
+ * Basic ..." is no credential the service reads). Values are not shown: they may be secrets.
+ */
+function extraHeaders(headers: Record<string, string> | undefined): Record<string, string> {
+  const checked = new Headers();
+  for (const [name, value] of Object.entries(headers ?? {})) {
+    try {
+      checked.append(name, value); // fetch's own rules of names and values
+    } catch {
+      throw new ConfigurationError(
+        `IdentityClient: headers: ${JSON.stringify(name)} is not a header name, or its value holds a CR, LF or NUL`,
+      );
+    }
+    if (OWN_HEADERS.has(name.toLowerCase())) {
+      throw new ConfigurationError(`IdentityClient: headers: ${name} is the client's own (the write key, JSON)`);
+    }
+  }
+  return { ...headers };
+}
+
 /** A number JSON cannot hold: refused, where JSON.stringify would send null. */
 function finiteOnly(_key: string, value: unknown): unknown {
   if (typeof value === "number" && !Number.isFinite(value)) {
@@ -219,7 +249,7 @@ export class IdentityClient {
     this.#writeKey = writeKey;
     this.#authorization = "Basic " + Buffer.from(`${writeKey}:`, "utf8").toString("base64");
     this.#fetch = options.fetch ?? globalThis.fetch;
-    this.#headers = { ...(options.headers ?? {}) };
+    this.#headers = extraHeaders(options.headers);
   }
 
   /** Keeps the write key out of anything printed. */

@@ -275,3 +275,47 @@ describe("writeKey", () => {
     });
   }
 });
+
+describe("headers", () => {
+  const INVALID = [
+    // fetch refused them at every call: an IdentityConnectionError, an outage to whoever reads it.
+    { "x-trace": "a\r\nx-injected: 1" },
+    { "x-trace": "a\u0000" },
+    { "x trace": "a" },
+    { "": "a" },
+    // Added to the client's own: "Bearer other, Basic ..." was no credential the service reads.
+    { Authorization: "Bearer other" },
+    { "content-type": "text/plain" },
+    { ACCEPT: "text/html" },
+  ];
+  for (const headers of INVALID) {
+    test(`${JSON.stringify(headers)} is a ConfigurationError that does not show the value`, () => {
+      assert.throws(
+        () => new IdentityClient({ baseUrl: "http://127.0.0.1:1", writeKey: WRITE_KEY, headers }),
+        (error) => {
+          assert.ok(error instanceof ConfigurationError);
+          assert.match(error.message, /headers/);
+          assert.ok(!error.message.includes("Bearer other") && !error.message.includes("x-injected"));
+          return true;
+        },
+      );
+    });
+  }
+
+  test("valid ones are sent with every call", async () => {
+    const seen = [];
+    const server = await startHttpServer((req, res) => {
+      seen.push([req.headers["x-trace"], req.headers.authorization]);
+      res.writeHead(503, { "content-type": "application/problem+json" });
+      res.end("{}");
+    });
+    try {
+      const headers = { "X-Trace": " 00-abc-01 " };
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: WRITE_KEY, maxRetries: 0, headers });
+      await assert.rejects(client.prepare({ anonymousId: "a", destination: "http://b.localhost/" }), ServiceUnavailable);
+      assert.deepEqual(seen, [["00-abc-01", `Basic ${Buffer.from(`${WRITE_KEY}:`).toString("base64")}`]]);
+    } finally {
+      await server.close();
+    }
+  });
+});
