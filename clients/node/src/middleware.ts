@@ -85,7 +85,8 @@ export interface HandoffMiddlewareOptions {
   /**
    * The public origin of this site (`https://checkout.example-pay.com`), used for the page
    * URL in the exchange's context. Default: from the request (Express's `req.protocol`, or
-   * the socket, and the `Host` header).
+   * the socket, and the `Host` header). Not an http(s) URL: a ConfigurationError from
+   * `handoffMiddleware`.
    */
   publicOrigin?: string;
   /**
@@ -200,6 +201,27 @@ function checkCookieOptions(options: HandoffMiddlewareOptions): void {
   }
 }
 
+/**
+ * Refuses, when the middleware is made, a `publicOrigin` that is no http(s) URL: the page
+ * URL could not be made from it, and every handoff request went on to the handler as it
+ * was, its token never exchanged and left in the address bar.
+ */
+function checkPublicOrigin(publicOrigin: unknown): void {
+  if (publicOrigin == null || publicOrigin === "") return;
+  let url: URL | null;
+  try {
+    url = typeof publicOrigin === "string" ? new URL(publicOrigin) : null;
+  } catch {
+    url = null;
+  }
+  if (url === null || (url.protocol !== "http:" && url.protocol !== "https:") || !url.hostname) {
+    throw new ConfigurationError(
+      `handoffMiddleware: publicOrigin ${JSON.stringify(publicOrigin)} is not an http:// or https:// origin ` +
+        "(e.g. https://checkout.example-pay.com)",
+    );
+  }
+}
+
 // RFC 6265 cookie-octet: printable ASCII except space, DQUOTE, comma, semicolon, backslash;
 // and minus `%`, which readCookie decodes (as the Python SDK's cookies).
 const COOKIE_OCTETS = /^[\x21\x23\x24\x26-\x2B\x2D-\x3A\x3C-\x5B\x5D-\x7E]*$/;
@@ -291,6 +313,7 @@ export function handoffMiddleware(
   options: HandoffMiddlewareOptions = {},
 ): (req: MiddlewareRequest, res: MiddlewareResponse, next: NextFunction) => void {
   checkCookieOptions(options);
+  checkPublicOrigin(options.publicOrigin);
   const tokenParam = options.tokenParam ?? "handoff_token";
   const cookieName = options.cookieName ?? "ajs_anonymous_id";
   const carryName = options.carryCookieName ?? "identity_restored";

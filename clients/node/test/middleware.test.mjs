@@ -496,3 +496,34 @@ describe("handoffMiddleware's other cookie options", () => {
     }
   });
 });
+
+describe("handoffMiddleware's publicOrigin", () => {
+  const client = new IdentityClient({ baseUrl: "http://127.0.0.1:1", writeKey: WRITE_KEY });
+  // Each but ftp:// made every handoff request go on to the handler untouched: the token
+  // never exchanged and left in the address bar (ftp://, a page URL of another scheme).
+  for (const publicOrigin of ["checkout.example-pay.com", "ftp://checkout.example-pay.com", "https://", "/cart"]) {
+    test(`${publicOrigin} is a ConfigurationError when the middleware is made`, () => {
+      assert.throws(() => handoffMiddleware(client, { publicOrigin }), (error) => {
+        assert.ok(error instanceof ConfigurationError);
+        assert.match(error.message, /publicOrigin/);
+        return true;
+      });
+    });
+  }
+
+  test("an origin is the page URL's", async () => {
+    const real = new IdentityClient({ baseUrl: service.url, writeKey: WRITE_KEY });
+    const checkout = await startCheckout(real, { publicOrigin: "https://checkout.example-pay.com/", event: "Origin Landed" });
+    try {
+      const handoff = await real.prepare({ anonymousId: "visitor-origin", destination: `${checkout.origin}/cart?x=1` });
+      const landing = new URL(handoff.redirectUrl);
+      const answer = await get(checkout.port, landing.pathname + landing.search);
+      assert.equal(answer.status, 303);
+      assert.equal(answer.headers.location, "/cart?x=1");
+      const track = await waitForEvent((e) => e.type === "track" && e.anonymousId === "visitor-origin" && e.event === "Origin Landed");
+      assert.equal(track.context.page.url, "https://checkout.example-pay.com/cart?x=1");
+    } finally {
+      await checkout.close();
+    }
+  });
+});
