@@ -100,6 +100,8 @@ export interface HandoffMiddlewareOptions {
 }
 
 const ONE_YEAR = 365 * 24 * 60 * 60;
+const DEFAULT_COOKIE_NAME = "ajs_anonymous_id";
+const DEFAULT_CARRY_NAME = "identity_restored";
 const CARRY_MAX_AGE = 60;
 /** The service refuses (400) a token that is empty or longer; real tokens are 43 characters. */
 const MAX_TOKEN_LENGTH = 128;
@@ -183,6 +185,13 @@ function checkCookieOptions(options: HandoffMiddlewareOptions): void {
           "!#$%&'*+-.^_`|~; no space, ';', ',', '=' or control character)",
       );
     }
+  }
+  const visitorName = options.cookieName ?? DEFAULT_COOKIE_NAME;
+  if (visitorName === (options.carryCookieName ?? DEFAULT_CARRY_NAME)) {
+    refuse(
+      `cookieName and carryCookieName are both ${JSON.stringify(visitorName)}: the carry cookie ` +
+        "(HttpOnly, 60 s) would replace the visitor cookie",
+    );
   }
   const path: unknown = options.cookiePath;
   if (path != null && (typeof path !== "string" || !COOKIE_PATH.test(path))) {
@@ -315,8 +324,8 @@ export function handoffMiddleware(
   checkCookieOptions(options);
   checkPublicOrigin(options.publicOrigin);
   const tokenParam = options.tokenParam ?? "handoff_token";
-  const cookieName = options.cookieName ?? "ajs_anonymous_id";
-  const carryName = options.carryCookieName ?? "identity_restored";
+  const cookieName = options.cookieName ?? DEFAULT_COOKIE_NAME;
+  const carryName = options.carryCookieName ?? DEFAULT_CARRY_NAME;
   const key = client.carryKey?.();
 
   /** req.identity from the visitor cookie, or from a valid carry cookie (then cleared). */

@@ -457,6 +457,9 @@ describe("handoffMiddleware's other cookie options", () => {
     { sameSite: "Lax; Domain=evil.test" },
     { sameSite: "" },
     { sameSite: "None", secure: false },
+    // One name for both cookies: the carry cookie (HttpOnly, 60 s) replaced the visitor's.
+    { cookieName: "identity_restored" },
+    { carryCookieName: "ajs_anonymous_id" },
   ];
   for (const options of INVALID) {
     const [name] = Object.keys(options);

@@ -144,6 +144,11 @@ class MiddlewareSettings:
                     f"{setting} {name!r} is not a cookie name (letters, digits and "
                     "!#$%&'*+-.^_`|~; no space, ';', ',', '=' or control character)"
                 )
+        if self.cookie_name == self.carry_cookie_name:
+            raise ConfigurationError(
+                f"cookie_name and carry_cookie_name are both {self.cookie_name!r}: the carry "
+                "cookie (HttpOnly, 60 s) would replace the visitor cookie"
+            )
         if not _fullmatch(_COOKIE_PATH, self.cookie_path):
             raise ConfigurationError(
                 f"cookie_path {self.cookie_path!r} is not a cookie path (a path starting "

@@ -527,6 +527,9 @@ INVALID_COOKIE_SETTINGS: list[dict[str, object]] = [
     {"cookie_same_site": "Lax; Domain=evil.test"},
     {"cookie_same_site": ""},
     {"cookie_same_site": "None", "cookie_secure": False},
+    # One name for both cookies: the carry cookie (HttpOnly, 60 s) replaced the visitor's.
+    {"cookie_name": "identity_restored"},
+    {"carry_cookie_name": "ajs_anonymous_id"},
 ]
 
 
