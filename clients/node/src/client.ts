@@ -157,11 +157,14 @@ function checkBaseUrl(baseUrl: string): void {
 
 /** The headers the client sends itself: an extra one of the same name would be added to them. */
 const OWN_HEADERS = new Set(["authorization", "content-type", "accept"]);
+/** The headers Node's fetch (undici) refuses at every call, whatever their value. */
+const FETCH_REFUSED = new Set(["connection", "keep-alive", "transfer-encoding", "upgrade", "expect", "content-length"]);
 
 /**
  * `headers` (the extra headers of every call), or a ConfigurationError when the client is
- * made: a name or value fetch refuses (a CR, LF or NUL; no token) failed every call as an
- * IdentityConnectionError, and one of the client's own headers was added to it ("Bearer x,
+ * made: a name or value fetch refuses (a CR, LF or NUL; no token; Connection, Expect,
+ * Content-Length...) failed every call as an IdentityConnectionError, and one of the
+ * client's own headers was added to it ("Bearer x,
  * Basic ..." is no credential the service reads). Values are not shown: they may be secrets.
  */
 function extraHeaders(headers: Record<string, string> | undefined): Record<string, string> {
@@ -176,6 +179,9 @@ function extraHeaders(headers: Record<string, string> | undefined): Record<strin
     }
     if (OWN_HEADERS.has(name.toLowerCase())) {
       throw new ConfigurationError(`IdentityClient: headers: ${name} is the client's own (the write key, JSON)`);
+    }
+    if (FETCH_REFUSED.has(name.toLowerCase())) {
+      throw new ConfigurationError(`IdentityClient: headers: ${name} is one fetch refuses to send (the connection's own)`);
     }
   }
   return { ...headers };

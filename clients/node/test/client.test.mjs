@@ -283,6 +283,10 @@ describe("headers", () => {
     { "x-trace": "a\u0000" },
     { "x trace": "a" },
     { "": "a" },
+    { Connection: "close" },
+    { Expect: "100-continue" },
+    { "content-length": "2" },
+    { "Transfer-Encoding": "chunked" },
     // Added to the client's own: "Bearer other, Basic ..." was no credential the service reads.
     { Authorization: "Bearer other" },
     { "content-type": "text/plain" },
