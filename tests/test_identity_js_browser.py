@@ -19,7 +19,9 @@ maps to loopback with ``--host-resolver-rules``, served with a certificate made 
 ``*.localhost`` is a public suffix to cookies and the service takes https origins only), the
 ``ajs_anonymous_id`` cookie identity.js writes on landing reaches a sibling subdomain
 (``www.example.test``) with ``cookieDomain`` (or ``data-cookie-domain``), and stays
-host-only without it, or with one that is no domain name (ignored, with a console warning).
+host-only without it, or with one that is no domain name; a ``cookieName`` that is no
+token or a ``cookieMaxAge`` that is no whole number of seconds from 1 to 400 days is
+ignored too (each with a console warning: the default is written).
 
 Without Chromium or Playwright these tests skip, except in CI (tests/browser.py).
 """
@@ -28,6 +30,7 @@ import asyncio
 import html
 import json
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -291,32 +294,70 @@ async def test_a_data_timeout_that_is_not_a_number_is_the_default() -> None:
 # Domain B on a registrable domain of its own: a cookie for the parent domain needs one.
 PARENT_DOMAIN = "example.test"
 LANDING_ARGS = [*CHROMIUM_ARGS, f"--host-resolver-rules=MAP *.{PARENT_DOMAIN} 127.0.0.1"]
-# How the page gives identity.js its cookieDomain ("init" or the script tag's attribute),
-# and what: a domain name, none, or one that is no domain name (ignored: host-only).
-COOKIE_DOMAINS: dict[str, tuple[str, str | None]] = {
-    "init": ("init", f".{PARENT_DOMAIN}"),
-    "tag": ("tag", PARENT_DOMAIN),
-    "none": ("init", None),
-    "attribute-init": ("init", f"{PARENT_DOMAIN}; Max-Age=0"),
-    "attribute-tag": ("tag", f"{PARENT_DOMAIN}; Max-Age=0"),
-    "empty-label": ("init", f"pay..{PARENT_DOMAIN}"),
-    "space": ("tag", f"{PARENT_DOMAIN} x"),
+ONE_YEAR = 365 * 24 * 3600
+# The script tag's attributes of identity.js's cookie options (cookieMaxAge has none).
+ATTRIBUTES = {"cookieDomain": "data-cookie-domain", "cookieName": "data-cookie-name"}
+
+
+@dataclass(frozen=True)
+class Landing:
+    """How the page gives identity.js its cookie options (``init`` or the script tag's
+    attributes) and which, the option identity.js ignores with a console warning (None:
+    all valid), and the cookie it then writes: its name, for the parent domain or
+    host-only, and its Max-Age."""
+
+    how: str
+    options: dict[str, object]
+    warned: str | None = None
+    name: str = "ajs_anonymous_id"
+    parent: bool = False
+    max_age: int = ONE_YEAR
+
+
+LANDINGS: dict[str, Landing] = {
+    "init": Landing("init", {"cookieDomain": f".{PARENT_DOMAIN}"}, parent=True),
+    "tag": Landing("tag", {"cookieDomain": PARENT_DOMAIN}, parent=True),
+    "none": Landing("init", {}),
+    # No domain name: ignored, the cookie host-only.
+    "attribute-init": Landing(
+        "init", {"cookieDomain": f"{PARENT_DOMAIN}; Max-Age=0"}, "cookieDomain"
+    ),
+    "attribute-tag": Landing(
+        "tag", {"cookieDomain": f"{PARENT_DOMAIN}; Max-Age=0"}, "cookieDomain"
+    ),
+    "empty-label": Landing("init", {"cookieDomain": f"pay..{PARENT_DOMAIN}"}, "cookieDomain"),
+    "space": Landing("tag", {"cookieDomain": f"{PARENT_DOMAIN} x"}, "cookieDomain"),
+    # Cookie names: a token (RFC 6265), or the default.
+    "name-init": Landing("init", {"cookieName": "ajs_id"}, name="ajs_id"),
+    "name-tag": Landing("tag", {"cookieName": "ajs.id"}, name="ajs.id"),
+    "name-attribute": Landing("init", {"cookieName": "ajs; Max-Age=0"}, "cookieName"),
+    "name-equals": Landing("tag", {"cookieName": "ajs=id"}, "cookieName"),
+    "name-space": Landing("tag", {"cookieName": "ajs id"}, "cookieName"),
+    "name-empty": Landing("init", {"cookieName": ""}, "cookieName"),
+    # Max-Age: whole seconds from 1 to 400 days, or the default.
+    "age": Landing("init", {"cookieMaxAge": 3600}, max_age=3600),
+    "age-negative": Landing("init", {"cookieMaxAge": -5}, "cookieMaxAge"),
+    "age-fraction": Landing("init", {"cookieMaxAge": 1.5}, "cookieMaxAge"),
+    "age-text": Landing("init", {"cookieMaxAge": "1 year"}, "cookieMaxAge"),
+    "age-over-400-days": Landing("init", {"cookieMaxAge": 401 * 24 * 3600}, "cookieMaxAge"),
 }
-VALID_DOMAINS = {"init", "tag", "none"}
 
 
 def landing_page(service: str, mode: str) -> web.Response:
-    """Domain B's page with identity.js: ``cookieDomain`` by ``init``, by the script tag's
-    ``data-cookie-domain``, or none."""
+    """Domain B's page with identity.js, its cookie options given by ``init`` or by the
+    script tag's attributes (``LANDINGS``)."""
     src = f"{service}/v1/identity.js"
-    how, domain = COOKIE_DOMAINS[mode]
-    if how == "tag":
+    landing = LANDINGS[mode]
+    if landing.how == "tag":
+        attributes = "".join(
+            f' {ATTRIBUTES[name]}="{html.escape(str(value))}"'
+            for name, value in landing.options.items()
+        )
         head = (
-            f'<script src="{src}" data-exchange-endpoint="/identity/exchange" '
-            f'data-cookie-domain="{html.escape(domain or "")}"></script>'
+            f'<script src="{src}" data-exchange-endpoint="/identity/exchange"{attributes}></script>'
         )
     else:
-        options = {"exchangeEndpoint": "/identity/exchange", "cookieDomain": domain}
+        options = {"exchangeEndpoint": "/identity/exchange", **landing.options}
         head = f'<script src="{src}"></script><script>IdentityHandoff.init({json.dumps(options)});</script>'
     document = f"<!doctype html><html><head>{head}</head><body><h1>cart</h1></body></html>"
     return web.Response(text=document, content_type="text/html")
@@ -341,13 +382,15 @@ def landing_app(service: str, client: AsyncIdentityClient) -> web.Application:
     return app
 
 
-async def test_identity_js_writes_the_cookie_for_the_cookie_domain(tmp_path: Path) -> None:
+async def test_identity_js_writes_the_cookie_its_options_say(tmp_path: Path) -> None:
     """identity.js wrote a host-only cookie whatever the site's setup: a visitor restored on
     pay.example.test was unknown on www.example.test. With ``cookieDomain`` (the
-    middlewares' option) the cookie is the parent domain's. One that is no domain name went
-    into document.cookie as written: its ';' added attributes (``Max-Age=0``: no cookie at
-    all), an empty label or a space made a cookie Chromium refuses; it is now ignored with a
-    console warning, and the cookie is host-only."""
+    middlewares' option) the cookie is the parent domain's. A cookieDomain that is no
+    domain name, a cookieName that is no token or a cookieMaxAge that is no whole number of
+    seconds from 1 to 400 days went into document.cookie as written: a ';' added
+    attributes (``Max-Age=0``: no cookie at all), an '=' moved the name into the value, an
+    empty label or a space made a cookie Chromium refuses, ``Max-Age=-5`` deleted it; each
+    is now ignored with a console warning, and its default written."""
     async_api = need_browser()
     service_port, site_port = free_port(), free_port()
     pay = f"https://pay.{PARENT_DOMAIN}:{site_port}"
@@ -370,7 +413,7 @@ async def test_identity_js_writes_the_cookie_for_the_cookie_domain(tmp_path: Pat
                 executable_path=chromium_path(), args=LANDING_ARGS, timeout=TIMEOUT_MS
             )
             try:
-                for mode, (_, domain) in COOKIE_DOMAINS.items():
+                for mode, landing in LANDINGS.items():
                     visitor = f"visitor-{mode}"
                     context = await browser.new_context(ignore_https_errors=True)
                     context.set_default_timeout(TIMEOUT_MS)
@@ -389,24 +432,29 @@ async def test_identity_js_writes_the_cookie_for_the_cookie_domain(tmp_path: Pat
                     landed = await tab.evaluate(
                         "new Promise((resolve) => IdentityHandoff.ready(resolve))"
                     )
+                    written = time.time()
                     assert landed == {"anonymousId": visitor, "source": "handoff"}, mode
                     assert tab.url == f"{pay}/cart?mode={mode}"
-                    [cookie] = await context.cookies(pay)
-                    assert (cookie["name"], cookie["value"]) == ("ajs_anonymous_id", visitor)
+                    cookies = await context.cookies(pay)
+                    assert [(c["name"], c["value"]) for c in cookies] == [
+                        (landing.name, visitor)
+                    ], mode
+                    [cookie] = cookies
+                    assert abs(cookie["expires"] - written - landing.max_age) < 60, mode
                     # The sibling subdomain's own page sees it, or not.
                     await tab.goto(f"{www}/account")
                     seen = await tab.evaluate("document.cookie")
-                    if domain is None or mode not in VALID_DOMAINS:
+                    if landing.parent:
+                        assert cookie["domain"] == f".{PARENT_DOMAIN}", mode
+                        assert seen == f"{landing.name}={visitor}", mode
+                    else:
                         assert cookie["domain"] == f"pay.{PARENT_DOMAIN}", mode
                         assert seen == "", mode
-                    else:
-                        assert cookie["domain"] == f".{PARENT_DOMAIN}"
-                        assert seen == f"ajs_anonymous_id={visitor}", mode
-                    # One that is no domain name is said so, and ignored.
-                    if mode in VALID_DOMAINS:
+                    # An option that cannot be written is said so, and ignored.
+                    if landing.warned is None:
                         assert warned == [], mode
                     else:
-                        assert any("cookieDomain" in text for text in warned), (mode, warned)
+                        assert any(landing.warned in text for text in warned), (mode, warned)
                     await context.close()
             finally:
                 await browser.close()

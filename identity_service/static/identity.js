@@ -31,7 +31,9 @@
  * data-token-endpoint, data-exchange-endpoint, data-param, data-cookie-name,
  * data-cookie-domain, data-timeout. cookieDomain (e.g. ".example-pay.com") is the cookie's
  * Domain, as the SDKs' middlewares' option: without it, or with one that is no domain name
- * (ignored, with a console warning), the cookie is host-only.
+ * (ignored, with a console warning), the cookie is host-only. A cookieName that is no token
+ * (RFC 6265) or a cookieMaxAge that is no whole number of seconds from 1 to 400 days is
+ * ignored the same way: its default is written.
  * No dependencies, no build step; ES5 plus fetch.
  */
 (function (window, document) {
@@ -55,6 +57,9 @@
   // A cookie's Domain: a domain name, its leading dot allowed; labels of letters, digits,
   // "-" (not at either end) and "_", 63 characters at most, 253 in all (as the SDKs' check).
   var DOMAIN_LABEL = /^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$/;
+  // A cookie's name: a token (RFC 6265 4.1.1), as the SDKs' check.
+  var COOKIE_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
+  var MAX_COOKIE_AGE = 400 * 24 * 3600;  // browsers cut a longer Max-Age to 400 days
   // A form's attributes the helper sets to submit it as its clicked button would have.
   var SUBMISSION = ["action", "method", "target", "enctype"];
 
@@ -79,17 +84,30 @@
     // Infinity: each would abort every call at once) is the default.
     var timeout = Number(merged.timeout);
     merged.timeout = isFinite(timeout) && timeout > 0 && timeout <= MAX_TIMER ? timeout : DEFAULTS.timeout;
-    // Written into document.cookie as given, a ";" would add attributes and a space or an
-    // empty label make a cookie the browser refuses: one that is no domain name is ignored
-    // (the cookie is host-only), and said so.
+    // Written into document.cookie as given, a ";" would add attributes, an "=" move the
+    // name into the value, a space or an empty label make a cookie the browser refuses,
+    // Max-Age=-5 delete it: each is ignored (its default is written), and said so.
     if (merged.cookieDomain && !isCookieDomain(merged.cookieDomain)) {
-      if (window.console && console.warn) {
-        console.warn("identity.js: cookieDomain " + JSON.stringify(String(merged.cookieDomain)) +
-          " is not a domain name; the cookie is host-only");
-      }
-      merged.cookieDomain = null;
+      ignore(merged, "cookieDomain", "is not a domain name; the cookie is host-only");
+    }
+    if (typeof merged.cookieName !== "string" || !COOKIE_NAME.test(merged.cookieName)) {
+      ignore(merged, "cookieName", "is not a cookie name (a token: no space, \";\", \",\" or \"=\"); " +
+        "the cookie is " + DEFAULTS.cookieName);
+    }
+    var maxAge = merged.cookieMaxAge;
+    if (typeof maxAge !== "number" || maxAge % 1 !== 0 || maxAge < 1 || maxAge > MAX_COOKIE_AGE) {
+      ignore(merged, "cookieMaxAge", "is not a whole number of seconds from 1 to " + MAX_COOKIE_AGE +
+        "; the cookie is kept " + DEFAULTS.cookieMaxAge + " s");
     }
     return merged;
+  }
+
+  // Puts the default back for the option `name` of `merged`, with a console warning.
+  function ignore(merged, name, why) {
+    if (window.console && console.warn) {
+      console.warn("identity.js: " + name + " " + JSON.stringify(String(merged[name])) + " " + why);
+    }
+    merged[name] = DEFAULTS[name];
   }
 
   function isCookieDomain(domain) {

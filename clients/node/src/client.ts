@@ -26,7 +26,11 @@ export interface IdentityClientOptions {
   maxBackoffMs?: number;
   /** The fetch to use (default the global one). */
   fetch?: typeof fetch;
-  /** Extra headers sent with every call (e.g. a tracing header). */
+  /**
+   * Extra headers sent with every call (e.g. a tracing header); not `Authorization`,
+   * `Content-Type` or `Accept` (the client's own). A name or value fetch would refuse (a CR,
+   * LF or NUL) is a ConfigurationError from the constructor.
+   */
   headers?: Record<string, string>;
 }
 
@@ -122,6 +126,67 @@ function setting(name: string, value: unknown, kind: keyof typeof SETTINGS): num
   return value;
 }
 
+/**
+ * Refuses, when the client is made (as the Python SDK's), a service URL the calls cannot be
+ * made under: not http(s) with a host; with user info (fetch refuses every such call, an
+ * outage to whoever reads it, with the password in its message); with a query or a
+ * fragment (each call's path is appended to the URL, so it would go into them). The URL
+ * itself is not shown: it may hold credentials.
+ */
+function checkBaseUrl(baseUrl: string): void {
+  let url: URL | null;
+  try {
+    url = new URL(baseUrl);
+  } catch {
+    url = null;
+  }
+  if (url === null || (url.protocol !== "http:" && url.protocol !== "https:") || !url.hostname) {
+    throw new ConfigurationError("IdentityClient: baseUrl is not an http:// or https:// URL");
+  }
+  if (url.username || url.password) {
+    throw new ConfigurationError("IdentityClient: baseUrl holds user info (user:password@): the write key is the credential");
+  }
+  // Neither can stand unescaped in a path: either is a query or a fragment, empty or not.
+  if (baseUrl.includes("?") || baseUrl.includes("#")) {
+    throw new ConfigurationError(
+      "IdentityClient: baseUrl has a query or a fragment: give the base URL alone " +
+        "(e.g. https://identity.internal or https://example.com/identity)",
+    );
+  }
+}
+
+/** The headers the client sends itself: an extra one of the same name would be added to them. */
+const OWN_HEADERS = new Set(["authorization", "content-type", "accept"]);
+/** The headers Node's fetch (undici) refuses at every call, whatever their value. */
+const FETCH_REFUSED = new Set(["connection", "keep-alive", "transfer-encoding", "upgrade", "expect", "content-length"]);
+
+/**
+ * `headers` (the extra headers of every call), or a ConfigurationError when the client is
+ * made: a name or value fetch refuses (a CR, LF or NUL; no token; Connection, Expect,
+ * Content-Length...) failed every call as an IdentityConnectionError, and one of the
+ * client's own headers was added to it ("Bearer x,
+ * Basic ..." is no credential the service reads). Values are not shown: they may be secrets.
+ */
+function extraHeaders(headers: Record<string, string> | undefined): Record<string, string> {
+  const checked = new Headers();
+  for (const [name, value] of Object.entries(headers ?? {})) {
+    try {
+      checked.append(name, value); // fetch's own rules of names and values
+    } catch {
+      throw new ConfigurationError(
+        `IdentityClient: headers: ${JSON.stringify(name)} is not a header name, or its value holds a CR, LF or NUL`,
+      );
+    }
+    if (OWN_HEADERS.has(name.toLowerCase())) {
+      throw new ConfigurationError(`IdentityClient: headers: ${name} is the client's own (the write key, JSON)`);
+    }
+    if (FETCH_REFUSED.has(name.toLowerCase())) {
+      throw new ConfigurationError(`IdentityClient: headers: ${name} is one fetch refuses to send (the connection's own)`);
+    }
+  }
+  return { ...headers };
+}
+
 /** A number JSON cannot hold: refused, where JSON.stringify would send null. */
 function finiteOnly(_key: string, value: unknown): unknown {
   if (typeof value === "number" && !Number.isFinite(value)) {
@@ -176,6 +241,12 @@ export class IdentityClient {
     const writeKey = options.writeKey ?? process.env.IDENTITY_WRITE_KEY;
     if (!baseUrl) throw new ConfigurationError("IdentityClient: baseUrl (or IDENTITY_URL) is required");
     if (!writeKey) throw new ConfigurationError("IdentityClient: writeKey (or IDENTITY_WRITE_KEY) is required");
+    // The service's rule (its sources.can_be_sent): HTTP Basic ends the user name at a ':',
+    // and only printable ASCII keys are read. The key itself is not shown.
+    if (!/^[\x20-\x39\x3b-\x7e]+$/.test(writeKey)) {
+      throw new ConfigurationError("IdentityClient: writeKey is not one the service can read: printable ASCII without ':'");
+    }
+    checkBaseUrl(baseUrl);
     this.baseUrl = baseUrl.replace(/\/+$/, "");
     this.timeoutMs = setting("timeoutMs", options.timeoutMs ?? DEFAULTS.timeoutMs, "timeout");
     this.maxRetries = setting("maxRetries", options.maxRetries ?? DEFAULTS.maxRetries, "count");
@@ -184,7 +255,7 @@ export class IdentityClient {
     this.#writeKey = writeKey;
     this.#authorization = "Basic " + Buffer.from(`${writeKey}:`, "utf8").toString("base64");
     this.#fetch = options.fetch ?? globalThis.fetch;
-    this.#headers = { ...(options.headers ?? {}) };
+    this.#headers = extraHeaders(options.headers);
   }
 
   /** Keeps the write key out of anything printed. */
@@ -270,7 +341,10 @@ export class IdentityClient {
 
   /** Delay before retry number `attempt + 1`, in milliseconds. */
   #backoff(attempt: number, retryAfterSeconds: number | null): number {
-    const exponential = Math.min(this.maxBackoffMs, this.backoffBaseMs * 2 ** attempt);
+    // From attempt 1024 on, 2 ** attempt is Infinity (capped below), and 0 * Infinity NaN,
+    // which Math.max would take over a Retry-After and setTimeout wait as 1 ms: no base is
+    // no backoff, at any attempt.
+    const exponential = this.backoffBaseMs === 0 ? 0 : Math.min(this.maxBackoffMs, this.backoffBaseMs * 2 ** attempt);
     const jittered = Math.random() * exponential; // full jitter
     if (retryAfterSeconds !== null) return Math.min(this.maxBackoffMs, Math.max(retryAfterSeconds * 1000, jittered));
     return jittered;

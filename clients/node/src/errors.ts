@@ -123,7 +123,9 @@ export class ServiceUnavailable extends APIError {
 
 /**
  * The client lacks its base URL or write key, or a setting is out of range (thrown by the
- * constructor; no request made); or `handoffMiddleware`'s `cookieDomain` is not a domain name.
+ * constructor; no request made); or a cookie option of `handoffMiddleware` a Set-Cookie
+ * cannot hold as given (a `cookieDomain` that is not a domain name, a `cookieName` that is
+ * not a token, a `cookiePath` with a `;`, a `cookieMaxAge` that is not 1 to 400 days...).
  */
 export class ConfigurationError extends IdentityError {}
 

@@ -57,20 +57,27 @@ export interface RequestIdentity {
 export interface HandoffMiddlewareOptions {
   /** Query parameter carrying the token (default `handoff_token`, the service's). */
   tokenParam?: string;
-  /** The visitor cookie (default `ajs_anonymous_id`, the one analytics.js reads). */
+  /**
+   * The visitor cookie (default `ajs_anonymous_id`, the one analytics.js reads): a token
+   * (RFC 6265), as `carryCookieName`; one with a space, `;`, `,`, `=` or a control character
+   * is a ConfigurationError from `handoffMiddleware`.
+   */
   cookieName?: string;
   /**
    * Cookie `Domain` (e.g. `.example-pay.com`); default none (host-only). Not a domain name
    * (a `;`, a space, an empty label...): a ConfigurationError from `handoffMiddleware`.
    */
   cookieDomain?: string;
-  /** Cookie `Max-Age` in seconds (default one year). */
+  /**
+   * Cookie `Max-Age` in whole seconds (default one year), from 1 to 400 days (browsers cut a
+   * longer one): any other (NaN, 0, 1.5) is a ConfigurationError from `handoffMiddleware`.
+   */
   cookieMaxAge?: number;
-  /** Cookie `SameSite` (default `Lax`). */
+  /** Cookie `SameSite` (default `Lax`; any case); `None` needs `secure`. */
   sameSite?: "Lax" | "Strict" | "None";
   /** Cookie `Secure` (default true; false for plain-http development). */
   secure?: boolean;
-  /** Cookie `Path` (default `/`). */
+  /** Cookie `Path` (default `/`): starting with `/`, printable ASCII without `;`. */
   cookiePath?: string;
   /** Domain B's completion event name and properties, passed to the exchange. */
   event?: ExchangeOptions["event"];
@@ -78,7 +85,8 @@ export interface HandoffMiddlewareOptions {
   /**
    * The public origin of this site (`https://checkout.example-pay.com`), used for the page
    * URL in the exchange's context. Default: from the request (Express's `req.protocol`, or
-   * the socket, and the `Host` header).
+   * the socket, and the `Host` header). Not an http(s) URL: a ConfigurationError from
+   * `handoffMiddleware`.
    */
   publicOrigin?: string;
   /**
@@ -92,6 +100,8 @@ export interface HandoffMiddlewareOptions {
 }
 
 const ONE_YEAR = 365 * 24 * 60 * 60;
+const DEFAULT_COOKIE_NAME = "ajs_anonymous_id";
+const DEFAULT_CARRY_NAME = "identity_restored";
 const CARRY_MAX_AGE = 60;
 /** The service refuses (400) a token that is empty or longer; real tokens are 43 characters. */
 const MAX_TOKEN_LENGTH = 128;
@@ -142,6 +152,85 @@ function isCookieDomain(domain: unknown): boolean {
   return name.length <= MAX_DOMAIN && name.split(".").every((label) => DOMAIN_LABEL.test(label));
 }
 
+// A cookie's name (RFC 6265 4.1.1): a token, RFC 9110's tchar; a cookie's Path: any
+// printable ASCII but ';', starting with '/' (5.2.4: a browser ignores any other Path and
+// uses the page's directory). The Python middlewares check the same, identity.js the name.
+const COOKIE_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
+const COOKIE_PATH = /^\/[\x20-\x3a\x3c-\x7e]*$/;
+/** The longest Max-Age browsers keep (RFC 6265bis 5.6.2: a longer one is cut to 400 days). */
+const MAX_COOKIE_AGE = 400 * 24 * 3600;
+const SAME_SITE = ["lax", "strict", "none"];
+
+/**
+ * Refuses, when the middleware is made, a cookie option that written into the Set-Cookie as
+ * given would add attributes (a `;`), make a cookie browsers drop or cut, or one Node
+ * refuses to send (a CR or LF: every handoff request's error), as the Python SDK refuses it.
+ */
+function checkCookieOptions(options: HandoffMiddlewareOptions): void {
+  // An option left out (undefined or null) is its default.
+  const refuse = (message: string): never => {
+    throw new ConfigurationError(`handoffMiddleware: ${message}`);
+  };
+  if (options.cookieDomain && !isCookieDomain(options.cookieDomain)) {
+    refuse(
+      `cookieDomain ${JSON.stringify(options.cookieDomain)} is not a domain name ` +
+        "(e.g. .example-pay.com; an internationalized one in its xn-- form)",
+    );
+  }
+  for (const option of ["cookieName", "carryCookieName"] as const) {
+    const name: unknown = options[option];
+    if (name != null && (typeof name !== "string" || !COOKIE_NAME.test(name))) {
+      refuse(
+        `${option} ${JSON.stringify(name)} is not a cookie name (letters, digits and ` +
+          "!#$%&'*+-.^_`|~; no space, ';', ',', '=' or control character)",
+      );
+    }
+  }
+  const visitorName = options.cookieName ?? DEFAULT_COOKIE_NAME;
+  if (visitorName === (options.carryCookieName ?? DEFAULT_CARRY_NAME)) {
+    refuse(
+      `cookieName and carryCookieName are both ${JSON.stringify(visitorName)}: the carry cookie ` +
+        "(HttpOnly, 60 s) would replace the visitor cookie",
+    );
+  }
+  const path: unknown = options.cookiePath;
+  if (path != null && (typeof path !== "string" || !COOKIE_PATH.test(path))) {
+    refuse(`cookiePath ${JSON.stringify(path)} is not a cookie path (a path starting with '/', of printable ASCII without ';')`);
+  }
+  const maxAge: unknown = options.cookieMaxAge;
+  if (maxAge != null && !(Number.isInteger(maxAge) && (maxAge as number) > 0 && (maxAge as number) <= MAX_COOKIE_AGE)) {
+    refuse(`cookieMaxAge must be a whole number of seconds from 1 to ${MAX_COOKIE_AGE} (400 days, the longest browsers keep a cookie)`);
+  }
+  const sameSite: unknown = options.sameSite;
+  if (sameSite != null && (typeof sameSite !== "string" || !SAME_SITE.includes(sameSite.toLowerCase()))) {
+    refuse(`sameSite ${JSON.stringify(sameSite)} is not Lax, Strict or None`);
+  }
+  if (typeof sameSite === "string" && sameSite.toLowerCase() === "none" && options.secure === false) {
+    refuse("sameSite None needs secure: browsers drop a SameSite=None cookie that is not Secure");
+  }
+}
+
+/**
+ * Refuses, when the middleware is made, a `publicOrigin` that is no http(s) URL: the page
+ * URL could not be made from it, and every handoff request went on to the handler as it
+ * was, its token never exchanged and left in the address bar.
+ */
+function checkPublicOrigin(publicOrigin: unknown): void {
+  if (publicOrigin == null || publicOrigin === "") return;
+  let url: URL | null;
+  try {
+    url = typeof publicOrigin === "string" ? new URL(publicOrigin) : null;
+  } catch {
+    url = null;
+  }
+  if (url === null || (url.protocol !== "http:" && url.protocol !== "https:") || !url.hostname) {
+    throw new ConfigurationError(
+      `handoffMiddleware: publicOrigin ${JSON.stringify(publicOrigin)} is not an http:// or https:// origin ` +
+        "(e.g. https://checkout.example-pay.com)",
+    );
+  }
+}
+
 // RFC 6265 cookie-octet: printable ASCII except space, DQUOTE, comma, semicolon, backslash;
 // and minus `%`, which readCookie decodes (as the Python SDK's cookies).
 const COOKIE_OCTETS = /^[\x21\x23\x24\x26-\x2B\x2D-\x3A\x3C-\x5B\x5D-\x7E]*$/;
@@ -161,7 +250,7 @@ function serializeCookie(
   const parts = [`${name}=${plain}`];
   if (options.cookieDomain && !carry) parts.push(`Domain=${options.cookieDomain}`);
   parts.push(`Path=${options.cookiePath ?? "/"}`);
-  parts.push(`Max-Age=${Math.floor(maxAge)}`);
+  parts.push(`Max-Age=${maxAge}`);
   parts.push(`Expires=${new Date(Date.now() + maxAge * 1000).toUTCString()}`);
   parts.push(`SameSite=${options.sameSite ?? "Lax"}`);
   if (options.secure ?? true) parts.push("Secure");
@@ -232,17 +321,11 @@ export function handoffMiddleware(
   client: Pick<IdentityClient, "exchange"> & Partial<Pick<IdentityClient, "carryKey">>,
   options: HandoffMiddlewareOptions = {},
 ): (req: MiddlewareRequest, res: MiddlewareResponse, next: NextFunction) => void {
-  if (options.cookieDomain && !isCookieDomain(options.cookieDomain)) {
-    // Refused here: in the Set-Cookie as given, a ';' would add attributes, a space or an
-    // empty label make a cookie browsers drop.
-    throw new ConfigurationError(
-      `handoffMiddleware: cookieDomain ${JSON.stringify(options.cookieDomain)} is not a domain name ` +
-        "(e.g. .example-pay.com; an internationalized one in its xn-- form)",
-    );
-  }
+  checkCookieOptions(options);
+  checkPublicOrigin(options.publicOrigin);
   const tokenParam = options.tokenParam ?? "handoff_token";
-  const cookieName = options.cookieName ?? "ajs_anonymous_id";
-  const carryName = options.carryCookieName ?? "identity_restored";
+  const cookieName = options.cookieName ?? DEFAULT_COOKIE_NAME;
+  const carryName = options.carryCookieName ?? DEFAULT_CARRY_NAME;
   const key = client.carryKey?.();
 
   /** req.identity from the visitor cookie, or from a valid carry cookie (then cleared). */

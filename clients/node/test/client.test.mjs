@@ -208,3 +208,118 @@ describe("IdentityClient against the real service", () => {
     await assert.rejects(client.exchange(handoff.token), cjs.TokenNotFound);
   });
 });
+
+describe("baseUrl", () => {
+  // Each was taken as given: user info made fetch refuse every call (an outage, to whoever
+  // reads it) with the password in the error's message; a query or a fragment had the
+  // call's path appended to it (every call to "/?x=1/v1/handoffs" or "/"); another scheme
+  // or no URL failed every call too. The Python SDK refuses the same.
+  const INVALID = [
+    "ftp://identity.internal",
+    "identity.internal:8000",
+    "http://",
+    "http://[::1",
+    "http://user:secret-pw@identity.internal",
+    "http://user@identity.internal",
+    "http://:secret-pw@identity.internal/base",
+    "http://identity.internal/?x=1",
+    "http://identity.internal?",
+    "http://identity.internal/base#part",
+    "http://identity.internal#",
+  ];
+  for (const baseUrl of INVALID) {
+    test(`${baseUrl} is a ConfigurationError that does not show it`, () => {
+      assert.throws(
+        () => new IdentityClient({ baseUrl, writeKey: WRITE_KEY }),
+        (error) => {
+          assert.ok(error instanceof ConfigurationError);
+          assert.match(error.message, /baseUrl/);
+          assert.ok(!error.message.includes("secret-pw"));
+          return true;
+        },
+      );
+    });
+  }
+
+  test("a path prefix is kept: calls go under it", async () => {
+    const seen = [];
+    const server = await startHttpServer((req, res) => {
+      seen.push(req.url);
+      res.writeHead(503, { "content-type": "application/problem+json" });
+      res.end("{}");
+    });
+    try {
+      const client = new IdentityClient({ baseUrl: `${server.url}/identity/`, writeKey: WRITE_KEY, maxRetries: 0 });
+      await assert.rejects(client.prepare({ anonymousId: "a", destination: "http://b.localhost/" }), ServiceUnavailable);
+      assert.deepEqual(seen, ["/identity/v1/handoffs"]);
+    } finally {
+      await server.close();
+    }
+  });
+});
+
+describe("writeKey", () => {
+  // Sent as HTTP Basic's user name, a ':' ends it there (the service read "secret"), and the
+  // service reads only printable ASCII keys: every call was Unauthorized. As in Python.
+  for (const writeKey of ["secret:key-0123456789", "secret-clé-0123456789", "secret\r\nX-Key: 1", "secret\u0000"]) {
+    test(`${JSON.stringify(writeKey)} is a ConfigurationError that does not show it`, () => {
+      assert.throws(
+        () => new IdentityClient({ baseUrl: "http://127.0.0.1:1", writeKey }),
+        (error) => {
+          assert.ok(error instanceof ConfigurationError);
+          assert.match(error.message, /writeKey/);
+          assert.ok(!error.message.includes("secret"));
+          return true;
+        },
+      );
+    });
+  }
+});
+
+describe("headers", () => {
+  const INVALID = [
+    // fetch refused them at every call: an IdentityConnectionError, an outage to whoever reads it.
+    { "x-trace": "a\r\nx-injected: 1" },
+    { "x-trace": "a\u0000" },
+    { "x trace": "a" },
+    { "": "a" },
+    { Connection: "close" },
+    { Expect: "100-continue" },
+    { "content-length": "2" },
+    { "Transfer-Encoding": "chunked" },
+    // Added to the client's own: "Bearer other, Basic ..." was no credential the service reads.
+    { Authorization: "Bearer other" },
+    { "content-type": "text/plain" },
+    { ACCEPT: "text/html" },
+  ];
+  for (const headers of INVALID) {
+    test(`${JSON.stringify(headers)} is a ConfigurationError that does not show the value`, () => {
+      assert.throws(
+        () => new IdentityClient({ baseUrl: "http://127.0.0.1:1", writeKey: WRITE_KEY, headers }),
+        (error) => {
+          assert.ok(error instanceof ConfigurationError);
+          assert.match(error.message, /headers/);
+          assert.ok(!error.message.includes("Bearer other") && !error.message.includes("x-injected"));
+          return true;
+        },
+      );
+    });
+  }
+
+  test("valid ones are sent with every call", async () => {
+    const seen = [];
+    const server = await startHttpServer((req, res) => {
+      seen.push([req.headers["x-trace"], req.headers.authorization]);
+      res.writeHead(503, { "content-type": "application/problem+json" });
+      res.end("{}");
+    });
+    try {
+      const headers = { "X-Trace": " 00-abc-01 " };
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: WRITE_KEY, maxRetries: 0, headers });
+      await assert.rejects(client.prepare({ anonymousId: "a", destination: "http://b.localhost/" }), ServiceUnavailable);
+      assert.deepEqual(seen, [["00-abc-01", `Basic ${Buffer.from(`${WRITE_KEY}:`).toString("base64")}`]]);
+    } finally {
+      await server.close();
+    }
+  });
+});

@@ -432,3 +432,101 @@ describe("handoffMiddleware's cookieDomain", () => {
     });
   }
 });
+
+describe("handoffMiddleware's other cookie options", () => {
+  const client = new IdentityClient({ baseUrl: "http://127.0.0.1:1", writeKey: WRITE_KEY });
+  // Each went into every Set-Cookie as written (`Max-Age=NaN`, `Path=/; Domain=...`) or made
+  // a cookie the browser drops, or one Node refuses to send (a CR/LF: the request's error);
+  // the same as the Python SDK refuses.
+  const NAMES = ["", "ajs; Domain=evil.test", "ajs,other", "ajs id", "ajs=id", 'ajs"', "ajs\r\nSet-Cookie: x=1", "ajs\u0000", "ajs\u007f", "ajs_é", 5];
+  const INVALID = [
+    ...["cookieName", "carryCookieName"].flatMap((option) => NAMES.map((name) => ({ [option]: name }))),
+    { cookiePath: "/; Domain=evil.test" },
+    { cookiePath: "/shop\r\nSet-Cookie: x=1" },
+    { cookiePath: "/shop\u0000" },
+    { cookiePath: "/shöp" },
+    { cookiePath: "" },
+    { cookiePath: "shop" },
+    { cookieMaxAge: Number.NaN },
+    { cookieMaxAge: Number.POSITIVE_INFINITY },
+    { cookieMaxAge: -1 },
+    { cookieMaxAge: 0 },
+    { cookieMaxAge: 1.5 },
+    { cookieMaxAge: 400 * 24 * 3600 + 1 },
+    { cookieMaxAge: "3600" },
+    { sameSite: "Lax; Domain=evil.test" },
+    { sameSite: "" },
+    { sameSite: "None", secure: false },
+    // One name for both cookies: the carry cookie (HttpOnly, 60 s) replaced the visitor's.
+    { cookieName: "identity_restored" },
+    { carryCookieName: "ajs_anonymous_id" },
+  ];
+  for (const options of INVALID) {
+    const [name] = Object.keys(options);
+    test(`${JSON.stringify(options).slice(0, 60)} is a ConfigurationError when the middleware is made`, () => {
+      assert.throws(() => handoffMiddleware(client, options), (error) => {
+        assert.ok(error instanceof ConfigurationError);
+        assert.match(error.message, new RegExp(name));
+        return true;
+      });
+    });
+  }
+
+  test("valid ones are written as given", async () => {
+    const real = new IdentityClient({ baseUrl: service.url, writeKey: WRITE_KEY });
+    const cookieName = "__Secure-ajs_id!#$%&'*+-.^`|~";
+    const checkout = await startCheckout(real, {
+      cookieName,
+      carryCookieName: "restored.1",
+      cookiePath: '/shop/a,="x',
+      cookieMaxAge: 400 * 24 * 3600,
+      sameSite: "none",
+    });
+    try {
+      const handoff = await real.prepare({ anonymousId: "visitor-options", destination: `${checkout.origin}/cart` });
+      const landing = new URL(handoff.redirectUrl);
+      const answer = await get(checkout.port, landing.pathname + landing.search);
+      assert.equal(answer.status, 303);
+      const cookie = cookieOf(answer, cookieName);
+      assert.equal(cookie.value, "visitor-options");
+      assert.deepEqual(
+        cookie.attributes.filter((attribute) => !attribute.startsWith("Expires=")),
+        ['Path=/shop/a,="x', "Max-Age=34560000", "SameSite=none", "Secure"],
+      );
+      cookieOf(answer, "restored.1");
+    } finally {
+      await checkout.close();
+    }
+  });
+});
+
+describe("handoffMiddleware's publicOrigin", () => {
+  const client = new IdentityClient({ baseUrl: "http://127.0.0.1:1", writeKey: WRITE_KEY });
+  // Each but ftp:// made every handoff request go on to the handler untouched: the token
+  // never exchanged and left in the address bar (ftp://, a page URL of another scheme).
+  for (const publicOrigin of ["checkout.example-pay.com", "ftp://checkout.example-pay.com", "https://", "/cart"]) {
+    test(`${publicOrigin} is a ConfigurationError when the middleware is made`, () => {
+      assert.throws(() => handoffMiddleware(client, { publicOrigin }), (error) => {
+        assert.ok(error instanceof ConfigurationError);
+        assert.match(error.message, /publicOrigin/);
+        return true;
+      });
+    });
+  }
+
+  test("an origin is the page URL's", async () => {
+    const real = new IdentityClient({ baseUrl: service.url, writeKey: WRITE_KEY });
+    const checkout = await startCheckout(real, { publicOrigin: "https://checkout.example-pay.com/", event: "Origin Landed" });
+    try {
+      const handoff = await real.prepare({ anonymousId: "visitor-origin", destination: `${checkout.origin}/cart?x=1` });
+      const landing = new URL(handoff.redirectUrl);
+      const answer = await get(checkout.port, landing.pathname + landing.search);
+      assert.equal(answer.status, 303);
+      assert.equal(answer.headers.location, "/cart?x=1");
+      const track = await waitForEvent((e) => e.type === "track" && e.anonymousId === "visitor-origin" && e.event === "Origin Landed");
+      assert.equal(track.context.page.url, "https://checkout.example-pay.com/cart?x=1");
+    } finally {
+      await checkout.close();
+    }
+  });
+});

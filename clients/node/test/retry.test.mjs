@@ -365,6 +365,26 @@ describe("retry settings", () => {
     }
   });
 
+  test("a Retry-After is waited past a thousand retries, with no backoff", async () => {
+    // From retry 1024 on, 0 * 2 ** attempt was 0 * Infinity: NaN, which made Math.max drop
+    // the Retry-After and setTimeout wait 1 ms.
+    const seen = [];
+    const server = await startHttpServer((req, res, count) => {
+      seen.push(Date.now());
+      if (count <= 1024) answer(res, 503, UNAVAILABLE);
+      else if (count === 1025) answer(res, 503, UNAVAILABLE, { "retry-after": "1" });
+      else answer(res, 201, PREPARED);
+    });
+    try {
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: "k", maxRetries: 1100, backoffBaseMs: 0 });
+      await client.prepare(params);
+      assert.equal(server.count, 1026);
+      assert.ok(seen[1025] - seen[1024] >= 950, `waited ${seen[1025] - seen[1024]} ms`);
+    } finally {
+      await server.close();
+    }
+  });
+
   test("no backoff at all (0) is valid, and retries at once", async () => {
     const server = await startHttpServer(flaky(2, "5"));
     try {

@@ -81,15 +81,15 @@ class BaseClient:
         write_key = write_key or os.environ.get("IDENTITY_WRITE_KEY")
         if not write_key:
             raise ConfigurationError("no write key: pass write_key= or set IDENTITY_WRITE_KEY")
+        # The service's rule (its sources.can_be_sent): HTTP Basic ends the user name at a
+        # ':', and only printable ASCII keys are read. The key itself is not shown.
+        if not (write_key.isascii() and write_key.isprintable() and ":" not in write_key):
+            raise ConfigurationError(
+                "the write key is not one the service can read: printable ASCII without ':'"
+            )
         _check_retry_settings(max_retries, backoff_base, backoff_max)
         _check_timeout(timeout)
-        try:
-            url = httpx.URL(base_url)
-        except httpx.InvalidURL:
-            url = None
-        if url is None or url.scheme not in ("http", "https") or not url.host:
-            # The URL itself is not shown: it may hold credentials.
-            raise ConfigurationError("the service URL is not an http:// or https:// URL")
+        _check_base_url(base_url)
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self._attempt_seconds = attempt_seconds(timeout)
@@ -310,11 +310,20 @@ class BaseClient:
 
     # Retries (prepare only)
 
+    def _backoff(self, attempt: int) -> float:
+        """``backoff_base · 2^attempt``, capped at ``backoff_max``, for any ``attempt``: the
+        exponent is capped where the product passes ``backoff_max`` (by their binary
+        exponents, so however small ``backoff_base`` is), since ``2**attempt`` is past any
+        float from 1024 on (``OverflowError``)."""
+        base, cap = self.backoff_base, self.backoff_max
+        doublings = max(0, math.frexp(cap)[1] - math.frexp(base)[1] + 1)
+        return min(cap, math.ldexp(base, min(attempt, doublings)))
+
     def _retry_delay(self, attempt: int, after: float | None) -> float:
         """Seconds before retry ``attempt`` (0-based): exponential backoff with full jitter,
         or the longer of it and the Retry-After sent; never over ``backoff_max`` (as the
         Node SDK waits)."""
-        jittered = random.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))  # noqa: S311
+        jittered = random.uniform(0, self._backoff(attempt))  # noqa: S311
         return jittered if after is None else min(self.backoff_max, max(after, jittered))
 
     def _prepare_retry(
@@ -386,6 +395,30 @@ def _check_retry_settings(max_retries: object, backoff_base: object, backoff_max
     for name, seconds in (("backoff_base", backoff_base), ("backoff_max", backoff_max)):
         if not _seconds(seconds):
             raise ConfigurationError(f"{name} must be a number of seconds from 0 to {MAX_SECONDS}")
+
+
+def _check_base_url(base_url: str) -> None:
+    """Refuse, when the client is made, a service URL the calls cannot be made under: not
+    http(s) with a host; with user info (httpx would send it as the Basic credentials in
+    place of the write key); with a query or a fragment (each call's path is appended to
+    the URL, so it would go into them). The URL itself is not shown: it may hold
+    credentials."""
+    try:
+        url = httpx.URL(base_url)
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise ConfigurationError("the service URL is not an http:// or https:// URL")
+    if url.userinfo:
+        raise ConfigurationError(
+            "the service URL holds user info (user:password@): the write key is the credential"
+        )
+    # Neither can stand unescaped in a path: either is a query or a fragment, empty or not.
+    if "?" in base_url or "#" in base_url:
+        raise ConfigurationError(
+            "the service URL has a query or a fragment: give the base URL alone "
+            "(e.g. https://identity.internal or https://example.com/identity)"
+        )
 
 
 def _check_timeout(timeout: object) -> None:

@@ -50,9 +50,14 @@ class IdentityError(Exception):
 
 class ConfigurationError(IdentityError):
     """The client lacks its base URL or write key, or a setting is invalid (a base URL
-    that is not http(s), a negative or non-finite backoff or timeout, a timeout of 0, a
-    negative ``max_retries``): raised when the client is made, before any request. Also a
-    middleware's ``cookie_domain`` that is not a domain name, when the middleware is made."""
+    that is not http(s) or holds user info, a query or a fragment; a write key with a ':'
+    or what is not printable ASCII; a negative or non-finite backoff or timeout, a timeout
+    of 0, a negative ``max_retries``): raised when the client is made, before any
+    request. Also a
+    middleware's cookie setting a Set-Cookie cannot hold as given (a ``cookie_domain``
+    that is not a domain name, a ``cookie_name`` that is not a token, a ``cookie_path``
+    with a ';', a ``cookie_max_age`` that is not 1 to 400 days...), when the middleware is
+    made."""
 
 
 class IdentityConnectionError(IdentityError, ConnectionError):

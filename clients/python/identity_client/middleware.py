@@ -101,6 +101,14 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 # Node middleware and identity.js check the same.
 _DOMAIN_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _MAX_DOMAIN = 253
+# A cookie's name (RFC 6265 4.1.1): a token, RFC 9110's tchar; a cookie's Path: any
+# printable ASCII but ';', starting with '/' (5.2.4: a browser ignores any other Path and
+# uses the page's directory). The Node middleware checks the same, identity.js the name.
+_COOKIE_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_COOKIE_PATH = re.compile(r"/[\x20-\x3a\x3c-\x7e]*")
+# The longest Max-Age browsers keep (RFC 6265bis 5.6.2: a longer one is cut to 400 days).
+MAX_COOKIE_AGE = 400 * 24 * 3600
+_SAME_SITE = ("lax", "strict", "none")
 
 
 @dataclass(frozen=True)
@@ -120,12 +128,47 @@ class MiddlewareSettings:
     carry_cookie_name: str = "identity_restored"
 
     def __post_init__(self) -> None:
+        """Refuse, when the middleware is made, a setting that written into the Set-Cookie
+        as given would add attributes (a ';') or make a cookie browsers drop or cut."""
         if self.cookie_domain and not _is_cookie_domain(self.cookie_domain):
-            # Refused when the middleware is made: in the Set-Cookie as given, a ';' would
-            # add attributes, a space or an empty label make a cookie browsers drop.
             raise ConfigurationError(
                 f"cookie_domain {self.cookie_domain!r} is not a domain name "
                 "(e.g. .example-pay.com; an internationalized one in its xn-- form)"
+            )
+        for setting, name in (
+            ("cookie_name", self.cookie_name),
+            ("carry_cookie_name", self.carry_cookie_name),
+        ):
+            if not _fullmatch(_COOKIE_NAME, name):
+                raise ConfigurationError(
+                    f"{setting} {name!r} is not a cookie name (letters, digits and "
+                    "!#$%&'*+-.^_`|~; no space, ';', ',', '=' or control character)"
+                )
+        if self.cookie_name == self.carry_cookie_name:
+            raise ConfigurationError(
+                f"cookie_name and carry_cookie_name are both {self.cookie_name!r}: the carry "
+                "cookie (HttpOnly, 60 s) would replace the visitor cookie"
+            )
+        if not _fullmatch(_COOKIE_PATH, self.cookie_path):
+            raise ConfigurationError(
+                f"cookie_path {self.cookie_path!r} is not a cookie path (a path starting "
+                "with '/', of printable ASCII without ';')"
+            )
+        max_age = self.cookie_max_age
+        if not (isinstance(max_age, int) and not isinstance(max_age, bool)) or not (
+            0 < max_age <= MAX_COOKIE_AGE
+        ):
+            raise ConfigurationError(
+                f"cookie_max_age must be a whole number of seconds from 1 to {MAX_COOKIE_AGE} "
+                "(400 days, the longest browsers keep a cookie)"
+            )
+        same_site = self.cookie_same_site
+        if not isinstance(same_site, str) or same_site.lower() not in _SAME_SITE:
+            raise ConfigurationError(f"cookie_same_site {same_site!r} is not Lax, Strict or None")
+        if same_site.lower() == "none" and not self.cookie_secure:
+            raise ConfigurationError(
+                "cookie_same_site None needs cookie_secure: browsers drop a SameSite=None "
+                "cookie that is not Secure"
             )
 
     def set_cookie(self, anonymous_id: str) -> str:
@@ -257,6 +300,11 @@ class MiddlewareSettings:
         if user_agent:
             context["userAgent"] = _utf8(user_agent)
         return context
+
+
+def _fullmatch(pattern: re.Pattern[str], value: object) -> bool:
+    """Whether ``value`` is a string ``pattern`` matches whole."""
+    return isinstance(value, str) and pattern.fullmatch(value) is not None
 
 
 def _is_cookie_domain(domain: object) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -436,6 +436,19 @@ INVALID_COOKIE_DOMAINS = [
 ]
 
 
+def make_middleware(kind: str, **settings: Any) -> object:
+    """The ``kind`` middleware (wsgi, asgi, aiohttp) made with ``settings``, around a
+    client of a service that is never called."""
+    if kind == "wsgi":
+        return IdentityWSGIMiddleware(
+            wsgi_echo, IdentityClient("http://127.0.0.1:1", DEV_WRITE_KEY), **settings
+        )
+    client = AsyncIdentityClient("http://127.0.0.1:1", DEV_WRITE_KEY)
+    if kind == "asgi":
+        return IdentityASGIMiddleware(asgi_echo, client, **settings)
+    return identity_middleware(client, **settings)
+
+
 @pytest.mark.parametrize("kind", ["wsgi", "asgi", "aiohttp"])
 @pytest.mark.parametrize("cookie_domain", INVALID_COOKIE_DOMAINS, ids=repr)
 def test_an_invalid_cookie_domain_is_refused_when_the_middleware_is_made(
@@ -443,17 +456,8 @@ def test_an_invalid_cookie_domain_is_refused_when_the_middleware_is_made(
 ) -> None:
     """It went into every Set-Cookie as written: a ';' added attributes, a space or an
     empty label made a cookie the browser drops (the visitor never restored)."""
-    sync_client = IdentityClient("http://127.0.0.1:1", DEV_WRITE_KEY)
-    async_client = AsyncIdentityClient("http://127.0.0.1:1", DEV_WRITE_KEY)
-    make: dict[str, Callable[[], object]] = {
-        "wsgi": lambda: IdentityWSGIMiddleware(wsgi_echo, sync_client, cookie_domain=cookie_domain),
-        "asgi": lambda: IdentityASGIMiddleware(
-            asgi_echo, async_client, cookie_domain=cookie_domain
-        ),
-        "aiohttp": lambda: identity_middleware(async_client, cookie_domain=cookie_domain),
-    }
     with pytest.raises(ConfigurationError, match="cookie_domain"):
-        make[kind]()
+        make_middleware(kind, cookie_domain=cookie_domain)
 
 
 @pytest.mark.parametrize(
@@ -474,3 +478,89 @@ def test_a_cookie_domain_is_written_as_given(service: Service, cookie_domain: st
             handoff = client.prepare("visitor-domain", destination=f"{HOST}/cart")
             visitor_cookie = browser.get(path_of(handoff.redirect_url)).headers["set-cookie"]
     assert f"; Domain={cookie_domain}; " in visitor_cookie
+
+
+# The cookies' other settings: what a Set-Cookie can hold, or refused when the middleware is made
+
+# A name is an RFC 6265 token: a ';' or ',' adds attributes or cookies, '=' moves the value,
+# a space, a quote or a control character makes a cookie browsers drop.
+INVALID_COOKIE_NAMES: tuple[object, ...] = (
+    "",
+    "ajs; Domain=evil.test",
+    "ajs,other",
+    "ajs id",
+    "ajs=id",
+    'ajs"',
+    "ajs\r\nSet-Cookie: x=1",
+    "ajs\x00",
+    "ajs\x7f",
+    "ajs_é",
+    5,
+)
+INVALID_COOKIE_SETTINGS: list[dict[str, object]] = [
+    *(
+        {setting: name}
+        for setting in ("cookie_name", "carry_cookie_name")
+        for name in INVALID_COOKIE_NAMES
+    ),
+    # A path: any character but a control character or ';', starting with '/' (a browser
+    # ignores any other and uses the page's directory instead).
+    {"cookie_path": "/; Domain=evil.test"},
+    {"cookie_path": "/shop\r\nSet-Cookie: x=1"},
+    {"cookie_path": "/shop\x00"},
+    {"cookie_path": "/shöp"},
+    {"cookie_path": ""},
+    {"cookie_path": "shop"},
+    {"cookie_path": None},
+    # Seconds, a whole number from 1 (0 or less deletes the cookie at once) to the 400 days
+    # browsers keep a cookie (RFC 6265bis 5.6.2: any longer is cut to 400 days).
+    {"cookie_max_age": float("nan")},
+    {"cookie_max_age": float("inf")},
+    {"cookie_max_age": -1},
+    {"cookie_max_age": 0},
+    {"cookie_max_age": 1.5},
+    {"cookie_max_age": 400 * 24 * 3600 + 1},
+    {"cookie_max_age": "3600"},
+    {"cookie_max_age": True},
+    # SameSite: one of the three (in any case); None only with Secure (browsers drop it
+    # without).
+    {"cookie_same_site": "Lax; Domain=evil.test"},
+    {"cookie_same_site": ""},
+    {"cookie_same_site": "None", "cookie_secure": False},
+    # One name for both cookies: the carry cookie (HttpOnly, 60 s) replaced the visitor's.
+    {"cookie_name": "identity_restored"},
+    {"carry_cookie_name": "ajs_anonymous_id"},
+]
+
+
+@pytest.mark.parametrize("kind", ["wsgi", "asgi", "aiohttp"])
+@pytest.mark.parametrize("settings", INVALID_COOKIE_SETTINGS, ids=repr)
+def test_invalid_cookie_settings_are_refused_when_the_middleware_is_made(
+    kind: str, settings: dict[str, object]
+) -> None:
+    """Each went into every Set-Cookie as written (``Max-Age=nan``, ``Path=/; Domain=...``)
+    or made one the browser drops: the visitor was never restored."""
+    with pytest.raises(ConfigurationError, match=next(iter(settings))):
+        make_middleware(kind, **settings)
+
+
+def test_valid_cookie_settings_are_written_as_given(service: Service) -> None:
+    settings: dict[str, Any] = {
+        "cookie_name": "__Secure-ajs_id!#$%&'*+-.^`|~",
+        "carry_cookie_name": "restored.1",
+        "cookie_path": '/shop/a,="x',
+        "cookie_max_age": 400 * 24 * 3600,
+        "cookie_same_site": "None",
+    }
+    with IdentityClient(service.url, DEV_WRITE_KEY) as client:
+        app = IdentityWSGIMiddleware(wsgi_echo, client, **settings)
+        transport = httpx.WSGITransport(app=app)
+        with httpx.Client(transport=transport, base_url=HOST) as browser:
+            handoff = client.prepare("visitor-settings", destination=f"{HOST}/cart")
+            answer = browser.get(path_of(handoff.redirect_url))
+    visitor_cookie, carry_cookie = answer.headers.get_list("set-cookie")
+    assert visitor_cookie == (
+        "__Secure-ajs_id!#$%&'*+-.^`|~=visitor-settings; Path=/shop/a,=\"x; "
+        "Max-Age=34560000; SameSite=None; Secure"
+    )
+    assert carry_cookie.startswith("restored.1=")

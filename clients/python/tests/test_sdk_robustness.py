@@ -189,7 +189,24 @@ def test_a_problem_nested_too_deep_is_still_its_status_error(
 
 
 @pytest.mark.parametrize(
-    "url", ["http://[::1", "ftp://identity.internal", "identity.internal:8000", "http://"]
+    "url",
+    [
+        "http://[::1",
+        "ftp://identity.internal",
+        "identity.internal:8000",
+        "http://",
+        # User info: httpx sent it as the Basic credentials instead of the write key (every
+        # call Unauthorized, the password sent to the service), and repr() showed it.
+        "http://user:secret-pw@identity.internal",
+        "http://user@identity.internal",
+        "http://:secret-pw@identity.internal/base",
+        # A query or a fragment: the call's path was appended to it, so every call went to
+        # another path ("/?x=1/v1/handoffs", "/").
+        "http://identity.internal/?x=1",
+        "http://identity.internal?",
+        "http://identity.internal/base#part",
+        "http://identity.internal#",
+    ],
 )
 @pytest.mark.parametrize("client_class", [IdentityClient, AsyncIdentityClient])
 def test_an_invalid_base_url_is_refused_when_the_client_is_made(
@@ -198,6 +215,35 @@ def test_an_invalid_base_url_is_refused_when_the_client_is_made(
     with pytest.raises(ConfigurationError) as caught:
         client_class(url, WRITE_KEY)
     assert url not in str(caught.value) or url == "http://"
+    assert "secret-pw" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "write_key",
+    ["secret:key-0123456789", "secret-clé-0123456789", "secret\r\nX-Key: 1", "secret\x00"],
+)
+@pytest.mark.parametrize("client_class", [IdentityClient, AsyncIdentityClient])
+def test_a_write_key_the_service_cannot_read_is_refused_when_the_client_is_made(
+    write_key: str, client_class: type[IdentityClient | AsyncIdentityClient]
+) -> None:
+    """Sent as HTTP Basic's user name, a ':' ends it there (the service read "secret"), and
+    the service reads only printable ASCII keys: every call was Unauthorized."""
+    with pytest.raises(ConfigurationError, match="write key") as caught:
+        client_class("http://127.0.0.1:1", write_key)
+    assert "secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_base_url_with_a_path_prefix_is_called_under_it(server: Misbehaving, mode: str) -> None:
+    seen: list[Seen] = []
+
+    def respond(request: Seen) -> Answer:
+        seen.append(request)
+        return success("prepare", json.dumps(PREPARED).encode())
+
+    server.respond = respond
+    call(mode, "prepare", f"{server.url}/identity/")
+    assert [request.path for request in seen] == ["/identity/v1/handoffs"]
 
 
 # Retry-After: delay-seconds or an HTTP-date (RFC 9110 10.2.3), the wait capped
@@ -339,6 +385,36 @@ def test_no_retry_delay_is_over_backoff_max(
             assert max(delays) <= 2.0
             if retry_after_seconds is not None:
                 assert min(delays) >= min(retry_after_seconds, 2.0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_prepare_is_retried_past_a_thousand_retries(server: Misbehaving, mode: str) -> None:
+    """From retry 1024 on, backoff_base * 2**attempt raised a raw OverflowError (int too
+    large to convert to float) instead of waiting and retrying."""
+    seen: list[Seen] = []
+
+    def respond(request: Seen) -> Answer:
+        seen.append(request)
+        return Answer(503, b"{}", {"Content-Type": "application/json"})
+
+    server.respond = respond
+    with pytest.raises(ServiceUnavailable):
+        call(mode, "prepare", server.url, max_retries=1030, backoff_base=0.001, backoff_max=0)
+    assert len(seen) == 1031
+
+
+@pytest.mark.parametrize("base", [1e-310, 0.001, 1.0, 2147483.647])
+@pytest.mark.parametrize("maximum", [0.0, 0.5, 2147483.647])
+def test_the_backoff_reaches_backoff_max_and_stays_there(base: float, maximum: float) -> None:
+    """Capped at backoff_max for any attempt, never an OverflowError (the exponent is capped
+    where the backoff passes backoff_max, however small backoff_base is)."""
+    client = IdentityClient("http://127.0.0.1:1", WRITE_KEY, backoff_base=base, backoff_max=maximum)
+    for attempt in range(61):
+        assert client._backoff(attempt) == min(maximum, base * 2.0**attempt)
+    assert 0 <= client._backoff(1023) <= client._backoff(1024) <= maximum
+    for attempt in (1100, 2000, 10**9):
+        assert client._backoff(attempt) == maximum
+    assert max(client._retry_delay(10**9, None) for _ in range(200)) >= maximum / 2
 
 
 @pytest.mark.parametrize("mode", MODES)
