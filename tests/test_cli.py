@@ -19,6 +19,7 @@ import orjson
 import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
+from identity_service.cli import command_parser
 from identity_service.constants import outbox_key
 from identity_service.sources import hash_write_key
 from identity_service.stores.redis import AdminClient
@@ -751,3 +752,48 @@ def test_outbox_commands_say_when_a_cluster_cannot_be_reached(action: str) -> No
     (line,) = result.stderr.splitlines()
     assert line.startswith("identity-service: Redis: RedisClusterException")
     assert result.stdout == ""
+
+
+# A command line in the docs' code: at the start of a line or a code span, or after a pipe,
+# kubectl's `--` or a directory (.venv/bin/identity-service).
+DOCUMENTED_COMMAND = re.compile(r"(?:^|-- |\| |/)identity-service ([a-z][^`#|\n]*)")
+# What the docs write for an argument, and a value the command takes in its place.
+PLACEHOLDERS = {"NAME": "segment", "N": "5", "FILE": "identity.toml"}
+
+
+def documented_commands() -> set[str]:
+    """The ``identity-service`` command lines in code in the README, docs/ and the chart:
+    code blocks' lines and inline code spans."""
+    root = Path(__file__).resolve().parent.parent
+    chart = root / "helm" / "identity-service"
+    found = set()
+    for path in [
+        root / "README.md",
+        *sorted((root / "docs").glob("*.md")),
+        chart / "values.yaml",
+        chart / "templates" / "NOTES.txt",
+    ]:
+        code, prose, fenced = [], [], False
+        for line in path.read_text().splitlines():
+            if line.lstrip().startswith("```"):
+                fenced = not fenced
+            else:
+                (code if fenced else prose).append(line)
+        code += re.findall(r"`([^`\n]+)`", "\n".join(prose))
+        found.update(m.strip() for c in code for m in DOCUMENTED_COMMAND.findall(c.strip()))
+    return found
+
+
+def test_every_command_line_the_docs_write_is_one_the_command_takes() -> None:
+    """Each command, outbox action and option the docs write in code parses as written
+    (placeholders such as ``[NAME]`` and ``N`` given a value)."""
+    commands = documented_commands()
+    assert {c.split()[0] for c in commands} >= {"serve", "forward", "outbox", "new-key"}
+    refused = []
+    for command in sorted(commands):
+        words = [PLACEHOLDERS.get(w.strip("[]"), w.strip("[]")) for w in command.split()]
+        try:
+            command_parser().parse_args(words)
+        except SystemExit:
+            refused.append(command)
+    assert refused == []
