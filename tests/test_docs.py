@@ -1,0 +1,72 @@
+"""The docs hold together: their links reach files and headings that exist, and
+docs/architecture.md's module map names every module of the package and no other.
+
+What a single doc says of one part (settings, metrics, problems, commands) is checked with
+that part's tests (test_settings.py, test_metrics.py, test_errors.py, test_cli.py).
+"""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "identity_service"
+DOCS = [
+    ROOT / "README.md",
+    ROOT / "CHANGELOG.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+    *sorted(ROOT.glob("clients/*/README.md")),
+    ROOT / "examples" / "checkout" / "README.md",
+    ROOT / "bench" / "README.md",
+]
+# A Markdown link's target: [text](target), not an external URL.
+LINK = re.compile(r"\]\((?!https?:|mailto:)([^)\s]+)\)")
+# Modules the map leaves out: the package's marker and its ``python -m`` entry.
+UNMAPPED = {"__init__.py", "__main__.py", "amp/__init__.py"}
+
+
+def prose(path: Path) -> str:
+    """``path``'s text without its code blocks."""
+    lines, fenced = [], False
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def anchors(path: Path) -> set[str]:
+    """The anchors of ``path``'s headings, as GitHub makes them: lower case, punctuation
+    dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", prose(path), re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_links_between_the_docs_reach_existing_files_and_headings() -> None:
+    broken = []
+    for doc in DOCS:
+        for target in LINK.findall(prose(doc)):
+            path, _, anchor = target.partition("#")
+            linked = (doc.parent / path).resolve() if path else doc
+            if not linked.exists():
+                broken.append(f"{doc.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+                broken.append(f"{doc.relative_to(ROOT)}: {target} (no such heading)")
+    assert broken == []
+
+
+def test_the_architecture_maps_every_module_of_the_package() -> None:
+    """Each module is a row of docs/architecture.md's module table (the amp/ row names its
+    modules in its text), and each module the table names exists."""
+    architecture = (ROOT / "docs" / "architecture.md").read_text()
+    table = architecture.partition("\n## Modules\n")[2].partition("\n## ")[0]
+    rows = dict(re.findall(r"^\| `([\w/.]+)` \| (.*) \|$", table, re.MULTILINE))
+    mapped = {name for name in rows if not name.endswith("/")}
+    for directory in (name for name in rows if name.endswith("/")):
+        mapped |= {directory + module for module in re.findall(r"`(\w+\.py)`", rows[directory])}
+    modules = {
+        str(path.relative_to(PACKAGE))
+        for path in [*PACKAGE.rglob("*.py"), *PACKAGE.glob("static/*")]
+        if "__pycache__" not in path.parts
+    }
+    assert sorted(mapped) == sorted(modules - UNMAPPED)
