@@ -25,6 +25,7 @@ from identity_service.sources import hash_write_key
 from identity_service.stores.redis import AdminClient
 from tests.conftest import CHECKOUT_URL, SECRET, WRITE_KEYS, Server, sources_env
 from tests.redis_server import RedisServer, free_port
+from tests.test_docs import code_and_prose
 
 COMMAND = str(Path(sys.executable).parent / "identity-service")
 DEV_KEY = "dev-key-for-the-cli-test-4b7e"
@@ -766,20 +767,14 @@ def documented_commands() -> set[str]:
     code blocks' lines and inline code spans."""
     root = Path(__file__).resolve().parent.parent
     chart = root / "helm" / "identity-service"
-    found = set()
+    found: set[str] = set()
     for path in [
         root / "README.md",
         *sorted((root / "docs").glob("*.md")),
         chart / "values.yaml",
         chart / "templates" / "NOTES.txt",
     ]:
-        code, prose, fenced = [], [], False
-        for line in path.read_text().splitlines():
-            if line.lstrip().startswith("```"):
-                fenced = not fenced
-            else:
-                (code if fenced else prose).append(line)
-        code += re.findall(r"`([^`\n]+)`", "\n".join(prose))
+        code, _ = code_and_prose(path)
         found.update(m.strip() for c in code for m in DOCUMENTED_COMMAND.findall(c.strip()))
     return found
 

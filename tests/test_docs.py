@@ -24,15 +24,24 @@ LINK = re.compile(r"\]\((?!https?:|mailto:)([^)\s]+)\)")
 UNMAPPED = {"__init__.py", "__main__.py", "amp/__init__.py"}
 
 
-def prose(path: Path) -> str:
-    """``path``'s text without its code blocks."""
-    lines, fenced = [], False
+def code_and_prose(path: Path) -> tuple[list[str], str]:
+    """``path``'s code: its code blocks' lines and its inline code spans; and its text
+    without its code blocks."""
+    code: list[str] = []
+    prose: list[str] = []
+    fenced = False
     for line in path.read_text().splitlines():
         if line.lstrip().startswith("```"):
             fenced = not fenced
-        elif not fenced:
-            lines.append(line)
-    return "\n".join(lines)
+        else:
+            (code if fenced else prose).append(line)
+    text = "\n".join(prose)
+    return code + re.findall(r"`([^`\n]+)`", text), text
+
+
+def prose(path: Path) -> str:
+    """``path``'s text without its code blocks."""
+    return code_and_prose(path)[1]
 
 
 def anchors(path: Path) -> set[str]:

@@ -165,10 +165,10 @@ async def test_docs_metrics_lists_every_exposed_metric_with_its_type_and_labels(
     counts = metrics.Metrics()
     for name, (kind, label_names) in documented.items():
         if kind == "counter":
-            labels = dict.fromkeys(label_names, "x")
+            values = dict.fromkeys(label_names, "x")
             try:
-                counts.counter(name, **labels)()
-                assert counts.value(name, **labels) == 1
+                counts.counter(name, **values)()
+                assert counts.value(name, **values) == 1
             except ValueError as exc:  # "Incorrect label names", or some missing
                 pytest.fail(f"{name} has other labels than docs/metrics.md lists: {exc}")
 
