@@ -64,18 +64,28 @@ def test_links_between_the_docs_reach_existing_files_and_headings() -> None:
     assert broken == []
 
 
-def test_the_architecture_maps_every_module_of_the_package() -> None:
-    """Each module is a row of docs/architecture.md's module table (the amp/ row names its
-    modules in its text), and each module the table names exists."""
+def mapped_modules(section: str) -> set[str]:
+    """The modules docs/architecture.md's table under ``## <section>`` names: a row's
+    module, or, for a directory's row (``amp/``), the modules its text names."""
     architecture = (ROOT / "docs" / "architecture.md").read_text()
-    table = architecture.partition("\n## Modules\n")[2].partition("\n## ")[0]
+    table = architecture.partition(f"\n## {section}\n")[2].partition("\n## ")[0]
     rows = dict(re.findall(r"^\| `([\w/.]+)` \| (.*) \|$", table, re.MULTILINE))
     mapped = {name for name in rows if not name.endswith("/")}
     for directory in (name for name in rows if name.endswith("/")):
         mapped |= {directory + module for module in re.findall(r"`(\w+\.py)`", rows[directory])}
-    modules = {
-        str(path.relative_to(PACKAGE))
-        for path in [*PACKAGE.rglob("*.py"), *PACKAGE.glob("static/*")]
-        if "__pycache__" not in path.parts
-    }
-    assert sorted(mapped) == sorted(modules - UNMAPPED)
+    return mapped
+
+
+def files_under(directory: Path, *patterns: str) -> set[str]:
+    """The files under ``directory`` matching ``patterns``, relative to it."""
+    found = (path for pattern in patterns for path in directory.glob(pattern))
+    return {str(p.relative_to(directory)) for p in found if "__pycache__" not in p.parts}
+
+
+def test_the_architecture_maps_every_module_of_the_package_and_the_demo() -> None:
+    """Each module is a row of docs/architecture.md's module tables (the amp/ row names its
+    modules in its text), and each module the tables name exists."""
+    package = files_under(PACKAGE, "**/*.py", "static/*")
+    assert sorted(mapped_modules("Modules")) == sorted(package - UNMAPPED)
+    demo = files_under(ROOT / "examples" / "checkout", "*.py", "node/*.mjs", "static/*")
+    assert sorted(mapped_modules("The demo")) == sorted(demo - {"__init__.py"})
