@@ -1,5 +1,5 @@
 """The docs hold together: their links reach files and headings that exist, and
-docs/architecture.md's module map names every module of the package and no other.
+docs/architecture.md's module maps name every module of the package and of the demo, and no other.
 
 What a single doc says of one part (settings, metrics, problems, commands) is checked with
 that part's tests (test_settings.py, test_metrics.py, test_errors.py, test_cli.py).
