@@ -19,11 +19,13 @@ import orjson
 import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
+from identity_service.cli import command_parser
 from identity_service.constants import outbox_key
 from identity_service.sources import hash_write_key
 from identity_service.stores.redis import AdminClient
 from tests.conftest import CHECKOUT_URL, SECRET, WRITE_KEYS, Server, sources_env
 from tests.redis_server import RedisServer, free_port
+from tests.test_docs import code_and_prose
 
 COMMAND = str(Path(sys.executable).parent / "identity-service")
 DEV_KEY = "dev-key-for-the-cli-test-4b7e"
@@ -751,3 +753,42 @@ def test_outbox_commands_say_when_a_cluster_cannot_be_reached(action: str) -> No
     (line,) = result.stderr.splitlines()
     assert line.startswith("identity-service: Redis: RedisClusterException")
     assert result.stdout == ""
+
+
+# A command line in the docs' code: at the start of a line or a code span, or after a pipe,
+# kubectl's `--` or a directory (.venv/bin/identity-service).
+DOCUMENTED_COMMAND = re.compile(r"(?:^|-- |\| |/)identity-service ([a-z][^`#|\n]*)")
+# What the docs write for an argument, and a value the command takes in its place.
+PLACEHOLDERS = {"NAME": "segment", "N": "5", "FILE": "identity.toml"}
+
+
+def documented_commands() -> set[str]:
+    """The ``identity-service`` command lines in code in the README, docs/ and the chart:
+    code blocks' lines and inline code spans."""
+    root = Path(__file__).resolve().parent.parent
+    chart = root / "helm" / "identity-service"
+    found: set[str] = set()
+    for path in [
+        root / "README.md",
+        *sorted((root / "docs").glob("*.md")),
+        chart / "values.yaml",
+        chart / "templates" / "NOTES.txt",
+    ]:
+        code, _ = code_and_prose(path)
+        found.update(m.strip() for c in code for m in DOCUMENTED_COMMAND.findall(c.strip()))
+    return found
+
+
+def test_every_command_line_the_docs_write_is_one_the_command_takes() -> None:
+    """Each command, outbox action and option the docs write in code parses as written
+    (placeholders such as ``[NAME]`` and ``N`` given a value)."""
+    commands = documented_commands()
+    assert {c.split()[0] for c in commands} >= {"serve", "forward", "outbox", "new-key"}
+    refused = []
+    for command in sorted(commands):
+        words = [PLACEHOLDERS.get(w.strip("[]"), w.strip("[]")) for w in command.split()]
+        try:
+            command_parser().parse_args(words)
+        except SystemExit:
+            refused.append(command)
+    assert refused == []

@@ -1,13 +1,20 @@
 """Every bad request gets a precise problem+json answer, on both stores, and changes nothing."""
 
 import asyncio
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from identity_service.problems import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX
+from identity_service.problems import (
+    PROBLEM_CONTENT_TYPE,
+    PROBLEM_TYPE_PREFIX,
+    HttpError,
+    Problem,
+)
 from tests.conftest import (
     CHECKOUT_URL,
     WRITE_KEYS,
@@ -255,3 +262,23 @@ async def test_wrong_method_gets_405_problem_with_allow(
     problem = await response.json(content_type=None)
     assert_problem(response.status, response.content_type, problem, 405, "method-not-allowed")
     assert response.headers["Allow"]
+
+
+def problem_classes(base: type[Problem] = Problem) -> Iterator[type[Problem]]:
+    """``base`` and every problem class under it."""
+    yield base
+    for subclass in base.__subclasses__():
+        yield from problem_classes(subclass)
+
+
+def test_docs_api_lists_every_problem_type_with_its_status() -> None:
+    """docs/api.md's table of problem types (``type`` after the prefix, status) is the
+    problems.py defines; HttpError's status is the aiohttp error's it stands for."""
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
+    table = docs.partition("\n## Problems\n")[2].partition("\n## ")[0]
+    listed = set(re.findall(r"^\| `([a-z-]+)` \| ([^|]+?) \|", table, re.MULTILINE))
+    defined = {
+        (problem.slug, "the error's" if problem is HttpError else str(problem.status))
+        for problem in problem_classes()
+    }
+    assert sorted(listed) == sorted(defined)

@@ -6,6 +6,7 @@ app through the HTTP front on both stores, ``identity-service serve --workers 2`
 """
 
 import asyncio
+import re
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -121,6 +122,55 @@ async def test_counters_and_histograms_follow_the_flows(client: AppClient) -> No
     assert value(after, "identity_store_up") == 1
     builds = [labels for name, labels in after if name == "identity_build_info"]
     assert len(builds) == 1 and ("version", __version__) in builds[0]
+
+
+# A documented metric: its type and its label names.
+Documented = dict[str, tuple[str, frozenset[str]]]
+
+
+def documented_metrics() -> Documented:
+    """docs/metrics.md's table of metrics (a row may name several; a label's values may
+    follow it in parentheses: `operation` (`prepare`, `exchange`))."""
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
+    table = docs.partition("\n## The metrics\n")[2].partition("\n## ")[0]
+    documented: Documented = {}
+    for row in re.findall(r"^\| (`identity_.*)$", table, re.MULTILINE):
+        names, kind, labels = (cell.strip() for cell in row.split("|")[:3])
+        label_names = frozenset(re.findall(r"`(\w+)`", re.sub(r"\([^)]*\)", "", labels)))
+        documented.update(dict.fromkeys(re.findall(r"`(\w+)`", names), (kind, label_names)))
+    return documented
+
+
+async def test_docs_metrics_lists_every_exposed_metric_with_its_type_and_labels(
+    client: AppClient,
+) -> None:
+    """Each metric /metrics exposes is in docs/metrics.md's table with its type and labels,
+    and each one the table lists is exposed."""
+    documented = documented_metrics()
+    token = (await prepare(client))["token"]
+    assert (await exchange(client, token))[0] == 200
+    response = await client.get("/metrics")
+    exposed: Documented = {}
+    for family in text_string_to_metric_families(await response.text()):
+        # The parser names a counter's family without its samples' _total.
+        name = f"{family.name}_total" if family.type == "counter" else family.name
+        labels = frozenset(label for s in family.samples for label in s.labels) - {"le"}
+        exposed[name] = (family.type, labels)
+    assert sorted(exposed) == sorted(documented)
+    for name, (kind, labels) in exposed.items():
+        assert kind == documented[name][0], name
+        if labels:  # a labelled counter with no child yet shows no label
+            assert labels == documented[name][1], name
+    # Every counter, bound with its documented labels (prometheus_client refuses others).
+    counts = metrics.Metrics()
+    for name, (kind, label_names) in documented.items():
+        if kind == "counter":
+            values = dict.fromkeys(label_names, "x")
+            try:
+                counts.counter(name, **values)()
+                assert counts.value(name, **values) == 1
+            except ValueError as exc:  # "Incorrect label names", or some missing
+                pytest.fail(f"{name} has other labels than docs/metrics.md lists: {exc}")
 
 
 async def test_the_outbox_backlog_and_failures_show_while_the_destination_refuses(

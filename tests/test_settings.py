@@ -844,6 +844,39 @@ def test_the_readme_names_every_setting() -> None:
     assert missing == []
 
 
+def readme_defaults(readme: str) -> dict[str, str]:
+    """Each setting's default as the README states it: the Default column of the
+    configuration table, or the value in parentheses next to a name in the others
+    (`IDENTITY_BATCH_MAX_WAIT` (0.5 s), `Cross-Domain Handoff Started`
+    (`IDENTITY_STARTED_EVENT`))."""
+    table = readme.partition("| Variable | Default | Meaning |")[2].partition("\n\n")[0]
+    found = re.findall(r"^\| `IDENTITY_(\w+)` \| ([^|]+?) \|", table, re.MULTILINE)
+    found += re.findall(r"`IDENTITY_(\w+)` \((`[^`]+`|[\d.]+)(?: s)?\)", readme)
+    found += [(n, v) for v, n in re.findall(r"(`[^`]+`) \(`IDENTITY_(\w+)`\)", readme)]
+    found += re.findall(r"^\| `IDENTITY_(\w+)` \| (`[^`]+`) \(default\)", readme, re.MULTILINE)
+    return {name.lower(): value.strip("`") for name, value in found}
+
+
+def test_the_readme_states_each_default_the_settings_have() -> None:
+    """A default the README states, set explicitly, gives the settings left unset; one
+    stated as none, random or off is unset."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    defaults = readme_defaults(readme)
+    # The destinations' settings have none: unset, there is no such destination.
+    destinations = {n for n in SETTING_NAMES if n.startswith("destination")} | {"events_file"}
+    assert set(defaults) == SETTING_NAMES - destinations | {"config_file"}
+    base = {
+        "IDENTITY_SECRET": SECRET,
+        "IDENTITY_DEV_WRITE_KEY": "dev-write-key",
+        "IDENTITY_REDIS_URL": "redis://127.0.0.1:1/0",  # for the redis_* settings
+    }
+    unset = load_settings(base)
+    for name, default in defaults.items():
+        if not default.startswith(("none", "random")):
+            variable = f"IDENTITY_{name.upper()}"
+            assert load_settings({**base, variable: default}) == unset, (variable, default)
+
+
 # The password of the URLs below: no problem may quote any part of it.
 PASSWORD_PARTS = ("topsecret", "PASSTAIL")
 

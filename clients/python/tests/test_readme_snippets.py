@@ -2,7 +2,7 @@
 
 The snippets are read from README.md (and must be the same in docs/sdk.md); only the
 destination's host is swapped for this test's loopback site, since the development source
-hands off to localhost only.
+hands off to localhost only. docs/sdk.md's FastAPI middleware sample runs as written too.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 from conftest import DEV_WRITE_KEY, Service
-from identity_client import read_anonymous_id
-from servers import serving_wsgi
+from identity_client import IdentityClient, read_anonymous_id
+from servers import serving_asgi, serving_wsgi
 
 ROOT = Path(__file__).resolve().parents[3]
 SNIPPET = re.compile(r"<!-- ten-lines: ([a-z-]+) -->\n```[a-z]+\n(.*?)```", re.DOTALL)
@@ -99,3 +99,20 @@ def test_the_python_domain_a_snippet_still_sends_a_visitor_without_a_cookie(
         go = browser.post(f"{domain_a}/checkout")
         assert go.status_code == 303
         assert go.headers["location"] == f"{domain_b}/cart"
+
+
+def test_the_fastapi_middleware_sample_of_the_sdk_docs_lands_the_visitor(
+    service: Service, environment: None
+) -> None:
+    """docs/sdk.md's FastAPI sample (its settings: the cookie's domain, the event) lands a
+    handed-off visitor: 303 to the clean URL with the visitor cookie on that domain."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "sdk.md").read_text(), re.DOTALL)
+    (code,) = [block for block in blocks if block.startswith("from fastapi import")]
+    app = run(code)
+    with serving_asgi(service.url, lambda _: app) as domain_b, IdentityClient() as identity:
+        handoff = identity.prepare(anonymous_id="docs-visitor", destination=f"{domain_b}/cart")
+        landing = httpx.get(handoff.redirect_url)
+    assert landing.status_code == 303 and landing.headers["location"] == "/cart"
+    set_cookie = landing.headers.get_list("set-cookie")[0]
+    assert set_cookie.startswith("ajs_anonymous_id=docs-visitor;")
+    assert "Domain=.example-pay.com" in set_cookie
