@@ -70,12 +70,14 @@ tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package
 
 # The Node SDK (clients/node, docs/sdk-node.md): install its dev tools, build the ESM and
 # CommonJS outputs, then run its tests (node --test) against this checkout's service. Skipped
-# without npm, except in CI, where .ci/run installs Node 20+ and npm first (.ci/ensure-node).
+# without Node 20+ and npm (Debian 12's Node is 18), except in CI, where .ci/run installs them
+# first (.ci/ensure-node) and their absence fails.
 node-sdk: install
-	if command -v npm >/dev/null; then \
+	if $(NODE_OK); then \
 	  cd clients/node && npm ci --silent --no-audit --no-fund && npm run --silent build \
 	  && IDENTITY_SERVICE_BIN="$(abspath $(BIN))/identity-service" npm test --silent; \
-	else echo "node-sdk: npm not found, the Node SDK is not built nor tested"; fi
+	elif [ -n "$$CI" ]; then echo "node-sdk: CI needs Node 20+ and npm (.ci/ensure-node)" >&2; exit 1; \
+	else echo "node-sdk: Node 20+ and npm not found, the Node SDK is not built nor tested"; fi
 
 lint: install
 	$(BIN)/ruff check .
