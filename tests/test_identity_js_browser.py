@@ -20,8 +20,9 @@ maps to loopback with ``--host-resolver-rules``, served with a certificate made 
 ``ajs_anonymous_id`` cookie identity.js writes on landing reaches a sibling subdomain
 (``www.example.test``) with ``cookieDomain`` (or ``data-cookie-domain``), and stays
 host-only without it, or with one that is no domain name; a ``cookieName`` that is no
-token or a ``cookieMaxAge`` that is no whole number of seconds from 1 to 400 days is
-ignored too (each with a console warning: the default is written).
+token, a ``cookieMaxAge`` that is no whole number of seconds from 1 to 400 days or a
+``param`` that is not the service's kind of parameter is ignored too (each with a console
+warning: the default is written, or read).
 
 Without Chromium or Playwright these tests skip, except in CI (tests/browser.py).
 """
@@ -296,7 +297,11 @@ PARENT_DOMAIN = "example.test"
 LANDING_ARGS = [*CHROMIUM_ARGS, f"--host-resolver-rules=MAP *.{PARENT_DOMAIN} 127.0.0.1"]
 ONE_YEAR = 365 * 24 * 3600
 # The script tag's attributes of identity.js's cookie options (cookieMaxAge has none).
-ATTRIBUTES = {"cookieDomain": "data-cookie-domain", "cookieName": "data-cookie-name"}
+ATTRIBUTES = {
+    "cookieDomain": "data-cookie-domain",
+    "cookieName": "data-cookie-name",
+    "param": "data-param",
+}
 
 
 @dataclass(frozen=True)
@@ -340,6 +345,10 @@ LANDINGS: dict[str, Landing] = {
     "age-fraction": Landing("init", {"cookieMaxAge": 1.5}, "cookieMaxAge"),
     "age-text": Landing("init", {"cookieMaxAge": "1 year"}, "cookieMaxAge"),
     "age-over-400-days": Landing("init", {"cookieMaxAge": 401 * 24 * 3600}, "cookieMaxAge"),
+    # The token's parameter: the service's rule (ASCII letters, digits, '_' or '-'), or the
+    # default; an empty one took any empty query part (?a&&b) for the token.
+    "param-empty": Landing("init", {"param": ""}, "param"),
+    "param-tag": Landing("tag", {"param": "t\u00f6ken"}, "param"),
 }
 
 

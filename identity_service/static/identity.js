@@ -33,7 +33,8 @@
  * Domain, as the SDKs' middlewares' option: without it, or with one that is no domain name
  * (ignored, with a console warning), the cookie is host-only. A cookieName that is no token
  * (RFC 6265) or a cookieMaxAge that is no whole number of seconds from 1 to 400 days is
- * ignored the same way: its default is written.
+ * ignored the same way: its default is written; so is a param that is not ASCII letters,
+ * digits, "_" or "-" (the service's own rule).
  * No dependencies, no build step; ES5 plus fetch.
  */
 (function (window, document) {
@@ -60,6 +61,9 @@
   // A cookie's name: a token (RFC 6265 4.1.1), as the SDKs' check.
   var COOKIE_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
   var MAX_COOKIE_AGE = 400 * 24 * 3600;  // browsers cut a longer Max-Age to 400 days
+  // The token's query parameter: what the service's IDENTITY_TOKEN_PARAM may be (as the
+  // SDKs' check); an empty one took every empty part of a query (?a&&b) for a token.
+  var TOKEN_PARAM = /^[A-Za-z0-9_-]+$/;
   // A form's attributes the helper sets to submit it as its clicked button would have.
   var SUBMISSION = ["action", "method", "target", "enctype"];
 
@@ -87,6 +91,10 @@
     // Written into document.cookie as given, a ";" would add attributes, an "=" move the
     // name into the value, a space or an empty label make a cookie the browser refuses,
     // Max-Age=-5 delete it: each is ignored (its default is written), and said so.
+    if (typeof merged.param !== "string" || !TOKEN_PARAM.test(merged.param)) {
+      ignore(merged, "param", "is not a parameter the service can send (ASCII letters, digits, " +
+        "\"_\" or \"-\"); the parameter is " + DEFAULTS.param);
+    }
     if (merged.cookieDomain && !isCookieDomain(merged.cookieDomain)) {
       ignore(merged, "cookieDomain", "is not a domain name; the cookie is host-only");
     }

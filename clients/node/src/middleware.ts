@@ -55,7 +55,12 @@ export interface RequestIdentity {
 }
 
 export interface HandoffMiddlewareOptions {
-  /** Query parameter carrying the token (default `handoff_token`, the service's). */
+  /**
+   * Query parameter carrying the token (default `handoff_token`, the service's): ASCII
+   * letters, digits, `_` or `-`, as the service's `IDENTITY_TOKEN_PARAM`; any other (an
+   * empty one took every empty part of a query, `?a&&b`, for a handoff) is a
+   * ConfigurationError from `handoffMiddleware`.
+   */
   tokenParam?: string;
   /**
    * The visitor cookie (default `ajs_anonymous_id`, the one analytics.js reads): a token
@@ -157,20 +162,31 @@ function isCookieDomain(domain: unknown): boolean {
 // uses the page's directory). The Python middlewares check the same, identity.js the name.
 const COOKIE_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 const COOKIE_PATH = /^\/[\x20-\x3a\x3c-\x7e]*$/;
+// The token's query parameter: what the service's IDENTITY_TOKEN_PARAM may be. The Python
+// middlewares and identity.js check the same.
+const TOKEN_PARAM = /^[A-Za-z0-9_-]+$/;
 /** The longest Max-Age browsers keep (RFC 6265bis 5.6.2: a longer one is cut to 400 days). */
 const MAX_COOKIE_AGE = 400 * 24 * 3600;
 const SAME_SITE = ["lax", "strict", "none"];
 
 /**
- * Refuses, when the middleware is made, a cookie option that written into the Set-Cookie as
- * given would add attributes (a `;`), make a cookie browsers drop or cut, or one Node
- * refuses to send (a CR or LF: every handoff request's error), as the Python SDK refuses it.
+ * Refuses, when the middleware is made, a `tokenParam` the service cannot send, and a
+ * cookie option that written into the Set-Cookie as given would add attributes (a `;`),
+ * make a cookie browsers drop or cut, or one Node refuses to send (a CR or LF: every
+ * handoff request's error), as the Python SDK refuses them.
  */
-function checkCookieOptions(options: HandoffMiddlewareOptions): void {
+function checkOptions(options: HandoffMiddlewareOptions): void {
   // An option left out (undefined or null) is its default.
   const refuse = (message: string): never => {
     throw new ConfigurationError(`handoffMiddleware: ${message}`);
   };
+  const tokenParam: unknown = options.tokenParam;
+  if (tokenParam != null && (typeof tokenParam !== "string" || !TOKEN_PARAM.test(tokenParam))) {
+    refuse(
+      `tokenParam ${JSON.stringify(tokenParam)} is not a parameter the service can send ` +
+        "(ASCII letters, digits, '_' or '-', as IDENTITY_TOKEN_PARAM)",
+    );
+  }
   if (options.cookieDomain && !isCookieDomain(options.cookieDomain)) {
     refuse(
       `cookieDomain ${JSON.stringify(options.cookieDomain)} is not a domain name ` +
@@ -321,7 +337,7 @@ export function handoffMiddleware(
   client: Pick<IdentityClient, "exchange"> & Partial<Pick<IdentityClient, "carryKey">>,
   options: HandoffMiddlewareOptions = {},
 ): (req: MiddlewareRequest, res: MiddlewareResponse, next: NextFunction) => void {
-  checkCookieOptions(options);
+  checkOptions(options);
   checkPublicOrigin(options.publicOrigin);
   const tokenParam = options.tokenParam ?? "handoff_token";
   const cookieName = options.cookieName ?? DEFAULT_COOKIE_NAME;

@@ -500,6 +500,22 @@ describe("handoffMiddleware's other cookie options", () => {
   });
 });
 
+describe("handoffMiddleware's tokenParam", () => {
+  const client = new IdentityClient({ baseUrl: "http://127.0.0.1:1", writeKey: WRITE_KEY });
+  // An empty one made any URL with an empty query part (`?a&&b`) a handoff: exchanged,
+  // answered 303, a generated id set. The service's IDENTITY_TOKEN_PARAM is ASCII letters,
+  // digits, '_' or '-'; so is the middleware's, as the Python SDK's.
+  for (const tokenParam of ["", "handoff token", "t\u00f6ken", "a=b", "a&b", "a.b", 5]) {
+    test(`${JSON.stringify(tokenParam)} is a ConfigurationError when the middleware is made`, () => {
+      assert.throws(() => handoffMiddleware(client, { tokenParam }), (error) => {
+        assert.ok(error instanceof ConfigurationError);
+        assert.match(error.message, /tokenParam/);
+        return true;
+      });
+    });
+  }
+});
+
 describe("handoffMiddleware's publicOrigin", () => {
   const client = new IdentityClient({ baseUrl: "http://127.0.0.1:1", writeKey: WRITE_KEY });
   // Each but ftp:// made every handoff request go on to the handler untouched: the token

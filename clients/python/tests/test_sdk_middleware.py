@@ -480,6 +480,20 @@ def test_a_cookie_domain_is_written_as_given(service: Service, cookie_domain: st
     assert f"; Domain={cookie_domain}; " in visitor_cookie
 
 
+@pytest.mark.parametrize("kind", ["wsgi", "asgi", "aiohttp"])
+@pytest.mark.parametrize(
+    "token_param", ["", "handoff token", "t\u00f6ken", "a=b", "a&b", "a.b", None, 5], ids=repr
+)
+def test_a_token_param_the_service_cannot_send_is_refused_when_the_middleware_is_made(
+    kind: str, token_param: object
+) -> None:
+    """An empty one made any URL with an empty query part (``?a&&b``) a handoff: exchanged,
+    answered 303, a generated id set. The service's IDENTITY_TOKEN_PARAM is ASCII letters,
+    digits, '_' or '-'; so is the middlewares'."""
+    with pytest.raises(ConfigurationError, match="token_param"):
+        make_middleware(kind, token_param=token_param)
+
+
 # The cookies' other settings: what a Set-Cookie can hold, or refused when the middleware is made
 
 # A name is an RFC 6265 token: a ';' or ',' adds attributes or cookies, '=' moves the value,
