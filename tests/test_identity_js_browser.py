@@ -309,7 +309,7 @@ class Landing:
     """How the page gives identity.js its cookie options (``init`` or the script tag's
     attributes) and which, the option identity.js ignores with a console warning (None:
     all valid), and the cookie it then writes: its name, for the parent domain or
-    host-only, and its Max-Age."""
+    host-only, and its Max-Age; on an https page, or an http one."""
 
     how: str
     options: dict[str, object]
@@ -317,6 +317,7 @@ class Landing:
     name: str = "ajs_anonymous_id"
     parent: bool = False
     max_age: int = ONE_YEAR
+    https: bool = True
 
 
 LANDINGS: dict[str, Landing] = {
@@ -349,6 +350,24 @@ LANDINGS: dict[str, Landing] = {
     # default; an empty one took any empty query part (?a&&b) for the token.
     "param-empty": Landing("init", {"param": ""}, "param"),
     "param-tag": Landing("tag", {"param": "t\u00f6ken"}, "param"),
+    # Prefixed names (RFC 6265bis 4.1.3, in any case): written when the cookie fits the
+    # prefix, else the default name (the browser dropped the cookie: no id kept at all).
+    "host-prefix": Landing("init", {"cookieName": "__Host-ajs"}, name="__Host-ajs"),
+    "secure-prefix": Landing(
+        "tag", {"cookieName": "__Secure-ajs", "cookieDomain": PARENT_DOMAIN}, name="__Secure-ajs",
+        parent=True,
+    ),
+    "host-prefix-domain": Landing(
+        "init", {"cookieName": "__Host-ajs", "cookieDomain": f".{PARENT_DOMAIN}"}, "cookieName",
+        parent=True,
+    ),
+    "host-prefix-domain-tag": Landing(
+        "tag", {"cookieName": "__host-ajs", "cookieDomain": PARENT_DOMAIN}, "cookieName",
+        parent=True,
+    ),
+    "secure-prefix-http": Landing("init", {"cookieName": "__Secure-ajs"}, "cookieName", https=False),
+    "host-prefix-http": Landing("tag", {"cookieName": "__HOST-ajs"}, "cookieName", https=False),
+    "http": Landing("init", {"cookieName": "ajs_id"}, name="ajs_id", https=False),
 }
 
 
@@ -399,11 +418,18 @@ async def test_identity_js_writes_the_cookie_its_options_say(tmp_path: Path) -> 
     seconds from 1 to 400 days went into document.cookie as written: a ';' added
     attributes (``Max-Age=0``: no cookie at all), an '=' moved the name into the value, an
     empty label or a space made a cookie Chromium refuses, ``Max-Age=-5`` deleted it; each
-    is now ignored with a console warning, and its default written."""
+    is now ignored with a console warning, and its default written. So is a ``__Secure-``
+    or ``__Host-`` cookieName on an http page, or a ``__Host-`` one with a cookieDomain:
+    Chromium dropped the cookie. An empty ``param`` took no token at all (the visitor was
+    never restored): the default is read instead."""
     async_api = need_browser()
-    service_port, site_port = free_port(), free_port()
+    service_port, site_port, http_port = free_port(), free_port(), free_port()
     pay = f"https://pay.{PARENT_DOMAIN}:{site_port}"
     www = f"https://www.{PARENT_DOMAIN}:{site_port}"
+    # The same site over http (the service takes https origins only: the token prepared for
+    # https is followed there).
+    http_pay = f"http://pay.{PARENT_DOMAIN}:{http_port}"
+    http_www = f"http://www.{PARENT_DOMAIN}:{http_port}"
     tls = tls_context(tmp_path, f"pay.{PARENT_DOMAIN}", f"www.{PARENT_DOMAIN}")
     sources = {"pay": {"write_key_hash": hash_write_key(WRITE_KEY), "origins": [pay]}}
     service = FrontRunner(create_app(make_settings(sources=json.dumps(sources))), access_log=None)
@@ -418,6 +444,7 @@ async def test_identity_js_writes_the_cookie_its_options_say(tmp_path: Path) -> 
             runner = web.AppRunner(landing_app(service_url, client), access_log=None)
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", site_port, ssl_context=tls).start()
+            await web.TCPSite(runner, "127.0.0.1", http_port).start()
             browser = await playwright.chromium.launch(
                 executable_path=chromium_path(), args=LANDING_ARGS, timeout=TIMEOUT_MS
             )
@@ -437,21 +464,22 @@ async def test_identity_js_writes_the_cookie_its_options_say(tmp_path: Path) -> 
                     prepared = await client.prepare(
                         anonymous_id=visitor, destination=f"{pay}/cart?mode={mode}"
                     )
-                    await tab.goto(prepared.redirect_url)
+                    site, sibling = (pay, www) if landing.https else (http_pay, http_www)
+                    await tab.goto(prepared.redirect_url.replace(pay, site))
                     landed = await tab.evaluate(
                         "new Promise((resolve) => IdentityHandoff.ready(resolve))"
                     )
                     written = time.time()
                     assert landed == {"anonymousId": visitor, "source": "handoff"}, mode
-                    assert tab.url == f"{pay}/cart?mode={mode}"
-                    cookies = await context.cookies(pay)
+                    assert tab.url == f"{site}/cart?mode={mode}"
+                    cookies = await context.cookies(site)
                     assert [(c["name"], c["value"]) for c in cookies] == [
                         (landing.name, visitor)
                     ], mode
                     [cookie] = cookies
                     assert abs(cookie["expires"] - written - landing.max_age) < 60, mode
                     # The sibling subdomain's own page sees it, or not.
-                    await tab.goto(f"{www}/account")
+                    await tab.goto(f"{sibling}/account")
                     seen = await tab.evaluate("document.cookie")
                     if landing.parent:
                         assert cookie["domain"] == f".{PARENT_DOMAIN}", mode

@@ -34,7 +34,8 @@
  * (ignored, with a console warning), the cookie is host-only. A cookieName that is no token
  * (RFC 6265) or a cookieMaxAge that is no whole number of seconds from 1 to 400 days is
  * ignored the same way: its default is written; so is a param that is not ASCII letters,
- * digits, "_" or "-" (the service's own rule).
+ * digits, "_" or "-" (the service's own rule), and a __Secure- or __Host- cookieName on an
+ * http page, or a __Host- one with a cookieDomain (a cookie the browser would drop).
  * No dependencies, no build step; ES5 plus fetch.
  */
 (function (window, document) {
@@ -102,6 +103,11 @@
       ignore(merged, "cookieName", "is not a cookie name (a token: no space, \";\", \",\" or \"=\"); " +
         "the cookie is " + DEFAULTS.cookieName);
     }
+    var unfit = unfitPrefix(merged.cookieName, window.location.protocol === "https:", merged.cookieDomain);
+    if (unfit) {
+      ignore(merged, "cookieName", unfit + ", or the browser drops the cookie; the cookie is " +
+        DEFAULTS.cookieName);
+    }
     var maxAge = merged.cookieMaxAge;
     if (typeof maxAge !== "number" || maxAge % 1 !== 0 || maxAge < 1 || maxAge > MAX_COOKIE_AGE) {
       ignore(merged, "cookieMaxAge", "is not a whole number of seconds from 1 to " + MAX_COOKIE_AGE +
@@ -116,6 +122,18 @@
       console.warn("identity.js: " + name + " " + JSON.stringify(String(merged[name])) + " " + why);
     }
     merged[name] = DEFAULTS[name];
+  }
+
+  // What a cookie named `name` lacks for its name's prefix (RFC 6265bis 4.1.3, matched in
+  // any case; as the SDKs' check), or null: __Secure- needs Secure (written on https pages
+  // only), __Host- too and no Domain (its Path is always "/").
+  function unfitPrefix(name, secure, domain) {
+    var prefix = name.slice(0, 9).toLowerCase();
+    var host = prefix.indexOf("__host-") === 0;
+    if (!host && prefix !== "__secure-") { return null; }
+    if (!secure) { return "needs an https page (Secure)"; }
+    if (host && domain) { return "cannot have a cookieDomain (a __Host- cookie is host-only)"; }
+    return null;
   }
 
   function isCookieDomain(domain) {

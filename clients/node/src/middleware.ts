@@ -80,7 +80,12 @@ export interface HandoffMiddlewareOptions {
   cookieMaxAge?: number;
   /** Cookie `SameSite` (default `Lax`; any case); `None` needs `secure`. */
   sameSite?: "Lax" | "Strict" | "None";
-  /** Cookie `Secure` (default true; false for plain-http development). */
+  /**
+   * Cookie `Secure` (default true; false for plain-http development). A `__Secure-` or
+   * `__Host-` name (in any case) needs it, and a `__Host-` one `cookiePath` `/` and no
+   * `cookieDomain` (RFC 6265bis; the carry cookie is host-only anyway): browsers drop such a
+   * cookie otherwise, so another combination is a ConfigurationError from `handoffMiddleware`.
+   */
   secure?: boolean;
   /** Cookie `Path` (default `/`): starting with `/`, printable ASCII without `;`. */
   cookiePath?: string;
@@ -224,6 +229,31 @@ function checkOptions(options: HandoffMiddlewareOptions): void {
   if (typeof sameSite === "string" && sameSite.toLowerCase() === "none" && options.secure === false) {
     refuse("sameSite None needs secure: browsers drop a SameSite=None cookie that is not Secure");
   }
+  // The carry cookie is host-only whatever cookieDomain is.
+  for (const [option, name, domain] of [
+    ["cookieName", visitorName, options.cookieDomain],
+    ["carryCookieName", options.carryCookieName ?? DEFAULT_CARRY_NAME, undefined],
+  ] as const) {
+    const unfit = unfitPrefix(name, options.secure ?? true, options.cookiePath ?? "/", domain);
+    if (unfit !== null) {
+      refuse(`${option} ${JSON.stringify(name)} ${unfit}: browsers drop a cookie whose name's prefix its attributes do not fit`);
+    }
+  }
+}
+
+/**
+ * What a cookie named `name` with these attributes lacks for its name's prefix (RFC 6265bis
+ * 4.1.3, matched in any case: `__Secure-` needs `Secure`; `__Host-` needs `Secure`, `Path=/`
+ * and no `Domain`), or null. The Python middlewares and identity.js check the same.
+ */
+function unfitPrefix(name: string, secure: boolean, path: string, domain: string | undefined): string | null {
+  const prefix = name.slice(0, 9).toLowerCase();
+  const host = prefix.startsWith("__host-");
+  if (!host && prefix !== "__secure-") return null;
+  if (!secure) return "needs secure";
+  if (host && domain) return "cannot have a cookieDomain (a __Host- cookie is host-only)";
+  if (host && path !== "/") return "needs cookiePath '/'";
+  return null;
 }
 
 /**

@@ -180,6 +180,17 @@ class MiddlewareSettings:
                 "cookie_same_site None needs cookie_secure: browsers drop a SameSite=None "
                 "cookie that is not Secure"
             )
+        # The carry cookie is host-only whatever cookie_domain is.
+        for setting, name, domain in (
+            ("cookie_name", self.cookie_name, self.cookie_domain),
+            ("carry_cookie_name", self.carry_cookie_name, None),
+        ):
+            unfit = _unfit_prefix(name, self.cookie_secure, self.cookie_path, domain)
+            if unfit:
+                raise ConfigurationError(
+                    f"{setting} {name!r} {unfit}: browsers drop a cookie whose name's prefix "
+                    "its attributes do not fit"
+                )
 
     def set_cookie(self, anonymous_id: str) -> str:
         return self._set_cookie(
@@ -315,6 +326,23 @@ class MiddlewareSettings:
 def _fullmatch(pattern: re.Pattern[str], value: object) -> bool:
     """Whether ``value`` is a string ``pattern`` matches whole."""
     return isinstance(value, str) and pattern.fullmatch(value) is not None
+
+
+def _unfit_prefix(name: str, secure: bool, path: str, domain: str | None) -> str | None:
+    """What a cookie named ``name`` with these attributes lacks for its name's prefix
+    (RFC 6265bis 4.1.3, matched in any case: ``__Secure-`` needs ``Secure``; ``__Host-``
+    needs ``Secure``, ``Path=/`` and no ``Domain``), or None. The Node middleware and
+    identity.js check the same."""
+    prefix = name[:9].lower()
+    if not prefix.startswith(("__secure-", "__host-")):
+        return None
+    if not secure:
+        return "needs cookie_secure"
+    if prefix.startswith("__host-") and domain:
+        return "cannot have a cookie_domain (a __Host- cookie is host-only)"
+    if prefix.startswith("__host-") and path != "/":
+        return "needs cookie_path '/'"
+    return None
 
 
 def _is_cookie_domain(domain: object) -> bool:
