@@ -10,8 +10,8 @@
  *
  * Domain B (lands, without the server middleware): a URL carrying the token parameter has
  * it removed from the address bar at once (history.replaceState, history.state kept), and
- * the token is POSTed to your own backend (exchangeEndpoint), which exchanges it (with
- * fallback) and answers {"anonymousId": ..., "source": ...}. The helper gives the id to
+ * the token is POSTed to your own backend (exchangeEndpoint, same origin), which exchanges
+ * it (with fallback) and answers {"anonymousId": ..., "source": ...}. The helper gives the id to
  * analytics.js (analytics.setAnonymousId; with the snippet's queue, ahead of the calls
  * queued) and writes the ajs_anonymous_id cookie; a generated id (a stale token) does not
  * replace the cookie of a visitor who already has one. Run analytics.load inside
@@ -35,7 +35,9 @@
  * (RFC 6265) or a cookieMaxAge that is no whole number of seconds from 1 to 400 days is
  * ignored the same way: its default is written; so is a param that is not ASCII letters,
  * digits, "_" or "-" (the service's own rule), and a __Secure- or __Host- cookieName on an
- * http page, or a __Host- one with a cookieDomain (a cookie the browser would drop).
+ * http page, or a __Host- one with a cookieDomain (a cookie the browser would drop). A
+ * tokenEndpoint or exchangeEndpoint of another origin than the page's is ignored too (with
+ * a console warning): neither is called.
  * No dependencies, no build step; ES5 plus fetch.
  */
 (function (window, document) {
@@ -92,6 +94,8 @@
     // Written into document.cookie as given, a ";" would add attributes, an "=" move the
     // name into the value, a space or an empty label make a cookie the browser refuses,
     // Max-Age=-5 delete it: each is ignored (its default is written), and said so.
+    ownEndpoint(merged, "tokenEndpoint");
+    ownEndpoint(merged, "exchangeEndpoint");
     if (typeof merged.param !== "string" || !TOKEN_PARAM.test(merged.param)) {
       ignore(merged, "param", "is not a parameter the service can send (ASCII letters, digits, " +
         "\"_\" or \"-\"); the parameter is " + DEFAULTS.param);
@@ -122,6 +126,22 @@
       console.warn("identity.js: " + name + " " + JSON.stringify(String(merged[name])) + " " + why);
     }
     merged[name] = DEFAULTS[name];
+  }
+
+  // The endpoint option `name` of `merged` as an absolute URL, checked once here: of this
+  // page's origin (the site's own backend, which gets the site's cookies), or ignored, with
+  // a console warning (its default, none: that side does nothing). One of another origin
+  // would be sent the visitor's anonymousId or the token to exchange.
+  function ownEndpoint(merged, name) {
+    if (!merged[name]) { return; }
+    var url = parse(String(merged[name]));
+    if (url && (url.protocol === "https:" || url.protocol === "http:") &&
+        url.origin === window.location.origin) {
+      merged[name] = url.href;
+    } else {
+      ignore(merged, name, "is not of this page's origin (" + window.location.origin +
+        "): the token and the visitor's id go to your own backend only; it is not called");
+    }
   }
 
   // What a cookie named `name` lacks for its name's prefix (RFC 6265bis 4.1.3, matched in
