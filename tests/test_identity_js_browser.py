@@ -478,7 +478,12 @@ class LandingSite:
 def console_warnings(tab: Any) -> list[str]:
     """The console warnings ``tab`` gets from now on."""
     warned: list[str] = []
-    tab.on("console", lambda message: message.type == "warning" and warned.append(message.text))
+
+    def on_console(message: Any) -> None:
+        if message.type == "warning":
+            warned.append(message.text)
+
+    tab.on("console", on_console)
     return warned
 
 
