@@ -314,7 +314,6 @@ async def test_a_token_endpoint_of_another_origin_is_not_called() -> None:
         await on_b(tab, site)
         assert got == "GET /cart", got
         assert site.handoffs == []
-        assert site.seen_b == ["GET /cart"]  # no preflight either
         assert any("tokenEndpoint" in text for text in warned), warned
 
 
