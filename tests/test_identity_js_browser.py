@@ -12,7 +12,8 @@ recorded). The tests assert
 - a link with ``target="_top"`` or ``"_parent"`` in a frame navigates the top or the parent
   page, not the frame; ``_blank`` is left alone;
 - a ``data-timeout`` that is not a positive number of milliseconds (``5s``) is the default,
-  not an abort at once.
+  not an abort at once;
+- a ``tokenEndpoint`` of another origin (one granting CORS) is never called.
 
 And on domain B (``https://pay.example.test``: hosts of a registrable domain, which Chromium
 maps to loopback with ``--host-resolver-rules``, served with a certificate made here, since
@@ -20,8 +21,11 @@ maps to loopback with ``--host-resolver-rules``, served with a certificate made 
 ``ajs_anonymous_id`` cookie identity.js writes on landing reaches a sibling subdomain
 (``www.example.test``) with ``cookieDomain`` (or ``data-cookie-domain``), and stays
 host-only without it, or with one that is no domain name; a ``cookieName`` that is no
-token or a ``cookieMaxAge`` that is no whole number of seconds from 1 to 400 days is
-ignored too (each with a console warning: the default is written).
+token, a ``cookieMaxAge`` that is no whole number of seconds from 1 to 400 days, a
+``__Secure-`` or ``__Host-`` ``cookieName`` the cookie does not fit (on an http page too)
+or a ``param`` that is not the service's kind of parameter is ignored too (each with a
+console warning: the default is written, or read); an ``exchangeEndpoint`` of another
+origin is never sent the token.
 
 Without Chromium or Playwright these tests skip, except in CI (tests/browser.py).
 """
@@ -53,6 +57,13 @@ WRITE_KEY = "identity-js-browser-write-key-7c1d"
 TOKEN = re.compile(r"[?&]handoff_token=[A-Za-z0-9_-]{43}(&|$)")
 # /handoff answers after this long: a timeout that aborts at once cannot wait for it.
 HANDOFF_DELAY = 0.3
+# A backend that lets any origin POST JSON to it: what an endpoint of another origin needs
+# for identity.js's fetch to reach it.
+CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST",
+    "Access-Control-Allow-Headers": "content-type",
+}
 
 
 @dataclass
@@ -82,10 +93,16 @@ def fields(request: str) -> dict[str, str]:
     return dict(parse_qsl(urlsplit(request.split(" ", 1)[1]).query))
 
 
-def page(site: Site, body: str, *, tag: str | None = None) -> web.Response:
+def page(
+    site: Site,
+    body: str,
+    *,
+    tag: str | None = None,
+    token_endpoint: str = "/handoff",  # noqa: S107 - a path
+) -> web.Response:
     """A domain-A page with identity.js, set up by ``init`` or by the script tag's ``tag``."""
     if tag is None:
-        init = json.dumps({"domains": ["b.localhost"], "tokenEndpoint": "/handoff"})
+        init = json.dumps({"domains": ["b.localhost"], "tokenEndpoint": token_endpoint})
         head = (
             f'<script src="{site.service}/v1/identity.js"></script>'
             f"<script>IdentityHandoff.init({init});</script>"
@@ -102,7 +119,10 @@ def site_app(site: Site, client: AsyncIdentityClient, pages: dict[str, str]) -> 
         site.handoffs.append(destination)
         await asyncio.sleep(HANDOFF_DELAY)
         prepared = await client.prepare(anonymous_id="visitor-1", destination=destination)
-        return web.json_response({"redirectUrl": prepared.redirect_url})
+        return web.json_response({"redirectUrl": prepared.redirect_url}, headers=CORS)
+
+    async def preflight(request: web.Request) -> web.Response:
+        return web.Response(status=204, headers=CORS)
 
     async def any_page(request: web.Request) -> web.Response:
         if request.host.split(":")[0] == "b.localhost":
@@ -112,12 +132,16 @@ def site_app(site: Site, client: AsyncIdentityClient, pages: dict[str, str]) -> 
             timeout = request.query["timeout"]
             tag = f'data-domains="b.localhost" data-token-endpoint="/handoff" data-timeout="{timeout}"'
             return page(site, f'<a id="link" href="{site.b}/cart">checkout</a>', tag=tag)
+        if request.path == "/elsewhere":  # the token endpoint of domain B, another origin
+            link = f'<a id="link" href="{site.b}/cart">checkout</a>'
+            return page(site, link, token_endpoint=f"{site.b}/handoff")
         if request.path in pages:
             return page(site, pages[request.path].format(a=site.a, b=site.b))
         return web.Response(text=f"<h1>A {request.path}</h1>", content_type="text/html")
 
     app = web.Application()
     app.router.add_post("/handoff", handoff)
+    app.router.add_route("OPTIONS", "/handoff", preflight)
     app.router.add_route("*", "/{tail:.*}", any_page)
     return app
 
@@ -277,6 +301,22 @@ async def test_a_link_in_a_frame_navigates_the_context_its_target_names() -> Non
         assert len(site.handoffs) == handoffs
 
 
+async def test_a_token_endpoint_of_another_origin_is_not_called() -> None:
+    """A tokenEndpoint of another origin (domain B's, which grants CORS) was POSTed the
+    destination (and the visitor's anonymousId, with analytics.js), and its redirectUrl
+    followed. The docs make it the site's own backend: one of another origin is ignored
+    with a console warning (its default, none: links are not decorated)."""
+    async with running_site() as site, browser_tab() as tab:
+        warned = console_warnings(tab)
+        await tab.goto(f"{site.a}/elsewhere")
+        await tab.click("#link")
+        got = await site.wait_for_b(lambda request: request.startswith("GET /cart"))
+        await on_b(tab, site)
+        assert got == "GET /cart", got
+        assert site.handoffs == []
+        assert any("tokenEndpoint" in text for text in warned), warned
+
+
 async def test_a_data_timeout_that_is_not_a_number_is_the_default() -> None:
     async with running_site() as site, browser_tab() as tab:
         for timeout in ["5s", "0", "-1", "Infinity", "3000"]:
@@ -295,8 +335,13 @@ async def test_a_data_timeout_that_is_not_a_number_is_the_default() -> None:
 PARENT_DOMAIN = "example.test"
 LANDING_ARGS = [*CHROMIUM_ARGS, f"--host-resolver-rules=MAP *.{PARENT_DOMAIN} 127.0.0.1"]
 ONE_YEAR = 365 * 24 * 3600
-# The script tag's attributes of identity.js's cookie options (cookieMaxAge has none).
-ATTRIBUTES = {"cookieDomain": "data-cookie-domain", "cookieName": "data-cookie-name"}
+# The script tag's attributes of identity.js's options (cookieMaxAge has none).
+ATTRIBUTES = {
+    "exchangeEndpoint": "data-exchange-endpoint",
+    "cookieDomain": "data-cookie-domain",
+    "cookieName": "data-cookie-name",
+    "param": "data-param",
+}
 
 
 @dataclass(frozen=True)
@@ -304,7 +349,7 @@ class Landing:
     """How the page gives identity.js its cookie options (``init`` or the script tag's
     attributes) and which, the option identity.js ignores with a console warning (None:
     all valid), and the cookie it then writes: its name, for the parent domain or
-    host-only, and its Max-Age."""
+    host-only, and its Max-Age; on an https page, or an http one."""
 
     how: str
     options: dict[str, object]
@@ -312,6 +357,7 @@ class Landing:
     name: str = "ajs_anonymous_id"
     parent: bool = False
     max_age: int = ONE_YEAR
+    https: bool = True
 
 
 LANDINGS: dict[str, Landing] = {
@@ -340,62 +386,137 @@ LANDINGS: dict[str, Landing] = {
     "age-fraction": Landing("init", {"cookieMaxAge": 1.5}, "cookieMaxAge"),
     "age-text": Landing("init", {"cookieMaxAge": "1 year"}, "cookieMaxAge"),
     "age-over-400-days": Landing("init", {"cookieMaxAge": 401 * 24 * 3600}, "cookieMaxAge"),
+    # The token's parameter: the service's rule (ASCII letters, digits, '_' or '-'), or the
+    # default; an empty one took any empty query part (?a&&b) for the token.
+    "param-empty": Landing("init", {"param": ""}, "param"),
+    "param-tag": Landing("tag", {"param": "t\u00f6ken"}, "param"),
+    # Prefixed names (RFC 6265bis 4.1.3, in any case): written when the cookie fits the
+    # prefix, else the default name (the browser dropped the cookie: no id kept at all).
+    "host-prefix": Landing("init", {"cookieName": "__Host-ajs"}, name="__Host-ajs"),
+    "secure-prefix": Landing(
+        "tag",
+        {"cookieName": "__Secure-ajs", "cookieDomain": PARENT_DOMAIN},
+        name="__Secure-ajs",
+        parent=True,
+    ),
+    "host-prefix-domain": Landing(
+        "init",
+        {"cookieName": "__Host-ajs", "cookieDomain": f".{PARENT_DOMAIN}"},
+        "cookieName",
+        parent=True,
+    ),
+    "host-prefix-domain-tag": Landing(
+        "tag",
+        {"cookieName": "__host-ajs", "cookieDomain": PARENT_DOMAIN},
+        "cookieName",
+        parent=True,
+    ),
+    "secure-prefix-http": Landing(
+        "init", {"cookieName": "__Secure-ajs"}, "cookieName", https=False
+    ),
+    "host-prefix-http": Landing("tag", {"cookieName": "__HOST-ajs"}, "cookieName", https=False),
+    "http": Landing("init", {"cookieName": "ajs_id"}, name="ajs_id", https=False),
 }
 
 
-def landing_page(service: str, mode: str) -> web.Response:
-    """Domain B's page with identity.js, its cookie options given by ``init`` or by the
-    script tag's attributes (``LANDINGS``)."""
+# Modes of a landing whose exchangeEndpoint is the sibling subdomain's (another origin, which
+# grants CORS), given by ``init`` or by the script tag's attribute, absolute or scheme-relative.
+ELSEWHERE = {"elsewhere-init": ("init", "https:"), "elsewhere-tag": ("tag", "")}
+READY = "new Promise((resolve) => IdentityHandoff.ready(resolve))"
+
+
+def landing_page(service: str, landing: Landing) -> web.Response:
+    """Domain B's page with identity.js, its options given by ``init`` or by the script
+    tag's attributes."""
     src = f"{service}/v1/identity.js"
-    landing = LANDINGS[mode]
+    options = {"exchangeEndpoint": "/identity/exchange", **landing.options}
     if landing.how == "tag":
         attributes = "".join(
-            f' {ATTRIBUTES[name]}="{html.escape(str(value))}"'
-            for name, value in landing.options.items()
+            f' {ATTRIBUTES[name]}="{html.escape(str(value))}"' for name, value in options.items()
         )
-        head = (
-            f'<script src="{src}" data-exchange-endpoint="/identity/exchange"{attributes}></script>'
-        )
+        head = f'<script src="{src}"{attributes}></script>'
     else:
-        options = {"exchangeEndpoint": "/identity/exchange", **landing.options}
         head = f'<script src="{src}"></script><script>IdentityHandoff.init({json.dumps(options)});</script>'
     document = f"<!doctype html><html><head>{head}</head><body><h1>cart</h1></body></html>"
     return web.Response(text=document, content_type="text/html")
 
 
-def landing_app(service: str, client: AsyncIdentityClient) -> web.Application:
+def landing_of(request: web.Request) -> Landing:
+    """The landing a /cart request's ``mode`` names (LANDINGS, ELSEWHERE)."""
+    mode = request.query["mode"]
+    if mode in LANDINGS:
+        return LANDINGS[mode]
+    how, scheme = ELSEWHERE[mode]
+    endpoint = f"{scheme}//www.{PARENT_DOMAIN}:{request.url.port}/identity/exchange"
+    return Landing(how, {"exchangeEndpoint": endpoint}, "exchangeEndpoint")
+
+
+@dataclass
+class LandingSite:
+    """Domain B (``pay``) and its sibling subdomain (``www``) on https and on http (the
+    service takes https origins only: a token prepared for https is followed there), one
+    site answering all four; the service's client; Chromium mapping them to loopback.
+    ``exchanges``: the host of each call to /identity/exchange."""
+
+    pay: str
+    www: str
+    http_pay: str
+    http_www: str
+    client: AsyncIdentityClient
+    browser: Any
+    exchanges: list[str] = field(default_factory=list)
+
+    async def tab(self) -> tuple[Any, Any, list[str]]:
+        """A fresh context, its tab and the console warnings the tab gets."""
+        context = await self.browser.new_context(ignore_https_errors=True)
+        context.set_default_timeout(TIMEOUT_MS)
+        tab = await context.new_page()
+        return context, tab, console_warnings(tab)
+
+
+def console_warnings(tab: Any) -> list[str]:
+    """The console warnings ``tab`` gets from now on."""
+    warned: list[str] = []
+
+    def on_console(message: Any) -> None:
+        if message.type == "warning":
+            warned.append(message.text)
+
+    tab.on("console", on_console)
+    return warned
+
+
+def landing_app(service: str, site: LandingSite) -> web.Application:
     async def exchange(request: web.Request) -> web.Response:
+        site.exchanges.append(request.host)
         token = (await request.json())["token"]
-        identity = await client.exchange(token, fallback=True)
-        return web.json_response({"anonymousId": identity.anonymous_id, "source": identity.source})
+        identity = await site.client.exchange(token, fallback=True)
+        answer = {"anonymousId": identity.anonymous_id, "source": identity.source}
+        return web.json_response(answer, headers=CORS)
+
+    async def preflight(request: web.Request) -> web.Response:
+        return web.Response(status=204, headers=CORS)
 
     async def any_page(request: web.Request) -> web.Response:
         if request.path == "/cart":
-            return landing_page(service, request.query["mode"])
+            return landing_page(service, landing_of(request))
         return web.Response(
             text=f"<h1>{request.host} {request.path}</h1>", content_type="text/html"
         )
 
     app = web.Application()
     app.router.add_post("/identity/exchange", exchange)
+    app.router.add_route("OPTIONS", "/identity/exchange", preflight)
     app.router.add_get("/{tail:.*}", any_page)
     return app
 
 
-async def test_identity_js_writes_the_cookie_its_options_say(tmp_path: Path) -> None:
-    """identity.js wrote a host-only cookie whatever the site's setup: a visitor restored on
-    pay.example.test was unknown on www.example.test. With ``cookieDomain`` (the
-    middlewares' option) the cookie is the parent domain's. A cookieDomain that is no
-    domain name, a cookieName that is no token or a cookieMaxAge that is no whole number of
-    seconds from 1 to 400 days went into document.cookie as written: a ';' added
-    attributes (``Max-Age=0``: no cookie at all), an '=' moved the name into the value, an
-    empty label or a space made a cookie Chromium refuses, ``Max-Age=-5`` deleted it; each
-    is now ignored with a console warning, and its default written."""
+@asynccontextmanager
+async def landing_site(directory: Path) -> AsyncIterator[LandingSite]:
     async_api = need_browser()
-    service_port, site_port = free_port(), free_port()
+    service_port, site_port, http_port = free_port(), free_port(), free_port()
     pay = f"https://pay.{PARENT_DOMAIN}:{site_port}"
-    www = f"https://www.{PARENT_DOMAIN}:{site_port}"
-    tls = tls_context(tmp_path, f"pay.{PARENT_DOMAIN}", f"www.{PARENT_DOMAIN}")
+    tls = tls_context(directory, f"pay.{PARENT_DOMAIN}", f"www.{PARENT_DOMAIN}")
     sources = {"pay": {"write_key_hash": hash_write_key(WRITE_KEY), "origins": [pay]}}
     service = FrontRunner(create_app(make_settings(sources=json.dumps(sources))), access_log=None)
     await service.setup()
@@ -406,58 +527,94 @@ async def test_identity_js_writes_the_cookie_its_options_say(tmp_path: Path) -> 
             AsyncIdentityClient(service_url, WRITE_KEY) as client,
             async_api.async_playwright() as playwright,
         ):
-            runner = web.AppRunner(landing_app(service_url, client), access_log=None)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", site_port, ssl_context=tls).start()
             browser = await playwright.chromium.launch(
                 executable_path=chromium_path(), args=LANDING_ARGS, timeout=TIMEOUT_MS
             )
+            site = LandingSite(
+                pay,
+                f"https://www.{PARENT_DOMAIN}:{site_port}",
+                f"http://pay.{PARENT_DOMAIN}:{http_port}",
+                f"http://www.{PARENT_DOMAIN}:{http_port}",
+                client,
+                browser,
+            )
+            runner = web.AppRunner(landing_app(service_url, site), access_log=None)
+            await runner.setup()
             try:
-                for mode, landing in LANDINGS.items():
-                    visitor = f"visitor-{mode}"
-                    context = await browser.new_context(ignore_https_errors=True)
-                    context.set_default_timeout(TIMEOUT_MS)
-                    tab = await context.new_page()
-                    warned: list[str] = []
-                    tab.on(
-                        "console",
-                        lambda message, warned=warned: (
-                            message.type == "warning" and warned.append(message.text)
-                        ),
-                    )
-                    prepared = await client.prepare(
-                        anonymous_id=visitor, destination=f"{pay}/cart?mode={mode}"
-                    )
-                    await tab.goto(prepared.redirect_url)
-                    landed = await tab.evaluate(
-                        "new Promise((resolve) => IdentityHandoff.ready(resolve))"
-                    )
-                    written = time.time()
-                    assert landed == {"anonymousId": visitor, "source": "handoff"}, mode
-                    assert tab.url == f"{pay}/cart?mode={mode}"
-                    cookies = await context.cookies(pay)
-                    assert [(c["name"], c["value"]) for c in cookies] == [
-                        (landing.name, visitor)
-                    ], mode
-                    [cookie] = cookies
-                    assert abs(cookie["expires"] - written - landing.max_age) < 60, mode
-                    # The sibling subdomain's own page sees it, or not.
-                    await tab.goto(f"{www}/account")
-                    seen = await tab.evaluate("document.cookie")
-                    if landing.parent:
-                        assert cookie["domain"] == f".{PARENT_DOMAIN}", mode
-                        assert seen == f"{landing.name}={visitor}", mode
-                    else:
-                        assert cookie["domain"] == f"pay.{PARENT_DOMAIN}", mode
-                        assert seen == "", mode
-                    # An option that cannot be written is said so, and ignored.
-                    if landing.warned is None:
-                        assert warned == [], mode
-                    else:
-                        assert any(landing.warned in text for text in warned), (mode, warned)
-                    await context.close()
+                await web.TCPSite(runner, "127.0.0.1", site_port, ssl_context=tls).start()
+                await web.TCPSite(runner, "127.0.0.1", http_port).start()
+                yield site
             finally:
                 await browser.close()
                 await runner.cleanup()
     finally:
         await service.cleanup()
+
+
+async def test_identity_js_writes_the_cookie_its_options_say(tmp_path: Path) -> None:
+    """identity.js wrote a host-only cookie whatever the site's setup: a visitor restored on
+    pay.example.test was unknown on www.example.test. With ``cookieDomain`` (the
+    middlewares' option) the cookie is the parent domain's. A cookieDomain that is no
+    domain name, a cookieName that is no token or a cookieMaxAge that is no whole number of
+    seconds from 1 to 400 days went into document.cookie as written: a ';' added
+    attributes (``Max-Age=0``: no cookie at all), an '=' moved the name into the value, an
+    empty label or a space made a cookie Chromium refuses, ``Max-Age=-5`` deleted it; each
+    is now ignored with a console warning, and its default written. So is a ``__Secure-``
+    or ``__Host-`` cookieName on an http page, or a ``__Host-`` one with a cookieDomain:
+    Chromium dropped the cookie. An empty ``param`` took no token at all (the visitor was
+    never restored): the default is read instead."""
+    async with landing_site(tmp_path) as site:
+        for mode, landing in LANDINGS.items():
+            visitor = f"visitor-{mode}"
+            context, tab, warned = await site.tab()
+            prepared = await site.client.prepare(
+                anonymous_id=visitor, destination=f"{site.pay}/cart?mode={mode}"
+            )
+            page, sibling = (
+                (site.pay, site.www) if landing.https else (site.http_pay, site.http_www)
+            )
+            await tab.goto(prepared.redirect_url.replace(site.pay, page))
+            landed = await tab.evaluate(READY)
+            written = time.time()
+            assert landed == {"anonymousId": visitor, "source": "handoff"}, mode
+            assert tab.url == f"{page}/cart?mode={mode}"
+            cookies = await context.cookies(page)
+            assert [(c["name"], c["value"]) for c in cookies] == [(landing.name, visitor)], mode
+            [cookie] = cookies
+            assert abs(cookie["expires"] - written - landing.max_age) < 60, mode
+            # The sibling subdomain's own page sees it, or not.
+            await tab.goto(f"{sibling}/account")
+            seen = await tab.evaluate("document.cookie")
+            if landing.parent:
+                assert cookie["domain"] == f".{PARENT_DOMAIN}", mode
+                assert seen == f"{landing.name}={visitor}", mode
+            else:
+                assert cookie["domain"] == f"pay.{PARENT_DOMAIN}", mode
+                assert seen == "", mode
+            # An option that cannot be written is said so, and ignored.
+            if landing.warned is None:
+                assert warned == [], mode
+            else:
+                assert any(landing.warned in text for text in warned), (mode, warned)
+            await context.close()
+
+
+async def test_identity_js_posts_the_token_to_its_own_origin_only(tmp_path: Path) -> None:
+    """An exchangeEndpoint of another origin (the sibling subdomain's, which grants CORS) was
+    POSTed the token: whoever answers there exchanged it, and the visitor was theirs. The
+    docs make it the site's own backend: one of another origin is ignored with a console
+    warning (its default, none: no exchange), and the token is left unused."""
+    async with landing_site(tmp_path) as site:
+        for mode in ELSEWHERE:
+            context, tab, warned = await site.tab()
+            prepared = await site.client.prepare(
+                anonymous_id="visitor-elsewhere", destination=f"{site.pay}/cart?mode={mode}"
+            )
+            await tab.goto(prepared.redirect_url)
+            assert await tab.evaluate(READY) is None, mode
+            assert site.exchanges == [], mode
+            assert await context.cookies(site.pay) == [], mode
+            assert any("exchangeEndpoint" in text for text in warned), (mode, warned)
+            await context.close()
+        identity = await site.client.exchange(prepared.token)
+        assert identity.anonymous_id == "visitor-elsewhere"

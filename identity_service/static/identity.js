@@ -10,8 +10,8 @@
  *
  * Domain B (lands, without the server middleware): a URL carrying the token parameter has
  * it removed from the address bar at once (history.replaceState, history.state kept), and
- * the token is POSTed to your own backend (exchangeEndpoint), which exchanges it (with
- * fallback) and answers {"anonymousId": ..., "source": ...}. The helper gives the id to
+ * the token is POSTed to your own backend (exchangeEndpoint, same origin), which exchanges
+ * it (with fallback) and answers {"anonymousId": ..., "source": ...}. The helper gives the id to
  * analytics.js (analytics.setAnonymousId; with the snippet's queue, ahead of the calls
  * queued) and writes the ajs_anonymous_id cookie; a generated id (a stale token) does not
  * replace the cookie of a visitor who already has one. Run analytics.load inside
@@ -33,7 +33,11 @@
  * Domain, as the SDKs' middlewares' option: without it, or with one that is no domain name
  * (ignored, with a console warning), the cookie is host-only. A cookieName that is no token
  * (RFC 6265) or a cookieMaxAge that is no whole number of seconds from 1 to 400 days is
- * ignored the same way: its default is written.
+ * ignored the same way: its default is written; so is a param that is not ASCII letters,
+ * digits, "_" or "-" (the service's own rule), and a __Secure- or __Host- cookieName on an
+ * http page, or a __Host- one with a cookieDomain (a cookie the browser would drop). A
+ * tokenEndpoint or exchangeEndpoint of another origin than the page's is ignored too (with
+ * a console warning): neither is called.
  * No dependencies, no build step; ES5 plus fetch.
  */
 (function (window, document) {
@@ -60,6 +64,9 @@
   // A cookie's name: a token (RFC 6265 4.1.1), as the SDKs' check.
   var COOKIE_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
   var MAX_COOKIE_AGE = 400 * 24 * 3600;  // browsers cut a longer Max-Age to 400 days
+  // The token's query parameter: what the service's IDENTITY_TOKEN_PARAM may be (as the
+  // SDKs' check); an empty one took every empty part of a query (?a&&b) for a token.
+  var TOKEN_PARAM = /^[A-Za-z0-9_-]+$/;
   // A form's attributes the helper sets to submit it as its clicked button would have.
   var SUBMISSION = ["action", "method", "target", "enctype"];
 
@@ -87,12 +94,23 @@
     // Written into document.cookie as given, a ";" would add attributes, an "=" move the
     // name into the value, a space or an empty label make a cookie the browser refuses,
     // Max-Age=-5 delete it: each is ignored (its default is written), and said so.
+    ownEndpoint(merged, "tokenEndpoint");
+    ownEndpoint(merged, "exchangeEndpoint");
+    if (typeof merged.param !== "string" || !TOKEN_PARAM.test(merged.param)) {
+      ignore(merged, "param", "is not a parameter the service can send (ASCII letters, digits, " +
+        "\"_\" or \"-\"); the parameter is " + DEFAULTS.param);
+    }
     if (merged.cookieDomain && !isCookieDomain(merged.cookieDomain)) {
       ignore(merged, "cookieDomain", "is not a domain name; the cookie is host-only");
     }
     if (typeof merged.cookieName !== "string" || !COOKIE_NAME.test(merged.cookieName)) {
       ignore(merged, "cookieName", "is not a cookie name (a token: no space, \";\", \",\" or \"=\"); " +
         "the cookie is " + DEFAULTS.cookieName);
+    }
+    var unfit = unfitPrefix(merged.cookieName, window.location.protocol === "https:", merged.cookieDomain);
+    if (unfit) {
+      ignore(merged, "cookieName", unfit + ", or the browser drops the cookie; the cookie is " +
+        DEFAULTS.cookieName);
     }
     var maxAge = merged.cookieMaxAge;
     if (typeof maxAge !== "number" || maxAge % 1 !== 0 || maxAge < 1 || maxAge > MAX_COOKIE_AGE) {
@@ -108,6 +126,34 @@
       console.warn("identity.js: " + name + " " + JSON.stringify(String(merged[name])) + " " + why);
     }
     merged[name] = DEFAULTS[name];
+  }
+
+  // The endpoint option `name` of `merged` as an absolute URL, checked once here: of this
+  // page's origin (the site's own backend, which gets the site's cookies), or ignored, with
+  // a console warning (its default, none: that side does nothing). One of another origin
+  // would be sent the visitor's anonymousId or the token to exchange.
+  function ownEndpoint(merged, name) {
+    if (!merged[name]) { return; }
+    var url = parse(String(merged[name]));
+    if (url && (url.protocol === "https:" || url.protocol === "http:") &&
+        url.origin === window.location.origin) {
+      merged[name] = url.href;
+    } else {
+      ignore(merged, name, "is not of this page's origin (" + window.location.origin +
+        "): the token and the visitor's id go to your own backend only; it is not called");
+    }
+  }
+
+  // What a cookie named `name` lacks for its name's prefix (RFC 6265bis 4.1.3, matched in
+  // any case; as the SDKs' check), or null: __Secure- needs Secure (written on https pages
+  // only), __Host- too and no Domain (its Path is always "/").
+  function unfitPrefix(name, secure, domain) {
+    var prefix = name.slice(0, 9).toLowerCase();
+    var host = prefix.indexOf("__host-") === 0;
+    if (!host && prefix !== "__secure-") { return null; }
+    if (!secure) { return "needs an https page (Secure)"; }
+    if (host && domain) { return "cannot have a cookieDomain (a __Host- cookie is host-only)"; }
+    return null;
   }
 
   function isCookieDomain(domain) {

@@ -352,15 +352,23 @@ export class IdentityClient {
 
   /**
    * `text` without the write key (raw, as its Basic credentials, percent-encoded; a Bearer
-   * form holds it raw) nor any of `secrets` (the token being exchanged).
+   * form holds it raw) nor any of `secrets` (the token being exchanged). A form shorter
+   * than SHORT_SECRET only where it stands alone, as the Python SDK's `_scrub`.
    */
   #scrub(text: string, secrets: readonly string[] = []): string {
     const key = this.#writeKey;
     const forms = [Buffer.from(`${key}:`, "utf8").toString("base64"), key, encodeURIComponent(key)];
-    // A token shorter than MIN_SCRUBBED_TOKEN is none the service made (the middleware's "-").
-    for (const secret of secrets) if (secret.length >= MIN_SCRUBBED_TOKEN) forms.push(secret, encodeURIComponent(secret));
+    for (const secret of secrets) forms.push(secret, encodeURIComponent(secret));
     let out = text;
-    for (const form of forms.sort((a, b) => b.length - a.length)) if (form) out = out.split(form).join("***");
+    for (const form of new Set(forms.sort((a, b) => b.length - a.length))) {
+      if (!form) continue;
+      if (form.length >= SHORT_SECRET) {
+        out = out.split(form).join("***");
+      } else {
+        const escaped = form.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+        out = out.replace(new RegExp(`(?<![${WORD_CHARS}])${escaped}(?![${WORD_CHARS}])`, "g"), "***");
+      }
+    }
     return out;
   }
 
@@ -444,8 +452,13 @@ function safeCause(error: unknown, scrub: (text: string) => string, depth = 0): 
   return copy;
 }
 
-/** Real tokens are 43 characters; a shorter "token" is not scrubbed from errors. */
-const MIN_SCRUBBED_TOKEN = 8;
+/**
+ * A secret shorter than this is scrubbed only where it stands alone (not inside a word of
+ * WORD_CHARS), so that a short write key ("k") or token (the middleware's "-") does not
+ * mangle every "k" or hyphen of an error's text; as the Python SDK's `_SHORT_SECRET`.
+ */
+const SHORT_SECRET = 8;
+const WORD_CHARS = "A-Za-z0-9_\\-";
 
 /**
  * Reads the fields of a 2xx answer, each of the type the API documents, or throws an

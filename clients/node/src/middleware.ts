@@ -55,7 +55,12 @@ export interface RequestIdentity {
 }
 
 export interface HandoffMiddlewareOptions {
-  /** Query parameter carrying the token (default `handoff_token`, the service's). */
+  /**
+   * Query parameter carrying the token (default `handoff_token`, the service's): ASCII
+   * letters, digits, `_` or `-`, as the service's `IDENTITY_TOKEN_PARAM`; any other (an
+   * empty one took every empty part of a query, `?a&&b`, for a handoff) is a
+   * ConfigurationError from `handoffMiddleware`.
+   */
   tokenParam?: string;
   /**
    * The visitor cookie (default `ajs_anonymous_id`, the one analytics.js reads): a token
@@ -75,7 +80,12 @@ export interface HandoffMiddlewareOptions {
   cookieMaxAge?: number;
   /** Cookie `SameSite` (default `Lax`; any case); `None` needs `secure`. */
   sameSite?: "Lax" | "Strict" | "None";
-  /** Cookie `Secure` (default true; false for plain-http development). */
+  /**
+   * Cookie `Secure` (default true; false for plain-http development). A `__Secure-` or
+   * `__Host-` name (in any case) needs it, and a `__Host-` one `cookiePath` `/` and no
+   * `cookieDomain` (RFC 6265bis; the carry cookie is host-only anyway): browsers drop such a
+   * cookie otherwise, so another combination is a ConfigurationError from `handoffMiddleware`.
+   */
   secure?: boolean;
   /** Cookie `Path` (default `/`): starting with `/`, printable ASCII without `;`. */
   cookiePath?: string;
@@ -157,20 +167,31 @@ function isCookieDomain(domain: unknown): boolean {
 // uses the page's directory). The Python middlewares check the same, identity.js the name.
 const COOKIE_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 const COOKIE_PATH = /^\/[\x20-\x3a\x3c-\x7e]*$/;
+// The token's query parameter: what the service's IDENTITY_TOKEN_PARAM may be. The Python
+// middlewares and identity.js check the same.
+const TOKEN_PARAM = /^[A-Za-z0-9_-]+$/;
 /** The longest Max-Age browsers keep (RFC 6265bis 5.6.2: a longer one is cut to 400 days). */
 const MAX_COOKIE_AGE = 400 * 24 * 3600;
 const SAME_SITE = ["lax", "strict", "none"];
 
 /**
- * Refuses, when the middleware is made, a cookie option that written into the Set-Cookie as
- * given would add attributes (a `;`), make a cookie browsers drop or cut, or one Node
- * refuses to send (a CR or LF: every handoff request's error), as the Python SDK refuses it.
+ * Refuses, when the middleware is made, a `tokenParam` the service cannot send, and a
+ * cookie option that written into the Set-Cookie as given would add attributes (a `;`),
+ * make a cookie browsers drop or cut, or one Node refuses to send (a CR or LF: every
+ * handoff request's error), as the Python SDK refuses them.
  */
-function checkCookieOptions(options: HandoffMiddlewareOptions): void {
+function checkOptions(options: HandoffMiddlewareOptions): void {
   // An option left out (undefined or null) is its default.
   const refuse = (message: string): never => {
     throw new ConfigurationError(`handoffMiddleware: ${message}`);
   };
+  const tokenParam: unknown = options.tokenParam;
+  if (tokenParam != null && (typeof tokenParam !== "string" || !TOKEN_PARAM.test(tokenParam))) {
+    refuse(
+      `tokenParam ${JSON.stringify(tokenParam)} is not a parameter the service can send ` +
+        "(ASCII letters, digits, '_' or '-', as IDENTITY_TOKEN_PARAM)",
+    );
+  }
   if (options.cookieDomain && !isCookieDomain(options.cookieDomain)) {
     refuse(
       `cookieDomain ${JSON.stringify(options.cookieDomain)} is not a domain name ` +
@@ -208,6 +229,31 @@ function checkCookieOptions(options: HandoffMiddlewareOptions): void {
   if (typeof sameSite === "string" && sameSite.toLowerCase() === "none" && options.secure === false) {
     refuse("sameSite None needs secure: browsers drop a SameSite=None cookie that is not Secure");
   }
+  // The carry cookie is host-only whatever cookieDomain is.
+  for (const [option, name, domain] of [
+    ["cookieName", visitorName, options.cookieDomain],
+    ["carryCookieName", options.carryCookieName ?? DEFAULT_CARRY_NAME, undefined],
+  ] as const) {
+    const unfit = unfitPrefix(name, options.secure ?? true, options.cookiePath ?? "/", domain);
+    if (unfit !== null) {
+      refuse(`${option} ${JSON.stringify(name)} ${unfit}: browsers drop a cookie whose name's prefix its attributes do not fit`);
+    }
+  }
+}
+
+/**
+ * What a cookie named `name` with these attributes lacks for its name's prefix (RFC 6265bis
+ * 4.1.3, matched in any case: `__Secure-` needs `Secure`; `__Host-` needs `Secure`, `Path=/`
+ * and no `Domain`), or null. The Python middlewares and identity.js check the same.
+ */
+function unfitPrefix(name: string, secure: boolean, path: string, domain: string | undefined): string | null {
+  const prefix = name.slice(0, 9).toLowerCase();
+  const host = prefix.startsWith("__host-");
+  if (!host && prefix !== "__secure-") return null;
+  if (!secure) return "needs secure";
+  if (host && domain) return "cannot have a cookieDomain (a __Host- cookie is host-only)";
+  if (host && path !== "/") return "needs cookiePath '/'";
+  return null;
 }
 
 /**
@@ -321,7 +367,7 @@ export function handoffMiddleware(
   client: Pick<IdentityClient, "exchange"> & Partial<Pick<IdentityClient, "carryKey">>,
   options: HandoffMiddlewareOptions = {},
 ): (req: MiddlewareRequest, res: MiddlewareResponse, next: NextFunction) => void {
-  checkCookieOptions(options);
+  checkOptions(options);
   checkPublicOrigin(options.publicOrigin);
   const tokenParam = options.tokenParam ?? "handoff_token";
   const cookieName = options.cookieName ?? DEFAULT_COOKIE_NAME;

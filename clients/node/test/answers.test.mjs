@@ -337,6 +337,30 @@ describe("a secret an upstream echoes is in no field of the error", () => {
     }
   });
 
+  test("a short write key or token is scrubbed where it stands alone, as the Python SDK does", async () => {
+    // A key "k" was replaced everywhere: "unknown scheme" became "un***nown scheme"; a token
+    // under 8 characters (the middleware's "-") was not scrubbed at all.
+    const server = await startHttpServer((req, res, count, body) => {
+      res.writeHead(400, { "content-type": "application/problem+json" });
+      const auth = req.headers.authorization;
+      res.end(JSON.stringify({ type: "urn:gateway:bad", title: "Bad", detail: `unknown scheme, key k, ${auth}, body ${body}` }));
+    });
+    try {
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: "k", maxRetries: 0 });
+      const basic = Buffer.from("k:").toString("base64");
+      await assert.rejects(client.exchange("-"), (error) => {
+        assert.ok(error instanceof APIError, String(error));
+        assert.ok(error.detail.startsWith("unknown scheme, key ***, Basic ***, body "), error.detail);
+        assert.ok(error.detail.includes('"token":"***"'), error.detail);
+        assert.ok(!error.detail.includes(basic), error.detail);
+        assert.equal(error.type, "urn:gateway:bad");
+        return true;
+      });
+    } finally {
+      await server.close();
+    }
+  });
+
   test("a 2xx answer that is not JSON: no piece of it in the error (JSON.parse's message quotes one)", async () => {
     const server = await startHttpServer((req, res, count, body) => {
       res.writeHead(200, { "content-type": "application/json" });

@@ -460,6 +460,16 @@ describe("handoffMiddleware's other cookie options", () => {
     // One name for both cookies: the carry cookie (HttpOnly, 60 s) replaced the visitor's.
     { cookieName: "identity_restored" },
     { carryCookieName: "ajs_anonymous_id" },
+    // A name's prefix its attributes do not fit (RFC 6265bis 4.1.3, in any case): browsers
+    // drop the cookie. __Secure- needs Secure; __Host- Secure, Path=/ and no Domain (the
+    // carry cookie never has one).
+    { cookieName: "__Secure-ajs", secure: false },
+    { cookieName: "__secure-ajs", secure: false },
+    { cookieName: "__Host-ajs", secure: false },
+    { cookieName: "__Host-ajs", cookieDomain: ".example-pay.com" },
+    { cookieName: "__HOST-ajs", cookiePath: "/shop" },
+    { carryCookieName: "__Secure-restored", secure: false },
+    { carryCookieName: "__Host-restored", cookiePath: "/shop" },
   ];
   for (const options of INVALID) {
     const [name] = Object.keys(options);
@@ -498,6 +508,44 @@ describe("handoffMiddleware's other cookie options", () => {
       await checkout.close();
     }
   });
+});
+
+describe("handoffMiddleware's prefixed cookie names", () => {
+  test("are written when their attributes fit: __Host- for both cookies, Secure, Path=/, no Domain", async () => {
+    const real = new IdentityClient({ baseUrl: service.url, writeKey: WRITE_KEY });
+    const checkout = await startCheckout(real, { cookieName: "__Host-ajs", carryCookieName: "__Host-restored" });
+    try {
+      const handoff = await real.prepare({ anonymousId: "visitor-prefix", destination: `${checkout.origin}/cart` });
+      const landing = new URL(handoff.redirectUrl);
+      const answer = await get(checkout.port, landing.pathname + landing.search);
+      assert.equal(answer.status, 303);
+      const cookie = cookieOf(answer, "__Host-ajs");
+      assert.equal(cookie.value, "visitor-prefix");
+      assert.ok(cookie.attributes.includes("Path=/") && cookie.attributes.includes("Secure"), cookie.attributes);
+      assert.ok(!cookie.attributes.some((attribute) => attribute.startsWith("Domain=")), cookie.attributes);
+      cookieOf(answer, "__Host-restored");
+    } finally {
+      await checkout.close();
+    }
+    // A host-only carry cookie beside a visitor cookie for the parent domain.
+    handoffMiddleware(real, { cookieName: "__Secure-ajs", carryCookieName: "__Host-restored", cookieDomain: ".example-pay.com" });
+  });
+});
+
+describe("handoffMiddleware's tokenParam", () => {
+  const client = new IdentityClient({ baseUrl: "http://127.0.0.1:1", writeKey: WRITE_KEY });
+  // An empty one made any URL with an empty query part (`?a&&b`) a handoff: exchanged,
+  // answered 303, a generated id set. The service's IDENTITY_TOKEN_PARAM is ASCII letters,
+  // digits, '_' or '-'; so is the middleware's, as the Python SDK's.
+  for (const tokenParam of ["", "handoff token", "t\u00f6ken", "a=b", "a&b", "a.b", 5]) {
+    test(`${JSON.stringify(tokenParam)} is a ConfigurationError when the middleware is made`, () => {
+      assert.throws(() => handoffMiddleware(client, { tokenParam }), (error) => {
+        assert.ok(error instanceof ConfigurationError);
+        assert.match(error.message, /tokenParam/);
+        return true;
+      });
+    });
+  }
 });
 
 describe("handoffMiddleware's publicOrigin", () => {

@@ -106,6 +106,10 @@ _MAX_DOMAIN = 253
 # uses the page's directory). The Node middleware checks the same, identity.js the name.
 _COOKIE_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _COOKIE_PATH = re.compile(r"/[\x20-\x3a\x3c-\x7e]*")
+# The token's query parameter: what the service's IDENTITY_TOKEN_PARAM may be (ASCII letters,
+# digits, '_' or '-'). An empty one would take every empty part of a query (``?a&&b``) for a
+# handoff. The Node middleware and identity.js check the same.
+_TOKEN_PARAM = re.compile(r"[A-Za-z0-9_-]+")
 # The longest Max-Age browsers keep (RFC 6265bis 5.6.2: a longer one is cut to 400 days).
 MAX_COOKIE_AGE = 400 * 24 * 3600
 _SAME_SITE = ("lax", "strict", "none")
@@ -128,8 +132,14 @@ class MiddlewareSettings:
     carry_cookie_name: str = "identity_restored"
 
     def __post_init__(self) -> None:
-        """Refuse, when the middleware is made, a setting that written into the Set-Cookie
-        as given would add attributes (a ';') or make a cookie browsers drop or cut."""
+        """Refuse, when the middleware is made, a token parameter the service cannot send,
+        and a setting that written into the Set-Cookie as given would add attributes (a
+        ';') or make a cookie browsers drop or cut."""
+        if not _fullmatch(_TOKEN_PARAM, self.token_param):
+            raise ConfigurationError(
+                f"token_param {self.token_param!r} is not a parameter the service can send "
+                "(ASCII letters, digits, '_' or '-', as IDENTITY_TOKEN_PARAM)"
+            )
         if self.cookie_domain and not _is_cookie_domain(self.cookie_domain):
             raise ConfigurationError(
                 f"cookie_domain {self.cookie_domain!r} is not a domain name "
@@ -170,6 +180,17 @@ class MiddlewareSettings:
                 "cookie_same_site None needs cookie_secure: browsers drop a SameSite=None "
                 "cookie that is not Secure"
             )
+        # The carry cookie is host-only whatever cookie_domain is.
+        for setting, name, domain in (
+            ("cookie_name", self.cookie_name, self.cookie_domain),
+            ("carry_cookie_name", self.carry_cookie_name, None),
+        ):
+            unfit = _unfit_prefix(name, self.cookie_secure, self.cookie_path, domain)
+            if unfit:
+                raise ConfigurationError(
+                    f"{setting} {name!r} {unfit}: browsers drop a cookie whose name's prefix "
+                    "its attributes do not fit"
+                )
 
     def set_cookie(self, anonymous_id: str) -> str:
         return self._set_cookie(
@@ -305,6 +326,23 @@ class MiddlewareSettings:
 def _fullmatch(pattern: re.Pattern[str], value: object) -> bool:
     """Whether ``value`` is a string ``pattern`` matches whole."""
     return isinstance(value, str) and pattern.fullmatch(value) is not None
+
+
+def _unfit_prefix(name: str, secure: bool, path: str, domain: str | None) -> str | None:
+    """What a cookie named ``name`` with these attributes lacks for its name's prefix
+    (RFC 6265bis 4.1.3, matched in any case: ``__Secure-`` needs ``Secure``; ``__Host-``
+    needs ``Secure``, ``Path=/`` and no ``Domain``), or None. The Node middleware and
+    identity.js check the same."""
+    prefix = name[:9].lower()
+    if not prefix.startswith(("__secure-", "__host-")):
+        return None
+    if not secure:
+        return "needs cookie_secure"
+    if prefix.startswith("__host-") and domain:
+        return "cannot have a cookie_domain (a __Host- cookie is host-only)"
+    if prefix.startswith("__host-") and path != "/":
+        return "needs cookie_path '/'"
+    return None
 
 
 def _is_cookie_domain(domain: object) -> bool:

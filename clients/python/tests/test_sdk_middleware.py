@@ -480,6 +480,20 @@ def test_a_cookie_domain_is_written_as_given(service: Service, cookie_domain: st
     assert f"; Domain={cookie_domain}; " in visitor_cookie
 
 
+@pytest.mark.parametrize("kind", ["wsgi", "asgi", "aiohttp"])
+@pytest.mark.parametrize(
+    "token_param", ["", "handoff token", "t\u00f6ken", "a=b", "a&b", "a.b", None, 5], ids=repr
+)
+def test_a_token_param_the_service_cannot_send_is_refused_when_the_middleware_is_made(
+    kind: str, token_param: object
+) -> None:
+    """An empty one made any URL with an empty query part (``?a&&b``) a handoff: exchanged,
+    answered 303, a generated id set. The service's IDENTITY_TOKEN_PARAM is ASCII letters,
+    digits, '_' or '-'; so is the middlewares'."""
+    with pytest.raises(ConfigurationError, match="token_param"):
+        make_middleware(kind, token_param=token_param)
+
+
 # The cookies' other settings: what a Set-Cookie can hold, or refused when the middleware is made
 
 # A name is an RFC 6265 token: a ';' or ',' adds attributes or cookies, '=' moves the value,
@@ -530,6 +544,16 @@ INVALID_COOKIE_SETTINGS: list[dict[str, object]] = [
     # One name for both cookies: the carry cookie (HttpOnly, 60 s) replaced the visitor's.
     {"cookie_name": "identity_restored"},
     {"carry_cookie_name": "ajs_anonymous_id"},
+    # A name's prefix its attributes do not fit (RFC 6265bis 4.1.3, in any case): browsers
+    # drop the cookie. __Secure- needs Secure; __Host- Secure, Path=/ and no Domain (the
+    # carry cookie never has one).
+    {"cookie_name": "__Secure-ajs", "cookie_secure": False},
+    {"cookie_name": "__secure-ajs", "cookie_secure": False},
+    {"cookie_name": "__Host-ajs", "cookie_secure": False},
+    {"cookie_name": "__Host-ajs", "cookie_domain": ".example-pay.com"},
+    {"cookie_name": "__HOST-ajs", "cookie_path": "/shop"},
+    {"carry_cookie_name": "__Secure-restored", "cookie_secure": False},
+    {"carry_cookie_name": "__Host-restored", "cookie_path": "/shop"},
 ]
 
 
@@ -564,3 +588,30 @@ def test_valid_cookie_settings_are_written_as_given(service: Service) -> None:
         "Max-Age=34560000; SameSite=None; Secure"
     )
     assert carry_cookie.startswith("restored.1=")
+
+
+def test_prefixed_cookie_names_are_written_when_their_attributes_fit(service: Service) -> None:
+    """__Host- for both cookies, Secure, Path=/ and no Domain (the carry cookie is host-only
+    even with a cookie_domain): browsers keep them."""
+    settings: dict[str, Any] = {
+        "cookie_name": "__Host-ajs",
+        "carry_cookie_name": "__Host-restored",
+    }
+    with IdentityClient(service.url, DEV_WRITE_KEY) as client:
+        app = IdentityWSGIMiddleware(wsgi_echo, client, **settings)
+        transport = httpx.WSGITransport(app=app)
+        with httpx.Client(transport=transport, base_url=HOST) as browser:
+            handoff = client.prepare("visitor-prefix", destination=f"{HOST}/cart")
+            answer = browser.get(path_of(handoff.redirect_url))
+    visitor_cookie, carry_cookie = answer.headers.get_list("set-cookie")
+    assert visitor_cookie.startswith("__Host-ajs=visitor-prefix; Path=/; ")
+    assert "Domain" not in visitor_cookie
+    assert visitor_cookie.endswith("; Secure")
+    assert carry_cookie.startswith("__Host-restored=")
+    # A host-only carry cookie beside a visitor cookie for the parent domain.
+    make_middleware(
+        "wsgi",
+        cookie_name="__Secure-ajs",
+        carry_cookie_name="__Host-restored",
+        cookie_domain=".example-pay.com",
+    )
