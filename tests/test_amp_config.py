@@ -255,6 +255,12 @@ ONE_PROBLEM: list[tuple[str, Any, str]] = [
      "IDENTITY_AMP.cookie.name '__Secure-id' needs cookie.secure = true"),
     ("__Host- without domain", config(cookie={"name": "__Host-id", "domain": ".example.com"}),
      "IDENTITY_AMP.cookie.domain must not be set for a __Host- cookie"),
+    # Browsers match the prefixes in any case (RFC 6265bis): such cookies were dropped.
+    ("__SECURE- needs secure", config(cookie={"name": "__SECURE-id", "secure": False,
+                                              "same_site": "Lax"}),
+     "IDENTITY_AMP.cookie.name '__SECURE-id' needs cookie.secure = true"),
+    ("__host- without domain", config(cookie={"name": "__host-id", "domain": ".example.com"}),
+     "IDENTITY_AMP.cookie.domain must not be set for a __Host- cookie"),
     ("SameSite=None needs Secure", config(cookie={"secure": False}),
      "IDENTITY_AMP.cookie.same_site None needs cookie.secure = true"),
     ("same_site unknown", config(cookie={"same_site": "Medium"}),

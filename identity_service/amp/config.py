@@ -319,10 +319,12 @@ class _AmpReader:
                 "None needs cookie.secure = true: browsers drop a SameSite=None cookie "
                 "without Secure",
             )
-        if name.startswith(("__Secure-", "__Host-")) and not secure:
+        # Browsers match the prefixes in any case (RFC 6265bis).
+        prefix = name.lower()
+        if prefix.startswith(("__secure-", "__host-")) and not secure:
             self.problem("cookie.name", f"{name!r} needs cookie.secure = true (its prefix)")
         domain = self.cookie_domain(table.get("domain"), public_url)
-        if domain is not None and name.startswith("__Host-"):
+        if domain is not None and prefix.startswith("__host-"):
             self.problem("cookie.domain", "must not be set for a __Host- cookie")
         return CookieSettings(
             name=name,
