@@ -1030,3 +1030,37 @@ async def test_a_wait_never_counts_the_new_masters_replicas_for_the_old_masters_
     finally:
         await store.close()
         await asyncio.to_thread(sentinels.stop)
+
+
+async def test_a_redirection_without_a_host_is_followed_to_the_node_asked(
+    tmp_path: Path,
+) -> None:
+    """With ``cluster-preferred-endpoint-type unknown-endpoint`` the nodes name no host, in
+    CLUSTER SLOTS as in MOVED and ASK (``MOVED <slot> :<port>``): the host is the one the
+    client reached the node on. The slot map read it so; a redirection was followed to the
+    host "" (not a name: every redirected command failed)."""
+    cluster = Cluster(tmp_path, cluster_preferred_endpoint_type="unknown-endpoint")
+    cluster.start()
+    settings = RedisSettings.from_dsn(cluster.url)
+    client = ClusterClient(settings, timeout=3.0)
+    try:
+        key = "{moved-by-hand}:k"
+        slot = key_slot(key.encode())
+        await client.call(key, "SET", key, "before")
+        (owner,) = [
+            node
+            for node in cluster.nodes
+            if redis_cli("-p", str(node.port), "CLUSTER", "COUNTKEYSINSLOT", str(slot)).strip()
+            == "1"
+        ]
+        target = next(node for node in cluster.nodes if node is not owner)
+        target_id = redis_cli("-p", str(target.port), "CLUSTER", "MYID").strip()
+        redis_cli("-p", str(owner.port), "DEL", key)  # a slot given away must be empty
+        for node in cluster.nodes:
+            redis_cli("-p", str(node.port), "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+        assert await client.call(key, "SET", key, "after") == b"OK"  # MOVED :<target port>
+        assert client.redirects["MOVED"] == 1
+        assert redis_cli("-p", str(target.port), "GET", key).strip() == "after"
+    finally:
+        await client.close()
+        cluster.stop()
