@@ -1064,3 +1064,35 @@ async def test_a_redirection_without_a_host_is_followed_to_the_node_asked(
     finally:
         await client.close()
         cluster.stop()
+
+
+async def test_a_hung_sentinel_named_first_is_passed_over_for_the_others(
+    redis_sentinel: Sentinels,
+) -> None:
+    """A sentinel whose host hangs (it accepts connections and never answers), named first:
+    the next sentinel is asked once it has cost its timeout, and asked first from then on.
+    The hung one used to take the whole timeout of every connection, so no connection was
+    ever made (a 503 for every request while the first sentinel hung)."""
+    accepted = 0
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sentinels = redis_sentinel.url.removeprefix("redis+sentinel://")
+    client = SentinelClient(
+        RedisSettings.from_dsn(f"redis+sentinel://127.0.0.1:{port},{sentinels}"), timeout=0.5
+    )
+    try:
+        assert await client.execute("PING") == b"PONG"
+        assert accepted == 1
+        client.disconnect()
+        assert await client.execute("PING") == b"PONG"
+        assert accepted == 1
+    finally:
+        await client.close()
+        server.close()

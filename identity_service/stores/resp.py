@@ -211,8 +211,12 @@ class RespClient:
         loop = asyncio.get_running_loop()
         options = self._options
         connection = Connection(loop, self._timeout)
+        unix = options.get("connection_class") is UnixDomainSocketConnection
+        # Outside the connection's timeout: a Sentinel's client asks each sentinel within
+        # a timeout of its own, and one that hangs must leave time to ask the next.
+        endpoint = None if unix else await self._endpoint()
         async with asyncio.timeout(self._timeout):
-            if options.get("connection_class") is UnixDomainSocketConnection:
+            if endpoint is None:
                 await loop.create_unix_connection(lambda: connection, options["path"])
             else:
                 tls = (
@@ -220,7 +224,7 @@ class RespClient:
                     if options.get("connection_class") is SSLConnection
                     else None
                 )
-                host, port = await self._endpoint()
+                host, port = endpoint
                 await loop.create_connection(lambda: connection, host, port, ssl=tls)
             handshake = []
             if options.get("password") is not None:
@@ -239,7 +243,8 @@ class RespClient:
         return connection
 
     async def _endpoint(self) -> tuple[str, int]:
-        """Where to connect; a Sentinel's client asks the sentinels."""
+        """Where to connect; a Sentinel's client asks the sentinels (each within the
+        timeout: a hung one costs it once, then the one that answered is asked first)."""
         return self._options.get("host", "localhost"), self._options.get("port", 6379)
 
     async def _check(self, connection: Connection) -> None:
