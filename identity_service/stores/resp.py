@@ -142,11 +142,7 @@ class RespClient:
 
     async def execute(self, *args: Arg, sent: Sent | None = None) -> Reply:
         """The command's reply; ``sent`` is told of the connection it went on."""
-        if self._closed:
-            raise ConnectionError("redis client closed")
-        connection = self._connection
-        if connection is None or connection.closed:
-            connection = await self._connect()
+        connection = await self._live_connection()
         reply = connection.send(pack_command(args))
         if sent is not None:
             sent(connection)
@@ -158,15 +154,15 @@ class RespClient:
 
     async def execute_asking(self, *args: Arg, sent: Sent | None = None) -> Reply:
         """``ASKING`` then the command, adjacent on the connection (a Cluster's ASK)."""
-        connection = self._connection
-        if connection is None or connection.closed:
-            connection = await self._connect()
+        connection = await self._live_connection()
         asking = connection.send(pack_command(("ASKING",)))
         reply = connection.send(pack_command(args))
         if sent is not None:
             sent(connection)
-        await asking
-        return await reply
+        # Both awaited: when the connection breaks, the command's error is retrieved too
+        # (asyncio logs an error for each one never retrieved).
+        _, answer = await asyncio.gather(asking, reply)
+        return answer
 
     async def run_script(
         self, script: Script, keys: list[str], args: list[Arg], sent: Sent | None = None
@@ -192,6 +188,15 @@ class RespClient:
         if self._connection is not None:
             self._connection.abort(ConnectionError("redis client closed"))
             self._connection = None
+
+    async def _live_connection(self) -> Connection:
+        """The connection, opened if there is none or it broke."""
+        if self._closed:
+            raise ConnectionError("redis client closed")
+        connection = self._connection
+        if connection is None or connection.closed:
+            connection = await self._connect()
+        return connection
 
     async def _connect(self) -> Connection:
         if self._connecting is None:
