@@ -21,6 +21,7 @@ from identity_service.amp.context import AmpContext
 from identity_service.amp.limits import check_limits, client_ip
 from identity_service.constants import (
     KEY_SHARDS,
+    handoff_key,
     link_key,
     outbox_key,
     rate_key,
@@ -31,7 +32,7 @@ from identity_service.crypto import OutboxSealer, TokenSealer
 from identity_service.metrics import Metrics
 from identity_service.problems import RateLimited, StoreUnavailable
 from identity_service.settings import RedisSettings
-from identity_service.stores import Counted, Emitted, HandoffStore, Kept, memory
+from identity_service.stores import Counted, Emitted, HandoffStore, Kept, PrepareEvents, memory
 from identity_service.stores import resp as resp_module
 from identity_service.stores.memory import MemoryStore
 from identity_service.stores.redis import RedisStore
@@ -695,3 +696,43 @@ async def test_redis_spreads_text_hints_and_many_shards_over_every_shard(
         await store.close()
     reached = {link_key("x:", os.urandom(32), 512) for _ in range(20_000)}
     assert {key.split("}")[0] for key in reached} == {f"x:{{{tag}" for tag in shard_tags(512)}
+
+
+async def test_redis_over_maxmemory_refuses_each_write_whole_and_lets_an_exchange_through(
+    private_redis: RedisServer,
+) -> None:
+    """Over maxmemory Redis refuses a script's first write that grows the data, and lets the
+    rest through once one is done: every script's first write is one that grows (INCR,
+    XADD, SET), so each is refused whole; an exchange deletes first (docs/security.md)."""
+    store = redis_store(private_redis.url, prefix="oom:")
+    admin = Redis.from_url(private_redis.url)
+    counter, link, action, handoff = Counted(new_id(), 60, 5), new_id(), new_id(), new_id()
+    event = Emitted(b"hint", [{"type": "page", "messageId": str(uuid.uuid4())}], "shop")
+    try:
+        await store.hit_and_write([counter], peek=link)
+        await store.put(action, b"sealed-action", 60, None)
+        await store.put(handoff, b"sealed-handoff", 60, PrepareEvents([], {"event": "t"}))
+        keys = sorted(await admin.keys("oom:*"))
+        await admin.config_set("maxmemory", "1")
+        writes: list[Callable[[], Awaitable[Any]]] = [
+            lambda: store.hit([(counter.counter_id, 60)]),
+            lambda: store.hit_and_write([counter], emit=event, keep=Kept(link, b"x", 60)),
+            lambda: store.keep(link, b"x", 60),
+            lambda: store.emit(b"hint", event.events),
+            lambda: store.take_and_emit(action, webhook_call(), ACTION_DESTINATION),
+        ]
+        for write in writes:
+            with pytest.raises(StoreUnavailable, match="OOM"):
+                await write()
+        assert await store.take(handoff, {"source": "checkout"}) == b"sealed-handoff"
+        await admin.config_set("maxmemory", "0")
+        outbox = outbox_key("oom:", shard_of(handoff))
+        assert await admin.xlen(outbox) == 1  # the exchange's completion entry
+        keys.remove(handoff_key("oom:", handoff).encode())
+        assert sorted(await admin.keys("oom:*")) == sorted([*keys, outbox.encode()])
+        assert [count for count, _ in await store.hit([(counter.counter_id, 60)])] == [2]
+        assert await store.read(action) == b"sealed-action"
+    finally:
+        await admin.config_set("maxmemory", "0")
+        await admin.aclose()
+        await store.close()

@@ -2,6 +2,7 @@
 
 import asyncio
 import datetime
+import gc
 import ipaddress
 import socket
 import ssl
@@ -128,6 +129,35 @@ async def test_closing_while_connecting_keeps_no_connection(private_redis: Redis
         await connecting
     with pytest.raises(ConnectionError, match="closed"):
         await client.execute("PING")
+
+
+async def test_a_broken_asking_leaves_no_unretrieved_error() -> None:
+    """A Cluster's ASK: ASKING and the command go together; when the connection breaks,
+    both fail, and the command's error was left unretrieved (asyncio logged it)."""
+
+    async def breaking(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.transport.abort()
+
+    server = await asyncio.start_server(breaking, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    logged: list[str] = []
+    asyncio.get_running_loop().set_exception_handler(
+        lambda _loop, context: logged.append(context["message"])
+    )
+    client = RespClient(f"redis://127.0.0.1:{port}/0", timeout=2)
+    failed = False
+    try:
+        await client.execute_asking("GET", "k")
+    except ConnectionError:  # not pytest.raises: its traceback would keep the futures alive
+        failed = True
+    finally:
+        await client.close()
+        server.close()
+    await asyncio.sleep(0.05)  # the connection lost, the client's close done
+    gc.collect()
+    assert failed
+    assert logged == []
 
 
 def write_tls_files(directory: Path) -> None:

@@ -466,3 +466,18 @@ async def test_hit_and_write_with_nothing_to_write_counts(store: HandoffStore) -
         outcome = await store.hit_and_write([counter])
         assert [count for count, _ in outcome.counts] == [expected]
     assert [count for count, _ in await store.hit([(counter.counter_id, 60)])] == [4]
+
+
+async def test_hit_and_write_keeps_under_the_kept_id_and_reads_the_peeked_one(
+    store: HandoffStore,
+) -> None:
+    """``peek`` and ``keep`` name their own records: the record kept goes under its own id
+    even when another is read (the Redis script used to write it under the one read)."""
+    peeked, kept = new_id(), new_id()
+    await store.keep(peeked, b"peeked", 60)
+    outcome = await store.hit_and_write(
+        [Counted(new_id(), 60, 5)], peek=peeked, keep=Kept(kept, b"kept", 60)
+    )
+    assert (outcome.record, outcome.kept) == (b"peeked", True)
+    assert await store.peek(peeked) == b"peeked"
+    assert await store.peek(kept) == b"kept"

@@ -1030,3 +1030,69 @@ async def test_a_wait_never_counts_the_new_masters_replicas_for_the_old_masters_
     finally:
         await store.close()
         await asyncio.to_thread(sentinels.stop)
+
+
+async def test_a_redirection_without_a_host_is_followed_to_the_node_asked(
+    tmp_path: Path,
+) -> None:
+    """With ``cluster-preferred-endpoint-type unknown-endpoint`` the nodes name no host, in
+    CLUSTER SLOTS as in MOVED and ASK (``MOVED <slot> :<port>``): the host is the one the
+    client reached the node on. The slot map read it so; a redirection was followed to the
+    host "" (not a name: every redirected command failed)."""
+    cluster = Cluster(tmp_path, cluster_preferred_endpoint_type="unknown-endpoint")
+    cluster.start()
+    settings = RedisSettings.from_dsn(cluster.url)
+    client = ClusterClient(settings, timeout=3.0)
+    try:
+        key = "{moved-by-hand}:k"
+        slot = key_slot(key.encode())
+        await client.call(key, "SET", key, "before")
+        (owner,) = [
+            node
+            for node in cluster.nodes
+            if redis_cli("-p", str(node.port), "CLUSTER", "COUNTKEYSINSLOT", str(slot)).strip()
+            == "1"
+        ]
+        target = next(node for node in cluster.nodes if node is not owner)
+        target_id = redis_cli("-p", str(target.port), "CLUSTER", "MYID").strip()
+        redis_cli("-p", str(owner.port), "DEL", key)  # a slot given away must be empty
+        for node in cluster.nodes:
+            redis_cli("-p", str(node.port), "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+        assert await client.call(key, "SET", key, "after") == b"OK"  # MOVED :<target port>
+        assert client.redirects["MOVED"] == 1
+        assert redis_cli("-p", str(target.port), "GET", key).strip() == "after"
+    finally:
+        await client.close()
+        cluster.stop()
+
+
+async def test_a_hung_sentinel_named_first_is_passed_over_for_the_others(
+    redis_sentinel: Sentinels,
+) -> None:
+    """A sentinel whose host hangs (it accepts connections and never answers), named first:
+    the next sentinel is asked once it has cost its timeout, and asked first from then on.
+    The hung one used to take the whole timeout of every connection, so no connection was
+    ever made (a 503 for every request while the first sentinel hung)."""
+    accepted = 0
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sentinels = redis_sentinel.url.removeprefix("redis+sentinel://")
+    client = SentinelClient(
+        RedisSettings.from_dsn(f"redis+sentinel://127.0.0.1:{port},{sentinels}"), timeout=0.5
+    )
+    try:
+        assert await client.execute("PING") == b"PONG"
+        assert accepted == 1
+        client.disconnect()
+        assert await client.execute("PING") == b"PONG"
+        assert accepted == 1
+    finally:
+        await client.close()
+        server.close()

@@ -138,10 +138,11 @@ return {count, left}
 
 
 # An AMP hit in one call (one Redis node; a Cluster's keys lie in different slots).
-# KEYS: the n counters, then the outbox (when there are events), then the link (when one is
-# read or kept). ARGV: n; each counter's window in milliseconds and limit; "1" to read the
-# link, "2" to read it and XADD the events only when there is none, or ""; the sealed events
-# or ""; their source's name or ""; the link record to keep or ""; its TTL in seconds.
+# KEYS: the n counters, then the outbox (when there are events), then the link read (when
+# one is), then the link kept (when one is: its own key, the same as the one read or not).
+# ARGV: n; each counter's window in milliseconds and limit; "1" to read the link, "2" to
+# read it and XADD the events only when there is none, or ""; the sealed events or ""; their
+# source's name or ""; the link record to keep or ""; its TTL in seconds.
 # Counts as HIT does; only when no count is over its limit, XADDs the events and then SETs
 # the link (the XADD, the one write that can fail, goes first: a failure leaves no link
 # behind). Returns each counter's count and milliseconds left, then the link as it was
@@ -165,8 +166,12 @@ for i = 1, n do
 end
 local at = 2 * n + 2
 local events = ARGV[at + 1] ~= ''
-local link = events and KEYS[n + 2] or KEYS[n + 1]
-local found = ARGV[at] ~= '' and redis.call('GET', link)
+local link = events and n + 2 or n + 1
+local found = false
+if ARGV[at] ~= '' then
+  found = redis.call('GET', KEYS[link])
+  link = link + 1
+end
 reply[2 * n + 1] = found
 if under and events and not (found and ARGV[at] == '2') then
   if ARGV[at + 2] ~= '' then
@@ -176,7 +181,7 @@ if under and events and not (found and ARGV[at] == '2') then
   end
 end
 if under and ARGV[at + 3] ~= '' then
-  redis.call('SET', link, ARGV[at + 3], 'EX', ARGV[at + 4])
+  redis.call('SET', KEYS[link], ARGV[at + 3], 'EX', ARGV[at + 4])
 end
 return reply
 """)
@@ -490,10 +495,13 @@ class RedisStore:
             args += (self._sealer.seal(ev.join_documents(emit.events)), source)
         else:
             args += (b"", b"")
-        link = peek if peek is not None else keep.key_id if keep is not None else None
-        if link is not None:
-            keys.append(link_key(self._prefix, link, self._shards))
-        args += (keep.record, keep.ttl_seconds) if keep is not None else (b"", 0)
+        if peek is not None:
+            keys.append(link_key(self._prefix, peek, self._shards))
+        if keep is not None:
+            keys.append(link_key(self._prefix, keep.key_id, self._shards))
+            args += (keep.record, keep.ttl_seconds)
+        else:
+            args += (b"", 0)
         reply = await self._guarded(self._redis.run_script(AMP_HIT, keys, args))
         counts = [(int(reply[i]), int(reply[i + 1]) / 1000) for i in range(0, len(reply) - 1, 2)]
         record = reply[-1]

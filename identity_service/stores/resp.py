@@ -142,11 +142,7 @@ class RespClient:
 
     async def execute(self, *args: Arg, sent: Sent | None = None) -> Reply:
         """The command's reply; ``sent`` is told of the connection it went on."""
-        if self._closed:
-            raise ConnectionError("redis client closed")
-        connection = self._connection
-        if connection is None or connection.closed:
-            connection = await self._connect()
+        connection = await self._live_connection()
         reply = connection.send(pack_command(args))
         if sent is not None:
             sent(connection)
@@ -158,15 +154,15 @@ class RespClient:
 
     async def execute_asking(self, *args: Arg, sent: Sent | None = None) -> Reply:
         """``ASKING`` then the command, adjacent on the connection (a Cluster's ASK)."""
-        connection = self._connection
-        if connection is None or connection.closed:
-            connection = await self._connect()
+        connection = await self._live_connection()
         asking = connection.send(pack_command(("ASKING",)))
         reply = connection.send(pack_command(args))
         if sent is not None:
             sent(connection)
-        await asking
-        return await reply
+        # Both awaited: when the connection breaks, the command's error is retrieved too
+        # (asyncio logs an error for each one never retrieved).
+        _, answer = await asyncio.gather(asking, reply)
+        return answer
 
     async def run_script(
         self, script: Script, keys: list[str], args: list[Arg], sent: Sent | None = None
@@ -193,6 +189,15 @@ class RespClient:
             self._connection.abort(ConnectionError("redis client closed"))
             self._connection = None
 
+    async def _live_connection(self) -> Connection:
+        """The connection, opened if there is none or it broke."""
+        if self._closed:
+            raise ConnectionError("redis client closed")
+        connection = self._connection
+        if connection is None or connection.closed:
+            connection = await self._connect()
+        return connection
+
     async def _connect(self) -> Connection:
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open())
@@ -211,8 +216,12 @@ class RespClient:
         loop = asyncio.get_running_loop()
         options = self._options
         connection = Connection(loop, self._timeout)
+        unix = options.get("connection_class") is UnixDomainSocketConnection
+        # Outside the connection's timeout: a Sentinel's client asks each sentinel within
+        # a timeout of its own, and one that hangs must leave time to ask the next.
+        endpoint = None if unix else await self._endpoint()
         async with asyncio.timeout(self._timeout):
-            if options.get("connection_class") is UnixDomainSocketConnection:
+            if endpoint is None:
                 await loop.create_unix_connection(lambda: connection, options["path"])
             else:
                 tls = (
@@ -220,7 +229,7 @@ class RespClient:
                     if options.get("connection_class") is SSLConnection
                     else None
                 )
-                host, port = await self._endpoint()
+                host, port = endpoint
                 await loop.create_connection(lambda: connection, host, port, ssl=tls)
             handshake = []
             if options.get("password") is not None:
@@ -239,7 +248,8 @@ class RespClient:
         return connection
 
     async def _endpoint(self) -> tuple[str, int]:
-        """Where to connect; a Sentinel's client asks the sentinels."""
+        """Where to connect; a Sentinel's client asks the sentinels (each within the
+        timeout: a hung one costs it once, then the one that answered is asked first)."""
         return self._options.get("host", "localhost"), self._options.get("port", 6379)
 
     async def _check(self, connection: Connection) -> None:

@@ -203,6 +203,7 @@ class ClusterClient:
         self._timeout = timeout
         self._seeds = list(settings.nodes)
         self._nodes: dict[tuple[str, int], RespClient] = {}
+        self._hosts: dict[RespClient, str] = {}  # each node's host, for a redirection
         self._slots: list[RespClient | None] = [None] * CLUSTER_SLOTS
         self._masters: list[RespClient] = []
         self._stale = True
@@ -247,9 +248,9 @@ class ClusterClient:
                 self.redirects[kind] += 1
                 if kind == "MOVED":
                     self._stale = True
-                    node, asking = self._node_at(where), False
+                    node, asking = self._node_at(where, node), False
                 elif kind == "ASK":
-                    node, asking = self._node_at(where), True
+                    node, asking = self._node_at(where, node), True
                 else:
                     await asyncio.sleep(TRYAGAIN_PAUSE_SECONDS)
             except OSError:
@@ -320,23 +321,27 @@ class ClusterClient:
         slots: list[RespClient | None] = [None] * CLUSTER_SLOTS
         masters: dict[RespClient, None] = {}
         for start, end, master, *_replicas in reply:
-            host = master[0].decode() or address[0]  # "": the node asked
+            # No host (nil, or "" before Redis 7): the node asked, on another port maybe
+            # (cluster-preferred-endpoint-type unknown-endpoint).
+            host = master[0].decode() if master[0] else address[0]
             node = self._node((host, int(master[1])))
             masters[node] = None
             slots[start : end + 1] = [node] * (end + 1 - start)
         covered = CLUSTER_SLOTS - slots.count(None)
         return covered, slots, list(masters)
 
-    def _node_at(self, where: str) -> RespClient:
-        """The node of a redirection's ``<slot> <host>:<port>``."""
+    def _node_at(self, where: str, asked: RespClient) -> RespClient:
+        """The node of a redirection's ``<slot> <host>:<port>`` that ``asked`` answered; no
+        host (``:<port>``, cluster-preferred-endpoint-type unknown-endpoint) is ``asked``'s."""
         host, _, port = where.split(" ")[-1].rpartition(":")
-        return self._node((host, int(port)))
+        return self._node((host or self._hosts[asked], int(port)))
 
     def _node(self, address: tuple[str, int]) -> RespClient:
         node = self._nodes.get(address)
         if node is None:
             host, port = address
             node = self._nodes[address] = RespClient(self._url, self._timeout, host=host, port=port)
+            self._hosts[node] = host
         return node
 
     def disconnect(self) -> None:
