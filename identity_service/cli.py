@@ -29,7 +29,20 @@ DEAD_LETTERS_SHOWN = 20
 MAX_DEAD_LETTERS_SHOWN = 1000
 
 
+# The exit status of a command stopped by Ctrl-C (SIGINT) before it handles the signal
+# itself (serve and forward, once started, stop gracefully and exit 0): as a shell says it.
+INTERRUPTED = 128 + signal.SIGINT
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _command(argv)
+    except KeyboardInterrupt:
+        print("identity-service: interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _command(argv: Sequence[str] | None) -> int:
     parser = command_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":

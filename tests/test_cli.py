@@ -751,3 +751,42 @@ def test_outbox_commands_say_when_a_cluster_cannot_be_reached(action: str) -> No
     (line,) = result.stderr.splitlines()
     assert line.startswith("identity-service: Redis: RedisClusterException")
     assert result.stdout == ""
+
+
+def _connected_to(port: int) -> bool:
+    """Whether a loopback TCP connection to ``port`` is established (/proc/net/tcp)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
+@pytest.mark.parametrize(
+    "command", [("serve",), ("serve", "--workers", "2"), ("forward",), ("outbox", "status")]
+)
+def test_ctrl_c_while_redis_is_reached_at_start_is_said_in_one_line(
+    private_redis: RedisServer, command: tuple[str, ...]
+) -> None:
+    """SIGINT (Ctrl-C) while the start's check of Redis waits for an answer: it was two
+    chained tracebacks (CancelledError, then KeyboardInterrupt), and exit -2."""
+    args = [*command, "--port", str(free_port())] if command[0] == "serve" else command
+    env = redis_env(
+        private_redis, IDENTITY_REDIS_TIMEOUT="20", IDENTITY_FORWARDER_METRICS_PORT="off"
+    )
+    os.kill(private_redis.pid, signal.SIGSTOP)  # takes connections, answers nothing
+    try:
+        process = subprocess.Popen(
+            [COMMAND, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 15
+        while not _connected_to(private_redis.port):
+            assert process.poll() is None and time.monotonic() < deadline, "never reached Redis"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=15)
+    finally:
+        os.kill(private_redis.pid, signal.SIGCONT)
+    assert (process.returncode, stdout) == (130, ""), stderr
+    assert stderr.splitlines() == ["identity-service: interrupted"]
