@@ -5,8 +5,9 @@ SIGINT, then stops accepting, finishes the requests in flight (up to the shutdow
 timeout) and closes the store. With more than one worker the parent forks them after the
 settings are read (so they share the server secret) and they listen on one port with
 SO_REUSEPORT, the kernel spreading connections over them. The parent forwards SIGTERM
-and SIGINT to the workers; if one of them dies, it stops the others and exits non-zero,
-so the supervisor (systemd, Kubernetes) restarts the whole set. The workers count their
+and SIGINT to the workers; if one of them ends before that (it died, or was signalled
+alone), it stops the others and exits non-zero, so the supervisor (systemd, Kubernetes)
+restarts the whole set. The workers count their
 metrics in files of a directory the parent makes before forking (metrics.py), so a scrape
 reads every worker's counts whichever worker answers it.
 """
@@ -143,7 +144,11 @@ def _fork_workers(settings: Settings, host: str, port: int, metrics_directory: s
                 os._exit(status)
         children.append(pid)
 
+    stopping = False
+
     def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             _signal(child, signum)
 
@@ -154,8 +159,11 @@ def _fork_workers(settings: Settings, host: str, port: int, metrics_directory: s
         pid, code = os.wait()
         children.remove(pid)
         metrics.mark_dead(pid, metrics_directory)
-        if os.waitstatus_to_exitcode(code) != 0 and status == 0:
-            _say(f"worker {pid} failed; stopping")
+        failed = os.waitstatus_to_exitcode(code) != 0
+        # A worker that ends before the set is told to stop is gone for good, even when it
+        # ended cleanly (a SIGTERM sent to it alone): the set is short of it.
+        if status == 0 and (failed or not stopping):
+            _say(f"worker {pid} {'failed' if failed else 'exited'}; stopping")
             status = 1
             for child in children:
                 _signal(child, signal.SIGTERM)

@@ -790,3 +790,19 @@ def test_ctrl_c_while_redis_is_reached_at_start_is_said_in_one_line(
         os.kill(private_redis.pid, signal.SIGCONT)
     assert (process.returncode, stdout) == (130, ""), stderr
     assert stderr.splitlines() == ["identity-service: interrupted"]
+
+
+def test_a_worker_that_stops_alone_stops_the_set(
+    tmp_path: Path, private_redis: RedisServer
+) -> None:
+    """A worker sent SIGTERM alone ends cleanly (exit 0): the parent went on with one
+    worker fewer, for good, and would have exited 0 once the last was gone. Like a worker
+    that dies, it now stops the others, and the parent exits 1 for its supervisor."""
+    service = Service(tmp_path, redis_env(private_redis), "--workers", "2")
+    try:
+        worker, _ = _children_of(service.process.pid)
+        os.kill(worker, signal.SIGTERM)
+        assert service.process.wait(timeout=20) == 1
+    finally:
+        service.stop()
+    assert f"identity-service: worker {worker} exited; stopping" in service.stderr.splitlines()
