@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -24,6 +24,9 @@ from identity_service.settings import ConfigError, Settings, load_settings
 from identity_service.sources import can_be_sent, hash_write_key
 from identity_service.urls import host_port
 
+if TYPE_CHECKING:
+    from identity_service.outbox_admin import DestinationStatus
+
 # How many of the newest dead letters `outbox dead` shows, by default and at most.
 DEAD_LETTERS_SHOWN = 20
 MAX_DEAD_LETTERS_SHOWN = 1000
@@ -36,10 +39,17 @@ INTERRUPTED = 128 + signal.SIGINT
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return _command(argv)
+        status = _command(argv)
+        sys.stdout.flush()  # here, where a reader gone is caught, rather than at exit
+        return status
     except KeyboardInterrupt:
         print("identity-service: interrupted", file=sys.stderr)
         return INTERRUPTED
+    except BrokenPipeError:
+        # The reader of standard output went away (`| head`): nothing more can be said to
+        # it, and nothing went wrong to report. Whatever is still buffered goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _command(argv: Sequence[str] | None) -> int:
@@ -208,7 +218,10 @@ def outbox(
     )
     from identity_service.stores.redis import STORE_ERRORS, connect
 
-    async def run() -> int:
+    async def run() -> tuple[int, str]:
+        """The exit status, and what to say: on standard output when it is 0, else on
+        standard error. Said once Redis is done with, so that no failure to write it
+        (a reader gone) is taken for one of Redis."""
         redis = connect(redis_settings)
         try:
             if retired is not None:
@@ -216,67 +229,66 @@ def outbox(
                     redis, redis_settings.key_prefix, retired, redis_settings.shards
                 )
                 if not shards:
-                    print(
+                    return 1, (
                         f"identity-service: no such destination {retired!r}: no outbox stream "
-                        "has its group",
-                        file=sys.stderr,
+                        "has its group"
                     )
-                    return 1
-                print(f"retired {retired!r}: removed its group from {shards} outbox streams")
-                return 0
+                return 0, f"retired {retired!r}: removed its group from {shards} outbox streams"
             if action == "replay-dead":
                 moved = await replay_dead(
                     redis, redis_settings.key_prefix, destinations, redis_settings.shards
                 )
-                print(f"re-queued {moved} dead letters")
-                return 0
+                return 0, f"re-queued {moved} dead letters"
             if action == "dead":
                 letters = await newest_dead_letters(
                     redis, redis_settings.key_prefix, destinations, limit, redis_settings.shards
                 )
-                _print_dead_letters([letter.as_json() for letter in letters], as_json)
-                return 0
+                return 0, _dead_letters_text([letter.as_json() for letter in letters], as_json)
             report = await outbox_status(
                 redis, redis_settings.key_prefix, destinations, redis_settings.shards
             )
         finally:
             await redis.aclose()
-        if as_json:
-            print(orjson.dumps([status.as_json() for status in report]).decode())
-            return 0
-        # Wide enough for the longest name (an AMP action's amp-action-<name>).
-        width = max(20, *(len(status.destination) for status in report))
-        header = f"{'destination':<{width}} {'pending':>8} {'in-flight':>10} {'dead':>8}"
-        print(f"{header} {'oldest':>10}")
-        for s in report:
-            age = "-" if s.oldest_age_seconds is None else f"{s.oldest_age_seconds:.1f}s"
-            print(
-                f"{s.destination:<{width}} {s.pending:>8} {s.in_flight:>10} {s.dead:>8} {age:>10}"
-            )
-        return 0
+        return 0, _status_text(report, as_json)
 
     try:
-        return asyncio.run(run())
+        status, text = asyncio.run(run())
     except STORE_ERRORS as exc:
         print(f"identity-service: Redis: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    print(text, file=sys.stderr if status else sys.stdout)
+    return status
 
 
-def _print_dead_letters(letters: list[dict[str, Any]], as_json: bool) -> None:
+def _status_text(report: "list[DestinationStatus]", as_json: bool) -> str:
     if as_json:
-        print(orjson.dumps(letters).decode())
-        return
+        return orjson.dumps([status.as_json() for status in report]).decode()
+    # Wide enough for the longest name (an AMP action's amp-action-<name>).
+    width = max(20, *(len(status.destination) for status in report))
+    header = f"{'destination':<{width}} {'pending':>8} {'in-flight':>10} {'dead':>8}"
+    lines = [f"{header} {'oldest':>10}"]
+    for s in report:
+        age = "-" if s.oldest_age_seconds is None else f"{s.oldest_age_seconds:.1f}s"
+        lines.append(
+            f"{s.destination:<{width}} {s.pending:>8} {s.in_flight:>10} {s.dead:>8} {age:>10}"
+        )
+    return "\n".join(lines)
+
+
+def _dead_letters_text(letters: list[dict[str, Any]], as_json: bool) -> str:
+    if as_json:
+        return orjson.dumps(letters).decode()
     if not letters:
-        print("no dead letters")
-        return
+        return "no dead letters"
     width = max(20, *(len(letter["destination"]) for letter in letters))
-    print(f"{'failed at':<24} {'destination':<{width}} {'attempts':>8} reason")
+    lines = [f"{'failed at':<24} {'destination':<{width}} {'attempts':>8} reason"]
     for letter in letters:
         attempts = "-" if letter["attempts"] is None else str(letter["attempts"])
-        print(
+        lines.append(
             f"{letter['failedAt']:<24} {letter['destination']:<{width}} {attempts:>8} "
             f"{letter['reason']}"
         )
+    return "\n".join(lines)
 
 
 def serve(host: str, port: int, config: Path | None, workers: int | None = None) -> int:

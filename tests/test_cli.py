@@ -806,3 +806,26 @@ def test_a_worker_that_stops_alone_stops_the_set(
     finally:
         service.stop()
     assert f"identity-service: worker {worker} exited; stopping" in service.stderr.splitlines()
+
+
+@pytest.mark.parametrize("args", [("outbox", "status"), ("outbox", "dead"), ("new-key",)])
+def test_a_reader_gone_from_standard_output_is_not_blamed_on_redis(
+    redis_server: RedisServer, args: tuple[str, ...]
+) -> None:
+    """``identity-service outbox status | head``: the reader gone before the table was
+    written, the command said ``identity-service: Redis: BrokenPipeError`` (Redis was
+    fine), and ``new-key`` printed a traceback. It now ends quietly, exit 1."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        result = subprocess.run(
+            [COMMAND, *args],
+            env=redis_env(redis_server),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (1, "")
