@@ -62,15 +62,7 @@ def _command(argv: Sequence[str] | None) -> int:
     if args.command == "outbox":
         return outbox(args.config, args.action, args.json, args.destination, args.limit)
     if args.command == "hash-key":
-        write_key = sys.stdin.readline().strip()
-        if not write_key or not can_be_sent(write_key):
-            print(
-                "hash-key: give the write key (printable ASCII, without ':') on standard input",
-                file=sys.stderr,
-            )
-            return 2
-        print(hash_write_key(write_key))
-        return 0
+        return hash_key()
     if args.command == "new-key":
         write_key = secrets.token_urlsafe(32)
         print(f"write key (give it to the source's backend): {write_key}")
@@ -78,6 +70,23 @@ def _command(argv: Sequence[str] | None) -> int:
         return 0
     parser.print_help()
     return 2
+
+
+def hash_key() -> int:
+    """Print the hash of the write key on standard input's first line."""
+    # Its bytes, not text decoded as the locale says: other bytes than ASCII would be a
+    # UnicodeDecodeError under a strict UTF-8 (a key in another encoding), and a closed
+    # standard input is None.
+    line = sys.stdin.buffer.readline() if sys.stdin is not None else b""
+    write_key = line.decode("ascii", "replace").strip()
+    if not write_key or not can_be_sent(write_key):
+        print(
+            "hash-key: give the write key (printable ASCII, without ':') on standard input",
+            file=sys.stderr,
+        )
+        return 2
+    print(hash_write_key(write_key))
+    return 0
 
 
 def command_parser() -> argparse.ArgumentParser:

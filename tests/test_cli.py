@@ -244,6 +244,25 @@ def test_hash_key_refuses_a_key_no_request_can_carry(key: str) -> None:
     )
 
 
+@pytest.mark.parametrize("stdin", [b"cl\xe9-latin-1\n", b"\xff\xfe\n", None], ids=str)
+def test_hash_key_refuses_what_is_no_text_of_the_locale_in_one_line(stdin: bytes | None) -> None:
+    """Standard input decoded strictly (a UTF-8 locale, PYTHONIOENCODING) made a key in
+    another encoding a UnicodeDecodeError traceback, and a closed standard input an
+    AttributeError one; both are now refused as any key no request can carry."""
+    refused = subprocess.run(
+        [COMMAND, "hash-key"],
+        input=stdin,
+        env=clean_env(PYTHONIOENCODING="utf-8"),
+        capture_output=True,
+        # None: the command starts without a standard input.
+        preexec_fn=(lambda: os.close(0)) if stdin is None else None,
+    )
+    assert (refused.returncode, refused.stdout) == (2, b"")
+    assert refused.stderr == (
+        b"hash-key: give the write key (printable ASCII, without ':') on standard input\n"
+    )
+
+
 def test_new_key_prints_a_key_and_its_hash() -> None:
     result = subprocess.run([COMMAND, "new-key"], capture_output=True, text=True, check=True)
     key = re.search(r"write key .*: (\S+)", result.stdout)
