@@ -32,12 +32,27 @@ DEAD_LETTERS_SHOWN = 20
 MAX_DEAD_LETTERS_SHOWN = 1000
 
 
-# The exit status of a command stopped by Ctrl-C (SIGINT) before it handles the signal
-# itself (serve and forward, once started, stop gracefully and exit 0): as a shell says it.
+# The exit status of a command stopped by Ctrl-C (SIGINT) or SIGTERM before it handles the
+# signal itself (serve and forward, once started, stop gracefully and exit 0), as a shell
+# says it.
 INTERRUPTED = 128 + signal.SIGINT
+TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM before the command handles it. A BaseException, as KeyboardInterrupt: no
+    ``except Exception`` takes it for a failure to retry or report."""
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise Terminated
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # SIGTERM's default action would end the command too, but not as a container's first
+    # process, the image's entry point: the kernel drops a signal it has no handler for, and
+    # a stop asked while start-up waits for Redis was lost (the service then started).
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         status = _command(argv)
         sys.stdout.flush()  # here, where a reader gone is caught, rather than at exit
@@ -45,11 +60,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("identity-service: interrupted", file=sys.stderr)
         return INTERRUPTED
+    except Terminated:
+        print("identity-service: terminated", file=sys.stderr)
+        return TERMINATED
     except BrokenPipeError:
         # The reader of standard output went away (`| head`): nothing more can be said to
         # it, and nothing went wrong to report. Whatever is still buffered goes nowhere.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _command(argv: Sequence[str] | None) -> int:

@@ -131,6 +131,9 @@ def _fork_workers(settings: Settings, host: str, port: int, metrics_directory: s
         if pid == 0:
             status = 0
             try:
+                # The command's handler is the parent's: a worker, never a container's first
+                # process, ends on SIGTERM's default action until its loop handles it.
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 _die_with_parent()
                 _run_worker(settings, host, port, reuse_port=True)
             except BindError as exc:

@@ -848,3 +848,54 @@ def test_a_reader_gone_from_standard_output_is_not_blamed_on_redis(
     finally:
         os.close(write_end)
     assert (result.returncode, result.stderr) == (1, "")
+
+
+def _as_first_process(args: list[str]) -> list[str] | None:
+    """``args`` run as the first process of a PID namespace of their own, as a container
+    runs the image's entry point; None where no namespace can be made here."""
+    unshare = ["unshare", "--pid", "--fork", "--kill-child"]
+    if os.geteuid() != 0:
+        unshare[1:1] = ["--user", "--map-root-user"]
+    try:
+        subprocess.run([*unshare, "true"], check=True, capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [*unshare, *args]
+
+
+@pytest.mark.parametrize("command", [("serve",), ("serve", "--workers", "2"), ("forward",)])
+def test_sigterm_while_redis_is_reached_at_start_stops_a_containers_first_process(
+    private_redis: RedisServer, command: tuple[str, ...]
+) -> None:
+    """The kernel drops a signal the first process of a PID namespace (the image's entry
+    point) has no handler for: a SIGTERM while start-up waited for Redis (a pod deleted as
+    it starts, a ``docker stop``) was lost, and the service started and served until
+    SIGKILL. It now ends the command as Ctrl-C does, exit 143."""
+    args = [*command, "--port", str(free_port())] if command[0] == "serve" else command
+    first = _as_first_process([COMMAND, *args])
+    if first is None:
+        pytest.skip("no PID namespace can be made here (unshare)")
+    env = redis_env(
+        private_redis, IDENTITY_REDIS_TIMEOUT="20", IDENTITY_FORWARDER_METRICS_PORT="off"
+    )
+    os.kill(private_redis.pid, signal.SIGSTOP)  # takes connections, answers nothing
+    try:
+        process = subprocess.Popen(
+            first, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 15
+        while not _connected_to(private_redis.port):
+            assert process.poll() is None and time.monotonic() < deadline, "never reached Redis"
+            time.sleep(0.05)
+        (service,) = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        os.kill(int(service), signal.SIGTERM)
+        time.sleep(0.5)
+    finally:
+        os.kill(private_redis.pid, signal.SIGCONT)  # the check ends: the service would start
+    try:
+        _, stderr = process.communicate(timeout=15)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr
+    assert "identity-service: terminated" in stderr.splitlines()
+    assert "identity-service 0" not in stderr  # no banner: it did not start
