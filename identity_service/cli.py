@@ -1,4 +1,5 @@
-"""The ``identity-service`` command: serve, and helpers to make and hash write keys."""
+"""The ``identity-service`` command: serve, forward the outbox, inspect or repair it, and
+make and hash write keys."""
 
 import argparse
 import asyncio
@@ -109,23 +110,49 @@ def hash_key() -> int:
     return 0
 
 
+COMMANDS = {
+    "serve": "run the HTTP service",
+    "forward": "deliver the Redis outbox to the destinations, without the API: /metrics and "
+    "/healthz on IDENTITY_FORWARDER_METRICS_PORT (9464; 0 or off: none)",
+    "outbox": "inspect or repair the Redis outbox",
+    "hash-key": "print the write_key_hash of a write key read from stdin",
+    "new-key": "make a new write key and print it with its hash",
+}
+OUTBOX_ACTIONS = {
+    "status": "per destination: pending, in-flight, dead letters, oldest age",
+    "dead": "the newest dead letters: when, sends, reason (never their events)",
+    "replay-dead": "re-queue the dead letters, each to its destination only",
+    "retire": "stop keeping events for a destination removed from the settings",
+}
+
+
 def command_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="identity-service", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="identity-service",
+        description="Keeps one visitor one person across domains: serve, deliver the "
+        "outbox, inspect or repair it, make and hash write keys.",
+    )
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command")
-    serve_cmd = commands.add_parser("serve", help="run the HTTP service")
+    # A command's help, in the list of commands and atop its own --help.
+    subparsers = {
+        name: commands.add_parser(name, help=text, description=text)
+        for name, text in COMMANDS.items()
+    }
+    serve_cmd = subparsers["serve"]
     serve_cmd.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST}")
     serve_cmd.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
     serve_cmd.add_argument("--config", type=Path, help="a TOML or YAML settings file")
     serve_cmd.add_argument(
         "--workers", type=int, help="worker processes (default: IDENTITY_WORKERS, else 1)"
     )
-    forward_cmd = commands.add_parser(
-        "forward", help="deliver the Redis outbox to the destinations (without serving HTTP)"
+    subparsers["forward"].add_argument("--config", type=Path, help="a TOML or YAML settings file")
+    outbox_cmd = subparsers["outbox"]
+    outbox_cmd.add_argument(
+        "action",
+        choices=list(OUTBOX_ACTIONS),
+        help="; ".join(f"{name}: {text}" for name, text in OUTBOX_ACTIONS.items()),
     )
-    forward_cmd.add_argument("--config", type=Path, help="a TOML or YAML settings file")
-    outbox_cmd = commands.add_parser("outbox", help="inspect or repair the Redis outbox")
-    outbox_cmd.add_argument("action", choices=["status", "dead", "replay-dead", "retire"])
     outbox_cmd.add_argument(
         "destination",
         nargs="?",
@@ -140,8 +167,6 @@ def command_parser() -> argparse.ArgumentParser:
         help=f"dead: how many of the newest dead letters (1-{MAX_DEAD_LETTERS_SHOWN}, "
         f"default {DEAD_LETTERS_SHOWN})",
     )
-    commands.add_parser("hash-key", help="print the write_key_hash of a write key read from stdin")
-    commands.add_parser("new-key", help="make a new write key and print it with its hash")
     return parser
 
 

@@ -899,3 +899,21 @@ def test_sigterm_while_redis_is_reached_at_start_stops_a_containers_first_proces
     assert process.returncode == 143, stderr
     assert "identity-service: terminated" in stderr.splitlines()
     assert "identity-service 0" not in stderr  # no banner: it did not start
+
+
+def test_each_commands_help_says_what_it_does() -> None:
+    """``forward`` was said to run "without serving HTTP" (it serves /metrics and /healthz
+    on its metrics port), the outbox actions were listed without what each does, and a
+    command's own --help said nothing of it."""
+    assert "IDENTITY_FORWARDER_METRICS_PORT" in run_command(clean_env(), "--help").stdout
+    forward = " ".join(run_command(clean_env(), "forward", "--help").stdout.split())
+    assert "without serving HTTP" not in forward
+    assert "/metrics and /healthz" in forward and "IDENTITY_FORWARDER_METRICS_PORT" in forward
+    outbox = " ".join(run_command(clean_env(), "outbox", "--help").stdout.split())
+    for said in ("status: per destination", "dead: the newest", "replay-dead: re-queue"):
+        assert said in outbox
+    assert "retire: stop keeping events for a destination removed" in outbox
+    for command in ("serve", "hash-key", "new-key"):
+        result = run_command(clean_env(), command, "--help")
+        assert result.returncode == 0
+        assert result.stdout.split("\n\n")[1].strip(), f"{command} --help says nothing of it"
