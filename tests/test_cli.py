@@ -19,6 +19,7 @@ import orjson
 import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
+from identity_service.cli import INTERRUPTED
 from identity_service.constants import outbox_key
 from identity_service.sources import hash_write_key
 from identity_service.stores.redis import AdminClient
@@ -917,3 +918,28 @@ def test_each_commands_help_says_what_it_does() -> None:
         result = run_command(clean_env(), command, "--help")
         assert result.returncode == 0
         assert result.stdout.split("\n\n")[1].strip(), f"{command} --help says nothing of it"
+
+
+def test_ctrl_c_as_workers_start_stops_them_without_a_traceback(
+    private_redis: RedisServer,
+) -> None:
+    """Ctrl-C (SIGINT to the terminal's process group) just after the banner, before a
+    worker's loop handled the signal: the worker printed a KeyboardInterrupt traceback and
+    the parent said it failed (exit 1). At any moment it is now a stop: exit 0 once the
+    workers run, 130 when the parent had not forked them all yet, in one line."""
+    for attempt in range(8):
+        process = subprocess.Popen(
+            [COMMAND, "serve", "--port", str(free_port()), "--workers", "2"],
+            env=redis_env(private_redis),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group, as a terminal's job
+        )
+        assert process.stderr is not None
+        banner = process.stderr.readline()
+        time.sleep(0.005 * attempt)  # into the workers' start, at a different moment each time
+        os.killpg(process.pid, signal.SIGINT)
+        stderr = (banner + process.stderr.read()).decode()
+        returncode = process.wait(timeout=20)
+        assert "Traceback" not in stderr and "failed" not in stderr, stderr
+        assert returncode in (0, INTERRUPTED), stderr
