@@ -1,4 +1,5 @@
-"""The ``identity-service`` command: serve, and helpers to make and hash write keys."""
+"""The ``identity-service`` command: serve, forward the outbox, inspect or repair it, and
+make and hash write keys."""
 
 import argparse
 import asyncio
@@ -8,7 +9,7 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -24,12 +25,55 @@ from identity_service.settings import ConfigError, Settings, load_settings
 from identity_service.sources import can_be_sent, hash_write_key
 from identity_service.urls import host_port
 
+if TYPE_CHECKING:
+    from identity_service.outbox_admin import DestinationStatus
+
 # How many of the newest dead letters `outbox dead` shows, by default and at most.
 DEAD_LETTERS_SHOWN = 20
 MAX_DEAD_LETTERS_SHOWN = 1000
 
 
+# The exit status of a command stopped by Ctrl-C (SIGINT) or SIGTERM before it handles the
+# signal itself (serve and forward, once started, stop gracefully and exit 0), as a shell
+# says it.
+INTERRUPTED = 128 + signal.SIGINT
+TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM before the command handles it. A BaseException, as KeyboardInterrupt: no
+    ``except Exception`` takes it for a failure to retry or report."""
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # SIGTERM's default action would end the command too, but not as a container's first
+    # process, the image's entry point: the kernel drops a signal it has no handler for, and
+    # a stop asked while start-up waits for Redis was lost (the service then started).
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        status = _command(argv)
+        sys.stdout.flush()  # here, where a reader gone is caught, rather than at exit
+        return status
+    except KeyboardInterrupt:
+        print("identity-service: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except Terminated:
+        print("identity-service: terminated", file=sys.stderr)
+        return TERMINATED
+    except BrokenPipeError:
+        # The reader of standard output went away (`| head`): nothing more can be said to
+        # it, and nothing went wrong to report. Whatever is still buffered goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _command(argv: Sequence[str] | None) -> int:
     parser = command_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -39,15 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "outbox":
         return outbox(args.config, args.action, args.json, args.destination, args.limit)
     if args.command == "hash-key":
-        write_key = sys.stdin.readline().strip()
-        if not write_key or not can_be_sent(write_key):
-            print(
-                "hash-key: give the write key (printable ASCII, without ':') on standard input",
-                file=sys.stderr,
-            )
-            return 2
-        print(hash_write_key(write_key))
-        return 0
+        return hash_key()
     if args.command == "new-key":
         write_key = secrets.token_urlsafe(32)
         print(f"write key (give it to the source's backend): {write_key}")
@@ -57,23 +93,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def hash_key() -> int:
+    """Print the hash of the write key on standard input's first line."""
+    # Its bytes, not text decoded as the locale says: other bytes than ASCII would be a
+    # UnicodeDecodeError under a strict UTF-8 (a key in another encoding), and a closed
+    # standard input is None.
+    line = sys.stdin.buffer.readline() if sys.stdin is not None else b""
+    write_key = line.decode("ascii", "replace").strip()
+    if not write_key or not can_be_sent(write_key):
+        print(
+            "hash-key: give the write key (printable ASCII, without ':') on standard input",
+            file=sys.stderr,
+        )
+        return 2
+    print(hash_write_key(write_key))
+    return 0
+
+
+COMMANDS = {
+    "serve": "run the HTTP service",
+    "forward": "deliver the Redis outbox to the destinations, without the API: /metrics and "
+    "/healthz on IDENTITY_FORWARDER_METRICS_PORT (9464; 0 or off: none)",
+    "outbox": "inspect or repair the Redis outbox",
+    "hash-key": "print the write_key_hash of a write key read from stdin",
+    "new-key": "make a new write key and print it with its hash",
+}
+OUTBOX_ACTIONS = {
+    "status": "per destination: pending, in-flight, dead letters, oldest age",
+    "dead": "the newest dead letters: when, sends, reason (never their events)",
+    "replay-dead": "re-queue the dead letters, each to its destination only",
+    "retire": "stop keeping events for a destination removed from the settings",
+}
+
+
 def command_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="identity-service", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="identity-service",
+        description="Keeps one visitor one person across domains: serve, deliver the "
+        "outbox, inspect or repair it, make and hash write keys.",
+    )
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command")
-    serve_cmd = commands.add_parser("serve", help="run the HTTP service")
+    # A command's help, in the list of commands and atop its own --help.
+    subparsers = {
+        name: commands.add_parser(name, help=text, description=text)
+        for name, text in COMMANDS.items()
+    }
+    serve_cmd = subparsers["serve"]
     serve_cmd.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST}")
     serve_cmd.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
     serve_cmd.add_argument("--config", type=Path, help="a TOML or YAML settings file")
     serve_cmd.add_argument(
         "--workers", type=int, help="worker processes (default: IDENTITY_WORKERS, else 1)"
     )
-    forward_cmd = commands.add_parser(
-        "forward", help="deliver the Redis outbox to the destinations (without serving HTTP)"
+    subparsers["forward"].add_argument("--config", type=Path, help="a TOML or YAML settings file")
+    outbox_cmd = subparsers["outbox"]
+    outbox_cmd.add_argument(
+        "action",
+        choices=list(OUTBOX_ACTIONS),
+        help="; ".join(f"{name}: {text}" for name, text in OUTBOX_ACTIONS.items()),
     )
-    forward_cmd.add_argument("--config", type=Path, help="a TOML or YAML settings file")
-    outbox_cmd = commands.add_parser("outbox", help="inspect or repair the Redis outbox")
-    outbox_cmd.add_argument("action", choices=["status", "dead", "replay-dead", "retire"])
     outbox_cmd.add_argument(
         "destination",
         nargs="?",
@@ -88,8 +167,6 @@ def command_parser() -> argparse.ArgumentParser:
         help=f"dead: how many of the newest dead letters (1-{MAX_DEAD_LETTERS_SHOWN}, "
         f"default {DEAD_LETTERS_SHOWN})",
     )
-    commands.add_parser("hash-key", help="print the write_key_hash of a write key read from stdin")
-    commands.add_parser("new-key", help="make a new write key and print it with its hash")
     return parser
 
 
@@ -195,7 +272,10 @@ def outbox(
     )
     from identity_service.stores.redis import STORE_ERRORS, connect
 
-    async def run() -> int:
+    async def run() -> tuple[int, str]:
+        """The exit status, and what to say: on standard output when it is 0, else on
+        standard error. Said once Redis is done with, so that no failure to write it
+        (a reader gone) is taken for one of Redis."""
         redis = connect(redis_settings)
         try:
             if retired is not None:
@@ -203,67 +283,66 @@ def outbox(
                     redis, redis_settings.key_prefix, retired, redis_settings.shards
                 )
                 if not shards:
-                    print(
+                    return 1, (
                         f"identity-service: no such destination {retired!r}: no outbox stream "
-                        "has its group",
-                        file=sys.stderr,
+                        "has its group"
                     )
-                    return 1
-                print(f"retired {retired!r}: removed its group from {shards} outbox streams")
-                return 0
+                return 0, f"retired {retired!r}: removed its group from {shards} outbox streams"
             if action == "replay-dead":
                 moved = await replay_dead(
                     redis, redis_settings.key_prefix, destinations, redis_settings.shards
                 )
-                print(f"re-queued {moved} dead letters")
-                return 0
+                return 0, f"re-queued {moved} dead letters"
             if action == "dead":
                 letters = await newest_dead_letters(
                     redis, redis_settings.key_prefix, destinations, limit, redis_settings.shards
                 )
-                _print_dead_letters([letter.as_json() for letter in letters], as_json)
-                return 0
+                return 0, _dead_letters_text([letter.as_json() for letter in letters], as_json)
             report = await outbox_status(
                 redis, redis_settings.key_prefix, destinations, redis_settings.shards
             )
         finally:
             await redis.aclose()
-        if as_json:
-            print(orjson.dumps([status.as_json() for status in report]).decode())
-            return 0
-        # Wide enough for the longest name (an AMP action's amp-action-<name>).
-        width = max(20, *(len(status.destination) for status in report))
-        header = f"{'destination':<{width}} {'pending':>8} {'in-flight':>10} {'dead':>8}"
-        print(f"{header} {'oldest':>10}")
-        for s in report:
-            age = "-" if s.oldest_age_seconds is None else f"{s.oldest_age_seconds:.1f}s"
-            print(
-                f"{s.destination:<{width}} {s.pending:>8} {s.in_flight:>10} {s.dead:>8} {age:>10}"
-            )
-        return 0
+        return 0, _status_text(report, as_json)
 
     try:
-        return asyncio.run(run())
+        status, text = asyncio.run(run())
     except STORE_ERRORS as exc:
         print(f"identity-service: Redis: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    print(text, file=sys.stderr if status else sys.stdout)
+    return status
 
 
-def _print_dead_letters(letters: list[dict[str, Any]], as_json: bool) -> None:
+def _status_text(report: "list[DestinationStatus]", as_json: bool) -> str:
     if as_json:
-        print(orjson.dumps(letters).decode())
-        return
+        return orjson.dumps([status.as_json() for status in report]).decode()
+    # Wide enough for the longest name (an AMP action's amp-action-<name>).
+    width = max(20, *(len(status.destination) for status in report))
+    header = f"{'destination':<{width}} {'pending':>8} {'in-flight':>10} {'dead':>8}"
+    lines = [f"{header} {'oldest':>10}"]
+    for s in report:
+        age = "-" if s.oldest_age_seconds is None else f"{s.oldest_age_seconds:.1f}s"
+        lines.append(
+            f"{s.destination:<{width}} {s.pending:>8} {s.in_flight:>10} {s.dead:>8} {age:>10}"
+        )
+    return "\n".join(lines)
+
+
+def _dead_letters_text(letters: list[dict[str, Any]], as_json: bool) -> str:
+    if as_json:
+        return orjson.dumps(letters).decode()
     if not letters:
-        print("no dead letters")
-        return
+        return "no dead letters"
     width = max(20, *(len(letter["destination"]) for letter in letters))
-    print(f"{'failed at':<24} {'destination':<{width}} {'attempts':>8} reason")
+    lines = [f"{'failed at':<24} {'destination':<{width}} {'attempts':>8} reason"]
     for letter in letters:
         attempts = "-" if letter["attempts"] is None else str(letter["attempts"])
-        print(
+        lines.append(
             f"{letter['failedAt']:<24} {letter['destination']:<{width}} {attempts:>8} "
             f"{letter['reason']}"
         )
+    return "\n".join(lines)
 
 
 def serve(host: str, port: int, config: Path | None, workers: int | None = None) -> int:

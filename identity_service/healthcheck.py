@@ -26,6 +26,9 @@ from identity_service.settings import ConfigError, load_settings
 from identity_service.urls import host_port
 
 TIMEOUT_SECONDS = 2
+# The service is asked directly: an HTTP proxy of the container's environment (its way
+# out) cannot reach the container's loopback address.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # Where a server bound to every address is reached from inside the container.
 WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104
 
@@ -76,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if url is None:
         return 0
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as answer:  # noqa: S310
+        with _OPENER.open(url, timeout=TIMEOUT_SECONDS) as answer:
             return 0 if answer.status == 200 else 1
     except OSError as exc:
         print(f"healthcheck: {url}: {exc}", file=sys.stderr)

@@ -5,8 +5,9 @@ SIGINT, then stops accepting, finishes the requests in flight (up to the shutdow
 timeout) and closes the store. With more than one worker the parent forks them after the
 settings are read (so they share the server secret) and they listen on one port with
 SO_REUSEPORT, the kernel spreading connections over them. The parent forwards SIGTERM
-and SIGINT to the workers; if one of them dies, it stops the others and exits non-zero,
-so the supervisor (systemd, Kubernetes) restarts the whole set. The workers count their
+and SIGINT to the workers; if one of them ends before that (it died, or was signalled
+alone), it stops the others and exits non-zero, so the supervisor (systemd, Kubernetes)
+restarts the whole set. The workers count their
 metrics in files of a directory the parent makes before forking (metrics.py), so a scrape
 reads every worker's counts whichever worker answers it.
 """
@@ -20,6 +21,8 @@ import signal
 import socket
 import sys
 import traceback
+from collections.abc import Sequence
+from typing import NoReturn
 
 from aiohttp import web
 
@@ -76,19 +79,33 @@ def run(settings: Settings, host: str, port: int, metrics_directory: str | None 
     return _supervise(settings, host, port, metrics_directory)
 
 
-def _run_worker(settings: Settings, host: str, port: int, reuse_port: bool) -> None:
+def _run_worker(
+    settings: Settings, host: str, port: int, reuse_port: bool, stop_asked: Sequence[int] = ()
+) -> None:
+    """Serve until SIGTERM or SIGINT; ``stop_asked``: the signals noted before the loop
+    handles them, honoured once it does."""
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            runner.run(_serve(settings, host, port, reuse_port))
+            runner.run(_serve(settings, host, port, reuse_port, stop_asked))
     finally:
         log_config.flush()
 
 
-async def _serve(settings: Settings, host: str, port: int, reuse_port: bool) -> None:
+async def _serve(
+    settings: Settings, host: str, port: int, reuse_port: bool, stop_asked: Sequence[int]
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    # Held back while the loop takes the signals over: one that came in between would reach
+    # neither the handler before nor the loop (whose wakeup is not set yet), and be lost.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        for signum in STOP_SIGNALS:
+            loop.add_signal_handler(signum, stop.set)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if stop_asked:
+        stop.set()
     runner = FrontRunner(
         create_app(settings), access_log=None, shutdown_timeout=settings.shutdown_timeout
     )
@@ -125,41 +142,75 @@ def _say(message: str) -> None:
 
 def _fork_workers(settings: Settings, host: str, port: int, metrics_directory: str) -> int:
     children: list[int] = []
-    for _ in range(settings.workers):
-        pid = os.fork()
-        if pid == 0:
-            status = 0
-            try:
-                _die_with_parent()
-                _run_worker(settings, host, port, reuse_port=True)
-            except BindError as exc:
-                status = 1
-                _say(str(exc))
-            except BaseException:
-                status = 1
-                traceback.print_exc()
-            finally:
-                sys.stderr.flush()
-                os._exit(status)
-        children.append(pid)
+    stopping = False
 
     def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             _signal(child, signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    # SIGTERM and SIGINT (Ctrl-C reaches the whole process group) are held back until each
+    # process has its own handler: at a fork, a worker took them with the parent's, and a
+    # KeyboardInterrupt raised in a fork hook, which ignores it, left a worker that never
+    # stopped; elsewhere it was a traceback.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        for _ in range(settings.workers):
+            pid = os.fork()
+            if pid == 0:
+                _worker(settings, host, port)
+            children.append(pid)
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     status = 0
     while children:
         pid, code = os.wait()
         children.remove(pid)
         metrics.mark_dead(pid, metrics_directory)
-        if os.waitstatus_to_exitcode(code) != 0 and status == 0:
-            _say(f"worker {pid} failed; stopping")
+        failed = os.waitstatus_to_exitcode(code) != 0
+        # A worker that ends before the set is told to stop is gone for good, even when it
+        # ended cleanly (a SIGTERM sent to it alone): the set is short of it.
+        if status == 0 and (failed or not stopping):
+            _say(f"worker {pid} {'failed' if failed else 'exited'}; stopping")
             status = 1
             for child in children:
                 _signal(child, signal.SIGTERM)
     return status
+
+
+def _worker(settings: Settings, host: str, port: int) -> NoReturn:
+    """A forked worker's life: serve until told to stop, then exit."""
+    status = 0
+    try:
+        # A stop asked before the loop handles the signals is noted, and honoured once it runs.
+        asked = _note_stop_signals()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        _die_with_parent()
+        _run_worker(settings, host, port, reuse_port=True, stop_asked=asked)
+    except BindError as exc:
+        status = 1
+        _say(str(exc))
+    except BaseException:
+        status = 1
+        traceback.print_exc()
+    finally:
+        sys.stderr.flush()
+        os._exit(status)
+
+
+def _note_stop_signals() -> list[int]:
+    """The SIGTERMs and SIGINTs received from now on, until a loop handles them."""
+    asked: list[int] = []
+
+    def note(signum: int, _frame: object) -> None:
+        asked.append(signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, note)
+    return asked
 
 
 def _die_with_parent() -> None:
@@ -179,6 +230,7 @@ def _die_with_parent() -> None:
 
 
 _PR_SET_PDEATHSIG = 1
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 GC_YOUNG_THRESHOLD = 20_000
 
 

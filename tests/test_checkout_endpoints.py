@@ -6,15 +6,22 @@ The demo runs for real (``running_demo`` on free loopback ports, the service beh
 front); requests go to the sites over HTTP with aiohttp's client.
 """
 
+import asyncio
+import contextlib
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from examples.checkout.demo import Demo, Ports, running_demo
+from examples.checkout.demo import Demo, Ports, node_checkout_missing, running_demo
 from tests.redis_server import free_port
 
+ROOT = Path(__file__).resolve().parent.parent
 PROBLEM = "application/problem+json"
 PREFIX = "urn:identity-service:problem:"
 # Put in every bad body: no answer may carry it back.
@@ -112,3 +119,44 @@ async def test_the_endpoints_still_work(demo: Demo) -> None:
         exchange, b'{"token": "' + token.encode() + b'"}', "application/json"
     )
     assert (status, landed) == (200, {"anonymousId": "v-3", "source": "handoff"})
+
+
+def _free_base_port() -> int:
+    """A base port N whose N+1 ... N+6, the demo's, are free."""
+    for _ in range(100):
+        base = free_port()
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(base + 1, base + 7):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError("no six free loopback ports in a row")
+
+
+def test_the_demo_stops_when_its_node_checkouts_port_is_taken() -> None:
+    """Express 5 calls app.listen's callback with the error when the port is taken: the
+    Node checkout said "listening", and the demo listed it as running at an address where
+    something else answered. It now stops in one line, as for its other ports."""
+    if asyncio.run(node_checkout_missing()):
+        pytest.skip("the Node checkout cannot run here (make demo installs it)")
+    base = _free_base_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", base + 6))
+        taken.listen()
+        result = subprocess.run(
+            [sys.executable, "-m", "examples.checkout", "--base-port", str(base)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=40,  # it ran until stopped
+        )
+    assert result.returncode == 1
+    assert "The checkout demo is running" not in result.stdout
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"demo: the Node checkout did not start on port {base + 6} (its error above; "
+        "another --base-port?)"
+    )

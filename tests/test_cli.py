@@ -19,7 +19,7 @@ import orjson
 import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
-from identity_service.cli import command_parser
+from identity_service.cli import INTERRUPTED, command_parser
 from identity_service.constants import outbox_key
 from identity_service.sources import hash_write_key
 from identity_service.stores.redis import AdminClient
@@ -243,6 +243,25 @@ def test_hash_key_refuses_a_key_no_request_can_carry(key: str) -> None:
     assert refused.stdout == ""
     assert refused.stderr == (
         "hash-key: give the write key (printable ASCII, without ':') on standard input\n"
+    )
+
+
+@pytest.mark.parametrize("stdin", [b"cl\xe9-latin-1\n", b"\xff\xfe\n", None], ids=str)
+def test_hash_key_refuses_what_is_no_text_of_the_locale_in_one_line(stdin: bytes | None) -> None:
+    """Standard input decoded strictly (a UTF-8 locale, PYTHONIOENCODING) made a key in
+    another encoding a UnicodeDecodeError traceback, and a closed standard input an
+    AttributeError one; both are now refused as any key no request can carry."""
+    refused = subprocess.run(
+        [COMMAND, "hash-key"],
+        input=stdin,
+        env=clean_env(PYTHONIOENCODING="utf-8"),
+        capture_output=True,
+        # None: the command starts without a standard input.
+        preexec_fn=(lambda: os.close(0)) if stdin is None else None,
+    )
+    assert (refused.returncode, refused.stdout) == (2, b"")
+    assert refused.stderr == (
+        b"hash-key: give the write key (printable ASCII, without ':') on standard input\n"
     )
 
 
@@ -792,3 +811,175 @@ def test_every_command_line_the_docs_write_is_one_the_command_takes() -> None:
         except SystemExit:
             refused.append(command)
     assert refused == []
+
+
+def _connected_to(port: int) -> bool:
+    """Whether a loopback TCP connection to ``port`` is established (/proc/net/tcp)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
+@pytest.mark.parametrize(
+    "command", [("serve",), ("serve", "--workers", "2"), ("forward",), ("outbox", "status")]
+)
+def test_ctrl_c_while_redis_is_reached_at_start_is_said_in_one_line(
+    private_redis: RedisServer, command: tuple[str, ...]
+) -> None:
+    """SIGINT (Ctrl-C) while the start's check of Redis waits for an answer: it was two
+    chained tracebacks (CancelledError, then KeyboardInterrupt), and exit -2."""
+    args = [*command, "--port", str(free_port())] if command[0] == "serve" else command
+    env = redis_env(
+        private_redis, IDENTITY_REDIS_TIMEOUT="20", IDENTITY_FORWARDER_METRICS_PORT="off"
+    )
+    os.kill(private_redis.pid, signal.SIGSTOP)  # takes connections, answers nothing
+    try:
+        process = subprocess.Popen(
+            [COMMAND, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 15
+        while not _connected_to(private_redis.port):
+            assert process.poll() is None and time.monotonic() < deadline, "never reached Redis"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=15)
+    finally:
+        os.kill(private_redis.pid, signal.SIGCONT)
+    assert (process.returncode, stdout) == (130, ""), stderr
+    assert stderr.splitlines() == ["identity-service: interrupted"]
+
+
+def test_a_worker_that_stops_alone_stops_the_set(
+    tmp_path: Path, private_redis: RedisServer
+) -> None:
+    """A worker sent SIGTERM alone ends cleanly (exit 0): the parent went on with one
+    worker fewer, for good, and would have exited 0 once the last was gone. Like a worker
+    that dies, it now stops the others, and the parent exits 1 for its supervisor."""
+    service = Service(tmp_path, redis_env(private_redis), "--workers", "2")
+    try:
+        worker, _ = _children_of(service.process.pid)
+        os.kill(worker, signal.SIGTERM)
+        assert service.process.wait(timeout=20) == 1
+    finally:
+        service.stop()
+    assert f"identity-service: worker {worker} exited; stopping" in service.stderr.splitlines()
+
+
+@pytest.mark.parametrize("args", [("outbox", "status"), ("outbox", "dead"), ("new-key",)])
+def test_a_reader_gone_from_standard_output_is_not_blamed_on_redis(
+    redis_server: RedisServer, args: tuple[str, ...]
+) -> None:
+    """``identity-service outbox status | head``: the reader gone before the table was
+    written, the command said ``identity-service: Redis: BrokenPipeError`` (Redis was
+    fine), and ``new-key`` printed a traceback. It now ends quietly, exit 1."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        result = subprocess.run(
+            [COMMAND, *args],
+            env=redis_env(redis_server),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (1, "")
+
+
+def _as_first_process(args: list[str]) -> list[str] | None:
+    """``args`` run as the first process of a PID namespace of their own, as a container
+    runs the image's entry point; None where no namespace can be made here."""
+    unshare = ["unshare", "--pid", "--fork", "--kill-child"]
+    if os.geteuid() != 0:
+        unshare[1:1] = ["--user", "--map-root-user"]
+    try:
+        subprocess.run([*unshare, "true"], check=True, capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [*unshare, *args]
+
+
+@pytest.mark.parametrize("command", [("serve",), ("serve", "--workers", "2"), ("forward",)])
+def test_sigterm_while_redis_is_reached_at_start_stops_a_containers_first_process(
+    private_redis: RedisServer, command: tuple[str, ...]
+) -> None:
+    """The kernel drops a signal the first process of a PID namespace (the image's entry
+    point) has no handler for: a SIGTERM while start-up waited for Redis (a pod deleted as
+    it starts, a ``docker stop``) was lost, and the service started and served until
+    SIGKILL. It now ends the command as Ctrl-C does, exit 143."""
+    args = [*command, "--port", str(free_port())] if command[0] == "serve" else command
+    first = _as_first_process([COMMAND, *args])
+    if first is None:
+        pytest.skip("no PID namespace can be made here (unshare)")
+    env = redis_env(
+        private_redis, IDENTITY_REDIS_TIMEOUT="20", IDENTITY_FORWARDER_METRICS_PORT="off"
+    )
+    os.kill(private_redis.pid, signal.SIGSTOP)  # takes connections, answers nothing
+    try:
+        process = subprocess.Popen(
+            first, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 15
+        while not _connected_to(private_redis.port):
+            assert process.poll() is None and time.monotonic() < deadline, "never reached Redis"
+            time.sleep(0.05)
+        (service,) = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        os.kill(int(service), signal.SIGTERM)
+        time.sleep(0.5)
+    finally:
+        os.kill(private_redis.pid, signal.SIGCONT)  # the check ends: the service would start
+    try:
+        _, stderr = process.communicate(timeout=15)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr
+    assert "identity-service: terminated" in stderr.splitlines()
+    assert "identity-service 0" not in stderr  # no banner: it did not start
+
+
+def test_each_commands_help_says_what_it_does() -> None:
+    """``forward`` was said to run "without serving HTTP" (it serves /metrics and /healthz
+    on its metrics port), the outbox actions were listed without what each does, and a
+    command's own --help said nothing of it."""
+    assert "IDENTITY_FORWARDER_METRICS_PORT" in run_command(clean_env(), "--help").stdout
+    forward = " ".join(run_command(clean_env(), "forward", "--help").stdout.split())
+    assert "without serving HTTP" not in forward
+    assert "/metrics and /healthz" in forward and "IDENTITY_FORWARDER_METRICS_PORT" in forward
+    outbox = " ".join(run_command(clean_env(), "outbox", "--help").stdout.split())
+    for said in ("status: per destination", "dead: the newest", "replay-dead: re-queue"):
+        assert said in outbox
+    assert "retire: stop keeping events for a destination removed" in outbox
+    for command in ("serve", "hash-key", "new-key"):
+        result = run_command(clean_env(), command, "--help")
+        assert result.returncode == 0
+        assert result.stdout.split("\n\n")[1].strip(), f"{command} --help says nothing of it"
+
+
+def test_ctrl_c_as_workers_start_stops_them_without_a_traceback(
+    private_redis: RedisServer,
+) -> None:
+    """Ctrl-C (SIGINT to the terminal's process group) just after the banner, before a
+    worker's loop handled the signal: the worker printed a KeyboardInterrupt traceback and
+    the parent said it failed (exit 1). At any moment it is now a stop: exit 0 once the
+    workers run, 130 when the parent had not forked them all yet, in one line."""
+    for attempt in range(8):
+        process = subprocess.Popen(
+            [COMMAND, "serve", "--port", str(free_port()), "--workers", "2"],
+            env=redis_env(private_redis),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group, as a terminal's job
+        )
+        assert process.stderr is not None
+        banner = process.stderr.readline()
+        time.sleep(0.005 * attempt)  # into the workers' start, at a different moment each time
+        os.killpg(process.pid, signal.SIGINT)
+        stderr = (banner + process.stderr.read()).decode()
+        returncode = process.wait(timeout=20)
+        assert "Traceback" not in stderr and "failed" not in stderr, stderr
+        assert returncode in (0, INTERRUPTED), stderr

@@ -23,7 +23,7 @@ from packaging.version import Version
 from identity_service.healthcheck import health_url
 from tests.chart import ci_values, find, pod_spec, render
 from tests.redis_server import RedisServer, free_port
-from tests.test_cli import COMMAND, redis_env
+from tests.test_cli import COMMAND, Service, clean_env, redis_env
 
 ROOT = Path(__file__).resolve().parent.parent
 PINNED = re.compile(r"^[\w./-]+:(?P<tag>[\w.-]+)@sha256:[0-9a-f]{64}$")
@@ -160,6 +160,23 @@ def test_the_health_check_of_a_forward_container_gets_its_healthz(tmp_path: Path
         forward.terminate()
         forward.wait(timeout=15)
         redis.stop()
+
+
+def test_the_health_check_asks_the_service_and_not_a_proxy(tmp_path: Path) -> None:
+    """A container given an HTTP proxy for its way out (``http_proxy``, ``HTTP_PROXY``):
+    the health check sent its GET of the container's own loopback address to the proxy,
+    which cannot reach it, and a healthy service was reported unhealthy."""
+    service = Service(tmp_path, clean_env())
+    check = [sys.executable, *HEALTHCHECK[1:], str(service.process.pid)]
+    proxy = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    try:
+        for name in ("http_proxy", "HTTP_PROXY"):
+            result = subprocess.run(
+                check, env=clean_env(**{name: proxy}), capture_output=True, text=True
+            )
+            assert (result.returncode, result.stderr) == (0, ""), name
+    finally:
+        assert service.stop() == 0
 
 
 def test_the_image_version_is_the_charts(stages: list[list[Instruction]]) -> None:

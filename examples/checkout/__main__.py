@@ -10,7 +10,7 @@ import asyncio
 import signal
 import sys
 
-from examples.checkout.demo import Ports, running_demo
+from examples.checkout.demo import DemoError, Ports, running_demo
 from identity_service.log_config import configure_logging
 
 
@@ -39,6 +39,8 @@ def run() -> None:
     args = parser.parse_args()
     try:
         asyncio.run(main(args.base_port))
+    except DemoError as error:
+        sys.exit(f"demo: {error}")
     except OSError as error:
         sys.exit(f"demo: {error} (another --base-port?)")
 

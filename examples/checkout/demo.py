@@ -41,6 +41,10 @@ NODE_CHECKOUT = Path(__file__).parent / "node"
 NODE_STARTUP_SECONDS = 20.0
 
 
+class DemoError(Exception):
+    """A part of the demo that cannot start; the message says which and why."""
+
+
 @dataclass(frozen=True)
 class Ports:
     shop: int
@@ -132,7 +136,10 @@ async def _node_checkout(
     except TimeoutError:
         line = b""
     if line.strip() != b"listening":
-        raise RuntimeError(f"the Node checkout did not start on port {port} (its stderr above)")
+        raise DemoError(
+            f"the Node checkout did not start on port {port} (its error above; another "
+            "--base-port?)"
+        )
 
 
 def service_settings(
@@ -183,7 +190,7 @@ async def running_demo(
     (False), or when it can run here (None)."""
     node_missing = await node_checkout_missing() if node is not False else "not asked for"
     if node and node_missing:
-        raise RuntimeError(f"the Node checkout cannot start: {node_missing}")
+        raise DemoError(f"the Node checkout cannot start: {node_missing}")
     keys = {name: secrets.token_urlsafe(24) for name in ("shop", "checkout", "pay", "node")}
     collector = Collector(secrets.token_urlsafe(24), secrets.token_urlsafe(24), echo)
     settings = service_settings(ports, keys, collector.service_key, service_env or {})

@@ -22,7 +22,12 @@ app.get("/cart", (req, res) => {
   res.type("html").send(page.replace("__SERVER_SOURCE__", escape(seen)));
 });
 
-const server = app.listen(Number(process.env.PORT), process.env.HOST ?? "127.0.0.1", () => {
+// Express 5 calls back with the error when the port cannot be listened on (taken...).
+const server = app.listen(Number(process.env.PORT), process.env.HOST ?? "127.0.0.1", (error) => {
+  if (error) {
+    console.error(`checkout.mjs: ${error.message}`);
+    process.exit(1);
+  }
   console.log("listening");
 });
 for (const signal of ["SIGTERM", "SIGINT"]) {
