@@ -388,11 +388,11 @@ def _reach_redis(settings: Settings) -> tuple[bool, Exception | None]:
     if settings.redis is None:
         return False, None
     from identity_service.problems import StoreUnavailable
-    from identity_service.stores.redis import WrongTopology, check_reachable
+    from identity_service.stores.redis import UnusableRedis, check_reachable
 
     try:
         asyncio.run(check_reachable(settings.redis))
-    except WrongTopology as exc:
+    except UnusableRedis as exc:
         print(f"identity-service: IDENTITY_REDIS_URL: {exc}", file=sys.stderr, flush=True)
         return True, None
     except StoreUnavailable as exc:

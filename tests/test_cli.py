@@ -983,3 +983,24 @@ def test_ctrl_c_as_workers_start_stops_them_without_a_traceback(
         returncode = process.wait(timeout=20)
         assert "Traceback" not in stderr and "failed" not in stderr, stderr
         assert returncode in (0, INTERRUPTED), stderr
+
+
+@pytest.mark.parametrize("credentials", ["", ":not-it@", "someone:not-it@"])
+def test_credentials_redis_refuses_are_refused_at_start(tmp_path: Path, credentials: str) -> None:
+    """A wrong or missing password (WRONGPASS, NOAUTH) was taken for a Redis that did not
+    answer yet: serve started, said "does not answer" and answered 503 for ever, since the
+    credentials never change in a running process. It is a setting to mend: one line, exit
+    2, the password masked."""
+    redis = RedisServer(tmp_path)
+    redis.start()
+    try:
+        subprocess.run(
+            ["redis-cli", "-p", str(redis.port), "config", "set", "requirepass", "the-right-one"],
+            check=True,
+            capture_output=True,
+        )
+        url = f"redis://{credentials}127.0.0.1:{redis.port}/0"
+        line = refusal_at_start(url, "refused the credentials")
+        assert "not-it" not in line and "the-right-one" not in line
+    finally:
+        redis.stop()

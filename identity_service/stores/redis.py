@@ -261,18 +261,23 @@ def _node_options(node_url: str) -> dict[str, Any]:
     return options
 
 
-class WrongTopology(Exception):
-    """The URL's form does not match what the Redis it reaches is (one clear line)."""
+class UnusableRedis(Exception):
+    """What the URL reaches can never serve as it is written (one clear line): its form
+    does not match what the Redis is, or Redis refuses its credentials."""
+
+
+# Redis's answers to a wrong or missing password (Redis 6+; "invalid password" before).
+_REFUSED_CREDENTIALS = ("WRONGPASS", "NOAUTH", "ERR invalid password")
 
 
 async def check_reachable(settings: RedisSettings) -> None:
     """Reach Redis once within the configured timeout; StoreUnavailable names its address.
 
-    A one-node URL that reaches a Cluster node or a sentinel raises WrongTopology: the
+    A one-node URL that reaches a Cluster node or a sentinel raises UnusableRedis: the
     requests would fail on most keys (MOVED) or on every command; so does a Cluster URL
     whose nodes are not in Cluster mode, and a Sentinel URL naming a node that answers and
     is not a sentinel (sentinels that do not answer are StoreUnavailable: they may be
-    starting).
+    starting); so do credentials Redis refuses (WRONGPASS, NOAUTH).
     """
     if settings.topology == "sentinel":
         await _check_sentinels(settings)
@@ -282,9 +287,16 @@ async def check_reachable(settings: RedisSettings) -> None:
         await client.execute("PING")
     except (ReplyError, OSError) as exc:
         if "cluster support disabled" in str(exc.__cause__):
-            raise WrongTopology(
+            raise UnusableRedis(
                 f"{settings.address} reaches Redis nodes without Cluster mode: use "
                 "redis://<host:port>/<db> (one node) or redis+sentinel://"
+            ) from exc
+        refused = next((str(e) for e in (exc, exc.__cause__) if isinstance(e, ReplyError)), "")
+        if refused.startswith(_REFUSED_CREDENTIALS):
+            # The credentials never change in a running process: it would answer 503 for ever.
+            raise UnusableRedis(
+                f"{settings.address} refused the credentials ({refused.split()[0]}): set the "
+                "user and password Redis expects in the URL"
             ) from exc
         raise StoreUnavailable(_describe(settings.address, exc)) from exc
     finally:
@@ -292,19 +304,19 @@ async def check_reachable(settings: RedisSettings) -> None:
     if info is not None:
         fields = _info_fields(info)
         if fields.get("redis_mode") == "sentinel":
-            raise WrongTopology(
+            raise UnusableRedis(
                 f"{settings.address} is a sentinel: name the master as "
                 "redis+sentinel://<sentinel host:port,...>/<service name>"
             )
         if fields.get("cluster_enabled") == "1":
-            raise WrongTopology(
+            raise UnusableRedis(
                 f"{settings.address} is a Redis Cluster node: use "
                 "redis+cluster://<host:port,...> (seed nodes)"
             )
 
 
 async def _check_sentinels(settings: RedisSettings) -> None:
-    """Raise WrongTopology if a node the URL names as a sentinel answers and is not one."""
+    """Raise UnusableRedis if a node the URL names as a sentinel answers and is not one."""
     sentinels = sentinel_clients(settings, settings.timeout)
     try:
         replies = await asyncio.gather(
@@ -319,7 +331,7 @@ async def _check_sentinels(settings: RedisSettings) -> None:
             continue
         mode = _info_fields(reply).get("redis_mode")
         if mode is not None and mode != "sentinel":  # a server that does not say: not known
-            raise WrongTopology(
+            raise UnusableRedis(
                 f"{host_port(host, port)} is not a sentinel but a Redis {mode} node: name "
                 "the sentinels as redis+sentinel://<sentinel host:port,...>/<service name>, "
                 "or one node as redis://<host:port>/<db>"
