@@ -547,36 +547,53 @@ async def test_after_a_manual_failover_every_write_goes_to_the_new_master_once_s
     await asyncio.to_thread(sentinels.wait_for_replica, old)
 
 
+class HungServer:
+    """A host that hangs: it accepts connections and never answers; counts them."""
+
+    def __init__(self, server: asyncio.Server) -> None:
+        self.server = server
+        self.port: int = server.sockets[0].getsockname()[1]
+        self.accepted = 0
+
+    @classmethod
+    async def start(cls) -> "HungServer":
+        hung: HungServer | None = None
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            assert hung is not None
+            hung.accepted += 1
+            await reader.read()
+            writer.close()
+
+        hung = cls(await asyncio.start_server(silent, "127.0.0.1", 0))
+        return hung
+
+    def close(self) -> None:
+        self.server.close()
+
+
 async def test_a_hung_seed_is_asked_for_the_slot_map_only_after_the_nodes_that_answer(
     redis_cluster: Cluster,
 ) -> None:
     """A seed whose host hangs (it accepts connections and never answers) costs a refresh
     the whole timeout: once it has failed, the client asks the nodes that answer first, so
     the MOVED and lost connections that refresh the map do not wait on it again."""
-    accepted = 0
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal accepted
-        accepted += 1
-        await reader.read()
-        writer.close()
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    hung = await HungServer.start()
+    port = hung.port
     seeds = redis_cluster.url.removeprefix("redis+cluster://")
     client = ClusterClient(
         RedisSettings.from_dsn(f"redis+cluster://127.0.0.1:{port},{seeds}"), timeout=0.5
     )
     try:
         await client.refresh()  # the hung seed first (nothing is known yet), then the next
-        assert accepted == 1
+        assert hung.accepted == 1
         for _ in range(3):
             await client.refresh()
             assert await client.execute("PING") == b"PONG"
-        assert accepted == 1
+        assert hung.accepted == 1
     finally:
         await client.close()
-        server.close()
+        hung.close()
 
 
 async def test_a_node_that_left_the_cluster_is_passed_over_for_the_slot_map(
@@ -1073,26 +1090,18 @@ async def test_a_hung_sentinel_named_first_is_passed_over_for_the_others(
     the next sentinel is asked once it has cost its timeout, and asked first from then on.
     The hung one used to take the whole timeout of every connection, so no connection was
     ever made (a 503 for every request while the first sentinel hung)."""
-    accepted = 0
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal accepted
-        accepted += 1
-        await reader.read()
-        writer.close()
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    hung = await HungServer.start()
+    port = hung.port
     sentinels = redis_sentinel.url.removeprefix("redis+sentinel://")
     client = SentinelClient(
         RedisSettings.from_dsn(f"redis+sentinel://127.0.0.1:{port},{sentinels}"), timeout=0.5
     )
     try:
         assert await client.execute("PING") == b"PONG"
-        assert accepted == 1
+        assert hung.accepted == 1
         client.disconnect()
         assert await client.execute("PING") == b"PONG"
-        assert accepted == 1
+        assert hung.accepted == 1
     finally:
         await client.close()
-        server.close()
+        hung.close()
