@@ -9,6 +9,7 @@ and webhook bodies never reach each other's destination.
 """
 
 import asyncio
+import functools
 import json
 import subprocess
 import time
@@ -71,6 +72,27 @@ async def collector() -> AsyncIterator[Collector]:
         yield running
 
 
+def _client_builder(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    settings: Callable[..., Settings],
+    receiver: WebhookReceiver,
+    collector: Collector,
+) -> RetryClient:
+    """Builds a client of a service made by ``settings``, with the add-to-cart action and a
+    Segment destination, whose forwarders retry fast. Cookies are sent by hand (no jar)."""
+
+    async def build() -> AppClient:
+        made = settings(
+            amp=amp_config(receiver.url),
+            destination_url=collector.url,
+            destination_write_key=WRITE_KEY,
+            **FAST_DELIVERY,
+        )
+        return await aiohttp_client(FrontTestServer(create_app(made)), cookie_jar=DummyCookieJar())
+
+    return build
+
+
 @pytest.fixture
 def retry_client(
     aiohttp_client: Callable[..., Awaitable[AppClient]],
@@ -78,21 +100,8 @@ def retry_client(
     receiver: WebhookReceiver,
     collector: Collector,
 ) -> RetryClient:
-    """A client of a service with the add-to-cart action and a Segment destination, whose
-    forwarders retry fast. Cookies are sent by hand (no jar)."""
-
-    async def build() -> AppClient:
-        settings = settings_for(
-            amp=amp_config(receiver.url),
-            destination_url=collector.url,
-            destination_write_key=WRITE_KEY,
-            **FAST_DELIVERY,
-        )
-        return await aiohttp_client(
-            FrontTestServer(create_app(settings)), cookie_jar=DummyCookieJar()
-        )
-
-    return build
+    """A client of the service on each store (``settings_for``)."""
+    return _client_builder(aiohttp_client, settings_for, receiver, collector)
 
 
 @pytest.fixture
@@ -113,20 +122,8 @@ def outage_client(
     durable_redis: RedisServer,
 ) -> RetryClient:
     """As ``retry_client``, on ``durable_redis``, which the test stops and starts."""
-
-    async def build() -> AppClient:
-        settings = make_settings(
-            durable_redis.url,
-            amp=amp_config(receiver.url),
-            destination_url=collector.url,
-            destination_write_key=WRITE_KEY,
-            **FAST_DELIVERY,
-        )
-        return await aiohttp_client(
-            FrontTestServer(create_app(settings)), cookie_jar=DummyCookieJar()
-        )
-
-    return build
+    settings = functools.partial(make_settings, durable_redis.url)
+    return _client_builder(aiohttp_client, settings, receiver, collector)
 
 
 async def fail_with_redis_stopping(
