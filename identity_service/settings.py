@@ -1090,9 +1090,14 @@ def _whole(value: Any) -> int:
     return int(value)
 
 
+# A token parameter's or a destination's name: letters, digits, '_' or '-', in ASCII
+# (``str.isalnum`` takes any script's), as the chart's schema and the SDKs check it.
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _is_name(text: str) -> bool:
-    """Letters, digits, '_' or '-', in ASCII: ``str.isalnum`` alone takes any script's."""
-    return text.isascii() and text.replace("_", "").replace("-", "").isalnum()
+    """Whether ``text`` is a name :data:`_NAME` matches whole (``_`` and ``-`` alone too)."""
+    return _NAME.fullmatch(text) is not None
 
 
 def _is_off(value: Any) -> bool:

@@ -1501,6 +1501,20 @@ def test_a_host_name_at_dns_limits_is_taken_wherever_a_host_is_read(host: str) -
         load_settings(environ, host=bind)
 
 
+@pytest.mark.parametrize("name", ["_", "-", "__", "_-_"])
+def test_a_token_parameter_or_destination_name_of_only_underscores_or_hyphens_is_taken(
+    name: str,
+) -> None:
+    """Found in review: refused as not "letters, digits, '_' or '-'" (the check dropped
+    them and asked str.isalnum of nothing), though the chart's schema, the SDKs and
+    identity.js take them as IDENTITY_TOKEN_PARAM's rule: the chart rendered what the
+    service then refused at start."""
+    assert load_settings({"IDENTITY_TOKEN_PARAM": name}).token_param == name
+    destinations = json.dumps({name: {"url": "https://api.segment.io/v1/batch", "write_key": "k"}})
+    settings = load_settings({"IDENTITY_DESTINATIONS": destinations})
+    assert [d.name for d in settings.outbox.destinations] == [name]
+
+
 @pytest.mark.parametrize("name", ["hand\u00e9", "\u0663\u0664", "token\u00b2", "\uff21"])
 def test_a_token_parameter_or_destination_name_outside_ascii_is_a_problem(name: str) -> None:
     """ "Letters, digits, '_' or '-'" meant any Unicode letter or digit (``str.isalnum``):
