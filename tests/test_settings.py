@@ -1,5 +1,6 @@
 """Settings from the environment and files, and the checks that fail fast at start."""
 
+import errno
 import json
 import re
 import ssl
@@ -351,6 +352,23 @@ def test_an_events_file_that_cannot_be_opened_is_refused(tmp_path: Path) -> None
     for path in (tmp_path / "events.jsonl", plain, "events.jsonl"):
         settings = load_settings({"IDENTITY_EVENTS_FILE": str(path)})
         assert [d.path for d in settings.outbox.destinations] == [str(path)]
+
+
+def test_an_events_file_this_user_cannot_reach_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: a directory on the way that the service's user may not search
+    (EACCES, which pathlib's is_dir raises) made every command a PermissionError traceback
+    at start, not a problem of the settings. (Root searches any directory: simulated.)"""
+
+    def refused(_path: Path) -> bool:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(Path, "is_dir", refused)
+    path = tmp_path / "locked" / "events.jsonl"
+    assert problems_of({"IDENTITY_EVENTS_FILE": str(path)}) == [
+        f"IDENTITY_EVENTS_FILE cannot be reached ({path}): Permission denied"
+    ]
 
 
 def test_destinations_from_a_file(tmp_path: Path) -> None:
