@@ -383,8 +383,8 @@ def serve(host: str, port: int, config: Path | None, workers: int | None = None)
 def _reach_redis(settings: Settings) -> tuple[bool, Exception | None]:
     """Reach Redis once at start, before anything is announced: (True, None) after one
     line saying why, when the URL's form does not fit what it reaches (a Cluster node or a
-    sentinel behind a one-node URL, a Sentinel URL naming a node that is no sentinel...);
-    else (False, why Redis did not answer, if it did not)."""
+    sentinel behind a one-node URL, a Sentinel URL naming a node that is no sentinel...) or
+    Redis refuses its credentials; else (False, why Redis did not answer, if it did not)."""
     if settings.redis is None:
         return False, None
     from identity_service.problems import StoreUnavailable

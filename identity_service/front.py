@@ -83,6 +83,8 @@ _SECURITY_LINES = "".join(f"{name}: {value}\r\n" for name, value in SECURITY_HEA
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # RFC 9110's deflate is the zlib format; both are read with zlib's own decoder.
 _DEFLATE = zlib.MAX_WBITS
+# How much of a coded body the decoder is given at a time (decoded).
+_FEED_BYTES = 1024
 _CODINGS = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": _DEFLATE}
 
 Endpoint = Callable[[HandoffApi, Call], Awaitable[tuple[int, dict[str, Any]]]]
@@ -812,24 +814,34 @@ def decoded(body: bytes, coding: bytes, limit: int) -> bytes:
     wbits = _CODINGS.get(coding)
     if wbits is None:
         raise UnsupportedContentEncoding("send the body as it is, or gzip or deflate coded")
-    plain = b""
-    while True:
-        decoder = zlib.decompressobj(wbits)
-        try:
-            # Never more than the limit is inflated, however small the coded body.
-            plain += decoder.decompress(body, limit + 1 - len(plain))
-        except zlib.error as exc:
-            raise MalformedRequest(f"the body is not valid {coding.decode()} data") from exc
-        if len(plain) > limit:
-            raise PayloadTooLarge(f"the body must be at most {limit} bytes once decoded")
-        if not decoder.eof:
-            raise MalformedRequest(f"the body is not one complete {coding.decode()} stream")
-        body = decoder.unused_data
-        # A gzip stream is one or more members (RFC 1952); a zlib stream is one.
-        if not body:
-            return plain
-        if wbits == _DEFLATE:
-            raise MalformedRequest(f"the body is not one complete {coding.decode()} stream")
+    view = memoryview(body)
+    parts: list[bytes] = []
+    size = 0
+    decoder = zlib.decompressobj(wbits)
+    # Fed a slice at a time: what follows a member's end (unused_data, a copy) is never more
+    # than a slice, so a body of many small members costs in proportion to its size.
+    for start in range(0, len(body), _FEED_BYTES):
+        data: bytes | memoryview = view[start : start + _FEED_BYTES]
+        while data:
+            if decoder.eof:
+                # A gzip stream is one or more members (RFC 1952); a zlib stream is one.
+                if wbits == _DEFLATE:
+                    raise MalformedRequest(f"the body is not one complete {coding.decode()} stream")
+                decoder = zlib.decompressobj(wbits)
+            try:
+                # Never more than the limit is inflated, however small the coded body.
+                part = decoder.decompress(data, limit + 1 - size)
+            except zlib.error as exc:
+                raise MalformedRequest(f"the body is not valid {coding.decode()} data") from exc
+            size += len(part)
+            if size > limit:
+                raise PayloadTooLarge(f"the body must be at most {limit} bytes once decoded")
+            parts.append(part)
+            # Under the limit, the slice was read whole: this is what follows a member's end.
+            data = decoder.unused_data
+    if not decoder.eof:
+        raise MalformedRequest(f"the body is not one complete {coding.decode()} stream")
+    return b"".join(parts)
 
 
 def _list_elements(value: bytes) -> list[bytes]:

@@ -722,15 +722,18 @@ class _Reader:
     def events_file_opens(self, path: Path) -> bool:
         """Whether the file sink can open ``path`` to append to it, else a problem noted:
         every delivery to it would fail and be retried until dead-lettered."""
-        if path.is_dir():
-            self.problem("events_file", f"must be a file, not the directory {path}")
-        elif not path.parent.is_dir():
-            self.problem(
-                "events_file",
-                f"must be a file in an existing directory: {path.parent} is not a directory",
-            )
-        else:
-            return True
+        try:
+            if path.is_dir():
+                problem = f"must be a file, not the directory {path}"
+            elif not path.parent.is_dir():
+                problem = (
+                    f"must be a file in an existing directory: {path.parent} is not a directory"
+                )
+            else:
+                return True
+        except OSError as exc:  # a directory on its way this user may not search (EACCES)
+            problem = f"cannot be reached ({path}): {exc.strerror}"
+        self.problem("events_file", problem)
         return False
 
     def _http_destination(
@@ -1090,9 +1093,14 @@ def _whole(value: Any) -> int:
     return int(value)
 
 
+# A token parameter's or a destination's name: letters, digits, '_' or '-', in ASCII
+# (``str.isalnum`` takes any script's), as the chart's schema and the SDKs check it.
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _is_name(text: str) -> bool:
-    """Letters, digits, '_' or '-', in ASCII: ``str.isalnum`` alone takes any script's."""
-    return text.isascii() and text.replace("_", "").replace("-", "").isalnum()
+    """Whether ``text`` is a name :data:`_NAME` matches whole (``_`` and ``-`` alone too)."""
+    return _NAME.fullmatch(text) is not None
 
 
 def _is_off(value: Any) -> bool:

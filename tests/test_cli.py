@@ -321,6 +321,17 @@ def refusal_at_start(url: str, said: str, *command: str) -> str:
     return line
 
 
+def test_a_password_for_a_redis_without_one_is_refused_at_start(
+    redis_server: RedisServer,
+) -> None:
+    """Found in review: Redis answers a password it has none for with "ERR AUTH <password>
+    called without any password configured", which was taken for a Redis that did not
+    answer yet: serve started and answered 503 for ever, as for a wrong password."""
+    url = f"redis://:not-it@127.0.0.1:{redis_server.port}/0"
+    line = refusal_at_start(url, "refused the credentials (no password configured)")
+    assert "not-it" not in line
+
+
 def test_a_cluster_url_on_a_node_without_cluster_mode_is_refused(
     redis_server: RedisServer,
 ) -> None:

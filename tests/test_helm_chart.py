@@ -1105,10 +1105,12 @@ def test_a_default_ttl_above_the_max_ttl_stops_the_render_as_the_service_refuses
         {"reclaimIdle": 2, "deliveryTimeout": 1, "batchMaxWait": 0},
         {"reclaimIdle": 11.1, "batchMaxWait": 0}, {"reclaimIdle": 11, "batchMaxWait": 0},
         {"reclaimIdle": None, "deliveryTimeout": None, "batchMaxWait": None},
+        # Found in review: without the outbox nothing is reclaimed, and the service takes it.
+        {"reclaimIdle": 5, "outbox": "off"},
     ],
 )  # fmt: skip
 def test_a_reclaim_sooner_than_a_batch_is_sent_stops_the_render_as_the_service_refuses_it(
-    config: dict[str, float | None],
+    config: dict[str, float | str | None],
 ) -> None:
     """Another forwarder reclaiming a batch's entries before it is filled and sent (and a
     keep-alive second) sends it a second time: the service refuses such settings at

@@ -1,5 +1,6 @@
 """Settings from the environment and files, and the checks that fail fast at start."""
 
+import errno
 import json
 import re
 import ssl
@@ -351,6 +352,23 @@ def test_an_events_file_that_cannot_be_opened_is_refused(tmp_path: Path) -> None
     for path in (tmp_path / "events.jsonl", plain, "events.jsonl"):
         settings = load_settings({"IDENTITY_EVENTS_FILE": str(path)})
         assert [d.path for d in settings.outbox.destinations] == [str(path)]
+
+
+def test_an_events_file_this_user_cannot_reach_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: a directory on the way that the service's user may not search
+    (EACCES, which pathlib's is_dir raises) made every command a PermissionError traceback
+    at start, not a problem of the settings. (Root searches any directory: simulated.)"""
+
+    def refused(_path: Path) -> bool:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(Path, "is_dir", refused)
+    path = tmp_path / "locked" / "events.jsonl"
+    assert problems_of({"IDENTITY_EVENTS_FILE": str(path)}) == [
+        f"IDENTITY_EVENTS_FILE cannot be reached ({path}): Permission denied"
+    ]
 
 
 def test_destinations_from_a_file(tmp_path: Path) -> None:
@@ -1499,6 +1517,20 @@ def test_a_host_name_no_dns_name_can_be_is_refused_wherever_a_host_is_read(host:
 def test_a_host_name_at_dns_limits_is_taken_wherever_a_host_is_read(host: str) -> None:
     for environ, bind in where_hosts_are_read(host):
         load_settings(environ, host=bind)
+
+
+@pytest.mark.parametrize("name", ["_", "-", "__", "_-_"])
+def test_a_token_parameter_or_destination_name_of_only_underscores_or_hyphens_is_taken(
+    name: str,
+) -> None:
+    """Found in review: refused as not "letters, digits, '_' or '-'" (the check dropped
+    them and asked str.isalnum of nothing), though the chart's schema, the SDKs and
+    identity.js take them as IDENTITY_TOKEN_PARAM's rule: the chart rendered what the
+    service then refused at start."""
+    assert load_settings({"IDENTITY_TOKEN_PARAM": name}).token_param == name
+    destinations = json.dumps({name: {"url": "https://api.segment.io/v1/batch", "write_key": "k"}})
+    settings = load_settings({"IDENTITY_DESTINATIONS": destinations})
+    assert [d.name for d in settings.outbox.destinations] == [name]
 
 
 @pytest.mark.parametrize("name", ["hand\u00e9", "\u0663\u0664", "token\u00b2", "\uff21"])

@@ -266,8 +266,16 @@ class UnusableRedis(Exception):
     does not match what the Redis is, or Redis refuses its credentials."""
 
 
-# Redis's answers to a wrong or missing password (Redis 6+; "invalid password" before).
-_REFUSED_CREDENTIALS = ("WRONGPASS", "NOAUTH", "ERR invalid password")
+# Redis's answers to a wrong or missing password (Redis 6+; "invalid password" before), and
+# to a password it has none for (Redis 6+; "Client sent AUTH" before): each an error's start,
+# and what a message says of it (never the error's text, which may one day quote the URL's).
+_REFUSED_CREDENTIALS = {
+    "WRONGPASS": "WRONGPASS",
+    "NOAUTH": "NOAUTH",
+    "ERR invalid password": "invalid password",
+    "ERR AUTH <password> called without any password configured": "no password configured",
+    "ERR Client sent AUTH, but no password is set": "no password configured",
+}
 
 
 async def check_reachable(settings: RedisSettings) -> None:
@@ -277,7 +285,8 @@ async def check_reachable(settings: RedisSettings) -> None:
     requests would fail on most keys (MOVED) or on every command; so does a Cluster URL
     whose nodes are not in Cluster mode, and a Sentinel URL naming a node that answers and
     is not a sentinel (sentinels that do not answer are StoreUnavailable: they may be
-    starting); so do credentials Redis refuses (WRONGPASS, NOAUTH).
+    starting); so do credentials Redis refuses (WRONGPASS, NOAUTH, a password it has none
+    for).
     """
     if settings.topology == "sentinel":
         await _check_sentinels(settings)
@@ -292,11 +301,12 @@ async def check_reachable(settings: RedisSettings) -> None:
                 "redis://<host:port>/<db> (one node) or redis+sentinel://"
             ) from exc
         refused = next((str(e) for e in (exc, exc.__cause__) if isinstance(e, ReplyError)), "")
-        if refused.startswith(_REFUSED_CREDENTIALS):
+        said = next((s for e, s in _REFUSED_CREDENTIALS.items() if refused.startswith(e)), None)
+        if said is not None:
             # The credentials never change in a running process: it would answer 503 for ever.
             raise UnusableRedis(
-                f"{settings.address} refused the credentials ({refused.split()[0]}): set the "
-                "user and password Redis expects in the URL"
+                f"{settings.address} refused the credentials ({said}): set the user and "
+                "password Redis expects in the URL"
             ) from exc
         raise StoreUnavailable(_describe(settings.address, exc)) from exc
     finally:
