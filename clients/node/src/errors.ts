@@ -150,7 +150,8 @@ const BY_SLUG: Record<string, ErrorClass> = {
 
 // RFC 9110 10.2.3: Retry-After is delay-seconds (1*DIGIT) or an HTTP-date (5.6.7), which a
 // recipient reads in all three of its forms: IMF-fixdate, and the obsolete RFC 850 and
-// asctime forms; all in UTC. The Python SDK reads the same (identity_client/_base.py).
+// asctime forms; all in UTC. The Python SDK reads these forms too, with email.utils (which
+// also takes a few others, such as a numeric zone).
 // Date.parse is not used: it reads "1.5" or "-3" as dates of 2001, and asctime's in local time.
 const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
 const DAY = "(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)";
