@@ -95,8 +95,8 @@ export interface HandoffMiddlewareOptions {
   /**
    * The public origin of this site (`https://checkout.example-pay.com`), used for the page
    * URL in the exchange's context. Default: from the request (Express's `req.protocol`, or
-   * the socket, and the `Host` header). Not an http(s) URL: a ConfigurationError from
-   * `handoffMiddleware`.
+   * the socket, and the `Host` header). Not an http(s) origin (one with user information,
+   * a path, a query or a fragment too): a ConfigurationError from `handoffMiddleware`.
    */
   publicOrigin?: string;
   /**
@@ -271,7 +271,10 @@ function unfitPrefix(name: string, secure: boolean, path: string, domain: string
 /**
  * Refuses, when the middleware is made, a `publicOrigin` that is no http(s) URL: the page
  * URL could not be made from it, and every handoff request went on to the handler as it
- * was, its token never exchanged and left in the address bar.
+ * was, its token never exchanged and left in the address bar; and one that is more than
+ * an origin: user information (`user:pw@`) went as given into the page URL sent with
+ * every exchange; a path, a query or a fragment, which no page URL kept, was taken
+ * silently. The value itself is not shown (it may hold credentials), as `baseUrl` is not.
  */
 function checkPublicOrigin(publicOrigin: unknown): void {
   if (publicOrigin == null || publicOrigin === "") return;
@@ -283,7 +286,22 @@ function checkPublicOrigin(publicOrigin: unknown): void {
   }
   if (url === null || (url.protocol !== "http:" && url.protocol !== "https:") || !url.hostname) {
     throw new ConfigurationError(
-      `handoffMiddleware: publicOrigin ${JSON.stringify(publicOrigin)} is not an http:// or https:// origin ` +
+      "handoffMiddleware: publicOrigin is not an http:// or https:// origin " +
+        "(e.g. https://checkout.example-pay.com)",
+    );
+  }
+  const text = publicOrigin as string;
+  // "@" cannot stand in an origin: `https://@host` has user information, though empty.
+  if (url.username || url.password || text.includes("@")) {
+    throw new ConfigurationError(
+      "handoffMiddleware: publicOrigin holds user info (user:password@): give the origin alone " +
+        "(e.g. https://checkout.example-pay.com)",
+    );
+  }
+  // `new URL` drops an empty query or fragment (`?`, `#`): the text is read for them.
+  if (url.pathname !== "/" || text.includes("?") || text.includes("#")) {
+    throw new ConfigurationError(
+      "handoffMiddleware: publicOrigin has a path, a query or a fragment: give the origin alone " +
         "(e.g. https://checkout.example-pay.com)",
     );
   }

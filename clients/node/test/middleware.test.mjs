@@ -572,6 +572,37 @@ describe("handoffMiddleware's publicOrigin", () => {
     });
   }
 
+  // Anything but an origin: user information went, as given, into the page URL sent with
+  // every exchange; a path, a query or a fragment, which no page URL kept, was taken
+  // silently. And the value, which may hold credentials, is not quoted (as baseUrl's).
+  for (const publicOrigin of [
+    "https://user:pw@shop.example-secret.com",
+    "https://user@shop.example-secret.com",
+    "https://:pw@shop.example-secret.com",
+    "https://@shop.example-secret.com",
+    "https://shop.example-secret.com/shop",
+    "https://shop.example-secret.com?x=1",
+    "https://shop.example-secret.com/?",
+    "https://shop.example-secret.com#top",
+  ]) {
+    test(`${publicOrigin} is a ConfigurationError that does not quote it`, () => {
+      assert.throws(() => handoffMiddleware(client, { publicOrigin }), (error) => {
+        assert.ok(error instanceof ConfigurationError);
+        assert.match(error.message, /publicOrigin/);
+        assert.ok(!error.message.includes("shop.example-secret.com"), error.message);
+        return true;
+      });
+    });
+  }
+
+  test("a refused value is not quoted in the error", () => {
+    assert.throws(() => handoffMiddleware(client, { publicOrigin: "ftp://secret-host.example" }), (error) => {
+      assert.ok(error instanceof ConfigurationError);
+      assert.ok(!error.message.includes("secret-host"), error.message);
+      return true;
+    });
+  });
+
   test("an origin is the page URL's", async () => {
     const real = new IdentityClient({ baseUrl: service.url, writeKey: WRITE_KEY });
     const checkout = await startCheckout(real, { publicOrigin: "https://checkout.example-pay.com/", event: "Origin Landed" });
