@@ -373,6 +373,10 @@ LANDINGS: dict[str, Landing] = {
     ),
     "empty-label": Landing("init", {"cookieDomain": f"pay..{PARENT_DOMAIN}"}, "cookieDomain"),
     "space": Landing("tag", {"cookieDomain": f"{PARENT_DOMAIN} x"}, "cookieDomain"),
+    # A single label or an IP address: browsers set no Domain cookie for either (the
+    # visitor cookie was never set), so ignored, the cookie host-only.
+    "single-label": Landing("init", {"cookieDomain": ".test"}, "cookieDomain"),
+    "ip-address": Landing("tag", {"cookieDomain": "127.0.0.1"}, "cookieDomain"),
     # Cookie names: a token (RFC 6265), or the default.
     "name-init": Landing("init", {"cookieName": "ajs_id"}, name="ajs_id"),
     "name-tag": Landing("tag", {"cookieName": "ajs.id"}, name="ajs.id"),

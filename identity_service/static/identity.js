@@ -59,8 +59,11 @@
   var ONE_SHOT = "identityHandoffDecorating";
   var MAX_TIMER = 2147483647;  // setTimeout fires at once after a longer delay
   // A cookie's Domain: a domain name, its leading dot allowed; labels of letters, digits,
-  // "-" (not at either end) and "_", 63 characters at most, 253 in all (as the SDKs' check).
+  // "-" (not at either end) and "_", 63 characters at most, 253 in all; two labels at least,
+  // the last no number (NUMBER: an IPv4 address to a browser), as browsers set no Domain
+  // cookie for a single label (localhost, .com) or an IP address (as the SDKs' check).
   var DOMAIN_LABEL = /^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$/;
+  var NUMBER = /^(?:[0-9]+|0[xX][0-9A-Fa-f]*)$/;
   // A cookie's name: a token (RFC 6265 4.1.1), as the SDKs' check.
   var COOKIE_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
   var MAX_COOKIE_AGE = 400 * 24 * 3600;  // browsers cut a longer Max-Age to 400 days
@@ -101,7 +104,8 @@
         "\"_\" or \"-\"); the parameter is " + DEFAULTS.param);
     }
     if (merged.cookieDomain && !isCookieDomain(merged.cookieDomain)) {
-      ignore(merged, "cookieDomain", "is not a domain name; the cookie is host-only");
+      ignore(merged, "cookieDomain", "is not a domain name browsers set a cookie for (no single label, no IP " +
+        "address); the cookie is host-only");
     }
     if (typeof merged.cookieName !== "string" || !COOKIE_NAME.test(merged.cookieName)) {
       ignore(merged, "cookieName", "is not a cookie name (a token: no space, \";\", \",\" or \"=\"); " +
@@ -160,6 +164,7 @@
     if (typeof domain !== "string") { return false; }
     var name = domain.charAt(0) === "." ? domain.slice(1) : domain;
     var labels = name.split(".");
+    if (labels.length < 2 || NUMBER.test(labels[labels.length - 1])) { return false; }
     for (var i = 0; i < labels.length; i++) {
       if (!DOMAIN_LABEL.test(labels[i])) { return false; }
     }

@@ -95,8 +95,8 @@ export interface HandoffMiddlewareOptions {
   /**
    * The public origin of this site (`https://checkout.example-pay.com`), used for the page
    * URL in the exchange's context. Default: from the request (Express's `req.protocol`, or
-   * the socket, and the `Host` header). Not an http(s) URL: a ConfigurationError from
-   * `handoffMiddleware`.
+   * the socket, and the `Host` header). Not an http(s) origin (one with user information,
+   * a path, a query or a fragment too): a ConfigurationError from `handoffMiddleware`.
    */
   publicOrigin?: string;
   /**
@@ -151,15 +151,26 @@ export function readCookie(req: MiddlewareRequest, name: string): string | undef
 
 // A cookie's Domain (RFC 6265 5.2.3): a domain name, its leading dot allowed; labels of
 // letters, digits, '-' (not at either end) and '_', 63 characters at most, 253 in all. The
-// Python middlewares and identity.js check the same.
+// Python middlewares and identity.js check the same. Two labels at least, the last no
+// number (NUMBER: to a browser, a name whose last label is one is an IPv4 address):
+// browsers set no Domain cookie for a single label (localhost, .com) or an IP address, as
+// the service's AMP cookie.domain refuses them. A public suffix of more labels (co.uk) is
+// not checked.
 const DOMAIN_LABEL = /^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$/;
+const NUMBER = /^(?:[0-9]+|0[xX][0-9A-Fa-f]*)$/;
 const MAX_DOMAIN = 253;
 
 /** Whether `domain` can be a cookie's `Domain` as it is. */
 function isCookieDomain(domain: unknown): boolean {
   if (typeof domain !== "string") return false;
   const name = domain.startsWith(".") ? domain.slice(1) : domain;
-  return name.length <= MAX_DOMAIN && name.split(".").every((label) => DOMAIN_LABEL.test(label));
+  const labels = name.split(".");
+  return (
+    name.length <= MAX_DOMAIN &&
+    labels.length > 1 &&
+    labels.every((label) => DOMAIN_LABEL.test(label)) &&
+    !NUMBER.test(labels[labels.length - 1])
+  );
 }
 
 // A cookie's name (RFC 6265 4.1.1): a token, RFC 9110's tchar; a cookie's Path: any
@@ -194,8 +205,9 @@ function checkOptions(options: HandoffMiddlewareOptions): void {
   }
   if (options.cookieDomain && !isCookieDomain(options.cookieDomain)) {
     refuse(
-      `cookieDomain ${JSON.stringify(options.cookieDomain)} is not a domain name ` +
-        "(e.g. .example-pay.com; an internationalized one in its xn-- form)",
+      `cookieDomain ${JSON.stringify(options.cookieDomain)} is not a domain name browsers set a cookie for ` +
+        "(e.g. .example-pay.com; an internationalized one in its xn-- form; no single label such as " +
+        "localhost, no IP address)",
     );
   }
   for (const option of ["cookieName", "carryCookieName"] as const) {
@@ -259,7 +271,10 @@ function unfitPrefix(name: string, secure: boolean, path: string, domain: string
 /**
  * Refuses, when the middleware is made, a `publicOrigin` that is no http(s) URL: the page
  * URL could not be made from it, and every handoff request went on to the handler as it
- * was, its token never exchanged and left in the address bar.
+ * was, its token never exchanged and left in the address bar; and one that is more than
+ * an origin: user information (`user:pw@`) went as given into the page URL sent with
+ * every exchange; a path, a query or a fragment, which no page URL kept, was taken
+ * silently. The value itself is not shown (it may hold credentials), as `baseUrl` is not.
  */
 function checkPublicOrigin(publicOrigin: unknown): void {
   if (publicOrigin == null || publicOrigin === "") return;
@@ -271,7 +286,22 @@ function checkPublicOrigin(publicOrigin: unknown): void {
   }
   if (url === null || (url.protocol !== "http:" && url.protocol !== "https:") || !url.hostname) {
     throw new ConfigurationError(
-      `handoffMiddleware: publicOrigin ${JSON.stringify(publicOrigin)} is not an http:// or https:// origin ` +
+      "handoffMiddleware: publicOrigin is not an http:// or https:// origin " +
+        "(e.g. https://checkout.example-pay.com)",
+    );
+  }
+  const text = publicOrigin as string;
+  // "@" cannot stand in an origin: `https://@host` has user information, though empty.
+  if (url.username || url.password || text.includes("@")) {
+    throw new ConfigurationError(
+      "handoffMiddleware: publicOrigin holds user info (user:password@): give the origin alone " +
+        "(e.g. https://checkout.example-pay.com)",
+    );
+  }
+  // `new URL` drops an empty query or fragment (`?`, `#`): the text is read for them.
+  if (url.pathname !== "/" || text.includes("?") || text.includes("#")) {
+    throw new ConfigurationError(
+      "handoffMiddleware: publicOrigin has a path, a query or a fragment: give the origin alone " +
         "(e.g. https://checkout.example-pay.com)",
     );
   }

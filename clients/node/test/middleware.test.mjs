@@ -405,6 +405,16 @@ describe("handoffMiddleware's cookieDomain", () => {
     `${"a".repeat(64)}.test`,
     `${`${"a".repeat(60)}.`.repeat(5)}test`,
     5,
+    // Browsers set no Domain cookie for a single label or an IP address: the visitor
+    // cookie was never set (the service's AMP cookie.domain refuses them too).
+    "localhost",
+    ".com",
+    "com",
+    "127.0.0.1",
+    ".127.0.0.1",
+    "shop.0x7f",
+    "[::1]",
+    "::1",
   ];
   for (const cookieDomain of INVALID) {
     test(`${JSON.stringify(cookieDomain).slice(0, 40)} is a ConfigurationError when the middleware is made`, () => {
@@ -416,7 +426,7 @@ describe("handoffMiddleware's cookieDomain", () => {
     });
   }
 
-  for (const cookieDomain of [".example-pay.com", "checkout.localhost", "localhost", "127.0.0.1", "xn--bcher-kva.example"]) {
+  for (const cookieDomain of [".example-pay.com", "checkout.localhost", "10.localhost", "xn--bcher-kva.example"]) {
     test(`${cookieDomain} is written as given`, async () => {
       const real = new IdentityClient({ baseUrl: service.url, writeKey: WRITE_KEY });
       const checkout = await startCheckout(real, { cookieDomain });
@@ -561,6 +571,37 @@ describe("handoffMiddleware's publicOrigin", () => {
       });
     });
   }
+
+  // Anything but an origin: user information went, as given, into the page URL sent with
+  // every exchange; a path, a query or a fragment, which no page URL kept, was taken
+  // silently. And the value, which may hold credentials, is not quoted (as baseUrl's).
+  for (const publicOrigin of [
+    "https://user:pw@shop.example-secret.com",
+    "https://user@shop.example-secret.com",
+    "https://:pw@shop.example-secret.com",
+    "https://@shop.example-secret.com",
+    "https://shop.example-secret.com/shop",
+    "https://shop.example-secret.com?x=1",
+    "https://shop.example-secret.com/?",
+    "https://shop.example-secret.com#top",
+  ]) {
+    test(`${publicOrigin} is a ConfigurationError that does not quote it`, () => {
+      assert.throws(() => handoffMiddleware(client, { publicOrigin }), (error) => {
+        assert.ok(error instanceof ConfigurationError);
+        assert.match(error.message, /publicOrigin/);
+        assert.ok(!error.message.includes("shop.example-secret.com"), error.message);
+        return true;
+      });
+    });
+  }
+
+  test("a refused value is not quoted in the error", () => {
+    assert.throws(() => handoffMiddleware(client, { publicOrigin: "ftp://secret-host.example" }), (error) => {
+      assert.ok(error instanceof ConfigurationError);
+      assert.ok(!error.message.includes("secret-host"), error.message);
+      return true;
+    });
+  });
 
   test("an origin is the page URL's", async () => {
     const real = new IdentityClient({ baseUrl: service.url, writeKey: WRITE_KEY });

@@ -379,8 +379,10 @@ MAX_SECONDS = (2**31 - 1) / 1000
 
 def _seconds(value: object, *, positive: bool = False) -> bool:
     """Whether ``value`` is a number of seconds from 0 (over 0 when ``positive``) to
-    ``MAX_SECONDS``."""
-    if not isinstance(value, int | float) or not value <= MAX_SECONDS:  # NaN is not either
+    ``MAX_SECONDS``: not a bool (an int to Python, True would be 1 s; Node refuses it)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    if not value <= MAX_SECONDS:  # NaN is not either
         return False
     return value > 0 if positive else value >= 0
 
@@ -389,8 +391,8 @@ def _check_retry_settings(max_retries: object, backoff_base: object, backoff_max
     """Refuse, when the client is made, what would fail or misbehave only at a prepare's
     retry: a negative or NaN delay (``time.sleep`` raises ``ValueError``, ``asyncio.sleep``
     waits no time), an infinite or huge one (a wait without end, or ``OverflowError``), a
-    count that is not a whole number."""
-    if not isinstance(max_retries, int) or max_retries < 0:
+    count that is not a whole number (a bool is none here)."""
+    if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
         raise ConfigurationError("max_retries must be a whole number, 0 or more")
     for name, seconds in (("backoff_base", backoff_base), ("backoff_max", backoff_max)):
         if not _seconds(seconds):

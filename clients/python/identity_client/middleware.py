@@ -98,8 +98,12 @@ _COOKIE_SAFE = "!#$&'()*+-./:<=>?@[]^_`{|}~"
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 # A cookie's Domain (RFC 6265 5.2.3): a domain name, its leading dot allowed; labels of
 # letters, digits, '-' (not at either end) and '_', 63 characters at most, 253 in all. The
-# Node middleware and identity.js check the same.
+# Node middleware and identity.js check the same. Two labels at least, the last no number
+# (_NUMBER: to a browser, a name whose last label is one is an IPv4 address): browsers set
+# no Domain cookie for a single label (localhost, .com) or an IP address, as the service's
+# AMP cookie.domain refuses them. A public suffix of more labels (co.uk) is not checked.
 _DOMAIN_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+_NUMBER = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")
 _MAX_DOMAIN = 253
 # A cookie's name (RFC 6265 4.1.1): a token, RFC 9110's tchar; a cookie's Path: any
 # printable ASCII but ';', starting with '/' (5.2.4: a browser ignores any other Path and
@@ -142,8 +146,9 @@ class MiddlewareSettings:
             )
         if self.cookie_domain and not _is_cookie_domain(self.cookie_domain):
             raise ConfigurationError(
-                f"cookie_domain {self.cookie_domain!r} is not a domain name "
-                "(e.g. .example-pay.com; an internationalized one in its xn-- form)"
+                f"cookie_domain {self.cookie_domain!r} is not a domain name browsers set "
+                "a cookie for (e.g. .example-pay.com; an internationalized one in its "
+                "xn-- form; no single label such as localhost, no IP address)"
             )
         for setting, name in (
             ("cookie_name", self.cookie_name),
@@ -350,8 +355,12 @@ def _is_cookie_domain(domain: object) -> bool:
     if not isinstance(domain, str):
         return False
     name = domain.removeprefix(".")
-    return len(name) <= _MAX_DOMAIN and all(
-        _DOMAIN_LABEL.fullmatch(label) for label in name.split(".")
+    labels = name.split(".")
+    return (
+        len(name) <= _MAX_DOMAIN
+        and len(labels) > 1
+        and all(_DOMAIN_LABEL.fullmatch(label) for label in labels)
+        and not _NUMBER.fullmatch(labels[-1])
     )
 
 

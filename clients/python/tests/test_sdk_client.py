@@ -331,6 +331,11 @@ INVALID_RETRY_SETTINGS: list[dict[str, Any]] = [
     {"max_retries": -1},
     {"max_retries": 1.5},
     {"max_retries": "2"},
+    # A bool is an int to Python: True was 1 s (or 1 retry), False 0 (Node refuses both).
+    {"max_retries": True},
+    {"max_retries": False},
+    {"backoff_base": True},
+    {"backoff_max": False},
 ]
 
 
@@ -361,6 +366,9 @@ INVALID_TIMEOUTS: list[object] = [
     httpx.Timeout(5.0, pool=0),
     1e10,  # over what a socket or a sleep can wait: a raw OverflowError at every call
     httpx.Timeout(5.0, read=1e300),
+    True,  # a bool is an int to Python: a timeout of 1 s (Node refuses it)
+    False,
+    httpx.Timeout(5.0, connect=True),
 ]
 
 

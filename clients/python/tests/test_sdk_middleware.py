@@ -433,6 +433,16 @@ INVALID_COOKIE_DOMAINS = [
     "a" * 64 + ".test",  # a label over 63 characters
     ("a" * 60 + ".") * 5 + "test",  # over 253 characters
     5,
+    # Browsers set no Domain cookie for a single label or an IP address: the visitor cookie
+    # was never set (the service's AMP cookie.domain refuses them too).
+    "localhost",
+    ".com",
+    "com",
+    "127.0.0.1",
+    ".127.0.0.1",
+    "shop.0x7f",  # a last label that is a number: an IPv4 address to a browser
+    "[::1]",
+    "::1",
 ]
 
 
@@ -465,8 +475,8 @@ def test_an_invalid_cookie_domain_is_refused_when_the_middleware_is_made(
     [
         ".example-pay.com",
         "checkout.example-pay.com",
-        "localhost",
-        "127.0.0.1",
+        "checkout.localhost",
+        "10.example-pay.com",  # a number in a label but the last
         "xn--bcher-kva.example",
     ],
 )
