@@ -480,7 +480,6 @@ export function handoffMiddleware(
       res.statusCode = 303;
       res.setHeader("Location", location);
       res.setHeader("Cache-Control", "no-store");
-      res.setHeader("Referrer-Policy", "no-referrer");
       res.setHeader("Content-Length", 0);
       res.end();
     };

@@ -124,6 +124,9 @@ describe("handoffMiddleware", () => {
     assert.equal(answer.status, 303);
     assert.equal(answer.headers.location, "/cart?step=1&coupon=x");
     assert.equal(answer.headers["cache-control"], "no-store");
+    // No Referrer-Policy: the 303's own URL (with the token) is never a referrer, and
+    // no-referrer would take the landing page's referrer (the shop) away.
+    assert.equal(answer.headers["referrer-policy"], undefined);
     const cookie = cookieOf(answer);
     assert.equal(cookie.name, "ajs_anonymous_id");
     assert.equal(cookie.value, "visitor-from-shop");
