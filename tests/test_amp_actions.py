@@ -25,6 +25,7 @@ from identity_service.amp import forms, webhooks
 from identity_service.amp.config import AmpSettings
 from identity_service.amp.context import AMP
 from identity_service.app import create_app
+from identity_service.crypto import Token
 from identity_service.problems import PayloadTooLarge
 from identity_service.settings import Settings
 from tests.conftest import AppClient, FrontTestServer
@@ -279,6 +280,39 @@ async def test_a_landing_that_waited_for_a_failed_one_applies_the_action_itself(
     assert [call["id"] for call in receiver.calls] == [receiver.calls[0]["id"]] * 4
     assert receiver.applications == 1
     assert metric(client, "identity_amp_hops_total", action="add-to-cart", stage="waited") == 1
+
+
+async def test_a_landing_that_finds_the_hop_leased_past_its_wait_answers_503(
+    amp_client: AmpClient, receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lease that outlives the landing's wait (here the memory store's clock stands still,
+    as when yet another landing leased the hop again meanwhile): 503 action-in-progress with
+    Retry-After, no cookie, the webhook not called, the hop left for a later landing."""
+    client = await amp_client()
+    store = client.app[AMP].store
+    if not hasattr(store, "_clock"):
+        pytest.skip("the memory store's clock is driven; a Redis lease's expiry is Redis's own")
+    complete = await hop(client)
+    token = Token.parse(parse_qs(urlsplit(complete).query)["token"][0])
+    assert token is not None
+    lookup_id = client.app[AMP].action_sealer.lookup_id(token)
+    now = store._clock()
+    monkeypatch.setattr(store, "_clock", lambda: now)
+    leased = await store.claim(lookup_id, b"another landing", 0.3)
+    assert leased is not None and leased.claimed
+    started = time.monotonic()
+    busy = await client.get(complete, allow_redirects=False)
+    assert 0.3 <= time.monotonic() - started < 1.5  # it waited the lease's life, no longer
+    assert busy.status == 503, await busy.text()
+    assert busy.content_type == "application/problem+json"
+    assert (await busy.json(content_type=None))["type"].endswith(":action-in-progress")
+    assert busy.headers["Retry-After"] == "1"
+    assert "Set-Cookie" not in busy.headers
+    assert receiver.calls == []
+    monkeypatch.undo()  # the store's time moves on, the lease ends: a reload applies the hop
+    landing = await client.get(complete, allow_redirects=False)
+    assert (landing.status, landing.headers["Location"]) == (303, DONE_URL)
+    assert receiver.applications == 1
 
 
 async def eventually_called(receiver: WebhookReceiver) -> None:
