@@ -324,9 +324,10 @@ async def _wait_for_lease(
     ctx: AmpContext, lookup_id: bytes, lease: bytes, seconds: float, left: float
 ) -> Claim | None:
     """Wait, asking the store again and again, until the lease another landing holds on a
-    hop ends: the hop settled (None), or left usable and now leased to this landing. The
-    lease ``left`` seconds to live, this waits no longer than that, then answers
-    ActionInProgress (503 with Retry-After) if yet another landing leased the hop."""
+    hop ends: the hop settled (None), or left usable and now leased to this landing. That
+    lease had ``left`` seconds to live when first seen: this waits no longer (one pause
+    more, for clocks), then answers ActionInProgress (503 with Retry-After) if yet another
+    landing leased the hop meanwhile."""
     deadline = time.monotonic() + left + AMP_LEASE_POLL_SECONDS
     pause = AMP_LEASE_POLL_SECONDS
     while True:
