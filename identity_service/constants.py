@@ -72,6 +72,14 @@ MAX_EVENT_BYTES: Final = 32 * 1024
 SENT_AT_BYTES: Final = 36
 BATCH_FRAMING_BYTES: Final = 12
 
+# An origin hop's lease outlives its landing's bounded wait for the webhook by this much: the
+# time to settle the call in the store afterwards (a write within the Redis timeout).
+AMP_LEASE_MARGIN_SECONDS: Final = 2.0
+# A landing that finds another landing of its hop in flight asks again after this long at
+# first, doubling up to the longest.
+AMP_LEASE_POLL_SECONDS: Final = 0.05
+AMP_LEASE_POLL_MAX_SECONDS: Final = 0.5
+
 # Handoffs spread over this many shards by default (``IDENTITY_REDIS_SHARDS``).
 KEY_SHARDS: Final = 16
 MAX_KEY_SHARDS: Final = 1024
@@ -121,6 +129,12 @@ def _tag_of(random_id: bytes, shards: int) -> str:
 def handoff_key(prefix: str, lookup_id: bytes, shards: int = KEY_SHARDS) -> str:
     """The Redis key of one handoff: prefix, a Cluster hash tag, then the lookup id."""
     return f"{prefix}{{{_tag_of(lookup_id, shards)}}}:handoff:{lookup_id.hex()}"
+
+
+def lease_key(prefix: str, lookup_id: bytes, shards: int = KEY_SHARDS) -> str:
+    """The lease of an AMP action's record (an origin hop's landing in flight): the hash tag
+    of the record's ``handoff_key``, so one script reads the record and sets its lease."""
+    return f"{prefix}{{{_tag_of(lookup_id, shards)}}}:lease:{lookup_id.hex()}"
 
 
 def outbox_key(prefix: str, shard: int, shards: int = KEY_SHARDS) -> str:

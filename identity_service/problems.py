@@ -144,10 +144,8 @@ ACCEPTED_BODY_TYPE = "application/json"
 ACCEPTED_CONTENT_CODINGS = "gzip, deflate"
 
 
-class ServiceUnavailable(Problem):
-    status = 503
-    slug = "service-unavailable"
-    title = "A dependency of the service is unavailable"
+class RetryLater(Problem):
+    """A problem whose request may succeed if sent again after ``retry_after`` seconds."""
 
     def __init__(self, detail: str, retry_after: int) -> None:
         super().__init__(detail)
@@ -155,6 +153,12 @@ class ServiceUnavailable(Problem):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
+
+
+class ServiceUnavailable(RetryLater):
+    status = 503
+    slug = "service-unavailable"
+    title = "A dependency of the service is unavailable"
 
 
 class HttpError(Problem):
@@ -232,17 +236,10 @@ class UnknownAction(Problem):
     title = "No such AMP action"
 
 
-class RateLimited(Problem):
+class RateLimited(RetryLater):
     status = 429
     slug = "rate-limited"
     title = "Too many requests"
-
-    def __init__(self, detail: str, retry_after: int) -> None:
-        super().__init__(detail)
-        self.retry_after = retry_after
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)}
 
 
 # What an AMP action's 415 names as taken.
@@ -264,6 +261,15 @@ class UnsupportedFormType(Problem):
 
     def headers(self) -> dict[str, str]:
         return {"Accept-Post": FORM_BODY_TYPES}
+
+
+class ActionInProgress(RetryLater):
+    """An origin hop's landing while another landing of the hop holds its lease (its webhook
+    call in flight) past the time this one waited for it: try again after ``retry_after``."""
+
+    status = 503
+    slug = "action-in-progress"
+    title = "Another landing of this action is being applied"
 
 
 class ActionNotApplied(Problem):

@@ -25,6 +25,7 @@ from identity_service.amp import forms, webhooks
 from identity_service.amp.config import AmpSettings
 from identity_service.amp.context import AMP
 from identity_service.app import create_app
+from identity_service.crypto import Token
 from identity_service.problems import PayloadTooLarge
 from identity_service.settings import Settings
 from tests.conftest import AppClient, FrontTestServer
@@ -225,25 +226,102 @@ async def test_cache_without_cookie_hops_to_the_origin_once(
     assert metric(client, "identity_amp_hops_total", action="add-to-cart", stage="missed") == 2
 
 
-async def test_two_landings_at_the_same_moment_call_the_webhook_alike_and_set_one_id(
+async def concurrent_landings(client: AppClient, complete: str, count: int) -> list[Any]:
+    """``count`` landings of ``complete`` sent at the same moment, without a cookie."""
+    return list(
+        await asyncio.gather(*(client.get(complete, allow_redirects=False) for _ in range(count)))
+    )
+
+
+async def test_landings_at_the_same_moment_call_the_webhook_once_and_set_one_id(
     amp_client: AmpClient, receiver: WebhookReceiver
 ) -> None:
-    """Both read the hop before either uses it up (the webhook holds each call until both
-    came): both call it, with the one id and now the one visitor id sealed in the hop, so
-    the receiver's deduplication on id makes them one; both set that id's cookie."""
+    """The first landing leases the hop with its read; the others, finding the lease live,
+    wait for its outcome (the webhook answers slowly) instead of calling it too, then land
+    on done_url with the hop's one visitor id."""
     client = await amp_client()
     complete = await hop(client)
-    receiver.barrier = asyncio.Barrier(2)
-    landings = await asyncio.gather(
-        *(client.get(complete, allow_redirects=False) for _ in range(2))
-    )
-    assert [landing.status for landing in landings] == [303, 303]
+    receiver.delay = 0.3  # within webhook_timeout (0.5 s): one slow, successful attempt
+    landings = await concurrent_landings(client, complete, 3)
+    assert [landing.status for landing in landings] == [303, 303, 303]
+    assert {landing.headers["Location"] for landing in landings} == {DONE_URL}
     cookies = {set_cookie_value(landing) for landing in landings}
-    assert len(receiver.calls) == 2
-    assert {(call["id"], call["anonymousId"]) for call in receiver.calls} == {
-        (receiver.calls[0]["id"], *cookies)
+    assert len(cookies) == 1
+    assert len(receiver.calls) == 1
+    [call] = receiver.calls
+    assert (call["anonymousId"], call["fields"]) == (*cookies, FIELDS)
+    stages = {
+        stage: metric(client, "identity_amp_hops_total", action="add-to-cart", stage=stage)
+        for stage in ("completed", "waited", "missed")
     }
+    assert stages == {"completed": 1, "waited": 2, "missed": 0}
+    # Used up: a reload lands with nothing sent again.
+    again = await client.get(complete, allow_redirects=False)
+    assert (again.status, again.headers["Location"]) == (303, DONE_URL)
+    assert len(receiver.calls) == 1
+
+
+async def test_a_landing_that_waited_for_a_failed_one_applies_the_action_itself(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    """With the outbox off the first landing's failure (500, slowly, to each attempt) leaves
+    the token usable and ends its lease: the landing that waited for it (the browser's
+    reload) calls the webhook itself, after it, with the same id, and is applied."""
+    client = await amp_client(env={"outbox": "off"})
+    complete = await hop(client)
+    receiver.delay = 0.1
+    receiver.replies = [500, 500, 500]
+    first = asyncio.ensure_future(client.get(complete, allow_redirects=False))
+    await eventually_called(receiver)
+    second = await client.get(complete, allow_redirects=False)
+    failed = await first
+    assert failed.status == 502, await failed.text()
+    assert second.status == 303, await second.text()
+    assert [call["id"] for call in receiver.calls] == [receiver.calls[0]["id"]] * 4
     assert receiver.applications == 1
+    assert metric(client, "identity_amp_hops_total", action="add-to-cart", stage="waited") == 1
+
+
+async def test_a_landing_that_finds_the_hop_leased_past_its_wait_answers_503(
+    amp_client: AmpClient, receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lease that outlives the landing's wait (here the memory store's clock stands still,
+    as when yet another landing leased the hop again meanwhile): 503 action-in-progress with
+    Retry-After, no cookie, the webhook not called, the hop left for a later landing."""
+    client = await amp_client()
+    store = client.app[AMP].store
+    if not hasattr(store, "_clock"):
+        pytest.skip("the memory store's clock is driven; a Redis lease's expiry is Redis's own")
+    complete = await hop(client)
+    token = Token.parse(parse_qs(urlsplit(complete).query)["token"][0])
+    assert token is not None
+    lookup_id = client.app[AMP].action_sealer.lookup_id(token)
+    now = store._clock()
+    monkeypatch.setattr(store, "_clock", lambda: now)
+    leased = await store.claim(lookup_id, b"another landing", 0.3)
+    assert leased is not None and leased.claimed
+    started = time.monotonic()
+    busy = await client.get(complete, allow_redirects=False)
+    assert 0.3 <= time.monotonic() - started < 1.5  # it waited the lease's life, no longer
+    assert busy.status == 503, await busy.text()
+    assert busy.content_type == "application/problem+json"
+    assert (await busy.json(content_type=None))["type"].endswith(":action-in-progress")
+    assert busy.headers["Retry-After"] == "1"
+    assert "Set-Cookie" not in busy.headers
+    assert receiver.calls == []
+    monkeypatch.undo()  # the store's time moves on, the lease ends: a reload applies the hop
+    landing = await client.get(complete, allow_redirects=False)
+    assert (landing.status, landing.headers["Location"]) == (303, DONE_URL)
+    assert receiver.applications == 1
+
+
+async def eventually_called(receiver: WebhookReceiver) -> None:
+    """Wait until the receiver has been called (a landing holds the hop's lease)."""
+    for _ in range(200):
+        if receiver.calls:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the webhook was not called")
 
 
 async def test_complete_keeps_the_visitors_cookie(
@@ -617,13 +695,17 @@ async def test_a_landing_that_fails_sets_no_cookie(
 async def test_with_the_outbox_off_a_hop_whose_webhook_was_down_can_be_reloaded(
     amp_client: AmpClient, receiver: WebhookReceiver
 ) -> None:
-    """Nothing recorded the failed call, so the token is not used up: the reload applies."""
+    """Nothing recorded the failed call, so the token is not used up: the reload applies,
+    at once (the failed landing ended its lease: the reload does not wait for it)."""
     client = await amp_client(env={"outbox": "off"})
     complete = await hop(client)
     receiver.replies = [503] * 3
     failed = await client.get(complete, allow_redirects=False)
     assert failed.status == 502
+    started = time.monotonic()
     landing = await client.get(complete, allow_redirects=False)
+    assert time.monotonic() - started < 1.0
+    assert metric(client, "identity_amp_hops_total", action="add-to-cart", stage="waited") == 0
     assert (landing.status, landing.headers["Location"]) == (303, DONE_URL)
     visitor = set_cookie_value(landing)
     [applied] = receiver.applied.values()

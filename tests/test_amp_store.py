@@ -444,6 +444,8 @@ async def test_stopped_redis_makes_each_operation_unavailable(
             lambda: store.hit([(new_id(), 60)]),
             lambda: store.hit([(new_id(), 60), (new_id(), 60)]),
             lambda: store.read(new_id()),
+            lambda: store.claim(new_id(), b"owner", 30),
+            lambda: store.release(new_id(), b"owner"),
             lambda: store.take_and_emit(new_id(), webhook_call(), ACTION_DESTINATION),
         ]
         for operation in operations:

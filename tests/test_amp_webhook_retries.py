@@ -273,6 +273,9 @@ async def test_a_hop_whose_webhook_fails_in_a_store_outage_can_be_retried_and_ap
         receiver.replies = [500] * 3  # the reload's three attempts; the outbox's first is 200
     landing = await client.get(complete, allow_redirects=False)
     assert landing.status == 303, await landing.text()
+    # The failed landing could not end its lease in a Redis that was down: the reload
+    # waited for it to end by itself (wait_bound plus 2 s from that landing's start).
+    assert metric(client, "identity_amp_hops_total", action="add-to-cart", stage="waited") == 1
     assert landing.headers["Location"] == DONE_URL
     visitor = set_cookie_value(landing)
     await eventually(lambda: receiver.applications == 1)

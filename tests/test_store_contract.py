@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from identity_service.constants import KEY_SHARDS, handoff_key, outbox_key
+from identity_service.constants import KEY_SHARDS, handoff_key, lease_key, outbox_key
 from identity_service.crypto import OutboxSealer
 from identity_service.feeds import Feed, MemoryFeed, RedisFeed
 from identity_service.metrics import Metrics
@@ -93,6 +93,48 @@ async def test_concurrent_takes_hand_a_record_out_once(store: HandoffStore) -> N
     assert results.count(None) == 199
 
 
+# -- leases: one landing of an AMP origin hop at a time ---------------------------------------
+
+
+async def test_claim_leases_the_record_to_one_owner_until_released(store: HandoffStore) -> None:
+    lookup_id, first, second = new_id(), b"first-owner", b"second-owner"
+    assert await store.claim(lookup_id, first, 30) is None  # no record: nothing to lease
+    await store.put(lookup_id, b"sealed-action", 60, None)
+    claim = await store.claim(lookup_id, first, 30)
+    assert claim is not None and (claim.record, claim.claimed) == (b"sealed-action", True)
+    other = await store.claim(lookup_id, second, 30)
+    assert other is not None and other.record == b"sealed-action" and not other.claimed
+    assert 28 < other.leased_for <= 30  # the first owner's lease, not renewed by the ask
+    await store.release(lookup_id, second)  # not its lease: nothing ends
+    again = await store.claim(lookup_id, second, 30)
+    assert again is not None and not again.claimed
+    await store.release(lookup_id, first)
+    taken = await store.claim(lookup_id, second, 30)
+    assert taken is not None and taken.claimed
+    assert await store.read(lookup_id) == b"sealed-action"  # the record stays throughout
+
+
+async def test_a_lease_ends_with_its_time(store: HandoffStore) -> None:
+    lookup_id = new_id()
+    await store.put(lookup_id, b"sealed-action", 60, None)
+    first = await store.claim(lookup_id, b"first-owner", 0.3)
+    assert first is not None and first.claimed
+    await asyncio.sleep(0.4)
+    second = await store.claim(lookup_id, b"second-owner", 30)
+    assert second is not None and second.claimed
+    await store.release(lookup_id, b"first-owner")  # ran out: the second owner's stays
+    third = await store.claim(lookup_id, b"third-owner", 30)
+    assert third is not None and not third.claimed
+
+
+async def test_concurrent_claims_lease_a_record_to_one_owner(store: HandoffStore) -> None:
+    lookup_id = new_id()
+    await store.put(lookup_id, b"once", 60, None)
+    claims = await asyncio.gather(*(store.claim(lookup_id, b"%d" % i, 30) for i in range(100)))
+    assert all(claim is not None and claim.record == b"once" for claim in claims)
+    assert sum(claim is not None and claim.claimed for claim in claims) == 1
+
+
 async def test_ping_answers(store: HandoffStore) -> None:
     await store.ping()
 
@@ -127,6 +169,13 @@ async def test_redis_keys_carry_prefix_hash_tag_and_ttl(redis_server: RedisServe
         async with connect(redis_settings) as redis:
             ttl = await redis.ttl(key)
         assert 0 < ttl <= 120  # set with the record, in the same script
+        # An AMP hop's lease: the record's hash tag (one script, one Cluster slot), its TTL.
+        await store.claim(lookup_id, b"owner", 5)
+        lease = lease_key("tagged:", lookup_id)
+        assert lease.partition("}")[0] == key.partition("}")[0]
+        assert lease.endswith(f":lease:{lookup_id.hex()}")
+        async with connect(redis_settings) as redis:
+            assert 4000 < await redis.pttl(lease) <= 5000
     finally:
         await store.close()
 

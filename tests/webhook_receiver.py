@@ -7,7 +7,8 @@ what the test scripted (statuses in order, ``"hang"`` past the service's timeout
 applies each action once per ``id``, counting every call and application. ``on_call``, when
 set, runs at each signed call before it is answered (a test takes Redis down there: an
 outage that starts while the service waits for the webhook); ``barrier``, when set, holds
-each call until as many have arrived (calls that are in flight at the same moment).
+each call until as many have arrived (calls that are in flight at the same moment);
+``delay`` holds each call that long before it is answered (a slow backend).
 """
 
 import asyncio
@@ -54,6 +55,7 @@ class WebhookReceiver:
         self.bad_signatures = 0
         self.on_call: Callable[[], None] | None = None
         self.barrier: asyncio.Barrier | None = None
+        self.delay = 0.0
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -94,6 +96,8 @@ class WebhookReceiver:
             self.on_call()
         if self.barrier is not None:
             await self.barrier.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
         reply = self.replies.pop(0) if self.replies else 200
         if reply in ("hang", "late"):
             if reply == "late":

@@ -17,7 +17,8 @@ AMP Camp's add-to-cart hop, made safe (docs/amp.md walks through it):
   ``done_url``. A replayed, expired, unknown or foreign token lands there with nothing
   applied. Without a cookie, the id set is the hop's own, generated at submit and sealed
   in its record: every landing of one hop (a reload after a failed one, two at once) gives
-  the webhook, and sets, the same id, as it sends the same call ``id``. Only that 303 sets
+  the webhook, and sets, the same id, as it sends the same call ``id``; landings at once
+  take turns (below), so only one calls the webhook. Only that 303 sets
   the cookie: an error answer (429, 502, 503) sets none.
 - ``handle_preflight`` is an action's ``OPTIONS``: as its POST, the origin first (403),
   then the name (``404 unknown-action``), so no preflight says an unknown action exists.
@@ -56,14 +57,26 @@ token deleted and the call queued in one atomic write, ``HandoffStore.take_and_e
 Used up first, a store outage between the webhook's failure and the queueing lost the
 action, with a 503 and nothing for the visitor to retry. Now that 503 (or a 502 with the
 outbox off) leaves the token, and a reload calls again with the same ``id`` (and, without a
-cookie, the same visitor id). Two landings of one URL at the same moment may both call the
-webhook, with that one ``id`` and visitor: the webhook deduplicates on ``id``, as it must
-for a retry after a timeout. An in-flight claim of the hop would keep a reload within the
-claim's life, after a landing that failed with the store, from calling again (docs/amp.md).
+cookie, the same visitor id).
+
+One landing of a hop at a time calls its webhook: the read of the token's record leases it
+to the landing, in the same store call (``HandoffStore.claim``), for the bounded wait and a
+margin to settle the call. A landing that finds another's lease live (a double click, a
+reload while the first waits) waits for that landing's outcome, asking the store again
+every 50 to 500 ms, no longer than the lease has left: the hop settled, it lands on
+``done_url`` (and, without a cookie, sets the hop's one id); the hop left usable, it calls
+the webhook itself. A landing that leaves the token usable ends its lease (a plain claim
+would lose the action: the reload would find it claimed by a landing that is over); should
+the store be down, the lease ends with its time, and a reload waits that long at most.
+Past its wait, a landing that finds yet another lease answers ``503 action-in-progress``
+with Retry-After.
 """
 
+import asyncio
+import math
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -75,9 +88,15 @@ from identity_service.amp.collect import headers_of
 from identity_service.amp.config import ActionSettings
 from identity_service.amp.context import AMP, AmpContext
 from identity_service.amp.forms import read_form
+from identity_service.constants import (
+    AMP_LEASE_MARGIN_SECONDS,
+    AMP_LEASE_POLL_MAX_SECONDS,
+    AMP_LEASE_POLL_SECONDS,
+)
 from identity_service.crypto import SealError, Token
 from identity_service.middleware import SECURITY_HEADERS, problem_for, problem_response
 from identity_service.problems import (
+    ActionInProgress,
     ActionNotApplied,
     MalformedForm,
     PayloadTooLarge,
@@ -87,6 +106,7 @@ from identity_service.problems import (
     UnsupportedFormType,
 )
 from identity_service.settings import action_destination_name
+from identity_service.stores import Claim
 
 logger = structlog.get_logger(__name__)
 
@@ -148,15 +168,16 @@ async def handle_complete(request: web.Request) -> web.StreamResponse:
             visitor, address = _visitor_and_address(ctx, request)
             await limits.check_limits(ctx, address, None)
             token = Token.parse(request.query.get("token", ""))
-            hop = None if token is None else await _read(ctx, action, token)
+            hop = None if token is None else await _claim(ctx, action, token)
             if visitor is None:
                 visitor = _hop_visitor(hop)
                 # In the landing's headers alone: a failed answer sets nothing in the browser.
                 headers["Set-Cookie"] = cookies.set_cookie(visitor, ctx.amp.cookie)
-            if hop is not None:
-                await _complete(ctx, action, visitor, *hop)
-            else:
+            if hop is None:
                 _count_hop(ctx, action, "missed")
+            elif hop.lease is not None:
+                await _complete(ctx, action, visitor, hop)
+            # else: settled by the landing this one waited for, which applied it or not.
         else:
             # An <img>, <iframe> or fetch of the URL, which some page may make with the
             # visitor's cookie: nothing applied or linked, the token left as it is.
@@ -254,18 +275,35 @@ async def _start_hop(
     return _json({"status": "redirecting"}, headers)
 
 
-async def _read(
-    ctx: AmpContext, action: ActionSettings, token: Token
-) -> tuple[bytes, dict[str, Any]] | None:
-    """The token's lookup id and record, opened and left in the store until its webhook call
-    is settled (:func:`_apply`); None if unknown or used. A foreign or unreadable record is
-    used up at once, with nothing applied."""
+@dataclass(frozen=True, slots=True)
+class _Hop:
+    """A hop's record as a landing found it: its lookup id, the record opened, and the lease
+    the landing holds on it (None: another landing held it, and settled the hop while this
+    one waited)."""
+
+    lookup_id: bytes
+    record: dict[str, Any]
+    lease: bytes | None
+
+
+async def _claim(ctx: AmpContext, action: ActionSettings, token: Token) -> _Hop | None:
+    """The token's record, opened and leased to this landing (left in the store until its
+    webhook call is settled: :func:`_apply`); None if unknown or used. A foreign or
+    unreadable record is used up at once, with nothing applied.
+
+    The lease, taken in the same store call as the read, lasts the landing's bounded wait
+    for the webhook and a margin to settle the call. A landing that finds another's lease
+    waits for it (:func:`_wait_for_lease`), so no two landings of one hop call the webhook
+    at once.
+    """
     lookup_id = ctx.action_sealer.lookup_id(token)
-    sealed = await ctx.store.read(lookup_id)
-    if sealed is None:
+    lease = secrets.token_bytes(16)
+    seconds = webhooks.wait_bound(ctx.amp) + AMP_LEASE_MARGIN_SECONDS
+    claim = await ctx.store.claim(lookup_id, lease, seconds)
+    if claim is None:
         return None
     try:
-        record = orjson.loads(ctx.action_sealer.open(token, lookup_id, sealed))
+        record = orjson.loads(ctx.action_sealer.open(token, lookup_id, claim.record))
     except (SealError, orjson.JSONDecodeError):
         logger.warning("action_record_unreadable", action=action.name)
         record = None
@@ -273,24 +311,70 @@ async def _read(
         # Unreadable, or a token taken to another action's URL: used up, nothing applied.
         await ctx.store.take(lookup_id, None)
         return None
-    return lookup_id, record
+    if claim.claimed:
+        return _Hop(lookup_id, record, lease)
+    _count_hop(ctx, action, "waited")
+    claimed = await _wait_for_lease(ctx, lookup_id, lease, seconds, claim.leased_for)
+    if claimed is None:
+        return _Hop(lookup_id, record, None)
+    return _Hop(lookup_id, record, lease)
 
 
-def _hop_visitor(hop: tuple[bytes, dict[str, Any]] | None) -> str:
+async def _wait_for_lease(
+    ctx: AmpContext, lookup_id: bytes, lease: bytes, seconds: float, left: float
+) -> Claim | None:
+    """Wait, asking the store again and again, until the lease another landing holds on a
+    hop ends: the hop settled (None), or left usable and now leased to this landing. That
+    lease had ``left`` seconds to live when first seen: this waits no longer (one pause
+    more, for clocks), then answers ActionInProgress (503 with Retry-After) if yet another
+    landing leased the hop meanwhile."""
+    deadline = time.monotonic() + left + AMP_LEASE_POLL_SECONDS
+    pause = AMP_LEASE_POLL_SECONDS
+    while True:
+        await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        claim = await ctx.store.claim(lookup_id, lease, seconds)
+        if claim is None or claim.claimed:
+            return claim
+        if time.monotonic() >= deadline:
+            raise ActionInProgress(
+                "another landing of this origin hop is applying its action; try again "
+                "when it is settled",
+                retry_after=max(1, math.ceil(claim.leased_for)),
+            )
+        pause = min(2 * pause, AMP_LEASE_POLL_MAX_SECONDS)
+
+
+def _hop_visitor(hop: _Hop | None) -> str:
     """The visitor id a landing without a cookie sets: the hop's own, or a new one when there
     is no hop (or its record, sealed before hops had one, has none)."""
-    visitor = None if hop is None else hop[1].get("visitor")
+    visitor = None if hop is None else hop.record.get("visitor")
     return visitor if isinstance(visitor, str) else cookies.new_visitor_id()
 
 
-async def _complete(
-    ctx: AmpContext, action: ActionSettings, visitor: str, lookup_id: bytes, record: dict[str, Any]
-) -> None:
-    """Apply a hop's record, or queue it (its token used up either way); raise if refused."""
+async def _complete(ctx: AmpContext, action: ActionSettings, visitor: str, hop: _Hop) -> None:
+    """Apply a hop's record, or queue it (its token used up either way); raise if refused.
+
+    A landing that fails with the token left usable (the store down, the outbox off) ends
+    its lease, so the visitor's reload calls again at once; should the store be down, the
+    lease ends with its time.
+    """
+    record = hop.record
     client_id = record.get("clientId")
-    await _apply(
-        ctx, action, record["id"], visitor, record["fields"], client_id, "origin_hop", lookup_id
-    )
+    try:
+        await _apply(
+            ctx,
+            action,
+            record["id"],
+            visitor,
+            record["fields"],
+            client_id,
+            "origin_hop",
+            hop.lookup_id,
+        )
+    except Exception:
+        assert hop.lease is not None
+        await _release(ctx, action, hop.lookup_id, hop.lease)
+        raise
     _count_hop(ctx, action, "completed")
     if record.get("link", True) is not False:
         await _link(ctx, client_id, visitor)
@@ -359,6 +443,14 @@ async def _use_up(ctx: AmpContext, action: ActionSettings, lookup_id: bytes) -> 
         await ctx.store.take(lookup_id, None)
     except StoreUnavailable:
         logger.warning("action_token_not_used_up", action=action.name)
+
+
+async def _release(ctx: AmpContext, action: ActionSettings, lookup_id: bytes, lease: bytes) -> None:
+    """End a failed landing's lease; should the store fail, it ends with its time."""
+    try:
+        await ctx.store.release(lookup_id, lease)
+    except StoreUnavailable:
+        logger.warning("action_lease_not_released", action=action.name)
 
 
 async def _link(ctx: AmpContext, client_id: str | None, visitor: str) -> None:

@@ -181,7 +181,11 @@ def amp_paths(amp: AmpSettings) -> dict[str, Any]:
                     "Takes the token once and applies its action (or queues it), then 303 to "
                     "the action's done_url. A used, expired, unknown or foreign token, and a "
                     "request that is no top-level navigation (Sec-Fetch-Dest other than "
-                    "document), land there with nothing applied."
+                    "document), land there with nothing applied. One landing of a hop at a "
+                    "time calls the webhook: another landing at the same moment waits for its "
+                    "outcome (at most as long as its lease has left), then lands on done_url "
+                    "with nothing applied, or applies the action itself if that landing failed "
+                    "and left the token usable."
                 ),
                 "parameters": [
                     _cookie_parameter(amp),
@@ -206,7 +210,11 @@ def amp_paths(amp: AmpSettings) -> dict[str, Any]:
                         "action-not-applied: the webhook refused the action (the token is used up)",
                         ("Vary", "Set-Cookie"),
                     ),
-                    "503": _problem(_STORE_DOWN, ("Vary", "Set-Cookie", "Retry-After")),
+                    "503": _problem(
+                        f"{_STORE_DOWN}; or action-in-progress: another landing of this hop "
+                        "still holds its lease after this one waited for it",
+                        ("Vary", "Set-Cookie", "Retry-After"),
+                    ),
                 },
             },
         },

@@ -57,6 +57,20 @@ class Kept:
     ttl_seconds: int
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What ``HandoffStore.claim`` found: the record, and how many seconds another owner's
+    lease on it has left (0.0: the lease is the caller's now)."""
+
+    record: bytes
+    leased_for: float = 0.0
+
+    @property
+    def claimed(self) -> bool:
+        """Whether the caller holds the lease."""
+        return self.leased_for <= 0
+
+
 @dataclass(slots=True)  # not frozen: one a hit, and frozen costs 3x the __init__
 class HitOutcome:
     """What ``HandoffStore.hit_and_write`` did: each counter's count and seconds left (as
@@ -90,6 +104,18 @@ class HandoffStore(Protocol):
         """The record ``put`` under ``lookup_id``, or None if absent or expired; it stays,
         for ``take`` or ``take_and_emit`` to hand out (an AMP action's, until its webhook
         call is settled)."""
+
+    async def claim(self, lookup_id: bytes, owner: bytes, lease_seconds: float) -> Claim | None:
+        """The record ``put`` under ``lookup_id`` (None if absent or expired) and, unless a
+        lease on it is live (then ``leased_for`` says how long it has left), a lease on it
+        for ``owner`` that ends after ``lease_seconds``, in one atomic step: under any number
+        of concurrent calls, one owner at a time holds it. The record stays, as with
+        ``read``; the lease ends with its time or ``release``, whatever becomes of the record.
+        """
+
+    async def release(self, lookup_id: bytes, owner: bytes) -> None:
+        """End ``owner``'s lease on the record under ``lookup_id``, if it still holds it (a
+        lease that ran out and was taken by another owner is left to that owner)."""
 
     async def take_and_emit(self, lookup_id: bytes, events: list[Event], only: str) -> None:
         """Queue ``events`` addressed to destination ``only`` (as ``emit`` with ``only``) and

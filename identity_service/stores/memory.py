@@ -14,6 +14,7 @@ import structlog
 
 from identity_service import events as ev
 from identity_service.stores import (
+    Claim,
     Counted,
     Emitted,
     HitOutcome,
@@ -201,6 +202,7 @@ class MemoryStore:
         self._kept_full_logged = False
         self._records: Expiring[tuple[bytes, dict[str, Any] | None]] = Expiring()
         self._kept: Expiring[bytes] = Expiring()
+        self._leases: Expiring[bytes] = Expiring()  # an AMP action record's owner, by its id
         self._counters: Expiring[int] = Expiring()
         self.outbox = MemoryOutbox()
 
@@ -229,6 +231,22 @@ class MemoryStore:
     async def read(self, lookup_id: bytes) -> bytes | None:
         entry = self._records.get(lookup_id, self._clock())
         return None if entry is None else entry[1][0]
+
+    async def claim(self, lookup_id: bytes, owner: bytes, lease_seconds: float) -> Claim | None:
+        now = self._clock()
+        entry = self._records.get(lookup_id, now)
+        if entry is None:
+            return None
+        lease = self._leases.get(lookup_id, now)
+        if lease is not None:
+            return Claim(entry[1][0], leased_for=lease[0] - now)
+        self._leases.set(lookup_id, now + lease_seconds, owner, now)
+        return Claim(entry[1][0])
+
+    async def release(self, lookup_id: bytes, owner: bytes) -> None:
+        lease = self._leases.get(lookup_id, self._clock())
+        if lease is not None and lease[1] == owner:
+            self._leases.pop(lookup_id, self._clock())
 
     async def take_and_emit(self, lookup_id: bytes, events: list[ev.Event], only: str) -> None:
         self.outbox.extend(events, only)
@@ -293,4 +311,5 @@ class MemoryStore:
     async def close(self) -> None:
         self._records.clear()
         self._kept.clear()
+        self._leases.clear()
         self._counters.clear()

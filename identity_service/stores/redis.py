@@ -6,7 +6,8 @@ outbox stream shares its hash tag, so each script touches one slot:
 
 - prepare: replace the hash, set its TTL, and XADD the started events, atomically;
 - exchange: read and delete the hash and XADD the completion entry, atomically;
-- an AMP action's record (read first with ``HGET``) deleted with its webhook call XADDed,
+- an AMP action's record read and leased to one landing of its hop (``CLAIM``: its lease
+  key shares the record's hash tag), then deleted with its webhook call XADDed,
   atomically (``take_and_emit``).
 
 Kept records (AMP clientId links) are plain strings written with their TTL by one ``SET``.
@@ -42,6 +43,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from identity_service import events as ev
 from identity_service.constants import (
     handoff_key,
+    lease_key,
     link_key,
     outbox_key,
     rate_key,
@@ -53,6 +55,7 @@ from identity_service.metrics import Metrics
 from identity_service.problems import StoreUnavailable
 from identity_service.settings import RedisSettings
 from identity_service.stores import (
+    Claim,
     Counted,
     Emitted,
     HitOutcome,
@@ -121,6 +124,34 @@ return found[1]
 TAKE_AND_EMIT = Script("""
 redis.call('XADD', KEYS[2], '*', 'j', ARGV[1], 'only', ARGV[2])
 return redis.call('DEL', KEYS[1])
+""")
+
+# KEYS: an AMP action's record (a handoff hash), its lease. ARGV: the owner, the lease in
+# milliseconds. The record (false: none) and 0 when the lease is the caller's now, or the
+# milliseconds another owner's lease has left. A lease without a TTL (which this script never
+# leaves behind) gets one rather than holding the record for ever.
+CLAIM = Script("""
+local record = redis.call('HGET', KEYS[1], 'r')
+if not record then
+  return false
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {record, 0}
+end
+local left = redis.call('PTTL', KEYS[2])
+if left < 0 then
+  left = tonumber(ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], left)
+end
+return {record, left}
+""")
+
+# KEYS: a lease. ARGV: its owner. Deletes the lease if that owner still holds it.
+RELEASE = Script("""
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
 """)
 
 # KEYS: counter. ARGV: window in milliseconds. Counts one hit in a fixed window that starts
@@ -417,6 +448,23 @@ class RedisStore:
         record = await self._guarded(self._redis.call(key, "HGET", key, "r"))
         assert record is None or isinstance(record, bytes)
         return record
+
+    async def claim(self, lookup_id: bytes, owner: bytes, lease_seconds: float) -> Claim | None:
+        keys = [
+            handoff_key(self._prefix, lookup_id, self._shards),
+            lease_key(self._prefix, lookup_id, self._shards),
+        ]
+        args: list[Arg] = [owner, max(1, round(lease_seconds * 1000))]
+        reply = await self._guarded(self._redis.run_script(CLAIM, keys, args))
+        if reply is None:
+            return None
+        record, left = reply
+        assert isinstance(record, bytes)
+        return Claim(record, leased_for=int(left) / 1000)
+
+    async def release(self, lookup_id: bytes, owner: bytes) -> None:
+        key = lease_key(self._prefix, lookup_id, self._shards)
+        await self._guarded(self._redis.run_script(RELEASE, [key], [owner]))
 
     async def take_and_emit(self, lookup_id: bytes, events: list[ev.Event], only: str) -> None:
         args: list[Arg] = [self._sealer.seal(ev.join_documents(events)), only]
