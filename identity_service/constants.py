@@ -72,8 +72,8 @@ MAX_EVENT_BYTES: Final = 32 * 1024
 SENT_AT_BYTES: Final = 36
 BATCH_FRAMING_BYTES: Final = 12
 
-# An origin hop's lease outlives its landing's bounded wait for the webhook by this much: the
-# time to settle the call in the store afterwards (a write within the Redis timeout).
+# An origin hop's lease outlives its landing's bounded wait for the webhook by this much and
+# the Redis timeout: the time to settle the call in the store afterwards (one write).
 AMP_LEASE_MARGIN_SECONDS: Final = 2.0
 # A landing that finds another landing of its hop in flight asks again after this long at
 # first, doubling up to the longest.

@@ -298,7 +298,7 @@ async def _claim(ctx: AmpContext, action: ActionSettings, token: Token) -> _Hop 
     """
     lookup_id = ctx.action_sealer.lookup_id(token)
     lease = secrets.token_bytes(16)
-    seconds = webhooks.wait_bound(ctx.amp) + AMP_LEASE_MARGIN_SECONDS
+    seconds = _lease_seconds(ctx)
     claim = await ctx.store.claim(lookup_id, lease, seconds)
     if claim is None:
         return None
@@ -318,6 +318,14 @@ async def _claim(ctx: AmpContext, action: ActionSettings, token: Token) -> _Hop 
     if claimed is None:
         return _Hop(lookup_id, record, None)
     return _Hop(lookup_id, record, lease)
+
+
+def _lease_seconds(ctx: AmpContext) -> float:
+    """How long a landing's lease lasts: its bounded wait for the webhook, then the time to
+    settle the call in the store (one write, which Redis may take its whole timeout over)."""
+    redis = ctx.settings.redis
+    settle = AMP_LEASE_MARGIN_SECONDS + (0.0 if redis is None else redis.timeout)
+    return webhooks.wait_bound(ctx.amp) + settle
 
 
 async def _wait_for_lease(
