@@ -86,11 +86,12 @@ class Service:
     def stderr(self) -> str:
         return self.stderr_path.read_text()
 
-    def terminate(self) -> None:
-        """Send SIGTERM once; a second one would cut the graceful shutdown short."""
+    def terminate(self, signum: int = signal.SIGTERM) -> None:
+        """Send SIGTERM (or another stop signal) once; a second one would cut the graceful
+        shutdown short."""
         if self.process.poll() is None and not self.terminating:
             self.terminating = True
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(signum)
 
     def stop(self) -> int:
         self.terminate()
@@ -196,10 +197,17 @@ def test_invalid_configuration_exits_with_every_problem() -> None:
     assert "Traceback" not in result.stderr
 
 
-async def test_sigterm_finishes_the_request_in_flight(
-    tmp_path: Path, private_redis: RedisServer
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+async def test_sigterm_and_sighup_finish_the_request_in_flight(
+    tmp_path: Path, private_redis: RedisServer, signum: signal.Signals, workers: str
 ) -> None:
-    service = Service(tmp_path, redis_env(private_redis, IDENTITY_REDIS_TIMEOUT="5"))
+    """SIGHUP (the terminal running `make serve` closed) ended the process at once, the
+    request in flight unanswered; it is now a graceful stop as SIGTERM is, the parent of
+    several workers passing it on."""
+    service = Service(
+        tmp_path, redis_env(private_redis, IDENTITY_REDIS_TIMEOUT="5"), "--workers", workers
+    )
 
     blocker = socket.create_connection(("127.0.0.1", private_redis.port))
     try:
@@ -213,12 +221,13 @@ async def test_sigterm_finishes_the_request_in_flight(
         )
         await asyncio.sleep(0.5)
         assert not in_flight.done()
-        service.terminate()
+        service.terminate(signum)
         status, prepared = await in_flight
         assert status == 201 and prepared["token"]
     finally:
         blocker.close()
     assert await asyncio.to_thread(service.stop) == 0
+    assert "Traceback" not in service.stderr and "failed" not in service.stderr
 
 
 def test_hash_key_reads_the_key_from_stdin() -> None:
@@ -628,6 +637,36 @@ def test_forward_names_an_unreachable_redis_without_its_password(tmp_path: Path)
     assert password not in stdout_path.read_text() + stderr_path.read_text()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_forward_stops_gracefully_on_sigterm_and_sighup(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """SIGHUP (its terminal closed) ended ``forward`` at once (exit -1), as if killed; it
+    now stops as on SIGTERM: the forwarders stopped, exit 0."""
+    stdout_path = tmp_path / "stdout"
+    with stdout_path.open("wb") as out:
+        process = subprocess.Popen(
+            [COMMAND, "forward"],
+            env=clean_env(
+                IDENTITY_SOURCES=sources_env(),
+                IDENTITY_SECRET=SECRET,
+                IDENTITY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens
+                IDENTITY_FORWARDER_METRICS_PORT="0",
+            ),
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    try:
+        wait_for_lines(stdout_path, "forwarder_started")
+    finally:
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert wait_for_lines(stdout_path, "forwarder_stopped")
+
+
 def test_forward_warns_of_a_source_whose_events_no_destination_takes(tmp_path: Path) -> None:
     destinations = {"a": {"url": "https://api.segment.io", "write_key": "wk", "sources": ["shop"]}}
     stdout_path = tmp_path / "stdout"
@@ -837,11 +876,22 @@ def _connected_to(port: int) -> bool:
 @pytest.mark.parametrize(
     "command", [("serve",), ("serve", "--workers", "2"), ("forward",), ("outbox", "status")]
 )
+@pytest.mark.parametrize(
+    ("signum", "said"),
+    [
+        (signal.SIGINT, "interrupted"),
+        (signal.SIGTERM, "terminated"),
+        (signal.SIGHUP, "hung up"),
+    ],
+    ids=["SIGINT", "SIGTERM", "SIGHUP"],
+)
 def test_ctrl_c_while_redis_is_reached_at_start_is_said_in_one_line(
-    private_redis: RedisServer, command: tuple[str, ...]
+    private_redis: RedisServer, command: tuple[str, ...], signum: signal.Signals, said: str
 ) -> None:
     """SIGINT (Ctrl-C) while the start's check of Redis waits for an answer: it was two
-    chained tracebacks (CancelledError, then KeyboardInterrupt), and exit -2."""
+    chained tracebacks (CancelledError, then KeyboardInterrupt), and exit -2. SIGHUP (the
+    terminal closed) ended it without a word (exit -1): each is now said in one line, exit
+    128 + the signal's number, as a shell says it."""
     args = [*command, "--port", str(free_port())] if command[0] == "serve" else command
     env = redis_env(
         private_redis, IDENTITY_REDIS_TIMEOUT="20", IDENTITY_FORWARDER_METRICS_PORT="off"
@@ -855,12 +905,12 @@ def test_ctrl_c_while_redis_is_reached_at_start_is_said_in_one_line(
         while not _connected_to(private_redis.port):
             assert process.poll() is None and time.monotonic() < deadline, "never reached Redis"
             time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         stdout, stderr = process.communicate(timeout=15)
     finally:
         os.kill(private_redis.pid, signal.SIGCONT)
-    assert (process.returncode, stdout) == (130, ""), stderr
-    assert stderr.splitlines() == ["identity-service: interrupted"]
+    assert (process.returncode, stdout) == (128 + signum, ""), stderr
+    assert stderr.splitlines() == [f"identity-service: {said}"]
 
 
 def test_a_worker_that_stops_alone_stops_the_set(
