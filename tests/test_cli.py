@@ -23,6 +23,8 @@ from identity_service.cli import INTERRUPTED, command_parser
 from identity_service.constants import outbox_key
 from identity_service.sources import hash_write_key
 from identity_service.stores.redis import AdminClient
+from tests.collector import WRITE_KEY as COLLECTOR_WRITE_KEY
+from tests.collector import Answer, Collector, running_collector
 from tests.conftest import CHECKOUT_URL, SECRET, WRITE_KEYS, Server, sources_env
 from tests.redis_server import RedisServer, free_port
 from tests.test_docs import code_and_prose
@@ -1065,3 +1067,97 @@ def test_credentials_redis_refuses_are_refused_at_start(tmp_path: Path, credenti
         assert "not-it" not in line and "the-right-one" not in line
     finally:
         redis.stop()
+
+
+def memory_outbox_env(collector: Collector, shutdown_timeout: float) -> dict[str, str]:
+    """A service on the memory store delivering to ``collector``, a failed batch retried
+    only after far longer than the test lasts."""
+    return clean_env(
+        IDENTITY_SOURCES=sources_env(),
+        IDENTITY_SECRET=SECRET,
+        IDENTITY_DESTINATION_URL=collector.url,
+        IDENTITY_DESTINATION_WRITE_KEY=COLLECTOR_WRITE_KEY,
+        IDENTITY_BATCH_MAX_WAIT="0.01",
+        IDENTITY_BACKOFF_BASE="30",
+        IDENTITY_BACKOFF_MAX="60",
+        IDENTITY_DELIVERY_TIMEOUT="5",
+        IDENTITY_SHUTDOWN_TIMEOUT=str(shutdown_timeout),
+    )
+
+
+async def prepare_handoffs(service: Service, count: int) -> None:
+    for index in range(count):
+        body = {"anonymousId": f"anon-outbox-{index}-5d2c", "destination": CHECKOUT_URL}
+        status, _ = await post(f"{service.url}/v1/handoffs", body, WRITE_KEYS["shop"])
+        assert status == 201, service.stderr
+
+
+async def first_batch(service: Service, collector: Collector) -> int:
+    """How many events the collector's first request carried, once it came."""
+    deadline = time.monotonic() + 10
+    while not collector.requests:
+        assert time.monotonic() < deadline, service.stderr
+        await asyncio.sleep(0.02)
+    return len(collector.requests[0].events)
+
+
+def undelivered_lines(service: Service) -> list[dict[str, Any]]:
+    lines = [orjson.loads(line) for line in service.stdout.splitlines() if line]
+    return [line for line in lines if line.get("event") == "outbox_events_undelivered"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+async def test_the_memory_outbox_tries_once_more_at_the_stop_and_counts_what_it_drops(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """The memory store's events still queued at SIGTERM (or SIGHUP) were dropped without
+    a word. The stop gives them one more attempt, then says in one warning line how many
+    could not be delivered: the count, never the events or their ids."""
+    async with running_collector() as collector:
+        collector.plan = [Answer(status=503)] * 10  # refuses every batch
+        service = Service(tmp_path, memory_outbox_env(collector, shutdown_timeout=5))
+        try:
+            await prepare_handoffs(service, 1)
+            per_handoff = await first_batch(service, collector)  # refused: retried in 30 s+
+            await prepare_handoffs(service, 3)
+            await asyncio.sleep(0.2)  # queued behind the refused batch
+            assert len(collector.requests) == 1
+            service.terminate(signum)
+            assert await asyncio.to_thread(service.process.wait, 20) == 0
+        finally:
+            service.stop()
+    # The last attempt: the refused batch and those queued since, refused again.
+    assert len(collector.requests) == 2, service.stderr
+    assert len(collector.requests[1].events) == 4 * per_handoff
+    assert collector.events == []
+    (warning,) = undelivered_lines(service)
+    assert warning["level"] == "warning"
+    assert (warning["events"], warning["destinations"]) == (
+        4 * per_handoff,
+        {"default": 4 * per_handoff},
+    )
+    assert set(warning) == {"event", "level", "timestamp", "events", "destinations"}
+
+
+async def test_the_memory_outbox_stops_within_the_shutdown_timeout(tmp_path: Path) -> None:
+    """The forwarders' stop waited up to the shutdown timeout for a batch in flight, then
+    gave the memory queues as long again, each destination in turn, past the grace period
+    (docs/operations.md): their whole stop now takes at most the timeout once, and what
+    it could not deliver is counted."""
+    timeout = 2.0
+    async with running_collector() as collector:
+        collector.plan = [Answer(hold=60)] * 10  # holds every batch, never answers
+        service = Service(tmp_path, memory_outbox_env(collector, shutdown_timeout=timeout))
+        try:
+            await prepare_handoffs(service, 1)
+            per_handoff = await first_batch(service, collector)
+            await prepare_handoffs(service, 3)  # queued behind the batch held
+            started = time.monotonic()
+            service.terminate()
+            assert await asyncio.to_thread(service.process.wait, 20) == 0
+            stopped = time.monotonic() - started
+        finally:
+            service.stop()
+    assert timeout <= stopped < timeout + 1.5, service.stderr
+    (warning,) = undelivered_lines(service)
+    assert warning["events"] == 4 * per_handoff

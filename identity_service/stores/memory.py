@@ -60,6 +60,12 @@ class MemoryQueue:
         self.dead_letters = 0
         self.arrived = asyncio.Event()
 
+    @property
+    def undelivered(self) -> int:
+        """The events not delivered (nor dead-lettered) yet: queued, or read and unsettled
+        (one event an entry)."""
+        return len(self.events) + len(self.taken)
+
     def wants(self, only: str | None, source: str | None = None) -> bool:
         """Whether events addressed to ``only`` (None: to every destination) from ``source``
         (None: of no known source) come here."""
