@@ -64,6 +64,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # process at once, dropping the requests in flight.
     previous = {signum: signal.signal(signum, _terminate) for signum in _STOPPED}
     try:
+        if sys.stdout is None:
+            # Closed before the start (`serve >&-`): the logs, the stdout destination's
+            # events and every command's answer would go nowhere, the logging crashed in a
+            # traceback, and a file opened later could take its descriptor.
+            print(
+                "identity-service: standard output is closed; the logs and the command's "
+                "output go there (redirect it, to /dev/null if need be)",
+                file=sys.stderr,
+            )
+            return 2
         status = _command(argv)
         sys.stdout.flush()  # here, where a reader gone is caught, rather than at exit
         return status

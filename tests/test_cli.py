@@ -954,6 +954,31 @@ def test_a_reader_gone_from_standard_output_is_not_blamed_on_redis(
     assert (result.returncode, result.stderr) == (1, "")
 
 
+@pytest.mark.parametrize("args", [("serve",), ("forward",), ("new-key",), ("--version",)], ids=str)
+def test_a_closed_standard_output_is_said_in_one_line(args: tuple[str, ...]) -> None:
+    """``identity-service serve >&-``: the logging's set-up crashed in a traceback (its
+    stream None), and ``new-key`` too, once it had printed its key to nowhere. A closed
+    standard output is now refused at once, in one line, exit 2: the logs, the stdout
+    destination's events and the commands' answers all go there."""
+    port = free_port()
+    if args == ("serve",):
+        args = ("serve", "--port", str(port))
+    result = subprocess.run(
+        ["sh", "-c", 'exec "$0" "$@" >&-', COMMAND, *args],
+        env=clean_env(IDENTITY_DEV_WRITE_KEY=DEV_KEY),
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "identity-service: standard output is closed; the logs and the command's output go "
+        "there (redirect it, to /dev/null if need be)"
+    ]
+    with pytest.raises(ConnectionRefusedError):  # nothing was left listening
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+
+
 def _as_first_process(args: list[str]) -> list[str] | None:
     """``args`` run as the first process of a PID namespace of their own, as a container
     runs the image's entry point; None where no namespace can be made here."""
