@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import pty
 import re
 import signal
 import socket
@@ -1092,6 +1093,69 @@ def test_credentials_redis_refuses_are_refused_at_start(tmp_path: Path, credenti
         assert "not-it" not in line and "the-right-one" not in line
     finally:
         redis.stop()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_terminal_closing_stops_serve_gracefully(
+    private_redis: RedisServer, workers: str, tmp_path: Path
+) -> None:
+    """The terminal running ``make serve`` closes: the kernel sends its processes SIGHUP,
+    and their output fails (EIO) from then on. The service died at once, the request in
+    flight unanswered; with SIGHUP a stop, the log lines that could not be written then
+    ended it in tracebacks, exit 1. It now finishes the request and exits 0, the lines it
+    could not write said once on standard error."""
+    port = free_port()
+    stderr_path = tmp_path / "stderr"
+    pid, terminal = pty.fork()  # the child: a session of its own, the terminal its own
+    if pid == 0:  # pragma: no cover - the child process
+        try:
+            os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_CREAT, 0o600), 2)
+            env = redis_env(private_redis, IDENTITY_REDIS_TIMEOUT="5")
+            args = [COMMAND, "serve", "--port", str(port), "--workers", workers]
+            os.execve(COMMAND, args, env)  # noqa: S606 - the terminal's child becomes the service
+        finally:
+            os._exit(127)
+    try:
+        deadline = time.monotonic() + 15
+        while not _accepts(port):
+            assert time.monotonic() < deadline, stderr_path.read_text()
+            time.sleep(0.05)
+        body = orjson.dumps({"anonymousId": "anon-hup-7e1a", "destination": CHECKOUT_URL})
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(
+                b"POST /v1/handoffs HTTP/1.1\r\nHost: identity\r\n"
+                + f"Authorization: Bearer {WRITE_KEYS['shop']}\r\n".encode()
+                + b"Content-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body[:5]
+            )
+            time.sleep(0.3)
+            os.close(terminal)  # the terminal closes: SIGHUP to its foreground group
+            terminal = -1
+            time.sleep(0.3)
+            client.sendall(body[5:])
+            answer = client.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 201 "), answer[:200]
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+    finally:
+        if terminal >= 0:
+            os.close(terminal)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    stderr = stderr_path.read_text()
+    assert os.waitstatus_to_exitcode(status) == 0, stderr
+    assert "Traceback" not in stderr and "failed" not in stderr, stderr
+    assert stderr.count("identity-service: log lines dropped: Input/output error") <= int(workers)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+    except OSError:
+        return False
+    return True
 
 
 def memory_outbox_env(collector: Collector, shutdown_timeout: float) -> dict[str, str]:
