@@ -33,44 +33,64 @@ DEAD_LETTERS_SHOWN = 20
 MAX_DEAD_LETTERS_SHOWN = 1000
 
 
-# The exit status of a command stopped by Ctrl-C (SIGINT) or SIGTERM before it handles the
-# signal itself (serve and forward, once started, stop gracefully and exit 0), as a shell
-# says it.
+# The exit status of a command stopped by Ctrl-C (SIGINT), SIGTERM or SIGHUP before it
+# handles the signal itself (serve and forward, once started, stop gracefully and exit 0),
+# as a shell says it.
 INTERRUPTED = 128 + signal.SIGINT
 TERMINATED = 128 + signal.SIGTERM
+HUNG_UP = 128 + signal.SIGHUP
+# What is said of each, in one line on standard error.
+_STOPPED = {signal.SIGTERM: "terminated", signal.SIGHUP: "hung up"}
 
 
 class Terminated(BaseException):
-    """SIGTERM before the command handles it. A BaseException, as KeyboardInterrupt: no
-    ``except Exception`` takes it for a failure to retry or report."""
+    """SIGTERM or SIGHUP (``signum``) before the command handles it. A BaseException, as
+    KeyboardInterrupt: no ``except Exception`` takes it for a failure to retry or report."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _terminate(_signum: int, _frame: object) -> None:
-    raise Terminated
+def _terminate(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM's default action would end the command too, but not as a container's first
     # process, the image's entry point: the kernel drops a signal it has no handler for, and
     # a stop asked while start-up waits for Redis was lost (the service then started).
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # SIGHUP (the terminal closed) is a stop like SIGTERM: its default action ended the
+    # process at once, dropping the requests in flight.
+    previous = {signum: signal.signal(signum, _terminate) for signum in _STOPPED}
     try:
+        if sys.stdout is None:
+            # Closed before the start (`serve >&-`): the logs, the stdout destination's
+            # events and every command's answer would go nowhere, the logging crashed in a
+            # traceback, and a file opened later could take its descriptor.
+            print(
+                "identity-service: standard output is closed; the logs and the command's "
+                "output go there (redirect it, to /dev/null if need be)",
+                file=sys.stderr,
+            )
+            return 2
         status = _command(argv)
         sys.stdout.flush()  # here, where a reader gone is caught, rather than at exit
         return status
     except KeyboardInterrupt:
         print("identity-service: interrupted", file=sys.stderr)
         return INTERRUPTED
-    except Terminated:
-        print("identity-service: terminated", file=sys.stderr)
-        return TERMINATED
+    except Terminated as exc:
+        print(f"identity-service: {_STOPPED[signal.Signals(exc.signum)]}", file=sys.stderr)
+        return 128 + exc.signum
     except BrokenPipeError:
         # The reader of standard output went away (`| head`): nothing more can be said to
         # it, and nothing went wrong to report. Whatever is still buffered goes nowhere.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _command(argv: Sequence[str] | None) -> int:
@@ -207,7 +227,7 @@ def forward(config: Path | None) -> int:
     from identity_service.metrics import Metrics
     from identity_service.metrics_app import serving_metrics
     from identity_service.outbox import running_forwarders
-    from identity_service.server import BindError, new_event_loop
+    from identity_service.server import STOP_SIGNALS, BindError, new_event_loop
 
     refused, unreachable = _reach_redis(settings)
     if refused:
@@ -218,7 +238,7 @@ def forward(config: Path | None) -> int:
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, stop.set)
         metrics = Metrics()
         async with serving_metrics(settings, metrics), running_forwarders(settings, metrics):

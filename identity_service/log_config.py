@@ -9,11 +9,13 @@ rest of its logging.
 Lines are buffered and written at most 50 ms after they were logged (or once 64 KiB
 have gathered), in writes of whole lines of at most PIPE_BUF bytes, so a busy service
 makes a few writes a second instead of one per request. ``flush`` writes what is left;
-the server calls it when it stops, and it runs at exit.
+the server calls it when it stops, and it runs at exit. Lines that cannot be written (the
+terminal closed) are dropped, said once on standard error if it takes it.
 """
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import sys
 import time
@@ -41,6 +43,7 @@ class BufferedBytesLogger:
         self._lines: list[bytes] = []
         self._size = 0
         self._flush_pending = False
+        self._failed = False
 
     def msg(self, message: bytes) -> None:
         self._lines.append(message + b"\n")
@@ -63,7 +66,16 @@ class BufferedBytesLogger:
         if not self._lines:
             return
         lines, self._lines, self._size = self._lines, [], 0
-        write_lines(self._file, lines)
+        try:
+            write_lines(self._file, lines)
+        except OSError as exc:
+            # Nowhere to write: the reader gone (EPIPE), the terminal closed (EIO, with the
+            # SIGHUP that stops the service), the disk full. The lines are dropped, said once
+            # on standard error when it still takes it: a request, or the stop, goes on.
+            if not self._failed:
+                self._failed = True
+                with contextlib.suppress(OSError, ValueError):
+                    print(f"identity-service: log lines dropped: {exc.strerror}", file=sys.stderr)
 
 
 _output = BufferedBytesLogger(sys.stdout.buffer)

@@ -24,7 +24,9 @@ logger = structlog.get_logger(__name__)
 async def running_forwarders(
     settings: Settings, metrics: Metrics, memory: MemoryOutbox | None = None
 ) -> AsyncIterator[list[Forwarder]]:
-    """Start one forwarder per destination; on exit stop them, finishing batches in flight."""
+    """Start one forwarder per destination; on exit stop them within the shutdown timeout,
+    finishing batches in flight (the memory queues: one more attempt, then a count of what
+    is left)."""
     redis = None
     if settings.redis is not None:
         # For the rarer commands (groups, reclaim, trim, dead letters), one at a time per
@@ -85,19 +87,40 @@ async def running_forwarders(
     finally:
         for forwarder in forwarders:
             forwarder.stopping.set()
-        timeout = settings.shutdown_timeout
-        if tasks:
-            _, late = await asyncio.wait(tasks, timeout=timeout)
-            for task in late:
-                task.cancel()
-            # Nothing below may run under a forwarder still unwinding.
-            await asyncio.gather(*late, return_exceptions=True)
-        if redis is None:
-            for forwarder in forwarders:
-                await forwarder.drain(seconds=timeout)
+        # The forwarders' whole stop, the memory queues' last attempt included, takes at
+        # most shutdown_timeout: the grace period counts it once (docs/operations.md).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.shutdown_timeout
+        await _within(tasks, settings.shutdown_timeout)
+        if redis is None and memory is not None:
+            # Nothing keeps the memory queues past the process: one more attempt at what
+            # they hold, all destinations at once, in what is left of the timeout.
+            left = max(0.0, deadline - loop.time())
+            drains = [asyncio.create_task(f.drain(seconds=left)) for f in forwarders]
+            await _within(drains, left)
+            _warn_undelivered(memory)
         for forwarder in forwarders:
             await forwarder.close()
         for client in clients:
             await client.close()
         if redis is not None:
             await redis.aclose()
+
+
+async def _within(tasks: list[asyncio.Task[None]], seconds: float) -> None:
+    """Wait up to ``seconds`` for ``tasks``, then cancel those still running and wait for
+    them to unwind: nothing after may run under a forwarder still at work."""
+    if not tasks:
+        return
+    _, late = await asyncio.wait(tasks, timeout=seconds)
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*late, return_exceptions=True)
+
+
+def _warn_undelivered(memory: MemoryOutbox) -> None:
+    """Say, in one line, how many events the memory queues still hold at the stop: they
+    end with the process. Counts only, never the events or their ids."""
+    left = {queue.name: queue.undelivered for queue in memory.queues if queue.undelivered}
+    if left:
+        logger.warning("outbox_events_undelivered", events=sum(left.values()), destinations=left)

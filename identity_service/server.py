@@ -1,15 +1,15 @@
 """Running the service: one process on an event loop, or several worker processes.
 
-A worker serves the application through the HTTP front (front.py) until SIGTERM or
-SIGINT, then stops accepting, finishes the requests in flight (up to the shutdown
-timeout) and closes the store. With more than one worker the parent forks them after the
-settings are read (so they share the server secret) and they listen on one port with
-SO_REUSEPORT, the kernel spreading connections over them. The parent forwards SIGTERM
-and SIGINT to the workers; if one of them ends before that (it died, or was signalled
-alone), it stops the others and exits non-zero, so the supervisor (systemd, Kubernetes)
-restarts the whole set. The workers count their
-metrics in files of a directory the parent makes before forking (metrics.py), so a scrape
-reads every worker's counts whichever worker answers it.
+A worker serves the application through the HTTP front (front.py) until SIGTERM, SIGINT
+or SIGHUP (the terminal closed), then stops accepting, finishes the requests in flight
+(up to the shutdown timeout) and closes the store. With more than one worker the parent
+forks them after the settings are read (so they share the server secret) and they listen
+on one port with SO_REUSEPORT, the kernel spreading connections over them. The parent
+forwards SIGTERM, SIGINT and SIGHUP to the workers; if one of them ends before that (it
+died, or was signalled alone), it stops the others and exits non-zero, so the supervisor
+(systemd, Kubernetes) restarts the whole set. The workers count their metrics in files of
+a directory the parent makes before forking (metrics.py), so a scrape reads every
+worker's counts whichever worker answers it.
 """
 
 import asyncio
@@ -82,7 +82,7 @@ def run(settings: Settings, host: str, port: int, metrics_directory: str | None 
 def _run_worker(
     settings: Settings, host: str, port: int, reuse_port: bool, stop_asked: Sequence[int] = ()
 ) -> None:
-    """Serve until SIGTERM or SIGINT; ``stop_asked``: the signals noted before the loop
+    """Serve until SIGTERM, SIGINT or SIGHUP; ``stop_asked``: the signals noted before the loop
     handles them, honoured once it does."""
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
@@ -150,10 +150,10 @@ def _fork_workers(settings: Settings, host: str, port: int, metrics_directory: s
         for child in children:
             _signal(child, signum)
 
-    # SIGTERM and SIGINT (Ctrl-C reaches the whole process group) are held back until each
-    # process has its own handler: at a fork, a worker took them with the parent's, and a
-    # KeyboardInterrupt raised in a fork hook, which ignores it, left a worker that never
-    # stopped; elsewhere it was a traceback.
+    # The stop signals (Ctrl-C's SIGINT and a closed terminal's SIGHUP reach the whole
+    # process group) are held back until each process has its own handler: at a fork, a
+    # worker took them with the parent's, and a KeyboardInterrupt raised in a fork hook,
+    # which ignores it, left a worker that never stopped; elsewhere it was a traceback.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         for _ in range(settings.workers):
@@ -161,8 +161,8 @@ def _fork_workers(settings: Settings, host: str, port: int, metrics_directory: s
             if pid == 0:
                 _worker(settings, host, port)
             children.append(pid)
-        signal.signal(signal.SIGTERM, forward)
-        signal.signal(signal.SIGINT, forward)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, forward)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     status = 0
@@ -202,7 +202,7 @@ def _worker(settings: Settings, host: str, port: int) -> NoReturn:
 
 
 def _note_stop_signals() -> list[int]:
-    """The SIGTERMs and SIGINTs received from now on, until a loop handles them."""
+    """The stop signals received from now on, until a loop handles them."""
     asked: list[int] = []
 
     def note(signum: int, _frame: object) -> None:
@@ -230,7 +230,9 @@ def _die_with_parent() -> None:
 
 
 _PR_SET_PDEATHSIG = 1
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# What stops the service gracefully: SIGHUP too, sent when the terminal closes (the one
+# running `make serve`), whose default action would end the process mid-request.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 GC_YOUNG_THRESHOLD = 20_000
 
 

@@ -27,6 +27,7 @@ from identity_service.constants import outbox_key
 from identity_service.metrics import Metrics
 from identity_service.problems import PayloadTooLarge, StoreUnavailable
 from identity_service.settings import Settings
+from identity_service.stores import memory
 from identity_service.stores import resp as resp_module
 from identity_service.stores.redis import RedisStore, connect
 from tests.collector import WRITE_KEY, Collector, running_collector
@@ -539,6 +540,32 @@ async def test_a_store_error_mid_hit_answers_503_and_leaves_no_link(
     (event,) = await events_after(collector, 1)
     assert event["properties"]["anonymousId_source"] == "amp_client_id"
     assert metrics(client).value("identity_amp_links_recorded_total") == 0
+
+
+async def test_a_full_memory_store_answers_a_new_client_id_503_and_counts_the_others(
+    amp_client: AmpClientFactory, collector: Collector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each new clientId made a rate counter in the memory store, without bound. Full, it
+    answers a hit that needs a new counter 503 with Retry-After, records nothing of it, and
+    goes on counting (and serving) the clientIds it holds."""
+    monkeypatch.setattr(memory, "MAX_COUNTERS", 3)
+    client = await amp_client(limit_per_client={"requests": 2, "window_seconds": 60})
+    if client.app[app_keys.SETTINGS].redis is not None:
+        pytest.skip("Redis is bounded by its maxmemory (test_amp_store)")
+    # The address's counter and each clientId's: three in all.
+    for client_id, event in (("client-one", "One"), ("client-two", "Two")):
+        assert (await hit(client, origin=CACHE, ampId=client_id, event=event)).status == 204
+
+    refused = await hit(client, origin=CACHE, ampId="client-three", event="Refused")
+    assert refused.status == 503
+    assert refused.headers["Content-Type"] == "application/problem+json"
+    assert "Retry-After" in refused.headers
+
+    assert (await hit(client, origin=CACHE, ampId="client-one", event="Again")).status == 204
+    assert (await hit(client, origin=CACHE, ampId="client-one", event="Over")).status == 429
+    events = await events_after(collector, 3)
+    assert [event["event"] for event in events] == ["One", "Two", "Again"]
+    assert metrics(client).value("identity_store_errors_total") == 1
 
 
 async def test_a_beacon_body_as_json_or_form_is_read(

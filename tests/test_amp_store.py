@@ -4,6 +4,7 @@ webhook call queued), on the memory store (with a driven clock) and a real Redis
 
 import asyncio
 import hashlib
+import io
 import math
 import os
 import uuid
@@ -37,7 +38,7 @@ from identity_service.stores import resp as resp_module
 from identity_service.stores.memory import MemoryStore
 from identity_service.stores.redis import RedisStore
 from identity_service.streams import text
-from tests.conftest import make_settings
+from tests.conftest import log_lines, make_settings
 from tests.redis_server import RedisServer
 from tests.secrets_audit import AUDIT
 from tests.test_sealing import dump
@@ -738,3 +739,40 @@ async def test_redis_over_maxmemory_refuses_each_write_whole_and_lets_an_exchang
         await admin.config_set("maxmemory", "0")
         await admin.aclose()
         await store.close()
+
+
+async def test_memory_store_caps_rate_counters_refusing_a_new_one_whole(
+    json_log: io.BytesIO,
+) -> None:
+    """Unique clientIds made a counter each, without bound. Past ``max_counters`` live
+    counters, a hit that needs a new one is refused whole (StoreUnavailable: 503), as Redis
+    over maxmemory refuses it, and counts nothing; live counters go on counting (dropping
+    one would restart its count), and expired windows make room."""
+    assert memory.MAX_COUNTERS == 100_000
+    clock = Clock()
+    store = MemoryStore(clock=clock, max_counters=3)
+    first, second, short = new_id(), new_id(), new_id()
+    assert [c for c, _ in await store.hit([(first, 60), (second, 60)])] == [1, 1]
+    assert [c for c, _ in await store.hit([(short, 10)])] == [1]
+    with pytest.raises(StoreUnavailable, match="rate counters full"):
+        await store.hit([(new_id(), 60)])
+    with pytest.raises(StoreUnavailable):  # a known counter beside a new one: neither counts
+        await store.hit([(first, 60), (new_id(), 60)])
+    with pytest.raises(StoreUnavailable):
+        await store.hit_and_write(
+            [Counted(first, 60, 5), Counted(new_id(), 60, 5)],
+            emit=Emitted(b"hint", [{"type": "page"}], "shop"),
+        )
+    assert not any(queue.events for queue in store.outbox.queues)
+    assert [c for c, _ in await store.hit([(first, 60), (second, 60)])] == [2, 2]
+    for _ in range(1000):  # a flood of new ids: memory stays bounded
+        with pytest.raises(StoreUnavailable):
+            await store.hit([(new_id(), 60)])
+    assert len(store._counters) == 3
+    clock.now += 10  # the short window ended: its room is a new counter's
+    fresh = new_id()
+    assert [c for c, _ in await store.hit([(fresh, 60)])] == [1]
+    assert [c for c, _ in await store.hit([(first, 60), (fresh, 60)])] == [3, 2]
+    warnings = [line for line in log_lines(json_log) if line["level"] == "warning"]
+    assert [line["event"] for line in warnings] == ["memory_store_counters_full"]
+    assert warnings[0]["max_counters"] == 3

@@ -136,6 +136,25 @@ def _free_base_port() -> int:
     raise RuntimeError("no six free loopback ports in a row")
 
 
+@pytest.mark.parametrize("base", ["65530", "65535", "-1", "eighty"])
+def test_a_base_port_without_six_ports_above_it_is_refused_in_one_line(base: str) -> None:
+    """``--base-port 65530`` made the demo's settings name port 65536 and end in a
+    traceback: a base whose N+1 ... N+6 are not all ports is refused as a usage error."""
+    result = subprocess.run(
+        [sys.executable, "-m", "examples.checkout", "--base-port", base],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "python -m examples.checkout: error: argument --base-port: a number from 0 to 65529 "
+        f"(the demo listens on the 6 ports above it), not {base!r}"
+    )
+
+
 def test_the_demo_stops_when_its_node_checkouts_port_is_taken() -> None:
     """Express 5 calls app.listen's callback with the error when the port is taken: the
     Node checkout said "listening", and the demo listed it as running at an address where

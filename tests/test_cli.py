@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import pty
 import re
 import signal
 import socket
@@ -23,6 +24,8 @@ from identity_service.cli import INTERRUPTED, command_parser
 from identity_service.constants import outbox_key
 from identity_service.sources import hash_write_key
 from identity_service.stores.redis import AdminClient
+from tests.collector import WRITE_KEY as COLLECTOR_WRITE_KEY
+from tests.collector import Answer, Collector, running_collector
 from tests.conftest import CHECKOUT_URL, SECRET, WRITE_KEYS, Server, sources_env
 from tests.redis_server import RedisServer, free_port
 from tests.test_docs import code_and_prose
@@ -86,11 +89,12 @@ class Service:
     def stderr(self) -> str:
         return self.stderr_path.read_text()
 
-    def terminate(self) -> None:
-        """Send SIGTERM once; a second one would cut the graceful shutdown short."""
+    def terminate(self, signum: int = signal.SIGTERM) -> None:
+        """Send SIGTERM (or another stop signal) once; a second one would cut the graceful
+        shutdown short."""
         if self.process.poll() is None and not self.terminating:
             self.terminating = True
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(signum)
 
     def stop(self) -> int:
         self.terminate()
@@ -196,10 +200,17 @@ def test_invalid_configuration_exits_with_every_problem() -> None:
     assert "Traceback" not in result.stderr
 
 
-async def test_sigterm_finishes_the_request_in_flight(
-    tmp_path: Path, private_redis: RedisServer
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+async def test_sigterm_and_sighup_finish_the_request_in_flight(
+    tmp_path: Path, private_redis: RedisServer, signum: signal.Signals, workers: str
 ) -> None:
-    service = Service(tmp_path, redis_env(private_redis, IDENTITY_REDIS_TIMEOUT="5"))
+    """SIGHUP (the terminal running `make serve` closed) ended the process at once, the
+    request in flight unanswered; it is now a graceful stop as SIGTERM is, the parent of
+    several workers passing it on."""
+    service = Service(
+        tmp_path, redis_env(private_redis, IDENTITY_REDIS_TIMEOUT="5"), "--workers", workers
+    )
 
     blocker = socket.create_connection(("127.0.0.1", private_redis.port))
     try:
@@ -213,12 +224,13 @@ async def test_sigterm_finishes_the_request_in_flight(
         )
         await asyncio.sleep(0.5)
         assert not in_flight.done()
-        service.terminate()
+        service.terminate(signum)
         status, prepared = await in_flight
         assert status == 201 and prepared["token"]
     finally:
         blocker.close()
     assert await asyncio.to_thread(service.stop) == 0
+    assert "Traceback" not in service.stderr and "failed" not in service.stderr
 
 
 def test_hash_key_reads_the_key_from_stdin() -> None:
@@ -628,6 +640,36 @@ def test_forward_names_an_unreachable_redis_without_its_password(tmp_path: Path)
     assert password not in stdout_path.read_text() + stderr_path.read_text()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_forward_stops_gracefully_on_sigterm_and_sighup(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """SIGHUP (its terminal closed) ended ``forward`` at once (exit -1), as if killed; it
+    now stops as on SIGTERM: the forwarders stopped, exit 0."""
+    stdout_path = tmp_path / "stdout"
+    with stdout_path.open("wb") as out:
+        process = subprocess.Popen(
+            [COMMAND, "forward"],
+            env=clean_env(
+                IDENTITY_SOURCES=sources_env(),
+                IDENTITY_SECRET=SECRET,
+                IDENTITY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens
+                IDENTITY_FORWARDER_METRICS_PORT="0",
+            ),
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    try:
+        wait_for_lines(stdout_path, "forwarder_started")
+    finally:
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert wait_for_lines(stdout_path, "forwarder_stopped")
+
+
 def test_forward_warns_of_a_source_whose_events_no_destination_takes(tmp_path: Path) -> None:
     destinations = {"a": {"url": "https://api.segment.io", "write_key": "wk", "sources": ["shop"]}}
     stdout_path = tmp_path / "stdout"
@@ -837,11 +879,22 @@ def _connected_to(port: int) -> bool:
 @pytest.mark.parametrize(
     "command", [("serve",), ("serve", "--workers", "2"), ("forward",), ("outbox", "status")]
 )
+@pytest.mark.parametrize(
+    ("signum", "said"),
+    [
+        (signal.SIGINT, "interrupted"),
+        (signal.SIGTERM, "terminated"),
+        (signal.SIGHUP, "hung up"),
+    ],
+    ids=["SIGINT", "SIGTERM", "SIGHUP"],
+)
 def test_ctrl_c_while_redis_is_reached_at_start_is_said_in_one_line(
-    private_redis: RedisServer, command: tuple[str, ...]
+    private_redis: RedisServer, command: tuple[str, ...], signum: signal.Signals, said: str
 ) -> None:
     """SIGINT (Ctrl-C) while the start's check of Redis waits for an answer: it was two
-    chained tracebacks (CancelledError, then KeyboardInterrupt), and exit -2."""
+    chained tracebacks (CancelledError, then KeyboardInterrupt), and exit -2. SIGHUP (the
+    terminal closed) ended it without a word (exit -1): each is now said in one line, exit
+    128 + the signal's number, as a shell says it."""
     args = [*command, "--port", str(free_port())] if command[0] == "serve" else command
     env = redis_env(
         private_redis, IDENTITY_REDIS_TIMEOUT="20", IDENTITY_FORWARDER_METRICS_PORT="off"
@@ -855,12 +908,12 @@ def test_ctrl_c_while_redis_is_reached_at_start_is_said_in_one_line(
         while not _connected_to(private_redis.port):
             assert process.poll() is None and time.monotonic() < deadline, "never reached Redis"
             time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         stdout, stderr = process.communicate(timeout=15)
     finally:
         os.kill(private_redis.pid, signal.SIGCONT)
-    assert (process.returncode, stdout) == (130, ""), stderr
-    assert stderr.splitlines() == ["identity-service: interrupted"]
+    assert (process.returncode, stdout) == (128 + signum, ""), stderr
+    assert stderr.splitlines() == [f"identity-service: {said}"]
 
 
 def test_a_worker_that_stops_alone_stops_the_set(
@@ -900,6 +953,31 @@ def test_a_reader_gone_from_standard_output_is_not_blamed_on_redis(
     finally:
         os.close(write_end)
     assert (result.returncode, result.stderr) == (1, "")
+
+
+@pytest.mark.parametrize("args", [("serve",), ("forward",), ("new-key",), ("--version",)], ids=str)
+def test_a_closed_standard_output_is_said_in_one_line(args: tuple[str, ...]) -> None:
+    """``identity-service serve >&-``: the logging's set-up crashed in a traceback (its
+    stream None), and ``new-key`` too, once it had printed its key to nowhere. A closed
+    standard output is now refused at once, in one line, exit 2: the logs, the stdout
+    destination's events and the commands' answers all go there."""
+    port = free_port()
+    if args == ("serve",):
+        args = ("serve", "--port", str(port))
+    result = subprocess.run(
+        ["sh", "-c", 'exec "$0" "$@" >&-', COMMAND, *args],
+        env=clean_env(IDENTITY_DEV_WRITE_KEY=DEV_KEY),
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "identity-service: standard output is closed; the logs and the command's output go "
+        "there (redirect it, to /dev/null if need be)"
+    ]
+    with pytest.raises(ConnectionRefusedError):  # nothing was left listening
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
 
 
 def _as_first_process(args: list[str]) -> list[str] | None:
@@ -1015,3 +1093,160 @@ def test_credentials_redis_refuses_are_refused_at_start(tmp_path: Path, credenti
         assert "not-it" not in line and "the-right-one" not in line
     finally:
         redis.stop()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_terminal_closing_stops_serve_gracefully(
+    private_redis: RedisServer, workers: str, tmp_path: Path
+) -> None:
+    """The terminal running ``make serve`` closes: the kernel sends its processes SIGHUP,
+    and their output fails (EIO) from then on. The service died at once, the request in
+    flight unanswered; with SIGHUP a stop, the log lines that could not be written then
+    ended it in tracebacks, exit 1. It now finishes the request and exits 0, the lines it
+    could not write said once on standard error."""
+    port = free_port()
+    stderr_path = tmp_path / "stderr"
+    pid, terminal = pty.fork()  # the child: a session of its own, the terminal its own
+    if pid == 0:  # pragma: no cover - the child process
+        try:
+            os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_CREAT, 0o600), 2)
+            env = redis_env(private_redis, IDENTITY_REDIS_TIMEOUT="5")
+            args = [COMMAND, "serve", "--port", str(port), "--workers", workers]
+            os.execve(COMMAND, args, env)  # noqa: S606 - the terminal's child becomes the service
+        finally:
+            os._exit(127)
+    try:
+        deadline = time.monotonic() + 15
+        while not _accepts(port):
+            assert time.monotonic() < deadline, stderr_path.read_text()
+            time.sleep(0.05)
+        body = orjson.dumps({"anonymousId": "anon-hup-7e1a", "destination": CHECKOUT_URL})
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(
+                b"POST /v1/handoffs HTTP/1.1\r\nHost: identity\r\n"
+                + f"Authorization: Bearer {WRITE_KEYS['shop']}\r\n".encode()
+                + b"Content-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body[:5]
+            )
+            time.sleep(0.3)
+            os.close(terminal)  # the terminal closes: SIGHUP to its foreground group
+            terminal = -1
+            time.sleep(0.3)
+            client.sendall(body[5:])
+            answer = client.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 201 "), answer[:200]
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+    finally:
+        if terminal >= 0:
+            os.close(terminal)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    stderr = stderr_path.read_text()
+    assert os.waitstatus_to_exitcode(status) == 0, stderr
+    assert "Traceback" not in stderr and "failed" not in stderr, stderr
+    assert stderr.count("identity-service: log lines dropped: Input/output error") <= int(workers)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+    except OSError:
+        return False
+    return True
+
+
+def memory_outbox_env(collector: Collector, shutdown_timeout: float) -> dict[str, str]:
+    """A service on the memory store delivering to ``collector``, a failed batch retried
+    only after far longer than the test lasts."""
+    return clean_env(
+        IDENTITY_SOURCES=sources_env(),
+        IDENTITY_SECRET=SECRET,
+        IDENTITY_DESTINATION_URL=collector.url,
+        IDENTITY_DESTINATION_WRITE_KEY=COLLECTOR_WRITE_KEY,
+        IDENTITY_BATCH_MAX_WAIT="0.01",
+        IDENTITY_BACKOFF_BASE="30",
+        IDENTITY_BACKOFF_MAX="60",
+        IDENTITY_DELIVERY_TIMEOUT="5",
+        IDENTITY_SHUTDOWN_TIMEOUT=str(shutdown_timeout),
+    )
+
+
+async def prepare_handoffs(service: Service, count: int) -> None:
+    for index in range(count):
+        body = {"anonymousId": f"anon-outbox-{index}-5d2c", "destination": CHECKOUT_URL}
+        status, _ = await post(f"{service.url}/v1/handoffs", body, WRITE_KEYS["shop"])
+        assert status == 201, service.stderr
+
+
+async def first_batch(service: Service, collector: Collector) -> int:
+    """How many events the collector's first request carried, once it came."""
+    deadline = time.monotonic() + 10
+    while not collector.requests:
+        assert time.monotonic() < deadline, service.stderr
+        await asyncio.sleep(0.02)
+    return len(collector.requests[0].events)
+
+
+def undelivered_lines(service: Service) -> list[dict[str, Any]]:
+    lines = [orjson.loads(line) for line in service.stdout.splitlines() if line]
+    return [line for line in lines if line.get("event") == "outbox_events_undelivered"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+async def test_the_memory_outbox_tries_once_more_at_the_stop_and_counts_what_it_drops(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """The memory store's events still queued at SIGTERM (or SIGHUP) were dropped without
+    a word. The stop gives them one more attempt, then says in one warning line how many
+    could not be delivered: the count, never the events or their ids."""
+    async with running_collector() as collector:
+        collector.plan = [Answer(status=503)] * 10  # refuses every batch
+        service = Service(tmp_path, memory_outbox_env(collector, shutdown_timeout=5))
+        try:
+            await prepare_handoffs(service, 1)
+            per_handoff = await first_batch(service, collector)  # refused: retried in 30 s+
+            await prepare_handoffs(service, 3)
+            await asyncio.sleep(0.2)  # queued behind the refused batch
+            assert len(collector.requests) == 1
+            service.terminate(signum)
+            assert await asyncio.to_thread(service.process.wait, 20) == 0
+        finally:
+            service.stop()
+    # The last attempt: the refused batch and those queued since, refused again.
+    assert len(collector.requests) == 2, service.stderr
+    assert len(collector.requests[1].events) == 4 * per_handoff
+    assert collector.events == []
+    (warning,) = undelivered_lines(service)
+    assert warning["level"] == "warning"
+    assert (warning["events"], warning["destinations"]) == (
+        4 * per_handoff,
+        {"default": 4 * per_handoff},
+    )
+    assert set(warning) == {"event", "level", "timestamp", "events", "destinations"}
+
+
+async def test_the_memory_outbox_stops_within_the_shutdown_timeout(tmp_path: Path) -> None:
+    """The forwarders' stop waited up to the shutdown timeout for a batch in flight, then
+    gave the memory queues as long again, each destination in turn, past the grace period
+    (docs/operations.md): their whole stop now takes at most the timeout once, and what
+    it could not deliver is counted."""
+    timeout = 2.0
+    async with running_collector() as collector:
+        collector.plan = [Answer(hold=60)] * 10  # holds every batch, never answers
+        service = Service(tmp_path, memory_outbox_env(collector, shutdown_timeout=timeout))
+        try:
+            await prepare_handoffs(service, 1)
+            per_handoff = await first_batch(service, collector)
+            await prepare_handoffs(service, 3)  # queued behind the batch held
+            started = time.monotonic()
+            service.terminate()
+            assert await asyncio.to_thread(service.process.wait, 20) == 0
+            stopped = time.monotonic() - started
+        finally:
+            service.stop()
+    assert timeout <= stopped < timeout + 1.5, service.stderr
+    (warning,) = undelivered_lines(service)
+    assert warning["events"] == 4 * per_handoff

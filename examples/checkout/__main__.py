@@ -11,7 +11,13 @@ import signal
 import sys
 
 from examples.checkout.demo import DemoError, Ports, running_demo
+from identity_service.constants import MAX_PORT, MIN_PORT
 from identity_service.log_config import configure_logging
+
+# The demo listens on N+1 ... N+6: each of them a port.
+PORTS_ABOVE_BASE = 6
+MIN_BASE_PORT = MIN_PORT - 1
+MAX_BASE_PORT = MAX_PORT - PORTS_ABOVE_BASE
 
 
 def say(line: str) -> None:
@@ -33,9 +39,29 @@ async def main(base_port: int) -> None:
     say("stopped")
 
 
+def base_port(text: str) -> int:
+    """``--base-port``: a whole number whose N+1 ... N+6 are ports (a traceback quoting the
+    settings' refusal of port 65536 before)."""
+    try:
+        base = int(text)
+    except ValueError:
+        base = None
+    if base is None or not MIN_BASE_PORT <= base <= MAX_BASE_PORT:
+        raise argparse.ArgumentTypeError(
+            f"a number from {MIN_BASE_PORT} to {MAX_BASE_PORT} (the demo listens on the "
+            f"{PORTS_ABOVE_BASE} ports above it), not {text!r}"
+        )
+    return base
+
+
 def run() -> None:
     parser = argparse.ArgumentParser(prog="python -m examples.checkout", description=__doc__)
-    parser.add_argument("--base-port", type=int, default=8100, help="ports N+1 to N+6 (8100)")
+    parser.add_argument(
+        "--base-port",
+        type=base_port,
+        default=8100,
+        help=f"ports N+1 to N+6, N from {MIN_BASE_PORT} to {MAX_BASE_PORT} (8100)",
+    )
     args = parser.parse_args()
     try:
         asyncio.run(main(args.base_port))

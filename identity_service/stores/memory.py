@@ -13,6 +13,7 @@ from typing import Any, Generic, TypeVar
 import structlog
 
 from identity_service import events as ev
+from identity_service.problems import StoreUnavailable
 from identity_service.stores import (
     Claim,
     Counted,
@@ -30,6 +31,12 @@ HEAP_SLACK = 1024
 # with a cookie and a clientId keeps one, so without a cap memory grows with the visitors
 # of the last link_ttl. When full, the record that would expire soonest makes room.
 MAX_KEPT = 100_000
+# Rate counters held at most: one per client address and per AMP clientId in its window,
+# so without a cap requests with made-up clientIds grow memory without bound. When full
+# (expired windows swept first), a hit that needs a new counter is refused whole, as Redis
+# over maxmemory refuses it (503), rather than drop live counters: dropping one would
+# restart its count, and a flood of new ids would then lift every limit.
+MAX_COUNTERS = 100_000
 
 logger = structlog.get_logger(__name__)
 
@@ -53,6 +60,12 @@ class MemoryQueue:
         self.taken: dict[str, float] = {}
         self.dead_letters = 0
         self.arrived = asyncio.Event()
+
+    @property
+    def undelivered(self) -> int:
+        """The events not delivered (nor dead-lettered) yet: queued, or read and unsettled
+        (one event an entry)."""
+        return len(self.events) + len(self.taken)
 
     def wants(self, only: str | None, source: str | None = None) -> bool:
         """Whether events addressed to ``only`` (None: to every destination) from ``source``
@@ -155,6 +168,10 @@ class Expiring(Generic[V]):
         self._entries.clear()
         self._expiries.clear()
 
+    def sweep(self, now: float) -> None:
+        """Drop what has expired at ``now``."""
+        self._sweep(now)
+
     def make_room(self, now: float, limit: int) -> bool:
         """Leave fewer than ``limit`` entries: sweep what has expired at ``now``, then drop
         live entries, those that expire soonest first. Whether a live entry was dropped."""
@@ -191,15 +208,22 @@ class MemoryStore:
 
     ``clock`` gives the seconds its TTLs are counted in (a test may drive it). At most
     ``max_kept`` kept records are held: a new one beyond that drops the one that would
-    expire soonest (logged once per store).
+    expire soonest (logged once per store). At most ``max_counters`` rate counters are
+    held: a hit that needs a new one beyond that raises StoreUnavailable, counting nothing
+    (each answered 503 and logged by the middleware; the first also logged here).
     """
 
     def __init__(
-        self, clock: Callable[[], float] = time.monotonic, max_kept: int = MAX_KEPT
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        max_kept: int = MAX_KEPT,
+        max_counters: int | None = None,
     ) -> None:
         self._clock = clock
         self._max_kept = max_kept
+        self._max_counters = MAX_COUNTERS if max_counters is None else max_counters
         self._kept_full_logged = False
+        self._counters_full_logged = False
         self._records: Expiring[tuple[bytes, dict[str, Any] | None]] = Expiring()
         self._kept: Expiring[bytes] = Expiring()
         self._leases: Expiring[bytes] = Expiring()  # an AMP action record's owner, by its id
@@ -275,6 +299,7 @@ class MemoryStore:
 
     async def hit(self, counters: list[tuple[bytes, int]]) -> list[tuple[int, float]]:
         now = self._clock()
+        self._room_for_counters(counters, now)
         results: list[tuple[int, float]] = []
         for counter_id, window_seconds in counters:
             entry = self._counters.get(counter_id, now)
@@ -285,6 +310,21 @@ class MemoryStore:
             self._counters.set(counter_id, expires_at, count, now)
             results.append((count, expires_at - now))
         return results
+
+    def _room_for_counters(self, counters: list[tuple[bytes, int]], now: float) -> None:
+        """Raise StoreUnavailable, before anything is counted, when ``counters`` need more
+        new counters than there is room for once expired windows are swept."""
+        held = self._counters
+        new = {counter_id for counter_id, _ in counters if held.get(counter_id, now) is None}
+        if not new or len(held) + len(new) <= self._max_counters:
+            return
+        held.sweep(now)  # what is left is live: none of ``new`` among it
+        if len(held) + len(new) <= self._max_counters:
+            return
+        if not self._counters_full_logged:
+            self._counters_full_logged = True
+            logger.warning("memory_store_counters_full", max_counters=self._max_counters)
+        raise StoreUnavailable(f"memory store: rate counters full ({self._max_counters})")
 
     async def hit_and_write(
         self,
