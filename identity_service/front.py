@@ -453,6 +453,11 @@ class FrontProtocol(asyncio.Protocol):
             request.path = path.decode("utf-8", "surrogateescape")
         else:
             request.path = _absolute_path(request.target)
+        if b"#" in request.target:
+            # A fragment is no part of a request target (RFC 9112, 3.2), and browsers never
+            # send one (WHATWG). Read as sent, /healthz#x named no route, /healthz?x#y was
+            # /healthz with "#y" in its query, and an absolute form's was dropped.
+            raise MalformedRequest("the request target must not carry a fragment (#)")
         fields = request.fields
         expectations: list[bytes] = []
         codings: list[bytes] = []
