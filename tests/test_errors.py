@@ -264,6 +264,16 @@ async def test_wrong_method_gets_405_problem_with_allow(
     assert response.headers["Allow"]
 
 
+# Found in review: the destination's origin, the request's text, came back in the detail.
+async def test_a_refused_destination_is_not_repeated(client: AppClient) -> None:
+    raw = body(destination="https://call-0800-now.evil.example.net/")
+    response = await client.post(PREPARE, data=raw, headers={**JSON, **auth("shop")})
+    problem = await response.json(content_type=None)
+    assert_problem(response.status, response.content_type, problem, 403, "destination-not-allowed")
+    assert "evil" not in await response.text()
+    assert "'shop'" in problem["detail"]  # the source, which the key names, still is
+
+
 # Found in review: a 404 repeated the path percent-decoded, markup and all, in its detail and
 # its instance, and a 405 the method.
 async def test_no_problem_repeats_the_path_or_the_method_as_sent(client: AppClient) -> None:
