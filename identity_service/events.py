@@ -343,7 +343,8 @@ def check_exchange_sizes(facts: dict[str, Any]) -> None:
         return
     track = size_as_sent(_completed_track(_LARGEST_IDS, facts))
     _check(
-        f"{facts['event']!r} track",
+        # Not by its name, which the exchange may have sent: a problem repeats no request text.
+        "completion track",
         track,
         f"up to {track} bytes as sent (with the longest anonymousId and userId)",
     )

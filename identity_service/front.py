@@ -453,6 +453,11 @@ class FrontProtocol(asyncio.Protocol):
             request.path = path.decode("utf-8", "surrogateescape")
         else:
             request.path = _absolute_path(request.target)
+        if b"#" in request.target:
+            # A fragment is no part of a request target (RFC 9112, 3.2), and browsers never
+            # send one (WHATWG). Read as sent, /healthz#x named no route, /healthz?x#y was
+            # /healthz with "#y" in its query, and an absolute form's was dropped.
+            raise MalformedRequest("the request target must not carry a fragment (#)")
         fields = request.fields
         expectations: list[bytes] = []
         codings: list[bytes] = []
@@ -676,6 +681,7 @@ class FrontProtocol(asyncio.Protocol):
         except Exception as exc:
             problem = problem_for(exc, server.metrics, server.settings)
             status, content_type = problem.status, PROBLEM_CONTENT_TYPE
+            # A fixed route's path: the endpoint matched it byte for byte (problem_instance).
             payload = orjson.dumps(problem.body(instance=request.path))
             extra = problem.headers()
             if request.collect:

@@ -79,7 +79,10 @@ class HandoffService:
     async def prepare(self, source: Source, request: PrepareRequest) -> PreparedHandoff:
         origin = request.origin
         if not source.may_use(origin):
-            raise DestinationNotAllowed(f"source {source.name!r} may not hand off to {origin}")
+            # The origin is not named: it is the request's (a problem repeats no request text).
+            raise DestinationNotAllowed(
+                f"the destination's origin is not one that source {source.name!r} may hand off to"
+            )
         ttl = request.ttl or self._default_ttl
         now = time.time()
         prepared_at = iso_time(now)

@@ -115,7 +115,7 @@ def log_request(
 
 
 def problem_response(problem: Problem, request: web.Request) -> web.Response:
-    body = problem.body(instance=request.path)
+    body = problem.body(instance=problem_instance(request))
     headers = {**SECURITY_HEADERS, **problem.headers()}
     if request.path.startswith(AMP_PATH_PREFIX):
         # As every answer under AMP's paths: a cache must not reuse it for another origin.
@@ -126,6 +126,22 @@ def problem_response(problem: Problem, request: web.Request) -> web.Response:
         content_type=PROBLEM_CONTENT_TYPE,
         headers=headers,
     )
+
+
+def problem_instance(request: web.Request) -> str | None:
+    """The ``instance`` of a problem answered to ``request``: the path of the route it was
+    sent to when that route is a fixed path (``/v1/handoffs``), which is the service's own
+    text; None when the path holds a part the client chose (an AMP action's name) or no
+    route serves it (404), so that no answer repeats a path as sent.
+
+    The path as the router reads it (percent-decoded but for ``%2F``): a 405's matched a
+    route, though not its method; a 404's is no route's.
+    """
+    path = request.rel_url.path_safe
+    for resource in request.app.router.resources():
+        if isinstance(resource, web.PlainResource) and resource.canonical == path:
+            return path
+    return None
 
 
 def _request_id_sequence() -> Iterator[str]:
@@ -140,11 +156,13 @@ _request_ids = _request_id_sequence()
 
 def _from_http_exception(exc: web.HTTPException, request: web.Request) -> Problem:
     if isinstance(exc, web.HTTPMethodNotAllowed):
+        # The method sent is not repeated: the client chose it. Allow lists what is taken.
         allowed = sorted(exc.allowed_methods)
-        return MethodNotAllowed(f"{request.method} is not allowed here", allowed=allowed)
+        return MethodNotAllowed(f"the method must be {' or '.join(allowed)}", allowed=allowed)
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         limit = request.app[app_keys.SETTINGS].max_body_bytes
         return PayloadTooLarge(f"the body must be at most {limit} bytes")
     if isinstance(exc, web.HTTPNotFound):
-        return NotFound(f"there is nothing at {request.path}")
+        # The path is not repeated: the client chose it (docs/api.md).
+        return NotFound("no resource of the service has this path")
     return HttpError(exc.status, exc.reason)

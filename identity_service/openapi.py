@@ -320,8 +320,11 @@ _SCHEMAS: dict[str, Any] = {
             "detail": {"type": "string"},
             "instance": {
                 "type": "string",
-                "description": "The path; absent from the answers to requests that break "
-                "HTTP/1.1 or the front's limits.",
+                "description": "The path of the route the request was sent to, when it is "
+                "a fixed path, as the service spells it (never the path as sent); absent "
+                "when no route serves the path (404), from an AMP action's answers (its "
+                "path holds the name the client chose) and from the answers to requests "
+                "that break HTTP/1.1 or the front's limits.",
             },
             "errors": {
                 "type": "array",

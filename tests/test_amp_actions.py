@@ -471,6 +471,31 @@ async def test_unknown_action(amp_client: AmpClient, receiver: WebhookReceiver) 
     assert metric(client, "identity_amp_refusals_total", reason="unknown_action") == 2
 
 
+# Found in review: the problem's instance repeated the path as sent, the action's name with it.
+async def test_no_problem_of_an_action_repeats_its_name(
+    amp_client: AmpClient, receiver: WebhookReceiver
+) -> None:
+    client = await amp_client()
+    name = "%3Cimg%20src=x%20onerror=alert(1)%3E"
+    for method, path in (
+        ("POST", f"/v1/amp/actions/{name}"),
+        ("OPTIONS", f"/v1/amp/actions/{name}"),
+        ("GET", f"/v1/amp/actions/{name}/complete?token=x"),
+        ("PUT", f"/v1/amp/actions/{name}"),  # 405
+    ):
+        headers = {**FROM_CACHE, "Access-Control-Request-Method": "POST"}
+        response = await client.request(method, path, headers=headers)
+        assert response.status in (404, 405), method
+        text = await response.text()
+        assert "img" not in text and "onerror" not in text
+        assert "instance" not in await response.json(content_type=None)
+    # The path of a configured action is the client's text too: no instance either.
+    refused = await client.post(SUBMIT, data=form(), headers={"Origin": "https://evil.example"})
+    assert refused.status == 403
+    assert "instance" not in await refused.json(content_type=None)
+    assert receiver.calls == []
+
+
 async def test_the_preflight_of_an_unknown_action_is_its_posts_404(
     amp_client: AmpClient, receiver: WebhookReceiver
 ) -> None:

@@ -264,6 +264,37 @@ async def test_wrong_method_gets_405_problem_with_allow(
     assert response.headers["Allow"]
 
 
+# Found in review: the destination's origin, the request's text, came back in the detail.
+async def test_a_refused_destination_is_not_repeated(client: AppClient) -> None:
+    raw = body(destination="https://call-0800-now.evil.example.net/")
+    response = await client.post(PREPARE, data=raw, headers={**JSON, **auth("shop")})
+    problem = await response.json(content_type=None)
+    assert_problem(response.status, response.content_type, problem, 403, "destination-not-allowed")
+    assert "evil" not in await response.text()
+    assert "'shop'" in problem["detail"]  # the source, which the key names, still is
+
+
+# Found in review: a 404 repeated the path percent-decoded, markup and all, in its detail and
+# its instance, and a 405 the method.
+async def test_no_problem_repeats_the_path_or_the_method_as_sent(client: AppClient) -> None:
+    for path in ("/nope/%3Cscript%3Ealert(1)%3C/script%3E", "/v1/handoffs/%3Cscript%3E"):
+        response = await client.get(path)
+        problem = await response.json(content_type=None)
+        assert_problem(response.status, response.content_type, problem, 404, "not-found")
+        assert "script" not in await response.text()
+        assert "instance" not in problem  # no route of the service's: nothing to name
+    for method, path in (("PROPFIND", PREPARE), ("PATCH", EXCHANGE), ("PUT", "/healthz")):
+        response = await client.request(method, path)
+        problem = await response.json(content_type=None)
+        assert_problem(response.status, response.content_type, problem, 405, "method-not-allowed")
+        assert method not in problem["detail"]
+        assert problem["instance"] == path  # the route's own path
+    # A route's path spelled otherwise is named as the route's, not as sent.
+    response = await client.get("/v1/handoff%73")
+    assert response.status == 405
+    assert (await response.json(content_type=None))["instance"] == PREPARE
+
+
 def problem_classes(base: type[Problem] = Problem) -> Iterator[type[Problem]]:
     """``base`` and every problem class under it."""
     yield base

@@ -101,6 +101,16 @@ CASES = {
         b"GET /a " + MARK + b" HTTP/1.1\r\nHost: test\r\n" + AUTH + b"\r\n",
         400,
     ),
+    # Found in review: /v1/handoffs#x was served by the app (404), /v1/handoffs?x#y by
+    # the front.
+    "fragment-in-the-target": (
+        START.replace(b" HTTP", b"#" + MARK + b" HTTP") + AUTH + LENGTH + b"\r\n" + BODY,
+        400,
+    ),
+    "fragment-after-the-query": (
+        START.replace(b" HTTP", b"?a=1#" + MARK + b" HTTP") + AUTH + LENGTH + b"\r\n" + BODY,
+        400,
+    ),
     "http-2.0": (b"GET / HTTP/2.0\r\nHost: test\r\n" + AUTH + b"\r\n", 400),
     "http-0.9": (b"GET /" + MARK + b"\r\n\r\n", 400),
     "not-http-at-all": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + MARK, 400),
@@ -420,6 +430,28 @@ async def test_a_refused_target_is_answered_in_its_turn(front: AppClient) -> Non
     health = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
     answer = await exchange_raw(front, b"OPTIONS * HTTP/1.1\r\nHost: test\r\n\r\n" + health)
     problem_of(answer, 400)  # and nothing after it: the 200 was never sent
+
+
+async def test_a_target_with_a_fragment_is_refused_in_every_form(front: AppClient) -> None:
+    """/healthz#x named no route (404) while /healthz?x#y was served, "#y" in its query, and
+    an absolute form's fragment was dropped: now one answer, as for any target that is not
+    valid HTTP/1.1 (browsers never send a fragment)."""
+
+    def get(target: bytes) -> bytes:
+        return b"GET " + target + b" HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+
+    for target in (
+        b"/healthz#x",
+        b"/healthz?x#y",
+        b"/healthz#",
+        b"http://test/healthz#x",
+        b"/v1/amp/collect?ampId=a#" + MARK,
+    ):
+        answer = await exchange_raw(front, get(target))
+        assert "fragment" in str(problem_of(answer, 400)["detail"])
+        assert MARK not in answer
+    # Percent-encoded, # is a character of the path like any other.
+    assert (await exchange_raw(front, get(b"/healthz%23x"))).startswith(b"HTTP/1.1 404 ")
 
 
 async def test_a_client_that_never_reads_is_dropped(
