@@ -8,6 +8,7 @@ front); requests go to the sites over HTTP with aiohttp's client.
 
 import asyncio
 import contextlib
+import signal
 import socket
 import subprocess
 import sys
@@ -179,3 +180,35 @@ def test_the_demo_stops_when_its_node_checkouts_port_is_taken() -> None:
         f"demo: the Node checkout did not start on port {base + 6} (its error above; "
         "another --base-port?)"
     )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_the_demo_stops_on_sigterm_and_sighup(signum: signal.Signals) -> None:
+    """The terminal running ``make demo`` closing (SIGHUP) stops it as Ctrl-C does: its
+    parts stopped and their ports freed, not the demo's process ended at once."""
+    base = _free_base_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "examples.checkout", "--base-port", str(base)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("Ctrl-C stops all."):
+                break
+        else:
+            pytest.fail(
+                f"the demo did not start: {process.stderr.read() if process.stderr else ''}"
+            )
+        process.send_signal(signum)
+        rest, errors = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert (process.returncode, rest.splitlines()[-1:]) == (0, ["stopped"]), errors
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", base + 1))  # the shop's port is free again

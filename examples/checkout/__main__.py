@@ -1,4 +1,4 @@
-"""``python -m examples.checkout [--base-port N]``: run the demo until Ctrl-C (or SIGTERM).
+"""``python -m examples.checkout [--base-port N]``: run the demo until Ctrl-C (SIGTERM, SIGHUP).
 
 The shop, the two Python checkouts, the service, the collector and (with Node 20+ and
 examples/checkout/node installed) the Node checkout listen on N+1 … N+6 (N is 8100 by
@@ -7,12 +7,12 @@ default); the URLs are printed, and every event the collector receives is printe
 
 import argparse
 import asyncio
-import signal
 import sys
 
 from examples.checkout.demo import DemoError, Ports, running_demo
 from identity_service.constants import MAX_PORT, MIN_PORT
 from identity_service.log_config import configure_logging
+from identity_service.server import STOP_SIGNALS
 
 # The demo listens on N+1 ... N+6: each of them a port.
 PORTS_ABOVE_BASE = 6
@@ -28,7 +28,7 @@ async def main(base_port: int) -> None:
     configure_logging("warning")  # the service's request lines would drown the events
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:  # the service's: SIGHUP (the terminal closed) too
         loop.add_signal_handler(signum, stop.set)
     async with running_demo(Ports.from_base(base_port), echo=say) as demo:
         say("The checkout demo is running (browse the shop in Chrome/Chromium or Firefox):")
