@@ -6,6 +6,7 @@ docs/redis-topologies.md quotes them; the assertions are what must hold on every
 import asyncio
 import contextlib
 import io
+import json
 import os
 import socket
 import subprocess
@@ -44,7 +45,7 @@ from tests.conftest import CHECKOUT_URL, AppClient, auth, exchange, make_setting
 from tests.redis_server import RedisServer, free_port, free_port_pair
 from tests.redis_topologies import Cluster, Sentinels, info_field, redis_cli, wait_until
 from tests.secrets_audit import AUDIT
-from tests.test_cli import outbox_command, redis_env_for, refusal_at_start
+from tests.test_cli import events_file, outbox_command, redis_env_for, refusal_at_start
 from tests.test_resp import write_tls_files
 
 pytestmark = pytest.mark.topology
@@ -785,7 +786,8 @@ async def test_ipv6_seeds_and_sentinels_serve_handoffs(
         store = client.app[app_keys.STORE]
         assert isinstance(store, RedisStore) and isinstance(store.commands, ClusterClient)
         assert {host for host, _ in store.commands._nodes} == {"::1"}
-        status = await asyncio.to_thread(outbox_command, redis_env_for(cluster.url), "status")
+        env = redis_env_for(cluster.url, **events_file(tmp_path))
+        status = await asyncio.to_thread(outbox_command, env, "status")
         assert status.returncode == 0, status.stderr
     finally:
         cluster.stop()
@@ -1111,8 +1113,14 @@ async def test_the_forwarder_and_outbox_reach_nodes_announced_without_a_host(
             token = (await prepare(client, anonymousId=f"hostless-{number}"))["token"]
             assert (await exchange(client, token))[0] == 200
         await collector.wait_for(24, seconds=20)
-        status = await asyncio.to_thread(outbox_command, redis_env_for(cluster.url), "status")
+        env = redis_env_for(
+            cluster.url,
+            IDENTITY_DESTINATION_URL=collector.url,
+            IDENTITY_DESTINATION_WRITE_KEY=WRITE_KEY,
+        )
+        status = await asyncio.to_thread(outbox_command, env, "status", "--json")
         assert status.returncode == 0, status.stderr
+        assert [line["destination"] for line in json.loads(status.stdout)] == ["default"]
         assert await admin.set("{hostless}:k", "v")
         assert isinstance(admin, RedisCluster)
         assert {node.host for node in admin.get_nodes()} == {"127.0.0.2"}
