@@ -234,6 +234,7 @@ def forward(config: Path | None) -> int:
         return 2
     configure_logging(settings.log_level)
     _warn_unreachable(unreachable, "the forwarders retry until it does")
+    _warn_no_destination(settings)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -338,7 +339,7 @@ def _status_text(report: "list[DestinationStatus]", as_json: bool) -> str:
     if as_json:
         return orjson.dumps([status.as_json() for status in report]).decode()
     # Wide enough for the longest name (an AMP action's amp-action-<name>).
-    width = max(20, *(len(status.destination) for status in report))
+    width = max([20, *(len(status.destination) for status in report)])  # none on Redis alone
     header = f"{'destination':<{width}} {'pending':>8} {'in-flight':>10} {'dead':>8}"
     lines = [f"{header} {'oldest':>10}"]
     for s in report:
@@ -354,7 +355,7 @@ def _dead_letters_text(letters: list[dict[str, Any]], as_json: bool) -> str:
         return orjson.dumps(letters).decode()
     if not letters:
         return "no dead letters"
-    width = max(20, *(len(letter["destination"]) for letter in letters))
+    width = max([20, *(len(letter["destination"]) for letter in letters)])
     lines = [f"{'failed at':<24} {'destination':<{width}} {'attempts':>8} reason"]
     for letter in letters:
         attempts = "-" if letter["attempts"] is None else str(letter["attempts"])
@@ -391,6 +392,8 @@ def serve(host: str, port: int, config: Path | None, workers: int | None = None)
         configure_logging(settings.log_level)
         _announce(settings, host, port)
         _warn_unreachable(unreachable, "requests answer 503 until it does")
+        if settings.outbox.forwarder_in_serve:
+            _warn_no_destination(settings)
         return run(settings, host, port, metrics_directory=directory)
     except BindError as exc:
         print(f"identity-service: {exc}", file=sys.stderr)
@@ -430,6 +433,25 @@ def _warn_unreachable(unreachable: Exception | None, meanwhile: str) -> None:
     structlog.get_logger(__name__).warning("store_unreachable", reason=str(unreachable))
     print(
         f"identity-service: warning: {unreachable} does not answer; {meanwhile}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _warn_no_destination(settings: Settings) -> None:
+    """Say once, at start, that on Redis no destination takes the events: they are kept in
+    the outbox, and never printed on standard output, where the logs go (they carry ids)."""
+    if settings.redis is None or not settings.outbox.enabled:
+        return
+    if settings.outbox.events_destinations:
+        return
+    import structlog
+
+    structlog.get_logger(__name__).warning("outbox_no_destination")
+    print(
+        "identity-service: warning: no events destination: the events are kept in the Redis "
+        "outbox until one is configured (IDENTITY_DESTINATION_URL, [destinations] or "
+        "IDENTITY_EVENTS_FILE); IDENTITY_OUTBOX=off writes none",
         file=sys.stderr,
         flush=True,
     )

@@ -411,6 +411,11 @@ class OutboxSettings:
     completed_event: str = c.DEFAULT_COMPLETED_EVENT
 
     @property
+    def events_destinations(self) -> int:
+        """How many destinations receive events (the AMP actions' webhooks do not)."""
+        return sum(not destination.addressed_only for destination in self.destinations)
+
+    @property
     def routes_by_source(self) -> bool:
         """Whether some destination takes only some sources' events: then each outbox entry
         is written with its source's name, which the feeds route on."""
@@ -681,8 +686,11 @@ class _Reader:
         )
 
     def destinations(self, actions: list[Destination] | None = None) -> list[Destination]:
-        """The events' destinations (standard output when none is configured), then
-        ``actions``, the AMP actions' webhook destinations; names checked across all."""
+        """The events' destinations, then ``actions``, the AMP actions' webhook destinations;
+        names checked across all. When none is configured: standard output on the embedded
+        store (development: ``make serve`` shows its events), none on Redis, where standard
+        output is the logs, which no identity may reach: the events wait in the outbox for
+        a destination (the forwarders warn at start)."""
         found: list[Destination] = []
         single = {key: self.raw(f"destination_{key}") for key in DESTINATION_KEYS}
         if any(value is not None for value in single.values()):
@@ -708,7 +716,9 @@ class _Reader:
         events_file = self.text("events_file", None)
         if events_file is not None and self.events_file_opens(Path(events_file)):
             found.append(Destination("file", "file", path=events_file))
-        found = (found or [Destination("stdout", "stdout")]) + (actions or [])
+        if not found and not self.given("redis_url"):
+            found = [Destination("stdout", "stdout")]
+        found += actions or []
         names = [d.name for d in found]
         for name in sorted({n for n in names if names.count(n) > 1}):
             self.problems.append(f"destination name {name!r} is used twice")

@@ -55,9 +55,9 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
-def _answers_ping(port: int) -> bool:
+def _answers_ping(host: str, port: int) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+        with socket.create_connection((host, port), timeout=0.2) as sock:
             sock.sendall(b"PING\r\n")
             return sock.recv(16).startswith(b"+PONG")
     except OSError:
@@ -75,6 +75,11 @@ class RedisServer:
         self.port = port or free_port()
         self._options = {name.replace("_", "-"): value for name, value in options.items()}
         self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        """The address the helpers reach it on: the first it binds (127.0.0.1 by default)."""
+        return self._options.get("bind", "127.0.0.1").split()[0]
 
     @property
     def pid(self) -> int:
@@ -108,7 +113,7 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
-        while not _answers_ping(self.port):
+        while not _answers_ping(self.host, self.port):
             if self._process.poll() is not None or time.monotonic() > deadline:
                 log = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
                 self.stop()

@@ -62,11 +62,16 @@ class Cluster:
 
     def __init__(self, directory: Path, host: str = "127.0.0.1", **options: str) -> None:
         """``host``: the address the nodes know each other by (``::1``: IPv6, the nodes
-        listening on 127.0.0.1 too, where the helpers reach them); ``options``: more
-        redis-server settings for every node."""
+        listening on 127.0.0.1 too, where the helpers reach them, unless a ``bind`` of
+        ``host`` alone keeps them off 127.0.0.1: only :meth:`start` and :meth:`stop` then);
+        ``options``: more redis-server settings for every node."""
         self.host = host
         if host != "127.0.0.1":
             options.setdefault("bind", f"127.0.0.1 {host}")
+        if options.get("bind") == host:
+            # The bus's connections from ``host`` too: a node takes the address a MEET came
+            # from (else 127.0.0.1, where no node listens) for the sender's.
+            options.setdefault("bind_source_addr", host)
         self._directory = directory
         self._options = options
         self.nodes = [self._new_node(f"node{number}") for number in range(3)]
@@ -96,7 +101,9 @@ class Cluster:
         redis_cli("--cluster", "create", *addresses, "--cluster-yes")
         wait_until(
             lambda: all(
-                redis_cli("-p", str(node.port), "CLUSTER", "INFO").startswith("cluster_state:ok")
+                redis_cli("-h", node.host, "-p", str(node.port), "CLUSTER", "INFO").startswith(
+                    "cluster_state:ok"
+                )
                 for node in self.nodes
             ),
             30,

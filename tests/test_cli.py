@@ -45,6 +45,12 @@ def redis_env(redis: RedisServer, **extra: str) -> dict[str, str]:
     return redis_env_for(redis.url, **extra)
 
 
+def events_file(directory: Path) -> dict[str, str]:
+    """A destination (a file in ``directory``, named ``file``) for a service on Redis, which
+    without one keeps its events in the outbox and runs no forwarder."""
+    return {"IDENTITY_EVENTS_FILE": str(directory / "events.jsonl")}
+
+
 def redis_env_for(url: str, **extra: str) -> dict[str, str]:
     """The environment of a service with the test sources on the Redis of ``url``."""
     return clean_env(
@@ -233,6 +239,57 @@ async def test_sigterm_and_sighup_finish_the_request_in_flight(
     assert "Traceback" not in service.stderr and "failed" not in service.stderr
 
 
+async def test_on_redis_without_a_destination_events_wait_in_the_outbox_unprinted(
+    tmp_path: Path, private_redis: RedisServer
+) -> None:
+    """On Redis no destination means no standard output (the logs there, which no identity
+    may reach; it printed the events, ids and all): one warning at start, naming no id,
+    and the events kept in the outbox until a destination is configured, which then
+    receives them."""
+    (tmp_path / "first").mkdir()
+    service = await asyncio.to_thread(Service, tmp_path / "first", redis_env(private_redis))
+    ids = ("anon-kept-5e1d", "user-kept-90a2")
+    try:
+        status, prepared = await post(
+            f"{service.url}/v1/handoffs",
+            {"anonymousId": ids[0], "userId": ids[1], "destination": CHECKOUT_URL},
+            WRITE_KEYS["shop"],
+        )
+        assert status == 201
+        status, _ = await post(
+            f"{service.url}/v1/handoffs/exchange",
+            {"token": prepared["token"]},
+            WRITE_KEYS["checkout"],
+        )
+        assert status == 200
+        await asyncio.sleep(1.5)  # a forwarder would have delivered them by now
+    finally:
+        assert await asyncio.to_thread(service.stop) == 0
+    output = service.stdout + service.stderr
+    assert not any(identity in output for identity in ids)
+    assert "messageId" not in output
+    warnings = [line for line in service.stderr.splitlines() if "no events destination" in line]
+    assert len(warnings) == 1, service.stderr
+    logged = [line for line in service.stdout.splitlines() if "outbox_no_destination" in line]
+    assert len(logged) == 1, service.stdout
+
+    async with running_collector() as collector:
+        (tmp_path / "second").mkdir()
+        env = redis_env(
+            private_redis,
+            IDENTITY_DESTINATION_URL=collector.url,
+            IDENTITY_DESTINATION_WRITE_KEY=COLLECTOR_WRITE_KEY,
+        )
+        service = await asyncio.to_thread(Service, tmp_path / "second", env)
+        try:
+            await collector.wait_for(3, seconds=20)
+        finally:
+            assert await asyncio.to_thread(service.stop) == 0
+    assert sorted(event["type"] for event in collector.events) == ["identify", "track", "track"]
+    assert {event.get("userId") for event in collector.events} >= {ids[1]}
+    assert "no events destination" not in service.stderr
+
+
 def test_hash_key_reads_the_key_from_stdin() -> None:
     result = subprocess.run(
         [COMMAND, "hash-key"], input="my-write-key\n", capture_output=True, text=True, check=True
@@ -369,7 +426,9 @@ async def test_a_sentinel_url_whose_sentinels_do_not_answer_starts_with_a_warnin
     tmp_path: Path,
 ) -> None:
     url = f"redis+sentinel://127.0.0.1:{free_port()}/svc"  # nothing listens there
-    service = Service(tmp_path, redis_env_for(url, IDENTITY_REDIS_TIMEOUT="0.5"))
+    service = Service(
+        tmp_path, redis_env_for(url, IDENTITY_REDIS_TIMEOUT="0.5", **events_file(tmp_path))
+    )
     try:
         (warning,) = [line for line in service.stderr.splitlines() if "warning" in line]
         assert warning.startswith(f"identity-service: warning: redis at {url} (")
@@ -508,19 +567,19 @@ def outbox_command(env: dict[str, str], *args: str) -> subprocess.CompletedProce
 
 
 async def test_outbox_retire_removes_a_destination_no_longer_configured(
-    outbox_redis: Server, outbox_client: AdminClient
+    outbox_redis: Server, outbox_client: AdminClient, tmp_path: Path
 ) -> None:
     redis_client = outbox_client
     prefix = f"retire-{os.getpid()}:"
     stream = outbox_key(prefix, 5)
     await redis_client.xadd(stream, {"j": b"x"})
     await redis_client.xgroup_create(stream, "old-warehouse", id="0")
-    env = redis_env_for(outbox_redis.url, IDENTITY_REDIS_KEY_PREFIX=prefix)
+    env = redis_env_for(outbox_redis.url, IDENTITY_REDIS_KEY_PREFIX=prefix, **events_file(tmp_path))
 
     def outbox(*args: str) -> subprocess.CompletedProcess[str]:
         return outbox_command(env, *args)
 
-    still_configured = await asyncio.to_thread(outbox, "retire", "stdout")
+    still_configured = await asyncio.to_thread(outbox, "retire", "file")
     assert still_configured.returncode == 2
     assert "still configured" in still_configured.stderr
     assert (await asyncio.to_thread(outbox, "retire")).returncode == 2  # no name
@@ -577,7 +636,9 @@ async def test_serve_names_an_unreachable_redis_and_recovers_when_it_answers(
 ) -> None:
     (tmp_path / "redis").mkdir()
     redis = RedisServer(tmp_path / "redis")  # not started yet: nothing listens on its port
-    service = Service(tmp_path, redis_env(redis, IDENTITY_REDIS_TIMEOUT="0.5"))
+    service = Service(
+        tmp_path, redis_env(redis, IDENTITY_REDIS_TIMEOUT="0.5", **events_file(tmp_path))
+    )
     try:
         assert (
             f"identity-service: warning: redis at {redis.url} (ConnectionRefusedError) does not "
@@ -620,7 +681,10 @@ def test_forward_names_an_unreachable_redis_without_its_password(tmp_path: Path)
         process = subprocess.Popen(
             [COMMAND, "forward"],
             env=clean_env(
-                IDENTITY_SOURCES=sources_env(), IDENTITY_SECRET=SECRET, IDENTITY_REDIS_URL=url
+                IDENTITY_SOURCES=sources_env(),
+                IDENTITY_SECRET=SECRET,
+                IDENTITY_REDIS_URL=url,
+                **events_file(tmp_path),
             ),
             stdout=out,
             stderr=err,
@@ -810,13 +874,14 @@ async def test_a_dev_write_key_from_the_config_file_is_not_printed(tmp_path: Pat
 
 
 @pytest.mark.parametrize("action", ["status", "dead", "replay-dead", "retire"])
-def test_outbox_commands_say_when_a_cluster_cannot_be_reached(action: str) -> None:
+def test_outbox_commands_say_when_a_cluster_cannot_be_reached(action: str, tmp_path: Path) -> None:
     """No node of a Cluster answers: redis-py raises RedisClusterException, which is no
     RedisError; the command says so in one line all the same, not in a traceback."""
     env = clean_env(
         IDENTITY_REDIS_URL=f"redis+cluster://127.0.0.1:{free_port()}",  # nothing listens there
         IDENTITY_SECRET=SECRET,
         IDENTITY_SOURCES=sources_env(),
+        **events_file(tmp_path),
     )
     args = [action, "gone"] if action == "retire" else [action]
     result = outbox_command(env, *args)

@@ -210,6 +210,28 @@ def test_the_builder_installs_the_locked_dependencies_checked_by_hash(
     assert "pip install --no-index" in runs
 
 
+def test_the_wheels_are_built_with_the_pinned_build_requirements(
+    stages: list[list[Instruction]],
+) -> None:
+    """pyproject.toml's [build-system] requires (the service's and the Python SDK's) are
+    pinned, and the Dockerfile builds the service's wheel with requirements/build.txt,
+    the same pins checked by hash, not in an isolated environment: ``setuptools>=68``
+    let every build fetch whatever setuptools PyPI had that day."""
+    build_lock = (ROOT / "requirements" / "build.txt").read_text()
+    locked = set(re.findall(r"^([\w.-]+==[\w.]+) \\\n\s+--hash=sha256:", build_lock, re.M))
+    for pyproject in (ROOT / "pyproject.toml", ROOT / "clients" / "python" / "pyproject.toml"):
+        requires = tomllib.loads(pyproject.read_text())["build-system"]["requires"]
+        assert requires and all(
+            len(Requirement(r).specifier) == 1
+            and next(iter(Requirement(r).specifier)).operator == "=="
+            for r in requires
+        ), f"{pyproject}: {requires}"
+        assert set(requires) <= locked, f"{pyproject}: {requires} vs requirements/build.txt"
+    runs = " ".join(values(stages[0], "RUN"))
+    assert "pip install --require-hashes --only-binary :all: -r requirements/build.txt" in runs
+    assert "pip wheel --wheel-dir /wheels --no-build-isolation --no-deps ." in runs
+
+
 def test_the_lock_pins_every_runtime_dependency_within_pyproject() -> None:
     """requirements/image.txt covers pyproject.toml's dependencies at versions they allow,
     each with hashes: it is refreshed when the dependencies change (see the Dockerfile)."""

@@ -142,10 +142,12 @@ def documented_metrics() -> Documented:
 
 
 async def test_docs_metrics_lists_every_exposed_metric_with_its_type_and_labels(
-    client: AppClient,
+    make_client: ClientFactory, tmp_path: Path
 ) -> None:
     """Each metric /metrics exposes is in docs/metrics.md's table with its type and labels,
-    and each one the table lists is exposed."""
+    and each one the table lists is exposed (a destination's too: on Redis none is
+    configured without one)."""
+    client = await make_client(events_file=str(tmp_path / "events.jsonl"))
     documented = documented_metrics()
     token = (await prepare(client))["token"]
     assert (await exchange(client, token))[0] == 200

@@ -6,6 +6,7 @@ docs/redis-topologies.md quotes them; the assertions are what must hold on every
 import asyncio
 import contextlib
 import io
+import json
 import os
 import socket
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
 
 from identity_service import app_keys
@@ -44,7 +45,7 @@ from tests.conftest import CHECKOUT_URL, AppClient, auth, exchange, make_setting
 from tests.redis_server import RedisServer, free_port, free_port_pair
 from tests.redis_topologies import Cluster, Sentinels, info_field, redis_cli, wait_until
 from tests.secrets_audit import AUDIT
-from tests.test_cli import outbox_command, redis_env_for, refusal_at_start
+from tests.test_cli import events_file, outbox_command, redis_env_for, refusal_at_start
 from tests.test_resp import write_tls_files
 
 pytestmark = pytest.mark.topology
@@ -785,7 +786,8 @@ async def test_ipv6_seeds_and_sentinels_serve_handoffs(
         store = client.app[app_keys.STORE]
         assert isinstance(store, RedisStore) and isinstance(store.commands, ClusterClient)
         assert {host for host, _ in store.commands._nodes} == {"::1"}
-        status = await asyncio.to_thread(outbox_command, redis_env_for(cluster.url), "status")
+        env = redis_env_for(cluster.url, **events_file(tmp_path))
+        status = await asyncio.to_thread(outbox_command, env, "status")
         assert status.returncode == 0, status.stderr
     finally:
         cluster.stop()
@@ -1080,6 +1082,50 @@ async def test_a_redirection_without_a_host_is_followed_to_the_node_asked(
         assert redis_cli("-p", str(target.port), "GET", key).strip() == "after"
     finally:
         await client.close()
+        cluster.stop()
+
+
+@pytest.mark.parametrize("endpoint_type", ["unknown-endpoint", "hostname"])
+async def test_the_forwarder_and_outbox_reach_nodes_announced_without_a_host(
+    aiohttp_client: ClientMaker, tmp_path: Path, collector: Collector, endpoint_type: str
+) -> None:
+    """Nodes that announce no host (nil with ``cluster-preferred-endpoint-type
+    unknown-endpoint``; ``?`` with ``hostname`` and no ``cluster-announce-hostname``) are
+    on the host the client asked, here 127.0.0.2 and not 127.0.0.1. redis-py, which the
+    forwarder and ``identity-service outbox`` use, took a nil host for localhost and ``?``
+    for a name, and failed on a ``MOVED :<port>`` (its first keyed command gets one): its
+    consumer groups were never created, no event was delivered, and ``outbox status``
+    failed; the request path read ``?`` as a name (every request answered 503)."""
+    cluster = Cluster(
+        tmp_path, host="127.0.0.2", bind="127.0.0.2", cluster_preferred_endpoint_type=endpoint_type
+    )
+    cluster.start()
+    admin = connect(RedisSettings.from_dsn(cluster.url, timeout=3.0))
+    try:
+        settings = make_settings(
+            cluster.url,
+            destination_url=collector.url,
+            destination_write_key=WRITE_KEY,
+            batch_max_wait="0.05",
+        )
+        client = await aiohttp_client(create_app(settings))
+        for number in range(12):  # handoffs over every master
+            token = (await prepare(client, anonymousId=f"hostless-{number}"))["token"]
+            assert (await exchange(client, token))[0] == 200
+        await collector.wait_for(24, seconds=20)
+        env = redis_env_for(
+            cluster.url,
+            IDENTITY_DESTINATION_URL=collector.url,
+            IDENTITY_DESTINATION_WRITE_KEY=WRITE_KEY,
+        )
+        status = await asyncio.to_thread(outbox_command, env, "status", "--json")
+        assert status.returncode == 0, status.stderr
+        assert [line["destination"] for line in json.loads(status.stdout)] == ["default"]
+        assert await admin.set("{hostless}:k", "v")
+        assert isinstance(admin, RedisCluster)
+        assert {node.host for node in admin.get_nodes()} == {"127.0.0.2"}
+    finally:
+        await admin.aclose()
         cluster.stop()
 
 

@@ -27,18 +27,20 @@ request uses a fresh connection, so the service recovers by itself when Redis re
 """
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.connection import Connection as AsyncConnection
+from redis.asyncio.connection import SSLConnection as AsyncSSLConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.connection import SSLConnection, parse_url
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import AskError, RedisClusterException, RedisError
 
 from identity_service import events as ev
 from identity_service.constants import (
@@ -66,7 +68,14 @@ from identity_service.stores import (
 )
 from identity_service.stores.replication import Waits
 from identity_service.stores.resp import Arg, Reply, ReplyError, Script
-from identity_service.stores.topology import Commands, SentinelClient, lean_client, sentinel_clients
+from identity_service.stores.topology import (
+    UNNAMED_HOSTS,
+    Commands,
+    SentinelClient,
+    announced_host,
+    lean_client,
+    sentinel_clients,
+)
 from identity_service.urls import host_port
 
 # What a failing, stalled or unreachable Redis raises, through the lean clients (ReplyError,
@@ -235,9 +244,20 @@ def connect(settings: RedisSettings) -> AdminClient:
         node = _node_options(settings.node_url)
         node.pop("db", None)
         seeds = [ClusterNode(host, port) for host, port in settings.nodes]
-        return RedisCluster(
-            startup_nodes=seeds, max_connections=settings.max_connections, **node, **options
+        cluster = RedisCluster(
+            startup_nodes=seeds,
+            max_connections=settings.max_connections,
+            address_remap=_unnamed_on_the_seeds_host(settings.nodes),
+            **node,
+            **options,
         )
+        # The connections of the nodes made from now on (its kwargs), and the seeds'.
+        ssl = issubclass(cluster.connection_kwargs["connection_class"], AsyncSSLConnection)
+        connection_class = _ClusterSSLConnection if ssl else _ClusterConnection
+        cluster.connection_kwargs["connection_class"] = connection_class
+        for seed in cluster.nodes_manager.startup_nodes.values():
+            seed.connection_class = connection_class
+        return cluster
     if settings.topology == "sentinel":
         node = _node_options(settings.node_url)
         username, password = settings.sentinel_auth
@@ -264,6 +284,42 @@ def connect(settings: RedisSettings) -> AdminClient:
         settings.url, max_connections=settings.max_connections, timeout=settings.timeout, **options
     )
     return Redis.from_pool(pool)
+
+
+def _unnamed_on_the_seeds_host(
+    seeds: tuple[tuple[str, int], ...],
+) -> Callable[[tuple[str, int]], tuple[str, int]]:
+    """redis-py's ``address_remap`` for the nodes a Cluster names by no host (nil, "" or
+    "?": UNNAMED_HOSTS), which are on the host the client asked. redis-py took nil for
+    localhost and "?" for a name, and does not say which node it asked: the seed's host
+    of that port, else the first seed's (such a Cluster is reached on one host, each node
+    on a port of its own)."""
+    hosts = {port: host for host, port in reversed(seeds)}
+
+    def remap(address: tuple[str | None, int]) -> tuple[str, int]:
+        host, port = address
+        return announced_host(host, hosts.get(port, seeds[0][0])), port
+
+    return remap
+
+
+class _ClusterConnection(AsyncConnection):
+    """A connection to a Cluster node, reached on ``host``: a redirection to a node it names
+    by no host (``MOVED <slot> :<port>``, ``?:<port>``: UNNAMED_HOSTS) is to ``host``, where
+    redis-py found no node (its first keyed command is often redirected)."""
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except AskError as exc:  # MOVED too
+            if exc.host in UNNAMED_HOSTS:
+                exc.host = self.host
+                exc.node_addr = (self.host, exc.port)
+            raise
+
+
+class _ClusterSSLConnection(_ClusterConnection, AsyncSSLConnection):
+    """A TLS connection to a Cluster node, redirected as :class:`_ClusterConnection`."""
 
 
 def follow_master(commands: Commands, admin: AdminClient) -> None:

@@ -50,6 +50,11 @@ from identity_service.stores.resp import (
 
 logger = structlog.get_logger(__name__)
 
+# The hosts a Cluster node announces for a node it cannot name: nil (or "" before Redis 7)
+# with cluster-preferred-endpoint-type unknown-endpoint, "?" with hostname and no
+# cluster-announce-hostname. Either means the host the client reached the answering node on.
+UNNAMED_HOSTS = frozenset({"", "?"})
+
 MAX_REDIRECTS = 5
 # The answers that mean "not run here": re-sending is safe.
 REDIRECTIONS = frozenset({"MOVED", "ASK", "TRYAGAIN"})
@@ -80,6 +85,16 @@ class Commands(Protocol):
     def disconnect(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+def announced_host(announced: str | bytes | None, asked: str) -> str:
+    """The host of a node as a Cluster node that ``asked`` names announced it: ``asked``
+    itself for a node it cannot name (UNNAMED_HOSTS)."""
+    if isinstance(announced, bytes):
+        announced = announced.decode()
+    if announced is None or announced in UNNAMED_HOSTS:
+        return asked
+    return announced
 
 
 def lean_client(settings: RedisSettings, timeout: float) -> Commands:
@@ -321,9 +336,8 @@ class ClusterClient:
         slots: list[RespClient | None] = [None] * CLUSTER_SLOTS
         masters: dict[RespClient, None] = {}
         for start, end, master, *_replicas in reply:
-            # No host (nil, or "" before Redis 7): the node asked, on another port maybe
-            # (cluster-preferred-endpoint-type unknown-endpoint).
-            host = master[0].decode() if master[0] else address[0]
+            # No host: the node asked's, on another port maybe (UNNAMED_HOSTS).
+            host = announced_host(master[0], address[0])
             node = self._node((host, int(master[1])))
             masters[node] = None
             slots[start : end + 1] = [node] * (end + 1 - start)
@@ -332,9 +346,9 @@ class ClusterClient:
 
     def _node_at(self, where: str, asked: RespClient) -> RespClient:
         """The node of a redirection's ``<slot> <host>:<port>`` that ``asked`` answered; no
-        host (``:<port>``, cluster-preferred-endpoint-type unknown-endpoint) is ``asked``'s."""
+        host (``:<port>`` or ``?:<port>``: UNNAMED_HOSTS) is ``asked``'s."""
         host, _, port = where.split(" ")[-1].rpartition(":")
-        return self._node((host or self._hosts[asked], int(port)))
+        return self._node((announced_host(host, self._hosts[asked]), int(port)))
 
     def _node(self, address: tuple[str, int]) -> RespClient:
         node = self._nodes.get(address)
