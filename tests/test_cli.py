@@ -719,6 +719,7 @@ def test_forward_stops_gracefully_on_sigterm_and_sighup(
                 IDENTITY_SECRET=SECRET,
                 IDENTITY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens
                 IDENTITY_FORWARDER_METRICS_PORT="0",
+                **events_file(tmp_path),
             ),
             stdout=out,
             stderr=subprocess.PIPE,
