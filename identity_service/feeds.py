@@ -159,6 +159,9 @@ class RedisFeed:
         self._commands = commands
         self._prefix = prefix
         self._group = destination
+        # ``only`` is compared as Redis holds it: decoding it per entry would cost more, and
+        # one that is not UTF-8 (a damaged or hand-made entry) would raise out of the read.
+        self._only = destination.encode()
         # Every configured destination's group exists before anything is trimmed, so a
         # destination whose forwarder has not started yet loses nothing.
         self._groups = sorted({destination, *all_destinations})
@@ -417,7 +420,7 @@ class RedisFeed:
         """Whether an entry addressed to ``only`` (None: to every destination) from
         ``source`` (None: written without one) is ours."""
         if only is not None:
-            return only.decode() == self._group
+            return only == self._only
         if self._addressed_only:
             return False
         return self._sources is None or source is None or source in self._sources

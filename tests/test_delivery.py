@@ -979,3 +979,43 @@ async def test_a_webhook_batch_longer_than_the_reclaim_idle_time_stays_its_forwa
         await redis_client.delete(*streams)
     sent = [m for sink in sinks for batch in sink.sent for m in batch]
     assert sorted(sent) == [f"call-{number}" for number in range(6)]
+
+
+async def test_an_entry_whose_only_is_not_utf8_blocks_nothing(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    """``only`` is not sealed: a damaged or hand-made entry may hold bytes that are not
+    UTF-8. It is another destination's (acknowledged and skipped), not an error raised out
+    of the read, which left every entry of that read pending, reclaimed with it and raised
+    again, for ever: the events beside it were never delivered, the stream never trimmed."""
+    prefix = f"only-bytes-{os.getpid()}:"
+    sealer = OutboxSealer(SECRET.encode())
+    streams = [outbox_key(prefix, shard) for shard in range(KEY_SHARDS)]
+    stream = streams[0]
+    await redis_client.xgroup_create(stream, "default", id="0", mkstream=True)
+
+    def queued(message_id: str) -> dict[Any, Any]:
+        event = {"type": "track", "event": "Queued", "messageId": message_id}
+        return {"j": sealer.seal(json.dumps(event).encode())}
+
+    await redis_client.xadd(stream, queued("before"))
+    await redis_client.xadd(stream, {**queued("damaged"), "only": b"\xffdefault"})
+    await redis_client.xadd(stream, queued("after"))
+    settings = OutboxSettings(batch_max_wait=0.01, reclaim_idle=0.5)
+    commands = RespClient(redis_server.url, timeout=3.0)
+    feed = RedisFeed(redis_client, commands, prefix, "default", sealer, 0.5, ["default"])
+    sink = AnsweringSink()
+    forwarder = Forwarder("default", feed, sink, settings, Metrics())
+    task = asyncio.create_task(forwarder.run())
+    try:
+        for _ in range(150):
+            if sink.sent:
+                break
+            await asyncio.sleep(0.02)
+        assert [m for batch in sink.sent for m in batch] == ["before", "after"]
+        assert (await redis_client.xpending(stream, "default"))["pending"] == 0
+    finally:
+        forwarder.stopping.set()
+        await task
+        await commands.close()
+        await redis_client.delete(*streams)
