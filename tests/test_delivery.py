@@ -1019,3 +1019,38 @@ async def test_an_entry_whose_only_is_not_utf8_blocks_nothing(
         await task
         await commands.close()
         await redis_client.delete(*streams)
+
+
+async def test_replay_dead_moves_a_page_at_a_time_up_to_where_it_started(
+    private_redis: RedisServer,
+) -> None:
+    """`replay-dead` read each dead-letter stream whole in one XRANGE: Redis built the
+    whole reply in its memory (a day of refusals is gigabytes, on the Redis that holds the
+    outbox) and the command held it in its own. Here the reply's limit on a client is 1 MB:
+    the whole-stream read was cut off and nothing moved. Letters added while it runs (the
+    destination refusing them again) wait for the next replay."""
+    redis_client = Redis.from_url(private_redis.url)
+    prefix = "replay-pages:"
+    dead = dead_letter_key(prefix, 3, "default")
+    stream = outbox_key(prefix, 3)
+    try:
+        await redis_client.config_set("client-output-buffer-limit", "normal 1mb 1mb 0")
+        letter = {"j": os.urandom(20_000), "reason": b"http 400", "failed_at": b"1"}
+        for _ in range(120):
+            await redis_client.xadd(dead, letter)  # type: ignore[arg-type]
+        xrange = redis_client.xrange
+
+        async def refused_again(*args: Any, **options: Any) -> Any:
+            # The destination refuses the replayed letters at once: a letter comes back.
+            await redis_client.xadd(dead, letter)  # type: ignore[arg-type]
+            return await xrange(*args, **options)
+
+        redis_client.xrange = refused_again  # type: ignore[method-assign]
+        assert await replay_dead(redis_client, prefix, ["default"]) == 120
+        redis_client.xrange = xrange  # type: ignore[method-assign]
+        assert await redis_client.xlen(stream) == 120
+        assert await redis_client.xlen(dead) > 0  # the letters that came back meanwhile
+        (_, fields), *_ = await entries(redis_client, stream, count=1)
+        assert fields == {b"j": letter["j"], b"only": b"default"}
+    finally:
+        await redis_client.aclose()
