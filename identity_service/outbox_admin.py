@@ -18,6 +18,8 @@ from identity_service.streams import entries, parse_id, text
 PAYLOAD_FIELDS = (b"j", b"e", b"t", b"p")
 # Dead letters read at a time by `outbox dead` (each holds its events, up to 32 KB a letter).
 DEAD_LETTER_PAGE = 50
+# Unread entries counted at a time by `outbox status` where Redis cannot say a group's lag.
+STATUS_PAGE = 100
 # Dead letters moved at a time by `outbox replay-dead`, in one transaction.
 REPLAY_PAGE = 50
 # A failed_at past this (year 9999) is not a time: the entry id's is taken instead.
@@ -95,8 +97,8 @@ async def _shard_status(
     last = text(group["last-delivered-id"])
     unread = await entries(redis, stream, min=f"({last}", count=1)
     lag = group.get("lag")
-    if lag is None:
-        lag = len(await entries(redis, stream, min=f"({last}"))
+    if lag is None:  # before Redis 7, or entries deleted past the group's last read
+        lag = await _count_after(redis, stream, last)
     status.pending += lag
     status.in_flight += group["pending"]
     candidates = [parse_id(unread[0][0])[0]] if unread else []
@@ -104,6 +106,19 @@ async def _shard_status(
     if oldest is not None:
         candidates.append(parse_id(oldest)[0])
     return min(candidates) if candidates else None
+
+
+async def _count_after(redis: AdminClient, stream: str, last: str) -> int:
+    """The entries after ``last``, read ``STATUS_PAGE`` at a time: in one read, Redis
+    built a reply of the whole backlog in its memory (the command is run when the backlog
+    is long), and the command held it in its own."""
+    count, after = 0, f"({last}"
+    while True:
+        page = await entries(redis, stream, min=after, count=STATUS_PAGE)
+        count += len(page)
+        if len(page) < STATUS_PAGE:
+            return count
+        after = f"({text(page[-1][0])}"
 
 
 @dataclass(slots=True)

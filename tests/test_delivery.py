@@ -1054,3 +1054,28 @@ async def test_replay_dead_moves_a_page_at_a_time_up_to_where_it_started(
         assert fields == {b"j": letter["j"], b"only": b"default"}
     finally:
         await redis_client.aclose()
+
+
+async def test_outbox_status_counts_a_backlog_redis_cannot_say_in_pages(
+    private_redis: RedisServer,
+) -> None:
+    """Where Redis cannot say a group's lag (before Redis 7, or an entry deleted past its
+    last read), `outbox status` counted the unread entries by reading them all in one
+    XRANGE: a reply the size of the backlog, built whole in Redis's memory, when the
+    command is run because the backlog is long. Here a client's replies may hold 1 MB: the
+    whole read was cut off and the command failed."""
+    redis_client = Redis.from_url(private_redis.url)
+    prefix = "status-pages:"
+    stream = outbox_key(prefix, 5)
+    try:
+        await redis_client.config_set("client-output-buffer-limit", "normal 1mb 1mb 0")
+        ids = [await redis_client.xadd(stream, {"j": os.urandom(5_000)}) for _ in range(400)]
+        await redis_client.xgroup_create(stream, "default", id="0")
+        await redis_client.xreadgroup("default", "forwarder", {stream: ">"}, count=1)
+        await redis_client.xdel(stream, ids[100])
+        (group,) = await redis_client.xinfo_groups(stream)
+        assert group["lag"] is None
+        (status,) = await outbox_status(redis_client, prefix, ["default"])
+        assert (status.pending, status.in_flight) == (398, 1)
+    finally:
+        await redis_client.aclose()
