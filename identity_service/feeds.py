@@ -396,7 +396,12 @@ class RedisFeed:
     async def _decode_all(self, stream: str, messages: list[Any]) -> list[FeedEntry]:
         entries, poisoned, not_ours = [], [], []
         for entry_id, fields in messages:
-            if fields is None:  # deleted while pending
+            if fields is None:
+                # Deleted while pending (an XDEL): Redis 6.2's XAUTOCLAIM hands it back
+                # without fields and keeps it pending (7.0 drops it from the PEL itself).
+                # Acknowledged, or it would stay the group's oldest pending entry, and no
+                # trim would pass it again.
+                not_ours.append(text(entry_id))
                 continue
             entry = FeedEntry(text(entry_id), stream, [], fields)
             if not self._wanted(fields.get(b"only"), fields.get(b"s")):

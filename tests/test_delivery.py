@@ -1079,3 +1079,29 @@ async def test_outbox_status_counts_a_backlog_redis_cannot_say_in_pages(
         assert (status.pending, status.in_flight) == (398, 1)
     finally:
         await redis_client.aclose()
+
+
+async def test_an_entry_deleted_while_pending_is_acknowledged_not_left_pending(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    """An entry deleted while pending (an operator's XDEL of a poison entry) comes back from
+    Redis 6.2's XAUTOCLAIM without fields, and stays pending there (7.0 drops it from the
+    pending list itself). It was skipped and left pending: the group's oldest pending entry
+    for ever, below which the stream is trimmed, so the outbox was never trimmed again.
+    Here the reply is 6.2's (this Redis is newer); the pending list is Redis's own."""
+    prefix = f"deleted-pending-{os.getpid()}:"
+    sealer = OutboxSealer(SECRET.encode())
+    stream = outbox_key(prefix, 0)
+    await redis_client.xgroup_create(stream, "default", id="0", mkstream=True)
+    deleted = await redis_client.xadd(stream, {"j": b"poison"})
+    await redis_client.xreadgroup("default", "dead-forwarder", {stream: ">"})
+    await redis_client.xdel(stream, deleted)
+    commands = RespClient(redis_server.url, timeout=3.0)
+    feed = RedisFeed(redis_client, commands, prefix, "default", sealer, 0.5, ["default"])
+    try:
+        assert (await redis_client.xpending(stream, "default"))["pending"] == 1
+        assert await feed._decode_all(stream, [(deleted, None)]) == []
+        assert (await redis_client.xpending(stream, "default"))["pending"] == 0
+    finally:
+        await commands.close()
+        await redis_client.delete(stream)
