@@ -109,12 +109,15 @@ async def _shard_status(
 
 
 async def _count_after(redis: AdminClient, stream: str, last: str) -> int:
-    """The entries after ``last``, read ``STATUS_PAGE`` at a time: in one read, Redis
-    built a reply of the whole backlog in its memory (the command is run when the backlog
-    is long), and the command held it in its own."""
-    count, after = 0, f"({last}"
+    """The entries after ``last`` up to the newest one now, read ``STATUS_PAGE`` at a
+    time: in one read, Redis built a reply of the whole backlog in its memory (the command
+    is run when the backlog is long), and the command held it in its own."""
+    newest: Any = await redis.xrevrange(stream, count=1)
+    if not newest:
+        return 0
+    count, after, end = 0, f"({last}", text(newest[0][0])
     while True:
-        page = await entries(redis, stream, min=after, count=STATUS_PAGE)
+        page = await entries(redis, stream, min=after, max=end, count=STATUS_PAGE)
         count += len(page)
         if len(page) < STATUS_PAGE:
             return count
