@@ -8,6 +8,7 @@ import sys
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 import pytest
@@ -388,10 +389,12 @@ async def test_standard_output_that_cannot_be_written_is_a_failed_attempt(
 async def raw_destination(head: bytes, body: bytes, hang: bool) -> AsyncIterator[str]:
     """An HTTP server that reads a request, answers ``head`` then ``body`` (in 64 KiB
     writes) and, with ``hang``, never ends the answer; its URL."""
-    writers: list[asyncio.StreamWriter] = []
+    answering: list[asyncio.Task[Any]] = []
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        answering.append(task)
         length = 0
         while (line := await reader.readline()) not in (b"\r\n", b""):
             if line.lower().startswith(b"content-length:"):
@@ -410,9 +413,10 @@ async def raw_destination(head: bytes, body: bytes, hang: bool) -> AsyncIterator
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        for writer in writers:
-            writer.close()
         server.close()
+        for task in answering:
+            task.cancel()
+        await asyncio.gather(*answering, return_exceptions=True)
 
 
 async def test_a_2xx_whose_body_never_ends_is_delivered_not_retried() -> None:
