@@ -159,6 +159,9 @@ class RedisFeed:
         self._commands = commands
         self._prefix = prefix
         self._group = destination
+        # ``only`` is compared as Redis holds it: decoding it per entry would cost more, and
+        # one that is not UTF-8 (a damaged or hand-made entry) would raise out of the read.
+        self._only = destination.encode()
         # Every configured destination's group exists before anything is trimmed, so a
         # destination whose forwarder has not started yet loses nothing.
         self._groups = sorted({destination, *all_destinations})
@@ -393,7 +396,12 @@ class RedisFeed:
     async def _decode_all(self, stream: str, messages: list[Any]) -> list[FeedEntry]:
         entries, poisoned, not_ours = [], [], []
         for entry_id, fields in messages:
-            if fields is None:  # deleted while pending
+            if fields is None:
+                # Deleted while pending (an XDEL): Redis 6.2's XAUTOCLAIM hands it back
+                # without fields and keeps it pending (7.0 drops it from the PEL itself).
+                # Acknowledged, or it would stay the group's oldest pending entry, and no
+                # trim would pass it again.
+                not_ours.append(text(entry_id))
                 continue
             entry = FeedEntry(text(entry_id), stream, [], fields)
             if not self._wanted(fields.get(b"only"), fields.get(b"s")):
@@ -417,7 +425,7 @@ class RedisFeed:
         """Whether an entry addressed to ``only`` (None: to every destination) from
         ``source`` (None: written without one) is ours."""
         if only is not None:
-            return only.decode() == self._group
+            return only == self._only
         if self._addressed_only:
             return False
         return self._sources is None or source is None or source in self._sources

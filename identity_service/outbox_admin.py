@@ -18,6 +18,10 @@ from identity_service.streams import entries, parse_id, text
 PAYLOAD_FIELDS = (b"j", b"e", b"t", b"p")
 # Dead letters read at a time by `outbox dead` (each holds its events, up to 32 KB a letter).
 DEAD_LETTER_PAGE = 50
+# Unread entries counted at a time by `outbox status` where Redis cannot say a group's lag.
+STATUS_PAGE = 100
+# Dead letters moved at a time by `outbox replay-dead`, in one transaction.
+REPLAY_PAGE = 50
 # A failed_at past this (year 9999) is not a time: the entry id's is taken instead.
 MAX_TIME_MS = 253_402_300_799_000
 
@@ -93,8 +97,8 @@ async def _shard_status(
     last = text(group["last-delivered-id"])
     unread = await entries(redis, stream, min=f"({last}", count=1)
     lag = group.get("lag")
-    if lag is None:
-        lag = len(await entries(redis, stream, min=f"({last}"))
+    if lag is None:  # before Redis 7, or entries deleted past the group's last read
+        lag = await _count_after(redis, stream, last)
     status.pending += lag
     status.in_flight += group["pending"]
     candidates = [parse_id(unread[0][0])[0]] if unread else []
@@ -102,6 +106,22 @@ async def _shard_status(
     if oldest is not None:
         candidates.append(parse_id(oldest)[0])
     return min(candidates) if candidates else None
+
+
+async def _count_after(redis: AdminClient, stream: str, last: str) -> int:
+    """The entries after ``last`` up to the newest one now, read ``STATUS_PAGE`` at a
+    time: in one read, Redis built a reply of the whole backlog in its memory (the command
+    is run when the backlog is long), and the command held it in its own."""
+    newest: Any = await redis.xrevrange(stream, count=1)
+    if not newest:
+        return 0
+    count, after, end = 0, f"({last}", text(newest[0][0])
+    while True:
+        page = await entries(redis, stream, min=after, max=end, count=STATUS_PAGE)
+        count += len(page)
+        if len(page) < STATUS_PAGE:
+            return count
+        after = f"({text(page[-1][0])}"
 
 
 @dataclass(slots=True)
@@ -200,15 +220,34 @@ async def replay_dead(
             ),
             *legacy_dead_letters(redis, prefix, destination, shards),
         ]:
-            for entry_id, fields in await entries(redis, dead):
-                payload = {k: v for k, v in fields.items() if k in PAYLOAD_FIELDS}
-                payload[b"only"] = destination.encode()
-                async with redis.pipeline(transaction=True) as pipe:
-                    pipe.xadd(stream, payload)  # type: ignore[arg-type]
-                    pipe.xdel(dead, entry_id)
-                    await pipe.execute()
-                moved += 1
+            moved += await _replay(redis, stream, dead, destination.encode())
     return moved
+
+
+async def _replay(redis: AdminClient, stream: str, dead: str, only: bytes) -> int:
+    """Move ``dead``'s letters to ``stream`` a page at a time, up to the newest there when
+    it starts: a letter dead-lettered again meanwhile waits for the next replay (reading to
+    the end would move it again and again while the destination refuses it), and no reply
+    holds the whole stream (each letter is up to a batch's events; Redis builds a reply
+    whole in its memory, then the command's in its own)."""
+    newest: Any = await redis.xrevrange(dead, count=1)
+    if not newest:
+        return 0
+    moved, after = 0, "-"
+    while True:
+        page = await entries(redis, dead, min=after, max=text(newest[0][0]), count=REPLAY_PAGE)
+        if not page:
+            return moved
+        # One transaction a page: each letter is in the outbox or dead, never both.
+        async with redis.pipeline(transaction=True) as pipe:
+            for entry_id, fields in page:
+                payload = {k: v for k, v in fields.items() if k in PAYLOAD_FIELDS}
+                payload[b"only"] = only
+                pipe.xadd(stream, payload)  # type: ignore[arg-type]
+                pipe.xdel(dead, entry_id)
+            await pipe.execute()
+        moved += len(page)
+        after = f"({text(page[-1][0])}"
 
 
 async def retire_destination(

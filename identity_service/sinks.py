@@ -39,6 +39,9 @@ class Delivery:
 DELIVERED = Delivery("delivered")
 USER_AGENT = f"identity-service/{__version__}"
 MAX_RETRY_AFTER_SECONDS = 3600.0
+# How much of an answer's body is read (and dropped: the status is the answer), so the
+# connection goes back to the pool; a longer body closes the connection instead.
+MAX_ANSWER_BYTES = 64 * 1024
 
 
 class Sink(Protocol):
@@ -134,13 +137,34 @@ class WebhookSink:
 async def post(
     session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
 ) -> Delivery:
-    """POST ``body`` (redirects not followed) and classify the answer, or the failure."""
+    """POST ``body`` (redirects not followed) and classify the answer, or the failure.
+
+    The status line and headers are the answer: a 2xx is delivered whatever its body does
+    next (too long, sent slowly or never ended), not a timeout that sends the batch again
+    and again until it is dead-lettered; a body is never held whole in memory."""
     try:
         async with session.post(url, data=body, headers=headers, allow_redirects=False) as answer:
-            await answer.read()
-            return classify(answer.status, answer.headers.get("Retry-After"))
+            delivery = classify(answer.status, answer.headers.get("Retry-After"))
+            await _drain(answer)
+            return delivery
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         return Delivery("retry", reason=type(exc).__name__)
+
+
+async def _drain(answer: aiohttp.ClientResponse) -> None:
+    """Read and drop up to ``MAX_ANSWER_BYTES`` of the body, so the connection can be
+    used again; a longer one, or one that fails or times out, closes the connection."""
+    left = MAX_ANSWER_BYTES
+    try:
+        while left > 0:
+            chunk = await answer.content.read(left)
+            if not chunk:
+                return
+            left -= len(chunk)
+        if not answer.content.at_eof():
+            answer.close()
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        answer.close()
 
 
 def classify(status: int, retry_after: str | None) -> Delivery:

@@ -979,3 +979,129 @@ async def test_a_webhook_batch_longer_than_the_reclaim_idle_time_stays_its_forwa
         await redis_client.delete(*streams)
     sent = [m for sink in sinks for batch in sink.sent for m in batch]
     assert sorted(sent) == [f"call-{number}" for number in range(6)]
+
+
+async def test_an_entry_whose_only_is_not_utf8_blocks_nothing(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    """``only`` is not sealed: a damaged or hand-made entry may hold bytes that are not
+    UTF-8. It is another destination's (acknowledged and skipped), not an error raised out
+    of the read, which left every entry of that read pending, reclaimed with it and raised
+    again, for ever: the events beside it were never delivered, the stream never trimmed."""
+    prefix = f"only-bytes-{os.getpid()}:"
+    sealer = OutboxSealer(SECRET.encode())
+    streams = [outbox_key(prefix, shard) for shard in range(KEY_SHARDS)]
+    stream = streams[0]
+    await redis_client.xgroup_create(stream, "default", id="0", mkstream=True)
+
+    def queued(message_id: str) -> dict[Any, Any]:
+        event = {"type": "track", "event": "Queued", "messageId": message_id}
+        return {"j": sealer.seal(json.dumps(event).encode())}
+
+    await redis_client.xadd(stream, queued("before"))
+    await redis_client.xadd(stream, {**queued("damaged"), "only": b"\xffdefault"})
+    await redis_client.xadd(stream, queued("after"))
+    settings = OutboxSettings(batch_max_wait=0.01, reclaim_idle=0.5)
+    commands = RespClient(redis_server.url, timeout=3.0)
+    feed = RedisFeed(redis_client, commands, prefix, "default", sealer, 0.5, ["default"])
+    sink = AnsweringSink()
+    forwarder = Forwarder("default", feed, sink, settings, Metrics())
+    task = asyncio.create_task(forwarder.run())
+    try:
+        for _ in range(150):
+            if sink.sent:
+                break
+            await asyncio.sleep(0.02)
+        assert [m for batch in sink.sent for m in batch] == ["before", "after"]
+        assert (await redis_client.xpending(stream, "default"))["pending"] == 0
+    finally:
+        forwarder.stopping.set()
+        await task
+        await commands.close()
+        await redis_client.delete(*streams)
+
+
+async def test_replay_dead_moves_a_page_at_a_time_up_to_where_it_started(
+    private_redis: RedisServer,
+) -> None:
+    """`replay-dead` read each dead-letter stream whole in one XRANGE: Redis built the
+    whole reply in its memory (a day of refusals is gigabytes, on the Redis that holds the
+    outbox) and the command held it in its own. Here the reply's limit on a client is 1 MB:
+    the whole-stream read was cut off and nothing moved. Letters added while it runs (the
+    destination refusing them again) wait for the next replay."""
+    redis_client = Redis.from_url(private_redis.url)
+    prefix = "replay-pages:"
+    dead = dead_letter_key(prefix, 3, "default")
+    stream = outbox_key(prefix, 3)
+    try:
+        await redis_client.config_set("client-output-buffer-limit", "normal 1mb 1mb 0")
+        letter = {"j": os.urandom(20_000), "reason": b"http 400", "failed_at": b"1"}
+        for _ in range(120):
+            await redis_client.xadd(dead, letter)  # type: ignore[arg-type]
+        xrange = redis_client.xrange
+
+        async def refused_again(*args: Any, **options: Any) -> Any:
+            # The destination refuses the replayed letters at once: a letter comes back.
+            await redis_client.xadd(dead, letter)  # type: ignore[arg-type]
+            return await xrange(*args, **options)
+
+        redis_client.xrange = refused_again  # type: ignore[method-assign]
+        assert await replay_dead(redis_client, prefix, ["default"]) == 120
+        redis_client.xrange = xrange  # type: ignore[method-assign]
+        assert await redis_client.xlen(stream) == 120
+        assert await redis_client.xlen(dead) > 0  # the letters that came back meanwhile
+        (_, fields), *_ = await entries(redis_client, stream, count=1)
+        assert fields == {b"j": letter["j"], b"only": b"default"}
+    finally:
+        await redis_client.aclose()
+
+
+async def test_outbox_status_counts_a_backlog_redis_cannot_say_in_pages(
+    private_redis: RedisServer,
+) -> None:
+    """Where Redis cannot say a group's lag (before Redis 7, or an entry deleted past its
+    last read), `outbox status` counted the unread entries by reading them all in one
+    XRANGE: a reply the size of the backlog, built whole in Redis's memory, when the
+    command is run because the backlog is long. Here a client's replies may hold 1 MB: the
+    whole read was cut off and the command failed."""
+    redis_client = Redis.from_url(private_redis.url)
+    prefix = "status-pages:"
+    stream = outbox_key(prefix, 5)
+    try:
+        await redis_client.config_set("client-output-buffer-limit", "normal 1mb 1mb 0")
+        ids = [await redis_client.xadd(stream, {"j": os.urandom(5_000)}) for _ in range(400)]
+        await redis_client.xgroup_create(stream, "default", id="0")
+        await redis_client.xreadgroup("default", "forwarder", {stream: ">"}, count=1)
+        await redis_client.xdel(stream, ids[100])
+        (group,) = await redis_client.xinfo_groups(stream)
+        assert group["lag"] is None
+        (status,) = await outbox_status(redis_client, prefix, ["default"])
+        assert (status.pending, status.in_flight) == (398, 1)
+    finally:
+        await redis_client.aclose()
+
+
+async def test_an_entry_deleted_while_pending_is_acknowledged_not_left_pending(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    """An entry deleted while pending (an operator's XDEL of a poison entry) comes back from
+    Redis 6.2's XAUTOCLAIM without fields, and stays pending there (7.0 drops it from the
+    pending list itself). It was skipped and left pending: the group's oldest pending entry
+    for ever, below which the stream is trimmed, so the outbox was never trimmed again.
+    Here the reply is 6.2's (this Redis is newer); the pending list is Redis's own."""
+    prefix = f"deleted-pending-{os.getpid()}:"
+    sealer = OutboxSealer(SECRET.encode())
+    stream = outbox_key(prefix, 0)
+    await redis_client.xgroup_create(stream, "default", id="0", mkstream=True)
+    deleted = await redis_client.xadd(stream, {"j": b"poison"})
+    await redis_client.xreadgroup("default", "dead-forwarder", {stream: ">"})
+    await redis_client.xdel(stream, deleted)
+    commands = RespClient(redis_server.url, timeout=3.0)
+    feed = RedisFeed(redis_client, commands, prefix, "default", sealer, 0.5, ["default"])
+    try:
+        assert (await redis_client.xpending(stream, "default"))["pending"] == 1
+        assert await feed._decode_all(stream, [(deleted, None)]) == []
+        assert (await redis_client.xpending(stream, "default"))["pending"] == 0
+    finally:
+        await commands.close()
+        await redis_client.delete(stream)

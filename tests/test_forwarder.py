@@ -6,7 +6,9 @@ import gc
 import os
 import sys
 import time
+import tracemalloc
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 import pytest
@@ -23,10 +25,12 @@ from identity_service.feeds import FeedEntry, MemoryFeed
 from identity_service.forwarder import Forwarder
 from identity_service.metrics import Metrics
 from identity_service.scrape import memory_backlog
-from identity_service.settings import OutboxSettings
+from identity_service.settings import Destination, OutboxSettings
 from identity_service.sinks import (
     DELIVERED,
+    MAX_ANSWER_BYTES,
     Delivery,
+    HttpSink,
     StdoutSink,
     batch_body,
     classify,
@@ -379,3 +383,68 @@ async def test_standard_output_that_cannot_be_written_is_a_failed_attempt(
     assert memory_backlog(outbox, time.time())["test"].pending == 0
     retries = [line for line in logged if line["event"] == "batch_retry"]
     assert [line["reason"] for line in retries] == ["stdout: Broken pipe"]
+
+
+@contextlib.asynccontextmanager
+async def raw_destination(head: bytes, body: bytes, hang: bool) -> AsyncIterator[str]:
+    """An HTTP server that reads a request, answers ``head`` then ``body`` (in 64 KiB
+    writes) and, with ``hang``, never ends the answer; its URL."""
+    answering: list[asyncio.Task[Any]] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        answering.append(task)
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        await reader.readexactly(length)
+        writer.write(head)
+        for start in range(0, len(body), 65536):
+            writer.write(body[start : start + 65536])
+            await writer.drain()
+        if hang:
+            await asyncio.sleep(3600)
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        for task in answering:
+            task.cancel()
+        await asyncio.gather(*answering, return_exceptions=True)
+
+
+async def test_a_2xx_whose_body_never_ends_is_delivered_not_retried() -> None:
+    """The status is the answer: a destination that accepted the batch and then sends its
+    body slowly, or never finishes it, has the batch delivered, not timed out (sent again,
+    and again, then dead-lettered although the destination had taken every copy)."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    async with raw_destination(head, b'{"success":', hang=True) as url:
+        sink = HttpSink(Destination("d", "http", url=url, write_key="key"), timeout=0.5)
+        try:
+            assert await sink.send([orjson.dumps(event(1))]) == DELIVERED
+        finally:
+            await sink.close()
+
+
+async def test_a_huge_answer_is_not_held_in_memory() -> None:
+    """However long a destination's answer (an error page, a misdirected URL's download),
+    the sink reads a bounded part of it: the body was read whole into memory."""
+    body = b"x" * (32 * 1024 * 1024)
+    head = b"HTTP/1.1 503 Busy\r\nContent-Length: %d\r\n\r\n" % len(body)
+    async with raw_destination(head, body, hang=False) as url:
+        sink = HttpSink(Destination("d", "http", url=url, write_key="key"), timeout=10.0)
+        tracemalloc.start()
+        try:
+            delivery = await sink.send([orjson.dumps(event(1))])
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+            await sink.close()
+    assert (delivery.outcome, delivery.reason) == ("retry", "http 503")
+    assert peak < 8 * MAX_ANSWER_BYTES + 4 * 1024 * 1024
