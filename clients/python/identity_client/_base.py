@@ -359,8 +359,8 @@ class BaseClient:
     @contextmanager
     def _unexpected(self) -> Iterator[None]:
         """Around an attempt: httpx's errors other than a transport error's (which the
-        callers retry or raise as connection errors), such as too many redirects from an
-        ``http_client`` that follows them, become an ``APIError``; never a raw one."""
+        callers retry or raise as connection errors) become an ``APIError``; never a raw
+        one."""
         try:
             yield
         except httpx.TransportError:

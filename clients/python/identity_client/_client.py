@@ -131,7 +131,9 @@ class IdentityClient(BaseClient):
             request = self._http.build_request(
                 "POST", self.base_url + path, content=content, headers=self._headers
             )
-            response = self._http.send(request, stream=True)
+            # Never followed, whatever the http_client's follow_redirects: a 307 or 308 would
+            # send the body (the token, the visitor's ids) again, to wherever it points.
+            response = self._http.send(request, stream=True, follow_redirects=False)
             try:
                 return self._answer(response, self._within(response.iter_raw(), deadline, request))
             finally:
@@ -243,7 +245,8 @@ class AsyncIdentityClient(BaseClient):
             )
             try:
                 async with asyncio.timeout(self._attempt_seconds):
-                    response = await self._http.send(request, stream=True)
+                    # Never followed (see the sync client's _post).
+                    response = await self._http.send(request, stream=True, follow_redirects=False)
                     try:
                         raw = [chunk async for chunk in response.aiter_raw()]
                     finally:

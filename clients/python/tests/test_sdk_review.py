@@ -1,0 +1,88 @@
+"""The clients held to what httpx and openai-python promise a caller: a call is one request
+to the service and nowhere else (no redirect followed), its errors chain no raw exception,
+and an async client survives a new event loop; the middlewares exchange one landing once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from identity_client import (
+    APIError,
+    AsyncIdentityClient,
+    Identity,
+    IdentityClient,
+    PreparedHandoff,
+)
+from misbehaving import Answer, Misbehaving, Seen, misbehaving
+
+WRITE_KEY = "review-write-key-0123456789"
+TOKEN = "review-token-0123456789abcdef0123456789abcd"
+VISITOR = "visitor-review-42"
+MODES = ["sync", "async"]
+OPERATIONS = ["prepare", "exchange"]
+
+
+@pytest.fixture
+def server() -> Iterator[Misbehaving]:
+    with misbehaving() as started:
+        yield started
+
+
+@pytest.fixture
+def elsewhere() -> Iterator[Misbehaving]:
+    with misbehaving() as started:
+        yield started
+
+
+def call(
+    mode: str, operation: str, url: str, *, follow: bool = False, **settings: Any
+) -> Identity | PreparedHandoff:
+    """``operation`` with the sync or the async client; ``follow``: its own ``http_client``
+    following redirects, as ``httpx.Client(follow_redirects=True)`` does."""
+    settings = {"max_retries": 0, **settings}
+    if mode == "sync":
+        own = httpx.Client(follow_redirects=True) if follow else None
+        with IdentityClient(url, WRITE_KEY, http_client=own, **settings) as client:
+            if operation == "prepare":
+                return client.prepare(VISITOR, destination="http://b.localhost/")
+            return client.exchange(TOKEN)
+
+    async def run() -> Identity | PreparedHandoff:
+        own = httpx.AsyncClient(follow_redirects=True) if follow else None
+        async with AsyncIdentityClient(url, WRITE_KEY, http_client=own, **settings) as client:
+            if operation == "prepare":
+                return await client.prepare(VISITOR, destination="http://b.localhost/")
+            return await client.exchange(TOKEN)
+
+    return asyncio.run(asyncio.wait_for(run(), 20))
+
+
+# Redirects: never followed
+
+
+@pytest.mark.parametrize("status", [307, 308])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_a_redirect_is_never_followed_even_by_an_http_client_that_follows(
+    server: Misbehaving, elsewhere: Misbehaving, mode: str, operation: str, status: int
+) -> None:
+    """A 307 or 308 (a gateway, a moved service) would have httpx send the body again, to
+    wherever it points: the token a second time (an exchange is single-use, never
+    retried), the token and the visitor's ids to another host. The Node SDK fetches with
+    ``redirect: "manual"``; a redirect is an ``APIError`` of its status."""
+    reached: list[Seen] = []
+    server.respond = lambda seen: Answer(status, headers={"Location": elsewhere.url + "/took"})
+
+    def record(seen: Seen) -> Answer:
+        reached.append(seen)
+        return Answer(404)
+
+    elsewhere.respond = record
+    with pytest.raises(APIError) as caught:
+        call(mode, operation, server.url, follow=True)
+    assert caught.value.status == status
+    assert reached == []
