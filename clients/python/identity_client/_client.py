@@ -78,29 +78,30 @@ class IdentityClient(BaseClient):
         ttl: int | None = None,
     ) -> PreparedHandoff:
         """Prepare a handoff to ``destination``; redirect the visitor to ``redirect_url``."""
-        body = self._prepare_body(
-            anonymous_id=anonymous_id,
-            user_id=user_id,
-            destination=destination,
-            traits=traits,
-            context=context,
-            consent=consent,
-            ttl=ttl,
-        )
-        content = self._encoded(body)  # once: every attempt sends these bytes
-        attempt = 0
-        while True:
-            outcome: httpx.Response | httpx.TransportError
-            try:
-                outcome = self._post(PREPARE_PATH, content)
-            except httpx.TransportError as exc:
-                outcome = exc
-            delay = self._prepare_retry(attempt, outcome, anonymous_id, user_id)
-            if delay is None:
-                assert isinstance(outcome, httpx.Response)
-                return self._prepared(outcome, anonymous_id, user_id)
-            time.sleep(delay)
-            attempt += 1
+        with self._unchained():
+            body = self._prepare_body(
+                anonymous_id=anonymous_id,
+                user_id=user_id,
+                destination=destination,
+                traits=traits,
+                context=context,
+                consent=consent,
+                ttl=ttl,
+            )
+            content = self._encoded(body)  # once: every attempt sends these bytes
+            attempt = 0
+            while True:
+                outcome: httpx.Response | httpx.TransportError
+                try:
+                    outcome = self._post(PREPARE_PATH, content)
+                except httpx.TransportError as exc:
+                    outcome = exc
+                delay = self._prepare_retry(attempt, outcome, anonymous_id, user_id)
+                if delay is None:
+                    assert isinstance(outcome, httpx.Response)
+                    return self._prepared(outcome, anonymous_id, user_id)
+                time.sleep(delay)
+                attempt += 1
 
     def exchange(
         self,
@@ -111,14 +112,15 @@ class IdentityClient(BaseClient):
         properties: dict[str, Any] | None = None,
         context: dict[str, Any] | None = None,
     ) -> Identity:
-        body = self._exchange_body(
-            token, fallback=fallback, event=event, properties=properties, context=context
-        )
-        try:
-            response = self._post(EXCHANGE_PATH, self._encoded(body))
-        except httpx.TransportError as exc:
-            raise self._connection_error(exc, EXCHANGE_PATH, token) from None
-        return self._identity(response, token)
+        with self._unchained():
+            body = self._exchange_body(
+                token, fallback=fallback, event=event, properties=properties, context=context
+            )
+            try:
+                response = self._post(EXCHANGE_PATH, self._encoded(body))
+            except httpx.TransportError as exc:
+                raise self._connection_error(exc, EXCHANGE_PATH, token) from None
+            return self._identity(response, token)
 
     exchange.__doc__ = _EXCHANGE_DOC
 
@@ -192,29 +194,30 @@ class AsyncIdentityClient(BaseClient):
         ttl: int | None = None,
     ) -> PreparedHandoff:
         """Prepare a handoff to ``destination``; redirect the visitor to ``redirect_url``."""
-        body = self._prepare_body(
-            anonymous_id=anonymous_id,
-            user_id=user_id,
-            destination=destination,
-            traits=traits,
-            context=context,
-            consent=consent,
-            ttl=ttl,
-        )
-        content = self._encoded(body)  # once: every attempt sends these bytes
-        attempt = 0
-        while True:
-            outcome: httpx.Response | httpx.TransportError
-            try:
-                outcome = await self._post(PREPARE_PATH, content)
-            except httpx.TransportError as exc:
-                outcome = exc
-            delay = self._prepare_retry(attempt, outcome, anonymous_id, user_id)
-            if delay is None:
-                assert isinstance(outcome, httpx.Response)
-                return self._prepared(outcome, anonymous_id, user_id)
-            await asyncio.sleep(delay)
-            attempt += 1
+        with self._unchained():
+            body = self._prepare_body(
+                anonymous_id=anonymous_id,
+                user_id=user_id,
+                destination=destination,
+                traits=traits,
+                context=context,
+                consent=consent,
+                ttl=ttl,
+            )
+            content = self._encoded(body)  # once: every attempt sends these bytes
+            attempt = 0
+            while True:
+                outcome: httpx.Response | httpx.TransportError
+                try:
+                    outcome = await self._post(PREPARE_PATH, content)
+                except httpx.TransportError as exc:
+                    outcome = exc
+                delay = self._prepare_retry(attempt, outcome, anonymous_id, user_id)
+                if delay is None:
+                    assert isinstance(outcome, httpx.Response)
+                    return self._prepared(outcome, anonymous_id, user_id)
+                await asyncio.sleep(delay)
+                attempt += 1
 
     async def exchange(
         self,
@@ -225,14 +228,15 @@ class AsyncIdentityClient(BaseClient):
         properties: dict[str, Any] | None = None,
         context: dict[str, Any] | None = None,
     ) -> Identity:
-        body = self._exchange_body(
-            token, fallback=fallback, event=event, properties=properties, context=context
-        )
-        try:
-            response = await self._post(EXCHANGE_PATH, self._encoded(body))
-        except httpx.TransportError as exc:
-            raise self._connection_error(exc, EXCHANGE_PATH, token) from None
-        return self._identity(response, token)
+        with self._unchained():
+            body = self._exchange_body(
+                token, fallback=fallback, event=event, properties=properties, context=context
+            )
+            try:
+                response = await self._post(EXCHANGE_PATH, self._encoded(body))
+            except httpx.TransportError as exc:
+                raise self._connection_error(exc, EXCHANGE_PATH, token) from None
+            return self._identity(response, token)
 
     exchange.__doc__ = _EXCHANGE_DOC
 

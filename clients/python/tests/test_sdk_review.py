@@ -5,6 +5,8 @@ and an async client survives a new event loop; the middlewares exchange one land
 from __future__ import annotations
 
 import asyncio
+import base64
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +17,7 @@ from identity_client import (
     AsyncIdentityClient,
     Identity,
     IdentityClient,
+    IdentityError,
     PreparedHandoff,
 )
 from misbehaving import Answer, Misbehaving, Seen, misbehaving
@@ -86,3 +89,48 @@ def test_a_redirect_is_never_followed_even_by_an_http_client_that_follows(
         call(mode, operation, server.url, follow=True)
     assert caught.value.status == status
     assert reached == []
+
+
+# Errors: no raw exception chained
+
+
+RAW_FAILURES = {
+    "timed out": Answer(200, b" " * 60, {"Content-Type": "application/json"}, drip=0.1),
+    "refused by the parser": Answer(200, b"", {"X-Broken line": "x"}),
+    "undecodable": Answer(200, b"not gzip", {"Content-Encoding": "gzip"}),
+    "malformed date": Answer(
+        200,
+        b'{"anonymousId": "a", "preparedAt": "not a date"}',
+        {"Content-Type": "application/json"},
+    ),
+}
+
+
+def chain(error: BaseException) -> list[BaseException]:
+    """The exceptions ``error`` chains, as a debugger, Sentry or ``error.__context__``
+    reaches them whether or not a traceback prints them (``from None`` only hides them)."""
+    found: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in found:
+        found.append(current)
+        current = current.__cause__ or current.__context__
+    return found[1:]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("failure", RAW_FAILURES)
+def test_an_error_chains_no_raw_exception_holding_the_request(
+    server: Misbehaving, mode: str, failure: str
+) -> None:
+    """``raise ... from None`` hides httpx's error from a printed traceback but keeps it as
+    ``__context__``, and httpx's error holds the request: its ``Authorization`` header
+    (the write key) and its body (the token). An error of this package chains nothing."""
+    server.respond = lambda seen: RAW_FAILURES[failure]
+    with pytest.raises(IdentityError) as caught:
+        call(mode, "exchange", server.url, timeout=0.5)
+    error = caught.value
+    assert chain(error) == [], [repr(raw) for raw in chain(error)]
+    credentials = base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+    logged = "".join(traceback.format_exception(error))
+    for secret in (WRITE_KEY, credentials, TOKEN):
+        assert secret not in logged
