@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 import traceback
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+from conftest import DEV_WRITE_KEY, Service
 from identity_client import (
     APIError,
     AsyncIdentityClient,
+    ConfigurationError,
     Identity,
     IdentityClient,
     IdentityError,
@@ -134,3 +137,57 @@ def test_an_error_chains_no_raw_exception_holding_the_request(
     logged = "".join(traceback.format_exception(error))
     for secret in (WRITE_KEY, credentials, TOKEN):
         assert secret not in logged
+
+
+# One async client, event loops one after another
+
+
+async def round_trip(client: AsyncIdentityClient, visitor: str) -> Identity:
+    handoff = await client.prepare(anonymous_id=visitor, destination="http://b.localhost/")
+    return await client.exchange(handoff.token)
+
+
+def test_an_async_client_outlives_the_event_loop_it_was_used_in(service: Service) -> None:
+    """A client made once (a module's global) and used from one ``asyncio.run`` after
+    another (a sync view, a script, a test per loop): its pooled connections died with the
+    first loop, and httpx raised a raw ``RuntimeError: Event loop is closed`` on the next
+    call (a 500 through the middleware), and on ``aclose()`` too. The client now starts a
+    new pool in the new loop."""
+    client = AsyncIdentityClient(service.url, DEV_WRITE_KEY)
+    assert asyncio.run(round_trip(client, "loop-1")).anonymous_id == "loop-1"
+    assert asyncio.run(round_trip(client, "loop-2")).anonymous_id == "loop-2"
+    asyncio.run(client.aclose())  # from a third loop: no error either
+    with pytest.raises(RuntimeError, match="closed"):  # closed stays closed, as httpx's
+        asyncio.run(round_trip(client, "loop-3"))
+
+
+def test_an_async_client_in_use_in_a_live_loop_is_refused_in_another(service: Service) -> None:
+    """Two loops at once (a server's, in a thread, and another): a connection belongs to
+    its loop, so the second is refused with a ``ConfigurationError`` saying to make one
+    client per loop, at once, rather than a raw error, a hang or a connection shared
+    between two loops."""
+    client = AsyncIdentityClient(service.url, DEV_WRITE_KEY)
+    running = asyncio.new_event_loop()
+    thread = threading.Thread(target=running.run_forever, daemon=True)
+    thread.start()
+    try:
+        first = asyncio.run_coroutine_threadsafe(round_trip(client, "live-1"), running)
+        assert first.result(10).anonymous_id == "live-1"
+        with pytest.raises(ConfigurationError, match="event loop"):
+            asyncio.run(asyncio.wait_for(round_trip(client, "live-2"), 10))
+        with pytest.raises(ConfigurationError, match="event loop"):
+            asyncio.run(asyncio.wait_for(client.aclose(), 10))
+        asyncio.run_coroutine_threadsafe(client.aclose(), running).result(10)
+    finally:
+        running.call_soon_threadsafe(running.stop)
+        thread.join(10)
+        running.close()
+
+
+def test_an_http_client_of_a_closed_loop_is_a_configuration_error(service: Service) -> None:
+    """Your own ``httpx.AsyncClient`` cannot be made anew: used after its loop closed, the
+    call is a ``ConfigurationError``, not httpx's raw ``RuntimeError``."""
+    client = AsyncIdentityClient(service.url, DEV_WRITE_KEY, http_client=httpx.AsyncClient())
+    asyncio.run(round_trip(client, "own-1"))
+    with pytest.raises(ConfigurationError, match="event loop"):
+        asyncio.run(round_trip(client, "own-2"))
