@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 from conftest import DEV_WRITE_KEY, Service
 from identity_client import (
     APIError,
@@ -22,6 +27,11 @@ from identity_client import (
     IdentityClient,
     IdentityError,
     PreparedHandoff,
+)
+from identity_client.middleware import (
+    IdentityASGIMiddleware,
+    IdentityWSGIMiddleware,
+    identity_middleware,
 )
 from misbehaving import Answer, Misbehaving, Seen, misbehaving
 
@@ -191,3 +201,121 @@ def test_an_http_client_of_a_closed_loop_is_a_configuration_error(service: Servi
     asyncio.run(round_trip(client, "own-1"))
     with pytest.raises(ConfigurationError, match="event loop"):
         asyncio.run(round_trip(client, "own-2"))
+
+
+# One landing, requested twice at once: one exchange
+
+
+def landing_path(client: IdentityClient, visitor: str) -> str:
+    url = client.prepare(anonymous_id=visitor, destination="http://b.localhost/cart").redirect_url
+    parts = urlsplit(url)
+    return f"{parts.path}?{parts.query}"
+
+
+def visitor_cookies(set_cookies: list[str]) -> list[str]:
+    return [
+        value.split(";")[0].partition("=")[2]
+        for value in set_cookies
+        if value.startswith("ajs_anonymous_id=")
+    ]
+
+
+class SlowClient(IdentityClient):
+    """A service slow to answer an exchange (the real one, 0.3 s later): the landings
+    overlap however the threads are scheduled."""
+
+    def exchange(self, token: str, **options: Any) -> Identity:
+        time.sleep(0.3)
+        return super().exchange(token, **options)
+
+
+class SlowAsyncClient(AsyncIdentityClient):
+    async def exchange(self, token: str, **options: Any) -> Identity:
+        await asyncio.sleep(0.3)
+        return await super().exchange(token, **options)
+
+
+async def aiohttp_page(request: web.Request) -> web.Response:
+    return web.Response(text="page")
+
+
+async def test_the_aiohttp_middleware_exchanges_a_landing_requested_twice_at_once_once(
+    service: Service, aiohttp_client: Any
+) -> None:
+    """The same handoff URL twice at once (a double click, a prefetch and the navigation):
+    each request exchanged the token, the second found it used and set the visitor cookie
+    to a generated id, and whichever answer the browser kept decided the visitor. Both now
+    wait on the one exchange and set the handed-off id."""
+    with IdentityClient(service.url, DEV_WRITE_KEY) as prepare:
+        path = landing_path(prepare, "twice-aiohttp")
+    async with SlowAsyncClient(service.url, DEV_WRITE_KEY) as client:
+        app = web.Application(middlewares=[identity_middleware(client, cookie_secure=False)])
+        app.router.add_get("/cart", aiohttp_page)
+        browser: TestClient[web.Request, web.Application] = await aiohttp_client(app)
+        landed = await asyncio.gather(*(browser.get(path, allow_redirects=False) for _ in range(3)))
+    for answer in landed:
+        assert answer.status == 303
+        assert visitor_cookies(answer.headers.getall("Set-Cookie")) == ["twice-aiohttp"]
+
+
+async def test_the_asgi_middleware_exchanges_a_landing_requested_twice_at_once_once(
+    service: Service,
+) -> None:
+    async def page(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"page"})
+
+    with IdentityClient(service.url, DEV_WRITE_KEY) as prepare:
+        path = landing_path(prepare, "twice-asgi")
+    async with SlowAsyncClient(service.url, DEV_WRITE_KEY) as client:
+        app = IdentityASGIMiddleware(page, client, cookie_secure=False)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://b") as browser:
+            landed = await asyncio.gather(*(browser.get(path) for _ in range(3)))
+    for answer in landed:
+        assert answer.status_code == 303
+        assert visitor_cookies(answer.headers.get_list("set-cookie")) == ["twice-asgi"]
+
+
+def test_the_wsgi_middleware_exchanges_a_landing_requested_twice_at_once_once(
+    service: Service,
+) -> None:
+    def page(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b"page"]
+
+    with SlowClient(service.url, DEV_WRITE_KEY) as client:
+        path = landing_path(client, "twice-wsgi")
+        app = IdentityWSGIMiddleware(page, client, cookie_secure=False)
+        barrier = threading.Barrier(3)
+
+        def land() -> httpx.Response:
+            transport = httpx.WSGITransport(app=app)
+            with httpx.Client(transport=transport, base_url="http://b") as browser:
+                barrier.wait(10)
+                return browser.get(path)
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            landed = list(pool.map(lambda _: land(), range(3)))
+    for answer in landed:
+        assert answer.status_code == 303
+        assert visitor_cookies(answer.headers.get_list("set-cookie")) == ["twice-wsgi"]
+
+
+async def test_bad_links_landing_at_once_still_get_ids_of_their_own(
+    service: Service, aiohttp_client: Any
+) -> None:
+    """Landings are joined by their token only when it can be one: every bad link (an
+    empty or over-long token) is exchanged as the same unknown token, and two visitors
+    landing at once on bad links must not share a generated id."""
+    async with AsyncIdentityClient(service.url, DEV_WRITE_KEY) as client:
+        app = web.Application(middlewares=[identity_middleware(client, cookie_secure=False)])
+        app.router.add_get("/cart", aiohttp_page)
+        browser: TestClient[web.Request, web.Application] = await aiohttp_client(app)
+        paths = ["/cart?handoff_token=", "/cart?handoff_token=" + "x" * 200]
+        landed = await asyncio.gather(
+            *(browser.get(path, allow_redirects=False) for path in paths * 2)
+        )
+    ids = [visitor_cookies(answer.headers.getall("Set-Cookie")) for answer in landed]
+    assert all(len(found) == 1 for found in ids)
+    assert len({found[0] for found in ids}) == len(ids)
