@@ -356,11 +356,25 @@ class BaseClient:
         text = f"POST {path} {what}: {type(exc).__name__}: {exc}"
         return IdentityConnectionError(_scrub(text, self._secrets + _variants(*secrets)))
 
+    @staticmethod
+    @contextmanager
+    def _unchained() -> Iterator[None]:
+        """Around a call: the error it raises chains no other exception. ``raise ... from
+        None`` only hides the raw exception from a printed traceback: it stays the error's
+        ``__context__``, where a debugger or an error tracker reaches it, and httpx's errors
+        hold the request (its ``Authorization`` header, the write key; its body, the token
+        and the visitor's ids). The error's text already says what failed, scrubbed."""
+        try:
+            yield
+        except IdentityError as error:
+            error.__cause__ = error.__context__ = None
+            raise
+
     @contextmanager
     def _unexpected(self) -> Iterator[None]:
         """Around an attempt: httpx's errors other than a transport error's (which the
-        callers retry or raise as connection errors), such as too many redirects from an
-        ``http_client`` that follows them, become an ``APIError``; never a raw one."""
+        callers retry or raise as connection errors) become an ``APIError``; never a raw
+        one."""
         try:
             yield
         except httpx.TransportError:

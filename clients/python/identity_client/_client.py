@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
+import weakref
 from types import TracebackType
 from typing import Any, Self
 
@@ -15,6 +18,7 @@ from identity_client._base import (
     PREPARE_PATH,
     BaseClient,
 )
+from identity_client.errors import ConfigurationError
 from identity_client.models import Identity, PreparedHandoff
 
 _EXCHANGE_DOC = """Exchange a handoff token for the identity it carries, exactly once.
@@ -78,29 +82,30 @@ class IdentityClient(BaseClient):
         ttl: int | None = None,
     ) -> PreparedHandoff:
         """Prepare a handoff to ``destination``; redirect the visitor to ``redirect_url``."""
-        body = self._prepare_body(
-            anonymous_id=anonymous_id,
-            user_id=user_id,
-            destination=destination,
-            traits=traits,
-            context=context,
-            consent=consent,
-            ttl=ttl,
-        )
-        content = self._encoded(body)  # once: every attempt sends these bytes
-        attempt = 0
-        while True:
-            outcome: httpx.Response | httpx.TransportError
-            try:
-                outcome = self._post(PREPARE_PATH, content)
-            except httpx.TransportError as exc:
-                outcome = exc
-            delay = self._prepare_retry(attempt, outcome, anonymous_id, user_id)
-            if delay is None:
-                assert isinstance(outcome, httpx.Response)
-                return self._prepared(outcome, anonymous_id, user_id)
-            time.sleep(delay)
-            attempt += 1
+        with self._unchained():
+            body = self._prepare_body(
+                anonymous_id=anonymous_id,
+                user_id=user_id,
+                destination=destination,
+                traits=traits,
+                context=context,
+                consent=consent,
+                ttl=ttl,
+            )
+            content = self._encoded(body)  # once: every attempt sends these bytes
+            attempt = 0
+            while True:
+                outcome: httpx.Response | httpx.TransportError
+                try:
+                    outcome = self._post(PREPARE_PATH, content)
+                except httpx.TransportError as exc:
+                    outcome = exc
+                delay = self._prepare_retry(attempt, outcome, anonymous_id, user_id)
+                if delay is None:
+                    assert isinstance(outcome, httpx.Response)
+                    return self._prepared(outcome, anonymous_id, user_id)
+                time.sleep(delay)
+                attempt += 1
 
     def exchange(
         self,
@@ -111,14 +116,15 @@ class IdentityClient(BaseClient):
         properties: dict[str, Any] | None = None,
         context: dict[str, Any] | None = None,
     ) -> Identity:
-        body = self._exchange_body(
-            token, fallback=fallback, event=event, properties=properties, context=context
-        )
-        try:
-            response = self._post(EXCHANGE_PATH, self._encoded(body))
-        except httpx.TransportError as exc:
-            raise self._connection_error(exc, EXCHANGE_PATH, token) from None
-        return self._identity(response, token)
+        with self._unchained():
+            body = self._exchange_body(
+                token, fallback=fallback, event=event, properties=properties, context=context
+            )
+            try:
+                response = self._post(EXCHANGE_PATH, self._encoded(body))
+            except httpx.TransportError as exc:
+                raise self._connection_error(exc, EXCHANGE_PATH, token) from None
+            return self._identity(response, token)
 
     exchange.__doc__ = _EXCHANGE_DOC
 
@@ -131,7 +137,9 @@ class IdentityClient(BaseClient):
             request = self._http.build_request(
                 "POST", self.base_url + path, content=content, headers=self._headers
             )
-            response = self._http.send(request, stream=True)
+            # Never followed, whatever the http_client's follow_redirects: a 307 or 308 would
+            # send the body (the token, the visitor's ids) again, to wherever it points.
+            response = self._http.send(request, stream=True, follow_redirects=False)
             try:
                 return self._answer(response, self._within(response.iter_raw(), deadline, request))
             finally:
@@ -177,6 +185,37 @@ class AsyncIdentityClient(BaseClient):
             backoff_max=backoff_max,
         )
         self._http = http_client or httpx.AsyncClient(timeout=timeout)
+        # The pool's connections belong to the event loop they were opened in (_pool).
+        self._owns_http = http_client is None
+        self._http_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+        self._loop_lock = threading.Lock()
+
+    def _pool(self) -> httpx.AsyncClient:
+        """The connection pool for the running event loop. A pool is bound to the loop it
+        was first used in; once that loop is closed (one ``asyncio.run`` after another),
+        the client's own pool is made anew in the new one (its connections died with the
+        old loop). Used from a loop while the pool's is still open, or with your own
+        ``http_client`` after its loop closed, it is a ``ConfigurationError``: a
+        connection cannot be shared between loops."""
+        loop = asyncio.get_running_loop()
+        with self._loop_lock:
+            bound = self._http_loop() if self._http_loop is not None else None
+            if bound is loop:
+                return self._http
+            if self._http_loop is None:
+                self._http_loop = weakref.ref(loop)
+                return self._http
+            if (bound is None or bound.is_closed()) and self._owns_http:
+                if not self._http.is_closed:
+                    self._http = httpx.AsyncClient(timeout=self.timeout)
+                    self._http_loop = weakref.ref(loop)
+                return self._http  # a closed client stays closed (httpx says so)
+        raise ConfigurationError(
+            "this AsyncIdentityClient's connections belong to another event loop"
+            + (" (its http_client's, now closed)" if not self._owns_http else "")
+            + ": make one AsyncIdentityClient per event loop (e.g. in the app's startup), "
+            "or use IdentityClient from synchronous code"
+        )
 
     async def prepare(
         self,
@@ -190,29 +229,30 @@ class AsyncIdentityClient(BaseClient):
         ttl: int | None = None,
     ) -> PreparedHandoff:
         """Prepare a handoff to ``destination``; redirect the visitor to ``redirect_url``."""
-        body = self._prepare_body(
-            anonymous_id=anonymous_id,
-            user_id=user_id,
-            destination=destination,
-            traits=traits,
-            context=context,
-            consent=consent,
-            ttl=ttl,
-        )
-        content = self._encoded(body)  # once: every attempt sends these bytes
-        attempt = 0
-        while True:
-            outcome: httpx.Response | httpx.TransportError
-            try:
-                outcome = await self._post(PREPARE_PATH, content)
-            except httpx.TransportError as exc:
-                outcome = exc
-            delay = self._prepare_retry(attempt, outcome, anonymous_id, user_id)
-            if delay is None:
-                assert isinstance(outcome, httpx.Response)
-                return self._prepared(outcome, anonymous_id, user_id)
-            await asyncio.sleep(delay)
-            attempt += 1
+        with self._unchained():
+            body = self._prepare_body(
+                anonymous_id=anonymous_id,
+                user_id=user_id,
+                destination=destination,
+                traits=traits,
+                context=context,
+                consent=consent,
+                ttl=ttl,
+            )
+            content = self._encoded(body)  # once: every attempt sends these bytes
+            attempt = 0
+            while True:
+                outcome: httpx.Response | httpx.TransportError
+                try:
+                    outcome = await self._post(PREPARE_PATH, content)
+                except httpx.TransportError as exc:
+                    outcome = exc
+                delay = self._prepare_retry(attempt, outcome, anonymous_id, user_id)
+                if delay is None:
+                    assert isinstance(outcome, httpx.Response)
+                    return self._prepared(outcome, anonymous_id, user_id)
+                await asyncio.sleep(delay)
+                attempt += 1
 
     async def exchange(
         self,
@@ -223,14 +263,15 @@ class AsyncIdentityClient(BaseClient):
         properties: dict[str, Any] | None = None,
         context: dict[str, Any] | None = None,
     ) -> Identity:
-        body = self._exchange_body(
-            token, fallback=fallback, event=event, properties=properties, context=context
-        )
-        try:
-            response = await self._post(EXCHANGE_PATH, self._encoded(body))
-        except httpx.TransportError as exc:
-            raise self._connection_error(exc, EXCHANGE_PATH, token) from None
-        return self._identity(response, token)
+        with self._unchained():
+            body = self._exchange_body(
+                token, fallback=fallback, event=event, properties=properties, context=context
+            )
+            try:
+                response = await self._post(EXCHANGE_PATH, self._encoded(body))
+            except httpx.TransportError as exc:
+                raise self._connection_error(exc, EXCHANGE_PATH, token) from None
+            return self._identity(response, token)
 
     exchange.__doc__ = _EXCHANGE_DOC
 
@@ -238,12 +279,14 @@ class AsyncIdentityClient(BaseClient):
         """One attempt sending ``content`` (the encoded body), the whole of it (connect,
         send, the answer's headers and body) within the attempt's time."""
         with self._unexpected():
-            request = self._http.build_request(
+            http = self._pool()
+            request = http.build_request(
                 "POST", self.base_url + path, content=content, headers=self._headers
             )
             try:
                 async with asyncio.timeout(self._attempt_seconds):
-                    response = await self._http.send(request, stream=True)
+                    # Never followed (see the sync client's _post).
+                    response = await http.send(request, stream=True, follow_redirects=False)
                     try:
                         raw = [chunk async for chunk in response.aiter_raw()]
                     finally:
@@ -253,6 +296,21 @@ class AsyncIdentityClient(BaseClient):
             return self._answer(response, raw)
 
     async def aclose(self) -> None:
+        """Close the connection pool. From another loop than the one it was used in: once
+        that loop is closed, the pool is only marked closed (its connections died with
+        their loop); while it is open, a ``ConfigurationError`` (close it there)."""
+        with self._loop_lock:
+            bound = self._http_loop() if self._http_loop is not None else None
+            gone = self._http_loop is not None and (bound is None or bound.is_closed())
+        if gone:
+            with contextlib.suppress(RuntimeError):  # marked closed, then fails on the dead loop
+                await self._http.aclose()
+            return
+        if bound is not None and bound is not asyncio.get_running_loop():
+            raise ConfigurationError(
+                "this AsyncIdentityClient's connections belong to another event loop, "
+                "still open: aclose() it there"
+            )
         await self._http.aclose()
 
     async def __aenter__(self) -> Self:

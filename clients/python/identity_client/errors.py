@@ -57,7 +57,8 @@ class ConfigurationError(IdentityError):
     middleware's cookie setting a Set-Cookie cannot hold as given (a ``cookie_domain``
     that is not a domain name, a ``cookie_name`` that is not a token, a ``cookie_path``
     with a ';', a ``cookie_max_age`` that is not 1 to 400 days...), when the middleware is
-    made."""
+    made. And an ``AsyncIdentityClient`` used from an event loop other than the one its
+    connections belong to, while that one is open (one client per event loop)."""
 
 
 class IdentityConnectionError(IdentityError, ConnectionError):

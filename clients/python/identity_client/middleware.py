@@ -10,6 +10,9 @@ the page loads clean and analytics.js starts with the restored anonymousId.
   the cookie is set to the new id and the page loads; a visitor who already has the cookie
   keeps it (a reloaded or bookmarked handoff URL must not replace the visitor's id), as the
   Node middleware does.
+- The same handoff URL requested twice at once (a double click, a prefetch and the
+  navigation) is exchanged once: a landing whose token is being exchanged waits on that
+  exchange (``_Landings``).
 - The ``Location`` is always a path of this site: leading slashes and backslashes collapse
   to one, so ``//evil.example/?handoff_token=...`` never redirects to another host.
 - When the service is down (``ServiceUnavailable``, ``IdentityConnectionError``) or refuses
@@ -40,11 +43,13 @@ middleware imports aiohttp when it is built (the ``aiohttp`` extra).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import threading
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, MutableMapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, unquote_plus, urlsplit
@@ -399,6 +404,87 @@ def _with_cookie(headers: Iterable[tuple[bytes, bytes]], cookie: str) -> list[tu
     return [*headers, (b"set-cookie", cookie.encode("latin-1"))]
 
 
+class _Landings:
+    """The exchanges in flight, by token, of one async middleware. The same handoff URL
+    requested twice at once (a double click, a prefetch and the navigation) made two
+    exchanges: the second found the token used and set the visitor cookie to a generated
+    id, and whichever answer the browser kept decided who the visitor was. A landing whose
+    token is being exchanged now waits on that exchange: the token is exchanged once.
+
+    Only a handed-off identity is shared: a generated one (an unknown, used or expired
+    token, or a bad link, all exchanged as one unknown token) is no one's, so a landing
+    that waited on one makes its own exchange and gets an id of its own. Nothing is kept
+    once the exchange is over: a later landing with the token exchanges it again (and
+    finds it used), as before."""
+
+    def __init__(self) -> None:
+        self._flying: dict[str, asyncio.Task[Identity]] = {}
+
+    async def exchange(
+        self, token: str, run: Callable[[], Coroutine[Any, Any, Identity]]
+    ) -> Identity:
+        loop = asyncio.get_running_loop()
+        flight = self._flying.get(token)
+        if flight is not None and flight.get_loop() is loop:
+            try:
+                identity = await asyncio.shield(flight)
+            except IdentityError:
+                raise  # the service down for that landing is down for this one
+            if identity.source == "handoff":
+                return identity
+            return await run()
+        # A task of its own: a landing whose request is cancelled (the browser went on)
+        # does not cancel the exchange the others wait on.
+        flight = loop.create_task(run())
+        self._flying[token] = flight
+        flight.add_done_callback(lambda done: self._landed(token, done))
+        return await asyncio.shield(flight)
+
+    def _landed(self, token: str, flight: asyncio.Task[Identity]) -> None:
+        if self._flying.get(token) is flight:
+            del self._flying[token]
+        if not flight.cancelled():
+            flight.exception()  # retrieved: no "never retrieved" log when no one waits
+
+
+class _SyncLandings:
+    """``_Landings`` for the WSGI middleware, whose landings are threads."""
+
+    @dataclass
+    class _Flight:
+        done: threading.Event
+        identity: Identity | None = None
+        error: BaseException | None = None
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flying: dict[str, _SyncLandings._Flight] = {}
+
+    def exchange(self, token: str, run: Callable[[], Identity]) -> Identity:
+        with self._lock:
+            flight = self._flying.get(token)
+            leading = flight is None
+            if flight is None:
+                flight = self._flying[token] = self._Flight(threading.Event())
+        if not leading:
+            flight.done.wait()  # the exchange's own timeout bounds it
+            if flight.error is not None:
+                raise flight.error
+            if flight.identity is not None and flight.identity.source == "handoff":
+                return flight.identity
+            return run()
+        try:
+            flight.identity = run()
+            return flight.identity
+        except BaseException as error:
+            flight.error = error
+            raise
+        finally:
+            with self._lock:
+                del self._flying[token]
+            flight.done.set()
+
+
 class IdentityASGIMiddleware:
     """ASGI middleware (Starlette, FastAPI, Django ASGI) around ``app``."""
 
@@ -407,6 +493,7 @@ class IdentityASGIMiddleware:
         self.client = client
         self.key = _key_of(client)
         self.settings = MiddlewareSettings(**settings)
+        self._landings = _Landings()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -456,8 +543,10 @@ class IdentityASGIMiddleware:
         ]
         outcome: Identity | IdentityError
         try:
-            outcome = await self.client.exchange(
-                self.settings.usable(token), **self.settings.exchange_options(context)
+            usable = self.settings.usable(token)
+            options = self.settings.exchange_options(context)
+            outcome = await self._landings.exchange(
+                usable, lambda: self.client.exchange(usable, **options)
             )
         except IdentityError as error:
             outcome = error
@@ -477,6 +566,7 @@ class IdentityWSGIMiddleware:
         self.client = client
         self.key = _key_of(client)
         self.settings = MiddlewareSettings(**settings)
+        self._landings = _SyncLandings()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         token, query = self.settings.split_token(environ.get("QUERY_STRING", ""))
@@ -508,8 +598,10 @@ class IdentityWSGIMiddleware:
         ]
         outcome: Identity | IdentityError
         try:
-            outcome = self.client.exchange(
-                self.settings.usable(token), **self.settings.exchange_options(context)
+            usable = self.settings.usable(token)
+            options = self.settings.exchange_options(context)
+            outcome = self._landings.exchange(
+                usable, lambda: self.client.exchange(usable, **options)
             )
         except IdentityError as error:
             outcome = error
@@ -562,6 +654,7 @@ def identity_middleware(client: AsyncIdentityClient, **settings: Any) -> Middlew
 
     config = MiddlewareSettings(**settings)
     key = _key_of(client)
+    landings = _Landings()
     # aiohttp >= 3.12 recommends typed RequestKeys; the documented key here is "identity".
     not_app_key: type[Warning] = getattr(web, "NotAppKeyWarning", UserWarning)
 
@@ -601,9 +694,9 @@ def identity_middleware(client: AsyncIdentityClient, **settings: Any) -> Middlew
         )
         outcome: Identity | IdentityError
         try:
-            outcome = await client.exchange(
-                config.usable(token), **config.exchange_options(context)
-            )
+            usable = config.usable(token)
+            options = config.exchange_options(context)
+            outcome = await landings.exchange(usable, lambda: client.exchange(usable, **options))
         except IdentityError as error:
             outcome = error
         landed, cookies = config.settle(outcome, cookie_header, key)
