@@ -637,6 +637,19 @@ def test_an_autoscaler_minimum_above_its_maximum_stops_the_render(
             render(values)
 
 
+@pytest.mark.parametrize("cpu", [None, 0])
+def test_an_autoscaler_without_a_cpu_request_stops_the_render(cpu: int | None) -> None:
+    """The autoscaler's target is a share of the CPU request: without a request it never
+    scales, and says so only in its status. ``null`` removes the chart's default request
+    (``--set resources.requests.cpu=null``)."""
+    values = ci_values("everything")
+    values["resources"] = {"requests": {"cpu": cpu, "memory": "128Mi"}}
+    with pytest.raises(helm_python.HelmError, match=r"autoscaling.enabled needs resources"):
+        render(values)
+    values["autoscaling"]["enabled"] = False  # without an autoscaler, no request is needed
+    assert not [o for o in render(values) if o["kind"] == "HorizontalPodAutoscaler"]
+
+
 @pytest.mark.parametrize(
     ("interval", "timeout", "renders"),
     [
