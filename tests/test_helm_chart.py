@@ -526,6 +526,18 @@ def test_every_optional_object_is_made_when_asked() -> None:
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
 
 
+def test_unready_web_pods_do_not_hold_node_drains() -> None:
+    """When Redis is away every web pod is unready: with Kubernetes's default policy the
+    budget then allows no eviction, and every node drain waits for Redis. An unready pod
+    serves nothing, so the budget lets it be evicted."""
+    pdb = find(render(ci_values("external-redis")), "PodDisruptionBudget")
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    values = ci_values("external-redis")
+    values["podDisruptionBudget"] = {"unhealthyPodEvictionPolicy": "IfHealthyBudget"}
+    pdb = find(render(values), "PodDisruptionBudget")
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "IfHealthyBudget"
+
+
 def test_the_in_chart_redis_keeps_an_append_only_file_on_its_volume() -> None:
     objects = render(ci_values("internal-redis"))
     redis = find(objects, "StatefulSet", f"{FULLNAME}-redis")
@@ -818,6 +830,7 @@ def test_a_missing_essential_value_stops_the_render_with_what_to_set(
         {"config": {"workers": 1.5}},
         {"config": {"logLevel": "loud"}},
         {"image": {"tag": "latest"}},
+        {"podDisruptionBudget": {"unhealthyPodEvictionPolicy": "Always"}},
         {"secret": "too-short"},
         {"sources": {"shop": {"writeKeyHash": "md5:abc", "origins": ["https://a.example"]}}},
         {"redis": {"url": "redis://user:password@redis:6379/0"}},  # credentials go in auth
