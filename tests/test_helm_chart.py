@@ -234,6 +234,33 @@ def test_web_pods_probe_health_and_readiness_and_drain_before_sigterm(configurat
     assert {m["mountPath"] for m in container["volumeMounts"]} == {TMP_MOUNT}
 
 
+def test_a_spread_constraint_without_a_selector_spreads_each_deployments_pods() -> None:
+    """A constraint without a labelSelector counts no pod, so the scheduler would spread
+    nothing: it gets the selector of the pods it is in. One with a selector is kept."""
+    values = ci_values("forwarder")
+    zones = {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone"}
+    nodes = {
+        "maxSkew": 2,
+        "topologyKey": "kubernetes.io/hostname",
+        "labelSelector": {"matchLabels": {"tier": "identity"}},
+    }
+    values["topologySpreadConstraints"] = [
+        zones | {"whenUnsatisfiable": "DoNotSchedule"},
+        nodes | {"whenUnsatisfiable": "ScheduleAnyway"},
+    ]
+    objects = render(values)
+    for component, name in (("web", FULLNAME), ("forwarder", f"{FULLNAME}-forwarder")):
+        spread = pod_spec(find(objects, "Deployment", name))["topologySpreadConstraints"]
+        selector = {
+            "app.kubernetes.io/name": "identity-service",
+            "app.kubernetes.io/instance": "identity-service",
+            "app.kubernetes.io/component": component,
+        }
+        assert spread[0]["labelSelector"] == {"matchLabels": selector}
+        assert spread[0]["whenUnsatisfiable"] == "DoNotSchedule"
+        assert spread[1]["labelSelector"] == {"matchLabels": {"tier": "identity"}}
+
+
 @pytest.mark.parametrize("timeout", [0, 0.2, 0.5, 10, 12.5, 600, None])
 @pytest.mark.parametrize(("separate", "outbox"), [(False, "on"), (True, "on"), (False, "off")])
 def test_the_grace_period_is_the_shutdown_the_pods_get(
