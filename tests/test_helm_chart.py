@@ -203,6 +203,17 @@ def test_pods_run_locked_down(configuration: str) -> None:
         assert not image.endswith(":latest") and re.search(r":[\w.-]+(@sha256:\w+)?$", image), image
 
 
+def test_every_pod_gets_the_image_pull_secrets(configuration: str) -> None:
+    """A private registry's credentials reach every pod that pulls an image: the `helm
+    test` pod runs the service's image, and the in-chart Redis's may be mirrored there."""
+    values = ci_values(configuration) | {"imagePullSecrets": [{"name": "registry"}]}
+    workloads = [o for o in render(values) if o["kind"] in WORKLOADS]
+    assert {w["kind"] for w in workloads} >= {"Deployment", "Pod"}
+    for workload in workloads:
+        where = f"{workload['kind']}/{workload['metadata']['name']}"
+        assert pod_spec(workload).get("imagePullSecrets") == [{"name": "registry"}], where
+
+
 def test_service_accounts_mount_no_token(configuration: str) -> None:
     for account in (o for o in render(ci_values(configuration)) if o["kind"] == "ServiceAccount"):
         assert account["automountServiceAccountToken"] is False
