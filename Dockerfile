@@ -30,12 +30,16 @@ RUN apt-get update \
 # still covers them):
 #   pip-compile --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
 #     --output-file requirements/image.txt pyproject.toml
+#
+# The service's own wheel is built by the setuptools requirements/build.txt pins, checked
+# by hash too, without build isolation (which would fetch whatever setuptools PyPI has).
 WORKDIR /src
-COPY requirements/image.txt ./requirements/image.txt
-RUN pip wheel --wheel-dir /wheels --require-hashes -r requirements/image.txt
+COPY requirements/image.txt requirements/build.txt ./requirements/
+RUN pip wheel --wheel-dir /wheels --require-hashes -r requirements/image.txt \
+    && pip install --require-hashes -r requirements/build.txt
 COPY pyproject.toml README.md ./
 COPY identity_service ./identity_service
-RUN pip wheel --wheel-dir /wheels --no-deps . \
+RUN pip wheel --wheel-dir /wheels --no-deps --no-build-isolation . \
     && python -m venv /opt/identity-service \
     && /opt/identity-service/bin/pip install --no-index --find-links /wheels identity-service
 

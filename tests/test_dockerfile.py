@@ -206,8 +206,40 @@ def test_the_builder_installs_the_locked_dependencies_checked_by_hash(
 ) -> None:
     runs = " ".join(values(stages[0], "RUN"))
     assert "--require-hashes -r requirements/image.txt" in runs
-    assert "--no-deps ." in runs, "the service's own wheel must not pull unlocked versions"
+    assert "--no-deps --no-build-isolation ." in runs, (
+        "the service's own wheel must not pull unlocked versions"
+    )
     assert "pip install --no-index" in runs
+
+
+def test_the_service_wheel_is_built_by_a_build_backend_checked_by_hash(
+    stages: list[list[Instruction]],
+) -> None:
+    """Build isolation would fetch pyproject.toml's build backend (setuptools>=68) at
+    whatever version PyPI has that day, unchecked: the service's own wheel, the code the
+    image runs, would be built by it. The builder installs requirements/build.txt by hash
+    and builds without isolation."""
+    runs = [" ".join(run.split()) for run in values(stages[0], "RUN")]
+    (backend,) = [i for i, run in enumerate(runs) if "-r requirements/build.txt" in run]
+    (build,) = [i for i, run in enumerate(runs) if "--no-deps" in run]
+    assert "pip install --require-hashes -r requirements/build.txt" in runs[backend]
+    assert backend <= build
+    assert "--no-deps --no-build-isolation ." in runs[build]
+
+
+def test_the_build_lock_pins_the_build_system_with_hashes() -> None:
+    build_system = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]
+    lock_text = (ROOT / "requirements" / "build.txt").read_text()
+    pinned = {
+        canonicalize_name(m["name"]): Version(m["version"])
+        for m in re.finditer(r"^(?P<name>[\w.-]+)==(?P<version>[\w.]+)", lock_text, re.M)
+    }
+    entries = re.split(r"\n(?=[\w.-]+==)", lock_text)
+    assert len(entries) > 1 and all("--hash=sha256:" in entry for entry in entries[1:])
+    for requirement in map(Requirement, build_system["requires"]):
+        name = canonicalize_name(requirement.name)
+        assert name in pinned, f"{requirement.name} is not in requirements/build.txt"
+        assert pinned[name] in requirement.specifier, f"{name} {pinned[name]} vs {requirement}"
 
 
 def test_the_lock_pins_every_runtime_dependency_within_pyproject() -> None:
