@@ -229,6 +229,13 @@ def test_the_dashboard_counts_refused_connections_among_the_answers() -> None:
     assert read == {"identity_http_requests_total", "identity_connections_refused_total"}
 
 
+def test_every_alert_names_the_release_namespace(rule_groups: list[dict[str, Any]]) -> None:
+    """Alerts that sum over pods keep no namespace label of their series: two installs would
+    raise one same alert, and Alertmanager could not route it by namespace."""
+    for rule in (r for g in rule_groups for r in g["rules"]):
+        assert rule["labels"]["namespace"] == "identity", rule["alert"]
+
+
 def test_every_alert_has_a_runbook_section(rule_groups: list[dict[str, Any]]) -> None:
     operations = (CHART_DIR.parent.parent / "docs" / "operations.md").read_text()
     for group in rule_groups:
