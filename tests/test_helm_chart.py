@@ -214,6 +214,21 @@ def test_every_pod_gets_the_image_pull_secrets(configuration: str) -> None:
         assert pod_spec(workload).get("imagePullSecrets") == [{"name": "registry"}], where
 
 
+@pytest.mark.parametrize("kind", ["ClusterIP", "NodePort", "LoadBalancer"])
+def test_a_service_reached_from_outside_keeps_the_clients_addresses(kind: str) -> None:
+    """Through a NodePort or a load balancer with Kubernetes's default policy (Cluster),
+    kube-proxy replaces each client's address with a node's, a private one: the service
+    then trusts the X-Forwarded-For any client sends (amp/limits.py, docs/amp.md) and
+    counts AMP's per-address limits under whatever address it claims."""
+    values = ci_values("external-redis") | {"service": {"type": kind}}
+    service = find(render(values), "Service")
+    kubernetes_validate.validate(service, KUBERNETES_VERSION, strict=True)
+    if kind == "ClusterIP":  # not reached from outside; Kubernetes refuses the field here
+        assert "externalTrafficPolicy" not in service["spec"]
+    else:
+        assert service["spec"]["externalTrafficPolicy"] == "Local"
+
+
 def test_service_accounts_mount_no_token(configuration: str) -> None:
     for account in (o for o in render(ci_values(configuration)) if o["kind"] == "ServiceAccount"):
         assert account["automountServiceAccountToken"] is False
@@ -869,6 +884,7 @@ def test_a_missing_essential_value_stops_the_render_with_what_to_set(
         {"config": {"logLevel": "loud"}},
         {"image": {"tag": "latest"}},
         {"podDisruptionBudget": {"unhealthyPodEvictionPolicy": "Always"}},
+        {"service": {"externalTrafficPolicy": "Global"}},
         {"secret": "too-short"},
         {"sources": {"shop": {"writeKeyHash": "md5:abc", "origins": ["https://a.example"]}}},
         {"redis": {"url": "redis://user:password@redis:6379/0"}},  # credentials go in auth
