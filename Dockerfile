@@ -42,7 +42,8 @@ COPY pyproject.toml README.md ./
 COPY identity_service ./identity_service
 RUN pip wheel --wheel-dir /wheels --no-build-isolation --no-deps . \
     && python -m venv /opt/identity-service \
-    && /opt/identity-service/bin/pip install --no-index --find-links /wheels identity-service
+    && /opt/identity-service/bin/pip install --no-index --find-links /wheels identity-service \
+    && /opt/identity-service/bin/python -m pip uninstall --yes --quiet pip setuptools
 
 # -- runtime: the virtual environment built above, nothing else added ----------------------
 FROM python:3.11.16-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b AS runtime
@@ -61,7 +62,11 @@ ENV PATH=/opt/identity-service/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     TMPDIR=/tmp
 
-RUN groupadd --system --gid 10001 identity \
+# The installers go: Python 3.11's venv added pip and setuptools 65.5 (CVE-2024-6345 and
+# others, which image scanners report) to the environment above, and the base has its
+# own; the service needs none of them to run, nor should anyone who gets a shell in it.
+RUN /usr/local/bin/python -m pip uninstall --yes --quiet pip setuptools wheel \
+    && groupadd --system --gid 10001 identity \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \
        --home-dir /nonexistent --shell /usr/sbin/nologin identity
 

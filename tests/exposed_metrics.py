@@ -20,7 +20,7 @@ from tests.redis_server import RedisServer
 from tests.test_cli import Service, post, redis_env
 
 # Metrics the alerts read from other exporters: kube-state-metrics.
-EXTERNAL_METRIC_NAMES = frozenset({"kube_pod_status_ready"})
+EXTERNAL_METRIC_NAMES = frozenset({"kube_pod_status_ready", "kube_pod_status_phase"})
 
 # Labels Prometheus gives every target; the service never exposes them.
 TARGET_LABELS = frozenset({"namespace", "job", "pod"})

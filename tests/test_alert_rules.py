@@ -229,6 +229,13 @@ def test_the_dashboard_counts_refused_connections_among_the_answers() -> None:
     assert read == {"identity_http_requests_total", "identity_connections_refused_total"}
 
 
+def test_every_alert_names_the_release_namespace(rule_groups: list[dict[str, Any]]) -> None:
+    """Alerts that sum over pods keep no namespace label of their series: two installs would
+    raise one same alert, and Alertmanager could not route it by namespace."""
+    for rule in (r for g in rule_groups for r in g["rules"]):
+        assert rule["labels"]["namespace"] == "identity", rule["alert"]
+
+
 def test_every_alert_has_a_runbook_section(rule_groups: list[dict[str, Any]]) -> None:
     operations = (CHART_DIR.parent.parent / "docs" / "operations.md").read_text()
     for group in rule_groups:
@@ -237,6 +244,57 @@ def test_every_alert_has_a_runbook_section(rule_groups: list[dict[str, Any]]) ->
             assert anchor == rule["alert"].lower()
             assert f"### {rule['alert']}\n" in operations, rule["alert"]
             assert rule["labels"]["severity"] in ("warning", "critical")
+
+
+def pods_not_ready_matcher(values: dict[str, Any], name: str) -> str:
+    """The pod name regular expression of IdentityPodsNotReady rendered with ``values``."""
+    rule = find(render(values), "PrometheusRule", name)
+    (expr,) = [
+        r["expr"]
+        for g in rule["spec"]["groups"]
+        for r in g["rules"]
+        if r["alert"] == "IdentityPodsNotReady"
+    ]
+    (matcher,) = {
+        m.value
+        for s in selectors(expr)
+        for m in s.matchers.matchers
+        if m.name == "pod" and m.op == promql_parser.MatchOp.Re
+    }
+    return str(matcher)
+
+
+def deployment_pod(deployment: str, pod_hash: str, suffix: str = "x2k4q") -> str:
+    """A Deployment's pod name as Kubernetes makes it: its ReplicaSet's name and "-" as
+    the generateName, cut to 58 characters, then 5 random characters."""
+    return f"{deployment}-{pod_hash}-"[:58] + suffix
+
+
+@pytest.mark.parametrize(
+    "override", ["", "o" * 40, "o" * 46, "o" * 47, "o" * 52, "o" * 57, "o" * 63]
+)
+def test_pods_not_ready_reads_the_release_pods_whatever_the_name_length(override: str) -> None:
+    """Prometheus anchors the matcher at both ends: every pod of the release matches it,
+    a Deployment's long name cut before the suffix included."""
+    values = ci_values("everything") | {"fullnameOverride": override}
+    objects = render(values)
+    pods = re.compile(pods_not_ready_matcher(values, override or FULLNAME))
+    workloads = [o["metadata"]["name"] for o in objects if o["kind"] in ("Deployment",)]
+    assert len(workloads) == 2
+    for deployment in workloads:
+        for pod_hash in ("7d9f8c6b5", "5c6b7d9f84"):
+            pod = deployment_pod(deployment, pod_hash)
+            assert pods.fullmatch(pod), (pods.pattern, pod)
+    (redis,) = [o["metadata"]["name"] for o in objects if o["kind"] == "StatefulSet"]
+    assert pods.fullmatch(f"{redis}-0"), pods.pattern
+
+
+def test_pods_not_ready_leaves_out_a_release_whose_name_begins_with_this_ones() -> None:
+    pods = re.compile(pods_not_ready_matcher(ci_values("everything"), FULLNAME))
+    assert pods.fullmatch(deployment_pod(FULLNAME, "7d9f8c6b5"))
+    for other in (f"{FULLNAME}-canary", f"{FULLNAME}-canary-forwarder"):
+        assert not pods.fullmatch(deployment_pod(other, "7d9f8c6b5")), other
+    assert not pods.fullmatch(f"{FULLNAME}-canary-redis-0")
 
 
 def write_rules(rule_groups: list[dict[str, Any]], directory: Path) -> Path:

@@ -87,6 +87,18 @@ def test_the_final_stage_has_no_build_tools(stages: list[list[Instruction]]) -> 
     assert any("build-essential" in v for v in values(stages[0], "RUN"))
 
 
+def test_the_image_keeps_no_installer(stages: list[list[Instruction]]) -> None:
+    """Python 3.11's venv puts pip and setuptools 65.5 (CVE-2024-6345, which image scanners
+    report) into the service's environment, and the base has its own: the service runs
+    without them, so the builder takes them out of the environment it hands over and the
+    final stage out of the base."""
+    builder = " ".join(" ".join(values(stages[0], "RUN")).split())
+    venv = "/opt/identity-service/bin/python -m pip uninstall --yes --quiet pip setuptools"
+    assert builder.index(venv) > builder.index("/opt/identity-service/bin/pip install")
+    final = " ".join(" ".join(values(stages[-1], "RUN")).split())
+    assert "/usr/local/bin/python -m pip uninstall --yes --quiet pip setuptools wheel" in final
+
+
 def test_the_final_stage_writes_no_bytecode(stages: list[list[Instruction]]) -> None:
     env = " ".join(values(stages[-1], "ENV"))
     assert "PYTHONDONTWRITEBYTECODE=1" in env
@@ -206,7 +218,9 @@ def test_the_builder_installs_the_locked_dependencies_checked_by_hash(
 ) -> None:
     runs = " ".join(values(stages[0], "RUN"))
     assert "--require-hashes -r requirements/image.txt" in runs
-    assert "--no-deps ." in runs, "the service's own wheel must not pull unlocked versions"
+    assert "--no-build-isolation --no-deps ." in runs, (
+        "the service's own wheel must not pull unlocked versions"
+    )
     assert "pip install --no-index" in runs
 
 

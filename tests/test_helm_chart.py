@@ -203,6 +203,32 @@ def test_pods_run_locked_down(configuration: str) -> None:
         assert not image.endswith(":latest") and re.search(r":[\w.-]+(@sha256:\w+)?$", image), image
 
 
+def test_every_pod_gets_the_image_pull_secrets(configuration: str) -> None:
+    """A private registry's credentials reach every pod that pulls an image: the `helm
+    test` pod runs the service's image, and the in-chart Redis's may be mirrored there."""
+    values = ci_values(configuration) | {"imagePullSecrets": [{"name": "registry"}]}
+    workloads = [o for o in render(values) if o["kind"] in WORKLOADS]
+    assert {w["kind"] for w in workloads} >= {"Deployment", "Pod"}
+    for workload in workloads:
+        where = f"{workload['kind']}/{workload['metadata']['name']}"
+        assert pod_spec(workload).get("imagePullSecrets") == [{"name": "registry"}], where
+
+
+@pytest.mark.parametrize("kind", ["ClusterIP", "NodePort", "LoadBalancer"])
+def test_a_service_reached_from_outside_keeps_the_clients_addresses(kind: str) -> None:
+    """Through a NodePort or a load balancer with Kubernetes's default policy (Cluster),
+    kube-proxy replaces each client's address with a node's, a private one: the service
+    then trusts the X-Forwarded-For any client sends (amp/limits.py, docs/amp.md) and
+    counts AMP's per-address limits under whatever address it claims."""
+    values = ci_values("external-redis") | {"service": {"type": kind}}
+    service = find(render(values), "Service")
+    kubernetes_validate.validate(service, KUBERNETES_VERSION, strict=True)
+    if kind == "ClusterIP":  # not reached from outside; Kubernetes refuses the field here
+        assert "externalTrafficPolicy" not in service["spec"]
+    else:
+        assert service["spec"]["externalTrafficPolicy"] == "Local"
+
+
 def test_service_accounts_mount_no_token(configuration: str) -> None:
     for account in (o for o in render(ci_values(configuration)) if o["kind"] == "ServiceAccount"):
         assert account["automountServiceAccountToken"] is False
@@ -232,6 +258,33 @@ def test_web_pods_probe_health_and_readiness_and_drain_before_sigterm(configurat
         c["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "web" for c in spread
     )
     assert {m["mountPath"] for m in container["volumeMounts"]} == {TMP_MOUNT}
+
+
+def test_a_spread_constraint_without_a_selector_spreads_each_deployments_pods() -> None:
+    """A constraint without a labelSelector counts no pod, so the scheduler would spread
+    nothing: it gets the selector of the pods it is in. One with a selector is kept."""
+    values = ci_values("forwarder")
+    zones = {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone"}
+    nodes = {
+        "maxSkew": 2,
+        "topologyKey": "kubernetes.io/hostname",
+        "labelSelector": {"matchLabels": {"tier": "identity"}},
+    }
+    values["topologySpreadConstraints"] = [
+        zones | {"whenUnsatisfiable": "DoNotSchedule"},
+        nodes | {"whenUnsatisfiable": "ScheduleAnyway"},
+    ]
+    objects = render(values)
+    for component, name in (("web", FULLNAME), ("forwarder", f"{FULLNAME}-forwarder")):
+        spread = pod_spec(find(objects, "Deployment", name))["topologySpreadConstraints"]
+        selector = {
+            "app.kubernetes.io/name": "identity-service",
+            "app.kubernetes.io/instance": "identity-service",
+            "app.kubernetes.io/component": component,
+        }
+        assert spread[0]["labelSelector"] == {"matchLabels": selector}
+        assert spread[0]["whenUnsatisfiable"] == "DoNotSchedule"
+        assert spread[1]["labelSelector"] == {"matchLabels": {"tier": "identity"}}
 
 
 @pytest.mark.parametrize("timeout", [0, 0.2, 0.5, 10, 12.5, 600, None])
@@ -526,6 +579,18 @@ def test_every_optional_object_is_made_when_asked() -> None:
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
 
 
+def test_unready_web_pods_do_not_hold_node_drains() -> None:
+    """When Redis is away every web pod is unready: with Kubernetes's default policy the
+    budget then allows no eviction, and every node drain waits for Redis. An unready pod
+    serves nothing, so the budget lets it be evicted."""
+    pdb = find(render(ci_values("external-redis")), "PodDisruptionBudget")
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    values = ci_values("external-redis")
+    values["podDisruptionBudget"] = {"unhealthyPodEvictionPolicy": "IfHealthyBudget"}
+    pdb = find(render(values), "PodDisruptionBudget")
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "IfHealthyBudget"
+
+
 def test_the_in_chart_redis_keeps_an_append_only_file_on_its_volume() -> None:
     objects = render(ci_values("internal-redis"))
     redis = find(objects, "StatefulSet", f"{FULLNAME}-redis")
@@ -635,6 +700,19 @@ def test_an_autoscaler_minimum_above_its_maximum_stops_the_render(
     else:
         with pytest.raises(helm_python.HelmError, match=r"minReplicas \(5\) is above"):
             render(values)
+
+
+@pytest.mark.parametrize("cpu", [None, 0])
+def test_an_autoscaler_without_a_cpu_request_stops_the_render(cpu: int | None) -> None:
+    """The autoscaler's target is a share of the CPU request: without a request it never
+    scales, and says so only in its status. ``null`` removes the chart's default request
+    (``--set resources.requests.cpu=null``)."""
+    values = ci_values("everything")
+    values["resources"] = {"requests": {"cpu": cpu, "memory": "128Mi"}}
+    with pytest.raises(helm_python.HelmError, match=r"autoscaling.enabled needs resources"):
+        render(values)
+    values["autoscaling"]["enabled"] = False  # without an autoscaler, no request is needed
+    assert not [o for o in render(values) if o["kind"] == "HorizontalPodAutoscaler"]
 
 
 @pytest.mark.parametrize(
@@ -805,6 +883,8 @@ def test_a_missing_essential_value_stops_the_render_with_what_to_set(
         {"config": {"workers": 1.5}},
         {"config": {"logLevel": "loud"}},
         {"image": {"tag": "latest"}},
+        {"podDisruptionBudget": {"unhealthyPodEvictionPolicy": "Always"}},
+        {"service": {"externalTrafficPolicy": "Global"}},
         {"secret": "too-short"},
         {"sources": {"shop": {"writeKeyHash": "md5:abc", "origins": ["https://a.example"]}}},
         {"redis": {"url": "redis://user:password@redis:6379/0"}},  # credentials go in auth

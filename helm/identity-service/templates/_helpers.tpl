@@ -217,10 +217,18 @@ volumes:
       sizeLimit: 64Mi
 {{- end }}
 
-{{/* Topology spread of one component's pods: (dict "root" $ "component" "web"). */}}
+{{/* Topology spread of one component's pods: (dict "root" $ "component" "web"). A
+constraint given without a labelSelector (which would count no pod at all) counts the
+component's own pods. */}}
 {{- define "identity-service.topologySpread" -}}
 {{- if .root.Values.topologySpreadConstraints }}
-{{- toYaml .root.Values.topologySpreadConstraints }}
+{{- range .root.Values.topologySpreadConstraints }}
+{{- $constraint := deepCopy . }}
+{{- if not (hasKey $constraint "labelSelector") }}
+{{- $_ := set $constraint "labelSelector" (dict "matchLabels" (include "identity-service.componentSelector" $ | fromYaml)) }}
+{{- end }}
+- {{ toYaml $constraint | indent 2 | trim }}
+{{- end }}
 {{- else }}
 {{- range list "kubernetes.io/hostname" "topology.kubernetes.io/zone" }}
 - maxSkew: 1
