@@ -23,6 +23,7 @@ import aiohttp
 
 from identity_service import __version__
 from identity_service.amp.webhooks import signed_headers
+from identity_service.answers import drain_answer
 from identity_service.clock import iso_time
 from identity_service.lines import write_lines
 from identity_service.settings import Destination, OutboxSettings
@@ -39,9 +40,6 @@ class Delivery:
 DELIVERED = Delivery("delivered")
 USER_AGENT = f"identity-service/{__version__}"
 MAX_RETRY_AFTER_SECONDS = 3600.0
-# How much of an answer's body is read (and dropped: the status is the answer), so the
-# connection goes back to the pool; a longer body closes the connection instead.
-MAX_ANSWER_BYTES = 64 * 1024
 
 
 class Sink(Protocol):
@@ -145,26 +143,10 @@ async def post(
     try:
         async with session.post(url, data=body, headers=headers, allow_redirects=False) as answer:
             delivery = classify(answer.status, answer.headers.get("Retry-After"))
-            await _drain(answer)
+            await drain_answer(answer)
             return delivery
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         return Delivery("retry", reason=type(exc).__name__)
-
-
-async def _drain(answer: aiohttp.ClientResponse) -> None:
-    """Read and drop up to ``MAX_ANSWER_BYTES`` of the body, so the connection can be
-    used again; a longer one, or one that fails or times out, closes the connection."""
-    left = MAX_ANSWER_BYTES
-    try:
-        while left > 0:
-            chunk = await answer.content.read(left)
-            if not chunk:
-                return
-            left -= len(chunk)
-        if not answer.content.at_eof():
-            answer.close()
-    except (aiohttp.ClientError, TimeoutError, OSError):
-        answer.close()
 
 
 def classify(status: int, retry_after: str | None) -> Delivery:

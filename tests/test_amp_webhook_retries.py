@@ -24,6 +24,7 @@ from aiohttp import DummyCookieJar
 
 from identity_service import app_keys
 from identity_service.amp import webhooks
+from identity_service.amp.config import ActionSettings, AmpSettings
 from identity_service.amp.context import AMP
 from identity_service.app import create_app
 from identity_service.constants import MAX_EVENT_BYTES
@@ -49,6 +50,7 @@ from tests.test_amp_actions import (
     set_cookie_value,
 )
 from tests.test_cli import COMMAND, clean_env
+from tests.test_forwarder import raw_destination
 from tests.webhook_receiver import WEBHOOK_SECRET, Reply, WebhookReceiver
 
 DESTINATION = "amp-action-add-to-cart"
@@ -512,3 +514,26 @@ async def test_the_webhook_sink_signs_each_body_and_retries_the_whole_batch(
         assert (await sink.send(bodies[:1])).outcome == "retry"  # nobody listening
     finally:
         await sink.close()
+
+
+@pytest.mark.parametrize(
+    ("head", "applied"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", True),
+        (b"HTTP/1.1 503 Busy\r\nContent-Length: 1000\r\n\r\n", False),
+    ],
+    ids=["2xx", "5xx"],
+)
+async def test_a_webhook_answer_is_its_status_whatever_its_body_does(
+    head: bytes, applied: bool
+) -> None:
+    """A webhook that answered 2xx and then sends its body slowly, or never ends it, has
+    applied the action: its call is not a timeout, retried (and queued, and applied again).
+    Read whole, the body held the visitor for every attempt's timeout."""
+    amp = AmpSettings("", frozenset(), "", frozenset(), webhook_timeout=0.5, webhook_attempts=3)
+    async with raw_destination(head, b'{"ok":', hang=True) as url:
+        action = ActionSettings("cart", f"{url}/apply", b"s" * 32)
+        async with aiohttp.ClientSession() as http:
+            outcome = await webhooks.call(http, amp, action, b'{"id":"hop-1"}')
+    assert (outcome.applied, outcome.attempts) == (applied, 1 if applied else 3)
+    assert outcome.reason == ("" if applied else "status 503")

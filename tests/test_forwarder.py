@@ -14,6 +14,7 @@ import orjson
 import pytest
 import structlog.testing
 
+from identity_service.answers import MAX_ANSWER_BYTES
 from identity_service.constants import (
     BATCH_FRAMING_BYTES,
     MAX_BATCH_BYTES,
@@ -28,7 +29,6 @@ from identity_service.scrape import memory_backlog
 from identity_service.settings import Destination, OutboxSettings
 from identity_service.sinks import (
     DELIVERED,
-    MAX_ANSWER_BYTES,
     Delivery,
     HttpSink,
     StdoutSink,

@@ -38,6 +38,7 @@ import aiohttp
 import structlog
 
 from identity_service.amp.config import ActionSettings, AmpSettings
+from identity_service.answers import drain_answer
 from identity_service.clock import iso_time
 
 logger = structlog.get_logger(__name__)
@@ -143,8 +144,10 @@ async def _attempt(
             allow_redirects=False,
             timeout=aiohttp.ClientTimeout(total=seconds),
         ) as response:
-            await response.read()
+            # The status is the answer: a 2xx whose body then hangs was applied, not a
+            # timeout to retry (and queue, applied again); the body is never held whole.
             status = response.status
+            await drain_answer(response)
     except TimeoutError:
         return True, "timeout"
     except aiohttp.ClientError as exc:
