@@ -9,6 +9,12 @@ after ``gzip``/``deflate`` decoding), a head within ``head_timeout`` and a body 
 breaks a rule is answered with an RFC 9457 problem that echoes nothing of the request,
 and logged as one request line without a header value or a traceback.
 
+A connection over ``max_connections`` is answered 503 with ``Retry-After`` and closed,
+unless its first request is a ``GET`` or ``HEAD`` of ``/healthz``: that one gets /healthz's
+own 200, so that a kubelet's liveness probe never restarts a pod for being busy (which would
+move its load to the next pod, and saturate it in turn). Its head is read within a few
+bytes and a second, and only so many such connections are held at once (``_Turnaway``).
+
 Prepare and exchange sit on every cross-domain click, and aiohttp's request and response
 objects cost more CPU than the handoff itself: a ``POST`` to either is answered through
 handoff_api.py with one ``write``. Every other request is handed, already parsed, to the
@@ -42,6 +48,7 @@ from yarl import URL
 
 from identity_service import app_keys
 from identity_service.constants import MAX_HEAD_BYTES, MAX_HEADERS
+from identity_service.handlers import HEALTH
 from identity_service.handoff_api import Call, HandoffApi
 from identity_service.metrics import OTHER
 from identity_service.middleware import (
@@ -70,8 +77,15 @@ logger = structlog.get_logger("identity_service.request")
 IDLE_TIMEOUT_SECONDS = 75.0
 # How long a refused connection is still read (and what is read dropped) before it closes.
 LINGER_SECONDS = 2.0
-# Connections turned away over max_connections that may linger at once (_Turnaway).
+# Connections turned away over max_connections that may be held at once (_Turnaway).
 MAX_LINGERING_TURNAWAYS = 256
+# How much of a turned-away connection's head, and for how long, is read for a liveness
+# probe (``GET /healthz``) before it is answered 503.
+TURNAWAY_HEAD_BYTES = 2048
+TURNAWAY_HEAD_SECONDS = 1.0
+_HEALTHZ = "/healthz"
+_HEALTHY = orjson.dumps(HEALTH)
+_PROBE_METHODS = (b"GET", b"HEAD")
 # Parsed requests a connection may queue before it is read no further.
 MAX_QUEUED_REQUESTS = 64
 _NEVER = math.inf
@@ -187,7 +201,6 @@ class FrontServer(web.Server):
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
         if len(self.front_connections) >= self.settings.max_connections:
-            self.metrics.inc("identity_connections_refused_total")
             return _Turnaway(self)
         return FrontProtocol(self)
 
@@ -227,44 +240,131 @@ class FrontRunner(web.AppRunner):
 
 
 class _Turnaway(asyncio.Protocol):
-    """A connection over ``max_connections``: told 503 at once, then closed.
+    """A connection over ``max_connections``: answered 503, or 200 to a liveness probe.
+
+    Its first request is read as far as the end of its head, by llhttp (httptools), within
+    ``TURNAWAY_HEAD_BYTES`` and ``TURNAWAY_HEAD_SECONDS`` (or the head timeout, if shorter):
+    a ``GET`` or ``HEAD`` of ``/healthz`` gets the answer ``/healthz`` always gives (the
+    process and its loop are alive, which this answer proves; a kubelet must not restart a
+    pod for being busy), anything else, or nothing in time, a 503 with ``Retry-After``.
+    ``/readyz`` too: the pod can take no more. Only the 503s are counted
+    (``identity_connections_refused_total``); the 200 is logged and counted as any /healthz.
 
     Closing with the client's request unread would make the kernel reset the connection,
-    and the client could lose the 503: the writing side ends, and what the client sends is
-    dropped for ``LINGER_SECONDS`` at most, as the front's own lingering close does. At
-    most ``MAX_LINGERING_TURNAWAYS`` linger at once: in a flood of connections, the next
-    ones are closed at once, as a bound on the sockets held beyond ``max_connections``.
+    and the client could lose the answer: the writing side ends, and what the client sends
+    is dropped, as the front's own lingering close does, until ``LINGER_SECONDS`` after
+    the connection was made. At most ``MAX_LINGERING_TURNAWAYS`` are held at once, read or
+    lingering: in a flood of connections, the next ones are told 503 and closed at once, as
+    a bound on the sockets (and parsers) held beyond ``max_connections``.
     """
 
     def __init__(self, server: "FrontServer") -> None:
         self._server = server
-        self._closer: asyncio.TimerHandle | None = None
+        self._loop = server._loop
+        self._transport: asyncio.Transport | None = None
+        self._parser: httptools.HttpRequestParser | None = None  # None once answered
+        self._room = TURNAWAY_HEAD_BYTES  # bytes still given to the parser
+        self._target = b""
+        self._request_id: bytes | None = None
+        self._until = 0.0  # when the connection is dropped, answered or not
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         server = self._server
+        connection = self._transport = cast(asyncio.Transport, transport)
+        if server.lingering_turnaways >= MAX_LINGERING_TURNAWAYS or not connection.can_write_eof():
+            self._refuse()
+            connection.close()
+            return
+        server.lingering_turnaways += 1
+        self._parser = httptools.HttpRequestParser(self)
+        now = self._loop.time()
+        self._until = now + LINGER_SECONDS
+        read_for = min(TURNAWAY_HEAD_SECONDS, server.head_timeout)
+        self._timer = self._loop.call_at(now + read_for, self._answer, False)
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:
+            return  # answered: dropped
+        piece = data[: self._room]
+        self._room -= len(piece)
+        try:
+            parser.feed_data(piece)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self._answer(False)
+        if self._room <= 0:
+            self._answer(False)  # the head is over the bound (a no-op once answered)
+
+    def eof_received(self) -> bool:
+        self._answer(False)
+        return False  # the transport closes: both sides are done
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._server.lingering_turnaways -= 1
+        if self._parser is not None:
+            self._server.metrics.inc("identity_connections_refused_total")  # left unanswered
+        self._transport = None
+
+    # llhttp's callbacks (httptools): the head of the first request
+
+    def on_url(self, url: bytes) -> None:
+        self._target += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"x-request-id":
+            self._request_id = value
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        if parser is None:
+            return  # a request after the first, which was answered
+        target = self._target
+        self._answer(
+            parser.get_method() in _PROBE_METHODS
+            and parser.get_http_version() in ("1.1", "1.0")
+            and b"#" not in target
+            and _absolute_path(target) == _HEALTHZ
+        )
+
+    def _answer(self, alive: bool) -> None:
+        """Answer ``/healthz`` (``alive``) or the 503, once; then linger until ``_until``."""
+        transport = self._transport
+        if self._parser is None or transport is None:
+            return
+        method = self._parser.get_method() if alive else b""
+        self._parser = None
+        if alive:
+            transport.write(contextvars.Context().run(self._healthy, method.decode("ascii")))
+        else:
+            self._refuse()
+        transport.write_eof()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(self._until, transport.abort)
+
+    def _healthy(self, method: str) -> bytes:
+        """/healthz's answer (handlers.healthz), logged and counted as the application's."""
+        started = time.perf_counter()
+        sent_id = self._request_id
+        request_id = start_request(None if sent_id is None else sent_id.decode("latin-1"))
+        log_request(self._server.metrics, _HEALTHZ, method, _HEALTHZ, 200, started, None)
+        answer = _response(200, "application/json", _HEALTHY, request_id, {"Connection": "close"})
+        return answer if method != "HEAD" else answer[: -len(_HEALTHY)]
+
+    def _refuse(self) -> None:
+        """Today's answer over ``max_connections``: 503 with Retry-After, counted."""
+        server = self._server
+        server.metrics.inc("identity_connections_refused_total")
         problem = ServiceUnavailable(
             "the server holds as many connections as it may; retry later",
             server.settings.retry_after,
         )
-        connection = cast(asyncio.Transport, transport)
-        connection.write(problem_answer(problem, None, keep_alive=False))
-        if server.lingering_turnaways >= MAX_LINGERING_TURNAWAYS or not connection.can_write_eof():
-            connection.close()
-            return
-        server.lingering_turnaways += 1
-        connection.write_eof()
-        self._closer = asyncio.get_running_loop().call_later(LINGER_SECONDS, connection.abort)
-
-    def data_received(self, data: bytes) -> None:
-        """Dropped: the connection was refused before its request."""
-
-    def eof_received(self) -> bool:
-        return False  # the transport closes: both sides are done
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._closer is not None:
-            self._closer.cancel()
-            self._server.lingering_turnaways -= 1
+        cast(asyncio.Transport, self._transport).write(
+            problem_answer(problem, None, keep_alive=False)
+        )
 
 
 class AppBridge(BaseProtocol):

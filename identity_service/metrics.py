@@ -124,7 +124,7 @@ _COUNTERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ),
     (
         "identity_connections_refused_total",
-        "Connections refused over IDENTITY_MAX_CONNECTIONS.",
+        "Connections refused over IDENTITY_MAX_CONNECTIONS (a /healthz answered is none).",
         (),
     ),
     (

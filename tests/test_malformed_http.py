@@ -24,6 +24,7 @@ from identity_service import front as front_module
 from identity_service.app import create_app
 from identity_service.constants import MAX_HEAD_BYTES
 from identity_service.front import FrontServer
+from identity_service.metrics import Metrics
 from identity_service.problems import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX
 from tests.conftest import WRITE_KEYS, AppClient, FrontTestServer, log_lines, make_settings
 
@@ -278,6 +279,45 @@ async def test_an_upgrade_request_is_answered_over_http_then_closed(front: AppCl
     assert MARK not in answer
 
 
+PROBE = (
+    b"GET /healthz HTTP/1.1\r\nHost: 10.1.2.3:8000\r\nUser-Agent: kube-probe/1.30\r\n"
+    b"Accept: */*\r\nConnection: close\r\n\r\n"
+)
+
+
+async def full_front(make_front: FrontMaker) -> tuple[AppClient, FrontServer, asyncio.StreamWriter]:
+    """A front at its limit of one connection, and that connection (the test closes it)."""
+    client = await make_front(max_connections=1)
+    server = cast(FrontServer, client.server.runner.server)  # type: ignore[union-attr]
+    _, held = await asyncio.open_connection("127.0.0.1", client.server.port)
+    for _ in range(100):  # until the front has taken it
+        if server.front_connections:
+            break
+        await asyncio.sleep(0.01)
+    assert len(server.front_connections) == 1
+    return client, server, held
+
+
+def refused(client: AppClient) -> float:
+    metrics: Metrics = client.app[app_keys.METRICS]
+    return metrics.value("identity_connections_refused_total")
+
+
+def turned_away(answer: bytes) -> None:
+    """``answer`` is the 503 of a connection over the limit (no request id: none was read)."""
+    status, headers, body = head_of(answer)
+    assert status == 503 and headers["retry-after"] == "1" and headers["connection"] == "close"
+    assert headers["content-type"] == PROBLEM_CONTENT_TYPE
+    assert orjson.loads(body)["type"] == PROBLEM_TYPE_PREFIX + "service-unavailable"
+
+
+def head_of(answer: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {n.lower(): v.strip() for n, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split(" ")[1]), headers, body
+
+
 async def test_connections_beyond_the_limit_get_the_503_though_they_sent_a_request(
     make_front: FrontMaker,
 ) -> None:
@@ -306,22 +346,126 @@ async def test_connections_beyond_the_limit_get_the_503_though_they_sent_a_reque
 async def test_turned_away_connections_linger_only_so_many_at_once(
     make_front: FrontMaker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Connections held over the limit (waiting for a probe's head, or lingering after the
+    answer) are bounded: beyond the bound, the 503 and the close come at once, as before."""
     monkeypatch.setattr(front_module, "MAX_LINGERING_TURNAWAYS", 2)
-    client = await make_front(max_connections=1)
-    server = cast(FrontServer, client.server.runner.server)  # type: ignore[union-attr]
-    held = await asyncio.open_connection("127.0.0.1", client.server.port)
-    turned_away = [await asyncio.open_connection("127.0.0.1", client.server.port) for _ in range(5)]
-    for reader, _ in turned_away:
-        assert (await read_to_end(reader)).startswith(b"HTTP/1.1 503 ")
-    assert server.lingering_turnaways == 2  # the other three were closed at once
-    for _, writer in turned_away:
+    client, server, full = await full_front(make_front)
+    held = [await asyncio.open_connection("127.0.0.1", client.server.port) for _ in range(2)]
+    for _ in range(100):  # until the server has taken both
+        if server.lingering_turnaways == 2:
+            break
+        await asyncio.sleep(0.01)
+    flood = [await asyncio.open_connection("127.0.0.1", client.server.port) for _ in range(3)]
+    for reader, _ in flood:
+        turned_away(await asyncio.wait_for(reader.read(), 0.5))  # answered and closed
+    # Beyond the bound even a probe is not read: today's 503, at once.
+    answer = await asyncio.wait_for(exchange_raw(client, PROBE), 0.5)
+    turned_away(answer)
+    assert server.lingering_turnaways == 2 and refused(client) == 4
+    for reader, _ in held:  # still read for a probe's head: not answered yet
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.read(1), 0.05)
+    for reader, _ in held:
+        turned_away(await read_to_end(reader))  # after the bound
+    for _, writer in held + flood:
         writer.close()
     for _ in range(100):  # until the server has seen the clients close
         if not server.lingering_turnaways:
             break
         await asyncio.sleep(0.02)
+    assert server.lingering_turnaways == 0 and refused(client) == 6
+    full.close()
+
+
+async def test_over_the_limit_a_liveness_probe_is_answered_and_nothing_else(
+    make_front: FrontMaker,
+) -> None:
+    """Found in review: at max_connections the kubelet's GET /healthz got the 503 too, and a
+    busy pod was restarted, its load moving to the next pod (a cascade)."""
+    client = await make_front()
+    _, usual, usual_body = head_of(await exchange_raw(client, PROBE))
+    client, _, full = await full_front(make_front)
+    metrics: Metrics = client.app[app_keys.METRICS]
+    probes = metrics.value(
+        "identity_http_requests_total", route="/healthz", method="GET", status="200"
+    )
+    status, headers, body = head_of(await exchange_raw(client, PROBE))
+    # /healthz's own answer, whoever gives it.
+    assert status == 200 and body == usual_body == b'{"status":"ok"}'
+    assert headers.keys() == usual.keys() and headers["connection"] == "close"
+    assert {n: headers[n] for n in headers if n not in ("date", "x-request-id")} == {
+        n: usual[n] for n in usual if n not in ("date", "x-request-id")
+    }
+    head = PROBE.replace(b"GET", b"HEAD", 1).replace(b"Accept", b"X-Request-ID: probe-1\r\nAccept")
+    status, headers, body = head_of(await exchange_raw(client, head))
+    assert status == 200 and body == b"" and headers["content-length"] == str(len(usual_body))
+    assert headers["x-request-id"] == "probe-1"
+    for target in (b"/healthz?x=1", b"http://10.1.2.3:8000/healthz"):
+        answer = await exchange_raw(client, PROBE.replace(b"/healthz", target, 1))
+        assert answer.startswith(b"HTTP/1.1 200 "), target
+    # A probe is no refusal: it is counted as every /healthz.
+    assert refused(client) == 0
+    assert (
+        metrics.value("identity_http_requests_total", route="/healthz", method="GET", status="200")
+        == probes + 3
+    )
+    # Everything else gets the 503, /readyz included: the pod can take no more.
+    others = [
+        PROBE.replace(b"/healthz", b"/readyz", 1),
+        START + AUTH + LENGTH + b"\r\n" + BODY,
+        PROBE.replace(b"GET", b"POST", 1),
+        PROBE.replace(b"/healthz", b"/healthzz", 1),
+        PROBE.replace(b"/healthz", b"/healthz#x", 1),
+        PROBE.replace(b"HTTP/1.1", b"HTTP/2.0", 1),
+        PROBE.replace(b"Host", b"Bad Header", 1),
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    ]
+    for request in others:
+        answer = await exchange_raw(client, request)
+        turned_away(answer)
+        assert MARK not in answer
+    assert refused(client) == len(others)
+    full.close()
+
+
+async def test_over_the_limit_a_probe_in_pieces_is_read_within_the_bounds(
+    make_front: FrontMaker,
+) -> None:
+    client, _, full = await full_front(make_front)
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(PROBE[:20])
+    await asyncio.sleep(0.2)
+    writer.write(PROBE[20:])
+    assert (await read_to_end(reader)).startswith(b"HTTP/1.1 200 ")
+    writer.close()
+    # A head longer than the bytes read for a probe: the 503 without waiting for its end.
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(PROBE[:-2] + b"X-Pad: " + b"a" * front_module.TURNAWAY_HEAD_BYTES)
+    turned_away(await asyncio.wait_for(reader.read(), 0.5))
+    writer.close()
+    assert refused(client) == 1
+    full.close()
+
+
+async def test_over_the_limit_a_connection_that_sends_nothing_gets_the_503_in_time(
+    make_front: FrontMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(front_module, "TURNAWAY_HEAD_SECONDS", 0.5)
+    client, server, full = await full_front(make_front)
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    started = loop.time()
+    answer = await read_to_end(reader)  # the 503, then the close
+    assert 0.4 < loop.time() - started < 2
+    turned_away(answer)
+    assert refused(client) == 1
+    writer.close()
+    for _ in range(100):  # until the server has seen the client close
+        if not server.lingering_turnaways:
+            break
+        await asyncio.sleep(0.02)
     assert server.lingering_turnaways == 0
-    held[1].close()
+    full.close()
 
 
 async def test_answers_name_no_server_software(front: AppClient) -> None:
