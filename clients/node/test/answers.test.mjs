@@ -574,3 +574,39 @@ describe("exchange answers without an anonymousId, as in Python", () => {
     }
   });
 });
+
+describe("a redirect is never followed, as the Python SDK's", () => {
+  // A 307 or 308 (a gateway, a moved service) would have fetch send the body again, to
+  // wherever it points: an exchange's single-use token a second time (an exchange is never
+  // retried), the token, the visitor's ids and the write key to another host.
+  for (const status of [307, 308]) {
+    test(`a ${status}: an APIError of its status, nothing sent where it points, also with the caller's fetch`, async () => {
+      const elsewhere = await startHttpServer((req, res) => {
+        res.writeHead(200, { "content-type": "application/json" });
+        res.end(JSON.stringify(req.url.endsWith("/exchange") ? EXCHANGED : PREPARED));
+      });
+      const server = await startHttpServer((req, res) => {
+        res.writeHead(status, { location: `${elsewhere.url}${req.url}` });
+        res.end();
+      });
+      const seen = [];
+      try {
+        for (const fetchOption of [undefined, (url, init) => (seen.push(init.redirect), fetch(url, init))]) {
+          const client = new IdentityClient({ baseUrl: server.url, writeKey: "write-key-0123456789", maxRetries: 0, fetch: fetchOption });
+          for (const call of [() => client.prepare(params), () => client.exchange(TOKEN)]) {
+            await assert.rejects(call(), (error) => {
+              assert.ok(error instanceof APIError, String(error));
+              assert.equal(error.status, status);
+              return true;
+            });
+          }
+        }
+        assert.equal(elsewhere.count, 0);
+        assert.deepEqual(seen, ["manual", "manual"]);
+      } finally {
+        await server.close();
+        await elsewhere.close();
+      }
+    });
+  }
+});
