@@ -78,7 +78,11 @@ export interface HandoffMiddlewareOptions {
    * longer one): any other (NaN, 0, 1.5) is a ConfigurationError from `handoffMiddleware`.
    */
   cookieMaxAge?: number;
-  /** Cookie `SameSite` (default `Lax`; any case); `None` needs `secure`. */
+  /**
+   * Cookie `SameSite` (default `Lax`; any case); `None` needs `secure`. Keep `Lax` when the
+   * handler needs the identity: with `Strict` the page after the 303 (still the navigation
+   * from domain A) gets neither cookie, so `req.identity` is undefined there.
+   */
   sameSite?: "Lax" | "Strict" | "None";
   /**
    * Cookie `Secure` (default true; false for plain-http development). A `__Secure-` or
