@@ -287,10 +287,12 @@ export class IdentityClient {
       ttl: params.ttl,
     });
     const text = encoded(body);
+    const ids = [params.anonymousId, params.userId].filter((id): id is string => typeof id === "string");
     let attempt = 0;
     for (;;) {
       try {
-        const answer = await this.#post("/v1/handoffs", text);
+        // The visitor's ids are scrubbed from its errors as the token is from an exchange's.
+        const answer = await this.#post("/v1/handoffs", text, ids);
         return {
           token: answer.string("token"),
           redirectUrl: answer.url("redirectUrl"),
@@ -352,13 +354,19 @@ export class IdentityClient {
 
   /**
    * `text` without the write key (raw, as its Basic credentials, percent-encoded; a Bearer
-   * form holds it raw) nor any of `secrets` (the token being exchanged). A form shorter
-   * than SHORT_SECRET only where it stands alone, as the Python SDK's `_scrub`.
+   * form holds it raw) nor any of `secrets` (the token being exchanged, the visitor's ids
+   * being prepared: raw, percent-encoded, and as a JSON body holds them, its non-ASCII
+   * characters raw or escaped). A form shorter than SHORT_SECRET only where it stands
+   * alone, as the Python SDK's `_scrub`.
    */
   #scrub(text: string, secrets: readonly string[] = []): string {
     const key = this.#writeKey;
     const forms = [Buffer.from(`${key}:`, "utf8").toString("base64"), key, encodeURIComponent(key)];
-    for (const secret of secrets) forms.push(secret, encodeURIComponent(secret));
+    for (const secret of secrets) {
+      const json = JSON.stringify(secret).slice(1, -1);
+      const ascii = json.replace(/[\u0080-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+      forms.push(secret, percentEncoded(secret), json, ascii);
+    }
     let out = text;
     for (const form of new Set(forms.sort((a, b) => b.length - a.length))) {
       if (!form) continue;
@@ -450,6 +458,15 @@ function safeCause(error: unknown, scrub: (text: string) => string, depth = 0): 
   copy.name = typeof source.name === "string" ? source.name : "Error";
   if (typeof source.code === "string") copy.code = source.code;
   return copy;
+}
+
+/** `text` percent-encoded; "" for one that cannot be (a lone surrogate: a URIError). */
+function percentEncoded(text: string): string {
+  try {
+    return encodeURIComponent(text);
+  } catch {
+    return "";
+  }
 }
 
 /**

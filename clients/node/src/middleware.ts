@@ -78,7 +78,11 @@ export interface HandoffMiddlewareOptions {
    * longer one): any other (NaN, 0, 1.5) is a ConfigurationError from `handoffMiddleware`.
    */
   cookieMaxAge?: number;
-  /** Cookie `SameSite` (default `Lax`; any case); `None` needs `secure`. */
+  /**
+   * Cookie `SameSite` (default `Lax`; any case); `None` needs `secure`. Keep `Lax` when the
+   * handler needs the identity: with `Strict` the page after the 303 (still the navigation
+   * from domain A) gets neither cookie, so `req.identity` is undefined there.
+   */
   sameSite?: "Lax" | "Strict" | "None";
   /**
    * Cookie `Secure` (default true; false for plain-http development). A `__Secure-` or
@@ -356,6 +360,42 @@ function carryValue(
   return withoutTraits;
 }
 
+/**
+ * The exchanges in flight, by token, of one middleware (in one process: workers apart do
+ * not see each other's). The same handoff URL requested twice at once (a double click, a
+ * prefetch and the navigation) made two exchanges: the second found the token used and,
+ * for a visitor without the cookie, set it to a generated id, and whichever answer the
+ * browser kept decided who the visitor was (the handoff lost). A landing whose token is
+ * being exchanged now waits on that exchange: the token is exchanged once, as the Python
+ * middlewares' `_Landings`.
+ *
+ * Only a handed-off identity is shared: a generated one (an unknown, used or expired token,
+ * or a bad link, all exchanged as one unknown token) is no one's, so a landing that waited
+ * on one makes its own exchange and gets an id of its own. An error of the exchange (the
+ * service down) is every waiting landing's. Nothing is kept once the exchange has settled:
+ * a later landing with the token exchanges it again (and finds it used), as before. No
+ * landing's request can abort the exchange: a visitor who went away (the prefetch
+ * cancelled) leaves it to the others.
+ */
+class Landings {
+  readonly #flying = new Map<string, Promise<Identity>>();
+
+  exchange(token: string, run: () => Promise<Identity>): Promise<Identity> {
+    const flight = this.#flying.get(token);
+    if (flight !== undefined) {
+      return flight.then((identity) => (identity.source === "handoff" ? identity : run()));
+    }
+    const started = run();
+    this.#flying.set(token, started);
+    const landed = () => {
+      if (this.#flying.get(token) === started) this.#flying.delete(token);
+    };
+    // Both ways: a `finally` would leave a rejection no one handles when no one waits.
+    started.then(landed, landed);
+    return started;
+  }
+}
+
 function appendSetCookie(res: MiddlewareResponse, cookie: string): void {
   const existing = res.getHeader?.("set-cookie");
   const list = existing === undefined ? [] : Array.isArray(existing) ? existing : [String(existing)];
@@ -380,6 +420,7 @@ function requestOrigin(req: MiddlewareRequest, options: HandoffMiddlewareOptions
  * gives a generated anonymousId (kept out of the cookie when the visitor already has one).
  * An empty, bare (`?handoff_token`) or over-long token (which the service would refuse) is
  * exchanged as an unknown one. When the service cannot be reached, it answers the same 303 without a cookie.
+ * The same handoff URL requested twice at once is exchanged once (see `Landings`).
  * A handoff prepared with a `userId` alone has no anonymousId: the same 303 without a cookie
  * (neither the visitor cookie nor the carry cookie), and no error.
  *
@@ -403,6 +444,7 @@ export function handoffMiddleware(
   const cookieName = options.cookieName ?? DEFAULT_COOKIE_NAME;
   const carryName = options.carryCookieName ?? DEFAULT_CARRY_NAME;
   const key = client.carryKey?.();
+  const landings = new Landings();
 
   /** req.identity from the visitor cookie, or from a valid carry cookie (then cleared). */
   const restore = (req: MiddlewareRequest, res: MiddlewareResponse, existing: string | undefined): void => {
@@ -484,8 +526,11 @@ export function handoffMiddleware(
       res.end();
     };
 
-    client
-      .exchange(token, { fallback: true, event: options.event, properties: options.properties, context })
+    const usable = token;
+    landings
+      .exchange(usable, () =>
+        client.exchange(usable, { fallback: true, event: options.event, properties: options.properties, context }),
+      )
       .then(
         (identity) => {
           const { anonymousId } = identity;

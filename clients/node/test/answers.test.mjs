@@ -322,6 +322,36 @@ describe("a secret an upstream echoes is in no field of the error", () => {
     }
   });
 
+  test("the visitor's ids from prepare, as sent and as a gateway re-encoding the body escapes them", async () => {
+    // As the Python SDK scrubs them: prepare's errors quoted the anonymousId and userId an
+    // upstream echoed (the body), where an exchange's never quoted its token.
+    const server = await startHttpServer((req, res, count, body) => {
+      const escaped = body.replace(/[\u0080-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+      res.writeHead(400, { "content-type": "application/problem+json", "x-request-id": `rid ${escaped}` });
+      res.end(JSON.stringify({ type: "about:blank", title: `Refused ${body}`, detail: `body ${body}, ${escaped}`, echo: [body] }));
+    });
+    try {
+      const client = new IdentityClient({ baseUrl: server.url, writeKey: KEY, maxRetries: 0 });
+      const ids = { anonymousId: 'visitor-0042-vísitor "quoted"', userId: "josé.garcía@example.com" };
+      await assert.rejects(client.prepare({ ...params, ...ids }), (error) =>
+        clean(error, [KEY, BASIC, "visitor-0042", "josé", "jos\\u00e9", "garc", "quoted"]),
+      );
+      // An id no URL can hold (a lone surrogate): an APIError all the same, not a URIError.
+      await assert.rejects(client.prepare({ ...params, anonymousId: "visitor-\ud800-lone" }), (error) => {
+        assert.ok(error instanceof APIError, String(error));
+        return true;
+      });
+      // A short id only where it stands alone: the rest of the text stays as it is.
+      await assert.rejects(client.prepare({ ...params, anonymousId: "v1" }), (error) => {
+        assert.ok(error.detail.includes('"anonymousId":"***"'), error.detail);
+        assert.ok(error.detail.includes('"destination":"http://checkout.localhost/cart"'), error.detail);
+        return true;
+      });
+    } finally {
+      await server.close();
+    }
+  });
+
   test("a known problem type keeps its class and type while its texts are scrubbed", async () => {
     const server = await echoing(404, { type: "urn:identity-service:problem:token-not-found" });
     try {
@@ -543,4 +573,40 @@ describe("exchange answers without an anonymousId, as in Python", () => {
       await server.close();
     }
   });
+});
+
+describe("a redirect is never followed, as the Python SDK's", () => {
+  // A 307 or 308 (a gateway, a moved service) would have fetch send the body again, to
+  // wherever it points: an exchange's single-use token a second time (an exchange is never
+  // retried), the token, the visitor's ids and the write key to another host.
+  for (const status of [307, 308]) {
+    test(`a ${status}: an APIError of its status, nothing sent where it points, also with the caller's fetch`, async () => {
+      const elsewhere = await startHttpServer((req, res) => {
+        res.writeHead(200, { "content-type": "application/json" });
+        res.end(JSON.stringify(req.url.endsWith("/exchange") ? EXCHANGED : PREPARED));
+      });
+      const server = await startHttpServer((req, res) => {
+        res.writeHead(status, { location: `${elsewhere.url}${req.url}` });
+        res.end();
+      });
+      const seen = [];
+      try {
+        for (const fetchOption of [undefined, (url, init) => (seen.push(init.redirect), fetch(url, init))]) {
+          const client = new IdentityClient({ baseUrl: server.url, writeKey: "write-key-0123456789", maxRetries: 0, fetch: fetchOption });
+          for (const call of [() => client.prepare(params), () => client.exchange(TOKEN)]) {
+            await assert.rejects(call(), (error) => {
+              assert.ok(error instanceof APIError, String(error));
+              assert.equal(error.status, status);
+              return true;
+            });
+          }
+        }
+        assert.equal(elsewhere.count, 0);
+        assert.deepEqual(seen, ["manual", "manual"]);
+      } finally {
+        await server.close();
+        await elsewhere.close();
+      }
+    });
+  }
 });
