@@ -186,10 +186,24 @@ class FrontServer(web.Server):
     def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
-        if len(self.front_connections) >= self.settings.max_connections:
+        at_limit = len(self.front_connections) >= self.settings.max_connections
+        if at_limit and not self._close_a_kept_alive_connection():
             self.metrics.inc("identity_connections_refused_total")
             return _Turnaway(self)
         return FrontProtocol(self)
+
+    def _close_a_kept_alive_connection(self) -> bool:
+        """At the limit: close a connection kept alive between requests, for the new one.
+
+        Such a connection holds its place for the idle time (75 s) with nothing to answer:
+        one request every 75 s a connection would otherwise keep every new client out. A
+        connection with a request begun, queued or being answered is never closed here.
+        """
+        for connection in self.front_connections:
+            if connection.waits_for_a_request:
+                connection.close_kept_alive()
+                return True
+        return False
 
     def pre_shutdown(self) -> None:
         for connection in list(self.front_connections):
@@ -309,6 +323,7 @@ class FrontProtocol(asyncio.Protocol):
         self._read_paused = False
         self._write_blocked = False
         self.idle = True  # no request of this connection is being answered
+        self._answered = False  # an answer was sent, and the connection kept alive after it
         self.deadline = self._loop.time() + server.head_timeout
         # Set while the client does not read its answers: then it must, within the idle time.
         self.stalled_until = _NEVER
@@ -541,6 +556,30 @@ class FrontProtocol(asyncio.Protocol):
         A head still arriving does not count: at shutdown it is not waited for.
         """
         return not self.idle or bool(self._queue) or (self._in_message and not self._in_head)
+
+    @property
+    def waits_for_a_request(self) -> bool:
+        """Kept alive after an answer, and nothing of a next request read or queued."""
+        return (
+            self._answered
+            and self.idle
+            and not self._queue
+            and not self._in_message
+            and not self._refused
+            and self._transport is not None
+        )
+
+    def close_kept_alive(self) -> None:
+        """Close a connection that waits for a request (HTTP lets a server close an idle
+        connection at any time; RFC 9112, 9.5); its place is free at once."""
+        self._server.front_connections.discard(self)
+        self._refused = self._closed = True
+        if self._transport is None:
+            return
+        if self._write_blocked:
+            self._transport.abort()  # a client that does not read its answers: not waited for
+        else:
+            self._transport.close()  # after the rest of the last answer
 
     @property
     def _last_answer(self) -> bool:
@@ -784,7 +823,7 @@ class FrontProtocol(asyncio.Protocol):
 
     def _finish(self, answer: bytes | None, keep_alive: bool) -> None:
         transport = self._transport
-        self.idle = True
+        self.idle = self._answered = True
         if transport is None:
             return
         if answer is not None:
