@@ -646,6 +646,18 @@ async def test_an_ipv6_host_is_counted_by_its_slash_64(ctx: AmpContext) -> None:
         ("172.32.0.1", "1.2.3.4", "172.32.0.1"),  # just past 172.16.0.0/12
         (None, "8.8.8.8", "8.8.8.8"),  # a Unix socket: the proxy is local
         (None, None, "unix"),
+        # Defect: an entry with the client's port (Azure's Application Gateway writes one)
+        # was no address: every visitor shared the proxy's counter, and one over the limit
+        # throttled them all.
+        ("10.0.0.4", "6.6.6.6, 203.0.113.7:50712", "203.0.113.7"),
+        ("10.0.0.4", "[2001:db8::7]:50712", "2001:db8::7"),
+        ("10.0.0.4", "[::ffff:203.0.113.7]:443", "203.0.113.7"),
+        ("10.0.0.4", "2001:db8::7:443", "2001:db8::7:443"),  # a whole IPv6 address
+        ("10.0.0.4", "[2001:db8::7]", "10.0.0.4"),
+        ("10.0.0.4", "203.0.113.7:", "10.0.0.4"),
+        ("10.0.0.4", "203.0.113.7:123456", "10.0.0.4"),
+        ("10.0.0.4", "example.com:80", "10.0.0.4"),
+        ("8.8.8.8", "203.0.113.7:50712", "8.8.8.8"),  # a public peer's claim, as before
     ],
 )
 def test_client_ip(peer: str | None, forwarded: str | None, expected: str) -> None:

@@ -5,17 +5,20 @@ Malformed and hostile requests have a file of their own (test_malformed_http.py)
 
 import asyncio
 import base64
+import contextlib
 import gzip
 import socket
 import time
 import zlib
 from collections.abc import Callable
+from typing import cast
 
 import orjson
 import pytest
 
+from identity_service import front as front_module
 from identity_service.app import create_app
-from identity_service.front import decoded
+from identity_service.front import FrontServer, decoded
 from tests.conftest import (
     CHECKOUT_URL,
     WRITE_KEYS,
@@ -415,3 +418,44 @@ async def test_a_stopping_server_answers_what_it_read_and_reads_no_more(
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
     assert {status for status, _, _ in answers} == {201} and len(answers) < 3000
+
+
+TINY = b"GET /healthz HTTP/1.1\r\nHost:x\r\n\r\n"
+
+
+async def test_a_read_of_many_pipelined_requests_is_parsed_only_as_far_as_the_queue_goes(
+    front: AppClient,
+) -> None:
+    """Found in review: llhttp was given each read whole, and only then was the queue's
+    bound looked at: 256 KB of tiny pipelined requests, never read back, queued 8,000
+    requests of 800 bytes each (6 MB a connection, 25 times what was sent)."""
+    server = cast(FrontServer, front.server.runner.server)  # type: ignore[union-attr]
+    with socket.create_connection(("127.0.0.1", front.server.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the answers wait
+        sock.setblocking(False)
+        blob, sent = TINY * (262144 // len(TINY)), 0
+        with contextlib.suppress(BlockingIOError):
+            while sent < len(blob):
+                sent += sock.send(blob[sent:])
+        await asyncio.sleep(0.5)
+        [connection] = server.front_connections
+        queued = len(connection._queue)
+        assert queued <= front_module.MAX_QUEUED_REQUESTS + front_module.FEED_BYTES // len(TINY) + 1
+        assert sent > 100_000
+
+
+@pytest.mark.parametrize("served_by", ["front", "application"])
+async def test_many_pipelined_requests_then_a_half_close_are_all_answered(
+    front: AppClient, served_by: str
+) -> None:
+    """The requests past the queue's bound wait unparsed; the client's end of the stream
+    after them waits too, and every request before it is answered."""
+    one = request() if served_by == "front" else TINY
+    reader, writer = await open_socket(front)
+    writer.write(one * 700)
+    writer.write_eof()
+    answers = [await read_response(reader) for _ in range(700)]
+    assert [status for status, _, _ in answers] == [201 if served_by == "front" else 200] * 700
+    assert answers[-1][1].get("connection") == "close"
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()

@@ -709,3 +709,50 @@ async def test_a_refused_absolute_target_logs_its_path_not_its_userinfo(
     assert MARK not in json_log.getvalue() and b"pw@" not in json_log.getvalue()
     (line,) = [line for line in log_lines(json_log) if line["event"] == "request"]
     assert line["path"] in ("/v1/handoffs", "-")  # "-": refused before its path was read
+
+
+async def test_connections_kept_alive_between_requests_give_way_to_new_ones(
+    make_front: FrontMaker,
+) -> None:
+    # Found in review: a connection kept alive after its answer held its place for the idle
+    # time (75 s), so one request every 75 s a connection kept every new client out (503).
+    client = await make_front(max_connections=3)
+    health = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
+    kept = [await asyncio.open_connection("127.0.0.1", client.server.port) for _ in range(3)]
+    for reader, writer in kept:
+        writer.write(health)
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        await reader.readexactly(int(head.partition(b"Content-Length: ")[2].split(b"\r\n")[0]))
+    answer = await exchange_raw(client, START + AUTH + LENGTH + b"Connection: close\r\n\r\n" + BODY)
+    assert answer.startswith(b"HTTP/1.1 201 ")
+    for _ in range(100):  # until the client has seen the close
+        if any(reader.at_eof() for reader, _ in kept):
+            break
+        await asyncio.sleep(0.02)
+    # One kept-alive connection was closed for it, cleanly (no answer cut, no reset).
+    assert [reader.at_eof() for reader, _ in kept].count(True) == 1
+    assert client.app[app_keys.METRICS].value("identity_connections_refused_total") == 0
+    for _, writer in kept:
+        writer.close()
+
+
+async def test_connections_with_a_request_under_way_are_not_closed_for_new_ones(
+    make_front: FrontMaker,
+) -> None:
+    client = await make_front(max_connections=2)
+    health = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(health)
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    writer.write(b"GET /healthz HTTP/1.1\r\n")  # a next request begun
+    silent = await asyncio.open_connection("127.0.0.1", client.server.port)  # none yet
+    await asyncio.sleep(0.1)
+    turned_away, _ = await asyncio.open_connection("127.0.0.1", client.server.port)
+    assert (await read_to_end(turned_away)).startswith(b"HTTP/1.1 503 ")
+    writer.write(b"Host: test\r\n\r\n")
+    await reader.readuntil(b"HTTP/1.1 200 ")  # the begun request is answered
+    writer.close()
+    silent[1].close()

@@ -80,13 +80,30 @@ def client_ip(peer: str | None, x_forwarded_for: str | None) -> str:
     A missing peer (a Unix socket) is local. ``x_forwarded_for`` holds every such header
     of the request, joined with commas. A last entry that is not an address gives the
     peer: all such requests then share the proxy's counter rather than name their own.
+    An entry may carry the client's port (``ip:port``, ``[ipv6]:port``).
     """
     trusted = peer is None or _is_local(peer)
     if trusted and x_forwarded_for:
-        forwarded = _parse(x_forwarded_for.rsplit(",", 1)[-1].strip())
+        forwarded = _forwarded_address(x_forwarded_for.rsplit(",", 1)[-1].strip())
         if forwarded is not None:
             return str(forwarded)
     return peer if peer is not None else "unix"
+
+
+def _forwarded_address(entry: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address an ``X-Forwarded-For`` entry names, with or without the client's port
+    (``203.0.113.7:50712``, ``[2001:db8::7]:50712``), as some proxies write it (Azure's
+    Application Gateway): read as no address, every visitor shared the proxy's counter."""
+    address = _parse(entry)
+    if address is None and entry.endswith(tuple("0123456789")):
+        host, colon, port = entry.rpartition(":")
+        if colon and port.isdigit() and len(port) <= 5:
+            if host.startswith("[") and host.endswith("]"):
+                address = _parse(host[1:-1])
+            elif "." in host:  # IPv4: an IPv6 address's last group is no port
+                address = _parse(host)
+                address = address if isinstance(address, ipaddress.IPv4Address) else None
+    return address
 
 
 # Where the publisher's proxy may connect from: loopback, private-use (RFC 1918), shared

@@ -150,7 +150,8 @@ def amp_paths(amp: AmpSettings) -> dict[str, Any]:
                     ),
                     "400": _problem(
                         "malformed-form: a form two readers could read apart, a file, a field "
-                        "name twice; or malformed-json",
+                        "name twice, a multipart head over the parse bounds (docs/amp.md); "
+                        "or malformed-json",
                         _ALLOWED,
                     ),
                     "404": _UNKNOWN_ACTION,
