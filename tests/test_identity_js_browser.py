@@ -429,6 +429,17 @@ ELSEWHERE = {"elsewhere-init": ("init", "https:"), "elsewhere-tag": ("tag", "")}
 READY = "new Promise((resolve) => IdentityHandoff.ready(resolve))"
 
 
+async def written_cookies(context: Any, url: str) -> list[Any]:
+    """The cookies of ``url`` once the page's ``document.cookie`` write has reached the
+    browser's cookie store: Chromium sends it there asynchronously, so a read right after
+    the page settled may find none yet (it did, once, on a loaded machine). Waits 5 s at
+    most, then gives what is there."""
+    deadline = time.monotonic() + 5.0
+    while not (cookies := await context.cookies(url)) and time.monotonic() < deadline:  # noqa: ASYNC110 (polls the browser)
+        await asyncio.sleep(0.05)
+    return list(cookies)
+
+
 def landing_page(service: str, landing: Landing) -> web.Response:
     """Domain B's page with identity.js, its options given by ``init`` or by the script
     tag's attributes."""
@@ -582,7 +593,7 @@ async def test_identity_js_writes_the_cookie_its_options_say(tmp_path: Path) -> 
             written = time.time()
             assert landed == {"anonymousId": visitor, "source": "handoff"}, mode
             assert tab.url == f"{page}/cart?mode={mode}"
-            cookies = await context.cookies(page)
+            cookies = await written_cookies(context, page)
             assert [(c["name"], c["value"]) for c in cookies] == [(landing.name, visitor)], mode
             [cookie] = cookies
             assert abs(cookie["expires"] - written - landing.max_age) < 60, mode
