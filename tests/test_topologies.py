@@ -1074,8 +1074,15 @@ async def test_a_redirection_without_a_host_is_followed_to_the_node_asked(
         ]
         target = next(node for node in cluster.nodes if node is not owner)
         target_id = redis_cli("-p", str(target.port), "CLUSTER", "MYID").strip()
+        owner_id = redis_cli("-p", str(owner.port), "CLUSTER", "MYID").strip()
         redis_cli("-p", str(owner.port), "DEL", key)  # a slot given away must be empty
-        for node in cluster.nodes:
+        # Redis's own resharding steps: importing on the target, migrating on the owner, then
+        # the new owner told first, which bumps its config epoch. Given to the nodes in any
+        # order without them, an older claim gossiped by a node not told yet could win on the
+        # target, and owner and target then sent each other's MOVED back and forth.
+        redis_cli("-p", str(target.port), "CLUSTER", "SETSLOT", str(slot), "IMPORTING", owner_id)
+        redis_cli("-p", str(owner.port), "CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id)
+        for node in sorted(cluster.nodes, key=lambda node: node is not target):
             redis_cli("-p", str(node.port), "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
         assert await client.call(key, "SET", key, "after") == b"OK"  # MOVED :<target port>
         assert client.redirects["MOVED"] == 1
