@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from misbehaving import Misbehaving, misbehaving
 
 from tests.redis_server import free_port  # the repository root is on pythonpath
 
@@ -134,3 +135,11 @@ def down_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         IDENTITY_REDIS_TIMEOUT="0.5",
         IDENTITY_SECRET=SECRET,
     )
+
+
+@pytest.fixture
+def server() -> Iterator[Misbehaving]:
+    """A loopback HTTP server that answers each request as the test tells it to
+    (misbehaving.py): slow, cut short, malformed, redirecting."""
+    with misbehaving() as started:
+        yield started

@@ -43,12 +43,6 @@ OPERATIONS = ["prepare", "exchange"]
 
 
 @pytest.fixture
-def server() -> Iterator[Misbehaving]:
-    with misbehaving() as started:
-        yield started
-
-
-@pytest.fixture
 def elsewhere() -> Iterator[Misbehaving]:
     with misbehaving() as started:
         yield started

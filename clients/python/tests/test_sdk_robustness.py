@@ -10,7 +10,7 @@ import gzip
 import json
 import time
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,7 +36,7 @@ from identity_client.middleware import (
     IdentityWSGIMiddleware,
     identity_middleware,
 )
-from misbehaving import Answer, Misbehaving, Seen, elapsed, misbehaving
+from misbehaving import Answer, Misbehaving, Seen, elapsed
 
 WRITE_KEY = "robustness-write-key-0123456789"
 TOKEN = "robustness-token-0123456789abcdef0123456789"
@@ -44,12 +44,6 @@ VISITOR = "visitor-robustness-42"
 USER = "user-robustness-42"
 MODES = ["sync", "async"]
 OPERATIONS = ["prepare", "exchange"]
-
-
-@pytest.fixture
-def server() -> Iterator[Misbehaving]:
-    with misbehaving() as started:
-        yield started
 
 
 def call(mode: str, operation: str, url: str, **settings: Any) -> Identity | PreparedHandoff:
