@@ -19,6 +19,7 @@ import yaml
 
 from identity_service import constants as c
 from identity_service.amp.config import AmpSettings, read_amp_settings
+from identity_service.proxies import DEFAULT_TRUSTED_PROXIES, TrustedProxies
 from identity_service.sources import (
     WRITE_KEY_HASH_PREFIX,
     OriginError,
@@ -455,6 +456,8 @@ class Settings:
     workers: int = 1
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     amp: AmpSettings | None = None  # the AMP endpoints, when [amp] is configured
+    # The peers whose X-Forwarded-For names the client (AMP's per-address rate limits).
+    trusted_proxies: TrustedProxies = DEFAULT_TRUSTED_PROXIES
     # `identity-service forward`'s /metrics and /healthz; no port: not served.
     forwarder_metrics_port: int | None = c.DEFAULT_FORWARDER_METRICS_PORT
     forwarder_metrics_host: str = c.DEFAULT_FORWARDER_METRICS_HOST
