@@ -80,6 +80,24 @@ AMP_LEASE_MARGIN_SECONDS: Final = 2.0
 AMP_LEASE_POLL_SECONDS: Final = 0.05
 AMP_LEASE_POLL_MAX_SECONDS: Final = 0.5
 
+# Where the publisher's proxy may connect from unless ``IDENTITY_TRUSTED_PROXIES`` says
+# otherwise: loopback, private-use (RFC 1918), shared address space (RFC 6598: some
+# Kubernetes networks give pods 100.64.0.0/10), link-local, and IPv6 unique local. Listed
+# rather than ``is_private``, which leaves RFC 6598 out (every visitor behind such a proxy
+# shared one counter), takes routed ranges (Teredo's 2001::/32, whose clients could name
+# their own address) and changes between Python patch releases.
+DEFAULT_TRUSTED_PROXIES: Final = (
+    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
+    "169.254.0.0/16", "::1/128", "fc00::/7", "fe80::/10",
+)  # fmt: skip
+# The most entries ``IDENTITY_TRUSTED_PROXIES`` may list (each address read is checked
+# against each of them, once per new address).
+MAX_TRUSTED_PROXIES: Final = 256
+# The most ``X-Forwarded-For`` entries read, from the right: a header of thousands costs no
+# more than one of this many (each a few microseconds to parse, when the answer is not
+# cached). Real chains (a CDN, a load balancer, an ingress) are a handful of proxies.
+MAX_FORWARDED_HOPS: Final = 16
+
 # Handoffs spread over this many shards by default (``IDENTITY_REDIS_SHARDS``).
 KEY_SHARDS: Final = 16
 MAX_KEY_SHARDS: Final = 1024

@@ -19,6 +19,7 @@ import yaml
 
 from identity_service import constants as c
 from identity_service.amp.config import AmpSettings, read_amp_settings
+from identity_service.proxies import DEFAULT_TRUSTED_PROXIES, TrustedProxies, read_trusted_proxies
 from identity_service.sources import (
     WRITE_KEY_HASH_PREFIX,
     OriginError,
@@ -75,7 +76,7 @@ SETTING_NAMES = frozenset(
         "events_file", "batch_max_events", "batch_max_wait", "delivery_timeout",
         "delivery_max_attempts", "backoff_base", "backoff_max", "reclaim_idle",
         "started_event", "completed_event", "amp", "forwarder_metrics_port",
-        "forwarder_metrics_host",
+        "forwarder_metrics_host", "trusted_proxies",
     }
 )  # fmt: skip
 
@@ -455,6 +456,8 @@ class Settings:
     workers: int = 1
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     amp: AmpSettings | None = None  # the AMP endpoints, when [amp] is configured
+    # The peers whose X-Forwarded-For names the client (AMP's per-address rate limits).
+    trusted_proxies: TrustedProxies = DEFAULT_TRUSTED_PROXIES
     # `identity-service forward`'s /metrics and /healthz; no port: not served.
     forwarder_metrics_port: int | None = c.DEFAULT_FORWARDER_METRICS_PORT
     forwarder_metrics_host: str = c.DEFAULT_FORWARDER_METRICS_HOST
@@ -616,6 +619,7 @@ class _Reader:
             workers=workers,
             outbox=outbox,
             amp=amp,
+            trusted_proxies=self.trusted_proxies(),
             forwarder_metrics_port=self.optional_port(
                 "forwarder_metrics_port", c.DEFAULT_FORWARDER_METRICS_PORT
             ),
@@ -811,6 +815,25 @@ class _Reader:
             return value.lower() == "true"
         self.problems.append(f"{where} must be true or false, not {value!r}")
         return None
+
+    def trusted_proxies(self) -> TrustedProxies:
+        """``trusted_proxies``: addresses and CIDR networks, comma-separated (a list in the
+        file), or ``off`` for none; unset: ``DEFAULT_TRUSTED_PROXIES``."""
+        name = "trusted_proxies"
+        value = self.raw(name)
+        if value is None:
+            return DEFAULT_TRUSTED_PROXIES
+        if value is False:  # YAML reads an unquoted off as false
+            value = "off"
+        if isinstance(value, str):
+            value = value.split(",")
+        if not isinstance(value, list) or not all(isinstance(entry, str) for entry in value):
+            self.problem(name, "must be addresses and CIDR networks, comma-separated, or off")
+            return DEFAULT_TRUSTED_PROXIES
+        proxies, problems = read_trusted_proxies(value)
+        for problem in problems:
+            self.problem(name, problem)
+        return proxies or DEFAULT_TRUSTED_PROXIES
 
     def optional_port(self, name: str, default: int) -> int | None:
         """A TCP port, or None for ``0`` or ``off``."""

@@ -22,12 +22,12 @@ import aiohttp
 import pytest
 from aiohttp import DummyCookieJar, FormData
 
-from identity_service.amp import forms, webhooks
+from identity_service.amp import forms, limits, webhooks
 from identity_service.amp.config import AmpSettings
 from identity_service.amp.context import AMP
 from identity_service.app import create_app
 from identity_service.crypto import Token
-from identity_service.problems import MalformedForm, PayloadTooLarge
+from identity_service.problems import MalformedForm, PayloadTooLarge, RateLimited
 from identity_service.settings import Settings
 from tests.conftest import AppClient, FrontTestServer
 from tests.secrets_audit import AUDIT
@@ -393,6 +393,37 @@ async def test_a_repeated_x_forwarded_for_is_counted_by_its_last_entry(
     other = [*SAME_ORIGIN.items(), *WITH_COOKIE.items(), ("X-Forwarded-For", "192.0.2.9")]
     assert (await client.post(SUBMIT, data=form(), headers=other)).status == 200
     assert receiver.applications == 2
+
+
+@pytest.mark.parametrize(
+    ("trusted_proxies", "counted"),
+    [
+        ("off", "127.0.0.1"),
+        ("10.0.0.0/8", "127.0.0.1"),
+        ("127.0.0.1, 192.0.2.0/24", "198.51.100.1"),
+    ],
+)
+async def test_an_action_counts_the_address_the_trusted_proxies_give(
+    amp_client: AmpClient, receiver: WebhookReceiver, trusted_proxies: str, counted: str
+) -> None:
+    """The actions read the client's address as collect does, under IDENTITY_TRUSTED_PROXIES:
+    untrusted, the peer (127.0.0.1) is counted, whatever its fields claim; trusted, with the
+    proxy that added the last field trusted too, the client named before it."""
+    client = await amp_client(
+        {"trusted_proxies": trusted_proxies}, limit_per_ip={"requests": 2, "window_seconds": 60}
+    )
+    statuses = []
+    for n in range(3):
+        # A new address claimed each time before the proxy's; the proxy's varies too.
+        chain = [
+            ("X-Forwarded-For", f"203.0.113.{n}, 198.51.100.1"),
+            ("X-Forwarded-For", f"192.0.2.{n}"),
+        ]
+        submit = [*SAME_ORIGIN.items(), *WITH_COOKIE.items(), *chain]
+        statuses.append((await client.post(SUBMIT, data=form(), headers=submit)).status)
+    assert statuses == [200, 200, 429]
+    with pytest.raises(RateLimited):
+        await limits.check_limits(client.app[AMP], counted, None)
 
 
 async def test_the_visitor_cookie_in_a_second_cookie_field_is_the_visitors(

@@ -20,12 +20,12 @@ from yarl import URL
 
 from identity_service import app_keys
 from identity_service.amp import collect as collect_module
-from identity_service.amp import links
+from identity_service.amp import limits, links
 from identity_service.amp.context import AMP
 from identity_service.app import create_app
 from identity_service.constants import outbox_key
 from identity_service.metrics import Metrics
-from identity_service.problems import PayloadTooLarge, StoreUnavailable
+from identity_service.problems import PayloadTooLarge, RateLimited, StoreUnavailable
 from identity_service.settings import Settings
 from identity_service.stores import memory
 from identity_service.stores import resp as resp_module
@@ -88,12 +88,14 @@ def amp_client(
 ) -> AmpClientFactory:
     """A client of the service with ``[amp]`` (``amp_config(**amp)``), events to the collector."""
 
-    async def build(**amp: Any) -> AppClient:
+    async def build(env: dict[str, str] | None = None, **amp: Any) -> AppClient:
+        """``amp`` goes in the ``[amp]`` table, ``env`` in the other settings."""
         settings = settings_for(
             amp=amp_config(**amp),
             destination_url=collector.url,
             destination_write_key=WRITE_KEY,
             **FAST_DELIVERY,
+            **(env or {}),
         )
         app = create_app(settings)
         if server_kind == "front":
@@ -491,6 +493,54 @@ async def test_the_rate_limit_answers_429_with_retry_after(amp_client: AmpClient
     counted = metrics(client)
     assert counted.value("identity_amp_refusals_total", reason="rate_client") == 1
     assert counted.value("identity_amp_hits_total", context="cache_without_cookie") == 3
+
+
+async def test_behind_a_cdn_each_visitor_is_counted_under_their_own_address(
+    amp_client: AmpClientFactory,
+) -> None:
+    """Defect: only the last ``X-Forwarded-For`` entry was read, which behind a CDN in front
+    of the publisher's proxy is the CDN's: every visitor shared one counter, and one over
+    the limit throttled them all. With the CDN's network trusted, each visitor is the
+    rightmost entry no trusted proxy wrote, whatever earlier entries claim."""
+    client = await amp_client(
+        {"trusted_proxies": "127.0.0.1, 198.51.100.0/24"},
+        limit_per_ip={"requests": 2, "window_seconds": 60},
+    )
+
+    async def through_the_cdn(chain: str, n: int) -> int:
+        forwarded = {"X-Forwarded-For": chain}
+        answer = await hit(client, origin=CACHE, ampId=f"client-{n}", headers=forwarded)
+        return int(answer.status)
+
+    for n, edge in enumerate(("198.51.100.20", "198.51.100.21")):
+        assert await through_the_cdn(f"6.6.6.{n}, 203.0.113.7, {edge}", n) == 204
+    assert await through_the_cdn("6.6.6.9, 203.0.113.7, 198.51.100.22", 2) == 429
+    assert await through_the_cdn("192.0.2.9, 198.51.100.20", 3) == 204  # another visitor
+    assert metrics(client).value("identity_amp_refusals_total", reason="rate_ip") == 1
+    # The counters are the visitors' own: 203.0.113.7's is full, 192.0.2.9's has room.
+    ctx = client.app[AMP]
+    with pytest.raises(RateLimited):
+        await limits.check_limits(ctx, "203.0.113.7", None)
+    await limits.check_limits(ctx, "192.0.2.9", None)
+
+
+async def test_a_peer_outside_the_trusted_proxies_is_counted_under_its_own_address(
+    amp_client: AmpClientFactory,
+) -> None:
+    """Defect: any loopback or private peer was trusted, so another pod on the network
+    could claim a new address with each hit and never be limited. Trusted proxies listed,
+    this peer (127.0.0.1) is not among them: whatever address it names, it is counted as
+    itself."""
+    client = await amp_client(
+        {"trusted_proxies": "10.0.0.0/8"}, limit_per_ip={"requests": 2, "window_seconds": 60}
+    )
+    statuses = []
+    for n in range(3):
+        claimed = {"X-Forwarded-For": f"192.0.2.{n}"}
+        statuses.append((await hit(client, origin=CACHE, ampId=f"c-{n}", headers=claimed)).status)
+    assert statuses == [204, 204, 429]
+    with pytest.raises(RateLimited):
+        await limits.check_limits(client.app[AMP], "127.0.0.1", None)
 
 
 async def test_a_hit_over_the_limit_writes_no_event_and_no_link(

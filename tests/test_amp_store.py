@@ -16,12 +16,14 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from identity_service import proxies
 from identity_service.amp import links
 from identity_service.amp.config import AmpSettings, RateLimit
 from identity_service.amp.context import AmpContext
-from identity_service.amp.limits import check_limits, client_ip
+from identity_service.amp.limits import check_limits
 from identity_service.constants import (
     KEY_SHARDS,
+    MAX_FORWARDED_HOPS,
     handoff_key,
     link_key,
     outbox_key,
@@ -32,6 +34,7 @@ from identity_service.constants import (
 from identity_service.crypto import OutboxSealer, TokenSealer
 from identity_service.metrics import Metrics
 from identity_service.problems import RateLimited, StoreUnavailable
+from identity_service.proxies import DEFAULT_TRUSTED_PROXIES, TrustedProxies, read_trusted_proxies
 from identity_service.settings import RedisSettings
 from identity_service.stores import Counted, Emitted, HandoffStore, Kept, PrepareEvents, memory
 from identity_service.stores import resp as resp_module
@@ -661,7 +664,100 @@ async def test_an_ipv6_host_is_counted_by_its_slash_64(ctx: AmpContext) -> None:
     ],
 )
 def test_client_ip(peer: str | None, forwarded: str | None, expected: str) -> None:
-    assert client_ip(peer, forwarded) == expected
+    """The default trusted proxies: loopback and private peers, as before the setting."""
+    assert DEFAULT_TRUSTED_PROXIES.client_ip(peer, forwarded) == expected
+
+
+# -- the client's address behind trusted proxies (IDENTITY_TRUSTED_PROXIES) --------------------
+
+
+def trusting(*entries: str) -> TrustedProxies:
+    """The trusted proxies a setting of ``entries`` gives."""
+    trusted, problems = read_trusted_proxies(list(entries))
+    assert trusted is not None, problems
+    return trusted
+
+
+# A CDN's public range in front of the publisher's ingress, on the pod network.
+CDN, INGRESS = "198.51.100.0/24", "10.0.0.0/8"
+# An IPv6 pod network and CDN.
+V6 = ("fd00::/8", "2001:db8:ff::/48")
+
+
+@pytest.mark.parametrize(
+    ("trusted", "peer", "forwarded", "expected"),
+    [
+        # Defect: any private peer was trusted: another pod could name any address.
+        ((INGRESS,), "192.168.1.5", "203.0.113.7", "192.168.1.5"),
+        ((INGRESS,), "127.0.0.1", "203.0.113.7", "127.0.0.1"),
+        ((INGRESS,), "10.0.0.4", "203.0.113.7", "203.0.113.7"),
+        ((INGRESS,), "::ffff:10.0.0.4", "203.0.113.7", "203.0.113.7"),
+        (("10.0.0.4",), "10.0.0.5", "203.0.113.7", "10.0.0.5"),  # an address is its /32
+        # Defect: only the last entry was read, the CDN's: every visitor one counter.
+        ((INGRESS, CDN), "10.0.0.4", "6.6.6.6, 203.0.113.7, 198.51.100.20", "203.0.113.7"),
+        ((INGRESS, CDN), "10.0.0.4", "203.0.113.7:50712, 198.51.100.20", "203.0.113.7"),
+        ((INGRESS,), "10.0.0.4", "203.0.113.7, 198.51.100.20", "198.51.100.20"),  # CDN unlisted
+        ((INGRESS, CDN), "10.0.0.4", "203.0.113.7, 10.1.2.3, 198.51.100.9", "203.0.113.7"),
+        ((INGRESS, CDN), "198.51.100.9", "203.0.113.7", "203.0.113.7"),  # the CDN, direct
+        # IPv6, with and without ports, and a peer of the other family.
+        (V6, "fd00::1", "2001:db8:1::5, 2001:db8:ff::9", "2001:db8:1::5"),
+        (V6, "fd00::1", "[2001:db8:1::5]:443, [2001:db8:ff::9]:80", "2001:db8:1::5"),
+        (V6, "fd00::1", "2001:db8:1::5, [::ffff:10.0.0.9]:80", "10.0.0.9"),  # IPv4 unlisted
+        (("fd00::/8",), "10.0.0.4", "2001:db8:1::5", "10.0.0.4"),
+        (("fd00::/8", INGRESS), "10.0.0.4", "2001:db8:1::5, fd00::7", "2001:db8:1::5"),
+        # Every entry trusted: the leftmost.
+        ((INGRESS,), "10.0.0.4", "10.0.0.9, 10.0.0.8", "10.0.0.9"),
+        ((INGRESS,), "10.0.0.4", "10.0.0.9", "10.0.0.9"),
+        # An entry that is no address ends the walk with the peer: the proxy's counter.
+        ((INGRESS, CDN), "10.0.0.4", "203.0.113.7, not-an-address, 198.51.100.20", "10.0.0.4"),
+        ((INGRESS,), "10.0.0.4", "not-an-address, 10.0.0.9", "10.0.0.4"),
+        ((INGRESS,), "10.0.0.4", "203.0.113.7, , 10.0.0.9", "10.0.0.4"),
+        ((INGRESS,), "10.0.0.4", "not-an-address, 203.0.113.7", "203.0.113.7"),  # never read
+        # A Unix socket's peer is trusted, whatever the networks.
+        ((INGRESS,), None, "203.0.113.7, 10.0.0.9", "203.0.113.7"),
+        ((INGRESS,), None, None, "unix"),
+        # off: no peer is trusted, the header is never read.
+        (("off",), "127.0.0.1", "203.0.113.7", "127.0.0.1"),
+        (("off",), "10.0.0.4", "203.0.113.7", "10.0.0.4"),
+        (("off",), None, "203.0.113.7", "unix"),
+    ],
+)  # fmt: skip
+def test_the_client_is_the_rightmost_entry_no_trusted_proxy_wrote(
+    trusted: tuple[str, ...], peer: str | None, forwarded: str | None, expected: str
+) -> None:
+    assert trusting(*trusted).client_ip(peer, forwarded) == expected
+
+
+def test_a_header_of_ten_thousand_entries_is_read_as_far_as_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Defect: a hostile header's every entry would be parsed and checked on the hot path.
+    Now at most MAX_FORWARDED_HOPS entries are read, from the right; past them, the
+    leftmost read is the client, as when every entry is trusted."""
+    read: list[str] = []
+    forwarded_address = proxies.forwarded_address
+
+    def counting(entry: str) -> proxies.Address | None:
+        read.append(entry)
+        return forwarded_address(entry)
+
+    monkeypatch.setattr(proxies, "forwarded_address", counting)
+    hops = [f"10.0.{n // 250}.{n % 250 + 1}" for n in range(10_000)]  # proxies, all trusted
+    trusted = trusting(INGRESS)
+    bound = MAX_FORWARDED_HOPS
+    assert trusted.client_ip("10.0.0.4", ", ".join(["203.0.113.7", *hops])) == hops[-bound]
+    assert read == hops[: -bound - 1 : -1] and len(read) == bound == 16
+    # One entry fewer than the bound past the client: the client is read.
+    short = ", ".join(["203.0.113.7", *["10.0.0.9"] * (bound - 1)])
+    assert trusted.client_ip("10.0.0.4", short) == "203.0.113.7"
+
+
+def test_an_answer_is_never_another_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each TrustedProxies caches its own answers: the networks are part of the answer."""
+    assert DEFAULT_TRUSTED_PROXIES.client_ip("192.168.1.5", "203.0.113.7") == "203.0.113.7"
+    assert trusting(INGRESS).client_ip("192.168.1.5", "203.0.113.7") == "192.168.1.5"
+    assert trusting("off").client_ip("10.0.0.4", "203.0.113.7") == "10.0.0.4"
+    assert DEFAULT_TRUSTED_PROXIES.client_ip("10.0.0.4", "203.0.113.7") == "203.0.113.7"
 
 
 # -- what Redis holds --------------------------------------------------------------------------

@@ -7,6 +7,7 @@ settings reader.
 
 import asyncio
 import copy
+import ipaddress
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from redis import Redis as SyncRedis
 from redis import exceptions as redis_exceptions
 from redis.asyncio import Redis
 
+from identity_service.constants import DEFAULT_TRUSTED_PROXIES
 from identity_service.settings import (
     SENTINEL_PARAMETERS,
     SETTING_NAMES,
@@ -434,6 +436,64 @@ def test_config_values_are_the_service_settings_and_numbers_stay_numbers() -> No
     settings = load_settings(environment(objects, container))
     assert settings.max_connections == 1_000_000
     assert settings.log_level == "info"
+
+
+@pytest.mark.parametrize(
+    ("value", "written", "networks"),
+    [
+        (None, None, [str(ipaddress.ip_network(n)) for n in DEFAULT_TRUSTED_PROXIES]),
+        (["10.244.0.0/16", "fd00::/8"], "10.244.0.0/16,fd00::/8", ["10.244.0.0/16", "fd00::/8"]),
+        (["10.244.0.0/16"], "10.244.0.0/16", ["10.244.0.0/16"]),
+        ("10.244.0.0/16, 192.0.2.7", "10.244.0.0/16, 192.0.2.7", ["10.244.0.0/16", "192.0.2.7/32"]),
+        ("off", "off", []),
+    ],
+)
+def test_the_trusted_proxies_reach_the_service_as_listed(
+    value: Any, written: str | None, networks: list[str]
+) -> None:
+    """``config.trustedProxies``, a list or the service's own comma-separated text, is
+    ``IDENTITY_TRUSTED_PROXIES`` as the service reads it; null leaves its default."""
+    values = merge(ci_values("external-redis"), {"config": {"trustedProxies": value}})
+    chart().validate_schema(chart().merge_values(values))
+    objects = render(values)
+    assert find(objects, "ConfigMap")["data"].get("IDENTITY_TRUSTED_PROXIES") == written
+    (container,) = pod_spec(find(objects, "Deployment"))["containers"]
+    settings = load_settings(environment(objects, container))
+    assert [str(network) for network in settings.trusted_proxies.networks] == networks
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "10.0.0.0/8", "::1", " fd00::/8 ,10.0.0.0/8", "OFF", " off ", "2001:db8::/32",
+        "10.0.0.0/255.0.0.0", "fe80::1%eth0", "::ffff:10.0.0.4", "192.0.2.7/32",
+        # The service refuses these, the schema cannot tell: the pod says why at start.
+        "10.0.0.1/8", "10.0.0.0/33", "::ffff:10.0.0.0/104", "1.2.3",
+        # Both refuse these.
+        "off, 10.0.0.0/8", "10.0.0.0/8,", "[::1]", "proxy.example.com", "none",
+    ],
+)  # fmt: skip
+def test_the_schema_takes_every_trusted_proxy_the_service_takes(value: str) -> None:
+    """As text or as a list; what the service refuses, the schema may take (it cannot read
+    a network's host bits)."""
+    if not starts_with({"IDENTITY_TRUSTED_PROXIES": value}):
+        return
+    base = chart().merge_values(ci_values("external-redis"))
+    for form in (value, value.split(",")):
+        assert schema_accepts(merge(base, {"config": {"trustedProxies": form}})), form
+
+
+def test_the_notes_ask_for_the_trusted_proxies_with_amp() -> None:
+    """With AMP and the default trusted proxies, any pod could claim any client address."""
+    values = ci_values("external-redis")
+    notes = render_files(values)["identity-service/templates/NOTES.txt"]
+    assert ("config.trustedProxies" in notes) is bool(values.get("amp"))
+    amp = {"amp": {"public_url": "https://www.example.com/identity"}}
+    notes = render_files(values | amp)["identity-service/templates/NOTES.txt"]
+    assert "config.trustedProxies to your ingress controller pods' network" in notes
+    config = merge(values, {"config": {"trustedProxies": ["10.244.0.0/16"]}})
+    notes = render_files(config | amp)["identity-service/templates/NOTES.txt"]
+    assert "trustedProxies" not in notes
 
 
 def secret_values(values: dict[str, Any]) -> list[str]:
@@ -900,6 +960,13 @@ def test_a_missing_essential_value_stops_the_render_with_what_to_set(
         {"redis": {"auth": {"password": "100%"}}},  # a % that starts no octet
         {"redis": {"auth": {"password": "p%4"}}},
         {"redis": {"auth": {"password": "p%zz"}}},
+        {"config": {"trustedProxies": []}},  # off trusts none
+        {"config": {"trustedProxies": ["ingress.example.com"]}},
+        {"config": {"trustedProxies": ["10.0.0.0/8", ""]}},
+        {"config": {"trustedProxies": "10.0.0.0/8; 10.1.0.0/16"}},
+        {"config": {"trustedProxies": "none"}},
+        {"config": {"trustedProxies": 10}},
+        {"config": {"trustedProxies": ["10.0.0.1"] * 257}},
     ],
 )
 def test_the_schema_refuses_invalid_values(change: dict[str, Any]) -> None:

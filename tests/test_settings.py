@@ -13,11 +13,14 @@ from redis.asyncio import Redis
 from redis.connection import parse_url
 
 from identity_service.constants import DEFAULT_FORWARDER_METRICS_HOST
+from identity_service.constants import DEFAULT_TRUSTED_PROXIES as DEFAULT_TRUSTED_PROXIES_NETWORKS
+from identity_service.proxies import DEFAULT_TRUSTED_PROXIES
 from identity_service.settings import (
     SENTINEL_PARAMETERS,
     SETTING_NAMES,
     ConfigError,
     RedisSettings,
+    Settings,
     Topology,
     load_settings,
     redact_url,
@@ -1545,3 +1548,128 @@ def test_a_token_parameter_or_destination_name_outside_ascii_is_a_problem(name: 
     assert f"destination name {name!r} must be letters, digits, '_' or '-'" in problems_of(
         {"IDENTITY_DESTINATIONS": destinations}
     )
+
+
+# -- IDENTITY_TRUSTED_PROXIES ------------------------------------------------------------------
+
+
+def networks_of(settings: Settings) -> list[str]:
+    return [str(network) for network in settings.trusted_proxies.networks]
+
+
+def test_trusted_proxies_default_to_loopback_and_private_networks() -> None:
+    """Unset (or empty, as an unset variable is), the networks trusted before the setting."""
+    for environ in ({}, {"IDENTITY_TRUSTED_PROXIES": ""}):
+        settings = load_settings(environ)
+        assert settings.trusted_proxies == DEFAULT_TRUSTED_PROXIES
+        assert networks_of(settings) == list(DEFAULT_TRUSTED_PROXIES_NETWORKS)
+
+
+@pytest.mark.parametrize(
+    ("value", "networks"),
+    [
+        ("10.0.0.0/8", ["10.0.0.0/8"]),
+        (" 10.1.0.0/16 , 192.0.2.7,fd00::/8 ", ["10.1.0.0/16", "192.0.2.7/32", "fd00::/8"]),
+        ("2001:db8::1", ["2001:db8::1/128"]),
+        ("off", []),
+        (" OFF ", []),
+    ],
+)
+def test_trusted_proxies_from_the_environment(value: str, networks: list[str]) -> None:
+    settings = load_settings({"IDENTITY_TRUSTED_PROXIES": value})
+    assert networks_of(settings) == networks
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "networks"),
+    [
+        ("c.toml", 'trusted_proxies = ["10.0.0.0/8", "fd00::/8"]', ["10.0.0.0/8", "fd00::/8"]),
+        ("c.toml", 'trusted_proxies = "10.0.0.0/8, 192.0.2.7"', ["10.0.0.0/8", "192.0.2.7/32"]),
+        ("c.toml", 'trusted_proxies = "off"', []),
+        ("c.yaml", "trusted_proxies: [10.0.0.0/8, '::1']", ["10.0.0.0/8", "::1/128"]),
+        ("c.yaml", "trusted_proxies: off", []),  # YAML reads it as false
+    ],
+)
+def test_trusted_proxies_from_a_file(
+    tmp_path: Path, name: str, text: str, networks: list[str]
+) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    assert networks_of(load_settings({}, path)) == networks
+
+
+@pytest.mark.parametrize(
+    ("value", "complaint"),
+    [
+        ("10.0.0.0/8,,192.0.2.7", "IDENTITY_TRUSTED_PROXIES entry 2 is empty"),
+        ("10.0.0.0/8,", "IDENTITY_TRUSTED_PROXIES entry 2 is empty"),
+        (
+            "10.0.0.0/8, 10.0.0.300",
+            "IDENTITY_TRUSTED_PROXIES entry 2 (10.0.0.300) is not an IP address or a CIDR "
+            "network (10.0.0.0/8, fc00::/7)",
+        ),
+        (
+            "10.0.0.0/33",
+            "IDENTITY_TRUSTED_PROXIES entry 1 (10.0.0.0/33) is not an IP address or a CIDR "
+            "network (10.0.0.0/8, fc00::/7)",
+        ),
+        (
+            "10.0.0.1/8",
+            "IDENTITY_TRUSTED_PROXIES entry 1 (10.0.0.1/8) has host bits set: the network is "
+            "10.0.0.0/8",
+        ),
+        (
+            "::ffff:10.0.0.0/104",
+            "IDENTITY_TRUSTED_PROXIES entry 1 (::ffff:10.0.0.0/104) is an IPv4-mapped IPv6 "
+            "network, which no address matches (they are read as IPv4): list it as IPv4",
+        ),
+        (
+            "off, 10.0.0.0/8",
+            "IDENTITY_TRUSTED_PROXIES entry 1 is off, which trusts no proxy only alone",
+        ),
+        (
+            ",".join(["10.0.0.1"] * 257),
+            "IDENTITY_TRUSTED_PROXIES lists 257 entries, more than 256",
+        ),
+    ],
+)
+def test_bad_trusted_proxies_are_explained(value: str, complaint: str) -> None:
+    assert problems_of({"IDENTITY_TRUSTED_PROXIES": value}) == [complaint]
+
+
+def test_every_bad_trusted_proxy_is_reported_and_no_other_text_is_quoted() -> None:
+    """An entry that holds more than an address may hold can be anything (a pasted
+    secret): it is named by its position alone."""
+    value = "10.0.0.0/8, proxy.example.com, s3cret-T0ken!, 10.0.0.1/8"
+    problems = problems_of({"IDENTITY_TRUSTED_PROXIES": value})
+    assert problems == [
+        "IDENTITY_TRUSTED_PROXIES entry 2 is not an IP address or a CIDR network "
+        "(10.0.0.0/8, fc00::/7)",
+        "IDENTITY_TRUSTED_PROXIES entry 3 is not an IP address or a CIDR network "
+        "(10.0.0.0/8, fc00::/7)",
+        "IDENTITY_TRUSTED_PROXIES entry 4 (10.0.0.1/8) has host bits set: the network is "
+        "10.0.0.0/8",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("trusted_proxies = []", "trusted_proxies lists no proxy: write off to trust none"),
+        (
+            "trusted_proxies = 10",
+            "trusted_proxies must be addresses and CIDR networks, comma-separated, or off",
+        ),
+        (
+            "trusted_proxies = ['10.0.0.0/8', 7]",
+            "trusted_proxies must be addresses and CIDR networks, comma-separated, or off",
+        ),
+        ("trusted_proxies = ['10.0.0.0/8', '']", "trusted_proxies entry 2 is empty"),
+    ],
+)
+def test_bad_trusted_proxies_in_a_file_are_explained(
+    tmp_path: Path, text: str, complaint: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    assert problems_of({}, path) == [complaint]

@@ -480,7 +480,8 @@ def _visitor_and_address(ctx: AmpContext, request: web.Request) -> tuple[str | N
     reads them: every ``Cookie`` and ``X-Forwarded-For`` field of the request, joined."""
     headers = headers_of(request.raw_headers)
     visitor = cookies.visitor_id(headers.get("cookie"), ctx.amp.cookie)
-    return visitor, limits.client_ip(request.remote, headers.get("x-forwarded-for"))
+    address = ctx.settings.trusted_proxies.client_ip(request.remote, headers.get("x-forwarded-for"))
+    return visitor, address
 
 
 def _hop_id() -> str:

@@ -236,9 +236,8 @@ async def collect(ctx: AmpContext, hit: Hit) -> Answer:
     cookie_id = cookies.visitor_id(headers.get("cookie"), amp.cookie)
     on_origin = _on_origin(ctx, origin, same_origin, cookie_id, client_id, headers.get("referer"))
     consent = params.get(CONSENT) != CONSENT_DENIED
-    counted = limits.counters(
-        ctx, limits.client_ip(hit.peer, headers.get("x-forwarded-for")), client_id
-    )
+    address = ctx.settings.trusted_proxies.client_ip(hit.peer, headers.get("x-forwarded-for"))
+    counted = limits.counters(ctx, address, client_id)
     context = (
         "origin" if on_origin else "cache_with_cookie" if cookie_id else "cache_without_cookie"
     )
