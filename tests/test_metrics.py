@@ -783,12 +783,17 @@ async def test_with_a_metrics_port_metrics_answer_there_and_no_longer_on_the_api
     assert answer.status == 404
     assert answer.content_type == "application/problem+json"
     assert (await client.get("/healthz")).status == 200
+    # A route of the API's, asked with a method it does not take, is still counted as its
+    # own (the metrics port's routes are added to the API's, not put in their place).
+    assert (await client.get("/v1/handoffs")).status == 405
     # Both ports' requests are counted in one set of metrics: the scrape, and the API
     # port's refusal of /metrics.
     samples = await scrape_url(metrics_url)
     scrapes = {"route": "/metrics", "method": "GET"}
     assert value(samples, "identity_http_requests_total", **scrapes, status="200") == 1
     assert value(samples, "identity_http_requests_total", **scrapes, status="404") == 1
+    refused = {"route": "/v1/handoffs", "method": "GET", "status": "405"}
+    assert value(samples, "identity_http_requests_total", **refused) == 1
     await client.close()
     with pytest.raises(aiohttp.ClientConnectionError):
         await get_url(f"{metrics_url}/healthz")
