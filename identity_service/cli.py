@@ -381,14 +381,14 @@ def serve(host: str, port: int, config: Path | None, workers: int | None = None)
     from identity_service.front import BindError
     from identity_service.log_config import configure_logging
     from identity_service.metrics import DirectoryError, given_directory
-    from identity_service.metrics_app import WHAT
+    from identity_service.metrics_app import PORT_NAME
     from identity_service.server import check_address, run
 
     try:
         # Before anything is announced or forked: a taken port is then said once.
         check_address(host, port, reuse_port=settings.workers > 1)
         if settings.metrics_port is not None:  # one process listens there
-            check_address(settings.metrics_host, settings.metrics_port, False, WHAT)
+            check_address(settings.metrics_host, settings.metrics_port, False, PORT_NAME)
         # The workers' metrics files, made ready once, here: a problem is said before the
         # banner, not in a traceback after it.
         directory = given_directory() if settings.workers > 1 else None

@@ -22,7 +22,7 @@ from identity_service.middleware import handle_request, without_server_header
 from identity_service.scrape import Probe
 from identity_service.settings import Settings
 
-WHAT = "metrics port"  # how a BindError names the port
+PORT_NAME = "metrics port"  # how a BindError names the port
 
 
 def create_metrics_app(settings: Settings, metrics: Metrics, probe: Probe) -> web.Application:
@@ -50,7 +50,7 @@ async def listening(
     )
     await runner.setup()
     try:
-        await listen(runner, host, port, what=WHAT)
+        await listen(runner, host, port, what=PORT_NAME)
         yield
     finally:
         await runner.cleanup()
