@@ -31,7 +31,7 @@ def best_of(call: Callable[[], None]) -> float:
 
 def measure(mode: str) -> None:
     counted = metrics.Metrics()
-    counted.set_routes([ROUTE])
+    counted.add_routes([ROUTE])
     tally = counted.counter("identity_handoffs_prepared_total", source="shop")
     child = counted._counters["identity_handoffs_prepared_total"].labels("shop")
     histogram = counted._durations.labels(ROUTE)

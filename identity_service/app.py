@@ -11,7 +11,8 @@ from identity_service.crypto import OutboxSealer, TokenSealer
 from identity_service.handoff import HandoffService
 from identity_service.handoff_api import HandoffApi
 from identity_service.metrics import Metrics, flushing
-from identity_service.middleware import handle_request
+from identity_service.metrics_app import metrics_port
+from identity_service.middleware import handle_request, without_server_header
 from identity_service.openapi import openapi_document
 from identity_service.outbox import running_forwarders
 from identity_service.scrape import Probe
@@ -23,24 +24,32 @@ from identity_service.stores.memory import MemoryStore
 logger = structlog.get_logger(__name__)
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, *, metrics_listener: bool = True) -> web.Application:
+    """The service's app. With ``IDENTITY_METRICS_PORT``, /metrics is not among its routes,
+    and ``metrics_listener`` says whether it serves that port while it runs (with several
+    workers, worker 0's alone does)."""
     app = web.Application(middlewares=[handle_request], client_max_size=settings.max_body_bytes)
     app[app_keys.SETTINGS] = settings
     app[app_keys.SOURCES] = SourceRegistry(settings.sources)
     app[app_keys.METRICS] = Metrics()
-    app[app_keys.OPENAPI] = openapi_document(settings.max_ttl, settings.amp)
+    metrics_here = settings.metrics_port is None
+    app[app_keys.OPENAPI] = openapi_document(settings.max_ttl, settings.amp, metrics_here)
     app.on_response_prepare.append(without_server_header)
     app.on_startup.append(load_helper_script)
     # First in, so last out: the counts of the forwarders' and the store's last moments too.
     app.cleanup_ctx.append(_flushed_metrics)
     app.cleanup_ctx.append(_handoff_store)
+    if not metrics_here and metrics_listener:
+        # After the store (its probe), before the forwarders: scraped until they are done.
+        app.cleanup_ctx.append(metrics_port)
     if settings.outbox.enabled and settings.outbox.forwarder_in_serve:
         app.cleanup_ctx.append(_forwarders)
     app.router.add_post("/v1/handoffs", handlers.prepare_handoff)
     app.router.add_post("/v1/handoffs/exchange", handlers.exchange_handoff)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
-    app.router.add_get("/metrics", handlers.metrics)
+    if metrics_here:
+        app.router.add_get("/metrics", handlers.metrics)
     app.router.add_get("/openapi.json", handlers.openapi)
     app.router.add_get("/v1/identity.js", identity_js)
     if settings.amp is not None:
@@ -48,13 +57,8 @@ def create_app(settings: Settings) -> web.Application:
         from identity_service.amp.routes import add_routes
 
         add_routes(app)
-    app[app_keys.METRICS].set_routes(resource.canonical for resource in app.router.resources())
+    app[app_keys.METRICS].add_routes(resource.canonical for resource in app.router.resources())
     return app
-
-
-async def without_server_header(_request: web.Request, response: web.StreamResponse) -> None:
-    """aiohttp names itself and its version in ``Server``; the service sends no versions."""
-    response.headers.popall("Server", None)
 
 
 def open_store(settings: Settings, metrics: Metrics | None = None) -> HandoffStore:

@@ -202,12 +202,13 @@ def _settings(
     flags: Mapping[str, tuple[str, object]] | None = None,
     problems: Sequence[str] = (),
     host: str | None = None,
+    port: int | None = None,
 ) -> Settings | None:
     """The settings, or None after printing why there are none. ``flags``: the settings
-    given as options, ``problems`` the options' own and ``host`` the address to serve on
-    (see load_settings): all are reported at once."""
+    given as options, ``problems`` the options' own and ``host`` and ``port`` the address
+    to serve on (see load_settings): all are reported at once."""
     try:
-        settings = load_settings(os.environ, config, flags, problems=problems, host=host)
+        settings = load_settings(os.environ, config, flags, problems=problems, host=host, port=port)
     except ConfigError as exc:
         print(f"identity-service: {exc}", file=sys.stderr)
         return None
@@ -223,11 +224,12 @@ def forward(config: Path | None) -> int:
     settings = _settings(config, needs_redis=True)
     if settings is None:
         return 2
+    from identity_service.front import BindError
     from identity_service.log_config import configure_logging
     from identity_service.metrics import Metrics
     from identity_service.metrics_app import serving_metrics
     from identity_service.outbox import running_forwarders
-    from identity_service.server import STOP_SIGNALS, BindError, new_event_loop
+    from identity_service.server import STOP_SIGNALS, new_event_loop
 
     refused, unreachable = _reach_redis(settings)
     if refused:
@@ -249,8 +251,8 @@ def forward(config: Path | None) -> int:
     try:
         with runner:
             runner.run(run())
-    except BindError as exc:
-        print(f"identity-service: metrics port: {exc}", file=sys.stderr)
+    except BindError as exc:  # it names the metrics port
+        print(f"identity-service: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -372,17 +374,21 @@ def serve(host: str, port: int, config: Path | None, workers: int | None = None)
         problems.append(f"--port must be between {MIN_PORT} and {MAX_PORT}, not {port}")
     flags = {"workers": ("--workers", workers)} if workers is not None else None
     # The port's, the settings' and the address's problems, all in one report.
-    settings = _settings(config, flags=flags, problems=problems, host=host)
+    settings = _settings(config, flags=flags, problems=problems, host=host, port=port)
     if settings is None:
         return 2
     # Imported after the settings check so a configuration error answers fast.
+    from identity_service.front import BindError
     from identity_service.log_config import configure_logging
     from identity_service.metrics import DirectoryError, given_directory
-    from identity_service.server import BindError, check_address, run
+    from identity_service.metrics_app import PORT_NAME
+    from identity_service.server import check_address, run
 
     try:
         # Before anything is announced or forked: a taken port is then said once.
         check_address(host, port, reuse_port=settings.workers > 1)
+        if settings.metrics_port is not None:  # one process listens there
+            check_address(settings.metrics_host, settings.metrics_port, False, PORT_NAME)
         # The workers' metrics files, made ready once, here: a problem is said before the
         # banner, not in a traceback after it.
         directory = given_directory() if settings.workers > 1 else None
@@ -465,6 +471,9 @@ def _announce(settings: Settings, host: str, port: int) -> None:
     workers = f", {settings.workers} workers" if settings.workers > 1 else ""
     address = host_port(host, port)
     lines = [f"identity-service {__version__} on http://{address}, store: {store}{workers}"]
+    if settings.metrics_port is not None:
+        metrics_address = host_port(settings.metrics_host, settings.metrics_port)
+        lines.append(f"/metrics and /healthz on http://{metrics_address} (not on {address})")
     if settings.dev_write_key is not None:
         if settings.dev_write_key_setting:  # configured: not repeated, as no secret is
             key_text = f"the value of {settings.dev_write_key_setting}"

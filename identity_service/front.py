@@ -26,6 +26,8 @@ import asyncio
 import contextvars
 import functools
 import math
+import os
+import socket
 import time
 import zlib
 from collections import deque
@@ -71,6 +73,7 @@ from identity_service.problems import (
     TransferCodingNotImplemented,
     UnsupportedContentEncoding,
 )
+from identity_service.urls import host_port
 
 logger = structlog.get_logger("identity_service.request")
 
@@ -255,6 +258,30 @@ class FrontRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         await super()._make_server()
         return FrontServer(self.app, loop=asyncio.get_running_loop(), **self._kwargs)
+
+
+class BindError(Exception):
+    """The address cannot be listened on (taken, not this host's, not allowed). ``what``:
+    which of the process's ports it is, when it has more than one ("metrics port")."""
+
+    def __init__(self, host: str, port: int, exc: OSError, what: str = "") -> None:
+        address = host_port(host, port)
+        if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
+            reason = exc.strerror or str(exc)
+        else:  # not the event loop's text, which repeats the address as a tuple
+            reason = os.strerror(exc.errno)
+        super().__init__(f"{what + ': ' if what else ''}cannot listen on {address}: {reason}")
+
+
+async def listen(
+    runner: web.AppRunner, host: str, port: int, *, reuse_port: bool = False, what: str = ""
+) -> None:
+    """Have ``runner`` (set up) listen on ``host``:``port``; BindError (``what``) if it
+    cannot."""
+    try:
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+    except OSError as exc:
+        raise BindError(host, port, exc, what) from exc
 
 
 class _Turnaway(asyncio.Protocol):

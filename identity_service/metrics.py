@@ -262,9 +262,10 @@ class Metrics:
         self.scraped = Scraped()
         self._registry.register(_ScrapedCollector(self))
 
-    def set_routes(self, routes: Iterable[str]) -> None:
-        """The route templates requests are counted under; any other path counts as other."""
-        self.routes = frozenset(routes)
+    def add_routes(self, routes: Iterable[str]) -> None:
+        """Route templates requests are counted under, besides those added before (the API's
+        and the metrics port's share one Metrics); any other path counts as other."""
+        self.routes |= frozenset(routes)
         for route in (*self.routes, OTHER):
             self._route_durations(route)
 

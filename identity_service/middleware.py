@@ -67,6 +67,11 @@ async def handle_request(request: web.Request, handler: Handler) -> web.StreamRe
     return response
 
 
+async def without_server_header(_request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp names itself and its version in ``Server``; the service sends no versions."""
+    response.headers.popall("Server", None)
+
+
 def start_request(incoming_id: str | None) -> str:
     """The request's id (the caller's X-Request-ID when it is sane), bound for its logs."""
     if incoming_id and _REQUEST_ID.fullmatch(incoming_id):

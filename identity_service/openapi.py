@@ -492,16 +492,20 @@ _COMPONENTS: dict[str, dict[str, Any]] = {
 
 
 def openapi_dict(
-    max_ttl: int = DEFAULT_MAX_TTL_SECONDS, amp: "AmpSettings | None" = None
+    max_ttl: int = DEFAULT_MAX_TTL_SECONDS,
+    amp: "AmpSettings | None" = None,
+    metrics: bool = True,
 ) -> dict[str, Any]:
     """The document of a service whose IDENTITY_MAX_TTL is ``max_ttl``, with the AMP
-    endpoints when ``amp`` (its ``[amp]`` settings) is given."""
-    paths, components = _PATHS, _COMPONENTS
+    endpoints when ``amp`` (its ``[amp]`` settings) is given, and /metrics when ``metrics``
+    (false: IDENTITY_METRICS_PORT serves it, on a port this document does not describe)."""
+    paths = _PATHS if metrics else {p: item for p, item in _PATHS.items() if p != "/metrics"}
+    components = _COMPONENTS
     if amp is not None:
         # Imported here, as app.py does, so a service without [amp] does not load it.
         from identity_service.amp.openapi import amp_components, amp_paths
 
-        paths = {**_PATHS, **amp_paths(amp)}
+        paths = {**paths, **amp_paths(amp)}
         added = amp_components(amp)
         components = {
             section: {**components.get(section, {}), **added.get(section, {})}
@@ -525,7 +529,7 @@ def openapi_dict(
 
 
 def openapi_document(
-    max_ttl: int = DEFAULT_MAX_TTL_SECONDS, amp: "AmpSettings | None" = None
+    max_ttl: int = DEFAULT_MAX_TTL_SECONDS, amp: "AmpSettings | None" = None, metrics: bool = True
 ) -> bytes:
     """:func:`openapi_dict` as served; built once, when the app is (app.py)."""
-    return orjson.dumps(openapi_dict(max_ttl, amp))
+    return orjson.dumps(openapi_dict(max_ttl, amp, metrics))

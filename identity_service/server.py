@@ -9,7 +9,9 @@ forwards SIGTERM, SIGINT and SIGHUP to the workers; if one of them ends before t
 died, or was signalled alone), it stops the others and exits non-zero, so the supervisor
 (systemd, Kubernetes) restarts the whole set. The workers count their metrics in files of
 a directory the parent makes before forking (metrics.py), so a scrape reads every
-worker's counts whichever worker answers it.
+worker's counts whichever worker answers it. With ``IDENTITY_METRICS_PORT``, /metrics is
+served there instead, by one listener: the one process's, or worker 0's of several (the
+port is not shared), whose scrapes read those files too.
 """
 
 import asyncio
@@ -24,30 +26,16 @@ import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
-from aiohttp import web
-
 from identity_service import log_config, metrics
 from identity_service.app import create_app
-from identity_service.front import FrontRunner
+from identity_service.front import BindError, FrontRunner, listen
 from identity_service.lines import write_lines
 from identity_service.settings import Settings
-from identity_service.urls import host_port
 
 
-class BindError(Exception):
-    """The address cannot be listened on (taken, not this host's, not allowed)."""
-
-    def __init__(self, host: str, port: int, exc: OSError) -> None:
-        address = host_port(host, port)
-        if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
-            reason = exc.strerror or str(exc)
-        else:  # not the event loop's text, which repeats the address as a tuple
-            reason = os.strerror(exc.errno)
-        super().__init__(f"cannot listen on {address}: {reason}")
-
-
-def check_address(host: str, port: int, reuse_port: bool) -> None:
-    """Bind, without listening, what the worker(s) will listen on; raise BindError if taken.
+def check_address(host: str, port: int, reuse_port: bool, what: str = "") -> None:
+    """Bind, without listening, what the worker(s) will listen on; raise BindError (``what``:
+    which port) if taken.
 
     Lets a taken port be said once, before start-up is announced or workers are forked.
     """
@@ -64,7 +52,7 @@ def check_address(host: str, port: int, reuse_port: bool) -> None:
                     probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 probe.bind(address)
     except OSError as exc:
-        raise BindError(host, port, exc) from exc
+        raise BindError(host, port, exc, what) from exc
 
 
 def run(settings: Settings, host: str, port: int, metrics_directory: str | None = None) -> int:
@@ -72,27 +60,41 @@ def run(settings: Settings, host: str, port: int, metrics_directory: str | None 
     cannot be listened on (one worker; with several, each says so and the parent exits 1).
 
     ``metrics_directory``: with several workers, ``PROMETHEUS_MULTIPROC_DIR`` as
-    ``metrics.given_directory()`` made it ready at start; None: a private one."""
+    ``metrics.given_directory()`` made it ready at start; None: a private one.
+
+    With ``IDENTITY_METRICS_PORT``, one process listens there: the only one, or worker 0 of
+    several, whose scrapes read every worker's counts (metrics.py)."""
     if settings.workers == 1:
-        _run_worker(settings, host, port, reuse_port=False)
+        _run_worker(settings, host, port, reuse_port=False, metrics_listener=True)
         return 0
     return _supervise(settings, host, port, metrics_directory)
 
 
 def _run_worker(
-    settings: Settings, host: str, port: int, reuse_port: bool, stop_asked: Sequence[int] = ()
+    settings: Settings,
+    host: str,
+    port: int,
+    reuse_port: bool,
+    metrics_listener: bool,
+    stop_asked: Sequence[int] = (),
 ) -> None:
-    """Serve until SIGTERM, SIGINT or SIGHUP; ``stop_asked``: the signals noted before the loop
+    """Serve until SIGTERM, SIGINT or SIGHUP; ``metrics_listener``: this process listens on
+    the metrics port, if there is one; ``stop_asked``: the signals noted before the loop
     handles them, honoured once it does."""
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            runner.run(_serve(settings, host, port, reuse_port, stop_asked))
+            runner.run(_serve(settings, host, port, reuse_port, metrics_listener, stop_asked))
     finally:
         log_config.flush()
 
 
 async def _serve(
-    settings: Settings, host: str, port: int, reuse_port: bool, stop_asked: Sequence[int]
+    settings: Settings,
+    host: str,
+    port: int,
+    reuse_port: bool,
+    metrics_listener: bool,
+    stop_asked: Sequence[int],
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -107,14 +109,14 @@ async def _serve(
     if stop_asked:
         stop.set()
     runner = FrontRunner(
-        create_app(settings), access_log=None, shutdown_timeout=settings.shutdown_timeout
+        create_app(settings, metrics_listener=metrics_listener),
+        access_log=None,
+        shutdown_timeout=settings.shutdown_timeout,
     )
+    # The app's cleanup_ctx opens the store, then the metrics port if it has one.
     await runner.setup()
     try:
-        try:
-            await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
-        except OSError as exc:
-            raise BindError(host, port, exc) from exc
+        await listen(runner, host, port, reuse_port=reuse_port)
         # What start-up made lives as long as the process: out of the collector's sight,
         # full collections do not walk it again and again under load (shorter p99 pauses).
         gc.freeze()
@@ -156,10 +158,11 @@ def _fork_workers(settings: Settings, host: str, port: int, metrics_directory: s
     # which ignores it, left a worker that never stopped; elsewhere it was a traceback.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        for _ in range(settings.workers):
+        for index in range(settings.workers):
             pid = os.fork()
             if pid == 0:
-                _worker(settings, host, port)
+                # One listener owns the metrics port (no SO_REUSEPORT there): worker 0's.
+                _worker(settings, host, port, metrics_listener=index == 0)
             children.append(pid)
         for signum in STOP_SIGNALS:
             signal.signal(signum, forward)
@@ -181,7 +184,7 @@ def _fork_workers(settings: Settings, host: str, port: int, metrics_directory: s
     return status
 
 
-def _worker(settings: Settings, host: str, port: int) -> NoReturn:
+def _worker(settings: Settings, host: str, port: int, metrics_listener: bool) -> NoReturn:
     """A forked worker's life: serve until told to stop, then exit."""
     status = 0
     try:
@@ -189,7 +192,7 @@ def _worker(settings: Settings, host: str, port: int) -> NoReturn:
         asked = _note_stop_signals()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         _die_with_parent()
-        _run_worker(settings, host, port, reuse_port=True, stop_asked=asked)
+        _run_worker(settings, host, port, True, metrics_listener, stop_asked=asked)
     except BindError as exc:
         status = 1
         _say(str(exc))

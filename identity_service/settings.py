@@ -76,7 +76,7 @@ SETTING_NAMES = frozenset(
         "events_file", "batch_max_events", "batch_max_wait", "delivery_timeout",
         "delivery_max_attempts", "backoff_base", "backoff_max", "reclaim_idle",
         "started_event", "completed_event", "amp", "forwarder_metrics_port",
-        "forwarder_metrics_host", "trusted_proxies",
+        "forwarder_metrics_host", "metrics_port", "metrics_host", "trusted_proxies",
     }
 )  # fmt: skip
 
@@ -461,6 +461,10 @@ class Settings:
     # `identity-service forward`'s /metrics and /healthz; no port: not served.
     forwarder_metrics_port: int | None = c.DEFAULT_FORWARDER_METRICS_PORT
     forwarder_metrics_host: str = c.DEFAULT_FORWARDER_METRICS_HOST
+    # `identity-service serve`'s /metrics and /healthz on a port of their own, and then not
+    # /metrics on the API's port; None: /metrics on the API's port. The host: the API's.
+    metrics_port: int | None = None
+    metrics_host: str = c.DEFAULT_HOST
     # The development write key's setting as the user wrote it (IDENTITY_DEV_WRITE_KEY,
     # dev_write_key): start-up names it in place of the key. "": the key was generated.
     dev_write_key_setting: str = ""
@@ -492,16 +496,19 @@ def load_settings(
     *,
     problems: Iterable[str] = (),
     host: str | None = None,
+    port: int | None = None,
 ) -> Settings:
     """Build :class:`Settings` from the environment and an optional file; raise ConfigError.
 
     ``flags``: settings given on the command line, which win over both, as setting name to
     (the option as written, its value): ``{"workers": ("--workers", 4)}``. ``problems``:
-    the command line's own, reported first with the settings'; ``host``: the address to
-    serve on, whose problems (Settings.bind_problems) are reported with them too."""
+    the command line's own, reported first with the settings'; ``host`` and ``port``: the
+    address to serve the API on, whose problems (Settings.bind_problems, a metrics port
+    that is the API's) are reported with them too; the metrics port's host defaults to
+    ``host``."""
     reader = _Reader(environ, config_file, flags or {})
     reader.problems[:0] = problems
-    return reader.settings(host)
+    return reader.settings(host, port)
 
 
 class _Reader:
@@ -531,7 +538,7 @@ class _Reader:
             if env_name.startswith(c.ENV_PREFIX) and not known:
                 self.problems.append(f"{env_name} is not a setting (a typo?)")
 
-    def settings(self, host: str | None = None) -> Settings:
+    def settings(self, host: str | None = None, port: int | None = None) -> Settings:
         default_ttl = self.integer("default_ttl", c.DEFAULT_TTL_SECONDS, 1, 86_400)
         max_ttl = self.integer("max_ttl", c.DEFAULT_MAX_TTL_SECONDS, 1, 86_400)
         if default_ttl > max_ttl and self.valid("default_ttl", "max_ttl"):
@@ -626,6 +633,8 @@ class _Reader:
             forwarder_metrics_host=self.bind_host(
                 "forwarder_metrics_host", c.DEFAULT_FORWARDER_METRICS_HOST
             ),
+            metrics_port=self.metrics_port(port),
+            metrics_host=self.bind_host("metrics_host", host or c.DEFAULT_HOST),
             dev_write_key_setting=dev_write_key_setting,
         )
         if host is not None:
@@ -835,16 +844,32 @@ class _Reader:
             self.problem(name, problem)
         return proxies or DEFAULT_TRUSTED_PROXIES
 
-    def optional_port(self, name: str, default: int) -> int | None:
-        """A TCP port, or None for ``0`` or ``off``."""
+    def optional_port(self, name: str, default: int | None) -> int | None:
+        """A TCP port, or None for ``0`` or ``off``; ``default`` when unset."""
         value = self.raw(name)
+        if value is None:
+            return default
         if _is_off(value) or value == 0 or (isinstance(value, str) and value.strip() == "0"):
             return None
-        return self.integer(name, default, c.MIN_PORT, c.MAX_PORT)
+        return self.integer(name, c.MIN_PORT, c.MIN_PORT, c.MAX_PORT)
+
+    def metrics_port(self, api_port: int | None) -> int | None:
+        """``serve``'s metrics port (None: /metrics on the API's port), which may not be the
+        API's port ``api_port`` (None: not known here)."""
+        port = self.optional_port("metrics_port", None)
+        if port is not None and port == api_port and self.valid("metrics_port"):
+            self.problem(
+                "metrics_port",
+                f"({port}) is the API's port (--port): give /metrics a port of its own, "
+                "or unset it to serve /metrics on the API's port",
+            )
+        return port
 
     def bind_host(self, name: str, default: str) -> str:
-        """An address or host name to listen on (empty: ``default``)."""
-        host = self.text(name, default) or default
+        """An address or host name to listen on (empty: ``default``, taken as it is)."""
+        host = self.text(name, None)
+        if not host:
+            return default
         if fits_dns(host):
             return host
         self.problem(name, f"must be an address or a host name of {DNS_PROBLEM}")

@@ -473,7 +473,8 @@ def test_a_taken_port_is_said_in_one_line(private_redis: RedisServer, workers: s
 # check and the workers' own bind.
 RUN_WITHOUT_CHECK = """
 import os, sys
-from identity_service.server import BindError, run
+from identity_service.front import BindError
+from identity_service.server import run
 from identity_service.settings import load_settings
 try:
     sys.exit(run(load_settings(os.environ), "127.0.0.1", int(sys.argv[1])))
@@ -513,6 +514,32 @@ def test_a_port_taken_after_the_check_is_said_without_a_traceback(
             or re.fullmatch(r".* worker \d+ failed; stopping", line)
             for line in lines
         ), lines
+
+
+def test_serve_refuses_a_metrics_port_that_is_its_api_port() -> None:
+    port = str(free_port())
+    result = run_command(clean_env(IDENTITY_METRICS_PORT=port), "serve", "--port", port)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "identity-service: invalid configuration:",
+        f"  - IDENTITY_METRICS_PORT ({port}) is the API's port (--port): give /metrics a port "
+        "of its own, or unset it to serve /metrics on the API's port",
+    ]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_metrics_port_is_said_in_one_line(private_redis: RedisServer, workers: str) -> None:
+    """Said before the banner, as a taken API port is, naming the metrics port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = redis_env(private_redis, IDENTITY_METRICS_PORT=str(port))
+        result = run_command(env, "serve", "--workers", workers, "--port", str(free_port()))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"identity-service: metrics port: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
 
 
 @pytest.mark.parametrize("port", ["99999", "65536", "0", "-1"])

@@ -165,23 +165,76 @@ def test_a_typo_in_a_service_monitor_or_prometheus_rule_fails_its_schema(
     assert crd_errors(obj) != []
 
 
-def test_the_service_monitor_scrapes_both_services() -> None:
+def scrape_targets(objects: list[Manifest]) -> dict[str, tuple[str, int | str]]:
+    """What the ServiceMonitor scrapes, as the Prometheus Operator reads it: by Service, the
+    job of its series (its ``jobLabel`` label, else its name) and the port scraped (of the
+    Service's ports those an endpoint names; its pods' container port, resolved)."""
+    monitor = find(objects, "ServiceMonitor")
+    assert all(e["path"] == "/metrics" for e in monitor["spec"]["endpoints"])
+    named = {e["port"] for e in monitor["spec"]["endpoints"]}
+    selected = monitor["spec"]["selector"]
+    targets = {}
+    for service in (o for o in objects if o["kind"] == "Service"):
+        if not _selects(selected, service["metadata"]["labels"]):
+            continue
+        labels = service["metadata"]["labels"]
+        job = labels.get(monitor["spec"].get("jobLabel", ""), service["metadata"]["name"])
+        for port in service["spec"]["ports"]:
+            if port["name"] not in named:
+                continue
+            workloads = [
+                o
+                for o in objects
+                if o["kind"] == "Deployment"
+                and _selects(
+                    {"matchLabels": service["spec"]["selector"]},
+                    o["spec"]["template"]["metadata"]["labels"],
+                )
+            ]
+            (workload,) = workloads
+            (container,) = pod_spec(workload)["containers"]
+            (container_port,) = [
+                p["containerPort"] for p in container["ports"] if p["name"] == port["targetPort"]
+            ]
+            targets[service["metadata"]["name"]] = (job, container_port)
+    return targets
+
+
+def test_the_service_monitor_scrapes_the_metrics_ports_not_the_public_service() -> None:
+    """By default the web pods serve /metrics on a port of their own (IDENTITY_METRICS_PORT),
+    which a headless Service of its own offers the ServiceMonitor; the public Service offers
+    the API's port alone, and is not scraped. The series keep the public Service's name as
+    their job, which the alerts and the dashboard select."""
     objects = render(ci_values("everything"))
     monitor = find(objects, "ServiceMonitor")
-    assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"http", "metrics"}
-    assert all(e["path"] == "/metrics" for e in monitor["spec"]["endpoints"])
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
-    selected = monitor["spec"]["selector"]
-    services = [o for o in objects if o["kind"] == "Service"]
-    scraped = [
-        s
-        for s in services
-        if selected["matchLabels"].items() <= s["metadata"]["labels"].items()
-        and s["metadata"]["labels"]["app.kubernetes.io/component"]
-        in selected["matchExpressions"][0]["values"]
-    ]
-    # The web Service's `http` port and the forwarder's `metrics` port; not Redis.
-    assert sorted(p["name"] for s in scraped for p in s["spec"]["ports"]) == ["http", "metrics"]
+    assert scrape_targets(objects) == {
+        f"{FULLNAME}-metrics": (FULLNAME, 9464),
+        f"{FULLNAME}-forwarder": (f"{FULLNAME}-forwarder", 9464),
+    }
+    public = find(objects, "Service")
+    assert [p["name"] for p in public["spec"]["ports"]] == ["http"]
+    metrics = find(objects, "Service", f"{FULLNAME}-metrics")
+    assert metrics["spec"]["type"] == "ClusterIP" and metrics["spec"]["clusterIP"] == "None"
+    (container,) = pod_spec(find(objects, "Deployment"))["containers"]
+    env = {v["name"]: v.get("value") for v in container["env"]}
+    assert env["IDENTITY_METRICS_PORT"] == "9464"
+
+
+def test_without_a_metrics_port_the_web_pods_are_scraped_on_their_api_port() -> None:
+    """``metricsPort: null``: /metrics on the API's port, as before, scraped there."""
+    values = {**ci_values("everything"), "metricsPort": None}
+    objects = render(values)
+    assert scrape_targets(objects) == {
+        FULLNAME: (FULLNAME, 8080),
+        f"{FULLNAME}-forwarder": (f"{FULLNAME}-forwarder", 9464),
+    }
+    assert not [o for o in objects if o["metadata"]["name"] == f"{FULLNAME}-metrics"]
+    (container,) = pod_spec(find(objects, "Deployment"))["containers"]
+    assert "IDENTITY_METRICS_PORT" not in {v["name"] for v in container["env"]}
+    assert [p["name"] for p in container["ports"]] == ["http"]
+    chart().validate_schema(chart().merge_values(values))
 
 
 def test_pods_run_locked_down(configuration: str) -> None:
@@ -402,7 +455,9 @@ def test_the_service_accepts_the_settings_the_pods_get(name: str) -> None:
         if container["name"] not in ("identity-service", "forwarder"):
             continue
         env = environment(objects, container)
-        settings = load_settings(env)  # raises ConfigError with every problem
+        # Raises ConfigError with every problem (a metrics port that is the API's, too).
+        is_web = workload["metadata"]["name"] == FULLNAME
+        settings = load_settings(env, port=8080 if is_web else None)
         assert settings.secret == values["secret"].encode()
         assert {s.name for s in settings.sources} == set(values["sources"])
         assert settings.redis is not None
@@ -412,11 +467,12 @@ def test_the_service_accepts_the_settings_the_pods_get(name: str) -> None:
         if values["redis"].get("internal", {}).get("enabled"):
             assert settings.redis.url.endswith(f"@{FULLNAME}-redis:6379/0")
         separate = values.get("forwarder", {}).get("enabled", False)
-        is_web = workload["metadata"]["name"] == FULLNAME
         assert settings.outbox.forwarder_in_serve is not (separate and is_web)
         if not is_web:
             assert container["args"] == ["forward"]
             assert env["IDENTITY_FORWARDER_METRICS_PORT"] == "9464"
+        else:
+            assert settings.metrics_port == 9464
         destinations = values.get("destinations", {})
         http = {d.name: d.write_key for d in settings.outbox.destinations if d.kind == "http"}
         assert http == {n: d["writeKey"] for n, d in destinations.items()}
@@ -618,6 +674,7 @@ def test_every_optional_object_is_made_when_asked() -> None:
         ("Deployment", f"{FULLNAME}-forwarder"),
         ("Service", FULLNAME),
         ("Service", f"{FULLNAME}-forwarder"),
+        ("Service", f"{FULLNAME}-metrics"),
         ("Service", f"{FULLNAME}-redis"),
         ("StatefulSet", f"{FULLNAME}-redis"),
         ("ServiceAccount", FULLNAME),
@@ -827,7 +884,7 @@ def test_long_names_leave_room_for_each_objects_suffix(release: str, override: s
     ]
     names = {(o["kind"], o["metadata"]["name"]) for o in objects}
     services = {name for kind, name in names if kind == "Service"}
-    assert len(services) == 3
+    assert len(services) == 4
     assert all(DNS_LABEL.match(name) and len(name) <= 63 for name in services), services
     (statefulset,) = [name for kind, name in names if kind == "StatefulSet"]
     assert len(statefulset) <= 52 and statefulset in services
@@ -945,6 +1002,9 @@ def test_a_missing_essential_value_stops_the_render_with_what_to_set(
         {"image": {"tag": "latest"}},
         {"podDisruptionBudget": {"unhealthyPodEvictionPolicy": "Always"}},
         {"service": {"externalTrafficPolicy": "Global"}},
+        {"metricsPort": 8080},  # the API's port
+        {"metricsPort": 80},
+        {"metricsPort": "9464"},
         {"secret": "too-short"},
         {"sources": {"shop": {"writeKeyHash": "md5:abc", "origins": ["https://a.example"]}}},
         {"redis": {"url": "redis://user:password@redis:6379/0"}},  # credentials go in auth
@@ -1404,18 +1464,32 @@ INGRESS = {"kubernetes.io/metadata.name": "ingress-nginx"}
 PROMETHEUS = {"app.kubernetes.io/name": "prometheus"}
 
 
-def test_prometheus_in_metrics_from_scrapes_the_web_and_forwarder_pods() -> None:
-    values = ci_values("everything")
+@pytest.mark.parametrize("metrics_port", [9464, 9100])
+def test_prometheus_in_metrics_from_scrapes_the_web_and_forwarder_pods(metrics_port: int) -> None:
+    values = {**ci_values("everything"), "metricsPort": metrics_port}
+    policies = [o for o in render(values) if o["kind"] == "NetworkPolicy"]
+    web = {**WEB, "app.kubernetes.io/instance": "identity-service"}
+    forwarder = {**FORWARDER, "app.kubernetes.io/instance": "identity-service"}
+    # Each on its metrics port, and the web pods no longer on their API port.
+    assert admits(policies, web, metrics_port, MONITORING, PROMETHEUS)
+    assert admits(policies, forwarder, 9464, MONITORING, PROMETHEUS)
+    assert not admits(policies, web, 8080, MONITORING, PROMETHEUS)
+    # The ingress controller reaches the web port, not the metrics ports; nobody else does.
+    assert admits(policies, web, 8080, INGRESS, {"app": "ingress-nginx"})
+    assert not admits(policies, web, 8080, {"kubernetes.io/metadata.name": "shop"}, {})
+    assert not admits(policies, web, metrics_port, INGRESS, {"app": "ingress-nginx"})
+    assert not admits(policies, forwarder, 9464, INGRESS, {"app": "ingress-nginx"})
+
+
+def test_without_a_metrics_port_prometheus_scrapes_the_web_pods_api_port() -> None:
+    values = {**ci_values("everything"), "metricsPort": None}
     policies = [o for o in render(values) if o["kind"] == "NetworkPolicy"]
     web = {**WEB, "app.kubernetes.io/instance": "identity-service"}
     forwarder = {**FORWARDER, "app.kubernetes.io/instance": "identity-service"}
     # The web pods answer /metrics on their one port, 8080; the forwarder on its own.
     assert admits(policies, web, 8080, MONITORING, PROMETHEUS)
     assert admits(policies, forwarder, 9464, MONITORING, PROMETHEUS)
-    # The ingress controller reaches the web port; nobody else does.
-    assert admits(policies, web, 8080, INGRESS, {"app": "ingress-nginx"})
     assert not admits(policies, web, 8080, {"kubernetes.io/metadata.name": "shop"}, {})
-    assert not admits(policies, forwarder, 9464, INGRESS, {"app": "ingress-nginx"})
 
 
 def test_restricted_egress_reaches_the_port_of_the_external_redis_url() -> None:

@@ -542,7 +542,7 @@ def test_tallied_durations_expose_what_prometheus_clients_observe_would() -> Non
 
     durations = [0.0, 0.00005, *metrics.DURATION_BUCKETS, 0.0003, 0.003, 0.7, 2.5, 40.0]
     tallied = metrics.Metrics()
-    tallied.set_routes(["/v1/handoffs"])
+    tallied.add_routes(["/v1/handoffs"])
     registry = CollectorRegistry()
     observed = Histogram(
         "identity_http_request_duration_seconds",
@@ -749,3 +749,114 @@ async def test_outbox_status_and_the_backlog_gauges_count_the_streams_of_an_earl
     assert status.oldest_age_seconds is not None and status.oldest_age_seconds >= now - 2
     assert report["segment"].pending == 3
     assert report["segment"].oldest_age_seconds == pytest.approx(now - 1, abs=1)
+
+
+# -- serve's metrics port (IDENTITY_METRICS_PORT) -------------------------------------------
+
+
+async def get_url(url: str) -> tuple[int, str, str]:
+    """``GET url`` on a connection of its own: status, content type and body."""
+    async with aiohttp.ClientSession() as session, session.get(url) as answer:
+        return answer.status, answer.content_type, await answer.text()
+
+
+async def test_with_a_metrics_port_metrics_answer_there_and_no_longer_on_the_api_port(
+    make_client: ClientFactory,
+) -> None:
+    """The API's port may face the internet: with IDENTITY_METRICS_PORT, /metrics answers
+    there (with the API's counts and the store's gauges) and /healthz beside it, and the
+    API's port answers /metrics as any unknown path. The port closes with the app."""
+    port = free_port()
+    client = await make_client(metrics_port=str(port), metrics_host="127.0.0.1")
+    metrics_url = f"http://127.0.0.1:{port}"
+    await prepare(client)
+    samples = await scrape_url(metrics_url)
+    assert value(samples, "identity_handoffs_prepared_total", source="shop") == 1
+    prepares = {"route": "/v1/handoffs", "method": "POST", "status": "201"}
+    assert value(samples, "identity_http_requests_total", **prepares) == 1
+    assert value(samples, "identity_store_up") == 1
+    assert await get_url(f"{metrics_url}/healthz") == (200, "application/json", '{"status":"ok"}')
+    for path in ("/v1/handoffs", "/readyz", "/openapi.json"):  # the API stays on its port
+        status, content_type, _ = await get_url(f"{metrics_url}{path}")
+        assert (status, content_type) == (404, "application/problem+json")
+    answer = await client.get("/metrics")
+    assert answer.status == 404
+    assert answer.content_type == "application/problem+json"
+    assert (await client.get("/healthz")).status == 200
+    # A route of the API's, asked with a method it does not take, is still counted as its
+    # own (the metrics port's routes are added to the API's, not put in their place).
+    assert (await client.get("/v1/handoffs")).status == 405
+    # Both ports' requests are counted in one set of metrics: the scrape, and the API
+    # port's refusal of /metrics.
+    samples = await scrape_url(metrics_url)
+    scrapes = {"route": "/metrics", "method": "GET"}
+    assert value(samples, "identity_http_requests_total", **scrapes, status="200") == 1
+    assert value(samples, "identity_http_requests_total", **scrapes, status="404") == 1
+    refused = {"route": "/v1/handoffs", "method": "GET", "status": "405"}
+    assert value(samples, "identity_http_requests_total", **refused) == 1
+    await client.close()
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await get_url(f"{metrics_url}/healthz")
+
+
+def listening_processes(port: int, pids: list[int]) -> list[int]:
+    """Which of ``pids`` hold a socket listening on TCP ``port`` (Linux's /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rpartition(":")[2], 16) == port and fields[3] == "0A":  # LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    holders = []
+    for pid in pids:
+        fds = Path(f"/proc/{pid}/fd")
+        if any(fd.readlink().as_posix() in inodes for fd in fds.iterdir() if fd.is_symlink()):
+            holders.append(pid)
+    return holders
+
+
+async def test_two_workers_have_one_metrics_listener_whose_scrapes_count_both(
+    tmp_path: Path, private_redis: RedisServer
+) -> None:
+    """With --workers 2 the workers share the API's port (SO_REUSEPORT), not the metrics
+    port: worker 0 alone listens there, and its scrapes read both workers' counts."""
+    from tests.test_cli import _children_of
+
+    port = free_port()
+    env = redis_env(private_redis, IDENTITY_METRICS_PORT=str(port))
+    service = Service(tmp_path, env, "--workers", "2")
+    metrics_url = f"http://127.0.0.1:{port}"
+    try:
+        workers = await asyncio.to_thread(_children_of, service.process.pid)
+        assert len(workers) == 2
+
+        def one_listener() -> bool:
+            return len(listening_processes(port, [service.process.pid, *workers])) == 1
+
+        deadline = time.monotonic() + 15
+        while not one_listener():
+            assert time.monotonic() < deadline, service.stderr
+            await asyncio.sleep(0.05)
+        (listener,) = listening_processes(port, [service.process.pid, *workers])
+        assert listener in workers
+        assert len(listening_processes(service.port, workers)) == 2  # the API's port: both
+        count = 24
+        for number in range(count):  # fresh connections, spread over the workers
+            status, _ = await post(
+                f"{service.url}/v1/handoffs",
+                {"anonymousId": f"visitor-{number}", "destination": CHECKOUT_URL},
+                WRITE_KEYS["shop"],
+            )
+            assert status == 201
+
+        def all_counted(samples: Samples) -> bool:
+            return value(samples, "identity_handoffs_prepared_total", source="shop") == count
+
+        samples = await eventually(lambda: scrape_url(metrics_url), all_counted)
+        requests = {"route": "/v1/handoffs", "method": "POST", "status": "201"}
+        assert value(samples, "identity_http_requests_total", **requests) == count
+        status, content_type, _ = await get_url(f"{service.url}/metrics")
+        assert (status, content_type) == (404, "application/problem+json")
+    finally:
+        assert await asyncio.to_thread(service.stop) == 0, service.stderr
+    assert f"/metrics and /healthz on http://127.0.0.1:{port}" in service.stderr

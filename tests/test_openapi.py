@@ -103,10 +103,15 @@ def operations(document: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+@pytest.mark.parametrize("metrics_port", [False, True], ids=["metrics-here", "metrics-port"])
 @pytest.mark.parametrize("amp", [False, True], ids=["without-amp", "with-amp"])
-def test_every_route_is_documented_and_every_documented_path_is_routed(amp: bool) -> None:
-    """With [amp], the /v1/amp/* routes were served and absent from the document."""
-    app = create_app(amp_settings() if amp else make_settings())
+def test_every_route_is_documented_and_every_documented_path_is_routed(
+    amp: bool, metrics_port: bool
+) -> None:
+    """With [amp], the /v1/amp/* routes were served and absent from the document. With
+    IDENTITY_METRICS_PORT, /metrics is neither routed nor documented on the API's port."""
+    env = {"metrics_port": "9464"} if metrics_port else {}
+    app = create_app(amp_settings(env=env) if amp else make_settings(**env))
     routed = {
         (route.resource.canonical, route.method.lower())
         for route in app.router.routes()
@@ -115,7 +120,8 @@ def test_every_route_is_documented_and_every_documented_path_is_routed(amp: bool
     document = served_document(app)
     validate(document)
     assert routed == set(operations(document))
-    assert (document == DOCUMENT) is not amp
+    assert (document == DOCUMENT) is not (amp or metrics_port)
+    assert ("/metrics" in document["paths"]) is not metrics_port
 
 
 # Answer headers the document describes where they are sent.

@@ -184,6 +184,12 @@ def test_an_invalid_ttl_is_the_only_problem_and_named_as_written(tmp_path: Path)
             "forwarder_metrics_port must be a whole number, not 'metrics'",
         ),
         (
+            {"IDENTITY_METRICS_PORT": "70000"},
+            "",
+            "IDENTITY_METRICS_PORT must be between 1 and 65535, not 70000",
+        ),
+        ({}, 'metrics_port = "metrics"', "metrics_port must be a whole number, not 'metrics'"),
+        (
             {},
             'redis_key_prefix = "{x}"',
             "redis_key_prefix must not contain braces (they mark hash tags)",
@@ -631,6 +637,54 @@ def test_the_forwarder_metrics_port_defaults_to_9464_and_turns_off(
     settings = make_settings(**env)
     assert settings.forwarder_metrics_port == port
     assert settings.forwarder_metrics_host == DEFAULT_FORWARDER_METRICS_HOST
+
+
+ANY_ADDRESS = "0.0.0.0"  # noqa: S104 - a bind address named, not bound
+
+
+@pytest.mark.parametrize(
+    ("env", "host", "address"),
+    [
+        ({}, None, None),  # unset: /metrics on the API's port, as before
+        ({"IDENTITY_METRICS_PORT": "0"}, ANY_ADDRESS, None),
+        ({"IDENTITY_METRICS_PORT": "off"}, ANY_ADDRESS, None),
+        ({"IDENTITY_METRICS_PORT": "9100"}, None, ("127.0.0.1", 9100)),
+        ({"IDENTITY_METRICS_PORT": "9100"}, ANY_ADDRESS, (ANY_ADDRESS, 9100)),  # the API's host
+        ({"IDENTITY_METRICS_PORT": "9100"}, "::1", ("::1", 9100)),
+        (
+            {"IDENTITY_METRICS_PORT": "9100", "IDENTITY_METRICS_HOST": "10.0.0.7"},
+            ANY_ADDRESS,
+            ("10.0.0.7", 9100),
+        ),
+    ],
+)
+def test_serves_metrics_port_is_off_by_default_and_on_the_apis_host(
+    env: dict[str, str], host: str | None, address: tuple[str, int] | None
+) -> None:
+    environ = {"IDENTITY_SOURCES": sources_env(), "IDENTITY_SECRET": SECRET, **env}
+    settings = load_settings(environ, host=host, port=8080)
+    if address is None:
+        assert settings.metrics_port is None
+    else:
+        assert (settings.metrics_host, settings.metrics_port) == address
+
+
+def test_a_metrics_port_that_is_the_apis_port_is_a_problem(tmp_path: Path) -> None:
+    """One of them would fail to bind (or, with SO_REUSEPORT, share the API's connections)."""
+    complaint = (
+        "({port}) is the API's port (--port): give /metrics a port of its own, or unset it to "
+        "serve /metrics on the API's port"
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_settings({"IDENTITY_METRICS_PORT": "8080"}, port=8080)
+    assert raised.value.problems == [f"IDENTITY_METRICS_PORT {complaint.format(port=8080)}"]
+    config = write(tmp_path, "metrics_port = 9000")
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, config, port=9000)
+    assert raised.value.problems == [f"metrics_port {complaint.format(port=9000)}"]
+    # Another port, or the forwarder's command, which serves no API: no problem.
+    assert load_settings({"IDENTITY_METRICS_PORT": "8080"}, port=8081).metrics_port == 8080
+    assert load_settings({"IDENTITY_METRICS_PORT": "8080"}).metrics_port == 8080
 
 
 def test_destinations_take_the_events_of_the_sources_they_name(tmp_path: Path) -> None:
@@ -1434,11 +1488,13 @@ def test_off_reads_alike_in_every_setting_that_takes_it() -> None:
         "IDENTITY_SECRET": SECRET,
         **dict.fromkeys(("IDENTITY_OUTBOX", "IDENTITY_FORWARDER", "IDENTITY_REDIS_WAIT"), " Off "),
         "IDENTITY_FORWARDER_METRICS_PORT": "off\n",
+        "IDENTITY_METRICS_PORT": " OFF",
     }
     settings = load_settings(environ)
     assert not settings.outbox.enabled and not settings.outbox.forwarder_in_serve
     assert settings.redis is not None and settings.redis.wait is None
     assert settings.forwarder_metrics_port is None
+    assert settings.metrics_port is None
 
 
 def test_a_redis_wait_of_spaces_is_a_value_as_in_every_setting() -> None:
@@ -1499,6 +1555,7 @@ def where_hosts_are_read(host: str) -> list[tuple[dict[str, str], str | None]]:
         ({"IDENTITY_DESTINATIONS": json.dumps(table)}, None),
         *(({**with_secret, "IDENTITY_REDIS_URL": url}, None) for url in redis_urls),
         ({"IDENTITY_FORWARDER_METRICS_HOST": host}, None),
+        ({"IDENTITY_METRICS_HOST": host}, None),
         (with_secret, host),
     ]  # fmt: skip
 

@@ -30,6 +30,17 @@ StatefulSet's at most 52, its pods' controller-revision-hash label being it plus
 {{- include "identity-service.suffixedName" (dict "root" . "suffix" "forwarder" "max" 63) }}
 {{- end }}
 
+{{/* The web pods' metrics Service (with metricsPort). */}}
+{{- define "identity-service.metricsName" -}}
+{{- include "identity-service.suffixedName" (dict "root" . "suffix" "metrics" "max" 63) }}
+{{- end }}
+
+{{/* The label of a Service naming the job of its targets' series (the ServiceMonitor's
+jobLabel); a Service without it gives its own name, as the forwarder's does. */}}
+{{- define "identity-service.jobLabel" -}}
+identity-service/job
+{{- end }}
+
 {{/* The in-chart Redis's StatefulSet, Service and NetworkPolicy. */}}
 {{- define "identity-service.redisName" -}}
 {{- include "identity-service.suffixedName" (dict "root" . "suffix" "redis" "max" 52) }}
