@@ -934,6 +934,79 @@ def test_an_upgrade_without_the_secret_makes_a_new_password(
     assert GENERATED_PASSWORD.match(redis_password(upgraded))
 
 
+# -- OpenShift: the pods' user and group IDs left to the platform -------------------------
+
+OPENSHIFT = ["security.openshift.io/v1"]
+FIXED_IDS = {"runAsUser", "runAsGroup", "fsGroup", "seLinuxOptions"}
+
+
+@pytest.mark.parametrize(
+    ("mode", "api_versions", "adapted"),
+    [
+        (None, [], False),  # the default, auto, off OpenShift
+        (None, OPENSHIFT, True),
+        ("auto", [], False),
+        ("auto", OPENSHIFT, True),
+        ("force", [], True),
+        ("force", OPENSHIFT, True),
+        ("disabled", [], False),
+        ("disabled", OPENSHIFT, False),
+    ],
+)
+def test_on_openshift_the_pods_leave_their_ids_to_the_platform(
+    mode: str | None, api_versions: list[str], adapted: bool
+) -> None:
+    """OpenShift's restricted-v2 SCC gives each pod a UID of the namespace's range (GID 0,
+    an fsGroup of its own) and refuses pods that ask for other IDs. Adapted (auto on a
+    cluster serving security.openshift.io/v1, or force), no pod or container asks for any;
+    everything else that locks the pods down stays."""
+    values = ci_values("everything")
+    if mode is not None:
+        values["global"] = {"compatibility": {"openshift": {"adaptSecurityContext": mode}}}
+    chart().validate_schema(chart().merge_values(values))
+    objects = render(values, api_versions=api_versions)
+    workloads = [o for o in objects if o["kind"] in WORKLOADS]
+    assert {w["kind"] for w in workloads} == set(WORKLOADS)
+    expected_ids = {f"{FULLNAME}-redis": 999}
+    for workload in workloads:
+        where = f"{workload['kind']}/{workload['metadata']['name']}"
+        kubernetes_validate.validate(workload, KUBERNETES_VERSION, strict=True)
+        pod = pod_spec(workload)
+        security = pod["securityContext"]
+        assert security["runAsNonRoot"] is True, where
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        if adapted:
+            assert not FIXED_IDS & security.keys(), where
+        else:
+            uid = expected_ids.get(workload["metadata"]["name"], 10001)
+            assert (security["runAsUser"], security["runAsGroup"]) == (uid, uid), where
+            assert security.get("fsGroup", uid) == uid, where
+        for container in pod["containers"] + pod.get("initContainers", []):
+            context = container["securityContext"]
+            assert not FIXED_IDS & context.keys(), where
+            assert context["readOnlyRootFilesystem"] is True, where
+            assert context["allowPrivilegeEscalation"] is False, where
+            assert context["capabilities"] == {"drop": ["ALL"]}, where
+            assert context["seccompProfile"] == {"type": "RuntimeDefault"}, where
+    if adapted:
+        assert not re.search(r"runAsUser|runAsGroup|fsGroup", yaml.safe_dump_all(objects))
+
+
+@pytest.mark.parametrize(
+    "globals_",
+    [
+        {"imageRegistry": "registry.example.com"},  # a parent chart's or a sibling's
+        {"compatibility": {"omitEmptySeLinuxOptions": True}},  # bitnami's other one
+        {"compatibility": {"openshift": {"adaptSecurityContext": "disabled"}}},
+    ],
+)
+def test_the_schema_lets_other_charts_globals_through(globals_: dict[str, Any]) -> None:
+    """Globals are shared with a parent chart and its other subcharts: keys this chart
+    does not read are theirs, not typos."""
+    values = merge(ci_values("external-redis"), {"global": globals_})
+    chart().validate_schema(chart().merge_values(values))
+
+
 @pytest.mark.parametrize(("low", "high", "renders"), [(5, 4, False), (4, 4, True), (1, 2, True)])
 def test_an_autoscaler_minimum_above_its_maximum_stops_the_render(
     low: int, high: int, renders: bool
@@ -1155,6 +1228,10 @@ def test_a_missing_essential_value_stops_the_render_with_what_to_set(
         {"config": {"trustedProxies": ["10.0.0.1"] * 257}},
         # The key the chart keeps the password it works out under, per render.
         {"redis": {"auth": {"_resolvedPassword": "chosen-by-the-user"}}},
+        {"global": {"compatibility": {"openshift": {"adaptSecurityContext": "yes"}}}},
+        {"global": {"compatibility": {"openshift": {"adaptSecurityContext": "Force"}}}},
+        {"global": {"compatibility": {"openshift": {"adaptSecurityContext": True}}}},
+        {"global": {"compatibility": {"openshift": {"adaptSecurityContxt": "force"}}}},
     ],
 )
 def test_the_schema_refuses_invalid_values(change: dict[str, Any]) -> None:

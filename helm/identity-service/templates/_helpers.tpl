@@ -219,12 +219,7 @@ imagePullSecrets:
 priorityClassName: {{ . }}
 {{- end }}
 securityContext:
-  runAsNonRoot: true
-  runAsUser: 10001
-  runAsGroup: 10001
-  fsGroup: 10001
-  seccompProfile:
-    type: RuntimeDefault
+  {{- include "identity-service.podSecurityContext" (dict "root" . "id" 10001 "fsGroup" true) | nindent 2 }}
 {{- with .Values.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
@@ -277,6 +272,34 @@ securityContext:
 volumeMounts:
   - name: tmp
     mountPath: /tmp
+{{- end }}
+
+{{/* "true" when the pods leave their user and group IDs to the platform, as OpenShift's
+restricted-v2 SecurityContextConstraints want (it assigns a UID of the namespace's range,
+GID 0, and refuses pods that ask for any other): with
+global.compatibility.openshift.adaptSecurityContext `force`, or `auto` on OpenShift (the
+API serves security.openshift.io/v1). Empty otherwise. */}}
+{{- define "identity-service.adaptToOpenShift" -}}
+{{- $mode := dig "compatibility" "openshift" "adaptSecurityContext" "auto" (.Values.global | default dict) }}
+{{- if or (eq $mode "force") (and (eq $mode "auto") (.Capabilities.APIVersions.Has "security.openshift.io/v1")) }}
+{{- "true" }}
+{{- end }}
+{{- end }}
+
+{{/* A pod's securityContext: non-root, RuntimeDefault seccomp and, unless adaptToOpenShift,
+the image's user `id` as UID and GID (and fsGroup with "fsGroup" true):
+(dict "root" $ "id" 10001 "fsGroup" true). */}}
+{{- define "identity-service.podSecurityContext" -}}
+runAsNonRoot: true
+{{- if not (include "identity-service.adaptToOpenShift" .root) }}
+runAsUser: {{ .id }}
+runAsGroup: {{ .id }}
+{{- if .fsGroup }}
+fsGroup: {{ .id }}
+{{- end }}
+{{- end }}
+seccompProfile:
+  type: RuntimeDefault
 {{- end }}
 
 {{- define "identity-service.containerSecurityContext" -}}
