@@ -823,6 +823,8 @@ def test_the_in_chart_redis_requires_a_password_the_chart_makes_by_default() -> 
     assert (secret["kind"], secret["metadata"]["name"]) == ("Secret", REDIS_AUTH)
     # Made anew by a render that has no cluster to read it back from (helm template).
     assert redis_password(render(values)) != password
+    notes = files["identity-service/templates/NOTES.txt"]
+    assert f"in the Secret {REDIS_AUTH} (key redis-password)" in notes
 
 
 def test_the_checksums_are_of_the_password_the_secret_holds() -> None:
