@@ -3,14 +3,19 @@ shared library, offline, no helm binary) for the chart tests.
 
 ``render`` answers the rendered objects parsed; ``ci_values`` reads one of the chart's
 ``ci/*-values.yaml`` files, the configurations the tests (and chart-testing) install.
+``api_versions`` are the API groups and versions the cluster is said to serve, as with
+``helm template --api-versions`` (``.Capabilities.APIVersions``).
 """
 
+import json
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import helm_python
 import yaml
+from helm_python import _native
 
 CHART_DIR = Path(__file__).resolve().parent.parent / "helm" / "identity-service"
 CI_VALUES = sorted((CHART_DIR / "ci").glob("*-values.yaml"))
@@ -33,15 +38,36 @@ def ci_values(name: str) -> dict[str, Any]:
     return values
 
 
-def render_files(values: dict[str, Any]) -> dict[str, str]:
-    """Each template's rendered text, by template path (NOTES.txt included)."""
-    return chart().render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+def render_files(
+    values: dict[str, Any],
+    *,
+    api_versions: Sequence[str] = (),
+    of: helm_python.Chart | None = None,
+    upgrade: bool = False,
+) -> dict[str, str]:
+    """Each template's rendered text, by template path (NOTES.txt included): of this chart
+    or of ``of`` (a changed copy), as an install or an upgrade."""
+    # Chart.render passes no API versions on, but the library's helm_render takes Helm's own
+    # `api_versions` option (an unknown option is an error there, so a rename would show).
+    options = {"name": RELEASE, "namespace": NAMESPACE, "is_install": not upgrade}
+    options |= {"is_upgrade": upgrade, "api_versions": list(api_versions)}
+    handle = (of or chart())._raw()
+    text = _native.call_string("helm_render", handle, json.dumps(values), json.dumps(options))
+    files: dict[str, str] = json.loads(text)
+    return files
 
 
-def render(values: dict[str, Any]) -> list[Manifest]:
-    """The Kubernetes objects the chart makes with ``values``."""
+def render(
+    values: dict[str, Any],
+    *,
+    api_versions: Sequence[str] = (),
+    of: helm_python.Chart | None = None,
+    upgrade: bool = False,
+) -> list[Manifest]:
+    """The Kubernetes objects the chart makes with ``values`` (see ``render_files``)."""
     objects: list[Manifest] = []
-    for path, text in sorted(render_files(values).items()):
+    files = render_files(values, api_versions=api_versions, of=of, upgrade=upgrade)
+    for path, text in sorted(files.items()):
         if path.endswith(".yaml"):
             objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
     return objects

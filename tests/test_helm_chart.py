@@ -6,12 +6,14 @@ settings reader.
 """
 
 import asyncio
+import base64
 import copy
 import ipaddress
 import json
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -727,19 +729,24 @@ def kubelet_expand(text: str, env: dict[str, str]) -> str:
 
 
 @pytest.mark.parametrize(
-    "password", ["p@ss:w/rd %#?&", "100%-sure", "plain-Pa55_word.~", '"quoted" \\ é']
+    "password", ["p@ss:w/rd %#?&", "100%-sure", "plain-Pa55_word.~", '"quoted" \\ é', None]
 )
 def test_the_in_chart_redis_takes_the_password_the_service_sends(
-    password: str, tmp_path: Path
+    password: str | None, tmp_path: Path
 ) -> None:
     """The password is percent-encoded in the values and the Secret, as the URL carries it;
     the service decodes it, so the in-chart Redis must require it decoded. Runs the rendered
     Redis container's command (its paths moved into tmp_path) with a real redis-server, and
-    connects with the web pod's URL and with the readiness probe's command."""
-    encoded = urllib.parse.quote(password, safe="")
-    values = merge(ci_values("internal-redis"), {"redis": {"auth": {"password": encoded}}})
+    connects with the web pod's URL and with the probes' commands; without the password
+    Redis answers nothing. None: no password given, the one the chart makes."""
+    values = ci_values("internal-redis")
+    if password is not None:
+        encoded = urllib.parse.quote(password, safe="")
+        values = merge(values, {"redis": {"auth": {"password": encoded}}})
     chart().validate_schema(chart().merge_values(values))
     objects = render(values)
+    if password is None:
+        encoded = redis_password(objects)
     (redis,) = pod_spec(find(objects, "StatefulSet", f"{FULLNAME}-redis"))["containers"]
     env = environment(objects, redis)
     assert env["REDIS_PASSWORD"] == encoded
@@ -770,14 +777,22 @@ def test_the_in_chart_redis_takes_the_password_the_service_sends(
                 assert server.poll() is None and time.monotonic() < deadline, "no redis-server"
                 time.sleep(0.05)
         client.close()
-        probe = [local(part) for part in redis["readinessProbe"]["exec"]["command"]]
-        probe[-1] = probe[-1].replace("-h 127.0.0.1", f"-h 127.0.0.1 -p {port}")
-        ready = subprocess.run(probe, env={"PATH": os.environ["PATH"], **env}, check=False)
-        assert ready.returncode == 0
-        # The probe does judge the password: with another one it fails.
+        anonymous = SyncRedis(host="127.0.0.1", port=port)
+        with pytest.raises(redis_exceptions.AuthenticationError):
+            anonymous.get("idsvc:any")
+        anonymous.close()
+        probes = {}
+        for kind in ("livenessProbe", "readinessProbe"):
+            probe = [local(part) for part in redis[kind]["exec"]["command"]]
+            probe[-1] = probe[-1].replace("-h 127.0.0.1", f"-h 127.0.0.1 -p {port}")
+            probes[kind] = probe
+            ready = subprocess.run(probe, env={"PATH": os.environ["PATH"], **env}, check=False)
+            assert ready.returncode == 0, kind
+        # The probes do judge the password: with another one they fail.
         (tmp_path / "redis-auth.conf").write_text('requirepass "not-it"\n')
-        ready = subprocess.run(probe, env={"PATH": os.environ["PATH"], **env}, check=False)
-        assert ready.returncode != 0
+        for kind, probe in probes.items():
+            ready = subprocess.run(probe, env={"PATH": os.environ["PATH"], **env}, check=False)
+            assert ready.returncode != 0, kind
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -803,6 +818,252 @@ def test_the_in_chart_redis_refuses_a_password_that_is_not_percent_encoded(
     assert started.returncode == 1
     assert "percent-encoded" in started.stderr
     assert not (tmp_path / "redis-auth.conf").exists()
+
+
+# -- The in-chart Redis's password: given, in a Secret of yours, or made by the chart ------
+
+REDIS_AUTH = f"{FULLNAME}-redis-auth"
+GENERATED_PASSWORD = re.compile(r"^[A-Za-z0-9]{32}$")
+
+
+def redis_password(objects: list[Manifest]) -> str:
+    """The password in the chart's Redis password Secret."""
+    password: str = find(objects, "Secret", REDIS_AUTH)["stringData"]["redis-password"]
+    return password
+
+
+def pod_annotations(objects: list[Manifest]) -> dict[str, dict[str, str]]:
+    """Each workload's pod template annotations (its checksums), by kind and name."""
+    return {
+        f"{o['kind']}/{o['metadata']['name']}": o["spec"]["template"]["metadata"]["annotations"]
+        for o in objects
+        if o["kind"] in ("Deployment", "StatefulSet")
+    }
+
+
+def test_the_in_chart_redis_requires_a_password_the_chart_makes_by_default() -> None:
+    """Without redis.auth.password or existingSecret, the chart makes a password (as
+    bitnami's redis chart does): Redis requires it (requirepass, read from the Secret
+    through the environment), both its probes authenticate, the web and forwarder pods send
+    it, and no manifest but the Secret holds it."""
+    values = merge(ci_values("internal-redis"), {"forwarder": {"enabled": True}})
+    assert not values["redis"].get("auth")
+    files = render_files(values)
+    objects = [
+        doc
+        for path, text in sorted(files.items())
+        if path.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+    password = redis_password(objects)
+    assert GENERATED_PASSWORD.match(password), password
+    (redis,) = pod_spec(find(objects, "StatefulSet", f"{FULLNAME}-redis"))["containers"]
+    env = {var["name"]: var for var in redis["env"]}
+    reference = {"name": REDIS_AUTH, "key": "redis-password"}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == reference
+    assert redis["command"][:2] == ["sh", "-c"]
+    assert "requirepass" in redis["command"][2] and "$REDIS_PASSWORD" in redis["command"][2]
+    for kind in ("livenessProbe", "readinessProbe"):
+        (*_, script) = redis[kind]["exec"]["command"]
+        assert "AUTH" in script and f"{TMP_MOUNT}/redis-auth.conf" in script, kind
+    for name in (FULLNAME, f"{FULLNAME}-forwarder"):
+        (container,) = pod_spec(find(objects, "Deployment", name))["containers"]
+        env = {var["name"]: var for var in container["env"]}
+        assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == reference
+        url = environment(objects, container)["IDENTITY_REDIS_URL"]
+        assert url == f"redis://:{password}@{FULLNAME}-redis:6379/0"
+    # In clear in the Secret's template only (NOTES.txt included).
+    holding = sorted(path for path, text in files.items() if password in text)
+    assert holding == ["identity-service/templates/secret.yaml"]
+    (secret,) = [o for o in objects if password in yaml.safe_dump(o)]
+    assert (secret["kind"], secret["metadata"]["name"]) == ("Secret", REDIS_AUTH)
+    # Made anew by a render that has no cluster to read it back from (helm template).
+    assert redis_password(render(values)) != password
+    notes = files["identity-service/templates/NOTES.txt"]
+    assert f"in the Secret {REDIS_AUTH} (key redis-password)" in notes
+
+
+def test_the_checksums_are_of_the_password_the_secret_holds() -> None:
+    """The password is made once per render: the checksums that roll the pods and the
+    in-chart Redis hash the one in the Secret, so they are those of the same password
+    given in the values, and the first upgrade, which reads it back, rolls nothing."""
+    values = merge(ci_values("internal-redis"), {"forwarder": {"enabled": True}})
+    objects = render(values)
+    given = merge(values, {"redis": {"auth": {"password": redis_password(objects)}}})
+    assert pod_annotations(render(given)) == pod_annotations(objects)
+
+
+def test_an_existing_secret_gives_the_in_chart_redis_its_password() -> None:
+    values = merge(
+        ci_values("internal-redis"),
+        {"redis": {"auth": {"existingSecret": "redis-credentials"}}},
+    )
+    values["redis"]["auth"]["existingSecretPasswordKey"] = "password"
+    objects = render(values)
+    assert [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"] == [FULLNAME]
+    reference = {"name": "redis-credentials", "key": "password"}
+    for workload in ("StatefulSet", "Deployment"):
+        (container,) = pod_spec(next(o for o in objects if o["kind"] == workload))["containers"]
+        env = {var["name"]: var for var in container["env"]}
+        assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == reference, workload
+    # Nothing random: renders agree.
+    assert pod_annotations(render(values)) == pod_annotations(objects)
+
+
+def test_an_external_redis_without_a_password_is_left_as_it_was() -> None:
+    objects = render(ci_values("external-redis"))
+    assert [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"] == [FULLNAME]
+    (container,) = pod_spec(find(objects, "Deployment"))["containers"]
+    assert [var["name"] for var in container["env"]][:1] == ["IDENTITY_REDIS_URL"]
+    assert environment(objects, container)["IDENTITY_REDIS_URL"] == (
+        "redis://redis.data.svc.cluster.local:6379/0"
+    )
+
+
+def chart_in_a_cluster(tmp_path: Path, secrets: dict[str, dict[str, str]]) -> helm_python.Chart:
+    """A copy of the chart whose one ``lookup`` answers as an API server holding
+    ``secrets`` (``<namespace>/<name>``: their data, base64 as the API gives it) would.
+    Offline renders' lookup answers nothing, and the SDK's server-side dry run needs a
+    cluster: this replaces the call itself, its arguments kept, and nothing else."""
+    copied = tmp_path / "identity-service"
+    shutil.copytree(CHART_DIR, copied)
+    templates = copied / "templates"
+    calls = {
+        path.name: len(re.findall(r"\blookup\s+\"", path.read_text()))
+        for path in templates.rglob("*")
+        if path.is_file()
+    }
+    assert {name: n for name, n in calls.items() if n} == {"_helpers.tpl": 1}
+    helpers = templates / "_helpers.tpl"
+    call = re.compile(r'lookup "v1" "Secret" (\S+) (\(include "[\w.-]+" \.\))')
+    text, replaced = call.subn(
+        r'(include "test.lookup" (list \1 \2) | fromJson)', helpers.read_text()
+    )
+    assert replaced == 1
+    helpers.write_text(text)
+    objects = {
+        key: {"apiVersion": "v1", "kind": "Secret", "data": data} for key, data in secrets.items()
+    }
+    (templates / "_test_lookup.tpl").write_text(
+        '{{- define "test.lookup" -}}\n'
+        f"{{{{- $secrets := {json.dumps(json.dumps(objects))} | fromJson }}}}\n"
+        '{{- get $secrets (join "/" .) | default dict | toJson }}\n'
+        "{{- end }}\n"
+    )
+    return helm_python.Chart.load(copied)
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def test_an_upgrade_keeps_the_password_the_cluster_holds(tmp_path: Path) -> None:
+    """`helm upgrade` reads the Secret back (lookup, as bitnami's
+    common.secrets.passwords.manage does) and keeps its password: the render is the one
+    with that password given, so nothing rolls. Only the release's own Secret counts."""
+    values = merge(ci_values("internal-redis"), {"forwarder": {"enabled": True}})
+    old = "kept0password0from0the0cluster01"
+    held = chart_in_a_cluster(tmp_path, {f"identity/{REDIS_AUTH}": {"redis-password": b64(old)}})
+    upgraded = render(values, of=held, upgrade=True)
+    assert redis_password(upgraded) == old
+    given = render(merge(values, {"redis": {"auth": {"password": old}}}))
+    assert pod_annotations(upgraded) == pod_annotations(given)
+    # A password given in the values wins (a rotation): Redis and the pods roll.
+    rotated = render(merge(values, {"redis": {"auth": {"password": "n3w"}}}), of=held)
+    assert redis_password(rotated) == "n3w"
+    before, after = pod_annotations(upgraded), pod_annotations(rotated)
+    assert all(before[workload] != after[workload] for workload in before)
+
+
+@pytest.mark.parametrize(
+    "secrets",
+    [
+        {},  # deleted: `helm upgrade` then makes a new one (a rotation)
+        {f"other/{REDIS_AUTH}": {"redis-password": b64("not-this-release-s")}},
+        {"identity/identity-service-redis": {"redis-password": b64("not-this-secret-s")}},
+        {f"identity/{REDIS_AUTH}": {"password": b64("not-this-key-at-all")}},
+    ],
+)
+def test_an_upgrade_without_the_secret_makes_a_new_password(
+    secrets: dict[str, dict[str, str]], tmp_path: Path
+) -> None:
+    held = chart_in_a_cluster(tmp_path, secrets)
+    upgraded = render(ci_values("internal-redis"), of=held, upgrade=True)
+    assert GENERATED_PASSWORD.match(redis_password(upgraded))
+
+
+# -- OpenShift: the pods' user and group IDs left to the platform -------------------------
+
+OPENSHIFT = ["security.openshift.io/v1"]
+FIXED_IDS = {"runAsUser", "runAsGroup", "fsGroup", "seLinuxOptions"}
+
+
+@pytest.mark.parametrize(
+    ("mode", "api_versions", "adapted"),
+    [
+        (None, [], False),  # the default, auto, off OpenShift
+        (None, OPENSHIFT, True),
+        ("auto", [], False),
+        ("auto", OPENSHIFT, True),
+        ("force", [], True),
+        ("force", OPENSHIFT, True),
+        ("disabled", [], False),
+        ("disabled", OPENSHIFT, False),
+    ],
+)
+def test_on_openshift_the_pods_leave_their_ids_to_the_platform(
+    mode: str | None, api_versions: list[str], adapted: bool
+) -> None:
+    """OpenShift's restricted-v2 SCC gives each pod a UID of the namespace's range (GID 0,
+    an fsGroup of its own) and refuses pods that ask for other IDs. Adapted (auto on a
+    cluster serving security.openshift.io/v1, or force), no pod or container asks for any;
+    everything else that locks the pods down stays."""
+    values = ci_values("everything")
+    if mode is not None:
+        values["global"] = {"compatibility": {"openshift": {"adaptSecurityContext": mode}}}
+    chart().validate_schema(chart().merge_values(values))
+    objects = render(values, api_versions=api_versions)
+    workloads = [o for o in objects if o["kind"] in WORKLOADS]
+    assert {w["kind"] for w in workloads} == set(WORKLOADS)
+    expected_ids = {f"{FULLNAME}-redis": 999}
+    for workload in workloads:
+        where = f"{workload['kind']}/{workload['metadata']['name']}"
+        kubernetes_validate.validate(workload, KUBERNETES_VERSION, strict=True)
+        pod = pod_spec(workload)
+        security = pod["securityContext"]
+        assert security["runAsNonRoot"] is True, where
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        if adapted:
+            assert not FIXED_IDS & security.keys(), where
+        else:
+            uid = expected_ids.get(workload["metadata"]["name"], 10001)
+            assert (security["runAsUser"], security["runAsGroup"]) == (uid, uid), where
+            assert security.get("fsGroup", uid) == uid, where
+        for container in pod["containers"] + pod.get("initContainers", []):
+            context = container["securityContext"]
+            assert not FIXED_IDS & context.keys(), where
+            assert context["readOnlyRootFilesystem"] is True, where
+            assert context["allowPrivilegeEscalation"] is False, where
+            assert context["capabilities"] == {"drop": ["ALL"]}, where
+            assert context["seccompProfile"] == {"type": "RuntimeDefault"}, where
+    if adapted:
+        assert not re.search(r"runAsUser|runAsGroup|fsGroup", yaml.safe_dump_all(objects))
+
+
+@pytest.mark.parametrize(
+    "globals_",
+    [
+        {"imageRegistry": "registry.example.com"},  # a parent chart's or a sibling's
+        {"compatibility": {"omitEmptySeLinuxOptions": True}},  # bitnami's other one
+        {"compatibility": {"openshift": {"adaptSecurityContext": "disabled"}}},
+    ],
+)
+def test_the_schema_lets_other_charts_globals_through(globals_: dict[str, Any]) -> None:
+    """Globals are shared with a parent chart and its other subcharts: keys this chart
+    does not read are theirs, not typos."""
+    values = merge(ci_values("external-redis"), {"global": globals_})
+    chart().validate_schema(chart().merge_values(values))
 
 
 @pytest.mark.parametrize(("low", "high", "renders"), [(5, 4, False), (4, 4, True), (1, 2, True)])
@@ -1027,6 +1288,12 @@ def test_a_missing_essential_value_stops_the_render_with_what_to_set(
         {"config": {"trustedProxies": "none"}},
         {"config": {"trustedProxies": 10}},
         {"config": {"trustedProxies": ["10.0.0.1"] * 257}},
+        # The key the chart keeps the password it works out under, per render.
+        {"redis": {"auth": {"_resolvedPassword": "chosen-by-the-user"}}},
+        {"global": {"compatibility": {"openshift": {"adaptSecurityContext": "yes"}}}},
+        {"global": {"compatibility": {"openshift": {"adaptSecurityContext": "Force"}}}},
+        {"global": {"compatibility": {"openshift": {"adaptSecurityContext": True}}}},
+        {"global": {"compatibility": {"openshift": {"adaptSecurityContxt": "force"}}}},
     ],
 )
 def test_the_schema_refuses_invalid_values(change: dict[str, Any]) -> None:

@@ -99,13 +99,40 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (include "identity-service.fullname" .) .Values.existingSecret }}
 {{- end }}
 
-{{/* Whether a Redis password is configured, and which Secret holds it. */}}
+{{/* Which Secret holds the Redis password, if any: redis.auth.existingSecret, else the
+chart's own (redisAuthSecretName) when redis.auth.password is set or the Redis is the
+in-chart one, which always requires a password. Empty: an external Redis without one. */}}
 {{- define "identity-service.redisPasswordSecret" -}}
 {{- if .Values.redis.auth.existingSecret }}
 {{- .Values.redis.auth.existingSecret }}
-{{- else if .Values.redis.auth.password }}
+{{- else if or .Values.redis.auth.password .Values.redis.internal.enabled }}
+{{- include "identity-service.redisAuthSecretName" . }}
+{{- end }}
+{{- end }}
+
+{{/* The chart's own Secret of the Redis password. */}}
+{{- define "identity-service.redisAuthSecretName" -}}
 {{- printf "%s-redis-auth" (include "identity-service.fullname" .) }}
 {{- end }}
+
+{{/* The password the chart's own Redis Secret holds (as bitnami's
+common.secrets.passwords.manage): redis.auth.password when given; else the one the Secret
+already holds in the cluster, so that `helm upgrade` keeps it (lookup; a render without a
+cluster, `helm template` or `--dry-run`, finds none); else a new random one, 32 letters and
+digits (URL-safe as the URL takes it). Worked out once per render and kept aside in the
+values (under a key the schema refuses in user values), so that the Secret and the
+checksums that roll the pods on a new password all see the same one. */}}
+{{- define "identity-service.redisChartPassword" -}}
+{{- $auth := .Values.redis.auth }}
+{{- if not (hasKey $auth "_resolvedPassword") }}
+{{- $password := $auth.password }}
+{{- if not $password }}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "identity-service.redisAuthSecretName" .) }}
+{{- $password = dig "data" "redis-password" "" ($existing | default dict) | b64dec }}
+{{- end }}
+{{- $_ := set $auth "_resolvedPassword" ($password | default (randAlphaNum 32)) }}
+{{- end }}
+{{- index $auth "_resolvedPassword" }}
 {{- end }}
 
 {{- define "identity-service.redisPasswordKey" -}}
@@ -203,12 +230,7 @@ imagePullSecrets:
 priorityClassName: {{ . }}
 {{- end }}
 securityContext:
-  runAsNonRoot: true
-  runAsUser: 10001
-  runAsGroup: 10001
-  fsGroup: 10001
-  seccompProfile:
-    type: RuntimeDefault
+  {{- include "identity-service.podSecurityContext" (dict "root" . "id" 10001 "fsGroup" true) | nindent 2 }}
 {{- with .Values.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
@@ -261,6 +283,34 @@ securityContext:
 volumeMounts:
   - name: tmp
     mountPath: /tmp
+{{- end }}
+
+{{/* "true" when the pods leave their user and group IDs to the platform, as OpenShift's
+restricted-v2 SecurityContextConstraints want (it assigns a UID of the namespace's range,
+GID 0, and refuses pods that ask for any other): with
+global.compatibility.openshift.adaptSecurityContext `force`, or `auto` on OpenShift (the
+API serves security.openshift.io/v1). Empty otherwise. */}}
+{{- define "identity-service.adaptToOpenShift" -}}
+{{- $mode := dig "compatibility" "openshift" "adaptSecurityContext" "auto" (.Values.global | default dict) }}
+{{- if or (eq $mode "force") (and (eq $mode "auto") (.Capabilities.APIVersions.Has "security.openshift.io/v1")) }}
+{{- "true" }}
+{{- end }}
+{{- end }}
+
+{{/* A pod's securityContext: non-root, RuntimeDefault seccomp and, unless adaptToOpenShift,
+the image's user `id` as UID and GID (and fsGroup with "fsGroup" true):
+(dict "root" $ "id" 10001 "fsGroup" true). */}}
+{{- define "identity-service.podSecurityContext" -}}
+runAsNonRoot: true
+{{- if not (include "identity-service.adaptToOpenShift" .root) }}
+runAsUser: {{ .id }}
+runAsGroup: {{ .id }}
+{{- if .fsGroup }}
+fsGroup: {{ .id }}
+{{- end }}
+{{- end }}
+seccompProfile:
+  type: RuntimeDefault
 {{- end }}
 
 {{- define "identity-service.containerSecurityContext" -}}
