@@ -65,12 +65,18 @@ def render(
     upgrade: bool = False,
 ) -> list[Manifest]:
     """The Kubernetes objects the chart makes with ``values`` (see ``render_files``)."""
-    objects: list[Manifest] = []
-    files = render_files(values, api_versions=api_versions, of=of, upgrade=upgrade)
-    for path, text in sorted(files.items()):
-        if path.endswith(".yaml"):
-            objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
-    return objects
+    return manifests(render_files(values, api_versions=api_versions, of=of, upgrade=upgrade))
+
+
+def manifests(files: dict[str, str]) -> list[Manifest]:
+    """The Kubernetes objects of rendered ``files`` (by template path), in path order."""
+    return [
+        doc
+        for path, text in sorted(files.items())
+        if path.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
 
 
 def find(objects: list[Manifest], kind: str, name: str = FULLNAME) -> Manifest:

@@ -48,6 +48,7 @@ from tests.chart import (
     chart,
     ci_values,
     find,
+    manifests,
     pod_spec,
     render,
     render_files,
@@ -849,13 +850,7 @@ def test_the_in_chart_redis_requires_a_password_the_chart_makes_by_default() -> 
     values = merge(ci_values("internal-redis"), {"forwarder": {"enabled": True}})
     assert not values["redis"].get("auth")
     files = render_files(values)
-    objects = [
-        doc
-        for path, text in sorted(files.items())
-        if path.endswith(".yaml")
-        for doc in yaml.safe_load_all(text)
-        if doc
-    ]
+    objects = manifests(files)
     password = redis_password(objects)
     assert GENERATED_PASSWORD.match(password), password
     (redis,) = pod_spec(find(objects, "StatefulSet", f"{FULLNAME}-redis"))["containers"]
@@ -1136,13 +1131,7 @@ def test_long_names_leave_room_for_each_objects_suffix(release: str, override: s
     values = ci_values("everything")
     values["fullnameOverride"] = override
     files = chart().render(values, name=release, namespace="identity", is_install=True)
-    objects = [
-        doc
-        for path, text in sorted(files.items())
-        if path.endswith(".yaml")
-        for doc in yaml.safe_load_all(text)
-        if doc
-    ]
+    objects = manifests(files)
     names = {(o["kind"], o["metadata"]["name"]) for o in objects}
     services = {name for kind, name in names if kind == "Service"}
     assert len(services) == 4

@@ -290,19 +290,25 @@ async def test_a_prepare_the_store_refused_counts_no_skipped_event(
 # -- processes ---------------------------------------------------------------------------
 
 
+async def prepare_from_shop(service: Service, count: int) -> int:
+    """Prepare ``count`` handoffs from the shop, each on a fresh connection (spread over
+    the workers); return ``count``."""
+    for number in range(count):
+        status, _ = await post(
+            f"{service.url}/v1/handoffs",
+            {"anonymousId": f"visitor-{number}", "destination": CHECKOUT_URL},
+            WRITE_KEYS["shop"],
+        )
+        assert status == 201
+    return count
+
+
 async def test_every_scrape_of_two_workers_reads_the_same_totals(
     tmp_path: Path, private_redis: RedisServer
 ) -> None:
     service = Service(tmp_path, redis_env(private_redis), "--workers", "2")
     try:
-        count = 24
-        for number in range(count):  # fresh connections, spread over the workers
-            status, _ = await post(
-                f"{service.url}/v1/handoffs",
-                {"anonymousId": f"visitor-{number}", "destination": CHECKOUT_URL},
-                WRITE_KEYS["shop"],
-            )
-            assert status == 201
+        count = await prepare_from_shop(service, 24)
         # A worker hands its tallies to the shared files every FLUSH_SECONDS: until the
         # other worker's flush, a scrape may read less, never more, and never less than a
         # scrape before it.
@@ -840,14 +846,7 @@ async def test_two_workers_have_one_metrics_listener_whose_scrapes_count_both(
         (listener,) = listening_processes(port, [service.process.pid, *workers])
         assert listener in workers
         assert len(listening_processes(service.port, workers)) == 2  # the API's port: both
-        count = 24
-        for number in range(count):  # fresh connections, spread over the workers
-            status, _ = await post(
-                f"{service.url}/v1/handoffs",
-                {"anonymousId": f"visitor-{number}", "destination": CHECKOUT_URL},
-                WRITE_KEYS["shop"],
-            )
-            assert status == 201
+        count = await prepare_from_shop(service, 24)
 
         def all_counted(samples: Samples) -> bool:
             return value(samples, "identity_handoffs_prepared_total", source="shop") == count
