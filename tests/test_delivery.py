@@ -6,6 +6,7 @@ Cluster, where the forwarder reads, reclaims, trims and dead-letters shard by sh
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import signal
 import socket
@@ -21,8 +22,14 @@ from redis.asyncio import Redis
 
 from identity_service import app_keys
 from identity_service.app import create_app
-from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
+from identity_service.constants import (
+    DEFAULT_STARTED_EVENT,
+    KEY_SHARDS,
+    dead_letter_key,
+    outbox_key,
+)
 from identity_service.crypto import OutboxSealer
+from identity_service.events import split_documents
 from identity_service.feeds import (
     RECLAIM_BATCH,
     RETIRE_AFTER_RECLAIM_IDLES,
@@ -1207,3 +1214,53 @@ async def test_a_dead_forwarders_consumer_stays_until_its_entries_are_delivered(
     assert collector.message_ids == {f"held-{number}" for number in range(held)}
     (status,) = await outbox_status(outbox_client, prefix, ["default"])
     assert (status.pending, status.in_flight, status.dead) == (0, 0, 0)
+
+
+async def test_a_batch_refused_for_one_event_dead_letters_that_event_alone(
+    aiohttp_client: ClientMaker,
+    outbox_redis: Server,
+    outbox_client: AdminClient,
+    collector: Collector,
+) -> None:
+    """The destination refuses with a 400 every batch holding one of two marked events
+    (Segment refusing a malformed event refuses its batch): the batch is split in halves,
+    again and again, until each marked event is sent alone. Those two are dead-lettered,
+    every other event is delivered, and the splitting costs at most 2 log2(n) sends per
+    refused event."""
+    settings = delivery_settings(outbox_redis, collector, forwarder="off")
+    assert settings.redis is not None
+    prefix = settings.redis.key_prefix
+    client = await aiohttp_client(create_app(settings))
+    handoffs, refused = 30, {"visitor-7", "visitor-19"}
+    await run_handoffs(client, handoffs)  # a started and a completed event each
+
+    def marked(event: dict[str, Any]) -> bool:
+        return event["anonymousId"] in refused and event["event"] == DEFAULT_STARTED_EVENT
+
+    collector.refuses = marked
+    metrics = Metrics()
+    async with running_forwarders(settings, metrics):
+        await collector.wait_for(2 * handoffs - len(refused))
+        for _ in range(300):  # the last acknowledgement may still be on its way
+            (status,) = await outbox_status(outbox_client, prefix, ["default"])
+            if (status.pending, status.in_flight, status.dead) == (0, 0, len(refused)):
+                break
+            await asyncio.sleep(0.02)
+    assert (status.pending, status.in_flight, status.dead) == (0, 0, len(refused))
+    delivered = collector.events
+    assert len(delivered) == len(collector.message_ids) == 2 * handoffs - len(refused)
+    assert not any(marked(event) for event in delivered)
+    sealer = OutboxSealer(SECRET.encode())
+    letters = [
+        orjson.loads(document)
+        for shard in range(KEY_SHARDS)
+        for _, fields in await entries(outbox_client, dead_letter_key(prefix, shard, "default"))
+        for document in split_documents(sealer.open(fields[b"j"]))
+    ]
+    assert sorted(letter["anonymousId"] for letter in letters) == sorted(refused)
+    assert all(marked(letter) for letter in letters)
+    sends = len(collector.requests)
+    assert sends <= 2 + 2 * len(refused) * math.ceil(math.log2(2 * handoffs))
+    assert metrics.value("identity_events_dead_lettered_total", destination="default") == 2
+    assert metrics.value("identity_events_delivered_total", destination="default") == len(delivered)
+    assert metrics.value("identity_delivery_attempts_total", destination="default") == sends
