@@ -16,7 +16,7 @@ from identity_service.app import without_server_header
 from identity_service.front import FrontRunner
 from identity_service.metrics import Metrics
 from identity_service.middleware import handle_request
-from identity_service.scrape import Probe
+from identity_service.scrape import Probe, backlog_destinations
 from identity_service.server import BindError
 from identity_service.settings import Settings
 
@@ -41,7 +41,7 @@ async def serving_metrics(settings: Settings, metrics: Metrics) -> AsyncIterator
     if port is None or settings.redis is None:
         yield None
         return
-    probe = Probe.of_redis(settings.redis, [d.name for d in settings.outbox.destinations])
+    probe = Probe.of_redis(settings.redis, backlog_destinations(settings.outbox))
     runner = FrontRunner(create_metrics_app(settings, metrics, probe), access_log=None)
     await runner.setup()
     try:
