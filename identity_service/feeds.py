@@ -178,10 +178,14 @@ class RedisFeed:
         addressed_only: bool = False,
         sources: frozenset[str] | None = None,
         shards: int = KEY_SHARDS,
+        trim: bool = True,
     ) -> None:
         """``addressed_only``: deliver only the entries whose ``only`` names ``destination``
         (an AMP action's webhook); other destinations deliver those without ``only`` too,
-        but with ``sources``, only those whose source (field ``s``) is one of them."""
+        but with ``sources``, only those whose source (field ``s``) is one of them.
+        ``trim``: False when no destination configured takes events (only AMP actions' do
+        exist): the actions' groups skip the events and need none of them, which wait in
+        the streams for a destination, so the streams are not trimmed."""
         self._redis = redis
         self._addressed_only = addressed_only
         self._sources = None if sources is None else {name.encode() for name in sources}
@@ -215,6 +219,7 @@ class RedisFeed:
         # On a Cluster, a shard's failed read, raised by the next read (see _read_each).
         self._read_failure: BaseException | None = None
         self._groups_ready = False
+        self._trim = trim
         self.backlog = False
         self.taking = False
 
@@ -393,7 +398,8 @@ class RedisFeed:
                 if answer[1]:
                     logger.info("outbox_reclaimed", stream=stream, entries=len(answer[1]))
                     self._reclaimed.extend(await self._decode_all(stream, answer[1]))
-            await trim_acknowledged(self._redis, stream)
+            if self._trim:
+                await trim_acknowledged(self._redis, stream)
         now = time.monotonic()
         if self._retired_at is None or now - self._retired_at >= self._retire_every:
             self._retired_at = now

@@ -67,7 +67,9 @@ from tests.conftest import (
     sources_env,
 )
 from tests.redis_server import RedisServer
+from tests.test_amp_actions import amp_config
 from tests.test_cli import COMMAND, clean_env
+from tests.webhook_receiver import WebhookReceiver
 
 FAST = {
     "batch_max_wait": "0.05",
@@ -1264,3 +1266,30 @@ async def test_a_batch_refused_for_one_event_dead_letters_that_event_alone(
     assert metrics.value("identity_events_dead_lettered_total", destination="default") == 2
     assert metrics.value("identity_events_delivered_total", destination="default") == len(delivered)
     assert metrics.value("identity_delivery_attempts_total", destination="default") == sends
+
+
+async def test_with_only_amp_actions_configured_the_events_wait_for_a_destination(
+    aiohttp_client: ClientMaker,
+    redis_server: RedisServer,
+    redis_client: Redis,
+    receiver: WebhookReceiver,
+    collector: Collector,
+) -> None:
+    """On Redis with AMP actions and no events destination, the actions' forwarders skip
+    (and acknowledge) the events: their groups alone need nothing of them. The events
+    wait all the same, as the start's warning says, not trimmed away: a destination
+    configured later receives them."""
+    settings = make_settings(redis_server.url, amp=amp_config(receiver.url), **FAST)
+    assert settings.redis is not None
+    assert settings.outbox.destinations and not settings.outbox.events_destinations
+    prefix = settings.redis.key_prefix
+    streams = [outbox_key(prefix, shard) for shard in range(KEY_SHARDS)]
+    client = await aiohttp_client(create_app(settings))
+    await prepare(client, anonymousId="waiting")
+    await asyncio.sleep(2.5)  # the action's forwarder read, acknowledged and trimmed meanwhile
+    assert sum([await redis_client.xlen(stream) for stream in streams]) == 1
+
+    later = delivery_settings(redis_server, collector, redis_key_prefix=prefix)
+    async with running_forwarders(later, Metrics()):
+        await collector.wait_for(1)
+    assert [event["anonymousId"] for event in collector.events] == ["waiting"]
