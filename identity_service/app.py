@@ -15,7 +15,7 @@ from identity_service.metrics_app import metrics_port
 from identity_service.middleware import handle_request, without_server_header
 from identity_service.openapi import openapi_document
 from identity_service.outbox import running_forwarders
-from identity_service.scrape import Probe
+from identity_service.scrape import Probe, backlog_destinations
 from identity_service.settings import Settings
 from identity_service.sources import SourceRegistry
 from identity_service.stores import HandoffStore
@@ -86,11 +86,12 @@ async def _handoff_store(app: web.Application) -> AsyncIterator[None]:
     handoffs = HandoffService(store, TokenSealer(settings.secret), settings, app[app_keys.METRICS])
     app[app_keys.HANDOFFS] = handoffs
     app[app_keys.API] = HandoffApi(settings, app[app_keys.SOURCES], handoffs)
-    destinations = [d.name for d in settings.outbox.destinations] if settings.outbox.enabled else []
     if isinstance(store, MemoryStore):
         probe = Probe(store.ping, 1.0, memory=store.outbox)
     else:
         assert settings.redis is not None
+        outbox = settings.outbox
+        destinations = backlog_destinations(outbox) if outbox.enabled else []
         probe = Probe.of_redis(settings.redis, destinations, ping=store.ping)
     app[app_keys.PROBE] = probe
     logger.info("store_opened", store=type(store).__name__)

@@ -4,7 +4,8 @@ A feed hands out entries (one or more events each), and is told afterwards what 
 them: acknowledged (delivered) or dead-lettered. On Redis each destination is a consumer
 group over every shard's stream (on a Cluster read shard by shard: ``_read_each``); an
 entry stays pending until acknowledged, a dead forwarder's pending entries are reclaimed
-with XAUTOCLAIM, and streams are trimmed only below the oldest entry some group still needs.
+with XAUTOCLAIM (and its consumer deleted once nothing is pending under it), and streams
+are trimmed only below the oldest entry some group still needs.
 
 The reads and acknowledgements, a few per batch, go through a pipelined lean client of the
 feed's own (topology.py; a blocking read holds its connection); the rarer commands (group
@@ -31,13 +32,41 @@ from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
 from identity_service.crypto import OutboxSealer, SealError
 from identity_service.stores.memory import MemoryQueue
 from identity_service.stores.redis import AdminClient
-from identity_service.stores.resp import ReplyError
+from identity_service.stores.resp import ReplyError, Script
 from identity_service.stores.topology import ClusterClient, Commands
 from identity_service.streams import parse_id, text
 
 logger = structlog.get_logger(__name__)
 
 RECLAIM_BATCH = 100
+# A consumer idle this many reclaim_idle times over, with nothing pending, is deleted from
+# its group (RETIRE_IDLE_CONSUMERS): every forwarder start joins under a new name, and a
+# group would otherwise keep every consumer that ever read it. A live forwarder touches
+# every stream it reads about once a second; one waiting out a long retry delay may not,
+# but deleting it costs nothing: its next read or claim makes it again.
+RETIRE_AFTER_RECLAIM_IDLES = 10
+
+# KEYS: an outbox stream. ARGV: a consumer group, the calling consumer, an idle time in ms.
+# Deletes the group's consumers idle longer than that with no entry pending, the caller
+# apart, and returns how many. In a script, so that no entry becomes a consumer's between
+# the look and the delete: XGROUP DELCONSUMER drops what a consumer has pending, which
+# would then be pending nowhere, and trimmed. A dead forwarder's entries are taken over
+# (XAUTOCLAIM, after reclaim_idle) and delivered first; its consumer goes after.
+RETIRE_IDLE_CONSUMERS = Script("""
+local retired = 0
+for _, fields in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local consumer = {}
+  for i = 1, #fields, 2 do
+    consumer[fields[i]] = fields[i + 1]
+  end
+  if consumer['name'] ~= ARGV[2] and consumer['pending'] == 0
+      and consumer['idle'] > tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], consumer['name'])
+    retired = retired + 1
+  end
+end
+return retired
+""")
 # On a Cluster, how long an empty read waits before reading again (no BLOCK there: see
 # RedisFeed._read_each).
 POLL_SECONDS = 0.05
@@ -149,10 +178,14 @@ class RedisFeed:
         addressed_only: bool = False,
         sources: frozenset[str] | None = None,
         shards: int = KEY_SHARDS,
+        trim: bool = True,
     ) -> None:
         """``addressed_only``: deliver only the entries whose ``only`` names ``destination``
         (an AMP action's webhook); other destinations deliver those without ``only`` too,
-        but with ``sources``, only those whose source (field ``s``) is one of them."""
+        but with ``sources``, only those whose source (field ``s``) is one of them.
+        ``trim``: False when no destination configured takes events (only AMP actions' do
+        exist): the actions' groups skip the events and need none of them, which wait in
+        the streams for a destination, so the streams are not trimmed."""
         self._redis = redis
         self._addressed_only = addressed_only
         self._sources = None if sources is None else {name.encode() for name in sources}
@@ -168,6 +201,10 @@ class RedisFeed:
         self._consumer = consumer_name()
         self._sealer = sealer
         self._reclaim_idle_ms = max(1, int(reclaim_idle * 1000))
+        self._retire_idle_ms = RETIRE_AFTER_RECLAIM_IDLES * self._reclaim_idle_ms
+        # Idle consumers are looked for at the first maintenance, then every reclaim_idle.
+        self._retire_every = reclaim_idle
+        self._retired_at: float | None = None
         self._shards = shards
         self._streams = [outbox_key(prefix, shard, shards) for shard in range(shards)]
         self._shard_of_stream = {stream: shard for shard, stream in enumerate(self._streams)}
@@ -182,6 +219,7 @@ class RedisFeed:
         # On a Cluster, a shard's failed read, raised by the next read (see _read_each).
         self._read_failure: BaseException | None = None
         self._groups_ready = False
+        self._trim = trim
         self.backlog = False
         self.taking = False
 
@@ -337,7 +375,8 @@ class RedisFeed:
         """Nothing to do: the entries stay pending, and are reclaimed after reclaim_idle."""
 
     async def maintain(self) -> None:
-        """Reclaim entries a dead forwarder left pending, and trim what every group acked."""
+        """Reclaim entries a dead forwarder left pending, trim what every group acked, and
+        now and then delete the group's consumers long idle with nothing pending."""
         async with self._groups_checked():
             await self._maintain()
 
@@ -359,7 +398,25 @@ class RedisFeed:
                 if answer[1]:
                     logger.info("outbox_reclaimed", stream=stream, entries=len(answer[1]))
                     self._reclaimed.extend(await self._decode_all(stream, answer[1]))
-            await trim_acknowledged(self._redis, stream)
+            if self._trim:
+                await trim_acknowledged(self._redis, stream)
+        now = time.monotonic()
+        if self._retired_at is None or now - self._retired_at >= self._retire_every:
+            self._retired_at = now
+            await self._retire_idle_consumers()
+
+    async def _retire_idle_consumers(self) -> None:
+        """Delete the group's consumers idle past ``RETIRE_AFTER_RECLAIM_IDLES`` times
+        reclaim_idle with nothing pending (the forwarders that stopped or died), stream by
+        stream, each stream's in its own slot."""
+        for stream in self._read_streams:
+            retired = await self._commands.run_script(
+                RETIRE_IDLE_CONSUMERS,
+                [stream],
+                [self._group, self._consumer, self._retire_idle_ms],
+            )
+            if retired:
+                logger.info("outbox_consumers_retired", stream=stream, consumers=retired)
 
     @asynccontextmanager
     async def _groups_checked(self) -> AsyncIterator[None]:

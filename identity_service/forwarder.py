@@ -7,7 +7,10 @@ AMP action's webhook, which gets each body as a call of its own, has neither. A 
 that fails for a transient reason is retried with exponential backoff and full jitter, or
 after the Retry-After the destination sent when that is longer; an entry is acknowledged
 only after a 2xx, and moved to the dead letters after a permanent rejection or
-``max_attempts`` attempts. Nothing is dropped on 5xx or timeouts.
+``max_attempts`` attempts. Nothing is dropped on 5xx or timeouts. A batch refused with a
+400 (an event the destination will not take, maybe one of a hundred) is split in halves,
+each sent on its own, and so on down to the entries refused alone: only those are
+dead-lettered.
 
 What was read stays in hand through store errors: the batch being retried, and the
 entries read ahead for the next batches (a read takes a whole batch's worth from every
@@ -204,26 +207,40 @@ class Forwarder:
         return read.result()
 
     async def _deliver(self, batch: Batch) -> bool:
-        """Settle the batch (ack or dead-letter) and return True, or release it (stopping)."""
-        events = [event for entry in batch.entries for event in entry.events]
+        """Settle the batch (ack or dead-letter) and return True, or release what is left
+        of it (stopping) and return False."""
+        unsettled = await self._settle(batch.entries)
+        if unsettled:
+            await self._feed.release(unsettled)
+            return False
+        return True
+
+    async def _settle(self, entries: list[FeedEntry], sent_before: int = 0) -> list[FeedEntry]:
+        """Send ``entries`` until they are acknowledged or dead-lettered, retrying as the
+        answers allow; return those left unsettled when stopping (none otherwise).
+        ``sent_before``: how many times they were sent within a larger batch, counted in
+        their dead letters' attempts."""
+        events = [event for entry in entries for event in entry.events]
         log = logger.bind(destination=self.destination, events=len(events))
         failures = throttles = attempts = 0
         while True:
             self._attempted()
             attempts += 1
-            delivery = await self._send(events, batch.entries)
+            delivery = await self._send(events, entries)
             if delivery.outcome == "delivered":
-                await self._feed.ack(batch.entries)
+                await self._feed.ack(entries)
                 self._count("identity_events_delivered_total", len(events))
-                return True
+                return []
             self._failed()
+            if delivery.malformed and len(entries) > 1:
+                log.warning("batch_split", reason=delivery.reason, entries=len(entries))
+                return await self._bisect(entries, sent_before + attempts)
             if delivery.outcome == "rejected":
                 log.error("batch_rejected", reason=delivery.reason)
                 reason = delivery.reason
                 break
             if self._draining:
-                await self._feed.release(batch.entries)
-                return False
+                return entries
             if delivery.throttled:
                 throttles += 1
             else:
@@ -243,12 +260,25 @@ class Forwarder:
                 throttled=throttles,
                 delay_s=delay,
             )
-            if await self._wait(delay, batch.entries):
-                await self._feed.release(batch.entries)
-                return False
-        await self._feed.dead_letter(batch.entries, reason, attempts)
+            if await self._wait(delay, entries):
+                return entries
+        await self._feed.dead_letter(entries, reason, sent_before + attempts)
         self._count("identity_events_dead_lettered_total", len(events))
-        return True
+        return []
+
+    async def _bisect(self, entries: list[FeedEntry], sent_before: int) -> list[FeedEntry]:
+        """Settle the two halves of a batch the destination refused with a 400, each on its
+        own, so that only the entries it refuses alone are dead-lettered, not the events
+        sent with them. A half refused again is split again; one answered otherwise is
+        retried or dead-lettered as any batch. A batch of n entries, k of them refused,
+        costs at most 2 k log2(n) more sends. Sending a refused batch's events again is
+        safe: a destination deduplicates on each event's messageId (Segment does; an AMP
+        webhook on its body's id), were some of them taken before the refusal."""
+        half = len(entries) // 2
+        unsettled = await self._settle(entries[:half], sent_before)
+        if unsettled:  # stopping: the second half goes back unsent, after the first
+            return unsettled + entries[half:]
+        return await self._settle(entries[half:], sent_before)
 
     async def _send(self, events: list[bytes], entries: list[FeedEntry]) -> Delivery:
         """One attempt's answer. A batch API's send takes at most delivery_timeout, which

@@ -114,7 +114,7 @@ _COUNTERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ),
     (
         "identity_delivery_failures_total",
-        "Batch deliveries that failed (retried or dead-lettered), by destination.",
+        "Batch deliveries that failed (retried, split or dead-lettered), by destination.",
         ("destination",),
     ),
     (

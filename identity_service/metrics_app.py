@@ -19,7 +19,7 @@ from identity_service import app_keys, handlers
 from identity_service.front import FrontRunner, listen
 from identity_service.metrics import Metrics
 from identity_service.middleware import handle_request, without_server_header
-from identity_service.scrape import Probe
+from identity_service.scrape import Probe, backlog_destinations
 from identity_service.settings import Settings
 
 PORT_NAME = "metrics port"  # how a BindError names the port
@@ -64,7 +64,7 @@ async def serving_metrics(settings: Settings, metrics: Metrics) -> AsyncIterator
     if port is None or settings.redis is None:
         yield None
         return
-    probe = Probe.of_redis(settings.redis, [d.name for d in settings.outbox.destinations])
+    probe = Probe.of_redis(settings.redis, backlog_destinations(settings.outbox))
     try:
         async with listening(settings, metrics, probe, settings.forwarder_metrics_host, port):
             yield port

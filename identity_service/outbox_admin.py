@@ -13,7 +13,7 @@ from redis.exceptions import ResponseError
 from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
 from identity_service.feeds import legacy_dead_letters, legacy_outbox_streams, oldest_pending
 from identity_service.stores.redis import AdminClient
-from identity_service.streams import entries, parse_id, text
+from identity_service.streams import entries, entry_pages, parse_id, text
 
 PAYLOAD_FIELDS = (b"j", b"e", b"t", b"p")
 # Dead letters read at a time by `outbox dead` (each holds its events, up to 32 KB a letter).
@@ -112,16 +112,7 @@ async def _count_after(redis: AdminClient, stream: str, last: str) -> int:
     """The entries after ``last`` up to the newest one now, read ``STATUS_PAGE`` at a
     time: in one read, Redis built a reply of the whole backlog in its memory (the command
     is run when the backlog is long), and the command held it in its own."""
-    newest: Any = await redis.xrevrange(stream, count=1)
-    if not newest:
-        return 0
-    count, after, end = 0, f"({last}", text(newest[0][0])
-    while True:
-        page = await entries(redis, stream, min=after, max=end, count=STATUS_PAGE)
-        count += len(page)
-        if len(page) < STATUS_PAGE:
-            return count
-        after = f"({text(page[-1][0])}"
+    return sum([len(page) async for page in entry_pages(redis, stream, f"({last}", STATUS_PAGE)])
 
 
 @dataclass(slots=True)
@@ -230,14 +221,8 @@ async def _replay(redis: AdminClient, stream: str, dead: str, only: bytes) -> in
     the end would move it again and again while the destination refuses it), and no reply
     holds the whole stream (each letter is up to a batch's events; Redis builds a reply
     whole in its memory, then the command's in its own)."""
-    newest: Any = await redis.xrevrange(dead, count=1)
-    if not newest:
-        return 0
-    moved, after = 0, "-"
-    while True:
-        page = await entries(redis, dead, min=after, max=text(newest[0][0]), count=REPLAY_PAGE)
-        if not page:
-            return moved
+    moved = 0
+    async for page in entry_pages(redis, dead, "-", REPLAY_PAGE):
         # One transaction a page: each letter is in the outbox or dead, never both.
         async with redis.pipeline(transaction=True) as pipe:
             for entry_id, fields in page:
@@ -247,7 +232,7 @@ async def _replay(redis: AdminClient, stream: str, dead: str, only: bytes) -> in
                 pipe.xdel(dead, entry_id)
             await pipe.execute()
         moved += len(page)
-        after = f"({text(page[-1][0])}"
+    return moved
 
 
 async def retire_destination(

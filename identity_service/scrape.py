@@ -12,6 +12,11 @@ dead-letter stream; then, only where a group has entries left,
 entries are read to be counted, at most ``UNREAD_COUNT_CAP`` a shard. Unlike ``outbox
 status`` it takes no transaction per shard: an entry being dead-lettered during the scrape
 may count once in both.
+
+On Redis without an events destination the events wait in the outbox for one: their
+backlog shows as that of destination ``(none)`` (:data:`NO_DESTINATION`, a name no
+destination can have), every entry of the streams, as for a destination whose group does
+not exist yet.
 """
 
 import asyncio
@@ -26,7 +31,7 @@ from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
 from identity_service.feeds import legacy_dead_letters, legacy_outbox_streams
 from identity_service.metrics import Backlog, Scraped
 from identity_service.problems import StoreUnavailable
-from identity_service.settings import RedisSettings
+from identity_service.settings import OutboxSettings, RedisSettings
 from identity_service.stores.memory import MemoryOutbox
 from identity_service.stores.redis import STORE_ERRORS, AdminClient, connect
 from identity_service.streams import parse_id, text
@@ -38,10 +43,23 @@ logger = structlog.get_logger(__name__)
 # scrape of every pod pays for it, so ``identity_outbox_pending`` is then a floor (up to
 # 16 x 100 unread) rather than a read of a backlog's every entry.
 UNREAD_COUNT_CAP = 100
+# The backlog of the events no destination takes yet (Redis without an events destination).
+# Destination names are letters, digits, '_' and '-': none can be this.
+NO_DESTINATION = "(none)"
 
 
 Ping = Callable[[], Awaitable[object]]
 _Followup = Callable[[Any], None]
+
+
+def backlog_destinations(outbox: OutboxSettings) -> list[str]:
+    """The destinations whose outbox backlog a scrape of Redis reads: the configured ones,
+    and :data:`NO_DESTINATION` when the outbox is on and none of them takes events (they
+    wait in the outbox: serve and forward warn at start, and the backlog shows it)."""
+    names = [destination.name for destination in outbox.destinations]
+    if outbox.enabled and not outbox.events_destinations:
+        names.append(NO_DESTINATION)
+    return names
 
 
 class Probe:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
+from http import HTTPStatus
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -35,6 +36,13 @@ class Delivery:
     reason: str = ""
     retry_after: float | None = None
     throttled: bool = False  # a 429: retried without counting as a failed attempt
+    status: int | None = None  # the destination's HTTP status, when it answered
+
+    @property
+    def malformed(self) -> bool:
+        """A 400: the destination refused what the batch holds, maybe one event of it; the
+        forwarder splits the batch to find which (forwarder.py)."""
+        return self.outcome == "rejected" and self.status == HTTPStatus.BAD_REQUEST
 
 
 DELIVERED = Delivery("delivered")
@@ -154,9 +162,11 @@ def classify(status: int, retry_after: str | None) -> Delivery:
         return DELIVERED
     if status == 429 or status == 408 or status >= 500:
         delay = parse_retry_after(retry_after)
-        return Delivery("retry", f"http {status}", retry_after=delay, throttled=status == 429)
+        return Delivery(
+            "retry", f"http {status}", retry_after=delay, throttled=status == 429, status=status
+        )
     # Other 4xx, and 3xx: a POST must not follow a redirect (it would turn into a GET).
-    return Delivery("rejected", reason=f"http {status}")
+    return Delivery("rejected", reason=f"http {status}", status=status)
 
 
 def parse_retry_after(value: str | None) -> float | None:

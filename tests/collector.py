@@ -1,13 +1,15 @@
 """A local Segment-compatible collector for tests: /v1/batch with Basic auth and gzip.
 
-Tests script its answers (``plan``) and read what it received. It records a batch before
-answering, so a held or failed answer still shows what the forwarder sent.
+Tests script its answers (``plan``), or have it refuse with a 400 every batch holding an
+event they mark (``refuses``), as Segment refuses a batch with one malformed event; and
+read what it received. It records a batch before answering, so a held or failed answer
+still shows what the forwarder sent.
 """
 
 import asyncio
 import base64
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +43,8 @@ class Received:
 class Collector:
     def __init__(self) -> None:
         self.plan: list[Answer] = []
+        # Once the plan is spent: a batch holding an event this marks is answered 400.
+        self.refuses: Callable[[dict[str, Any]], bool] = lambda event: False
         self.requests: list[Received] = []
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -73,7 +77,10 @@ class Collector:
             return web.json_response({"error": "bad write key"}, status=401)
         # aiohttp inflates a gzip Content-Encoding itself; the flag records that it was used.
         events = orjson.loads(await request.read())["batch"]
-        answer = self.plan.pop(0) if self.plan else Answer()
+        if self.plan:
+            answer = self.plan.pop(0)
+        else:
+            answer = Answer(400 if any(self.refuses(event) for event in events) else 200)
         gzipped = request.headers.get("Content-Encoding") == "gzip"
         received = Received(time.monotonic(), answer.status, events, gzipped)
         self.requests.append(received)

@@ -4,7 +4,9 @@ The tests that take ``outbox_redis`` run on one node and (`make topology`) on a 
 Cluster, where the forwarder reads, reclaims, trims and dead-letters shard by shard."""
 
 import asyncio
+import dataclasses
 import json
+import math
 import os
 import signal
 import socket
@@ -20,9 +22,17 @@ from redis.asyncio import Redis
 
 from identity_service import app_keys
 from identity_service.app import create_app
-from identity_service.constants import KEY_SHARDS, dead_letter_key, outbox_key
+from identity_service.constants import (
+    DEFAULT_STARTED_EVENT,
+    KEY_SHARDS,
+    dead_letter_key,
+    outbox_key,
+)
 from identity_service.crypto import OutboxSealer
+from identity_service.events import split_documents
 from identity_service.feeds import (
+    RECLAIM_BATCH,
+    RETIRE_AFTER_RECLAIM_IDLES,
     FeedEntry,
     RedisFeed,
     legacy_outbox_streams,
@@ -42,7 +52,7 @@ from identity_service.settings import OutboxSettings, Settings
 from identity_service.sinks import DELIVERED, Delivery, StdoutSink
 from identity_service.stores.redis import AdminClient
 from identity_service.stores.resp import RespClient
-from identity_service.streams import entries
+from identity_service.streams import entries, text
 from identity_service.validation import parse_exchange, parse_prepare
 from tests.collector import WRITE_KEY, Answer, Collector, running_collector
 from tests.conftest import (
@@ -57,7 +67,9 @@ from tests.conftest import (
     sources_env,
 )
 from tests.redis_server import RedisServer
+from tests.test_amp_actions import amp_config
 from tests.test_cli import COMMAND, clean_env
+from tests.webhook_receiver import WebhookReceiver
 
 FAST = {
     "batch_max_wait": "0.05",
@@ -1105,3 +1117,179 @@ async def test_an_entry_deleted_while_pending_is_acknowledged_not_left_pending(
     finally:
         await commands.close()
         await redis_client.delete(stream)
+
+
+def quickly_reclaiming(settings: Settings, reclaim_idle: float) -> Settings:
+    """``settings`` with a short ``reclaim_idle``: consumers are retired after ten of them
+    (``RETIRE_AFTER_RECLAIM_IDLES``). The settings refuse one this short with their
+    delivery timeout; the tests' destinations answer at once."""
+    outbox = dataclasses.replace(settings.outbox, reclaim_idle=reclaim_idle)
+    return dataclasses.replace(settings, outbox=outbox)
+
+
+async def group_consumers(
+    redis: AdminClient, prefix: str, group: str = "default"
+) -> list[dict[str, int]]:
+    """Each shard stream's consumers of ``group``, with their pending entries (a consumer
+    is made on a stream by the first command that hands it entries there)."""
+    return [
+        {text(c["name"]): c["pending"] for c in await redis.xinfo_consumers(stream, group)}
+        for stream in (outbox_key(prefix, shard) for shard in range(KEY_SHARDS))
+    ]
+
+
+def consumer_names(consumers: list[dict[str, int]]) -> set[str]:
+    return {name for names in consumers for name in names}
+
+
+async def test_forwarders_started_again_and_again_leave_no_consumers_behind(
+    aiohttp_client: ClientMaker,
+    outbox_redis: Server,
+    outbox_client: AdminClient,
+    collector: Collector,
+) -> None:
+    """Each forwarder start joins the groups under a new consumer name (host, pid, random
+    suffix). A forwarder deletes the consumers idle for ten reclaim_idle times with nothing
+    pending: a group holds those of the forwarders that ran lately, not every one that
+    ever ran. Events written between the starts all arrive."""
+    settings = quickly_reclaiming(
+        delivery_settings(outbox_redis, collector, forwarder="off"), reclaim_idle=0.4
+    )
+    assert settings.redis is not None
+    prefix = settings.redis.key_prefix
+    retire_after = RETIRE_AFTER_RECLAIM_IDLES * settings.outbox.reclaim_idle
+    client = await aiohttp_client(create_app(settings))
+    starts = 4
+    for start in range(starts):
+        await run_handoffs(client, 2)
+        async with running_forwarders(settings, Metrics()):
+            await collector.wait_for(4 * (start + 1))
+    # Each start left its consumer (the starts took less than the bound, 4 s).
+    consumers = await group_consumers(outbox_client, prefix)
+    assert len(consumer_names(consumers)) == starts, consumers
+    assert all(pending == 0 for names in consumers for pending in names.values())
+
+    await asyncio.sleep(retire_after + 0.5)
+    await run_handoffs(client, 2)
+    async with running_forwarders(settings, Metrics()):
+        await collector.wait_for(4 * (starts + 1))
+        for _ in range(100):
+            consumers = await group_consumers(outbox_client, prefix)
+            if len(consumer_names(consumers)) == 1:
+                break
+            await asyncio.sleep(0.05)
+    # The live forwarder's consumer alone, on every shard it read.
+    assert len(consumer_names(consumers)) == 1, consumers
+    assert len(collector.message_ids) == 4 * (starts + 1)
+
+
+async def test_a_dead_forwarders_consumer_stays_until_its_entries_are_delivered(
+    outbox_redis: Server, outbox_client: AdminClient, collector: Collector
+) -> None:
+    """A forwarder died holding more entries than one reclaim takes over (XAUTOCLAIM takes
+    RECLAIM_BATCH at a time), and its consumer has been idle past the bound: its consumer
+    is deleted only once nothing is pending under it (XGROUP DELCONSUMER would drop what
+    is, which would then be delivered by no one), after every entry was delivered."""
+    settings = quickly_reclaiming(
+        delivery_settings(outbox_redis, collector, batch_max_events="50"), reclaim_idle=0.2
+    )
+    assert settings.redis is not None
+    prefix = settings.redis.key_prefix
+    sealer = OutboxSealer(SECRET.encode())
+    stream = outbox_key(prefix, 0)
+    await outbox_client.xgroup_create(stream, "default", id="0", mkstream=True)
+    held = RECLAIM_BATCH + 50
+    for number in range(held):
+        event = {"type": "track", "event": "Queued", "messageId": f"held-{number}"}
+        await outbox_client.xadd(stream, {"j": sealer.seal(json.dumps(event).encode())})
+    await outbox_client.xreadgroup("default", "dead-forwarder", {stream: ">"}, count=held)
+    await asyncio.sleep(RETIRE_AFTER_RECLAIM_IDLES * settings.outbox.reclaim_idle + 0.5)
+
+    async with running_forwarders(settings, Metrics()):
+        await collector.wait_for(held, seconds=20)
+        for _ in range(100):
+            if "dead-forwarder" not in (await group_consumers(outbox_client, prefix))[0]:
+                break
+            await asyncio.sleep(0.05)
+        consumers = await group_consumers(outbox_client, prefix)
+    assert "dead-forwarder" not in consumers[0], consumers[0]
+    assert collector.message_ids == {f"held-{number}" for number in range(held)}
+    (status,) = await outbox_status(outbox_client, prefix, ["default"])
+    assert (status.pending, status.in_flight, status.dead) == (0, 0, 0)
+
+
+async def test_a_batch_refused_for_one_event_dead_letters_that_event_alone(
+    aiohttp_client: ClientMaker,
+    outbox_redis: Server,
+    outbox_client: AdminClient,
+    collector: Collector,
+) -> None:
+    """The destination refuses with a 400 every batch holding one of two marked events
+    (Segment refusing a malformed event refuses its batch): the batch is split in halves,
+    again and again, until each marked event is sent alone. Those two are dead-lettered,
+    every other event is delivered, and the splitting costs at most 2 log2(n) sends per
+    refused event."""
+    settings = delivery_settings(outbox_redis, collector, forwarder="off")
+    assert settings.redis is not None
+    prefix = settings.redis.key_prefix
+    client = await aiohttp_client(create_app(settings))
+    handoffs, refused = 30, {"visitor-7", "visitor-19"}
+    await run_handoffs(client, handoffs)  # a started and a completed event each
+
+    def marked(event: dict[str, Any]) -> bool:
+        return event["anonymousId"] in refused and event["event"] == DEFAULT_STARTED_EVENT
+
+    collector.refuses = marked
+    metrics = Metrics()
+    async with running_forwarders(settings, metrics):
+        await collector.wait_for(2 * handoffs - len(refused))
+        for _ in range(300):  # the last acknowledgement may still be on its way
+            (status,) = await outbox_status(outbox_client, prefix, ["default"])
+            if (status.pending, status.in_flight, status.dead) == (0, 0, len(refused)):
+                break
+            await asyncio.sleep(0.02)
+    assert (status.pending, status.in_flight, status.dead) == (0, 0, len(refused))
+    delivered = collector.events
+    assert len(delivered) == len(collector.message_ids) == 2 * handoffs - len(refused)
+    assert not any(marked(event) for event in delivered)
+    sealer = OutboxSealer(SECRET.encode())
+    letters = [
+        orjson.loads(document)
+        for shard in range(KEY_SHARDS)
+        for _, fields in await entries(outbox_client, dead_letter_key(prefix, shard, "default"))
+        for document in split_documents(sealer.open(fields[b"j"]))
+    ]
+    assert sorted(letter["anonymousId"] for letter in letters) == sorted(refused)
+    assert all(marked(letter) for letter in letters)
+    sends = len(collector.requests)
+    assert sends <= 2 + 2 * len(refused) * math.ceil(math.log2(2 * handoffs))
+    assert metrics.value("identity_events_dead_lettered_total", destination="default") == 2
+    assert metrics.value("identity_events_delivered_total", destination="default") == len(delivered)
+    assert metrics.value("identity_delivery_attempts_total", destination="default") == sends
+
+
+async def test_with_only_amp_actions_configured_the_events_wait_for_a_destination(
+    aiohttp_client: ClientMaker,
+    redis_server: RedisServer,
+    redis_client: Redis,
+    receiver: WebhookReceiver,
+    collector: Collector,
+) -> None:
+    """On Redis with AMP actions and no events destination, the actions' forwarders skip
+    (and acknowledge) the events: their groups alone need nothing of them. The events
+    wait all the same, as the start's warning says, not trimmed away: a destination
+    configured later receives them."""
+    settings = make_settings(redis_server.url, amp=amp_config(receiver.url), **FAST)
+    assert settings.redis is not None
+    assert settings.outbox.destinations and not settings.outbox.events_destinations
+    prefix = settings.redis.key_prefix
+    streams = [outbox_key(prefix, shard) for shard in range(KEY_SHARDS)]
+    client = await aiohttp_client(create_app(settings))
+    await prepare(client, anonymousId="waiting")
+    await asyncio.sleep(2.5)  # the action's forwarder read, acknowledged and trimmed meanwhile
+    assert sum([await redis_client.xlen(stream) for stream in streams]) == 1
+
+    later = delivery_settings(redis_server, collector, redis_key_prefix=prefix)
+    async with running_forwarders(later, Metrics()):
+        await collector.wait_for(1)
+    assert [event["anonymousId"] for event in collector.events] == ["waiting"]

@@ -172,6 +172,67 @@ async def test_a_batch_being_retried_at_shutdown_goes_back_to_the_queue(
     assert [orjson.loads(e)["messageId"] for _, e in queue[0].events] == ["m-1", "m-2"]
 
 
+REFUSED = Delivery("rejected", "http 400", status=400)
+
+
+def message_ids(batches: list[list[Event]]) -> list[list[str]]:
+    return [[e["messageId"] for e in batch] for batch in batches]
+
+
+async def test_a_half_of_a_refused_batch_answered_otherwise_is_not_split_again(
+    outbox: MemoryOutbox,
+) -> None:
+    """A 400 splits the batch; a half refused with another status (here the write key's
+    401, which every half would get) is dead-lettered whole, as any batch, and the other
+    half delivered."""
+    sink = RecordingSink([REFUSED, Delivery("rejected", "http 401", status=401)])
+    async for forwarder in forward(outbox, sink):
+        outbox.extend([event(n) for n in range(4)])
+        await wait_until(lambda: len(sink.batches) == 3)
+        await wait_until(lambda: outbox.queues[0].undelivered == 0)
+        metrics = forwarder._metrics
+    assert message_ids(sink.batches) == [
+        ["m-0", "m-1", "m-2", "m-3"],
+        ["m-0", "m-1"],
+        ["m-2", "m-3"],
+    ]
+    assert outbox.queues[0].dead_letters == 2
+    assert metrics.value("identity_events_dead_lettered_total", destination="test") == 2
+    assert metrics.value("identity_events_delivered_total", destination="test") == 2
+
+
+async def test_a_refused_batch_is_split_down_to_its_refused_events(outbox: MemoryOutbox) -> None:
+    """Eight events, the sixth refused: 8, then 4 + 4, 2 + 2 and 1 + 1 for the halves
+    refused, six more sends (2 log2(8)), and only the sixth dead-lettered."""
+    answers = [REFUSED, DELIVERED, REFUSED, REFUSED, DELIVERED, REFUSED, DELIVERED]
+    sink = RecordingSink(answers)
+    async for _ in forward(outbox, sink):
+        outbox.extend([event(n) for n in range(8)])
+        await wait_until(lambda: outbox.queues[0].undelivered == 0)
+    assert message_ids(sink.batches) == [
+        [f"m-{n}" for n in range(8)],
+        ["m-0", "m-1", "m-2", "m-3"],
+        ["m-4", "m-5", "m-6", "m-7"],
+        ["m-4", "m-5"],
+        ["m-4"],
+        ["m-5"],
+        ["m-6", "m-7"],
+    ]
+    assert outbox.queues[0].dead_letters == 1
+
+
+async def test_a_stop_while_a_half_is_retried_puts_the_whole_batch_back_in_order(
+    outbox: MemoryOutbox,
+) -> None:
+    sink = RecordingSink([REFUSED, Delivery("retry", "http 503", retry_after=60)])
+    async for _ in forward(outbox, sink):
+        outbox.extend([event(n) for n in range(4)])
+        await wait_until(lambda: len(sink.batches) == 2)
+    queued = [orjson.loads(e)["messageId"] for _, e in outbox.queues[0].events]
+    assert queued == ["m-0", "m-1", "m-2", "m-3"]
+    assert outbox.queues[0].dead_letters == 0
+
+
 @pytest.mark.parametrize(
     ("status", "outcome"),
     [(200, "delivered"), (204, "delivered"), (429, "retry"), (408, "retry"), (500, "retry"),

@@ -6,6 +6,7 @@ app through the HTTP front on both stores, ``identity-service serve --workers 2`
 """
 
 import asyncio
+import dataclasses
 import re
 import subprocess
 import time
@@ -221,6 +222,48 @@ async def test_the_outbox_backlog_and_failures_show_while_the_destination_refuse
             value(after, "identity_outbox_oldest_pending_age_seconds", destination="default") == 0
         )
         assert value(after, "identity_outbox_dead_letters", destination="default") == 0
+
+
+async def test_on_redis_without_a_destination_the_waiting_events_are_a_backlog(
+    aiohttp_client: Callable[..., Awaitable[AppClient]], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """On Redis without an events destination the events wait in the outbox for one: they
+    show as the backlog of destination "(none)", growing, as old as the oldest, which
+    IdentityOutboxLagging alerts on; on serve's port and on forward's. With a destination
+    there is no such series."""
+    from identity_service.app import create_app
+    from identity_service.metrics_app import serving_metrics
+    from identity_service.scrape import NO_DESTINATION
+    from tests.conftest import FrontTestServer, make_settings
+
+    waiting = {"destination": NO_DESTINATION}
+    settings = make_settings(redis_server.url)
+    assert not settings.outbox.destinations
+    client = await aiohttp_client(FrontTestServer(create_app(settings)))
+    before = await scrape(client)
+    assert ("identity_outbox_pending", (("destination", NO_DESTINATION),)) in before
+    assert value(before, "identity_outbox_pending", **waiting) == 0
+    token = (await prepare(client))["token"]
+    assert (await exchange(client, token))[0] == 200
+
+    def aging(samples: Samples) -> bool:
+        return value(samples, "identity_outbox_oldest_pending_age_seconds", **waiting) > 0
+
+    during = await eventually(lambda: scrape(client), aging)
+    assert value(during, "identity_outbox_pending", **waiting) == 2  # started, completed
+    assert value(during, "identity_outbox_dead_letters", **waiting) == 0
+    # identity-service forward's port shows the same.
+    forwarding = dataclasses.replace(
+        settings, forwarder_metrics_host="127.0.0.1", forwarder_metrics_port=free_port()
+    )
+    async with serving_metrics(forwarding, metrics.Metrics()) as port:
+        forwarded = await scrape_url(f"http://127.0.0.1:{port}")
+    assert value(forwarded, "identity_outbox_pending", **waiting) == 2
+
+    routed = make_settings(redis_server.url, events_file=str(tmp_path / "events.jsonl"))
+    other = await aiohttp_client(FrontTestServer(create_app(routed)))
+    samples = await scrape(other)
+    assert not [labels for _, labels in samples if ("destination", NO_DESTINATION) in labels]
 
 
 async def test_dead_letters_are_counted_and_shown(make_client: ClientFactory) -> None:
