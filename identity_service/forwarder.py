@@ -8,9 +8,9 @@ that fails for a transient reason is retried with exponential backoff and full j
 after the Retry-After the destination sent when that is longer; an entry is acknowledged
 only after a 2xx, and moved to the dead letters after a permanent rejection or
 ``max_attempts`` attempts. Nothing is dropped on 5xx or timeouts. A batch refused with a
-400 (an event the destination will not take, maybe one of a hundred) is split in halves,
-each sent on its own, and so on down to the entries refused alone: only those are
-dead-lettered.
+400 or 422 (an event the destination will not take, maybe one of a hundred) or a 413 (too
+large for it) is split in halves, each sent on its own, and so on down to the entries
+refused alone: only those are dead-lettered.
 
 What was read stays in hand through store errors: the batch being retried, and the
 entries read ahead for the next batches (a read takes a whole batch's worth from every
@@ -232,7 +232,7 @@ class Forwarder:
                 self._count("identity_events_delivered_total", len(events))
                 return []
             self._failed()
-            if delivery.malformed and len(entries) > 1:
+            if delivery.refused_for_content and len(entries) > 1:
                 log.warning("batch_split", reason=delivery.reason, entries=len(entries))
                 return await self._bisect(entries, sent_before + attempts)
             if delivery.outcome == "rejected":
@@ -267,7 +267,7 @@ class Forwarder:
         return []
 
     async def _bisect(self, entries: list[FeedEntry], sent_before: int) -> list[FeedEntry]:
-        """Settle the two halves of a batch the destination refused with a 400, each on its
+        """Settle the two halves of a batch the destination refused (a 400, 413 or 422), each on its
         own, so that only the entries it refuses alone are dead-lettered, not the events
         sent with them. A half refused again is split again; one answered otherwise is
         retried or dead-lettered as any batch. A batch of n entries, k of them refused,

@@ -39,10 +39,17 @@ class Delivery:
     status: int | None = None  # the destination's HTTP status, when it answered
 
     @property
-    def malformed(self) -> bool:
-        """A 400: the destination refused what the batch holds, maybe one event of it; the
-        forwarder splits the batch to find which (forwarder.py)."""
-        return self.outcome == "rejected" and self.status == HTTPStatus.BAD_REQUEST
+    def refused_for_content(self) -> bool:
+        """A 400 or 422: the destination refused what the batch holds, maybe one event of
+        it; a 413: the batch is too large for it. The forwarder splits the batch, to find
+        which events, or to send less at once (forwarder.py)."""
+        return self.outcome == "rejected" and self.status in _REFUSED_FOR_CONTENT
+
+
+# The refusals a smaller batch may not get (see Delivery.refused_for_content).
+_REFUSED_FOR_CONTENT = frozenset(
+    (HTTPStatus.BAD_REQUEST, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, HTTPStatus.UNPROCESSABLE_ENTITY)
+)
 
 
 DELIVERED = Delivery("delivered")

@@ -201,10 +201,16 @@ async def test_a_half_of_a_refused_batch_answered_otherwise_is_not_split_again(
     assert metrics.value("identity_events_delivered_total", destination="test") == 2
 
 
-async def test_a_refused_batch_is_split_down_to_its_refused_events(outbox: MemoryOutbox) -> None:
-    """Eight events, the sixth refused: 8, then 4 + 4, 2 + 2 and 1 + 1 for the halves
-    refused, six more sends (2 log2(8)), and only the sixth dead-lettered."""
-    answers = [REFUSED, DELIVERED, REFUSED, REFUSED, DELIVERED, REFUSED, DELIVERED]
+@pytest.mark.parametrize("status", [400, 413, 422])
+async def test_a_refused_batch_is_split_down_to_its_refused_events(
+    outbox: MemoryOutbox, status: int
+) -> None:
+    """Eight events, the sixth refused (a 400 or 422: its content; a 413: too large, as a
+    destination with a lower size limit than the batch's answers): 8, then 4 + 4, 2 + 2 and
+    1 + 1 for the halves refused, six more sends (2 log2(8)), and only the sixth
+    dead-lettered."""
+    refused = Delivery("rejected", f"http {status}", status=status)
+    answers = [refused, DELIVERED, refused, refused, DELIVERED, refused, DELIVERED]
     sink = RecordingSink(answers)
     async for _ in forward(outbox, sink):
         outbox.extend([event(n) for n in range(8)])
