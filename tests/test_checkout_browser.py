@@ -27,7 +27,9 @@ default), and the shop's storage (cookies, localStorage) cleared before the clic
 and blocked variants prove the setting took: a cross-site frame (on ``127.0.0.1``) sets and
 reads back its own cookies in the one, and cannot in the other.
 The Node checkout runs the plain and expired variants. Each run saves a screenshot of the
-checkout page under artifacts/ (CI keeps it).
+checkout page under artifacts/ (CI keeps it). With the visitor cookie ``SameSite=Strict``
+(``running_demo(same_site=...)``) the Python and Node checkouts' handlers get the shop's
+identity on the page after the 303 as with ``Lax``: the carry cookie is ``Lax``.
 
 Without Chromium or Playwright these tests skip, and the Node ones without Node 20+ and
 examples/checkout/node's packages (``make demo`` or ``make test`` install them), except in CI
@@ -45,7 +47,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from examples.checkout.checkout import EVENT
+from examples.checkout.checkout import EVENT, SameSite
 from examples.checkout.collector import Received
 from examples.checkout.demo import Demo, Ports, node_checkout_missing, running_demo
 from identity_service import app_keys
@@ -290,6 +292,62 @@ async def test_the_visitor_keeps_one_anonymous_id_from_shop_to_checkout(
 
         assert not [url for url in requested if shop_id in url]  # the raw id, never in a URL
         await check_events(demo, mode, variant, shop_id, checkout_id, token)
+
+
+def set_cookies(headers: list[dict[str, str]]) -> dict[str, set[str]]:
+    """The ``Set-Cookie`` headers of a response (Playwright's ``headers_array``): each
+    cookie's name and attributes."""
+    found: dict[str, set[str]] = {}
+    for header in headers:
+        if header["name"].lower() == "set-cookie":
+            pair, *attributes = header["value"].split("; ")
+            found[pair.split("=")[0]] = set(attributes)
+    return found
+
+
+@pytest.mark.parametrize("same_site", ["Lax", "Strict"])
+@pytest.mark.parametrize("mode", ["middleware", "node"])
+async def test_the_page_after_the_303_has_the_handed_off_identity(
+    mode: str, same_site: SameSite, tmp_path: Path
+) -> None:
+    """The cart's handler, on the request after the middleware's 303, gets the identity the
+    shop handed off (``source`` ``handoff``), whatever the visitor cookie's SameSite. The
+    shop (``shop.localhost``) and the checkout are two sites to Chromium, so the landing and
+    the request after its 303 are cross-site navigations: a ``Strict`` cookie rides on
+    neither (the test checks that it did not), and only the carry cookie, ``Lax`` then,
+    brings the identity to that request. The carry cookie is cleared once read."""
+    if mode == "node":
+        await need_node_checkout()
+    async with (
+        running_demo(free_ports(), node=mode == "node", same_site=same_site) as demo,
+        chromium(tmp_path) as context,
+    ):
+        checkout_url = checkout_url_of(demo, mode)
+        tab = await first_tab(context)
+        await tab.goto(f"{demo.shop_url}/")
+        shop_id = await visitor_id(tab)
+        async with tab.expect_navigation(url=lambda url: url.startswith(checkout_url)) as nav:
+            await tab.click(f"#{mode}")
+        page = await nav.value
+        assert await visitor_id(tab) == shop_id
+        assert TOKEN_PARAM not in tab.url
+        assert await tab.text_content("#server-source") == "handoff"
+
+        after_303 = page.request
+        landing = after_303.redirected_from
+        assert landing is not None and TOKEN_PARAM in landing.url
+        landed = await landing.response()
+        assert landed is not None and landed.status == 303
+        cookies = set_cookies(await landed.headers_array())
+        assert f"SameSite={same_site}" in cookies["ajs_anonymous_id"]
+        assert "SameSite=Lax" in cookies["identity_restored"]
+        sent = await after_303.header_value("cookie") or ""
+        assert "identity_restored=" in sent
+        # Strict: the visitor cookie did not ride on the request after the 303 (two sites).
+        assert ("ajs_anonymous_id=" in sent) == (same_site == "Lax"), sent
+        jar = {cookie["name"] for cookie in await context.cookies(checkout_url)}
+        assert "identity_restored" not in jar  # read, and cleared
+        assert exchanges(demo, mode) == 1
 
 
 async def test_a_form_to_the_checkout_is_decorated_at_submit(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from examples.checkout.pages import (
 )
 
 Mode = Literal["middleware", "helper", "node"]
+SameSite = Literal["Lax", "Strict", "None"]
 CLIENT = web.AppKey("client", AsyncIdentityClient)
 # domain B's completion event (the service emits it at the exchange).
 EVENT = "Checkout Started"
@@ -40,6 +41,8 @@ class CheckoutSettings:
     site: str
     analytics: Analytics
     helper_url: str
+    # The middleware's visitor cookie SameSite (the carry cookie is Lax when it is Strict).
+    same_site: SameSite = "Lax"
 
 
 CHECKOUT = web.AppKey("checkout", CheckoutSettings)
@@ -105,7 +108,9 @@ async def exchange(request: web.Request) -> web.Response:
 def checkout_app(client: AsyncIdentityClient, settings: CheckoutSettings) -> web.Application:
     if settings.mode == "middleware":
         # http on loopback in the demo: a Secure cookie would need https.
-        middleware = identity_middleware(client, cookie_secure=False, event=EVENT)
+        middleware = identity_middleware(
+            client, cookie_secure=False, cookie_same_site=settings.same_site, event=EVENT
+        )
         app = web.Application(middlewares=[problem_answers, middleware])
     else:
         app = web.Application(middlewares=[problem_answers])

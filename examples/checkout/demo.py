@@ -26,7 +26,13 @@ from pathlib import Path
 from aiohttp import web
 from identity_client import AsyncIdentityClient
 
-from examples.checkout.checkout import SERVER_SOURCE, CheckoutSettings, cart_html, checkout_app
+from examples.checkout.checkout import (
+    SERVER_SOURCE,
+    CheckoutSettings,
+    SameSite,
+    cart_html,
+    checkout_app,
+)
 from examples.checkout.collector import Collector, collector_app
 from examples.checkout.pages import Analytics
 from examples.checkout.shop import ShopSettings, shop_app
@@ -104,7 +110,12 @@ async def node_checkout_missing() -> str | None:
 
 
 async def _node_checkout(
-    stack: AsyncExitStack, port: int, service_url: str, write_key: str, page: str
+    stack: AsyncExitStack,
+    port: int,
+    service_url: str,
+    write_key: str,
+    page: str,
+    same_site: SameSite,
 ) -> None:
     """node/checkout.mjs on ``port`` until the stack closes; returns once it listens."""
     # IDENTITY_* of the demo's own environment are not the checkout's settings.
@@ -115,6 +126,7 @@ async def _node_checkout(
         "HOST": LOOPBACK,
         "PORT": str(port),
         "CHECKOUT_PAGE": page,
+        "COOKIE_SAME_SITE": same_site,
     }
     process = await asyncio.create_subprocess_exec(
         "node", str(NODE_CHECKOUT / "checkout.mjs"), env=env, stdout=asyncio.subprocess.PIPE
@@ -183,11 +195,13 @@ async def running_demo(
     handoff_ttl: int | None = None,
     service_env: dict[str, str] | None = None,
     node: bool | None = None,
+    same_site: SameSite = "Lax",
 ) -> AsyncIterator[Demo]:
     """The five parts (six with Node), listening until the block ends. ``handoff_ttl`` is
     the shop's handoff lifetime (the service's default when None); ``service_env`` adds
     ``IDENTITY_*`` settings; ``node``: start the Node checkout (True: or fail), or not
-    (False), or when it can run here (None)."""
+    (False), or when it can run here (None); ``same_site``: the SameSite of the visitor
+    cookie the Python and Node middlewares set."""
     node_missing = await node_checkout_missing() if node is not False else "not asked for"
     if node and node_missing:
         raise DemoError(f"the Node checkout cannot start: {node_missing}")
@@ -220,14 +234,16 @@ async def running_demo(
             page = cart_html(
                 CheckoutSettings("node", "express.localhost", analytics, helper_url), SERVER_SOURCE
             )
-            await _node_checkout(stack, ports.node, service_url, keys["node"], page)
+            await _node_checkout(stack, ports.node, service_url, keys["node"], page, same_site)
             checkouts["node"] = f"{node_url}/cart?item=mug-blue"
         shop = ShopSettings(analytics, helper_url, checkouts, handoff_ttl)
         apps = {
             ports.shop: shop_app(clients["shop"], shop),
             ports.checkout: checkout_app(
                 clients["checkout"],
-                CheckoutSettings("middleware", "checkout.localhost", analytics, helper_url),
+                CheckoutSettings(
+                    "middleware", "checkout.localhost", analytics, helper_url, same_site
+                ),
             ),
             ports.pay: checkout_app(
                 clients["pay"], CheckoutSettings("helper", "pay.localhost", analytics, helper_url)

@@ -30,6 +30,18 @@ export interface CarriedIdentity {
   source: "handoff" | "generated";
 }
 
+/**
+ * The carry cookie's `SameSite` for a visitor cookie's `visitorSameSite` (default `Lax`): the
+ * same, except `Lax` for `Strict` (any case). The request after the landing's 303 is the tail
+ * of a navigation another site started, and browsers send no `Strict` cookie with it, so a
+ * `Strict` carry cookie would miss the one request it is for. `Lax` is sent on a cross-site
+ * top-level GET, which that request is; the cookie is HttpOnly, signed, 60 s and cleared when
+ * read (docs/sdk-node.md). The Python SDK's `_carry.same_site` is the same.
+ */
+export function carrySameSite(visitorSameSite = "Lax"): string {
+  return visitorSameSite.toLowerCase() === "strict" ? "Lax" : visitorSameSite;
+}
+
 /** The signing key of the carry cookie, derived from (and never equal to) the write key. */
 export function carryKey(writeKey: string): Buffer {
   return createHmac("sha256", writeKey).update(KEY_LABEL).digest();

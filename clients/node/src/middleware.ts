@@ -1,4 +1,4 @@
-import { decodeCarry, encodeCarry } from "./carry.js";
+import { carrySameSite, decodeCarry, encodeCarry } from "./carry.js";
 import type { ExchangeOptions, Identity, IdentityClient, JsonObject } from "./client.js";
 import { ConfigurationError } from "./errors.js";
 
@@ -79,9 +79,9 @@ export interface HandoffMiddlewareOptions {
    */
   cookieMaxAge?: number;
   /**
-   * Cookie `SameSite` (default `Lax`; any case); `None` needs `secure`. Keep `Lax` when the
-   * handler needs the identity: with `Strict` the page after the 303 (still the navigation
-   * from domain A) gets neither cookie, so `req.identity` is undefined there.
+   * Cookie `SameSite` (default `Lax`; any case); `None` needs `secure`. With `Strict` the
+   * carry cookie is `Lax` (`carrySameSite`): the page after the 303 (still the navigation from
+   * domain A) gets no `Strict` cookie, so the carry cookie alone gives `req.identity` there.
    */
   sameSite?: "Lax" | "Strict" | "None";
   /**
@@ -316,8 +316,9 @@ function checkPublicOrigin(publicOrigin: unknown): void {
 const COOKIE_OCTETS = /^[\x21\x23\x24\x26-\x2B\x2D-\x3A\x3C-\x5B\x5D-\x7E]*$/;
 
 /**
- * A `Set-Cookie` value. The carry cookie (`carry`) is HttpOnly and host-only (no `Domain`:
- * the userId and traits in it go to this host, not its subdomains).
+ * A `Set-Cookie` value. The carry cookie (`carry`) is HttpOnly, host-only (no `Domain`: the
+ * userId and traits in it go to this host, not its subdomains) and `Lax` when the visitor
+ * cookie is `Strict` (`carrySameSite`).
  */
 function serializeCookie(
   name: string,
@@ -332,7 +333,7 @@ function serializeCookie(
   parts.push(`Path=${options.cookiePath ?? "/"}`);
   parts.push(`Max-Age=${maxAge}`);
   parts.push(`Expires=${new Date(Date.now() + maxAge * 1000).toUTCString()}`);
-  parts.push(`SameSite=${options.sameSite ?? "Lax"}`);
+  parts.push(`SameSite=${carry ? carrySameSite(options.sameSite) : (options.sameSite ?? "Lax")}`);
   if (options.secure ?? true) parts.push("Secure");
   if (carry) parts.push("HttpOnly");
   return parts.join("; ");
@@ -432,7 +433,8 @@ function requestOrigin(req: MiddlewareRequest, options: HandoffMiddlewareOptions
  * through the middleware clears it, it stays valid for its 60 s. Any other request
  * gets `req.identity` from the visitor cookie, if there is one, and goes on (`next()`).
  * The carry needs the client's key (an `IdentityClient`); a carry cookie that is forged,
- * expired, malformed, oversized or for another anonymousId is ignored.
+ * expired, malformed, oversized or for another anonymousId is ignored, as is one without the
+ * visitor cookie unless that is `Strict` (browsers withhold it after a cross-site landing's 303).
  */
 export function handoffMiddleware(
   client: Pick<IdentityClient, "exchange"> & Partial<Pick<IdentityClient, "carryKey">>,
@@ -444,6 +446,7 @@ export function handoffMiddleware(
   const cookieName = options.cookieName ?? DEFAULT_COOKIE_NAME;
   const carryName = options.carryCookieName ?? DEFAULT_CARRY_NAME;
   const key = client.carryKey?.();
+  const strict = options.sameSite?.toLowerCase() === "strict";
   const landings = new Landings();
 
   /** req.identity from the visitor cookie, or from a valid carry cookie (then cleared). */
@@ -453,7 +456,10 @@ export function handoffMiddleware(
     if (carried === undefined) return;
     appendSetCookie(res, serializeCookie(carryName, "", options, 0, true));
     const identity = key ? decodeCarry(carried, key, Date.now() / 1000) : null;
-    if (identity && existing !== undefined && identity.anonymousId === existing) req.identity = identity;
+    // Without the visitor cookie only when it is Strict: browsers withhold it from the request
+    // after a cross-site landing's 303, the very request the carry cookie is for.
+    const fits = existing ? identity?.anonymousId === existing : strict;
+    if (identity && fits) req.identity = identity;
   };
 
   return function identityHandoff(req, res, next) {

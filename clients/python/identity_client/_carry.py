@@ -28,6 +28,17 @@ _KEY_LABEL = b"identity-service-client carry cookie v1"
 MAX_VALUE_BYTES = 1500
 
 
+def same_site(visitor_same_site: str) -> str:
+    """The carry cookie's ``SameSite`` for a visitor cookie's ``visitor_same_site``: the
+    same, except ``Lax`` for ``Strict`` (any case). The request after the landing's 303 is
+    the tail of a navigation another site started, and browsers send no ``Strict`` cookie
+    with it, so a ``Strict`` carry cookie would miss the one request it is for. ``Lax`` is
+    sent on a cross-site top-level GET, which that request is; the cookie is HttpOnly,
+    signed, 60 s and cleared when read (docs/sdk.md). The Node SDK's carrySameSite is the same.
+    """
+    return "Lax" if visitor_same_site.lower() == "strict" else visitor_same_site
+
+
 def carry_key(write_key: str) -> bytes:
     """The signing key of the carry cookie, derived from (and never equal to) the write key."""
     return hmac.new(write_key.encode(), _KEY_LABEL, hashlib.sha256).digest()

@@ -26,7 +26,8 @@ the page loads clean and analytics.js starts with the restored anonymousId.
 - Every request gets the identity: ASGI ``scope["state"]["identity"]``, WSGI
   ``environ["identity_client.identity"]``, aiohttp ``request["identity"]``. The handoff
   request itself never reaches the handler (it is answered 303), so the exchange also sets
-  a carry cookie (``identity_restored``, HttpOnly, host-only, 60 s): the exchanged
+  a carry cookie (``identity_restored``, HttpOnly, host-only, 60 s; its SameSite is the
+  visitor cookie's, but ``Lax`` for ``Strict``: see ``_carry.same_site``): the exchanged
   identity, signed with a key derived from the write key (signed, not encrypted). On the
   next request (the 303's clean URL) the handler gets that ``Identity`` (``user_id``,
   ``traits``, ``consent``, ``source`` ``"handoff"`` or ``"generated"``) and the response
@@ -34,8 +35,9 @@ the page loads clean and analytics.js starts with the restored anonymousId.
   for its 60 s (it is not single-use). Any other request gets an ``Identity`` with
   ``source="cookie"`` and the visitor cookie's anonymousId, or ``None`` without the cookie.
   A carry cookie that is forged, expired, malformed, oversized or for another anonymousId
-  is ignored. An identity over ``_carry.MAX_VALUE_BYTES`` is carried without its traits,
-  or not at all.
+  is ignored, as is one without the visitor cookie unless that is ``Strict`` (browsers
+  withhold a ``Strict`` cookie from the request after a cross-site landing's 303). An
+  identity over ``_carry.MAX_VALUE_BYTES`` is carried without its traits, or not at all.
 
 ASGI and WSGI are used as protocols: no dependency on Starlette, Flask or Django. The aiohttp
 middleware imports aiohttp when it is built (the ``aiohttp`` extra).
@@ -208,10 +210,12 @@ class MiddlewareSettings:
         )
 
     def _set_cookie(self, name: str, value: str, max_age: int, *, carry: bool = False) -> str:
-        """A ``Set-Cookie`` value; the carry cookie is HttpOnly and host-only (no
-        ``Domain``: the userId and traits in it go to this host, not its subdomains)."""
+        """A ``Set-Cookie`` value; the carry cookie is HttpOnly, host-only (no ``Domain``:
+        the userId and traits in it go to this host, not its subdomains) and ``Lax`` when
+        the visitor cookie is ``Strict`` (``_carry.same_site``)."""
         parts = [f"{name}={value}", f"Path={self.cookie_path}", f"Max-Age={max_age}"]
-        parts.append(f"SameSite={self.cookie_same_site}")
+        same_site = _carry.same_site(self.cookie_same_site) if carry else self.cookie_same_site
+        parts.append(f"SameSite={same_site}")
         if self.cookie_domain and not carry:
             parts.append(f"Domain={self.cookie_domain}")
         if self.cookie_secure:
@@ -247,17 +251,22 @@ class MiddlewareSettings:
     ) -> tuple[Identity | None, str | None]:
         """The identity of a request without a token, and the ``Set-Cookie`` value that
         clears the carry cookie (None: there is none). A valid carry cookie for the visitor
-        cookie's anonymousId gives the exchanged identity; any other is ignored, as is every
-        one without a key (a client that has none)."""
+        cookie's anonymousId gives the exchanged identity; so does one without a visitor
+        cookie when that is ``Strict`` (browsers withhold it from the request after a
+        cross-site landing's 303, the very request the carry cookie is for). Any other is
+        ignored, as is every one without a key (a client that has none)."""
         visitor = self.cookie_identity(cookie_header)
         value = read_cookie(cookie_header, self.carry_cookie_name)
         if value is None:
             return visitor, None
         clear = self._set_cookie(self.carry_cookie_name, "", 0, carry=True)
         carried = None if key is None else _carry.decode(value, key, time.time())
-        if carried is None or visitor is None or carried.anonymous_id != visitor.anonymous_id:
+        if carried is None:
             return visitor, clear
-        return carried, clear
+        if visitor is None:
+            withheld = self.cookie_same_site.lower() == "strict"
+            return (carried if withheld else visitor), clear
+        return (carried if carried.anonymous_id == visitor.anonymous_id else visitor), clear
 
     def split_token(self, query: str) -> tuple[str | None, str]:
         """The token in ``query`` (raw) and the query without it, other parameters kept

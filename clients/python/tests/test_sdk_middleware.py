@@ -194,6 +194,53 @@ def test_wsgi(service: Service) -> None:
             assert plain.json() == {"identity": None}
 
 
+def attributes_of(set_cookie: str) -> list[str]:
+    """A ``Set-Cookie`` value's attributes, without the ``name=value`` pair."""
+    return set_cookie.split("; ")[1:]
+
+
+@pytest.mark.parametrize(
+    ("same_site", "carry_same_site"),
+    [("Lax", "Lax"), ("Strict", "Lax"), ("strict", "Lax"), ("None", "None")],
+)
+def test_the_carry_cookie_is_lax_when_the_visitor_cookie_is_strict(
+    service: Service, same_site: str, carry_same_site: str
+) -> None:
+    """The request after the landing's 303 is the tail of a navigation from domain A: a
+    browser sends no ``Strict`` cookie with it, so the carry cookie is ``Lax`` then, and is
+    read without the visitor cookie (withheld as well). The visitor cookie keeps the site's
+    SameSite; the carry cookie is cleared with the attributes it was set with. Without a
+    ``Strict`` visitor cookie, a carry cookie without the visitor cookie is still ignored."""
+    with IdentityClient(service.url, DEV_WRITE_KEY) as client:
+        app = IdentityWSGIMiddleware(
+            wsgi_echo, client, cookie_same_site=same_site, cookie_domain="checkout.localhost"
+        )
+        transport = httpx.WSGITransport(app=app)
+        with httpx.Client(transport=transport, base_url=HOST) as browser:
+            handoff = client.prepare("visitor-ss", destination=f"{HOST}/cart")
+            landing = browser.get(path_of(handoff.redirect_url))
+            assert landing.status_code == 303
+            visitor_cookie, carry = landing.headers.get_list("set-cookie")
+            assert f"SameSite={same_site}" in attributes_of(visitor_cookie)
+            assert attributes_of(carry) == [
+                "Path=/",
+                "Max-Age=60",
+                f"SameSite={carry_same_site}",
+                "Secure",
+                "HttpOnly",
+            ]
+            # What a browser sends after the 303 when the visitor cookie is withheld.
+            carry_pair = carry.split("; ")[0]
+            page = browser.get("/cart", headers={"Cookie": carry_pair})
+            strict = same_site.lower() == "strict"
+            restored = {"anonymous_id": "visitor-ss", "source": "handoff"}
+            assert page.json() == (restored if strict else {"identity": None})
+            (cleared,) = page.headers.get_list("set-cookie")
+            assert cleared == f"{CARRY}=; " + "; ".join(attributes_of(carry)).replace(
+                "Max-Age=60", "Max-Age=0"
+            )
+
+
 def test_wsgi_redirects_to_the_raw_path_when_the_server_gives_it(service: Service) -> None:
     """RAW_URI or REQUEST_URI (gunicorn, werkzeug, uWSGI) is the path as sent; without
     them, SCRIPT_NAME and PATH_INFO quoted back."""

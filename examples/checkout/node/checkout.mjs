@@ -4,8 +4,9 @@
 // clean URL, so the page has no handoff code at all.
 //
 // demo.py starts it (`node checkout.mjs`) with IDENTITY_URL and IDENTITY_WRITE_KEY (this
-// checkout's source), HOST and PORT, and CHECKOUT_PAGE: the cart page in the demo's shared
-// layout (pages.py), whose __SERVER_SOURCE__ this app fills in. It prints "listening" once up.
+// checkout's source), HOST and PORT, COOKIE_SAME_SITE (the visitor cookie's SameSite, Lax
+// when unset), and CHECKOUT_PAGE: the cart page in the demo's shared layout (pages.py), whose
+// __SERVER_SOURCE__ this app fills in. It prints "listening" once up.
 import express from "express";
 import { IdentityClient, handoffMiddleware } from "@identity-service/client";
 
@@ -14,7 +15,8 @@ const escape = (text) => text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`
 
 const app = express();
 // http on loopback in the demo: a Secure cookie would need https.
-app.use(handoffMiddleware(new IdentityClient(), { secure: false, event: "Checkout Started" }));
+const sameSite = process.env.COOKIE_SAME_SITE || "Lax";
+app.use(handoffMiddleware(new IdentityClient(), { secure: false, sameSite, event: "Checkout Started" }));
 app.get("/cart", (req, res) => {
   // An Identity restored from the handoff or the cookie, or undefined for a new visitor.
   const seen = req.identity?.source ?? "none";
