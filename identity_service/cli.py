@@ -293,6 +293,7 @@ def outbox(
         replay_dead,
         retire_destination,
     )
+    from identity_service.scrape import backlog_destinations
     from identity_service.stores.redis import STORE_ERRORS, connect
 
     async def run() -> tuple[int, str]:
@@ -321,8 +322,10 @@ def outbox(
                     redis, redis_settings.key_prefix, destinations, limit, redis_settings.shards
                 )
                 return 0, _dead_letters_text([letter.as_json() for letter in letters], as_json)
+            # The events waiting for a destination too, as /metrics shows them.
+            waiting = backlog_destinations(settings.outbox)
             report = await outbox_status(
-                redis, redis_settings.key_prefix, destinations, redis_settings.shards
+                redis, redis_settings.key_prefix, waiting, redis_settings.shards
             )
         finally:
             await redis.aclose()

@@ -272,6 +272,18 @@ async def test_on_redis_without_a_destination_events_wait_in_the_outbox_unprinte
     assert len(warnings) == 1, service.stderr
     logged = [line for line in service.stdout.splitlines() if "outbox_no_destination" in line]
     assert len(logged) == 1, service.stdout
+    # `outbox status` shows them waiting, as /metrics does: destination (none).
+    status_env = redis_env(private_redis)
+    shown = await asyncio.to_thread(
+        subprocess.run,
+        [COMMAND, "outbox", "status", "--json"],
+        env=status_env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert [(s["destination"], s["pending"]) for s in orjson.loads(shown.stdout)] == [("(none)", 2)]
 
     async with running_collector() as collector:
         (tmp_path / "second").mkdir()
