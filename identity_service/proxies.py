@@ -37,22 +37,34 @@ class TrustedProxies:
     application's settings) never get an answer computed for these. A Unix socket peer is
     trusted unless no network is (the setting's ``off``): only the host's own processes
     reach it.
+
+    ``recursive``: walk past the entries of trusted proxies (networks the operator listed).
+    The default list (every private network, ``IDENTITY_TRUSTED_PROXIES`` unset) reads the
+    last entry alone, as before the setting: behind a load balancer that hands clients over
+    from a private address (``externalTrafficPolicy: Cluster``'s SNAT) to an ingress that
+    appends, every entry before it is the client's own claim, and walking past private
+    entries there would let each client name its own counter.
     """
 
-    __slots__ = ("_cached_client_ip", "_cached_trusts", "_v4", "_v6", "networks")
+    __slots__ = ("_cached_client_ip", "_cached_trusts", "_v4", "_v6", "networks", "recursive")
 
-    def __init__(self, networks: Iterable[Network]) -> None:
+    def __init__(self, networks: Iterable[Network], *, recursive: bool = True) -> None:
         self.networks = tuple(networks)
+        self.recursive = recursive
         self._v4 = tuple(n for n in self.networks if isinstance(n, ipaddress.IPv4Network))
         self._v6 = tuple(n for n in self.networks if isinstance(n, ipaddress.IPv6Network))
         self._cached_client_ip = functools.lru_cache(maxsize=4096)(self._client_ip)
         self._cached_trusts = functools.lru_cache(maxsize=1024)(self._trusts)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, TrustedProxies) and self.networks == other.networks
+        return (
+            isinstance(other, TrustedProxies)
+            and self.networks == other.networks
+            and self.recursive == other.recursive
+        )
 
     def __hash__(self) -> int:
-        return hash(self.networks)
+        return hash((self.networks, self.recursive))
 
     def __repr__(self) -> str:
         return f"TrustedProxies({', '.join(map(str, self.networks)) or OFF})"
@@ -67,7 +79,8 @@ class TrustedProxies:
         request, joined with commas. An entry may carry the client's port (``ip:port``,
         ``[ipv6]:port``). An entry that is no address ends the walk with the peer: such
         requests share the proxy's counter rather than name their own. At most
-        ``MAX_FORWARDED_HOPS`` entries are read, from the right.
+        ``MAX_FORWARDED_HOPS`` entries are read, from the right; one, the last, when not
+        ``recursive``.
         """
         return self._cached_client_ip(peer, x_forwarded_for)
 
@@ -78,7 +91,8 @@ class TrustedProxies:
             trusted, answer = self._trusted_text(peer), peer
         if not trusted or not x_forwarded_for:
             return answer
-        entries = x_forwarded_for.rsplit(",", c.MAX_FORWARDED_HOPS)[-c.MAX_FORWARDED_HOPS :]
+        hops = c.MAX_FORWARDED_HOPS if self.recursive else 1
+        entries = x_forwarded_for.rsplit(",", hops)[-hops:]
         client: Address | None = None
         for entry in reversed(entries):
             client = forwarded_address(entry.strip())
@@ -168,4 +182,6 @@ def forwarded_address(entry: str) -> Address | None:
     return address
 
 
-DEFAULT_TRUSTED_PROXIES = TrustedProxies(ipaddress.ip_network(n) for n in c.DEFAULT_TRUSTED_PROXIES)
+DEFAULT_TRUSTED_PROXIES = TrustedProxies(
+    (ipaddress.ip_network(n) for n in c.DEFAULT_TRUSTED_PROXIES), recursive=False
+)

@@ -21,6 +21,7 @@ from identity_service.amp import links
 from identity_service.amp.config import AmpSettings, RateLimit
 from identity_service.amp.context import AmpContext
 from identity_service.amp.limits import check_limits
+from identity_service.constants import DEFAULT_TRUSTED_PROXIES as DEFAULT_TRUSTED_PROXIES_TEXT
 from identity_service.constants import (
     KEY_SHARDS,
     MAX_FORWARDED_HOPS,
@@ -661,11 +662,26 @@ async def test_an_ipv6_host_is_counted_by_its_slash_64(ctx: AmpContext) -> None:
         ("10.0.0.4", "203.0.113.7:123456", "10.0.0.4"),
         ("10.0.0.4", "example.com:80", "10.0.0.4"),
         ("8.8.8.8", "203.0.113.7:50712", "8.8.8.8"),  # a public peer's claim, as before
+        # The last entry alone, even a private one: a load balancer's SNAT hands the client
+        # over from a node's 10.x address to an ingress that appends; walking past it would
+        # read the client's own claim (each client its own counter).
+        ("10.244.1.7", "6.6.6.6, 10.0.3.4", "10.0.3.4"),
+        ("10.244.1.7", "6.6.6.6, 10.0.3.4:31512", "10.0.3.4"),
+        ("127.0.0.1", "6.6.6.6, 192.168.0.9", "192.168.0.9"),
     ],
 )
 def test_client_ip(peer: str | None, forwarded: str | None, expected: str) -> None:
-    """The default trusted proxies: loopback and private peers, as before the setting."""
+    """The default trusted proxies: loopback and private peers, and the last entry alone,
+    as before the setting."""
     assert DEFAULT_TRUSTED_PROXIES.client_ip(peer, forwarded) == expected
+
+
+def test_the_default_networks_listed_are_walked_past() -> None:
+    """Listed by the operator, the same networks are proxies of theirs: walked past."""
+    listed = trusting(*DEFAULT_TRUSTED_PROXIES_TEXT)
+    assert listed.networks == DEFAULT_TRUSTED_PROXIES.networks and listed.recursive
+    assert listed != DEFAULT_TRUSTED_PROXIES
+    assert listed.client_ip("10.244.1.7", "6.6.6.6, 10.0.3.4") == "6.6.6.6"
 
 
 # -- the client's address behind trusted proxies (IDENTITY_TRUSTED_PROXIES) --------------------
@@ -758,6 +774,8 @@ def test_an_answer_is_never_another_settings(monkeypatch: pytest.MonkeyPatch) ->
     assert trusting(INGRESS).client_ip("192.168.1.5", "203.0.113.7") == "192.168.1.5"
     assert trusting("off").client_ip("10.0.0.4", "203.0.113.7") == "10.0.0.4"
     assert DEFAULT_TRUSTED_PROXIES.client_ip("10.0.0.4", "203.0.113.7") == "203.0.113.7"
+    assert trusting(INGRESS).client_ip("10.0.0.4", "6.6.6.6, 10.0.3.4") == "6.6.6.6"
+    assert DEFAULT_TRUSTED_PROXIES.client_ip("10.0.0.4", "6.6.6.6, 10.0.3.4") == "10.0.3.4"
 
 
 # -- what Redis holds --------------------------------------------------------------------------
