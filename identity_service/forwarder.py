@@ -11,7 +11,8 @@ only after a 2xx, and moved to the dead letters after a permanent rejection or
 400 or 422 (an event the destination will not take, maybe one of a hundred) or a 413 (too
 large for it) is split in halves, each sent on its own, and so on down to the entries
 refused alone: only those are dead-lettered. Everything of the batch not yet settled stays
-claimed for the whole split.
+claimed for the whole split; a stop ends it at once, and the drain's single attempt does
+not split.
 
 What was read stays in hand through store errors: the batch being retried, and the
 entries read ahead for the next batches (a read takes a whole batch's worth from every
@@ -244,6 +245,10 @@ class Forwarder:
                 return []
             self._failed()
             if delivery.refused_for_content and len(entries) > 1:
+                if self._draining or self.stopping.is_set():
+                    # Stopping, or the drain's single attempt: no more sends, the whole
+                    # batch goes back, in order.
+                    return entries
                 log.warning("batch_split", reason=delivery.reason, entries=len(entries))
                 return await self._bisect(entries, sent_before + attempts, waiting)
             if delivery.outcome == "rejected":
@@ -290,11 +295,12 @@ class Forwarder:
 
         The second half and ``waiting`` (the rest of the batch split before, to be settled
         after this one) are kept claimed while the first is settled, or another forwarder
-        would take them over and send them too."""
+        would take them over and send them too. A stop ends the split: what is not settled
+        yet goes back unsent, in order."""
         half = len(entries) // 2
         first, second = entries[:half], entries[half:]
         unsettled = await self._settle(first, sent_before, second + waiting)
-        if unsettled:  # stopping: the second half goes back unsent, after the first
+        if unsettled or self.stopping.is_set():
             return unsettled + second
         return await self._settle(second, sent_before, waiting)
 

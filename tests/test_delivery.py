@@ -1316,6 +1316,41 @@ async def test_the_halves_waiting_during_a_split_stay_their_forwarders(
     assert len(letters) == 1, letters
 
 
+async def test_a_stop_during_a_split_leaves_the_batch_pending_for_a_reclaim(
+    aiohttp_client: ClientMaker,
+    outbox_redis: Server,
+    outbox_client: AdminClient,
+    collector: Collector,
+) -> None:
+    """The forwarder stops while the destination refuses a batch of 6 with a 400 (it
+    refuses every event): no split follows, nothing is dead-lettered, and the entries
+    stay pending under its consumer; the next forwarder takes them over after
+    reclaim_idle and delivers them all."""
+    settings = quickly_reclaiming(
+        delivery_settings(outbox_redis, collector, forwarder="off"), reclaim_idle=0.5
+    )
+    assert settings.redis is not None
+    prefix = settings.redis.key_prefix
+    client = await aiohttp_client(create_app(settings))
+    await run_handoffs(client, 3)
+    collector.plan = [Answer(400, hold=0.3)]
+    collector.refuses = lambda event: True
+    async with running_forwarders(settings, Metrics()):
+        for _ in range(250):
+            if collector.requests:
+                break
+            await asyncio.sleep(0.02)
+    # Stopped during the first send.
+    assert len(collector.requests) == 1
+    (status,) = await outbox_status(outbox_client, prefix, ["default"])
+    assert (status.pending, status.in_flight, status.dead) == (0, 6, 0)
+
+    collector.refuses = lambda event: False
+    async with running_forwarders(settings, Metrics()):
+        await collector.wait_for(6)
+    assert len(collector.events) == 6
+
+
 async def test_with_only_amp_actions_configured_the_events_wait_for_a_destination(
     aiohttp_client: ClientMaker,
     redis_server: RedisServer,
