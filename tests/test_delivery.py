@@ -1268,6 +1268,89 @@ async def test_a_batch_refused_for_one_event_dead_letters_that_event_alone(
     assert metrics.value("identity_delivery_attempts_total", destination="default") == sends
 
 
+async def test_the_halves_waiting_during_a_split_stay_their_forwarders(
+    aiohttp_client: ClientMaker,
+    outbox_redis: Server,
+    outbox_client: AdminClient,
+    collector: Collector,
+) -> None:
+    """A batch of 20 is refused (400) and split; its first half is answered 503, slowly,
+    eight times, which takes longer than reclaim_idle. The second half, waiting for its
+    turn, stays claimed all along: a second forwarder reclaims none of it, every event is
+    delivered once, and the event refused alone (the batch's last) is dead-lettered once,
+    by the forwarder that read it."""
+    settings = quickly_reclaiming(
+        delivery_settings(outbox_redis, collector, forwarder="off", batch_max_events="20"),
+        reclaim_idle=1.0,
+    )
+    assert settings.redis is not None
+    prefix = settings.redis.key_prefix
+    client = await aiohttp_client(create_app(settings))
+    await run_handoffs(client, 10)  # 20 entries, an event each
+    collector.plan = [Answer(400)] + [Answer(503, hold=0.3)] * 8
+    async with running_forwarders(settings, Metrics()):
+        for _ in range(250):
+            if collector.requests:
+                break
+            await asyncio.sleep(0.02)
+        assert collector.requests, "the first forwarder sent nothing"
+        refused = collector.requests[0].events[-1]["messageId"]  # in the half that waits
+        collector.refuses = lambda event: event["messageId"] == refused
+        second = Metrics()
+        async with running_forwarders(settings, second):
+            await collector.wait_for(19)
+            for _ in range(300):  # the last dead letter may still be on its way
+                (status,) = await outbox_status(outbox_client, prefix, ["default"])
+                if (status.pending, status.in_flight, status.dead) == (0, 0, 1):
+                    break
+                await asyncio.sleep(0.02)
+    # The second took nothing over: it sent nothing (a taken-over entry is sent at once).
+    assert second.value("identity_delivery_attempts_total", destination="default") == 0
+    assert len(collector.events) == len(collector.message_ids) == 19
+    assert refused not in collector.message_ids
+    letters = [
+        letter
+        for shard in range(KEY_SHARDS)
+        for letter in await entries(outbox_client, dead_letter_key(prefix, shard, "default"))
+    ]
+    assert len(letters) == 1, letters
+
+
+async def test_a_stop_during_a_split_leaves_the_batch_pending_for_a_reclaim(
+    aiohttp_client: ClientMaker,
+    outbox_redis: Server,
+    outbox_client: AdminClient,
+    collector: Collector,
+) -> None:
+    """The forwarder stops while the destination refuses a batch of 6 with a 400 (it
+    refuses every event): no split follows, nothing is dead-lettered, and the entries
+    stay pending under its consumer; the next forwarder takes them over after
+    reclaim_idle and delivers them all."""
+    settings = quickly_reclaiming(
+        delivery_settings(outbox_redis, collector, forwarder="off"), reclaim_idle=0.5
+    )
+    assert settings.redis is not None
+    prefix = settings.redis.key_prefix
+    client = await aiohttp_client(create_app(settings))
+    await run_handoffs(client, 3)
+    collector.plan = [Answer(400, hold=0.3)]
+    collector.refuses = lambda event: True
+    async with running_forwarders(settings, Metrics()):
+        for _ in range(250):
+            if collector.requests:
+                break
+            await asyncio.sleep(0.02)
+    # Stopped during the first send.
+    assert len(collector.requests) == 1
+    (status,) = await outbox_status(outbox_client, prefix, ["default"])
+    assert (status.pending, status.in_flight, status.dead) == (0, 6, 0)
+
+    collector.refuses = lambda event: False
+    async with running_forwarders(settings, Metrics()):
+        await collector.wait_for(6)
+    assert len(collector.events) == 6
+
+
 async def test_with_only_amp_actions_configured_the_events_wait_for_a_destination(
     aiohttp_client: ClientMaker,
     redis_server: RedisServer,

@@ -239,6 +239,79 @@ async def test_a_stop_while_a_half_is_retried_puts_the_whole_batch_back_in_order
     assert outbox.queues[0].dead_letters == 0
 
 
+class StoppingSink(RecordingSink):
+    """Answers as RecordingSink, then 400 to every batch once ``answers`` are spent (a
+    destination refusing every event); ``stop`` is set during send number ``stop_at``
+    (from 0), as a SIGTERM arriving while a batch is in flight."""
+
+    def __init__(self, answers: list[Delivery], stop: asyncio.Event, stop_at: int) -> None:
+        super().__init__(answers)
+        self.stop = stop
+        self.stop_at = stop_at
+
+    async def send(self, events: list[bytes]) -> Delivery:
+        if len(self.batches) == self.stop_at:
+            self.stop.set()
+        await asyncio.sleep(0)
+        self.answers = self.answers or [REFUSED]
+        return await super().send(events)
+
+
+def queued_ids(outbox: MemoryOutbox) -> list[str]:
+    return [orjson.loads(e)["messageId"] for _, e in outbox.queues[0].events]
+
+
+def refusing_forwarder(
+    outbox: MemoryOutbox, answers: list[Delivery], stop_at: int
+) -> tuple[Forwarder, StoppingSink]:
+    """A forwarder of batches of 64 events, to a StoppingSink."""
+    feed = MemoryFeed(outbox.subscribe())
+    settings = OutboxSettings(batch_max_events=64, batch_max_wait=0.01)
+    stop = asyncio.Event()
+    sink = StoppingSink(answers, stop, stop_at)
+    forwarder = Forwarder("test", feed, sink, settings, Metrics())
+    forwarder.stopping = stop
+    return forwarder, sink
+
+
+@pytest.mark.parametrize(
+    ("answers", "settled"),
+    [([], 0), ([REFUSED, DELIVERED], 32)],
+    ids=["during-the-first-send", "during-a-half-delivered"],
+)
+async def test_a_stop_ends_a_split_at_once_and_puts_what_is_left_back_in_order(
+    outbox: MemoryOutbox, answers: list[Delivery], settled: int
+) -> None:
+    """A stop while a batch of 64 is sent, or split: the send in flight is answered, and
+    nothing more is sent. A batch refused whole goes back whole (its split does not begin:
+    not 126 more sends, and all 64 dead-lettered, during the shutdown); after a half
+    delivered at the stop, the other half goes back unsent, in order."""
+    sends = max(1, len(answers))
+    forwarder, sink = refusing_forwarder(outbox, answers, stop_at=sends - 1)
+    outbox.extend([event(n) for n in range(64)])
+    task = asyncio.create_task(forwarder.run())
+    done, _ = await asyncio.wait({task}, timeout=2)
+    if not done:
+        task.cancel()
+    assert done, "the forwarder went on splitting after the stop"
+    assert len(sink.batches) == sends
+    assert queued_ids(outbox) == [f"m-{n}" for n in range(settled, 64)]
+    assert outbox.queues[0].dead_letters == 0
+
+
+async def test_the_drain_does_not_split_a_refused_batch(outbox: MemoryOutbox) -> None:
+    """The memory queues' last attempt at shutdown is one send a batch: a batch refused
+    with a 400 goes back to the queue whole (reported undelivered), not split down to 64
+    events dead-lettered one by one past the drain's time."""
+    forwarder, sink = refusing_forwarder(outbox, [], stop_at=0)
+    forwarder.stopping.set()
+    outbox.extend([event(n) for n in range(64)])
+    await asyncio.wait_for(forwarder.drain(seconds=2), timeout=3)
+    assert len(sink.batches) == 1
+    assert queued_ids(outbox) == [f"m-{n}" for n in range(64)]
+    assert outbox.queues[0].dead_letters == 0
+
+
 @pytest.mark.parametrize(
     ("status", "outcome"),
     [(200, "delivered"), (204, "delivered"), (429, "retry"), (408, "retry"), (500, "retry"),
