@@ -825,6 +825,7 @@ def test_the_in_chart_redis_refuses_a_password_that_is_not_percent_encoded(
 
 REDIS_AUTH = f"{FULLNAME}-redis-auth"
 GENERATED_PASSWORD = re.compile(r"^[A-Za-z0-9]{32}$")
+DERIVED_PASSWORD = re.compile(r"^[0-9a-f]{32}$")
 
 
 def redis_password(objects: list[Manifest]) -> str:
@@ -842,6 +843,14 @@ def pod_annotations(objects: list[Manifest]) -> dict[str, dict[str, str]]:
     }
 
 
+def no_manifest_but_the_secret_holds(password: str, files: dict[str, str]) -> None:
+    """``password`` is in clear in the Redis password Secret only (NOTES.txt included)."""
+    holding = sorted(path for path, text in files.items() if password in text)
+    assert holding == ["identity-service/templates/secret.yaml"]
+    (secret,) = [o for o in manifests(files) if password in yaml.safe_dump(o)]
+    assert (secret["kind"], secret["metadata"]["name"]) == ("Secret", REDIS_AUTH)
+
+
 def test_the_in_chart_redis_requires_a_password_the_chart_makes_by_default() -> None:
     """Without redis.auth.password or existingSecret, the chart makes a password (as
     bitnami's redis chart does): Redis requires it (requirepass, read from the Secret
@@ -852,7 +861,7 @@ def test_the_in_chart_redis_requires_a_password_the_chart_makes_by_default() -> 
     files = render_files(values)
     objects = manifests(files)
     password = redis_password(objects)
-    assert GENERATED_PASSWORD.match(password), password
+    assert DERIVED_PASSWORD.match(password), password
     (redis,) = pod_spec(find(objects, "StatefulSet", f"{FULLNAME}-redis"))["containers"]
     env = {var["name"]: var for var in redis["env"]}
     reference = {"name": REDIS_AUTH, "key": "redis-password"}
@@ -868,15 +877,83 @@ def test_the_in_chart_redis_requires_a_password_the_chart_makes_by_default() -> 
         assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == reference
         url = environment(objects, container)["IDENTITY_REDIS_URL"]
         assert url == f"redis://:{password}@{FULLNAME}-redis:6379/0"
-    # In clear in the Secret's template only (NOTES.txt included).
-    holding = sorted(path for path, text in files.items() if password in text)
-    assert holding == ["identity-service/templates/secret.yaml"]
-    (secret,) = [o for o in objects if password in yaml.safe_dump(o)]
-    assert (secret["kind"], secret["metadata"]["name"]) == ("Secret", REDIS_AUTH)
-    # Made anew by a render that has no cluster to read it back from (helm template).
-    assert redis_password(render(values)) != password
+    no_manifest_but_the_secret_holds(password, files)
     notes = files["identity-service/templates/NOTES.txt"]
     assert f"in the Secret {REDIS_AUTH} (key redis-password)" in notes
+    assert "made from the server secret" in notes and "random" not in notes
+
+
+def test_renders_without_a_cluster_agree_on_the_password_made_from_the_server_secret() -> None:
+    """`helm template`, Argo CD: lookup finds nothing, so a random password would be new on
+    every render, and with it the Secret and the checksums that restart Redis and roll every
+    pod on each sync. With the server secret in the values the password is derived from it:
+    two renders of the default (CI) values are the same, checksums and all."""
+    for name in ("internal-redis", "everything"):
+        values = merge(ci_values(name), {"forwarder": {"enabled": True}})
+        if name == "everything":  # its Redis password given: taken out
+            del values["redis"]["auth"]["password"]
+        first, second = render_files(values), render_files(values)
+        assert first == second, name
+        objects = manifests(first)
+        assert DERIVED_PASSWORD.match(redis_password(objects)), name
+        annotations = pod_annotations(objects)
+        assert {"checksum/secret", "checksum/redis-auth"} <= {
+            key for each in annotations.values() for key in each
+        }
+        assert annotations == pod_annotations(render(copy.deepcopy(values))), name
+
+
+def test_the_derived_redis_password_follows_the_server_secret_one_way() -> None:
+    """Another server secret (or release) gives another Redis password, and the password is
+    not the server secret, nor holds it, nor any 8 characters of it (a one-way hash)."""
+    values = ci_values("internal-redis")
+    files = render_files(values)
+    password = redis_password(manifests(files))
+    server_secret = values["secret"]
+    assert redis_password(render(values)) == password  # a function of the values
+    assert password != server_secret and server_secret not in password
+    assert not any(server_secret[i : i + 8] in password for i in range(len(server_secret) - 7))
+    assert password not in server_secret
+    no_manifest_but_the_secret_holds(password, files)
+    other = merge(values, {"secret": "another-server-secret-0123456789abcdefgh"})
+    assert redis_password(render(other)) not in (password, other["secret"])
+    renamed = merge(values, {"fullnameOverride": "identity"})
+    found = [o for o in render(renamed) if o["kind"] == "Secret"]
+    derived = {o["metadata"]["name"]: o["stringData"] for o in found}
+    assert derived["identity-redis-auth"]["redis-password"] != password
+
+
+def test_with_the_server_secret_in_an_existing_secret_the_password_is_random() -> None:
+    """The chart cannot read the server secret from the user's Secret: its own Redis
+    password is then random (kept by lookup only), and NOTES.txt says what a render without
+    a cluster needs."""
+    values = merge(ci_values("internal-redis"), {"existingSecret": "identity-secrets"})
+    files = render_files(values)
+    password = redis_password(manifests(files))
+    assert GENERATED_PASSWORD.match(password) and not DERIVED_PASSWORD.match(password)
+    assert redis_password(render(values)) != password
+    no_manifest_but_the_secret_holds(password, files)
+    notes = files["identity-service/templates/NOTES.txt"]
+    assert "random" in notes and "set redis.auth.password or redis.auth.existingSecret" in notes
+
+
+def test_the_redis_password_precedence(tmp_path: Path) -> None:
+    """redis.auth.existingSecret, then redis.auth.password, then the chart's Secret read back
+    (lookup), then the one derived from the server secret."""
+    values = ci_values("internal-redis")
+    derived = redis_password(render(values))
+    empty = chart_in_a_cluster(tmp_path / "empty", {})
+    assert redis_password(render(values, of=empty, upgrade=True)) == derived
+    held = chart_in_a_cluster(
+        tmp_path, {f"identity/{REDIS_AUTH}": {"redis-password": b64("held0password")}}
+    )
+    assert redis_password(render(values, of=held, upgrade=True)) == "held0password"
+    given = merge(values, {"redis": {"auth": {"password": "given0password"}}})
+    assert redis_password(render(given, of=held, upgrade=True)) == "given0password"
+    theirs = merge(given, {"redis": {"auth": {"existingSecret": "redis-credentials"}}})
+    for objects in (render(theirs), render(theirs, of=held, upgrade=True)):
+        assert [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"] == [FULLNAME]
+        assert not any(p in yaml.safe_dump(objects) for p in (derived, "given0password"))
 
 
 def test_the_checksums_are_of_the_password_the_secret_holds() -> None:
@@ -983,9 +1060,18 @@ def test_an_upgrade_keeps_the_password_the_cluster_holds(tmp_path: Path) -> None
 def test_an_upgrade_without_the_secret_makes_a_new_password(
     secrets: dict[str, dict[str, str]], tmp_path: Path
 ) -> None:
+    """Nothing of this release's to read back: the password derived from the server secret
+    (a rotation only if the server secret changed), or a random one with the server secret
+    in an existingSecret."""
     held = chart_in_a_cluster(tmp_path, secrets)
-    upgraded = render(ci_values("internal-redis"), of=held, upgrade=True)
+    values = ci_values("internal-redis")
+    upgraded = render(values, of=held, upgrade=True)
+    assert redis_password(upgraded) == redis_password(render(values))
+    assert DERIVED_PASSWORD.match(redis_password(upgraded))
+    theirs = merge(values, {"existingSecret": "identity-secrets"})
+    upgraded = render(theirs, of=held, upgrade=True)
     assert GENERATED_PASSWORD.match(redis_password(upgraded))
+    assert not DERIVED_PASSWORD.match(redis_password(upgraded))
 
 
 # -- OpenShift: the pods' user and group IDs left to the platform -------------------------

@@ -116,12 +116,19 @@ in-chart one, which always requires a password. Empty: an external Redis without
 {{- end }}
 
 {{/* The password the chart's own Redis Secret holds (as bitnami's
-common.secrets.passwords.manage): redis.auth.password when given; else the one the Secret
-already holds in the cluster, so that `helm upgrade` keeps it (lookup; a render without a
-cluster, `helm template` or `--dry-run`, finds none); else a new random one, 32 letters and
-digits (URL-safe as the URL takes it). Worked out once per render and kept aside in the
-values (under a key the schema refuses in user values), so that the Secret and the
-checksums that roll the pods on a new password all see the same one. */}}
+common.secrets.passwords.manage), the first of:
+1. redis.auth.password;
+2. the one the Secret already holds in the cluster, so that `helm upgrade` keeps it, whether
+   given, derived or random before (lookup; a render without a cluster, `helm template`,
+   `--dry-run`, Argo CD, finds none, and neither does a first install);
+3. with the server secret in the values (`secret`, no existingSecret): one derived from it,
+   so that every render makes the same one, and a render without a cluster changes neither
+   the Secret nor the checksums that roll Redis and the pods (redisDerivedPassword);
+4. else (the server secret in the user's existingSecret, unknown here) a new random one, 32
+   letters and digits, which only lookup keeps: such renders must be given one.
+All URL-safe as the URL takes them. Worked out once per render and kept aside in the values
+(under a key the schema refuses in user values), so that the Secret and the checksums that
+roll the pods on a new password all see the same one. */}}
 {{- define "identity-service.redisChartPassword" -}}
 {{- $auth := .Values.redis.auth }}
 {{- if not (hasKey $auth "_resolvedPassword") }}
@@ -130,9 +137,28 @@ checksums that roll the pods on a new password all see the same one. */}}
 {{- $existing := lookup "v1" "Secret" .Release.Namespace (include "identity-service.redisAuthSecretName" .) }}
 {{- $password = dig "data" "redis-password" "" ($existing | default dict) | b64dec }}
 {{- end }}
+{{- if not $password }}
+{{- $password = include "identity-service.redisDerivedPassword" . }}
+{{- end }}
 {{- $_ := set $auth "_resolvedPassword" ($password | default (randAlphaNum 32)) }}
 {{- end }}
 {{- index $auth "_resolvedPassword" }}
+{{- end }}
+
+{{/* The Redis password derived from the server secret when the values hold it (`secret`,
+and no existingSecret, whose IDENTITY_SECRET the chart cannot read); empty otherwise. The
+first 32 hex digits (128 bits) of SHA-256 over a label unique to this use, the release's
+full name and the server secret: one-way, so the password (which the pods' environment and
+anyone who may read its Secret see) reveals nothing of the server secret, at least 32
+characters and kept secret itself; and another release, or another use of the same secret,
+gets another password. The full name, not the namespace: a render without `--namespace`
+(`helm template`) would see `default`, while a new full name makes new objects anyway (the
+Secret, the Redis StatefulSet and its volume). The server secret last, so that no two
+inputs read alike. */}}
+{{- define "identity-service.redisDerivedPassword" -}}
+{{- if and .Values.secret (not .Values.existingSecret) }}
+{{- printf "identity-service/in-chart-redis-password/v1\n%s\n%s" (include "identity-service.fullname" .) .Values.secret | sha256sum | trunc 32 }}
+{{- end }}
 {{- end }}
 
 {{- define "identity-service.redisPasswordKey" -}}
