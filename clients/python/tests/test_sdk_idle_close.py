@@ -6,9 +6,11 @@ again, once, on a new connection, and nothing else is retried. Real loopback ser
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import DEV_WRITE_KEY, Service, start_service
 from identity_client import (
     AsyncIdentityClient,
     Identity,
@@ -146,3 +148,83 @@ def test_an_answer_cut_short_is_not_retried(mode: str, operation: str) -> None:
     assert isinstance(first, PreparedHandoff)
     assert isinstance(failed, IdentityConnectionError)
     assert places(server) == [(1, 1, PREPARE), (1, 2, path)]
+
+
+@pytest.fixture(scope="module")
+def crowded_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """The real service holding one connection at most: a new one closes the one kept alive."""
+    yield from start_service(
+        tmp_path_factory.mktemp("crowded"),
+        "crowded",
+        IDENTITY_DEV_WRITE_KEY=DEV_WRITE_KEY,
+        IDENTITY_MAX_CONNECTIONS="1",
+    )
+
+
+async def crowd(port: int) -> asyncio.StreamWriter:
+    """Another client of the service: a connection, one ``GET /healthz`` answered, kept."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: crowd\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    return writer
+
+
+def test_the_service_closing_a_pooled_connection_for_a_new_one_keeps_the_identity(
+    crowded_service: Service,
+) -> None:
+    """End to end: the service at its connection limit (``IDENTITY_MAX_CONNECTIONS=1``)
+    closes the client's kept-alive connection for another client's, just as the client's
+    exchange goes out on it. A loopback TCP proxy between the client and the service only
+    sets the timing: it holds that exchange's bytes while the other client connects (so the
+    service has read nothing of it when it closes the connection), then passes the
+    service's close on. The exchange is sent again on a new connection and restores the
+    visitor's identity; without the retry, an ``IdentityConnectionError`` (the middleware's
+    generated fallback: the identity lost)."""
+    port = int(crowded_service.url.rsplit(":", 1)[1])
+    connections: list[int] = []
+    others: list[asyncio.StreamWriter] = []
+    crowded = asyncio.Event()  # made in main()'s loop: asyncio.Event binds on first use
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(len(connections) + 1)
+        number = len(connections)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+
+        async def back() -> None:  # the service's bytes, then its close, to the client
+            while data := await up_reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            if number == 1:  # the close, once the other client was served (else the
+                await crowded.wait()  # retry could come first, and meet the limit: a 503)
+            writer.close()
+
+        answering = asyncio.create_task(back())
+        posts = 0
+        while data := await reader.read(65536):
+            posts += data.startswith(b"POST ")
+            if number == 1 and posts == 2:  # the exchange on the kept-alive connection
+                if not others:
+                    others.append(await crowd(port))
+                    crowded.set()
+                continue  # held: the service closes this connection having read nothing
+            up_writer.write(data)
+            await up_writer.drain()
+        up_writer.close()
+        await answering
+
+    async def main() -> tuple[str, Identity]:
+        proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{proxy.sockets[0].getsockname()[1]}"
+        try:
+            async with AsyncIdentityClient(url, DEV_WRITE_KEY, max_retries=0) as client:
+                prepared = await client.prepare("kept-e2e", destination="http://b.localhost/x")
+                return prepared.token, await client.exchange(prepared.token, fallback=True)
+        finally:
+            for writer in others:
+                writer.close()
+            proxy.close()
+
+    _, identity = asyncio.run(main())
+    assert identity.anonymous_id == "kept-e2e" and identity.source == "handoff"
+    assert connections == [1, 2]  # the exchange again, on a new connection
