@@ -7,6 +7,7 @@ import net from "node:net";
 import { test } from "node:test";
 
 import { IdentityClient, IdentityConnectionError } from "../dist/esm/index.js";
+import { WRITE_KEY as SERVICE_WRITE_KEY, startService } from "./helpers.mjs";
 
 const WRITE_KEY = "idle-close-write-key-0123456789";
 const PREPARE = "/v1/handoffs";
@@ -223,3 +224,78 @@ for (const operation of ["prepare", "exchange"]) {
     }
   });
 }
+
+/** Another client of the service: a connection, one `GET /healthz` answered, kept open. */
+function crowd(port) {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(port, "127.0.0.1", () => socket.write("GET /healthz HTTP/1.1\r\nHost: crowd\r\n\r\n"));
+    let head = "";
+    socket.on("error", reject);
+    socket.on("data", (chunk) => {
+      head += chunk.toString("latin1");
+      if (head.includes("\r\n\r\n")) {
+        assert.match(head, /^HTTP\/1\.1 200 /);
+        resolve(socket);
+      }
+    });
+  });
+}
+
+test("end to end: the service closing the pooled connection for a new one as the exchange goes out keeps the identity", async () => {
+  // The real service holds one connection at most (IDENTITY_MAX_CONNECTIONS=1): a new one
+  // closes the one kept alive. A loopback TCP proxy between the client and the service only
+  // sets the timing: it holds the exchange's bytes on the kept-alive connection while another
+  // client connects (so the service has read nothing of it when it closes that connection),
+  // then passes the service's close on. Without the retry: an IdentityConnectionError (the
+  // middleware's generated fallback: the identity lost).
+  const service = await startService({ IDENTITY_MAX_CONNECTIONS: "1" });
+  const sockets = new Set();
+  const others = [];
+  let connections = 0;
+  const proxy = net.createServer((client) => {
+    connections += 1;
+    const number = connections;
+    const upstream = net.connect(service.port, "127.0.0.1");
+    let posts = 0;
+    let crowded = number === 1 ? null : Promise.resolve();
+    for (const socket of [client, upstream]) {
+      sockets.add(socket);
+      socket.on("error", () => {});
+      socket.on("close", () => sockets.delete(socket));
+    }
+    upstream.on("data", (chunk) => client.write(chunk));
+    // The close, once the other client was served (else the retry could come first and meet
+    // the limit: a 503).
+    upstream.on("end", async () => {
+      await crowded;
+      client.end();
+    });
+    client.on("data", (chunk) => {
+      if (chunk.toString("latin1").startsWith("POST ")) posts += 1;
+      if (number === 1 && posts === 2) {
+        crowded ??= crowd(service.port).then((socket) => void others.push(socket));
+        return; // held: the service closes this connection having read nothing of it
+      }
+      upstream.write(chunk);
+    });
+    client.on("end", () => upstream.end());
+  });
+  await new Promise((resolve) => proxy.listen(0, "127.0.0.1", resolve));
+  try {
+    const client = new IdentityClient({
+      baseUrl: `http://127.0.0.1:${proxy.address().port}`,
+      writeKey: SERVICE_WRITE_KEY,
+      maxRetries: 0,
+    });
+    const prepared = await client.prepare({ anonymousId: "kept-e2e", destination: "http://checkout.localhost/cart" });
+    await new Promise((resolve) => setTimeout(resolve, 50)); // the socket back in fetch's pool
+    const identity = await client.exchange(prepared.token, { fallback: true });
+    assert.equal(identity.anonymousId, "kept-e2e");
+    assert.equal(identity.source, "handoff");
+    assert.equal(connections, 2); // the exchange again, on a new connection
+  } finally {
+    for (const socket of [...sockets, ...others]) socket.destroy();
+    await new Promise((resolve) => proxy.close(resolve));
+    await service.stop();
+  }
+});
