@@ -18,7 +18,7 @@ export interface IdentityClientOptions {
   writeKey?: string;
   /** Time for one attempt, in whole milliseconds (default 5000; 1 to 2^31 - 1). */
   timeoutMs?: number;
-  /** Retries of a prepare after a 503 or a connection error (default 2; 0 or more). Exchange is never retried. */
+  /** Retries of a prepare after a 503 or a connection error (default 2; 0 or more). Exchange is never retried (but on a kept-alive connection closed before any answer: see the class doc). */
   maxRetries?: number;
   /** First backoff delay in milliseconds (default 200; 0 to 2^31 - 1); doubled each retry, with full jitter. */
   backoffBaseMs?: number;
