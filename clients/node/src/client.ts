@@ -18,7 +18,7 @@ export interface IdentityClientOptions {
   writeKey?: string;
   /** Time for one attempt, in whole milliseconds (default 5000; 1 to 2^31 - 1). */
   timeoutMs?: number;
-  /** Retries of a prepare after a 503 or a connection error (default 2; 0 or more). Exchange is never retried. */
+  /** Retries of a prepare after a 503 or a connection error (default 2; 0 or more). Exchange is never retried (but on a kept-alive connection closed before any answer: see the class doc). */
   maxRetries?: number;
   /** First backoff delay in milliseconds (default 200; 0 to 2^31 - 1); doubled each retry, with full jitter. */
   backoffBaseMs?: number;
@@ -224,6 +224,10 @@ function encoded(body: JsonObject): string {
  * already have consumed the token, and a retry would answer 404 and lose the identity
  * anyway. The caller exchanges with `fallback: true` (the middleware does) so that the page
  * goes on with a generated anonymousId instead.
+ *
+ * One failure alone is sent again, once, at once, for both: the server closed (or reset)
+ * the kept-alive connection the call went on before any of the answer came, which a server
+ * does only when it has read nothing of the request (see `closedUnanswered`).
  */
 export class IdentityClient {
   readonly baseUrl: string;
@@ -309,7 +313,8 @@ export class IdentityClient {
   }
 
   /**
-   * Domain B: exchanges a token for the identity, once. Never retried (see the class doc):
+   * Domain B: exchanges a token for the identity, once. Never retried but on a kept-alive
+   * connection closed before any answer (see the class doc):
    * pass `fallback: true` to get a generated anonymousId when the token cannot be exchanged.
    */
   async exchange(token: string, options: ExchangeOptions = {}): Promise<Identity> {
@@ -380,14 +385,14 @@ export class IdentityClient {
     return out;
   }
 
-  /** One attempt, sending `body` (the encoded JSON). */
-  async #post(path: string, body: string, secrets: readonly string[] = []): Promise<Answer> {
-    const scrub = (text: string) => this.#scrub(text, secrets);
-    const url = this.baseUrl + path;
-    let response: Response;
-    let text: string;
+  /**
+   * The POST of `body` to `url`, up to the answer's head (each attempt within `timeoutMs`):
+   * sent again once, at once, when `retry` and the connection failed before any of the
+   * answer came in a way only a closed kept-alive connection fails (`closedUnanswered`).
+   */
+  async #send(url: string, body: string, retry: boolean): Promise<Response> {
     try {
-      response = await this.#fetch(url, {
+      return await this.#fetch(url, {
         method: "POST",
         headers: {
           ...this.#headers,
@@ -399,6 +404,20 @@ export class IdentityClient {
         redirect: "manual",
         signal: AbortSignal.timeout(this.timeoutMs),
       });
+    } catch (error) {
+      if (retry && closedUnanswered(error)) return this.#send(url, body, false);
+      throw error;
+    }
+  }
+
+  /** One call, sending `body` (the encoded JSON). */
+  async #post(path: string, body: string, secrets: readonly string[] = []): Promise<Answer> {
+    const scrub = (text: string) => this.#scrub(text, secrets);
+    const url = this.baseUrl + path;
+    let response: Response;
+    let text: string;
+    try {
+      response = await this.#send(url, body, true);
       text = await response.text();
     } catch (error) {
       if (error instanceof IdentityError) throw error;
@@ -439,6 +458,48 @@ export class IdentityClient {
     }
     return new Answer(data as JsonObject, `POST ${url}`, response.status);
   }
+}
+
+/**
+ * Whether a rejected fetch (no answer's head came) failed because the server closed or
+ * reset the kept-alive connection it went on before any of the answer: the one failure
+ * `#send` retries, once, at once, prepare and exchange alike (as the Python SDK's
+ * `_closed_unanswered`).
+ *
+ * A server may close a connection kept alive between requests at any time (RFC 9112 9.5);
+ * the service's front does so at its connection limit, for a new connection, and nginx at
+ * its keepalive_timeout. Node's fetch (undici) drops a pooled socket it has seen end, but a
+ * FIN that comes while the request is written fails it: `SocketError: other side closed`
+ * (UND_ERR_SOCKET), or `ECONNRESET` when the request's bytes came in as the server closed.
+ * undici retries no POST itself (only requests it had not written, and idempotent ones
+ * through its RetryAgent, which fetch does not use). So, as browsers do for a request that
+ * failed on a reused connection before any byte of its answer, it is sent again:
+ *
+ * - a server closes a kept-alive connection only when it has read nothing of a next
+ *   request (the front, nginx), so the request was not processed, and a retry does it once;
+ * - were it processed anyway (a server that crashed after applying it), a retried exchange
+ *   answers `token-not-found`, the same fallback or error as giving up, and a retried
+ *   prepare at worst leaves one more unused token, which expires (300 s at most): the retry
+ *   can never make things worse.
+ *
+ * fetch does not say whether the socket was reused. undici's SocketError gives the bytes
+ * the socket read: none means a connection opened for this very request (a reused one read
+ * the answers before), refused by the server itself, not retried here (prepare's
+ * `maxRetries` covers a prepare); some means a reused socket, or a head cut short, which
+ * fetch cannot tell from none (the retry is harmless either way, above). A reset tells
+ * nothing of the socket: retried, as a disconnect before any of the answer. Never retried:
+ * a timeout, an answer whose head came (a body cut short fails `response.text()`, not
+ * fetch), any HTTP status, an answer undici's parser refused.
+ */
+function closedUnanswered(error: unknown): boolean {
+  const cause = (error as { cause?: unknown } | null)?.cause;
+  if (cause === null || typeof cause !== "object") return false;
+  const { code, socket } = cause as { code?: unknown; socket?: { bytesRead?: unknown } };
+  if (code === "UND_ERR_SOCKET") {
+    const read = socket?.bytesRead;
+    return typeof read !== "number" || read > 0;
+  }
+  return code === "ECONNRESET" || code === "EPIPE";
 }
 
 /**

@@ -60,6 +60,32 @@ def attempt_seconds(timeout: float | httpx.Timeout) -> float | None:
     return float(timeout)
 
 
+class Attempt:
+    """What one attempt's connection did, as httpcore reports it through the request's
+    ``trace`` extension (``note``; ``anote`` for the async client, whose trace is awaited),
+    and whether its answer's head arrived (``answered``, set by the client)."""
+
+    __slots__ = ("answered", "opened")
+
+    def __init__(self) -> None:
+        self.opened = False  # a connection was opened for it: not one kept alive
+        self.answered = False
+
+    def note(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's trace: ``connection.connect_tcp.started`` (or ``connect_unix_socket``)
+        comes only when the pool opens a connection for this request."""
+        if event.startswith("connection.connect_"):
+            self.opened = True
+
+    async def anote(self, event: str, info: dict[str, Any]) -> None:
+        """``note``, awaited (httpcore's async pool awaits its trace)."""
+        self.note(event, info)
+
+
+# httpcore's text when the connection ended while h11 still awaited the answer's status line.
+_UNANSWERED = "without sending a response"
+
+
 class BaseClient:
     """Settings and the request/answer logic of both clients (no I/O here)."""
 
@@ -199,6 +225,60 @@ class BaseClient:
         for chunk in chunks:
             self._check_deadline(deadline, request)
             yield chunk
+
+    def _request(
+        self, http: httpx.Client | httpx.AsyncClient, path: str, content: bytes, seen: Attempt
+    ) -> httpx.Request:
+        """The POST of ``content`` to ``path``, traced into ``seen`` (``Attempt``)."""
+        trace = seen.anote if isinstance(http, httpx.AsyncClient) else seen.note
+        return http.build_request(
+            "POST",
+            self.base_url + path,
+            content=content,
+            headers=self._headers,
+            extensions={"trace": trace},
+        )
+
+    @staticmethod
+    def _closed_unanswered(exc: httpx.TransportError, seen: Attempt) -> bool:
+        """Whether the attempt ``seen`` failed with ``exc`` because the server closed (or
+        reset) the kept-alive connection it was sent on before any of the answer came: the
+        one failure both clients' ``_post`` retry, once, at once, prepare and exchange alike.
+
+        A server may close a connection kept alive between requests at any time (RFC 9112
+        9.5); the service's front does so at its connection limit, for a new connection,
+        and nginx at its keepalive_timeout. httpcore checks that a pooled connection is not
+        readable (no FIN waiting) before it reuses it, but a FIN that comes after that check,
+        while the request is written, still fails the request: "Server disconnected without
+        sending a response", or a read error (ECONNRESET) when the request's bytes came in
+        as the server closed. httpx's own ``HTTPTransport(retries=...)`` does not cover it:
+        httpcore retries only ``ConnectError``/``ConnectTimeout`` while opening a connection.
+        So, as browsers do for a request that failed on a reused connection before any byte
+        of its answer, it is sent again, on another connection:
+
+        - a server closes a kept-alive connection only when it has read nothing of a next
+          request (the front, nginx), so the request was not processed, and a retry does it
+          once;
+        - were it processed anyway (a server that crashed after applying it), a retried
+          exchange answers ``token-not-found``, the same fallback or error as giving up, and
+          a retried prepare at worst leaves one more unused token, which expires (300 s at
+          most): the retry can never make things worse.
+
+        Not retried: a connection opened for this very request (nothing was kept alive: the
+        server refused the request itself, which prepare's ``max_retries`` covers, and an
+        exchange never retries), a timeout, an answer begun (its head came: a body cut
+        short) or any HTTP status, nor anything httpx's parser refused in the answer. httpx
+        cannot tell a status line cut short from none: both are "disconnected without
+        sending a response", and a server that wrote part of one and died is taken as one
+        that wrote nothing (the retry is harmless either way, above). With an http_client
+        whose transport reports no trace (not httpcore's), any connection is taken as kept
+        alive: a disconnect before the answer's head is retried once.
+        """
+        if seen.opened or seen.answered:
+            return False
+        if isinstance(exc, httpx.RemoteProtocolError):
+            return _UNANSWERED in str(exc)
+        return isinstance(exc, httpx.ReadError | httpx.WriteError)
 
     @staticmethod
     def _answer(response: httpx.Response, raw: Iterable[bytes]) -> httpx.Response:

@@ -16,6 +16,7 @@ from identity_client._base import (
     DEFAULT_TIMEOUT,
     EXCHANGE_PATH,
     PREPARE_PATH,
+    Attempt,
     BaseClient,
 )
 from identity_client.errors import ConfigurationError
@@ -36,6 +37,12 @@ _EXCHANGE_DOC = """Exchange a handoff token for the identity it carries, exactly
         either: it goes on without the handoff (keeps or generates the visitor's own id),
         and the normal way to ask is ``fallback=True``, which never fails for a missing
         token. The middleware does exactly this.
+
+        One failure alone is sent again, once, at once, as for a prepare: the connection
+        kept alive between requests was closed (or reset) by the server before any of the
+        answer came, which a server does only when it has read nothing of the request (see
+        ``BaseClient._closed_unanswered``); were it processed anyway, the retry answers
+        ``TokenNotFound`` or the fallback, as giving up would.
         """
 
 
@@ -46,7 +53,8 @@ class IdentityClient(BaseClient):
     ``base_url`` and ``write_key`` default to ``IDENTITY_URL`` and ``IDENTITY_WRITE_KEY``.
     ``prepare`` is retried up to ``max_retries`` times on 503 (honouring Retry-After, capped
     at ``backoff_max``) and on connection errors, with exponential backoff and jitter;
-    ``exchange`` never is (see its docstring).
+    ``exchange`` never is (see its docstring). Both are sent again once, at once, when the
+    kept-alive connection they went on was closed by the server before any of the answer.
     """
 
     def __init__(
@@ -129,17 +137,28 @@ class IdentityClient(BaseClient):
     exchange.__doc__ = _EXCHANGE_DOC
 
     def _post(self, path: str, content: bytes) -> httpx.Response:
-        """One attempt sending ``content`` (the encoded body), its whole answer read within
-        the attempt's time (checked between the answer's reads: httpx's own limits bound
-        each read, not the answer)."""
+        """Send ``content`` (the encoded body) to ``path``: once, and once more at once
+        when the kept-alive connection it went on was closed before any of the answer came
+        (``BaseClient._closed_unanswered`` says why that is safe for an exchange too)."""
+        seen = Attempt()
+        try:
+            return self._attempt(path, content, seen)
+        except httpx.TransportError as exc:
+            if not self._closed_unanswered(exc, seen):
+                raise
+        return self._attempt(path, content, Attempt())  # outside the except: unchained
+
+    def _attempt(self, path: str, content: bytes, seen: Attempt) -> httpx.Response:
+        """One attempt, traced into ``seen``, its whole answer read within the attempt's
+        time (checked between the answer's reads: httpx's own limits bound each read, not
+        the answer)."""
         deadline = self._deadline()
         with self._unexpected():
-            request = self._http.build_request(
-                "POST", self.base_url + path, content=content, headers=self._headers
-            )
+            request = self._request(self._http, path, content, seen)
             # Never followed, whatever the http_client's follow_redirects: a 307 or 308 would
             # send the body (the token, the visitor's ids) again, to wherever it points.
             response = self._http.send(request, stream=True, follow_redirects=False)
+            seen.answered = True
             try:
                 return self._answer(response, self._within(response.iter_raw(), deadline, request))
             finally:
@@ -276,17 +295,28 @@ class AsyncIdentityClient(BaseClient):
     exchange.__doc__ = _EXCHANGE_DOC
 
     async def _post(self, path: str, content: bytes) -> httpx.Response:
-        """One attempt sending ``content`` (the encoded body), the whole of it (connect,
-        send, the answer's headers and body) within the attempt's time."""
+        """Send ``content`` (the encoded body) to ``path``: once, and once more at once
+        when the kept-alive connection it went on was closed before any of the answer came
+        (see the sync client's ``_post``)."""
+        seen = Attempt()
+        try:
+            return await self._attempt(path, content, seen)
+        except httpx.TransportError as exc:
+            if not self._closed_unanswered(exc, seen):
+                raise
+        return await self._attempt(path, content, Attempt())  # outside the except: unchained
+
+    async def _attempt(self, path: str, content: bytes, seen: Attempt) -> httpx.Response:
+        """One attempt, traced into ``seen``, the whole of it (connect, send, the answer's
+        headers and body) within the attempt's time."""
         with self._unexpected():
             http = self._pool()
-            request = http.build_request(
-                "POST", self.base_url + path, content=content, headers=self._headers
-            )
+            request = self._request(http, path, content, seen)
             try:
                 async with asyncio.timeout(self._attempt_seconds):
-                    # Never followed (see the sync client's _post).
+                    # Never followed (see the sync client's _attempt).
                     response = await http.send(request, stream=True, follow_redirects=False)
+                    seen.answered = True
                     try:
                         raw = [chunk async for chunk in response.aiter_raw()]
                     finally:
