@@ -122,10 +122,19 @@ async function run(url, calls) {
   return out;
 }
 
+/** Run `body` against an `idleCloser(rule)` server, closed afterwards whatever happens. */
+async function withIdleCloser(rule, body) {
+  const server = await idleCloser(rule);
+  try {
+    await body(server);
+  } finally {
+    await server.close();
+  }
+}
+
 for (const rule of ["second", "arrival"]) {
   test(`an exchange on a kept-alive connection closed unanswered (${rule}) is sent again once, on a new connection`, async () => {
-    const server = await idleCloser(rule);
-    try {
+    await withIdleCloser(rule, async (server) => {
       const [prepared, identity] = await run(server.url, [
         ["prepare", "a"],
         ["exchange", "token-a"],
@@ -140,14 +149,11 @@ for (const rule of ["second", "arrival"]) {
       ]);
       if (rule === "second") assert.equal(server.requests[2].body, server.requests[1].body);
       assert.equal(server.connections, 2);
-    } finally {
-      await server.close();
-    }
+    });
   });
 
   test(`a prepare on a kept-alive connection closed unanswered (${rule}) is sent again once (not prepare's own retry)`, async () => {
-    const server = await idleCloser(rule);
-    try {
+    await withIdleCloser(rule, async (server) => {
       const [first, second] = await run(server.url, [
         ["prepare", "a"],
         ["prepare", "b"],
@@ -159,15 +165,12 @@ for (const rule of ["second", "arrival"]) {
         [1, 2, PREPARE],
         [2, 1, PREPARE],
       ]);
-    } finally {
-      await server.close();
-    }
+    });
   });
 }
 
 test("a fresh connection closed unanswered is not retried: the usual connection error", async () => {
-  const server = await idleCloser("first");
-  try {
+  await withIdleCloser("first", async (server) => {
     const [failed, prepared] = await run(server.url, [
       ["exchange", "t"],
       ["prepare", "b"],
@@ -179,17 +182,14 @@ test("a fresh connection closed unanswered is not retried: the usual connection 
       [1, 1, EXCHANGE],
       [2, 1, PREPARE],
     ]);
-  } finally {
-    await server.close();
-  }
+  });
 });
 
 for (const operation of ["prepare", "exchange"]) {
   const path = operation === "prepare" ? PREPARE : EXCHANGE;
 
   test(`a server that closes every time gets one retry of ${operation === "prepare" ? "a" : "an"} ${operation}, then the usual error`, async () => {
-    const server = await idleCloser("after-first");
-    try {
+    await withIdleCloser("after-first", async (server) => {
       const [first, failed] = await run(server.url, [
         ["prepare", "a"],
         [operation, "token-a"],
@@ -201,14 +201,11 @@ for (const operation of ["prepare", "exchange"]) {
         [1, 2, path],
         [2, 1, path],
       ]);
-    } finally {
-      await server.close();
-    }
+    });
   });
 
   test(`${operation === "prepare" ? "a" : "an"} ${operation} whose answer is cut short is not retried`, async () => {
-    const server = await idleCloser("partial");
-    try {
+    await withIdleCloser("partial", async (server) => {
       const [first, failed] = await run(server.url, [
         ["prepare", "a"],
         [operation, "token-a"],
@@ -219,9 +216,7 @@ for (const operation of ["prepare", "exchange"]) {
         [1, 1, PREPARE],
         [1, 2, path],
       ]);
-    } finally {
-      await server.close();
-    }
+    });
   });
 }
 
