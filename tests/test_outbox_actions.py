@@ -63,15 +63,19 @@ def actions_client(
 
 
 async def handoff_and_hits(client: AppClient) -> None:
-    """A handoff prepared and exchanged, and AMP hits that would each emit an event: a
-    cache hit with the visitor's cookie (which links the clientId) and one without (the
-    linked path)."""
+    """What would each emit events: a handoff prepared and exchanged, an exchange that
+    falls back to a generated id, and AMP hits: from a cache with the visitor's cookie
+    (which links the clientId), then without it (the link read), and of a clientId with no
+    link."""
     prepared = await prepare(client, userId="user-actions-4d1f")
     status, _ = await exchange(client, prepared["token"])
     assert status == 200
+    status, _ = await exchange(client, "no-such-token", fallback=True)
+    assert status == 200
     with_cookie = await hit(client, origin=CACHE, cookie=COLLECT_VISITOR, ampId=CACHE_CLIENT_ID)
     linked = await hit(client, origin=CACHE, ampId=CACHE_CLIENT_ID)
-    assert (with_cookie.status, linked.status) == (204, 204)
+    unlinked = await hit(client, origin=CACHE, ampId="cache-cid-unlinked-7e2a")
+    assert (with_cookie.status, linked.status, unlinked.status) == (204, 204, 204)
 
 
 async def queue_a_failing_call(client: AppClient, receiver: WebhookReceiver) -> None:
