@@ -448,19 +448,23 @@ def _warn_unreachable(unreachable: Exception | None, meanwhile: str) -> None:
 
 
 def _warn_no_destination(settings: Settings) -> None:
-    """Say once, at start, that on Redis no destination takes the events: they are kept in
-    the outbox, and never printed on standard output, where the logs go (they carry ids)."""
-    if settings.redis is None or not settings.outbox.enabled:
-        return
-    if settings.outbox.events_destinations:
+    """Say once, in one line, at start, that on Redis no destination takes the events: they
+    are kept in the outbox, and never printed on standard output, where the logs go (they
+    carry ids). It names the setting that emits none: ``actions`` when AMP actions are
+    configured (``off`` would drop their queued webhook calls too), else ``off``."""
+    if settings.redis is None or not settings.outbox.events_wait:
         return
     import structlog
 
     structlog.get_logger(__name__).warning("outbox_no_destination")
+    if settings.amp is not None and settings.amp.actions:
+        none = "IDENTITY_OUTBOX=actions emits none and keeps the AMP actions' webhook retries"
+    else:
+        none = "IDENTITY_OUTBOX=off emits none"
     print(
         "identity-service: warning: no events destination: the events are kept in the Redis "
         "outbox until one is configured (IDENTITY_DESTINATION_URL, [destinations] or "
-        "IDENTITY_EVENTS_FILE); IDENTITY_OUTBOX=off writes none",
+        f"IDENTITY_EVENTS_FILE); {none}",
         file=sys.stderr,
         flush=True,
     )

@@ -183,9 +183,10 @@ class RedisFeed:
         """``addressed_only``: deliver only the entries whose ``only`` names ``destination``
         (an AMP action's webhook); other destinations deliver those without ``only`` too,
         but with ``sources``, only those whose source (field ``s``) is one of them.
-        ``trim``: False when no destination configured takes events (only AMP actions' do
-        exist): the actions' groups skip the events and need none of them, which wait in
-        the streams for a destination, so the streams are not trimmed."""
+        ``trim``: False when events are emitted and no destination configured takes them
+        (only AMP actions' do exist): the actions' groups skip the events and need none of
+        them, which wait in the streams for a destination, so the streams are not trimmed.
+        With ``IDENTITY_OUTBOX=actions`` no event is written, and the streams are trimmed."""
         self._redis = redis
         self._addressed_only = addressed_only
         self._sources = None if sources is None else {name.encode() for name in sources}

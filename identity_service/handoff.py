@@ -153,7 +153,7 @@ class HandoffService:
     def _prepare_events(
         self, lookup_id: bytes, request: PrepareRequest, source: Source, prepared_at: str
     ) -> PrepareEvents | None:
-        if not self._outbox.enabled:
+        if not self._outbox.emits_events:
             return None
         if not ev.analytics_allowed(request.consent):
             # Counted by prepare once stored: the started track (the exchange counts domain
@@ -183,7 +183,7 @@ class HandoffService:
         return PrepareEvents(started=[started], completion=template, source=source.name)
 
     def _exchange_facts(self, source: Source, request: ExchangeRequest) -> dict[str, Any] | None:
-        if not self._outbox.enabled:
+        if not self._outbox.emits_events:
             return None
         facts = ev.exchange_facts(
             event=request.event or self._outbox.completed_event,

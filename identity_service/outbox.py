@@ -62,8 +62,8 @@ async def running_forwarders(
                 destination.addressed_only,
                 destination.sources,
                 settings.redis.shards,
-                # Without an events destination the events wait for one: nothing trims them.
-                trim=bool(settings.outbox.events_destinations),
+                # Events without a destination wait for one: nothing trims them.
+                trim=not settings.outbox.events_wait,
             )
         else:
             assert memory is not None, "the memory store's outbox is needed without Redis"

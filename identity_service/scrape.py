@@ -13,10 +13,10 @@ entries are read to be counted, at most ``UNREAD_COUNT_CAP`` a shard. Unlike ``o
 status`` it takes no transaction per shard: an entry being dead-lettered during the scrape
 may count once in both.
 
-On Redis without an events destination the events wait in the outbox for one: their
-backlog shows as that of destination ``(none)`` (:data:`NO_DESTINATION`, a name no
-destination can have), every entry of the streams, as for a destination whose group does
-not exist yet.
+On Redis without an events destination the events (emitted unless
+``IDENTITY_OUTBOX=actions``) wait in the outbox for one: their backlog shows as that of
+destination ``(none)`` (:data:`NO_DESTINATION`, a name no destination can have), every
+entry of the streams, as for a destination whose group does not exist yet.
 """
 
 import asyncio
@@ -54,10 +54,11 @@ _Followup = Callable[[Any], None]
 
 def backlog_destinations(outbox: OutboxSettings) -> list[str]:
     """The destinations whose outbox backlog a scrape of Redis reads: the configured ones,
-    and :data:`NO_DESTINATION` when the outbox is on and none of them takes events (they
-    wait in the outbox: serve and forward warn at start, and the backlog shows it)."""
+    and :data:`NO_DESTINATION` when events are emitted and none of them takes events (they
+    wait in the outbox: serve and forward warn at start, and the backlog shows it); never
+    with ``IDENTITY_OUTBOX=actions``, which emits none."""
     names = [destination.name for destination in outbox.destinations]
-    if outbox.enabled and not outbox.events_destinations:
+    if outbox.events_wait:
         names.append(NO_DESTINATION)
     return names
 

@@ -31,6 +31,7 @@ from identity_service.sources import (
 from identity_service.urls import DNS_PROBLEM, fits_dns, host_port, is_loopback_host
 
 T = TypeVar("T")
+Choice = TypeVar("Choice", bound=str)  # one of a setting's allowed values
 
 CONFIG_FILE_VAR = c.ENV_PREFIX + "CONFIG_FILE"
 REDIS_SCHEMES = (
@@ -394,11 +395,18 @@ def action_destinations(amp: AmpSettings | None) -> list[Destination]:
     ]
 
 
+# IDENTITY_OUTBOX: ``on``, the events and the AMP actions' queued webhook calls; ``actions``,
+# the webhook calls alone (no events emitted); ``off``, neither.
+OutboxMode = Literal["on", "actions", "off"]
+OUTBOX_MODES: tuple[OutboxMode, ...] = ("on", "actions", "off")
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxSettings:
-    """Events: whether they are emitted, where to, and how they are batched and retried."""
+    """The outbox: what it carries (``mode``), where to, and how it is batched and
+    retried."""
 
-    enabled: bool = True
+    mode: OutboxMode = "on"
     destinations: tuple[Destination, ...] = (Destination("stdout", "stdout"),)
     forwarder_in_serve: bool = True
     batch_max_events: int = c.DEFAULT_BATCH_MAX_EVENTS
@@ -412,9 +420,28 @@ class OutboxSettings:
     completed_event: str = c.DEFAULT_COMPLETED_EVENT
 
     @property
+    def enabled(self) -> bool:
+        """Whether the outbox runs (``on``, ``actions``): its forwarders deliver, and an AMP
+        action's webhook call that fails transiently is queued in it for them."""
+        return self.mode != "off"
+
+    @property
+    def emits_events(self) -> bool:
+        """Whether handoffs and AMP hits emit Segment events (``on``); ``actions`` carries
+        the AMP actions' webhook calls alone."""
+        return self.mode == "on"
+
+    @property
     def events_destinations(self) -> int:
         """How many destinations receive events (the AMP actions' webhooks do not)."""
         return sum(not destination.addressed_only for destination in self.destinations)
+
+    @property
+    def events_wait(self) -> bool:
+        """Whether events are emitted with no destination to take them: on Redis they wait
+        in the outbox for one (untrimmed, shown as destination ``(none)``, warned of at
+        start)."""
+        return self.emits_events and not self.events_destinations
 
     @property
     def routes_by_source(self) -> bool:
@@ -425,7 +452,7 @@ class OutboxSettings:
     def routed_nowhere(self, source_names: list[str]) -> list[str]:
         """The sources whose events no destination takes (every events destination names
         ``sources`` and none names them): their events would be dropped unseen."""
-        if not self.enabled:
+        if not self.emits_events:
             return []
         takers = [d for d in self.destinations if not d.addressed_only]
         if any(d.sources is None for d in takers):
@@ -646,12 +673,13 @@ class _Reader:
     def outbox_settings(self, amp: AmpSettings | None, source_names: list[str]) -> OutboxSettings:
         """The outbox: the events' destinations, then one per AMP action (``amp``).
         ``source_names``: the configured sources, which a destination's ``sources`` name."""
-        enabled = self.choice("outbox", "on", ("on", "off")) == "on"
+        mode = self.choice("outbox", "on", OUTBOX_MODES)
         forwarder = self.choice("forwarder", "embedded", ("embedded", "off"))
         self.source_names = source_names
+        events = mode != "actions"
         return OutboxSettings(
-            enabled=enabled,
-            destinations=tuple(self.destinations(action_destinations(amp))),
+            mode=mode,
+            destinations=tuple(self.destinations(action_destinations(amp), events)),
             forwarder_in_serve=forwarder == "embedded",
             batch_max_events=self.integer(
                 "batch_max_events", c.DEFAULT_BATCH_MAX_EVENTS, 1, c.MAX_BATCH_EVENTS
@@ -698,13 +726,18 @@ class _Reader:
             raw, where=self.where("amp"), source_names=source_names, problems=self.problems
         )
 
-    def destinations(self, actions: list[Destination] | None = None) -> list[Destination]:
+    def destinations(
+        self, actions: list[Destination] | None = None, events: bool = True
+    ) -> list[Destination]:
         """The events' destinations, then ``actions``, the AMP actions' webhook destinations;
-        names checked across all. When none is configured: standard output on the embedded
-        store (development: ``make serve`` shows its events), none on Redis, where standard
-        output is the logs, which no identity may reach: the events wait in the outbox for
-        a destination (the forwarders warn at start)."""
+        names checked across all. When none is configured and ``events`` are emitted:
+        standard output on the embedded store (development: ``make serve`` shows its
+        events), none on Redis, where standard output is the logs, which no identity may
+        reach: the events wait in the outbox for a destination (the forwarders warn at
+        start). Without ``events`` (``outbox`` ``actions``) an events destination configured
+        is a problem: it would never receive anything."""
         found: list[Destination] = []
+        configured: list[str] = []  # the events destinations' settings, as the user wrote them
         single = {key: self.raw(f"destination_{key}") for key in DESTINATION_KEYS}
         if any(value is not None for value in single.values()):
             written = {
@@ -712,6 +745,7 @@ class _Reader:
                 for key in DESTINATION_KEYS
             }
             found.extend(self._http_destination("default", single, written))
+            configured.append(written["url"])
         table = self.table("destinations") or {}
         if not isinstance(table, dict):
             self.problems.append("destinations must be a table of destination name to settings")
@@ -726,10 +760,20 @@ class _Reader:
                 continue
             written = {key: f"{where}.{key}" for key in DESTINATION_KEYS}
             found.extend(self._http_destination(str(name), spec, written))
+            configured.append(where)
         events_file = self.text("events_file", None)
-        if events_file is not None and self.events_file_opens(Path(events_file)):
-            found.append(Destination("file", "file", path=events_file))
-        if not found and not self.given("redis_url"):
+        if events_file is not None:
+            configured.append(self.where("events_file"))
+            if self.events_file_opens(Path(events_file)):
+                found.append(Destination("file", "file", path=events_file))
+        if configured and not events:
+            outbox = self.where("outbox")
+            self.problems.append(
+                f"{outbox}=actions emits no events: {', '.join(configured)} would never "
+                f"receive anything; remove {'it' if len(configured) == 1 else 'them'}, or set "
+                f"{outbox}=on"
+            )
+        if not found and events and not self.given("redis_url"):
             found = [Destination("stdout", "stdout")]
         found += actions or []
         names = [d.name for d in found]
@@ -875,19 +919,21 @@ class _Reader:
         self.problem(name, f"must be an address or a host name of {DNS_PROBLEM}")
         return default
 
-    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+    def choice(self, name: str, default: Choice, allowed: tuple[Choice, ...]) -> Choice:
         """One of ``allowed`` (any case, spaces around); ``off``, when allowed, as
         :func:`_is_off` reads it."""
         raw = self.raw(name)
-        if "off" in allowed and _is_off(raw):
-            return "off"
-        if raw is True and "on" in allowed:
-            return "on"  # YAML reads an unquoted on as true
-        value = (self.text(name, default) or default).strip().lower()
-        if value not in allowed:
-            self.problem(name, f"must be one of {', '.join(allowed)}, not {value!r}")
-            return default
-        return value
+        if _is_off(raw):
+            value = "off"
+        elif raw is True:
+            value = "on"  # YAML reads an unquoted on as true
+        else:
+            value = (self.text(name, default) or default).strip().lower()
+        for option in allowed:
+            if option == value:
+                return option
+        self.problem(name, f"must be one of {', '.join(allowed)}, not {value!r}")
+        return default
 
     def redis_settings(self) -> RedisSettings | None:
         url = self.text("redis_url", None)

@@ -1714,6 +1714,31 @@ def test_the_chart_takes_the_redis_waits_the_service_takes(
     assert not problem or "REDIS_WAIT" in problem
 
 
+@pytest.mark.parametrize("with_destinations", [False, True])
+def test_outbox_actions_renders_and_refuses_destinations_as_the_service_does(
+    with_destinations: bool,
+) -> None:
+    """``actions`` is one of the schema's values, written to IDENTITY_OUTBOX; with
+    ``destinations`` as well, which would never receive an event, the service refuses to
+    start, and the render stops."""
+    change: dict[str, Any] = {"config": {"outbox": "actions"}}
+    environ = {"IDENTITY_SECRET": "s" * 32, "IDENTITY_OUTBOX": "actions"}
+    if with_destinations:
+        destination = {"url": "https://api.segment.io", "write_key": "wk"}
+        change["destinations"] = {"segment": {"url": destination["url"], "writeKey": "wk"}}
+        environ["IDENTITY_DESTINATIONS"] = json.dumps({"segment": destination})
+    values = merge(ci_values("external-redis"), change)
+    chart().validate_schema(chart().merge_values(values))
+    if not with_destinations:
+        load_settings(environ)
+        assert find(render(values), "ConfigMap")["data"]["IDENTITY_OUTBOX"] == "actions"
+        return
+    with pytest.raises(ConfigError, match="IDENTITY_OUTBOX=actions emits no events"):
+        load_settings(environ)
+    with pytest.raises(helm_python.HelmError, match=r"config\.outbox actions emits no events"):
+        render(values)
+
+
 def merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
     """``change`` laid over ``base``, nested mappings merged."""
     merged = copy.deepcopy(base)

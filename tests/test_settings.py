@@ -168,7 +168,7 @@ def test_an_invalid_ttl_is_the_only_problem_and_named_as_written(tmp_path: Path)
         (  # the outbox may be meant off: no verdict on the forwarder without Redis
             {"IDENTITY_OUTBOX": "sometimes", "IDENTITY_FORWARDER": "off"},
             "",
-            "IDENTITY_OUTBOX must be one of on, off, not 'sometimes'",
+            "IDENTITY_OUTBOX must be one of on, actions, off, not 'sometimes'",
         ),
         ({}, 'secret = "short"', "secret must be at least 32 characters"),
         ({}, 'log_level = "loud"', "log_level must be debug, info, warning or error, not 'loud'"),
@@ -437,7 +437,7 @@ def test_bad_event_settings_are_explained() -> None:
     for expected in (
         "IDENTITY_DESTINATION_URL must be an http(s) URL",
         "IDENTITY_DESTINATION_WRITE_KEY is required",
-        "IDENTITY_OUTBOX must be one of on, off",
+        "IDENTITY_OUTBOX must be one of on, actions, off",
         "IDENTITY_FORWARDER must be one of embedded, off",
         "IDENTITY_BATCH_MAX_EVENTS must be between 1 and 2500",
         "IDENTITY_BATCH_MAX_WAIT must be between 0 and 60",
@@ -1495,6 +1495,77 @@ def test_off_reads_alike_in_every_setting_that_takes_it() -> None:
     assert settings.redis is not None and settings.redis.wait is None
     assert settings.forwarder_metrics_port is None
     assert settings.metrics_port is None
+
+
+AMP_WITH_ACTION = json.dumps(
+    {
+        "public_url": "https://www.example.com/identity",
+        "publisher_origins": ["https://www.example.com"],
+        "source": "shop",
+        "actions": {
+            "add-to-cart": {
+                "webhook": "https://api.example.com/cart",
+                "secret": "an-action-webhook-secret-0123456789",
+                "done_url": "https://www.example.com/cart",
+            }
+        },
+    }
+)
+
+
+def test_outbox_actions_keeps_the_webhook_calls_and_emits_no_event(tmp_path: Path) -> None:
+    """``actions``, in any case, from the environment or a file: the outbox runs for the
+    AMP actions' webhook calls and no event is emitted; without Redis no standard output
+    destination is added (it would print nothing)."""
+    environ = {"IDENTITY_SOURCES": json.dumps({"shop": SHOP}), "IDENTITY_AMP": AMP_WITH_ACTION}
+    outbox = load_settings({**environ, "IDENTITY_OUTBOX": " Actions "}).outbox
+    assert (outbox.mode, outbox.enabled, outbox.emits_events) == ("actions", True, False)
+    assert [d.name for d in outbox.destinations] == ["amp-action-add-to-cart"]
+    assert not outbox.events_wait and outbox.routed_nowhere(["shop"]) == []
+    path = tmp_path / "identity.yaml"
+    path.write_text("outbox: actions\n")
+    assert load_settings(environ, path).outbox.mode == "actions"
+    on = load_settings(environ).outbox
+    assert (on.mode, on.enabled, on.emits_events) == ("on", True, True)
+    off = load_settings({**environ, "IDENTITY_OUTBOX": "off"}).outbox
+    assert (off.mode, off.enabled, off.emits_events) == ("off", False, False)
+
+
+def test_an_unknown_outbox_value_is_one_problem_listing_the_three(tmp_path: Path) -> None:
+    assert problems_of({"IDENTITY_OUTBOX": "events"}) == [
+        "IDENTITY_OUTBOX must be one of on, actions, off, not 'events'"
+    ]
+    assert problems_of({}, write(tmp_path, 'outbox = "webhooks"\n')) == [
+        "outbox must be one of on, actions, off, not 'webhooks'"
+    ]
+
+
+def test_an_events_destination_with_outbox_actions_is_one_problem(tmp_path: Path) -> None:
+    """``actions`` emits no event: a destination of events would never receive anything.
+    Every one configured is named in one line, as the user wrote it."""
+    sources = {"IDENTITY_SOURCES": json.dumps({"shop": SHOP})}
+    environ = {
+        **sources,
+        "IDENTITY_OUTBOX": "actions",
+        "IDENTITY_AMP": AMP_WITH_ACTION,
+        "IDENTITY_DESTINATION_URL": "https://api.segment.io",
+        "IDENTITY_DESTINATION_WRITE_KEY": "wk",
+        "IDENTITY_EVENTS_FILE": str(tmp_path / "events.jsonl"),
+    }
+    assert problems_of(environ) == [
+        "IDENTITY_OUTBOX=actions emits no events: IDENTITY_DESTINATION_URL, "
+        "IDENTITY_EVENTS_FILE would never receive anything; remove them, or set "
+        "IDENTITY_OUTBOX=on"
+    ]
+    file = write(
+        tmp_path,
+        'outbox = "actions"\n[destinations.segment]\n'
+        'url = "https://api.segment.io"\nwrite_key = "wk"\n',
+    )
+    assert problems_of(sources, file) == [
+        "outbox=actions emits no events: destinations.segment would never receive "
+        "anything; remove it, or set outbox=on"
+    ]
 
 
 def test_a_redis_wait_of_spaces_is_a_value_as_in_every_setting() -> None:

@@ -251,7 +251,7 @@ async def collect(ctx: AmpContext, hit: Hit) -> Answer:
     emit = link = None
     oversized: OversizedEvent | None = None
     if consent:
-        if ctx.settings.outbox.enabled:
+        if ctx.settings.outbox.emits_events:
             try:
                 emit = _emitted(ctx, _event(content, who, client_id, user_agent))
             except OversizedEvent as refused:
@@ -302,7 +302,7 @@ async def _linked_hit(
     """
     token, key_id = links.link_key(ctx, client_id)
     emit: Emitted | None = None
-    if ctx.settings.outbox.enabled:
+    if ctx.settings.outbox.emits_events:
         try:
             unlinked = _attribution(False, None, client_id, None)
             emit = _emitted(ctx, _event(content, unlinked, client_id, user_agent))
@@ -317,7 +317,7 @@ async def _linked_hit(
     who = _attribution(False, None, client_id, linked)
     if who.source == "amp_link":
         counters.link_attributions()
-    if ctx.settings.outbox.enabled and (emit is None or outcome.record is not None):
+    if ctx.settings.outbox.emits_events and (emit is None or outcome.record is not None):
         # A link was found (one that does not open too: the store wrote nothing), or the
         # event was too large, which building it again raises.
         emit = _emitted(ctx, _event(content, who, client_id, user_agent))
