@@ -67,7 +67,8 @@ class TrustedProxies:
         return hash((self.networks, self.recursive))
 
     def __repr__(self) -> str:
-        return f"TrustedProxies({', '.join(map(str, self.networks)) or OFF})"
+        alone = "" if self.recursive else "; the last entry alone"
+        return f"TrustedProxies({', '.join(map(str, self.networks)) or OFF}{alone})"
 
     def client_ip(self, peer: str | None, x_forwarded_for: str | None) -> str:
         """The client's address: the peer's, or, when the peer is a trusted proxy, the
